@@ -1,0 +1,50 @@
+"""The `ckv` command line: one click group, one sub-group or command per job.
+
+Each job module defines its click command(s); this file only groups them. Commands import
+their heavy dependencies (torch, pyspark, lmdb) lazily so `ckv --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+# (group or command name, "module:attribute") — attributes are click commands or groups.
+_COMMANDS: list[tuple[str, str]] = [
+    ("data", "jobs.prepare:data"),
+    ("train", "jobs.train:train"),
+    ("experiment", "jobs.train:experiment"),
+    ("prefill", "jobs.prefill:prefill_cmd"),
+    ("store", "jobs.store:store"),
+    ("report", "jobs.report:report"),
+]
+
+
+class _LazyGroup(click.Group):
+    """A click group whose sub-commands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(name for name, _ in _COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        for name, target in _COMMANDS:
+            if name == cmd_name:
+                module_name, attr = target.split(":")
+                try:
+                    module = importlib.import_module(module_name)
+                except ModuleNotFoundError as exc:  # a job not written yet
+                    if exc.name == module_name:
+                        return None
+                    raise
+                return getattr(module, attr)
+        return None
+
+
+@click.group(cls=_LazyGroup)
+def main() -> None:
+    """CollectiveKV: compact user KV caches for sequential recommendation."""
+
+
+if __name__ == "__main__":
+    main()
