@@ -1,0 +1,56 @@
+"""Multi-head target attention over a padded batch of behaviours — the plain reference math.
+
+Layout used throughout the project: a batch of histories is padded to ``L`` positions with the
+valid behaviours first (time order, oldest first) and padding after; ``lengths[b]`` counts the
+valid ones (0 allowed: an empty history attends to nothing and yields a zero vector).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def valid_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """(B,) lengths → (B, L) bool, True at valid positions ``l < lengths[b]``."""
+    positions = torch.arange(max_len, device=lengths.device)  # (L,)
+    return positions.unsqueeze(0) < lengths.unsqueeze(1)  # (B, L)
+
+
+def target_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, n_heads: int
+) -> torch.Tensor:
+    """Scaled dot-product attention of each target over its user's behaviours.
+
+    Args:
+        q: (B, C, d_a) queries, C candidates per user.
+        k, v: (B, L, d_a) keys and values; positions >= lengths[b] are ignored.
+        lengths: (B,) int number of valid behaviours.
+        n_heads: heads; d_a is split into ``n_heads`` contiguous chunks of d_a / n_heads.
+
+    Returns:
+        (B, C, d_a) attention outputs (heads concatenated); all-zero where lengths[b] == 0.
+    """
+    b, c, d_a = q.shape
+    seq = k.shape[1]
+    dh = d_a // n_heads
+    qh = q.reshape(b, c, n_heads, dh)  # (B, C, H, dh)
+    kh = k.reshape(b, seq, n_heads, dh)  # (B, L, H, dh)
+    vh = v.reshape(b, seq, n_heads, dh)  # (B, L, H, dh)
+    scores = torch.einsum("bchd,blhd->bchl", qh, kh) / math.sqrt(dh)  # (B, C, H, L)
+    weights = masked_softmax(scores, lengths)  # (B, C, H, L)
+    out = torch.einsum("bchl,blhd->bchd", weights, vh)  # (B, C, H, dh)
+    return out.reshape(b, c, d_a)  # (B, C, d_a)
+
+
+def masked_softmax(scores: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis (L) restricted to valid positions.
+
+    scores: (B, ..., L); lengths: (B,). Masked positions get weight exactly 0; a row with no
+    valid position gets all-zero weights (not NaN), and gradients stay finite.
+    """
+    mask = valid_mask(lengths, scores.shape[-1])  # (B, L)
+    mask = mask.reshape(mask.shape[0], *([1] * (scores.dim() - 2)), mask.shape[1])  # (B, 1.., L)
+    filled = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return torch.softmax(filled, dim=-1) * mask

@@ -1,0 +1,142 @@
+"""Target-attention CTR model (DIN/SIM family) with a full or a CollectiveKV KV cache.
+
+The model is split along the serving boundary:
+
+- :meth:`TargetAttentionCTR.prefill` — history → :class:`~model.cache.KVCache` (what a nightly
+  job stores per user: user-specific K/V + router indices, or the full K/V);
+- :meth:`TargetAttentionCTR.decode` — cache + candidate items → logits;
+- :meth:`TargetAttentionCTR.forward` is literally ``decode(prefill(history), targets)``.
+
+Inputs (padded, valid behaviours first; see :mod:`model.attention`):
+    items (B, L) int64 dense item ids (0 = padding), feedback (B, L) int64 (0 pad, 1 neg, 2 pos),
+    lengths (B,) int64, targets (B,) or (B, C) int64 candidate item ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from model.attention import target_attention, valid_mask
+from model.cache import KVCache, rebuild_kv
+from model.config import ModelConfig
+from model.pool import KVBranch, TokenBatch
+
+N_FEEDBACK = 3  # 0 padding, 1 negative, 2 positive
+
+
+@dataclass(frozen=True)
+class RouterLosses:
+    """Router losses summed over the K and V branches (0 for the full model)."""
+
+    peak: torch.Tensor
+    balance: torch.Tensor
+
+
+class TargetAttentionCTR(nn.Module):
+    def __init__(self, cfg: ModelConfig, item_genres: torch.Tensor | None = None) -> None:
+        """``item_genres``: (n_items + 1, max_genres) int64 dense genre ids, 0-padded; row 0 is
+        the padding item. Stored as a buffer so a checkpoint is self-contained."""
+        super().__init__()
+        self.cfg = cfg
+        e = cfg.embed_dim
+        self.item_emb = nn.Embedding(cfg.n_items + 1, e, padding_idx=0)
+        self.genre_emb = nn.Embedding(cfg.n_genres + 1, e, padding_idx=0)
+        self.feedback_emb = nn.Embedding(N_FEEDBACK, e, padding_idx=0)
+        if item_genres is None:
+            item_genres = torch.zeros(cfg.n_items + 1, cfg.max_genres, dtype=torch.long)
+        if item_genres.shape != (cfg.n_items + 1, cfg.max_genres):
+            raise ValueError(
+                f"item_genres has shape {tuple(item_genres.shape)}, "
+                f"expected {(cfg.n_items + 1, cfg.max_genres)}"
+            )
+        self.register_buffer("item_genres", item_genres.long())
+        c = cfg.collective
+        self.k_branch = KVBranch(e, cfg.d_attn, cfg.k_shared, c.d_user, c.pool_size)
+        self.v_branch = KVBranch(e, cfg.d_attn, cfg.v_shared, c.d_user, c.pool_size)
+        self.q_proj = nn.Linear(e, cfg.d_attn, bias=False)
+        dims = [cfg.d_attn + e, *cfg.mlp_dims]
+        layers: list[nn.Module] = []
+        for d_in, d_out in zip(dims[:-1], dims[1:], strict=True):
+            layers += [nn.Linear(d_in, d_out), nn.ReLU(), nn.Dropout(cfg.dropout)]
+        layers.append(nn.Linear(dims[-1], 1))
+        self.mlp = nn.Sequential(*layers)
+
+    # ----------------------------------------------------------------------------- embeddings
+    def item_embedding(self, items: torch.Tensor) -> torch.Tensor:
+        """(...) item ids → (...) × E: item embedding + mean of its genre embeddings."""
+        genres = self.item_genres[items]  # (..., G)
+        g = self.genre_emb(genres).sum(-2)  # (..., E)
+        n = (genres > 0).sum(-1, keepdim=True).clamp(min=1)  # (..., 1)
+        return self.item_emb(items) + g / n
+
+    def behaviour_tokens(self, items: torch.Tensor, feedback: torch.Tensor, lengths: torch.Tensor) -> TokenBatch:
+        """Embeddings of a padded history batch and of its distinct (item, feedback) tokens."""
+        valid = valid_mask(lengths, items.shape[1])  # (B, L)
+        token = items * N_FEEDBACK + feedback  # (B, L)
+        uniq, inverse, counts = torch.unique(token[valid], return_inverse=True, return_counts=True)
+        x_unique = self.item_embedding(uniq // N_FEEDBACK) + self.feedback_emb(uniq % N_FEEDBACK)  # (U, E)
+        x = self.item_embedding(items) + self.feedback_emb(feedback)  # (B, L, E)
+        x = x * valid.unsqueeze(-1)
+        return TokenBatch(x=x, valid=valid, x_unique=x_unique, inverse=inverse, counts=counts)
+
+    # ----------------------------------------------------------------------- prefill / decode
+    def prefill_with_losses(
+        self, items: torch.Tensor, feedback: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[KVCache, RouterLosses]:
+        """Prefill plus router losses. In training mode the cache carries soft gates."""
+        self._check_history(items, feedback, lengths)
+        tokens = self.behaviour_tokens(items, feedback, lengths)
+        soft = self.training
+        k = self.k_branch.prefill(tokens, soft)
+        v = self.v_branch.prefill(tokens, soft)
+        cache = KVCache(
+            k_user=k.user, v_user=v.user, k_idx=k.idx, v_idx=v.idx,
+            lengths=lengths, k_gate=k.gate, v_gate=v.gate,
+        )  # fmt: skip
+        return cache, RouterLosses(peak=k.peak + v.peak, balance=k.balance + v.balance)
+
+    def prefill(self, items: torch.Tensor, feedback: torch.Tensor, lengths: torch.Tensor) -> KVCache:
+        """History → cacheable state (hard routing in eval mode)."""
+        return self.prefill_with_losses(items, feedback, lengths)[0]
+
+    def keys_values(self, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rebuild (B, L, d_a) K and V from a cache (user part + gated pool rows)."""
+        k = rebuild_kv(cache.k_user, cache.k_idx, self.k_branch.pool, cache.k_gate)
+        v = rebuild_kv(cache.v_user, cache.v_idx, self.v_branch.pool, cache.v_gate)
+        return k, v
+
+    def decode(self, cache: KVCache, targets: torch.Tensor) -> torch.Tensor:
+        """Score candidates against a cache. targets (B,) or (B, C) → logits of the same shape."""
+        squeeze = targets.dim() == 1
+        tgt = targets.unsqueeze(1) if squeeze else targets  # (B, C)
+        t = self.item_embedding(tgt)  # (B, C, E)
+        q = self.q_proj(t)  # (B, C, d_a)
+        k, v = self.keys_values(cache)  # (B, L, d_a) each
+        attn = target_attention(q, k.to(q.dtype), v.to(q.dtype), cache.lengths, self.cfg.n_heads)  # (B, C, d_a)
+        logits = self.mlp(torch.cat([attn, t], dim=-1)).squeeze(-1)  # (B, C)
+        return logits.squeeze(1) if squeeze else logits
+
+    def forward(
+        self, items: torch.Tensor, feedback: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, RouterLosses]:
+        """``decode(prefill(history), targets)``, plus the router losses for training."""
+        cache, losses = self.prefill_with_losses(items, feedback, lengths)
+        return self.decode(cache, targets), losses
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, losses: RouterLosses) -> torch.Tensor:
+        """BCE + peak_weight · peak + balance_weight · balance (router terms only if collective)."""
+        bce = nn.functional.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+        if self.cfg.kv_mode == "full":
+            return bce
+        c = self.cfg.collective
+        return bce + c.peak_weight * losses.peak + c.balance_weight * losses.balance
+
+    def _check_history(self, items: torch.Tensor, feedback: torch.Tensor, lengths: torch.Tensor) -> None:
+        if items.dim() != 2 or items.shape != feedback.shape or lengths.shape != items.shape[:1]:
+            raise ValueError(
+                f"history shapes must be items (B, L), feedback (B, L), lengths (B,); got "
+                f"{tuple(items.shape)}, {tuple(feedback.shape)}, {tuple(lengths.shape)}"
+            )

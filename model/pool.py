@@ -1,0 +1,86 @@
+"""The K (or V) branch of a model: a user-specific projection, plus for CollectiveKV a router
+and a learnable global pool.
+
+Routing runs once per *distinct* behaviour token in the batch rather than once per behaviour:
+the router input is a function of the token alone (item, feedback), so the logits, indices and
+count-weighted losses are exactly those of the per-behaviour computation at a fraction of the
+cost of the (N, pool_size) logits. ``tests/test_model.py`` checks this against the plain reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from model.routing import balance_loss, peak_loss, route
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Behaviour embeddings of a padded batch, with its distinct tokens.
+
+    x: (B, L, E) embeddings (zeros at padding); valid: (B, L) bool;
+    x_unique: (U, E) embedding of each distinct valid token; inverse: (N,) index into x_unique of
+    each valid position in ``x[valid]`` order; counts: (U,) occurrences of each distinct token.
+    """
+
+    x: torch.Tensor
+    valid: torch.Tensor
+    x_unique: torch.Tensor
+    inverse: torch.Tensor
+    counts: torch.Tensor
+
+
+@dataclass(frozen=True)
+class BranchState:
+    """One branch's prefill output: user part (B, L, d), pool index and gate (B, L) or None,
+    and its router losses (scalars; zero when not shared)."""
+
+    user: torch.Tensor
+    idx: torch.Tensor | None
+    gate: torch.Tensor | None
+    peak: torch.Tensor
+    balance: torch.Tensor
+
+
+class KVBranch(nn.Module):
+    """Computes the cacheable parts of K (or V).
+
+    Not shared: ``user = W x`` with W: E → d_a (the full-KV baseline).
+    Shared: ``user = SiLU(W x)`` with W: E → d_u (as in the authors' code), and
+    ``idx = argmax(router(x))`` into ``pool`` of shape (pool_size, d_a - d_u).
+    """
+
+    def __init__(self, embed_dim: int, d_attn: int, shared: bool, d_user: int, pool_size: int) -> None:
+        super().__init__()
+        self.shared = shared
+        self.proj = nn.Linear(embed_dim, d_user if shared else d_attn, bias=False)
+        if shared:
+            self.router = nn.Linear(embed_dim, pool_size, bias=False)
+            self.pool = nn.Parameter(torch.randn(pool_size, d_attn - d_user))
+        else:
+            self.router = None
+            self.pool = None
+
+    def prefill(self, tokens: TokenBatch, soft: bool) -> BranchState:
+        """User part, indices and (if ``soft``) gates for every position; padding → 0."""
+        user = self.proj(tokens.x)  # (B, L, d)
+        zero = tokens.x.new_zeros(())
+        if not self.shared:
+            return BranchState(user, None, None, zero, zero)
+        user = nn.functional.silu(user) * tokens.valid.unsqueeze(-1)  # (B, L, d_u)
+        assert self.router is not None
+        logits = self.router(tokens.x_unique)  # (U, M)
+        routing = route(logits)
+        idx = torch.zeros(tokens.valid.shape, dtype=torch.long, device=user.device)  # (B, L)
+        idx[tokens.valid] = routing.idx[tokens.inverse]
+        gate = None
+        peak = balance = zero
+        if soft:
+            gate = torch.zeros(tokens.valid.shape, dtype=user.dtype, device=user.device)  # (B, L)
+            gate = gate.masked_scatter(tokens.valid, routing.gate[tokens.inverse])
+            peak = peak_loss(routing.top_logit, tokens.counts)
+            balance = balance_loss(logits, tokens.counts)
+        return BranchState(user, idx, gate, peak, balance)
