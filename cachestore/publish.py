@@ -1,0 +1,236 @@
+"""Atomic publication of whole store versions.
+
+Store layout (STORE = store_root; see docs/store_format.md):
+
+    STORE/parquet/                 prefill output (part files + _layout.json), rewritten by prefill
+    STORE/staging/<id>/            a version being built (same filesystem as versions/)
+    STORE/versions/<id>/           immutable published versions, each:
+        lmdb/data.mdb              user records (record.py), key = user id '>Q'
+        parquet/                   hard links (or copies) of the Parquet it was built from
+        layout.json                CacheLayout
+        manifest.json              id, creation time, layout, build stats, parquet files (written last)
+    STORE/current -> versions/<id> relative symlink: THE published version
+    STORE/.publish.lock            flock held by a publisher (one publish at a time)
+
+Invariants: a version directory is never modified after it leaves staging/. `current` changes
+only by rename(2) of a fresh symlink over it (os.replace), so every reader resolves either the old
+or the new version, never a mix; readers resolve `current` once (open_current) and then use the
+version directory. publish keeps the new version and the one `current` pointed to before, and
+prunes every other version (older ones and orphans of crashed publishes). A failure before the
+rename of the symlink leaves `current` untouched. Readers still on a pruned version keep reading
+their open LMDB map (POSIX keeps unlinked files alive) but can no longer open it anew.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import lmdb
+
+from cachestore.lmdb_build import PARQUET_LAYOUT_FILE, build_lmdb, list_parquet_files
+from cachestore.record import FORMAT_VERSION, read_layout, write_layout
+
+CURRENT = "current"
+VERSIONS = "versions"
+STAGING = "staging"
+MANIFEST = "manifest.json"
+LAYOUT = "layout.json"
+LMDB_DIR = "lmdb"
+MANIFEST_VERSION = 1
+
+
+class PublishError(RuntimeError):
+    """A staging directory that cannot be published, or a store root in an unexpected state."""
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    version_id: str
+    version_dir: Path
+    previous: str | None
+    pruned: tuple[str, ...]
+
+
+def new_version_id() -> str:
+    """Sortable, unique id: UTC time to the microsecond + 8 random hex chars."""
+    t = time.time()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(t)) + f"{int(t % 1 * 1e6):06d}Z"
+    return f"{stamp}-{secrets.token_hex(4)}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True, default=str)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def new_staging_dir(store_root: str | os.PathLike) -> Path:
+    """Create and return an empty STORE/staging/<new id>/ (same filesystem as versions/)."""
+    path = Path(store_root) / STAGING / new_version_id()
+    path.mkdir(parents=True)
+    return path
+
+
+def build_version(parquet_dir: str | os.PathLike, staging_dir: str | os.PathLike, *,
+                  parquet: str = "link", progress: bool = False) -> dict:
+    """Fill STAGING_DIR (named <version id>) with lmdb/, parquet/, layout.json, then manifest.json.
+
+    parquet: "link" (hard links, copies across filesystems), "copy", or "none". Returns the manifest.
+    """
+    if parquet not in ("link", "copy", "none"):
+        raise ValueError(f"parquet must be 'link', 'copy' or 'none', got {parquet!r}")
+    src, staging = Path(parquet_dir), Path(staging_dir)
+    staging.mkdir(parents=True, exist_ok=True)
+    stats = build_lmdb(src, staging / LMDB_DIR, progress=progress)
+    files = []
+    if parquet != "none":
+        (staging / "parquet").mkdir()
+        for path in [src / PARQUET_LAYOUT_FILE, *list_parquet_files(src)]:
+            dest = staging / "parquet" / path.name
+            linked = False
+            if parquet == "link":
+                try:
+                    os.link(path, dest)
+                    linked = True
+                except OSError:  # another filesystem, or links not allowed: copy
+                    pass
+            if not linked:
+                shutil.copy2(path, dest)
+            files.append({"name": path.name, "bytes": dest.stat().st_size})
+    write_layout(staging / LAYOUT, stats.layout)
+    manifest = {
+        "manifest_version": MANIFEST_VERSION,
+        "version_id": staging.name,
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "record_format_version": FORMAT_VERSION,
+        "layout": stats.layout.to_dict(),
+        "stats": {k: v for k, v in asdict(stats).items() if k != "layout"},
+        "parquet": {"mode": parquet, "source": str(src.resolve()), "files": files},
+    }
+    _write_json(staging / MANIFEST, manifest)
+    _fsync_dir(staging)
+    return manifest
+
+
+def _check_staging(staging: Path) -> dict:
+    """A staging dir must be complete and self-consistent before it may be published."""
+    for rel in (MANIFEST, LAYOUT, f"{LMDB_DIR}/data.mdb"):
+        if not (staging / rel).is_file():
+            raise PublishError(f"{staging} is incomplete: no {rel}")
+    with open(staging / MANIFEST, encoding="utf-8") as fh:
+        manifest = json.load(fh)
+    if manifest.get("version_id") != staging.name:
+        raise PublishError(f"{staging}: manifest version_id {manifest.get('version_id')!r} != dir name")
+    if read_layout(staging / LAYOUT).to_dict() != manifest.get("layout"):
+        raise PublishError(f"{staging}: layout.json differs from the manifest's layout")
+    env = lmdb.open(str(staging / LMDB_DIR), subdir=True, readonly=True, lock=False, max_dbs=0)
+    try:
+        entries = env.stat()["entries"]
+    finally:
+        env.close()
+    if entries != manifest.get("stats", {}).get("users"):
+        raise PublishError(f"{staging}: LMDB holds {entries} records, manifest says "
+                           f"{manifest.get('stats', {}).get('users')}")
+    return manifest
+
+
+@contextmanager
+def _publish_lock(root: Path) -> Iterator[None]:
+    with open(root / ".publish.lock", "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def current_version_id(store_root: str | os.PathLike) -> str | None:
+    """The id `current` points to, or None before the first publish."""
+    link = Path(store_root) / CURRENT
+    if not link.is_symlink():
+        if link.exists():
+            raise PublishError(f"{link} exists but is not a symlink")
+        return None
+    return Path(os.readlink(link)).name
+
+
+def publish(store_root: str | os.PathLike, staging_dir: str | os.PathLike) -> PublishResult:
+    """Move a complete staging dir to versions/<id> and switch `current` to it atomically.
+
+    Order: validate; rename staging -> versions/<id>; fsync; symlink .current.tmp-* -> versions/<id>;
+    os.replace it over `current` (the one atomic switch); fsync; prune all but new + previous.
+    """
+    root, staging = Path(store_root), Path(staging_dir)
+    versions = root / VERSIONS
+    versions.mkdir(parents=True, exist_ok=True)
+    with _publish_lock(root):
+        _check_staging(staging)
+        vid = staging.name
+        dest = versions / vid
+        if dest.exists() or os.path.lexists(dest):
+            raise PublishError(f"version {vid} already exists in {versions}")
+        if os.stat(staging).st_dev != os.stat(versions).st_dev:
+            raise PublishError(f"{staging} is not on the filesystem of {versions}; use new_staging_dir")
+        previous = current_version_id(root)
+        os.rename(staging, dest)
+        _fsync_dir(versions)
+        _fsync_dir(staging.parent)
+        tmp = root / f".{CURRENT}.tmp-{secrets.token_hex(4)}"
+        os.symlink(f"{VERSIONS}/{vid}", tmp)
+        try:
+            os.replace(tmp, root / CURRENT)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(root)
+        keep = {vid, previous}
+        pruned = tuple(sorted(p.name for p in versions.iterdir() if p.name not in keep))
+        for name in pruned:
+            shutil.rmtree(versions / name, ignore_errors=True)
+    return PublishResult(vid, dest, previous, pruned)
+
+
+def open_current(store_root: str | os.PathLike) -> Path:
+    """Resolve `current` once to its version directory (use that path from then on)."""
+    root = Path(store_root)
+    try:
+        target = os.readlink(root / CURRENT)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no published store version under {root} (no '{CURRENT}' link)") from None
+    return root / target
+
+
+def build_and_publish(store_root: str | os.PathLike, parquet_dir: str | os.PathLike | None = None, *,
+                      parquet: str = "link", progress: bool = False) -> PublishResult:
+    """Build a new version from PARQUET_DIR (default STORE/parquet) in staging and publish it.
+
+    Any failure removes the staging dir and leaves `current` (and every version) as it was.
+    """
+    root = Path(store_root)
+    staging = new_staging_dir(root)
+    try:
+        build_version(parquet_dir if parquet_dir is not None else root / "parquet", staging,
+                      parquet=parquet, progress=progress)
+        return publish(root, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
