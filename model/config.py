@@ -71,9 +71,7 @@ class ModelConfig:
         if not 1 <= self.max_len <= 4096:
             raise ValueError(f"max_len must be in [1, 4096], got {self.max_len}")
         if self.kv_mode == "collective" and self.collective.d_user >= self.d_attn:
-            raise ValueError(
-                f"collective.d_user {self.collective.d_user} must be < d_attn {self.d_attn}"
-            )
+            raise ValueError(f"collective.d_user {self.collective.d_user} must be < d_attn {self.d_attn}")
         if self.n_items < 1:
             raise ValueError(f"n_items must be >= 1, got {self.n_items}")
 

@@ -72,7 +72,9 @@ class TargetAttentionCTR(nn.Module):
         n = (genres > 0).sum(-1, keepdim=True).clamp(min=1)  # (..., 1)
         return self.item_emb(items) + g / n
 
-    def behaviour_tokens(self, items: torch.Tensor, feedback: torch.Tensor, lengths: torch.Tensor) -> TokenBatch:
+    def behaviour_tokens(
+        self, items: torch.Tensor, feedback: torch.Tensor, lengths: torch.Tensor
+    ) -> TokenBatch:
         """Embeddings of a padded history batch and of its distinct (item, feedback) tokens."""
         valid = valid_mask(lengths, items.shape[1])  # (B, L)
         token = items * N_FEEDBACK + feedback  # (B, L)
@@ -115,7 +117,9 @@ class TargetAttentionCTR(nn.Module):
         t = self.item_embedding(tgt)  # (B, C, E)
         q = self.q_proj(t)  # (B, C, d_a)
         k, v = self.keys_values(cache)  # (B, L, d_a) each
-        attn = target_attention(q, k.to(q.dtype), v.to(q.dtype), cache.lengths, self.cfg.n_heads)  # (B, C, d_a)
+        attn = target_attention(
+            q, k.to(q.dtype), v.to(q.dtype), cache.lengths, self.cfg.n_heads
+        )  # (B, C, d_a)
         logits = self.mlp(torch.cat([attn, t], dim=-1)).squeeze(-1)  # (B, C)
         return logits.squeeze(1) if squeeze else logits
 

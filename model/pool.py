@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from model.routing import balance_loss, peak_loss, route
+from model.routing import fused_route, peak_loss, route
 
 
 @dataclass(frozen=True)
@@ -72,15 +72,14 @@ class KVBranch(nn.Module):
             return BranchState(user, None, None, zero, zero)
         user = nn.functional.silu(user) * tokens.valid.unsqueeze(-1)  # (B, L, d_u)
         assert self.router is not None
-        logits = self.router(tokens.x_unique)  # (U, M)
-        routing = route(logits)
         idx = torch.zeros(tokens.valid.shape, dtype=torch.long, device=user.device)  # (B, L)
+        if not soft:
+            routing = route(self.router(tokens.x_unique))  # logits (U, M)
+            idx[tokens.valid] = routing.idx[tokens.inverse]
+            return BranchState(user, idx, None, zero, zero)
+        routing, balance = fused_route(tokens.x_unique, self.router.weight, tokens.counts)
         idx[tokens.valid] = routing.idx[tokens.inverse]
-        gate = None
-        peak = balance = zero
-        if soft:
-            gate = torch.zeros(tokens.valid.shape, dtype=user.dtype, device=user.device)  # (B, L)
-            gate = gate.masked_scatter(tokens.valid, routing.gate[tokens.inverse])
-            peak = peak_loss(routing.top_logit, tokens.counts)
-            balance = balance_loss(logits, tokens.counts)
+        gate = torch.zeros(tokens.valid.shape, dtype=user.dtype, device=user.device)  # (B, L)
+        gate = gate.masked_scatter(tokens.valid, routing.gate[tokens.inverse])
+        peak = peak_loss(routing.top_logit, tokens.counts)
         return BranchState(user, idx, gate, peak, balance)

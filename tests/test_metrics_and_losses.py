@@ -97,3 +97,30 @@ def test_gather_pool_soft_equals_hard_at_gate_one() -> None:
     pool = torch.randn(10, 3)
     idx = torch.tensor([[1, 9], [0, 0]])
     assert torch.equal(gather_pool(pool, idx, torch.ones(2, 2)), gather_pool(pool, idx))
+
+
+def test_fused_router_matches_reference_values_and_gradients() -> None:
+    from model.routing import fused_route
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(13, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    counts = torch.randint(1, 4, (9,), generator=g)
+    up_top = torch.randn(9, dtype=torch.float64, generator=g)
+
+    def objective(routing_top: torch.Tensor, balance: torch.Tensor) -> torch.Tensor:
+        return (routing_top * up_top).sum() + 0.7 * balance
+
+    routing, bal = fused_route(x, w, counts)
+    objective(routing.top_logit, bal).backward()
+    got = (routing.idx.clone(), routing.top_logit.detach(), bal.detach(), x.grad.clone(), w.grad.clone())
+    x.grad = w.grad = None
+    logits = x @ w.t()
+    ref = route(logits)
+    ref_bal = balance_loss(logits, counts)
+    objective(ref.top_logit, ref_bal).backward()
+    assert torch.equal(got[0], ref.idx)
+    torch.testing.assert_close(got[1], ref.top_logit.detach())
+    torch.testing.assert_close(got[2], ref_bal.detach())
+    torch.testing.assert_close(got[3], x.grad)
+    torch.testing.assert_close(got[4], w.grad)

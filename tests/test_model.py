@@ -58,7 +58,9 @@ VARIANTS = {
 @given(b=st.integers(1, 5), seq=st.integers(1, 8), seed=st.integers(0, 10_000),
        dtype=st.sampled_from([torch.float32, torch.float64]))  # fmt: skip
 @settings(max_examples=15, deadline=None)
-def test_decode_of_prefill_equals_forward(variant: str, b: int, seq: int, seed: int, dtype: torch.dtype) -> None:
+def test_decode_of_prefill_equals_forward(
+    variant: str, b: int, seq: int, seed: int, dtype: torch.dtype
+) -> None:
     cfg = small_config(**VARIANTS[variant])
     m = make_model(cfg, dtype=dtype).eval()
     items, feedback, lengths, targets = make_batch(b, seq, seed)
@@ -92,14 +94,18 @@ def reference_kv(m: TargetAttentionCTR, items: torch.Tensor, feedback: torch.Ten
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_rebuilt_kv_equals_kv_inside_forward_and_reference(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rebuilt_kv_equals_kv_inside_forward_and_reference(
+    variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = small_config(**VARIANTS[variant])
     m = make_model(cfg, seed=3).eval()
     items, feedback, lengths, targets = make_batch(6, 8, seed=7, min_len=1)
     seen: dict[str, torch.Tensor] = {}
     real = ctr_module.target_attention
 
-    def spy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, n_heads: int) -> torch.Tensor:
+    def spy(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, n_heads: int
+    ) -> torch.Tensor:
         seen["k"], seen["v"] = k, v
         return real(q, k, v, lengths, n_heads)
 
@@ -140,7 +146,9 @@ def test_soft_path_scales_collective_part_and_trains_router() -> None:
         assert branch.router.weight.grad is not None and branch.router.weight.grad.abs().sum() > 0
         assert branch.pool.grad is not None and torch.isfinite(branch.pool.grad).all()
     cache = m.prefill(items, feedback, lengths)
-    assert cache.k_gate is not None and torch.all((cache.k_gate > 0) & (cache.k_gate < 1) | (cache.k_gate == 0))
+    assert cache.k_gate is not None and torch.all(
+        (cache.k_gate > 0) & (cache.k_gate < 1) | (cache.k_gate == 0)
+    )
 
 
 def test_distinct_token_losses_equal_per_behaviour_losses() -> None:

@@ -1,0 +1,111 @@
+"""Checkpoint directories: weights (safetensors), config.json, metrics.json and the model version.
+
+Layout of a checkpoint directory::
+
+    weights.safetensors   every tensor of the model's state dict (no pickle anywhere)
+    config.json           {"format": 1, "model": <ModelConfig as dict>, "model_version": "<16 hex>"}
+    metrics.json          whatever the training job measured (valid/test metrics, history, timing)
+
+The model version is a fingerprint of config + weights: the first 16 hex digits of
+sha256(canonical config JSON, then for each tensor in name order: name, dtype, shape, raw bytes).
+Caches carry it, so a store is never decoded with a model it was not built from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.config import ModelConfig, config_from_dict, config_to_dict
+from model.ctr import TargetAttentionCTR
+
+CHECKPOINT_FORMAT = 1
+WEIGHTS_FILE = "weights.safetensors"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded; the message names the path."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    model: TargetAttentionCTR
+    config: ModelConfig
+    model_version: str
+    metrics: dict[str, Any]
+    path: Path
+
+
+def model_version(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> str:
+    """16-hex fingerprint of a config and a state dict (see module docstring)."""
+    h = hashlib.sha256()
+    h.update(json.dumps(config_to_dict(cfg), sort_keys=True).encode())
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def save_checkpoint(path: str | Path, model: TargetAttentionCTR, metrics: dict[str, Any]) -> str:
+    """Write a checkpoint directory atomically (temp dir + rename); returns the model version."""
+    out = Path(path)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    version = model_version(model.cfg, state)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file(state, str(tmp / WEIGHTS_FILE))
+        config = {"format": CHECKPOINT_FORMAT, "model": config_to_dict(model.cfg), "model_version": version}
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / METRICS_FILE).write_text(json.dumps({**metrics, "model_version": version}, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return version
+
+
+def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> Checkpoint:
+    """Load a checkpoint (eval mode); verifies the weights match the config and the version."""
+    root = Path(path)
+    cfg_file, w_file = root / CONFIG_FILE, root / WEIGHTS_FILE
+    if not cfg_file.is_file() or not w_file.is_file():
+        raise CheckpointError(f"{root}: not a checkpoint (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+    meta = json.loads(cfg_file.read_text())
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{cfg_file}: checkpoint format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT}"
+        )
+    try:
+        cfg = config_from_dict(meta["model"])
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{cfg_file}: invalid model config: {exc}") from exc
+    state = load_file(str(w_file))
+    try:
+        model = TargetAttentionCTR(cfg, state.get("item_genres"))
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"{root}: weights do not match config.json: {exc}") from exc
+    version = model_version(cfg, state)
+    if version != meta.get("model_version"):
+        raise CheckpointError(
+            f"{root}: weights fingerprint {version} differs from config.json's model_version "
+            f"{meta.get('model_version')!r} (files modified or mixed)"
+        )
+    metrics_file = root / METRICS_FILE
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    return Checkpoint(model.to(device).eval(), cfg, version, metrics, root)

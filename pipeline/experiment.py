@@ -1,0 +1,128 @@
+"""Multi-seed comparisons of KV variants on one dataset, and the results table (Markdown + JSON).
+
+Each run trains one (variant, seed), saves its checkpoint under ``OUT/checkpoints/<variant>-seed<k>``
+and contributes test GAUC / AUC / Logloss; the table reports mean ± std over seeds and each
+variant's compression rate CR (:func:`model.cache.compression_rate`, fp16 user parts, fp32 full
+K/V as the denominator).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.cache import cache_bytes_per_behaviour, compression_rate
+from model.config import ModelConfig, config_to_dict
+from pipeline.checkpoint import save_checkpoint
+from pipeline.dataset_schema import CanonicalDataset
+from pipeline.trainer import TrainConfig, build_model, train_model
+
+METRICS = ("gauc", "auc", "logloss")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    model: ModelConfig
+
+
+def standard_variants(base: ModelConfig, names: Sequence[str]) -> list[Variant]:
+    """Named variants of ``base``: full, collective, share_k, share_v."""
+    c = base.collective
+    table = {
+        "full": replace(base, kv_mode="full"),
+        "collective": replace(base, kv_mode="collective"),
+        "share_k": replace(base, kv_mode="collective", collective=replace(c, share_k=True, share_v=False)),
+        "share_v": replace(base, kv_mode="collective", collective=replace(c, share_k=False, share_v=True)),
+    }
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; choose from {sorted(table)}")
+    return [Variant(n, table[n]) for n in names]
+
+
+def run_experiment(
+    dataset: CanonicalDataset,
+    variants: Sequence[Variant],
+    seeds: Sequence[int],
+    train: TrainConfig,
+    out: Path,
+) -> dict[str, Any]:
+    """Train every (variant, seed); write checkpoints, ``results.json`` and ``results.md``."""
+    out.mkdir(parents=True, exist_ok=True)
+    runs: list[dict[str, Any]] = []
+    for v in variants:
+        for seed in seeds:
+            print(f"== {v.name} seed {seed}", flush=True)
+            model = build_model(dataset, v.model, seed)
+            result = train_model(model, dataset, replace(train, seed=seed))
+            version = save_checkpoint(
+                out / "checkpoints" / f"{v.name}-seed{seed}", result.model, result.metrics()
+            )
+            runs.append({"variant": v.name, "seed": seed, "model_version": version, **result.metrics()})
+            print(f"   test {result.test}  ({result.seconds:.0f} s)", flush=True)
+    summary = summarise(runs, {v.name: v.model for v in variants})
+    report = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "dataset": dataset.meta.get("source", {}),
+        "train": {k: getattr(train, k) for k in ("epochs", "batch_size", "lr", "patience", "device")},
+        "machine": {"platform": platform.platform(), "torch": torch.__version__,
+                    "device": torch.cuda.get_device_name() if train.device.startswith("cuda") else "cpu"},
+        "variants": {v.name: config_to_dict(v.model) for v in variants},
+        "summary": summary,
+        "runs": runs,
+    }  # fmt: skip
+    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "results.md").write_text(results_markdown(report))
+    return report
+
+
+def summarise(runs: list[dict[str, Any]], configs: dict[str, ModelConfig]) -> dict[str, dict[str, Any]]:
+    """Per variant: mean and std (ddof=1 when > 1 seed) of each test metric, CR and bytes."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, cfg in configs.items():
+        rows = [r for r in runs if r["variant"] == name]
+        entry: dict[str, Any] = {"seeds": [r["seed"] for r in rows]}
+        for m in METRICS:
+            vals = np.array([r["test"][m] for r in rows], dtype=float)
+            entry[m] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
+        full_cfg = replace(cfg, kv_mode="full")
+        entry["cache_bytes_per_behaviour"] = (
+            cache_bytes_per_behaviour(cfg) if cfg.kv_mode == "collective" else (2 * cfg.d_attn * 4)
+        )
+        entry["full_fp32_bytes_per_behaviour"] = 2 * full_cfg.d_attn * 4
+        entry["cr"] = entry["cache_bytes_per_behaviour"] / entry["full_fp32_bytes_per_behaviour"]
+        if cfg.kv_mode == "collective":
+            assert abs(entry["cr"] - compression_rate(cfg)) < 1e-12
+        out[name] = entry
+    return out
+
+
+def results_markdown(report: dict[str, Any]) -> str:
+    """The results table as Markdown (test split, mean ± std over seeds)."""
+    lines = [
+        "| variant | seeds | GAUC | AUC | Logloss | bytes / behaviour | CR |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, s in report["summary"].items():
+        cells = [f"{s[m]['mean']:.4f} ± {s[m]['std']:.4f}" for m in METRICS]
+        lines.append(f"| {name} | {len(s['seeds'])} | {' | '.join(cells)} | "
+                     f"{s['cache_bytes_per_behaviour']} | {100 * s['cr']:.2f}% |")  # fmt: skip
+    t = report["train"]
+    lines += [
+        "",
+        f"Test split; early stopping on validation GAUC (patience {t['patience']}, at most {t['epochs']} epochs, "
+        f"batch {t['batch_size']}, lr {t['lr']}); device: {report['machine']['device']}. "
+        "CR = cached bytes per user ÷ the user's full K and V in fp32 (collective: fp16 user parts + uint16 indices; "
+        "the full row is the fp32 baseline itself).",
+        "",
+    ]
+    return "\n".join(lines)
