@@ -1,0 +1,114 @@
+"""`ckv data prepare`: event log (+ item genres) -> canonical dataset (pipeline/dataset_schema.py).
+
+Defaults are MovieLens' column names and click rule (rating >= 4), so
+`ckv data prepare --events data/movielens/ratings.csv --items data/movielens/movies.csv --out DIR`
+prepares the bundled data. This module only parses arguments; pipeline/prepare.py does the work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+DEFAULT_RATING_COL = "rating"
+DEFAULT_RATING_THRESHOLD = 4.0
+
+
+@click.group()
+def data() -> None:
+    """Data preparation."""
+
+
+@data.command("prepare")
+@click.option(
+    "--events",
+    "events",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Event log, .csv/.csv.gz/.parquet: one row per interaction.",
+)
+@click.option(
+    "--items",
+    "items",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Optional item side-feature file (.csv/.parquet), e.g. MovieLens movies.csv.",
+)
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Output directory (replaced atomically on success).",
+)
+@click.option("--user-col", default="userId", show_default=True, help="Events: user id column (integers).")
+@click.option("--item-col", default="movieId", show_default=True, help="Events (and items file): item id column.")
+@click.option("--time-col", default="timestamp", show_default=True, help="Events: timestamp column (integers).")
+@click.option("--label-col", default=None, help="Events: 0/1 label column (instead of --rating-col).")
+@click.option(
+    "--rating-col",
+    default=None,
+    help=f"Events: rating column, label = rating >= threshold [default: {DEFAULT_RATING_COL} "
+    "when --label-col is not given].",
+)
+@click.option(
+    "--rating-threshold",
+    type=float,
+    default=None,
+    help=f"Ratings at or above this are positives [default: {DEFAULT_RATING_THRESHOLD:g}].",
+)
+@click.option("--items-item-col", default=None, help="Items file: item id column [default: --item-col].")
+@click.option("--item-feature-col", default="genres", show_default=True, help="Items file: multi-valued genre column.")
+@click.option("--feature-sep", default="|", show_default=True, help="Separator of the genre values.")
+@click.option(
+    "--valid-frac", type=float, default=0.1, show_default=True, help="Fraction of events (by time) for valid."
+)
+@click.option("--test-frac", type=float, default=0.1, show_default=True, help="Fraction of events (by time) for test.")
+def prepare_cmd(
+    events: Path,
+    items: Path | None,
+    out: Path,
+    user_col: str,
+    item_col: str,
+    time_col: str,
+    label_col: str | None,
+    rating_col: str | None,
+    rating_threshold: float | None,
+    items_item_col: str | None,
+    item_feature_col: str,
+    feature_sep: str,
+    valid_frac: float,
+    test_frac: float,
+) -> None:
+    """Validate an event log and write the canonical dataset (histories, items, time-split samples)."""
+    from pipeline.dataset_schema import DataError
+    from pipeline.prepare import PrepareConfig, prepare, summary
+
+    if label_col is not None and (rating_col is not None or rating_threshold is not None):
+        raise click.UsageError("give either --label-col or --rating-col/--rating-threshold, not both")
+    if label_col is None:
+        rating_col = rating_col or DEFAULT_RATING_COL
+        rating_threshold = DEFAULT_RATING_THRESHOLD if rating_threshold is None else rating_threshold
+    try:
+        config = PrepareConfig(
+            events=events,
+            out=out,
+            items=items,
+            user_col=user_col,
+            item_col=item_col,
+            time_col=time_col,
+            label_col=label_col,
+            rating_col=rating_col,
+            rating_threshold=rating_threshold,
+            items_item_col=items_item_col,
+            item_feature_col=item_feature_col,
+            feature_sep=feature_sep,
+            valid_frac=valid_frac,
+            test_frac=test_frac,
+        )
+        meta = prepare(config)
+    except DataError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"prepared {out}")
+    click.echo(summary(meta))

@@ -1,0 +1,351 @@
+"""Build the canonical dataset (pipeline/dataset_schema.py) from an event log.
+
+`build_dataset` is pure: typed events (user, item, timestamp, label; input row order) and
+optional (item, genre) pairs in, a CanonicalDataset out. `prepare` is the shell: read and
+validate the inputs (pipeline/events.py), build, validate, and write atomically (a temp
+directory beside OUT, then a rename; an existing OUT is replaced only on success).
+
+Everything is vectorised with numpy/pyarrow: one stable sort by (user, timestamp, row) gives
+the histories and each event's hist_len, one by (timestamp, user, item, row) the samples
+(`stable_order` packs the keys into one int64 so each is a single argsort).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.dataset_schema import (
+    HISTORIES_FILE,
+    HISTORIES_SCHEMA,
+    ITEMS_FILE,
+    ITEMS_SCHEMA,
+    META_FILE,
+    SAMPLES_DIR,
+    SAMPLES_SCHEMA,
+    SCHEMA_VERSION,
+    SPLITS,
+    CanonicalDataset,
+    DataError,
+    validate_dataset,
+)
+from pipeline.events import read_events, read_item_genres
+
+INT32_MAX = np.iinfo(np.int32).max
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Inputs, column names and split fractions of `ckv data prepare`.
+
+    Exactly one of `label_col` (0/1 values) or `rating_col` (label = rating >= rating_threshold)
+    must be set. `items_item_col` defaults to `item_col`.
+    """
+
+    events: Path
+    out: Path
+    items: Path | None = None
+    user_col: str = "userId"
+    item_col: str = "movieId"
+    time_col: str = "timestamp"
+    label_col: str | None = None
+    rating_col: str | None = None
+    rating_threshold: float | None = None
+    items_item_col: str | None = None
+    item_feature_col: str = "genres"
+    feature_sep: str = "|"
+    valid_frac: float = 0.1
+    test_frac: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.valid_frac < 1 and 0 <= self.test_frac < 1 and self.valid_frac + self.test_frac < 1):
+            raise DataError(f"split fractions valid={self.valid_frac}, test={self.test_frac}: need 0 <= each, sum < 1")
+
+    @property
+    def label_rule(self) -> str:
+        if self.label_col is not None:
+            return f"label = column '{self.label_col}' (0/1)"
+        return f"label = 1 if column '{self.rating_col}' >= {self.rating_threshold} else 0"
+
+
+def split_boundaries(timestamps: np.ndarray, valid_frac: float, test_frac: float) -> tuple[int, int]:
+    """(valid_start, test_start): the event timestamps at quantiles 1 - valid - test and 1 - test.
+
+    valid_start = sorted_ts[floor((1 - valid_frac - test_frac) * n)], likewise test_start, so
+    train = ts < valid_start, valid = valid_start <= ts < test_start, test = ts >= test_start.
+    """
+    n = len(timestamps)
+    iv = min(int(np.floor((1.0 - valid_frac - test_frac) * n)), n - 1)
+    it = min(int(np.floor((1.0 - test_frac) * n)), n - 1)
+    part = np.partition(timestamps, sorted({iv, it}))
+    return int(part[iv]), int(part[it])
+
+
+def dense_rank(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(codes int64, sorted unique values) with values == uniques[codes].
+
+    When (value range) * n fits in int64, one np.sort of value * n + row does it; else np.unique.
+    """
+    n = len(values)
+    low = int(values.min())
+    span = int(values.max()) - low + 1
+    if float(span) * n >= 2.0**62:
+        uniques, codes = np.unique(values, return_inverse=True)
+        return codes.reshape(-1).astype(np.int64, copy=False), uniques
+    packed = np.sort((values.astype(np.int64) - low) * n + np.arange(n, dtype=np.int64))
+    rows, ordered = packed % n, packed // n
+    new = np.empty(n, dtype=bool)
+    new[:1] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=new[1:])
+    codes = np.empty(n, np.int64)
+    codes[rows] = np.cumsum(new) - 1
+    return codes, ordered[new] + low
+
+
+def stable_order(*keys: np.ndarray) -> np.ndarray:
+    """Indices sorting rows by `keys` (primary first), ties kept in row order; like np.lexsort.
+
+    Keys are packed into one int64 (each shifted to start at 0, mixed radix) for a single
+    stable argsort, replacing the widest key by its dense rank if the ranges do not fit;
+    np.lexsort is the fallback.
+    """
+    shifted = [
+        k.astype(np.int64) - int(k.min()) if int(k.max()) - int(k.min()) < 2**62 else dense_rank(k)[0] for k in keys
+    ]
+    for attempt in range(2):
+        ranges = [int(k.max()) + 1 for k in shifted]
+        if float(np.prod([float(r) for r in ranges])) < 2.0**62:
+            packed = np.zeros(len(keys[0]), np.int64)
+            for k, r in zip(shifted, ranges, strict=True):
+                packed *= r
+                packed += k
+            return np.argsort(packed, kind="stable")
+        if attempt == 0:
+            widest = int(np.argmax(ranges))
+            shifted[widest] = dense_rank(shifted[widest])[0]
+    return np.lexsort(tuple(reversed(keys)))
+
+
+def _list_array(offsets: np.ndarray, values: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, value_type))
+
+
+def build_items(raw_items: np.ndarray, pairs: pd.DataFrame | None) -> tuple[pa.Table, list[str]]:
+    """items.parquet for the sorted unique raw ids `raw_items`, and the genre names (id i+1 = names[i]).
+
+    Only genres of items in `raw_items` get ids, in ascending name order.
+    """
+    n = len(raw_items)
+    if pairs is None or len(pairs) == 0:
+        names: list[str] = []
+        offsets, values = np.zeros(n + 1, np.int64), np.zeros(0, np.int32)
+    else:
+        pos = np.searchsorted(raw_items, pairs["item"].to_numpy(np.int64))
+        used = pos < n
+        used[used] = raw_items[pos[used]] == pairs["item"].to_numpy(np.int64)[used]
+        genre = pairs["genre"].to_numpy(object)[used]
+        uniq, gid = np.unique(genre.astype(str), return_inverse=True)
+        names = [str(g) for g in uniq]
+        keyed = np.unique(pos[used].astype(np.int64) * (len(names) + 1) + gid + 1)  # sort + dedupe
+        item_pos, values = keyed // (len(names) + 1), (keyed % (len(names) + 1)).astype(np.int32)
+        offsets = np.concatenate([[0], np.cumsum(np.bincount(item_pos, minlength=n))])
+    table = pa.Table.from_arrays(
+        [
+            pa.array(np.arange(1, n + 1), pa.int32()),
+            pa.array(raw_items, pa.int64()),
+            _list_array(offsets, values, pa.int32()),
+        ],
+        schema=ITEMS_SCHEMA,
+    )
+    return table, names
+
+
+def build_dataset(
+    events: pd.DataFrame,
+    pairs: pd.DataFrame | None = None,
+    *,
+    valid_frac: float = 0.1,
+    test_frac: float = 0.1,
+) -> CanonicalDataset:
+    """Pure build. `events`: columns user, item, timestamp (int64), label (int8), input row order.
+
+    meta gets everything but `label_rule` and `source` (left None for the caller to fill).
+    """
+    n = len(events)
+    if n == 0:
+        raise DataError("no events")
+    user = events["user"].to_numpy(np.int64)
+    ts = events["timestamp"].to_numpy(np.int64)
+    label = events["label"].to_numpy(np.int8)
+    codes, uniques = pd.factorize(events["item"].to_numpy(np.int64), sort=True)  # hash: few uniques
+    raw_items = np.asarray(uniques, dtype=np.int64)
+    if len(raw_items) >= INT32_MAX or n >= INT32_MAX:
+        raise DataError(f"{len(raw_items)} items / {n} events: too many for int32 ids / offsets")
+    item = (codes + 1).astype(np.int32)
+    items, genres = build_items(raw_items, pairs)
+    row = np.arange(n)
+
+    # Histories: stable time order within each user; hist_len = start of the (user, ts) run
+    # minus the start of the user's block = number of the user's events strictly earlier.
+    order = stable_order(user, ts)
+    u_s, t_s = user[order], ts[order]
+    new_user = np.concatenate([[True], u_s[1:] != u_s[:-1]])
+    new_run = new_user | np.concatenate([[True], t_s[1:] != t_s[:-1]])
+    user_start = np.maximum.accumulate(np.where(new_user, row, 0))
+    run_start = np.maximum.accumulate(np.where(new_run, row, 0))
+    hist_len = np.empty(n, np.int32)
+    hist_len[order] = run_start - user_start
+    starts = np.flatnonzero(new_user)
+    offsets = np.concatenate([starts, [n]])
+    histories = pa.Table.from_arrays(
+        [
+            pa.array(u_s[starts], pa.int64()),
+            _list_array(offsets, item[order], pa.int32()),
+            _list_array(offsets, t_s, pa.int64()),
+            _list_array(offsets, label[order], pa.int8()),
+        ],
+        schema=HISTORIES_SCHEMA,
+    )
+
+    # Samples: every event, sorted by (timestamp, user, item, row), cut at the split times.
+    valid_start, test_start = split_boundaries(ts, valid_frac, test_frac)
+    s_order = stable_order(ts, user, item)
+    s_ts = ts[s_order]
+    cuts = [0, int(np.searchsorted(s_ts, valid_start)), int(np.searchsorted(s_ts, test_start)), n]
+    samples: dict[str, pa.Table] = {}
+    counts: dict[str, Any] = {
+        "events": n,
+        "users": len(starts),
+        "items": len(raw_items),
+        "genres": len(genres),
+        "positives": int(label.sum()),
+        "positive_rate": float(label.mean()),
+        "items_without_genres": int(np.sum(np.diff(np.asarray(items["genre_ids"].combine_chunks().offsets)) == 0)),
+    }
+    for split, lo, hi in zip(SPLITS, cuts[:-1], cuts[1:], strict=True):
+        idx = s_order[lo:hi]
+        samples[split] = pa.Table.from_arrays(
+            [
+                pa.array(user[idx], pa.int64()),
+                pa.array(item[idx], pa.int32()),
+                pa.array(label[idx], pa.int8()),
+                pa.array(ts[idx], pa.int64()),
+                pa.array(hist_len[idx], pa.int32()),
+            ],
+            schema=SAMPLES_SCHEMA,
+        )
+        pos = int(label[idx].sum())
+        counts[split] = {
+            "samples": len(idx),
+            "positives": pos,
+            "positive_rate": pos / len(idx) if len(idx) else 0.0,
+            "users": len(np.unique(user[idx])),
+        }
+    meta: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "n_users": len(starts),
+        "n_items": len(raw_items),
+        "n_genres": len(genres),
+        "genres": genres,
+        "splits": {"valid_start": valid_start, "test_start": test_start},
+        "split_fractions": [round(1.0 - valid_frac - test_frac, 10), valid_frac, test_frac],
+        "label_rule": None,
+        "source": None,
+        "counts": counts,
+    }
+    return CanonicalDataset(meta=meta, items=items, histories=histories, samples=samples)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, streamed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_dataset(ds: CanonicalDataset, out: str | Path) -> Path:
+    """Write `ds` into a temp dir beside `out`, then rename it into place (old `out` replaced last)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"output {out}: exists and is not a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp, old = out.parent / f".{out.name}.tmp-{tag}", out.parent / f".{out.name}.old-{tag}"
+    try:
+        (tmp / SAMPLES_DIR).mkdir(parents=True)
+        (tmp / META_FILE).write_text(json.dumps(ds.meta, indent=2) + "\n")
+        pq.write_table(ds.items, tmp / ITEMS_FILE)
+        pq.write_table(ds.histories, tmp / HISTORIES_FILE)
+        for split in SPLITS:
+            pq.write_table(ds.samples[split], tmp / SAMPLES_DIR / f"{split}.parquet")
+        if out.exists():
+            out.rename(old)
+        try:
+            tmp.rename(out)
+        except OSError:
+            if old.exists():
+                old.rename(out)
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def prepare(config: PrepareConfig) -> dict[str, Any]:
+    """Read + validate the inputs, build the canonical dataset, write it to config.out; return meta."""
+    events = read_events(
+        config.events,
+        user_col=config.user_col,
+        item_col=config.item_col,
+        time_col=config.time_col,
+        label_col=config.label_col,
+        rating_col=config.rating_col,
+        rating_threshold=config.rating_threshold,
+    )
+    pairs = None
+    if config.items is not None:
+        pairs = read_item_genres(
+            config.items,
+            item_col=config.items_item_col or config.item_col,
+            feature_col=config.item_feature_col,
+            sep=config.feature_sep,
+        )
+    ds = build_dataset(events, pairs, valid_frac=config.valid_frac, test_frac=config.test_frac)
+    ds.meta["label_rule"] = config.label_rule
+    ds.meta["source"] = {
+        "events": str(config.events),
+        "items": None if config.items is None else str(config.items),
+        "sha256": sha256_file(config.events),
+    }
+    validate_dataset(ds, where=f"prepared from {config.events}")
+    write_dataset(ds, config.out)
+    return ds.meta
+
+
+def summary(meta: dict[str, Any]) -> str:
+    """A few lines for the terminal: sizes, samples per split, positive rates."""
+    c = meta["counts"]
+    lines = [
+        f"users {meta['n_users']:,}  items {meta['n_items']:,}  genres {meta['n_genres']}  "
+        f"events {c['events']:,}  positive rate {c['positive_rate']:.3f}  ({meta['label_rule']})",
+    ]
+    for split in SPLITS:
+        s = c[split]
+        lines.append(
+            f"  {split:<5} {s['samples']:>10,} samples  {s['users']:>8,} users  positive rate {s['positive_rate']:.3f}"
+        )
+    lines.append(f"  valid_start {meta['splits']['valid_start']}  test_start {meta['splits']['test_start']}")
+    return "\n".join(lines)
