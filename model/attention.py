@@ -21,7 +21,30 @@ def valid_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
 def target_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, n_heads: int
 ) -> torch.Tensor:
-    """Scaled dot-product attention of each target over its user's behaviours.
+    """Same result as :func:`target_attention_reference`, without head-split copies of K and V.
+
+    Each query head is placed in its own d_a-block of a block-diagonal (B, C·H, d_a) matrix, so one
+    batched matmul against the untouched (B, L, d_a) K gives every head's scores, and one against V
+    gives (B, C·H, d_a) from which the diagonal head blocks are read. This costs H times the
+    (tiny, C·H·L·d_a) FLOPs of the per-head products but never permutes the (B, L, d_a) K/V
+    tensors, which dominate memory traffic for target attention (C << L).
+    """
+    b, c, d_a = q.shape
+    dh = d_a // n_heads
+    eye = torch.eye(n_heads, dtype=q.dtype, device=q.device)  # (H, H)
+    qh = q.reshape(b, c, n_heads, 1, dh) * eye.reshape(1, 1, n_heads, n_heads, 1)  # (B, C, H, H, dh)
+    qblock = qh.reshape(b, c * n_heads, d_a)  # (B, C·H, d_a) block-diagonal per candidate
+    scores = torch.bmm(qblock, k.transpose(1, 2)) / math.sqrt(dh)  # (B, C·H, L)
+    weights = masked_softmax(scores, lengths)  # (B, C·H, L)
+    mixed = torch.bmm(weights, v).reshape(b, c, n_heads, n_heads, dh)  # (B, C, H, H, dh)
+    out = torch.diagonal(mixed, dim1=2, dim2=3)  # (B, C, dh, H)
+    return out.transpose(2, 3).reshape(b, c, d_a)  # (B, C, d_a)
+
+
+def target_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, n_heads: int
+) -> torch.Tensor:
+    """Scaled dot-product attention of each target over its user's behaviours (plain math).
 
     Args:
         q: (B, C, d_a) queries, C candidates per user.

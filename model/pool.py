@@ -19,18 +19,26 @@ from model.routing import fused_route, peak_loss, route
 
 @dataclass(frozen=True)
 class TokenBatch:
-    """Behaviour embeddings of a padded batch, with its distinct tokens.
+    """A padded batch of behaviours as its distinct tokens.
 
-    x: (B, L, E) embeddings (zeros at padding); valid: (B, L) bool;
-    x_unique: (U, E) embedding of each distinct valid token; inverse: (N,) index into x_unique of
-    each valid position in ``x[valid]`` order; counts: (U,) occurrences of each distinct token.
+    valid: (B, L) bool; x_unique: (U, E) embedding of each distinct valid token; inverse: (N,)
+    row of x_unique for each valid position, in ``valid.nonzero()`` order; counts: (U,)
+    occurrences of each distinct token. Every per-behaviour quantity that is a function of the
+    token alone (projections, router logits) is computed on the U rows and spread to (B, L).
     """
 
-    x: torch.Tensor
     valid: torch.Tensor
     x_unique: torch.Tensor
     inverse: torch.Tensor
     counts: torch.Tensor
+    positions: torch.Tensor  # (N,) flat index b * L + l of each valid position
+
+    def spread(self, per_token: torch.Tensor) -> torch.Tensor:
+        """(U, ...) per-token values → (B, L, ...) per position, zeros at padding."""
+        rows = torch.index_select(per_token, 0, self.inverse)  # (N, ...)
+        out = rows.new_zeros(self.valid.numel(), *rows.shape[1:])  # (B·L, ...)
+        out = out.index_copy(0, self.positions, rows)  # (B·L, ...)
+        return out.reshape(*self.valid.shape, *rows.shape[1:])  # (B, L, ...)
 
 
 @dataclass(frozen=True)
@@ -66,20 +74,17 @@ class KVBranch(nn.Module):
 
     def prefill(self, tokens: TokenBatch, soft: bool) -> BranchState:
         """User part, indices and (if ``soft``) gates for every position; padding → 0."""
-        user = self.proj(tokens.x)  # (B, L, d)
-        zero = tokens.x.new_zeros(())
+        user_u = self.proj(tokens.x_unique)  # (U, d)
+        zero = user_u.new_zeros(())
         if not self.shared:
-            return BranchState(user, None, None, zero, zero)
-        user = nn.functional.silu(user) * tokens.valid.unsqueeze(-1)  # (B, L, d_u)
+            return BranchState(tokens.spread(user_u), None, None, zero, zero)
+        user = tokens.spread(nn.functional.silu(user_u))  # (B, L, d_u)
         assert self.router is not None
-        idx = torch.zeros(tokens.valid.shape, dtype=torch.long, device=user.device)  # (B, L)
         if not soft:
             routing = route(self.router(tokens.x_unique))  # logits (U, M)
-            idx[tokens.valid] = routing.idx[tokens.inverse]
-            return BranchState(user, idx, None, zero, zero)
+            return BranchState(user, tokens.spread(routing.idx), None, zero, zero)
         routing, balance = fused_route(tokens.x_unique, self.router.weight, tokens.counts)
-        idx[tokens.valid] = routing.idx[tokens.inverse]
-        gate = torch.zeros(tokens.valid.shape, dtype=user.dtype, device=user.device)  # (B, L)
-        gate = gate.masked_scatter(tokens.valid, routing.gate[tokens.inverse])
+        idx = tokens.spread(routing.idx)  # (B, L)
+        gate = tokens.spread(routing.gate)  # (B, L)
         peak = peak_loss(routing.top_logit, tokens.counts)
         return BranchState(user, idx, gate, peak, balance)

@@ -197,3 +197,32 @@ def test_config_round_trip_and_validation() -> None:
         small_config(n_heads=5)
     with pytest.raises(ValueError, match="d_user"):
         small_config(collective=CollectiveConfig(d_user=32))
+
+
+@given(b=st.integers(1, 4), c=st.integers(1, 3), seq=st.integers(1, 9), heads=st.sampled_from([1, 2, 4]),
+       seed=st.integers(0, 1000), dtype=st.sampled_from([torch.float32, torch.float64]))  # fmt: skip
+@settings(max_examples=40, deadline=None)
+def test_block_diagonal_attention_equals_reference(b: int, c: int, seq: int, heads: int, seed: int, dtype) -> None:
+    from model.attention import target_attention, target_attention_reference
+
+    g = torch.Generator().manual_seed(seed)
+    d_a = 8 * heads
+    q = torch.randn(b, c, d_a, generator=g, dtype=dtype)
+    k = torch.randn(b, seq, d_a, generator=g, dtype=dtype)
+    v = torch.randn(b, seq, d_a, generator=g, dtype=dtype)
+    lengths = torch.randint(0, seq + 1, (b,), generator=g)
+    got = target_attention(q, k, v, lengths, heads)
+    want = target_attention_reference(q, k, v, lengths, heads)
+    torch.testing.assert_close(got, want)
+    assert torch.all(got[lengths == 0] == 0)
+
+
+def test_distinct_matches_torch_unique() -> None:
+    from model.ctr import distinct
+
+    values = torch.tensor([5, 3, 5, 0, 9, 3, 3])
+    uniq, inv, counts = distinct(values, 10)
+    ru, ri, rc = torch.unique(values, return_inverse=True, return_counts=True)
+    assert torch.equal(uniq, ru) and torch.equal(inv, ri) and torch.equal(counts, rc)
+    with pytest.raises(ValueError, match="token ids"):
+        distinct(torch.tensor([10]), 10)
