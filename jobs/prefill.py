@@ -1,0 +1,64 @@
+"""The nightly prefill job: `spark-submit [--master ...] jobs/prefill.py --checkpoint CKPT --histories PATH
+--out STORE`, or `ckv prefill ...` (same options; Spark in local mode unless --master is given).
+
+Argument parsing only; pipeline/spark_job.py runs the job (docs/prefill.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+
+import click
+
+from pipeline.prefill import ENGINES
+
+
+@click.command("prefill")
+@click.option("--checkpoint", required=True, type=click.Path(exists=True, file_okay=False),
+              help="checkpoint directory (ckv train)")
+@click.option("--histories", required=True,
+              help="histories Parquet: a file, a directory of many files, a dataset dir, or a URI")
+@click.option("--out", "store", required=True, type=click.Path(file_okay=False), help="store root STORE")
+@click.option("--mode", type=click.Choice(["collective", "full"]), default=None,
+              help="cache to write [default: the checkpoint's kv_mode]; full = the full-KV baseline")
+@click.option("--kv-dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16",
+              show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="executors' device: auto = a GPU when the executor has one")
+@click.option("--engine", type=click.Choice(list(ENGINES)), default="auto", show_default=True,
+              help="auto/memo/direct (same values; see docs/prefill.md); noop = I/O floor, zeros")
+@click.option("--batch-users", default=0, show_default=True, help="users per model batch (0: auto)")
+@click.option("--memo-mb", default=256, show_default=True, help="per-worker token table cap (memo engine)")
+@click.option("--sort/--no-sort", default=True, show_default=True, help="sort each output file by user id")
+@click.option("--master", default=None, help="Spark master [default: spark-submit's, else local[*]]")
+@click.option("--split-mb", default=32, show_default=True,
+              help="max Parquet MB per input partition (0: Spark's default)")
+@click.option("--compression", default="snappy", show_default=True, help="Parquet codec")
+@click.option("--progress-interval", default=10.0, show_default=True, help="seconds between progress logs")
+@click.option("--spark-log-level", default="WARN", show_default=True, help="Spark's log level ('' keeps it)")
+@click.option("--ship-code/--no-ship-code", default=None,
+              help="send the project's packages to executors [default: only for a non-local master]")
+@click.option("--fail-after-users", type=int, default=None, hidden=True, help="test hook: tasks fail")
+def prefill_cmd(checkpoint: str, histories: str, store: str, **kw: object) -> None:
+    """Prefill every user's compact KV cache with Spark; build and publish STORE (Parquet + LMDB)."""
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.prefill import PrefillInputError
+    from pipeline.spark_job import PrefillOptions, run_prefill
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    opts = PrefillOptions(checkpoint=checkpoint, histories=histories, store=store,
+                          command_line=shlex.join(sys.argv), **kw)  # type: ignore[arg-type]
+    try:
+        manifest = run_prefill(opts)
+    except (CheckpointError, PrefillInputError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    b = manifest["bytes"]
+    click.echo(f"published {manifest['version_id']} to {store}: {manifest['users']} users, "
+               f"{manifest['mode']} {manifest['dtypes']['kv']}, payload {b['payload']} B, "
+               f"LMDB {b['lmdb_disk']} B on disk, Parquet {b['parquet']} B")
+
+
+if __name__ == "__main__":  # spark-submit jobs/prefill.py ...
+    prefill_cmd(prog_name="jobs/prefill.py")

@@ -1,0 +1,464 @@
+"""The per-partition prefill: Arrow history batches in, prefill Parquet rows out (no Spark here).
+
+:func:`prefill_batches` is the whole per-partition computation of the nightly job
+(``pipeline/spark_job.py`` only wraps it in ``mapInArrow``); it is a pure function of its input
+batches, so it is tested, profiled and run on a GPU without a SparkSession.
+
+Input batches: ``user_id`` int64, ``items`` list<int>, ``labels`` list<int> (0/1), one row per user,
+the user's FULL history in time order (other columns are ignored). The model's window is the last
+``cfg.max_len`` events (:func:`pipeline.history.arrow_window`, the one place that builds model input).
+
+Output batches: exactly :data:`OUTPUT_SCHEMA` (= ``cachestore.lmdb_build.prefill_schema()``, checked
+by the tests; not imported from there so that this module needs no ``lmdb``), one row per input row,
+same order. Per user with ``n = min(len(history), max_len)`` behaviours, for a :class:`CacheLayout`:
+
+- collective: ``k_user`` / ``v_user`` = the (n, d_u) user-specific parts at the layout's kv dtype,
+  ``k_idx`` / ``v_idx`` = the n router indices (uint16 while the pool has <= 65,536 rows);
+  a side that is not shared stores its whole d_a-dim K (or V) and no indices;
+- full: ``k_user`` / ``v_user`` = the whole (n, d_a) K and V as the model rebuilds them
+  (``model.keys_values``), no indices — the baseline cache capacity planners compare against.
+
+Engines (how the K/V of a batch are computed; all give the model's own values):
+
+- ``direct``: ``model.prefill`` on the padded window of each chunk of users (trimmed to the
+  chunk's longest history), then ``model.keys_values`` in full mode. The reference.
+- ``memo``: the cache entry of a behaviour depends only on its token (item, feedback) in this model
+  family (no positions, no cross-behaviour terms; :func:`tokenwise` checks this on the loaded model
+  and ``auto`` falls back to ``direct`` if it does not hold). So each worker runs ``model.prefill``
+  once per *distinct* token it meets (as a batch of one-behaviour histories), keeps the encoded
+  entry in a table, and gathers every user's rows from it. Same values, a fraction of the router
+  work (the (tokens x pool) router product dominates the direct path: ~200 users/s per CPU core at
+  the paper's scale). Memory: the table is capped (``memo_bytes``) and reset when full.
+- ``noop``: no model, entries of the right sizes from a fixed random block — the job's I/O floor
+  (benchmarks/prefill.py).
+
+Records are deterministic: eval mode, no randomness, no timestamps, rows in input order.
+"""
+
+from __future__ import annotations
+
+import sys
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from cachestore.record import IDX_DTYPES, KV_DTYPES, CacheLayout
+from model.cache import KVCache, index_itemsize
+from model.config import ModelConfig
+from model.ctr import N_FEEDBACK, TargetAttentionCTR
+from pipeline.history import arrow_window
+
+if sys.byteorder != "little":  # the record format is little-endian; numpy views below are native
+    raise ImportError("pipeline.prefill needs a little-endian host")
+
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("user_id", pa.int64()),
+        ("length", pa.int32()),
+        ("k_user", pa.binary()),
+        ("v_user", pa.binary()),
+        ("k_idx", pa.binary()),
+        ("v_idx", pa.binary()),
+        ("model_version", pa.string()),
+        ("checksum", pa.int64()),
+    ]
+)
+# The same schema as a Spark DDL string (what mapInArrow is declared with).
+OUTPUT_DDL = (
+    "user_id long, length int, k_user binary, v_user binary, k_idx binary, v_idx binary, "
+    "model_version string, checksum long"
+)
+HISTORY_COLUMNS = ("user_id", "items", "labels")
+ENGINES = ("auto", "memo", "direct", "noop")
+KV_TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DEFAULT_MEMO_BYTES = 256 << 20
+_POSITIONS_PER_CHUNK = 1 << 20  # padded (users x max_len) positions per chunk (auto batch_users)
+_DIRECT_POSITIONS = 1 << 16  # padded positions per model.prefill call of the direct engine
+# (tokens x pool) router logits per model.prefill call of the memo engine: on a CPU, logits that stay
+# in cache (2^21 cells = 8 MB) run the router 2.2x faster than 2^24 (measured: 50k tokens, pool 10k)
+_ROUTER_CELLS = {"cpu": 1 << 21, "cuda": 1 << 24}
+
+
+class PrefillInputError(ValueError):
+    """A history batch that cannot be prefilled (missing column, wrong type, null, bad id)."""
+
+
+def cache_layout(cfg: ModelConfig, model_version: str, mode: str = "collective",
+                 kv_dtype: str = "float16") -> CacheLayout:
+    """The CacheLayout a prefill of this model writes in ``mode`` ("collective" or "full")."""
+    if mode == "full":
+        return CacheLayout("full", kv_dtype, None, cfg.d_attn, cfg.d_attn, False, False, 0, cfg.max_len,
+                           model_version)
+    if mode != "collective":
+        raise ValueError(f"mode must be 'collective' or 'full', got {mode!r}")
+    if cfg.kv_mode != "collective":
+        raise ValueError("the checkpoint is a full-KV model: it has no collective cache (use mode 'full')")
+    shared = cfg.k_shared or cfg.v_shared
+    idx = ("uint16" if index_itemsize(cfg.collective.pool_size) == 2 else "int32") if shared else None
+    return CacheLayout("collective", kv_dtype, idx, cfg.dk_user, cfg.dv_user, cfg.k_shared, cfg.v_shared,
+                       cfg.collective.pool_size if shared else 0, cfg.max_len, model_version)
+
+
+def auto_batch_users(max_len: int) -> int:
+    """Users per chunk when not given: about 1M padded positions (1,048 users at max_len 1,000)."""
+    return int(min(8192, max(1, _POSITIONS_PER_CHUNK // max(1, max_len))))
+
+
+# ----------------------------------------------------------------------------------- engines
+@dataclass(frozen=True)
+class FlatKV:
+    """One chunk's cache entries, flat over the valid behaviours in user order, as stored.
+
+    k, v: (N, dk), (N, dv) numpy arrays of the layout's kv storage dtype (bfloat16 as uint16 bits);
+    k_idx, v_idx: (N,) of the index dtype, or None when that side is not shared.
+    """
+
+    k: np.ndarray
+    v: np.ndarray
+    k_idx: np.ndarray | None
+    v_idx: np.ndarray | None
+
+
+def _storage(t: torch.Tensor, kv_dtype: str) -> np.ndarray:
+    """A float tensor at the layout's kv dtype, as a CPU numpy array (bf16: raw uint16 bits)."""
+    t = t.to(KV_TORCH[kv_dtype])
+    if kv_dtype == "bfloat16":
+        t = t.view(torch.int16)
+    a = t.cpu().numpy()
+    return a.view(KV_DTYPES[kv_dtype][1])
+
+
+def _index_storage(idx: torch.Tensor, idx_dtype: str) -> np.ndarray:
+    return idx.to(torch.int32).cpu().numpy().astype(IDX_DTYPES[idx_dtype][1])
+
+
+def _device_of(model: TargetAttentionCTR) -> torch.device:
+    return next(model.parameters()).device
+
+
+class _ModelEngine:
+    def __init__(self, model: TargetAttentionCTR, layout: CacheLayout) -> None:
+        cfg = model.cfg
+        want = cache_layout(cfg, layout.model_version, layout.mode, layout.kv_dtype)
+        if want != layout:
+            raise ValueError(f"layout {layout} does not fit the model (expected {want})")
+        if model.training:
+            raise ValueError("prefill needs the model in eval mode (hard routing)")
+        self.model = model
+        self.layout = layout
+        self.device = _device_of(model)
+
+    def _entries(self, cache: KVCache, valid: torch.Tensor) -> FlatKV:
+        """Encode the valid positions of a padded cache (B, L, .) as flat storage arrays."""
+        lay = self.layout
+        if lay.mode == "full":
+            k, v = self.model.keys_values(cache)  # (B, L, d_a) each
+            return FlatKV(_storage(k[valid], lay.kv_dtype), _storage(v[valid], lay.kv_dtype), None, None)
+        ki = _index_storage(cache.k_idx[valid], lay.idx_dtype) if lay.k_shared else None
+        vi = _index_storage(cache.v_idx[valid], lay.idx_dtype) if lay.v_shared else None
+        return FlatKV(_storage(cache.k_user[valid], lay.kv_dtype), _storage(cache.v_user[valid], lay.kv_dtype),
+                      ki, vi)
+
+    def _prefill(self, items: np.ndarray, feedback: np.ndarray, lengths: np.ndarray) -> FlatKV:
+        dev = self.device
+        with torch.inference_mode():
+            it = torch.from_numpy(items).to(dev)
+            fb = torch.from_numpy(feedback).to(dev)
+            ln = torch.from_numpy(lengths).to(dev)
+            cache = self.model.prefill(it, fb, ln)
+            valid = torch.arange(items.shape[1], device=dev)[None, :] < ln[:, None]
+            return self._entries(cache, valid)
+
+
+def _concat(parts: list[FlatKV]) -> FlatKV:
+    if len(parts) == 1:
+        return parts[0]
+
+    def cat(name: str) -> np.ndarray | None:
+        arrs = [getattr(p, name) for p in parts]
+        return None if arrs[0] is None else np.concatenate(arrs)
+
+    return FlatKV(cat("k"), cat("v"), cat("k_idx"), cat("v_idx"))
+
+
+class DirectEngine(_ModelEngine):
+    """``model.prefill`` on the padded window, in sub-chunks of at most 65,536 padded positions."""
+
+    name = "direct"
+
+    def run(self, items: np.ndarray, feedback: np.ndarray, lengths: np.ndarray) -> FlatKV:
+        parts, lo, b = [], 0, len(lengths)
+        while lo < b:
+            hi, longest = lo, 0
+            while hi < b and max(longest, int(lengths[hi]), 1) * (hi + 1 - lo) <= _DIRECT_POSITIONS:
+                longest = max(longest, int(lengths[hi]))
+                hi += 1
+            hi = max(hi, lo + 1)
+            width = max(1, int(lengths[lo:hi].max()))
+            parts.append(self._prefill(items[lo:hi, :width], feedback[lo:hi, :width], lengths[lo:hi]))
+            lo = hi
+        return _concat(parts) if parts else _empty(self.layout)
+
+
+class MemoEngine(_ModelEngine):
+    """Per-worker table of each distinct token's encoded cache entry (see module docstring)."""
+
+    name = "memo"
+
+    def __init__(self, model: TargetAttentionCTR, layout: CacheLayout, memo_bytes: int = DEFAULT_MEMO_BYTES) -> None:
+        super().__init__(model, layout)
+        vocab = (model.cfg.n_items + 1) * N_FEEDBACK
+        if vocab > 1 << 27:
+            raise ValueError(f"memo engine: token vocabulary {vocab} too large for a dense slot table")
+        kv = KV_DTYPES[layout.kv_dtype][1]
+        idx = IDX_DTYPES[layout.idx_dtype][1] if layout.idx_dtype else None
+        per_entry = (layout.dk + layout.dv) * kv.itemsize + (idx.itemsize if idx else 0) * 2
+        self.capacity = max(1 << 12, memo_bytes // per_entry)
+        self._slot = np.full(vocab, -1, dtype=np.int32)  # token -> row of the tables, -1 unknown
+        self._k = np.empty((0, layout.dk), kv)
+        self._v = np.empty((0, layout.dv), kv)
+        self._ki = np.empty(0, idx) if layout.k_shared else None
+        self._vi = np.empty(0, idx) if layout.v_shared else None
+        self.size = 0
+        self.resets = 0
+        pool = model.cfg.collective.pool_size if layout.k_shared or layout.v_shared else 1
+        cells = _ROUTER_CELLS.get(self.device.type, _ROUTER_CELLS["cpu"])
+        self._per_call = max(1, min(1 << 16, cells // pool))
+
+    def _grow(self, need: int) -> None:
+        cap = len(self._k)
+        if need <= cap:
+            return
+        new = min(self.capacity, max(need, 2 * cap, 1 << 12))
+
+        def grow(a: np.ndarray) -> np.ndarray:
+            out = np.empty((new, *a.shape[1:]), a.dtype)
+            out[: self.size] = a[: self.size]
+            return out
+
+        self._k, self._v = grow(self._k), grow(self._v)
+        self._ki = grow(self._ki) if self._ki is not None else None
+        self._vi = grow(self._vi) if self._vi is not None else None
+
+    def _add(self, tokens: np.ndarray) -> None:
+        """Run the model on new distinct tokens (one-behaviour histories) and store their entries."""
+        if self.size + len(tokens) > self.capacity:
+            self._slot.fill(-1)
+            self.size = 0
+            self.resets += 1
+        self._grow(self.size + len(tokens))
+        for lo in range(0, len(tokens), self._per_call):
+            tok = tokens[lo : lo + self._per_call]
+            n = len(tok)
+            out = self._prefill((tok // N_FEEDBACK)[:, None], (tok % N_FEEDBACK)[:, None], np.ones(n, np.int64))
+            s = self.size
+            self._k[s : s + n], self._v[s : s + n] = out.k, out.v
+            if self._ki is not None:
+                self._ki[s : s + n] = out.k_idx
+            if self._vi is not None:
+                self._vi[s : s + n] = out.v_idx
+            self._slot[tok] = np.arange(s, s + n, dtype=np.int32)
+            self.size += n
+
+    def run(self, items: np.ndarray, feedback: np.ndarray, lengths: np.ndarray) -> FlatKV:
+        valid = np.arange(items.shape[1])[None, :] < lengths[:, None]
+        tokens = items[valid] * N_FEEDBACK + feedback[valid]  # (N,) in user order
+        if len(tokens) > self.capacity:  # a chunk larger than the table: no memo for it
+            return DirectEngine.run(self, items, feedback, lengths)  # type: ignore[arg-type]
+        slots = self._slot[tokens]
+        missing = slots < 0
+        if missing.any():
+            new = np.unique(tokens[missing])
+            if self.size + len(new) > self.capacity:  # reset, then the whole chunk is new
+                self._slot.fill(-1)
+                self.size = 0
+                self.resets += 1
+                new = np.unique(tokens)
+            self._add(new)
+            slots = self._slot[tokens]
+        return FlatKV(self._k[slots], self._v[slots],
+                      self._ki[slots] if self._ki is not None else None,
+                      self._vi[slots] if self._vi is not None else None)
+
+
+class NoopEngine:
+    """Entries of the right sizes without a model: the job's I/O floor (benchmarks/prefill.py).
+
+    Values and indices are slices of one fixed pseudo-random block (so Parquet writes as many bytes
+    as for a real run; zeros would compress away), not zeros; deterministic."""
+
+    name = "noop"
+    _BLOCK = np.random.default_rng(0).integers(0, 256, 1 << 22, dtype=np.uint8)
+
+    def __init__(self, layout: CacheLayout) -> None:
+        self.layout = layout
+        self._pos = 0
+
+    def _fill(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if nbytes > len(self._BLOCK):
+            return np.resize(self._BLOCK, nbytes).view(dtype).reshape(shape)
+        lo = self._pos if self._pos + nbytes <= len(self._BLOCK) else 0
+        self._pos = (lo + 4099) % len(self._BLOCK)
+        return self._BLOCK[lo : lo + nbytes].copy().view(dtype).reshape(shape)
+
+    def run(self, items: np.ndarray, feedback: np.ndarray, lengths: np.ndarray) -> FlatKV:
+        n, lay = int(lengths.sum()), self.layout
+        kv = KV_DTYPES[lay.kv_dtype][1]
+        idx = IDX_DTYPES[lay.idx_dtype][1] if lay.idx_dtype else None
+        return FlatKV(self._fill((n, lay.dk), kv), self._fill((n, lay.dv), kv),
+                      self._fill((n,), idx) if lay.k_shared else None,
+                      self._fill((n,), idx) if lay.v_shared else None)
+
+
+def _empty(layout: CacheLayout) -> FlatKV:
+    kv = KV_DTYPES[layout.kv_dtype][1]
+    idx = IDX_DTYPES[layout.idx_dtype][1] if layout.idx_dtype else None
+    return FlatKV(np.zeros((0, layout.dk), kv), np.zeros((0, layout.dv), kv),
+                  np.zeros(0, idx) if layout.k_shared else None, np.zeros(0, idx) if layout.v_shared else None)
+
+
+def tokenwise(model: TargetAttentionCTR, layout: CacheLayout, seed: int = 0) -> bool:
+    """Whether the model's cache entries depend on the behaviour token alone (memo engine valid):
+    a random padded batch through ``model.prefill`` vs the same tokens one at a time."""
+    rng = np.random.default_rng(seed)
+    b, seq = 4, min(model.cfg.max_len, 16)
+    lengths = np.array([seq, seq // 2, 1, 0], dtype=np.int64)[:b]
+    items = rng.integers(1, model.cfg.n_items + 1, (b, seq)).astype(np.int64)
+    items[:, : seq // 2] = items[0, -1]  # repeated tokens at several positions
+    feedback = rng.integers(1, N_FEEDBACK, (b, seq)).astype(np.int64)
+    valid = np.arange(seq)[None, :] < lengths[:, None]
+    items, feedback = np.where(valid, items, 0), np.where(valid, feedback, 0)
+    ref = DirectEngine(model, layout).run(items, feedback, lengths)
+    one = DirectEngine(model, layout).run(items[valid][:, None], feedback[valid][:, None],
+                                          np.ones(int(valid.sum()), np.int64))
+    for a, c in zip((ref.k, ref.v), (one.k, one.v), strict=True):
+        fa, fc = _as_float(a, layout.kv_dtype), _as_float(c, layout.kv_dtype)
+        if not np.allclose(fa, fc, rtol=4 * _eps(layout.kv_dtype), atol=1e-6):
+            return False
+    return all(a is None or np.array_equal(a, c)
+               for a, c in ((ref.k_idx, one.k_idx), (ref.v_idx, one.v_idx)))
+
+
+def _eps(kv_dtype: str) -> float:
+    return {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 2.0**-20}[kv_dtype]
+
+
+def _as_float(a: np.ndarray, kv_dtype: str) -> np.ndarray:
+    if kv_dtype == "bfloat16":
+        return torch.from_numpy(a.copy()).view(torch.bfloat16).float().numpy()
+    return a.astype(np.float32)
+
+
+def make_engine(model: TargetAttentionCTR | None, layout: CacheLayout, kind: str = "auto",
+                memo_bytes: int = DEFAULT_MEMO_BYTES) -> DirectEngine | MemoEngine | NoopEngine:
+    """An engine of ``kind`` (see module docstring); ``auto`` = memo if :func:`tokenwise`, else direct."""
+    if kind not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {kind!r}")
+    if kind == "noop":
+        return NoopEngine(layout)
+    if model is None:
+        raise ValueError(f"engine {kind!r} needs a model")
+    if kind == "direct":
+        return DirectEngine(model, layout)
+    if kind == "auto" and ((model.cfg.n_items + 1) * N_FEEDBACK > 1 << 27 or not tokenwise(model, layout)):
+        return DirectEngine(model, layout)
+    return MemoEngine(model, layout, memo_bytes)
+
+
+# ------------------------------------------------------------------------------ per partition
+def _binary(values: np.ndarray, offsets: np.ndarray) -> pa.Array:
+    """A binary array over one contiguous numpy buffer and int32 byte offsets (zero-copy)."""
+    if offsets[-1] > np.iinfo(np.int32).max:
+        raise OverflowError("a prefill batch exceeds 2 GiB in one column: lower batch_users")
+    return pa.Array.from_buffers(pa.binary(), len(offsets) - 1,
+                                 [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(values)])
+
+
+def _check_batch(batch: pa.RecordBatch, n_items: int | None) -> None:
+    names = batch.schema.names
+    for col in HISTORY_COLUMNS:
+        if col not in names:
+            raise PrefillInputError(f"history batch has no column {col!r} (columns: {names})")
+    if not pa.types.is_integer(batch.schema.field("user_id").type):
+        raise PrefillInputError(f"column 'user_id' has type {batch.schema.field('user_id').type}, expected int64")
+    for col in ("items", "labels"):
+        t = batch.schema.field(col).type
+        if not ((pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_integer(t.value_type)):
+            raise PrefillInputError(f"column {col!r} has type {t}, expected a list of integers")
+    for col in HISTORY_COLUMNS:
+        arr = batch.column(col)
+        if arr.null_count:
+            row = int(np.flatnonzero(np.asarray(arr.is_null()))[0])
+            raise PrefillInputError(f"user {batch.column('user_id')[row]}: null {col!r}")
+
+
+def _rebase(arr: pa.Array) -> pa.Array:
+    """A list array whose offsets start at 0 (a slice otherwise drags its whole parent's values)."""
+    offsets = np.asarray(arr.offsets)
+    if offsets[0] == 0 and len(arr.values) == offsets[-1]:
+        return arr
+    start, stop = int(offsets[0]), int(offsets[-1])
+    cls = pa.LargeListArray if pa.types.is_large_list(arr.type) else pa.ListArray
+    return cls.from_arrays(pa.array(offsets - start), arr.values.slice(start, stop - start))
+
+
+def prefill_chunk(batch: pa.RecordBatch, engine: DirectEngine | MemoEngine | NoopEngine,
+                  layout: CacheLayout, n_items: int | None = None) -> pa.RecordBatch:
+    """One chunk of users (a record batch of histories) → one output record batch."""
+    _check_batch(batch, n_items)
+    users = batch.column("user_id").cast(pa.int64())
+    w = arrow_window(_rebase(batch.column("items")), _rebase(batch.column("labels")), layout.max_len)
+    lengths = w.lengths
+    valid = np.arange(w.items.shape[1])[None, :] < lengths[:, None]
+    if n_items is not None and valid.any():
+        bad = valid & ((w.items < 1) | (w.items > n_items) | (w.feedback < 1) | (w.feedback >= N_FEEDBACK))
+        if bad.any():
+            b, pos = np.argwhere(bad)[0]
+            raise PrefillInputError(
+                f"user {users[int(b)]}: item {int(w.items[b, pos])} / label {int(w.feedback[b, pos]) - 1} "
+                f"outside the model's items 1..{n_items} / labels 0..1")
+    out = engine.run(w.items, w.feedback, lengths) if lengths.sum() else _empty(layout)
+    cols, parts = [], []
+    for arr, per in ((out.k, layout.dk), (out.v, layout.dv), (out.k_idx, 1), (out.v_idx, 1)):
+        if arr is None:
+            buf = np.zeros(0, np.uint8)
+            offsets = np.zeros(len(lengths) + 1, np.int64)
+        else:
+            buf = np.ascontiguousarray(arr).view(np.uint8).reshape(-1)
+            offsets = np.zeros(len(lengths) + 1, np.int64)
+            np.cumsum(lengths * (per * arr.dtype.itemsize), out=offsets[1:])
+            if offsets[-1] != len(buf):
+                raise AssertionError(f"engine returned {len(buf)} bytes, lengths imply {offsets[-1]}")
+        cols.append(_binary(buf, offsets))
+        parts.append((memoryview(buf), offsets.tolist()))
+    crcs = np.empty(len(lengths), np.int64)
+    crc32 = zlib.crc32
+    shared = [p for p, arr in zip(parts, (out.k, out.v, out.k_idx, out.v_idx), strict=True) if arr is not None]
+    for b in range(len(lengths)):
+        crc = 0
+        for mv, off in shared:
+            crc = crc32(mv[off[b] : off[b + 1]], crc)
+        crcs[b] = crc
+    mv_col = pa.array([layout.model_version] * len(lengths), pa.string())
+    return pa.RecordBatch.from_arrays(
+        [users, pa.array(lengths.astype(np.int32)), *cols, mv_col, pa.array(crcs)], schema=OUTPUT_SCHEMA)
+
+
+def prefill_batches(batches: Iterable[pa.RecordBatch], model: TargetAttentionCTR | DirectEngine | MemoEngine
+                    | NoopEngine | None, layout: CacheLayout, batch_users: int = 0) -> Iterator[pa.RecordBatch]:
+    """The per-partition prefill: history batches → output batches (OUTPUT_SCHEMA), in input order.
+
+    ``model``: a TargetAttentionCTR in eval mode (wrapped in ``make_engine(model, layout)``), or an
+    engine; ``batch_users``: users per output batch (0: :func:`auto_batch_users`).
+    """
+    engine = model if isinstance(model, DirectEngine | MemoEngine | NoopEngine) else make_engine(model, layout)
+    n_items = engine.model.cfg.n_items if isinstance(engine, DirectEngine | MemoEngine) else None
+    step = batch_users or auto_batch_users(layout.max_len)
+    for batch in batches:
+        for lo in range(0, batch.num_rows, step):
+            yield prefill_chunk(batch.slice(lo, step), engine, layout, n_items)

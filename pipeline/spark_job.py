@@ -1,0 +1,322 @@
+"""The nightly prefill as a Spark job: a thin shell around :func:`pipeline.prefill.prefill_batches`.
+
+Driver: load the checkpoint (config, model version, layout), check the histories' schema, ship the
+checkpoint to executors through Spark (``sc.addFile`` of a zip of config.json + weights.safetensors),
+``spark.read.parquet(histories).mapInArrow(prefill)`` -> ``sortWithinPartitions(user_id)`` -> Parquet
+in ``STORE/staging/prefill-<id>/``, then build + publish the store version
+(:func:`pipeline.store_ops.build_store`). Nothing is collected to the driver; a polling thread logs
+stage progress (partitions done, users, users/s) from ``statusTracker`` and accumulators.
+
+Executors: each Python worker loads the model once (cached by model version, device, mode, dtype,
+engine) from ``SparkFiles``, on the task's GPU when ``--device auto|cuda`` finds one, and logs each
+partition (users, seconds, users/s) to stderr.
+
+Failure anywhere (a task, the write, the build) removes the staging output: nothing is published
+and ``STORE/current`` is untouched.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import logging
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from cachestore.publish import STAGING, new_version_id
+from cachestore.record import CacheLayout, write_layout
+from pipeline.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
+from pipeline.prefill import ENGINES, OUTPUT_DDL, PrefillInputError, cache_layout
+from pipeline.store_ops import PREFILL_META_FILE, PREFILL_PARQUET_SCHEMA_VERSION, build_store, write_json
+
+log = logging.getLogger("ckv.prefill")
+DEVICES = ("auto", "cpu", "cuda")
+KV_DTYPE_CHOICES = ("float16", "bfloat16", "float32")
+
+
+@dataclass(frozen=True)
+class PrefillOptions:
+    """Everything `jobs/prefill.py` parses. ``mode`` None: the checkpoint's own kv_mode."""
+
+    checkpoint: str
+    histories: str
+    store: str
+    mode: str | None = None
+    kv_dtype: str = "float16"
+    device: str = "auto"
+    engine: str = "auto"
+    batch_users: int = 0
+    memo_mb: int = 256
+    sort: bool = True
+    master: str | None = None
+    compression: str = "snappy"
+    split_mb: int = 32
+    progress_interval: float = 10.0
+    spark_log_level: str | None = "WARN"
+    ship_code: bool | None = None  # None: only when the master is not local
+    fail_after_users: int | None = None  # test hook: a task raises after this many users
+    command_line: str = field(default_factory=lambda: shlex.join(sys.argv))
+
+
+# --------------------------------------------------------------------------------- the driver
+def get_spark(master: str | None = None, app_name: str = "ckv-prefill") -> Any:
+    """The active SparkSession, or a new one (master: the given one, else spark-submit's, else
+    Spark's local[*] default). Workers run this interpreter unless PYSPARK_PYTHON says otherwise."""
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    from pyspark.sql import SparkSession
+
+    builder = SparkSession.builder.appName(app_name)
+    if master:
+        builder = builder.master(master)
+    return builder.getOrCreate()
+
+
+def resolve_histories(path: str) -> str:
+    """A canonical dataset dir (meta.json + histories.parquet) means its histories.parquet; local
+    paths become file:// URIs (so a cluster's default filesystem is not assumed); others pass."""
+    if "://" in path:
+        return path
+    p = Path(path)
+    if not p.exists():
+        raise PrefillInputError(f"histories {path}: no such file or directory")
+    if p.is_dir() and (p / "meta.json").is_file() and (p / "histories.parquet").is_file():
+        p = p / "histories.parquet"
+    return p.resolve().as_uri()
+
+
+def check_history_schema(schema: Any, where: str) -> None:
+    """Spark schema of the histories: user_id integral, items / labels arrays of integers."""
+    from pyspark.sql import types as T
+
+    fields = {f.name: f.dataType for f in schema.fields}
+    integral = (T.LongType, T.IntegerType, T.ShortType, T.ByteType)
+    for name in ("user_id", "items", "labels"):
+        if name not in fields:
+            raise PrefillInputError(f"{where}: missing column {name!r} (columns: {sorted(fields)})")
+    if not isinstance(fields["user_id"], integral):
+        raise PrefillInputError(f"{where}: column 'user_id' has type {fields['user_id'].simpleString()}, "
+                                "expected bigint")
+    for name in ("items", "labels"):
+        t = fields[name]
+        if not (isinstance(t, T.ArrayType) and isinstance(t.elementType, integral)):
+            raise PrefillInputError(f"{where}: column {name!r} has type {t.simpleString()}, expected an array "
+                                    "of integers")
+
+
+_SHIPPED: dict[tuple[int, str], str] = {}
+
+
+def ship_checkpoint(sc: Any, checkpoint: Path, version: str) -> str:
+    """Add a deterministic zip of the checkpoint's config + weights to the SparkContext; its name."""
+    key = (id(sc._jsc), version)
+    if key in _SHIPPED:
+        return _SHIPPED[key]
+    name = f"ckv-checkpoint-{version}.zip"
+    tmp = Path(tempfile.mkdtemp(prefix="ckv-ship-"))
+    atexit.register(shutil.rmtree, tmp, True)  # the driver serves the file while its context lives
+    with zipfile.ZipFile(tmp / name, "w", compression=zipfile.ZIP_STORED) as zf:
+        for fname in (CONFIG_FILE, WEIGHTS_FILE):
+            info = zipfile.ZipInfo(fname, date_time=(2020, 1, 1, 0, 0, 0))
+            zf.writestr(info, (checkpoint / fname).read_bytes())
+    sc.addFile(str(tmp / name))
+    _SHIPPED[key] = name
+    return name
+
+
+def ship_code(sc: Any) -> None:
+    """Zip the project's packages (model, pipeline, cachestore) for executors without them."""
+    import cachestore
+    import model
+    import pipeline
+
+    tmp = Path(tempfile.mkdtemp(prefix="ckv-code-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    out = tmp / "collectivekv-code.zip"
+    with zipfile.ZipFile(out, "w") as zf:
+        for pkg in (model, pipeline, cachestore):
+            root = Path(pkg.__file__).parent
+            for f in sorted(root.rglob("*.py")):
+                zf.write(f, f"{root.name}/{f.relative_to(root)}")
+    sc.addPyFile(str(out))
+
+
+class _Progress(threading.Thread):
+    """Logs stage progress every `interval` seconds until stopped."""
+
+    def __init__(self, sc: Any, users: Any, interval: float) -> None:
+        super().__init__(daemon=True, name="ckv-progress")
+        self.sc, self.users, self.interval = sc, users, interval
+        self.stop = threading.Event()
+        self.t0 = time.perf_counter()
+
+    def run(self) -> None:
+        tracker = self.sc.statusTracker()
+        while not self.stop.wait(self.interval):
+            try:
+                stages = [tracker.getStageInfo(s) for s in tracker.getActiveStageIds()]
+                done = sum(s.numCompletedTasks for s in stages if s)
+                total = sum(s.numTasks for s in stages if s)
+                users = self.users.value
+                dt = time.perf_counter() - self.t0
+                log.info("prefill: partitions %d/%d done (active stages %d), %d users, %.0f users/s",
+                         done, total, len(stages), users, users / max(dt, 1e-9))
+            except Exception as exc:  # progress must never break the job
+                log.debug("progress poll failed: %s", exc)
+
+
+def run_prefill(opts: PrefillOptions, spark: Any = None) -> dict[str, Any]:
+    """Run the prefill job; returns the published manifest. Raises on any failure (nothing published)."""
+    if opts.engine not in ENGINES or opts.device not in DEVICES or opts.kv_dtype not in KV_DTYPE_CHOICES:
+        raise ValueError(f"bad engine/device/kv_dtype: {opts.engine}/{opts.device}/{opts.kv_dtype}")
+    t0 = time.perf_counter()
+    ckpt_dir = Path(opts.checkpoint)
+    ckpt = load_checkpoint(ckpt_dir)  # validates files + fingerprint on the driver
+    cfg, version = ckpt.config, ckpt.model_version
+    layout = cache_layout(cfg, version, opts.mode or cfg.kv_mode, opts.kv_dtype)
+    del ckpt
+    histories = resolve_histories(opts.histories)
+    store = Path(opts.store).resolve()
+    (store / STAGING).mkdir(parents=True, exist_ok=True)
+    spark = spark or get_spark(opts.master)
+    sc = spark.sparkContext
+    if opts.spark_log_level:
+        sc.setLogLevel(opts.spark_log_level)
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "8192")
+    if opts.split_mb:  # input partitions of at most this many Parquet bytes (row-group granularity)
+        spark.conf.set("spark.sql.files.maxPartitionBytes", str(opts.split_mb << 20))
+    df = spark.read.parquet(histories)
+    check_history_schema(df.schema, histories)
+    df = df.selectExpr("CAST(user_id AS BIGINT) AS user_id", "CAST(items AS ARRAY<INT>) AS items",
+                       "CAST(labels AS ARRAY<TINYINT>) AS labels")
+    if opts.ship_code or (opts.ship_code is None and not sc.master.startswith("local")):
+        ship_code(sc)
+    zip_name = ship_checkpoint(sc, ckpt_dir, version)
+    users_acc, parts_acc = sc.accumulator(0), sc.accumulator(0)
+    params = {
+        "zip": zip_name, "version": version, "layout": layout.to_dict(), "device": opts.device,
+        "engine": opts.engine, "batch_users": opts.batch_users, "memo_bytes": opts.memo_mb << 20,
+        "fail_after": opts.fail_after_users, "users": users_acc, "parts": parts_acc,
+    }  # fmt: skip
+    out = df.mapInArrow(functools.partial(prefill_partition, params=params), OUTPUT_DDL)
+    if opts.sort:
+        out = out.sortWithinPartitions("user_id")
+    spark_out = store / STAGING / f"prefill-{new_version_id()}"
+    progress = _Progress(sc, users_acc, opts.progress_interval)
+    log.info("prefill: %s -> %s (model %s, mode %s, kv %s, master %s, %d input partitions)", histories, store,
+             version, layout.mode, layout.kv_dtype, sc.master, df.rdd.getNumPartitions())
+    progress.start()
+    t_write = time.perf_counter()
+    try:
+        try:
+            sc.setJobDescription(f"ckv prefill {version} -> {store}")
+            out.write.mode("errorifexists").option("compression", opts.compression).parquet(spark_out.as_uri())
+        finally:
+            progress.stop.set()
+            progress.join()
+        t_spark = time.perf_counter() - t0
+        t_write = time.perf_counter() - t_write
+        users = users_acc.value
+        log.info("prefill: Spark stage done: %d partitions, %d users in %.1f s (%.0f users/s; %.1f s since start)",
+                 parts_acc.value, users, t_write, users / max(t_write, 1e-9), t_spark)
+        write_layout(spark_out / "_layout.json", layout)
+        meta = {
+            "prefill_parquet_schema_version": PREFILL_PARQUET_SCHEMA_VERSION,
+            "checkpoint": str(ckpt_dir.resolve()), "histories": histories, "model_version": version,
+            "model_config": asdict(cfg), "mode": layout.mode, "kv_dtype": layout.kv_dtype,
+            "engine": opts.engine, "device": opts.device, "batch_users": opts.batch_users,
+            "spark": {"master": sc.master, "app_id": sc.applicationId, "version": sc.version,
+                      "default_parallelism": sc.defaultParallelism},
+            "partitions": parts_acc.value, "spark_seconds": round(t_spark, 3),
+            "stage_seconds": round(t_write, 3), "stage_users_per_s": round(users / max(t_write, 1e-9), 1),
+        }  # fmt: skip
+        write_json(spark_out / PREFILL_META_FILE, meta)
+        manifest = build_store(store, spark_out, prefill=meta, command_line=opts.command_line)
+    finally:
+        shutil.rmtree(spark_out, ignore_errors=True)
+    total = time.perf_counter() - t0
+    manifest["prefill"]["total_seconds"] = round(total, 3)
+    log.info("prefill: published %s: %d users in %.1f s total (%.0f users/s incl. LMDB build)",
+             manifest["version_id"], manifest["users"], total, manifest["users"] / max(total, 1e-9))
+    return manifest
+
+
+# ------------------------------------------------------------------------------- the executors
+_ENGINE_CACHE: dict[tuple, Any] = {}
+
+
+def _task_device(requested: str) -> str:
+    import torch
+
+    if requested == "cpu":
+        return "cpu"
+    if not torch.cuda.is_available():
+        if requested == "cuda":
+            raise RuntimeError("--device cuda: no CUDA device on this executor")
+        return "cpu"
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    gpus = ctx.resources().get("gpu") if ctx is not None else None
+    return f"cuda:{gpus.addresses[0]}" if gpus is not None and gpus.addresses else "cuda"
+
+
+def _engine(params: dict) -> Any:
+    from pipeline.prefill import make_engine
+
+    layout = CacheLayout.from_dict(params["layout"])
+    device = "cpu" if params["engine"] == "noop" else _task_device(params["device"])
+    key = (params["version"], device, params["engine"], params["memo_bytes"], tuple(sorted(params["layout"].items())))
+    if key not in _ENGINE_CACHE:
+        model = None
+        if params["engine"] != "noop":
+            from pyspark import SparkFiles
+
+            tmp = tempfile.mkdtemp(prefix="ckv-ckpt-")
+            try:
+                with zipfile.ZipFile(SparkFiles.get(params["zip"])) as zf:
+                    zf.extractall(tmp)
+                ckpt = load_checkpoint(tmp, device=device)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if ckpt.model_version != params["version"]:
+                raise RuntimeError(f"executor loaded model {ckpt.model_version}, driver shipped {params['version']}")
+            model = ckpt.model
+        _ENGINE_CACHE.clear()  # one model per worker process
+        _ENGINE_CACHE[key] = make_engine(model, layout, params["engine"], params["memo_bytes"])
+    return _ENGINE_CACHE[key], layout, device
+
+
+def prefill_partition(batches: Any, params: dict) -> Any:
+    """mapInArrow body: prefill_batches over this partition, with counters and a log line."""
+    from pyspark import TaskContext
+
+    from pipeline.prefill import prefill_batches
+
+    t0 = time.perf_counter()
+    engine, layout, device = _engine(params)
+    ctx = TaskContext.get()
+    part = ctx.partitionId() if ctx is not None else -1
+    n = 0
+    out: pa.RecordBatch
+    for out in prefill_batches(batches, engine, layout, params["batch_users"]):
+        n += out.num_rows
+        if params["fail_after"] is not None and n >= params["fail_after"]:
+            raise RuntimeError(f"injected failure after {n} users (fail_after_users={params['fail_after']})")
+        yield out
+    dt = time.perf_counter() - t0
+    params["users"].add(n)
+    params["parts"].add(1)
+    print(f"[ckv prefill] partition {part}: {n} users in {dt:.1f} s ({n / max(dt, 1e-9):.0f} users/s), "
+          f"engine {engine.name}, device {device}, memo {getattr(engine, 'size', '-')} tokens",
+          file=sys.stderr, flush=True)
