@@ -25,10 +25,11 @@ Engines (how the K/V of a batch are computed; all give the model's own values):
 - ``memo``: the cache entry of a behaviour depends only on its token (item, feedback) in this model
   family (no positions, no cross-behaviour terms; :func:`tokenwise` checks this on the loaded model
   and ``auto`` falls back to ``direct`` if it does not hold). So each worker runs ``model.prefill``
-  once per *distinct* token it meets (as a batch of one-behaviour histories), keeps the encoded
-  entry in a table, and gathers every user's rows from it. Same values, a fraction of the router
-  work (the (tokens x pool) router product dominates the direct path: ~200 users/s per CPU core at
-  the paper's scale). Memory: the table is capped (``memo_bytes``) and reset when full.
+  on one-behaviour histories, once per token, in fixed blocks of the item vocabulary (so the bits
+  never depend on which users asked: :class:`MemoEngine`), keeps the encoded entries in a table,
+  and gathers every user's rows from it. Same values, a fraction of the router work (the
+  (tokens x pool) router product dominates the direct path: ~200 users/s per CPU core at the
+  paper's scale). Memory: the table is capped (``memo_bytes``) and reset when full.
 - ``noop``: no model, entries of the right sizes from a fixed random block — the job's I/O floor
   (benchmarks/prefill.py).
 
@@ -205,19 +206,31 @@ class DirectEngine(_ModelEngine):
 
 
 class MemoEngine(_ModelEngine):
-    """Per-worker table of each distinct token's encoded cache entry (see module docstring)."""
+    """Per-worker table of each token's encoded cache entry (see module docstring).
+
+    The table is filled in fixed *blocks* of the item vocabulary: block b holds items
+    [b * I, (b + 1) * I) x feedback {1, 2}, always computed by one ``model.prefill`` call of the same
+    2·I one-behaviour histories. A token's entry therefore never depends on which users, chunks,
+    partitions or workers asked for it (matmul results do depend on the batch shape), so re-runs
+    write byte-identical records whatever the partitioning, and a reset (table full) recomputes the
+    same bits. I = (2^21 router cells on a CPU, 2^24 on a GPU) / pool_size / 2.
+    """
 
     name = "memo"
 
     def __init__(self, model: TargetAttentionCTR, layout: CacheLayout, memo_bytes: int = DEFAULT_MEMO_BYTES) -> None:
         super().__init__(model, layout)
-        vocab = (model.cfg.n_items + 1) * N_FEEDBACK
+        self.n_items = model.cfg.n_items
+        vocab = (self.n_items + 1) * N_FEEDBACK
         if vocab > 1 << 27:
             raise ValueError(f"memo engine: token vocabulary {vocab} too large for a dense slot table")
         kv = KV_DTYPES[layout.kv_dtype][1]
         idx = IDX_DTYPES[layout.idx_dtype][1] if layout.idx_dtype else None
         per_entry = (layout.dk + layout.dv) * kv.itemsize + (idx.itemsize if idx else 0) * 2
-        self.capacity = max(1 << 12, memo_bytes // per_entry)
+        pool = model.cfg.collective.pool_size if layout.k_shared or layout.v_shared else 1
+        cells = _ROUTER_CELLS.get(self.device.type, _ROUTER_CELLS["cpu"])
+        self.block_items = max(1, min(1 << 15, cells // pool // 2))
+        self.capacity = max(4 * self.block_items, memo_bytes // per_entry)  # entries
         self._slot = np.full(vocab, -1, dtype=np.int32)  # token -> row of the tables, -1 unknown
         self._k = np.empty((0, layout.dk), kv)
         self._v = np.empty((0, layout.dv), kv)
@@ -225,9 +238,6 @@ class MemoEngine(_ModelEngine):
         self._vi = np.empty(0, idx) if layout.v_shared else None
         self.size = 0
         self.resets = 0
-        pool = model.cfg.collective.pool_size if layout.k_shared or layout.v_shared else 1
-        cells = _ROUTER_CELLS.get(self.device.type, _ROUTER_CELLS["cpu"])
-        self._per_call = max(1, min(1 << 16, cells // pool))
 
     def _grow(self, need: int) -> None:
         cap = len(self._k)
@@ -244,18 +254,21 @@ class MemoEngine(_ModelEngine):
         self._ki = grow(self._ki) if self._ki is not None else None
         self._vi = grow(self._vi) if self._vi is not None else None
 
-    def _add(self, tokens: np.ndarray) -> None:
-        """Run the model on new distinct tokens (one-behaviour histories) and store their entries."""
-        if self.size + len(tokens) > self.capacity:
-            self._slot.fill(-1)
-            self.size = 0
-            self.resets += 1
-        self._grow(self.size + len(tokens))
-        for lo in range(0, len(tokens), self._per_call):
-            tok = tokens[lo : lo + self._per_call]
-            n = len(tok)
-            out = self._prefill((tok // N_FEEDBACK)[:, None], (tok % N_FEEDBACK)[:, None], np.ones(n, np.int64))
-            s = self.size
+    def _block(self, b: int) -> tuple[np.ndarray, FlatKV]:
+        """(tokens, entries) of block b: items [b·I, (b+1)·I) ∩ [0, n_items], feedback 1 and 2."""
+        items = np.arange(b * self.block_items, min((b + 1) * self.block_items, self.n_items + 1), dtype=np.int64)
+        it = np.repeat(items, 2)
+        fb = np.tile(np.array([1, 2], np.int64), len(items))
+        return it * N_FEEDBACK + fb, self._prefill(it[:, None], fb[:, None], np.ones(len(it), np.int64))
+
+    def _block_of(self, tokens: np.ndarray) -> np.ndarray:
+        return tokens // N_FEEDBACK // self.block_items
+
+    def _add(self, blocks: np.ndarray) -> None:
+        self._grow(self.size + 2 * self.block_items * len(blocks))
+        for b in blocks.tolist():
+            tok, out = self._block(b)
+            s, n = self.size, len(tok)
             self._k[s : s + n], self._v[s : s + n] = out.k, out.v
             if self._ki is not None:
                 self._ki[s : s + n] = out.k_idx
@@ -264,21 +277,43 @@ class MemoEngine(_ModelEngine):
             self._slot[tok] = np.arange(s, s + n, dtype=np.int32)
             self.size += n
 
+    def _reset(self) -> None:
+        self._slot.fill(-1)
+        self.size = 0
+        self.resets += 1
+
+    def _stream(self, tokens: np.ndarray) -> FlatKV:
+        """Entries for a chunk whose blocks exceed the table: block by block, nothing kept."""
+        blk = self._block_of(tokens)
+        order = np.argsort(blk, kind="stable")
+        bounds = np.flatnonzero(np.diff(blk[order])) + 1
+        parts: list[tuple[np.ndarray, FlatKV]] = []
+        for seg in np.split(order, bounds):
+            tok, out = self._block(int(blk[seg[0]]))
+            local = np.searchsorted(tok, tokens[seg])
+            parts.append((seg, FlatKV(out.k[local], out.v[local], None if out.k_idx is None else out.k_idx[local],
+                                      None if out.v_idx is None else out.v_idx[local])))
+        res = _concat([p for _, p in parts])
+        inv = np.empty_like(order)
+        inv[np.concatenate([seg for seg, _ in parts])] = np.arange(len(order))
+        return FlatKV(res.k[inv], res.v[inv], None if res.k_idx is None else res.k_idx[inv],
+                      None if res.v_idx is None else res.v_idx[inv])
+
     def run(self, items: np.ndarray, feedback: np.ndarray, lengths: np.ndarray) -> FlatKV:
         valid = np.arange(items.shape[1])[None, :] < lengths[:, None]
         tokens = items[valid] * N_FEEDBACK + feedback[valid]  # (N,) in user order
-        if len(tokens) > self.capacity:  # a chunk larger than the table: no memo for it
-            return DirectEngine.run(self, items, feedback, lengths)  # type: ignore[arg-type]
+        if not len(tokens):
+            return _empty(self.layout)
         slots = self._slot[tokens]
         missing = slots < 0
         if missing.any():
-            new = np.unique(tokens[missing])
-            if self.size + len(new) > self.capacity:  # reset, then the whole chunk is new
-                self._slot.fill(-1)
-                self.size = 0
-                self.resets += 1
-                new = np.unique(tokens)
-            self._add(new)
+            blocks = np.unique(self._block_of(tokens[missing]))
+            if self.size + 2 * self.block_items * len(blocks) > self.capacity:
+                self._reset()
+                blocks = np.unique(self._block_of(tokens))
+                if 2 * self.block_items * len(blocks) > self.capacity:
+                    return self._stream(tokens)
+            self._add(blocks)
             slots = self._slot[tokens]
         return FlatKV(self._k[slots], self._v[slots],
                       self._ki[slots] if self._ki is not None else None,
