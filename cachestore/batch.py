@@ -1,0 +1,311 @@
+"""Batched reads of user cache records into reusable host buffers (pinned where there is a GPU).
+
+One batch is ONE contiguous byte buffer, so that a single host→device copy moves all of it
+(layout "jagged records"; offsets in bytes from the start of the buffer, B = users in the batch):
+
+    offset          size        content
+    0               8·B         offsets  int64[B]  start of user b's record (cold start: the zero block)
+    8·B             8·B         lengths  int64[B]  behaviours n_b of user b (0 for cold start)
+    16·B            Z           zero block: Z zero bytes, Z = max(8, widest per-behaviour part) rounded up to 8
+    16·B + Z        ...         the records of the present users in request order, each the LMDB value verbatim
+                                (32-byte header + payload, docs/store_format.md), each start aligned to 8 bytes
+    used_bytes                  end of the last record, rounded up to 8
+
+Jagged rather than padded: the copy moves only the bytes users have (padding to max_len would move
+up to 20x more at L = 1000 for typical length mixes), and packing is one memcpy per user straight out
+of the LMDB map. The device unpacks the parts into padded (B, L) tensors in a few gathers
+(:func:`cachestore.transfer.unpack`); padding positions read the zero block (values 0, index 0).
+
+Hot path (:meth:`HostBatcher.fetch`): one LMDB read transaction with ``buffers=True`` (values are
+views of the map, no bytes objects), one memoryview copy per present user, and then *vectorised*
+validation of all headers at once: every record of a store shares its layout, so header bytes 0..11
+and 16..27 must equal ``CacheLayout.header_parts`` (magic, format version, flags, dtype codes, dk, dv,
+model version) and the size must equal ``CacheLayout.record_size(n)``. A record that fails is
+decoded by :func:`cachestore.record.decode_record`, which raises the precise error (e.g.
+``ModelVersionMismatchError`` naming the user). CRCs are not checked by default (the store is
+immutable and verified when built; ``verify_crc=True`` checks every record through ``decode_record``).
+
+Buffers are reused: a batcher owns a ring of ``n_buffers`` buffers (default 2, so fetching batch i+1
+overlaps the transfer of batch i); a :class:`HostBatch` stays valid until its buffer comes round again
+(``n_buffers`` fetches later; using it after that raises). Reuse waits for the buffer's pending
+host→device copy. Buffers grow (geometrically) when a batch needs more room; they are allocated in
+the process that uses them (re-created after fork: CUDA and pinned memory do not cross fork()).
+
+This module needs no ``lmdb`` (only :meth:`HostBatcher.fetch` uses a :class:`StoreReader`), so the
+GPU benchmark can pack synthetic records with :meth:`HostBatcher.pack`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from cachestore.record import (
+    HEADER_SIZE,
+    KEY,
+    CacheLayout,
+    ModelVersionMismatchError,
+    RecordError,
+    decode_record,
+)
+
+if TYPE_CHECKING:
+    from cachestore.reader import StoreReader
+
+_ALIGN = 8
+_HDR = np.arange(HEADER_SIZE, dtype=np.int64)
+
+
+def _align(n: int) -> int:
+    return (n + _ALIGN - 1) & ~(_ALIGN - 1)
+
+
+def pinned_available() -> bool:
+    """Pinned (page-locked) host memory needs a CUDA device; without one buffers are plain memory."""
+    return torch.cuda.is_available()
+
+
+def zero_block_bytes(layout: CacheLayout) -> int:
+    """Size of the zero block: the widest per-behaviour part in bytes (>= 8), rounded up to 8."""
+    return _align(max(8, *layout.header_parts[2]))
+
+
+@dataclass
+class _Buffer:
+    tensor: torch.Tensor  # uint8 (capacity,), pinned or not
+    array: np.ndarray  # numpy view of tensor
+    view: memoryview  # writable memoryview of array
+    generation: int = 0  # bumped every time the buffer is (re)filled
+    pending: Any = None  # torch.cuda.Event of the last copy out of this buffer, or None
+
+    @classmethod
+    def allocate(cls, nbytes: int, pin: bool) -> _Buffer:
+        t = torch.empty(max(nbytes, _ALIGN), dtype=torch.uint8, pin_memory=pin)
+        a = t.numpy()
+        return cls(t, a, memoryview(a))
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            self.pending.synchronize()
+            self.pending = None
+
+
+@dataclass
+class HostBatch:
+    """A packed batch in a host buffer (see the module docstring for the byte layout).
+
+    user_ids: (B,) int64 as requested; lengths, offsets: (B,) int64 numpy views of the buffer;
+    present: (B,) bool (False = cold start: absent from the store); cold_start: number of absent users;
+    max_length: max(lengths) (0 if none); used_bytes: bytes one copy must move (buffer[:used_bytes]);
+    record_bytes: sum of the records' sizes; fetch_seconds: wall time of fetch/pack on the CPU.
+    """
+
+    layout: CacheLayout
+    user_ids: np.ndarray
+    lengths: np.ndarray
+    offsets: np.ndarray
+    present: np.ndarray
+    cold_start: int
+    max_length: int
+    used_bytes: int
+    record_bytes: int
+    zero_offset: int
+    fetch_seconds: float
+    pinned: bool
+    _buffer: _Buffer = field(repr=False)
+    _generation: int = field(repr=False)
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    def check_valid(self) -> None:
+        """Raise if the buffer has since been refilled by a later fetch (the batch is stale)."""
+        if self._buffer.generation != self._generation:
+            raise RuntimeError("HostBatch is stale: its buffer was reused by a later fetch "
+                               "(a batch is valid for n_buffers - 1 further fetches)")
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """uint8 (used_bytes,) view of the buffer: what one host→device copy moves."""
+        self.check_valid()
+        return self._buffer.tensor[: self.used_bytes]
+
+    def record(self, b: int) -> memoryview | None:
+        """The raw record bytes of user b (a view of the buffer), or None for a cold-start user."""
+        self.check_valid()
+        if not self.present[b]:
+            return None
+        start = int(self.offsets[b])
+        return self._buffer.view[start : start + self.layout.record_size(int(self.lengths[b]))]
+
+    def mark_copied(self, event: Any) -> None:
+        """Record the CUDA event after which the buffer may be overwritten (used by transfer.py)."""
+        self._buffer.pending = event
+
+
+class HostBatcher:
+    """Packs batches of user records into a ring of reusable host buffers.
+
+    layout: the store's CacheLayout. expected_model_version: the loaded checkpoint's version
+    (default: the layout's); a store whose layout carries another version is refused here, a record
+    that carries another version is refused by :meth:`fetch` / :meth:`pack` — both raise
+    ``ModelVersionMismatchError``. reader: the store to :meth:`fetch` from (optional for :meth:`pack`).
+    pin: pinned buffers (default: when CUDA is available). capacity_bytes: initial size of each buffer
+    (default: room for ``batch_users`` users of ``min(max_len, 1000)`` behaviours, at most 64 MiB).
+    """
+
+    def __init__(self, layout: CacheLayout, *, reader: StoreReader | None = None,
+                 expected_model_version: str | None = None, pin: bool | None = None, n_buffers: int = 2,
+                 batch_users: int = 512, capacity_bytes: int | None = None, verify_crc: bool = False) -> None:
+        if reader is not None and reader.layout != layout:
+            raise ValueError(f"reader layout {reader.layout} differs from the batcher's {layout}")
+        expected = expected_model_version or layout.model_version
+        if layout.model_version != expected:
+            raise ModelVersionMismatchError(
+                f"store was built by model version {layout.model_version}, but model version {expected} is "
+                "loaded: load the checkpoint the store was prefilled with, or prefill and publish a new store")
+        if n_buffers < 1:
+            raise ValueError("n_buffers must be >= 1")
+        self.layout = layout
+        self.reader = reader
+        self.expected_model_version = expected
+        self.pin = pinned_available() if pin is None else bool(pin)
+        self.n_buffers = n_buffers
+        self.verify_crc = verify_crc
+        pre, post, widths = layout.header_parts
+        self._pre = np.frombuffer(pre, np.uint8)
+        self._post = np.frombuffer(post, np.uint8)
+        self._per_behaviour = sum(widths)
+        self._zero = zero_block_bytes(layout)
+        if capacity_bytes is None:
+            capacity_bytes = min(64 << 20, batch_users * (16 + _align(layout.record_size(min(layout.max_len, 1000)))))
+        self._capacity = int(capacity_bytes) + self._zero
+        self._buffers: list[_Buffer | None] = [None] * n_buffers
+        self._next = 0
+        self._pid = os.getpid()
+
+    # ------------------------------------------------------------------------------- buffers
+    def _take_buffer(self, min_bytes: int) -> _Buffer:
+        """The next buffer of the ring (after its pending copy finished), at least min_bytes long."""
+        if os.getpid() != self._pid:  # forked: never touch the parent's (pinned) buffers
+            self._buffers = [None] * self.n_buffers
+            self._pid = os.getpid()
+        i = self._next
+        self._next = (i + 1) % self.n_buffers
+        buf = self._buffers[i]
+        if buf is not None:
+            buf.wait()
+        if buf is None or len(buf.array) < min_bytes:
+            generation = 0 if buf is None else buf.generation
+            size = max(min_bytes, self._capacity if buf is None else 2 * len(buf.array))
+            buf = self._buffers[i] = _Buffer.allocate(size, self.pin)
+            buf.generation = generation
+        buf.generation += 1
+        return buf
+
+    def _grow(self, buf: _Buffer, need: int, keep: int) -> _Buffer:
+        """Replace buf (in the ring) by one of >= need bytes holding its first `keep` bytes."""
+        new = _Buffer.allocate(max(need, 2 * len(buf.array)), self.pin)
+        new.array[:keep] = buf.array[:keep]
+        new.generation = buf.generation
+        i = next(j for j, b in enumerate(self._buffers) if b is buf)
+        self._buffers[i] = new
+        return new
+
+    # ---------------------------------------------------------------------------------- pack
+    def _ids(self, user_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        ids = np.asarray(user_ids)
+        if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+            raise ValueError(f"user ids must be a 1-d integer sequence, got shape {ids.shape} dtype {ids.dtype}")
+        ids = ids.astype(np.int64, copy=False)
+        if ids.size and int(ids.min()) < 0:
+            raise RecordError(f"user id must be >= 0, got {int(ids.min())}")
+        return ids
+
+    def _pack(self, ids: np.ndarray, values: Iterable[Any], t0: float) -> HostBatch:
+        """Copy each value (record bytes or None) into a buffer; validate all headers at once."""
+        n_users = len(ids)
+        zero_at = 16 * n_users
+        start = zero_at + self._zero
+        buf = self._take_buffer(start + _ALIGN)
+        cap, dst = len(buf.array), buf.view
+        offs: list[int] = []
+        sizes: list[int] = []
+        pos = start
+        for value in values:  # per user: one view of the LMDB map, one memcpy
+            if value is None:
+                offs.append(-1)
+                sizes.append(0)
+                continue
+            n = len(value)
+            end = pos + n
+            if end > cap:
+                buf = self._grow(buf, end + (end >> 1), pos)
+                cap, dst = len(buf.array), buf.view
+            dst[pos:end] = value
+            offs.append(pos)
+            sizes.append(n)
+            pos = (end + _ALIGN - 1) & ~(_ALIGN - 1)
+        if len(offs) != n_users:
+            raise ValueError(f"{len(offs)} records for {n_users} user ids")
+        arr = buf.array
+        offsets = np.array(offs, dtype=np.int64)
+        size = np.array(sizes, dtype=np.int64)
+        present = offsets >= 0
+        lengths = np.zeros(n_users, dtype=np.int64)
+        if present.any():
+            at = offsets[present]
+            hdr = arr[at[:, None] + _HDR]  # (P, 32) headers of the present users
+            lengths[present] = hdr[:, 12:16].copy().view("<u4").reshape(-1)
+            ok = (hdr[:, :12] == self._pre).all(1) & (hdr[:, 16:28] == self._post).all(1)
+            ok &= size[present] == HEADER_SIZE + lengths[present] * self._per_behaviour
+            ok &= lengths[present] <= self.layout.max_len
+            if not ok.all():
+                self._raise_bad(arr, ids[present], at, size[present], ok)
+            if self.verify_crc:
+                for uid, o, s in zip(ids[present].tolist(), at.tolist(), size[present].tolist(), strict=True):
+                    decode_record(buf.view[o : o + s], expected_model_version=self.expected_model_version,
+                                  user_id=uid)
+        offsets[~present] = zero_at
+        used = _align(pos)
+        arr[0:zero_at].view(np.int64)[:] = np.concatenate([offsets, lengths])
+        arr[zero_at:start] = 0
+        return HostBatch(
+            layout=self.layout, user_ids=ids, lengths=arr[8 * n_users : zero_at].view(np.int64),
+            offsets=arr[0 : 8 * n_users].view(np.int64), present=present, cold_start=int((~present).sum()),
+            max_length=int(lengths.max()) if n_users else 0, used_bytes=used, record_bytes=int(size.sum()),
+            zero_offset=zero_at, fetch_seconds=time.perf_counter() - t0, pinned=self.pin, _buffer=buf,
+            _generation=buf.generation)
+
+    def _raise_bad(self, arr: np.ndarray, ids: np.ndarray, at: np.ndarray, size: np.ndarray, ok: np.ndarray) -> None:
+        j = int(np.flatnonzero(~ok)[0])
+        uid, o, s = int(ids[j]), int(at[j]), int(size[j])
+        rec = bytes(arr[o : o + s])
+        decode_record(rec, expected_model_version=self.expected_model_version, user_id=uid)  # raises if invalid
+        raise RecordError(f"record does not match the store layout {self.layout} (header {rec[:HEADER_SIZE].hex()}, "
+                          f"{s} bytes)", uid)
+
+    def pack(self, user_ids: Sequence[int] | np.ndarray, records: Iterable[bytes | memoryview | None]) -> HostBatch:
+        """Pack given encoded records (None = cold start) for these user ids; no LMDB involved."""
+        t0 = time.perf_counter()
+        return self._pack(self._ids(user_ids), records, t0)
+
+    def fetch(self, user_ids: Sequence[int] | np.ndarray) -> HostBatch:
+        """Read these users' records from the store into the next buffer (one read transaction).
+
+        Users absent from the store become cold-start slots (length 0); never an exception."""
+        if self.reader is None:
+            raise ValueError("this HostBatcher has no StoreReader: use pack(), or pass reader=")
+        t0 = time.perf_counter()
+        ids = self._ids(user_ids)
+        keys = [KEY.pack(u) for u in ids.tolist()]
+        env = self.reader._environment()  # opened in this process (reopened after fork), read-only, lock-free
+        with env.begin(buffers=True) as txn:
+            return self._pack(ids, map(txn.get, keys), t0)

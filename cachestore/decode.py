@@ -1,0 +1,149 @@
+"""The one decode entry point of serving: a cache batch + candidate items → logits.
+
+:func:`decode` is what the runtime (:mod:`cachestore.runtime`), ``ckv score``, the latency
+benchmark and the tests call. It computes exactly ``TargetAttentionCTR.decode`` (target item
+embedding → q → multi-head target attention over the user's K/V → MLP), with the attention done
+one of two ways:
+
+``gather`` (the reference): rebuild K and V as ``concat(user part, pool[idx])`` (B, L, d_a) with
+    ``model.keys_values`` and run :func:`model.attention.target_attention` — what training does.
+``poolscore``: never materialise the collective K/V. With the pool zero-padded in the user dims,
+    K_l = [k_u,l ; 0] + [0 ; P_k[i_l]], so per head h (d_a split into contiguous heads, the d_u user
+    dims first — with d_u = 1 they sit in head 0)
+
+        score_h,l = q_h·k_h,l = (user dims of head h)·k_u,l + S_h[i_l],   S_h = P_k,h q_h  (pool_size,)
+
+    i.e. one (H, B·C, dh) x (H, dh, pool) matmul and a gather of L entries per row; and
+
+        Σ_l a_h,l V_h,l = Σ_l a_h,l [v_u,l]_h + (bincount of i weighted by a_h) @ P_v,h
+
+    i.e. a scatter-add of the weights into (H, B·C, pool) and one matmul with the pool.
+
+Cost: ``poolscore`` writes (H·C·pool) values per user and shared side, ``gather`` (L·d_a); ``auto``
+picks the smaller (:func:`choose_path`): poolscore at the paper's L = 1000 (8·10,000 < 1000·256),
+gather at L = 50. benchmarks/decode_latency.py times both paths on the target GPU.
+
+User parts are cast to the model's dtype before anything else (the store keeps them as fp16), so
+pool rows are never rounded: both paths compute the model's fp32 math on the stored user parts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from model.attention import masked_softmax, target_attention
+from model.cache import KVCache
+from model.ctr import TargetAttentionCTR
+
+PATHS = ("auto", "poolscore", "gather")
+
+
+def _head_slices(d_user: int, head_dim: int) -> list[tuple[int, int, int]]:
+    """(head, first dim, end dim) of each head that holds some of the d_user user dims."""
+    return [(h, h * head_dim, min((h + 1) * head_dim, d_user)) for h in range(-(-d_user // head_dim))]
+
+
+class ResidentModel:
+    """The scoring model kept on one device, plus the pools laid out per head for ``poolscore``.
+
+    Moves ``model`` to ``device`` (eval mode). For a shared K: ``pool_k`` (H, dh, pool) = the K pool
+    zero-padded to d_a dims (zeros in the user dims) and split into heads, transposed for q·P;
+    for a shared V: ``pool_v`` (H, pool, dh).
+    """
+
+    def __init__(self, model: TargetAttentionCTR, device: torch.device | str | None = None) -> None:
+        device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model = model.to(device).eval()
+        self.cfg = model.cfg
+        self.device = device
+        self.dtype = next(model.parameters()).dtype
+        self.n_heads = self.cfg.n_heads
+        self.head_dim = self.cfg.d_attn // self.n_heads
+        self.pool_k = self._per_head(model.k_branch.pool, transpose=True) if self.cfg.k_shared else None
+        self.pool_v = self._per_head(model.v_branch.pool, transpose=False) if self.cfg.v_shared else None
+
+    @torch.no_grad()
+    def _per_head(self, pool: torch.Tensor | None, transpose: bool) -> torch.Tensor:
+        assert pool is not None
+        m, d_c = pool.shape
+        full = torch.cat([pool.new_zeros(m, self.cfg.d_attn - d_c), pool], dim=1)  # (M, d_a)
+        heads = full.view(m, self.n_heads, self.head_dim)  # (M, H, dh)
+        return (heads.permute(1, 2, 0) if transpose else heads.permute(1, 0, 2)).contiguous().detach()
+
+
+def choose_path(cache: KVCache, n_candidates: int, resident: ResidentModel) -> str:
+    """``poolscore`` when its intermediates (H·C·pool per user) are smaller than the materialised
+    K/V (L·d_a per user), else ``gather``; ``gather`` when nothing is shared (both are the same)."""
+    if cache.k_idx is None and cache.v_idx is None:
+        return "gather"
+    pool = resident.cfg.collective.pool_size
+    length = cache.k_user.shape[1]
+    return "poolscore" if n_candidates * resident.n_heads * pool < length * resident.cfg.d_attn else "gather"
+
+
+def pool_score_attention(resident: ResidentModel, q: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Target attention (B, C, d_a) of q (B, C, d_a) over the cache without materialising the
+    collective K/V (see the module docstring). Equals ``target_attention(q, *keys_values(cache))``."""
+    b, c, d_a = q.shape
+    h, dh = resident.n_heads, resident.head_dim
+    length = cache.k_user.shape[1]
+    qh = q.reshape(b, c, h, dh)
+    if cache.k_idx is not None:
+        assert resident.pool_k is not None
+        pool = resident.pool_k.shape[2]
+        q_heads = qh.permute(2, 0, 1, 3).reshape(h, b * c, dh)  # (H, BC, dh)
+        table = torch.bmm(q_heads, resident.pool_k).view(h, b, c, pool)  # (H, B, C, M): q_h · P_k,h[m]
+        index = cache.k_idx.view(1, b, 1, length).expand(h, b, c, length)
+        scores = torch.gather(table, 3, index)  # (H, B, C, L)
+        k_user = cache.k_user
+        for head, lo, hi in _head_slices(k_user.shape[2], dh):  # user dims (head 0 when d_u <= dh)
+            scores[head] += torch.bmm(q[:, :, lo:hi], k_user[:, :, lo:hi].transpose(1, 2))  # (B, C, L)
+    else:
+        scores = torch.einsum("bchd,blhd->hbcl", qh, cache.k_user.reshape(b, length, h, dh))
+    weights = masked_softmax((scores / math.sqrt(dh)).permute(1, 0, 2, 3), cache.lengths)  # (B, H, C, L)
+    weights = weights.permute(1, 0, 2, 3)  # (H, B, C, L)
+    if cache.v_idx is not None:
+        assert resident.pool_v is not None
+        pool = resident.pool_v.shape[1]
+        index = cache.v_idx.view(1, b, 1, length).expand(h, b, c, length)
+        counts = torch.zeros(h, b, c, pool, dtype=weights.dtype, device=weights.device)
+        counts.scatter_add_(3, index, weights)  # (H, B, C, M): weighted bincount of the V indices
+        out = torch.bmm(counts.view(h, b * c, pool), resident.pool_v)  # (H, BC, dh)
+        out = out.view(h, b, c, dh).permute(1, 2, 0, 3).reshape(b, c, d_a)  # (B, C, d_a), a copy
+        v_user = cache.v_user
+        for head, lo, hi in _head_slices(v_user.shape[2], dh):
+            out[:, :, lo:hi] += torch.bmm(weights[head], v_user[:, :, lo:hi])  # (B, C, n)
+        return out
+    return torch.einsum("hbcl,blhd->bchd", weights, cache.v_user.reshape(b, length, h, dh)).reshape(b, c, d_a)
+
+
+def _cast(cache: KVCache, dtype: torch.dtype) -> KVCache:
+    return KVCache(k_user=cache.k_user.to(dtype), v_user=cache.v_user.to(dtype), k_idx=cache.k_idx,
+                   v_idx=cache.v_idx, lengths=cache.lengths)
+
+
+def decode(resident: ResidentModel, cache: KVCache, targets: torch.Tensor, path: str = "auto") -> torch.Tensor:
+    """Logits of candidates ``targets`` (B,) or (B, C) against a padded cache batch on the resident
+    model's device. ``path``: "auto", "poolscore" or "gather" (module docstring). Returns the
+    logits in ``targets``' shape. Call under ``torch.inference_mode()`` / ``no_grad``."""
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    model = resident.model
+    squeeze = targets.dim() == 1
+    tgt = targets.unsqueeze(1) if squeeze else targets  # (B, C)
+    if tgt.shape[0] != cache.batch_size:
+        raise ValueError(f"{tgt.shape[0]} target rows for a cache of {cache.batch_size} users")
+    t = model.item_embedding(tgt)  # (B, C, E)
+    q = model.q_proj(t)  # (B, C, d_a)
+    cache = _cast(cache, q.dtype)
+    if path == "auto":
+        path = choose_path(cache, tgt.shape[1], resident)
+    if path == "gather" or (cache.k_idx is None and cache.v_idx is None):
+        k, v = model.keys_values(cache)  # (B, L, d_a) each
+        attn = target_attention(q, k, v, cache.lengths, resident.n_heads)
+    else:
+        attn = pool_score_attention(resident, q, cache)
+    logits = model.mlp(torch.cat([attn, t], dim=-1)).squeeze(-1)  # (B, C)
+    return logits.squeeze(1) if squeeze else logits

@@ -1,0 +1,198 @@
+"""Decode runtime: score requests (user ids + candidate items) against the published cache store.
+
+One :class:`DecodeRuntime` per serving process (create it after fork). It keeps the checkpoint's
+scoring model and global K/V pools resident on the device (CUDA when available, else CPU) and
+scores a batch in five steps, each measured:
+
+    fetch      StoreReader → reusable (pinned) host buffer, jagged records    cachestore/batch.py
+    transfer   one host→device copy, timed with CUDA events                   cachestore/transfer.py
+    unpack     jagged records → padded KVCache on the device                  cachestore/transfer.py
+    decode     pool lookup / gather + target attention + MLP → logits         cachestore/decode.py
+    result     logits back to the host (numpy)
+
+Users absent from the store are scored as cold start (empty history: attention output 0, exactly
+``model.decode`` with length 0) and counted; a store built by another model version is refused when
+the runtime is created, a record written by another model version when it is fetched (both
+``ModelVersionMismatchError``). The store may be the full-KV baseline store (layout mode "full").
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from cachestore.batch import HostBatcher
+from cachestore.decode import PATHS, ResidentModel, decode
+from cachestore.record import CacheLayout, LayoutError, ModelVersionMismatchError
+from cachestore.transfer import to_device
+from model.ctr import TargetAttentionCTR
+
+if TYPE_CHECKING:
+    from cachestore.reader import StoreReader
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_layout(layout: CacheLayout, model: TargetAttentionCTR, model_version: str) -> None:
+    """Refuse a store that was not prefilled with this model (version) or whose shapes differ."""
+    if layout.model_version != model_version:
+        raise ModelVersionMismatchError(
+            f"the store was built by model version {layout.model_version}, but the loaded checkpoint is "
+            f"model version {model_version}: load the checkpoint the store was prefilled with, or prefill "
+            "and publish a store for this checkpoint")
+    cfg = model.cfg
+    if layout.mode == "full":
+        want = (cfg.d_attn, cfg.d_attn, False, False)
+    else:
+        want = (cfg.dk_user, cfg.dv_user, cfg.k_shared, cfg.v_shared)
+        if (cfg.k_shared or cfg.v_shared) and layout.pool_size != cfg.collective.pool_size:
+            raise LayoutError(f"store pool_size {layout.pool_size} != model pool_size {cfg.collective.pool_size}")
+    got = (layout.dk, layout.dv, layout.k_shared, layout.v_shared)
+    if got != want:
+        raise LayoutError(f"store layout (dk, dv, k_shared, v_shared) = {got} does not fit the model: {want} "
+                          f"expected for a {layout.mode} store")
+
+
+@dataclass
+class RuntimeStats:
+    """Totals over every batch a runtime scored (milliseconds are sums over batches)."""
+
+    batches: int = 0
+    users: int = 0
+    cold_start_users: int = 0
+    candidates: int = 0
+    h2d_bytes: int = 0
+    fetch_ms: float = 0.0
+    h2d_ms: float = 0.0
+    decode_ms: float = 0.0
+    total_ms: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ScoreResult:
+    """logits (B, C) float32 numpy (NaN where ``candidates`` was padding), cold_start (B,) bool."""
+
+    logits: np.ndarray
+    cold_start: np.ndarray
+    stats: RuntimeStats = field(default_factory=RuntimeStats)
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-self.logits))
+
+
+class DecodeRuntime:
+    """Scores batches of requests; see the module docstring.
+
+    model / model_version: the checkpoint (``pipeline.checkpoint.load_checkpoint``); the model is
+    moved to ``device``. reader: a :class:`cachestore.reader.StoreReader` of the store version to
+    serve. path: "auto" | "poolscore" | "gather" (:mod:`cachestore.decode`). batch_users: users per
+    fetch/transfer/decode step. pad_to: pad every batch to this history length (static shapes for
+    CUDA graphs / torch.compile; default: the longest history in the batch).
+    """
+
+    def __init__(self, model: TargetAttentionCTR, model_version: str, reader: StoreReader, *,
+                 device: torch.device | str | None = None, path: str = "auto", batch_users: int = 512,
+                 n_buffers: int = 2, verify_crc: bool = False, pad_to: int | None = None,
+                 pin: bool | None = None) -> None:
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        if batch_users < 1:
+            raise ValueError("batch_users must be >= 1")
+        layout = reader.layout
+        check_layout(layout, model, model_version)
+        self.device = torch.device(device) if device is not None else default_device()
+        self.resident = ResidentModel(model, self.device)
+        self.model_version = model_version
+        self.reader = reader
+        self.layout = layout
+        self.path = path
+        self.batch_users = batch_users
+        self.pad_to = pad_to
+        pin = (self.device.type == "cuda") if pin is None else pin
+        self.batcher = HostBatcher(layout, reader=reader, expected_model_version=model_version, pin=pin,
+                                   n_buffers=n_buffers, batch_users=batch_users, verify_crc=verify_crc)
+        self.stats = RuntimeStats()
+
+    @classmethod
+    def open(cls, store: str | os.PathLike, checkpoint: str | os.PathLike, **kwargs) -> DecodeRuntime:
+        """A runtime for a store (a store root: its ``current`` version; or a version directory)
+        and a checkpoint directory."""
+        from cachestore.publish import CURRENT, open_current
+        from cachestore.reader import StoreReader
+        from pipeline.checkpoint import load_checkpoint
+
+        store = Path(store)
+        version_dir = open_current(store) if os.path.lexists(store / CURRENT) else store
+        ckpt = load_checkpoint(checkpoint, device="cpu")
+        return cls(ckpt.model, ckpt.model_version, StoreReader(version_dir), **kwargs)
+
+    def _check_targets(self, targets: np.ndarray) -> None:
+        n_items = self.resident.cfg.n_items
+        if targets.size and (int(targets.min()) < 0 or int(targets.max()) > n_items):
+            bad = targets[(targets < 0) | (targets > n_items)][0]
+            raise ValueError(f"candidate item {int(bad)} outside the model's items 0..{n_items} (0 = padding)")
+
+    def score(self, user_ids: np.ndarray | list[int], candidates: np.ndarray | list, n_candidates=None) -> ScoreResult:
+        """Score candidates (B, C) (or (B,): one each) of users (B,). ``n_candidates`` (B,): how many
+        leading entries of each row are real (default all); padded entries get logit NaN."""
+        ids = np.asarray(user_ids, dtype=np.int64).reshape(-1)
+        cand = np.asarray(candidates, dtype=np.int64)
+        cand = cand.reshape(-1, 1) if cand.ndim == 1 else cand
+        if cand.shape[0] != len(ids):
+            raise ValueError(f"{cand.shape[0]} candidate rows for {len(ids)} users")
+        real = np.ones(cand.shape, dtype=bool)
+        if n_candidates is not None:
+            real = np.arange(cand.shape[1])[None, :] < np.asarray(n_candidates, dtype=np.int64)[:, None]
+        cand = np.where(real, cand, 0)
+        self._check_targets(cand)
+        logits = np.empty(cand.shape, dtype=np.float32)
+        cold = np.zeros(len(ids), dtype=bool)
+        stats = RuntimeStats()
+        for lo in range(0, len(ids), self.batch_users):
+            hi = min(lo + self.batch_users, len(ids))
+            logits[lo:hi], cold[lo:hi] = self._score_batch(ids[lo:hi], cand[lo:hi], stats)
+        logits[~real] = np.nan
+        stats.candidates = int(real.sum())
+        for name, value in asdict(stats).items():
+            setattr(self.stats, name, getattr(self.stats, name) + value)
+        return ScoreResult(logits, cold, stats)
+
+    @torch.inference_mode()
+    def _score_batch(self, ids: np.ndarray, cand: np.ndarray, stats: RuntimeStats) -> tuple[np.ndarray, np.ndarray]:
+        t0 = time.perf_counter()
+        host = self.batcher.fetch(ids)
+        dev, cost = to_device(host, self.device)
+        targets = torch.from_numpy(cand).to(self.device, non_blocking=False)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        else:
+            t_dec = time.perf_counter()
+        cache = dev.unpack(self.pad_to)
+        logits = decode(self.resident, cache, targets, self.path)
+        if cuda:
+            end.record()
+        out = logits.float().cpu().numpy()
+        decode_ms = start.elapsed_time(end) if cuda else (time.perf_counter() - t_dec) * 1e3
+        stats.batches += 1
+        stats.users += len(ids)
+        stats.cold_start_users += host.cold_start
+        stats.h2d_bytes += cost.bytes
+        stats.fetch_ms += host.fetch_seconds * 1e3
+        stats.h2d_ms += cost.ms
+        stats.decode_ms += decode_ms
+        stats.total_ms += (time.perf_counter() - t0) * 1e3
+        return out, ~host.present

@@ -1,0 +1,147 @@
+"""Host→device transfer of a packed batch (one copy, timed with CUDA events) and its unpacking.
+
+:func:`to_device` copies ``HostBatch.tensor`` (the whole batch: offsets, lengths, zero block, records;
+layout in :mod:`cachestore.batch`) with ONE ``copy_(non_blocking=True)`` and returns the device batch
+and a :class:`TransferCost`: bytes moved and the time between two CUDA events recorded on the copy's
+stream around the copy (so the cost excludes Python overhead and queueing before the copy). The
+host buffer may be refilled only after the copy: the end event is handed to the batch's buffer,
+which waits on it before reuse. Without CUDA ("cpu" device) the copy is a memcpy timed with
+``time.perf_counter``; the device batch never aliases the reusable host buffer.
+
+:func:`unpack` turns the jagged records on the device into the model's padded cache
+(:class:`model.cache.KVCache`: k_user, v_user (B, L, d) at the store's kv dtype, k_idx, v_idx (B, L)
+int64 or None, lengths (B,) int64) with one gather per part: every part's per-behaviour width is a
+multiple of 2 bytes, so the byte buffer is viewed as int16 units and position (b, l) of a part reads
+``width/2`` units at ``(record_start[b] + 32 + n_b·(widths of the earlier parts) + l·width) / 2``;
+padding positions (l >= n_b) read the zero block (0.0, index 0). Pure tensor code, no host sync.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cachestore.batch import HostBatch
+from cachestore.record import HEADER_SIZE, CacheLayout
+from model.cache import KVCache
+
+KV_TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class TransferCost:
+    """Bytes moved by one host→device copy and its duration.
+
+    ``ms`` (CUDA) waits for the copy's end event, then reads the elapsed time between the two
+    events; read it when the result is needed anyway (e.g. after the scores came back).
+    """
+
+    bytes: int
+    device: str
+    pinned: bool
+    _start: Any = None
+    _end: Any = None
+    _seconds: float | None = None
+
+    @property
+    def ms(self) -> float:
+        if self._seconds is None:
+            self._end.synchronize()
+            self._seconds = self._start.elapsed_time(self._end) / 1e3
+        return self._seconds * 1e3
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes / max(self.ms, 1e-9) / 1e6
+
+
+@dataclass
+class DeviceBatch:
+    """A packed batch on the device: ``raw`` uint8 (used_bytes,) plus the host-known shape facts."""
+
+    raw: torch.Tensor
+    layout: CacheLayout
+    n_users: int
+    max_length: int
+    zero_offset: int
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        return self.raw[: 8 * self.n_users].view(torch.int64)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.raw[8 * self.n_users : 16 * self.n_users].view(torch.int64)
+
+    def unpack(self, pad_to: int | None = None) -> KVCache:
+        """Padded cache of this batch: L = pad_to (>= max_length) or max(1, max_length)."""
+        length = max(1, self.max_length) if pad_to is None else int(pad_to)
+        if length < self.max_length:
+            raise ValueError(f"pad_to {pad_to} < longest history in the batch ({self.max_length})")
+        return unpack(self.raw, self.layout, self.n_users, length, self.zero_offset)
+
+
+def to_device(batch: HostBatch, device: torch.device | str, *, stream: torch.cuda.Stream | None = None
+              ) -> tuple[DeviceBatch, TransferCost]:
+    """Copy a packed batch to ``device`` in one copy; returns (device batch, measured cost)."""
+    device = torch.device(device)
+    src = batch.tensor  # checks the batch is not stale
+    meta = dict(layout=batch.layout, n_users=batch.n_users, max_length=batch.max_length,
+                zero_offset=batch.zero_offset)
+    if device.type == "cuda":
+        current = torch.cuda.current_stream(device)
+        stream = stream or current
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(stream):
+            dst = torch.empty(src.shape, dtype=torch.uint8, device=device)
+            start.record(stream)
+            dst.copy_(src, non_blocking=batch.pinned)
+            end.record(stream)
+        if stream != current:  # a side copy stream: work queued on the current stream waits for the copy
+            current.wait_event(end)
+            dst.record_stream(current)
+        batch.mark_copied(end)
+        return DeviceBatch(dst, **meta), TransferCost(src.numel(), str(device), batch.pinned, start, end)
+    t0 = time.perf_counter()
+    dst = src.to(device, copy=True)
+    return DeviceBatch(dst, **meta), TransferCost(src.numel(), str(device), False, _seconds=time.perf_counter() - t0)
+
+
+def _part(units16: torch.Tensor, pos: torch.Tensor, n_units: int) -> torch.Tensor:
+    """(B, L) start positions (int16 units) → (B, L, n_units) int16 read from the buffer."""
+    if n_units == 1:
+        return units16[pos].unsqueeze(-1)
+    rows = units16.as_strided((units16.numel() - n_units + 1, n_units), (1, 1))  # row r = units r..r+n-1
+    return rows[pos]
+
+
+def unpack(raw: torch.Tensor, layout: CacheLayout, n_users: int, length: int, zero_offset: int) -> KVCache:
+    """Device-side inverse of the batch packing (see the module docstring). raw: uint8 buffer."""
+    offsets = raw[: 8 * n_users].view(torch.int64)
+    lengths = raw[8 * n_users : 16 * n_users].view(torch.int64)
+    units16 = raw.view(torch.int16)
+    ar = torch.arange(length, device=raw.device)
+    valid = ar.unsqueeze(0) < lengths.unsqueeze(1)  # (B, L)
+    start = offsets + HEADER_SIZE  # (B,) bytes, even (records are 8-aligned)
+    out: list[torch.Tensor | None] = []
+    kv = KV_TORCH[layout.kv_dtype]
+    for j, width in enumerate(layout.header_parts[2]):  # bytes per behaviour: k_user, v_user, k_idx, v_idx
+        if width == 0:
+            out.append(None)
+            continue
+        units = width // 2
+        pos = torch.where(valid, (start // 2).unsqueeze(1) + ar * units, zero_offset // 2)  # (B, L)
+        vals = _part(units16, pos, units)  # (B, L, units) int16
+        if j < 2:
+            out.append(vals.view(kv))  # (B, L, d)
+        elif layout.idx_dtype == "uint16":
+            out.append(vals.squeeze(-1).to(torch.int64) & 0xFFFF)
+        else:
+            out.append(vals.view(torch.int32).squeeze(-1).to(torch.int64))
+        start = start + lengths * width
+    k_user, v_user, k_idx, v_idx = out
+    assert k_user is not None and v_user is not None
+    return KVCache(k_user=k_user, v_user=v_user, k_idx=k_idx, v_idx=v_idx, lengths=lengths)

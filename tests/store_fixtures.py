@@ -1,0 +1,86 @@
+"""Test helper: build a published cache store straight from ``model.prefill`` output.
+
+Independent of the Spark prefill job (pipeline/prefill.py): rows are encoded here from the model's
+own cache (collective: user parts + router indices; full: ``model.keys_values``), written as prefill
+Parquet (``cachestore.lmdb_build.prefill_schema``) and built + published with the real builder.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from cachestore.lmdb_build import PARQUET_LAYOUT_FILE, prefill_schema
+from cachestore.publish import build_and_publish
+from cachestore.record import CacheLayout, write_layout
+from model.cache import index_itemsize
+from model.ctr import TargetAttentionCTR
+
+KV_TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def layout_for(model: TargetAttentionCTR, version: str, mode: str = "collective", kv_dtype: str = "float16"
+               ) -> CacheLayout:
+    """The CacheLayout of a store of ``model`` ("full": whole K/V, no indices)."""
+    cfg = model.cfg
+    if mode == "full":
+        return CacheLayout("full", kv_dtype, None, cfg.d_attn, cfg.d_attn, False, False, 0, cfg.max_len, version)
+    shared = cfg.k_shared or cfg.v_shared
+    idx = ("uint16" if index_itemsize(cfg.collective.pool_size) == 2 else "int32") if shared else None
+    return CacheLayout("collective", kv_dtype, idx, cfg.dk_user, cfg.dv_user, cfg.k_shared, cfg.v_shared,
+                       cfg.collective.pool_size if shared else 0, cfg.max_len, version)
+
+
+def _kv_bytes(t: torch.Tensor, kv_dtype: str) -> bytes:
+    t = t.detach().to(KV_TORCH[kv_dtype]).contiguous()
+    if kv_dtype == "bfloat16":
+        t = t.view(torch.int16)
+    return t.cpu().numpy().tobytes()
+
+
+def prefill_rows(model: TargetAttentionCTR, layout: CacheLayout, user_ids: list[int], items: torch.Tensor,
+                 feedback: torch.Tensor, lengths: torch.Tensor) -> list[dict]:
+    """Prefill Parquet rows (dicts) of these users' padded histories."""
+    with torch.no_grad():
+        cache = model.prefill(items, feedback, lengths)
+        if layout.mode == "full":
+            k, v = model.keys_values(cache)
+            k_idx = v_idx = None
+        else:
+            k, v, k_idx, v_idx = cache.k_user, cache.v_user, cache.k_idx, cache.v_idx
+    idx_np = np.dtype("<u2") if layout.idx_dtype == "uint16" else np.dtype("<i4")
+    rows = []
+    for b, uid in enumerate(user_ids):
+        n = int(lengths[b])
+        row = {"user_id": int(uid), "length": n, "k_user": _kv_bytes(k[b, :n], layout.kv_dtype),
+               "v_user": _kv_bytes(v[b, :n], layout.kv_dtype)}
+        for name, idx in (("k_idx", k_idx), ("v_idx", v_idx)):
+            row[name] = b"" if idx is None else idx[b, :n].cpu().numpy().astype(idx_np).tobytes()
+        row["model_version"] = layout.model_version
+        row["checksum"] = zlib.crc32(row["k_user"] + row["v_user"] + row["k_idx"] + row["v_idx"])
+        rows.append(row)
+    return rows
+
+
+def build_store(root: Path, rows: list[dict], layout: CacheLayout) -> Path:
+    """Write rows as prefill Parquet under root/parquet, build and publish; returns root."""
+    pdir = Path(root) / "parquet"
+    pdir.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist(rows, schema=prefill_schema())
+    pq.write_table(table, pdir / "part-00000.parquet")
+    write_layout(pdir / PARQUET_LAYOUT_FILE, layout)
+    build_and_publish(root)
+    return Path(root)
+
+
+def store_of_model(root: Path, model: TargetAttentionCTR, version: str, user_ids: list[int], items: torch.Tensor,
+                   feedback: torch.Tensor, lengths: torch.Tensor, mode: str = "collective",
+                   kv_dtype: str = "float16") -> Path:
+    """Prefill these users with ``model`` and publish the store under root."""
+    layout = layout_for(model, version, mode, kv_dtype)
+    return build_store(root, prefill_rows(model, layout, user_ids, items, feedback, lengths), layout)
