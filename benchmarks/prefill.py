@@ -149,7 +149,7 @@ def function_cpu(hist: Path, ckpt: Path, max_users: int) -> dict:
         out[name] = {"users": n, "seconds": round(dt, 3), "users_per_s": round(n / dt, 1)}
         if name == "memo":
             out["_memo"] = engine
-            out[name]["distinct_tokens"] = engine.size
+            out[name]["memo_table_entries"] = engine.size
     out.pop("_memo")
     return out
 
@@ -214,7 +214,7 @@ def gpu_benchmark(args: argparse.Namespace) -> dict:
     out["noop (executor CPU work, no model)"] = timed(make_engine(None, layout, "noop"), batches)
     memo = make_engine(model, layout, "memo")
     out["memo cold (first pass, builds the token table)"] = timed(memo, batches)
-    out["memo cold"] = {**out.pop("memo cold (first pass, builds the token table)"), "distinct_tokens": memo.size}
+    out["memo cold"] = {**out.pop("memo cold (first pass, builds the token table)"), "memo_table_entries": memo.size}
     out["memo warm (second pass)"] = timed(memo, batches)
     direct = make_engine(model, layout, "direct")
     sub = batches[: max(1, len(batches) // 4)]

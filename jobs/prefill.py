@@ -7,7 +7,6 @@ Argument parsing only; pipeline/spark_job.py runs the job (docs/prefill.md).
 from __future__ import annotations
 
 import logging
-import shlex
 import sys
 
 import click
@@ -45,11 +44,11 @@ def prefill_cmd(checkpoint: str, histories: str, store: str, **kw: object) -> No
     """Prefill every user's compact KV cache with Spark; build and publish STORE (Parquet + LMDB)."""
     from pipeline.checkpoint import CheckpointError
     from pipeline.prefill import PrefillInputError
-    from pipeline.spark_job import PrefillOptions, run_prefill
+    from pipeline.spark_job import PrefillOptions, command_line, run_prefill
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     opts = PrefillOptions(checkpoint=checkpoint, histories=histories, store=store,
-                          command_line=shlex.join(sys.argv), **kw)  # type: ignore[arg-type]
+                          command_line=command_line(), **kw)  # type: ignore[arg-type]
     try:
         manifest = run_prefill(opts)
     except (CheckpointError, PrefillInputError, ValueError) as exc:

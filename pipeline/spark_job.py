@@ -66,10 +66,17 @@ class PrefillOptions:
     spark_log_level: str | None = "WARN"
     ship_code: bool | None = None  # None: only when the master is not local
     fail_after_users: int | None = None  # test hook: a task raises after this many users
-    command_line: str = field(default_factory=lambda: shlex.join(sys.argv))
+    command_line: str = field(default_factory=lambda: command_line())
 
 
 # --------------------------------------------------------------------------------- the driver
+def command_line() -> str:
+    """This process's command line; "spark-submit ..." when spark-submit started it (its own options
+    are not visible to Python: the manifest records the master separately)."""
+    cmd = shlex.join(sys.argv)
+    return f"spark-submit ... {cmd}" if os.environ.get("PYSPARK_GATEWAY_PORT") else cmd
+
+
 def get_spark(master: str | None = None, app_name: str = "ckv-prefill") -> Any:
     """The active SparkSession, or a new one (master: the given one, else spark-submit's, else
     Spark's local[*] default). Workers run this interpreter unless PYSPARK_PYTHON says otherwise."""
@@ -114,12 +121,12 @@ def check_history_schema(schema: Any, where: str) -> None:
                                     "of integers")
 
 
-_SHIPPED: dict[tuple[int, str], str] = {}
+_SHIPPED: dict[tuple[str, str], str] = {}
 
 
 def ship_checkpoint(sc: Any, checkpoint: Path, version: str) -> str:
     """Add a deterministic zip of the checkpoint's config + weights to the SparkContext; its name."""
-    key = (id(sc._jsc), version)
+    key = (sc.applicationId, version)
     if key in _SHIPPED:
         return _SHIPPED[key]
     name = f"ckv-checkpoint-{version}.zip"
@@ -188,7 +195,9 @@ def run_prefill(opts: PrefillOptions, spark: Any = None) -> dict[str, Any]:
     histories = resolve_histories(opts.histories)
     store = Path(opts.store).resolve()
     (store / STAGING).mkdir(parents=True, exist_ok=True)
+    t_load = time.perf_counter() - t0
     spark = spark or get_spark(opts.master)
+    t_session = time.perf_counter() - t0 - t_load
     sc = spark.sparkContext
     if opts.spark_log_level:
         sc.setLogLevel(opts.spark_log_level)
@@ -213,8 +222,10 @@ def run_prefill(opts: PrefillOptions, spark: Any = None) -> dict[str, Any]:
         out = out.sortWithinPartitions("user_id")
     spark_out = store / STAGING / f"prefill-{new_version_id()}"
     progress = _Progress(sc, users_acc, opts.progress_interval)
-    log.info("prefill: %s -> %s (model %s, mode %s, kv %s, master %s, %d input partitions)", histories, store,
-             version, layout.mode, layout.kv_dtype, sc.master, df.rdd.getNumPartitions())
+    log.info("prefill: %s -> %s (model %s, mode %s, kv %s, engine %s, device %s, master %s)", histories, store,
+             version, layout.mode, layout.kv_dtype, opts.engine, opts.device, sc.master)
+    t_setup = time.perf_counter() - t0
+    log.info("prefill: setup %.1f s (checkpoint %.1f s, SparkSession %.1f s)", t_setup, t_load, t_session)
     progress.start()
     t_write = time.perf_counter()
     try:
@@ -238,6 +249,8 @@ def run_prefill(opts: PrefillOptions, spark: Any = None) -> dict[str, Any]:
             "spark": {"master": sc.master, "app_id": sc.applicationId, "version": sc.version,
                       "default_parallelism": sc.defaultParallelism},
             "partitions": parts_acc.value, "spark_seconds": round(t_spark, 3),
+            "setup_seconds": {"checkpoint": round(t_load, 3), "spark_session": round(t_session, 3),
+                              "total": round(t_setup, 3)},
             "stage_seconds": round(t_write, 3), "stage_users_per_s": round(users / max(t_write, 1e-9), 1),
         }  # fmt: skip
         write_json(spark_out / PREFILL_META_FILE, meta)

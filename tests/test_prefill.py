@@ -373,3 +373,20 @@ def test_store_reader_sees_prefill_records(small_store: dict) -> None:
         assert len(reader) == len(LENGTHS) + 5
         rec = reader.get(4)
         assert rec is not None and rec.length == 6 and rec.k_user.shape == (6, 2)
+
+
+def test_store_build_cli_from_a_parquet_dir(small_store: dict, tmp_path: Path) -> None:
+    from jobs.store import store as store_cli
+
+    src = small_store["store"] / "parquet"
+    runner = CliRunner()
+    r = runner.invoke(store_cli, ["build", str(src), "--no-progress"])
+    assert r.exit_code == 2 and "--store" in r.output
+    new = tmp_path / "copy"
+    r = runner.invoke(store_cli, ["build", str(src), "--store", str(new), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    with StoreReader.open_current(new) as a, StoreReader.open_current(small_store["store"]) as b:
+        assert [a.get_raw(u) for u in b.iter_users()] == [b.get_raw(u) for u in b.iter_users()]
+    assert json.loads((new / "manifest.json").read_text())["dims"]["d_attn"] == 32  # _prefill.json kept
+    r = runner.invoke(store_cli, ["build", str(tmp_path), "--no-progress"])
+    assert r.exit_code == 1 and "neither a prefill Parquet directory" in r.output
