@@ -246,13 +246,14 @@ class HostBatcher:
                 continue
             n = len(value)
             end = pos + n
-            if end > cap:
-                buf = self._grow(buf, end + (end >> 1), pos)
+            nxt = (end + _ALIGN - 1) & ~(_ALIGN - 1)
+            if nxt > cap:
+                buf = self._grow(buf, nxt + (nxt >> 1), pos)
                 cap, dst = len(buf.array), buf.view
             dst[pos:end] = value
             offs.append(pos)
             sizes.append(n)
-            pos = (end + _ALIGN - 1) & ~(_ALIGN - 1)
+            pos = nxt
         if len(offs) != n_users:
             raise ValueError(f"{len(offs)} records for {n_users} user ids")
         arr = buf.array
@@ -274,7 +275,7 @@ class HostBatcher:
                     decode_record(buf.view[o : o + s], expected_model_version=self.expected_model_version,
                                   user_id=uid)
         offsets[~present] = zero_at
-        used = _align(pos)
+        used = pos
         arr[0:zero_at].view(np.int64)[:] = np.concatenate([offsets, lengths])
         arr[zero_at:start] = 0
         return HostBatch(

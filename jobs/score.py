@@ -1,0 +1,175 @@
+"""`ckv score`: score a file of requests offline through the serving runtime (cachestore/runtime.py).
+
+Input (Parquet or CSV, by extension; ``.csv`` / ``.csv.gz`` are CSV, anything else Parquet): one row
+per (user, candidate item) — columns ``user_id`` and ``item_id`` (names set by --user-col /
+--item-col), int64, no nulls; every other column is passed through. Output (Parquet): the input
+rows in input order plus ``logit`` (float32), ``score`` (float32, sigmoid of the logit) and
+``cold_start`` (bool: the user has no entry in the store and was scored with an empty history).
+
+Rows are read in chunks (--chunk-rows); within a chunk the candidates of one user are grouped into
+one request (at most --max-candidates per slot; more take several slots) and scored in batches of
+--batch-users users. A JSON summary (rows, users, cold-start users, timings) goes to stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+import numpy as np
+
+OUTPUT_COLUMNS = ("logit", "score", "cold_start")
+
+
+def _is_csv(path: Path) -> bool:
+    return path.name.lower().endswith((".csv", ".csv.gz"))
+
+
+def read_requests(path: Path, user_col: str, item_col: str, chunk_rows: int) -> Iterator:
+    """Record batches of the requests file with the two id columns as int64 (ClickException if not)."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    try:
+        if _is_csv(path):
+            types = {user_col: pa.int64(), item_col: pa.int64()}
+            reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=1 << 22),
+                                    convert_options=pacsv.ConvertOptions(column_types=types))
+            first = True
+            for batch in reader:
+                if first:
+                    _check_columns(path, batch.schema.names, user_col, item_col)
+                    first = False
+                yield batch
+            return
+        pf = pq.ParquetFile(path)
+        _check_columns(path, pf.schema_arrow.names, user_col, item_col)
+        for batch in pf.iter_batches(batch_size=chunk_rows):
+            yield batch
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
+        raise click.ClickException(f"{path}: cannot read requests: {exc}") from exc
+
+
+def _check_columns(path: Path, names: list[str], user_col: str, item_col: str) -> None:
+    for col in (user_col, item_col):
+        if col not in names:
+            raise click.ClickException(f"{path}: no column {col!r} (columns: {', '.join(names)})")
+    clash = [c for c in OUTPUT_COLUMNS if c in names]
+    if clash:
+        raise click.ClickException(f"{path}: input already has output column(s) {clash}; rename them")
+
+
+def _ids(batch, col: str, path: Path) -> np.ndarray:
+    import pyarrow as pa
+
+    arr = batch.column(col)
+    if arr.null_count:
+        raise click.ClickException(f"{path}: column {col!r} has null values")
+    if not pa.types.is_integer(arr.type):
+        raise click.ClickException(f"{path}: column {col!r} has type {arr.type}, expected integers")
+    return arr.to_numpy().astype(np.int64)
+
+
+def group_requests(users: np.ndarray, items: np.ndarray, max_candidates: int):
+    """Rows → slots (one user, <= max_candidates candidates each). Returns (slot_user (S,),
+    candidates (S, C) 0-padded, n_candidates (S,), slot of each row (N,), column of each row (N,))."""
+    n = len(users)
+    order = np.argsort(users, kind="stable")
+    su = users[order]
+    new_user = np.ones(n, dtype=bool)
+    new_user[1:] = su[1:] != su[:-1]
+    group_start = np.maximum.accumulate(np.where(new_user, np.arange(n), 0))
+    rank = np.arange(n) - group_start
+    boundary = new_user | (rank % max_candidates == 0)
+    slot_sorted = np.cumsum(boundary) - 1
+    col_sorted = rank % max_candidates
+    n_slots = int(slot_sorted[-1]) + 1 if n else 0
+    width = int(col_sorted.max()) + 1 if n else 1
+    cand = np.zeros((n_slots, width), dtype=np.int64)
+    cand[slot_sorted, col_sorted] = items[order]
+    slot = np.empty(n, dtype=np.int64)
+    col = np.empty(n, dtype=np.int64)
+    slot[order], col[order] = slot_sorted, col_sorted
+    return su[boundary], cand, np.bincount(slot_sorted, minlength=n_slots), slot, col
+
+
+@click.command("score")
+@click.option("--store", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="cache store root (serves its current version) or one version directory")
+@click.option("--checkpoint", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="checkpoint the store was prefilled with")
+@click.option("--requests", "requests_path", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Parquet or CSV: one row per (user, candidate item)")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="output Parquet file")
+@click.option("--user-col", default="user_id", show_default=True)
+@click.option("--item-col", default="item_id", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:n]")
+@click.option("--path", "decode_path", type=click.Choice(["auto", "poolscore", "gather"]), default="auto",
+              show_default=True, help="attention over the collective part (cachestore/decode.py)")
+@click.option("--batch-users", default=512, show_default=True)
+@click.option("--max-candidates", default=256, show_default=True, help="candidates per user slot")
+@click.option("--chunk-rows", default=1 << 16, show_default=True, help="request rows read at a time")
+@click.option("--verify-crc/--no-verify-crc", default=False, show_default=True, help="CRC-check every record")
+def score(store: Path, checkpoint: Path, requests_path: Path, out: Path, user_col: str, item_col: str, device: str,
+          decode_path: str, batch_users: int, max_candidates: int, chunk_rows: int, verify_crc: bool) -> None:
+    """Score a file of (user, candidate) requests against the cache store; writes Parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cachestore.record import LayoutError, RecordError
+    from cachestore.runtime import DecodeRuntime, default_device
+    from pipeline.checkpoint import CheckpointError
+
+    if max_candidates < 1 or batch_users < 1 or chunk_rows < 1:
+        raise click.ClickException("--max-candidates, --batch-users and --chunk-rows must be >= 1")
+    t0 = time.perf_counter()
+    try:
+        runtime = DecodeRuntime.open(store, checkpoint, device=default_device() if device == "auto" else device,
+                                     path=decode_path, batch_users=batch_users, verify_crc=verify_crc)
+    except (CheckpointError, LayoutError, RecordError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    rows, cold_rows, users, cold_users = 0, 0, set(), set()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    writer = None
+    try:
+        for batch in read_requests(requests_path, user_col, item_col, chunk_rows):
+            u, it = _ids(batch, user_col, requests_path), _ids(batch, item_col, requests_path)
+            slot_user, cand, n_cand, slot, col = group_requests(u, it, max_candidates)
+            try:
+                res = runtime.score(slot_user, cand, n_cand)
+            except (ValueError, RecordError) as exc:
+                raise click.ClickException(f"{requests_path}: {exc}") from exc
+            logit = res.logits[slot, col].astype(np.float32)
+            cold = res.cold_start[slot]
+            table = pa.Table.from_batches([batch]).append_column("logit", pa.array(logit))
+            table = table.append_column("score", pa.array((1.0 / (1.0 + np.exp(-logit))).astype(np.float32)))
+            table = table.append_column("cold_start", pa.array(cold))
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema)
+            writer.write_table(table)
+            rows += len(u)
+            cold_rows += int(cold.sum())
+            users.update(np.unique(u).tolist())
+            cold_users.update(np.unique(u[cold]).tolist())
+        if writer is None:  # empty input: an empty file with the output columns
+            writer = pq.ParquetWriter(tmp, pa.schema([(user_col, pa.int64()), (item_col, pa.int64()),
+                                                      ("logit", pa.float32()), ("score", pa.float32()),
+                                                      ("cold_start", pa.bool_())]))
+        writer.close()
+        writer = None
+        tmp.replace(out)
+    finally:
+        if writer is not None:
+            writer.close()
+        tmp.unlink(missing_ok=True)
+    summary = {"out": str(out), "rows": rows, "users": len(users), "cold_start_users": len(cold_users),
+               "cold_start_rows": cold_rows, "store_version": runtime.reader.version_id,
+               "model_version": runtime.model_version, "device": str(runtime.device), "path": decode_path,
+               "seconds": round(time.perf_counter() - t0, 3), "runtime": runtime.stats.as_dict()}
+    click.echo(json.dumps(summary))

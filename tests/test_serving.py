@@ -1,0 +1,337 @@
+"""Serving path: batched store reads, host→device transfer + unpack, the decode entry point
+(poolscore vs gather), the decode runtime against the training model, and `ckv score`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing as mp
+import os
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cachestore.batch import HostBatcher
+from cachestore.decode import ResidentModel, decode
+from cachestore.publish import LAYOUT, LMDB_DIR, open_current
+from cachestore.reader import StoreReader
+from cachestore.record import CacheLayout, ModelVersionMismatchError, encode_record, user_key, write_layout
+from cachestore.runtime import DecodeRuntime
+from cachestore.transfer import to_device
+from jobs.score import score as score_cmd
+from model.cache import KVCache
+from model.config import CollectiveConfig
+from pipeline.checkpoint import save_checkpoint
+from tests.store_fixtures import layout_for, store_of_model
+from tests.test_model import N_ITEMS, make_model, small_config
+
+VERSION = "0123456789abcdef"
+SEQ = 8  # small_config max_len
+# name -> (model config overrides, store mode)
+VARIANTS = {
+    "full": (dict(kv_mode="full"), "full"),
+    "collective": (dict(kv_mode="collective"), "collective"),
+    "share_k_only": (dict(collective=CollectiveConfig(d_user=2, pool_size=12, share_v=False)), "collective"),
+    "share_v_only": (dict(collective=CollectiveConfig(d_user=2, pool_size=12, share_k=False)), "collective"),
+    "collective_model_full_store": (dict(kv_mode="collective"), "full"),
+}
+TOL = {"float32": dict(rtol=1e-5, atol=1e-5), "float16": dict(rtol=3e-3, atol=3e-3)}
+
+
+def histories(n_users: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Padded histories with lengths 0, 1 and L among them."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, SEQ + 1, (n_users,), generator=g)
+    lengths[:3] = torch.tensor([0, 1, SEQ])
+    items = torch.randint(1, N_ITEMS + 1, (n_users, SEQ), generator=g)
+    feedback = torch.randint(1, 3, (n_users, SEQ), generator=g)
+    pad = torch.arange(SEQ).unsqueeze(0) >= lengths.unsqueeze(1)
+    items[pad] = 0
+    feedback[pad] = 0
+    return items, feedback, lengths
+
+
+def forward_logits(model, items, feedback, lengths, cand: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(items, feedback, lengths, torch.from_numpy(cand))[0].numpy()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One store per (variant, kv dtype): users 100..111 prefilled; the model and the histories."""
+    out = {}
+    items, feedback, lengths = histories(12, seed=3)
+    for name, (overrides, mode) in VARIANTS.items():
+        model = make_model(small_config(**overrides), seed=1).eval()
+        for kv_dtype in ("float32", "float16"):
+            root = tmp_path_factory.mktemp(f"{name}-{kv_dtype}")
+            store_of_model(root, model, VERSION, list(range(100, 112)), items, feedback, lengths, mode, kv_dtype)
+            out[name, kv_dtype] = (model, root)
+    return {"stores": out, "items": items, "feedback": feedback, "lengths": lengths}
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "float16"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_runtime_scores_equal_model_forward(served: dict, variant: str, kv_dtype: str) -> None:
+    model, root = served["stores"][variant, kv_dtype]
+    items, feedback, lengths = served["items"], served["feedback"], served["lengths"]
+    # requests: every stored user, a repeated one and two users the store does not hold (cold start)
+    order = [105, 100, 101, 102, 111, 7, 103, 104, 100, 106, 107, 108, 109, 110, 99999]
+    rows = [u - 100 if u >= 100 and u < 112 else None for u in order]
+    g = np.random.default_rng(0)
+    cand = g.integers(1, N_ITEMS + 1, (len(order), 3))
+    n_cand = g.integers(1, 4, len(order))
+    zero = torch.zeros(1, SEQ, dtype=torch.long)
+    it = torch.cat([items[r : r + 1] if r is not None else zero for r in rows])
+    fb = torch.cat([feedback[r : r + 1] if r is not None else zero for r in rows])
+    ln = torch.tensor([int(lengths[r]) if r is not None else 0 for r in rows])
+    want = forward_logits(model, it, fb, ln, cand)
+    real = np.arange(3)[None, :] < n_cand[:, None]
+    reader = StoreReader(open_current(root))
+    results = {}
+    for path in ("poolscore", "gather", "auto"):
+        rt = DecodeRuntime(model, VERSION, reader, device="cpu", path=path, batch_users=4)
+        res = rt.score(order, cand, n_cand)
+        assert res.cold_start.tolist() == [r is None for r in rows]
+        assert rt.stats.cold_start_users == 2 and rt.stats.users == len(order) and rt.stats.batches == 4
+        assert np.isnan(res.logits[~real]).all() and np.isfinite(res.logits[real]).all()
+        np.testing.assert_allclose(res.logits[real], want[real], **TOL[kv_dtype])
+        results[path] = res.logits[real]
+    np.testing.assert_allclose(results["poolscore"], results["gather"], rtol=1e-5, atol=1e-6)
+    if kv_dtype == "float16":  # against the model fed the stored (rounded) user parts: fp32 tolerance
+        with torch.no_grad():
+            cache = model.prefill(it, fb, ln)
+            if VARIANTS[variant][1] == "full":
+                k, v = model.keys_values(cache)
+                cache = KVCache(k, v, None, None, ln)
+            rounded = dataclasses.replace(cache, k_user=cache.k_user.half().float(), v_user=cache.v_user.half().float())
+            ref = model.decode(rounded, torch.from_numpy(cand)).numpy()
+        np.testing.assert_allclose(results["poolscore"], ref[real], rtol=1e-5, atol=1e-5)
+
+
+def random_cache(cfg, b: int, length: int, seed: int) -> KVCache:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, length + 1, (b,), generator=g)
+    pool = cfg.collective.pool_size
+
+    def idx(shared: bool) -> torch.Tensor | None:
+        return torch.randint(0, pool, (b, length), generator=g) if shared else None
+
+    return KVCache(torch.randn(b, length, cfg.dk_user, generator=g, dtype=torch.float64),
+                   torch.randn(b, length, cfg.dv_user, generator=g, dtype=torch.float64),
+                   idx(cfg.k_shared), idx(cfg.v_shared), lengths)
+
+
+@given(b=st.integers(1, 6), length=st.integers(1, 12), c=st.integers(1, 4), d_user=st.integers(1, 12),
+       heads=st.sampled_from([1, 2, 4]), share=st.sampled_from(["both", "k", "v"]), seed=st.integers(0, 999))
+@settings(max_examples=40, deadline=None)
+def test_pool_score_algebra_equals_gather(b: int, length: int, c: int, d_user: int, heads: int, share: str,
+                                          seed: int) -> None:
+    """q·[k_u; P_k[i]] = q_u·k_u + (P_k q_c)[i] and Σ a_j P_v[i_j] = bincount(i, a) @ P_v, per head,
+    for user dims within one head or spanning several (d_a = 16)."""
+    coll = CollectiveConfig(d_user=d_user, pool_size=7, share_k=share != "v", share_v=share != "k")
+    model = make_model(small_config(d_attn=16, n_heads=heads, collective=coll), seed=seed, dtype=torch.float64)
+    resident = ResidentModel(model.eval(), "cpu")
+    cache = random_cache(model.cfg, b, length, seed)
+    targets = torch.randint(0, N_ITEMS + 1, (b, c), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        fast = decode(resident, cache, targets, "poolscore")
+        ref = decode(resident, cache, targets, "gather")
+        plain = model.decode(cache, targets)
+    torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ref, plain, rtol=0, atol=0)
+
+
+LAYOUTS = st.builds(
+    lambda kv, idx, share, dk, dv: CacheLayout(
+        "collective", kv, idx, dk, dv, share in ("both", "k"), share in ("both", "v"), 300, 9, VERSION),
+    st.sampled_from(["float16", "bfloat16", "float32"]), st.sampled_from(["uint16", "int32"]),
+    st.sampled_from(["both", "k", "v"]), st.integers(1, 5), st.integers(1, 5))
+
+
+@given(layout=LAYOUTS, seed=st.integers(0, 999))
+@settings(max_examples=30, deadline=None)
+def test_pack_transfer_unpack_round_trip(layout: CacheLayout, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    kv = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}[layout.kv_dtype]
+    idx_dt = np.uint16 if layout.idx_dtype == "uint16" else np.int32
+    ids, recs, parts = [], [], []
+    for u in range(int(rng.integers(1, 7))):
+        n = int(rng.integers(0, layout.max_len + 1))
+        absent = rng.random() < 0.25
+        k = rng.standard_normal((n, layout.dk)).astype(np.float32)
+        v = rng.standard_normal((n, layout.dv)).astype(np.float32)
+        if layout.kv_dtype == "bfloat16":  # raw bits of bf16 values
+            k, v = (torch.from_numpy(x).bfloat16().view(torch.int16).numpy().view(np.uint16) for x in (k, v))
+        else:
+            k, v = k.astype(kv), v.astype(kv)
+        ki = rng.integers(0, 300, n).astype(idx_dt) if layout.k_shared else None
+        vi = rng.integers(0, 300, n).astype(idx_dt) if layout.v_shared else None
+        ids.append(u * 7)
+        recs.append(None if absent else encode_record(
+            layout, length=n, k_user=k.tobytes(), v_user=v.tobytes(), k_idx=b"" if ki is None else ki.tobytes(),
+            v_idx=b"" if vi is None else vi.tobytes()))
+        parts.append(None if absent else (k, v, ki, vi))
+    batcher = HostBatcher(layout, pin=False, capacity_bytes=64)  # tiny: exercises growth
+    host = batcher.pack(ids, recs)
+    assert host.cold_start == sum(p is None for p in parts)
+    dev, cost = to_device(host, "cpu")
+    assert cost.bytes == host.used_bytes and cost.ms >= 0
+    cache = dev.unpack()
+    length = cache.k_user.shape[1]
+    for b, p in enumerate(parts):
+        n = 0 if p is None else len(p[0])
+        assert int(cache.lengths[b]) == n
+        got = [cache.k_user[b], cache.v_user[b], cache.k_idx, cache.v_idx]
+        if layout.kv_dtype == "bfloat16":
+            got[:2] = [t.view(torch.int16).numpy().view(np.uint16) for t in got[:2]]
+        else:
+            got[:2] = [t.numpy() for t in got[:2]]
+        for j in range(2):
+            assert (got[j][n:] == 0).all()
+            if p is not None:
+                np.testing.assert_array_equal(got[j][:n], p[j])
+        for j, shared in ((2, layout.k_shared), (3, layout.v_shared)):
+            if not shared:
+                assert got[j] is None
+                continue
+            row = got[j][b].numpy()
+            assert row.shape == (length,) and (row[n:] == 0).all()
+            if p is not None:
+                np.testing.assert_array_equal(row[:n], p[j].astype(np.int64))
+
+
+def test_cold_start_counted_and_buffers_reused(served: dict) -> None:
+    model, root = served["stores"]["collective", "float16"]
+    reader = StoreReader(open_current(root))
+    batcher = HostBatcher(reader.layout, reader=reader, pin=False, n_buffers=2, capacity_bytes=16)
+    first = batcher.fetch([100, 5, 101, 6, 100])
+    assert first.cold_start == 2 and first.present.tolist() == [True, False, True, False, True]
+    assert first.lengths[1] == 0 and first.record(1) is None
+    assert bytes(first.record(0)) == reader.get_raw(100)
+    second = batcher.fetch(list(range(100, 112)))  # grows its buffer
+    assert second.cold_start == 0 and bytes(second.record(11)) == reader.get_raw(111)
+    assert bytes(first.record(2)) == reader.get_raw(101)  # still valid: a different buffer
+    batcher.fetch([1, 2, 3])  # reuses the first batch's buffer
+    with pytest.raises(RuntimeError, match="stale"):
+        first.tensor  # noqa: B018
+    assert batcher.fetch([]).n_users == 0
+
+
+def test_model_version_mismatch_is_refused(served: dict, tmp_path: Path) -> None:
+    model, root = served["stores"]["collective", "float16"]
+    reader = StoreReader(open_current(root))
+    with pytest.raises(ModelVersionMismatchError, match=f"model version {VERSION}.*fedcba9876543210"):
+        DecodeRuntime(model, "fedcba9876543210", reader, device="cpu")
+    # a store whose layout matches the checkpoint but one record was written by another model
+    layout = layout_for(model, VERSION)
+    other = dataclasses.replace(layout, model_version="fedcba9876543210")
+    vdir = tmp_path / "version"
+    (vdir / LMDB_DIR).mkdir(parents=True)
+    write_layout(vdir / LAYOUT, layout)
+    env = lmdb.open(str(vdir / LMDB_DIR), map_size=1 << 20)
+    with env.begin(write=True) as txn:
+        for uid, lay in ((1, layout), (2, other)):
+            n = 3
+            ones = np.ones((n, 2), np.float16).tobytes()
+            txn.put(user_key(uid), encode_record(lay, length=n, k_user=ones, v_user=ones,
+                                                 k_idx=np.ones(n, np.uint16), v_idx=np.ones(n, np.uint16)))
+    env.close()
+    rt = DecodeRuntime(model, VERSION, StoreReader(vdir), device="cpu")
+    assert np.isfinite(rt.score([1, 3], [[1], [2]]).logits).all()
+    with pytest.raises(ModelVersionMismatchError, match="user 2: model version fedcba9876543210 != expected"):
+        rt.score([1, 2], [[1], [2]])
+
+
+def _child_fetch(batcher: HostBatcher, ids: list[int], queue: mp.Queue) -> None:
+    try:
+        host = batcher.fetch(ids)
+        queue.put((os.getpid(), [None if host.record(b) is None else bytes(host.record(b)) for b in range(len(ids))]))
+    except BaseException as exc:  # report instead of hanging the parent
+        queue.put((os.getpid(), repr(exc)))
+
+
+def test_reader_and_batcher_work_after_fork(served: dict) -> None:
+    model, root = served["stores"]["collective", "float16"]
+    reader = StoreReader(open_current(root))
+    batcher = HostBatcher(reader.layout, reader=reader, pin=False)
+    ids = [103, 4, 110]
+    want = [bytes(r) if r is not None else None for r in (batcher.fetch(ids).record(b) for b in range(3))]
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child_fetch, args=(batcher, ids, queue))
+    proc.start()
+    pid, got = queue.get(timeout=60)
+    proc.join(60)
+    assert proc.exitcode == 0 and pid != os.getpid()
+    assert got == want and want[1] is None and want[0] == reader.get_raw(103)
+    assert batcher.fetch(ids).record(2) == reader.get_raw(110)  # the parent still reads
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_ckv_score_end_to_end(served: dict, tmp_path: Path, fmt: str) -> None:
+    model, root = served["stores"]["collective", "float32"]
+    ckpt = tmp_path / "ckpt"
+    version = save_checkpoint(ckpt, model, {})
+    store = tmp_path / "store"
+    items, feedback, lengths = served["items"], served["feedback"], served["lengths"]
+    store_of_model(store, model, version, list(range(100, 112)), items, feedback, lengths, "collective", "float32")
+    g = np.random.default_rng(1)
+    users = g.choice([*range(100, 112), 5, 6], 60)
+    cand = g.integers(1, N_ITEMS + 1, 60)
+    table = pa.table({"request": np.arange(60), "user_id": users, "item_id": cand})
+    req = tmp_path / f"requests.{fmt}"
+    if fmt == "csv":
+        pacsv.write_csv(table, req)
+    else:
+        pq.write_table(table, req)
+    out = tmp_path / "scores.parquet"
+    result = CliRunner().invoke(score_cmd, ["--store", str(store), "--checkpoint", str(ckpt), "--requests", str(req),
+                                            "--out", str(out), "--device", "cpu", "--max-candidates", "2",
+                                            "--batch-users", "3", "--chunk-rows", "25"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    cold = np.isin(users, [5, 6])
+    assert summary["rows"] == 60 and summary["cold_start_users"] == len(set(users[cold].tolist()))
+    got = pq.read_table(out)
+    assert got.column_names == ["request", "user_id", "item_id", "logit", "score", "cold_start"]
+    assert got.column("request").to_pylist() == list(range(60))
+    rows = [u - 100 if u >= 100 else None for u in users]
+    zero = torch.zeros(1, SEQ, dtype=torch.long)
+    it = torch.cat([items[r : r + 1] if r is not None else zero for r in rows])
+    fb = torch.cat([feedback[r : r + 1] if r is not None else zero for r in rows])
+    ln = torch.tensor([int(lengths[r]) if r is not None else 0 for r in rows])
+    want = forward_logits(model, it, fb, ln, cand.reshape(-1, 1)).reshape(-1)
+    np.testing.assert_allclose(got.column("logit").to_numpy(), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got.column("score").to_numpy(), 1 / (1 + np.exp(-want)), rtol=1e-5, atol=1e-6)
+    assert got.column("cold_start").to_pylist() == cold.tolist()
+    # a store prefilled by another model version: refused with a clear message, exit code 1
+    other = tmp_path / "other"
+    store_of_model(other, model, "00000000deadbeef", [100], items[:1], feedback[:1], lengths[:1])
+    bad = CliRunner().invoke(score_cmd, ["--store", str(other), "--checkpoint", str(ckpt), "--requests", str(req),
+                                         "--out", str(tmp_path / "x.parquet"), "--device", "cpu"])
+    assert bad.exit_code == 1 and "model version 00000000deadbeef" in bad.output
+    assert not (tmp_path / "x.parquet").exists()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_runtime_matches_cpu(served: dict) -> None:
+    model, root = served["stores"]["collective", "float16"]
+    reader = StoreReader(open_current(root))
+    ids, cand = list(range(98, 114)), np.arange(1, 17).reshape(-1, 1) % N_ITEMS + 1
+    cpu = DecodeRuntime(model, VERSION, reader, device="cpu").score(ids, cand).logits
+    for path in ("poolscore", "gather"):
+        rt = DecodeRuntime(make_model(model.cfg, seed=1).eval(), VERSION, reader, device="cuda", path=path)
+        res = rt.score(ids, cand)
+        np.testing.assert_allclose(res.logits, cpu, rtol=1e-4, atol=1e-4)
+        assert rt.batcher.pin and rt.stats.h2d_bytes > 0 and rt.stats.h2d_ms > 0
