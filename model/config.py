@@ -13,6 +13,22 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 KVMode = Literal["full", "collective"]
+Arch = Literal["din", "sim", "eta", "sdim", "twin", "hstu"]
+ARCHS: tuple[str, ...] = ("din", "sim", "eta", "sdim", "twin", "hstu")
+LONG_ARCHS: tuple[str, ...] = ("sim", "eta", "sdim", "twin")  # short + long-sequence target attention
+
+# Model-zoo fields (added after the first checkpoints were written): config_to_dict leaves them out
+# while they hold their defaults, so an existing config dict, and the model version fingerprinted
+# from it, stays byte-for-byte the same. Never change these defaults.
+ZOO_DEFAULTS: dict[str, Any] = {
+    "arch": "din",
+    "long_len": 1000,
+    "topk": 50,
+    "hash_bits": 16,
+    "sdim_hashes": 4,
+    "sdim_bits": 4,
+    "hstu_layers": 2,
+}
 
 
 @dataclass(frozen=True)
@@ -62,8 +78,32 @@ class ModelConfig:
     dropout: float = 0.0
     kv_mode: KVMode = "collective"
     collective: CollectiveConfig = field(default_factory=CollectiveConfig)
+    # model zoo (model/zoo.py); "din" is TargetAttentionCTR and ignores the fields below
+    arch: Arch = "din"
+    long_len: int = 1000  # sim/eta/sdim/twin: behaviours in the long window (max_len = the short window)
+    topk: int = 50  # sim/eta/twin: behaviours the retrieval stage passes to the long attention
+    hash_bits: int = 16  # eta: SimHash signature bits
+    sdim_hashes: int = 4  # sdim: hash functions
+    sdim_bits: int = 4  # sdim: bits per hash function (2^bits buckets)
+    hstu_layers: int = 2  # hstu: self-attention layers (max_len = the sequence window)
 
     def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.arch in LONG_ARCHS:
+            if not 1 <= self.long_len <= 4096:
+                raise ValueError(f"long_len must be in [1, 4096], got {self.long_len}")
+            if self.max_len > self.long_len:
+                raise ValueError(f"max_len {self.max_len} (short window) must be <= long_len {self.long_len}")
+        if self.topk < 1:
+            raise ValueError(f"topk must be >= 1, got {self.topk}")
+        if not 1 <= self.hash_bits <= 62:
+            raise ValueError(f"hash_bits must be in [1, 62], got {self.hash_bits}")
+        if self.sdim_hashes < 1 or not 1 <= self.sdim_bits <= 30:
+            raise ValueError(f"sdim_hashes must be >= 1 and sdim_bits in [1, 30], got {self.sdim_hashes}, "
+                             f"{self.sdim_bits}")  # fmt: skip
+        if self.hstu_layers < 1:
+            raise ValueError(f"hstu_layers must be >= 1, got {self.hstu_layers}")
         if self.kv_mode not in ("full", "collective"):
             raise ValueError(f"kv_mode must be 'full' or 'collective', got {self.kv_mode!r}")
         if self.d_attn % self.n_heads:
@@ -74,6 +114,11 @@ class ModelConfig:
             raise ValueError(f"collective.d_user {self.collective.d_user} must be < d_attn {self.d_attn}")
         if self.n_items < 1:
             raise ValueError(f"n_items must be >= 1, got {self.n_items}")
+
+    @property
+    def window_len(self) -> int:
+        """Behaviours of history the model reads: ``long_len`` for sim/eta/sdim/twin, else ``max_len``."""
+        return self.long_len if self.arch in LONG_ARCHS else self.max_len
 
     @property
     def k_shared(self) -> bool:
@@ -95,12 +140,18 @@ class ModelConfig:
 
 
 def config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
-    """JSON-ready dict (tuples become lists)."""
-    return dataclasses.asdict(cfg)
+    """JSON-ready dict (tuples become lists). Model-zoo fields at their defaults are left out
+    (:data:`ZOO_DEFAULTS`), so configs written before the zoo existed round-trip unchanged."""
+    d = dataclasses.asdict(cfg)
+    for key, default in ZOO_DEFAULTS.items():
+        if d[key] == default:
+            del d[key]
+    return d
 
 
 def config_from_dict(d: dict[str, Any]) -> ModelConfig:
-    """Inverse of :func:`config_to_dict`; unknown keys are an error."""
+    """Inverse of :func:`config_to_dict`; unknown keys are an error, missing zoo keys take their
+    defaults (so dicts written before the zoo existed load)."""
     d = dict(d)
     coll = CollectiveConfig(**d.pop("collective", {}))
     if "mlp_dims" in d:

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from model.config import ModelConfig, config_from_dict, config_to_dict
 from model.ctr import TargetAttentionCTR
+from model.zoo import create_model
 
 CHECKPOINT_FORMAT = 1
 WEIGHTS_FILE = "weights.safetensors"
@@ -96,7 +97,7 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
         raise CheckpointError(f"{cfg_file}: invalid model config: {exc}") from exc
     state = load_file(str(w_file))
     try:
-        model = TargetAttentionCTR(cfg, state.get("item_genres"))
+        model = create_model(cfg, state.get("item_genres"))  # any zoo arch (model/zoo.py)
         model.load_state_dict(state, strict=True)
     except (RuntimeError, ValueError) as exc:
         raise CheckpointError(f"{root}: weights do not match config.json: {exc}") from exc

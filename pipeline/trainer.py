@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from model.config import ModelConfig
 from model.ctr import TargetAttentionCTR
 from model.metrics import ctr_metrics
+from model.zoo import create_model
 from pipeline.dataset_schema import CanonicalDataset
 from pipeline.history import HistoryIndex
 
@@ -73,13 +74,13 @@ def item_genre_table(dataset: CanonicalDataset) -> torch.Tensor:
 
 
 def build_model(dataset: CanonicalDataset, cfg: ModelConfig, seed: int = 0) -> TargetAttentionCTR:
-    """A fresh model sized for ``dataset`` (cfg's n_items / n_genres / max_genres are replaced),
-    initialised from ``seed``."""
+    """A fresh model of ``cfg.arch`` (:mod:`model.zoo`) sized for ``dataset`` (cfg's n_items /
+    n_genres / max_genres are replaced), initialised from ``seed``."""
     seed_everything(seed)
     genres = item_genre_table(dataset)
 
     cfg = replace(cfg, n_items=dataset.n_items, n_genres=dataset.n_genres, max_genres=genres.shape[1])
-    return TargetAttentionCTR(cfg, genres)
+    return create_model(cfg, genres)  # type: ignore[return-value]
 
 
 def sample_batches(
@@ -108,7 +109,7 @@ def predict(model: TargetAttentionCTR, index: HistoryIndex, samples: pa.Table, b
     model.eval()
     out = []
     device = next(model.parameters()).device
-    for b in sample_batches(index, samples, model.cfg.max_len, batch_size, None):
+    for b in sample_batches(index, samples, model.cfg.window_len, batch_size, None):
         b = {k: v.to(device) for k, v in b.items()}
         logits, _ = model(b["items"], b["feedback"], b["lengths"], b["targets"])
         out.append(torch.sigmoid(logits).double().cpu().numpy())
@@ -138,7 +139,7 @@ def train_model(model: TargetAttentionCTR, dataset: CanonicalDataset, cfg: Train
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         sums = np.zeros(3)
-        bar = tqdm(sample_batches(index, train, model.cfg.max_len, cfg.batch_size, rng), total=n_batches,
+        bar = tqdm(sample_batches(index, train, model.cfg.window_len, cfg.batch_size, rng), total=n_batches,
                    desc=f"epoch {epoch}/{cfg.epochs}", disable=not cfg.progress, leave=False)  # fmt: skip
         for b in bar:
             b = {k: v.to(cfg.device, non_blocking=True) for k, v in b.items()}

@@ -1,0 +1,208 @@
+"""Long-history target-attention CTR models: SIM, ETA, SDIM and TWIN, each with a full or a
+CollectiveKV K/V (``cfg.kv_mode``), split into prefill (history → :class:`ZooCache`) and decode.
+
+The structure follows reczoo LongCTR's implementations (read, not copied): the candidate ``t``
+(item + genre embedding) drives
+
+- a **short-sequence** multi-head target attention over the last ``cfg.max_len`` behaviours
+  (``short``: Q/K/V projections of its own), and
+- a **long-sequence** stage over the last ``cfg.long_len`` behaviours (``long``: its own projections):
+  a retrieval step picks behaviours for the candidate and an attention (or aggregation) reads them,
+
+and an MLP scores ``[short interest, long interest, t]``. Behaviour tokens are item + genre +
+feedback embeddings (as in :class:`model.ctr.TargetAttentionCTR`). As in the authors' code the
+short attention's K/V are CollectiveKV; here the long stage's cached K/V (or V) are CollectiveKV too
+(same d_u, pool size and sharing flags; pools are separate).
+
+What each model caches per user (``ZooCache``; n = behaviours in the long window, n_s = min(n, max_len)):
+
+====  =============================================================  =================================
+SIM   short K/V (n_s) + long K/V (n) + each behaviour's category      category search (hard): shared
+      bitmask (its genre set), ``keys["categories"]``                 genres, then recency; top-k
+ETA   short K/V (n_s) + long K/V (n) + SimHash signature (hash_bits)  Hamming top-k, then recency
+      of each behaviour's item embedding, ``keys["simhash"]``
+SDIM  short K/V (n_s) + long **V only** (n) + sdim_hashes bucket ids  bucket collisions, no K, no top-k
+      of sdim_bits each, ``keys["buckets"]``
+TWIN  short K/V (n_s) + long K/V (n)                                  per-head top-k of the attention
+                                                                      scores themselves
+====  =============================================================  =================================
+
+In the collective variant every cached K/V is its user-specific part (d_u dims) + a pool index.
+Retrieval keys are computed from the (trained) item embedding at prefill, so serving never needs
+the behaviours' embeddings again.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from model.blocks import TABlock, ZooBase, ZooCache, add_losses, build_mlp, tail_window, trim
+from model.config import ModelConfig
+from model.ctr import RouterLosses, distinct
+from model.retrieval import (
+    bitmask,
+    category_topk,
+    hamming_topk,
+    sdim_aggregate,
+    sdim_buckets,
+    simhash,
+)
+
+_PLANES_SEED = 2601_19178  # fixed: the random hyperplanes are part of the model (saved as a buffer)
+
+
+class LongSequenceCTR(ZooBase):
+    """Short target attention + a long-sequence stage; subclasses define the long stage."""
+
+    long_has_k = True
+
+    def __init__(self, cfg: ModelConfig, item_genres: torch.Tensor | None = None) -> None:
+        super().__init__(cfg, item_genres)
+        self.short = TABlock(cfg)
+        self.long = TABlock(cfg, has_k=self.long_has_k)
+        self.mlp = build_mlp(cfg.embed_dim + 2 * cfg.d_attn, cfg.mlp_dims, cfg.dropout)
+
+    # ------------------------------------------------------------------ hooks for the subclasses
+    def retrieval_keys(self, items: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-behaviour retrieval keys of the (B, L) window (0 at padding)."""
+        return {}
+
+    def long_interest(self, t: torch.Tensor, targets: torch.Tensor, cache: ZooCache) -> torch.Tensor:
+        """(B, C, E) candidates → (B, C, d_a) long-sequence interest."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------------- prefill/decode
+    def prefill_with_losses(
+        self, items: torch.Tensor, feedback: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[ZooCache, RouterLosses]:
+        self._check_history(items, feedback, lengths)
+        if items.shape[1] > self.cfg.long_len:
+            items, feedback, lengths = tail_window(items, feedback, lengths, self.cfg.long_len)
+        items, feedback = trim(items, feedback, lengths)
+        soft = self.training
+        long_cache, long_losses = self.long.prefill(self.behaviour_tokens(items, feedback, lengths), lengths, soft)
+        s_items, s_feedback, s_lengths = tail_window(items, feedback, lengths, self.cfg.max_len)
+        short_cache, short_losses = self.short.prefill(
+            self.behaviour_tokens(s_items, s_feedback, s_lengths), s_lengths, soft
+        )
+        with torch.no_grad():
+            keys = self.retrieval_keys(items, lengths)
+        cache = ZooCache(lengths=lengths, kv={"short": short_cache, "long": long_cache}, keys=keys)
+        return cache, add_losses(short_losses, long_losses)
+
+    def decode_with_losses(self, cache: ZooCache, targets: torch.Tensor) -> tuple[torch.Tensor, RouterLosses]:
+        squeeze = targets.dim() == 1
+        tgt = targets.unsqueeze(1) if squeeze else targets  # (B, C)
+        t = self.item_embedding(tgt)  # (B, C, E)
+        short = self.short.attend(t, cache.kv["short"])  # (B, C, d_a)
+        long = self.long_interest(t, tgt, cache)  # (B, C, d_a)
+        logits = self.mlp(torch.cat([short, long, t], dim=-1)).squeeze(-1)  # (B, C)
+        return (logits.squeeze(1) if squeeze else logits), self.zero_losses(logits)
+
+    def keys_values(self, cache: ZooCache) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {"short": self.short.keys_values(cache.kv["short"]), "long": self.long.keys_values(cache.kv["long"])}
+
+    # ----------------------------------------------------------------------------------- helpers
+    def item_vectors(self, items: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item embeddings of the distinct items of a (B, L) window: (U, E) vectors and the (B, L)
+        row of each position (padding → row of item 0, masked by the caller)."""
+        uniq, inverse, _ = distinct(items.reshape(-1), self.cfg.n_items + 1)
+        return self.item_embedding(uniq), inverse.reshape(items.shape)
+
+    def _valid(self, lengths: torch.Tensor, width: int) -> torch.Tensor:
+        return torch.arange(width, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
+
+
+class SIM(LongSequenceCTR):
+    """SIM with hard (category) search: the long stage attends over the ``topk`` most recent
+    behaviours sharing the most categories (genres) with the candidate.
+
+    Caches: short K/V (last max_len), long K/V (long window) and a category bitmask per behaviour
+    (``keys["categories"]``, bit g-1 for genre g; needs n_genres <= 62).
+    """
+
+    def __init__(self, cfg: ModelConfig, item_genres: torch.Tensor | None = None) -> None:
+        if cfg.n_genres > 62:
+            raise ValueError(f"SIM's category bitmasks hold at most 62 categories, got n_genres {cfg.n_genres}")
+        super().__init__(cfg, item_genres)
+
+    def categories(self, items: torch.Tensor) -> torch.Tensor:
+        return bitmask(self.item_genres[items])
+
+    def retrieval_keys(self, items: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+        cats = torch.where(self._valid(lengths, items.shape[1]), self.categories(items), 0)
+        return {"categories": cats}
+
+    def retrieve(self, cache: ZooCache, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n_bits = max(1, self.cfg.n_genres)
+        return category_topk(cache.keys["categories"], self.categories(targets), cache.lengths, self.cfg.topk, n_bits)
+
+    def long_interest(self, t: torch.Tensor, targets: torch.Tensor, cache: ZooCache) -> torch.Tensor:
+        idx, n_sel = self.retrieve(cache, targets)
+        return self.long.attend_at(t, cache.kv["long"], idx, n_sel)
+
+
+class ETA(LongSequenceCTR):
+    """ETA: SimHash (``hash_bits`` fixed random hyperplanes over the item embedding) of every
+    behaviour and of the candidate; the long stage attends over the ``topk`` behaviours nearest in
+    Hamming distance (ties: more recent first).
+
+    Caches: short K/V, long K/V and each behaviour's signature (``keys["simhash"]``, int64 holding
+    hash_bits bits).
+    """
+
+    def __init__(self, cfg: ModelConfig, item_genres: torch.Tensor | None = None) -> None:
+        super().__init__(cfg, item_genres)
+        g = torch.Generator().manual_seed(_PLANES_SEED)
+        self.register_buffer("hash_planes", torch.randn(cfg.embed_dim, cfg.hash_bits, generator=g))
+
+    def retrieval_keys(self, items: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+        vectors, rows = self.item_vectors(items, lengths)
+        codes = simhash(vectors, self.hash_planes)[rows]  # (B, L)
+        return {"simhash": torch.where(self._valid(lengths, items.shape[1]), codes, 0)}
+
+    def retrieve(self, cache: ZooCache, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        codes = simhash(t.detach(), self.hash_planes)  # (B, C)
+        return hamming_topk(cache.keys["simhash"], codes, cache.lengths, self.cfg.topk, self.cfg.hash_bits)
+
+    def long_interest(self, t: torch.Tensor, targets: torch.Tensor, cache: ZooCache) -> torch.Tensor:
+        idx, n_sel = self.retrieve(cache, t)
+        return self.long.attend_at(t, cache.kv["long"], idx, n_sel)
+
+
+class SDIM(LongSequenceCTR):
+    """SDIM: ``sdim_hashes`` SimHash functions of ``sdim_bits`` bits bucket every behaviour and the
+    candidate; the long interest is the mean over hash functions of the L2-normalised sum of the
+    values of the behaviours in the candidate's bucket. The long stage has values only (no K, no Q).
+
+    Caches: short K/V, long V and each behaviour's bucket ids (``keys["buckets"]``, (B, L, m)).
+    """
+
+    long_has_k = False
+
+    def __init__(self, cfg: ModelConfig, item_genres: torch.Tensor | None = None) -> None:
+        super().__init__(cfg, item_genres)
+        g = torch.Generator().manual_seed(_PLANES_SEED)
+        planes = torch.randn(cfg.embed_dim, cfg.sdim_hashes, cfg.sdim_bits, generator=g)
+        self.register_buffer("hash_planes", planes)
+
+    def retrieval_keys(self, items: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+        vectors, rows = self.item_vectors(items, lengths)
+        buckets = sdim_buckets(vectors, self.hash_planes)[rows]  # (B, L, m)
+        return {"buckets": torch.where(self._valid(lengths, items.shape[1]).unsqueeze(-1), buckets, 0)}
+
+    def long_interest(self, t: torch.Tensor, targets: torch.Tensor, cache: ZooCache) -> torch.Tensor:
+        _, v = self.long.keys_values(cache.kv["long"])  # (B, L, d_a)
+        buckets = sdim_buckets(t.detach(), self.hash_planes)  # (B, C, m)
+        return sdim_aggregate(v.to(t.dtype), cache.keys["buckets"], buckets, cache.lengths)
+
+
+class TWIN(LongSequenceCTR):
+    """TWIN: the long stage scores every behaviour with its own attention (Q·K per head), keeps the
+    ``topk`` per head and softmaxes those same scores (consistent two-stage search).
+
+    Caches: short K/V and long K/V (no retrieval keys: the K are the retrieval keys).
+    """
+
+    def long_interest(self, t: torch.Tensor, targets: torch.Tensor, cache: ZooCache) -> torch.Tensor:
+        return self.long.attend_topk(t, cache.kv["long"], self.cfg.topk)
