@@ -30,6 +30,8 @@ from pipeline.prefill import ENGINES
               help="auto/memo/direct (same values; see docs/prefill.md); noop = I/O floor, zeros")
 @click.option("--batch-users", default=0, show_default=True, help="users per model batch (0: auto)")
 @click.option("--memo-mb", default=256, show_default=True, help="per-worker token table cap (memo engine)")
+@click.option("--share-blocks/--no-share-blocks", default=True, show_default=True,
+              help="memo blocks computed once per executor (shared dir), not once per Python worker")
 @click.option("--sort/--no-sort", default=True, show_default=True, help="sort each output file by user id")
 @click.option("--master", default=None, help="Spark master [default: spark-submit's, else local[*]]")
 @click.option("--split-mb", default=32, show_default=True,

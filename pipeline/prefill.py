@@ -38,10 +38,12 @@ Records are deterministic: eval mode, no randomness, no timestamps, rows in inpu
 
 from __future__ import annotations
 
+import os
 import sys
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -213,12 +215,15 @@ class MemoEngine(_ModelEngine):
     2·I one-behaviour histories. A token's entry therefore never depends on which users, chunks,
     partitions or workers asked for it (matmul results do depend on the batch shape), so re-runs
     write byte-identical records whatever the partitioning, and a reset (table full) recomputes the
-    same bits. I = (2^21 router cells on a CPU, 2^24 on a GPU) / pool_size / 2.
+    same bits. I = (2^21 router cells on a CPU, 2^24 on a GPU) / pool_size / 2. With ``block_dir``
+    the blocks are shared with the other processes of the machine (pipeline/block_cache.py), so a
+    Spark executor computes each block once, not once per Python worker.
     """
 
     name = "memo"
 
-    def __init__(self, model: TargetAttentionCTR, layout: CacheLayout, memo_bytes: int = DEFAULT_MEMO_BYTES) -> None:
+    def __init__(self, model: TargetAttentionCTR, layout: CacheLayout, memo_bytes: int = DEFAULT_MEMO_BYTES,
+                 block_dir: str | os.PathLike | None = None) -> None:
         super().__init__(model, layout)
         self.n_items = model.cfg.n_items
         vocab = (self.n_items + 1) * N_FEEDBACK
@@ -238,6 +243,12 @@ class MemoEngine(_ModelEngine):
         self._vi = np.empty(0, idx) if layout.v_shared else None
         self.size = 0
         self.resets = 0
+        self.shared = None
+        if block_dir is not None:  # blocks shared with the other processes of this machine
+            from pipeline.block_cache import SharedBlocks
+
+            key = f"{layout.model_version}-{layout.mode}-{layout.kv_dtype}-{self.device.type}-{self.block_items}"
+            self.shared = SharedBlocks(Path(block_dir) / key)
 
     def _grow(self, need: int) -> None:
         cap = len(self._k)
@@ -261,19 +272,32 @@ class MemoEngine(_ModelEngine):
         fb = np.tile(np.array([1, 2], np.int64), len(items))
         return it * N_FEEDBACK + fb, self._prefill(it[:, None], fb[:, None], np.ones(len(it), np.int64))
 
+    def _block_arrays(self, b: int) -> dict[str, np.ndarray]:
+        tok, out = self._block(b)
+        arrays = {"tok": tok, "k": out.k, "v": out.v}
+        if out.k_idx is not None:
+            arrays["ki"] = out.k_idx
+        if out.v_idx is not None:
+            arrays["vi"] = out.v_idx
+        return arrays
+
     def _block_of(self, tokens: np.ndarray) -> np.ndarray:
         return tokens // N_FEEDBACK // self.block_items
 
     def _add(self, blocks: np.ndarray) -> None:
         self._grow(self.size + 2 * self.block_items * len(blocks))
-        for b in blocks.tolist():
-            tok, out = self._block(b)
+        if self.shared is not None:
+            source = self.shared.fetch(blocks.tolist(), self._block_arrays)
+        else:
+            source = ((b, self._block_arrays(b)) for b in blocks.tolist())
+        for _, arr in source:
+            tok = arr["tok"]
             s, n = self.size, len(tok)
-            self._k[s : s + n], self._v[s : s + n] = out.k, out.v
+            self._k[s : s + n], self._v[s : s + n] = arr["k"], arr["v"]
             if self._ki is not None:
-                self._ki[s : s + n] = out.k_idx
+                self._ki[s : s + n] = arr["ki"]
             if self._vi is not None:
-                self._vi[s : s + n] = out.v_idx
+                self._vi[s : s + n] = arr["vi"]
             self._slot[tok] = np.arange(s, s + n, dtype=np.int32)
             self.size += n
 
@@ -390,7 +414,8 @@ def _as_float(a: np.ndarray, kv_dtype: str) -> np.ndarray:
 
 
 def make_engine(model: TargetAttentionCTR | None, layout: CacheLayout, kind: str = "auto",
-                memo_bytes: int = DEFAULT_MEMO_BYTES) -> DirectEngine | MemoEngine | NoopEngine:
+                memo_bytes: int = DEFAULT_MEMO_BYTES, block_dir: str | os.PathLike | None = None
+                ) -> DirectEngine | MemoEngine | NoopEngine:
     """An engine of ``kind`` (see module docstring); ``auto`` = memo if :func:`tokenwise`, else direct."""
     if kind not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {kind!r}")
@@ -402,7 +427,7 @@ def make_engine(model: TargetAttentionCTR | None, layout: CacheLayout, kind: str
         return DirectEngine(model, layout)
     if kind == "auto" and ((model.cfg.n_items + 1) * N_FEEDBACK > 1 << 27 or not tokenwise(model, layout)):
         return DirectEngine(model, layout)
-    return MemoEngine(model, layout, memo_bytes)
+    return MemoEngine(model, layout, memo_bytes, block_dir)
 
 
 # ------------------------------------------------------------------------------ per partition

@@ -59,6 +59,7 @@ class PrefillOptions:
     batch_users: int = 0
     memo_mb: int = 256
     sort: bool = True
+    share_blocks: bool = True  # memo blocks computed once per executor, not once per Python worker
     master: str | None = None
     compression: str = "snappy"
     split_mb: int = 32
@@ -216,6 +217,7 @@ def run_prefill(opts: PrefillOptions, spark: Any = None) -> dict[str, Any]:
         "zip": zip_name, "version": version, "layout": layout.to_dict(), "device": opts.device,
         "engine": opts.engine, "batch_users": opts.batch_users, "memo_bytes": opts.memo_mb << 20,
         "fail_after": opts.fail_after_users, "users": users_acc, "parts": parts_acc,
+        "share_blocks": opts.share_blocks,
     }  # fmt: skip
     out = df.mapInArrow(functools.partial(prefill_partition, params=params), OUTPUT_DDL)
     if opts.sort:
@@ -306,7 +308,10 @@ def _engine(params: dict) -> Any:
                 raise RuntimeError(f"executor loaded model {ckpt.model_version}, driver shipped {params['version']}")
             model = ckpt.model
         _ENGINE_CACHE.clear()  # one model per worker process
-        _ENGINE_CACHE[key] = make_engine(model, layout, params["engine"], params["memo_bytes"])
+        from pyspark import SparkFiles
+
+        block_dir = Path(SparkFiles.getRootDirectory()) / "ckv-memo-blocks" if params["share_blocks"] else None
+        _ENGINE_CACHE[key] = make_engine(model, layout, params["engine"], params["memo_bytes"], block_dir)
     return _ENGINE_CACHE[key], layout, device
 
 
@@ -330,6 +335,8 @@ def prefill_partition(batches: Any, params: dict) -> Any:
     dt = time.perf_counter() - t0
     params["users"].add(n)
     params["parts"].add(1)
+    shared = getattr(engine, "shared", None)
+    memo = "" if not hasattr(engine, "size") else f", memo {engine.size} tokens" + (
+        f" (blocks computed {shared.computed}, loaded {shared.loaded})" if shared is not None else "")
     print(f"[ckv prefill] partition {part}: {n} users in {dt:.1f} s ({n / max(dt, 1e-9):.0f} users/s), "
-          f"engine {engine.name}, device {device}, memo {getattr(engine, 'size', '-')} tokens",
-          file=sys.stderr, flush=True)
+          f"engine {engine.name}, device {device}{memo}", file=sys.stderr, flush=True)

@@ -390,3 +390,30 @@ def test_store_build_cli_from_a_parquet_dir(small_store: dict, tmp_path: Path) -
     assert json.loads((new / "manifest.json").read_text())["dims"]["d_attn"] == 32  # _prefill.json kept
     r = runner.invoke(store_cli, ["build", str(tmp_path), "--no-progress"])
     assert r.exit_code == 1 and "neither a prefill Parquet directory" in r.output
+
+
+def test_memo_blocks_shared_through_a_directory(tmp_path: Path) -> None:
+    from pipeline.block_cache import SharedBlocks
+
+    model = make_model(small_config(n_items=300))
+    layout = cache_layout(model.cfg, MV)
+    batch = histories(LENGTHS * 3, seed=10, n_items=300)
+    alone = run(model, layout, batch, "memo")
+    first = MemoEngine(model, layout, block_dir=tmp_path)
+    a = pa.Table.from_batches(list(prefill_batches([batch], first, layout)))
+    second = MemoEngine(model, layout, block_dir=tmp_path)
+    b = pa.Table.from_batches(list(prefill_batches([batch], second, layout)))
+    assert a.equals(alone) and b.equals(alone)
+    assert first.shared.computed > 0 and first.shared.loaded == 0
+    assert second.shared.computed == 0 and second.shared.loaded == first.shared.computed
+    # a lock left by a dead process is taken over; a live lock is waited for, then ignored after wait_s
+    shared = SharedBlocks(tmp_path / "locks", wait_s=0.2)
+    import socket
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (shared.root / "block-0.lock").write_text(f"{socket.gethostname()} {dead.pid}")
+    (shared.root / "block-1.lock").write_text("another-host 1")
+    got = dict(shared.fetch([0, 1], lambda b: {"tok": np.array([b])}))
+    assert sorted(got) == [0, 1] and shared.computed == 2
