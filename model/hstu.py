@@ -204,9 +204,7 @@ class HSTU(ZooBase):
         """Last-layer outputs (…, E) at candidate positions and the candidates' embeddings → logits (…)."""
         return self.mlp(torch.cat([self.final_norm(hidden), t], dim=-1)).squeeze(-1)
 
-    def append(
-        self, cache: ZooCache, items: torch.Tensor, feedback: torch.Tensor, new_len: torch.Tensor
-    ) -> ZooCache:
+    def append(self, cache: ZooCache, items: torch.Tensor, feedback: torch.Tensor, new_len: torch.Tensor) -> ZooCache:
         """Cache of ``history + new behaviours`` from the history's cache: items/feedback (B, M) new
         behaviours (valid first), new_len (B,). The new positions are computed against the cache only.
         (No window: the result may exceed max_len; prefill the last max_len behaviours to re-window.)"""
