@@ -98,14 +98,16 @@ class DecodeRuntime:
     model / model_version: the checkpoint (``pipeline.checkpoint.load_checkpoint``); the model is
     moved to ``device``. reader: a :class:`cachestore.reader.StoreReader` of the store version to
     serve. path: "auto" | "poolscore" | "gather" (:mod:`cachestore.decode`). batch_users: users per
-    fetch/transfer/decode step. pad_to: pad every batch to this history length (static shapes for
-    CUDA graphs / torch.compile; default: the longest history in the batch).
+    fetch/transfer/decode step. max_pairs: at most this many (user, candidate) pairs per step (rows
+    are grouped by candidate count; each step is trimmed to its widest row). pad_to: pad every batch
+    to this history length (static shapes for CUDA graphs / torch.compile; default: the longest
+    history in the batch). verify_crc: CRC-check every fetched record (off: headers only).
     """
 
     def __init__(self, model: TargetAttentionCTR, model_version: str, reader: StoreReader, *,
                  device: torch.device | str | None = None, path: str = "auto", batch_users: int = 512,
                  n_buffers: int = 2, verify_crc: bool = False, pad_to: int | None = None,
-                 pin: bool | None = None) -> None:
+                 pin: bool | None = None, max_pairs: int = 8192) -> None:
         if path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, got {path!r}")
         if batch_users < 1:
@@ -120,6 +122,7 @@ class DecodeRuntime:
         self.path = path
         self.batch_users = batch_users
         self.pad_to = pad_to
+        self.max_pairs = max_pairs
         pin = (self.device.type == "cuda") if pin is None else pin
         self.batcher = HostBatcher(layout, reader=reader, expected_model_version=model_version, pin=pin,
                                    n_buffers=n_buffers, batch_users=batch_users, verify_crc=verify_crc)
@@ -157,12 +160,21 @@ class DecodeRuntime:
             real = np.arange(cand.shape[1])[None, :] < np.asarray(n_candidates, dtype=np.int64)[:, None]
         cand = np.where(real, cand, 0)
         self._check_targets(cand)
-        logits = np.empty(cand.shape, dtype=np.float32)
+        logits = np.full(cand.shape, np.nan, dtype=np.float32)
         cold = np.zeros(len(ids), dtype=bool)
         stats = RuntimeStats()
-        for lo in range(0, len(ids), self.batch_users):
-            hi = min(lo + self.batch_users, len(ids))
-            logits[lo:hi], cold[lo:hi] = self._score_batch(ids[lo:hi], cand[lo:hi], stats)
+        counts = real.sum(1)
+        # rows with similar candidate counts share a step; each step is trimmed to its widest row and
+        # holds at most max_pairs (user, candidate) pairs (attention scores grow with B·C·H·L)
+        order = np.argsort(-counts, kind="stable")
+        lo = 0
+        while lo < len(ids):
+            width = max(1, int(counts[order[lo]]))
+            step = min(self.batch_users, max(1, self.max_pairs // width))
+            rows = order[lo : lo + step]
+            out, cold[rows] = self._score_batch(ids[rows], cand[rows, :width], stats)
+            logits[rows, :width] = out
+            lo += step
         logits[~real] = np.nan
         stats.candidates = int(real.sum())
         for name, value in asdict(stats).items():

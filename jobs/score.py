@@ -157,10 +157,12 @@ def score(store: Path, checkpoint: Path, requests_path: Path, out: Path, user_co
             cold_rows += int(cold.sum())
             users.update(np.unique(u).tolist())
             cold_users.update(np.unique(u[cold]).tolist())
-        if writer is None:  # empty input: an empty file with the output columns
-            writer = pq.ParquetWriter(tmp, pa.schema([(user_col, pa.int64()), (item_col, pa.int64()),
-                                                      ("logit", pa.float32()), ("score", pa.float32()),
-                                                      ("cold_start", pa.bool_())]))
+        if writer is None:  # no rows: an empty file with the input's and the output columns
+            schema = pa.schema([(user_col, pa.int64()), (item_col, pa.int64())])
+            if not _is_csv(requests_path):
+                schema = pq.read_schema(requests_path)
+            schema = schema.append(pa.field("logit", pa.float32())).append(pa.field("score", pa.float32()))
+            writer = pq.ParquetWriter(tmp, schema.append(pa.field("cold_start", pa.bool_())))
         writer.close()
         writer = None
         tmp.replace(out)
