@@ -93,6 +93,10 @@ class PrefillInputError(ValueError):
 def cache_layout(cfg: ModelConfig, model_version: str, mode: str = "collective",
                  kv_dtype: str = "float16") -> CacheLayout:
     """The CacheLayout a prefill of this model writes in ``mode`` ("collective" or "full")."""
+    arch = getattr(cfg, "arch", "din")
+    if arch != "din":  # the record holds one K/V group per behaviour (model.zoo: din's KVCache)
+        raise ValueError(f"the prefill job stores single-group K/V caches (arch 'din'); arch {arch!r} caches "
+                         "several groups (model/zoo.py) and has no store format yet")
     if mode == "full":
         return CacheLayout("full", kv_dtype, None, cfg.d_attn, cfg.d_attn, False, False, 0, cfg.max_len,
                            model_version)

@@ -417,3 +417,8 @@ def test_memo_blocks_shared_through_a_directory(tmp_path: Path) -> None:
     (shared.root / "block-1.lock").write_text("another-host 1")
     got = dict(shared.fetch([0, 1], lambda b: {"tok": np.array([b])}))
     assert sorted(got) == [0, 1] and shared.computed == 2
+
+
+def test_zoo_archs_with_several_cache_groups_are_refused() -> None:
+    with pytest.raises(ValueError, match="arch 'hstu'"):
+        cache_layout(small_config(arch="hstu"), MV)
