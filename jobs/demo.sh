@@ -17,16 +17,13 @@ ckv experiment --data "$RUN/data" --out "$RUN/experiment" --variants full,collec
     --epochs "$EPOCHS" --pool-size "$POOL" --no-progress
 
 FIRST_SEED=${SEEDS%%,*}
-if [ -f jobs/prefill.py ] && [ -f jobs/store.py ]; then
-  for MODE in collective full; do
-    echo "== 3/4 nightly prefill ($MODE) with spark-submit, local mode"
-    spark-submit --master "local[2]" --driver-memory 1g jobs/prefill.py \
-        --checkpoint "$RUN/experiment/checkpoints/$MODE-seed$FIRST_SEED" \
-        --histories "$RUN/data/histories.parquet" --out "$RUN/store_$MODE"
-    ckv store verify "$RUN/store_$MODE" --checkpoint "$RUN/experiment/checkpoints/$MODE-seed$FIRST_SEED" \
-        --histories "$RUN/data/histories.parquet"
-  done
-  echo "== 4/4 size report (CR by formula and on disk)"
-  ckv report size "$RUN/store_collective" --baseline "$RUN/store_full"
-fi
+for MODE in collective full; do
+  CKPT="$RUN/experiment/checkpoints/$MODE-seed$FIRST_SEED"
+  echo "== 3/4 nightly prefill ($MODE) with spark-submit, local mode → $RUN/store_$MODE"
+  spark-submit --master "local[2]" --driver-memory 1g jobs/prefill.py \
+      --checkpoint "$CKPT" --histories "$RUN/data" --out "$RUN/store_$MODE"
+  ckv store verify "$RUN/store_$MODE" --checkpoint "$CKPT" --histories "$RUN/data"
+done
+echo "== 4/4 size report (CR by formula and on disk)"
+ckv report size "$RUN/store_collective" --baseline "$RUN/store_full"
 echo "demo finished: results in $RUN"
