@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     from cachestore.reader import StoreReader
 
 _ALIGN = 8
-_HDR = np.arange(HEADER_SIZE, dtype=np.int64)
+_WORDS = np.arange(HEADER_SIZE // 8, dtype=np.int64)  # a record header as 4 little-endian uint64 words
 
 
 def _align(n: int) -> int:
@@ -81,14 +81,15 @@ class _Buffer:
     tensor: torch.Tensor  # uint8 (capacity,), pinned or not
     array: np.ndarray  # numpy view of tensor
     view: memoryview  # writable memoryview of array
+    words: np.ndarray  # the same bytes as little-endian uint64 (records start 8-aligned)
     generation: int = 0  # bumped every time the buffer is (re)filled
     pending: Any = None  # torch.cuda.Event of the last copy out of this buffer, or None
 
     @classmethod
     def allocate(cls, nbytes: int, pin: bool) -> _Buffer:
-        t = torch.empty(max(nbytes, _ALIGN), dtype=torch.uint8, pin_memory=pin)
+        t = torch.empty(_align(max(nbytes, _ALIGN)), dtype=torch.uint8, pin_memory=pin)
         a = t.numpy()
-        return cls(t, a, memoryview(a))
+        return cls(t, a, memoryview(a), a.view("<u8"))
 
     def wait(self) -> None:
         if self.pending is not None:
@@ -179,9 +180,9 @@ class HostBatcher:
         self.pin = pinned_available() if pin is None else bool(pin)
         self.n_buffers = n_buffers
         self.verify_crc = verify_crc
-        pre, post, widths = layout.header_parts
-        self._pre = np.frombuffer(pre, np.uint8)
-        self._post = np.frombuffer(post, np.uint8)
+        pre, post, widths = layout.header_parts  # header bytes 0..11 and 16..27, the same in every record
+        self._expect = (np.frombuffer(pre[:8], "<u8")[0], np.uint64(np.frombuffer(pre[8:], "<u4")[0]),
+                        np.frombuffer(post[:8], "<u8")[0], np.uint64(np.frombuffer(post[8:], "<u4")[0]))
         self._per_behaviour = sum(widths)
         self._zero = zero_block_bytes(layout)
         if capacity_bytes is None:
@@ -238,21 +239,22 @@ class HostBatcher:
         cap, dst = len(buf.array), buf.view
         offs: list[int] = []
         sizes: list[int] = []
+        add_off, add_size = offs.append, sizes.append
         pos = start
-        for value in values:  # per user: one view of the LMDB map, one memcpy
+        for value in values:  # per user: one view of the LMDB map, one memcpy (no other objects)
             if value is None:
-                offs.append(-1)
-                sizes.append(0)
+                add_off(-1)
+                add_size(0)
                 continue
             n = len(value)
             end = pos + n
-            nxt = (end + _ALIGN - 1) & ~(_ALIGN - 1)
+            nxt = (end + 7) & -8  # next record starts 8-aligned (_ALIGN)
             if nxt > cap:
                 buf = self._grow(buf, nxt + (nxt >> 1), pos)
                 cap, dst = len(buf.array), buf.view
             dst[pos:end] = value
-            offs.append(pos)
-            sizes.append(n)
+            add_off(pos)
+            add_size(n)
             pos = nxt
         if len(offs) != n_users:
             raise ValueError(f"{len(offs)} records for {n_users} user ids")
@@ -262,14 +264,18 @@ class HostBatcher:
         present = offsets >= 0
         lengths = np.zeros(n_users, dtype=np.int64)
         if present.any():
-            at = offsets[present]
-            hdr = arr[at[:, None] + _HDR]  # (P, 32) headers of the present users
-            lengths[present] = hdr[:, 12:16].copy().view("<u4").reshape(-1)
-            ok = (hdr[:, :12] == self._pre).all(1) & (hdr[:, 16:28] == self._post).all(1)
-            ok &= size[present] == HEADER_SIZE + lengths[present] * self._per_behaviour
-            ok &= lengths[present] <= self.layout.max_len
+            everyone = bool(present.all())
+            at = offsets if everyone else offsets[present]
+            size_p = size if everyone else size[present]
+            words = buf.words[(at >> 3)[:, None] + _WORDS]  # (P, 4) the 32-byte headers as 4 LE u64
+            n = (words[:, 1] >> np.uint64(32)).astype(np.int64)  # header bytes 12..15: length
+            low = np.uint64(0xFFFFFFFF)
+            w0, w1, w2, w3 = self._expect  # header bytes 0..7, 8..11, 16..23, 24..27 of this layout
+            ok = (words[:, 0] == w0) & ((words[:, 1] & low) == w1) & (words[:, 2] == w2) & ((words[:, 3] & low) == w3)
+            ok &= (size_p == HEADER_SIZE + n * self._per_behaviour) & (n <= self.layout.max_len)
             if not ok.all():
-                self._raise_bad(arr, ids[present], at, size[present], ok)
+                self._raise_bad(arr, ids[present], at, size_p, ok)
+            lengths[present] = n
             if self.verify_crc:
                 for uid, o, s in zip(ids[present].tolist(), at.tolist(), size[present].tolist(), strict=True):
                     decode_record(buf.view[o : o + s], expected_model_version=self.expected_model_version,
@@ -306,7 +312,7 @@ class HostBatcher:
             raise ValueError("this HostBatcher has no StoreReader: use pack(), or pass reader=")
         t0 = time.perf_counter()
         ids = self._ids(user_ids)
-        keys = [KEY.pack(u) for u in ids.tolist()]
+        keys = list(map(KEY.pack, ids.tolist()))
         env = self.reader._environment()  # opened in this process (reopened after fork), read-only, lock-free
         with env.begin(buffers=True) as txn:
             return self._pack(ids, map(txn.get, keys), t0)

@@ -24,7 +24,14 @@ from cachestore.batch import HostBatcher
 from cachestore.decode import ResidentModel, decode
 from cachestore.publish import LAYOUT, LMDB_DIR, open_current
 from cachestore.reader import StoreReader
-from cachestore.record import CacheLayout, ModelVersionMismatchError, encode_record, user_key, write_layout
+from cachestore.record import (
+    CacheLayout,
+    ModelVersionMismatchError,
+    RecordError,
+    encode_record,
+    user_key,
+    write_layout,
+)
 from cachestore.runtime import DecodeRuntime
 from cachestore.transfer import to_device
 from jobs.score import score as score_cmd
@@ -239,18 +246,22 @@ def test_model_version_mismatch_is_refused(served: dict, tmp_path: Path) -> None
     vdir = tmp_path / "version"
     (vdir / LMDB_DIR).mkdir(parents=True)
     write_layout(vdir / LAYOUT, layout)
+    wider = dataclasses.replace(layout, dk=3)  # a valid record, but not of this store's layout
     env = lmdb.open(str(vdir / LMDB_DIR), map_size=1 << 20)
     with env.begin(write=True) as txn:
-        for uid, lay in ((1, layout), (2, other)):
+        for uid, lay in ((1, layout), (2, other), (3, wider)):
             n = 3
-            ones = np.ones((n, 2), np.float16).tobytes()
-            txn.put(user_key(uid), encode_record(lay, length=n, k_user=ones, v_user=ones,
+            k = np.ones((n, lay.dk), np.float16).tobytes()
+            v = np.ones((n, lay.dv), np.float16).tobytes()
+            txn.put(user_key(uid), encode_record(lay, length=n, k_user=k, v_user=v,
                                                  k_idx=np.ones(n, np.uint16), v_idx=np.ones(n, np.uint16)))
     env.close()
     rt = DecodeRuntime(model, VERSION, StoreReader(vdir), device="cpu")
-    assert np.isfinite(rt.score([1, 3], [[1], [2]]).logits).all()
+    assert np.isfinite(rt.score([1, 4], [[1], [2]]).logits).all()
     with pytest.raises(ModelVersionMismatchError, match="user 2: model version fedcba9876543210 != expected"):
         rt.score([1, 2], [[1], [2]])
+    with pytest.raises(RecordError, match="user 3: record does not match the store layout"):
+        rt.score([3], [[1]])
 
 
 def _child_fetch(batcher: HostBatcher, ids: list[int], queue: mp.Queue) -> None:
