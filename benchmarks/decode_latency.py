@@ -375,7 +375,8 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="also time torch.compile(decode) on the poolscore path")
     p.add_argument("--compile-mode", default="max-autotune-no-cudagraphs")
     p.add_argument("--no-fetch", action="store_true", help="skip the LMDB fetch benchmark")
-    p.add_argument("--fetch-users", type=int, default=None, help="users per LMDB store (default 100k / 20k)")
+    p.add_argument("--fetch-users", type=int, default=None,
+                   help="users per LMDB store (default 100,000 at L <= 100, else 20,000: 46 / 164 MB, beyond the LLC)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 with --device cpu, for stable numbers; else torch's)")
     p.add_argument("--out", type=Path, default=None)
@@ -411,8 +412,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
     fetch = {"skipped": "--no-fetch"} if args.no_fetch else fetch_benchmark(
         lengths, [1, 8, 32, 64, 128, 256, 512],
-        {L: args.fetch_users or ((20_000 if args.quick else 100_000) if L <= 100 else (4_000 if args.quick else 20_000))
-         for L in lengths}, 50 if args.quick else 200, pin)
+        {L: args.fetch_users or (100_000 if L <= 100 else 20_000) for L in lengths}, 200, pin)
     key = [r for r in rows if r["B"] == 512 and r["L"] == 1000]
     targets: dict = {}
     if key:
