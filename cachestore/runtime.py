@@ -43,6 +43,10 @@ def default_device() -> torch.device:
 
 def check_layout(layout: CacheLayout, model: TargetAttentionCTR, model_version: str) -> None:
     """Refuse a store that was not prefilled with this model (version) or whose shapes differ."""
+    arch = getattr(model.cfg, "arch", "din")
+    if type(model) is not TargetAttentionCTR or arch != "din":
+        raise LayoutError(f"the serving runtime scores the din arch (TargetAttentionCTR) only; the checkpoint is "
+                          f"arch {arch!r} ({type(model).__name__}), whose cache has several K/V groups")
     if layout.model_version != model_version:
         raise ModelVersionMismatchError(
             f"the store was built by model version {layout.model_version}, but the loaded checkpoint is "

@@ -26,6 +26,7 @@ from cachestore.publish import LAYOUT, LMDB_DIR, open_current
 from cachestore.reader import StoreReader
 from cachestore.record import (
     CacheLayout,
+    LayoutError,
     ModelVersionMismatchError,
     RecordError,
     encode_record,
@@ -262,6 +263,47 @@ def test_model_version_mismatch_is_refused(served: dict, tmp_path: Path) -> None
         rt.score([1, 2], [[1], [2]])
     with pytest.raises(RecordError, match="user 3: record does not match the store layout"):
         rt.score([3], [[1]])
+
+
+@pytest.mark.parametrize("mode", ["collective", "full"])
+def test_store_from_the_prefill_job_scores_like_forward(tmp_path: Path, mode: str) -> None:
+    """Contract with the Spark job's per-partition function (pipeline/prefill.py)."""
+    from cachestore.lmdb_build import PARQUET_LAYOUT_FILE
+    from cachestore.publish import build_and_publish
+    from pipeline.history import arrow_window
+    from pipeline.prefill import cache_layout, prefill_batches
+
+    model = make_model(small_config(), seed=2).eval()
+    g = np.random.default_rng(5)
+    hist_len = [0, 1, SEQ, SEQ + 5, *g.integers(0, 2 * SEQ, 8).tolist()]
+    items = [g.integers(1, N_ITEMS + 1, n).tolist() for n in hist_len]
+    labels = [g.integers(0, 2, n).tolist() for n in hist_len]
+    users = list(range(500, 500 + len(hist_len)))
+    batch = pa.record_batch({"user_id": pa.array(users, pa.int64()), "items": pa.array(items, pa.list_(pa.int32())),
+                             "labels": pa.array(labels, pa.list_(pa.int8()))})
+    layout = cache_layout(model.cfg, VERSION, mode)
+    out = list(prefill_batches([batch], model, layout))
+    (tmp_path / "parquet").mkdir()
+    pq.write_table(pa.Table.from_batches(out), tmp_path / "parquet" / "part-0.parquet")
+    write_layout(tmp_path / "parquet" / PARQUET_LAYOUT_FILE, layout)
+    build_and_publish(tmp_path)
+    w = arrow_window(batch.column("items"), batch.column("labels"), SEQ)
+    cand = g.integers(1, N_ITEMS + 1, (len(users), 2))
+    want = forward_logits(model, torch.from_numpy(w.items), torch.from_numpy(w.feedback),
+                          torch.from_numpy(w.lengths), cand)
+    rt = DecodeRuntime(model, VERSION, StoreReader(open_current(tmp_path)), device="cpu")
+    res = rt.score(users, cand)
+    assert not res.cold_start.any()
+    np.testing.assert_allclose(res.logits, want, **TOL["float16"])
+
+
+def test_other_architectures_are_refused(served: dict) -> None:
+    from model.zoo import create_model
+
+    _, root = served["stores"]["collective", "float16"]
+    sim = create_model(small_config(arch="sim", long_len=16))
+    with pytest.raises(LayoutError, match="din arch .* only; the checkpoint is arch 'sim'"):
+        DecodeRuntime(sim, VERSION, StoreReader(open_current(root)), device="cpu")
 
 
 def _child_fetch(batcher: HostBatcher, ids: list[int], queue: mp.Queue) -> None:
