@@ -18,6 +18,8 @@ _COMMANDS: list[tuple[str, str]] = [
     ("prefill", "jobs.prefill:prefill_cmd"),
     ("store", "jobs.store:store"),
     ("report", "jobs.report:report"),
+    ("score", "jobs.score:score"),
+    ("eval", "jobs.eval:eval_cmd"),
 ]
 
 
