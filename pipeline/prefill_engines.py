@@ -1,0 +1,368 @@
+"""Prefill engines: how a chunk of padded histories becomes cache entries (no Spark, no Arrow).
+
+All engines return the model's own values (:class:`FlatKV`, flat over valid behaviours, at the
+layout's storage dtypes); :mod:`pipeline.prefill` turns them into output rows. See that module's
+docstring for when each engine is used: ``direct`` (``model.prefill`` per chunk, the reference),
+``memo`` (one ``model.prefill`` per token of the item vocabulary, in fixed blocks, cached), ``noop``
+(no model: the I/O floor).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cachestore.record import IDX_DTYPES, KV_DTYPES, CacheLayout
+from model.cache import KVCache, index_itemsize
+from model.config import ModelConfig
+from model.ctr import N_FEEDBACK, TargetAttentionCTR
+
+ENGINES = ("auto", "memo", "direct", "noop")
+KV_TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DEFAULT_MEMO_BYTES = 256 << 20
+_DIRECT_POSITIONS = 1 << 16  # padded positions per model.prefill call of the direct engine
+# (tokens x pool) router logits per model.prefill call of the memo engine: on a CPU, logits that stay
+# in cache (2^21 cells = 8 MB) run the router 2.2x faster than 2^24 (measured: 50k tokens, pool 10k)
+_ROUTER_CELLS = {"cpu": 1 << 21, "cuda": 1 << 24}
+
+
+def cache_layout(cfg: ModelConfig, model_version: str, mode: str = "collective",
+                 kv_dtype: str = "float16") -> CacheLayout:
+    """The CacheLayout a prefill of this model writes in ``mode`` ("collective" or "full")."""
+    arch = getattr(cfg, "arch", "din")
+    if arch != "din":  # the record holds one K/V group per behaviour (model.zoo: din's KVCache)
+        raise ValueError(f"the prefill job stores single-group K/V caches (arch 'din'); arch {arch!r} caches "
+                         "several groups (model/zoo.py) and has no store format yet")
+    if mode == "full":
+        return CacheLayout("full", kv_dtype, None, cfg.d_attn, cfg.d_attn, False, False, 0, cfg.max_len,
+                           model_version)
+    if mode != "collective":
+        raise ValueError(f"mode must be 'collective' or 'full', got {mode!r}")
+    if cfg.kv_mode != "collective":
+        raise ValueError("the checkpoint is a full-KV model: it has no collective cache (use mode 'full')")
+    shared = cfg.k_shared or cfg.v_shared
+    idx = ("uint16" if index_itemsize(cfg.collective.pool_size) == 2 else "int32") if shared else None
+    return CacheLayout("collective", kv_dtype, idx, cfg.dk_user, cfg.dv_user, cfg.k_shared, cfg.v_shared,
+                       cfg.collective.pool_size if shared else 0, cfg.max_len, model_version)
+
+
+@dataclass(frozen=True)
+class FlatKV:
+    """One chunk's cache entries, flat over the valid behaviours in user order, as stored.
+
+    k, v: (N, dk), (N, dv) numpy arrays of the layout's kv storage dtype (bfloat16 as uint16 bits);
+    k_idx, v_idx: (N,) of the index dtype, or None when that side is not shared.
+    """
+
+    k: np.ndarray
+    v: np.ndarray
+    k_idx: np.ndarray | None
+    v_idx: np.ndarray | None
+
+
+def _storage(t: torch.Tensor, kv_dtype: str) -> np.ndarray:
+    """A float tensor at the layout's kv dtype, as a CPU numpy array (bf16: raw uint16 bits)."""
+    t = t.to(KV_TORCH[kv_dtype])
+    if kv_dtype == "bfloat16":
+        t = t.view(torch.int16)
+    a = t.cpu().numpy()
+    return a.view(KV_DTYPES[kv_dtype][1])
+
+
+def _index_storage(idx: torch.Tensor, idx_dtype: str) -> np.ndarray:
+    return idx.to(torch.int32).cpu().numpy().astype(IDX_DTYPES[idx_dtype][1])
+
+
+def _device_of(model: TargetAttentionCTR) -> torch.device:
+    return next(model.parameters()).device
+
+
+class _ModelEngine:
+    def __init__(self, model: TargetAttentionCTR, layout: CacheLayout) -> None:
+        cfg = model.cfg
+        want = cache_layout(cfg, layout.model_version, layout.mode, layout.kv_dtype)
+        if want != layout:
+            raise ValueError(f"layout {layout} does not fit the model (expected {want})")
+        if model.training:
+            raise ValueError("prefill needs the model in eval mode (hard routing)")
+        self.model = model
+        self.layout = layout
+        self.device = _device_of(model)
+
+    def _entries(self, cache: KVCache, valid: torch.Tensor) -> FlatKV:
+        """Encode the valid positions of a padded cache (B, L, .) as flat storage arrays."""
+        lay = self.layout
+        if lay.mode == "full":
+            k, v = self.model.keys_values(cache)  # (B, L, d_a) each
+            return FlatKV(_storage(k[valid], lay.kv_dtype), _storage(v[valid], lay.kv_dtype), None, None)
+        ki = _index_storage(cache.k_idx[valid], lay.idx_dtype) if lay.k_shared else None
+        vi = _index_storage(cache.v_idx[valid], lay.idx_dtype) if lay.v_shared else None
+        return FlatKV(_storage(cache.k_user[valid], lay.kv_dtype), _storage(cache.v_user[valid], lay.kv_dtype),
+                      ki, vi)
+
+    def _prefill(self, items: np.ndarray, feedback: np.ndarray, lengths: np.ndarray) -> FlatKV:
+        dev = self.device
+        with torch.inference_mode():
+            it = torch.from_numpy(items).to(dev)
+            fb = torch.from_numpy(feedback).to(dev)
+            ln = torch.from_numpy(lengths).to(dev)
+            cache = self.model.prefill(it, fb, ln)
+            valid = torch.arange(items.shape[1], device=dev)[None, :] < ln[:, None]
+            return self._entries(cache, valid)
+
+
+def _concat(parts: list[FlatKV]) -> FlatKV:
+    if len(parts) == 1:
+        return parts[0]
+
+    def cat(name: str) -> np.ndarray | None:
+        arrs = [getattr(p, name) for p in parts]
+        return None if arrs[0] is None else np.concatenate(arrs)
+
+    return FlatKV(cat("k"), cat("v"), cat("k_idx"), cat("v_idx"))
+
+
+class DirectEngine(_ModelEngine):
+    """``model.prefill`` on the padded window, in sub-chunks of at most 65,536 padded positions."""
+
+    name = "direct"
+
+    def run(self, items: np.ndarray, feedback: np.ndarray, lengths: np.ndarray) -> FlatKV:
+        parts, lo, b = [], 0, len(lengths)
+        while lo < b:
+            hi, longest = lo, 0
+            while hi < b and max(longest, int(lengths[hi]), 1) * (hi + 1 - lo) <= _DIRECT_POSITIONS:
+                longest = max(longest, int(lengths[hi]))
+                hi += 1
+            hi = max(hi, lo + 1)
+            width = max(1, int(lengths[lo:hi].max()))
+            parts.append(self._prefill(items[lo:hi, :width], feedback[lo:hi, :width], lengths[lo:hi]))
+            lo = hi
+        return _concat(parts) if parts else _empty(self.layout)
+
+
+class MemoEngine(_ModelEngine):
+    """Per-worker table of each token's encoded cache entry (see module docstring).
+
+    The table is filled in fixed *blocks* of the item vocabulary: block b holds items
+    [b * I, (b + 1) * I) x feedback {1, 2}, always computed by one ``model.prefill`` call of the same
+    2·I one-behaviour histories. A token's entry therefore never depends on which users, chunks,
+    partitions or workers asked for it (matmul results do depend on the batch shape), so re-runs
+    write byte-identical records whatever the partitioning, and a reset (table full) recomputes the
+    same bits. I = (2^21 router cells on a CPU, 2^24 on a GPU) / pool_size / 2. With ``block_dir``
+    the blocks are shared with the other processes of the machine (pipeline/block_cache.py), so a
+    Spark executor computes each block once, not once per Python worker.
+    """
+
+    name = "memo"
+
+    def __init__(self, model: TargetAttentionCTR, layout: CacheLayout, memo_bytes: int = DEFAULT_MEMO_BYTES,
+                 block_dir: str | os.PathLike | None = None) -> None:
+        super().__init__(model, layout)
+        self.n_items = model.cfg.n_items
+        vocab = (self.n_items + 1) * N_FEEDBACK
+        if vocab > 1 << 27:
+            raise ValueError(f"memo engine: token vocabulary {vocab} too large for a dense slot table")
+        kv = KV_DTYPES[layout.kv_dtype][1]
+        idx = IDX_DTYPES[layout.idx_dtype][1] if layout.idx_dtype else None
+        per_entry = (layout.dk + layout.dv) * kv.itemsize + (idx.itemsize if idx else 0) * 2
+        pool = model.cfg.collective.pool_size if layout.k_shared or layout.v_shared else 1
+        cells = _ROUTER_CELLS.get(self.device.type, _ROUTER_CELLS["cpu"])
+        self.block_items = max(1, min(1 << 15, cells // pool // 2))
+        self.capacity = max(4 * self.block_items, memo_bytes // per_entry)  # entries
+        self._slot = np.full(vocab, -1, dtype=np.int32)  # token -> row of the tables, -1 unknown
+        self._k = np.empty((0, layout.dk), kv)
+        self._v = np.empty((0, layout.dv), kv)
+        self._ki = np.empty(0, idx) if layout.k_shared else None
+        self._vi = np.empty(0, idx) if layout.v_shared else None
+        self.size = 0
+        self.resets = 0
+        self.shared = None
+        if block_dir is not None:  # blocks shared with the other processes of this machine
+            from pipeline.block_cache import SharedBlocks
+
+            key = f"{layout.model_version}-{layout.mode}-{layout.kv_dtype}-{self.device.type}-{self.block_items}"
+            self.shared = SharedBlocks(Path(block_dir) / key)
+
+    def _grow(self, need: int) -> None:
+        cap = len(self._k)
+        if need <= cap:
+            return
+        new = min(self.capacity, max(need, 2 * cap, 1 << 12))
+
+        def grow(a: np.ndarray) -> np.ndarray:
+            out = np.empty((new, *a.shape[1:]), a.dtype)
+            out[: self.size] = a[: self.size]
+            return out
+
+        self._k, self._v = grow(self._k), grow(self._v)
+        self._ki = grow(self._ki) if self._ki is not None else None
+        self._vi = grow(self._vi) if self._vi is not None else None
+
+    def _block(self, b: int) -> tuple[np.ndarray, FlatKV]:
+        """(tokens, entries) of block b: items [b·I, (b+1)·I) ∩ [0, n_items], feedback 1 and 2."""
+        items = np.arange(b * self.block_items, min((b + 1) * self.block_items, self.n_items + 1), dtype=np.int64)
+        it = np.repeat(items, 2)
+        fb = np.tile(np.array([1, 2], np.int64), len(items))
+        return it * N_FEEDBACK + fb, self._prefill(it[:, None], fb[:, None], np.ones(len(it), np.int64))
+
+    def _block_arrays(self, b: int) -> dict[str, np.ndarray]:
+        tok, out = self._block(b)
+        arrays = {"tok": tok, "k": out.k, "v": out.v}
+        if out.k_idx is not None:
+            arrays["ki"] = out.k_idx
+        if out.v_idx is not None:
+            arrays["vi"] = out.v_idx
+        return arrays
+
+    def _block_of(self, tokens: np.ndarray) -> np.ndarray:
+        return tokens // N_FEEDBACK // self.block_items
+
+    def _add(self, blocks: np.ndarray) -> None:
+        self._grow(self.size + 2 * self.block_items * len(blocks))
+        if self.shared is not None:
+            source = self.shared.fetch(blocks.tolist(), self._block_arrays)
+        else:
+            source = ((b, self._block_arrays(b)) for b in blocks.tolist())
+        for _, arr in source:
+            tok = arr["tok"]
+            s, n = self.size, len(tok)
+            self._k[s : s + n], self._v[s : s + n] = arr["k"], arr["v"]
+            if self._ki is not None:
+                self._ki[s : s + n] = arr["ki"]
+            if self._vi is not None:
+                self._vi[s : s + n] = arr["vi"]
+            self._slot[tok] = np.arange(s, s + n, dtype=np.int32)
+            self.size += n
+
+    def _reset(self) -> None:
+        self._slot.fill(-1)
+        self.size = 0
+        self.resets += 1
+
+    def _stream(self, tokens: np.ndarray) -> FlatKV:
+        """Entries for a chunk whose blocks exceed the table: block by block, nothing kept."""
+        blk = self._block_of(tokens)
+        order = np.argsort(blk, kind="stable")
+        bounds = np.flatnonzero(np.diff(blk[order])) + 1
+        parts: list[tuple[np.ndarray, FlatKV]] = []
+        for seg in np.split(order, bounds):
+            tok, out = self._block(int(blk[seg[0]]))
+            local = np.searchsorted(tok, tokens[seg])
+            parts.append((seg, FlatKV(out.k[local], out.v[local], None if out.k_idx is None else out.k_idx[local],
+                                      None if out.v_idx is None else out.v_idx[local])))
+        res = _concat([p for _, p in parts])
+        inv = np.empty_like(order)
+        inv[np.concatenate([seg for seg, _ in parts])] = np.arange(len(order))
+        return FlatKV(res.k[inv], res.v[inv], None if res.k_idx is None else res.k_idx[inv],
+                      None if res.v_idx is None else res.v_idx[inv])
+
+    def run(self, items: np.ndarray, feedback: np.ndarray, lengths: np.ndarray) -> FlatKV:
+        valid = np.arange(items.shape[1])[None, :] < lengths[:, None]
+        tokens = items[valid] * N_FEEDBACK + feedback[valid]  # (N,) in user order
+        if not len(tokens):
+            return _empty(self.layout)
+        slots = self._slot[tokens]
+        missing = slots < 0
+        if missing.any():
+            blocks = np.unique(self._block_of(tokens[missing]))
+            if self.size + 2 * self.block_items * len(blocks) > self.capacity:
+                self._reset()
+                blocks = np.unique(self._block_of(tokens))
+                if 2 * self.block_items * len(blocks) > self.capacity:
+                    return self._stream(tokens)
+            self._add(blocks)
+            slots = self._slot[tokens]
+        return FlatKV(self._k[slots], self._v[slots],
+                      self._ki[slots] if self._ki is not None else None,
+                      self._vi[slots] if self._vi is not None else None)
+
+
+class NoopEngine:
+    """Entries of the right sizes without a model: the job's I/O floor (benchmarks/prefill.py).
+
+    Values and indices are slices of one fixed pseudo-random block (so Parquet writes as many bytes
+    as for a real run; zeros would compress away), not zeros; deterministic."""
+
+    name = "noop"
+    _BLOCK = np.random.default_rng(0).integers(0, 256, 1 << 22, dtype=np.uint8)
+
+    def __init__(self, layout: CacheLayout) -> None:
+        self.layout = layout
+        self._pos = 0
+
+    def _fill(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if nbytes > len(self._BLOCK):
+            return np.resize(self._BLOCK, nbytes).view(dtype).reshape(shape)
+        lo = self._pos if self._pos + nbytes <= len(self._BLOCK) else 0
+        self._pos = (lo + 4099) % len(self._BLOCK)
+        return self._BLOCK[lo : lo + nbytes].copy().view(dtype).reshape(shape)
+
+    def run(self, items: np.ndarray, feedback: np.ndarray, lengths: np.ndarray) -> FlatKV:
+        n, lay = int(lengths.sum()), self.layout
+        kv = KV_DTYPES[lay.kv_dtype][1]
+        idx = IDX_DTYPES[lay.idx_dtype][1] if lay.idx_dtype else None
+        return FlatKV(self._fill((n, lay.dk), kv), self._fill((n, lay.dv), kv),
+                      self._fill((n,), idx) if lay.k_shared else None,
+                      self._fill((n,), idx) if lay.v_shared else None)
+
+
+def _empty(layout: CacheLayout) -> FlatKV:
+    kv = KV_DTYPES[layout.kv_dtype][1]
+    idx = IDX_DTYPES[layout.idx_dtype][1] if layout.idx_dtype else None
+    return FlatKV(np.zeros((0, layout.dk), kv), np.zeros((0, layout.dv), kv),
+                  np.zeros(0, idx) if layout.k_shared else None, np.zeros(0, idx) if layout.v_shared else None)
+
+
+def tokenwise(model: TargetAttentionCTR, layout: CacheLayout, seed: int = 0) -> bool:
+    """Whether the model's cache entries depend on the behaviour token alone (memo engine valid):
+    a random padded batch through ``model.prefill`` vs the same tokens one at a time."""
+    rng = np.random.default_rng(seed)
+    b, seq = 4, min(model.cfg.max_len, 16)
+    lengths = np.array([seq, seq // 2, 1, 0], dtype=np.int64)[:b]
+    items = rng.integers(1, model.cfg.n_items + 1, (b, seq)).astype(np.int64)
+    items[:, : seq // 2] = items[0, -1]  # repeated tokens at several positions
+    feedback = rng.integers(1, N_FEEDBACK, (b, seq)).astype(np.int64)
+    valid = np.arange(seq)[None, :] < lengths[:, None]
+    items, feedback = np.where(valid, items, 0), np.where(valid, feedback, 0)
+    ref = DirectEngine(model, layout).run(items, feedback, lengths)
+    one = DirectEngine(model, layout).run(items[valid][:, None], feedback[valid][:, None],
+                                          np.ones(int(valid.sum()), np.int64))
+    for a, c in zip((ref.k, ref.v), (one.k, one.v), strict=True):
+        fa, fc = _as_float(a, layout.kv_dtype), _as_float(c, layout.kv_dtype)
+        if not np.allclose(fa, fc, rtol=4 * _eps(layout.kv_dtype), atol=1e-6):
+            return False
+    return all(a is None or np.array_equal(a, c)
+               for a, c in ((ref.k_idx, one.k_idx), (ref.v_idx, one.v_idx)))
+
+
+def _eps(kv_dtype: str) -> float:
+    return {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 2.0**-20}[kv_dtype]
+
+
+def _as_float(a: np.ndarray, kv_dtype: str) -> np.ndarray:
+    if kv_dtype == "bfloat16":
+        return torch.from_numpy(a.copy()).view(torch.bfloat16).float().numpy()
+    return a.astype(np.float32)
+
+
+def make_engine(model: TargetAttentionCTR | None, layout: CacheLayout, kind: str = "auto",
+                memo_bytes: int = DEFAULT_MEMO_BYTES, block_dir: str | os.PathLike | None = None
+                ) -> DirectEngine | MemoEngine | NoopEngine:
+    """An engine of ``kind`` (see module docstring); ``auto`` = memo if :func:`tokenwise`, else direct."""
+    if kind not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {kind!r}")
+    if kind == "noop":
+        return NoopEngine(layout)
+    if model is None:
+        raise ValueError(f"engine {kind!r} needs a model")
+    if kind == "direct":
+        return DirectEngine(model, layout)
+    if kind == "auto" and ((model.cfg.n_items + 1) * N_FEEDBACK > 1 << 27 or not tokenwise(model, layout)):
+        return DirectEngine(model, layout)
+    return MemoEngine(model, layout, memo_bytes, block_dir)
