@@ -1,0 +1,160 @@
+"""`ckv eval`: the paper's evaluation (Tables 1, 3, 4; Figures 4, 5; `--d-user auto`) on a canonical
+dataset, by default the bundled MovieLens. Thin shell over :mod:`pipeline.zoo_eval`.
+
+    ckv eval --device cuda                 # the full evaluation, 3 seeds → benchmarks/results/zoo_movielens/
+    ckv eval --quick --out runs/eval_quick # CPU smoke run: tiny dims, 1 epoch, 1 seed, a subset of the sweeps
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+BUNDLED_EVENTS = Path("data/movielens/ratings.csv")
+BUNDLED_ITEMS = Path("data/movielens/movies.csv")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def bundled_dataset(path: Path) -> Path:
+    """The bundled MovieLens prepared into ``path`` (reused when it is already there)."""
+    from pipeline.prepare import PrepareConfig, prepare
+
+    if not (path / "meta.json").is_file():
+        prepare(
+            PrepareConfig(
+                events=BUNDLED_EVENTS, items=BUNDLED_ITEMS, out=path, rating_col="rating", rating_threshold=4.0
+            )
+        )
+    return path
+
+
+@click.command("eval")
+@click.option(
+    "--data",
+    "data_dir",
+    type=click.Path(exists=True, file_okay=False),
+    help="canonical dataset (default: the bundled MovieLens, prepared into runs/movielens_data)",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    help="output directory [default: benchmarks/results/zoo_movielens, with --quick runs/eval_quick]",
+)
+@click.option("--quick", is_flag=True, help="smoke run: tiny dims, 1 epoch, 1 seed, a subset of the sweeps")
+@click.option("--device", default="cpu", show_default=True, help="cpu | cuda | auto")
+@click.option("--workers", default=1, show_default=True, help="runs trained in parallel processes (same device)")
+@click.option("--seeds", default="0,1,2", show_default=True)
+@click.option("--models", default="sim,eta,sdim,twin,hstu", show_default=True, help="Table 1 models (din too)")
+@click.option("--sections", default="table1,table3,table4,fig4,fig5,auto", show_default=True)
+@click.option("--d-user", default="1", show_default=True, help="Table 1 collective d_u: an integer or 'auto'")
+@click.option("--ablation-model", default="sim", show_default=True, help="model of tables 3/4, figures 4/5, auto")
+@click.option("--d-users", default="1,2,4,8,16,32", show_default=True, help="figure 4 sweep")
+@click.option("--pools", default="500,2000,5000,10000,20000", show_default=True, help="figure 5 sweep")
+@click.option("--pool-size", default=10_000, show_default=True)
+@click.option("--embed-dim", default=64, show_default=True)
+@click.option("--d-attn", default=256, show_default=True)
+@click.option("--heads", default=8, show_default=True)
+@click.option("--max-len", default=50, show_default=True, help="short-sequence window of sim/eta/sdim/twin")
+@click.option("--long-len", default=1000, show_default=True, help="long-sequence window of sim/eta/sdim/twin")
+@click.option("--topk", default=50, show_default=True)
+@click.option("--hash-bits", default=16, show_default=True, help="ETA SimHash bits")
+@click.option("--sdim-hashes", default=4, show_default=True)
+@click.option("--sdim-bits", default=4, show_default=True)
+@click.option("--hstu-len", default=100, show_default=True, help="HSTU sequence window")
+@click.option("--hstu-layers", default=2, show_default=True)
+@click.option("--epochs", default=5, show_default=True)
+@click.option("--patience", default=1, show_default=True, help="early stopping on validation GAUC")
+@click.option("--batch-size", default=1024, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--auto-eps", default=0.05, show_default=True, help="d_u auto: held-out energy left to the pool")
+@click.option("--cr-budget", default=0.01, show_default=True, help="d_u auto: largest CR allowed")
+@click.option("--progress/--no-progress", default=False)
+def eval_cmd(data_dir: str | None, out: str | None, quick: bool, device: str, **kw: Any) -> None:
+    """Reproduce the paper's tables and figures for every zoo model (resumable; see pipeline/zoo_eval.py)."""
+    import torch
+
+    from model.config import CollectiveConfig, ModelConfig
+    from model.zoo import MODELS
+    from pipeline.dataset_schema import DataError
+    from pipeline.trainer import TrainConfig
+    from pipeline.zoo_eval import SECTIONS, EvalSettings, planned_runs, quick_settings, run_eval
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise click.ClickException("--device cuda: no CUDA device is available")
+    models, sections = _names(kw["models"]), _names(kw["sections"])
+    bad = [m for m in (*models, kw["ablation_model"]) if m not in MODELS] + [s for s in sections if s not in SECTIONS]
+    if bad:
+        raise click.ClickException(f"unknown model(s)/section(s) {bad}; models: {sorted(MODELS)}, sections: {SECTIONS}")
+    d_user: int | str = kw["d_user"]
+    if d_user != "auto":
+        try:
+            d_user = int(d_user)
+        except ValueError:
+            raise click.ClickException(f"--d-user must be an integer or 'auto', got {d_user!r}") from None
+    train = TrainConfig(
+        epochs=kw["epochs"],
+        batch_size=kw["batch_size"],
+        lr=kw["lr"],
+        patience=kw["patience"],
+        device=device,
+        progress=kw["progress"],
+        eval_batch_size=kw["batch_size"],
+    )
+    common: dict[str, Any] = dict(
+        models=models,
+        sections=sections,
+        d_user=d_user,
+        seeds=_ints(kw["seeds"]),
+        ablation_model=kw["ablation_model"],
+        workers=kw["workers"],
+        auto_eps=kw["auto_eps"],
+        cr_budget=kw["cr_budget"],
+    )
+    try:
+        if quick:
+            common["seeds"] = common["seeds"][:1]
+            settings = quick_settings(train, **common)
+        else:
+            base = ModelConfig(
+                n_items=1,
+                embed_dim=kw["embed_dim"],
+                d_attn=kw["d_attn"],
+                n_heads=kw["heads"],
+                max_len=kw["max_len"],
+                long_len=kw["long_len"],
+                topk=kw["topk"],
+                hash_bits=kw["hash_bits"],
+                sdim_hashes=kw["sdim_hashes"],
+                sdim_bits=kw["sdim_bits"],
+                hstu_layers=kw["hstu_layers"],
+                collective=CollectiveConfig(d_user=d_user if isinstance(d_user, int) else 1, pool_size=kw["pool_size"]),
+            )
+            settings = EvalSettings(
+                base=base,
+                train=train,
+                hstu_max_len=kw["hstu_len"],
+                d_users=_ints(kw["d_users"]),
+                pools=_ints(kw["pools"]),
+                **common,
+            )
+        out_dir = Path(out or ("runs/eval_quick" if quick else "benchmarks/results/zoo_movielens"))
+        data = Path(data_dir) if data_dir else bundled_dataset(Path("runs/movielens_data"))
+        click.echo(
+            f"ckv eval: {planned_runs(settings)} runs planned on {device} → {out_dir}"
+            + (" (QUICK smoke run)" if quick else "")
+        )
+        run_eval(data, settings, out_dir, log=click.echo)
+    except (DataError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo((out_dir / "results.md").read_text())

@@ -1,0 +1,633 @@
+"""`ckv eval`: the paper's evaluation on a canonical dataset — every zoo model, full vs CollectiveKV,
+plus the ablations — as one resumable job.
+
+Sections (each a set of labelled rows; a row is one model config trained with every seed):
+
+- ``table1`` — GAUC, AUC, Logloss and CR of each model (``models``), full vs collective;
+- ``table3`` — router-loss ablation on ``ablation_model``: full, no losses, peak only, balance
+  only, both;
+- ``table4`` — sharing ablation on ``ablation_model``: full, K only, V only, both;
+- ``fig4`` / ``fig5`` — GAUC vs d_u (``d_users``) and vs pool size (``pools``) on
+  ``ablation_model`` (PNG plots, with a quadratic fit as in the paper);
+- ``auto`` — the ``--d-user auto`` choice (:mod:`model.d_user`, from the trained full model's K/V,
+  capped so that CR <= ``cr_budget``) on ``ablation_model``, against the best fixed d_u of fig4.
+
+Runs are identified by (model config, seed, training config): a config that appears in several
+sections is trained once. Each finished run is written to ``OUT/runs/<id>.json`` right away and is
+skipped when the job is run again (resume after an interruption). The report is
+``OUT/results.json`` + ``OUT/results.md`` + ``OUT/fig4_d_user.png`` + ``OUT/fig5_pool.png``.
+With ``workers > 1`` runs go to that many processes (spawned; they share the device).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.config import ModelConfig, config_to_dict
+from model.d_user import choose_d_user
+from model.zoo import PAPER_MODELS, compression_rate
+from pipeline.dataset_schema import CanonicalDataset, load_dataset
+from pipeline.history import HistoryIndex
+from pipeline.trainer import TrainConfig, build_model, train_model
+
+METRICS = ("gauc", "auc", "logloss")
+SECTIONS = ("table1", "table3", "table4", "fig4", "fig5", "auto")
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    base: ModelConfig  # dims, windows, pool, d_u of the collective runs (n_items etc. come from the data)
+    train: TrainConfig
+    seeds: tuple[int, ...] = (0, 1, 2)
+    models: tuple[str, ...] = PAPER_MODELS
+    hstu_max_len: int = 100
+    d_user: int | str = 1  # Table 1 collective runs: an int or "auto"
+    ablation_model: str = "sim"
+    d_users: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    pools: tuple[int, ...] = (500, 2000, 5000, 10_000, 20_000)
+    sections: tuple[str, ...] = SECTIONS
+    auto_eps: float = 0.05
+    cr_budget: float = 0.01
+    auto_rows: int = 20_000
+    workers: int = 1
+    sample_fraction: float = 1.0  # < 1: a seeded random subset of every split's samples (quick runs)
+    quick: bool = False
+
+    def model_config(self, arch: str, **collective: Any) -> ModelConfig:
+        """The base config for ``arch`` (HSTU gets its own window), collective fields replaced."""
+        cfg = replace(self.base, arch=arch)  # type: ignore[arg-type]
+        if arch == "hstu":
+            cfg = replace(cfg, max_len=self.hstu_max_len)
+        if collective:
+            cfg = replace(cfg, collective=replace(cfg.collective, **collective))
+        return cfg
+
+
+def quick_settings(train: TrainConfig, **kw: Any) -> EvalSettings:
+    """Tiny dims, one epoch, one seed and a subset of the sweeps: a CPU smoke run of every section."""
+    from model.config import CollectiveConfig
+
+    base = ModelConfig(
+        n_items=1,
+        embed_dim=16,
+        d_attn=32,
+        n_heads=2,
+        max_len=20,
+        mlp_dims=(32,),
+        long_len=100,
+        topk=10,
+        hash_bits=16,
+        collective=CollectiveConfig(d_user=1, pool_size=64),
+    )
+    defaults: dict[str, Any] = dict(
+        base=base,
+        train=replace(train, epochs=1),
+        seeds=(0,),
+        hstu_max_len=32,
+        d_users=(1, 2, 4),
+        pools=(16, 64, 256),
+        auto_rows=5000,
+        sample_fraction=0.25,
+        quick=True,
+    )
+    defaults.update(kw)
+    return EvalSettings(**defaults)
+
+
+# ----------------------------------------------------------------------------------------- rows
+@dataclass(frozen=True)
+class Row:
+    section: str
+    label: str
+    arch: str
+    cfg: ModelConfig | None  # None: collective with the per-seed auto d_u of ``arch``
+    x: float | None = None  # the swept value (fig4: d_u, fig5: pool size)
+
+
+def plan_rows(s: EvalSettings) -> list[Row]:
+    rows: list[Row] = []
+    a = s.ablation_model
+    full_a = replace(s.model_config(a), kv_mode="full")
+    coll = s.model_config(a)
+    if "table1" in s.sections:
+        for arch in s.models:
+            rows.append(Row("table1", "full", arch, replace(s.model_config(arch), kv_mode="full")))
+            if s.d_user == AUTO:
+                rows.append(Row("table1", "collective", arch, None))
+            else:
+                rows.append(Row("table1", "collective", arch, s.model_config(arch, d_user=int(s.d_user))))
+    if "table3" in s.sections:
+        rows.append(Row("table3", "Baseline (full KV)", a, full_a))
+        for label, peak, bal in (
+            ("CollectiveKV (no router losses)", 0.0, 0.0),
+            ("+peak loss", None, 0.0),
+            ("+balance loss", 0.0, None),
+            ("+all losses", None, None),
+        ):
+            c = coll.collective
+            rows.append(
+                Row(
+                    "table3",
+                    label,
+                    a,
+                    replace(
+                        coll,
+                        collective=replace(
+                            c,
+                            peak_weight=c.peak_weight if peak is None else peak,
+                            balance_weight=c.balance_weight if bal is None else bal,
+                        ),
+                    ),
+                )
+            )
+    if "table4" in s.sections:
+        rows.append(Row("table4", "Baseline (full KV)", a, full_a))
+        for label, sk, sv in (("CollectiveK", True, False), ("CollectiveV", False, True), ("CollectiveKV", True, True)):
+            rows.append(Row("table4", label, a, s.model_config(a, share_k=sk, share_v=sv)))
+    if "fig4" in s.sections or "auto" in s.sections:
+        rows.append(Row("fig4", "full", a, full_a))
+        for d in s.d_users:
+            if d < s.base.d_attn:
+                rows.append(Row("fig4", f"d_u={d}", a, s.model_config(a, d_user=d), x=d))
+    if "fig5" in s.sections:
+        rows.append(Row("fig5", "full", a, full_a))
+        for p in s.pools:
+            rows.append(Row("fig5", f"pool={p}", a, s.model_config(a, pool_size=p), x=p))
+    if "auto" in s.sections:
+        rows.append(Row("auto", "auto d_u", a, None))
+    return rows
+
+
+def run_id(cfg: ModelConfig, seed: int, train: TrainConfig, sample_fraction: float = 1.0) -> str:
+    key = {
+        "model": config_to_dict(cfg),
+        "seed": seed,
+        **({"sample_fraction": sample_fraction} if sample_fraction < 1 else {}),
+        "train": {k: getattr(train, k) for k in ("epochs", "batch_size", "lr", "weight_decay", "patience")},
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------- runs
+@dataclass(frozen=True)
+class Job:
+    rid: str
+    cfg: ModelConfig
+    seed: int
+    train: TrainConfig
+    data_dir: str
+    out_file: str
+    auto: dict[str, Any] | None = None  # if set: choose d_u from this (full) model's K/V after training
+    sample_fraction: float = 1.0
+
+
+_DATASETS: dict[tuple[str, float], CanonicalDataset] = {}
+
+
+def _dataset(path: str, fraction: float = 1.0) -> CanonicalDataset:
+    """The dataset at ``path``; with ``fraction`` < 1 each split keeps a seeded random subset of its
+    samples (in their original order)."""
+    if (path, fraction) not in _DATASETS:
+        ds = load_dataset(path)
+        if fraction < 1:
+            rng = np.random.default_rng(0)
+            samples = {}
+            for split, t in ds.samples.items():
+                keep = np.sort(rng.choice(t.num_rows, max(1, int(t.num_rows * fraction)), replace=False))
+                samples[split] = t.take(keep)
+            ds = replace(ds, samples=samples)
+        _DATASETS[(path, fraction)] = ds
+    return _DATASETS[(path, fraction)]
+
+
+def collect_kv_rows(
+    model: torch.nn.Module, index: HistoryIndex, max_rows: int, seed: int, batch_users: int = 64
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """K and V rows of every cached group over users' latest windows: group → (K (N, d_a), V (N, d_a),
+    user ids (N,)), at most ``max_rows`` rows per group (random users first)."""
+    rng = np.random.default_rng(seed)
+    users = rng.permutation(index.users)
+    device = next(model.parameters()).device
+    out: dict[str, list[list[torch.Tensor]]] = {}
+    n_rows = 0
+    model.eval()
+    with torch.no_grad():
+        for lo in range(0, len(users), batch_users):
+            ub = users[lo : lo + batch_users]
+            w = index.window(ub, None, model.cfg.window_len)
+            lengths = torch.from_numpy(w.lengths).to(device)
+            cache = model.prefill(
+                torch.from_numpy(w.items).to(device), torch.from_numpy(w.feedback).to(device), lengths
+            )
+            kv = model.keys_values(cache)
+            groups = kv if isinstance(kv, dict) else {"kv": kv}
+            for name, (k, v) in groups.items():
+                if k.shape[-1] == 0:  # a V-only group: no K
+                    k = v
+                lens = cache.kv[name].lengths if isinstance(kv, dict) else cache.lengths
+                valid = torch.arange(v.shape[1], device=device).unsqueeze(0) < lens.unsqueeze(1)
+                uid = torch.from_numpy(ub).to(device).unsqueeze(1).expand_as(valid)
+                out.setdefault(name, []).append([k[valid].cpu(), v[valid].cpu(), uid[valid].cpu()])
+            n_rows += int(w.lengths.sum())
+            if n_rows >= 4 * max_rows:
+                break
+    result = {}
+    for name, parts in out.items():
+        k, v, u = (torch.cat([p[i] for p in parts]) for i in range(3))
+        if k.shape[0] > max_rows:
+            sel = torch.from_numpy(rng.choice(k.shape[0], max_rows, replace=False))
+            k, v, u = k[sel], v[sel], u[sel]
+        result[name] = (k, v, u)
+    return result
+
+
+def auto_d_user(
+    model: torch.nn.Module,
+    dataset: CanonicalDataset,
+    pool_size: int,
+    eps: float,
+    cr_budget: float,
+    max_rows: int,
+    seed: int,
+) -> dict[str, Any]:
+    """The ``--d-user auto`` choice from a trained *full* model: the largest per-group/K/V spectral
+    choice (:func:`model.d_user.choose_d_user`), capped to the largest d_u whose CR <= cr_budget."""
+    cfg: ModelConfig = model.cfg
+    dev = next(model.parameters()).device
+    rows = collect_kv_rows(model, HistoryIndex(dataset.histories), max_rows, seed)
+    per_group: dict[str, Any] = {}
+    for name, (k, v, u) in rows.items():
+        for kind, x in (("k", k), ("v", v)):
+            c = choose_d_user(x.to(dev), u.to(dev), pool_size, eps=eps, seed=seed)
+            per_group[f"{name}.{kind}"] = {
+                "d_user": c.d_user,
+                "d_spectral": c.d_spectral,
+                "codes": c.codes,
+                "unexplained": [round(f, 5) for f in c.unexplained[:17]],
+            }
+    spectral = max(g["d_user"] for g in per_group.values())
+    coll = replace(cfg, kv_mode="collective", collective=replace(cfg.collective, pool_size=pool_size))
+    cap = max(
+        [
+            d
+            for d in range(1, cfg.d_attn)
+            if compression_rate(replace(coll, collective=replace(coll.collective, d_user=d))) <= cr_budget
+        ]
+        or [1]
+    )
+    return {
+        "d_user": min(spectral, cap),
+        "spectral": spectral,
+        "cr_cap": cap,
+        "eps": eps,
+        "cr_budget": cr_budget,
+        "groups": per_group,
+        "rows": {n: int(r[0].shape[0]) for n, r in rows.items()},
+    }
+
+
+def execute(job: Job) -> dict[str, Any]:
+    """Train one run (and, if asked, choose d_u from it); write and return its record."""
+    if job.train.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ds = _dataset(job.data_dir, job.sample_fraction)
+    t0 = time.perf_counter()
+    model = build_model(ds, job.cfg, job.seed)
+    result = train_model(model, ds, replace(job.train, seed=job.seed))
+    record: dict[str, Any] = {
+        "id": job.rid,
+        "arch": job.cfg.arch,
+        "seed": job.seed,
+        "config": config_to_dict(result.model.cfg),
+        **result.metrics(),
+    }
+    record["cr"] = compression_rate(result.model.cfg) if job.cfg.kv_mode == "collective" else 1.0
+    record["n_params"] = int(sum(p.numel() for p in result.model.parameters()))
+    if job.auto is not None:
+        t1 = time.perf_counter()
+        record["auto"] = auto_d_user(result.model, ds, seed=job.seed, **job.auto)
+        record["auto"]["seconds"] = round(time.perf_counter() - t1, 2)
+    record["wall_seconds"] = round(time.perf_counter() - t0, 2)
+    out = Path(job.out_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(out)
+    return record
+
+
+def run_jobs(jobs: Sequence[Job], workers: int, log: Any = print) -> list[dict[str, Any]]:
+    """Run jobs whose record does not exist yet (in ``workers`` spawned processes if > 1)."""
+    todo = [j for j in jobs if not Path(j.out_file).is_file()]
+    done = {j.rid: json.loads(Path(j.out_file).read_text()) for j in jobs if Path(j.out_file).is_file()}
+    if todo:
+        log(f"{len(todo)} run(s) to train, {len(done)} already done")
+
+    def note(r: dict[str, Any]) -> None:
+        t = r["test"]
+        log(
+            f"  {r['arch']:5s} {r['config'].get('kv_mode', 'collective'):10s} seed {r['seed']}  gauc {t['gauc']:.4f} "
+            f"auc {t['auc']:.4f} logloss {t['logloss']:.4f}  ({r['wall_seconds']:.0f} s)"
+            + (f"  auto d_u {r['auto']['d_user']}" if "auto" in r else "")
+        )
+
+    if workers > 1 and len(todo) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = [pool.submit(execute, j) for j in todo]
+            for f in as_completed(futures):
+                r = f.result()
+                done[r["id"]] = r
+                note(r)
+    else:
+        for j in todo:
+            r = execute(j)
+            done[r["id"]] = r
+            note(r)
+    return [done[j.rid] for j in jobs]
+
+
+# ------------------------------------------------------------------------------------- the job
+@dataclass
+class EvalReport:
+    settings: EvalSettings
+    rows: list[Row]
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    row_runs: dict[tuple[str, str, str], list[str]] = field(default_factory=dict)  # (section, arch, label) → ids
+    auto: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)  # arch → seed → choice
+
+
+def run_eval(data_dir: str | Path, settings: EvalSettings, out: str | Path, log: Any = print) -> dict[str, Any]:
+    """Plan, train (resumably) and report every section; returns the results dict."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    s = settings
+    rows = plan_rows(s)
+    rep = EvalReport(s, rows)
+    data = str(Path(data_dir))
+    t0 = time.perf_counter()
+    auto_archs = sorted({r.arch for r in rows if r.cfg is None})
+    auto_args = {
+        "pool_size": s.base.collective.pool_size,
+        "eps": s.auto_eps,
+        "cr_budget": s.cr_budget,
+        "max_rows": s.auto_rows,
+    }
+
+    def job(cfg: ModelConfig, seed: int, auto: bool = False) -> Job:
+        rid = run_id(cfg, seed, s.train, s.sample_fraction)
+        return Job(
+            rid,
+            cfg,
+            seed,
+            s.train,
+            data,
+            str(out / "runs" / f"{rid}.json"),
+            auto_args if auto else None,
+            s.sample_fraction,
+        )
+
+    # phase 1: full models whose K/V choose an auto d_u (also the Table 1 / ablation baselines)
+    first = [job(replace(s.model_config(a), kv_mode="full"), seed, auto=True) for a in auto_archs for seed in s.seeds]
+    for r in run_jobs(first, s.workers, log):
+        rep.records[r["id"]] = r
+        rep.auto.setdefault(r["arch"], {})[r["seed"]] = r["auto"]
+    # phase 2: every row
+    jobs: list[Job] = []
+    for row in rows:
+        ids = []
+        for seed in s.seeds:
+            cfg = row.cfg or s.model_config(row.arch, d_user=rep.auto[row.arch][seed]["d_user"])
+            j = job(cfg, seed, auto=any(x.rid == run_id(cfg, seed, s.train, s.sample_fraction) for x in first))
+            ids.append(j.rid)
+            if all(j.rid != x.rid for x in jobs):
+                jobs.append(j)
+        rep.row_runs[(row.section, row.arch, row.label)] = ids
+    for r in run_jobs(jobs, s.workers, log):
+        rep.records[r["id"]] = r
+    results = summarise(rep)
+    results["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "results.md").write_text(markdown(results))
+    plot_sweep(results, "fig4", out / "fig4_d_user.png", "user-specific dims d_u", log_x=True)
+    plot_sweep(results, "fig5", out / "fig5_pool.png", "global K/V pool size", log_x=True)
+    return results
+
+
+def _stats(vals: list[float]) -> dict[str, float]:
+    a = np.asarray(vals, dtype=float)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0}
+
+
+def summarise(rep: EvalReport) -> dict[str, Any]:
+    s = rep.settings
+    sections: dict[str, list[dict[str, Any]]] = {}
+    for row in rep.rows:
+        recs = [rep.records[i] for i in rep.row_runs[(row.section, row.arch, row.label)]]
+        entry: dict[str, Any] = {
+            "label": row.label,
+            "arch": row.arch,
+            "x": row.x,
+            "runs": [r["id"] for r in recs],
+            "seeds": [r["seed"] for r in recs],
+        }
+        for m in METRICS:
+            entry[m] = _stats([r["test"][m] for r in recs])
+            entry[f"valid_{m}"] = _stats([r["valid"][m] for r in recs])
+        entry["cr"] = _stats([r["cr"] for r in recs])
+        entry["d_user"] = sorted({r["config"]["collective"]["d_user"] for r in recs})
+        entry["kv_mode"] = recs[0]["config"]["kv_mode"]
+        entry["train_seconds"] = _stats([r["train_seconds"] for r in recs])
+        entry["best_epoch"] = [r["best_epoch"] for r in recs]
+        sections.setdefault(row.section, []).append(entry)
+    auto_cmp = None
+    if "auto" in sections and "fig4" in sections:
+        sweep = [e for e in sections["fig4"] if e["x"] is not None]
+        best_test = max(sweep, key=lambda e: e["gauc"]["mean"])
+        best_valid = max(sweep, key=lambda e: e["valid_gauc"]["mean"])
+        a = sections["auto"][0]
+        auto_cmp = {
+            "arch": a["arch"],
+            "auto_d_user": a["d_user"],
+            "auto_gauc": a["gauc"],
+            "choices": rep.auto.get(a["arch"], {}),
+            "best_fixed_by_test": {"d_user": best_test["x"], "gauc": best_test["gauc"]},
+            "best_fixed_by_valid": {"d_user": best_valid["x"], "gauc": best_valid["gauc"]},
+            "gap_to_best_test": a["gauc"]["mean"] - best_test["gauc"]["mean"],
+        }
+    settings = asdict(s)
+    settings["base"] = config_to_dict(s.base)
+    return {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "settings": settings,
+        "machine": {
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "device": torch.cuda.get_device_name() if s.train.device.startswith("cuda") else "cpu",
+        },
+        "sections": sections,
+        "auto_vs_fixed": auto_cmp,
+        "n_runs": len(rep.records),
+        "train_seconds_total": round(sum(r["wall_seconds"] for r in rep.records.values()), 1),
+    }
+
+
+def _pm(st: dict[str, float], digits: int = 4) -> str:
+    return f"{st['mean']:.{digits}f} ± {st['std']:.{digits}f}"
+
+
+def markdown(res: dict[str, Any]) -> str:
+    sec = res["sections"]
+    st = res["settings"]
+    n_seeds = len(st["seeds"])
+    lines = [
+        f"# CollectiveKV model zoo evaluation ({'QUICK SMOKE RUN: tiny dims, not results' if st['quick'] else 'full'})",
+        "",
+        f"Test split, mean ± std over {n_seeds} seed(s) {tuple(st['seeds'])}; device {res['machine']['device']}; "
+        f"{res['n_runs']} runs, {res['train_seconds_total']:.0f} s of training+eval in all. "
+        "CR = cache entry bytes ÷ the full model's fp32 K/V bytes for a user with a full window "
+        "(collective: fp16 user parts + uint16 router indices + retrieval keys)."
+        + (f" Samples: a random {st['sample_fraction']:.0%} of each split." if st["sample_fraction"] < 1 else ""),
+        "",
+    ]
+    if "table1" in sec:
+        lines += [
+            "## Table 1 — full KV vs CollectiveKV",
+            "",
+            "| model | variant | d_u | GAUC | AUC | Logloss | CR | Δ GAUC (coll − full) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for arch in st["models"]:
+            ent = {e["label"]: e for e in sec["table1"] if e["arch"] == arch}
+            for label in ("full", "collective"):
+                e = ent[label]
+                delta = ""
+                if label == "collective":
+                    d = e["gauc"]["mean"] - ent["full"]["gauc"]["mean"]
+                    delta = f"{d:+.4f} ({'≥' if d >= 0 else '<'} full)"
+                cr = "/" if label == "full" else f"{100 * e['cr']['mean']:.2f}%"
+                lines.append(
+                    f"| {arch.upper()} | {label} | {'/' if label == 'full' else ','.join(map(str, e['d_user']))}"
+                    f" | {_pm(e['gauc'])} | {_pm(e['auc'])} | {_pm(e['logloss'])} | {cr} | {delta} |"
+                )
+        lines.append("")
+    for key, title in (("table3", "Table 3 — router-loss ablation"), ("table4", "Table 4 — sharing K / V / both")):
+        if key in sec:
+            arch = sec[key][0]["arch"].upper()
+            lines += [f"## {title} ({arch})", "", "| variant | GAUC | AUC | Logloss | CR |", "|---|---|---|---|---|"]
+            for e in sec[key]:
+                cr = "/" if e["kv_mode"] == "full" else f"{100 * e['cr']['mean']:.2f}%"
+                lines.append(f"| {e['label']} | {_pm(e['gauc'])} | {_pm(e['auc'])} | {_pm(e['logloss'])} | {cr} |")
+            lines.append("")
+    for key, title, png in (
+        ("fig4", "Figure 4 — GAUC vs d_u", "fig4_d_user.png"),
+        ("fig5", "Figure 5 — GAUC vs pool size", "fig5_pool.png"),
+    ):
+        if key in sec:
+            arch = sec[key][0]["arch"].upper()
+            lines += [
+                f"## {title} ({arch}; plot `{png}`)",
+                "",
+                "| setting | GAUC | AUC | Logloss | CR |",
+                "|---|---|---|---|---|",
+            ]
+            for e in sec[key]:
+                cr = "/" if e["kv_mode"] == "full" else f"{100 * e['cr']['mean']:.2f}%"
+                lines.append(f"| {e['label']} | {_pm(e['gauc'])} | {_pm(e['auc'])} | {_pm(e['logloss'])} | {cr} |")
+            lines.append("")
+    a = res.get("auto_vs_fixed")
+    if a:
+        ch = "; ".join(
+            f"seed {s}: d_u {c['d_user']} (spectral {c['spectral']}, CR cap {c['cr_cap']})"
+            for s, c in sorted(a["choices"].items(), key=lambda kv: int(kv[0]))
+        )
+        lines += [
+            "## `--d-user auto` vs the best fixed d_u",
+            "",
+            f"{a['arch'].upper()}: auto chose {ch}. Auto GAUC {_pm(a['auto_gauc'])}; best fixed d_u by test GAUC: "
+            f"{a['best_fixed_by_test']['d_user']} ({_pm(a['best_fixed_by_test']['gauc'])}); by validation GAUC: "
+            f"{a['best_fixed_by_valid']['d_user']} ({_pm(a['best_fixed_by_valid']['gauc'])}); auto − best (test): "
+            f"{a['gap_to_best_test']:+.4f}.",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def plot_sweep(res: dict[str, Any], key: str, path: Path, xlabel: str, log_x: bool) -> None:
+    """GAUC (mean ± std) of a sweep, its quadratic fit (in log x) and the full-KV baseline band."""
+    if key not in res["sections"]:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = res["sections"][key]
+    sweep = sorted((e for e in entries if e["x"] is not None), key=lambda e: e["x"])
+    full = next((e for e in entries if e["x"] is None), None)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    xs = np.array([e["x"] for e in sweep], dtype=float)
+    ys = np.array([e["gauc"]["mean"] for e in sweep])
+    ax.errorbar(
+        xs, ys, yerr=[e["gauc"]["std"] for e in sweep], fmt="o", color="tab:blue", capsize=3, label="CollectiveKV"
+    )
+    if len(xs) >= 3:
+        t = np.log(xs) if log_x else xs
+        coef = np.polyfit(t, ys, 2)
+        grid = np.linspace(t.min(), t.max(), 100)
+        ax.plot(
+            np.exp(grid) if log_x else grid,
+            np.polyval(coef, grid),
+            "--",
+            color="tab:blue",
+            alpha=0.6,
+            label="quadratic fit",
+        )
+    if full is not None:
+        m, sd = full["gauc"]["mean"], full["gauc"]["std"]
+        ax.axhline(m, color="tab:gray", label="full KV")
+        ax.axhspan(m - sd, m + sd, color="tab:gray", alpha=0.15)
+    for e in sweep:
+        if e["kv_mode"] == "collective":
+            ax.annotate(
+                f"{100 * e['cr']['mean']:.2g}%",
+                (e["x"], e["gauc"]["mean"]),
+                fontsize=6,
+                textcoords="offset points",
+                xytext=(0, 6),
+                ha="center",
+            )
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"test GAUC (mean ± std, {len(res['settings']['seeds'])} seed(s))")
+    arch = entries[0]["arch"].upper()
+    quick = " — quick smoke run" if res["settings"]["quick"] else ""
+    ax.set_title(f"{arch}, MovieLens{quick} (labels: CR)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def planned_runs(s: EvalSettings) -> int:
+    """Distinct (config, seed) runs the plan trains (an auto row counts once per seed)."""
+    keys = set()
+    for row in plan_rows(s):
+        cfg_key = json.dumps(config_to_dict(row.cfg), sort_keys=True) if row.cfg else f"auto-{row.arch}"
+        keys.update((cfg_key, seed) for seed in s.seeds)
+    return len(keys)
