@@ -613,6 +613,8 @@ def plot_sweep(res: dict[str, Any], key: str, path: Path, xlabel: str, log_x: bo
             )
     if log_x:
         ax.set_xscale("log")
+        ax.minorticks_off()
+    ax.set_xticks(xs, [f"{int(x):,}" for x in xs])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"test GAUC (mean ± std, {len(res['settings']['seeds'])} seed(s))")
     arch = entries[0]["arch"].upper()
