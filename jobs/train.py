@@ -19,11 +19,21 @@ from model.config import CollectiveConfig, ModelConfig
 def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """Options shared by every command that builds a ModelConfig."""
     opts = [
-        click.option("--max-len", default=50, show_default=True, help="behaviours attended (L)"),
+        click.option("--arch", type=click.Choice(["din", "sim", "eta", "sdim", "twin", "hstu"]), default="din",
+                     show_default=True, help="model (docs/model_zoo.md)"),
+        click.option("--max-len", default=50, show_default=True,
+                     help="behaviours attended (L); sim/eta/sdim/twin: the short window; hstu: the sequence"),
+        click.option("--long-len", default=1000, show_default=True, help="sim/eta/sdim/twin: long window"),
+        click.option("--topk", default=50, show_default=True, help="sim/eta/twin: behaviours retrieved"),
+        click.option("--hash-bits", default=16, show_default=True, help="eta: SimHash bits"),
+        click.option("--sdim-hashes", default=4, show_default=True),
+        click.option("--sdim-bits", default=4, show_default=True),
+        click.option("--hstu-layers", default=2, show_default=True),
         click.option("--embed-dim", default=64, show_default=True),
         click.option("--d-attn", default=256, show_default=True, help="attention dim d_a"),
         click.option("--heads", default=8, show_default=True),
-        click.option("--d-user", default=1, show_default=True, help="user-specific dims d_u"),
+        click.option("--d-user", default="1", show_default=True,
+                     help="user-specific dims d_u, or 'auto' (ckv train: chosen from a full model trained first)"),
         click.option("--pool-size", default=10_000, show_default=True),
         click.option("--share", type=click.Choice(["both", "k", "v"]), default="both", show_default=True),
         click.option("--peak-weight", default=0.01, show_default=True),
@@ -50,14 +60,27 @@ def train_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def build_model_config(kv_mode: str, kw: dict[str, Any]) -> ModelConfig:
+def parse_d_user(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"an integer or 'auto', got {value!r}", param_hint="--d-user") from None
+
+
+def build_model_config(kv_mode: str, kw: dict[str, Any], d_user: int = 1) -> ModelConfig:
+    """``d_user`` is used when ``kw["d_user"]`` is 'auto' (not an integer)."""
+    du = parse_d_user(str(kw["d_user"]))
     coll = CollectiveConfig(
-        d_user=kw["d_user"], pool_size=kw["pool_size"], share_k=kw["share"] in ("both", "k"),
+        d_user=du if isinstance(du, int) else d_user, pool_size=kw["pool_size"], share_k=kw["share"] in ("both", "k"),
         share_v=kw["share"] in ("both", "v"), peak_weight=kw["peak_weight"], balance_weight=kw["balance_weight"],
     )  # fmt: skip
     return ModelConfig(
         n_items=1, embed_dim=kw["embed_dim"], d_attn=kw["d_attn"], n_heads=kw["heads"], max_len=kw["max_len"],
-        kv_mode=kv_mode, collective=coll,  # type: ignore[arg-type]
+        kv_mode=kv_mode, collective=coll, arch=kw["arch"], long_len=kw["long_len"], topk=kw["topk"],
+        hash_bits=kw["hash_bits"], sdim_hashes=kw["sdim_hashes"], sdim_bits=kw["sdim_bits"],
+        hstu_layers=kw["hstu_layers"],  # type: ignore[arg-type]
     )  # fmt: skip
 
 
@@ -89,6 +112,12 @@ def train(kv_mode: str, seed: int, init_from: str | None, out: str, data_dir: st
     try:
         dataset = load_dataset(data_dir)
         cfg = build_model_config(kv_mode, kw)
+        auto = None
+        if parse_d_user(str(kw["d_user"])) == "auto" and kv_mode == "collective":
+            if init_from:
+                raise click.ClickException("--d-user auto trains its own full model first: no --init-from")
+            auto = choose_auto_d_user(dataset, cfg, kw, seed)
+            cfg = build_model_config(kv_mode, kw, d_user=auto["d_user"])
         model = build_model(dataset, cfg, seed)
         if init_from:
             prev = load_checkpoint(init_from)
@@ -101,9 +130,23 @@ def train(kv_mode: str, seed: int, init_from: str | None, out: str, data_dir: st
     except (DataError, CheckpointError) as exc:
         raise click.ClickException(str(exc)) from exc
     result = train_model(model, dataset, build_train_config(kw, seed))
-    metrics = {**result.metrics(), "init_from": init_from, "seed": seed}
+    metrics = {**result.metrics(), "init_from": init_from, "seed": seed, **({"d_user_auto": auto} if auto else {})}
     version = save_checkpoint(out, result.model, metrics)
     click.echo(json.dumps({"checkpoint": out, "model_version": version, "test": result.test}, indent=2))
+
+
+def choose_auto_d_user(dataset: Any, cfg: ModelConfig, kw: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Train the full model of ``cfg`` and pick d_u from its K/V (pipeline.zoo_eval.auto_d_user)."""
+    from pipeline.trainer import build_model, train_model
+    from pipeline.zoo_eval import auto_d_user
+
+    click.echo("--d-user auto: training the full model first")
+    full = train_model(build_model(dataset, replace(cfg, kv_mode="full"), seed), dataset, build_train_config(kw, seed))
+    choice = auto_d_user(full.model, dataset, cfg.collective.pool_size, eps=0.05, cr_budget=0.01, max_rows=20_000,
+                         seed=seed)  # fmt: skip
+    click.echo(f"--d-user auto: d_u = {choice['d_user']} (spectral {choice['spectral']}, CR cap {choice['cr_cap']}); "
+               f"full model test {full.test}")  # fmt: skip
+    return choice
 
 
 @click.command()
@@ -119,6 +162,8 @@ def experiment(variants: str, seeds: str, out: str, data_dir: str, **kw: Any) ->
     from pipeline.dataset_schema import DataError, load_dataset
     from pipeline.experiment import run_experiment, standard_variants
 
+    if parse_d_user(str(kw["d_user"])) == "auto":
+        raise click.ClickException("--d-user auto: use `ckv train` or `ckv eval` (experiment takes a fixed d_u)")
     try:
         dataset = load_dataset(data_dir)
         chosen = standard_variants(

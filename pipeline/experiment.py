@@ -102,6 +102,13 @@ def summarise(runs: list[dict[str, Any]], configs: dict[str, ModelConfig]) -> di
         entry["cr"] = entry["cache_bytes_per_behaviour"] / entry["full_fp32_bytes_per_behaviour"]
         if cfg.kv_mode == "collective":
             assert abs(entry["cr"] - compression_rate(cfg)) < 1e-12
+        if cfg.arch != "din":  # zoo models cache several K/V groups (+ retrieval keys): whole-entry CR
+            from model.zoo import compression_rate as zoo_cr
+            from model.zoo import entry_bytes, full_kv_bytes
+
+            entry["cache_bytes_per_user_full_window"] = entry_bytes(cfg)
+            entry["full_fp32_bytes_per_user_full_window"] = full_kv_bytes(cfg)
+            entry["cr"] = zoo_cr(cfg) if cfg.kv_mode == "collective" else 1.0
         out[name] = entry
     return out
 

@@ -433,3 +433,43 @@ def test_trainer_trains_and_checkpoints_every_zoo_model(arch: str, tiny_dataset:
         torch.from_numpy(predict(ck.model, index, ds.samples["test"], 64)),
         torch.from_numpy(predict(result.model, index, ds.samples["test"], 256)),
     )
+
+
+# ------------------------------------------------------------------------------------------- CLIs
+def test_ckv_train_zoo_arch_with_d_user_auto(tiny_dataset: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from jobs.cli import main
+    from pipeline.checkpoint import load_checkpoint
+
+    args = ["train", "--data", str(tiny_dataset), "--out", str(tmp_path / "ck"), "--arch", "eta", "--d-user", "auto",
+            "--embed-dim", "8", "--d-attn", "16", "--heads", "2", "--pool-size", "16", "--max-len", "5",
+            "--long-len", "20", "--topk", "4", "--epochs", "1", "--batch-size", "128", "--no-progress"]  # fmt: skip
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    ck = load_checkpoint(tmp_path / "ck")
+    auto = ck.metrics["d_user_auto"]
+    assert ck.config.arch == "eta" and ck.config.collective.d_user == auto["d_user"] >= 1
+    assert set(auto["groups"]) == {"short.k", "short.v", "long.k", "long.v"}
+
+
+def test_ckv_eval_quick_writes_tables_plots_and_resumes(tiny_dataset: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from jobs.cli import main
+
+    args = ["eval", "--quick", "--data", str(tiny_dataset), "--out", str(tmp_path / "ev"), "--models", "sim,hstu",
+            "--sections", "table1,table3,fig4,fig5,auto", "--d-user", "auto"]  # fmt: skip
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "ev"
+    report = json.loads((out / "results.json").read_text())
+    assert {e["arch"] for e in report["sections"]["table1"]} == {"sim", "hstu"}
+    assert len(report["sections"]["table3"]) == 5 and report["auto_vs_fixed"]["arch"] == "sim"
+    assert (out / "fig4_d_user.png").stat().st_size > 0 and (out / "fig5_pool.png").stat().st_size > 0
+    md = (out / "results.md").read_text()
+    assert "QUICK SMOKE RUN" in md and "| SIM | collective |" in md
+    n_runs = len(list((out / "runs").glob("*.json")))
+    res = CliRunner().invoke(main, args)  # every run is on disk: nothing is trained again
+    assert res.exit_code == 0 and "to train" not in res.output
+    assert len(list((out / "runs").glob("*.json"))) == n_runs
