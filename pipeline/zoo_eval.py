@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import time
 from collections.abc import Sequence
@@ -190,6 +191,7 @@ class Job:
     out_file: str
     auto: dict[str, Any] | None = None  # if set: choose d_u from this (full) model's K/V after training
     sample_fraction: float = 1.0
+    threads: int | None = None  # torch CPU threads of the process running the job (parallel workers)
 
 
 _DATASETS: dict[tuple[str, float], CanonicalDataset] = {}
@@ -299,6 +301,8 @@ def auto_d_user(
 
 def execute(job: Job) -> dict[str, Any]:
     """Train one run (and, if asked, choose d_u from it); write and return its record."""
+    if job.threads:
+        torch.set_num_threads(job.threads)
     if job.train.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -336,19 +340,31 @@ def run_jobs(jobs: Sequence[Job], workers: int, log: Any = print) -> list[dict[s
         log(f"{len(todo)} run(s) to train, {len(done)} already done")
 
     def note(r: dict[str, Any]) -> None:
-        t = r["test"]
+        t, c = r["test"], r["config"]
+        what = (
+            "full"
+            if c.get("kv_mode") == "full"
+            else (
+                "collective d_u={d_user} pool={pool_size} share={sk}{sv} w=({peak_weight:g},{balance_weight:g})".format(
+                    sk="K" if c["collective"]["share_k"] else "",
+                    sv="V" if c["collective"]["share_v"] else "",
+                    **c["collective"],
+                )
+            )
+        )
         log(
-            f"  {r['arch']:5s} {r['config'].get('kv_mode', 'collective'):10s} seed {r['seed']}  gauc {t['gauc']:.4f} "
-            f"auc {t['auc']:.4f} logloss {t['logloss']:.4f}  ({r['wall_seconds']:.0f} s)"
-            + (f"  auto d_u {r['auto']['d_user']}" if "auto" in r else "")
+            f"  {r['arch']:5s} seed {r['seed']} {what:52s} gauc {t['gauc']:.4f} auc {t['auc']:.4f} "
+            f"logloss {t['logloss']:.4f} ({r['wall_seconds']:.0f} s)"
+            + (f" auto d_u {r['auto']['d_user']}" if "auto" in r else "")
         )
 
     if workers > 1 and len(todo) > 1:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
+        threads = max(1, (os.cpu_count() or 1) // workers)
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = [pool.submit(execute, j) for j in todo]
+            futures = [pool.submit(execute, replace(j, threads=threads)) for j in todo]
             for f in as_completed(futures):
                 r = f.result()
                 done[r["id"]] = r
