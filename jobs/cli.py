@@ -20,6 +20,7 @@ _COMMANDS: list[tuple[str, str]] = [
     ("report", "jobs.report:report"),
     ("score", "jobs.score:score"),
     ("eval", "jobs.eval:eval_cmd"),
+    ("capacity", "jobs.capacity:capacity"),
 ]
 
 

@@ -1,0 +1,85 @@
+"""`ckv capacity`: full KV vs CollectiveKV storage, GPU memory and transfer for a user base
+(argument parsing only; the model is pipeline/capacity.py, docs/capacity.md explains it)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+@click.command("capacity")
+@click.option("--users", type=int, default=None,
+              help="users to plan for (default: the user count of --store / --length-dist STORE)")
+@click.option("--length-dist", "length_spec", default=None, metavar="STORE|FILE|mean,p50,p90,max",
+              help="history lengths: a published store (its cached lengths), a histories Parquet (file, dir or "
+                   "dataset), or mean,p50,p90,max (log-normal fitted to p50/p90, truncated at max)")
+@click.option("--store", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="a real store: its layout gives the defaults below and its measured LMDB overhead calibrates "
+                   "the matching column (default: --length-dist when that is a store)")
+@click.option("--d-attn", type=int, default=None, help="attention dim d_a (default 256 or the store's)")
+@click.option("--d-user", type=int, default=None, help="user-specific dims d_u (default 1 or the store's)")
+@click.option("--pool", "pool_size", type=int, default=None, help="global pool rows (default 10,000 or the store's)")
+@click.option("--dtype", "kv_dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
+              help="stored K/V dtype (default float16 or the store's)")
+@click.option("--full-dtype", "full_kv_dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
+              help="dtype of the full-KV column (default: --dtype)")
+@click.option("--index-dtype", type=click.Choice(["auto", "uint16", "int32"]), default=None,
+              help="router index width (auto: uint16 while pool <= 65,536)")
+@click.option("--share", type=click.Choice(["kv", "k", "v"]), default=None, help="which of K/V are shared")
+@click.option("--max-len", type=int, default=None,
+              help="behaviours cached per user (default: the store's max_len; none for a file / quantiles)")
+@click.option("--batch", type=int, default=512, show_default=True, help="users per request batch")
+@click.option("--bandwidth", "bw_spec", default="measured", show_default=True,
+              help="host->GPU GB/s, or 'measured' (benchmarks/results/decode_latency.json; falls back to "
+                   "REFERENCE.md's H100 51-55 GB/s, labelled)")
+@click.option("--latency-us", type=float, default=None, help="fixed per-copy latency (default 20 us or measured)")
+@click.option("--host-mem-gib", type=float, default=512.0, show_default=True, help="host memory budget")
+@click.option("--gpu-mem-gib", type=float, default=80.0, show_default=True, help="GPU memory budget")
+@click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="benchmark results directory (default benchmarks/results)")
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of the table")
+@click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="also write the JSON to this file")
+def capacity(users: int | None, length_spec: str | None, store: Path | None, d_attn: int | None,
+             d_user: int | None, pool_size: int | None, kv_dtype: str | None, full_kv_dtype: str | None,
+             index_dtype: str | None, share: str | None, max_len: int | None, batch: int, bw_spec: str,
+             latency_us: float | None, host_mem_gib: float, gpu_mem_gib: float, results_dir: Path | None,
+             as_json: bool, json_out: Path | None) -> None:
+    """Bytes per user, store size, GPU pool, H2D bytes/time per batch and users per memory budget,
+    full KV vs CollectiveKV."""
+    from pipeline.capacity import Budgets, CacheFormat, capacity_plan, capacity_table, format_table
+    from pipeline.capacity_inputs import bandwidth, is_store, length_dist, store_calibration, store_format
+
+    try:
+        if store is None and length_spec is not None and is_store(length_spec):
+            store = Path(length_spec)
+        if length_spec is None:
+            if store is None:
+                raise ValueError("give --length-dist (STORE, FILE or mean,p50,p90,max) or --store")
+            length_spec = str(store)
+        dist = length_dist(length_spec)
+        opts = {"d_attn": d_attn, "d_user": d_user, "pool_size": pool_size, "kv_dtype": kv_dtype,
+                "full_kv_dtype": full_kv_dtype, "index_dtype": index_dtype, "max_len": max_len}
+        if share is not None:
+            opts.update(share_k="k" in share, share_v="v" in share)
+        calibration = None
+        if store is not None:
+            fmt = store_format(store, **opts)
+            calibration = store_calibration(store)
+        else:
+            fmt = CacheFormat(**{k: v for k, v in opts.items() if v is not None})
+        if users is None:
+            if dist.observed_users is None:
+                raise ValueError("--users is needed with a mean,p50,p90,max length distribution")
+            users = calibration.users if calibration is not None else dist.observed_users
+        bw = bandwidth(bw_spec, results_dir, latency_us)
+        plan = capacity_plan(users, dist, fmt, batch=batch, bandwidth=bw,
+                             budgets=Budgets(host_mem_gib, gpu_mem_gib), calibration=calibration)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    text = json.dumps(plan, indent=2, default=float)
+    if json_out is not None:
+        json_out.write_text(text + "\n")
+    click.echo(text if as_json else format_table(capacity_table(plan)))
