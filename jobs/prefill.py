@@ -41,6 +41,11 @@ from pipeline.prefill import ENGINES
 @click.option("--spark-log-level", default="WARN", show_default=True, help="Spark's log level ('' keeps it)")
 @click.option("--ship-code/--no-ship-code", default=None,
               help="send the project's packages to executors [default: only for a non-local master]")
+@click.option("--incremental/--no-incremental", default=False, show_default=True,
+              help="recompute only users whose history changed since --previous (same model version); "
+                   "carry the other rows over (docs/nightly.md)")
+@click.option("--previous", default=None, type=click.Path(file_okay=False),
+              help="previous store for --incremental [default: --out]")
 @click.option("--fail-after-users", type=int, default=None, hidden=True, help="test hook: tasks fail")
 def prefill_cmd(checkpoint: str, histories: str, store: str, **kw: object) -> None:
     """Prefill every user's compact KV cache with Spark; build and publish STORE (Parquet + LMDB)."""

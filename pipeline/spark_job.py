@@ -32,11 +32,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from cachestore.publish import STAGING, new_version_id
 from cachestore.record import CacheLayout, write_layout
 from pipeline.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
+from pipeline.incremental import FP_COL, HISTORY_FP_VERSION, PREV_FP_COL, fingerprint_sql, previous_state
+from pipeline.incremental import split as incremental_split
 from pipeline.prefill import ENGINES, OUTPUT_DDL, PrefillInputError, cache_layout
 from pipeline.store_ops import PREFILL_META_FILE, PREFILL_PARQUET_SCHEMA_VERSION, build_store, write_json
 
@@ -67,6 +70,8 @@ class PrefillOptions:
     spark_log_level: str | None = "WARN"
     ship_code: bool | None = None  # None: only when the master is not local
     fail_after_users: int | None = None  # test hook: a task raises after this many users
+    incremental: bool = False  # reuse the previous store's rows of unchanged users (pipeline/incremental.py)
+    previous: str | None = None  # the previous store (default: the output store)
     command_line: str = field(default_factory=lambda: command_line())
 
 
@@ -209,17 +214,27 @@ def run_prefill(opts: PrefillOptions, spark: Any = None) -> dict[str, Any]:
     check_history_schema(df.schema, histories)
     df = df.selectExpr("CAST(user_id AS BIGINT) AS user_id", "CAST(items AS ARRAY<INT>) AS items",
                        "CAST(labels AS ARRAY<TINYINT>) AS labels")
+    df = df.selectExpr("*", f"{fingerprint_sql(layout.max_len)} AS {FP_COL}")
+    carried, inc_meta = None, None
+    if opts.incremental:
+        prev = previous_state(opts.previous or opts.store, version, layout)
+        log.info("prefill: incremental: previous %s (%s)", prev.version_id, prev.reason)
+        inc_meta = {"history_fp_version": HISTORY_FP_VERSION, "previous": prev.to_dict()}
+        if prev.parquet is not None:
+            df, carried = incremental_split(spark, df, prev.parquet)
     if opts.ship_code or (opts.ship_code is None and not sc.master.startswith("local")):
         ship_code(sc)
     zip_name = ship_checkpoint(sc, ckpt_dir, version)
-    users_acc, parts_acc = sc.accumulator(0), sc.accumulator(0)
+    users_acc, parts_acc, known_acc = sc.accumulator(0), sc.accumulator(0), sc.accumulator(0)
     params = {
         "zip": zip_name, "version": version, "layout": layout.to_dict(), "device": opts.device,
         "engine": opts.engine, "batch_users": opts.batch_users, "memo_bytes": opts.memo_mb << 20,
         "fail_after": opts.fail_after_users, "users": users_acc, "parts": parts_acc,
-        "share_blocks": opts.share_blocks,
+        "share_blocks": opts.share_blocks, "known": known_acc,
     }  # fmt: skip
-    out = df.mapInArrow(functools.partial(prefill_partition, params=params), OUTPUT_DDL)
+    out = df.mapInArrow(functools.partial(prefill_partition, params=params), f"{OUTPUT_DDL}, {FP_COL} long")
+    if carried is not None:
+        out = out.unionByName(carried)
     if opts.sort:
         out = out.sortWithinPartitions("user_id")
     spark_out = store / STAGING / f"prefill-{new_version_id()}"
@@ -255,8 +270,21 @@ def run_prefill(opts: PrefillOptions, spark: Any = None) -> dict[str, Any]:
                               "total": round(t_setup, 3)},
             "stage_seconds": round(t_write, 3), "stage_users_per_s": round(users / max(t_write, 1e-9), 1),
         }  # fmt: skip
+        if inc_meta is not None:
+            meta["incremental"] = inc_meta
         write_json(spark_out / PREFILL_META_FILE, meta)
-        manifest = build_store(store, spark_out, prefill=meta, command_line=opts.command_line)
+
+        def on_built(manifest: dict) -> None:  # incremental counts, known once the LMDB is built
+            if inc_meta is None:
+                return
+            carried_n, known = manifest["stats"]["users"] - users, known_acc.value
+            reused = inc_meta["previous"]["reusable"]
+            inc_meta.update(recomputed=users, carried=carried_n, new_users=users - known, changed_users=known,
+                            dropped=(inc_meta["previous"]["users"] - carried_n - known) if reused else None)
+            log.info("prefill: incremental: %d users recomputed (%d changed, %d new), %d carried over, %s dropped",
+                     users, known, users - known, carried_n, inc_meta["dropped"])
+
+        manifest = build_store(store, spark_out, prefill=meta, command_line=opts.command_line, on_built=on_built)
     finally:
         shutil.rmtree(spark_out, ignore_errors=True)
     total = time.perf_counter() - t0
@@ -326,8 +354,21 @@ def prefill_partition(batches: Any, params: dict) -> Any:
     ctx = TaskContext.get()
     part = ctx.partitionId() if ctx is not None else -1
     n = 0
+    fps: list[Any] = []  # history_fp of the input rows not yet output (output rows are in input order)
+
+    def tap(it: Any) -> Any:
+        for b in it:
+            names = b.schema.names
+            fps.append(b.column(names.index(FP_COL)).to_numpy(zero_copy_only=False))
+            if PREV_FP_COL in names:
+                params["known"].add(b.num_rows - b.column(names.index(PREV_FP_COL)).null_count)
+            yield b
+
     out: pa.RecordBatch
-    for out in prefill_batches(batches, engine, layout, params["batch_users"]):
+    for out in prefill_batches(tap(batches), engine, layout, params["batch_users"]):
+        pending = np.concatenate(fps) if len(fps) != 1 else fps[0]
+        fps[:] = [pending[out.num_rows:]]
+        out = out.append_column(FP_COL, pa.array(pending[:out.num_rows], pa.int64()))
         n += out.num_rows
         if params["fail_after"] is not None and n >= params["fail_after"]:
             raise RuntimeError(f"injected failure after {n} users (fail_after_users={params['fail_after']})")

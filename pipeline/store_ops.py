@@ -31,7 +31,8 @@ from cachestore.record import HEADER_SIZE, CacheLayout
 log = logging.getLogger("ckv.store")
 PREFILL_META_FILE = "_prefill.json"
 PARQUET_DIR = "parquet"
-PREFILL_PARQUET_SCHEMA_VERSION = 1  # the prefill Parquet columns (docs/prefill.md); bump on any change
+PREFILL_PARQUET_SCHEMA_VERSION = 2  # the prefill Parquet columns (docs/prefill.md); bump on any change
+# 2: + history_fp int64 (pipeline/incremental.py; ignored by the LMDB build, the record format is unchanged)
 STABLE_LINKS = (PARQUET_DIR, LMDB_DIR, MANIFEST, LAYOUT)
 
 
@@ -106,10 +107,11 @@ def ensure_links(store_root: Path) -> None:
 
 def build_store(store_root: str | os.PathLike, parquet_dir: str | os.PathLike, *,
                 prefill: dict[str, Any] | None = None, command_line: str | None = None,
-                progress: bool = False) -> dict[str, Any]:
+                progress: bool = False, on_built: Any = None) -> dict[str, Any]:
     """Build a store version from PARQUET_DIR (part files + _layout.json) and publish it.
 
     ``prefill``: metadata of the run that wrote the Parquet (default: PARQUET_DIR/_prefill.json).
+    ``on_built(manifest)``: called once the LMDB is built (``manifest['stats']``), before the metadata is written.
     Any failure removes the staging version and leaves ``current`` as it was. Returns the manifest.
     """
     root, src = Path(store_root), Path(parquet_dir)
@@ -122,6 +124,8 @@ def build_store(store_root: str | os.PathLike, parquet_dir: str | os.PathLike, *
     staging = new_staging_dir(root)
     try:
         manifest = build_version(src, staging, parquet="link", progress=progress)
+        if on_built is not None:  # last additions to the metadata (e.g. counts known once built)
+            on_built(manifest)
         if prefill is not None:
             write_json(staging / PARQUET_DIR / PREFILL_META_FILE, prefill)
         manifest.update(summary_fields(manifest, prefill, command_line or shlex.join(sys.argv)))
