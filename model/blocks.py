@@ -20,7 +20,7 @@ from torch import nn
 from model.attention import target_attention
 from model.cache import KVCache, rebuild_kv
 from model.config import ModelConfig
-from model.ctr import N_FEEDBACK, RouterLosses, TargetAttentionCTR
+from model.ctr import BehaviourModel, RouterLosses
 from model.pool import KVBranch, TokenBatch
 from model.retrieval import gather_positions, topk_target_attention
 
@@ -100,35 +100,14 @@ class ZooCache:
         return out
 
 
-class ZooBase(nn.Module):
+class ZooBase(BehaviourModel):
     """Embeddings, prefill/decode split and loss shared by every zoo model.
 
     Behaviour token = item + mean genre + feedback embedding; target token = item + mean genre
-    embedding — the tables and methods of :class:`TargetAttentionCTR` (its ``item_embedding``,
-    ``behaviour_tokens``, ``loss`` and input check are used as they are). Subclasses implement
+    embedding — the tables and methods of :class:`model.ctr.BehaviourModel`. Subclasses implement
     :meth:`prefill_with_losses` and :meth:`decode_with_losses`; :meth:`forward` is
     ``decode(prefill(history), targets)``.
     """
-
-    item_embedding = TargetAttentionCTR.item_embedding
-    behaviour_tokens = TargetAttentionCTR.behaviour_tokens
-    loss = TargetAttentionCTR.loss
-    _check_history = TargetAttentionCTR._check_history
-
-    def __init__(self, cfg: ModelConfig, item_genres: torch.Tensor | None = None) -> None:
-        super().__init__()
-        self.cfg = cfg
-        e = cfg.embed_dim
-        self.item_emb = nn.Embedding(cfg.n_items + 1, e, padding_idx=0)
-        self.genre_emb = nn.Embedding(cfg.n_genres + 1, e, padding_idx=0)
-        self.feedback_emb = nn.Embedding(N_FEEDBACK, e, padding_idx=0)
-        if item_genres is None:
-            item_genres = torch.zeros(cfg.n_items + 1, cfg.max_genres, dtype=torch.long)
-        if item_genres.shape != (cfg.n_items + 1, cfg.max_genres):
-            raise ValueError(
-                f"item_genres has shape {tuple(item_genres.shape)}, expected {(cfg.n_items + 1, cfg.max_genres)}"
-            )
-        self.register_buffer("item_genres", item_genres.long())
 
     def prefill_with_losses(
         self, items: torch.Tensor, feedback: torch.Tensor, lengths: torch.Tensor

@@ -47,10 +47,16 @@ def distinct(values: torch.Tensor, bound: int) -> tuple[torch.Tensor, torch.Tens
     return uniq, rank[values], counts_all[uniq]
 
 
-class TargetAttentionCTR(nn.Module):
+class BehaviourModel(nn.Module):
+    """Embedding tables, behaviour tokens, input checks and the training loss shared by every
+    model of the project (:class:`TargetAttentionCTR` and the zoo in :mod:`model.blocks`).
+
+    Behaviour token = item embedding + mean genre embedding + feedback embedding; target token =
+    item + mean genre embedding. ``item_genres``: (n_items + 1, max_genres) int64 dense genre ids,
+    0-padded; row 0 is the padding item. Stored as a buffer so a checkpoint is self-contained.
+    """
+
     def __init__(self, cfg: ModelConfig, item_genres: torch.Tensor | None = None) -> None:
-        """``item_genres``: (n_items + 1, max_genres) int64 dense genre ids, 0-padded; row 0 is
-        the padding item. Stored as a buffer so a checkpoint is self-contained."""
         super().__init__()
         self.cfg = cfg
         e = cfg.embed_dim
@@ -61,22 +67,10 @@ class TargetAttentionCTR(nn.Module):
             item_genres = torch.zeros(cfg.n_items + 1, cfg.max_genres, dtype=torch.long)
         if item_genres.shape != (cfg.n_items + 1, cfg.max_genres):
             raise ValueError(
-                f"item_genres has shape {tuple(item_genres.shape)}, "
-                f"expected {(cfg.n_items + 1, cfg.max_genres)}"
+                f"item_genres has shape {tuple(item_genres.shape)}, expected {(cfg.n_items + 1, cfg.max_genres)}"
             )
         self.register_buffer("item_genres", item_genres.long())
-        c = cfg.collective
-        self.k_branch = KVBranch(e, cfg.d_attn, cfg.k_shared, c.d_user, c.pool_size)
-        self.v_branch = KVBranch(e, cfg.d_attn, cfg.v_shared, c.d_user, c.pool_size)
-        self.q_proj = nn.Linear(e, cfg.d_attn, bias=False)
-        dims = [cfg.d_attn + e, *cfg.mlp_dims]
-        layers: list[nn.Module] = []
-        for d_in, d_out in zip(dims[:-1], dims[1:], strict=True):
-            layers += [nn.Linear(d_in, d_out), nn.ReLU(), nn.Dropout(cfg.dropout)]
-        layers.append(nn.Linear(dims[-1], 1))
-        self.mlp = nn.Sequential(*layers)
 
-    # ----------------------------------------------------------------------------- embeddings
     def item_embedding(self, items: torch.Tensor) -> torch.Tensor:
         """(...) item ids → (..., E): item embedding + mean of its genre embeddings (0 if none)."""
         flat = items.reshape(-1)  # (N,)
@@ -93,6 +87,38 @@ class TargetAttentionCTR(nn.Module):
         x_unique = self.item_embedding(uniq // N_FEEDBACK) + self.feedback_emb(uniq % N_FEEDBACK)  # (U, E)
         positions = valid.reshape(-1).nonzero().squeeze(1)  # (N,) row-major, same order as items[valid]
         return TokenBatch(valid=valid, x_unique=x_unique, inverse=inverse, counts=counts, positions=positions)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, losses: RouterLosses) -> torch.Tensor:
+        """BCE + peak_weight · peak + balance_weight · balance (router terms only if collective)."""
+        bce = nn.functional.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+        if self.cfg.kv_mode == "full":
+            return bce
+        c = self.cfg.collective
+        return bce + c.peak_weight * losses.peak + c.balance_weight * losses.balance
+
+    def _check_history(self, items: torch.Tensor, feedback: torch.Tensor, lengths: torch.Tensor) -> None:
+        if items.dim() != 2 or items.shape != feedback.shape or lengths.shape != items.shape[:1]:
+            raise ValueError(
+                f"history shapes must be items (B, L), feedback (B, L), lengths (B,); got "
+                f"{tuple(items.shape)}, {tuple(feedback.shape)}, {tuple(lengths.shape)}"
+            )
+
+
+class TargetAttentionCTR(BehaviourModel):
+    def __init__(self, cfg: ModelConfig, item_genres: torch.Tensor | None = None) -> None:
+        """See :class:`BehaviourModel` for ``item_genres``."""
+        super().__init__(cfg, item_genres)
+        e = cfg.embed_dim
+        c = cfg.collective
+        self.k_branch = KVBranch(e, cfg.d_attn, cfg.k_shared, c.d_user, c.pool_size)
+        self.v_branch = KVBranch(e, cfg.d_attn, cfg.v_shared, c.d_user, c.pool_size)
+        self.q_proj = nn.Linear(e, cfg.d_attn, bias=False)
+        dims = [cfg.d_attn + e, *cfg.mlp_dims]
+        layers: list[nn.Module] = []
+        for d_in, d_out in zip(dims[:-1], dims[1:], strict=True):
+            layers += [nn.Linear(d_in, d_out), nn.ReLU(), nn.Dropout(cfg.dropout)]
+        layers.append(nn.Linear(dims[-1], 1))
+        self.mlp = nn.Sequential(*layers)
 
     # ----------------------------------------------------------------------- prefill / decode
     def prefill_with_losses(
@@ -127,9 +153,7 @@ class TargetAttentionCTR(nn.Module):
         t = self.item_embedding(tgt)  # (B, C, E)
         q = self.q_proj(t)  # (B, C, d_a)
         k, v = self.keys_values(cache)  # (B, L, d_a) each
-        attn = target_attention(
-            q, k.to(q.dtype), v.to(q.dtype), cache.lengths, self.cfg.n_heads
-        )  # (B, C, d_a)
+        attn = target_attention(q, k.to(q.dtype), v.to(q.dtype), cache.lengths, self.cfg.n_heads)  # (B, C, d_a)
         logits = self.mlp(torch.cat([attn, t], dim=-1)).squeeze(-1)  # (B, C)
         return logits.squeeze(1) if squeeze else logits
 
@@ -139,18 +163,3 @@ class TargetAttentionCTR(nn.Module):
         """``decode(prefill(history), targets)``, plus the router losses for training."""
         cache, losses = self.prefill_with_losses(items, feedback, lengths)
         return self.decode(cache, targets), losses
-
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor, losses: RouterLosses) -> torch.Tensor:
-        """BCE + peak_weight · peak + balance_weight · balance (router terms only if collective)."""
-        bce = nn.functional.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
-        if self.cfg.kv_mode == "full":
-            return bce
-        c = self.cfg.collective
-        return bce + c.peak_weight * losses.peak + c.balance_weight * losses.balance
-
-    def _check_history(self, items: torch.Tensor, feedback: torch.Tensor, lengths: torch.Tensor) -> None:
-        if items.dim() != 2 or items.shape != feedback.shape or lengths.shape != items.shape[:1]:
-            raise ValueError(
-                f"history shapes must be items (B, L), feedback (B, L), lengths (B,); got "
-                f"{tuple(items.shape)}, {tuple(feedback.shape)}, {tuple(lengths.shape)}"
-            )
