@@ -85,8 +85,18 @@ HISTORY_COLUMNS = ("user_id", "items", "labels")
 _POSITIONS_PER_CHUNK = 1 << 20  # padded (users x max_len) positions per chunk (auto batch_users)
 
 
+INPUT_HINT = ("fix the histories (schema: docs/data_schema.md, histories.parquet) and re-run the job; "
+              "nothing was published, the current store version is unchanged")
+
+
 class PrefillInputError(ValueError):
-    """A history batch that cannot be prefilled (missing column, wrong type, null, bad id)."""
+    """A history batch that cannot be prefilled (missing column, wrong type, null, bad id).
+
+    The message says what is wrong and where (file / user); :data:`INPUT_HINT` (what to do) is
+    appended unless ``hint=False``."""
+
+    def __init__(self, message: str, hint: bool = True) -> None:
+        super().__init__(f"{message} ({INPUT_HINT})" if hint else message)
 
 
 def auto_batch_users(max_len: int) -> int:
@@ -114,11 +124,29 @@ def _check_batch(batch: pa.RecordBatch, n_items: int | None) -> None:
         t = batch.schema.field(col).type
         if not ((pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_integer(t.value_type)):
             raise PrefillInputError(f"column {col!r} has type {t}, expected a list of integers")
+    uid = batch.column("user_id")
     for col in HISTORY_COLUMNS:
         arr = batch.column(col)
         if arr.null_count:
             row = int(np.flatnonzero(np.asarray(arr.is_null()))[0])
-            raise PrefillInputError(f"user {batch.column('user_id')[row]}: null {col!r}")
+            who = f"row {row} of the batch" if col == "user_id" else f"user {uid[row]}"
+            raise PrefillInputError(f"{who}: null {col!r}")
+    ids = uid.to_numpy(zero_copy_only=False)
+    if ids.size and (ids.min() < 0 or (ids.dtype.kind == "u" and ids.max() > np.iinfo(np.int64).max)):
+        row = int(np.flatnonzero((ids < 0) | (ids > np.iinfo(np.int64).max))[0])
+        raise PrefillInputError(f"user {ids[row]}: user ids must be in 0..2**63-1 (store keys are unsigned)")
+    lens = {}
+    for col in ("items", "labels"):
+        arr = _rebase(batch.column(col))
+        if arr.values.null_count:  # a null inside a list (the column's own null_count misses it)
+            offsets = np.asarray(arr.offsets)
+            pos = int(np.flatnonzero(np.asarray(arr.values.is_null()))[0])
+            row = int(np.searchsorted(offsets, pos, side="right") - 1)
+            raise PrefillInputError(f"user {ids[row]}: null element in {col!r} (position {pos - offsets[row]})")
+        lens[col] = np.diff(np.asarray(arr.offsets))
+    if not np.array_equal(lens["items"], lens["labels"]):
+        row = int(np.flatnonzero(lens["items"] != lens["labels"])[0])
+        raise PrefillInputError(f"user {ids[row]}: {lens['items'][row]} items but {lens['labels'][row]} labels")
 
 
 def _rebase(arr: pa.Array) -> pa.Array:
@@ -174,15 +202,24 @@ def prefill_chunk(batch: pa.RecordBatch, engine: DirectEngine | MemoEngine | Noo
 
 
 def prefill_batches(batches: Iterable[pa.RecordBatch], model: TargetAttentionCTR | DirectEngine | MemoEngine
-                    | NoopEngine | None, layout: CacheLayout, batch_users: int = 0) -> Iterator[pa.RecordBatch]:
+                    | NoopEngine | None, layout: CacheLayout, batch_users: int = 0,
+                    counts: dict[str, int] | None = None) -> Iterator[pa.RecordBatch]:
     """The per-partition prefill: history batches → output batches (OUTPUT_SCHEMA), in input order.
 
     ``model``: a TargetAttentionCTR in eval mode (wrapped in ``make_engine(model, layout)``), or an
-    engine; ``batch_users``: users per output batch (0: :func:`auto_batch_users`).
+    engine; ``batch_users``: users per output batch (0: :func:`auto_batch_users`). ``counts``: if
+    given, ``users`` and ``truncated`` (users whose history is longer than max_len: only the latest
+    max_len events are cached) are added to it as chunks are produced.
     """
     engine = model if isinstance(model, DirectEngine | MemoEngine | NoopEngine) else make_engine(model, layout)
     n_items = engine.model.cfg.n_items if isinstance(engine, DirectEngine | MemoEngine) else None
     step = batch_users or auto_batch_users(layout.max_len)
     for batch in batches:
         for lo in range(0, batch.num_rows, step):
-            yield prefill_chunk(batch.slice(lo, step), engine, layout, n_items)
+            chunk = batch.slice(lo, step)
+            out = prefill_chunk(chunk, engine, layout, n_items)
+            if counts is not None:
+                full = np.diff(np.asarray(chunk.column("items").offsets))
+                counts["users"] = counts.get("users", 0) + chunk.num_rows
+                counts["truncated"] = counts.get("truncated", 0) + int((full > layout.max_len).sum())
+            yield out

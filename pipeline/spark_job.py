@@ -23,6 +23,8 @@ import logging
 import os
 import shlex
 import shutil
+import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -35,9 +37,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from cachestore.lmdb_build import StoreBuildError
 from cachestore.publish import STAGING, new_version_id
 from cachestore.record import CacheLayout, write_layout
-from pipeline.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
+from pipeline.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, load_checkpoint
 from pipeline.incremental import FP_COL, HISTORY_FP_VERSION, PREV_FP_COL, fingerprint_sql, previous_state
 from pipeline.incremental import split as incremental_split
 from pipeline.prefill import ENGINES, OUTPUT_DDL, PrefillInputError, cache_layout
@@ -70,6 +73,7 @@ class PrefillOptions:
     spark_log_level: str | None = "WARN"
     ship_code: bool | None = None  # None: only when the master is not local
     fail_after_users: int | None = None  # test hook: a task raises after this many users
+    fail_kill: bool = False  # test hook: ... or its Python worker SIGKILLs itself instead of raising
     incremental: bool = False  # reuse the previous store's rows of unchanged users (pipeline/incremental.py)
     previous: str | None = None  # the previous store (default: the output store)
     command_line: str = field(default_factory=lambda: command_line())
@@ -226,10 +230,12 @@ def run_prefill(opts: PrefillOptions, spark: Any = None) -> dict[str, Any]:
         ship_code(sc)
     zip_name = ship_checkpoint(sc, ckpt_dir, version)
     users_acc, parts_acc, known_acc = sc.accumulator(0), sc.accumulator(0), sc.accumulator(0)
+    trunc_acc = sc.accumulator(0)  # users whose history was truncated to max_len
     params = {
         "zip": zip_name, "version": version, "layout": layout.to_dict(), "device": opts.device,
         "engine": opts.engine, "batch_users": opts.batch_users, "memo_bytes": opts.memo_mb << 20,
         "fail_after": opts.fail_after_users, "users": users_acc, "parts": parts_acc,
+        "fail_kill": opts.fail_kill, "truncated": trunc_acc,
         "share_blocks": opts.share_blocks, "known": known_acc,
     }  # fmt: skip
     out = df.mapInArrow(functools.partial(prefill_partition, params=params), f"{OUTPUT_DDL}, {FP_COL} long")
@@ -257,6 +263,8 @@ def run_prefill(opts: PrefillOptions, spark: Any = None) -> dict[str, Any]:
         users = users_acc.value
         log.info("prefill: Spark stage done: %d partitions, %d users in %.1f s (%.0f users/s; %.1f s since start)",
                  parts_acc.value, users, t_write, users / max(t_write, 1e-9), t_spark)
+        log.info("prefill: %d users had more than max_len=%d events: truncated to their latest %d",
+                 trunc_acc.value, layout.max_len, layout.max_len)
         write_layout(spark_out / "_layout.json", layout)
         meta = {
             "prefill_parquet_schema_version": PREFILL_PARQUET_SCHEMA_VERSION,
@@ -266,6 +274,7 @@ def run_prefill(opts: PrefillOptions, spark: Any = None) -> dict[str, Any]:
             "spark": {"master": sc.master, "app_id": sc.applicationId, "version": sc.version,
                       "default_parallelism": sc.defaultParallelism},
             "partitions": parts_acc.value, "spark_seconds": round(t_spark, 3),
+            "truncated_users": trunc_acc.value,
             "setup_seconds": {"checkpoint": round(t_load, 3), "spark_session": round(t_session, 3),
                               "total": round(t_setup, 3)},
             "stage_seconds": round(t_write, 3), "stage_users_per_s": round(users / max(t_write, 1e-9), 1),
@@ -284,7 +293,21 @@ def run_prefill(opts: PrefillOptions, spark: Any = None) -> dict[str, Any]:
             log.info("prefill: incremental: %d users recomputed (%d changed, %d new), %d carried over, %s dropped",
                      users, known, users - known, carried_n, inc_meta["dropped"])
 
-        manifest = build_store(store, spark_out, prefill=meta, command_line=opts.command_line, on_built=on_built)
+
+        def refuse_empty(manifest: dict, then: Any = on_built) -> None:  # before the publish: never an empty store
+            if manifest["stats"]["users"] == 0:
+                raise PrefillInputError(f"histories {histories} hold no users: refusing to publish an empty store")
+            if then is not None:
+                then(manifest)
+
+        try:
+            manifest = build_store(store, spark_out, prefill=meta, command_line=opts.command_line,
+                                   on_built=refuse_empty)
+        except StoreBuildError as exc:  # the job's own output is valid: duplicates come from the input
+            if "duplicate user id" not in str(exc):
+                raise
+            raise PrefillInputError(f"histories {histories}: {exc} (Spark output files): every user must "
+                                    "have exactly one row") from exc
     finally:
         shutil.rmtree(spark_out, ignore_errors=True)
     total = time.perf_counter() - t0
@@ -327,9 +350,7 @@ def _engine(params: dict) -> Any:
 
             tmp = tempfile.mkdtemp(prefix="ckv-ckpt-")
             try:
-                with zipfile.ZipFile(SparkFiles.get(params["zip"])) as zf:
-                    zf.extractall(tmp)
-                ckpt = load_checkpoint(tmp, device=device)
+                ckpt = _load_shipped_checkpoint(SparkFiles.get(params["zip"]), params["zip"], tmp, device)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             if ckpt.model_version != params["version"]:
@@ -343,6 +364,24 @@ def _engine(params: dict) -> Any:
     return _ENGINE_CACHE[key], layout, device
 
 
+def _load_shipped_checkpoint(archive: str, name: str, tmp: str, device: str) -> Any:
+    """Extract and load the checkpoint zip shipped with sc.addFile; CheckpointError saying what to do."""
+    where = f"executor {socket.gethostname()} (pid {os.getpid()})"
+    if not os.path.isfile(archive):
+        raise CheckpointError(
+            f"{where}: the checkpoint archive {name} is missing at {archive} (the driver ships it with "
+            "sc.addFile): check the executors' SPARK_LOCAL_DIRS (disk space, cleaners) and re-run the job; "
+            "nothing was published")
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(tmp)
+        return load_checkpoint(tmp, device=device)
+    except (OSError, zipfile.BadZipFile, CheckpointError) as exc:
+        raise CheckpointError(f"{where}: cannot load the shipped checkpoint {name} ({archive}): {exc}; re-run "
+                              "the job (the archive is rebuilt from the checkpoint directory); nothing was "
+                              "published") from exc
+
+
 def prefill_partition(batches: Any, params: dict) -> Any:
     """mapInArrow body: prefill_batches over this partition, with counters and a log line."""
     from pyspark import TaskContext
@@ -354,6 +393,7 @@ def prefill_partition(batches: Any, params: dict) -> Any:
     ctx = TaskContext.get()
     part = ctx.partitionId() if ctx is not None else -1
     n = 0
+    counts: dict[str, int] = {}  # users / truncated (prefill_batches)
     fps: list[Any] = []  # history_fp of the input rows not yet output (output rows are in input order)
 
     def tap(it: Any) -> Any:
@@ -365,19 +405,24 @@ def prefill_partition(batches: Any, params: dict) -> Any:
             yield b
 
     out: pa.RecordBatch
-    for out in prefill_batches(tap(batches), engine, layout, params["batch_users"]):
+    for out in prefill_batches(tap(batches), engine, layout, params["batch_users"], counts):
         pending = np.concatenate(fps) if len(fps) != 1 else fps[0]
         fps[:] = [pending[out.num_rows:]]
         out = out.append_column(FP_COL, pa.array(pending[:out.num_rows], pa.int64()))
         n += out.num_rows
         if params["fail_after"] is not None and n >= params["fail_after"]:
+            if params.get("fail_kill"):
+                os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"injected failure after {n} users (fail_after_users={params['fail_after']})")
         yield out
     dt = time.perf_counter() - t0
     params["users"].add(n)
     params["parts"].add(1)
+    truncated = counts.get("truncated", 0)
+    params["truncated"].add(truncated)
     shared = getattr(engine, "shared", None)
     memo = "" if not hasattr(engine, "size") else f", memo {engine.size} tokens" + (
         f" (blocks computed {shared.computed}, loaded {shared.loaded})" if shared is not None else "")
     print(f"[ckv prefill] partition {part}: {n} users in {dt:.1f} s ({n / max(dt, 1e-9):.0f} users/s), "
+          f"{truncated} truncated to the latest {layout.max_len} events, "
           f"engine {engine.name}, device {device}{memo}", file=sys.stderr, flush=True)
