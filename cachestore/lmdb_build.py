@@ -22,6 +22,7 @@ dominates the build anyway, so the plain file wins.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import shutil
@@ -258,10 +259,12 @@ def build_lmdb(
     if out_dir.exists() and any(out_dir.iterdir()):
         raise StoreBuildError(f"{out_dir} exists and is not empty")
     out_dir.mkdir(parents=True, exist_ok=True)
+    need = 0
     try:
         scan = _scan(layout, list_parquet_files(parquet_dir))
         n = len(scan.ids)
         sizes = record_sizes(layout, scan.lengths)
+        need = int(sizes.sum())
         size = map_size or estimate_map_size(sizes)
         with tempfile.TemporaryDirectory(prefix=".ckv-spill-", dir=tmp_dir or out_dir.parent) as tmp:
             if scan.file_order is not None:
@@ -277,8 +280,11 @@ def build_lmdb(
                 size, retries = _load_via_spill(scan, layout, sizes, Path(tmp), out_dir, size,
                                                 batch_size, progress)
         data = (out_dir / "data.mdb").stat()
-    except BaseException:
+    except BaseException as exc:
+        full = _disk_full_message(exc, out_dir, need, tmp_dir)
         shutil.rmtree(out_dir, ignore_errors=True)
+        if full:
+            raise StoreBuildError(full) from exc
         raise
     return BuildStats(
         layout=layout, users=n, empty_users=int((scan.lengths == 0).sum()),
@@ -286,6 +292,31 @@ def build_lmdb(
         record_bytes=int(sizes.sum()), file_bytes=data.st_size, disk_bytes=data.st_blocks * 512,
         map_size=size, map_retries=retries, sorted_input=scan.file_order is not None,
         seconds=time.perf_counter() - t0)
+
+
+_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+_FULL_TEXT = ("No space left", "File too large", "quota exceeded", "Input/output error")
+
+
+def _disk_full_message(exc: BaseException, out_dir: Path, need: int, tmp_dir: object) -> str | None:
+    """A clear message if `exc` is the filesystem running out of space (ENOSPC / EFBIG / EDQUOT; LMDB
+    reports a failed write of its commit as EIO), else None."""
+    if isinstance(exc, OSError):
+        if exc.errno not in _FULL_ERRNOS:
+            return None
+    elif not (isinstance(exc, lmdb.Error) and any(t.lower() in str(exc).lower() for t in _FULL_TEXT)):
+        return None
+    try:
+        free = shutil.disk_usage(out_dir if out_dir.exists() else out_dir.parent).free
+    except OSError:
+        free = -1
+    if isinstance(exc, lmdb.Error) and "Input/output" in str(exc) and free >= 2 * need + (8 << 20):
+        return None  # a real I/O error, not a full disk
+    spill = f" (and the spill file in {tmp_dir or out_dir.parent})"
+    return (f"no space left on the device to build the LMDB store in {out_dir}{spill}: {exc}; the records "
+            f"need about {need / 1e6:.1f} MB, {max(free, 0) / 1e6:.1f} MB are free there. Free space or put "
+            "STORE on a larger filesystem and re-run; the partial build was removed, nothing was published "
+            "and the current store version is unchanged")
 
 
 def _load_via_spill(scan: _Scan, layout: CacheLayout, sizes: np.ndarray, tmp: Path, out_dir: Path,

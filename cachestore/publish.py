@@ -26,6 +26,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import secrets
 import shutil
 import time
@@ -46,6 +47,7 @@ MANIFEST = "manifest.json"
 LAYOUT = "layout.json"
 LMDB_DIR = "lmdb"
 MANIFEST_VERSION = 1
+_VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class PublishError(RuntimeError):
@@ -163,6 +165,19 @@ def _publish_lock(root: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
+def _checked_target(root: Path, target: str) -> str:
+    """The version id of a `current` link target; PublishError unless it is exactly versions/<id>
+    with a plain name (no '..', no absolute path, no nesting) that resolves inside STORE/versions."""
+    parts = target.split("/")
+    if len(parts) != 2 or parts[0] != VERSIONS or not _VERSION_NAME.fullmatch(parts[1]):
+        raise PublishError(f"{root / CURRENT} points to {target!r}, not to {VERSIONS}/<version id>: the store "
+                           "root is damaged or was tampered with; refusing to follow it (re-publish a version)")
+    versions = os.path.realpath(root / VERSIONS)
+    if os.path.dirname(os.path.realpath(root / target)) != versions:
+        raise PublishError(f"{root / target} resolves outside {versions}: refusing to follow it")
+    return parts[1]
+
+
 def current_version_id(store_root: str | os.PathLike) -> str | None:
     """The id `current` points to, or None before the first publish."""
     link = Path(store_root) / CURRENT
@@ -170,7 +185,7 @@ def current_version_id(store_root: str | os.PathLike) -> str | None:
         if link.exists():
             raise PublishError(f"{link} exists but is not a symlink")
         return None
-    return Path(os.readlink(link)).name
+    return _checked_target(Path(store_root), os.readlink(link))
 
 
 def publish(store_root: str | os.PathLike, staging_dir: str | os.PathLike) -> PublishResult:
@@ -215,8 +230,11 @@ def open_current(store_root: str | os.PathLike) -> Path:
     try:
         target = os.readlink(root / CURRENT)
     except FileNotFoundError:
-        raise FileNotFoundError(f"no published store version under {root} (no '{CURRENT}' link)") from None
-    return root / target
+        raise FileNotFoundError(f"no published store version under {root} (no '{CURRENT}' link): not a store "
+                                "root, or nothing was published yet") from None
+    except OSError as exc:
+        raise PublishError(f"{root / CURRENT} is not a symlink to a version ({exc}): not a store root") from exc
+    return root / VERSIONS / _checked_target(root, target)
 
 
 def build_and_publish(store_root: str | os.PathLike, parquet_dir: str | os.PathLike | None = None, *,

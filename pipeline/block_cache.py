@@ -40,7 +40,7 @@ class SharedBlocks:
         path = self._path(b, "npz")
         if not path.is_file():
             return None
-        with np.load(path) as f:
+        with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
 
     def _save(self, b: int, arrays: Arrays) -> None:
