@@ -133,15 +133,20 @@ class DecodeRuntime:
         self.stats = RuntimeStats()
 
     @classmethod
-    def open(cls, store: str | os.PathLike, checkpoint: str | os.PathLike, **kwargs) -> DecodeRuntime:
+    def open(cls, store: str | os.PathLike, checkpoint: str | os.PathLike | None = None, **kwargs) -> DecodeRuntime:
         """A runtime for a store (a store root: its ``current`` version; or a version directory)
-        and a checkpoint directory."""
+        and a checkpoint directory (None: the ``checkpoint/`` published inside the same store version
+        by ``ckv refresh``, so records and model always come from one version)."""
         from cachestore.publish import CURRENT, open_current
         from cachestore.reader import StoreReader
         from pipeline.checkpoint import load_checkpoint
 
         store = Path(store)
         version_dir = open_current(store) if os.path.lexists(store / CURRENT) else store
+        if checkpoint is None:
+            checkpoint = version_dir / "checkpoint"
+            if not checkpoint.is_dir():
+                raise FileNotFoundError(f"{version_dir} has no checkpoint/ (published by ckv refresh): pass one")
         ckpt = load_checkpoint(checkpoint, device="cpu")
         return cls(ckpt.model, ckpt.model_version, StoreReader(version_dir), **kwargs)
 

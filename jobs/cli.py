@@ -21,6 +21,7 @@ _COMMANDS: list[tuple[str, str]] = [
     ("score", "jobs.score:score"),
     ("eval", "jobs.eval:eval_cmd"),
     ("capacity", "jobs.capacity:capacity"),
+    ("refresh", "jobs.refresh:refresh_cmd"),
 ]
 
 

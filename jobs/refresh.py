@@ -1,0 +1,90 @@
+"""`ckv refresh`: the nightly refresh cycle as one job (pipeline/refresh.py, docs/nightly.md).
+
+prepare -> train --init-from the current model -> evaluate (gate) -> prefill -> verify -> publish
+checkpoint and store together. Exit 0: published; 3: the new model was refused by the gate; 1: any
+other failure. Nothing is published unless every step passed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from jobs.prepare import prepare_cmd
+
+EXIT_REFUSED = 3
+# the event-log options of `ckv data prepare` (same names and defaults), except its --out / --events
+_PREPARE_PARAMS = [p for p in prepare_cmd.params if p.name not in ("out", "events")]
+
+
+def _prepare_config(events: Path, kw: dict[str, Any]) -> Any:
+    from jobs.prepare import DEFAULT_RATING_COL, DEFAULT_RATING_THRESHOLD
+    from pipeline.prepare import PrepareConfig
+
+    names = [p.name for p in _PREPARE_PARAMS]
+    p = {n: kw.pop(n) for n in names}
+    if p["label_col"] is None:
+        p["rating_col"] = p["rating_col"] or DEFAULT_RATING_COL
+        p["rating_threshold"] = DEFAULT_RATING_THRESHOLD if p["rating_threshold"] is None else p["rating_threshold"]
+    return PrepareConfig(events=events, out=Path("unset"), **p)
+
+
+@click.command("refresh", params=list(_PREPARE_PARAMS))
+@click.option("--store", required=True, type=click.Path(file_okay=False), help="store root STORE (published into)")
+@click.option("--work", required=True, type=click.Path(file_okay=False),
+              help="work dir: WORK/<run id>/{data,checkpoint,refresh.json}")
+@click.option("--events", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="the new day's event log (ckv data prepare --events)")
+@click.option("--dataset", type=click.Path(exists=True, file_okay=False),
+              help="an already prepared dataset instead of --events")
+@click.option("--current-checkpoint", type=click.Path(exists=True, file_okay=False),
+              help="current model [default: STORE/current/checkpoint; needed for a store's first refresh]")
+@click.option("--epochs", default=1, show_default=True)
+@click.option("--batch-size", default=1024, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--patience", default=2, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--metric", type=click.Choice(["gauc", "auc"]), default="gauc", show_default=True,
+              help="validation metric of the gate")
+@click.option("--margin", default=0.005, show_default=True,
+              help="refuse the new model if its metric < current's - margin (absolute)")
+@click.option("--master", default=None, help="Spark master of the prefill [default: local[*]]")
+@click.option("--engine", default="auto", show_default=True, help="prefill engine")
+@click.option("--verify-sample", type=int, default=None, help="users verified [default: all]")
+def refresh_cmd(store: str, work: str, events: Path | None, dataset: str | None, current_checkpoint: str | None,
+                epochs: int, batch_size: int, lr: float, patience: int, device: str, seed: int, metric: str,
+                margin: float, master: str | None, engine: str, verify_sample: int | None, **kw: Any) -> None:
+    """Nightly refresh: prepare, warm-start train, gate, prefill, verify, publish model + store together."""
+    from pipeline.refresh import RefreshError, RefreshOptions, RefreshRefused, run_refresh
+    from pipeline.trainer import TrainConfig
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    if (events is None) == (dataset is None):
+        raise click.UsageError("give exactly one of --events and --dataset")
+    prep = _prepare_config(events, kw) if events is not None else None
+    opts = RefreshOptions(
+        store=store, work=work, prepare=prep, dataset=dataset, current_checkpoint=current_checkpoint,
+        train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed, device=device,
+                          progress=False),
+        metric=metric, margin=margin, prefill={"master": master, "engine": engine}, verify_sample=verify_sample,
+    )  # fmt: skip
+    try:
+        report = run_refresh(opts)
+    except RefreshRefused as exc:
+        click.echo(f"refused: {exc}", err=True)
+        sys.exit(EXIT_REFUSED)
+    except RefreshError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(json.dumps({"published": report["published"], "gate": {k: report["gate"][k] for k in
+                                                                      ("metric", "delta", "margin", "passed")},
+                           "seconds": report["seconds"]}, indent=2))
+
+
+if __name__ == "__main__":
+    refresh_cmd(prog_name="jobs/refresh.py")

@@ -1,0 +1,89 @@
+"""The refresh cycle (pipeline/refresh.py, `ckv refresh`) on a tiny MovieLens slice, 1 epoch, small dims."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from cachestore.publish import current_version_id
+from cachestore.runtime import DecodeRuntime
+from jobs.refresh import EXIT_REFUSED, refresh_cmd
+from model.config import CollectiveConfig, ModelConfig
+from pipeline.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.dataset_schema import load_dataset
+from pipeline.prepare import PrepareConfig, prepare
+from pipeline.refresh import CHECKPOINT_DIR, RefreshOptions, RefreshRefused, run_refresh, store_checkpoint
+from pipeline.trainer import TrainConfig, build_model, train_model
+from pipeline.verify import verify_store
+
+pytestmark = pytest.mark.spark
+ROOT = Path(__file__).resolve().parents[1]
+MOVIELENS = ROOT / "data" / "movielens"
+
+
+def events(tmp: Path) -> tuple[Path, Path]:
+    """Day 1: the first 60 users' ratings before a cut time; day 2: all their ratings of the same items."""
+    df = pd.read_csv(MOVIELENS / "ratings.csv")
+    df = df[df.userId <= 60]
+    cut = df.timestamp.quantile(0.7)
+    d1 = df[df.timestamp < cut]
+    d2 = df[df.movieId.isin(set(d1.movieId))]
+    p1, p2 = tmp / "day1.csv", tmp / "day2.csv"
+    d1.to_csv(p1, index=False)
+    d2.to_csv(p2, index=False)
+    return p1, p2
+
+
+def prep(path: Path) -> PrepareConfig:
+    return PrepareConfig(events=path, out=Path("unset"), rating_col="rating", rating_threshold=4.0)
+
+
+def test_refresh_publishes_model_and_store_together_and_gate_refuses(spark, tmp_path: Path) -> None:  # noqa: ANN001
+    day1, day2 = events(tmp_path)
+    prepare(PrepareConfig(events=day1, out=tmp_path / "data1", rating_col="rating", rating_threshold=4.0))
+    ds1 = load_dataset(tmp_path / "data1")
+    cfg = ModelConfig(n_items=1, embed_dim=8, d_attn=16, n_heads=2, max_len=20, mlp_dims=(8,),
+                      collective=CollectiveConfig(d_user=1, pool_size=32))
+    tcfg = TrainConfig(epochs=1, batch_size=256, progress=False)
+    first = train_model(build_model(ds1, cfg, seed=0), ds1, tcfg)
+    v0 = save_checkpoint(tmp_path / "ckpt0", first.model, first.metrics())
+    store, work = tmp_path / "store", tmp_path / "work"
+
+    report = run_refresh(RefreshOptions(store=str(store), work=str(work), prepare=prep(day2),
+                                        current_checkpoint=str(tmp_path / "ckpt0"), train=tcfg, margin=1.0,
+                                        prefill={"progress_interval": 1.0, "spark_log_level": None}, spark=spark))
+    pub = report["published"]
+    assert report["gate"]["passed"] and report["gate"]["current_model"] == v0
+    assert pub["model_version"] != v0
+    # one version holds both; its manifest names the model it was built with
+    assert current_version_id(store) == pub["version_id"]
+    ckpt = store_checkpoint(store)
+    assert ckpt is not None and ckpt.parent.name == pub["version_id"]
+    assert load_checkpoint(ckpt).model_version == pub["model_version"]
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert manifest["model_version"] == manifest["checkpoint"]["model_version"] == pub["model_version"]
+    assert manifest["checkpoint"]["dir"] == CHECKPOINT_DIR and manifest["refresh"]["gate"]["passed"]
+    assert verify_store(store, ckpt, Path(report["steps"]["prepare"]["dataset"])).ok
+    rt = DecodeRuntime.open(store, device="cpu")  # serving takes the model from the store version
+    assert rt.model_version == pub["model_version"] == rt.layout.model_version
+    rt.reader.close()
+    assert not [p for p in (store / "staging").iterdir()]  # scratch store removed
+
+    # the gate: a new model must beat the current one by 1.0 GAUC -> refused, exit 3, nothing published
+    r = CliRunner().invoke(refresh_cmd, ["--store", str(store), "--work", str(work), "--events", str(day2),
+                                         "--epochs", "1", "--batch-size", "256", "--margin", "-1.0"])
+    assert r.exit_code == EXIT_REFUSED, r.output
+    assert current_version_id(store) == pub["version_id"]
+    assert not [p for p in (store / "staging").iterdir()]
+    runs = sorted(os.listdir(work))
+    refused = json.loads((work / runs[-1] / "refresh.json").read_text())
+    assert refused["gate"]["passed"] is False and "published" not in refused
+    assert refused["gate"]["current_model"] == pub["model_version"]  # default current: STORE/current/checkpoint
+    with pytest.raises(RefreshRefused):
+        run_refresh(RefreshOptions(store=str(store), work=str(work), prepare=None,
+                                   dataset=report["steps"]["prepare"]["dataset"], train=tcfg, margin=-1.0))
