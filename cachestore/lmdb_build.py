@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -310,10 +311,15 @@ def _disk_full_message(exc: BaseException, out_dir: Path, need: int, tmp_dir: ob
         free = shutil.disk_usage(out_dir if out_dir.exists() else out_dir.parent).free
     except OSError:
         free = -1
-    if isinstance(exc, lmdb.Error) and "Input/output" in str(exc) and free >= 2 * need + (8 << 20):
+    fsize = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    capped = fsize != resource.RLIM_INFINITY and fsize < need + (8 << 20)
+    if isinstance(exc, lmdb.Error) and "Input/output" in str(exc) and free >= 2 * need + (8 << 20) and not capped:
         return None  # a real I/O error, not a full disk
+    if capped:
+        free = min(free, fsize)
     spill = f" (and the spill file in {tmp_dir or out_dir.parent})"
-    return (f"no space left on the device to build the LMDB store in {out_dir}{spill}: {exc}; the records "
+    what = "the file size limit (RLIMIT_FSIZE)" if capped else "no space left on the device"
+    return (f"{what}: cannot build the LMDB store in {out_dir}{spill}: {exc}; the records "
             f"need about {need / 1e6:.1f} MB, {max(free, 0) / 1e6:.1f} MB are free there. Free space or put "
             "STORE on a larger filesystem and re-run; the partial build was removed, nothing was published "
             "and the current store version is unchanged")
