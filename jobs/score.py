@@ -121,6 +121,7 @@ def score(store: Path, checkpoint: Path, requests_path: Path, out: Path, user_co
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from cachestore.publish import PublishError
     from cachestore.record import LayoutError, RecordError
     from cachestore.runtime import DecodeRuntime, default_device
     from pipeline.checkpoint import CheckpointError
@@ -131,7 +132,7 @@ def score(store: Path, checkpoint: Path, requests_path: Path, out: Path, user_co
     try:
         runtime = DecodeRuntime.open(store, checkpoint, device=default_device() if device == "auto" else device,
                                      path=decode_path, batch_users=batch_users, verify_crc=verify_crc)
-    except (CheckpointError, LayoutError, RecordError, FileNotFoundError) as exc:
+    except (CheckpointError, LayoutError, RecordError, FileNotFoundError, PublishError) as exc:
         raise click.ClickException(str(exc)) from exc
     rows, cold_rows, users, cold_users = 0, 0, set(), set()
     out.parent.mkdir(parents=True, exist_ok=True)

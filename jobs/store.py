@@ -68,12 +68,13 @@ def verify_cmd(store_root: Path, checkpoint: str, histories: str, sample: int | 
 
     Exit status 1 on any mismatch (missing user, length, router index, value beyond tolerance).
     """
+    from cachestore.publish import PublishError
     from pipeline.checkpoint import CheckpointError
     from pipeline.verify import verify_store
 
     try:
         res = verify_store(store_root, checkpoint, histories, sample=sample, seed=seed, device=device)
-    except (CheckpointError, ValueError, FileNotFoundError) as exc:
+    except (CheckpointError, ValueError, FileNotFoundError, PublishError) as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
         click.echo(json.dumps({**vars(res), "ok": res.ok}, indent=2))

@@ -86,7 +86,12 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
     cfg_file, w_file = root / CONFIG_FILE, root / WEIGHTS_FILE
     if not cfg_file.is_file() or not w_file.is_file():
         raise CheckpointError(f"{root}: not a checkpoint (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-    meta = json.loads(cfg_file.read_text())
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{cfg_file}: unreadable config.json: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{cfg_file}: config.json is not a JSON object")
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"{cfg_file}: checkpoint format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT}"
@@ -95,7 +100,11 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
         cfg = config_from_dict(meta["model"])
     except (TypeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{cfg_file}: invalid model config: {exc}") from exc
-    state = load_file(str(w_file))
+    try:  # safetensors: a header + raw tensor bytes, never unpickled
+        state = load_file(str(w_file))
+    except Exception as exc:  # SafetensorError, OSError, ...: a damaged or foreign (e.g. pickle) file
+        raise CheckpointError(f"{w_file}: not a readable safetensors file ({type(exc).__name__}: {exc}); "
+                              "checkpoints are loaded from safetensors only (never pickle): re-export it") from exc
     try:
         model = create_model(cfg, state.get("item_genres"))  # any zoo arch (model/zoo.py)
         model.load_state_dict(state, strict=True)
