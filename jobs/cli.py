@@ -22,6 +22,7 @@ _COMMANDS: list[tuple[str, str]] = [
     ("eval", "jobs.eval:eval_cmd"),
     ("capacity", "jobs.capacity:capacity"),
     ("refresh", "jobs.refresh:refresh_cmd"),
+    ("analyze", "jobs.analysis:analyze"),
 ]
 
 

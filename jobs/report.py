@@ -34,3 +34,36 @@ def size_cmd(store_root: Path, baseline: Path | None, d_attn: int | None, as_jso
     if json_out is not None:
         json_out.write_text(text + "\n")
     click.echo(text if as_json else format_report(rep))
+
+
+@report.command("html")
+@click.argument("store_root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="the checkpoint the store was prefilled with (analysis plots)")
+@click.option("--histories", type=click.Path(exists=True, path_type=Path), default=None,
+              help="histories for the analysis (default: the ones in the store's manifest)")
+@click.option("--baseline", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="a full-KV store of the same users (size report ratios)")
+@click.option("--baseline-checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="a full-KV checkpoint: Figures 1-2 of the original K/V as well")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--project-users", type=int, default=100_000_000, show_default=True,
+              help="user count of the capacity projection")
+@click.option("--users", "analysis_users", type=click.IntRange(2, 5000), default=1000, show_default=True,
+              help="sampled users of the analysis")
+@click.option("--bandwidth", "bw_spec", default="measured", show_default=True, help="GB/s or 'measured'")
+@click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+def html_cmd(store_root: Path, checkpoint: Path, histories: Path | None, baseline: Path | None,
+             baseline_checkpoint: Path | None, out: Path, project_users: int, analysis_users: int, bw_spec: str,
+             results_dir: Path | None) -> None:
+    """One self-contained HTML page: size report, capacity, latency results, analysis plots."""
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.html_report import build_report, write_report
+
+    try:
+        page = build_report(store_root, checkpoint, histories=histories, baseline=baseline,
+                            baseline_checkpoint=baseline_checkpoint, results_dir=results_dir,
+                            project_users=project_users, analysis_users=analysis_users, bandwidth_spec=bw_spec)
+    except (FileNotFoundError, ValueError, KeyError, CheckpointError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"wrote {write_report(out, page)} ({len(page) / 1e6:.1f} MB)")
