@@ -176,7 +176,7 @@ def _check_model(model: torch.nn.Module) -> None:
 
     if not isinstance(model, TargetAttentionCTR):
         raise ValueError(f"the analysis reads one K/V group per behaviour (arch 'din'); this checkpoint's model is "
-                         f"{type(model).__name__} (arch {getattr(model.cfg, 'arch', '?')!r})")
+                         f"{type(model).__name__} (arch {getattr(getattr(model, 'cfg', None), 'arch', '?')!r})")
 
 
 def history_embedding(model: torch.nn.Module, items: torch.Tensor, feedback: torch.Tensor,
