@@ -1,0 +1,146 @@
+"""The Spark prefill job under faults and bad input: the driver SIGKILLed mid-stage (one spark-submit
+subprocess), a Python worker SIGKILLed, the checkpoint archive missing on an executor, an empty input,
+duplicate users. Each time `current` and every record stay as they were; a re-run completes and counts
+the users whose history was truncated to max_len."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cachestore.publish import current_version_id
+from cachestore.reader import StoreReader
+from pipeline.checkpoint import CheckpointError, save_checkpoint
+from pipeline.prefill import PrefillInputError, cache_layout
+from pipeline.spark_job import PrefillOptions, _load_shipped_checkpoint, run_prefill
+from pipeline.store_ops import build_store
+from pipeline.verify import verify_store
+from tests.test_prefill import histories, make_model, small_config, write_prefill
+
+pytestmark = pytest.mark.spark
+ROOT = Path(__file__).resolve().parents[1]
+LENGTHS = [int(n) for n in np.random.default_rng(11).integers(0, 20, 400)]  # max_len 8: many truncated
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Histories (2 files), a checkpoint, and a store with one published version (built without Spark
+    by the job's per-partition function, to save time)."""
+    tmp = tmp_path_factory.mktemp("rel-spark")
+    model = make_model(small_config())
+    version = save_checkpoint(tmp / "ckpt", model, {})
+    hist = tmp / "hist"
+    hist.mkdir()
+    batches = [histories(LENGTHS[:200], seed=1, first_user=0), histories(LENGTHS[200:], seed=2, first_user=200)]
+    for name, b in zip(("a", "b"), batches, strict=True):
+        pq.write_table(pa.Table.from_batches([b]), hist / f"{name}.parquet")
+    store = tmp / "store"
+    build_store(store, write_prefill(tmp, model, cache_layout(model.cfg, version), batches), command_line="first")
+    return {"tmp": tmp, "ckpt": tmp / "ckpt", "hist": hist, "store": store}
+
+
+def opts(ckpt: Path, hist: Path, store: Path, **kw: object) -> PrefillOptions:
+    return PrefillOptions(checkpoint=str(ckpt), histories=str(hist), store=str(store), spark_log_level=None,
+                          command_line="test", progress_interval=1.0, **kw)
+
+
+def snapshot(store: Path) -> tuple[str | None, dict[int, bytes]]:
+    with StoreReader.open_current(store) as reader:
+        return current_version_id(store), {u: reader.get_raw(u) for u in reader.iter_users()}
+
+
+def test_driver_killed_mid_stage(base: dict) -> None:
+    """spark-submit's whole process group SIGKILLed while the Spark stage writes its output."""
+    before = snapshot(base["store"])
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PYSPARK_PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
+    cmd = [str(bin_dir / "spark-submit"), "--master", "local[2]", "--driver-memory", "1g", "--conf",
+           "spark.ui.enabled=false", str(ROOT / "jobs" / "prefill.py"), "--checkpoint", str(base["ckpt"]),
+           "--histories", str(base["hist"]), "--out", str(base["store"]), "--engine", "direct",
+           "--batch-users", "5"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    staging = base["store"] / "staging"
+    deadline, killed_at = time.monotonic() + 120, None
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if any((p / "_temporary").is_dir() for p in staging.glob("prefill-*")):  # the stage is writing
+                os.killpg(proc.pid, signal.SIGKILL)
+                killed_at = "stage"
+                break
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(60)
+    assert killed_at == "stage", "the job ended before its stage was seen running"
+    assert snapshot(base["store"]) == before  # same version, every record byte-identical
+    assert [p.name for p in (base["store"] / "versions").iterdir()] == [before[0]]
+    # the killed run's output stays in staging/, never published; the re-run is the next test's
+
+
+def test_worker_killed_then_rerun_completes(base: dict, spark: object, caplog) -> None:
+    """A Python worker SIGKILLs itself mid-partition; then the re-run (after this and the driver kill)
+    publishes, verifies, and logs / records how many users were truncated to max_len."""
+
+
+    before = snapshot(base["store"])
+    t0 = time.perf_counter()
+    with pytest.raises(Exception, match="(?i)worker|crash|exit|EOF"):
+        run_prefill(opts(base["ckpt"], base["hist"], base["store"], fail_after_users=20, batch_users=10,
+                         fail_kill=True), spark)
+    assert snapshot(base["store"]) == before
+    print(f"worker kill: job failed after {time.perf_counter() - t0:.1f} s")
+    caplog.set_level(logging.INFO, logger="ckv.prefill")
+    m = run_prefill(opts(base["ckpt"], base["hist"], base["store"]), spark)
+    truncated = sum(n > 8 for n in LENGTHS)
+    assert m["prefill"]["truncated_users"] == truncated and m["users"] == len(LENGTHS)
+    assert f"{truncated} users had more than max_len=8 events" in caplog.text
+    res = verify_store(base["store"], base["ckpt"], base["hist"])
+    assert res.ok and res.users_checked == len(LENGTHS), res.mismatches
+
+
+def test_checkpoint_missing_on_an_executor(base: dict, spark: object, monkeypatch: pytest.MonkeyPatch,
+                                           tmp_path: Path) -> None:
+    before = snapshot(base["store"])
+    import pipeline.spark_job as sj
+
+    monkeypatch.setattr(sj, "ship_checkpoint", lambda sc, ckpt, version: "ckv-checkpoint-never-shipped.zip")
+    with pytest.raises(Exception, match="checkpoint archive ckv-checkpoint-never-shipped.zip is missing"):
+        run_prefill(opts(base["ckpt"], base["hist"], base["store"], memo_mb=1), spark)  # fresh engine key
+    assert snapshot(base["store"]) == before
+    # an archive that arrived without its weights file
+    bad = tmp_path / "bad.zip"
+    with zipfile.ZipFile(bad, "w") as zf:
+        zf.write(base["ckpt"] / "config.json", "config.json")
+    with pytest.raises(CheckpointError, match="cannot load the shipped checkpoint bad.zip.*not a checkpoint"):
+        _load_shipped_checkpoint(str(bad), "bad.zip", str(tmp_path / "x"), "cpu")
+
+
+def test_empty_input_and_duplicate_users_publish_nothing(base: dict, spark: object, tmp_path: Path) -> None:
+    before = snapshot(base["store"])
+    leftovers = sorted((base["store"] / "staging").iterdir())  # the killed driver's (never published)
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.Table.from_batches([histories([1], first_user=0)]).slice(0, 0), empty)
+    with pytest.raises(PrefillInputError, match="hold no users: refusing to publish an empty store"):
+        run_prefill(opts(base["ckpt"], empty, base["store"]), spark)
+    dup = tmp_path / "dup"
+    dup.mkdir()
+    pq.write_table(pa.Table.from_batches([histories([3, 4], first_user=10)]), dup / "a.parquet")
+    pq.write_table(pa.Table.from_batches([histories([2], first_user=11)]), dup / "b.parquet")
+    with pytest.raises(PrefillInputError, match="duplicate user id 11.*exactly one row"):
+        run_prefill(opts(base["ckpt"], dup, base["store"]), spark)
+    assert snapshot(base["store"]) == before
+    assert sorted((base["store"] / "staging").iterdir()) == leftovers
