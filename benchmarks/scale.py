@@ -195,9 +195,12 @@ def plot(results: list[dict], png: Path) -> None:
     x = range(len(results))
     w = 0.25
     for i, g in enumerate(("driver_jvm", "driver_python", "python_workers")):
-        axes[0].bar([j + (i - 1) * w for j in x], [r["peak_memory_mib"][g]["rss_sum"] for r in results], w, label=g)
+        xs = [j + (i - 1) * w for j in x]
+        axes[0].bar(xs, [r["peak_memory_mib"][g]["rss_sum"] for r in results], w, label=f"{g} RSS", alpha=0.45,
+                    color=f"C{i}")
+        axes[0].bar(xs, [r["peak_memory_mib"][g]["anon_sum"] for r in results], w, label=f"{g} anon", color=f"C{i}")
     axes[0].set_xticks(list(x), labels)
-    axes[0].set_ylabel("peak RSS (MiB)")
+    axes[0].set_ylabel("peak MiB (light: RSS incl. file pages)")
     axes[0].set_title("peak memory by process group")
     axes[0].legend(fontsize=8)
     axes[1].bar(labels, [r["wall_seconds"] for r in results], color="gray")
@@ -207,7 +210,7 @@ def plot(results: list[dict], png: Path) -> None:
     axes[1].set_title("wall time")
     for r in results:
         tl = r["memory_timeline"]
-        axes[2].plot([t for t, _ in tl], [sum(v.values()) / 1024 for _, v in tl], label=f"{r['users'] // 1000}k")
+        axes[2].plot([t for t, _ in tl], [sum(v.values()) / 2**30 for _, v in tl], label=f"{r['users'] // 1000}k")
     axes[2].set_xlabel("seconds")
     axes[2].set_ylabel("total RSS (GiB)")
     axes[2].set_title("memory over time (all groups)")
@@ -227,7 +230,11 @@ def main() -> None:
     ap.add_argument("--keep-stores", action="store_true", help="keep each run's store (default: removed)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale.json"))
     ap.add_argument("--png", default=str(ROOT / "benchmarks" / "results" / "scale.png"))
+    ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from --out")
     args = ap.parse_args()
+    if args.plot_only:
+        plot(json.loads(Path(args.out).read_text())["runs"], Path(args.png))
+        return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     results = []
