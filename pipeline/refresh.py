@@ -177,9 +177,10 @@ def run_refresh(opts: RefreshOptions) -> dict[str, Any]:
         step("prefill", t, users=pman["users"], incremental=pman["prefill"].get("incremental"))
         t = time.perf_counter()
         res = verify_store(scratch, new_ckpt, data_dir, sample=opts.verify_sample)
-        step("verify", t, ok=res.ok, checked=getattr(res, "checked", None))
+        step("verify", t, ok=res.ok, users_checked=res.users_checked, max_abs_err=res.max_abs_err)
         if not res.ok:
-            raise RefreshError(f"verification of the new store failed: {res.errors[:5]}")
+            raise RefreshError(f"verification of the new store failed ({res.mismatch_count} mismatches): "
+                               f"{res.mismatches[:5]}")
         t = time.perf_counter()
         manifest = publish_with_checkpoint(opts.store, scratch, new_ckpt, {"run_id": run_id, "gate": gate})
         step("publish", t, version_id=manifest["version_id"], model_version=new_version)
