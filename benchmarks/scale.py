@@ -4,6 +4,9 @@ store size and CR (docs/nightly.md "Scale").
 
     python benchmarks/scale.py --users 250000,1000000 --work /tmp/ckv-scale \
         --out benchmarks/results/scale.json --png benchmarks/results/scale.png
+    # + day 2 through --incremental (1/16 of the users changed, 1% new) after each full run
+    python benchmarks/scale.py --users 1000000 --incremental --out benchmarks/results/scale_incremental.json \
+        --png benchmarks/results/scale_incremental.png
 
 Inputs: pipeline/synthetic.py with ``lengths="fig8"`` (log-normal lengths, median 122, p90 ~253,
 <1% above 470) and ``n_clusters=32`` taste clusters over Zipf(1.1) item popularity (100,000 items),
@@ -25,6 +28,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -144,13 +148,40 @@ def prepare_inputs(work: Path, users: int, seed: int) -> tuple[Path, Path, dict]
     return hist, ckpt, json.loads(stamp.read_text())
 
 
-def run(work: Path, users: int, args: argparse.Namespace) -> dict:
-    hist, ckpt, inputs = prepare_inputs(work, users, args.seed)
+def day2_histories(work: Path, hist: Path, users: int, seed: int) -> tuple[Path, dict]:
+    """Day 2 of the synthetic base: the last of the 16 files regenerated with another seed (its users'
+    histories all change: 1/16 of the users), one more file of 1% new users; the other files linked."""
+    import pyarrow.parquet as pq
+
+    from pipeline.synthetic import HISTORIES_SCHEMA, history_batches
+
+    kw = {"n_items": 100_000, "max_len": 1000, "zipf_s": 1.1, "lengths": "fig8", "n_clusters": 32}
+    day2 = work / f"histories-{users}-day2"
+    if day2.exists():
+        shutil.rmtree(day2)
+    day2.mkdir()
+    files = sorted(hist.glob("part-*.parquet"))
+    for f in files[:-1]:
+        os.link(f, day2 / f.name)
+    first = pq.read_metadata(files[-1]).num_rows
+    lo = users - first
+    new = max(1, users // 100)
+    for name, n, start, sd in ((files[-1].name, first, lo, seed + 1), ("part-new.parquet", new, users, seed + 2)):
+        with pq.ParquetWriter(day2 / name, HISTORIES_SCHEMA) as w:
+            for b in history_batches(n, first_user=start, seed=sd, chunk_users=5_000, **kw):
+                w.write_batch(b, row_group_size=5_000)
+    return day2, {"changed_users": first, "new_users": new}
+
+
+def run(work: Path, users: int, args: argparse.Namespace, *, hist: Path | None = None,
+        extra: tuple[str, ...] = ()) -> dict:
+    hist0, ckpt, inputs = prepare_inputs(work, users, args.seed)
+    hist = hist or hist0
     store = work / f"store-{users}"
     bin_dir = Path(sys.executable).parent
     cmd = [str(bin_dir / "spark-submit"), "--master", args.master, "--driver-memory", args.driver_memory,
            "--conf", "spark.ui.enabled=false", str(ROOT / "jobs" / "prefill.py"), "--checkpoint", str(ckpt),
-           "--histories", str(hist), "--out", str(store), "--device", "cpu", "--progress-interval", "30"]
+           "--histories", str(hist), "--out", str(store), "--device", "cpu", "--progress-interval", "30", *extra]
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "SPARK_LOCAL_IP": "127.0.0.1"}
     print("$", shlex.join(cmd), flush=True)
     t = time.perf_counter()
@@ -180,7 +211,8 @@ def run(work: Path, users: int, args: argparse.Namespace) -> dict:
         "store_bytes": b, "store_mib": {"lmdb_disk": round(b["lmdb_disk"] / mib, 1),
                                         "parquet": round(b["parquet"] / mib, 1)},
         "cr_payload": round(b["payload"] / full_fp32, 6), "cr_lmdb_disk": round(b["lmdb_disk"] / full_fp32, 6),
-        "full_kv_fp32_bytes": full_fp32, "memory_timeline": sampler.timeline[:: max(1, len(sampler.timeline) // 200)],
+        "full_kv_fp32_bytes": full_fp32, "incremental": m["prefill"].get("incremental"),
+        "memory_timeline": sampler.timeline[:: max(1, len(sampler.timeline) // 200)],
     }  # fmt: skip
 
 
@@ -230,6 +262,8 @@ def main() -> None:
     ap.add_argument("--keep-stores", action="store_true", help="keep each run's store (default: removed)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale.json"))
     ap.add_argument("--png", default=str(ROOT / "benchmarks" / "results" / "scale.png"))
+    ap.add_argument("--incremental", action="store_true",
+                    help="after each full run, an --incremental run of day 2 (1/16 of the users changed, 1%% new)")
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from --out")
     args = ap.parse_args()
     if args.plot_only:
@@ -242,9 +276,13 @@ def main() -> None:
         r = run(work, n, args)
         results.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "memory_timeline"}, indent=2), flush=True)
+        if args.incremental:  # day 2: --incremental against the day-1 store just published
+            day2, changes = day2_histories(work, work / f"histories-{n}", n, args.seed)
+            inc = run(work, n, args, hist=day2, extra=("--incremental",))
+            inc["day2_changes"] = changes
+            r["incremental_day2"] = inc
+            print(json.dumps({k: v for k, v in inc.items() if k != "memory_timeline"}, indent=2), flush=True)
         if not args.keep_stores:
-            import shutil
-
             shutil.rmtree(work / f"store-{n}", ignore_errors=True)
         report = {"machine": machine(), "command": shlex.join([sys.executable, *sys.argv]), "runs": results}
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
