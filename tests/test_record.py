@@ -187,7 +187,7 @@ def test_encode_rejects_wrong_part_sizes() -> None:
 
 
 def test_bfloat16_raw_bits_view_in_torch() -> None:
-    torch = pytest.importorskip("torch")
+    import torch
     layout = CacheLayout("full", "bfloat16", None, 3, 3, False, False, 0, 4, MV)
     k = torch.randn(2, 3).to(torch.bfloat16)
     raw = k.view(torch.uint16).numpy().tobytes()
