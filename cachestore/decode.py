@@ -33,7 +33,7 @@ import math
 
 import torch
 
-from model.attention import masked_softmax, target_attention
+from model.attention import masked_softmax
 from model.cache import KVCache
 from model.ctr import TargetAttentionCTR
 
@@ -126,24 +126,17 @@ def _cast(cache: KVCache, dtype: torch.dtype) -> KVCache:
 
 def decode(resident: ResidentModel, cache: KVCache, targets: torch.Tensor, path: str = "auto") -> torch.Tensor:
     """Logits of candidates ``targets`` (B,) or (B, C) against a padded cache batch on the resident
-    model's device. ``path``: "auto", "poolscore" or "gather" (module docstring). Returns the
-    logits in ``targets``' shape. Call under ``torch.inference_mode()`` / ``no_grad``."""
+    model's device: ``TargetAttentionCTR.decode`` with the attention computed by ``path`` ("auto",
+    "poolscore" or "gather"; module docstring). Returns the logits in ``targets``' shape. Call under
+    ``torch.inference_mode()`` / ``no_grad``."""
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    model = resident.model
-    squeeze = targets.dim() == 1
-    tgt = targets.unsqueeze(1) if squeeze else targets  # (B, C)
-    if tgt.shape[0] != cache.batch_size:
-        raise ValueError(f"{tgt.shape[0]} target rows for a cache of {cache.batch_size} users")
-    t = model.item_embedding(tgt)  # (B, C, E)
-    q = model.q_proj(t)  # (B, C, d_a)
-    cache = _cast(cache, q.dtype)
+    n_candidates = 1 if targets.dim() == 1 else targets.shape[1]
+    if targets.shape[0] != cache.batch_size:
+        raise ValueError(f"{targets.shape[0]} target rows for a cache of {cache.batch_size} users")
+    cache = _cast(cache, resident.dtype)
     if path == "auto":
-        path = choose_path(cache, tgt.shape[1], resident)
+        path = choose_path(cache, n_candidates, resident)
     if path == "gather" or (cache.k_idx is None and cache.v_idx is None):
-        k, v = model.keys_values(cache)  # (B, L, d_a) each
-        attn = target_attention(q, k, v, cache.lengths, resident.n_heads)
-    else:
-        attn = pool_score_attention(resident, q, cache)
-    logits = model.mlp(torch.cat([attn, t], dim=-1)).squeeze(-1)  # (B, C)
-    return logits.squeeze(1) if squeeze else logits
+        return resident.model.decode(cache, targets)
+    return resident.model.decode(cache, targets, attention=lambda q, c: pool_score_attention(resident, q, c))

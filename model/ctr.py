@@ -14,6 +14,7 @@ Inputs (padded, valid behaviours first; see :mod:`model.attention`):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -146,14 +147,26 @@ class TargetAttentionCTR(BehaviourModel):
         v = rebuild_kv(cache.v_user, cache.v_idx, self.v_branch.pool, cache.v_gate)
         return k, v
 
-    def decode(self, cache: KVCache, targets: torch.Tensor) -> torch.Tensor:
-        """Score candidates against a cache. targets (B,) or (B, C) → logits of the same shape."""
+    def attend(self, q: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Target attention (B, C, d_a) of queries q (B, C, d_a) over K/V rebuilt from the cache."""
+        k, v = self.keys_values(cache)  # (B, L, d_a) each
+        return target_attention(q, k.to(q.dtype), v.to(q.dtype), cache.lengths, self.cfg.n_heads)
+
+    def decode(
+        self,
+        cache: KVCache,
+        targets: torch.Tensor,
+        attention: Callable[[torch.Tensor, KVCache], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Score candidates against a cache. targets (B,) or (B, C) → logits of the same shape.
+
+        ``attention(q, cache) -> (B, C, d_a)`` replaces :meth:`attend` (serving passes an
+        equivalent that never materialises the collective K/V: ``cachestore/decode.py``)."""
         squeeze = targets.dim() == 1
         tgt = targets.unsqueeze(1) if squeeze else targets  # (B, C)
         t = self.item_embedding(tgt)  # (B, C, E)
         q = self.q_proj(t)  # (B, C, d_a)
-        k, v = self.keys_values(cache)  # (B, L, d_a) each
-        attn = target_attention(q, k.to(q.dtype), v.to(q.dtype), cache.lengths, self.cfg.n_heads)  # (B, C, d_a)
+        attn = (attention or self.attend)(q, cache)  # (B, C, d_a)
         logits = self.mlp(torch.cat([attn, t], dim=-1)).squeeze(-1)  # (B, C)
         return logits.squeeze(1) if squeeze else logits
 
