@@ -49,7 +49,8 @@ def gather_pool(pool: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor | None
 
     pool: (M, d_c); idx: (...) int; gate: same shape as idx or None. Returns (..., d_c).
     """
-    rows = pool[idx]  # (..., d_c)
+    # index_select, not pool[idx]: its backward is an index_add (no sort), several times faster on CPU
+    rows = pool.index_select(0, idx.reshape(-1)).reshape(*idx.shape, pool.shape[1])  # (..., d_c)
     if gate is not None:
         rows = rows * gate.unsqueeze(-1)
     return rows
