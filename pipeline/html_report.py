@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline.capacity import Budgets, Table, capacity_plan, capacity_table
+from pipeline.capacity import Budgets, capacity_plan
 from pipeline.capacity_inputs import (
     bandwidth,
     read_results,
@@ -22,6 +22,7 @@ from pipeline.capacity_inputs import (
     store_format,
     store_lengths,
 )
+from pipeline.capacity_table import Table, capacity_table
 from pipeline.size_report import size_report
 
 SECTIONS = ("size", "capacity", "latency", "analysis")

@@ -28,10 +28,8 @@ from pipeline.capacity import (
     CacheFormat,
     LengthDist,
     capacity_plan,
-    capacity_table,
     dist_from_lengths,
     dist_from_quantiles,
-    format_table,
     lmdb_bytes,
     lmdb_node_max,
     parse_quantiles,
@@ -44,6 +42,7 @@ from pipeline.capacity_inputs import (
     store_format,
     store_lengths,
 )
+from pipeline.capacity_table import capacity_table, format_table
 from tests.store_fixtures import build_store as build_fixture_store
 
 REPO = Path(__file__).resolve().parent.parent
