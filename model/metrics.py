@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+METRICS = ("gauc", "auc", "logloss")  # the keys of ctr_metrics, in report order
+
 
 def _average_ranks(x: np.ndarray) -> np.ndarray:
     """1-based ranks of x, ties sharing their average rank."""

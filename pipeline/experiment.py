@@ -21,11 +21,10 @@ import torch
 
 from model.cache import cache_bytes_per_behaviour, compression_rate
 from model.config import ModelConfig, config_to_dict
+from model.metrics import METRICS
 from pipeline.checkpoint import save_checkpoint
 from pipeline.dataset_schema import CanonicalDataset
 from pipeline.trainer import TrainConfig, build_model, train_model
-
-METRICS = ("gauc", "auc", "logloss")
 
 
 @dataclass(frozen=True)
