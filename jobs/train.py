@@ -38,6 +38,7 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--share", type=click.Choice(["both", "k", "v"]), default="both", show_default=True),
         click.option("--peak-weight", default=0.01, show_default=True),
         click.option("--balance-weight", default=1.0, show_default=True),
+        click.option("--dropout", default=0.0, show_default=True, help="dropout of the MLP head"),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -52,6 +53,7 @@ def train_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--batch-size", default=1024, show_default=True),
         click.option("--lr", default=1e-3, show_default=True),
         click.option("--patience", default=2, show_default=True, help="early stopping on valid GAUC"),
+        click.option("--weight-decay", default=0.0, show_default=True, help="Adam L2 weight decay"),
         click.option("--device", default="cpu", show_default=True, help="cpu | cuda | auto"),
         click.option("--progress/--no-progress", default=True),
     ]  # fmt: skip
@@ -80,7 +82,7 @@ def build_model_config(kv_mode: str, kw: dict[str, Any], d_user: int = 1) -> Mod
         n_items=1, embed_dim=kw["embed_dim"], d_attn=kw["d_attn"], n_heads=kw["heads"], max_len=kw["max_len"],
         kv_mode=kv_mode, collective=coll, arch=kw["arch"], long_len=kw["long_len"], topk=kw["topk"],
         hash_bits=kw["hash_bits"], sdim_hashes=kw["sdim_hashes"], sdim_bits=kw["sdim_bits"],
-        hstu_layers=kw["hstu_layers"],  # type: ignore[arg-type]
+        hstu_layers=kw["hstu_layers"], dropout=kw.get("dropout", 0.0),  # type: ignore[arg-type]
     )  # fmt: skip
 
 
@@ -93,7 +95,8 @@ def build_train_config(kw: dict[str, Any], seed: int) -> Any:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return TrainConfig(epochs=kw["epochs"], batch_size=kw["batch_size"], lr=kw["lr"], patience=kw["patience"],
-                       seed=seed, device=device, progress=kw["progress"])  # fmt: skip
+                       weight_decay=kw.get("weight_decay", 0.0), seed=seed, device=device,
+                       progress=kw["progress"])  # fmt: skip
 
 
 @click.command()

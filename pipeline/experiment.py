@@ -72,7 +72,7 @@ def run_experiment(
     report = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "dataset": dataset.meta.get("source", {}),
-        "train": {k: getattr(train, k) for k in ("epochs", "batch_size", "lr", "patience", "device")},
+        "train": {k: getattr(train, k) for k in ("epochs", "batch_size", "lr", "weight_decay", "patience", "device")},
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
                     "device": torch.cuda.get_device_name() if train.device.startswith("cuda") else "cpu"},
         "variants": {v.name: config_to_dict(v.model) for v in variants},
