@@ -23,7 +23,7 @@ from pipeline.capacity_inputs import (
     store_lengths,
 )
 from pipeline.capacity_table import Table, capacity_table
-from pipeline.size_report import size_report
+from pipeline.size_report import baseline_summary, fmt_bytes, size_report, size_rows
 
 SECTIONS = ("size", "capacity", "latency", "analysis")
 CSS = """
@@ -62,53 +62,12 @@ def _table_html(t: Table) -> str:
     return body + "".join(f"<p class='note'>{_e(n)}</p>" for n in t.notes)
 
 
-def _b(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.3f}%"
-
-
 # ------------------------------------------------------------------------------------ sections
 def size_section(rep: dict[str, Any]) -> str:
-    cols = [("store", rep["store"])] + ([("baseline", rep["baseline"])] if "baseline" in rep else [])
-    rows: list[list[Any]] = []
-
-    def row(label: str, fn: Any) -> None:
-        rows.append([label, *(fn(s) for _, s in cols)])
-
-    row("path", lambda s: s["store"])
-    row("version", lambda s: s["version_id"])
-    row("model version", lambda s: s["model_version"])
-    row("mode", lambda s: s["mode"])
-    row("kv / index dtype", lambda s: f"{s['kv_dtype']} / {s['idx_dtype'] or '-'}")
-    row("dk, dv (d_attn)", lambda s: f"{s['dk']}, {s['dv']} ({s['d_attn'] or '?'})")
-    row("pool size", lambda s: f"{s['pool_size']:,}")
-    row("users", lambda s: f"{s['users']:,}")
-    row("behaviours", lambda s: f"{s['behaviours']:,}")
-    row("bytes / behaviour", lambda s: s["bytes_per_behaviour"])
-    for key, label in (("payload", "payload"), ("records", "records (+32 B header)"), ("lmdb_disk", "LMDB on disk"),
-                       ("parquet", "Parquet")):
-        row(f"{label} total", lambda s, k=key: _b(s["bytes"][k]))
-        row(f"{label} per user", lambda s, k=key: f"{s['per_user'][k]:,.1f} B")
-    row("full fp32 K,V of the same behaviours", lambda s: _b(s["full_fp32_bytes"]))
-    for key, label in (("formula", "CR formula"), ("payload", "CR payload (measured)"), ("records", "CR records"),
-                       ("lmdb_disk", "CR LMDB on disk")):
-        row(label, lambda s, k=key: _pct(s["cr"][k]) if s["cr"] else "-")
-    out = html_table(["", *(name for name, _ in cols)], rows)
-    if "vs_baseline" in rep:
-        v = rep["vs_baseline"]
-        out += (f"<p class='note'>store / baseline ({_e(v['baseline_kv_dtype'])} baseline, same users: "
-                f"{_e(v['same_users'])}): " + ", ".join(f"{k} {_pct(v[k])}" for k in
-                                                         ("payload", "records", "lmdb_disk", "parquet")) + "</p>")
-    return out
+    header, rows = size_rows(rep)
+    out = html_table(header, rows)
+    summary = baseline_summary(rep)
+    return out + (f"<p class='note'>{_e(summary)}</p>" if summary else "")
 
 
 def latency_section(results: dict[str, Any]) -> str:
@@ -161,7 +120,7 @@ def latency_section(results: dict[str, Any]) -> str:
                      "</p>")
         rows = [[name, r.get("engine"), f"{r.get('users_per_s_spark_stage', 0):,.0f}",
                  f"{r.get('users_per_s_job', 0):,.0f}", f"{r.get('users_per_s_wall', 0):,.0f}",
-                 _b(r.get("bytes", {}).get("lmdb_disk"))] for name, r in pre.get("runs", {}).items()]
+                 fmt_bytes(r.get("bytes", {}).get("lmdb_disk"))] for name, r in pre.get("runs", {}).items()]
         parts.append(html_table(["run", "engine", "users/s (Spark stage)", "users/s (job)", "users/s (wall)",
                                  "LMDB on disk"], rows))
     return "\n".join(parts)

@@ -72,7 +72,10 @@ def size_report(store: str | os.PathLike, baseline: str | os.PathLike | None = N
     return rep
 
 
-def _fmt_bytes(n: float) -> str:
+def fmt_bytes(n: float | None) -> str:
+    """Bytes in binary units ("-" for None), shared by the text and HTML reports."""
+    if n is None:
+        return "-"
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
@@ -80,41 +83,57 @@ def _fmt_bytes(n: float) -> str:
     return f"{n}"
 
 
-def _pct(x: float | None) -> str:
+def fmt_pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.3f}%"
+
+
+def size_rows(rep: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of :func:`size_report`'s dict: one column per store (store, baseline), as text.
+    The one table layout behind both the plain-text report and the HTML report."""
+    cols = [("store", rep["store"])] + ([("baseline", rep["baseline"])] if "baseline" in rep else [])
+    rows: list[list[str]] = []
+
+    def row(label: str, fn: Any) -> None:
+        rows.append([label, *(str(fn(s)) for _, s in cols)])
+
+    row("path", lambda s: s["store"])
+    row("version", lambda s: s["version_id"])
+    row("model version", lambda s: s["model_version"])
+    row("mode", lambda s: s["mode"])
+    row("kv / index dtype", lambda s: f"{s['kv_dtype']} / {s['idx_dtype'] or '-'}")
+    row("dk, dv (d_attn)", lambda s: f"{s['dk']}, {s['dv']} ({s['d_attn'] or '?'})")
+    row("pool size", lambda s: f"{s['pool_size']:,}")
+    row("users", lambda s: f"{s['users']:,}")
+    row("behaviours", lambda s: f"{s['behaviours']:,}")
+    row("bytes / behaviour", lambda s: s["bytes_per_behaviour"])
+    for key, label in (("payload", "payload"), ("records", "records (+32 B header)"), ("lmdb_disk", "LMDB on disk"),
+                       ("parquet", "Parquet")):
+        row(f"{label} total", lambda s, k=key: fmt_bytes(s["bytes"][k]))
+        row(f"{label} per user", lambda s, k=key: f"{s['per_user'][k]:,.1f} B")
+    row("full fp32 K,V of the same behaviours", lambda s: fmt_bytes(s["full_fp32_bytes"] or None))
+    for key, label in (("formula", "CR formula"), ("payload", "CR payload (measured)"), ("records", "CR records"),
+                       ("lmdb_disk", "CR LMDB on disk")):
+        row(label, lambda s, k=key: fmt_pct(s["cr"][k]) if s["cr"] else "-")
+    return ["", *(name for name, _ in cols)], rows
+
+
+def baseline_summary(rep: dict[str, Any]) -> str | None:
+    """The measured store / baseline ratios as one line (None without a baseline)."""
+    if "vs_baseline" not in rep:
+        return None
+    v = rep["vs_baseline"]
+    return (f"store / baseline ({v['baseline_kv_dtype']} baseline, same users: {v['same_users']}): "
+            + ", ".join(f"{k} {fmt_pct(v[k])}" for k in ("payload", "records", "lmdb_disk", "parquet")))
 
 
 def format_report(rep: dict[str, Any]) -> str:
     """A plain-text table of :func:`size_report`'s dict."""
-    cols = [("store", rep["store"])] + ([("baseline", rep["baseline"])] if "baseline" in rep else [])
-    rows: list[tuple[str, ...]] = [("", *(name for name, _ in cols))]
-
-    def row(label: str, fn: Any) -> None:
-        rows.append((label, *(fn(s) for _, s in cols)))
-
-    row("path", lambda s: s["store"])
-    row("version", lambda s: s["version_id"])
-    row("mode", lambda s: s["mode"])
-    row("kv / index dtype", lambda s: f"{s['kv_dtype']} / {s['idx_dtype'] or '-'}")
-    row("dk, dv (d_attn)", lambda s: f"{s['dk']}, {s['dv']} ({s['d_attn'] or '?'})")
-    row("users", lambda s: f"{s['users']:,}")
-    row("behaviours", lambda s: f"{s['behaviours']:,}")
-    row("bytes / behaviour", lambda s: f"{s['bytes_per_behaviour']}")
-    for key, label in (("payload", "payload"), ("records", "records (+32 B header)"), ("lmdb_disk", "LMDB on disk"),
-                       ("parquet", "Parquet")):
-        row(f"{label} total", lambda s, k=key: _fmt_bytes(s["bytes"][k]))
-        row(f"{label} per user", lambda s, k=key: f"{s['per_user'][k]:.1f} B")
-    row("full fp32 K,V (same users)", lambda s: _fmt_bytes(s["full_fp32_bytes"]) if s["full_fp32_bytes"] else "-")
-    row("CR formula", lambda s: _pct(s["cr"]["formula"]) if s["cr"] else "-")
-    row("CR payload (measured)", lambda s: _pct(s["cr"]["payload"]) if s["cr"] else "-")
-    row("CR records", lambda s: _pct(s["cr"]["records"]) if s["cr"] else "-")
-    row("CR LMDB on disk", lambda s: _pct(s["cr"]["lmdb_disk"]) if s["cr"] else "-")
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    header, body = size_rows(rep)
+    rows = [header, *body]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    if "vs_baseline" in rep:
-        v = rep["vs_baseline"]
-        lines.append("")
-        lines.append(f"store / baseline ({v['baseline_kv_dtype']} baseline, same users: {v['same_users']}): "
-                     + ", ".join(f"{k} {_pct(v[k])}" for k in ("payload", "records", "lmdb_disk", "parquet")))
+    summary = baseline_summary(rep)
+    if summary:
+        lines += ["", summary]
     return "\n".join(lines)
