@@ -148,8 +148,9 @@ def train_model(model: TargetAttentionCTR, dataset: CanonicalDataset, cfg: Train
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sums += [loss.item(), losses.peak.item(), losses.balance.item()]
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            step = torch.stack([loss.detach(), losses.peak.detach(), losses.balance.detach()]).tolist()  # one sync
+            sums += step
+            bar.set_postfix(loss=f"{step[0]:.4f}")
         valid = evaluate(model, index, dataset.samples["valid"], cfg.eval_batch_size)
         row = {"epoch": epoch, "loss": sums[0] / n_batches, "peak": sums[1] / n_batches,
                "balance": sums[2] / n_batches, **{f"valid_{k}": v for k, v in valid.items()}}  # fmt: skip
