@@ -14,6 +14,7 @@ import model.ctr as ctr_module
 from model.config import CollectiveConfig, ModelConfig, config_from_dict, config_to_dict
 from model.ctr import TargetAttentionCTR
 from model.routing import balance_loss, peak_loss
+from tests.helpers import padded_batch
 
 N_ITEMS = 40
 
@@ -37,13 +38,7 @@ def make_model(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float
 def make_batch(b: int, seq: int, seed: int, min_len: int = 0) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(min_len, seq + 1, (b,), generator=g)
-    items = torch.randint(1, N_ITEMS + 1, (b, seq), generator=g)
-    feedback = torch.randint(1, 3, (b, seq), generator=g)
-    pad = torch.arange(seq).unsqueeze(0) >= lengths.unsqueeze(1)
-    items[pad] = 0
-    feedback[pad] = 0
-    targets = torch.randint(1, N_ITEMS + 1, (b,), generator=g)
-    return items, feedback, lengths, targets
+    return padded_batch(lengths, seq, g, N_ITEMS)
 
 
 VARIANTS = {

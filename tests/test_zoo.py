@@ -33,6 +33,7 @@ from model.retrieval import (
     topk_target_attention,
 )
 from model.zoo import MODELS, PAPER_MODELS, compression_rate, create_model, entry_bytes
+from tests.helpers import padded_batch
 
 N_ITEMS = 40
 N_GENRES = 6
@@ -72,15 +73,7 @@ def make_model(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float
 
 def make_batch(lengths: list[int], width: int, seed: int) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
-    b = len(lengths)
-    lens = torch.tensor(lengths, dtype=torch.long)
-    items = torch.randint(1, N_ITEMS + 1, (b, width), generator=g)
-    feedback = torch.randint(1, 3, (b, width), generator=g)
-    pad = torch.arange(width).unsqueeze(0) >= lens.unsqueeze(1)
-    items[pad] = 0
-    feedback[pad] = 0
-    targets = torch.randint(1, N_ITEMS + 1, (b,), generator=g)
-    return items, feedback, lens, targets
+    return padded_batch(torch.tensor(lengths, dtype=torch.long), width, g, N_ITEMS)
 
 
 ARCH_VARIANTS = [(a, v) for a in PAPER_MODELS for v in VARIANTS]
