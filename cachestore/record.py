@@ -191,7 +191,10 @@ def write_layout(path: str | os.PathLike, layout: CacheLayout) -> None:
 
 
 def read_layout(path: str | os.PathLike) -> CacheLayout:
-    """Read a CacheLayout from the JSON file `path`; LayoutError if absent or invalid."""
+    """Read a store layout from the JSON file `path`; LayoutError if absent or invalid.
+
+    ``layout_version`` 2 is a zoo store's :class:`cachestore.entry.EntryLayout` (records of
+    format_version 2); otherwise a :class:`CacheLayout`."""
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
@@ -199,6 +202,10 @@ def read_layout(path: str | os.PathLike) -> CacheLayout:
         raise LayoutError(f"cannot read layout {path}: {exc}") from exc
     if not isinstance(data, dict):
         raise LayoutError(f"layout {path} is not a JSON object")
+    if data.get("layout_version") == 2:
+        from cachestore.entry import EntryLayout  # v2 builds on this module
+
+        return EntryLayout.from_dict(data)  # type: ignore[return-value]
     return CacheLayout.from_dict(data)
 
 

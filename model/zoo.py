@@ -22,7 +22,6 @@ their integer width, retrieval keys packed to whole bytes) ÷ bytes of the same 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -31,6 +30,7 @@ from torch import nn
 from model.cache import index_itemsize
 from model.config import LONG_ARCHS, ModelConfig
 from model.ctr import TargetAttentionCTR
+from model.entry import entry_parts
 from model.hstu import HSTU
 from model.longseq import ETA, SDIM, SIM, TWIN
 
@@ -80,28 +80,17 @@ def cache_groups(cfg: ModelConfig, n: int | None = None) -> list[CacheGroup]:
 
 def key_bytes_per_behaviour(cfg: ModelConfig) -> int:
     """Retrieval-key bytes per long-window behaviour (bits packed to whole bytes)."""
-    bits = {"sim": cfg.n_genres, "eta": cfg.hash_bits, "sdim": cfg.sdim_hashes * cfg.sdim_bits}.get(cfg.arch, 0)
-    return math.ceil(bits / 8)
+    return sum(p.width for p in entry_parts(cfg) if p.kind == "key")
 
 
 def entry_bytes(cfg: ModelConfig, n: int | None = None, kv_itemsize: int = 2) -> int:
-    """Bytes of one user's cache entry. Full model: K/V at fp32 (the baseline); collective: user
-    parts at ``kv_itemsize`` bytes + router indices; plus retrieval keys (either mode)."""
-    total = 0
-    idx = index_itemsize(cfg.collective.pool_size)
-    for g in cache_groups(cfg, n):
-        if cfg.kv_mode == "full":
-            total += g.positions * (int(g.has_k) + int(g.has_v)) * cfg.d_attn * 4
-            continue
-        per = 0
-        if g.has_k:
-            per += cfg.dk_user * kv_itemsize + int(cfg.k_shared) * idx
-        if g.has_v:
-            per += cfg.dv_user * kv_itemsize + int(cfg.v_shared) * idx
-        total += g.positions * per
-    if cfg.arch in LONG_ARCHS:
-        total += min(cfg.window_len if n is None else n, cfg.long_len) * key_bytes_per_behaviour(cfg)
-    return total
+    """Bytes of one user's cache entry (the payload of its store record, :mod:`model.entry`). Full
+    model: K/V at fp32 (the baseline); collective: user parts at ``kv_itemsize`` bytes + router
+    indices; plus retrieval keys (either mode)."""
+    n = cfg.window_len if n is None else n
+    size = {"kv": 4 if cfg.kv_mode == "full" else kv_itemsize, "idx": index_itemsize(cfg.collective.pool_size),
+            "key": 1}
+    return sum(p.rows(n) * p.width * size[p.kind] for p in entry_parts(cfg))
 
 
 def full_kv_bytes(cfg: ModelConfig, n: int | None = None) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cachestore.entry import EntryLayout, entry_layout
 from cachestore.record import IDX_DTYPES, KV_DTYPES, CacheLayout
 from model.cache import KVCache, index_itemsize
 from model.config import ModelConfig
@@ -31,12 +32,11 @@ _ROUTER_CELLS = {"cpu": 1 << 21, "cuda": 1 << 24}
 
 
 def cache_layout(cfg: ModelConfig, model_version: str, mode: str = "collective",
-                 kv_dtype: str = "float16") -> CacheLayout:
-    """The CacheLayout a prefill of this model writes in ``mode`` ("collective" or "full")."""
-    arch = getattr(cfg, "arch", "din")
-    if arch != "din":  # the record holds one K/V group per behaviour (model.zoo: din's KVCache)
-        raise ValueError(f"the prefill job stores single-group K/V caches (arch 'din'); arch {arch!r} caches "
-                         "several groups (model/zoo.py) and has no store format yet")
+                 kv_dtype: str = "float16") -> CacheLayout | EntryLayout:
+    """The layout a prefill of this model writes in ``mode`` ("collective" or "full"): a v1
+    :class:`CacheLayout` for ``din``, a v2 :class:`cachestore.entry.EntryLayout` for the zoo archs."""
+    if cfg.arch != "din":
+        return entry_layout(cfg, model_version, mode, kv_dtype)
     if mode == "full":
         return CacheLayout("full", kv_dtype, None, cfg.d_attn, cfg.d_attn, False, False, 0, cfg.max_len,
                            model_version)

@@ -1,0 +1,296 @@
+"""Zoo cache records (format_version 2): one user's entry as named parts, for models whose cache has
+several K/V groups and retrieval keys (SIM, ETA, SDIM, TWIN, HSTU; :mod:`model.entry`).
+
+The store's ``layout.json`` is an :class:`EntryLayout` (``layout_version`` 2): the arch, dtypes and
+the ordered list of parts, each ``(name, kind, width, cap)``. A user with ``n`` cached behaviours has
+``min(n, cap)`` rows of ``width`` values per part; a value takes the kv dtype's size (kind ``kv``),
+the index dtype's (``idx``) or one byte (``key``, bit-packed retrieval keys). Record layout
+(little-endian; bytes 0..11 and 16..27 are the same for every record of a store, as in v1):
+
+    off size field            meaning
+      0   4  magic            b"CKVR"
+      4   2  format_version   u16, = 2
+      6   2  flags            u16, = 0
+      8   1  kv_dtype         u8 code (record.KV_DTYPES)
+      9   1  idx_dtype        u8 code, 0 when no part is an index
+     10   2  n_parts          u16, number of parts
+     12   4  length           u32, n
+     16   4  parts_crc        u32, zlib.crc32 of the layout's parts as JSON (ties a record to its layout)
+     20   8  model_version    8 raw bytes
+     28   4  crc32            u32, zlib.crc32(header[0:28], zlib.crc32(payload))
+     32   .  payload          the parts in layout order, each min(n, cap)·width values, row-major
+
+The prefill Parquet of a v2 store has one ``payload`` binary column instead of v1's four parts
+(schema in :func:`entry_schema`), with ``checksum = zlib.crc32(payload)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import struct
+import zlib
+from dataclasses import asdict, dataclass, fields, replace
+
+import numpy as np
+import pyarrow as pa
+
+from cachestore.record import (
+    _HEX16,
+    HEADER,
+    HEADER_SIZE,
+    IDX_DTYPES,
+    KV_DTYPES,
+    MAGIC,
+    BadMagicError,
+    ChecksumError,
+    LayoutError,
+    ModelVersionMismatchError,
+    RecordSizeError,
+    UnknownDtypeError,
+    UnsupportedVersionError,
+)
+from model.cache import index_itemsize
+from model.config import ModelConfig
+from model.entry import KINDS, EntryPart, entry_parts
+
+ENTRY_FORMAT_VERSION = 2
+_CRC_OFFSET = 28
+_U32 = struct.Struct("<I")
+
+
+def entry_schema() -> pa.Schema:
+    """The Arrow schema of a v2 store's prefill Parquet (binary may be large_binary, string large_string)."""
+    return pa.schema([("user_id", pa.int64()), ("length", pa.int32()), ("payload", pa.binary()),
+                      ("model_version", pa.string()), ("checksum", pa.int64())])  # fmt: skip
+
+
+@dataclass(frozen=True)
+class EntryLayout:
+    """What every record of a zoo store looks like (``layout.json`` with ``layout_version`` 2).
+
+    mode "collective": kv parts are user-specific parts, idx parts router indices into pools of
+    ``pool_size`` rows; mode "full": kv parts are whole K/V (width d_a), no idx parts. max_len is the
+    largest n (the model's history window).
+    """
+
+    arch: str
+    mode: str
+    kv_dtype: str
+    idx_dtype: str | None
+    pool_size: int
+    max_len: int
+    model_version: str
+    parts: tuple[EntryPart, ...]
+    layout_version: int = 2
+
+    def __post_init__(self) -> None:
+        def bad(msg: str) -> LayoutError:
+            return LayoutError(f"invalid EntryLayout: {msg} ({self!r})")
+
+        if self.layout_version != 2:
+            raise bad(f"unsupported layout_version {self.layout_version}")
+        if self.mode not in ("collective", "full"):
+            raise bad(f"mode must be 'collective' or 'full', got {self.mode!r}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise bad(f"kv_dtype must be one of {sorted(KV_DTYPES)}")
+        if not (isinstance(self.model_version, str) and _HEX16.fullmatch(self.model_version)):
+            raise bad("model_version must be 16 lowercase hex characters")
+        if not self.parts or len(self.parts) > 0xFFFF:
+            raise bad("needs 1..65535 parts")
+        names = [p.name for p in self.parts]
+        if len(set(names)) != len(names):
+            raise bad("part names must be unique")
+        for p in self.parts:
+            if p.kind not in KINDS or not 1 <= p.width <= 0xFFFF or p.cap < 0:
+                raise bad(f"part {p}: kind in {KINDS}, width 1..65535, cap >= 0")
+        has_idx = any(p.kind == "idx" for p in self.parts)
+        if has_idx != (self.idx_dtype is not None) or (self.mode == "full" and has_idx):
+            raise bad("idx_dtype must be set iff some part is an index (never in mode 'full')")
+        if self.idx_dtype is not None:
+            if self.idx_dtype not in IDX_DTYPES:
+                raise bad(f"idx_dtype must be one of {sorted(IDX_DTYPES)}")
+            limit = 1 << 16 if self.idx_dtype == "uint16" else 1 << 31
+            if not 1 <= self.pool_size <= limit:
+                raise bad(f"pool_size must be in 1..{limit} for {self.idx_dtype}")
+        if not 0 <= self.max_len <= 0xFFFFFFFF:
+            raise bad("max_len must be in 0..2**32-1")
+
+    # ---------------------------------------------------------------------------------- sizes
+    def itemsize(self, kind: str) -> int:
+        if kind == "kv":
+            return KV_DTYPES[self.kv_dtype][1].itemsize
+        if kind == "idx":
+            return IDX_DTYPES[self.idx_dtype][1].itemsize if self.idx_dtype else 0
+        return 1
+
+    def dtype(self, kind: str) -> np.dtype:
+        """numpy storage dtype of a part kind (bfloat16: raw uint16 bits)."""
+        if kind == "kv":
+            return KV_DTYPES[self.kv_dtype][1]
+        if kind == "idx":
+            assert self.idx_dtype is not None
+            return IDX_DTYPES[self.idx_dtype][1]
+        return np.dtype(np.uint8)
+
+    @functools.cached_property
+    def row_bytes(self) -> tuple[int, ...]:
+        """Bytes per row of each part."""
+        return tuple(p.width * self.itemsize(p.kind) for p in self.parts)
+
+    def part_sizes(self, length: int) -> list[int]:
+        return [min(length, p.cap) * w for p, w in zip(self.parts, self.row_bytes, strict=True)]
+
+    def record_size(self, length: int) -> int:
+        """Exact encoded size in bytes of a record with ``length`` behaviours."""
+        return HEADER_SIZE + sum(self.part_sizes(length))
+
+    def record_sizes(self, lengths: np.ndarray) -> np.ndarray:
+        """Vectorised :meth:`record_size` (int64)."""
+        n = lengths.astype(np.int64)
+        total = np.full(n.shape, HEADER_SIZE, dtype=np.int64)
+        for p, w in zip(self.parts, self.row_bytes, strict=True):
+            total += np.minimum(n, p.cap) * w
+        return total
+
+    @functools.cached_property
+    def header_parts(self) -> tuple[bytes, bytes]:
+        """(record header bytes 0..11, bytes 16..27): identical in every record of the store."""
+        kv_code = KV_DTYPES[self.kv_dtype][0]
+        idx_code = IDX_DTYPES[self.idx_dtype][0] if self.idx_dtype else 0
+        pre = struct.pack("<4sHHBBH", MAGIC, ENTRY_FORMAT_VERSION, 0, kv_code, idx_code, len(self.parts))
+        post = _U32.pack(self.parts_crc) + bytes.fromhex(self.model_version)
+        return pre, post
+
+    @functools.cached_property
+    def parts_crc(self) -> int:
+        return zlib.crc32(json.dumps([asdict(p) for p in self.parts], sort_keys=True).encode())
+
+    # ----------------------------------------------------------------------------------- JSON
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["parts"] = [asdict(p) for p in self.parts]
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EntryLayout:
+        names = {f.name for f in fields(cls)}
+        unknown, missing = set(data) - names, names - set(data)
+        if unknown or missing:
+            raise LayoutError(f"layout keys: unknown {sorted(unknown)}, missing {sorted(missing)}")
+        try:
+            parts = tuple(EntryPart(**p) for p in data["parts"])
+        except TypeError as exc:
+            raise LayoutError(f"layout parts: {exc}") from exc
+        return cls(**{**data, "parts": parts})
+
+
+@dataclass(frozen=True, eq=False)
+class EntryRecord:
+    """A decoded v2 record: ``arrays[name]`` is a read-only (min(n, cap), width) numpy view of the
+    source buffer at the part's storage dtype (bfloat16 as uint16 bits; keys uint8)."""
+
+    length: int
+    model_version: str
+    arrays: dict[str, np.ndarray]
+
+
+def _finish(layout: EntryLayout, length: int, payload: memoryview | bytes, payload_crc: int | None,
+            user_id: int | None) -> bytes:
+    want = sum(layout.part_sizes(length))
+    if len(payload) != want:
+        raise RecordSizeError(f"payload has {len(payload)} bytes, layout implies {want} for n={length}", user_id)
+    if payload_crc is None:
+        payload_crc = zlib.crc32(payload)
+    pre, post = layout.header_parts
+    head = pre + _U32.pack(length) + post
+    return b"".join((head, _U32.pack(zlib.crc32(head, payload_crc)), payload))
+
+
+def encode_entry(layout: EntryLayout, length: int, parts: list[np.ndarray], *, user_id: int | None = None) -> bytes:
+    """One user's parts (numpy arrays in layout order, (min(n, cap), width) at the storage dtypes)
+    → record bytes."""
+    if not 0 <= length <= layout.max_len:
+        raise RecordSizeError(f"length {length} outside 0..max_len={layout.max_len}", user_id)
+    if len(parts) != len(layout.parts):
+        raise RecordSizeError(f"{len(parts)} parts, layout has {len(layout.parts)}", user_id)
+    blobs = []
+    for p, a in zip(layout.parts, parts, strict=True):
+        a = np.ascontiguousarray(a, dtype=layout.dtype(p.kind))
+        if a.shape != (min(length, p.cap), p.width):
+            raise RecordSizeError(f"part {p.name} has shape {a.shape}, layout implies "
+                                  f"{(min(length, p.cap), p.width)}", user_id)  # fmt: skip
+        blobs.append(a.tobytes())
+    return _finish(layout, length, b"".join(blobs), None, user_id)
+
+
+def decode_entry(layout: EntryLayout, buf: bytes | bytearray | memoryview, *,
+                 expected_model_version: str | None = None, user_id: int | None = None) -> EntryRecord:
+    """Validate a v2 record against its store's layout and split it into parts (zero-copy views).
+
+    Raises a RecordError subclass naming the user on: bad magic, other format version, dtype codes /
+    part count / parts CRC not the layout's, size, CRC, or model version mismatch.
+    """
+    mv = memoryview(buf).cast("B")
+    if mv.nbytes < HEADER_SIZE:
+        raise RecordSizeError(f"truncated record: {mv.nbytes} bytes < {HEADER_SIZE}-byte header", user_id)
+    magic, version, *_ = HEADER.unpack_from(mv)
+    if magic != MAGIC:
+        raise BadMagicError(f"bad magic {magic!r}, expected {MAGIC!r}", user_id)
+    if version != ENTRY_FORMAT_VERSION:
+        raise UnsupportedVersionError(f"record format version {version}, the store's layout needs "
+                                      f"{ENTRY_FORMAT_VERSION}", user_id)  # fmt: skip
+    pre, post = layout.header_parts
+    if bytes(mv[:12]) != pre or bytes(mv[16:20]) != post[:4]:
+        raise UnknownDtypeError(f"header {bytes(mv[:20]).hex()} does not match the store layout "
+                                f"(dtype codes, part count, parts CRC)", user_id)  # fmt: skip
+    n = _U32.unpack_from(mv, 12)[0]
+    sizes = layout.part_sizes(n)
+    want = HEADER_SIZE + sum(sizes)
+    if mv.nbytes != want or n > layout.max_len:
+        kind = "truncated" if mv.nbytes < want else "over-long"
+        raise RecordSizeError(f"{kind} record: {mv.nbytes} bytes, n={n} implies {want} (max_len "
+                              f"{layout.max_len})", user_id)  # fmt: skip
+    if zlib.crc32(mv[:_CRC_OFFSET], zlib.crc32(mv[HEADER_SIZE:])) != _U32.unpack_from(mv, _CRC_OFFSET)[0]:
+        raise ChecksumError("CRC mismatch: record is corrupt", user_id)
+    mver = bytes(mv[20:28]).hex()
+    if expected_model_version is not None and mver != expected_model_version:
+        raise ModelVersionMismatchError(f"model version {mver} != expected {expected_model_version}", user_id)
+    u8 = np.frombuffer(mv, dtype=np.uint8)
+    if not mv.readonly:
+        u8.flags.writeable = False
+    arrays, at = {}, HEADER_SIZE
+    for p, size in zip(layout.parts, sizes, strict=True):
+        arrays[p.name] = u8[at : at + size].view(layout.dtype(p.kind)).reshape(min(n, p.cap), p.width)
+        at += size
+    return EntryRecord(length=n, model_version=mver, arrays=arrays)
+
+
+def entry_from_parquet_row(layout: EntryLayout, *, user_id: int, length: int, payload: bytes, model_version: str,
+                           checksum: int) -> bytes:
+    """Encode one v2 prefill Parquet row after verifying model version, length, size and checksum."""
+    if model_version != layout.model_version:
+        raise ModelVersionMismatchError(
+            f"row model_version {model_version!r} != layout {layout.model_version!r}", user_id)
+    if not 0 <= length <= layout.max_len:
+        raise RecordSizeError(f"length {length} outside 0..max_len={layout.max_len}", user_id)
+    crc = zlib.crc32(payload)
+    if crc != checksum:
+        raise ChecksumError(f"Parquet checksum {checksum} != crc32 of the row's payload {crc}", user_id)
+    return _finish(layout, length, payload, crc, user_id)
+
+
+def entry_layout(cfg: ModelConfig, model_version: str, mode: str = "collective", kv_dtype: str = "float16"
+                 ) -> EntryLayout:
+    """The EntryLayout a prefill of this zoo model writes: ``mode`` "collective" (the model's own
+    cache) or "full" (every group's K/V rebuilt at d_a: the full-KV baseline store)."""
+    if mode not in ("collective", "full"):
+        raise ValueError(f"mode must be 'collective' or 'full', got {mode!r}")
+    if mode == "collective" and cfg.kv_mode != "collective":
+        raise ValueError("the checkpoint is a full-KV model: it has no collective cache (use mode 'full')")
+    parts = entry_parts(cfg if mode == "collective" else replace(cfg, kv_mode="full"))
+    has_idx = any(p.kind == "idx" for p in parts)
+    idx = ("uint16" if index_itemsize(cfg.collective.pool_size) == 2 else "int32") if has_idx else None
+    return EntryLayout(arch=cfg.arch, mode=mode, kv_dtype=kv_dtype, idx_dtype=idx,
+                       pool_size=cfg.collective.pool_size if has_idx else 0, max_len=cfg.window_len,
+                       model_version=model_version, parts=parts)  # fmt: skip

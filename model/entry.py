@@ -1,0 +1,177 @@
+"""A zoo model's per-user cache entry as a flat list of named parts (pure tensors, no I/O).
+
+The store (``cachestore.entry``) writes one user's entry as a sequence of byte blocks; this module
+says which blocks a model's cache has and converts between a :class:`model.blocks.ZooCache` and
+those blocks. One user with ``n`` cached behaviours (``n <= cfg.window_len``) has, for every part
+``p`` of :func:`entry_parts`, ``min(n, p.cap)`` rows of ``p.width`` values:
+
+====  =====================================  ============================================================
+kind  values                                 tensor in :func:`entry_arrays` / :func:`cache_from_arrays`
+====  =====================================  ============================================================
+kv    user-specific K or V part (or the      (B, R, width) float (stored at the layout's kv dtype)
+      whole K/V in the full model)
+idx   router index into the group's pool     (B, R, 1) int64 (stored uint16 or int32)
+key   retrieval key, bit-packed little-      (B, R, width) uint8: ``width = ceil(bits / 8)`` bytes
+      endian into ``width`` bytes
+====  =====================================  ============================================================
+
+R = ``min(max(lengths), cap)`` (valid rows first, zeros at padding). Parts are ordered group by
+group (``model.zoo.cache_groups`` order) as ``k_user, v_user, k_idx, v_idx``, then the retrieval
+keys; zero-width parts (SDIM's long stage has no K) are left out. A group of ``positions`` rows at a
+full window caches the *last* ``min(n, cap)`` behaviours of the user's window, so rows(n) =
+``min(n, cap)`` for every part. The ``din`` arch's parts are exactly the v1 record's payload
+(``k_user | v_user | k_idx | v_idx``, cap ``max_len``).
+
+Keys: SIM's category bitmask (``n_genres`` bits), ETA's SimHash signature (``hash_bits``) and SDIM's
+``sdim_hashes`` bucket ids of ``sdim_bits`` each (id j at bits ``j·sdim_bits``) — the bytes that
+``model.zoo.key_bytes_per_behaviour`` counts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from model.blocks import ZooCache
+from model.cache import KVCache
+from model.config import LONG_ARCHS, ModelConfig
+
+KINDS = ("kv", "idx", "key")
+
+
+@dataclass(frozen=True)
+class EntryPart:
+    """One named block of an entry: ``min(n, cap)`` rows of ``width`` values of ``kind``."""
+
+    name: str  # "<group>.k_user" | "<group>.v_user" | "<group>.k_idx" | "<group>.v_idx" | "keys.<name>"
+    kind: str  # "kv" | "idx" | "key"
+    width: int  # values per row (key: packed bytes)
+    cap: int  # most rows a user has
+
+    def rows(self, n: int) -> int:
+        return min(n, self.cap)
+
+
+def _group_caps(cfg: ModelConfig) -> list[tuple[str, int, bool]]:
+    """(group name, cap, has K) per cached K/V group, in ``model.zoo.cache_groups`` order."""
+    if cfg.arch in LONG_ARCHS:
+        return [("short", min(cfg.max_len, cfg.long_len), True), ("long", cfg.long_len, cfg.arch != "sdim")]
+    if cfg.arch == "hstu":
+        return [(f"layer{i}", cfg.max_len, True) for i in range(cfg.hstu_layers)]
+    return [("kv", cfg.max_len, True)]
+
+
+def key_fields(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """Retrieval keys of ``cfg.arch``: name → (values per behaviour, bits per value)."""
+    if cfg.arch == "sim":
+        return {"categories": (1, max(1, cfg.n_genres))}
+    if cfg.arch == "eta":
+        return {"simhash": (1, cfg.hash_bits)}
+    if cfg.arch == "sdim":
+        return {"buckets": (cfg.sdim_hashes, cfg.sdim_bits)}
+    return {}
+
+
+def entry_parts(cfg: ModelConfig) -> tuple[EntryPart, ...]:
+    """The parts of one user's entry for ``cfg`` (see the module docstring for order and rows)."""
+    full = cfg.kv_mode == "full"
+    dk = cfg.d_attn if full else cfg.dk_user
+    dv = cfg.d_attn if full else cfg.dv_user
+    k_idx, v_idx = (not full and cfg.k_shared), (not full and cfg.v_shared)
+    parts: list[EntryPart] = []
+    for group, cap, has_k in _group_caps(cfg):
+        if has_k:
+            parts.append(EntryPart(f"{group}.k_user", "kv", dk, cap))
+        parts.append(EntryPart(f"{group}.v_user", "kv", dv, cap))
+        if has_k and k_idx:
+            parts.append(EntryPart(f"{group}.k_idx", "idx", 1, cap))
+        if v_idx:
+            parts.append(EntryPart(f"{group}.v_idx", "idx", 1, cap))
+    for name, (m, bits) in key_fields(cfg).items():
+        parts.append(EntryPart(f"keys.{name}", "key", math.ceil(m * bits / 8), cfg.long_len))
+    return tuple(parts)
+
+
+def pack_keys(keys: torch.Tensor, m: int, bits: int) -> torch.Tensor:
+    """(B, L) or (B, L, m) non-negative int64 keys → (B, L, ceil(m·bits/8)) uint8, little-endian,
+    value j of a row at bits ``j·bits``."""
+    if m * bits > 63:
+        raise ValueError(f"retrieval keys of {m}x{bits} bits do not fit in 63 bits")
+    k = keys.to(torch.int64)
+    if k.dim() == 2:
+        k = k.unsqueeze(-1)  # (B, L, 1)
+    shifts = torch.arange(m, device=k.device, dtype=torch.int64) * bits  # (m,)
+    word = (k << shifts).sum(-1)  # (B, L): the values are < 2**bits, so sum == bitwise or
+    raw = word.contiguous().unsqueeze(-1).view(torch.uint8)  # (B, L, 8), little-endian bytes
+    if raw.shape[-1] != 8 or int.from_bytes(b"\x01\x00", "little") != 1:  # pragma: no cover
+        raise RuntimeError("unexpected int64 byte view")
+    return raw[..., : math.ceil(m * bits / 8)].contiguous()
+
+
+def unpack_keys(packed: torch.Tensor, m: int, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_keys`: (B, L, nbytes) uint8 → (B, L) int64 (m = 1) or (B, L, m)."""
+    b, length, nbytes = packed.shape
+    raw = torch.zeros(b, length, 8, dtype=torch.uint8, device=packed.device)
+    raw[..., :nbytes] = packed
+    word = raw.view(torch.int64).squeeze(-1)  # (B, L)
+    if m == 1:
+        return word
+    shifts = torch.arange(m, device=packed.device, dtype=torch.int64) * bits  # (m,)
+    return (word.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (B, L, m)
+
+
+def entry_arrays(cache: ZooCache, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """A padded batch of entries, part by part: name → (B, R, width) (see the module docstring)."""
+    fields = key_fields(cfg)
+    out: dict[str, torch.Tensor] = {}
+    for p in entry_parts(cfg):
+        group, attr = p.name.split(".", 1)
+        if p.kind == "key":
+            m, bits = fields[attr]
+            out[p.name] = pack_keys(cache.keys[attr], m, bits)  # (B, R, width)
+            continue
+        t = getattr(cache.kv[group], attr)
+        out[p.name] = t.unsqueeze(-1) if p.kind == "idx" else t  # (B, R, width)
+    return out
+
+
+def cache_from_arrays(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, cfg: ModelConfig) -> ZooCache:
+    """Inverse of :func:`entry_arrays`: the :class:`ZooCache` a model decodes from (hard routing).
+
+    arrays: name → (B, R_p, width) for every part of :func:`entry_parts` (padding rows hold zeros;
+    R_p may be any width >= the batch's longest ``min(n, cap)``); lengths: (B,) behaviours per user
+    (``min(n, window_len)``). Index parts become int64, keys are unpacked.
+    """
+    missing = [p.name for p in entry_parts(cfg) if p.name not in arrays]
+    if missing:
+        raise ValueError(f"entry arrays lack parts {missing}")
+    fields = key_fields(cfg)
+    keys = {}
+    for name, (m, bits) in fields.items():
+        keys[name] = unpack_keys(arrays[f"keys.{name}"], m, bits)
+    kv: dict[str, KVCache] = {}
+    for group, cap, _ in _group_caps(cfg):
+        def get(attr: str, is_idx: bool, group: str = group) -> torch.Tensor | None:
+            t = arrays.get(f"{group}.{attr}")
+            if t is None or not is_idx:
+                return t
+            return t.squeeze(-1).to(torch.int64)  # (B, R)
+
+        v_user = arrays[f"{group}.v_user"]
+        k_user = get("k_user", False)
+        if k_user is None:  # a V-only group: zero-width K (model.blocks.TABlock)
+            k_user = v_user[..., :0]
+        kv[group] = KVCache(k_user=k_user, v_user=v_user, k_idx=get("k_idx", True), v_idx=get("v_idx", True),
+                            lengths=lengths.clamp(max=cap))  # fmt: skip
+    return ZooCache(lengths=lengths, kv=kv, keys=keys)
+
+
+def full_cache(model: torch.nn.Module, cache: ZooCache) -> ZooCache:
+    """The full-KV form of a cache: every group's K/V rebuilt at d_a (user part ⊕ pool rows), no
+    indices — what the full-KV baseline store holds. ``model.decode`` reads it like the original."""
+    kv = {}
+    for group, (k, v) in model.keys_values(cache).items():  # (B, R, d_a) each (K zero-width if V-only)
+        kv[group] = KVCache(k_user=k, v_user=v, k_idx=None, v_idx=None, lengths=cache.kv[group].lengths)
+    return ZooCache(lengths=cache.lengths, kv=kv, keys=cache.keys)
