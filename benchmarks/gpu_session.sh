@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Every GPU measurement the README and the issues quote, in as few device calls as possible.
+# Runs on the device machine (torch, numpy, pyarrow, pandas, safetensors, click, matplotlib, pytest,
+# hypothesis present; lmdb carried as a wheel in .whl/, see the device README; no Spark, no Java).
+#
+#   step "bench" (~5 min):  pytest -m cuda; prefill per-partition function on CUDA (issue 3);
+#                           decode latency Table 2 (issue 4), with and without torch.compile
+#   step "eval"  (resumable, rerun until it prints "eval complete"): `ckv eval --device cuda --workers 3`
+#                           (issue 5; every finished run is kept under benchmarks/results/zoo_movielens/runs)
+#
+# Usage there (one `run` call per step, carry [".whl"] and for "eval" also the previous zoo_movielens):
+#   bash benchmarks/gpu_session.sh bench
+#   bash benchmarks/gpu_session.sh eval [SECONDS]
+# Results land in benchmarks/results/ and are copied to $OUT (≤ 8 files come back per call).
+set -uo pipefail
+step=${1:?usage: gpu_session.sh bench|eval [seconds]}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+OUT=${OUT:-/tmp/ckv-gpu-out}
+mkdir -p "$OUT" benchmarks/results
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site:$PYTHONPATH
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/device.txt"
+
+case $step in
+bench)
+    python3 -m pytest -q -m cuda -p no:cacheprovider $(grep -l "mark.cuda" tests/test_*.py) 2>&1 | tail -15 | tee "$OUT/pytest_cuda.txt"
+    timeout 150 python3 benchmarks/prefill.py --gpu-only --users 50000 \
+        --out benchmarks/results/prefill_gpu.json 2>&1 | tail -20
+    timeout 330 python3 benchmarks/decode_latency.py --compile --out benchmarks/results/decode_latency.json 2>&1 | tail -40
+    cp benchmarks/results/prefill_gpu.json benchmarks/results/decode_latency.json \
+        benchmarks/results/decode_latency.png "$OUT"/ 2>/dev/null
+    ;;
+eval)
+    budget=${2:-540}
+    timeout "$budget" python3 -m jobs.cli eval --device cuda --workers 3 2>&1 | tail -30
+    rc=$?
+    [ $rc -eq 0 ] && echo "eval complete" || echo "eval stopped (rc $rc): rerun the same step; finished runs are kept"
+    tar -C benchmarks/results -czf "$OUT/zoo_movielens.tgz" zoo_movielens 2>/dev/null
+    ;;
+*) echo "unknown step $step" >&2; exit 2 ;;
+esac
