@@ -19,11 +19,16 @@ of the LMDB map. The device unpacks the parts into padded (B, L) tensors in a fe
 Hot path (:meth:`HostBatcher.fetch`): one LMDB read transaction with ``buffers=True`` (values are
 views of the map, no bytes objects), one memoryview copy per present user, and then *vectorised*
 validation of all headers at once: every record of a store shares its layout, so header bytes 0..11
-and 16..27 must equal ``CacheLayout.header_parts`` (magic, format version, flags, dtype codes, dk, dv,
-model version) and the size must equal ``CacheLayout.record_size(n)``. A record that fails is
-decoded by :func:`cachestore.record.decode_record`, which raises the precise error (e.g.
+and 16..27 must equal ``layout.header_parts`` (magic, format version, flags, dtype codes, dk, dv /
+part count, parts CRC, model version) and the size must equal ``layout.record_size(n)``. A record
+that fails is decoded by :func:`cachestore.record.decode_record` (v1) or
+:func:`cachestore.entry.decode_entry` (v2, zoo stores), which raises the precise error (e.g.
 ``ModelVersionMismatchError`` naming the user). CRCs are not checked by default (the store is
-immutable and verified when built; ``verify_crc=True`` checks every record through ``decode_record``).
+immutable and verified when built; ``verify_crc=True`` checks every record through the decoder).
+
+The same buffer layout carries v2 (zoo) records (layout an :class:`cachestore.entry.EntryLayout`):
+the zero block is then the widest row of any part, and :func:`cachestore.transfer.unpack_entry`
+splits the records into the per-part padded arrays.
 
 Buffers are reused: a batcher owns a ring of ``n_buffers`` buffers (default 2, so fetching batch i+1
 overlaps the transfer of batch i); a :class:`HostBatch` stays valid until its buffer comes round again
@@ -56,7 +61,10 @@ from cachestore.record import (
 )
 
 if TYPE_CHECKING:
+    from cachestore.entry import EntryLayout
     from cachestore.reader import StoreReader
+
+    StoreLayout = CacheLayout | EntryLayout  # v1 (din) or v2 (zoo) store
 
 _ALIGN = 8
 _WORDS = np.arange(HEADER_SIZE // 8, dtype=np.int64)  # a record header as 4 little-endian uint64 words
@@ -71,9 +79,29 @@ def pinned_available() -> bool:
     return torch.cuda.is_available()
 
 
-def zero_block_bytes(layout: CacheLayout) -> int:
-    """Size of the zero block: the widest per-behaviour part in bytes (>= 8), rounded up to 8."""
-    return _align(max(8, *layout.header_parts[2]))
+def is_entry_layout(layout: StoreLayout) -> bool:
+    """True for a v2 (zoo) store's EntryLayout (``layout_version`` 2); checked without importing
+    cachestore.entry (it needs pyarrow), so v1 serving needs only numpy + torch."""
+    return layout.layout_version == 2
+
+
+def zero_block_bytes(layout: StoreLayout) -> int:
+    """Size of the zero block: the widest per-behaviour part (v2: the widest row of any part) in
+    bytes (>= 8), rounded up to 8."""
+    widths = layout.row_bytes if is_entry_layout(layout) else layout.header_parts[2]
+    return _align(max(8, *widths))
+
+
+def check_record(layout: StoreLayout, buf: bytes | memoryview, expected_model_version: str | None,
+                 user_id: int | None) -> None:
+    """Fully validate one record of ``layout`` (CRC included): ``decode_record`` for v1,
+    ``decode_entry`` for v2; raises the precise ``RecordError`` subclass naming the user."""
+    if is_entry_layout(layout):
+        from cachestore.entry import decode_entry
+
+        decode_entry(layout, buf, expected_model_version=expected_model_version, user_id=user_id)
+    else:
+        decode_record(buf, expected_model_version=expected_model_version, user_id=user_id)
 
 
 @dataclass
@@ -107,7 +135,7 @@ class HostBatch:
     record_bytes: sum of the records' sizes; fetch_seconds: wall time of fetch/pack on the CPU.
     """
 
-    layout: CacheLayout
+    layout: StoreLayout
     user_ids: np.ndarray
     lengths: np.ndarray
     offsets: np.ndarray
@@ -154,15 +182,15 @@ class HostBatch:
 class HostBatcher:
     """Packs batches of user records into a ring of reusable host buffers.
 
-    layout: the store's CacheLayout. expected_model_version: the loaded checkpoint's version
-    (default: the layout's); a store whose layout carries another version is refused here, a record
-    that carries another version is refused by :meth:`fetch` / :meth:`pack` — both raise
-    ``ModelVersionMismatchError``. reader: the store to :meth:`fetch` from (optional for :meth:`pack`).
+    layout: the store's CacheLayout (v1) or EntryLayout (v2, zoo). expected_model_version: the loaded
+    checkpoint's version (default: the layout's); a store whose layout carries another version is
+    refused here, a record that carries another version is refused by :meth:`fetch` / :meth:`pack` —
+    both raise ``ModelVersionMismatchError``. reader: the store to :meth:`fetch` from (optional for :meth:`pack`).
     pin: pinned buffers (default: when CUDA is available). capacity_bytes: initial size of each buffer
     (default: room for ``batch_users`` users of ``min(max_len, 1000)`` behaviours, at most 64 MiB).
     """
 
-    def __init__(self, layout: CacheLayout, *, reader: StoreReader | None = None,
+    def __init__(self, layout: StoreLayout, *, reader: StoreReader | None = None,
                  expected_model_version: str | None = None, pin: bool | None = None, n_buffers: int = 2,
                  batch_users: int = 512, capacity_bytes: int | None = None, verify_crc: bool = False) -> None:
         if reader is not None and reader.layout != layout:
@@ -180,10 +208,12 @@ class HostBatcher:
         self.pin = pinned_available() if pin is None else bool(pin)
         self.n_buffers = n_buffers
         self.verify_crc = verify_crc
-        pre, post, widths = layout.header_parts  # header bytes 0..11 and 16..27, the same in every record
+        pre, post = layout.header_parts[:2]  # header bytes 0..11 and 16..27, the same in every record
         self._expect = (np.frombuffer(pre[:8], "<u8")[0], np.uint64(np.frombuffer(pre[8:], "<u4")[0]),
                         np.frombuffer(post[:8], "<u8")[0], np.uint64(np.frombuffer(post[8:], "<u4")[0]))
-        self._per_behaviour = sum(widths)
+        # v1: size = 32 + n·(bytes per behaviour); v2: parts are capped, sizes from layout.record_sizes
+        self._v2 = is_entry_layout(layout)
+        self._per_behaviour = 0 if self._v2 else sum(layout.header_parts[2])
         self._zero = zero_block_bytes(layout)
         if capacity_bytes is None:
             capacity_bytes = min(64 << 20, batch_users * (16 + _align(layout.record_size(min(layout.max_len, 1000)))))
@@ -272,14 +302,14 @@ class HostBatcher:
             low = np.uint64(0xFFFFFFFF)
             w0, w1, w2, w3 = self._expect  # header bytes 0..7, 8..11, 16..23, 24..27 of this layout
             ok = (words[:, 0] == w0) & ((words[:, 1] & low) == w1) & (words[:, 2] == w2) & ((words[:, 3] & low) == w3)
-            ok &= (size_p == HEADER_SIZE + n * self._per_behaviour) & (n <= self.layout.max_len)
+            want = self.layout.record_sizes(n) if self._v2 else HEADER_SIZE + n * self._per_behaviour
+            ok &= (size_p == want) & (n <= self.layout.max_len)
             if not ok.all():
                 self._raise_bad(arr, ids[present], at, size_p, ok)
             lengths[present] = n
             if self.verify_crc:
                 for uid, o, s in zip(ids[present].tolist(), at.tolist(), size[present].tolist(), strict=True):
-                    decode_record(buf.view[o : o + s], expected_model_version=self.expected_model_version,
-                                  user_id=uid)
+                    check_record(self.layout, buf.view[o : o + s], self.expected_model_version, uid)
         offsets[~present] = zero_at
         used = pos
         arr[0:zero_at].view(np.int64)[:] = np.concatenate([offsets, lengths])
@@ -295,7 +325,7 @@ class HostBatcher:
         j = int(np.flatnonzero(~ok)[0])
         uid, o, s = int(ids[j]), int(at[j]), int(size[j])
         rec = bytes(arr[o : o + s])
-        decode_record(rec, expected_model_version=self.expected_model_version, user_id=uid)  # raises if invalid
+        check_record(self.layout, rec, self.expected_model_version, uid)  # raises if invalid
         raise RecordError(f"record does not match the store layout {self.layout} (header {rec[:HEADER_SIZE].hex()}, "
                           f"{s} bytes)", uid)
 

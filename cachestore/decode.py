@@ -25,17 +25,31 @@ gather at L = 50. benchmarks/decode_latency.py times both paths on the target GP
 
 User parts are cast to the model's dtype before anything else (the store keeps them as fp16), so
 pool rows are never rounded: both paths compute the model's fp32 math on the stored user parts.
+
+Zoo stores (record format v2, :mod:`cachestore.entry`): :func:`entry_cache` turns an unpacked batch
+(:class:`cachestore.transfer.EntryBatch`) into the model's :class:`model.blocks.ZooCache` (kv parts
+cast to the model's dtype, then ``model.entry.cache_from_arrays``) and :func:`decode_zoo` runs the
+zoo model's own ``decode`` (its retrieval + attention; there is no poolscore path for these models)
+on a :class:`ResidentZooModel`. A ``din`` cache in a v2 store goes through :func:`decode` above.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from model.attention import masked_softmax
+from model.blocks import ZooCache
 from model.cache import KVCache
+from model.config import ModelConfig
 from model.ctr import TargetAttentionCTR
+from model.entry import cache_from_arrays
+
+if TYPE_CHECKING:
+    from cachestore.transfer import EntryBatch
 
 PATHS = ("auto", "poolscore", "gather")
 
@@ -140,3 +154,38 @@ def decode(resident: ResidentModel, cache: KVCache, targets: torch.Tensor, path:
     if path == "gather" or (cache.k_idx is None and cache.v_idx is None):
         return resident.model.decode(cache, targets)
     return resident.model.decode(cache, targets, attention=lambda q, c: pool_score_attention(resident, q, c))
+
+
+class ResidentZooModel:
+    """A zoo model (SIM, ETA, SDIM, TWIN, HSTU: ``model.zoo``) kept on one device in eval mode,
+    with its pools; ``cfg``, ``device`` and ``dtype`` as in :class:`ResidentModel`."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device | str | None = None) -> None:
+        device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model = model.to(device).eval()
+        self.cfg: ModelConfig = model.cfg
+        self.device = device
+        self.dtype = next(model.parameters()).dtype
+
+
+def store_config(cfg: ModelConfig, store_mode: str) -> ModelConfig:
+    """The config whose ``model.entry.entry_parts`` a store of ``store_mode`` holds: the model's own
+    for "collective", ``kv_mode="full"`` (whole K/V, no indices) for the full-KV store."""
+    return dataclasses.replace(cfg, kv_mode="full") if store_mode == "full" else cfg
+
+
+def entry_cache(batch: EntryBatch, cfg: ModelConfig, dtype: torch.dtype) -> ZooCache:
+    """An unpacked v2 batch → the :class:`ZooCache` the model decodes: kv parts cast to ``dtype``
+    (the model's: pool rows are never rounded to the stored fp16), indices and keys as they are.
+    ``cfg``: :func:`store_config` of the model's config and the store's mode."""
+    arrays = {name: t.to(dtype) if t.is_floating_point() else t for name, t in batch.arrays.items()}
+    return cache_from_arrays(arrays, batch.lengths, cfg)
+
+
+def decode_zoo(resident: ResidentZooModel, cache: ZooCache, targets: torch.Tensor) -> torch.Tensor:
+    """Logits of candidates ``targets`` (B,) or (B, C) against a zoo cache on the resident model's
+    device: the model's own ``decode`` (each candidate scored independently). Call under
+    ``torch.inference_mode()`` / ``no_grad``."""
+    if targets.shape[0] != cache.batch_size:
+        raise ValueError(f"{targets.shape[0]} target rows for a cache of {cache.batch_size} users")
+    return resident.model.decode(cache, targets)

@@ -10,7 +10,9 @@ version in one process share one Environment (py-lmdb forbids opening it twice).
 
 Values returned by get/get_many are decoded Records whose numpy arrays view a private bytes copy
 of the LMDB value (one copy out of the map; valid after the transaction ends). Every record is
-CRC-checked and must carry the layout's model_version.
+CRC-checked and must carry the layout's model_version. A zoo store (layout_version 2,
+:class:`cachestore.entry.EntryLayout`) gives :class:`cachestore.entry.EntryRecord`s
+(``decode_entry``) instead of v1 :class:`Record`s.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import lmdb
 
+from cachestore.entry import EntryLayout, EntryRecord, decode_entry
 from cachestore.publish import LAYOUT, LMDB_DIR, open_current
 from cachestore.record import CacheLayout, Record, decode_record, key_user, read_layout, user_key
 
@@ -79,7 +82,7 @@ class StoreReader:
         return cls(open_current(store_root), **kwargs)
 
     @property
-    def layout(self) -> CacheLayout:
+    def layout(self) -> CacheLayout | EntryLayout:
         return self._layout
 
     @property
@@ -97,9 +100,11 @@ class StoreReader:
             self._pid = pid
         return self._env
 
-    def _decode(self, user_id: int, raw: bytes | None) -> Record | None:
+    def _decode(self, user_id: int, raw: bytes | None) -> Record | EntryRecord | None:
         if raw is None:
             return None
+        if isinstance(self._layout, EntryLayout):  # v2: checked against the store's layout as well
+            return decode_entry(self._layout, raw, expected_model_version=self._layout.model_version, user_id=user_id)
         return decode_record(raw, expected_model_version=self._layout.model_version, user_id=user_id)
 
     def get_raw(self, user_id: int) -> bytes | None:
@@ -107,11 +112,11 @@ class StoreReader:
         with self._environment().begin(buffers=False) as txn:
             return txn.get(user_key(int(user_id)))
 
-    def get(self, user_id: int) -> Record | None:
+    def get(self, user_id: int) -> Record | EntryRecord | None:
         """The verified record of a user, or None if the user has no cache entry."""
         return self._decode(int(user_id), self.get_raw(user_id))
 
-    def get_many(self, user_ids: Iterable[int]) -> list[Record | None]:
+    def get_many(self, user_ids: Iterable[int]) -> list[Record | EntryRecord | None]:
         """Records for many users (None for absent ones), all from one read transaction."""
         ids = [int(u) for u in user_ids]
         with self._environment().begin(buffers=False) as txn:
@@ -124,13 +129,14 @@ class StoreReader:
             for key in txn.cursor().iternext(keys=True, values=False):
                 yield key_user(bytes(key))
 
-    def iter_records(self) -> Iterator[tuple[int, Record]]:
+    def iter_records(self) -> Iterator[tuple[int, Record | EntryRecord]]:
         """(user id, verified record) for every user in ascending id order."""
         with self._environment().begin(buffers=False) as txn:
             for key, raw in txn.cursor():
                 uid = key_user(key)
-                yield uid, decode_record(raw, expected_model_version=self._layout.model_version,
-                                         user_id=uid)
+                record = self._decode(uid, raw)
+                assert record is not None
+                yield uid, record
 
     def __len__(self) -> int:
         return self._environment().stat()["entries"]

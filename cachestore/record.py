@@ -166,6 +166,11 @@ class CacheLayout:
         idx = IDX_DTYPES[self.idx_dtype][1].itemsize if self.idx_dtype else 0
         return HEADER_SIZE + length * ((self.dk + self.dv) * kv + idx * (self.k_shared + self.v_shared))
 
+    def record_sizes(self, lengths: np.ndarray) -> np.ndarray:
+        """Vectorised :meth:`record_size` (int64), as ``EntryLayout.record_sizes``."""
+        per_behaviour = sum(self.header_parts[2])
+        return HEADER_SIZE + lengths.astype(np.int64) * per_behaviour
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -14,6 +14,14 @@ Users absent from the store are scored as cold start (empty history: attention o
 ``model.decode`` with length 0) and counted; a store built by another model version is refused when
 the runtime is created, a record written by another model version when it is fetched (both
 ``ModelVersionMismatchError``). The store may be the full-KV baseline store (layout mode "full").
+
+Two store formats: record format v1 (``CacheLayout``) holds the ``din`` arch's one K/V group and is
+decoded by :func:`cachestore.decode.decode` (poolscore or gather); record format v2 (``EntryLayout``,
+:mod:`cachestore.entry`) holds a zoo model's cache — several K/V groups plus retrieval keys (SIM, ETA,
+SDIM, TWIN, HSTU; also din) — unpacked part by part (:func:`cachestore.transfer.unpack_entry`),
+rebuilt with ``model.entry.cache_from_arrays`` and decoded by the model's own ``decode``
+(:func:`cachestore.decode.decode_zoo`). The store's arch and parts must be exactly those
+``cachestore.entry.entry_layout`` gives for the checkpoint (:func:`check_layout`).
 """
 
 from __future__ import annotations
@@ -27,13 +35,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from cachestore.batch import HostBatcher
-from cachestore.decode import PATHS, ResidentModel, decode
-from cachestore.record import CacheLayout, LayoutError, ModelVersionMismatchError
+from cachestore.batch import HostBatcher, is_entry_layout
+from cachestore.decode import PATHS, ResidentModel, ResidentZooModel, decode, decode_zoo, entry_cache, store_config
+from cachestore.record import LayoutError, ModelVersionMismatchError
 from cachestore.transfer import to_device
 from model.ctr import TargetAttentionCTR
 
 if TYPE_CHECKING:
+    from cachestore.batch import StoreLayout
+    from cachestore.entry import EntryLayout
     from cachestore.reader import StoreReader
 
 
@@ -41,17 +51,62 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def check_layout(layout: CacheLayout, model: TargetAttentionCTR, model_version: str) -> None:
-    """Refuse a store that was not prefilled with this model (version) or whose shapes differ."""
-    arch = getattr(model.cfg, "arch", "din")
-    if type(model) is not TargetAttentionCTR or arch != "din":
-        raise LayoutError(f"the serving runtime scores the din arch (TargetAttentionCTR) only; the checkpoint is "
-                          f"arch {arch!r} ({type(model).__name__}), whose cache has several K/V groups")
+def _check_version(layout: StoreLayout, model_version: str) -> None:
     if layout.model_version != model_version:
         raise ModelVersionMismatchError(
             f"the store was built by model version {layout.model_version}, but the loaded checkpoint is "
             f"model version {model_version}: load the checkpoint the store was prefilled with, or prefill "
             "and publish a store for this checkpoint")
+
+
+def check_entry_layout(layout: EntryLayout, model: torch.nn.Module, model_version: str) -> None:
+    """Refuse a v2 (zoo) store that was not prefilled with this model: other arch, other model
+    version, or parts (names, kinds, widths, caps), index dtype, pool size or window that are not
+    ``entry_layout(model.cfg, version, layout.mode, layout.kv_dtype)``'s."""
+    from cachestore.entry import entry_layout  # needs pyarrow: imported only for zoo stores
+
+    cfg = model.cfg
+    arch = getattr(cfg, "arch", "din")
+    if layout.arch != arch:
+        raise LayoutError(f"the store holds {layout.arch!r} caches (record format v2), but the checkpoint is arch "
+                          f"{arch!r} ({type(model).__name__}): load the checkpoint the store was prefilled with")
+    _check_version(layout, model_version)
+    if layout.mode == "collective" and cfg.kv_mode != "collective":
+        raise LayoutError("the store holds collective caches (user parts + router indices), but the checkpoint is "
+                          "a full-KV model: load the collective checkpoint the store was prefilled with")
+    want = entry_layout(cfg, model_version, layout.mode, layout.kv_dtype)
+    if want.parts != layout.parts:
+        have = {p.name: p for p in layout.parts}
+        need = {p.name: p for p in want.parts}
+        diffs = [f"missing {sorted(set(need) - set(have))}"] if set(need) - set(have) else []
+        diffs += [f"unexpected {sorted(set(have) - set(need))}"] if set(have) - set(need) else []
+        diffs += [f"{n}: store (kind, width, cap) = {(have[n].kind, have[n].width, have[n].cap)}, model needs "
+                  f"{(need[n].kind, need[n].width, need[n].cap)}" for n in need if n in have and have[n] != need[n]]
+        if not diffs:
+            diffs = ["same parts in another order"]
+        raise LayoutError(f"the store's parts do not fit the {arch} model for a {layout.mode} store: "
+                          f"{'; '.join(diffs)}")
+    for name in ("idx_dtype", "pool_size", "max_len"):
+        got, exp = getattr(layout, name), getattr(want, name)
+        if got != exp:
+            raise LayoutError(f"store {name} {got!r} != {exp!r} expected for this {arch} model")
+
+
+def check_layout(layout: StoreLayout, model: torch.nn.Module, model_version: str) -> None:
+    """Refuse a store that was not prefilled with this model (version) or whose shapes differ.
+
+    A v1 store (``CacheLayout``) holds din caches: only a ``din`` checkpoint (TargetAttentionCTR)
+    serves it. A v2 store (``EntryLayout``): :func:`check_entry_layout`."""
+    if is_entry_layout(layout):
+        check_entry_layout(layout, model, model_version)  # type: ignore[arg-type]
+        return
+    arch = getattr(model.cfg, "arch", "din")
+    if type(model) is not TargetAttentionCTR or arch != "din":
+        raise LayoutError("this store (record format v1) holds din caches: it serves the din arch "
+                          f"(TargetAttentionCTR) only; the checkpoint is arch {arch!r} ({type(model).__name__}), "
+                          "whose cache has several K/V groups: serve it from a zoo store (record format v2) "
+                          "prefilled with this checkpoint")
+    _check_version(layout, model_version)
     cfg = model.cfg
     if layout.mode == "full":
         want = (cfg.d_attn, cfg.d_attn, False, False)
@@ -99,16 +154,18 @@ class ScoreResult:
 class DecodeRuntime:
     """Scores batches of requests; see the module docstring.
 
-    model / model_version: the checkpoint (``pipeline.checkpoint.load_checkpoint``); the model is
-    moved to ``device``. reader: a :class:`cachestore.reader.StoreReader` of the store version to
-    serve. path: "auto" | "poolscore" | "gather" (:mod:`cachestore.decode`). batch_users: users per
+    model / model_version: the checkpoint (``pipeline.checkpoint.load_checkpoint``; any arch whose
+    store format the reader's layout is, see the module docstring); the model is moved to ``device``.
+    reader: a :class:`cachestore.reader.StoreReader` of the store version to serve. path: "auto" |
+    "poolscore" | "gather" (:mod:`cachestore.decode`; a zoo model always decodes with its own
+    attention: "auto" and "gather" are accepted, "poolscore" is refused). batch_users: users per
     fetch/transfer/decode step. max_pairs: at most this many (user, candidate) pairs per step (rows
     are grouped by candidate count; each step is trimmed to its widest row). pad_to: pad every batch
     to this history length (static shapes for CUDA graphs / torch.compile; default: the longest
     history in the batch). verify_crc: CRC-check every fetched record (off: headers only).
     """
 
-    def __init__(self, model: TargetAttentionCTR, model_version: str, reader: StoreReader, *,
+    def __init__(self, model: torch.nn.Module, model_version: str, reader: StoreReader, *,
                  device: torch.device | str | None = None, path: str = "auto", batch_users: int = 512,
                  n_buffers: int = 2, verify_crc: bool = False, pad_to: int | None = None,
                  pin: bool | None = None, max_pairs: int = 8192) -> None:
@@ -119,7 +176,14 @@ class DecodeRuntime:
         layout = reader.layout
         check_layout(layout, model, model_version)
         self.device = torch.device(device) if device is not None else default_device()
-        self.resident = ResidentModel(model, self.device)
+        self.entry = is_entry_layout(layout)  # v2 store: unpack part by part, cache_from_arrays
+        self.zoo = getattr(model.cfg, "arch", "din") != "din"
+        if self.zoo and path == "poolscore":
+            raise ValueError(f"path 'poolscore' is the din model's attention; a {model.cfg.arch} model decodes with "
+                             "its own attention (use path 'auto' or 'gather')")
+        self.resident: ResidentModel | ResidentZooModel = (
+            ResidentZooModel(model, self.device) if self.zoo else ResidentModel(model, self.device))
+        self._store_cfg = store_config(model.cfg, layout.mode) if self.entry else None
         self.model_version = model_version
         self.reader = reader
         self.layout = layout
@@ -203,7 +267,14 @@ class DecodeRuntime:
         else:
             t_dec = time.perf_counter()
         cache = dev.unpack(self.pad_to)
-        logits = decode(self.resident, cache, targets, self.path)
+        if self.entry:  # v2: per-part arrays → the model's ZooCache
+            cache = entry_cache(cache, self._store_cfg, self.resident.dtype)
+            if self.zoo:
+                logits = decode_zoo(self.resident, cache, targets)
+            else:  # a din cache in a v2 store: its one group through the din decode paths
+                logits = decode(self.resident, cache.kv["kv"], targets, self.path)
+        else:
+            logits = decode(self.resident, cache, targets, self.path)
         if cuda:
             end.record()
         out = logits.float().cpu().numpy()

@@ -14,19 +14,32 @@ int64 or None, lengths (B,) int64) with one gather per part: every part's per-be
 multiple of 2 bytes, so the byte buffer is viewed as int16 units and position (b, l) of a part reads
 ``width/2`` units at ``(record_start[b] + 32 + n_b·(widths of the earlier parts) + l·width) / 2``;
 padding positions (l >= n_b) read the zero block (0.0, index 0). Pure tensor code, no host sync.
+
+:func:`unpack_entry` does the same for v2 (zoo) records (``cachestore.entry.EntryLayout``): the
+payload is the layout's parts back to back, part p of user b holding ``r_pb = min(n_b, cap_p)`` rows
+of ``row_bytes_p`` bytes, starting at ``record_start[b] + 32 + Σ_{q<p} r_qb·row_bytes_q``. Each part
+becomes a padded (B, R_p, width) tensor, R_p = ``max(1, min(L, cap_p))`` (L = longest n in the batch
+or ``pad_to``), row r of user b read from the buffer when r < r_pb, else from the zero block; kv parts
+at the stored float dtype, index parts int64 (B, R_p, 1), key parts uint8. A part is gathered in
+int16 units when its row and every earlier part's row have an even byte count (its starts are then
+even), else byte by byte (odd-width retrieval keys).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cachestore.batch import HostBatch
+from cachestore.batch import HostBatch, is_entry_layout
 from cachestore.record import HEADER_SIZE, CacheLayout
 from model.cache import KVCache
+
+if TYPE_CHECKING:
+    from cachestore.batch import StoreLayout
+    from cachestore.entry import EntryLayout
 
 KV_TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -59,11 +72,25 @@ class TransferCost:
 
 
 @dataclass
+class EntryBatch:
+    """A v2 (zoo) batch unpacked on the device: ``arrays`` name → (B, R_p, width) per part of the
+    layout (kv at the stored float dtype, idx int64, keys uint8; zeros at padding) and ``lengths``
+    (B,) int64 — the input of ``model.entry.cache_from_arrays``."""
+
+    arrays: dict[str, torch.Tensor]
+    lengths: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.lengths.shape[0])
+
+
+@dataclass
 class DeviceBatch:
     """A packed batch on the device: ``raw`` uint8 (used_bytes,) plus the host-known shape facts."""
 
     raw: torch.Tensor
-    layout: CacheLayout
+    layout: StoreLayout
     n_users: int
     max_length: int
     zero_offset: int
@@ -76,11 +103,15 @@ class DeviceBatch:
     def lengths(self) -> torch.Tensor:
         return self.raw[8 * self.n_users : 16 * self.n_users].view(torch.int64)
 
-    def unpack(self, pad_to: int | None = None) -> KVCache:
-        """Padded cache of this batch: L = pad_to (>= max_length) or max(1, max_length)."""
+    def unpack(self, pad_to: int | None = None) -> KVCache | EntryBatch:
+        """Padded cache of this batch: L = pad_to (>= max_length) or max(1, max_length). A v1 store
+        gives a :class:`KVCache`, a v2 (zoo) store an :class:`EntryBatch` (parts padded to
+        ``min(L, cap)`` rows)."""
         length = max(1, self.max_length) if pad_to is None else int(pad_to)
         if length < self.max_length:
             raise ValueError(f"pad_to {pad_to} < longest history in the batch ({self.max_length})")
+        if is_entry_layout(self.layout):
+            return unpack_entry(self.raw, self.layout, self.n_users, length, self.zero_offset)
         return unpack(self.raw, self.layout, self.n_users, length, self.zero_offset)
 
 
@@ -145,3 +176,38 @@ def unpack(raw: torch.Tensor, layout: CacheLayout, n_users: int, length: int, ze
     k_user, v_user, k_idx, v_idx = out
     assert k_user is not None and v_user is not None
     return KVCache(k_user=k_user, v_user=v_user, k_idx=k_idx, v_idx=v_idx, lengths=lengths)
+
+
+def unpack_entry(raw: torch.Tensor, layout: EntryLayout, n_users: int, length: int, zero_offset: int
+                 ) -> EntryBatch:
+    """Device-side inverse of the batch packing for v2 (zoo) records (see the module docstring).
+    raw: uint8 buffer; length: L, the widest history to pad to (>= every n_b)."""
+    offsets = raw[: 8 * n_users].view(torch.int64)
+    lengths = raw[8 * n_users : 16 * n_users].view(torch.int64)
+    units16 = raw.view(torch.int16)
+    start = offsets + HEADER_SIZE  # (B,) bytes: where the current part of each record starts
+    even = True  # every part so far has even rows, so `start` is even (records are 8-aligned)
+    arrays: dict[str, torch.Tensor] = {}
+    for part, row_bytes in zip(layout.parts, layout.row_bytes, strict=True):
+        width = max(1, min(length, part.cap))  # R_p
+        rows = lengths.clamp(max=part.cap)  # (B,) rows user b has in this part
+        ar = torch.arange(width, device=raw.device)
+        valid = ar.unsqueeze(0) < rows.unsqueeze(1)  # (B, R_p)
+        even = even and row_bytes % 2 == 0
+        if even:
+            units = row_bytes // 2
+            pos = torch.where(valid, (start // 2).unsqueeze(1) + ar * units, zero_offset // 2)  # (B, R_p)
+            vals = _part(units16, pos, units).view(torch.uint8)  # (B, R_p, row_bytes)
+        else:
+            pos = torch.where(valid, start.unsqueeze(1) + ar * row_bytes, zero_offset)
+            vals = _part(raw, pos, row_bytes)  # (B, R_p, row_bytes) uint8
+        if part.kind == "kv":
+            arrays[part.name] = vals.view(KV_TORCH[layout.kv_dtype])  # (B, R_p, width)
+        elif part.kind == "idx":
+            idx = vals.view(torch.int16).to(torch.int64) & 0xFFFF if layout.idx_dtype == "uint16" else (
+                vals.view(torch.int32).to(torch.int64))
+            arrays[part.name] = idx  # (B, R_p, 1)
+        else:
+            arrays[part.name] = vals  # (B, R_p, width) uint8 packed keys
+        start = start + rows * row_bytes
+    return EntryBatch(arrays=arrays, lengths=lengths)

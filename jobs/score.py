@@ -9,6 +9,10 @@ rows in input order plus ``logit`` (float32), ``score`` (float32, sigmoid of the
 Rows are read in chunks (--chunk-rows); within a chunk the candidates of one user are grouped into
 one request (at most --max-candidates per slot; more take several slots) and scored in batches of
 --batch-users users. A JSON summary (rows, users, cold-start users, timings) goes to stdout.
+
+Any store the runtime serves: a din store (record format v1) with a din checkpoint, or a zoo store
+(record format v2: SIM, ETA, SDIM, TWIN, HSTU, collective or full-KV) with the zoo checkpoint it was
+prefilled with; zoo models ignore --path (their own attention; ``poolscore`` is refused).
 """
 
 from __future__ import annotations
@@ -110,7 +114,7 @@ def group_requests(users: np.ndarray, items: np.ndarray, max_candidates: int):
 @click.option("--item-col", default="item_id", show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:n]")
 @click.option("--path", "decode_path", type=click.Choice(["auto", "poolscore", "gather"]), default="auto",
-              show_default=True, help="attention over the collective part (cachestore/decode.py)")
+              show_default=True, help="attention over the collective part (cachestore/decode.py; din only)")
 @click.option("--batch-users", default=512, show_default=True)
 @click.option("--max-candidates", default=256, show_default=True, help="candidates per user slot")
 @click.option("--chunk-rows", default=1 << 16, show_default=True, help="request rows read at a time")
@@ -132,7 +136,7 @@ def score(store: Path, checkpoint: Path, requests_path: Path, out: Path, user_co
     try:
         runtime = DecodeRuntime.open(store, checkpoint, device=default_device() if device == "auto" else device,
                                      path=decode_path, batch_users=batch_users, verify_crc=verify_crc)
-    except (CheckpointError, LayoutError, RecordError, FileNotFoundError, PublishError) as exc:
+    except (CheckpointError, LayoutError, RecordError, FileNotFoundError, PublishError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     rows, cold_rows, users, cold_users = 0, 0, set(), set()
     out.parent.mkdir(parents=True, exist_ok=True)
