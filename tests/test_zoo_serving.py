@@ -170,6 +170,8 @@ def test_candidate_counts_and_step_limits(served: dict, arch: str, tmp_path: Pat
     assert np.isnan(many.logits[~real]).all() and np.isfinite(many.logits[real]).all()
     np.testing.assert_allclose(many.logits[real], one.logits[real], rtol=1e-5, atol=1e-6)
     assert many.cold_start.tolist() == one.cold_start.tolist() == [r is None for r in rows_of(ORDER)]
+    padded = DecodeRuntime(model, VERSION, reader, device="cpu", pad_to=model.cfg.window_len + 2)  # static shapes
+    np.testing.assert_allclose(padded.score(ORDER, cand, n_cand).logits[real], one.logits[real], rtol=1e-5, atol=1e-6)
     with torch.no_grad():  # each candidate scored independently: the same as one candidate at a time
         it, fb, ln = take(hist, rows_of(ORDER))
         single = np.stack([model(it, fb, ln, torch.from_numpy(cand[:, j]))[0].numpy() for j in range(3)], 1)
