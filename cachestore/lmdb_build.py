@@ -1,8 +1,10 @@
 """Build an LMDB cache store from the prefill Parquet (one process, one write transaction).
 
-Input: PARQUET_DIR/*.parquet (part files, any order, one row per user, schema `prefill_schema()`)
-plus PARQUET_DIR/_layout.json (a CacheLayout). Output: OUT_DIR/data.mdb (+ lock.mdb), the unnamed
-main database only: key = user id as 8-byte big-endian unsigned, value = one record (record.py).
+Input: PARQUET_DIR/*.parquet (part files, any order, one row per user) plus PARQUET_DIR/_layout.json:
+a CacheLayout (v1, columns `prefill_schema()`: the four parts) or a zoo store's EntryLayout (v2,
+columns `cachestore.entry.entry_schema()`: one `payload`; records of format_version 2, sizes from
+`EntryLayout.record_sizes`). Output: OUT_DIR/data.mdb (+ lock.mdb), the unnamed main database only:
+key = user id as 8-byte big-endian unsigned, value = one record (record.py / entry.py).
 No other keys: the layout lives in JSON beside the store (see publish.py).
 
 Order and memory (bounded: never the whole dataset in memory):
@@ -41,6 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from cachestore.entry import EntryLayout, entry_from_parquet_row
 from cachestore.record import (
     HEADER_SIZE,
     CacheLayout,
@@ -63,6 +66,13 @@ _COLUMNS: dict[str, tuple[pa.DataType, ...]] = {
     "model_version": (pa.string(), pa.large_string()),
     "checksum": (pa.int64(),),
 }
+_ENTRY_COLUMNS: dict[str, tuple[pa.DataType, ...]] = {  # v2: cachestore.entry.entry_schema()
+    "user_id": (pa.int64(),),
+    "length": (pa.int32(),),
+    "payload": _BIN,
+    "model_version": (pa.string(), pa.large_string()),
+    "checksum": (pa.int64(),),
+}
 _PAGE = 4096
 _INLINE_MAX = 2000  # LMDB puts larger nodes (key + value + 8) on overflow pages (4 KiB pages)
 
@@ -76,12 +86,18 @@ def prefill_schema() -> pa.Schema:
     return pa.schema([(name, types[0]) for name, types in _COLUMNS.items()])
 
 
+def columns_of(layout: CacheLayout | EntryLayout) -> dict[str, tuple[pa.DataType, ...]]:
+    """The prefill Parquet columns (name -> accepted types) of a store of ``layout``."""
+    return _ENTRY_COLUMNS if isinstance(layout, EntryLayout) else _COLUMNS
+
+
 @dataclass(frozen=True)
 class BuildStats:
     """What build_lmdb wrote. payload_bytes excludes the 32-byte record headers; file_bytes is
-    data.mdb's size, disk_bytes its allocated blocks."""
+    data.mdb's size, disk_bytes its allocated blocks. part_rows (v2 stores only, else None): rows
+    stored per part over all users (sum of min(n, cap)), e.g. for the size report's full-KV bytes."""
 
-    layout: CacheLayout
+    layout: CacheLayout | EntryLayout
     users: int
     empty_users: int
     behaviours: int
@@ -93,6 +109,7 @@ class BuildStats:
     map_retries: int
     sorted_input: bool
     seconds: float
+    part_rows: dict[str, int] | None = None
 
 
 def list_parquet_files(parquet_dir: str | os.PathLike) -> list[Path]:
@@ -101,8 +118,10 @@ def list_parquet_files(parquet_dir: str | os.PathLike) -> list[Path]:
                   if p.is_file() and p.suffix == ".parquet" and not p.name.startswith(("_", ".")))
 
 
-def record_sizes(layout: CacheLayout, lengths: np.ndarray) -> np.ndarray:
-    """Encoded record size (int64 bytes) for each length, vectorised CacheLayout.record_size."""
+def record_sizes(layout: CacheLayout | EntryLayout, lengths: np.ndarray) -> np.ndarray:
+    """Encoded record size (int64 bytes) for each length, vectorised layout.record_size."""
+    if isinstance(layout, EntryLayout):
+        return layout.record_sizes(lengths)
     per = layout.record_size(1) - HEADER_SIZE
     return HEADER_SIZE + lengths.astype(np.int64) * per
 
@@ -116,11 +135,13 @@ def estimate_map_size(sizes: np.ndarray) -> int:
     return -(-(int(total * 1.3) + (8 << 20)) // (1 << 20)) << 20
 
 
-def _check_schema(path: Path, schema: pa.Schema) -> None:
-    for name, types in _COLUMNS.items():
+def _check_schema(path: Path, schema: pa.Schema, layout: CacheLayout | EntryLayout) -> None:
+    for name, types in columns_of(layout).items():
         idx = schema.get_field_index(name)
         if idx < 0:
-            raise StoreBuildError(f"{path}: missing column {name!r}")
+            kind = "a v2 (zoo, EntryLayout)" if isinstance(layout, EntryLayout) else "a v1 (CacheLayout)"
+            raise StoreBuildError(f"{path}: missing column {name!r} ({kind} store's prefill Parquet has columns "
+                                  f"{list(columns_of(layout))}; columns here: {schema.names})")
         if schema.field(idx).type not in types:
             raise StoreBuildError(f"{path}: column {name!r} has type {schema.field(idx).type}, "
                                   f"expected {' or '.join(map(str, types))}")
@@ -136,12 +157,12 @@ class _Scan:
     file_order: list[int] | None  # files in key order when streaming is possible, else None
 
 
-def _scan(layout: CacheLayout, files: list[Path]) -> _Scan:
+def _scan(layout: CacheLayout | EntryLayout, files: list[Path]) -> _Scan:
     """Pass 1: user_id and length of every row; validation; the sorted order."""
     ids, lens, file_of, ranges, all_sorted = [], [], [], [], True
     for i, path in enumerate(files):
         pf = pq.ParquetFile(path)
-        _check_schema(path, pf.schema_arrow)
+        _check_schema(path, pf.schema_arrow, layout)
         batches = list(pf.iter_batches(columns=["user_id", "length"], batch_size=1 << 16))
         for name in ("user_id", "length"):
             if any(b.column(name).null_count for b in batches):
@@ -178,20 +199,27 @@ def _scan(layout: CacheLayout, files: list[Path]) -> _Scan:
     return _Scan(files, cat, lengths, fo, order, file_order)
 
 
-def _iter_file(path: Path, layout: CacheLayout, batch_size: int) -> Iterator[tuple[int, bytes]]:
+def _iter_file(path: Path, layout: CacheLayout | EntryLayout, batch_size: int) -> Iterator[tuple[int, bytes]]:
     """Pass 2: (user_id, record bytes) for every row of one file, in file order, verified."""
     pf = pq.ParquetFile(path)
-    for batch in pf.iter_batches(columns=list(_COLUMNS), batch_size=batch_size):
-        cols = {name: batch.column(name) for name in _COLUMNS}
+    names = list(columns_of(layout))
+    for batch in pf.iter_batches(columns=names, batch_size=batch_size):
+        cols = {name: batch.column(name) for name in names}
         uids = cols["user_id"].to_numpy().tolist()
         for name, col in cols.items():
             if col.null_count:
                 j = next(j for j, v in enumerate(col.is_null().to_pylist()) if v)
                 raise RecordError(f"{path.name}: null {name!r}", uids[j])
         lengths, checks = cols["length"].to_numpy().tolist(), cols["checksum"].to_numpy().tolist()
+        mvs = cols["model_version"].to_pylist()
+        if isinstance(layout, EntryLayout):
+            payloads = cols["payload"].to_pylist()
+            for j, uid in enumerate(uids):
+                yield uid, entry_from_parquet_row(layout, user_id=uid, length=lengths[j], payload=payloads[j],
+                                                  model_version=mvs[j], checksum=checks[j])
+            continue
         ku, vu = cols["k_user"].to_pylist(), cols["v_user"].to_pylist()
         ki, vi = cols["k_idx"].to_pylist(), cols["v_idx"].to_pylist()
-        mvs = cols["model_version"].to_pylist()
         for j, uid in enumerate(uids):
             yield uid, record_from_parquet_row(
                 layout, user_id=uid, length=lengths[j], k_user=ku[j], v_user=vu[j], k_idx=ki[j],
@@ -292,7 +320,15 @@ def build_lmdb(
         behaviours=int(scan.lengths.sum()), payload_bytes=int(sizes.sum()) - HEADER_SIZE * n,
         record_bytes=int(sizes.sum()), file_bytes=data.st_size, disk_bytes=data.st_blocks * 512,
         map_size=size, map_retries=retries, sorted_input=scan.file_order is not None,
-        seconds=time.perf_counter() - t0)
+        seconds=time.perf_counter() - t0, part_rows=_part_rows(layout, scan.lengths))
+
+
+def _part_rows(layout: CacheLayout | EntryLayout, lengths: np.ndarray) -> dict[str, int] | None:
+    """Rows stored per part over all users (v2 only: parts are capped; v1 = behaviours)."""
+    if not isinstance(layout, EntryLayout):
+        return None
+    n = lengths.astype(np.int64)
+    return {p.name: int(np.minimum(n, p.cap).sum()) for p in layout.parts}
 
 
 _FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
@@ -325,7 +361,7 @@ def _disk_full_message(exc: BaseException, out_dir: Path, need: int, tmp_dir: ob
             "and the current store version is unchanged")
 
 
-def _load_via_spill(scan: _Scan, layout: CacheLayout, sizes: np.ndarray, tmp: Path, out_dir: Path,
+def _load_via_spill(scan: _Scan, layout: CacheLayout | EntryLayout, sizes: np.ndarray, tmp: Path, out_dir: Path,
                     map_size: int, batch_size: int, progress: bool) -> tuple[int, int]:
     """Pass 2: encode in file order into a spill file; pass 3: load from it in key order."""
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)

@@ -7,7 +7,7 @@ Store layout (STORE = store_root; see docs/store_format.md):
     STORE/versions/<id>/           immutable published versions, each:
         lmdb/data.mdb              user records (record.py), key = user id '>Q'
         parquet/                   hard links (or copies) of the Parquet it was built from
-        layout.json                CacheLayout
+        layout.json                CacheLayout (v1) or EntryLayout (v2, zoo stores)
         manifest.json              id, creation time, layout, build stats, parquet files (written last)
     STORE/current -> versions/<id> relative symlink: THE published version
     STORE/.publish.lock            flock held by a publisher (one publish at a time)
@@ -37,6 +37,7 @@ from pathlib import Path
 
 import lmdb
 
+from cachestore.entry import ENTRY_FORMAT_VERSION, EntryLayout
 from cachestore.lmdb_build import PARQUET_LAYOUT_FILE, build_lmdb, list_parquet_files
 from cachestore.record import FORMAT_VERSION, read_layout, write_layout
 
@@ -123,9 +124,9 @@ def build_version(parquet_dir: str | os.PathLike, staging_dir: str | os.PathLike
         "manifest_version": MANIFEST_VERSION,
         "version_id": staging.name,
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "record_format_version": FORMAT_VERSION,
+        "record_format_version": ENTRY_FORMAT_VERSION if isinstance(stats.layout, EntryLayout) else FORMAT_VERSION,
         "layout": stats.layout.to_dict(),
-        "stats": {k: v for k, v in asdict(stats).items() if k != "layout"},
+        "stats": {k: v for k, v in asdict(stats).items() if k != "layout" and not (k == "part_rows" and v is None)},
         "parquet": {"mode": parquet, "source": str(src.resolve()), "files": files},
     }
     _write_json(staging / MANIFEST, manifest)

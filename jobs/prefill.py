@@ -27,7 +27,8 @@ from pipeline.prefill import ENGINES
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="executors' device: auto = a GPU when the executor has one")
 @click.option("--engine", type=click.Choice(list(ENGINES)), default="auto", show_default=True,
-              help="auto/memo/direct (same values; see docs/prefill.md); noop = I/O floor, zeros")
+              help="auto/memo/direct (same values; see docs/prefill.md); noop = I/O floor, zeros; zoo archs: "
+                   "auto/direct = the zoo engine, memo refused")
 @click.option("--batch-users", default=0, show_default=True, help="users per model batch (0: auto)")
 @click.option("--memo-mb", default=256, show_default=True, help="per-worker token table cap (memo engine)")
 @click.option("--share-blocks/--no-share-blocks", default=True, show_default=True,

@@ -95,6 +95,10 @@ def store_format(store: str | os.PathLike, **overrides: Any) -> CacheFormat:
 
     _, m = read_manifest(store)
     lay = m["layout"]
+    if lay.get("layout_version") == 2:
+        raise ValueError(f"{store} is a zoo store (arch {lay.get('arch')!r}, layout version 2: several K/V groups, "
+                         "retrieval keys): the capacity model covers the din record layout (v1) only; use "
+                         "`ckv report size` for this store's sizes and CR")
     dims = m.get("dims") or {}
     base: dict[str, Any] = {"kv_dtype": lay["kv_dtype"], "max_len": lay["max_len"]}
     if lay["mode"] == "full":

@@ -22,9 +22,13 @@ recorded in the manifest). With a reusable previous version:
 - users in the previous store but absent from the new histories are dropped (the store always holds
   exactly the users of the histories, like a full prefill).
 
+Layout-agnostic: ``max_len`` is the layout's (a zoo store's: the model's ``window_len``) and the
+carried rows are whatever the store's prefill Parquet holds (v1 parts or a v2 zoo ``payload``;
+``split``'s ``columns``); a previous store of another layout version is not reused.
+
 The union is written and built/published like a full run, so the LMDB values equal a full prefill's
 on the same inputs (records are deterministic: docs/prefill.md "Determinism"; with the ``direct``
-engine bits can depend on chunk composition, so equality there is within verify's tolerance).
+and ``zoo`` engines bits can depend on chunk composition, so equality there is within verify's tolerance).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cachestore.entry import EntryLayout
 from cachestore.publish import CURRENT, MANIFEST
 from cachestore.record import CacheLayout
 
@@ -67,7 +72,7 @@ class Previous:
                 "users": self.users, "reason": self.reason}
 
 
-def previous_state(store: str | os.PathLike, model_version: str, layout: CacheLayout) -> Previous:
+def previous_state(store: str | os.PathLike, model_version: str, layout: CacheLayout | EntryLayout) -> Previous:
     """Resolve STORE/current once and decide whether its rows can be carried over."""
     root = Path(store)
     cur = root / CURRENT
@@ -86,7 +91,9 @@ def previous_state(store: str | os.PathLike, model_version: str, layout: CacheLa
         (man.get("model_version") == model_version,
          f"model version changed ({man.get('model_version')} -> {model_version}): full prefill"),
         (prev_layout.get("mode") == layout.mode and prev_layout.get("kv_dtype") == layout.kv_dtype
-         and prev_layout.get("max_len") == layout.max_len, "cache layout (mode / kv dtype / max_len) changed"),
+         and prev_layout.get("max_len") == layout.max_len
+         and prev_layout.get("layout_version", 1) == layout.layout_version,
+         "cache layout (mode / kv dtype / max_len / layout version) changed"),
         ((man.get("prefill_parquet_schema_version") or 0) >= 2, "previous Parquet has no history fingerprints"),
         (inc.get("history_fp_version", HISTORY_FP_VERSION) == HISTORY_FP_VERSION, "fingerprint version changed"),
     ]
@@ -96,18 +103,21 @@ def previous_state(store: str | os.PathLike, model_version: str, layout: CacheLa
     return Previous(str(store), vid, vdir / "parquet", users, "same model version and layout: incremental")
 
 
-def split(spark: Any, new: Any, prev_parquet: Path) -> tuple[Any, Any]:
+def split(spark: Any, new: Any, prev_parquet: Path, columns: list[str] | None = None) -> tuple[Any, Any]:
     """(changed, carried): the new histories to prefill (user_id, items, labels, history_fp,
-    prev_history_fp) and the previous rows to carry over (the prefill Parquet columns + history_fp)."""
+    prev_history_fp) and the previous rows to carry over (the prefill Parquet ``columns`` + history_fp;
+    default: the v1 columns, ``pipeline.prefill.output_schema(layout).names`` for a v2 store)."""
     from pyspark.sql import functions as F
 
     from pipeline.prefill import OUTPUT_SCHEMA
 
+    if columns is None:
+        columns = OUTPUT_SCHEMA.names
     prev = spark.read.parquet(prev_parquet.resolve().as_uri())
     prev_fp = prev.select("user_id", F.col(FP_COL).alias(PREV_FP_COL))
     changed = (new.join(prev_fp, "user_id", "left")
                .where(F.col(PREV_FP_COL).isNull() | (F.col(PREV_FP_COL) != F.col(FP_COL))))
-    cols = [*OUTPUT_SCHEMA.names, FP_COL]
+    cols = [*columns, FP_COL]
     carried = (prev.join(new.select("user_id", F.col(FP_COL).alias("new_fp")), "user_id", "inner")
                .where(F.col("new_fp") == F.col(FP_COL)).select(*cols))
     return changed, carried

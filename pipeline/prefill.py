@@ -33,6 +33,14 @@ Engines (how the K/V of a batch are computed; all give the model's own values):
 - ``noop``: no model, entries of the right sizes from a fixed random block — the job's I/O floor
   (benchmarks/prefill.py).
 
+Zoo archs (SIM, ETA, SDIM, TWIN, HSTU; ``cache_layout`` gives a v2 :class:`EntryLayout`): the
+window is the last ``cfg.window_len`` events (``layout.max_len``) and the output batches are
+:data:`ENTRY_OUTPUT_SCHEMA` (= ``cachestore.entry.entry_schema()``): ``payload`` = the user's
+record payload (every part of ``model.entry.entry_parts`` in order, ``min(n, cap)`` rows each; mode
+full: the parts of the full config, every group's K/V rebuilt at d_a), ``checksum`` =
+``zlib.crc32(payload)``. Engine: :class:`ZooEngine` (``auto`` / ``direct``: ``model.prefill`` per
+sub-chunk, like ``direct``) or ``noop``; ``memo`` is din-only and refused.
+
 Records are deterministic: eval mode, no randomness, no timestamps, rows in input order.
 """
 
@@ -44,19 +52,26 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import torch
 
-from cachestore.record import CacheLayout
+from cachestore.entry import EntryLayout, entry_schema
+from cachestore.record import HEADER_SIZE, CacheLayout
 from model.ctr import N_FEEDBACK, TargetAttentionCTR
 from pipeline.history import arrow_window
 from pipeline.prefill_engines import (  # noqa: F401  (re-exported: the prefill API in one place)
     DEFAULT_MEMO_BYTES,
     ENGINES,
     DirectEngine,
+    FlatEntries,
     FlatKV,
     MemoEngine,
     NoopEngine,
+    ZooEngine,
     _empty,
+    _empty_entries,
     cache_layout,
+    check_engine,
+    layout_from_dict,
     make_engine,
     tokenwise,
 )
@@ -81,7 +96,21 @@ OUTPUT_DDL = (
     "user_id long, length int, k_user binary, v_user binary, k_idx binary, v_idx binary, "
     "model_version string, checksum long"
 )
+# v2 (zoo) stores: one payload column instead of the four parts (cachestore.entry.entry_schema)
+ENTRY_OUTPUT_SCHEMA = entry_schema()
+ENTRY_OUTPUT_DDL = "user_id long, length int, payload binary, model_version string, checksum long"
 HISTORY_COLUMNS = ("user_id", "items", "labels")
+Engine = DirectEngine | MemoEngine | ZooEngine | NoopEngine
+
+
+def output_schema(layout: CacheLayout | EntryLayout) -> pa.Schema:
+    """The prefill Parquet schema of a store of ``layout`` (v1 parts or v2 payload)."""
+    return ENTRY_OUTPUT_SCHEMA if isinstance(layout, EntryLayout) else OUTPUT_SCHEMA
+
+
+def output_ddl(layout: CacheLayout | EntryLayout) -> str:
+    """:func:`output_schema` as a Spark DDL string."""
+    return ENTRY_OUTPUT_DDL if isinstance(layout, EntryLayout) else OUTPUT_DDL
 _POSITIONS_PER_CHUNK = 1 << 20  # padded (users x max_len) positions per chunk (auto batch_users)
 
 
@@ -159,9 +188,27 @@ def _rebase(arr: pa.Array) -> pa.Array:
     return cls.from_arrays(pa.array(offsets - start), arr.values.slice(start, stop - start))
 
 
-def prefill_chunk(batch: pa.RecordBatch, engine: DirectEngine | MemoEngine | NoopEngine,
-                  layout: CacheLayout, n_items: int | None = None) -> pa.RecordBatch:
-    """One chunk of users (a record batch of histories) → one output record batch."""
+def _entry_batch(users: pa.Array, lengths: np.ndarray, out: FlatEntries, layout: EntryLayout) -> pa.RecordBatch:
+    """v2 output rows: one payload per user + its crc32."""
+    sizes = np.diff(out.offsets)
+    want = layout.record_sizes(lengths) - HEADER_SIZE
+    if len(sizes) != len(lengths) or not np.array_equal(sizes, want) or out.offsets[0] != 0 \
+            or len(out.values) != out.offsets[-1]:
+        raise AssertionError(f"engine returned payloads of {sizes.tolist()[:8]} bytes, lengths imply "
+                             f"{want.tolist()[:8]}")
+    mv, off = memoryview(np.ascontiguousarray(out.values)), out.offsets.tolist()
+    crc32 = zlib.crc32
+    crcs = np.fromiter((crc32(mv[off[b] : off[b + 1]]) for b in range(len(lengths))), np.int64, len(lengths))
+    mv_col = pa.array([layout.model_version] * len(lengths), pa.string())
+    return pa.RecordBatch.from_arrays(
+        [users, pa.array(lengths.astype(np.int32)), _binary(out.values, out.offsets), mv_col, pa.array(crcs)],
+        schema=ENTRY_OUTPUT_SCHEMA)
+
+
+def prefill_chunk(batch: pa.RecordBatch, engine: Engine, layout: CacheLayout | EntryLayout,
+                  n_items: int | None = None) -> pa.RecordBatch:
+    """One chunk of users (a record batch of histories) → one output record batch
+    (:func:`output_schema` of the layout)."""
     _check_batch(batch, n_items)
     users = batch.column("user_id").cast(pa.int64())
     w = arrow_window(_rebase(batch.column("items")), _rebase(batch.column("labels")), layout.max_len)
@@ -174,6 +221,9 @@ def prefill_chunk(batch: pa.RecordBatch, engine: DirectEngine | MemoEngine | Noo
             raise PrefillInputError(
                 f"user {users[int(b)]}: item {int(w.items[b, pos])} / label {int(w.feedback[b, pos]) - 1} "
                 f"outside the model's items 1..{n_items} / labels 0..1")
+    if isinstance(layout, EntryLayout):
+        entries = engine.run(w.items, w.feedback, lengths) if lengths.sum() else _empty_entries(len(lengths))
+        return _entry_batch(users, lengths, entries, layout)
     out = engine.run(w.items, w.feedback, lengths) if lengths.sum() else _empty(layout)
     cols, parts = [], []
     for arr, per in ((out.k, layout.dk), (out.v, layout.dv), (out.k_idx, 1), (out.v_idx, 1)):
@@ -201,18 +251,20 @@ def prefill_chunk(batch: pa.RecordBatch, engine: DirectEngine | MemoEngine | Noo
         [users, pa.array(lengths.astype(np.int32)), *cols, mv_col, pa.array(crcs)], schema=OUTPUT_SCHEMA)
 
 
-def prefill_batches(batches: Iterable[pa.RecordBatch], model: TargetAttentionCTR | DirectEngine | MemoEngine
-                    | NoopEngine | None, layout: CacheLayout, batch_users: int = 0,
+def prefill_batches(batches: Iterable[pa.RecordBatch], model: TargetAttentionCTR | torch.nn.Module | Engine | None,
+                    layout: CacheLayout | EntryLayout, batch_users: int = 0,
                     counts: dict[str, int] | None = None) -> Iterator[pa.RecordBatch]:
-    """The per-partition prefill: history batches → output batches (OUTPUT_SCHEMA), in input order.
+    """The per-partition prefill: history batches → output batches (:func:`output_schema`: OUTPUT_SCHEMA
+    for a v1 layout, ENTRY_OUTPUT_SCHEMA for a v2 one), in input order.
 
-    ``model``: a TargetAttentionCTR in eval mode (wrapped in ``make_engine(model, layout)``), or an
-    engine; ``batch_users``: users per output batch (0: :func:`auto_batch_users`). ``counts``: if
-    given, ``users`` and ``truncated`` (users whose history is longer than max_len: only the latest
-    max_len events are cached) are added to it as chunks are produced.
+    ``model``: a model in eval mode (TargetAttentionCTR, or a zoo model with an EntryLayout; wrapped
+    in ``make_engine(model, layout)``), or an engine; ``batch_users``: users per output batch (0:
+    :func:`auto_batch_users`). ``counts``: if given, ``users`` and ``truncated`` (users whose
+    history is longer than max_len: only the latest max_len events are cached) are added to it as
+    chunks are produced.
     """
-    engine = model if isinstance(model, DirectEngine | MemoEngine | NoopEngine) else make_engine(model, layout)
-    n_items = engine.model.cfg.n_items if isinstance(engine, DirectEngine | MemoEngine) else None
+    engine = model if isinstance(model, Engine) else make_engine(model, layout)
+    n_items = engine.model.cfg.n_items if isinstance(engine, DirectEngine | MemoEngine | ZooEngine) else None
     step = batch_users or auto_batch_users(layout.max_len)
     for batch in batches:
         for lo in range(0, batch.num_rows, step):

@@ -1,26 +1,31 @@
 """Prefill engines: how a chunk of padded histories becomes cache entries (no Spark, no Arrow).
 
-All engines return the model's own values (:class:`FlatKV`, flat over valid behaviours, at the
-layout's storage dtypes); :mod:`pipeline.prefill` turns them into output rows. See that module's
-docstring for when each engine is used: ``direct`` (``model.prefill`` per chunk, the reference),
-``memo`` (one ``model.prefill`` per token of the item vocabulary, in fixed blocks, cached), ``noop``
-(no model: the I/O floor).
+All engines return the model's own values; :mod:`pipeline.prefill` turns them into output rows. For
+a v1 store (``din``, :class:`CacheLayout`) that is a :class:`FlatKV` (flat over valid behaviours, at
+the layout's storage dtypes); for a v2 zoo store (:class:`EntryLayout`) a :class:`FlatEntries` (each
+user's record payload, back to back). See :mod:`pipeline.prefill`'s docstring for when each engine
+is used: ``direct`` (``model.prefill`` per chunk, the reference), ``memo`` (one ``model.prefill`` per
+token of the item vocabulary, in fixed blocks, cached; din only), ``zoo`` (:class:`ZooEngine`:
+``model.prefill`` per chunk for the zoo archs; ``auto`` and ``direct`` pick it for an EntryLayout),
+``noop`` (no model: the I/O floor).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from cachestore.entry import EntryLayout, entry_layout
-from cachestore.record import IDX_DTYPES, KV_DTYPES, CacheLayout
+from cachestore.entry_batch import entry_payloads, storage_arrays
+from cachestore.record import HEADER_SIZE, IDX_DTYPES, KV_DTYPES, CacheLayout
 from model.cache import KVCache, index_itemsize
 from model.config import ModelConfig
 from model.ctr import N_FEEDBACK, TargetAttentionCTR
+from model.entry import entry_arrays, full_cache
 
 ENGINES = ("auto", "memo", "direct", "noop")
 KV_TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -29,6 +34,23 @@ _DIRECT_POSITIONS = 1 << 16  # padded positions per model.prefill call of the di
 # (tokens x pool) router logits per model.prefill call of the memo engine: on a CPU, logits that stay
 # in cache (2^21 cells = 8 MB) run the router 2.2x faster than 2^24 (measured: 50k tokens, pool 10k)
 _ROUTER_CELLS = {"cpu": 1 << 21, "cuda": 1 << 24}
+# largest intermediate (router logits: positions x pool; HSTU attention: users x heads x width^2) per
+# model.prefill call of the zoo engine, in cells (fp32: 64 MB on a CPU)
+_ZOO_CELLS = {"cpu": 1 << 24, "cuda": 1 << 27}
+
+
+def layout_from_dict(data: dict) -> CacheLayout | EntryLayout:
+    """A store layout from its dict (``layout_version`` 2: a zoo store's EntryLayout, else v1)."""
+    return EntryLayout.from_dict(data) if data.get("layout_version") == 2 else CacheLayout.from_dict(data)
+
+
+def check_engine(layout: CacheLayout | EntryLayout, kind: str) -> None:
+    """Refuse an engine that cannot write ``layout`` (checked on the driver before any task)."""
+    if kind not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {kind!r}")
+    if isinstance(layout, EntryLayout) and kind == "memo":
+        raise ValueError(f"engine 'memo' needs the din arch (a token-wise single K/V group); arch "
+                         f"{layout.arch!r} caches several groups: use --engine auto or direct (the zoo engine)")
 
 
 def cache_layout(cfg: ModelConfig, model_version: str, mode: str = "collective",
@@ -62,6 +84,29 @@ class FlatKV:
     v: np.ndarray
     k_idx: np.ndarray | None
     v_idx: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class FlatEntries:
+    """One chunk's v2 (zoo) entries: every user's record payload (its parts in layout order, each
+    ``min(n, cap)`` rows) back to back. values: uint8; offsets: (B + 1,) int64 into values."""
+
+    values: np.ndarray
+    offsets: np.ndarray
+
+
+def _empty_entries(n_users: int) -> FlatEntries:
+    return FlatEntries(np.zeros(0, np.uint8), np.zeros(n_users + 1, np.int64))
+
+
+def _concat_entries(parts: list[FlatEntries]) -> FlatEntries:
+    if len(parts) == 1:
+        return parts[0]
+    offsets, base = [np.zeros(1, np.int64)], 0
+    for p in parts:
+        offsets.append(p.offsets[1:] + base)
+        base += int(p.offsets[-1])
+    return FlatEntries(np.concatenate([p.values for p in parts]), np.concatenate(offsets))
 
 
 def _storage(t: torch.Tensor, kv_dtype: str) -> np.ndarray:
@@ -282,16 +327,80 @@ class MemoEngine(_ModelEngine):
                       self._vi[slots] if self._vi is not None else None)
 
 
+class ZooEngine:
+    """The zoo archs (SIM, ETA, SDIM, TWIN, HSTU; v2 :class:`EntryLayout`): ``model.prefill`` on the
+    padded window of sub-chunks of users (input order, trimmed to the sub-chunk's longest history),
+    then :func:`model.entry.entry_arrays` (mode full: :func:`model.entry.full_cache` first, every
+    group's K/V rebuilt at d_a), storage dtypes and one payload per user
+    (:func:`cachestore.entry_batch.entry_payloads`). A sub-chunk holds at most 65,536 padded
+    positions and keeps its largest intermediate (router logits positions x pool; HSTU's attention
+    users x heads x width^2) under ``_ZOO_CELLS``; at least one user. Like ``direct``, the bits
+    can depend on the sub-chunk's composition (matmul shapes); the same input and partitioning give
+    the same bits."""
+
+    name = "zoo"
+
+    def __init__(self, model: torch.nn.Module, layout: EntryLayout) -> None:
+        cfg = model.cfg
+        if not isinstance(layout, EntryLayout):
+            raise ValueError(f"the zoo engine writes v2 entries (EntryLayout), got {type(layout).__name__}")
+        want = entry_layout(cfg, layout.model_version, layout.mode, layout.kv_dtype)
+        if want != layout:
+            raise ValueError(f"layout {layout} does not fit the model (expected {want})")
+        if model.training:
+            raise ValueError("prefill needs the model in eval mode (hard routing)")
+        self.model = model
+        self.layout = layout
+        self.device = _device_of(model)
+        self.store_cfg = cfg if layout.mode == "collective" else replace(cfg, kv_mode="full")
+        cells = _ZOO_CELLS.get(self.device.type, _ZOO_CELLS["cpu"])
+        pool = cfg.collective.pool_size if cfg.kv_mode == "collective" and (cfg.k_shared or cfg.v_shared) else 1
+        self.max_positions = max(1, min(_DIRECT_POSITIONS, cells // pool))
+        self.max_attention = cells // max(1, cfg.n_heads) if cfg.arch == "hstu" else None
+
+    def _fits(self, users: int, width: int) -> bool:
+        width = max(1, width)
+        if users * width > self.max_positions:
+            return False
+        return self.max_attention is None or users * width * width <= self.max_attention
+
+    def _prefill(self, items: np.ndarray, feedback: np.ndarray, lengths: np.ndarray) -> FlatEntries:
+        if not lengths.any():
+            return _empty_entries(len(lengths))
+        dev = self.device
+        with torch.inference_mode():
+            cache = self.model.prefill(torch.from_numpy(items).to(dev), torch.from_numpy(feedback).to(dev),
+                                       torch.from_numpy(lengths).to(dev))
+            if self.layout.mode == "full":
+                cache = full_cache(self.model, cache)
+            arrays = storage_arrays(self.layout, entry_arrays(cache, self.store_cfg))
+        values, offsets = entry_payloads(self.layout, arrays, lengths)
+        return FlatEntries(values, offsets)
+
+    def run(self, items: np.ndarray, feedback: np.ndarray, lengths: np.ndarray) -> FlatEntries:
+        parts, lo, b = [], 0, len(lengths)
+        while lo < b:
+            hi, longest = lo + 1, int(lengths[lo])
+            while hi < b and self._fits(hi + 1 - lo, max(longest, int(lengths[hi]))):
+                longest = max(longest, int(lengths[hi]))
+                hi += 1
+            width = max(1, longest)
+            parts.append(self._prefill(items[lo:hi, :width], feedback[lo:hi, :width], lengths[lo:hi]))
+            lo = hi
+        return _concat_entries(parts) if parts else _empty_entries(0)
+
+
 class NoopEngine:
     """Entries of the right sizes without a model: the job's I/O floor (benchmarks/prefill.py).
 
     Values and indices are slices of one fixed pseudo-random block (so Parquet writes as many bytes
-    as for a real run; zeros would compress away), not zeros; deterministic."""
+    as for a real run; zeros would compress away), not zeros; deterministic. v2 (EntryLayout): each
+    user's payload is random bytes of the record's payload size (indices may exceed the pool)."""
 
     name = "noop"
     _BLOCK = np.random.default_rng(0).integers(0, 256, 1 << 22, dtype=np.uint8)
 
-    def __init__(self, layout: CacheLayout) -> None:
+    def __init__(self, layout: CacheLayout | EntryLayout) -> None:
         self.layout = layout
         self._pos = 0
 
@@ -303,8 +412,12 @@ class NoopEngine:
         self._pos = (lo + 4099) % len(self._BLOCK)
         return self._BLOCK[lo : lo + nbytes].copy().view(dtype).reshape(shape)
 
-    def run(self, items: np.ndarray, feedback: np.ndarray, lengths: np.ndarray) -> FlatKV:
+    def run(self, items: np.ndarray, feedback: np.ndarray, lengths: np.ndarray) -> FlatKV | FlatEntries:
         n, lay = int(lengths.sum()), self.layout
+        if isinstance(lay, EntryLayout):
+            offsets = np.zeros(len(lengths) + 1, np.int64)
+            np.cumsum(lay.record_sizes(lengths) - HEADER_SIZE, out=offsets[1:])
+            return FlatEntries(self._fill((int(offsets[-1]),), np.dtype(np.uint8)), offsets)
         kv = KV_DTYPES[lay.kv_dtype][1]
         idx = IDX_DTYPES[lay.idx_dtype][1] if lay.idx_dtype else None
         return FlatKV(self._fill((n, lay.dk), kv), self._fill((n, lay.dv), kv),
@@ -351,16 +464,19 @@ def _as_float(a: np.ndarray, kv_dtype: str) -> np.ndarray:
     return a.astype(np.float32)
 
 
-def make_engine(model: TargetAttentionCTR | None, layout: CacheLayout, kind: str = "auto",
+def make_engine(model: torch.nn.Module | None, layout: CacheLayout | EntryLayout, kind: str = "auto",
                 memo_bytes: int = DEFAULT_MEMO_BYTES, block_dir: str | os.PathLike | None = None
-                ) -> DirectEngine | MemoEngine | NoopEngine:
-    """An engine of ``kind`` (see module docstring); ``auto`` = memo if :func:`tokenwise`, else direct."""
-    if kind not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {kind!r}")
+                ) -> DirectEngine | MemoEngine | ZooEngine | NoopEngine:
+    """An engine of ``kind`` (see module docstring); ``auto`` = memo if :func:`tokenwise`, else direct;
+    for a v2 :class:`EntryLayout` (zoo archs) ``auto`` / ``direct`` = :class:`ZooEngine`, ``memo`` is
+    refused."""
+    check_engine(layout, kind)
     if kind == "noop":
         return NoopEngine(layout)
     if model is None:
         raise ValueError(f"engine {kind!r} needs a model")
+    if isinstance(layout, EntryLayout):
+        return ZooEngine(model, layout)
     if kind == "direct":
         return DirectEngine(model, layout)
     if kind == "auto" and ((model.cfg.n_items + 1) * N_FEEDBACK > 1 << 27 or not tokenwise(model, layout)):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import json
 import logging
 import os
 import shlex
@@ -39,11 +40,19 @@ import pyarrow as pa
 
 from cachestore.lmdb_build import StoreBuildError
 from cachestore.publish import STAGING, new_version_id
-from cachestore.record import CacheLayout, write_layout
+from cachestore.record import write_layout
 from pipeline.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, load_checkpoint
 from pipeline.incremental import FP_COL, HISTORY_FP_VERSION, PREV_FP_COL, fingerprint_sql, previous_state
 from pipeline.incremental import split as incremental_split
-from pipeline.prefill import ENGINES, OUTPUT_DDL, PrefillInputError, cache_layout
+from pipeline.prefill import (
+    ENGINES,
+    PrefillInputError,
+    cache_layout,
+    check_engine,
+    layout_from_dict,
+    output_ddl,
+    output_schema,
+)
 from pipeline.store_ops import PREFILL_META_FILE, PREFILL_PARQUET_SCHEMA_VERSION, build_store, write_json
 
 log = logging.getLogger("ckv.prefill")
@@ -201,6 +210,7 @@ def run_prefill(opts: PrefillOptions, spark: Any = None) -> dict[str, Any]:
     ckpt = load_checkpoint(ckpt_dir)  # validates files + fingerprint on the driver
     cfg, version = ckpt.config, ckpt.model_version
     layout = cache_layout(cfg, version, opts.mode or cfg.kv_mode, opts.kv_dtype)
+    check_engine(layout, opts.engine)  # e.g. memo is din-only: refused before any task
     del ckpt
     histories = resolve_histories(opts.histories)
     store = Path(opts.store).resolve()
@@ -225,7 +235,7 @@ def run_prefill(opts: PrefillOptions, spark: Any = None) -> dict[str, Any]:
         log.info("prefill: incremental: previous %s (%s)", prev.version_id, prev.reason)
         inc_meta = {"history_fp_version": HISTORY_FP_VERSION, "previous": prev.to_dict()}
         if prev.parquet is not None:
-            df, carried = incremental_split(spark, df, prev.parquet)
+            df, carried = incremental_split(spark, df, prev.parquet, output_schema(layout).names)
     if opts.ship_code or (opts.ship_code is None and not sc.master.startswith("local")):
         ship_code(sc)
     zip_name = ship_checkpoint(sc, ckpt_dir, version)
@@ -238,7 +248,7 @@ def run_prefill(opts: PrefillOptions, spark: Any = None) -> dict[str, Any]:
         "fail_kill": opts.fail_kill, "truncated": trunc_acc,
         "share_blocks": opts.share_blocks, "known": known_acc,
     }  # fmt: skip
-    out = df.mapInArrow(functools.partial(prefill_partition, params=params), f"{OUTPUT_DDL}, {FP_COL} long")
+    out = df.mapInArrow(functools.partial(prefill_partition, params=params), f"{output_ddl(layout)}, {FP_COL} long")
     if carried is not None:
         out = out.unionByName(carried)
     if opts.sort:
@@ -340,9 +350,10 @@ def _task_device(requested: str) -> str:
 def _engine(params: dict) -> Any:
     from pipeline.prefill import make_engine
 
-    layout = CacheLayout.from_dict(params["layout"])
+    layout = layout_from_dict(params["layout"])
     device = "cpu" if params["engine"] == "noop" else _task_device(params["device"])
-    key = (params["version"], device, params["engine"], params["memo_bytes"], tuple(sorted(params["layout"].items())))
+    key = (params["version"], device, params["engine"], params["memo_bytes"],
+           json.dumps(params["layout"], sort_keys=True))
     if key not in _ENGINE_CACHE:
         model = None
         if params["engine"] != "noop":

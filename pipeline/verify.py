@@ -8,10 +8,19 @@ KVCache made of the record's parts. Values must agree within the kv dtype's roun
 + 1e-5 absolute); lengths and router indices exactly; every history user must have a record and the
 store must hold exactly as many users as the histories (a full check therefore matches the sets).
 Memory: one batch of users at a time (``--sample N`` picks N row numbers first).
+
+Zoo stores (v2, :class:`cachestore.entry.EntryLayout`): the window is the model's ``window_len``;
+each record is read raw (``StoreReader.get_raw``) and decoded with ``cachestore.entry.decode_entry``
+(CRC, model version, layout), stacked into a padded batch (``cachestore.entry_batch``) and turned
+back into a cache (``model.entry.cache_from_arrays``, values as fp32). Every K/V group is rebuilt
+by ``model.keys_values`` and compared with ``model.keys_values(model.prefill(history))`` (mode
+full: the stored K/V are the rebuilt ones, compared the same way); router indices and retrieval keys
+(``cache.keys``) must be equal exactly.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -22,9 +31,12 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import torch
 
+from cachestore.entry import EntryLayout, decode_entry
+from cachestore.entry_batch import model_tensors, stack_records
 from cachestore.reader import StoreReader
-from cachestore.record import Record
+from cachestore.record import Record, RecordError
 from model.cache import KVCache
+from model.entry import cache_from_arrays
 from pipeline.checkpoint import load_checkpoint
 from pipeline.history import arrow_window
 
@@ -111,8 +123,16 @@ def verify_store(store: str | Path, checkpoint: str | Path, histories: str | Pat
     if ckpt.model_version != layout.model_version:
         res.add(f"store was built by model {layout.model_version}, checkpoint is {ckpt.model_version}")
         return res
-    if layout.max_len != model.cfg.max_len:
-        res.add(f"store max_len {layout.max_len} != model max_len {model.cfg.max_len}")
+    zoo = isinstance(layout, EntryLayout)
+    window = model.cfg.window_len if zoo else model.cfg.max_len
+    if layout.max_len != window:
+        res.add(f"store max_len {layout.max_len} != model window {window}")
+        return res
+    if zoo and layout.arch != model.cfg.arch:
+        res.add(f"store arch {layout.arch!r} != checkpoint arch {model.cfg.arch!r}")
+        return res
+    if not zoo and getattr(model.cfg, "arch", "din") != "din":
+        res.add(f"store is a v1 (din) store, checkpoint arch is {model.cfg.arch!r}")
         return res
     if res.users_in_store != total:
         res.add(f"store holds {res.users_in_store} users, histories {total}")
@@ -133,7 +153,7 @@ def verify_store(store: str | Path, checkpoint: str | Path, histories: str | Pat
             batch = batch.take(pa.array(take))
         else:
             row0 += n
-        _check_batch(batch, model, reader, layout, res, rtol, dev)
+        (_check_zoo_batch if zoo else _check_batch)(batch, model, reader, layout, res, rtol, dev)
     res.seconds = time.perf_counter() - t0
     reader.close()
     return res
@@ -188,3 +208,83 @@ def _check_batch(batch: pa.RecordBatch, model: torch.nn.Module, reader: StoreRea
                 bad_users.setdefault(r, f"{name} differs beyond tolerance (max abs err {float(err.max()):.3g})")
     for r, msg in sorted(bad_users.items()):
         res.add(f"user {int(users[sel[r]])}: {msg}")
+
+
+def _check_zoo_batch(batch: pa.RecordBatch, model: torch.nn.Module, reader: StoreReader, layout: EntryLayout,
+                     res: VerifyResult, rtol: float, dev: torch.device) -> None:
+    """v2 (zoo) store: every K/V group, router index and retrieval key of a batch of users."""
+    users = batch.column("user_id").to_numpy().astype(np.int64)
+    w = arrow_window(batch.column("items"), batch.column("labels"), layout.max_len)
+    keep, records = [], []
+    for i, uid in enumerate(users.tolist()):
+        raw = reader.get_raw(uid)
+        if raw is None:
+            res.add(f"user {uid}: no record in the store")
+            continue
+        try:
+            rec = decode_entry(layout, raw, expected_model_version=layout.model_version, user_id=uid)
+        except RecordError as exc:
+            res.add(str(exc))
+            continue
+        if rec.length != int(w.lengths[i]):
+            res.add(f"user {uid}: record length {rec.length} != window length {int(w.lengths[i])}")
+            continue
+        keep.append(i)
+        records.append(rec)
+    if not keep:
+        return
+    sel = np.asarray(keep)
+    cfg = model.cfg
+    store_cfg = cfg if layout.mode == "collective" else dataclasses.replace(cfg, kv_mode="full")
+    width = max(1, int(w.lengths[sel].max()))
+    len_t = torch.from_numpy(w.lengths[sel]).to(dev)
+    lengths, stacked = stack_records(layout, records)
+    tensors = model_tensors(layout, stacked, dev)
+    kinds = {p.name: p.kind for p in layout.parts}
+    tensors = {k: (t.float() if kinds[k] == "kv" else t) for k, t in tensors.items()}  # fp32 values, as din
+    with torch.inference_mode():
+        ref = model.prefill(torch.from_numpy(w.items[sel, :width]).to(dev),
+                            torch.from_numpy(w.feedback[sel, :width]).to(dev), len_t)
+        got = cache_from_arrays(tensors, torch.from_numpy(lengths).to(dev), store_cfg)
+        kv_ref, kv_got = model.keys_values(ref), model.keys_values(got)
+    res.users_checked += len(keep)
+    res.behaviours_checked += int(len_t.sum())
+    bad_users: dict[int, str] = {}
+
+    def first_diff(name: str, a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> None:
+        """Exact comparison of (B, R[, m]) integer tensors over valid rows."""
+        r = min(a.shape[1], b.shape[1])
+        diff = (a[:, :r] != b[:, :r]).reshape(a.shape[0], r, -1).any(-1) & valid[:, :r]
+        for u in torch.nonzero(diff.any(1)).flatten().tolist():
+            p = int(torch.nonzero(diff[u])[0])
+            bad_users.setdefault(u, f"{name} at row {p}: stored {a[u, p].tolist()}, model {b[u, p].tolist()}")
+
+    def rows_valid(n: torch.Tensor, r: int) -> torch.Tensor:
+        return torch.arange(r, device=dev)[None, :] < n[:, None]
+
+    for name, key in ref.keys.items():
+        first_diff(f"retrieval key {name}", got.keys[name], key, rows_valid(ref.lengths, key.shape[1]))
+    for group, (k_ref, v_ref) in kv_ref.items():
+        k_got, v_got = kv_got[group]
+        n = ref.kv[group].lengths
+        r = min(v_ref.shape[1], v_got.shape[1])
+        valid = rows_valid(n, r)
+        if layout.mode == "collective":
+            for side in ("k_idx", "v_idx"):
+                a, b = getattr(got.kv[group], side), getattr(ref.kv[group], side)
+                if a is not None and b is not None:
+                    first_diff(f"{group}.{side}", a, b, rows_valid(n, min(a.shape[1], b.shape[1])))
+        for name, a, b in ((f"{group} K", k_got, k_ref), (f"{group} V", v_got, v_ref)):
+            if a.shape[-1] == 0:  # a V-only group (SDIM's long stage)
+                continue
+            a, b = a[:, :r][valid].float(), b[:, :r][valid].float()
+            err = (a - b).abs()
+            if err.numel():
+                res.max_abs_err = max(res.max_abs_err, float(err.max()))
+                res.max_rel_err = max(res.max_rel_err, float((err / b.abs().clamp(min=1e-6)).max()))
+            bad = (err > ATOL + rtol * b.abs()).any(-1)  # per valid row
+            if bad.any():
+                for u in torch.nonzero(valid)[bad][:, 0].unique().tolist():
+                    bad_users.setdefault(u, f"{name} differs beyond tolerance (max abs err {float(err.max()):.3g})")
+    for u, msg in sorted(bad_users.items()):
+        res.add(f"user {int(users[sel[u]])}: {msg}")

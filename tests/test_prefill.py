@@ -419,6 +419,11 @@ def test_memo_blocks_shared_through_a_directory(tmp_path: Path) -> None:
     assert sorted(got) == [0, 1] and shared.computed == 2
 
 
-def test_zoo_archs_with_several_cache_groups_are_refused() -> None:
-    with pytest.raises(ValueError, match="arch 'hstu'"):
-        cache_layout(small_config(arch="hstu"), MV)
+def test_zoo_archs_get_a_v2_layout_and_refuse_the_memo_engine() -> None:
+    from cachestore.entry import EntryLayout
+    from pipeline.prefill import check_engine
+
+    layout = cache_layout(small_config(arch="hstu"), MV)  # several cache groups: a v2 (zoo) store
+    assert isinstance(layout, EntryLayout) and layout.arch == "hstu"
+    with pytest.raises(ValueError, match="engine 'memo' needs the din arch"):
+        check_engine(layout, "memo")
