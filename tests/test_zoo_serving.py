@@ -1,13 +1,14 @@
 """Serving zoo stores (record format v2): StoreReader, HostBatcher fetch/pack, the v2 device unpack,
 DecodeRuntime and `ckv score` for SIM, ETA, SDIM, TWIN and HSTU, against the training model's forward.
 
-Stores are built from each model's own prefill (tests/zoo_store_fixtures.py) and published with the
-real publish step. The runtime's scores are compared with ``model.forward`` on the same batches the
-runtime steps through (same users, so the same padded width): TWIN's per-head top-k breaks ties
-between equal scores by position in a way that depends on the padded width (``torch.topk``), and
-with CollectiveKV heads holding no user dims see only pool rows, so ties are common; on the same
-batches the comparison is exact for every model. A full-KV store of a collective checkpoint scores
-like the collective forward; cold-start users like an empty history."""
+Stores are built from each model's own prefill (tests/zoo_store_fixtures.py) through the real v2
+Parquet → LMDB builder and publish step; one test per arch uses the Spark job's per-partition
+function. The runtime's scores are compared with ``model.forward`` on the same batches the runtime
+steps through (same users, so the same padded width): TWIN's per-head top-k breaks ties between
+equal scores by position in a way that depends on the padded width (``torch.topk``), and with
+CollectiveKV heads holding no user dims see only pool rows, so ties are common; on the same batches
+the comparison is exact for every model. A full-KV store of a collective checkpoint scores like the
+collective forward; cold-start users like an empty history."""
 
 from __future__ import annotations
 
@@ -26,9 +27,10 @@ from click.testing import CliRunner
 from cachestore.batch import HostBatcher, zero_block_bytes
 from cachestore.entry import EntryLayout, EntryRecord, decode_entry, encode_entry, entry_layout
 from cachestore.entry_batch import stack_records
-from cachestore.publish import open_current
+from cachestore.lmdb_build import PARQUET_LAYOUT_FILE
+from cachestore.publish import build_and_publish, open_current
 from cachestore.reader import StoreReader
-from cachestore.record import ChecksumError, LayoutError, ModelVersionMismatchError, RecordError
+from cachestore.record import ChecksumError, LayoutError, ModelVersionMismatchError, RecordError, write_layout
 from cachestore.runtime import DecodeRuntime
 from cachestore.transfer import EntryBatch, to_device
 from jobs.score import score as score_cmd
@@ -177,6 +179,40 @@ def test_candidate_counts_and_step_limits(served: dict, arch: str, tmp_path: Pat
         single = np.stack([model(it, fb, ln, torch.from_numpy(cand[:, j]))[0].numpy() for j in range(3)], 1)
     if arch != "twin":
         np.testing.assert_allclose(many.logits[real], single[real], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("arch", "mode"), [(a, "collective") for a in PAPER_MODELS] + [("hstu", "full")])
+def test_store_from_the_prefill_job_scores_like_forward(tmp_path: Path, arch: str, mode: str) -> None:
+    """Contract with the Spark job's per-partition function (pipeline/prefill.py) for zoo checkpoints:
+    its v2 Parquet → the real builder → the runtime == forward on the windowed histories."""
+    from pipeline.history import arrow_window
+    from pipeline.prefill import cache_layout, prefill_batches
+
+    model = make_model(zoo_config(arch), seed=2).eval()
+    w = model.cfg.window_len
+    g = np.random.default_rng(5)
+    hist_len = [0, 1, w, w + 5, *g.integers(0, 2 * w, 6).tolist()]
+    users = list(range(500, 500 + len(hist_len)))
+    batch = pa.record_batch({
+        "user_id": pa.array(users, pa.int64()),
+        "items": pa.array([g.integers(1, N_ITEMS + 1, n).tolist() for n in hist_len], pa.list_(pa.int32())),
+        "labels": pa.array([g.integers(0, 2, n).tolist() for n in hist_len], pa.list_(pa.int8()))})  # fmt: skip
+    layout = cache_layout(model.cfg, VERSION, mode, "float32")
+    assert isinstance(layout, EntryLayout)
+    (tmp_path / "parquet").mkdir()
+    pq.write_table(pa.Table.from_batches(list(prefill_batches([batch], model, layout, 4))),
+                   tmp_path / "parquet" / "part-0.parquet")  # fmt: skip
+    write_layout(tmp_path / "parquet" / PARQUET_LAYOUT_FILE, layout)
+    build_and_publish(tmp_path)
+    win = arrow_window(batch.column("items"), batch.column("labels"), w)
+    cand = g.integers(1, N_ITEMS + 1, (len(users), 2))
+    with torch.no_grad():
+        want = model(torch.from_numpy(win.items), torch.from_numpy(win.feedback), torch.from_numpy(win.lengths),
+                     torch.from_numpy(cand))[0].numpy()  # fmt: skip
+    rt = DecodeRuntime(model, VERSION, StoreReader(open_current(tmp_path)), device="cpu")  # one step: same batch
+    res = rt.score(users, cand)
+    assert not res.cold_start.any()
+    np.testing.assert_allclose(res.logits, want, rtol=1e-5, atol=1e-6)
 
 
 def test_din_cache_in_a_v2_store(tmp_path: Path) -> None:

@@ -1,11 +1,12 @@
 """Test helper: publish a zoo cache store (record format v2) straight from a zoo model's prefill.
 
-Rows are the v2 prefill Parquet rows (``cachestore.entry.entry_schema``: user_id, length, payload,
-model_version, checksum) made from the model's own cache (collective; or, mode "full", every group's
-K/V rebuilt at d_a by ``model.entry.full_cache``). Until ``cachestore.lmdb_build`` reads v2 Parquet,
-:func:`build_zoo_store` encodes the rows with ``entry_from_parquet_row`` (the builder's own check),
-writes them to LMDB in a staging version directory (lmdb/, layout.json, manifest.json) and
-publishes it with the real ``cachestore.publish.publish`` (atomic switch of ``STORE/current``).
+Independent of the Spark prefill job (pipeline/prefill.py): rows are the v2 prefill Parquet rows
+(``cachestore.entry.entry_schema``: user_id, length, payload, model_version, checksum) made here from
+the model's own cache (collective; or, mode "full", every group's K/V rebuilt at d_a by
+``model.entry.full_cache``), written as Parquet + ``_layout.json`` and built + published with the real
+builder (:func:`build_zoo_store`). :func:`publish_records` publishes hand-made record bytes as they
+are (bad-record tests): LMDB written directly in a staging version directory (lmdb/, layout.json,
+manifest.json), then the real ``cachestore.publish.publish``.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ import zlib
 from pathlib import Path
 
 import lmdb
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
-from cachestore.entry import EntryLayout, entry_from_parquet_row, entry_layout
+from cachestore.entry import EntryLayout, entry_layout, entry_schema
 from cachestore.entry_batch import entry_payloads, storage_arrays
-from cachestore.publish import LAYOUT, LMDB_DIR, MANIFEST, new_staging_dir, publish
+from cachestore.lmdb_build import PARQUET_LAYOUT_FILE
+from cachestore.publish import LAYOUT, LMDB_DIR, MANIFEST, build_and_publish, new_staging_dir, publish
 from cachestore.record import user_key, write_layout
 from model.blocks import ZooCache
 from model.cache import KVCache
@@ -71,9 +75,13 @@ def publish_records(root: Path, layout: EntryLayout, records: dict[int, bytes]) 
 
 
 def build_zoo_store(root: Path, rows: list[dict], layout: EntryLayout) -> Path:
-    """Encode v2 prefill rows (checked like the builder does) and publish them under root."""
-    records = {row["user_id"]: entry_from_parquet_row(layout, **row) for row in rows}
-    return publish_records(root, layout, records)
+    """Write v2 prefill rows as Parquet under root/parquet, build and publish; returns root."""
+    pdir = Path(root) / "parquet"
+    pdir.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=entry_schema()), pdir / "part-00000.parquet")
+    write_layout(pdir / PARQUET_LAYOUT_FILE, layout)
+    build_and_publish(root)
+    return Path(root)
 
 
 def zoo_store_of_model(root: Path, model: torch.nn.Module, version: str, user_ids: list[int], items: torch.Tensor,
