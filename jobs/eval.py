@@ -78,7 +78,10 @@ def bundled_dataset(path: Path) -> Path:
 @click.option("--auto-eps", default=0.05, show_default=True, help="d_u auto: held-out energy left to the pool")
 @click.option("--cr-budget", default=0.01, show_default=True, help="d_u auto: largest CR allowed")
 @click.option("--progress/--no-progress", default=False)
-def eval_cmd(data_dir: str | None, out: str | None, quick: bool, device: str, **kw: Any) -> None:
+@click.option("--report-only", is_flag=True, help="train nothing: report the finished runs, list the pending ones")
+@click.option("--trained-on", default=None, help="with --report-only: device of old run records that do not name it")
+def eval_cmd(data_dir: str | None, out: str | None, quick: bool, device: str, report_only: bool,
+             trained_on: str | None, **kw: Any) -> None:
     """Reproduce the paper's tables and figures for every zoo model (resumable; see pipeline/zoo_eval.py)."""
     import torch
 
@@ -90,7 +93,7 @@ def eval_cmd(data_dir: str | None, out: str | None, quick: bool, device: str, **
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if device.startswith("cuda") and not torch.cuda.is_available() and not report_only:
         raise click.ClickException("--device cuda: no CUDA device is available")
     models, sections = _names(kw["models"]), _names(kw["sections"])
     bad = [m for m in (*models, kw["ablation_model"]) if m not in MODELS] + [s for s in sections if s not in SECTIONS]
@@ -154,7 +157,7 @@ def eval_cmd(data_dir: str | None, out: str | None, quick: bool, device: str, **
             f"ckv eval: {planned_runs(settings)} runs planned on {device} → {out_dir}"
             + (" (QUICK smoke run)" if quick else "")
         )
-        run_eval(data, settings, out_dir, log=click.echo)
+        run_eval(data, settings, out_dir, log=click.echo, train=not report_only, trained_on=trained_on)
     except (DataError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo((out_dir / "results.md").read_text())

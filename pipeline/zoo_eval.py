@@ -318,6 +318,7 @@ def execute(job: Job) -> dict[str, Any]:
     }
     record["cr"] = compression_rate(result.model.cfg) if job.cfg.kv_mode == "collective" else 1.0
     record["n_params"] = int(sum(p.numel() for p in result.model.parameters()))
+    record["device"] = device_name(job.train.device)
     if job.auto is not None:
         t1 = time.perf_counter()
         record["auto"] = auto_d_user(result.model, ds, seed=job.seed, **job.auto)
@@ -384,15 +385,31 @@ class EvalReport:
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
     row_runs: dict[tuple[str, str, str], list[str]] = field(default_factory=dict)  # (section, arch, label) → ids
     auto: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)  # arch → seed → choice
+    trained_on: str | None = None  # device of run records written before records named theirs
 
 
-def run_eval(data_dir: str | Path, settings: EvalSettings, out: str | Path, log: Any = print) -> dict[str, Any]:
-    """Plan, train (resumably) and report every section; returns the results dict."""
+def device_name(device: str) -> str:
+    """"cpu" or the CUDA device's name (what a run record and the report say it ran on)."""
+    return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
+
+
+def finished_runs(jobs: Sequence[Job]) -> list[dict[str, Any]]:
+    """The records of the jobs that have finished (their run file exists); trains nothing."""
+    return [json.loads(Path(j.out_file).read_text()) for j in jobs if Path(j.out_file).is_file()]
+
+
+def run_eval(data_dir: str | Path, settings: EvalSettings, out: str | Path, log: Any = print,
+             train: bool = True, trained_on: str | None = None) -> dict[str, Any]:
+    """Plan, train (resumably) and report every section; returns the results dict.
+
+    ``train=False`` (``ckv eval --report-only``) trains nothing: the report covers the finished runs
+    only, with the number of seeds behind every row, and lists the rows still pending; ``trained_on``
+    names the device of run records that do not name it themselves."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     s = settings
     rows = plan_rows(s)
-    rep = EvalReport(s, rows)
+    rep = EvalReport(s, rows, trained_on=trained_on)
     data = str(Path(data_dir))
     t0 = time.perf_counter()
     auto_archs = sorted({r.arch for r in rows if r.cfg is None})
@@ -418,7 +435,8 @@ def run_eval(data_dir: str | Path, settings: EvalSettings, out: str | Path, log:
 
     # phase 1: full models whose K/V choose an auto d_u (also the Table 1 / ablation baselines)
     first = [job(replace(s.model_config(a), kv_mode="full"), seed, auto=True) for a in auto_archs for seed in s.seeds]
-    for r in run_jobs(first, s.workers, log):
+    execute = (lambda js: run_jobs(js, s.workers, log)) if train else finished_runs
+    for r in execute(first):
         rep.records[r["id"]] = r
         rep.auto.setdefault(r["arch"], {})[r["seed"]] = r["auto"]
     # phase 2: every row
@@ -426,13 +444,15 @@ def run_eval(data_dir: str | Path, settings: EvalSettings, out: str | Path, log:
     for row in rows:
         ids = []
         for seed in s.seeds:
+            if row.cfg is None and seed not in rep.auto.get(row.arch, {}):
+                continue  # report-only: the full model that picks this row's d_u has not run
             cfg = row.cfg or s.model_config(row.arch, d_user=rep.auto[row.arch][seed]["d_user"])
             j = job(cfg, seed, auto=any(x.rid == run_id(cfg, seed, s.train, s.sample_fraction) for x in first))
             ids.append(j.rid)
             if all(j.rid != x.rid for x in jobs):
                 jobs.append(j)
         rep.row_runs[(row.section, row.arch, row.label)] = ids
-    for r in run_jobs(jobs, s.workers, log):
+    for r in execute(jobs):
         rep.records[r["id"]] = r
     results = summarise(rep)
     results["wall_seconds"] = round(time.perf_counter() - t0, 1)

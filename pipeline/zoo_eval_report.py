@@ -28,8 +28,12 @@ def _stats(vals: list[float]) -> dict[str, float]:
 def summarise(rep: EvalReport) -> dict[str, Any]:
     s = rep.settings
     sections: dict[str, list[dict[str, Any]]] = {}
+    pending: list[str] = []
     for row in rep.rows:
-        recs = [rep.records[i] for i in rep.row_runs[(row.section, row.arch, row.label)]]
+        recs = [rep.records[i] for i in rep.row_runs[(row.section, row.arch, row.label)] if i in rep.records]
+        if not recs:  # report-only over an unfinished evaluation
+            pending.append(f"{row.section}: {row.arch} {row.label}")
+            continue
         entry: dict[str, Any] = {
             "label": row.label,
             "arch": row.arch,
@@ -47,7 +51,7 @@ def summarise(rep: EvalReport) -> dict[str, Any]:
         entry["best_epoch"] = [r["best_epoch"] for r in recs]
         sections.setdefault(row.section, []).append(entry)
     auto_cmp = None
-    if "auto" in sections and "fig4" in sections:
+    if sections.get("auto") and any(e["x"] is not None for e in sections.get("fig4", [])):
         sweep = [e for e in sections["fig4"] if e["x"] is not None]
         best_test = max(sweep, key=lambda e: e["gauc"]["mean"])
         best_valid = max(sweep, key=lambda e: e["valid_gauc"]["mean"])
@@ -69,9 +73,11 @@ def summarise(rep: EvalReport) -> dict[str, Any]:
         "machine": {
             "platform": platform.platform(),
             "torch": torch.__version__,
-            "device": torch.cuda.get_device_name() if s.train.device.startswith("cuda") else "cpu",
+            "device": ", ".join(sorted({r.get("device", rep.trained_on or s.train.device)
+                                        for r in rep.records.values()})) or s.train.device,
         },
         "sections": sections,
+        "pending": pending,
         "auto_vs_fixed": auto_cmp,
         "n_runs": len(rep.records),
         "train_seconds_total": round(sum(r["wall_seconds"] for r in rep.records.values()), 1),
@@ -80,6 +86,11 @@ def summarise(rep: EvalReport) -> dict[str, Any]:
 
 def _pm(st: dict[str, float], digits: int = 4) -> str:
     return f"{st['mean']:.{digits}f} ± {st['std']:.{digits}f}"
+
+
+def _seeds(e: dict[str, Any], n_seeds: int) -> str:
+    """" (n=2)" when a row has fewer finished seeds than planned (report-only on a partial run)."""
+    return "" if len(e["seeds"]) == n_seeds else f" (n={len(e['seeds'])})"
 
 
 def markdown(res: dict[str, Any]) -> str:
@@ -106,15 +117,19 @@ def markdown(res: dict[str, Any]) -> str:
         for arch in st["models"]:
             ent = {e["label"]: e for e in sec["table1"] if e["arch"] == arch}
             for label in ("full", "collective"):
-                e = ent[label]
+                e = ent.get(label)
+                if e is None:
+                    lines.append(f"| {arch.upper()} | {label} | | pending (not run yet) | | | | |")
+                    continue
                 delta = ""
-                if label == "collective":
+                if label == "collective" and "full" in ent:
                     d = e["gauc"]["mean"] - ent["full"]["gauc"]["mean"]
                     delta = f"{d:+.4f} ({'≥' if d >= 0 else '<'} full)"
                 cr = "/" if label == "full" else f"{100 * e['cr']['mean']:.2f}%"
                 lines.append(
                     f"| {arch.upper()} | {label} | {'/' if label == 'full' else ','.join(map(str, e['d_user']))}"
-                    f" | {_pm(e['gauc'])} | {_pm(e['auc'])} | {_pm(e['logloss'])} | {cr} | {delta} |"
+                    f" | {_pm(e['gauc'])}{_seeds(e, n_seeds)} | {_pm(e['auc'])} | {_pm(e['logloss'])} | {cr}"
+                    f" | {delta} |"
                 )
         lines.append("")
     for key, title in (("table3", "Table 3 — router-loss ablation"), ("table4", "Table 4 — sharing K / V / both")):
@@ -123,7 +138,8 @@ def markdown(res: dict[str, Any]) -> str:
             lines += [f"## {title} ({arch})", "", "| variant | GAUC | AUC | Logloss | CR |", "|---|---|---|---|---|"]
             for e in sec[key]:
                 cr = "/" if e["kv_mode"] == "full" else f"{100 * e['cr']['mean']:.2f}%"
-                lines.append(f"| {e['label']} | {_pm(e['gauc'])} | {_pm(e['auc'])} | {_pm(e['logloss'])} | {cr} |")
+                lines.append(f"| {e['label']} | {_pm(e['gauc'])}{_seeds(e, n_seeds)} | {_pm(e['auc'])} | "
+                             f"{_pm(e['logloss'])} | {cr} |")
             lines.append("")
     for key, title, png in (
         ("fig4", "Figure 4 — GAUC vs d_u", "fig4_d_user.png"),
@@ -139,7 +155,8 @@ def markdown(res: dict[str, Any]) -> str:
             ]
             for e in sec[key]:
                 cr = "/" if e["kv_mode"] == "full" else f"{100 * e['cr']['mean']:.2f}%"
-                lines.append(f"| {e['label']} | {_pm(e['gauc'])} | {_pm(e['auc'])} | {_pm(e['logloss'])} | {cr} |")
+                lines.append(f"| {e['label']} | {_pm(e['gauc'])}{_seeds(e, n_seeds)} | {_pm(e['auc'])} | "
+                             f"{_pm(e['logloss'])} | {cr} |")
             lines.append("")
     a = res.get("auto_vs_fixed")
     if a:
@@ -156,12 +173,15 @@ def markdown(res: dict[str, Any]) -> str:
             f"{a['gap_to_best_test']:+.4f}.",
             "",
         ]
+    if res.get("pending"):
+        lines += ["## Pending (not run yet: rerun `ckv eval` with the same options to train them)", "",
+                  *[f"- {p}" for p in res["pending"]], ""]
     return "\n".join(lines)
 
 
 def plot_sweep(res: dict[str, Any], key: str, path: Path, xlabel: str, log_x: bool) -> None:
     """GAUC (mean ± std) of a sweep, its quadratic fit (in log x) and the full-KV baseline band."""
-    if key not in res["sections"]:
+    if not any(e["x"] is not None for e in res["sections"].get(key, [])):
         return
     import matplotlib
 

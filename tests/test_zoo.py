@@ -466,3 +466,16 @@ def test_ckv_eval_quick_writes_tables_plots_and_resumes(tiny_dataset: Path, tmp_
     res = CliRunner().invoke(main, args)  # every run is on disk: nothing is trained again
     assert res.exit_code == 0 and "to train" not in res.output
     assert len(list((out / "runs").glob("*.json"))) == n_runs
+    # --report-only over a partial evaluation: remove the HSTU collective runs, report without training
+    hstu_coll = [p for p in (out / "runs").glob("*.json")
+                 if json.loads(p.read_text())["arch"] == "hstu" and json.loads(p.read_text())["config"]["kv_mode"]
+                 == "collective"]  # fmt: skip
+    assert hstu_coll
+    for p in hstu_coll:
+        p.unlink()
+    res = CliRunner().invoke(main, [*args, "--report-only"])
+    assert res.exit_code == 0, res.output
+    assert "run(s) to train" not in res.output and len(list((out / "runs").glob("*.json"))) == n_runs - len(hstu_coll)
+    md = (out / "results.md").read_text()
+    assert "| HSTU | collective | | pending (not run yet)" in md and "- table1: hstu collective" in md
+    assert json.loads((out / "results.json").read_text())["pending"] == ["table1: hstu collective"]
