@@ -129,7 +129,10 @@ def topk_target_attention(
     """TWIN's consistency-preserved target attention: q (B, C, d_a), k, v (B, L, d_a) → (B, C, d_a).
 
     Per head, scores q·k/√d_h over the valid behaviours; the ``topk`` highest are softmaxed and
-    weight their values (the same scores rank and weight). Empty history → zeros.
+    weight their values (the same scores rank and weight). Equal scores rank the more recent
+    behaviour first (a stable sort, as ETA's ranking), so the selection does not depend on the
+    batch's padding width or the device: with CollectiveKV, behaviours routed to the same pool row
+    tie exactly in the heads that hold no user dimensions. Empty history → zeros.
     """
     b, c, d_a = q.shape
     seq = k.shape[1]
@@ -141,7 +144,9 @@ def topk_target_attention(
     valid = valid_mask(lengths, seq)[:, None, None, :]  # (B, 1, 1, L)
     scores = scores.masked_fill(~valid, torch.finfo(scores.dtype).min)
     s = min(topk, seq)
-    top, idx = scores.topk(s, dim=-1)  # (B, C, H, S)
+    # descending by score, ties → later position first: stable sort of the reversed sequence
+    top, rev = scores.flip(-1).sort(dim=-1, descending=True, stable=True)  # (B, C, H, L)
+    top, idx = top[..., :s], seq - 1 - rev[..., :s]  # (B, C, H, S)
     n_sel = lengths.clamp(max=s)  # (B,) valid entries come first: every valid score > finfo.min
     weights = masked_softmax(top, n_sel)  # (B, C, H, S)
     vsel = torch.gather(

@@ -329,6 +329,19 @@ def test_topk_attention_reduces_to_dense_and_to_argmax() -> None:
     assert torch.all(one[2] == 0)
 
 
+def test_topk_attention_breaks_ties_by_recency_whatever_the_padding() -> None:
+    """Equal scores (behaviours routed to one pool row tie exactly in heads without user dims): the
+    most recent behaviour wins, and padding the batch wider changes nothing."""
+    k = torch.ones(1, 5, 4)  # every behaviour has the same key: all scores tie
+    v = torch.arange(20, dtype=torch.float32).reshape(1, 5, 4)  # distinct values
+    q = torch.randn(1, 2, 4, generator=torch.Generator().manual_seed(1))
+    lens = torch.tensor([4])  # position 4 is padding
+    got = topk_target_attention(q, k, v, lens, 1, topk=2)
+    torch.testing.assert_close(got, v[:, 2:4].mean(1, keepdim=True).expand(1, 2, 4))  # positions 3 and 2
+    wide_k, wide_v = torch.cat([k, torch.zeros(1, 7, 4)], 1), torch.cat([v, torch.zeros(1, 7, 4)], 1)
+    assert torch.equal(topk_target_attention(q, wide_k, wide_v, lens, 1, topk=2), got)
+
+
 # ------------------------------------------------------------------------------------- d_user auto
 def low_rank_kv(rank: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """K rows = one of 12 shared cluster centres (what a pool can share) + a rank-``rank`` per-row term
