@@ -101,8 +101,10 @@ class HSTULayer(nn.Module):
         qh = q.reshape(b, m, self.n_heads, dh)
         scores = torch.einsum("bmhd,bnhd->bhmn", qh, k.reshape(b, n, self.n_heads, dh)) / math.sqrt(dh)
         dist = (q_pos.unsqueeze(2) - k_pos.unsqueeze(1)).clamp(min=0)  # (B, M, N)
-        bias = self.rel_bias[:, rel_bucket(dist)]
-        scores = scores + bias.permute(1, 0, 2, 3)  # (B, H, M, N)
+        # an embedding lookup, not rel_bias[:, buckets]: its backward reduces the B·M·N gradients into
+        # the 32 buckets by sorting, where index_put's atomic adds all collide on 32 addresses (GPU)
+        bias = nn.functional.embedding(rel_bucket(dist), self.rel_bias.t())  # (B, M, N, H)
+        scores = scores + bias.permute(0, 3, 1, 2)  # (B, H, M, N)
         weights = nn.functional.silu(scores) * allowed.unsqueeze(1).to(scores.dtype) / self.norm_len
         out = torch.einsum("bhmn,bnhd->bmhd", weights, v.reshape(b, n, self.n_heads, dh))
         return out.reshape(b, m, d_a)
