@@ -18,7 +18,11 @@ after warm-up; perf_counter on CPU):
   (b) the same from pageable memory (the paper's baseline);
   (c) CollectiveKV: the packed batch (fp16 user parts + uint16 router indices, the store's records,
       cachestore/batch.py) in pinned memory → one copy (cachestore.transfer.to_device) → unpack →
-      decode (cachestore.decode.decode), for each attention path (poolscore, gather[, compiled]).
+      decode (cachestore.decode.decode), for each attention path (poolscore, gather[, compiled]);
+      c_graph: the same batch copied into the static buffer of a CUDA graph that holds unpack + decode
+      (cachestore.graphs.GraphedDecoder, --graph-path, default the auto path), one copy + one replay;
+      its scores are checked against c_poolscore once per (B, L) (the CPU dry run checks the eager
+      static path and times nothing; a mismatch is recorded and makes the script exit 1 at the end).
 
 Also: pinned/pageable copy bandwidth and a small copy's fixed latency (the PCIe floor of (c):
 bytes / pinned bandwidth + fixed latency), the breakdown of (c) (copy, unpack, decode), and the
@@ -52,6 +56,7 @@ sys.path.insert(0, str(ROOT))
 
 from cachestore.batch import HostBatcher  # noqa: E402
 from cachestore.decode import ResidentModel, choose_path, decode  # noqa: E402
+from cachestore.graphs import GraphedDecoder  # noqa: E402
 from cachestore.record import CacheLayout, encode_record  # noqa: E402
 from cachestore.transfer import to_device  # noqa: E402
 from model.cache import KVCache  # noqa: E402
@@ -208,13 +213,46 @@ def bench_batch(resident: ResidentModel, layout: CacheLayout, records: list[byte
         **{f"decode_{p}": timed(lambda p=p: decode(resident, cache, targets, p), device, args.warmup,
                                 args.repeats) for p in ("poolscore", "gather")},
     }
+    bench_graph(row, resident, layout, host, targets, decode(resident, cache, targets, "poolscore"), args, device)
     ok = {k: v["median_ms"] for k, v in row.items() if k.startswith("c_") and isinstance(v, dict) and "median_ms" in v}
     row["c_best"] = min(ok, key=ok.get)
     row["c_ms"] = ok[row["c_best"]]
-    row["speedup_vs_a"] = row["a_full_pinned"]["median_ms"] / row["c_ms"] if row["a_full_pinned"] else None
+    a_ms = row["a_full_pinned"]["median_ms"] if row["a_full_pinned"] else None
+    row["speedup_vs_a"] = a_ms / row["c_ms"] if a_ms else None
     row["speedup_vs_b"] = row["b_full_pageable"]["median_ms"] / row["c_ms"]
     row["c_over_floor"] = row["c_ms"] / row["floor_ms"]
+    g_ms = row["c_graph"].get("median_ms")
+    row["c_graph_speedup_vs_a"] = a_ms / g_ms if a_ms and g_ms else None
+    row["c_graph_over_floor"] = g_ms / row["floor_ms"] if g_ms else None
     return row
+
+
+def bench_graph(row: dict, resident: ResidentModel, layout: CacheLayout, host, targets: torch.Tensor,
+                want: torch.Tensor, args: argparse.Namespace, device: torch.device) -> None:
+    """c_graph: copy into a captured graph's static buffer + replay (GPU); scores checked against
+    ``want`` (c_poolscore's). On CPU the same static path runs eagerly for the check; nothing is timed."""
+    b, length = targets.shape[0], row["L"]
+    path = row["c_auto_path"] if args.graph_path == "auto" else args.graph_path
+    row["c_graph_path"] = path
+    try:
+        graph = GraphedDecoder(resident, layout, n_users=b, pad_to=length, n_candidates=targets.shape[1], path=path,
+                               eager=device.type != "cuda")
+        got = graph.run(host, targets).clone()
+        row["c_graph_max_abs_diff"] = float((got - want).abs().max())
+        row["c_graph_scores_match"] = bool(torch.allclose(got, want, rtol=1e-4, atol=1e-4))
+        if not row["c_graph_scores_match"]:
+            diff = row["c_graph_max_abs_diff"]
+            row["c_graph"] = {"error": f"scores differ from c_poolscore (max abs diff {diff:.3g})"}
+            print(f"L={length} B={b}: c_graph MISMATCH: {row['c_graph']['error']}", flush=True)
+        elif device.type != "cuda":
+            row["c_graph"] = {"skipped": "CUDA graphs need a GPU (scores of the eager static path checked)"}
+        else:
+            row["c_graph"] = timed(lambda: graph.run(host), device, args.warmup, args.repeats)
+            row["c_breakdown"]["graph_copy"] = timed(lambda: graph.load(host), device, args.warmup, args.repeats)
+            row["c_breakdown"]["graph_replay"] = timed(graph.replay, device, args.warmup, args.repeats)
+    except Exception as exc:  # a capture failure must not lose the other numbers
+        row["c_graph"] = {"error": repr(exc)[:500]}
+        print(f"L={length} B={b}: c_graph failed: {row['c_graph']['error']}", flush=True)
 
 
 def bench_length(resident: ResidentModel, length: int, batch_sizes: list[int], args: argparse.Namespace,
@@ -230,8 +268,9 @@ def bench_length(resident: ResidentModel, length: int, batch_sizes: list[int], a
         row = bench_batch(resident, layout, records, full_src, targets[:b], length, args, device, pin, limits, compiled)
         rows.append(row)
         a_ms = row["a_full_pinned"]["median_ms"] if row["a_full_pinned"] else float("nan")
+        g_ms = row["c_graph"].get("median_ms", float("nan"))
         print(f"L={length:5d} B={b:4d}  (a) {a_ms:9.3f}  (b) {row['b_full_pageable']['median_ms']:9.3f}  "
-              f"(c) {row['c_ms']:8.3f} [{row['c_best']}]  floor {row['floor_ms']:7.3f}  "
+              f"(c) {row['c_ms']:8.3f} [{row['c_best']}]  graph {g_ms:7.3f}  floor {row['floor_ms']:7.3f}  "
               f"a/c {row['speedup_vs_a'] or float('nan'):7.1f}x  c/floor {row['c_over_floor']:5.2f}", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -331,7 +370,8 @@ def plot(result: dict, path: Path) -> None:
               ("b_full_pageable", "(b) full KV, pageable", "C1", "-"),
               ("c_poolscore", "(c) CollectiveKV, poolscore", "C2", "-"),
               ("c_gather", "(c) CollectiveKV, gather", "C3", "--"),
-              ("c_poolscore_compiled", "(c) poolscore, compiled", "C4", ":")]
+              ("c_poolscore_compiled", "(c) poolscore, compiled", "C4", ":"),
+              ("c_graph", "(c) CollectiveKV, CUDA graph", "C5", "-")]
     for ax, length in zip(axes, lengths, strict=False):
         rows = [r for r in result["rows"] if r["L"] == length]
         bs = [r["B"] for r in rows]
@@ -374,6 +414,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--compile", action="store_true", help="also time torch.compile(decode) on the poolscore path")
     p.add_argument("--compile-mode", default="max-autotune-no-cudagraphs")
+    p.add_argument("--graph-path", choices=["auto", "poolscore", "gather"], default="auto",
+                   help="attention path captured in the c_graph CUDA graph (auto: choose_path for the shape)")
     p.add_argument("--no-fetch", action="store_true", help="skip the LMDB fetch benchmark")
     p.add_argument("--fetch-users", type=int, default=None,
                    help="users per LMDB store (default 100,000 at L <= 100, else 20,000: 46 / 164 MB, beyond the LLC)")
@@ -421,7 +463,13 @@ def main() -> None:
         targets["speedup_50x_met"] = None if r["speedup_vs_a"] is None else r["speedup_vs_a"] >= 50
         targets["c_over_floor_B512_L1000"] = r["c_over_floor"]
         targets["c_within_2x_floor_met"] = r["c_over_floor"] <= 2
+        targets["c_best_B512_L1000"] = r["c_best"]
+        targets["graph_speedup_a_over_c_B512_L1000"] = r["c_graph_speedup_vs_a"]
+        targets["graph_c_over_floor_B512_L1000"] = r["c_graph_over_floor"]
     targets["c_within_2x_floor_all"] = {f"L{r['L']}_B{r['B']}": round(r["c_over_floor"], 2) for r in rows}
+    targets["c_graph_over_floor_all"] = {f"L{r['L']}_B{r['B']}": None if r["c_graph_over_floor"] is None
+                                         else round(r["c_graph_over_floor"], 2) for r in rows}
+    targets["c_graph_scores_match_all"] = all(r.get("c_graph_scores_match") for r in rows)
     for length in lengths:
         f = fetch.get(str(length), {}).get("512")
         if f:
@@ -434,13 +482,16 @@ def main() -> None:
               "config": {**PAPER, "n_items": N_ITEMS, "model_dtype": "float32", "full_kv_dtype": args.full_kv_dtype,
                          "collective_record": "fp16 user parts + uint16 indices", "candidates_per_user": 1,
                          "batch_sizes": batch_sizes, "lengths": lengths, "warmup": args.warmup,
-                         "repeats": args.repeats, "repeats_full": args.repeats_full, "compile": args.compile},
+                         "repeats": args.repeats, "repeats_full": args.repeats_full, "compile": args.compile,
+                         "graph_path": args.graph_path},
               "copy_limits": limits, "rows": rows, "fetch": fetch, "targets": targets}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
     print(json.dumps(targets, indent=2))
     plot(result, out.with_suffix(".png"))
+    if not targets["c_graph_scores_match_all"]:
+        sys.exit("c_graph: scores differ from c_poolscore or the graph failed (see c_graph in the rows)")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ GPU benchmark can pack synthetic records with :meth:`HostBatcher.pack`.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -334,15 +335,24 @@ class HostBatcher:
         t0 = time.perf_counter()
         return self._pack(self._ids(user_ids), records, t0)
 
-    def fetch(self, user_ids: Sequence[int] | np.ndarray) -> HostBatch:
+    def fetch(self, user_ids: Sequence[int] | np.ndarray, n_slots: int | None = None) -> HostBatch:
         """Read these users' records from the store into the next buffer (one read transaction).
 
-        Users absent from the store become cold-start slots (length 0); never an exception."""
+        Users absent from the store become cold-start slots (length 0); never an exception.
+        n_slots: pad the batch with cold-start slots (user id -1, not looked up) to this many users
+        (a fixed batch size for CUDA graphs, ``cachestore.graphs``); they count in ``cold_start``."""
         if self.reader is None:
             raise ValueError("this HostBatcher has no StoreReader: use pack(), or pass reader=")
         t0 = time.perf_counter()
         ids = self._ids(user_ids)
         keys = list(map(KEY.pack, ids.tolist()))
+        pad = 0 if n_slots is None else n_slots - len(ids)
+        if pad < 0:
+            raise ValueError(f"{len(ids)} users do not fit n_slots={n_slots}")
         env = self.reader._environment()  # opened in this process (reopened after fork), read-only, lock-free
         with env.begin(buffers=True) as txn:
-            return self._pack(ids, map(txn.get, keys), t0)
+            values = map(txn.get, keys)
+            if pad:
+                ids = np.concatenate([ids, np.full(pad, -1, dtype=np.int64)])
+                values = itertools.chain(values, itertools.repeat(None, pad))
+            return self._pack(ids, values, t0)

@@ -37,6 +37,7 @@ import torch
 
 from cachestore.batch import HostBatcher, is_entry_layout
 from cachestore.decode import PATHS, ResidentModel, ResidentZooModel, decode, decode_zoo, entry_cache, store_config
+from cachestore.graphs import GraphedDecoder
 from cachestore.record import LayoutError, ModelVersionMismatchError
 from cachestore.transfer import to_device
 from model.ctr import TargetAttentionCTR
@@ -163,12 +164,16 @@ class DecodeRuntime:
     are grouped by candidate count; each step is trimmed to its widest row). pad_to: pad every batch
     to this history length (static shapes for CUDA graphs / torch.compile; default: the longest
     history in the batch). verify_crc: CRC-check every fetched record (off: headers only).
+    graphs: decode each step by replaying a CUDA graph (:mod:`cachestore.graphs`; CUDA and v1 (din)
+    stores only): steps are padded with cold-start slots to a fixed size per candidate width C
+    (``min(batch_users, max_pairs // C)``) and to L = pad_to (default: the store's max_len); one graph
+    (and its private memory pool) per (step size, C), captured on first use.
     """
 
     def __init__(self, model: torch.nn.Module, model_version: str, reader: StoreReader, *,
                  device: torch.device | str | None = None, path: str = "auto", batch_users: int = 512,
                  n_buffers: int = 2, verify_crc: bool = False, pad_to: int | None = None,
-                 pin: bool | None = None, max_pairs: int = 8192) -> None:
+                 pin: bool | None = None, max_pairs: int = 8192, graphs: bool = False) -> None:
         if path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, got {path!r}")
         if batch_users < 1:
@@ -177,6 +182,11 @@ class DecodeRuntime:
         check_layout(layout, model, model_version)
         self.device = torch.device(device) if device is not None else default_device()
         self.entry = is_entry_layout(layout)  # v2 store: unpack part by part, cache_from_arrays
+        if graphs and (self.device.type != "cuda" or self.entry):
+            raise ValueError("graphs=True needs a CUDA device and a record format v1 (din) store; "
+                             f"got device {self.device}, record format {2 if self.entry else 1}")
+        self.graphs = graphs
+        self._graphs: dict[tuple[int, int], GraphedDecoder] = {}  # (step users, candidates) -> graph
         self.zoo = getattr(model.cfg, "arch", "din") != "din"
         if self.zoo and path == "poolscore":
             raise ValueError(f"path 'poolscore' is the din model's attention; a {model.cfg.arch} model decodes with "
@@ -190,6 +200,7 @@ class DecodeRuntime:
         self.path = path
         self.batch_users = batch_users
         self.pad_to = pad_to
+        self.graph_len = pad_to or max(1, layout.max_len)  # L of the graphs
         self.max_pairs = max_pairs
         pin = (self.device.type == "cuda") if pin is None else pin
         self.batcher = HostBatcher(layout, reader=reader, expected_model_version=model_version, pin=pin,
@@ -245,7 +256,7 @@ class DecodeRuntime:
             width = max(1, int(counts[order[lo]]))
             step = min(self.batch_users, max(1, self.max_pairs // width))
             rows = order[lo : lo + step]
-            out, cold[rows] = self._score_batch(ids[rows], cand[rows, :width], stats)
+            out, cold[rows] = self._score_batch(ids[rows], cand[rows, :width], stats, step)
             logits[rows, :width] = out
             lo += step
         logits[~real] = np.nan
@@ -254,37 +265,55 @@ class DecodeRuntime:
             setattr(self.stats, name, getattr(self.stats, name) + value)
         return ScoreResult(logits, cold, stats)
 
+    def _graph(self, n_users: int, n_candidates: int) -> GraphedDecoder:
+        key = (n_users, n_candidates)
+        if key not in self._graphs:  # eager on CPU: only tests flip self.graphs there
+            self._graphs[key] = GraphedDecoder(self.resident, self.layout, n_users=n_users, pad_to=self.graph_len,
+                                               n_candidates=n_candidates, path=self.path,
+                                               eager=self.device.type != "cuda")
+        return self._graphs[key]
+
     @torch.inference_mode()
-    def _score_batch(self, ids: np.ndarray, cand: np.ndarray, stats: RuntimeStats) -> tuple[np.ndarray, np.ndarray]:
+    def _score_batch(self, ids: np.ndarray, cand: np.ndarray, stats: RuntimeStats, slots: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
         t0 = time.perf_counter()
-        host = self.batcher.fetch(ids)
-        dev, cost = to_device(host, self.device)
-        targets = torch.from_numpy(cand).to(self.device, non_blocking=False)
+        n = len(ids)
+        host = self.batcher.fetch(ids, n_slots=slots if self.graphs else None)
+        if self.graphs:  # static shapes: `slots` users (cold padding), L = graph_len
+            graph = self._graph(slots, cand.shape[1])
+            padded = np.zeros((slots, cand.shape[1]), dtype=np.int64)
+            padded[:n] = cand
+            cost = graph.load(host, torch.from_numpy(padded))
+        else:
+            dev, cost = to_device(host, self.device)
+            targets = torch.from_numpy(cand).to(self.device, non_blocking=False)
         cuda = self.device.type == "cuda"
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
         else:
             t_dec = time.perf_counter()
-        cache = dev.unpack(self.pad_to)
-        if self.entry:  # v2: per-part arrays → the model's ZooCache
+        if self.graphs:
+            logits = graph.replay()[:n]
+        elif self.entry:
+            cache = dev.unpack(self.pad_to)  # v2: per-part arrays → the model's ZooCache
             cache = entry_cache(cache, self._store_cfg, self.resident.dtype)
             if self.zoo:
                 logits = decode_zoo(self.resident, cache, targets)
             else:  # a din cache in a v2 store: its one group through the din decode paths
                 logits = decode(self.resident, cache.kv["kv"], targets, self.path)
         else:
-            logits = decode(self.resident, cache, targets, self.path)
+            logits = decode(self.resident, dev.unpack(self.pad_to), targets, self.path)
         if cuda:
             end.record()
         out = logits.float().cpu().numpy()
         decode_ms = start.elapsed_time(end) if cuda else (time.perf_counter() - t_dec) * 1e3
         stats.batches += 1
-        stats.users += len(ids)
-        stats.cold_start_users += host.cold_start
+        stats.users += n
+        stats.cold_start_users += host.cold_start - (host.n_users - n)
         stats.h2d_bytes += cost.bytes
         stats.fetch_ms += host.fetch_seconds * 1e3
         stats.h2d_ms += cost.ms
         stats.decode_ms += decode_ms
         stats.total_ms += (time.perf_counter() - t0) * 1e3
-        return out, ~host.present
+        return out, ~host.present[:n]
