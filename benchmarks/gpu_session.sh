@@ -10,7 +10,7 @@
 #
 # Usage there (one `run` call per step, carry [".whl"] and for "eval" also the previous zoo_movielens):
 #   bash benchmarks/gpu_session.sh bench
-#   bash benchmarks/gpu_session.sh eval [SECONDS]
+#   bash benchmarks/gpu_session.sh eval [SECONDS]      (then locally: ckv eval --report-only)
 # Results land in benchmarks/results/ and are copied to $OUT (≤ 8 files come back per call).
 set -uo pipefail
 step=${1:?usage: gpu_session.sh bench|eval [seconds]}
@@ -29,13 +29,15 @@ bench)
     python3 -m pytest -q -m cuda -p no:cacheprovider $(grep -l "mark.cuda" tests/test_*.py) 2>&1 | tail -15 | tee "$OUT/pytest_cuda.txt"
     timeout 150 python3 benchmarks/prefill.py --gpu-only --users 50000 \
         --out benchmarks/results/prefill_gpu.json 2>&1 | tail -20
-    timeout 330 python3 benchmarks/decode_latency.py --compile --out benchmarks/results/decode_latency.json 2>&1 | tail -40
+    timeout 400 python3 benchmarks/decode_latency.py --compile --out benchmarks/results/decode_latency.json 2>&1 | tail -40
     cp benchmarks/results/prefill_gpu.json benchmarks/results/decode_latency.json \
         benchmarks/results/decode_latency.png "$OUT"/ 2>/dev/null
     ;;
 eval)
     budget=${2:-540}
-    timeout "$budget" python3 -m jobs.cli eval --device cuda --workers 3 2>&1 | tail -30
+    # EVAL_ARGS: extra `ckv eval` options, e.g. EVAL_ARGS="--sections fig4,fig5,auto" to run the quick
+    # SIM sweeps before the slow HSTU rows; finished runs are shared between invocations
+    timeout "$budget" python3 -m jobs.cli eval --device cuda --workers 3 ${EVAL_ARGS:-} 2>&1 | tail -30
     rc=$?
     [ $rc -eq 0 ] && echo "eval complete" || echo "eval stopped (rc $rc): rerun the same step; finished runs are kept"
     tar -C benchmarks/results -czf "$OUT/zoo_movielens.tgz" zoo_movielens 2>/dev/null
