@@ -31,9 +31,9 @@ import json
 import struct
 import zlib
 from dataclasses import asdict, dataclass, fields, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow as pa
 
 from cachestore.record import (
     _HEX16,
@@ -54,6 +54,9 @@ from model.cache import index_itemsize
 from model.config import ModelConfig
 from model.entry import KINDS, EntryPart, entry_parts
 
+if TYPE_CHECKING:
+    import pyarrow as pa
+
 ENTRY_FORMAT_VERSION = 2
 _CRC_OFFSET = 28
 _U32 = struct.Struct("<I")
@@ -61,6 +64,8 @@ _U32 = struct.Struct("<I")
 
 def entry_schema() -> pa.Schema:
     """The Arrow schema of a v2 store's prefill Parquet (binary may be large_binary, string large_string)."""
+    import pyarrow as pa  # only the writers need it: serving reads records without pyarrow
+
     return pa.schema([("user_id", pa.int64()), ("length", pa.int32()), ("payload", pa.binary()),
                       ("model_version", pa.string()), ("checksum", pa.int64())])  # fmt: skip
 

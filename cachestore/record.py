@@ -253,7 +253,7 @@ def _as_bytes(part: object, name: str, user_id: int | None) -> memoryview:
     if isinstance(part, np.ndarray):
         if part.dtype.byteorder == ">":
             part = part.astype(part.dtype.newbyteorder("<"))
-        part = np.ascontiguousarray(part)
+        part = np.ascontiguousarray(part).reshape(-1).view(np.uint8)  # flat bytes (also for empty (0, d))
     try:
         return memoryview(part).cast("B")  # type: ignore[arg-type]
     except TypeError as exc:

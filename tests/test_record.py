@@ -247,3 +247,11 @@ def test_record_from_parquet_row_accepts_buffers_and_checks_sizes() -> None:
         record_from_parquet_row(LAYOUT, **{**row, "checksum": crc + 1})
     with pytest.raises(RecordSizeError, match="user 4: v_user has 4 bytes, layout implies 2"):
         record_from_parquet_row(LAYOUT, **{**row, "v_user": bytes(4)})
+
+
+def test_empty_numpy_parts_encode() -> None:
+    """n = 0 with (0, d) numpy parts (what a prefill of an empty history gives) is a valid record."""
+    layout = CacheLayout("collective", "float16", "uint16", 2, 3, True, True, 10, 5, "0123456789abcdef")
+    rec = encode_record(layout, length=0, k_user=np.zeros((0, 2), np.float16), v_user=np.zeros((0, 3), np.float16),
+                        k_idx=np.zeros(0, np.uint16), v_idx=np.zeros(0, np.uint16))  # fmt: skip
+    assert len(rec) == layout.record_size(0) and decode_record(rec).length == 0
