@@ -183,10 +183,18 @@ def build_report(store: str | os.PathLike, checkpoint: str | os.PathLike, *, his
     rep = size_report(store, baseline)
     results = read_results(results_dir)
     bw = bandwidth(bandwidth_spec, results_dir)
-    dist, cal, fmt = store_lengths(store), store_calibration(store), store_format(store)
-    own = capacity_plan(cal.users, dist, fmt, batch=batch, bandwidth=bw, budgets=budgets, calibration=cal, seed=seed)
-    proj = capacity_plan(project_users, dist, fmt, batch=batch, bandwidth=bw, budgets=budgets, calibration=cal,
-                         seed=seed)
+    try:
+        dist, cal, fmt = store_lengths(store), store_calibration(store), store_format(store)
+    except ValueError as exc:  # a zoo (v2) store: the capacity model covers the din layout only
+        capacity = [f"<p class='note'>{_e(exc)}</p>"]
+    else:
+        own = capacity_plan(cal.users, dist, fmt, batch=batch, bandwidth=bw, budgets=budgets, calibration=cal,
+                            seed=seed)
+        proj = capacity_plan(project_users, dist, fmt, batch=batch, bandwidth=bw, budgets=budgets, calibration=cal,
+                             seed=seed)
+        capacity = [f"<h3>This store's users ({cal.users:,})</h3>", _table_html(capacity_table(own)),
+                    f"<h3>Projection to {project_users:,} users (same length distribution and layout)</h3>",
+                    _table_html(capacity_table(proj))]
     hist = str(histories) if histories is not None else _histories_of(manifest)
     analyses: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="ckv-report-") as tmp:
@@ -209,10 +217,7 @@ def build_report(store: str | os.PathLike, checkpoint: str | os.PathLike, *, his
             f"{dt.datetime.now(dt.UTC).strftime('%Y-%m-%dT%H:%M:%SZ')}</p>",
             "<nav>" + "".join(f"<a href='#{s}'>{s}</a>" for s in SECTIONS) + "</nav>",
             "<h2 id='size'>Size report</h2>", size_section(rep),
-            "<h2 id='capacity'>Capacity: full KV vs CollectiveKV</h2>",
-            f"<h3>This store's users ({cal.users:,})</h3>", _table_html(capacity_table(own)),
-            f"<h3>Projection to {project_users:,} users (same length distribution and layout)</h3>",
-            _table_html(capacity_table(proj)),
+            "<h2 id='capacity'>Capacity: full KV vs CollectiveKV</h2>", *capacity,
             "<h2 id='latency'>Latency</h2>", latency_section(results),
             "<h2 id='analysis'>K/V and router analysis (paper Figures 1, 2, 6, 7)</h2>",
             f"<p class='note'>histories: {_e(hist)}</p>", analysis_section(analyses),

@@ -320,3 +320,13 @@ def test_prefill_batches_store_verify_without_spark(tmp_path: Path, arch: str, v
     pq.write_table(table, hist)
     res = verify_store(tmp_path / "store", tmp_path / "ckpt", hist)
     assert res.ok and res.users_checked == 20, res.mismatches
+
+
+def test_html_report_of_a_zoo_store(bundle: dict, submitted: dict, tmp_path: Path) -> None:
+    """`ckv report html` on a zoo store: size section with the store's CR, the capacity section says
+    why it is left out (din layout only) instead of failing."""
+    from pipeline.html_report import build_report
+
+    page = build_report(submitted["store"], bundle["ckpts"]["sim"]["path"], histories=bundle["hist"],
+                        analysis_users=8)  # fmt: skip
+    assert "<h2 id='size'>" in page and "zoo store" in page and "<h2 id='latency'>" in page
