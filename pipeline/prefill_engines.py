@@ -13,30 +13,28 @@ token of the item vocabulary, in fixed blocks, cached; din only), ``zoo`` (:clas
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from cachestore.entry import EntryLayout, entry_layout
-from cachestore.entry_batch import entry_payloads, storage_arrays
 from cachestore.record import HEADER_SIZE, IDX_DTYPES, KV_DTYPES, CacheLayout
 from model.cache import KVCache, index_itemsize
 from model.config import ModelConfig
 from model.ctr import N_FEEDBACK, TargetAttentionCTR
-from model.entry import entry_arrays, full_cache
+from pipeline.zoo_engine import MAX_POSITIONS as _DIRECT_POSITIONS
+from pipeline.zoo_engine import FlatEntries, ZooEngine, _empty_entries  # noqa: F401  (re-exported)
+from pipeline.zoo_engine import device_of as _device_of
 
 ENGINES = ("auto", "memo", "direct", "noop")
 KV_TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DEFAULT_MEMO_BYTES = 256 << 20
-_DIRECT_POSITIONS = 1 << 16  # padded positions per model.prefill call of the direct engine
 # (tokens x pool) router logits per model.prefill call of the memo engine: on a CPU, logits that stay
 # in cache (2^21 cells = 8 MB) run the router 2.2x faster than 2^24 (measured: 50k tokens, pool 10k)
 _ROUTER_CELLS = {"cpu": 1 << 21, "cuda": 1 << 24}
-# largest intermediate (router logits: positions x pool; HSTU attention: users x heads x width^2) per
-# model.prefill call of the zoo engine, in cells (fp32: 64 MB on a CPU)
-_ZOO_CELLS = {"cpu": 1 << 24, "cuda": 1 << 27}
+
 
 
 def layout_from_dict(data: dict) -> CacheLayout | EntryLayout:
@@ -86,29 +84,6 @@ class FlatKV:
     v_idx: np.ndarray | None
 
 
-@dataclass(frozen=True)
-class FlatEntries:
-    """One chunk's v2 (zoo) entries: every user's record payload (its parts in layout order, each
-    ``min(n, cap)`` rows) back to back. values: uint8; offsets: (B + 1,) int64 into values."""
-
-    values: np.ndarray
-    offsets: np.ndarray
-
-
-def _empty_entries(n_users: int) -> FlatEntries:
-    return FlatEntries(np.zeros(0, np.uint8), np.zeros(n_users + 1, np.int64))
-
-
-def _concat_entries(parts: list[FlatEntries]) -> FlatEntries:
-    if len(parts) == 1:
-        return parts[0]
-    offsets, base = [np.zeros(1, np.int64)], 0
-    for p in parts:
-        offsets.append(p.offsets[1:] + base)
-        base += int(p.offsets[-1])
-    return FlatEntries(np.concatenate([p.values for p in parts]), np.concatenate(offsets))
-
-
 def _storage(t: torch.Tensor, kv_dtype: str) -> np.ndarray:
     """A float tensor at the layout's kv dtype, as a CPU numpy array (bf16: raw uint16 bits)."""
     t = t.to(KV_TORCH[kv_dtype])
@@ -120,10 +95,6 @@ def _storage(t: torch.Tensor, kv_dtype: str) -> np.ndarray:
 
 def _index_storage(idx: torch.Tensor, idx_dtype: str) -> np.ndarray:
     return idx.to(torch.int32).cpu().numpy().astype(IDX_DTYPES[idx_dtype][1])
-
-
-def _device_of(model: TargetAttentionCTR) -> torch.device:
-    return next(model.parameters()).device
 
 
 class _ModelEngine:
@@ -325,69 +296,6 @@ class MemoEngine(_ModelEngine):
         return FlatKV(self._k[slots], self._v[slots],
                       self._ki[slots] if self._ki is not None else None,
                       self._vi[slots] if self._vi is not None else None)
-
-
-class ZooEngine:
-    """The zoo archs (SIM, ETA, SDIM, TWIN, HSTU; v2 :class:`EntryLayout`): ``model.prefill`` on the
-    padded window of sub-chunks of users (input order, trimmed to the sub-chunk's longest history),
-    then :func:`model.entry.entry_arrays` (mode full: :func:`model.entry.full_cache` first, every
-    group's K/V rebuilt at d_a), storage dtypes and one payload per user
-    (:func:`cachestore.entry_batch.entry_payloads`). A sub-chunk holds at most 65,536 padded
-    positions and keeps its largest intermediate (router logits positions x pool; HSTU's attention
-    users x heads x width^2) under ``_ZOO_CELLS``; at least one user. Like ``direct``, the bits
-    can depend on the sub-chunk's composition (matmul shapes); the same input and partitioning give
-    the same bits."""
-
-    name = "zoo"
-
-    def __init__(self, model: torch.nn.Module, layout: EntryLayout) -> None:
-        cfg = model.cfg
-        if not isinstance(layout, EntryLayout):
-            raise ValueError(f"the zoo engine writes v2 entries (EntryLayout), got {type(layout).__name__}")
-        want = entry_layout(cfg, layout.model_version, layout.mode, layout.kv_dtype)
-        if want != layout:
-            raise ValueError(f"layout {layout} does not fit the model (expected {want})")
-        if model.training:
-            raise ValueError("prefill needs the model in eval mode (hard routing)")
-        self.model = model
-        self.layout = layout
-        self.device = _device_of(model)
-        self.store_cfg = cfg if layout.mode == "collective" else replace(cfg, kv_mode="full")
-        cells = _ZOO_CELLS.get(self.device.type, _ZOO_CELLS["cpu"])
-        pool = cfg.collective.pool_size if cfg.kv_mode == "collective" and (cfg.k_shared or cfg.v_shared) else 1
-        self.max_positions = max(1, min(_DIRECT_POSITIONS, cells // pool))
-        self.max_attention = cells // max(1, cfg.n_heads) if cfg.arch == "hstu" else None
-
-    def _fits(self, users: int, width: int) -> bool:
-        width = max(1, width)
-        if users * width > self.max_positions:
-            return False
-        return self.max_attention is None or users * width * width <= self.max_attention
-
-    def _prefill(self, items: np.ndarray, feedback: np.ndarray, lengths: np.ndarray) -> FlatEntries:
-        if not lengths.any():
-            return _empty_entries(len(lengths))
-        dev = self.device
-        with torch.inference_mode():
-            cache = self.model.prefill(torch.from_numpy(items).to(dev), torch.from_numpy(feedback).to(dev),
-                                       torch.from_numpy(lengths).to(dev))
-            if self.layout.mode == "full":
-                cache = full_cache(self.model, cache)
-            arrays = storage_arrays(self.layout, entry_arrays(cache, self.store_cfg))
-        values, offsets = entry_payloads(self.layout, arrays, lengths)
-        return FlatEntries(values, offsets)
-
-    def run(self, items: np.ndarray, feedback: np.ndarray, lengths: np.ndarray) -> FlatEntries:
-        parts, lo, b = [], 0, len(lengths)
-        while lo < b:
-            hi, longest = lo + 1, int(lengths[lo])
-            while hi < b and self._fits(hi + 1 - lo, max(longest, int(lengths[hi]))):
-                longest = max(longest, int(lengths[hi]))
-                hi += 1
-            width = max(1, longest)
-            parts.append(self._prefill(items[lo:hi, :width], feedback[lo:hi, :width], lengths[lo:hi]))
-            lo = hi
-        return _concat_entries(parts) if parts else _empty_entries(0)
 
 
 class NoopEngine:
