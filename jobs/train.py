@@ -139,9 +139,9 @@ def train(kv_mode: str, seed: int, init_from: str | None, out: str, data_dir: st
 
 
 def choose_auto_d_user(dataset: Any, cfg: ModelConfig, kw: dict[str, Any], seed: int) -> dict[str, Any]:
-    """Train the full model of ``cfg`` and pick d_u from its K/V (pipeline.zoo_eval.auto_d_user)."""
+    """Train the full model of ``cfg`` and pick d_u from its K/V (pipeline.zoo_eval_runs.auto_d_user)."""
     from pipeline.trainer import build_model, train_model
-    from pipeline.zoo_eval import auto_d_user
+    from pipeline.zoo_eval_runs import auto_d_user
 
     click.echo("--d-user auto: training the full model first")
     full = train_model(build_model(dataset, replace(cfg, kv_mode="full"), seed), dataset, build_train_config(kw, seed))
