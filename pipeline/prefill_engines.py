@@ -25,8 +25,12 @@ from model.cache import KVCache, index_itemsize
 from model.config import ModelConfig
 from model.ctr import N_FEEDBACK, TargetAttentionCTR
 from pipeline.zoo_engine import MAX_POSITIONS as _DIRECT_POSITIONS
-from pipeline.zoo_engine import FlatEntries, ZooEngine, _empty_entries  # noqa: F401  (re-exported)
-from pipeline.zoo_engine import device_of as _device_of
+from pipeline.zoo_engine import (  # noqa: F401  (FlatEntries, ZooEngine, _empty_entries: re-exported)
+    FlatEntries,
+    ZooEngine,
+    _empty_entries,
+    checked_device,
+)
 
 ENGINES = ("auto", "memo", "direct", "noop")
 KV_TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -100,14 +104,10 @@ def _index_storage(idx: torch.Tensor, idx_dtype: str) -> np.ndarray:
 class _ModelEngine:
     def __init__(self, model: TargetAttentionCTR, layout: CacheLayout) -> None:
         cfg = model.cfg
-        want = cache_layout(cfg, layout.model_version, layout.mode, layout.kv_dtype)
-        if want != layout:
-            raise ValueError(f"layout {layout} does not fit the model (expected {want})")
-        if model.training:
-            raise ValueError("prefill needs the model in eval mode (hard routing)")
+        self.device = checked_device(model, layout, cache_layout(cfg, layout.model_version, layout.mode,
+                                                                 layout.kv_dtype))
         self.model = model
         self.layout = layout
-        self.device = _device_of(model)
 
     def _entries(self, cache: KVCache, valid: torch.Tensor) -> FlatKV:
         """Encode the valid positions of a padded cache (B, L, .) as flat storage arrays."""

@@ -23,6 +23,16 @@ def device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def checked_device(model: torch.nn.Module, layout: object, want: object) -> torch.device:
+    """An engine's checks on its model: ``layout`` must be the one the model writes (``want``), the
+    model in eval mode (hard routing). Returns the model's device."""
+    if want != layout:
+        raise ValueError(f"layout {layout} does not fit the model (expected {want})")
+    if model.training:
+        raise ValueError("prefill needs the model in eval mode (hard routing)")
+    return device_of(model)
+
+
 @dataclass(frozen=True)
 class FlatEntries:
     """One chunk's v2 (zoo) entries: every user's record payload (its parts in layout order, each
@@ -63,14 +73,10 @@ class ZooEngine:
         cfg = model.cfg
         if not isinstance(layout, EntryLayout):
             raise ValueError(f"the zoo engine writes v2 entries (EntryLayout), got {type(layout).__name__}")
-        want = entry_layout(cfg, layout.model_version, layout.mode, layout.kv_dtype)
-        if want != layout:
-            raise ValueError(f"layout {layout} does not fit the model (expected {want})")
-        if model.training:
-            raise ValueError("prefill needs the model in eval mode (hard routing)")
+        self.device = checked_device(model, layout, entry_layout(cfg, layout.model_version, layout.mode,
+                                                                 layout.kv_dtype))
         self.model = model
         self.layout = layout
-        self.device = device_of(model)
         self.store_cfg = cfg if layout.mode == "collective" else replace(cfg, kv_mode="full")
         cells = _ZOO_CELLS.get(self.device.type, _ZOO_CELLS["cpu"])
         pool = cfg.collective.pool_size if cfg.kv_mode == "collective" and (cfg.k_shared or cfg.v_shared) else 1
