@@ -212,9 +212,6 @@ class HostBatcher:
         pre, post = layout.header_parts[:2]  # header bytes 0..11 and 16..27, the same in every record
         self._expect = (np.frombuffer(pre[:8], "<u8")[0], np.uint64(np.frombuffer(pre[8:], "<u4")[0]),
                         np.frombuffer(post[:8], "<u8")[0], np.uint64(np.frombuffer(post[8:], "<u4")[0]))
-        # v1: size = 32 + n·(bytes per behaviour); v2: parts are capped, sizes from layout.record_sizes
-        self._v2 = is_entry_layout(layout)
-        self._per_behaviour = 0 if self._v2 else sum(layout.header_parts[2])
         self._zero = zero_block_bytes(layout)
         if capacity_bytes is None:
             capacity_bytes = min(64 << 20, batch_users * (16 + _align(layout.record_size(min(layout.max_len, 1000)))))
@@ -303,8 +300,7 @@ class HostBatcher:
             low = np.uint64(0xFFFFFFFF)
             w0, w1, w2, w3 = self._expect  # header bytes 0..7, 8..11, 16..23, 24..27 of this layout
             ok = (words[:, 0] == w0) & ((words[:, 1] & low) == w1) & (words[:, 2] == w2) & ((words[:, 3] & low) == w3)
-            want = self.layout.record_sizes(n) if self._v2 else HEADER_SIZE + n * self._per_behaviour
-            ok &= (size_p == want) & (n <= self.layout.max_len)
+            ok &= (size_p == self.layout.record_sizes(n)) & (n <= self.layout.max_len)
             if not ok.all():
                 self._raise_bad(arr, ids[present], at, size_p, ok)
             lengths[present] = n

@@ -35,7 +35,6 @@ on a :class:`ResidentZooModel`. A ``din`` cache in a v2 store goes through :func
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import TYPE_CHECKING
 
@@ -59,8 +58,20 @@ def _head_slices(d_user: int, head_dim: int) -> list[tuple[int, int, int]]:
     return [(h, h * head_dim, min((h + 1) * head_dim, d_user)) for h in range(-(-d_user // head_dim))]
 
 
-class ResidentModel:
-    """The scoring model kept on one device, plus the pools laid out per head for ``poolscore``.
+class ResidentZooModel:
+    """A scoring model kept on one device in eval mode, with its pools: ``model``, ``cfg``, ``device``
+    and ``dtype``. Serves the zoo models (SIM, ETA, SDIM, TWIN, HSTU: ``model.zoo``) as it is."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device | str | None = None) -> None:
+        device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model = model.to(device).eval()
+        self.cfg: ModelConfig = model.cfg
+        self.device = device
+        self.dtype = next(model.parameters()).dtype
+
+
+class ResidentModel(ResidentZooModel):
+    """The din scoring model kept on one device, plus the pools laid out per head for ``poolscore``.
 
     Moves ``model`` to ``device`` (eval mode). For a shared K: ``pool_k`` (H, dh, pool) = the K pool
     zero-padded to d_a dims (zeros in the user dims) and split into heads, transposed for q·P;
@@ -68,11 +79,7 @@ class ResidentModel:
     """
 
     def __init__(self, model: TargetAttentionCTR, device: torch.device | str | None = None) -> None:
-        device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.model = model.to(device).eval()
-        self.cfg = model.cfg
-        self.device = device
-        self.dtype = next(model.parameters()).dtype
+        super().__init__(model, device)
         self.n_heads = self.cfg.n_heads
         self.head_dim = self.cfg.d_attn // self.n_heads
         self.pool_k = self._per_head(model.k_branch.pool, transpose=True) if self.cfg.k_shared else None
@@ -156,28 +163,10 @@ def decode(resident: ResidentModel, cache: KVCache, targets: torch.Tensor, path:
     return resident.model.decode(cache, targets, attention=lambda q, c: pool_score_attention(resident, q, c))
 
 
-class ResidentZooModel:
-    """A zoo model (SIM, ETA, SDIM, TWIN, HSTU: ``model.zoo``) kept on one device in eval mode,
-    with its pools; ``cfg``, ``device`` and ``dtype`` as in :class:`ResidentModel`."""
-
-    def __init__(self, model: torch.nn.Module, device: torch.device | str | None = None) -> None:
-        device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.model = model.to(device).eval()
-        self.cfg: ModelConfig = model.cfg
-        self.device = device
-        self.dtype = next(model.parameters()).dtype
-
-
-def store_config(cfg: ModelConfig, store_mode: str) -> ModelConfig:
-    """The config whose ``model.entry.entry_parts`` a store of ``store_mode`` holds: the model's own
-    for "collective", ``kv_mode="full"`` (whole K/V, no indices) for the full-KV store."""
-    return dataclasses.replace(cfg, kv_mode="full") if store_mode == "full" else cfg
-
-
 def entry_cache(batch: EntryBatch, cfg: ModelConfig, dtype: torch.dtype) -> ZooCache:
     """An unpacked v2 batch → the :class:`ZooCache` the model decodes: kv parts cast to ``dtype``
     (the model's: pool rows are never rounded to the stored fp16), indices and keys as they are.
-    ``cfg``: :func:`store_config` of the model's config and the store's mode."""
+    ``cfg``: :func:`model.entry.store_config` of the model's config and the store's mode."""
     arrays = {name: t.to(dtype) if t.is_floating_point() else t for name, t in batch.arrays.items()}
     return cache_from_arrays(arrays, batch.lengths, cfg)
 

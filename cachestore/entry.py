@@ -30,7 +30,7 @@ import functools
 import json
 import struct
 import zlib
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -52,7 +52,7 @@ from cachestore.record import (
 )
 from model.cache import index_itemsize
 from model.config import ModelConfig
-from model.entry import KINDS, EntryPart, entry_parts
+from model.entry import KINDS, EntryPart, entry_parts, store_config
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -293,7 +293,7 @@ def entry_layout(cfg: ModelConfig, model_version: str, mode: str = "collective",
         raise ValueError(f"mode must be 'collective' or 'full', got {mode!r}")
     if mode == "collective" and cfg.kv_mode != "collective":
         raise ValueError("the checkpoint is a full-KV model: it has no collective cache (use mode 'full')")
-    parts = entry_parts(cfg if mode == "collective" else replace(cfg, kv_mode="full"))
+    parts = entry_parts(store_config(cfg, mode))
     has_idx = any(p.kind == "idx" for p in parts)
     idx = ("uint16" if index_itemsize(cfg.collective.pool_size) == 2 else "int32") if has_idx else None
     return EntryLayout(arch=cfg.arch, mode=mode, kv_dtype=kv_dtype, idx_dtype=idx,

@@ -21,16 +21,22 @@ import numpy as np
 import torch
 
 from cachestore.entry import EntryLayout, EntryRecord
+from cachestore.record import KV_DTYPES
+from cachestore.transfer import KV_TORCH
 
-KV_TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+def kv_storage(t: torch.Tensor, kv_dtype: str) -> np.ndarray:
+    """A float tensor at a store's kv dtype, as a CPU numpy array of its storage dtype (bfloat16:
+    raw uint16 bits) — what v1 and v2 records hold."""
+    t = t.detach().to(KV_TORCH[kv_dtype])
+    if kv_dtype == "bfloat16":
+        t = t.view(torch.int16)
+    return t.cpu().numpy().view(KV_DTYPES[kv_dtype][1])
 
 
 def _to_storage(t: torch.Tensor, kind: str, layout: EntryLayout) -> np.ndarray:
     if kind == "kv":
-        t = t.detach().to(KV_TORCH[layout.kv_dtype]).cpu()
-        if layout.kv_dtype == "bfloat16":
-            return t.view(torch.int16).numpy().view(np.uint16)
-        return t.numpy()
+        return kv_storage(t, layout.kv_dtype)
     return t.detach().cpu().numpy().astype(layout.dtype(kind), copy=False)
 
 

@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from cachestore.entry import EntryLayout, entry_from_parquet_row
+from cachestore.entry import EntryLayout, entry_from_parquet_row, entry_schema
 from cachestore.record import (
     HEADER_SIZE,
     CacheLayout,
@@ -66,13 +66,8 @@ _COLUMNS: dict[str, tuple[pa.DataType, ...]] = {
     "model_version": (pa.string(), pa.large_string()),
     "checksum": (pa.int64(),),
 }
-_ENTRY_COLUMNS: dict[str, tuple[pa.DataType, ...]] = {  # v2: cachestore.entry.entry_schema()
-    "user_id": (pa.int64(),),
-    "length": (pa.int32(),),
-    "payload": _BIN,
-    "model_version": (pa.string(), pa.large_string()),
-    "checksum": (pa.int64(),),
-}
+_WIDE = {pa.binary(): _BIN, pa.string(): (pa.string(), pa.large_string())}  # also accept the large variants
+_ENTRY_COLUMNS = {f.name: _WIDE.get(f.type, (f.type,)) for f in entry_schema()}  # v2 prefill Parquet
 _PAGE = 4096
 _INLINE_MAX = 2000  # LMDB puts larger nodes (key + value + 8) on overflow pages (4 KiB pages)
 
@@ -116,14 +111,6 @@ def list_parquet_files(parquet_dir: str | os.PathLike) -> list[Path]:
     """The data files of a Parquet directory, by name; skips `_*` / `.*` (Spark's _SUCCESS, .crc)."""
     return sorted(p for p in Path(parquet_dir).iterdir()
                   if p.is_file() and p.suffix == ".parquet" and not p.name.startswith(("_", ".")))
-
-
-def record_sizes(layout: CacheLayout | EntryLayout, lengths: np.ndarray) -> np.ndarray:
-    """Encoded record size (int64 bytes) for each length, vectorised layout.record_size."""
-    if isinstance(layout, EntryLayout):
-        return layout.record_sizes(lengths)
-    per = layout.record_size(1) - HEADER_SIZE
-    return HEADER_SIZE + lengths.astype(np.int64) * per
 
 
 def estimate_map_size(sizes: np.ndarray) -> int:
@@ -292,7 +279,7 @@ def build_lmdb(
     try:
         scan = _scan(layout, list_parquet_files(parquet_dir))
         n = len(scan.ids)
-        sizes = record_sizes(layout, scan.lengths)
+        sizes = layout.record_sizes(scan.lengths)
         need = int(sizes.sum())
         size = map_size or estimate_map_size(sizes)
         with tempfile.TemporaryDirectory(prefix=".ckv-spill-", dir=tmp_dir or out_dir.parent) as tmp:

@@ -168,8 +168,7 @@ class CacheLayout:
 
     def record_sizes(self, lengths: np.ndarray) -> np.ndarray:
         """Vectorised :meth:`record_size` (int64), as ``EntryLayout.record_sizes``."""
-        per_behaviour = sum(self.header_parts[2])
-        return HEADER_SIZE + lengths.astype(np.int64) * per_behaviour
+        return HEADER_SIZE + lengths.astype(np.int64, copy=False) * sum(self.header_parts[2])
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -36,11 +36,12 @@ import numpy as np
 import torch
 
 from cachestore.batch import HostBatcher, is_entry_layout
-from cachestore.decode import PATHS, ResidentModel, ResidentZooModel, decode, decode_zoo, entry_cache, store_config
+from cachestore.decode import PATHS, ResidentModel, ResidentZooModel, decode, decode_zoo, entry_cache
 from cachestore.graphs import GraphedDecoder
 from cachestore.record import LayoutError, ModelVersionMismatchError
 from cachestore.transfer import to_device
 from model.ctr import TargetAttentionCTR
+from model.entry import store_config
 
 if TYPE_CHECKING:
     from cachestore.batch import StoreLayout

@@ -30,7 +30,7 @@ Keys: SIM's category bitmask (``n_genres`` bits), ETA's SimHash signature (``has
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -72,6 +72,12 @@ def key_fields(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     if cfg.arch == "sdim":
         return {"buckets": (cfg.sdim_hashes, cfg.sdim_bits)}
     return {}
+
+
+def store_config(cfg: ModelConfig, store_mode: str) -> ModelConfig:
+    """The config whose :func:`entry_parts` a store of ``store_mode`` holds: the model's own for
+    "collective", ``kv_mode="full"`` (whole K/V, no indices) for the full-KV store."""
+    return replace(cfg, kv_mode="full") if store_mode == "full" else cfg
 
 
 def entry_parts(cfg: ModelConfig) -> tuple[EntryPart, ...]:

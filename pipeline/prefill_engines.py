@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from cachestore.entry import EntryLayout, entry_layout
+from cachestore.entry_batch import kv_storage
 from cachestore.record import HEADER_SIZE, IDX_DTYPES, KV_DTYPES, CacheLayout
 from model.cache import KVCache, index_itemsize
 from model.config import ModelConfig
@@ -33,7 +34,6 @@ from pipeline.zoo_engine import (  # noqa: F401  (FlatEntries, ZooEngine, _empty
 )
 
 ENGINES = ("auto", "memo", "direct", "noop")
-KV_TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DEFAULT_MEMO_BYTES = 256 << 20
 # (tokens x pool) router logits per model.prefill call of the memo engine: on a CPU, logits that stay
 # in cache (2^21 cells = 8 MB) run the router 2.2x faster than 2^24 (measured: 50k tokens, pool 10k)
@@ -88,15 +88,6 @@ class FlatKV:
     v_idx: np.ndarray | None
 
 
-def _storage(t: torch.Tensor, kv_dtype: str) -> np.ndarray:
-    """A float tensor at the layout's kv dtype, as a CPU numpy array (bf16: raw uint16 bits)."""
-    t = t.to(KV_TORCH[kv_dtype])
-    if kv_dtype == "bfloat16":
-        t = t.view(torch.int16)
-    a = t.cpu().numpy()
-    return a.view(KV_DTYPES[kv_dtype][1])
-
-
 def _index_storage(idx: torch.Tensor, idx_dtype: str) -> np.ndarray:
     return idx.to(torch.int32).cpu().numpy().astype(IDX_DTYPES[idx_dtype][1])
 
@@ -114,10 +105,10 @@ class _ModelEngine:
         lay = self.layout
         if lay.mode == "full":
             k, v = self.model.keys_values(cache)  # (B, L, d_a) each
-            return FlatKV(_storage(k[valid], lay.kv_dtype), _storage(v[valid], lay.kv_dtype), None, None)
+            return FlatKV(kv_storage(k[valid], lay.kv_dtype), kv_storage(v[valid], lay.kv_dtype), None, None)
         ki = _index_storage(cache.k_idx[valid], lay.idx_dtype) if lay.k_shared else None
         vi = _index_storage(cache.v_idx[valid], lay.idx_dtype) if lay.v_shared else None
-        return FlatKV(_storage(cache.k_user[valid], lay.kv_dtype), _storage(cache.v_user[valid], lay.kv_dtype),
+        return FlatKV(kv_storage(cache.k_user[valid], lay.kv_dtype), kv_storage(cache.v_user[valid], lay.kv_dtype),
                       ki, vi)
 
     def _prefill(self, items: np.ndarray, feedback: np.ndarray, lengths: np.ndarray) -> FlatKV:

@@ -70,7 +70,7 @@ def _entry_store_sizes(store: str | os.PathLike, version: Path, m: dict[str, Any
     """:func:`store_sizes` of a v2 (zoo) store (see the module docstring)."""
     layout = EntryLayout.from_dict(m["layout"])
     stats = m["stats"]
-    kv = [p for p in layout.parts if p.kind == "kv" and p.name.rsplit(".", 1)[1] in ("k_user", "v_user")]
+    kv = [p for p in layout.parts if p.kind == "kv"]  # every group's K and V (user parts or whole)
     d_a = d_attn or (m.get("dims") or {}).get("d_attn") or (kv[0].width if layout.mode == "full" and kv else None)
     users, behaviours = stats["users"], stats["behaviours"]
     parquet = sum(f["bytes"] for f in m["parquet"]["files"] if f["name"].endswith(".parquet"))

@@ -20,7 +20,6 @@ full: the stored K/V are the rebuilt ones, compared the same way); router indice
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from cachestore.entry_batch import model_tensors, stack_records
 from cachestore.reader import StoreReader
 from cachestore.record import Record, RecordError
 from model.cache import KVCache
-from model.entry import cache_from_arrays
+from model.entry import cache_from_arrays, store_config
 from pipeline.checkpoint import load_checkpoint
 from pipeline.history import arrow_window
 
@@ -235,7 +234,7 @@ def _check_zoo_batch(batch: pa.RecordBatch, model: torch.nn.Module, reader: Stor
         return
     sel = np.asarray(keep)
     cfg = model.cfg
-    store_cfg = cfg if layout.mode == "collective" else dataclasses.replace(cfg, kv_mode="full")
+    store_cfg = store_config(cfg, layout.mode)
     width = max(1, int(w.lengths[sel].max()))
     len_t = torch.from_numpy(w.lengths[sel]).to(dev)
     lengths, stacked = stack_records(layout, records)

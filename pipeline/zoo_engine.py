@@ -4,14 +4,14 @@ The din engines are in :mod:`pipeline.prefill_engines`, which picks this one for
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from cachestore.entry import EntryLayout, entry_layout
 from cachestore.entry_batch import entry_payloads, storage_arrays
-from model.entry import entry_arrays, full_cache
+from model.entry import entry_arrays, full_cache, store_config
 
 MAX_POSITIONS = 1 << 16  # padded positions per model.prefill call (the direct and the zoo engine)
 # largest intermediate (router logits: positions x pool; HSTU attention: users x heads x width^2) per
@@ -77,7 +77,7 @@ class ZooEngine:
                                                                  layout.kv_dtype))
         self.model = model
         self.layout = layout
-        self.store_cfg = cfg if layout.mode == "collective" else replace(cfg, kv_mode="full")
+        self.store_cfg = store_config(cfg, layout.mode)
         cells = _ZOO_CELLS.get(self.device.type, _ZOO_CELLS["cpu"])
         pool = cfg.collective.pool_size if cfg.kv_mode == "collective" and (cfg.k_shared or cfg.v_shared) else 1
         self.max_positions = max(1, min(MAX_POSITIONS, cells // pool))
