@@ -1,8 +1,16 @@
-"""Helpers shared by the model tests (test_model.py, test_zoo.py)."""
+"""Helpers shared by the tests: padded model batches (test_model.py, test_zoo.py) and the
+spark-submit prefill command (test_prefill_spark.py, test_zoo_store.py, test_reliability_spark.py)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def padded_batch(
@@ -18,3 +26,22 @@ def padded_batch(
     feedback[pad] = 0
     targets = torch.randint(1, n_items + 1, (b,), generator=g)  # (B,)
     return items, feedback, lengths, targets
+
+
+def prefill_submit_command(*job_args: str) -> tuple[list[str], dict[str, str]]:
+    """``spark-submit --master local[2] jobs/prefill.py JOB_ARGS`` with the venv's spark-submit and
+    Python: (command, environment)."""
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PYSPARK_PYTHON": sys.executable}  # fmt: skip
+    cmd = [str(bin_dir / "spark-submit"), "--master", "local[2]", "--driver-memory", "1g",
+           "--conf", "spark.ui.enabled=false", str(ROOT / "jobs" / "prefill.py"), *job_args]  # fmt: skip
+    return cmd, env
+
+
+def run_prefill_submit(*job_args: str) -> subprocess.CompletedProcess:
+    """Run :func:`prefill_submit_command` to completion (5 min limit); it must succeed."""
+    cmd, env = prefill_submit_command(*job_args)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc

@@ -7,10 +7,7 @@ runs use the session-scoped in-process SparkSession (tests/conftest.py) to stay 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -31,6 +28,7 @@ from pipeline.prefill import PrefillInputError
 from pipeline.spark_job import PrefillOptions, run_prefill
 from pipeline.trainer import build_model
 from pipeline.verify import verify_store
+from tests.helpers import run_prefill_submit
 
 pytestmark = pytest.mark.spark
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,15 +56,8 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def submitted(bundle: dict) -> dict:
     """`spark-submit --master local[2] jobs/prefill.py` as a subprocess, once for the module."""
     store = bundle["tmp"] / "store"
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-           "PYSPARK_PYTHON": sys.executable}
-    cmd = [str(bin_dir / "spark-submit"), "--master", "local[2]", "--driver-memory", "1g",
-           "--conf", "spark.ui.enabled=false", str(ROOT / "jobs" / "prefill.py"),
-           "--checkpoint", str(bundle["ckpt"]), "--histories", str(bundle["data"]), "--out", str(store),
-           "--progress-interval", "1"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_prefill_submit("--checkpoint", str(bundle["ckpt"]), "--histories", str(bundle["data"]),
+                              "--out", str(store), "--progress-interval", "1")
     return {"store": store, "stdout": proc.stdout, "stderr": proc.stderr}
 
 

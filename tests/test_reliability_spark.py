@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -26,6 +25,7 @@ from pipeline.prefill import PrefillInputError, cache_layout
 from pipeline.spark_job import PrefillOptions, _load_shipped_checkpoint, run_prefill
 from pipeline.store_ops import build_store
 from pipeline.verify import verify_store
+from tests.helpers import prefill_submit_command
 from tests.test_prefill import histories, make_model, small_config, write_prefill
 
 pytestmark = pytest.mark.spark
@@ -63,13 +63,9 @@ def snapshot(store: Path) -> tuple[str | None, dict[int, bytes]]:
 def test_driver_killed_mid_stage(base: dict) -> None:
     """spark-submit's whole process group SIGKILLed while the Spark stage writes its output."""
     before = snapshot(base["store"])
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-           "PYSPARK_PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
-    cmd = [str(bin_dir / "spark-submit"), "--master", "local[2]", "--driver-memory", "1g", "--conf",
-           "spark.ui.enabled=false", str(ROOT / "jobs" / "prefill.py"), "--checkpoint", str(base["ckpt"]),
-           "--histories", str(base["hist"]), "--out", str(base["store"]), "--engine", "direct",
-           "--batch-users", "5"]
+    cmd, env = prefill_submit_command("--checkpoint", str(base["ckpt"]), "--histories", str(base["hist"]),
+                                      "--out", str(base["store"]), "--engine", "direct", "--batch-users", "5")
+    env["PYTHONPATH"] = str(ROOT)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     staging = base["store"] / "staging"

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import lmdb
@@ -38,6 +35,7 @@ from pipeline.checkpoint import save_checkpoint
 from pipeline.prefill import ENTRY_OUTPUT_SCHEMA, NoopEngine, ZooEngine, cache_layout, prefill_batches
 from pipeline.spark_job import PrefillOptions, run_prefill
 from pipeline.verify import verify_store
+from tests.helpers import run_prefill_submit
 from tests.test_zoo import N_ITEMS, make_model, zoo_config
 
 pytestmark = pytest.mark.spark
@@ -96,15 +94,9 @@ def verify_cli(store: Path, bundle: dict, arch: str, histories_path: Path | None
 def submitted(bundle: dict) -> dict:
     """`spark-submit --master local[2] jobs/prefill.py` of the SIM checkpoint (collective), once."""
     store = bundle["tmp"] / "sim"
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-           "PYSPARK_PYTHON": sys.executable}
-    cmd = [str(bin_dir / "spark-submit"), "--master", "local[2]", "--driver-memory", "1g",
-           "--conf", "spark.ui.enabled=false", str(ROOT / "jobs" / "prefill.py"),
-           "--checkpoint", str(bundle["ckpts"]["sim"]["path"]), "--histories", str(bundle["hist"]),
-           "--out", str(store), "--batch-users", "16", "--progress-interval", "1"]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_prefill_submit("--checkpoint", str(bundle["ckpts"]["sim"]["path"]), "--histories",
+                              str(bundle["hist"]), "--out", str(store), "--batch-users", "16",
+                              "--progress-interval", "1")  # fmt: skip
     return {"store": store, "stdout": proc.stdout, "stderr": proc.stderr}
 
 
