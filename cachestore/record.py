@@ -206,6 +206,12 @@ def read_layout(path: str | os.PathLike) -> CacheLayout:
         raise LayoutError(f"cannot read layout {path}: {exc}") from exc
     if not isinstance(data, dict):
         raise LayoutError(f"layout {path} is not a JSON object")
+    return layout_from_dict(data)
+
+
+def layout_from_dict(data: dict) -> CacheLayout:
+    """A store layout from its dict: ``layout_version`` 2 is a zoo store's
+    :class:`cachestore.entry.EntryLayout`, anything else a :class:`CacheLayout`."""
     if data.get("layout_version") == 2:
         from cachestore.entry import EntryLayout  # v2 builds on this module
 

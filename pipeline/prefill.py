@@ -71,7 +71,6 @@ from pipeline.prefill_engines import (  # noqa: F401  (re-exported: the prefill 
     _empty_entries,
     cache_layout,
     check_engine,
-    layout_from_dict,
     make_engine,
     tokenwise,
 )

@@ -41,11 +41,6 @@ _ROUTER_CELLS = {"cpu": 1 << 21, "cuda": 1 << 24}
 
 
 
-def layout_from_dict(data: dict) -> CacheLayout | EntryLayout:
-    """A store layout from its dict (``layout_version`` 2: a zoo store's EntryLayout, else v1)."""
-    return EntryLayout.from_dict(data) if data.get("layout_version") == 2 else CacheLayout.from_dict(data)
-
-
 def check_engine(layout: CacheLayout | EntryLayout, kind: str) -> None:
     """Refuse an engine that cannot write ``layout`` (checked on the driver before any task)."""
     if kind not in ENGINES:

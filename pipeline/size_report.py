@@ -29,16 +29,16 @@ from pathlib import Path
 from typing import Any
 
 from cachestore.entry import EntryLayout
-from cachestore.record import HEADER_SIZE, CacheLayout
+from cachestore.record import HEADER_SIZE, layout_from_dict
 from pipeline.store_ops import read_manifest
 
 
 def store_sizes(store: str | os.PathLike, d_attn: int | None = None) -> dict[str, Any]:
     """Sizes and CRs of the version STORE/current points to."""
     version, m = read_manifest(store)
-    if m["layout"].get("layout_version") == 2:
-        return _entry_store_sizes(store, version, m, d_attn)
-    layout = CacheLayout.from_dict(m["layout"])
+    layout = layout_from_dict(m["layout"])
+    if isinstance(layout, EntryLayout):
+        return _entry_store_sizes(store, version, m, layout, d_attn)
     stats = m["stats"]
     d_a = d_attn or (m.get("dims") or {}).get("d_attn") or (layout.dk if layout.mode == "full" else None)
     users, behaviours = stats["users"], stats["behaviours"]
@@ -65,10 +65,9 @@ def store_sizes(store: str | os.PathLike, d_attn: int | None = None) -> dict[str
     return out
 
 
-def _entry_store_sizes(store: str | os.PathLike, version: Path, m: dict[str, Any], d_attn: int | None
-                       ) -> dict[str, Any]:
+def _entry_store_sizes(store: str | os.PathLike, version: Path, m: dict[str, Any], layout: EntryLayout,
+                       d_attn: int | None) -> dict[str, Any]:
     """:func:`store_sizes` of a v2 (zoo) store (see the module docstring)."""
-    layout = EntryLayout.from_dict(m["layout"])
     stats = m["stats"]
     kv = [p for p in layout.parts if p.kind == "kv"]  # every group's K and V (user parts or whole)
     d_a = d_attn or (m.get("dims") or {}).get("d_attn") or (kv[0].width if layout.mode == "full" and kv else None)

@@ -40,7 +40,7 @@ import pyarrow as pa
 
 from cachestore.lmdb_build import StoreBuildError
 from cachestore.publish import STAGING, new_version_id
-from cachestore.record import write_layout
+from cachestore.record import layout_from_dict, write_layout
 from pipeline.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, load_checkpoint
 from pipeline.incremental import FP_COL, HISTORY_FP_VERSION, PREV_FP_COL, fingerprint_sql, previous_state
 from pipeline.incremental import split as incremental_split
@@ -49,7 +49,6 @@ from pipeline.prefill import (
     PrefillInputError,
     cache_layout,
     check_engine,
-    layout_from_dict,
     output_ddl,
     output_schema,
 )

@@ -27,7 +27,7 @@ from typing import Any
 from cachestore.entry import EntryLayout
 from cachestore.lmdb_build import PARQUET_LAYOUT_FILE, list_parquet_files
 from cachestore.publish import CURRENT, LAYOUT, LMDB_DIR, MANIFEST, build_version, new_staging_dir, publish
-from cachestore.record import HEADER_SIZE, CacheLayout
+from cachestore.record import HEADER_SIZE, layout_from_dict
 
 log = logging.getLogger("ckv.store")
 PREFILL_META_FILE = "_prefill.json"
@@ -63,8 +63,9 @@ def summary_fields(manifest: dict, prefill: dict | None, command_line: str) -> d
     model = (prefill or {}).get("model_config") or {}
     users = stats["users"]
     d_user = (model.get("collective") or {}).get("d_user")
-    if manifest["layout"].get("layout_version") == 2:
-        entry = EntryLayout.from_dict(manifest["layout"])
+    layout = layout_from_dict(manifest["layout"])
+    if isinstance(layout, EntryLayout):
+        entry = layout
         widths = {p.name: p.width for p in entry.parts}
         kv_widths = [p.width for p in entry.parts if p.kind == "kv"]
         d_attn = model.get("d_attn", kv_widths[0] if entry.mode == "full" and kv_widths else None)
@@ -78,7 +79,6 @@ def summary_fields(manifest: dict, prefill: dict | None, command_line: str) -> d
             "pool_size": entry.pool_size,
         }  # fmt: skip
     else:
-        layout = CacheLayout.from_dict(manifest["layout"])
         d_attn = model.get("d_attn", layout.dk if layout.mode == "full" else None)
         head = {
             "model_version": layout.model_version, "mode": layout.mode,
