@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from cachestore.entry import EntryLayout, decode_entry
 from cachestore.record import (
     HEADER_SIZE,
     KEY,
@@ -62,7 +63,6 @@ from cachestore.record import (
 )
 
 if TYPE_CHECKING:
-    from cachestore.entry import EntryLayout
     from cachestore.reader import StoreReader
 
     StoreLayout = CacheLayout | EntryLayout  # v1 (din) or v2 (zoo) store
@@ -81,9 +81,8 @@ def pinned_available() -> bool:
 
 
 def is_entry_layout(layout: StoreLayout) -> bool:
-    """True for a v2 (zoo) store's EntryLayout (``layout_version`` 2); checked without importing
-    cachestore.entry (it needs pyarrow), so v1 serving needs only numpy + torch."""
-    return layout.layout_version == 2
+    """True for a v2 (zoo) store's EntryLayout, False for a v1 CacheLayout."""
+    return isinstance(layout, EntryLayout)
 
 
 def zero_block_bytes(layout: StoreLayout) -> int:
@@ -98,8 +97,6 @@ def check_record(layout: StoreLayout, buf: bytes | memoryview, expected_model_ve
     """Fully validate one record of ``layout`` (CRC included): ``decode_record`` for v1,
     ``decode_entry`` for v2; raises the precise ``RecordError`` subclass naming the user."""
     if is_entry_layout(layout):
-        from cachestore.entry import decode_entry
-
         decode_entry(layout, buf, expected_model_version=expected_model_version, user_id=user_id)
     else:
         decode_record(buf, expected_model_version=expected_model_version, user_id=user_id)

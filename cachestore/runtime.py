@@ -37,6 +37,7 @@ import torch
 
 from cachestore.batch import HostBatcher, is_entry_layout
 from cachestore.decode import PATHS, ResidentModel, ResidentZooModel, decode, decode_zoo, entry_cache
+from cachestore.entry import entry_layout
 from cachestore.graphs import GraphedDecoder
 from cachestore.record import LayoutError, ModelVersionMismatchError
 from cachestore.transfer import to_device
@@ -65,8 +66,6 @@ def check_entry_layout(layout: EntryLayout, model: torch.nn.Module, model_versio
     """Refuse a v2 (zoo) store that was not prefilled with this model: other arch, other model
     version, or parts (names, kinds, widths, caps), index dtype, pool size or window that are not
     ``entry_layout(model.cfg, version, layout.mode, layout.kv_dtype)``'s."""
-    from cachestore.entry import entry_layout  # needs pyarrow: imported only for zoo stores
-
     cfg = model.cfg
     arch = getattr(cfg, "arch", "din")
     if layout.arch != arch:
