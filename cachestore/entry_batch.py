@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from numpy.lib.stride_tricks import as_strided
 
 from cachestore.entry import EntryLayout, EntryRecord
 from cachestore.record import KV_DTYPES
@@ -77,8 +78,11 @@ def entry_payloads(layout: EntryLayout, arrays: dict[str, np.ndarray], lengths: 
         raw = a.view(np.uint8).reshape(b, a.shape[1], wb)  # (B, R, row bytes)
         valid = np.arange(a.shape[1]) < rows[:, None]  # (B, R)
         users, r = np.nonzero(valid)
+        if not len(users):
+            continue
         dst = part_start[users, j] + r * wb  # (V,) start byte of each valid row
-        out[dst[:, None] + np.arange(wb)] = raw[valid]  # (V, row bytes)
+        rows_at = as_strided(out, (len(out) - wb + 1, wb), (1, 1))  # row i = out[i : i + wb] (a view)
+        rows_at[dst] = raw[valid]  # (V, row bytes): one row copy per index, not one index per byte
     return out, offsets
 
 
