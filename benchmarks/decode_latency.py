@@ -19,8 +19,9 @@ after warm-up; perf_counter on CPU):
   (c) CollectiveKV: the packed batch (fp16 user parts + uint16 router indices, the store's records,
       cachestore/batch.py) in pinned memory → one copy (cachestore.transfer.to_device) → unpack →
       decode (cachestore.decode.decode), for each attention path (poolscore, gather[, compiled]);
-      c_graph: the same batch copied into the static buffer of a CUDA graph that holds unpack + decode
-      (cachestore.graphs.GraphedDecoder, --graph-path, default the auto path), one copy + one replay;
+      c_fused: one copy → the fused Triton kernel over the packed records (cachestore.fused; no unpack);
+      c_graph: the same batch copied into the static buffer of a CUDA graph that holds the decode
+      (cachestore.graphs.GraphedDecoder, --graph-path, default auto = fused), one copy + one replay;
       its scores are checked against c_poolscore once per (B, L) (the CPU dry run checks the eager
       static path and times nothing; a mismatch is recorded and makes the script exit 1 at the end).
 
@@ -56,6 +57,7 @@ sys.path.insert(0, str(ROOT))
 
 from cachestore.batch import HostBatcher  # noqa: E402
 from cachestore.decode import ResidentModel, choose_path, decode  # noqa: E402
+from cachestore.fused import fused_available, fused_decode  # noqa: E402
 from cachestore.graphs import GraphedDecoder  # noqa: E402
 from cachestore.record import CacheLayout, encode_record  # noqa: E402
 from cachestore.transfer import to_device  # noqa: E402
@@ -194,13 +196,20 @@ def bench_batch(resident: ResidentModel, layout: CacheLayout, records: list[byte
         dev, _ = to_device(host, device)
         return fn(resident, dev.unpack(), targets, path)
 
-    variants = {"poolscore": ("poolscore", decode), "gather": ("gather", decode)}
+    def fused_path() -> torch.Tensor:
+        dev, _ = to_device(host, device)
+        return fused_decode(resident, dev.raw, layout, b, targets)
+
+    variants: dict[str, Callable[[], torch.Tensor]] = {
+        "poolscore": lambda: collective_path("poolscore", decode), "gather": lambda: collective_path("gather", decode)}
     if compiled is not None:
-        variants["poolscore_compiled"] = ("poolscore", compiled)
-    for name, (path, fn) in variants.items():
+        variants["poolscore_compiled"] = lambda: collective_path("poolscore", compiled)
+    fused = fused_available(device)
+    if fused:
+        variants["fused"] = fused_path
+    for name, fn in variants.items():
         try:
-            row[f"c_{name}"] = timed(lambda path=path, fn=fn: collective_path(path, fn), device, args.warmup,
-                                     args.repeats)
+            row[f"c_{name}"] = timed(fn, device, args.warmup, args.repeats)
         except Exception as exc:  # e.g. a compile failure must not lose the other numbers
             row[f"c_{name}"] = {"error": repr(exc)[:500]}
     dev, cost = to_device(host, device)
@@ -213,6 +222,14 @@ def bench_batch(resident: ResidentModel, layout: CacheLayout, records: list[byte
         **{f"decode_{p}": timed(lambda p=p: decode(resident, cache, targets, p), device, args.warmup,
                                 args.repeats) for p in ("poolscore", "gather")},
     }
+    if fused:  # the fused decode (q + kernel + MLP) on the device batch, and its scores against poolscore
+        row["c_breakdown"]["decode_fused"] = timed(lambda: fused_decode(resident, dev.raw, layout, b, targets),
+                                                   device, args.warmup, args.repeats)
+        got, want = fused_decode(resident, dev.raw, layout, b, targets), decode(resident, cache, targets, "poolscore")
+        row["c_fused_max_abs_diff"] = float((got - want).abs().max())
+        if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+            diff = row["c_fused_max_abs_diff"]
+            row["c_fused"] = {"error": f"scores differ from c_poolscore (max abs diff {diff:.3g})"}
     bench_graph(row, resident, layout, host, targets, decode(resident, cache, targets, "poolscore"), args, device)
     ok = {k: v["median_ms"] for k, v in row.items() if k.startswith("c_") and isinstance(v, dict) and "median_ms" in v}
     row["c_best"] = min(ok, key=ok.get)
@@ -232,11 +249,10 @@ def bench_graph(row: dict, resident: ResidentModel, layout: CacheLayout, host, t
     """c_graph: copy into a captured graph's static buffer + replay (GPU); scores checked against
     ``want`` (c_poolscore's). On CPU the same static path runs eagerly for the check; nothing is timed."""
     b, length = targets.shape[0], row["L"]
-    path = row["c_auto_path"] if args.graph_path == "auto" else args.graph_path
-    row["c_graph_path"] = path
     try:
-        graph = GraphedDecoder(resident, layout, n_users=b, pad_to=length, n_candidates=targets.shape[1], path=path,
-                               eager=device.type != "cuda")
+        graph = GraphedDecoder(resident, layout, n_users=b, pad_to=length, n_candidates=targets.shape[1],
+                               path=args.graph_path, eager=device.type != "cuda")
+        row["c_graph_path"] = graph.path
         got = graph.run(host, targets).clone()
         row["c_graph_max_abs_diff"] = float((got - want).abs().max())
         row["c_graph_scores_match"] = bool(torch.allclose(got, want, rtol=1e-4, atol=1e-4))
@@ -414,8 +430,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--compile", action="store_true", help="also time torch.compile(decode) on the poolscore path")
     p.add_argument("--compile-mode", default="max-autotune-no-cudagraphs")
-    p.add_argument("--graph-path", choices=["auto", "poolscore", "gather"], default="auto",
-                   help="attention path captured in the c_graph CUDA graph (auto: choose_path for the shape)")
+    p.add_argument("--graph-path", choices=["auto", "fused", "poolscore", "gather"], default="auto",
+                   help="attention path captured in the c_graph CUDA graph (auto: fused on CUDA with Triton, "
+                        "else choose_path for the shape)")
     p.add_argument("--no-fetch", action="store_true", help="skip the LMDB fetch benchmark")
     p.add_argument("--fetch-users", type=int, default=None,
                    help="users per LMDB store (default 100,000 at L <= 100, else 20,000: 46 / 164 MB, beyond the LLC)")

@@ -31,8 +31,11 @@ import torch
 
 from cachestore.batch import HostBatch, is_entry_layout, zero_block_bytes
 from cachestore.decode import PATHS, ResidentModel, choose_path, decode
+from cachestore.fused import fused_available, fused_decode
 from cachestore.record import CacheLayout
 from cachestore.transfer import TransferCost, unpack
+
+FUSED = "fused"  # the Triton kernel over the packed records (cachestore.fused); "auto" picks it on CUDA
 
 
 def _align8(n: int) -> int:
@@ -47,8 +50,11 @@ def batch_capacity(layout: CacheLayout, n_users: int, pad_to: int) -> int:
 def static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: ResidentModel, layout: CacheLayout,
                   n_users: int, pad_to: int, path: str) -> torch.Tensor:
     """Logits (B, C) of a packed batch held in the prefix of ``raw`` (uint8, even length; bytes beyond the
-    batch are never read): unpack padded to ``pad_to`` with the zero block at 16·n_users, then decode.
+    batch are never read): unpack padded to ``pad_to`` with the zero block at 16·n_users, then decode;
+    path "fused" reads the records in place instead (:func:`cachestore.fused.fused_decode`, no unpack).
     Shape-static and free of host syncs (the body :class:`GraphedDecoder` captures)."""
+    if path == FUSED:
+        return fused_decode(resident, raw, layout, n_users, candidates)
     cache = unpack(raw, layout, n_users, pad_to, 16 * n_users)
     return decode(resident, cache, candidates, path)
 
@@ -56,8 +62,9 @@ def static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: Resi
 class GraphedDecoder:
     """One captured unpack + decode for fixed (n_users B, pad_to L, n_candidates C, capacity) on CUDA.
 
-    resident: the model on its CUDA device; layout: the v1 store's CacheLayout; path: "auto" (resolved
-    from the shapes when created, :func:`cachestore.decode.choose_path`), "poolscore" or "gather";
+    resident: the model on its CUDA device; layout: the v1 store's CacheLayout; path: "auto" ("fused" on CUDA
+    with Triton, else resolved from the shapes, :func:`cachestore.decode.choose_path`), "fused", "poolscore"
+    or "gather";
     capacity: static buffer bytes (default :func:`batch_capacity`). ``eager=True`` runs
     :func:`static_decode` on the same static buffers without a graph (any device; for tests).
     Use :meth:`run` (copy + replay) or :meth:`load` then :meth:`replay`.
@@ -72,8 +79,8 @@ class GraphedDecoder:
                                "use the eager path (DecodeRuntime without graphs, or cachestore.decode.decode)")
         if is_entry_layout(layout):
             raise ValueError("CUDA graphs cover the din decode of record format v1 stores only (this is a v2 store)")
-        if path not in PATHS:
-            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        if path not in (*PATHS, FUSED):
+            raise ValueError(f"path must be one of {(*PATHS, FUSED)}, got {path!r}")
         if min(n_users, pad_to, n_candidates) < 1:
             raise ValueError(f"n_users, pad_to and n_candidates must be >= 1, got {n_users}, {pad_to}, {n_candidates}")
         self.resident, self.layout, self.eager = resident, layout, eager
@@ -85,6 +92,8 @@ class GraphedDecoder:
             head = torch.tensor([16 * n_users] * n_users + [0] * n_users, dtype=torch.int64)  # offsets, lengths
             self.raw[: 16 * n_users].copy_(head.view(torch.uint8))  # every user cold until the first load
             self.candidates = torch.zeros(n_users, n_candidates, dtype=torch.int64, device=self.device)
+            if path == "auto" and self.device.type == "cuda" and fused_available(self.device):
+                path = FUSED
             self.path = path if path != "auto" else choose_path(
                 unpack(self.raw, layout, n_users, pad_to, 16 * n_users), n_candidates, resident)
             self.graph: torch.cuda.CUDAGraph | None = None

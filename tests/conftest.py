@@ -8,6 +8,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():  # run Triton kernels (cachestore.fused) under its CPU interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

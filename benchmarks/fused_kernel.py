@@ -1,0 +1,109 @@
+"""The fused collective-attention kernel alone (cachestore/fused.py) at the paper's serving shape.
+
+    python benchmarks/fused_kernel.py            # GPU with Triton -> benchmarks/results/fused_kernel.json
+
+For B = 512 users with full histories (L = 1000 and 50), d_a 256, 8 heads, d_u 1, pool 10,000: times
+``fused_attention`` (the kernel only: q given, packed batch already on the device) for each
+(BLOCK_L, num_warps, heads per program, pool dtype) in a small grid, with CUDA events after warm-up
+(median of --repeats), next to
+the eager unpack + poolscore / gather attention it replaces on the same batch (also attention only).
+Reports the bytes the kernel must read (user parts + indices from the batch, two dh-wide fp32 pool rows
+per behaviour and head, mostly L2 hits) and the effective rate; checks every configuration's output
+against the gather reference (max abs diff). The best fp32-pool configuration is what
+``fused_attention`` defaults to (fp16 pools round the pool rows: an opt-in).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.decode_latency import PAPER, collective_layout, machine, paper_model, synthetic_records, timed  # noqa: E402
+from cachestore.batch import HostBatcher  # noqa: E402
+from cachestore.decode import pool_score_attention  # noqa: E402
+from cachestore.fused import fused_attention  # noqa: E402
+from cachestore.transfer import to_device  # noqa: E402
+
+
+def bench_length(length: int, args: argparse.Namespace, device: torch.device) -> dict:
+    """Every (BLOCK_L, num_warps) and the eager attention paths at one history length."""
+    resident = paper_model(length, device)
+    layout = collective_layout(length, "0123456789abcdef")
+    host = HostBatcher(layout, pin=True, n_buffers=1).pack(
+        np.arange(args.users), synthetic_records(layout, args.users, length, seed=7))
+    dev, _ = to_device(host, device)
+    half = dev.unpack()
+    cache = dataclasses.replace(half, k_user=half.k_user.float(), v_user=half.v_user.float())  # as decode casts
+    torch.manual_seed(0)
+    q = torch.randn(args.users, 1, PAPER["d_attn"], device=device)  # (B, C=1, d_a)
+    heads, dh = PAPER["n_heads"], PAPER["d_attn"] // PAPER["n_heads"]
+    pool_bytes = args.users * length * heads * 2 * dh * 4  # two fp32 dh-wide pool slices per (behaviour, head)
+
+    def ms(fn) -> float:
+        return timed(fn, device, args.warmup, args.repeats)["median_ms"]
+
+    with torch.inference_mode():
+        want = resident.model.attend(q, cache)  # (B, 1, d_a): the gather reference
+        row = {"L": length, "B": args.users, "batch_bytes": host.used_bytes, "pool_row_bytes": pool_bytes,
+               "eager_unpack_ms": ms(dev.unpack),
+               "eager_gather_attention_ms": ms(lambda: resident.model.attend(q, cache)),
+               "eager_poolscore_attention_ms": ms(lambda: pool_score_attention(resident, q, cache))}
+        configs = []
+        grid = itertools.product([int(x) for x in args.blocks.split(",")], [int(x) for x in args.warps.split(",")],
+                                 [int(x) for x in args.heads.split(",")], args.pool_dtypes.split(","))
+        for block, warps, hpp, pool in grid:
+            def run(block: int = block, warps: int = warps, hpp: int = hpp, pool: str = pool) -> torch.Tensor:
+                return fused_attention(dev.raw, q, resident, layout, args.users, block_l=block, num_warps=warps,
+                                       heads_per_program=hpp, pool_dtype=getattr(torch, pool))
+            try:
+                diff = float((run() - want).abs().max())
+                t = timed(run, device, args.warmup, args.repeats)
+            except Exception as exc:  # e.g. out of registers/shared memory for a large tile
+                print(f"block {block} warps {warps} heads {hpp} {pool}: {exc!r}"[:300], flush=True)
+                continue
+            pool_read = pool_bytes // (1 if pool == "float32" else 2)
+            configs.append({"block_l": block, "num_warps": warps, "heads_per_program": hpp, "pool_dtype": pool,
+                            "median_ms": t["median_ms"], "p90_ms": t["p90_ms"], "max_abs_diff": diff,
+                            "pool_gb_per_s": pool_read / t["median_ms"] / 1e6})
+            print(f"L={length} B={args.users} block {block:4d} warps {warps} heads {hpp} {pool}: "
+                  f"{t['median_ms']:.4f} ms (diff {diff:.2e})", flush=True)
+    row["configs"] = configs
+    exact = [c for c in configs if c["pool_dtype"] == "float32"]
+    row["best_fp32_pools"] = min(exact, key=lambda c: c["median_ms"]) if exact else None
+    row["best_any_pools"] = min(configs, key=lambda c: c["median_ms"]) if configs else None
+    print(json.dumps({k: v for k, v in row.items() if k != "configs"}, indent=1), flush=True)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--users", type=int, default=512)
+    p.add_argument("--lengths", default="1000,50")
+    p.add_argument("--blocks", default="16,32,64")
+    p.add_argument("--warps", default="2,4,8")
+    p.add_argument("--heads", default="1,2,8", help="heads per program")
+    p.add_argument("--pool-dtypes", default="float32,float16")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fused_kernel.json")
+    args = p.parse_args()
+    device = torch.device("cuda")
+    rows = [bench_length(int(x), args, device) for x in args.lengths.split(",")]
+    out = {"benchmark": "fused_kernel", "machine": machine(device), "command": " ".join(sys.argv), "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""Fused collective target attention straight from the packed batch bytes (Triton; record format v1).
+
+The eager serving path (:func:`cachestore.transfer.unpack` + :func:`cachestore.decode.decode`) turns the
+jagged records into padded (B, L, ·) tensors, casts them, then either materialises K/V or scores the
+whole pool per user. At the paper's shape (B 512, L 1000, d_a 256, 8 heads, pool 10,000) that is
+~1 ms of GPU work even inside a CUDA graph, 10× the PCIe floor of the bytes it decodes. This module
+replaces unpack + attention with ONE kernel that reads the device copy of the packed batch as it is:
+
+    program (b·C + c, h) — user b, candidate c, head h; dh = d_a / H, cols = h·dh .. h·dh + dh - 1
+      record r = raw[offsets[b]:], n = lengths[b] (the batch header: int64 offsets (B,), lengths (B,))
+      payload = r[32:]: k_user (n, dk) | v_user (n, dv) | k_idx (n,) | v_idx (n,)   (cachestore.record)
+      for blocks of BLOCK_L behaviours l < n (online softmax, fp32 accumulation):
+          key_l = user_k[l, cols] (0 beyond dk) + P_k[k_idx[l], cols]   (pool rows zero in the user dims)
+          s_l   = q[b, c, cols] · key_l / sqrt(dh)
+          val_l = user_v[l, cols] (0 beyond dv) + P_v[v_idx[l], cols]
+      out[b, c, cols] = Σ softmax(s)_l val_l        (zeros when n == 0)
+
+so K/V = concat(user part, pool row) exactly as ``model.cache.rebuild_kv`` builds them, never written
+to memory: the kernel reads each behaviour's few user-part bytes and index from the batch and two
+dh-wide pool rows (the fp32 pools, 2 × pool × d_a × 4 bytes, stay in L2). Stored user parts are cast
+to fp32 on load (pool rows are never rounded); indices are read as 16-bit halves, so int32 indices
+need no 4-byte alignment. Without shared K/V (``mode`` full, or the unshared side) the user part is
+the whole d_a row. The plain-PyTorch reference is the eager path; ``tests/test_fused.py`` checks the
+two agree on CUDA, and under Triton's interpreter (``TRITON_INTERPRET=1``) on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from cachestore.decode import ResidentModel
+from cachestore.record import HEADER_SIZE, CacheLayout
+from cachestore.transfer import KV_TORCH
+
+try:  # Triton is optional: CUDA machines have it; CPU machines may run its interpreter
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where triton is absent
+    triton = None
+    tl = None
+
+KV_CODES = {"float16": 0, "bfloat16": 1, "float32": 2}
+IDX_BYTES = {None: 0, "uint16": 2, "int32": 4}
+
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read by triton.jit at import, as here
+
+
+def fused_available(device: torch.device | str) -> bool:
+    """True where the fused kernel can run on ``device``: Triton importable and a CUDA device, or
+    any device under Triton's interpreter (``TRITON_INTERPRET=1`` set before importing this module;
+    for tests: it loops to the store's max_len, masked, since it cannot loop to a loaded bound)."""
+    return triton is not None and (torch.device(device).type == "cuda" or INTERPRETED)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _load_idx(raw_ptr, base, ls, mask, IDX_BYTES: tl.constexpr):
+        """Router indices of behaviours ``ls`` from the index part starting at byte ``base``, read as
+        little-endian 16-bit halves (int32 indices need no 4-byte alignment); 0 where masked."""
+        half = (raw_ptr + base).to(tl.pointer_type(tl.int16))
+        lo = tl.load(half + ls * (IDX_BYTES // 2), mask=mask, other=0).to(tl.int32) & 0xFFFF
+        if IDX_BYTES == 4:
+            hi = tl.load(half + ls * 2 + 1, mask=mask, other=0).to(tl.int32)
+            lo = lo | (hi << 16)
+        return lo
+
+    @triton.jit
+    def _load_user(raw_ptr, base, ls, cols, lmask, WIDTH: tl.constexpr, KV_CODE: tl.constexpr):
+        """(BLOCK_L, W) fp32 user part of behaviours ``ls`` at columns ``cols`` (W,) (0 for cols >= WIDTH)."""
+        if KV_CODE == 0:
+            ptr = (raw_ptr + base).to(tl.pointer_type(tl.float16))
+        elif KV_CODE == 1:
+            ptr = (raw_ptr + base).to(tl.pointer_type(tl.bfloat16))
+        else:
+            ptr = (raw_ptr + base).to(tl.pointer_type(tl.float32))
+        mask = lmask[:, None] & (cols[None, :] < WIDTH)
+        return tl.load(ptr + ls[:, None] * WIDTH + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _attend_block(
+        raw_ptr, pool_k_ptr, pool_v_ptr, start, n, kidx_base, vidx_base, l0, q, cols, m_i, l_i, acc,
+        D_A: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+        K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, KV_CODE: tl.constexpr, KV_BYTES: tl.constexpr,
+        IDX_BYTES: tl.constexpr, BLOCK_L: tl.constexpr,
+    ):
+        """One online-softmax step of GH heads over behaviours l0 .. l0 + BLOCK_L - 1 (masked at l >= n).
+        q, cols: (GH·DH,); m_i, l_i: (GH,); acc: (GH, DH)."""
+        ls = l0 + tl.arange(0, BLOCK_L)  # (BLOCK_L,)
+        lmask = ls < n
+        key = _load_user(raw_ptr, start, ls, cols, lmask, DK, KV_CODE)  # (BLOCK_L, GH·DH)
+        if K_SHARED:
+            ik = _load_idx(raw_ptr, kidx_base, ls, lmask, IDX_BYTES)
+            key += tl.load(pool_k_ptr + ik[:, None] * D_A + cols[None, :], mask=lmask[:, None], other=0.0
+                           ).to(tl.float32)
+        s = tl.sum(tl.reshape(key * q[None, :], (BLOCK_L, GH, DH)), axis=2)  # (BLOCK_L, GH)
+        s = tl.where(lmask[:, None], s, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))  # (GH,)
+        m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)  # an all-masked block (static bound)
+        alpha = tl.exp(m_i - m_ref)  # (GH,)
+        p = tl.exp(s - m_ref[None, :])  # (BLOCK_L, GH), 0 at masked positions
+        val = _load_user(raw_ptr, start + n * DK * KV_BYTES, ls, cols, lmask, DV, KV_CODE)  # (BLOCK_L, GH·DH)
+        if V_SHARED:
+            iv = _load_idx(raw_ptr, vidx_base, ls, lmask, IDX_BYTES)
+            val += tl.load(pool_v_ptr + iv[:, None] * D_A + cols[None, :], mask=lmask[:, None], other=0.0
+                           ).to(tl.float32)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        pv = p[:, :, None] * tl.reshape(val, (BLOCK_L, GH, DH))  # (BLOCK_L, GH, DH)
+        acc = acc * alpha[:, None] + tl.sum(pv, axis=0)  # (GH, DH)
+        return m_new, l_i, acc
+
+    @triton.jit
+    def _collective_attention_kernel(
+        raw_ptr, header_ptr, q_ptr, pool_k_ptr, pool_v_ptr, out_ptr, n_users, n_cand, scale,
+        D_A: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+        K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, KV_CODE: tl.constexpr, KV_BYTES: tl.constexpr,
+        IDX_BYTES: tl.constexpr, HEADER: tl.constexpr, BLOCK_L: tl.constexpr, MAX_L: tl.constexpr,
+    ):
+        row = tl.program_id(0)  # b·C + c
+        group = tl.program_id(1)  # heads group·GH .. group·GH + GH - 1
+        b = row // n_cand
+        start = tl.load(header_ptr + b) + HEADER  # payload byte offset of user b's record
+        n = tl.load(header_ptr + n_users + b)  # behaviours of user b
+        kidx_base = start + n * (DK + DV) * KV_BYTES
+        vidx_base = kidx_base + n * (IDX_BYTES if K_SHARED else 0)
+        cols = group * GH * DH + tl.arange(0, GH * DH)  # (GH·DH,) this group's columns of d_a
+        q = tl.load(q_ptr + row * D_A + cols).to(tl.float32) * scale  # (GH·DH,)
+        m_i = tl.full([GH], -float("inf"), tl.float32)  # running max per head
+        l_i = tl.zeros([GH], dtype=tl.float32)  # running denominator per head
+        acc = tl.zeros([GH, DH], dtype=tl.float32)
+        if MAX_L > 0:  # Triton's CPU interpreter cannot loop to a loaded bound: static bound, masked
+            for l0 in range(0, MAX_L, BLOCK_L):
+                m_i, l_i, acc = _attend_block(
+                    raw_ptr, pool_k_ptr, pool_v_ptr, start, n, kidx_base, vidx_base, l0, q, cols, m_i, l_i, acc,
+                    D_A, GH, DH, DK, DV, K_SHARED, V_SHARED, KV_CODE, KV_BYTES, IDX_BYTES, BLOCK_L)
+        else:
+            for l0 in range(0, n, BLOCK_L):
+                m_i, l_i, acc = _attend_block(
+                    raw_ptr, pool_k_ptr, pool_v_ptr, start, n, kidx_base, vidx_base, l0, q, cols, m_i, l_i, acc,
+                    D_A, GH, DH, DK, DV, K_SHARED, V_SHARED, KV_CODE, KV_BYTES, IDX_BYTES, BLOCK_L)
+        out = acc / tl.maximum(l_i, 1e-30)[:, None]  # (GH, DH); l_i == 0 only when n == 0, where acc == 0
+        tl.store(out_ptr + row * D_A + cols, tl.reshape(out, (GH * DH,)))
+
+
+def padded_pools(resident: ResidentModel, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P_k, P_v) as (pool, d_a) rows zero in the user dims (the kernel adds the user part there), at
+    ``dtype`` (float32: the model's rows exactly; float16/bfloat16 halve the kernel's pool reads at the
+    cost of rounding the pool); a 1-row zero tensor for a side that is not shared. Cached per dtype."""
+    cache: dict = resident.__dict__.setdefault("_fused_pools", {})
+    if dtype not in cache:
+        def rows(per_head: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+            if per_head is None:
+                return torch.zeros(1, resident.cfg.d_attn, dtype=dtype, device=resident.device)
+            heads = per_head.permute(2, 0, 1) if transposed else per_head.permute(1, 0, 2)  # (M, H, dh)
+            return heads.reshape(heads.shape[0], -1).to(dtype).contiguous()  # (M, d_a)
+        cache[dtype] = (rows(resident.pool_k, True), rows(resident.pool_v, False))
+    return cache[dtype]
+
+
+def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel, layout: CacheLayout,
+                    n_users: int, *, block_l: int = 32, num_warps: int = 4, heads_per_program: int = 1,
+                    pool_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Target attention (B, C, d_a) fp32 of ``q`` (B, C, d_a) over the packed batch ``raw`` (uint8, on
+    q's device, header at 0: :mod:`cachestore.batch`) — the module docstring's kernel. Equals
+    ``decode``'s attention on ``unpack(raw, ...)`` up to fp32 summation order (with the default fp32
+    pools). Tuning: ``block_l`` behaviours per step, ``num_warps``, ``heads_per_program`` (a power of
+    two dividing H; more heads per program read each behaviour's index and user part once for all)."""
+    if triton is None:
+        raise RuntimeError("the fused decode needs Triton (pip install triton), or use the eager path")
+    if layout.layout_version != 1 or not isinstance(layout, CacheLayout):
+        raise ValueError("the fused decode reads record format v1 (din) batches only")
+    cfg = resident.cfg
+    b, c, d_a = q.shape
+    if b != n_users or d_a != cfg.d_attn:
+        raise ValueError(f"q {tuple(q.shape)} does not match {n_users} users × d_a {cfg.d_attn}")
+    heads = resident.n_heads
+    dh = d_a // heads
+    if dh & (dh - 1):
+        raise ValueError(f"the fused kernel needs a power-of-two head dim, got {dh}")
+    if (layout.k_shared and resident.pool_k is None) or (layout.v_shared and resident.pool_v is None):
+        raise ValueError("the store shares a K/V side the model has no pool for")
+    if heads % heads_per_program or heads_per_program & (heads_per_program - 1):
+        raise ValueError(f"heads_per_program must be a power of two dividing {heads}, got {heads_per_program}")
+    pool_k, pool_v = padded_pools(resident, pool_dtype)
+    q = q.float().contiguous()
+    out = torch.empty(b, c, d_a, dtype=torch.float32, device=q.device)  # (B, C, d_a)
+    if b * c == 0:
+        return out
+    _collective_attention_kernel[(b * c, heads // heads_per_program)](
+        raw, raw[: 16 * n_users].view(torch.int64), q, pool_k, pool_v, out, n_users, c, 1.0 / math.sqrt(dh),
+        D_A=d_a, GH=heads_per_program, DH=dh, DK=layout.dk, DV=layout.dv,
+        K_SHARED=layout.k_shared, V_SHARED=layout.v_shared,
+        KV_CODE=KV_CODES[layout.kv_dtype], KV_BYTES=KV_TORCH[layout.kv_dtype].itemsize,
+        IDX_BYTES=IDX_BYTES[layout.idx_dtype], HEADER=HEADER_SIZE, BLOCK_L=block_l,
+        MAX_L=max(1, layout.max_len) if INTERPRETED else 0, num_warps=num_warps,
+    )
+    return out
+
+
+def fused_decode(resident: ResidentModel, raw: torch.Tensor, layout: CacheLayout, n_users: int,
+                 targets: torch.Tensor) -> torch.Tensor:
+    """Logits of candidates ``targets`` (B,) or (B, C) against the packed batch ``raw`` on the resident
+    model's device: ``TargetAttentionCTR.decode`` with :func:`fused_attention` as its attention (no
+    unpack). Shape-static and free of host syncs (CUDA-graph capturable)."""
+    if targets.shape[0] != n_users:
+        raise ValueError(f"{targets.shape[0]} target rows for a batch of {n_users} users")
+    return resident.model.decode(
+        None, targets,  # type: ignore[arg-type]  (the attention below reads the batch, not a KVCache)
+        attention=lambda q, _: fused_attention(raw, q, resident, layout, n_users).to(q.dtype))

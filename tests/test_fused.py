@@ -1,0 +1,134 @@
+"""Fused collective target attention (cachestore/fused.py) against the eager unpack + decode.
+
+On a CUDA machine the Triton kernel runs compiled; on CPU it runs under Triton's interpreter
+(conftest sets TRITON_INTERPRET=1 when there is no GPU) wherever Triton is installed, and the
+tests skip where it is not. The reference is the plain gather path (concat(user part, pool rows),
+then ``model.attention.target_attention``)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cachestore.batch import HostBatcher
+from cachestore.fused import fused_attention, fused_available, fused_decode
+from cachestore.graphs import GraphedDecoder, batch_capacity, static_decode
+from tests.test_graphs import MODELS, SEQ, eager_logits, random_lengths, random_records, setup
+from tests.test_model import N_ITEMS
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not fused_available(DEVICE), reason="needs Triton (CUDA, or its CPU interpreter)")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def batch(name: str, kv_dtype: str, idx_dtype: str, n_users: int, seed: int, extra: int = 0):
+    """(resident on DEVICE, layout, host batch, device raw buffer with garbage past the batch)."""
+    rng = np.random.default_rng(seed)
+    resident, layout = setup(name, kv_dtype)
+    if layout.idx_dtype is not None:
+        layout = dataclasses.replace(layout, idx_dtype=idx_dtype)
+    resident = type(resident)(resident.model, DEVICE)
+    host = HostBatcher(layout, pin=False).pack(np.arange(n_users), random_records(layout, random_lengths(n_users, rng),
+                                                                                 rng))
+    raw = torch.from_numpy(rng.integers(0, 256, host.used_bytes + extra, dtype=np.uint8))
+    raw[: host.used_bytes] = host.tensor
+    return resident, layout, host, raw.to(DEVICE), rng
+
+
+@given(name=st.sampled_from(sorted(MODELS)), kv_dtype=st.sampled_from(["float32", "float16", "bfloat16"]),
+       idx_dtype=st.sampled_from(["uint16", "int32"]), n_users=st.integers(1, 7), n_cand=st.integers(1, 3),
+       seed=st.integers(0, 999))
+@settings(max_examples=25, deadline=None)
+def test_fused_decode_equals_eager(name: str, kv_dtype: str, idx_dtype: str, n_users: int, n_cand: int,
+                                   seed: int) -> None:
+    """Logits from the packed bytes == unpack + gather decode, for every store shape the runtime serves:
+    K+V shared, K only, V only, user dims spanning heads, full-KV store; lengths 0, 1, L, cold users;
+    int32 indices (read as 16-bit halves: no alignment assumption); garbage past the batch."""
+    resident, layout, host, raw, rng = batch(name, kv_dtype, idx_dtype, n_users, seed, extra=64)
+    cand = torch.from_numpy(rng.integers(0, N_ITEMS + 1, (n_users, n_cand))).to(DEVICE)
+    with torch.inference_mode():
+        got = fused_decode(resident, raw, layout, n_users, cand)
+        want = eager_logits(resident, host, cand, "gather")
+    assert got.shape == (n_users, n_cand) and torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_attention_of_empty_history_is_zero() -> None:
+    """A user with no behaviours (length 0 or cold start) attends to nothing: exactly zero, no NaN."""
+    resident, layout, host, raw, rng = batch("collective", "float16", "uint16", 4, seed=3)
+    q = torch.randn(4, 2, resident.cfg.d_attn, device=DEVICE)
+    with torch.inference_mode():
+        out = fused_attention(raw, q, resident, layout, 4)
+    assert torch.isfinite(out).all()
+    assert (out[0] == 0).all() and (out[3] == 0).all()  # random_lengths: user 0 has length 0, user 3 is cold
+    assert (out[1] != 0).any()  # user 1 has one behaviour
+
+
+def test_fused_refuses_what_it_cannot_read() -> None:
+    resident, layout, host, raw, _ = batch("collective", "float16", "uint16", 2, seed=0)
+    q = torch.randn(3, 1, resident.cfg.d_attn, device=DEVICE)
+    with pytest.raises(ValueError, match="does not match 2 users"):
+        fused_attention(raw, q, resident, layout, 2)
+    with pytest.raises(ValueError, match="target rows"):
+        fused_decode(resident, raw, layout, 2, torch.zeros(3, 1, dtype=torch.int64, device=DEVICE))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_static_decode_fused_path(name: str) -> None:
+    """The graphs' static body with path "fused" (reads the static buffer as is) == eager decode."""
+    resident, layout, host, _, rng = batch(name, "float16", "uint16", 5, seed=11)
+    capacity = batch_capacity(layout, 5, SEQ)
+    raw = torch.from_numpy(rng.integers(0, 256, capacity, dtype=np.uint8))
+    raw[: host.used_bytes] = host.tensor
+    cand = torch.from_numpy(rng.integers(0, N_ITEMS + 1, (5, 2))).to(DEVICE)
+    with torch.inference_mode():
+        got = static_decode(raw.to(DEVICE), cand, resident=resident, layout=layout, n_users=5, pad_to=SEQ,
+                            path="fused")
+        want = eager_logits(resident, host, cand, "gather")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_fused_graph_replay_on_cuda(name: str) -> None:
+    """A captured graph of the fused decode (copy + q + kernel + MLP) replays to the eager scores."""
+    resident, layout, host, _, rng = batch(name, "float16", "uint16", 6, seed=5)
+    graph = GraphedDecoder(resident, layout, n_users=6, pad_to=SEQ, n_candidates=2, path="fused")
+    cand = torch.from_numpy(rng.integers(0, N_ITEMS + 1, (6, 2))).to(DEVICE)
+    with torch.inference_mode():
+        got = graph.run(host, cand).clone()
+        want = eager_logits(resident, host, cand, "gather")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("heads_per_program", [1, 2, 4])
+@pytest.mark.parametrize("block_l", [2, 16])
+def test_fused_tuning_knobs_keep_the_result(name: str, heads_per_program: int, block_l: int) -> None:
+    """Every (heads per program, BLOCK_L) computes the same attention (blocks shorter and longer than L)."""
+    resident, layout, host, raw, rng = batch(name, "float16", "uint16", 6, seed=21)
+    q = torch.randn(6, 2, resident.cfg.d_attn, device=DEVICE)
+    with torch.inference_mode():
+        want = fused_attention(raw, q, resident, layout, 6)
+        got = fused_attention(raw, q, resident, layout, 6, heads_per_program=heads_per_program, block_l=block_l)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pool_dtype", [torch.float16, torch.bfloat16])
+def test_fused_half_precision_pools_are_close(pool_dtype: torch.dtype) -> None:
+    """Rounding the pools (half the kernel's pool reads) changes the attention by the pool's rounding only."""
+    resident, layout, host, raw, rng = batch("collective", "float16", "uint16", 6, seed=4)
+    q = torch.randn(6, 1, resident.cfg.d_attn, device=DEVICE)
+    with torch.inference_mode():
+        want = fused_attention(raw, q, resident, layout, 6)
+        got = fused_attention(raw, q, resident, layout, 6, pool_dtype=pool_dtype)
+    tol = 2e-3 if pool_dtype == torch.float16 else 2e-2
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="power of two dividing"):
+        fused_attention(raw, q, resident, layout, 6, heads_per_program=3)
