@@ -162,13 +162,15 @@ def padded_pools(resident: ResidentModel, dtype: torch.dtype = torch.float32) ->
 
 
 def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel, layout: CacheLayout,
-                    n_users: int, *, block_l: int = 32, num_warps: int = 4, heads_per_program: int = 1,
+                    n_users: int, *, block_l: int = 32, num_warps: int = 2, heads_per_program: int = 2,
                     pool_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Target attention (B, C, d_a) fp32 of ``q`` (B, C, d_a) over the packed batch ``raw`` (uint8, on
     q's device, header at 0: :mod:`cachestore.batch`) — the module docstring's kernel. Equals
     ``decode``'s attention on ``unpack(raw, ...)`` up to fp32 summation order (with the default fp32
     pools). Tuning: ``block_l`` behaviours per step, ``num_warps``, ``heads_per_program`` (a power of
-    two dividing H; more heads per program read each behaviour's index and user part once for all)."""
+    two dividing H; more heads per program read each behaviour's index and user part once for all).
+    The defaults are the fastest fp32-pool setting of ``benchmarks/fused_kernel.py`` on an H100
+    (B 512, L 1000: ``benchmarks/results/fused_kernel.json``)."""
     if triton is None:
         raise RuntimeError("the fused decode needs Triton (pip install triton), or use the eager path")
     if layout.layout_version != 1 or not isinstance(layout, CacheLayout):
