@@ -38,7 +38,8 @@ import torch
 from cachestore.batch import HostBatcher, is_entry_layout
 from cachestore.decode import PATHS, ResidentModel, ResidentZooModel, decode, decode_zoo, entry_cache
 from cachestore.entry import entry_layout
-from cachestore.graphs import GraphedDecoder
+from cachestore.fused import fused_available, fused_decode
+from cachestore.graphs import FUSED, GraphedDecoder
 from cachestore.record import LayoutError, ModelVersionMismatchError
 from cachestore.transfer import to_device
 from model.ctr import TargetAttentionCTR
@@ -158,7 +159,8 @@ class DecodeRuntime:
     model / model_version: the checkpoint (``pipeline.checkpoint.load_checkpoint``; any arch whose
     store format the reader's layout is, see the module docstring); the model is moved to ``device``.
     reader: a :class:`cachestore.reader.StoreReader` of the store version to serve. path: "auto" |
-    "poolscore" | "gather" (:mod:`cachestore.decode`; a zoo model always decodes with its own
+    "fused" | "poolscore" | "gather" (:mod:`cachestore.decode`; "auto" on CUDA with Triton and a v1 din
+    store is "fused", :mod:`cachestore.fused`; a zoo model always decodes with its own
     attention: "auto" and "gather" are accepted, "poolscore" is refused). batch_users: users per
     fetch/transfer/decode step. max_pairs: at most this many (user, candidate) pairs per step (rows
     are grouped by candidate count; each step is trimmed to its widest row). pad_to: pad every batch
@@ -174,8 +176,8 @@ class DecodeRuntime:
                  device: torch.device | str | None = None, path: str = "auto", batch_users: int = 512,
                  n_buffers: int = 2, verify_crc: bool = False, pad_to: int | None = None,
                  pin: bool | None = None, max_pairs: int = 8192, graphs: bool = False) -> None:
-        if path not in PATHS:
-            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        if path not in (*PATHS, FUSED):
+            raise ValueError(f"path must be one of {(*PATHS, FUSED)}, got {path!r}")
         if batch_users < 1:
             raise ValueError("batch_users must be >= 1")
         layout = reader.layout
@@ -198,6 +200,12 @@ class DecodeRuntime:
         self.reader = reader
         self.layout = layout
         self.path = path
+        # v1 din stores on CUDA with Triton: "auto" (and "fused") decode with cachestore.fused
+        self.fused = (not self.entry and not self.zoo and (path == FUSED or (
+            path == "auto" and self.device.type == "cuda" and fused_available(self.device))))
+        if path == FUSED and not (self.fused and fused_available(self.device)):
+            raise ValueError(f"path 'fused' needs a record format v1 (din) store and Triton on a CUDA device "
+                             f"(device {self.device})")
         self.batch_users = batch_users
         self.pad_to = pad_to
         self.graph_len = pad_to or max(1, layout.max_len)  # L of the graphs
@@ -302,6 +310,8 @@ class DecodeRuntime:
                 logits = decode_zoo(self.resident, cache, targets)
             else:  # a din cache in a v2 store: its one group through the din decode paths
                 logits = decode(self.resident, cache.kv["kv"], targets, self.path)
+        elif self.fused:  # the Triton kernel reads the device batch as it is (no unpack)
+            logits = fused_decode(self.resident, dev.raw, self.layout, n, targets)
         else:
             logits = decode(self.resident, dev.unpack(self.pad_to), targets, self.path)
         if cuda:

@@ -18,7 +18,9 @@ from hypothesis import strategies as st
 from cachestore.batch import HostBatcher
 from cachestore.fused import fused_attention, fused_available, fused_decode
 from cachestore.graphs import GraphedDecoder, batch_capacity, static_decode
-from tests.test_graphs import MODELS, SEQ, eager_logits, random_lengths, random_records, setup
+from cachestore.runtime import DecodeRuntime
+from tests.test_graphs import MODELS, SEQ, VERSION, eager_logits, random_lengths, random_records, request, setup
+from tests.test_graphs import store as store  # noqa: F401  (the module-scoped LMDB store fixture)
 from tests.test_model import N_ITEMS
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -132,3 +134,17 @@ def test_fused_half_precision_pools_are_close(pool_dtype: torch.dtype) -> None:
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     with pytest.raises(ValueError, match="power of two dividing"):
         fused_attention(raw, q, resident, layout, 6, heads_per_program=3)
+
+
+def test_runtime_fused_path_scores_like_gather(store: dict) -> None:
+    """DecodeRuntime(path="fused") over a real LMDB store (cold and repeated users, 1-3 candidates per
+    row) == the gather path; "auto" picks fused on CUDA only."""
+    model, reader = store["model"], store["reader"]
+    ids, cand, n_cand = request(3)
+    want = DecodeRuntime(model, VERSION, reader, device=DEVICE, path="gather", batch_users=4).score(ids, cand, n_cand)
+    rt = DecodeRuntime(model, VERSION, reader, device=DEVICE, path="fused", batch_users=4)
+    got = rt.score(ids, cand, n_cand)
+    np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)  # NaN where padding
+    assert got.cold_start.tolist() == want.cold_start.tolist() and rt.fused
+    auto = DecodeRuntime(model, VERSION, reader, device=DEVICE, batch_users=4)
+    assert auto.fused == (DEVICE == "cuda")
