@@ -113,8 +113,9 @@ def group_requests(users: np.ndarray, items: np.ndarray, max_candidates: int):
 @click.option("--user-col", default="user_id", show_default=True)
 @click.option("--item-col", default="item_id", show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:n]")
-@click.option("--path", "decode_path", type=click.Choice(["auto", "poolscore", "gather"]), default="auto",
-              show_default=True, help="attention over the collective part (cachestore/decode.py; din only)")
+@click.option("--path", "decode_path", type=click.Choice(["auto", "fused", "poolscore", "gather"]), default="auto",
+              show_default=True, help="attention over the collective part (cachestore/decode.py, cachestore/fused.py; "
+                                      "din only; auto = fused on CUDA with Triton)")
 @click.option("--batch-users", default=512, show_default=True)
 @click.option("--max-candidates", default=256, show_default=True, help="candidates per user slot")
 @click.option("--chunk-rows", default=1 << 16, show_default=True, help="request rows read at a time")
