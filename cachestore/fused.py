@@ -6,7 +6,8 @@ whole pool per user. At the paper's shape (B 512, L 1000, d_a 256, 8 heads, pool
 ~1 ms of GPU work even inside a CUDA graph, 10× the PCIe floor of the bytes it decodes. This module
 replaces unpack + attention with ONE kernel that reads the device copy of the packed batch as it is:
 
-    program (b·C + c, h) — user b, candidate c, head h; dh = d_a / H, cols = h·dh .. h·dh + dh - 1
+    program (b·C + c, g) — user b, candidate c, heads g·GH .. g·GH + GH - 1 (GH = heads_per_program);
+      for each of its heads h: dh = d_a / H, cols = h·dh .. h·dh + dh - 1
       record r = raw[offsets[b]:], n = lengths[b] (the batch header: int64 offsets (B,), lengths (B,))
       payload = r[32:]: k_user (n, dk) | v_user (n, dv) | k_idx (n,) | v_idx (n,)   (cachestore.record)
       for blocks of BLOCK_L behaviours l < n (online softmax, fp32 accumulation):
@@ -22,6 +23,9 @@ to fp32 on load (pool rows are never rounded); indices are read as 16-bit halves
 need no 4-byte alignment. Without shared K/V (``mode`` full, or the unshared side) the user part is
 the whole d_a row. The plain-PyTorch reference is the eager path; ``tests/test_fused.py`` checks the
 two agree on CUDA, and under Triton's interpreter (``TRITON_INTERPRET=1``) on CPU.
+
+Measured on an H100 (``benchmarks/decode_latency.py``, B 512, L 1000): one copy + a CUDA-graph replay
+of q projection + this kernel + MLP takes 0.366 ms against 1.25 ms for the graph over unpack + poolscore.
 """
 
 from __future__ import annotations
