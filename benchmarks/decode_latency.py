@@ -22,6 +22,8 @@ after warm-up; perf_counter on CPU):
       c_fused: one copy → the fused Triton kernel over the packed records (cachestore.fused; no unpack);
       c_graph: the same batch copied into the static buffer of a CUDA graph that holds the decode
       (cachestore.graphs.GraphedDecoder, --graph-path, default auto = fused), one copy + one replay;
+      c_graph_chunked: the fused graph in --chunks user groups, each group's copy (side stream)
+      overlapping the previous group's replay (GraphedDecoder(chunks=...));
       its scores are checked against c_poolscore once per (B, L) (the CPU dry run checks the eager
       static path and times nothing; a mismatch is recorded and makes the script exit 1 at the end).
 
@@ -269,6 +271,27 @@ def bench_graph(row: dict, resident: ResidentModel, layout: CacheLayout, host, t
     except Exception as exc:  # a capture failure must not lose the other numbers
         row["c_graph"] = {"error": repr(exc)[:500]}
         print(f"L={length} B={b}: c_graph failed: {row['c_graph']['error']}", flush=True)
+    if device.type == "cuda" and row.get("c_graph_path") == "fused" and args.chunks > 1 and b % args.chunks == 0 \
+            and b >= 8 * args.chunks:
+        bench_chunked(row, resident, layout, host, targets, want, args, device)
+
+
+def bench_chunked(row: dict, resident: ResidentModel, layout: CacheLayout, host, targets: torch.Tensor,
+                  want: torch.Tensor, args: argparse.Namespace, device: torch.device) -> None:
+    """c_graph_chunked: the fused graph split into --chunks user groups, each group's copy on a side
+    stream overlapping the previous group's replay (GraphedDecoder(chunks=...)); scores checked."""
+    try:
+        graph = GraphedDecoder(resident, layout, n_users=targets.shape[0], pad_to=row["L"],
+                               n_candidates=targets.shape[1], path="fused", chunks=args.chunks)
+        got = graph.run(host, targets).clone()
+        if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+            row["c_graph_chunked"] = {"error": f"scores differ (max abs diff {float((got - want).abs().max()):.3g})"}
+            return
+        row["c_graph_chunked"] = {**timed(lambda: graph.run(host), device, args.warmup, args.repeats),
+                                  "chunks": args.chunks}
+    except Exception as exc:
+        row["c_graph_chunked"] = {"error": repr(exc)[:500]}
+        print(f"c_graph_chunked failed: {row['c_graph_chunked']['error']}", flush=True)
 
 
 def bench_length(resident: ResidentModel, length: int, batch_sizes: list[int], args: argparse.Namespace,
@@ -387,7 +410,9 @@ def plot(result: dict, path: Path) -> None:
               ("c_poolscore", "(c) CollectiveKV, poolscore", "C2", "-"),
               ("c_gather", "(c) CollectiveKV, gather", "C3", "--"),
               ("c_poolscore_compiled", "(c) poolscore, compiled", "C4", ":"),
-              ("c_graph", "(c) CollectiveKV, CUDA graph", "C5", "-")]
+              ("c_fused", "(c) fused kernel, eager", "C6", "--"),
+              ("c_graph", "(c) fused kernel, CUDA graph", "C5", "-"),
+              ("c_graph_chunked", "(c) fused graph, copy overlapped", "C8", "-")]
     for ax, length in zip(axes, lengths, strict=False):
         rows = [r for r in result["rows"] if r["L"] == length]
         bs = [r["B"] for r in rows]
@@ -430,6 +455,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--compile", action="store_true", help="also time torch.compile(decode) on the poolscore path")
     p.add_argument("--compile-mode", default="max-autotune-no-cudagraphs")
+    p.add_argument("--chunks", type=int, default=4, help="c_graph_chunked: user groups whose copies overlap the "
+                   "decode (fused path on CUDA; B >= 8·chunks)")
     p.add_argument("--graph-path", choices=["auto", "fused", "poolscore", "gather"], default="auto",
                    help="attention path captured in the c_graph CUDA graph (auto: fused on CUDA with Triton, "
                         "else choose_path for the shape)")

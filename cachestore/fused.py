@@ -119,14 +119,14 @@ if triton is not None:
 
     @triton.jit
     def _collective_attention_kernel(
-        raw_ptr, header_ptr, q_ptr, pool_k_ptr, pool_v_ptr, out_ptr, n_users, n_cand, scale,
+        raw_ptr, header_ptr, q_ptr, pool_k_ptr, pool_v_ptr, out_ptr, n_users, user0, n_cand, scale,
         D_A: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
         K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, KV_CODE: tl.constexpr, KV_BYTES: tl.constexpr,
         IDX_BYTES: tl.constexpr, HEADER: tl.constexpr, BLOCK_L: tl.constexpr, MAX_L: tl.constexpr,
     ):
-        row = tl.program_id(0)  # b·C + c
+        row = tl.program_id(0)  # (b - user0)·C + c: rows of q and out
         group = tl.program_id(1)  # heads group·GH .. group·GH + GH - 1
-        b = row // n_cand
+        b = user0 + row // n_cand  # the user in the batch
         start = tl.load(header_ptr + b) + HEADER  # payload byte offset of user b's record
         n = tl.load(header_ptr + n_users + b)  # behaviours of user b
         kidx_base = start + n * (DK + DV) * KV_BYTES
@@ -166,10 +166,11 @@ def padded_pools(resident: ResidentModel, dtype: torch.dtype = torch.float32) ->
 
 
 def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel, layout: CacheLayout,
-                    n_users: int, *, block_l: int = 32, num_warps: int = 2, heads_per_program: int = 2,
+                    n_users: int, *, user0: int = 0, block_l: int = 32, num_warps: int = 2, heads_per_program: int = 2,
                     pool_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Target attention (B, C, d_a) fp32 of ``q`` (B, C, d_a) over the packed batch ``raw`` (uint8, on
-    q's device, header at 0: :mod:`cachestore.batch`) — the module docstring's kernel. Equals
+    """Target attention (b, C, d_a) fp32 of ``q`` (b, C, d_a) for users ``user0 .. user0 + b - 1`` of the
+    packed batch ``raw`` of ``n_users`` users (uint8, on q's device, header at 0: :mod:`cachestore.batch`;
+    only those users' records need to be there yet) — the module docstring's kernel. Equals
     ``decode``'s attention on ``unpack(raw, ...)`` up to fp32 summation order (with the default fp32
     pools). Tuning: ``block_l`` behaviours per step, ``num_warps``, ``heads_per_program`` (a power of
     two dividing H; more heads per program read each behaviour's index and user part once for all).
@@ -181,8 +182,8 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
         raise ValueError("the fused decode reads record format v1 (din) batches only")
     cfg = resident.cfg
     b, c, d_a = q.shape
-    if b != n_users or d_a != cfg.d_attn:
-        raise ValueError(f"q {tuple(q.shape)} does not match {n_users} users × d_a {cfg.d_attn}")
+    if user0 < 0 or user0 + b > n_users or d_a != cfg.d_attn:
+        raise ValueError(f"q {tuple(q.shape)} does not match users {user0}.. of {n_users} × d_a {cfg.d_attn}")
     heads = resident.n_heads
     dh = d_a // heads
     if dh & (dh - 1):
@@ -197,7 +198,7 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
     if b * c == 0:
         return out
     _collective_attention_kernel[(b * c, heads // heads_per_program)](
-        raw, raw[: 16 * n_users].view(torch.int64), q, pool_k, pool_v, out, n_users, c, 1.0 / math.sqrt(dh),
+        raw, raw[: 16 * n_users].view(torch.int64), q, pool_k, pool_v, out, n_users, user0, c, 1.0 / math.sqrt(dh),
         D_A=d_a, GH=heads_per_program, DH=dh, DK=layout.dk, DV=layout.dv,
         K_SHARED=layout.k_shared, V_SHARED=layout.v_shared,
         KV_CODE=KV_CODES[layout.kv_dtype], KV_BYTES=KV_TORCH[layout.kv_dtype].itemsize,
@@ -208,12 +209,13 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
 
 
 def fused_decode(resident: ResidentModel, raw: torch.Tensor, layout: CacheLayout, n_users: int,
-                 targets: torch.Tensor) -> torch.Tensor:
-    """Logits of candidates ``targets`` (B,) or (B, C) against the packed batch ``raw`` on the resident
-    model's device: ``TargetAttentionCTR.decode`` with :func:`fused_attention` as its attention (no
-    unpack). Shape-static and free of host syncs (CUDA-graph capturable)."""
-    if targets.shape[0] != n_users:
-        raise ValueError(f"{targets.shape[0]} target rows for a batch of {n_users} users")
+                 targets: torch.Tensor, user0: int = 0) -> torch.Tensor:
+    """Logits of candidates ``targets`` (b,) or (b, C) of users ``user0 .. user0 + b - 1`` (default: all
+    ``n_users``) against the packed batch ``raw`` on the resident model's device:
+    ``TargetAttentionCTR.decode`` with :func:`fused_attention` as its attention (no unpack).
+    Shape-static and free of host syncs (CUDA-graph capturable)."""
+    if user0 < 0 or user0 + targets.shape[0] > n_users:
+        raise ValueError(f"{targets.shape[0]} target rows for users {user0}.. of a batch of {n_users} users")
     return resident.model.decode(
         None, targets,  # type: ignore[arg-type]  (the attention below reads the batch, not a KVCache)
-        attention=lambda q, _: fused_attention(raw, q, resident, layout, n_users).to(q.dtype))
+        attention=lambda q, _: fused_attention(raw, q, resident, layout, n_users, user0=user0).to(q.dtype))

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from cachestore.batch import HostBatcher
 from cachestore.fused import fused_attention, fused_available, fused_decode
-from cachestore.graphs import GraphedDecoder, batch_capacity, static_decode
+from cachestore.graphs import GraphedDecoder, batch_capacity, chunk_bounds, static_decode
 from cachestore.runtime import DecodeRuntime
 from tests.test_graphs import MODELS, SEQ, VERSION, eager_logits, random_lengths, random_records, request, setup
 from tests.test_graphs import store as store  # noqa: F401  (the module-scoped LMDB store fixture)
@@ -74,7 +74,7 @@ def test_fused_attention_of_empty_history_is_zero() -> None:
 def test_fused_refuses_what_it_cannot_read() -> None:
     resident, layout, host, raw, _ = batch("collective", "float16", "uint16", 2, seed=0)
     q = torch.randn(3, 1, resident.cfg.d_attn, device=DEVICE)
-    with pytest.raises(ValueError, match="does not match 2 users"):
+    with pytest.raises(ValueError, match="does not match users 0.. of 2"):
         fused_attention(raw, q, resident, layout, 2)
     with pytest.raises(ValueError, match="target rows"):
         fused_decode(resident, raw, layout, 2, torch.zeros(3, 1, dtype=torch.int64, device=DEVICE))
@@ -98,10 +98,12 @@ def test_static_decode_fused_path(name: str) -> None:
 @cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_fused_graph_replay_on_cuda(name: str) -> None:
-    """A captured graph of the fused decode (copy + q + kernel + MLP) replays to the eager scores."""
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_fused_graph_replay_on_cuda(name: str, chunks: int) -> None:
+    """A captured graph of the fused decode (copy + q + kernel + MLP) replays to the eager scores; with
+    chunks, the pipelined copies on a side stream + per-chunk replays too."""
     resident, layout, host, _, rng = batch(name, "float16", "uint16", 6, seed=5)
-    graph = GraphedDecoder(resident, layout, n_users=6, pad_to=SEQ, n_candidates=2, path="fused")
+    graph = GraphedDecoder(resident, layout, n_users=6, pad_to=SEQ, n_candidates=2, path="fused", chunks=chunks)
     cand = torch.from_numpy(rng.integers(0, N_ITEMS + 1, (6, 2))).to(DEVICE)
     with torch.inference_mode():
         got = graph.run(host, cand).clone()
@@ -148,3 +150,31 @@ def test_runtime_fused_path_scores_like_gather(store: dict) -> None:
     assert got.cold_start.tolist() == want.cold_start.tolist() and rt.fused
     auto = DecodeRuntime(model, VERSION, reader, device=DEVICE, batch_users=4)
     assert auto.fused == (DEVICE == "cuda")
+
+
+@pytest.mark.parametrize("name", ["collective", "share_v_only", "full_store"])
+@pytest.mark.parametrize("chunks", [2, 3])
+def test_chunked_decoder_equals_whole(name: str, chunks: int) -> None:
+    """chunks > 1 (copy of chunk k+1 overlapping the decode of chunk k on a GPU): per-chunk fused decodes
+    over the byte ranges of chunk_bounds == the eager decode of the whole batch; the ranges tile the
+    batch and each holds its users' records (cold users, short and long records mixed)."""
+    resident, layout, host, _, rng = batch(name, "float16", "uint16", 6, seed=8)
+    bounds = chunk_bounds(host, chunks)
+    assert bounds[0][0] == 0 and bounds[-1][1] == host.used_bytes
+    assert all(a[1] == b[0] and a[0] <= a[1] for a, b in zip(bounds, bounds[1:], strict=False))
+    m = 6 // chunks
+    for u in range(6):
+        if host.present[u]:
+            lo, hi = bounds[u // m]
+            assert lo <= host.offsets[u] and host.offsets[u] + layout.record_size(int(host.lengths[u])) <= hi
+    cand = torch.from_numpy(rng.integers(0, N_ITEMS + 1, (6, 2))).to(DEVICE)
+    dec = GraphedDecoder(resident, layout, n_users=6, pad_to=SEQ, n_candidates=2, path="fused", chunks=chunks,
+                         eager=True)
+    with torch.inference_mode():
+        got = dec.run(host, cand).clone()
+        want = eager_logits(resident, host, cand, "gather")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="chunks must divide"):
+        GraphedDecoder(resident, layout, n_users=6, pad_to=SEQ, path="fused", chunks=4, eager=True)
+    with pytest.raises(ValueError, match="needs path 'fused'"):
+        GraphedDecoder(resident, layout, n_users=6, pad_to=SEQ, path="gather", chunks=2, eager=True)
