@@ -7,6 +7,7 @@ dataset, by default the bundled MovieLens. Thin shell over :mod:`pipeline.zoo_ev
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,12 @@ def bundled_dataset(path: Path) -> Path:
 @click.option("--patience", default=1, show_default=True, help="early stopping on validation GAUC")
 @click.option("--batch-size", default=1024, show_default=True)
 @click.option("--lr", default=1e-3, show_default=True)
+@click.option("--weight-decay", default=0.0, show_default=True, help="Adam L2 weight decay, every run")
+@click.option("--dropout", default=0.0, show_default=True, help="dropout of the MLP head, every run")
+@click.option("--peak-weight", default=0.01, show_default=True,
+              help="router peak-loss weight of the collective runs (Table 3 varies it itself)")
+@click.option("--balance-weight", default=1.0, show_default=True,
+              help="router load-balance-loss weight of the collective runs (Table 3 varies it itself)")
 @click.option("--auto-eps", default=0.05, show_default=True, help="d_u auto: held-out energy left to the pool")
 @click.option("--cr-budget", default=0.01, show_default=True, help="d_u auto: largest CR allowed")
 @click.option("--progress/--no-progress", default=False)
@@ -109,6 +116,7 @@ def eval_cmd(data_dir: str | None, out: str | None, quick: bool, device: str, re
         epochs=kw["epochs"],
         batch_size=kw["batch_size"],
         lr=kw["lr"],
+        weight_decay=kw["weight_decay"],
         patience=kw["patience"],
         device=device,
         progress=kw["progress"],
@@ -151,6 +159,9 @@ def eval_cmd(data_dir: str | None, out: str | None, quick: bool, device: str, re
                 pools=_ints(kw["pools"]),
                 **common,
             )
+        base = settings.base  # regularisation and router-loss weights of every run (quick ones too)
+        settings = replace(settings, base=replace(base, dropout=kw["dropout"], collective=replace(
+            base.collective, peak_weight=kw["peak_weight"], balance_weight=kw["balance_weight"])))
         out_dir = Path(out or ("runs/eval_quick" if quick else "benchmarks/results/zoo_movielens"))
         data = Path(data_dir) if data_dir else bundled_dataset(Path("runs/movielens_data"))
         click.echo(

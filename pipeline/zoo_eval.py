@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from model.config import ModelConfig, config_to_dict
+from model.config import CollectiveConfig, ModelConfig, config_to_dict
 from model.zoo import PAPER_MODELS
 from pipeline.trainer import TrainConfig
 from pipeline.zoo_eval_report import markdown, plot_sweep, summarise
@@ -68,7 +68,6 @@ class EvalSettings:
 
 def quick_settings(train: TrainConfig, **kw: Any) -> EvalSettings:
     """Tiny dims, one epoch, one seed and a subset of the sweeps: a CPU smoke run of every section."""
-    from model.config import CollectiveConfig
 
     base = ModelConfig(
         n_items=1,
@@ -128,6 +127,7 @@ def plan_rows(s: EvalSettings) -> list[Row]:
             ("+all losses", None, None),
         ):
             c = coll.collective
+            on = CollectiveConfig()  # the paper's weights where the base switches a loss off
             rows.append(
                 Row(
                     "table3",
@@ -137,8 +137,8 @@ def plan_rows(s: EvalSettings) -> list[Row]:
                         coll,
                         collective=replace(
                             c,
-                            peak_weight=c.peak_weight if peak is None else peak,
-                            balance_weight=c.balance_weight if bal is None else bal,
+                            peak_weight=(c.peak_weight or on.peak_weight) if peak is None else peak,
+                            balance_weight=(c.balance_weight or on.balance_weight) if bal is None else bal,
                         ),
                     ),
                 )

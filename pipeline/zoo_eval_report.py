@@ -93,6 +93,16 @@ def _seeds(e: dict[str, Any], n_seeds: int) -> str:
     return "" if len(e["seeds"]) == n_seeds else f" (n={len(e['seeds'])})"
 
 
+def _training_line(st: dict[str, Any]) -> str:
+    """Training settings every run shares (records of older versions may lack some keys)."""
+    tr, base = st.get("train", {}), st.get("base", {})
+    col = base.get("collective", {})
+    return (f"Training: ≤ {tr.get('epochs')} epochs, patience {tr.get('patience')}, lr {tr.get('lr')}, "
+            f"batch {tr.get('batch_size')}, weight decay {tr.get('weight_decay', 0.0)}, MLP dropout "
+            f"{base.get('dropout', 0.0)}; collective runs: pool {col.get('pool_size')}, router loss weights "
+            f"peak {col.get('peak_weight')} / balance {col.get('balance_weight')} (Table 3 varies them).")
+
+
 def markdown(res: dict[str, Any]) -> str:
     sec = res["sections"]
     st = res["settings"]
@@ -105,6 +115,8 @@ def markdown(res: dict[str, Any]) -> str:
         "CR = cache entry bytes ÷ the full model's fp32 K/V bytes for a user with a full window "
         "(collective: fp16 user parts + uint16 router indices + retrieval keys)."
         + (f" Samples: a random {st['sample_fraction']:.0%} of each split." if st["sample_fraction"] < 1 else ""),
+        "",
+        _training_line(st),
         "",
     ]
     if "table1" in sec:

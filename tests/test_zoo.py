@@ -492,3 +492,31 @@ def test_ckv_eval_quick_writes_tables_plots_and_resumes(tiny_dataset: Path, tmp_
     md = (out / "results.md").read_text()
     assert "| HSTU | collective | | pending (not run yet)" in md and "- table1: hstu collective" in md
     assert json.loads((out / "results.json").read_text())["pending"] == ["table1: hstu collective"]
+
+
+def test_eval_regularisation_options_reach_every_run_and_table3_keeps_the_paper_weights() -> None:
+    """`ckv eval --dropout --weight-decay --peak-weight --balance-weight`: every planned run carries them
+    (new run ids, so earlier results are not reused for other settings); Table 3's "+loss" rows still
+    switch a loss on at the paper's weight when the base has it off."""
+    from pipeline.trainer import TrainConfig
+    from pipeline.zoo_eval import EvalSettings, plan_rows
+    from pipeline.zoo_eval_runs import run_id
+
+    base = ModelConfig(n_items=50, embed_dim=16, d_attn=32, n_heads=2, max_len=10, long_len=40, topk=5,
+                       collective=CollectiveConfig(d_user=1, pool_size=64))
+    plain = EvalSettings(base=base, train=TrainConfig(), sections=("table1", "table3"), models=("sim",))
+    reg = dataclasses.replace(
+        plain, train=TrainConfig(weight_decay=1e-5),
+        base=dataclasses.replace(base, dropout=0.3,
+                                 collective=dataclasses.replace(base.collective, balance_weight=0.0)))
+    rows = {(r.section, r.label): r.cfg for r in plan_rows(reg)}
+    coll = rows[("table1", "collective")]
+    assert coll.dropout == 0.3 and coll.collective.balance_weight == 0.0 and coll.collective.peak_weight == 0.01
+    assert rows[("table1", "full")].dropout == 0.3
+    assert rows[("table3", "+balance loss")].collective.balance_weight == 1.0
+    assert rows[("table3", "+all losses")].collective.balance_weight == 1.0
+    assert rows[("table3", "CollectiveKV (no router losses)")].collective.peak_weight == 0.0
+    old = {(r.section, r.label): r.cfg for r in plan_rows(plain)}
+    assert run_id(coll, 0, reg.train) != run_id(old[("table1", "collective")], 0, plain.train)
+    assert run_id(old[("table3", "+all losses")], 0, plain.train) == run_id(old[("table1", "collective")], 0,
+                                                                            plain.train)  # shared as before
