@@ -3,14 +3,17 @@
 # Runs on the device machine (torch, numpy, pyarrow, pandas, safetensors, click, matplotlib, pytest,
 # hypothesis present; lmdb carried as a wheel in .whl/, see the device README; no Spark, no Java).
 #
-#   step "bench" (~5 min):  pytest -m cuda; prefill per-partition function on CUDA (issue 3);
-#                           decode latency Table 2 (issue 4), with and without torch.compile
+#   step "bench" (~5 min):  the CUDA tests (cuda-marked + the fused kernel's); decode latency Table 2
+#                           (issue 4: eager, compiled, fused, CUDA graph, chunked graph); the fused
+#                           kernel's tuning sweep; BENCH_PREFILL=1 also re-times the prefill function
 #   step "eval"  (resumable, rerun until it prints "eval complete"): `ckv eval --device cuda --workers 3`
 #                           (issue 5; every finished run is kept under benchmarks/results/zoo_movielens/runs)
 #
 # Usage there (one `run` call per step, carry [".whl"] and for "eval" also the previous zoo_movielens):
 #   bash benchmarks/gpu_session.sh bench
 #   bash benchmarks/gpu_session.sh eval [SECONDS]      (then locally: ckv eval --report-only)
+#   EVAL_OUT=zoo_movielens_regularised EVAL_ARGS="--sections table1 --dropout 0.3 --balance-weight 0 \
+#       --pool-size 2000" bash benchmarks/gpu_session.sh eval 560    (a second evaluation, its own folder)
 # Results land in benchmarks/results/ and are copied to $OUT (≤ 8 files come back per call).
 set -uo pipefail
 step=${1:?usage: gpu_session.sh bench|eval [seconds]}
@@ -26,21 +29,29 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.versio
 
 case $step in
 bench)
-    python3 -m pytest -q -m cuda -p no:cacheprovider $(grep -l "mark.cuda" tests/test_*.py) 2>&1 | tail -15 | tee "$OUT/pytest_cuda.txt"
-    timeout 150 python3 benchmarks/prefill.py --gpu-only --users 50000 \
-        --out benchmarks/results/prefill_gpu.json 2>&1 | tail -20
+    python3 -m pytest -q -p no:cacheprovider tests/test_fused.py $(grep -l "mark.cuda" tests/test_*.py) \
+        > "$OUT/pytest_cuda.txt" 2>&1; echo "pytest rc=$?" | tee -a "$OUT/pytest_cuda.txt"
+    grep -E "^(FAILED|ERROR)" "$OUT/pytest_cuda.txt" | head -20
+    if [ -n "${BENCH_PREFILL:-}" ]; then
+        timeout 150 python3 benchmarks/prefill.py --gpu-only --users 50000 \
+            --out benchmarks/results/prefill_gpu.json 2>&1 | tail -20
+    fi
     timeout 400 python3 benchmarks/decode_latency.py --compile --out benchmarks/results/decode_latency.json 2>&1 | tail -40
-    cp benchmarks/results/prefill_gpu.json benchmarks/results/decode_latency.json \
+    timeout 120 python3 benchmarks/fused_kernel.py --lengths 1000 2>&1 | grep "^L=" | tail -60
+    cp benchmarks/results/prefill_gpu.json benchmarks/results/decode_latency.json benchmarks/results/fused_kernel.json \
         benchmarks/results/decode_latency.png "$OUT"/ 2>/dev/null
     ;;
 eval)
     budget=${2:-540}
+    dir=${EVAL_OUT:-zoo_movielens}  # under benchmarks/results/
     # EVAL_ARGS: extra `ckv eval` options, e.g. EVAL_ARGS="--sections fig4,fig5,auto" to run the quick
-    # SIM sweeps before the slow HSTU rows; finished runs are shared between invocations
-    timeout "$budget" python3 -m jobs.cli eval --device cuda --workers 3 ${EVAL_ARGS:-} 2>&1 | tail -30
+    # SIM sweeps before the slow HSTU rows; finished runs are shared between invocations. HSTU rows need
+    # --workers 2 (three HSTU runs at once ran out of GPU memory).
+    timeout "$budget" python3 -m jobs.cli eval --device cuda --workers 3 --out "benchmarks/results/$dir" \
+        ${EVAL_ARGS:-} 2>&1 | tail -30
     rc=$?
     [ $rc -eq 0 ] && echo "eval complete" || echo "eval stopped (rc $rc): rerun the same step; finished runs are kept"
-    tar -C benchmarks/results -czf "$OUT/zoo_movielens.tgz" zoo_movielens 2>/dev/null
+    tar -C benchmarks/results -czf "$OUT/$dir.tgz" "$dir" 2>/dev/null
     ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac
