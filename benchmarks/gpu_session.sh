@@ -13,7 +13,8 @@
 #   bash benchmarks/gpu_session.sh bench
 #   bash benchmarks/gpu_session.sh eval [SECONDS]      (then locally: ckv eval --report-only)
 #   EVAL_OUT=zoo_movielens_regularised EVAL_ARGS="--sections table1 --dropout 0.3 --balance-weight 0 \
-#       --pool-size 2000" bash benchmarks/gpu_session.sh eval 560    (a second evaluation, its own folder)
+#       --pool-size 2000 --epochs 8 --patience 2" bash benchmarks/gpu_session.sh eval 560
+#                                                   (a second evaluation in its own folder; add --workers 2 for HSTU)
 # Results land in benchmarks/results/ and are copied to $OUT (≤ 8 files come back per call).
 set -uo pipefail
 step=${1:?usage: gpu_session.sh bench|eval [seconds]}
