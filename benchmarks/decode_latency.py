@@ -224,15 +224,14 @@ def bench_batch(resident: ResidentModel, layout: CacheLayout, records: list[byte
         **{f"decode_{p}": timed(lambda p=p: decode(resident, cache, targets, p), device, args.warmup,
                                 args.repeats) for p in ("poolscore", "gather")},
     }
-    if fused:  # the fused decode (q + kernel + MLP) on the device batch, and its scores against poolscore
+    want = decode(resident, cache, targets, "poolscore")  # the scores every other (c) path is checked against
+    if fused:  # the fused decode (q + kernel + MLP) on the device batch
         row["c_breakdown"]["decode_fused"] = timed(lambda: fused_decode(resident, dev.raw, layout, b, targets),
                                                    device, args.warmup, args.repeats)
-        got, want = fused_decode(resident, dev.raw, layout, b, targets), decode(resident, cache, targets, "poolscore")
-        row["c_fused_max_abs_diff"] = float((got - want).abs().max())
-        if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
-            diff = row["c_fused_max_abs_diff"]
-            row["c_fused"] = {"error": f"scores differ from c_poolscore (max abs diff {diff:.3g})"}
-    bench_graph(row, resident, layout, host, targets, decode(resident, cache, targets, "poolscore"), args, device)
+        row["c_fused_max_abs_diff"], error = score_check(fused_decode(resident, dev.raw, layout, b, targets), want)
+        if error:
+            row["c_fused"] = {"error": error}
+    bench_graph(row, resident, layout, host, targets, want, args, device)
     ok = {k: v["median_ms"] for k, v in row.items() if k.startswith("c_") and isinstance(v, dict) and "median_ms" in v}
     row["c_best"] = min(ok, key=ok.get)
     row["c_ms"] = ok[row["c_best"]]
@@ -246,6 +245,14 @@ def bench_batch(resident: ResidentModel, layout: CacheLayout, records: list[byte
     return row
 
 
+def score_check(got: torch.Tensor, want: torch.Tensor) -> tuple[float, str | None]:
+    """Max abs difference of a path's logits from c_poolscore's and, beyond 1e-4, the error to record
+    instead of its timing."""
+    diff = float((got - want).abs().max())
+    ok = torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+    return diff, None if ok else f"scores differ from c_poolscore (max abs diff {diff:.3g})"
+
+
 def bench_graph(row: dict, resident: ResidentModel, layout: CacheLayout, host, targets: torch.Tensor,
                 want: torch.Tensor, args: argparse.Namespace, device: torch.device) -> None:
     """c_graph: copy into a captured graph's static buffer + replay (GPU); scores checked against
@@ -255,12 +262,10 @@ def bench_graph(row: dict, resident: ResidentModel, layout: CacheLayout, host, t
         graph = GraphedDecoder(resident, layout, n_users=b, pad_to=length, n_candidates=targets.shape[1],
                                path=args.graph_path, eager=device.type != "cuda")
         row["c_graph_path"] = graph.path
-        got = graph.run(host, targets).clone()
-        row["c_graph_max_abs_diff"] = float((got - want).abs().max())
-        row["c_graph_scores_match"] = bool(torch.allclose(got, want, rtol=1e-4, atol=1e-4))
-        if not row["c_graph_scores_match"]:
-            diff = row["c_graph_max_abs_diff"]
-            row["c_graph"] = {"error": f"scores differ from c_poolscore (max abs diff {diff:.3g})"}
+        row["c_graph_max_abs_diff"], error = score_check(graph.run(host, targets), want)
+        row["c_graph_scores_match"] = error is None
+        if error:
+            row["c_graph"] = {"error": error}
             print(f"L={length} B={b}: c_graph MISMATCH: {row['c_graph']['error']}", flush=True)
         elif device.type != "cuda":
             row["c_graph"] = {"skipped": "CUDA graphs need a GPU (scores of the eager static path checked)"}
@@ -283,9 +288,9 @@ def bench_chunked(row: dict, resident: ResidentModel, layout: CacheLayout, host,
     try:
         graph = GraphedDecoder(resident, layout, n_users=targets.shape[0], pad_to=row["L"],
                                n_candidates=targets.shape[1], path="fused", chunks=args.chunks)
-        got = graph.run(host, targets).clone()
-        if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
-            row["c_graph_chunked"] = {"error": f"scores differ (max abs diff {float((got - want).abs().max()):.3g})"}
+        _, error = score_check(graph.run(host, targets), want)
+        if error:
+            row["c_graph_chunked"] = {"error": error}
             return
         row["c_graph_chunked"] = {**timed(lambda: graph.run(host), device, args.warmup, args.repeats),
                                   "chunks": args.chunks}

@@ -46,6 +46,7 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = None
     tl = None
 
+FUSED = "fused"  # the decode path name of this kernel (graphs, runtime, ckv score)
 KV_CODES = {"float16": 0, "bfloat16": 1, "float32": 2}
 IDX_BYTES = {None: 0, "uint16": 2, "int32": 4}
 
@@ -58,6 +59,12 @@ def fused_available(device: torch.device | str) -> bool:
     any device under Triton's interpreter (``TRITON_INTERPRET=1`` set before importing this module;
     for tests: it loops to the store's max_len, masked, since it cannot loop to a loaded bound)."""
     return triton is not None and (torch.device(device).type == "cuda" or INTERPRETED)
+
+
+def uses_fused(path: str, device: torch.device | str) -> bool:
+    """Whether decode ``path`` runs this kernel on ``device``: "fused" always (where it cannot run, the
+    kernel call says so), "auto" on CUDA where Triton is available."""
+    return path == FUSED or (path == "auto" and torch.device(device).type == "cuda" and fused_available(device))
 
 
 if triton is not None:

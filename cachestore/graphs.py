@@ -32,11 +32,9 @@ import torch
 
 from cachestore.batch import HostBatch, is_entry_layout, zero_block_bytes
 from cachestore.decode import PATHS, ResidentModel, choose_path, decode
-from cachestore.fused import fused_available, fused_decode
+from cachestore.fused import FUSED, fused_decode, uses_fused
 from cachestore.record import CacheLayout
 from cachestore.transfer import TransferCost, unpack
-
-FUSED = "fused"  # the Triton kernel over the packed records (cachestore.fused); "auto" picks it on CUDA
 
 
 def _align8(n: int) -> int:
@@ -100,8 +98,7 @@ class GraphedDecoder:
             head = torch.tensor([16 * n_users] * n_users + [0] * n_users, dtype=torch.int64)  # offsets, lengths
             self.raw[: 16 * n_users].copy_(head.view(torch.uint8))  # every user cold until the first load
             self.candidates = torch.zeros(n_users, n_candidates, dtype=torch.int64, device=self.device)
-            if path == "auto" and self.device.type == "cuda" and fused_available(self.device):
-                path = FUSED
+            path = FUSED if uses_fused(path, self.device) else path
             self.path = path if path != "auto" else choose_path(
                 unpack(self.raw, layout, n_users, pad_to, 16 * n_users), n_candidates, resident)
             if chunks < 1 or n_users % chunks or (chunks > 1 and self.path != FUSED):
@@ -111,18 +108,23 @@ class GraphedDecoder:
             self.graph: torch.cuda.CUDAGraph | None = None
             self.graphs: list[torch.cuda.CUDAGraph] = []  # one per chunk (chunks > 1)
             self.last_cost: TransferCost | None = None
-            if chunks == 1:
-                self.logits = self._body()
-            else:
+            if chunks > 1:
                 self.logits = torch.empty(n_users, n_candidates, dtype=resident.dtype, device=self.device)
-                for k in range(chunks):
-                    self._chunk_body(k)
+            self._decode_eagerly()
             if not eager:
                 self._capture(warmup)
 
     def _body(self) -> torch.Tensor:
         return static_decode(self.raw, self.candidates, resident=self.resident, layout=self.layout,
                              n_users=self.n_users, pad_to=self.pad_to, path=self.path)
+
+    def _decode_eagerly(self) -> None:
+        """The whole decode without a graph: the one body, or every chunk's in order."""
+        if self.chunks == 1:
+            self.logits = self._body()
+        else:
+            for k in range(self.chunks):
+                self._chunk_body(k)
 
     def _chunk_body(self, k: int) -> None:
         """Decode chunk k's users into their rows of the static logits."""
@@ -139,11 +141,7 @@ class GraphedDecoder:
             side.wait_stream(current)
             with torch.cuda.stream(side):
                 for _ in range(max(1, warmup)):
-                    if self.chunks == 1:
-                        self._body()
-                    else:
-                        for k in range(self.chunks):
-                            self._chunk_body(k)
+                    self._decode_eagerly()
             current.wait_stream(side)
             torch.cuda.synchronize()
             if self.chunks > 1:
@@ -199,13 +197,9 @@ class GraphedDecoder:
                 graph.replay()
         elif self.graph is not None:
             self.graph.replay()
-        elif self.chunks > 1:
-            with torch.inference_mode():
-                for k in range(self.chunks):
-                    self._chunk_body(k)
         else:
             with torch.inference_mode():
-                self.logits = self._body()
+                self._decode_eagerly()
         return self.logits
 
     def run(self, host: HostBatch, candidates: torch.Tensor | None = None) -> torch.Tensor:
@@ -223,8 +217,7 @@ class GraphedDecoder:
                 t0 = time.perf_counter()
                 self.raw[: src.numel()].copy_(src)
                 self.last_cost = TransferCost(src.numel(), str(self.device), False, _seconds=time.perf_counter() - t0)
-                for k in range(self.chunks):
-                    self._chunk_body(k)
+                self._decode_eagerly()
                 return self.logits
             current, copy = torch.cuda.current_stream(self.device), self._copy_stream
             copy.wait_stream(current)  # earlier replays have finished reading the buffer

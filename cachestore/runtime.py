@@ -38,8 +38,8 @@ import torch
 from cachestore.batch import HostBatcher, is_entry_layout
 from cachestore.decode import PATHS, ResidentModel, ResidentZooModel, decode, decode_zoo, entry_cache
 from cachestore.entry import entry_layout
-from cachestore.fused import fused_available, fused_decode
-from cachestore.graphs import FUSED, GraphedDecoder
+from cachestore.fused import FUSED, fused_available, fused_decode, uses_fused
+from cachestore.graphs import GraphedDecoder
 from cachestore.record import LayoutError, ModelVersionMismatchError
 from cachestore.transfer import to_device
 from model.ctr import TargetAttentionCTR
@@ -200,12 +200,11 @@ class DecodeRuntime:
         self.reader = reader
         self.layout = layout
         self.path = path
-        # v1 din stores on CUDA with Triton: "auto" (and "fused") decode with cachestore.fused
-        self.fused = (not self.entry and not self.zoo and (path == FUSED or (
-            path == "auto" and self.device.type == "cuda" and fused_available(self.device))))
-        if path == FUSED and not (self.fused and fused_available(self.device)):
+        din_v1 = not self.entry and not self.zoo  # what the fused kernel reads
+        if path == FUSED and not (din_v1 and fused_available(self.device)):
             raise ValueError(f"path 'fused' needs a record format v1 (din) store and Triton on a CUDA device "
                              f"(device {self.device})")
+        self.fused = din_v1 and uses_fused(path, self.device)  # "auto" on CUDA with Triton, or "fused"
         self.batch_users = batch_users
         self.pad_to = pad_to
         self.graph_len = pad_to or max(1, layout.max_len)  # L of the graphs
