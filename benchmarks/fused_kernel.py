@@ -4,7 +4,7 @@
 
 For B = 512 users with full histories (L = 1000 and 50), d_a 256, 8 heads, d_u 1, pool 10,000: times
 ``fused_attention`` (the kernel only: q given, packed batch already on the device) for each
-(BLOCK_L, num_warps, heads per program, pool dtype) in a small grid, with CUDA events after warm-up
+(BLOCK_L, num_warps, heads per program, pipelining stages, pool dtype) in a small grid, with CUDA events after warm-up
 (median of --repeats), next to
 the eager unpack + poolscore / gather attention it replaces on the same batch (also attention only).
 Reports the bytes the kernel must read (user parts + indices from the batch, two dh-wide fp32 pool rows
@@ -31,12 +31,12 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.decode_latency import PAPER, collective_layout, machine, paper_model, synthetic_records, timed  # noqa: E402
 from cachestore.batch import HostBatcher  # noqa: E402
 from cachestore.decode import pool_score_attention  # noqa: E402
-from cachestore.fused import fused_attention  # noqa: E402
+from cachestore.fused import FusedConfig, fused_attention  # noqa: E402
 from cachestore.transfer import to_device  # noqa: E402
 
 
 def bench_length(length: int, args: argparse.Namespace, device: torch.device) -> dict:
-    """Every (BLOCK_L, num_warps) and the eager attention paths at one history length."""
+    """Every FusedConfig of the grid and the eager attention paths at one history length."""
     resident = paper_model(length, device)
     layout = collective_layout(length, "0123456789abcdef")
     host = HostBatcher(layout, pin=True, n_buffers=1).pack(
@@ -59,23 +59,25 @@ def bench_length(length: int, args: argparse.Namespace, device: torch.device) ->
                "eager_gather_attention_ms": ms(lambda: resident.model.attend(q, cache)),
                "eager_poolscore_attention_ms": ms(lambda: pool_score_attention(resident, q, cache))}
         configs = []
+        stages = [None if x == "default" else int(x) for x in args.stages.split(",")]
         grid = itertools.product([int(x) for x in args.blocks.split(",")], [int(x) for x in args.warps.split(",")],
-                                 [int(x) for x in args.heads.split(",")], args.pool_dtypes.split(","))
-        for block, warps, hpp, pool in grid:
-            def run(block: int = block, warps: int = warps, hpp: int = hpp, pool: str = pool) -> torch.Tensor:
-                return fused_attention(dev.raw, q, resident, layout, args.users, block_l=block, num_warps=warps,
-                                       heads_per_program=hpp, pool_dtype=getattr(torch, pool))
+                                 [int(x) for x in args.heads.split(",")], stages, args.pool_dtypes.split(","))
+        for block, warps, hpp, stage, pool in grid:
+            config = FusedConfig(block_l=block, num_warps=warps, heads_per_program=hpp, num_stages=stage,
+                                 pool_dtype=pool)
+
+            def run(config: FusedConfig = config) -> torch.Tensor:
+                return fused_attention(dev.raw, q, resident, layout, args.users, config=config)
             try:
                 diff = float((run() - want).abs().max())
                 t = timed(run, device, args.warmup, args.repeats)
             except Exception as exc:  # e.g. out of registers/shared memory for a large tile
-                print(f"block {block} warps {warps} heads {hpp} {pool}: {exc!r}"[:300], flush=True)
+                print(f"{config}: {exc!r}"[:300], flush=True)
                 continue
             pool_read = pool_bytes // (1 if pool == "float32" else 2)
-            configs.append({"block_l": block, "num_warps": warps, "heads_per_program": hpp, "pool_dtype": pool,
-                            "median_ms": t["median_ms"], "p90_ms": t["p90_ms"], "max_abs_diff": diff,
-                            "pool_gb_per_s": pool_read / t["median_ms"] / 1e6})
-            print(f"L={length} B={args.users} block {block:4d} warps {warps} heads {hpp} {pool}: "
+            configs.append({**dataclasses.asdict(config), "median_ms": t["median_ms"], "p90_ms": t["p90_ms"],
+                            "max_abs_diff": diff, "pool_gb_per_s": pool_read / t["median_ms"] / 1e6})
+            print(f"L={length} B={args.users} block {block:4d} warps {warps} heads {hpp} stages {stage} {pool}: "
                   f"{t['median_ms']:.4f} ms (diff {diff:.2e})", flush=True)
     row["configs"] = configs
     exact = [c for c in configs if c["pool_dtype"] == "float32"]
@@ -92,6 +94,7 @@ def main() -> None:
     p.add_argument("--blocks", default="16,32,64")
     p.add_argument("--warps", default="2,4,8")
     p.add_argument("--heads", default="1,2,8", help="heads per program")
+    p.add_argument("--stages", default="default", help="num_stages values ('default': Triton's)")
     p.add_argument("--pool-dtypes", default="float32,float16")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--repeats", type=int, default=50)

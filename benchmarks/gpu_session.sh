@@ -3,21 +3,24 @@
 # Runs on the device machine (torch, numpy, pyarrow, pandas, safetensors, click, matplotlib, pytest,
 # hypothesis present; lmdb carried as a wheel in .whl/, see the device README; no Spark, no Java).
 #
-#   step "bench" (~5 min):  the CUDA tests (cuda-marked + the fused kernel's); decode latency Table 2
-#                           (issue 4: eager, compiled, fused, CUDA graph, chunked graph); the fused
-#                           kernel's tuning sweep; BENCH_PREFILL=1 also re-times the prefill function
+#   step "bench" (~7 min):  the CUDA tests (cuda-marked + the fused kernel's); decode latency Table 2
+#                           (issue 4: eager, fused, CUDA graph, copy-overlapped graphs); BENCH_PREFILL=1
+#                           also re-times the prefill function
+#   step "tune"  (~3 min):  the fused paths again over fp16 pool rows; the kernel's launch settings with
+#                           software-pipelining stages
 #   step "eval"  (resumable, rerun until it prints "eval complete"): `ckv eval --device cuda --workers 3`
 #                           (issue 5; every finished run is kept under benchmarks/results/zoo_movielens/runs)
 #
 # Usage there (one `run` call per step, carry [".whl"] and for "eval" also the previous zoo_movielens):
 #   bash benchmarks/gpu_session.sh bench
+#   bash benchmarks/gpu_session.sh tune
 #   bash benchmarks/gpu_session.sh eval [SECONDS]      (then locally: ckv eval --report-only)
 #   EVAL_OUT=zoo_movielens_regularised EVAL_ARGS="--sections table1 --dropout 0.3 --balance-weight 0 \
 #       --pool-size 2000 --epochs 8 --patience 2" bash benchmarks/gpu_session.sh eval 560
 #                                                   (a second evaluation in its own folder; add --workers 2 for HSTU)
 # Results land in benchmarks/results/ and are copied to $OUT (≤ 8 files come back per call).
 set -uo pipefail
-step=${1:?usage: gpu_session.sh bench|eval [seconds]}
+step=${1:?usage: gpu_session.sh bench|tune|eval [seconds]}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/ckv-gpu-out}
 mkdir -p "$OUT" benchmarks/results
@@ -37,10 +40,22 @@ bench)
         timeout 150 python3 benchmarks/prefill.py --gpu-only --users 50000 \
             --out benchmarks/results/prefill_gpu.json 2>&1 | tail -20
     fi
-    timeout 400 python3 benchmarks/decode_latency.py --compile --out benchmarks/results/decode_latency.json 2>&1 | tail -40
-    timeout 120 python3 benchmarks/fused_kernel.py --lengths 1000 2>&1 | grep "^L=" | tail -60
-    cp benchmarks/results/prefill_gpu.json benchmarks/results/decode_latency.json benchmarks/results/fused_kernel.json \
-        benchmarks/results/decode_latency.png "$OUT"/ 2>/dev/null
+    # Table 2 with the copy-overlapped graphs (2, 4, 8 user groups), fp32 pools (the model's rows exactly)
+    timeout 420 python3 benchmarks/decode_latency.py --chunks 2,4,8 --out benchmarks/results/decode_latency.json \
+        2>&1 | tail -40
+    cp benchmarks/results/decode_latency.json benchmarks/results/decode_latency.png "$OUT"/ 2>/dev/null
+    [ -n "${BENCH_PREFILL:-}" ] && cp benchmarks/results/prefill_gpu.json "$OUT"/
+    ;;
+tune)
+    # the same fused paths over fp16 pool rows (FusedConfig(pool_dtype="float16"): half the kernel's pool reads)
+    timeout 120 python3 benchmarks/decode_latency.py --chunks 2,4,8 --pool-dtype float16 --lengths 1000 \
+        --batch-sizes 64,256,512 --no-fetch --out benchmarks/results/decode_latency_fp16pools.json 2>&1 | tail -12
+    # the kernel's launch settings incl. software-pipelining stages
+    timeout 120 python3 benchmarks/fused_kernel.py --lengths 1000 --blocks 32,64 --warps 2,4 --heads 2,8 \
+        --stages default,2,4 --pool-dtypes float32,float16 --out benchmarks/results/fused_kernel_stages.json \
+        2>&1 | grep "^L=" | tail -60
+    cp benchmarks/results/decode_latency_fp16pools.json benchmarks/results/decode_latency_fp16pools.png \
+        benchmarks/results/fused_kernel_stages.json "$OUT"/ 2>/dev/null
     ;;
 eval)
     budget=${2:-540}

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -52,6 +53,39 @@ IDX_BYTES = {None: 0, "uint16": 2, "int32": 4}
 
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read by triton.jit at import, as here
+POOL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class FusedConfig:
+    """Launch settings of the fused kernel (derive variants with ``dataclasses.replace``).
+
+    block_l: behaviours per online-softmax step; num_warps; heads_per_program: heads one program
+    handles (a power of two dividing H; they share each behaviour's index and user-part loads);
+    num_stages: Triton's software-pipelining depth of the behaviour loop (None: Triton's default);
+    pool_dtype: "float32" (the model's pool rows exactly), "float16" or "bfloat16" (half the kernel's
+    pool reads, at the cost of rounding the pool rows: an opt-in). The defaults are the fastest fp32-pool
+    setting of ``benchmarks/fused_kernel.py`` on an H100 (B 512, L 1000: ``benchmarks/results/fused_kernel.json``).
+    """
+
+    block_l: int = 32
+    num_warps: int = 2
+    heads_per_program: int = 2
+    num_stages: int | None = None
+    pool_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.pool_dtype not in POOL_DTYPES:
+            raise ValueError(f"pool_dtype must be one of {sorted(POOL_DTYPES)}, got {self.pool_dtype!r}")
+        for name in ("block_l", "num_warps", "heads_per_program"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two, got {value}")
+        if self.num_stages is not None and self.num_stages < 1:
+            raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
+
+
+DEFAULT_FUSED = FusedConfig()
 
 
 def fused_available(device: torch.device | str) -> bool:
@@ -157,7 +191,7 @@ if triton is not None:
         tl.store(out_ptr + row * D_A + cols, tl.reshape(out, (GH * DH,)))
 
 
-def padded_pools(resident: ResidentModel, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def padded_pools(resident: ResidentModel, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(P_k, P_v) as (pool, d_a) rows zero in the user dims (the kernel adds the user part there), at
     ``dtype`` (float32: the model's rows exactly; float16/bfloat16 halve the kernel's pool reads at the
     cost of rounding the pool); a 1-row zero tensor for a side that is not shared. Cached per dtype."""
@@ -173,16 +207,12 @@ def padded_pools(resident: ResidentModel, dtype: torch.dtype = torch.float32) ->
 
 
 def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel, layout: CacheLayout,
-                    n_users: int, *, user0: int = 0, block_l: int = 32, num_warps: int = 2, heads_per_program: int = 2,
-                    pool_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                    n_users: int, *, user0: int = 0, config: FusedConfig = DEFAULT_FUSED) -> torch.Tensor:
     """Target attention (b, C, d_a) fp32 of ``q`` (b, C, d_a) for users ``user0 .. user0 + b - 1`` of the
     packed batch ``raw`` of ``n_users`` users (uint8, on q's device, header at 0: :mod:`cachestore.batch`;
-    only those users' records need to be there yet) — the module docstring's kernel. Equals
-    ``decode``'s attention on ``unpack(raw, ...)`` up to fp32 summation order (with the default fp32
-    pools). Tuning: ``block_l`` behaviours per step, ``num_warps``, ``heads_per_program`` (a power of
-    two dividing H; more heads per program read each behaviour's index and user part once for all).
-    The defaults are the fastest fp32-pool setting of ``benchmarks/fused_kernel.py`` on an H100
-    (B 512, L 1000: ``benchmarks/results/fused_kernel.json``)."""
+    only those users' records need to be there yet) — the module docstring's kernel, launched with
+    ``config`` (:class:`FusedConfig`). Equals ``decode``'s attention on ``unpack(raw, ...)`` up to fp32
+    summation order (with fp32 pools, the default)."""
     if triton is None:
         raise RuntimeError("the fused decode needs Triton (pip install triton), or use the eager path")
     if layout.layout_version != 1 or not isinstance(layout, CacheLayout):
@@ -197,32 +227,35 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
         raise ValueError(f"the fused kernel needs a power-of-two head dim, got {dh}")
     if (layout.k_shared and resident.pool_k is None) or (layout.v_shared and resident.pool_v is None):
         raise ValueError("the store shares a K/V side the model has no pool for")
-    if heads % heads_per_program or heads_per_program & (heads_per_program - 1):
-        raise ValueError(f"heads_per_program must be a power of two dividing {heads}, got {heads_per_program}")
-    pool_k, pool_v = padded_pools(resident, pool_dtype)
+    if heads % config.heads_per_program:
+        raise ValueError(f"heads_per_program must be a power of two dividing {heads}, got {config.heads_per_program}")
+    pool_k, pool_v = padded_pools(resident, POOL_DTYPES[config.pool_dtype])
     q = q.float().contiguous()
     out = torch.empty(b, c, d_a, dtype=torch.float32, device=q.device)  # (B, C, d_a)
     if b * c == 0:
         return out
-    _collective_attention_kernel[(b * c, heads // heads_per_program)](
+    stages = {} if config.num_stages is None else {"num_stages": config.num_stages}
+    _collective_attention_kernel[(b * c, heads // config.heads_per_program)](
         raw, raw[: 16 * n_users].view(torch.int64), q, pool_k, pool_v, out, n_users, user0, c, 1.0 / math.sqrt(dh),
-        D_A=d_a, GH=heads_per_program, DH=dh, DK=layout.dk, DV=layout.dv,
+        D_A=d_a, GH=config.heads_per_program, DH=dh, DK=layout.dk, DV=layout.dv,
         K_SHARED=layout.k_shared, V_SHARED=layout.v_shared,
         KV_CODE=KV_CODES[layout.kv_dtype], KV_BYTES=KV_TORCH[layout.kv_dtype].itemsize,
-        IDX_BYTES=IDX_BYTES[layout.idx_dtype], HEADER=HEADER_SIZE, BLOCK_L=block_l,
-        MAX_L=max(1, layout.max_len) if INTERPRETED else 0, num_warps=num_warps,
+        IDX_BYTES=IDX_BYTES[layout.idx_dtype], HEADER=HEADER_SIZE, BLOCK_L=config.block_l,
+        MAX_L=max(1, layout.max_len) if INTERPRETED else 0, num_warps=config.num_warps, **stages,
     )
     return out
 
 
 def fused_decode(resident: ResidentModel, raw: torch.Tensor, layout: CacheLayout, n_users: int,
-                 targets: torch.Tensor, user0: int = 0) -> torch.Tensor:
+                 targets: torch.Tensor, user0: int = 0, config: FusedConfig = DEFAULT_FUSED) -> torch.Tensor:
     """Logits of candidates ``targets`` (b,) or (b, C) of users ``user0 .. user0 + b - 1`` (default: all
     ``n_users``) against the packed batch ``raw`` on the resident model's device:
-    ``TargetAttentionCTR.decode`` with :func:`fused_attention` as its attention (no unpack).
+    ``TargetAttentionCTR.decode`` with :func:`fused_attention` (launched with ``config``) as its attention
+    (no unpack).
     Shape-static and free of host syncs (CUDA-graph capturable)."""
     if user0 < 0 or user0 + targets.shape[0] > n_users:
         raise ValueError(f"{targets.shape[0]} target rows for users {user0}.. of a batch of {n_users} users")
     return resident.model.decode(
         None, targets,  # type: ignore[arg-type]  (the attention below reads the batch, not a KVCache)
-        attention=lambda q, _: fused_attention(raw, q, resident, layout, n_users, user0=user0).to(q.dtype))
+        attention=lambda q, _: fused_attention(raw, q, resident, layout, n_users, user0=user0,
+                                               config=config).to(q.dtype))

@@ -32,7 +32,7 @@ import torch
 
 from cachestore.batch import HostBatch, is_entry_layout, zero_block_bytes
 from cachestore.decode import PATHS, ResidentModel, choose_path, decode
-from cachestore.fused import FUSED, fused_decode, uses_fused
+from cachestore.fused import DEFAULT_FUSED, FUSED, FusedConfig, fused_decode, uses_fused
 from cachestore.record import CacheLayout
 from cachestore.transfer import TransferCost, unpack
 
@@ -47,13 +47,14 @@ def batch_capacity(layout: CacheLayout, n_users: int, pad_to: int) -> int:
 
 
 def static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: ResidentModel, layout: CacheLayout,
-                  n_users: int, pad_to: int, path: str) -> torch.Tensor:
+                  n_users: int, pad_to: int, path: str, fused: FusedConfig = DEFAULT_FUSED) -> torch.Tensor:
     """Logits (B, C) of a packed batch held in the prefix of ``raw`` (uint8, even length; bytes beyond the
     batch are never read): unpack padded to ``pad_to`` with the zero block at 16·n_users, then decode;
-    path "fused" reads the records in place instead (:func:`cachestore.fused.fused_decode`, no unpack).
+    path "fused" reads the records in place instead (:func:`cachestore.fused.fused_decode` launched with
+    ``fused``, no unpack).
     Shape-static and free of host syncs (the body :class:`GraphedDecoder` captures)."""
     if path == FUSED:
-        return fused_decode(resident, raw, layout, n_users, candidates)
+        return fused_decode(resident, raw, layout, n_users, candidates, config=fused)
     cache = unpack(raw, layout, n_users, pad_to, 16 * n_users)
     return decode(resident, cache, candidates, path)
 
@@ -64,7 +65,8 @@ class GraphedDecoder:
     resident: the model on its CUDA device; layout: the v1 store's CacheLayout; path: "auto" ("fused" on CUDA
     with Triton, else resolved from the shapes, :func:`cachestore.decode.choose_path`), "fused", "poolscore"
     or "gather";
-    capacity: static buffer bytes (default :func:`batch_capacity`). ``eager=True`` runs
+    capacity: static buffer bytes (default :func:`batch_capacity`); fused: the fused kernel's launch
+    settings (:class:`cachestore.fused.FusedConfig`, e.g. fp16 pools). ``eager=True`` runs
     :func:`static_decode` on the same static buffers without a graph (any device; for tests).
     Use :meth:`run` (copy + replay) or :meth:`load` then :meth:`replay`.
 
@@ -78,7 +80,7 @@ class GraphedDecoder:
 
     def __init__(self, resident: ResidentModel, layout: CacheLayout, *, n_users: int, pad_to: int,
                  n_candidates: int = 1, capacity: int | None = None, path: str = "auto", warmup: int = 3,
-                 eager: bool = False, chunks: int = 1) -> None:
+                 eager: bool = False, chunks: int = 1, fused: FusedConfig = DEFAULT_FUSED) -> None:
         self.device = torch.device(resident.device)
         if not eager and (self.device.type != "cuda" or not torch.cuda.is_available()):
             raise RuntimeError(f"CUDA graphs need a CUDA device; the model is on {self.device}: "
@@ -89,7 +91,7 @@ class GraphedDecoder:
             raise ValueError(f"path must be one of {(*PATHS, FUSED)}, got {path!r}")
         if min(n_users, pad_to, n_candidates) < 1:
             raise ValueError(f"n_users, pad_to and n_candidates must be >= 1, got {n_users}, {pad_to}, {n_candidates}")
-        self.resident, self.layout, self.eager = resident, layout, eager
+        self.resident, self.layout, self.eager, self.fused = resident, layout, eager, fused
         self.n_users, self.pad_to, self.n_candidates = n_users, pad_to, n_candidates
         need = 16 * n_users + zero_block_bytes(layout)
         self.capacity = _align8(max(capacity or batch_capacity(layout, n_users, pad_to), need))
@@ -116,7 +118,7 @@ class GraphedDecoder:
 
     def _body(self) -> torch.Tensor:
         return static_decode(self.raw, self.candidates, resident=self.resident, layout=self.layout,
-                             n_users=self.n_users, pad_to=self.pad_to, path=self.path)
+                             n_users=self.n_users, pad_to=self.pad_to, path=self.path, fused=self.fused)
 
     def _decode_eagerly(self) -> None:
         """The whole decode without a graph: the one body, or every chunk's in order."""
@@ -130,7 +132,8 @@ class GraphedDecoder:
         """Decode chunk k's users into their rows of the static logits."""
         m = self.n_users // self.chunks
         u0 = k * m
-        out = fused_decode(self.resident, self.raw, self.layout, self.n_users, self.candidates[u0 : u0 + m], user0=u0)
+        out = fused_decode(self.resident, self.raw, self.layout, self.n_users, self.candidates[u0 : u0 + m], user0=u0,
+                           config=self.fused)
         self.logits[u0 : u0 + m].copy_(out)
 
     def _capture(self, warmup: int) -> None:

@@ -38,7 +38,7 @@ import torch
 from cachestore.batch import HostBatcher, is_entry_layout
 from cachestore.decode import PATHS, ResidentModel, ResidentZooModel, decode, decode_zoo, entry_cache
 from cachestore.entry import entry_layout
-from cachestore.fused import FUSED, fused_available, fused_decode, uses_fused
+from cachestore.fused import DEFAULT_FUSED, FUSED, FusedConfig, fused_available, fused_decode, uses_fused
 from cachestore.graphs import GraphedDecoder
 from cachestore.record import LayoutError, ModelVersionMismatchError
 from cachestore.transfer import to_device
@@ -169,13 +169,15 @@ class DecodeRuntime:
     graphs: decode each step by replaying a CUDA graph (:mod:`cachestore.graphs`; CUDA and v1 (din)
     stores only): steps are padded with cold-start slots to a fixed size per candidate width C
     (``min(batch_users, max_pairs // C)``) and to L = pad_to (default: the store's max_len); one graph
-    (and its private memory pool) per (step size, C), captured on first use.
+    (and its private memory pool) per (step size, C), captured on first use. fused_config: the fused
+    kernel's launch settings where it runs (:class:`cachestore.fused.FusedConfig`; e.g. fp16 pools).
     """
 
     def __init__(self, model: torch.nn.Module, model_version: str, reader: StoreReader, *,
                  device: torch.device | str | None = None, path: str = "auto", batch_users: int = 512,
                  n_buffers: int = 2, verify_crc: bool = False, pad_to: int | None = None,
-                 pin: bool | None = None, max_pairs: int = 8192, graphs: bool = False) -> None:
+                 pin: bool | None = None, max_pairs: int = 8192, graphs: bool = False,
+                 fused_config: FusedConfig = DEFAULT_FUSED) -> None:
         if path not in (*PATHS, FUSED):
             raise ValueError(f"path must be one of {(*PATHS, FUSED)}, got {path!r}")
         if batch_users < 1:
@@ -205,6 +207,7 @@ class DecodeRuntime:
             raise ValueError(f"path 'fused' needs a record format v1 (din) store and Triton on a CUDA device "
                              f"(device {self.device})")
         self.fused = din_v1 and uses_fused(path, self.device)  # "auto" on CUDA with Triton, or "fused"
+        self.fused_config = fused_config
         self.batch_users = batch_users
         self.pad_to = pad_to
         self.graph_len = pad_to or max(1, layout.max_len)  # L of the graphs
@@ -277,7 +280,7 @@ class DecodeRuntime:
         if key not in self._graphs:  # eager on CPU: only tests flip self.graphs there
             self._graphs[key] = GraphedDecoder(self.resident, self.layout, n_users=n_users, pad_to=self.graph_len,
                                                n_candidates=n_candidates, path=self.path,
-                                               eager=self.device.type != "cuda")
+                                               eager=self.device.type != "cuda", fused=self.fused_config)
         return self._graphs[key]
 
     @torch.inference_mode()
@@ -310,7 +313,7 @@ class DecodeRuntime:
             else:  # a din cache in a v2 store: its one group through the din decode paths
                 logits = decode(self.resident, cache.kv["kv"], targets, self.path)
         elif self.fused:  # the Triton kernel reads the device batch as it is (no unpack)
-            logits = fused_decode(self.resident, dev.raw, self.layout, n, targets)
+            logits = fused_decode(self.resident, dev.raw, self.layout, n, targets, config=self.fused_config)
         else:
             logits = decode(self.resident, dev.unpack(self.pad_to), targets, self.path)
         if cuda:

@@ -116,16 +116,20 @@ def group_requests(users: np.ndarray, items: np.ndarray, max_candidates: int):
 @click.option("--path", "decode_path", type=click.Choice(["auto", "fused", "poolscore", "gather"]), default="auto",
               show_default=True, help="attention over the collective part (cachestore/decode.py, cachestore/fused.py; "
                                       "din only; auto = fused on CUDA with Triton)")
+@click.option("--pool-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+              show_default=True, help="pool rows the fused kernel reads (half precision: fewer bytes, rounded rows)")
 @click.option("--batch-users", default=512, show_default=True)
 @click.option("--max-candidates", default=256, show_default=True, help="candidates per user slot")
 @click.option("--chunk-rows", default=1 << 16, show_default=True, help="request rows read at a time")
 @click.option("--verify-crc/--no-verify-crc", default=False, show_default=True, help="CRC-check every record")
 def score(store: Path, checkpoint: Path, requests_path: Path, out: Path, user_col: str, item_col: str, device: str,
-          decode_path: str, batch_users: int, max_candidates: int, chunk_rows: int, verify_crc: bool) -> None:
+          decode_path: str, pool_dtype: str, batch_users: int, max_candidates: int, chunk_rows: int,
+          verify_crc: bool) -> None:
     """Score a file of (user, candidate) requests against the cache store; writes Parquet."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from cachestore.fused import FusedConfig
     from cachestore.publish import PublishError
     from cachestore.record import LayoutError, RecordError
     from cachestore.runtime import DecodeRuntime, default_device
@@ -136,7 +140,8 @@ def score(store: Path, checkpoint: Path, requests_path: Path, out: Path, user_co
     t0 = time.perf_counter()
     try:
         runtime = DecodeRuntime.open(store, checkpoint, device=default_device() if device == "auto" else device,
-                                     path=decode_path, batch_users=batch_users, verify_crc=verify_crc)
+                                     path=decode_path, batch_users=batch_users, verify_crc=verify_crc,
+                                     fused_config=FusedConfig(pool_dtype=pool_dtype))
     except (CheckpointError, LayoutError, RecordError, FileNotFoundError, PublishError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     rows, cold_rows, users, cold_users = 0, 0, set(), set()

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cachestore.batch import HostBatcher
-from cachestore.fused import fused_attention, fused_available, fused_decode
+from cachestore.fused import FusedConfig, fused_attention, fused_available, fused_decode
 from cachestore.graphs import GraphedDecoder, batch_capacity, chunk_bounds, static_decode
 from cachestore.runtime import DecodeRuntime
 from tests.test_graphs import MODELS, SEQ, VERSION, eager_logits, random_lengths, random_records, request, setup
@@ -101,41 +101,59 @@ def test_static_decode_fused_path(name: str) -> None:
 @pytest.mark.parametrize("chunks", [1, 3])
 def test_fused_graph_replay_on_cuda(name: str, chunks: int) -> None:
     """A captured graph of the fused decode (copy + q + kernel + MLP) replays to the eager scores; with
-    chunks, the pipelined copies on a side stream + per-chunk replays too."""
-    resident, layout, host, _, rng = batch(name, "float16", "uint16", 6, seed=5)
-    graph = GraphedDecoder(resident, layout, n_users=6, pad_to=SEQ, n_candidates=2, path="fused", chunks=chunks)
+    chunks, the pipelined copies on a side stream + per-chunk replays too; with fp16 pools, to the eager
+    fused decode at the same settings."""
+    resident, layout, host, raw, rng = batch(name, "float16", "uint16", 6, seed=5)
     cand = torch.from_numpy(rng.integers(0, N_ITEMS + 1, (6, 2))).to(DEVICE)
+    half = FusedConfig(pool_dtype="float16")
     with torch.inference_mode():
+        graph = GraphedDecoder(resident, layout, n_users=6, pad_to=SEQ, n_candidates=2, path="fused", chunks=chunks)
         got = graph.run(host, cand).clone()
         want = eager_logits(resident, host, cand, "gather")
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        graph = GraphedDecoder(resident, layout, n_users=6, pad_to=SEQ, n_candidates=2, path="fused", chunks=chunks,
+                               fused=half)
+        want = fused_decode(resident, raw, layout, 6, cand, config=half)
+        torch.testing.assert_close(graph.run(host, cand).clone(), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-@pytest.mark.parametrize("heads_per_program", [1, 2, 4])
+@pytest.mark.parametrize(("heads_per_program", "num_stages"), [(1, None), (2, 1), (4, 3)])
 @pytest.mark.parametrize("block_l", [2, 16])
-def test_fused_tuning_knobs_keep_the_result(name: str, heads_per_program: int, block_l: int) -> None:
-    """Every (heads per program, BLOCK_L) computes the same attention (blocks shorter and longer than L)."""
+def test_fused_tuning_knobs_keep_the_result(name: str, heads_per_program: int, num_stages: int | None,
+                                            block_l: int) -> None:
+    """Every launch setting (heads per program, pipelining stages, BLOCK_L shorter and longer than L)
+    computes the same attention."""
     resident, layout, host, raw, rng = batch(name, "float16", "uint16", 6, seed=21)
     q = torch.randn(6, 2, resident.cfg.d_attn, device=DEVICE)
+    config = FusedConfig(block_l=block_l, heads_per_program=heads_per_program, num_stages=num_stages)
     with torch.inference_mode():
         want = fused_attention(raw, q, resident, layout, 6)
-        got = fused_attention(raw, q, resident, layout, 6, heads_per_program=heads_per_program, block_l=block_l)
+        got = fused_attention(raw, q, resident, layout, 6, config=config)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("pool_dtype", [torch.float16, torch.bfloat16])
-def test_fused_half_precision_pools_are_close(pool_dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("pool_dtype", ["float16", "bfloat16"])
+def test_fused_half_precision_pools_are_close(pool_dtype: str) -> None:
     """Rounding the pools (half the kernel's pool reads) changes the attention by the pool's rounding only."""
     resident, layout, host, raw, rng = batch("collective", "float16", "uint16", 6, seed=4)
     q = torch.randn(6, 1, resident.cfg.d_attn, device=DEVICE)
     with torch.inference_mode():
         want = fused_attention(raw, q, resident, layout, 6)
-        got = fused_attention(raw, q, resident, layout, 6, pool_dtype=pool_dtype)
-    tol = 2e-3 if pool_dtype == torch.float16 else 2e-2
+        got = fused_attention(raw, q, resident, layout, 6, config=FusedConfig(pool_dtype=pool_dtype))
+    tol = 2e-3 if pool_dtype == "float16" else 2e-2
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    assert not torch.equal(got, want)  # the rows really were rounded
     with pytest.raises(ValueError, match="power of two dividing"):
-        fused_attention(raw, q, resident, layout, 6, heads_per_program=3)
+        fused_attention(raw, q, resident, layout, 6, config=FusedConfig(heads_per_program=16))
+
+
+@pytest.mark.parametrize(("field", "value", "match"), [
+    ("pool_dtype", "float8", "pool_dtype must be one of"), ("block_l", 24, "block_l must be a power of two"),
+    ("num_warps", 0, "num_warps must be a power of two"), ("num_stages", 0, "num_stages must be >= 1")])
+def test_fused_config_refuses_bad_settings(field: str, value: object, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        FusedConfig(**{field: value})
 
 
 def test_runtime_fused_path_scores_like_gather(store: dict) -> None:
