@@ -3,7 +3,8 @@
 # Runs on the device machine (torch, numpy, pyarrow, pandas, safetensors, click, matplotlib, pytest,
 # hypothesis present; lmdb carried as a wheel in .whl/, see the device README; no Spark, no Java).
 #
-#   step "bench" (~7 min):  the CUDA tests (cuda-marked + the fused kernel's); decode latency Table 2
+#   step "tests" (~2 min):  the CUDA tests (cuda-marked + the fused kernel's) → $OUT/pytest_cuda.txt
+#   step "bench" (~5 min):  decode latency Table 2
 #                           (issue 4: eager, fused, CUDA graph, copy-overlapped graphs); BENCH_PREFILL=1
 #                           also re-times the prefill function
 #   step "tune"  (~3 min):  the fused paths again over fp16 pool rows; the kernel's launch settings with
@@ -12,6 +13,7 @@
 #                           (issue 5; every finished run is kept under benchmarks/results/zoo_movielens/runs)
 #
 # Usage there (one `run` call per step, carry [".whl"] and for "eval" also the previous zoo_movielens):
+#   bash benchmarks/gpu_session.sh tests
 #   bash benchmarks/gpu_session.sh bench
 #   bash benchmarks/gpu_session.sh tune
 #   bash benchmarks/gpu_session.sh eval [SECONDS]      (then locally: ckv eval --report-only)
@@ -20,11 +22,11 @@
 #                                                   (a second evaluation in its own folder; add --workers 2 for HSTU)
 # Results land in benchmarks/results/ and are copied to $OUT (≤ 8 files come back per call).
 set -uo pipefail
-step=${1:?usage: gpu_session.sh bench|tune|eval [seconds]}
+step=${1:?usage: gpu_session.sh tests|bench|tune|eval [seconds]}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/ckv-gpu-out}
 mkdir -p "$OUT" benchmarks/results
-if ls .whl/*.whl >/dev/null 2>&1; then
+if ls .whl/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site/lmdb ]; then  # once per machine (steps may run concurrently)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=/tmp/site:$PYTHONPATH
 fi
@@ -32,10 +34,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/device.txt"
 
 case $step in
-bench)
+tests)
     python3 -m pytest -q -p no:cacheprovider tests/test_fused.py $(grep -l "mark.cuda" tests/test_*.py) \
         > "$OUT/pytest_cuda.txt" 2>&1; echo "pytest rc=$?" | tee -a "$OUT/pytest_cuda.txt"
     grep -E "^(FAILED|ERROR)" "$OUT/pytest_cuda.txt" | head -20
+    tail -3 "$OUT/pytest_cuda.txt"
+    ;;
+bench)
     if [ -n "${BENCH_PREFILL:-}" ]; then
         timeout 150 python3 benchmarks/prefill.py --gpu-only --users 50000 \
             --out benchmarks/results/prefill_gpu.json 2>&1 | tail -20
@@ -48,10 +53,10 @@ bench)
     ;;
 tune)
     # the same fused paths over fp16 pool rows (FusedConfig(pool_dtype="float16"): half the kernel's pool reads)
-    timeout 120 python3 benchmarks/decode_latency.py --chunks 2,4,8 --pool-dtype float16 --lengths 1000 \
+    timeout 100 python3 benchmarks/decode_latency.py --chunks 2,4,8 --pool-dtype float16 --lengths 1000 \
         --batch-sizes 64,256,512 --no-fetch --out benchmarks/results/decode_latency_fp16pools.json 2>&1 | tail -12
     # the kernel's launch settings incl. software-pipelining stages
-    timeout 120 python3 benchmarks/fused_kernel.py --lengths 1000 --blocks 32,64 --warps 2,4 --heads 2,8 \
+    timeout 100 python3 benchmarks/fused_kernel.py --lengths 1000 --blocks 32,64 --warps 2,4 --heads 2,8 \
         --stages default,2,4 --pool-dtypes float32,float16 --out benchmarks/results/fused_kernel_stages.json \
         2>&1 | grep "^L=" | tail -60
     cp benchmarks/results/decode_latency_fp16pools.json benchmarks/results/decode_latency_fp16pools.png \

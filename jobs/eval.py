@@ -149,7 +149,9 @@ def eval_cmd(data_dir: str | None, out: str | None, quick: bool, device: str, re
                 sdim_hashes=kw["sdim_hashes"],
                 sdim_bits=kw["sdim_bits"],
                 hstu_layers=kw["hstu_layers"],
-                collective=CollectiveConfig(d_user=d_user if isinstance(d_user, int) else 1, pool_size=kw["pool_size"]),
+                # d_u 1 everywhere but Table 1's collective rows (--d-user, set there): a full run does not
+                # depend on d_u, and with one base its run id (the cache key of finished runs) stays the same
+                collective=CollectiveConfig(d_user=1, pool_size=kw["pool_size"]),
             )
             settings = EvalSettings(
                 base=base,
