@@ -26,9 +26,10 @@ step=${1:?usage: gpu_session.sh tests|bench|tune|eval [seconds]}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/ckv-gpu-out}
 mkdir -p "$OUT" benchmarks/results
-if ls .whl/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site/lmdb ]; then  # once per machine (steps may run concurrently)
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site:$PYTHONPATH
+if ls .whl/*.whl >/dev/null 2>&1; then  # installed once per machine (steps may run concurrently)
+    [ -d /tmp/site/lmdb ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:$PYTHONPATH
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/device.txt"
