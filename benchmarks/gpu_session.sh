@@ -8,7 +8,7 @@
 #                           (issue 4: eager, fused, CUDA graph, copy-overlapped graphs); BENCH_PREFILL=1
 #                           also re-times the prefill function
 #   step "tune"  (~3 min):  the fused paths again over fp16 pool rows; the kernel's launch settings with
-#                           software-pipelining stages
+#                           history splits at B 512 and 64
 #   step "eval"  (resumable, rerun until it prints "eval complete"): `ckv eval --device cuda --workers 3`
 #                           (issue 5; every finished run is kept under benchmarks/results/zoo_movielens/runs)
 #
@@ -56,12 +56,14 @@ tune)
     # the same fused paths over fp16 pool rows (FusedConfig(pool_dtype="float16"): half the kernel's pool reads)
     timeout 100 python3 benchmarks/decode_latency.py --chunks 2,4,8 --pool-dtype float16 --lengths 1000 \
         --batch-sizes 64,256,512 --no-fetch --out benchmarks/results/decode_latency_fp16pools.json 2>&1 | tail -12
-    # the kernel's launch settings incl. software-pipelining stages
-    timeout 100 python3 benchmarks/fused_kernel.py --lengths 1000 --blocks 32,64 --warps 2,4 --heads 2,8 \
-        --stages default,2,4 --pool-dtypes float32,float16 --out benchmarks/results/fused_kernel_stages.json \
-        2>&1 | grep "^L=" | tail -60
+    # the kernel's launch settings incl. history splits (auto = split_parts) at a large and a small batch
+    for users in 512 64; do
+        timeout 100 python3 benchmarks/fused_kernel.py --users $users --lengths 1000 --blocks 32,64 --warps 2 \
+            --heads 2,8 --splits auto,1,4 --pool-dtypes float32,float16 \
+            --out benchmarks/results/fused_kernel_split_B$users.json 2>&1 | grep "^L=" | tail -30
+    done
     cp benchmarks/results/decode_latency_fp16pools.json benchmarks/results/decode_latency_fp16pools.png \
-        benchmarks/results/fused_kernel_stages.json "$OUT"/ 2>/dev/null
+        benchmarks/results/fused_kernel_split_B*.json "$OUT"/ 2>/dev/null
     ;;
 eval)
     budget=${2:-540}

@@ -6,7 +6,8 @@ whole pool per user. At the paper's shape (B 512, L 1000, d_a 256, 8 heads, pool
 ~1 ms of GPU work even inside a CUDA graph, 10× the PCIe floor of the bytes it decodes. This module
 replaces unpack + attention with ONE kernel that reads the device copy of the packed batch as it is:
 
-    program (b·C + c, g) — user b, candidate c, heads g·GH .. g·GH + GH - 1 (GH = heads_per_program);
+    program (b·C + c, g, s) — user b, candidate c, heads g·GH .. g·GH + GH - 1 (GH = heads_per_program),
+      behaviours of part s (of S; S = 1 unless the launch has few programs: FusedConfig.split_l);
       for each of its heads h: dh = d_a / H, cols = h·dh .. h·dh + dh - 1
       record r = raw[offsets[b]:], n = lengths[b] (the batch header: int64 offsets (B,), lengths (B,))
       payload = r[32:]: k_user (n, dk) | v_user (n, dv) | k_idx (n,) | v_idx (n,)   (cachestore.record)
@@ -15,6 +16,7 @@ replaces unpack + attention with ONE kernel that reads the device copy of the pa
           s_l   = q[b, c, cols] · key_l / sqrt(dh)
           val_l = user_v[l, cols] (0 beyond dv) + P_v[v_idx[l], cols]
       out[b, c, cols] = Σ softmax(s)_l val_l        (zeros when n == 0)
+      (S > 1: each part stores its running max, denominator and sum; a second kernel combines the parts)
 
 so K/V = concat(user part, pool row) exactly as ``model.cache.rebuild_kv`` builds them, never written
 to memory: the kernel reads each behaviour's few user-part bytes and index from the batch and two
@@ -63,6 +65,8 @@ class FusedConfig:
     block_l: behaviours per online-softmax step; num_warps; heads_per_program: heads one program
     handles (a power of two dividing H; they share each behaviour's index and user-part loads);
     num_stages: Triton's software-pipelining depth of the behaviour loop (None: Triton's default);
+    split_l: parts each user's history is split into, one program each, their softmax states combined by
+    a second kernel (flash-decoding; a power of two; None: :func:`split_parts` picks from the launch size);
     pool_dtype: "float32" (the model's pool rows exactly), "float16" or "bfloat16" (half the kernel's
     pool reads, at the cost of rounding the pool rows: an opt-in). The defaults are the fastest fp32-pool
     setting of ``benchmarks/fused_kernel.py`` on an H100 (B 512, L 1000: ``benchmarks/results/fused_kernel.json``).
@@ -72,6 +76,7 @@ class FusedConfig:
     num_warps: int = 2
     heads_per_program: int = 2
     num_stages: int | None = None
+    split_l: int | None = None
     pool_dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -81,6 +86,8 @@ class FusedConfig:
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two, got {value}")
+        if self.split_l is not None and (self.split_l < 1 or self.split_l & (self.split_l - 1)):
+            raise ValueError(f"split_l must be a power of two, got {self.split_l}")
         if self.num_stages is not None and self.num_stages < 1:
             raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
 
@@ -128,15 +135,16 @@ if triton is not None:
 
     @triton.jit
     def _attend_block(
-        raw_ptr, pool_k_ptr, pool_v_ptr, start, n, kidx_base, vidx_base, l0, q, cols, m_i, l_i, acc,
+        raw_ptr, pool_k_ptr, pool_v_ptr, start, n, stop, kidx_base, vidx_base, l0, q, cols, m_i, l_i, acc,
         D_A: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
         K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, KV_CODE: tl.constexpr, KV_BYTES: tl.constexpr,
         IDX_BYTES: tl.constexpr, BLOCK_L: tl.constexpr,
     ):
-        """One online-softmax step of GH heads over behaviours l0 .. l0 + BLOCK_L - 1 (masked at l >= n).
-        q, cols: (GH·DH,); m_i, l_i: (GH,); acc: (GH, DH)."""
+        """One online-softmax step of GH heads over behaviours l0 .. l0 + BLOCK_L - 1 (masked at l >= stop;
+        stop <= n, the user's length, which places the V part). q, cols: (GH·DH,); m_i, l_i: (GH,);
+        acc: (GH, DH)."""
         ls = l0 + tl.arange(0, BLOCK_L)  # (BLOCK_L,)
-        lmask = ls < n
+        lmask = ls < stop
         key = _load_user(raw_ptr, start, ls, cols, lmask, DK, KV_CODE)  # (BLOCK_L, GH·DH)
         if K_SHARED:
             ik = _load_idx(raw_ptr, kidx_base, ls, lmask, IDX_BYTES)
@@ -160,16 +168,20 @@ if triton is not None:
 
     @triton.jit
     def _collective_attention_kernel(
-        raw_ptr, header_ptr, q_ptr, pool_k_ptr, pool_v_ptr, out_ptr, n_users, user0, n_cand, scale,
+        raw_ptr, header_ptr, q_ptr, pool_k_ptr, pool_v_ptr, out_ptr, m_ptr, l_ptr, n_users, user0, n_cand, scale,
         D_A: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
         K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, KV_CODE: tl.constexpr, KV_BYTES: tl.constexpr,
         IDX_BYTES: tl.constexpr, HEADER: tl.constexpr, BLOCK_L: tl.constexpr, MAX_L: tl.constexpr,
+        SPLIT: tl.constexpr, SEG: tl.constexpr,
     ):
         row = tl.program_id(0)  # (b - user0)·C + c: rows of q and out
         group = tl.program_id(1)  # heads group·GH .. group·GH + GH - 1
+        part = tl.program_id(2)  # behaviours part·SEG .. part·SEG + SEG - 1 (SPLIT parts)
         b = user0 + row // n_cand  # the user in the batch
         start = tl.load(header_ptr + b) + HEADER  # payload byte offset of user b's record
         n = tl.load(header_ptr + n_users + b)  # behaviours of user b
+        lo = part * SEG
+        stop = tl.minimum(n, lo + SEG)
         kidx_base = start + n * (DK + DV) * KV_BYTES
         vidx_base = kidx_base + n * (IDX_BYTES if K_SHARED else 0)
         cols = group * GH * DH + tl.arange(0, GH * DH)  # (GH·DH,) this group's columns of d_a
@@ -180,15 +192,53 @@ if triton is not None:
         if MAX_L > 0:  # Triton's CPU interpreter cannot loop to a loaded bound: static bound, masked
             for l0 in range(0, MAX_L, BLOCK_L):
                 m_i, l_i, acc = _attend_block(
-                    raw_ptr, pool_k_ptr, pool_v_ptr, start, n, kidx_base, vidx_base, l0, q, cols, m_i, l_i, acc,
-                    D_A, GH, DH, DK, DV, K_SHARED, V_SHARED, KV_CODE, KV_BYTES, IDX_BYTES, BLOCK_L)
+                    raw_ptr, pool_k_ptr, pool_v_ptr, start, n, stop, kidx_base, vidx_base, lo + l0, q, cols, m_i, l_i,
+                    acc, D_A, GH, DH, DK, DV, K_SHARED, V_SHARED, KV_CODE, KV_BYTES, IDX_BYTES, BLOCK_L)
         else:
-            for l0 in range(0, n, BLOCK_L):
+            for l0 in range(lo, stop, BLOCK_L):
                 m_i, l_i, acc = _attend_block(
-                    raw_ptr, pool_k_ptr, pool_v_ptr, start, n, kidx_base, vidx_base, l0, q, cols, m_i, l_i, acc,
-                    D_A, GH, DH, DK, DV, K_SHARED, V_SHARED, KV_CODE, KV_BYTES, IDX_BYTES, BLOCK_L)
-        out = acc / tl.maximum(l_i, 1e-30)[:, None]  # (GH, DH); l_i == 0 only when n == 0, where acc == 0
-        tl.store(out_ptr + row * D_A + cols, tl.reshape(out, (GH * DH,)))
+                    raw_ptr, pool_k_ptr, pool_v_ptr, start, n, stop, kidx_base, vidx_base, l0, q, cols, m_i, l_i,
+                    acc, D_A, GH, DH, DK, DV, K_SHARED, V_SHARED, KV_CODE, KV_BYTES, IDX_BYTES, BLOCK_L)
+        if SPLIT == 1:
+            out = acc / tl.maximum(l_i, 1e-30)[:, None]  # (GH, DH); l_i == 0 only when n == 0, where acc == 0
+            tl.store(out_ptr + row * D_A + cols, tl.reshape(out, (GH * DH,)))
+        else:  # partial softmax state of this part: (row, part) rows of the workspaces
+            heads = group * GH + tl.arange(0, GH)  # (GH,)
+            at = row * SPLIT + part
+            tl.store(m_ptr + at * (D_A // DH) + heads, m_i)
+            tl.store(l_ptr + at * (D_A // DH) + heads, l_i)
+            tl.store(out_ptr + at * D_A + cols, tl.reshape(acc, (GH * DH,)))
+
+    @triton.jit
+    def _combine_parts_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, D_A: tl.constexpr, H: tl.constexpr,
+                              DH: tl.constexpr, SPLIT: tl.constexpr):
+        """out[row, head] = Σ_p e^(m_p - M) acc_p / Σ_p e^(m_p - M) l_p over the SPLIT parts (M = max_p m_p;
+        parts with no behaviours have m = -inf, l = acc = 0; all empty: zeros)."""
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        parts = tl.arange(0, SPLIT)  # (SPLIT,)
+        m = tl.load(m_ptr + (row * SPLIT + parts) * H + head)  # (SPLIT,)
+        mx = tl.max(m, axis=0)
+        w = tl.exp(m - tl.where(mx == -float("inf"), 0.0, mx))  # (SPLIT,), 0 for empty parts
+        denom = tl.sum(w * tl.load(l_ptr + (row * SPLIT + parts) * H + head), axis=0)
+        cols = head * DH + tl.arange(0, DH)  # (DH,)
+        acc = tl.load(acc_ptr + (row * SPLIT + parts)[:, None] * D_A + cols[None, :])  # (SPLIT, DH)
+        out = tl.sum(w[:, None] * acc, axis=0) / tl.maximum(denom, 1e-30)
+        tl.store(out_ptr + row * D_A + cols, out)
+
+
+def split_parts(config: FusedConfig, rows: int, groups: int, max_len: int, device: torch.device) -> int:
+    """Parts each user's behaviours are split into (one program each, combined after): ``config.split_l``,
+    or for None the largest power of two that keeps rows · groups · parts within 16 programs per SM
+    (the kernel walks its behaviours serially: with few users, few programs would each take the whole
+    history's latency) and parts at least 2 blocks long."""
+    if config.split_l is not None:
+        return config.split_l
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    parts = 1
+    while parts * 2 * rows * groups <= 16 * sms and parts * 2 * 2 * config.block_l <= max_len:
+        parts *= 2
+    return parts
 
 
 def padded_pools(resident: ResidentModel, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,14 +285,25 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
     if b * c == 0:
         return out
     stages = {} if config.num_stages is None else {"num_stages": config.num_stages}
-    _collective_attention_kernel[(b * c, heads // config.heads_per_program)](
-        raw, raw[: 16 * n_users].view(torch.int64), q, pool_k, pool_v, out, n_users, user0, c, 1.0 / math.sqrt(dh),
-        D_A=d_a, GH=config.heads_per_program, DH=dh, DK=layout.dk, DV=layout.dv,
+    rows, groups, max_len = b * c, heads // config.heads_per_program, max(1, layout.max_len)
+    parts = split_parts(config, rows, groups, max_len, q.device)
+    seg = -(-max_len // (parts * config.block_l)) * config.block_l  # behaviours per part, whole blocks
+    if parts == 1:
+        acc, m, l = out, out, out  # the kernel writes the normalised output itself
+    else:  # (rows·parts, ·) partial softmax states, combined below
+        acc = torch.empty(rows * parts, d_a, dtype=torch.float32, device=q.device)
+        m = torch.empty(rows * parts, heads, dtype=torch.float32, device=q.device)
+        l = torch.empty(rows * parts, heads, dtype=torch.float32, device=q.device)  # noqa: E741
+    _collective_attention_kernel[(rows, groups, parts)](
+        raw, raw[: 16 * n_users].view(torch.int64), q, pool_k, pool_v, acc, m, l, n_users, user0, c,
+        1.0 / math.sqrt(dh), D_A=d_a, GH=config.heads_per_program, DH=dh, DK=layout.dk, DV=layout.dv,
         K_SHARED=layout.k_shared, V_SHARED=layout.v_shared,
         KV_CODE=KV_CODES[layout.kv_dtype], KV_BYTES=KV_TORCH[layout.kv_dtype].itemsize,
         IDX_BYTES=IDX_BYTES[layout.idx_dtype], HEADER=HEADER_SIZE, BLOCK_L=config.block_l,
-        MAX_L=max(1, layout.max_len) if INTERPRETED else 0, num_warps=config.num_warps, **stages,
+        MAX_L=seg if INTERPRETED else 0, SPLIT=parts, SEG=seg, num_warps=config.num_warps, **stages,
     )
+    if parts > 1:
+        _combine_parts_kernel[(rows, heads)](acc, m, l, out, D_A=d_a, H=heads, DH=dh, SPLIT=parts, num_warps=1)
     return out
 
 

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cachestore.batch import HostBatcher
-from cachestore.fused import FusedConfig, fused_attention, fused_available, fused_decode
+from cachestore.fused import FusedConfig, fused_attention, fused_available, fused_decode, split_parts
 from cachestore.graphs import GraphedDecoder, batch_capacity, chunk_bounds, static_decode
 from cachestore.runtime import DecodeRuntime
 from tests.test_graphs import MODELS, SEQ, VERSION, eager_logits, random_lengths, random_records, request, setup
@@ -44,17 +44,18 @@ def batch(name: str, kv_dtype: str, idx_dtype: str, n_users: int, seed: int, ext
 
 @given(name=st.sampled_from(sorted(MODELS)), kv_dtype=st.sampled_from(["float32", "float16", "bfloat16"]),
        idx_dtype=st.sampled_from(["uint16", "int32"]), n_users=st.integers(1, 7), n_cand=st.integers(1, 3),
-       seed=st.integers(0, 999))
+       seed=st.integers(0, 999), split_l=st.sampled_from([None, 1, 2, 8]))
 @settings(max_examples=25, deadline=None)
 def test_fused_decode_equals_eager(name: str, kv_dtype: str, idx_dtype: str, n_users: int, n_cand: int,
-                                   seed: int) -> None:
+                                   seed: int, split_l: int | None) -> None:
     """Logits from the packed bytes == unpack + gather decode, for every store shape the runtime serves:
     K+V shared, K only, V only, user dims spanning heads, full-KV store; lengths 0, 1, L, cold users;
-    int32 indices (read as 16-bit halves: no alignment assumption); garbage past the batch."""
+    int32 indices (read as 16-bit halves: no alignment assumption); garbage past the batch; histories
+    split into parts (some empty) and combined."""
     resident, layout, host, raw, rng = batch(name, kv_dtype, idx_dtype, n_users, seed, extra=64)
     cand = torch.from_numpy(rng.integers(0, N_ITEMS + 1, (n_users, n_cand))).to(DEVICE)
     with torch.inference_mode():
-        got = fused_decode(resident, raw, layout, n_users, cand)
+        got = fused_decode(resident, raw, layout, n_users, cand, config=FusedConfig(block_l=2, split_l=split_l))
         want = eager_logits(resident, host, cand, "gather")
     assert got.shape == (n_users, n_cand) and torch.isfinite(got).all()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -118,15 +119,16 @@ def test_fused_graph_replay_on_cuda(name: str, chunks: int) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-@pytest.mark.parametrize(("heads_per_program", "num_stages"), [(1, None), (2, 1), (4, 3)])
+@pytest.mark.parametrize(("heads_per_program", "num_stages", "split_l"), [(1, None, 1), (2, 1, 4), (4, 3, 2)])
 @pytest.mark.parametrize("block_l", [2, 16])
 def test_fused_tuning_knobs_keep_the_result(name: str, heads_per_program: int, num_stages: int | None,
-                                            block_l: int) -> None:
-    """Every launch setting (heads per program, pipelining stages, BLOCK_L shorter and longer than L)
-    computes the same attention."""
+                                            split_l: int, block_l: int) -> None:
+    """Every launch setting (heads per program, pipelining stages, histories split into parts — some of
+    them empty — and combined, BLOCK_L shorter and longer than L) computes the same attention."""
     resident, layout, host, raw, rng = batch(name, "float16", "uint16", 6, seed=21)
     q = torch.randn(6, 2, resident.cfg.d_attn, device=DEVICE)
-    config = FusedConfig(block_l=block_l, heads_per_program=heads_per_program, num_stages=num_stages)
+    config = FusedConfig(block_l=block_l, heads_per_program=heads_per_program, num_stages=num_stages,
+                         split_l=split_l)
     with torch.inference_mode():
         want = fused_attention(raw, q, resident, layout, 6)
         got = fused_attention(raw, q, resident, layout, 6, config=config)
@@ -148,9 +150,20 @@ def test_fused_half_precision_pools_are_close(pool_dtype: str) -> None:
         fused_attention(raw, q, resident, layout, 6, config=FusedConfig(heads_per_program=16))
 
 
+def test_split_parts_fills_the_device_only_when_programs_are_few() -> None:
+    """Auto split: parts double while programs stay within 16 per SM (4 SMs assumed off CUDA) and each
+    part keeps >= 2 blocks; an explicit split_l is taken as given."""
+    cpu = torch.device("cpu")
+    assert split_parts(FusedConfig(), rows=1, groups=4, max_len=1000, device=cpu) == 8
+    assert split_parts(FusedConfig(), rows=512, groups=4, max_len=1000, device=cpu) == 1
+    assert split_parts(FusedConfig(), rows=1, groups=4, max_len=50, device=cpu) == 1  # one part of 2 blocks
+    assert split_parts(FusedConfig(split_l=4), rows=512, groups=4, max_len=8, device=cpu) == 4
+
+
 @pytest.mark.parametrize(("field", "value", "match"), [
     ("pool_dtype", "float8", "pool_dtype must be one of"), ("block_l", 24, "block_l must be a power of two"),
-    ("num_warps", 0, "num_warps must be a power of two"), ("num_stages", 0, "num_stages must be >= 1")])
+    ("num_warps", 0, "num_warps must be a power of two"), ("num_stages", 0, "num_stages must be >= 1"),
+    ("split_l", 3, "split_l must be a power of two")])
 def test_fused_config_refuses_bad_settings(field: str, value: object, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         FusedConfig(**{field: value})
