@@ -334,17 +334,46 @@ def bench_length(resident: ResidentModel, length: int, batch_sizes: list[int], a
     return rows
 
 
+def build_fetch_store(tmp: Path, length: int, n: int) -> tuple[CacheLayout, Path]:
+    """A published LMDB store of ``n`` users with full histories of ``length`` behaviours (synthetic
+    records, 4,096 distinct ones reused cyclically) under ``tmp``, built from Parquet the way the
+    nightly job builds it: (layout, store root)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cachestore.lmdb_build import PARQUET_LAYOUT_FILE, prefill_schema
+    from cachestore.publish import build_and_publish
+    from cachestore.record import write_layout
+
+    layout = collective_layout(length, secrets.token_hex(8))
+    records = synthetic_records(layout, min(n, 4096), length, seed=7)
+    payloads = [r[32:] for r in records]  # header-less parts, reused cyclically
+    per = layout.record_size(1) - 32
+    ku, vu = length * layout.dk * 2, length * layout.dv * 2
+    rows = {"user_id": np.arange(n, dtype=np.int64), "length": np.full(n, length, np.int32)}
+    parts = [payloads[u % len(payloads)] for u in range(n)]
+    rows["k_user"] = [p[:ku] for p in parts]
+    rows["v_user"] = [p[ku : ku + vu] for p in parts]
+    rows["k_idx"] = [p[ku + vu : ku + vu + length * 2] for p in parts]
+    rows["v_idx"] = [p[ku + vu + length * 2 : length * per] for p in parts]
+    rows["model_version"] = [layout.model_version] * n
+    rows["checksum"] = [zlib.crc32(p) for p in parts]
+    root = tmp / f"store-{length}"
+    (root / "parquet").mkdir(parents=True)
+    pq.write_table(pa.table(rows, schema=prefill_schema()), root / "parquet" / "part-0.parquet")
+    write_layout(root / "parquet" / PARQUET_LAYOUT_FILE, layout)
+    del rows, parts
+    build_and_publish(root, parquet="none")
+    return layout, root
+
+
 def fetch_benchmark(lengths: list[int], batch_sizes: list[int], users: dict[int, int], repeats: int,
                     pin: bool) -> dict:
     """LMDB → host buffer fetch + pack (HostBatcher.fetch) per batch size, on one CPU core."""
     try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        import pyarrow  # noqa: F401
 
-        from cachestore.lmdb_build import PARQUET_LAYOUT_FILE, prefill_schema
-        from cachestore.publish import build_and_publish
         from cachestore.reader import StoreReader
-        from cachestore.record import write_layout
     except ImportError as exc:
         return {"skipped": f"needs lmdb and pyarrow: {exc}"}
     out: dict = {"cpu_affinity": None, "threads": 1, "pinned": pin}
@@ -353,26 +382,8 @@ def fetch_benchmark(lengths: list[int], batch_sizes: list[int], users: dict[int,
     with tempfile.TemporaryDirectory(prefix="ckv-fetch-bench-") as tmp:
         for length in lengths:
             n = users[length]
-            layout = collective_layout(length, secrets.token_hex(8))
-            records = synthetic_records(layout, min(n, 4096), length, seed=7)
-            payloads = [r[32:] for r in records]  # header-less parts, reused cyclically
-            per = layout.record_size(1) - 32
-            ku, vu = length * layout.dk * 2, length * layout.dv * 2
-            rows = {"user_id": np.arange(n, dtype=np.int64), "length": np.full(n, length, np.int32)}
-            parts = [payloads[u % len(payloads)] for u in range(n)]
-            rows["k_user"] = [p[:ku] for p in parts]
-            rows["v_user"] = [p[ku : ku + vu] for p in parts]
-            rows["k_idx"] = [p[ku + vu : ku + vu + length * 2] for p in parts]
-            rows["v_idx"] = [p[ku + vu + length * 2 : length * per] for p in parts]
-            rows["model_version"] = [layout.model_version] * n
-            rows["checksum"] = [zlib.crc32(p) for p in parts]
-            root = Path(tmp) / f"store-{length}"
-            (root / "parquet").mkdir(parents=True)
-            pq.write_table(pa.table(rows, schema=prefill_schema()), root / "parquet" / "part-0.parquet")
-            write_layout(root / "parquet" / PARQUET_LAYOUT_FILE, layout)
-            del rows, parts
             t0 = time.perf_counter()
-            build_and_publish(root, parquet="none")
+            layout, root = build_fetch_store(Path(tmp), length, n)
             build_s = time.perf_counter() - t0
             reader = StoreReader.open_current(root)
             batcher = HostBatcher(layout, reader=reader, pin=pin, n_buffers=2, batch_users=max(batch_sizes))
