@@ -32,6 +32,7 @@ of q projection + this kernel + MLP takes 0.366 ms against 1.25 ms for the graph
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -227,6 +228,11 @@ if triton is not None:
         tl.store(out_ptr + row * D_A + cols, out)
 
 
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def split_parts(config: FusedConfig, rows: int, groups: int, max_len: int, device: torch.device) -> int:
     """Parts each user's behaviours are split into (one program each, combined after): ``config.split_l``,
     or for None the largest power of two that keeps rows · groups · parts within 16 programs per SM
@@ -234,7 +240,8 @@ def split_parts(config: FusedConfig, rows: int, groups: int, max_len: int, devic
     history's latency) and parts at least 2 blocks long."""
     if config.split_l is not None:
         return config.split_l
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 4
     parts = 1
     while parts * 2 * rows * groups <= 16 * sms and parts * 2 * 2 * config.block_l <= max_len:
         parts *= 2
