@@ -22,8 +22,6 @@ after warm-up; perf_counter on CPU):
       c_fused: one copy → the fused Triton kernel over the packed records (cachestore.fused; no unpack);
       c_graph: the same batch copied into the static buffer of a CUDA graph that holds the decode
       (cachestore.graphs.GraphedDecoder, --graph-path, default auto = fused), one copy + one replay;
-      c_graph_chunked: the fused graph in k user groups (k from --chunks; the fastest k is reported),
-      each group's copy (side stream) overlapping the previous group's replay (GraphedDecoder(chunks=k));
       --pool-dtype float16 makes the fused paths read fp16 pool rows (FusedConfig; scores within 3e-3);
       its scores are checked against c_poolscore once per (B, L) (the CPU dry run checks the eager
       static path and times nothing; a mismatch is recorded and makes the script exit 1 at the end).
@@ -281,35 +279,6 @@ def bench_graph(row: dict, resident: ResidentModel, layout: CacheLayout, host, t
     except Exception as exc:  # a capture failure must not lose the other numbers
         row["c_graph"] = {"error": repr(exc)[:500]}
         print(f"L={length} B={b}: c_graph failed: {row['c_graph']['error']}", flush=True)
-    if device.type == "cuda" and row.get("c_graph_path") == "fused":
-        for chunks in args.chunks:
-            if chunks > 1 and b % chunks == 0 and b >= 8 * chunks:
-                bench_chunked(row, resident, layout, host, targets, want, args, device, chunks)
-        done = {k: v for k, v in row.get("c_graph_chunked_all", {}).items() if "median_ms" in v}
-        if done:  # c_graph_chunked: the fastest chunk count
-            best = min(done, key=lambda k: done[k]["median_ms"])
-            row["c_graph_chunked"] = {**done[best], "chunks": int(best)}
-            row["c_graph_chunked_over_floor"] = done[best]["median_ms"] / row["floor_ms"]
-
-
-def bench_chunked(row: dict, resident: ResidentModel, layout: CacheLayout, host, targets: torch.Tensor,
-                  want: torch.Tensor, args: argparse.Namespace, device: torch.device, chunks: int) -> None:
-    """c_graph_chunked_all[chunks]: the fused graph split into ``chunks`` user groups, each group's copy on a
-    side stream overlapping the previous group's replay (GraphedDecoder(chunks=...)); scores checked."""
-    runs = row.setdefault("c_graph_chunked_all", {})
-    try:
-        graph = GraphedDecoder(resident, layout, n_users=targets.shape[0], pad_to=row["L"],
-                               n_candidates=targets.shape[1], path="fused", chunks=chunks, fused=args.fused)
-        _, error = score_check(graph.run(host, targets), want, args.score_tol)
-        if error:
-            runs[str(chunks)] = {"error": error}
-            row["c_graph_scores_match"] = False
-            print(f"L={row['L']} B={row['B']}: c_graph_chunked {chunks} MISMATCH: {error}", flush=True)
-            return
-        runs[str(chunks)] = timed(lambda: graph.run(host), device, args.warmup, args.repeats)
-    except Exception as exc:
-        runs[str(chunks)] = {"error": repr(exc)[:500]}
-        print(f"c_graph_chunked {chunks} failed: {runs[str(chunks)]['error']}", flush=True)
 
 
 def bench_length(resident: ResidentModel, length: int, batch_sizes: list[int], args: argparse.Namespace,
@@ -440,8 +409,7 @@ def plot(result: dict, path: Path) -> None:
               ("c_gather", "(c) CollectiveKV, gather", "C3", "--"),
               ("c_poolscore_compiled", "(c) poolscore, compiled", "C4", ":"),
               ("c_fused", "(c) fused kernel, eager", "C6", "--"),
-              ("c_graph", "(c) fused kernel, CUDA graph", "C5", "-"),
-              ("c_graph_chunked", "(c) fused graph, copy overlapped", "C8", "-")]
+              ("c_graph", "(c) fused kernel, CUDA graph", "C5", "-")]
     for ax, length in zip(axes, lengths, strict=False):
         rows = [r for r in result["rows"] if r["L"] == length]
         bs = [r["B"] for r in rows]
@@ -484,10 +452,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--compile", action="store_true", help="also time torch.compile(decode) on the poolscore path")
     p.add_argument("--compile-mode", default="max-autotune-no-cudagraphs")
-    p.add_argument("--chunks", default="2,4,8", help="c_graph_chunked: comma list of user-group counts whose copies "
-                   "overlap the decode (fused path on CUDA; B >= 8·chunks); the fastest is c_graph_chunked")
     p.add_argument("--pool-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
-                   help="pool rows the fused paths read (c_fused, c_graph, c_graph_chunked; FusedConfig.pool_dtype)")
+                   help="pool rows the fused paths read (c_fused, c_graph; FusedConfig.pool_dtype)")
     p.add_argument("--graph-path", choices=["auto", "fused", "poolscore", "gather"], default="auto",
                    help="attention path captured in the c_graph CUDA graph (auto: fused on CUDA with Triton, "
                         "else choose_path for the shape)")
@@ -498,7 +464,6 @@ def main() -> None:
                    help="torch CPU threads (default: 1 with --device cpu, for stable numbers; else torch's)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
-    args.chunks = [int(x) for x in args.chunks.split(",") if x]
     args.fused = FusedConfig(pool_dtype=args.pool_dtype)
     args.score_tol = 1e-4 if args.pool_dtype == "float32" else 3e-3  # half pools: their rounding (tests/test_fused.py)
     device = torch.device(args.device)
@@ -544,7 +509,6 @@ def main() -> None:
         targets["c_best_B512_L1000"] = r["c_best"]
         targets["graph_speedup_a_over_c_B512_L1000"] = r["c_graph_speedup_vs_a"]
         targets["graph_c_over_floor_B512_L1000"] = r["c_graph_over_floor"]
-        targets["chunked_c_over_floor_B512_L1000"] = r.get("c_graph_chunked_over_floor")
     targets["c_within_2x_floor_all"] = {f"L{r['L']}_B{r['B']}": round(r["c_over_floor"], 2) for r in rows}
     targets["c_graph_over_floor_all"] = {f"L{r['L']}_B{r['B']}": None if r["c_graph_over_floor"] is None
                                          else round(r["c_graph_over_floor"], 2) for r in rows}
@@ -562,8 +526,7 @@ def main() -> None:
                          "collective_record": "fp16 user parts + uint16 indices", "candidates_per_user": 1,
                          "batch_sizes": batch_sizes, "lengths": lengths, "warmup": args.warmup,
                          "repeats": args.repeats, "repeats_full": args.repeats_full, "compile": args.compile,
-                         "graph_path": args.graph_path, "fused": dataclasses.asdict(args.fused),
-                         "chunks": args.chunks},
+                         "graph_path": args.graph_path, "fused": dataclasses.asdict(args.fused)},
               "copy_limits": limits, "rows": rows, "fetch": fetch, "targets": targets}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -4,8 +4,8 @@
 # hypothesis present; lmdb carried as a wheel in .whl/, see the device README; no Spark, no Java).
 #
 #   step "tests" (~2 min):  the CUDA tests (cuda-marked + the fused kernel's) → $OUT/pytest_cuda.txt
-#   step "bench" (~5 min):  decode latency Table 2
-#                           (issue 4: eager, fused, CUDA graph, copy-overlapped graphs); BENCH_PREFILL=1
+#   step "bench" (~2 min):  decode latency Table 2 (issue 4: eager, fused, CUDA graph) and the LMDB
+#                           fetch on the host's CPU; BENCH_PREFILL=1
 #                           also re-times the prefill function
 #   step "tune"  (~3 min):  the fused paths again over fp16 pool rows; the kernel's launch settings with
 #                           history splits at B 512 and 64
@@ -46,15 +46,15 @@ bench)
         timeout 150 python3 benchmarks/prefill.py --gpu-only --users 50000 \
             --out benchmarks/results/prefill_gpu.json 2>&1 | tail -20
     fi
-    # Table 2 with the copy-overlapped graphs (2, 4, 8 user groups), fp32 pools (the model's rows exactly)
-    timeout 420 python3 benchmarks/decode_latency.py --chunks 2,4,8 --out benchmarks/results/decode_latency.json \
+    # Table 2, fp32 pools (the model's rows exactly)
+    timeout 420 python3 benchmarks/decode_latency.py --out benchmarks/results/decode_latency.json \
         2>&1 | tail -40
     cp benchmarks/results/decode_latency.json benchmarks/results/decode_latency.png "$OUT"/ 2>/dev/null
     [ -n "${BENCH_PREFILL:-}" ] && cp benchmarks/results/prefill_gpu.json "$OUT"/
     ;;
 tune)
     # the same fused paths over fp16 pool rows (FusedConfig(pool_dtype="float16"): half the kernel's pool reads)
-    timeout 100 python3 benchmarks/decode_latency.py --chunks 2,4,8 --pool-dtype float16 --lengths 1000 \
+    timeout 100 python3 benchmarks/decode_latency.py --pool-dtype float16 --lengths 1000 \
         --batch-sizes 64,256,512 --no-fetch --out benchmarks/results/decode_latency_fp16pools.json 2>&1 | tail -12
     # the kernel's launch settings incl. history splits (auto = split_parts) at a large and a small batch
     for users in 512 64; do

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 
 from cachestore.batch import HostBatch, is_entry_layout, zero_block_bytes
@@ -68,19 +67,16 @@ class GraphedDecoder:
     capacity: static buffer bytes (default :func:`batch_capacity`); fused: the fused kernel's launch
     settings (:class:`cachestore.fused.FusedConfig`, e.g. fp16 pools). ``eager=True`` runs
     :func:`static_decode` on the same static buffers without a graph (any device; for tests).
-    Use :meth:`run` (copy + replay) or :meth:`load` then :meth:`replay`.
-
-    ``chunks`` > 1 (path "fused" only; divides n_users) overlaps the copy with the decode: the users
-    split into ``chunks`` equal groups, one graph per group (``fused_decode(user0=...)`` writing its rows
-    of the static logits); :meth:`run` copies group k's byte range (the header and zero block go with
-    group 0; records are in user order, :func:`chunk_bounds`) on a side copy stream and replays graph k
-    on the current stream as soon as that range has landed, so group k's decode runs while group k+1
-    is copied. :attr:`last_cost` is the copy's :class:`TransferCost` (first chunk start → last chunk end).
+    Use :meth:`run` (copy + replay; :attr:`last_cost` is the copy's :class:`TransferCost`) or
+    :meth:`load` then :meth:`replay`. (Overlapping the copy with the decode in user chunks, one graph
+    per chunk on a side copy stream, was measured on an H100 and was slower at every batch size —
+    ``benchmarks/results/decode_latency_nosplit.json`` / ``decode_latency.json``, ``c_graph_chunked_all``
+    — so the decoder copies once and replays once.)
     """
 
     def __init__(self, resident: ResidentModel, layout: CacheLayout, *, n_users: int, pad_to: int,
                  n_candidates: int = 1, capacity: int | None = None, path: str = "auto", warmup: int = 3,
-                 eager: bool = False, chunks: int = 1, fused: FusedConfig = DEFAULT_FUSED) -> None:
+                 eager: bool = False, fused: FusedConfig = DEFAULT_FUSED) -> None:
         self.device = torch.device(resident.device)
         if not eager and (self.device.type != "cuda" or not torch.cuda.is_available()):
             raise RuntimeError(f"CUDA graphs need a CUDA device; the model is on {self.device}: "
@@ -103,38 +99,15 @@ class GraphedDecoder:
             path = FUSED if uses_fused(path, self.device) else path
             self.path = path if path != "auto" else choose_path(
                 unpack(self.raw, layout, n_users, pad_to, 16 * n_users), n_candidates, resident)
-            if chunks < 1 or n_users % chunks or (chunks > 1 and self.path != FUSED):
-                raise ValueError(f"chunks must divide n_users ({n_users}) and needs path 'fused' when > 1; "
-                                 f"got {chunks} with path {self.path!r}")
-            self.chunks = chunks
             self.graph: torch.cuda.CUDAGraph | None = None
-            self.graphs: list[torch.cuda.CUDAGraph] = []  # one per chunk (chunks > 1)
             self.last_cost: TransferCost | None = None
-            if chunks > 1:
-                self.logits = torch.empty(n_users, n_candidates, dtype=resident.dtype, device=self.device)
-            self._decode_eagerly()
+            self.logits = self._body()  # eager once: checks the body, and the static output off CUDA
             if not eager:
                 self._capture(warmup)
 
     def _body(self) -> torch.Tensor:
         return static_decode(self.raw, self.candidates, resident=self.resident, layout=self.layout,
                              n_users=self.n_users, pad_to=self.pad_to, path=self.path, fused=self.fused)
-
-    def _decode_eagerly(self) -> None:
-        """The whole decode without a graph: the one body, or every chunk's in order."""
-        if self.chunks == 1:
-            self.logits = self._body()
-        else:
-            for k in range(self.chunks):
-                self._chunk_body(k)
-
-    def _chunk_body(self, k: int) -> None:
-        """Decode chunk k's users into their rows of the static logits."""
-        m = self.n_users // self.chunks
-        u0 = k * m
-        out = fused_decode(self.resident, self.raw, self.layout, self.n_users, self.candidates[u0 : u0 + m], user0=u0,
-                           config=self.fused)
-        self.logits[u0 : u0 + m].copy_(out)
 
     def _capture(self, warmup: int) -> None:
         """Warm up on a side stream (lazy inits, cuBLAS workspaces, allocator), then capture."""
@@ -144,18 +117,9 @@ class GraphedDecoder:
             side.wait_stream(current)
             with torch.cuda.stream(side):
                 for _ in range(max(1, warmup)):
-                    self._decode_eagerly()
+                    self._body()
             current.wait_stream(side)
             torch.cuda.synchronize()
-            if self.chunks > 1:
-                self._copy_stream = torch.cuda.Stream(self.device)
-                pool = torch.cuda.graph_pool_handle()  # the chunk graphs share one memory pool
-                for k in range(self.chunks):
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool):
-                        self._chunk_body(k)
-                    self.graphs.append(graph)
-                return
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.logits = self._body()
@@ -195,59 +159,14 @@ class GraphedDecoder:
 
     def replay(self) -> torch.Tensor:
         """Decode what the static buffers hold; returns the static logits (B, C), valid until the next replay."""
-        if self.graphs:
-            for graph in self.graphs:
-                graph.replay()
-        elif self.graph is not None:
+        if self.graph is not None:
             self.graph.replay()
         else:
             with torch.inference_mode():
-                self._decode_eagerly()
+                self.logits = self._body()
         return self.logits
 
     def run(self, host: HostBatch, candidates: torch.Tensor | None = None) -> torch.Tensor:
-        """:meth:`load` + :meth:`replay`; with ``chunks`` > 1 the pipelined copy + replays (class docstring)."""
-        if self.chunks == 1:
-            self.last_cost = self.load(host, candidates)
-            return self.replay()
-        self.check(host)
-        src = host.tensor
-        bounds = chunk_bounds(host, self.chunks)
-        with torch.inference_mode():
-            if candidates is not None:
-                self.candidates.copy_(candidates.reshape(self.n_users, self.n_candidates), non_blocking=True)
-            if not self.graphs:  # eager (tests): the same chunks, in order
-                t0 = time.perf_counter()
-                self.raw[: src.numel()].copy_(src)
-                self.last_cost = TransferCost(src.numel(), str(self.device), False, _seconds=time.perf_counter() - t0)
-                self._decode_eagerly()
-                return self.logits
-            current, copy = torch.cuda.current_stream(self.device), self._copy_stream
-            copy.wait_stream(current)  # earlier replays have finished reading the buffer
-            start = torch.cuda.Event(enable_timing=True)
-            landed = []
-            with torch.cuda.stream(copy):
-                start.record(copy)
-                for lo, hi in bounds:
-                    if hi > lo:
-                        self.raw[lo:hi].copy_(src[lo:hi], non_blocking=host.pinned)
-                    event = torch.cuda.Event(enable_timing=True)
-                    event.record(copy)
-                    landed.append(event)
-            for event, graph in zip(landed, self.graphs, strict=True):
-                current.wait_event(event)
-                graph.replay()
-        host.mark_copied(landed[-1])
-        self.last_cost = TransferCost(src.numel(), str(self.device), host.pinned, start, landed[-1])
-        return self.logits
-
-
-def chunk_bounds(host: HostBatch, chunks: int) -> list[tuple[int, int]]:
-    """Byte ranges [lo, hi) of ``host``'s buffer holding what each of ``chunks`` equal user groups needs:
-    group 0 from byte 0 (offsets, lengths, zero block, its records), group k from the first record of a
-    present user at or after its first user (records follow request order), the last up to used_bytes."""
-    m = host.n_users // chunks
-    starts = np.where(host.present, host.offsets, host.used_bytes).astype(np.int64)
-    first = np.minimum.accumulate(starts[::-1])[::-1]  # first record start among users >= u
-    cuts = [0] + [int(first[k * m]) for k in range(1, chunks)] + [int(host.used_bytes)]
-    return [(cuts[k], cuts[k + 1]) for k in range(chunks)]
+        """:meth:`load` + :meth:`replay`."""
+        self.last_cost = self.load(host, candidates)
+        return self.replay()

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from cachestore.batch import HostBatcher
 from cachestore.fused import FusedConfig, fused_attention, fused_available, fused_decode, split_parts
-from cachestore.graphs import GraphedDecoder, batch_capacity, chunk_bounds, static_decode
+from cachestore.graphs import GraphedDecoder, batch_capacity, static_decode
 from cachestore.runtime import DecodeRuntime
 from tests.test_graphs import MODELS, SEQ, VERSION, eager_logits, random_lengths, random_records, request, setup
 from tests.test_graphs import store as store  # noqa: F401  (the module-scoped LMDB store fixture)
@@ -93,27 +93,29 @@ def test_static_decode_fused_path(name: str) -> None:
         got = static_decode(raw.to(DEVICE), cand, resident=resident, layout=layout, n_users=5, pad_to=SEQ,
                             path="fused")
         want = eager_logits(resident, host, cand, "gather")
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        half = FusedConfig(pool_dtype="float16", split_l=2)  # the decoder passes its launch settings on
+        dec = GraphedDecoder(resident, layout, n_users=5, pad_to=SEQ, n_candidates=2, path="fused", eager=True,
+                             fused=half)
+        want = fused_decode(resident, raw.to(DEVICE), layout, 5, cand, config=half)
+        torch.testing.assert_close(dec.run(host, cand), want, rtol=1e-6, atol=1e-6)
 
 
 @cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", sorted(MODELS))
-@pytest.mark.parametrize("chunks", [1, 3])
-def test_fused_graph_replay_on_cuda(name: str, chunks: int) -> None:
+def test_fused_graph_replay_on_cuda(name: str) -> None:
     """A captured graph of the fused decode (copy + q + kernel + MLP) replays to the eager scores; with
-    chunks, the pipelined copies on a side stream + per-chunk replays too; with fp16 pools, to the eager
-    fused decode at the same settings."""
+    fp16 pools, to the eager fused decode at the same settings."""
     resident, layout, host, raw, rng = batch(name, "float16", "uint16", 6, seed=5)
     cand = torch.from_numpy(rng.integers(0, N_ITEMS + 1, (6, 2))).to(DEVICE)
     half = FusedConfig(pool_dtype="float16")
     with torch.inference_mode():
-        graph = GraphedDecoder(resident, layout, n_users=6, pad_to=SEQ, n_candidates=2, path="fused", chunks=chunks)
+        graph = GraphedDecoder(resident, layout, n_users=6, pad_to=SEQ, n_candidates=2, path="fused")
         got = graph.run(host, cand).clone()
         want = eager_logits(resident, host, cand, "gather")
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        graph = GraphedDecoder(resident, layout, n_users=6, pad_to=SEQ, n_candidates=2, path="fused", chunks=chunks,
-                               fused=half)
+        graph = GraphedDecoder(resident, layout, n_users=6, pad_to=SEQ, n_candidates=2, path="fused", fused=half)
         want = fused_decode(resident, raw, layout, 6, cand, config=half)
         torch.testing.assert_close(graph.run(host, cand).clone(), want, rtol=1e-5, atol=1e-5)
 
@@ -181,31 +183,3 @@ def test_runtime_fused_path_scores_like_gather(store: dict) -> None:
     assert got.cold_start.tolist() == want.cold_start.tolist() and rt.fused
     auto = DecodeRuntime(model, VERSION, reader, device=DEVICE, batch_users=4)
     assert auto.fused == (DEVICE == "cuda")
-
-
-@pytest.mark.parametrize("name", ["collective", "share_v_only", "full_store"])
-@pytest.mark.parametrize("chunks", [2, 3])
-def test_chunked_decoder_equals_whole(name: str, chunks: int) -> None:
-    """chunks > 1 (copy of chunk k+1 overlapping the decode of chunk k on a GPU): per-chunk fused decodes
-    over the byte ranges of chunk_bounds == the eager decode of the whole batch; the ranges tile the
-    batch and each holds its users' records (cold users, short and long records mixed)."""
-    resident, layout, host, _, rng = batch(name, "float16", "uint16", 6, seed=8)
-    bounds = chunk_bounds(host, chunks)
-    assert bounds[0][0] == 0 and bounds[-1][1] == host.used_bytes
-    assert all(a[1] == b[0] and a[0] <= a[1] for a, b in zip(bounds, bounds[1:], strict=False))
-    m = 6 // chunks
-    for u in range(6):
-        if host.present[u]:
-            lo, hi = bounds[u // m]
-            assert lo <= host.offsets[u] and host.offsets[u] + layout.record_size(int(host.lengths[u])) <= hi
-    cand = torch.from_numpy(rng.integers(0, N_ITEMS + 1, (6, 2))).to(DEVICE)
-    dec = GraphedDecoder(resident, layout, n_users=6, pad_to=SEQ, n_candidates=2, path="fused", chunks=chunks,
-                         eager=True)
-    with torch.inference_mode():
-        got = dec.run(host, cand).clone()
-        want = eager_logits(resident, host, cand, "gather")
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="chunks must divide"):
-        GraphedDecoder(resident, layout, n_users=6, pad_to=SEQ, path="fused", chunks=4, eager=True)
-    with pytest.raises(ValueError, match="needs path 'fused'"):
-        GraphedDecoder(resident, layout, n_users=6, pad_to=SEQ, path="gather", chunks=2, eager=True)
