@@ -27,7 +27,8 @@ the whole d_a row. The plain-PyTorch reference is the eager path; ``tests/test_f
 two agree on CUDA, and under Triton's interpreter (``TRITON_INTERPRET=1``) on CPU.
 
 Measured on an H100 (``benchmarks/decode_latency.py``, B 512, L 1000): one copy + a CUDA-graph replay
-of q projection + this kernel + MLP takes 0.366 ms against 1.25 ms for the graph over unpack + poolscore.
+of q projection + this kernel + MLP takes 0.35–0.37 ms against 1.25 ms for the graph over unpack +
+poolscore; splitting histories halved the replay at B 1–64 (``benchmarks/results/decode_latency.json``).
 """
 
 from __future__ import annotations
