@@ -8,10 +8,14 @@ then ``model.attention.target_attention``)."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
+from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,9 +23,12 @@ from cachestore.batch import HostBatcher
 from cachestore.fused import FusedConfig, fused_attention, fused_available, fused_decode, split_parts
 from cachestore.graphs import GraphedDecoder, batch_capacity, static_decode
 from cachestore.runtime import DecodeRuntime
+from jobs.score import score as score_cmd
+from pipeline.checkpoint import save_checkpoint
+from tests.store_fixtures import store_of_model
 from tests.test_graphs import MODELS, SEQ, VERSION, eager_logits, random_lengths, random_records, request, setup
 from tests.test_graphs import store as store  # noqa: F401  (the module-scoped LMDB store fixture)
-from tests.test_model import N_ITEMS
+from tests.test_model import N_ITEMS, make_model, small_config
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not fused_available(DEVICE), reason="needs Triton (CUDA, or its CPU interpreter)")
@@ -183,3 +190,37 @@ def test_runtime_fused_path_scores_like_gather(store: dict) -> None:
     assert got.cold_start.tolist() == want.cold_start.tolist() and rt.fused
     auto = DecodeRuntime(model, VERSION, reader, device=DEVICE, batch_users=4)
     assert auto.fused == (DEVICE == "cuda")
+
+
+def test_ckv_score_fused_path_and_half_pools(tmp_path: Path) -> None:
+    """`ckv score --path fused` == `--path gather` on a real store; `--pool-dtype float16` stays within
+    the pool rounding and actually changes the logits."""
+    model = make_model(small_config(kv_mode="collective"), seed=2).eval()
+    version = save_checkpoint(tmp_path / "ckpt", model, {})
+    g = torch.Generator().manual_seed(5)
+    lengths = torch.randint(0, SEQ + 1, (6,), generator=g)
+    lengths[:2] = torch.tensor([0, SEQ])
+    items = torch.randint(1, N_ITEMS + 1, (6, SEQ), generator=g)
+    feedback = torch.randint(1, 3, (6, SEQ), generator=g)
+    pad = torch.arange(SEQ).unsqueeze(0) >= lengths.unsqueeze(1)
+    items[pad], feedback[pad] = 0, 0
+    store_of_model(tmp_path / "store", model, version, list(range(10, 16)), items, feedback, lengths, "collective",
+                   "float16")
+    rng = np.random.default_rng(0)
+    req = tmp_path / "requests.parquet"
+    users, cand = rng.choice([*range(10, 16), 99], 30), rng.integers(1, N_ITEMS + 1, 30)  # 99: cold
+    pq.write_table(pa.table({"user_id": users, "item_id": cand}), req)
+
+    def logits(*options: str) -> np.ndarray:
+        out = tmp_path / f"scores{len(options)}{'-'.join(options)}.parquet"
+        args = ["--store", str(tmp_path / "store"), "--checkpoint", str(tmp_path / "ckpt"), "--requests", str(req),
+                "--out", str(out), "--device", DEVICE, *options]
+        result = CliRunner().invoke(score_cmd, args)
+        assert result.exit_code == 0, result.output
+        return pq.read_table(out).column("logit").to_numpy()
+
+    want = logits("--path", "gather")
+    np.testing.assert_allclose(logits("--path", "fused"), want, rtol=1e-5, atol=1e-5)
+    half = logits("--path", "fused", "--pool-dtype", "float16")
+    np.testing.assert_allclose(half, want, rtol=3e-3, atol=3e-3)
+    assert not np.array_equal(half, want)
