@@ -19,7 +19,7 @@
 #   bash benchmarks/gpu_session.sh eval [SECONDS]      (then locally: ckv eval --report-only)
 #   EVAL_OUT=zoo_movielens_regularised EVAL_ARGS="--sections table1 --dropout 0.3 --balance-weight 0 \
 #       --pool-size 2000 --epochs 8 --patience 2" bash benchmarks/gpu_session.sh eval 560
-#                                                   (a second evaluation in its own folder; add --workers 2 for HSTU)
+#                                                   (a second evaluation in its own folder)
 # Results land in benchmarks/results/ and are copied to $OUT (≤ 8 files come back per call).
 set -uo pipefail
 step=${1:?usage: gpu_session.sh tests|bench|tune|eval [seconds]}
@@ -69,8 +69,8 @@ eval)
     budget=${2:-540}
     dir=${EVAL_OUT:-zoo_movielens}  # under benchmarks/results/
     # EVAL_ARGS: extra `ckv eval` options, e.g. EVAL_ARGS="--sections fig4,fig5,auto" to run the quick
-    # SIM sweeps before the slow HSTU rows; finished runs are shared between invocations. HSTU rows need
-    # --workers 2 (three HSTU runs at once ran out of GPU memory).
+    # SIM sweeps before the slow HSTU rows; finished runs are shared between invocations. Three HSTU runs
+    # at once fit in the H100's memory since HSTU's relative bias is an embedding lookup (session 4).
     timeout "$budget" python3 -m jobs.cli eval --device cuda --workers 3 --out "benchmarks/results/$dir" \
         ${EVAL_ARGS:-} 2>&1 | tail -30
     rc=$?
