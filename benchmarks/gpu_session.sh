@@ -70,7 +70,8 @@ eval)
     dir=${EVAL_OUT:-zoo_movielens}  # under benchmarks/results/
     # EVAL_ARGS: extra `ckv eval` options, e.g. EVAL_ARGS="--sections fig4,fig5,auto" to run the quick
     # SIM sweeps before the slow HSTU rows; finished runs are shared between invocations. Three HSTU runs
-    # at once fit in the H100's memory since HSTU's relative bias is an embedding lookup (session 4).
+    # at once ran out of GPU memory in session 3 and fit in session 4 with
+    # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (use --workers 2 if they do not).
     timeout "$budget" python3 -m jobs.cli eval --device cuda --workers 3 --out "benchmarks/results/$dir" \
         ${EVAL_ARGS:-} 2>&1 | tail -30
     rc=$?
