@@ -170,16 +170,16 @@ if triton is not None:
 
     @triton.jit
     def _collective_attention_kernel(
-        raw_ptr, header_ptr, q_ptr, pool_k_ptr, pool_v_ptr, out_ptr, m_ptr, l_ptr, n_users, user0, n_cand, scale,
+        raw_ptr, header_ptr, q_ptr, pool_k_ptr, pool_v_ptr, out_ptr, m_ptr, l_ptr, n_users, n_cand, scale,
         D_A: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
         K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, KV_CODE: tl.constexpr, KV_BYTES: tl.constexpr,
         IDX_BYTES: tl.constexpr, HEADER: tl.constexpr, BLOCK_L: tl.constexpr, MAX_L: tl.constexpr,
         SPLIT: tl.constexpr, SEG: tl.constexpr,
     ):
-        row = tl.program_id(0)  # (b - user0)·C + c: rows of q and out
+        row = tl.program_id(0)  # b·C + c: rows of q and out
         group = tl.program_id(1)  # heads group·GH .. group·GH + GH - 1
         part = tl.program_id(2)  # behaviours part·SEG .. part·SEG + SEG - 1 (SPLIT parts)
-        b = user0 + row // n_cand  # the user in the batch
+        b = row // n_cand  # the user in the batch
         start = tl.load(header_ptr + b) + HEADER  # payload byte offset of user b's record
         n = tl.load(header_ptr + n_users + b)  # behaviours of user b
         lo = part * SEG
@@ -265,10 +265,10 @@ def padded_pools(resident: ResidentModel, dtype: torch.dtype) -> tuple[torch.Ten
 
 
 def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel, layout: CacheLayout,
-                    n_users: int, *, user0: int = 0, config: FusedConfig = DEFAULT_FUSED) -> torch.Tensor:
-    """Target attention (b, C, d_a) fp32 of ``q`` (b, C, d_a) for users ``user0 .. user0 + b - 1`` of the
-    packed batch ``raw`` of ``n_users`` users (uint8, on q's device, header at 0: :mod:`cachestore.batch`;
-    only those users' records need to be there yet) — the module docstring's kernel, launched with
+                    n_users: int, *, config: FusedConfig = DEFAULT_FUSED) -> torch.Tensor:
+    """Target attention (b, C, d_a) fp32 of ``q`` (b, C, d_a) for users 0 .. b - 1 (b <= n_users) of the
+    packed batch ``raw`` of ``n_users`` users (uint8, on q's device, header at 0: :mod:`cachestore.batch`)
+    — the module docstring's kernel, launched with
     ``config`` (:class:`FusedConfig`). Equals ``decode``'s attention on ``unpack(raw, ...)`` up to fp32
     summation order (with fp32 pools, the default)."""
     if triton is None:
@@ -277,8 +277,8 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
         raise ValueError("the fused decode reads record format v1 (din) batches only")
     cfg = resident.cfg
     b, c, d_a = q.shape
-    if user0 < 0 or user0 + b > n_users or d_a != cfg.d_attn:
-        raise ValueError(f"q {tuple(q.shape)} does not match users {user0}.. of {n_users} × d_a {cfg.d_attn}")
+    if b > n_users or d_a != cfg.d_attn:
+        raise ValueError(f"q {tuple(q.shape)} does not match a batch of {n_users} users × d_a {cfg.d_attn}")
     heads = resident.n_heads
     dh = d_a // heads
     if dh & (dh - 1):
@@ -303,7 +303,7 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
         m = torch.empty(rows * parts, heads, dtype=torch.float32, device=q.device)
         l = torch.empty(rows * parts, heads, dtype=torch.float32, device=q.device)  # noqa: E741
     _collective_attention_kernel[(rows, groups, parts)](
-        raw, raw[: 16 * n_users].view(torch.int64), q, pool_k, pool_v, acc, m, l, n_users, user0, c,
+        raw, raw[: 16 * n_users].view(torch.int64), q, pool_k, pool_v, acc, m, l, n_users, c,
         1.0 / math.sqrt(dh), D_A=d_a, GH=config.heads_per_program, DH=dh, DK=layout.dk, DV=layout.dv,
         K_SHARED=layout.k_shared, V_SHARED=layout.v_shared,
         KV_CODE=KV_CODES[layout.kv_dtype], KV_BYTES=KV_TORCH[layout.kv_dtype].itemsize,
@@ -316,15 +316,14 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
 
 
 def fused_decode(resident: ResidentModel, raw: torch.Tensor, layout: CacheLayout, n_users: int,
-                 targets: torch.Tensor, user0: int = 0, config: FusedConfig = DEFAULT_FUSED) -> torch.Tensor:
-    """Logits of candidates ``targets`` (b,) or (b, C) of users ``user0 .. user0 + b - 1`` (default: all
-    ``n_users``) against the packed batch ``raw`` on the resident model's device:
+                 targets: torch.Tensor, config: FusedConfig = DEFAULT_FUSED) -> torch.Tensor:
+    """Logits of candidates ``targets`` (b,) or (b, C) of users 0 .. b - 1 (b <= n_users) against the
+    packed batch ``raw`` on the resident model's device:
     ``TargetAttentionCTR.decode`` with :func:`fused_attention` (launched with ``config``) as its attention
     (no unpack).
     Shape-static and free of host syncs (CUDA-graph capturable)."""
-    if user0 < 0 or user0 + targets.shape[0] > n_users:
-        raise ValueError(f"{targets.shape[0]} target rows for users {user0}.. of a batch of {n_users} users")
+    if targets.shape[0] > n_users:
+        raise ValueError(f"{targets.shape[0]} target rows for a batch of {n_users} users")
     return resident.model.decode(
         None, targets,  # type: ignore[arg-type]  (the attention below reads the batch, not a KVCache)
-        attention=lambda q, _: fused_attention(raw, q, resident, layout, n_users, user0=user0,
-                                               config=config).to(q.dtype))
+        attention=lambda q, _: fused_attention(raw, q, resident, layout, n_users, config=config).to(q.dtype))
