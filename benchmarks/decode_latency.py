@@ -63,7 +63,7 @@ from cachestore.decode import ResidentModel, choose_path, decode  # noqa: E402
 from cachestore.fused import FusedConfig, fused_available, fused_decode  # noqa: E402
 from cachestore.graphs import GraphedDecoder, static_decode  # noqa: E402
 from cachestore.record import CacheLayout, encode_record  # noqa: E402
-from cachestore.transfer import to_device  # noqa: E402
+from cachestore.transfer import KV_TORCH, to_device  # noqa: E402
 from model.cache import KVCache  # noqa: E402
 from model.config import CollectiveConfig, ModelConfig  # noqa: E402
 from model.ctr import TargetAttentionCTR  # noqa: E402
@@ -329,15 +329,17 @@ def bench_length(resident: ResidentModel, length: int, batch_sizes: list[int], a
     return rows
 
 
-def build_fetch_store(tmp: Path, length: int, n: int) -> tuple[CacheLayout, Path]:
+def build_fetch_store(tmp: Path, length: int, n: int, batch_users: int, pin: bool) -> tuple[HostBatcher, float]:
     """A published LMDB store of ``n`` users with full histories of ``length`` behaviours (synthetic
     records, 4,096 distinct ones reused cyclically) under ``tmp``, built from Parquet the way the
-    nightly job builds it: (layout, store root)."""
+    nightly job builds it, opened read-only, every page touched once (a long-running server's steady
+    state): (its HostBatcher with ``reader``, seconds the build took)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from cachestore.lmdb_build import PARQUET_LAYOUT_FILE, prefill_schema
     from cachestore.publish import build_and_publish
+    from cachestore.reader import StoreReader
     from cachestore.record import write_layout
 
     layout = collective_layout(length, secrets.token_hex(8))
@@ -358,17 +360,21 @@ def build_fetch_store(tmp: Path, length: int, n: int) -> tuple[CacheLayout, Path
     pq.write_table(pa.table(rows, schema=prefill_schema()), root / "parquet" / "part-0.parquet")
     write_layout(root / "parquet" / PARQUET_LAYOUT_FILE, layout)
     del rows, parts
+    t0 = time.perf_counter()
     build_and_publish(root, parquet="none")
-    return layout, root
+    build_s = time.perf_counter() - t0
+    batcher = HostBatcher(layout, reader=StoreReader.open_current(root), pin=pin, n_buffers=2, batch_users=batch_users)
+    for lo in range(0, n, batch_users):
+        batcher.fetch(np.arange(lo, min(lo + batch_users, n)))
+    return batcher, build_s
 
 
 def fetch_benchmark(lengths: list[int], batch_sizes: list[int], users: dict[int, int], repeats: int,
                     pin: bool) -> dict:
     """LMDB → host buffer fetch + pack (HostBatcher.fetch) per batch size, on one CPU core."""
     try:
+        import lmdb  # noqa: F401
         import pyarrow  # noqa: F401
-
-        from cachestore.reader import StoreReader
     except ImportError as exc:
         return {"skipped": f"needs lmdb and pyarrow: {exc}"}
     out: dict = {"cpu_affinity": None, "threads": 1, "pinned": pin}
@@ -377,13 +383,8 @@ def fetch_benchmark(lengths: list[int], batch_sizes: list[int], users: dict[int,
     with tempfile.TemporaryDirectory(prefix="ckv-fetch-bench-") as tmp:
         for length in lengths:
             n = users[length]
-            t0 = time.perf_counter()
-            layout, root = build_fetch_store(Path(tmp), length, n)
-            build_s = time.perf_counter() - t0
-            reader = StoreReader.open_current(root)
-            batcher = HostBatcher(layout, reader=reader, pin=pin, n_buffers=2, batch_users=max(batch_sizes))
-            for lo in range(0, n, 512):  # touch every page once: a long-running server's steady state
-                batcher.fetch(np.arange(lo, min(lo + 512, n)))
+            batcher, build_s = build_fetch_store(Path(tmp), length, n, max(batch_sizes), pin)
+            reader = batcher.reader
             if old_affinity:
                 core = min(old_affinity)
                 os.sched_setaffinity(0, {core})
@@ -479,7 +480,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--compile", action="store_true", help="also time torch.compile(decode) on the poolscore path")
     p.add_argument("--compile-mode", default="max-autotune-no-cudagraphs")
-    p.add_argument("--pool-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+    p.add_argument("--pool-dtype", choices=sorted(KV_TORCH), default="float32",
                    help="pool rows the fused paths read (c_fused, c_graph; FusedConfig.pool_dtype)")
     p.add_argument("--graph-path", choices=["auto", "fused", "poolscore", "gather"], default="auto",
                    help="attention path captured in the c_graph CUDA graph (auto: fused on CUDA with Triton, "

@@ -32,18 +32,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.decode_latency import build_fetch_store, machine  # noqa: E402
-from cachestore.batch import KEY, HostBatcher  # noqa: E402
-from cachestore.reader import StoreReader  # noqa: E402
+from cachestore.batch import KEY  # noqa: E402
 
 USERS = 512
 
 
 def breakdown(length: int, n: int, repeats: int, tmp: Path) -> dict:
-    layout, root = build_fetch_store(tmp, length, n)
-    reader = StoreReader.open_current(root)
-    batcher = HostBatcher(layout, reader=reader, pin=False, n_buffers=2, batch_users=USERS)
-    for lo in range(0, n, USERS):  # touch every page once
-        batcher.fetch(np.arange(lo, min(lo + USERS, n)))
+    batcher, _ = build_fetch_store(tmp, length, n, USERS, pin=False)
+    layout, reader = batcher.layout, batcher.reader
     env = reader._environment()
     scratch = memoryview(bytearray(USERS * layout.record_size(length) + 8 * USERS))
     rng = np.random.default_rng(0)

@@ -57,7 +57,6 @@ IDX_BYTES = {None: 0, "uint16": 2, "int32": 4}
 
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read by triton.jit at import, as here
-POOL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -82,8 +81,8 @@ class FusedConfig:
     pool_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        if self.pool_dtype not in POOL_DTYPES:
-            raise ValueError(f"pool_dtype must be one of {sorted(POOL_DTYPES)}, got {self.pool_dtype!r}")
+        if self.pool_dtype not in KV_TORCH:
+            raise ValueError(f"pool_dtype must be one of {sorted(KV_TORCH)}, got {self.pool_dtype!r}")
         for name in ("block_l", "num_warps", "heads_per_program"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
@@ -287,7 +286,7 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
         raise ValueError("the store shares a K/V side the model has no pool for")
     if heads % config.heads_per_program:
         raise ValueError(f"heads_per_program must be a power of two dividing {heads}, got {config.heads_per_program}")
-    pool_k, pool_v = padded_pools(resident, POOL_DTYPES[config.pool_dtype])
+    pool_k, pool_v = padded_pools(resident, KV_TORCH[config.pool_dtype])
     q = q.float().contiguous()
     out = torch.empty(b, c, d_a, dtype=torch.float32, device=q.device)  # (B, C, d_a)
     if b * c == 0:
