@@ -164,6 +164,13 @@ class HostBatch:
         self.check_valid()
         return self._buffer.tensor[: self.used_bytes]
 
+    @property
+    def buffer(self) -> torch.Tensor:
+        """uint8 view of the WHOLE host buffer (the batch is its used_bytes prefix; the rest is left over
+        from earlier batches): a fixed source for copies captured in CUDA graphs (cachestore.graphs)."""
+        self.check_valid()
+        return self._buffer.tensor
+
     def record(self, b: int) -> memoryview | None:
         """The raw record bytes of user b (a view of the buffer), or None for a cold-start user."""
         self.check_valid()

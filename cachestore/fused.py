@@ -266,7 +266,9 @@ def padded_pools(resident: ResidentModel, dtype: torch.dtype) -> tuple[torch.Ten
 def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel, layout: CacheLayout,
                     n_users: int, *, config: FusedConfig = DEFAULT_FUSED) -> torch.Tensor:
     """Target attention (b, C, d_a) fp32 of ``q`` (b, C, d_a) for users 0 .. b - 1 (b <= n_users) of the
-    packed batch ``raw`` of ``n_users`` users (uint8, on q's device, header at 0: :mod:`cachestore.batch`)
+    packed batch ``raw`` of ``n_users`` users (uint8, header at 0: :mod:`cachestore.batch`) on q's device,
+    or for a CUDA q in pinned host memory: the kernel then reads the batch over PCIe as it goes (mapped,
+    zero-copy: no separate host-to-device copy; the host buffer must not be refilled before it finishes)
     — the module docstring's kernel, launched with
     ``config`` (:class:`FusedConfig`). Equals ``decode``'s attention on ``unpack(raw, ...)`` up to fp32
     summation order (with fp32 pools, the default)."""
@@ -286,6 +288,9 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
         raise ValueError("the store shares a K/V side the model has no pool for")
     if heads % config.heads_per_program:
         raise ValueError(f"heads_per_program must be a power of two dividing {heads}, got {config.heads_per_program}")
+    if raw.device != q.device and not (q.device.type == "cuda" and raw.device.type == "cpu" and raw.is_pinned()):
+        raise ValueError(f"the packed batch is on {raw.device}, q on {q.device}: the kernel reads the batch on "
+                         "q's device, or in pinned host memory (mapped, zero-copy) for a CUDA q")
     pool_k, pool_v = padded_pools(resident, KV_TORCH[config.pool_dtype])
     q = q.float().contiguous()
     out = torch.empty(b, c, d_a, dtype=torch.float32, device=q.device)  # (B, C, d_a)

@@ -1,32 +1,47 @@
-"""CUDA graphs for the din decode (record format v1): one graph replay per batch instead of ~100 launches.
+"""CUDA graphs for the din decode (record format v1): one graph replay per batch, copy included.
 
 At serving batch sizes the eager path (:func:`cachestore.transfer.unpack` + :func:`cachestore.decode.decode`)
 is bound by per-op CPU dispatch and kernel launches (~1.6 ms at every B on an H100), not by bytes. For a
 fixed shape — n_users B, padded length L (``pad_to``), candidates per user C, buffer capacity — the whole
-device side is shape-static and free of host syncs, so it is captured once into a ``torch.cuda.CUDAGraph``
-over static tensors and replayed per request:
+device side is shape-static and free of host syncs, so it is captured into ``torch.cuda.CUDAGraph``s over
+static tensors and replayed per request. The host-to-device copies are captured too (one launch per
+request; measured on an H100, copy + replay issued separately from Python took 0.43 ms at B 512, L 1000
+against 0.33 ms with the copy in the graph, ``benchmarks/results/decode_latency.json``):
 
-    static raw (uint8, capacity bytes) ← ONE non_blocking copy of the HostBatch buffer (its used_bytes prefix)
-    static candidates (B, C) int64     ← the request's candidates (or left as they are)
-    replay: static_decode(raw, candidates) → static logits (B, C)
+    graph for (host buffer, copy size S):
+      copy_start; static raw[:S] (device uint8) ← host buffer[:S] (pinned);
+                  static candidates (B, C) ← pinned candidate staging (B, C); copy_end   (timing events)
+      static_decode(raw, candidates) → the graph's logits (B, C)
+
+A captured copy has a fixed source address and size, so there is one graph per (host buffer of the
+batcher's ring, copy-size bucket): S is the smallest bucket >= the batch's used_bytes, buckets being the
+capacity divided by √2 again and again down to 64 KiB (at most 41% more bytes than the batch; a full
+batch copies exactly the capacity) and capped at the host buffer's length. Graphs are captured on first
+use and share one memory pool (they replay one at a time on one stream).
 
 :func:`static_decode` is the captured body (it also runs eagerly on any device: the CPU tests compare it
 with the runtime). Why it is static: L = ``pad_to`` and the zero block at 16·B are host-known; the
 unpack gathers read each user's record at positions l < n_b and the zero block elsewhere, so bytes beyond
-the batch's used_bytes (left over from a longer earlier batch) are never read; masking is arithmetic on
-(B, L) masks (no boolean indexing, ``nonzero`` or ``.item()``); ``decode``'s path choice depends on shapes
-only. Host-side checks (batch size, longest history <= L, used_bytes <= capacity) run before the copy.
+the batch's used_bytes (copied along from the host buffer's tail, or left from an earlier batch) are never
+read; masking is arithmetic on (B, L) masks (no boolean indexing, ``nonzero`` or ``.item()``); ``decode``'s
+path choice depends on shapes only. Host-side checks (batch size, longest history <= L, used_bytes <=
+capacity, a pinned host buffer) run before the replay.
 
-Contract: copy and replay run on the caller's current stream, so the next batch's copy cannot overwrite
-the buffer before the previous replay has read it; the returned logits tensor is the graph's static
-output and is overwritten by the next replay (read or clone it first). Candidate ids must be valid items
-(0..n_items), checked on the host by the caller (an out-of-range id is a device-side assert).
+Contract: replays run on the caller's current stream; the host buffer and the candidate staging are
+refilled only after the replay that reads them (the batcher waits for the event :meth:`GraphedDecoder.run`
+marks; staging waits for the previous replay); the returned logits tensor is the graph's static output and
+is overwritten by the next replay of that graph (read or clone it first). Candidate ids must be valid
+items (0..n_items), checked on the host by the caller (an out-of-range id is a device-side assert).
 """
 
 from __future__ import annotations
 
+import bisect
+import math
 import time
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from cachestore.batch import HostBatch, is_entry_layout, zero_block_bytes
@@ -58,20 +73,42 @@ def static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: Resi
     return decode(resident, cache, candidates, path)
 
 
+_MIN_BUCKET = 64 << 10  # smallest captured copy (bytes)
+
+
+def copy_buckets(capacity: int) -> list[int]:
+    """Ascending copy sizes of the captured graphs: ``capacity`` divided by √2 repeatedly, 8-aligned,
+    down to 64 KiB (or just ``capacity`` when it is smaller)."""
+    sizes, size = [], float(capacity)
+    while True:
+        sizes.append(_align8(math.ceil(size)))
+        size /= math.sqrt(2)
+        if size < _MIN_BUCKET:
+            return sorted(set(sizes))
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    logits: torch.Tensor  # (B, C) the graph's static output
+    copy_start: torch.cuda.Event  # recorded inside the graph around its copies
+    copy_end: torch.cuda.Event
+    nbytes: int  # bytes its batch copy moves
+
+
 class GraphedDecoder:
-    """One captured unpack + decode for fixed (n_users B, pad_to L, n_candidates C, capacity) on CUDA.
+    """Captured copy + unpack + decode for fixed (n_users B, pad_to L, n_candidates C, capacity) on CUDA.
 
     resident: the model on its CUDA device; layout: the v1 store's CacheLayout; path: "auto" ("fused" on CUDA
     with Triton, else resolved from the shapes, :func:`cachestore.decode.choose_path`), "fused", "poolscore"
-    or "gather";
-    capacity: static buffer bytes (default :func:`batch_capacity`); fused: the fused kernel's launch
-    settings (:class:`cachestore.fused.FusedConfig`, e.g. fp16 pools). ``eager=True`` runs
+    or "gather"; capacity: static buffer bytes (default :func:`batch_capacity`); fused: the fused kernel's
+    launch settings (:class:`cachestore.fused.FusedConfig`, e.g. fp16 pools). ``eager=True`` runs
     :func:`static_decode` on the same static buffers without a graph (any device; for tests).
-    Use :meth:`run` (copy + replay; :attr:`last_cost` is the copy's :class:`TransferCost`) or
-    :meth:`load` then :meth:`replay`. (Overlapping the copy with the decode in user chunks, one graph
-    per chunk on a side copy stream, was measured on an H100 and was slower at every batch size —
-    ``benchmarks/results/decode_latency_nosplit.json`` / ``decode_latency.json``, ``c_graph_chunked_all``
-    — so the decoder copies once and replays once.)
+    :meth:`run` scores a pinned :class:`HostBatch` (one replay: copies + decode); :attr:`last_cost` is the
+    batch copy's :class:`TransferCost` (bytes moved, CUDA-event time inside the graph).
+    (Overlapping the copy with the decode in user chunks, one graph per chunk on a side copy stream, and
+    the kernel reading the pinned batch over PCIe itself were measured on an H100 and were slower —
+    ``benchmarks/results/decode_latency_nosplit.json``, ``decode_latency_mapped_*.json``.)
     """
 
     def __init__(self, resident: ResidentModel, layout: CacheLayout, *, n_users: int, pad_to: int,
@@ -91,26 +128,36 @@ class GraphedDecoder:
         self.n_users, self.pad_to, self.n_candidates = n_users, pad_to, n_candidates
         need = 16 * n_users + zero_block_bytes(layout)
         self.capacity = _align8(max(capacity or batch_capacity(layout, n_users, pad_to), need))
+        self.buckets = copy_buckets(self.capacity)
+        self.last_cost: TransferCost | None = None
+        self._graphs: dict[tuple[int, int], _Captured] = {}  # (host buffer address, copy bytes) -> graph
+        self._last: _Captured | None = None
+        self._done: torch.cuda.Event | None = None  # after the latest replay: the staging may be refilled
         with torch.inference_mode():
             self.raw = torch.zeros(self.capacity, dtype=torch.uint8, device=self.device)
             head = torch.tensor([16 * n_users] * n_users + [0] * n_users, dtype=torch.int64)  # offsets, lengths
-            self.raw[: 16 * n_users].copy_(head.view(torch.uint8))  # every user cold until the first load
+            self.raw[: 16 * n_users].copy_(head.view(torch.uint8))  # every user cold until the first batch
             self.candidates = torch.zeros(n_users, n_candidates, dtype=torch.int64, device=self.device)
+            self.candidates_host = torch.zeros(n_users, n_candidates, dtype=torch.int64, pin_memory=not eager)
             path = FUSED if uses_fused(path, self.device) else path
             self.path = path if path != "auto" else choose_path(
                 unpack(self.raw, layout, n_users, pad_to, 16 * n_users), n_candidates, resident)
-            self.graph: torch.cuda.CUDAGraph | None = None
-            self.last_cost: TransferCost | None = None
-            self.logits = self._body()  # eager once: checks the body, and the static output off CUDA
+            self.logits = self._body()  # eager once: checks the body (and compiles the kernel)
             if not eager:
-                self._capture(warmup)
+                self._pool = torch.cuda.graph_pool_handle()
+                self._warm_up(warmup)
+
+    @property
+    def n_graphs(self) -> int:
+        """Graphs captured so far (one per host buffer and copy-size bucket used)."""
+        return len(self._graphs)
 
     def _body(self) -> torch.Tensor:
         return static_decode(self.raw, self.candidates, resident=self.resident, layout=self.layout,
                              n_users=self.n_users, pad_to=self.pad_to, path=self.path, fused=self.fused)
 
-    def _capture(self, warmup: int) -> None:
-        """Warm up on a side stream (lazy inits, cuBLAS workspaces, allocator), then capture."""
+    def _warm_up(self, warmup: int) -> None:
+        """Run the body on a side stream before any capture (lazy inits, cuBLAS workspaces, allocator)."""
         with torch.cuda.device(self.device):
             current = torch.cuda.current_stream()
             side = torch.cuda.Stream()
@@ -120,9 +167,22 @@ class GraphedDecoder:
                     self._body()
             current.wait_stream(side)
             torch.cuda.synchronize()
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = self._body()
+
+    def _capture(self, source: torch.Tensor) -> _Captured:
+        """One graph: copy ``source`` (pinned uint8 prefix of a host buffer) and the candidate staging
+        into the static buffers between two timing events, then the body."""
+        with torch.cuda.device(self.device):
+            torch.cuda.synchronize()
+            start = torch.cuda.Event(enable_timing=True, external=True)
+            end = torch.cuda.Event(enable_timing=True, external=True)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                start.record()
+                self.raw[: source.numel()].copy_(source, non_blocking=True)
+                self.candidates.copy_(self.candidates_host, non_blocking=True)
+                end.record()
+                logits = self._body()
+        return _Captured(graph, logits, start, end, source.numel())
 
     def check(self, host: HostBatch) -> None:
         """Raise ValueError unless ``host`` fits this graph's static shapes (host-side only)."""
@@ -135,38 +195,70 @@ class GraphedDecoder:
             raise ValueError(f"pad_to {self.pad_to} < longest history in the batch ({host.max_length})")
         if host.used_bytes > self.capacity:
             raise ValueError(f"the batch needs {host.used_bytes} bytes; the graph's buffer holds {self.capacity}")
+        if not self.eager and not host.pinned:
+            raise ValueError("a captured copy reads pinned host memory: fetch with HostBatcher(pin=True)")
 
-    def load(self, host: HostBatch, candidates: torch.Tensor | None = None) -> TransferCost:
-        """Copy ``host``'s buffer prefix into the static buffer (one copy, non_blocking from pinned memory;
-        timed with CUDA events like :func:`cachestore.transfer.to_device`) and, if given, ``candidates``
-        (B, C) into the static candidates. Issued on the current stream."""
+    def copy_bytes(self, host: HostBatch) -> int:
+        """Bytes the graph copies for ``host``: the smallest bucket >= used_bytes, capped at the host
+        buffer's length (eager: exactly used_bytes)."""
+        if self.eager:
+            return host.used_bytes
+        bucket = self.buckets[bisect.bisect_left(self.buckets, host.used_bytes)]
+        return min(bucket, host.buffer.numel())
+
+    def _stage(self, candidates: torch.Tensor | np.ndarray) -> None:
+        """Write candidate ids (B, C) into the pinned staging the next replay copies (after the previous
+        replay has read it)."""
+        cand = torch.as_tensor(candidates).reshape(self.n_users, self.n_candidates)
+        if self._done is not None:
+            self._done.synchronize()
+        self.candidates_host.copy_(cand)
+
+    def run(self, host: HostBatch, candidates: torch.Tensor | np.ndarray | None = None) -> torch.Tensor:
+        """Score ``host`` (a pinned batch of exactly B users) against ``candidates`` (B, C) (host ids
+        preferred; None: those of the previous call): one graph replay on the current stream (captured
+        on first use of this host buffer and copy size). Returns the static logits (B, C), valid until
+        that graph replays again; :attr:`last_cost` is the batch copy's cost."""
         self.check(host)
-        src = host.tensor
         with torch.inference_mode():
             if candidates is not None:
-                self.candidates.copy_(candidates.reshape(self.n_users, self.n_candidates), non_blocking=True)
-            if self.device.type != "cuda":
+                self._stage(candidates)
+            if self.eager:
                 t0 = time.perf_counter()
-                self.raw[: src.numel()].copy_(src)
-                return TransferCost(src.numel(), str(self.device), False, _seconds=time.perf_counter() - t0)
-            stream = torch.cuda.current_stream(self.device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record(stream)
-            self.raw[: src.numel()].copy_(src, non_blocking=host.pinned)
-            end.record(stream)
-        host.mark_copied(end)  # the batcher refills this host buffer only after the copy
-        return TransferCost(src.numel(), str(self.device), host.pinned, start, end)
+                self.raw[: host.used_bytes].copy_(host.tensor)
+                self.last_cost = TransferCost(host.used_bytes, str(self.device), False,
+                                              _seconds=time.perf_counter() - t0)
+                self.candidates.copy_(self.candidates_host)
+                self.logits = self._body()
+                return self.logits
+            nbytes = self.copy_bytes(host)
+            source = host.buffer[:nbytes]
+            key = (source.data_ptr(), nbytes)
+            if key not in self._graphs:
+                self._graphs[key] = self._capture(source)
+            self._last = self._graphs[key]
+            return self._replay(host)
 
     def replay(self) -> torch.Tensor:
-        """Decode what the static buffers hold; returns the static logits (B, C), valid until the next replay."""
-        if self.graph is not None:
-            self.graph.replay()
-        else:
+        """Replay the latest graph again (the host buffer and candidate staging as they are now, copied
+        again; eager: the body over the static buffers)."""
+        if self.eager:  # the body over what the static buffers hold
             with torch.inference_mode():
                 self.logits = self._body()
-        return self.logits
+            return self.logits
+        if self._last is None:
+            raise RuntimeError("nothing to replay: call run(host, candidates) first")
+        return self._replay(None)
 
-    def run(self, host: HostBatch, candidates: torch.Tensor | None = None) -> torch.Tensor:
-        """:meth:`load` + :meth:`replay`."""
-        self.last_cost = self.load(host, candidates)
-        return self.replay()
+    def _replay(self, host: HostBatch | None) -> torch.Tensor:
+        captured = self._last
+        assert captured is not None
+        captured.graph.replay()
+        done = torch.cuda.Event()
+        done.record()
+        self._done = done
+        if host is not None:
+            host.mark_copied(done)  # the batcher refills this host buffer only after the replay
+        self.last_cost = TransferCost(captured.nbytes, str(self.device), True, captured.copy_start, captured.copy_end)
+        self.logits = captured.logits
+        return self.logits

@@ -168,8 +168,9 @@ class DecodeRuntime:
     history in the batch). verify_crc: CRC-check every fetched record (off: headers only).
     graphs: decode each step by replaying a CUDA graph (:mod:`cachestore.graphs`; CUDA and v1 (din)
     stores only): steps are padded with cold-start slots to a fixed size per candidate width C
-    (``min(batch_users, max_pairs // C)``) and to L = pad_to (default: the store's max_len); one graph
-    (and its private memory pool) per (step size, C), captured on first use. fused_config: the fused
+    (``min(batch_users, max_pairs // C)``) and to L = pad_to (default: the store's max_len); one
+    :class:`GraphedDecoder` per (step size, C), which captures a graph (copies included) per host
+    buffer and copy-size bucket on first use. fused_config: the fused
     kernel's launch settings where it runs (:class:`cachestore.fused.FusedConfig`; e.g. fp16 pools).
     """
 
@@ -293,7 +294,6 @@ class DecodeRuntime:
             graph = self._graph(slots, cand.shape[1])
             padded = np.zeros((slots, cand.shape[1]), dtype=np.int64)
             padded[:n] = cand
-            cost = graph.load(host, torch.from_numpy(padded))
         else:
             dev, cost = to_device(host, self.device)
             targets = torch.from_numpy(cand).to(self.device, non_blocking=False)
@@ -303,8 +303,9 @@ class DecodeRuntime:
             start.record()
         else:
             t_dec = time.perf_counter()
-        if self.graphs:
-            logits = graph.replay()[:n]
+        if self.graphs:  # one replay: the batch and candidate copies, then the decode
+            logits = graph.run(host, padded)[:n]
+            cost = graph.last_cost
         elif self.entry:
             cache = dev.unpack(self.pad_to)  # v2: per-part arrays → the model's ZooCache
             cache = entry_cache(cache, self._store_cfg, self.resident.dtype)
@@ -320,6 +321,8 @@ class DecodeRuntime:
             end.record()
         out = logits.float().cpu().numpy()
         decode_ms = start.elapsed_time(end) if cuda else (time.perf_counter() - t_dec) * 1e3
+        if self.graphs:
+            decode_ms -= cost.ms  # the graph's copies are timed inside it (TransferCost)
         stats.batches += 1
         stats.users += n
         stats.cold_start_users += host.cold_start - (host.n_users - n)

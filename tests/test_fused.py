@@ -127,6 +127,24 @@ def test_fused_graph_replay_on_cuda(name: str) -> None:
         torch.testing.assert_close(graph.run(host, cand).clone(), want, rtol=1e-5, atol=1e-5)
 
 
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("split_l", [1, 4])
+def test_fused_reads_pinned_host_batch_on_cuda(split_l: int) -> None:
+    """Mapped (zero-copy) read: the kernel over the pinned host batch == over its device copy; a pageable
+    host batch is refused (the GPU cannot read it)."""
+    resident, layout, host, raw, rng = batch("collective", "float16", "uint16", 7, seed=9)
+    pinned = host.tensor.pin_memory()
+    q = torch.randn(7, 2, resident.cfg.d_attn, device=DEVICE)
+    config = FusedConfig(split_l=split_l)
+    with torch.inference_mode():
+        want = fused_attention(raw, q, resident, layout, 7, config=config)
+        got = fused_attention(pinned, q, resident, layout, 7, config=config)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="pinned host memory"):
+            fused_attention(host.tensor.clone(), q, resident, layout, 7, config=config)
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize(("heads_per_program", "num_stages", "split_l"), [(1, None, 1), (2, 1, 4), (4, 3, 2)])
 @pytest.mark.parametrize("block_l", [2, 16])

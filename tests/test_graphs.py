@@ -4,6 +4,9 @@ padding of fetched batches, and the runtime's graphs option."""
 
 from __future__ import annotations
 
+import bisect
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +15,7 @@ from hypothesis import strategies as st
 
 from cachestore.batch import HostBatcher
 from cachestore.decode import ResidentModel, decode
-from cachestore.graphs import GraphedDecoder, batch_capacity, static_decode
+from cachestore.graphs import GraphedDecoder, batch_capacity, copy_buckets, static_decode
 from cachestore.publish import open_current
 from cachestore.reader import StoreReader
 from cachestore.record import CacheLayout, encode_record
@@ -165,6 +168,19 @@ def test_graphed_decoder_refuses_what_does_not_fit() -> None:
         graph.check(HostBatcher(other, pin=False).pack([1, 2, 3], [None, None, None]))
 
 
+@given(capacity=st.integers(8, 64 << 20), used=st.floats(0, 1))
+@settings(max_examples=200, deadline=None)
+def test_copy_buckets_bound_the_extra_bytes(capacity: int, used: float) -> None:
+    """The captured copies: sizes ascending and 8-aligned, the largest is the (8-aligned) capacity, and
+    any batch of u <= capacity bytes copies at most √2·max(64 KiB, u) + 8 bytes."""
+    buckets = copy_buckets(capacity)
+    assert buckets == sorted(set(buckets)) and all(b % 8 == 0 for b in buckets)
+    assert buckets[-1] == (capacity + 7) & ~7 and len(buckets) <= 2 + 2 * max(0, (capacity >> 16).bit_length())
+    u = int(used * capacity)
+    chosen = buckets[bisect.bisect_left(buckets, u)]
+    assert u <= chosen <= math.sqrt(2) * max(64 << 10, u) + 8
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A collective fp16 store of users 100..111 (lengths 0, 1, L among them)."""
@@ -227,7 +243,8 @@ def test_runtime_graphs_option(store: dict) -> None:
 @pytest.mark.parametrize("path", ["poolscore", "gather"])
 def test_graph_replay_equals_eager_on_cuda(name: str, path: str) -> None:
     """Replays over successive batches (different users; a batch of shorter records after a long one,
-    so stale bytes stay past used_bytes) == eager unpack + decode of each batch on the GPU."""
+    so stale bytes stay past used_bytes; the copy captured in the graph, sized by bucket) == eager
+    unpack + decode of each batch on the GPU; one graph per (host buffer, copy bucket)."""
     rng = np.random.default_rng(11)
     overrides, mode = MODELS[name]
     model = make_model(small_config(**overrides), seed=1).eval()
@@ -236,19 +253,19 @@ def test_graph_replay_equals_eager_on_cuda(name: str, path: str) -> None:
     n_users, n_cand = 6, 2
     with torch.inference_mode():
         graph = GraphedDecoder(resident, layout, n_users=n_users, pad_to=SEQ, n_candidates=n_cand, path=path)
-    assert graph.graph is not None
     batcher = HostBatcher(layout, pin=True, n_buffers=2)
     for lengths, ids in successive_batches(layout, n_users, rng):
         host = batcher.pack(ids, random_records(layout, lengths, rng))
         cand = torch.from_numpy(rng.integers(0, N_ITEMS + 1, (n_users, n_cand))).cuda()
         with torch.inference_mode():
-            cost = graph.load(host, cand)
-            got = graph.replay().clone()
+            got = graph.run(host, cand).clone()
             want = eager_logits(resident, host, cand, path)
-        assert cost.bytes == host.used_bytes and cost.ms >= 0
+        cost = graph.last_cost
+        assert cost is not None and cost.bytes == graph.copy_bytes(host) >= host.used_bytes and cost.ms > 0
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    same = graph.replay().clone()  # replay without a new load: same inputs, same logits
+    same = graph.replay().clone()  # replay without a new batch: same inputs, same logits
     torch.testing.assert_close(graph.replay(), same, rtol=1e-6, atol=1e-6)
+    assert 2 <= graph.n_graphs <= 2 * len(graph.buckets)  # both ring buffers were used
 
 
 @pytest.mark.cuda
@@ -263,5 +280,5 @@ def test_cuda_runtime_graphs_match_eager(store: dict) -> None:
         for _ in range(3):
             res = rt.score(ids, cand, n_cand)
             np.testing.assert_allclose(res.logits, cpu, rtol=1e-4, atol=1e-4)
-        assert rt._graphs and all(g.graph is not None for g in rt._graphs.values())
+        assert rt._graphs and all(g.n_graphs >= 1 for g in rt._graphs.values())
         assert rt.stats.cold_start_users == 3 * 2 and rt.stats.h2d_ms > 0
