@@ -9,8 +9,9 @@ the device copy, or the pinned host batch read over PCIe by the kernel) in a sma
 with CUDA events after warm-up (median of --repeats), next to
 the eager unpack + poolscore / gather attention it replaces on the same batch (also attention only).
 Reports the bytes the kernel must read (user parts + indices from the batch, two dh-wide fp32 pool rows
-per behaviour and head, mostly L2 hits) and the effective rate; checks every configuration's output
-against the gather reference (max abs diff). The best fp32-pool configuration is what
+per behaviour and head, mostly L2 hits) and the effective rate, and the pool-gather floor: a kernel
+doing only those pool-row reads (best of a small grid), the least time a gather kernel needs; checks
+every configuration's output against the gather reference (max abs diff). The best fp32-pool configuration is what
 ``fused_attention`` defaults to (fp16 pools round the pool rows: an opt-in).
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 import sys
@@ -34,6 +36,64 @@ from cachestore.batch import HostBatcher  # noqa: E402
 from cachestore.decode import pool_score_attention  # noqa: E402
 from cachestore.fused import FusedConfig, fused_attention  # noqa: E402
 from cachestore.transfer import to_device  # noqa: E402
+
+try:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _gather_floor_kernel(kidx_ptr, vidx_ptr, pool_k_ptr, pool_v_ptr, out_ptr, L, D_A: tl.constexpr,
+                             W: tl.constexpr, BLOCK_L: tl.constexpr, SEG: tl.constexpr):
+        """The fused kernel's pool reads and nothing else: program (b, g, part) sums the W-wide column
+        group g of P_k[k_idx[b, l]] + P_v[v_idx[b, l]] over its part's behaviours (no user part, no
+        softmax), so its time is what the same gathers cost at best."""
+        b, g, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        cols = g * W + tl.arange(0, W)  # (W,)
+        acc = tl.zeros([W], dtype=tl.float32)
+        for l0 in range(part * SEG, tl.minimum(L, part * SEG + SEG), BLOCK_L):
+            ls = l0 + tl.arange(0, BLOCK_L)  # (BLOCK_L,)
+            m = ls < L
+            ik = tl.load(kidx_ptr + b * L + ls, mask=m, other=0)
+            iv = tl.load(vidx_ptr + b * L + ls, mask=m, other=0)
+            k = tl.load(pool_k_ptr + ik[:, None] * D_A + cols[None, :], mask=m[:, None], other=0.0)
+            v = tl.load(pool_v_ptr + iv[:, None] * D_A + cols[None, :], mask=m[:, None], other=0.0)
+            acc += tl.sum(k.to(tl.float32) + v.to(tl.float32), axis=0)
+        tl.store(out_ptr + (b * tl.num_programs(2) + part) * D_A + cols, acc)
+except ImportError:  # pragma: no cover - the script needs a GPU with Triton anyway
+    triton = None
+
+
+def gather_floor(users: int, length: int, args: argparse.Namespace, device: torch.device) -> dict:
+    """Best time of :func:`_gather_floor_kernel` over a small launch grid, per pool dtype: the floor of
+    the fused kernel's pool-row reads (uniform indices over the pool, as the synthetic records)."""
+    d_a, pool = PAPER["d_attn"], PAPER["pool_size"]
+    g = torch.Generator(device="cpu").manual_seed(3)
+    kidx = torch.randint(0, pool, (users, length), generator=g, dtype=torch.int32).to(device)  # (B, L)
+    vidx = torch.randint(0, pool, (users, length), generator=g, dtype=torch.int32).to(device)  # (B, L)
+    out: dict = {}
+    for name in args.pool_dtypes.split(","):
+        dtype = getattr(torch, name)
+        pk = torch.randn(pool, d_a, generator=g).to(device=device, dtype=dtype)  # (M, d_a)
+        pv = torch.randn(pool, d_a, generator=g).to(device=device, dtype=dtype)  # (M, d_a)
+        read = 2 * users * length * d_a * dtype.itemsize  # two pool rows per behaviour
+        best = None
+        for width, block, warps, parts in itertools.product((64, 256), (32, 64), (2, 4), (1, 4)):
+            seg = -(-length // (parts * block)) * block
+            acc = torch.empty(users * parts, d_a, device=device)
+
+            run = functools.partial(_gather_floor_kernel[(users, d_a // width, parts)], kidx, vidx, pk, pv, acc,
+                                    length, D_A=d_a, W=width, BLOCK_L=block, SEG=seg, num_warps=warps)
+            t = timed(run, device, args.warmup, args.repeats)["median_ms"]
+            got = acc.view(users, parts, d_a).sum(1)  # (B, d_a)
+            want = (pk[kidx].float() + pv[vidx].float()).sum(1)  # (B, L, d_a) -> (B, d_a)
+            if not torch.allclose(got, want, rtol=1e-3, atol=1e-2):
+                raise AssertionError(f"gather floor kernel wrong ({width}, {block}, {warps}, {parts})")
+            if best is None or t < best["median_ms"]:
+                best = {"median_ms": t, "width": width, "block_l": block, "num_warps": warps, "parts": parts}
+        out[name] = {**best, "pool_bytes_read": read, "gb_per_s": read / best["median_ms"] / 1e6}
+        print(f"L={length} B={users} pool-gather floor {name}: {best['median_ms']:.4f} ms "
+              f"({out[name]['gb_per_s']:.0f} GB/s)", flush=True)
+    return out
 
 
 def bench_length(length: int, args: argparse.Namespace, device: torch.device) -> dict:
@@ -86,6 +146,7 @@ def bench_length(length: int, args: argparse.Namespace, device: torch.device) ->
             print(f"L={length} B={args.users} block {block:4d} warps {warps} heads {hpp} stages {stage} "
                   f"split {split} {pool} {source}: {t['median_ms']:.4f} ms (diff {diff:.2e})", flush=True)
     row["configs"] = configs
+    row["pool_gather_floor"] = gather_floor(args.users, length, args, device) if triton is not None else None
     exact = [c for c in configs if c["pool_dtype"] == "float32"]
     exact = [c for c in exact if c["source"] == "device"]
     row["best_fp32_pools"] = min(exact, key=lambda c: c["median_ms"]) if exact else None

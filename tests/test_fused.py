@@ -112,13 +112,16 @@ def test_static_decode_fused_path(name: str) -> None:
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_fused_graph_replay_on_cuda(name: str) -> None:
-    """A captured graph of the fused decode (copy + q + kernel + MLP) replays to the eager scores; with
-    fp16 pools, to the eager fused decode at the same settings."""
-    resident, layout, host, raw, rng = batch(name, "float16", "uint16", 6, seed=5)
+    """A captured graph of the fused decode (copies + q + kernel + MLP) replays to the eager scores; with
+    fp16 pools, to the eager fused decode at the same settings; a pageable batch is refused."""
+    resident, layout, pageable, raw, rng = batch(name, "float16", "uint16", 6, seed=5)
+    host = HostBatcher(layout, pin=True).pack(pageable.user_ids, [pageable.record(b) for b in range(6)])
     cand = torch.from_numpy(rng.integers(0, N_ITEMS + 1, (6, 2))).to(DEVICE)
     half = FusedConfig(pool_dtype="float16")
     with torch.inference_mode():
         graph = GraphedDecoder(resident, layout, n_users=6, pad_to=SEQ, n_candidates=2, path="fused")
+        with pytest.raises(ValueError, match="pinned host memory"):  # a captured copy needs a pinned source
+            graph.run(pageable, cand)
         got = graph.run(host, cand).clone()
         want = eager_logits(resident, host, cand, "gather")
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
