@@ -9,7 +9,8 @@
 #                           also re-times the prefill function
 #   step "tune"  (~3 min):  the fused paths again over fp16 pool rows; the kernel's launch settings with
 #                           history splits at B 512 and 64
-#   step "mapped" (~4 min): the zero-copy experiment: the fused kernel reading the pinned host batch
+#   step "kernel" (~4 min): the kernel at B 512 (device vs mapped batch; the pool-gather floor) and
+#                           Table 2 at L 1000 over fp16 pool rows
 #   step "eval"  (resumable, rerun until it prints "eval complete"): `ckv eval --device cuda --workers 3`
 #                           (issue 5; every finished run is kept under benchmarks/results/zoo_movielens/runs)
 #
@@ -66,19 +67,18 @@ tune)
     cp benchmarks/results/decode_latency_fp16pools.json benchmarks/results/decode_latency_fp16pools.png \
         benchmarks/results/fused_kernel_split_B*.json "$OUT"/ 2>/dev/null
     ;;
-mapped)
-    # the kernel reading the pinned host batch over PCIe itself (zero-copy) against the device copy
-    for users in 512 64; do
-        timeout 100 python3 benchmarks/fused_kernel.py --users $users --lengths 1000 --blocks 32,64 --warps 2,4 \
-            --heads 2,8 --splits auto --pool-dtypes float32,float16 --sources device,mapped \
-            --out benchmarks/results/fused_kernel_mapped_B$users.json 2>&1 | grep "^L=" | tail -40
-    done
-    for pool in float32 float16; do
-        timeout 150 python3 benchmarks/decode_latency.py --pool-dtype $pool --lengths 1000 \
-            --batch-sizes 1,64,256,512 --no-fetch --out benchmarks/results/decode_latency_mapped_$pool.json \
-            2>&1 | grep -E "^L=|over_floor|failed|MISMATCH" | tail -12
-    done
-    cp benchmarks/results/fused_kernel_mapped_B*.json benchmarks/results/decode_latency_mapped_*.json "$OUT"/
+kernel)
+    # the kernel alone at B 512, L 1000: launch settings, batch on the device or read from pinned host
+    # memory over PCIe (mapped, zero-copy), and the pool-gather floor (a kernel doing only the pool reads)
+    timeout 200 python3 benchmarks/fused_kernel.py --users 512 --lengths 1000 --blocks 32,64 --warps 2 \
+        --heads 2,8 --splits auto --pool-dtypes float32,float16 --sources device,mapped \
+        --out benchmarks/results/fused_kernel_floor.json 2>&1 | grep -E "^L=" | tail -24
+    # Table 2 at L 1000 with fp16 pool rows (FusedConfig(pool_dtype="float16"))
+    timeout 150 python3 benchmarks/decode_latency.py --pool-dtype float16 --lengths 1000 \
+        --batch-sizes 1,64,256,512 --no-fetch --out benchmarks/results/decode_latency_fp16pools.json \
+        2>&1 | grep -E "^L=|over_floor_B|failed|MISMATCH" | tail -12
+    cp benchmarks/results/fused_kernel_floor.json benchmarks/results/decode_latency_fp16pools.json \
+        benchmarks/results/decode_latency_fp16pools.png "$OUT"/
     ;;
 eval)
     budget=${2:-540}
