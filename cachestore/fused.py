@@ -72,11 +72,8 @@ class FusedConfig:
     split_l: parts each user's history is split into, one program each, their softmax states combined by
     a second kernel (flash-decoding; a power of two; None: :func:`split_parts` picks from the launch size);
     pool_dtype: "float32" (the model's pool rows exactly), "float16" or "bfloat16" (half the kernel's
-    pool reads, at the cost of rounding the pool rows: an opt-in); narrow_user: where both sides are shared
-    and the user dims lie inside head 0 (the paper's d_u 1), read the user parts as narrow tiles in the
-    first head group only (False: as masked full-width tiles in every group, the general path). The
-    defaults are the fastest fp32-pool setting of ``benchmarks/fused_kernel.py`` on an H100 (B 512,
-    L 1000: ``benchmarks/results/fused_kernel.json``).
+    pool reads, at the cost of rounding the pool rows: an opt-in). The defaults are the fastest fp32-pool
+    setting of ``benchmarks/fused_kernel.py`` on an H100 (B 512, L 1000: ``benchmarks/results/fused_kernel.json``).
     """
 
     block_l: int = 32
@@ -85,7 +82,6 @@ class FusedConfig:
     num_stages: int | None = None
     split_l: int | None = None
     pool_dtype: str = "float32"
-    narrow_user: bool = True
 
     def __post_init__(self) -> None:
         if self.pool_dtype not in KV_TORCH:
@@ -144,49 +140,27 @@ if triton is not None:
     @triton.jit
     def _attend_block(
         raw_ptr, pool_k_ptr, pool_v_ptr, start, n, stop, kidx_base, vidx_base, l0, q, cols, m_i, l_i, acc,
-        q_u, acc_u, is_first,
         D_A: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
         K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, KV_CODE: tl.constexpr, KV_BYTES: tl.constexpr,
-        IDX_BYTES: tl.constexpr, BLOCK_L: tl.constexpr, NARROW: tl.constexpr, UW: tl.constexpr,
+        IDX_BYTES: tl.constexpr, BLOCK_L: tl.constexpr,
     ):
         """One online-softmax step of GH heads over behaviours l0 .. l0 + BLOCK_L - 1 (masked at l >= stop;
         stop <= n, the user's length, which places the V part). q, cols: (GH·DH,); m_i, l_i: (GH,);
-        acc: (GH, DH). NARROW (both sides shared, user dims within head 0): the user parts are read as
-        (BLOCK_L, UW) tiles by the first head group only (is_first) — their score term q_u·k_u goes to
-        head 0 and their values accumulate in acc_u (UW,), head 0's first columns (the pool rows are zero
-        there) — instead of as masked (BLOCK_L, GH·DH) tiles; q_u: (UW,) q's first columns."""
+        acc: (GH, DH)."""
         ls = l0 + tl.arange(0, BLOCK_L)  # (BLOCK_L,)
         lmask = ls < stop
-        if NARROW:
-            key = tl.zeros([BLOCK_L, GH * DH], dtype=tl.float32)
-        else:
-            key = _load_user(raw_ptr, start, ls, cols, lmask, DK, KV_CODE)  # (BLOCK_L, GH·DH)
+        key = _load_user(raw_ptr, start, ls, cols, lmask, DK, KV_CODE)  # (BLOCK_L, GH·DH)
         if K_SHARED:
             ik = _load_idx(raw_ptr, kidx_base, ls, lmask, IDX_BYTES)
             key += tl.load(pool_k_ptr + ik[:, None] * D_A + cols[None, :], mask=lmask[:, None], other=0.0
                            ).to(tl.float32)
         s = tl.sum(tl.reshape(key * q[None, :], (BLOCK_L, GH, DH)), axis=2)  # (BLOCK_L, GH)
-        first_head = tl.arange(0, GH) == 0  # (GH,)
-        if NARROW:
-            s_user = tl.zeros([BLOCK_L], dtype=tl.float32)
-            if is_first:
-                uk = _load_user(raw_ptr, start, ls, tl.arange(0, UW), lmask, DK, KV_CODE)  # (BLOCK_L, UW)
-                s_user = tl.sum(uk * q_u[None, :], axis=1)  # (BLOCK_L,)
-            s += tl.where(first_head[None, :], s_user[:, None], 0.0)
         s = tl.where(lmask[:, None], s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))  # (GH,)
         m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)  # an all-masked block (static bound)
         alpha = tl.exp(m_i - m_ref)  # (GH,)
         p = tl.exp(s - m_ref[None, :])  # (BLOCK_L, GH), 0 at masked positions
-        if NARROW:
-            val = tl.zeros([BLOCK_L, GH * DH], dtype=tl.float32)
-            if is_first:
-                uv = _load_user(raw_ptr, start + n * DK * KV_BYTES, ls, tl.arange(0, UW), lmask, DV, KV_CODE)
-                p0 = tl.sum(tl.where(first_head[None, :], p, 0.0), axis=1)  # (BLOCK_L,) head 0's weights
-                alpha0 = tl.sum(tl.where(first_head, alpha, 0.0), axis=0)
-                acc_u = acc_u * alpha0 + tl.sum(p0[:, None] * uv, axis=0)  # (UW,)
-        else:
-            val = _load_user(raw_ptr, start + n * DK * KV_BYTES, ls, cols, lmask, DV, KV_CODE)  # (BLOCK_L, GH·DH)
+        val = _load_user(raw_ptr, start + n * DK * KV_BYTES, ls, cols, lmask, DV, KV_CODE)  # (BLOCK_L, GH·DH)
         if V_SHARED:
             iv = _load_idx(raw_ptr, vidx_base, ls, lmask, IDX_BYTES)
             val += tl.load(pool_v_ptr + iv[:, None] * D_A + cols[None, :], mask=lmask[:, None], other=0.0
@@ -194,7 +168,7 @@ if triton is not None:
         l_i = l_i * alpha + tl.sum(p, axis=0)
         pv = p[:, :, None] * tl.reshape(val, (BLOCK_L, GH, DH))  # (BLOCK_L, GH, DH)
         acc = acc * alpha[:, None] + tl.sum(pv, axis=0)  # (GH, DH)
-        return m_new, l_i, acc, acc_u
+        return m_new, l_i, acc
 
     @triton.jit
     def _collective_attention_kernel(
@@ -202,7 +176,7 @@ if triton is not None:
         D_A: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
         K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, KV_CODE: tl.constexpr, KV_BYTES: tl.constexpr,
         IDX_BYTES: tl.constexpr, HEADER: tl.constexpr, BLOCK_L: tl.constexpr, MAX_L: tl.constexpr,
-        SPLIT: tl.constexpr, SEG: tl.constexpr, NARROW: tl.constexpr, UW: tl.constexpr,
+        SPLIT: tl.constexpr, SEG: tl.constexpr,
     ):
         row = tl.program_id(0)  # b·C + c: rows of q and out
         group = tl.program_id(1)  # heads group·GH .. group·GH + GH - 1
@@ -216,29 +190,19 @@ if triton is not None:
         vidx_base = kidx_base + n * (IDX_BYTES if K_SHARED else 0)
         cols = group * GH * DH + tl.arange(0, GH * DH)  # (GH·DH,) this group's columns of d_a
         q = tl.load(q_ptr + row * D_A + cols).to(tl.float32) * scale  # (GH·DH,)
-        ucols = tl.arange(0, UW)  # (UW,) the user columns (NARROW: UW <= DH, within head 0)
-        q_u = tl.load(q_ptr + row * D_A + ucols).to(tl.float32) * scale  # (UW,)
-        is_first = group == 0
         m_i = tl.full([GH], -float("inf"), tl.float32)  # running max per head
         l_i = tl.zeros([GH], dtype=tl.float32)  # running denominator per head
         acc = tl.zeros([GH, DH], dtype=tl.float32)
-        acc_u = tl.zeros([UW], dtype=tl.float32)  # NARROW: head 0's user value columns
         if MAX_L > 0:  # Triton's CPU interpreter cannot loop to a loaded bound: static bound, masked
             for l0 in range(0, MAX_L, BLOCK_L):
-                m_i, l_i, acc, acc_u = _attend_block(
+                m_i, l_i, acc = _attend_block(
                     raw_ptr, pool_k_ptr, pool_v_ptr, start, n, stop, kidx_base, vidx_base, lo + l0, q, cols, m_i, l_i,
-                    acc, q_u, acc_u, is_first, D_A, GH, DH, DK, DV, K_SHARED, V_SHARED, KV_CODE, KV_BYTES, IDX_BYTES,
-                    BLOCK_L, NARROW, UW)
+                    acc, D_A, GH, DH, DK, DV, K_SHARED, V_SHARED, KV_CODE, KV_BYTES, IDX_BYTES, BLOCK_L)
         else:
             for l0 in range(lo, stop, BLOCK_L):
-                m_i, l_i, acc, acc_u = _attend_block(
+                m_i, l_i, acc = _attend_block(
                     raw_ptr, pool_k_ptr, pool_v_ptr, start, n, stop, kidx_base, vidx_base, l0, q, cols, m_i, l_i,
-                    acc, q_u, acc_u, is_first, D_A, GH, DH, DK, DV, K_SHARED, V_SHARED, KV_CODE, KV_BYTES, IDX_BYTES,
-                    BLOCK_L, NARROW, UW)
-        if NARROW:  # head 0's user columns (where acc is 0: pool rows are zero there) += acc_u
-            hit = ucols[:, None] == tl.arange(0, DH)[None, :]  # (UW, DH)
-            spread = tl.sum(tl.where(hit, acc_u[:, None], 0.0), axis=0)  # (DH,) acc_u at its columns
-            acc += tl.where((tl.arange(0, GH) == 0)[:, None], spread[None, :], 0.0)
+                    acc, D_A, GH, DH, DK, DV, K_SHARED, V_SHARED, KV_CODE, KV_BYTES, IDX_BYTES, BLOCK_L)
         if SPLIT == 1:
             out = acc / tl.maximum(l_i, 1e-30)[:, None]  # (GH, DH); l_i == 0 only when n == 0, where acc == 0
             tl.store(out_ptr + row * D_A + cols, tl.reshape(out, (GH * DH,)))
@@ -338,9 +302,6 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
     stages = {} if config.num_stages is None else {"num_stages": config.num_stages}
     rows, groups, max_len = b * c, heads // config.heads_per_program, max(1, layout.max_len)
     parts = split_parts(config, rows, groups, max_len, q.device)
-    # both sides shared with all user dims inside head 0: read the user parts narrow (see _attend_block)
-    narrow = config.narrow_user and layout.k_shared and layout.v_shared and max(layout.dk, layout.dv) <= dh
-    uw = triton.next_power_of_2(max(1, layout.dk, layout.dv)) if narrow else 1
     seg = -(-max_len // (parts * config.block_l)) * config.block_l  # behaviours per part, whole blocks
     if parts == 1:
         acc, m, l = out, out, out  # the kernel writes the normalised output itself
@@ -354,8 +315,7 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
         K_SHARED=layout.k_shared, V_SHARED=layout.v_shared,
         KV_CODE=KV_CODES[layout.kv_dtype], KV_BYTES=KV_TORCH[layout.kv_dtype].itemsize,
         IDX_BYTES=IDX_BYTES[layout.idx_dtype], HEADER=HEADER_SIZE, BLOCK_L=config.block_l,
-        MAX_L=seg if INTERPRETED else 0, SPLIT=parts, SEG=seg, NARROW=narrow, UW=uw, num_warps=config.num_warps,
-        **stages,
+        MAX_L=seg if INTERPRETED else 0, SPLIT=parts, SEG=seg, num_warps=config.num_warps, **stages,
     )
     if parts > 1:
         _combine_parts_kernel[(rows, heads)](acc, m, l, out, D_A=d_a, H=heads, DH=dh, SPLIT=parts, num_warps=1)
