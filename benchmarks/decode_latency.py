@@ -296,17 +296,18 @@ def bench_mapped_graph(row: dict, graph: GraphedDecoder, host, want: torch.Tenso
     """c_graph_mapped (experiment, CUDA): a graph whose fused kernel reads the pinned host batch itself
     (mapped, zero-copy: the PCIe transfer overlaps the attention; no copy launched at all). The replay is
     the whole path from pinned memory to logits. Scores checked against c_poolscore; failures recorded."""
+    def body() -> torch.Tensor:  # the decode over the pinned host batch itself
+        return static_decode(host.tensor, graph.candidates, resident=graph.resident, layout=graph.layout,
+                             n_users=graph.n_users, pad_to=graph.pad_to, path=graph.path, fused=graph.fused)
     try:
         mapped = torch.cuda.CUDAGraph()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside the capture (Triton compiles for the new pointer kind)
-            static_decode(host.tensor, graph.candidates, resident=graph.resident, layout=graph.layout,
-                          n_users=graph.n_users, pad_to=graph.pad_to, path=graph.path, fused=graph.fused)
+            body()
         torch.cuda.current_stream().wait_stream(side)
         with torch.cuda.graph(mapped):
-            logits = static_decode(host.tensor, graph.candidates, resident=graph.resident, layout=graph.layout,
-                                   n_users=graph.n_users, pad_to=graph.pad_to, path=graph.path, fused=graph.fused)
+            logits = body()
         mapped.replay()
         _, error = score_check(logits, want, args.score_tol)
         row["c_graph_mapped"] = {"error": error} if error else timed(mapped.replay, device, args.warmup, args.repeats)

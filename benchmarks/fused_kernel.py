@@ -76,6 +76,7 @@ def gather_floor(users: int, length: int, args: argparse.Namespace, device: torc
         pk = torch.randn(pool, d_a, generator=g).to(device=device, dtype=dtype)  # (M, d_a)
         pv = torch.randn(pool, d_a, generator=g).to(device=device, dtype=dtype)  # (M, d_a)
         read = 2 * users * length * d_a * dtype.itemsize  # two pool rows per behaviour
+        want = (pk[kidx].float() + pv[vidx].float()).sum(1)  # (B, L, d_a) -> (B, d_a), checks every setting
         best = None
         for width, block, warps, parts in itertools.product((64, 256), (32, 64), (2, 4), (1, 4)):
             seg = -(-length // (parts * block)) * block
@@ -85,7 +86,6 @@ def gather_floor(users: int, length: int, args: argparse.Namespace, device: torc
                                     length, D_A=d_a, W=width, BLOCK_L=block, SEG=seg, num_warps=warps)
             t = timed(run, device, args.warmup, args.repeats)["median_ms"]
             got = acc.view(users, parts, d_a).sum(1)  # (B, d_a)
-            want = (pk[kidx].float() + pv[vidx].float()).sum(1)  # (B, L, d_a) -> (B, d_a)
             if not torch.allclose(got, want, rtol=1e-3, atol=1e-2):
                 raise AssertionError(f"gather floor kernel wrong ({width}, {block}, {warps}, {parts})")
             if best is None or t < best["median_ms"]:

@@ -236,8 +236,7 @@ class GraphedDecoder:
             key = (source.data_ptr(), nbytes)
             if key not in self._graphs:
                 self._graphs[key] = self._capture(source)
-            self._last = self._graphs[key]
-            return self._replay(host)
+            return self._replay(self._graphs[key], host)
 
     def replay(self) -> torch.Tensor:
         """Replay the latest graph again (the host buffer and candidate staging as they are now, copied
@@ -248,11 +247,10 @@ class GraphedDecoder:
             return self.logits
         if self._last is None:
             raise RuntimeError("nothing to replay: call run(host, candidates) first")
-        return self._replay(None)
+        return self._replay(self._last, None)
 
-    def _replay(self, host: HostBatch | None) -> torch.Tensor:
-        captured = self._last
-        assert captured is not None
+    def _replay(self, captured: _Captured, host: HostBatch | None) -> torch.Tensor:
+        self._last = captured
         captured.graph.replay()
         done = torch.cuda.Event()
         done.record()
