@@ -15,8 +15,6 @@
 #                           L 1000 → $OUT/ncu_fused.txt, $OUT/ncu_floor.txt
 #   step "mma"   (~6 min):  the tensor-core kernel (FusedConfig.tensor_cores, fp16 pools): its CUDA tests,
 #                           launch settings against the scalar kernel at B 512 L 1000, Table 2 at L 1000, ncu
-#   step "regs"  (~4 min):  register caps (FusedConfig.max_registers) on the scalar kernel, 4 heads per
-#                           program, and the tensor-core kernel at longer blocks, B 512 L 1000
 #   step "eval"  (resumable, rerun until it prints "eval complete"): `ckv eval --device cuda --workers 3`
 #                           (issue 5; every finished run is kept under benchmarks/results/zoo_movielens/runs)
 #
@@ -119,17 +117,6 @@ mma)
         > "$OUT/ncu_mma.txt" 2>&1
     grep -E "Duration|L2 Cache Throughput|Registers Per|Achieved Occ|Issue Slots|Warp Cycles Per Issued" "$OUT/ncu_mma.txt"
     cp benchmarks/results/fused_kernel_mma.json benchmarks/results/decode_latency_mma_w*.json "$OUT"/
-    ;;
-regs)
-    python3 -m pytest -q -p no:cacheprovider tests/test_fused.py -k "tensor_core or knobs" 2>&1 | tail -2
-    fk="python3 benchmarks/fused_kernel.py --users 512 --lengths 1000 --no-floor"
-    timeout 120 $fk --blocks 32 --warps 2 --heads 8 --pool-dtypes float32,float16 --max-registers none,128,168 \
-        --out benchmarks/results/fused_kernel_regs.json 2>&1 | grep -E "^L=" | tail -8
-    timeout 90 $fk --blocks 32 --warps 2,4 --heads 4 --pool-dtypes float32,float16 --max-registers none,128 \
-        --out /tmp/fk_h4.json 2>&1 | grep -E "^L=" | tail -8
-    timeout 120 $fk --blocks 32,64,128 --warps 4,8 --heads 1 --pool-dtypes float16 --tensor-cores 1 \
-        --out /tmp/fk_mma2.json 2>&1 | grep -E "^L=|rror" | tail -8
-    cp benchmarks/results/fused_kernel_regs.json "$OUT"/; cp /tmp/fk_h4.json /tmp/fk_mma2.json "$OUT"/
     ;;
 eval)
     budget=${2:-540}

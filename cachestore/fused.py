@@ -77,9 +77,7 @@ class FusedConfig:
     tensor_cores: with fp16 pools, compute both per-head reductions as matrix products on tensor cores
     (:func:`_mma_block`: no exactness lost beyond the pool rounding; fp16 only, as Triton's CPU interpreter
     that CI tests with multiplies bf16 tiles wrongly; stores whose user dims lie in head 0 with
-    both sides shared; other stores use the scalar kernel);
-    max_registers: registers per thread the compiler may use (ptx .maxnreg; None: its choice): fewer raise the
-    programs resident per SM, at the risk of spills. The defaults are the fastest fp32-pool
+    both sides shared; other stores use the scalar kernel). The defaults are the fastest fp32-pool
     setting of ``benchmarks/fused_kernel.py`` on an H100 (B 512, L 1000: ``benchmarks/results/fused_kernel.json``).
     """
 
@@ -90,7 +88,6 @@ class FusedConfig:
     split_l: int | None = None
     pool_dtype: str = "float32"
     tensor_cores: bool = False
-    max_registers: int | None = None
 
     def __post_init__(self) -> None:
         if self.pool_dtype not in KV_TORCH:
@@ -103,8 +100,6 @@ class FusedConfig:
                 raise ValueError(f"{name} must be a power of two, got {value}")
         if self.split_l is not None and (self.split_l < 1 or self.split_l & (self.split_l - 1)):
             raise ValueError(f"split_l must be a power of two, got {self.split_l}")
-        if self.max_registers is not None and not 24 <= self.max_registers <= 255:
-            raise ValueError(f"max_registers must be in 24..255, got {self.max_registers}")
         if self.num_stages is not None and self.num_stages < 1:
             raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
 
@@ -236,8 +231,7 @@ if triton is not None:
         with both per-head reductions on tensor cores. Heads are the HP (>= H, >= 16) columns of the
         block-diagonal query q_hi + q_lo (D_A, HP) (two half-precision pieces of the fp32 query: the product
         with a half pool row is fp32-exact); the user dims (< UW, inside head 0) go through fp32 tiles.
-        m_i, l_i: (HP,); acc: (D_A, HP) (column h: head h's weighted pool rows, as V^T·P so the product's
-        long side, D_A, is its M); acc_user: (UW,)."""
+        m_i, l_i: (HP,); acc: (HP, D_A) (row h: head h's weighted pool rows); acc_user: (UW,)."""
         ls = l0 + tl.arange(0, BLOCK_L)  # (BLOCK_L,)
         lmask = ls < stop
         cols = tl.arange(0, D_A)  # (D_A,)
@@ -256,10 +250,10 @@ if triton is not None:
         l_i = l_i * alpha + tl.sum(p, axis=0)
         iv = _load_idx(raw_ptr, vidx_base, ls, lmask, IDX_BYTES)
         vals = tl.load(pool_v_ptr + iv[:, None] * D_A + cols[None, :], mask=lmask[:, None], other=0.0)  # (BL, D_A)
-        p_hi = p.to(vals.dtype)
-        p_lo = (p - p_hi.to(tl.float32)).to(vals.dtype)  # p = p_hi + p_lo to ~fp32 precision
-        vals_t = tl.trans(vals)  # (D_A, BLOCK_L)
-        acc = tl.dot(vals_t, p_lo, tl.dot(vals_t, p_hi, acc * alpha[None, :]))  # (D_A, HP)
+        p_t = tl.trans(p)  # (HP, BLOCK_L)
+        p_hi = p_t.to(vals.dtype)
+        p_lo = (p_t - p_hi.to(tl.float32)).to(vals.dtype)  # p = p_hi + p_lo to ~fp32 precision
+        acc = tl.dot(p_lo, vals, tl.dot(p_hi, vals, acc * alpha[:, None]))  # (HP, D_A)
         p0 = tl.sum(tl.where(heads[None, :] == 0, p, 0.0), axis=1)  # (BLOCK_L,) head 0's weights
         alpha0 = tl.sum(tl.where(heads == 0, alpha, 0.0), axis=0)
         v_user = _load_user(raw_ptr, start + n * DK * KV_BYTES, ls, ucols, lmask, DV, KV_CODE)  # (BLOCK_L, UW)
@@ -295,7 +289,7 @@ if triton is not None:
         q_user = tl.load(q_ptr + row * D_A + ucols, mask=ucols < DK, other=0.0) * scale  # (UW,)
         m_i = tl.full([HP], -float("inf"), tl.float32)
         l_i = tl.zeros([HP], dtype=tl.float32)
-        acc = tl.zeros([D_A, HP], dtype=tl.float32)
+        acc = tl.zeros([HP, D_A], dtype=tl.float32)
         acc_user = tl.zeros([UW], dtype=tl.float32)
         if MAX_L > 0:  # Triton's CPU interpreter cannot loop to a loaded bound: static bound, masked
             for l0 in range(0, MAX_L, BLOCK_L):
@@ -307,11 +301,11 @@ if triton is not None:
                 m_i, l_i, acc, acc_user = _mma_block(
                     raw_ptr, pool_k_ptr, pool_v_ptr, start, n, stop, kidx_base, vidx_base, l0, q_hi, q_lo,
                     q_user, m_i, l_i, acc, acc_user, D_A, HP, DK, DV, UW, KV_CODE, KV_BYTES, IDX_BYTES, BLOCK_L)
-        own = cols[:, None] // DH == heads[None, :]  # (D_A, HP): column c belongs to head c // DH
-        num = tl.sum(tl.where(own, acc, 0.0), axis=1)  # (D_A,); pool rows are 0 in the user dims:
+        own = cols[None, :] // DH == heads[:, None]  # (HP, D_A): column c belongs to head c // DH
+        num = tl.sum(tl.where(own, acc, 0.0), axis=0)  # (D_A,); pool rows are 0 in the user dims:
         num += tl.sum(tl.where(ucols[:, None] == cols[None, :], acc_user[:, None], 0.0), axis=0)
         if SPLIT == 1:
-            den = tl.sum(tl.where(own, l_i[None, :], 0.0), axis=1)  # (D_A,) each column's head denominator
+            den = tl.sum(tl.where(own, l_i[:, None], 0.0), axis=0)  # (D_A,) each column's head denominator
             tl.store(out_ptr + row * D_A + cols, num / tl.maximum(den, 1e-30))
         else:  # partial softmax state of this part, as the scalar kernel's
             at = row * SPLIT + part
@@ -415,8 +409,6 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
     if b * c == 0:
         return out
     stages = {} if config.num_stages is None else {"num_stages": config.num_stages}
-    if config.max_registers is not None and not INTERPRETED:  # the interpreter compiles nothing
-        stages["maxnreg"] = config.max_registers
     mma = uses_tensor_cores(config, layout, d_a, heads)
     block_l = max(16, config.block_l) if mma else config.block_l  # a matrix product's inner dim is >= 16
     rows, groups, max_len = b * c, 1 if mma else heads // config.heads_per_program, max(1, layout.max_len)
