@@ -493,10 +493,6 @@ def main() -> None:
     p.add_argument("--compile-mode", default="max-autotune-no-cudagraphs")
     p.add_argument("--pool-dtype", choices=sorted(KV_TORCH), default="float32",
                    help="pool rows the fused paths read (c_fused, c_graph; FusedConfig.pool_dtype)")
-    p.add_argument("--tensor-cores", action="store_true",
-                   help="with --pool-dtype float16: the tensor-core kernel (FusedConfig.tensor_cores)")
-    p.add_argument("--fused-block-l", type=int, default=None, help="FusedConfig.block_l (default: its default)")
-    p.add_argument("--fused-warps", type=int, default=None, help="FusedConfig.num_warps (default: its default)")
     p.add_argument("--graph-path", choices=["auto", "fused", "poolscore", "gather"], default="auto",
                    help="attention path captured in the c_graph CUDA graph (auto: fused on CUDA with Triton, "
                         "else choose_path for the shape)")
@@ -507,8 +503,7 @@ def main() -> None:
                    help="torch CPU threads (default: 1 with --device cpu, for stable numbers; else torch's)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
-    launch = {k: v for k, v in (("block_l", args.fused_block_l), ("num_warps", args.fused_warps)) if v is not None}
-    args.fused = FusedConfig(pool_dtype=args.pool_dtype, tensor_cores=args.tensor_cores, **launch)
+    args.fused = FusedConfig(pool_dtype=args.pool_dtype)
     args.score_tol = 1e-4 if args.pool_dtype == "float32" else 3e-3  # half pools: their rounding (tests/test_fused.py)
     device = torch.device(args.device)
     dry = device.type != "cuda"

@@ -11,10 +11,6 @@
 #                           history splits at B 512 and 64
 #   step "kernel" (~4 min): the kernel at B 512 (device vs mapped batch; the pool-gather floor) and
 #                           Table 2 at L 1000 over fp16 pool rows
-#   step "profile" (~3 min): hardware counters (ncu) of the kernel and of its pool-gather floor at B 512,
-#                           L 1000 → $OUT/ncu_fused.txt, $OUT/ncu_floor.txt
-#   step "mma"   (~6 min):  the tensor-core kernel (FusedConfig.tensor_cores, fp16 pools): its CUDA tests,
-#                           launch settings against the scalar kernel at B 512 L 1000, Table 2 at L 1000, ncu
 #   step "eval"  (resumable, rerun until it prints "eval complete"): `ckv eval --device cuda --workers 3`
 #                           (issue 5; every finished run is kept under benchmarks/results/zoo_movielens/runs)
 #
@@ -83,40 +79,6 @@ kernel)
         2>&1 | grep -E "^L=|over_floor_B|failed|MISMATCH" | tail -12
     cp benchmarks/results/fused_kernel_floor.json benchmarks/results/decode_latency_fp16pools.json \
         benchmarks/results/decode_latency_fp16pools.png "$OUT"/
-    ;;
-profile)
-    # one launch per setting (--warmup 0 --repeats 1, plus the checking launch); clocks left alone (METHOD.md)
-    sections="--section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
-        --section LaunchStats --section SchedulerStats --section ComputeWorkloadAnalysis"
-    timeout 280 ncu --clock-control none -k regex:_collective_attention $sections --section SourceCounters \
-        python3 benchmarks/fused_kernel.py --users 512 --lengths 1000 --blocks 32 --warps 2 --heads 2,8 \
-        --pool-dtypes float32,float16 --warmup 0 --repeats 1 --out /tmp/fk_profile.json > "$OUT/ncu_fused.txt" 2>&1
-    echo "ncu fused rc=$?"; grep -E "Duration|Memory Throughput|L2 Cache Throughput|Compute \(SM\)|Achieved Occupancy|Issue Slots Busy|No Eligible" "$OUT/ncu_fused.txt" | head -60
-    timeout 200 ncu --clock-control none -k regex:_gather_floor --section SpeedOfLight --section MemoryWorkloadAnalysis \
-        python3 benchmarks/fused_kernel.py --users 512 --lengths 1000 --blocks 32 --warps 2 --heads 8 \
-        --pool-dtypes float32,float16 --warmup 0 --repeats 1 --out /tmp/fk_profile2.json > "$OUT/ncu_floor.txt" 2>&1
-    echo "ncu floor rc=$?"; grep -E "Duration|L2 Cache Throughput" "$OUT/ncu_floor.txt" | head -70
-    ;;
-mma)
-    python3 -m pytest -q -p no:cacheprovider tests/test_fused.py > "$OUT/pytest_fused.txt" 2>&1
-    echo "pytest rc=$?" | tee -a "$OUT/pytest_fused.txt"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_fused.txt" | head; tail -2 "$OUT/pytest_fused.txt"
-    timeout 150 python3 benchmarks/fused_kernel.py --users 512 --lengths 1000 --blocks 16,32,64 --warps 4,8 --heads 1 \
-        --stages default,3 --pool-dtypes float16 --tensor-cores 1 --no-floor \
-        --out benchmarks/results/fused_kernel_mma.json 2>&1 | grep -E "^L=|Error" | tail -16
-    timeout 60 python3 benchmarks/fused_kernel.py --users 512 --lengths 1000 --blocks 32 --warps 2 --heads 8 \
-        --pool-dtypes float16,float32 --no-floor --out /tmp/fk_scalar.json 2>&1 | grep -E "^L=" | tail -4
-    for warps in 4 8; do
-        timeout 120 python3 benchmarks/decode_latency.py --pool-dtype float16 --tensor-cores --fused-warps $warps \
-            --lengths 1000 --batch-sizes 1,64,512 --no-fetch \
-            --out benchmarks/results/decode_latency_mma_w$warps.json 2>&1 | grep -E "^L=|over_floor_B|failed|MISMATCH" | tail -8
-    done
-    timeout 120 ncu --clock-control none -k regex:_collective_attention_mma --launch-count 2 --section SpeedOfLight \
-        --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
-        python3 benchmarks/fused_kernel.py --users 512 --lengths 1000 --blocks 32 --warps 4 --heads 1 \
-        --pool-dtypes float16 --tensor-cores 1 --no-floor --warmup 0 --repeats 1 --out /tmp/fk_p.json \
-        > "$OUT/ncu_mma.txt" 2>&1
-    grep -E "Duration|L2 Cache Throughput|Registers Per|Achieved Occ|Issue Slots|Warp Cycles Per Issued" "$OUT/ncu_mma.txt"
-    cp benchmarks/results/fused_kernel_mma.json benchmarks/results/decode_latency_mma_w*.json "$OUT"/
     ;;
 eval)
     budget=${2:-540}

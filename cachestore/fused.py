@@ -36,7 +36,6 @@ the kernel then reads over PCIe (mapped, zero-copy) — measured slower than cop
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import os
@@ -73,11 +72,7 @@ class FusedConfig:
     split_l: parts each user's history is split into, one program each, their softmax states combined by
     a second kernel (flash-decoding; a power of two; None: :func:`split_parts` picks from the launch size);
     pool_dtype: "float32" (the model's pool rows exactly), "float16" or "bfloat16" (half the kernel's
-    pool reads, at the cost of rounding the pool rows: an opt-in);
-    tensor_cores: with fp16 pools, compute both per-head reductions as matrix products on tensor cores
-    (:func:`_mma_block`: no exactness lost beyond the pool rounding; fp16 only, as Triton's CPU interpreter
-    that CI tests with multiplies bf16 tiles wrongly; stores whose user dims lie in head 0 with
-    both sides shared; other stores use the scalar kernel). The defaults are the fastest fp32-pool
+    pool reads, at the cost of rounding the pool rows: an opt-in). The defaults are the fastest fp32-pool
     setting of ``benchmarks/fused_kernel.py`` on an H100 (B 512, L 1000: ``benchmarks/results/fused_kernel.json``).
     """
 
@@ -87,13 +82,10 @@ class FusedConfig:
     num_stages: int | None = None
     split_l: int | None = None
     pool_dtype: str = "float32"
-    tensor_cores: bool = False
 
     def __post_init__(self) -> None:
         if self.pool_dtype not in KV_TORCH:
             raise ValueError(f"pool_dtype must be one of {sorted(KV_TORCH)}, got {self.pool_dtype!r}")
-        if self.tensor_cores and self.pool_dtype != "float16":
-            raise ValueError("tensor_cores needs fp16 pools (pool_dtype float16)")
         for name in ("block_l", "num_warps", "heads_per_program"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
@@ -222,98 +214,6 @@ if triton is not None:
             tl.store(out_ptr + at * D_A + cols, tl.reshape(acc, (GH * DH,)))
 
     @triton.jit
-    def _mma_block(
-        raw_ptr, pool_k_ptr, pool_v_ptr, start, n, stop, kidx_base, vidx_base, l0, q_hi, q_lo, q_user, m_i, l_i,
-        acc, acc_user, D_A: tl.constexpr, HP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, UW: tl.constexpr,
-        KV_CODE: tl.constexpr, KV_BYTES: tl.constexpr, IDX_BYTES: tl.constexpr, BLOCK_L: tl.constexpr,
-    ):
-        """One online-softmax step of all heads over behaviours l0 .. l0 + BLOCK_L - 1 (masked at l >= stop)
-        with both per-head reductions on tensor cores. Heads are the HP (>= H, >= 16) columns of the
-        block-diagonal query q_hi + q_lo (D_A, HP) (two half-precision pieces of the fp32 query: the product
-        with a half pool row is fp32-exact); the user dims (< UW, inside head 0) go through fp32 tiles.
-        m_i, l_i: (HP,); acc: (HP, D_A) (row h: head h's weighted pool rows); acc_user: (UW,)."""
-        ls = l0 + tl.arange(0, BLOCK_L)  # (BLOCK_L,)
-        lmask = ls < stop
-        cols = tl.arange(0, D_A)  # (D_A,)
-        heads = tl.arange(0, HP)  # (HP,)
-        ucols = tl.arange(0, UW)  # (UW,)
-        ik = _load_idx(raw_ptr, kidx_base, ls, lmask, IDX_BYTES)
-        keys = tl.load(pool_k_ptr + ik[:, None] * D_A + cols[None, :], mask=lmask[:, None], other=0.0)  # (BL, D_A)
-        s = tl.dot(keys, q_lo, tl.dot(keys, q_hi))  # (BLOCK_L, HP) fp32: every head's pool-row score
-        s_user = tl.sum(_load_user(raw_ptr, start, ls, ucols, lmask, DK, KV_CODE) * q_user[None, :], axis=1)
-        s = tl.where(heads[None, :] == 0, s + s_user[:, None], s)  # the user dims' share (BLOCK_L, HP)
-        s = tl.where(lmask[:, None], s, -float("inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))  # (HP,)
-        m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)  # an all-masked block (static bound)
-        alpha = tl.exp(m_i - m_ref)  # (HP,)
-        p = tl.exp(s - m_ref[None, :])  # (BLOCK_L, HP), 0 at masked positions
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        iv = _load_idx(raw_ptr, vidx_base, ls, lmask, IDX_BYTES)
-        vals = tl.load(pool_v_ptr + iv[:, None] * D_A + cols[None, :], mask=lmask[:, None], other=0.0)  # (BL, D_A)
-        p_t = tl.trans(p)  # (HP, BLOCK_L)
-        p_hi = p_t.to(vals.dtype)
-        p_lo = (p_t - p_hi.to(tl.float32)).to(vals.dtype)  # p = p_hi + p_lo to ~fp32 precision
-        acc = tl.dot(p_lo, vals, tl.dot(p_hi, vals, acc * alpha[:, None]))  # (HP, D_A)
-        p0 = tl.sum(tl.where(heads[None, :] == 0, p, 0.0), axis=1)  # (BLOCK_L,) head 0's weights
-        alpha0 = tl.sum(tl.where(heads == 0, alpha, 0.0), axis=0)
-        v_user = _load_user(raw_ptr, start + n * DK * KV_BYTES, ls, ucols, lmask, DV, KV_CODE)  # (BLOCK_L, UW)
-        acc_user = acc_user * alpha0 + tl.sum(p0[:, None] * v_user, axis=0)  # (UW,)
-        return m_new, l_i, acc, acc_user
-
-    @triton.jit
-    def _collective_attention_mma_kernel(
-        raw_ptr, header_ptr, q_ptr, pool_k_ptr, pool_v_ptr, out_ptr, m_ptr, l_ptr, n_users, n_cand, scale,
-        D_A: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, DH: tl.constexpr, DK: tl.constexpr,
-        DV: tl.constexpr, UW: tl.constexpr, KV_CODE: tl.constexpr, KV_BYTES: tl.constexpr,
-        IDX_BYTES: tl.constexpr, HEADER: tl.constexpr, BLOCK_L: tl.constexpr, MAX_L: tl.constexpr,
-        SPLIT: tl.constexpr, SEG: tl.constexpr,
-    ):
-        """Program (b·C + c, 0, part): all H heads of one candidate over one part of its user's history
-        (both sides shared, user dims < UW inside head 0): the scalar kernel's result via :func:`_mma_block`."""
-        row = tl.program_id(0)
-        part = tl.program_id(2)
-        b = row // n_cand
-        start = tl.load(header_ptr + b) + HEADER
-        n = tl.load(header_ptr + n_users + b)
-        lo = part * SEG
-        stop = tl.minimum(n, lo + SEG)
-        kidx_base = start + n * (DK + DV) * KV_BYTES
-        vidx_base = kidx_base + n * IDX_BYTES
-        cols = tl.arange(0, D_A)  # (D_A,)
-        heads = tl.arange(0, HP)  # (HP,)
-        ucols = tl.arange(0, UW)  # (UW,)
-        q = tl.load(q_ptr + row * D_A + cols) * scale  # (D_A,)
-        block = tl.where(cols[:, None] // DH == heads[None, :], q[:, None], 0.0)  # (D_A, HP) block-diagonal
-        q_hi = block.to(pool_k_ptr.dtype.element_ty)
-        q_lo = (block - q_hi.to(tl.float32)).to(pool_k_ptr.dtype.element_ty)
-        q_user = tl.load(q_ptr + row * D_A + ucols, mask=ucols < DK, other=0.0) * scale  # (UW,)
-        m_i = tl.full([HP], -float("inf"), tl.float32)
-        l_i = tl.zeros([HP], dtype=tl.float32)
-        acc = tl.zeros([HP, D_A], dtype=tl.float32)
-        acc_user = tl.zeros([UW], dtype=tl.float32)
-        if MAX_L > 0:  # Triton's CPU interpreter cannot loop to a loaded bound: static bound, masked
-            for l0 in range(0, MAX_L, BLOCK_L):
-                m_i, l_i, acc, acc_user = _mma_block(
-                    raw_ptr, pool_k_ptr, pool_v_ptr, start, n, stop, kidx_base, vidx_base, lo + l0, q_hi, q_lo,
-                    q_user, m_i, l_i, acc, acc_user, D_A, HP, DK, DV, UW, KV_CODE, KV_BYTES, IDX_BYTES, BLOCK_L)
-        else:
-            for l0 in range(lo, stop, BLOCK_L):
-                m_i, l_i, acc, acc_user = _mma_block(
-                    raw_ptr, pool_k_ptr, pool_v_ptr, start, n, stop, kidx_base, vidx_base, l0, q_hi, q_lo,
-                    q_user, m_i, l_i, acc, acc_user, D_A, HP, DK, DV, UW, KV_CODE, KV_BYTES, IDX_BYTES, BLOCK_L)
-        own = cols[None, :] // DH == heads[:, None]  # (HP, D_A): column c belongs to head c // DH
-        num = tl.sum(tl.where(own, acc, 0.0), axis=0)  # (D_A,); pool rows are 0 in the user dims:
-        num += tl.sum(tl.where(ucols[:, None] == cols[None, :], acc_user[:, None], 0.0), axis=0)
-        if SPLIT == 1:
-            den = tl.sum(tl.where(own, l_i[:, None], 0.0), axis=0)  # (D_A,) each column's head denominator
-            tl.store(out_ptr + row * D_A + cols, num / tl.maximum(den, 1e-30))
-        else:  # partial softmax state of this part, as the scalar kernel's
-            at = row * SPLIT + part
-            tl.store(m_ptr + at * H + heads, m_i, mask=heads < H)
-            tl.store(l_ptr + at * H + heads, l_i, mask=heads < H)
-            tl.store(out_ptr + at * D_A + cols, num)
-
-    @triton.jit
     def _combine_parts_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, D_A: tl.constexpr, H: tl.constexpr,
                               DH: tl.constexpr, SPLIT: tl.constexpr):
         """out[row, head] = Σ_p e^(m_p - M) acc_p / Σ_p e^(m_p - M) l_p over the SPLIT parts (M = max_p m_p;
@@ -349,15 +249,6 @@ def split_parts(config: FusedConfig, rows: int, groups: int, max_len: int, devic
     while parts * 2 * rows * groups <= 16 * sms and parts * 2 * 2 * config.block_l <= max_len:
         parts *= 2
     return parts
-
-
-def uses_tensor_cores(config: FusedConfig, layout: CacheLayout, d_a: int, heads: int) -> bool:
-    """Whether ``config`` launches the tensor-core kernel for this store: asked for (fp16 pools), both K and
-    V shared, the user dims inside head 0 (dk, dv <= d_a / heads), d_a >= 16 (a matrix product's least
-    dim). Otherwise the scalar kernel computes the same attention."""
-    dh = d_a // heads
-    return (config.tensor_cores and layout.k_shared and layout.v_shared and max(layout.dk, layout.dv) <= dh
-            and d_a >= 16)
 
 
 def padded_pools(resident: ResidentModel, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -409,31 +300,23 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
     if b * c == 0:
         return out
     stages = {} if config.num_stages is None else {"num_stages": config.num_stages}
-    mma = uses_tensor_cores(config, layout, d_a, heads)
-    block_l = max(16, config.block_l) if mma else config.block_l  # a matrix product's inner dim is >= 16
-    rows, groups, max_len = b * c, 1 if mma else heads // config.heads_per_program, max(1, layout.max_len)
-    parts = split_parts(dataclasses.replace(config, block_l=block_l), rows, groups, max_len, q.device)
-    seg = -(-max_len // (parts * block_l)) * block_l  # behaviours per part, whole blocks
+    rows, groups, max_len = b * c, heads // config.heads_per_program, max(1, layout.max_len)
+    parts = split_parts(config, rows, groups, max_len, q.device)
+    seg = -(-max_len // (parts * config.block_l)) * config.block_l  # behaviours per part, whole blocks
     if parts == 1:
         acc, m, l = out, out, out  # the kernel writes the normalised output itself
     else:  # (rows·parts, ·) partial softmax states, combined below
         acc = torch.empty(rows * parts, d_a, dtype=torch.float32, device=q.device)
         m = torch.empty(rows * parts, heads, dtype=torch.float32, device=q.device)
         l = torch.empty(rows * parts, heads, dtype=torch.float32, device=q.device)  # noqa: E741
-    common = dict(DK=layout.dk, DV=layout.dv, KV_CODE=KV_CODES[layout.kv_dtype],
-                  KV_BYTES=KV_TORCH[layout.kv_dtype].itemsize, IDX_BYTES=IDX_BYTES[layout.idx_dtype],
-                  HEADER=HEADER_SIZE, BLOCK_L=block_l, MAX_L=seg if INTERPRETED else 0, SPLIT=parts, SEG=seg,
-                  num_warps=config.num_warps, **stages)
-    header = raw[: 16 * n_users].view(torch.int64)
-    if mma:
-        user_width = max(2, triton.next_power_of_2(max(layout.dk, layout.dv)))
-        _collective_attention_mma_kernel[(rows, 1, parts)](
-            raw, header, q, pool_k, pool_v, acc, m, l, n_users, c, 1.0 / math.sqrt(dh), D_A=d_a, H=heads,
-            HP=max(16, triton.next_power_of_2(heads)), DH=dh, UW=user_width, **common)
-    else:
-        _collective_attention_kernel[(rows, groups, parts)](
-            raw, header, q, pool_k, pool_v, acc, m, l, n_users, c, 1.0 / math.sqrt(dh), D_A=d_a,
-            GH=config.heads_per_program, DH=dh, K_SHARED=layout.k_shared, V_SHARED=layout.v_shared, **common)
+    _collective_attention_kernel[(rows, groups, parts)](
+        raw, raw[: 16 * n_users].view(torch.int64), q, pool_k, pool_v, acc, m, l, n_users, c,
+        1.0 / math.sqrt(dh), D_A=d_a, GH=config.heads_per_program, DH=dh, DK=layout.dk, DV=layout.dv,
+        K_SHARED=layout.k_shared, V_SHARED=layout.v_shared,
+        KV_CODE=KV_CODES[layout.kv_dtype], KV_BYTES=KV_TORCH[layout.kv_dtype].itemsize,
+        IDX_BYTES=IDX_BYTES[layout.idx_dtype], HEADER=HEADER_SIZE, BLOCK_L=config.block_l,
+        MAX_L=seg if INTERPRETED else 0, SPLIT=parts, SEG=seg, num_warps=config.num_warps, **stages,
+    )
     if parts > 1:
         _combine_parts_kernel[(rows, heads)](acc, m, l, out, D_A=d_a, H=heads, DH=dh, SPLIT=parts, num_warps=1)
     return out

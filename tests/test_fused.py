@@ -20,14 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cachestore.batch import HostBatcher
-from cachestore.fused import (
-    FusedConfig,
-    fused_attention,
-    fused_available,
-    fused_decode,
-    split_parts,
-    uses_tensor_cores,
-)
+from cachestore.fused import FusedConfig, fused_attention, fused_available, fused_decode, split_parts
 from cachestore.graphs import GraphedDecoder, batch_capacity, static_decode
 from cachestore.runtime import DecodeRuntime
 from jobs.score import score as score_cmd
@@ -187,41 +180,6 @@ def test_fused_half_precision_pools_are_close(pool_dtype: str) -> None:
         fused_attention(raw, q, resident, layout, 6, config=FusedConfig(heads_per_program=16))
 
 
-@given(kv_dtype=st.sampled_from(["float32", "float16", "bfloat16"]), n_users=st.integers(1, 7),
-       n_cand=st.integers(1, 3), seed=st.integers(0, 999), split_l=st.sampled_from([None, 1, 2, 8]),
-       block_l=st.sampled_from([2, 16, 32]), num_warps=st.sampled_from([1, 4]))
-@settings(max_examples=12, deadline=None)
-def test_tensor_core_kernel_equals_scalar_kernel(kv_dtype: str, n_users: int, n_cand: int, seed: int,
-                                                 split_l: int | None, block_l: int, num_warps: int) -> None:
-    """The tensor-core kernel (both reductions as matrix products over fp16 pools, query and weights split
-    into two fp16 pieces) computes the scalar kernel's fp16-pool attention to fp32 rounding: lengths 0, 1,
-    L and cold users, split histories, BLOCK_L below the matrix products' 16 (raised)."""
-    resident, layout, host, raw, rng = batch("collective", kv_dtype, "uint16", n_users, seed, extra=32)
-    q = torch.randn(n_users, n_cand, resident.cfg.d_attn, device=DEVICE)
-    config = FusedConfig(pool_dtype="float16", split_l=split_l, block_l=block_l, num_warps=num_warps)
-    assert uses_tensor_cores(dataclasses.replace(config, tensor_cores=True), layout, resident.cfg.d_attn,
-                             resident.n_heads)
-    with torch.inference_mode():
-        want = fused_attention(raw, q, resident, layout, n_users, config=config)
-        got = fused_attention(raw, q, resident, layout, n_users, config=dataclasses.replace(config, tensor_cores=True))
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("name", ["share_k_only", "share_v_only", "user_dims_span_heads", "full_store"])
-def test_tensor_cores_fall_back_to_the_scalar_kernel(name: str) -> None:
-    """Stores the tensor-core kernel does not read (a side unshared, user dims past head 0, full KV) are
-    served by the scalar kernel: the same result as without the option."""
-    resident, layout, host, raw, rng = batch(name, "float16", "uint16", 5, seed=8)
-    q = torch.randn(5, 1, resident.cfg.d_attn, device=DEVICE)
-    half = FusedConfig(pool_dtype="float16")
-    assert not uses_tensor_cores(dataclasses.replace(half, tensor_cores=True), layout, resident.cfg.d_attn,
-                                 resident.n_heads)
-    with torch.inference_mode():
-        want = fused_attention(raw, q, resident, layout, 5, config=half)
-        got = fused_attention(raw, q, resident, layout, 5, config=dataclasses.replace(half, tensor_cores=True))
-    assert torch.equal(got, want)
-
-
 def test_split_parts_fills_the_device_only_when_programs_are_few() -> None:
     """Auto split: parts double while programs stay within 16 per SM (4 SMs assumed off CUDA) and each
     part keeps >= 2 blocks; an explicit split_l is taken as given."""
@@ -233,8 +191,7 @@ def test_split_parts_fills_the_device_only_when_programs_are_few() -> None:
 
 
 @pytest.mark.parametrize(("field", "value", "match"), [
-    ("pool_dtype", "float8", "pool_dtype must be one of"), ("tensor_cores", True, "needs fp16 pools"),
-    ("block_l", 24, "block_l must be a power of two"),
+    ("pool_dtype", "float8", "pool_dtype must be one of"), ("block_l", 24, "block_l must be a power of two"),
     ("num_warps", 0, "num_warps must be a power of two"), ("num_stages", 0, "num_stages must be >= 1"),
     ("split_l", 3, "split_l must be a power of two")])
 def test_fused_config_refuses_bad_settings(field: str, value: object, match: str) -> None:
