@@ -11,6 +11,8 @@
 #                           history splits at B 512 and 64
 #   step "kernel" (~4 min): the kernel at B 512 (device vs mapped batch; the pool-gather floor) and
 #                           Table 2 at L 1000 over fp16 pool rows
+#   step "profile" (~2 min): hardware counters (ncu) of the kernel and of its pool-gather floor at B 512,
+#                           L 1000 → $OUT/ncu_fused.txt, $OUT/ncu_floor.txt
 #   step "eval"  (resumable, rerun until it prints "eval complete"): `ckv eval --device cuda --workers 3`
 #                           (issue 5; every finished run is kept under benchmarks/results/zoo_movielens/runs)
 #
@@ -79,6 +81,19 @@ kernel)
         2>&1 | grep -E "^L=|over_floor_B|failed|MISMATCH" | tail -12
     cp benchmarks/results/fused_kernel_floor.json benchmarks/results/decode_latency_fp16pools.json \
         benchmarks/results/decode_latency_fp16pools.png "$OUT"/
+    ;;
+profile)
+    # one launch per setting (--warmup 0 --repeats 1, plus the checking launch); clocks left alone (METHOD.md)
+    sections="--section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
+        --section LaunchStats --section SchedulerStats --section ComputeWorkloadAnalysis"
+    timeout 280 ncu --clock-control none -k regex:_collective_attention $sections --section SourceCounters \
+        python3 benchmarks/fused_kernel.py --users 512 --lengths 1000 --blocks 32 --warps 2 --heads 2,8 \
+        --pool-dtypes float32,float16 --warmup 0 --repeats 1 --out /tmp/fk_profile.json > "$OUT/ncu_fused.txt" 2>&1
+    echo "ncu fused rc=$?"; grep -E "Duration|L2 Cache Throughput|Issue Slots Busy|Achieved Occupancy" "$OUT/ncu_fused.txt"
+    timeout 200 ncu --clock-control none -k regex:_gather_floor --section SpeedOfLight --section MemoryWorkloadAnalysis \
+        python3 benchmarks/fused_kernel.py --users 512 --lengths 1000 --blocks 32 --warps 2 --heads 8 \
+        --pool-dtypes float32,float16 --warmup 0 --repeats 1 --out /tmp/fk_profile2.json > "$OUT/ncu_floor.txt" 2>&1
+    echo "ncu floor rc=$?"; grep -E "Duration|L2 Cache Throughput" "$OUT/ncu_floor.txt"
     ;;
 eval)
     budget=${2:-540}
