@@ -39,6 +39,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -173,7 +174,7 @@ if triton is not None:
     @triton.jit
     def _collective_attention_kernel(
         raw_ptr, header_ptr, q_ptr, pool_k_ptr, pool_v_ptr, out_ptr, m_ptr, l_ptr, n_users, n_cand, scale,
-        D_A: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+        end_lo, end_hi, D_A: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
         K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, KV_CODE: tl.constexpr, KV_BYTES: tl.constexpr,
         IDX_BYTES: tl.constexpr, HEADER: tl.constexpr, BLOCK_L: tl.constexpr, MAX_L: tl.constexpr,
         SPLIT: tl.constexpr, SEG: tl.constexpr,
@@ -184,10 +185,12 @@ if triton is not None:
         b = row // n_cand  # the user in the batch
         start = tl.load(header_ptr + b) + HEADER  # payload byte offset of user b's record
         n = tl.load(header_ptr + n_users + b)  # behaviours of user b
-        lo = part * SEG
-        stop = tl.minimum(n, lo + SEG)
         kidx_base = start + n * (DK + DV) * KV_BYTES
         vidx_base = kidx_base + n * (IDX_BYTES if K_SHARED else 0)
+        end = vidx_base + n * (IDX_BYTES if V_SHARED else 0)  # one past the record's last byte
+        mine = (end > end_lo) & (end <= end_hi)  # this launch serves the users whose records end in its chunk
+        lo = part * SEG
+        stop = tl.where(mine, tl.minimum(n, lo + SEG), lo)  # no behaviours for another launch's users
         cols = group * GH * DH + tl.arange(0, GH * DH)  # (GH·DH,) this group's columns of d_a
         q = tl.load(q_ptr + row * D_A + cols).to(tl.float32) * scale  # (GH·DH,)
         m_i = tl.full([GH], -float("inf"), tl.float32)  # running max per head
@@ -205,13 +208,13 @@ if triton is not None:
                     acc, D_A, GH, DH, DK, DV, K_SHARED, V_SHARED, KV_CODE, KV_BYTES, IDX_BYTES, BLOCK_L)
         if SPLIT == 1:
             out = acc / tl.maximum(l_i, 1e-30)[:, None]  # (GH, DH); l_i == 0 only when n == 0, where acc == 0
-            tl.store(out_ptr + row * D_A + cols, tl.reshape(out, (GH * DH,)))
+            tl.store(out_ptr + row * D_A + cols, tl.reshape(out, (GH * DH,)), mask=mine)
         else:  # partial softmax state of this part: (row, part) rows of the workspaces
             heads = group * GH + tl.arange(0, GH)  # (GH,)
             at = row * SPLIT + part
-            tl.store(m_ptr + at * (D_A // DH) + heads, m_i)
-            tl.store(l_ptr + at * (D_A // DH) + heads, l_i)
-            tl.store(out_ptr + at * D_A + cols, tl.reshape(acc, (GH * DH,)))
+            tl.store(m_ptr + at * (D_A // DH) + heads, m_i, mask=mine)
+            tl.store(l_ptr + at * (D_A // DH) + heads, l_i, mask=mine)
+            tl.store(out_ptr + at * D_A + cols, tl.reshape(acc, (GH * DH,)), mask=mine)
 
     @triton.jit
     def _combine_parts_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, D_A: tl.constexpr, H: tl.constexpr,
@@ -266,15 +269,26 @@ def padded_pools(resident: ResidentModel, dtype: torch.dtype) -> tuple[torch.Ten
     return cache[dtype]
 
 
+ALL_BYTES = ((-1, 1 << 62),)  # one launch for every user (record ends in (-1, 2^62])
+
+
 def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel, layout: CacheLayout,
-                    n_users: int, *, config: FusedConfig = DEFAULT_FUSED) -> torch.Tensor:
+                    n_users: int, *, config: FusedConfig = DEFAULT_FUSED,
+                    chunks: Sequence[tuple[int, int]] = ALL_BYTES,
+                    on_chunk: Callable[[int], None] | None = None) -> torch.Tensor:
     """Target attention (b, C, d_a) fp32 of ``q`` (b, C, d_a) for users 0 .. b - 1 (b <= n_users) of the
     packed batch ``raw`` of ``n_users`` users (uint8, header at 0: :mod:`cachestore.batch`) on q's device,
     or for a CUDA q in pinned host memory: the kernel then reads the batch over PCIe as it goes (mapped,
     zero-copy: no separate host-to-device copy; the host buffer must not be refilled before it finishes)
     — the module docstring's kernel, launched with
     ``config`` (:class:`FusedConfig`). Equals ``decode``'s attention on ``unpack(raw, ...)`` up to fp32
-    summation order (with fp32 pools, the default)."""
+    summation order (with fp32 pools, the default).
+
+    ``chunks``: one kernel launch per (lo, hi] byte range, serving the users whose records end in it (the
+    ranges partition (-1, 2^62]; the batch header must be readable from the first launch on), each after
+    ``on_chunk(index)`` — the hook a caller copying the batch in those chunks on another stream uses to
+    make launch c wait for chunk c (:class:`cachestore.graphs.GraphedDecoder` with ``overlap``). A history
+    split into parts has its parts combined once, after the last launch."""
     if triton is None:
         raise RuntimeError("the fused decode needs Triton (pip install triton), or use the eager path")
     if layout.layout_version != 1 or not isinstance(layout, CacheLayout):
@@ -294,6 +308,9 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
     if raw.device != q.device and not (q.device.type == "cuda" and raw.device.type == "cpu" and raw.is_pinned()):
         raise ValueError(f"the packed batch is on {raw.device}, q on {q.device}: the kernel reads the batch on "
                          "q's device, or in pinned host memory (mapped, zero-copy) for a CUDA q")
+    if not chunks or chunks[0][0] >= 0 or chunks[-1][1] < raw.numel() or any(lo >= hi for lo, hi in chunks) or any(
+            a[1] != z[0] for a, z in zip(chunks, chunks[1:], strict=False)):
+        raise ValueError(f"chunks must be contiguous (lo, hi] byte ranges from below 0 to past the batch, got {chunks}")
     pool_k, pool_v = padded_pools(resident, KV_TORCH[config.pool_dtype])
     q = q.float().contiguous()
     out = torch.empty(b, c, d_a, dtype=torch.float32, device=q.device)  # (B, C, d_a)
@@ -301,7 +318,7 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
         return out
     stages = {} if config.num_stages is None else {"num_stages": config.num_stages}
     rows, groups, max_len = b * c, heads // config.heads_per_program, max(1, layout.max_len)
-    parts = split_parts(config, rows, groups, max_len, q.device)
+    parts = split_parts(config, -(-rows // len(chunks)), groups, max_len, q.device)  # programs busy per launch
     seg = -(-max_len // (parts * config.block_l)) * config.block_l  # behaviours per part, whole blocks
     if parts == 1:
         acc, m, l = out, out, out  # the kernel writes the normalised output itself
@@ -309,28 +326,34 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
         acc = torch.empty(rows * parts, d_a, dtype=torch.float32, device=q.device)
         m = torch.empty(rows * parts, heads, dtype=torch.float32, device=q.device)
         l = torch.empty(rows * parts, heads, dtype=torch.float32, device=q.device)  # noqa: E741
-    _collective_attention_kernel[(rows, groups, parts)](
-        raw, raw[: 16 * n_users].view(torch.int64), q, pool_k, pool_v, acc, m, l, n_users, c,
-        1.0 / math.sqrt(dh), D_A=d_a, GH=config.heads_per_program, DH=dh, DK=layout.dk, DV=layout.dv,
-        K_SHARED=layout.k_shared, V_SHARED=layout.v_shared,
-        KV_CODE=KV_CODES[layout.kv_dtype], KV_BYTES=KV_TORCH[layout.kv_dtype].itemsize,
-        IDX_BYTES=IDX_BYTES[layout.idx_dtype], HEADER=HEADER_SIZE, BLOCK_L=config.block_l,
-        MAX_L=seg if INTERPRETED else 0, SPLIT=parts, SEG=seg, num_warps=config.num_warps, **stages,
-    )
+    header = raw[: 16 * n_users].view(torch.int64)  # offsets (B,), lengths (B,)
+    for index, (end_lo, end_hi) in enumerate(chunks):
+        if on_chunk is not None:
+            on_chunk(index)
+        _collective_attention_kernel[(rows, groups, parts)](
+            raw, header, q, pool_k, pool_v, acc, m, l, n_users, c, 1.0 / math.sqrt(dh), end_lo, end_hi, D_A=d_a,
+            GH=config.heads_per_program, DH=dh, DK=layout.dk, DV=layout.dv, K_SHARED=layout.k_shared,
+            V_SHARED=layout.v_shared, KV_CODE=KV_CODES[layout.kv_dtype], KV_BYTES=KV_TORCH[layout.kv_dtype].itemsize,
+            IDX_BYTES=IDX_BYTES[layout.idx_dtype], HEADER=HEADER_SIZE, BLOCK_L=config.block_l,
+            MAX_L=seg if INTERPRETED else 0, SPLIT=parts, SEG=seg, num_warps=config.num_warps, **stages,
+        )
     if parts > 1:
         _combine_parts_kernel[(rows, heads)](acc, m, l, out, D_A=d_a, H=heads, DH=dh, SPLIT=parts, num_warps=1)
     return out
 
 
 def fused_decode(resident: ResidentModel, raw: torch.Tensor, layout: CacheLayout, n_users: int,
-                 targets: torch.Tensor, config: FusedConfig = DEFAULT_FUSED) -> torch.Tensor:
+                 targets: torch.Tensor, config: FusedConfig = DEFAULT_FUSED, *,
+                 chunks: Sequence[tuple[int, int]] = ALL_BYTES,
+                 on_chunk: Callable[[int], None] | None = None) -> torch.Tensor:
     """Logits of candidates ``targets`` (b,) or (b, C) of users 0 .. b - 1 (b <= n_users) against the
     packed batch ``raw`` on the resident model's device:
     ``TargetAttentionCTR.decode`` with :func:`fused_attention` (launched with ``config``) as its attention
-    (no unpack).
+    (no unpack; ``chunks``/``on_chunk`` as there).
     Shape-static and free of host syncs (CUDA-graph capturable)."""
     if targets.shape[0] > n_users:
         raise ValueError(f"{targets.shape[0]} target rows for a batch of {n_users} users")
     return resident.model.decode(
         None, targets,  # type: ignore[arg-type]  (the attention below reads the batch, not a KVCache)
-        attention=lambda q, _: fused_attention(raw, q, resident, layout, n_users, config=config).to(q.dtype))
+        attention=lambda q, _: fused_attention(raw, q, resident, layout, n_users, config=config, chunks=chunks,
+                                               on_chunk=on_chunk).to(q.dtype))

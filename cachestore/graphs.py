@@ -39,6 +39,7 @@ from __future__ import annotations
 import bisect
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,7 +47,7 @@ import torch
 
 from cachestore.batch import HostBatch, is_entry_layout, zero_block_bytes
 from cachestore.decode import PATHS, ResidentModel, choose_path, decode
-from cachestore.fused import DEFAULT_FUSED, FUSED, FusedConfig, fused_decode, uses_fused
+from cachestore.fused import ALL_BYTES, DEFAULT_FUSED, FUSED, FusedConfig, fused_decode, uses_fused
 from cachestore.record import CacheLayout
 from cachestore.transfer import TransferCost, unpack
 
@@ -61,14 +62,17 @@ def batch_capacity(layout: CacheLayout, n_users: int, pad_to: int) -> int:
 
 
 def static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: ResidentModel, layout: CacheLayout,
-                  n_users: int, pad_to: int, path: str, fused: FusedConfig = DEFAULT_FUSED) -> torch.Tensor:
+                  n_users: int, pad_to: int, path: str, fused: FusedConfig = DEFAULT_FUSED,
+                  chunks: Sequence[tuple[int, int]] = ALL_BYTES,
+                  on_chunk: Callable[[int], None] | None = None) -> torch.Tensor:
     """Logits (B, C) of a packed batch held in the prefix of ``raw`` (uint8, even length; bytes beyond the
     batch are never read): unpack padded to ``pad_to`` with the zero block at 16·n_users, then decode;
     path "fused" reads the records in place instead (:func:`cachestore.fused.fused_decode` launched with
-    ``fused``, no unpack).
+    ``fused``, no unpack, one launch per byte range of ``chunks``, each after ``on_chunk``: see
+    :func:`cachestore.fused.fused_attention`; the other paths ignore both).
     Shape-static and free of host syncs (the body :class:`GraphedDecoder` captures)."""
     if path == FUSED:
-        return fused_decode(resident, raw, layout, n_users, candidates, config=fused)
+        return fused_decode(resident, raw, layout, n_users, candidates, config=fused, chunks=chunks, on_chunk=on_chunk)
     cache = unpack(raw, layout, n_users, pad_to, 16 * n_users)
     return decode(resident, cache, candidates, path)
 
@@ -85,6 +89,28 @@ def copy_buckets(capacity: int) -> list[int]:
         size /= math.sqrt(2)
         if size < _MIN_BUCKET:
             return sorted(set(sizes))
+
+
+_MIN_CHUNK = 256 << 10  # smallest overlapped copy chunk (bytes): below it a chunk's fixed cost dominates
+
+
+def copy_chunks(nbytes: int, header_bytes: int, overlap: int) -> list[tuple[int, int]]:
+    """Byte ranges [lo, hi) the batch copy of ``nbytes`` is split into: ``overlap`` pieces (fewer where a piece
+    would be under 256 KiB), 8-aligned, the first holding the ``header_bytes`` batch header. One range
+    [0, nbytes) without overlap."""
+    k = max(1, min(overlap, nbytes // _MIN_CHUNK))
+    cuts = [min(_align8(header_bytes + (nbytes - header_bytes) * i // k), nbytes) for i in range(1, k)]
+    edges = sorted(set([0, *cuts, nbytes]))
+    return list(zip(edges[:-1], edges[1:], strict=True))
+
+
+def record_ends(pieces: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The fused kernel's launch ranges for copy ``pieces``: launch c serves the users whose records end in
+    (lo, hi] — every byte of them copied by piece c or before; the first and last ranges open-ended."""
+    ends = [(lo, hi) for lo, hi in pieces]
+    ends[0] = (ALL_BYTES[0][0], ends[0][1])
+    ends[-1] = (ends[-1][0], ALL_BYTES[0][1])
+    return ends
 
 
 @dataclass
@@ -113,7 +139,7 @@ class GraphedDecoder:
 
     def __init__(self, resident: ResidentModel, layout: CacheLayout, *, n_users: int, pad_to: int,
                  n_candidates: int = 1, capacity: int | None = None, path: str = "auto", warmup: int = 3,
-                 eager: bool = False, fused: FusedConfig = DEFAULT_FUSED) -> None:
+                 eager: bool = False, fused: FusedConfig = DEFAULT_FUSED, overlap: int = 1) -> None:
         self.device = torch.device(resident.device)
         if not eager and (self.device.type != "cuda" or not torch.cuda.is_available()):
             raise RuntimeError(f"CUDA graphs need a CUDA device; the model is on {self.device}: "
@@ -122,9 +148,11 @@ class GraphedDecoder:
             raise ValueError("CUDA graphs cover the din decode of record format v1 stores only (this is a v2 store)")
         if path not in (*PATHS, FUSED):
             raise ValueError(f"path must be one of {(*PATHS, FUSED)}, got {path!r}")
+        if overlap < 1:
+            raise ValueError(f"overlap must be >= 1, got {overlap}")
         if min(n_users, pad_to, n_candidates) < 1:
             raise ValueError(f"n_users, pad_to and n_candidates must be >= 1, got {n_users}, {pad_to}, {n_candidates}")
-        self.resident, self.layout, self.eager, self.fused = resident, layout, eager, fused
+        self.resident, self.layout, self.eager, self.fused, self.overlap = resident, layout, eager, fused, overlap
         self.n_users, self.pad_to, self.n_candidates = n_users, pad_to, n_candidates
         need = 16 * n_users + zero_block_bytes(layout)
         self.capacity = _align8(max(capacity or batch_capacity(layout, n_users, pad_to), need))
@@ -145,6 +173,7 @@ class GraphedDecoder:
             self.logits = self._body()  # eager once: checks the body (and compiles the kernel)
             if not eager:
                 self._pool = torch.cuda.graph_pool_handle()
+                self._copy_stream = torch.cuda.Stream(self.device)  # the overlapped copies' branch of a graph
                 self._warm_up(warmup)
 
     @property
@@ -152,25 +181,39 @@ class GraphedDecoder:
         """Graphs captured so far (one per host buffer and copy-size bucket used)."""
         return len(self._graphs)
 
-    def _body(self) -> torch.Tensor:
+    def _body(self, chunks: Sequence[tuple[int, int]] = ALL_BYTES,
+              on_chunk: Callable[[int], None] | None = None) -> torch.Tensor:
         return static_decode(self.raw, self.candidates, resident=self.resident, layout=self.layout,
-                             n_users=self.n_users, pad_to=self.pad_to, path=self.path, fused=self.fused)
+                             n_users=self.n_users, pad_to=self.pad_to, path=self.path, fused=self.fused,
+                             chunks=chunks, on_chunk=on_chunk)
 
-    def _warm_up(self, warmup: int) -> None:
-        """Run the body on a side stream before any capture (lazy inits, cuBLAS workspaces, allocator)."""
+    def _warm_up(self, warmup: int, chunks: Sequence[tuple[int, int]] = ALL_BYTES) -> None:
+        """Run the body on a side stream before a capture (lazy inits, cuBLAS workspaces, allocator, kernel
+        compiles for these ``chunks``) over whatever the static buffers hold (always a valid batch)."""
         with torch.cuda.device(self.device):
             current = torch.cuda.current_stream()
             side = torch.cuda.Stream()
             side.wait_stream(current)
             with torch.cuda.stream(side):
                 for _ in range(max(1, warmup)):
-                    self._body()
+                    self._body(chunks)
             current.wait_stream(side)
             torch.cuda.synchronize()
 
+    def pieces(self, nbytes: int) -> list[tuple[int, int]]:
+        """Byte ranges a graph copying ``nbytes`` copies one by one (:func:`copy_chunks` with ``overlap``
+        on the fused path; one range otherwise)."""
+        overlap = self.overlap if self.path == FUSED else 1
+        return copy_chunks(nbytes, 16 * self.n_users, overlap)
+
     def _capture(self, source: torch.Tensor) -> _Captured:
         """One graph: copy ``source`` (pinned uint8 prefix of a host buffer) and the candidate staging
-        into the static buffers between two timing events, then the body."""
+        into the static buffers between two timing events, then the body. With several copy pieces the
+        batch is copied on a forked stream, piece by piece, and fused launch c waits for piece c only."""
+        pieces = self.pieces(source.numel())
+        ends = record_ends(pieces)
+        if len(pieces) > 1:
+            self._warm_up(1, ends)  # compiles the kernel for this launch size outside the capture
         with torch.cuda.device(self.device):
             torch.cuda.synchronize()
             start = torch.cuda.Event(enable_timing=True, external=True)
@@ -178,10 +221,24 @@ class GraphedDecoder:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
                 start.record()
-                self.raw[: source.numel()].copy_(source, non_blocking=True)
-                self.candidates.copy_(self.candidates_host, non_blocking=True)
-                end.record()
-                logits = self._body()
+                if len(pieces) == 1:
+                    self.raw[: source.numel()].copy_(source, non_blocking=True)
+                    self.candidates.copy_(self.candidates_host, non_blocking=True)
+                    end.record()
+                    logits = self._body()
+                else:
+                    main, side = torch.cuda.current_stream(), self._copy_stream
+                    side.wait_stream(main)  # fork: the copies run beside the decode
+                    arrived = []
+                    with torch.cuda.stream(side):
+                        for lo, hi in pieces:
+                            self.raw[lo:hi].copy_(source[lo:hi], non_blocking=True)
+                            arrived.append(torch.cuda.Event())
+                            arrived[-1].record()
+                        end.record()
+                    self.candidates.copy_(self.candidates_host, non_blocking=True)
+                    logits = self._body(ends, lambda c: main.wait_event(arrived[c]))
+                    main.wait_stream(side)  # join
         return _Captured(graph, logits, start, end, source.numel())
 
     def check(self, host: HostBatch) -> None:

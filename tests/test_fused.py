@@ -19,9 +19,10 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cachestore import graphs
 from cachestore.batch import HostBatcher
 from cachestore.fused import FusedConfig, fused_attention, fused_available, fused_decode, split_parts
-from cachestore.graphs import GraphedDecoder, batch_capacity, static_decode
+from cachestore.graphs import GraphedDecoder, batch_capacity, copy_chunks, record_ends, static_decode
 from cachestore.runtime import DecodeRuntime
 from jobs.score import score as score_cmd
 from pipeline.checkpoint import save_checkpoint
@@ -128,6 +129,74 @@ def test_fused_graph_replay_on_cuda(name: str) -> None:
         graph = GraphedDecoder(resident, layout, n_users=6, pad_to=SEQ, n_candidates=2, path="fused", fused=half)
         want = fused_decode(resident, raw, layout, 6, cand, config=half)
         torch.testing.assert_close(graph.run(host, cand).clone(), want, rtol=1e-5, atol=1e-5)
+
+
+@given(n_users=st.integers(1, 7), seed=st.integers(0, 999), split_l=st.sampled_from([None, 1, 4]),
+       cuts=st.lists(st.integers(0, 4096), max_size=4))
+@settings(max_examples=15, deadline=None)
+def test_fused_launches_per_copy_chunk_serve_each_user_once(n_users: int, seed: int, split_l: int | None,
+                                                            cuts: list[int]) -> None:
+    """One launch per byte chunk (the overlapped graph's decode), each serving the users whose records end
+    in it, computes the one-launch attention: every user exactly once, wherever the cuts fall (inside a
+    record, on its end, past the batch); lengths 0, 1, L and cold users; split histories combined once."""
+    resident, layout, host, raw, rng = batch("collective", "float16", "uint16", n_users, seed, extra=16)
+    q = torch.randn(n_users, 2, resident.cfg.d_attn, device=DEVICE)
+    header = 16 * n_users
+    edges = sorted({0, raw.numel(), *(header + c for c in cuts if header + c < raw.numel())})
+    pieces = list(zip(edges[:-1], edges[1:], strict=True))
+    config = FusedConfig(split_l=split_l)
+    launched: list[int] = []
+    with torch.inference_mode():
+        want = fused_attention(raw, q, resident, layout, n_users, config=config)
+        got = fused_attention(raw, q, resident, layout, n_users, config=config, chunks=record_ends(pieces),
+                              on_chunk=launched.append)
+    assert launched == list(range(len(pieces)))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@given(nbytes=st.integers(1, 1 << 24), header=st.integers(16, 1 << 14), overlap=st.integers(1, 16))
+def test_copy_chunks_cover_the_copy(nbytes: int, header: int, overlap: int) -> None:
+    """Pieces tile [0, nbytes) in order, at most ``overlap`` of them, none under 256 KiB when split, cut at
+    8-byte boundaries, the first holding the header; the kernel ranges partition (-1, 2^62]."""
+    nbytes = max(nbytes, header)
+    pieces = copy_chunks(nbytes, header, overlap)
+    assert pieces[0][0] == 0 and pieces[-1][1] == nbytes and len(pieces) <= overlap
+    assert all(a[1] == z[0] for a, z in zip(pieces, pieces[1:], strict=False))
+    assert all(lo % 8 == 0 and lo < hi for lo, hi in pieces) and pieces[0][1] >= min(header, nbytes)
+    assert len(pieces) == 1 or min(hi - lo for lo, hi in pieces) >= (256 << 10) // 2
+    ends = record_ends(pieces)
+    assert ends[0][0] < 0 and ends[-1][1] >= 1 << 62 and [e[1] for e in ends[:-1]] == [p[1] for p in pieces[:-1]]
+
+
+def test_fused_chunks_must_partition_the_batch() -> None:
+    resident, layout, host, raw, rng = batch("collective", "float16", "uint16", 3, seed=2)
+    q = torch.randn(3, 1, resident.cfg.d_attn, device=DEVICE)
+    for chunks in ([], [(0, 1 << 62)], [(-1, 40), (50, 1 << 62)], [(-1, 10)]):
+        with pytest.raises(ValueError, match="chunks must be contiguous"):
+            fused_attention(raw, q, resident, layout, 3, chunks=chunks)
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("overlap", [2, 4])
+def test_overlapped_graph_replays_to_the_one_launch_graph_on_cuda(overlap: int, monkeypatch) -> None:
+    """A graph copying the batch in pieces on a forked stream, each fused launch waiting for its piece only,
+    scores like the graph with one copy, over successive batches of both ring buffers."""
+    monkeypatch.setattr(graphs, "_MIN_CHUNK", 256)  # small test batches still split into pieces
+    resident, layout, pageable, raw, rng = batch("collective", "float16", "uint16", 6, seed=5)
+    batcher = HostBatcher(layout, pin=True)
+    plain = GraphedDecoder(resident, layout, n_users=6, pad_to=SEQ, n_candidates=2, path="fused")
+    split = GraphedDecoder(resident, layout, n_users=6, pad_to=SEQ, n_candidates=2, path="fused", overlap=overlap)
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        host = batcher.pack(np.arange(6), random_records(layout, random_lengths(6, rng), rng))
+        assert len(split.pieces(split.copy_bytes(host))) > 1
+        cand = torch.from_numpy(rng.integers(0, N_ITEMS + 1, (6, 2)))
+        with torch.inference_mode():
+            want = plain.run(host, cand).clone()
+            got = split.run(host, cand).clone()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert split.last_cost is not None and split.last_cost.ms > 0
 
 
 @cuda
