@@ -61,7 +61,7 @@ sys.path.insert(0, str(ROOT))
 from cachestore.batch import HostBatcher  # noqa: E402
 from cachestore.decode import ResidentModel, choose_path, decode  # noqa: E402
 from cachestore.fused import FusedConfig, fused_available, fused_decode  # noqa: E402
-from cachestore.graphs import GraphedDecoder, static_decode  # noqa: E402
+from cachestore.graphs import DEFAULT_OVERLAP, GraphedDecoder, static_decode  # noqa: E402
 from cachestore.record import CacheLayout, encode_record  # noqa: E402
 from cachestore.transfer import KV_TORCH, to_device  # noqa: E402
 from model.cache import KVCache  # noqa: E402
@@ -289,9 +289,36 @@ def bench_graph(row: dict, resident: ResidentModel, layout: CacheLayout, host, t
                 row["c_breakdown"]["graph_decode"] = {"median_ms": row["c_graph"]["median_ms"] - copy_ms}
             if graph.path == "fused":
                 bench_mapped_graph(row, graph, host, want, args, device)
+                if args.compare_overlap:
+                    compare_overlap(row, graph, host, targets, want, args, device)
     except Exception as exc:  # a capture failure must not lose the other numbers
         row["c_graph"] = {"error": repr(exc)[:500]}
         print(f"L={length} B={b}: c_graph failed: {row['c_graph']['error']}", flush=True)
+
+
+def compare_overlap(row: dict, graph: GraphedDecoder, host, targets: torch.Tensor, want: torch.Tensor,
+                    args: argparse.Namespace, device: torch.device, rounds: int = 8) -> None:
+    """graph_overlap_compare (CUDA): the c_graph replay with the batch copy in K pieces beside the decode
+    (GraphedDecoder overlap=K) for each K of --compare-overlap, timed round-robin (``rounds`` rounds of
+    repeats / rounds replays each, so drift of the machine hits every K alike); scores checked."""
+    graphs = {}
+    for k in sorted({int(x) for x in args.compare_overlap.split(",")}):
+        g = GraphedDecoder(graph.resident, graph.layout, n_users=graph.n_users, pad_to=graph.pad_to,
+                           n_candidates=graph.n_candidates, path="fused", fused=args.fused, overlap=k)
+        diff, error = score_check(g.run(host, targets), want, args.score_tol)
+        if error:
+            raise AssertionError(f"overlap {k}: {error}")
+        graphs[k] = g
+    samples: dict[int, list[float]] = {k: [] for k in graphs}
+    for _ in range(rounds):
+        for k, g in graphs.items():
+            t = timed(lambda g=g: g.run(host), device, 2, max(1, args.repeats // rounds))
+            samples[k].extend([t["median_ms"]])
+    row["graph_overlap_compare"] = {
+        str(k): {"pieces": len(g.pieces(g.copy_bytes(host))), "median_ms": statistics.median(samples[k]),
+                 "round_medians_ms": samples[k]} for k, g in graphs.items()}
+    print(f"L={row['L']} B={row['B']} overlap " + "  ".join(
+        f"K={k}: {v['median_ms']:.4f} ms" for k, v in row["graph_overlap_compare"].items()), flush=True)
 
 
 def bench_mapped_graph(row: dict, graph: GraphedDecoder, host, want: torch.Tensor, args: argparse.Namespace,
@@ -496,8 +523,11 @@ def main() -> None:
     p.add_argument("--compile-mode", default="max-autotune-no-cudagraphs")
     p.add_argument("--pool-dtype", choices=sorted(KV_TORCH), default="float32",
                    help="pool rows the fused paths read (c_fused, c_graph; FusedConfig.pool_dtype)")
-    p.add_argument("--overlap", type=int, default=1,
-                   help="c_graph copies the batch in up to this many pieces beside the fused decode (GraphedDecoder)")
+    p.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP,
+                   help="c_graph copies the batch in up to this many pieces beside the fused decode "
+                        "(GraphedDecoder overlap; 1: one copy before the decode)")
+    p.add_argument("--compare-overlap", default=None,
+                   help="comma list of K: also time the graph with overlap=K for each, round-robin (experiment)")
     p.add_argument("--graph-path", choices=["auto", "fused", "poolscore", "gather"], default="auto",
                    help="attention path captured in the c_graph CUDA graph (auto: fused on CUDA with Triton, "
                         "else choose_path for the shape)")

@@ -13,6 +13,11 @@ against 0.33 ms with the copy in the graph, ``benchmarks/results/decode_latency.
                   static candidates (B, C) ← pinned candidate staging (B, C); copy_end   (timing events)
       static_decode(raw, candidates) → the graph's logits (B, C)
 
+    with ``overlap`` K > 1 (fused path, default 2) the batch copy forks to a second stream in pieces
+    [0, c1), [c1, c2), … (:func:`copy_chunks`), each followed by an event; fused launch i waits for event i
+    and serves the users whose records end in piece i (:func:`record_ends`), so copying piece i + 1
+    overlaps decoding piece i; the streams join before the graph ends.
+
 A captured copy has a fixed source address and size, so there is one graph per (host buffer of the
 batcher's ring, copy-size bucket): S is the smallest bucket >= the batch's used_bytes, buckets being the
 capacity divided by √2 again and again down to 64 KiB (at most 41% more bytes than the batch; a full
@@ -91,6 +96,7 @@ def copy_buckets(capacity: int) -> list[int]:
             return sorted(set(sizes))
 
 
+DEFAULT_OVERLAP = 2  # copy pieces beside the fused decode (GraphedDecoder; measured best on an H100)
 _MIN_CHUNK = 256 << 10  # smallest overlapped copy chunk (bytes): below it a chunk's fixed cost dominates
 
 
@@ -132,14 +138,20 @@ class GraphedDecoder:
     :func:`static_decode` on the same static buffers without a graph (any device; for tests).
     :meth:`run` scores a pinned :class:`HostBatch` (one replay: copies + decode); :attr:`last_cost` is the
     batch copy's :class:`TransferCost` (bytes moved, CUDA-event time inside the graph).
-    (Overlapping the copy with the decode in user chunks, one graph per chunk on a side copy stream, and
-    the kernel reading the pinned batch over PCIe itself were measured on an H100 and were slower —
-    ``benchmarks/results/decode_latency_nosplit.json``, ``decode_latency_mapped_*.json``.)
+    overlap: on the fused path, the batch copy is split into up to ``overlap`` pieces (:func:`copy_chunks`:
+    none under 256 KiB) copied on a forked stream inside the graph, and the kernel is launched once per
+    piece for the users whose records end in it, right after that piece lands — the copy of piece c + 1
+    runs beside the decode of piece c. Measured on an H100 at L 1000 (round-robin in one process,
+    ``benchmarks/results/decode_latency_overlap_float{32,16}.json``), K = 2 was the fastest or within noise
+    of it: B 512 0.349 → 0.289 ms (fp32 pools), 0.260 → 0.241 (fp16); B 256 0.205 → 0.181; B 64 even;
+    K = 6 was slower (short launches). 1 turns it off.
+    (Separate graphs per user chunk, and the kernel reading the pinned batch over PCIe itself, were
+    measured slower: ``benchmarks/results/decode_latency_nosplit.json``, ``decode_latency_mapped_*.json``.)
     """
 
     def __init__(self, resident: ResidentModel, layout: CacheLayout, *, n_users: int, pad_to: int,
                  n_candidates: int = 1, capacity: int | None = None, path: str = "auto", warmup: int = 3,
-                 eager: bool = False, fused: FusedConfig = DEFAULT_FUSED, overlap: int = 1) -> None:
+                 eager: bool = False, fused: FusedConfig = DEFAULT_FUSED, overlap: int = DEFAULT_OVERLAP) -> None:
         self.device = torch.device(resident.device)
         if not eager and (self.device.type != "cuda" or not torch.cuda.is_available()):
             raise RuntimeError(f"CUDA graphs need a CUDA device; the model is on {self.device}: "

@@ -185,7 +185,8 @@ def test_overlapped_graph_replays_to_the_one_launch_graph_on_cuda(overlap: int, 
     monkeypatch.setattr(graphs, "_MIN_CHUNK", 256)  # small test batches still split into pieces
     resident, layout, pageable, raw, rng = batch("collective", "float16", "uint16", 6, seed=5)
     batcher = HostBatcher(layout, pin=True)
-    plain = GraphedDecoder(resident, layout, n_users=6, pad_to=SEQ, n_candidates=2, path="fused")
+    plain = GraphedDecoder(resident, layout, n_users=6, pad_to=SEQ, n_candidates=2, path="fused", overlap=1)
+    assert len(plain.pieces(1 << 20)) == 1
     split = GraphedDecoder(resident, layout, n_users=6, pad_to=SEQ, n_candidates=2, path="fused", overlap=overlap)
     for seed in range(4):
         rng = np.random.default_rng(seed)
