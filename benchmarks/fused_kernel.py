@@ -124,10 +124,10 @@ def bench_length(length: int, args: argparse.Namespace, device: torch.device) ->
         splits = [None if x == "auto" else int(x) for x in args.splits.split(",")]
         grid = itertools.product([int(x) for x in args.blocks.split(",")], [int(x) for x in args.warps.split(",")],
                                  [int(x) for x in args.heads.split(",")], stages, splits, args.pool_dtypes.split(","),
-                                 args.sources.split(","), [bool(int(x)) for x in args.prefetch.split(",")])
-        for block, warps, hpp, stage, split, pool, source, prefetch in grid:
+                                 args.sources.split(","))
+        for block, warps, hpp, stage, split, pool, source in grid:
             config = FusedConfig(block_l=block, num_warps=warps, heads_per_program=hpp, num_stages=stage,
-                                 split_l=split, pool_dtype=pool, prefetch=prefetch)
+                                 split_l=split, pool_dtype=pool)
 
             raw = dev.raw if source == "device" else host.tensor  # mapped: the pinned host batch, over PCIe
 
@@ -144,11 +144,9 @@ def bench_length(length: int, args: argparse.Namespace, device: torch.device) ->
                             "p90_ms": t["p90_ms"], "max_abs_diff": diff,
                             "pool_gb_per_s": pool_read / t["median_ms"] / 1e6})
             print(f"L={length} B={args.users} block {block:4d} warps {warps} heads {hpp} stages {stage} "
-                  f"split {split} {pool} {source} prefetch {int(prefetch)}: {t['median_ms']:.4f} ms "
-                  f"(diff {diff:.2e})", flush=True)
+                  f"split {split} {pool} {source}: {t['median_ms']:.4f} ms (diff {diff:.2e})", flush=True)
     row["configs"] = configs
-    row["pool_gather_floor"] = gather_floor(args.users, length, args, device) \
-        if triton is not None and not args.no_floor else None
+    row["pool_gather_floor"] = gather_floor(args.users, length, args, device) if triton is not None else None
     exact = [c for c in configs if c["pool_dtype"] == "float32"]
     exact = [c for c in exact if c["source"] == "device"]
     row["best_fp32_pools"] = min(exact, key=lambda c: c["median_ms"]) if exact else None
@@ -171,8 +169,6 @@ def main() -> None:
                    help="where the kernel reads the packed batch: device (copied first) and/or mapped "
                         "(pinned host memory read over PCIe by the kernel: zero-copy; then the time includes "
                         "the transfer)")
-    p.add_argument("--prefetch", default="0", help="comma list of 0/1: FusedConfig.prefetch")
-    p.add_argument("--no-floor", action="store_true", help="skip the pool-gather floor")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fused_kernel.json")

@@ -16,8 +16,6 @@
 #   step "overlap" (~5 min): the fused CUDA tests, then Table 2's graph at L 1000 B 64, 256, 512 with the
 #                           batch copy split into 1, 2, 3, 4, 6 pieces beside the decode (GraphedDecoder
 #                           overlap), timed round-robin in one process, fp32 and fp16 pools
-#   step "prefetch" (~4 min): the fused tests, then the kernel at B 512 / 64, L 1000 with and without the
-#                           next block prefetched (FusedConfig.prefetch) over launch settings, in one process
 #   step "eval"  (resumable, rerun until it prints "eval complete"): `ckv eval --device cuda --workers 3`
 #                           (issue 5; every finished run is kept under benchmarks/results/zoo_movielens/runs)
 #
@@ -111,16 +109,6 @@ overlap)
             --out benchmarks/results/decode_latency_overlap_$pool.json 2>&1 | grep -E "^L=|failed|MISMATCH|rror"
     done
     tar -C benchmarks/results -czf "$OUT/overlap.tgz" $(cd benchmarks/results && ls decode_latency_overlap_*.json)
-    ;;
-prefetch)
-    python3 -m pytest -q -p no:cacheprovider tests/test_fused.py > "$OUT/pytest_prefetch.txt" 2>&1
-    echo "pytest rc=$?" | tee -a "$OUT/pytest_prefetch.txt"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_prefetch.txt" | head
-    for users in 512 64; do
-        timeout 200 python3 benchmarks/fused_kernel.py --users $users --lengths 1000 --blocks 16,32,64 --warps 2,4 \
-            --heads 2,8 --pool-dtypes float32,float16 --prefetch 0,1 --no-floor \
-            --out benchmarks/results/fused_kernel_prefetch_B$users.json 2>&1 | grep -E "^L=" | sort -t: -k2 -n | head -50
-    done
-    cp benchmarks/results/fused_kernel_prefetch_B*.json "$OUT"/
     ;;
 eval)
     budget=${2:-540}

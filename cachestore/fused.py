@@ -73,9 +73,7 @@ class FusedConfig:
     split_l: parts each user's history is split into, one program each, their softmax states combined by
     a second kernel (flash-decoding; a power of two; None: :func:`split_parts` picks from the launch size);
     pool_dtype: "float32" (the model's pool rows exactly), "float16" or "bfloat16" (half the kernel's
-    pool reads, at the cost of rounding the pool rows: an opt-in); prefetch: load block i + 1 (indices, user
-    parts, pool rows) before reducing block i, so its loads are in flight meanwhile (twice the tiles in
-    registers). The defaults are the fastest fp32-pool
+    pool reads, at the cost of rounding the pool rows: an opt-in). The defaults are the fastest fp32-pool
     setting of ``benchmarks/fused_kernel.py`` on an H100 (B 512, L 1000: ``benchmarks/results/fused_kernel.json``).
     """
 
@@ -85,7 +83,6 @@ class FusedConfig:
     num_stages: int | None = None
     split_l: int | None = None
     pool_dtype: str = "float32"
-    prefetch: bool = False
 
     def __post_init__(self) -> None:
         if self.pool_dtype not in KV_TORCH:
@@ -142,14 +139,15 @@ if triton is not None:
         return tl.load(ptr + ls[:, None] * WIDTH + cols[None, :], mask=mask, other=0.0).to(tl.float32)
 
     @triton.jit
-    def _load_block(
-        raw_ptr, pool_k_ptr, pool_v_ptr, start, n, stop, kidx_base, vidx_base, l0, cols,
-        D_A: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, K_SHARED: tl.constexpr, V_SHARED: tl.constexpr,
-        KV_CODE: tl.constexpr, KV_BYTES: tl.constexpr, IDX_BYTES: tl.constexpr, BLOCK_L: tl.constexpr,
+    def _attend_block(
+        raw_ptr, pool_k_ptr, pool_v_ptr, start, n, stop, kidx_base, vidx_base, l0, q, cols, m_i, l_i, acc,
+        D_A: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+        K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, KV_CODE: tl.constexpr, KV_BYTES: tl.constexpr,
+        IDX_BYTES: tl.constexpr, BLOCK_L: tl.constexpr,
     ):
-        """Keys and values (BLOCK_L, GH·DH) fp32 of behaviours l0 .. l0 + BLOCK_L - 1 at columns ``cols``:
-        user part (0 beyond dk / dv) + pool row; 0 at l >= stop (stop <= n, the user's length, which places
-        the V part)."""
+        """One online-softmax step of GH heads over behaviours l0 .. l0 + BLOCK_L - 1 (masked at l >= stop;
+        stop <= n, the user's length, which places the V part). q, cols: (GH·DH,); m_i, l_i: (GH,);
+        acc: (GH, DH)."""
         ls = l0 + tl.arange(0, BLOCK_L)  # (BLOCK_L,)
         lmask = ls < stop
         key = _load_user(raw_ptr, start, ls, cols, lmask, DK, KV_CODE)  # (BLOCK_L, GH·DH)
@@ -157,25 +155,17 @@ if triton is not None:
             ik = _load_idx(raw_ptr, kidx_base, ls, lmask, IDX_BYTES)
             key += tl.load(pool_k_ptr + ik[:, None] * D_A + cols[None, :], mask=lmask[:, None], other=0.0
                            ).to(tl.float32)
-        val = _load_user(raw_ptr, start + n * DK * KV_BYTES, ls, cols, lmask, DV, KV_CODE)  # (BLOCK_L, GH·DH)
-        if V_SHARED:
-            iv = _load_idx(raw_ptr, vidx_base, ls, lmask, IDX_BYTES)
-            val += tl.load(pool_v_ptr + iv[:, None] * D_A + cols[None, :], mask=lmask[:, None], other=0.0
-                           ).to(tl.float32)
-        return key, val
-
-    @triton.jit
-    def _softmax_step(key, val, l0, stop, q, m_i, l_i, acc, GH: tl.constexpr, DH: tl.constexpr,
-                      BLOCK_L: tl.constexpr):
-        """One online-softmax step of GH heads over the block's keys and values (BLOCK_L, GH·DH) of
-        behaviours l0 .. l0 + BLOCK_L - 1 (masked at l >= stop). q: (GH·DH,); m_i, l_i: (GH,); acc: (GH, DH)."""
-        lmask = l0 + tl.arange(0, BLOCK_L) < stop  # (BLOCK_L,)
         s = tl.sum(tl.reshape(key * q[None, :], (BLOCK_L, GH, DH)), axis=2)  # (BLOCK_L, GH)
         s = tl.where(lmask[:, None], s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))  # (GH,)
         m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)  # an all-masked block (static bound)
         alpha = tl.exp(m_i - m_ref)  # (GH,)
         p = tl.exp(s - m_ref[None, :])  # (BLOCK_L, GH), 0 at masked positions
+        val = _load_user(raw_ptr, start + n * DK * KV_BYTES, ls, cols, lmask, DV, KV_CODE)  # (BLOCK_L, GH·DH)
+        if V_SHARED:
+            iv = _load_idx(raw_ptr, vidx_base, ls, lmask, IDX_BYTES)
+            val += tl.load(pool_v_ptr + iv[:, None] * D_A + cols[None, :], mask=lmask[:, None], other=0.0
+                           ).to(tl.float32)
         l_i = l_i * alpha + tl.sum(p, axis=0)
         pv = p[:, :, None] * tl.reshape(val, (BLOCK_L, GH, DH))  # (BLOCK_L, GH, DH)
         acc = acc * alpha[:, None] + tl.sum(pv, axis=0)  # (GH, DH)
@@ -187,7 +177,7 @@ if triton is not None:
         end_lo, end_hi, D_A: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
         K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, KV_CODE: tl.constexpr, KV_BYTES: tl.constexpr,
         IDX_BYTES: tl.constexpr, HEADER: tl.constexpr, BLOCK_L: tl.constexpr, MAX_L: tl.constexpr,
-        SPLIT: tl.constexpr, SEG: tl.constexpr, PREFETCH: tl.constexpr,
+        SPLIT: tl.constexpr, SEG: tl.constexpr,
     ):
         row = tl.program_id(0)  # b·C + c: rows of q and out
         group = tl.program_id(1)  # heads group·GH .. group·GH + GH - 1
@@ -206,27 +196,16 @@ if triton is not None:
         m_i = tl.full([GH], -float("inf"), tl.float32)  # running max per head
         l_i = tl.zeros([GH], dtype=tl.float32)  # running denominator per head
         acc = tl.zeros([GH, DH], dtype=tl.float32)
-        # the loop reads blocks l0 = first, first + BLOCK_L, … while l0 < last (last = stop, or for Triton's CPU
-        # interpreter, which cannot loop to a loaded bound, the static lo + MAX_L with every block masked at stop)
-        if MAX_L > 0:
-            first, last, base = 0, MAX_L, lo
+        if MAX_L > 0:  # Triton's CPU interpreter cannot loop to a loaded bound: static bound, masked
+            for l0 in range(0, MAX_L, BLOCK_L):
+                m_i, l_i, acc = _attend_block(
+                    raw_ptr, pool_k_ptr, pool_v_ptr, start, n, stop, kidx_base, vidx_base, lo + l0, q, cols, m_i, l_i,
+                    acc, D_A, GH, DH, DK, DV, K_SHARED, V_SHARED, KV_CODE, KV_BYTES, IDX_BYTES, BLOCK_L)
         else:
-            first, last, base = lo, stop, 0
-        if PREFETCH:  # block l0 + BLOCK_L is loaded while block l0 is reduced (its loads in flight meanwhile)
-            key, val = _load_block(raw_ptr, pool_k_ptr, pool_v_ptr, start, n, stop, kidx_base, vidx_base, lo, cols,
-                                   D_A, DK, DV, K_SHARED, V_SHARED, KV_CODE, KV_BYTES, IDX_BYTES, BLOCK_L)
-        for l0 in range(first, last, BLOCK_L):
-            at = base + l0
-            if PREFETCH:
-                key_next, val_next = _load_block(
-                    raw_ptr, pool_k_ptr, pool_v_ptr, start, n, stop, kidx_base, vidx_base, at + BLOCK_L, cols,
-                    D_A, DK, DV, K_SHARED, V_SHARED, KV_CODE, KV_BYTES, IDX_BYTES, BLOCK_L)
-            else:
-                key, val = _load_block(raw_ptr, pool_k_ptr, pool_v_ptr, start, n, stop, kidx_base, vidx_base, at,
-                                       cols, D_A, DK, DV, K_SHARED, V_SHARED, KV_CODE, KV_BYTES, IDX_BYTES, BLOCK_L)
-            m_i, l_i, acc = _softmax_step(key, val, at, stop, q, m_i, l_i, acc, GH, DH, BLOCK_L)
-            if PREFETCH:
-                key, val = key_next, val_next
+            for l0 in range(lo, stop, BLOCK_L):
+                m_i, l_i, acc = _attend_block(
+                    raw_ptr, pool_k_ptr, pool_v_ptr, start, n, stop, kidx_base, vidx_base, l0, q, cols, m_i, l_i,
+                    acc, D_A, GH, DH, DK, DV, K_SHARED, V_SHARED, KV_CODE, KV_BYTES, IDX_BYTES, BLOCK_L)
         if SPLIT == 1:
             out = acc / tl.maximum(l_i, 1e-30)[:, None]  # (GH, DH); l_i == 0 only when n == 0, where acc == 0
             tl.store(out_ptr + row * D_A + cols, tl.reshape(out, (GH * DH,)), mask=mine)
@@ -356,8 +335,7 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
             GH=config.heads_per_program, DH=dh, DK=layout.dk, DV=layout.dv, K_SHARED=layout.k_shared,
             V_SHARED=layout.v_shared, KV_CODE=KV_CODES[layout.kv_dtype], KV_BYTES=KV_TORCH[layout.kv_dtype].itemsize,
             IDX_BYTES=IDX_BYTES[layout.idx_dtype], HEADER=HEADER_SIZE, BLOCK_L=config.block_l,
-            MAX_L=seg if INTERPRETED else 0, SPLIT=parts, SEG=seg, PREFETCH=config.prefetch,
-            num_warps=config.num_warps, **stages,
+            MAX_L=seg if INTERPRETED else 0, SPLIT=parts, SEG=seg, num_warps=config.num_warps, **stages,
         )
     if parts > 1:
         _combine_parts_kernel[(rows, heads)](acc, m, l, out, D_A=d_a, H=heads, DH=dh, SPLIT=parts, num_warps=1)

@@ -219,18 +219,16 @@ def test_fused_reads_pinned_host_batch_on_cuda(split_l: int) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-@pytest.mark.parametrize(("heads_per_program", "num_stages", "split_l", "prefetch"),
-                         [(1, None, 1, True), (2, 1, 4, False), (4, 3, 2, True), (2, None, None, True)])
+@pytest.mark.parametrize(("heads_per_program", "num_stages", "split_l"), [(1, None, 1), (2, 1, 4), (4, 3, 2)])
 @pytest.mark.parametrize("block_l", [2, 16])
 def test_fused_tuning_knobs_keep_the_result(name: str, heads_per_program: int, num_stages: int | None,
-                                            split_l: int | None, prefetch: bool, block_l: int) -> None:
+                                            split_l: int, block_l: int) -> None:
     """Every launch setting (heads per program, pipelining stages, histories split into parts — some of
-    them empty — and combined, BLOCK_L shorter and longer than L, the next block prefetched) computes the
-    same attention."""
+    them empty — and combined, BLOCK_L shorter and longer than L) computes the same attention."""
     resident, layout, host, raw, rng = batch(name, "float16", "uint16", 6, seed=21)
     q = torch.randn(6, 2, resident.cfg.d_attn, device=DEVICE)
     config = FusedConfig(block_l=block_l, heads_per_program=heads_per_program, num_stages=num_stages,
-                         split_l=split_l, prefetch=prefetch)
+                         split_l=split_l)
     with torch.inference_mode():
         want = fused_attention(raw, q, resident, layout, 6)
         got = fused_attention(raw, q, resident, layout, 6, config=config)
