@@ -26,11 +26,16 @@ need no 4-byte alignment. Without shared K/V (``mode`` full, or the unshared sid
 the whole d_a row. The plain-PyTorch reference is the eager path; ``tests/test_fused.py`` checks the
 two agree on CUDA, and under Triton's interpreter (``TRITON_INTERPRET=1``) on CPU.
 
+A launch may serve only the users whose records end in a byte range (``chunks``): the CUDA graph copies
+the batch in pieces and launches the kernel once per piece as it lands (:mod:`cachestore.graphs`).
+
 Measured on an H100 (``benchmarks/decode_latency.py``, B 512, L 1000): one CUDA-graph replay of the
-copies + q projection + this kernel + MLP takes 0.33 ms against 1.25 ms for the graph over unpack +
-poolscore; splitting histories halved the replay at B 1–64 (``benchmarks/results/decode_latency.json``).
-The kernel alone takes 1.4× (fp32 pools) to 2.3× (fp16) the time of a kernel doing only its pool-row
-reads (``benchmarks/results/fused_kernel_floor.json``). ``raw`` may also be a pinned host batch, which
+copies + q projection + this kernel + MLP takes 0.29 ms with the copy in 2 pieces beside the kernel
+(0.33 ms with one copy first) against 1.25 ms for the graph over unpack + poolscore; splitting histories
+halved the replay at B 1–64 (``benchmarks/results/decode_latency.json``). The kernel alone takes 1.4×
+(fp32 pools) to 2.3× (fp16) the time of a kernel doing only its pool-row reads
+(``benchmarks/results/fused_kernel_floor.json``) and is latency-bound (Nsight Compute:
+``benchmarks/results/ncu_fused_B512_L1000.txt``). ``raw`` may also be a pinned host batch, which
 the kernel then reads over PCIe (mapped, zero-copy) — measured slower than copying first.
 """
 
