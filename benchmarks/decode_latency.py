@@ -528,6 +528,8 @@ def main() -> None:
                         "(GraphedDecoder overlap; 1: one copy before the decode)")
     p.add_argument("--compare-overlap", default=None,
                    help="comma list of K: also time the graph with overlap=K for each, round-robin (experiment)")
+    p.add_argument("--fused-launch", default="",
+                   help="FusedConfig launch settings, e.g. block_l=64,heads_per_program=8,num_warps=2")
     p.add_argument("--graph-path", choices=["auto", "fused", "poolscore", "gather"], default="auto",
                    help="attention path captured in the c_graph CUDA graph (auto: fused on CUDA with Triton, "
                         "else choose_path for the shape)")
@@ -538,7 +540,8 @@ def main() -> None:
                    help="torch CPU threads (default: 1 with --device cpu, for stable numbers; else torch's)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
-    args.fused = FusedConfig(pool_dtype=args.pool_dtype)
+    launch = {k: int(v) for k, v in (kv.split("=") for kv in args.fused_launch.split(",") if kv)}
+    args.fused = FusedConfig(pool_dtype=args.pool_dtype, **launch)
     args.score_tol = 1e-4 if args.pool_dtype == "float32" else 3e-3  # half pools: their rounding (tests/test_fused.py)
     device = torch.device(args.device)
     dry = device.type != "cuda"

@@ -16,6 +16,8 @@
 #   step "overlap" (~5 min): the fused CUDA tests, then Table 2's graph at L 1000 B 64, 256, 512 with the
 #                           batch copy split into 1, 2, 3, 4, 6 pieces beside the decode (GraphedDecoder
 #                           overlap), timed round-robin in one process, fp32 and fp16 pools
+#   step "fp16"  (~4 min): Table 2's graph at L 1000 with fp16 pools, default launch settings and the
+#                           best fp16 ones of fused_kernel_prefetch_B512.json (block 64, 8 heads per program)
 #   step "eval"  (resumable, rerun until it prints "eval complete"): `ckv eval --device cuda --workers 3`
 #                           (issue 5; every finished run is kept under benchmarks/results/zoo_movielens/runs)
 #
@@ -109,6 +111,16 @@ overlap)
             --out benchmarks/results/decode_latency_overlap_$pool.json 2>&1 | grep -E "^L=|failed|MISMATCH|rror"
     done
     tar -C benchmarks/results -czf "$OUT/overlap.tgz" $(cd benchmarks/results && ls decode_latency_overlap_*.json)
+    ;;
+fp16)
+    for launch in "" "block_l=64,heads_per_program=8"; do
+        name=${launch:+_b64h8}
+        timeout 200 python3 benchmarks/decode_latency.py --pool-dtype float16 --fused-launch "$launch" --lengths 1000 \
+            --batch-sizes 1,64,256,512 --no-fetch --compare-overlap 1,2 \
+            --out benchmarks/results/decode_latency_fp16pools$name.json 2>&1 | grep -E "^L=|failed|MISMATCH|rror" \
+            | sed "s/^/[${launch:-default}] /"
+    done
+    cp benchmarks/results/decode_latency_fp16pools*.json benchmarks/results/decode_latency_fp16pools*.png "$OUT"/
     ;;
 eval)
     budget=${2:-540}
