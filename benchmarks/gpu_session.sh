@@ -31,7 +31,7 @@
 #                                                   (a second evaluation in its own folder)
 # Results land in benchmarks/results/ and are copied to $OUT (≤ 8 files come back per call).
 set -uo pipefail
-step=${1:?usage: gpu_session.sh tests|bench|tune|eval [seconds]}
+step=${1:?usage: gpu_session.sh tests|bench|tune|kernel|profile|overlap|fp16|eval [seconds]}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/ckv-gpu-out}
 mkdir -p "$OUT" benchmarks/results

@@ -42,6 +42,7 @@ the kernel then reads over PCIe (mapped, zero-copy) — measured slower than cop
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -313,8 +314,8 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
     if raw.device != q.device and not (q.device.type == "cuda" and raw.device.type == "cpu" and raw.is_pinned()):
         raise ValueError(f"the packed batch is on {raw.device}, q on {q.device}: the kernel reads the batch on "
                          "q's device, or in pinned host memory (mapped, zero-copy) for a CUDA q")
-    if not chunks or chunks[0][0] >= 0 or chunks[-1][1] < raw.numel() or any(lo >= hi for lo, hi in chunks) or any(
-            a[1] != z[0] for a, z in zip(chunks, chunks[1:], strict=False)):
+    if (not chunks or chunks[0][0] >= 0 or chunks[-1][1] < raw.numel() or any(lo >= hi for lo, hi in chunks)
+            or any(a[1] != z[0] for a, z in itertools.pairwise(chunks))):
         raise ValueError(f"chunks must be contiguous (lo, hi] byte ranges from below 0 to past the batch, got {chunks}")
     pool_k, pool_v = padded_pools(resident, KV_TORCH[config.pool_dtype])
     q = q.float().contiguous()

@@ -113,10 +113,9 @@ def copy_chunks(nbytes: int, header_bytes: int, overlap: int) -> list[tuple[int,
 def record_ends(pieces: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """The fused kernel's launch ranges for copy ``pieces``: launch c serves the users whose records end in
     (lo, hi] — every byte of them copied by piece c or before; the first and last ranges open-ended."""
-    ends = [(lo, hi) for lo, hi in pieces]
-    ends[0] = (ALL_BYTES[0][0], ends[0][1])
-    ends[-1] = (ends[-1][0], ALL_BYTES[0][1])
-    return ends
+    (first, last), = ALL_BYTES
+    edges = [first, *(hi for _, hi in pieces[:-1]), last]
+    return list(zip(edges[:-1], edges[1:], strict=True))
 
 
 @dataclass
