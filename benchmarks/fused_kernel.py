@@ -124,15 +124,10 @@ def bench_length(length: int, args: argparse.Namespace, device: torch.device) ->
         splits = [None if x == "auto" else int(x) for x in args.splits.split(",")]
         grid = itertools.product([int(x) for x in args.blocks.split(",")], [int(x) for x in args.warps.split(",")],
                                  [int(x) for x in args.heads.split(",")], stages, splits, args.pool_dtypes.split(","),
-                                 args.sources.split(","), args.kernels.split(","))
-        seen = set()
-        for block, warps, hpp, stage, split, pool, source, kernel in grid:
-            hpp = 1 if kernel == "slots" else hpp  # the slots kernel takes all heads in one program
+                                 args.sources.split(","))
+        for block, warps, hpp, stage, split, pool, source in grid:
             config = FusedConfig(block_l=block, num_warps=warps, heads_per_program=hpp, num_stages=stage,
-                                 split_l=split, pool_dtype=pool, kernel=kernel)
-            if (config, source) in seen:
-                continue
-            seen.add((config, source))
+                                 split_l=split, pool_dtype=pool)
 
             raw = dev.raw if source == "device" else host.tensor  # mapped: the pinned host batch, over PCIe
 
@@ -148,7 +143,7 @@ def bench_length(length: int, args: argparse.Namespace, device: torch.device) ->
             configs.append({**dataclasses.asdict(config), "source": source, "median_ms": t["median_ms"],
                             "p90_ms": t["p90_ms"], "max_abs_diff": diff,
                             "pool_gb_per_s": pool_read / t["median_ms"] / 1e6})
-            print(f"L={length} B={args.users} {kernel} block {block:4d} warps {warps} heads {hpp} stages {stage} "
+            print(f"L={length} B={args.users} block {block:4d} warps {warps} heads {hpp} stages {stage} "
                   f"split {split} {pool} {source}: {t['median_ms']:.4f} ms (diff {diff:.2e})", flush=True)
     row["configs"] = configs
     row["pool_gather_floor"] = gather_floor(args.users, length, args, device) if triton is not None else None
@@ -170,7 +165,6 @@ def main() -> None:
     p.add_argument("--stages", default="default", help="num_stages values ('default': Triton's)")
     p.add_argument("--splits", default="auto", help="split_l values ('auto': split_parts picks)")
     p.add_argument("--pool-dtypes", default="float32,float16")
-    p.add_argument("--kernels", default="slots,groups", help="FusedConfig.kernel values")
     p.add_argument("--sources", default="device",
                    help="where the kernel reads the packed batch: device (copied first) and/or mapped "
                         "(pinned host memory read over PCIe by the kernel: zero-copy; then the time includes "

@@ -64,7 +64,6 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
 FUSED = "fused"  # the decode path name of this kernel (graphs, runtime, ckv score)
 KV_CODES = {"float16": 0, "bfloat16": 1, "float32": 2}
 IDX_BYTES = {None: 0, "uint16": 2, "int32": 4}
-KERNELS = ("auto", "slots", "groups")  # FusedConfig.kernel
 
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read by triton.jit at import, as here
@@ -90,11 +89,8 @@ class FusedConfig:
     num_stages: int | None = None
     split_l: int | None = None
     pool_dtype: str = "float32"
-    kernel: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
         if self.pool_dtype not in KV_TORCH:
             raise ValueError(f"pool_dtype must be one of {sorted(KV_TORCH)}, got {self.pool_dtype!r}")
         for name in ("block_l", "num_warps", "heads_per_program"):
@@ -227,128 +223,6 @@ if triton is not None:
             tl.store(out_ptr + at * D_A + cols, tl.reshape(acc, (GH * DH,)), mask=mine)
 
     @triton.jit
-    def _load_kv(raw_ptr, base, offs, mask, KV_CODE: tl.constexpr):
-        """fp32 values of the stored user part (fp16/bf16/fp32 by KV_CODE) at element offsets ``offs`` (any
-        shape) from byte ``base``; 0 where masked."""
-        if KV_CODE == 0:
-            ptr = (raw_ptr + base).to(tl.pointer_type(tl.float16))
-        elif KV_CODE == 1:
-            ptr = (raw_ptr + base).to(tl.pointer_type(tl.bfloat16))
-        else:
-            ptr = (raw_ptr + base).to(tl.pointer_type(tl.float32))
-        return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
-
-    @triton.jit
-    def _slots_side(raw_ptr, pool_ptr, base, idx_base, ls, lmask, cols, D_A: tl.constexpr, SHARED: tl.constexpr,
-                    KV_CODE: tl.constexpr, IDX_BYTES: tl.constexpr):
-        """(BLOCK_L, H, DH) fp32 rows of one side for behaviours ``ls``: pool rows P[idx[l]] (zero in the
-        user dims) for a shared side, the stored d_a-wide user rows for an unshared one. cols: (1, H, DH)."""
-        if SHARED:
-            i = _load_idx(raw_ptr, idx_base, ls, lmask, IDX_BYTES)  # (BLOCK_L,)
-            rows = tl.load(pool_ptr + i[:, None, None] * D_A + cols, mask=lmask[:, None, None], other=0.0
-                           ).to(tl.float32)
-        else:
-            rows = _load_kv(raw_ptr, base, ls[:, None, None] * D_A + cols, lmask[:, None, None], KV_CODE)
-        return rows
-
-    @triton.jit
-    def _slots_block(
-        raw_ptr, pool_k_ptr, pool_v_ptr, start, n, stop, kidx_base, vidx_base, l0, q, qu, cols, dd, head0,
-        m_i, l_i, acc, acc_u, D_A: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, K_SHARED: tl.constexpr,
-        V_SHARED: tl.constexpr, KV_CODE: tl.constexpr, KV_BYTES: tl.constexpr, IDX_BYTES: tl.constexpr,
-        BLOCK_L: tl.constexpr,
-    ):
-        """Behaviours l0 .. l0 + BLOCK_L - 1 (masked at l >= stop), one per slot: slot j's online-softmax
-        state (m_i, l_i: (BLOCK_L, H); acc: (BLOCK_L, H, DH); acc_u: (BLOCK_L, DH), head 0's user-part
-        values of a shared V side) takes behaviour l0 + j. Elementwise over slots: no reduction across
-        behaviours until the end of the program."""
-        ls = l0 + tl.arange(0, BLOCK_L)  # (BLOCK_L,)
-        lmask = ls < stop
-        v_start = start + n * DK * KV_BYTES
-        key = _slots_side(raw_ptr, pool_k_ptr, start, kidx_base, ls, lmask, cols, D_A, K_SHARED, KV_CODE, IDX_BYTES)
-        val = _slots_side(raw_ptr, pool_v_ptr, v_start, vidx_base, ls, lmask, cols, D_A, V_SHARED, KV_CODE,
-                          IDX_BYTES)  # (BLOCK_L, H, DH)
-        umask = lmask[:, None] & (dd[None, :] < DK)  # (BLOCK_L, DH)
-        s = tl.sum(key * q, axis=2)  # (BLOCK_L, H)
-        if K_SHARED:  # the user dims are head 0's first DK columns
-            ku = _load_kv(raw_ptr, start, ls[:, None] * DK + dd[None, :], umask, KV_CODE)  # (BLOCK_L, DH)
-            s += tl.where(head0, tl.sum(ku * qu[None, :], axis=1)[:, None], 0.0)
-        s = tl.where(lmask[:, None], s, -float("inf"))
-        m_new = tl.maximum(m_i, s)  # (BLOCK_L, H)
-        m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)  # a slot with no behaviour yet
-        alpha = tl.exp(m_i - m_ref)
-        p = tl.exp(s - m_ref)  # 0 at masked behaviours
-        l_i = l_i * alpha + p
-        acc = acc * alpha[:, :, None] + p[:, :, None] * val
-        if V_SHARED:
-            vmask = lmask[:, None] & (dd[None, :] < DV)
-            vu = _load_kv(raw_ptr, v_start, ls[:, None] * DV + dd[None, :], vmask, KV_CODE)  # (BLOCK_L, DH)
-            a0 = tl.sum(tl.where(head0, alpha, 0.0), axis=1)  # (BLOCK_L,) head 0's
-            p0 = tl.sum(tl.where(head0, p, 0.0), axis=1)
-            acc_u = acc_u * a0[:, None] + p0[:, None] * vu
-        return m_new, l_i, acc, acc_u
-
-    @triton.jit
-    def _slots_attention_kernel(
-        raw_ptr, header_ptr, q_ptr, pool_k_ptr, pool_v_ptr, out_ptr, m_ptr, l_ptr, n_users, n_cand, scale,
-        end_lo, end_hi, D_A: tl.constexpr, H: tl.constexpr, DH: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-        K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, KV_CODE: tl.constexpr, KV_BYTES: tl.constexpr,
-        IDX_BYTES: tl.constexpr, HEADER: tl.constexpr, BLOCK_L: tl.constexpr, MAX_L: tl.constexpr,
-        SPLIT: tl.constexpr, SEG: tl.constexpr,
-    ):
-        """Program (b·C + c, part): all H heads of one (user, candidate), BLOCK_L online-softmax slots
-        merged once at the end (see :func:`_slots_block`). Serves layouts whose shared sides keep their user
-        dims inside head 0 (DK, DV <= DH) and whose unshared sides store d_a-wide rows."""
-        row = tl.program_id(0)  # b·C + c: rows of q and out
-        part = tl.program_id(1)  # behaviours part·SEG .. part·SEG + SEG - 1 (SPLIT parts)
-        b = row // n_cand
-        start = tl.load(header_ptr + b) + HEADER
-        n = tl.load(header_ptr + n_users + b)
-        kidx_base = start + n * (DK + DV) * KV_BYTES
-        vidx_base = kidx_base + n * (IDX_BYTES if K_SHARED else 0)
-        end = vidx_base + n * (IDX_BYTES if V_SHARED else 0)  # one past the record's last byte
-        mine = (end > end_lo) & (end <= end_hi)
-        lo = part * SEG
-        stop = tl.where(mine, tl.minimum(n, lo + SEG), lo)
-        hd = tl.arange(0, H)  # (H,)
-        dd = tl.arange(0, DH)  # (DH,)
-        cols = hd[None, :, None] * DH + dd[None, None, :]  # (1, H, DH) columns of d_a
-        q = tl.load(q_ptr + row * D_A + cols).to(tl.float32) * scale  # (1, H, DH)
-        qu = tl.load(q_ptr + row * D_A + dd).to(tl.float32) * scale  # (DH,) head 0's, for the user dims
-        head0 = hd[None, :] == 0  # (1, H)
-        m_i = tl.full([BLOCK_L, H], -float("inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_L, H], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_L, H, DH], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK_L, DH], dtype=tl.float32)
-        if MAX_L > 0:  # Triton's CPU interpreter cannot loop to a loaded bound: static bound, masked
-            for l0 in range(0, MAX_L, BLOCK_L):
-                m_i, l_i, acc, acc_u = _slots_block(
-                    raw_ptr, pool_k_ptr, pool_v_ptr, start, n, stop, kidx_base, vidx_base, lo + l0, q, qu, cols, dd,
-                    head0, m_i, l_i, acc, acc_u, D_A, DK, DV, K_SHARED, V_SHARED, KV_CODE, KV_BYTES, IDX_BYTES,
-                    BLOCK_L)
-        else:
-            for l0 in range(lo, stop, BLOCK_L):
-                m_i, l_i, acc, acc_u = _slots_block(
-                    raw_ptr, pool_k_ptr, pool_v_ptr, start, n, stop, kidx_base, vidx_base, l0, q, qu, cols, dd,
-                    head0, m_i, l_i, acc, acc_u, D_A, DK, DV, K_SHARED, V_SHARED, KV_CODE, KV_BYTES, IDX_BYTES,
-                    BLOCK_L)
-        mx = tl.max(m_i, axis=0)  # (H,) merge the slots
-        w = tl.exp(m_i - tl.where(mx == -float("inf"), 0.0, mx)[None, :])  # (BLOCK_L, H), 0 for empty slots
-        denom = tl.sum(w * l_i, axis=0)  # (H,)
-        o = tl.sum(w[:, :, None] * acc, axis=0)  # (H, DH)
-        if V_SHARED:
-            w0 = tl.sum(tl.where(head0, w, 0.0), axis=1)  # (BLOCK_L,)
-            o += tl.where(hd[:, None] == 0, tl.sum(w0[:, None] * acc_u, axis=0)[None, :], 0.0)
-        out_cols = hd[:, None] * DH + dd[None, :]  # (H, DH)
-        if SPLIT == 1:
-            tl.store(out_ptr + row * D_A + out_cols, o / tl.maximum(denom, 1e-30)[:, None], mask=mine)
-        else:
-            at = row * SPLIT + part
-            tl.store(m_ptr + at * H + hd, mx, mask=mine)
-            tl.store(l_ptr + at * H + hd, denom, mask=mine)
-            tl.store(out_ptr + at * D_A + out_cols, o, mask=mine)
-
-    @triton.jit
     def _combine_parts_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, D_A: tl.constexpr, H: tl.constexpr,
                               DH: tl.constexpr, SPLIT: tl.constexpr):
         """out[row, head] = Σ_p e^(m_p - M) acc_p / Σ_p e^(m_p - M) l_p over the SPLIT parts (M = max_p m_p;
@@ -401,16 +275,6 @@ def padded_pools(resident: ResidentModel, dtype: torch.dtype) -> tuple[torch.Ten
     return cache[dtype]
 
 
-def slots_serve(layout: CacheLayout, d_a: int, heads: int) -> bool:
-    """Whether the slots kernel serves ``layout``: a power-of-two head count, each shared side's user dims
-    inside head 0 (dk, dv <= d_a / heads) and each unshared side stored d_a wide (the full-KV store)."""
-    dh = d_a // heads
-
-    def side(width: int, shared: bool) -> bool:
-        return width <= dh if shared else width == d_a
-    return heads & (heads - 1) == 0 and side(layout.dk, layout.k_shared) and side(layout.dv, layout.v_shared)
-
-
 ALL_BYTES = ((-1, 1 << 62),)  # one launch for every user (record ends in (-1, 2^62])
 
 
@@ -445,12 +309,7 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
         raise ValueError(f"the fused kernel needs a power-of-two head dim, got {dh}")
     if (layout.k_shared and resident.pool_k is None) or (layout.v_shared and resident.pool_v is None):
         raise ValueError("the store shares a K/V side the model has no pool for")
-    slots = slots_serve(layout, d_a, heads)
-    if config.kernel == "slots" and not slots:
-        raise ValueError(f"the slots kernel needs a power-of-two head count and user dims inside head 0 "
-                         f"(dk {layout.dk}, dv {layout.dv} <= {dh} on a shared side): use kernel 'groups'")
-    slots = slots and config.kernel != "groups"
-    if not slots and heads % config.heads_per_program:
+    if heads % config.heads_per_program:
         raise ValueError(f"heads_per_program must be a power of two dividing {heads}, got {config.heads_per_program}")
     if raw.device != q.device and not (q.device.type == "cuda" and raw.device.type == "cpu" and raw.is_pinned()):
         raise ValueError(f"the packed batch is on {raw.device}, q on {q.device}: the kernel reads the batch on "
@@ -464,8 +323,7 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
     if b * c == 0:
         return out
     stages = {} if config.num_stages is None else {"num_stages": config.num_stages}
-    rows, max_len = b * c, max(1, layout.max_len)
-    groups = 1 if slots else heads // config.heads_per_program
+    rows, groups, max_len = b * c, heads // config.heads_per_program, max(1, layout.max_len)
     parts = split_parts(config, -(-rows // len(chunks)), groups, max_len, q.device)  # programs busy per launch
     seg = -(-max_len // (parts * config.block_l)) * config.block_l  # behaviours per part, whole blocks
     if parts == 1:
@@ -478,16 +336,13 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
     for index, (end_lo, end_hi) in enumerate(chunks):
         if on_chunk is not None:
             on_chunk(index)
-        common = dict(DK=layout.dk, DV=layout.dv, K_SHARED=layout.k_shared, V_SHARED=layout.v_shared,
-                      KV_CODE=KV_CODES[layout.kv_dtype], KV_BYTES=KV_TORCH[layout.kv_dtype].itemsize,
-                      IDX_BYTES=IDX_BYTES[layout.idx_dtype], HEADER=HEADER_SIZE, BLOCK_L=config.block_l,
-                      MAX_L=seg if INTERPRETED else 0, SPLIT=parts, SEG=seg, num_warps=config.num_warps, **stages)
-        args = (raw, header, q, pool_k, pool_v, acc, m, l, n_users, c, 1.0 / math.sqrt(dh), end_lo, end_hi)
-        if slots:
-            _slots_attention_kernel[(rows, parts)](*args, D_A=d_a, H=heads, DH=dh, **common)
-        else:
-            _collective_attention_kernel[(rows, groups, parts)](*args, D_A=d_a, GH=config.heads_per_program, DH=dh,
-                                                                **common)
+        _collective_attention_kernel[(rows, groups, parts)](
+            raw, header, q, pool_k, pool_v, acc, m, l, n_users, c, 1.0 / math.sqrt(dh), end_lo, end_hi, D_A=d_a,
+            GH=config.heads_per_program, DH=dh, DK=layout.dk, DV=layout.dv, K_SHARED=layout.k_shared,
+            V_SHARED=layout.v_shared, KV_CODE=KV_CODES[layout.kv_dtype], KV_BYTES=KV_TORCH[layout.kv_dtype].itemsize,
+            IDX_BYTES=IDX_BYTES[layout.idx_dtype], HEADER=HEADER_SIZE, BLOCK_L=config.block_l,
+            MAX_L=seg if INTERPRETED else 0, SPLIT=parts, SEG=seg, num_warps=config.num_warps, **stages,
+        )
     if parts > 1:
         _combine_parts_kernel[(rows, heads)](acc, m, l, out, D_A=d_a, H=heads, DH=dh, SPLIT=parts, num_warps=1)
     return out
