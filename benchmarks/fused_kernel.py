@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.decode_latency import PAPER, collective_layout, machine, paper_model, synthetic_records, timed  # noqa: E402
 from cachestore.batch import HostBatcher  # noqa: E402
 from cachestore.decode import pool_score_attention  # noqa: E402
-from cachestore.fused import POOL_DTYPES, FusedConfig, fused_attention  # noqa: E402
+from cachestore.fused import FusedConfig, fused_attention  # noqa: E402
 from cachestore.transfer import to_device  # noqa: E402
 
 try:
@@ -139,7 +139,7 @@ def bench_length(length: int, args: argparse.Namespace, device: torch.device) ->
             except Exception as exc:  # e.g. out of registers/shared memory for a large tile
                 print(f"{config}: {exc!r}"[:300], flush=True)
                 continue
-            pool_read = pool_bytes * POOL_DTYPES[pool].itemsize // 4
+            pool_read = pool_bytes // (1 if pool == "float32" else 2)
             configs.append({**dataclasses.asdict(config), "source": source, "median_ms": t["median_ms"],
                             "p90_ms": t["p90_ms"], "max_abs_diff": diff,
                             "pool_gb_per_s": pool_read / t["median_ms"] / 1e6})

@@ -1,12 +1,11 @@
-"""Accuracy of serving with rounded pool rows (``FusedConfig.pool_dtype``: fp16, bf16, fp8) on real data.
+"""Accuracy of serving with half-precision pool rows (``FusedConfig.pool_dtype``) on real data.
 
     make demo        # or any `ckv train` checkpoint and `ckv data prepare` dataset
     python benchmarks/pool_precision.py --checkpoint runs/demo/experiment/checkpoints/collective-seed0 \\
         --data runs/demo/data                      # -> benchmarks/results/pool_precision.json
 
-The fused kernel with ``pool_dtype`` float16 / bfloat16 / float8_e4m3fn reads the global K/V pool rows
-rounded to that dtype (fp8: scaled per pool, ``cachestore.fused.round_pool``) and nothing else changes
-(user parts, indices, query, MLP stay as stored / fp32). This script
+The fused kernel with ``pool_dtype`` float16 / bfloat16 reads the global K/V pool rows rounded to that
+dtype and nothing else changes (user parts, indices, query, MLP stay as stored / fp32). This script
 applies exactly that rounding to the checkpoint's pools and evaluates the model (hard routing, as
 served) on the dataset's validation and test samples: GAUC, AUC and logloss per pool dtype, their
 change against the fp32 pools, and the largest change of a predicted probability. CPU is enough.
@@ -26,14 +25,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.decode_latency import machine  # noqa: E402
-from cachestore.fused import round_pool  # noqa: E402
 from model.metrics import ctr_metrics  # noqa: E402
 from pipeline.checkpoint import load_checkpoint  # noqa: E402
 from pipeline.dataset_schema import load_dataset  # noqa: E402
 from pipeline.history import HistoryIndex  # noqa: E402
 from pipeline.trainer import predict  # noqa: E402
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float8_e4m3fn": torch.float8_e4m3fn}
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def pools(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -67,8 +65,7 @@ def main() -> None:
         for name in ("float32", *DTYPES):
             with torch.no_grad():
                 for q, x in zip(params, exact, strict=True):  # the rows the kernel reads at that dtype
-                    stored, scale = round_pool(x, DTYPES[name]) if name != "float32" else (x, 1.0)
-                    q.copy_(stored.float() * scale)
+                    q.copy_(x if name == "float32" else x.to(DTYPES[name]).float())
             probs[name] = predict(model, index, samples, args.batch_size)
             rows[name] = ctr_metrics(users, labels, probs[name])
         for name in DTYPES:

@@ -63,8 +63,6 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
 
 FUSED = "fused"  # the decode path name of this kernel (graphs, runtime, ckv score)
 KV_CODES = {"float16": 0, "bfloat16": 1, "float32": 2}
-POOL_DTYPES = {**KV_TORCH, "float8_e4m3fn": torch.float8_e4m3fn}  # FusedConfig.pool_dtype
-FP8_MAX = 448.0  # largest finite float8_e4m3fn: a scaled pool's largest |value| maps to it
 IDX_BYTES = {None: 0, "uint16": 2, "int32": 4}
 
 
@@ -81,10 +79,8 @@ class FusedConfig:
     split_l: parts each user's history is split into, one program each, their softmax states combined by
     a second kernel (flash-decoding; a power of two; None: :func:`split_parts` picks from the launch size);
     pool_dtype: "float32" (the model's pool rows exactly), "float16" or "bfloat16" (half the kernel's
-    pool reads, at the cost of rounding the pool rows: an opt-in), "float8_e4m3fn" (a quarter: each pool
-    scaled by one factor, :func:`round_pool`; CUDA only, Triton's interpreter has no fp8). The defaults
-    are the fastest fp32-pool setting of ``benchmarks/fused_kernel.py`` on an H100 (B 512, L 1000:
-    ``benchmarks/results/fused_kernel.json``).
+    pool reads, at the cost of rounding the pool rows: an opt-in). The defaults are the fastest fp32-pool
+    setting of ``benchmarks/fused_kernel.py`` on an H100 (B 512, L 1000: ``benchmarks/results/fused_kernel.json``).
     """
 
     block_l: int = 32
@@ -95,8 +91,8 @@ class FusedConfig:
     pool_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        if self.pool_dtype not in POOL_DTYPES:
-            raise ValueError(f"pool_dtype must be one of {sorted(POOL_DTYPES)}, got {self.pool_dtype!r}")
+        if self.pool_dtype not in KV_TORCH:
+            raise ValueError(f"pool_dtype must be one of {sorted(KV_TORCH)}, got {self.pool_dtype!r}")
         for name in ("block_l", "num_warps", "heads_per_program"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
@@ -150,10 +146,10 @@ if triton is not None:
 
     @triton.jit
     def _attend_block(
-        raw_ptr, pool_k_ptr, pool_v_ptr, k_scale, v_scale, start, n, stop, kidx_base, vidx_base, l0, q, cols, m_i,
-        l_i, acc, D_A: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+        raw_ptr, pool_k_ptr, pool_v_ptr, start, n, stop, kidx_base, vidx_base, l0, q, cols, m_i, l_i, acc,
+        D_A: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
         K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, KV_CODE: tl.constexpr, KV_BYTES: tl.constexpr,
-        IDX_BYTES: tl.constexpr, BLOCK_L: tl.constexpr, SCALED: tl.constexpr,
+        IDX_BYTES: tl.constexpr, BLOCK_L: tl.constexpr,
     ):
         """One online-softmax step of GH heads over behaviours l0 .. l0 + BLOCK_L - 1 (masked at l >= stop;
         stop <= n, the user's length, which places the V part). q, cols: (GH·DH,); m_i, l_i: (GH,);
@@ -163,11 +159,8 @@ if triton is not None:
         key = _load_user(raw_ptr, start, ls, cols, lmask, DK, KV_CODE)  # (BLOCK_L, GH·DH)
         if K_SHARED:
             ik = _load_idx(raw_ptr, kidx_base, ls, lmask, IDX_BYTES)
-            pk = tl.load(pool_k_ptr + ik[:, None] * D_A + cols[None, :], mask=lmask[:, None], other=0.0
-                         ).to(tl.float32)  # (BLOCK_L, GH·DH)
-            if SCALED:  # float8 pools: stored rows × the pool's factor
-                pk = pk * k_scale
-            key += pk
+            key += tl.load(pool_k_ptr + ik[:, None] * D_A + cols[None, :], mask=lmask[:, None], other=0.0
+                           ).to(tl.float32)
         s = tl.sum(tl.reshape(key * q[None, :], (BLOCK_L, GH, DH)), axis=2)  # (BLOCK_L, GH)
         s = tl.where(lmask[:, None], s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))  # (GH,)
@@ -177,11 +170,8 @@ if triton is not None:
         val = _load_user(raw_ptr, start + n * DK * KV_BYTES, ls, cols, lmask, DV, KV_CODE)  # (BLOCK_L, GH·DH)
         if V_SHARED:
             iv = _load_idx(raw_ptr, vidx_base, ls, lmask, IDX_BYTES)
-            pv = tl.load(pool_v_ptr + iv[:, None] * D_A + cols[None, :], mask=lmask[:, None], other=0.0
-                         ).to(tl.float32)  # (BLOCK_L, GH·DH)
-            if SCALED:  # float8 pools: stored rows × the pool's factor
-                pv = pv * v_scale
-            val += pv
+            val += tl.load(pool_v_ptr + iv[:, None] * D_A + cols[None, :], mask=lmask[:, None], other=0.0
+                           ).to(tl.float32)
         l_i = l_i * alpha + tl.sum(p, axis=0)
         pv = p[:, :, None] * tl.reshape(val, (BLOCK_L, GH, DH))  # (BLOCK_L, GH, DH)
         acc = acc * alpha[:, None] + tl.sum(pv, axis=0)  # (GH, DH)
@@ -189,11 +179,11 @@ if triton is not None:
 
     @triton.jit
     def _collective_attention_kernel(
-        raw_ptr, header_ptr, q_ptr, pool_k_ptr, pool_v_ptr, k_scale, v_scale, out_ptr, m_ptr, l_ptr, n_users, n_cand,
-        scale, end_lo, end_hi, D_A: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr, DK: tl.constexpr,
-        DV: tl.constexpr, K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, KV_CODE: tl.constexpr, KV_BYTES: tl.constexpr,
+        raw_ptr, header_ptr, q_ptr, pool_k_ptr, pool_v_ptr, out_ptr, m_ptr, l_ptr, n_users, n_cand, scale,
+        end_lo, end_hi, D_A: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+        K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, KV_CODE: tl.constexpr, KV_BYTES: tl.constexpr,
         IDX_BYTES: tl.constexpr, HEADER: tl.constexpr, BLOCK_L: tl.constexpr, MAX_L: tl.constexpr,
-        SPLIT: tl.constexpr, SEG: tl.constexpr, SCALED: tl.constexpr,
+        SPLIT: tl.constexpr, SEG: tl.constexpr,
     ):
         row = tl.program_id(0)  # b·C + c: rows of q and out
         group = tl.program_id(1)  # heads group·GH .. group·GH + GH - 1
@@ -215,15 +205,13 @@ if triton is not None:
         if MAX_L > 0:  # Triton's CPU interpreter cannot loop to a loaded bound: static bound, masked
             for l0 in range(0, MAX_L, BLOCK_L):
                 m_i, l_i, acc = _attend_block(
-                    raw_ptr, pool_k_ptr, pool_v_ptr, k_scale, v_scale, start, n, stop, kidx_base, vidx_base, lo + l0, q,
-                    cols, m_i, l_i, acc, D_A, GH, DH, DK, DV, K_SHARED, V_SHARED, KV_CODE, KV_BYTES, IDX_BYTES, BLOCK_L,
-                    SCALED)
+                    raw_ptr, pool_k_ptr, pool_v_ptr, start, n, stop, kidx_base, vidx_base, lo + l0, q, cols, m_i, l_i,
+                    acc, D_A, GH, DH, DK, DV, K_SHARED, V_SHARED, KV_CODE, KV_BYTES, IDX_BYTES, BLOCK_L)
         else:
             for l0 in range(lo, stop, BLOCK_L):
                 m_i, l_i, acc = _attend_block(
-                    raw_ptr, pool_k_ptr, pool_v_ptr, k_scale, v_scale, start, n, stop, kidx_base, vidx_base, l0, q,
-                    cols, m_i, l_i, acc, D_A, GH, DH, DK, DV, K_SHARED, V_SHARED, KV_CODE, KV_BYTES, IDX_BYTES, BLOCK_L,
-                    SCALED)
+                    raw_ptr, pool_k_ptr, pool_v_ptr, start, n, stop, kidx_base, vidx_base, l0, q, cols, m_i, l_i,
+                    acc, D_A, GH, DH, DK, DV, K_SHARED, V_SHARED, KV_CODE, KV_BYTES, IDX_BYTES, BLOCK_L)
         if SPLIT == 1:
             out = acc / tl.maximum(l_i, 1e-30)[:, None]  # (GH, DH); l_i == 0 only when n == 0, where acc == 0
             tl.store(out_ptr + row * D_A + cols, tl.reshape(out, (GH * DH,)), mask=mine)
@@ -272,33 +260,18 @@ def split_parts(config: FusedConfig, rows: int, groups: int, max_len: int, devic
     return parts
 
 
-def round_pool(rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
-    """(stored, scale): ``rows`` as the kernel reads them at ``dtype`` — stored·scale is the served pool.
-    scale is 1 except for float8_e4m3fn, where one factor per pool maps its largest |value| to FP8_MAX
-    (1 for an all-zero pool) so the rows keep e4m3's 3 mantissa bits over the pool's range."""
-    if dtype != torch.float8_e4m3fn:
-        return rows.to(dtype), 1.0
-    top = float(rows.detach().abs().max()) if rows.numel() else 0.0
-    scale = top / FP8_MAX if top > 0 else 1.0
-    return (rows.float() / scale).to(dtype), scale
-
-
-def padded_pools(resident: ResidentModel, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """(P_k, P_v, k_scale, v_scale): the pools as (pool, d_a) rows zero in the user dims (the kernel adds the
-    user part there) at ``dtype`` (float32: the model's rows exactly; float16/bfloat16 halve the kernel's pool
-    reads at the cost of rounding the pool; float8_e4m3fn quarters them, scaled: :func:`round_pool`), and the
-    factors the kernel multiplies each side's rows by; a 1-row zero tensor for a side that is not shared.
-    Cached per dtype."""
+def padded_pools(resident: ResidentModel, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P_k, P_v) as (pool, d_a) rows zero in the user dims (the kernel adds the user part there), at
+    ``dtype`` (float32: the model's rows exactly; float16/bfloat16 halve the kernel's pool reads at the
+    cost of rounding the pool); a 1-row zero tensor for a side that is not shared. Cached per dtype."""
     cache: dict = resident.__dict__.setdefault("_fused_pools", {})
     if dtype not in cache:
-        def rows(per_head: torch.Tensor | None, transposed: bool) -> tuple[torch.Tensor, float]:
+        def rows(per_head: torch.Tensor | None, transposed: bool) -> torch.Tensor:
             if per_head is None:
-                return torch.zeros(1, resident.cfg.d_attn, dtype=dtype, device=resident.device), 1.0
+                return torch.zeros(1, resident.cfg.d_attn, dtype=dtype, device=resident.device)
             heads = per_head.permute(2, 0, 1) if transposed else per_head.permute(1, 0, 2)  # (M, H, dh)
-            stored, scale = round_pool(heads.reshape(heads.shape[0], -1), dtype)  # (M, d_a)
-            return stored.contiguous(), scale
-        (pk, k_scale), (pv, v_scale) = rows(resident.pool_k, True), rows(resident.pool_v, False)
-        cache[dtype] = (pk, pv, k_scale, v_scale)
+            return heads.reshape(heads.shape[0], -1).to(dtype).contiguous()  # (M, d_a)
+        cache[dtype] = (rows(resident.pool_k, True), rows(resident.pool_v, False))
     return cache[dtype]
 
 
@@ -344,10 +317,7 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
     if (not chunks or chunks[0][0] >= 0 or chunks[-1][1] < raw.numel() or any(lo >= hi for lo, hi in chunks)
             or any(a[1] != z[0] for a, z in itertools.pairwise(chunks))):
         raise ValueError(f"chunks must be contiguous (lo, hi] byte ranges from below 0 to past the batch, got {chunks}")
-    if config.pool_dtype == "float8_e4m3fn" and (INTERPRETED or q.device.type != "cuda"):
-        raise ValueError("float8_e4m3fn pools need the compiled kernel on a CUDA device (Triton's interpreter "
-                         "has no fp8): use float16 pools here")
-    pool_k, pool_v, k_scale, v_scale = padded_pools(resident, POOL_DTYPES[config.pool_dtype])
+    pool_k, pool_v = padded_pools(resident, KV_TORCH[config.pool_dtype])
     q = q.float().contiguous()
     out = torch.empty(b, c, d_a, dtype=torch.float32, device=q.device)  # (B, C, d_a)
     if b * c == 0:
@@ -367,13 +337,11 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
         if on_chunk is not None:
             on_chunk(index)
         _collective_attention_kernel[(rows, groups, parts)](
-            raw, header, q, pool_k, pool_v, k_scale, v_scale, acc, m, l, n_users, c, 1.0 / math.sqrt(dh), end_lo,
-            end_hi, D_A=d_a,
+            raw, header, q, pool_k, pool_v, acc, m, l, n_users, c, 1.0 / math.sqrt(dh), end_lo, end_hi, D_A=d_a,
             GH=config.heads_per_program, DH=dh, DK=layout.dk, DV=layout.dv, K_SHARED=layout.k_shared,
             V_SHARED=layout.v_shared, KV_CODE=KV_CODES[layout.kv_dtype], KV_BYTES=KV_TORCH[layout.kv_dtype].itemsize,
             IDX_BYTES=IDX_BYTES[layout.idx_dtype], HEADER=HEADER_SIZE, BLOCK_L=config.block_l,
-            MAX_L=seg if INTERPRETED else 0, SPLIT=parts, SEG=seg, SCALED=config.pool_dtype == "float8_e4m3fn",
-            num_warps=config.num_warps, **stages,
+            MAX_L=seg if INTERPRETED else 0, SPLIT=parts, SEG=seg, num_warps=config.num_warps, **stages,
         )
     if parts > 1:
         _combine_parts_kernel[(rows, heads)](acc, m, l, out, D_A=d_a, H=heads, DH=dh, SPLIT=parts, num_warps=1)

@@ -7,7 +7,6 @@ then ``model.attention.target_attention``)."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from pathlib import Path
 
@@ -22,15 +21,7 @@ from hypothesis import strategies as st
 
 from cachestore import graphs
 from cachestore.batch import HostBatcher
-from cachestore.fused import (
-    FP8_MAX,
-    FusedConfig,
-    fused_attention,
-    fused_available,
-    fused_decode,
-    round_pool,
-    split_parts,
-)
+from cachestore.fused import FusedConfig, fused_attention, fused_available, fused_decode, split_parts
 from cachestore.graphs import GraphedDecoder, batch_capacity, copy_chunks, record_ends, static_decode
 from cachestore.runtime import DecodeRuntime
 from jobs.score import score as score_cmd
@@ -257,64 +248,6 @@ def test_fused_half_precision_pools_are_close(pool_dtype: str) -> None:
     assert not torch.equal(got, want)  # the rows really were rounded
     with pytest.raises(ValueError, match="power of two dividing"):
         fused_attention(raw, q, resident, layout, 6, config=FusedConfig(heads_per_program=16))
-
-
-@given(rows=st.integers(0, 40), cols=st.integers(1, 9), magnitude=st.sampled_from([0.0, 1e-3, 1.0, 1e3]),
-       seed=st.integers(0, 999))
-@settings(max_examples=40, deadline=None)
-def test_round_pool_keeps_each_row_within_its_dtype_rounding(rows: int, cols: int, magnitude: float,
-                                                             seed: int) -> None:
-    """stored·scale is the served pool: fp32 exact; fp16 within its rounding; fp8 e4m3 scaled so the largest
-    |value| lands on FP8_MAX, every value within e4m3's half-ulp (2^-4 relative, 2^-10·scale absolute near
-    zero); an all-zero or empty pool keeps scale 1."""
-    x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * magnitude  # (M, d)
-    for dtype, rel, absolute in ((torch.float32, 0.0, 0.0), (torch.float16, 2.0 ** -11, 2.0 ** -25),
-                                 (torch.float8_e4m3fn, 2.0 ** -4, None)):
-        stored, scale = round_pool(x, dtype)
-        assert stored.dtype == dtype and stored.shape == x.shape
-        served = stored.float() * scale
-        top = float(x.abs().max()) if x.numel() else 0.0
-        if dtype != torch.float8_e4m3fn or top == 0:
-            assert scale == 1.0
-        else:
-            assert float(stored.float().abs().max()) == FP8_MAX
-        if dtype == torch.float8_e4m3fn:
-            absolute = 2.0 ** -10 * scale
-        assert torch.isfinite(served).all()
-        assert ((served - x).abs() <= rel * x.abs() + absolute + 1e-30).all()
-
-
-def test_fp8_pools_need_the_compiled_kernel() -> None:
-    """Triton's interpreter has no fp8: the fused call says so instead of computing garbage."""
-    if torch.cuda.is_available():
-        pytest.skip("the compiled kernel reads fp8 pools on CUDA (test_fp8_pools_serve_the_rounded_model_on_cuda)")
-    resident, layout, host, raw, rng = batch("collective", "float16", "uint16", 3, seed=5)
-    q = torch.randn(3, 1, resident.cfg.d_attn, device=DEVICE)
-    with pytest.raises(ValueError, match="float8_e4m3fn pools need"):
-        fused_attention(raw, q, resident, layout, 3, config=FusedConfig(pool_dtype="float8_e4m3fn"))
-
-
-@cuda
-@pytest.mark.parametrize("name", ["collective", "share_k_only", "share_v_only"])
-@pytest.mark.parametrize("split_l", [1, 4])
-def test_fp8_pools_serve_the_rounded_model_on_cuda(name: str, split_l: int) -> None:
-    """fp8 pools: the kernel's attention equals the fp32-pool attention of the same model with its pools
-    replaced by round_pool's stored·scale (the model served), to fp32 summation order."""
-    resident, layout, host, raw, rng = batch(name, "float16", "uint16", 7, seed=8)
-    served = copy.deepcopy(resident.model)
-    with torch.no_grad():
-        for branch in (served.k_branch, served.v_branch):
-            if getattr(branch, "pool", None) is not None:
-                stored, scale = round_pool(branch.pool.detach(), torch.float8_e4m3fn)
-                branch.pool.copy_(stored.float() * scale)
-    q = torch.randn(7, 2, resident.cfg.d_attn, device=DEVICE)
-    with torch.inference_mode():
-        got = fused_attention(raw, q, resident, layout, 7,
-                              config=FusedConfig(pool_dtype="float8_e4m3fn", split_l=split_l))
-        want = fused_attention(raw, q, type(resident)(served, DEVICE), layout, 7, config=FusedConfig(split_l=split_l))
-        exact = fused_attention(raw, q, resident, layout, 7, config=FusedConfig(split_l=split_l))
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert not torch.equal(got, exact)  # the rows really were rounded
 
 
 def test_split_parts_fills_the_device_only_when_programs_are_few() -> None:
