@@ -293,8 +293,9 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
     ``chunks``: one kernel launch per (lo, hi] byte range, serving the users whose records end in it (the
     ranges partition (-1, 2^62]; the batch header must be readable from the first launch on), each after
     ``on_chunk(index)`` — the hook a caller copying the batch in those chunks on another stream uses to
-    make launch c wait for chunk c (:class:`cachestore.graphs.GraphedDecoder` with ``overlap``). A history
-    split into parts has its parts combined once, after the last launch."""
+    make launch c wait for chunk c, or to issue it on a stream of its own (:class:`cachestore.graphs.GraphedDecoder`
+    with ``overlap``) — and once more as ``on_chunk(len(chunks))`` after the last launch, where that caller
+    joins its streams. A history split into parts has its parts combined once, after that."""
     if triton is None:
         raise RuntimeError("the fused decode needs Triton (pip install triton), or use the eager path")
     if layout.layout_version != 1 or not isinstance(layout, CacheLayout):
@@ -343,6 +344,8 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
             IDX_BYTES=IDX_BYTES[layout.idx_dtype], HEADER=HEADER_SIZE, BLOCK_L=config.block_l,
             MAX_L=seg if INTERPRETED else 0, SPLIT=parts, SEG=seg, num_warps=config.num_warps, **stages,
         )
+    if on_chunk is not None:
+        on_chunk(len(chunks))  # after the last launch: a caller that switched streams joins them here
     if parts > 1:
         _combine_parts_kernel[(rows, heads)](acc, m, l, out, D_A=d_a, H=heads, DH=dh, SPLIT=parts, num_warps=1)
     return out

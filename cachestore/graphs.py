@@ -150,7 +150,8 @@ class GraphedDecoder:
 
     def __init__(self, resident: ResidentModel, layout: CacheLayout, *, n_users: int, pad_to: int,
                  n_candidates: int = 1, capacity: int | None = None, path: str = "auto", warmup: int = 3,
-                 eager: bool = False, fused: FusedConfig = DEFAULT_FUSED, overlap: int = DEFAULT_OVERLAP) -> None:
+                 eager: bool = False, fused: FusedConfig = DEFAULT_FUSED, overlap: int = DEFAULT_OVERLAP,
+                 concurrent: bool = True) -> None:
         self.device = torch.device(resident.device)
         if not eager and (self.device.type != "cuda" or not torch.cuda.is_available()):
             raise RuntimeError(f"CUDA graphs need a CUDA device; the model is on {self.device}: "
@@ -164,6 +165,7 @@ class GraphedDecoder:
         if min(n_users, pad_to, n_candidates) < 1:
             raise ValueError(f"n_users, pad_to and n_candidates must be >= 1, got {n_users}, {pad_to}, {n_candidates}")
         self.resident, self.layout, self.eager, self.fused, self.overlap = resident, layout, eager, fused, overlap
+        self.concurrent = concurrent
         self.n_users, self.pad_to, self.n_candidates = n_users, pad_to, n_candidates
         need = 16 * n_users + zero_block_bytes(layout)
         self.capacity = _align8(max(capacity or batch_capacity(layout, n_users, pad_to), need))
@@ -185,6 +187,7 @@ class GraphedDecoder:
             if not eager:
                 self._pool = torch.cuda.graph_pool_handle()
                 self._copy_stream = torch.cuda.Stream(self.device)  # the overlapped copies' branch of a graph
+                self._launch_streams = [torch.cuda.Stream(self.device) for _ in range(max(1, overlap))]
                 self._warm_up(warmup)
 
     @property
@@ -248,9 +251,28 @@ class GraphedDecoder:
                             arrived[-1].record()
                         end.record()
                     self.candidates.copy_(self.candidates_host, non_blocking=True)
-                    logits = self._body(ends, lambda c: main.wait_event(arrived[c]))
+                    logits = self._body(ends, self._launch_hook(main, arrived))
                     main.wait_stream(side)  # join
         return _Captured(graph, logits, start, end, source.numel())
+
+    def _launch_hook(self, main: torch.cuda.Stream, arrived: list[torch.cuda.Event]) -> Callable[[int], None]:
+        """The fused launches' ``on_chunk``: launch c waits for piece c's event — on ``main`` one after another,
+        or (``concurrent``) each on a stream of its own forked from ``main``, so a launch whose piece has
+        landed need not wait for the previous launch's tail; ``on_chunk(len)`` joins them back into main."""
+        if not self.concurrent:
+            return lambda c: main.wait_event(arrived[c]) if c < len(arrived) else None
+
+        def hook(c: int) -> None:
+            if c < len(arrived):
+                stream = self._launch_streams[c]
+                stream.wait_stream(main)  # q and the workspaces, computed on main
+                stream.wait_event(arrived[c])
+                torch.cuda.set_stream(stream)
+            else:
+                torch.cuda.set_stream(main)
+                for stream in self._launch_streams[: len(arrived)]:
+                    main.wait_stream(stream)
+        return hook
 
     def check(self, host: HostBatch) -> None:
         """Raise ValueError unless ``host`` fits this graph's static shapes (host-side only)."""

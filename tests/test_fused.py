@@ -150,7 +150,7 @@ def test_fused_launches_per_copy_chunk_serve_each_user_once(n_users: int, seed: 
         want = fused_attention(raw, q, resident, layout, n_users, config=config)
         got = fused_attention(raw, q, resident, layout, n_users, config=config, chunks=record_ends(pieces),
                               on_chunk=launched.append)
-    assert launched == list(range(len(pieces)))
+    assert launched == list(range(len(pieces) + 1))  # one call per launch, then the join
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
@@ -179,15 +179,20 @@ def test_fused_chunks_must_partition_the_batch() -> None:
 @cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("overlap", [2, 4])
-def test_overlapped_graph_replays_to_the_one_launch_graph_on_cuda(overlap: int, monkeypatch) -> None:
-    """A graph copying the batch in pieces on a forked stream, each fused launch waiting for its piece only,
-    scores like the graph with one copy, over successive batches of both ring buffers."""
+@pytest.mark.parametrize("concurrent", [True, False])
+def test_overlapped_graph_replays_to_the_one_launch_graph_on_cuda(overlap: int, concurrent: bool,
+                                                                  monkeypatch) -> None:
+    """A graph copying the batch in pieces on a forked stream, each fused launch waiting for its piece only
+    (on a stream of its own, or one after another on the graph's stream), scores like the graph with one
+    copy, over successive batches of both ring buffers (split histories: parts written by launches that may
+    run at once, combined after they join)."""
     monkeypatch.setattr(graphs, "_MIN_CHUNK", 256)  # small test batches still split into pieces
     resident, layout, pageable, raw, rng = batch("collective", "float16", "uint16", 6, seed=5)
     batcher = HostBatcher(layout, pin=True)
     plain = GraphedDecoder(resident, layout, n_users=6, pad_to=SEQ, n_candidates=2, path="fused", overlap=1)
     assert len(plain.pieces(1 << 20)) == 1
-    split = GraphedDecoder(resident, layout, n_users=6, pad_to=SEQ, n_candidates=2, path="fused", overlap=overlap)
+    split = GraphedDecoder(resident, layout, n_users=6, pad_to=SEQ, n_candidates=2, path="fused", overlap=overlap,
+                           concurrent=concurrent, fused=FusedConfig(split_l=2))
     for seed in range(4):
         rng = np.random.default_rng(seed)
         host = batcher.pack(np.arange(6), random_records(layout, random_lengths(6, rng), rng))
