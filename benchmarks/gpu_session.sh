@@ -17,7 +17,7 @@
 #                           batch copy split into 1, 2, 3, 4, 6 pieces beside the decode (GraphedDecoder
 #                           overlap), timed round-robin in one process, fp32 and fp16 pools
 #   step "fp16"  (~4 min): Table 2's graph at L 1000 with fp16 pools, default launch settings and the
-#                           best fp16 ones of fused_kernel_prefetch_B512.json (block 64, 8 heads per program)
+#                           best fp16 ones of fused_kernel_warps1.json (block 32, 1 warp, 8 heads per program)
 #   step "eval"  (resumable, rerun until it prints "eval complete"): `ckv eval --device cuda --workers 3`
 #                           (issue 5; every finished run is kept under benchmarks/results/zoo_movielens/runs)
 #
@@ -113,8 +113,8 @@ overlap)
     tar -C benchmarks/results -czf "$OUT/overlap.tgz" $(cd benchmarks/results && ls decode_latency_overlap_*.json)
     ;;
 fp16)
-    for launch in "" "block_l=64,heads_per_program=8"; do
-        name=${launch:+_b64h8}
+    for launch in "" "block_l=32,num_warps=1,heads_per_program=8"; do
+        name=${launch:+_b32w1h8}
         timeout 200 python3 benchmarks/decode_latency.py --pool-dtype float16 --fused-launch "$launch" --lengths 1000 \
             --batch-sizes 1,64,256,512 --no-fetch --compare-overlap 1,2 \
             --out benchmarks/results/decode_latency_fp16pools$name.json 2>&1 | grep -E "^L=|failed|MISMATCH|rror" \
