@@ -254,7 +254,10 @@ class GraphedDecoder:
                             arrived[-1].record()
                         end.record()
                     self.candidates.copy_(self.candidates_host, non_blocking=True)
-                    logits = self._body(ends, self._launch_hook(main, arrived))
+                    try:
+                        logits = self._body(ends, self._launch_hook(main, arrived))
+                    finally:  # a failed launch must not leave a launch stream current
+                        torch.cuda.set_stream(main)
                     main.wait_stream(side)  # join
         return _Captured(graph, logits, start, end, source.numel())
 
@@ -262,19 +265,18 @@ class GraphedDecoder:
         """The fused launches' ``on_chunk``: launch c waits for piece c's event — on ``main`` one after another,
         or (``concurrent``) each on a stream of its own forked from ``main``, so a launch whose piece has
         landed need not wait for the previous launch's tail; ``on_chunk(len)`` joins them back into main."""
-        if not self.concurrent:
-            return lambda c: main.wait_event(arrived[c]) if c < len(arrived) else None
-
         def hook(c: int) -> None:
-            if c < len(arrived):
+            if c == len(arrived):  # after the last launch
+                torch.cuda.set_stream(main)
+                for stream in self._launch_streams[: len(arrived) if self.concurrent else 0]:
+                    main.wait_stream(stream)
+            elif not self.concurrent:
+                main.wait_event(arrived[c])
+            else:
                 stream = self._launch_streams[c]
                 stream.wait_stream(main)  # q and the workspaces, computed on main
                 stream.wait_event(arrived[c])
                 torch.cuda.set_stream(stream)
-            else:
-                torch.cuda.set_stream(main)
-                for stream in self._launch_streams[: len(arrived)]:
-                    main.wait_stream(stream)
         return hook
 
     def check(self, host: HostBatch) -> None:
