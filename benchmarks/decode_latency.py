@@ -318,7 +318,7 @@ def compare_overlap(row: dict, graph: GraphedDecoder, host, targets: torch.Tenso
             t = timed(lambda g=g: g.run(host), device, 2, max(1, args.repeats // rounds))
             samples[k].append(t["median_ms"])
     row["graph_overlap_compare"] = {
-        str(k): {"pieces": len(g.pieces(g.copy_bytes(host))), "median_ms": statistics.median(samples[k]),
+        k: {"pieces": len(g.pieces(g.copy_bytes(host))), "median_ms": statistics.median(samples[k]),
                  "round_medians_ms": samples[k]} for k, g in graphs.items()}
     print(f"L={row['L']} B={row['B']} overlap " + "  ".join(
         f"K={k}: {v['median_ms']:.4f} ms" for k, v in row["graph_overlap_compare"].items()), flush=True)

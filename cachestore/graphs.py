@@ -190,7 +190,8 @@ class GraphedDecoder:
             if not eager:
                 self._pool = torch.cuda.graph_pool_handle()
                 self._copy_stream = torch.cuda.Stream(self.device)  # the overlapped copies' branch of a graph
-                self._launch_streams = [torch.cuda.Stream(self.device) for _ in range(max(1, overlap))]
+                # the piece launches' branches (concurrent): one stream per copy piece
+                self._launch_streams = [torch.cuda.Stream(self.device) for _ in range(overlap if concurrent else 0)]
                 self._warm_up(warmup)
 
     @property
@@ -268,7 +269,7 @@ class GraphedDecoder:
         def hook(c: int) -> None:
             if c == len(arrived):  # after the last launch
                 torch.cuda.set_stream(main)
-                for stream in self._launch_streams[: len(arrived) if self.concurrent else 0]:
+                for stream in self._launch_streams[: len(arrived)]:  # none when launched on main
                     main.wait_stream(stream)
             elif not self.concurrent:
                 main.wait_event(arrived[c])
