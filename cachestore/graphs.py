@@ -282,7 +282,7 @@ class GraphedDecoder:
 
     def check(self, host: HostBatch) -> None:
         """Raise ValueError unless ``host`` fits this graph's static shapes (host-side only)."""
-        if host.layout != self.layout:
+        if host.layout is not self.layout and host.layout != self.layout:
             raise ValueError("the batch was packed for another store layout than this graph's")
         if host.n_users != self.n_users or host.zero_offset != 16 * self.n_users:
             raise ValueError(f"the batch has {host.n_users} users; this graph takes exactly {self.n_users} "
@@ -316,23 +316,28 @@ class GraphedDecoder:
         on first use of this host buffer and copy size). Returns the static logits (B, C), valid until
         that graph replays again; :attr:`last_cost` is the batch copy's cost."""
         self.check(host)
-        with torch.inference_mode():
-            if candidates is not None:
+        if candidates is not None:
+            with torch.inference_mode():
                 self._stage(candidates)
-            if self.eager:
+        if self.eager:
+            with torch.inference_mode():
                 t0 = time.perf_counter()
                 self.raw[: host.used_bytes].copy_(host.tensor)
                 self.last_cost = TransferCost(host.used_bytes, str(self.device), False,
                                               _seconds=time.perf_counter() - t0)
                 self.candidates.copy_(self.candidates_host)
                 self.logits = self._body()
-                return self.logits
-            nbytes = self.copy_bytes(host)
-            source = host.buffer[:nbytes]
-            key = (source.data_ptr(), nbytes)
-            if key not in self._graphs:
-                self._graphs[key] = self._capture(source)
-            return self._replay(self._graphs[key], host)
+            return self.logits
+        # the replay's latency starts here: nothing before it but a lookup (measured: slicing the source
+        # and entering inference mode on every call added ~10 µs to a 0.2 ms request on an H100)
+        buffer = host.buffer
+        nbytes = self.copy_bytes(host)
+        key = (buffer.data_ptr(), nbytes)
+        captured = self._graphs.get(key)
+        if captured is None:
+            with torch.inference_mode():
+                captured = self._graphs[key] = self._capture(buffer[:nbytes])
+        return self._replay(captured, host)
 
     def replay(self) -> torch.Tensor:
         """Replay the latest graph again (the host buffer and candidate staging as they are now, copied
