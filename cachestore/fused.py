@@ -361,9 +361,7 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
         l = torch.empty(rows * parts, heads, dtype=torch.float32, device=q.device)  # noqa: E741
     header = raw[: 16 * n_users].view(torch.int64)  # offsets (B,), lengths (B,)
     use_table = config.score_table and layout.k_shared
-    precision = "tf32x3" if config.pool_dtype == "float32" else "tf32"  # half pool rows are exact in tf32
-    table = score_table(q.view(rows, d_a), pool_k, heads, 1.0 / math.sqrt(dh), precision=precision) \
-        if use_table else pool_k  # (rows, M, H)
+    table = score_table(q.view(rows, d_a), pool_k, heads, 1.0 / math.sqrt(dh)) if use_table else pool_k  # (rows, M, H)
     for index, (end_lo, end_hi) in enumerate(chunks):
         if on_chunk is not None:
             on_chunk(index)

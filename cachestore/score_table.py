@@ -60,11 +60,8 @@ if triton is not None:
                     mask=tl.permute(head_ok, (0, 2, 1)) & (ms < n_entries)[None, None, :],
                     other=0.0).to(tl.float32)  # (HP, DHP, BLOCK_M)
         t = tl.dot(q, p, input_precision=PRECISION)  # (HP, BLOCK_R, BLOCK_M)
-        t = tl.reshape(tl.permute(t, (1, 2, 0)), (BLOCK_R, BLOCK_M * HP))  # (BLOCK_R, BLOCK_M·HP): (m, h) columns
-        cs = tl.arange(0, BLOCK_M * HP)  # (BLOCK_M·HP,)
-        m_of, h_of = tl.program_id(1) * BLOCK_M + cs // HP, cs % HP
-        ptr = t_ptr + rs[:, None] * (n_entries * H) + (m_of * H + h_of)[None, :]  # contiguous when HP == H
-        tl.store(ptr, t, mask=(rs < rows)[:, None] & ((h_of < H) & (m_of < n_entries))[None, :])
+        ptr = t_ptr + rs[None, :, None] * (n_entries * H) + ms[None, None, :] * H + hs[:, None, None]
+        tl.store(ptr, t, mask=(hs < H)[:, None, None] & (rs < rows)[None, :, None] & (ms < n_entries)[None, None, :])
 
 
 def _pow2(n: int, least: int = 1) -> int:
@@ -72,7 +69,7 @@ def _pow2(n: int, least: int = 1) -> int:
 
 
 def score_table(q: torch.Tensor, pool_k: torch.Tensor, n_heads: int, scale: float, *, block_r: int = 32,
-                block_m: int = 32, num_warps: int = 4, precision: str = "tf32x3") -> torch.Tensor:
+                block_m: int = 64) -> torch.Tensor:
     """T (rows, M, H) fp32 of queries ``q`` (rows, d_a) against pool rows ``pool_k`` (M, d_a) on their
     device (Triton: CUDA, or its interpreter); equals :func:`score_table_reference` within fp32 rounding
     (3×TF32 tensor-core products). Shape-static and free of host syncs (CUDA-graph capturable)."""
@@ -88,5 +85,5 @@ def score_table(q: torch.Tensor, pool_k: torch.Tensor, n_heads: int, scale: floa
     grid = (triton.cdiv(rows, block_r), triton.cdiv(n_entries, block_m))
     _score_table_kernel[grid](q.contiguous(), pool_k.contiguous(), table, rows, n_entries, scale, D_A=d_a, H=n_heads,
                               HP=_pow2(n_heads), DH=dh, DHP=_pow2(dh, 16), BLOCK_R=block_r, BLOCK_M=block_m,
-                              PRECISION=precision, num_warps=num_warps)
+                              PRECISION="tf32x3", num_warps=4)
     return table
