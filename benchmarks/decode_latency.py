@@ -302,14 +302,12 @@ def compare_overlap(row: dict, graph: GraphedDecoder, host, targets: torch.Tenso
     (GraphedDecoder overlap=K) for each K of --compare-overlap, timed round-robin (``rounds`` rounds of
     repeats / rounds replays each, so drift of the machine hits every K alike); scores checked."""
     graphs = {}
-    for k in dict.fromkeys(x.strip() for x in args.compare_overlap.split(",")):  # "K" + flags "s", "t"
-        suffix = k.lstrip("0123456789")
-        overlap, concurrent = int(k[: len(k) - len(suffix)]), "s" not in suffix
-        fused = dataclasses.replace(args.fused, score_table=True) if "t" in suffix else args.fused
-        same = (overlap, concurrent, fused) == (graph.overlap, graph.concurrent, graph.fused)
+    for k in dict.fromkeys(x.strip() for x in args.compare_overlap.split(",")):  # "K", or "Ks": serial launches
+        overlap, concurrent = int(k.rstrip("s")), not k.endswith("s")
+        same = (overlap, concurrent) == (graph.overlap, graph.concurrent)
         g = graph if same else GraphedDecoder(  # c_graph's own decoder for its K (checked above)
             graph.resident, graph.layout, n_users=graph.n_users, pad_to=graph.pad_to,
-            n_candidates=graph.n_candidates, path="fused", fused=fused, overlap=overlap, concurrent=concurrent)
+            n_candidates=graph.n_candidates, path="fused", fused=args.fused, overlap=overlap, concurrent=concurrent)
         _, error = score_check(g.run(host, targets), want, args.score_tol)
         if error:
             raise AssertionError(f"overlap {k}: {error}")
@@ -533,8 +531,7 @@ def main() -> None:
                         "(GraphedDecoder overlap; 1: one copy before the decode)")
     p.add_argument("--compare-overlap", default=None,
                    help="comma list of K: also time the graph with overlap=K for each, round-robin (experiment); "
-                        "K followed by s: the piece launches one after another on one stream (concurrent=False); "
-                        "by t: with the key-score table (FusedConfig.score_table), e.g. 2,2t,2st")
+                        "K followed by s: the piece launches one after another on one stream (concurrent=False)")
     p.add_argument("--fused-launch", default="",
                    help="FusedConfig launch settings, e.g. block_l=64,heads_per_program=8,num_warps=2")
     p.add_argument("--graph-path", choices=["auto", "fused", "poolscore", "gather"], default="auto",

@@ -4,7 +4,7 @@
 
 For B = 512 users with full histories (L = 1000 and 50), d_a 256, 8 heads, d_u 1, pool 10,000: times
 ``fused_attention`` (the kernel only: q given, packed batch already on the device) for each
-(BLOCK_L, num_warps, heads per program, pipelining stages, history split, pool dtype, score table, batch source:
+(BLOCK_L, num_warps, heads per program, pipelining stages, history split, pool dtype, batch source:
 the device copy, or the pinned host batch read over PCIe by the kernel) in a small grid,
 with CUDA events after warm-up (median of --repeats), next to
 the eager unpack + poolscore / gather attention it replaces on the same batch (also attention only).
@@ -34,9 +34,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.decode_latency import PAPER, collective_layout, machine, paper_model, synthetic_records, timed  # noqa: E402
 from cachestore.batch import HostBatcher  # noqa: E402
 from cachestore.decode import pool_score_attention  # noqa: E402
-from cachestore.fused import FusedConfig, fused_attention, padded_pools  # noqa: E402
-from cachestore.score_table import score_table  # noqa: E402
-from cachestore.transfer import KV_TORCH, to_device  # noqa: E402
+from cachestore.fused import FusedConfig, fused_attention  # noqa: E402
+from cachestore.transfer import to_device  # noqa: E402
 
 try:
     import triton
@@ -125,10 +124,10 @@ def bench_length(length: int, args: argparse.Namespace, device: torch.device) ->
         splits = [None if x == "auto" else int(x) for x in args.splits.split(",")]
         grid = itertools.product([int(x) for x in args.blocks.split(",")], [int(x) for x in args.warps.split(",")],
                                  [int(x) for x in args.heads.split(",")], stages, splits, args.pool_dtypes.split(","),
-                                 args.sources.split(","), [bool(int(x)) for x in args.score_tables.split(",")])
-        for block, warps, hpp, stage, split, pool, source, table in grid:
+                                 args.sources.split(","))
+        for block, warps, hpp, stage, split, pool, source in grid:
             config = FusedConfig(block_l=block, num_warps=warps, heads_per_program=hpp, num_stages=stage,
-                                 split_l=split, pool_dtype=pool, score_table=table)
+                                 split_l=split, pool_dtype=pool)
 
             raw = dev.raw if source == "device" else host.tensor  # mapped: the pinned host batch, over PCIe
 
@@ -145,13 +144,7 @@ def bench_length(length: int, args: argparse.Namespace, device: torch.device) ->
                             "p90_ms": t["p90_ms"], "max_abs_diff": diff,
                             "pool_gb_per_s": pool_read / t["median_ms"] / 1e6})
             print(f"L={length} B={args.users} block {block:4d} warps {warps} heads {hpp} stages {stage} "
-                  f"split {split} {pool} {source} table {int(table)}: {t['median_ms']:.4f} ms (diff {diff:.2e})",
-                  flush=True)
-        for pool in args.pool_dtypes.split(","):  # the score table alone (included in the table=1 times above)
-            pool_k = padded_pools(resident, KV_TORCH[pool])[0]
-            row[f"score_table_ms_{pool}"] = ms(lambda pool_k=pool_k: score_table(q[:, 0], pool_k, heads, dh ** -0.5))
-            print(f"L={length} B={args.users} score table alone ({pool} pool): {row[f'score_table_ms_{pool}']:.4f} ms",
-                  flush=True)
+                  f"split {split} {pool} {source}: {t['median_ms']:.4f} ms (diff {diff:.2e})", flush=True)
     row["configs"] = configs
     row["pool_gather_floor"] = gather_floor(args.users, length, args, device) if triton is not None else None
     exact = [c for c in configs if c["pool_dtype"] == "float32"]
@@ -172,9 +165,6 @@ def main() -> None:
     p.add_argument("--stages", default="default", help="num_stages values ('default': Triton's)")
     p.add_argument("--splits", default="auto", help="split_l values ('auto': split_parts picks)")
     p.add_argument("--pool-dtypes", default="float32,float16")
-    p.add_argument("--score-tables", default="0",
-                   help="FusedConfig.score_table values: 0 (gather P_k rows), 1 (look up a score table computed "
-                        "first; its time is included)")
     p.add_argument("--sources", default="device",
                    help="where the kernel reads the packed batch: device (copied first) and/or mapped "
                         "(pinned host memory read over PCIe by the kernel: zero-copy; then the time includes "

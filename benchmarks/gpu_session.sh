@@ -18,9 +18,6 @@
 #                           overlap), timed round-robin in one process, fp32 and fp16 pools
 #   step "fp16"  (~4 min): Table 2's graph at L 1000 with fp16 pools, default launch settings and the
 #                           best fp16 ones of fused_kernel_warps1.json (block 32, 1 warp, 8 heads per program)
-#   step "table" (~8 min): the score-table CUDA tests, the kernel at B 512 L 1000 with and without the
-#                           key-score table (FusedConfig.score_table), and Table 2's graph at L 1000 with the
-#                           table and without, round-robin in one process, fp32 and fp16 pools
 #   step "eval"  (resumable, rerun until it prints "eval complete"): `ckv eval --device cuda --workers 3`
 #                           (issue 5; every finished run is kept under benchmarks/results/zoo_movielens/runs)
 #
@@ -34,7 +31,7 @@
 #                                                   (a second evaluation in its own folder)
 # Results land in benchmarks/results/ and are copied to $OUT (≤ 8 files come back per call).
 set -uo pipefail
-step=${1:?usage: gpu_session.sh tests|bench|tune|kernel|profile|overlap|fp16|table|eval [seconds]}
+step=${1:?usage: gpu_session.sh tests|bench|tune|kernel|profile|overlap|fp16|eval [seconds]}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/ckv-gpu-out}
 mkdir -p "$OUT" benchmarks/results
@@ -63,21 +60,6 @@ bench)
         2>&1 | tail -40
     cp benchmarks/results/decode_latency.json benchmarks/results/decode_latency.png "$OUT"/ 2>/dev/null
     [ -n "${BENCH_PREFILL:-}" ] && cp benchmarks/results/prefill_gpu.json "$OUT"/
-    ;;
-table)
-    python3 -m pytest -q -p no:cacheprovider tests/test_score_table.py tests/test_fused.py \
-        > "$OUT/pytest_table.txt" 2>&1; echo "pytest rc=$?" | tee -a "$OUT/pytest_table.txt"
-    grep -E "^(FAILED|ERROR)" "$OUT/pytest_table.txt" | head -20
-    timeout 150 python3 benchmarks/fused_kernel.py --users 512 --lengths 1000 --blocks 32 --warps 1,2 \
-        --heads 2,8 --pool-dtypes float32,float16 --score-tables 0,1 \
-        --out benchmarks/results/fused_kernel_table.json 2>&1 | grep -E "^L=|floor" | tail -30
-    for pools in float32 float16; do
-        launch=""; [ $pools = float16 ] && launch="--fused-launch block_l=32,num_warps=1,heads_per_program=8"
-        timeout 170 python3 benchmarks/decode_latency.py --pool-dtype $pools $launch --lengths 1000 \
-            --batch-sizes 64,256,512 --no-fetch --repeats 160 --compare-overlap 1,1t,2,2t,3t \
-            --out benchmarks/results/decode_latency_table_$pools.json 2>&1 | grep -E "overlap|Error|error" | tail -8
-    done
-    cp benchmarks/results/fused_kernel_table.json benchmarks/results/decode_latency_table_*.json "$OUT"/ 2>/dev/null
     ;;
 tune)
     # the same fused paths over fp16 pool rows (FusedConfig(pool_dtype="float16"): half the kernel's pool reads)

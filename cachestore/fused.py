@@ -52,7 +52,6 @@ import torch
 
 from cachestore.decode import ResidentModel
 from cachestore.record import HEADER_SIZE, CacheLayout
-from cachestore.score_table import score_table
 from cachestore.transfer import KV_TORCH
 
 try:  # Triton is optional: CUDA machines have it; CPU machines may run its interpreter
@@ -80,10 +79,7 @@ class FusedConfig:
     split_l: parts each user's history is split into, one program each, their softmax states combined by
     a second kernel (flash-decoding; a power of two; None: :func:`split_parts` picks from the launch size);
     pool_dtype: "float32" (the model's pool rows exactly), "float16" or "bfloat16" (half the kernel's
-    pool reads, at the cost of rounding the pool rows: an opt-in); score_table: score the collective keys
-    by a lookup in a (rows, pool, H) table computed from the queries and P_k before the first launch
-    (:mod:`cachestore.score_table`; in the serving graph, while the batch is being copied) instead of
-    gathering a P_k row per behaviour (stores that share K only). The defaults are the fastest fp32-pool
+    pool reads, at the cost of rounding the pool rows: an opt-in). The defaults are the fastest fp32-pool
     setting of ``benchmarks/fused_kernel.py`` on an H100 (B 512, L 1000: ``benchmarks/results/fused_kernel.json``).
     """
 
@@ -93,7 +89,6 @@ class FusedConfig:
     num_stages: int | None = None
     split_l: int | None = None
     pool_dtype: str = "float32"
-    score_table: bool = False
 
     def __post_init__(self) -> None:
         if self.pool_dtype not in KV_TORCH:
@@ -152,31 +147,21 @@ if triton is not None:
     @triton.jit
     def _attend_block(
         raw_ptr, pool_k_ptr, pool_v_ptr, start, n, stop, kidx_base, vidx_base, l0, q, cols, m_i, l_i, acc,
-        t_row, heads, uc, qk, sel,
         D_A: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
         K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, KV_CODE: tl.constexpr, KV_BYTES: tl.constexpr,
-        IDX_BYTES: tl.constexpr, BLOCK_L: tl.constexpr, K_TABLE: tl.constexpr, NH: tl.constexpr,
+        IDX_BYTES: tl.constexpr, BLOCK_L: tl.constexpr,
     ):
         """One online-softmax step of GH heads over behaviours l0 .. l0 + BLOCK_L - 1 (masked at l >= stop;
         stop <= n, the user's length, which places the V part). q, cols: (GH·DH,); m_i, l_i: (GH,);
-        acc: (GH, DH). K_TABLE: the collective key scores are looked up in the row's score table ``t_row``
-        (M, NH) (:mod:`cachestore.score_table`) at this group's ``heads`` (GH,), the user part scored on
-        its own columns ``uc`` (DKP,) with the query ``qk`` (DKP,) (0 outside this group) and the column →
-        head indicator ``sel`` (DKP, GH)."""
+        acc: (GH, DH)."""
         ls = l0 + tl.arange(0, BLOCK_L)  # (BLOCK_L,)
         lmask = ls < stop
-        if K_TABLE:  # only the user part and one NH-wide table read per behaviour
+        key = _load_user(raw_ptr, start, ls, cols, lmask, DK, KV_CODE)  # (BLOCK_L, GH·DH)
+        if K_SHARED:
             ik = _load_idx(raw_ptr, kidx_base, ls, lmask, IDX_BYTES)
-            t = tl.load(t_row + ik[:, None] * NH + heads[None, :], mask=lmask[:, None], other=0.0)  # (BLOCK_L, GH)
-            uk = _load_user(raw_ptr, start, ls, uc, lmask, DK, KV_CODE)  # (BLOCK_L, DKP)
-            s = tl.sum((uk * qk[None, :])[:, :, None] * sel[None, :, :], axis=1) + t  # (BLOCK_L, GH)
-        else:
-            key = _load_user(raw_ptr, start, ls, cols, lmask, DK, KV_CODE)  # (BLOCK_L, GH·DH)
-            if K_SHARED:
-                ik = _load_idx(raw_ptr, kidx_base, ls, lmask, IDX_BYTES)
-                key += tl.load(pool_k_ptr + ik[:, None] * D_A + cols[None, :], mask=lmask[:, None], other=0.0
-                               ).to(tl.float32)
-            s = tl.sum(tl.reshape(key * q[None, :], (BLOCK_L, GH, DH)), axis=2)  # (BLOCK_L, GH)
+            key += tl.load(pool_k_ptr + ik[:, None] * D_A + cols[None, :], mask=lmask[:, None], other=0.0
+                           ).to(tl.float32)
+        s = tl.sum(tl.reshape(key * q[None, :], (BLOCK_L, GH, DH)), axis=2)  # (BLOCK_L, GH)
         s = tl.where(lmask[:, None], s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))  # (GH,)
         m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)  # an all-masked block (static bound)
@@ -194,11 +179,11 @@ if triton is not None:
 
     @triton.jit
     def _collective_attention_kernel(
-        raw_ptr, header_ptr, q_ptr, pool_k_ptr, pool_v_ptr, out_ptr, m_ptr, l_ptr, t_ptr, n_users, n_cand, n_entries,
-        scale, end_lo, end_hi, D_A: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr, DK: tl.constexpr,
-        DV: tl.constexpr, K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, KV_CODE: tl.constexpr,
-        KV_BYTES: tl.constexpr, IDX_BYTES: tl.constexpr, HEADER: tl.constexpr, BLOCK_L: tl.constexpr,
-        MAX_L: tl.constexpr, SPLIT: tl.constexpr, SEG: tl.constexpr, K_TABLE: tl.constexpr, DKP: tl.constexpr,
+        raw_ptr, header_ptr, q_ptr, pool_k_ptr, pool_v_ptr, out_ptr, m_ptr, l_ptr, n_users, n_cand, scale,
+        end_lo, end_hi, D_A: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+        K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, KV_CODE: tl.constexpr, KV_BYTES: tl.constexpr,
+        IDX_BYTES: tl.constexpr, HEADER: tl.constexpr, BLOCK_L: tl.constexpr, MAX_L: tl.constexpr,
+        SPLIT: tl.constexpr, SEG: tl.constexpr,
     ):
         row = tl.program_id(0)  # b·C + c: rows of q and out
         group = tl.program_id(1)  # heads group·GH .. group·GH + GH - 1
@@ -217,32 +202,21 @@ if triton is not None:
         m_i = tl.full([GH], -float("inf"), tl.float32)  # running max per head
         l_i = tl.zeros([GH], dtype=tl.float32)  # running denominator per head
         acc = tl.zeros([GH, DH], dtype=tl.float32)
-        NH: tl.constexpr = D_A // DH
-        heads = group * GH + tl.arange(0, GH)  # (GH,)
-        uc = tl.arange(0, DKP)  # (DKP,) the user part's columns of d_a (K_TABLE)
-        u_in = (uc < DK) & (uc >= group * GH * DH) & (uc < (group + 1) * GH * DH)
-        if K_TABLE:
-            qk = tl.load(q_ptr + row * D_A + uc, mask=u_in, other=0.0).to(tl.float32) * scale  # (DKP,)
-        else:
-            qk = tl.zeros([DKP], dtype=tl.float32)
-        sel = ((uc // DH)[:, None] == heads[None, :]).to(tl.float32)  # (DKP, GH)
-        t_row = t_ptr + row.to(tl.int64) * n_entries * NH  # the row's (M, NH) score table (K_TABLE)
         if MAX_L > 0:  # Triton's CPU interpreter cannot loop to a loaded bound: static bound, masked
             for l0 in range(0, MAX_L, BLOCK_L):
                 m_i, l_i, acc = _attend_block(
                     raw_ptr, pool_k_ptr, pool_v_ptr, start, n, stop, kidx_base, vidx_base, lo + l0, q, cols, m_i, l_i,
-                    acc, t_row, heads, uc, qk, sel, D_A, GH, DH, DK, DV, K_SHARED, V_SHARED, KV_CODE, KV_BYTES,
-                    IDX_BYTES, BLOCK_L, K_TABLE, NH)
+                    acc, D_A, GH, DH, DK, DV, K_SHARED, V_SHARED, KV_CODE, KV_BYTES, IDX_BYTES, BLOCK_L)
         else:
             for l0 in range(lo, stop, BLOCK_L):
                 m_i, l_i, acc = _attend_block(
                     raw_ptr, pool_k_ptr, pool_v_ptr, start, n, stop, kidx_base, vidx_base, l0, q, cols, m_i, l_i,
-                    acc, t_row, heads, uc, qk, sel, D_A, GH, DH, DK, DV, K_SHARED, V_SHARED, KV_CODE, KV_BYTES,
-                    IDX_BYTES, BLOCK_L, K_TABLE, NH)
+                    acc, D_A, GH, DH, DK, DV, K_SHARED, V_SHARED, KV_CODE, KV_BYTES, IDX_BYTES, BLOCK_L)
         if SPLIT == 1:
             out = acc / tl.maximum(l_i, 1e-30)[:, None]  # (GH, DH); l_i == 0 only when n == 0, where acc == 0
             tl.store(out_ptr + row * D_A + cols, tl.reshape(out, (GH * DH,)), mask=mine)
         else:  # partial softmax state of this part: (row, part) rows of the workspaces
+            heads = group * GH + tl.arange(0, GH)  # (GH,)
             at = row * SPLIT + part
             tl.store(m_ptr + at * (D_A // DH) + heads, m_i, mask=mine)
             tl.store(l_ptr + at * (D_A // DH) + heads, l_i, mask=mine)
@@ -360,19 +334,15 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
         m = torch.empty(rows * parts, heads, dtype=torch.float32, device=q.device)
         l = torch.empty(rows * parts, heads, dtype=torch.float32, device=q.device)  # noqa: E741
     header = raw[: 16 * n_users].view(torch.int64)  # offsets (B,), lengths (B,)
-    use_table = config.score_table and layout.k_shared
-    table = score_table(q.view(rows, d_a), pool_k, heads, 1.0 / math.sqrt(dh)) if use_table else pool_k  # (rows, M, H)
     for index, (end_lo, end_hi) in enumerate(chunks):
         if on_chunk is not None:
             on_chunk(index)
         _collective_attention_kernel[(rows, groups, parts)](
-            raw, header, q, pool_k, pool_v, acc, m, l, table, n_users, c, pool_k.shape[0], 1.0 / math.sqrt(dh), end_lo,
-            end_hi, D_A=d_a,
+            raw, header, q, pool_k, pool_v, acc, m, l, n_users, c, 1.0 / math.sqrt(dh), end_lo, end_hi, D_A=d_a,
             GH=config.heads_per_program, DH=dh, DK=layout.dk, DV=layout.dv, K_SHARED=layout.k_shared,
             V_SHARED=layout.v_shared, KV_CODE=KV_CODES[layout.kv_dtype], KV_BYTES=KV_TORCH[layout.kv_dtype].itemsize,
             IDX_BYTES=IDX_BYTES[layout.idx_dtype], HEADER=HEADER_SIZE, BLOCK_L=config.block_l,
-            MAX_L=seg if INTERPRETED else 0, SPLIT=parts, SEG=seg, K_TABLE=use_table,
-            DKP=1 << max(0, layout.dk - 1).bit_length(), num_warps=config.num_warps, **stages,
+            MAX_L=seg if INTERPRETED else 0, SPLIT=parts, SEG=seg, num_warps=config.num_warps, **stages,
         )
     if on_chunk is not None:
         on_chunk(len(chunks))  # after the last launch: a caller that switched streams joins them here

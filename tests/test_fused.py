@@ -52,20 +52,18 @@ def batch(name: str, kv_dtype: str, idx_dtype: str, n_users: int, seed: int, ext
 
 @given(name=st.sampled_from(sorted(MODELS)), kv_dtype=st.sampled_from(["float32", "float16", "bfloat16"]),
        idx_dtype=st.sampled_from(["uint16", "int32"]), n_users=st.integers(1, 7), n_cand=st.integers(1, 3),
-       seed=st.integers(0, 999), split_l=st.sampled_from([None, 1, 2, 8]), table=st.booleans())
+       seed=st.integers(0, 999), split_l=st.sampled_from([None, 1, 2, 8]))
 @settings(max_examples=25, deadline=None)
 def test_fused_decode_equals_eager(name: str, kv_dtype: str, idx_dtype: str, n_users: int, n_cand: int,
-                                   seed: int, split_l: int | None, table: bool) -> None:
+                                   seed: int, split_l: int | None) -> None:
     """Logits from the packed bytes == unpack + gather decode, for every store shape the runtime serves:
     K+V shared, K only, V only, user dims spanning heads, full-KV store; lengths 0, 1, L, cold users;
     int32 indices (read as 16-bit halves: no alignment assumption); garbage past the batch; histories
-    split into parts (some empty) and combined; collective key scores gathered or looked up in the score
-    table (ignored where K is not shared)."""
+    split into parts (some empty) and combined."""
     resident, layout, host, raw, rng = batch(name, kv_dtype, idx_dtype, n_users, seed, extra=64)
     cand = torch.from_numpy(rng.integers(0, N_ITEMS + 1, (n_users, n_cand))).to(DEVICE)
-    config = FusedConfig(block_l=2, split_l=split_l, score_table=table)
     with torch.inference_mode():
-        got = fused_decode(resident, raw, layout, n_users, cand, config=config)
+        got = fused_decode(resident, raw, layout, n_users, cand, config=FusedConfig(block_l=2, split_l=split_l))
         want = eager_logits(resident, host, cand, "gather")
     assert got.shape == (n_users, n_cand) and torch.isfinite(got).all()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -181,21 +179,20 @@ def test_fused_chunks_must_partition_the_batch() -> None:
 @cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("overlap", [2, 4])
-@pytest.mark.parametrize(("concurrent", "table"), [(True, False), (False, False), (True, True)])
-def test_overlapped_graph_replays_to_the_one_launch_graph_on_cuda(overlap: int, concurrent: bool, table: bool,
+@pytest.mark.parametrize("concurrent", [True, False])
+def test_overlapped_graph_replays_to_the_one_launch_graph_on_cuda(overlap: int, concurrent: bool,
                                                                   monkeypatch) -> None:
     """A graph copying the batch in pieces on a forked stream, each fused launch waiting for its piece only
     (on a stream of its own, or one after another on the graph's stream), scores like the graph with one
     copy, over successive batches of both ring buffers (split histories: parts written by launches that may
-    run at once, combined after they join; the key-score table computed on the graph's stream while the
-    pieces are copied)."""
+    run at once, combined after they join)."""
     monkeypatch.setattr(graphs, "_MIN_CHUNK", 256)  # small test batches still split into pieces
     resident, layout, pageable, raw, rng = batch("collective", "float16", "uint16", 6, seed=5)
     batcher = HostBatcher(layout, pin=True)
     plain = GraphedDecoder(resident, layout, n_users=6, pad_to=SEQ, n_candidates=2, path="fused", overlap=1)
     assert len(plain.pieces(1 << 20)) == 1
     split = GraphedDecoder(resident, layout, n_users=6, pad_to=SEQ, n_candidates=2, path="fused", overlap=overlap,
-                           concurrent=concurrent, fused=FusedConfig(split_l=2, score_table=table))
+                           concurrent=concurrent, fused=FusedConfig(split_l=2))
     for seed in range(4):
         rng = np.random.default_rng(seed)
         host = batcher.pack(np.arange(6), random_records(layout, random_lengths(6, rng), rng))
@@ -229,16 +226,14 @@ def test_fused_reads_pinned_host_batch_on_cuda(split_l: int) -> None:
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize(("heads_per_program", "num_stages", "split_l"), [(1, None, 1), (2, 1, 4), (4, 3, 2)])
 @pytest.mark.parametrize("block_l", [2, 16])
-@pytest.mark.parametrize("table", [False, True])
 def test_fused_tuning_knobs_keep_the_result(name: str, heads_per_program: int, num_stages: int | None,
-                                            split_l: int, block_l: int, table: bool) -> None:
+                                            split_l: int, block_l: int) -> None:
     """Every launch setting (heads per program, pipelining stages, histories split into parts — some of
-    them empty — and combined, BLOCK_L shorter and longer than L, the key-score table) computes the same
-    attention."""
+    them empty — and combined, BLOCK_L shorter and longer than L) computes the same attention."""
     resident, layout, host, raw, rng = batch(name, "float16", "uint16", 6, seed=21)
     q = torch.randn(6, 2, resident.cfg.d_attn, device=DEVICE)
     config = FusedConfig(block_l=block_l, heads_per_program=heads_per_program, num_stages=num_stages,
-                         split_l=split_l, score_table=table)
+                         split_l=split_l)
     with torch.inference_mode():
         want = fused_attention(raw, q, resident, layout, 6)
         got = fused_attention(raw, q, resident, layout, 6, config=config)
