@@ -291,37 +291,66 @@ def bench_graph(row: dict, resident: ResidentModel, layout: CacheLayout, host, t
                 bench_mapped_graph(row, graph, host, want, args, device)
                 if args.compare_overlap:
                     compare_overlap(row, graph, host, targets, want, args, device)
+                if args.compare_launch:
+                    compare_launch(row, graph, host, targets, want, args, device)
     except Exception as exc:  # a capture failure must not lose the other numbers
         row["c_graph"] = {"error": repr(exc)[:500]}
         print(f"L={length} B={b}: c_graph failed: {row['c_graph']['error']}", flush=True)
 
 
 def compare_overlap(row: dict, graph: GraphedDecoder, host, targets: torch.Tensor, want: torch.Tensor,
-                    args: argparse.Namespace, device: torch.device, rounds: int = 8) -> None:
+                    args: argparse.Namespace, device: torch.device) -> None:
     """graph_overlap_compare (CUDA): the c_graph replay with the batch copy in K pieces beside the decode
-    (GraphedDecoder overlap=K) for each K of --compare-overlap, timed round-robin (``rounds`` rounds of
-    repeats / rounds replays each, so drift of the machine hits every K alike); scores checked."""
-    graphs = {}
-    for k in dict.fromkeys(x.strip() for x in args.compare_overlap.split(",")):  # "K", or "Ks": serial launches
+    (GraphedDecoder overlap=K) for each K of --compare-overlap ("Ks": the piece launches one after
+    another), timed round-robin (:func:`round_robin`); scores checked."""
+    variants = {}
+    for k in dict.fromkeys(x.strip() for x in args.compare_overlap.split(",")):
         overlap, concurrent = int(k.rstrip("s")), not k.endswith("s")
-        same = (overlap, concurrent) == (graph.overlap, graph.concurrent)
-        g = graph if same else GraphedDecoder(  # c_graph's own decoder for its K (checked above)
+        variants[k] = {"overlap": overlap, "concurrent": concurrent}
+    row["graph_overlap_compare"] = round_robin(graph, variants, host, targets, want, args, device)
+    print(f"L={row['L']} B={row['B']} overlap " + "  ".join(
+        f"K={k}: {v['median_ms']:.4f} ms" for k, v in row["graph_overlap_compare"].items()), flush=True)
+
+
+def compare_launch(row: dict, graph: GraphedDecoder, host, targets: torch.Tensor, want: torch.Tensor,
+                   args: argparse.Namespace, device: torch.device) -> None:
+    """graph_launch_compare (CUDA): the c_graph replay with each FusedConfig launch setting of
+    --compare-launch (";"-separated, e.g. "block_l=32,num_warps=1;block_l=16,split_l=4"; the pool dtype
+    of --pool-dtype), timed round-robin (:func:`round_robin`) — the kernel tuned where it serves, inside
+    the graph, where no launch overhead hides its time; scores checked."""
+    variants = {}
+    for spec in dict.fromkeys(x.strip() for x in args.compare_launch.split(";")):
+        launch = {k: int(v) for k, v in (kv.split("=") for kv in spec.split(",") if kv)}
+        variants[spec or "default"] = {"fused": FusedConfig(pool_dtype=args.pool_dtype, **launch)}
+    row["graph_launch_compare"] = round_robin(graph, variants, host, targets, want, args, device)
+    ranked = sorted(row["graph_launch_compare"].items(), key=lambda kv: kv[1]["median_ms"])
+    print(f"L={row['L']} B={row['B']} launch settings, fastest first: " + "  ".join(
+        f"[{k}] {v['median_ms']:.4f}" for k, v in ranked), flush=True)
+
+
+def round_robin(graph: GraphedDecoder, variants: dict[str, dict], host, targets: torch.Tensor, want: torch.Tensor,
+                args: argparse.Namespace, device: torch.device, rounds: int = 8) -> dict:
+    """Median replay ms of a GraphedDecoder per variant (keyword overrides of c_graph's decoder:
+    overlap, concurrent, fused), each checked against ``want`` first, then timed in ``rounds`` rounds of
+    repeats / rounds replays each, so drift of the machine hits every variant alike."""
+    base = {"overlap": graph.overlap, "concurrent": graph.concurrent, "fused": graph.fused}
+    graphs = {}
+    for key, change in variants.items():
+        kw = {**base, **change}
+        g = graph if kw == base else GraphedDecoder(  # c_graph's own decoder where nothing changes (checked above)
             graph.resident, graph.layout, n_users=graph.n_users, pad_to=graph.pad_to,
-            n_candidates=graph.n_candidates, path="fused", fused=args.fused, overlap=overlap, concurrent=concurrent)
+            n_candidates=graph.n_candidates, path="fused", **kw)
         _, error = score_check(g.run(host, targets), want, args.score_tol)
         if error:
-            raise AssertionError(f"overlap {k}: {error}")
-        graphs[k] = g
+            raise AssertionError(f"{key}: {error}")
+        graphs[key] = g
     samples: dict[str, list[float]] = {k: [] for k in graphs}
     for _ in range(rounds):
         for k, g in graphs.items():
             t = timed(lambda g=g: g.run(host), device, 2, max(1, args.repeats // rounds))
             samples[k].append(t["median_ms"])
-    row["graph_overlap_compare"] = {
-        k: {"pieces": len(g.pieces(g.copy_bytes(host))), "median_ms": statistics.median(samples[k]),
-                 "round_medians_ms": samples[k]} for k, g in graphs.items()}
-    print(f"L={row['L']} B={row['B']} overlap " + "  ".join(
-        f"K={k}: {v['median_ms']:.4f} ms" for k, v in row["graph_overlap_compare"].items()), flush=True)
+    return {k: {"pieces": len(g.pieces(g.copy_bytes(host))), "median_ms": statistics.median(samples[k]),
+                "round_medians_ms": samples[k]} for k, g in graphs.items()}
 
 
 def bench_mapped_graph(row: dict, graph: GraphedDecoder, host, want: torch.Tensor, args: argparse.Namespace,
@@ -532,6 +561,9 @@ def main() -> None:
     p.add_argument("--compare-overlap", default=None,
                    help="comma list of K: also time the graph with overlap=K for each, round-robin (experiment); "
                         "K followed by s: the piece launches one after another on one stream (concurrent=False)")
+    p.add_argument("--compare-launch", default=None,
+                   help="';'-separated FusedConfig launch settings (as --fused-launch; empty = the defaults): also "
+                        "time the graph with each, round-robin (experiment: tuning inside the graph)")
     p.add_argument("--fused-launch", default="",
                    help="FusedConfig launch settings, e.g. block_l=64,heads_per_program=8,num_warps=2")
     p.add_argument("--graph-path", choices=["auto", "fused", "poolscore", "gather"], default="auto",

@@ -16,8 +16,9 @@
 #   step "overlap" (~5 min): the fused CUDA tests, then Table 2's graph at L 1000 B 64, 256, 512 with the
 #                           batch copy split into 1, 2, 3, 4, 6 pieces beside the decode (GraphedDecoder
 #                           overlap), timed round-robin in one process, fp32 and fp16 pools
-#   step "fp16"  (~4 min): Table 2's graph at L 1000 with fp16 pools, default launch settings and the
-#                           best fp16 ones of fused_kernel_warps1.json (block 32, 1 warp, 8 heads per program)
+#   step "fp16"  (~2 min): Table 2's graph at L 1000 with fp16 pools (1 and 2 copy pieces)
+#   step "launch" (~2 min): the kernel's launch settings timed inside Table 2's graph, round-robin
+#                           (decode_latency.py --compare-launch), L 1000, B 64/256/512, fp16 and fp32 pools
 #   step "eval"  (resumable, rerun until it prints "eval complete"): `ckv eval --device cuda --workers 3`
 #                           (issue 5; every finished run is kept under benchmarks/results/zoo_movielens/runs)
 #
@@ -31,7 +32,7 @@
 #                                                   (a second evaluation in its own folder)
 # Results land in benchmarks/results/ and are copied to $OUT (≤ 8 files come back per call).
 set -uo pipefail
-step=${1:?usage: gpu_session.sh tests|bench|tune|kernel|profile|overlap|fp16|eval [seconds]}
+step=${1:?usage: gpu_session.sh tests|bench|tune|kernel|profile|overlap|fp16|launch|eval [seconds]}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/ckv-gpu-out}
 mkdir -p "$OUT" benchmarks/results
@@ -113,14 +114,24 @@ overlap)
     tar -C benchmarks/results -czf "$OUT/overlap.tgz" $(cd benchmarks/results && ls decode_latency_overlap_*.json)
     ;;
 fp16)
-    for launch in "" "block_l=32,num_warps=1,heads_per_program=8"; do
-        name=${launch:+_b32w1h8}
-        timeout 200 python3 benchmarks/decode_latency.py --pool-dtype float16 --fused-launch "$launch" --lengths 1000 \
-            --batch-sizes 1,64,256,512 --no-fetch --compare-overlap 1,2 \
-            --out benchmarks/results/decode_latency_fp16pools$name.json 2>&1 | grep -E "^L=|failed|MISMATCH|rror" \
-            | sed "s/^/[${launch:-default}] /"
+    timeout 200 python3 benchmarks/decode_latency.py --pool-dtype float16 --lengths 1000 \
+        --batch-sizes 1,64,256,512 --no-fetch --compare-overlap 1,2 \
+        --out benchmarks/results/decode_latency_fp16pools.json 2>&1 | grep -E "^L=|failed|MISMATCH|rror"
+    cp benchmarks/results/decode_latency_fp16pools.json benchmarks/results/decode_latency_fp16pools.png "$OUT"/
+    ;;
+launch)
+    # the kernel's launch settings timed where they serve: inside Table 2's graph, round-robin, L 1000
+    specs=";block_l=16,num_warps=1,heads_per_program=2,split_l=4;block_l=16,num_warps=1,heads_per_program=2,split_l=8"
+    specs="$specs;block_l=16,num_warps=1,heads_per_program=2,split_l=16;block_l=8,num_warps=1,heads_per_program=2,split_l=8"
+    specs="$specs;block_l=8,num_warps=1,heads_per_program=2,split_l=16;block_l=16,num_warps=1,heads_per_program=1,split_l=8"
+    specs="$specs;block_l=32,num_warps=2,heads_per_program=2,split_l=2;block_l=32,num_warps=2,heads_per_program=2,split_l=4"
+    specs="$specs;block_l=32,num_warps=2,heads_per_program=2,split_l=8"
+    for pools in float16 float32; do
+        timeout 280 python3 benchmarks/decode_latency.py --pool-dtype $pools --lengths 1000 --batch-sizes 64,256,512 \
+            --no-fetch --repeats 80 --compare-launch "$specs" \
+            --out benchmarks/results/decode_latency_launch3_$pools.json 2>&1 | grep -E "launch settings|rror" | cut -c1-300
     done
-    cp benchmarks/results/decode_latency_fp16pools*.json benchmarks/results/decode_latency_fp16pools*.png "$OUT"/
+    cp benchmarks/results/decode_latency_launch3_*.json "$OUT"/
     ;;
 eval)
     budget=${2:-540}

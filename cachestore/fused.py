@@ -79,12 +79,17 @@ class FusedConfig:
     split_l: parts each user's history is split into, one program each, their softmax states combined by
     a second kernel (flash-decoding; a power of two; None: :func:`split_parts` picks from the launch size);
     pool_dtype: "float32" (the model's pool rows exactly), "float16" or "bfloat16" (half the kernel's
-    pool reads, at the cost of rounding the pool rows: an opt-in). The defaults are the fastest fp32-pool
-    setting of ``benchmarks/fused_kernel.py`` on an H100 (B 512, L 1000: ``benchmarks/results/fused_kernel.json``).
+    pool reads, at the cost of rounding the pool rows: an opt-in). The defaults (BLOCK_L 16, 1 warp, 2 heads
+    per program, auto split) are the fastest setting timed inside the serving graph on an H100
+    (``benchmarks/decode_latency.py --compare-launch``, round-robin at L 1000, B 64/256/512, fp32 and fp16
+    pools: ``benchmarks/results/decode_latency_launch{,2,3}_float{16,32}.json``): at B 512 0.174 ms (fp16
+    pools) and 0.244 ms (fp32) against 0.206 and 0.267 ms for the earlier BLOCK_L 32, 2 warps, 2 parts.
+    The kernel timed alone from Python (``benchmarks/fused_kernel.py``) includes each launch's CPU cost,
+    which the graph does not pay, so tune in the graph.
     """
 
-    block_l: int = 32
-    num_warps: int = 2
+    block_l: int = 16
+    num_warps: int = 1
     heads_per_program: int = 2
     num_stages: int | None = None
     split_l: int | None = None
@@ -240,6 +245,12 @@ if triton is not None:
         tl.store(out_ptr + row * D_A + cols, out)
 
 
+# split_parts' budget of programs per SM: with the 1-warp default launch, 64 (two waves of an H100 SM's 32
+# resident blocks) was fastest inside the serving graph at B 64-512, L 1000 (8 parts at B 512 against 2 under
+# the earlier budget of 16: benchmarks/results/decode_latency_launch3_float{16,32}.json)
+PROGRAMS_PER_SM = 64
+
+
 @functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -247,7 +258,7 @@ def _sm_count(index: int) -> int:
 
 def split_parts(config: FusedConfig, rows: int, groups: int, max_len: int, device: torch.device) -> int:
     """Parts each user's behaviours are split into (one program each, combined after): ``config.split_l``,
-    or for None the largest power of two that keeps rows · groups · parts within 16 programs per SM
+    or for None the largest power of two that keeps rows · groups · parts within PROGRAMS_PER_SM per SM
     (the kernel walks its behaviours serially: with few users, few programs would each take the whole
     history's latency) and parts at least 2 blocks long."""
     if config.split_l is not None:
@@ -255,7 +266,7 @@ def split_parts(config: FusedConfig, rows: int, groups: int, max_len: int, devic
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 4
     parts = 1
-    while parts * 2 * rows * groups <= 16 * sms and parts * 2 * 2 * config.block_l <= max_len:
+    while parts * 2 * rows * groups <= PROGRAMS_PER_SM * sms and parts * 2 * 2 * config.block_l <= max_len:
         parts *= 2
     return parts
 

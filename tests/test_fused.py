@@ -256,10 +256,12 @@ def test_fused_half_precision_pools_are_close(pool_dtype: str) -> None:
 
 
 def test_split_parts_fills_the_device_only_when_programs_are_few() -> None:
-    """Auto split: parts double while programs stay within 16 per SM (4 SMs assumed off CUDA) and each
-    part keeps >= 2 blocks; an explicit split_l is taken as given."""
+    """Auto split: parts double while programs stay within PROGRAMS_PER_SM (64) per SM (4 SMs assumed off
+    CUDA) and each part keeps >= 2 blocks; an explicit split_l is taken as given."""
     cpu = torch.device("cpu")
-    assert split_parts(FusedConfig(), rows=1, groups=4, max_len=1000, device=cpu) == 8
+    assert split_parts(FusedConfig(), rows=1, groups=4, max_len=1000, device=cpu) == 16  # 16 parts of 4 blocks
+    assert split_parts(FusedConfig(block_l=32), rows=1, groups=4, max_len=1000, device=cpu) == 8
+    assert split_parts(FusedConfig(), rows=8, groups=4, max_len=1000, device=cpu) == 8  # 256 programs on 4 SMs
     assert split_parts(FusedConfig(), rows=512, groups=4, max_len=1000, device=cpu) == 1
     assert split_parts(FusedConfig(), rows=1, groups=4, max_len=50, device=cpu) == 1  # one part of 2 blocks
     assert split_parts(FusedConfig(split_l=4), rows=512, groups=4, max_len=8, device=cpu) == 4
