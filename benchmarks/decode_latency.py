@@ -298,6 +298,12 @@ def bench_graph(row: dict, resident: ResidentModel, layout: CacheLayout, host, t
         print(f"L={length} B={b}: c_graph failed: {row['c_graph']['error']}", flush=True)
 
 
+def fused_config(pool_dtype: str, launch: str) -> FusedConfig:
+    """FusedConfig from integer launch settings "name=value,name=value" (as --fused-launch) and a pool dtype."""
+    settings = {k: int(v) for k, v in (kv.split("=") for kv in launch.split(",") if kv)}
+    return FusedConfig(pool_dtype=pool_dtype, **settings)
+
+
 def compare_overlap(row: dict, graph: GraphedDecoder, host, targets: torch.Tensor, want: torch.Tensor,
                     args: argparse.Namespace, device: torch.device) -> None:
     """graph_overlap_compare (CUDA): the c_graph replay with the batch copy in K pieces beside the decode
@@ -320,8 +326,7 @@ def compare_launch(row: dict, graph: GraphedDecoder, host, targets: torch.Tensor
     the graph, where no launch overhead hides its time; scores checked."""
     variants = {}
     for spec in dict.fromkeys(x.strip() for x in args.compare_launch.split(";")):
-        launch = {k: int(v) for k, v in (kv.split("=") for kv in spec.split(",") if kv)}
-        variants[spec or "default"] = {"fused": FusedConfig(pool_dtype=args.pool_dtype, **launch)}
+        variants[spec or "default"] = {"fused": fused_config(args.pool_dtype, spec)}
     row["graph_launch_compare"] = round_robin(graph, variants, host, targets, want, args, device)
     ranked = sorted(row["graph_launch_compare"].items(), key=lambda kv: kv[1]["median_ms"])
     print(f"L={row['L']} B={row['B']} launch settings, fastest first: " + "  ".join(
@@ -576,8 +581,7 @@ def main() -> None:
                    help="torch CPU threads (default: 1 with --device cpu, for stable numbers; else torch's)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
-    launch = {k: int(v) for k, v in (kv.split("=") for kv in args.fused_launch.split(",") if kv)}
-    args.fused = FusedConfig(pool_dtype=args.pool_dtype, **launch)
+    args.fused = fused_config(args.pool_dtype, args.fused_launch)
     args.score_tol = 1e-4 if args.pool_dtype == "float32" else 3e-3  # half pools: their rounding (tests/test_fused.py)
     device = torch.device(args.device)
     dry = device.type != "cuda"

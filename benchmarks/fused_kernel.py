@@ -11,8 +11,10 @@ the eager unpack + poolscore / gather attention it replaces on the same batch (a
 Reports the bytes the kernel must read (user parts + indices from the batch, two dh-wide fp32 pool rows
 per behaviour and head, mostly L2 hits) and the effective rate, and the pool-gather floor: a kernel
 doing only those pool-row reads (best of a small grid), the least time a gather kernel needs; checks
-every configuration's output against the gather reference (max abs diff). The best fp32-pool configuration is what
-``fused_attention`` defaults to (fp16 pools round the pool rows: an opt-in).
+every configuration's output against the gather reference (max abs diff). Each timing is one Python
+call between two CUDA events, so it includes that call's launch cost on the CPU, which a graph replay
+does not pay: the defaults are chosen inside the serving graph instead (``decode_latency.py
+--compare-launch``).
 """
 
 from __future__ import annotations

@@ -33,9 +33,9 @@ Measured on an H100 (``benchmarks/decode_latency.py``, B 512, L 1000): one CUDA-
 copies + q projection + this kernel + MLP takes 0.24–0.31 ms with fp32 pools (0.17–0.18 ms with fp16
 pools) with the copy in 2 pieces beside the kernel, against 1.25 ms for the graph over unpack +
 poolscore; splitting histories halved the replay at B 1–64 (``benchmarks/results/decode_latency.json``,
-``decode_latency_launch3_float{16,32}.json``). The kernel alone takes 1.4×
-(fp32 pools) to 2.3× (fp16) the time of a kernel doing only its pool-row reads
-(``benchmarks/results/fused_kernel_floor.json``) and is latency-bound (Nsight Compute:
+``decode_latency_launch3_float{16,32}.json``). Timed alone from Python (launch cost included, as for
+the kernel it is compared with), the kernel takes 1.4× (fp32 pools) to 2.3× (fp16) the time of a kernel
+doing only its pool-row reads (``benchmarks/results/fused_kernel_floor.json``); it is latency-bound (Nsight Compute:
 ``benchmarks/results/ncu_fused_B512_L1000.txt``). ``raw`` may also be a pinned host batch, which
 the kernel then reads over PCIe (mapped, zero-copy) — measured slower than copying first.
 """
