@@ -20,9 +20,10 @@ replaces unpack + attention with ONE kernel that reads the device copy of the pa
 
 so K/V = concat(user part, pool row) exactly as ``model.cache.rebuild_kv`` builds them, never written
 to memory: the kernel reads each behaviour's few user-part bytes and index from the batch and two
-dh-wide pool rows (the fp32 pools, 2 × pool × d_a × 4 bytes, stay in L2). Stored user parts are cast
-to fp32 on load (pool rows are never rounded); indices are read as 16-bit halves, so int32 indices
-need no 4-byte alignment. Without shared K/V (``mode`` full, or the unshared side) the user part is
+dh-wide pool rows (the pools, 2 × pool × d_a × 2 or 4 bytes, stay in L2). Pool rows are read at the
+store's precision unless ``FusedConfig.pool_dtype`` says otherwise (:func:`pool_dtype`); stored user
+parts and pool rows are cast to fp32 on load and everything after is fp32; indices are read as 16-bit
+halves, so int32 indices need no 4-byte alignment. Without shared K/V (``mode`` full, or the unshared side) the user part is
 the whole d_a row. The plain-PyTorch reference is the eager path; ``tests/test_fused.py`` checks the
 two agree on CUDA, and under Triton's interpreter (``TRITON_INTERPRET=1``) on CPU.
 
@@ -36,7 +37,10 @@ poolscore; splitting histories halved the replay at B 1–64 (``benchmarks/resul
 ``decode_latency_launch3_float{16,32}.json``). Timed alone from Python (launch cost included, as for
 the kernel it is compared with), the kernel takes 1.4× (fp32 pools) to 2.3× (fp16) the time of a kernel
 doing only its pool-row reads (``benchmarks/results/fused_kernel_floor.json``); it is latency-bound (Nsight Compute:
-``benchmarks/results/ncu_fused_B512_L1000.txt``). ``raw`` may also be a pinned host batch, which
+``benchmarks/results/ncu_fused_B512_L1000.txt``). The pool-row reads are the bound: at B 512, L 1000 they
+are 1.05 GB with fp32 rows (a kernel doing only them: 0.151 ms, 7.0 TB/s from L2) and 0.52 GB with fp16
+rows (0.092 ms) — with fp32 rows 1.6× the PCIe floor of the fp16 batch by themselves, which is why
+the pool rows follow the store's precision by default. ``raw`` may also be a pinned host batch, which
 the kernel then reads over PCIe (mapped, zero-copy) — measured slower than copying first.
 """
 
@@ -79,8 +83,11 @@ class FusedConfig:
     num_stages: Triton's software-pipelining depth of the behaviour loop (None: Triton's default);
     split_l: parts each user's history is split into, one program each, their softmax states combined by
     a second kernel (flash-decoding; a power of two; None: :func:`split_parts` picks from the launch size);
-    pool_dtype: "float32" (the model's pool rows exactly), "float16" or "bfloat16" (half the kernel's
-    pool reads, at the cost of rounding the pool rows: an opt-in). The defaults (BLOCK_L 16, 1 warp, 2 heads
+    pool_dtype: the precision of the pool rows the kernel reads — None (default): the store's ``kv_dtype``,
+    so both parts of each K/V row have the precision the store was written at (an fp16 store, the default,
+    reads fp16 pool rows: half the pool reads of fp32, the bound of the kernel, see the module docstring;
+    an fp32 store reads the model's rows exactly); "float32" (exact whatever the store), "float16" or
+    "bfloat16" to override. The defaults (BLOCK_L 16, 1 warp, 2 heads
     per program, auto split) are the fastest setting timed inside the serving graph on an H100
     (``benchmarks/decode_latency.py --compare-launch``, round-robin at L 1000, B 64/256/512, fp32 and fp16
     pools: ``benchmarks/results/decode_latency_launch{,2,3}_float{16,32}.json``): at B 512 0.174 ms (fp16
@@ -94,10 +101,10 @@ class FusedConfig:
     heads_per_program: int = 2
     num_stages: int | None = None
     split_l: int | None = None
-    pool_dtype: str = "float32"
+    pool_dtype: str | None = None
 
     def __post_init__(self) -> None:
-        if self.pool_dtype not in KV_TORCH:
+        if self.pool_dtype is not None and self.pool_dtype not in KV_TORCH:
             raise ValueError(f"pool_dtype must be one of {sorted(KV_TORCH)}, got {self.pool_dtype!r}")
         for name in ("block_l", "num_warps", "heads_per_program"):
             value = getattr(self, name)
@@ -287,6 +294,12 @@ def padded_pools(resident: ResidentModel, dtype: torch.dtype) -> tuple[torch.Ten
     return cache[dtype]
 
 
+def pool_dtype(config: FusedConfig, layout: CacheLayout) -> str:
+    """The pool-row precision a launch with ``config`` reads for a store of ``layout``: ``config.pool_dtype``,
+    or the store's kv_dtype where that is None."""
+    return config.pool_dtype or layout.kv_dtype
+
+
 ALL_BYTES = ((-1, 1 << 62),)  # one launch for every user (record ends in (-1, 2^62])
 
 
@@ -300,7 +313,8 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
     zero-copy: no separate host-to-device copy; the host buffer must not be refilled before it finishes)
     — the module docstring's kernel, launched with
     ``config`` (:class:`FusedConfig`). Equals ``decode``'s attention on ``unpack(raw, ...)`` up to fp32
-    summation order (with fp32 pools, the default).
+    summation order where it reads fp32 pool rows (an fp32 store, or ``pool_dtype="float32"``); otherwise
+    up to the rounding of the pool rows to the store's (or ``pool_dtype``'s) precision.
 
     ``chunks``: one kernel launch per (lo, hi] byte range, serving the users whose records end in it (the
     ranges partition (-1, 2^62]; the batch header must be readable from the first launch on), each after
@@ -330,7 +344,7 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
     if (not chunks or chunks[0][0] >= 0 or chunks[-1][1] < raw.numel() or any(lo >= hi for lo, hi in chunks)
             or any(a[1] != z[0] for a, z in itertools.pairwise(chunks))):
         raise ValueError(f"chunks must be contiguous (lo, hi] byte ranges from below 0 to past the batch, got {chunks}")
-    pool_k, pool_v = padded_pools(resident, KV_TORCH[config.pool_dtype])
+    pool_k, pool_v = padded_pools(resident, KV_TORCH[pool_dtype(config, layout)])
     q = q.float().contiguous()
     out = torch.empty(b, c, d_a, dtype=torch.float32, device=q.device)  # (B, C, d_a)
     if b * c == 0:

@@ -171,7 +171,8 @@ class DecodeRuntime:
     (``min(batch_users, max_pairs // C)``) and to L = pad_to (default: the store's max_len); one
     :class:`GraphedDecoder` per (step size, C), which captures a graph (copies included) per host
     buffer and copy-size bucket on first use. fused_config: the fused
-    kernel's launch settings where it runs (:class:`cachestore.fused.FusedConfig`; e.g. fp16 pools).
+    kernel's launch settings where it runs (:class:`cachestore.fused.FusedConfig`; by default it reads the pool
+    rows at the store's kv dtype, ``FusedConfig(pool_dtype="float32")`` reads the model's rows exactly).
     """
 
     def __init__(self, model: torch.nn.Module, model_version: str, reader: StoreReader, *,

@@ -116,8 +116,9 @@ def group_requests(users: np.ndarray, items: np.ndarray, max_candidates: int):
 @click.option("--path", "decode_path", type=click.Choice(["auto", "fused", "poolscore", "gather"]), default="auto",
               show_default=True, help="attention over the collective part (cachestore/decode.py, cachestore/fused.py; "
                                       "din only; auto = fused on CUDA with Triton)")
-@click.option("--pool-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
-              show_default=True, help="pool rows the fused kernel reads (half precision: fewer bytes, rounded rows)")
+@click.option("--pool-dtype", type=click.Choice(["store", "float32", "float16", "bfloat16"]), default="store",
+              show_default=True, help="precision of the pool rows the fused kernel reads: the store's kv dtype "
+                                      "(store), or float32 for the model's rows exactly")
 @click.option("--batch-users", default=512, show_default=True)
 @click.option("--max-candidates", default=256, show_default=True, help="candidates per user slot")
 @click.option("--chunk-rows", default=1 << 16, show_default=True, help="request rows read at a time")
@@ -141,7 +142,7 @@ def score(store: Path, checkpoint: Path, requests_path: Path, out: Path, user_co
     try:
         runtime = DecodeRuntime.open(store, checkpoint, device=default_device() if device == "auto" else device,
                                      path=decode_path, batch_users=batch_users, verify_crc=verify_crc,
-                                     fused_config=FusedConfig(pool_dtype=pool_dtype))
+                                     fused_config=FusedConfig(pool_dtype=None if pool_dtype == "store" else pool_dtype))
     except (CheckpointError, LayoutError, RecordError, FileNotFoundError, PublishError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     rows, cold_rows, users, cold_users = 0, 0, set(), set()

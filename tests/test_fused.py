@@ -34,6 +34,7 @@ from tests.test_model import N_ITEMS, make_model, small_config
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not fused_available(DEVICE), reason="needs Triton (CUDA, or its CPU interpreter)")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+EXACT = FusedConfig(pool_dtype="float32")  # the model's pool rows exactly, whatever the store's precision
 
 
 def batch(name: str, kv_dtype: str, idx_dtype: str, n_users: int, seed: int, extra: int = 0):
@@ -63,7 +64,7 @@ def test_fused_decode_equals_eager(name: str, kv_dtype: str, idx_dtype: str, n_u
     resident, layout, host, raw, rng = batch(name, kv_dtype, idx_dtype, n_users, seed, extra=64)
     cand = torch.from_numpy(rng.integers(0, N_ITEMS + 1, (n_users, n_cand))).to(DEVICE)
     with torch.inference_mode():
-        got = fused_decode(resident, raw, layout, n_users, cand, config=FusedConfig(block_l=2, split_l=split_l))
+        got = fused_decode(resident, raw, layout, n_users, cand, config=dataclasses.replace(EXACT, block_l=2, split_l=split_l))
         want = eager_logits(resident, host, cand, "gather")
     assert got.shape == (n_users, n_cand) and torch.isfinite(got).all()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -99,7 +100,7 @@ def test_static_decode_fused_path(name: str) -> None:
     cand = torch.from_numpy(rng.integers(0, N_ITEMS + 1, (5, 2))).to(DEVICE)
     with torch.inference_mode():
         got = static_decode(raw.to(DEVICE), cand, resident=resident, layout=layout, n_users=5, pad_to=SEQ,
-                            path="fused")
+                            path="fused", fused=EXACT)
         want = eager_logits(resident, host, cand, "gather")
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         half = FusedConfig(pool_dtype="float16", split_l=2)  # the decoder passes its launch settings on
@@ -120,7 +121,7 @@ def test_fused_graph_replay_on_cuda(name: str) -> None:
     cand = torch.from_numpy(rng.integers(0, N_ITEMS + 1, (6, 2))).to(DEVICE)
     half = FusedConfig(pool_dtype="float16")
     with torch.inference_mode():
-        graph = GraphedDecoder(resident, layout, n_users=6, pad_to=SEQ, n_candidates=2, path="fused")
+        graph = GraphedDecoder(resident, layout, n_users=6, pad_to=SEQ, n_candidates=2, path="fused", fused=EXACT)
         with pytest.raises(ValueError, match="pinned host memory"):  # a captured copy needs a pinned source
             graph.run(pageable, cand)
         got = graph.run(host, cand).clone()
@@ -246,13 +247,27 @@ def test_fused_half_precision_pools_are_close(pool_dtype: str) -> None:
     resident, layout, host, raw, rng = batch("collective", "float16", "uint16", 6, seed=4)
     q = torch.randn(6, 1, resident.cfg.d_attn, device=DEVICE)
     with torch.inference_mode():
-        want = fused_attention(raw, q, resident, layout, 6)
+        want = fused_attention(raw, q, resident, layout, 6, config=EXACT)
         got = fused_attention(raw, q, resident, layout, 6, config=FusedConfig(pool_dtype=pool_dtype))
     tol = 2e-3 if pool_dtype == "float16" else 2e-2
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     assert not torch.equal(got, want)  # the rows really were rounded
     with pytest.raises(ValueError, match="power of two dividing"):
         fused_attention(raw, q, resident, layout, 6, config=FusedConfig(heads_per_program=16))
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "float16", "bfloat16"])
+def test_fused_reads_pool_rows_at_the_store_precision_by_default(kv_dtype: str) -> None:
+    """FusedConfig() (pool_dtype None) reads the pool rows at the store's kv dtype: the same attention as
+    naming that dtype; an fp32 store's default is the exact model rows."""
+    resident, layout, host, raw, rng = batch("collective", kv_dtype, "uint16", 5, seed=8)
+    q = torch.randn(5, 2, resident.cfg.d_attn, device=DEVICE)
+    with torch.inference_mode():
+        default = fused_attention(raw, q, resident, layout, 5)
+        named = fused_attention(raw, q, resident, layout, 5, config=FusedConfig(pool_dtype=kv_dtype))
+        exact = fused_attention(raw, q, resident, layout, 5, config=EXACT)
+    torch.testing.assert_close(default, named, rtol=0, atol=0)
+    assert torch.equal(default, exact) == (kv_dtype == "float32")
 
 
 def test_split_parts_fills_the_device_only_when_programs_are_few() -> None:
@@ -282,7 +297,7 @@ def test_runtime_fused_path_scores_like_gather(store: dict) -> None:
     model, reader = store["model"], store["reader"]
     ids, cand, n_cand = request(3)
     want = DecodeRuntime(model, VERSION, reader, device=DEVICE, path="gather", batch_users=4).score(ids, cand, n_cand)
-    rt = DecodeRuntime(model, VERSION, reader, device=DEVICE, path="fused", batch_users=4)
+    rt = DecodeRuntime(model, VERSION, reader, device=DEVICE, path="fused", batch_users=4, fused_config=EXACT)
     got = rt.score(ids, cand, n_cand)
     np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)  # NaN where padding
     assert got.cold_start.tolist() == want.cold_start.tolist() and rt.fused
@@ -291,8 +306,9 @@ def test_runtime_fused_path_scores_like_gather(store: dict) -> None:
 
 
 def test_ckv_score_fused_path_and_half_pools(tmp_path: Path) -> None:
-    """`ckv score --path fused` == `--path gather` on a real store; `--pool-dtype float16` stays within
-    the pool rounding and actually changes the logits."""
+    """`ckv score --path fused --pool-dtype float32` == `--path gather` on a real store; the default
+    (`--pool-dtype store`: this fp16 store's precision) == `--pool-dtype float16`, within the pool
+    rounding of the exact logits and actually different from them."""
     model = make_model(small_config(kv_mode="collective"), seed=2).eval()
     version = save_checkpoint(tmp_path / "ckpt", model, {})
     g = torch.Generator().manual_seed(5)
@@ -318,7 +334,8 @@ def test_ckv_score_fused_path_and_half_pools(tmp_path: Path) -> None:
         return pq.read_table(out).column("logit").to_numpy()
 
     want = logits("--path", "gather")
-    np.testing.assert_allclose(logits("--path", "fused"), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logits("--path", "fused", "--pool-dtype", "float32"), want, rtol=1e-5, atol=1e-5)
     half = logits("--path", "fused", "--pool-dtype", "float16")
+    np.testing.assert_array_equal(logits("--path", "fused"), half)
     np.testing.assert_allclose(half, want, rtol=3e-3, atol=3e-3)
     assert not np.array_equal(half, want)
