@@ -10,20 +10,23 @@ CPU dry run (proves the script end to end; numbers are NOT the GPU result):
 
 Model: TargetAttentionCTR, embed 64, d_a 256, 8 heads, d_u 1, pool 10,000, fp32, random weights (latency
 does not depend on training). Every user has a full history of L behaviours; one candidate per user.
+Precision: --store-dtype (float16, the store's default, or float32) is the precision of BOTH caches — the
+full K/V of (a)/(b) and the user parts of (c) — and, by default, of the pool rows the fused paths read
+(FusedConfig's default: the store's kv dtype); so each run compares like with like.
 Paths, each timed end to end from host memory to logits on the device (median of CUDA-event timings
 after warm-up; perf_counter on CPU):
 
-  (a) full KV, pinned host memory: K and V (B, L, d_a) at --full-kv-dtype in ONE contiguous pinned
+  (a) full KV, pinned host memory: K and V (B, L, d_a) at the store dtype in ONE contiguous pinned
       tensor, one copy, then target attention + MLP (the strong baseline);
   (b) the same from pageable memory (the paper's baseline);
-  (c) CollectiveKV: the packed batch (fp16 user parts + uint16 router indices, the store's records,
+  (c) CollectiveKV: the packed batch (user parts at the store dtype + uint16 router indices, the store's records,
       cachestore/batch.py) in pinned memory → one copy (cachestore.transfer.to_device) → unpack →
       decode (cachestore.decode.decode), for each attention path (poolscore, gather[, compiled]);
       c_fused: one copy → the fused Triton kernel over the packed records (cachestore.fused; no unpack);
       c_graph: one replay of a CUDA graph holding the copy of the batch and the decode
       (cachestore.graphs.GraphedDecoder, --graph-path, default auto = fused);
       c_graph_mapped (experiment): a graph whose fused kernel reads the pinned batch over PCIe (zero-copy);
-      --pool-dtype float16 makes the fused paths read fp16 pool rows (FusedConfig; scores within 3e-3);
+      --pool-dtype overrides the pool rows' precision (fp16/bf16 rows: scores within 3e-3 of fp32 rows);
       its scores are checked against c_poolscore once per (B, L) (the CPU dry run checks the eager
       static path and times nothing; a mismatch is recorded and makes the script exit 1 at the end).
 
@@ -72,7 +75,7 @@ PAPER = {"embed_dim": 64, "d_attn": 256, "n_heads": 8, "d_user": 1, "pool_size":
 N_ITEMS = 100_000
 RESULTS = ROOT / "benchmarks" / "results"
 EXPERIMENTS = ("c_graph_mapped",)  # timed and checked, not (yet) paths the runtime serves with
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+STORE_DTYPES = ("float16", "float32")  # --store-dtype: the caches' precision (both stores, one knob)
 
 
 def machine(device: torch.device) -> dict:
@@ -147,17 +150,18 @@ def paper_model(max_len: int, device: torch.device) -> ResidentModel:
     return ResidentModel(TargetAttentionCTR(cfg).eval(), device)
 
 
-def collective_layout(max_len: int, version: str) -> CacheLayout:
-    return CacheLayout("collective", "float16", "uint16", PAPER["d_user"], PAPER["d_user"], True, True,
+def collective_layout(max_len: int, version: str, kv_dtype: str = "float16") -> CacheLayout:
+    return CacheLayout("collective", kv_dtype, "uint16", PAPER["d_user"], PAPER["d_user"], True, True,
                        PAPER["pool_size"], max_len, version)
 
 
 def synthetic_records(layout: CacheLayout, n_users: int, length: int, seed: int) -> list[bytes]:
-    """Records of users with full histories: N(0,1) fp16 user parts, uniform router indices."""
+    """Records of users with full histories: N(0,1) user parts at the layout's kv dtype (float16 or
+    float32), uniform router indices."""
     rng = np.random.default_rng(seed)
     d = layout.dk
-    k = rng.standard_normal((n_users, length, d)).astype(np.float16)
-    v = rng.standard_normal((n_users, length, d)).astype(np.float16)
+    k = rng.standard_normal((n_users, length, d)).astype(layout.kv_dtype)
+    v = rng.standard_normal((n_users, length, d)).astype(layout.kv_dtype)
     idx = rng.integers(0, layout.pool_size, (n_users, 2, length)).astype(np.uint16)
     return [encode_record(layout, length=length, k_user=k[u].tobytes(), v_user=v[u].tobytes(),
                           k_idx=idx[u, 0].tobytes(), v_idx=idx[u, 1].tobytes()) for u in range(n_users)]
@@ -250,6 +254,26 @@ def bench_batch(resident: ResidentModel, layout: CacheLayout, records: list[byte
     return row
 
 
+def graph_phases(graph: GraphedDecoder, host, repeats: int) -> dict:
+    """Where a c_graph replay's time goes, from CUDA events around ``graph.run(host)`` and the graph's own
+    copy events (medians over ``repeats`` replays): launch_ms, event before run() → the graph's batch copy
+    starts (run()'s host work and the graph launch, as the GPU sees it); copy_ms, the batch copy (all its
+    pieces); after_copy_ms, the copy's end → the event after run() (the decode the copy did not hide)."""
+    launch, copy, after = [], [], []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.run(host)
+        end.record()
+        end.synchronize()
+        copy_start, copy_end = graph.last_cost.events
+        launch.append(start.elapsed_time(copy_start))
+        copy.append(copy_start.elapsed_time(copy_end))
+        after.append(copy_end.elapsed_time(end))
+    return {"launch_ms": statistics.median(launch), "copy_ms": statistics.median(copy),
+            "after_copy_ms": statistics.median(after), "n": repeats}
+
+
 def score_check(got: torch.Tensor, want: torch.Tensor, tol: float = 1e-4) -> tuple[float, str | None]:
     """Max abs difference of a path's logits from c_poolscore's and, beyond ``tol`` (1e-4; wider for the
     fused paths with half-precision pools, --pool-dtype), the error to record instead of its timing."""
@@ -279,12 +303,10 @@ def bench_graph(row: dict, resident: ResidentModel, layout: CacheLayout, host, t
             row["c_graph"] = {"skipped": "CUDA graphs need a GPU (scores of the eager static path checked)"}
         else:
             row["c_graph"] = timed(lambda: graph.run(host), device, args.warmup, args.repeats)
-            copies = []
-            for _ in range(args.repeats):  # the copy inside each replay (its events; read after each replay)
-                graph.run(host)
-                copies.append(graph.last_cost.ms)
-            copy_ms = statistics.median(copies)
+            phases = graph_phases(graph, host, args.repeats)
+            copy_ms = phases["copy_ms"]
             row["c_breakdown"]["graph_copy"] = {"median_ms": copy_ms, "bytes": graph.copy_bytes(host)}
+            row["c_breakdown"]["graph_phases"] = phases
             if row["c_graph_copy_pieces"] == 1:  # overlapped copies run beside the decode: no difference to take
                 row["c_breakdown"]["graph_decode"] = {"median_ms": row["c_graph"]["median_ms"] - copy_ms}
             if graph.path == "fused":
@@ -298,7 +320,7 @@ def bench_graph(row: dict, resident: ResidentModel, layout: CacheLayout, host, t
         print(f"L={length} B={b}: c_graph failed: {row['c_graph']['error']}", flush=True)
 
 
-def fused_config(pool_dtype: str, launch: str) -> FusedConfig:
+def fused_config(pool_dtype: str | None, launch: str) -> FusedConfig:
     """FusedConfig from integer launch settings "name=value,name=value" (as --fused-launch) and a pool dtype."""
     settings = {k: int(v) for k, v in (kv.split("=") for kv in launch.split(",") if kv)}
     return FusedConfig(pool_dtype=pool_dtype, **settings)
@@ -386,11 +408,11 @@ def bench_mapped_graph(row: dict, graph: GraphedDecoder, host, want: torch.Tenso
 def bench_length(resident: ResidentModel, length: int, batch_sizes: list[int], args: argparse.Namespace,
                  device: torch.device, pin: bool, limits: dict, compiled: Callable | None) -> list[dict]:
     b_max = max(batch_sizes)
-    layout = collective_layout(resident.cfg.max_len, secrets.token_hex(8))
+    layout = collective_layout(resident.cfg.max_len, secrets.token_hex(8), args.store_dtype)
     records = synthetic_records(layout, b_max, length, seed=length)
     g = torch.Generator().manual_seed(1)
     targets = torch.randint(1, N_ITEMS + 1, (b_max, 1), generator=g).to(device)
-    full_src = torch.randn(2, b_max, length, resident.cfg.d_attn, generator=g).to(TORCH_DTYPES[args.full_kv_dtype])
+    full_src = torch.randn(2, b_max, length, resident.cfg.d_attn, generator=g).to(KV_TORCH[args.full_kv_dtype])
     rows = []
     for b in batch_sizes:
         row = bench_batch(resident, layout, records, full_src, targets[:b], length, args, device, pin, limits, compiled)
@@ -401,13 +423,16 @@ def bench_length(resident: ResidentModel, length: int, batch_sizes: list[int], a
         print(f"L={length:5d} B={b:4d}  (a) {a_ms:9.3f}  (b) {row['b_full_pageable']['median_ms']:9.3f}  "
               f"(c) {row['c_ms']:8.3f} [{row['c_best']}]  graph {g_ms:7.3f}  mapped {m_ms:7.3f}  "
               f"floor {row['floor_ms']:7.3f}  "
-              f"a/c {row['speedup_vs_a'] or float('nan'):7.1f}x  c/floor {row['c_over_floor']:5.2f}", flush=True)
+              f"a/c {row['speedup_vs_a'] or float('nan'):7.1f}x  c/floor {row['c_over_floor']:5.2f}"
+              + ("  graph launch/copy/after {launch_ms:.3f}/{copy_ms:.3f}/{after_copy_ms:.3f}".format(**phases)
+                 if (phases := row["c_breakdown"].get("graph_phases")) else ""), flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
 
 
-def build_fetch_store(tmp: Path, length: int, n: int, batch_users: int, pin: bool) -> tuple[HostBatcher, float]:
+def build_fetch_store(tmp: Path, length: int, n: int, batch_users: int, pin: bool,
+                      kv_dtype: str) -> tuple[HostBatcher, float]:
     """A published LMDB store of ``n`` users with full histories of ``length`` behaviours (synthetic
     records, 4,096 distinct ones reused cyclically) under ``tmp``, built from Parquet the way the
     nightly job builds it, opened read-only, every page touched once (a long-running server's steady
@@ -420,11 +445,12 @@ def build_fetch_store(tmp: Path, length: int, n: int, batch_users: int, pin: boo
     from cachestore.reader import StoreReader
     from cachestore.record import write_layout
 
-    layout = collective_layout(length, secrets.token_hex(8))
+    layout = collective_layout(length, secrets.token_hex(8), kv_dtype)
     records = synthetic_records(layout, min(n, 4096), length, seed=7)
     payloads = [r[32:] for r in records]  # header-less parts, reused cyclically
     per = layout.record_size(1) - 32
-    ku, vu = length * layout.dk * 2, length * layout.dv * 2
+    itemsize = np.dtype(layout.kv_dtype).itemsize
+    ku, vu = length * layout.dk * itemsize, length * layout.dv * itemsize
     rows = {"user_id": np.arange(n, dtype=np.int64), "length": np.full(n, length, np.int32)}
     parts = [payloads[u % len(payloads)] for u in range(n)]
     rows["k_user"] = [p[:ku] for p in parts]
@@ -448,7 +474,7 @@ def build_fetch_store(tmp: Path, length: int, n: int, batch_users: int, pin: boo
 
 
 def fetch_benchmark(lengths: list[int], batch_sizes: list[int], users: dict[int, int], repeats: int,
-                    pin: bool) -> dict:
+                    pin: bool, kv_dtype: str) -> dict:
     """LMDB → host buffer fetch + pack (HostBatcher.fetch) per batch size, on one CPU core."""
     try:
         import lmdb  # noqa: F401
@@ -461,7 +487,7 @@ def fetch_benchmark(lengths: list[int], batch_sizes: list[int], users: dict[int,
     with tempfile.TemporaryDirectory(prefix="ckv-fetch-bench-") as tmp:
         for length in lengths:
             n = users[length]
-            batcher, build_s = build_fetch_store(Path(tmp), length, n, max(batch_sizes), pin)
+            batcher, build_s = build_fetch_store(Path(tmp), length, n, max(batch_sizes), pin, kv_dtype)
             reader = batcher.reader
             if old_affinity:
                 core = min(old_affinity)
@@ -553,13 +579,18 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
     p.add_argument("--batch-sizes", default=None, help="comma list (default 1,8,32,64,128,256,512)")
     p.add_argument("--lengths", default=None, help="comma list (default 50,1000)")
-    p.add_argument("--full-kv-dtype", choices=sorted(TORCH_DTYPES), default="float32")
+    p.add_argument("--store-dtype", choices=STORE_DTYPES, default="float16",
+                   help="precision of both caches: the full K/V of (a)/(b) and the user parts of (c) (and, unless "
+                        "--pool-dtype says otherwise, of the pool rows the fused paths read)")
+    p.add_argument("--full-kv-dtype", choices=STORE_DTYPES, default=None,
+                   help="override the full K/V's precision only (default: --store-dtype)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--compile", action="store_true", help="also time torch.compile(decode) on the poolscore path")
     p.add_argument("--compile-mode", default="max-autotune-no-cudagraphs")
-    p.add_argument("--pool-dtype", choices=sorted(KV_TORCH), default="float32",
-                   help="pool rows the fused paths read (c_fused, c_graph; FusedConfig.pool_dtype)")
+    p.add_argument("--pool-dtype", choices=["store", *sorted(KV_TORCH)], default="store",
+                   help="pool rows the fused paths read (c_fused, c_graph; FusedConfig.pool_dtype; "
+                        "store: the store dtype, FusedConfig's default)")
     p.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP,
                    help="c_graph copies the batch in up to this many pieces beside the fused decode "
                         "(GraphedDecoder overlap; 1: one copy before the decode)")
@@ -581,8 +612,11 @@ def main() -> None:
                    help="torch CPU threads (default: 1 with --device cpu, for stable numbers; else torch's)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
+    args.full_kv_dtype = args.full_kv_dtype or args.store_dtype
+    args.pool_dtype = None if args.pool_dtype == "store" else args.pool_dtype
     args.fused = fused_config(args.pool_dtype, args.fused_launch)
-    args.score_tol = 1e-4 if args.pool_dtype == "float32" else 3e-3  # half pools: their rounding (tests/test_fused.py)
+    pools = args.pool_dtype or args.store_dtype  # what the fused paths read
+    args.score_tol = 1e-4 if pools == "float32" else 3e-3  # half pools: their rounding (tests/test_fused.py)
     device = torch.device(args.device)
     dry = device.type != "cuda"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -614,7 +648,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
     fetch = {"skipped": "--no-fetch"} if args.no_fetch else fetch_benchmark(
         lengths, [1, 8, 32, 64, 128, 256, 512],
-        {L: args.fetch_users or (100_000 if L <= 100 else 20_000) for L in lengths}, 200, pin)
+        {L: args.fetch_users or (100_000 if L <= 100 else 20_000) for L in lengths}, 200, pin, args.store_dtype)
     key = [r for r in rows if r["B"] == 512 and r["L"] == 1000]
     targets: dict = {}
     if key:
@@ -641,8 +675,10 @@ def main() -> None:
               "note": ("CPU DRY RUN: proves the benchmark runs end to end; the latencies are not the GPU result"
                        if dry else "H2D + decode on the GPU; fetch on one CPU core"),
               "machine": info, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-              "config": {**PAPER, "n_items": N_ITEMS, "model_dtype": "float32", "full_kv_dtype": args.full_kv_dtype,
-                         "collective_record": "fp16 user parts + uint16 indices", "candidates_per_user": 1,
+              "config": {**PAPER, "n_items": N_ITEMS, "model_dtype": "float32", "store_dtype": args.store_dtype,
+                         "full_kv_dtype": args.full_kv_dtype, "pool_dtype": pools,
+                         "collective_record": f"{args.store_dtype} user parts + uint16 indices",
+                         "candidates_per_user": 1,
                          "batch_sizes": batch_sizes, "lengths": lengths, "warmup": args.warmup,
                          "repeats": args.repeats, "repeats_full": args.repeats_full, "compile": args.compile,
                          "graph_path": args.graph_path, "fused": dataclasses.asdict(args.fused),

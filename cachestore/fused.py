@@ -23,9 +23,10 @@ to memory: the kernel reads each behaviour's few user-part bytes and index from 
 dh-wide pool rows (the pools, 2 × pool × d_a × 2 or 4 bytes, stay in L2). Pool rows are read at the
 store's precision unless ``FusedConfig.pool_dtype`` says otherwise (:func:`pool_dtype`); stored user
 parts and pool rows are cast to fp32 on load and everything after is fp32; indices are read as 16-bit
-halves, so int32 indices need no 4-byte alignment. Without shared K/V (``mode`` full, or the unshared side) the user part is
-the whole d_a row. The plain-PyTorch reference is the eager path; ``tests/test_fused.py`` checks the
-two agree on CUDA, and under Triton's interpreter (``TRITON_INTERPRET=1``) on CPU.
+halves, so int32 indices need no 4-byte alignment. Without shared K/V (``mode`` full, or the unshared
+side) the user part is the whole d_a row. The plain-PyTorch reference is the eager path;
+``tests/test_fused.py`` checks the two agree on CUDA, and under Triton's interpreter
+(``TRITON_INTERPRET=1``) on CPU.
 
 A launch may serve only the users whose records end in a byte range (``chunks``): the CUDA graph copies
 the batch in pieces and launches the kernel once per piece as it lands (:mod:`cachestore.graphs`).

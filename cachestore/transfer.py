@@ -67,6 +67,11 @@ class TransferCost:
         return self._seconds * 1e3
 
     @property
+    def events(self) -> tuple[Any, Any] | None:
+        """The CUDA events around the copy (None for a copy timed on the host): to place it on a timeline."""
+        return None if self._start is None else (self._start, self._end)
+
+    @property
     def gb_per_s(self) -> float:
         return self.bytes / max(self.ms, 1e-9) / 1e6
 

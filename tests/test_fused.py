@@ -64,7 +64,8 @@ def test_fused_decode_equals_eager(name: str, kv_dtype: str, idx_dtype: str, n_u
     resident, layout, host, raw, rng = batch(name, kv_dtype, idx_dtype, n_users, seed, extra=64)
     cand = torch.from_numpy(rng.integers(0, N_ITEMS + 1, (n_users, n_cand))).to(DEVICE)
     with torch.inference_mode():
-        got = fused_decode(resident, raw, layout, n_users, cand, config=dataclasses.replace(EXACT, block_l=2, split_l=split_l))
+        config = dataclasses.replace(EXACT, block_l=2, split_l=split_l)
+        got = fused_decode(resident, raw, layout, n_users, cand, config=config)
         want = eager_logits(resident, host, cand, "gather")
     assert got.shape == (n_users, n_cand) and torch.isfinite(got).all()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
