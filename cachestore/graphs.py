@@ -249,12 +249,17 @@ class GraphedDecoder:
                     side.wait_stream(main)  # fork: the copies run beside the decode
                     arrived = []
                     with torch.cuda.stream(side):
+                        # the candidates first, on the same stream as the pieces: the query projection needs
+                        # them only, and a copy issued on another stream may be queued behind the whole batch
+                        self.candidates.copy_(self.candidates_host, non_blocking=True)
+                        candidates_in = torch.cuda.Event()
+                        candidates_in.record()
                         for lo, hi in pieces:
                             self.raw[lo:hi].copy_(source[lo:hi], non_blocking=True)
                             arrived.append(torch.cuda.Event())
                             arrived[-1].record()
                         end.record()
-                    self.candidates.copy_(self.candidates_host, non_blocking=True)
+                    main.wait_event(candidates_in)
                     try:
                         logits = self._body(ends, self._launch_hook(main, arrived))
                     finally:  # a failed launch must not leave a launch stream current
