@@ -38,7 +38,7 @@ USERS = 512
 
 
 def breakdown(length: int, n: int, repeats: int, tmp: Path) -> dict:
-    batcher, _ = build_fetch_store(tmp, length, n, USERS, pin=False)
+    batcher, _ = build_fetch_store(tmp, length, n, USERS, pin=False, kv_dtype="float16")
     layout, reader = batcher.layout, batcher.reader
     env = reader._environment()
     scratch = memoryview(bytearray(USERS * layout.record_size(length) + 8 * USERS))

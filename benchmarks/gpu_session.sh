@@ -16,7 +16,8 @@
 #                           L 1000 → $OUT/ncu_fused.txt, $OUT/ncu_floor.txt
 #   step "overlap" (~5 min): the fused CUDA tests, then Table 2's graph at L 1000 B 64, 256, 512 with the
 #                           batch copy split into 1, 2, 3, 4, 6 pieces beside the decode (GraphedDecoder
-#                           overlap), timed round-robin in one process, fp32 and fp16 pools
+#                           overlap), timed round-robin in one process, fp16 and fp32 stores (SKIP_TESTS=1:
+#                           no tests)
 #   step "fp16"  (~2 min): Table 2's graph at L 1000 with fp16 pools (1 and 2 copy pieces)
 #   step "launch" (~2 min): the kernel's launch settings timed inside Table 2's graph, round-robin
 #                           (decode_latency.py --compare-launch), L 1000, B 64/256/512, fp16 and fp32 pools
@@ -113,12 +114,12 @@ overlap)
         > "$OUT/pytest_overlap.txt" 2>&1
     echo "pytest rc=$?" | tee -a "$OUT/pytest_overlap.txt"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_overlap.txt" | head
     tail -2 "$OUT/pytest_overlap.txt"
-    for pool in float32 float16; do  # every K in one process, timed round-robin
-        timeout 200 python3 benchmarks/decode_latency.py --pool-dtype $pool --lengths 1000 --batch-sizes 64,256,512 \
+    for store in float16 float32; do  # every K in one process, timed round-robin; caches and pools at $store
+        timeout 200 python3 benchmarks/decode_latency.py --store-dtype $store --lengths 1000 --batch-sizes 64,256,512 \
             --no-fetch --repeats 200 --compare-overlap 1,2,3,4,6 \
-            --out benchmarks/results/decode_latency_overlap_$pool.json 2>&1 | grep -E "^L=|failed|MISMATCH|rror"
+            --out benchmarks/results/decode_latency_overlap_store_$store.json 2>&1 | grep -E "^L=|failed|MISMATCH|rror"
     done
-    tar -C benchmarks/results -czf "$OUT/overlap.tgz" $(cd benchmarks/results && ls decode_latency_overlap_*.json)
+    cp benchmarks/results/decode_latency_overlap_store_*.json "$OUT"/
     ;;
 fp16)
     timeout 200 python3 benchmarks/decode_latency.py --pool-dtype float16 --lengths 1000 \
