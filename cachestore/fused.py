@@ -32,17 +32,17 @@ A launch may serve only the users whose records end in a byte range (``chunks``)
 the batch in pieces and launches the kernel once per piece as it lands (:mod:`cachestore.graphs`).
 
 Measured on an H100 (``benchmarks/decode_latency.py``, B 512, L 1000): one CUDA-graph replay of the
-copies + q projection + this kernel + MLP takes 0.24–0.31 ms with fp32 pools (0.17–0.18 ms with fp16
-pools) with the copy in 2 pieces beside the kernel, against 1.25 ms for the graph over unpack +
-poolscore; splitting histories halved the replay at B 1–64 (``benchmarks/results/decode_latency.json``,
-``decode_latency_launch3_float{16,32}.json``). Timed alone from Python (launch cost included, as for
-the kernel it is compared with), the kernel takes 1.4× (fp32 pools) to 2.3× (fp16) the time of a kernel
-doing only its pool-row reads (``benchmarks/results/fused_kernel_floor.json``); it is latency-bound (Nsight Compute:
-``benchmarks/results/ncu_fused_B512_L1000.txt``). The pool-row reads are the bound: at B 512, L 1000 they
-are 1.05 GB with fp32 rows (a kernel doing only them: 0.151 ms, 7.0 TB/s from L2) and 0.52 GB with fp16
-rows (0.092 ms) — with fp32 rows 1.6× the PCIe floor of the fp16 batch by themselves, which is why
-the pool rows follow the store's precision by default. ``raw`` may also be a pinned host batch, which
-the kernel then reads over PCIe (mapped, zero-copy) — measured slower than copying first.
+copies + q projection + this kernel + MLP takes 0.171 ms with the fp16 store and pool rows and 0.245 ms
+with fp32 throughout, the copy in 3 pieces beside the kernel (``benchmarks/results/decode_latency.json``,
+``decode_latency_fp32.json``), against 1.25 ms for the graph over unpack + poolscore (session 7);
+splitting histories halved the replay at B 1–64 (``decode_latency_launch3_float{16,32}.json``).
+The pool-row reads bound the kernel: at B 512, L 1000 they are 1.05 GB with fp32 rows (a kernel doing
+only them: 0.151 ms, 7.0 TB/s from L2) and 0.52 GB with fp16 rows (0.092 ms;
+``benchmarks/results/fused_kernel_floor.json``) — with fp32 rows 1.6× the PCIe floor of the fp16 batch
+by themselves, which is why the pool rows follow the store's precision by default. Timed alone from
+Python (launch cost included), the kernel takes 1.4× (fp32 pools) to 2.3× (fp16) the time of that
+read-only kernel; Nsight Compute: ``benchmarks/results/ncu_fused_B512_L1000.txt``. ``raw`` may also be
+a pinned host batch, which the kernel then reads over PCIe (mapped, zero-copy) — measured slower than copying first.
 """
 
 from __future__ import annotations

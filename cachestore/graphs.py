@@ -13,10 +13,11 @@ against 0.33 ms with the copy in the graph, ``benchmarks/results/decode_latency.
                   static candidates (B, C) ← pinned candidate staging (B, C); copy_end   (timing events)
       static_decode(raw, candidates) → the graph's logits (B, C)
 
-    with ``overlap`` K > 1 (fused path, default 2) the batch copy forks to a second stream in pieces
-    [0, c1), [c1, c2), … (:func:`copy_chunks`), each followed by an event; fused launch i, on a stream of
-    its own, waits for event i and serves the users whose records end in piece i (:func:`record_ends`), so
-    copying piece i + 1 overlaps decoding piece i; the streams join before the graph ends.
+    with ``overlap`` K > 1 (fused path, default 3) the candidates, then the batch in pieces [0, c1),
+    [c1, c2), … (:func:`copy_chunks`), are copied on a forked stream, each piece followed by an event; the
+    query projection waits for the candidates only, and fused launch i, on a stream of its own, waits for
+    event i and serves the users whose records end in piece i (:func:`record_ends`), so copying piece
+    i + 1 overlaps decoding piece i; the streams join before the graph ends.
 
 A captured copy has a fixed source address and size, so there is one graph per (host buffer of the
 batcher's ring, copy-size bucket): S is the smallest bucket >= the batch's used_bytes, buckets being the
@@ -141,9 +142,12 @@ class GraphedDecoder:
     none under 256 KiB) copied on a forked stream inside the graph, and the kernel is launched once per
     piece for the users whose records end in it, right after that piece lands — the copy of piece c + 1
     runs beside the decode of piece c. Measured on an H100 at L 1000 (round-robin in one process,
-    ``benchmarks/results/decode_latency_overlap_float{32,16}.json``), K = 2 was the fastest or within noise
-    of it: B 512 0.349 → 0.289 ms (fp32 pools), 0.260 → 0.241 (fp16); B 256 0.205 → 0.181; B 64 even;
-    K = 6 was slower (short launches). 1 turns it off. concurrent (default True): each piece's launch on a
+    ``benchmarks/results/decode_latency_overlap_store_float{16,32}.json``), K = 3 was the fastest or within
+    3% of it: B 512 0.216 → 0.170 ms (fp16 store and pools; K 4 0.179), 0.358 → 0.257 (fp32; K 4 0.246);
+    B 256 0.139 → 0.123; B 64 even; K = 6 was slower (short launches). 1 turns it off. The candidates go
+    first on the copy stream because, copied on the main stream, they could be queued behind the whole
+    batch, and then no launch overlapped the copy (a replay queued behind other GPU work: 0.231 vs 0.180 ms,
+    fp16, B 512; ``benchmarks/results/session9_graph_checks.md``). concurrent (default True): each piece's launch on a
     stream of its own (forked after the query projection, joined before the combine and the MLP), so it
     need not wait for the previous launch's tail: B 512 0.309 → 0.289 ms (fp32), 0.230 → 0.215 (fp16), B 64
     even (``decode_latency_concurrent_float{32,16}.json``); False: one after another on the graph's stream.
