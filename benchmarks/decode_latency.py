@@ -63,7 +63,7 @@ sys.path.insert(0, str(ROOT))
 
 from cachestore.batch import HostBatcher  # noqa: E402
 from cachestore.decode import ResidentModel, choose_path, decode  # noqa: E402
-from cachestore.fused import FusedConfig, fused_available, fused_decode  # noqa: E402
+from cachestore.fused import FusedConfig, fused_available, fused_decode, pool_dtype  # noqa: E402
 from cachestore.graphs import DEFAULT_OVERLAP, GraphedDecoder, static_decode  # noqa: E402
 from cachestore.record import CacheLayout, encode_record  # noqa: E402
 from cachestore.transfer import KV_TORCH, to_device  # noqa: E402
@@ -320,7 +320,7 @@ def bench_graph(row: dict, resident: ResidentModel, layout: CacheLayout, host, t
         print(f"L={length} B={b}: c_graph failed: {row['c_graph']['error']}", flush=True)
 
 
-def fused_config(pool_dtype: str | None, launch: str) -> FusedConfig:
+def fused_config(pool_dtype: str, launch: str) -> FusedConfig:
     """FusedConfig from integer launch settings "name=value,name=value" (as --fused-launch) and a pool dtype."""
     settings = {k: int(v) for k, v in (kv.split("=") for kv in launch.split(",") if kv)}
     return FusedConfig(pool_dtype=pool_dtype, **settings)
@@ -613,9 +613,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     args.full_kv_dtype = args.full_kv_dtype or args.store_dtype
-    args.pool_dtype = None if args.pool_dtype == "store" else args.pool_dtype
     args.fused = fused_config(args.pool_dtype, args.fused_launch)
-    pools = args.pool_dtype or args.store_dtype  # what the fused paths read
+    pools = pool_dtype(args.fused, collective_layout(1, "0" * 16, args.store_dtype))  # what the fused paths read
     args.score_tol = 1e-4 if pools == "float32" else 3e-3  # half pools: their rounding (tests/test_fused.py)
     device = torch.device(args.device)
     dry = device.type != "cuda"

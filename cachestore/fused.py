@@ -70,6 +70,7 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
 FUSED = "fused"  # the decode path name of this kernel (graphs, runtime, ckv score)
 KV_CODES = {"float16": 0, "bfloat16": 1, "float32": 2}
 IDX_BYTES = {None: 0, "uint16": 2, "int32": 4}
+STORE = "store"  # FusedConfig.pool_dtype: read the pool rows at the store's kv dtype
 
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read by triton.jit at import, as here
@@ -84,7 +85,7 @@ class FusedConfig:
     num_stages: Triton's software-pipelining depth of the behaviour loop (None: Triton's default);
     split_l: parts each user's history is split into, one program each, their softmax states combined by
     a second kernel (flash-decoding; a power of two; None: :func:`split_parts` picks from the launch size);
-    pool_dtype: the precision of the pool rows the kernel reads — None (default): the store's ``kv_dtype``,
+    pool_dtype: the precision of the pool rows the kernel reads — "store" (default): the store's ``kv_dtype``,
     so both parts of each K/V row have the precision the store was written at (an fp16 store, the default,
     reads fp16 pool rows: half the pool reads of fp32, the bound of the kernel, see the module docstring;
     an fp32 store reads the model's rows exactly); "float32" (exact whatever the store), "float16" or
@@ -102,11 +103,11 @@ class FusedConfig:
     heads_per_program: int = 2
     num_stages: int | None = None
     split_l: int | None = None
-    pool_dtype: str | None = None
+    pool_dtype: str = STORE
 
     def __post_init__(self) -> None:
-        if self.pool_dtype is not None and self.pool_dtype not in KV_TORCH:
-            raise ValueError(f"pool_dtype must be one of {sorted(KV_TORCH)}, got {self.pool_dtype!r}")
+        if self.pool_dtype != STORE and self.pool_dtype not in KV_TORCH:
+            raise ValueError(f"pool_dtype must be one of {[STORE, *sorted(KV_TORCH)]}, got {self.pool_dtype!r}")
         for name in ("block_l", "num_warps", "heads_per_program"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
@@ -297,8 +298,8 @@ def padded_pools(resident: ResidentModel, dtype: torch.dtype) -> tuple[torch.Ten
 
 def pool_dtype(config: FusedConfig, layout: CacheLayout) -> str:
     """The pool-row precision a launch with ``config`` reads for a store of ``layout``: ``config.pool_dtype``,
-    or the store's kv_dtype where that is None."""
-    return config.pool_dtype or layout.kv_dtype
+    or the store's kv_dtype where that is "store"."""
+    return layout.kv_dtype if config.pool_dtype == STORE else config.pool_dtype
 
 
 ALL_BYTES = ((-1, 1 << 62),)  # one launch for every user (record ends in (-1, 2^62])

@@ -142,7 +142,7 @@ def score(store: Path, checkpoint: Path, requests_path: Path, out: Path, user_co
     try:
         runtime = DecodeRuntime.open(store, checkpoint, device=default_device() if device == "auto" else device,
                                      path=decode_path, batch_users=batch_users, verify_crc=verify_crc,
-                                     fused_config=FusedConfig(pool_dtype=None if pool_dtype == "store" else pool_dtype))
+                                     fused_config=FusedConfig(pool_dtype=pool_dtype))
     except (CheckpointError, LayoutError, RecordError, FileNotFoundError, PublishError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     rows, cold_rows, users, cold_users = 0, 0, set(), set()

@@ -259,7 +259,7 @@ def test_fused_half_precision_pools_are_close(pool_dtype: str) -> None:
 
 @pytest.mark.parametrize("kv_dtype", ["float32", "float16", "bfloat16"])
 def test_fused_reads_pool_rows_at_the_store_precision_by_default(kv_dtype: str) -> None:
-    """FusedConfig() (pool_dtype None) reads the pool rows at the store's kv dtype: the same attention as
+    """FusedConfig() (pool_dtype "store") reads the pool rows at the store's kv dtype: the same attention as
     naming that dtype; an fp32 store's default is the exact model rows."""
     resident, layout, host, raw, rng = batch("collective", kv_dtype, "uint16", 5, seed=8)
     q = torch.randn(5, 2, resident.cfg.d_attn, device=DEVICE)
