@@ -45,7 +45,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -300,17 +300,8 @@ class HostBatcher:
             at = offsets if everyone else offsets[present]
             size_p = size if everyone else size[present]
             words = buf.words[(at >> 3)[:, None] + _WORDS]  # (P, 4) the 32-byte headers as 4 LE u64
-            n = (words[:, 1] >> np.uint64(32)).astype(np.int64)  # header bytes 12..15: length
-            low = np.uint64(0xFFFFFFFF)
-            w0, w1, w2, w3 = self._expect  # header bytes 0..7, 8..11, 16..23, 24..27 of this layout
-            ok = (words[:, 0] == w0) & ((words[:, 1] & low) == w1) & (words[:, 2] == w2) & ((words[:, 3] & low) == w3)
-            ok &= (size_p == self.layout.record_sizes(n)) & (n <= self.layout.max_len)
-            if not ok.all():
-                self._raise_bad(arr, ids[present], at, size_p, ok)
-            lengths[present] = n
-            if self.verify_crc:
-                for uid, o, s in zip(ids[present].tolist(), at.tolist(), size[present].tolist(), strict=True):
-                    check_record(self.layout, buf.view[o : o + s], self.expected_model_version, uid)
+            lengths[present] = self.check_headers(ids[present], words, size_p,
+                                                  lambda j: buf.view[int(at[j]) : int(at[j] + size_p[j])])
         offsets[~present] = zero_at
         used = pos
         arr[0:zero_at].view(np.int64)[:] = np.concatenate([offsets, lengths])
@@ -322,13 +313,27 @@ class HostBatcher:
             zero_offset=zero_at, fetch_seconds=time.perf_counter() - t0, pinned=self.pin, _buffer=buf,
             _generation=buf.generation)
 
-    def _raise_bad(self, arr: np.ndarray, ids: np.ndarray, at: np.ndarray, size: np.ndarray, ok: np.ndarray) -> None:
-        j = int(np.flatnonzero(~ok)[0])
-        uid, o, s = int(ids[j]), int(at[j]), int(size[j])
-        rec = bytes(arr[o : o + s])
-        check_record(self.layout, rec, self.expected_model_version, uid)  # raises if invalid
-        raise RecordError(f"record does not match the store layout {self.layout} (header {rec[:HEADER_SIZE].hex()}, "
-                          f"{s} bytes)", uid)
+    def check_headers(self, ids: np.ndarray, words: np.ndarray, sizes: np.ndarray,
+                      record: Callable[[int], bytes | memoryview]) -> np.ndarray:
+        """Lengths n (P,) int64 of P present records, checked all at once from their headers ``words``
+        (P, 4) (the 32 header bytes as little-endian uint64) and ``sizes`` (P,) against this batcher's layout;
+        ``record(j)`` gives record j's bytes (read only for the precise error, or for every record with
+        ``verify_crc``). Raises the ``RecordError`` subclass naming the user of the first bad record."""
+        n = (words[:, 1] >> np.uint64(32)).astype(np.int64)  # header bytes 12..15: length
+        low = np.uint64(0xFFFFFFFF)
+        w0, w1, w2, w3 = self._expect  # header bytes 0..7, 8..11, 16..23, 24..27 of this layout
+        ok = (words[:, 0] == w0) & ((words[:, 1] & low) == w1) & (words[:, 2] == w2) & ((words[:, 3] & low) == w3)
+        ok &= (sizes == self.layout.record_sizes(n)) & (n <= self.layout.max_len)
+        if not ok.all():
+            j = int(np.flatnonzero(~ok)[0])
+            uid, rec = int(ids[j]), bytes(record(j))
+            check_record(self.layout, rec, self.expected_model_version, uid)  # raises if invalid
+            raise RecordError(f"record does not match the store layout {self.layout} (header "
+                              f"{rec[:HEADER_SIZE].hex()}, {len(rec)} bytes)", uid)
+        if self.verify_crc:
+            for j, uid in enumerate(ids.tolist()):
+                check_record(self.layout, record(j), self.expected_model_version, uid)
+        return n
 
     def pack(self, user_ids: Sequence[int] | np.ndarray, records: Iterable[bytes | memoryview | None]) -> HostBatch:
         """Pack given encoded records (None = cold start) for these user ids; no LMDB involved."""

@@ -54,6 +54,7 @@ import torch
 from cachestore.batch import HostBatch, is_entry_layout, zero_block_bytes
 from cachestore.decode import PATHS, ResidentModel, choose_path, decode
 from cachestore.fused import ALL_BYTES, DEFAULT_FUSED, FUSED, FusedConfig, fused_decode, uses_fused
+from cachestore.mapped import MappedBatch, gather_records
 from cachestore.record import CacheLayout
 from cachestore.transfer import TransferCost, unpack
 
@@ -181,6 +182,7 @@ class GraphedDecoder:
         self._graphs: dict[tuple[int, int], _Captured] = {}  # (host buffer address, copy bytes) -> graph
         self._last: _Captured | None = None
         self._done: torch.cuda.Event | None = None  # after the latest replay: the staging may be refilled
+        self._mapped_tables: list[torch.Tensor] = []  # the zero-copy graphs' static gather tables
         with torch.inference_mode():
             self.raw = torch.zeros(self.capacity, dtype=torch.uint8, device=self.device)
             head = torch.tensor([16 * n_users] * n_users + [0] * n_users, dtype=torch.int64)  # offsets, lengths
@@ -289,7 +291,7 @@ class GraphedDecoder:
                 torch.cuda.set_stream(stream)
         return hook
 
-    def check(self, host: HostBatch) -> None:
+    def check(self, host: HostBatch | MappedBatch) -> None:
         """Raise ValueError unless ``host`` fits this graph's static shapes (host-side only)."""
         if host.layout is not self.layout and host.layout != self.layout:
             raise ValueError("the batch was packed for another store layout than this graph's")
@@ -301,7 +303,8 @@ class GraphedDecoder:
         if host.used_bytes > self.capacity:
             raise ValueError(f"the batch needs {host.used_bytes} bytes; the graph's buffer holds {self.capacity}")
         if not self.eager and not host.pinned:
-            raise ValueError("a captured copy reads pinned host memory: fetch with HostBatcher(pin=True)")
+            raise ValueError("a captured copy reads pinned host memory: fetch with HostBatcher(pin=True) "
+                             "or MappedBatcher(pin=True)")
 
     def copy_bytes(self, host: HostBatch) -> int:
         """Bytes the graph copies for ``host``: the smallest bucket >= used_bytes, capped at the host
@@ -319,15 +322,19 @@ class GraphedDecoder:
             self._done.synchronize()
         self.candidates_host.copy_(cand)
 
-    def run(self, host: HostBatch, candidates: torch.Tensor | np.ndarray | None = None) -> torch.Tensor:
+    def run(self, host: HostBatch | MappedBatch, candidates: torch.Tensor | np.ndarray | None = None) -> torch.Tensor:
         """Score ``host`` (a pinned batch of exactly B users) against ``candidates`` (B, C) (host ids
         preferred; None: those of the previous call): one graph replay on the current stream (captured
         on first use of this host buffer and copy size). Returns the static logits (B, C), valid until
-        that graph replays again; :attr:`last_cost` is the batch copy's cost."""
+        that graph replays again; :attr:`last_cost` is the batch copy's cost. A :class:`MappedBatch`
+        (zero-copy fetch) is gathered from the store's map inside the graph instead of copied
+        (:meth:`_capture_mapped`); its cost is the header copy + the gather."""
         self.check(host)
         if candidates is not None:
             with torch.inference_mode():
                 self._stage(candidates)
+        if isinstance(host, MappedBatch):
+            return self._run_mapped(host)
         if self.eager:
             with torch.inference_mode():
                 t0 = time.perf_counter()
@@ -349,6 +356,51 @@ class GraphedDecoder:
                 captured = self._graphs[key] = self._capture(buffer[:nbytes])
         return self._replay(captured, host)
 
+    def _run_mapped(self, batch: MappedBatch) -> torch.Tensor:
+        if self.eager:
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                gather_records(batch, self.raw)
+                self.last_cost = TransferCost(40 * batch.n_users + batch.record_bytes, str(self.device), False,
+                                              _seconds=time.perf_counter() - t0)
+                self.candidates.copy_(self.candidates_host)
+                self.logits = self._body()
+            return self.logits
+        buffer = batch.buffer
+        key = (buffer.data_ptr(), -batch.unit)  # negative: apart from the copy graphs' (address, bytes) keys
+        captured = self._graphs.get(key)
+        if captured is None:
+            with torch.inference_mode():
+                captured = self._graphs[key] = self._capture_mapped(batch)
+        captured.nbytes = 40 * batch.n_users + batch.record_bytes  # what this batch moves over PCIe
+        return self._replay(captured, batch)
+
+    def _capture_mapped(self, batch: MappedBatch) -> _Captured:
+        """One graph for a zero-copy batch's pinned buffer: the header and gather table copied, the records
+        gathered from the registered LMDB map (:func:`cachestore.mapped.gather_records`, for records of up to
+        ``pad_to`` behaviours) and the candidates copied between two timing events, then the body."""
+        b = self.n_users
+        table = torch.zeros(3, b, dtype=torch.int64, device=self.device)  # static gather table, (3, B)
+        with torch.cuda.device(self.device):
+            batch.store_map.source(batch.unit, self.device)  # registers the map before the capture
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # compiles the gather for this bound outside the capture
+                gather_records(batch, self.raw, table, self.pad_to)
+            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.synchronize()
+            start = torch.cuda.Event(enable_timing=True, external=True)
+            end = torch.cuda.Event(enable_timing=True, external=True)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                start.record()
+                self.candidates.copy_(self.candidates_host, non_blocking=True)
+                gather_records(batch, self.raw, table, self.pad_to)
+                end.record()
+                logits = self._body()
+        self._mapped_tables.append(table)  # alive as long as the graph
+        return _Captured(graph, logits, start, end, 40 * b + batch.record_bytes)
+
     def replay(self) -> torch.Tensor:
         """Replay the latest graph again (the host buffer and candidate staging as they are now, copied
         again; eager: the body over the static buffers)."""
@@ -360,7 +412,7 @@ class GraphedDecoder:
             raise RuntimeError("nothing to replay: call run(host, candidates) first")
         return self._replay(self._last, None)
 
-    def _replay(self, captured: _Captured, host: HostBatch | None) -> torch.Tensor:
+    def _replay(self, captured: _Captured, host: HostBatch | MappedBatch | None) -> torch.Tensor:
         self._last = captured
         captured.graph.replay()
         done = torch.cuda.Event()
