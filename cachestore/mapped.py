@@ -62,6 +62,7 @@ if TYPE_CHECKING:
     from cachestore.reader import StoreReader
 
 _HEADER = np.arange(32, dtype=np.int64)  # the 32 header bytes of a record
+_WORDS = np.arange(4, dtype=np.int64)  # the same as 4 uint64 words
 _REGISTER_FLAGS = 0x08 | 0x02  # cudaHostRegisterReadOnly | cudaHostRegisterMapped
 _UNIT_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}  # gather word per unit (bytes)
 
@@ -82,14 +83,14 @@ def _exact_addresses(values: Sequence[memoryview]) -> np.ndarray:
     return np.fromiter((np.frombuffer(v, np.uint8).ctypes.data for v in values), np.int64, len(values))
 
 
-def value_addresses(values: Sequence[memoryview], lo: int, hi: int) -> np.ndarray:
-    """Start addresses (P,) int64 of non-empty memoryviews ``values`` that must lie in [lo, hi).
+def value_addresses(values: Sequence[memoryview], lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """Start addresses and sizes, (P,) int64 each, of memoryviews ``values`` that must lie in [lo, hi).
 
     Fast path (one vectorised read of the memoryview objects' ``buf`` fields), checked as the module
     docstring says; raises ValueError if a value is outside [lo, hi) by the exact reading too."""
-    if not values:
-        return np.zeros(0, np.int64)
     sizes = np.fromiter(map(len, values), np.int64, len(values))
+    if not values:
+        return sizes, sizes
     if _BUF_OFFSET is not None:
         ids = np.fromiter(map(id, values), np.int64, len(values))
         first = int(ids.min())
@@ -97,11 +98,11 @@ def value_addresses(values: Sequence[memoryview], lo: int, hi: int) -> np.ndarra
         objects = np.ctypeslib.as_array((ctypes.c_int64 * (span // 8 + 1)).from_address(first))  # no copy
         addr = objects[(ids - first + _BUF_OFFSET) >> 3]
         if ((addr >= lo) & (addr + sizes <= hi)).all() and int(addr[0]) == int(_exact_addresses(values[:1])[0]):
-            return addr
+            return addr, sizes
     addr = _exact_addresses(values)
     if not ((addr >= lo) & (addr + sizes <= hi)).all():
         raise ValueError("an LMDB value lies outside the store's map: is the environment the one StoreMap located?")
-    return addr
+    return addr, sizes
 
 
 class StoreMap:
@@ -127,14 +128,27 @@ class StoreMap:
                         break
         if base is None:
             raise RuntimeError(f"the LMDB map of {path} is not in /proc/self/maps (zero-copy fetch needs Linux)")
-        self._env, self._pid, self.base, self.nbytes = env, os.getpid(), base, st.st_size  # file pages only
+        self._env, self._pid, self._base, self._nbytes = env, os.getpid(), base, st.st_size  # file pages only
         self._registered = None
-        self._array = np.ctypeslib.as_array((ctypes.c_uint8 * self.nbytes).from_address(base))
+        self._array = np.ctypeslib.as_array((ctypes.c_uint8 * self._nbytes).from_address(base))
         self._array.flags.writeable = False
+        self._words = self._array[: self._nbytes // 8 * 8].view("<u8")
 
     def _current(self) -> None:
         if self._pid != os.getpid() or self.reader._environment() is not self._env:
             self._locate()
+
+    @property
+    def base(self) -> int:
+        """Address of the map (of the file's first byte) in this process."""
+        self._current()
+        return self._base
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the map that hold the file (what registering pins)."""
+        self._current()
+        return self._nbytes
 
     @property
     def array(self) -> np.ndarray:
@@ -151,12 +165,12 @@ class StoreMap:
             with warnings.catch_warnings():  # read-only memory: the kernel only loads from it
                 warnings.simplefilter("ignore", UserWarning)
                 return torch.from_numpy(self._array.view(torch.empty(0, dtype=dtype).numpy().dtype))
-        if self._registered != self.base:
-            err = torch.cuda.cudart().cudaHostRegister(self.base, self.nbytes, _REGISTER_FLAGS)
+        if self._registered != self._base:
+            err = torch.cuda.cudart().cudaHostRegister(self._base, self._nbytes, _REGISTER_FLAGS)
             if int(err) != 0:
-                raise RuntimeError(f"cudaHostRegister of the LMDB map ({self.nbytes} bytes) failed: {err}")
-            self._registered = self.base
-        return _HostPointer(self.base, dtype)
+                raise RuntimeError(f"cudaHostRegister of the LMDB map ({self._nbytes} bytes) failed: {err}")
+            self._registered = self._base
+        return _HostPointer(self._base, dtype)
 
     def close(self) -> None:
         """Unregister the map from CUDA (this process); the reader stays open."""
@@ -263,33 +277,41 @@ class MappedBatcher:
         b = len(ids)
         buf = self.checks._take_buffer(40 * b)
         head = buf.array[: 40 * b].view(np.int64)  # (5·B,) offsets | lengths | src | dst | units
-        present = np.fromiter((v is not None for v in values), bool, b)
-        found = [v for v in values if v is not None]
+        if None in values:
+            present = np.fromiter((v is not None for v in values), bool, b)
+            found = [v for v in values if v is not None]
+        else:  # everyone present: the common case, no per-user Python
+            present, found = np.ones(b, bool), values
         smap = self.store_map
-        src = value_addresses(found, smap.base, smap.base + smap.nbytes) - smap.base  # (P,) map offsets
-        sizes = np.fromiter(map(len, found), np.int64, len(found))
+        base = smap.base
+        src, sizes = value_addresses(found, base, base + smap._nbytes)
+        src -= base  # (P,) offsets in the map
+        unit = 8
+        while unit > 1 and (src % unit).any():
+            unit //= 2
         array = smap._array
-        words = array[src[:, None] + _HEADER].view("<u8") if len(found) else np.zeros((0, 4), np.uint64)  # (P, 4)
+        words = (smap._words[(src >> 3)[:, None] + _WORDS] if unit == 8  # the headers as (P, 4) LE uint64
+                 else array[src[:, None] + _HEADER].view("<u8"))
         lengths = np.zeros(b, np.int64)
         lengths[present] = self.checks.check_headers(ids[present], words, sizes,
                                                      lambda j: array[int(src[j]) : int(src[j] + sizes[j])])
-        unit = 8
-        if len(found):
-            while unit > 1 and (src % unit).any():
-                unit //= 2
         start = 16 * b + self._zero
         slots = (sizes + 7) & -8  # each record 8-aligned in the device batch
         dst = start + np.cumsum(slots) - slots  # (P,)
-        offsets = np.full(b, 16 * b, np.int64)  # cold start: the zero block
-        offsets[present] = dst
-        head[:b], head[b : 2 * b] = offsets, lengths
-        head[2 * b :] = 0
-        head[2 * b : 3 * b][present] = src // unit
-        head[3 * b : 4 * b][present] = dst // unit
-        head[4 * b :][present] = (sizes + unit - 1) // unit
+        if len(found) == b:
+            head[:b], head[b : 2 * b] = dst, lengths
+            head[2 * b : 3 * b], head[3 * b : 4 * b] = src // unit, dst // unit
+            head[4 * b :] = (sizes + unit - 1) // unit
+        else:
+            head[:] = 0
+            head[:b] = 16 * b  # cold start: the zero block
+            head[:b][present], head[b : 2 * b] = dst, lengths
+            head[2 * b : 3 * b][present] = src // unit
+            head[3 * b : 4 * b][present] = dst // unit
+            head[4 * b :][present] = (sizes + unit - 1) // unit
         return MappedBatch(
             layout=self.layout, user_ids=ids, lengths=head[b : 2 * b], offsets=head[:b], present=present,
-            cold_start=int(b - present.sum()), max_length=int(lengths.max()) if b else 0,
+            cold_start=b - len(found), max_length=int(lengths.max()) if b else 0,
             used_bytes=int(start + slots.sum()), record_bytes=int(sizes.sum()), zero_offset=16 * b,
             fetch_seconds=time.perf_counter() - t0, pinned=self.pin, unit=unit, store_map=smap, _buffer=buf,
             _generation=buf.generation)

@@ -115,9 +115,10 @@ def test_addresses_fast_path_equals_exact(store: dict, monkeypatch: pytest.Monke
     smap.array  # noqa: B018 - locates the map
     with smap._env.begin(buffers=True) as txn:
         values = [txn.get(user_key(u)) for u in USERS]
-        fast = value_addresses(values, smap.base, smap.base + smap.nbytes)
+        fast, sizes = value_addresses(values, smap.base, smap.base + smap.nbytes)
+        assert sizes.tolist() == [len(v) for v in values]
         monkeypatch.setattr(mapped, "_BUF_OFFSET", None)
-        assert value_addresses(values, smap.base, smap.base + smap.nbytes).tolist() == fast.tolist()
+        assert value_addresses(values, smap.base, smap.base + smap.nbytes)[0].tolist() == fast.tolist()
         assert mapped._BUF_OFFSET is None and fast.min() >= smap.base
         with pytest.raises(ValueError, match="outside the store's map"):
             value_addresses(values, smap.base + smap.nbytes, smap.base + 2 * smap.nbytes)
