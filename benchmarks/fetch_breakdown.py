@@ -11,7 +11,9 @@ core and times, per batch of 512 random users (median of --repeats batches):
 - ``get``: one read transaction, ``txn.get`` per key (zero-copy views of the map);
 - ``get_sorted``: the same in key order (B-tree locality);
 - ``getmulti``: ``Cursor.getmulti`` (py-lmdb's C loop over the keys);
-- ``get_copy``: ``get`` + one slice copy per record into a preallocated buffer (fetch without checks).
+- ``get_copy``: ``get`` + one slice copy per record into a preallocated buffer (fetch without checks);
+- ``zero_copy``: ``MappedBatcher.fetch`` — lookups, addresses, header checks and the gather table, no
+  record copied (``cachestore/mapped.py``; the GPU gathers the records from the map).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.decode_latency import build_fetch_store, machine  # noqa: E402
 from cachestore.batch import KEY  # noqa: E402
+from cachestore.mapped import MappedBatcher  # noqa: E402
 
 USERS = 512
 
@@ -74,8 +77,9 @@ def breakdown(length: int, n: int, repeats: int, tmp: Path) -> dict:
             times.append((time.perf_counter() - t0) * 1e3)
         return round(statistics.median(times), 4)
 
+    zero_copy = MappedBatcher(layout, reader=reader, pin=False)
     steps = {"fetch": batcher.fetch, "keys": keys, "get": get, "get_sorted": lambda ids: get(ids, True),
-             "getmulti": getmulti, "get_copy": get_copy}
+             "getmulti": getmulti, "get_copy": get_copy, "zero_copy": zero_copy.fetch}
     row = {"L": length, "users_in_store": n, "record_bytes": layout.record_size(length),
            **{f"{name}_ms": ms(fn) for name, fn in steps.items()}}
     reader.close()

@@ -18,6 +18,8 @@
 #                           batch copy split into 1, 2, 3, 4, 6 pieces beside the decode (GraphedDecoder
 #                           overlap), timed round-robin in one process, fp16 and fp32 stores (SKIP_TESTS=1:
 #                           no tests)
+#   step "zerocopy" (~4 min): copying vs zero-copy fetch per request (benchmarks/zero_copy.py): CPU fetch on one
+#                           core, graph replay, the two together; fp16 store (L 50, 1000), fp32 store (L 1000)
 #   step "fp16"  (~2 min): Table 2's graph at L 1000 with fp16 pools (1 and 2 copy pieces)
 #   step "launch" (~2 min): the kernel's launch settings timed inside Table 2's graph, round-robin
 #                           (decode_latency.py --compare-launch), L 1000, B 64/256/512, fp16 and fp32 pools
@@ -34,7 +36,7 @@
 #                                                   (a second evaluation in its own folder)
 # Results land in benchmarks/results/ and are copied to $OUT (≤ 8 files come back per call).
 set -uo pipefail
-step=${1:?usage: gpu_session.sh tests|bench|bench32|tune|kernel|profile|overlap|fp16|launch|eval [seconds]}
+step=${1:?usage: gpu_session.sh tests|bench|bench32|tune|kernel|profile|overlap|zerocopy|fp16|launch|eval [seconds]}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/ckv-gpu-out}
 mkdir -p "$OUT" benchmarks/results
@@ -120,6 +122,15 @@ overlap)
             --out benchmarks/results/decode_latency_overlap_store_$store.json 2>&1 | grep -E "^L=|failed|MISMATCH|rror"
     done
     cp benchmarks/results/decode_latency_overlap_store_*.json "$OUT"/
+    ;;
+zerocopy)
+    # copying vs zero-copy fetch (cachestore/mapped.py) per request: CPU fetch on one core, graph replay, both
+    # together; fp16 store at L 50 and 1000, fp32 store at L 1000
+    timeout 240 python3 benchmarks/zero_copy.py --out benchmarks/results/zero_copy.json 2>&1 | grep -E "^L=|rror"
+    timeout 150 python3 benchmarks/zero_copy.py --store-dtype float32 --lengths 1000 \
+        --out benchmarks/results/zero_copy_fp32.json 2>&1 | grep -E "^L=|rror"
+    cp benchmarks/results/zero_copy.json benchmarks/results/zero_copy.png benchmarks/results/zero_copy_fp32.json \
+        benchmarks/results/zero_copy_fp32.png "$OUT"/
     ;;
 fp16)
     timeout 200 python3 benchmarks/decode_latency.py --pool-dtype float16 --lengths 1000 \

@@ -367,19 +367,24 @@ class GraphedDecoder:
                 self.logits = self._body()
             return self.logits
         buffer = batch.buffer
-        key = (buffer.data_ptr(), -batch.unit)  # negative: apart from the copy graphs' (address, bytes) keys
+        span = self.buckets[bisect.bisect_left(self.buckets, batch.used_bytes)]  # bytes the pieces cut
+        key = (buffer.data_ptr(), -span * 8 - batch.unit)  # negative: apart from the copy graphs' keys
         captured = self._graphs.get(key)
         if captured is None:
             with torch.inference_mode():
-                captured = self._graphs[key] = self._capture_mapped(batch)
+                captured = self._graphs[key] = self._capture_mapped(batch, span)
         captured.nbytes = 40 * batch.n_users + batch.record_bytes  # what this batch moves over PCIe
         return self._replay(captured, batch)
 
-    def _capture_mapped(self, batch: MappedBatch) -> _Captured:
-        """One graph for a zero-copy batch's pinned buffer: the header and gather table copied, the records
-        gathered from the registered LMDB map (:func:`cachestore.mapped.gather_records`, for records of up to
-        ``pad_to`` behaviours) and the candidates copied between two timing events, then the body."""
+    def _capture_mapped(self, batch: MappedBatch, span: int) -> _Captured:
+        """One graph for a zero-copy batch's pinned buffer (and gather word, and bucket ``span`` of its size):
+        the header and gather table copied and the records gathered from the registered LMDB map
+        (:func:`cachestore.mapped.gather_records`, records of up to ``pad_to`` behaviours) between two timing
+        events, then the body. On the fused path with ``overlap`` K, the gather runs on the forked stream in
+        the same K byte ranges as a copy of ``span`` bytes would, and fused launch c waits for gather c."""
         b = self.n_users
+        pieces = self.pieces(span)
+        ends = record_ends(pieces)
         table = torch.zeros(3, b, dtype=torch.int64, device=self.device)  # static gather table, (3, B)
         with torch.cuda.device(self.device):
             batch.store_map.source(batch.unit, self.device)  # registers the map before the capture
@@ -388,16 +393,40 @@ class GraphedDecoder:
             with torch.cuda.stream(side):  # compiles the gather for this bound outside the capture
                 gather_records(batch, self.raw, table, self.pad_to)
             torch.cuda.current_stream().wait_stream(side)
+            if len(pieces) > 1:
+                self._warm_up(1, ends)
             torch.cuda.synchronize()
             start = torch.cuda.Event(enable_timing=True, external=True)
             end = torch.cuda.Event(enable_timing=True, external=True)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
                 start.record()
-                self.candidates.copy_(self.candidates_host, non_blocking=True)
-                gather_records(batch, self.raw, table, self.pad_to)
-                end.record()
-                logits = self._body()
+                main, copy = torch.cuda.current_stream(), self._copy_stream
+                if len(pieces) == 1:
+                    self.candidates.copy_(self.candidates_host, non_blocking=True)
+                    gather_records(batch, self.raw, table, self.pad_to)
+                    end.record()
+                    logits = self._body()
+                else:
+                    copy.wait_stream(main)
+                    arrived: list[torch.cuda.Event] = []
+
+                    def gathered(_: int) -> None:
+                        arrived.append(torch.cuda.Event())
+                        arrived[-1].record()
+
+                    with torch.cuda.stream(copy):  # candidates first (see _capture), then the gather pieces
+                        self.candidates.copy_(self.candidates_host, non_blocking=True)
+                        candidates_in = torch.cuda.Event()
+                        candidates_in.record()
+                        gather_records(batch, self.raw, table, self.pad_to, ends, gathered)
+                        end.record()
+                    main.wait_event(candidates_in)
+                    try:
+                        logits = self._body(ends, self._launch_hook(main, arrived))
+                    finally:
+                        torch.cuda.set_stream(main)
+                    main.wait_stream(copy)
         self._mapped_tables.append(table)  # alive as long as the graph
         return _Captured(graph, logits, start, end, 40 * b + batch.record_bytes)
 

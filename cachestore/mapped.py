@@ -37,11 +37,13 @@ header read at it must match the layout.
 from __future__ import annotations
 
 import ctypes
+import itertools
+import operator
 import os
 import struct
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +51,7 @@ import numpy as np
 import torch
 
 from cachestore.batch import HostBatcher, _Buffer, zero_block_bytes
+from cachestore.fused import ALL_BYTES
 from cachestore.record import KEY
 
 try:
@@ -79,6 +82,18 @@ def _probe_buf_offset() -> int | None:
 _BUF_OFFSET = _probe_buf_offset()
 
 
+class _Memory:
+    """Process memory as a numpy array (no copy, no ctypes type per call): ``np.asarray(_Memory(...))``."""
+
+    def __init__(self, address: int, shape: tuple[int, ...], typestr: str, readonly: bool) -> None:
+        self.__array_interface__ = {"data": (address, readonly), "shape": shape, "typestr": typestr, "version": 3}
+
+
+def _words_at(address: int, n: int) -> np.ndarray:
+    """n int64 words of this process's memory from ``address`` (read-only view)."""
+    return np.asarray(_Memory(address, (n,), "<i8", True))
+
+
 def _exact_addresses(values: Sequence[memoryview]) -> np.ndarray:
     return np.fromiter((np.frombuffer(v, np.uint8).ctypes.data for v in values), np.int64, len(values))
 
@@ -95,7 +110,7 @@ def value_addresses(values: Sequence[memoryview], lo: int, hi: int) -> tuple[np.
         ids = np.fromiter(map(id, values), np.int64, len(values))
         first = int(ids.min())
         span = int(ids.max()) - first + _BUF_OFFSET + 8
-        objects = np.ctypeslib.as_array((ctypes.c_int64 * (span // 8 + 1)).from_address(first))  # no copy
+        objects = _words_at(first, span // 8 + 1)
         addr = objects[(ids - first + _BUF_OFFSET) >> 3]
         if ((addr >= lo) & (addr + sizes <= hi)).all() and int(addr[0]) == int(_exact_addresses(values[:1])[0]):
             return addr, sizes
@@ -130,8 +145,7 @@ class StoreMap:
             raise RuntimeError(f"the LMDB map of {path} is not in /proc/self/maps (zero-copy fetch needs Linux)")
         self._env, self._pid, self._base, self._nbytes = env, os.getpid(), base, st.st_size  # file pages only
         self._registered = None
-        self._array = np.ctypeslib.as_array((ctypes.c_uint8 * self._nbytes).from_address(base))
-        self._array.flags.writeable = False
+        self._array = np.asarray(_Memory(base, (self._nbytes,), "|u1", True))  # read-only, no copy
         self._words = self._array[: self._nbytes // 8 * 8].view("<u8")
 
     def _current(self) -> None:
@@ -277,11 +291,9 @@ class MappedBatcher:
         b = len(ids)
         buf = self.checks._take_buffer(40 * b)
         head = buf.array[: 40 * b].view(np.int64)  # (5·B,) offsets | lengths | src | dst | units
-        if None in values:
-            present = np.fromiter((v is not None for v in values), bool, b)
-            found = [v for v in values if v is not None]
-        else:  # everyone present: the common case, no per-user Python
-            present, found = np.ones(b, bool), values
+        # (not ``None in values``: comparing a memoryview with None raises and clears an error each time)
+        present = np.fromiter(map(operator.is_not, values, itertools.repeat(None)), bool, b)
+        found = values if present.all() else list(itertools.compress(values, present))
         smap = self.store_map
         base = smap.base
         src, sizes = value_addresses(found, base, base + smap._nbytes)
@@ -333,13 +345,15 @@ def gather_reference(batch: MappedBatch, raw: torch.Tensor) -> None:
 
 
 def gather_records(batch: MappedBatch, raw: torch.Tensor, table: torch.Tensor | None = None,
-                   max_length: int | None = None) -> None:
+                   max_length: int | None = None, pieces: Sequence[tuple[int, int]] = ALL_BYTES,
+                   on_piece: Callable[[int], None] | None = None) -> None:
     """Fill ``raw`` (uint8, on the batch's device, >= used_bytes, its zero block at 16·B already zero on
     CUDA) with the batch, on the current stream: the header copied from the pinned buffer, the records
     gathered from the map (CUDA: Triton kernel over the registered map; ``table`` (3, B) int64 on the device
     as staging for the gather table, allocated when None; CPU: :func:`gather_reference`). Inside a CUDA
     graph capture pass a static ``table`` and the graph's ``max_length`` (default: the batch's); the capture
-    records the map's and the pinned buffer's addresses."""
+    records the map's and the pinned buffer's addresses. CUDA: one gather launch per byte range of
+    ``pieces`` (records ending in it), each followed by ``on_piece(i)`` (e.g. recording an event)."""
     if raw.device.type != "cuda":
         gather_reference(batch, raw)
         return
@@ -350,7 +364,11 @@ def gather_records(batch: MappedBatch, raw: torch.Tensor, table: torch.Tensor | 
         table = torch.empty(3, b, dtype=torch.int64, device=raw.device)
     table.view(-1).view(torch.uint8).copy_(host[16 * b : 40 * b], non_blocking=True)
     longest = batch.layout.record_size(batch.max_length if max_length is None else max_length)
-    launch_gather(batch.store_map.source(batch.unit, raw.device), table, raw, batch.unit, longest)
+    source = batch.store_map.source(batch.unit, raw.device)
+    for i, ends in enumerate(pieces):
+        launch_gather(source, table, raw, batch.unit, longest, ends)
+        if on_piece is not None:
+            on_piece(i)
 
 
 _BLOCK = 1024  # words per loop step of a gather program (1024 x 8 B: 0.108 ms for 4 MB on an H100, as a DMA copy)
@@ -358,23 +376,30 @@ _BLOCK = 1024  # words per loop step of a gather program (1024 x 8 B: 0.108 ms f
 if triton is not None:
 
     @triton.jit
-    def _gather_kernel(src_ptr, table_ptr, dst_ptr, B, STEPS: tl.constexpr, BLOCK: tl.constexpr):
+    def _gather_kernel(src_ptr, table_ptr, dst_ptr, B, end_lo, end_hi, UNIT: tl.constexpr, STEPS: tl.constexpr,
+                       BLOCK: tl.constexpr):
         """Program r copies table[2, r] (<= STEPS·BLOCK) words from src[table[0, r]:] to dst[table[1, r]:]
-        (a static loop bound: Triton's CPU interpreter cannot loop to a loaded one)."""
+        if that record ends in bytes (end_lo, end_hi] of dst (a static loop bound: Triton's CPU interpreter
+        cannot loop to a loaded one)."""
         r = tl.program_id(0)
         s = tl.load(table_ptr + r)
         d = tl.load(table_ptr + B + r)
         n = tl.load(table_ptr + 2 * B + r)
+        end = (d + n) * UNIT
+        n = tl.where((end > end_lo) & (end <= end_hi), n, 0)
         for c in range(0, STEPS):
             o = c * BLOCK + tl.arange(0, BLOCK)
             m = o < n
             tl.store(dst_ptr + d + o, tl.load(src_ptr + s + o, mask=m), mask=m)
 
 
-def launch_gather(source: Any, table: torch.Tensor, raw: torch.Tensor, unit: int, max_bytes: int) -> None:
+def launch_gather(source: Any, table: torch.Tensor, raw: torch.Tensor, unit: int, max_bytes: int,
+                  ends: tuple[int, int] = ALL_BYTES[0]) -> None:
     """The gather kernel: ``source`` (:meth:`StoreMap.source`) words of ``unit`` bytes → ``raw`` (uint8),
     one program per column of ``table`` (3, B) int64 (src, dst, units; on raw's device); no record longer
-    than ``max_bytes`` (a bound fixed per CUDA graph: the record size at its padded length)."""
+    than ``max_bytes`` (a bound fixed per CUDA graph: the record size at its padded length). ``ends``:
+    only the records ending in bytes (lo, hi] of raw — with 8-aligned cuts the same users the fused
+    kernel's launch for that range serves (a record's end rounded up to ``unit`` crosses no such cut)."""
     if triton is None:
         raise RuntimeError("the zero-copy gather needs Triton (pip install triton)")
     dtype = _UNIT_DTYPES[unit]
@@ -382,4 +407,5 @@ def launch_gather(source: Any, table: torch.Tensor, raw: torch.Tensor, unit: int
     b = table.shape[1]
     if b:
         steps = max(1, -(-max_bytes // (unit * _BLOCK)))  # loop steps of the longest record (one compile per count)
-        _gather_kernel[(b,)](source, table, dst, b, STEPS=steps, BLOCK=_BLOCK, num_warps=4)
+        _gather_kernel[(b,)](source, table, dst, b, ends[0], ends[1], UNIT=unit, STEPS=steps, BLOCK=_BLOCK,
+                             num_warps=4)

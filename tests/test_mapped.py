@@ -85,9 +85,11 @@ def assert_same_batch(raw: torch.Tensor, copied) -> None:
 
 @pytest.mark.skipif(not fused_available("cpu") and not torch.cuda.is_available(), reason="needs Triton")
 @pytest.mark.parametrize("unit", [8, 4, 2, 1])
-def test_gather_kernel_equals_reference(unit: int) -> None:
+@pytest.mark.parametrize("split", [False, True])
+def test_gather_kernel_equals_reference(unit: int, split: bool) -> None:
     """The Triton kernel (interpreted on CPU, compiled on CUDA) copies what the table says, at any word size:
-    empty rows, rows of one word, rows longer than a loop step."""
+    empty rows, rows of one word, rows longer than a loop step; split: two launches over byte ranges
+    (records ending in (-1, cut], then (cut, 2^62]) copy every row exactly once."""
     rng = np.random.default_rng(unit)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     source = torch.from_numpy(rng.integers(0, 256, 64 << 10, dtype=np.uint8))
@@ -104,7 +106,12 @@ def test_gather_kernel_equals_reference(unit: int) -> None:
         host_source = mapped._HostPointer(source_in.data_ptr(), mapped._UNIT_DTYPES[unit])
     else:
         host_source = source.view(mapped._UNIT_DTYPES[unit])
-    launch_gather(host_source, table, out, unit, max_bytes=int(units.max()) * unit)
+    ends = [(-1, 1 << 62)]
+    if split:
+        cut = int(dst[3] + units[3]) * unit // 8 * 8 + 8  # 8-aligned, after row 3's end
+        ends = [(-1, cut), (cut, 1 << 62)]
+    for lo_hi in ends:
+        launch_gather(host_source, table, out, unit, int(units.max()) * unit, lo_hi)
     assert out.cpu().numpy().tobytes() == want.tobytes()
 
 
