@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from cachestore.batch import HostBatcher
 from cachestore.decode import ResidentModel, decode
 from cachestore.graphs import GraphedDecoder, batch_capacity, copy_buckets, static_decode
+from cachestore.mapped import MappedBatcher
 from cachestore.publish import open_current
 from cachestore.reader import StoreReader
 from cachestore.record import CacheLayout, encode_record
@@ -232,6 +233,12 @@ def test_runtime_graphs_option(store: dict) -> None:
         assert rt.stats.cold_start_users == 2 * 2 and rt.stats.users == 2 * len(ids)
         assert all(k[0] == min(4, max(1, max_pairs // k[1])) for k in rt._graphs)
         assert all(g.pad_to == SEQ for g in rt._graphs.values())
+        rt.batcher = MappedBatcher(reader.layout, reader=reader, expected_model_version=VERSION, pin=False)
+        zero_copy = rt.score(ids, cand, n_cand)  # zero-copy fetch: gathered from the map, scored alike
+        np.testing.assert_allclose(zero_copy.logits, want.logits, rtol=1e-5, atol=1e-5)
+        assert zero_copy.cold_start.tolist() == want.cold_start.tolist()
+    with pytest.raises(ValueError, match="zero_copy=True needs graphs=True"):
+        DecodeRuntime(model, VERSION, reader, device="cpu", zero_copy=True)
 
 
 # --------------------------------------------------------------------------------------------- CUDA
@@ -282,3 +289,10 @@ def test_cuda_runtime_graphs_match_eager(store: dict) -> None:
             np.testing.assert_allclose(res.logits, cpu, rtol=1e-4, atol=1e-4)
         assert rt._graphs and all(g.n_graphs >= 1 for g in rt._graphs.values())
         assert rt.stats.cold_start_users == 3 * 2 and rt.stats.h2d_ms > 0
+    rt = DecodeRuntime(make_model(model.cfg, seed=1).eval(), VERSION, reader, device="cuda", batch_users=4,
+                       graphs=True, zero_copy=True)
+    for _ in range(3):  # records gathered from the registered LMDB map inside the graph
+        res = rt.score(ids, cand, n_cand)
+        np.testing.assert_allclose(res.logits, cpu, rtol=1e-4, atol=1e-4)
+    assert isinstance(rt.batcher, MappedBatcher) and rt.stats.h2d_bytes > 0
+    rt.batcher.close()
