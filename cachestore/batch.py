@@ -124,13 +124,14 @@ class _Buffer:
 
 
 @dataclass
-class HostBatch:
-    """A packed batch in a host buffer (see the module docstring for the byte layout).
+class FetchedBatch:
+    """What a fetch of B users gives, wherever the records are (see the module docstring for the byte layout).
 
-    user_ids: (B,) int64 as requested; lengths, offsets: (B,) int64 numpy views of the buffer;
-    present: (B,) bool (False = cold start: absent from the store); cold_start: number of absent users;
-    max_length: max(lengths) (0 if none); used_bytes: bytes one copy must move (buffer[:used_bytes]);
-    record_bytes: sum of the records' sizes; fetch_seconds: wall time of fetch/pack on the CPU.
+    user_ids: (B,) int64 as requested; lengths, offsets: (B,) int64 numpy views of the buffer (offsets into
+    the batch as the device receives it); present: (B,) bool (False = cold start: absent from the store);
+    cold_start: number of absent users; max_length: max(lengths) (0 if none); used_bytes: bytes of the batch
+    on the device; record_bytes: sum of the records' sizes; fetch_seconds: wall time of the fetch on the CPU.
+    Valid until its host buffer comes round again (``n_buffers`` fetches later).
     """
 
     layout: StoreLayout
@@ -155,21 +156,31 @@ class HostBatch:
     def check_valid(self) -> None:
         """Raise if the buffer has since been refilled by a later fetch (the batch is stale)."""
         if self._buffer.generation != self._generation:
-            raise RuntimeError("HostBatch is stale: its buffer was reused by a later fetch "
+            raise RuntimeError(f"{type(self).__name__} is stale: its buffer was reused by a later fetch "
                                "(a batch is valid for n_buffers - 1 further fetches)")
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        """uint8 view of the WHOLE host buffer (the batch is its prefix; the rest is left over from earlier
+        batches): a fixed source for copies captured in CUDA graphs (cachestore.graphs)."""
+        self.check_valid()
+        return self._buffer.tensor
+
+    def mark_copied(self, event: Any) -> None:
+        """Record the CUDA event after which the buffer may be overwritten (the copy out of it is done)."""
+        self._buffer.pending = event
+
+
+@dataclass
+class HostBatch(FetchedBatch):
+    """A packed batch: the whole batch (header, zero block, records) in the host buffer's used_bytes prefix,
+    what one host→device copy moves."""
 
     @property
     def tensor(self) -> torch.Tensor:
         """uint8 (used_bytes,) view of the buffer: what one host→device copy moves."""
         self.check_valid()
         return self._buffer.tensor[: self.used_bytes]
-
-    @property
-    def buffer(self) -> torch.Tensor:
-        """uint8 view of the WHOLE host buffer (the batch is its used_bytes prefix; the rest is left over
-        from earlier batches): a fixed source for copies captured in CUDA graphs (cachestore.graphs)."""
-        self.check_valid()
-        return self._buffer.tensor
 
     def record(self, b: int) -> memoryview | None:
         """The raw record bytes of user b (a view of the buffer), or None for a cold-start user."""
@@ -178,10 +189,6 @@ class HostBatch:
             return None
         start = int(self.offsets[b])
         return self._buffer.view[start : start + self.layout.record_size(int(self.lengths[b]))]
-
-    def mark_copied(self, event: Any) -> None:
-        """Record the CUDA event after which the buffer may be overwritten (used by transfer.py)."""
-        self._buffer.pending = event
 
 
 class HostBatcher:

@@ -235,6 +235,21 @@ class GraphedDecoder:
         into the static buffers between two timing events, then the body. With several copy pieces the
         batch is copied on a forked stream, piece by piece, and fused launch c waits for piece c only."""
         pieces = self.pieces(source.numel())
+
+        def move(on_piece: Callable[[int], None]) -> None:
+            for i, (lo, hi) in enumerate(pieces):
+                self.raw[lo:hi].copy_(source[lo:hi], non_blocking=True)
+                on_piece(i)
+
+        return self._record(pieces, move, source.numel())
+
+    def _record(self, pieces: list[tuple[int, int]], move: Callable[[Callable[[int], None]], None],
+                nbytes: int) -> _Captured:
+        """Capture a graph whose batch arrives in ``pieces`` (byte ranges of ``raw``): ``move(on_piece)``
+        issues the transfer of every piece in order (a copy, or the zero-copy gather), calling ``on_piece(i)``
+        once piece i is issued. The candidates are copied and the pieces moved between two timing events,
+        then the body. With several pieces they move on a forked stream, and fused launch c waits for
+        piece c only."""
         ends = record_ends(pieces)
         if len(pieces) > 1:
             self._warm_up(1, ends)  # compiles the kernel for this launch size outside the capture
@@ -246,24 +261,26 @@ class GraphedDecoder:
             with torch.cuda.graph(graph, pool=self._pool):
                 start.record()
                 if len(pieces) == 1:
-                    self.raw[: source.numel()].copy_(source, non_blocking=True)
                     self.candidates.copy_(self.candidates_host, non_blocking=True)
+                    move(lambda i: None)
                     end.record()
                     logits = self._body()
                 else:
                     main, side = torch.cuda.current_stream(), self._copy_stream
-                    side.wait_stream(main)  # fork: the copies run beside the decode
-                    arrived = []
+                    side.wait_stream(main)  # fork: the pieces move beside the decode
+                    arrived: list[torch.cuda.Event] = []
+
+                    def landed(_: int) -> None:
+                        arrived.append(torch.cuda.Event())
+                        arrived[-1].record()
+
                     with torch.cuda.stream(side):
                         # the candidates first, on the same stream as the pieces: the query projection needs
                         # them only, and a copy issued on another stream may be queued behind the whole batch
                         self.candidates.copy_(self.candidates_host, non_blocking=True)
                         candidates_in = torch.cuda.Event()
                         candidates_in.record()
-                        for lo, hi in pieces:
-                            self.raw[lo:hi].copy_(source[lo:hi], non_blocking=True)
-                            arrived.append(torch.cuda.Event())
-                            arrived[-1].record()
+                        move(landed)
                         end.record()
                     main.wait_event(candidates_in)
                     try:
@@ -271,7 +288,7 @@ class GraphedDecoder:
                     finally:  # a failed launch must not leave a launch stream current
                         torch.cuda.set_stream(main)
                     main.wait_stream(side)  # join
-        return _Captured(graph, logits, start, end, source.numel())
+        return _Captured(graph, logits, start, end, nbytes)
 
     def _launch_hook(self, main: torch.cuda.Stream, arrived: list[torch.cuda.Event]) -> Callable[[int], None]:
         """The fused launches' ``on_chunk``: launch c waits for piece c's event — on ``main`` one after another,
@@ -379,13 +396,13 @@ class GraphedDecoder:
     def _capture_mapped(self, batch: MappedBatch, span: int) -> _Captured:
         """One graph for a zero-copy batch's pinned buffer (and gather word, and bucket ``span`` of its size):
         the header and gather table copied and the records gathered from the registered LMDB map
-        (:func:`cachestore.mapped.gather_records`, records of up to ``pad_to`` behaviours) between two timing
-        events, then the body. On the fused path with ``overlap`` K, the gather runs on the forked stream in
-        the same K byte ranges as a copy of ``span`` bytes would, and fused launch c waits for gather c."""
-        b = self.n_users
+        (:func:`cachestore.mapped.gather_records`, records of up to ``pad_to`` behaviours) in the byte
+        ranges a copy of ``span`` bytes would be split into (:meth:`_record`: beside the decode on the fused
+        path with ``overlap`` K; each gather launch serves the records ending in its range)."""
         pieces = self.pieces(span)
         ends = record_ends(pieces)
-        table = torch.zeros(3, b, dtype=torch.int64, device=self.device)  # static gather table, (3, B)
+        table = torch.zeros(3, self.n_users, dtype=torch.int64, device=self.device)  # static gather table
+        self._mapped_tables.append(table)  # alive as long as the graph
         with torch.cuda.device(self.device):
             batch.store_map.source(batch.unit, self.device)  # registers the map before the capture
             side = torch.cuda.Stream()
@@ -393,42 +410,11 @@ class GraphedDecoder:
             with torch.cuda.stream(side):  # compiles the gather for this bound outside the capture
                 gather_records(batch, self.raw, table, self.pad_to)
             torch.cuda.current_stream().wait_stream(side)
-            if len(pieces) > 1:
-                self._warm_up(1, ends)
-            torch.cuda.synchronize()
-            start = torch.cuda.Event(enable_timing=True, external=True)
-            end = torch.cuda.Event(enable_timing=True, external=True)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                start.record()
-                main, copy = torch.cuda.current_stream(), self._copy_stream
-                if len(pieces) == 1:
-                    self.candidates.copy_(self.candidates_host, non_blocking=True)
-                    gather_records(batch, self.raw, table, self.pad_to)
-                    end.record()
-                    logits = self._body()
-                else:
-                    copy.wait_stream(main)
-                    arrived: list[torch.cuda.Event] = []
 
-                    def gathered(_: int) -> None:
-                        arrived.append(torch.cuda.Event())
-                        arrived[-1].record()
+        def move(on_piece: Callable[[int], None]) -> None:
+            gather_records(batch, self.raw, table, self.pad_to, ends, on_piece)
 
-                    with torch.cuda.stream(copy):  # candidates first (see _capture), then the gather pieces
-                        self.candidates.copy_(self.candidates_host, non_blocking=True)
-                        candidates_in = torch.cuda.Event()
-                        candidates_in.record()
-                        gather_records(batch, self.raw, table, self.pad_to, ends, gathered)
-                        end.record()
-                    main.wait_event(candidates_in)
-                    try:
-                        logits = self._body(ends, self._launch_hook(main, arrived))
-                    finally:
-                        torch.cuda.set_stream(main)
-                    main.wait_stream(copy)
-        self._mapped_tables.append(table)  # alive as long as the graph
-        return _Captured(graph, logits, start, end, 40 * b + batch.record_bytes)
+        return self._record(pieces, move, 40 * self.n_users + batch.record_bytes)
 
     def replay(self) -> torch.Tensor:
         """Replay the latest graph again (the host buffer and candidate staging as they are now, copied

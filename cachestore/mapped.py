@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from cachestore.batch import HostBatcher, _Buffer, zero_block_bytes
+from cachestore.batch import FetchedBatch, HostBatcher, zero_block_bytes
 from cachestore.fused import ALL_BYTES
 from cachestore.record import KEY
 
@@ -205,54 +205,20 @@ class _HostPointer:
 
 
 @dataclass
-class MappedBatch:
+class MappedBatch(FetchedBatch):
     """A zero-copy batch: the device batch's header and the gather table in a pinned buffer (5·B int64:
-    offsets | lengths | src | dst | units), the records still in the map. Fields as
-    :class:`cachestore.batch.HostBatch`'s; ``used_bytes`` is the device batch's size; ``unit`` the gather
-    word (bytes: 8, 4, 2 or 1, the largest dividing every record's map offset). Valid until its pinned
-    buffer comes round again (``n_buffers`` fetches later)."""
+    offsets | lengths | src | dst | units), the records still in the map. ``used_bytes`` is the device
+    batch's size; ``unit`` the gather word (bytes: 8, 4, 2 or 1, the largest dividing every record's map
+    offset); ``store_map`` the map the records are in."""
 
-    layout: StoreLayout
-    user_ids: np.ndarray
-    lengths: np.ndarray
-    offsets: np.ndarray
-    present: np.ndarray
-    cold_start: int
-    max_length: int
-    used_bytes: int
-    record_bytes: int
-    zero_offset: int
-    fetch_seconds: float
-    pinned: bool
     unit: int
     store_map: StoreMap = field(repr=False)
-    _buffer: _Buffer = field(repr=False)
-    _generation: int = field(repr=False)
-
-    @property
-    def n_users(self) -> int:
-        return len(self.user_ids)
-
-    def check_valid(self) -> None:
-        """Raise if the pinned buffer has since been refilled by a later fetch (the batch is stale)."""
-        if self._buffer.generation != self._generation:
-            raise RuntimeError("MappedBatch is stale: its buffer was reused by a later fetch "
-                               "(a batch is valid for n_buffers - 1 further fetches)")
-
-    @property
-    def buffer(self) -> torch.Tensor:
-        """The whole pinned buffer (uint8) the batch's 40·B bytes start."""
-        return self._buffer.tensor
 
     @property
     def table(self) -> np.ndarray:
         """(3, B) int64: src, dst, units per user (a view of the pinned buffer)."""
         b = self.n_users
         return self._buffer.array[16 * b : 40 * b].view(np.int64).reshape(3, b)  # (3, B)
-
-    def mark_copied(self, event: Any) -> None:
-        """Record the event after which the pinned buffer may be refilled (the copy out of it)."""
-        self._buffer.pending = event
 
 
 class MappedBatcher:
