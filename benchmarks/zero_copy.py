@@ -117,7 +117,7 @@ def bench_gpu(row: dict, resident, layout, batchers: dict, users: int, b: int, l
         for _ in range(4):
             request(k)
     row["request_ms"] = alternate({k: lambda k=k: request(k) for k in WAYS}, args.repeats)
-    row["bytes"] = {"copy": batches["copy"].used_bytes, "zero_copy": 40 * b + batches["zero_copy"].record_bytes}
+    row["bytes"] = {"copy": batches["copy"].used_bytes, "zero_copy": batches["zero_copy"].pcie_bytes}
 
 
 def plot(result: dict, path: Path) -> None:

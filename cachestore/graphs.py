@@ -353,14 +353,7 @@ class GraphedDecoder:
         if isinstance(host, MappedBatch):
             return self._run_mapped(host)
         if self.eager:
-            with torch.inference_mode():
-                t0 = time.perf_counter()
-                self.raw[: host.used_bytes].copy_(host.tensor)
-                self.last_cost = TransferCost(host.used_bytes, str(self.device), False,
-                                              _seconds=time.perf_counter() - t0)
-                self.candidates.copy_(self.candidates_host)
-                self.logits = self._body()
-            return self.logits
+            return self._run_eager(lambda: self.raw[: host.used_bytes].copy_(host.tensor), host.used_bytes)
         # the request's latency runs from here: nothing before the replay but a lookup (H100, CUDA events
         # around the call: run() took 14-15 µs longer than the bare replay while it sliced the source and
         # entered inference mode on every call, 3-5 µs longer without)
@@ -373,16 +366,19 @@ class GraphedDecoder:
                 captured = self._graphs[key] = self._capture(buffer[:nbytes])
         return self._replay(captured, host)
 
+    def _run_eager(self, fill: Callable[[], object], nbytes: int) -> torch.Tensor:
+        """Eager (no graph): ``fill()`` puts the batch into the static buffer (timed on the host), then the body."""
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            fill()
+            self.last_cost = TransferCost(nbytes, str(self.device), False, _seconds=time.perf_counter() - t0)
+            self.candidates.copy_(self.candidates_host)
+            self.logits = self._body()
+        return self.logits
+
     def _run_mapped(self, batch: MappedBatch) -> torch.Tensor:
         if self.eager:
-            with torch.inference_mode():
-                t0 = time.perf_counter()
-                gather_records(batch, self.raw)
-                self.last_cost = TransferCost(40 * batch.n_users + batch.record_bytes, str(self.device), False,
-                                              _seconds=time.perf_counter() - t0)
-                self.candidates.copy_(self.candidates_host)
-                self.logits = self._body()
-            return self.logits
+            return self._run_eager(lambda: gather_records(batch, self.raw), batch.pcie_bytes)
         buffer = batch.buffer
         span = self.buckets[bisect.bisect_left(self.buckets, batch.used_bytes)]  # bytes the pieces cut
         key = (buffer.data_ptr(), -span * 8 - batch.unit)  # negative: apart from the copy graphs' keys
@@ -390,7 +386,7 @@ class GraphedDecoder:
         if captured is None:
             with torch.inference_mode():
                 captured = self._graphs[key] = self._capture_mapped(batch, span)
-        captured.nbytes = 40 * batch.n_users + batch.record_bytes  # what this batch moves over PCIe
+        captured.nbytes = batch.pcie_bytes  # what this batch moves (the graph's copy events time it)
         return self._replay(captured, batch)
 
     def _capture_mapped(self, batch: MappedBatch, span: int) -> _Captured:
@@ -414,7 +410,7 @@ class GraphedDecoder:
         def move(on_piece: Callable[[int], None]) -> None:
             gather_records(batch, self.raw, table, self.pad_to, ends, on_piece)
 
-        return self._record(pieces, move, 40 * self.n_users + batch.record_bytes)
+        return self._record(pieces, move, batch.pcie_bytes)
 
     def replay(self) -> torch.Tensor:
         """Replay the latest graph again (the host buffer and candidate staging as they are now, copied

@@ -68,6 +68,7 @@ _HEADER = np.arange(32, dtype=np.int64)  # the 32 header bytes of a record
 _WORDS = np.arange(4, dtype=np.int64)  # the same as 4 uint64 words
 _REGISTER_FLAGS = 0x08 | 0x02  # cudaHostRegisterReadOnly | cudaHostRegisterMapped
 _UNIT_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}  # gather word per unit (bytes)
+_UNIT_NUMPY = {8: np.int64, 4: np.int32, 2: np.int16, 1: np.uint8}  # the same words as numpy dtypes
 
 
 def _probe_buf_offset() -> int | None:
@@ -129,6 +130,7 @@ class StoreMap:
         self._registered: int | None = None  # base address registered with CUDA
 
     def _locate(self) -> None:
+        self.close()  # a map registered earlier in this process (the reader was reopened) is let go
         env = self.reader._environment()  # (re)opened in this process
         path = self.reader.version_dir / "lmdb" / "data.mdb"
         st = os.stat(path)
@@ -144,7 +146,6 @@ class StoreMap:
         if base is None:
             raise RuntimeError(f"the LMDB map of {path} is not in /proc/self/maps (zero-copy fetch needs Linux)")
         self._env, self._pid, self._base, self._nbytes = env, os.getpid(), base, st.st_size  # file pages only
-        self._registered = None
         self._array = np.asarray(_Memory(base, (self._nbytes,), "|u1", True))  # read-only, no copy
         self._words = self._array[: self._nbytes // 8 * 8].view("<u8")
 
@@ -178,7 +179,7 @@ class StoreMap:
         if device.type != "cuda":
             with warnings.catch_warnings():  # read-only memory: the kernel only loads from it
                 warnings.simplefilter("ignore", UserWarning)
-                return torch.from_numpy(self._array.view(torch.empty(0, dtype=dtype).numpy().dtype))
+                return torch.from_numpy(self._array.view(_UNIT_NUMPY[unit]))
         if self._registered != self._base:
             err = torch.cuda.cudart().cudaHostRegister(self._base, self._nbytes, _REGISTER_FLAGS)
             if int(err) != 0:
@@ -213,6 +214,11 @@ class MappedBatch(FetchedBatch):
 
     unit: int
     store_map: StoreMap = field(repr=False)
+
+    @property
+    def pcie_bytes(self) -> int:
+        """Bytes this batch moves host → device: the pinned header and table (40·B) and the records."""
+        return 40 * self.n_users + self.record_bytes
 
     @property
     def table(self) -> np.ndarray:
@@ -256,7 +262,7 @@ class MappedBatcher:
     def _table(self, ids: np.ndarray, values: list[memoryview | None], t0: float) -> MappedBatch:
         b = len(ids)
         buf = self.checks._take_buffer(40 * b)
-        head = buf.array[: 40 * b].view(np.int64)  # (5·B,) offsets | lengths | src | dst | units
+        head = buf.array[: 40 * b].view(np.int64).reshape(5, b)  # (5, B) offsets, lengths, src, dst, units
         # (not ``None in values``: comparing a memoryview with None raises and clears an error each time)
         present = np.fromiter(map(operator.is_not, values, itertools.repeat(None)), bool, b)
         found = values if present.all() else list(itertools.compress(values, present))
@@ -276,19 +282,11 @@ class MappedBatcher:
         start = 16 * b + self._zero
         slots = (sizes + 7) & -8  # each record 8-aligned in the device batch
         dst = start + np.cumsum(slots) - slots  # (P,)
-        if len(found) == b:
-            head[:b], head[b : 2 * b] = dst, lengths
-            head[2 * b : 3 * b], head[3 * b : 4 * b] = src // unit, dst // unit
-            head[4 * b :] = (sizes + unit - 1) // unit
-        else:
-            head[:] = 0
-            head[:b] = 16 * b  # cold start: the zero block
-            head[:b][present], head[b : 2 * b] = dst, lengths
-            head[2 * b : 3 * b][present] = src // unit
-            head[3 * b : 4 * b][present] = dst // unit
-            head[4 * b :][present] = (sizes + unit - 1) // unit
+        at = np.flatnonzero(present)  # (P,) slots of the present users
+        head[0], head[1], head[2:] = 16 * b, lengths, 0  # cold start: the zero block, length 0, nothing to gather
+        head[0, at], head[2, at], head[3, at], head[4, at] = dst, src // unit, dst // unit, (sizes + unit - 1) // unit
         return MappedBatch(
-            layout=self.layout, user_ids=ids, lengths=head[b : 2 * b], offsets=head[:b], present=present,
+            layout=self.layout, user_ids=ids, lengths=head[1], offsets=head[0], present=present,
             cold_start=b - len(found), max_length=int(lengths.max()) if b else 0,
             used_bytes=int(start + slots.sum()), record_bytes=int(sizes.sum()), zero_offset=16 * b,
             fetch_seconds=time.perf_counter() - t0, pinned=self.pin, unit=unit, store_map=smap, _buffer=buf,
