@@ -65,6 +65,14 @@ def data() -> None:
     "--valid-frac", type=float, default=0.1, show_default=True, help="Fraction of events (by time) for valid."
 )
 @click.option("--test-frac", type=float, default=0.1, show_default=True, help="Fraction of events (by time) for test.")
+@click.option(
+    "--catalogue",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="Item catalogue to extend (known items keep their dense ids): a catalogue.parquet, a prepared "
+    "dataset or a checkpoint directory [default: the one of the dataset already at --out, if any].",
+)
+@click.option("--new-catalogue", is_flag=True, help="Start a fresh item catalogue (dense ids by ascending raw id).")
 def prepare_cmd(
     events: Path,
     items: Path | None,
@@ -80,6 +88,8 @@ def prepare_cmd(
     feature_sep: str,
     valid_frac: float,
     test_frac: float,
+    catalogue: Path | None,
+    new_catalogue: bool,
 ) -> None:
     """Validate an event log and write the canonical dataset (histories, items, time-split samples)."""
     from pipeline.dataset_schema import DataError
@@ -106,6 +116,8 @@ def prepare_cmd(
             feature_sep=feature_sep,
             valid_frac=valid_frac,
             test_frac=test_frac,
+            catalogue=catalogue,
+            new_catalogue=new_catalogue,
         )
         meta = prepare(config)
     except DataError as exc:

@@ -2,12 +2,15 @@
 
 Directory layout (all Parquet written with pyarrow; types exact):
 
-    OUT/meta.json            {"schema_version": 1, "n_users", "n_items", "n_genres", "genres",
+    OUT/meta.json            {"schema_version": 2, "n_users", "n_items", "n_genres", "genres",
                               "splits": {"valid_start", "test_start"}, "split_fractions",
-                              "label_rule", "source": {"events", "items", "sha256"}, "counts"}
+                              "label_rule", "source": {"events", "items", "sha256"}, "counts",
+                              "catalogue": {"file", "sha256", "previous_sha256", "new_items"}}
+    OUT/catalogue.parquet    the item catalogue (pipeline/catalogue.py): raw id <-> dense id, genres
     OUT/items.parquet        item_id int32 (dense 1..n_items; 0 = padding, never used),
-                             raw_item int64, genre_ids list<int32> (dense 1..n_genres, maybe empty);
-                             one row per item of the event log, sorted by item_id
+                             raw_item int64 (distinct), genre_ids list<int32> (dense 1..n_genres,
+                             maybe empty); one row per catalogue item (items of earlier days too,
+                             so n_items >= the event log's items), sorted by item_id
     OUT/histories.parquet    user_id int64 (raw id), items list<int32>, timestamps list<int64>,
                              labels list<int8>; one row per user sorted by user_id, lists in time
                              order (stable sort by timestamp, then input row order)
@@ -16,7 +19,9 @@ Directory layout (all Parquet written with pyarrow; types exact):
                              hist_len int32 (# of the user's events with timestamp strictly
                              smaller than this sample's); sorted by (timestamp, user_id, item_id)
 
-`meta["genres"][i]` is the name of genre id i + 1. Splits are by global time:
+`meta["genres"][i]` is the name of genre id i + 1. Dense ids are the catalogue's: an item keeps its
+id from day to day, new items are appended. A schema_version 1 dataset (no catalogue) still loads,
+with the identity catalogue (raw id = dense id, as its models were served). Splits are by global time:
 train ts < valid_start <= valid ts < test_start <= test ts. docs/data_schema.md has the details.
 """
 
@@ -26,14 +31,18 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 1
+if TYPE_CHECKING:
+    from pipeline.catalogue import ItemCatalogue
+
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)  # 1: before the item catalogue (identity catalogue)
 PAD_ITEM_ID = 0
 META_FILE = "meta.json"
 ITEMS_FILE = "items.parquet"
@@ -81,13 +90,22 @@ class DataError(ValueError):
 class CanonicalDataset:
     """A prepared dataset in memory: `meta` (meta.json) and the pyarrow tables described above.
 
-    `samples` maps each split name in SPLITS to its table.
+    `samples` maps each split name in SPLITS to its table. `catalogue`: the item catalogue whose
+    dense ids the tables use (None: a schema_version 1 dataset, see `item_catalogue`).
     """
 
     meta: dict[str, Any]
     items: pa.Table
     histories: pa.Table
     samples: Mapping[str, pa.Table]
+    catalogue: ItemCatalogue | None = None
+
+    @property
+    def item_catalogue(self) -> ItemCatalogue:
+        """The dataset's catalogue; the identity one (raw id = dense id) for a dataset without one."""
+        from pipeline.catalogue import ItemCatalogue
+
+        return self.catalogue or ItemCatalogue.identity(self.n_items, self.genres)
 
     @property
     def n_users(self) -> int:
@@ -131,8 +149,9 @@ def load_dataset(path: str | Path, *, validate: bool = True) -> CanonicalDataset
     if not meta_path.is_file():
         raise DataError(f"{root}: not a prepared dataset (no {META_FILE}); run `ckv data prepare`")
     meta = json.loads(meta_path.read_text())
-    if meta.get("schema_version") != SCHEMA_VERSION:
-        raise DataError(f"{meta_path}: schema_version {meta.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+    if meta.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
+        raise DataError(f"{meta_path}: schema_version {meta.get('schema_version')!r}, expected one of "
+                        f"{READABLE_SCHEMA_VERSIONS}")
 
     def read(rel: str, schema: pa.Schema) -> pa.Table:
         file = root / rel
@@ -145,10 +164,23 @@ def load_dataset(path: str | Path, *, validate: bool = True) -> CanonicalDataset
         items=read(ITEMS_FILE, ITEMS_SCHEMA),
         histories=read(HISTORIES_FILE, HISTORIES_SCHEMA),
         samples={s: read(f"{SAMPLES_DIR}/{s}.parquet", SAMPLES_SCHEMA) for s in SPLITS},
+        catalogue=_read_catalogue(root, meta),
     )
     if validate:
         validate_dataset(ds, where=str(root))
     return ds
+
+
+def _read_catalogue(root: Path, meta: dict[str, Any]) -> ItemCatalogue | None:
+    """The catalogue a schema_version 2 dataset records (hash checked against meta.json); None for 1."""
+    if meta.get("schema_version") == 1:
+        return None
+    from pipeline.catalogue import load_catalogue
+
+    rec = meta.get("catalogue")
+    if not isinstance(rec, dict) or not isinstance(rec.get("file"), str) or "sha256" not in rec:
+        raise DataError(f"{root / META_FILE}: no 'catalogue' record {{file, sha256}}; re-run `ckv data prepare`")
+    return load_catalogue(root / rec["file"], expected_sha256=rec["sha256"])
 
 
 def _np(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -171,7 +203,8 @@ def _check(ok: bool | np.bool_, where: str, what: str) -> None:
 def validate_dataset(ds: CanonicalDataset, where: str = "dataset") -> None:
     """Check every invariant of the canonical dataset (vectorised); raise DataError on the first break.
 
-    Checks: meta keys; dense item ids 1..n_items ordered by raw id; genre ids in 1..n_genres;
+    Checks: meta keys; dense item ids 1..n_items with distinct raw ids (the catalogue's, when the
+    dataset has one); genre ids in 1..n_genres;
     one history per user, sorted, lists aligned and time-ordered; samples sorted, inside
     their split's time range, one per history event, and no leakage (hist_len equals the
     number of the user's events strictly before the sample's timestamp).
@@ -185,7 +218,10 @@ def validate_dataset(ds: CanonicalDataset, where: str = "dataset") -> None:
     item_id = _np(ds.items["item_id"])
     _check(np.array_equal(item_id, np.arange(1, n_items + 1)), where, "items.item_id is not 1..n_items")
     raw = _np(ds.items["raw_item"])
-    _check(bool(np.all(np.diff(raw) > 0)), where, "items.raw_item not strictly increasing")
+    _check(bool(np.all(np.diff(np.sort(raw)) > 0)), where, "items.raw_item not distinct")
+    if ds.catalogue is not None:
+        _check(np.array_equal(raw, ds.catalogue.raw_items), where, "items.raw_item differs from the catalogue")
+        _check(list(ds.catalogue.genres) == list(meta["genres"]), where, "meta genres differ from the catalogue")
     genre_vals, _ = _flat(ds.items["genre_ids"])
     _check(bool(np.all((genre_vals >= 1) & (genre_vals <= n_genres))), where, "genre id out of 1..n_genres")
 

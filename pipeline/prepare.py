@@ -25,6 +25,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cachestore.item_ids import raw_to_dense
+from pipeline.catalogue import CATALOGUE_FILE, ItemCatalogue, load_catalogue
 from pipeline.dataset_schema import (
     HISTORIES_FILE,
     HISTORIES_SCHEMA,
@@ -66,8 +68,12 @@ class PrepareConfig:
     feature_sep: str = "|"
     valid_frac: float = 0.1
     test_frac: float = 0.1
+    catalogue: Path | None = None  # previous catalogue: a catalogue.parquet, a dataset or a checkpoint dir
+    new_catalogue: bool = False  # start a fresh catalogue even if `out` holds one
 
     def __post_init__(self) -> None:
+        if self.catalogue is not None and self.new_catalogue:
+            raise DataError("give either a previous catalogue (--catalogue) or --new-catalogue, not both")
         if not (0 <= self.valid_frac < 1 and 0 <= self.test_frac < 1 and self.valid_frac + self.test_frac < 1):
             raise DataError(f"split fractions valid={self.valid_frac}, test={self.test_frac}: need 0 <= each, sum < 1")
 
@@ -140,34 +146,40 @@ def _list_array(offsets: np.ndarray, values: np.ndarray, value_type: pa.DataType
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, value_type))
 
 
-def build_items(raw_items: np.ndarray, pairs: pd.DataFrame | None) -> tuple[pa.Table, list[str]]:
-    """items.parquet for the sorted unique raw ids `raw_items`, and the genre names (id i+1 = names[i]).
+def build_items(cat: ItemCatalogue, pairs: pd.DataFrame | None) -> tuple[pa.Table, ItemCatalogue]:
+    """items.parquet with one row per item of `cat` (dense id order), and `cat` with the genres of
+    its items appended (known genres keep their ids, new names are appended in sorted order).
 
-    Only genres of items in `raw_items` get ids, in ascending name order.
+    Genre lists come from `pairs` (item, genre); items without pairs get an empty list.
     """
-    n = len(raw_items)
+    n = cat.n_items
     if pairs is None or len(pairs) == 0:
-        names: list[str] = []
         offsets, values = np.zeros(n + 1, np.int64), np.zeros(0, np.int32)
     else:
-        pos = np.searchsorted(raw_items, pairs["item"].to_numpy(np.int64))
-        used = pos < n
-        used[used] = raw_items[pos[used]] == pairs["item"].to_numpy(np.int64)[used]
-        genre = pairs["genre"].to_numpy(object)[used]
-        uniq, gid = np.unique(genre.astype(str), return_inverse=True)
-        names = [str(g) for g in uniq]
-        keyed = np.unique(pos[used].astype(np.int64) * (len(names) + 1) + gid + 1)  # sort + dedupe
-        item_pos, values = keyed // (len(names) + 1), (keyed % (len(names) + 1)).astype(np.int32)
+        dense, known = raw_to_dense_known(cat, pairs["item"].to_numpy(np.int64))
+        genre = pairs["genre"].to_numpy(object)[known].astype(str)
+        uniq, inverse = np.unique(genre, return_inverse=True)
+        cat = cat.extend([], new_genres=uniq)
+        gid = cat.genre_ids(uniq)[inverse]
+        width = len(cat.genres) + 1
+        keyed = np.unique((dense[known] - 1) * width + gid)  # sort by (item, genre) + dedupe
+        item_pos, values = keyed // width, (keyed % width).astype(np.int32)
         offsets = np.concatenate([[0], np.cumsum(np.bincount(item_pos, minlength=n))])
     table = pa.Table.from_arrays(
         [
             pa.array(np.arange(1, n + 1), pa.int32()),
-            pa.array(raw_items, pa.int64()),
+            pa.array(cat.raw_items, pa.int64()),
             _list_array(offsets, values, pa.int32()),
         ],
         schema=ITEMS_SCHEMA,
     )
-    return table, names
+    return table, cat
+
+
+def raw_to_dense_known(cat: ItemCatalogue, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(dense ids, known mask) of raw ids in `cat` (unknown ones: 0, False)."""
+    ids = cat.item_ids()
+    return raw_to_dense(ids.sorted_raw, ids.dense, raw)
 
 
 def build_dataset(
@@ -176,10 +188,13 @@ def build_dataset(
     *,
     valid_frac: float = 0.1,
     test_frac: float = 0.1,
+    catalogue: ItemCatalogue | None = None,
 ) -> CanonicalDataset:
     """Pure build. `events`: columns user, item, timestamp (int64), label (int8), input row order.
 
-    meta gets everything but `label_rule` and `source` (left None for the caller to fill).
+    Dense item ids come from `catalogue` extended with the event log's new items (None: a fresh
+    catalogue, items in ascending raw id order). meta gets everything but `label_rule` and
+    `source` (left None for the caller to fill).
     """
     n = len(events)
     if n == 0:
@@ -189,10 +204,13 @@ def build_dataset(
     label = events["label"].to_numpy(np.int8)
     codes, uniques = pd.factorize(events["item"].to_numpy(np.int64), sort=True)  # hash: few uniques
     raw_items = np.asarray(uniques, dtype=np.int64)
-    if len(raw_items) >= INT32_MAX or n >= INT32_MAX:
-        raise DataError(f"{len(raw_items)} items / {n} events: too many for int32 ids / offsets")
-    item = (codes + 1).astype(np.int32)
-    items, genres = build_items(raw_items, pairs)
+    previous = catalogue or ItemCatalogue(np.zeros(0, np.int64))
+    cat = previous.extend(raw_items)
+    if cat.n_items >= INT32_MAX or n >= INT32_MAX:
+        raise DataError(f"{cat.n_items} items / {n} events: too many for int32 ids / offsets")
+    item = cat.to_dense(raw_items)[codes].astype(np.int32)
+    items, cat = build_items(cat, pairs)
+    genres = list(cat.genres)
     row = np.arange(n)
 
     # Histories: stable time order within each user; hist_len = start of the (user, ts) run
@@ -254,7 +272,7 @@ def build_dataset(
     meta: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "n_users": len(starts),
-        "n_items": len(raw_items),
+        "n_items": cat.n_items,
         "n_genres": len(genres),
         "genres": genres,
         "splits": {"valid_start": valid_start, "test_start": test_start},
@@ -262,8 +280,14 @@ def build_dataset(
         "label_rule": None,
         "source": None,
         "counts": counts,
+        "catalogue": {
+            "file": CATALOGUE_FILE,
+            "sha256": cat.sha256,
+            "previous_sha256": None if catalogue is None else catalogue.sha256,
+            "new_items": cat.n_items - previous.n_items,
+        },
     }
-    return CanonicalDataset(meta=meta, items=items, histories=histories, samples=samples)
+    return CanonicalDataset(meta=meta, items=items, histories=histories, samples=samples, catalogue=cat)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -288,6 +312,8 @@ def write_dataset(ds: CanonicalDataset, out: str | Path) -> Path:
         (tmp / META_FILE).write_text(json.dumps(ds.meta, indent=2) + "\n")
         pq.write_table(ds.items, tmp / ITEMS_FILE)
         pq.write_table(ds.histories, tmp / HISTORIES_FILE)
+        if ds.catalogue is not None:
+            ds.catalogue.save(tmp / CATALOGUE_FILE)
         for split in SPLITS:
             pq.write_table(ds.samples[split], tmp / SAMPLES_DIR / f"{split}.parquet")
         if out.exists():
@@ -302,6 +328,29 @@ def write_dataset(ds: CanonicalDataset, out: str | Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def previous_catalogue(config: PrepareConfig) -> ItemCatalogue | None:
+    """The catalogue this run extends: `config.catalogue`, else the one of the dataset already at
+    `config.out` (if any), else None (a fresh one). A directory gives its catalogue.parquet; a
+    schema_version 1 dataset dir the ids it used (items.raw_item, meta genres)."""
+    if config.new_catalogue:
+        return None
+    src = config.catalogue
+    if src is None:
+        out = Path(config.out)
+        if not ((out / CATALOGUE_FILE).is_file() or (out / META_FILE).is_file()):
+            return None
+        src = out
+    src = Path(src)
+    if src.is_file() or (src / CATALOGUE_FILE).is_file():
+        return load_catalogue(src)
+    if (src / META_FILE).is_file() and (src / ITEMS_FILE).is_file():
+        meta = json.loads((src / META_FILE).read_text())
+        items = pq.read_table(src / ITEMS_FILE, columns=["raw_item"])
+        return ItemCatalogue(items["raw_item"].to_numpy(), tuple(meta.get("genres") or ()))
+    raise DataError(f"--catalogue {src}: no {CATALOGUE_FILE} there (give a catalogue file, a prepared dataset or "
+                    "a checkpoint directory, or --new-catalogue to start afresh)")
 
 
 def prepare(config: PrepareConfig) -> dict[str, Any]:
@@ -323,7 +372,8 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
             feature_col=config.item_feature_col,
             sep=config.feature_sep,
         )
-    ds = build_dataset(events, pairs, valid_frac=config.valid_frac, test_frac=config.test_frac)
+    ds = build_dataset(events, pairs, valid_frac=config.valid_frac, test_frac=config.test_frac,
+                       catalogue=previous_catalogue(config))
     ds.meta["label_rule"] = config.label_rule
     ds.meta["source"] = {
         "events": str(config.events),
@@ -348,4 +398,9 @@ def summary(meta: dict[str, Any]) -> str:
             f"  {split:<5} {s['samples']:>10,} samples  {s['users']:>8,} users  positive rate {s['positive_rate']:.3f}"
         )
     lines.append(f"  valid_start {meta['splits']['valid_start']}  test_start {meta['splits']['test_start']}")
+    cat = meta.get("catalogue")
+    if cat:
+        base = "a fresh catalogue" if cat["previous_sha256"] is None else f"extends {cat['previous_sha256'][:12]}"
+        lines.append(f"  item catalogue {cat['sha256'][:12]}: {meta['n_items']:,} items, {cat['new_items']:,} new "
+                     f"({base})")
     return "\n".join(lines)
