@@ -111,6 +111,7 @@ def train(kv_mode: str, seed: int, init_from: str | None, out: str, data_dir: st
     from pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
     from pipeline.dataset_schema import DataError, load_dataset
     from pipeline.trainer import build_model, train_model
+    from pipeline.warm_start import WarmStartError, warm_start
 
     try:
         dataset = load_dataset(data_dir)
@@ -122,19 +123,15 @@ def train(kv_mode: str, seed: int, init_from: str | None, out: str, data_dir: st
             auto = choose_auto_d_user(dataset, cfg, kw, seed)
             cfg = build_model_config(kv_mode, kw, d_user=auto["d_user"])
         model = build_model(dataset, cfg, seed)
-        if init_from:
-            prev = load_checkpoint(init_from)
-            if replace(prev.config, dropout=model.cfg.dropout) != model.cfg:
-                raise click.ClickException(
-                    f"--init-from {init_from}: its config differs from this run's; warm start needs the "
-                    f"same model shape (checkpoint: {prev.config}, run: {model.cfg})"
-                )
-            model.load_state_dict(prev.model.state_dict())
-    except (DataError, CheckpointError) as exc:
+        warm = None
+        if init_from:  # item / genre rows matched by raw id through the two catalogues
+            warm = warm_start(model, load_checkpoint(init_from), dataset.catalogue).as_dict()
+    except (DataError, CheckpointError, WarmStartError) as exc:
         raise click.ClickException(str(exc)) from exc
     result = train_model(model, dataset, build_train_config(kw, seed))
-    metrics = {**result.metrics(), "init_from": init_from, "seed": seed, **({"d_user_auto": auto} if auto else {})}
-    version = save_checkpoint(out, result.model, metrics)
+    metrics = {**result.metrics(), "init_from": init_from, "seed": seed, **({"d_user_auto": auto} if auto else {}),
+               **({"warm_start": warm} if warm else {})}
+    version = save_checkpoint(out, result.model, metrics, dataset.catalogue)
     click.echo(json.dumps({"checkpoint": out, "model_version": version, "test": result.test}, indent=2))
 
 

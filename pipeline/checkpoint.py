@@ -3,12 +3,16 @@
 Layout of a checkpoint directory::
 
     weights.safetensors   every tensor of the model's state dict (no pickle anywhere)
-    config.json           {"format": 1, "model": <ModelConfig as dict>, "model_version": "<16 hex>"}
+    config.json           {"format": 1, "model": <ModelConfig as dict>, "model_version": "<16 hex>",
+                           "item_catalogue": "<sha256 of catalogue.parquet's content>" (if any)}
+    catalogue.parquet     the item catalogue the model was trained with (pipeline/catalogue.py):
+                          raw item id <-> embedding row; absent = the identity catalogue (raw = dense)
     metrics.json          whatever the training job measured (valid/test metrics, history, timing)
 
-The model version is a fingerprint of config + weights: the first 16 hex digits of
-sha256(canonical config JSON, then for each tensor in name order: name, dtype, shape, raw bytes).
-Caches carry it, so a store is never decoded with a model it was not built from.
+The model version is a fingerprint of config + weights (+ catalogue): the first 16 hex digits of
+sha256(canonical config JSON, then for each tensor in name order: name, dtype, shape, raw bytes,
+then "catalogue|<sha256>" when the checkpoint has a catalogue). Caches carry it, so a store is never
+decoded with a model (or an item numbering) it was not built from.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from model.config import ModelConfig, config_from_dict, config_to_dict
 from model.ctr import TargetAttentionCTR
 from model.zoo import create_model
+from pipeline.catalogue import CATALOGUE_FILE, CatalogueError, ItemCatalogue, load_catalogue
 
 CHECKPOINT_FORMAT = 1
 WEIGHTS_FILE = "weights.safetensors"
@@ -46,29 +51,47 @@ class Checkpoint:
     model_version: str
     metrics: dict[str, Any]
     path: Path
+    catalogue: ItemCatalogue | None = None  # None: trained without one (identity: raw id = dense id)
+
+    @property
+    def item_catalogue(self) -> ItemCatalogue:
+        """The model's catalogue; the identity one for a checkpoint without one."""
+        return self.catalogue or ItemCatalogue.identity(self.config.n_items)
 
 
-def model_version(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> str:
-    """16-hex fingerprint of a config and a state dict (see module docstring)."""
+def model_version(cfg: ModelConfig, state: dict[str, torch.Tensor], catalogue_sha256: str | None = None) -> str:
+    """16-hex fingerprint of a config, a state dict and a catalogue hash (see module docstring)."""
     h = hashlib.sha256()
     h.update(json.dumps(config_to_dict(cfg), sort_keys=True).encode())
     for name in sorted(state):
         t = state[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    if catalogue_sha256 is not None:
+        h.update(f"catalogue|{catalogue_sha256}".encode())
     return h.hexdigest()[:16]
 
 
-def save_checkpoint(path: str | Path, model: TargetAttentionCTR, metrics: dict[str, Any]) -> str:
-    """Write a checkpoint directory atomically (temp dir + rename); returns the model version."""
+def save_checkpoint(path: str | Path, model: TargetAttentionCTR, metrics: dict[str, Any],
+                    catalogue: ItemCatalogue | None = None) -> str:
+    """Write a checkpoint directory atomically (temp dir + rename); returns the model version.
+
+    ``catalogue``: the item catalogue of the dataset the model was trained on (its size must be
+    the model's n_items); None writes none (identity)."""
     out = Path(path)
+    if catalogue is not None and catalogue.n_items != model.cfg.n_items:
+        raise CheckpointError(f"{out}: catalogue of {catalogue.n_items} items for a model of {model.cfg.n_items}")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    version = model_version(model.cfg, state)
+    cat_sha = None if catalogue is None else catalogue.sha256
+    version = model_version(model.cfg, state, cat_sha)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         save_file(state, str(tmp / WEIGHTS_FILE))
         config = {"format": CHECKPOINT_FORMAT, "model": config_to_dict(model.cfg), "model_version": version}
+        if catalogue is not None:
+            catalogue.save(tmp / CATALOGUE_FILE)
+            config["item_catalogue"] = cat_sha
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         (tmp / METRICS_FILE).write_text(json.dumps({**metrics, "model_version": version}, indent=2) + "\n")
         if out.exists():
@@ -110,7 +133,8 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
         model.load_state_dict(state, strict=True)
     except (RuntimeError, ValueError) as exc:
         raise CheckpointError(f"{root}: weights do not match config.json: {exc}") from exc
-    version = model_version(cfg, state)
+    catalogue = _load_catalogue(root, meta.get("item_catalogue"), cfg.n_items)
+    version = model_version(cfg, state, None if catalogue is None else catalogue.sha256)
     if version != meta.get("model_version"):
         raise CheckpointError(
             f"{root}: weights fingerprint {version} differs from config.json's model_version "
@@ -118,4 +142,17 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
         )
     metrics_file = root / METRICS_FILE
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-    return Checkpoint(model.to(device).eval(), cfg, version, metrics, root)
+    return Checkpoint(model.to(device).eval(), cfg, version, metrics, root, catalogue)
+
+
+def _load_catalogue(root: Path, sha256: Any, n_items: int) -> ItemCatalogue | None:
+    """The checkpoint's catalogue (hash and size checked against config.json); None if it records none."""
+    if sha256 is None:
+        return None
+    try:
+        catalogue = load_catalogue(root / CATALOGUE_FILE, expected_sha256=str(sha256))
+    except CatalogueError as exc:
+        raise CheckpointError(f"{root}: {exc}") from None
+    if catalogue.n_items != n_items:
+        raise CheckpointError(f"{root}: {CATALOGUE_FILE} has {catalogue.n_items} items, the model {n_items}")
+    return catalogue

@@ -64,7 +64,7 @@ def run_experiment(
             model = build_model(dataset, v.model, seed)
             result = train_model(model, dataset, replace(train, seed=seed))
             version = save_checkpoint(
-                out / "checkpoints" / f"{v.name}-seed{seed}", result.model, result.metrics()
+                out / "checkpoints" / f"{v.name}-seed{seed}", result.model, result.metrics(), dataset.catalogue
             )
             runs.append({"variant": v.name, "seed": seed, "model_version": version, **result.metrics()})
             print(f"   test {result.test}  ({result.seconds:.0f} s)", flush=True)

@@ -1,9 +1,11 @@
 """The nightly refresh cycle (`ckv refresh`), one job a scheduler calls (docs/nightly.md):
 
-1. prepare the new day's dataset (``pipeline.prepare.prepare``: ``ckv data prepare``);
-2. train a new model warm-started from the current one (``ckv train --init-from``: same shape,
-   ``pipeline.trainer.train_model``);
-3. evaluate new and current model on the NEW validation split; refuse (``RefreshRefused``, exit 3,
+1. prepare the new day's dataset (``pipeline.prepare.prepare``: ``ckv data prepare``), extending
+   the current model's item catalogue: known items keep their dense ids, new ones are appended;
+2. train a new model warm-started from the current one (``ckv train --init-from``: same model
+   options; item and genre embedding rows matched by raw id, ``pipeline.warm_start``);
+3. evaluate new and current model (its rows remapped to the new catalogue) on the NEW validation
+   split; refuse (``RefreshRefused``, exit 3,
    nothing published) when the new one's metric is worse than the current one's by more than
    ``margin``;
 4. prefill every user with the new model (``pipeline.spark_job.run_prefill``, ``--incremental``
@@ -110,6 +112,7 @@ def run_refresh(opts: RefreshOptions) -> dict[str, Any]:
     from pipeline.spark_job import PrefillOptions, run_prefill
     from pipeline.trainer import TrainConfig, build_model, evaluate, train_model
     from pipeline.verify import verify_store
+    from pipeline.warm_start import WarmStartError, remapped_model, warm_start
 
     t0 = time.perf_counter()
     run_id = new_version_id()
@@ -121,39 +124,46 @@ def run_refresh(opts: RefreshOptions) -> dict[str, Any]:
         report["steps"][name] = {"seconds": round(time.perf_counter() - t, 2), **info}
         log.info("refresh %s: %s", name, report["steps"][name])
 
-    # 1. prepare
-    t = time.perf_counter()
-    if opts.dataset:
-        data_dir = Path(opts.dataset)
-    else:
-        data_dir = work / "data"
-        prepare(replace(opts.prepare, out=data_dir))
-    dataset = load_dataset(data_dir)
-    step("prepare", t, dataset=str(data_dir), users=dataset.n_users, items=dataset.n_items)
-
-    # 2. train --init-from the current model
+    # 1. prepare, extending the current model's item catalogue (known items keep their dense ids)
     t = time.perf_counter()
     cur_dir = Path(opts.current_checkpoint) if opts.current_checkpoint else store_checkpoint(opts.store)
     if cur_dir is None:
         raise RefreshError(f"{opts.store} has no published checkpoint: give the current model "
                            "(--current-checkpoint) for the first refresh of a store")
     current = load_checkpoint(cur_dir)
-    model = build_model(dataset, current.config, (opts.train or TrainConfig()).seed)
-    if replace(current.config, dropout=model.cfg.dropout) != model.cfg:
-        raise RefreshError(f"the new dataset changes the model's shape (n_items {current.config.n_items} -> "
-                           f"{model.cfg.n_items}, genres ...): warm start impossible; retrain from scratch")
-    model.load_state_dict(current.model.state_dict())
+    if opts.dataset:
+        data_dir = Path(opts.dataset)
+    else:
+        data_dir = work / "data"
+        prep = replace(opts.prepare, out=data_dir)
+        if prep.catalogue is None and not prep.new_catalogue and current.catalogue is not None:
+            prep = replace(prep, catalogue=cur_dir)
+        prepare(prep)
+    dataset = load_dataset(data_dir)
+    step("prepare", t, dataset=str(data_dir), users=dataset.n_users, items=dataset.n_items)
+
+    # 2. train --init-from the current model (item / genre rows matched by raw id)
+    t = time.perf_counter()
+    seed = (opts.train or TrainConfig()).seed
+    try:
+        model = build_model(dataset, current.config, seed)
+        warm = warm_start(model, current, dataset.catalogue)
+        current_remapped = remapped_model(build_model(dataset, current.config, seed), current, dataset.catalogue)
+    except WarmStartError as exc:
+        raise RefreshError(f"warm start impossible: {exc}") from exc
     result = train_model(model, dataset, opts.train or TrainConfig(progress=False))
     new_ckpt = work / "checkpoint"
-    new_version = save_checkpoint(new_ckpt, result.model, {**result.metrics(), "init_from": str(cur_dir)})
-    step("train", t, checkpoint=str(new_ckpt), model_version=new_version, init_from=current.model_version)
+    new_version = save_checkpoint(new_ckpt, result.model, {**result.metrics(), "init_from": str(cur_dir),
+                                                           "warm_start": warm.as_dict()}, dataset.catalogue)
+    step("train", t, checkpoint=str(new_ckpt), model_version=new_version, init_from=current.model_version,
+         warm_start=warm.as_dict())
 
-    # 3. evaluate against the current model on the new validation split
+    # 3. evaluate against the current model (its rows remapped to the new catalogue) on the new valid split
     t = time.perf_counter()
     index, valid = HistoryIndex(dataset.histories), dataset.samples["valid"]
     bs = (opts.train or TrainConfig()).eval_batch_size
     with torch.no_grad():
-        cur_m = evaluate(current.model.eval(), index, valid, bs)
+        cur_m = evaluate(current_remapped.eval(), index, valid, bs)
         new_m = evaluate(result.model.eval(), index, valid, bs)
     delta = new_m[opts.metric] - cur_m[opts.metric]
     gate = {"metric": opts.metric, "current": cur_m, "new": new_m, "delta": delta, "margin": opts.margin,

@@ -1,7 +1,8 @@
 """The nightly prefill as a Spark job: a thin shell around :func:`pipeline.prefill.prefill_batches`.
 
 Driver: load the checkpoint (config, model version, layout), check the histories' schema, ship the
-checkpoint to executors through Spark (``sc.addFile`` of a zip of config.json + weights.safetensors),
+checkpoint to executors through Spark (``sc.addFile`` of a zip of config.json + weights.safetensors
++ its item catalogue, catalogue.parquet, when it has one: executors check the same model version),
 ``spark.read.parquet(histories).mapInArrow(prefill)`` -> ``sortWithinPartitions(user_id)`` -> Parquet
 in ``STORE/staging/prefill-<id>/``, then build + publish the store version
 (:func:`pipeline.store_ops.build_store`). Nothing is collected to the driver; a polling thread logs
@@ -41,6 +42,7 @@ import pyarrow as pa
 from cachestore.lmdb_build import StoreBuildError
 from cachestore.publish import STAGING, new_version_id
 from cachestore.record import layout_from_dict, write_layout
+from pipeline.catalogue import CATALOGUE_FILE
 from pipeline.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, load_checkpoint
 from pipeline.incremental import FP_COL, HISTORY_FP_VERSION, PREV_FP_COL, fingerprint_sql, previous_state
 from pipeline.incremental import split as incremental_split
@@ -143,7 +145,7 @@ _SHIPPED: dict[tuple[str, str], str] = {}
 
 
 def ship_checkpoint(sc: Any, checkpoint: Path, version: str) -> str:
-    """Add a deterministic zip of the checkpoint's config + weights to the SparkContext; its name."""
+    """Add a deterministic zip of the checkpoint's config + weights (+ catalogue) to the SparkContext; its name."""
     key = (sc.applicationId, version)
     if key in _SHIPPED:
         return _SHIPPED[key]
@@ -151,7 +153,9 @@ def ship_checkpoint(sc: Any, checkpoint: Path, version: str) -> str:
     tmp = Path(tempfile.mkdtemp(prefix="ckv-ship-"))
     atexit.register(shutil.rmtree, tmp, True)  # the driver serves the file while its context lives
     with zipfile.ZipFile(tmp / name, "w", compression=zipfile.ZIP_STORED) as zf:
-        for fname in (CONFIG_FILE, WEIGHTS_FILE):
+        for fname in (CONFIG_FILE, WEIGHTS_FILE, CATALOGUE_FILE):
+            if fname == CATALOGUE_FILE and not (checkpoint / fname).is_file():
+                continue  # a checkpoint without a catalogue (identity)
             info = zipfile.ZipInfo(fname, date_time=(2020, 1, 1, 0, 0, 0))
             zf.writestr(info, (checkpoint / fname).read_bytes())
     sc.addFile(str(tmp / name))

@@ -63,7 +63,7 @@ def test_train_checkpoint_round_trip_and_warm_start(tiny_data: Path, tmp_path: P
     res = runner.invoke(main, ["train", "--data", str(tiny_data), "--out", str(out), *TINY])
     assert res.exit_code == 0, res.output
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["config.json", "metrics.json", "weights.safetensors"]
+    assert files == ["catalogue.parquet", "config.json", "metrics.json", "weights.safetensors"]
     ck = load_checkpoint(out)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["model_version"] == ck.model_version
