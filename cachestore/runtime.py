@@ -40,6 +40,7 @@ from cachestore.decode import PATHS, ResidentModel, ResidentZooModel, decode, de
 from cachestore.entry import entry_layout
 from cachestore.fused import DEFAULT_FUSED, FUSED, FusedConfig, fused_available, fused_decode, uses_fused
 from cachestore.graphs import GraphedDecoder
+from cachestore.item_ids import ItemIds, UnknownItemError
 from cachestore.mapped import MappedBatcher
 from cachestore.record import LayoutError, ModelVersionMismatchError
 from cachestore.transfer import to_device
@@ -179,13 +180,17 @@ class DecodeRuntime:
     CUDA: the store file's pages stay pinned in host memory while the runtime serves). On an H100 host at
     L 1,000, B 512 it took a request from 2.09 to 1.47 ms (fetch 1.34 → 0.79 ms, replay 0.18 → 0.21 ms;
     ``benchmarks/results/zero_copy.json``); at L 50 it gains nothing (small records are cheap to copy).
+    catalogue: the model's raw → dense item ids (:class:`cachestore.item_ids.ItemIds`, from the
+    checkpoint's item catalogue) for :meth:`score_raw`; None: the identity (raw id = dense id).
+    :meth:`score` takes dense ids (the model's embedding rows).
     """
 
     def __init__(self, model: torch.nn.Module, model_version: str, reader: StoreReader, *,
                  device: torch.device | str | None = None, path: str = "auto", batch_users: int = 512,
                  n_buffers: int = 2, verify_crc: bool = False, pad_to: int | None = None,
                  pin: bool | None = None, max_pairs: int = 8192, graphs: bool = False,
-                 fused_config: FusedConfig = DEFAULT_FUSED, zero_copy: bool = False) -> None:
+                 fused_config: FusedConfig = DEFAULT_FUSED, zero_copy: bool = False,
+                 catalogue: ItemIds | None = None) -> None:
         if path not in (*PATHS, FUSED):
             raise ValueError(f"path must be one of {(*PATHS, FUSED)}, got {path!r}")
         if batch_users < 1:
@@ -228,12 +233,14 @@ class DecodeRuntime:
             layout, reader=reader, expected_model_version=model_version, pin=pin, n_buffers=n_buffers,
             batch_users=batch_users, verify_crc=verify_crc)
         self.stats = RuntimeStats()
+        self.catalogue = catalogue if catalogue is not None else ItemIds.identity(model.cfg.n_items)
 
     @classmethod
     def open(cls, store: str | os.PathLike, checkpoint: str | os.PathLike | None = None, **kwargs) -> DecodeRuntime:
         """A runtime for a store (a store root: its ``current`` version; or a version directory)
         and a checkpoint directory (None: the ``checkpoint/`` published inside the same store version
-        by ``ckv refresh``, so records and model always come from one version)."""
+        by ``ckv refresh``, so records and model always come from one version). The checkpoint's
+        item catalogue becomes the runtime's ``catalogue`` unless one is given."""
         from cachestore.publish import CURRENT, open_current
         from cachestore.reader import StoreReader
         from pipeline.checkpoint import load_checkpoint
@@ -245,6 +252,7 @@ class DecodeRuntime:
             if not checkpoint.is_dir():
                 raise FileNotFoundError(f"{version_dir} has no checkpoint/ (published by ckv refresh): pass one")
         ckpt = load_checkpoint(checkpoint, device="cpu")
+        kwargs.setdefault("catalogue", ckpt.item_catalogue.item_ids())
         return cls(ckpt.model, ckpt.model_version, StoreReader(version_dir), **kwargs)
 
     def _check_targets(self, targets: np.ndarray) -> None:
@@ -286,6 +294,26 @@ class DecodeRuntime:
         for name, value in asdict(stats).items():
             setattr(self.stats, name, getattr(self.stats, name) + value)
         return ScoreResult(logits, cold, stats)
+
+    def score_raw(self, user_ids: np.ndarray | list[int], candidates: np.ndarray | list,
+                  n_candidates=None) -> ScoreResult:
+        """:meth:`score` with candidates given by raw item id (the event log's), mapped through
+        ``catalogue``. An unknown raw id raises :class:`cachestore.item_ids.UnknownItemError`
+        (``position``: its flat index in ``candidates``); padded entries are not looked up."""
+        cand = np.asarray(candidates, dtype=np.int64)
+        cand = cand.reshape(-1, 1) if cand.ndim == 1 else cand
+        real = np.ones(cand.shape, dtype=bool)
+        if n_candidates is not None:
+            real = np.arange(cand.shape[1])[None, :] < np.asarray(n_candidates, dtype=np.int64)[:, None]
+        flat = np.flatnonzero(real.reshape(-1))
+        dense = np.zeros(cand.size, dtype=np.int64)
+        try:
+            dense[flat] = self.catalogue.to_dense(cand.reshape(-1)[flat], where="candidates")
+        except UnknownItemError as exc:
+            pos = int(flat[exc.position])
+            raise UnknownItemError(exc.raw, pos, f"{exc} (user slot {pos // cand.shape[1]}, column "
+                                   f"{pos % cand.shape[1]})") from None
+        return self.score(user_ids, dense.reshape(cand.shape), n_candidates)
 
     def _graph(self, n_users: int, n_candidates: int) -> GraphedDecoder:
         key = (n_users, n_candidates)

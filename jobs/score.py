@@ -2,7 +2,10 @@
 
 Input (Parquet or CSV, by extension; ``.csv`` / ``.csv.gz`` are CSV, anything else Parquet): one row
 per (user, candidate item) — columns ``user_id`` and ``item_id`` (names set by --user-col /
---item-col), int64, no nulls; every other column is passed through. Output (Parquet): the input
+--item-col), int64, no nulls; every other column is passed through. Item ids are raw ids (the
+event log's), mapped to the model's rows through the checkpoint's item catalogue; an id the
+catalogue does not hold is an error naming its row (nothing is written). ``--dense-ids`` takes the
+model's dense ids instead (1..n_items; a checkpoint without a catalogue treats both alike). Output (Parquet): the input
 rows in input order plus ``logit`` (float32), ``score`` (float32, sigmoid of the logit) and
 ``cold_start`` (bool: the user has no entry in the store and was scored with an empty history).
 
@@ -78,6 +81,19 @@ def _ids(batch, col: str, path: Path) -> np.ndarray:
     return arr.to_numpy().astype(np.int64)
 
 
+def _to_dense(catalogue, raw: np.ndarray, rows_before: int, item_col: str, path: Path) -> np.ndarray:
+    """Dense ids of a chunk's raw item ids; ClickException naming the first unknown one's row."""
+    from cachestore.item_ids import UnknownItemError
+
+    try:
+        return catalogue.to_dense(raw, where=str(path))
+    except UnknownItemError as exc:
+        raise click.ClickException(
+            f"{path}: row {rows_before + exc.position + 1} (data rows from 1): {item_col} {exc.raw} is not in the "
+            f"model's item catalogue ({len(catalogue)} items): drop the row, score it with a model that knows the "
+            "item, or pass --dense-ids if the file holds dense ids") from None
+
+
 def group_requests(users: np.ndarray, items: np.ndarray, max_candidates: int):
     """Rows → slots (one user, <= max_candidates candidates each). Returns (slot_user (S,),
     candidates (S, C) 0-padded, n_candidates (S,), slot of each row (N,), column of each row (N,))."""
@@ -123,9 +139,10 @@ def group_requests(users: np.ndarray, items: np.ndarray, max_candidates: int):
 @click.option("--max-candidates", default=256, show_default=True, help="candidates per user slot")
 @click.option("--chunk-rows", default=1 << 16, show_default=True, help="request rows read at a time")
 @click.option("--verify-crc/--no-verify-crc", default=False, show_default=True, help="CRC-check every record")
+@click.option("--dense-ids", is_flag=True, help="item ids are the model's dense ids, not raw ids (no catalogue lookup)")
 def score(store: Path, checkpoint: Path, requests_path: Path, out: Path, user_col: str, item_col: str, device: str,
           decode_path: str, pool_dtype: str, batch_users: int, max_candidates: int, chunk_rows: int,
-          verify_crc: bool) -> None:
+          verify_crc: bool, dense_ids: bool) -> None:
     """Score a file of (user, candidate) requests against the cache store; writes Parquet."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -152,6 +169,8 @@ def score(store: Path, checkpoint: Path, requests_path: Path, out: Path, user_co
     try:
         for batch in read_requests(requests_path, user_col, item_col, chunk_rows):
             u, it = _ids(batch, user_col, requests_path), _ids(batch, item_col, requests_path)
+            if not dense_ids:
+                it = _to_dense(runtime.catalogue, it, rows, item_col, requests_path)
             slot_user, cand, n_cand, slot, col = group_requests(u, it, max_candidates)
             try:
                 res = runtime.score(slot_user, cand, n_cand)
@@ -184,6 +203,7 @@ def score(store: Path, checkpoint: Path, requests_path: Path, out: Path, user_co
         tmp.unlink(missing_ok=True)
     summary = {"out": str(out), "rows": rows, "users": len(users), "cold_start_users": len(cold_users),
                "cold_start_rows": cold_rows, "store_version": runtime.reader.version_id,
-               "model_version": runtime.model_version, "device": str(runtime.device), "path": decode_path,
+               "model_version": runtime.model_version, "item_ids": "dense" if dense_ids else "raw",
+               "device": str(runtime.device), "path": decode_path,
                "seconds": round(time.perf_counter() - t0, 3), "runtime": runtime.stats.as_dict()}
     click.echo(json.dumps(summary))

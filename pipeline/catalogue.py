@@ -153,7 +153,8 @@ def load_catalogue(path: str | os.PathLike, *, expected_sha256: str | None = Non
     try:
         table = pq.read_table(path)
     except (OSError, pa.ArrowException) as exc:
-        raise CatalogueError(f"{path}: unreadable item catalogue ({exc}); {what}") from None
+        detail = " ".join(str(exc).split())  # arrow messages span lines
+        raise CatalogueError(f"{path}: unreadable item catalogue ({detail}); {what}") from None
     raw_meta = (table.schema.metadata or {}).get(METADATA_KEY)
     try:
         meta = json.loads(raw_meta) if raw_meta else None
