@@ -125,6 +125,11 @@ class ItemCatalogue:
         genres = self.genres + tuple(sorted({str(g) for g in new_genres} - known))
         return ItemCatalogue(np.concatenate([self.raw_items, fresh]), genres)
 
+    def extends(self, base: ItemCatalogue) -> bool:
+        """True when this catalogue numbers every item of ``base`` as ``base`` does (base is a prefix)."""
+        n = base.n_items
+        return n <= self.n_items and bool(np.array_equal(self.raw_items[:n], base.raw_items))
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``path`` atomically (a unique temp file beside it, then os.replace)."""
         path = Path(path)
@@ -141,6 +146,20 @@ class ItemCatalogue:
         finally:
             tmp.unlink(missing_ok=True)
         return path
+
+
+def check_same_numbering(model: ItemCatalogue | None, data_dir: str | os.PathLike) -> None:
+    """Refuse a dataset directory whose dense item ids mean other items than the model's: its
+    catalogue must extend the model's (None, or a directory without a catalogue: not checkable)."""
+    path = Path(data_dir) / CATALOGUE_FILE
+    if model is None or not path.is_file():
+        return
+    data = load_catalogue(path)
+    if not data.extends(model):
+        raise CatalogueError(f"{data_dir}: its item catalogue ({data.sha256[:12]}) numbers items differently from "
+                             f"the model's ({model.sha256[:12]}), so its history item ids would point at other "
+                             "items' rows: prefill the histories of the dataset the model was trained on (or of one "
+                             "prepared with --catalogue <the checkpoint>)")
 
 
 def load_catalogue(path: str | os.PathLike, *, expected_sha256: str | None = None) -> ItemCatalogue:

@@ -42,7 +42,7 @@ import pyarrow as pa
 from cachestore.lmdb_build import StoreBuildError
 from cachestore.publish import STAGING, new_version_id
 from cachestore.record import layout_from_dict, write_layout
-from pipeline.catalogue import CATALOGUE_FILE
+from pipeline.catalogue import CATALOGUE_FILE, check_same_numbering
 from pipeline.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, load_checkpoint
 from pipeline.incremental import FP_COL, HISTORY_FP_VERSION, PREV_FP_COL, fingerprint_sql, previous_state
 from pipeline.incremental import split as incremental_split
@@ -214,6 +214,8 @@ def run_prefill(opts: PrefillOptions, spark: Any = None) -> dict[str, Any]:
     cfg, version = ckpt.config, ckpt.model_version
     layout = cache_layout(cfg, version, opts.mode or cfg.kv_mode, opts.kv_dtype)
     check_engine(layout, opts.engine)  # e.g. memo is din-only: refused before any task
+    if "://" not in opts.histories and Path(opts.histories).is_dir():
+        check_same_numbering(ckpt.catalogue, opts.histories)  # a dataset dir: its item ids are the model's
     del ckpt
     histories = resolve_histories(opts.histories)
     store = Path(opts.store).resolve()

@@ -137,3 +137,16 @@ def _table(df: pd.DataFrame):  # noqa: ANN202
     import pyarrow as pa
 
     return pa.Table.from_pandas(df.astype("int64"), preserve_index=False)
+
+
+def test_prefill_refuses_histories_numbered_by_another_catalogue(day1: tuple[Path, Checkpoint],
+                                                                 tmp_path: Path) -> None:
+    from pipeline.catalogue import CatalogueError, check_same_numbering
+    from pipeline.spark_job import PrefillOptions, run_prefill
+
+    _, ck1 = day1
+    fresh = prepare(tmp_path, "fresh", DAY2, "--new-catalogue")
+    with pytest.raises(CatalogueError, match="numbers items differently from the model's"):
+        run_prefill(PrefillOptions(checkpoint=str(ck1.path), histories=str(fresh), store=str(tmp_path / "s")))
+    assert not (tmp_path / "s").exists()  # refused before Spark starts
+    check_same_numbering(ck1.catalogue, prepare(tmp_path, "extended", DAY2, "--catalogue", str(ck1.path)))
