@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cachestore.item_ids import ItemIds
+from cachestore.item_ids import ItemIds, raw_to_dense
 from pipeline.dataset_schema import DataError
 
 CATALOGUE_FILE = "catalogue.parquet"
@@ -92,8 +92,6 @@ class ItemCatalogue:
             raise ValueError(f"unknown must be 'error' or 'zero', got {unknown!r}")
         ids = self.item_ids()
         if unknown == "zero":
-            from cachestore.item_ids import raw_to_dense
-
             return raw_to_dense(ids.sorted_raw, ids.dense, raw)[0]
         try:
             return ids.to_dense(raw, where=where)
@@ -118,8 +116,8 @@ class ItemCatalogue:
 
     def extend(self, new_raw_ids: Iterable[int] | np.ndarray, new_genres: Iterable[str] = ()) -> ItemCatalogue:
         """Append the raw ids (ascending) and genre names (sorted) not known yet; known ones keep their ids."""
-        raw = np.unique(np.asarray(list(new_raw_ids) if not isinstance(new_raw_ids, np.ndarray) else new_raw_ids,
-                                   dtype=np.int64))
+        ids = new_raw_ids if isinstance(new_raw_ids, np.ndarray) else list(new_raw_ids)
+        raw = np.unique(np.asarray(ids, dtype=np.int64))
         fresh = raw[~np.isin(raw, self.raw_items)]
         known = set(self.genres)
         genres = self.genres + tuple(sorted({str(g) for g in new_genres} - known))

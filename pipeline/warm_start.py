@@ -54,8 +54,7 @@ class WarmStartReport:
 
 def matching_rows(old_keys: np.ndarray, new_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(old rows, new rows), 1-based: the rows whose key (raw id / genre name) is in both tables."""
-    common, old_pos, new_pos = np.intersect1d(old_keys, new_keys, assume_unique=True, return_indices=True)
-    del common
+    _, old_pos, new_pos = np.intersect1d(old_keys, new_keys, assume_unique=True, return_indices=True)
     return old_pos.astype(np.int64) + 1, new_pos.astype(np.int64) + 1
 
 
@@ -83,8 +82,7 @@ def warm_start(model: torch.nn.Module, prev: Checkpoint, catalogue: ItemCatalogu
         genre_rows = (np.arange(1, model.cfg.n_genres + 1),) * 2
     else:
         item_rows = matching_rows(old_cat.raw_items, new_cat.raw_items)
-        genre_rows = matching_rows(np.array(old_cat.genres, dtype=object).astype(str),
-                                   np.array(new_cat.genres, dtype=object).astype(str))
+        genre_rows = matching_rows(np.array(old_cat.genres, dtype=str), np.array(new_cat.genres, dtype=str))
     old_state, new_state = prev.model.state_dict(), model.state_dict()
     merged: dict[str, torch.Tensor] = {}
     for name, new in new_state.items():

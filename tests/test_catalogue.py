@@ -153,3 +153,11 @@ def test_old_datasets_load_and_bad_catalogue_options_are_refused(tmp_path: Path)
     res = CliRunner().invoke(main, ["data", "prepare", "--events", str(events), "--out", str(tmp_path / "x"),
                                     "--catalogue", str(out), "--new-catalogue"])
     assert res.exit_code == 1 and "not both" in res.output
+
+
+def test_catalogue_and_item_ids_import_without_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, pipeline.catalogue, cachestore.item_ids; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1]).returncode == 0
