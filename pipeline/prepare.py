@@ -25,7 +25,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cachestore.item_ids import raw_to_dense
 from pipeline.catalogue import CATALOGUE_FILE, ItemCatalogue, load_catalogue
 from pipeline.dataset_schema import (
     HISTORIES_FILE,
@@ -156,7 +155,8 @@ def build_items(cat: ItemCatalogue, pairs: pd.DataFrame | None) -> tuple[pa.Tabl
     if pairs is None or len(pairs) == 0:
         offsets, values = np.zeros(n + 1, np.int64), np.zeros(0, np.int32)
     else:
-        dense, known = raw_to_dense_known(cat, pairs["item"].to_numpy(np.int64))
+        dense = cat.to_dense(pairs["item"].to_numpy(np.int64), unknown="zero")  # 0: not a catalogue item
+        known = dense > 0
         genre = pairs["genre"].to_numpy(object)[known].astype(str)
         uniq, inverse = np.unique(genre, return_inverse=True)
         cat = cat.extend([], new_genres=uniq)
@@ -174,12 +174,6 @@ def build_items(cat: ItemCatalogue, pairs: pd.DataFrame | None) -> tuple[pa.Tabl
         schema=ITEMS_SCHEMA,
     )
     return table, cat
-
-
-def raw_to_dense_known(cat: ItemCatalogue, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(dense ids, known mask) of raw ids in `cat` (unknown ones: 0, False)."""
-    ids = cat.item_ids()
-    return raw_to_dense(ids.sorted_raw, ids.dense, raw)
 
 
 def build_dataset(
