@@ -104,7 +104,8 @@ def build_train_config(kw: dict[str, Any], seed: int) -> Any:
 @model_options
 @click.option("--kv-mode", type=click.Choice(["full", "collective"]), default="collective", show_default=True)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--init-from", type=click.Path(exists=True, file_okay=False), help="warm-start checkpoint")
+@click.option("--init-from", type=click.Path(exists=True, file_okay=False),
+              help="warm-start checkpoint (same model options; item / genre rows matched by raw id)")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="checkpoint directory to write")
 def train(kv_mode: str, seed: int, init_from: str | None, out: str, data_dir: str, **kw: Any) -> None:
     """Train one model; write a checkpoint (weights, config, metrics, model version)."""
