@@ -18,6 +18,7 @@ from cachestore.item_ids import ItemIds, UnknownItemError, raw_to_dense
 from jobs.cli import main
 from pipeline.catalogue import CATALOGUE_FILE, CatalogueError, ItemCatalogue, load_catalogue
 from pipeline.dataset_schema import META_FILE, DataError, load_dataset
+from pipeline.prepare import PrepareConfig, previous_catalogue
 
 raw_ids = st.lists(st.integers(-(2**63), 2**63 - 1), max_size=40)
 
@@ -92,17 +93,16 @@ def test_item_ids_name_the_first_unknown_position() -> None:
 
 
 def prepare_day(root: Path, name: str, items: list[int], *extra: str) -> Path:
-    """Prepare an event log where each of 20 users rates every item of `items` once."""
+    """Prepare an event log where each of 20 users rates every item of `items` once, into root/name."""
     rows = [(u, it, 4.0 if (u + it) % 3 else 2.0, 100 * k + u) for u in range(1, 21) for k, it in enumerate(items)]
     events = root / f"{name}.csv"
     pd.DataFrame(rows, columns=["userId", "movieId", "rating", "timestamp"]).to_csv(events, index=False)
     genres = root / f"{name}-movies.csv"
     pd.DataFrame({"movieId": items, "genres": [f"G{it % 4}|H" for it in items]}).to_csv(genres, index=False)
-    out = root / "data"
     res = CliRunner().invoke(main, ["data", "prepare", "--events", str(events), "--items", str(genres),
-                                    "--out", str(out), *extra])
+                                    "--out", str(root / name), *extra])
     assert res.exit_code == 0, res.output
-    return out
+    return root / name
 
 
 def dense_of(data: Path) -> dict[int, int]:
@@ -110,49 +110,55 @@ def dense_of(data: Path) -> dict[int, int]:
     return dict(zip(items["raw_item"].to_pylist(), items["item_id"].to_pylist(), strict=True))
 
 
-def test_prepare_extends_the_catalogue_of_its_output(tmp_path: Path) -> None:
+def test_prepare_extends_the_previous_catalogue(tmp_path: Path) -> None:
     day1 = list(range(10, 60, 5))
-    out = prepare_day(tmp_path, "day1", day1)
-    ids1 = dense_of(out)
+    data1 = prepare_day(tmp_path, "day1", day1)
+    ids1 = dense_of(data1)
     assert sorted(ids1) == day1 and [ids1[r] for r in day1] == list(range(1, 11))  # fresh: by raw id
     # day 2: item 10 replaced by 12 (sorts first) and 99 added
     day2 = [12, *day1[1:], 99]
-    prepare_day(tmp_path, "day2", day2)
-    ds = load_dataset(out)
-    ids2 = dense_of(out)
+    data2 = prepare_day(tmp_path, "day2", day2, "--catalogue", str(data1))
+    ds = load_dataset(data2)
+    ids2 = dense_of(data2)
     assert all(ids2[r] == ids1[r] for r in day1)  # every known item kept its id (10 too: still in the catalogue)
     assert ids2[12] == 11 and ids2[99] == 12 and ds.n_items == 12
-    meta = json.loads((out / META_FILE).read_text())
+    meta = json.loads((data2 / META_FILE).read_text())
     assert meta["schema_version"] == 2 and meta["catalogue"]["new_items"] == 2
     assert meta["catalogue"]["previous_sha256"] == ItemCatalogue(np.array(day1), ("G0", "G1", "G2", "G3", "H")).sha256
     samples = ds.samples["train"].to_pandas()
     assert 1 not in set(samples.item_id)  # item 10 (dense 1) has no events on day 2
+    # without --catalogue, the dataset already at --out is the previous catalogue
+    config = PrepareConfig(events=tmp_path / "day2.csv", out=data2)
+    assert previous_catalogue(config).sha256 == ds.catalogue.sha256
+    assert previous_catalogue(PrepareConfig(events=tmp_path / "day2.csv", out=data2, new_catalogue=True)) is None
+    assert previous_catalogue(PrepareConfig(events=tmp_path / "day2.csv", out=tmp_path / "nothing")) is None
     # --new-catalogue: numbered afresh by raw id
-    prepare_day(tmp_path, "day2", day2, "--new-catalogue")
-    assert dense_of(out)[12] == 1 and load_dataset(out).n_items == 11
+    data3 = prepare_day(tmp_path, "day3", day2, "--new-catalogue")
+    assert dense_of(data3)[12] == 1 and load_dataset(data3).n_items == 11
 
 
 def test_old_datasets_load_and_bad_catalogue_options_are_refused(tmp_path: Path) -> None:
-    out = prepare_day(tmp_path, "day1", [3, 1, 2])
-    meta = json.loads((out / META_FILE).read_text())
+    old = prepare_day(tmp_path, "day1", [3, 1, 2])
+    meta = json.loads((old / META_FILE).read_text())
     meta["schema_version"] = 1
     del meta["catalogue"]
-    (out / META_FILE).write_text(json.dumps(meta))
-    (out / CATALOGUE_FILE).unlink()
-    ds = load_dataset(out)  # schema 1: loads, identity catalogue
+    (old / META_FILE).write_text(json.dumps(meta))
+    (old / CATALOGUE_FILE).unlink()
+    ds = load_dataset(old)  # schema 1: loads, identity catalogue
     assert ds.catalogue is None and ds.item_catalogue.raw_items.tolist() == [1, 2, 3]
-    prepare_day(tmp_path, "day2", [4, 1])  # extends the ids the old dataset used (raw_item column)
-    assert dense_of(out) == {1: 1, 2: 2, 3: 3, 4: 4}
-    (out / CATALOGUE_FILE).write_bytes(b"not parquet")
+    data2 = prepare_day(tmp_path, "day2", [4, 1], "--catalogue", str(old))  # extends the ids the old one used
+    assert dense_of(data2) == {1: 1, 2: 2, 3: 3, 4: 4}
+    (data2 / CATALOGUE_FILE).write_bytes(b"not parquet")
     with pytest.raises(DataError, match="catalogue.parquet: unreadable item catalogue"):
-        load_dataset(out)
+        load_dataset(data2)
     events = tmp_path / "day2.csv"
     res = CliRunner().invoke(main, ["data", "prepare", "--events", str(events), "--out", str(tmp_path / "x"),
                                     "--catalogue", str(events.parent / "day2-movies.csv")])
     assert res.exit_code == 1 and "unreadable item catalogue" in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(main, ["data", "prepare", "--events", str(events), "--out", str(tmp_path / "x"),
-                                    "--catalogue", str(out), "--new-catalogue"])
+                                    "--catalogue", str(old), "--new-catalogue"])
     assert res.exit_code == 1 and "not both" in res.output
+    assert not (tmp_path / "x").exists()
 
 
 def test_catalogue_and_item_ids_import_without_torch() -> None:
