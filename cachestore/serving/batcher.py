@@ -62,7 +62,6 @@ class DynamicBatcher:
         self._cond = threading.Condition()
         self._closing = False
         self._worker: threading.Thread | None = None
-        self.last_version: ServedVersion | None = None
 
     @property
     def queued_users(self) -> int:
@@ -153,7 +152,6 @@ class DynamicBatcher:
             for q in ok:
                 q.future.set_exception(exc)
             return
-        self.last_version = version
         users = sum(q.request.n_users for q in ok)
         self.metrics.batch_users.observe(users)
         self.metrics.users.inc(users)

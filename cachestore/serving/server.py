@@ -9,6 +9,7 @@ is the same graceful shutdown.
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 from pathlib import Path
@@ -61,12 +62,17 @@ def url_of(sock: socket.socket) -> str:
 
 
 def serve(service: ScoringService, sock: socket.socket) -> None:
-    """Serve on ``sock`` until SIGTERM / SIGINT (graceful: the queue is drained), then release all."""
+    """Serve on ``sock`` until SIGTERM / SIGINT (graceful: the queue is drained), then release all and
+    return normally (main thread only). uvicorn re-raises the signal it caught once it has shut down;
+    the handlers installed here take that re-raise, so the process exits with status 0, not by the signal."""
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         _uvicorn(service).run(sockets=[sock])
     finally:
         service.close()
         sock.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class RunningServer:
