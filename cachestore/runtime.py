@@ -36,12 +36,13 @@ import numpy as np
 import torch
 
 from cachestore.batch import HostBatcher, is_entry_layout
-from cachestore.decode import PATHS, ResidentModel, ResidentZooModel, decode, decode_zoo, entry_cache
+from cachestore.decode import ResidentModel, ResidentZooModel, decode, decode_zoo, entry_cache
 from cachestore.entry import entry_layout
-from cachestore.fused import DEFAULT_FUSED, FUSED, FusedConfig, fused_available, fused_decode, uses_fused
+from cachestore.fused import FUSED, fused_available, fused_decode, uses_fused
 from cachestore.graphs import GraphedDecoder
 from cachestore.mapped import MappedBatcher
 from cachestore.record import LayoutError, ModelVersionMismatchError
+from cachestore.runtime_config import ServingConfig
 from cachestore.transfer import to_device
 from model.ctr import TargetAttentionCTR
 from model.entry import store_config
@@ -136,6 +137,10 @@ class RuntimeStats:
     h2d_ms: float = 0.0
     decode_ms: float = 0.0
     total_ms: float = 0.0
+    tier_hits: int = 0  # present users found in the resident tier (cachestore/tier)
+    tier_misses: int = 0  # present users fetched from LMDB (not resident)
+    tier_evictions: int = 0  # entries evicted from the tier to admit others
+    tier_admission_errors: int = 0  # entries refused on admission (CRC or header check failed)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -143,11 +148,14 @@ class RuntimeStats:
 
 @dataclass
 class ScoreResult:
-    """logits (B, C) float32 numpy (NaN where ``candidates`` was padding), cold_start (B,) bool."""
+    """logits (B, C) float32 numpy (NaN where ``candidates`` was padding), cold_start (B,) bool (the user has
+    no entry in the store: scored with an empty history), model_version: the checkpoint that scored them
+    (records and model always come from one store version)."""
 
     logits: np.ndarray
     cold_start: np.ndarray
     stats: RuntimeStats = field(default_factory=RuntimeStats)
+    model_version: str = ""
 
     @property
     def probabilities(self) -> np.ndarray:
@@ -156,6 +164,11 @@ class ScoreResult:
 
 class DecodeRuntime:
     """Scores batches of requests; see the module docstring.
+
+    config: a :class:`cachestore.runtime_config.ServingConfig` (default: its defaults); keyword
+    ``overrides`` replace its fields (``DecodeRuntime(m, v, r, device="cpu", batch_users=4)`` is
+    ``DecodeRuntime(m, v, r, ServingConfig(device="cpu", batch_users=4))``); the fields below are the
+    config's. :meth:`close` lets go of the device memory, the map registration and the reader.
 
     model / model_version: the checkpoint (``pipeline.checkpoint.load_checkpoint``; any arch whose
     store format the reader's layout is, see the module docstring); the model is moved to ``device``.
@@ -181,15 +194,12 @@ class DecodeRuntime:
     ``benchmarks/results/zero_copy.json``); at L 50 it gains nothing (small records are cheap to copy).
     """
 
-    def __init__(self, model: torch.nn.Module, model_version: str, reader: StoreReader, *,
-                 device: torch.device | str | None = None, path: str = "auto", batch_users: int = 512,
-                 n_buffers: int = 2, verify_crc: bool = False, pad_to: int | None = None,
-                 pin: bool | None = None, max_pairs: int = 8192, graphs: bool = False,
-                 fused_config: FusedConfig = DEFAULT_FUSED, zero_copy: bool = False) -> None:
-        if path not in (*PATHS, FUSED):
-            raise ValueError(f"path must be one of {(*PATHS, FUSED)}, got {path!r}")
-        if batch_users < 1:
-            raise ValueError("batch_users must be >= 1")
+    def __init__(self, model: torch.nn.Module, model_version: str, reader: StoreReader,
+                 config: ServingConfig | None = None, **overrides: object) -> None:
+        config = (config or ServingConfig()).replace(**overrides) if overrides else (config or ServingConfig())
+        self.config = config
+        device, path, batch_users, graphs = config.device, config.path, config.batch_users, config.graphs
+        zero_copy, pad_to, pin = config.zero_copy, config.pad_to, config.pin
         layout = reader.layout
         check_layout(layout, model, model_version)
         self.device = torch.device(device) if device is not None else default_device()
@@ -197,8 +207,6 @@ class DecodeRuntime:
         if graphs and (self.device.type != "cuda" or self.entry):
             raise ValueError("graphs=True needs a CUDA device and a record format v1 (din) store; "
                              f"got device {self.device}, record format {2 if self.entry else 1}")
-        if zero_copy and not graphs:
-            raise ValueError("zero_copy=True needs graphs=True (the graph gathers the records from the store's map)")
         self.graphs = graphs
         self._graphs: dict[tuple[int, int], GraphedDecoder] = {}  # (step users, candidates) -> graph
         self.zoo = getattr(model.cfg, "arch", "din") != "din"
@@ -217,23 +225,26 @@ class DecodeRuntime:
             raise ValueError(f"path 'fused' needs a record format v1 (din) store and Triton on a CUDA device "
                              f"(device {self.device})")
         self.fused = din_v1 and uses_fused(path, self.device)  # "auto" on CUDA with Triton, or "fused"
-        self.fused_config = fused_config
+        self.fused_config = config.fused_config
         self.batch_users = batch_users
         self.pad_to = pad_to
         self.graph_len = pad_to or max(1, layout.max_len)  # L of the graphs
-        self.max_pairs = max_pairs
+        self.max_pairs = config.max_pairs
         pin = (self.device.type == "cuda") if pin is None else pin
         kind = MappedBatcher if zero_copy else HostBatcher
         self.batcher: HostBatcher | MappedBatcher = kind(
-            layout, reader=reader, expected_model_version=model_version, pin=pin, n_buffers=n_buffers,
-            batch_users=batch_users, verify_crc=verify_crc)
+            layout, reader=reader, expected_model_version=model_version, pin=pin, n_buffers=config.n_buffers,
+            batch_users=batch_users, verify_crc=config.verify_crc)
         self.stats = RuntimeStats()
+        self.tier = None  # the resident tier (cachestore/tier), when config.tier_bytes gives it room
 
     @classmethod
-    def open(cls, store: str | os.PathLike, checkpoint: str | os.PathLike | None = None, **kwargs) -> DecodeRuntime:
-        """A runtime for a store (a store root: its ``current`` version; or a version directory)
-        and a checkpoint directory (None: the ``checkpoint/`` published inside the same store version
-        by ``ckv refresh``, so records and model always come from one version)."""
+    def open(cls, store: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
+             config: ServingConfig | None = None, **overrides: object) -> DecodeRuntime:
+        """A runtime for a store (a store root: its ``current`` version, resolved once; or a version
+        directory) and a checkpoint directory (None: the ``checkpoint/`` published inside the same store
+        version by ``ckv refresh``, so records and model always come from one version), served with
+        ``config`` (default :class:`ServingConfig`) updated by ``overrides``."""
         from cachestore.publish import CURRENT, open_current
         from cachestore.reader import StoreReader
         from pipeline.checkpoint import load_checkpoint
@@ -245,7 +256,29 @@ class DecodeRuntime:
             if not checkpoint.is_dir():
                 raise FileNotFoundError(f"{version_dir} has no checkpoint/ (published by ckv refresh): pass one")
         ckpt = load_checkpoint(checkpoint, device="cpu")
-        return cls(ckpt.model, ckpt.model_version, StoreReader(version_dir), **kwargs)
+        return cls(ckpt.model, ckpt.model_version, StoreReader(version_dir), config, **overrides)
+
+    @property
+    def version_id(self) -> str:
+        """The served store version's directory name."""
+        return self.reader.version_id
+
+    def close(self) -> None:
+        """Let go of what the runtime holds: the tier's device memory and admission thread, the zero-copy map
+        registration, the captured graphs, the reader's LMDB environment. The runtime is unusable after."""
+        tier, self.tier = getattr(self, "tier", None), None
+        if tier is not None:
+            tier.close()
+        if isinstance(self.batcher, MappedBatcher):
+            self.batcher.close()
+        self._graphs.clear()
+        self.reader.close()
+
+    def __enter__(self) -> DecodeRuntime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _check_targets(self, targets: np.ndarray) -> None:
         n_items = self.resident.cfg.n_items
@@ -285,7 +318,7 @@ class DecodeRuntime:
         stats.candidates = int(real.sum())
         for name, value in asdict(stats).items():
             setattr(self.stats, name, getattr(self.stats, name) + value)
-        return ScoreResult(logits, cold, stats)
+        return ScoreResult(logits, cold, stats, self.model_version)
 
     def _graph(self, n_users: int, n_candidates: int) -> GraphedDecoder:
         key = (n_users, n_candidates)
