@@ -43,6 +43,8 @@ from cachestore.graphs import GraphedDecoder
 from cachestore.mapped import MappedBatcher
 from cachestore.record import LayoutError, ModelVersionMismatchError
 from cachestore.runtime_config import ServingConfig
+from cachestore.tier.graph import ResidentRequest
+from cachestore.tier.tier import WHOLE, ResidentTier, plan_capacity
 from cachestore.transfer import to_device
 from model.ctr import TargetAttentionCTR
 from model.entry import store_config
@@ -236,7 +238,9 @@ class DecodeRuntime:
             layout, reader=reader, expected_model_version=model_version, pin=pin, n_buffers=config.n_buffers,
             batch_users=batch_users, verify_crc=config.verify_crc)
         self.stats = RuntimeStats()
-        self.tier = None  # the resident tier (cachestore/tier), when config.tier_bytes gives it room
+        self._resident: dict[tuple[int, int], ResidentRequest] = {}  # (step users, candidates) -> request
+        self._evictions_seen = self._errors_seen = 0  # tier totals already counted in a batch's stats
+        self.tier: ResidentTier | None = self._open_tier()  # the resident tier, when config.tier_bytes gives room
 
     @classmethod
     def open(cls, store: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
@@ -257,6 +261,18 @@ class DecodeRuntime:
                 raise FileNotFoundError(f"{version_dir} has no checkpoint/ (published by ckv refresh): pass one")
         ckpt = load_checkpoint(checkpoint, device="cpu")
         return cls(ckpt.model, ckpt.model_version, StoreReader(version_dir), config, **overrides)
+
+    def _open_tier(self) -> ResidentTier | None:
+        """The resident tier (record format v1 din stores; see cachestore/tier): ``config.tier_bytes`` bytes,
+        None = auto (:func:`cachestore.tier.plan_capacity`; off when ``zero_copy`` asks for the map fetch), 0 = off."""
+        tier_bytes = self.config.tier_bytes
+        if self.entry or self.zoo or (tier_bytes is None and self.config.zero_copy):
+            return None
+        capacity = plan_capacity(tier_bytes, self.device, self.reader)
+        if capacity <= 0:
+            return None
+        return ResidentTier(self.reader, self.device, capacity, policy=self.config.policy,
+                            batch_users=self.batch_users, expected_model_version=self.model_version)
 
     @property
     def version_id(self) -> str:
@@ -331,6 +347,8 @@ class DecodeRuntime:
     @torch.inference_mode()
     def _score_batch(self, ids: np.ndarray, cand: np.ndarray, stats: RuntimeStats, slots: int
                      ) -> tuple[np.ndarray, np.ndarray]:
+        if self.tier is not None:
+            return self._score_resident(ids, cand, stats, slots)
         t0 = time.perf_counter()
         n = len(ids)
         host = self.batcher.fetch(ids, n_slots=slots if self.graphs else None)
@@ -377,3 +395,42 @@ class DecodeRuntime:
         stats.decode_ms += decode_ms
         stats.total_ms += (time.perf_counter() - t0) * 1e3
         return out, ~host.present[:n]
+
+    def _score_resident(self, ids: np.ndarray, cand: np.ndarray, stats: RuntimeStats, slots: int
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        """One step through the resident tier: ``slots`` users (cold padding), L = graph_len, one graph replay on
+        CUDA (:class:`cachestore.tier.graph.ResidentRequest`; eager on CPU)."""
+        t0 = time.perf_counter()
+        tier, n, width = self.tier, len(ids), cand.shape[1]
+        key = (slots, width)
+        if key not in self._resident:
+            self._resident[key] = ResidentRequest(self._graph(slots, width), tier)
+        padded = np.zeros((slots, width), dtype=np.int64)
+        padded[:n] = cand
+        first = np.full(slots, -1, dtype=np.int64)
+        with tier.lock:  # resolve → replay enqueued: no admission rewrites a slot this batch reads
+            if tier.mode == WHOLE:
+                first[:n], second, counters = ids, None, None
+            else:
+                resolved = tier.resolve(ids)
+                first[:n], second, counters = resolved.src, np.zeros(slots, dtype=np.int64), resolved.counters
+                second[:n] = resolved.n
+            t_dec = time.perf_counter()
+            logits, present = self._resident[key].run(first, second, padded)
+        present = present[:n]
+        stats.batches += 1
+        stats.users += n
+        stats.cold_start_users += int((~present).sum())
+        stats.tier_hits += int(present.sum()) if counters is None else counters.hits
+        stats.tier_misses += 0 if counters is None else counters.misses
+        evictions = tier.counters.evictions
+        stats.tier_evictions += evictions - self._evictions_seen
+        self._evictions_seen = evictions
+        errors = tier.counters.admission_errors
+        stats.tier_admission_errors += errors - self._errors_seen
+        self._errors_seen = errors
+        stats.h2d_bytes += 16 * slots
+        stats.fetch_ms += (t_dec - t0) * 1e3
+        stats.decode_ms += (time.perf_counter() - t_dec) * 1e3
+        stats.total_ms += (time.perf_counter() - t0) * 1e3
+        return logits[:n], ~present
