@@ -429,7 +429,9 @@ class DecodeRuntime:
         errors = tier.counters.admission_errors
         stats.tier_admission_errors += errors - self._errors_seen
         self._errors_seen = errors
+        cost = self._graph(slots, width).last_cost  # the ids copy, lookup and gather (graph events; read after sync)
         stats.h2d_bytes += 16 * slots
+        stats.h2d_ms += cost.ms if cost is not None else 0.0
         stats.fetch_ms += (t_dec - t0) * 1e3
         stats.decode_ms += (time.perf_counter() - t_dec) * 1e3
         stats.total_ms += (time.perf_counter() - t0) * 1e3

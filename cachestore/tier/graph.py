@@ -85,6 +85,7 @@ class ResidentRequest:
                 return logits.float().numpy().copy(), self.present.numpy().copy()
             if self._captured is None:
                 self._captured = self._capture()
+                d._graphs[("resident", id(self.tier))] = self._captured  # counted in d.n_graphs
             logits = d._replay(self._captured, None)
             self.logits_host.copy_(logits, non_blocking=True)
             self.present_host.copy_(self.present, non_blocking=True)
