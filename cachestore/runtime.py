@@ -36,12 +36,15 @@ import numpy as np
 import torch
 
 from cachestore.batch import HostBatcher, is_entry_layout
-from cachestore.decode import PATHS, ResidentModel, ResidentZooModel, decode, decode_zoo, entry_cache
+from cachestore.decode import ResidentModel, ResidentZooModel, decode, decode_zoo, entry_cache
 from cachestore.entry import entry_layout
-from cachestore.fused import DEFAULT_FUSED, FUSED, FusedConfig, fused_available, fused_decode, uses_fused
+from cachestore.fused import FUSED, fused_available, fused_decode, uses_fused
 from cachestore.graphs import GraphedDecoder
 from cachestore.mapped import MappedBatcher
 from cachestore.record import LayoutError, ModelVersionMismatchError
+from cachestore.runtime_config import ServingConfig
+from cachestore.tier.graph import ResidentRequest
+from cachestore.tier.tier import WHOLE, ResidentTier, plan_capacity
 from cachestore.transfer import to_device
 from model.ctr import TargetAttentionCTR
 from model.entry import store_config
@@ -136,6 +139,10 @@ class RuntimeStats:
     h2d_ms: float = 0.0
     decode_ms: float = 0.0
     total_ms: float = 0.0
+    tier_hits: int = 0  # present users found in the resident tier (cachestore/tier)
+    tier_misses: int = 0  # present users fetched from LMDB (not resident)
+    tier_evictions: int = 0  # entries evicted from the tier to admit others
+    tier_admission_errors: int = 0  # entries refused on admission (CRC or header check failed)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -143,11 +150,14 @@ class RuntimeStats:
 
 @dataclass
 class ScoreResult:
-    """logits (B, C) float32 numpy (NaN where ``candidates`` was padding), cold_start (B,) bool."""
+    """logits (B, C) float32 numpy (NaN where ``candidates`` was padding), cold_start (B,) bool (the user has
+    no entry in the store: scored with an empty history), model_version: the checkpoint that scored them
+    (records and model always come from one store version)."""
 
     logits: np.ndarray
     cold_start: np.ndarray
     stats: RuntimeStats = field(default_factory=RuntimeStats)
+    model_version: str = ""
 
     @property
     def probabilities(self) -> np.ndarray:
@@ -156,6 +166,11 @@ class ScoreResult:
 
 class DecodeRuntime:
     """Scores batches of requests; see the module docstring.
+
+    config: a :class:`cachestore.runtime_config.ServingConfig` (default: its defaults); keyword
+    ``overrides`` replace its fields (``DecodeRuntime(m, v, r, device="cpu", batch_users=4)`` is
+    ``DecodeRuntime(m, v, r, ServingConfig(device="cpu", batch_users=4))``); the fields below are the
+    config's. :meth:`close` lets go of the device memory, the map registration and the reader.
 
     model / model_version: the checkpoint (``pipeline.checkpoint.load_checkpoint``; any arch whose
     store format the reader's layout is, see the module docstring); the model is moved to ``device``.
@@ -181,15 +196,12 @@ class DecodeRuntime:
     ``benchmarks/results/zero_copy.json``); at L 50 it gains nothing (small records are cheap to copy).
     """
 
-    def __init__(self, model: torch.nn.Module, model_version: str, reader: StoreReader, *,
-                 device: torch.device | str | None = None, path: str = "auto", batch_users: int = 512,
-                 n_buffers: int = 2, verify_crc: bool = False, pad_to: int | None = None,
-                 pin: bool | None = None, max_pairs: int = 8192, graphs: bool = False,
-                 fused_config: FusedConfig = DEFAULT_FUSED, zero_copy: bool = False) -> None:
-        if path not in (*PATHS, FUSED):
-            raise ValueError(f"path must be one of {(*PATHS, FUSED)}, got {path!r}")
-        if batch_users < 1:
-            raise ValueError("batch_users must be >= 1")
+    def __init__(self, model: torch.nn.Module, model_version: str, reader: StoreReader,
+                 config: ServingConfig | None = None, **overrides: object) -> None:
+        config = (config or ServingConfig()).replace(**overrides) if overrides else (config or ServingConfig())
+        self.config = config
+        device, path, batch_users, graphs = config.device, config.path, config.batch_users, config.graphs
+        zero_copy, pad_to, pin = config.zero_copy, config.pad_to, config.pin
         layout = reader.layout
         check_layout(layout, model, model_version)
         self.device = torch.device(device) if device is not None else default_device()
@@ -197,8 +209,6 @@ class DecodeRuntime:
         if graphs and (self.device.type != "cuda" or self.entry):
             raise ValueError("graphs=True needs a CUDA device and a record format v1 (din) store; "
                              f"got device {self.device}, record format {2 if self.entry else 1}")
-        if zero_copy and not graphs:
-            raise ValueError("zero_copy=True needs graphs=True (the graph gathers the records from the store's map)")
         self.graphs = graphs
         self._graphs: dict[tuple[int, int], GraphedDecoder] = {}  # (step users, candidates) -> graph
         self.zoo = getattr(model.cfg, "arch", "din") != "din"
@@ -217,23 +227,28 @@ class DecodeRuntime:
             raise ValueError(f"path 'fused' needs a record format v1 (din) store and Triton on a CUDA device "
                              f"(device {self.device})")
         self.fused = din_v1 and uses_fused(path, self.device)  # "auto" on CUDA with Triton, or "fused"
-        self.fused_config = fused_config
+        self.fused_config = config.fused_config
         self.batch_users = batch_users
         self.pad_to = pad_to
         self.graph_len = pad_to or max(1, layout.max_len)  # L of the graphs
-        self.max_pairs = max_pairs
+        self.max_pairs = config.max_pairs
         pin = (self.device.type == "cuda") if pin is None else pin
         kind = MappedBatcher if zero_copy else HostBatcher
         self.batcher: HostBatcher | MappedBatcher = kind(
-            layout, reader=reader, expected_model_version=model_version, pin=pin, n_buffers=n_buffers,
-            batch_users=batch_users, verify_crc=verify_crc)
+            layout, reader=reader, expected_model_version=model_version, pin=pin, n_buffers=config.n_buffers,
+            batch_users=batch_users, verify_crc=config.verify_crc)
         self.stats = RuntimeStats()
+        self._resident: dict[tuple[int, int], ResidentRequest] = {}  # (step users, candidates) -> request
+        self._evictions_seen = self._errors_seen = 0  # tier totals already counted in a batch's stats
+        self.tier: ResidentTier | None = self._open_tier()  # the resident tier, when config.tier_bytes gives room
 
     @classmethod
-    def open(cls, store: str | os.PathLike, checkpoint: str | os.PathLike | None = None, **kwargs) -> DecodeRuntime:
-        """A runtime for a store (a store root: its ``current`` version; or a version directory)
-        and a checkpoint directory (None: the ``checkpoint/`` published inside the same store version
-        by ``ckv refresh``, so records and model always come from one version)."""
+    def open(cls, store: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
+             config: ServingConfig | None = None, **overrides: object) -> DecodeRuntime:
+        """A runtime for a store (a store root: its ``current`` version, resolved once; or a version
+        directory) and a checkpoint directory (None: the ``checkpoint/`` published inside the same store
+        version by ``ckv refresh``, so records and model always come from one version), served with
+        ``config`` (default :class:`ServingConfig`) updated by ``overrides``."""
         from cachestore.publish import CURRENT, open_current
         from cachestore.reader import StoreReader
         from pipeline.checkpoint import load_checkpoint
@@ -245,7 +260,41 @@ class DecodeRuntime:
             if not checkpoint.is_dir():
                 raise FileNotFoundError(f"{version_dir} has no checkpoint/ (published by ckv refresh): pass one")
         ckpt = load_checkpoint(checkpoint, device="cpu")
-        return cls(ckpt.model, ckpt.model_version, StoreReader(version_dir), **kwargs)
+        return cls(ckpt.model, ckpt.model_version, StoreReader(version_dir), config, **overrides)
+
+    def _open_tier(self) -> ResidentTier | None:
+        """The resident tier (record format v1 din stores; see cachestore/tier): ``config.tier_bytes`` bytes,
+        None = auto (:func:`cachestore.tier.plan_capacity`; off when ``zero_copy`` asks for the map fetch), 0 = off."""
+        tier_bytes = self.config.tier_bytes
+        if self.entry or self.zoo or (tier_bytes is None and self.config.zero_copy):
+            return None
+        capacity = plan_capacity(tier_bytes, self.device, self.reader)
+        if capacity <= 0:
+            return None
+        return ResidentTier(self.reader, self.device, capacity, policy=self.config.policy,
+                            batch_users=self.batch_users, expected_model_version=self.model_version)
+
+    @property
+    def version_id(self) -> str:
+        """The served store version's directory name."""
+        return self.reader.version_id
+
+    def close(self) -> None:
+        """Let go of what the runtime holds: the tier's device memory and admission thread, the zero-copy map
+        registration, the captured graphs, the reader's LMDB environment. The runtime is unusable after."""
+        tier, self.tier = getattr(self, "tier", None), None
+        if tier is not None:
+            tier.close()
+        if isinstance(self.batcher, MappedBatcher):
+            self.batcher.close()
+        self._graphs.clear()
+        self.reader.close()
+
+    def __enter__(self) -> DecodeRuntime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _check_targets(self, targets: np.ndarray) -> None:
         n_items = self.resident.cfg.n_items
@@ -285,7 +334,7 @@ class DecodeRuntime:
         stats.candidates = int(real.sum())
         for name, value in asdict(stats).items():
             setattr(self.stats, name, getattr(self.stats, name) + value)
-        return ScoreResult(logits, cold, stats)
+        return ScoreResult(logits, cold, stats, self.model_version)
 
     def _graph(self, n_users: int, n_candidates: int) -> GraphedDecoder:
         key = (n_users, n_candidates)
@@ -298,6 +347,8 @@ class DecodeRuntime:
     @torch.inference_mode()
     def _score_batch(self, ids: np.ndarray, cand: np.ndarray, stats: RuntimeStats, slots: int
                      ) -> tuple[np.ndarray, np.ndarray]:
+        if self.tier is not None:
+            return self._score_resident(ids, cand, stats, slots)
         t0 = time.perf_counter()
         n = len(ids)
         host = self.batcher.fetch(ids, n_slots=slots if self.graphs else None)
@@ -344,3 +395,44 @@ class DecodeRuntime:
         stats.decode_ms += decode_ms
         stats.total_ms += (time.perf_counter() - t0) * 1e3
         return out, ~host.present[:n]
+
+    def _score_resident(self, ids: np.ndarray, cand: np.ndarray, stats: RuntimeStats, slots: int
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        """One step through the resident tier: ``slots`` users (cold padding), L = graph_len, one graph replay on
+        CUDA (:class:`cachestore.tier.graph.ResidentRequest`; eager on CPU)."""
+        t0 = time.perf_counter()
+        tier, n, width = self.tier, len(ids), cand.shape[1]
+        key = (slots, width)
+        if key not in self._resident:
+            self._resident[key] = ResidentRequest(self._graph(slots, width), tier)
+        padded = np.zeros((slots, width), dtype=np.int64)
+        padded[:n] = cand
+        first = np.full(slots, -1, dtype=np.int64)
+        with tier.lock:  # resolve → replay enqueued: no admission rewrites a slot this batch reads
+            if tier.mode == WHOLE:
+                first[:n], second, counters = ids, None, None
+            else:
+                resolved = tier.resolve(ids)
+                first[:n], second, counters = resolved.src, np.zeros(slots, dtype=np.int64), resolved.counters
+                second[:n] = resolved.n
+            t_dec = time.perf_counter()
+            logits, present = self._resident[key].run(first, second, padded)
+        present = present[:n]
+        stats.batches += 1
+        stats.users += n
+        stats.cold_start_users += int((~present).sum())
+        stats.tier_hits += int(present.sum()) if counters is None else counters.hits
+        stats.tier_misses += 0 if counters is None else counters.misses
+        evictions = tier.counters.evictions
+        stats.tier_evictions += evictions - self._evictions_seen
+        self._evictions_seen = evictions
+        errors = tier.counters.admission_errors
+        stats.tier_admission_errors += errors - self._errors_seen
+        self._errors_seen = errors
+        cost = self._graph(slots, width).last_cost  # the ids copy, lookup and gather (graph events; read after sync)
+        stats.h2d_bytes += 16 * slots
+        stats.h2d_ms += cost.ms if cost is not None else 0.0
+        stats.fetch_ms += (t_dec - t0) * 1e3
+        stats.decode_ms += (time.perf_counter() - t_dec) * 1e3
+        stats.total_ms += (time.perf_counter() - t0) * 1e3
+        return logits[:n], ~present
