@@ -23,8 +23,10 @@ import click
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:n]")
 @click.option("--path", "decode_path", type=click.Choice(["auto", "fused", "poolscore", "gather"]), default="auto",
               show_default=True, help="attention over the collective part (as in ckv score)")
-@click.option("--tier-bytes", default=None, type=click.IntRange(0), help="GPU-resident tier capacity in bytes "
-              "(needs a runtime with the resident tier)")
+@click.option("--tier-bytes", default=None, type=click.IntRange(0), help="resident tier capacity in bytes "
+              "(default: on CUDA the whole store when it fits in 80% of the free device memory; 0 = off)")
+@click.option("--policy", type=click.Choice(["lru", "s3fifo"]), default="s3fifo", show_default=True,
+              help="the tier's eviction policy when the store does not fit")
 @click.option("--batch-users", default=512, show_default=True, type=click.IntRange(1),
               help="users per runtime step")
 @click.option("--max-batch-users", default=512, show_default=True, type=click.IntRange(1),
@@ -35,26 +37,20 @@ import click
               help="users queued at most; more get 503")
 @click.option("--poll-s", default=1.0, show_default=True, type=click.FloatRange(0.01),
               help="how often STORE/current is checked for a new version")
-def serve(store: Path, host: str, port: int, device: str, decode_path: str, tier_bytes: int | None,
+def serve(store: Path, host: str, port: int, device: str, decode_path: str, tier_bytes: int | None, policy: str,
           batch_users: int, max_batch_users: int, max_wait_ms: float, max_queue_users: int, poll_s: float) -> None:
     """Serve POST /score, GET /healthz and GET /metrics for the cache store (docs/serving.md)."""
-    import inspect
-
     from cachestore.publish import PublishError
     from cachestore.record import LayoutError, RecordError
-    from cachestore.runtime import DecodeRuntime, default_device
+    from cachestore.runtime_config import ServingConfig
     from cachestore.serving.config import ServerConfig
     from cachestore.serving.server import bind, build_service, url_of
     from cachestore.serving.server import serve as run_server
     from pipeline.checkpoint import CheckpointError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    runtime = {"device": default_device() if device == "auto" else device, "path": decode_path,
-               "batch_users": batch_users}
-    if tier_bytes is not None:
-        if "tier_bytes" not in inspect.signature(DecodeRuntime.__init__).parameters:
-            raise click.ClickException("--tier-bytes needs the GPU-resident tier, which this runtime does not have")
-        runtime["tier_bytes"] = tier_bytes
+    runtime = ServingConfig(device=None if device == "auto" else device, path=decode_path, batch_users=batch_users,
+                            tier_bytes=tier_bytes, policy=policy)
     config = ServerConfig(store=store, host=host, port=port, max_batch_users=max_batch_users,
                           max_wait_ms=max_wait_ms, max_queue_users=max_queue_users, poll_s=poll_s, runtime=runtime)
     try:

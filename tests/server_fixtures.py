@@ -19,6 +19,7 @@ import torch
 from cachestore.lmdb_build import PARQUET_LAYOUT_FILE, prefill_schema
 from cachestore.publish import build_version, new_staging_dir, publish
 from cachestore.record import write_layout
+from cachestore.runtime_config import ServingConfig
 from cachestore.serving.config import ServerConfig
 from cachestore.serving.server import RunningServer
 from pipeline.checkpoint import save_checkpoint
@@ -95,6 +96,6 @@ class ModelStore:
 
 def start_server(store: Path, **overrides: object) -> RunningServer:
     """A real server on 127.0.0.1 (a free port) for the store root, scoring on the CPU."""
-    settings = dict(port=0, max_wait_ms=2.0, poll_s=0.05, runtime={"device": "cpu", "batch_users": 64})
+    settings = dict(port=0, max_wait_ms=2.0, poll_s=0.05, runtime=ServingConfig(device="cpu", batch_users=64))
     settings.update(overrides)
     return RunningServer(ServerConfig(store=Path(store), **settings))

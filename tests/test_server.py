@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cachestore.publish import open_current
 from cachestore.runtime import DecodeRuntime
+from cachestore.runtime_config import ServingConfig
 from cachestore.serving.payloads import ARROW_MIME
 from tests.server_fixtures import COLD_USERS, ModelStore, start_server
 from tests.test_model import N_ITEMS
@@ -238,3 +239,18 @@ def test_ckv_serve_process_serves_and_stops_on_sigterm(published: tuple[ModelSto
     bad = subprocess.run([*cmd[:5], str(tmp_path), *cmd[6:]], capture_output=True, text=True, env=env, timeout=60)
     assert bad.returncode == 1 and "no published store version" in bad.stderr
     assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_server_through_the_resident_tier_counts_hits(published: tuple[ModelStore, Path]) -> None:
+    model, root = published
+    reqs = _requests(model, 10, seed=9)
+    runtime = ServingConfig(device="cpu", batch_users=64, tier_bytes=1 << 20)
+    with start_server(root, runtime=runtime) as srv, httpx.Client(base_url=srv.url) as client:
+        assert srv.service.versions.active.runtime.tier is not None
+        for users, cands in reqs:
+            r = client.post("/score", json={"user_ids": users, "candidates": cands})
+            _check(model, users, cands, r.json())
+        m = _samples(client.get("/metrics").text)
+    stored = sum(u in model.user_ids for users, _ in reqs for u in users)
+    assert m["ckv_tier_hits_total", ()] == stored and m["ckv_tier_misses_total", ()] == 0
+    assert m["ckv_cold_start_users_total", ()] == sum(len(u) for u, _ in reqs) - stored

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cachestore.runtime import RuntimeStats
 from cachestore.serving.metrics import ServerMetrics
 from cachestore.serving.payloads import BadRequest, ScoreReply, ScoreRequest, check_items
 from cachestore.serving.versions import ServedVersion, VersionManager
@@ -146,7 +147,7 @@ class DynamicBatcher:
         if not ok:
             return
         try:
-            scores, cold = score_together(version, [q.request for q in ok])
+            scores, cold, stats = score_together(version, [q.request for q in ok])
         except Exception as exc:  # a runtime failure fails this batch's requests, not the server
             log.exception("batch of %d requests failed on store version %s", len(ok), version.store_version)
             for q in ok:
@@ -155,14 +156,16 @@ class DynamicBatcher:
         users = sum(q.request.n_users for q in ok)
         self.metrics.batch_users.observe(users)
         self.metrics.users.inc(users)
-        self.metrics.cold_start.inc(int(sum(c.sum() for c in cold)))
+        self.metrics.cold_start.inc(stats.cold_start_users)
+        self.metrics.tier(stats.tier_hits, stats.tier_misses, stats.tier_evictions)
         for q, s, c in zip(ok, scores, cold, strict=True):
             q.future.set_result(ScoreReply(s, c, version.model_version, version.store_version))
 
 
-def score_together(version: ServedVersion, requests: list[ScoreRequest]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def score_together(version: ServedVersion, requests: list[ScoreRequest]
+                   ) -> tuple[list[np.ndarray], list[np.ndarray], RuntimeStats]:
     """Score several requests in one runtime call. Returns per request: probabilities (B_r, C_r)
-    float32 (NaN in padding) and cold_start (B_r,) bool."""
+    float32 (NaN in padding) and cold_start (B_r,) bool; and the call's runtime stats (tier counts)."""
     width = max(r.candidates.shape[1] for r in requests)
     ids = np.concatenate([r.user_ids for r in requests])
     n_cand = np.concatenate([r.n_candidates for r in requests])
@@ -178,4 +181,4 @@ def score_together(version: ServedVersion, requests: list[ScoreRequest]) -> tupl
         scores.append(probs[lo : lo + r.n_users, : r.candidates.shape[1]])
         cold.append(result.cold_start[lo : lo + r.n_users])
         lo += r.n_users
-    return scores, cold
+    return scores, cold, result.stats

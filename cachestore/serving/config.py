@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from cachestore.runtime_config import ServingConfig
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,8 @@ class ServerConfig:
     max_request_users / max_candidates / max_body_bytes: limits of one request (413 beyond them).
     request_timeout_s: a request not scored by then gets 503 (the worker is stuck or overloaded).
     poll_s: how often ``STORE/current`` is read for a new version.
-    runtime: keyword arguments of ``DecodeRuntime.open`` (device, path, batch_users, graphs, ...).
+    runtime: how each loaded version's runtime serves (:class:`cachestore.runtime_config.ServingConfig`:
+    device, decode path, batch_users, resident tier bytes and policy, graphs, ...).
     """
 
     store: Path
@@ -35,7 +36,7 @@ class ServerConfig:
     max_body_bytes: int = 64 << 20
     request_timeout_s: float = 30.0
     poll_s: float = 1.0
-    runtime: Mapping[str, Any] = field(default_factory=dict)
+    runtime: ServingConfig = field(default_factory=ServingConfig)
 
     def __post_init__(self) -> None:
         for name in ("max_batch_users", "max_queue_users", "max_request_users", "max_candidates", "max_body_bytes"):

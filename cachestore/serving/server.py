@@ -27,7 +27,7 @@ def build_service(config: ServerConfig, loader: Loader | None = None) -> Scoring
     """Load the current version (errors propagate) and start the batcher's worker."""
     metrics = ServerMetrics()
     versions = VersionManager(Path(config.store), metrics, poll_s=config.poll_s, loader=loader,
-                              runtime_options=config.runtime)
+                              runtime=config.runtime)
     versions.start()
     batcher = DynamicBatcher(versions, metrics, max_batch_users=config.max_batch_users,
                              max_wait_ms=config.max_wait_ms, max_queue_users=config.max_queue_users)

@@ -23,15 +23,15 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from cachestore.publish import open_current
 from cachestore.runtime import DecodeRuntime
+from cachestore.runtime_config import ServingConfig
 from cachestore.serving.metrics import ServerMetrics
 
 log = logging.getLogger("ckv.serve")
@@ -48,18 +48,15 @@ class ServedVersion:
     n_items: int
 
     def close(self) -> None:
-        """Release the version's store (LMDB map) and device state; the object must not score after."""
-        close = getattr(self.runtime, "close", None)
-        if callable(close):
-            close()
-        else:
-            self.runtime.reader.close()
+        """Release the version's device memory (tier, graphs), map registration and LMDB reader."""
+        self.runtime.close()
 
 
-def load_version(version_dir: Path, options: Mapping[str, Any]) -> ServedVersion:
+def load_version(version_dir: Path, config: ServingConfig) -> ServedVersion:
     """Open a version directory's store and checkpoint as one runtime and warm it (one scored request,
-    so first-use allocations and compilation happen here, not in a client's request)."""
-    runtime = DecodeRuntime.open(version_dir, **options)
+    so first-use allocations and compilation happen here, not in a client's request; the resident tier,
+    when configured, is filled while the runtime opens)."""
+    runtime = DecodeRuntime.open(version_dir, config=config)
     runtime.score(np.zeros(1, dtype=np.int64), np.ones((1, 1), dtype=np.int64))
     return ServedVersion(version_dir.name, runtime.model_version, runtime, runtime.resident.cfg.n_items)
 
@@ -71,12 +68,12 @@ class VersionManager:
     """The active version, a pending one, and the watcher that loads new ones (module docstring)."""
 
     def __init__(self, store: Path, metrics: ServerMetrics, *, poll_s: float = 1.0,
-                 loader: Loader | None = None, runtime_options: Mapping[str, Any] | None = None) -> None:
+                 loader: Loader | None = None, runtime: ServingConfig | None = None) -> None:
         self.store = Path(store)
         self.metrics = metrics
         self.poll_s = poll_s
-        options = dict(runtime_options or {})
-        self._load = loader or (lambda d: load_version(d, options))
+        config = runtime or ServingConfig()
+        self._load = loader or (lambda d: load_version(d, config))
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
