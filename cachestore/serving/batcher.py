@@ -147,7 +147,9 @@ class DynamicBatcher:
         if not ok:
             return
         try:
+            t0 = time.perf_counter()
             scores, cold, stats = score_together(version, [q.request for q in ok])
+            self.metrics.batch_seconds.observe(time.perf_counter() - t0)
         except Exception as exc:  # a runtime failure fails this batch's requests, not the server
             log.exception("batch of %d requests failed on store version %s", len(ok), version.store_version)
             for q in ok:

@@ -6,6 +6,7 @@ benchmarks — do not share counters). Names (all prefixed ``ckv_``):
     request_seconds{format}        histogram  request latency, body received → reply encoded
     queue_seconds                  histogram  time a request waited in the batcher's queue
     batch_users                    histogram  users per device batch
+    batch_seconds                  histogram  time the worker spent scoring a device batch (runtime.score)
     requests_total{status}         counter    replies by HTTP status code
     users_scored_total             counter    users scored (one per user id in a request)
     cold_start_users_total         counter    users absent from the store (scored with an empty history)
@@ -37,6 +38,8 @@ class ServerMetrics:
         self.queue_seconds = Histogram("ckv_queue_seconds", "time in the batcher queue", buckets=_LATENCY_BUCKETS,
                                        registry=r)
         self.batch_users = Histogram("ckv_batch_users", "users per device batch", buckets=_BATCH_BUCKETS, registry=r)
+        self.batch_seconds = Histogram("ckv_batch_seconds", "runtime.score time per device batch",
+                                       buckets=_LATENCY_BUCKETS, registry=r)
         self.requests = Counter("ckv_requests_total", "POST /score replies by status", ["status"], registry=r)
         self.users = Counter("ckv_users_scored_total", "users scored", registry=r)
         self.cold_start = Counter("ckv_cold_start_users_total", "users absent from the store", registry=r)
