@@ -10,8 +10,9 @@ served by a ``ckv serve`` subprocess on 127.0.0.1; the load generator
 
 - ``single``: JSON requests of 1 user × 64 candidates, at each offered rate of the preset;
 - ``batch``: Arrow IPC requests of 512 users × ``--batch-candidates`` candidates each;
-- ``swap``: single requests at one rate, without and then with a new version published a third of the
-  way in: errors, versions seen, and p99 with the swap vs without.
+- ``swap``: single requests at one rate for 2.5x the point duration, without and then with a new version
+  published by another process from the start of the run (it starts, builds, publishes; the server loads
+  it in the background and switches): errors, versions seen, and p99 with the swap vs without.
 
 Per load point: achieved requests/s and users/s, p50 / p99 / max latency (from the scheduled send),
 server-side means from /metrics (queue ms, request ms, users per device batch, runtime.score ms per batch
@@ -155,18 +156,21 @@ def load_point(url: str, pid: int, body, ctype: str, rate: float, duration: floa
 
 def swap_under_load(url: str, pid: int, root: Path, pdir: Path, work: Path, p: dict, n_users: int) -> dict:
     body = lambda i: json_body(1, 64, i, n_users)  # noqa: E731
-    plain = load_point(url, pid, body, JSON_MIME, p["swap_rate"], p["duration"], 1)
+    plain = load_point(url, pid, body, JSON_MIME, p["swap_rate"], 2.5 * p["duration"], 1)
     published: dict = {}
 
-    def later() -> None:
-        time.sleep(p["duration"] / 3)
+    def later() -> None:  # the publisher is another process, as a nightly `ckv refresh` is
         t0 = time.perf_counter()
-        published["version"] = publish_version(root, pdir, work / "checkpoint")
+        code = ("import sys; from pathlib import Path; from benchmarks.serve_load import publish_version; "
+                "print(publish_version(*map(Path, sys.argv[1:])))")
+        done = subprocess.run([sys.executable, "-c", code, str(root), str(pdir), str(work / "checkpoint")],
+                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+        published["version"] = done.stdout.strip() or done.stderr[-300:]
         published["publish_s"] = round(time.perf_counter() - t0, 2)
 
     t = threading.Thread(target=later)
     t.start()
-    swapped = load_point(url, pid, body, JSON_MIME, p["swap_rate"], p["duration"], 1)
+    swapped = load_point(url, pid, body, JSON_MIME, p["swap_rate"], 2.5 * p["duration"], 1)
     t.join()
     health = get_json(url + "/healthz")
     return {"rate": p["swap_rate"], "without_swap": plain, "with_swap": swapped, "published": published,

@@ -19,7 +19,6 @@ not retried until ``STORE/current`` names another version.
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import time
@@ -140,10 +139,8 @@ class VersionManager:
         self.metrics.swaps.inc()
         self.metrics.serving(pending.store_version, pending.model_version)
         log.info("switched from store version %s to %s", old.store_version if old else None, pending.store_version)
-        if old is not None:
+        if old is not None:  # freed by reference count here (no gc pass: a full collection stalls the worker)
             old.close()
-            del old
-            gc.collect()
         return pending
 
     def close(self) -> None:
