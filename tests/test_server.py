@@ -137,6 +137,7 @@ BAD_JSON = [  # (body, status, field)
     (b'{"user_ids": [1], "candidates": [[1]]' + b" " * 5000 + b"}", 413, "body"),
     (b"not json", 400, "body"),
     (b"[1, 2]", 400, "body"),
+    (b"[" * 3000, 400, "body"),
 ]
 BAD_ARROW = [
     (b"\x00garbage\xff" * 10, 400, "body"),

@@ -125,6 +125,8 @@ def parse_json(body: bytes, limits: Limits) -> ScoreRequest:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest("body", f"is not JSON ({exc})", 400) from None
+    except RecursionError:
+        raise BadRequest("body", "is nested too deeply", 400) from None
     if not isinstance(doc, dict):
         raise BadRequest("body", "must be a JSON object with user_ids and candidates", 400)
     for name in ("user_ids", "candidates"):
