@@ -35,11 +35,17 @@ import click
               help="dynamic batcher: how long a batch waits for more requests")
 @click.option("--max-queue-users", default=1 << 16, show_default=True, type=click.IntRange(1),
               help="users queued at most; more get 503")
+@click.option("--torch-threads", default=None, type=click.IntRange(1),
+              help="torch intra-op threads (default: 1 on the CPU — more threads contend with the HTTP loop and "
+                   "the other processes; unchanged on CUDA)")
 @click.option("--poll-s", default=1.0, show_default=True, type=click.FloatRange(0.01),
               help="how often STORE/current is checked for a new version")
 def serve(store: Path, host: str, port: int, device: str, decode_path: str, tier_bytes: int | None, policy: str,
-          batch_users: int, max_batch_users: int, max_wait_ms: float, max_queue_users: int, poll_s: float) -> None:
+          batch_users: int, max_batch_users: int, max_wait_ms: float, max_queue_users: int, torch_threads: int | None,
+          poll_s: float) -> None:
     """Serve POST /score, GET /healthz and GET /metrics for the cache store (docs/serving.md)."""
+    import torch
+
     from cachestore.publish import PublishError
     from cachestore.record import LayoutError, RecordError
     from cachestore.runtime_config import ServingConfig
@@ -48,9 +54,15 @@ def serve(store: Path, host: str, port: int, device: str, decode_path: str, tier
     from cachestore.serving.server import serve as run_server
     from pipeline.checkpoint import CheckpointError
 
+    try:
+        runtime = ServingConfig(device=None if device == "auto" else device, path=decode_path,
+                                batch_users=batch_users, tier_bytes=tier_bytes, policy=policy)
+        runtime.torch_device  # noqa: B018 (an unknown device string fails here, not in the loader)
+    except (ValueError, RuntimeError) as exc:
+        raise click.ClickException(f"--device {device!r}: {exc}") from exc
+    if torch_threads is not None or runtime.torch_device.type == "cpu":
+        torch.set_num_threads(torch_threads or 1)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    runtime = ServingConfig(device=None if device == "auto" else device, path=decode_path, batch_users=batch_users,
-                            tier_bytes=tier_bytes, policy=policy)
     config = ServerConfig(store=store, host=host, port=port, max_batch_users=max_batch_users,
                           max_wait_ms=max_wait_ms, max_queue_users=max_queue_users, poll_s=poll_s, runtime=runtime)
     try:
