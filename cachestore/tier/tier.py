@@ -36,7 +36,7 @@ from cachestore.batch import HostBatcher, check_record, zero_block_bytes
 from cachestore.publish import LMDB_DIR
 from cachestore.reader import StoreReader
 from cachestore.record import HEADER_SIZE, CacheLayout, RecordError, key_user
-from cachestore.tier.arena import bytes_per_behaviour
+from cachestore.tier.arena import bytes_per_behaviour, header_bytes
 from cachestore.tier.policy import make_policy
 
 AUTO_FRACTION = 0.8  # of the free device memory, for tier_bytes=None on CUDA
@@ -101,6 +101,7 @@ class ResidentTier:
         self._checks = HostBatcher(layout, reader=reader, expected_model_version=self.version, pin=False,
                                    batch_users=batch_users)
         self.slot_bytes = (layout.record_size(layout.max_len) + 7) & -8
+        self.header_bytes = header_bytes(layout, batch_users)  # the request header area at the arena's start
         if store_bytes(reader) <= self.capacity:
             self.mode = WHOLE
             self._load_whole()
@@ -119,11 +120,11 @@ class ResidentTier:
                 keys.append(uid)
                 sizes.append(len(raw))
                 chunks.append(raw + bytes(-len(raw) % 8))
-        data = b"".join(chunks) or bytes(8)
+        data = bytes(self.header_bytes) + b"".join(chunks)
         ids = np.array(keys, dtype=np.int64)
         size = np.array(sizes, dtype=np.int64)
         aligned = (size + 7) & -8
-        offset = np.cumsum(aligned) - aligned
+        offset = self.header_bytes + np.cumsum(aligned) - aligned
         length = (size - HEADER_SIZE) // max(1, bytes_per_behaviour(self.layout))
         self.arena = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device)
         if not len(ids):  # an empty store: one key no user id (>= 0) nor padding slot (-1) matches
@@ -132,7 +133,7 @@ class ResidentTier:
         self.offset = torch.from_numpy(offset).to(self.device)
         self.length = torch.from_numpy(length).to(self.device)
         self.entries = len(keys)
-        self.resident_bytes = len(data)
+        self.resident_bytes = len(data) - self.header_bytes
 
     # ------------------------------------------------------------------------------ cache mode
     def _open_cache(self, policy: str) -> None:
@@ -141,7 +142,7 @@ class ResidentTier:
             raise ValueError(f"tier_bytes {self.capacity} holds no slot of {self.slot_bytes} bytes (the store's "
                              "longest record): give the tier more bytes, or 0 to turn it off")
         self.policy = make_policy(policy, self.slots)
-        self.staging = self.slots * self.slot_bytes  # byte offset of the misses' staging area
+        self.staging = self.header_bytes + self.slots * self.slot_bytes  # byte offset of the misses' staging area
         self.arena = torch.zeros(self.staging + self.batch_users * self.slot_bytes, dtype=torch.uint8,
                                  device=self.device)
         self._index: dict[int, int] = {}  # resident user -> slot
@@ -166,7 +167,7 @@ class ResidentTier:
         hit = slots >= 0
         for u in ids[hit].tolist():
             self.policy.hit(u)
-        src[hit] = slots[hit] * self.slot_bytes
+        src[hit] = self.header_bytes + slots[hit] * self.slot_bytes
         n[hit] = self._slot_n[slots[hit]]
         present = hit.copy()
         counters = TierCounters(hits=int(hit.sum()))
@@ -220,7 +221,7 @@ class ResidentTier:
                 self._free.append(self._index.pop(victim))
                 self.counters.evictions += 1
             slot = self._free.pop()
-            at = slot * self.slot_bytes
+            at = self.header_bytes + slot * self.slot_bytes
             self.arena[at : at + len(record)].copy_(data)
             self._slot_n[slot] = n
             self._index[uid] = slot
