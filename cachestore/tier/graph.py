@@ -9,9 +9,10 @@ batch whose records are the whole tier). Its captured graph is
                    the request header (offsets | lengths) and present (B,) written, the zero block cleared
       cache mode:  in is the header itself (resolved on the host); copied to the arena's start
     copy_end; decode reading the records in place (fused kernel, or unpack + decode) → logits (B, C)
+    logits and present (B,) → pinned host buffers
 
-and after the replay the logits and the ``present`` mask come back in two copies to pinned host buffers. A
-whole-store request moves 16·B bytes host → device and 4·B·C + B back; the host writes the ids and replays.
+(the outputs are copied inside the graph: one replay and one synchronize per request). A whole-store
+request moves 16·B bytes host → device and 4·B·C + B back; the host writes the ids and replays.
 ``eager`` decoders (CPU) run the same steps without a graph.
 """
 
@@ -57,19 +58,28 @@ class ResidentRequest:
         tier.arena[16 * b : 16 * b + self.zero].zero_()  # cache mode: present is known on the host
 
     def _capture(self) -> _Captured:
+        """One graph for the whole request: inputs in (timed by two events), lookup, decode, outputs out."""
         d = self.decoder
         with torch.cuda.device(d.device):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # compiles the lookup kernel outside the capture
+            with torch.cuda.stream(side):  # compiles the lookup kernel and warms the body outside the capture
                 self._move()
+                d._body()
             torch.cuda.current_stream().wait_stream(side)
-
-        def move(on_piece) -> None:
-            self._move()
-            on_piece(0)
-
-        return d._record([(0, d.capacity)], move, self.host_in.numel() * 8)
+            torch.cuda.synchronize()
+            start = torch.cuda.Event(enable_timing=True, external=True)
+            end = torch.cuda.Event(enable_timing=True, external=True)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=d._pool):
+                start.record()
+                d.candidates.copy_(d.candidates_host, non_blocking=True)
+                self._move()
+                end.record()
+                logits = d._body()
+                self.logits_host.copy_(logits, non_blocking=True)  # D2H inside the graph: one replay per request
+                self.present_host.copy_(self.present, non_blocking=True)
+        return _Captured(graph, logits, start, end, self.host_in.numel() * 8)
 
     def run(self, first: np.ndarray, second: np.ndarray | None, candidates: np.ndarray
             ) -> tuple[np.ndarray, np.ndarray]:
@@ -91,12 +101,7 @@ class ResidentRequest:
             if self._captured is None:
                 self._captured = self._capture()
                 d._graphs[("resident", id(self.tier))] = self._captured  # counted in d.n_graphs
-            logits = d._replay(self._captured, None)
-            self.logits_host.copy_(logits, non_blocking=True)
-            if second is None:
-                self.present_host.copy_(self.present, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
-            done.synchronize()
+            d._replay(self._captured, None)  # its event: the pinned inputs may be refilled, the outputs are in
+            d._done.synchronize()
         present = self.present_host.numpy().copy() if second is None else first >= 0
         return self.logits_host.numpy().copy(), present

@@ -39,6 +39,7 @@ from cachestore.record import HEADER_SIZE, CacheLayout, RecordError, key_user
 from cachestore.tier.arena import bytes_per_behaviour, header_bytes
 from cachestore.tier.policy import make_policy
 
+LOAD_CHUNK = 64 << 20  # host staging of the whole-store load (bytes)
 AUTO_FRACTION = 0.8  # of the free device memory, for tier_bytes=None on CUDA
 WHOLE, CACHE = "whole", "cache"
 
@@ -111,29 +112,38 @@ class ResidentTier:
 
     # ------------------------------------------------------------------------------ whole store
     def _load_whole(self) -> None:
-        """Every record into one packed arena (key order), keys/offsets/lengths on the device."""
-        keys, sizes, chunks = [], [], []
-        with self.reader._environment().begin(buffers=False) as txn:
-            for key, raw in txn.cursor():
-                uid = key_user(key)
-                check_record(self.layout, raw, self.version, uid)  # CRC, model version, layout
-                keys.append(uid)
-                sizes.append(len(raw))
-                chunks.append(raw + bytes(-len(raw) % 8))
-        data = bytes(self.header_bytes) + b"".join(chunks)
-        ids = np.array(keys, dtype=np.int64)
-        size = np.array(sizes, dtype=np.int64)
-        aligned = (size + 7) & -8
+        """Every record into one packed arena (key order), keys/offsets/lengths on the device: one pass for the
+        sizes, one that checks each record (CRC, model version, layout) and streams it through a host staging
+        buffer of LOAD_CHUNK bytes (the store never sits whole in host memory)."""
+        env = self.reader._environment()
+        with env.begin(buffers=True) as txn:
+            sizes = np.fromiter((len(v) for v in txn.cursor().iternext(keys=False, values=True)), np.int64)
+        aligned = (sizes + 7) & -8
         offset = self.header_bytes + np.cumsum(aligned) - aligned
-        length = (size - HEADER_SIZE) // max(1, bytes_per_behaviour(self.layout))
-        self.arena = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device)
-        if not len(ids):  # an empty store: one key no user id (>= 0) nor padding slot (-1) matches
-            ids, offset, length = np.array([np.iinfo(np.int64).min]), np.zeros(1, np.int64), np.zeros(1, np.int64)
-        self.keys = torch.from_numpy(ids).to(self.device)
+        total = self.header_bytes + int(aligned.sum())
+        self.arena = torch.zeros(total, dtype=torch.uint8, device=self.device)
+        staging = torch.empty(max(LOAD_CHUNK, int(aligned.max(initial=0))), dtype=torch.uint8,
+                              pin_memory=self.device.type == "cuda")
+        view, keys = staging.numpy(), np.empty(len(sizes), np.int64)
+        at, used = self.header_bytes, 0
+        with env.begin(buffers=True) as txn:
+            for i, (key, raw) in enumerate(txn.cursor()):
+                keys[i] = uid = key_user(bytes(key))
+                check_record(self.layout, raw, self.version, uid)
+                if used + aligned[i] > len(view):
+                    self.arena[at : at + used].copy_(staging[:used])  # synchronous: staging is refilled next
+                    at, used = at + used, 0
+                view[used : used + sizes[i]] = np.frombuffer(raw, np.uint8)
+                view[used + sizes[i] : used + aligned[i]] = 0
+                used += int(aligned[i])
+        self.arena[at : at + used].copy_(staging[:used])
+        length = (sizes - HEADER_SIZE) // max(1, bytes_per_behaviour(self.layout))
+        self.entries, self.resident_bytes = len(keys), total - self.header_bytes
+        if not len(keys):  # an empty store: one key no user id (>= 0) nor padding slot (-1) matches
+            keys, offset, length = np.array([np.iinfo(np.int64).min]), np.zeros(1, np.int64), np.zeros(1, np.int64)
+        self.keys = torch.from_numpy(keys).to(self.device)
         self.offset = torch.from_numpy(offset).to(self.device)
         self.length = torch.from_numpy(length).to(self.device)
-        self.entries = len(keys)
-        self.resident_bytes = len(data) - self.header_bytes
 
     # ------------------------------------------------------------------------------ cache mode
     def _open_cache(self, policy: str) -> None:
