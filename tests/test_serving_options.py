@@ -122,7 +122,9 @@ def test_ckv_score_through_the_tier(store: dict, tmp_path: Path) -> None:
                                    atol=1e-5)
         assert got.column("cold_start").to_pylist() == base.column("cold_start").to_pylist()
         rt = summary["runtime"]
-        assert rt["tier_hits"] + rt["tier_misses"] == rt["users"] - rt["cold_start_users"] and rt["tier_hits"] > 0
+        assert rt["tier_hits"] + rt["tier_misses"] == rt["users"] - rt["cold_start_users"]
+        if extra[1] == "1GiB":  # whole store: every present user is a hit (cache hits depend on admission timing)
+            assert rt["tier_misses"] == 0 and rt["tier_hits"] > 0
 
 
 def test_ckv_score_refuses_bad_serving_options(store: dict, tmp_path: Path) -> None:
