@@ -8,9 +8,11 @@ For each history length L a published LMDB store is built as ``benchmarks/zero_c
 and the paper's model (d_a 256, 8 heads, d_u 1, pool 10,000; fused kernel, fp16 pool rows) scores one
 candidate per user. Per batch size B, after warm-up, three ways of serving a request of B random users:
 
-- ``resident``: the whole store in the resident tier on the GPU (``cachestore/tier``); one replay of
-  :class:`cachestore.tier.graph.ResidentRequest` — ids copy, ``searchsorted`` lookup, gather arena → batch,
-  decode — then the scores and the cold-start mask copied back (the call ``DecodeRuntime`` makes per step);
+- ``runtime``: ``DecodeRuntime.score(ids, candidates)`` with the default ServingConfig (tier auto: the whole
+  store on the GPU) — the Python API a server calls;
+- ``resident``: the step the runtime makes, alone: one replay of :class:`cachestore.tier.graph.ResidentRequest`
+  — ids copy, lookup kernel, decode reading the records in place in the tier's arena, scores and the
+  cold-start mask copied back inside the graph;
 - ``zero_copy``: ``MappedBatcher.fetch`` on the CPU, then the graph gathers from the registered LMDB map;
 - ``copy``: ``HostBatcher.fetch`` (every record copied into a pinned buffer), then the graph's copy.
 
@@ -40,10 +42,12 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.decode_latency import N_ITEMS, build_fetch_store, machine, paper_model, timed  # noqa: E402
 from cachestore.graphs import GraphedDecoder  # noqa: E402
 from cachestore.mapped import MappedBatcher  # noqa: E402
+from cachestore.runtime import DecodeRuntime  # noqa: E402
+from cachestore.runtime_config import ServingConfig  # noqa: E402
 from cachestore.tier.graph import ResidentRequest  # noqa: E402
 from cachestore.tier.tier import ResidentTier  # noqa: E402
 
-WAYS = ("resident", "zero_copy", "copy")
+WAYS = ("runtime", "resident", "zero_copy", "copy")
 OUT = ROOT / "benchmarks" / "results" / "serving_latency" / "serving_latency.json"
 
 
@@ -63,7 +67,7 @@ def round_robin(fns: dict[str, Callable[[np.ndarray], object]], id_sets: list[np
 def requests(tier: ResidentTier, copying, zero: MappedBatcher, resident, b: int, length: int, users: int,
              rng: np.random.Generator) -> tuple[dict[str, Callable[[np.ndarray], np.ndarray]], dict]:
     """One request function per way (ids → host logits), each over its own graph for (B, L, C 1)."""
-    graphs = {k: GraphedDecoder(resident, tier.layout, n_users=b, pad_to=length, n_candidates=1) for k in WAYS}
+    graphs = {k: GraphedDecoder(resident, tier.layout, n_users=b, pad_to=length, n_candidates=1) for k in WAYS[1:]}
     req = ResidentRequest(graphs["resident"], tier)
     cand = rng.integers(1, N_ITEMS + 1, (b, 1))
     for k in ("copy", "zero_copy"):
@@ -74,9 +78,16 @@ def requests(tier: ResidentTier, copying, zero: MappedBatcher, resident, b: int,
             return graphs[k].run(batcher.fetch(ids)).float().cpu().numpy()
         return go
 
-    fns = {"resident": lambda ids: req.run(ids, None, cand)[0],
-           "zero_copy": host_path("zero_copy", zero), "copy": host_path("copy", copying)}
-    return fns, {"graphs": graphs, "request": req}
+    fns = {"resident": lambda ids: req.run(ids, None, cand)[0], "zero_copy": host_path("zero_copy", zero),
+           "copy": host_path("copy", copying)}
+    try:  # the Python API a server calls (tier auto: the whole store on the GPU)
+        runtime = DecodeRuntime(resident.model, tier.layout.model_version, tier.reader,
+                                ServingConfig(device=str(resident.device), batch_users=b))
+        fns = {"runtime": lambda ids: runtime.score(ids, cand).logits, **fns}
+    except Exception as exc:  # reported in the row, the other ways still measured
+        print(f"runtime way unavailable: {exc!r}", flush=True)
+        runtime = None
+    return fns, {"graphs": graphs, "request": req, "runtime": runtime}
 
 
 def bench_length(length: int, users: int, batch_sizes: list[int], args: argparse.Namespace, tmp: Path,
@@ -96,7 +107,9 @@ def bench_length(length: int, users: int, batch_sizes: list[int], args: argparse
             fns, held = requests(tier, copying, zero, resident, b, length, users, rng)
             ids = rng.integers(0, users, b)
             logits = {k: fn(ids) for k, fn in fns.items()}
-            diff = max(float(np.abs(logits[k] - logits["copy"]).max()) for k in WAYS)
+            diff = max(float(np.abs(logits[k] - logits["copy"]).max()) for k in fns)
+            runtime = held["runtime"]
+            tier_mode = "unavailable" if runtime is None else runtime.tier.mode if runtime.tier is not None else "off"
             if diff > 1e-4:
                 raise AssertionError(f"L={length} B={b}: the ways' logits differ by {diff}")
             for _ in range(8):  # warm-up: every ring buffer's graph captured
@@ -107,7 +120,10 @@ def bench_length(length: int, users: int, batch_sizes: list[int], args: argparse
             replay = timed(lambda g=graph, c=captured: g._replay(c, None), device, 5, args.repeats)
         row = {"request_ms": {k: round(statistics.median(v), 4) for k, v in samples.items()},
                "request_p90_ms": {k: round(statistics.quantiles(v, n=10)[-1], 4) for k, v in samples.items()},
-               "resident_replay_ms": round(replay["median_ms"], 4), "max_abs_diff": diff}
+               "resident_replay_ms": round(replay["median_ms"], 4), "max_abs_diff": diff,
+               "runtime_tier": tier_mode}
+        if runtime is not None:  # its tier's memory back (the reader stays open: the other ways share it)
+            runtime.tier.close()
         out["rows"][str(b)] = row
         print(f"L={length} B={b}: " + json.dumps(row), flush=True)
     tier.close()
@@ -127,7 +143,9 @@ def plot(result: dict, path: Path) -> None:
     for ax, length in zip(axes[0], lengths, strict=True):
         rows = result["lengths"][length]["rows"]
         bs = [int(b) for b in rows]
-        for k, color in zip(WAYS, ("C2", "C3", "C0"), strict=True):
+        for k, color in zip(WAYS, ("C1", "C2", "C3", "C0"), strict=True):
+            if any(k not in rows[str(b)]["request_ms"] for b in bs):
+                continue
             ax.plot(bs, [rows[str(b)]["request_ms"][k] for b in bs], "-o", color=color, label=k.replace("_", "-"))
         ax.plot(bs, [rows[str(b)]["resident_replay_ms"] for b in bs], ":", color="C2", label="resident replay only")
         ax.axhline(0.15, color="grey", lw=0.8, ls="--", label="0.15 ms target")

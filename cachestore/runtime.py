@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,7 +37,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from cachestore.batch import HostBatcher, is_entry_layout
+from cachestore.batch import FetchedBatch, HostBatcher, is_entry_layout
 from cachestore.decode import ResidentModel, ResidentZooModel, decode, decode_zoo, entry_cache
 from cachestore.entry import entry_layout
 from cachestore.fused import FUSED, fused_available, fused_decode, uses_fused
@@ -239,6 +241,7 @@ class DecodeRuntime:
             batch_users=batch_users, verify_crc=config.verify_crc)
         self.stats = RuntimeStats()
         self._resident: dict[tuple[int, int], ResidentRequest] = {}  # (step users, candidates) -> request
+        self._reader: ThreadPoolExecutor | None = None  # the pipelined fetch's thread (created on first use)
         self._evictions_seen = self._errors_seen = 0  # tier totals already counted in a batch's stats
         self.tier: ResidentTier | None = self._open_tier()  # the resident tier, when config.tier_bytes gives room
 
@@ -285,6 +288,9 @@ class DecodeRuntime:
         tier, self.tier = getattr(self, "tier", None), None
         if tier is not None:
             tier.close()
+        if self._reader is not None:
+            self._reader.shutdown(wait=True)
+            self._reader = None
         if isinstance(self.batcher, MappedBatcher):
             self.batcher.close()
         self._graphs.clear()
@@ -322,19 +328,42 @@ class DecodeRuntime:
         # rows with similar candidate counts share a step; each step is trimmed to its widest row and
         # holds at most max_pairs (user, candidate) pairs (attention scores grow with B·C·H·L)
         order = np.argsort(-counts, kind="stable")
-        lo = 0
+        steps, lo = [], 0
         while lo < len(ids):
             width = max(1, int(counts[order[lo]]))
             step = min(self.batch_users, max(1, self.max_pairs // width))
-            rows = order[lo : lo + step]
-            out, cold[rows] = self._score_batch(ids[rows], cand[rows, :width], stats, step)
-            logits[rows, :width] = out
+            steps.append((order[lo : lo + step], width, step))
             lo += step
+        for (rows, width, step), host in zip(steps, self._fetches(ids, steps), strict=True):
+            out, cold[rows] = self._score_batch(ids[rows], cand[rows, :width], stats, step, host)
+            logits[rows, :width] = out
         logits[~real] = np.nan
         stats.candidates = int(real.sum())
         for name, value in asdict(stats).items():
             setattr(self.stats, name, getattr(self.stats, name) + value)
         return ScoreResult(logits, cold, stats, self.model_version)
+
+    def _fetches(self, ids: np.ndarray, steps: list[tuple[np.ndarray, int, int]]) -> Iterator[FetchedBatch | None]:
+        """The host batch of each step, in order: fetched one step ahead on the reader thread (pipelining: the
+        reader looks up and copies step i + 1 while step i decodes) when the runtime fetches from LMDB with a
+        ring of >= 2 buffers and there are several steps; None (fetched in the step) otherwise. The resident
+        tier resolves inside its step (whole store: on the device; cache mode: under the tier's lock)."""
+        if self.tier is not None or self.config.n_buffers < 2 or len(steps) < 2:
+            yield from (None for _ in steps)
+            return
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix="ckv-fetch")
+
+        def fetch(i: int) -> FetchedBatch:
+            rows, _, slots = steps[i]
+            return self.batcher.fetch(ids[rows], n_slots=slots if self.graphs else None)
+
+        ahead = self._reader.submit(fetch, 0)
+        for i in range(len(steps)):
+            host = ahead.result()  # the previous step is done: its buffer may come round again
+            if i + 1 < len(steps):
+                ahead = self._reader.submit(fetch, i + 1)
+            yield host
 
     def _graph(self, n_users: int, n_candidates: int) -> GraphedDecoder:
         key = (n_users, n_candidates)
@@ -345,13 +374,14 @@ class DecodeRuntime:
         return self._graphs[key]
 
     @torch.inference_mode()
-    def _score_batch(self, ids: np.ndarray, cand: np.ndarray, stats: RuntimeStats, slots: int
-                     ) -> tuple[np.ndarray, np.ndarray]:
+    def _score_batch(self, ids: np.ndarray, cand: np.ndarray, stats: RuntimeStats, slots: int,
+                     host: FetchedBatch | None = None) -> tuple[np.ndarray, np.ndarray]:
         if self.tier is not None:
             return self._score_resident(ids, cand, stats, slots)
         t0 = time.perf_counter()
         n = len(ids)
-        host = self.batcher.fetch(ids, n_slots=slots if self.graphs else None)
+        if host is None:
+            host = self.batcher.fetch(ids, n_slots=slots if self.graphs else None)
         if self.graphs:  # static shapes: `slots` users (cold padding), L = graph_len
             graph = self._graph(slots, cand.shape[1])
             padded = np.zeros((slots, cand.shape[1]), dtype=np.int64)

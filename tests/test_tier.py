@@ -19,6 +19,7 @@ from cachestore.record import user_key
 from cachestore.runtime import DecodeRuntime
 from cachestore.runtime_config import ServingConfig
 from cachestore.tier import LRUPolicy, S3FIFOPolicy, make_policy
+from cachestore.tier import arena as arena_mod
 from cachestore.tier.tier import CACHE, WHOLE, store_bytes
 from tests.store_fixtures import store_of_model
 from tests.test_model import N_ITEMS, make_model, small_config
@@ -112,7 +113,7 @@ def test_capacity_plan_and_modes(store: dict) -> None:
     slot = _slot_bytes(store)
     cache = _runtime(store, tier_bytes=5 * slot + slot // 2)
     assert cache.tier.mode == CACHE and cache.tier.slots == 5 and cache.tier.slot_bytes == slot
-    assert cache.tier.arena.numel() == (5 + 4) * slot  # the slots and a staging area of batch_users slots
+    assert cache.tier.arena.numel() == cache.tier.header_bytes + (5 + 4) * slot  # header area, slots, staging
     with pytest.raises(ValueError, match="holds no slot"):
         _runtime(store, tier_bytes=slot - 8)
     with pytest.raises(ValueError, match="policy must be one of"):
@@ -211,6 +212,35 @@ def test_crc_failure_on_admission_is_not_admitted(store: dict, tmp_path: Path) -
     assert again.stats.tier_misses == 1 and again.stats.tier_hits == 1
     assert rt.stats.tier_admission_errors == 1
     rt.close()
+
+
+# ------------------------------------------------------------------------------------------ lookup kernel
+
+
+@pytest.mark.skipif(arena_mod.triton is None, reason="needs Triton (CUDA, or its CPU interpreter)")
+@given(n_keys=st.integers(1, 300), seed=st.integers(0, 10_000))
+@settings(max_examples=15, deadline=None)
+def test_lookup_kernel_equals_searchsorted(n_keys: int, seed: int) -> None:
+    """The resident graph's Triton lookup (binary search, header, present, zero block) == torch.searchsorted;
+    on CPU under Triton's interpreter (conftest), natively on CUDA."""
+    import triton
+
+    rng = np.random.default_rng(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    keys = np.sort(rng.choice(5000, n_keys, replace=False)).astype(np.int64)
+    ids = np.concatenate([rng.choice(keys, 9), rng.integers(-1, 5001, 9), [-1, keys[0], keys[-1], 5001]])
+    b = len(ids)
+    k, off, n = (torch.from_numpy(a).to(device) for a in (keys, rng.integers(0, 1 << 40, n_keys),
+                                                          rng.integers(0, 50, n_keys)))
+    want_off, want_n, want_p = arena_mod.lookup(torch.from_numpy(ids).to(device), k, off, n, 16 * b)
+    arena = torch.full((16 * b + 64,), 7, dtype=torch.uint8, device=device)
+    present = torch.zeros(b, dtype=torch.bool, device=device)
+    arena_mod._lookup_kernel[(triton.cdiv(b, 256),)](torch.from_numpy(ids).to(device), k, off, n,
+                                                      arena.view(torch.int64), present, b, n_keys, 2,
+                                                      STEPS=n_keys.bit_length() + 1, BLOCK=256, ZBLOCK=2)
+    head = arena[: 16 * b].view(torch.int64)
+    assert torch.equal(head[:b], want_off) and torch.equal(head[b:], want_n) and torch.equal(present, want_p)
+    assert (arena[16 * b : 16 * b + 16] == 0).all() and (arena[16 * b + 16 :] == 7).all()
 
 
 # ------------------------------------------------------------------------------------------ CUDA

@@ -1,34 +1,38 @@
-"""The resident tier's memory: records in one device buffer, and the batch built from it on the device.
+"""The resident tier's memory: one device buffer the decode reads in place, and the lookup that points into it.
 
-Layout (all on the tier's device; CUDA, or host memory on CPU):
+Layout of the arena (uint8, on the tier's device — CUDA, or host memory on CPU):
 
-    arena    uint8 (arena_bytes,)  records verbatim (the LMDB value: 32-byte header + payload,
-                                   docs/store_format.md), each starting 8-aligned, zero bytes after it
-    keys     int64 (E,)            whole-store mode: the resident user ids, ascending
-    offset   int64 (E,)            byte offset of keys[i]'s record in the arena
-    length   int64 (E,)            behaviours n of keys[i]'s record
+    offset            size             content
+    0                 16·B             batch header of the request being decoded: offsets int64 (B,) | lengths
+                                       int64 (B,) — the header of a packed batch (:mod:`cachestore.batch`)
+    16·B              Z                zero block (cold-start users point here, length 0)
+    header_bytes(Bmax) ...             records verbatim (the LMDB value: 32-byte header + payload,
+                                       docs/store_format.md), each starting 8-aligned
 
-A batch of B users is resolved to ``src`` (B,) int64 — the byte offset of each user's record in the arena,
--1 for a user with none (cold start: absent from the store) — and ``n`` (B,) int64 behaviours.
-Whole-store mode does it on the device (:func:`lookup`: ``torch.searchsorted`` of the ids in ``keys``,
-no host work per user); cache mode on the host (the tier's index), the result copied in.
+so the arena IS a packed batch whose records are the whole tier: a request writes only its 16·B-byte header
+(offsets of its users' records inside the arena) and the decode — the fused kernel, or unpack + decode —
+reads the records where they lie. No record is copied per request, on the host or on the device.
+Requests share the header area, so they run one at a time per tier (the tier's lock; one stream).
 
-:func:`build_batch` then writes the device batch the decode reads — byte for byte the layout of
-:mod:`cachestore.batch` (offsets | lengths | zero block at 16·B | records 8-aligned in request order), so
-unpack, the fused kernel and :class:`cachestore.graphs.GraphedDecoder` need nothing new: the header from
-``src`` and ``n`` with a cumulative sum, the records moved arena → batch by the zero-copy gather kernel
-(:func:`cachestore.mapped.launch_gather`, 8-byte words; a device-to-device copy of the batch's bytes) on
-CUDA, by numpy slices on CPU. Every step is shape-static and free of host syncs: it runs inside a CUDA graph.
+Index (whole-store mode), on the device: ``keys`` int64 (E,) the resident user ids ascending, ``offset``
+int64 (E,) each record's byte offset in the arena, ``length`` int64 (E,) its behaviours.
+:func:`write_header` looks a request's ids up: on CUDA one Triton kernel (:func:`_lookup_kernel`: a binary
+search per id, the header and the present mask written, the zero block cleared), elsewhere the same with
+``torch.searchsorted`` (:func:`lookup`). Cache mode resolves on the host and copies the header in.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from cachestore.batch import zero_block_bytes
-from cachestore.mapped import launch_gather
-from cachestore.record import HEADER_SIZE, CacheLayout
+from cachestore.record import CacheLayout
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where triton is absent
+    triton = None
 
 
 def bytes_per_behaviour(layout: CacheLayout) -> int:
@@ -36,57 +40,69 @@ def bytes_per_behaviour(layout: CacheLayout) -> int:
     return sum(layout.header_parts[2])
 
 
-def lookup(ids: torch.Tensor, keys: torch.Tensor, offset: torch.Tensor, length: torch.Tensor
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(src, n) of ``ids`` (B,) int64 in the sorted ``keys`` (E,) (E >= 1): src = the record's arena offset or -1,
-    n = its behaviours or 0. Device work only (searchsorted + three gathers)."""
+def header_bytes(layout: CacheLayout, max_users: int) -> int:
+    """Bytes reserved at the arena's start for the header and zero block of requests of <= max_users users
+    (rounded up to 256 so records start aligned)."""
+    return (16 * max_users + zero_block_bytes(layout) + 255) & -256
+
+
+def lookup(ids: torch.Tensor, keys: torch.Tensor, offset: torch.Tensor, length: torch.Tensor, zero_at: int
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(offsets, lengths, present) (B,) of ``ids`` (B,) int64 in the sorted ``keys`` (E,), E >= 1: the record's
+    arena offset and behaviours, or ``zero_at`` and 0 for an id not resident (-1 padding included)."""
     pos = torch.searchsorted(keys, ids).clamp_(max=keys.numel() - 1)  # (B,)
     found = keys[pos] == ids
-    src = torch.where(found, offset[pos], torch.full_like(ids, -1))
-    n = torch.where(found, length[pos], torch.zeros_like(ids))
-    return src, n
+    offsets = torch.where(found, offset[pos], torch.full_like(ids, zero_at))
+    return offsets, torch.where(found, length[pos], torch.zeros_like(ids)), found
 
 
-def batch_header(src: torch.Tensor, n: torch.Tensor, layout: CacheLayout) -> tuple[torch.Tensor, torch.Tensor]:
-    """The device batch's header for (src, n) (B,): ``head`` (2·B,) int64 = offsets | lengths (cold start: the
-    zero block at 16·B, length 0), and the gather table (3, B) int64 in 8-byte words: arena word, batch word,
-    words to move (0 for cold start)."""
-    b = src.numel()
-    present = src >= 0
-    size = torch.where(present, HEADER_SIZE + n * bytes_per_behaviour(layout), torch.zeros_like(n))
-    slots = (size + 7) & -8  # (B,) each record 8-aligned in the batch
-    start = 16 * b + zero_block_bytes(layout)
-    dst = start + torch.cumsum(slots, 0) - slots  # (B,)
-    offsets = torch.where(present, dst, torch.full_like(dst, 16 * b))
-    head = torch.cat([offsets, torch.where(present, n, torch.zeros_like(n))])  # (2B,)
-    table = torch.stack([src.clamp(min=0) // 8, dst // 8, slots // 8])  # (3, B)
-    return head, table
-
-
-def build_batch(raw: torch.Tensor, src: torch.Tensor, n: torch.Tensor, arena: torch.Tensor, layout: CacheLayout,
-                max_length: int, table: torch.Tensor | None = None) -> None:
-    """Write the device batch of (src, n) (B,) into ``raw`` (uint8, >= the batch's bytes; its zero block at
-    16·B already zero) from ``arena`` (uint8, 8-byte aligned records): header, then records. ``max_length``
-    bounds every n (a static loop bound of the gather kernel on CUDA). ``table`` (3, B) int64: static
-    staging for the gather table inside a CUDA graph (a fresh tensor when None)."""
-    b = src.numel()
-    head, tab = batch_header(src, n, layout)
-    raw[: 16 * b].view(torch.int64).copy_(head)
-    if table is not None:
-        table.copy_(tab)
-        tab = table
-    if raw.device.type == "cuda":
-        longest = layout.record_size(max_length)
-        launch_gather(arena.view(torch.int64), tab, raw, 8, (longest + 7) & -8)
+def write_header(arena: torch.Tensor, ids: torch.Tensor, keys: torch.Tensor, offset: torch.Tensor,
+                 length: torch.Tensor, present: torch.Tensor, layout: CacheLayout) -> None:
+    """Look ``ids`` (B,) up and write the request's header and zero block at the arena's start and the
+    ``present`` (B,) bool mask. Shape-static and free of host syncs (captured in the resident graph)."""
+    b = ids.numel()
+    zero = zero_block_bytes(layout)
+    if arena.is_cuda and triton is not None:
+        steps = max(1, int(keys.numel()).bit_length() + 1)
+        block = 256
+        _lookup_kernel[(triton.cdiv(max(b, 1), block),)](
+            ids, keys, offset, length, arena.view(torch.int64), present, b, keys.numel(), zero // 8,
+            STEPS=steps, BLOCK=block, ZBLOCK=triton.next_power_of_2(zero // 8))
         return
-    out, mem = raw.numpy(), arena.numpy()
-    for s, d, w in tab.T.tolist():  # CPU: the same moves with numpy slices
-        if w:
-            out[8 * d : 8 * (d + w)] = mem[8 * s : 8 * (s + w)]
+    offsets, lengths, found = lookup(ids, keys, offset, length, 16 * b)
+    arena[: 16 * b].view(torch.int64).copy_(torch.cat([offsets, lengths]))
+    arena[16 * b : 16 * b + zero].zero_()
+    present.copy_(found)
 
 
-def batch_bytes(n: np.ndarray, layout: CacheLayout) -> int:
-    """Bytes of the device batch for behaviours ``n`` (B,) of present users (host-side bound for the buffer)."""
-    b = len(n)
-    sizes = (HEADER_SIZE + n.astype(np.int64) * bytes_per_behaviour(layout) + 7) & -8
-    return 16 * b + zero_block_bytes(layout) + int(sizes.sum())
+if triton is not None:
+
+    @triton.jit
+    def _lookup_kernel(ids_ptr, keys_ptr, off_ptr, len_ptr, head_ptr, present_ptr, B, E, ZWORDS,
+                       STEPS: tl.constexpr, BLOCK: tl.constexpr, ZBLOCK: tl.constexpr):
+        """Program p: ids p·BLOCK ..; lower-bound binary search in keys (STEPS >= log2(E) + 1 halvings), then
+        head[i] = offset or 16·B (the zero block), head[B + i] = length or 0, present[i]; program 0 clears the
+        zero block (ZWORDS int64 words at head[2B:])."""
+        p = tl.program_id(0)
+        i = p * BLOCK + tl.arange(0, BLOCK)
+        m = i < B
+        x = tl.load(ids_ptr + i, mask=m, other=-1)
+        lo = tl.zeros([BLOCK], dtype=tl.int64)
+        hi = tl.zeros([BLOCK], dtype=tl.int64) + E
+        for _ in range(STEPS):
+            active = lo < hi
+            mid = (lo + hi) // 2
+            k = tl.load(keys_ptr + mid, mask=m & active, other=0)
+            less = k < x
+            lo = tl.where(active & less, mid + 1, lo)
+            hi = tl.where(active & (~less), mid, hi)
+        inside = m & (lo < E)
+        k = tl.load(keys_ptr + lo, mask=inside, other=0)
+        found = inside & (k == x)
+        off = tl.load(off_ptr + lo, mask=found, other=0)
+        n = tl.load(len_ptr + lo, mask=found, other=0)
+        tl.store(head_ptr + i, tl.where(found, off, 16 * B), mask=m)
+        tl.store(head_ptr + B + i, tl.where(found, n, 0), mask=m)
+        tl.store(present_ptr + i, found, mask=m)
+        z = tl.arange(0, ZBLOCK)
+        tl.store(head_ptr + 2 * B + z, tl.zeros([ZBLOCK], dtype=tl.int64), mask=(z < ZWORDS) & (p == 0))

@@ -36,9 +36,10 @@ from cachestore.batch import HostBatcher, check_record, zero_block_bytes
 from cachestore.publish import LMDB_DIR
 from cachestore.reader import StoreReader
 from cachestore.record import HEADER_SIZE, CacheLayout, RecordError, key_user
-from cachestore.tier.arena import bytes_per_behaviour
+from cachestore.tier.arena import bytes_per_behaviour, header_bytes
 from cachestore.tier.policy import make_policy
 
+LOAD_CHUNK = 64 << 20  # host staging of the whole-store load (bytes)
 AUTO_FRACTION = 0.8  # of the free device memory, for tier_bytes=None on CUDA
 WHOLE, CACHE = "whole", "cache"
 
@@ -101,6 +102,7 @@ class ResidentTier:
         self._checks = HostBatcher(layout, reader=reader, expected_model_version=self.version, pin=False,
                                    batch_users=batch_users)
         self.slot_bytes = (layout.record_size(layout.max_len) + 7) & -8
+        self.header_bytes = header_bytes(layout, batch_users)  # the request header area at the arena's start
         if store_bytes(reader) <= self.capacity:
             self.mode = WHOLE
             self._load_whole()
@@ -110,29 +112,38 @@ class ResidentTier:
 
     # ------------------------------------------------------------------------------ whole store
     def _load_whole(self) -> None:
-        """Every record into one packed arena (key order), keys/offsets/lengths on the device."""
-        keys, sizes, chunks = [], [], []
-        with self.reader._environment().begin(buffers=False) as txn:
-            for key, raw in txn.cursor():
-                uid = key_user(key)
-                check_record(self.layout, raw, self.version, uid)  # CRC, model version, layout
-                keys.append(uid)
-                sizes.append(len(raw))
-                chunks.append(raw + bytes(-len(raw) % 8))
-        data = b"".join(chunks) or bytes(8)
-        ids = np.array(keys, dtype=np.int64)
-        size = np.array(sizes, dtype=np.int64)
-        aligned = (size + 7) & -8
-        offset = np.cumsum(aligned) - aligned
-        length = (size - HEADER_SIZE) // max(1, bytes_per_behaviour(self.layout))
-        self.arena = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device)
-        if not len(ids):  # an empty store: one key no user id (>= 0) nor padding slot (-1) matches
-            ids, offset, length = np.array([np.iinfo(np.int64).min]), np.zeros(1, np.int64), np.zeros(1, np.int64)
-        self.keys = torch.from_numpy(ids).to(self.device)
+        """Every record into one packed arena (key order), keys/offsets/lengths on the device: one pass for the
+        sizes, one that checks each record (CRC, model version, layout) and streams it through a host staging
+        buffer of LOAD_CHUNK bytes (the store never sits whole in host memory)."""
+        env = self.reader._environment()
+        with env.begin(buffers=True) as txn:
+            sizes = np.fromiter((len(v) for v in txn.cursor().iternext(keys=False, values=True)), np.int64)
+        aligned = (sizes + 7) & -8
+        offset = self.header_bytes + np.cumsum(aligned) - aligned
+        total = self.header_bytes + int(aligned.sum())
+        self.arena = torch.zeros(total, dtype=torch.uint8, device=self.device)
+        staging = torch.empty(max(LOAD_CHUNK, int(aligned.max(initial=0))), dtype=torch.uint8,
+                              pin_memory=self.device.type == "cuda")
+        view, keys = staging.numpy(), np.empty(len(sizes), np.int64)
+        at, used = self.header_bytes, 0
+        with env.begin(buffers=True) as txn:
+            for i, (key, raw) in enumerate(txn.cursor()):
+                keys[i] = uid = key_user(bytes(key))
+                check_record(self.layout, raw, self.version, uid)
+                if used + aligned[i] > len(view):
+                    self.arena[at : at + used].copy_(staging[:used])  # synchronous: staging is refilled next
+                    at, used = at + used, 0
+                view[used : used + sizes[i]] = np.frombuffer(raw, np.uint8)
+                view[used + sizes[i] : used + aligned[i]] = 0
+                used += int(aligned[i])
+        self.arena[at : at + used].copy_(staging[:used])
+        length = (sizes - HEADER_SIZE) // max(1, bytes_per_behaviour(self.layout))
+        self.entries, self.resident_bytes = len(keys), total - self.header_bytes
+        if not len(keys):  # an empty store: one key no user id (>= 0) nor padding slot (-1) matches
+            keys, offset, length = np.array([np.iinfo(np.int64).min]), np.zeros(1, np.int64), np.zeros(1, np.int64)
+        self.keys = torch.from_numpy(keys).to(self.device)
         self.offset = torch.from_numpy(offset).to(self.device)
         self.length = torch.from_numpy(length).to(self.device)
-        self.entries = len(keys)
-        self.resident_bytes = len(data)
 
     # ------------------------------------------------------------------------------ cache mode
     def _open_cache(self, policy: str) -> None:
@@ -141,7 +152,7 @@ class ResidentTier:
             raise ValueError(f"tier_bytes {self.capacity} holds no slot of {self.slot_bytes} bytes (the store's "
                              "longest record): give the tier more bytes, or 0 to turn it off")
         self.policy = make_policy(policy, self.slots)
-        self.staging = self.slots * self.slot_bytes  # byte offset of the misses' staging area
+        self.staging = self.header_bytes + self.slots * self.slot_bytes  # byte offset of the misses' staging area
         self.arena = torch.zeros(self.staging + self.batch_users * self.slot_bytes, dtype=torch.uint8,
                                  device=self.device)
         self._index: dict[int, int] = {}  # resident user -> slot
@@ -166,7 +177,7 @@ class ResidentTier:
         hit = slots >= 0
         for u in ids[hit].tolist():
             self.policy.hit(u)
-        src[hit] = slots[hit] * self.slot_bytes
+        src[hit] = self.header_bytes + slots[hit] * self.slot_bytes
         n[hit] = self._slot_n[slots[hit]]
         present = hit.copy()
         counters = TierCounters(hits=int(hit.sum()))
@@ -220,7 +231,7 @@ class ResidentTier:
                 self._free.append(self._index.pop(victim))
                 self.counters.evictions += 1
             slot = self._free.pop()
-            at = slot * self.slot_bytes
+            at = self.header_bytes + slot * self.slot_bytes
             self.arena[at : at + len(record)].copy_(data)
             self._slot_n[slot] = n
             self._index[uid] = slot
