@@ -3,7 +3,9 @@
 Serves STORE/current (records and the checkpoint published with them by `ckv refresh`) and follows
 it: a newly published version is loaded in the background and takes over between batches. Prints
 one JSON line when listening ({"listening": URL, "store_version": …, "model_version": …}); logs to
-stderr. SIGTERM / SIGINT: graceful shutdown (queued and in-flight requests are scored first).
+stderr. The runtime options (--device, --path, --tier-bytes, --policy, --graphs, ...) are those of
+``ckv score`` (jobs/serving_options.py). SIGTERM / SIGINT: graceful shutdown (queued and in-flight
+requests are scored first).
 """
 
 from __future__ import annotations
@@ -11,8 +13,14 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+
+from jobs.serving_options import serving_options
+
+if TYPE_CHECKING:
+    from cachestore.runtime_config import ServingConfig
 
 
 @click.command("serve")
@@ -20,15 +28,7 @@ import click
               help="cache store root: serves its current version and follows new publishes")
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0: a free port")
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:n]")
-@click.option("--path", "decode_path", type=click.Choice(["auto", "fused", "poolscore", "gather"]), default="auto",
-              show_default=True, help="attention over the collective part (as in ckv score)")
-@click.option("--tier-bytes", default=None, type=click.IntRange(0), help="resident tier capacity in bytes "
-              "(default: on CUDA the whole store when it fits in 80% of the free device memory; 0 = off)")
-@click.option("--policy", type=click.Choice(["lru", "s3fifo"]), default="s3fifo", show_default=True,
-              help="the tier's eviction policy when the store does not fit")
-@click.option("--batch-users", default=512, show_default=True, type=click.IntRange(1),
-              help="users per runtime step")
+@serving_options
 @click.option("--max-batch-users", default=512, show_default=True, type=click.IntRange(1),
               help="dynamic batcher: users per device batch at most")
 @click.option("--max-wait-ms", default=2.0, show_default=True, type=click.FloatRange(0),
@@ -40,33 +40,30 @@ import click
                    "the other processes; unchanged on CUDA)")
 @click.option("--poll-s", default=1.0, show_default=True, type=click.FloatRange(0.01),
               help="how often STORE/current is checked for a new version")
-def serve(store: Path, host: str, port: int, device: str, decode_path: str, tier_bytes: int | None, policy: str,
-          batch_users: int, max_batch_users: int, max_wait_ms: float, max_queue_users: int, torch_threads: int | None,
-          poll_s: float) -> None:
+def serve(store: Path, host: str, port: int, config: ServingConfig, max_batch_users: int, max_wait_ms: float,
+          max_queue_users: int, torch_threads: int | None, poll_s: float) -> None:
     """Serve POST /score, GET /healthz and GET /metrics for the cache store (docs/serving.md)."""
     import torch
 
     from cachestore.publish import PublishError
     from cachestore.record import LayoutError, RecordError
-    from cachestore.runtime_config import ServingConfig
     from cachestore.serving.config import ServerConfig
     from cachestore.serving.server import bind, build_service, url_of
     from cachestore.serving.server import serve as run_server
     from pipeline.checkpoint import CheckpointError
 
     try:
-        runtime = ServingConfig(device=None if device == "auto" else device, path=decode_path,
-                                batch_users=batch_users, tier_bytes=tier_bytes, policy=policy)
-        runtime.torch_device  # noqa: B018 (an unknown device string fails here, not in the loader)
-    except (ValueError, RuntimeError) as exc:
-        raise click.ClickException(f"--device {device!r}: {exc}") from exc
-    if torch_threads is not None or runtime.torch_device.type == "cpu":
+        device = config.torch_device
+    except RuntimeError as exc:  # an unknown device string: one line, not the loader's traceback
+        raise click.ClickException(f"--device {config.device!r}: {exc}") from exc
+    if torch_threads is not None or device.type == "cpu":
         torch.set_num_threads(torch_threads or 1)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = ServerConfig(store=store, host=host, port=port, max_batch_users=max_batch_users,
-                          max_wait_ms=max_wait_ms, max_queue_users=max_queue_users, poll_s=poll_s, runtime=runtime)
+    server_config = ServerConfig(store=store, host=host, port=port, max_batch_users=max_batch_users,
+                                 max_wait_ms=max_wait_ms, max_queue_users=max_queue_users, poll_s=poll_s,
+                                 runtime=config)
     try:
-        service = build_service(config)
+        service = build_service(server_config)
     except (CheckpointError, LayoutError, RecordError, FileNotFoundError, PublishError, ValueError) as exc:
         raise click.ClickException(f"{store}: cannot serve the current version: {exc}") from exc
     try:
