@@ -251,6 +251,10 @@ def test_server_through_the_resident_tier_counts_hits(published: tuple[ModelStor
         for users, cands in reqs:
             r = client.post("/score", json={"user_ids": users, "candidates": cands})
             _check(model, users, cands, r.json())
+        edge = [0, 2**63 - 1, 100]  # extreme ids are cold start and leave the tier as it was
+        r = client.post("/score", json={"user_ids": edge, "candidates": [[1], [2], [3]]})
+        _check(model, edge, [[1], [2], [3]], r.json())
+        reqs.append((edge, [[1], [2], [3]]))
         m = _samples(client.get("/metrics").text)
     stored = sum(u in model.user_ids for users, _ in reqs for u in users)
     assert m["ckv_tier_hits_total", ()] == stored and m["ckv_tier_misses_total", ()] == 0
