@@ -30,7 +30,7 @@ import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -148,6 +148,9 @@ class RuntimeStats:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+_STAT_FIELDS = tuple(f.name for f in fields(RuntimeStats))
 
 
 @dataclass
@@ -339,8 +342,9 @@ class DecodeRuntime:
             logits[rows, :width] = out
         logits[~real] = np.nan
         stats.candidates = int(real.sum())
-        for name, value in asdict(stats).items():
-            setattr(self.stats, name, getattr(self.stats, name) + value)
+        total = self.stats
+        for name in _STAT_FIELDS:  # (not asdict: it deep-copies, ~20 µs a request)
+            setattr(total, name, getattr(total, name) + getattr(stats, name))
         return ScoreResult(logits, cold, stats, self.model_version)
 
     def _fetches(self, ids: np.ndarray, steps: list[tuple[np.ndarray, int, int]]) -> Iterator[FetchedBatch | None]:
