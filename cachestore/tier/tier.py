@@ -248,4 +248,6 @@ class ResidentTier:
             self._queue.put(None)
             self._thread.join()
         self.arena = torch.empty(0, dtype=torch.uint8)
+        if self.mode == WHOLE:
+            self.keys = self.offset = self.length = self.arena
 
