@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from cachestore.publish import open_current
 from cachestore.reader import StoreReader
-from cachestore.record import user_key
+from cachestore.record import RecordError, user_key
 from cachestore.runtime import DecodeRuntime
 from cachestore.runtime_config import ServingConfig
 from cachestore.tier import LRUPolicy, S3FIFOPolicy, make_policy
@@ -188,19 +188,39 @@ def test_admission_is_asynchronous_and_counted(store: dict) -> None:
     rt.close()
 
 
-def test_crc_failure_on_admission_is_not_admitted(store: dict, tmp_path: Path) -> None:
-    """A record whose payload was damaged after publish (headers intact): scored from LMDB as read (the fetch
-    checks headers only), refused by the admission CRC check, counted, and fetched again next time."""
+def test_whole_store_load_in_chunks_and_refuses_damage(store: dict, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole-store load streams through a staging buffer of LOAD_CHUNK bytes (here a few records per chunk)
+    into the same arena; a record damaged after publish fails the open, naming the user."""
+    import cachestore.tier.tier as tier_mod
+
+    want = _runtime(store, tier_bytes=1 << 30)
+    monkeypatch.setattr(tier_mod, "LOAD_CHUNK", 200)
+    small = _runtime(store, tier_bytes=1 << 30)
+    assert torch.equal(small.tier.arena, want.tier.arena) and torch.equal(small.tier.offset, want.tier.offset)
+    root = _damaged(store, tmp_path)
+    with pytest.raises(RecordError, match=f"user {USERS[2]}.*CRC mismatch|CRC mismatch.*{USERS[2]}"):
+        DecodeRuntime(store["model"], VERSION, StoreReader(open_current(root)),
+                      ServingConfig(device="cpu", tier_bytes=1 << 30))
+
+
+def _damaged(store: dict, tmp_path: Path) -> Path:
+    """A copy of the store with USERS[2]'s payload damaged after publish (headers intact)."""
     root = tmp_path / "damaged"
     shutil.copytree(store["root"], root, symlinks=True)
-    version = open_current(root)
-    env = lmdb.open(str(version / "lmdb"), subdir=True, lock=False)
+    env = lmdb.open(str(open_current(root) / "lmdb"), subdir=True, lock=False)
     with env.begin(write=True) as txn:
         raw = bytearray(txn.get(user_key(USERS[2])))  # length SEQ: a payload to damage
         raw[32] ^= 0xFF  # the low (mantissa) byte of the first user-part value: still a finite number
         txn.put(user_key(USERS[2]), bytes(raw))
     env.close()
-    reader = StoreReader(version)
+    return root
+
+
+def test_crc_failure_on_admission_is_not_admitted(store: dict, tmp_path: Path) -> None:
+    """A record whose payload was damaged after publish (headers intact): scored from LMDB as read (the fetch
+    checks headers only), refused by the admission CRC check, counted, and fetched again next time."""
+    reader = StoreReader(open_current(_damaged(store, tmp_path)))
     rt = DecodeRuntime(store["model"], VERSION, reader, ServingConfig(device="cpu", batch_users=4,
                                                                      tier_bytes=4 * _slot_bytes(store)))
     ids, cand = np.array([USERS[2], USERS[3]]), np.ones((2, 1), dtype=np.int64)

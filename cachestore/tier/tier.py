@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,11 +36,12 @@ import torch
 from cachestore.batch import HostBatcher, check_record, zero_block_bytes
 from cachestore.publish import LMDB_DIR
 from cachestore.reader import StoreReader
-from cachestore.record import HEADER_SIZE, CacheLayout, RecordError, key_user
+from cachestore.record import _CRC_OFFSET, HEADER_SIZE, KEY, CacheLayout, RecordError  # CRC: bytes 0..27 + payload
 from cachestore.tier.arena import bytes_per_behaviour, header_bytes
 from cachestore.tier.policy import make_policy
 
-LOAD_CHUNK = 64 << 20  # host staging of the whole-store load (bytes)
+LOAD_CHUNK = 64 << 20
+_ZEROS = bytes(8)  # host staging of the whole-store load (bytes)
 AUTO_FRACTION = 0.8  # of the free device memory, for tier_bytes=None on CUDA
 WHOLE, CACHE = "whole", "cache"
 
@@ -105,7 +107,13 @@ class ResidentTier:
         self.header_bytes = header_bytes(layout, batch_users)  # the request header area at the arena's start
         if store_bytes(reader) <= self.capacity:
             self.mode = WHOLE
-            self._load_whole()
+            try:
+                self._load_whole()
+            except RecordError as exc:
+                err = type(exc)(f"{exc.args[0]} — in {reader.version_dir}, loading the resident tier: republish the "
+                                "store version, or serve it with tier_bytes=0 (--tier-bytes 0)")
+                err.user_id = exc.user_id
+                raise err from exc
         else:
             self.mode = CACHE
             self._open_cache(policy)
@@ -113,8 +121,8 @@ class ResidentTier:
     # ------------------------------------------------------------------------------ whole store
     def _load_whole(self) -> None:
         """Every record into one packed arena (key order), keys/offsets/lengths on the device: one pass for the
-        sizes, one that checks each record (CRC, model version, layout) and streams it through a host staging
-        buffer of LOAD_CHUNK bytes (the store never sits whole in host memory)."""
+        sizes, one that streams the records through a host staging buffer of LOAD_CHUNK bytes (the store never
+        sits whole in host memory), checking each chunk (:meth:`_check_chunk`) before it is copied."""
         env = self.reader._environment()
         with env.begin(buffers=True) as txn:
             sizes = np.fromiter((len(v) for v in txn.cursor().iternext(keys=False, values=True)), np.int64)
@@ -122,20 +130,23 @@ class ResidentTier:
         offset = self.header_bytes + np.cumsum(aligned) - aligned
         total = self.header_bytes + int(aligned.sum())
         self.arena = torch.zeros(total, dtype=torch.uint8, device=self.device)
-        staging = torch.empty(max(LOAD_CHUNK, int(aligned.max(initial=0))), dtype=torch.uint8,
+        staging = torch.zeros(max(LOAD_CHUNK, int(aligned.max(initial=0))), dtype=torch.uint8,
                               pin_memory=self.device.type == "cuda")
-        view, keys = staging.numpy(), np.empty(len(sizes), np.int64)
-        at, used = self.header_bytes, 0
+        view = memoryview(staging.numpy())
+        keys = np.empty(len(sizes), np.int64)
+        at, used, first = self.header_bytes, 0, 0  # arena offset of the staging buffer, bytes in it, its first record
         with env.begin(buffers=True) as txn:
             for i, (key, raw) in enumerate(txn.cursor()):
-                keys[i] = uid = key_user(bytes(key))
-                check_record(self.layout, raw, self.version, uid)
                 if used + aligned[i] > len(view):
+                    self._check_chunk(staging, keys, sizes, first, i, offset - at)
                     self.arena[at : at + used].copy_(staging[:used])  # synchronous: staging is refilled next
-                    at, used = at + used, 0
-                view[used : used + sizes[i]] = np.frombuffer(raw, np.uint8)
-                view[used + sizes[i] : used + aligned[i]] = 0
+                    at, used, first = at + used, 0, i
+                keys[i] = KEY.unpack(key)[0]
+                end = used + int(sizes[i])
+                view[used:end] = raw
+                view[end : used + int(aligned[i])] = _ZEROS[: aligned[i] - sizes[i]]  # no stale bytes between records
                 used += int(aligned[i])
+        self._check_chunk(staging, keys, sizes, first, len(sizes), offset - at)
         self.arena[at : at + used].copy_(staging[:used])
         length = (sizes - HEADER_SIZE) // max(1, bytes_per_behaviour(self.layout))
         self.entries, self.resident_bytes = len(keys), total - self.header_bytes
@@ -144,6 +155,26 @@ class ResidentTier:
         self.keys = torch.from_numpy(keys).to(self.device)
         self.offset = torch.from_numpy(offset).to(self.device)
         self.length = torch.from_numpy(length).to(self.device)
+
+    def _check_chunk(self, staging: torch.Tensor, keys: np.ndarray, sizes: np.ndarray, lo: int, hi: int,
+                     starts: np.ndarray) -> None:
+        """Check records lo..hi-1 in the staging buffer (record i at ``starts[i]``, ``sizes[i]`` bytes as stored in
+        LMDB): every header at once
+        (``HostBatcher.check_headers``: magic, version, dtypes, widths, model version, size), then each CRC with
+        zlib; the first bad record raises the precise ``RecordError`` naming its user."""
+        if hi <= lo:
+            return
+        array = staging.numpy()
+        at = starts[lo:hi]
+        words = array.view("<u8")[(at >> 3)[:, None] + np.arange(4)]  # (P, 4) the 32-byte headers
+        size = sizes[lo:hi]
+        ids = keys[lo:hi]
+        self._checks.check_headers(ids, words, size, lambda j: array[at[j] : at[j] + size[j]])
+        crcs = (words[:, 3] >> np.uint64(32)).tolist()
+        view = memoryview(array)
+        for j, (s, z, crc) in enumerate(zip(at.tolist(), size.tolist(), crcs, strict=True)):
+            if zlib.crc32(view[s : s + _CRC_OFFSET], zlib.crc32(view[s + HEADER_SIZE : s + z])) != crc:
+                check_record(self.layout, bytes(view[s : s + z]), self.version, int(ids[j]))  # raises
 
     # ------------------------------------------------------------------------------ cache mode
     def _open_cache(self, policy: str) -> None:
@@ -248,4 +279,6 @@ class ResidentTier:
             self._queue.put(None)
             self._thread.join()
         self.arena = torch.empty(0, dtype=torch.uint8)
+        if self.mode == WHOLE:
+            self.keys = self.offset = self.length = self.arena
 
