@@ -114,6 +114,8 @@ def _check_sizes(n_users: int, lengths: np.ndarray, limits: Limits) -> None:
 
 def _padded(flat: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Concatenated rows + their lengths → (B, max length) 0-padded."""
+    if (lengths == lengths[0]).all():  # every row as long: a view, no mask
+        return flat.reshape(len(lengths), int(lengths[0]))
     out = np.zeros((len(lengths), int(lengths.max())), dtype=np.int64)
     out[np.arange(out.shape[1])[None, :] < lengths[:, None]] = flat
     return out
