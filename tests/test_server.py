@@ -259,3 +259,25 @@ def test_server_through_the_resident_tier_counts_hits(published: tuple[ModelStor
     stored = sum(u in model.user_ids for users, _ in reqs for u in users)
     assert m["ckv_tier_hits_total", ()] == stored and m["ckv_tier_misses_total", ()] == 0
     assert m["ckv_cold_start_users_total", ()] == sum(len(u) for u, _ in reqs) - stored
+
+
+def test_a_full_queue_answers_503_and_the_rest_are_scored(published: tuple[ModelStore, Path]) -> None:
+    model, root = published
+    replies: list[httpx.Response] = []
+    with start_server(root, max_queue_users=3, max_wait_ms=1000.0, max_batch_users=10_000) as srv, \
+            httpx.Client(base_url=srv.url, timeout=30) as client:
+        def send() -> None:
+            replies.append(client.post("/score", json={"user_ids": [100, 101], "candidates": [[1], [2]]}))
+
+        threads = [threading.Thread(target=send) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        after = client.post("/score", json={"user_ids": [100, 101], "candidates": [[1], [2]]})
+    full = [r for r in replies if r.status_code == 503]
+    assert len(full) == 3 and full[0].json()["field"] == "queue" and full[0].headers["retry-after"] == "1"
+    ok = [r for r in replies if r.status_code == 200] + [after]
+    assert len(ok) == 2
+    for r in ok:
+        _check(model, [100, 101], [[1], [2]], r.json())
