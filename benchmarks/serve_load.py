@@ -47,8 +47,8 @@ from cachestore.serving.payloads import ARROW_MIME, JSON_MIME  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "serve_load"
 PRESETS = {  # history length, users in the store, offered loads (requests/s), seconds per point, device
-    "cpu": dict(length=50, users=20_000, single=[50, 100, 200, 400, 800], batch=[2, 8, 16, 32], duration=6.0, device="cpu",
-                swap_rate=100, max_batch_users=512, max_wait_ms=2.0),
+    "cpu": dict(length=50, users=20_000, single=[50, 100, 200, 400, 800], batch=[2, 8, 16, 32], duration=6.0,
+                device="cpu", swap_rate=100, max_batch_users=512, max_wait_ms=2.0),
     "gpu": dict(length=1000, users=20_000, single=[1000, 2500, 5000, 10000], batch=[100, 250, 500, 1000],
                 duration=10.0, device="cuda", swap_rate=2500, max_batch_users=512, max_wait_ms=1.0),
 }
