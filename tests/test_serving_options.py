@@ -113,7 +113,7 @@ def _score(store: dict, tmp_path: Path, *extra: str) -> tuple[dict, pa.Table]:
 
 
 def test_ckv_score_through_the_tier(store: dict, tmp_path: Path) -> None:
-    """--tier-bytes 1GiB (whole store) and a 1 KB (a few slots, evicting) S3-FIFO / LRU cache give the LMDB path's scores."""
+    """--tier-bytes 1GiB (whole store) and a 1 KB S3-FIFO / LRU cache (a few slots, evicting): LMDB's scores."""
     base_summary, base = _score(store, tmp_path)
     assert base_summary["runtime"]["tier_hits"] == 0
     for extra in (("--tier-bytes", "1GiB"), ("--tier-bytes", "1K", "--policy", "lru"), ("--tier-bytes", "1K")):
