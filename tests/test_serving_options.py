@@ -129,11 +129,13 @@ def test_ckv_score_through_the_tier(store: dict, tmp_path: Path) -> None:
 
 def test_ckv_score_refuses_bad_serving_options(store: dict, tmp_path: Path) -> None:
     args = ["--store", str(store["root"] / "store"), "--checkpoint", str(store["root"] / "ckpt"),
-            "--requests", str(tmp_path / "r.parquet"), "--out", str(tmp_path / "o.parquet"), "--device", "cpu"]
+            "--requests", str(tmp_path / "r.parquet"), "--out", str(tmp_path / "o.parquet")]
     pq.write_table(pa.table({"user_id": [100], "item_id": [1]}), tmp_path / "r.parquet")
     for extra, message in ((["--tier-bytes", "huge"], "is not a size"), (["--policy", "mru"], "--policy"),
                            (["--batch-size", "0"], "batch_users must be >= 1"),
-                           (["--zero-copy"], "zero_copy=True needs graphs=True")):
-        result = CliRunner().invoke(score_cmd, [*args, *extra])
+                           (["--zero-copy"], "zero_copy=True needs graphs=True"),
+                           (["--device", "gpu"], "device must be cpu, cuda or cuda:N")):
+        device = [] if "--device" in extra else ["--device", "cpu"]
+        result = CliRunner().invoke(score_cmd, [*args, *device, *extra])
         assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "o.parquet").exists()
