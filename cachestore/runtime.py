@@ -53,7 +53,7 @@ from cachestore.layout_check import check_layout
 from cachestore.mapped import MappedBatcher
 from cachestore.runtime_config import ServingConfig
 from cachestore.tier.graph import ResidentRequest
-from cachestore.tier.tier import WHOLE, ResidentTier, plan_capacity
+from cachestore.tier.tier import WHOLE, ResidentTier, TierCounters, plan_capacity
 from cachestore.transfer import to_device
 from model.entry import store_config
 
@@ -396,8 +396,11 @@ class DecodeRuntime:
         stats.batches += 1
         stats.users += n
         stats.cold_start_users += int((~present).sum())
-        stats.tier_hits += int(present.sum()) if counters is None else counters.hits
-        stats.tier_misses += 0 if counters is None else counters.misses
+        if counters is None:  # whole store: every present user is resident
+            counters = TierCounters(hits=int(present.sum()), cold=int((~present).sum()))
+            tier._count(counters)
+        stats.tier_hits += counters.hits
+        stats.tier_misses += counters.misses
         evictions = tier.counters.evictions
         stats.tier_evictions += evictions - self._evictions_seen
         self._evictions_seen = evictions
