@@ -34,6 +34,7 @@ rebuilt with ``model.entry.cache_from_arrays`` and decoded by the model's own ``
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -52,7 +53,7 @@ from cachestore.layout_check import check_layout
 from cachestore.mapped import MappedBatcher
 from cachestore.runtime_config import ServingConfig
 from cachestore.tier.graph import ResidentRequest
-from cachestore.tier.tier import WHOLE, ResidentTier, plan_capacity
+from cachestore.tier.tier import WHOLE, ResidentTier, TierCounters, plan_capacity
 from cachestore.transfer import to_device
 from model.entry import store_config
 
@@ -111,7 +112,8 @@ class DecodeRuntime:
     config: a :class:`cachestore.runtime_config.ServingConfig` (default: its defaults); keyword
     ``overrides`` replace its fields (``DecodeRuntime(m, v, r, device="cpu", batch_users=4)`` is
     ``DecodeRuntime(m, v, r, ServingConfig(device="cpu", batch_users=4))``); the fields below are the
-    config's. :meth:`close` lets go of the device memory, the map registration and the reader.
+    config's. :meth:`close` lets go of the device memory, the map registration and the reader. :meth:`score` may
+    be called from several threads: requests are scored one at a time (a lock), each whole.
 
     model / model_version: the checkpoint (``pipeline.checkpoint.load_checkpoint``; any arch whose
     store format the reader's layout is, see the module docstring); the model is moved to ``device``.
@@ -180,6 +182,7 @@ class DecodeRuntime:
             batch_users=batch_users, verify_crc=config.verify_crc)
         self.stats = RuntimeStats()
         self._resident: dict[tuple[int, int], ResidentRequest] = {}  # (step users, candidates) -> request
+        self._score_lock = threading.Lock()
         self._reader: ThreadPoolExecutor | None = None  # the pipelined fetch's thread (created on first use)
         self._evictions_seen = self._errors_seen = 0  # tier totals already counted in a batch's stats
         self.tier: ResidentTier | None = self._open_tier()  # the resident tier, when config.tier_bytes gives room
@@ -274,14 +277,15 @@ class DecodeRuntime:
             step = min(self.batch_users, max(1, self.max_pairs // width))
             steps.append((order[lo : lo + step], width, step))
             lo += step
-        for (rows, width, step), host in zip(steps, self._fetches(ids, steps), strict=True):
-            out, cold[rows] = self._score_batch(ids[rows], cand[rows, :width], stats, step, host)
-            logits[rows, :width] = out
-        logits[~real] = np.nan
         stats.candidates = int(real.sum())
-        total = self.stats
-        for name in _STAT_FIELDS:  # (not asdict: it deep-copies, ~20 µs a request)
-            setattr(total, name, getattr(total, name) + getattr(stats, name))
+        with self._score_lock:  # one request at a time: the host buffers and the graphs' static buffers are shared
+            for (rows, width, step), host in zip(steps, self._fetches(ids, steps), strict=True):
+                out, cold[rows] = self._score_batch(ids[rows], cand[rows, :width], stats, step, host)
+                logits[rows, :width] = out
+            total = self.stats
+            for name in _STAT_FIELDS:  # (not asdict: it deep-copies, ~20 µs a request)
+                setattr(total, name, getattr(total, name) + getattr(stats, name))
+        logits[~real] = np.nan
         return ScoreResult(logits, cold, stats, self.model_version)
 
     def _fetches(self, ids: np.ndarray, steps: list[tuple[np.ndarray, int, int]]) -> Iterator[FetchedBatch | None]:
@@ -392,8 +396,11 @@ class DecodeRuntime:
         stats.batches += 1
         stats.users += n
         stats.cold_start_users += int((~present).sum())
-        stats.tier_hits += int(present.sum()) if counters is None else counters.hits
-        stats.tier_misses += 0 if counters is None else counters.misses
+        if counters is None:  # whole store: every present user is resident
+            counters = TierCounters(hits=int(present.sum()), cold=int((~present).sum()))
+            tier._count(counters)
+        stats.tier_hits += counters.hits
+        stats.tier_misses += counters.misses
         evictions = tier.counters.evictions
         stats.tier_evictions += evictions - self._evictions_seen
         self._evictions_seen = evictions

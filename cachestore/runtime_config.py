@@ -56,6 +56,12 @@ class ServingConfig:
     def __post_init__(self) -> None:
         if isinstance(self.device, torch.device):  # accept torch.device, store its string
             object.__setattr__(self, "device", str(self.device))
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except RuntimeError as exc:
+                raise ValueError(f"device must be cpu, cuda or cuda:N (or None: CUDA when available), got "
+                                 f"{self.device!r}") from exc
         if self.path not in DECODE_PATHS:
             raise ValueError(f"path must be one of {DECODE_PATHS}, got {self.path!r}")
         if self.policy not in POLICIES:

@@ -86,6 +86,35 @@ def test_pipelined_fetch_scores_like_one_step_at_a_time(store: dict) -> None:
     assert piped._reader is None
 
 
+def test_concurrent_callers_get_their_own_scores(store: dict) -> None:
+    """score() from 4 threads at once (steps pipelined, and through a cache-mode tier): each caller gets exactly
+    what a lone call gives (requests are serialised, never interleaved in the shared buffers)."""
+    reader = StoreReader(open_current(store["root"] / "store"))
+    rng = np.random.default_rng(7)
+    requests = [(rng.choice([*USERS, 5], 13), rng.integers(1, N_ITEMS + 1, (13, 2))) for _ in range(8)]
+    for tier_bytes in (0, 1024):
+        cfg = ServingConfig(device="cpu", batch_users=4, tier_bytes=tier_bytes)
+        alone = DecodeRuntime(store["model"], store["version"], reader, cfg)
+        want = [alone.score(ids, cand).logits for ids, cand in requests]
+        shared = DecodeRuntime(store["model"], store["version"], reader, cfg)
+        got: dict[int, np.ndarray] = {}
+
+        def work(k: int, rt: DecodeRuntime = shared, out: dict = got) -> None:
+            for i in range(k, len(requests), 4):
+                out[i] = rt.score(*requests[i]).logits
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i, w in enumerate(want):
+            np.testing.assert_allclose(got[i], w, rtol=1e-5, atol=1e-5)
+        assert shared.stats.users == alone.stats.users == 8 * 13
+        shared.close()
+        alone.close()
+
+
 def test_read_ahead_keeps_order_and_raises() -> None:
     assert list(read_ahead(iter(range(50)))) == list(range(50))
 
@@ -113,7 +142,7 @@ def _score(store: dict, tmp_path: Path, *extra: str) -> tuple[dict, pa.Table]:
 
 
 def test_ckv_score_through_the_tier(store: dict, tmp_path: Path) -> None:
-    """--tier-bytes 1GiB (whole store) and a 1 KB (a few slots, evicting) S3-FIFO / LRU cache give the LMDB path's scores."""
+    """--tier-bytes 1GiB (whole store) and a 1 KB S3-FIFO / LRU cache (a few slots, evicting): LMDB's scores."""
     base_summary, base = _score(store, tmp_path)
     assert base_summary["runtime"]["tier_hits"] == 0
     for extra in (("--tier-bytes", "1GiB"), ("--tier-bytes", "1K", "--policy", "lru"), ("--tier-bytes", "1K")):
@@ -129,11 +158,13 @@ def test_ckv_score_through_the_tier(store: dict, tmp_path: Path) -> None:
 
 def test_ckv_score_refuses_bad_serving_options(store: dict, tmp_path: Path) -> None:
     args = ["--store", str(store["root"] / "store"), "--checkpoint", str(store["root"] / "ckpt"),
-            "--requests", str(tmp_path / "r.parquet"), "--out", str(tmp_path / "o.parquet"), "--device", "cpu"]
+            "--requests", str(tmp_path / "r.parquet"), "--out", str(tmp_path / "o.parquet")]
     pq.write_table(pa.table({"user_id": [100], "item_id": [1]}), tmp_path / "r.parquet")
     for extra, message in ((["--tier-bytes", "huge"], "is not a size"), (["--policy", "mru"], "--policy"),
                            (["--batch-size", "0"], "batch_users must be >= 1"),
-                           (["--zero-copy"], "zero_copy=True needs graphs=True")):
-        result = CliRunner().invoke(score_cmd, [*args, *extra])
+                           (["--zero-copy"], "zero_copy=True needs graphs=True"),
+                           (["--device", "gpu"], "device must be cpu, cuda or cuda:N")):
+        device = [] if "--device" in extra else ["--device", "cpu"]
+        result = CliRunner().invoke(score_cmd, [*args, *device, *extra])
         assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "o.parquet").exists()

@@ -138,6 +138,7 @@ def test_whole_store_scores_equal_lmdb(store: dict) -> None:
         assert got.model_version == VERSION
     present = tier.stats.users - tier.stats.cold_start_users
     assert tier.stats.tier_hits == present and tier.stats.tier_misses == 0
+    assert tier.tier.counters.hits == present and tier.tier.counters.cold == tier.stats.cold_start_users
 
 
 # ------------------------------------------------------------------------------------------ cache mode

@@ -29,16 +29,18 @@ import queue
 import threading
 import zlib
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from cachestore.batch import HostBatcher, check_record, zero_block_bytes
-from cachestore.publish import LMDB_DIR
-from cachestore.reader import StoreReader
 from cachestore.record import _CRC_OFFSET, HEADER_SIZE, KEY, CacheLayout, RecordError  # CRC: bytes 0..27 + payload
 from cachestore.tier.arena import bytes_per_behaviour, header_bytes
 from cachestore.tier.policy import make_policy
+
+if TYPE_CHECKING:  # (lmdb is imported only where a store is read)
+    from cachestore.reader import StoreReader
 
 LOAD_CHUNK = 64 << 20
 _ZEROS = bytes(8)  # host staging of the whole-store load (bytes)
@@ -48,6 +50,8 @@ WHOLE, CACHE = "whole", "cache"
 
 def store_bytes(reader: StoreReader) -> int:
     """Size of the store's LMDB data file: an upper bound of the bytes its records take in the arena."""
+    from cachestore.publish import LMDB_DIR
+
     return os.stat(reader.version_dir / LMDB_DIR / "data.mdb").st_size
 
 
