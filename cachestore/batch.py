@@ -59,6 +59,7 @@ from cachestore.record import (
     CacheLayout,
     ModelVersionMismatchError,
     RecordError,
+    RecordSizeError,
     decode_record,
 )
 
@@ -224,6 +225,7 @@ class HostBatcher:
         self._expect = (np.frombuffer(pre[:8], "<u8")[0], np.uint64(np.frombuffer(pre[8:], "<u4")[0]),
                         np.frombuffer(post[:8], "<u8")[0], np.uint64(np.frombuffer(post[8:], "<u4")[0]))
         self._zero = zero_block_bytes(layout)
+        self._max_record = layout.record_size(layout.max_len)
         if capacity_bytes is None:
             capacity_bytes = min(64 << 20, batch_users * (16 + _align(layout.record_size(min(layout.max_len, 1000)))))
         self._capacity = int(capacity_bytes) + self._zero
@@ -286,6 +288,9 @@ class HostBatcher:
                 add_size(0)
                 continue
             n = len(value)
+            if n > self._max_record:  # a damaged LMDB node size: never copy past the record
+                raise RecordSizeError(f"over-long record: {n} bytes, the layout allows at most {self._max_record}",
+                                      int(ids[len(offs)]))
             end = pos + n
             nxt = (end + 7) & -8  # next record starts 8-aligned (_ALIGN)
             if nxt > cap:
@@ -362,7 +367,7 @@ class HostBatcher:
         if pad < 0:
             raise ValueError(f"{len(ids)} users do not fit n_slots={n_slots}")
         env = self.reader._environment()  # opened in this process (reopened after fork), read-only, lock-free
-        with env.begin(buffers=True) as txn:
+        with self.reader.reading(ids.tolist()), env.begin(buffers=True) as txn:  # lmdb.Error -> StoreDamagedError
             values = map(txn.get, keys)
             if pad:
                 ids = np.concatenate([ids, np.full(pad, -1, dtype=np.int64)])

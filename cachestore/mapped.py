@@ -252,7 +252,7 @@ class MappedBatcher:
             raise ValueError(f"{len(ids)} users do not fit n_slots={n_slots}")
         smap = self.store_map
         smap._current()
-        with smap._env.begin(buffers=True) as txn:
+        with self.reader.reading(ids.tolist()), smap._env.begin(buffers=True) as txn:  # lmdb.Error -> StoreDamagedError
             values = list(map(txn.get, map(KEY.pack, ids.tolist())))
         if pad:
             ids = np.concatenate([ids, np.full(pad, -1, dtype=np.int64)])

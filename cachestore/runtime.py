@@ -42,6 +42,7 @@ from cachestore.fused import DEFAULT_FUSED, FUSED, FusedConfig, fused_available,
 from cachestore.graphs import GraphedDecoder
 from cachestore.mapped import MappedBatcher
 from cachestore.record import LayoutError, ModelVersionMismatchError
+from cachestore.store_check import check_tree
 from cachestore.transfer import to_device
 from model.ctr import TargetAttentionCTR
 from model.entry import store_config
@@ -166,7 +167,9 @@ class DecodeRuntime:
     fetch/transfer/decode step. max_pairs: at most this many (user, candidate) pairs per step (rows
     are grouped by candidate count; each step is trimmed to its widest row). pad_to: pad every batch
     to this history length (static shapes for CUDA graphs / torch.compile; default: the longest
-    history in the batch). verify_crc: CRC-check every fetched record (off: headers only).
+    history in the batch). verify_crc: walk the store's B-tree once at construction
+(:func:`cachestore.store_check.check_tree`) and CRC-check every fetched record (off: headers, sizes and
+router index bounds only).
     graphs: decode each step by replaying a CUDA graph (:mod:`cachestore.graphs`; CUDA and v1 (din)
     stores only): steps are padded with cold-start slots to a fixed size per candidate width C
     (``min(batch_users, max_pairs // C)``) and to L = pad_to (default: the store's max_len); one
@@ -192,6 +195,8 @@ class DecodeRuntime:
             raise ValueError("batch_users must be >= 1")
         layout = reader.layout
         check_layout(layout, model, model_version)
+        if verify_crc:  # the full check: every B-tree page, so that no read can leave the file
+            check_tree(reader.version_dir)
         self.device = torch.device(device) if device is not None else default_device()
         self.entry = is_entry_layout(layout)  # v2 store: unpack part by part, cache_from_arrays
         if graphs and (self.device.type != "cuda" or self.entry):

@@ -97,7 +97,8 @@ def _meta_page(raw: bytes, i: int, size: int) -> np.void:
         raise ValueError(f"meta page {i} is cut off ({size} bytes in the file)")
     m = np.frombuffer(raw, _META, count=1)[0]
     if int(m["pgno"]) != i or not int(m["flags"]) & P_META:
-        raise ValueError(f"page {i} is not an LMDB meta page (page number {int(m['pgno'])}, flags {int(m['flags']):#x})")
+        raise ValueError(f"page {i} is not an LMDB meta page (page number {int(m['pgno'])}, "
+                         f"flags {int(m['flags']):#x})")
     if int(m["magic"]) != MAGIC or int(m["version"]) != DATA_VERSION:
         raise ValueError(f"meta page {i}: magic {int(m['magic']):#x} / version {int(m['version'])}, "
                          f"expected {MAGIC:#x} / {DATA_VERSION}")

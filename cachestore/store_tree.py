@@ -84,7 +84,8 @@ class _Walk:
         size, flags, ksize = self.nodes(u8, ptrs)
         big = flags == F_BIGDATA
         if not np.isin(flags, _LEAF_FLAGS).all() or (ksize != 8).any():
-            raise ValueError(f"page {pgno}: a leaf node with flags outside {_LEAF_FLAGS} or a key of other than 8 bytes")
+            raise ValueError(f"page {pgno}: a leaf node with flags outside {_LEAF_FLAGS} or a key of other "
+                             "than 8 bytes")
         ends = ptrs + 16 + np.where(big, 8, size)
         if (ends > self.psize).any():
             raise ValueError(f"page {pgno}: a leaf node runs past the end of its page")

@@ -122,7 +122,9 @@ def group_requests(users: np.ndarray, items: np.ndarray, max_candidates: int):
 @click.option("--batch-users", default=512, show_default=True)
 @click.option("--max-candidates", default=256, show_default=True, help="candidates per user slot")
 @click.option("--chunk-rows", default=1 << 16, show_default=True, help="request rows read at a time")
-@click.option("--verify-crc/--no-verify-crc", default=False, show_default=True, help="CRC-check every record")
+@click.option("--verify-crc/--no-verify-crc", default=True, show_default=True,
+              help="walk the store's LMDB pages once and CRC-check every record served (docs/reliability.md: "
+                   "its cost); off: headers, sizes and router index bounds only")
 def score(store: Path, checkpoint: Path, requests_path: Path, out: Path, user_col: str, item_col: str, device: str,
           decode_path: str, pool_dtype: str, batch_users: int, max_candidates: int, chunk_rows: int,
           verify_crc: bool) -> None:
@@ -134,6 +136,7 @@ def score(store: Path, checkpoint: Path, requests_path: Path, out: Path, user_co
     from cachestore.publish import PublishError
     from cachestore.record import LayoutError, RecordError
     from cachestore.runtime import DecodeRuntime, default_device
+    from cachestore.store_check import StoreDamagedError
     from pipeline.checkpoint import CheckpointError
 
     if max_candidates < 1 or batch_users < 1 or chunk_rows < 1:
@@ -155,7 +158,9 @@ def score(store: Path, checkpoint: Path, requests_path: Path, out: Path, user_co
             slot_user, cand, n_cand, slot, col = group_requests(u, it, max_candidates)
             try:
                 res = runtime.score(slot_user, cand, n_cand)
-            except (ValueError, RecordError) as exc:
+            except (StoreDamagedError, RecordError) as exc:  # the store's fault, named by user
+                raise click.ClickException(str(exc)) from exc
+            except ValueError as exc:
                 raise click.ClickException(f"{requests_path}: {exc}") from exc
             logit = res.logits[slot, col].astype(np.float32)
             cold = res.cold_start[slot]

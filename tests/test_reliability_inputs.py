@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lmdb
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -21,11 +20,11 @@ from cachestore.record import (
     RecordError,
     RecordSizeError,
     UnsupportedVersionError,
-    user_key,
 )
 from cachestore.runtime import DecodeRuntime
 from pipeline.checkpoint import save_checkpoint
 from pipeline.prefill import INPUT_HINT, PrefillInputError, cache_layout, prefill_batches
+from tests.store_fixtures import put_in_place
 from tests.test_prefill import MV, N_ITEMS, histories, make_model, small_config
 
 
@@ -143,10 +142,7 @@ def test_bit_flipped_record_on_disk_is_detected(store: dict, tmp_path: Path) -> 
 
 def _put(version: Path, uid: int, value: bytes) -> None:
     """Overwrite one record in place (simulated corruption of an immutable version; tests only)."""
-    env = lmdb.open(str(version / "lmdb"), map_size=1 << 24)
-    with env.begin(write=True) as txn:
-        txn.put(user_key(uid), value)
-    env.close()
+    put_in_place(version, {uid: value})
 
 
 @pytest.mark.parametrize(("mutate", "exc", "match"), [
