@@ -1,0 +1,198 @@
+"""Damaged LMDB files of a published store: truncation, zeroed / garbage / bit-flipped meta, branch and
+leaf pages. Every command that reads a store runs as a real subprocess (``python -m jobs.cli``) and must
+end with an exit status != 0 and one clear stderr line naming the version and ``ckv store verify`` —
+never a signal (SIGBUS was exit 135 / -7) and never a traceback. A hypothesis fuzz damages the file at
+random offsets and scores every user (CRC-verified, the ``ckv score`` default) in a forked child: a
+clear error or exactly the undamaged scores."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cachestore.publish import open_current
+from cachestore.runtime import DecodeRuntime
+from cachestore.store_check import P_BRANCH, P_LEAF, StoreDamagedError, check_tree, check_version, read_meta
+from pipeline.checkpoint import save_checkpoint
+from pipeline.prefill import cache_layout
+from tests.test_prefill import N_ITEMS, histories, make_model, small_config, write_prefill
+
+ROOT = Path(__file__).resolve().parents[1]
+N_USERS = 300  # ~10 leaf pages under one branch page
+FAIL_ALL = ("verify", "score", "score-no-crc", "size", "capacity", "html")  # every command must refuse
+READS = ("verify", "score", "score-no-crc")  # commands that read records; reports check only the cheap facts
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A store of 300 users (max_len 8), its checkpoint, histories, requests and reference scores."""
+    from pipeline.store_ops import build_store
+
+    tmp = tmp_path_factory.mktemp("damage")
+    model = make_model(small_config())
+    version = save_checkpoint(tmp / "ckpt", model, {})
+    hist = histories([int(n) for n in np.random.default_rng(5).integers(0, 10, N_USERS)], first_user=0)
+    (tmp / "hist").mkdir()
+    pq.write_table(pa.Table.from_batches([hist]), tmp / "hist" / "h.parquet")
+    build_store(tmp / "store", write_prefill(tmp, model, cache_layout(model.cfg, version), [hist]),
+                command_line="t")
+    users = np.arange(N_USERS, dtype=np.int64)
+    items = users % N_ITEMS + 1
+    (tmp / "req.csv").write_text("user_id,item_id\n" + "".join(f"{u},{i}\n" for u, i in zip(users, items)))
+    rt = DecodeRuntime.open(tmp / "store", tmp / "ckpt", device="cpu", verify_crc=True)
+    ref = rt.score(users, items[:, None])
+    rt.reader.close()
+    data = open_current(tmp / "store") / "lmdb" / "data.mdb"
+    meta = read_meta(data)
+    raw = data.read_bytes()
+    flags = [int.from_bytes(raw[p * meta.page_size + 10 : p * meta.page_size + 12], "little")
+             for p in range(meta.last_page + 1)]
+    return {"tmp": tmp, "store": tmp / "store", "ckpt": tmp / "ckpt", "users": users, "items": items, "ref": ref,
+            "meta": meta, "branch": [p for p, f in enumerate(flags) if f & P_BRANCH],
+            "leaf": [p for p, f in enumerate(flags) if f & P_LEAF]}
+
+
+def damaged_copy(made: dict, dest: Path, kind: str, offset: int, bit: int = 0) -> Path:
+    """A copy of the store whose data.mdb is damaged: "truncate" to ``offset`` bytes, "zero" / "garbage"
+    the page holding ``offset``, or "flip" bit ``bit`` of byte ``offset``. Returns the copy's root."""
+    shutil.copytree(made["store"], dest, symlinks=True)
+    path = open_current(dest) / "lmdb" / "data.mdb"
+    psize = made["meta"].page_size
+    if kind == "truncate":
+        os.truncate(path, offset)
+        return dest
+    with open(path, "r+b") as fh:
+        if kind == "flip":
+            fh.seek(offset)
+            byte = fh.read(1)[0]
+            fh.seek(offset)
+            fh.write(bytes([byte ^ (1 << bit)]))
+        else:
+            fh.seek(offset // psize * psize)
+            rng = np.random.default_rng(offset)
+            fh.write(bytes(psize) if kind == "zero" else rng.integers(0, 256, psize, dtype=np.uint8).tobytes())
+    return dest
+
+
+def _argv(made: dict, store: Path, command: str) -> list[str]:
+    tmp, ckpt = made["tmp"], str(made["ckpt"])
+    score = ["score", "--store", str(store), "--checkpoint", ckpt, "--requests", str(tmp / "req.csv"),
+             "--out", str(store.parent / f"{store.name}-{command}.parquet"), "--device", "cpu"]
+    return {"verify": ["store", "verify", str(store), "--checkpoint", ckpt, "--histories", str(tmp / "hist")],
+            "score": score, "score-no-crc": [*score, "--no-verify-crc"],
+            "size": ["report", "size", str(store)], "capacity": ["capacity", "--store", str(store)],
+            "html": ["report", "html", str(store), "--checkpoint", ckpt, "--users", "8",
+                     "--out", str(store.parent / f"{store.name}.html")]}[command]
+
+
+def run_commands(made: dict, store: Path, commands: tuple[str, ...]) -> dict[str, subprocess.CompletedProcess]:
+    """Run each `ckv` command on ``store`` as its own subprocess, two at a time."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done: dict[str, subprocess.CompletedProcess] = {}
+    for i in range(0, len(commands), 2):
+        procs = {c: subprocess.Popen([sys.executable, "-m", "jobs.cli", *_argv(made, store, c)], cwd=ROOT, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for c in commands[i : i + 2]}
+        for c, p in procs.items():
+            out, err = p.communicate(timeout=300)
+            done[c] = subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    return done
+
+
+def assert_clear_failure(name: str, proc: subprocess.CompletedProcess, store: Path) -> None:
+    """Exit status 1 (not a signal), one stderr line: 'Error: store version … is damaged …'."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1, f"{name}: exit {proc.returncode}\n{proc.stderr[-2000:]}"
+    assert len(lines) == 1 and lines[0].startswith("Error: "), f"{name}: {proc.stderr[-2000:]}"
+    assert "is damaged" in lines[0] and "ckv store verify" in lines[0] and str(store.resolve()) in lines[0], lines[0]
+
+
+CASES = [  # (name, kind, where, bit, commands that must refuse)
+    ("truncated to half", "truncate", "half", 0, FAIL_ALL),
+    ("truncated by 100 bytes", "truncate", "end-100", 0, FAIL_ALL),
+    ("meta page 0 zeroed", "zero", "meta0", 0, FAIL_ALL),
+    ("meta page 1 garbage", "garbage", "meta1", 0, FAIL_ALL),
+    ("meta root flipped", "flip", "meta-root", 1, FAIL_ALL),
+    ("branch page zeroed", "zero", "branch", 0, READS),
+    ("branch child pointer flipped", "flip", "branch-child", 6, READS),
+    ("leaf page garbage", "garbage", "leaf", 0, ("verify", "score")),
+    ("leaf key flipped", "flip", "leaf-key", 0, ("verify", "score")),
+]
+
+
+def _offset(made: dict, where: str) -> int:
+    meta, psize = made["meta"], made["meta"].page_size
+    size = (meta.last_page + 1) * psize
+    branch, leaf = made["branch"][0] * psize, made["leaf"][len(made["leaf"]) // 2] * psize
+    # meta page: main db root at byte 128 of a meta page (store_check._META); branch / leaf: the first node
+    # (its offset is the page's first node pointer, bytes 16..17); a branch node's child page number starts
+    # at its byte 0, a leaf node's key at its byte 8 (+7: the key's last, big-endian low byte)
+    return {"half": size // 2 // psize * psize, "end-100": size - 100, "meta0": 0, "meta1": psize,
+            "meta-root": (0 if _txnid(made, 0) >= _txnid(made, 1) else psize) + 128, "branch": branch,
+            "branch-child": branch + _first_node(made, branch) + 1, "leaf": leaf,
+            "leaf-key": leaf + _first_node(made, leaf) + 8 + 7}[where]
+
+
+def _page_bytes(made: dict, at: int, n: int) -> bytes:
+    with open(open_current(made["store"]) / "lmdb" / "data.mdb", "rb") as fh:
+        fh.seek(at)
+        return fh.read(n)
+
+
+def _first_node(made: dict, page_at: int) -> int:
+    return int.from_bytes(_page_bytes(made, page_at + 16, 2), "little")
+
+
+def _txnid(made: dict, page: int) -> int:
+    return int.from_bytes(_page_bytes(made, page * made["meta"].page_size + 144, 8), "little")
+
+
+@pytest.mark.parametrize(("name", "kind", "where", "bit", "must_fail"), CASES, ids=[c[0] for c in CASES])
+def test_every_command_refuses_a_damaged_store(made: dict, tmp_path: Path, name: str, kind: str, where: str,
+                                               bit: int, must_fail: tuple[str, ...]) -> None:
+    """Regression: a truncated data.mdb was SIGBUS (exit 135) in every reader and 'healthy' in the reports;
+    damaged pages were raw lmdb.*Error tracebacks."""
+    store = damaged_copy(made, tmp_path / "store", kind, _offset(made, where), bit)
+    commands = tuple(c for c in FAIL_ALL if c in must_fail or c in READS)
+    results = run_commands(made, store, commands)
+    for command, proc in results.items():
+        assert proc.returncode >= 0 and proc.returncode != 128 + signal.SIGBUS, f"{command}: signal {proc.returncode}"
+        assert "Traceback" not in proc.stderr, f"{command}: {proc.stderr[-3000:]}"
+        if command in must_fail:
+            assert_clear_failure(f"{name}: {command}", proc, open_current(store))
+        elif proc.returncode != 0:  # may refuse, but clearly (a record error names the user)
+            lines = [line for line in proc.stderr.splitlines() if line.strip()]
+            assert len(lines) == 1 and lines[0].startswith("Error: "), f"{command}: {proc.stderr[-2000:]}"
+
+
+def test_the_checks_in_process(made: dict, tmp_path: Path) -> None:
+    """check_version names size and meta damage; check_tree also a damaged leaf; old manifests (no lmdb
+    block) still get the file-size and meta checks."""
+    vdir = open_current(made["store"])
+    assert check_tree(vdir) == check_version(vdir) == made["meta"]
+    store = damaged_copy(made, tmp_path / "t", "truncate", made["meta"].page_size * 3)
+    with pytest.raises(StoreDamagedError, match=r"has \d+ bytes, the manifest recorded \d+ \(the file was truncated\)"):
+        check_version(open_current(store))
+    import json
+
+    old = open_current(store) / "manifest.json"
+    manifest = json.loads(old.read_text())
+    del manifest["lmdb"], manifest["stats"]["file_bytes"]
+    old.write_text(json.dumps(manifest))
+    with pytest.raises(StoreDamagedError, match="names pages up to .* the file was truncated"):
+        check_version(open_current(store), user_id=7)
+    leaf = damaged_copy(made, tmp_path / "l", "garbage", _offset(made, "leaf"))
+    check_version(open_current(leaf))  # the cheap check does not read leaf pages
+    with pytest.raises(StoreDamagedError, match="page"):
+        check_tree(open_current(leaf))
