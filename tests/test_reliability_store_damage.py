@@ -18,7 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, given, settings
+import torch
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from cachestore.publish import open_current
@@ -49,7 +50,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict:
                 command_line="t")
     users = np.arange(N_USERS, dtype=np.int64)
     items = users % N_ITEMS + 1
-    (tmp / "req.csv").write_text("user_id,item_id\n" + "".join(f"{u},{i}\n" for u, i in zip(users, items)))
+    (tmp / "req.csv").write_text("user_id,item_id\n" + "".join(f"{u},{i}\n" for u, i in zip(users, items, strict=True)))
     rt = DecodeRuntime.open(tmp / "store", tmp / "ckpt", device="cpu", verify_crc=True)
     ref = rt.score(users, items[:, None])
     rt.reader.close()
@@ -196,3 +197,52 @@ def test_the_checks_in_process(made: dict, tmp_path: Path) -> None:
     check_version(open_current(leaf))  # the cheap check does not read leaf pages
     with pytest.raises(StoreDamagedError, match="page"):
         check_tree(open_current(leaf))
+
+
+def _score_in_child(made: dict, store: Path, out: Path) -> int:
+    """Score every user of ``store`` as ``ckv score`` does by default (CRC-verified) in a forked child;
+    the child writes "error<TAB>class<TAB>message" or the logits and cold-start flags (.npy) to ``out``.
+    Returns the child's wait status (a signal shows as a negative exit code)."""
+    pid = os.fork()
+    if pid == 0:  # child: never returns into pytest
+        code = 0
+        torch.set_num_threads(1)  # the parent's OpenMP pool does not survive fork(): run inline
+        try:
+            rt = DecodeRuntime.open(store, made["ckpt"], device="cpu", verify_crc=True)
+            res = rt.score(made["users"], made["items"][:, None])
+            np.save(out.with_suffix(".npy"), np.concatenate([res.logits[:, 0], res.cold_start.astype(np.float32)]))
+        except Exception as exc:  # noqa: BLE001 - the parent judges which errors are clear
+            out.write_text(f"error\t{type(exc).__name__}\t{exc}")
+        except BaseException:  # noqa: BLE001
+            code = 3
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+CLEAR = {"StoreDamagedError", "ChecksumError", "RecordSizeError", "BadMagicError", "UnsupportedVersionError",
+         "UnknownDtypeError", "RecordError", "ModelVersionMismatchError", "RouterIndexError"}
+
+
+@settings(max_examples=int(os.environ.get("CKV_FUZZ_EXAMPLES", 40)), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(["truncate", "zero", "garbage", "flip"]), where=st.floats(0, 1, exclude_max=True),
+       bit=st.integers(0, 7))
+def test_fuzz_page_damage(made: dict, tmp_path_factory: pytest.TempPathFactory, kind: str, where: float,
+                          bit: int) -> None:
+    """Damage at a random offset: a clear error (one line, a store/record error naming what to do) or the
+    undamaged scores and cold-start flags exactly — never a signal, never a silently wrong score."""
+    tmp = tmp_path_factory.mktemp("fuzz")
+    size = (made["meta"].last_page + 1) * made["meta"].page_size
+    store = damaged_copy(made, tmp / "store", kind, int(where * size), bit)
+    status = _score_in_child(made, store, tmp / "out.txt")
+    assert status == 0, f"child ended with {status} (negative: signal)"
+    if (tmp / "out.txt").exists():
+        _, cls, msg = (tmp / "out.txt").read_text().split("\t", 2)
+        assert cls in CLEAR and "\n" not in msg, f"{cls}: {msg}"
+        event(f"{kind}: clear error {cls}")
+        return
+    got = np.load(tmp / "out.npy")
+    ref = made["ref"]
+    np.testing.assert_array_equal(got, np.concatenate([ref.logits[:, 0], ref.cold_start.astype(np.float32)]))
+    event(f"{kind}: identical scores")
