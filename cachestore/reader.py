@@ -30,7 +30,15 @@ import lmdb
 
 from cachestore.entry import EntryLayout, EntryRecord, decode_entry
 from cachestore.publish import LAYOUT, LMDB_DIR, open_current
-from cachestore.record import CacheLayout, Record, decode_record, key_user, read_layout, user_key
+from cachestore.record import (
+    CacheLayout,
+    Record,
+    check_router_indices,
+    decode_record,
+    key_user,
+    read_layout,
+    user_key,
+)
 from cachestore.store_check import StoreDamagedError, check_version
 
 # py-lmdb refuses to open the same environment twice in one process, so readers of one version
@@ -137,7 +145,10 @@ class StoreReader:
             return None
         if isinstance(self._layout, EntryLayout):  # v2: checked against the store's layout as well
             return decode_entry(self._layout, raw, expected_model_version=self._layout.model_version, user_id=user_id)
-        return decode_record(raw, expected_model_version=self._layout.model_version, user_id=user_id)
+        record = decode_record(raw, expected_model_version=self._layout.model_version, user_id=user_id)
+        for side, idx in (("K", record.k_idx), ("V", record.v_idx)):
+            check_router_indices(idx, self._layout.pool_size, side, user_id)
+        return record
 
     def get_raw(self, user_id: int) -> bytes | None:
         """The encoded record bytes of a user (undecoded, unverified), or None if absent."""

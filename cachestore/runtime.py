@@ -41,7 +41,7 @@ from cachestore.entry import entry_layout
 from cachestore.fused import DEFAULT_FUSED, FUSED, FusedConfig, fused_available, fused_decode, uses_fused
 from cachestore.graphs import GraphedDecoder
 from cachestore.mapped import MappedBatcher
-from cachestore.record import LayoutError, ModelVersionMismatchError
+from cachestore.record import LayoutError, ModelVersionMismatchError, RouterIndexError
 from cachestore.store_check import check_tree
 from cachestore.transfer import to_device
 from model.ctr import TargetAttentionCTR
@@ -319,23 +319,31 @@ router index bounds only).
             start.record()
         else:
             t_dec = time.perf_counter()
+        flags = None if self.graphs else torch.zeros(n, dtype=torch.int32, device=self.device)  # bad router index
         if self.graphs:  # one replay: the batch and candidate copies, then the decode
             logits = graph.run(host, padded)[:n]
             cost = graph.last_cost
+            flags = graph.flags
         elif self.entry:
             cache = dev.unpack(self.pad_to)  # v2: per-part arrays → the model's ZooCache
             cache = entry_cache(cache, self._store_cfg, self.resident.dtype)
             if self.zoo:
                 logits = decode_zoo(self.resident, cache, targets)
             else:  # a din cache in a v2 store: its one group through the din decode paths
-                logits = decode(self.resident, cache.kv["kv"], targets, self.path)
+                logits = decode(self.resident, cache.kv["kv"], targets, self.path, flags=flags)
         elif self.fused:  # the Triton kernel reads the device batch as it is (no unpack)
-            logits = fused_decode(self.resident, dev.raw, self.layout, n, targets, config=self.fused_config)
+            logits = fused_decode(self.resident, dev.raw, self.layout, n, targets, config=self.fused_config,
+                                  flags=flags)
         else:
-            logits = decode(self.resident, dev.unpack(self.pad_to), targets, self.path)
+            logits = decode(self.resident, dev.unpack(self.pad_to), targets, self.path, flags=flags)
         if cuda:
             end.record()
         out = logits.float().cpu().numpy()
+        bad = np.flatnonzero(flags[:n].cpu().numpy())  # after the logits: no extra sync
+        if bad.size:
+            raise RouterIndexError(f"a router index outside the pool 0..{self.resident.cfg.collective.pool_size - 1}"
+                                   ": the record is corrupt (run `ckv store verify STORE`); nothing of this batch "
+                                   "was returned", int(ids[bad[0]]))
         decode_ms = start.elapsed_time(end) if cuda else (time.perf_counter() - t_dec) * 1e3
         if self.graphs:
             decode_ms -= cost.ms  # the graph's copies are timed inside it (TransferCost); copies overlapped
