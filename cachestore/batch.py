@@ -45,6 +45,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -55,6 +56,7 @@ import torch
 from cachestore.entry import EntryLayout, decode_entry
 from cachestore.record import (
     HEADER_SIZE,
+    IDX_DTYPES,
     KEY,
     CacheLayout,
     ModelVersionMismatchError,
@@ -346,9 +348,32 @@ class HostBatcher:
             raise RecordError(f"record does not match the store layout {self.layout} (header "
                               f"{rec[:HEADER_SIZE].hex()}, {len(rec)} bytes)", uid)
         if self.verify_crc:
-            for j, uid in enumerate(ids.tolist()):
-                check_record(self.layout, record(j), self.expected_model_version, uid)
+            self._verify_payloads(ids, words, n, record)
         return n
+
+    def _verify_payloads(self, ids: np.ndarray, words: np.ndarray, n: np.ndarray,
+                         record: Callable[[int], bytes | memoryview]) -> None:
+        """``verify_crc``: per record one ``zlib.crc32`` against the header's (bytes 28..31) and, for a v1
+        store with shared sides, its router indices (the record's tail) against the pool; a record that
+        fails goes through the full decoder for the precise error naming the user. v2: the full decoder."""
+        layout = self.layout
+        if is_entry_layout(layout):
+            for j, uid in enumerate(ids.tolist()):
+                check_record(layout, record(j), self.expected_model_version, uid)
+            return
+        crcs = (words[:, 3] >> np.uint64(32)).tolist()
+        idx_dt = IDX_DTYPES[layout.idx_dtype][1] if layout.idx_dtype else None
+        sides = int(layout.k_shared) + int(layout.v_shared)
+        for j, (length, crc) in enumerate(zip(n.tolist(), crcs, strict=True)):
+            rec = record(j)
+            ok = zlib.crc32(rec[:28], zlib.crc32(rec[HEADER_SIZE:])) == crc
+            if ok and idx_dt is not None and length:
+                count = sides * length  # the index parts end the record
+                idx = np.frombuffer(rec, idx_dt, count=count, offset=len(rec) - count * idx_dt.itemsize)
+                ok = int(idx.max()) < layout.pool_size and (idx_dt.kind == "u" or int(idx.min()) >= 0)
+            if not ok:
+                check_record(layout, rec, self.expected_model_version, int(ids[j]))  # raises the precise error
+                raise RecordError("record failed its CRC or router index check", int(ids[j]))
 
     def pack(self, user_ids: Sequence[int] | np.ndarray, records: Iterable[bytes | memoryview | None]) -> HostBatch:
         """Pack given encoded records (None = cold start) for these user ids; no LMDB involved."""
