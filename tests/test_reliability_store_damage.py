@@ -240,3 +240,28 @@ def test_fuzz_page_damage(made: dict, tmp_path_factory: pytest.TempPathFactory, 
     ref = made["ref"]
     np.testing.assert_array_equal(got, np.concatenate([ref.logits[:, 0], ref.cold_start.astype(np.float32)]))
     event(f"{kind}: identical scores")
+
+
+def test_score_verifies_crcs_by_default(made: dict, tmp_path: Path) -> None:
+    """Regression: one flipped payload bit was served (exit 0, scores changed). `ckv score` now CRC-checks
+    by default (exit 1 naming the user); `--no-verify-crc` keeps the header/size-only fast path."""
+    from click.testing import CliRunner
+
+    from cachestore.reader import StoreReader
+    from jobs.score import score as score_cmd
+
+    store = tmp_path / "store"
+    shutil.copytree(made["store"], store, symlinks=True)
+    path = open_current(store) / "lmdb" / "data.mdb"
+    with StoreReader(open_current(store)) as reader:
+        raw = reader.get_raw(7)
+    data = bytearray(path.read_bytes())
+    at = data.find(raw)
+    data[at + 33] ^= 0x10  # a payload byte of user 7 (its user K part)
+    path.write_bytes(bytes(data))
+    args = ["--store", str(store), "--checkpoint", str(made["ckpt"]), "--requests", str(made["tmp"] / "req.csv"),
+            "--out", str(tmp_path / "o.parquet"), "--device", "cpu"]
+    r = CliRunner().invoke(score_cmd, args)
+    assert r.exit_code == 1 and "user 7: CRC mismatch" in r.output, r.output
+    r = CliRunner().invoke(score_cmd, [*args, "--no-verify-crc"])
+    assert r.exit_code == 0, r.output
