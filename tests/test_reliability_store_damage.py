@@ -236,7 +236,7 @@ def test_fuzz_page_damage(made: dict, tmp_path_factory: pytest.TempPathFactory, 
         assert cls in CLEAR and "\n" not in msg, f"{cls}: {msg}"
         event(f"{kind}: clear error {cls}")
         return
-    got = np.load(tmp / "out.npy")
+    got = np.load(tmp / "out.npy", allow_pickle=False)
     ref = made["ref"]
     np.testing.assert_array_equal(got, np.concatenate([ref.logits[:, 0], ref.cold_start.astype(np.float32)]))
     event(f"{kind}: identical scores")
