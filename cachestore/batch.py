@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from cachestore.entry import EntryLayout, decode_entry
+from cachestore.entry import EntryLayout, check_indices, decode_entry
 from cachestore.record import (
     HEADER_SIZE,
     IDX_DTYPES,
@@ -62,7 +62,6 @@ from cachestore.record import (
     ModelVersionMismatchError,
     RecordError,
     RecordSizeError,
-    check_router_indices,
     decode_record,
 )
 
@@ -98,14 +97,13 @@ def zero_block_bytes(layout: StoreLayout) -> int:
 
 def check_record(layout: StoreLayout, buf: bytes | memoryview, expected_model_version: str | None,
                  user_id: int | None) -> None:
-    """Fully validate one record of ``layout`` (CRC included, v1: router indices < pool size): ``decode_record`` for v1,
+    """Fully validate one record of ``layout`` (CRC included, router indices < pool size): ``decode_record`` for v1,
     ``decode_entry`` for v2; raises the precise ``RecordError`` subclass naming the user."""
     if is_entry_layout(layout):
-        decode_entry(layout, buf, expected_model_version=expected_model_version, user_id=user_id)
+        record = decode_entry(layout, buf, expected_model_version=expected_model_version, user_id=user_id)
     else:
         record = decode_record(buf, expected_model_version=expected_model_version, user_id=user_id)
-        for side, idx in (("K", record.k_idx), ("V", record.v_idx)):
-            check_router_indices(idx, layout.pool_size, side, user_id)
+    check_indices(layout, record, user_id)
 
 
 @dataclass

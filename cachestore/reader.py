@@ -28,12 +28,11 @@ from pathlib import Path
 
 import lmdb
 
-from cachestore.entry import EntryLayout, EntryRecord, decode_entry
+from cachestore.entry import EntryLayout, EntryRecord, check_indices, decode_entry
 from cachestore.publish import LAYOUT, LMDB_DIR, open_current
 from cachestore.record import (
     CacheLayout,
     Record,
-    check_router_indices,
     decode_record,
     key_user,
     read_layout,
@@ -144,10 +143,11 @@ class StoreReader:
         if raw is None:
             return None
         if isinstance(self._layout, EntryLayout):  # v2: checked against the store's layout as well
-            return decode_entry(self._layout, raw, expected_model_version=self._layout.model_version, user_id=user_id)
-        record = decode_record(raw, expected_model_version=self._layout.model_version, user_id=user_id)
-        for side, idx in (("K", record.k_idx), ("V", record.v_idx)):
-            check_router_indices(idx, self._layout.pool_size, side, user_id)
+            record = decode_entry(self._layout, raw, expected_model_version=self._layout.model_version,
+                                  user_id=user_id)
+        else:
+            record = decode_record(raw, expected_model_version=self._layout.model_version, user_id=user_id)
+        check_indices(self._layout, record, user_id)  # router indices < pool size
         return record
 
     def get_raw(self, user_id: int) -> bytes | None:

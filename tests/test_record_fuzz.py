@@ -177,3 +177,25 @@ def test_runtime_graph_flags_name_the_user_on_cuda(tmp_path) -> None:
             torch.cuda.synchronize()
         assert graph.flags.cpu().tolist() == [0, 0, 0, 1], path
 
+
+
+def test_zoo_record_index_outside_the_pool_is_refused_on_the_cpu(tmp_path) -> None:
+    """v2 (zoo) records: every idx part is checked against the pool by the reader and the verify_crc fetch."""
+    from cachestore.entry import encode_entry, entry_layout
+    from cachestore.publish import open_current
+    from cachestore.reader import StoreReader
+    from tests.test_zoo import zoo_config
+    from tests.zoo_store_fixtures import publish_records
+
+    layout = entry_layout(zoo_config("eta"), "0123456789abcdef", "collective", "float16")
+    parts = [np.zeros((min(3, p.cap), p.width), layout.dtype(p.kind)) for p in layout.parts]
+    idx = next(i for i, p in enumerate(layout.parts) if p.kind == "idx")
+    good = encode_entry(layout, 3, parts)
+    parts[idx][-1] = layout.pool_size  # one past the pool
+    root = publish_records(tmp_path, layout, {1: good, 2: encode_entry(layout, 3, parts)})
+    with StoreReader(open_current(root)) as reader:
+        assert reader.get(1) is not None
+        with pytest.raises(RouterIndexError, match=f"user 2: {layout.parts[idx].name} router index"):
+            reader.get(2)
+        with pytest.raises(RouterIndexError, match="user 2"):
+            HostBatcher(layout, reader=reader, pin=False, verify_crc=True).fetch([1, 2])
