@@ -53,6 +53,7 @@ import torch
 from cachestore.batch import FetchedBatch, HostBatcher, zero_block_bytes
 from cachestore.fused import ALL_BYTES
 from cachestore.record import KEY
+from cachestore.store_check import StoreDamagedError
 
 try:
     import triton
@@ -268,7 +269,10 @@ class MappedBatcher:
         found = values if present.all() else list(itertools.compress(values, present))
         smap = self.store_map
         base = smap.base
-        src, sizes = value_addresses(found, base, base + smap._nbytes)
+        try:
+            src, sizes = value_addresses(found, base, base + smap._nbytes)
+        except ValueError as exc:  # a damaged node size or page: the value would run past the file
+            raise StoreDamagedError(self.reader.version_dir, str(exc)) from None
         src -= base  # (P,) offsets in the map
         unit = 8
         while unit > 1 and (src % unit).any():
