@@ -51,7 +51,9 @@ from cachestore.fused import FUSED, fused_available, fused_decode, uses_fused
 from cachestore.graphs import GraphedDecoder
 from cachestore.layout_check import check_layout
 from cachestore.mapped import MappedBatcher
+from cachestore.record import RouterIndexError
 from cachestore.runtime_config import ServingConfig
+from cachestore.store_check import check_tree
 from cachestore.tier.graph import ResidentRequest
 from cachestore.tier.tier import WHOLE, ResidentTier, TierCounters, plan_capacity
 from cachestore.transfer import to_device
@@ -124,7 +126,9 @@ class DecodeRuntime:
     fetch/transfer/decode step. max_pairs: at most this many (user, candidate) pairs per step (rows
     are grouped by candidate count; each step is trimmed to its widest row). pad_to: pad every batch
     to this history length (static shapes for CUDA graphs / torch.compile; default: the longest
-    history in the batch). verify_crc: CRC-check every fetched record (off: headers only).
+    history in the batch). verify_crc: walk the store's B-tree once at construction
+(:func:`cachestore.store_check.check_tree`) and CRC-check every fetched record (off: headers, sizes and
+router index bounds only).
     graphs: decode each step by replaying a CUDA graph (:mod:`cachestore.graphs`; CUDA and v1 (din)
     stores only): steps are padded with cold-start slots to a fixed size per candidate width C
     (``min(batch_users, max_pairs // C)``) and to L = pad_to (default: the store's max_len); one
@@ -147,6 +151,8 @@ class DecodeRuntime:
         zero_copy, pad_to, pin = config.zero_copy, config.pad_to, config.pin
         layout = reader.layout
         check_layout(layout, model, model_version)
+        if config.verify_crc:  # the full check: every B-tree page, so that no read can leave the file
+            check_tree(reader.version_dir)
         self.device = torch.device(device) if device is not None else default_device()
         self.entry = is_entry_layout(layout)  # v2 store: unpack part by part, cache_from_arrays
         if graphs and (self.device.type != "cuda" or self.entry):
@@ -340,23 +346,27 @@ class DecodeRuntime:
             start.record()
         else:
             t_dec = time.perf_counter()
+        flags = None if self.graphs else torch.zeros(n, dtype=torch.int32, device=self.device)  # bad router index
         if self.graphs:  # one replay: the batch and candidate copies, then the decode
             logits = graph.run(host, padded)[:n]
             cost = graph.last_cost
+            flags = graph.flags
         elif self.entry:
             cache = dev.unpack(self.pad_to)  # v2: per-part arrays → the model's ZooCache
             cache = entry_cache(cache, self._store_cfg, self.resident.dtype)
             if self.zoo:
                 logits = decode_zoo(self.resident, cache, targets)
             else:  # a din cache in a v2 store: its one group through the din decode paths
-                logits = decode(self.resident, cache.kv["kv"], targets, self.path)
+                logits = decode(self.resident, cache.kv["kv"], targets, self.path, flags=flags)
         elif self.fused:  # the Triton kernel reads the device batch as it is (no unpack)
-            logits = fused_decode(self.resident, dev.raw, self.layout, n, targets, config=self.fused_config)
+            logits = fused_decode(self.resident, dev.raw, self.layout, n, targets, config=self.fused_config,
+                                  flags=flags)
         else:
-            logits = decode(self.resident, dev.unpack(self.pad_to), targets, self.path)
+            logits = decode(self.resident, dev.unpack(self.pad_to), targets, self.path, flags=flags)
         if cuda:
             end.record()
         out = logits.float().cpu().numpy()
+        self._check_flags(np.flatnonzero(flags[:n].cpu().numpy()), ids)  # after the logits: no extra sync
         decode_ms = start.elapsed_time(end) if cuda else (time.perf_counter() - t_dec) * 1e3
         if self.graphs:
             decode_ms -= cost.ms  # the graph's copies are timed inside it (TransferCost); copies overlapped
@@ -370,6 +380,14 @@ class DecodeRuntime:
         stats.decode_ms += decode_ms
         stats.total_ms += (time.perf_counter() - t0) * 1e3
         return out, ~host.present[:n]
+
+    def _check_flags(self, bad: np.ndarray, ids: np.ndarray) -> None:
+        """Refuse a batch in which the decode met a router index outside the pool (``bad``: slots, from the
+        kernel's or the eager decode's per-user flags)."""
+        if bad.size:
+            raise RouterIndexError(f"a router index outside the pool 0..{self.resident.cfg.collective.pool_size - 1}"
+                                   ": the record is corrupt (run `ckv store verify STORE`); nothing of this batch "
+                                   "was returned", int(ids[bad[0]]))
 
     def _score_resident(self, ids: np.ndarray, cand: np.ndarray, stats: RuntimeStats, slots: int
                         ) -> tuple[np.ndarray, np.ndarray]:
@@ -392,6 +410,8 @@ class DecodeRuntime:
                 second[:n] = resolved.n
             t_dec = time.perf_counter()
             logits, present = self._resident[key].run(first, second, padded)
+            bad = self._resident[key].bad_slots()
+        self._check_flags(bad[bad < n], ids)
         present = present[:n]
         stats.batches += 1
         stats.users += n

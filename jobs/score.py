@@ -162,7 +162,7 @@ def group_requests(users: np.ndarray, items: np.ndarray, max_candidates: int):
 @click.option("--item-col", default="item_id", show_default=True)
 @click.option("--max-candidates", default=256, show_default=True, help="candidates per user slot")
 @click.option("--chunk-rows", default=1 << 16, show_default=True, help="request rows read at a time")
-@serving_options
+@serving_options(verify_crc=True)
 def score(store: Path, checkpoint: Path, requests_path: Path, out: Path, user_col: str, item_col: str,
           max_candidates: int, chunk_rows: int, config: ServingConfig) -> None:
     """Score a file of (user, candidate) requests against the cache store; writes Parquet."""
@@ -172,6 +172,7 @@ def score(store: Path, checkpoint: Path, requests_path: Path, out: Path, user_co
     from cachestore.publish import PublishError
     from cachestore.record import LayoutError, RecordError
     from cachestore.runtime import DecodeRuntime
+    from cachestore.store_check import StoreDamagedError
     from pipeline.checkpoint import CheckpointError
 
     if max_candidates < 1 or chunk_rows < 1:
@@ -191,7 +192,9 @@ def score(store: Path, checkpoint: Path, requests_path: Path, out: Path, user_co
             slot_user, cand, n_cand, slot, col = group_requests(u, it, max_candidates)
             try:
                 res = runtime.score(slot_user, cand, n_cand)
-            except (ValueError, RecordError) as exc:
+            except (StoreDamagedError, RecordError) as exc:  # the store's fault, named by user
+                raise click.ClickException(str(exc)) from exc
+            except ValueError as exc:
                 raise click.ClickException(f"{requests_path}: {exc}") from exc
             logit = res.logits[slot, col].astype(np.float32)
             cold = res.cold_start[slot]

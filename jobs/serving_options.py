@@ -68,9 +68,13 @@ _OPTIONS = (
                       "free GPU memory, else that much (off on CPU); 0 = off; or a size such as 8GiB"),
     click.option("--policy", type=click.Choice(["lru", "s3fifo"]), default="s3fifo", show_default=True,
                  help="the tier's eviction policy when the store does not fit"),
-    click.option("--verify-crc/--no-verify-crc", default=False, show_default=True,
-                 help="CRC-check every record fetched from LMDB (the tier always checks on admission)"),
 )
+
+
+def _verify_crc_option(default: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option("--verify-crc/--no-verify-crc", default=default, show_default=True,
+                        help="CRC-check every record fetched from LMDB (docs/reliability.md: its cost; headers, "
+                             "sizes and router index bounds are always checked; the tier checks on admission)")
 NAMES = ("device", "decode_path", "pool_dtype", "batch_users", "graphs", "zero_copy", "tier_bytes", "policy",
          "verify_crc")
 
@@ -89,13 +93,19 @@ def config_from_options(device: str, decode_path: str, pool_dtype: str, batch_us
         raise click.BadParameter(str(exc)) from exc
 
 
-def serving_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorator: the serving options above, passed to ``fn`` as one ``config`` keyword argument."""
+def serving_options(fn: Callable[..., Any] | None = None, *, verify_crc: bool = False) -> Any:
+    """Decorator: the serving options above, passed to ``fn`` as one ``config`` keyword argument.
+
+    ``@serving_options`` or ``@serving_options(verify_crc=True)`` (the default of ``--verify-crc``: a batch
+    job such as ``ckv score`` checks every record, a server relies on the cheap checks)."""
+    if fn is None:
+        return functools.partial(serving_options, verify_crc=verify_crc)
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         values = {name: kwargs.pop(name) for name in NAMES}
         return fn(*args, config=config_from_options(**values), **kwargs)
 
-    for option in reversed(_OPTIONS):
+    for option in reversed((*_OPTIONS, _verify_crc_option(verify_crc))):
         wrapper = option(wrapper)
     return wrapper

@@ -44,6 +44,7 @@ class ResidentRequest:
         self.present = torch.zeros(b, dtype=torch.bool, device=device)
         self.logits_host = torch.zeros(b, c, dtype=torch.float32, pin_memory=pin)
         self.present_host = torch.zeros(b, dtype=torch.bool, pin_memory=pin)
+        self.flags_host = torch.zeros(b, dtype=torch.int32, pin_memory=pin)  # router index outside the pool
         self._captured: _Captured | None = None
 
     def _move(self) -> None:
@@ -79,13 +80,15 @@ class ResidentRequest:
                 logits = d._body()
                 self.logits_host.copy_(logits, non_blocking=True)  # D2H inside the graph: one replay per request
                 self.present_host.copy_(self.present, non_blocking=True)
+                self.flags_host.copy_(d.flags, non_blocking=True)
         return _Captured(graph, logits, start, end, self.host_in.numel() * 8)
 
     def run(self, first: np.ndarray, second: np.ndarray | None, candidates: np.ndarray
             ) -> tuple[np.ndarray, np.ndarray]:
         """Score one request: ``first`` (B,) the user ids (whole store; -1 for padding slots) or the arena
         offsets (cache mode, -1 = none) and ``second`` their behaviours (cache mode; None otherwise);
-        ``candidates`` (B, C). Returns (logits (B, C) float32, present (B,) bool) as numpy (copies)."""
+        ``candidates`` (B, C). Returns (logits (B, C) float32, present (B,) bool) as numpy (copies); the
+        users whose record held a router index outside the pool: :meth:`bad_slots`."""
         d = self.decoder
         with torch.inference_mode():
             d._stage(candidates)  # waits for the previous replay: the pinned inputs are free
@@ -97,6 +100,7 @@ class ResidentRequest:
             if d.eager:
                 logits = d._run_eager(self._move, self.host_in.numel() * 8)
                 present = self.present.numpy().copy() if second is None else first >= 0
+                self.flags_host.copy_(d.flags)
                 return logits.float().numpy().copy(), present
             if self._captured is None:
                 self._captured = self._capture()
@@ -105,3 +109,8 @@ class ResidentRequest:
             d._done.synchronize()
         present = self.present_host.numpy().copy() if second is None else first >= 0
         return self.logits_host.numpy().copy(), present
+
+    def bad_slots(self) -> np.ndarray:
+        """Slots of the latest request whose record held a router index outside the pool (the kernel masked
+        those loads; the caller must not return their scores)."""
+        return np.flatnonzero(self.flags_host.numpy())
