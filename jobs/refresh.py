@@ -18,8 +18,8 @@ import click
 from jobs.prepare import prepare_cmd
 
 EXIT_REFUSED = 3
-# the event-log options of `ckv data prepare` (same names and defaults), except its --out / --events
-_PREPARE_PARAMS = [p for p in prepare_cmd.params if p.name not in ("out", "events")]
+# the event-log options of `ckv data prepare` (same names and defaults), except --out / --events / --overwrite
+_PREPARE_PARAMS = [p for p in prepare_cmd.params if p.name not in ("out", "events", "overwrite")]
 
 
 def _prepare_config(events: Path, kw: dict[str, Any]) -> Any:
