@@ -10,10 +10,10 @@ POOL=${POOL:-1000}
 mkdir -p "$RUN"
 
 echo "== 1/4 data preparation"
-ckv data prepare --events data/movielens/ratings.csv --items data/movielens/movies.csv --out "$RUN/data"
+ckv data prepare --events data/movielens/ratings.csv --items data/movielens/movies.csv --out "$RUN/data" --overwrite
 
 echo "== 2/4 training: full and collective, seeds $SEEDS, pool $POOL (the paper's 10,000 works too: slower on CPU)"
-ckv experiment --data "$RUN/data" --out "$RUN/experiment" --variants full,collective --seeds "$SEEDS" \
+ckv experiment --data "$RUN/data" --out "$RUN/experiment" --overwrite --variants full,collective --seeds "$SEEDS" \
     --epochs "$EPOCHS" --pool-size "$POOL" --no-progress
 
 FIRST_SEED=${SEEDS%%,*}
