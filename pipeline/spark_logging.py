@@ -124,6 +124,7 @@ def spark_job_errors(what: str, log_path: str | os.PathLike, *, verbose: bool = 
         lg.addHandler(handler)
     if logger.getEffectiveLevel() > logging.INFO:
         logger.setLevel(logging.INFO)
+    logging.getLogger("py4j").setLevel(logging.WARNING)  # its INFO lines ("Closing down ...") are noise
     try:
         yield log_path
     except Exception as exc:
