@@ -3,11 +3,10 @@
 Every command that writes a directory (`ckv data prepare`, `ckv train`, `ckv experiment`) or a file
 (`ckv score`) goes through this module:
 
-- **Kinds.** A directory output has a kind (:class:`OutputKind`): a name, the command that writes it
-  and the top-level entries it may hold. Each written directory gets a marker file
-  ``.ckv-output.json`` (``{"kind": ..., "command": ...}``); an existing directory is "of its own kind"
-  when its marker names the kind (or, for outputs written before the marker existed, when it has the
-  kind's signature files) **and** it holds nothing but the kind's entries.
+- **Kinds.** A directory output has a kind (:class:`OutputKind`): a name, the command that writes it,
+  the top-level entries it may hold and its signature (the metadata files the command always writes,
+  e.g. a dataset's ``meta.json`` + ``histories.parquet``). An existing directory is "of its own kind"
+  when it has every signature file **and** holds nothing but the kind's entries.
 - **Refusals** (:class:`OutputError`, one line naming the path and what to do): an ``--out`` that is a
   file; that equals or contains one of the command's inputs; that is non-empty and not of the
   command's kind; or that is of its kind without ``--overwrite``.
@@ -22,7 +21,6 @@ Every command that writes a directory (`ckv data prepare`, `ckv train`, `ckv exp
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -31,8 +29,6 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
-MARKER_FILE = ".ckv-output.json"
 
 
 class OutputError(ValueError):
@@ -43,37 +39,27 @@ class OutputError(ValueError):
 class OutputKind:
     """What one command writes into its output directory.
 
-    ``entries``: the top-level names it may write (the marker is always allowed); ``signature``:
-    files that identify an output of this kind written before markers existed.
+    ``entries``: the top-level names it may write; ``signature``: the entries every output of this
+    kind has (its metadata files), which identify it.
     """
 
     name: str
     command: str
     entries: frozenset[str]
-    signature: tuple[str, ...] = ()
+    signature: tuple[str, ...]
 
     def describe(self) -> str:
         return f"a {self.name} written by `{self.command}`"
 
 
-def _marker_kind(path: Path) -> str | None:
-    try:
-        data = json.loads((path / MARKER_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return data.get("kind") if isinstance(data, dict) else None
-
-
 def foreign_entries(path: Path, kind: OutputKind) -> list[str]:
     """Top-level entries of the directory ``path`` that ``kind``'s command does not write (sorted)."""
-    return sorted(p.name for p in path.iterdir() if p.name != MARKER_FILE and p.name not in kind.entries)
+    return sorted(p.name for p in path.iterdir() if p.name not in kind.entries)
 
 
 def is_own_kind(path: Path, kind: OutputKind) -> bool:
     """True if the directory ``path`` was written by ``kind``'s command and holds nothing else."""
-    marked = _marker_kind(path) == kind.name
-    legacy = bool(kind.signature) and all((path / f).exists() for f in kind.signature)
-    return (marked or legacy) and not foreign_entries(path, kind)
+    return all((path / f).exists() for f in kind.signature) and not foreign_entries(path, kind)
 
 
 def check_not_input(out: Path, inputs: Iterable[str | os.PathLike | None], option: str = "--out") -> None:
@@ -102,7 +88,7 @@ def check_output_dir(out: Path, kind: OutputKind, *, overwrite: bool,
     if not is_own_kind(out, kind):
         foreign = foreign_entries(out, kind)
         shown = ", ".join(foreign[:3]) + (f" (+{len(foreign) - 3} more)" if len(foreign) > 3 else "")
-        why = f"holds {shown}" if foreign else "has no marker"
+        why = f"holds {shown}" if foreign else f"no {' / '.join(kind.signature)}"
         raise OutputError(f"--out {out}: not empty and not {kind.describe()} ({why}); nothing was deleted: "
                           "choose a new or empty directory")
     if not overwrite:
@@ -133,7 +119,7 @@ def replace_dir(out: str | os.PathLike, kind: OutputKind, *, overwrite: bool = F
     """Yield a temp directory beside ``out`` to write into; on success it atomically becomes ``out``.
 
     Checks ``out`` first (:func:`check_output_dir`) and again just before the swap (another process
-    may have written there meanwhile). The marker file is written last, into the temp directory.
+    may have written there meanwhile).
     """
     out = Path(out)
     inputs = list(inputs)
@@ -143,8 +129,6 @@ def replace_dir(out: str | os.PathLike, kind: OutputKind, *, overwrite: bool = F
     os.chmod(tmp, 0o755)  # mkdtemp's 0700 would make the published directory private
     try:
         yield tmp
-        marker = {"kind": kind.name, "command": kind.command}
-        (tmp / MARKER_FILE).write_text(json.dumps(marker) + "\n", encoding="utf-8")
         check_output_dir(out, kind, overwrite=overwrite, inputs=inputs)
         _swap_in(tmp, out)
     finally:
