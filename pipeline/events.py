@@ -126,12 +126,15 @@ def to_int64(values: pd.Series, where: str) -> np.ndarray:
 
 
 def _exact_ints(values: pd.Series) -> np.ndarray | None:
-    """An object column of integer text / Python ints -> object array of exact Python ints, else None."""
+    """An object column of integer text, ints or exact integral floats -> object array of Python ints;
+    None if any value is not one of those (the caller then reports it)."""
     def parse(v: object) -> int | None:
         if isinstance(v, bool | np.bool_):
             return None
         if isinstance(v, int | np.integer):
             return int(v)
+        if isinstance(v, float | np.floating):
+            return int(v) if float(v).is_integer() and abs(v) <= FLOAT_EXACT_MAX else None
         text = str(v).strip()
         return int(text) if text.lstrip("+-").isdigit() else None
 
