@@ -90,7 +90,7 @@ def root_message(exc: BaseException) -> str:
 
 
 def one_line(what: str, exc: BaseException, log_path: Path) -> str:
-    """"<what> failed <where>: <root message>. <what to do>; full trace: <log>" (at most ~1 kB)."""
+    """``<what> failed <where>: <root message>; <what to do>; full trace: <log>`` (at most ~1 kB)."""
     text = str(exc)
     msg = " ".join(root_message(exc).split())
     if len(msg) > 800:
