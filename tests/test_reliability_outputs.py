@@ -190,3 +190,14 @@ def test_two_scores_with_one_out(scoring: dict, tmp_path: Path) -> None:
     table = pq.read_table(out)
     assert table.num_rows == scoring["rows"] and table.column_names[-3:] == ["logit", "score", "cold_start"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_refresh_refuses_a_work_or_store_folder_holding_its_input(tmp_path: Path) -> None:
+    events = _events(tmp_path)
+    before = _tree(tmp_path)
+    for option in ("--work", "--store"):
+        other = "--store" if option == "--work" else "--work"
+        res = CliRunner().invoke(main, ["refresh", option, str(tmp_path), other, str(tmp_path / "elsewhere"),
+                                        "--events", str(events)])
+        assert res.exit_code == 1 and f"{option} {tmp_path} contains the input" in res.output, res.output
+    assert _tree(tmp_path) == before
