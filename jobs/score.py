@@ -166,25 +166,48 @@ def group_requests(users: np.ndarray, items: np.ndarray, max_candidates: int):
 def score(store: Path, checkpoint: Path, requests_path: Path, out: Path, user_col: str, item_col: str,
           max_candidates: int, chunk_rows: int, config: ServingConfig) -> None:
     """Score a file of (user, candidate) requests against the cache store; writes Parquet."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from cachestore.publish import PublishError
     from cachestore.record import LayoutError, RecordError
     from cachestore.runtime import DecodeRuntime
-    from cachestore.store_check import StoreDamagedError
     from pipeline.checkpoint import CheckpointError
+    from pipeline.safe_output import OutputError, check_not_input, replace_file
 
     if max_candidates < 1 or chunk_rows < 1:
         raise click.ClickException("--max-candidates and --chunk-rows must be >= 1")
+    try:
+        check_not_input(out, (requests_path,))  # before the runtime is opened
+    except OutputError as exc:
+        raise click.ClickException(str(exc)) from exc
     t0 = time.perf_counter()
     try:
         runtime = DecodeRuntime.open(store, checkpoint, config)
     except (CheckpointError, LayoutError, RecordError, FileNotFoundError, PublishError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
+    try:
+        with replace_file(out, inputs=(requests_path,)) as tmp:  # a unique temp file, os.replace on success
+            rows, cold_rows, users, cold_users = _score_into(tmp, runtime, requests_path, user_col, item_col,
+                                                             max_candidates, chunk_rows)
+    except OutputError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        runtime.close()
+    summary = {"out": str(out), "rows": rows, "users": len(users), "cold_start_users": len(cold_users),
+               "cold_start_rows": cold_rows, "store_version": runtime.reader.version_id,
+               "model_version": runtime.model_version, "device": str(runtime.device), "path": config.path,
+               "seconds": round(time.perf_counter() - t0, 3), "runtime": runtime.stats.as_dict()}
+    click.echo(json.dumps(summary))
+
+
+def _score_into(tmp: Path, runtime, requests_path: Path, user_col: str, item_col: str, max_candidates: int,
+                chunk_rows: int) -> tuple[int, int, set, set]:
+    """Score every request chunk, writing the output Parquet to ``tmp``; (rows, cold rows, users, cold users)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cachestore.record import RecordError
+    from cachestore.store_check import StoreDamagedError
+
     rows, cold_rows, users, cold_users = 0, 0, set(), set()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
     writer = None
     try:
         for batch in read_ahead(read_requests(requests_path, user_col, item_col, chunk_rows)):
@@ -214,16 +237,7 @@ def score(store: Path, checkpoint: Path, requests_path: Path, out: Path, user_co
                 schema = pq.read_schema(requests_path)
             schema = schema.append(pa.field("logit", pa.float32())).append(pa.field("score", pa.float32()))
             writer = pq.ParquetWriter(tmp, schema.append(pa.field("cold_start", pa.bool_())))
-        writer.close()
-        writer = None
-        tmp.replace(out)
     finally:
         if writer is not None:
             writer.close()
-        tmp.unlink(missing_ok=True)
-        runtime.close()
-    summary = {"out": str(out), "rows": rows, "users": len(users), "cold_start_users": len(cold_users),
-               "cold_start_rows": cold_rows, "store_version": runtime.reader.version_id,
-               "model_version": runtime.model_version, "device": str(runtime.device), "path": config.path,
-               "seconds": round(time.perf_counter() - t0, 3), "runtime": runtime.stats.as_dict()}
-    click.echo(json.dumps(summary))
+    return rows, cold_rows, users, cold_users

@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,11 +25,14 @@ from safetensors.torch import load_file, save_file
 from model.config import ModelConfig, config_from_dict, config_to_dict
 from model.ctr import TargetAttentionCTR
 from model.zoo import create_model
+from pipeline.safe_output import OutputKind, replace_dir
 
 CHECKPOINT_FORMAT = 1
 WEIGHTS_FILE = "weights.safetensors"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
+CHECKPOINT_OUTPUT = OutputKind("checkpoint", "ckv train", frozenset({WEIGHTS_FILE, CONFIG_FILE, METRICS_FILE}),
+                               signature=(CONFIG_FILE, WEIGHTS_FILE))
 
 
 class CheckpointError(ValueError):
@@ -59,24 +59,20 @@ def model_version(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def save_checkpoint(path: str | Path, model: TargetAttentionCTR, metrics: dict[str, Any]) -> str:
-    """Write a checkpoint directory atomically (temp dir + rename); returns the model version."""
-    out = Path(path)
+def save_checkpoint(path: str | Path, model: TargetAttentionCTR, metrics: dict[str, Any], *,
+                    overwrite: bool = False, inputs: tuple[str | Path | None, ...] = ()) -> str:
+    """Write a checkpoint directory atomically (pipeline/safe_output.py); returns the model version.
+
+    A non-empty `path` that is not a checkpoint, or that is / contains one of `inputs`, is refused
+    (OutputError); an existing checkpoint is replaced only with `overwrite`, and only on success.
+    """
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     version = model_version(model.cfg, state)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with replace_dir(path, CHECKPOINT_OUTPUT, overwrite=overwrite, inputs=inputs) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE))
         config = {"format": CHECKPOINT_FORMAT, "model": config_to_dict(model.cfg), "model_version": version}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         (tmp / METRICS_FILE).write_text(json.dumps({**metrics, "model_version": version}, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return version
 
 
