@@ -431,21 +431,16 @@ def bench_length(resident: ResidentModel, length: int, batch_sizes: list[int], a
     return rows
 
 
-def build_fetch_store(tmp: Path, length: int, n: int, batch_users: int, pin: bool,
-                      kv_dtype: str) -> tuple[HostBatcher, float]:
-    """A published LMDB store of ``n`` users with full histories of ``length`` behaviours (synthetic
-    records, 4,096 distinct ones reused cyclically) under ``tmp``, built from Parquet the way the
-    nightly job builds it, opened read-only, every page touched once (a long-running server's steady
-    state): (its HostBatcher with ``reader``, seconds the build took)."""
+def write_fetch_parquet(pdir: Path, layout: CacheLayout, n: int) -> None:
+    """Prefill Parquet (+ _layout.json) in ``pdir`` of users 0..n-1 with full histories of layout.max_len
+    behaviours: synthetic records (4,096 distinct ones reused cyclically), as the nightly job writes them."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from cachestore.lmdb_build import PARQUET_LAYOUT_FILE, prefill_schema
-    from cachestore.publish import build_and_publish
-    from cachestore.reader import StoreReader
     from cachestore.record import write_layout
 
-    layout = collective_layout(length, secrets.token_hex(8), kv_dtype)
+    length = layout.max_len
     records = synthetic_records(layout, min(n, 4096), length, seed=7)
     payloads = [r[32:] for r in records]  # header-less parts, reused cyclically
     per = layout.record_size(1) - 32
@@ -459,11 +454,24 @@ def build_fetch_store(tmp: Path, length: int, n: int, batch_users: int, pin: boo
     rows["v_idx"] = [p[ku + vu + length * 2 : length * per] for p in parts]
     rows["model_version"] = [layout.model_version] * n
     rows["checksum"] = [zlib.crc32(p) for p in parts]
+    pdir.mkdir(parents=True)
+    pq.write_table(pa.table(rows, schema=prefill_schema()), pdir / "part-0.parquet")
+    write_layout(pdir / PARQUET_LAYOUT_FILE, layout)
+
+
+def build_fetch_store(tmp: Path, length: int, n: int, batch_users: int, pin: bool,
+                      kv_dtype: str) -> tuple[HostBatcher, float]:
+    """A published LMDB store of ``n`` users with full histories of ``length`` behaviours (synthetic
+    records, 4,096 distinct ones reused cyclically) under ``tmp``, built from Parquet the way the
+    nightly job builds it, opened read-only, every page touched once (a long-running server's steady
+    state): (its HostBatcher with ``reader``, seconds the build took)."""
+
+    from cachestore.publish import build_and_publish
+    from cachestore.reader import StoreReader
+
+    layout = collective_layout(length, secrets.token_hex(8), kv_dtype)
     root = tmp / f"store-{length}"
-    (root / "parquet").mkdir(parents=True)
-    pq.write_table(pa.table(rows, schema=prefill_schema()), root / "parquet" / "part-0.parquet")
-    write_layout(root / "parquet" / PARQUET_LAYOUT_FILE, layout)
-    del rows, parts
+    write_fetch_parquet(root / "parquet", layout, n)
     t0 = time.perf_counter()
     build_and_publish(root, parquet="none")
     build_s = time.perf_counter() - t0

@@ -45,6 +45,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -52,13 +53,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from cachestore.entry import EntryLayout, decode_entry
+from cachestore.entry import EntryLayout, check_indices, decode_entry
 from cachestore.record import (
     HEADER_SIZE,
+    IDX_DTYPES,
     KEY,
     CacheLayout,
     ModelVersionMismatchError,
     RecordError,
+    RecordSizeError,
     decode_record,
 )
 
@@ -94,12 +97,13 @@ def zero_block_bytes(layout: StoreLayout) -> int:
 
 def check_record(layout: StoreLayout, buf: bytes | memoryview, expected_model_version: str | None,
                  user_id: int | None) -> None:
-    """Fully validate one record of ``layout`` (CRC included): ``decode_record`` for v1,
+    """Fully validate one record of ``layout`` (CRC included, router indices < pool size): ``decode_record`` for v1,
     ``decode_entry`` for v2; raises the precise ``RecordError`` subclass naming the user."""
     if is_entry_layout(layout):
-        decode_entry(layout, buf, expected_model_version=expected_model_version, user_id=user_id)
+        record = decode_entry(layout, buf, expected_model_version=expected_model_version, user_id=user_id)
     else:
-        decode_record(buf, expected_model_version=expected_model_version, user_id=user_id)
+        record = decode_record(buf, expected_model_version=expected_model_version, user_id=user_id)
+    check_indices(layout, record, user_id)
 
 
 @dataclass
@@ -224,6 +228,7 @@ class HostBatcher:
         self._expect = (np.frombuffer(pre[:8], "<u8")[0], np.uint64(np.frombuffer(pre[8:], "<u4")[0]),
                         np.frombuffer(post[:8], "<u8")[0], np.uint64(np.frombuffer(post[8:], "<u4")[0]))
         self._zero = zero_block_bytes(layout)
+        self._max_record = layout.record_size(layout.max_len)
         if capacity_bytes is None:
             capacity_bytes = min(64 << 20, batch_users * (16 + _align(layout.record_size(min(layout.max_len, 1000)))))
         self._capacity = int(capacity_bytes) + self._zero
@@ -286,6 +291,9 @@ class HostBatcher:
                 add_size(0)
                 continue
             n = len(value)
+            if n > self._max_record:  # a damaged LMDB node size: never copy past the record
+                raise RecordSizeError(f"over-long record: {n} bytes, the layout allows at most {self._max_record}",
+                                      int(ids[len(offs)]))
             end = pos + n
             nxt = (end + 7) & -8  # next record starts 8-aligned (_ALIGN)
             if nxt > cap:
@@ -338,9 +346,32 @@ class HostBatcher:
             raise RecordError(f"record does not match the store layout {self.layout} (header "
                               f"{rec[:HEADER_SIZE].hex()}, {len(rec)} bytes)", uid)
         if self.verify_crc:
-            for j, uid in enumerate(ids.tolist()):
-                check_record(self.layout, record(j), self.expected_model_version, uid)
+            self._verify_payloads(ids, words, n, record)
         return n
+
+    def _verify_payloads(self, ids: np.ndarray, words: np.ndarray, n: np.ndarray,
+                         record: Callable[[int], bytes | memoryview]) -> None:
+        """``verify_crc``: per record one ``zlib.crc32`` against the header's (bytes 28..31) and, for a v1
+        store with shared sides, its router indices (the record's tail) against the pool; a record that
+        fails goes through the full decoder for the precise error naming the user. v2: the full decoder."""
+        layout = self.layout
+        if is_entry_layout(layout):
+            for j, uid in enumerate(ids.tolist()):
+                check_record(layout, record(j), self.expected_model_version, uid)
+            return
+        crcs = (words[:, 3] >> np.uint64(32)).tolist()
+        idx_dt = IDX_DTYPES[layout.idx_dtype][1] if layout.idx_dtype else None
+        sides = int(layout.k_shared) + int(layout.v_shared)
+        for j, (length, crc) in enumerate(zip(n.tolist(), crcs, strict=True)):
+            rec = record(j)
+            ok = zlib.crc32(rec[:28], zlib.crc32(rec[HEADER_SIZE:])) == crc
+            if ok and idx_dt is not None and length:
+                count = sides * length  # the index parts end the record
+                idx = np.frombuffer(rec, idx_dt, count=count, offset=len(rec) - count * idx_dt.itemsize)
+                ok = int(idx.max()) < layout.pool_size and (idx_dt.kind == "u" or int(idx.min()) >= 0)
+            if not ok:
+                check_record(layout, rec, self.expected_model_version, int(ids[j]))  # raises the precise error
+                raise RecordError("record failed its CRC or router index check", int(ids[j]))
 
     def pack(self, user_ids: Sequence[int] | np.ndarray, records: Iterable[bytes | memoryview | None]) -> HostBatch:
         """Pack given encoded records (None = cold start) for these user ids; no LMDB involved."""
@@ -362,7 +393,7 @@ class HostBatcher:
         if pad < 0:
             raise ValueError(f"{len(ids)} users do not fit n_slots={n_slots}")
         env = self.reader._environment()  # opened in this process (reopened after fork), read-only, lock-free
-        with env.begin(buffers=True) as txn:
+        with self.reader.reading(ids.tolist()), env.begin(buffers=True) as txn:  # lmdb.Error -> StoreDamagedError
             values = map(txn.get, keys)
             if pad:
                 ids = np.concatenate([ids, np.full(pad, -1, dtype=np.int64)])

@@ -35,11 +35,13 @@ on a :class:`ResidentZooModel`. A ``din`` cache in a v2 store goes through :func
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import TYPE_CHECKING
 
 import torch
 
+from cachestore.record import RouterIndexError
 from model.attention import masked_softmax
 from model.blocks import ZooCache
 from model.cache import KVCache
@@ -145,17 +147,46 @@ def _cast(cache: KVCache, dtype: torch.dtype) -> KVCache:
                    v_idx=cache.v_idx, lengths=cache.lengths)
 
 
-def decode(resident: ResidentModel, cache: KVCache, targets: torch.Tensor, path: str = "auto") -> torch.Tensor:
+def bound_router_indices(resident: ResidentZooModel, cache: KVCache, flags: torch.Tensor | None = None) -> KVCache:
+    """``cache`` with every router index outside the pool (0 .. pool_size - 1) replaced by 0, so that no
+    pool read leaves the pool. Users with such an index: ``flags[b] |= 1`` (flags (B,) int32 on the cache's
+    device; no host sync, CUDA-graph capturable; the caller raises after the batch), or without ``flags``
+    a :class:`cachestore.record.RouterIndexError` naming the batch row (one host sync)."""
+    pool = resident.cfg.collective.pool_size
+    bad: torch.Tensor | None = None
+    out: dict[str, torch.Tensor] = {}
+    for name in ("k_idx", "v_idx"):
+        idx = getattr(cache, name)
+        if idx is None:
+            continue
+        outside = (idx < 0) | (idx >= pool)  # (B, L); padding positions hold index 0
+        bad = outside.any(dim=1) if bad is None else bad | outside.any(dim=1)
+        out[name] = torch.where(outside, torch.zeros_like(idx), idx)
+    if bad is None:
+        return cache
+    if flags is not None:
+        flags.bitwise_or_(bad.to(torch.int32))
+    elif bool(bad.any()):
+        row = int(torch.nonzero(bad)[0, 0])
+        raise RouterIndexError(f"a router index outside the pool 0..{pool - 1} in batch row {row}: the record is "
+                               "corrupt (run `ckv store verify STORE`)")
+    return dataclasses.replace(cache, **out)
+
+
+def decode(resident: ResidentModel, cache: KVCache, targets: torch.Tensor, path: str = "auto",
+           flags: torch.Tensor | None = None) -> torch.Tensor:
     """Logits of candidates ``targets`` (B,) or (B, C) against a padded cache batch on the resident
     model's device: ``TargetAttentionCTR.decode`` with the attention computed by ``path`` ("auto",
-    "poolscore" or "gather"; module docstring). Returns the logits in ``targets``' shape. Call under
+    "poolscore" or "gather"; module docstring). Router indices are bounded first
+    (:func:`bound_router_indices`: ``flags`` (B,) int32 marks the users with one outside the pool, or
+    without ``flags`` a ``RouterIndexError``). Returns the logits in ``targets``' shape. Call under
     ``torch.inference_mode()`` / ``no_grad``."""
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     n_candidates = 1 if targets.dim() == 1 else targets.shape[1]
     if targets.shape[0] != cache.batch_size:
         raise ValueError(f"{targets.shape[0]} target rows for a cache of {cache.batch_size} users")
-    cache = _cast(cache, resident.dtype)
+    cache = bound_router_indices(resident, _cast(cache, resident.dtype), flags)
     if path == "auto":
         path = choose_path(cache, n_candidates, resident)
     if path == "gather" or (cache.k_idx is None and cache.v_idx is None):

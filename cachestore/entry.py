@@ -43,12 +43,15 @@ from cachestore.record import (
     KV_DTYPES,
     MAGIC,
     BadMagicError,
+    CacheLayout,
     ChecksumError,
     LayoutError,
     ModelVersionMismatchError,
+    Record,
     RecordSizeError,
     UnknownDtypeError,
     UnsupportedVersionError,
+    check_router_indices,
 )
 from model.cache import index_itemsize
 from model.config import ModelConfig
@@ -299,3 +302,15 @@ def entry_layout(cfg: ModelConfig, model_version: str, mode: str = "collective",
     return EntryLayout(arch=cfg.arch, mode=mode, kv_dtype=kv_dtype, idx_dtype=idx,
                        pool_size=cfg.collective.pool_size if has_idx else 0, max_len=cfg.window_len,
                        model_version=model_version, parts=parts)  # fmt: skip
+
+
+def check_indices(layout: CacheLayout | EntryLayout, record: Record | EntryRecord, user_id: int | None) -> None:
+    """The router indices of a decoded record (v1 ``k_idx`` / ``v_idx``, v2 every ``idx`` part) against
+    ``layout.pool_size``: :class:`cachestore.record.RouterIndexError` naming the user and the part."""
+    if isinstance(record, EntryRecord):
+        for part in layout.parts:  # type: ignore[union-attr]
+            if part.kind == "idx":
+                check_router_indices(record.arrays[part.name].reshape(-1), layout.pool_size, part.name, user_id)
+        return
+    for side, idx in (("K", record.k_idx), ("V", record.v_idx)):
+        check_router_indices(idx, layout.pool_size, side, user_id)

@@ -57,7 +57,7 @@ from dataclasses import dataclass
 import torch
 
 from cachestore.decode import ResidentModel
-from cachestore.record import HEADER_SIZE, CacheLayout
+from cachestore.record import HEADER_SIZE, CacheLayout, RouterIndexError
 from cachestore.transfer import KV_TORCH
 
 try:  # Triton is optional: CUDA machines have it; CPU machines may run its interpreter
@@ -161,21 +161,24 @@ if triton is not None:
 
     @triton.jit
     def _attend_block(
-        raw_ptr, pool_k_ptr, pool_v_ptr, start, n, stop, kidx_base, vidx_base, l0, q, cols, m_i, l_i, acc,
-        D_A: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+        raw_ptr, pool_k_ptr, pool_v_ptr, start, n, stop, kidx_base, vidx_base, l0, q, cols, m_i, l_i, acc, nbad,
+        pool_size, D_A: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
         K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, KV_CODE: tl.constexpr, KV_BYTES: tl.constexpr,
         IDX_BYTES: tl.constexpr, BLOCK_L: tl.constexpr,
     ):
         """One online-softmax step of GH heads over behaviours l0 .. l0 + BLOCK_L - 1 (masked at l >= stop;
         stop <= n, the user's length, which places the V part). q, cols: (GH·DH,); m_i, l_i: (GH,);
-        acc: (GH, DH)."""
+        acc: (GH, DH); nbad: router indices outside 0 .. pool_size - 1 seen so far (their pool loads are
+        masked: never a read outside the pool)."""
         ls = l0 + tl.arange(0, BLOCK_L)  # (BLOCK_L,)
         lmask = ls < stop
         key = _load_user(raw_ptr, start, ls, cols, lmask, DK, KV_CODE)  # (BLOCK_L, GH·DH)
         if K_SHARED:
             ik = _load_idx(raw_ptr, kidx_base, ls, lmask, IDX_BYTES)
-            key += tl.load(pool_k_ptr + ik[:, None] * D_A + cols[None, :], mask=lmask[:, None], other=0.0
-                           ).to(tl.float32)
+            inside = (ik >= 0) & (ik < pool_size)
+            nbad += tl.sum((lmask & (ik < 0)).to(tl.int32) + (lmask & (ik >= pool_size)).to(tl.int32), axis=0)
+            key += tl.load(pool_k_ptr + ik[:, None] * D_A + cols[None, :], mask=(lmask & inside)[:, None],
+                           other=0.0).to(tl.float32)
         s = tl.sum(tl.reshape(key * q[None, :], (BLOCK_L, GH, DH)), axis=2)  # (BLOCK_L, GH)
         s = tl.where(lmask[:, None], s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))  # (GH,)
@@ -185,17 +188,20 @@ if triton is not None:
         val = _load_user(raw_ptr, start + n * DK * KV_BYTES, ls, cols, lmask, DV, KV_CODE)  # (BLOCK_L, GH·DH)
         if V_SHARED:
             iv = _load_idx(raw_ptr, vidx_base, ls, lmask, IDX_BYTES)
-            val += tl.load(pool_v_ptr + iv[:, None] * D_A + cols[None, :], mask=lmask[:, None], other=0.0
-                           ).to(tl.float32)
+            inside = (iv >= 0) & (iv < pool_size)
+            nbad += tl.sum((lmask & (iv < 0)).to(tl.int32) + (lmask & (iv >= pool_size)).to(tl.int32), axis=0)
+            val += tl.load(pool_v_ptr + iv[:, None] * D_A + cols[None, :], mask=(lmask & inside)[:, None],
+                           other=0.0).to(tl.float32)
         l_i = l_i * alpha + tl.sum(p, axis=0)
         pv = p[:, :, None] * tl.reshape(val, (BLOCK_L, GH, DH))  # (BLOCK_L, GH, DH)
         acc = acc * alpha[:, None] + tl.sum(pv, axis=0)  # (GH, DH)
-        return m_new, l_i, acc
+        return m_new, l_i, acc, nbad
 
     @triton.jit
     def _collective_attention_kernel(
-        raw_ptr, header_ptr, q_ptr, pool_k_ptr, pool_v_ptr, out_ptr, m_ptr, l_ptr, n_users, n_cand, scale,
-        end_lo, end_hi, D_A: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+        raw_ptr, header_ptr, q_ptr, pool_k_ptr, pool_v_ptr, out_ptr, m_ptr, l_ptr, flag_ptr, n_users, n_cand, scale,
+        end_lo, end_hi, pool_size, D_A: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr, DK: tl.constexpr,
+        DV: tl.constexpr,
         K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, KV_CODE: tl.constexpr, KV_BYTES: tl.constexpr,
         IDX_BYTES: tl.constexpr, HEADER: tl.constexpr, BLOCK_L: tl.constexpr, MAX_L: tl.constexpr,
         SPLIT: tl.constexpr, SEG: tl.constexpr,
@@ -217,16 +223,20 @@ if triton is not None:
         m_i = tl.full([GH], -float("inf"), tl.float32)  # running max per head
         l_i = tl.zeros([GH], dtype=tl.float32)  # running denominator per head
         acc = tl.zeros([GH, DH], dtype=tl.float32)
+        nbad = tl.zeros([], dtype=tl.int32)  # router indices outside the pool (loads masked)
         if MAX_L > 0:  # Triton's CPU interpreter cannot loop to a loaded bound: static bound, masked
             for l0 in range(0, MAX_L, BLOCK_L):
-                m_i, l_i, acc = _attend_block(
+                m_i, l_i, acc, nbad = _attend_block(
                     raw_ptr, pool_k_ptr, pool_v_ptr, start, n, stop, kidx_base, vidx_base, lo + l0, q, cols, m_i, l_i,
-                    acc, D_A, GH, DH, DK, DV, K_SHARED, V_SHARED, KV_CODE, KV_BYTES, IDX_BYTES, BLOCK_L)
+                    acc, nbad, pool_size, D_A, GH, DH, DK, DV, K_SHARED, V_SHARED, KV_CODE, KV_BYTES, IDX_BYTES,
+                    BLOCK_L)
         else:
             for l0 in range(lo, stop, BLOCK_L):
-                m_i, l_i, acc = _attend_block(
+                m_i, l_i, acc, nbad = _attend_block(
                     raw_ptr, pool_k_ptr, pool_v_ptr, start, n, stop, kidx_base, vidx_base, l0, q, cols, m_i, l_i,
-                    acc, D_A, GH, DH, DK, DV, K_SHARED, V_SHARED, KV_CODE, KV_BYTES, IDX_BYTES, BLOCK_L)
+                    acc, nbad, pool_size, D_A, GH, DH, DK, DV, K_SHARED, V_SHARED, KV_CODE, KV_BYTES, IDX_BYTES,
+                    BLOCK_L)
+        tl.store(flag_ptr + b, 1, mask=mine & (nbad > 0))  # the runtime raises after the batch, naming the user
         if SPLIT == 1:
             out = acc / tl.maximum(l_i, 1e-30)[:, None]  # (GH, DH); l_i == 0 only when n == 0, where acc == 0
             tl.store(out_ptr + row * D_A + cols, tl.reshape(out, (GH * DH,)), mask=mine)
@@ -308,7 +318,7 @@ ALL_BYTES = ((-1, 1 << 62),)  # one launch for every user (record ends in (-1, 2
 def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel, layout: CacheLayout,
                     n_users: int, *, config: FusedConfig = DEFAULT_FUSED,
                     chunks: Sequence[tuple[int, int]] = ALL_BYTES,
-                    on_chunk: Callable[[int], None] | None = None) -> torch.Tensor:
+                    on_chunk: Callable[[int], None] | None = None, flags: torch.Tensor | None = None) -> torch.Tensor:
     """Target attention (b, C, d_a) fp32 of ``q`` (b, C, d_a) for users 0 .. b - 1 (b <= n_users) of the
     packed batch ``raw`` of ``n_users`` users (uint8, header at 0: :mod:`cachestore.batch`) on q's device,
     or for a CUDA q in pinned host memory: the kernel then reads the batch over PCIe as it goes (mapped,
@@ -323,7 +333,11 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
     ``on_chunk(index)`` — the hook a caller copying the batch in those chunks on another stream uses to
     make launch c wait for chunk c, or to issue it on a stream of its own (:class:`cachestore.graphs.GraphedDecoder`
     with ``overlap``) — and once more as ``on_chunk(len(chunks))`` after the last launch, where that caller
-    joins its streams. A history split into parts has its parts combined once, after that."""
+    joins its streams. A history split into parts has its parts combined once, after that.
+
+    ``flags`` ((n_users,) int32 on q's device): the kernel sets ``flags[b] = 1`` for a user with a router
+    index outside the pool (those pool loads are masked, never read out of bounds); the caller raises after
+    the batch. Without ``flags``: a ``RouterIndexError`` naming the batch row, after a host sync."""
     if triton is None:
         raise RuntimeError("the fused decode needs Triton (pip install triton), or use the eager path")
     if layout.layout_version != 1 or not isinstance(layout, CacheLayout):
@@ -362,11 +376,13 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
         m = torch.empty(rows * parts, heads, dtype=torch.float32, device=q.device)
         l = torch.empty(rows * parts, heads, dtype=torch.float32, device=q.device)  # noqa: E741
     header = raw[: 16 * n_users].view(torch.int64)  # offsets (B,), lengths (B,)
+    flag = torch.zeros(n_users, dtype=torch.int32, device=q.device) if flags is None else flags
     for index, (end_lo, end_hi) in enumerate(chunks):
         if on_chunk is not None:
             on_chunk(index)
         _collective_attention_kernel[(rows, groups, parts)](
-            raw, header, q, pool_k, pool_v, acc, m, l, n_users, c, 1.0 / math.sqrt(dh), end_lo, end_hi, D_A=d_a,
+            raw, header, q, pool_k, pool_v, acc, m, l, flag, n_users, c, 1.0 / math.sqrt(dh), end_lo, end_hi,
+            cfg.collective.pool_size, D_A=d_a,
             GH=config.heads_per_program, DH=dh, DK=layout.dk, DV=layout.dv, K_SHARED=layout.k_shared,
             V_SHARED=layout.v_shared, KV_CODE=KV_CODES[layout.kv_dtype], KV_BYTES=KV_TORCH[layout.kv_dtype].itemsize,
             IDX_BYTES=IDX_BYTES[layout.idx_dtype], HEADER=HEADER_SIZE, BLOCK_L=config.block_l,
@@ -376,21 +392,25 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
         on_chunk(len(chunks))  # after the last launch: a caller that switched streams joins them here
     if parts > 1:
         _combine_parts_kernel[(rows, heads)](acc, m, l, out, D_A=d_a, H=heads, DH=dh, SPLIT=parts, num_warps=1)
+    if flags is None and bool(flag.any()):
+        raise RouterIndexError(f"a router index outside the pool 0..{cfg.collective.pool_size - 1} in batch row "
+                               f"{int(torch.nonzero(flag)[0, 0])}: the record is corrupt "
+                               "(run `ckv store verify STORE`)")
     return out
 
 
 def fused_decode(resident: ResidentModel, raw: torch.Tensor, layout: CacheLayout, n_users: int,
                  targets: torch.Tensor, config: FusedConfig = DEFAULT_FUSED, *,
                  chunks: Sequence[tuple[int, int]] = ALL_BYTES,
-                 on_chunk: Callable[[int], None] | None = None) -> torch.Tensor:
+                 on_chunk: Callable[[int], None] | None = None, flags: torch.Tensor | None = None) -> torch.Tensor:
     """Logits of candidates ``targets`` (b,) or (b, C) of users 0 .. b - 1 (b <= n_users) against the
     packed batch ``raw`` on the resident model's device:
     ``TargetAttentionCTR.decode`` with :func:`fused_attention` (launched with ``config``) as its attention
-    (no unpack; ``chunks``/``on_chunk`` as there).
+    (no unpack; ``chunks``/``on_chunk``/``flags`` as there).
     Shape-static and free of host syncs (CUDA-graph capturable)."""
     if targets.shape[0] > n_users:
         raise ValueError(f"{targets.shape[0]} target rows for a batch of {n_users} users")
     return resident.model.decode(
         None, targets,  # type: ignore[arg-type]  (the attention below reads the batch, not a KVCache)
         attention=lambda q, _: fused_attention(raw, q, resident, layout, n_users, config=config, chunks=chunks,
-                                               on_chunk=on_chunk).to(q.dtype))
+                                               on_chunk=on_chunk, flags=flags).to(q.dtype))

@@ -71,17 +71,19 @@ def batch_capacity(layout: CacheLayout, n_users: int, pad_to: int) -> int:
 def static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: ResidentModel, layout: CacheLayout,
                   n_users: int, pad_to: int, path: str, fused: FusedConfig = DEFAULT_FUSED,
                   chunks: Sequence[tuple[int, int]] = ALL_BYTES,
-                  on_chunk: Callable[[int], None] | None = None) -> torch.Tensor:
+                  on_chunk: Callable[[int], None] | None = None, flags: torch.Tensor | None = None) -> torch.Tensor:
     """Logits (B, C) of a packed batch held in the prefix of ``raw`` (uint8, even length; bytes beyond the
     batch are never read): unpack padded to ``pad_to`` with the zero block at 16·n_users, then decode;
     path "fused" reads the records in place instead (:func:`cachestore.fused.fused_decode` launched with
     ``fused``, no unpack, one launch per byte range of ``chunks``, each after ``on_chunk``: see
-    :func:`cachestore.fused.fused_attention`; the other paths ignore both).
+    :func:`cachestore.fused.fused_attention`; the other paths ignore both). ``flags`` ((B,) int32): set to 1
+    for users with a router index outside the pool (:func:`cachestore.decode.bound_router_indices`).
     Shape-static and free of host syncs (the body :class:`GraphedDecoder` captures)."""
     if path == FUSED:
-        return fused_decode(resident, raw, layout, n_users, candidates, config=fused, chunks=chunks, on_chunk=on_chunk)
+        return fused_decode(resident, raw, layout, n_users, candidates, config=fused, chunks=chunks, on_chunk=on_chunk,
+                            flags=flags)
     cache = unpack(raw, layout, n_users, pad_to, 16 * n_users)
-    return decode(resident, cache, candidates, path)
+    return decode(resident, cache, candidates, path, flags=flags)
 
 
 _MIN_BUCKET = 64 << 10  # smallest captured copy (bytes)
@@ -189,6 +191,7 @@ class GraphedDecoder:
             self.raw[: 16 * n_users].copy_(head.view(torch.uint8))  # every user cold until the first batch
             self.candidates = torch.zeros(n_users, n_candidates, dtype=torch.int64, device=self.device)
             self.candidates_host = torch.zeros(n_users, n_candidates, dtype=torch.int64, pin_memory=not eager)
+            self.flags = torch.zeros(n_users, dtype=torch.int32, device=self.device)  # static: per-user index flags
             path = FUSED if uses_fused(path, self.device) else path
             self.path = path if path != "auto" else choose_path(
                 unpack(self.raw, layout, n_users, pad_to, 16 * n_users), n_candidates, resident)
@@ -207,9 +210,12 @@ class GraphedDecoder:
 
     def _body(self, chunks: Sequence[tuple[int, int]] = ALL_BYTES,
               on_chunk: Callable[[int], None] | None = None) -> torch.Tensor:
+        """The decode (what a graph captures): ``flags`` zeroed, then set for users with a router index
+        outside the pool (read them after the replay: :attr:`flags`)."""
+        self.flags.zero_()
         return static_decode(self.raw, self.candidates, resident=self.resident, layout=self.layout,
                              n_users=self.n_users, pad_to=self.pad_to, path=self.path, fused=self.fused,
-                             chunks=chunks, on_chunk=on_chunk)
+                             chunks=chunks, on_chunk=on_chunk, flags=self.flags)
 
     def _warm_up(self, warmup: int, chunks: Sequence[tuple[int, int]] = ALL_BYTES) -> None:
         """Run the body on a side stream before a capture (lazy inits, cuBLAS workspaces, allocator, kernel

@@ -53,6 +53,7 @@ import torch
 from cachestore.batch import FetchedBatch, HostBatcher, zero_block_bytes
 from cachestore.fused import ALL_BYTES
 from cachestore.record import KEY
+from cachestore.store_check import StoreDamagedError
 
 try:
     import triton
@@ -252,7 +253,7 @@ class MappedBatcher:
             raise ValueError(f"{len(ids)} users do not fit n_slots={n_slots}")
         smap = self.store_map
         smap._current()
-        with smap._env.begin(buffers=True) as txn:
+        with self.reader.reading(ids.tolist()), smap._env.begin(buffers=True) as txn:  # lmdb.Error -> StoreDamagedError
             values = list(map(txn.get, map(KEY.pack, ids.tolist())))
         if pad:
             ids = np.concatenate([ids, np.full(pad, -1, dtype=np.int64)])
@@ -268,7 +269,10 @@ class MappedBatcher:
         found = values if present.all() else list(itertools.compress(values, present))
         smap = self.store_map
         base = smap.base
-        src, sizes = value_addresses(found, base, base + smap._nbytes)
+        try:
+            src, sizes = value_addresses(found, base, base + smap._nbytes)
+        except ValueError as exc:  # a damaged node size or page: the value would run past the file
+            raise StoreDamagedError(self.reader.version_dir, str(exc)) from None
         src -= base  # (P,) offsets in the map
         unit = 8
         while unit > 1 and (src % unit).any():

@@ -8,7 +8,8 @@ Store layout (STORE = store_root; see docs/store_format.md):
         lmdb/data.mdb              user records (record.py), key = user id '>Q'
         parquet/                   hard links (or copies) of the Parquet it was built from
         layout.json                CacheLayout (v1) or EntryLayout (v2, zoo stores)
-        manifest.json              id, creation time, layout, build stats, parquet files (written last)
+        manifest.json              id, creation time, layout, build stats, parquet files, and the LMDB
+                                   file's facts (size, meta page, keys CRC: store_check.py) (written last)
     STORE/current -> versions/<id> relative symlink: THE published version
     STORE/.publish.lock            flock held by a publisher (one publish at a time)
 
@@ -40,6 +41,7 @@ import lmdb
 from cachestore.entry import ENTRY_FORMAT_VERSION, EntryLayout
 from cachestore.lmdb_build import PARQUET_LAYOUT_FILE, build_lmdb, list_parquet_files
 from cachestore.record import FORMAT_VERSION, read_layout, write_layout
+from cachestore.store_check import lmdb_facts
 
 CURRENT = "current"
 VERSIONS = "versions"
@@ -128,6 +130,7 @@ def build_version(parquet_dir: str | os.PathLike, staging_dir: str | os.PathLike
         "layout": stats.layout.to_dict(),
         "stats": {k: v for k, v in asdict(stats).items() if k != "layout" and not (k == "part_rows" and v is None)},
         "parquet": {"mode": parquet, "source": str(src.resolve()), "files": files},
+        "lmdb": lmdb_facts(staging / LMDB_DIR),
     }
     _write_json(staging / MANIFEST, manifest)
     _fsync_dir(staging)

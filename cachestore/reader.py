@@ -10,7 +10,10 @@ version in one process share one Environment (py-lmdb forbids opening it twice).
 
 Values returned by get/get_many are decoded Records whose numpy arrays view a private bytes copy
 of the LMDB value (one copy out of the map; valid after the transaction ends). Every record is
-CRC-checked and must carry the layout's model_version. A zoo store (layout_version 2,
+CRC-checked and must carry the layout's model_version. The LMDB file is checked before it is mapped
+(:func:`cachestore.store_check.check_version`: size against the manifest, both meta pages), and any
+``lmdb.Error`` while reading becomes a :class:`cachestore.store_check.StoreDamagedError` naming the
+version and the user. A zoo store (layout_version 2,
 :class:`cachestore.entry.EntryLayout`) gives :class:`cachestore.entry.EntryRecord`s
 (``decode_entry``) instead of v1 :class:`Record`s.
 """
@@ -20,13 +23,22 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import lmdb
 
-from cachestore.entry import EntryLayout, EntryRecord, decode_entry
+from cachestore.entry import EntryLayout, EntryRecord, check_indices, decode_entry
 from cachestore.publish import LAYOUT, LMDB_DIR, open_current
-from cachestore.record import CacheLayout, Record, decode_record, key_user, read_layout, user_key
+from cachestore.record import (
+    CacheLayout,
+    Record,
+    decode_record,
+    key_user,
+    read_layout,
+    user_key,
+)
+from cachestore.store_check import StoreDamagedError, check_version
 
 # py-lmdb refuses to open the same environment twice in one process, so readers of one version
 # share an Environment: path -> [env, number of readers], valid for the process _SHARED_PID.
@@ -72,6 +84,7 @@ class StoreReader:
         self._layout = read_layout(self._dir / LAYOUT)
         if not (self._dir / LMDB_DIR / "data.mdb").is_file():
             raise FileNotFoundError(f"{self._dir} holds no {LMDB_DIR}/data.mdb")
+        check_version(self._dir)  # before anything maps the file: StoreDamagedError, never SIGBUS
         self._max_readers = max_readers
         self._env: lmdb.Environment | None = None
         self._pid: int | None = None
@@ -96,20 +109,50 @@ class StoreReader:
     def _environment(self) -> lmdb.Environment:
         pid = os.getpid()
         if self._env is None or self._pid != pid:
-            self._env = _acquire(str(self._dir / LMDB_DIR), self._max_readers)
+            try:
+                self._env = _acquire(str(self._dir / LMDB_DIR), self._max_readers)
+            except lmdb.Error as exc:
+                raise self.damaged(exc) from None
             self._pid = pid
         return self._env
+
+    def damaged(self, exc: BaseException, user_ids: Iterable[int] = ()) -> StoreDamagedError:
+        """The :class:`StoreDamagedError` for an ``lmdb.Error`` raised while reading ``user_ids``: names the
+        first of them whose own read fails (one read transaction each), or none when that is not known."""
+        culprit = None
+        for uid in user_ids:
+            try:
+                with self._environment().begin(buffers=True) as txn:
+                    txn.get(user_key(int(uid)))
+            except lmdb.Error:
+                culprit = int(uid)
+                break
+            except StoreDamagedError:
+                break
+        return StoreDamagedError(self._dir, f"LMDB: {exc}", culprit)
+
+    @contextmanager
+    def reading(self, user_ids: Iterable[int] = ()) -> Iterator[None]:
+        """Turn an ``lmdb.Error`` inside the block (reads of ``user_ids``) into :meth:`damaged`'s error."""
+        try:
+            yield
+        except lmdb.Error as exc:
+            raise self.damaged(exc, user_ids) from None
 
     def _decode(self, user_id: int, raw: bytes | None) -> Record | EntryRecord | None:
         if raw is None:
             return None
         if isinstance(self._layout, EntryLayout):  # v2: checked against the store's layout as well
-            return decode_entry(self._layout, raw, expected_model_version=self._layout.model_version, user_id=user_id)
-        return decode_record(raw, expected_model_version=self._layout.model_version, user_id=user_id)
+            record = decode_entry(self._layout, raw, expected_model_version=self._layout.model_version,
+                                  user_id=user_id)
+        else:
+            record = decode_record(raw, expected_model_version=self._layout.model_version, user_id=user_id)
+        check_indices(self._layout, record, user_id)  # router indices < pool size
+        return record
 
     def get_raw(self, user_id: int) -> bytes | None:
         """The encoded record bytes of a user (undecoded, unverified), or None if absent."""
-        with self._environment().begin(buffers=False) as txn:
+        with self.reading([user_id]), self._environment().begin(buffers=False) as txn:
             return txn.get(user_key(int(user_id)))
 
     def get(self, user_id: int) -> Record | EntryRecord | None:
@@ -119,19 +162,19 @@ class StoreReader:
     def get_many(self, user_ids: Iterable[int]) -> list[Record | EntryRecord | None]:
         """Records for many users (None for absent ones), all from one read transaction."""
         ids = [int(u) for u in user_ids]
-        with self._environment().begin(buffers=False) as txn:
+        with self.reading(ids), self._environment().begin(buffers=False) as txn:
             raws = [txn.get(user_key(u)) for u in ids]
         return [self._decode(u, raw) for u, raw in zip(ids, raws, strict=True)]
 
     def iter_users(self) -> Iterator[int]:
         """All user ids in ascending order (one read transaction for the whole iteration)."""
-        with self._environment().begin(buffers=True) as txn:
+        with self.reading(), self._environment().begin(buffers=True) as txn:
             for key in txn.cursor().iternext(keys=True, values=False):
                 yield key_user(bytes(key))
 
     def iter_records(self) -> Iterator[tuple[int, Record | EntryRecord]]:
         """(user id, verified record) for every user in ascending id order."""
-        with self._environment().begin(buffers=False) as txn:
+        with self.reading(), self._environment().begin(buffers=False) as txn:
             for key, raw in txn.cursor():
                 uid = key_user(key)
                 record = self._decode(uid, raw)
@@ -139,7 +182,8 @@ class StoreReader:
                 yield uid, record
 
     def __len__(self) -> int:
-        return self._environment().stat()["entries"]
+        with self.reading():
+            return self._environment().stat()["entries"]
 
     def close(self) -> None:
         """Release this reader's environment (closed when no reader of the version in this

@@ -87,6 +87,23 @@ class ModelVersionMismatchError(RecordError):
     """The record was written by a different model version than the one expected."""
 
 
+class RouterIndexError(RecordError):
+    """A router index outside the store's pool (0 .. pool_size - 1): the record is corrupt. Raised on the
+    CPU paths and, after the batch, by the runtime for the device paths (which mask such loads)."""
+
+
+def check_router_indices(idx: np.ndarray | None, pool_size: int, side: str, user_id: int | None) -> None:
+    """RouterIndexError (naming the user, the side and the behaviour) if ``idx`` holds an index outside
+    0 .. pool_size - 1; one vectorised pass, nothing for an unshared side (None)."""
+    if idx is None or not idx.size:
+        return
+    bad = np.flatnonzero((idx < 0) | (idx >= pool_size))
+    if bad.size:
+        raise RouterIndexError(f"{side} router index {int(idx[bad[0]])} at behaviour {int(bad[0])} is outside the "
+                               f"pool 0..{pool_size - 1}: the record is corrupt (run `ckv store verify STORE`)",
+                               user_id)
+
+
 class LayoutError(ValueError):
     """An invalid or unreadable CacheLayout."""
 

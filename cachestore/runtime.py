@@ -10,6 +10,13 @@ scores a batch in five steps, each measured:
     decode     pool lookup / gather + target attention + MLP → logits         cachestore/decode.py
     result     logits back to the host (numpy)
 
+With the resident tier (record format v1 din stores; ``ServingConfig.tier_bytes``, :mod:`cachestore.tier`;
+on CUDA by default when the store fits) there is no fetch: a step is one CUDA graph replay — user ids in,
+lookup on the device, the decode reading the records in place in device memory, scores out. Without it,
+a request of several steps fetches step n + 1 on a reader thread while step n decodes. Settings come in
+one frozen :class:`cachestore.runtime_config.ServingConfig`; store/checkpoint fit checks live in
+:mod:`cachestore.layout_check`.
+
 Users absent from the store are scored as cold start (empty history: attention output 0, exactly
 ``model.decode`` with length 0) and counted; a store built by another model version is refused when
 the runtime is created, a record written by another model version when it is fetched (both
@@ -27,101 +34,38 @@ rebuilt with ``model.entry.cache_from_arrays`` and decoded by the model's own ``
 from __future__ import annotations
 
 import os
+import threading
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from cachestore.batch import HostBatcher, is_entry_layout
-from cachestore.decode import PATHS, ResidentModel, ResidentZooModel, decode, decode_zoo, entry_cache
-from cachestore.entry import entry_layout
-from cachestore.fused import DEFAULT_FUSED, FUSED, FusedConfig, fused_available, fused_decode, uses_fused
+from cachestore.batch import FetchedBatch, HostBatcher, is_entry_layout
+from cachestore.decode import ResidentModel, ResidentZooModel, decode, decode_zoo, entry_cache
+from cachestore.fused import FUSED, fused_available, fused_decode, uses_fused
 from cachestore.graphs import GraphedDecoder
 from cachestore.item_ids import ItemIds, UnknownItemError
+from cachestore.layout_check import check_layout
 from cachestore.mapped import MappedBatcher
-from cachestore.record import LayoutError, ModelVersionMismatchError
+from cachestore.record import RouterIndexError
+from cachestore.runtime_config import ServingConfig
+from cachestore.store_check import check_tree
+from cachestore.tier.graph import ResidentRequest
+from cachestore.tier.tier import WHOLE, ResidentTier, TierCounters, plan_capacity
 from cachestore.transfer import to_device
-from model.ctr import TargetAttentionCTR
 from model.entry import store_config
 
 if TYPE_CHECKING:
-    from cachestore.batch import StoreLayout
-    from cachestore.entry import EntryLayout
     from cachestore.reader import StoreReader
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _check_version(layout: StoreLayout, model_version: str) -> None:
-    if layout.model_version != model_version:
-        raise ModelVersionMismatchError(
-            f"the store was built by model version {layout.model_version}, but the loaded checkpoint is "
-            f"model version {model_version}: load the checkpoint the store was prefilled with, or prefill "
-            "and publish a store for this checkpoint")
-
-
-def check_entry_layout(layout: EntryLayout, model: torch.nn.Module, model_version: str) -> None:
-    """Refuse a v2 (zoo) store that was not prefilled with this model: other arch, other model
-    version, or parts (names, kinds, widths, caps), index dtype, pool size or window that are not
-    ``entry_layout(model.cfg, version, layout.mode, layout.kv_dtype)``'s."""
-    cfg = model.cfg
-    arch = getattr(cfg, "arch", "din")
-    if layout.arch != arch:
-        raise LayoutError(f"the store holds {layout.arch!r} caches (record format v2), but the checkpoint is arch "
-                          f"{arch!r} ({type(model).__name__}): load the checkpoint the store was prefilled with")
-    _check_version(layout, model_version)
-    if layout.mode == "collective" and cfg.kv_mode != "collective":
-        raise LayoutError("the store holds collective caches (user parts + router indices), but the checkpoint is "
-                          "a full-KV model: load the collective checkpoint the store was prefilled with")
-    want = entry_layout(cfg, model_version, layout.mode, layout.kv_dtype)
-    if want.parts != layout.parts:
-        have = {p.name: p for p in layout.parts}
-        need = {p.name: p for p in want.parts}
-        diffs = [f"missing {sorted(set(need) - set(have))}"] if set(need) - set(have) else []
-        diffs += [f"unexpected {sorted(set(have) - set(need))}"] if set(have) - set(need) else []
-        diffs += [f"{n}: store (kind, width, cap) = {(have[n].kind, have[n].width, have[n].cap)}, model needs "
-                  f"{(need[n].kind, need[n].width, need[n].cap)}" for n in need if n in have and have[n] != need[n]]
-        if not diffs:
-            diffs = ["same parts in another order"]
-        raise LayoutError(f"the store's parts do not fit the {arch} model for a {layout.mode} store: "
-                          f"{'; '.join(diffs)}")
-    for name in ("idx_dtype", "pool_size", "max_len"):
-        got, exp = getattr(layout, name), getattr(want, name)
-        if got != exp:
-            raise LayoutError(f"store {name} {got!r} != {exp!r} expected for this {arch} model")
-
-
-def check_layout(layout: StoreLayout, model: torch.nn.Module, model_version: str) -> None:
-    """Refuse a store that was not prefilled with this model (version) or whose shapes differ.
-
-    A v1 store (``CacheLayout``) holds din caches: only a ``din`` checkpoint (TargetAttentionCTR)
-    serves it. A v2 store (``EntryLayout``): :func:`check_entry_layout`."""
-    if is_entry_layout(layout):
-        check_entry_layout(layout, model, model_version)  # type: ignore[arg-type]
-        return
-    arch = getattr(model.cfg, "arch", "din")
-    if type(model) is not TargetAttentionCTR or arch != "din":
-        raise LayoutError("this store (record format v1) holds din caches: it serves the din arch "
-                          f"(TargetAttentionCTR) only; the checkpoint is arch {arch!r} ({type(model).__name__}), "
-                          "whose cache has several K/V groups: serve it from a zoo store (record format v2) "
-                          "prefilled with this checkpoint")
-    _check_version(layout, model_version)
-    cfg = model.cfg
-    if layout.mode == "full":
-        want = (cfg.d_attn, cfg.d_attn, False, False)
-    else:
-        want = (cfg.dk_user, cfg.dv_user, cfg.k_shared, cfg.v_shared)
-        if (cfg.k_shared or cfg.v_shared) and layout.pool_size != cfg.collective.pool_size:
-            raise LayoutError(f"store pool_size {layout.pool_size} != model pool_size {cfg.collective.pool_size}")
-    got = (layout.dk, layout.dv, layout.k_shared, layout.v_shared)
-    if got != want:
-        raise LayoutError(f"store layout (dk, dv, k_shared, v_shared) = {got} does not fit the model: {want} "
-                          f"expected for a {layout.mode} store")
 
 
 @dataclass
@@ -137,18 +81,28 @@ class RuntimeStats:
     h2d_ms: float = 0.0
     decode_ms: float = 0.0
     total_ms: float = 0.0
+    tier_hits: int = 0  # present users found in the resident tier (cachestore/tier)
+    tier_misses: int = 0  # present users fetched from LMDB (not resident)
+    tier_evictions: int = 0  # entries evicted from the tier to admit others
+    tier_admission_errors: int = 0  # entries refused on admission (CRC or header check failed)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
+_STAT_FIELDS = tuple(f.name for f in fields(RuntimeStats))
+
+
 @dataclass
 class ScoreResult:
-    """logits (B, C) float32 numpy (NaN where ``candidates`` was padding), cold_start (B,) bool."""
+    """logits (B, C) float32 numpy (NaN where ``candidates`` was padding), cold_start (B,) bool (the user has
+    no entry in the store: scored with an empty history), model_version: the checkpoint that scored them
+    (records and model always come from one store version)."""
 
     logits: np.ndarray
     cold_start: np.ndarray
     stats: RuntimeStats = field(default_factory=RuntimeStats)
+    model_version: str = ""
 
     @property
     def probabilities(self) -> np.ndarray:
@@ -157,6 +111,12 @@ class ScoreResult:
 
 class DecodeRuntime:
     """Scores batches of requests; see the module docstring.
+
+    config: a :class:`cachestore.runtime_config.ServingConfig` (default: its defaults); keyword
+    ``overrides`` replace its fields (``DecodeRuntime(m, v, r, device="cpu", batch_users=4)`` is
+    ``DecodeRuntime(m, v, r, ServingConfig(device="cpu", batch_users=4))``); the fields below are the
+    config's. :meth:`close` lets go of the device memory, the map registration and the reader. :meth:`score` may
+    be called from several threads: requests are scored one at a time (a lock), each whole.
 
     model / model_version: the checkpoint (``pipeline.checkpoint.load_checkpoint``; any arch whose
     store format the reader's layout is, see the module docstring); the model is moved to ``device``.
@@ -167,7 +127,9 @@ class DecodeRuntime:
     fetch/transfer/decode step. max_pairs: at most this many (user, candidate) pairs per step (rows
     are grouped by candidate count; each step is trimmed to its widest row). pad_to: pad every batch
     to this history length (static shapes for CUDA graphs / torch.compile; default: the longest
-    history in the batch). verify_crc: CRC-check every fetched record (off: headers only).
+    history in the batch). verify_crc: walk the store's B-tree once at construction
+(:func:`cachestore.store_check.check_tree`) and CRC-check every fetched record (off: headers, sizes and
+router index bounds only).
     graphs: decode each step by replaying a CUDA graph (:mod:`cachestore.graphs`; CUDA and v1 (din)
     stores only): steps are padded with cold-start slots to a fixed size per candidate width C
     (``min(batch_users, max_pairs // C)``) and to L = pad_to (default: the store's max_len); one
@@ -185,25 +147,22 @@ class DecodeRuntime:
     :meth:`score` takes dense ids (the model's embedding rows).
     """
 
-    def __init__(self, model: torch.nn.Module, model_version: str, reader: StoreReader, *,
-                 device: torch.device | str | None = None, path: str = "auto", batch_users: int = 512,
-                 n_buffers: int = 2, verify_crc: bool = False, pad_to: int | None = None,
-                 pin: bool | None = None, max_pairs: int = 8192, graphs: bool = False,
-                 fused_config: FusedConfig = DEFAULT_FUSED, zero_copy: bool = False,
-                 catalogue: ItemIds | None = None) -> None:
-        if path not in (*PATHS, FUSED):
-            raise ValueError(f"path must be one of {(*PATHS, FUSED)}, got {path!r}")
-        if batch_users < 1:
-            raise ValueError("batch_users must be >= 1")
+    def __init__(self, model: torch.nn.Module, model_version: str, reader: StoreReader,
+                 config: ServingConfig | None = None, *, catalogue: ItemIds | None = None,
+                 **overrides: object) -> None:
+        config = (config or ServingConfig()).replace(**overrides) if overrides else (config or ServingConfig())
+        self.config = config
+        device, path, batch_users, graphs = config.device, config.path, config.batch_users, config.graphs
+        zero_copy, pad_to, pin = config.zero_copy, config.pad_to, config.pin
         layout = reader.layout
         check_layout(layout, model, model_version)
+        if config.verify_crc:  # the full check: every B-tree page, so that no read can leave the file
+            check_tree(reader.version_dir)
         self.device = torch.device(device) if device is not None else default_device()
         self.entry = is_entry_layout(layout)  # v2 store: unpack part by part, cache_from_arrays
         if graphs and (self.device.type != "cuda" or self.entry):
             raise ValueError("graphs=True needs a CUDA device and a record format v1 (din) store; "
                              f"got device {self.device}, record format {2 if self.entry else 1}")
-        if zero_copy and not graphs:
-            raise ValueError("zero_copy=True needs graphs=True (the graph gathers the records from the store's map)")
         self.graphs = graphs
         self._graphs: dict[tuple[int, int], GraphedDecoder] = {}  # (step users, candidates) -> graph
         self.zoo = getattr(model.cfg, "arch", "din") != "din"
@@ -222,25 +181,33 @@ class DecodeRuntime:
             raise ValueError(f"path 'fused' needs a record format v1 (din) store and Triton on a CUDA device "
                              f"(device {self.device})")
         self.fused = din_v1 and uses_fused(path, self.device)  # "auto" on CUDA with Triton, or "fused"
-        self.fused_config = fused_config
+        self.fused_config = config.fused_config
         self.batch_users = batch_users
         self.pad_to = pad_to
         self.graph_len = pad_to or max(1, layout.max_len)  # L of the graphs
-        self.max_pairs = max_pairs
+        self.max_pairs = config.max_pairs
         pin = (self.device.type == "cuda") if pin is None else pin
         kind = MappedBatcher if zero_copy else HostBatcher
         self.batcher: HostBatcher | MappedBatcher = kind(
-            layout, reader=reader, expected_model_version=model_version, pin=pin, n_buffers=n_buffers,
-            batch_users=batch_users, verify_crc=verify_crc)
+            layout, reader=reader, expected_model_version=model_version, pin=pin, n_buffers=config.n_buffers,
+            batch_users=batch_users, verify_crc=config.verify_crc)
         self.stats = RuntimeStats()
         self.catalogue = catalogue if catalogue is not None else ItemIds.identity(model.cfg.n_items)
+        self._resident: dict[tuple[int, int], ResidentRequest] = {}  # (step users, candidates) -> request
+        self._score_lock = threading.Lock()
+        self._reader: ThreadPoolExecutor | None = None  # the pipelined fetch's thread (created on first use)
+        self._evictions_seen = self._errors_seen = 0  # tier totals already counted in a batch's stats
+        self.tier: ResidentTier | None = self._open_tier()  # the resident tier, when config.tier_bytes gives room
 
     @classmethod
-    def open(cls, store: str | os.PathLike, checkpoint: str | os.PathLike | None = None, **kwargs) -> DecodeRuntime:
-        """A runtime for a store (a store root: its ``current`` version; or a version directory)
-        and a checkpoint directory (None: the ``checkpoint/`` published inside the same store version
-        by ``ckv refresh``, so records and model always come from one version). The checkpoint's
-        item catalogue becomes the runtime's ``catalogue`` unless one is given."""
+    def open(cls, store: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
+             config: ServingConfig | None = None, *, catalogue: ItemIds | None = None,
+             **overrides: object) -> DecodeRuntime:
+        """A runtime for a store (a store root: its ``current`` version, resolved once; or a version
+        directory) and a checkpoint directory (None: the ``checkpoint/`` published inside the same store
+        version by ``ckv refresh``, so records and model always come from one version), served with
+        ``config`` (default :class:`ServingConfig`) updated by ``overrides``. The checkpoint's item
+        catalogue becomes the runtime's ``catalogue`` unless one is given."""
         from cachestore.publish import CURRENT, open_current
         from cachestore.reader import StoreReader
         from pipeline.checkpoint import load_checkpoint
@@ -252,8 +219,47 @@ class DecodeRuntime:
             if not checkpoint.is_dir():
                 raise FileNotFoundError(f"{version_dir} has no checkpoint/ (published by ckv refresh): pass one")
         ckpt = load_checkpoint(checkpoint, device="cpu")
-        kwargs.setdefault("catalogue", ckpt.item_catalogue.item_ids())
-        return cls(ckpt.model, ckpt.model_version, StoreReader(version_dir), **kwargs)
+        catalogue = catalogue if catalogue is not None else ckpt.item_catalogue.item_ids()
+        return cls(ckpt.model, ckpt.model_version, StoreReader(version_dir), config, catalogue=catalogue,
+                   **overrides)
+
+    def _open_tier(self) -> ResidentTier | None:
+        """The resident tier (record format v1 din stores; see cachestore/tier): ``config.tier_bytes`` bytes,
+        None = auto (:func:`cachestore.tier.plan_capacity`; off when ``zero_copy`` asks for the map fetch), 0 = off."""
+        tier_bytes = self.config.tier_bytes
+        if self.entry or self.zoo or (tier_bytes is None and self.config.zero_copy):
+            return None
+        capacity = plan_capacity(tier_bytes, self.device, self.reader)
+        if capacity <= 0:
+            return None
+        return ResidentTier(self.reader, self.device, capacity, policy=self.config.policy,
+                            batch_users=self.batch_users, expected_model_version=self.model_version)
+
+    @property
+    def version_id(self) -> str:
+        """The served store version's directory name."""
+        return self.reader.version_id
+
+    def close(self) -> None:
+        """Let go of what the runtime holds: the tier's device memory and admission thread, the zero-copy map
+        registration, the captured graphs, the reader's LMDB environment. The runtime is unusable after."""
+        tier, self.tier = getattr(self, "tier", None), None
+        if tier is not None:
+            tier.close()
+        if self._reader is not None:
+            self._reader.shutdown(wait=True)
+            self._reader = None
+        if isinstance(self.batcher, MappedBatcher):
+            self.batcher.close()
+        self._graphs.clear()
+        self._resident.clear()
+        self.reader.close()
+
+    def __enter__(self) -> DecodeRuntime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _check_targets(self, targets: np.ndarray) -> None:
         n_items = self.resident.cfg.n_items
@@ -281,19 +287,44 @@ class DecodeRuntime:
         # rows with similar candidate counts share a step; each step is trimmed to its widest row and
         # holds at most max_pairs (user, candidate) pairs (attention scores grow with B·C·H·L)
         order = np.argsort(-counts, kind="stable")
-        lo = 0
+        steps, lo = [], 0
         while lo < len(ids):
             width = max(1, int(counts[order[lo]]))
             step = min(self.batch_users, max(1, self.max_pairs // width))
-            rows = order[lo : lo + step]
-            out, cold[rows] = self._score_batch(ids[rows], cand[rows, :width], stats, step)
-            logits[rows, :width] = out
+            steps.append((order[lo : lo + step], width, step))
             lo += step
-        logits[~real] = np.nan
         stats.candidates = int(real.sum())
-        for name, value in asdict(stats).items():
-            setattr(self.stats, name, getattr(self.stats, name) + value)
-        return ScoreResult(logits, cold, stats)
+        with self._score_lock:  # one request at a time: the host buffers and the graphs' static buffers are shared
+            for (rows, width, step), host in zip(steps, self._fetches(ids, steps), strict=True):
+                out, cold[rows] = self._score_batch(ids[rows], cand[rows, :width], stats, step, host)
+                logits[rows, :width] = out
+            total = self.stats
+            for name in _STAT_FIELDS:  # (not asdict: it deep-copies, ~20 µs a request)
+                setattr(total, name, getattr(total, name) + getattr(stats, name))
+        logits[~real] = np.nan
+        return ScoreResult(logits, cold, stats, self.model_version)
+
+    def _fetches(self, ids: np.ndarray, steps: list[tuple[np.ndarray, int, int]]) -> Iterator[FetchedBatch | None]:
+        """The host batch of each step, in order: fetched one step ahead on the reader thread (pipelining: the
+        reader looks up and copies step i + 1 while step i decodes) when the runtime fetches from LMDB with a
+        ring of >= 2 buffers and there are several steps; None (fetched in the step) otherwise. The resident
+        tier resolves inside its step (whole store: on the device; cache mode: under the tier's lock)."""
+        if self.tier is not None or self.config.n_buffers < 2 or len(steps) < 2:
+            yield from (None for _ in steps)
+            return
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix="ckv-fetch")
+
+        def fetch(i: int) -> FetchedBatch:
+            rows, _, slots = steps[i]
+            return self.batcher.fetch(ids[rows], n_slots=slots if self.graphs else None)
+
+        ahead = self._reader.submit(fetch, 0)
+        for i in range(len(steps)):
+            host = ahead.result()  # the previous step is done: its buffer may come round again
+            if i + 1 < len(steps):
+                ahead = self._reader.submit(fetch, i + 1)
+            yield host
 
     def score_raw(self, user_ids: np.ndarray | list[int], candidates: np.ndarray | list,
                   n_candidates=None) -> ScoreResult:
@@ -324,11 +355,14 @@ class DecodeRuntime:
         return self._graphs[key]
 
     @torch.inference_mode()
-    def _score_batch(self, ids: np.ndarray, cand: np.ndarray, stats: RuntimeStats, slots: int
-                     ) -> tuple[np.ndarray, np.ndarray]:
+    def _score_batch(self, ids: np.ndarray, cand: np.ndarray, stats: RuntimeStats, slots: int,
+                     host: FetchedBatch | None = None) -> tuple[np.ndarray, np.ndarray]:
+        if self.tier is not None:
+            return self._score_resident(ids, cand, stats, slots)
         t0 = time.perf_counter()
         n = len(ids)
-        host = self.batcher.fetch(ids, n_slots=slots if self.graphs else None)
+        if host is None:
+            host = self.batcher.fetch(ids, n_slots=slots if self.graphs else None)
         if self.graphs:  # static shapes: `slots` users (cold padding), L = graph_len
             graph = self._graph(slots, cand.shape[1])
             padded = np.zeros((slots, cand.shape[1]), dtype=np.int64)
@@ -342,23 +376,27 @@ class DecodeRuntime:
             start.record()
         else:
             t_dec = time.perf_counter()
+        flags = None if self.graphs else torch.zeros(n, dtype=torch.int32, device=self.device)  # bad router index
         if self.graphs:  # one replay: the batch and candidate copies, then the decode
             logits = graph.run(host, padded)[:n]
             cost = graph.last_cost
+            flags = graph.flags
         elif self.entry:
             cache = dev.unpack(self.pad_to)  # v2: per-part arrays → the model's ZooCache
             cache = entry_cache(cache, self._store_cfg, self.resident.dtype)
             if self.zoo:
                 logits = decode_zoo(self.resident, cache, targets)
             else:  # a din cache in a v2 store: its one group through the din decode paths
-                logits = decode(self.resident, cache.kv["kv"], targets, self.path)
+                logits = decode(self.resident, cache.kv["kv"], targets, self.path, flags=flags)
         elif self.fused:  # the Triton kernel reads the device batch as it is (no unpack)
-            logits = fused_decode(self.resident, dev.raw, self.layout, n, targets, config=self.fused_config)
+            logits = fused_decode(self.resident, dev.raw, self.layout, n, targets, config=self.fused_config,
+                                  flags=flags)
         else:
-            logits = decode(self.resident, dev.unpack(self.pad_to), targets, self.path)
+            logits = decode(self.resident, dev.unpack(self.pad_to), targets, self.path, flags=flags)
         if cuda:
             end.record()
         out = logits.float().cpu().numpy()
+        self._check_flags(np.flatnonzero(flags[:n].cpu().numpy()), ids)  # after the logits: no extra sync
         decode_ms = start.elapsed_time(end) if cuda else (time.perf_counter() - t_dec) * 1e3
         if self.graphs:
             decode_ms -= cost.ms  # the graph's copies are timed inside it (TransferCost); copies overlapped
@@ -372,3 +410,57 @@ class DecodeRuntime:
         stats.decode_ms += decode_ms
         stats.total_ms += (time.perf_counter() - t0) * 1e3
         return out, ~host.present[:n]
+
+    def _check_flags(self, bad: np.ndarray, ids: np.ndarray) -> None:
+        """Refuse a batch in which the decode met a router index outside the pool (``bad``: slots, from the
+        kernel's or the eager decode's per-user flags)."""
+        if bad.size:
+            raise RouterIndexError(f"a router index outside the pool 0..{self.resident.cfg.collective.pool_size - 1}"
+                                   ": the record is corrupt (run `ckv store verify STORE`); nothing of this batch "
+                                   "was returned", int(ids[bad[0]]))
+
+    def _score_resident(self, ids: np.ndarray, cand: np.ndarray, stats: RuntimeStats, slots: int
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        """One step through the resident tier: ``slots`` users (cold padding), L = graph_len, one graph replay on
+        CUDA (:class:`cachestore.tier.graph.ResidentRequest`; eager on CPU)."""
+        t0 = time.perf_counter()
+        tier, n, width = self.tier, len(ids), cand.shape[1]
+        key = (slots, width)
+        if key not in self._resident:
+            self._resident[key] = ResidentRequest(self._graph(slots, width), tier)
+        padded = np.zeros((slots, width), dtype=np.int64)
+        padded[:n] = cand
+        first = np.full(slots, -1, dtype=np.int64)
+        with tier.lock:  # resolve → replay enqueued: no admission rewrites a slot this batch reads
+            if tier.mode == WHOLE:
+                first[:n], second, counters = ids, None, None
+            else:
+                resolved = tier.resolve(ids)
+                first[:n], second, counters = resolved.src, np.zeros(slots, dtype=np.int64), resolved.counters
+                second[:n] = resolved.n
+            t_dec = time.perf_counter()
+            logits, present = self._resident[key].run(first, second, padded)
+            bad = self._resident[key].bad_slots()
+        self._check_flags(bad[bad < n], ids)
+        present = present[:n]
+        stats.batches += 1
+        stats.users += n
+        stats.cold_start_users += int((~present).sum())
+        if counters is None:  # whole store: every present user is resident
+            counters = TierCounters(hits=int(present.sum()), cold=int((~present).sum()))
+            tier._count(counters)
+        stats.tier_hits += counters.hits
+        stats.tier_misses += counters.misses
+        evictions = tier.counters.evictions
+        stats.tier_evictions += evictions - self._evictions_seen
+        self._evictions_seen = evictions
+        errors = tier.counters.admission_errors
+        stats.tier_admission_errors += errors - self._errors_seen
+        self._errors_seen = errors
+        cost = self._graph(slots, width).last_cost  # the ids copy, lookup and gather (graph events; read after sync)
+        stats.h2d_bytes += 16 * slots
+        stats.h2d_ms += cost.ms if cost is not None else 0.0
+        stats.fetch_ms += (t_dec - t0) * 1e3
+        stats.decode_ms += (time.perf_counter() - t_dec) * 1e3
+        stats.total_ms += (time.perf_counter() - t0) * 1e3
+        return logits[:n], ~present

@@ -19,6 +19,7 @@ _COMMANDS: list[tuple[str, str]] = [
     ("store", "jobs.store:store"),
     ("report", "jobs.report:report"),
     ("score", "jobs.score:score"),
+    ("serve", "jobs.serve:serve"),
     ("eval", "jobs.eval:eval_cmd"),
     ("capacity", "jobs.capacity:capacity"),
     ("refresh", "jobs.refresh:refresh_cmd"),

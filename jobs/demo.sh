@@ -10,18 +10,21 @@ POOL=${POOL:-1000}
 mkdir -p "$RUN"
 
 echo "== 1/4 data preparation"
-ckv data prepare --events data/movielens/ratings.csv --items data/movielens/movies.csv --out "$RUN/data"
+ckv data prepare --events data/movielens/ratings.csv --items data/movielens/movies.csv --out "$RUN/data" --overwrite
 
 echo "== 2/4 training: full and collective, seeds $SEEDS, pool $POOL (the paper's 10,000 works too: slower on CPU)"
-ckv experiment --data "$RUN/data" --out "$RUN/experiment" --variants full,collective --seeds "$SEEDS" \
+ckv experiment --data "$RUN/data" --out "$RUN/experiment" --overwrite --variants full,collective --seeds "$SEEDS" \
     --epochs "$EPOCHS" --pool-size "$POOL" --no-progress
 
 FIRST_SEED=${SEEDS%%,*}
 for MODE in collective full; do
   CKPT="$RUN/experiment/checkpoints/$MODE-seed$FIRST_SEED"
   echo "== 3/4 nightly prefill ($MODE) with spark-submit, local mode → $RUN/store_$MODE"
-  spark-submit --master "local[2]" --driver-memory 1g jobs/prefill.py \
-      --checkpoint "$CKPT" --histories "$RUN/data" --out "$RUN/store_$MODE"
+  LOG="$RUN/logs/prefill-$MODE.log"  # Spark's log (WARN) and any failure's trace: the terminal stays quiet
+  mkdir -p "$RUN/logs"
+  spark-submit --master "local[2]" --driver-memory 1g --conf spark.ui.showConsoleProgress=false \
+      --driver-java-options "-Dlog4j2.configurationFile=pipeline/spark-log4j2.properties -Dckv.log.file=$LOG" \
+      jobs/prefill.py --checkpoint "$CKPT" --histories "$RUN/data" --out "$RUN/store_$MODE" --log "$LOG"
   ckv store verify "$RUN/store_$MODE" --checkpoint "$CKPT" --histories "$RUN/data"
 done
 echo "== 4/4 size report (CR by formula and on disk)"

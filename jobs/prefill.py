@@ -47,19 +47,32 @@ from pipeline.prefill import ENGINES
                    "carry the other rows over (docs/nightly.md)")
 @click.option("--previous", default=None, type=click.Path(file_okay=False),
               help="previous store for --incremental [default: --out]")
+@click.option("--log", "log_file", default=None, type=click.Path(dir_okay=False),
+              help="log file: Spark's log (WARN) and, on failure, the full trace "
+                   "[default: STORE/logs/prefill-<UTC time>-<pid>.log]")
+@click.option("--verbose", is_flag=True, help="Spark's log and failure traces on the terminal too")
 @click.option("--fail-after-users", type=int, default=None, hidden=True, help="test hook: tasks fail")
-def prefill_cmd(checkpoint: str, histories: str, store: str, **kw: object) -> None:
-    """Prefill every user's compact KV cache with Spark; build and publish STORE (Parquet + LMDB)."""
+def prefill_cmd(checkpoint: str, histories: str, store: str, log_file: str | None, verbose: bool,
+                **kw: object) -> None:
+    """Prefill every user's compact KV cache with Spark; build and publish STORE (Parquet + LMDB).
+
+    A failure ends in one line (what failed, where, what to do) with the full trace in the log file.
+    """
     from pipeline.checkpoint import CheckpointError
     from pipeline.prefill import PrefillInputError
     from pipeline.spark_job import PrefillOptions, command_line, run_prefill
+    from pipeline.spark_logging import SparkJobError, default_log_path, spark_job_errors
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
-    opts = PrefillOptions(checkpoint=checkpoint, histories=histories, store=store,
-                          command_line=command_line(), **kw)  # type: ignore[arg-type]
+    log_path = default_log_path(store) if log_file is None else log_file
+    own = (CheckpointError, PrefillInputError, ValueError)  # raised by the driver: already one line
     try:
-        manifest = run_prefill(opts)
-    except (CheckpointError, PrefillInputError, ValueError) as exc:
+        with spark_job_errors(f"prefill of {store}", log_path, verbose=verbose, passthrough=own):
+            opts = PrefillOptions(checkpoint=checkpoint, histories=histories, store=store,
+                                  command_line=command_line(), log_file=None if verbose else str(log_path),
+                                  **kw)  # type: ignore[arg-type]
+            manifest = run_prefill(opts)
+    except (*own, SparkJobError) as exc:
         raise click.ClickException(str(exc)) from exc
     b = manifest["bytes"]
     click.echo(f"published {manifest['version_id']} to {store}: {manifest['users']} users, "

@@ -40,8 +40,9 @@ def data() -> None:
     "out",
     required=True,
     type=click.Path(path_type=Path),
-    help="Output directory (replaced atomically on success).",
+    help="Output directory: new, empty, or a dataset to replace with --overwrite (never anything else).",
 )
+@click.option("--overwrite", is_flag=True, help="Replace an existing dataset at --out (atomically, on success).")
 @click.option("--user-col", default="userId", show_default=True, help="Events: user id column (integers).")
 @click.option("--item-col", default="movieId", show_default=True, help="Events (and items file): item id column.")
 @click.option("--time-col", default="timestamp", show_default=True, help="Events: timestamp column (integers).")
@@ -77,6 +78,7 @@ def prepare_cmd(
     events: Path,
     items: Path | None,
     out: Path,
+    overwrite: bool,
     user_col: str,
     item_col: str,
     time_col: str,
@@ -94,6 +96,7 @@ def prepare_cmd(
     """Validate an event log and write the canonical dataset (histories, items, time-split samples)."""
     from pipeline.dataset_schema import DataError
     from pipeline.prepare import PrepareConfig, prepare, summary
+    from pipeline.safe_output import OutputError
 
     if label_col is not None and (rating_col is not None or rating_threshold is not None):
         raise click.UsageError("give either --label-col or --rating-col/--rating-threshold, not both")
@@ -118,9 +121,10 @@ def prepare_cmd(
             test_frac=test_frac,
             catalogue=catalogue,
             new_catalogue=new_catalogue,
+            overwrite=overwrite,
         )
         meta = prepare(config)
-    except DataError as exc:
+    except (DataError, OutputError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"prepared {out}")
     click.echo(summary(meta))

@@ -18,8 +18,8 @@ import click
 from jobs.prepare import prepare_cmd
 
 EXIT_REFUSED = 3
-# the event-log options of `ckv data prepare` (same names and defaults), except its --out / --events
-_PREPARE_PARAMS = [p for p in prepare_cmd.params if p.name not in ("out", "events")]
+# the event-log options of `ckv data prepare` (same names and defaults), except --out / --events / --overwrite
+_PREPARE_PARAMS = [p for p in prepare_cmd.params if p.name not in ("out", "events", "overwrite")]
 
 
 def _prepare_config(events: Path, kw: dict[str, Any]) -> Any:
@@ -62,11 +62,17 @@ def refresh_cmd(store: str, work: str, events: Path | None, dataset: str | None,
                 margin: float, master: str | None, engine: str, verify_sample: int | None, **kw: Any) -> None:
     """Nightly refresh: prepare, warm-start train, gate, prefill, verify, publish model + store together."""
     from pipeline.refresh import RefreshError, RefreshOptions, RefreshRefused, run_refresh
+    from pipeline.safe_output import OutputError, check_not_input
     from pipeline.trainer import TrainConfig
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     if (events is None) == (dataset is None):
         raise click.UsageError("give exactly one of --events and --dataset")
+    try:  # the run writes WORK/<run id>/ and STORE/staging/: neither may hold the inputs
+        check_not_input(Path(work), (events, dataset), "--work")
+        check_not_input(Path(store), (events, dataset), "--store")
+    except OutputError as exc:
+        raise click.ClickException(str(exc)) from exc
     prep = _prepare_config(events, kw) if events is not None else None
     opts = RefreshOptions(
         store=store, work=work, prepare=prep, dataset=dataset, current_checkpoint=current_checkpoint,

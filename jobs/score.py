@@ -5,13 +5,16 @@ per (user, candidate item) — columns ``user_id`` and ``item_id`` (names set by
 --item-col), int64, no nulls; every other column is passed through. Item ids are raw ids (the
 event log's), mapped to the model's rows through the checkpoint's item catalogue; an id the
 catalogue does not hold is an error naming its row (nothing is written). ``--dense-ids`` takes the
-model's dense ids instead (1..n_items; a checkpoint without a catalogue treats both alike). Output (Parquet): the input
-rows in input order plus ``logit`` (float32), ``score`` (float32, sigmoid of the logit) and
+model's dense ids instead (1..n_items; a checkpoint without a catalogue treats both alike). Output
+(Parquet): the input rows in input order plus ``logit`` (float32), ``score`` (float32, sigmoid of the logit) and
 ``cold_start`` (bool: the user has no entry in the store and was scored with an empty history).
 
-Rows are read in chunks (--chunk-rows); within a chunk the candidates of one user are grouped into
-one request (at most --max-candidates per slot; more take several slots) and scored in batches of
---batch-users users. A JSON summary (rows, users, cold-start users, timings) goes to stdout.
+Rows are read in chunks (--chunk-rows), the next chunk on a reader thread while the current one is
+scored (:func:`read_ahead`); within a chunk the candidates of one user are grouped into one request (at
+most --max-candidates per slot; more take several slots) and scored in steps of --batch-size users, the
+runtime fetching step n + 1 from LMDB while step n decodes (or reading the resident tier: --tier-bytes).
+The serving options are ``jobs/serving_options.py``'s. A JSON summary (rows, users, cold-start users,
+timings, tier hits and misses) goes to stdout.
 
 Any store the runtime serves: a din store (record format v1) with a din checkpoint, or a zoo store
 (record format v2: SIM, ETA, SDIM, TWIN, HSTU, collective or full-KV) with the zoo checkpoint it was
@@ -21,14 +24,59 @@ prefilled with; zoo models ignore --path (their own attention; ``poolscore`` is 
 from __future__ import annotations
 
 import json
+import queue
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import numpy as np
 
+from jobs.serving_options import serving_options
+
+if TYPE_CHECKING:
+    from cachestore.runtime_config import ServingConfig
+
 OUTPUT_COLUMNS = ("logit", "score", "cold_start")
+
+
+def read_ahead(chunks: Iterator, depth: int = 1) -> Iterator:
+    """The items of ``chunks``, read ``depth`` ahead on a thread: the next chunk of the file is read and parsed
+    (Arrow releases the GIL) while the runtime scores the current one. An exception of the reader is raised here."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def pump() -> None:
+        try:
+            for item in chunks:
+                while not stop.is_set():
+                    try:
+                        q.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((done, None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            q.put((done, exc))
+
+    thread = threading.Thread(target=pump, name="ckv-score-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, exc = q.get()
+            if item is done:
+                if exc is not None:
+                    raise exc
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _is_csv(path: Path) -> bool:
@@ -128,53 +176,69 @@ def group_requests(users: np.ndarray, items: np.ndarray, max_candidates: int):
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="output Parquet file")
 @click.option("--user-col", default="user_id", show_default=True)
 @click.option("--item-col", default="item_id", show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:n]")
-@click.option("--path", "decode_path", type=click.Choice(["auto", "fused", "poolscore", "gather"]), default="auto",
-              show_default=True, help="attention over the collective part (cachestore/decode.py, cachestore/fused.py; "
-                                      "din only; auto = fused on CUDA with Triton)")
-@click.option("--pool-dtype", type=click.Choice(["store", "float32", "float16", "bfloat16"]), default="store",
-              show_default=True, help="precision of the pool rows the fused kernel reads: the store's kv dtype "
-                                      "(store), or float32 for the model's rows exactly")
-@click.option("--batch-users", default=512, show_default=True)
 @click.option("--max-candidates", default=256, show_default=True, help="candidates per user slot")
 @click.option("--chunk-rows", default=1 << 16, show_default=True, help="request rows read at a time")
-@click.option("--verify-crc/--no-verify-crc", default=False, show_default=True, help="CRC-check every record")
 @click.option("--dense-ids", is_flag=True, help="item ids are the model's dense ids, not raw ids (no catalogue lookup)")
-def score(store: Path, checkpoint: Path, requests_path: Path, out: Path, user_col: str, item_col: str, device: str,
-          decode_path: str, pool_dtype: str, batch_users: int, max_candidates: int, chunk_rows: int,
-          verify_crc: bool, dense_ids: bool) -> None:
+@serving_options(verify_crc=True)
+def score(store: Path, checkpoint: Path, requests_path: Path, out: Path, user_col: str, item_col: str,
+          max_candidates: int, chunk_rows: int, dense_ids: bool, config: ServingConfig) -> None:
     """Score a file of (user, candidate) requests against the cache store; writes Parquet."""
+    from cachestore.publish import PublishError
+    from cachestore.record import LayoutError, RecordError
+    from cachestore.runtime import DecodeRuntime
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.safe_output import OutputError, check_not_input, replace_file
+
+    if max_candidates < 1 or chunk_rows < 1:
+        raise click.ClickException("--max-candidates and --chunk-rows must be >= 1")
+    try:
+        check_not_input(out, (requests_path,))  # before the runtime is opened
+    except OutputError as exc:
+        raise click.ClickException(str(exc)) from exc
+    t0 = time.perf_counter()
+    try:
+        runtime = DecodeRuntime.open(store, checkpoint, config)
+    except (CheckpointError, LayoutError, RecordError, FileNotFoundError, PublishError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    try:
+        with replace_file(out, inputs=(requests_path,)) as tmp:  # a unique temp file, os.replace on success
+            rows, cold_rows, users, cold_users = _score_into(tmp, runtime, requests_path, user_col, item_col,
+                                                             max_candidates, chunk_rows, dense_ids)
+    except OutputError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        runtime.close()
+    summary = {"out": str(out), "rows": rows, "users": len(users), "cold_start_users": len(cold_users),
+               "cold_start_rows": cold_rows, "store_version": runtime.reader.version_id,
+               "model_version": runtime.model_version, "item_ids": "dense" if dense_ids else "raw",
+               "device": str(runtime.device), "path": config.path,
+               "seconds": round(time.perf_counter() - t0, 3), "runtime": runtime.stats.as_dict()}
+    click.echo(json.dumps(summary))
+
+
+def _score_into(tmp: Path, runtime, requests_path: Path, user_col: str, item_col: str, max_candidates: int,
+                chunk_rows: int, dense_ids: bool) -> tuple[int, int, set, set]:
+    """Score every request chunk, writing the output Parquet to ``tmp``; (rows, cold rows, users, cold users).
+    Item ids are raw (mapped through the runtime's catalogue) unless ``dense_ids``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cachestore.fused import FusedConfig
-    from cachestore.publish import PublishError
-    from cachestore.record import LayoutError, RecordError
-    from cachestore.runtime import DecodeRuntime, default_device
-    from pipeline.checkpoint import CheckpointError
+    from cachestore.record import RecordError
+    from cachestore.store_check import StoreDamagedError
 
-    if max_candidates < 1 or batch_users < 1 or chunk_rows < 1:
-        raise click.ClickException("--max-candidates, --batch-users and --chunk-rows must be >= 1")
-    t0 = time.perf_counter()
-    try:
-        runtime = DecodeRuntime.open(store, checkpoint, device=default_device() if device == "auto" else device,
-                                     path=decode_path, batch_users=batch_users, verify_crc=verify_crc,
-                                     fused_config=FusedConfig(pool_dtype=pool_dtype))
-    except (CheckpointError, LayoutError, RecordError, FileNotFoundError, PublishError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
     rows, cold_rows, users, cold_users = 0, 0, set(), set()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
     writer = None
     try:
-        for batch in read_requests(requests_path, user_col, item_col, chunk_rows):
+        for batch in read_ahead(read_requests(requests_path, user_col, item_col, chunk_rows)):
             u, it = _ids(batch, user_col, requests_path), _ids(batch, item_col, requests_path)
             if not dense_ids:
                 it = _to_dense(runtime.catalogue, it, rows, item_col, requests_path)
             slot_user, cand, n_cand, slot, col = group_requests(u, it, max_candidates)
             try:
                 res = runtime.score(slot_user, cand, n_cand)
-            except (ValueError, RecordError) as exc:
+            except (StoreDamagedError, RecordError) as exc:  # the store's fault, named by user
+                raise click.ClickException(str(exc)) from exc
+            except ValueError as exc:
                 raise click.ClickException(f"{requests_path}: {exc}") from exc
             logit = res.logits[slot, col].astype(np.float32)
             cold = res.cold_start[slot]
@@ -194,16 +258,7 @@ def score(store: Path, checkpoint: Path, requests_path: Path, out: Path, user_co
                 schema = pq.read_schema(requests_path)
             schema = schema.append(pa.field("logit", pa.float32())).append(pa.field("score", pa.float32()))
             writer = pq.ParquetWriter(tmp, schema.append(pa.field("cold_start", pa.bool_())))
-        writer.close()
-        writer = None
-        tmp.replace(out)
     finally:
         if writer is not None:
             writer.close()
-        tmp.unlink(missing_ok=True)
-    summary = {"out": str(out), "rows": rows, "users": len(users), "cold_start_users": len(cold_users),
-               "cold_start_rows": cold_rows, "store_version": runtime.reader.version_id,
-               "model_version": runtime.model_version, "item_ids": "dense" if dense_ids else "raw",
-               "device": str(runtime.device), "path": decode_path,
-               "seconds": round(time.perf_counter() - t0, 3), "runtime": runtime.stats.as_dict()}
-    click.echo(json.dumps(summary))
+    return rows, cold_rows, users, cold_users

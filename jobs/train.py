@@ -106,15 +106,21 @@ def build_train_config(kw: dict[str, Any], seed: int) -> Any:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--init-from", type=click.Path(exists=True, file_okay=False),
               help="warm-start checkpoint (same model options; item / genre rows matched by raw id)")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="checkpoint directory to write")
-def train(kv_mode: str, seed: int, init_from: str | None, out: str, data_dir: str, **kw: Any) -> None:
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="checkpoint directory to write: new, empty, or a checkpoint to replace with --overwrite")
+@click.option("--overwrite", is_flag=True, help="replace an existing checkpoint at --out (atomically, on success)")
+def train(kv_mode: str, seed: int, init_from: str | None, out: str, overwrite: bool, data_dir: str,
+          **kw: Any) -> None:
     """Train one model; write a checkpoint (weights, config, metrics, model version)."""
-    from pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from pipeline.checkpoint import CHECKPOINT_OUTPUT, CheckpointError, load_checkpoint, save_checkpoint
     from pipeline.dataset_schema import DataError, load_dataset
+    from pipeline.safe_output import OutputError, check_output_dir
     from pipeline.trainer import build_model, train_model
     from pipeline.warm_start import WarmStartError, warm_start
 
+    inputs = (data_dir, init_from)
     try:
+        check_output_dir(Path(out), CHECKPOINT_OUTPUT, overwrite=overwrite, inputs=inputs)  # before training
         dataset = load_dataset(data_dir)
         cfg = build_model_config(kv_mode, kw)
         auto = None
@@ -127,12 +133,15 @@ def train(kv_mode: str, seed: int, init_from: str | None, out: str, data_dir: st
         warm = None
         if init_from:  # item / genre rows matched by raw id through the two catalogues
             warm = warm_start(model, load_checkpoint(init_from), dataset.catalogue).as_dict()
-    except (DataError, CheckpointError, WarmStartError) as exc:
+    except (DataError, CheckpointError, WarmStartError, OutputError) as exc:
         raise click.ClickException(str(exc)) from exc
     result = train_model(model, dataset, build_train_config(kw, seed))
     metrics = {**result.metrics(), "init_from": init_from, "seed": seed, **({"d_user_auto": auto} if auto else {}),
                **({"warm_start": warm} if warm else {})}
-    version = save_checkpoint(out, result.model, metrics, dataset.catalogue)
+    try:
+        version = save_checkpoint(out, result.model, metrics, dataset.catalogue, overwrite=overwrite, inputs=inputs)
+    except OutputError as exc:  # --out changed while training
+        raise click.ClickException(str(exc)) from exc
     click.echo(json.dumps({"checkpoint": out, "model_version": version, "test": result.test}, indent=2))
 
 
@@ -157,15 +166,19 @@ def choose_auto_d_user(dataset: Any, cfg: ModelConfig, kw: dict[str, Any], seed:
     "--variants", default="full,collective", show_default=True, help="full,collective,share_k,share_v"
 )
 @click.option("--seeds", default="0,1,2", show_default=True)
-@click.option("--out", required=True, type=click.Path(file_okay=False))
-def experiment(variants: str, seeds: str, out: str, data_dir: str, **kw: Any) -> None:
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="experiment directory: new, empty, or an experiment to replace with --overwrite")
+@click.option("--overwrite", is_flag=True, help="replace an existing experiment at --out (atomically, on success)")
+def experiment(variants: str, seeds: str, out: str, overwrite: bool, data_dir: str, **kw: Any) -> None:
     """Train variants × seeds; write checkpoints and results.{md,json} (mean ± std, CR)."""
     from pipeline.dataset_schema import DataError, load_dataset
-    from pipeline.experiment import run_experiment, standard_variants
+    from pipeline.experiment import EXPERIMENT_OUTPUT, run_experiment, standard_variants
+    from pipeline.safe_output import OutputError, check_output_dir
 
     if parse_d_user(str(kw["d_user"])) == "auto":
         raise click.ClickException("--d-user auto: use `ckv train` or `ckv eval` (experiment takes a fixed d_u)")
     try:
+        check_output_dir(Path(out), EXPERIMENT_OUTPUT, overwrite=overwrite, inputs=(data_dir,))
         dataset = load_dataset(data_dir)
         chosen = standard_variants(
             build_model_config("collective", kw), [v for v in variants.split(",") if v]
@@ -173,6 +186,10 @@ def experiment(variants: str, seeds: str, out: str, data_dir: str, **kw: Any) ->
     except (DataError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     seed_list = [int(s) for s in seeds.split(",") if s]
-    report = run_experiment(dataset, chosen, seed_list, build_train_config(kw, seed_list[0]), Path(out))
+    try:
+        report = run_experiment(dataset, chosen, seed_list, build_train_config(kw, seed_list[0]), Path(out),
+                                overwrite=overwrite, inputs=(data_dir,))
+    except OutputError as exc:  # --out changed while training
+        raise click.ClickException(str(exc)) from exc
     click.echo((Path(out) / "results.md").read_text())
     del report

@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,11 +30,15 @@ from model.config import ModelConfig, config_from_dict, config_to_dict
 from model.ctr import TargetAttentionCTR
 from model.zoo import create_model
 from pipeline.catalogue import CATALOGUE_FILE, CatalogueError, ItemCatalogue, load_catalogue
+from pipeline.safe_output import OutputKind, replace_dir
 
 CHECKPOINT_FORMAT = 1
 WEIGHTS_FILE = "weights.safetensors"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
+CHECKPOINT_OUTPUT = OutputKind("checkpoint", "ckv train",
+                               frozenset({WEIGHTS_FILE, CONFIG_FILE, METRICS_FILE, CATALOGUE_FILE}),
+                               signature=(CONFIG_FILE, WEIGHTS_FILE))
 
 
 class CheckpointError(ValueError):
@@ -73,20 +74,21 @@ def model_version(cfg: ModelConfig, state: dict[str, torch.Tensor], catalogue_sh
 
 
 def save_checkpoint(path: str | Path, model: TargetAttentionCTR, metrics: dict[str, Any],
-                    catalogue: ItemCatalogue | None = None) -> str:
-    """Write a checkpoint directory atomically (temp dir + rename); returns the model version.
+                    catalogue: ItemCatalogue | None = None, *, overwrite: bool = False,
+                    inputs: tuple[str | Path | None, ...] = ()) -> str:
+    """Write a checkpoint directory atomically (pipeline/safe_output.py); returns the model version.
 
     ``catalogue``: the item catalogue of the dataset the model was trained on (its size must be
-    the model's n_items); None writes none (identity)."""
-    out = Path(path)
+    the model's n_items); None writes none (identity). A non-empty `path` that is not a checkpoint,
+    or that is / contains one of `inputs`, is refused (OutputError); an existing checkpoint is
+    replaced only with `overwrite`, and only on success.
+    """
     if catalogue is not None and catalogue.n_items != model.cfg.n_items:
-        raise CheckpointError(f"{out}: catalogue of {catalogue.n_items} items for a model of {model.cfg.n_items}")
+        raise CheckpointError(f"{path}: catalogue of {catalogue.n_items} items for a model of {model.cfg.n_items}")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     cat_sha = None if catalogue is None else catalogue.sha256
     version = model_version(model.cfg, state, cat_sha)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with replace_dir(path, CHECKPOINT_OUTPUT, overwrite=overwrite, inputs=inputs) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE))
         config = {"format": CHECKPOINT_FORMAT, "model": config_to_dict(model.cfg), "model_version": version}
         if catalogue is not None:
@@ -94,12 +96,6 @@ def save_checkpoint(path: str | Path, model: TargetAttentionCTR, metrics: dict[s
             config["item_catalogue"] = cat_sha
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         (tmp / METRICS_FILE).write_text(json.dumps({**metrics, "model_version": version}, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return version
 
 

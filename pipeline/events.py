@@ -29,6 +29,8 @@ from pipeline.dataset_schema import DataError
 CSV_SUFFIXES = (".csv", ".csv.gz")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 NO_GENRES = "(no genres listed)"
+ID_MAX = 2**63 - 1  # ids are stored as int64 (and as unsigned LMDB keys): 0..ID_MAX
+FLOAT_EXACT_MAX = 2**53  # a float64 holds every integer up to here exactly
 
 
 def _file_format(path: Path, role: str) -> str:
@@ -123,6 +125,61 @@ def to_int64(values: pd.Series, where: str) -> np.ndarray:
     return floats.astype(np.int64)
 
 
+def _exact_ints(values: pd.Series) -> np.ndarray | None:
+    """An object column of integer text, ints or exact integral floats -> object array of Python ints;
+    None if any value is not one of those (the caller then reports it)."""
+    def parse(v: object) -> int | None:
+        if isinstance(v, bool | np.bool_):
+            return None
+        if isinstance(v, int | np.integer):
+            return int(v)
+        if isinstance(v, float | np.floating):
+            return int(v) if float(v).is_integer() and abs(v) <= FLOAT_EXACT_MAX else None
+        text = str(v).strip()
+        return int(text) if text.lstrip("+-").isdigit() else None
+
+    parsed = values.map(parse)
+    return None if parsed.isna().any() else parsed.to_numpy(object)
+
+
+def _is_bool_like(values: pd.Series) -> np.ndarray:
+    if pd.api.types.is_bool_dtype(values):
+        return np.ones(len(values), dtype=bool)
+    if values.dtype != object:
+        return np.zeros(len(values), dtype=bool)
+    return values.map(lambda v: isinstance(v, bool | np.bool_) or str(v).strip().lower() in ("true", "false")
+                      ).to_numpy(bool)
+
+
+def to_id(values: pd.Series, where: str) -> np.ndarray:
+    """User / item ids -> int64 array; every id must be an integer in 0..2**63-1 and nothing wraps.
+
+    Refused with the count and the first row: nulls, booleans, non-numeric text, fractions, NaN/inf,
+    negative ids, ids >= 2**63 (a uint64 column or long text), and floating-point ids above 2**53
+    (a float64 cannot hold them exactly: write the ids as integers).
+    """
+    check_no_nulls(values, where)
+    bools = _is_bool_like(values)
+    if bools.any():
+        raise DataError(f"{where}: {int(bools.sum())} boolean value(s) where an integer id is expected, "
+                        f"{_first(bools, values)}")
+    exact = _exact_ints(values) if values.dtype == object else None
+    ints = exact if exact is not None else to_numeric(values, where).to_numpy()
+    if exact is not None or pd.api.types.is_integer_dtype(ints.dtype):
+        checks = [(ints < 0, "negative id(s)"), (ints > ID_MAX, "id(s) at or above 2**63")]
+    else:
+        ints = ints.astype(np.float64)
+        checks = [((np.mod(ints, 1.0) != 0) | ~np.isfinite(ints), "non-integer value(s)"),
+                  (ints < 0, "negative id(s)"),
+                  (ints > FLOAT_EXACT_MAX, "floating-point id(s) above 2**53 (not exact: write ids as integers)")]
+    for bad, what in checks:
+        bad = np.asarray(bad, dtype=bool)
+        if bad.any():
+            raise DataError(f"{where}: {int(bad.sum())} {what}, {_first(bad, values)}; "
+                            "ids must be integers in 0..2**63-1")
+    return ints.astype(np.int64)
+
+
 def label_from_column(values: pd.Series, where: str) -> np.ndarray:
     """A 0/1 label column -> int8 array; any other value is an error."""
     numeric = to_numeric(values, where).to_numpy(np.float64)
@@ -153,8 +210,8 @@ def validate_events(
     role = "events"
     events = pd.DataFrame(
         {
-            "user": to_int64(raw["user"], _where(path, role, user_col, "user id")),
-            "item": to_int64(raw["item"], _where(path, role, item_col, "item id")),
+            "user": to_id(raw["user"], _where(path, role, user_col, "user id")),
+            "item": to_id(raw["item"], _where(path, role, item_col, "item id")),
             "timestamp": to_int64(raw["timestamp"], _where(path, role, time_col, "timestamp")),
         }
     )
@@ -208,7 +265,7 @@ def read_item_genres(path: str | Path, *, item_col: str, feature_col: str, sep: 
     empty values / NO_GENRES dropped (an item may end up with no pairs).
     """
     raw = read_columns(path, {"item": item_col, "feature": feature_col}, "items")
-    items = to_int64(raw["item"], _where(path, "items", item_col, "item id"))
+    items = to_id(raw["item"], _where(path, "items", item_col, "item id"))
     dup = pd.Series(items).duplicated().to_numpy()
     if dup.any():
         raise DataError(

@@ -24,7 +24,12 @@ from model.config import ModelConfig, config_to_dict
 from model.metrics import METRICS
 from pipeline.checkpoint import save_checkpoint
 from pipeline.dataset_schema import CanonicalDataset
+from pipeline.safe_output import OutputKind, replace_dir
 from pipeline.trainer import TrainConfig, build_model, train_model
+
+EXPERIMENT_OUTPUT = OutputKind("experiment", "ckv experiment",
+                               frozenset({"checkpoints", "results.json", "results.md"}),
+                               signature=("results.json", "checkpoints"))
 
 
 @dataclass(frozen=True)
@@ -54,9 +59,22 @@ def run_experiment(
     seeds: Sequence[int],
     train: TrainConfig,
     out: Path,
+    *,
+    overwrite: bool = False,
+    inputs: tuple[str | Path | None, ...] = (),
 ) -> dict[str, Any]:
-    """Train every (variant, seed); write checkpoints, ``results.json`` and ``results.md``."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Train every (variant, seed); write checkpoints, ``results.json`` and ``results.md`` to ``out``.
+
+    ``out`` is written atomically when every run is done (pipeline/safe_output.py): a non-empty
+    ``out`` that is not an experiment, or is / contains one of ``inputs``, is refused before training;
+    an existing experiment is replaced only with ``overwrite``.
+    """
+    with replace_dir(out, EXPERIMENT_OUTPUT, overwrite=overwrite, inputs=inputs) as tmp:
+        return _run_all(dataset, variants, seeds, train, tmp)
+
+
+def _run_all(dataset: CanonicalDataset, variants: Sequence[Variant], seeds: Sequence[int], train: TrainConfig,
+             out: Path) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     for v in variants:
         for seed in seeds:

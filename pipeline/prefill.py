@@ -49,6 +49,7 @@ from __future__ import annotations
 import sys
 import zlib
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -125,6 +126,27 @@ class PrefillInputError(ValueError):
 
     def __init__(self, message: str, hint: bool = True) -> None:
         super().__init__(f"{message} ({INPUT_HINT})" if hint else message)
+
+
+def check_histories_files(path: Path) -> None:
+    """Before Spark starts: every local histories file is readable, non-empty Parquet (its footer magic
+    ``PAR1``); a directory holds at least one data file (names starting with ``_`` / ``.`` are skipped)."""
+    files = [path] if path.is_file() else sorted(
+        f for f in path.rglob("*") if f.is_file() and not f.name.startswith(("_", ".")))
+    if not files:
+        raise PrefillInputError(f"histories {path}: the directory holds no Parquet files")
+    for f in files:
+        try:
+            size = f.stat().st_size
+            if size == 0:
+                raise PrefillInputError(f"histories file {f}: empty file (0 bytes): not Parquet")
+            with open(f, "rb") as fh:
+                fh.seek(max(0, size - 4))
+                magic = fh.read(4)
+        except OSError as exc:
+            raise PrefillInputError(f"histories file {f}: cannot read it ({exc.strerror or exc})") from exc
+        if size < 12 or magic != b"PAR1":
+            raise PrefillInputError(f"histories file {f}: not a Parquet file ({size} bytes, no Parquet footer)")
 
 
 def auto_batch_users(max_len: int) -> int:

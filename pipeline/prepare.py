@@ -2,8 +2,9 @@
 
 `build_dataset` is pure: typed events (user, item, timestamp, label; input row order) and
 optional (item, genre) pairs in, a CanonicalDataset out. `prepare` is the shell: read and
-validate the inputs (pipeline/events.py), build, validate, and write atomically (a temp
-directory beside OUT, then a rename; an existing OUT is replaced only on success).
+validate the inputs (pipeline/events.py), build, validate, and write atomically
+(pipeline/safe_output.py: a temp directory beside OUT, then a rename; an existing dataset at OUT
+is replaced only with `overwrite` and only on success; anything else at OUT is refused).
 
 Everything is vectorised with numpy/pyarrow: one stable sort by (user, timestamp, row) gives
 the histories and each event's hist_len, one by (timestamp, user, item, row) the samples
@@ -14,8 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,8 +40,12 @@ from pipeline.dataset_schema import (
     validate_dataset,
 )
 from pipeline.events import read_events, read_item_genres
+from pipeline.safe_output import OutputKind, check_output_dir, replace_dir
 
 INT32_MAX = np.iinfo(np.int32).max
+DATASET_OUTPUT = OutputKind("dataset", "ckv data prepare",
+                            frozenset({META_FILE, ITEMS_FILE, HISTORIES_FILE, SAMPLES_DIR, CATALOGUE_FILE}),
+                            signature=(META_FILE, HISTORIES_FILE))
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ class PrepareConfig:
     test_frac: float = 0.1
     catalogue: Path | None = None  # previous catalogue: a catalogue.parquet, a dataset or a checkpoint dir
     new_catalogue: bool = False  # start a fresh catalogue even if `out` holds one
+    overwrite: bool = False  # replace an existing dataset at `out` (never anything else)
 
     def __post_init__(self) -> None:
         if self.catalogue is not None and self.new_catalogue:
@@ -293,16 +297,16 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def write_dataset(ds: CanonicalDataset, out: str | Path) -> Path:
-    """Write `ds` into a temp dir beside `out`, then rename it into place (old `out` replaced last)."""
+def write_dataset(ds: CanonicalDataset, out: str | Path, *, overwrite: bool = False,
+                  inputs: tuple[str | Path | None, ...] = ()) -> Path:
+    """Write `ds` to `out` atomically (pipeline/safe_output.py): a temp dir beside it, then a rename.
+
+    A non-empty `out` that is not a dataset, or that is / contains one of `inputs`, is refused
+    (OutputError); an existing dataset is replaced only with `overwrite`, and only on success.
+    """
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"output {out}: exists and is not a directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp, old = out.parent / f".{out.name}.tmp-{tag}", out.parent / f".{out.name}.old-{tag}"
-    try:
-        (tmp / SAMPLES_DIR).mkdir(parents=True)
+    with replace_dir(out, DATASET_OUTPUT, overwrite=overwrite, inputs=inputs) as tmp:
+        (tmp / SAMPLES_DIR).mkdir()
         (tmp / META_FILE).write_text(json.dumps(ds.meta, indent=2) + "\n")
         pq.write_table(ds.items, tmp / ITEMS_FILE)
         pq.write_table(ds.histories, tmp / HISTORIES_FILE)
@@ -310,17 +314,6 @@ def write_dataset(ds: CanonicalDataset, out: str | Path) -> Path:
             ds.catalogue.save(tmp / CATALOGUE_FILE)
         for split in SPLITS:
             pq.write_table(ds.samples[split], tmp / SAMPLES_DIR / f"{split}.parquet")
-        if out.exists():
-            out.rename(old)
-        try:
-            tmp.rename(out)
-        except OSError:
-            if old.exists():
-                old.rename(out)
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
     return out
 
 
@@ -348,7 +341,12 @@ def previous_catalogue(config: PrepareConfig) -> ItemCatalogue | None:
 
 
 def prepare(config: PrepareConfig) -> dict[str, Any]:
-    """Read + validate the inputs, build the canonical dataset, write it to config.out; return meta."""
+    """Read + validate the inputs, build the canonical dataset, write it to config.out; return meta.
+
+    config.out is checked first (OutputError before any work: see write_dataset).
+    """
+    inputs = (config.events, config.items)
+    check_output_dir(Path(config.out), DATASET_OUTPUT, overwrite=config.overwrite, inputs=inputs)
     events = read_events(
         config.events,
         user_col=config.user_col,
@@ -375,7 +373,7 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
         "sha256": sha256_file(config.events),
     }
     validate_dataset(ds, where=f"prepared from {config.events}")
-    write_dataset(ds, config.out)
+    write_dataset(ds, config.out, overwrite=config.overwrite, inputs=inputs)
     return ds.meta
 
 

@@ -10,7 +10,9 @@
    ``margin``;
 4. prefill every user with the new model (``pipeline.spark_job.run_prefill``, ``--incremental``
    against the store: a new model version makes it a full prefill, an unchanged one an incremental)
-   into a scratch store ``STORE/staging/refresh-<id>/`` (same filesystem);
+   into a scratch store ``STORE/staging/refresh-<id>/`` (same filesystem); Spark's log and, on
+   failure, the full trace go to ``WORK/<run id>/prefill.log``, the failure to one line
+   (pipeline/spark_logging.py);
 5. verify the scratch store against the new model and the new histories (``pipeline.verify``);
 6. publish checkpoint and store together: the verified version directory is moved to
    ``STORE/staging/<id>``, the checkpoint copied into it as ``checkpoint/`` (recorded in the
@@ -105,11 +107,13 @@ def run_refresh(opts: RefreshOptions) -> dict[str, Any]:
     """The whole cycle; returns a report (also written to WORK/<run id>/refresh.json)."""
     import torch
 
-    from pipeline.checkpoint import load_checkpoint, save_checkpoint
+    from pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
     from pipeline.dataset_schema import load_dataset
     from pipeline.history import HistoryIndex
+    from pipeline.prefill import PrefillInputError
     from pipeline.prepare import prepare
     from pipeline.spark_job import PrefillOptions, run_prefill
+    from pipeline.spark_logging import SparkJobError, spark_job_errors
     from pipeline.trainer import TrainConfig, build_model, evaluate, train_model
     from pipeline.verify import verify_store
     from pipeline.warm_start import WarmStartError, remapped_model, warm_start
@@ -180,10 +184,15 @@ def run_refresh(opts: RefreshOptions) -> dict[str, Any]:
     scratch = Path(opts.store) / STAGING / f"refresh-{run_id}"
     try:
         t = time.perf_counter()
+        log_file = work / "prefill.log"  # Spark's log and, on failure, the full trace
         popts = PrefillOptions(checkpoint=str(new_ckpt), histories=str(data_dir), store=str(scratch),
-                               incremental=True, previous=str(opts.store),
+                               incremental=True, previous=str(opts.store), log_file=str(log_file),
                                command_line=f"ckv refresh {run_id}", **opts.prefill)
-        pman = run_prefill(popts, spark=opts.spark)
+        try:
+            with spark_job_errors(f"refresh {run_id}: prefill", log_file, passthrough=(RefreshError,)):
+                pman = run_prefill(popts, spark=opts.spark)
+        except (SparkJobError, PrefillInputError, CheckpointError, ValueError) as exc:
+            raise RefreshError(str(exc)) from exc
         step("prefill", t, users=pman["users"], incremental=pman["prefill"].get("incremental"))
         t = time.perf_counter()
         res = verify_store(scratch, new_ckpt, data_dir, sample=opts.verify_sample)

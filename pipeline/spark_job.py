@@ -51,9 +51,11 @@ from pipeline.prefill import (
     PrefillInputError,
     cache_layout,
     check_engine,
+    check_histories_files,
     output_ddl,
     output_schema,
 )
+from pipeline.spark_logging import java_options, route_spark_logs
 from pipeline.store_ops import PREFILL_META_FILE, PREFILL_PARQUET_SCHEMA_VERSION, build_store, write_json
 
 log = logging.getLogger("ckv.prefill")
@@ -86,6 +88,7 @@ class PrefillOptions:
     fail_kill: bool = False  # test hook: ... or its Python worker SIGKILLs itself instead of raising
     incremental: bool = False  # reuse the previous store's rows of unchanged users (pipeline/incremental.py)
     previous: str | None = None  # the previous store (default: the output store)
+    log_file: str | None = None  # Spark's log4j2 output goes here only (pipeline/spark_logging.py); None: as is
     command_line: str = field(default_factory=lambda: command_line())
 
 
@@ -97,15 +100,20 @@ def command_line() -> str:
     return f"spark-submit ... {cmd}" if os.environ.get("PYSPARK_GATEWAY_PORT") else cmd
 
 
-def get_spark(master: str | None = None, app_name: str = "ckv-prefill") -> Any:
+def get_spark(master: str | None = None, app_name: str = "ckv-prefill", log_file: str | None = None) -> Any:
     """The active SparkSession, or a new one (master: the given one, else spark-submit's, else
-    Spark's local[*] default). Workers run this interpreter unless PYSPARK_PYTHON says otherwise."""
+    Spark's local[*] default). Workers run this interpreter unless PYSPARK_PYTHON says otherwise.
+    ``log_file``: a JVM started here logs (log4j2, WARN) to that file only, without a console progress
+    bar (pipeline/spark_logging.py)."""
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     from pyspark.sql import SparkSession
 
     builder = SparkSession.builder.appName(app_name)
     if master:
         builder = builder.master(master)
+    if log_file:
+        builder = builder.config("spark.driver.extraJavaOptions", java_options(log_file))
+        builder = builder.config("spark.ui.showConsoleProgress", "false")
     return builder.getOrCreate()
 
 
@@ -119,6 +127,7 @@ def resolve_histories(path: str) -> str:
         raise PrefillInputError(f"histories {path}: no such file or directory")
     if p.is_dir() and (p / "meta.json").is_file() and (p / "histories.parquet").is_file():
         p = p / "histories.parquet"
+    check_histories_files(p)
     return p.resolve().as_uri()
 
 
@@ -221,9 +230,11 @@ def run_prefill(opts: PrefillOptions, spark: Any = None) -> dict[str, Any]:
     store = Path(opts.store).resolve()
     (store / STAGING).mkdir(parents=True, exist_ok=True)
     t_load = time.perf_counter() - t0
-    spark = spark or get_spark(opts.master)
+    spark = spark or get_spark(opts.master, log_file=opts.log_file)
     t_session = time.perf_counter() - t0 - t_load
     sc = spark.sparkContext
+    if opts.log_file:
+        route_spark_logs(sc, opts.log_file)  # a JVM started before (spark-submit) logs there too
     if opts.spark_log_level:
         sc.setLogLevel(opts.spark_log_level)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "8192")

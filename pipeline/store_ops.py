@@ -159,9 +159,12 @@ def build_store(store_root: str | os.PathLike, parquet_dir: str | os.PathLike, *
 
 
 def read_manifest(store_root: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
-    """(version dir, manifest) of the version ``STORE/current`` points to (resolved once)."""
+    """(version dir, manifest) of the version ``STORE/current`` points to (resolved once), after the cheap
+    check of its LMDB file (:func:`cachestore.store_check.check_version`)."""
     from cachestore.publish import open_current
+    from cachestore.store_check import check_version
 
     version = Path(os.path.realpath(open_current(store_root)))
+    check_version(version)  # every command that reports on a store validates it (StoreDamagedError)
     with open(version / MANIFEST, encoding="utf-8") as fh:
         return version, json.load(fh)

@@ -34,6 +34,7 @@ from cachestore.entry import EntryLayout, decode_entry
 from cachestore.entry_batch import model_tensors, stack_records
 from cachestore.reader import StoreReader
 from cachestore.record import Record, RecordError
+from cachestore.store_check import check_tree
 from model.cache import KVCache
 from model.entry import cache_from_arrays, store_config
 from pipeline.checkpoint import load_checkpoint
@@ -113,6 +114,7 @@ def verify_store(store: str | Path, checkpoint: str | Path, histories: str | Pat
     """Check the published store against the model (see module docstring)."""
     t0 = time.perf_counter()
     reader = StoreReader.open_current(store)
+    check_tree(reader.version_dir)  # every LMDB page the records hang from, before any record is read
     layout = reader.layout
     ckpt = load_checkpoint(checkpoint, device=device)
     model = ckpt.model

@@ -84,3 +84,26 @@ def store_of_model(root: Path, model: TargetAttentionCTR, version: str, user_ids
     """Prefill these users with ``model`` and publish the store under root."""
     layout = layout_for(model, version, mode, kv_dtype)
     return build_store(root, prefill_rows(model, layout, user_ids, items, feedback, lengths), layout)
+
+
+def put_in_place(version: Path, values: dict[int, bytes]) -> None:
+    """Overwrite records of a published version through LMDB (simulated corruption of an immutable
+    version; tests only) and re-record the LMDB file's facts in its manifest (``lmdb`` block and
+    ``stats.file_bytes``), so that only the records are damaged, not the file as the manifest knows it."""
+    import json
+
+    import lmdb
+
+    from cachestore.record import user_key
+    from cachestore.store_check import lmdb_facts
+
+    version = Path(version)
+    env = lmdb.open(str(version / "lmdb"), map_size=1 << 26, subdir=True, max_dbs=0)
+    with env.begin(write=True) as txn:
+        for uid, value in values.items():
+            txn.put(user_key(uid), value)
+    env.close()
+    manifest = json.loads((version / "manifest.json").read_text())
+    manifest["lmdb"] = lmdb_facts(version / "lmdb")
+    manifest["stats"]["file_bytes"] = manifest["lmdb"]["file_bytes"]
+    (version / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

@@ -110,7 +110,9 @@ def test_static_decode_is_shape_static(name: str, kv_dtype: str, path: str) -> N
     raw = torch.empty(batch_capacity(layout, 5, SEQ + 2), dtype=torch.uint8, device="meta")
     cand = torch.empty(5, 3, dtype=torch.int64, device="meta")
     with torch.inference_mode():
-        out = static_decode(raw, cand, resident=resident, layout=layout, n_users=5, pad_to=SEQ + 2, path=path)
+        flags = torch.zeros(5, dtype=torch.int32, device="meta")  # as GraphedDecoder passes its static flags
+        out = static_decode(raw, cand, resident=resident, layout=layout, n_users=5, pad_to=SEQ + 2, path=path,
+                            flags=flags)
     assert out.device.type == "meta" and out.shape == (5, 3) and out.dtype == torch.float32
     with pytest.raises((RuntimeError, NotImplementedError)):  # what a host sync does on meta
         raw.sum().item()

@@ -300,7 +300,7 @@ def test_failure_keeps_existing_output(tmp_path: Path) -> None:
     _prepare(tmp_path)
     before = (tmp_path / "out" / "meta.json").read_text()
     with pytest.raises(DataError):
-        _prepare(tmp_path, EVENTS.drop(columns="timestamp"))
+        _prepare(tmp_path, EVENTS.drop(columns="timestamp"), overwrite=True)
     assert (tmp_path / "out" / "meta.json").read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 

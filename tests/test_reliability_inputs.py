@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lmdb
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -21,11 +20,11 @@ from cachestore.record import (
     RecordError,
     RecordSizeError,
     UnsupportedVersionError,
-    user_key,
 )
 from cachestore.runtime import DecodeRuntime
 from pipeline.checkpoint import save_checkpoint
 from pipeline.prefill import INPUT_HINT, PrefillInputError, cache_layout, prefill_batches
+from tests.store_fixtures import put_in_place
 from tests.test_prefill import MV, N_ITEMS, histories, make_model, small_config
 
 
@@ -143,10 +142,7 @@ def test_bit_flipped_record_on_disk_is_detected(store: dict, tmp_path: Path) -> 
 
 def _put(version: Path, uid: int, value: bytes) -> None:
     """Overwrite one record in place (simulated corruption of an immutable version; tests only)."""
-    env = lmdb.open(str(version / "lmdb"), map_size=1 << 24)
-    with env.begin(write=True) as txn:
-        txn.put(user_key(uid), value)
-    env.close()
+    put_in_place(version, {uid: value})
 
 
 @pytest.mark.parametrize(("mutate", "exc", "match"), [
@@ -194,3 +190,27 @@ def test_verify_reports_a_corrupt_store(tmp_path: Path) -> None:
     r = CliRunner().invoke(store_cli, ["verify", str(tmp_path / "store"), "--checkpoint", str(tmp_path / "ckpt"),
                                        "--histories", str(tmp_path / "hist")])
     assert r.exit_code == 1 and "user 2: CRC mismatch" in r.output
+
+
+@pytest.mark.parametrize("path", ["gather", "poolscore"])
+def test_router_index_outside_the_pool_in_a_store(store: dict, path: str) -> None:
+    """Regression: an index >= pool size in a served record was a raw IndexError; now the runtime raises
+    RouterIndexError naming the user (after the batch, from the per-user flag), and the reader too."""
+    from cachestore.record import RouterIndexError, decode_record, encode_record
+
+    uid = store["uid"]
+    with StoreReader(store["version"]) as reader:
+        layout = reader.layout
+        rec = decode_record(reader.get_raw(uid))
+    k_idx = rec.k_idx.copy()
+    k_idx[-1] = layout.pool_size
+    _put(store["version"], uid, encode_record(layout, length=rec.length, k_user=rec.k_user, v_user=rec.v_user,
+                                              k_idx=k_idx, v_idx=rec.v_idx if rec.v_idx is not None else b""))
+    reader = StoreReader(store["version"])
+    rt = DecodeRuntime(store["model"], MV, reader, device="cpu", path=path)
+    assert np.isfinite(rt.score([uid + 1], [[1]]).logits).all()
+    with pytest.raises(RouterIndexError, match=f"user {uid}: a router index outside the pool"):
+        rt.score([uid + 1, uid], [[1], [2]])
+    with pytest.raises(RouterIndexError, match=f"user {uid}: K router index {layout.pool_size} at behaviour"):
+        reader.get(uid)
+    reader.close()

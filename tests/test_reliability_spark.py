@@ -1,14 +1,17 @@
 """The Spark prefill job under faults and bad input: the driver SIGKILLed mid-stage (one spark-submit
 subprocess), a Python worker SIGKILLed, the checkpoint archive missing on an executor, an empty input,
 duplicate users. Each time `current` and every record stay as they were; a re-run completes and counts
-the users whose history was truncated to max_len."""
+the users whose history was truncated to max_len. Failures reach the terminal as one line, the trace
+goes to the log (a 0-byte or non-Parquet histories file is refused before Spark starts)."""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -23,6 +26,7 @@ from cachestore.reader import StoreReader
 from pipeline.checkpoint import CheckpointError, save_checkpoint
 from pipeline.prefill import PrefillInputError, cache_layout
 from pipeline.spark_job import PrefillOptions, _load_shipped_checkpoint, run_prefill
+from pipeline.spark_logging import one_line
 from pipeline.store_ops import build_store
 from pipeline.verify import verify_store
 from tests.helpers import prefill_submit_command
@@ -140,3 +144,66 @@ def test_empty_input_and_duplicate_users_publish_nothing(base: dict, spark: obje
         run_prefill(opts(base["ckpt"], dup, base["store"]), spark)
     assert snapshot(base["store"]) == before
     assert sorted((base["store"] / "staging").iterdir()) == leftovers
+
+
+SPARK_LOG_LINE = re.compile(r"^\d\d/\d\d/\d\d \d\d:\d\d:\d\d (INFO|WARN|ERROR) ", re.M)
+
+
+def _ckv_prefill(ckpt: Path, hist: Path, store: Path, log: Path) -> tuple[subprocess.CompletedProcess, float]:
+    """`ckv prefill` as a user runs it (its own Python and JVM); (process, seconds)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYSPARK_PYTHON": sys.executable}
+    cmd = [sys.executable, "-m", "jobs.cli", "prefill", "--checkpoint", str(ckpt), "--histories", str(hist),
+           "--out", str(store), "--master", "local[1]", "--log", str(log)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    return proc, time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("content", [b"", b"not parquet at all"])
+def test_empty_or_foreign_histories_file_is_refused_before_spark(base: dict, tmp_path: Path,
+                                                               content: bytes) -> None:
+    hist = tmp_path / "histories.parquet"
+    hist.write_bytes(content)
+    proc, seconds = _ckv_prefill(base["ckpt"], hist, tmp_path / "store", tmp_path / "prefill.log")
+    assert proc.returncode == 1
+    expect = "empty file (0 bytes)" if not content else "not a Parquet file"
+    assert proc.stderr.startswith(f"Error: histories file {hist}: {expect}") and proc.stderr.count("\n") == 1, \
+        proc.stderr[-3000:]
+    assert "Spark" not in proc.stderr and not (tmp_path / "store" / "current").exists()
+    print(f"refused in {seconds:.1f} s (no SparkSession)")
+
+
+def test_validation_error_inside_spark_is_one_line_with_the_trace_in_the_log(base: dict, tmp_path: Path) -> None:
+    """A user id the workers refuse (negative): one 'Error:' line naming the user, the worker and the log;
+    no Python or Java trace and no Spark log line on the terminal; the whole trace in the log."""
+    hist = tmp_path / "neg.parquet"
+    pq.write_table(pa.Table.from_batches([histories([3, 4, 5], first_user=-7)]), hist)
+    log = tmp_path / "logs" / "prefill.log"
+    proc, seconds = _ckv_prefill(base["ckpt"], hist, tmp_path / "store", log)
+    err = proc.stderr
+    assert proc.returncode == 1, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, err[-3000:]
+    assert "failed in a Spark Python worker: PrefillInputError: user -7:" in errors[0]
+    assert "re-run the job" in errors[0] and errors[0].endswith(f"full trace: {log}")
+    assert "Traceback" not in err and "\tat " not in err and not SPARK_LOG_LINE.search(err), err[-3000:]
+    other = [line for line in err.splitlines() if not (line.startswith(("Error:", "[ckv prefill]", "WARNING: Using "
+                                                                      "incubator modules")) or " ckv." in line)]
+    assert other == [], err  # only the job's own lines (progress, the error) and the JVM's start-up notice
+    text = log.read_text()
+    assert "Traceback" in text and "pipeline.prefill.PrefillInputError: user -7" in text and "\tat org.apache" in text
+    assert not (tmp_path / "store" / "current").exists()
+    print(f"failed in {seconds:.1f} s; stderr {len(err.splitlines())} lines, log {len(text.splitlines())} lines")
+
+
+def test_a_jvm_failure_is_summarised_by_its_deepest_cause(tmp_path: Path) -> None:
+    class Py4JJavaError(Exception):  # the shape of py4j's error: a Java stack with causes
+        pass
+
+    exc = Py4JJavaError("An error occurred while calling o123.parquet.\n: org.apache.spark.SparkException: "
+                        "Job aborted.\n\tat org.apache.spark.X.y(X.scala:1)\nCaused by: java.io.IOException: "
+                        "No space left on device\n\tat java.io.FileOutputStream.writeBytes(Native Method)\n")
+    line = one_line("prefill of /s", exc, tmp_path / "p.log")
+    assert line == ("prefill of /s failed in Spark (JVM): IOException: No space left on device; nothing was "
+                    "published, the current store version is unchanged; fix the cause and re-run the job; "
+                    f"full trace: {tmp_path / 'p.log'}")

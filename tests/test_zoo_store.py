@@ -16,7 +16,6 @@ import json
 import shutil
 from pathlib import Path
 
-import lmdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -27,7 +26,7 @@ from cachestore.entry import EntryLayout, decode_entry, encode_entry, entry_from
 from cachestore.lmdb_build import PARQUET_LAYOUT_FILE, StoreBuildError, build_lmdb, prefill_schema
 from cachestore.publish import current_version_id
 from cachestore.reader import StoreReader
-from cachestore.record import user_key, write_layout
+from cachestore.record import write_layout
 from jobs.report import report as report_cli
 from jobs.store import store as store_cli
 from model.zoo import compression_rate, entry_bytes
@@ -36,6 +35,7 @@ from pipeline.prefill import ENTRY_OUTPUT_SCHEMA, NoopEngine, ZooEngine, cache_l
 from pipeline.spark_job import PrefillOptions, run_prefill
 from pipeline.verify import verify_store
 from tests.helpers import run_prefill_submit
+from tests.store_fixtures import put_in_place
 from tests.test_zoo import N_ITEMS, make_model, zoo_config
 
 pytestmark = pytest.mark.spark
@@ -194,10 +194,9 @@ def test_rerun_and_rebuild_are_byte_identical(bundle: dict, submitted: dict, spa
 def _corrupt(store: Path, dest: Path, uid: int, edit: object) -> Path:
     """A copy of STORE whose LMDB value of ``uid`` is ``edit(value)``."""
     shutil.copytree(store, dest, symlinks=True)
-    env = lmdb.open(str(dest / "current" / "lmdb"), subdir=True, max_dbs=0)
-    with env.begin(write=True) as txn:
-        txn.put(user_key(uid), edit(txn.get(user_key(uid))))
-    env.close()
+    with StoreReader.open_current(dest) as reader:
+        value = reader.get_raw(uid)
+    put_in_place(dest / "current", {uid: edit(value)})
     return dest
 
 

@@ -1,0 +1,189 @@
+"""Request latency end to end — user ids on the host → scores on the host — resident tier vs the LMDB fetches.
+
+    python benchmarks/serving_latency.py [--lengths 50,1000] [--batch-sizes 1,64,512] [--repeats 400]
+                                         [--out benchmarks/results/serving_latency/serving_latency.json]
+
+For each history length L a published LMDB store is built as ``benchmarks/zero_copy.py`` builds it
+(``decode_latency.build_fetch_store``: fp16 caches, 100,000 users at L <= 100, else 20,000; every page touched),
+and the paper's model (d_a 256, 8 heads, d_u 1, pool 10,000; fused kernel, fp16 pool rows) scores one
+candidate per user. Per batch size B, after warm-up, three ways of serving a request of B random users:
+
+- ``runtime``: ``DecodeRuntime.score(ids, candidates)`` with the default ServingConfig (tier auto: the whole
+  store on the GPU) — the Python API a server calls;
+- ``resident``: the step the runtime makes, alone: one replay of :class:`cachestore.tier.graph.ResidentRequest`
+  — ids copy, lookup kernel, decode reading the records in place in the tier's arena, scores and the
+  cold-start mask copied back inside the graph;
+- ``zero_copy``: ``MappedBatcher.fetch`` on the CPU, then the graph gathers from the registered LMDB map;
+- ``copy``: ``HostBatcher.fetch`` (every record copied into a pinned buffer), then the graph's copy.
+
+``request_ms``: wall time (perf_counter) from the ids on the host to the scores in host memory, median of
+--repeats, in 8 rounds round-robin over the ways; ``replay_ms``: CUDA events around the resident replay alone.
+The three give the same logits (checked). The process is pinned to one CPU core. GPU only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.decode_latency import N_ITEMS, build_fetch_store, machine, paper_model, timed  # noqa: E402
+from cachestore.graphs import GraphedDecoder  # noqa: E402
+from cachestore.mapped import MappedBatcher  # noqa: E402
+from cachestore.runtime import DecodeRuntime  # noqa: E402
+from cachestore.runtime_config import ServingConfig  # noqa: E402
+from cachestore.tier.graph import ResidentRequest  # noqa: E402
+from cachestore.tier.tier import ResidentTier  # noqa: E402
+
+WAYS = ("runtime", "resident", "zero_copy", "copy")
+OUT = ROOT / "benchmarks" / "results" / "serving_latency" / "serving_latency.json"
+
+
+def round_robin(fns: dict[str, Callable[[np.ndarray], object]], id_sets: list[np.ndarray]) -> dict[str, list[float]]:
+    """Wall milliseconds of every way over the same requests, in 8 rounds (drift hits every way alike)."""
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    per = max(1, len(id_sets) // 8)
+    for r in range(8):
+        for k, fn in fns.items():
+            for ids in id_sets[r * per : (r + 1) * per]:
+                t0 = time.perf_counter()
+                fn(ids)
+                samples[k].append((time.perf_counter() - t0) * 1e3)
+    return samples
+
+
+def requests(tier: ResidentTier, copying, zero: MappedBatcher, resident, b: int, length: int, users: int,
+             rng: np.random.Generator) -> tuple[dict[str, Callable[[np.ndarray], np.ndarray]], dict]:
+    """One request function per way (ids → host logits), each over its own graph for (B, L, C 1)."""
+    graphs = {k: GraphedDecoder(resident, tier.layout, n_users=b, pad_to=length, n_candidates=1) for k in WAYS[1:]}
+    req = ResidentRequest(graphs["resident"], tier)
+    cand = rng.integers(1, N_ITEMS + 1, (b, 1))
+    for k in ("copy", "zero_copy"):
+        graphs[k]._stage(cand)
+
+    def host_path(k: str, batcher) -> Callable[[np.ndarray], np.ndarray]:
+        def go(ids: np.ndarray) -> np.ndarray:
+            return graphs[k].run(batcher.fetch(ids)).float().cpu().numpy()
+        return go
+
+    fns = {"resident": lambda ids: req.run(ids, None, cand)[0], "zero_copy": host_path("zero_copy", zero),
+           "copy": host_path("copy", copying)}
+    try:  # the Python API a server calls (tier auto: the whole store on the GPU)
+        runtime = DecodeRuntime(resident.model, tier.layout.model_version, tier.reader,
+                                ServingConfig(device=str(resident.device), batch_users=b))
+        fns = {"runtime": lambda ids: runtime.score(ids, cand).logits, **fns}
+    except Exception as exc:  # reported in the row, the other ways still measured
+        print(f"runtime way unavailable: {exc!r}", flush=True)
+        runtime = None
+    return fns, {"graphs": graphs, "request": req, "runtime": runtime}
+
+
+def bench_length(length: int, users: int, batch_sizes: list[int], args: argparse.Namespace, tmp: Path,
+                 device: torch.device) -> dict:
+    copying, build_s = build_fetch_store(tmp, length, users, max(batch_sizes), True, "float16")
+    reader, layout = copying.reader, copying.layout
+    zero = MappedBatcher(layout, reader=reader, pin=True, batch_users=max(batch_sizes))
+    t0 = time.perf_counter()
+    tier = ResidentTier(reader, device, 1 << 40, batch_users=max(batch_sizes))
+    out: dict = {"users_in_store": users, "build_seconds": round(build_s, 2),
+                 "tier_load_seconds": round(time.perf_counter() - t0, 2), "tier_bytes": tier.resident_bytes,
+                 "tier_mode": tier.mode, "rows": {}}
+    resident = paper_model(length, device)
+    rng = np.random.default_rng(length)
+    for b in batch_sizes:
+        with torch.inference_mode():
+            fns, held = requests(tier, copying, zero, resident, b, length, users, rng)
+            ids = rng.integers(0, users, b)
+            logits = {k: fn(ids) for k, fn in fns.items()}
+            diff = max(float(np.abs(logits[k] - logits["copy"]).max()) for k in fns)
+            runtime = held["runtime"]
+            tier_mode = "unavailable" if runtime is None else runtime.tier.mode if runtime.tier is not None else "off"
+            if diff > 1e-4:
+                raise AssertionError(f"L={length} B={b}: the ways' logits differ by {diff}")
+            for _ in range(8):  # warm-up: every ring buffer's graph captured
+                for fn in fns.values():
+                    fn(rng.integers(0, users, b))
+            samples = round_robin(fns, [rng.integers(0, users, b) for _ in range(args.repeats)])
+            graph, captured = held["graphs"]["resident"], held["request"]._captured
+            replay = timed(lambda g=graph, c=captured: g._replay(c, None), device, 5, args.repeats)
+        row = {"request_ms": {k: round(statistics.median(v), 4) for k, v in samples.items()},
+               "request_p90_ms": {k: round(statistics.quantiles(v, n=10)[-1], 4) for k, v in samples.items()},
+               "resident_replay_ms": round(replay["median_ms"], 4), "max_abs_diff": diff,
+               "runtime_tier": tier_mode}
+        if runtime is not None:  # its tier's memory back (the reader stays open: the other ways share it)
+            runtime.tier.close()
+        out["rows"][str(b)] = row
+        print(f"L={length} B={b}: " + json.dumps(row), flush=True)
+    tier.close()
+    zero.close()
+    reader.close()
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = list(result["lengths"])
+    fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 4.2), squeeze=False)
+    for ax, length in zip(axes[0], lengths, strict=True):
+        rows = result["lengths"][length]["rows"]
+        bs = [int(b) for b in rows]
+        for k, color in zip(WAYS, ("C1", "C2", "C3", "C0"), strict=True):
+            if any(k not in rows[str(b)]["request_ms"] for b in bs):
+                continue
+            ax.plot(bs, [rows[str(b)]["request_ms"][k] for b in bs], "-o", color=color, label=k.replace("_", "-"))
+        ax.plot(bs, [rows[str(b)]["resident_replay_ms"] for b in bs], ":", color="C2", label="resident replay only")
+        ax.axhline(0.15, color="grey", lw=0.8, ls="--", label="0.15 ms target")
+        ax.set(xscale="log", yscale="log", xlabel="batch size (users)", ylabel="ms per request (median)",
+               title=f"L = {length}, fp16: ids on host → scores on host")
+        ax.legend(fontsize=7)
+    fig.suptitle(result["machine"].get("gpu", ""), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", default="50,1000")
+    p.add_argument("--batch-sizes", default="1,64,512")
+    p.add_argument("--repeats", type=int, default=400)
+    p.add_argument("--out", type=Path, default=OUT)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("serving_latency.py measures the GPU path: run it on a CUDA machine")
+    device = torch.device("cuda")
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    torch.set_num_threads(1)
+    info = machine(device)
+    batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
+    result: dict = {"benchmark": "serving_latency", "machine": info, "store_dtype": "float16",
+                    "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "lengths": {}}
+    with tempfile.TemporaryDirectory(prefix="ckv-serving-latency-") as tmp:
+        for length in (int(x) for x in args.lengths.split(",")):
+            result["lengths"][str(length)] = bench_length(length, 100_000 if length <= 100 else 20_000, batch_sizes,
+                                                          args, Path(tmp), device)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    plot(result, args.out.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()

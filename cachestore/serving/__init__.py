@@ -1,0 +1,12 @@
+"""The serving process (`ckv serve`): an HTTP API in front of one :class:`cachestore.runtime.DecodeRuntime`.
+
+    config.py    ServerConfig: address, batching limits, request limits, how the store is followed
+    payloads.py  request bodies (JSON, Arrow IPC) → validated arrays; responses
+    batcher.py   dynamic batching: requests queued and grouped into device batches (one worker thread)
+    versions.py  hot swap: follows STORE/current, loads a new version in the background
+    metrics.py   Prometheus metrics of one server
+    app.py       FastAPI routes: POST /score, GET /healthz, GET /metrics
+    server.py    the uvicorn runner (graceful shutdown drains the queue)
+
+See docs/serving.md, "The serving process".
+"""

@@ -1,0 +1,234 @@
+"""Request and response bodies of ``POST /score``.
+
+Two encodings, chosen by the request's Content-Type:
+
+* JSON (``application/json``)::
+
+      {"user_ids": [17, 42], "candidates": [[3, 9, 12], [5]]}
+
+  one candidate list per user (1..max_candidates items each, lists may differ in length). Reply::
+
+      {"model_version": "…", "store_version": "…", "scores": [[0.41, 0.07, 0.66], [0.52]],
+       "cold_start": [false, true]}
+
+* Arrow IPC stream (``application/vnd.apache.arrow.stream``), for large batches: one table with
+  columns ``user_id`` (integers) and ``candidates`` (list of integers), no nulls. Reply: a stream with
+  ``user_id`` (int64), ``scores`` (list<float32>) and ``cold_start`` (bool); the schema metadata holds
+  ``model_version`` and ``store_version``.
+
+A score is the click probability (sigmoid of the logit). Ids are integers 0..2^63-1; a candidate
+item 1..n_items (0 is the padding item). Anything else is a :class:`BadRequest` naming the field
+(``user_ids[3]``, ``candidates[1][0]``), answered with a 4xx; nothing a client sends reaches the runtime
+unchecked.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from itertools import chain
+
+import numpy as np
+
+ARROW_MIME = "application/vnd.apache.arrow.stream"
+JSON_MIME = "application/json"
+_MAX_ID = (1 << 63) - 1
+
+
+class BadRequest(ValueError):
+    """A request the server refuses: ``status`` (400 unreadable, 413 too large, 415 unknown type,
+    422 invalid value), ``field`` (the path of the offending value) and a one-line message."""
+
+    def __init__(self, field: str, message: str, status: int = 422) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+        self.status = status
+
+    def body(self) -> dict:
+        return {"error": self.message, "field": self.field}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits (from :class:`cachestore.serving.config.ServerConfig`)."""
+
+    max_users: int
+    max_candidates: int
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """A validated request. user_ids (B,) int64 >= 0; candidates (B, C) int64, row i holds
+    n_candidates[i] >= 1 real items (>= 1) then 0-padding; C = max(n_candidates)."""
+
+    user_ids: np.ndarray
+    candidates: np.ndarray
+    n_candidates: np.ndarray
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+
+@dataclass(frozen=True)
+class ScoreReply:
+    """What one request gets back: scores (B, C) float32 probabilities (NaN in padding), cold_start
+    (B,) bool, and the versions (store version id, checkpoint model version) that scored it."""
+
+    scores: np.ndarray
+    cold_start: np.ndarray
+    model_version: str
+    store_version: str
+
+
+def _bad_int(values: list, field: str, low: int) -> BadRequest:
+    for i, v in enumerate(values):
+        if type(v) is not int or not low <= v <= _MAX_ID:
+            return BadRequest(f"{field}[{i}]", f"must be an integer {low}..2^63-1, got {json.dumps(v)[:40]}")
+    return BadRequest(field, "invalid integers")  # not reached: the caller saw a bad value
+
+
+def _int_array(values: list, field: str, low: int) -> np.ndarray:
+    """Python ints (no bools, floats, NaN, strings) in low..2^63-1 → int64 array."""
+    if not all(type(v) is int for v in values):
+        raise _bad_int(values, field, low)
+    if values and (min(values) < low or max(values) > _MAX_ID):
+        raise _bad_int(values, field, low)
+    return np.array(values, dtype=np.int64)
+
+
+def _check_sizes(n_users: int, lengths: np.ndarray, limits: Limits) -> None:
+    if n_users == 0:
+        raise BadRequest("user_ids", "is empty: send at least one user")
+    if n_users > limits.max_users:
+        raise BadRequest("user_ids", f"{n_users} users exceed the limit of {limits.max_users} per request: "
+                                     "split the request", 413)
+    if (lengths < 1).any():
+        raise BadRequest(f"candidates[{int(np.argmax(lengths < 1))}]", "is empty: give each user >= 1 candidate")
+    if (lengths > limits.max_candidates).any():
+        i = int(np.argmax(lengths > limits.max_candidates))
+        raise BadRequest(f"candidates[{i}]", f"{int(lengths[i])} candidates exceed the limit of "
+                                             f"{limits.max_candidates} per user", 413)
+
+
+def _padded(flat: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenated rows + their lengths → (B, max length) 0-padded."""
+    if (lengths == lengths[0]).all():  # every row as long: a view, no mask
+        return flat.reshape(len(lengths), int(lengths[0]))
+    out = np.zeros((len(lengths), int(lengths.max())), dtype=np.int64)
+    out[np.arange(out.shape[1])[None, :] < lengths[:, None]] = flat
+    return out
+
+
+def parse_json(body: bytes, limits: Limits) -> ScoreRequest:
+    """A JSON body → :class:`ScoreRequest` (BadRequest naming the field otherwise)."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest("body", f"is not JSON ({exc})", 400) from None
+    except RecursionError:
+        raise BadRequest("body", "is nested too deeply", 400) from None
+    if not isinstance(doc, dict):
+        raise BadRequest("body", "must be a JSON object with user_ids and candidates", 400)
+    for name in ("user_ids", "candidates"):
+        if name not in doc:
+            raise BadRequest(name, "is missing")
+        if not isinstance(doc[name], list):
+            raise BadRequest(name, f"must be a list, got {type(doc[name]).__name__}")
+    ids, rows = doc["user_ids"], doc["candidates"]
+    if len(rows) != len(ids):
+        raise BadRequest("candidates", f"has {len(rows)} lists for {len(ids)} user_ids: give one list per user")
+    for i, row in enumerate(rows):
+        if not isinstance(row, list):
+            raise BadRequest(f"candidates[{i}]", f"must be a list of item ids, got {type(row).__name__}")
+    lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+    _check_sizes(len(ids), lengths, limits)
+    user_ids = _int_array(ids, "user_ids", 0)
+    flat = list(chain.from_iterable(rows))
+    try:
+        items = _int_array(flat, "candidates", 1)
+    except BadRequest as exc:  # name the row and column of the first bad item
+        j = int(exc.field.rpartition("[")[2].rstrip("]"))
+        row = int(np.searchsorted(np.cumsum(lengths), j, side="right"))
+        col = j - int(lengths[:row].sum())
+        raise BadRequest(f"candidates[{row}][{col}]", exc.message) from None
+    return ScoreRequest(user_ids, _padded(items, lengths), lengths)
+
+
+def _arrow_ints(column, field: str, low: int) -> np.ndarray:  # noqa: ANN001 (pyarrow array)
+    import pyarrow as pa
+
+    if column.null_count:
+        raise BadRequest(field, "has null values")
+    if not pa.types.is_integer(column.type):
+        raise BadRequest(field, f"has type {column.type}, expected integers")
+    values = column.to_numpy(zero_copy_only=False)
+    if values.size and (values.min() < low or (values.dtype == np.uint64 and values.max() > _MAX_ID)):
+        i = int(np.argmax((values < low) | (values > _MAX_ID)))
+        raise BadRequest(f"{field}[{i}]", f"must be an integer {low}..2^63-1, got {values[i]}")
+    return values.astype(np.int64)
+
+
+def parse_arrow(body: bytes, limits: Limits) -> ScoreRequest:
+    """An Arrow IPC stream body → :class:`ScoreRequest` (BadRequest naming the column otherwise)."""
+    import pyarrow as pa
+
+    try:
+        table = pa.ipc.open_stream(pa.py_buffer(body)).read_all()
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OSError) as exc:
+        raise BadRequest("body", f"is not an Arrow IPC stream ({str(exc)[:120]})", 400) from None
+    for name in ("user_id", "candidates"):
+        if name not in table.column_names:
+            raise BadRequest(name, f"column is missing (columns: {', '.join(table.column_names) or 'none'})")
+    lists = table.column("candidates").combine_chunks()
+    if not (pa.types.is_list(lists.type) or pa.types.is_large_list(lists.type)):
+        raise BadRequest("candidates", f"has type {lists.type}, expected a list of integers")
+    if lists.null_count:
+        raise BadRequest("candidates", "has null lists")
+    lengths = lists.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
+    _check_sizes(table.num_rows, lengths, limits)
+    user_ids = _arrow_ints(table.column("user_id").combine_chunks(), "user_id", 0)
+    items = _arrow_ints(lists.flatten(), "candidates.item", 1)
+    return ScoreRequest(user_ids, _padded(items, lengths), lengths)
+
+
+def check_items(request: ScoreRequest, n_items: int) -> None:
+    """Every candidate names one of the served model's items (1..n_items)."""
+    real = np.arange(request.candidates.shape[1])[None, :] < request.n_candidates[:, None]
+    bad = real & (request.candidates > n_items)
+    if bad.any():
+        row, col = (int(x) for x in np.argwhere(bad)[0])
+        raise BadRequest(f"candidates[{row}][{col}]", f"item {int(request.candidates[row, col])} is not one of the "
+                                                      f"model's items 1..{n_items}")
+
+
+def _rows(reply: ScoreReply, n_candidates: np.ndarray) -> list[list[float]]:
+    scores = reply.scores
+    if (n_candidates == scores.shape[1]).all():
+        return scores.tolist()
+    return [row[:n].tolist() for row, n in zip(scores, n_candidates.tolist(), strict=True)]
+
+
+def reply_json(reply: ScoreReply, n_candidates: np.ndarray) -> bytes:
+    """The JSON reply (see the module docstring)."""
+    doc = {"model_version": reply.model_version, "store_version": reply.store_version,
+           "scores": _rows(reply, n_candidates), "cold_start": reply.cold_start.tolist()}
+    return json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
+
+
+def reply_arrow(reply: ScoreReply, user_ids: np.ndarray, n_candidates: np.ndarray) -> bytes:
+    """The Arrow IPC stream reply (see the module docstring)."""
+    import pyarrow as pa
+
+    real = np.arange(reply.scores.shape[1])[None, :] < n_candidates[:, None]
+    offsets = np.concatenate([[0], np.cumsum(n_candidates)]).astype(np.int32)
+    scores = pa.ListArray.from_arrays(pa.array(offsets), pa.array(reply.scores[real].astype(np.float32)))
+    meta = {"model_version": reply.model_version, "store_version": reply.store_version}
+    table = pa.table({"user_id": pa.array(user_ids, pa.int64()), "scores": scores,
+                      "cold_start": pa.array(reply.cold_start)}).replace_schema_metadata(meta)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+

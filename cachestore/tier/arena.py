@@ -1,0 +1,108 @@
+"""The resident tier's memory: one device buffer the decode reads in place, and the lookup that points into it.
+
+Layout of the arena (uint8, on the tier's device — CUDA, or host memory on CPU):
+
+    offset            size             content
+    0                 16·B             batch header of the request being decoded: offsets int64 (B,) | lengths
+                                       int64 (B,) — the header of a packed batch (:mod:`cachestore.batch`)
+    16·B              Z                zero block (cold-start users point here, length 0)
+    header_bytes(Bmax) ...             records verbatim (the LMDB value: 32-byte header + payload,
+                                       docs/store_format.md), each starting 8-aligned
+
+so the arena IS a packed batch whose records are the whole tier: a request writes only its 16·B-byte header
+(offsets of its users' records inside the arena) and the decode — the fused kernel, or unpack + decode —
+reads the records where they lie. No record is copied per request, on the host or on the device.
+Requests share the header area, so they run one at a time per tier (the tier's lock; one stream).
+
+Index (whole-store mode), on the device: ``keys`` int64 (E,) the resident user ids ascending, ``offset``
+int64 (E,) each record's byte offset in the arena, ``length`` int64 (E,) its behaviours.
+:func:`write_header` looks a request's ids up: on CUDA one Triton kernel (:func:`_lookup_kernel`: a binary
+search per id, the header and the present mask written, the zero block cleared), elsewhere the same with
+``torch.searchsorted`` (:func:`lookup`). Cache mode resolves on the host and copies the header in.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cachestore.batch import zero_block_bytes
+from cachestore.record import CacheLayout
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where triton is absent
+    triton = None
+
+
+def bytes_per_behaviour(layout: CacheLayout) -> int:
+    """Record bytes per behaviour (``layout.record_size(n) = 32 + n * this``)."""
+    return sum(layout.header_parts[2])
+
+
+def header_bytes(layout: CacheLayout, max_users: int) -> int:
+    """Bytes reserved at the arena's start for the header and zero block of requests of <= max_users users
+    (rounded up to 256 so records start aligned)."""
+    return (16 * max_users + zero_block_bytes(layout) + 255) & -256
+
+
+def lookup(ids: torch.Tensor, keys: torch.Tensor, offset: torch.Tensor, length: torch.Tensor, zero_at: int
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(offsets, lengths, present) (B,) of ``ids`` (B,) int64 in the sorted ``keys`` (E,), E >= 1: the record's
+    arena offset and behaviours, or ``zero_at`` and 0 for an id not resident (-1 padding included)."""
+    pos = torch.searchsorted(keys, ids).clamp_(max=keys.numel() - 1)  # (B,)
+    found = keys[pos] == ids
+    offsets = torch.where(found, offset[pos], torch.full_like(ids, zero_at))
+    return offsets, torch.where(found, length[pos], torch.zeros_like(ids)), found
+
+
+def write_header(arena: torch.Tensor, ids: torch.Tensor, keys: torch.Tensor, offset: torch.Tensor,
+                 length: torch.Tensor, present: torch.Tensor, layout: CacheLayout) -> None:
+    """Look ``ids`` (B,) up and write the request's header and zero block at the arena's start and the
+    ``present`` (B,) bool mask. Shape-static and free of host syncs (captured in the resident graph)."""
+    b = ids.numel()
+    zero = zero_block_bytes(layout)
+    if arena.is_cuda and triton is not None:
+        steps = max(1, int(keys.numel()).bit_length() + 1)
+        block = 256
+        _lookup_kernel[(triton.cdiv(max(b, 1), block),)](
+            ids, keys, offset, length, arena.view(torch.int64), present, b, keys.numel(), zero // 8,
+            STEPS=steps, BLOCK=block, ZBLOCK=triton.next_power_of_2(zero // 8))
+        return
+    offsets, lengths, found = lookup(ids, keys, offset, length, 16 * b)
+    arena[: 16 * b].view(torch.int64).copy_(torch.cat([offsets, lengths]))
+    arena[16 * b : 16 * b + zero].zero_()
+    present.copy_(found)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _lookup_kernel(ids_ptr, keys_ptr, off_ptr, len_ptr, head_ptr, present_ptr, B, E, ZWORDS,
+                       STEPS: tl.constexpr, BLOCK: tl.constexpr, ZBLOCK: tl.constexpr):
+        """Program p: ids p·BLOCK ..; lower-bound binary search in keys (STEPS >= log2(E) + 1 halvings), then
+        head[i] = offset or 16·B (the zero block), head[B + i] = length or 0, present[i]; program 0 clears the
+        zero block (ZWORDS int64 words at head[2B:])."""
+        p = tl.program_id(0)
+        i = p * BLOCK + tl.arange(0, BLOCK)
+        m = i < B
+        x = tl.load(ids_ptr + i, mask=m, other=-1)
+        lo = tl.zeros([BLOCK], dtype=tl.int64)
+        hi = tl.zeros([BLOCK], dtype=tl.int64) + E
+        for _ in range(STEPS):
+            active = lo < hi
+            mid = (lo + hi) // 2
+            k = tl.load(keys_ptr + mid, mask=m & active, other=0)
+            less = k < x
+            lo = tl.where(active & less, mid + 1, lo)
+            hi = tl.where(active & (~less), mid, hi)
+        inside = m & (lo < E)
+        k = tl.load(keys_ptr + lo, mask=inside, other=0)
+        found = inside & (k == x)
+        off = tl.load(off_ptr + lo, mask=found, other=0)
+        n = tl.load(len_ptr + lo, mask=found, other=0)
+        tl.store(head_ptr + i, tl.where(found, off, 16 * B), mask=m)
+        tl.store(head_ptr + B + i, tl.where(found, n, 0), mask=m)
+        tl.store(present_ptr + i, found, mask=m)
+        z = tl.arange(0, ZBLOCK)
+        tl.store(head_ptr + 2 * B + z, tl.zeros([ZBLOCK], dtype=tl.int64), mask=(z < ZWORDS) & (p == 0))

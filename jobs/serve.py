@@ -1,0 +1,77 @@
+"""`ckv serve`: the serving process — an HTTP API on the cache store (cachestore/serving/).
+
+Serves STORE/current (records and the checkpoint published with them by `ckv refresh`) and follows
+it: a newly published version is loaded in the background and takes over between batches. Prints
+one JSON line when listening ({"listening": URL, "store_version": …, "model_version": …}); logs to
+stderr. The runtime options (--device, --path, --tier-bytes, --policy, --graphs, ...) are those of
+``ckv score`` (jobs/serving_options.py). SIGTERM / SIGINT: graceful shutdown (queued and in-flight
+requests are scored first).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from jobs.serving_options import serving_options
+
+if TYPE_CHECKING:
+    from cachestore.runtime_config import ServingConfig
+
+
+@click.command("serve")
+@click.option("--store", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="cache store root: serves its current version and follows new publishes")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0: a free port")
+@serving_options
+@click.option("--max-batch-users", default=512, show_default=True, type=click.IntRange(1),
+              help="dynamic batcher: users per device batch at most")
+@click.option("--max-wait-ms", default=2.0, show_default=True, type=click.FloatRange(0),
+              help="dynamic batcher: how long a batch waits for more requests")
+@click.option("--max-queue-users", default=1 << 16, show_default=True, type=click.IntRange(1),
+              help="users queued at most; more get 503")
+@click.option("--torch-threads", default=None, type=click.IntRange(1),
+              help="torch intra-op threads (default: 1 on the CPU — more threads contend with the HTTP loop and "
+                   "the other processes; unchanged on CUDA)")
+@click.option("--poll-s", default=1.0, show_default=True, type=click.FloatRange(0.01),
+              help="how often STORE/current is checked for a new version")
+def serve(store: Path, host: str, port: int, config: ServingConfig, max_batch_users: int, max_wait_ms: float,
+          max_queue_users: int, torch_threads: int | None, poll_s: float) -> None:
+    """Serve POST /score, GET /healthz and GET /metrics for the cache store (docs/serving.md)."""
+    import torch
+
+    from cachestore.publish import PublishError
+    from cachestore.record import LayoutError, RecordError
+    from cachestore.serving.config import ServerConfig
+    from cachestore.serving.server import bind, build_service, url_of
+    from cachestore.serving.server import serve as run_server
+    from pipeline.checkpoint import CheckpointError
+
+    try:
+        device = config.torch_device
+    except RuntimeError as exc:  # an unknown device string: one line, not the loader's traceback
+        raise click.ClickException(f"--device {config.device!r}: {exc}") from exc
+    if torch_threads is not None or device.type == "cpu":
+        torch.set_num_threads(torch_threads or 1)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    server_config = ServerConfig(store=store, host=host, port=port, max_batch_users=max_batch_users,
+                                 max_wait_ms=max_wait_ms, max_queue_users=max_queue_users, poll_s=poll_s,
+                                 runtime=config)
+    try:
+        service = build_service(server_config)
+    except (CheckpointError, LayoutError, RecordError, FileNotFoundError, PublishError, ValueError) as exc:
+        raise click.ClickException(f"{store}: cannot serve the current version: {exc}") from exc
+    try:
+        sock = bind(host, port)
+    except OSError as exc:
+        service.close()
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    active = service.versions.active
+    click.echo(json.dumps({"listening": url_of(sock), "store_version": active.store_version,
+                           "model_version": active.model_version}))
+    run_server(service, sock)

@@ -1,0 +1,101 @@
+"""Test helpers for the serving process: stores published with their checkpoint (as ``ckv refresh``
+publishes them), the scores each version must give, and a real server on 127.0.0.1.
+
+A :class:`ModelStore` is one model version: a small din model, its checkpoint, and the histories of
+users 100..100+n-1; ``publish`` puts its records and checkpoint into one new version of a store root.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from cachestore.lmdb_build import PARQUET_LAYOUT_FILE, prefill_schema
+from cachestore.publish import build_version, new_staging_dir, publish
+from cachestore.record import write_layout
+from cachestore.runtime_config import ServingConfig
+from cachestore.serving.config import ServerConfig
+from cachestore.serving.server import RunningServer
+from pipeline.checkpoint import save_checkpoint
+from tests.store_fixtures import layout_for, prefill_rows
+from tests.test_model import N_ITEMS, make_model, small_config
+
+SEQ = 8  # small_config max_len
+FIRST_USER = 100
+COLD_USERS = (1, 2, 99999)  # never in a store
+
+
+def histories(n_users: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Padded histories (items, feedback, lengths) with lengths 0, 1 and SEQ among them."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, SEQ + 1, (n_users,), generator=g)
+    lengths[:3] = torch.tensor([0, 1, SEQ])
+    items = torch.randint(1, N_ITEMS + 1, (n_users, SEQ), generator=g)
+    feedback = torch.randint(1, 3, (n_users, SEQ), generator=g)
+    pad = torch.arange(SEQ).unsqueeze(0) >= lengths.unsqueeze(1)
+    items[pad] = 0
+    feedback[pad] = 0
+    return items, feedback, lengths
+
+
+@dataclass
+class ModelStore:
+    """One model version and the users it prefills (ids FIRST_USER.. FIRST_USER + n_users - 1)."""
+
+    model: torch.nn.Module
+    checkpoint: Path
+    model_version: str
+    items: torch.Tensor
+    feedback: torch.Tensor
+    lengths: torch.Tensor
+
+    @classmethod
+    def make(cls, work: Path, seed: int, n_users: int = 24) -> ModelStore:
+        model = make_model(small_config(kv_mode="collective"), seed=seed).eval()
+        ckpt = Path(work) / f"checkpoint-{seed}"
+        version = save_checkpoint(ckpt, model, {})
+        return cls(model, ckpt, version, *histories(n_users, seed))
+
+    @property
+    def user_ids(self) -> list[int]:
+        return list(range(FIRST_USER, FIRST_USER + len(self.lengths)))
+
+    def publish(self, root: Path, checkpoint: Path | None = None) -> str:
+        """Publish this model's records with a checkpoint (default its own) as a new version of root;
+        returns the version id."""
+        layout = layout_for(self.model, self.model_version, "collective", "float32")
+        rows = prefill_rows(self.model, layout, self.user_ids, self.items, self.feedback, self.lengths)
+        pdir = Path(root) / f"parquet-{self.model_version}"
+        shutil.rmtree(pdir, ignore_errors=True)
+        pdir.mkdir(parents=True)
+        pq.write_table(pa.Table.from_pylist(rows, schema=prefill_schema()), pdir / "part-00000.parquet")
+        write_layout(pdir / PARQUET_LAYOUT_FILE, layout)
+        staging = new_staging_dir(root)
+        build_version(pdir, staging, parquet="none")
+        shutil.copytree(checkpoint or self.checkpoint, staging / "checkpoint")
+        return publish(root, staging).version_id
+
+    def expected(self, user_ids: np.ndarray, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The model's forward for these users (absent ones: empty history): probabilities (B, C) and
+        cold-start flags (B,)."""
+        rows = [u - FIRST_USER if FIRST_USER <= u < FIRST_USER + len(self.lengths) else None for u in user_ids]
+        zero = torch.zeros(1, SEQ, dtype=torch.long)
+        items = torch.cat([self.items[r : r + 1] if r is not None else zero for r in rows])
+        feedback = torch.cat([self.feedback[r : r + 1] if r is not None else zero for r in rows])
+        lengths = torch.tensor([int(self.lengths[r]) if r is not None else 0 for r in rows])
+        with torch.no_grad():
+            logits = self.model(items, feedback, lengths, torch.from_numpy(np.asarray(candidates)))[0].numpy()
+        return 1.0 / (1.0 + np.exp(-logits)), np.array([r is None for r in rows])
+
+
+def start_server(store: Path, **overrides: object) -> RunningServer:
+    """A real server on 127.0.0.1 (a free port) for the store root, scoring on the CPU."""
+    settings = dict(port=0, max_wait_ms=2.0, poll_s=0.05, runtime=ServingConfig(device="cpu", batch_users=64))
+    settings.update(overrides)
+    return RunningServer(ServerConfig(store=Path(store), **settings))

@@ -1,0 +1,63 @@
+"""Request parsing of the serving process (cachestore/serving/payloads.py): any body is either a valid
+request or a BadRequest naming a field — never another exception (hypothesis)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cachestore.serving.payloads import BadRequest, Limits, parse_arrow, parse_json
+
+LIMITS = Limits(max_users=16, max_candidates=8)
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.sampled_from(["user_ids", "candidates", "x"]),
+                                                                 inner, max_size=3),
+    max_leaves=30)
+
+
+def _valid(req) -> None:  # noqa: ANN001
+    assert req.user_ids.dtype == np.int64 and (req.user_ids >= 0).all() and 1 <= req.n_users <= LIMITS.max_users
+    real = np.arange(req.candidates.shape[1])[None, :] < req.n_candidates[:, None]
+    assert (req.candidates[real] >= 1).all() and (req.candidates[~real] == 0).all()
+    assert (req.n_candidates >= 1).all() and (req.n_candidates <= LIMITS.max_candidates).all()
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(JSON_VALUES, st.fixed_dictionaries({"user_ids": JSON_VALUES, "candidates": JSON_VALUES})))
+def test_any_json_is_a_request_or_a_bad_request(doc: object) -> None:
+    try:
+        _valid(parse_json(json.dumps(doc).encode(), LIMITS))
+    except BadRequest as exc:
+        assert exc.status in (400, 413, 422) and exc.field and exc.message
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2**63 - 1), st.lists(st.integers(1, 2**63 - 1), min_size=1, max_size=8)),
+                min_size=1, max_size=16))
+def test_valid_requests_round_trip_in_json_and_arrow(rows: list) -> None:
+    users = [u for u, _ in rows]
+    cands = [c for _, c in rows]
+    from_json = parse_json(json.dumps({"user_ids": users, "candidates": cands}).encode(), LIMITS)
+    table = pa.table({"user_id": pa.array(users, pa.int64()), "candidates": pa.array(cands, pa.list_(pa.int64()))})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    from_arrow = parse_arrow(sink.getvalue().to_pybytes(), LIMITS)
+    for req in (from_json, from_arrow):
+        _valid(req)
+        assert req.user_ids.tolist() == users
+        assert [row[:n].tolist() for row, n in zip(req.candidates, req.n_candidates, strict=True)] == cands
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_any_bytes_as_arrow_are_a_request_or_a_bad_request(body: bytes) -> None:
+    try:
+        _valid(parse_arrow(body, LIMITS))
+    except BadRequest as exc:
+        assert exc.status in (400, 413, 422) and exc.field
