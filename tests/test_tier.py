@@ -21,7 +21,7 @@ from cachestore.runtime_config import ServingConfig
 from cachestore.tier import LRUPolicy, S3FIFOPolicy, make_policy
 from cachestore.tier import arena as arena_mod
 from cachestore.tier.tier import CACHE, WHOLE, store_bytes
-from tests.store_fixtures import store_of_model
+from tests.store_fixtures import put_in_place, store_of_model
 from tests.test_model import N_ITEMS, make_model, small_config
 
 VERSION = "0123456789abcdef"
@@ -209,12 +209,12 @@ def _damaged(store: dict, tmp_path: Path) -> Path:
     """A copy of the store with USERS[2]'s payload damaged after publish (headers intact)."""
     root = tmp_path / "damaged"
     shutil.copytree(store["root"], root, symlinks=True)
-    env = lmdb.open(str(open_current(root) / "lmdb"), subdir=True, lock=False)
-    with env.begin(write=True) as txn:
+    env = lmdb.open(str(open_current(root) / "lmdb"), subdir=True, lock=False, readonly=True)
+    with env.begin() as txn:
         raw = bytearray(txn.get(user_key(USERS[2])))  # length SEQ: a payload to damage
-        raw[32] ^= 0xFF  # the low (mantissa) byte of the first user-part value: still a finite number
-        txn.put(user_key(USERS[2]), bytes(raw))
     env.close()
+    raw[32] ^= 0xFF  # the low (mantissa) byte of the first user-part value: still a finite number
+    put_in_place(open_current(root), {USERS[2]: bytes(raw)})
     return root
 
 
