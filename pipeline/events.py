@@ -165,7 +165,9 @@ def to_id(values: pd.Series, where: str) -> np.ndarray:
                         f"{_first(bools, values)}")
     exact = _exact_ints(values) if values.dtype == object else None
     ints = exact if exact is not None else to_numeric(values, where).to_numpy()
-    if exact is not None or pd.api.types.is_integer_dtype(ints.dtype):
+    # an object column that is not all exact integers is judged as floats: pandas may turn integral floats
+    # above 2**53 into int64 (already rounded), so its dtype says nothing about exactness
+    if exact is not None or (values.dtype != object and pd.api.types.is_integer_dtype(ints.dtype)):
         checks = [(ints < 0, "negative id(s)"), (ints > ID_MAX, "id(s) at or above 2**63")]
     else:
         ints = ints.astype(np.float64)
