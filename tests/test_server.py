@@ -145,7 +145,8 @@ BAD_ARROW = [
     (_arrow([1, None], [[1], [2]]), 422, "user_id"),
     (_arrow([1], [[1, None]]), 422, "candidates.item"),
     (_arrow([-1], [[1]]), 422, "user_id[0]"),
-    (_arrow([1], [[0]]), 422, "candidates.item[0]"),
+    (_arrow([1], [[0]]), 422, "candidates[0][0]"),  # raw id 0: not in the catalogue
+    (_arrow([1], [[-1]]), 422, "candidates.item[0]"),
     (_arrow([1], [[]]), 422, "candidates[0]"),
 ]
 
@@ -167,6 +168,20 @@ def test_bad_requests_get_4xx_naming_the_field_and_the_server_survives(published
         counts = _samples(client.get("/metrics").text)
     assert counts["ckv_requests_total", (("status", "422"),)] == sum(c[2] == 422 for c in cases)
     assert counts["ckv_requests_total", (("status", "200"),)] == 1
+
+
+def test_dense_ids_query_parameter(published: tuple[ModelStore, Path]) -> None:
+    """?dense_ids=true takes the model's dense ids as they are (the fixture's checkpoint has no catalogue:
+    raw id = dense id, so both score alike); a value other than true/false is a 400 naming it."""
+    model, root = published
+    body = {"user_ids": [100, 1], "candidates": [[1, 2], [3]]}
+    with start_server(root) as srv, httpx.Client(base_url=srv.url) as client:
+        raw = client.post("/score", json=body)
+        dense = client.post("/score?dense_ids=true", json=body)
+        bad = client.post("/score?dense_ids=maybe", json=body)
+    assert raw.status_code == dense.status_code == 200 and raw.json()["scores"] == dense.json()["scores"]
+    _check(model, [100, 1], [[1, 2], [3]], dense.json())
+    assert (bad.status_code, bad.json()["field"]) == (400, "dense_ids")
 
 
 def _samples(text: str) -> dict:

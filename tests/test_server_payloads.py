@@ -7,10 +7,12 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cachestore.serving.payloads import BadRequest, Limits, parse_arrow, parse_json
+from cachestore.item_ids import ItemIds
+from cachestore.serving.payloads import BadRequest, Limits, parse_arrow, parse_json, to_dense_items
 
 LIMITS = Limits(max_users=16, max_candidates=8)
 JSON_VALUES = st.recursive(
@@ -23,7 +25,7 @@ JSON_VALUES = st.recursive(
 def _valid(req) -> None:  # noqa: ANN001
     assert req.user_ids.dtype == np.int64 and (req.user_ids >= 0).all() and 1 <= req.n_users <= LIMITS.max_users
     real = np.arange(req.candidates.shape[1])[None, :] < req.n_candidates[:, None]
-    assert (req.candidates[real] >= 1).all() and (req.candidates[~real] == 0).all()
+    assert (req.candidates[real] >= 0).all() and (req.candidates[~real] == 0).all()  # raw ids: 0 is an id
     assert (req.n_candidates >= 1).all() and (req.n_candidates <= LIMITS.max_candidates).all()
 
 
@@ -61,3 +63,23 @@ def test_any_bytes_as_arrow_are_a_request_or_a_bad_request(body: bytes) -> None:
         _valid(parse_arrow(body, LIMITS))
     except BadRequest as exc:
         assert exc.status in (400, 413, 422) and exc.field
+
+
+def test_raw_item_ids_map_through_the_versions_catalogue() -> None:
+    """Raw ids (0 included) become the catalogue's dense ids, padding stays 0; an id the catalogue lacks,
+    or a dense id beyond the model's items with ?dense_ids=true, is refused naming its position."""
+    items = ItemIds.from_raw_items(np.array([70, 0, 12**15, 5]))  # dense ids 1..4
+    req = parse_json(json.dumps({"user_ids": [1, 2], "candidates": [[5, 0, 70], [12**15]]}).encode(), LIMITS)
+    dense = to_dense_items(req, items, n_items=4)
+    assert dense.dense_ids and dense.candidates.tolist() == [[4, 2, 1], [3, 0, 0]]
+    unknown = parse_json(b'{"user_ids": [1, 2], "candidates": [[5], [70, 6]]}', LIMITS)
+    with pytest.raises(BadRequest, match="item 6 is not in the model's item catalogue") as exc:
+        to_dense_items(unknown, items, n_items=4)
+    assert exc.value.field == "candidates[1][1]"
+    as_dense = parse_json(b'{"user_ids": [1], "candidates": [[4, 5]]}', LIMITS, dense_ids=True)
+    with pytest.raises(BadRequest, match="not one of the model's items 1..4") as exc:
+        to_dense_items(as_dense, items, n_items=4)
+    assert exc.value.field == "candidates[0][1]"
+    with pytest.raises(BadRequest) as exc:  # 0 is the padding item, never a dense candidate
+        parse_json(b'{"user_ids": [1], "candidates": [[0]]}', LIMITS, dense_ids=True)
+    assert exc.value.field == "candidates[0][0]"

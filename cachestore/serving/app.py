@@ -78,13 +78,22 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _flag(value: str, name: str) -> bool:
+    """A boolean query parameter: true/false, 1/0 (BadRequest naming it otherwise)."""
+    text = value.strip().lower()
+    if text not in ("true", "false", "1", "0"):
+        raise BadRequest(name, f"must be true or false, got {value[:40]!r}", 400)
+    return text in ("true", "1")
+
+
 async def _score(service: ScoringService, request: Request, arrow: bool) -> Response:
     body = await _read_body(request, service.config.max_body_bytes)
     parse = parse_arrow if arrow else parse_json
+    dense_ids = _flag(request.query_params.get("dense_ids", "false"), "dense_ids")
     if len(body) <= _INLINE_BYTES:
-        req = parse(body, service.limits)
+        req = parse(body, service.limits, dense_ids)
     else:
-        req = await run_in_threadpool(parse, body, service.limits)
+        req = await run_in_threadpool(parse, body, service.limits, dense_ids)
     future = service.batcher.submit(req)
     reply = await asyncio.wait_for(asyncio.wrap_future(future), service.config.request_timeout_s)
     if arrow:

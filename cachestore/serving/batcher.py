@@ -27,7 +27,7 @@ import numpy as np
 
 from cachestore.runtime import RuntimeStats
 from cachestore.serving.metrics import ServerMetrics
-from cachestore.serving.payloads import BadRequest, ScoreReply, ScoreRequest, check_items
+from cachestore.serving.payloads import BadRequest, ScoreReply, ScoreRequest, to_dense_items
 from cachestore.serving.versions import ServedVersion, VersionManager
 
 log = logging.getLogger("ckv.serve")
@@ -139,8 +139,8 @@ class DynamicBatcher:
         ok: list[_Queued] = []
         for q in batch:
             self.metrics.queue_seconds.observe(now - q.enqueued)
-            try:
-                check_items(q.request, version.n_items)
+            try:  # raw item ids through this version's catalogue: the one that scores the request
+                q.request = to_dense_items(q.request, version.runtime.catalogue, version.n_items)
                 ok.append(q)
             except BadRequest as exc:
                 q.future.set_exception(exc)

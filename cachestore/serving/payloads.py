@@ -16,8 +16,11 @@ Two encodings, chosen by the request's Content-Type:
   ``user_id`` (int64), ``scores`` (list<float32>) and ``cold_start`` (bool); the schema metadata holds
   ``model_version`` and ``store_version``.
 
-A score is the click probability (sigmoid of the logit). Ids are integers 0..2^63-1; a candidate
-item 1..n_items (0 is the padding item). Anything else is a :class:`BadRequest` naming the field
+A score is the click probability (sigmoid of the logit). Ids are integers 0..2^63-1. Candidates are
+raw item ids (the event log's), mapped to the model's dense ids through the item catalogue of the version
+that scores the request (:func:`to_dense_items`; an id the catalogue lacks is refused naming its
+position); with the query parameter ``?dense_ids=true`` they are the model's dense ids 1..n_items (0 is
+the padding item). Anything else is a :class:`BadRequest` naming the field
 (``user_ids[3]``, ``candidates[1][0]``), answered with a 4xx; nothing a client sends reaches the runtime
 unchecked.
 """
@@ -25,10 +28,12 @@ unchecked.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import chain
 
 import numpy as np
+
+from cachestore.item_ids import ItemIds, raw_to_dense
 
 ARROW_MIME = "application/vnd.apache.arrow.stream"
 JSON_MIME = "application/json"
@@ -60,11 +65,13 @@ class Limits:
 @dataclass(frozen=True)
 class ScoreRequest:
     """A validated request. user_ids (B,) int64 >= 0; candidates (B, C) int64, row i holds
-    n_candidates[i] >= 1 real items (>= 1) then 0-padding; C = max(n_candidates)."""
+    n_candidates[i] >= 1 real items then 0-padding; C = max(n_candidates). Items are raw ids (>= 0), or the
+    model's dense ids (>= 1) when ``dense_ids``."""
 
     user_ids: np.ndarray
     candidates: np.ndarray
     n_candidates: np.ndarray
+    dense_ids: bool = False  # candidates are the model's dense ids (else raw ids, mapped per version)
 
     @property
     def n_users(self) -> int:
@@ -121,7 +128,7 @@ def _padded(flat: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return out
 
 
-def parse_json(body: bytes, limits: Limits) -> ScoreRequest:
+def parse_json(body: bytes, limits: Limits, dense_ids: bool = False) -> ScoreRequest:
     """A JSON body → :class:`ScoreRequest` (BadRequest naming the field otherwise)."""
     try:
         doc = json.loads(body)
@@ -147,13 +154,13 @@ def parse_json(body: bytes, limits: Limits) -> ScoreRequest:
     user_ids = _int_array(ids, "user_ids", 0)
     flat = list(chain.from_iterable(rows))
     try:
-        items = _int_array(flat, "candidates", 1)
+        items = _int_array(flat, "candidates", 1 if dense_ids else 0)
     except BadRequest as exc:  # name the row and column of the first bad item
         j = int(exc.field.rpartition("[")[2].rstrip("]"))
         row = int(np.searchsorted(np.cumsum(lengths), j, side="right"))
         col = j - int(lengths[:row].sum())
         raise BadRequest(f"candidates[{row}][{col}]", exc.message) from None
-    return ScoreRequest(user_ids, _padded(items, lengths), lengths)
+    return ScoreRequest(user_ids, _padded(items, lengths), lengths, dense_ids)
 
 
 def _arrow_ints(column, field: str, low: int) -> np.ndarray:  # noqa: ANN001 (pyarrow array)
@@ -170,7 +177,7 @@ def _arrow_ints(column, field: str, low: int) -> np.ndarray:  # noqa: ANN001 (py
     return values.astype(np.int64)
 
 
-def parse_arrow(body: bytes, limits: Limits) -> ScoreRequest:
+def parse_arrow(body: bytes, limits: Limits, dense_ids: bool = False) -> ScoreRequest:
     """An Arrow IPC stream body → :class:`ScoreRequest` (BadRequest naming the column otherwise)."""
     import pyarrow as pa
 
@@ -189,18 +196,26 @@ def parse_arrow(body: bytes, limits: Limits) -> ScoreRequest:
     lengths = lists.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
     _check_sizes(table.num_rows, lengths, limits)
     user_ids = _arrow_ints(table.column("user_id").combine_chunks(), "user_id", 0)
-    items = _arrow_ints(lists.flatten(), "candidates.item", 1)
-    return ScoreRequest(user_ids, _padded(items, lengths), lengths)
+    items = _arrow_ints(lists.flatten(), "candidates.item", 1 if dense_ids else 0)
+    return ScoreRequest(user_ids, _padded(items, lengths), lengths, dense_ids)
 
 
-def check_items(request: ScoreRequest, n_items: int) -> None:
-    """Every candidate names one of the served model's items (1..n_items)."""
+def to_dense_items(request: ScoreRequest, items: ItemIds, n_items: int) -> ScoreRequest:
+    """The request with its candidates as the served model's dense ids: raw ids mapped through ``items``
+    (the version's item catalogue), dense ids checked to be 1..``n_items``; a BadRequest naming the
+    first candidate that is not one of the model's items."""
     real = np.arange(request.candidates.shape[1])[None, :] < request.n_candidates[:, None]
-    bad = real & (request.candidates > n_items)
+    if request.dense_ids:
+        bad, dense = real & (request.candidates > n_items), request.candidates
+        why = f"is not one of the model's items 1..{n_items}"
+    else:
+        dense, known = raw_to_dense(items.sorted_raw, items.dense, request.candidates)
+        bad, why = real & ~known, "is not in the model's item catalogue (send raw item ids, or ?dense_ids=true)"
+        dense = np.where(real, dense, 0)
     if bad.any():
         row, col = (int(x) for x in np.argwhere(bad)[0])
-        raise BadRequest(f"candidates[{row}][{col}]", f"item {int(request.candidates[row, col])} is not one of the "
-                                                      f"model's items 1..{n_items}")
+        raise BadRequest(f"candidates[{row}][{col}]", f"item {int(request.candidates[row, col])} {why}")
+    return request if request.dense_ids else replace(request, candidates=dense, dense_ids=True)
 
 
 def _rows(reply: ScoreReply, n_candidates: np.ndarray) -> list[list[float]]:
