@@ -50,7 +50,7 @@ PRESETS = {  # history length, users in the store, offered loads (requests/s), s
     "cpu": dict(length=50, users=20_000, single=[50, 100, 200, 400, 800], batch=[2, 8, 16, 32], duration=6.0,
                 device="cpu", swap_rate=100, max_batch_users=512, max_wait_ms=2.0),
     "gpu": dict(length=1000, users=20_000, single=[1000, 2500, 5000, 10000], batch=[100, 250, 500, 1000],
-                duration=10.0, device="cuda", swap_rate=2500, max_batch_users=512, max_wait_ms=1.0),
+                duration=10.0, device="cuda", swap_rate=1000, max_batch_users=512, max_wait_ms=1.0),
 }
 
 
@@ -164,8 +164,10 @@ def swap_under_load(url: str, pid: int, root: Path, pdir: Path, work: Path, p: d
         code = ("import sys; from pathlib import Path; from benchmarks.serve_load import publish_version; "
                 "print(publish_version(*map(Path, sys.argv[1:])))")
         done = subprocess.run([sys.executable, "-c", code, str(root), str(pdir), str(work / "checkpoint")],
-                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
-        published["version"] = done.stdout.strip() or done.stderr[-300:]
+                              capture_output=True, text=True, env=_env(), cwd=ROOT)
+        published["version"] = done.stdout.strip() or None
+        if done.returncode:
+            published["error"] = done.stderr[-600:]
         published["publish_s"] = round(time.perf_counter() - t0, 2)
 
     t = threading.Thread(target=later)
@@ -178,14 +180,22 @@ def swap_under_load(url: str, pid: int, root: Path, pdir: Path, work: Path, p: d
             "errors": swapped["errors"], "versions_seen": swapped["versions"]}
 
 
+def _env() -> dict:
+    """The environment of the server and publisher subprocesses: this checkout first on PYTHONPATH."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
+
+
 def start_server(root: Path, p: dict) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "jobs.cli", "serve", "--store", str(root), "--port", "0", "--device", p["device"],
            "--max-batch-users", str(p["max_batch_users"]), "--max-wait-ms", str(p["max_wait_ms"]), "--poll-s", "0.2"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)
+    env = _env()
+    log = (root.parent / "serve.log").open("w")  # the server's stderr: shown if it does not start
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=ROOT)
     line = proc.stdout.readline()
     if not line:
-        raise SystemExit(f"ckv serve did not start: {' '.join(cmd)}")
+        proc.wait()
+        raise SystemExit(f"ckv serve did not start: {' '.join(cmd)}\n"
+                         + (root.parent / "serve.log").read_text()[-3000:])
     return proc, json.loads(line)["listening"]
 
 
@@ -194,7 +204,9 @@ def main() -> None:
     ap.add_argument("--preset", choices=sorted(PRESETS), required=True)
     ap.add_argument("--batch-candidates", type=int, default=1, help="candidates per user in batch requests")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--parts", default="single,batch,swap", help="which measurements to run (comma-separated)")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
     p = PRESETS[args.preset]
     out = args.out or OUT / f"serve_load_{args.preset}.json"
     with tempfile.TemporaryDirectory() as tmp:
@@ -207,10 +219,10 @@ def main() -> None:
             n = p["users"]
             run_load(url, lambda i: json_body(1, 64, i, n), JSON_MIME, rate=50, duration_s=1.0)  # warm-up
             single = [load_point(url, proc.pid, lambda i: json_body(1, 64, i, n), JSON_MIME, r, p["duration"], 1)
-                      for r in p["single"]]
+                      for r in p["single"] if "single" in parts]
             batch = [load_point(url, proc.pid, lambda i: arrow_body(512, args.batch_candidates, i, n), ARROW_MIME, r,
-                                p["duration"], 512) for r in p["batch"]]
-            swap = swap_under_load(url, proc.pid, root, pdir, work, p, n)
+                                p["duration"], 512) for r in p["batch"] if "batch" in parts]
+            swap = swap_under_load(url, proc.pid, root, pdir, work, p, n) if "swap" in parts else None
         finally:
             proc.send_signal(signal.SIGTERM)
             exit_code = proc.wait(timeout=120)
@@ -221,6 +233,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
+    if swap is not None and "error" in swap["published"]:
+        raise SystemExit(f"the publish during the swap run failed:\n{swap['published']['error']}")
 
 
 if __name__ == "__main__":

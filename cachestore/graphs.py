@@ -58,6 +58,10 @@ from cachestore.mapped import MappedBatch, gather_records
 from cachestore.record import CacheLayout
 from cachestore.transfer import TransferCost, unpack
 
+# Graphs are captured while other threads keep the device busy (a server loads the next store version and
+# captures its graphs while the current one serves): only the capturing thread's calls may break a capture.
+CAPTURE_MODE = "thread_local"
+
 
 def _align8(n: int) -> int:
     return (int(n) + 7) & ~7
@@ -264,7 +268,7 @@ class GraphedDecoder:
             start = torch.cuda.Event(enable_timing=True, external=True)
             end = torch.cuda.Event(enable_timing=True, external=True)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode=CAPTURE_MODE):
                 start.record()
                 if len(pieces) == 1:
                     self.candidates.copy_(self.candidates_host, non_blocking=True)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from cachestore.batch import zero_block_bytes
-from cachestore.graphs import GraphedDecoder, _Captured
+from cachestore.graphs import CAPTURE_MODE, GraphedDecoder, _Captured
 from cachestore.tier.arena import write_header
 from cachestore.tier.tier import WHOLE, ResidentTier
 
@@ -72,7 +72,7 @@ class ResidentRequest:
             start = torch.cuda.Event(enable_timing=True, external=True)
             end = torch.cuda.Event(enable_timing=True, external=True)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=d._pool):
+            with torch.cuda.graph(graph, pool=d._pool, capture_error_mode=CAPTURE_MODE):
                 start.record()
                 d.candidates.copy_(d.candidates_host, non_blocking=True)
                 self._move()
