@@ -28,6 +28,13 @@ def padded_batch(
     return items, feedback, lengths, targets
 
 
+def repo_env(**extra: str) -> dict[str, str]:
+    """The environment for a subprocess that runs this checkout's code: the repository first on
+    PYTHONPATH, whatever PYTHONPATH already held (e.g. carried packages) after it."""
+    path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
 def prefill_submit_command(*job_args: str) -> tuple[list[str], dict[str, str]]:
     """``spark-submit --master local[2] jobs/prefill.py JOB_ARGS`` with the venv's spark-submit and
     Python: (command, environment)."""

@@ -25,6 +25,7 @@ import pytest
 from cachestore.publish import current_version_id
 from cachestore.reader import StoreReader
 from pipeline.store_ops import build_store
+from tests.helpers import repo_env
 from tests.test_lmdb_store import make_rows, shuffled_parts, write_parquet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +68,7 @@ print("done", flush=True)
 
 
 def child(store: Path, src: Path, point: str = "none", n: int = 0) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = repo_env()
     return subprocess.Popen([sys.executable, "-c", CHILD, str(store), str(src), point, str(n)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -186,7 +187,7 @@ def test_full_disk_during_lmdb_build(sources: dict, tmp_path: Path, how: str) ->
                 build_store(store, big, command_line="full")
         else:
             proc = subprocess.run([sys.executable, "-c", RLIMIT_CHILD, str(store), str(big), str(1 << 20)],
-                                  cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                                  cwd=ROOT, env=repo_env(), capture_output=True,
                                   text=True, timeout=120)
             assert proc.returncode == 3, proc.stderr[-2000:]
             assert "file size limit (RLIMIT_FSIZE): cannot build the LMDB store" in proc.stdout

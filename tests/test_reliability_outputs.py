@@ -5,7 +5,6 @@ replace their own kind only with --overwrite and atomically, and concurrent `ckv
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from click.testing import CliRunner
 import pipeline.prepare as prepare_mod
 from jobs.cli import main
 from pipeline.safe_output import OutputError, replace_file
+from tests.helpers import repo_env
 from tests.test_training import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,7 +179,7 @@ def test_score_refuses_out_equal_to_requests(scoring: dict) -> None:
 
 def test_two_scores_with_one_out(scoring: dict, tmp_path: Path) -> None:
     out = tmp_path / "scores.parquet"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = repo_env()
     cmd = [sys.executable, "-m", "jobs.cli", *_score_args(scoring, out)]
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]

@@ -29,7 +29,7 @@ from pipeline.spark_job import PrefillOptions, _load_shipped_checkpoint, run_pre
 from pipeline.spark_logging import one_line
 from pipeline.store_ops import build_store
 from pipeline.verify import verify_store
-from tests.helpers import prefill_submit_command
+from tests.helpers import prefill_submit_command, repo_env
 from tests.test_prefill import histories, make_model, small_config, write_prefill
 
 pytestmark = pytest.mark.spark
@@ -151,7 +151,7 @@ SPARK_LOG_LINE = re.compile(r"^\d\d/\d\d/\d\d \d\d:\d\d:\d\d (INFO|WARN|ERROR) "
 
 def _ckv_prefill(ckpt: Path, hist: Path, store: Path, log: Path) -> tuple[subprocess.CompletedProcess, float]:
     """`ckv prefill` as a user runs it (its own Python and JVM); (process, seconds)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYSPARK_PYTHON": sys.executable}
+    env = repo_env(PYSPARK_PYTHON=sys.executable)
     cmd = [sys.executable, "-m", "jobs.cli", "prefill", "--checkpoint", str(ckpt), "--histories", str(hist),
            "--out", str(store), "--master", "local[1]", "--log", str(log)]
     t0 = time.perf_counter()

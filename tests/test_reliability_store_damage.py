@@ -27,6 +27,7 @@ from cachestore.runtime import DecodeRuntime
 from cachestore.store_check import P_BRANCH, P_LEAF, StoreDamagedError, check_tree, check_version, read_meta
 from pipeline.checkpoint import save_checkpoint
 from pipeline.prefill import cache_layout
+from tests.helpers import repo_env
 from tests.test_prefill import N_ITEMS, histories, make_model, small_config, write_prefill
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +100,7 @@ def _argv(made: dict, store: Path, command: str) -> list[str]:
 
 def run_commands(made: dict, store: Path, commands: tuple[str, ...]) -> dict[str, subprocess.CompletedProcess]:
     """Run each `ckv` command on ``store`` as its own subprocess, two at a time."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = repo_env()
     done: dict[str, subprocess.CompletedProcess] = {}
     for i in range(0, len(commands), 2):
         procs = {c: subprocess.Popen([sys.executable, "-m", "jobs.cli", *_argv(made, store, c)], cwd=ROOT, env=env,

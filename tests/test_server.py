@@ -4,7 +4,6 @@ client — scores, batching, bad requests, cold start, /metrics, /healthz, grace
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from cachestore.publish import open_current
 from cachestore.runtime import DecodeRuntime
 from cachestore.runtime_config import ServingConfig
 from cachestore.serving.payloads import ARROW_MIME
+from tests.helpers import repo_env
 from tests.server_fixtures import COLD_USERS, ModelStore, start_server
 from tests.test_model import N_ITEMS
 
@@ -238,7 +238,7 @@ def test_graceful_shutdown_scores_every_queued_request(published: tuple[ModelSto
 
 def test_ckv_serve_process_serves_and_stops_on_sigterm(published: tuple[ModelStore, Path], tmp_path: Path) -> None:
     model, root = published
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = repo_env()
     cmd = [sys.executable, "-m", "jobs.cli", "serve", "--store", str(root), "--port", "0", "--device", "cpu"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
