@@ -39,7 +39,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.decode_latency import build_fetch_store, machine  # noqa: E402
 from cachestore.batch import HostBatcher  # noqa: E402
-from cachestore.store_check import check_tree, check_version  # noqa: E402
+from cachestore.store_check import check_version  # noqa: E402
+from cachestore.store_tree import check_tree  # noqa: E402
 
 USERS = 512
 

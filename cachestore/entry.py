@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import struct
 import zlib
 from dataclasses import asdict, dataclass, fields
@@ -191,6 +192,29 @@ class EntryLayout:
         except TypeError as exc:
             raise LayoutError(f"layout parts: {exc}") from exc
         return cls(**{**data, "parts": parts})
+
+
+def read_layout(path: str | os.PathLike) -> CacheLayout | EntryLayout:
+    """Read a store layout from the JSON file `path`; LayoutError if absent or invalid.
+
+    ``layout_version`` 2 is a zoo store's :class:`EntryLayout` (records of format_version 2);
+    otherwise a v1 :class:`cachestore.record.CacheLayout`."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise LayoutError(f"cannot read layout {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise LayoutError(f"layout {path} is not a JSON object")
+    return layout_from_dict(data)
+
+
+def layout_from_dict(data: dict) -> CacheLayout | EntryLayout:
+    """A store layout from its dict: ``layout_version`` 2 is a zoo store's :class:`EntryLayout`,
+    anything else a v1 :class:`cachestore.record.CacheLayout`."""
+    if data.get("layout_version") == 2:
+        return EntryLayout.from_dict(data)
+    return CacheLayout.from_dict(data)
 
 
 @dataclass(frozen=True, eq=False)

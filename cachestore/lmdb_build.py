@@ -43,12 +43,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from cachestore.entry import EntryLayout, entry_from_parquet_row, entry_schema
+from cachestore.entry import EntryLayout, entry_from_parquet_row, entry_schema, read_layout
 from cachestore.record import (
     HEADER_SIZE,
     CacheLayout,
     RecordError,
-    read_layout,
     record_from_parquet_row,
     user_key,
 )

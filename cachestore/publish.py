@@ -38,10 +38,10 @@ from pathlib import Path
 
 import lmdb
 
-from cachestore.entry import ENTRY_FORMAT_VERSION, EntryLayout
+from cachestore.entry import ENTRY_FORMAT_VERSION, EntryLayout, read_layout
 from cachestore.lmdb_build import PARQUET_LAYOUT_FILE, build_lmdb, list_parquet_files
-from cachestore.record import FORMAT_VERSION, read_layout, write_layout
-from cachestore.store_check import lmdb_facts
+from cachestore.record import FORMAT_VERSION, write_layout
+from cachestore.store_tree import lmdb_facts
 
 CURRENT = "current"
 VERSIONS = "versions"

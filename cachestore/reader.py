@@ -28,14 +28,13 @@ from pathlib import Path
 
 import lmdb
 
-from cachestore.entry import EntryLayout, EntryRecord, check_indices, decode_entry
+from cachestore.entry import EntryLayout, EntryRecord, check_indices, decode_entry, read_layout
 from cachestore.publish import LAYOUT, LMDB_DIR, open_current
 from cachestore.record import (
     CacheLayout,
     Record,
     decode_record,
     key_user,
-    read_layout,
     user_key,
 )
 from cachestore.store_check import StoreDamagedError, check_version

@@ -211,31 +211,6 @@ def write_layout(path: str | os.PathLike, layout: CacheLayout) -> None:
     os.replace(tmp, path)
 
 
-def read_layout(path: str | os.PathLike) -> CacheLayout:
-    """Read a store layout from the JSON file `path`; LayoutError if absent or invalid.
-
-    ``layout_version`` 2 is a zoo store's :class:`cachestore.entry.EntryLayout` (records of
-    format_version 2); otherwise a :class:`CacheLayout`."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise LayoutError(f"cannot read layout {path}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise LayoutError(f"layout {path} is not a JSON object")
-    return layout_from_dict(data)
-
-
-def layout_from_dict(data: dict) -> CacheLayout:
-    """A store layout from its dict: ``layout_version`` 2 is a zoo store's
-    :class:`cachestore.entry.EntryLayout`, anything else a :class:`CacheLayout`."""
-    if data.get("layout_version") == 2:
-        from cachestore.entry import EntryLayout  # v2 builds on this module
-
-        return EntryLayout.from_dict(data)  # type: ignore[return-value]
-    return CacheLayout.from_dict(data)
-
-
 def user_key(user_id: int) -> bytes:
     """LMDB key of a user: 8-byte big-endian unsigned, so byte order == numeric order."""
     if not 0 <= user_id < 1 << 63:

@@ -54,7 +54,7 @@ from cachestore.layout_check import check_layout
 from cachestore.mapped import MappedBatcher
 from cachestore.record import RouterIndexError
 from cachestore.runtime_config import ServingConfig
-from cachestore.store_check import check_tree
+from cachestore.store_tree import check_tree
 from cachestore.tier.graph import ResidentRequest
 from cachestore.tier.tier import WHOLE, ResidentTier, TierCounters, plan_capacity
 from cachestore.transfer import to_device

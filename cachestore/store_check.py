@@ -13,7 +13,7 @@ node size, as a read past the end of the file). So every reader checks the file 
       of the free and main B-trees) lies inside the file;
     - the newer meta page (higher txnid) agrees with the manifest's ``lmdb`` block (page size, last
       page, main root, txnid, entry count); old manifests: entry count against ``stats.users``.
-:func:`check_tree` (full, for ``ckv store verify`` and ``ckv score`` with CRC checks; reads every
+:func:`cachestore.store_tree.check_tree` (full, for ``ckv store verify`` and ``ckv score`` with CRC checks; reads every
     branch and leaf page, no record payload): every page reached from the main root has its own page
     number and the flags of its level, node pointers and sizes inside the page, 8-byte keys in strictly
     increasing order, overflow runs inside the file; the entry count, page counts and a CRC-32 of all
@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import os
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -133,7 +133,7 @@ def read_meta(path: str | os.PathLike) -> LmdbMeta:
                     overflow_pages=int(main["overflow"]))
 
 
-def _manifest(version_dir: Path) -> dict:
+def version_manifest(version_dir: Path) -> dict:
     """The version's manifest.json ({} when the directory has none, e.g. a bare staging build)."""
     try:
         with open(version_dir / "manifest.json", encoding="utf-8") as fh:
@@ -160,7 +160,7 @@ def check_version(version_dir: str | os.PathLike, *, user_id: int | None = None)
     :class:`StoreDamagedError` on any disagreement. Returns the meta page LMDB will open."""
     vdir = Path(version_dir)
     path = vdir / "lmdb" / DATA_FILE
-    manifest = _manifest(vdir)
+    manifest = version_manifest(vdir)
     recorded = manifest.get("lmdb") or {}
     stats = manifest.get("stats") or {}
     try:
@@ -181,34 +181,6 @@ def check_version(version_dir: str | os.PathLike, *, user_id: int | None = None)
         problem = f"LMDB holds {meta.entries} records, the manifest recorded {stats['users']}"
     if problem is not None:
         raise StoreDamagedError(vdir, f"lmdb/{DATA_FILE}: {problem}", user_id)
-    return meta
-
-
-def lmdb_facts(lmdb_dir: str | os.PathLike) -> dict:
-    """The manifest's ``lmdb`` block of a freshly built LMDB directory: its newer meta page
-    (:class:`LmdbMeta`) and ``keys_crc32`` from a full :func:`check_tree` walk."""
-    path = Path(lmdb_dir) / DATA_FILE
-    meta = read_meta(path)
-    from cachestore.store_tree import walk_tree
-
-    return {**asdict(meta), "keys_crc32": walk_tree(path, meta).keys_crc32}
-
-
-def check_tree(version_dir: str | os.PathLike) -> LmdbMeta:
-    """:func:`check_version`, then a walk of every branch and leaf page (module docstring);
-    :class:`StoreDamagedError` naming the first bad page."""
-    from cachestore.store_tree import walk_tree
-
-    vdir = Path(version_dir)
-    meta = check_version(vdir)
-    recorded = _manifest(vdir).get("lmdb") or {}
-    try:
-        tree = walk_tree(vdir / "lmdb" / DATA_FILE, meta)
-    except ValueError as exc:
-        raise StoreDamagedError(vdir, f"lmdb/{DATA_FILE}: {exc}") from None
-    if "keys_crc32" in recorded and recorded["keys_crc32"] != tree.keys_crc32:
-        raise StoreDamagedError(vdir, f"lmdb/{DATA_FILE}: the user ids stored (CRC-32 {tree.keys_crc32:#010x}) are "
-                                f"not the ones published (CRC-32 {recorded['keys_crc32']:#010x})")
     return meta
 
 

@@ -1,4 +1,5 @@
-"""A full walk of an LMDB file's main B-tree with plain file reads (the core of ``store_check.check_tree``).
+"""A full walk of an LMDB file's main B-tree with plain file reads, and the checks built on it:
+:func:`check_tree` (``ckv store verify``) and :func:`lmdb_facts` (the manifest's ``lmdb`` block).
 
 Page and node layout: :mod:`cachestore.store_check`. Each page reached from the main root is read once
 (``pread``, ``np.frombuffer``) and checked, all its nodes at once: its own page number, the flags of
@@ -13,11 +14,25 @@ page's. No record payload is read: after the walk, every value lies inside the f
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
-from cachestore.store_check import DATA_FILE, F_BIGDATA, NO_PAGE, P_BRANCH, P_LEAF, PAGE_HEADER, LmdbMeta, keys_digest
+from cachestore.store_check import (
+    DATA_FILE,
+    F_BIGDATA,
+    NO_PAGE,
+    P_BRANCH,
+    P_LEAF,
+    PAGE_HEADER,
+    LmdbMeta,
+    StoreDamagedError,
+    check_version,
+    keys_digest,
+    read_meta,
+    version_manifest,
+)
 
 _LEAF_FLAGS = (0, F_BIGDATA)  # no sub-databases, no duplicate keys in a store
 
@@ -139,3 +154,27 @@ def walk_tree(path: str | os.PathLike, meta: LmdbMeta) -> TreeFacts:
 
 
 __all__ = ["DATA_FILE", "TreeFacts", "walk_tree"]
+
+
+def lmdb_facts(lmdb_dir: str | os.PathLike) -> dict:
+    """The manifest's ``lmdb`` block of a freshly built LMDB directory: its newer meta page
+    (:class:`LmdbMeta`) and ``keys_crc32`` from a full :func:`check_tree` walk."""
+    path = Path(lmdb_dir) / DATA_FILE
+    meta = read_meta(path)
+    return {**asdict(meta), "keys_crc32": walk_tree(path, meta).keys_crc32}
+
+
+def check_tree(version_dir: str | os.PathLike) -> LmdbMeta:
+    """:func:`check_version`, then a walk of every branch and leaf page (module docstring);
+    :class:`StoreDamagedError` naming the first bad page."""
+    vdir = Path(version_dir)
+    meta = check_version(vdir)
+    recorded = version_manifest(vdir).get("lmdb") or {}
+    try:
+        tree = walk_tree(vdir / "lmdb" / DATA_FILE, meta)
+    except ValueError as exc:
+        raise StoreDamagedError(vdir, f"lmdb/{DATA_FILE}: {exc}") from None
+    if "keys_crc32" in recorded and recorded["keys_crc32"] != tree.keys_crc32:
+        raise StoreDamagedError(vdir, f"lmdb/{DATA_FILE}: the user ids stored (CRC-32 {tree.keys_crc32:#010x}) are "
+                                f"not the ones published (CRC-32 {recorded['keys_crc32']:#010x})")
+    return meta

@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cachestore.item_ids import ItemIds, raw_to_dense
-from pipeline.dataset_schema import DataError
+from pipeline.data_error import DataError
 
 CATALOGUE_FILE = "catalogue.parquet"
 CATALOGUE_FORMAT = 1

@@ -38,6 +38,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.data_error import DataError
+
 if TYPE_CHECKING:
     from pipeline.catalogue import ItemCatalogue
 
@@ -80,10 +82,6 @@ META_KEYS: tuple[str, ...] = (
     "source",
     "counts",
 )
-
-
-class DataError(ValueError):
-    """Bad input data or a malformed canonical dataset; the message names file and column."""
 
 
 @dataclass(frozen=True)

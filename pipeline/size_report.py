@@ -28,8 +28,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cachestore.entry import EntryLayout
-from cachestore.record import HEADER_SIZE, layout_from_dict
+from cachestore.entry import EntryLayout, layout_from_dict
+from cachestore.record import HEADER_SIZE
 from pipeline.store_ops import read_manifest
 
 

@@ -39,9 +39,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from cachestore.entry import layout_from_dict
 from cachestore.lmdb_build import StoreBuildError
 from cachestore.publish import STAGING, new_version_id
-from cachestore.record import layout_from_dict, write_layout
+from cachestore.record import write_layout
 from pipeline.catalogue import CATALOGUE_FILE, check_same_numbering
 from pipeline.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, load_checkpoint
 from pipeline.incremental import FP_COL, HISTORY_FP_VERSION, PREV_FP_COL, fingerprint_sql, previous_state

@@ -24,10 +24,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cachestore.entry import EntryLayout
+from cachestore.entry import EntryLayout, layout_from_dict
 from cachestore.lmdb_build import PARQUET_LAYOUT_FILE, list_parquet_files
 from cachestore.publish import CURRENT, LAYOUT, LMDB_DIR, MANIFEST, build_version, new_staging_dir, publish
-from cachestore.record import HEADER_SIZE, layout_from_dict
+from cachestore.record import HEADER_SIZE
 
 log = logging.getLogger("ckv.store")
 PREFILL_META_FILE = "_prefill.json"

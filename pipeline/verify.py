@@ -34,7 +34,7 @@ from cachestore.entry import EntryLayout, decode_entry
 from cachestore.entry_batch import model_tensors, stack_records
 from cachestore.reader import StoreReader
 from cachestore.record import Record, RecordError
-from cachestore.store_check import check_tree
+from cachestore.store_tree import check_tree
 from model.cache import KVCache
 from model.entry import cache_from_arrays, store_config
 from pipeline.checkpoint import load_checkpoint

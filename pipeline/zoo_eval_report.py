@@ -17,7 +17,7 @@ from model.config import config_to_dict
 from model.metrics import METRICS
 
 if TYPE_CHECKING:
-    from pipeline.zoo_eval import EvalReport
+    from pipeline.zoo_eval_plan import EvalReport
 
 
 def _stats(vals: list[float]) -> dict[str, float]:

@@ -95,7 +95,7 @@ def put_in_place(version: Path, values: dict[int, bytes]) -> None:
     import lmdb
 
     from cachestore.record import user_key
-    from cachestore.store_check import lmdb_facts
+    from cachestore.store_tree import lmdb_facts
 
     version = Path(version)
     env = lmdb.open(str(version / "lmdb"), map_size=1 << 26, subdir=True, max_dbs=0)

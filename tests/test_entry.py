@@ -21,6 +21,7 @@ from cachestore.entry import (
     encode_entry,
     entry_from_parquet_row,
     entry_layout,
+    read_layout,
 )
 from cachestore.entry_batch import entry_payloads, model_tensors, stack_records, storage_arrays
 from cachestore.record import (
@@ -31,7 +32,6 @@ from cachestore.record import (
     UnknownDtypeError,
     UnsupportedVersionError,
     encode_record,
-    read_layout,
     write_layout,
 )
 from model.entry import cache_from_arrays, entry_arrays, entry_parts, full_cache, pack_keys, unpack_keys

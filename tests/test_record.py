@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cachestore.entry import read_layout
 from cachestore.record import (
     HEADER_SIZE,
     BadMagicError,
@@ -26,7 +27,6 @@ from cachestore.record import (
     encode_record,
     key_user,
     payload_checksum,
-    read_layout,
     record_from_parquet_row,
     user_key,
     write_layout,

@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 
 from cachestore.publish import open_current
 from cachestore.runtime import DecodeRuntime
-from cachestore.store_check import P_BRANCH, P_LEAF, StoreDamagedError, check_tree, check_version, read_meta
+from cachestore.store_check import P_BRANCH, P_LEAF, StoreDamagedError, check_version, read_meta
+from cachestore.store_tree import check_tree
 from pipeline.checkpoint import save_checkpoint
 from pipeline.prefill import cache_layout
 from tests.helpers import repo_env
