@@ -8,6 +8,10 @@ from pathlib import Path
 
 import click
 
+# the CLI's default place for benchmark results (the library has none): benchmarks/results of the
+# working directory, which is the repository root for `make demo` and the docs' commands
+DEFAULT_RESULTS_DIR = Path("benchmarks/results")
+
 
 @click.command("capacity")
 @click.option("--users", type=int, default=None,
@@ -37,8 +41,8 @@ import click
 @click.option("--latency-us", type=float, default=None, help="fixed per-copy latency (default 20 us or measured)")
 @click.option("--host-mem-gib", type=float, default=512.0, show_default=True, help="host memory budget")
 @click.option("--gpu-mem-gib", type=float, default=80.0, show_default=True, help="GPU memory budget")
-@click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="benchmark results directory (default benchmarks/results)")
+@click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_RESULTS_DIR,
+              show_default=True, help="benchmark results directory (decode_latency.json etc.), read only")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of the table")
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="also write the JSON to this file")

@@ -1,7 +1,7 @@
 """`ckv eval`: the paper's evaluation (Tables 1, 3, 4; Figures 4, 5; `--d-user auto`) on a canonical
 dataset, by default the bundled MovieLens. Thin shell over :mod:`pipeline.zoo_eval`.
 
-    ckv eval --device cuda                 # the full evaluation, 3 seeds → benchmarks/results/zoo_movielens/
+    ckv eval --device cuda                 # the full evaluation, 3 seeds → runs/eval/
     ckv eval --quick --out runs/eval_quick # CPU smoke run: tiny dims, 1 epoch, 1 seed, a subset of the sweeps
 """
 
@@ -48,7 +48,7 @@ def bundled_dataset(path: Path) -> Path:
 @click.option(
     "--out",
     type=click.Path(file_okay=False),
-    help="output directory [default: benchmarks/results/zoo_movielens, with --quick runs/eval_quick]",
+    help="output directory [default: runs/eval, with --quick runs/eval_quick]",
 )
 @click.option("--quick", is_flag=True, help="smoke run: tiny dims, 1 epoch, 1 seed, a subset of the sweeps")
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda | auto")
@@ -164,7 +164,7 @@ def eval_cmd(data_dir: str | None, out: str | None, quick: bool, device: str, re
         base = settings.base  # regularisation and router-loss weights of every run (quick ones too)
         settings = replace(settings, base=replace(base, dropout=kw["dropout"], collective=replace(
             base.collective, peak_weight=kw["peak_weight"], balance_weight=kw["balance_weight"])))
-        out_dir = Path(out or ("runs/eval_quick" if quick else "benchmarks/results/zoo_movielens"))
+        out_dir = Path(out or ("runs/eval_quick" if quick else "runs/eval"))
         data = Path(data_dir) if data_dir else bundled_dataset(Path("runs/movielens_data"))
         click.echo(
             f"ckv eval: {planned_runs(settings)} runs planned on {device} → {out_dir}"

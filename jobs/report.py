@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from jobs.capacity import DEFAULT_RESULTS_DIR
+
 
 @click.group()
 def report() -> None:
@@ -52,7 +54,8 @@ def size_cmd(store_root: Path, baseline: Path | None, d_attn: int | None, as_jso
 @click.option("--users", "analysis_users", type=click.IntRange(2, 5000), default=1000, show_default=True,
               help="sampled users of the analysis")
 @click.option("--bandwidth", "bw_spec", default="measured", show_default=True, help="GB/s or 'measured'")
-@click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_RESULTS_DIR,
+              show_default=True, help="benchmark results directory (decode_latency.json etc.), read only")
 def html_cmd(store_root: Path, checkpoint: Path, histories: Path | None, baseline: Path | None,
              baseline_checkpoint: Path | None, out: Path, project_users: int, analysis_users: int, bw_spec: str,
              results_dir: Path | None) -> None:

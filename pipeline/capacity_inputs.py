@@ -1,6 +1,10 @@
 """Inputs of the capacity model (pipeline/capacity.py) read from files: a store's lengths, layout and
 measured sizes, a histories file's lengths, the serving benchmark's measured bandwidth.
 
+Benchmark results are read from the directory the caller names (``ckv capacity --results-dir``,
+default ``benchmarks/results`` of the working directory); the library has no default of its own,
+and None means "no results": the reference bandwidth, labelled as such.
+
 Measured store bytes come from ``pipeline.size_report.store_sizes`` (the size report's accounting).
 """
 
@@ -27,7 +31,6 @@ from pipeline.capacity import (
     reference_bandwidth,
 )
 
-RESULTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 DECODE_GPU = "decode_latency.json"
 DECODE_CPU_DRYRUN = "decode_latency_cpu_dryrun.json"
 PREFILL_CPU = "prefill_cpu.json"
@@ -114,23 +117,25 @@ def store_format(store: str | os.PathLike, **overrides: Any) -> CacheFormat:
 
 
 def read_results(results_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """The benchmark JSONs the report uses: GPU decode (if any), CPU dry run, CPU prefill."""
-    d = Path(results_dir) if results_dir is not None else RESULTS_DIR
-    out: dict[str, Any] = {"dir": str(d)}
+    """The benchmark JSONs the report uses from `results_dir`: GPU decode (if any), CPU dry run, CPU
+    prefill; each None when absent (all of them when `results_dir` is None)."""
+    out: dict[str, Any] = {"dir": None if results_dir is None else str(results_dir)}
     for key, name in (("decode_gpu", DECODE_GPU), ("decode_cpu_dryrun", DECODE_CPU_DRYRUN),
                       ("prefill_cpu", PREFILL_CPU)):
-        path = d / name
-        out[key] = json.loads(path.read_text()) if path.is_file() else None
-        out[key + "_path"] = str(path)
+        path = None if results_dir is None else Path(results_dir) / name
+        out[key] = json.loads(path.read_text()) if path is not None and path.is_file() else None
+        out[key + "_path"] = None if path is None else str(path)
     return out
 
 
 def measured_bandwidth(results_dir: str | os.PathLike | None = None) -> Bandwidth:
     """``--bandwidth measured``: the pinned copy bandwidth + small-copy latency that
     benchmarks/decode_latency.py measured on the GPU (its ``copy_limits``); falls back to the
-    REFERENCE.md figure, labelled as such, when that GPU result does not exist yet."""
-    d = Path(results_dir) if results_dir is not None else RESULTS_DIR
-    path = d / DECODE_GPU
+    REFERENCE.md figure, labelled as such, when that GPU result does not exist yet (or no
+    `results_dir` is given)."""
+    if results_dir is None:
+        return reference_bandwidth("fallback: no benchmark results directory given")
+    path = Path(results_dir) / DECODE_GPU
     if not path.is_file():
         return reference_bandwidth(f"fallback: {path} does not exist yet (GPU decode benchmark not run)")
     res = json.loads(path.read_text())

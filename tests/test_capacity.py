@@ -38,6 +38,7 @@ from pipeline.capacity_inputs import (
     bandwidth,
     histories_lengths,
     measured_bandwidth,
+    read_results,
     store_calibration,
     store_format,
     store_lengths,
@@ -281,6 +282,23 @@ def test_bandwidth_measured_or_labelled_fallback(tmp_path: Path) -> None:
     assert bandwidth("measured", tmp_path, fixed_us=5.0).fixed_us == 5.0
     with pytest.raises(ValueError):
         bandwidth("fast", tmp_path)
+
+
+def test_library_reads_no_results_unless_given_a_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No directory: no benchmark file is read (the repository's benchmarks/results included), even from
+    a working directory that holds one; the CLI's default is benchmarks/results of the working directory."""
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    (results / "decode_latency.json").write_text(json.dumps({
+        "dry_run": False, "machine": {"gpu": "G"}, "copy_limits": {"floor_gb_per_s": 40.0, "floor_fixed_ms": 0.01}}))
+    monkeypatch.chdir(tmp_path)
+    bw = measured_bandwidth(None)
+    assert not bw.measured and "no benchmark results directory" in bw.source
+    assert all(v is None for v in read_results(None).values())
+    assert measured_bandwidth(results).gb_per_s == 40.0
+    res = CliRunner().invoke(capacity_cmd, ["--users", "1000", "--length-dist", "150,122,253,1000", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["bandwidth"]["gb_per_s"] == 40.0  # benchmarks/results of the cwd
 
 
 def test_cli_capacity(movielens_stores: dict, tmp_path: Path) -> None:
