@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from cachestore.publish import CURRENT, MANIFEST, STAGING, new_version_id, open_current, publish
+from cachestore.publish import CURRENT, MANIFEST, STAGING, new_version_id, open_current
 
 log = logging.getLogger("ckv.refresh")
 CHECKPOINT_DIR = "checkpoint"  # inside a store version: the model the records were built with
@@ -77,13 +77,9 @@ def publish_with_checkpoint(store: str | os.PathLike, scratch: Path, checkpoint:
                             extra: dict[str, Any]) -> dict[str, Any]:
     """Move the scratch store's current version to STORE/staging/<id>, add the checkpoint, publish."""
     from pipeline.checkpoint import load_checkpoint
-    from pipeline.store_ops import ensure_links, write_json
+    from pipeline.store_ops import publish_staged
 
-    root = Path(store)
-    src = Path(os.path.realpath(open_current(scratch)))
-    staging = root / STAGING / src.name
-    os.rename(src, staging)
-    try:
+    def complete(staging: Path) -> dict[str, Any]:
         shutil.copytree(checkpoint, staging / CHECKPOINT_DIR)
         ck = load_checkpoint(staging / CHECKPOINT_DIR)  # the copy is complete and is the store's model
         with open(staging / MANIFEST, encoding="utf-8") as fh:
@@ -93,12 +89,13 @@ def publish_with_checkpoint(store: str | os.PathLike, scratch: Path, checkpoint:
         manifest["checkpoint"] = {"dir": CHECKPOINT_DIR, "model_version": ck.model_version,
                                   "source": str(Path(checkpoint).resolve())}
         manifest["refresh"] = extra
-        write_json(staging / MANIFEST, manifest)
-        result = publish(root, staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    ensure_links(root)
+        return manifest
+
+    root = Path(store)
+    src = Path(os.path.realpath(open_current(scratch)))
+    staging = root / STAGING / src.name
+    os.rename(src, staging)
+    manifest, result = publish_staged(root, staging, complete)
     manifest["version_id"] = result.version_id
     return manifest
 

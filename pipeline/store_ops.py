@@ -11,6 +11,10 @@ On top of ``cachestore.publish`` (staging -> versions/<id> -> atomic switch of `
 - stable symlinks ``STORE/{parquet,lmdb,manifest.json,layout.json} -> current/<name>``: the paths the
   issue names resolve to the published version (through ``current``, so they switch with it).
   Programs should still resolve ``current`` once (``StoreReader.open_current``) and use that version.
+
+:func:`publish_staged` is the one publish transaction (``ckv store build`` and ``ckv refresh`` both
+use it): complete the staging version, write its manifest, switch ``current``; any failure removes
+the staging version and leaves ``current`` as it was.
 """
 
 from __future__ import annotations
@@ -21,12 +25,22 @@ import os
 import shlex
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from cachestore.entry import EntryLayout, layout_from_dict
 from cachestore.lmdb_build import PARQUET_LAYOUT_FILE, list_parquet_files
-from cachestore.publish import CURRENT, LAYOUT, LMDB_DIR, MANIFEST, build_version, new_staging_dir, publish
+from cachestore.publish import (
+    CURRENT,
+    LAYOUT,
+    LMDB_DIR,
+    MANIFEST,
+    PublishResult,
+    build_version,
+    new_staging_dir,
+    publish,
+)
 from cachestore.record import HEADER_SIZE
 
 log = logging.getLogger("ckv.store")
@@ -123,6 +137,26 @@ def ensure_links(store_root: Path) -> None:
         os.replace(tmp, link)
 
 
+def publish_staged(store_root: Path, staging: Path, complete: Callable[[Path], dict[str, Any]]
+                   ) -> tuple[dict[str, Any], PublishResult]:
+    """Publish the version being assembled in ``staging`` (a directory under ``store_root/staging``).
+
+    ``complete(staging)`` finishes the version (files, checks) and returns its manifest, which is written
+    to ``staging/manifest.json``; then ``cachestore.publish.publish`` moves it to ``versions/<id>`` and
+    switches ``current``, and the stable links are ensured. Any failure (``complete``'s included, and
+    KeyboardInterrupt) removes ``staging`` and leaves ``current`` as it was. Returns (manifest, result).
+    """
+    try:
+        manifest = complete(staging)
+        write_json(staging / MANIFEST, manifest)
+        result = publish(store_root, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    ensure_links(store_root)
+    return manifest, result
+
+
 def build_store(store_root: str | os.PathLike, parquet_dir: str | os.PathLike, *,
                 prefill: dict[str, Any] | None = None, command_line: str | None = None,
                 progress: bool = False, on_built: Any = None) -> dict[str, Any]:
@@ -139,20 +173,17 @@ def build_store(store_root: str | os.PathLike, parquet_dir: str | os.PathLike, *
         log.warning("%s holds no Parquet part files: the store will be empty", src)
     prefill = prefill if prefill is not None else read_prefill_meta(src)
     root.mkdir(parents=True, exist_ok=True)
-    staging = new_staging_dir(root)
-    try:
+
+    def complete(staging: Path) -> dict[str, Any]:
         manifest = build_version(src, staging, parquet="link", progress=progress)
         if on_built is not None:  # last additions to the metadata (e.g. counts known once built)
             on_built(manifest)
         if prefill is not None:
             write_json(staging / PARQUET_DIR / PREFILL_META_FILE, prefill)
         manifest.update(summary_fields(manifest, prefill, command_line or shlex.join(sys.argv)))
-        write_json(staging / MANIFEST, manifest)
-        result = publish(root, staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    ensure_links(root)
+        return manifest
+
+    manifest, result = publish_staged(root, new_staging_dir(root), complete)
     log.info("published %s: %d users, LMDB %.1f MB on disk (previous %s, pruned %s)", result.version_id,
              manifest["users"], manifest["bytes"]["lmdb_disk"] / 1e6, result.previous, list(result.pruned))
     return manifest

@@ -254,3 +254,35 @@ def test_two_readers_of_one_version_share_the_environment(tmp_path: Path) -> Non
     assert_store_matches(first, rows)  # reopens after close
     first.close()
     second.close()
+
+
+def test_one_publish_transaction_keeps_current_on_any_failure(tmp_path: Path, rows: dict[int, dict]) -> None:
+    """``ckv store build`` and ``ckv refresh`` publish through ``publish_staged``: a failure while the
+    version is completed (before or after its files are whole) removes the staging version and leaves
+    ``current`` as it was; a success writes the completed manifest and switches ``current``."""
+    import json
+
+    from cachestore.publish import STAGING
+    from pipeline.store_ops import build_store, publish_staged
+
+    src = write_parquet(tmp_path / "parquet", rows, parts=shuffled_parts(IDS, 2))
+    root = tmp_path / "store"
+    build_store(root, src, command_line="test")
+    first = current_version_id(root)
+
+    def fail_on_built(manifest: dict) -> None:
+        raise RuntimeError("disk full")
+
+    def fail_when_complete(staging: Path) -> dict:
+        build_version(src, staging)
+        raise ValueError("checkpoint does not match the store")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        build_store(root, src, on_built=fail_on_built, command_line="test")
+    with pytest.raises(ValueError, match="does not match"):
+        publish_staged(root, new_staging_dir(root), fail_when_complete)
+    assert current_version_id(root) == first and list((root / STAGING).iterdir()) == []
+    manifest, result = publish_staged(root, new_staging_dir(root),
+                                      lambda staging: {**build_version(src, staging), "refresh": {"run_id": "r1"}})
+    assert result.previous == first and current_version_id(root) == result.version_id
+    assert json.loads((root / "manifest.json").read_text())["refresh"] == {"run_id": "r1"}  # the stable link
