@@ -92,7 +92,7 @@ def eval_cmd(data_dir: str | None, out: str | None, quick: bool, device: str, re
     """Reproduce the paper's tables and figures for every zoo model (resumable; see pipeline/zoo_eval.py)."""
     import torch
 
-    from model.config import CollectiveConfig, ModelConfig
+    from jobs.train import build_model_config, parse_d_user
     from model.zoo import MODELS
     from pipeline.dataset_schema import DataError
     from pipeline.trainer import TrainConfig
@@ -106,12 +106,7 @@ def eval_cmd(data_dir: str | None, out: str | None, quick: bool, device: str, re
     bad = [m for m in (*models, kw["ablation_model"]) if m not in MODELS] + [s for s in sections if s not in SECTIONS]
     if bad:
         raise click.ClickException(f"unknown model(s)/section(s) {bad}; models: {sorted(MODELS)}, sections: {SECTIONS}")
-    d_user: int | str = kw["d_user"]
-    if d_user != "auto":
-        try:
-            d_user = int(d_user)
-        except ValueError:
-            raise click.ClickException(f"--d-user must be an integer or 'auto', got {d_user!r}") from None
+    d_user = parse_d_user(str(kw["d_user"]))
     train = TrainConfig(
         epochs=kw["epochs"],
         batch_size=kw["batch_size"],
@@ -137,22 +132,10 @@ def eval_cmd(data_dir: str | None, out: str | None, quick: bool, device: str, re
             common["seeds"] = common["seeds"][:1]
             settings = quick_settings(train, **common)
         else:
-            base = ModelConfig(
-                n_items=1,
-                embed_dim=kw["embed_dim"],
-                d_attn=kw["d_attn"],
-                n_heads=kw["heads"],
-                max_len=kw["max_len"],
-                long_len=kw["long_len"],
-                topk=kw["topk"],
-                hash_bits=kw["hash_bits"],
-                sdim_hashes=kw["sdim_hashes"],
-                sdim_bits=kw["sdim_bits"],
-                hstu_layers=kw["hstu_layers"],
-                # d_u 1 everywhere but Table 1's collective rows (--d-user, set there): a full run does not
-                # depend on d_u, and with one base its run id (the cache key of finished runs) stays the same
-                collective=CollectiveConfig(d_user=1, pool_size=kw["pool_size"]),
-            )
+            # d_u 1 everywhere but Table 1's collective rows (--d-user, set there): a full run does not
+            # depend on d_u, and with one base its run id (the cache key of finished runs) stays the same;
+            # every section sets the arch (and Table 4 the sharing) of its rows itself
+            base = build_model_config("collective", {**kw, "d_user": "1", "arch": "din", "share": "both"})
             settings = EvalSettings(
                 base=base,
                 train=train,

@@ -63,6 +63,7 @@ def train_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def parse_d_user(value: str) -> int | str:
+    """``--d-user`` (ckv train, experiment, eval): an integer, or 'auto'; BadParameter (a usage error) otherwise."""
     if value == "auto":
         return value
     try:
@@ -72,7 +73,9 @@ def parse_d_user(value: str) -> int | str:
 
 
 def build_model_config(kv_mode: str, kw: dict[str, Any], d_user: int = 1) -> ModelConfig:
-    """``d_user`` is used when ``kw["d_user"]`` is 'auto' (not an integer)."""
+    """The one place CLI options become a ModelConfig (ckv train / experiment / eval): ``kw`` holds the
+    :func:`model_options` values (``dropout`` optional); n_items is 1 until the dataset sets it.
+    ``d_user`` is used when ``kw["d_user"]`` is 'auto' (not an integer)."""
     du = parse_d_user(str(kw["d_user"]))
     coll = CollectiveConfig(
         d_user=du if isinstance(du, int) else d_user, pool_size=kw["pool_size"], share_k=kw["share"] in ("both", "k"),

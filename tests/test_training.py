@@ -135,3 +135,26 @@ def test_experiment_writes_results_table(tiny_data: Path, tmp_path: Path) -> Non
     assert coll["cache_bytes_per_behaviour"] == 8 and coll["cr"] == pytest.approx(8 / 128)
     assert len(report["runs"]) == 4
     assert "| collective | 2 |" in (tmp_path / "exp" / "results.md").read_text()
+
+
+def test_eval_and_train_turn_the_same_options_into_the_same_model_config(tiny_data: Path, tmp_path: Path) -> None:
+    """``ckv eval``'s base config comes from the builder ``ckv train`` uses: the same model options give
+    the same config (apart from the item and genre counts, which training takes from the data); a bad --d-user is a
+    usage error naming the option in both."""
+    opts = ["--embed-dim", "8", "--d-attn", "16", "--heads", "2", "--max-len", "12", "--long-len", "40",
+            "--topk", "6", "--pool-size", "32", "--dropout", "0.1", "--peak-weight", "0.02",
+            "--balance-weight", "0.5", "--hstu-layers", "1"]
+    runner = CliRunner()
+    res = runner.invoke(main, ["eval", "--report-only", "--data", str(tiny_data), "--out", str(tmp_path / "ev"),
+                               "--sections", "table3", "--seeds", "0", *opts])
+    assert res.exit_code == 0, res.output
+    base = json.loads((tmp_path / "ev" / "results.json").read_text())["settings"]["base"]
+    res = runner.invoke(main, ["train", "--data", str(tiny_data), "--out", str(tmp_path / "ck"), "--epochs", "1",
+                               "--no-progress", "--d-user", "1", *opts])
+    assert res.exit_code == 0, res.output
+    trained = json.loads((tmp_path / "ck" / "config.json").read_text())["model"]
+    data_fields = {"n_items": 1, "n_genres": 0, "max_genres": 1}  # set from the dataset by training
+    assert {**trained, **data_fields} == {**base, **data_fields}
+    for command in (["eval", "--report-only"], ["train", "--out", str(tmp_path / "ck2")]):
+        res = runner.invoke(main, [*command, "--data", str(tiny_data), "--d-user", "two"])
+        assert res.exit_code == 2 and "--d-user" in res.output, res.output
