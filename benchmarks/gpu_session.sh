@@ -1,46 +1,52 @@
 #!/usr/bin/env bash
-# Every GPU measurement the README and the issues quote, in as few device calls as possible.
-# Runs on the device machine (torch, numpy, pyarrow, pandas, safetensors, click, matplotlib, pytest,
-# hypothesis present; lmdb carried as a wheel in .whl/, see the device README; no Spark, no Java).
+# The GPU measurements that README.md and docs/ quote, one step per invocation.
+# Needs torch with CUDA, numpy, pyarrow, pandas, safetensors, click, matplotlib, pytest, hypothesis; lmdb
+# from site-packages or from a wheel in .whl/ (installed into /tmp/site on first use). No Spark, no Java.
 #
-#   step "tests" (~2 min):  the CUDA tests (cuda-marked + the fused kernel's) → $OUT/pytest_cuda.txt
-#   step "bench" (~3 min):  decode latency Table 2 (issue 4: eager, fused, CUDA graph) at the store's
-#                           default precision (fp16 caches, fp16 pool rows) and the LMDB fetch on the
-#                           host's CPU; BENCH_PREFILL=1 also re-times the prefill function
+#   step "tests" (~2 min):  the CUDA tests (cuda-marked + the fused kernel's) → pytest_cuda.txt
+#   step "bench" (~3 min):  decode latency Table 2 (eager, fused, CUDA graph) at the store's default
+#                           precision (fp16 caches, fp16 pool rows) and the LMDB fetch on the host's CPU
+#                           → decode_latency.{json,png}; BENCH_PREFILL=1 also times the prefill function
 #   step "bench32" (~3 min): Table 2 in fp32 throughout (fp32 caches, the model's pool rows exactly)
-#   step "tune"  (~3 min):  the fused paths again over fp16 pool rows; the kernel's launch settings with
-#                           history splits at B 512 and 64
-#   step "kernel" (~4 min): the kernel at B 512 (device vs mapped batch; the pool-gather floor) and
-#                           Table 2 at L 1000 over fp16 pool rows
+#                           → decode_latency_fp32.{json,png}
+#   step "tune"  (~3 min):  the fused paths over fp16 pool rows; the kernel's launch settings with
+#                           history splits at B 512 and 64 → fused_kernel_split_B{512,64}.json
+#   step "kernel" (~4 min): the kernel at B 512 (device vs mapped batch; the pool-gather floor)
+#                           → fused_kernel_floor.json, and Table 2 at L 1000 over fp16 pool rows
 #   step "profile" (~2 min): hardware counters (ncu) of the kernel and of its pool-gather floor at B 512,
-#                           L 1000 → $OUT/ncu_fused.txt, $OUT/ncu_floor.txt
+#                           L 1000 → ncu_fused.txt, ncu_floor.txt
 #   step "overlap" (~5 min): the fused CUDA tests, then Table 2's graph at L 1000 B 64, 256, 512 with the
 #                           batch copy split into 1, 2, 3, 4, 6 pieces beside the decode (GraphedDecoder
 #                           overlap), timed round-robin in one process, fp16 and fp32 stores (SKIP_TESTS=1:
-#                           no tests)
+#                           no tests) → decode_latency_overlap_store_float{16,32}.json
 #   step "zerocopy" (~4 min): copying vs zero-copy fetch per request (benchmarks/zero_copy.py): CPU fetch on one
 #                           core, graph replay, the two together; fp16 store (L 50, 1000), fp32 store (L 1000)
+#                           → zero_copy{,_fp32}.{json,png}
 #   step "fp16"  (~2 min): Table 2's graph at L 1000 with fp16 pools (1 and 2 copy pieces)
+#                           → decode_latency_fp16pools.{json,png}
 #   step "launch" (~2 min): the kernel's launch settings timed inside Table 2's graph, round-robin
 #                           (decode_latency.py --compare-launch), L 1000, B 64/256/512, fp16 and fp32 pools
-#   step "eval"  (resumable, rerun until it prints "eval complete"): `ckv eval --device cuda --workers 3`
-#                           (issue 5; every finished run is kept under benchmarks/results/zoo_movielens/runs)
+#                           → decode_latency_launch3_float{16,32}.json
+#   step "eval"  (resumable, rerun until it prints "eval complete"): `ckv eval --device cuda --workers 3`,
+#                           the MovieLens model-zoo evaluation; every finished run is kept under
+#                           benchmarks/results/zoo_movielens/runs and skipped when the step is rerun
 #
-# Usage there (one `run` call per step, carry [".whl"] and for "eval" also the previous zoo_movielens):
+# Usage:
 #   bash benchmarks/gpu_session.sh tests
 #   bash benchmarks/gpu_session.sh bench
 #   bash benchmarks/gpu_session.sh tune
-#   bash benchmarks/gpu_session.sh eval [SECONDS]      (then locally: ckv eval --report-only)
+#   bash benchmarks/gpu_session.sh eval [SECONDS]      (then: ckv eval --report-only)
 #   EVAL_OUT=zoo_movielens_regularised EVAL_ARGS="--sections table1 --dropout 0.3 --balance-weight 0 \
 #       --pool-size 2000 --epochs 8 --patience 2" bash benchmarks/gpu_session.sh eval 560
 #                                                   (a second evaluation in its own folder)
-# Results land in benchmarks/results/ and are copied to $OUT (≤ 8 files come back per call).
+# Results are written under benchmarks/results/; the step's main files (and device.txt: GPU, driver,
+# torch and CUDA versions) are also copied to $OUT (default /tmp/ckv-gpu-out).
 set -uo pipefail
 step=${1:?usage: gpu_session.sh tests|bench|bench32|tune|kernel|profile|overlap|zerocopy|fp16|launch|eval [seconds]}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/ckv-gpu-out}
 mkdir -p "$OUT" benchmarks/results
-if ls .whl/*.whl >/dev/null 2>&1; then  # installed once per machine (steps may run concurrently)
+if ls .whl/*.whl >/dev/null 2>&1; then  # wheels in .whl/: installed once per machine (steps may run concurrently)
     [ -d /tmp/site/lmdb ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site:$PYTHONPATH
@@ -157,8 +163,8 @@ eval)
     dir=${EVAL_OUT:-zoo_movielens}  # under benchmarks/results/
     # EVAL_ARGS: extra `ckv eval` options, e.g. EVAL_ARGS="--sections fig4,fig5,auto" to run the quick
     # SIM sweeps before the slow HSTU rows; finished runs are shared between invocations. Three HSTU runs
-    # at once ran out of GPU memory in session 3 and fit in session 4 with
-    # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (use --workers 2 if they do not).
+    # at once fit in an H100's memory with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True set by the
+    # caller (use --workers 2 if they do not).
     timeout "$budget" python3 -m jobs.cli eval --device cuda --workers 3 --out "benchmarks/results/$dir" \
         ${EVAL_ARGS:-} 2>&1 | tail -30
     rc=$?
