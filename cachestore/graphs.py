@@ -154,10 +154,10 @@ class GraphedDecoder:
     B 256 0.139 → 0.123; B 64 even; K = 6 was slower (short launches). 1 turns it off. The candidates go
     first on the copy stream because, copied on the main stream, they could be queued behind the whole
     batch, and then no launch overlapped the copy (a replay queued behind other GPU work: 0.231 vs 0.180 ms,
-    fp16, B 512; ``benchmarks/results/session9_graph_checks.md``). concurrent (default True): each piece's launch on a
-    stream of its own (forked after the query projection, joined before the combine and the MLP), so it
-    need not wait for the previous launch's tail: B 512 0.309 → 0.289 ms (fp32), 0.230 → 0.215 (fp16), B 64
-    even (``decode_latency_concurrent_float{32,16}.json``); False: one after another on the graph's stream.
+    fp16, B 512; ``benchmarks/results/graph_overlap_fetch_checks.md``). concurrent (default True): each
+    piece's launch on a stream of its own (forked after the query projection, joined before the combine and
+    the MLP), so it need not wait for the previous launch's tail: B 512 0.309 → 0.289 ms (fp32), 0.230 → 0.215
+    (fp16), B 64 even (``decode_latency_concurrent_float{32,16}.json``); False: one after another on the graph's stream.
     (Separate graphs per user chunk, and the kernel reading the pinned batch over PCIe itself, were
     measured slower: ``benchmarks/results/decode_latency_nosplit.json``, ``decode_latency_mapped_*.json``.)
     """
