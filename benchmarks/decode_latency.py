@@ -94,6 +94,31 @@ def machine(device: torch.device) -> dict:
     return info
 
 
+def sweep_lengths(benchmark: str, store_dtype: str, args: argparse.Namespace, device: torch.device,
+                  bench_length: Callable[..., dict], plot: Callable[[dict, Path], None]) -> None:
+    """The request benchmarks' shared driver (``zero_copy.py``, ``serving_latency.py``): one serving core,
+    ``bench_length(length, users, batch_sizes, args, tmp, device)`` per ``args.lengths`` (100,000 users
+    at L ≤ 100, else 20,000), the result as JSON at ``args.out`` with its command and machine, and a PNG."""
+    if hasattr(os, "sched_setaffinity"):  # one serving core: the fetch is per core
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    torch.set_num_threads(1)
+    torch.set_grad_enabled(False)
+    info = machine(device)
+    print(json.dumps(info), flush=True)
+    batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
+    result: dict = {"benchmark": benchmark, "machine": info, "store_dtype": store_dtype,
+                    "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "lengths": {}}
+    with tempfile.TemporaryDirectory(prefix=f"ckv-{benchmark}-") as tmp:
+        for length in (int(x) for x in args.lengths.split(",")):
+            result["lengths"][str(length)] = bench_length(length, 100_000 if length <= 100 else 20_000, batch_sizes,
+                                                          args, Path(tmp), device)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    plot(result, args.out.with_suffix(".png"))
+
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

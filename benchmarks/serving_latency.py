@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,7 +37,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.decode_latency import N_ITEMS, build_fetch_store, machine, paper_model, timed  # noqa: E402
+from benchmarks.decode_latency import (  # noqa: E402
+    N_ITEMS,
+    build_fetch_store,
+    paper_model,
+    sweep_lengths,
+    timed,
+)
 from cachestore.graphs import GraphedDecoder  # noqa: E402
 from cachestore.mapped import MappedBatcher  # noqa: E402
 from cachestore.runtime import DecodeRuntime  # noqa: E402
@@ -168,21 +172,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("serving_latency.py measures the GPU path: run it on a CUDA machine")
     device = torch.device("cuda")
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    torch.set_num_threads(1)
-    info = machine(device)
-    batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
-    result: dict = {"benchmark": "serving_latency", "machine": info, "store_dtype": "float16",
-                    "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "lengths": {}}
-    with tempfile.TemporaryDirectory(prefix="ckv-serving-latency-") as tmp:
-        for length in (int(x) for x in args.lengths.split(",")):
-            result["lengths"][str(length)] = bench_length(length, 100_000 if length <= 100 else 20_000, batch_sizes,
-                                                          args, Path(tmp), device)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
-    plot(result, args.out.with_suffix(".png"))
+    sweep_lengths("serving_latency", "float16", args, device, bench_length, plot)
 
 
 if __name__ == "__main__":

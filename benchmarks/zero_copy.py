@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,7 +37,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.decode_latency import N_ITEMS, build_fetch_store, machine, paper_model, timed  # noqa: E402
+from benchmarks.decode_latency import (  # noqa: E402
+    N_ITEMS,
+    build_fetch_store,
+    paper_model,
+    sweep_lengths,
+    timed,
+)
 from cachestore.graphs import GraphedDecoder  # noqa: E402
 from cachestore.mapped import MappedBatcher  # noqa: E402
 
@@ -157,23 +161,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "zero_copy.json")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if hasattr(os, "sched_setaffinity"):  # one serving core: the fetch target is per core
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    torch.set_num_threads(1)
-    torch.set_grad_enabled(False)
-    info = machine(device)
-    print(json.dumps(info), flush=True)
-    batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
-    result: dict = {"benchmark": "zero_copy", "machine": info, "store_dtype": args.store_dtype,
-                    "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "lengths": {}}
-    with tempfile.TemporaryDirectory(prefix="ckv-zero-copy-") as tmp:
-        for length in (int(x) for x in args.lengths.split(",")):
-            result["lengths"][str(length)] = bench_length(length, 100_000 if length <= 100 else 20_000, batch_sizes,
-                                                          args, Path(tmp), device)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
-    plot(result, args.out.with_suffix(".png"))
+    sweep_lengths("zero_copy", args.store_dtype, args, device, bench_length, plot)
 
 
 if __name__ == "__main__":

@@ -376,7 +376,9 @@ router index bounds only).
             start.record()
         else:
             t_dec = time.perf_counter()
-        flags = None if self.graphs else torch.zeros(n, dtype=torch.int32, device=self.device)  # bad router index
+        # per-user "router index outside the pool" flags of the din decode paths (the graph has its own; a zoo
+        # model's decode checks its indices on the CPU fetch)
+        flags = None if self.graphs or self.zoo else torch.zeros(n, dtype=torch.int32, device=self.device)
         if self.graphs:  # one replay: the batch and candidate copies, then the decode
             logits = graph.run(host, padded)[:n]
             cost = graph.last_cost
@@ -396,7 +398,8 @@ router index bounds only).
         if cuda:
             end.record()
         out = logits.float().cpu().numpy()
-        self._check_flags(np.flatnonzero(flags[:n].cpu().numpy()), ids)  # after the logits: no extra sync
+        if flags is not None:
+            self._check_flags(np.flatnonzero(flags[:n].cpu().numpy()), ids)  # after the logits: no extra sync
         decode_ms = start.elapsed_time(end) if cuda else (time.perf_counter() - t_dec) * 1e3
         if self.graphs:
             decode_ms -= cost.ms  # the graph's copies are timed inside it (TransferCost); copies overlapped

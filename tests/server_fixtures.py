@@ -24,24 +24,12 @@ from cachestore.serving.config import ServerConfig
 from cachestore.serving.server import RunningServer
 from pipeline.checkpoint import save_checkpoint
 from tests.store_fixtures import layout_for, prefill_rows
-from tests.test_model import N_ITEMS, make_model, small_config
+from tests.test_model import make_model, small_config
+from tests.test_serving import histories
 
 SEQ = 8  # small_config max_len
 FIRST_USER = 100
 COLD_USERS = (1, 2, 99999)  # never in a store
-
-
-def histories(n_users: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Padded histories (items, feedback, lengths) with lengths 0, 1 and SEQ among them."""
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(0, SEQ + 1, (n_users,), generator=g)
-    lengths[:3] = torch.tensor([0, 1, SEQ])
-    items = torch.randint(1, N_ITEMS + 1, (n_users, SEQ), generator=g)
-    feedback = torch.randint(1, 3, (n_users, SEQ), generator=g)
-    pad = torch.arange(SEQ).unsqueeze(0) >= lengths.unsqueeze(1)
-    items[pad] = 0
-    feedback[pad] = 0
-    return items, feedback, lengths
 
 
 @dataclass
