@@ -54,9 +54,8 @@ from cachestore.record import (
     UnsupportedVersionError,
     check_router_indices,
 )
-from model.cache import index_itemsize
+from model.cache_spec import KINDS, EntryPart, entry_parts, index_dtype, store_config
 from model.config import ModelConfig
-from model.entry import KINDS, EntryPart, entry_parts, store_config
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -322,7 +321,7 @@ def entry_layout(cfg: ModelConfig, model_version: str, mode: str = "collective",
         raise ValueError("the checkpoint is a full-KV model: it has no collective cache (use mode 'full')")
     parts = entry_parts(store_config(cfg, mode))
     has_idx = any(p.kind == "idx" for p in parts)
-    idx = ("uint16" if index_itemsize(cfg.collective.pool_size) == 2 else "int32") if has_idx else None
+    idx = index_dtype(cfg.collective.pool_size) if has_idx else None
     return EntryLayout(arch=cfg.arch, mode=mode, kv_dtype=kv_dtype, idx_dtype=idx,
                        pool_size=cfg.collective.pool_size if has_idx else 0, max_len=cfg.window_len,
                        model_version=model_version, parts=parts)  # fmt: skip

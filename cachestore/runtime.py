@@ -58,7 +58,7 @@ from cachestore.store_tree import check_tree
 from cachestore.tier.graph import ResidentRequest
 from cachestore.tier.tier import WHOLE, ResidentTier, TierCounters, plan_capacity
 from cachestore.transfer import to_device
-from model.entry import store_config
+from model.cache_spec import store_config
 
 if TYPE_CHECKING:
     from cachestore.reader import StoreReader

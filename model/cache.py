@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import torch
 
-from model.config import ModelConfig
 from model.routing import gather_pool
 
 
@@ -72,21 +71,3 @@ def rebuild_kv(
         raise ValueError("a shared K/V needs its global pool")
     collective = gather_pool(pool, idx, gate).to(user.dtype)  # (B, L, d_a - d_u)
     return torch.cat([user, collective], dim=-1)  # (B, L, d_a)
-
-
-def index_itemsize(pool_size: int) -> int:
-    """Bytes per stored router index: 2 (uint16) while the pool has <= 65,536 rows, else 4."""
-    return 2 if pool_size <= 65_536 else 4
-
-
-def cache_bytes_per_behaviour(cfg: ModelConfig, kv_itemsize: int = 2) -> int:
-    """Bytes one cached behaviour takes: user K and V parts at ``kv_itemsize`` bytes per value
-    plus one router index per shared K/V at :func:`index_itemsize` bytes."""
-    idx = index_itemsize(cfg.collective.pool_size)
-    return (cfg.dk_user + cfg.dv_user) * kv_itemsize + (int(cfg.k_shared) + int(cfg.v_shared)) * idx
-
-
-def compression_rate(cfg: ModelConfig, kv_itemsize: int = 2) -> float:
-    """CR = bytes of one user's cache entry / bytes of the same user's full fp32 K and V
-    (same sequence length, so per behaviour: cache bytes / (2 · d_a · 4))."""
-    return cache_bytes_per_behaviour(cfg, kv_itemsize) / (2 * cfg.d_attn * 4)

@@ -30,74 +30,13 @@ Keys: SIM's category bitmask (``n_genres`` bits), ETA's SimHash signature (``has
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
 
 import torch
 
 from model.blocks import ZooCache
 from model.cache import KVCache
-from model.config import LONG_ARCHS, ModelConfig
-
-KINDS = ("kv", "idx", "key")
-
-
-@dataclass(frozen=True)
-class EntryPart:
-    """One named block of an entry: ``min(n, cap)`` rows of ``width`` values of ``kind``."""
-
-    name: str  # "<group>.k_user" | "<group>.v_user" | "<group>.k_idx" | "<group>.v_idx" | "keys.<name>"
-    kind: str  # "kv" | "idx" | "key"
-    width: int  # values per row (key: packed bytes)
-    cap: int  # most rows a user has
-
-    def rows(self, n: int) -> int:
-        return min(n, self.cap)
-
-
-def _group_caps(cfg: ModelConfig) -> list[tuple[str, int, bool]]:
-    """(group name, cap, has K) per cached K/V group, in ``model.zoo.cache_groups`` order."""
-    if cfg.arch in LONG_ARCHS:
-        return [("short", min(cfg.max_len, cfg.long_len), True), ("long", cfg.long_len, cfg.arch != "sdim")]
-    if cfg.arch == "hstu":
-        return [(f"layer{i}", cfg.max_len, True) for i in range(cfg.hstu_layers)]
-    return [("kv", cfg.max_len, True)]
-
-
-def key_fields(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    """Retrieval keys of ``cfg.arch``: name → (values per behaviour, bits per value)."""
-    if cfg.arch == "sim":
-        return {"categories": (1, max(1, cfg.n_genres))}
-    if cfg.arch == "eta":
-        return {"simhash": (1, cfg.hash_bits)}
-    if cfg.arch == "sdim":
-        return {"buckets": (cfg.sdim_hashes, cfg.sdim_bits)}
-    return {}
-
-
-def store_config(cfg: ModelConfig, store_mode: str) -> ModelConfig:
-    """The config whose :func:`entry_parts` a store of ``store_mode`` holds: the model's own for
-    "collective", ``kv_mode="full"`` (whole K/V, no indices) for the full-KV store."""
-    return replace(cfg, kv_mode="full") if store_mode == "full" else cfg
-
-
-def entry_parts(cfg: ModelConfig) -> tuple[EntryPart, ...]:
-    """The parts of one user's entry for ``cfg`` (see the module docstring for order and rows)."""
-    full = cfg.kv_mode == "full"
-    dk = cfg.d_attn if full else cfg.dk_user
-    dv = cfg.d_attn if full else cfg.dv_user
-    k_idx, v_idx = (not full and cfg.k_shared), (not full and cfg.v_shared)
-    parts: list[EntryPart] = []
-    for group, cap, has_k in _group_caps(cfg):
-        if has_k:
-            parts.append(EntryPart(f"{group}.k_user", "kv", dk, cap))
-        parts.append(EntryPart(f"{group}.v_user", "kv", dv, cap))
-        if has_k and k_idx:
-            parts.append(EntryPart(f"{group}.k_idx", "idx", 1, cap))
-        if v_idx:
-            parts.append(EntryPart(f"{group}.v_idx", "idx", 1, cap))
-    for name, (m, bits) in key_fields(cfg).items():
-        parts.append(EntryPart(f"keys.{name}", "key", math.ceil(m * bits / 8), cfg.long_len))
-    return tuple(parts)
+from model.cache_spec import entry_parts, group_specs, key_fields
+from model.config import ModelConfig
 
 
 def pack_keys(keys: torch.Tensor, m: int, bits: int) -> torch.Tensor:
@@ -158,7 +97,9 @@ def cache_from_arrays(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, cf
     for name, (m, bits) in fields.items():
         keys[name] = unpack_keys(arrays[f"keys.{name}"], m, bits)
     kv: dict[str, KVCache] = {}
-    for group, cap, _ in _group_caps(cfg):
+    for g in group_specs(cfg):
+        group, cap = g.name, g.cap
+
         def get(attr: str, is_idx: bool, group: str = group) -> torch.Tensor | None:
             t = arrays.get(f"{group}.{attr}")
             if t is None or not is_idx:

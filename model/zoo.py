@@ -14,23 +14,19 @@ hstu    :class:`model.hstu.HSTU`          per-layer K/V of the last max_len beha
 Every model has ``prefill(items, feedback, lengths) -> cache``, ``decode(cache, targets) -> logits``,
 ``forward(...) = (decode(prefill(...)), router losses)``, ``keys_values(cache)`` and ``loss``.
 
-:func:`cache_groups` lists an entry's K/V groups; :func:`entry_bytes` and :func:`compression_rate`
-count them: CR = bytes of a user's entry (user parts at ``kv_itemsize`` bytes, router indices at
-their integer width, retrieval keys packed to whole bytes) ÷ bytes of the same user's K/V in the
-*full* model at fp32 (retrieval keys are not K/V, so they count in the numerator only).
+:func:`cache_groups` lists an entry's K/V groups; what an entry holds and its size (bytes, CR) are
+:mod:`model.cache_spec`'s.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from model.cache import index_itemsize
 from model.config import LONG_ARCHS, ModelConfig
 from model.ctr import TargetAttentionCTR
-from model.entry import entry_parts
 from model.hstu import HSTU
 from model.longseq import ETA, SDIM, SIM, TWIN
 
@@ -76,30 +72,3 @@ def cache_groups(cfg: ModelConfig, n: int | None = None) -> list[CacheGroup]:
     if cfg.arch == "hstu":
         return [CacheGroup(f"layer{i}", min(n, cfg.max_len)) for i in range(cfg.hstu_layers)]
     return [CacheGroup("kv", min(n, cfg.max_len))]
-
-
-def key_bytes_per_behaviour(cfg: ModelConfig) -> int:
-    """Retrieval-key bytes per long-window behaviour (bits packed to whole bytes)."""
-    return sum(p.width for p in entry_parts(cfg) if p.kind == "key")
-
-
-def entry_bytes(cfg: ModelConfig, n: int | None = None, kv_itemsize: int = 2) -> int:
-    """Bytes of one user's cache entry (the payload of its store record, :mod:`model.entry`). Full
-    model: K/V at fp32 (the baseline); collective: user parts at ``kv_itemsize`` bytes + router
-    indices; plus retrieval keys (either mode)."""
-    n = cfg.window_len if n is None else n
-    size = {"kv": 4 if cfg.kv_mode == "full" else kv_itemsize, "idx": index_itemsize(cfg.collective.pool_size),
-            "key": 1}
-    return sum(p.rows(n) * p.width * size[p.kind] for p in entry_parts(cfg))
-
-
-def full_kv_bytes(cfg: ModelConfig, n: int | None = None) -> int:
-    """Bytes of the same user's K/V in the full model at fp32 (the CR denominator)."""
-    return sum(g.positions * (int(g.has_k) + int(g.has_v)) * cfg.d_attn * 4
-               for g in cache_groups(replace(cfg, kv_mode="full"), n))  # fmt: skip
-
-
-def compression_rate(cfg: ModelConfig, n: int | None = None, kv_itemsize: int = 2) -> float:
-    """CR of a user with ``n`` history behaviours (default: a full window). For ``din`` this equals
-    :func:`model.cache.compression_rate`."""
-    return entry_bytes(cfg, n, kv_itemsize) / max(1, full_kv_bytes(cfg, n))

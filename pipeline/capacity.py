@@ -206,9 +206,9 @@ class CacheFormat:
     def idx_dtype(self) -> str:
         if self.index_dtype != "auto":
             return self.index_dtype
-        from model.cache import index_itemsize
+        from model.cache_spec import index_dtype
 
-        return "uint16" if index_itemsize(self.pool_size) == 2 else "int32"
+        return index_dtype(self.pool_size)
 
     def layouts(self) -> dict[str, CacheLayout]:
         """{"full": full-KV layout, "collective": CollectiveKV layout} (records as the store writes them)."""
@@ -223,14 +223,14 @@ class CacheFormat:
 
     def collective_bytes_per_behaviour(self) -> int:
         """model.cache's arithmetic (the CR's numerator), checked against the record layout."""
-        from model.cache import cache_bytes_per_behaviour, index_itemsize
+        from model.cache_spec import bytes_per_behaviour, index_itemsize
         from model.config import CollectiveConfig, ModelConfig
 
         kv = KV_DTYPES[self.kv_dtype][1].itemsize
         cfg = ModelConfig(n_items=1, d_attn=self.d_attn, n_heads=1, kv_mode="collective",
                           collective=CollectiveConfig(d_user=self.d_user, pool_size=self.pool_size,
                                                       share_k=self.share_k, share_v=self.share_v))
-        per = cache_bytes_per_behaviour(cfg, kv)
+        per = int(bytes_per_behaviour(cfg, kv))
         shared = int(self.share_k) + int(self.share_v)
         per += shared * (IDX_DTYPES[self.idx_dtype][1].itemsize - index_itemsize(self.pool_size))
         assert per == self.layouts()["collective"].record_size(1) - HEADER_SIZE, "record layout != model.cache"

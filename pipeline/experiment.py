@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.cache import cache_bytes_per_behaviour, compression_rate
+from model.cache_spec import bytes_per_behaviour, compression_rate, entry_bytes, full_kv_bytes
 from model.config import ModelConfig, config_to_dict
 from model.metrics import METRICS
 from pipeline.checkpoint import save_checkpoint
@@ -111,21 +111,11 @@ def summarise(runs: list[dict[str, Any]], configs: dict[str, ModelConfig]) -> di
         for m in METRICS:
             vals = np.array([r["test"][m] for r in rows], dtype=float)
             entry[m] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
-        full_cfg = replace(cfg, kv_mode="full")
-        entry["cache_bytes_per_behaviour"] = (
-            cache_bytes_per_behaviour(cfg) if cfg.kv_mode == "collective" else (2 * cfg.d_attn * 4)
-        )
-        entry["full_fp32_bytes_per_behaviour"] = 2 * full_cfg.d_attn * 4
-        entry["cr"] = entry["cache_bytes_per_behaviour"] / entry["full_fp32_bytes_per_behaviour"]
-        if cfg.kv_mode == "collective":
-            assert abs(entry["cr"] - compression_rate(cfg)) < 1e-12
-        if cfg.arch != "din":  # zoo models cache several K/V groups (+ retrieval keys): whole-entry CR
-            from model.zoo import compression_rate as zoo_cr
-            from model.zoo import entry_bytes, full_kv_bytes
-
-            entry["cache_bytes_per_user_full_window"] = entry_bytes(cfg)
-            entry["full_fp32_bytes_per_user_full_window"] = full_kv_bytes(cfg)
-            entry["cr"] = zoo_cr(cfg) if cfg.kv_mode == "collective" else 1.0
+        entry["cache_bytes_per_behaviour"] = bytes_per_behaviour(cfg)  # full model: fp32 K/V
+        entry["full_fp32_bytes_per_behaviour"] = bytes_per_behaviour(replace(cfg, kv_mode="full"))
+        entry["cache_bytes_per_user_full_window"] = entry_bytes(cfg)
+        entry["full_fp32_bytes_per_user_full_window"] = full_kv_bytes(cfg)
+        entry["cr"] = compression_rate(cfg) if cfg.kv_mode == "collective" else 1.0
         out[name] = entry
     return out
 

@@ -22,7 +22,8 @@ import torch
 from cachestore.entry import EntryLayout, entry_layout
 from cachestore.entry_batch import kv_storage
 from cachestore.record import HEADER_SIZE, IDX_DTYPES, KV_DTYPES, CacheLayout
-from model.cache import KVCache, index_itemsize
+from model.cache import KVCache
+from model.cache_spec import index_dtype
 from model.config import ModelConfig
 from model.ctr import N_FEEDBACK, TargetAttentionCTR
 from pipeline.zoo_engine import MAX_POSITIONS as _DIRECT_POSITIONS
@@ -64,7 +65,7 @@ def cache_layout(cfg: ModelConfig, model_version: str, mode: str = "collective",
     if cfg.kv_mode != "collective":
         raise ValueError("the checkpoint is a full-KV model: it has no collective cache (use mode 'full')")
     shared = cfg.k_shared or cfg.v_shared
-    idx = ("uint16" if index_itemsize(cfg.collective.pool_size) == 2 else "int32") if shared else None
+    idx = index_dtype(cfg.collective.pool_size) if shared else None
     return CacheLayout("collective", kv_dtype, idx, cfg.dk_user, cfg.dv_user, cfg.k_shared, cfg.v_shared,
                        cfg.collective.pool_size if shared else 0, cfg.max_len, model_version)
 

@@ -36,7 +36,8 @@ from cachestore.reader import StoreReader
 from cachestore.record import Record, RecordError
 from cachestore.store_tree import check_tree
 from model.cache import KVCache
-from model.entry import cache_from_arrays, store_config
+from model.cache_spec import store_config
+from model.entry import cache_from_arrays
 from pipeline.checkpoint import load_checkpoint
 from pipeline.history import arrow_window
 

@@ -11,7 +11,8 @@ import torch
 
 from cachestore.entry import EntryLayout, entry_layout
 from cachestore.entry_batch import entry_payloads, storage_arrays
-from model.entry import entry_arrays, full_cache, store_config
+from model.cache_spec import store_config
+from model.entry import entry_arrays, full_cache
 
 MAX_POSITIONS = 1 << 16  # padded positions per model.prefill call (the direct and the zoo engine)
 # largest intermediate (router logits: positions x pool; HSTU attention: users x heads x width^2) per

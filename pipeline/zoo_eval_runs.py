@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from model.cache_spec import compression_rate
 from model.config import ModelConfig, config_to_dict
 from model.d_user import choose_d_user
-from model.zoo import compression_rate
 from pipeline.dataset_schema import CanonicalDataset, load_dataset
 from pipeline.history import HistoryIndex
 from pipeline.trainer import TrainConfig, build_model, train_model

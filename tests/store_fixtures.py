@@ -18,7 +18,7 @@ import torch
 from cachestore.lmdb_build import PARQUET_LAYOUT_FILE, prefill_schema
 from cachestore.publish import build_and_publish
 from cachestore.record import CacheLayout, write_layout
-from model.cache import index_itemsize
+from model.cache_spec import index_dtype
 from model.ctr import TargetAttentionCTR
 
 KV_TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -31,7 +31,7 @@ def layout_for(model: TargetAttentionCTR, version: str, mode: str = "collective"
     if mode == "full":
         return CacheLayout("full", kv_dtype, None, cfg.d_attn, cfg.d_attn, False, False, 0, cfg.max_len, version)
     shared = cfg.k_shared or cfg.v_shared
-    idx = ("uint16" if index_itemsize(cfg.collective.pool_size) == 2 else "int32") if shared else None
+    idx = index_dtype(cfg.collective.pool_size) if shared else None
     return CacheLayout("collective", kv_dtype, idx, cfg.dk_user, cfg.dv_user, cfg.k_shared, cfg.v_shared,
                        cfg.collective.pool_size if shared else 0, cfg.max_len, version)
 

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from cachestore.record import HEADER_SIZE, CacheLayout
 from jobs.capacity import capacity as capacity_cmd
-from model.cache import cache_bytes_per_behaviour, compression_rate
+from model.cache_spec import bytes_per_behaviour, compression_rate
 from model.config import CollectiveConfig, ModelConfig
 from pipeline.capacity import (
     Bandwidth,
@@ -78,7 +78,7 @@ def test_paper_and_our_compression_examples() -> None:
         fmt = CacheFormat(d_user=d_user, pool_size=pool, share_k=share_k, share_v=share_v)
         cfg = ModelConfig(n_items=1, d_attn=256, collective=CollectiveConfig(d_user=d_user, pool_size=pool,
                                                                              share_k=share_k, share_v=share_v))
-        assert fmt.collective_bytes_per_behaviour() == cache_bytes_per_behaviour(cfg, 2)
+        assert fmt.collective_bytes_per_behaviour() == bytes_per_behaviour(cfg, 2)
         got = capacity_plan(1, point(5), fmt)["collective"]["cr_vs_full_fp32"]
         assert got == pytest.approx(compression_rate(cfg, 2))
 

@@ -17,7 +17,8 @@ from click.testing import CliRunner
 from cachestore.lmdb_build import prefill_schema
 from cachestore.reader import StoreReader
 from cachestore.record import decode_record, record_from_parquet_row, write_layout
-from model.cache import KVCache, cache_bytes_per_behaviour, compression_rate
+from model.cache import KVCache
+from model.cache_spec import bytes_per_behaviour, compression_rate
 from model.config import CollectiveConfig, ModelConfig
 from model.ctr import TargetAttentionCTR
 from pipeline.checkpoint import save_checkpoint
@@ -200,7 +201,7 @@ def test_layout_bytes_match_the_model_cr() -> None:
     for cfg in (small_config(), small_config(collective=CollectiveConfig(d_user=1, pool_size=10_000))):
         layout = cache_layout(cfg, MV)
         per = layout.record_size(1) - layout.record_size(0)
-        assert per == cache_bytes_per_behaviour(cfg, 2)
+        assert per == bytes_per_behaviour(cfg, 2)
         assert per / (2 * cfg.d_attn * 4) == pytest.approx(compression_rate(cfg, 2))
 
 
@@ -365,7 +366,7 @@ def test_size_report_cr(small_store: dict) -> None:
     assert rep["cr"]["lmdb_disk"] > rep["cr"]["records"] > rep["cr"]["payload"]
     behaviours = sum(min(n, 6) for n in LENGTHS + LENGTHS[:5])
     assert rep["behaviours"] == behaviours
-    assert rep["bytes"]["payload"] == behaviours * cache_bytes_per_behaviour(cfg, 2)
+    assert rep["bytes"]["payload"] == behaviours * bytes_per_behaviour(cfg, 2)
 
 
 def test_store_reader_sees_prefill_records(small_store: dict) -> None:

@@ -20,7 +20,7 @@ from cachestore.reader import StoreReader
 from jobs.prepare import data as data_cli
 from jobs.report import report as report_cli
 from jobs.store import store as store_cli
-from model.cache import compression_rate
+from model.cache_spec import compression_rate
 from model.config import CollectiveConfig, ModelConfig
 from pipeline.checkpoint import save_checkpoint
 from pipeline.dataset_schema import load_dataset

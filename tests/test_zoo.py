@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 import model.blocks as blocks_module
 import model.longseq as longseq_module
 from model.attention import target_attention_reference
-from model.cache import compression_rate as din_compression_rate
+from model.cache_spec import compression_rate, entry_bytes
 from model.config import ZOO_DEFAULTS, CollectiveConfig, ModelConfig, config_from_dict, config_to_dict
 from model.d_user import choose_d_user
 from model.hstu import HSTU, rel_bucket
@@ -32,7 +32,7 @@ from model.retrieval import (
     simhash,
     topk_target_attention,
 )
-from model.zoo import MODELS, PAPER_MODELS, compression_rate, create_model, entry_bytes
+from model.zoo import MODELS, PAPER_MODELS, create_model
 from tests.helpers import padded_batch
 
 N_ITEMS = 40
@@ -387,7 +387,8 @@ def test_old_config_dicts_load_and_round_trip_unchanged() -> None:
 
 def test_compression_rate_counts_every_cached_group() -> None:
     din = ModelConfig(n_items=5)
-    assert compression_rate(din) == din_compression_rate(din)
+    # per behaviour: two 1-dim user parts at fp16 + two uint16 indices, over fp32 K and V of d_a 256
+    assert compression_rate(din) == (2 * 1 * 2 + 2 * 2) / (2 * din.d_attn * 4)
     sim = ModelConfig(n_items=5, n_genres=19, arch="sim")  # d_u 1, pool 10k, d_a 256, 50 + 1000 behaviours
     # short 50 × 8 B + long 1000 × (8 B + 3 B genre bitmask) over (50 + 1000) × 2 × 256 × 4 B
     assert entry_bytes(sim) == 50 * 8 + 1000 * 11

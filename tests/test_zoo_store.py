@@ -29,7 +29,7 @@ from cachestore.reader import StoreReader
 from cachestore.record import write_layout
 from jobs.report import report as report_cli
 from jobs.store import store as store_cli
-from model.zoo import compression_rate, entry_bytes
+from model.cache_spec import compression_rate, entry_bytes
 from pipeline.checkpoint import save_checkpoint
 from pipeline.prefill import ENTRY_OUTPUT_SCHEMA, NoopEngine, ZooEngine, cache_layout, prefill_batches
 from pipeline.spark_job import PrefillOptions, run_prefill

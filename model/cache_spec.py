@@ -1,0 +1,172 @@
+"""What one user's cache entry holds, for a model config: the single, torch-free source of truth.
+
+Every model caches one *entry* per user: a flat, ordered list of named parts (:class:`EntryPart`).
+A user with ``n`` cached behaviours (``n <= cfg.window_len``) has, for every part ``p``,
+``min(n, p.cap)`` rows of ``p.width`` values of ``p.kind``:
+
+====  =====================================  ==============================================
+kind  values                                 stored as
+====  =====================================  ==============================================
+kv    user-specific K or V part (the whole   the store's kv dtype (2 or 4 bytes)
+      K/V in the full-KV store)
+idx   router index into the group's pool     uint16 while the pool has <= 65,536 rows, else int32
+key   retrieval key, bit-packed little-      ``width = ceil(bits / 8)`` bytes
+      endian into ``width`` bytes
+====  =====================================  ==============================================
+
+Parts come group by group (:func:`group_specs` order) as ``k_user, v_user, k_idx, v_idx``, then the
+retrieval keys; zero-width parts (SDIM's long stage has no K) are left out. A group of ``cap`` rows
+caches the *last* ``min(n, cap)`` behaviours of the user's window. ``din`` is the one-group entry
+``kv.k_user | kv.v_user | kv.k_idx | kv.v_idx`` of cap ``max_len``.
+
+Sizes (:func:`entry_bytes`, :func:`full_kv_bytes`, :func:`compression_rate`) are computed from these
+parts only: CR = bytes of a user's entry ÷ bytes of the same user's K/V in the *full* model at fp32
+(retrieval keys are not K/V, so they count in the numerator only). Record format, prefill, size
+report, capacity planner and the README's CR formula all read this module; it imports no torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from model.config import LONG_ARCHS, ModelConfig
+
+KINDS = ("kv", "idx", "key")
+FULL_KV_ITEMSIZE = 4  # the CR denominator: the full model's K/V at fp32
+
+
+@dataclass(frozen=True)
+class EntryPart:
+    """One named block of an entry: ``min(n, cap)`` rows of ``width`` values of ``kind``."""
+
+    name: str  # "<group>.k_user" | "<group>.v_user" | "<group>.k_idx" | "<group>.v_idx" | "keys.<name>"
+    kind: str  # "kv" | "idx" | "key"
+    width: int  # values per row (key: packed bytes)
+    cap: int  # most rows a user has
+
+    def rows(self, n: int) -> int:
+        return min(n, self.cap)
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """One cached K/V group: the last ``min(n, cap)`` behaviours, K of ``dk`` and V of ``dv`` values per
+    row (``dk == 0``: a V-only group), each side with a router index when it is shared."""
+
+    name: str
+    cap: int
+    dk: int
+    dv: int
+    k_shared: bool
+    v_shared: bool
+
+    @property
+    def has_k(self) -> bool:
+        return self.dk > 0
+
+    def part_names(self) -> tuple[str, ...]:
+        """This group's parts, in entry order."""
+        names = [f"{self.name}.k_user"] if self.has_k else []
+        names.append(f"{self.name}.v_user")
+        if self.has_k and self.k_shared:
+            names.append(f"{self.name}.k_idx")
+        if self.v_shared:
+            names.append(f"{self.name}.v_idx")
+        return tuple(names)
+
+
+def index_itemsize(pool_size: int) -> int:
+    """Bytes per stored router index: 2 (uint16) while the pool has <= 65,536 rows, else 4."""
+    return 2 if pool_size <= 65_536 else 4
+
+
+def index_dtype(pool_size: int) -> str:
+    """The stored router-index dtype name for a pool of ``pool_size`` rows."""
+    return "uint16" if index_itemsize(pool_size) == 2 else "int32"
+
+
+def store_config(cfg: ModelConfig, store_mode: str) -> ModelConfig:
+    """The config whose parts a store of ``store_mode`` holds: the model's own for "collective",
+    ``kv_mode="full"`` (whole K/V, no indices) for the full-KV store."""
+    if store_mode not in ("collective", "full"):
+        raise ValueError(f"store mode must be 'collective' or 'full', got {store_mode!r}")
+    return replace(cfg, kv_mode="full") if store_mode == "full" else cfg
+
+
+def group_specs(cfg: ModelConfig) -> tuple[GroupSpec, ...]:
+    """The cached K/V groups of ``cfg`` in entry order: din ``kv``; sim/eta/sdim/twin ``short``
+    (cap min(max_len, long_len)) and ``long`` (cap long_len; V only for sdim); hstu ``layer<i>``."""
+    full = cfg.kv_mode == "full"
+    dk = cfg.d_attn if full else cfg.dk_user
+    dv = cfg.d_attn if full else cfg.dv_user
+    if cfg.arch in LONG_ARCHS:
+        caps = [("short", min(cfg.max_len, cfg.long_len), True), ("long", cfg.long_len, cfg.arch != "sdim")]
+    elif cfg.arch == "hstu":
+        caps = [(f"layer{i}", cfg.max_len, True) for i in range(cfg.hstu_layers)]
+    else:
+        caps = [("kv", cfg.max_len, True)]
+    return tuple(GroupSpec(name, cap, dk if has_k else 0, dv, cfg.k_shared and has_k, cfg.v_shared)
+                 for name, cap, has_k in caps)  # fmt: skip
+
+
+def key_fields(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """Retrieval keys of ``cfg.arch``: name → (values per behaviour, bits per value)."""
+    if cfg.arch == "sim":
+        return {"categories": (1, max(1, cfg.n_genres))}
+    if cfg.arch == "eta":
+        return {"simhash": (1, cfg.hash_bits)}
+    if cfg.arch == "sdim":
+        return {"buckets": (cfg.sdim_hashes, cfg.sdim_bits)}
+    return {}
+
+
+def entry_parts(cfg: ModelConfig) -> tuple[EntryPart, ...]:
+    """The parts of one user's entry for ``cfg`` (see the module docstring for order and rows)."""
+    parts: list[EntryPart] = []
+    for g in group_specs(cfg):
+        for name in g.part_names():
+            attr = name.split(".", 1)[1]
+            kind = "idx" if attr.endswith("_idx") else "kv"
+            width = 1 if kind == "idx" else (g.dk if attr == "k_user" else g.dv)
+            parts.append(EntryPart(name, kind, width, g.cap))
+    for name, (m, bits) in key_fields(cfg).items():
+        parts.append(EntryPart(f"keys.{name}", "key", math.ceil(m * bits / 8), cfg.long_len))
+    return tuple(parts)
+
+
+def part_itemsizes(cfg: ModelConfig, kv_itemsize: int = 2) -> dict[str, int]:
+    """Bytes per value of each part kind: kv at ``kv_itemsize``, idx at :func:`index_itemsize`, key 1."""
+    return {"kv": kv_itemsize, "idx": index_itemsize(cfg.collective.pool_size), "key": 1}
+
+
+def entry_bytes(cfg: ModelConfig, n: int | None = None, kv_itemsize: int = 2) -> int:
+    """Payload bytes of one user's entry with ``n`` behaviours (default: a full window). The full
+    model (``kv_mode="full"``) counts its K/V at fp32 (the baseline); collective user parts count at
+    ``kv_itemsize``; router indices at their integer width; retrieval keys packed to whole bytes."""
+    n = cfg.window_len if n is None else n
+    size = part_itemsizes(cfg, FULL_KV_ITEMSIZE if cfg.kv_mode == "full" else kv_itemsize)
+    return sum(p.rows(n) * p.width * size[p.kind] for p in entry_parts(cfg))
+
+
+def bytes_per_behaviour(cfg: ModelConfig, kv_itemsize: int = 2) -> float:
+    """Mean payload bytes per cached behaviour of a full window (din: exactly the bytes of one row)."""
+    return entry_bytes(cfg, None, kv_itemsize) / max(1, cfg.window_len)
+
+
+def key_bytes_per_behaviour(cfg: ModelConfig) -> int:
+    """Retrieval-key bytes per long-window behaviour (bits packed to whole bytes)."""
+    return sum(p.width for p in entry_parts(cfg) if p.kind == "key")
+
+
+def full_kv_bytes(cfg: ModelConfig, n: int | None = None) -> int:
+    """Bytes of the same user's K/V in the full model at fp32 (the CR denominator)."""
+    n = cfg.window_len if n is None else n
+    groups = group_specs(replace(cfg, kv_mode="full"))
+    return sum(min(n, g.cap) * (g.dk + g.dv) * FULL_KV_ITEMSIZE for g in groups)
+
+
+def compression_rate(cfg: ModelConfig, n: int | None = None, kv_itemsize: int = 2) -> float:
+    """CR of a user with ``n`` history behaviours (default: a full window): :func:`entry_bytes` ÷
+    :func:`full_kv_bytes`. For ``din``: bytes per behaviour ÷ (2 · d_a · 4)."""
+    return entry_bytes(cfg, n, kv_itemsize) / max(1, full_kv_bytes(cfg, n))
