@@ -59,8 +59,6 @@ from model.hstu import HSTULayer, rel_bucket
 from model.pool import KVBranch
 from model.routing import route
 
-HSTU_FUSED = "fused_hstu"  # the decode path name of this module
-
 if triton is not None:
 
     @triton.jit
@@ -74,8 +72,10 @@ if triton is not None:
             at = (ls[:, None] * WIDTH + cols[None, :]) * 2
             lo = tl.load(half + at, mask=mask, other=0).to(tl.int32) & 0xFFFF
             hi = tl.load(half + at + 1, mask=mask, other=0).to(tl.int32)
-            return (lo | (hi << 16)).to(tl.float32, bitcast=True)
-        return _load_user(raw_ptr, base, ls, cols, lmask, WIDTH, KV_CODE)
+            rows = (lo | (hi << 16)).to(tl.float32, bitcast=True)
+        else:
+            rows = _load_user(raw_ptr, base, ls, cols, lmask, WIDTH, KV_CODE)
+        return rows
 
     @triton.jit
     def _side(raw_ptr, pool_ptr, user_base, idx_base, ls, cols, lmask, nbad, pool_size, D_A: tl.constexpr,
