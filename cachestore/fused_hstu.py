@@ -208,7 +208,7 @@ def hstu_history(raw: torch.Tensor, q: torch.Tensor, starts: torch.Tensor, layer
     dh, gh = d_a // heads, config.heads_per_program
     pool_k, pool_v, bias = layer_tables(resident, KV_TORCH[_pool_dtype(config, layout)])[layer]
     where = {p.name: i for i, p in enumerate(layout.parts)}
-    ku, vu = where.get(f"layer{layer}.k_user", 0), where[f"layer{layer}.v_user"]
+    ku, vu = where[f"layer{layer}.k_user"], where[f"layer{layer}.v_user"]  # every HSTU layer caches K and V
     ki, vi = where.get(f"layer{layer}.k_idx"), where.get(f"layer{layer}.v_idx")
     rows, groups, max_n = b * c, heads // gh, layout.max_len
     parts = split_parts(config, rows, groups, max(1, max_n), q.device)
@@ -220,7 +220,7 @@ def hstu_history(raw: torch.Tensor, q: torch.Tensor, starts: torch.Tensor, layer
     _hstu_history_kernel[(rows, groups, parts)](
         raw, raw[: 16 * n_users].view(torch.int64), starts, q.float().contiguous(), bias, pool_k, pool_v, out,
         flags, n_users, c, 1.0 / math.sqrt(dh), 1.0 / float(cfg.max_len), cfg.collective.pool_size, D_A=d_a, GH=gh,
-        DH=dh, DK=layout.parts[ku].width if f"layer{layer}.k_user" in where else 0, DV=layout.parts[vu].width,
+        DH=dh, DK=layout.parts[ku].width, DV=layout.parts[vu].width,
         K_SHARED=ki is not None, V_SHARED=vi is not None, KV_CODE=KV_CODES[layout.kv_dtype],
         HALVES_K=_halves(layout, ku), HALVES_V=_halves(layout, vu), IDX_BYTES=IDX_BYTES[layout.idx_dtype],
         P_KU=ku, P_VU=vu, P_KI=ki or 0, P_VI=vi or 0, BLOCK_L=config.block_l, MAX_N=max_n,
@@ -255,8 +255,8 @@ def _self_term(layer: HSTULayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     return (weights.unsqueeze(-1) * vh).reshape(b, c, d_a)
 
 
-def check_hstu_batch(resident: ResidentZooModel, layout: EntryLayout, n_users: int, candidates: torch.Tensor,
-                     config: FusedConfig) -> None:
+def check_hstu_batch(raw: torch.Tensor, candidates: torch.Tensor, resident: ResidentZooModel, layout: EntryLayout,
+                     n_users: int, config: FusedConfig) -> None:
     """ValueError (RuntimeError without Triton) where :func:`hstu_static_decode` cannot serve this batch."""
     if triton is None:
         raise RuntimeError("the fused HSTU decode needs Triton (pip install triton), or use the eager path")
@@ -265,6 +265,9 @@ def check_hstu_batch(resident: ResidentZooModel, layout: EntryLayout, n_users: i
         raise ValueError("the fused HSTU decode reads HSTU zoo stores (record format v2) with an HSTU model")
     if layout.parts != entry_parts(store_config(cfg, layout.mode)) or layout.max_len != cfg.max_len:
         raise ValueError(f"the store's parts are not those of the model's {layout.mode} cache")
+    device = next(resident.model.parameters()).device  # concrete (cuda:0 where the resident says cuda)
+    if raw.dtype != torch.uint8 or raw.device != device or candidates.device != device:
+        raise ValueError(f"the packed batch (uint8) and the candidates must be on the model's device {device}")
     if candidates.dim() != 2 or candidates.shape[0] > n_users:
         raise ValueError(f"candidates {tuple(candidates.shape)}: want (b, C) with b <= {n_users} users")
     dh = cfg.d_attn // cfg.n_heads
@@ -283,7 +286,7 @@ def hstu_static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident:
     ``flags`` ((n_users,) int32, set to 1 for a user with a router index outside the pool; the caller raises
     after the batch): CUDA-graph capturable once :func:`layer_tables` has run. Without ``flags``: a
     ``RouterIndexError`` naming the batch row, after a host sync. Call under ``inference_mode`` / ``no_grad``."""
-    check_hstu_batch(resident, layout, n_users, candidates, config)
+    check_hstu_batch(raw, candidates, resident, layout, n_users, config)
     model = resident.model
     flag = torch.zeros(n_users, dtype=torch.int32, device=raw.device) if flags is None else flags
     starts = part_starts(raw, layout, n_users)  # (P, B)

@@ -180,6 +180,8 @@ def test_refuses_what_it_cannot_serve() -> None:
     other = entry_layout(zoo_config("hstu", hstu_layers=2), VERSION, "collective", "float16")
     with pytest.raises(ValueError, match="not those of the model"):
         hstu_static_decode(case.raw, cand[:6], resident=case.resident, layout=other, n_users=6)
+    with pytest.raises(ValueError, match="model's device"):
+        hstu_static_decode(case.raw.to(torch.int8), cand[:6], resident=case.resident, layout=case.layout, n_users=6)
     with pytest.raises(ValueError, match="heads_per_program"):
         fused(case, cand[:6], dataclasses.replace(EXACT, heads_per_program=8))
 
