@@ -48,13 +48,17 @@ class Case:
     hist: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # items, feedback, lengths (cold user: length 0)
 
 
-def make_case(variant: str, layers: int, mode: str, kv_dtype: str, seed: int = 0) -> Case:
-    """Six users: lengths 0, 1, 4, the window, longer than it, and a cold start (no record)."""
+def make_case(variant: str, layers: int, mode: str, kv_dtype: str, seed: int = 0, idx_dtype: str | None = None
+              ) -> Case:
+    """Six users: lengths 0, 1, 4, the window, longer than it, and a cold start (no record); ``idx_dtype``
+    overrides the store's router-index width."""
     cfg = zoo_config("hstu", hstu_layers=layers, **VARIANTS[variant])
     model = make_model(cfg, seed=seed).eval()
     w = cfg.max_len
     items, feedback, lengths, _ = make_batch([0, 1, 4, w, w + 3, 0], w + 3, seed)
     layout = entry_layout(cfg, VERSION, mode, kv_dtype)
+    if idx_dtype is not None:
+        layout = dataclasses.replace(layout, idx_dtype=idx_dtype)
     ids = list(range(6))
     rows = zoo_prefill_rows(model, layout, ids[:5], items[:5], feedback[:5], lengths[:5])
     records = [entry_from_parquet_row(layout, **row) for row in rows] + [None]
@@ -126,6 +130,15 @@ def test_blocks_head_groups_and_parts_give_the_same_logits(config: FusedConfig) 
     case = make_case("collective", 2, "collective", "float32", seed=5)
     cand = torch.randint(1, N_ITEMS + 1, (6, 2), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     torch.testing.assert_close(fused(case, cand, config), fused(case, cand), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("kv_dtype", "idx_dtype"), [("bfloat16", None), ("float32", "int32"), ("float16", "int32")])
+def test_other_store_dtypes_equal_eager(kv_dtype: str, idx_dtype: str | None) -> None:
+    """bfloat16 user parts and int32 router indices (read as 16-bit halves) score like the eager serving path."""
+    case = make_case("collective", 2, "collective", kv_dtype, seed=4, idx_dtype=idx_dtype)
+    assert idx_dtype is None or case.layout.itemsize("idx") == 4
+    cand = torch.randint(1, N_ITEMS + 1, (6, 2), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    torch.testing.assert_close(fused(case, cand), eager(case, cand), rtol=1e-5, atol=1e-5)
 
 
 def test_store_precision_pools_by_default() -> None:
