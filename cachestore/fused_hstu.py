@@ -1,0 +1,307 @@
+"""HSTU decode straight from the packed batch bytes: one Triton kernel per layer for the cached history.
+
+:meth:`model.hstu.HSTU.decode` runs every candidate (position n_b of user b) through every layer; per
+layer h = LayerNorm(x), u, q = SiLU(W_uq h), the candidate's own K/V from the layer's branches, and per
+head ``A_j = SiLU(q·k_j/√dh + rel_bias[h, bucket(n - j)]) / max_len`` over the cached positions j < n and
+the candidate itself (distance 0); ``x ← x + W_o(LayerNorm(Σ_j A_j v_j) ⊙ u)``; an MLP on
+``[LayerNorm(x), t]`` scores it. The eager serving path unpacks every layer's parts into padded tensors
+and rebuilds K/V per user. :func:`hstu_static_decode` computes the same logits with the per-candidate
+work (projections, the self term, the MLP) in torch and the cached-history term by ONE kernel per layer
+that reads the packed batch (:mod:`cachestore.batch`) in place:
+
+    program (b·C + c, g, s) — user b, candidate c, heads g·GH .. g·GH + GH - 1, behaviours of part s (of S)
+      n = min(lengths[b], max_len); starts[p, b]: byte start of part p of user b's record (header skipped;
+        part p holds min(n, cap_p) rows, every HSTU part has cap max_len: cachestore.entry.EntryLayout)
+      for blocks of BLOCK_L behaviours j < n (fp32 accumulation):
+          k_j  = k_user[j, cols] (0 beyond dk) + P_k[k_idx[j], cols]    (pool rows zero in the user dims)
+          a_jh = SiLU(q[b, c, head h]·k_j,h / √dh + bias[h, n - j])      bias[h, d] = rel_bias[h, bucket(d)]
+          v_j  = v_user[j, cols] (0 beyond dv) + P_v[v_idx[j], cols]
+      out[s, b·C + c, cols] = Σ_j a_jh v_j,h / max_len                   (zeros when n == 0)
+
+and the parts s are summed in torch (no softmax: the history term is a plain sum). K/V rows are rebuilt
+in registers, never written to memory. A router index outside 0 .. pool_size - 1 is never read (its
+pool loads are masked) and sets ``flags[b] = 1``. Full-KV stores (``mode`` "full") hold the whole d_a
+row as the user part and no indices. fp32 user parts that the layout can place at a 2-byte boundary
+(one side shared, uint16 indices) are read as 16-bit halves.
+
+Pool rows are read at the store's precision unless ``FusedConfig.pool_dtype`` says otherwise (as in
+:mod:`cachestore.fused`); per layer the padded pools and the distance → bias table are cached on the
+resident model. ``tests/test_fused_hstu.py`` checks the logits against the model's training forward
+and the eager serving path, on CUDA and under Triton's interpreter on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from cachestore.decode import ResidentZooModel
+from cachestore.entry import EntryLayout
+from cachestore.fused import (
+    DEFAULT_FUSED,
+    IDX_BYTES,
+    INTERPRETED,
+    KV_CODES,
+    STORE,
+    FusedConfig,
+    _load_idx,
+    _load_user,
+    split_parts,
+    tl,
+    triton,
+)
+from cachestore.record import HEADER_SIZE, RouterIndexError
+from cachestore.transfer import KV_TORCH
+from model.cache_spec import entry_parts, store_config
+from model.hstu import HSTULayer, rel_bucket
+from model.pool import KVBranch
+from model.routing import route
+
+if triton is not None:
+
+    @triton.jit
+    def _load_rows(raw_ptr, base, ls, cols, lmask, WIDTH: tl.constexpr, KV_CODE: tl.constexpr,
+                   HALVES: tl.constexpr):
+        """(BLOCK_L, W) fp32 user part rows ``ls`` at columns ``cols`` (0 for cols >= WIDTH); HALVES: fp32
+        values read as two little-endian 16-bit halves (a part start that may sit at a 2-byte boundary)."""
+        if HALVES:
+            half = (raw_ptr + base).to(tl.pointer_type(tl.int16))
+            mask = lmask[:, None] & (cols[None, :] < WIDTH)
+            at = (ls[:, None] * WIDTH + cols[None, :]) * 2
+            lo = tl.load(half + at, mask=mask, other=0).to(tl.int32) & 0xFFFF
+            hi = tl.load(half + at + 1, mask=mask, other=0).to(tl.int32)
+            rows = (lo | (hi << 16)).to(tl.float32, bitcast=True)
+        else:
+            rows = _load_user(raw_ptr, base, ls, cols, lmask, WIDTH, KV_CODE)
+        return rows
+
+    @triton.jit
+    def _side(raw_ptr, pool_ptr, user_base, idx_base, ls, cols, lmask, nbad, pool_size, D_A: tl.constexpr,
+              WIDTH: tl.constexpr, SHARED: tl.constexpr, KV_CODE: tl.constexpr, HALVES: tl.constexpr,
+              IDX_BYTES: tl.constexpr):
+        """K (or V) rows (BLOCK_L, GH·DH) fp32 = user part ⊕ pool row, and the count of bad indices."""
+        rows = _load_rows(raw_ptr, user_base, ls, cols, lmask, WIDTH, KV_CODE, HALVES)
+        if SHARED:
+            idx = _load_idx(raw_ptr, idx_base, ls, lmask, IDX_BYTES)
+            inside = (idx >= 0) & (idx < pool_size)
+            nbad += tl.sum((lmask & (idx < 0)).to(tl.int32) + (lmask & (idx >= pool_size)).to(tl.int32), axis=0)
+            rows += tl.load(pool_ptr + idx[:, None] * D_A + cols[None, :], mask=(lmask & inside)[:, None],
+                            other=0.0).to(tl.float32)
+        return rows, nbad
+
+    @triton.jit
+    def _history_block(raw_ptr, bias_ptr, pool_k_ptr, pool_v_ptr, ku, vu, ki, vi, n, stop, l0, q, cols, heads, acc,
+                       nbad, pool_size, D_A: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr, DK: tl.constexpr,
+                       DV: tl.constexpr, K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, KV_CODE: tl.constexpr,
+                       HALVES_K: tl.constexpr, HALVES_V: tl.constexpr, IDX_BYTES: tl.constexpr,
+                       BLOCK_L: tl.constexpr, MAX_N: tl.constexpr):
+        """acc (GH, DH) += Σ_j SiLU(score_jh) v_jh over behaviours j = l0 .. l0 + BLOCK_L - 1 (masked at j >= stop)."""
+        ls = l0 + tl.arange(0, BLOCK_L)  # (BLOCK_L,)
+        lmask = ls < stop
+        key, nbad = _side(raw_ptr, pool_k_ptr, ku, ki, ls, cols, lmask, nbad, pool_size, D_A, DK, K_SHARED, KV_CODE,
+                          HALVES_K, IDX_BYTES)  # (BLOCK_L, GH·DH)
+        s = tl.sum(tl.reshape(key * q[None, :], (BLOCK_L, GH, DH)), axis=2)  # (BLOCK_L, GH)
+        dist = tl.minimum(tl.maximum(n - ls, 0), MAX_N)  # (BLOCK_L,) n - j in 1 .. n where unmasked
+        s += tl.load(bias_ptr + heads[None, :] * (MAX_N + 1) + dist[:, None], mask=lmask[:, None], other=0.0)
+        a = tl.where(lmask[:, None], s / (1.0 + tl.exp(-s)), 0.0)  # (BLOCK_L, GH) SiLU, 0 at masked rows
+        val, nbad = _side(raw_ptr, pool_v_ptr, vu, vi, ls, cols, lmask, nbad, pool_size, D_A, DV, V_SHARED, KV_CODE,
+                          HALVES_V, IDX_BYTES)  # (BLOCK_L, GH·DH)
+        acc += tl.sum(a[:, :, None] * tl.reshape(val, (BLOCK_L, GH, DH)), axis=0)  # (GH, DH)
+        return acc, nbad
+
+    @triton.jit
+    def _hstu_history_kernel(
+        raw_ptr, header_ptr, starts_ptr, q_ptr, bias_ptr, pool_k_ptr, pool_v_ptr, out_ptr, flag_ptr, n_users, n_cand,
+        scale, inv_norm, pool_size, D_A: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr, DK: tl.constexpr,
+        DV: tl.constexpr, K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, KV_CODE: tl.constexpr,
+        HALVES_K: tl.constexpr, HALVES_V: tl.constexpr, IDX_BYTES: tl.constexpr, P_KU: tl.constexpr,
+        P_VU: tl.constexpr, P_KI: tl.constexpr, P_VI: tl.constexpr, BLOCK_L: tl.constexpr, MAX_N: tl.constexpr,
+        LOOP_N: tl.constexpr, SEG: tl.constexpr,
+    ):
+        row = tl.program_id(0)  # b·C + c: rows of q
+        group = tl.program_id(1)  # heads group·GH .. group·GH + GH - 1
+        part = tl.program_id(2)  # behaviours part·SEG .. part·SEG + SEG - 1
+        b = row // n_cand
+        n = tl.minimum(tl.load(header_ptr + n_users + b), MAX_N)  # behaviours of user b
+        ku = tl.load(starts_ptr + P_KU * n_users + b)  # byte starts of this layer's parts in user b's record
+        vu = tl.load(starts_ptr + P_VU * n_users + b)
+        ki = tl.load(starts_ptr + P_KI * n_users + b)
+        vi = tl.load(starts_ptr + P_VI * n_users + b)
+        lo = part * SEG
+        stop = tl.minimum(n, lo + SEG)
+        cols = group * GH * DH + tl.arange(0, GH * DH)  # (GH·DH,) this group's columns of d_a
+        heads = group * GH + tl.arange(0, GH)  # (GH,)
+        q = tl.load(q_ptr + row * D_A + cols).to(tl.float32) * scale  # (GH·DH,)
+        acc = tl.zeros([GH, DH], dtype=tl.float32)
+        nbad = tl.zeros([], dtype=tl.int32)
+        if LOOP_N > 0:  # Triton's CPU interpreter cannot loop to a loaded bound: static bound, masked
+            for l0 in range(0, LOOP_N, BLOCK_L):
+                acc, nbad = _history_block(
+                    raw_ptr, bias_ptr, pool_k_ptr, pool_v_ptr, ku, vu, ki, vi, n, stop, lo + l0, q, cols, heads, acc,
+                    nbad, pool_size, D_A, GH, DH, DK, DV, K_SHARED, V_SHARED, KV_CODE, HALVES_K, HALVES_V, IDX_BYTES,
+                    BLOCK_L, MAX_N)
+        else:
+            for l0 in range(lo, stop, BLOCK_L):
+                acc, nbad = _history_block(
+                    raw_ptr, bias_ptr, pool_k_ptr, pool_v_ptr, ku, vu, ki, vi, n, stop, l0, q, cols, heads, acc,
+                    nbad, pool_size, D_A, GH, DH, DK, DV, K_SHARED, V_SHARED, KV_CODE, HALVES_K, HALVES_V, IDX_BYTES,
+                    BLOCK_L, MAX_N)
+        tl.store(flag_ptr + b, 1, mask=nbad > 0)
+        rows = tl.num_programs(0)
+        tl.store(out_ptr + (part * rows + row) * D_A + cols, tl.reshape(acc * inv_norm, (GH * DH,)))
+
+
+def _padded_pool(branch: KVBranch, d_a: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The branch's pool as (pool, d_a) rows zero in the user dims, at ``dtype``; 1 zero row when unshared."""
+    if branch.pool is None:
+        return torch.zeros(1, d_a, dtype=dtype, device=device)
+    pool = branch.pool.detach()  # (M, d_a - d_u)
+    return torch.cat([pool.new_zeros(pool.shape[0], d_a - pool.shape[1]), pool], 1).to(dtype).contiguous()
+
+
+Tables = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # per layer: (P_k, P_v, bias)
+
+
+def layer_tables(resident: ResidentZooModel, dtype: torch.dtype) -> Tables:
+    """Per layer (P_k, P_v, bias): padded pools (pool, d_a) at ``dtype`` and bias (H, max_len + 1) fp32 with
+    ``bias[h, d] = rel_bias[h, rel_bucket(d)]``. Built once per dtype and cached on the resident (build
+    them before capturing a CUDA graph: the first call allocates)."""
+    cache: dict = resident.__dict__.setdefault("_fused_hstu_tables", {})
+    if dtype not in cache:
+        d_a, dev = resident.cfg.d_attn, resident.device
+        dist = torch.arange(resident.cfg.max_len + 1, device=dev)  # (max_len + 1,)
+        with torch.no_grad():
+            cache[dtype] = [(_padded_pool(layer.k_branch, d_a, dtype, dev),
+                             _padded_pool(layer.v_branch, d_a, dtype, dev),
+                             layer.rel_bias.detach()[:, rel_bucket(dist)].float().contiguous())  # (H, max_len + 1)
+                            for layer in resident.model.layers]  # fmt: skip
+    return cache[dtype]
+
+
+def part_starts(raw: torch.Tensor, layout: EntryLayout, n_users: int) -> torch.Tensor:
+    """(P, B) int64: byte start in ``raw`` of part p of user b's record,
+    ``offsets[b] + 32 + Σ_{i<p} min(n_b, cap_i)·row_bytes_i`` (a cold-start user: the zero block, n 0)."""
+    header = raw[: 16 * n_users].view(torch.int64)  # offsets (B,), lengths (B,)
+    offsets, lengths = header[:n_users], header[n_users:]
+    sizes = torch.stack([lengths.clamp(min=0, max=p.cap) * rb
+                         for p, rb in zip(layout.parts, layout.row_bytes, strict=True)])  # (P, B)  # fmt: skip
+    return offsets + HEADER_SIZE + sizes.cumsum(0) - sizes
+
+
+def _halves(layout: EntryLayout, position: int) -> bool:
+    """Whether an fp32 part may start at a 2-byte boundary: every HSTU part has cap max_len >= n, so part
+    p starts n · Σ_{i<p} row_bytes_i bytes into the 8-aligned payload."""
+    return layout.itemsize("kv") == 4 and sum(layout.row_bytes[:position]) % 4 != 0
+
+
+def hstu_history(raw: torch.Tensor, q: torch.Tensor, starts: torch.Tensor, layer: int, *,
+                 resident: ResidentZooModel, layout: EntryLayout, n_users: int, flags: torch.Tensor,
+                 config: FusedConfig = DEFAULT_FUSED) -> torch.Tensor:
+    """Layer ``layer``'s cached-history term (b, C, d_a) fp32 of ``q`` (b, C, d_a) for users 0 .. b - 1 of the
+    packed batch ``raw`` (starts: :func:`part_starts`): the module docstring's kernel. ``flags`` (n_users,)
+    int32: set to 1 for a user with a router index outside the pool. No host syncs."""
+    cfg = resident.cfg
+    b, c, d_a = q.shape
+    heads = cfg.n_heads
+    dh, gh = d_a // heads, config.heads_per_program
+    pool_k, pool_v, bias = layer_tables(resident, KV_TORCH[_pool_dtype(config, layout)])[layer]
+    where = {p.name: i for i, p in enumerate(layout.parts)}
+    ku, vu = where[f"layer{layer}.k_user"], where[f"layer{layer}.v_user"]  # every HSTU layer caches K and V
+    ki, vi = where.get(f"layer{layer}.k_idx"), where.get(f"layer{layer}.v_idx")
+    rows, groups, max_n = b * c, heads // gh, layout.max_len
+    parts = split_parts(config, rows, groups, max(1, max_n), q.device)
+    seg = -(-max(1, max_n) // (parts * config.block_l)) * config.block_l  # behaviours per part, whole blocks
+    out = torch.empty(parts, rows, d_a, dtype=torch.float32, device=q.device)  # (S, b·C, d_a)
+    if rows == 0:
+        return out.sum(0).view(b, c, d_a)
+    stages = {} if config.num_stages is None else {"num_stages": config.num_stages}
+    _hstu_history_kernel[(rows, groups, parts)](
+        raw, raw[: 16 * n_users].view(torch.int64), starts, q.float().contiguous(), bias, pool_k, pool_v, out,
+        flags, n_users, c, 1.0 / math.sqrt(dh), 1.0 / float(cfg.max_len), cfg.collective.pool_size, D_A=d_a, GH=gh,
+        DH=dh, DK=layout.parts[ku].width, DV=layout.parts[vu].width,
+        K_SHARED=ki is not None, V_SHARED=vi is not None, KV_CODE=KV_CODES[layout.kv_dtype],
+        HALVES_K=_halves(layout, ku), HALVES_V=_halves(layout, vu), IDX_BYTES=IDX_BYTES[layout.idx_dtype],
+        P_KU=ku, P_VU=vu, P_KI=ki or 0, P_VI=vi or 0, BLOCK_L=config.block_l, MAX_N=max_n,
+        LOOP_N=seg if INTERPRETED else 0, SEG=seg, num_warps=config.num_warps, **stages,
+    )
+    return out.sum(0).view(b, c, d_a)  # (b, C, d_a)
+
+
+def _pool_dtype(config: FusedConfig, layout: EntryLayout) -> str:
+    return layout.kv_dtype if config.pool_dtype == STORE else config.pool_dtype
+
+
+def _candidate_side(branch: KVBranch, h: torch.Tensor) -> torch.Tensor:
+    """The candidates' own K (or V) (B, C, d_a) from h (B, C, E): SiLU(W h) ⊕ pool[argmax router(h)]
+    (shared; as ``HSTULayer.project`` with hard routing) or SiLU(W h) (not shared)."""
+    user = nn.functional.silu(branch.proj(h))  # (B, C, d_u or d_a)
+    if branch.pool is None or branch.router is None:
+        return user
+    idx = route(branch.router(h)).idx  # (B, C)
+    rows = branch.pool.index_select(0, idx.reshape(-1)).reshape(*idx.shape, -1)  # (B, C, d_a - d_u)
+    return torch.cat([user, rows.to(user.dtype)], dim=-1)
+
+
+def _self_term(layer: HSTULayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Each candidate's attention to itself (distance 0): SiLU(q·k/√dh + rel_bias[h, 0]) / max_len · v, (B, C, d_a)."""
+    b, c, d_a = q.shape
+    heads = layer.n_heads
+    dh = d_a // heads
+    qh, kh, vh = (t.reshape(b, c, heads, dh) for t in (q, k, v))  # (B, C, H, dh)
+    scores = (qh * kh).sum(-1) / math.sqrt(dh) + layer.rel_bias[:, 0]  # (B, C, H)
+    weights = nn.functional.silu(scores) / layer.norm_len
+    return (weights.unsqueeze(-1) * vh).reshape(b, c, d_a)
+
+
+def check_hstu_batch(raw: torch.Tensor, candidates: torch.Tensor, resident: ResidentZooModel, layout: EntryLayout,
+                     n_users: int, config: FusedConfig) -> None:
+    """ValueError (RuntimeError without Triton) where :func:`hstu_static_decode` cannot serve this batch."""
+    if triton is None:
+        raise RuntimeError("the fused HSTU decode needs Triton (pip install triton), or use the eager path")
+    cfg = resident.cfg
+    if not isinstance(layout, EntryLayout) or layout.arch != "hstu" or cfg.arch != "hstu":
+        raise ValueError("the fused HSTU decode reads HSTU zoo stores (record format v2) with an HSTU model")
+    if layout.parts != entry_parts(store_config(cfg, layout.mode)) or layout.max_len != cfg.max_len:
+        raise ValueError(f"the store's parts are not those of the model's {layout.mode} cache")
+    device = next(resident.model.parameters()).device  # concrete (cuda:0 where the resident says cuda)
+    if raw.dtype != torch.uint8 or raw.device != device or candidates.device != device:
+        raise ValueError(f"the packed batch (uint8) and the candidates must be on the model's device {device}")
+    if candidates.dim() != 2 or candidates.shape[0] > n_users:
+        raise ValueError(f"candidates {tuple(candidates.shape)}: want (b, C) with b <= {n_users} users")
+    dh = cfg.d_attn // cfg.n_heads
+    if dh & (dh - 1) or cfg.n_heads % config.heads_per_program:
+        raise ValueError(f"the fused kernel needs a power-of-two head dim ({dh}) and heads_per_program dividing "
+                         f"{cfg.n_heads} ({config.heads_per_program})")
+
+
+def hstu_static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: ResidentZooModel,
+                       layout: EntryLayout, n_users: int, config: FusedConfig = DEFAULT_FUSED,
+                       flags: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits (b, C) of ``candidates`` (b, C) int64 of users 0 .. b - 1 (b <= n_users) against the packed batch
+    ``raw`` (uint8 on the resident's device, :mod:`cachestore.batch`) of an HSTU store: ``HSTU.decode`` with
+    every layer's cached-history term from :func:`hstu_history` (launched with ``config``; pool rows at
+    ``config.pool_dtype``, the store's precision by default). Shape-static and free of host syncs with
+    ``flags`` ((n_users,) int32, set to 1 for a user with a router index outside the pool; the caller raises
+    after the batch): CUDA-graph capturable once :func:`layer_tables` has run. Without ``flags``: a
+    ``RouterIndexError`` naming the batch row, after a host sync. Call under ``inference_mode`` / ``no_grad``."""
+    check_hstu_batch(raw, candidates, resident, layout, n_users, config)
+    model = resident.model
+    flag = torch.zeros(n_users, dtype=torch.int32, device=raw.device) if flags is None else flags
+    starts = part_starts(raw, layout, n_users)  # (P, B)
+    t = model.item_embedding(candidates)  # (b, C, E)
+    x = t
+    for i, layer in enumerate(model.layers):
+        h = layer.norm_in(x)
+        u, q = nn.functional.silu(layer.uq(h)).chunk(2, dim=-1)  # (b, C, d_a) each
+        k, v = _candidate_side(layer.k_branch, h), _candidate_side(layer.v_branch, h)
+        history = hstu_history(raw, q, starts, i, resident=resident, layout=layout, n_users=n_users, flags=flag,
+                               config=config)
+        x = layer.update(x, history.to(q.dtype) + _self_term(layer, q, k, v), u)
+    logits = model.score_hidden(x, t)  # (b, C)
+    if flags is None and bool(flag.any()):
+        raise RouterIndexError(f"a router index outside the pool 0..{resident.cfg.collective.pool_size - 1} in "
+                               f"batch row {int(torch.nonzero(flag)[0, 0])}: the record is corrupt "
+                               "(run `ckv store verify STORE`)")
+    return logits
