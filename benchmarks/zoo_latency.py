@@ -1,0 +1,421 @@
+"""Decode latency of every model of the zoo (din, SIM, ETA, SDIM, TWIN, HSTU): full KV vs CollectiveKV.
+
+GPU (torch + numpy; matplotlib for the plot; no lmdb; < 8 minutes on an H200 for both dtypes):
+
+    python benchmarks/zoo_latency.py            # -> benchmarks/results/zoo_latency/zoo_latency_<dtype>.json,
+                                                #    zoo_latency.md, zoo_latency.png
+
+CPU dry run (tiny shapes; proves the script end to end, numbers are NOT the GPU result; writes under the
+temporary directory unless --out-dir says otherwise):
+
+    python benchmarks/zoo_latency.py --device cpu --quick
+
+Shapes (paper): embed 64, d_a 256, 8 heads, d_u 1, pool 10,000, topk 50, 18 genres (up to 3 per item: SIM's
+category bitmasks), HSTU 2 layers, random weights, C candidates per user (default 1), every user a full
+history: din and hstu L 50 and L 1000 (max_len); sim/eta/sdim/twin short 50 + long L 1000 (long_len).
+B in 1, 64, 256, 512; the store dtype (--dtype) float16 and float32. Per (arch, L, dtype, B):
+
+- **baseline** (the strongest full-KV path): every cached K/V group of the FULL model (kv_mode full) as
+  padded (B, rows, d_a) tensors at the store dtype, the retrieval keys, the lengths and the candidates in
+  ONE contiguous pinned host buffer; one copy, then the model's decode math at the store dtype (no cast of
+  the K/V to fp32): target attention by ``scaled_dot_product_attention`` with a length mask (SIM/ETA over
+  the gathered top-k rows), TWIN's per-head top-k + softmax of those scores, SDIM's bucket aggregation,
+  HSTU's SiLU attention by einsum; copy + decode captured in a CUDA graph, the replay timed. Its logits
+  are checked against ``model.decode`` of the same full cache (fp32 model; tolerance by dtype).
+- **CollectiveKV**: the collective store's records (din: record format v1; zoo: v2,
+  ``cachestore.entry``) packed by ``HostBatcher.pack`` (pinned) → ``GraphedDecoder(...).run`` (one replay:
+  copy + decode; :func:`bench_collective`), checked against ``model.decode`` of the collective cache. Where
+  ``GraphedDecoder`` refuses the layout the row says so and carries the baseline only.
+
+Reported: bytes per request of both, the PCIe floor of the collective bytes (bytes ÷ measured pinned
+bandwidth + a small copy's fixed latency, ``decode_latency.copy_limits``), speed-up (baseline ÷
+collective) and collective ÷ floor; medians of CUDA-event timings after warm-up (``decode_latency.timed``).
+Targets (reported, not asserted): every zoo model at B 512, L 1000 >= 40x its baseline and <= 2.5x its
+floor; din >= 50x at B 512, L 1000 in both dtypes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.decode_latency import copy_limits, machine, sync, timed  # noqa: E402
+from benchmarks.zoo_full_kv import FullBuffer, FullKVDecoder  # noqa: E402
+from cachestore.batch import HostBatch, HostBatcher  # noqa: E402
+from cachestore.decode import ResidentModel, ResidentZooModel  # noqa: E402
+from cachestore.entry import entry_from_parquet_row, entry_layout  # noqa: E402
+from cachestore.entry_batch import entry_payloads, storage_arrays  # noqa: E402
+from cachestore.graphs import GraphedDecoder  # noqa: E402
+from cachestore.record import CacheLayout, encode_record  # noqa: E402
+from cachestore.transfer import KV_TORCH  # noqa: E402
+from model.blocks import ZooCache  # noqa: E402
+from model.cache import KVCache  # noqa: E402
+from model.cache_spec import group_specs, index_dtype  # noqa: E402
+from model.config import ARCHS, LONG_ARCHS, CollectiveConfig, ModelConfig  # noqa: E402
+from model.entry import entry_arrays  # noqa: E402
+from model.zoo import create_model  # noqa: E402
+
+PAPER = {"embed_dim": 64, "d_attn": 256, "n_heads": 8, "d_user": 1, "pool_size": 10_000, "topk": 50,
+         "n_genres": 18, "max_genres": 3, "hstu_layers": 2, "short": 50, "lengths": (50, 1000), "long": 1000}
+QUICK = {"embed_dim": 16, "d_attn": 32, "n_heads": 4, "d_user": 1, "pool_size": 64, "topk": 4,
+         "n_genres": 6, "max_genres": 2, "hstu_layers": 2, "short": 4, "lengths": (8,), "long": 12}
+N_ITEMS = 100_000
+BATCH_SIZES = (1, 64, 256, 512)
+DTYPES = ("float16", "float32")
+TOL = {"float16": 5e-2, "float32": 2e-3}  # max |logit - model.decode| (fp16: the decode's own rounding)
+VERSION = "0123456789abcdef"
+RESULTS = ROOT / "benchmarks" / "results" / "zoo_latency"
+
+
+def model_config(arch: str, length: int, shape: dict, n_items: int) -> ModelConfig:
+    """The benchmark's config of ``arch`` caching ``length`` behaviours (long archs: the long window)."""
+    long = arch in LONG_ARCHS
+    return ModelConfig(n_items=n_items, n_genres=shape["n_genres"], max_genres=shape["max_genres"],
+                       embed_dim=shape["embed_dim"], d_attn=shape["d_attn"], n_heads=shape["n_heads"],
+                       max_len=shape["short"] if long else length, long_len=max(length, shape["short"]),
+                       arch=arch, topk=shape["topk"], hstu_layers=shape["hstu_layers"],
+                       collective=CollectiveConfig(d_user=shape["d_user"], pool_size=shape["pool_size"]))
+
+
+def make_models(cfg: ModelConfig, seed: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(collective model, full-KV model) with random weights and item genres (1..max_genres of n_genres per
+    item; item 0 none); HSTU's relative-position biases non-zero so positions matter."""
+    g = torch.Generator().manual_seed(seed)
+    genres = torch.randint(1, cfg.n_genres + 1, (cfg.n_items + 1, cfg.max_genres), generator=g)
+    genres[:, 1:] *= torch.rand(cfg.n_items + 1, cfg.max_genres - 1, generator=g) < 0.5  # 1..max_genres each
+    genres[0] = 0
+    models = []
+    for mode in ("collective", "full"):
+        torch.manual_seed(seed)
+        m = create_model(dataclasses.replace(cfg, kv_mode=mode), genres).eval()
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if name.endswith("rel_bias"):
+                    p.normal_(0.0, 0.5, generator=g)
+        models.append(m)
+    return models[0], models[1]
+
+
+def synthetic_cache(model: torch.nn.Module, n_users: int, kv_dtype: str, seed: int, device: torch.device
+                    ) -> ZooCache:
+    """Full histories of ``n_users`` users in ``model``'s cache form (din too: one group "kv"): N(0, 1) K/V
+    parts rounded to ``kv_dtype`` (held as fp32), uniform router indices, and the retrieval keys of random
+    items computed by the model itself (``retrieval_keys``)."""
+    cfg, n = model.cfg, model.cfg.window_len
+    g = torch.Generator(device=device).manual_seed(seed)
+    lengths = torch.full((n_users,), n, dtype=torch.int64, device=device)
+
+    def values(rows: int, width: int) -> torch.Tensor:
+        x = torch.randn(n_users, rows, width, generator=g, device=device)  # (B, R, width)
+        return x.to(KV_TORCH[kv_dtype]).float()
+
+    def index(rows: int, shared: bool) -> torch.Tensor | None:
+        return torch.randint(0, cfg.collective.pool_size, (n_users, rows), generator=g, device=device) if shared \
+            else None
+
+    kv = {}
+    for s in group_specs(cfg):
+        rows = min(n, s.cap)
+        kv[s.name] = KVCache(values(rows, s.dk), values(rows, s.dv), index(rows, s.k_shared),
+                             index(rows, s.v_shared), lengths.clamp(max=s.cap))
+    keys = {}
+    if cfg.arch in LONG_ARCHS:
+        items = torch.randint(1, cfg.n_items + 1, (n_users, n), generator=g, device=device)
+        keys = model.retrieval_keys(items, lengths)
+    return ZooCache(lengths=lengths, kv=kv, keys=keys)
+
+
+def head(cache: ZooCache, b: int) -> ZooCache:
+    """The first ``b`` users of a cache."""
+    kv = {n: KVCache(*(None if t is None else t[:b] for t in (c.k_user, c.v_user, c.k_idx, c.v_idx, c.lengths)))
+          for n, c in cache.kv.items()}
+    return ZooCache(lengths=cache.lengths[:b], kv=kv, keys={n: k[:b] for n, k in cache.keys.items()})
+
+
+def reference_logits(model: torch.nn.Module, cache: ZooCache, candidates: torch.Tensor) -> torch.Tensor:
+    """``model.decode`` (fp32) of a cache; din decodes its one group's :class:`KVCache`."""
+    return model.decode(cache.kv["kv"] if model.cfg.arch == "din" else cache, candidates)
+
+
+def store_layout(cfg: ModelConfig, kv_dtype: str) -> CacheLayout | object:
+    """The collective store's layout: din record format v1 (what its store and graphs serve), zoo v2."""
+    if cfg.arch != "din":
+        return entry_layout(cfg, VERSION, "collective", kv_dtype)
+    d_u, pool = cfg.collective.d_user, cfg.collective.pool_size
+    return CacheLayout("collective", kv_dtype, index_dtype(pool), d_u, d_u, True, True, pool, cfg.max_len, VERSION)
+
+
+def store_records(cfg: ModelConfig, layout: object, cache: ZooCache, kv_dtype: str) -> list[bytes]:
+    """One record per user of ``cache`` (its entry parts at the store's storage dtypes)."""
+    arrays = storage_arrays(entry_layout(cfg, VERSION, "collective", kv_dtype), entry_arrays(cache, cfg))
+    n = cache.lengths.cpu().numpy()
+    if cfg.arch == "din":
+        return [encode_record(layout, length=int(n[b]), **{p: arrays[f"kv.{p}"][b, : n[b]].tobytes() for p in
+                                                             ("k_user", "v_user", "k_idx", "v_idx")})
+                for b in range(len(n))]
+    values, offsets = entry_payloads(layout, arrays, n)
+    out = []
+    for b in range(len(n)):
+        payload = values[offsets[b]: offsets[b + 1]].tobytes()
+        out.append(entry_from_parquet_row(layout, user_id=b, length=int(n[b]), payload=payload,
+                                          model_version=VERSION, checksum=zlib.crc32(payload)))
+    return out
+
+
+def bench_collective(model: torch.nn.Module, layout: object, host: HostBatch, candidates: torch.Tensor,
+                     pad_to: int, device: torch.device, args: argparse.Namespace) -> tuple[dict, torch.Tensor | None]:
+    """CollectiveKV end to end: the packed batch (pinned ``host``) → ``GraphedDecoder.run`` (one replay: the
+    copy of the batch and the candidates + decode). Returns (timing or ``{"skipped": why}``, logits (B, C)).
+    The one place the collective path is built: adapt it here."""
+    b, c = candidates.shape
+    resident = ResidentModel(model, device) if model.cfg.arch == "din" else ResidentZooModel(model, device)
+    try:
+        graph = GraphedDecoder(resident, layout, n_users=b, pad_to=pad_to, n_candidates=c,
+                               eager=device.type != "cuda")
+        logits = graph.run(host, candidates.cpu()).clone()
+    except Exception as exc:  # the graph does not (yet) take this layout: keep the baseline's numbers
+        return {"skipped": f"GraphedDecoder: {type(exc).__name__}: {exc}"[:400]}, None
+    return timed(lambda: graph.run(host), device, args.warmup, args.repeats), logits
+
+
+def bench_baseline(full_model: torch.nn.Module, cache: ZooCache, candidates: torch.Tensor, kv_dtype: str,
+                   device: torch.device, args: argparse.Namespace) -> tuple[dict, torch.Tensor, int]:
+    """The full-KV baseline: one pinned buffer → one copy → decode at ``kv_dtype`` (a CUDA graph on a GPU).
+    Returns (timing, logits (B, C), bytes copied)."""
+    buf = FullBuffer(cache, candidates, kv_dtype, full_model.cfg, pin=device.type == "cuda", device=device)
+    decoder = FullKVDecoder(full_model, kv_dtype)
+
+    def step() -> torch.Tensor:
+        buf.device_bytes.copy_(buf.host_bytes, non_blocking=True)
+        return decoder(buf.views())
+
+    if device.type == "cuda":
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        run = graph.replay
+    else:
+        out, run = step(), step
+    run()
+    sync(device)
+    logits = out.clone()
+    return timed(run, device, args.warmup, args.repeats), logits, buf.nbytes
+
+
+def max_diff(got: torch.Tensor | None, want: torch.Tensor) -> float | None:
+    return None if got is None else float((got.float().cpu() - want.float().cpu()).abs().max())
+
+
+def bench_config(arch: str, length: int, kv_dtype: str, args: argparse.Namespace, device: torch.device,
+                 limits: dict) -> list[dict]:
+    """Rows of one (arch, L, dtype) for every B: timings, bytes, floor and checks."""
+    cfg = model_config(arch, length, args.shape, args.n_items)
+    model, full_model = make_models(cfg, seed=0)
+    model, full_model = model.to(device), full_model.to(device)
+    top = max(args.batch_sizes)
+    collective = synthetic_cache(model, top, kv_dtype, 1, device)
+    full = synthetic_cache(full_model, top, kv_dtype, 2, device)
+    layout = store_layout(cfg, kv_dtype)
+    records = store_records(cfg, layout, collective, kv_dtype)
+    g = torch.Generator(device=device).manual_seed(3)
+    all_candidates = torch.randint(1, cfg.n_items + 1, (top, args.candidates), generator=g, device=device)
+    rows = []
+    for b in args.batch_sizes:
+        t0 = time.perf_counter()
+        cand = all_candidates[:b]
+        row: dict = {"arch": arch, "L": length, "short": cfg.max_len if arch in LONG_ARCHS else None, "B": b,
+                     "C": args.candidates, "dtype": kv_dtype}
+        base, base_logits, base_bytes = bench_baseline(full_model, head(full, b), cand, kv_dtype, device, args)
+        row["baseline"] = base
+        row["baseline_bytes_per_request"] = base_bytes / b
+        row["baseline_max_abs_diff"] = max_diff(base_logits, reference_logits(full_model, head(full, b), cand))
+        row["baseline_ok"] = row["baseline_max_abs_diff"] <= TOL[kv_dtype]
+        host = HostBatcher(layout, pin=device.type == "cuda", n_buffers=1, batch_users=b).pack(np.arange(b),
+                                                                                             records[:b])
+        c_bytes = host.used_bytes + cand.numel() * cand.element_size()  # the batch + the candidates
+        row["collective_bytes_per_request"] = c_bytes / b
+        row["floor_ms"] = c_bytes / limits["floor_gb_per_s"] / 1e6 + limits["floor_fixed_ms"]
+        coll, coll_logits = bench_collective(model, layout, host, cand, cfg.window_len, device, args)
+        row["collective"] = coll
+        row["collective_max_abs_diff"] = max_diff(coll_logits, reference_logits(model, head(collective, b), cand))
+        row["collective_ok"] = None if coll_logits is None else row["collective_max_abs_diff"] <= TOL[kv_dtype]
+        c_ms = coll.get("median_ms")
+        row["speedup"] = base["median_ms"] / c_ms if c_ms else None
+        row["over_floor"] = c_ms / row["floor_ms"] if c_ms else None
+        rows.append(row)
+        print(progress(row, time.perf_counter() - t0), flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def progress(r: dict, seconds: float) -> str:
+    head_ = f"{r['dtype']} {r['arch']:>4} L {r['L']:>4} B {r['B']:>3}: baseline {r['baseline']['median_ms']:.3f} ms"
+    check = f"(diff {r['baseline_max_abs_diff']:.1e}{'' if r['baseline_ok'] else ' MISMATCH'})"
+    if "skipped" in r["collective"]:
+        return f"{head_} {check}; collective SKIPPED: {r['collective']['skipped']}  [{seconds:.1f} s]"
+    return (f"{head_} {check}; collective {r['collective']['median_ms']:.3f} ms (diff "
+            f"{r['collective_max_abs_diff']:.1e}{'' if r['collective_ok'] else ' MISMATCH'}), "
+            f"x{r['speedup']:.1f}, {r['over_floor']:.2f}x floor  [{seconds:.1f} s]")
+
+
+def configs(archs: list[str], shape: dict) -> list[tuple[str, int]]:
+    """(arch, L): din and hstu at every length of the shape, the long archs at the long window."""
+    return [(a, n) for a in archs for n in ((shape["long"],) if a in LONG_ARCHS else shape["lengths"])]
+
+
+def targets(rows: list[dict], long: int) -> dict:
+    """The brief's targets at B 512, L ``long`` (reported, not asserted)."""
+    out = {}
+    for r in rows:
+        if r["B"] != 512 or r["L"] != long or r["speedup"] is None:
+            continue
+        want = 50 if r["arch"] == "din" else 40
+        key = f"{r['arch']}_{r['dtype']}"
+        out[key] = {"speedup": round(r["speedup"], 1), "speedup_target": want, "speedup_met": r["speedup"] >= want,
+                    "over_floor": round(r["over_floor"], 2)}
+        if r["arch"] != "din":
+            out[key].update(floor_target=2.5, floor_met=r["over_floor"] <= 2.5)
+    return out
+
+
+def write_table(results: dict[str, dict], path: Path) -> None:
+    """Markdown table arch × B × L of every dtype run."""
+    lines = ["| dtype | arch | L | B | baseline ms | CollectiveKV ms | speed-up | floor ms | × floor | "
+             "bytes/req base | bytes/req coll |", "|" + "---|" * 11]
+    for res in results.values():
+        for r in res["rows"]:
+            c = r["collective"].get("median_ms")
+            cells = [r["dtype"], r["arch"], f"{r['L']}" + (f" (short {r['short']})" if r["short"] else ""), r["B"],
+                     f"{r['baseline']['median_ms']:.3f}", f"{c:.3f}" if c else "skipped",
+                     f"{r['speedup']:.1f}" if c else "–", f"{r['floor_ms']:.3f}",
+                     f"{r['over_floor']:.2f}" if c else "–", f"{r['baseline_bytes_per_request']:,.0f}",
+                     f"{r['collective_bytes_per_request']:,.0f}"]
+            lines.append("| " + " | ".join(str(x) for x in cells) + " |")
+    first = next(iter(results.values()))
+    note = "CPU DRY RUN: not the GPU result. " if first["dry_run"] else ""
+    dev = first["machine"].get("gpu") or first["machine"].get("cpu", "cpu")
+    path.write_text(f"# Zoo decode latency ({dev})\n\n{note}Command: `{first['command']}`. Medians of "
+                    f"{first['config']['repeats']} timings; floor = collective bytes / pinned bandwidth + fixed "
+                    "latency.\n\n" + "\n".join(lines) + "\n")
+    print(f"wrote {path}")
+
+
+def plot(results: dict[str, dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot")
+        return
+    fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 5), squeeze=False)
+    for ax, (dtype, res) in zip(axes[0], results.items(), strict=True):
+        for i, (arch, length) in enumerate(sorted({(r["arch"], r["L"]) for r in res["rows"]})):
+            rows = [r for r in res["rows"] if (r["arch"], r["L"]) == (arch, length)]
+            bs = [r["B"] for r in rows]
+            ax.plot(bs, [r["baseline"]["median_ms"] for r in rows], "--", marker=".", color=f"C{i}",
+                    label=f"{arch} L {length}: full KV")
+            coll = [r["collective"].get("median_ms", np.nan) for r in rows]
+            if not all(np.isnan(coll)):
+                ax.plot(bs, coll, "-", marker="o", color=f"C{i}", label=f"{arch} L {length}: CollectiveKV")
+        ax.set(xscale="log", yscale="log", xlabel="batch size B", ylabel="ms (median), host memory → logits",
+               title=f"store {dtype}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+    dev = next(iter(results.values()))["machine"]
+    fig.suptitle(("CPU DRY RUN — " if dev["device"] == "cpu" else "") + f"zoo decode on {dev.get('gpu', 'cpu')}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, few repeats (the CPU dry run)")
+    p.add_argument("--dtype", choices=[*DTYPES, "both"], default="both", help="store dtype (default both)")
+    p.add_argument("--archs", default=",".join(ARCHS), help="comma list (default every arch)")
+    p.add_argument("--batch-sizes", default=None, help="comma list (default 1,64,256,512; --quick 1,3)")
+    p.add_argument("--candidates", type=int, default=1, help="candidates per user C")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--out-dir", type=Path, default=None)
+    args = p.parse_args(argv)
+    args.shape = QUICK if args.quick else PAPER
+    args.n_items = 50 if args.quick else N_ITEMS
+    args.batch_sizes = [int(x) for x in args.batch_sizes.split(",")] if args.batch_sizes else (
+        [1, 3] if args.quick else list(BATCH_SIZES))
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
+    args.repeats = args.repeats if args.repeats is not None else (3 if args.quick else 30)
+    dry = torch.device(args.device).type != "cuda"
+    args.out_dir = args.out_dir or (Path(tempfile.gettempdir()) / "ckv-zoo-latency-dryrun" if dry else RESULTS)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; returns 1 when a check failed (after writing every output), else 0."""
+    args = parse(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("no CUDA device: use --device cpu for a dry run")
+    torch.set_grad_enabled(False)
+    info = {**machine(device), "triton": _triton_version()}
+    print(json.dumps(info), flush=True)
+    limits = copy_limits(device, device.type == "cuda", args.quick, args.warmup, args.repeats)
+    print(f"copy: floor {limits['floor_gb_per_s']:.2f} GB/s + {limits['floor_fixed_ms'] * 1e3:.1f} us fixed")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    results, failed = {}, False
+    for kv_dtype in DTYPES if args.dtype == "both" else (args.dtype,):
+        rows = []
+        with torch.inference_mode():
+            for arch, length in configs(args.archs.split(","), args.shape):
+                rows += bench_config(arch, length, kv_dtype, args, device, limits)
+        failed |= any(r["baseline_ok"] is False or r["collective_ok"] is False for r in rows)
+        res = {"benchmark": "zoo_latency", "dry_run": device.type != "cuda", "machine": info,
+               "command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
+               "config": {**{k: v for k, v in args.shape.items() if k != "lengths"}, "n_items": args.n_items,
+                          "store_dtype": kv_dtype, "candidates": args.candidates, "batch_sizes": args.batch_sizes,
+                          "warmup": args.warmup, "repeats": args.repeats, "tolerance": TOL[kv_dtype]},
+               "copy_limits": limits, "rows": rows, "targets": targets(rows, args.shape["long"])}
+        out = args.out_dir / f"zoo_latency_{kv_dtype}.json"
+        out.write_text(json.dumps(res, indent=1) + "\n")
+        print(f"wrote {out}")
+        print(json.dumps(res["targets"], indent=1))
+        results[kv_dtype] = res
+    write_table(results, args.out_dir / "zoo_latency.md")
+    plot(results, args.out_dir / "zoo_latency.png")
+    if failed:
+        print("a check failed: logits differ from model.decode beyond the tolerance (see *_ok in the rows)")
+    return int(failed)
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+if __name__ == "__main__":
+    sys.exit(main())
