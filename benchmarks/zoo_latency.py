@@ -51,30 +51,36 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.decode_latency import copy_limits, machine, sync, timed  # noqa: E402
+from benchmarks.decode_latency import (  # noqa: E402
+    collective_layout,
+    copy_limits,
+    machine,
+    sync,
+    synthetic_records,
+    timed,
+)
 from benchmarks.zoo_full_kv import FullBuffer, FullKVDecoder  # noqa: E402
 from cachestore.batch import HostBatch, HostBatcher  # noqa: E402
-from cachestore.decode import ResidentModel, ResidentZooModel  # noqa: E402
+from cachestore.decode import ResidentModel, ResidentZooModel, entry_cache  # noqa: E402
 from cachestore.entry import entry_from_parquet_row, entry_layout  # noqa: E402
 from cachestore.entry_batch import entry_payloads, storage_arrays  # noqa: E402
 from cachestore.graphs import GraphedDecoder  # noqa: E402
-from cachestore.record import CacheLayout, encode_record  # noqa: E402
-from cachestore.transfer import KV_TORCH  # noqa: E402
+from cachestore.transfer import KV_TORCH, to_device  # noqa: E402
 from model.blocks import ZooCache  # noqa: E402
 from model.cache import KVCache  # noqa: E402
-from model.cache_spec import group_specs, index_dtype  # noqa: E402
+from model.cache_spec import group_specs  # noqa: E402
 from model.config import ARCHS, LONG_ARCHS, CollectiveConfig, ModelConfig  # noqa: E402
 from model.entry import entry_arrays  # noqa: E402
 from model.zoo import create_model  # noqa: E402
 
 PAPER = {"embed_dim": 64, "d_attn": 256, "n_heads": 8, "d_user": 1, "pool_size": 10_000, "topk": 50,
          "n_genres": 18, "max_genres": 3, "hstu_layers": 2, "short": 50, "lengths": (50, 1000), "long": 1000}
-QUICK = {"embed_dim": 16, "d_attn": 32, "n_heads": 4, "d_user": 1, "pool_size": 64, "topk": 4,
+QUICK = {"embed_dim": 16, "d_attn": 32, "n_heads": 4, "d_user": 1, "pool_size": 10_000, "topk": 4,
          "n_genres": 6, "max_genres": 2, "hstu_layers": 2, "short": 4, "lengths": (8,), "long": 12}
 N_ITEMS = 100_000
 BATCH_SIZES = (1, 64, 256, 512)
 DTYPES = ("float16", "float32")
-TOL = {"float16": 5e-2, "float32": 2e-3}  # max |logit - model.decode| (fp16: the decode's own rounding)
+TOL = {"float16": 1e-2, "float32": 1e-3}  # max |logit - model.decode| (logits ~0.1; another cache moves them ~0.1)
 VERSION = "0123456789abcdef"
 RESULTS = ROOT / "benchmarks" / "results" / "zoo_latency"
 
@@ -149,22 +155,27 @@ def reference_logits(model: torch.nn.Module, cache: ZooCache, candidates: torch.
     return model.decode(cache.kv["kv"] if model.cfg.arch == "din" else cache, candidates)
 
 
-def store_layout(cfg: ModelConfig, kv_dtype: str) -> CacheLayout | object:
-    """The collective store's layout: din record format v1 (what its store and graphs serve), zoo v2."""
-    if cfg.arch != "din":
-        return entry_layout(cfg, VERSION, "collective", kv_dtype)
-    d_u, pool = cfg.collective.d_user, cfg.collective.pool_size
-    return CacheLayout("collective", kv_dtype, index_dtype(pool), d_u, d_u, True, True, pool, cfg.max_len, VERSION)
-
-
-def store_records(cfg: ModelConfig, layout: object, cache: ZooCache, kv_dtype: str) -> list[bytes]:
-    """One record per user of ``cache`` (its entry parts at the store's storage dtypes)."""
-    arrays = storage_arrays(entry_layout(cfg, VERSION, "collective", kv_dtype), entry_arrays(cache, cfg))
-    n = cache.lengths.cpu().numpy()
+def store_layout(cfg: ModelConfig, kv_dtype: str) -> object:
+    """The collective store's layout: din's is ``decode_latency.collective_layout`` (the din store the
+    graphs serve), a zoo model's its ``entry_layout``."""
     if cfg.arch == "din":
-        return [encode_record(layout, length=int(n[b]), **{p: arrays[f"kv.{p}"][b, : n[b]].tobytes() for p in
-                                                             ("k_user", "v_user", "k_idx", "v_idx")})
-                for b in range(len(n))]
+        layout = collective_layout(cfg.max_len, VERSION, kv_dtype)
+        if layout.pool_size != cfg.collective.pool_size:
+            raise ValueError(f"din's store layout has a pool of {layout.pool_size} rows, the model {cfg.collective}")
+        return layout
+    return entry_layout(cfg, VERSION, "collective", kv_dtype)
+
+
+def store_records(model: torch.nn.Module, layout: object, n_users: int, kv_dtype: str, device: torch.device
+                  ) -> list[bytes]:
+    """One record per user, full histories: din's ``decode_latency.synthetic_records``; a zoo model's from
+    :func:`synthetic_cache` (its entry parts at the store's storage dtypes, ``cachestore.entry_batch``)."""
+    cfg = model.cfg
+    if cfg.arch == "din":
+        return synthetic_records(layout, n_users, cfg.max_len, seed=1)
+    cache = synthetic_cache(model, n_users, kv_dtype, 1, device)
+    arrays = storage_arrays(layout, entry_arrays(cache, cfg))
+    n = cache.lengths.cpu().numpy()
     values, offsets = entry_payloads(layout, arrays, n)
     out = []
     for b in range(len(n)):
@@ -172,6 +183,16 @@ def store_records(cfg: ModelConfig, layout: object, cache: ZooCache, kv_dtype: s
         out.append(entry_from_parquet_row(layout, user_id=b, length=int(n[b]), payload=payload,
                                           model_version=VERSION, checksum=zlib.crc32(payload)))
     return out
+
+
+def packed_cache(host: HostBatch, cfg: ModelConfig, device: torch.device) -> ZooCache:
+    """The collective cache a packed batch holds, as the model decodes it (kv parts in fp32): one copy and
+    the eager unpack (``cachestore.transfer``), a din batch as the one group "kv"."""
+    batch = to_device(host, device)[0].unpack()
+    if isinstance(batch, KVCache):  # a din batch of record format 1
+        parts = KVCache(batch.k_user.float(), batch.v_user.float(), batch.k_idx, batch.v_idx, batch.lengths)
+        return ZooCache(lengths=batch.lengths, kv={"kv": parts}, keys={})
+    return entry_cache(batch, cfg, torch.float32)
 
 
 def bench_collective(model: torch.nn.Module, layout: object, host: HostBatch, candidates: torch.Tensor,
@@ -231,10 +252,9 @@ def bench_config(arch: str, length: int, kv_dtype: str, args: argparse.Namespace
     model, full_model = make_models(cfg, seed=0)
     model, full_model = model.to(device), full_model.to(device)
     top = max(args.batch_sizes)
-    collective = synthetic_cache(model, top, kv_dtype, 1, device)
     full = synthetic_cache(full_model, top, kv_dtype, 2, device)
     layout = store_layout(cfg, kv_dtype)
-    records = store_records(cfg, layout, collective, kv_dtype)
+    records = store_records(model, layout, top, kv_dtype, device)
     g = torch.Generator(device=device).manual_seed(3)
     all_candidates = torch.randint(1, cfg.n_items + 1, (top, args.candidates), generator=g, device=device)
     rows = []
@@ -255,7 +275,8 @@ def bench_config(arch: str, length: int, kv_dtype: str, args: argparse.Namespace
         row["floor_ms"] = c_bytes / limits["floor_gb_per_s"] / 1e6 + limits["floor_fixed_ms"]
         coll, coll_logits = bench_collective(model, layout, host, cand, cfg.window_len, device, args)
         row["collective"] = coll
-        row["collective_max_abs_diff"] = max_diff(coll_logits, reference_logits(model, head(collective, b), cand))
+        want = reference_logits(model, packed_cache(host, cfg, device), cand)
+        row["collective_max_abs_diff"] = max_diff(coll_logits, want)
         row["collective_ok"] = None if coll_logits is None else row["collective_max_abs_diff"] <= TOL[kv_dtype]
         c_ms = coll.get("median_ms")
         row["speedup"] = base["median_ms"] / c_ms if c_ms else None

@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import benchmarks.zoo_latency as zoo_latency
 from benchmarks.zoo_full_kv import FullBuffer, FullKVDecoder
 from benchmarks.zoo_latency import QUICK, main, make_models, model_config, reference_logits, synthetic_cache
+from cachestore.decode import decode_zoo, entry_cache
+from cachestore.transfer import to_device
 
 
 def test_dry_run_din_and_sim(tmp_path: Path) -> None:
@@ -51,5 +54,38 @@ def test_baseline_matches_decode(arch: str, dtype: str) -> None:
     with torch.no_grad():
         got = FullKVDecoder(full_model, dtype)(buf.views())
         want = reference_logits(full_model, cache, candidates)
+        other = reference_logits(full_model, synthetic_cache(full_model, 3, dtype, 2, torch.device("cpu")), candidates)
+    tol = 2e-3 if dtype == "float16" else 1e-5
     assert got.dtype == (torch.float16 if dtype == "float16" else torch.float32)
-    assert (got.float() - want).abs().max() <= (2e-2 if dtype == "float16" else 1e-5)
+    assert (got.float() - want).abs().max() <= tol
+    assert (other - want).abs().max() > 10 * tol  # the check tells caches apart
+
+
+class _EagerZooGraph:
+    """A stand-in for a GraphedDecoder that takes zoo layouts: the eager unpack + the model's decode."""
+
+    def __init__(self, resident, layout, *, n_users: int, pad_to: int, n_candidates: int, eager: bool) -> None:
+        assert eager and layout.arch != "din"
+        self.resident, self.pad_to, self.candidates = resident, pad_to, None
+
+    def run(self, host, candidates=None) -> torch.Tensor:
+        if candidates is not None:
+            self.candidates = torch.as_tensor(candidates)
+        batch = to_device(host, "cpu")[0].unpack(self.pad_to)
+        cache = entry_cache(batch, self.resident.cfg, self.resident.dtype)
+        return decode_zoo(self.resident, cache, self.candidates)
+
+
+def test_zoo_collective_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the graphs take a zoo layout, its rows carry timings, the speed-up and the check against the
+    model's decode of the records (the stand-in above decodes them eagerly)."""
+    monkeypatch.setattr(zoo_latency, "GraphedDecoder", _EagerZooGraph)
+    rc = main(["--device", "cpu", "--quick", "--archs", "eta,hstu", "--dtype", "float16", "--candidates", "2",
+               "--out-dir", str(tmp_path)])
+    assert rc == 0
+    rows = json.loads((tmp_path / "zoo_latency_float16.json").read_text())["rows"]
+    assert [(r["arch"], r["B"], r["C"]) for r in rows] == [("eta", 1, 2), ("eta", 3, 2), ("hstu", 1, 2), ("hstu", 3, 2)]
+    for r in rows:
+        assert r["collective_ok"] and r["collective_max_abs_diff"] == 0.0
+        assert r["speedup"] == pytest.approx(r["baseline"]["median_ms"] / r["collective"]["median_ms"])
+        assert r["over_floor"] == pytest.approx(r["collective"]["median_ms"] / r["floor_ms"])
