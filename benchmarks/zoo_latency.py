@@ -5,6 +5,9 @@ GPU (torch + numpy; matplotlib for the plot; no lmdb; < 8 minutes on an H200 for
     python benchmarks/zoo_latency.py            # -> benchmarks/results/zoo_latency/zoo_latency_<dtype>.json,
                                                 #    zoo_latency.md, zoo_latency.png
 
+One dtype per run (``--dtype float16``, then ``--dtype float32``) gives the same files: the table and
+the plot cover every ``zoo_latency_<dtype>.json`` in the output folder.
+
 CPU dry run (tiny shapes; proves the script end to end, numbers are NOT the GPU result; writes under the
 temporary directory unless --out-dir says otherwise):
 
@@ -25,7 +28,8 @@ B in 1, 64, 256, 512; the store dtype (--dtype) float16 and float32. Per (arch, 
 - **CollectiveKV**: the collective store's records (din: record format v1; zoo: v2,
   ``cachestore.entry``) packed by ``HostBatcher.pack`` (pinned) → ``GraphedDecoder(...).run`` (one replay:
   copy + decode; :func:`bench_collective`), checked against ``model.decode`` of the collective cache. Where
-  ``GraphedDecoder`` refuses the layout the row says so and carries the baseline only.
+  ``GraphedDecoder`` refuses the layout the row says so and carries the baseline only
+  (``collective_skipped`` lists those).
 
 Reported: bytes per request of both, the PCIe floor of the collective bytes (bytes ÷ measured pinned
 bandwidth + a small copy's fixed latency, ``decode_latency.copy_limits``), speed-up (baseline ÷
@@ -37,7 +41,6 @@ floor; din >= 50x at B 512, L 1000 in both dtypes.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile
@@ -60,99 +63,32 @@ from benchmarks.decode_latency import (  # noqa: E402
     timed,
 )
 from benchmarks.zoo_full_kv import FullBuffer, FullKVDecoder  # noqa: E402
+from benchmarks.zoo_synthetic import (  # noqa: E402
+    N_ITEMS,
+    PAPER,
+    QUICK,
+    head,
+    make_models,
+    model_config,
+    reference_logits,
+    synthetic_cache,
+)
 from cachestore.batch import HostBatch, HostBatcher  # noqa: E402
 from cachestore.decode import ResidentModel, ResidentZooModel, entry_cache  # noqa: E402
 from cachestore.entry import entry_from_parquet_row, entry_layout  # noqa: E402
 from cachestore.entry_batch import entry_payloads, storage_arrays  # noqa: E402
 from cachestore.graphs import GraphedDecoder  # noqa: E402
-from cachestore.transfer import KV_TORCH, to_device  # noqa: E402
+from cachestore.transfer import to_device  # noqa: E402
 from model.blocks import ZooCache  # noqa: E402
 from model.cache import KVCache  # noqa: E402
-from model.cache_spec import group_specs  # noqa: E402
-from model.config import ARCHS, LONG_ARCHS, CollectiveConfig, ModelConfig  # noqa: E402
+from model.config import ARCHS, LONG_ARCHS, ModelConfig  # noqa: E402
 from model.entry import entry_arrays  # noqa: E402
-from model.zoo import create_model  # noqa: E402
 
-PAPER = {"embed_dim": 64, "d_attn": 256, "n_heads": 8, "d_user": 1, "pool_size": 10_000, "topk": 50,
-         "n_genres": 18, "max_genres": 3, "hstu_layers": 2, "short": 50, "lengths": (50, 1000), "long": 1000}
-QUICK = {"embed_dim": 16, "d_attn": 32, "n_heads": 4, "d_user": 1, "pool_size": 10_000, "topk": 4,
-         "n_genres": 6, "max_genres": 2, "hstu_layers": 2, "short": 4, "lengths": (8,), "long": 12}
-N_ITEMS = 100_000
 BATCH_SIZES = (1, 64, 256, 512)
 DTYPES = ("float16", "float32")
 TOL = {"float16": 1e-2, "float32": 1e-3}  # max |logit - model.decode| (logits ~0.1; another cache moves them ~0.1)
 VERSION = "0123456789abcdef"
 RESULTS = ROOT / "benchmarks" / "results" / "zoo_latency"
-
-
-def model_config(arch: str, length: int, shape: dict, n_items: int) -> ModelConfig:
-    """The benchmark's config of ``arch`` caching ``length`` behaviours (long archs: the long window)."""
-    long = arch in LONG_ARCHS
-    return ModelConfig(n_items=n_items, n_genres=shape["n_genres"], max_genres=shape["max_genres"],
-                       embed_dim=shape["embed_dim"], d_attn=shape["d_attn"], n_heads=shape["n_heads"],
-                       max_len=shape["short"] if long else length, long_len=max(length, shape["short"]),
-                       arch=arch, topk=shape["topk"], hstu_layers=shape["hstu_layers"],
-                       collective=CollectiveConfig(d_user=shape["d_user"], pool_size=shape["pool_size"]))
-
-
-def make_models(cfg: ModelConfig, seed: int) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(collective model, full-KV model) with random weights and item genres (1..max_genres of n_genres per
-    item; item 0 none); HSTU's relative-position biases non-zero so positions matter."""
-    g = torch.Generator().manual_seed(seed)
-    genres = torch.randint(1, cfg.n_genres + 1, (cfg.n_items + 1, cfg.max_genres), generator=g)
-    genres[:, 1:] *= torch.rand(cfg.n_items + 1, cfg.max_genres - 1, generator=g) < 0.5  # 1..max_genres each
-    genres[0] = 0
-    models = []
-    for mode in ("collective", "full"):
-        torch.manual_seed(seed)
-        m = create_model(dataclasses.replace(cfg, kv_mode=mode), genres).eval()
-        with torch.no_grad():
-            for name, p in m.named_parameters():
-                if name.endswith("rel_bias"):
-                    p.normal_(0.0, 0.5, generator=g)
-        models.append(m)
-    return models[0], models[1]
-
-
-def synthetic_cache(model: torch.nn.Module, n_users: int, kv_dtype: str, seed: int, device: torch.device
-                    ) -> ZooCache:
-    """Full histories of ``n_users`` users in ``model``'s cache form (din too: one group "kv"): N(0, 1) K/V
-    parts rounded to ``kv_dtype`` (held as fp32), uniform router indices, and the retrieval keys of random
-    items computed by the model itself (``retrieval_keys``)."""
-    cfg, n = model.cfg, model.cfg.window_len
-    g = torch.Generator(device=device).manual_seed(seed)
-    lengths = torch.full((n_users,), n, dtype=torch.int64, device=device)
-
-    def values(rows: int, width: int) -> torch.Tensor:
-        x = torch.randn(n_users, rows, width, generator=g, device=device)  # (B, R, width)
-        return x.to(KV_TORCH[kv_dtype]).float()
-
-    def index(rows: int, shared: bool) -> torch.Tensor | None:
-        return torch.randint(0, cfg.collective.pool_size, (n_users, rows), generator=g, device=device) if shared \
-            else None
-
-    kv = {}
-    for s in group_specs(cfg):
-        rows = min(n, s.cap)
-        kv[s.name] = KVCache(values(rows, s.dk), values(rows, s.dv), index(rows, s.k_shared),
-                             index(rows, s.v_shared), lengths.clamp(max=s.cap))
-    keys = {}
-    if cfg.arch in LONG_ARCHS:
-        items = torch.randint(1, cfg.n_items + 1, (n_users, n), generator=g, device=device)
-        keys = model.retrieval_keys(items, lengths)
-    return ZooCache(lengths=lengths, kv=kv, keys=keys)
-
-
-def head(cache: ZooCache, b: int) -> ZooCache:
-    """The first ``b`` users of a cache."""
-    kv = {n: KVCache(*(None if t is None else t[:b] for t in (c.k_user, c.v_user, c.k_idx, c.v_idx, c.lengths)))
-          for n, c in cache.kv.items()}
-    return ZooCache(lengths=cache.lengths[:b], kv=kv, keys={n: k[:b] for n, k in cache.keys.items()})
-
-
-def reference_logits(model: torch.nn.Module, cache: ZooCache, candidates: torch.Tensor) -> torch.Tensor:
-    """``model.decode`` (fp32) of a cache; din decodes its one group's :class:`KVCache`."""
-    return model.decode(cache.kv["kv"] if model.cfg.arch == "din" else cache, candidates)
 
 
 def store_layout(cfg: ModelConfig, kv_dtype: str) -> object:
@@ -334,9 +270,11 @@ def write_table(results: dict[str, dict], path: Path) -> None:
     first = next(iter(results.values()))
     note = "CPU DRY RUN: not the GPU result. " if first["dry_run"] else ""
     dev = first["machine"].get("gpu") or first["machine"].get("cpu", "cpu")
-    path.write_text(f"# Zoo decode latency ({dev})\n\n{note}Command: `{first['command']}`. Medians of "
-                    f"{first['config']['repeats']} timings; floor = collective bytes / pinned bandwidth + fixed "
-                    "latency.\n\n" + "\n".join(lines) + "\n")
+    runs = "".join(f"- {d}: `{r['command']}` (medians of {r['config']['repeats']} timings, "
+                   f"{r['copy_limits']['floor_gb_per_s']:.1f} GB/s pinned)\n" for d, r in results.items())
+    path.write_text(f"# Zoo decode latency ({dev})\n\n{note}Host memory → logits; floor = CollectiveKV bytes ÷ "
+                    f"pinned bandwidth + a small copy's fixed latency; bytes per request.\n\n{runs}\n"
+                    + "\n".join(lines) + "\n")
     print(f"wrote {path}")
 
 
@@ -405,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     limits = copy_limits(device, device.type == "cuda", args.quick, args.warmup, args.repeats)
     print(f"copy: floor {limits['floor_gb_per_s']:.2f} GB/s + {limits['floor_fixed_ms'] * 1e3:.1f} us fixed")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    results, failed = {}, False
+    results: dict[str, dict] = {}
+    failed = False
     for kv_dtype in DTYPES if args.dtype == "both" else (args.dtype,):
         rows = []
         with torch.inference_mode():
@@ -417,12 +356,17 @@ def main(argv: list[str] | None = None) -> int:
                "config": {**{k: v for k, v in args.shape.items() if k != "lengths"}, "n_items": args.n_items,
                           "store_dtype": kv_dtype, "candidates": args.candidates, "batch_sizes": args.batch_sizes,
                           "warmup": args.warmup, "repeats": args.repeats, "tolerance": TOL[kv_dtype]},
-               "copy_limits": limits, "rows": rows, "targets": targets(rows, args.shape["long"])}
+               "copy_limits": limits, "rows": rows, "targets": targets(rows, args.shape["long"]),
+               "collective_skipped": sorted({f"{r['arch']} L {r['L']}: {r['collective']['skipped']}" for r in rows
+                                             if "skipped" in r["collective"]})}
         out = args.out_dir / f"zoo_latency_{kv_dtype}.json"
         out.write_text(json.dumps(res, indent=1) + "\n")
         print(f"wrote {out}")
         print(json.dumps(res["targets"], indent=1))
-        results[kv_dtype] = res
+    for kv_dtype in DTYPES:  # the table and plot cover every dtype run into this folder (runs may be split)
+        path = args.out_dir / f"zoo_latency_{kv_dtype}.json"
+        if path.exists():
+            results[kv_dtype] = json.loads(path.read_text())
     write_table(results, args.out_dir / "zoo_latency.md")
     plot(results, args.out_dir / "zoo_latency.png")
     if failed:
