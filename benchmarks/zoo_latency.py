@@ -25,9 +25,11 @@ B in 1, 64, 256, 512; the store dtype (--dtype) float16 and float32. Per (arch, 
   the gathered top-k rows), TWIN's per-head top-k + softmax of those scores, SDIM's bucket aggregation,
   HSTU's SiLU attention by einsum; copy + decode captured in a CUDA graph, the replay timed. Its logits
   are checked against ``model.decode`` of the same full cache (fp32 model; tolerance by dtype).
-- **CollectiveKV**: the collective store's records (din: record format v1; zoo: v2,
-  ``cachestore.entry``) packed by ``HostBatcher.pack`` (pinned) → ``GraphedDecoder(...).run`` (one replay:
-  copy + decode; :func:`bench_collective`), checked against ``model.decode`` of the collective cache. Where
+- **CollectiveKV**: the collective store's records (din: ``decode_latency``'s layout and synthetic records;
+  zoo: the model's ``cachestore.entry.entry_layout``, N(0, 1) user parts, uniform router indices, the
+  model's retrieval keys of random items) packed by ``HostBatcher.pack`` (pinned) →
+  ``GraphedDecoder(...).run`` (one replay: copy + decode; :func:`bench_collective`), checked against
+  ``model.decode`` of the cache the packed batch holds (eager unpack). Where
   ``GraphedDecoder`` refuses the layout the row says so and carries the baseline only
   (``collective_skipped`` lists those).
 
