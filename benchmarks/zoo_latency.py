@@ -256,10 +256,14 @@ def targets(rows: list[dict], long: int) -> dict:
     return out
 
 
+def _diff(value: float | None, ok: bool | None) -> str:
+    return "–" if value is None else f"{value:.0e}" + ("" if ok else " ✗")
+
+
 def write_table(results: dict[str, dict], path: Path) -> None:
-    """Markdown table arch × B × L of every dtype run."""
+    """Markdown table arch × B × L of every dtype run, then the targets at B 512, L 1000."""
     lines = ["| dtype | arch | L | B | baseline ms | CollectiveKV ms | speed-up | floor ms | × floor | "
-             "bytes/req base | bytes/req coll |", "|" + "---|" * 11]
+             "bytes/req base | bytes/req coll | max diff base / coll |", "|" + "---|" * 12]
     for res in results.values():
         for r in res["rows"]:
             c = r["collective"].get("median_ms")
@@ -267,16 +271,23 @@ def write_table(results: dict[str, dict], path: Path) -> None:
                      f"{r['baseline']['median_ms']:.3f}", f"{c:.3f}" if c else "skipped",
                      f"{r['speedup']:.1f}" if c else "–", f"{r['floor_ms']:.3f}",
                      f"{r['over_floor']:.2f}" if c else "–", f"{r['baseline_bytes_per_request']:,.0f}",
-                     f"{r['collective_bytes_per_request']:,.0f}"]
+                     f"{r['collective_bytes_per_request']:,.0f}",
+                     f"{_diff(r['baseline_max_abs_diff'], r['baseline_ok'])} / "
+                     f"{_diff(r['collective_max_abs_diff'], r['collective_ok'])}"]
             lines.append("| " + " | ".join(str(x) for x in cells) + " |")
+    aims = [f"- {key}: x{t['speedup']} (target {t['speedup_target']}x: {'met' if t['speedup_met'] else 'NOT met'}), "
+            f"{t['over_floor']}x floor" + (f" (target {t['floor_target']}x: {'met' if t['floor_met'] else 'NOT met'})"
+                                             if "floor_met" in t else "")
+            for res in results.values() for key, t in res["targets"].items()]
     first = next(iter(results.values()))
     note = "CPU DRY RUN: not the GPU result. " if first["dry_run"] else ""
     dev = first["machine"].get("gpu") or first["machine"].get("cpu", "cpu")
     runs = "".join(f"- {d}: `{r['command']}` (medians of {r['config']['repeats']} timings, "
                    f"{r['copy_limits']['floor_gb_per_s']:.1f} GB/s pinned)\n" for d, r in results.items())
     path.write_text(f"# Zoo decode latency ({dev})\n\n{note}Host memory → logits; floor = CollectiveKV bytes ÷ "
-                    f"pinned bandwidth + a small copy's fixed latency; bytes per request.\n\n{runs}\n"
-                    + "\n".join(lines) + "\n")
+                    f"pinned bandwidth + a small copy's fixed latency; bytes per request; max |logits − "
+                    f"model.decode| (✗: beyond the tolerance).\n\n{runs}\n" + "\n".join(lines)
+                    + ("\n\nTargets at B 512, L 1000:\n\n" + "\n".join(aims) if aims else "") + "\n")
     print(f"wrote {path}")
 
 
