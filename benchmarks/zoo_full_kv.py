@@ -1,6 +1,6 @@
 """The full-KV baseline of ``zoo_latency.py``: one pinned host buffer per batch and each zoo model's decode
 math at the store's precision over it (shape-static and free of host syncs, so a CUDA graph captures
-copy + decode).
+copy + decode: :func:`bench_baseline`).
 
 :class:`FullBuffer` lays out, in ONE contiguous uint8 buffer (each block 256-byte aligned):
 
@@ -21,12 +21,15 @@ attention by einsum (no softmax).
 
 from __future__ import annotations
 
+import argparse
 import copy
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.decode_latency import sync, timed
 from cachestore.transfer import KV_TORCH
 from model.attention import valid_mask
 from model.blocks import ZooCache
@@ -201,3 +204,42 @@ class FullKVDecoder:
             out = torch.einsum("bhcl,blhd->bchd", w_cache, vc.view(b, seq, h, dh)) + w_self.unsqueeze(-1) * v_new
             x = layer.update(x, out.reshape(b, c, d_a), u)
         return self.low.score_hidden(x, t)
+
+
+def bench_baseline(full_model: torch.nn.Module, cache: ZooCache, candidates: torch.Tensor, kv_dtype: str,
+                   device: torch.device, args: argparse.Namespace) -> tuple[dict, torch.Tensor, int]:
+    """The full-KV baseline: one pinned buffer → one copy → decode at ``kv_dtype`` (a CUDA graph on a GPU).
+    Returns (timing, logits (B, C), bytes copied)."""
+    buf = FullBuffer(cache, candidates, kv_dtype, full_model.cfg, pin=device.type == "cuda", device=device)
+    decoder = FullKVDecoder(full_model, kv_dtype)
+
+    def step() -> torch.Tensor:
+        buf.device_bytes.copy_(buf.host_bytes, non_blocking=True)
+        return decoder(buf.views())
+
+    out, run, graph_error = step(), step, None
+    if device.type == "cuda":
+        try:
+            out, run = captured(step, device)
+        except Exception as exc:  # timed eagerly instead, and said so in the row
+            graph_error = f"{type(exc).__name__}: {exc}"[:300]
+            print(f"baseline CUDA graph failed, timed eagerly: {graph_error}", flush=True)
+    run()
+    sync(device)
+    logits = out.clone()
+    timing = timed(run, device, args.warmup, args.repeats)
+    return {**timing, "graph": graph_error is None, "graph_error": graph_error}, logits, buf.nbytes
+
+
+def captured(step: Callable[[], torch.Tensor], device: torch.device) -> tuple[torch.Tensor, Callable[[], None]]:
+    """``step`` captured in a CUDA graph after a warm-up on a side stream: (its static output, replay)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return out, graph.replay

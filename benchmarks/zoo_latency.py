@@ -60,11 +60,10 @@ from benchmarks.decode_latency import (  # noqa: E402
     collective_layout,
     copy_limits,
     machine,
-    sync,
     synthetic_records,
     timed,
 )
-from benchmarks.zoo_full_kv import FullBuffer, FullKVDecoder  # noqa: E402
+from benchmarks.zoo_full_kv import bench_baseline  # noqa: E402
 from benchmarks.zoo_synthetic import (  # noqa: E402
     N_ITEMS,
     PAPER,
@@ -147,36 +146,6 @@ def bench_collective(model: torch.nn.Module, layout: object, host: HostBatch, ca
     except Exception as exc:  # the graph does not (yet) take this layout: keep the baseline's numbers
         return {"skipped": f"GraphedDecoder: {type(exc).__name__}: {exc}"[:400]}, None
     return timed(lambda: graph.run(host), device, args.warmup, args.repeats), logits
-
-
-def bench_baseline(full_model: torch.nn.Module, cache: ZooCache, candidates: torch.Tensor, kv_dtype: str,
-                   device: torch.device, args: argparse.Namespace) -> tuple[dict, torch.Tensor, int]:
-    """The full-KV baseline: one pinned buffer → one copy → decode at ``kv_dtype`` (a CUDA graph on a GPU).
-    Returns (timing, logits (B, C), bytes copied)."""
-    buf = FullBuffer(cache, candidates, kv_dtype, full_model.cfg, pin=device.type == "cuda", device=device)
-    decoder = FullKVDecoder(full_model, kv_dtype)
-
-    def step() -> torch.Tensor:
-        buf.device_bytes.copy_(buf.host_bytes, non_blocking=True)
-        return decoder(buf.views())
-
-    if device.type == "cuda":
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = step()
-        run = graph.replay
-    else:
-        out, run = step(), step
-    run()
-    sync(device)
-    logits = out.clone()
-    return timed(run, device, args.warmup, args.repeats), logits, buf.nbytes
 
 
 def max_diff(got: torch.Tensor | None, want: torch.Tensor) -> float | None:
@@ -344,8 +313,38 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def run_dtype(kv_dtype: str, args: argparse.Namespace, device: torch.device, limits: dict, info: dict,
+              command: str) -> dict:
+    """Every (arch, L) at one store dtype: the result written as ``zoo_latency_<dtype>.json``. A model that
+    fails is listed under ``errors`` and the others carry on."""
+    rows: list[dict] = []
+    errors: list[str] = []
+    with torch.inference_mode():
+        for arch, length in configs(args.archs.split(","), args.shape):
+            try:
+                rows += bench_config(arch, length, kv_dtype, args, device, limits)
+            except Exception as exc:  # one failing model must not lose the others' numbers
+                errors.append(f"{arch} L {length}: {type(exc).__name__}: {exc}"[:500])
+                print(f"{kv_dtype} {arch} L {length} FAILED: {errors[-1]}", flush=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    skipped = sorted({f"{r['arch']} L {r['L']}: {r['collective']['skipped']}" for r in rows
+                      if "skipped" in r["collective"]})
+    res = {"benchmark": "zoo_latency", "dry_run": device.type != "cuda", "machine": info, "command": command,
+           "config": {**{k: v for k, v in args.shape.items() if k != "lengths"}, "n_items": args.n_items,
+                      "store_dtype": kv_dtype, "candidates": args.candidates, "batch_sizes": args.batch_sizes,
+                      "warmup": args.warmup, "repeats": args.repeats, "tolerance": TOL[kv_dtype]},
+           "copy_limits": limits, "rows": rows, "targets": targets(rows, args.shape["long"]), "errors": errors,
+           "collective_skipped": skipped}
+    out = args.out_dir / f"zoo_latency_{kv_dtype}.json"
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    print(f"wrote {out}")
+    print(json.dumps(res["targets"], indent=1))
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark; returns 1 when a check failed (after writing every output), else 0."""
+    """Run the benchmark; returns 1 when a check failed or a model failed (after writing every output), else 0."""
     args = parse(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -356,34 +355,19 @@ def main(argv: list[str] | None = None) -> int:
     limits = copy_limits(device, device.type == "cuda", args.quick, args.warmup, args.repeats)
     print(f"copy: floor {limits['floor_gb_per_s']:.2f} GB/s + {limits['floor_fixed_ms'] * 1e3:.1f} us fixed")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict] = {}
+    command = " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)])
     failed = False
     for kv_dtype in DTYPES if args.dtype == "both" else (args.dtype,):
-        rows = []
-        with torch.inference_mode():
-            for arch, length in configs(args.archs.split(","), args.shape):
-                rows += bench_config(arch, length, kv_dtype, args, device, limits)
-        failed |= any(r["baseline_ok"] is False or r["collective_ok"] is False for r in rows)
-        res = {"benchmark": "zoo_latency", "dry_run": device.type != "cuda", "machine": info,
-               "command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
-               "config": {**{k: v for k, v in args.shape.items() if k != "lengths"}, "n_items": args.n_items,
-                          "store_dtype": kv_dtype, "candidates": args.candidates, "batch_sizes": args.batch_sizes,
-                          "warmup": args.warmup, "repeats": args.repeats, "tolerance": TOL[kv_dtype]},
-               "copy_limits": limits, "rows": rows, "targets": targets(rows, args.shape["long"]),
-               "collective_skipped": sorted({f"{r['arch']} L {r['L']}: {r['collective']['skipped']}" for r in rows
-                                             if "skipped" in r["collective"]})}
-        out = args.out_dir / f"zoo_latency_{kv_dtype}.json"
-        out.write_text(json.dumps(res, indent=1) + "\n")
-        print(f"wrote {out}")
-        print(json.dumps(res["targets"], indent=1))
-    for kv_dtype in DTYPES:  # the table and plot cover every dtype run into this folder (runs may be split)
-        path = args.out_dir / f"zoo_latency_{kv_dtype}.json"
-        if path.exists():
-            results[kv_dtype] = json.loads(path.read_text())
+        res = run_dtype(kv_dtype, args, device, limits, info, command)
+        failed |= bool(res["errors"]) or any(r["baseline_ok"] is False or r["collective_ok"] is False
+                                             for r in res["rows"])
+    results = {d: json.loads((args.out_dir / f"zoo_latency_{d}.json").read_text()) for d in DTYPES
+               if (args.out_dir / f"zoo_latency_{d}.json").exists()}  # every dtype run into this folder
     write_table(results, args.out_dir / "zoo_latency.md")
     plot(results, args.out_dir / "zoo_latency.png")
     if failed:
-        print("a check failed: logits differ from model.decode beyond the tolerance (see *_ok in the rows)")
+        print("FAILED: logits differ from model.decode beyond the tolerance (*_ok in the rows) or a model failed "
+              "(errors in the JSON)")
     return int(failed)
 
 
