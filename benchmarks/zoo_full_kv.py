@@ -55,31 +55,31 @@ class FullBuffer:
     def __init__(self, cache: ZooCache, candidates: torch.Tensor, kv_dtype: str, cfg: ModelConfig, pin: bool,
                  device: torch.device) -> None:
         kv = KV_TORCH[kv_dtype]
-        tensors = {"candidates": candidates.to(torch.int64), "lengths": cache.lengths.to(torch.int64)}
+        sources = {"candidates": (candidates, torch.int64), "lengths": (cache.lengths, torch.int64)}  # (t, dtype)
         for g in group_specs(cfg):
             c = cache.kv[g.name]
             if g.has_k:
-                tensors[f"{g.name}.k"] = c.k_user.to(kv)
-            tensors[f"{g.name}.v"] = c.v_user.to(kv)
+                sources[f"{g.name}.k"] = (c.k_user, kv)
+            sources[f"{g.name}.v"] = (c.v_user, kv)
         for name, (_, bits) in key_fields(cfg).items():
-            tensors[f"keys.{name}"] = cache.keys[name].to(key_dtype(bits))
+            sources[f"keys.{name}"] = (cache.keys[name], key_dtype(bits))
         self.spec: dict[str, tuple[int, torch.dtype, tuple[int, ...]]] = {}
         at = 0
-        for name, t in tensors.items():
-            self.spec[name] = (at, t.dtype, tuple(t.shape))
-            at += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
-        self.nbytes = sum(math.prod(s) * torch.empty((), dtype=d).element_size() for _, d, s in self.spec.values())
+        for name, (t, dtype) in sources.items():
+            self.spec[name] = (at, dtype, tuple(t.shape))
+            at += -(-t.numel() * dtype.itemsize // _ALIGN) * _ALIGN
+        self.nbytes = sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in self.spec.values())
         self.host_bytes = torch.zeros(at, dtype=torch.uint8, pin_memory=pin)
         self.device_bytes = torch.zeros(at, dtype=torch.uint8, device=device)
         host = self._views(self.host_bytes)
-        for name, t in tensors.items():
-            host[name].copy_(t.cpu())
+        for name, (t, _) in sources.items():
+            host[name].copy_(t)  # converts and copies straight into the (pinned) host buffer
         self._device_views = self._views(self.device_bytes)
 
     def _views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {}
         for name, (at, dtype, shape) in self.spec.items():
-            size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            size = math.prod(shape) * dtype.itemsize
             out[name] = buf[at: at + size].view(dtype).view(shape)
         return out
 
