@@ -1,6 +1,6 @@
 """The zoo latency benchmark (benchmarks/zoo_latency.py) end to end on CPU, tiny shapes: din's collective
 path (GraphedDecoder, eager) and a zoo model's full-KV baseline match ``model.decode``, the outputs are
-written where asked, and a zoo arch the graphs do not take yet is skipped with its reason."""
+written where asked, and a zoo arch the graphs do not take is skipped with its reason."""
 
 from __future__ import annotations
 
