@@ -27,6 +27,10 @@
 #   step "launch" (~2 min): the kernel's launch settings timed inside Table 2's graph, round-robin
 #                           (decode_latency.py --compare-launch), L 1000, B 64/256/512, fp16 and fp32 pools
 #                           → decode_latency_launch3_float{16,32}.json
+#   step "zoo"   (< 8 min): every model of the zoo (din, sim, eta, sdim, twin, hstu) at B 1/64/256/512, L 50
+#                           and 1000, fp16 and fp32 stores: full-KV baseline (one pinned buffer, CUDA graph)
+#                           vs CollectiveKV (GraphedDecoder) → zoo_latency/zoo_latency_float{16,32}.json,
+#                           zoo_latency.{md,png}
 #   step "eval"  (resumable, rerun until it prints "eval complete"): `ckv eval --device cuda --workers 3`,
 #                           the MovieLens model-zoo evaluation; every finished run is kept under
 #                           benchmarks/results/zoo_movielens/runs and skipped when the step is rerun
@@ -42,7 +46,7 @@
 # Results are written under benchmarks/results/; the step's main files (and device.txt: GPU, driver,
 # torch and CUDA versions) are also copied to $OUT (default /tmp/ckv-gpu-out).
 set -uo pipefail
-step=${1:?usage: gpu_session.sh tests|bench|bench32|tune|kernel|profile|overlap|zerocopy|fp16|launch|eval [seconds]}
+step=${1:?usage: gpu_session.sh tests|bench|bench32|tune|kernel|profile|overlap|zerocopy|fp16|launch|zoo|eval [seconds]}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/ckv-gpu-out}
 mkdir -p "$OUT" benchmarks/results
@@ -157,6 +161,10 @@ launch)
             --out benchmarks/results/decode_latency_launch3_$pools.json 2>&1 | grep -E "launch settings|rror" | cut -c1-300
     done
     cp benchmarks/results/decode_latency_launch3_*.json "$OUT"/
+    ;;
+zoo)
+    timeout 540 python3 benchmarks/zoo_latency.py 2>&1 | tee "$OUT/zoo_latency.log" | grep -vE "^ "
+    cp benchmarks/results/zoo_latency/* "$OUT"/ 2>/dev/null
     ;;
 eval)
     budget=${2:-540}
