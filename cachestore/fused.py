@@ -1,23 +1,29 @@
-"""Fused collective target attention straight from the packed batch bytes (Triton; record format v1).
+"""Fused collective target attention straight from the packed batch bytes (Triton; any K/V group of a record).
 
 The eager serving path (:func:`cachestore.transfer.unpack` + :func:`cachestore.decode.decode`) turns the
 jagged records into padded (B, L, ·) tensors, casts them, then either materialises K/V or scores the
 whole pool per user. At the paper's shape (B 512, L 1000, d_a 256, 8 heads, pool 10,000) that is
 ~1 ms of GPU work even inside a CUDA graph, 10× the PCIe floor of the bytes it decodes. This module
-replaces unpack + attention with ONE kernel that reads the device copy of the packed batch as it is:
+replaces unpack + attention with ONE kernel that reads the device copy of the packed batch as it is,
+for one K/V group (:class:`model.cache_spec.GroupSpec`: dk, dv, k_shared, v_shared; dk = 0 for V only)
+placed per user by a :class:`GroupView` (``starts`` (B,), ``rows`` (B,) = min(n, cap)):
 
     program (b·C + c, g, s) — user b, candidate c, heads g·GH .. g·GH + GH - 1 (GH = heads_per_program),
-      behaviours of part s (of S; S = 1 unless the launch has few programs: FusedConfig.split_l);
+      steps of part s (of S; S = 1 unless the launch has few programs: FusedConfig.split_l);
       for each of its heads h: dh = d_a / H, cols = h·dh .. h·dh + dh - 1
-      record r = raw[offsets[b]:], n = lengths[b] (the batch header: int64 offsets (B,), lengths (B,))
-      payload = r[32:]: k_user (n, dk) | v_user (n, dv) | k_idx (n,) | v_idx (n,)   (cachestore.record)
-      for blocks of BLOCK_L behaviours l < n (online softmax, fp32 accumulation):
+      group = raw[starts[b]:], n = rows[b]
+      group bytes: k_user (n, dk) | v_user (n, dv) | k_idx (n,) | v_idx (n,)   (those the group has)
+      rows read: l = 0 .. n - 1, or (SELECT) l = sel[b·C + c, j] for j < n_sel[b·C + c]
+      for blocks of BLOCK_L rows l (online softmax, fp32 accumulation):
           key_l = user_k[l, cols] (0 beyond dk) + P_k[k_idx[l], cols]   (pool rows zero in the user dims)
           s_l   = q[b, c, cols] · key_l / sqrt(dh)
           val_l = user_v[l, cols] (0 beyond dv) + P_v[v_idx[l], cols]
-      out[b, c, cols] = Σ softmax(s)_l val_l        (zeros when n == 0)
+      out[b, c, cols] = Σ softmax(s)_l val_l        (zeros when no row is read)
       (S > 1: each part stores its running max, denominator and sum; a second kernel combines the parts)
 
+din's one group is the whole v1 payload (:func:`din_view`: starts = the header's offsets + 32, rows = its
+lengths, read in place: no device op before the first launch); the zoo models' groups sit at offsets
+computed from the header (:func:`cachestore.fused_zoo.entry_views`).
 so K/V = concat(user part, pool row) exactly as ``model.cache.rebuild_kv`` builds them, never written
 to memory: the kernel reads each behaviour's few user-part bytes and index from the batch and two
 dh-wide pool rows (the pools, 2 × pool × d_a × 2 or 4 bytes, stay in L2). Pool rows are read at the
@@ -48,7 +54,6 @@ a pinned host batch, which the kernel then reads over PCIe (mapped, zero-copy) �
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 import os
@@ -58,6 +63,7 @@ from dataclasses import dataclass
 import torch
 
 from cachestore.decode import ResidentModel
+from cachestore.fused_config import DEFAULT_FUSED, FusedConfig, pool_dtype, split_parts
 from cachestore.record import HEADER_SIZE, CacheLayout, RouterIndexError
 from cachestore.transfer import KV_TORCH
 from model.cache_spec import GroupSpec
@@ -72,55 +78,9 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
 FUSED = "fused"  # the decode path name of this kernel (graphs, runtime, ckv score)
 KV_CODES = {"float16": 0, "bfloat16": 1, "float32": 2}
 IDX_BYTES = {None: 0, "uint16": 2, "int32": 4}
-STORE = "store"  # FusedConfig.pool_dtype: read the pool rows at the store's kv dtype
 
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read by triton.jit at import, as here
-
-
-@dataclass(frozen=True)
-class FusedConfig:
-    """Launch settings of the fused kernel (derive variants with ``dataclasses.replace``).
-
-    block_l: behaviours per online-softmax step; num_warps; heads_per_program: heads one program
-    handles (a power of two dividing H; they share each behaviour's index and user-part loads);
-    num_stages: Triton's software-pipelining depth of the behaviour loop (None: Triton's default);
-    split_l: parts each user's history is split into, one program each, their softmax states combined by
-    a second kernel (flash-decoding; a power of two; None: :func:`split_parts` picks from the launch size);
-    pool_dtype: the precision of the pool rows the kernel reads — "store" (default): the store's ``kv_dtype``,
-    so both parts of each K/V row have the precision the store was written at (an fp16 store, the default,
-    reads fp16 pool rows: half the pool reads of fp32, the bound of the kernel, see the module docstring;
-    an fp32 store reads the model's rows exactly); "float32" (exact whatever the store), "float16" or
-    "bfloat16" to override. The defaults (BLOCK_L 16, 1 warp, 2 heads
-    per program, auto split) are the fastest setting timed inside the serving graph on an H100
-    (``benchmarks/decode_latency.py --compare-launch``, round-robin at L 1000, B 64/256/512, fp32 and fp16
-    pools: ``benchmarks/results/decode_latency_launch{,2,3}_float{16,32}.json``): at B 512 0.174 ms (fp16
-    pools) and 0.244 ms (fp32) against 0.206 and 0.267 ms for BLOCK_L 32, 2 warps, 2 parts.
-    The kernel timed alone from Python (``benchmarks/fused_kernel.py``) includes each launch's CPU cost,
-    which the graph does not pay, so tune in the graph.
-    """
-
-    block_l: int = 16
-    num_warps: int = 1
-    heads_per_program: int = 2
-    num_stages: int | None = None
-    split_l: int | None = None
-    pool_dtype: str = STORE
-
-    def __post_init__(self) -> None:
-        if self.pool_dtype != STORE and self.pool_dtype not in KV_TORCH:
-            raise ValueError(f"pool_dtype must be one of {[STORE, *sorted(KV_TORCH)]}, got {self.pool_dtype!r}")
-        for name in ("block_l", "num_warps", "heads_per_program"):
-            value = getattr(self, name)
-            if value < 1 or value & (value - 1):
-                raise ValueError(f"{name} must be a power of two, got {value}")
-        if self.split_l is not None and (self.split_l < 1 or self.split_l & (self.split_l - 1)):
-            raise ValueError(f"split_l must be a power of two, got {self.split_l}")
-        if self.num_stages is not None and self.num_stages < 1:
-            raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
-
-
-DEFAULT_FUSED = FusedConfig()
 
 
 def fused_available(device: torch.device | str) -> bool:
@@ -287,32 +247,6 @@ if triton is not None:
         tl.store(out_ptr + row * D_A + cols, out)
 
 
-# split_parts' budget of programs per SM: with the 1-warp default launch, 64 (two waves of an H100 SM's 32
-# resident blocks) was fastest inside the serving graph at B 64-512, L 1000 (8 parts at B 512 against 2 under
-# a budget of 16: benchmarks/results/decode_latency_launch3_float{16,32}.json)
-PROGRAMS_PER_SM = 64
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def split_parts(config: FusedConfig, rows: int, groups: int, max_len: int, device: torch.device) -> int:
-    """Parts each user's behaviours are split into (one program each, combined after): ``config.split_l``,
-    or for None the largest power of two that keeps rows · groups · parts within PROGRAMS_PER_SM per SM
-    (the kernel walks its behaviours serially: with few users, few programs would each take the whole
-    history's latency) and parts at least 2 blocks long."""
-    if config.split_l is not None:
-        return config.split_l
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 4
-    parts = 1
-    while parts * 2 * rows * groups <= PROGRAMS_PER_SM * sms and parts * 2 * 2 * config.block_l <= max_len:
-        parts *= 2
-    return parts
-
-
 def padded_pools(resident: ResidentModel, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(P_k, P_v) as (pool, d_a) rows zero in the user dims (the kernel adds the user part there), at
     ``dtype`` (float32: the model's rows exactly; float16/bfloat16 halve the kernel's pool reads at the
@@ -326,12 +260,6 @@ def padded_pools(resident: ResidentModel, dtype: torch.dtype) -> tuple[torch.Ten
             return heads.reshape(heads.shape[0], -1).to(dtype).contiguous()  # (M, d_a)
         cache[dtype] = (rows(resident.pool_k, True), rows(resident.pool_v, False))
     return cache[dtype]
-
-
-def pool_dtype(config: FusedConfig, layout: CacheLayout) -> str:
-    """The pool-row precision a launch with ``config`` reads for a store of ``layout``: ``config.pool_dtype``,
-    or the store's kv_dtype where that is "store"."""
-    return layout.kv_dtype if config.pool_dtype == STORE else config.pool_dtype
 
 
 ALL_BYTES = ((-1, 1 << 62),)  # one launch for every user (record ends in (-1, 2^62])
