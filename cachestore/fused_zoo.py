@@ -167,7 +167,7 @@ def twin_long(s: LongStage) -> torch.Tensor:
     k = min(s.cfg.topk, cap)
     top, rev = scores.flip(-1).sort(dim=-1, descending=True, stable=True)  # (B·C, H, cap)
     top, idx = top[..., :k], cap - 1 - rev[..., :k]  # (B·C, H, k)
-    n_sel = s.view.rows[:b].clamp(max=k).repeat_interleave(c)  # (B·C,) valid scores rank first
+    n_sel = s.view.rows[:b].clamp(max=k).unsqueeze(1).expand(b, c).reshape(-1)  # (B·C,) valid scores rank first
     weights = masked_softmax(top, n_sel)  # (B·C, H, k)
     out = weighted_values(s.raw, s.view, s.pools[1], weights, idx, c, d_a // heads, d_a // heads, s.flags)
     return out.reshape(b, c, d_a)  # (B·C, H, dh) → (B, C, d_a)

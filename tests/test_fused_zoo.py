@@ -28,6 +28,7 @@ from model.blocks import ZooCache
 from model.cache_spec import store_config
 from model.config import LONG_ARCHS
 from model.entry import full_cache
+from model.retrieval import popcount
 from tests.test_zoo import N_ITEMS, make_batch, make_model, zoo_config
 from tests.zoo_store_fixtures import zoo_prefill_rows
 
@@ -149,6 +150,26 @@ def test_fused_zoo_flags_a_corrupt_router_index() -> None:
     assert torch.isfinite(got).all()
     with pytest.raises(RouterIndexError, match="batch row 2"):
         fused_logits(case)
+
+
+@pytest.mark.parametrize("arch", ["sim", "twin"])
+def test_fused_zoo_serves_the_first_rows_of_a_batch(arch: str) -> None:
+    """Candidates for users 0 .. B - 1 of a batch of more users score as those rows of the whole batch."""
+    case = packed(arch, "collective", "float32", seed=5)
+    whole = fused_logits(case)
+    with torch.inference_mode():
+        first = zoo_static_decode(case.raw, case.candidates[:3].to(DEVICE), resident=case.resident,
+                                  layout=case.layout, n_users=case.n_users, config=EXACT).cpu()
+    torch.testing.assert_close(first, whole[:3], rtol=1e-6, atol=1e-6)
+
+
+def test_popcount_counts_bits_without_a_table() -> None:
+    """The capture-safe popcount (shifts and masks) == Python's bin().count over the low n_bits bits."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randint(0, 1 << 62, (500,), generator=g), torch.tensor([0, 1, (1 << 62) - 1, (1 << 63) - 1])])
+    for n_bits in (1, 5, 8, 13, 62, 63):
+        want = torch.tensor([bin(int(v) & ((1 << n_bits) - 1)).count("1") for v in x])
+        assert torch.equal(popcount(x, n_bits), want)
 
 
 def test_fused_zoo_refuses_another_store() -> None:
