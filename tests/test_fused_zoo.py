@@ -121,6 +121,14 @@ def test_fused_zoo_equals_model_and_eager(arch: str, mode: str, kv_dtype: str) -
     torch.testing.assert_close(got[-1:], empty, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["sim", "eta"])
+def test_fused_zoo_split_histories(arch: str) -> None:
+    """Rows (and retrieved positions) split into parts, one program each, combined after: same logits."""
+    case = packed(arch, "collective", "float32", seed=6)
+    got = fused_logits(case, dataclasses.replace(EXACT, block_l=1, split_l=2))
+    torch.testing.assert_close(got, model_logits(case, "collective", "float32"), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("arch", LONG_ARCHS)
 def test_fused_zoo_store_precision_pools(arch: str) -> None:
     """The default launch reads fp16 pool rows for an fp16 store: the logits move by the pool's rounding only."""
