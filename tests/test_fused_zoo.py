@@ -137,26 +137,26 @@ def test_fused_zoo_store_precision_pools(arch: str) -> None:
     torch.testing.assert_close(got, model_logits(case, "collective", "float16"), rtol=0, atol=2e-2)
 
 
-def test_fused_zoo_flags_a_corrupt_router_index() -> None:
-    """A router index outside the pool sets that user's flag (loads masked), or raises without flags."""
-    case = packed("twin", "collective", "float32", seed=3)
+@pytest.mark.parametrize(("arch", "part", "user"), [("twin", "short.k_idx", 2), ("twin", "long.k_idx", 2),
+                                                     ("twin", "long.v_idx", 1), ("eta", "long.v_idx", 1)])
+def test_fused_zoo_flags_a_corrupt_router_index(arch: str, part: str, user: int) -> None:
+    """A router index outside the pool, in a row the decode reads (user 1 has one behaviour: every long stage
+    selects it), sets that user's flag (loads masked), or raises without flags."""
+    case = packed(arch, "collective", "float32", seed=3)
     layout = case.layout
-    names = [p.name for p in layout.parts]
-    user = 2  # n = max_len + 2: rows in both groups
-    n = int(lengths_of(case.model.cfg)[user])
-    offsets = case.raw[: 8 * case.n_users].view(torch.int64)
-    at = int(offsets[user]) + 32
+    n = lengths_of(case.model.cfg)[user]
+    at = int(case.raw[: 8 * case.n_users].view(torch.int64)[user]) + 32
     for p, row_bytes in zip(layout.parts, layout.row_bytes, strict=True):
-        if p.name == "short.k_idx":
+        if p.name == part:
             break
         at += min(n, p.cap) * row_bytes
-    assert "short.k_idx" in names and layout.idx_dtype == "uint16"
-    case.raw[at : at + 2] = torch.tensor([0xFF, 0xFF], dtype=torch.uint8)  # index 65535 > pool
+    assert layout.idx_dtype == "uint16" and part in [p.name for p in layout.parts]
+    case.raw[at : at + 2] = torch.tensor([0xFF, 0xFF], dtype=torch.uint8)  # index 65535 > pool (12 rows)
     flags = torch.zeros(case.n_users, dtype=torch.int32, device=DEVICE)
     got = fused_logits(case, flags=flags)
     assert flags.cpu().tolist() == [int(b == user) for b in range(case.n_users)]
     assert torch.isfinite(got).all()
-    with pytest.raises(RouterIndexError, match="batch row 2"):
+    with pytest.raises(RouterIndexError, match=f"batch row {user}"):
         fused_logits(case)
 
 
