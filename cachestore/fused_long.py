@@ -10,10 +10,12 @@ router indices, pools zero-padded in the user dims, rows rebuilt as user part �
                             fill: every real score ranks above it);
     :func:`weighted_values` out (R, G, W) fp32 = Σ_s weights[r, g, s] · val_{pos[r, g, s]}[g·step .. g·step + W - 1]
                             over s < S, the rows at positions ``pos`` (or s itself without positions) of user
-                            b = r // C; rows l >= rows[b] and zero weights are skipped.
+                            b = r // C; rows l >= rows[b] and zero weights are skipped;
+    :func:`bucket_sums`     out (R, m, d_a) fp32 = Σ over rows l < rows[b] whose bucket g (read from the packed
+                            key bytes of the record) equals the candidate's, of val_l (V-only group).
 
 TWIN: scores → per-head top-k and softmax in torch (shape-static) → weighted_values with G = H heads of
-W = dh columns. SDIM: weighted_values with G = the hash functions, W = d_a, weights = bucket collisions.
+W = dh columns. SDIM: bucket_sums (then L2-normalise and mean in torch).
 Router indices outside the pool are read as zeros and set ``flags[b] = 1``. Tested under Triton's
 interpreter against the models' own decode (``tests/test_fused_zoo.py``).
 """
@@ -24,7 +26,7 @@ import math
 
 import torch
 
-from cachestore.fused import IDX_BYTES, KV_CODES, GroupView, triton
+from cachestore.fused import IDX_BYTES, INTERPRETED, KV_CODES, GroupView, triton
 from cachestore.transfer import KV_TORCH
 
 if triton is not None:
@@ -91,6 +93,41 @@ if triton is not None:
         tl.store(out_ptr + (row * G + g) * W + tl.arange(0, W), acc)
         tl.store(flag_ptr + b, 1, mask=nbad > 0)
 
+    @triton.jit
+    def _bucket_sums_kernel(
+        raw_ptr, starts_ptr, rows_ptr, key_starts_ptr, target_ptr, pool_v_ptr, out_ptr, flag_ptr, n_cand, start_add,
+        pool_size, D_A: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, V_SHARED: tl.constexpr,
+        KV_CODE: tl.constexpr, KV_BYTES: tl.constexpr, IDX_BYTES: tl.constexpr, KEY_BYTES: tl.constexpr,
+        BITS: tl.constexpr, BLOCK_L: tl.constexpr, MAX_L: tl.constexpr,
+    ):
+        row = tl.program_id(0)  # b·C + c
+        g = tl.program_id(1)  # hash function
+        b = row // n_cand
+        start = tl.load(starts_ptr + b) + start_add
+        n = tl.load(rows_ptr + b)
+        key_start = tl.load(key_starts_ptr + b)
+        target = tl.load(target_ptr + row * G + g)  # the candidate's bucket of hash function g
+        shift = (g * BITS).to(tl.int64)
+        cols = tl.arange(0, D_A)  # (D_A,)
+        acc = tl.zeros([D_A], dtype=tl.float32)
+        nbad = tl.zeros([], dtype=tl.int32)
+        for l0 in range(0, MAX_L if MAX_L > 0 else n, BLOCK_L):  # static bound under the interpreter
+            ls = l0 + tl.arange(0, BLOCK_L)  # (BLOCK_L,)
+            lmask = ls < n
+            word = tl.zeros([BLOCK_L], dtype=tl.int64)  # the row's packed key bytes, little-endian
+            for k in tl.static_range(KEY_BYTES):
+                byte = tl.load(raw_ptr + key_start + ls * KEY_BYTES + k, mask=lmask, other=0).to(tl.int64)
+                word = word | (byte << (8 * k))
+            hit = lmask & (((word >> shift) & ((1 << BITS) - 1)) == target)
+            val = _load_user(raw_ptr, start, ls, cols, hit, DV, KV_CODE)  # (BLOCK_L, D_A), 0 where no hit
+            if V_SHARED:
+                pool, nbad = _pool_rows(raw_ptr, pool_v_ptr, start + n * DV * KV_BYTES, ls, cols, hit, nbad,
+                                        pool_size, D_A, IDX_BYTES)
+                val += pool
+            acc += tl.sum(val, axis=0)
+        tl.store(out_ptr + (row * G + g) * D_A + cols, acc)
+        tl.store(flag_ptr + b, 1, mask=nbad > 0)
+
 
 def _block(n: int, most: int = 64) -> int:
     """The smallest power of two >= n, capped at ``most`` (rows per program step)."""
@@ -141,5 +178,28 @@ def weighted_values(raw: torch.Tensor, view: GroupView, pool_v: torch.Tensor, we
         KV_CODE=KV_CODES[view.kv_dtype], KV_BYTES=KV_TORCH[view.kv_dtype].itemsize,
         IDX_BYTES=IDX_BYTES[view.idx_dtype], HAS_POS=positions is not None,
         S=max(1, s), BLOCK_L=_block(s, 32), num_warps=num_warps,
+    )
+    return out
+
+
+def bucket_sums(raw: torch.Tensor, view: GroupView, pool_v: torch.Tensor, key_starts: torch.Tensor, key_bytes: int,
+                bits: int, targets: torch.Tensor, n_cand: int, flags: torch.Tensor, *, block_l: int = 16,
+                num_warps: int = 1) -> torch.Tensor:
+    """SDIM's bucket sums (R, m, d_a) fp32: per row r (user b = r // n_cand) and hash function g, the sum of the
+    V rows l < rows[b] of the V-only group ``view`` whose bucket g (bits g·bits .. of the row's ``key_bytes``
+    packed key bytes at ``key_starts[b] + l·key_bytes``) equals ``targets[r, g]`` (targets (R, m) int64).
+    pool_v: (pool, d_a) padded V pool (1 zero row when not shared); d_a a power of two."""
+    r, m = targets.shape
+    g, d_a = view.group, pool_v.shape[1]
+    if g.dk != 0 or d_a & (d_a - 1):
+        raise ValueError(f"bucket sums read a V-only group of power-of-two width, got {g} at d_a {d_a}")
+    out = torch.empty(r, m, d_a, dtype=torch.float32, device=targets.device)  # (R, m, d_a)
+    if r == 0:
+        return out
+    _bucket_sums_kernel[(r, m)](
+        raw, view.starts, view.rows, key_starts, targets.contiguous(), pool_v, out, flags, n_cand, view.start_add,
+        view.pool_size, D_A=d_a, G=m, DV=g.dv, V_SHARED=g.v_shared, KV_CODE=KV_CODES[view.kv_dtype],
+        KV_BYTES=KV_TORCH[view.kv_dtype].itemsize, IDX_BYTES=IDX_BYTES[view.idx_dtype], KEY_BYTES=key_bytes,
+        BITS=bits, BLOCK_L=block_l, MAX_L=max(1, g.cap) if INTERPRETED else 0, num_warps=num_warps,
     )
     return out

@@ -13,13 +13,13 @@ min(n, cap); a few (B,) torch ops). :func:`zoo_static_decode` then runs ``LongSe
             SIM   category top-k from the cached bitmasks (``model.retrieval.category_topk``), then the fused
                   attention over the selected rows only (SELECT mode)
             ETA   SimHash Hamming top-k (``hamming_topk``), then the fused attention over the selected rows
-            SDIM  bucket collisions (B·C, m, L) as weights → :func:`cachestore.fused_long.weighted_values`
-                  (sum of the colliding V rows per hash function) → L2-normalise, mean over the m functions
+            SDIM  :func:`cachestore.fused_long.bucket_sums` (per hash function, the sum of the V rows whose
+                  bucket, read from the packed key bytes, equals the candidate's) → L2-normalise, mean over m
             TWIN  :func:`cachestore.fused_long.group_scores` (per-head scores of every long row) → per-head
                   stable top-k (later behaviour first on ties) → softmax → ``weighted_values`` per head
     logits = MLP([short, long, t])
 
-Only the key parts are unpacked to tensors (``unpack_entry(parts=...)``); the L of every intermediate is
+Only SIM's and ETA's key parts are unpacked to tensors (``unpack_entry(parts=...)``); the L of every intermediate is
 the group's cap (the store's long_len), never the batch's longest history, so every shape is host-known.
 Pool rows are read at the store's precision unless ``FusedConfig.pool_dtype`` says otherwise
 (:func:`group_pools`, cached on the resident per group and dtype). Parity with the model's own decode
@@ -37,30 +37,38 @@ import torch
 from cachestore.decode import ResidentZooModel
 from cachestore.entry import EntryLayout
 from cachestore.fused import DEFAULT_FUSED, FusedConfig, GroupView, attend_group, check_launch, pool_dtype, triton
-from cachestore.fused_long import group_scores, weighted_values
+from cachestore.fused_long import bucket_sums, group_scores, weighted_values
 from cachestore.record import HEADER_SIZE, RouterIndexError
 from cachestore.transfer import KV_TORCH, unpack_entry
-from model.attention import masked_softmax, valid_mask
+from model.attention import masked_softmax
 from model.cache_spec import entry_parts, group_specs, key_fields, store_config
 from model.config import ModelConfig
 from model.entry import unpack_keys
 from model.retrieval import bitmask, category_topk, hamming_topk, sdim_buckets, simhash
 
 
-def entry_views(raw: torch.Tensor, layout: EntryLayout, n_users: int, cfg: ModelConfig) -> dict[str, GroupView]:
-    """One :class:`GroupView` per K/V group (``group_specs(cfg)``, cfg: the store's config,
-    :func:`model.cache_spec.store_config`) of the v2 batch ``raw`` of ``n_users`` users (module docstring);
-    every view's ``ends`` is the record's end. Device ops on (B,) tensors only."""
+def part_starts(raw: torch.Tensor, layout: EntryLayout, n_users: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(byte start (B,) of every part of each record of the v2 batch ``raw``, one past each record (B,)):
+    part p of user b starts at offsets[b] + 32 + Σ_{q<p} min(n_b, cap_q)·row_bytes_q. (B,) device ops only."""
     header = raw[: 16 * n_users].view(torch.int64)  # offsets (B,), lengths (B,)
     lengths = header[n_users:]
     start = header[:n_users] + HEADER_SIZE  # (B,) where the current part starts
-    part_starts: dict[str, torch.Tensor] = {}
+    starts: dict[str, torch.Tensor] = {}
     for part, row_bytes in zip(layout.parts, layout.row_bytes, strict=True):
-        part_starts[part.name] = start
+        starts[part.name] = start
         start = start + lengths.clamp(max=part.cap) * row_bytes
+    return starts, start
+
+
+def entry_views(raw: torch.Tensor, layout: EntryLayout, n_users: int, cfg: ModelConfig) -> dict[str, GroupView]:
+    """One :class:`GroupView` per K/V group (``group_specs(cfg)``, cfg: the store's config,
+    :func:`model.cache_spec.store_config`) of the v2 batch ``raw`` of ``n_users`` users (module docstring);
+    every view's ``ends`` is the record's end."""
+    starts, ends = part_starts(raw, layout, n_users)
+    lengths = raw[8 * n_users : 16 * n_users].view(torch.int64)  # (B,)
     pool_size = cfg.collective.pool_size
-    return {g.name: GroupView(g, layout.kv_dtype, layout.idx_dtype, pool_size, part_starts[g.part_names()[0]],
-                              lengths.clamp(max=g.cap), 0, start) for g in group_specs(cfg)}  # fmt: skip
+    return {g.name: GroupView(g, layout.kv_dtype, layout.idx_dtype, pool_size, starts[g.part_names()[0]],
+                              lengths.clamp(max=g.cap), 0, ends) for g in group_specs(cfg)}  # fmt: skip
 
 
 def check_store(resident: ResidentZooModel, layout: EntryLayout) -> ModelConfig:
@@ -95,33 +103,39 @@ def group_pools(resident: ResidentZooModel, group: str, shared: tuple[bool, bool
     return cache[key]
 
 
-def retrieval_keys(raw: torch.Tensor, layout: EntryLayout, n_users: int, cfg: ModelConfig
-                   ) -> dict[str, torch.Tensor]:
-    """The retrieval keys of the batch (only the key parts unpacked), (B, long_len) or (B, long_len, m) int64
-    (0 past each user's rows); cfg: the store's config."""
-    fields = key_fields(cfg)
-    names = {f"keys.{name}" for name in fields}
-    arrays = unpack_entry(raw, layout, n_users, max(1, layout.max_len), 16 * n_users, parts=names).arrays
-    return {name: unpack_keys(arrays[f"keys.{name}"], m, bits) for name, (m, bits) in fields.items()}
+def retrieval_key(raw: torch.Tensor, layout: EntryLayout, n_users: int, cfg: ModelConfig, name: str
+                  ) -> torch.Tensor:
+    """The retrieval key ``name`` of the batch (only its part unpacked), (B, long_len) or (B, long_len, m)
+    int64, 0 past each user's rows; cfg: the store's config."""
+    m, bits = key_fields(cfg)[name]
+    part = f"keys.{name}"
+    arrays = unpack_entry(raw, layout, n_users, max(1, layout.max_len), 16 * n_users, parts={part}).arrays
+    return unpack_keys(arrays[part], m, bits)
 
 
 @dataclass(frozen=True)
 class LongStage:
-    """What a long stage reads: the model, the batch, the candidates' embeddings t (B, C, E) and ids (B, C),
-    the group ``long``'s view and pools, the retrieval keys (B, L, ...) and each user's n (B,) of users
-    0 .. B - 1, the router-index flags and the launch config."""
+    """What a long stage reads: the model, the store's layout and config, the batch of ``n_users`` users, the
+    candidates' embeddings t (B, C, E) and ids (B, C), the group ``long``'s view and pools, each user's n (B,)
+    of users 0 .. B - 1, the router-index flags and the launch config."""
 
     model: torch.nn.Module
     cfg: ModelConfig
+    layout: EntryLayout
+    store_cfg: ModelConfig
     raw: torch.Tensor
+    n_users: int
     t: torch.Tensor
     candidates: torch.Tensor
     view: GroupView
     pools: tuple[torch.Tensor, torch.Tensor]
-    keys: dict[str, torch.Tensor]
     lengths: torch.Tensor
     flags: torch.Tensor
     config: FusedConfig
+
+    def key(self, name: str) -> torch.Tensor:
+        """The retrieval key ``name`` of users 0 .. B - 1: (B, long_len) or (B, long_len, m) int64."""
+        return retrieval_key(self.raw, self.layout, self.n_users, self.store_cfg, name)[: self.t.shape[0]]
 
     def attend_selected(self, idx: torch.Tensor, n_sel: torch.Tensor) -> torch.Tensor:
         """Fused attention of each candidate over its retrieved rows idx (B, C, S), n_sel (B, C) → (B, C, d_a)."""
@@ -133,28 +147,27 @@ class LongStage:
 def sim_long(s: LongStage) -> torch.Tensor:
     """SIM: category (genre bitmask) top-k, then attention over the selected rows."""
     target = bitmask(s.model.item_genres[s.candidates], check=False)  # (B, C)
-    idx, n_sel = category_topk(s.keys["categories"], target, s.lengths, s.cfg.topk, max(1, s.cfg.n_genres))
+    idx, n_sel = category_topk(s.key("categories"), target, s.lengths, s.cfg.topk, max(1, s.cfg.n_genres))
     return s.attend_selected(idx, n_sel)
 
 
 def eta_long(s: LongStage) -> torch.Tensor:
     """ETA: SimHash Hamming top-k, then attention over the selected rows."""
     codes = simhash(s.t, s.model.hash_planes)  # (B, C)
-    idx, n_sel = hamming_topk(s.keys["simhash"], codes, s.lengths, s.cfg.topk, s.cfg.hash_bits)
+    idx, n_sel = hamming_topk(s.key("simhash"), codes, s.lengths, s.cfg.topk, s.cfg.hash_bits)
     return s.attend_selected(idx, n_sel)
 
 
 def sdim_long(s: LongStage) -> torch.Tensor:
-    """SDIM: per hash function the sum of the V rows in the candidate's bucket, L2-normalised, mean."""
+    """SDIM: per hash function the sum of the V rows in the candidate's bucket (compared in the kernel on the
+    packed key bytes), L2-normalised, mean over the hash functions."""
     b, c, _ = s.t.shape
-    behaviour = s.keys["buckets"]  # (B, L, m)
-    target = sdim_buckets(s.t, s.model.hash_planes)  # (B, C, m)
-    valid = valid_mask(s.lengths, behaviour.shape[1])  # (B, L)
-    collide = (behaviour.unsqueeze(1) == target.unsqueeze(2)) & valid[:, None, :, None]  # (B, C, L, m)
-    weights = collide.permute(0, 1, 3, 2).flatten(0, 1).float()  # (B·C, m, L)
-    d_a = s.cfg.d_attn
-    sums = weighted_values(s.raw, s.view, s.pools[1], weights, None, c, d_a, 0, s.flags)  # (B·C, m, d_a)
-    return torch.nn.functional.normalize(sums, dim=-1).mean(dim=1).reshape(b, c, d_a)
+    m, bits = key_fields(s.store_cfg)["buckets"]
+    target = sdim_buckets(s.t, s.model.hash_planes).reshape(b * c, m)  # (B·C, m)
+    starts, _ = part_starts(s.raw, s.layout, s.n_users)
+    key_bytes = s.layout.row_bytes[[p.name for p in s.layout.parts].index("keys.buckets")]
+    sums = bucket_sums(s.raw, s.view, s.pools[1], starts["keys.buckets"], key_bytes, bits, target, c, s.flags)
+    return torch.nn.functional.normalize(sums, dim=-1).mean(dim=1).reshape(b, c, -1)  # (B, C, d_a)
 
 
 def twin_long(s: LongStage) -> torch.Tensor:
@@ -203,10 +216,9 @@ def zoo_static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: 
     model = resident.model
     t = model.item_embedding(candidates)  # (B, C, E)
     short = attend_group(raw, model.short.query(t), views["short"], pools["short"], cfg.n_heads, flag, config=config)
-    keys = {name: k[:b] for name, k in retrieval_keys(raw, layout, n_users, store_cfg).items()}
     lengths = raw[8 * n_users : 16 * n_users].view(torch.int64)[:b]  # (B,) n per user (<= long_len)
-    long = LONG_STAGES[cfg.arch](LongStage(model, cfg, raw, t, candidates, views["long"], pools["long"], keys,
-                                           lengths, flag, config))  # (B, C, d_a)
+    long = LONG_STAGES[cfg.arch](LongStage(model, cfg, layout, store_cfg, raw, n_users, t, candidates, views["long"],
+                                           pools["long"], lengths, flag, config))  # (B, C, d_a)
     logits = model.mlp(torch.cat([short.to(t.dtype), long.to(t.dtype), t], dim=-1)).squeeze(-1)  # (B, C)
     if flags is None and bool(flag.any()):
         raise RouterIndexError(f"a router index outside the pool 0..{cfg.collective.pool_size - 1} in batch row "
