@@ -60,11 +60,12 @@ def part_starts(raw: torch.Tensor, layout: EntryLayout, n_users: int) -> tuple[d
     return starts, start
 
 
-def entry_views(raw: torch.Tensor, layout: EntryLayout, n_users: int, cfg: ModelConfig) -> dict[str, GroupView]:
+def entry_views(raw: torch.Tensor, layout: EntryLayout, n_users: int, cfg: ModelConfig,
+                starts: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None) -> dict[str, GroupView]:
     """One :class:`GroupView` per K/V group (``group_specs(cfg)``, cfg: the store's config,
     :func:`model.cache_spec.store_config`) of the v2 batch ``raw`` of ``n_users`` users (module docstring);
-    every view's ``ends`` is the record's end."""
-    starts, ends = part_starts(raw, layout, n_users)
+    every view's ``ends`` is the record's end. starts: :func:`part_starts` of the batch, if computed."""
+    starts, ends = part_starts(raw, layout, n_users) if starts is None else starts
     lengths = raw[8 * n_users : 16 * n_users].view(torch.int64)  # (B,)
     pool_size = cfg.collective.pool_size
     return {g.name: GroupView(g, layout.kv_dtype, layout.idx_dtype, pool_size, starts[g.part_names()[0]],
@@ -117,7 +118,8 @@ def retrieval_key(raw: torch.Tensor, layout: EntryLayout, n_users: int, cfg: Mod
 class LongStage:
     """What a long stage reads: the model, the store's layout and config, the batch of ``n_users`` users, the
     candidates' embeddings t (B, C, E) and ids (B, C), the group ``long``'s view and pools, each user's n (B,)
-    of users 0 .. B - 1, the router-index flags and the launch config."""
+    of users 0 .. B - 1, every part's byte start (B,) (:func:`part_starts`), the router-index flags and the
+    launch config."""
 
     model: torch.nn.Module
     cfg: ModelConfig
@@ -129,6 +131,7 @@ class LongStage:
     candidates: torch.Tensor
     view: GroupView
     pools: tuple[torch.Tensor, torch.Tensor]
+    part_starts: dict[str, torch.Tensor]
     lengths: torch.Tensor
     flags: torch.Tensor
     config: FusedConfig
@@ -164,9 +167,9 @@ def sdim_long(s: LongStage) -> torch.Tensor:
     b, c, _ = s.t.shape
     m, bits = key_fields(s.store_cfg)["buckets"]
     target = sdim_buckets(s.t, s.model.hash_planes).reshape(b * c, m)  # (B·C, m)
-    starts, _ = part_starts(s.raw, s.layout, s.n_users)
     key_bytes = s.layout.row_bytes[[p.name for p in s.layout.parts].index("keys.buckets")]
-    sums = bucket_sums(s.raw, s.view, s.pools[1], starts["keys.buckets"], key_bytes, bits, target, c, s.flags)
+    sums = bucket_sums(s.raw, s.view, s.pools[1], s.part_starts["keys.buckets"], key_bytes, bits, target, c,
+                       s.flags)
     return torch.nn.functional.normalize(sums, dim=-1).mean(dim=1).reshape(b, c, -1)  # (B, C, d_a)
 
 
@@ -207,9 +210,12 @@ def zoo_static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: 
     check_launch(cfg.n_heads, cfg.d_attn, config)
     if candidates.dim() != 2 or candidates.shape[0] > n_users:
         raise ValueError(f"candidates {tuple(candidates.shape)}: want (B, C) with B <= {n_users} users")
+    if raw.device != candidates.device:
+        raise ValueError(f"the packed batch is on {raw.device}, the candidates on {candidates.device}")
     b = candidates.shape[0]
     flag = torch.zeros(n_users, dtype=torch.int32, device=raw.device) if flags is None else flags
-    views = entry_views(raw, layout, n_users, store_cfg)
+    starts = part_starts(raw, layout, n_users)
+    views = entry_views(raw, layout, n_users, store_cfg, starts)
     dtype = KV_TORCH[pool_dtype(config, layout)]
     pools = {name: group_pools(resident, name, (v.group.k_shared, v.group.v_shared), dtype)
              for name, v in views.items()}  # fmt: skip
@@ -218,7 +224,7 @@ def zoo_static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: 
     short = attend_group(raw, model.short.query(t), views["short"], pools["short"], cfg.n_heads, flag, config=config)
     lengths = raw[8 * n_users : 16 * n_users].view(torch.int64)[:b]  # (B,) n per user (<= long_len)
     long = LONG_STAGES[cfg.arch](LongStage(model, cfg, layout, store_cfg, raw, n_users, t, candidates, views["long"],
-                                           pools["long"], lengths, flag, config))  # (B, C, d_a)
+                                           pools["long"], starts[0], lengths, flag, config))  # (B, C, d_a)
     logits = model.mlp(torch.cat([short.to(t.dtype), long.to(t.dtype), t], dim=-1)).squeeze(-1)  # (B, C)
     if flags is None and bool(flag.any()):
         raise RouterIndexError(f"a router index outside the pool 0..{cfg.collective.pool_size - 1} in batch row "
