@@ -1,4 +1,4 @@
-"""Long-stage kernels of the zoo models (TWIN, SDIM) straight from the packed batch bytes (Triton).
+"""Long-stage kernels of the zoo models (SIM, ETA, SDIM, TWIN) straight from the packed batch bytes (Triton).
 
 They read one K/V group of each user's record in place (:class:`cachestore.fused.GroupView`: user parts,
 router indices, pools zero-padded in the user dims, rows rebuilt as user part ⊕ pool row as in
@@ -12,8 +12,12 @@ router indices, pools zero-padded in the user dims, rows rebuilt as user part �
                             over s < S, the rows at positions ``pos`` (or s itself without positions) of user
                             b = r // C; rows l >= rows[b] and zero weights are skipped;
     :func:`bucket_sums`     out (R, m, d_a) fp32 = Σ over rows l < rows[b] whose bucket g (read from the packed
-                            key bytes of the record) equals the candidate's, of val_l (V-only group).
+                            key bytes of the record) equals the candidate's, of val_l (V-only group);
+    :func:`key_ranks`       ranks (R, cap) int64 of SIM's / ETA's retrieval from the packed key bytes: shared
+                            categories (or bits - Hamming distance)·cap + l, -1 where not eligible, so that
+                            ``topk`` of the ranks is ``model.retrieval``'s selection (ties: later row first).
 
+SIM / ETA: key_ranks → ``topk`` in torch → :func:`cachestore.fused.attend_group` over the selected rows.
 TWIN: scores → per-head top-k and softmax in torch (shape-static) → weighted_values with G = H heads of
 W = dh columns. SDIM: bucket_sums (then L2-normalise and mean in torch).
 Router indices outside the pool are read as zeros and set ``flags[b] = 1``. Tested under Triton's
@@ -33,6 +37,27 @@ if triton is not None:
     import triton.language as tl
 
     from cachestore.fused import _load_user, _pool_rows
+
+    @triton.jit
+    def _packed_keys(raw_ptr, key_start, ls, lmask, KEY_BYTES: tl.constexpr, BLOCK_L: tl.constexpr):
+        """(BLOCK_L,) int64 packed retrieval keys of rows ``ls`` (little-endian bytes at key_start + l·KEY_BYTES;
+        0 where masked)."""
+        word = tl.zeros([BLOCK_L], dtype=tl.int64)
+        for k in tl.static_range(KEY_BYTES):
+            byte = tl.load(raw_ptr + key_start + ls * KEY_BYTES + k, mask=lmask, other=0).to(tl.int64)
+            word = word | (byte << (8 * k))
+        return word
+
+    @triton.jit
+    def _popcount(x):
+        """Set bits of each non-negative int64 of ``x`` (shifts and masks, as ``model.retrieval.popcount``)."""
+        x = x - ((x >> 1) & 0x5555555555555555)
+        x = (x & 0x3333333333333333) + ((x >> 2) & 0x3333333333333333)
+        x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0F
+        x = x + (x >> 8)
+        x = x + (x >> 16)
+        x = x + (x >> 32)
+        return x & 0x7F
 
     @triton.jit
     def _group_scores_kernel(
@@ -114,10 +139,7 @@ if triton is not None:
         for l0 in range(0, MAX_L if MAX_L > 0 else n, BLOCK_L):  # static bound under the interpreter
             ls = l0 + tl.arange(0, BLOCK_L)  # (BLOCK_L,)
             lmask = ls < n
-            word = tl.zeros([BLOCK_L], dtype=tl.int64)  # the row's packed key bytes, little-endian
-            for k in tl.static_range(KEY_BYTES):
-                byte = tl.load(raw_ptr + key_start + ls * KEY_BYTES + k, mask=lmask, other=0).to(tl.int64)
-                word = word | (byte << (8 * k))
+            word = _packed_keys(raw_ptr, key_start, ls, lmask, KEY_BYTES, BLOCK_L)  # (BLOCK_L,) int64
             hit = lmask & (((word >> shift) & ((1 << BITS) - 1)) == target)
             val = _load_user(raw_ptr, start, ls, cols, hit, DV, KV_CODE)  # (BLOCK_L, D_A), 0 where no hit
             if V_SHARED:
@@ -127,6 +149,25 @@ if triton is not None:
             acc += tl.sum(val, axis=0)
         tl.store(out_ptr + (row * G + g) * D_A + cols, acc)
         tl.store(flag_ptr + b, 1, mask=nbad > 0)
+
+    @triton.jit
+    def _key_ranks_kernel(raw_ptr, key_starts_ptr, rows_ptr, target_ptr, out_ptr, n_cand, KEY_BYTES: tl.constexpr,
+                          BITS: tl.constexpr, HAMMING: tl.constexpr, CAP: tl.constexpr, BLOCK_L: tl.constexpr):
+        row = tl.program_id(0)  # b·C + c
+        ls = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)  # (BLOCK_L,)
+        b = row // n_cand
+        n = tl.load(rows_ptr + b)
+        lmask = ls < n
+        key = _packed_keys(raw_ptr, tl.load(key_starts_ptr + b), ls, lmask, KEY_BYTES, BLOCK_L)
+        target = tl.load(target_ptr + row)
+        if HAMMING:  # ETA: nearer first; every row eligible
+            rank = (BITS - _popcount((key ^ target) & ((1 << BITS) - 1))) * CAP + ls
+            eligible = lmask
+        else:  # SIM: more shared categories first; rows sharing none are not eligible
+            shared = _popcount(key & target & ((1 << BITS) - 1))
+            rank = shared * CAP + ls
+            eligible = lmask & (shared > 0)
+        tl.store(out_ptr + row * CAP + ls, tl.where(eligible, rank, -1), mask=ls < CAP)
 
 
 def _block(n: int, most: int = 64) -> int:
@@ -201,5 +242,23 @@ def bucket_sums(raw: torch.Tensor, view: GroupView, pool_v: torch.Tensor, key_st
         view.pool_size, D_A=d_a, G=m, DV=g.dv, V_SHARED=g.v_shared, KV_CODE=KV_CODES[view.kv_dtype],
         KV_BYTES=KV_TORCH[view.kv_dtype].itemsize, IDX_BYTES=IDX_BYTES[view.idx_dtype], KEY_BYTES=key_bytes,
         BITS=bits, BLOCK_L=block_l, MAX_L=max(1, g.cap) if INTERPRETED else 0, num_warps=num_warps,
+    )
+    return out
+
+
+def key_ranks(raw: torch.Tensor, key_starts: torch.Tensor, rows: torch.Tensor, cap: int, key_bytes: int, bits: int,
+              targets: torch.Tensor, hamming: bool) -> torch.Tensor:
+    """Retrieval ranks (R, cap) int64 of every long row of user b = r // C for candidate r (targets (B, C) int64
+    keys; the rows' keys read from the packed key bytes at ``key_starts[b] + l·key_bytes``, ``rows`` (B,) valid):
+    ``hamming`` (ETA) (bits - Hamming distance)·cap + l, else (SIM) shared categories·cap + l where > 0 shared;
+    -1 for rows not eligible. Larger ranks first = ``model.retrieval``'s order (ties: later row first)."""
+    b, c = targets.shape
+    out = torch.empty(b * c, max(1, cap), dtype=torch.int64, device=targets.device)  # (R, cap)
+    if b * c == 0:
+        return out
+    block = _block(max(1, cap))
+    _key_ranks_kernel[(b * c, -(-max(1, cap) // block))](
+        raw, key_starts, rows, targets.contiguous(), out, c, KEY_BYTES=key_bytes, BITS=bits, HAMMING=hamming,
+        CAP=max(1, cap), BLOCK_L=block, num_warps=1,
     )
     return out

@@ -10,16 +10,17 @@ min(n, cap); a few (B,) torch ops). :func:`zoo_static_decode` then runs ``LongSe
     t     = item embedding of the candidates (B, C, E)
     short = :func:`cachestore.fused.attend_group` over group ``short`` with q = W_q^short t
     long  = the arch's long stage (:data:`LONG_STAGES`) over group ``long``:
-            SIM   category top-k from the cached bitmasks (``model.retrieval.category_topk``), then the fused
-                  attention over the selected rows only (SELECT mode)
-            ETA   SimHash Hamming top-k (``hamming_topk``), then the fused attention over the selected rows
+            SIM   category top-k on the cached bitmasks (:func:`cachestore.fused_long.key_ranks`: the ranks of
+                  ``model.retrieval.category_topk``, then ``topk``), the fused attention over the selected rows
+                  only (SELECT mode)
+            ETA   SimHash Hamming top-k (``key_ranks`` as ``hamming_topk`` ranks), then the same attention
             SDIM  :func:`cachestore.fused_long.bucket_sums` (per hash function, the sum of the V rows whose
                   bucket, read from the packed key bytes, equals the candidate's) → L2-normalise, mean over m
             TWIN  :func:`cachestore.fused_long.group_scores` (per-head scores of every long row) → per-head
                   stable top-k (later behaviour first on ties) → softmax → ``weighted_values`` per head
     logits = MLP([short, long, t])
 
-Only SIM's and ETA's key parts are unpacked to tensors (``unpack_entry(parts=...)``); the L of every intermediate is
+No part is unpacked to tensors (the kernels read the keys' packed bytes in place too); the L of every intermediate is
 the group's cap (the store's long_len), never the batch's longest history, so every shape is host-known.
 Pool rows are read at the store's precision unless ``FusedConfig.pool_dtype`` says otherwise
 (:func:`group_pools`, cached on the resident per group and dtype). Parity with the model's own decode
@@ -37,14 +38,13 @@ import torch
 from cachestore.decode import ResidentZooModel
 from cachestore.entry import EntryLayout
 from cachestore.fused import DEFAULT_FUSED, FusedConfig, GroupView, attend_group, check_launch, pool_dtype, triton
-from cachestore.fused_long import bucket_sums, group_scores, weighted_values
+from cachestore.fused_long import bucket_sums, group_scores, key_ranks, weighted_values
 from cachestore.record import HEADER_SIZE, RouterIndexError
-from cachestore.transfer import KV_TORCH, unpack_entry
+from cachestore.transfer import KV_TORCH
 from model.attention import masked_softmax
 from model.cache_spec import entry_parts, group_specs, key_fields, store_config
 from model.config import ModelConfig
-from model.entry import unpack_keys
-from model.retrieval import bitmask, category_topk, hamming_topk, sdim_buckets, simhash
+from model.retrieval import bitmask, sdim_buckets, simhash
 
 
 def part_starts(raw: torch.Tensor, layout: EntryLayout, n_users: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -104,16 +104,6 @@ def group_pools(resident: ResidentZooModel, group: str, shared: tuple[bool, bool
     return cache[key]
 
 
-def retrieval_key(raw: torch.Tensor, layout: EntryLayout, n_users: int, cfg: ModelConfig, name: str
-                  ) -> torch.Tensor:
-    """The retrieval key ``name`` of the batch (only its part unpacked), (B, long_len) or (B, long_len, m)
-    int64, 0 past each user's rows; cfg: the store's config."""
-    m, bits = key_fields(cfg)[name]
-    part = f"keys.{name}"
-    arrays = unpack_entry(raw, layout, n_users, max(1, layout.max_len), 16 * n_users, parts={part}).arrays
-    return unpack_keys(arrays[part], m, bits)
-
-
 @dataclass(frozen=True)
 class LongStage:
     """What a long stage reads: the model, the store's layout and config, the batch of ``n_users`` users, the
@@ -136,10 +126,6 @@ class LongStage:
     flags: torch.Tensor
     config: FusedConfig
 
-    def key(self, name: str) -> torch.Tensor:
-        """The retrieval key ``name`` of users 0 .. B - 1: (B, long_len) or (B, long_len, m) int64."""
-        return retrieval_key(self.raw, self.layout, self.n_users, self.store_cfg, name)[: self.t.shape[0]]
-
     def attend_selected(self, idx: torch.Tensor, n_sel: torch.Tensor) -> torch.Tensor:
         """Fused attention of each candidate over its retrieved rows idx (B, C, S), n_sel (B, C) → (B, C, d_a)."""
         q = self.model.long.query(self.t)  # (B, C, d_a)
@@ -147,18 +133,29 @@ class LongStage:
                             select=(idx.flatten(0, 1).contiguous(), n_sel.flatten()))
 
 
+def _select(s: LongStage, name: str, targets: torch.Tensor, hamming: bool) -> torch.Tensor:
+    """Retrieve on the packed key bytes (:func:`cachestore.fused_long.key_ranks`), keep the ``topk`` best
+    eligible rows per candidate, attend over them."""
+    b, c, _ = s.t.shape
+    part = f"keys.{name}"
+    key_bytes = s.layout.row_bytes[[p.name for p in s.layout.parts].index(part)]
+    bits = key_fields(s.store_cfg)[name][1]
+    ranks = key_ranks(s.raw, s.part_starts[part], s.view.rows, s.view.group.cap, key_bytes, bits, targets,
+                      hamming)  # (B·C, cap)
+    k = min(s.cfg.topk, ranks.shape[-1])
+    _, idx = ranks.topk(k, dim=-1, largest=True, sorted=True)  # (B·C, k) best first
+    n_sel = (ranks >= 0).sum(-1).clamp(max=k)  # (B·C,)
+    return s.attend_selected(idx.reshape(b, c, k), n_sel.reshape(b, c))
+
+
 def sim_long(s: LongStage) -> torch.Tensor:
-    """SIM: category (genre bitmask) top-k, then attention over the selected rows."""
-    target = bitmask(s.model.item_genres[s.candidates], check=False)  # (B, C)
-    idx, n_sel = category_topk(s.key("categories"), target, s.lengths, s.cfg.topk, max(1, s.cfg.n_genres))
-    return s.attend_selected(idx, n_sel)
+    """SIM: category (genre bitmask) top-k (shared categories, then recency), attention over the selected rows."""
+    return _select(s, "categories", bitmask(s.model.item_genres[s.candidates], check=False), hamming=False)
 
 
 def eta_long(s: LongStage) -> torch.Tensor:
-    """ETA: SimHash Hamming top-k, then attention over the selected rows."""
-    codes = simhash(s.t, s.model.hash_planes)  # (B, C)
-    idx, n_sel = hamming_topk(s.key("simhash"), codes, s.lengths, s.cfg.topk, s.cfg.hash_bits)
-    return s.attend_selected(idx, n_sel)
+    """ETA: SimHash Hamming top-k (nearer, then recency), attention over the selected rows."""
+    return _select(s, "simhash", simhash(s.t, s.model.hash_planes), hamming=True)
 
 
 def sdim_long(s: LongStage) -> torch.Tensor:

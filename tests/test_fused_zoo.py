@@ -171,6 +171,17 @@ def test_fused_zoo_serves_the_first_rows_of_a_batch(arch: str) -> None:
     torch.testing.assert_close(first, whole[:3], rtol=1e-6, atol=1e-6)
 
 
+def test_unpack_entry_of_some_parts() -> None:
+    """``unpack_entry(parts=...)`` unpacks those parts only, equal to the same parts of the whole unpack."""
+    case = packed("sdim", "collective", "float16", seed=7)
+    args = (case.raw, case.layout, case.n_users, case.layout.max_len, 16 * case.n_users)
+    whole = unpack_entry(*args).arrays
+    some = unpack_entry(*args, parts={"long.v_idx", "keys.buckets"}).arrays
+    assert sorted(some) == ["keys.buckets", "long.v_idx"]
+    for name, t in some.items():
+        assert torch.equal(t, whole[name])
+
+
 def test_popcount_counts_bits_without_a_table() -> None:
     """The capture-safe popcount (shifts and masks) == Python's bin().count over the low n_bits bits."""
     g = torch.Generator().manual_seed(0)
