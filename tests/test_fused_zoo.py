@@ -26,7 +26,7 @@ from cachestore.record import RouterIndexError
 from cachestore.transfer import unpack_entry
 from model.blocks import ZooCache
 from model.cache_spec import store_config
-from model.config import LONG_ARCHS
+from model.config import LONG_ARCHS, CollectiveConfig
 from model.entry import full_cache
 from model.retrieval import popcount
 from tests.test_zoo import N_ITEMS, make_batch, make_model, zoo_config
@@ -57,9 +57,9 @@ class Case:
     candidates: torch.Tensor
 
 
-def packed(arch: str, mode: str, kv_dtype: str, seed: int = 1) -> Case:
+def packed(arch: str, mode: str, kv_dtype: str, seed: int = 1, **cfg: object) -> Case:
     """A batch of lengths_of(cfg) users + one cold slot, packed as the runtime packs it, on DEVICE."""
-    model = make_model(zoo_config(arch), seed=seed).eval()
+    model = make_model(zoo_config(arch, **cfg), seed=seed).eval()
     lengths = lengths_of(model.cfg)
     items, feedback, lens, _ = make_batch(lengths, max(lengths), seed)
     layout = entry_layout(model.cfg, VERSION, mode, kv_dtype)
@@ -119,6 +119,13 @@ def test_fused_zoo_equals_model_and_eager(arch: str, mode: str, kv_dtype: str) -
     with torch.no_grad():  # the cold slot scores like an empty history
         empty = case.model(*(h[-1:] for h in case.hist), case.candidates[-1:])[0]
     torch.testing.assert_close(got[-1:], empty, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_twin_breaks_ties_towards_the_later_behaviour() -> None:
+    """A 2-row pool makes the heads without user dims score many behaviours equal: the top-k among equal
+    scores is the model's (stable, later behaviour first), so the logits still equal the model's."""
+    case = packed("twin", "collective", "float32", seed=8, collective=CollectiveConfig(d_user=2, pool_size=2))
+    torch.testing.assert_close(fused_logits(case), model_logits(case, "collective", "float32"), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["sim", "eta"])
