@@ -31,6 +31,8 @@ Zoo stores (record format v2, :mod:`cachestore.entry`): :func:`entry_cache` turn
 cast to the model's dtype, then ``model.entry.cache_from_arrays``) and :func:`decode_zoo` runs the
 zoo model's own ``decode`` (its retrieval + attention; there is no poolscore path for these models)
 on a :class:`ResidentZooModel`. A ``din`` cache in a v2 store goes through :func:`decode` above.
+:func:`cachestore.fused_zoo.zoo_static_decode` computes the same SIM/ETA/SDIM/TWIN logits from the packed
+batch bytes in place (Triton kernels, shape-static, no per-user K/V).
 """
 
 from __future__ import annotations

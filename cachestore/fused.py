@@ -1,23 +1,29 @@
-"""Fused collective target attention straight from the packed batch bytes (Triton; record format v1).
+"""Fused collective target attention straight from the packed batch bytes (Triton; any K/V group of a record).
 
 The eager serving path (:func:`cachestore.transfer.unpack` + :func:`cachestore.decode.decode`) turns the
 jagged records into padded (B, L, ·) tensors, casts them, then either materialises K/V or scores the
 whole pool per user. At the paper's shape (B 512, L 1000, d_a 256, 8 heads, pool 10,000) that is
 ~1 ms of GPU work even inside a CUDA graph, 10× the PCIe floor of the bytes it decodes. This module
-replaces unpack + attention with ONE kernel that reads the device copy of the packed batch as it is:
+replaces unpack + attention with ONE kernel that reads the device copy of the packed batch as it is,
+for one K/V group (:class:`model.cache_spec.GroupSpec`: dk, dv, k_shared, v_shared; dk = 0 for V only)
+placed per user by a :class:`GroupView` (``starts`` (B,), ``rows`` (B,) = min(n, cap)):
 
     program (b·C + c, g, s) — user b, candidate c, heads g·GH .. g·GH + GH - 1 (GH = heads_per_program),
-      behaviours of part s (of S; S = 1 unless the launch has few programs: FusedConfig.split_l);
+      steps of part s (of S; S = 1 unless the launch has few programs: FusedConfig.split_l);
       for each of its heads h: dh = d_a / H, cols = h·dh .. h·dh + dh - 1
-      record r = raw[offsets[b]:], n = lengths[b] (the batch header: int64 offsets (B,), lengths (B,))
-      payload = r[32:]: k_user (n, dk) | v_user (n, dv) | k_idx (n,) | v_idx (n,)   (cachestore.record)
-      for blocks of BLOCK_L behaviours l < n (online softmax, fp32 accumulation):
+      group = raw[starts[b]:], n = rows[b]
+      group bytes: k_user (n, dk) | v_user (n, dv) | k_idx (n,) | v_idx (n,)   (those the group has)
+      rows read: l = 0 .. n - 1, or (SELECT) l = sel[b·C + c, j] for j < n_sel[b·C + c]
+      for blocks of BLOCK_L rows l (online softmax, fp32 accumulation):
           key_l = user_k[l, cols] (0 beyond dk) + P_k[k_idx[l], cols]   (pool rows zero in the user dims)
           s_l   = q[b, c, cols] · key_l / sqrt(dh)
           val_l = user_v[l, cols] (0 beyond dv) + P_v[v_idx[l], cols]
-      out[b, c, cols] = Σ softmax(s)_l val_l        (zeros when n == 0)
+      out[b, c, cols] = Σ softmax(s)_l val_l        (zeros when no row is read)
       (S > 1: each part stores its running max, denominator and sum; a second kernel combines the parts)
 
+din's one group is the whole v1 payload (:func:`din_view`: starts = the header's offsets + 32, rows = its
+lengths, read in place: no device op before the first launch); the zoo models' groups sit at offsets
+computed from the header (:func:`cachestore.fused_zoo.entry_views`).
 so K/V = concat(user part, pool row) exactly as ``model.cache.rebuild_kv`` builds them, never written
 to memory: the kernel reads each behaviour's few user-part bytes and index from the batch and two
 dh-wide pool rows (the pools, 2 × pool × d_a × 2 or 4 bytes, stay in L2). Pool rows are read at the
@@ -48,7 +54,6 @@ a pinned host batch, which the kernel then reads over PCIe (mapped, zero-copy) �
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 import os
@@ -58,8 +63,10 @@ from dataclasses import dataclass
 import torch
 
 from cachestore.decode import ResidentModel
+from cachestore.fused_config import DEFAULT_FUSED, FusedConfig, pool_dtype, split_parts
 from cachestore.record import HEADER_SIZE, CacheLayout, RouterIndexError
 from cachestore.transfer import KV_TORCH
+from model.cache_spec import GroupSpec
 
 try:  # Triton is optional: CUDA machines have it; CPU machines may run its interpreter
     import triton
@@ -71,55 +78,9 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
 FUSED = "fused"  # the decode path name of this kernel (graphs, runtime, ckv score)
 KV_CODES = {"float16": 0, "bfloat16": 1, "float32": 2}
 IDX_BYTES = {None: 0, "uint16": 2, "int32": 4}
-STORE = "store"  # FusedConfig.pool_dtype: read the pool rows at the store's kv dtype
 
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read by triton.jit at import, as here
-
-
-@dataclass(frozen=True)
-class FusedConfig:
-    """Launch settings of the fused kernel (derive variants with ``dataclasses.replace``).
-
-    block_l: behaviours per online-softmax step; num_warps; heads_per_program: heads one program
-    handles (a power of two dividing H; they share each behaviour's index and user-part loads);
-    num_stages: Triton's software-pipelining depth of the behaviour loop (None: Triton's default);
-    split_l: parts each user's history is split into, one program each, their softmax states combined by
-    a second kernel (flash-decoding; a power of two; None: :func:`split_parts` picks from the launch size);
-    pool_dtype: the precision of the pool rows the kernel reads — "store" (default): the store's ``kv_dtype``,
-    so both parts of each K/V row have the precision the store was written at (an fp16 store, the default,
-    reads fp16 pool rows: half the pool reads of fp32, the bound of the kernel, see the module docstring;
-    an fp32 store reads the model's rows exactly); "float32" (exact whatever the store), "float16" or
-    "bfloat16" to override. The defaults (BLOCK_L 16, 1 warp, 2 heads
-    per program, auto split) are the fastest setting timed inside the serving graph on an H100
-    (``benchmarks/decode_latency.py --compare-launch``, round-robin at L 1000, B 64/256/512, fp32 and fp16
-    pools: ``benchmarks/results/decode_latency_launch{,2,3}_float{16,32}.json``): at B 512 0.174 ms (fp16
-    pools) and 0.244 ms (fp32) against 0.206 and 0.267 ms for BLOCK_L 32, 2 warps, 2 parts.
-    The kernel timed alone from Python (``benchmarks/fused_kernel.py``) includes each launch's CPU cost,
-    which the graph does not pay, so tune in the graph.
-    """
-
-    block_l: int = 16
-    num_warps: int = 1
-    heads_per_program: int = 2
-    num_stages: int | None = None
-    split_l: int | None = None
-    pool_dtype: str = STORE
-
-    def __post_init__(self) -> None:
-        if self.pool_dtype != STORE and self.pool_dtype not in KV_TORCH:
-            raise ValueError(f"pool_dtype must be one of {[STORE, *sorted(KV_TORCH)]}, got {self.pool_dtype!r}")
-        for name in ("block_l", "num_warps", "heads_per_program"):
-            value = getattr(self, name)
-            if value < 1 or value & (value - 1):
-                raise ValueError(f"{name} must be a power of two, got {value}")
-        if self.split_l is not None and (self.split_l < 1 or self.split_l & (self.split_l - 1)):
-            raise ValueError(f"split_l must be a power of two, got {self.split_l}")
-        if self.num_stages is not None and self.num_stages < 1:
-            raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
-
-
-DEFAULT_FUSED = FusedConfig()
 
 
 def fused_available(device: torch.device | str) -> bool:
@@ -161,25 +122,44 @@ if triton is not None:
         return tl.load(ptr + ls[:, None] * WIDTH + cols[None, :], mask=mask, other=0.0).to(tl.float32)
 
     @triton.jit
+    def _positions(sel_ptr, row, js, stop, n, S: tl.constexpr, SELECT: tl.constexpr):
+        """Rows of the group read at steps ``js`` (BLOCK_L,) and their mask: rows ``js`` (< stop) of the group,
+        or (SELECT) the given positions ``sel[row, js]`` (kept where 0 <= position < n, the user's rows)."""
+        jmask = js < stop
+        if SELECT:
+            ls = tl.load(sel_ptr + row * S + js, mask=jmask, other=0).to(tl.int32)
+            lmask = jmask & (ls >= 0) & (ls < n)
+        else:
+            ls = js
+            lmask = jmask
+        return ls, lmask
+
+    @triton.jit
+    def _pool_rows(raw_ptr, pool_ptr, idx_base, ls, cols, lmask, nbad, pool_size, D_A: tl.constexpr,
+                   IDX_BYTES: tl.constexpr):
+        """(BLOCK_L, W) fp32 pool rows (padded, d_a wide) of behaviours ``ls`` at ``cols``, from the index part
+        at byte ``idx_base``; indices outside 0 .. pool_size - 1 are counted in ``nbad`` and read as zeros."""
+        ik = _load_idx(raw_ptr, idx_base, ls, lmask, IDX_BYTES)
+        inside = (ik >= 0) & (ik < pool_size)
+        nbad += tl.sum((lmask & (ik < 0)).to(tl.int32) + (lmask & (ik >= pool_size)).to(tl.int32), axis=0)
+        rows = tl.load(pool_ptr + ik[:, None] * D_A + cols[None, :], mask=(lmask & inside)[:, None], other=0.0)
+        return rows.to(tl.float32), nbad
+
+    @triton.jit
     def _attend_block(
-        raw_ptr, pool_k_ptr, pool_v_ptr, start, n, stop, kidx_base, vidx_base, l0, q, cols, m_i, l_i, acc, nbad,
+        raw_ptr, pool_k_ptr, pool_v_ptr, start, n, kidx_base, vidx_base, ls, lmask, q, cols, m_i, l_i, acc, nbad,
         pool_size, D_A: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
         K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, KV_CODE: tl.constexpr, KV_BYTES: tl.constexpr,
         IDX_BYTES: tl.constexpr, BLOCK_L: tl.constexpr,
     ):
-        """One online-softmax step of GH heads over behaviours l0 .. l0 + BLOCK_L - 1 (masked at l >= stop;
-        stop <= n, the user's length, which places the V part). q, cols: (GH·DH,); m_i, l_i: (GH,);
+        """One online-softmax step of GH heads over the group's rows ``ls`` (BLOCK_L,) where ``lmask``
+        (n: the user's rows in the group, which places the V part). q, cols: (GH·DH,); m_i, l_i: (GH,);
         acc: (GH, DH); nbad: router indices outside 0 .. pool_size - 1 seen so far (their pool loads are
         masked: never a read outside the pool)."""
-        ls = l0 + tl.arange(0, BLOCK_L)  # (BLOCK_L,)
-        lmask = ls < stop
         key = _load_user(raw_ptr, start, ls, cols, lmask, DK, KV_CODE)  # (BLOCK_L, GH·DH)
         if K_SHARED:
-            ik = _load_idx(raw_ptr, kidx_base, ls, lmask, IDX_BYTES)
-            inside = (ik >= 0) & (ik < pool_size)
-            nbad += tl.sum((lmask & (ik < 0)).to(tl.int32) + (lmask & (ik >= pool_size)).to(tl.int32), axis=0)
-            key += tl.load(pool_k_ptr + ik[:, None] * D_A + cols[None, :], mask=(lmask & inside)[:, None],
-                           other=0.0).to(tl.float32)
+            rows, nbad = _pool_rows(raw_ptr, pool_k_ptr, kidx_base, ls, cols, lmask, nbad, pool_size, D_A, IDX_BYTES)
+            key += rows
         s = tl.sum(tl.reshape(key * q[None, :], (BLOCK_L, GH, DH)), axis=2)  # (BLOCK_L, GH)
         s = tl.where(lmask[:, None], s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))  # (GH,)
@@ -188,37 +168,36 @@ if triton is not None:
         p = tl.exp(s - m_ref[None, :])  # (BLOCK_L, GH), 0 at masked positions
         val = _load_user(raw_ptr, start + n * DK * KV_BYTES, ls, cols, lmask, DV, KV_CODE)  # (BLOCK_L, GH·DH)
         if V_SHARED:
-            iv = _load_idx(raw_ptr, vidx_base, ls, lmask, IDX_BYTES)
-            inside = (iv >= 0) & (iv < pool_size)
-            nbad += tl.sum((lmask & (iv < 0)).to(tl.int32) + (lmask & (iv >= pool_size)).to(tl.int32), axis=0)
-            val += tl.load(pool_v_ptr + iv[:, None] * D_A + cols[None, :], mask=(lmask & inside)[:, None],
-                           other=0.0).to(tl.float32)
+            rows, nbad = _pool_rows(raw_ptr, pool_v_ptr, vidx_base, ls, cols, lmask, nbad, pool_size, D_A, IDX_BYTES)
+            val += rows
         l_i = l_i * alpha + tl.sum(p, axis=0)
         pv = p[:, :, None] * tl.reshape(val, (BLOCK_L, GH, DH))  # (BLOCK_L, GH, DH)
         acc = acc * alpha[:, None] + tl.sum(pv, axis=0)  # (GH, DH)
         return m_new, l_i, acc, nbad
 
     @triton.jit
-    def _collective_attention_kernel(
-        raw_ptr, header_ptr, q_ptr, pool_k_ptr, pool_v_ptr, out_ptr, m_ptr, l_ptr, flag_ptr, n_users, n_cand, scale,
-        end_lo, end_hi, pool_size, D_A: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr, DK: tl.constexpr,
-        DV: tl.constexpr,
-        K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, KV_CODE: tl.constexpr, KV_BYTES: tl.constexpr,
-        IDX_BYTES: tl.constexpr, HEADER: tl.constexpr, BLOCK_L: tl.constexpr, MAX_L: tl.constexpr,
-        SPLIT: tl.constexpr, SEG: tl.constexpr,
+    def _group_attention_kernel(
+        raw_ptr, starts_ptr, rows_ptr, ends_ptr, sel_ptr, nsel_ptr, q_ptr, pool_k_ptr, pool_v_ptr, out_ptr, m_ptr,
+        l_ptr, flag_ptr, n_cand, scale, start_add, end_lo, end_hi, pool_size, D_A: tl.constexpr, GH: tl.constexpr,
+        DH: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, K_SHARED: tl.constexpr, V_SHARED: tl.constexpr,
+        KV_CODE: tl.constexpr, KV_BYTES: tl.constexpr, IDX_BYTES: tl.constexpr, HAS_ENDS: tl.constexpr,
+        SELECT: tl.constexpr, S: tl.constexpr, BLOCK_L: tl.constexpr, MAX_L: tl.constexpr, SPLIT: tl.constexpr,
+        SEG: tl.constexpr,
     ):
         row = tl.program_id(0)  # b·C + c: rows of q and out
         group = tl.program_id(1)  # heads group·GH .. group·GH + GH - 1
-        part = tl.program_id(2)  # behaviours part·SEG .. part·SEG + SEG - 1 (SPLIT parts)
+        part = tl.program_id(2)  # steps part·SEG .. part·SEG + SEG - 1 (SPLIT parts)
         b = row // n_cand  # the user in the batch
-        start = tl.load(header_ptr + b) + HEADER  # payload byte offset of user b's record
-        n = tl.load(header_ptr + n_users + b)  # behaviours of user b
+        start = tl.load(starts_ptr + b) + start_add  # byte offset of the group's first part
+        n = tl.load(rows_ptr + b)  # the user's rows in the group
         kidx_base = start + n * (DK + DV) * KV_BYTES
         vidx_base = kidx_base + n * (IDX_BYTES if K_SHARED else 0)
-        end = vidx_base + n * (IDX_BYTES if V_SHARED else 0)  # one past the record's last byte
+        # one past the user's record (HAS_ENDS), else past the group's last byte (din: the record's)
+        end = tl.load(ends_ptr + b) if HAS_ENDS else vidx_base + n * (IDX_BYTES if V_SHARED else 0)
         mine = (end > end_lo) & (end <= end_hi)  # this launch serves the users whose records end in its chunk
+        total = tl.minimum(tl.load(nsel_ptr + row), S) if SELECT else n  # steps of this row
         lo = part * SEG
-        stop = tl.where(mine, tl.minimum(n, lo + SEG), lo)  # no behaviours for another launch's users
+        stop = tl.where(mine, tl.minimum(total, lo + SEG), lo)  # no steps for another launch's users
         cols = group * GH * DH + tl.arange(0, GH * DH)  # (GH·DH,) this group's columns of d_a
         q = tl.load(q_ptr + row * D_A + cols).to(tl.float32) * scale  # (GH·DH,)
         m_i = tl.full([GH], -float("inf"), tl.float32)  # running max per head
@@ -227,19 +206,21 @@ if triton is not None:
         nbad = tl.zeros([], dtype=tl.int32)  # router indices outside the pool (loads masked)
         if MAX_L > 0:  # Triton's CPU interpreter cannot loop to a loaded bound: static bound, masked
             for l0 in range(0, MAX_L, BLOCK_L):
+                ls, lmask = _positions(sel_ptr, row, lo + l0 + tl.arange(0, BLOCK_L), stop, n, S, SELECT)
                 m_i, l_i, acc, nbad = _attend_block(
-                    raw_ptr, pool_k_ptr, pool_v_ptr, start, n, stop, kidx_base, vidx_base, lo + l0, q, cols, m_i, l_i,
+                    raw_ptr, pool_k_ptr, pool_v_ptr, start, n, kidx_base, vidx_base, ls, lmask, q, cols, m_i, l_i,
                     acc, nbad, pool_size, D_A, GH, DH, DK, DV, K_SHARED, V_SHARED, KV_CODE, KV_BYTES, IDX_BYTES,
                     BLOCK_L)
         else:
             for l0 in range(lo, stop, BLOCK_L):
+                ls, lmask = _positions(sel_ptr, row, l0 + tl.arange(0, BLOCK_L), stop, n, S, SELECT)
                 m_i, l_i, acc, nbad = _attend_block(
-                    raw_ptr, pool_k_ptr, pool_v_ptr, start, n, stop, kidx_base, vidx_base, l0, q, cols, m_i, l_i,
+                    raw_ptr, pool_k_ptr, pool_v_ptr, start, n, kidx_base, vidx_base, ls, lmask, q, cols, m_i, l_i,
                     acc, nbad, pool_size, D_A, GH, DH, DK, DV, K_SHARED, V_SHARED, KV_CODE, KV_BYTES, IDX_BYTES,
                     BLOCK_L)
         tl.store(flag_ptr + b, 1, mask=mine & (nbad > 0))  # the runtime raises after the batch, naming the user
         if SPLIT == 1:
-            out = acc / tl.maximum(l_i, 1e-30)[:, None]  # (GH, DH); l_i == 0 only when n == 0, where acc == 0
+            out = acc / tl.maximum(l_i, 1e-30)[:, None]  # (GH, DH); l_i == 0 only with no rows, where acc == 0
             tl.store(out_ptr + row * D_A + cols, tl.reshape(out, (GH * DH,)), mask=mine)
         else:  # partial softmax state of this part: (row, part) rows of the workspaces
             heads = group * GH + tl.arange(0, GH)  # (GH,)
@@ -266,32 +247,6 @@ if triton is not None:
         tl.store(out_ptr + row * D_A + cols, out)
 
 
-# split_parts' budget of programs per SM: with the 1-warp default launch, 64 (two waves of an H100 SM's 32
-# resident blocks) was fastest inside the serving graph at B 64-512, L 1000 (8 parts at B 512 against 2 under
-# a budget of 16: benchmarks/results/decode_latency_launch3_float{16,32}.json)
-PROGRAMS_PER_SM = 64
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def split_parts(config: FusedConfig, rows: int, groups: int, max_len: int, device: torch.device) -> int:
-    """Parts each user's behaviours are split into (one program each, combined after): ``config.split_l``,
-    or for None the largest power of two that keeps rows · groups · parts within PROGRAMS_PER_SM per SM
-    (the kernel walks its behaviours serially: with few users, few programs would each take the whole
-    history's latency) and parts at least 2 blocks long."""
-    if config.split_l is not None:
-        return config.split_l
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 4
-    parts = 1
-    while parts * 2 * rows * groups <= PROGRAMS_PER_SM * sms and parts * 2 * 2 * config.block_l <= max_len:
-        parts *= 2
-    return parts
-
-
 def padded_pools(resident: ResidentModel, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(P_k, P_v) as (pool, d_a) rows zero in the user dims (the kernel adds the user part there), at
     ``dtype`` (float32: the model's rows exactly; float16/bfloat16 halve the kernel's pool reads at the
@@ -307,13 +262,94 @@ def padded_pools(resident: ResidentModel, dtype: torch.dtype) -> tuple[torch.Ten
     return cache[dtype]
 
 
-def pool_dtype(config: FusedConfig, layout: CacheLayout) -> str:
-    """The pool-row precision a launch with ``config`` reads for a store of ``layout``: ``config.pool_dtype``,
-    or the store's kv_dtype where that is "store"."""
-    return layout.kv_dtype if config.pool_dtype == STORE else config.pool_dtype
-
-
 ALL_BYTES = ((-1, 1 << 62),)  # one launch for every user (record ends in (-1, 2^62])
+
+
+@dataclass(frozen=True)
+class GroupView:
+    """Where one K/V group (:class:`model.cache_spec.GroupSpec`) sits in a packed batch, per user b:
+    its parts ``k_user | v_user | k_idx | v_idx`` (those the group has, ``rows[b]`` rows each, at ``kv_dtype``
+    and ``idx_dtype``) from byte ``starts[b] + start_add``; ``rows`` (B,) int64 = min(n_b, cap) (0: cold);
+    ``ends`` (B,) int64: one past each user's record, the byte the chunk test of ``chunks`` reads (None: one
+    past the group's last part, the record's end when the group ends the record, as din's does). The tensors
+    live on the batch's device; ``pool_size`` bounds the router indices."""
+
+    group: GroupSpec
+    kv_dtype: str
+    idx_dtype: str | None
+    pool_size: int
+    starts: torch.Tensor
+    rows: torch.Tensor
+    start_add: int = 0
+    ends: torch.Tensor | None = None
+
+
+def din_group(layout: CacheLayout) -> GroupSpec:
+    """The one K/V group of a din (record format v1) store, as the kernel's :class:`GroupSpec`."""
+    return GroupSpec("kv", layout.max_len, layout.dk, layout.dv, layout.k_shared, layout.v_shared)
+
+
+def din_view(raw: torch.Tensor, layout: CacheLayout, n_users: int, pool_size: int) -> GroupView:
+    """The din group of a v1 batch, read straight from the batch header (views, no device op): starts =
+    offsets (+ the 32-byte record header), rows = lengths (n <= max_len = the group's cap)."""
+    header = raw[: 16 * n_users].view(torch.int64)  # offsets (B,), lengths (B,)
+    return GroupView(din_group(layout), layout.kv_dtype, layout.idx_dtype, pool_size, header[:n_users],
+                     header[n_users:], HEADER_SIZE)
+
+
+def _launch_shape(config: FusedConfig, rows: int, groups: int, span: int, launches: int, device: torch.device
+                  ) -> tuple[int, int]:
+    """(parts, steps per part) of a launch over ``span`` steps per row (whole BLOCK_L blocks per part)."""
+    parts = split_parts(config, -(-rows // launches), groups, span, device)  # programs busy per launch
+    return parts, -(-span // (parts * config.block_l)) * config.block_l
+
+
+def attend_group(raw: torch.Tensor, q: torch.Tensor, view: GroupView, pools: tuple[torch.Tensor, torch.Tensor],
+                 n_heads: int, flags: torch.Tensor, *, config: FusedConfig = DEFAULT_FUSED,
+                 select: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 chunks: Sequence[tuple[int, int]] = ALL_BYTES,
+                 on_chunk: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Target attention (B, C, d_a) fp32 of ``q`` (B, C, d_a) of users 0 .. B - 1 over the group ``view`` of
+    the packed batch ``raw`` (the module docstring's kernel): over rows 0 .. rows[b] - 1, or with ``select``
+    = (sel (B·C, S) int64, n_sel (B·C,) int64) over rows ``sel[b·C + c, :n_sel]`` only (SIM/ETA after
+    retrieval; positions outside 0 .. rows[b] - 1 are skipped). pools: (P_k, P_v) (pool, d_a) rows zero in the
+    user dims (:func:`padded_pools`; a 1-row zero tensor for a side not shared); flags (≥ B,) int32: set to 1
+    for a user with a router index outside the pool. chunks / on_chunk as :func:`fused_attention`'s."""
+    b, c, d_a = q.shape
+    dh, g = d_a // n_heads, view.group
+    q = q.float().contiguous()
+    out = torch.empty(b, c, d_a, dtype=torch.float32, device=q.device)  # (B, C, d_a)
+    if b * c == 0:
+        return out
+    sel, n_sel = select if select is not None else (view.rows, view.rows)  # unread without SELECT
+    span = max(1, sel.shape[-1] if select is not None else g.cap)
+    stages = {} if config.num_stages is None else {"num_stages": config.num_stages}
+    rows, groups = b * c, n_heads // config.heads_per_program
+    parts, seg = _launch_shape(config, rows, groups, span, len(chunks), q.device)
+    if parts == 1:
+        acc, m, l = out, out, out  # the kernel writes the normalised output itself
+    else:  # (rows·parts, ·) partial softmax states, combined below
+        acc = torch.empty(rows * parts, d_a, dtype=torch.float32, device=q.device)
+        m = torch.empty(rows * parts, n_heads, dtype=torch.float32, device=q.device)
+        l = torch.empty(rows * parts, n_heads, dtype=torch.float32, device=q.device)  # noqa: E741
+    ends = view.rows if view.ends is None else view.ends
+    for index, (end_lo, end_hi) in enumerate(chunks):
+        if on_chunk is not None:
+            on_chunk(index)
+        _group_attention_kernel[(rows, groups, parts)](
+            raw, view.starts, view.rows, ends, sel, n_sel, q, pools[0], pools[1], acc, m, l, flags, c,
+            1.0 / math.sqrt(dh), view.start_add, end_lo, end_hi, view.pool_size, D_A=d_a,
+            GH=config.heads_per_program, DH=dh, DK=g.dk, DV=g.dv, K_SHARED=g.k_shared, V_SHARED=g.v_shared,
+            KV_CODE=KV_CODES[view.kv_dtype], KV_BYTES=KV_TORCH[view.kv_dtype].itemsize,
+            IDX_BYTES=IDX_BYTES[view.idx_dtype], HAS_ENDS=view.ends is not None, SELECT=select is not None,
+            S=sel.shape[-1] if select is not None else 1, BLOCK_L=config.block_l, MAX_L=seg if INTERPRETED else 0,
+            SPLIT=parts, SEG=seg, num_warps=config.num_warps, **stages,
+        )
+    if on_chunk is not None:
+        on_chunk(len(chunks))  # after the last launch: a caller that switched streams joins them here
+    if parts > 1:
+        _combine_parts_kernel[(rows, n_heads)](acc, m, l, out, D_A=d_a, H=n_heads, DH=dh, SPLIT=parts, num_warps=1)
+    return out
 
 
 def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel, layout: CacheLayout,
@@ -324,7 +360,7 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
     packed batch ``raw`` of ``n_users`` users (uint8, header at 0: :mod:`cachestore.batch`) on q's device,
     or for a CUDA q in pinned host memory: the kernel then reads the batch over PCIe as it goes (mapped,
     zero-copy: no separate host-to-device copy; the host buffer must not be refilled before it finishes)
-    — the module docstring's kernel, launched with
+    — the module docstring's kernel over the din group (:func:`din_view`), launched with
     ``config`` (:class:`FusedConfig`). Equals ``decode``'s attention on ``unpack(raw, ...)`` up to fp32
     summation order where it reads fp32 pool rows (an fp32 store, or ``pool_dtype="float32"``); otherwise
     up to the rounding of the pool rows to the store's (or ``pool_dtype``'s) precision.
@@ -347,57 +383,34 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
     b, c, d_a = q.shape
     if b > n_users or d_a != cfg.d_attn:
         raise ValueError(f"q {tuple(q.shape)} does not match a batch of {n_users} users × d_a {cfg.d_attn}")
-    heads = resident.n_heads
-    dh = d_a // heads
-    if dh & (dh - 1):
-        raise ValueError(f"the fused kernel needs a power-of-two head dim, got {dh}")
+    check_launch(resident.n_heads, d_a, config)
     if (layout.k_shared and resident.pool_k is None) or (layout.v_shared and resident.pool_v is None):
         raise ValueError("the store shares a K/V side the model has no pool for")
-    if heads % config.heads_per_program:
-        raise ValueError(f"heads_per_program must be a power of two dividing {heads}, got {config.heads_per_program}")
     if raw.device != q.device and not (q.device.type == "cuda" and raw.device.type == "cpu" and raw.is_pinned()):
         raise ValueError(f"the packed batch is on {raw.device}, q on {q.device}: the kernel reads the batch on "
                          "q's device, or in pinned host memory (mapped, zero-copy) for a CUDA q")
     if (not chunks or chunks[0][0] >= 0 or chunks[-1][1] < raw.numel() or any(lo >= hi for lo, hi in chunks)
             or any(a[1] != z[0] for a, z in itertools.pairwise(chunks))):
         raise ValueError(f"chunks must be contiguous (lo, hi] byte ranges from below 0 to past the batch, got {chunks}")
-    pool_k, pool_v = padded_pools(resident, KV_TORCH[pool_dtype(config, layout)])
-    q = q.float().contiguous()
-    out = torch.empty(b, c, d_a, dtype=torch.float32, device=q.device)  # (B, C, d_a)
-    if b * c == 0:
-        return out
-    stages = {} if config.num_stages is None else {"num_stages": config.num_stages}
-    rows, groups, max_len = b * c, heads // config.heads_per_program, max(1, layout.max_len)
-    parts = split_parts(config, -(-rows // len(chunks)), groups, max_len, q.device)  # programs busy per launch
-    seg = -(-max_len // (parts * config.block_l)) * config.block_l  # behaviours per part, whole blocks
-    if parts == 1:
-        acc, m, l = out, out, out  # the kernel writes the normalised output itself
-    else:  # (rows·parts, ·) partial softmax states, combined below
-        acc = torch.empty(rows * parts, d_a, dtype=torch.float32, device=q.device)
-        m = torch.empty(rows * parts, heads, dtype=torch.float32, device=q.device)
-        l = torch.empty(rows * parts, heads, dtype=torch.float32, device=q.device)  # noqa: E741
-    header = raw[: 16 * n_users].view(torch.int64)  # offsets (B,), lengths (B,)
+    pools = padded_pools(resident, KV_TORCH[pool_dtype(config, layout)])
     flag = torch.zeros(n_users, dtype=torch.int32, device=q.device) if flags is None else flags
-    for index, (end_lo, end_hi) in enumerate(chunks):
-        if on_chunk is not None:
-            on_chunk(index)
-        _collective_attention_kernel[(rows, groups, parts)](
-            raw, header, q, pool_k, pool_v, acc, m, l, flag, n_users, c, 1.0 / math.sqrt(dh), end_lo, end_hi,
-            cfg.collective.pool_size, D_A=d_a,
-            GH=config.heads_per_program, DH=dh, DK=layout.dk, DV=layout.dv, K_SHARED=layout.k_shared,
-            V_SHARED=layout.v_shared, KV_CODE=KV_CODES[layout.kv_dtype], KV_BYTES=KV_TORCH[layout.kv_dtype].itemsize,
-            IDX_BYTES=IDX_BYTES[layout.idx_dtype], HEADER=HEADER_SIZE, BLOCK_L=config.block_l,
-            MAX_L=seg if INTERPRETED else 0, SPLIT=parts, SEG=seg, num_warps=config.num_warps, **stages,
-        )
-    if on_chunk is not None:
-        on_chunk(len(chunks))  # after the last launch: a caller that switched streams joins them here
-    if parts > 1:
-        _combine_parts_kernel[(rows, heads)](acc, m, l, out, D_A=d_a, H=heads, DH=dh, SPLIT=parts, num_warps=1)
+    out = attend_group(raw, q, din_view(raw, layout, n_users, cfg.collective.pool_size), pools, resident.n_heads,
+                       flag, config=config, chunks=chunks, on_chunk=on_chunk)
     if flags is None and bool(flag.any()):
         raise RouterIndexError(f"a router index outside the pool 0..{cfg.collective.pool_size - 1} in batch row "
                                f"{int(torch.nonzero(flag)[0, 0])}: the record is corrupt "
                                "(run `ckv store verify STORE`)")
     return out
+
+
+def check_launch(n_heads: int, d_a: int, config: FusedConfig) -> None:
+    """ValueError unless the kernel can split d_a into ``n_heads`` power-of-two heads, ``config``'s groups."""
+    dh = d_a // n_heads
+    if dh & (dh - 1):
+        raise ValueError(f"the fused kernel needs a power-of-two head dim, got {dh}")
+    if n_heads % config.heads_per_program:
+        raise ValueError(f"heads_per_program must be a power of two dividing {n_heads}, got "
+                         f"{config.heads_per_program}")
 
 
 def fused_decode(resident: ResidentModel, raw: torch.Tensor, layout: CacheLayout, n_users: int,

@@ -28,6 +28,7 @@ even), else byte by byte (odd-width retrieval keys).
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -183,10 +184,11 @@ def unpack(raw: torch.Tensor, layout: CacheLayout, n_users: int, length: int, ze
     return KVCache(k_user=k_user, v_user=v_user, k_idx=k_idx, v_idx=v_idx, lengths=lengths)
 
 
-def unpack_entry(raw: torch.Tensor, layout: EntryLayout, n_users: int, length: int, zero_offset: int
-                 ) -> EntryBatch:
+def unpack_entry(raw: torch.Tensor, layout: EntryLayout, n_users: int, length: int, zero_offset: int,
+                 parts: Collection[str] | None = None) -> EntryBatch:
     """Device-side inverse of the batch packing for v2 (zoo) records (see the module docstring).
-    raw: uint8 buffer; length: L, the widest history to pad to (>= every n_b)."""
+    raw: uint8 buffer; length: L, the widest history to pad to (>= every n_b); parts: the names of the
+    parts to unpack (default: all; the others are only stepped over)."""
     offsets = raw[: 8 * n_users].view(torch.int64)
     lengths = raw[8 * n_users : 16 * n_users].view(torch.int64)
     units16 = raw.view(torch.int16)
@@ -196,9 +198,12 @@ def unpack_entry(raw: torch.Tensor, layout: EntryLayout, n_users: int, length: i
     for part, row_bytes in zip(layout.parts, layout.row_bytes, strict=True):
         width = max(1, min(length, part.cap))  # R_p
         rows = lengths.clamp(max=part.cap)  # (B,) rows user b has in this part
+        even = even and row_bytes % 2 == 0
+        if parts is not None and part.name not in parts:
+            start = start + rows * row_bytes
+            continue
         ar = torch.arange(width, device=raw.device)
         valid = ar.unsqueeze(0) < rows.unsqueeze(1)  # (B, R_p)
-        even = even and row_bytes % 2 == 0
         if even:
             units = row_bytes // 2
             pos = torch.where(valid, (start // 2).unsqueeze(1) + ar * units, zero_offset // 2)  # (B, R_p)

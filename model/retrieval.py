@@ -29,17 +29,23 @@ from model.attention import masked_softmax, valid_mask
 
 
 def popcount(x: torch.Tensor, n_bits: int) -> torch.Tensor:
-    """Set bits of each non-negative int64 in ``x`` (only the low ``n_bits`` bits are counted)."""
-    table = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64, device=x.device)
-    total = torch.zeros_like(x)
-    for shift in range(0, n_bits, 8):
-        total = total + table[(x >> shift) & 0xFF]
-    return total
+    """Set bits of each non-negative int64 in ``x`` (only the low ``n_bits`` <= 63 bits are counted).
+    Shift-and-mask arithmetic only (no lookup table, no host tensor): CUDA-graph capturable."""
+    x = x & ((1 << min(n_bits, 63)) - 1)  # non-negative: the shifts below are logical
+    x = x - ((x >> 1) & 0x5555555555555555)  # 2-bit counts
+    x = (x & 0x3333333333333333) + ((x >> 2) & 0x3333333333333333)  # 4-bit counts
+    x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0F  # 8-bit counts
+    x = x + (x >> 8)
+    x = x + (x >> 16)
+    x = x + (x >> 32)
+    return x & 0x7F
 
 
-def bitmask(ids: torch.Tensor) -> torch.Tensor:
-    """(..., G) category ids, 0 = none, 1..62 → (...) int64 bitmask with bit ``id - 1`` set per id."""
-    if ids.numel() and int(ids.max()) > 62:
+def bitmask(ids: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """(..., G) category ids, 0 = none, 1..62 → (...) int64 bitmask with bit ``id - 1`` set per id.
+    ``check``: raise on an id above 62 (one host sync); False where the ids are known to fit (serving:
+    the model's item genres, checked when it was built) keeps it CUDA-graph capturable."""
+    if check and ids.numel() and int(ids.max()) > 62:
         raise ValueError(f"category bitmasks hold ids 1..62, got {int(ids.max())}")
     one = torch.ones((), dtype=torch.int64, device=ids.device)
     bits = torch.where(ids > 0, one << (ids.clamp(min=1) - 1), torch.zeros_like(one))  # (..., G)

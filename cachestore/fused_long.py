@@ -1,0 +1,264 @@
+"""Long-stage kernels of the zoo models (SIM, ETA, SDIM, TWIN) straight from the packed batch bytes (Triton).
+
+They read one K/V group of each user's record in place (:class:`cachestore.fused.GroupView`: user parts,
+router indices, pools zero-padded in the user dims, rows rebuilt as user part ⊕ pool row as in
+:mod:`cachestore.fused`) and never write K/V per user:
+
+    :func:`group_scores`    scores (R, H, cap) fp32, R = B·C: per head h (cols h·dh .. h·dh + dh - 1)
+                            q[r, cols] · key_l[cols] / sqrt(dh) for rows l < rows[b] of user b = r // C, and
+                            float32's lowest value at l >= rows[b] (``model.retrieval.topk_target_attention``'s
+                            fill: every real score ranks above it);
+    :func:`weighted_values` out (R, G, W) fp32 = Σ_s weights[r, g, s] · val_{pos[r, g, s]}[g·step .. g·step + W - 1]
+                            over s < S, the rows at positions ``pos`` (or s itself without positions) of user
+                            b = r // C; rows l >= rows[b] and zero weights are skipped;
+    :func:`bucket_sums`     out (R, m, d_a) fp32 = Σ over rows l < rows[b] whose bucket g (read from the packed
+                            key bytes of the record) equals the candidate's, of val_l (V-only group);
+    :func:`key_ranks`       ranks (R, cap) int64 of SIM's / ETA's retrieval from the packed key bytes: shared
+                            categories (or bits - Hamming distance)·cap + l, -1 where not eligible, so that
+                            ``topk`` of the ranks is ``model.retrieval``'s selection (ties: later row first).
+
+SIM / ETA: key_ranks → ``topk`` in torch → :func:`cachestore.fused.attend_group` over the selected rows.
+TWIN: scores → per-head top-k and softmax in torch (shape-static) → weighted_values with G = H heads of
+W = dh columns. SDIM: bucket_sums (then L2-normalise and mean in torch).
+Router indices outside the pool are read as zeros and set ``flags[b] = 1``. Tested under Triton's
+interpreter against the models' own decode (``tests/test_fused_zoo.py``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from cachestore.fused import IDX_BYTES, INTERPRETED, KV_CODES, GroupView, triton
+from cachestore.transfer import KV_TORCH
+
+if triton is not None:
+    import triton.language as tl
+
+    from cachestore.fused import _load_user, _pool_rows
+
+    @triton.jit
+    def _packed_keys(raw_ptr, key_start, ls, lmask, KEY_BYTES: tl.constexpr, BLOCK_L: tl.constexpr):
+        """(BLOCK_L,) int64 packed retrieval keys of rows ``ls`` (little-endian bytes at key_start + l·KEY_BYTES;
+        0 where masked)."""
+        word = tl.zeros([BLOCK_L], dtype=tl.int64)
+        for k in tl.static_range(KEY_BYTES):
+            byte = tl.load(raw_ptr + key_start + ls * KEY_BYTES + k, mask=lmask, other=0).to(tl.int64)
+            word = word | (byte << (8 * k))
+        return word
+
+    @triton.jit
+    def _popcount(x):
+        """Set bits of each non-negative int64 of ``x`` (shifts and masks, as ``model.retrieval.popcount``)."""
+        x = x - ((x >> 1) & 0x5555555555555555)
+        x = (x & 0x3333333333333333) + ((x >> 2) & 0x3333333333333333)
+        x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0F
+        x = x + (x >> 8)
+        x = x + (x >> 16)
+        x = x + (x >> 32)
+        return x & 0x7F
+
+    @triton.jit
+    def _group_scores_kernel(
+        raw_ptr, starts_ptr, rows_ptr, q_ptr, pool_k_ptr, out_ptr, flag_ptr, n_cand, scale, start_add, pool_size,
+        lowest, D_A: tl.constexpr, H: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr, DK: tl.constexpr,
+        DV: tl.constexpr, K_SHARED: tl.constexpr, KV_CODE: tl.constexpr, KV_BYTES: tl.constexpr,
+        IDX_BYTES: tl.constexpr, BLOCK_L: tl.constexpr, CAP: tl.constexpr,
+    ):
+        row = tl.program_id(0)  # b·C + c
+        group = tl.program_id(1)  # heads group·GH .. group·GH + GH - 1
+        ls = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)  # (BLOCK_L,) rows of the group
+        b = row // n_cand
+        start = tl.load(starts_ptr + b) + start_add
+        n = tl.load(rows_ptr + b)
+        lmask = ls < n
+        cols = group * GH * DH + tl.arange(0, GH * DH)  # (GH·DH,)
+        q = tl.load(q_ptr + row * D_A + cols).to(tl.float32) * scale
+        key = _load_user(raw_ptr, start, ls, cols, lmask, DK, KV_CODE)  # (BLOCK_L, GH·DH)
+        nbad = tl.zeros([], dtype=tl.int32)
+        if K_SHARED:
+            kidx_base = start + n * (DK + DV) * KV_BYTES
+            pool, nbad = _pool_rows(raw_ptr, pool_k_ptr, kidx_base, ls, cols, lmask, nbad, pool_size, D_A, IDX_BYTES)
+            key += pool
+        s = tl.sum(tl.reshape(key * q[None, :], (BLOCK_L, GH, DH)), axis=2)  # (BLOCK_L, GH)
+        s = tl.where(lmask[:, None], s, lowest)
+        heads = group * GH + tl.arange(0, GH)  # (GH,)
+        tl.store(out_ptr + (row * H + heads[None, :]) * CAP + ls[:, None], s, mask=(ls < CAP)[:, None])
+        tl.store(flag_ptr + b, 1, mask=nbad > 0)
+
+    @triton.jit
+    def _weighted_values_kernel(
+        raw_ptr, starts_ptr, rows_ptr, w_ptr, pos_ptr, pool_v_ptr, out_ptr, flag_ptr, n_cand, start_add, pool_size,
+        D_A: tl.constexpr, G: tl.constexpr, W: tl.constexpr, STEP: tl.constexpr, DK: tl.constexpr,
+        DV: tl.constexpr, K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, KV_CODE: tl.constexpr,
+        KV_BYTES: tl.constexpr, IDX_BYTES: tl.constexpr, HAS_POS: tl.constexpr, S: tl.constexpr, BLOCK_L: tl.constexpr,
+    ):
+        row = tl.program_id(0)  # b·C + c
+        g = tl.program_id(1)  # head or hash function
+        b = row // n_cand
+        start = tl.load(starts_ptr + b) + start_add
+        n = tl.load(rows_ptr + b)
+        vidx_base = start + n * (DK + DV) * KV_BYTES + n * (IDX_BYTES if K_SHARED else 0)
+        cols = g * STEP + tl.arange(0, W)  # (W,)
+        acc = tl.zeros([W], dtype=tl.float32)
+        nbad = tl.zeros([], dtype=tl.int32)
+        for j0 in range(0, S, BLOCK_L):
+            js = j0 + tl.arange(0, BLOCK_L)
+            jmask = js < S
+            w = tl.load(w_ptr + (row * G + g) * S + js, mask=jmask, other=0.0)  # (BLOCK_L,)
+            ls = tl.load(pos_ptr + (row * G + g) * S + js, mask=jmask, other=0).to(tl.int32) if HAS_POS else js
+            lmask = jmask & (ls >= 0) & (ls < n) & (w != 0.0)
+            val = _load_user(raw_ptr, start + n * DK * KV_BYTES, ls, cols, lmask, DV, KV_CODE)  # (BLOCK_L, W)
+            if V_SHARED:
+                pool, nbad = _pool_rows(raw_ptr, pool_v_ptr, vidx_base, ls, cols, lmask, nbad, pool_size, D_A,
+                                        IDX_BYTES)
+                val += pool
+            acc += tl.sum(tl.where(lmask, w, 0.0)[:, None] * val, axis=0)
+        tl.store(out_ptr + (row * G + g) * W + tl.arange(0, W), acc)
+        tl.store(flag_ptr + b, 1, mask=nbad > 0)
+
+    @triton.jit
+    def _bucket_sums_kernel(
+        raw_ptr, starts_ptr, rows_ptr, key_starts_ptr, target_ptr, pool_v_ptr, out_ptr, flag_ptr, n_cand, start_add,
+        pool_size, D_A: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, V_SHARED: tl.constexpr,
+        KV_CODE: tl.constexpr, KV_BYTES: tl.constexpr, IDX_BYTES: tl.constexpr, KEY_BYTES: tl.constexpr,
+        BITS: tl.constexpr, BLOCK_L: tl.constexpr, MAX_L: tl.constexpr,
+    ):
+        row = tl.program_id(0)  # b·C + c
+        g = tl.program_id(1)  # hash function
+        b = row // n_cand
+        start = tl.load(starts_ptr + b) + start_add
+        n = tl.load(rows_ptr + b)
+        key_start = tl.load(key_starts_ptr + b)
+        target = tl.load(target_ptr + row * G + g)  # the candidate's bucket of hash function g
+        shift = (g * BITS).to(tl.int64)
+        cols = tl.arange(0, D_A)  # (D_A,)
+        acc = tl.zeros([D_A], dtype=tl.float32)
+        nbad = tl.zeros([], dtype=tl.int32)
+        for l0 in range(0, MAX_L if MAX_L > 0 else n, BLOCK_L):  # static bound under the interpreter
+            ls = l0 + tl.arange(0, BLOCK_L)  # (BLOCK_L,)
+            lmask = ls < n
+            word = _packed_keys(raw_ptr, key_start, ls, lmask, KEY_BYTES, BLOCK_L)  # (BLOCK_L,) int64
+            hit = lmask & (((word >> shift) & ((1 << BITS) - 1)) == target)
+            val = _load_user(raw_ptr, start, ls, cols, hit, DV, KV_CODE)  # (BLOCK_L, D_A), 0 where no hit
+            if V_SHARED:
+                pool, nbad = _pool_rows(raw_ptr, pool_v_ptr, start + n * DV * KV_BYTES, ls, cols, hit, nbad,
+                                        pool_size, D_A, IDX_BYTES)
+                val += pool
+            acc += tl.sum(val, axis=0)
+        tl.store(out_ptr + (row * G + g) * D_A + cols, acc)
+        tl.store(flag_ptr + b, 1, mask=nbad > 0)
+
+    @triton.jit
+    def _key_ranks_kernel(raw_ptr, key_starts_ptr, rows_ptr, target_ptr, out_ptr, n_cand, KEY_BYTES: tl.constexpr,
+                          BITS: tl.constexpr, HAMMING: tl.constexpr, CAP: tl.constexpr, BLOCK_L: tl.constexpr):
+        row = tl.program_id(0)  # b·C + c
+        ls = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)  # (BLOCK_L,)
+        b = row // n_cand
+        n = tl.load(rows_ptr + b)
+        lmask = ls < n
+        key = _packed_keys(raw_ptr, tl.load(key_starts_ptr + b), ls, lmask, KEY_BYTES, BLOCK_L)
+        target = tl.load(target_ptr + row)
+        if HAMMING:  # ETA: nearer first; every row eligible
+            rank = (BITS - _popcount((key ^ target) & ((1 << BITS) - 1))) * CAP + ls
+            eligible = lmask
+        else:  # SIM: more shared categories first; rows sharing none are not eligible
+            shared = _popcount(key & target & ((1 << BITS) - 1))
+            rank = shared * CAP + ls
+            eligible = lmask & (shared > 0)
+        tl.store(out_ptr + row * CAP + ls, tl.where(eligible, rank, -1), mask=ls < CAP)
+
+
+def _block(n: int, most: int = 64) -> int:
+    """The smallest power of two >= n, capped at ``most`` (rows per program step)."""
+    return min(most, 1 << max(0, n - 1).bit_length())
+
+
+def group_scores(raw: torch.Tensor, q: torch.Tensor, view: GroupView, pool_k: torch.Tensor, n_heads: int,
+                 flags: torch.Tensor, *, heads_per_program: int = 1, num_warps: int = 1) -> torch.Tensor:
+    """Scores (B·C, H, cap) fp32 of ``q`` (B, C, d_a) over every row of the group ``view`` (module docstring);
+    pool_k: (pool, d_a) padded K pool (1 zero row when K is not shared)."""
+    b, c, d_a = q.shape
+    dh, g = d_a // n_heads, view.group
+    cap = max(1, g.cap)
+    out = torch.empty(b * c, n_heads, cap, dtype=torch.float32, device=q.device)  # (R, H, cap)
+    if b * c == 0:
+        return out
+    block = _block(cap)
+    _group_scores_kernel[(b * c, n_heads // heads_per_program, -(-cap // block))](
+        raw, view.starts, view.rows, q.float().contiguous(), pool_k, out, flags, c, 1.0 / math.sqrt(dh),
+        view.start_add, view.pool_size, torch.finfo(torch.float32).min, D_A=d_a, H=n_heads, GH=heads_per_program,
+        DH=dh, DK=g.dk, DV=g.dv, K_SHARED=g.k_shared, KV_CODE=KV_CODES[view.kv_dtype],
+        KV_BYTES=KV_TORCH[view.kv_dtype].itemsize, IDX_BYTES=IDX_BYTES[view.idx_dtype], BLOCK_L=block,
+        CAP=cap, num_warps=num_warps,
+    )
+    return out
+
+
+def weighted_values(raw: torch.Tensor, view: GroupView, pool_v: torch.Tensor, weights: torch.Tensor,
+                    positions: torch.Tensor | None, n_cand: int, width: int, step: int, flags: torch.Tensor, *,
+                    num_warps: int = 1) -> torch.Tensor:
+    """(R, G, width) fp32 weighted sums of the group's V rows (module docstring): weights (R, G, S) float,
+    positions (R, G, S) int64 or None (position s); g reads columns g·step .. g·step + width - 1 (a power of
+    two); R = B·C rows, user r // n_cand. pool_v: (pool, d_a) padded V pool (1 zero row when not shared)."""
+    r, n_g, s = weights.shape
+    g = view.group
+    if width & (width - 1):
+        raise ValueError(f"the weighted-value kernel reads a power-of-two width, got {width}")
+    if g.dv == 0:
+        raise ValueError(f"group {g.name!r} caches no V")
+    out = torch.empty(r, n_g, width, dtype=torch.float32, device=weights.device)  # (R, G, W)
+    if r == 0:
+        return out
+    w = weights.float().contiguous()
+    pos = w if positions is None else positions.contiguous()  # unread without positions
+    _weighted_values_kernel[(r, n_g)](
+        raw, view.starts, view.rows, w, pos, pool_v, out, flags, n_cand, view.start_add, view.pool_size,
+        D_A=pool_v.shape[1], G=n_g, W=width, STEP=step, DK=g.dk, DV=g.dv, K_SHARED=g.k_shared, V_SHARED=g.v_shared,
+        KV_CODE=KV_CODES[view.kv_dtype], KV_BYTES=KV_TORCH[view.kv_dtype].itemsize,
+        IDX_BYTES=IDX_BYTES[view.idx_dtype], HAS_POS=positions is not None,
+        S=max(1, s), BLOCK_L=_block(s, 32), num_warps=num_warps,
+    )
+    return out
+
+
+def bucket_sums(raw: torch.Tensor, view: GroupView, pool_v: torch.Tensor, key_starts: torch.Tensor, key_bytes: int,
+                bits: int, targets: torch.Tensor, n_cand: int, flags: torch.Tensor, *, block_l: int = 16,
+                num_warps: int = 1) -> torch.Tensor:
+    """SDIM's bucket sums (R, m, d_a) fp32: per row r (user b = r // n_cand) and hash function g, the sum of the
+    V rows l < rows[b] of the V-only group ``view`` whose bucket g (bits g·bits .. of the row's ``key_bytes``
+    packed key bytes at ``key_starts[b] + l·key_bytes``) equals ``targets[r, g]`` (targets (R, m) int64).
+    pool_v: (pool, d_a) padded V pool (1 zero row when not shared); d_a a power of two."""
+    r, m = targets.shape
+    g, d_a = view.group, pool_v.shape[1]
+    if g.dk != 0 or d_a & (d_a - 1):
+        raise ValueError(f"bucket sums read a V-only group of power-of-two width, got {g} at d_a {d_a}")
+    out = torch.empty(r, m, d_a, dtype=torch.float32, device=targets.device)  # (R, m, d_a)
+    if r == 0:
+        return out
+    _bucket_sums_kernel[(r, m)](
+        raw, view.starts, view.rows, key_starts, targets.contiguous(), pool_v, out, flags, n_cand, view.start_add,
+        view.pool_size, D_A=d_a, G=m, DV=g.dv, V_SHARED=g.v_shared, KV_CODE=KV_CODES[view.kv_dtype],
+        KV_BYTES=KV_TORCH[view.kv_dtype].itemsize, IDX_BYTES=IDX_BYTES[view.idx_dtype], KEY_BYTES=key_bytes,
+        BITS=bits, BLOCK_L=block_l, MAX_L=max(1, g.cap) if INTERPRETED else 0, num_warps=num_warps,
+    )
+    return out
+
+
+def key_ranks(raw: torch.Tensor, key_starts: torch.Tensor, rows: torch.Tensor, cap: int, key_bytes: int, bits: int,
+              targets: torch.Tensor, hamming: bool) -> torch.Tensor:
+    """Retrieval ranks (R, cap) int64 of every long row of user b = r // C for candidate r (targets (B, C) int64
+    keys; the rows' keys read from the packed key bytes at ``key_starts[b] + l·key_bytes``, ``rows`` (B,) valid):
+    ``hamming`` (ETA) (bits - Hamming distance)·cap + l, else (SIM) shared categories·cap + l where > 0 shared;
+    -1 for rows not eligible. Larger ranks first = ``model.retrieval``'s order (ties: later row first)."""
+    b, c = targets.shape
+    out = torch.empty(b * c, max(1, cap), dtype=torch.int64, device=targets.device)  # (R, cap)
+    if b * c == 0:
+        return out
+    block = _block(max(1, cap))
+    _key_ranks_kernel[(b * c, -(-max(1, cap) // block))](
+        raw, key_starts, rows, targets.contiguous(), out, c, KEY_BYTES=key_bytes, BITS=bits, HAMMING=hamming,
+        CAP=max(1, cap), BLOCK_L=block, num_warps=1,
+    )
+    return out

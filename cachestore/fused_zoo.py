@@ -1,0 +1,230 @@
+"""The zoo models' (SIM, ETA, SDIM, TWIN) decode straight from the packed batch bytes: shape-static,
+free of host syncs (CUDA-graph capturable), no K/V materialised per user.
+
+Record format v2 (:mod:`cachestore.entry`): a user with n behaviours has min(n, cap_p) rows of each part p,
+the parts back to back in layout order, groups ``short`` then ``long`` (``k_user | v_user | k_idx | v_idx``),
+then the retrieval keys. :func:`entry_views` turns the batch header into one
+:class:`cachestore.fused.GroupView` per group (starts = offsets + 32 + Σ earlier parts' bytes, rows =
+min(n, cap); a few (B,) torch ops). :func:`zoo_static_decode` then runs ``LongSequenceCTR.decode``:
+
+    t     = item embedding of the candidates (B, C, E)
+    short = :func:`cachestore.fused.attend_group` over group ``short`` with q = W_q^short t
+    long  = the arch's long stage (:data:`LONG_STAGES`) over group ``long``:
+            SIM   category top-k on the cached bitmasks (:func:`cachestore.fused_long.key_ranks`: the ranks of
+                  ``model.retrieval.category_topk``, then ``topk``), the fused attention over the selected rows
+                  only (SELECT mode)
+            ETA   SimHash Hamming top-k (``key_ranks`` as ``hamming_topk`` ranks), then the same attention
+            SDIM  :func:`cachestore.fused_long.bucket_sums` (per hash function, the sum of the V rows whose
+                  bucket, read from the packed key bytes, equals the candidate's) → L2-normalise, mean over m
+            TWIN  :func:`cachestore.fused_long.group_scores` (per-head scores of every long row) → per-head
+                  stable top-k (later behaviour first on ties) → softmax → ``weighted_values`` per head
+    logits = MLP([short, long, t])
+
+No part is unpacked to tensors (the kernels read the keys' packed bytes in place too); the L of every intermediate is
+the group's cap (the store's long_len), never the batch's longest history, so every shape is host-known.
+Pool rows are read at the store's precision unless ``FusedConfig.pool_dtype`` says otherwise
+(:func:`group_pools`, cached on the resident per group and dtype). Parity with the model's own decode
+(fp32 store, fp32 pools: up to fp32 summation order) and with the eager serving path:
+``tests/test_fused_zoo.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from cachestore.decode import ResidentZooModel
+from cachestore.entry import EntryLayout
+from cachestore.fused import DEFAULT_FUSED, FusedConfig, GroupView, attend_group, check_launch, pool_dtype, triton
+from cachestore.fused_long import bucket_sums, group_scores, key_ranks, weighted_values
+from cachestore.record import HEADER_SIZE, RouterIndexError
+from cachestore.transfer import KV_TORCH
+from model.attention import masked_softmax
+from model.cache_spec import entry_parts, group_specs, key_fields, store_config
+from model.config import ModelConfig
+from model.retrieval import bitmask, sdim_buckets, simhash
+
+
+def part_starts(raw: torch.Tensor, layout: EntryLayout, n_users: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(byte start (B,) of every part of each record of the v2 batch ``raw``, one past each record (B,)):
+    part p of user b starts at offsets[b] + 32 + Σ_{q<p} min(n_b, cap_q)·row_bytes_q. (B,) device ops only."""
+    header = raw[: 16 * n_users].view(torch.int64)  # offsets (B,), lengths (B,)
+    lengths = header[n_users:]
+    start = header[:n_users] + HEADER_SIZE  # (B,) where the current part starts
+    starts: dict[str, torch.Tensor] = {}
+    for part, row_bytes in zip(layout.parts, layout.row_bytes, strict=True):
+        starts[part.name] = start
+        start = start + lengths.clamp(max=part.cap) * row_bytes
+    return starts, start
+
+
+def entry_views(raw: torch.Tensor, layout: EntryLayout, n_users: int, cfg: ModelConfig,
+                starts: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None) -> dict[str, GroupView]:
+    """One :class:`GroupView` per K/V group (``group_specs(cfg)``, cfg: the store's config,
+    :func:`model.cache_spec.store_config`) of the v2 batch ``raw`` of ``n_users`` users (module docstring);
+    every view's ``ends`` is the record's end. starts: :func:`part_starts` of the batch, if computed."""
+    starts, ends = part_starts(raw, layout, n_users) if starts is None else starts
+    lengths = raw[8 * n_users : 16 * n_users].view(torch.int64)  # (B,)
+    pool_size = cfg.collective.pool_size
+    return {g.name: GroupView(g, layout.kv_dtype, layout.idx_dtype, pool_size, starts[g.part_names()[0]],
+                              lengths.clamp(max=g.cap), 0, ends) for g in group_specs(cfg)}  # fmt: skip
+
+
+def check_store(resident: ResidentZooModel, layout: EntryLayout) -> ModelConfig:
+    """The store's config (:func:`model.cache_spec.store_config`); ValueError unless ``layout`` is a store of
+    this model's arch and parts (collective or full-KV)."""
+    cfg = resident.cfg
+    if cfg.arch not in LONG_STAGES or layout.arch != cfg.arch:
+        raise ValueError(f"zoo_static_decode serves {sorted(LONG_STAGES)} stores of the model's arch; "
+                         f"model {cfg.arch!r}, store {layout.arch!r}")
+    store_cfg = store_config(cfg, layout.mode)
+    if tuple(layout.parts) != entry_parts(store_cfg):
+        raise ValueError("the store's parts are not those of this model's cache")
+    return store_cfg
+
+
+def group_pools(resident: ResidentZooModel, group: str, shared: tuple[bool, bool], dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P_k, P_v) of the model's TABlock ``group`` as (pool, d_a) rows zero in the d_u user dims, at ``dtype``;
+    a 1-row zero tensor for a side ``shared`` says is not shared. Cached on the resident per group and dtype."""
+    cache: dict = resident.__dict__.setdefault("_zoo_pools", {})
+    key = (group, shared, dtype)
+    if key not in cache:
+        block = getattr(resident.model, group)
+        d_a = resident.cfg.d_attn
+
+        def padded(branch: torch.nn.Module | None, is_shared: bool) -> torch.Tensor:
+            if not is_shared or branch is None or branch.pool is None:
+                return torch.zeros(1, d_a, dtype=dtype, device=resident.device)
+            pool = branch.pool.detach()  # (M, d_a - d_u)
+            return torch.cat([pool.new_zeros(pool.shape[0], d_a - pool.shape[1]), pool], 1).to(dtype).contiguous()
+        cache[key] = (padded(block.k_branch, shared[0]), padded(block.v_branch, shared[1]))
+    return cache[key]
+
+
+@dataclass(frozen=True)
+class LongStage:
+    """What a long stage reads: the model, the store's layout and config, the batch of ``n_users`` users, the
+    candidates' embeddings t (B, C, E) and ids (B, C), the group ``long``'s view and pools, each user's n (B,)
+    of users 0 .. B - 1, every part's byte start (B,) (:func:`part_starts`), the router-index flags and the
+    launch config."""
+
+    model: torch.nn.Module
+    cfg: ModelConfig
+    layout: EntryLayout
+    store_cfg: ModelConfig
+    raw: torch.Tensor
+    n_users: int
+    t: torch.Tensor
+    candidates: torch.Tensor
+    view: GroupView
+    pools: tuple[torch.Tensor, torch.Tensor]
+    part_starts: dict[str, torch.Tensor]
+    lengths: torch.Tensor
+    flags: torch.Tensor
+    config: FusedConfig
+
+    def attend_selected(self, idx: torch.Tensor, n_sel: torch.Tensor) -> torch.Tensor:
+        """Fused attention of each candidate over its retrieved rows idx (B, C, S), n_sel (B, C) → (B, C, d_a)."""
+        q = self.model.long.query(self.t)  # (B, C, d_a)
+        return attend_group(self.raw, q, self.view, self.pools, self.cfg.n_heads, self.flags, config=self.config,
+                            select=(idx.flatten(0, 1).contiguous(), n_sel.flatten()))
+
+
+def _select(s: LongStage, name: str, targets: torch.Tensor, hamming: bool) -> torch.Tensor:
+    """Retrieve on the packed key bytes (:func:`cachestore.fused_long.key_ranks`), keep the ``topk`` best
+    eligible rows per candidate, attend over them."""
+    b, c, _ = s.t.shape
+    part = f"keys.{name}"
+    key_bytes = s.layout.row_bytes[[p.name for p in s.layout.parts].index(part)]
+    bits = key_fields(s.store_cfg)[name][1]
+    ranks = key_ranks(s.raw, s.part_starts[part], s.view.rows, s.view.group.cap, key_bytes, bits, targets,
+                      hamming)  # (B·C, cap)
+    k = min(s.cfg.topk, ranks.shape[-1])
+    _, idx = ranks.topk(k, dim=-1, largest=True, sorted=True)  # (B·C, k) best first
+    n_sel = (ranks >= 0).sum(-1).clamp(max=k)  # (B·C,)
+    return s.attend_selected(idx.reshape(b, c, k), n_sel.reshape(b, c))
+
+
+def sim_long(s: LongStage) -> torch.Tensor:
+    """SIM: category (genre bitmask) top-k (shared categories, then recency), attention over the selected rows."""
+    return _select(s, "categories", bitmask(s.model.item_genres[s.candidates], check=False), hamming=False)
+
+
+def eta_long(s: LongStage) -> torch.Tensor:
+    """ETA: SimHash Hamming top-k (nearer, then recency), attention over the selected rows."""
+    return _select(s, "simhash", simhash(s.t, s.model.hash_planes), hamming=True)
+
+
+def sdim_long(s: LongStage) -> torch.Tensor:
+    """SDIM: per hash function the sum of the V rows in the candidate's bucket (compared in the kernel on the
+    packed key bytes), L2-normalised, mean over the hash functions."""
+    b, c, _ = s.t.shape
+    m, bits = key_fields(s.store_cfg)["buckets"]
+    target = sdim_buckets(s.t, s.model.hash_planes).reshape(b * c, m)  # (B·C, m)
+    key_bytes = s.layout.row_bytes[[p.name for p in s.layout.parts].index("keys.buckets")]
+    sums = bucket_sums(s.raw, s.view, s.pools[1], s.part_starts["keys.buckets"], key_bytes, bits, target, c,
+                       s.flags)
+    return torch.nn.functional.normalize(sums, dim=-1).mean(dim=1).reshape(b, c, -1)  # (B, C, d_a)
+
+
+def twin_long(s: LongStage) -> torch.Tensor:
+    """TWIN: per-head scores of every long row, per-head top-k (ties: later row first), softmax, values."""
+    b, c, _ = s.t.shape
+    heads, d_a = s.cfg.n_heads, s.cfg.d_attn
+    q = s.model.long.query(s.t)  # (B, C, d_a)
+    scores = group_scores(s.raw, q, s.view, s.pools[0], heads, s.flags)  # (B·C, H, cap)
+    cap = scores.shape[-1]
+    k = min(s.cfg.topk, cap)
+    top, rev = scores.flip(-1).sort(dim=-1, descending=True, stable=True)  # (B·C, H, cap)
+    top, idx = top[..., :k], cap - 1 - rev[..., :k]  # (B·C, H, k)
+    n_sel = s.view.rows[:b].clamp(max=k).unsqueeze(1).expand(b, c).reshape(-1)  # (B·C,) valid scores rank first
+    weights = masked_softmax(top, n_sel)  # (B·C, H, k)
+    out = weighted_values(s.raw, s.view, s.pools[1], weights, idx, c, d_a // heads, d_a // heads, s.flags)
+    return out.reshape(b, c, d_a)  # (B·C, H, dh) → (B, C, d_a)
+
+
+LONG_STAGES: dict[str, Callable[[LongStage], torch.Tensor]] = {
+    "sim": sim_long, "eta": eta_long, "sdim": sdim_long, "twin": twin_long,
+}
+
+
+def zoo_static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: ResidentZooModel,
+                      layout: EntryLayout, n_users: int, config: FusedConfig = DEFAULT_FUSED,
+                      flags: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits (B, C) of ``candidates`` (B, C) int64 of users 0 .. B - 1 (B <= n_users) of the packed v2 batch
+    ``raw`` (uint8, on the resident's device, header at 0, zero block at 16·n_users: :mod:`cachestore.batch`)
+    for a SIM/ETA/SDIM/TWIN ``resident`` — ``LongSequenceCTR.decode`` from the bytes in place (module
+    docstring), the attention kernels launched with ``config``. ``flags`` ((n_users,) int32): set to 1 for a
+    user with a router index outside a pool (read as zeros); without it a ``RouterIndexError`` after a host
+    sync. Shape-static and free of host syncs when ``flags`` is given. Call under ``torch.inference_mode()``."""
+    if triton is None:
+        raise RuntimeError("the fused zoo decode needs Triton (pip install triton), or use the eager path")
+    cfg = resident.cfg
+    store_cfg = check_store(resident, layout)
+    check_launch(cfg.n_heads, cfg.d_attn, config)
+    if candidates.dim() != 2 or candidates.shape[0] > n_users:
+        raise ValueError(f"candidates {tuple(candidates.shape)}: want (B, C) with B <= {n_users} users")
+    if raw.device != candidates.device:
+        raise ValueError(f"the packed batch is on {raw.device}, the candidates on {candidates.device}")
+    b = candidates.shape[0]
+    flag = torch.zeros(n_users, dtype=torch.int32, device=raw.device) if flags is None else flags
+    starts = part_starts(raw, layout, n_users)
+    views = entry_views(raw, layout, n_users, store_cfg, starts)
+    dtype = KV_TORCH[pool_dtype(config, layout)]
+    pools = {name: group_pools(resident, name, (v.group.k_shared, v.group.v_shared), dtype)
+             for name, v in views.items()}  # fmt: skip
+    model = resident.model
+    t = model.item_embedding(candidates)  # (B, C, E)
+    short = attend_group(raw, model.short.query(t), views["short"], pools["short"], cfg.n_heads, flag, config=config)
+    lengths = raw[8 * n_users : 16 * n_users].view(torch.int64)[:b]  # (B,) n per user (<= long_len)
+    long = LONG_STAGES[cfg.arch](LongStage(model, cfg, layout, store_cfg, raw, n_users, t, candidates, views["long"],
+                                           pools["long"], starts[0], lengths, flag, config))  # (B, C, d_a)
+    logits = model.mlp(torch.cat([short.to(t.dtype), long.to(t.dtype), t], dim=-1)).squeeze(-1)  # (B, C)
+    if flags is None and bool(flag.any()):
+        raise RouterIndexError(f"a router index outside the pool 0..{cfg.collective.pool_size - 1} in batch row "
+                               f"{int(torch.nonzero(flag)[0, 0])}: the record is corrupt "
+                               "(run `ckv store verify STORE`)")
+    return logits
