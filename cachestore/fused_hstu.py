@@ -39,19 +39,8 @@ from torch import nn
 
 from cachestore.decode import ResidentZooModel
 from cachestore.entry import EntryLayout
-from cachestore.fused import (
-    DEFAULT_FUSED,
-    IDX_BYTES,
-    INTERPRETED,
-    KV_CODES,
-    STORE,
-    FusedConfig,
-    _load_idx,
-    _load_user,
-    split_parts,
-    tl,
-    triton,
-)
+from cachestore.fused import IDX_BYTES, INTERPRETED, KV_CODES, _load_idx, _load_user, tl, triton
+from cachestore.fused_config import DEFAULT_FUSED, FusedConfig, pool_dtype, split_parts
 from cachestore.record import HEADER_SIZE, RouterIndexError
 from cachestore.transfer import KV_TORCH
 from model.cache_spec import entry_parts, store_config
@@ -206,7 +195,7 @@ def hstu_history(raw: torch.Tensor, q: torch.Tensor, starts: torch.Tensor, layer
     b, c, d_a = q.shape
     heads = cfg.n_heads
     dh, gh = d_a // heads, config.heads_per_program
-    pool_k, pool_v, bias = layer_tables(resident, KV_TORCH[_pool_dtype(config, layout)])[layer]
+    pool_k, pool_v, bias = layer_tables(resident, KV_TORCH[pool_dtype(config, layout)])[layer]
     where = {p.name: i for i, p in enumerate(layout.parts)}
     ku, vu = where[f"layer{layer}.k_user"], where[f"layer{layer}.v_user"]  # every HSTU layer caches K and V
     ki, vi = where.get(f"layer{layer}.k_idx"), where.get(f"layer{layer}.v_idx")
@@ -227,10 +216,6 @@ def hstu_history(raw: torch.Tensor, q: torch.Tensor, starts: torch.Tensor, layer
         LOOP_N=seg if INTERPRETED else 0, SEG=seg, num_warps=config.num_warps, **stages,
     )
     return out.sum(0).view(b, c, d_a)  # (b, C, d_a)
-
-
-def _pool_dtype(config: FusedConfig, layout: EntryLayout) -> str:
-    return layout.kv_dtype if config.pool_dtype == STORE else config.pool_dtype
 
 
 def _candidate_side(branch: KVBranch, h: torch.Tensor) -> torch.Tensor:
