@@ -9,7 +9,7 @@ of B = 512 random users (median of --repeats batches):
 
 - ``fetch_ms``: ``HostBatcher.fetch`` as served by default — lookups, copies, vectorised header and size
   checks of all 512 records;
-- ``fetch_crc_ms``: the same with ``verify_crc=True`` — every record also through ``decode_record``
+- ``fetch_crc_ms``: the same with ``verify_crc=True`` — every record also CRC-checked
   (one ``zlib.crc32`` over the record) and its router indices checked against the pool (``ckv score``'s
   default);
 - ``crc_only_ms``: the 512 ``zlib.crc32`` calls alone, over records already in memory;

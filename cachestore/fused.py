@@ -1,6 +1,6 @@
-"""Fused collective target attention straight from the packed batch bytes (Triton; record format v1).
+"""Fused collective target attention straight from the packed batch bytes (Triton; din records).
 
-The eager serving path (:func:`cachestore.transfer.unpack` + :func:`cachestore.decode.decode`) turns the
+The eager serving path (:func:`cachestore.transfer.unpack_entry` + :func:`cachestore.decode.decode`) turns the
 jagged records into padded (B, L, ·) tensors, casts them, then either materialises K/V or scores the
 whole pool per user. At the paper's shape (B 512, L 1000, d_a 256, 8 heads, pool 10,000) that is
 ~1 ms of GPU work even inside a CUDA graph, 10× the PCIe floor of the bytes it decodes. This module
@@ -58,7 +58,8 @@ from dataclasses import dataclass
 import torch
 
 from cachestore.decode import ResidentModel
-from cachestore.record import HEADER_SIZE, CacheLayout, RouterIndexError
+from cachestore.entry import EntryLayout
+from cachestore.record import HEADER_SIZE, RouterIndexError
 from cachestore.transfer import KV_TORCH
 
 try:  # Triton is optional: CUDA machines have it; CPU machines may run its interpreter
@@ -307,7 +308,7 @@ def padded_pools(resident: ResidentModel, dtype: torch.dtype) -> tuple[torch.Ten
     return cache[dtype]
 
 
-def pool_dtype(config: FusedConfig, layout: CacheLayout) -> str:
+def pool_dtype(config: FusedConfig, layout: EntryLayout) -> str:
     """The pool-row precision a launch with ``config`` reads for a store of ``layout``: ``config.pool_dtype``,
     or the store's kv_dtype where that is "store"."""
     return layout.kv_dtype if config.pool_dtype == STORE else config.pool_dtype
@@ -316,7 +317,7 @@ def pool_dtype(config: FusedConfig, layout: CacheLayout) -> str:
 ALL_BYTES = ((-1, 1 << 62),)  # one launch for every user (record ends in (-1, 2^62])
 
 
-def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel, layout: CacheLayout,
+def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel, layout: EntryLayout,
                     n_users: int, *, config: FusedConfig = DEFAULT_FUSED,
                     chunks: Sequence[tuple[int, int]] = ALL_BYTES,
                     on_chunk: Callable[[int], None] | None = None, flags: torch.Tensor | None = None) -> torch.Tensor:
@@ -341,8 +342,9 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
     the batch. Without ``flags``: a ``RouterIndexError`` naming the batch row, after a host sync."""
     if triton is None:
         raise RuntimeError("the fused decode needs Triton (pip install triton), or use the eager path")
-    if layout.layout_version != 1 or not isinstance(layout, CacheLayout):
-        raise ValueError("the fused decode reads record format v1 (din) batches only")
+    g = layout.flat_group  # the din group: k_user (n, dk) | v_user (n, dv) | k_idx (n,) | v_idx (n,)
+    if g is None:
+        raise ValueError("the fused decode reads din batches only")
     cfg = resident.cfg
     b, c, d_a = q.shape
     if b > n_users or d_a != cfg.d_attn:
@@ -351,7 +353,7 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
     dh = d_a // heads
     if dh & (dh - 1):
         raise ValueError(f"the fused kernel needs a power-of-two head dim, got {dh}")
-    if (layout.k_shared and resident.pool_k is None) or (layout.v_shared and resident.pool_v is None):
+    if (g.k_shared and resident.pool_k is None) or (g.v_shared and resident.pool_v is None):
         raise ValueError("the store shares a K/V side the model has no pool for")
     if heads % config.heads_per_program:
         raise ValueError(f"heads_per_program must be a power of two dividing {heads}, got {config.heads_per_program}")
@@ -384,8 +386,8 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
         _collective_attention_kernel[(rows, groups, parts)](
             raw, header, q, pool_k, pool_v, acc, m, l, flag, n_users, c, 1.0 / math.sqrt(dh), end_lo, end_hi,
             cfg.collective.pool_size, D_A=d_a,
-            GH=config.heads_per_program, DH=dh, DK=layout.dk, DV=layout.dv, K_SHARED=layout.k_shared,
-            V_SHARED=layout.v_shared, KV_CODE=KV_CODES[layout.kv_dtype], KV_BYTES=KV_TORCH[layout.kv_dtype].itemsize,
+            GH=config.heads_per_program, DH=dh, DK=g.dk, DV=g.dv, K_SHARED=g.k_shared,
+            V_SHARED=g.v_shared, KV_CODE=KV_CODES[layout.kv_dtype], KV_BYTES=KV_TORCH[layout.kv_dtype].itemsize,
             IDX_BYTES=IDX_BYTES[layout.idx_dtype], HEADER=HEADER_SIZE, BLOCK_L=config.block_l,
             MAX_L=seg if INTERPRETED else 0, SPLIT=parts, SEG=seg, num_warps=config.num_warps, **stages,
         )
@@ -400,7 +402,7 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
     return out
 
 
-def fused_decode(resident: ResidentModel, raw: torch.Tensor, layout: CacheLayout, n_users: int,
+def fused_decode(resident: ResidentModel, raw: torch.Tensor, layout: EntryLayout, n_users: int,
                  targets: torch.Tensor, config: FusedConfig = DEFAULT_FUSED, *,
                  chunks: Sequence[tuple[int, int]] = ALL_BYTES,
                  on_chunk: Callable[[int], None] | None = None, flags: torch.Tensor | None = None) -> torch.Tensor:
