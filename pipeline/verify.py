@@ -97,8 +97,13 @@ def _stored_cache(layout: EntryLayout, records: list[EntryRecord], cfg: ModelCon
 def verify_store(store: str | Path, checkpoint: str | Path, histories: str | Path, *, sample: int | None = None,
                  seed: int = 0, batch_users: int = 64, device: str = "cpu") -> VerifyResult:
     """Check the published store against the model (see module docstring)."""
+    with StoreReader.open_current(store) as reader:  # closed on errors too (a bad record raises RecordError)
+        return _verify(reader, checkpoint, histories, sample, seed, batch_users, device)
+
+
+def _verify(reader: StoreReader, checkpoint: str | Path, histories: str | Path, sample: int | None, seed: int,
+            batch_users: int, device: str) -> VerifyResult:
     t0 = time.perf_counter()
-    reader = StoreReader.open_current(store)
     check_tree(reader.version_dir)  # every LMDB page the records hang from, before any record is read
     layout = reader.layout
     ckpt = load_checkpoint(checkpoint, device=device)
@@ -137,7 +142,6 @@ def verify_store(store: str | Path, checkpoint: str | Path, histories: str | Pat
             row0 += n
         (_check_zoo_batch if zoo else _check_batch)(batch, model, reader, layout, res, rtol, dev)
     res.seconds = time.perf_counter() - t0
-    reader.close()
     return res
 
 
