@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cachestore.legacy_v1 import legacy_fields, legacy_header_parts
 from cachestore.record import (
     _HEX16,
     HEADER,
@@ -195,9 +196,7 @@ class EntryLayout:
     def header_parts(self) -> tuple[bytes, bytes]:
         """(record header bytes 0..11, bytes 16..27): identical in every record of the store."""
         if self.record_format != ENTRY_FORMAT_VERSION:
-            from cachestore.legacy_v1 import legacy_header_parts
-
-            return legacy_header_parts(self)
+            return legacy_header_parts(self.kv_dtype, self.idx_dtype, self.flat_group, self.model_version)
         kv_code = KV_DTYPES[self.kv_dtype][0]
         idx_code = IDX_DTYPES[self.idx_dtype][0] if self.idx_dtype else 0
         pre = struct.pack("<4sHHBBH", MAGIC, ENTRY_FORMAT_VERSION, 0, kv_code, idx_code, len(self.parts))
@@ -245,12 +244,10 @@ def read_layout(path: str | os.PathLike) -> EntryLayout:
 
 def layout_from_dict(data: dict) -> EntryLayout:
     """A store layout from its dict: ``layout_version`` 2 is an :class:`EntryLayout`; any other dict is
-    read as a legacy din layout (:func:`cachestore.legacy_v1.legacy_layout`, ``record_format`` 1)."""
+    read as a legacy din layout (:func:`cachestore.legacy_v1.legacy_fields`, ``record_format`` 1)."""
     if data.get("layout_version") == 2:
         return EntryLayout.from_dict(data)
-    from cachestore.legacy_v1 import legacy_layout
-
-    return legacy_layout(data)
+    return EntryLayout(**legacy_fields(data))
 
 
 @dataclass(frozen=True, eq=False)

@@ -22,8 +22,9 @@ and its records carry the header below before a payload ``k_user (n, dk) | v_use
      20   8  model_version    8 raw bytes
      28   4  crc32            u32, zlib.crc32(header[0:28], zlib.crc32(payload)) (as in format 2)
 
-:func:`legacy_layout` turns the dict into the equivalent din EntryLayout with ``record_format`` 1, whose
-``header_parts`` (:func:`legacy_header_parts`) are these bytes 0..11 and 16..27: the batcher's vectorised
+:func:`legacy_fields` gives the fields of the equivalent din EntryLayout with ``record_format`` 1
+(``cachestore.entry.layout_from_dict`` builds it), whose ``header_parts`` (:func:`legacy_header_parts`)
+are these bytes 0..11 and 16..27: the batcher's vectorised
 header check, ``cachestore.entry.decode_entry`` (→ ``EntryRecord``) and every reader then serve the store
 unchanged. Writers refuse such a layout: nothing writes format 1.
 """
@@ -31,10 +32,10 @@ unchanged. Writers refuse such a layout: nothing writes format 1.
 from __future__ import annotations
 
 import struct
+from typing import Any
 
-from cachestore.entry import EntryLayout
 from cachestore.record import _HEX16, IDX_DTYPES, KV_DTYPES, MAGIC, LayoutError
-from model.cache_spec import EntryPart
+from model.cache_spec import EntryPart, GroupSpec
 
 LEGACY_FORMAT = 1
 FLAG_K_SHARED, FLAG_V_SHARED = 1, 2
@@ -62,27 +63,25 @@ def _check(data: dict) -> None:
         raise LayoutError("mode 'full' needs dk == dv and no shared K/V")
 
 
-def legacy_layout(data: dict) -> EntryLayout:
-    """The din :class:`EntryLayout` (``record_format`` 1) equivalent to a format-1 layout dict; LayoutError if
-    the dict is not one. Dtypes, pool size and window are checked by EntryLayout itself."""
+def legacy_fields(data: dict) -> dict[str, Any]:
+    """The :class:`cachestore.entry.EntryLayout` fields (``record_format`` 1) of the din entry equivalent to a
+    format-1 layout dict; LayoutError if the dict is not one. Dtypes, pool size and window are checked by
+    EntryLayout itself."""
     _check(data)
-    parts = [EntryPart("kv.k_user", "kv", data["dk"], data["max_len"]),
-             EntryPart("kv.v_user", "kv", data["dv"], data["max_len"])]
-    parts += [EntryPart(f"kv.{side}_idx", "idx", 1, data["max_len"]) for side in "kv" if data[f"{side}_shared"]]
-    try:
-        return EntryLayout(arch="din", mode=data["mode"], kv_dtype=data["kv_dtype"], idx_dtype=data["idx_dtype"],
-                           pool_size=data["pool_size"] if data["idx_dtype"] else 0, max_len=data["max_len"],
-                           model_version=data["model_version"], parts=tuple(parts), record_format=LEGACY_FORMAT)
-    except KeyError as exc:  # an unknown dtype name, met before EntryLayout's own check
-        raise LayoutError(f"unknown dtype {exc}") from None
+    cap = data["max_len"]
+    parts = [EntryPart("kv.k_user", "kv", data["dk"], cap), EntryPart("kv.v_user", "kv", data["dv"], cap)]
+    parts += [EntryPart(f"kv.{side}_idx", "idx", 1, cap) for side in "kv" if data[f"{side}_shared"]]
+    return {"arch": "din", "mode": data["mode"], "kv_dtype": data["kv_dtype"], "idx_dtype": data["idx_dtype"],
+            "pool_size": data["pool_size"] if data["idx_dtype"] else 0, "max_len": cap,
+            "model_version": data["model_version"], "parts": tuple(parts), "record_format": LEGACY_FORMAT}
 
 
-def legacy_header_parts(layout: EntryLayout) -> tuple[bytes, bytes]:
-    """Format-1 record header bytes 0..11 and 16..27 of a din layout (its one group: dk, dv, shared sides)."""
-    g = layout.flat_group
-    if g is None:
-        raise LayoutError(f"format {LEGACY_FORMAT} records hold one din K/V group, not {layout.parts}")
-    flags = (FLAG_K_SHARED if g.k_shared else 0) | (FLAG_V_SHARED if g.v_shared else 0)
-    idx_code = IDX_DTYPES[layout.idx_dtype][0] if layout.idx_dtype else 0
-    pre = struct.pack("<4sHHBBH", MAGIC, LEGACY_FORMAT, flags, KV_DTYPES[layout.kv_dtype][0], idx_code, 0)
-    return pre, struct.pack("<HH8s", g.dk, g.dv, bytes.fromhex(layout.model_version))
+def legacy_header_parts(kv_dtype: str, idx_dtype: str | None, group: GroupSpec | None, model_version: str
+                        ) -> tuple[bytes, bytes]:
+    """Format-1 record header bytes 0..11 and 16..27 of a din layout's one group (dk, dv, shared sides)."""
+    if group is None:
+        raise LayoutError(f"format {LEGACY_FORMAT} records hold one din K/V group")
+    flags = (FLAG_K_SHARED if group.k_shared else 0) | (FLAG_V_SHARED if group.v_shared else 0)
+    idx_code = IDX_DTYPES[idx_dtype][0] if idx_dtype else 0
+    pre = struct.pack("<4sHHBBH", MAGIC, LEGACY_FORMAT, flags, KV_DTYPES[kv_dtype][0], idx_code, 0)
+    return pre, struct.pack("<HH8s", group.dk, group.dv, bytes.fromhex(model_version))

@@ -21,7 +21,7 @@ import torch
 from click.testing import CliRunner
 
 from cachestore.entry import decode_entry, encode_entry, entry_layout, layout_from_dict, read_layout
-from cachestore.legacy_v1 import legacy_layout
+from cachestore.legacy_v1 import legacy_fields
 from cachestore.lmdb_build import PARQUET_LAYOUT_FILE, StoreBuildError, build_lmdb
 from cachestore.publish import LAYOUT, LMDB_DIR, MANIFEST, open_current
 from cachestore.record import LayoutError, RecordError
@@ -149,7 +149,7 @@ def test_nothing_writes_format_1(legacy: Path, tmp_path: Path) -> None:
 def test_bad_format_1_layouts_are_refused() -> None:
     good = json.loads(next((FIXTURE / "store" / "versions").glob("*/layout.json")).read_text())
     manifest = json.loads(next((FIXTURE / "store" / "versions").glob(f"*/{MANIFEST}")).read_text())
-    assert layout_from_dict(manifest["layout"]) == legacy_layout(good)
+    assert layout_from_dict(manifest["layout"]) == layout_from_dict(good) and legacy_fields(good)["record_format"] == 1
     for bad, msg in (({**good, "dk": 0}, "dk and dv"), ({**good, "extra": 1}, "unknown"),
                      ({k: v for k, v in good.items() if k != "dv"}, "missing"),
                      ({**good, "kv_dtype": "int8"}, "kv_dtype"),
