@@ -31,7 +31,7 @@ from jobs.report import report as report_cli
 from jobs.store import store as store_cli
 from model.cache_spec import compression_rate, entry_bytes
 from pipeline.checkpoint import save_checkpoint
-from pipeline.prefill import ENTRY_OUTPUT_SCHEMA, NoopEngine, ZooEngine, cache_layout, prefill_batches
+from pipeline.prefill import OUTPUT_SCHEMA, NoopEngine, ZooEngine, cache_layout, prefill_batches
 from pipeline.spark_job import PrefillOptions, run_prefill
 from pipeline.verify import verify_store
 from tests.helpers import run_prefill_submit
@@ -256,7 +256,7 @@ def test_engines_and_input_checks(bundle: dict, tmp_path: Path) -> None:
     batches = bundle["table"].to_batches(max_chunksize=20)
     model_out = pa.Table.from_batches(list(prefill_batches(batches, ck["model"], layout, batch_users=8)))
     noop_out = pa.Table.from_batches(list(prefill_batches(batches, NoopEngine(layout), layout)))
-    assert model_out.schema == noop_out.schema == ENTRY_OUTPUT_SCHEMA == entry_schema()
+    assert model_out.schema == noop_out.schema == OUTPUT_SCHEMA == entry_schema()
     sizes = [len(p) for p in model_out.column("payload").to_pylist()]
     assert [len(p) for p in noop_out.column("payload").to_pylist()] == sizes
     assert sizes == (layout.record_sizes(np.array(model_out.column("length").to_pylist())) - 32).tolist()
