@@ -190,7 +190,7 @@ def test_runtime_graph_flags_name_the_user_on_cuda(tmp_path) -> None:
 
 
 def test_zoo_record_index_outside_the_pool_is_refused_on_the_cpu(tmp_path) -> None:
-    """v2 (zoo) records: every idx part is checked against the pool by the reader and the verify_crc fetch."""
+    """Zoo records: every idx part is checked against the pool by the reader and the verify_crc fetch."""
     from cachestore.entry import encode_entry, entry_layout
     from cachestore.publish import open_current
     from cachestore.reader import StoreReader
