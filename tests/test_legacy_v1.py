@@ -157,3 +157,22 @@ def test_bad_format_1_layouts_are_refused() -> None:
                      ({**good, "idx_dtype": None}, "idx_dtype"), ({**good, "model_version": "xyz"}, "model_version")):
         with pytest.raises(LayoutError, match=msg):
             layout_from_dict(bad)
+
+
+@pytest.mark.parametrize("how", ["fused", "tier", "graph"])
+def test_in_place_readers_serve_it(legacy: Path, how: str) -> None:
+    """The paths that read din records in place (fused kernel, resident tier, the graphs' static decode,
+    eager on CPU) serve the format-1 records like the eager gather path."""
+    from cachestore.fused import FusedConfig, fused_available
+
+    users, cand, want = _model_logits(legacy)
+    if how == "fused" and not fused_available(torch.device("cpu")):
+        pytest.skip("needs Triton (its CPU interpreter here)")
+    options = {"fused": dict(path="fused", fused_config=FusedConfig(pool_dtype="float32")),
+               "tier": dict(tier_bytes=1 << 20), "graph": dict(path="gather")}[how]
+    with DecodeRuntime.open(legacy / "store", legacy / "checkpoint", device="cpu", batch_users=8, **options) as rt:
+        if how == "graph":
+            rt.graphs = True  # eager static decode on CPU (what tests/test_graphs.py does)
+        got = rt.score(users, cand)
+        assert (rt.tier is not None) == (how == "tier")
+    np.testing.assert_allclose(got.logits, want, rtol=2e-3, atol=2e-3)
