@@ -62,7 +62,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cachestore.batch import HostBatcher  # noqa: E402
-from cachestore.decode import ResidentModel, choose_path, decode  # noqa: E402
+from cachestore.decode import ResidentModel, choose_path, decode, din_cache  # noqa: E402
 from cachestore.entry import EntryLayout, encode_entry, entry_layout  # noqa: E402
 from cachestore.fused import FusedConfig, fused_available, fused_decode, pool_dtype  # noqa: E402
 from cachestore.graphs import DEFAULT_OVERLAP, GraphedDecoder, static_decode  # noqa: E402
@@ -228,7 +228,7 @@ def bench_batch(resident: ResidentModel, layout: EntryLayout, records: list[byte
 
     def collective_path(path: str, fn: Callable) -> torch.Tensor:
         dev, _ = to_device(host, device)
-        return fn(resident, dev.unpack(), targets, path)
+        return fn(resident, din_cache(dev.unpack()), targets, path)
 
     def fused_path() -> torch.Tensor:
         dev, _ = to_device(host, device)
@@ -247,12 +247,12 @@ def bench_batch(resident: ResidentModel, layout: EntryLayout, records: list[byte
         except Exception as exc:  # e.g. a compile failure must not lose the other numbers
             row[f"c_{name}"] = {"error": repr(exc)[:500]}
     dev, cost = to_device(host, device)
-    cache = dev.unpack()
+    cache = din_cache(dev.unpack())
     row["c_auto_path"] = choose_path(cache, 1, resident)
     row["c_breakdown"] = {
         "copy": timed(lambda: to_device(host, device), device, args.warmup, args.repeats),
         "copy_event_ms": cost.ms,
-        "unpack": timed(lambda: dev.unpack(), device, args.warmup, args.repeats),
+        "unpack": timed(lambda: din_cache(dev.unpack()), device, args.warmup, args.repeats),
         **{f"decode_{p}": timed(lambda p=p: decode(resident, cache, targets, p), device, args.warmup,
                                 args.repeats) for p in ("poolscore", "gather")},
     }

@@ -75,7 +75,7 @@ def measure(length: int, n: int, repeats: int, tmp: Path) -> dict:
     """One row: the costs above at history length ``length`` in a store of ``n`` users."""
     import torch
 
-    from cachestore.decode import bound_router_indices
+    from cachestore.decode import bound_router_indices, din_cache
     from cachestore.transfer import to_device
 
     batcher, _ = build_fetch_store(tmp, length, n, USERS, pin=False, kv_dtype="float16")
@@ -85,7 +85,7 @@ def measure(length: int, n: int, repeats: int, tmp: Path) -> dict:
     held = crc.fetch(rng.integers(0, n, USERS))
     records = [bytes(held.record(b)) for b in range(USERS)]
     dev, _ = to_device(batcher.fetch(rng.integers(0, n, USERS)), "cpu")
-    cache = dev.unpack()
+    cache = din_cache(dev.unpack())
     pool = _Pool(layout.pool_size)
     row = {"L": length, "users_in_store": n, "record_bytes": layout.record_size(length),
            "lmdb_file_bytes": os.stat(reader.version_dir / "lmdb" / "data.mdb").st_size,

@@ -195,10 +195,18 @@ def decode(resident: ResidentModel, cache: KVCache, targets: torch.Tensor, path:
     return resident.model.decode(cache, targets, attention=lambda q, c: pool_score_attention(resident, q, c))
 
 
-def din_cache(batch: EntryBatch, cfg: ModelConfig) -> KVCache:
-    """The din :class:`KVCache` of an unpacked batch (its one group ``"kv"``, values at the stored dtype:
-    :func:`decode` casts them). ``cfg``: :func:`model.cache_spec.store_config` of the model and store."""
-    return cache_from_arrays(batch.arrays, batch.lengths, cfg).kv["kv"]
+def din_cache(batch: EntryBatch) -> KVCache:
+    """The din :class:`KVCache` of an unpacked batch: its one group ``"kv"``, as
+    ``model.entry.cache_from_arrays(...).kv["kv"]`` builds it (k_user (B, L, dk), v_user (B, L, dv) at the
+    stored dtype — :func:`decode` casts them —, k_idx / v_idx (B, L) int64 or None, lengths (B,)), without
+    the config: views only, no copy, no host sync (the CUDA graphs capture it)."""
+    a = batch.arrays
+
+    def idx(side: str) -> torch.Tensor | None:
+        t = a.get(f"kv.{side}_idx")
+        return None if t is None else t.squeeze(-1)  # (B, L, 1) -> (B, L)
+
+    return KVCache(k_user=a["kv.k_user"], v_user=a["kv.v_user"], k_idx=idx("k"), v_idx=idx("v"), lengths=batch.lengths)
 
 
 def entry_cache(batch: EntryBatch, cfg: ModelConfig, dtype: torch.dtype) -> ZooCache:

@@ -58,7 +58,6 @@ from cachestore.fused import ALL_BYTES, DEFAULT_FUSED, FUSED, FusedConfig, fused
 from cachestore.mapped import MappedBatch, gather_records
 from cachestore.transfer import TransferCost, unpack_entry
 from model.cache import KVCache
-from model.cache_spec import store_config
 
 # Graphs are captured while other threads keep the device busy (a server loads the next store version and
 # captures its graphs while the current one serves): only the capturing thread's calls may break a capture.
@@ -74,12 +73,10 @@ def batch_capacity(layout: EntryLayout, n_users: int, pad_to: int) -> int:
     return _align8(16 * n_users + zero_block_bytes(layout) + n_users * _align8(layout.record_size(pad_to)))
 
 
-def unpack_din(raw: torch.Tensor, layout: EntryLayout, resident: ResidentModel, n_users: int, pad_to: int
-               ) -> KVCache:
+def unpack_din(raw: torch.Tensor, layout: EntryLayout, n_users: int, pad_to: int) -> KVCache:
     """The padded din cache (B = n_users, L = pad_to) of a packed batch in the prefix of ``raw``, its zero
     block at 16·n_users (:func:`cachestore.transfer.unpack_entry`, then the group ``"kv"``)."""
-    batch = unpack_entry(raw, layout, n_users, pad_to, 16 * n_users)
-    return din_cache(batch, store_config(resident.cfg, layout.mode))
+    return din_cache(unpack_entry(raw, layout, n_users, pad_to, 16 * n_users))
 
 
 def static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: ResidentModel, layout: EntryLayout,
@@ -96,7 +93,7 @@ def static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: Resi
     if path == FUSED:
         return fused_decode(resident, raw, layout, n_users, candidates, config=fused, chunks=chunks, on_chunk=on_chunk,
                             flags=flags)
-    return decode(resident, unpack_din(raw, layout, resident, n_users, pad_to), candidates, path, flags=flags)
+    return decode(resident, unpack_din(raw, layout, n_users, pad_to), candidates, path, flags=flags)
 
 
 _MIN_BUCKET = 64 << 10  # smallest captured copy (bytes)
@@ -207,7 +204,7 @@ class GraphedDecoder:
             self.flags = torch.zeros(n_users, dtype=torch.int32, device=self.device)  # static: per-user index flags
             path = FUSED if uses_fused(path, self.device) else path
             self.path = path if path != "auto" else choose_path(
-                unpack_din(self.raw, layout, resident, n_users, pad_to), n_candidates, resident)
+                unpack_din(self.raw, layout, n_users, pad_to), n_candidates, resident)
             self.logits = self._body()  # eager once: checks the body (and compiles the kernel)
             if not eager:
                 self._pool = torch.cuda.graph_pool_handle()

@@ -37,8 +37,6 @@ KV_DTYPES: dict[str, tuple[int, np.dtype]] = {  # name -> (code, numpy storage d
     "float32": (3, np.dtype("<f4")),
 }
 IDX_DTYPES: dict[str, tuple[int, np.dtype]] = {"uint16": (1, np.dtype("<u2")), "int32": (2, np.dtype("<i4"))}
-_KV_BY_CODE = {code: name for name, (code, _) in KV_DTYPES.items()}
-_IDX_BY_CODE = {code: name for name, (code, _) in IDX_DTYPES.items()}
 KEY = struct.Struct(">Q")  # LMDB key: user id as 8-byte big-endian unsigned (sorts numerically)
 _HEX16 = re.compile(r"[0-9a-f]{16}")
 

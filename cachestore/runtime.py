@@ -389,8 +389,7 @@ router index bounds only).
             logits = fused_decode(self.resident, dev.raw, self.layout, n, targets, config=self.fused_config,
                                   flags=flags)
         else:
-            logits = decode(self.resident, din_cache(dev.unpack(self.pad_to), self._store_cfg), targets, self.path,
-                            flags=flags)
+            logits = decode(self.resident, din_cache(dev.unpack(self.pad_to)), targets, self.path, flags=flags)
         if cuda:
             end.record()
         out = logits.float().cpu().numpy()

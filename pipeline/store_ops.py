@@ -46,8 +46,9 @@ from cachestore.record import HEADER_SIZE
 log = logging.getLogger("ckv.store")
 PREFILL_META_FILE = "_prefill.json"
 PARQUET_DIR = "parquet"
-PREFILL_PARQUET_SCHEMA_VERSION = 2  # the prefill Parquet columns (docs/prefill.md); bump on any change
+PREFILL_PARQUET_SCHEMA_VERSION = 3  # the prefill Parquet columns (docs/prefill.md); bump on any change
 # 2: + history_fp int64 (pipeline/incremental.py; ignored by the LMDB build, the record format is unchanged)
+# 3: one payload column for every arch (din included: cachestore.entry.entry_schema)
 STABLE_LINKS = (PARQUET_DIR, LMDB_DIR, MANIFEST, LAYOUT)
 
 

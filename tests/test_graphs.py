@@ -23,7 +23,6 @@ from cachestore.publish import open_current
 from cachestore.reader import StoreReader
 from cachestore.runtime import DecodeRuntime
 from cachestore.transfer import to_device
-from model.cache_spec import store_config
 from model.config import CollectiveConfig
 from tests.store_fixtures import layout_for, store_of_model
 from tests.test_model import N_ITEMS, make_model, small_config
@@ -71,7 +70,7 @@ def setup(name: str, kv_dtype: str) -> tuple[ResidentModel, EntryLayout]:
 def eager_logits(resident: ResidentModel, host, cand: torch.Tensor, path: str) -> torch.Tensor:
     """The regular runtime path: to_device + unpack (L = longest history) + decode."""
     dev, _ = to_device(host, resident.device)
-    return decode(resident, din_cache(dev.unpack(), store_config(resident.cfg, host.layout.mode)), cand, path)
+    return decode(resident, din_cache(dev.unpack()), cand, path)
 
 
 @given(name=st.sampled_from(sorted(MODELS)), kv_dtype=st.sampled_from(["float32", "float16", "bfloat16"]),

@@ -54,7 +54,7 @@ def _model_logits(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     model = load_checkpoint(root / "checkpoint").model
     w = arrow_window(table.column("items").combine_chunks(), table.column("labels").combine_chunks(),
                      model.cfg.max_len)  # fmt: skip
-    cand = np.load(root / "candidates.npy")
+    cand = np.load(root / "candidates.npy", allow_pickle=False)
     with torch.no_grad():
         cache = model.prefill(torch.from_numpy(w.items), torch.from_numpy(w.feedback), torch.from_numpy(w.lengths))
         logits = model.decode(cache, torch.from_numpy(cand)).numpy()

@@ -20,7 +20,6 @@ from cachestore.entry import decode_entry, encode_entry
 from cachestore.fused import FusedConfig, fused_available, fused_decode
 from cachestore.record import RecordError, RouterIndexError
 from cachestore.transfer import to_device
-from model.cache_spec import store_config
 from tests.test_graphs import SEQ, random_records, setup
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -49,7 +48,7 @@ def _scores(resident, layout, records: list[bytes], path: str = "gather", verify
 
 def _cache(resident, layout, dev):
     """The din KVCache of a device batch (unpacked to the longest history)."""
-    return din_cache(dev.unpack(), store_config(resident.cfg, layout.mode))
+    return din_cache(dev.unpack())
 
 
 def _record(layout, n: int, k_idx: np.ndarray, v_idx: np.ndarray) -> bytes:

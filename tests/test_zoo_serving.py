@@ -434,6 +434,7 @@ def test_unpacked_din_group_is_a_kv_cache() -> None:
     the stored parts (zeros and index 0 at padding; cold start: length 0)."""
     from cachestore.decode import din_cache
     from model.config import ModelConfig
+    from model.entry import cache_from_arrays
 
     cfg = ModelConfig(n_items=9, embed_dim=8, d_attn=16, n_heads=2, max_len=6,
                       collective=CollectiveConfig(d_user=2, pool_size=30))  # fmt: skip
@@ -447,7 +448,10 @@ def test_unpacked_din_group_is_a_kv_cache() -> None:
         stored.append(parts)
     batch = to_device(HostBatcher(layout, pin=False).pack([1, 2, 3, 4, 5], [*recs, None]), "cpu")[0].unpack()
     assert isinstance(batch, EntryBatch)
-    kv = din_cache(batch, cfg)
+    kv = din_cache(batch)
+    whole = cache_from_arrays(batch.arrays, batch.lengths, cfg).kv["kv"]  # what the helper shortcuts
+    for name in ("k_user", "v_user", "k_idx", "v_idx", "lengths"):
+        assert torch.equal(getattr(kv, name), getattr(whole, name)), name
     assert isinstance(kv, KVCache) and kv.lengths.tolist() == [0, 4, 6, 2, 0] and kv.k_user.shape == (5, 6, 2)
     assert kv.k_idx.dtype == torch.int64 and kv.k_idx.shape == (5, 6)
     for b, parts in enumerate(stored):
