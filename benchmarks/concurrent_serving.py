@@ -73,12 +73,10 @@ def write_version_parquet(out: Path, layout, users: int, k: int, seed: int) -> P
     rows = []
     for uid in range(users):
         n = int(rng.integers(1, layout.max_len + 1))
-        ku = np.full(n * layout.dk, k + 1, np.float16).tobytes()
-        vu = np.full(n * layout.dv, k + 1, np.float16).tobytes()
-        ki = np.full(n if layout.k_shared else 0, k, np.uint16).tobytes()
-        vi = np.full(n if layout.v_shared else 0, k, np.uint16).tobytes()
-        rows.append({"user_id": uid, "length": n, "k_user": ku, "v_user": vu, "k_idx": ki, "v_idx": vi,
-                     "model_version": layout.model_version, "checksum": zlib.crc32(ku + vu + ki + vi)})
+        payload = b"".join(np.full((n, p.width), k + 1 if p.kind == "kv" else k, layout.dtype(p.kind)).tobytes()
+                           for p in layout.parts)  # the din parts: k_user, v_user, k_idx, v_idx
+        rows.append({"user_id": uid, "length": n, "payload": payload, "model_version": layout.model_version,
+                     "checksum": zlib.crc32(payload)})
     pq.write_table(pa.Table.from_pylist(rows, schema=prefill_schema()), out / "part-00000.parquet")
     write_layout(out / PARQUET_LAYOUT_FILE, layout)
     return out
@@ -86,10 +84,11 @@ def write_version_parquet(out: Path, layout, users: int, k: int, seed: int) -> P
 
 def record_version(rec) -> int | None:
     """The version k a record's pattern says, or None if the record is not uniformly one version."""
-    k = float(rec.k_user.reshape(-1)[0]) - 1
-    ok = (rec.k_user == k + 1).all() and (rec.v_user == k + 1).all()
-    for idx in (rec.k_idx, rec.v_idx):
-        ok = ok and (idx is None or (idx == k).all())
+    a = rec.arrays
+    k = float(a["kv.k_user"].reshape(-1)[0]) - 1
+    ok = (a["kv.k_user"] == k + 1).all() and (a["kv.v_user"] == k + 1).all()
+    for name in ("kv.k_idx", "kv.v_idx"):
+        ok = ok and (name not in a or (a[name] == k).all())
     return int(k) if ok and k == int(k) else None
 
 

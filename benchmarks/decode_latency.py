@@ -62,10 +62,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cachestore.batch import HostBatcher  # noqa: E402
-from cachestore.decode import ResidentModel, choose_path, decode  # noqa: E402
+from cachestore.decode import ResidentModel, choose_path, decode, din_cache  # noqa: E402
+from cachestore.entry import EntryLayout, encode_entry, entry_layout  # noqa: E402
 from cachestore.fused import FusedConfig, fused_available, fused_decode, pool_dtype  # noqa: E402
 from cachestore.graphs import DEFAULT_OVERLAP, GraphedDecoder, static_decode  # noqa: E402
-from cachestore.record import CacheLayout, encode_record  # noqa: E402
 from cachestore.transfer import KV_TORCH, to_device  # noqa: E402
 from model.cache import KVCache  # noqa: E402
 from model.config import CollectiveConfig, ModelConfig  # noqa: E402
@@ -175,21 +175,22 @@ def paper_model(max_len: int, device: torch.device) -> ResidentModel:
     return ResidentModel(TargetAttentionCTR(cfg).eval(), device)
 
 
-def collective_layout(max_len: int, version: str, kv_dtype: str = "float16") -> CacheLayout:
-    return CacheLayout("collective", kv_dtype, "uint16", PAPER["d_user"], PAPER["d_user"], True, True,
-                       PAPER["pool_size"], max_len, version)
+def collective_layout(max_len: int, version: str, kv_dtype: str = "float16") -> EntryLayout:
+    cfg = ModelConfig(n_items=N_ITEMS, embed_dim=PAPER["embed_dim"], d_attn=PAPER["d_attn"], n_heads=PAPER["n_heads"],
+                      max_len=max_len, collective=CollectiveConfig(d_user=PAPER["d_user"],
+                                                                   pool_size=PAPER["pool_size"]))
+    return entry_layout(cfg, version, "collective", kv_dtype)
 
 
-def synthetic_records(layout: CacheLayout, n_users: int, length: int, seed: int) -> list[bytes]:
+def synthetic_records(layout: EntryLayout, n_users: int, length: int, seed: int) -> list[bytes]:
     """Records of users with full histories: N(0,1) user parts at the layout's kv dtype (float16 or
     float32), uniform router indices."""
     rng = np.random.default_rng(seed)
-    d = layout.dk
+    d = PAPER["d_user"]
     k = rng.standard_normal((n_users, length, d)).astype(layout.kv_dtype)
     v = rng.standard_normal((n_users, length, d)).astype(layout.kv_dtype)
-    idx = rng.integers(0, layout.pool_size, (n_users, 2, length)).astype(np.uint16)
-    return [encode_record(layout, length=length, k_user=k[u].tobytes(), v_user=v[u].tobytes(),
-                          k_idx=idx[u, 0].tobytes(), v_idx=idx[u, 1].tobytes()) for u in range(n_users)]
+    idx = rng.integers(0, layout.pool_size, (n_users, 2, length, 1)).astype(np.uint16)
+    return [encode_entry(layout, length, [k[u], v[u], idx[u, 0], idx[u, 1]]) for u in range(n_users)]
 
 
 def bench_full(resident: ResidentModel, full_src: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor,
@@ -212,7 +213,7 @@ def bench_full(resident: ResidentModel, full_src: torch.Tensor, targets: torch.T
     return out
 
 
-def bench_batch(resident: ResidentModel, layout: CacheLayout, records: list[bytes], full_src: torch.Tensor,
+def bench_batch(resident: ResidentModel, layout: EntryLayout, records: list[bytes], full_src: torch.Tensor,
                 targets: torch.Tensor, length: int, args: argparse.Namespace, device: torch.device, pin: bool,
                 limits: dict, compiled: Callable | None) -> dict:
     """Paths (a), (b), (c) for one (B, L); B = targets.shape[0]."""
@@ -227,7 +228,7 @@ def bench_batch(resident: ResidentModel, layout: CacheLayout, records: list[byte
 
     def collective_path(path: str, fn: Callable) -> torch.Tensor:
         dev, _ = to_device(host, device)
-        return fn(resident, dev.unpack(), targets, path)
+        return fn(resident, din_cache(dev.unpack()), targets, path)
 
     def fused_path() -> torch.Tensor:
         dev, _ = to_device(host, device)
@@ -246,12 +247,12 @@ def bench_batch(resident: ResidentModel, layout: CacheLayout, records: list[byte
         except Exception as exc:  # e.g. a compile failure must not lose the other numbers
             row[f"c_{name}"] = {"error": repr(exc)[:500]}
     dev, cost = to_device(host, device)
-    cache = dev.unpack()
+    cache = din_cache(dev.unpack())
     row["c_auto_path"] = choose_path(cache, 1, resident)
     row["c_breakdown"] = {
         "copy": timed(lambda: to_device(host, device), device, args.warmup, args.repeats),
         "copy_event_ms": cost.ms,
-        "unpack": timed(lambda: dev.unpack(), device, args.warmup, args.repeats),
+        "unpack": timed(lambda: din_cache(dev.unpack()), device, args.warmup, args.repeats),
         **{f"decode_{p}": timed(lambda p=p: decode(resident, cache, targets, p), device, args.warmup,
                                 args.repeats) for p in ("poolscore", "gather")},
     }
@@ -307,7 +308,7 @@ def score_check(got: torch.Tensor, want: torch.Tensor, tol: float = 1e-4) -> tup
     return diff, None if ok else f"scores differ from c_poolscore (max abs diff {diff:.3g})"
 
 
-def bench_graph(row: dict, resident: ResidentModel, layout: CacheLayout, host, targets: torch.Tensor,
+def bench_graph(row: dict, resident: ResidentModel, layout: EntryLayout, host, targets: torch.Tensor,
                 want: torch.Tensor, args: argparse.Namespace, device: torch.device) -> None:
     """c_graph: copy into a captured graph's static buffer + replay (GPU); scores checked against
     ``want`` (c_poolscore's). On CPU the same static path runs eagerly for the check; nothing is timed."""
@@ -456,7 +457,7 @@ def bench_length(resident: ResidentModel, length: int, batch_sizes: list[int], a
     return rows
 
 
-def write_fetch_parquet(pdir: Path, layout: CacheLayout, n: int) -> None:
+def write_fetch_parquet(pdir: Path, layout: EntryLayout, n: int) -> None:
     """Prefill Parquet (+ _layout.json) in ``pdir`` of users 0..n-1 with full histories of layout.max_len
     behaviours: synthetic records (4,096 distinct ones reused cyclically), as the nightly job writes them."""
     import pyarrow as pa
@@ -467,16 +468,10 @@ def write_fetch_parquet(pdir: Path, layout: CacheLayout, n: int) -> None:
 
     length = layout.max_len
     records = synthetic_records(layout, min(n, 4096), length, seed=7)
-    payloads = [r[32:] for r in records]  # header-less parts, reused cyclically
-    per = layout.record_size(1) - 32
-    itemsize = np.dtype(layout.kv_dtype).itemsize
-    ku, vu = length * layout.dk * itemsize, length * layout.dv * itemsize
+    payloads = [r[32:] for r in records]  # header-less payloads, reused cyclically
     rows = {"user_id": np.arange(n, dtype=np.int64), "length": np.full(n, length, np.int32)}
     parts = [payloads[u % len(payloads)] for u in range(n)]
-    rows["k_user"] = [p[:ku] for p in parts]
-    rows["v_user"] = [p[ku : ku + vu] for p in parts]
-    rows["k_idx"] = [p[ku + vu : ku + vu + length * 2] for p in parts]
-    rows["v_idx"] = [p[ku + vu + length * 2 : length * per] for p in parts]
+    rows["payload"] = parts
     rows["model_version"] = [layout.model_version] * n
     rows["checksum"] = [zlib.crc32(p) for p in parts]
     pdir.mkdir(parents=True)

@@ -9,7 +9,7 @@ of B = 512 random users (median of --repeats batches):
 
 - ``fetch_ms``: ``HostBatcher.fetch`` as served by default — lookups, copies, vectorised header and size
   checks of all 512 records;
-- ``fetch_crc_ms``: the same with ``verify_crc=True`` — every record also through ``decode_record``
+- ``fetch_crc_ms``: the same with ``verify_crc=True`` — every record also CRC-checked
   (one ``zlib.crc32`` over the record) and its router indices checked against the pool (``ckv score``'s
   default);
 - ``crc_only_ms``: the 512 ``zlib.crc32`` calls alone, over records already in memory;
@@ -75,7 +75,7 @@ def measure(length: int, n: int, repeats: int, tmp: Path) -> dict:
     """One row: the costs above at history length ``length`` in a store of ``n`` users."""
     import torch
 
-    from cachestore.decode import bound_router_indices
+    from cachestore.decode import bound_router_indices, din_cache
     from cachestore.transfer import to_device
 
     batcher, _ = build_fetch_store(tmp, length, n, USERS, pin=False, kv_dtype="float16")
@@ -85,7 +85,7 @@ def measure(length: int, n: int, repeats: int, tmp: Path) -> dict:
     held = crc.fetch(rng.integers(0, n, USERS))
     records = [bytes(held.record(b)) for b in range(USERS)]
     dev, _ = to_device(batcher.fetch(rng.integers(0, n, USERS)), "cpu")
-    cache = dev.unpack()
+    cache = din_cache(dev.unpack())
     pool = _Pool(layout.pool_size)
     row = {"L": length, "users_in_store": n, "record_bytes": layout.record_size(length),
            "lmdb_file_bytes": os.stat(reader.version_dir / "lmdb" / "data.mdb").st_size,

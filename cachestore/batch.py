@@ -14,21 +14,16 @@ One batch is ONE contiguous byte buffer, so that a single host→device copy mov
 Jagged rather than padded: the copy moves only the bytes users have (padding to max_len would move
 up to 20x more at L = 1000 for typical length mixes), and packing is one memcpy per user straight out
 of the LMDB map. The device unpacks the parts into padded (B, L) tensors in a few gathers
-(:func:`cachestore.transfer.unpack`); padding positions read the zero block (values 0, index 0).
+(:func:`cachestore.transfer.unpack_entry`); padding positions read the zero block (values 0, index 0).
 
 Hot path (:meth:`HostBatcher.fetch`): one LMDB read transaction with ``buffers=True`` (values are
 views of the map, no bytes objects), one memoryview copy per present user, and then *vectorised*
 validation of all headers at once: every record of a store shares its layout, so header bytes 0..11
-and 16..27 must equal ``layout.header_parts`` (magic, format version, flags, dtype codes, dk, dv /
-part count, parts CRC, model version) and the size must equal ``layout.record_size(n)``. A record
-that fails is decoded by :func:`cachestore.record.decode_record` (v1) or
-:func:`cachestore.entry.decode_entry` (v2, zoo stores), which raises the precise error (e.g.
+and 16..27 must equal ``layout.header_parts`` (magic, format version, dtype codes, part count,
+parts CRC, model version) and the size must equal ``layout.record_size(n)``. A record that fails is
+decoded by :func:`cachestore.entry.decode_entry`, which raises the precise error (e.g.
 ``ModelVersionMismatchError`` naming the user). CRCs are not checked by default (the store is
-immutable and verified when built; ``verify_crc=True`` checks every record through the decoder).
-
-The same buffer layout carries v2 (zoo) records (layout an :class:`cachestore.entry.EntryLayout`):
-the zero block is then the widest row of any part, and :func:`cachestore.transfer.unpack_entry`
-splits the records into the per-part padded arrays.
+immutable and verified when built; ``verify_crc=True`` checks every record).
 
 Buffers are reused: a batcher owns a ring of ``n_buffers`` buffers (default 2, so fetching batch i+1
 overlaps the transfer of batch i); a :class:`HostBatch` stays valid until its buffer comes round again
@@ -58,17 +53,13 @@ from cachestore.record import (
     HEADER_SIZE,
     IDX_DTYPES,
     KEY,
-    CacheLayout,
     ModelVersionMismatchError,
     RecordError,
     RecordSizeError,
-    decode_record,
 )
 
 if TYPE_CHECKING:
     from cachestore.reader import StoreReader
-
-    StoreLayout = CacheLayout | EntryLayout  # v1 (din) or v2 (zoo) store
 
 _ALIGN = 8
 _WORDS = np.arange(HEADER_SIZE // 8, dtype=np.int64)  # a record header as 4 little-endian uint64 words
@@ -83,26 +74,16 @@ def pinned_available() -> bool:
     return torch.cuda.is_available()
 
 
-def is_entry_layout(layout: StoreLayout) -> bool:
-    """True for a v2 (zoo) store's EntryLayout, False for a v1 CacheLayout."""
-    return isinstance(layout, EntryLayout)
+def zero_block_bytes(layout: EntryLayout) -> int:
+    """Size of the zero block: the widest row of any part in bytes (>= 8), rounded up to 8."""
+    return _align(max(8, *layout.row_bytes))
 
 
-def zero_block_bytes(layout: StoreLayout) -> int:
-    """Size of the zero block: the widest per-behaviour part (v2: the widest row of any part) in
-    bytes (>= 8), rounded up to 8."""
-    widths = layout.row_bytes if is_entry_layout(layout) else layout.header_parts[2]
-    return _align(max(8, *widths))
-
-
-def check_record(layout: StoreLayout, buf: bytes | memoryview, expected_model_version: str | None,
+def check_record(layout: EntryLayout, buf: bytes | memoryview, expected_model_version: str | None,
                  user_id: int | None) -> None:
-    """Fully validate one record of ``layout`` (CRC included, router indices < pool size): ``decode_record`` for v1,
-    ``decode_entry`` for v2; raises the precise ``RecordError`` subclass naming the user."""
-    if is_entry_layout(layout):
-        record = decode_entry(layout, buf, expected_model_version=expected_model_version, user_id=user_id)
-    else:
-        record = decode_record(buf, expected_model_version=expected_model_version, user_id=user_id)
+    """Fully validate one record of ``layout`` (CRC included, router indices < pool size) with ``decode_entry``;
+    raises the precise ``RecordError`` subclass naming the user."""
+    record = decode_entry(layout, buf, expected_model_version=expected_model_version, user_id=user_id)
     check_indices(layout, record, user_id)
 
 
@@ -138,7 +119,7 @@ class FetchedBatch:
     Valid until its host buffer comes round again (``n_buffers`` fetches later).
     """
 
-    layout: StoreLayout
+    layout: EntryLayout
     user_ids: np.ndarray
     lengths: np.ndarray
     offsets: np.ndarray
@@ -198,7 +179,7 @@ class HostBatch(FetchedBatch):
 class HostBatcher:
     """Packs batches of user records into a ring of reusable host buffers.
 
-    layout: the store's CacheLayout (v1) or EntryLayout (v2, zoo). expected_model_version: the loaded
+    layout: the store's EntryLayout. expected_model_version: the loaded
     checkpoint's version (default: the layout's); a store whose layout carries another version is
     refused here, a record that carries another version is refused by :meth:`fetch` / :meth:`pack` —
     both raise ``ModelVersionMismatchError``. reader: the store to :meth:`fetch` from (optional for :meth:`pack`).
@@ -206,7 +187,7 @@ class HostBatcher:
     (default: room for ``batch_users`` users of ``min(max_len, 1000)`` behaviours, at most 64 MiB).
     """
 
-    def __init__(self, layout: StoreLayout, *, reader: StoreReader | None = None,
+    def __init__(self, layout: EntryLayout, *, reader: StoreReader | None = None,
                  expected_model_version: str | None = None, pin: bool | None = None, n_buffers: int = 2,
                  batch_users: int = 512, capacity_bytes: int | None = None, verify_crc: bool = False) -> None:
         if reader is not None and reader.layout != layout:
@@ -224,7 +205,7 @@ class HostBatcher:
         self.pin = pinned_available() if pin is None else bool(pin)
         self.n_buffers = n_buffers
         self.verify_crc = verify_crc
-        pre, post = layout.header_parts[:2]  # header bytes 0..11 and 16..27, the same in every record
+        pre, post = layout.header_parts  # header bytes 0..11 and 16..27, the same in every record
         self._expect = (np.frombuffer(pre[:8], "<u8")[0], np.uint64(np.frombuffer(pre[8:], "<u4")[0]),
                         np.frombuffer(post[:8], "<u8")[0], np.uint64(np.frombuffer(post[8:], "<u4")[0]))
         self._zero = zero_block_bytes(layout)
@@ -351,17 +332,18 @@ class HostBatcher:
 
     def _verify_payloads(self, ids: np.ndarray, words: np.ndarray, n: np.ndarray,
                          record: Callable[[int], bytes | memoryview]) -> None:
-        """``verify_crc``: per record one ``zlib.crc32`` against the header's (bytes 28..31) and, for a v1
-        store with shared sides, its router indices (the record's tail) against the pool; a record that
-        fails goes through the full decoder for the precise error naming the user. v2: the full decoder."""
-        layout = self.layout
-        if is_entry_layout(layout):
+        """``verify_crc``: per record one ``zlib.crc32`` against the header's (bytes 28..31) and, for a one-group
+        (din) layout with shared sides, its router indices (the record's tail) against the pool; a record that
+        fails goes through the full decoder for the precise error naming the user. Other layouts: the full
+        decoder."""
+        layout, g = self.layout, self.layout.flat_group
+        if g is None:
             for j, uid in enumerate(ids.tolist()):
                 check_record(layout, record(j), self.expected_model_version, uid)
             return
         crcs = (words[:, 3] >> np.uint64(32)).tolist()
         idx_dt = IDX_DTYPES[layout.idx_dtype][1] if layout.idx_dtype else None
-        sides = int(layout.k_shared) + int(layout.v_shared)
+        sides = int(g.k_shared) + int(g.v_shared)
         for j, (length, crc) in enumerate(zip(n.tolist(), crcs, strict=True)):
             rec = record(j)
             ok = zlib.crc32(rec[:28], zlib.crc32(rec[HEADER_SIZE:])) == crc

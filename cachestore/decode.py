@@ -26,13 +26,14 @@ gather at L = 50. benchmarks/decode_latency.py times both paths on the target GP
 User parts are cast to the model's dtype before anything else (the store keeps them as fp16), so
 pool rows are never rounded: both paths compute the model's fp32 math on the stored user parts.
 
-Zoo stores (record format v2, :mod:`cachestore.entry`): :func:`entry_cache` turns an unpacked batch
+Stores hold one record format (:mod:`cachestore.entry`): :func:`entry_cache` turns an unpacked batch
 (:class:`cachestore.transfer.EntryBatch`) into the model's :class:`model.blocks.ZooCache` (kv parts
-cast to the model's dtype, then ``model.entry.cache_from_arrays``) and :func:`decode_zoo` runs the
-zoo model's own ``decode`` (its retrieval + attention; there is no poolscore path for these models)
-on a :class:`ResidentZooModel`. A ``din`` cache in a v2 store goes through :func:`decode` above.
-:func:`cachestore.fused_zoo.zoo_static_decode` computes the same SIM/ETA/SDIM/TWIN logits from the packed
-batch bytes in place (Triton kernels, shape-static, no per-user K/V).
+cast to the model's dtype, then ``model.entry.cache_from_arrays``) and :func:`decode_zoo` runs a zoo
+model's own ``decode`` (its retrieval + attention; there is no poolscore path for these models) on a
+:class:`ResidentZooModel`. A ``din`` batch is its one group ``"kv"`` (:func:`din_cache`), decoded by
+:func:`decode` above.
+:func:`cachestore.fused_zoo.zoo_static_decode` and :func:`cachestore.fused_hstu.hstu_static_decode` compute the
+same zoo logits from the packed batch bytes in place (Triton kernels, shape-static, no per-user K/V).
 """
 
 from __future__ import annotations
@@ -196,8 +197,22 @@ def decode(resident: ResidentModel, cache: KVCache, targets: torch.Tensor, path:
     return resident.model.decode(cache, targets, attention=lambda q, c: pool_score_attention(resident, q, c))
 
 
+def din_cache(batch: EntryBatch) -> KVCache:
+    """The din :class:`KVCache` of an unpacked batch: its one group ``"kv"``, as
+    ``model.entry.cache_from_arrays(...).kv["kv"]`` builds it (k_user (B, L, dk), v_user (B, L, dv) at the
+    stored dtype — :func:`decode` casts them —, k_idx / v_idx (B, L) int64 or None, lengths (B,)), without
+    the config: views only, no copy, no host sync (the CUDA graphs capture it)."""
+    a = batch.arrays
+
+    def idx(side: str) -> torch.Tensor | None:
+        t = a.get(f"kv.{side}_idx")
+        return None if t is None else t.squeeze(-1)  # (B, L, 1) -> (B, L)
+
+    return KVCache(k_user=a["kv.k_user"], v_user=a["kv.v_user"], k_idx=idx("k"), v_idx=idx("v"), lengths=batch.lengths)
+
+
 def entry_cache(batch: EntryBatch, cfg: ModelConfig, dtype: torch.dtype) -> ZooCache:
-    """An unpacked v2 batch → the :class:`ZooCache` the model decodes: kv parts cast to ``dtype``
+    """An unpacked batch → the :class:`ZooCache` the model decodes: kv parts cast to ``dtype``
     (the model's: pool rows are never rounded to the stored fp16), indices and keys as they are.
     ``cfg``: :func:`model.entry.store_config` of the model's config and the store's mode."""
     arrays = {name: t.to(dtype) if t.is_floating_point() else t for name, t in batch.arrays.items()}

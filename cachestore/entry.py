@@ -1,11 +1,13 @@
-"""Zoo cache records (format_version 2): one user's entry as named parts, for models whose cache has
-several K/V groups and retrieval keys (SIM, ETA, SDIM, TWIN, HSTU; :mod:`model.entry`).
+"""The cache record format: one user's entry as named parts, for every model (din and the zoo: SIM,
+ETA, SDIM, TWIN, HSTU; parts from :func:`model.cache_spec.entry_parts`).
 
 The store's ``layout.json`` is an :class:`EntryLayout` (``layout_version`` 2): the arch, dtypes and
 the ordered list of parts, each ``(name, kind, width, cap)``. A user with ``n`` cached behaviours has
 ``min(n, cap)`` rows of ``width`` values per part; a value takes the kv dtype's size (kind ``kv``),
-the index dtype's (``idx``) or one byte (``key``, bit-packed retrieval keys). Record layout
-(little-endian; bytes 0..11 and 16..27 are the same for every record of a store, as in v1):
+the index dtype's (``idx``) or one byte (``key``, bit-packed retrieval keys). A din entry is the one
+group ``kv.k_user | kv.v_user | kv.k_idx | kv.v_idx`` of cap ``max_len``. Record layout
+(little-endian; bytes 0..11 and 16..27 are the same for every record of a store; frame, dtype codes
+and errors in :mod:`cachestore.record`):
 
     off size field            meaning
       0   4  magic            b"CKVR"
@@ -20,8 +22,9 @@ the index dtype's (``idx``) or one byte (``key``, bit-packed retrieval keys). Re
      28   4  crc32            u32, zlib.crc32(header[0:28], zlib.crc32(payload))
      32   .  payload          the parts in layout order, each min(n, cap)·width values, row-major
 
-The prefill Parquet of a v2 store has one ``payload`` binary column instead of v1's four parts
-(schema in :func:`entry_schema`), with ``checksum = zlib.crc32(payload)``.
+The prefill Parquet has one ``payload`` binary column (schema in :func:`entry_schema`), with
+``checksum = zlib.crc32(payload)``. Stores of the read-only legacy din format are read through
+:mod:`cachestore.legacy_v1` (an EntryLayout with ``record_format`` 1); nothing writes them.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cachestore.legacy_v1 import legacy_fields, legacy_header_parts
 from cachestore.record import (
     _HEX16,
     HEADER,
@@ -44,17 +48,15 @@ from cachestore.record import (
     KV_DTYPES,
     MAGIC,
     BadMagicError,
-    CacheLayout,
     ChecksumError,
     LayoutError,
     ModelVersionMismatchError,
-    Record,
     RecordSizeError,
     UnknownDtypeError,
     UnsupportedVersionError,
     check_router_indices,
 )
-from model.cache_spec import KINDS, EntryPart, entry_parts, index_dtype, store_config
+from model.cache_spec import KINDS, EntryPart, GroupSpec, entry_parts, index_dtype, store_config
 from model.config import ModelConfig
 
 if TYPE_CHECKING:
@@ -66,7 +68,7 @@ _U32 = struct.Struct("<I")
 
 
 def entry_schema() -> pa.Schema:
-    """The Arrow schema of a v2 store's prefill Parquet (binary may be large_binary, string large_string)."""
+    """The Arrow schema of a store's prefill Parquet (binary may be large_binary, string large_string)."""
     import pyarrow as pa  # only the writers need it: serving reads records without pyarrow
 
     return pa.schema([("user_id", pa.int64()), ("length", pa.int32()), ("payload", pa.binary()),
@@ -75,11 +77,12 @@ def entry_schema() -> pa.Schema:
 
 @dataclass(frozen=True)
 class EntryLayout:
-    """What every record of a zoo store looks like (``layout.json`` with ``layout_version`` 2).
+    """What every record of a store looks like (``layout.json`` with ``layout_version`` 2).
 
     mode "collective": kv parts are user-specific parts, idx parts router indices into pools of
     ``pool_size`` rows; mode "full": kv parts are whole K/V (width d_a), no idx parts. max_len is the
-    largest n (the model's history window).
+    largest n (the model's history window). record_format: the records' format_version — 2, or 1 for
+    a legacy din store read through :mod:`cachestore.legacy_v1` (read-only; not part of the JSON).
     """
 
     arch: str
@@ -91,6 +94,7 @@ class EntryLayout:
     model_version: str
     parts: tuple[EntryPart, ...]
     layout_version: int = 2
+    record_format: int = ENTRY_FORMAT_VERSION
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> LayoutError:
@@ -123,6 +127,33 @@ class EntryLayout:
                 raise bad(f"pool_size must be in 1..{limit} for {self.idx_dtype}")
         if not 0 <= self.max_len <= 0xFFFFFFFF:
             raise bad("max_len must be in 0..2**32-1")
+        if self.record_format not in (1, ENTRY_FORMAT_VERSION) or (self.record_format == 1 and self.flat_group is None):
+            raise bad("record_format must be 2 (or 1: a one-group din layout, read-only)")
+
+    # --------------------------------------------------------------------------------- groups
+    @functools.cached_property
+    def groups(self) -> tuple[GroupSpec, ...]:
+        """The K/V groups of the parts, in order (the inverse of ``model.cache_spec.group_specs``)."""
+        found: dict[str, dict[str, EntryPart]] = {}
+        for p in self.parts:
+            group, attr = p.name.split(".", 1)
+            if p.kind != "key":
+                found.setdefault(group, {})[attr] = p
+        out = []
+        for name, g in found.items():
+            k, v = g.get("k_user"), g.get("v_user")
+            cap = (v or k).cap  # type: ignore[union-attr]
+            out.append(GroupSpec(name, cap, k.width if k else 0, v.width if v else 0, "k_idx" in g, "v_idx" in g))
+        return tuple(out)
+
+    @functools.cached_property
+    def flat_group(self) -> GroupSpec | None:
+        """The one K/V group when a record is exactly that group's ``n`` rows per part (a din entry:
+        ``k_user (n, dk) | v_user (n, dv) | k_idx (n,) | v_idx (n,)``, cap ``max_len``, no keys) — what
+        the fused kernel, the CUDA graphs and the resident tier read in place; None otherwise."""
+        if len(self.groups) != 1 or any(p.kind == "key" or p.cap != self.max_len for p in self.parts):
+            return None
+        return self.groups[0] if self.groups[0].dk > 0 else None
 
     # ---------------------------------------------------------------------------------- sizes
     def itemsize(self, kind: str) -> int:
@@ -164,6 +195,8 @@ class EntryLayout:
     @functools.cached_property
     def header_parts(self) -> tuple[bytes, bytes]:
         """(record header bytes 0..11, bytes 16..27): identical in every record of the store."""
+        if self.record_format != ENTRY_FORMAT_VERSION:
+            return legacy_header_parts(self.kv_dtype, self.idx_dtype, self.flat_group, self.model_version)
         kv_code = KV_DTYPES[self.kv_dtype][0]
         idx_code = IDX_DTYPES[self.idx_dtype][0] if self.idx_dtype else 0
         pre = struct.pack("<4sHHBBH", MAGIC, ENTRY_FORMAT_VERSION, 0, kv_code, idx_code, len(self.parts))
@@ -176,14 +209,17 @@ class EntryLayout:
 
     # ----------------------------------------------------------------------------------- JSON
     def to_dict(self) -> dict:
+        """The ``layout.json`` object (``record_format`` only where it is not 2)."""
         d = asdict(self)
         d["parts"] = [asdict(p) for p in self.parts]
+        if self.record_format == ENTRY_FORMAT_VERSION:
+            del d["record_format"]
         return d
 
     @classmethod
     def from_dict(cls, data: dict) -> EntryLayout:
         names = {f.name for f in fields(cls)}
-        unknown, missing = set(data) - names, names - set(data)
+        unknown, missing = set(data) - names, names - set(data) - {"record_format"}
         if unknown or missing:
             raise LayoutError(f"layout keys: unknown {sorted(unknown)}, missing {sorted(missing)}")
         try:
@@ -193,11 +229,9 @@ class EntryLayout:
         return cls(**{**data, "parts": parts})
 
 
-def read_layout(path: str | os.PathLike) -> CacheLayout | EntryLayout:
-    """Read a store layout from the JSON file `path`; LayoutError if absent or invalid.
-
-    ``layout_version`` 2 is a zoo store's :class:`EntryLayout` (records of format_version 2);
-    otherwise a v1 :class:`cachestore.record.CacheLayout`."""
+def read_layout(path: str | os.PathLike) -> EntryLayout:
+    """Read a store layout from the JSON file `path` (:func:`layout_from_dict`); LayoutError if
+    absent or invalid."""
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
@@ -208,17 +242,17 @@ def read_layout(path: str | os.PathLike) -> CacheLayout | EntryLayout:
     return layout_from_dict(data)
 
 
-def layout_from_dict(data: dict) -> CacheLayout | EntryLayout:
-    """A store layout from its dict: ``layout_version`` 2 is a zoo store's :class:`EntryLayout`,
-    anything else a v1 :class:`cachestore.record.CacheLayout`."""
+def layout_from_dict(data: dict) -> EntryLayout:
+    """A store layout from its dict: ``layout_version`` 2 is an :class:`EntryLayout`; any other dict is
+    read as a legacy din layout (:func:`cachestore.legacy_v1.legacy_fields`, ``record_format`` 1)."""
     if data.get("layout_version") == 2:
         return EntryLayout.from_dict(data)
-    return CacheLayout.from_dict(data)
+    return EntryLayout(**legacy_fields(data))
 
 
 @dataclass(frozen=True, eq=False)
 class EntryRecord:
-    """A decoded v2 record: ``arrays[name]`` is a read-only (min(n, cap), width) numpy view of the
+    """A decoded record: ``arrays[name]`` is a read-only (min(n, cap), width) numpy view of the
     source buffer at the part's storage dtype (bfloat16 as uint16 bits; keys uint8)."""
 
     length: int
@@ -228,6 +262,9 @@ class EntryRecord:
 
 def _finish(layout: EntryLayout, length: int, payload: memoryview | bytes, payload_crc: int | None,
             user_id: int | None) -> bytes:
+    if layout.record_format != ENTRY_FORMAT_VERSION:
+        raise LayoutError(f"records of format {layout.record_format} are read-only: write a store of format "
+                          f"{ENTRY_FORMAT_VERSION} (prefill and publish it again)")
     want = sum(layout.part_sizes(length))
     if len(payload) != want:
         raise RecordSizeError(f"payload has {len(payload)} bytes, layout implies {want} for n={length}", user_id)
@@ -257,7 +294,7 @@ def encode_entry(layout: EntryLayout, length: int, parts: list[np.ndarray], *, u
 
 def decode_entry(layout: EntryLayout, buf: bytes | bytearray | memoryview, *,
                  expected_model_version: str | None = None, user_id: int | None = None) -> EntryRecord:
-    """Validate a v2 record against its store's layout and split it into parts (zero-copy views).
+    """Validate a record against its store's layout and split it into parts (zero-copy views).
 
     Raises a RecordError subclass naming the user on: bad magic, other format version, dtype codes /
     part count / parts CRC not the layout's, size, CRC, or model version mismatch.
@@ -268,9 +305,9 @@ def decode_entry(layout: EntryLayout, buf: bytes | bytearray | memoryview, *,
     magic, version, *_ = HEADER.unpack_from(mv)
     if magic != MAGIC:
         raise BadMagicError(f"bad magic {magic!r}, expected {MAGIC!r}", user_id)
-    if version != ENTRY_FORMAT_VERSION:
+    if version != layout.record_format:
         raise UnsupportedVersionError(f"record format version {version}, the store's layout needs "
-                                      f"{ENTRY_FORMAT_VERSION}", user_id)  # fmt: skip
+                                      f"{layout.record_format}", user_id)  # fmt: skip
     pre, post = layout.header_parts
     if bytes(mv[:12]) != pre or bytes(mv[16:20]) != post[:4]:
         raise UnknownDtypeError(f"header {bytes(mv[:20]).hex()} does not match the store layout "
@@ -299,7 +336,7 @@ def decode_entry(layout: EntryLayout, buf: bytes | bytearray | memoryview, *,
 
 def entry_from_parquet_row(layout: EntryLayout, *, user_id: int, length: int, payload: bytes, model_version: str,
                            checksum: int) -> bytes:
-    """Encode one v2 prefill Parquet row after verifying model version, length, size and checksum."""
+    """Encode one prefill Parquet row after verifying model version, length, size and checksum."""
     if model_version != layout.model_version:
         raise ModelVersionMismatchError(
             f"row model_version {model_version!r} != layout {layout.model_version!r}", user_id)
@@ -313,7 +350,7 @@ def entry_from_parquet_row(layout: EntryLayout, *, user_id: int, length: int, pa
 
 def entry_layout(cfg: ModelConfig, model_version: str, mode: str = "collective", kv_dtype: str = "float16"
                  ) -> EntryLayout:
-    """The EntryLayout a prefill of this zoo model writes: ``mode`` "collective" (the model's own
+    """The EntryLayout a prefill of this model writes: ``mode`` "collective" (the model's own
     cache) or "full" (every group's K/V rebuilt at d_a: the full-KV baseline store)."""
     if mode not in ("collective", "full"):
         raise ValueError(f"mode must be 'collective' or 'full', got {mode!r}")
@@ -327,13 +364,9 @@ def entry_layout(cfg: ModelConfig, model_version: str, mode: str = "collective",
                        model_version=model_version, parts=parts)  # fmt: skip
 
 
-def check_indices(layout: CacheLayout | EntryLayout, record: Record | EntryRecord, user_id: int | None) -> None:
-    """The router indices of a decoded record (v1 ``k_idx`` / ``v_idx``, v2 every ``idx`` part) against
-    ``layout.pool_size``: :class:`cachestore.record.RouterIndexError` naming the user and the part."""
-    if isinstance(record, EntryRecord):
-        for part in layout.parts:  # type: ignore[union-attr]
-            if part.kind == "idx":
-                check_router_indices(record.arrays[part.name].reshape(-1), layout.pool_size, part.name, user_id)
-        return
-    for side, idx in (("K", record.k_idx), ("V", record.v_idx)):
-        check_router_indices(idx, layout.pool_size, side, user_id)
+def check_indices(layout: EntryLayout, record: EntryRecord, user_id: int | None) -> None:
+    """The router indices of a decoded record (every ``idx`` part) against ``layout.pool_size``:
+    :class:`cachestore.record.RouterIndexError` naming the user and the part."""
+    for part in layout.parts:
+        if part.kind == "idx":
+            check_router_indices(record.arrays[part.name].reshape(-1), layout.pool_size, part.name, user_id)

@@ -1,4 +1,4 @@
-"""Batches of v2 (zoo) entries: model tensors ⇄ storage arrays ⇄ per-user payload bytes.
+"""Batches of cache entries: model tensors ⇄ storage arrays ⇄ per-user payload bytes.
 
 The three forms of a batch of B users' entries (parts as in :class:`cachestore.entry.EntryLayout`):
 
@@ -28,7 +28,7 @@ from cachestore.transfer import KV_TORCH
 
 def kv_storage(t: torch.Tensor, kv_dtype: str) -> np.ndarray:
     """A float tensor at a store's kv dtype, as a CPU numpy array of its storage dtype (bfloat16:
-    raw uint16 bits) — what v1 and v2 records hold."""
+    raw uint16 bits) — what records hold."""
     t = t.detach().to(KV_TORCH[kv_dtype])
     if kv_dtype == "bfloat16":
         t = t.view(torch.int16)

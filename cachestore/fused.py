@@ -1,6 +1,6 @@
 """Fused collective target attention straight from the packed batch bytes (Triton; any K/V group of a record).
 
-The eager serving path (:func:`cachestore.transfer.unpack` + :func:`cachestore.decode.decode`) turns the
+The eager serving path (:func:`cachestore.transfer.unpack_entry` + :func:`cachestore.decode.decode`) turns the
 jagged records into padded (B, L, ·) tensors, casts them, then either materialises K/V or scores the
 whole pool per user. At the paper's shape (B 512, L 1000, d_a 256, 8 heads, pool 10,000) that is
 ~1 ms of GPU work even inside a CUDA graph, 10× the PCIe floor of the bytes it decodes. This module
@@ -21,7 +21,7 @@ placed per user by a :class:`GroupView` (``starts`` (B,), ``rows`` (B,) = min(n,
       out[b, c, cols] = Σ softmax(s)_l val_l        (zeros when no row is read)
       (S > 1: each part stores its running max, denominator and sum; a second kernel combines the parts)
 
-din's one group is the whole v1 payload (:func:`din_view`: starts = the header's offsets + 32, rows = its
+din's one group is its whole record payload (:func:`din_view`: starts = the header's offsets + 32, rows = its
 lengths, read in place: no device op before the first launch); the zoo models' groups sit at offsets
 computed from the header (:func:`cachestore.fused_zoo.entry_views`).
 so K/V = concat(user part, pool row) exactly as ``model.cache.rebuild_kv`` builds them, never written
@@ -63,8 +63,9 @@ from dataclasses import dataclass
 import torch
 
 from cachestore.decode import ResidentModel
+from cachestore.entry import EntryLayout
 from cachestore.fused_config import DEFAULT_FUSED, FusedConfig, pool_dtype, split_parts
-from cachestore.record import HEADER_SIZE, CacheLayout, RouterIndexError
+from cachestore.record import HEADER_SIZE, RouterIndexError
 from cachestore.transfer import KV_TORCH
 from model.cache_spec import GroupSpec
 
@@ -284,13 +285,16 @@ class GroupView:
     ends: torch.Tensor | None = None
 
 
-def din_group(layout: CacheLayout) -> GroupSpec:
-    """The one K/V group of a din (record format v1) store, as the kernel's :class:`GroupSpec`."""
-    return GroupSpec("kv", layout.max_len, layout.dk, layout.dv, layout.k_shared, layout.v_shared)
+def din_group(layout: EntryLayout) -> GroupSpec:
+    """The one K/V group of a din store (``layout.flat_group``), as the kernel's :class:`GroupSpec`."""
+    g = layout.flat_group
+    if g is None:
+        raise ValueError("the fused decode reads din batches only")
+    return g
 
 
-def din_view(raw: torch.Tensor, layout: CacheLayout, n_users: int, pool_size: int) -> GroupView:
-    """The din group of a v1 batch, read straight from the batch header (views, no device op): starts =
+def din_view(raw: torch.Tensor, layout: EntryLayout, n_users: int, pool_size: int) -> GroupView:
+    """The din group of a batch, read straight from the batch header (views, no device op): starts =
     offsets (+ the 32-byte record header), rows = lengths (n <= max_len = the group's cap)."""
     header = raw[: 16 * n_users].view(torch.int64)  # offsets (B,), lengths (B,)
     return GroupView(din_group(layout), layout.kv_dtype, layout.idx_dtype, pool_size, header[:n_users],
@@ -352,7 +356,7 @@ def attend_group(raw: torch.Tensor, q: torch.Tensor, view: GroupView, pools: tup
     return out
 
 
-def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel, layout: CacheLayout,
+def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel, layout: EntryLayout,
                     n_users: int, *, config: FusedConfig = DEFAULT_FUSED,
                     chunks: Sequence[tuple[int, int]] = ALL_BYTES,
                     on_chunk: Callable[[int], None] | None = None, flags: torch.Tensor | None = None) -> torch.Tensor:
@@ -377,14 +381,13 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
     the batch. Without ``flags``: a ``RouterIndexError`` naming the batch row, after a host sync."""
     if triton is None:
         raise RuntimeError("the fused decode needs Triton (pip install triton), or use the eager path")
-    if layout.layout_version != 1 or not isinstance(layout, CacheLayout):
-        raise ValueError("the fused decode reads record format v1 (din) batches only")
+    g = din_group(layout)  # the din group: k_user (n, dk) | v_user (n, dv) | k_idx (n,) | v_idx (n,)
     cfg = resident.cfg
     b, c, d_a = q.shape
     if b > n_users or d_a != cfg.d_attn:
         raise ValueError(f"q {tuple(q.shape)} does not match a batch of {n_users} users × d_a {cfg.d_attn}")
     check_launch(resident.n_heads, d_a, config)
-    if (layout.k_shared and resident.pool_k is None) or (layout.v_shared and resident.pool_v is None):
+    if (g.k_shared and resident.pool_k is None) or (g.v_shared and resident.pool_v is None):
         raise ValueError("the store shares a K/V side the model has no pool for")
     if raw.device != q.device and not (q.device.type == "cuda" and raw.device.type == "cpu" and raw.is_pinned()):
         raise ValueError(f"the packed batch is on {raw.device}, q on {q.device}: the kernel reads the batch on "
@@ -413,7 +416,7 @@ def check_launch(n_heads: int, d_a: int, config: FusedConfig) -> None:
                          f"{config.heads_per_program}")
 
 
-def fused_decode(resident: ResidentModel, raw: torch.Tensor, layout: CacheLayout, n_users: int,
+def fused_decode(resident: ResidentModel, raw: torch.Tensor, layout: EntryLayout, n_users: int,
                  targets: torch.Tensor, config: FusedConfig = DEFAULT_FUSED, *,
                  chunks: Sequence[tuple[int, int]] = ALL_BYTES,
                  on_chunk: Callable[[int], None] | None = None, flags: torch.Tensor | None = None) -> torch.Tensor:

@@ -247,7 +247,7 @@ def check_hstu_batch(raw: torch.Tensor, candidates: torch.Tensor, resident: Resi
         raise RuntimeError("the fused HSTU decode needs Triton (pip install triton), or use the eager path")
     cfg = resident.cfg
     if not isinstance(layout, EntryLayout) or layout.arch != "hstu" or cfg.arch != "hstu":
-        raise ValueError("the fused HSTU decode reads HSTU zoo stores (record format v2) with an HSTU model")
+        raise ValueError("the fused HSTU decode reads HSTU stores with an HSTU model")
     if layout.parts != entry_parts(store_config(cfg, layout.mode)) or layout.max_len != cfg.max_len:
         raise ValueError(f"the store's parts are not those of the model's {layout.mode} cache")
     device = next(resident.model.parameters()).device  # concrete (cuda:0 where the resident says cuda)

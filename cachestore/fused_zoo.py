@@ -1,7 +1,7 @@
 """The zoo models' (SIM, ETA, SDIM, TWIN) decode straight from the packed batch bytes: shape-static,
 free of host syncs (CUDA-graph capturable), no K/V materialised per user.
 
-Record format v2 (:mod:`cachestore.entry`): a user with n behaviours has min(n, cap_p) rows of each part p,
+The record format (:mod:`cachestore.entry`): a user with n behaviours has min(n, cap_p) rows of each part p,
 the parts back to back in layout order, groups ``short`` then ``long`` (``k_user | v_user | k_idx | v_idx``),
 then the retrieval keys. :func:`entry_views` turns the batch header into one
 :class:`cachestore.fused.GroupView` per group (starts = offsets + 32 + Σ earlier parts' bytes, rows =
@@ -48,7 +48,7 @@ from model.retrieval import bitmask, sdim_buckets, simhash
 
 
 def part_starts(raw: torch.Tensor, layout: EntryLayout, n_users: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """(byte start (B,) of every part of each record of the v2 batch ``raw``, one past each record (B,)):
+    """(byte start (B,) of every part of each record of the batch ``raw``, one past each record (B,)):
     part p of user b starts at offsets[b] + 32 + Σ_{q<p} min(n_b, cap_q)·row_bytes_q. (B,) device ops only."""
     header = raw[: 16 * n_users].view(torch.int64)  # offsets (B,), lengths (B,)
     lengths = header[n_users:]
@@ -63,7 +63,7 @@ def part_starts(raw: torch.Tensor, layout: EntryLayout, n_users: int) -> tuple[d
 def entry_views(raw: torch.Tensor, layout: EntryLayout, n_users: int, cfg: ModelConfig,
                 starts: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None) -> dict[str, GroupView]:
     """One :class:`GroupView` per K/V group (``group_specs(cfg)``, cfg: the store's config,
-    :func:`model.cache_spec.store_config`) of the v2 batch ``raw`` of ``n_users`` users (module docstring);
+    :func:`model.cache_spec.store_config`) of the batch ``raw`` of ``n_users`` users (module docstring);
     every view's ``ends`` is the record's end. starts: :func:`part_starts` of the batch, if computed."""
     starts, ends = part_starts(raw, layout, n_users) if starts is None else starts
     lengths = raw[8 * n_users : 16 * n_users].view(torch.int64)  # (B,)
@@ -194,7 +194,7 @@ LONG_STAGES: dict[str, Callable[[LongStage], torch.Tensor]] = {
 def zoo_static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: ResidentZooModel,
                       layout: EntryLayout, n_users: int, config: FusedConfig = DEFAULT_FUSED,
                       flags: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits (B, C) of ``candidates`` (B, C) int64 of users 0 .. B - 1 (B <= n_users) of the packed v2 batch
+    """Logits (B, C) of ``candidates`` (B, C) int64 of users 0 .. B - 1 (B <= n_users) of the packed batch
     ``raw`` (uint8, on the resident's device, header at 0, zero block at 16·n_users: :mod:`cachestore.batch`)
     for a SIM/ETA/SDIM/TWIN ``resident`` — ``LongSequenceCTR.decode`` from the bytes in place (module
     docstring), the attention kernels launched with ``config``. ``flags`` ((n_users,) int32): set to 1 for a

@@ -1,6 +1,6 @@
-"""CUDA graphs for the din decode (record format v1): one graph replay per batch, copy included.
+"""CUDA graphs for the din decode: one graph replay per batch, copy included.
 
-At serving batch sizes the eager path (:func:`cachestore.transfer.unpack` + :func:`cachestore.decode.decode`)
+At serving batch sizes the eager path (:func:`cachestore.transfer.unpack_entry` + :func:`cachestore.decode.decode`)
 is bound by per-op CPU dispatch and kernel launches (~1.6 ms at every B on an H100), not by bytes. For a
 fixed shape — n_users B, padded length L (``pad_to``), candidates per user C, buffer capacity — the whole
 device side is shape-static and free of host syncs, so it is captured into ``torch.cuda.CUDAGraph``s over
@@ -51,12 +51,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cachestore.batch import HostBatch, is_entry_layout, zero_block_bytes
-from cachestore.decode import PATHS, ResidentModel, choose_path, decode
+from cachestore.batch import HostBatch, zero_block_bytes
+from cachestore.decode import PATHS, ResidentModel, choose_path, decode, din_cache
+from cachestore.entry import EntryLayout
 from cachestore.fused import ALL_BYTES, DEFAULT_FUSED, FUSED, FusedConfig, fused_decode, uses_fused
 from cachestore.mapped import MappedBatch, gather_records
-from cachestore.record import CacheLayout
-from cachestore.transfer import TransferCost, unpack
+from cachestore.transfer import TransferCost, unpack_entry
+from model.cache import KVCache
 
 # Graphs are captured while other threads keep the device busy (a server loads the next store version and
 # captures its graphs while the current one serves): only the capturing thread's calls may break a capture.
@@ -67,12 +68,18 @@ def _align8(n: int) -> int:
     return (int(n) + 7) & ~7
 
 
-def batch_capacity(layout: CacheLayout, n_users: int, pad_to: int) -> int:
+def batch_capacity(layout: EntryLayout, n_users: int, pad_to: int) -> int:
     """Bytes a packed batch of ``n_users`` users with at most ``pad_to`` behaviours each can need."""
     return _align8(16 * n_users + zero_block_bytes(layout) + n_users * _align8(layout.record_size(pad_to)))
 
 
-def static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: ResidentModel, layout: CacheLayout,
+def unpack_din(raw: torch.Tensor, layout: EntryLayout, n_users: int, pad_to: int) -> KVCache:
+    """The padded din cache (B = n_users, L = pad_to) of a packed batch in the prefix of ``raw``, its zero
+    block at 16·n_users (:func:`cachestore.transfer.unpack_entry`, then the group ``"kv"``)."""
+    return din_cache(unpack_entry(raw, layout, n_users, pad_to, 16 * n_users))
+
+
+def static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: ResidentModel, layout: EntryLayout,
                   n_users: int, pad_to: int, path: str, fused: FusedConfig = DEFAULT_FUSED,
                   chunks: Sequence[tuple[int, int]] = ALL_BYTES,
                   on_chunk: Callable[[int], None] | None = None, flags: torch.Tensor | None = None) -> torch.Tensor:
@@ -86,8 +93,7 @@ def static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: Resi
     if path == FUSED:
         return fused_decode(resident, raw, layout, n_users, candidates, config=fused, chunks=chunks, on_chunk=on_chunk,
                             flags=flags)
-    cache = unpack(raw, layout, n_users, pad_to, 16 * n_users)
-    return decode(resident, cache, candidates, path, flags=flags)
+    return decode(resident, unpack_din(raw, layout, n_users, pad_to), candidates, path, flags=flags)
 
 
 _MIN_BUCKET = 64 << 10  # smallest captured copy (bytes)
@@ -138,7 +144,7 @@ class _Captured:
 class GraphedDecoder:
     """Captured copy + unpack + decode for fixed (n_users B, pad_to L, n_candidates C, capacity) on CUDA.
 
-    resident: the model on its CUDA device; layout: the v1 store's CacheLayout; path: "auto" ("fused" on CUDA
+    resident: the model on its CUDA device; layout: the din store's EntryLayout; path: "auto" ("fused" on CUDA
     with Triton, else resolved from the shapes, :func:`cachestore.decode.choose_path`), "fused", "poolscore"
     or "gather"; capacity: static buffer bytes (default :func:`batch_capacity`); fused: the fused kernel's
     launch settings (:class:`cachestore.fused.FusedConfig`, e.g. fp16 pools). ``eager=True`` runs
@@ -162,7 +168,7 @@ class GraphedDecoder:
     measured slower: ``benchmarks/results/decode_latency_nosplit.json``, ``decode_latency_mapped_*.json``.)
     """
 
-    def __init__(self, resident: ResidentModel, layout: CacheLayout, *, n_users: int, pad_to: int,
+    def __init__(self, resident: ResidentModel, layout: EntryLayout, *, n_users: int, pad_to: int,
                  n_candidates: int = 1, capacity: int | None = None, path: str = "auto", warmup: int = 3,
                  eager: bool = False, fused: FusedConfig = DEFAULT_FUSED, overlap: int = DEFAULT_OVERLAP,
                  concurrent: bool = True) -> None:
@@ -170,8 +176,8 @@ class GraphedDecoder:
         if not eager and (self.device.type != "cuda" or not torch.cuda.is_available()):
             raise RuntimeError(f"CUDA graphs need a CUDA device; the model is on {self.device}: "
                                "use the eager path (DecodeRuntime without graphs, or cachestore.decode.decode)")
-        if is_entry_layout(layout):
-            raise ValueError("CUDA graphs cover the din decode of record format v1 stores only (this is a v2 store)")
+        if layout.flat_group is None:
+            raise ValueError(f"CUDA graphs cover the din decode only (this store holds {layout.arch!r} caches)")
         if path not in (*PATHS, FUSED):
             raise ValueError(f"path must be one of {(*PATHS, FUSED)}, got {path!r}")
         if overlap < 1:
@@ -198,7 +204,7 @@ class GraphedDecoder:
             self.flags = torch.zeros(n_users, dtype=torch.int32, device=self.device)  # static: per-user index flags
             path = FUSED if uses_fused(path, self.device) else path
             self.path = path if path != "auto" else choose_path(
-                unpack(self.raw, layout, n_users, pad_to, 16 * n_users), n_candidates, resident)
+                unpack_din(self.raw, layout, n_users, pad_to), n_candidates, resident)
             self.logits = self._body()  # eager once: checks the body (and compiles the kernel)
             if not eager:
                 self._pool = torch.cuda.graph_pool_handle()

@@ -1,29 +1,24 @@
 """Does a store fit a checkpoint? The checks a serving runtime makes before it serves a store version.
 
-``check_layout(layout, model, model_version)``: a v1 store (``CacheLayout``) holds din caches and serves the
-``din`` arch (``TargetAttentionCTR``) only, with the store's shapes equal to the model config's; a v2 (zoo)
-store (``EntryLayout``) must be exactly what ``cachestore.entry.entry_layout`` gives for the checkpoint
-(:func:`check_entry_layout`). Both refuse another model version (``ModelVersionMismatchError``); shapes and
-archs that do not fit raise ``LayoutError`` with a message that says what to load instead.
+``check_layout(layout, model, model_version)``: a store (``EntryLayout``) must be exactly what
+``cachestore.entry.entry_layout`` gives for the checkpoint (:func:`check_entry_layout`): same arch, parts,
+index dtype, pool size and window. Another model version raises ``ModelVersionMismatchError``; shapes and
+archs that do not fit raise ``LayoutError`` with a message that says what to load instead. No torch here
+(a model is any object with ``cfg``).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
-
-from cachestore.batch import is_entry_layout
-from cachestore.entry import entry_layout
+from cachestore.entry import EntryLayout, entry_layout
 from cachestore.record import LayoutError, ModelVersionMismatchError
-from model.ctr import TargetAttentionCTR
 
 if TYPE_CHECKING:
-    from cachestore.batch import StoreLayout
-    from cachestore.entry import EntryLayout
+    import torch
 
 
-def _check_version(layout: StoreLayout, model_version: str) -> None:
+def _check_version(layout: EntryLayout, model_version: str) -> None:
     if layout.model_version != model_version:
         raise ModelVersionMismatchError(
             f"the store was built by model version {layout.model_version}, but the loaded checkpoint is "
@@ -32,13 +27,13 @@ def _check_version(layout: StoreLayout, model_version: str) -> None:
 
 
 def check_entry_layout(layout: EntryLayout, model: torch.nn.Module, model_version: str) -> None:
-    """Refuse a v2 (zoo) store that was not prefilled with this model: other arch, other model
+    """Refuse a store that was not prefilled with this model: other arch, other model
     version, or parts (names, kinds, widths, caps), index dtype, pool size or window that are not
     ``entry_layout(model.cfg, version, layout.mode, layout.kv_dtype)``'s."""
     cfg = model.cfg
     arch = getattr(cfg, "arch", "din")
     if layout.arch != arch:
-        raise LayoutError(f"the store holds {layout.arch!r} caches (record format v2), but the checkpoint is arch "
+        raise LayoutError(f"the store holds {layout.arch!r} caches, but the checkpoint is arch "
                           f"{arch!r} ({type(model).__name__}): load the checkpoint the store was prefilled with")
     _check_version(layout, model_version)
     if layout.mode == "collective" and cfg.kv_mode != "collective":
@@ -62,29 +57,7 @@ def check_entry_layout(layout: EntryLayout, model: torch.nn.Module, model_versio
             raise LayoutError(f"store {name} {got!r} != {exp!r} expected for this {arch} model")
 
 
-def check_layout(layout: StoreLayout, model: torch.nn.Module, model_version: str) -> None:
-    """Refuse a store that was not prefilled with this model (version) or whose shapes differ.
-
-    A v1 store (``CacheLayout``) holds din caches: only a ``din`` checkpoint (TargetAttentionCTR)
-    serves it. A v2 store (``EntryLayout``): :func:`check_entry_layout`."""
-    if is_entry_layout(layout):
-        check_entry_layout(layout, model, model_version)  # type: ignore[arg-type]
-        return
-    arch = getattr(model.cfg, "arch", "din")
-    if type(model) is not TargetAttentionCTR or arch != "din":
-        raise LayoutError("this store (record format v1) holds din caches: it serves the din arch "
-                          f"(TargetAttentionCTR) only; the checkpoint is arch {arch!r} ({type(model).__name__}), "
-                          "whose cache has several K/V groups: serve it from a zoo store (record format v2) "
-                          "prefilled with this checkpoint")
-    _check_version(layout, model_version)
-    cfg = model.cfg
-    if layout.mode == "full":
-        want = (cfg.d_attn, cfg.d_attn, False, False)
-    else:
-        want = (cfg.dk_user, cfg.dv_user, cfg.k_shared, cfg.v_shared)
-        if (cfg.k_shared or cfg.v_shared) and layout.pool_size != cfg.collective.pool_size:
-            raise LayoutError(f"store pool_size {layout.pool_size} != model pool_size {cfg.collective.pool_size}")
-    got = (layout.dk, layout.dv, layout.k_shared, layout.v_shared)
-    if got != want:
-        raise LayoutError(f"store layout (dk, dv, k_shared, v_shared) = {got} does not fit the model: {want} "
-                          f"expected for a {layout.mode} store")
+def check_layout(layout: EntryLayout, model: torch.nn.Module, model_version: str) -> None:
+    """Refuse a store that was not prefilled with this model (version) or whose shapes differ:
+    :func:`check_entry_layout` (a din store serves the din arch, ``TargetAttentionCTR``, only)."""
+    check_entry_layout(layout, model, model_version)

@@ -1,10 +1,10 @@
 """Build an LMDB cache store from the prefill Parquet (one process, one write transaction).
 
-Input: PARQUET_DIR/*.parquet (part files, any order, one row per user) plus PARQUET_DIR/_layout.json:
-a CacheLayout (v1, columns `prefill_schema()`: the four parts) or a zoo store's EntryLayout (v2,
-columns `cachestore.entry.entry_schema()`: one `payload`; records of format_version 2, sizes from
-`EntryLayout.record_sizes`). Output: OUT_DIR/data.mdb (+ lock.mdb), the unnamed main database only:
-key = user id as 8-byte big-endian unsigned, value = one record (record.py / entry.py).
+Input: PARQUET_DIR/*.parquet (part files, any order, one row per user; columns `prefill_schema()`
+= `cachestore.entry.entry_schema()`: one `payload` per user) plus PARQUET_DIR/_layout.json, the
+store's EntryLayout (record sizes from `EntryLayout.record_sizes`). Output: OUT_DIR/data.mdb
+(+ lock.mdb), the unnamed main database only: key = user id as 8-byte big-endian unsigned, value =
+one record (entry.py).
 No other keys: the layout lives in JSON beside the store (see publish.py).
 
 Order and memory (bounded: never the whole dataset in memory):
@@ -43,30 +43,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from cachestore.entry import EntryLayout, entry_from_parquet_row, entry_schema, read_layout
-from cachestore.record import (
-    HEADER_SIZE,
-    CacheLayout,
-    RecordError,
-    record_from_parquet_row,
-    user_key,
-)
+from cachestore.entry import ENTRY_FORMAT_VERSION, EntryLayout, entry_from_parquet_row, entry_schema, read_layout
+from cachestore.record import HEADER_SIZE, RecordError, user_key
 
 T = TypeVar("T")
 PARQUET_LAYOUT_FILE = "_layout.json"
 _BIN = (pa.binary(), pa.large_binary())
-_COLUMNS: dict[str, tuple[pa.DataType, ...]] = {
-    "user_id": (pa.int64(),),
-    "length": (pa.int32(),),
-    "k_user": _BIN,
-    "v_user": _BIN,
-    "k_idx": _BIN,
-    "v_idx": _BIN,
-    "model_version": (pa.string(), pa.large_string()),
-    "checksum": (pa.int64(),),
-}
 _WIDE = {pa.binary(): _BIN, pa.string(): (pa.string(), pa.large_string())}  # also accept the large variants
-_ENTRY_COLUMNS = {f.name: _WIDE.get(f.type, (f.type,)) for f in entry_schema()}  # v2 prefill Parquet
+_COLUMNS: dict[str, tuple[pa.DataType, ...]] = {f.name: _WIDE.get(f.type, (f.type,)) for f in entry_schema()}
 _PAGE = 4096
 _INLINE_MAX = 2000  # LMDB puts larger nodes (key + value + 8) on overflow pages (4 KiB pages)
 
@@ -77,21 +61,16 @@ class StoreBuildError(ValueError):
 
 def prefill_schema() -> pa.Schema:
     """The Arrow schema the prefill job writes (binary may also be large_binary, string large_string)."""
-    return pa.schema([(name, types[0]) for name, types in _COLUMNS.items()])
-
-
-def columns_of(layout: CacheLayout | EntryLayout) -> dict[str, tuple[pa.DataType, ...]]:
-    """The prefill Parquet columns (name -> accepted types) of a store of ``layout``."""
-    return _ENTRY_COLUMNS if isinstance(layout, EntryLayout) else _COLUMNS
+    return entry_schema()
 
 
 @dataclass(frozen=True)
 class BuildStats:
     """What build_lmdb wrote. payload_bytes excludes the 32-byte record headers; file_bytes is
-    data.mdb's size, disk_bytes its allocated blocks. part_rows (v2 stores only, else None): rows
-    stored per part over all users (sum of min(n, cap)), e.g. for the size report's full-KV bytes."""
+    data.mdb's size, disk_bytes its allocated blocks. part_rows: rows stored per part over all users
+    (sum of min(n, cap)), e.g. for the size report's full-KV bytes."""
 
-    layout: CacheLayout | EntryLayout
+    layout: EntryLayout
     users: int
     empty_users: int
     behaviours: int
@@ -121,13 +100,12 @@ def estimate_map_size(sizes: np.ndarray) -> int:
     return -(-(int(total * 1.3) + (8 << 20)) // (1 << 20)) << 20
 
 
-def _check_schema(path: Path, schema: pa.Schema, layout: CacheLayout | EntryLayout) -> None:
-    for name, types in columns_of(layout).items():
+def _check_schema(path: Path, schema: pa.Schema) -> None:
+    for name, types in _COLUMNS.items():
         idx = schema.get_field_index(name)
         if idx < 0:
-            kind = "a v2 (zoo, EntryLayout)" if isinstance(layout, EntryLayout) else "a v1 (CacheLayout)"
-            raise StoreBuildError(f"{path}: missing column {name!r} ({kind} store's prefill Parquet has columns "
-                                  f"{list(columns_of(layout))}; columns here: {schema.names})")
+            raise StoreBuildError(f"{path}: missing column {name!r} (the prefill Parquet has columns "
+                                  f"{list(_COLUMNS)}; columns here: {schema.names})")
         if schema.field(idx).type not in types:
             raise StoreBuildError(f"{path}: column {name!r} has type {schema.field(idx).type}, "
                                   f"expected {' or '.join(map(str, types))}")
@@ -143,12 +121,12 @@ class _Scan:
     file_order: list[int] | None  # files in key order when streaming is possible, else None
 
 
-def _scan(layout: CacheLayout | EntryLayout, files: list[Path]) -> _Scan:
+def _scan(layout: EntryLayout, files: list[Path]) -> _Scan:
     """Pass 1: user_id and length of every row; validation; the sorted order."""
     ids, lens, file_of, ranges, all_sorted = [], [], [], [], True
     for i, path in enumerate(files):
         pf = pq.ParquetFile(path)
-        _check_schema(path, pf.schema_arrow, layout)
+        _check_schema(path, pf.schema_arrow)
         batches = list(pf.iter_batches(columns=["user_id", "length"], batch_size=1 << 16))
         for name in ("user_id", "length"):
             if any(b.column(name).null_count for b in batches):
@@ -185,10 +163,10 @@ def _scan(layout: CacheLayout | EntryLayout, files: list[Path]) -> _Scan:
     return _Scan(files, cat, lengths, fo, order, file_order)
 
 
-def _iter_file(path: Path, layout: CacheLayout | EntryLayout, batch_size: int) -> Iterator[tuple[int, bytes]]:
+def _iter_file(path: Path, layout: EntryLayout, batch_size: int) -> Iterator[tuple[int, bytes]]:
     """Pass 2: (user_id, record bytes) for every row of one file, in file order, verified."""
     pf = pq.ParquetFile(path)
-    names = list(columns_of(layout))
+    names = list(_COLUMNS)
     for batch in pf.iter_batches(columns=names, batch_size=batch_size):
         cols = {name: batch.column(name) for name in names}
         uids = cols["user_id"].to_numpy().tolist()
@@ -198,18 +176,10 @@ def _iter_file(path: Path, layout: CacheLayout | EntryLayout, batch_size: int) -
                 raise RecordError(f"{path.name}: null {name!r}", uids[j])
         lengths, checks = cols["length"].to_numpy().tolist(), cols["checksum"].to_numpy().tolist()
         mvs = cols["model_version"].to_pylist()
-        if isinstance(layout, EntryLayout):
-            payloads = cols["payload"].to_pylist()
-            for j, uid in enumerate(uids):
-                yield uid, entry_from_parquet_row(layout, user_id=uid, length=lengths[j], payload=payloads[j],
-                                                  model_version=mvs[j], checksum=checks[j])
-            continue
-        ku, vu = cols["k_user"].to_pylist(), cols["v_user"].to_pylist()
-        ki, vi = cols["k_idx"].to_pylist(), cols["v_idx"].to_pylist()
+        payloads = cols["payload"].to_pylist()
         for j, uid in enumerate(uids):
-            yield uid, record_from_parquet_row(
-                layout, user_id=uid, length=lengths[j], k_user=ku[j], v_user=vu[j], k_idx=ki[j],
-                v_idx=vi[j], model_version=mvs[j], checksum=checks[j])
+            yield uid, entry_from_parquet_row(layout, user_id=uid, length=lengths[j], payload=payloads[j],
+                                              model_version=mvs[j], checksum=checks[j])
 
 
 def _progress(total: int, desc: str, enabled: bool) -> tqdm:
@@ -271,6 +241,9 @@ def build_lmdb(
     t0 = time.perf_counter()
     parquet_dir, out_dir = Path(parquet_dir), Path(out_dir)
     layout = read_layout(parquet_dir / PARQUET_LAYOUT_FILE)
+    if layout.record_format != ENTRY_FORMAT_VERSION:
+        raise StoreBuildError(f"{parquet_dir}: a layout of record format {layout.record_format} is read-only; the "
+                              f"prefill writes format {ENTRY_FORMAT_VERSION}")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise StoreBuildError(f"{out_dir} exists and is not empty")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -309,10 +282,8 @@ def build_lmdb(
         seconds=time.perf_counter() - t0, part_rows=_part_rows(layout, scan.lengths))
 
 
-def _part_rows(layout: CacheLayout | EntryLayout, lengths: np.ndarray) -> dict[str, int] | None:
-    """Rows stored per part over all users (v2 only: parts are capped; v1 = behaviours)."""
-    if not isinstance(layout, EntryLayout):
-        return None
+def _part_rows(layout: EntryLayout, lengths: np.ndarray) -> dict[str, int]:
+    """Rows stored per part over all users (parts are capped: Σ min(n, cap))."""
     n = lengths.astype(np.int64)
     return {p.name: int(np.minimum(n, p.cap).sum()) for p in layout.parts}
 
@@ -347,7 +318,7 @@ def _disk_full_message(exc: BaseException, out_dir: Path, need: int, tmp_dir: ob
             "and the current store version is unchanged")
 
 
-def _load_via_spill(scan: _Scan, layout: CacheLayout | EntryLayout, sizes: np.ndarray, tmp: Path, out_dir: Path,
+def _load_via_spill(scan: _Scan, layout: EntryLayout, sizes: np.ndarray, tmp: Path, out_dir: Path,
                     map_size: int, batch_size: int, progress: bool) -> tuple[int, int]:
     """Pass 2: encode in file order into a spill file; pass 3: load from it in key order."""
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)

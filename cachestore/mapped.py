@@ -62,7 +62,7 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = None
 
 if TYPE_CHECKING:
-    from cachestore.batch import StoreLayout
+    from cachestore.entry import EntryLayout
     from cachestore.reader import StoreReader
 
 _HEADER = np.arange(32, dtype=np.int64)  # the 32 header bytes of a record
@@ -234,7 +234,7 @@ class MappedBatcher:
     Takes :class:`cachestore.batch.HostBatcher`'s arguments (its ring of ``n_buffers`` pinned buffers holds
     the 40·B-byte tables here; its header checks are used as they are)."""
 
-    def __init__(self, layout: StoreLayout, *, reader: StoreReader, expected_model_version: str | None = None,
+    def __init__(self, layout: EntryLayout, *, reader: StoreReader, expected_model_version: str | None = None,
                  pin: bool | None = None, n_buffers: int = 2, batch_users: int = 512, verify_crc: bool = False) -> None:
         self.checks = HostBatcher(layout, reader=reader, expected_model_version=expected_model_version, pin=pin,
                                   n_buffers=n_buffers, batch_users=batch_users, capacity_bytes=40 * batch_users,

@@ -7,7 +7,7 @@ Store layout (STORE = store_root; see docs/store_format.md):
     STORE/versions/<id>/           immutable published versions, each:
         lmdb/data.mdb              user records (record.py), key = user id '>Q'
         parquet/                   hard links (or copies) of the Parquet it was built from
-        layout.json                CacheLayout (v1) or EntryLayout (v2, zoo stores)
+        layout.json                the store's EntryLayout (entry.py)
         manifest.json              id, creation time, layout, build stats, parquet files, and the LMDB
                                    file's facts (size, meta page, keys CRC: store_check.py) (written last)
     STORE/current -> versions/<id> relative symlink: THE published version
@@ -38,9 +38,9 @@ from pathlib import Path
 
 import lmdb
 
-from cachestore.entry import ENTRY_FORMAT_VERSION, EntryLayout, read_layout
+from cachestore.entry import read_layout
 from cachestore.lmdb_build import PARQUET_LAYOUT_FILE, build_lmdb, list_parquet_files
-from cachestore.record import FORMAT_VERSION, write_layout
+from cachestore.record import write_layout
 from cachestore.store_tree import lmdb_facts
 
 CURRENT = "current"
@@ -126,7 +126,7 @@ def build_version(parquet_dir: str | os.PathLike, staging_dir: str | os.PathLike
         "manifest_version": MANIFEST_VERSION,
         "version_id": staging.name,
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "record_format_version": ENTRY_FORMAT_VERSION if isinstance(stats.layout, EntryLayout) else FORMAT_VERSION,
+        "record_format_version": stats.layout.record_format,
         "layout": stats.layout.to_dict(),
         "stats": {k: v for k, v in asdict(stats).items() if k != "layout" and not (k == "part_rows" and v is None)},
         "parquet": {"mode": parquet, "source": str(src.resolve()), "files": files},

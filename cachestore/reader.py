@@ -8,14 +8,13 @@ changed: an Environment must not cross fork(), so a reader built in a parent pro
 DataLoader / Spark worker children opens its own environment in each child. Readers of the same
 version in one process share one Environment (py-lmdb forbids opening it twice).
 
-Values returned by get/get_many are decoded Records whose numpy arrays view a private bytes copy
+Values returned by get/get_many are decoded :class:`cachestore.entry.EntryRecord`s
+(:func:`cachestore.entry.decode_entry`, checked against the store's layout) whose numpy arrays view a private bytes copy
 of the LMDB value (one copy out of the map; valid after the transaction ends). Every record is
 CRC-checked and must carry the layout's model_version. The LMDB file is checked before it is mapped
 (:func:`cachestore.store_check.check_version`: size against the manifest, both meta pages), and any
 ``lmdb.Error`` while reading becomes a :class:`cachestore.store_check.StoreDamagedError` naming the
-version and the user. A zoo store (layout_version 2,
-:class:`cachestore.entry.EntryLayout`) gives :class:`cachestore.entry.EntryRecord`s
-(``decode_entry``) instead of v1 :class:`Record`s.
+version and the user.
 """
 
 from __future__ import annotations
@@ -30,13 +29,7 @@ import lmdb
 
 from cachestore.entry import EntryLayout, EntryRecord, check_indices, decode_entry, read_layout
 from cachestore.publish import LAYOUT, LMDB_DIR, open_current
-from cachestore.record import (
-    CacheLayout,
-    Record,
-    decode_record,
-    key_user,
-    user_key,
-)
+from cachestore.record import key_user, user_key
 from cachestore.store_check import StoreDamagedError, check_version
 
 # py-lmdb refuses to open the same environment twice in one process, so readers of one version
@@ -94,7 +87,7 @@ class StoreReader:
         return cls(open_current(store_root), **kwargs)
 
     @property
-    def layout(self) -> CacheLayout | EntryLayout:
+    def layout(self) -> EntryLayout:
         return self._layout
 
     @property
@@ -138,14 +131,10 @@ class StoreReader:
         except lmdb.Error as exc:
             raise self.damaged(exc, user_ids) from None
 
-    def _decode(self, user_id: int, raw: bytes | None) -> Record | EntryRecord | None:
+    def _decode(self, user_id: int, raw: bytes | None) -> EntryRecord | None:
         if raw is None:
             return None
-        if isinstance(self._layout, EntryLayout):  # v2: checked against the store's layout as well
-            record = decode_entry(self._layout, raw, expected_model_version=self._layout.model_version,
-                                  user_id=user_id)
-        else:
-            record = decode_record(raw, expected_model_version=self._layout.model_version, user_id=user_id)
+        record = decode_entry(self._layout, raw, expected_model_version=self._layout.model_version, user_id=user_id)
         check_indices(self._layout, record, user_id)  # router indices < pool size
         return record
 
@@ -154,11 +143,11 @@ class StoreReader:
         with self.reading([user_id]), self._environment().begin(buffers=False) as txn:
             return txn.get(user_key(int(user_id)))
 
-    def get(self, user_id: int) -> Record | EntryRecord | None:
+    def get(self, user_id: int) -> EntryRecord | None:
         """The verified record of a user, or None if the user has no cache entry."""
         return self._decode(int(user_id), self.get_raw(user_id))
 
-    def get_many(self, user_ids: Iterable[int]) -> list[Record | EntryRecord | None]:
+    def get_many(self, user_ids: Iterable[int]) -> list[EntryRecord | None]:
         """Records for many users (None for absent ones), all from one read transaction."""
         ids = [int(u) for u in user_ids]
         with self.reading(ids), self._environment().begin(buffers=False) as txn:
@@ -171,7 +160,7 @@ class StoreReader:
             for key in txn.cursor().iternext(keys=True, values=False):
                 yield key_user(bytes(key))
 
-    def iter_records(self) -> Iterator[tuple[int, Record | EntryRecord]]:
+    def iter_records(self) -> Iterator[tuple[int, EntryRecord]]:
         """(user id, verified record) for every user in ascending id order."""
         with self.reading(), self._environment().begin(buffers=False) as txn:
             for key, raw in txn.cursor():

@@ -10,7 +10,7 @@ scores a batch in five steps, each measured:
     decode     pool lookup / gather + target attention + MLP → logits         cachestore/decode.py
     result     logits back to the host (numpy)
 
-With the resident tier (record format v1 din stores; ``ServingConfig.tier_bytes``, :mod:`cachestore.tier`;
+With the resident tier (din stores; ``ServingConfig.tier_bytes``, :mod:`cachestore.tier`;
 on CUDA by default when the store fits) there is no fetch: a step is one CUDA graph replay — user ids in,
 lookup on the device, the decode reading the records in place in device memory, scores out. Without it,
 a request of several steps fetches step n + 1 on a reader thread while step n decodes. Settings come in
@@ -22,11 +22,11 @@ Users absent from the store are scored as cold start (empty history: attention o
 the runtime is created, a record written by another model version when it is fetched (both
 ``ModelVersionMismatchError``). The store may be the full-KV baseline store (layout mode "full").
 
-Two store formats: record format v1 (``CacheLayout``) holds the ``din`` arch's one K/V group and is
-decoded by :func:`cachestore.decode.decode` (poolscore or gather); record format v2 (``EntryLayout``,
-:mod:`cachestore.entry`) holds a zoo model's cache — several K/V groups plus retrieval keys (SIM, ETA,
-SDIM, TWIN, HSTU; also din) — unpacked part by part (:func:`cachestore.transfer.unpack_entry`),
-rebuilt with ``model.entry.cache_from_arrays`` and decoded by the model's own ``decode``
+One record format (:mod:`cachestore.entry`, ``EntryLayout``) holds every model's cache: the ``din``
+arch's one K/V group, decoded by :func:`cachestore.decode.decode` (poolscore or gather) or read in place
+by the fused kernel, and a zoo model's several K/V groups plus retrieval keys (SIM, ETA, SDIM, TWIN,
+HSTU). A batch is unpacked part by part (:func:`cachestore.transfer.unpack_entry`), rebuilt with
+``model.entry.cache_from_arrays`` and decoded by the din paths or the zoo model's own ``decode``
 (:func:`cachestore.decode.decode_zoo`). The store's arch and parts must be exactly those
 ``cachestore.entry.entry_layout`` gives for the checkpoint (:func:`check_layout`).
 """
@@ -45,8 +45,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from cachestore.batch import FetchedBatch, HostBatcher, is_entry_layout
-from cachestore.decode import ResidentModel, ResidentZooModel, decode, decode_zoo, entry_cache
+from cachestore.batch import FetchedBatch, HostBatcher
+from cachestore.decode import ResidentModel, ResidentZooModel, decode, decode_zoo, din_cache, entry_cache
 from cachestore.fused import FUSED, fused_available, fused_decode, uses_fused
 from cachestore.graphs import GraphedDecoder
 from cachestore.item_ids import ItemIds, UnknownItemError
@@ -121,7 +121,7 @@ class DecodeRuntime:
     model / model_version: the checkpoint (``pipeline.checkpoint.load_checkpoint``; any arch whose
     store format the reader's layout is, see the module docstring); the model is moved to ``device``.
     reader: a :class:`cachestore.reader.StoreReader` of the store version to serve. path: "auto" |
-    "fused" | "poolscore" | "gather" (:mod:`cachestore.decode`; "auto" on CUDA with Triton and a v1 din
+    "fused" | "poolscore" | "gather" (:mod:`cachestore.decode`; "auto" on CUDA with Triton and a din
     store is "fused", :mod:`cachestore.fused`; a zoo model always decodes with its own
     attention: "auto" and "gather" are accepted, "poolscore" is refused). batch_users: users per
     fetch/transfer/decode step. max_pairs: at most this many (user, candidate) pairs per step (rows
@@ -130,7 +130,7 @@ class DecodeRuntime:
     history in the batch). verify_crc: walk the store's B-tree once at construction
 (:func:`cachestore.store_check.check_tree`) and CRC-check every fetched record (off: headers, sizes and
 router index bounds only).
-    graphs: decode each step by replaying a CUDA graph (:mod:`cachestore.graphs`; CUDA and v1 (din)
+    graphs: decode each step by replaying a CUDA graph (:mod:`cachestore.graphs`; CUDA and din
     stores only): steps are padded with cold-start slots to a fixed size per candidate width C
     (``min(batch_users, max_pairs // C)``) and to L = pad_to (default: the store's max_len); one
     :class:`GraphedDecoder` per (step size, C), which captures a graph (copies included) per host
@@ -159,28 +159,27 @@ router index bounds only).
         if config.verify_crc:  # the full check: every B-tree page, so that no read can leave the file
             check_tree(reader.version_dir)
         self.device = torch.device(device) if device is not None else default_device()
-        self.entry = is_entry_layout(layout)  # v2 store: unpack part by part, cache_from_arrays
-        if graphs and (self.device.type != "cuda" or self.entry):
-            raise ValueError("graphs=True needs a CUDA device and a record format v1 (din) store; "
-                             f"got device {self.device}, record format {2 if self.entry else 1}")
+        self.zoo = getattr(model.cfg, "arch", "din") != "din"
+        if graphs and (self.device.type != "cuda" or self.zoo):
+            raise ValueError("graphs=True needs a CUDA device and a din store; "
+                             f"got device {self.device}, arch {layout.arch!r}")
         self.graphs = graphs
         self._graphs: dict[tuple[int, int], GraphedDecoder] = {}  # (step users, candidates) -> graph
-        self.zoo = getattr(model.cfg, "arch", "din") != "din"
         if self.zoo and path == "poolscore":
             raise ValueError(f"path 'poolscore' is the din model's attention; a {model.cfg.arch} model decodes with "
                              "its own attention (use path 'auto' or 'gather')")
         self.resident: ResidentModel | ResidentZooModel = (
             ResidentZooModel(model, self.device) if self.zoo else ResidentModel(model, self.device))
-        self._store_cfg = store_config(model.cfg, layout.mode) if self.entry else None
+        self._store_cfg = store_config(model.cfg, layout.mode)
         self.model_version = model_version
         self.reader = reader
         self.layout = layout
         self.path = path
-        din_v1 = not self.entry and not self.zoo  # what the fused kernel reads
-        if path == FUSED and not (din_v1 and fused_available(self.device)):
-            raise ValueError(f"path 'fused' needs a record format v1 (din) store and Triton on a CUDA device "
+        din = not self.zoo  # one flat K/V group per record: what the fused kernel reads
+        if path == FUSED and not (din and fused_available(self.device)):
+            raise ValueError(f"path 'fused' needs a din store and Triton on a CUDA device "
                              f"(device {self.device})")
-        self.fused = din_v1 and uses_fused(path, self.device)  # "auto" on CUDA with Triton, or "fused"
+        self.fused = din and uses_fused(path, self.device)  # "auto" on CUDA with Triton, or "fused"
         self.fused_config = config.fused_config
         self.batch_users = batch_users
         self.pad_to = pad_to
@@ -224,10 +223,10 @@ router index bounds only).
                    **overrides)
 
     def _open_tier(self) -> ResidentTier | None:
-        """The resident tier (record format v1 din stores; see cachestore/tier): ``config.tier_bytes`` bytes,
+        """The resident tier (din stores; see cachestore/tier): ``config.tier_bytes`` bytes,
         None = auto (:func:`cachestore.tier.plan_capacity`; off when ``zero_copy`` asks for the map fetch), 0 = off."""
         tier_bytes = self.config.tier_bytes
-        if self.entry or self.zoo or (tier_bytes is None and self.config.zero_copy):
+        if self.zoo or (tier_bytes is None and self.config.zero_copy):
             return None
         capacity = plan_capacity(tier_bytes, self.device, self.reader)
         if capacity <= 0:
@@ -383,18 +382,14 @@ router index bounds only).
             logits = graph.run(host, padded)[:n]
             cost = graph.last_cost
             flags = graph.flags
-        elif self.entry:
-            cache = dev.unpack(self.pad_to)  # v2: per-part arrays → the model's ZooCache
-            cache = entry_cache(cache, self._store_cfg, self.resident.dtype)
-            if self.zoo:
-                logits = decode_zoo(self.resident, cache, targets)
-            else:  # a din cache in a v2 store: its one group through the din decode paths
-                logits = decode(self.resident, cache.kv["kv"], targets, self.path, flags=flags)
+        elif self.zoo:  # per-part arrays → the model's ZooCache
+            cache = entry_cache(dev.unpack(self.pad_to), self._store_cfg, self.resident.dtype)
+            logits = decode_zoo(self.resident, cache, targets)
         elif self.fused:  # the Triton kernel reads the device batch as it is (no unpack)
             logits = fused_decode(self.resident, dev.raw, self.layout, n, targets, config=self.fused_config,
                                   flags=flags)
         else:
-            logits = decode(self.resident, dev.unpack(self.pad_to), targets, self.path, flags=flags)
+            logits = decode(self.resident, din_cache(dev.unpack(self.pad_to)), targets, self.path, flags=flags)
         if cuda:
             end.record()
         out = logits.float().cpu().numpy()

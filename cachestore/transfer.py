@@ -8,21 +8,17 @@ host buffer may be refilled only after the copy: the end event is handed to the 
 which waits on it before reuse. Without CUDA ("cpu" device) the copy is a memcpy timed with
 ``time.perf_counter``; the device batch never aliases the reusable host buffer.
 
-:func:`unpack` turns the jagged records on the device into the model's padded cache
-(:class:`model.cache.KVCache`: k_user, v_user (B, L, d) at the store's kv dtype, k_idx, v_idx (B, L)
-int64 or None, lengths (B,) int64) with one gather per part: every part's per-behaviour width is a
-multiple of 2 bytes, so the byte buffer is viewed as int16 units and position (b, l) of a part reads
-``width/2`` units at ``(record_start[b] + 32 + n_b·(widths of the earlier parts) + l·width) / 2``;
-padding positions (l >= n_b) read the zero block (0.0, index 0). Pure tensor code, no host sync.
-
-:func:`unpack_entry` does the same for v2 (zoo) records (``cachestore.entry.EntryLayout``): the
-payload is the layout's parts back to back, part p of user b holding ``r_pb = min(n_b, cap_p)`` rows
-of ``row_bytes_p`` bytes, starting at ``record_start[b] + 32 + Σ_{q<p} r_qb·row_bytes_q``. Each part
-becomes a padded (B, R_p, width) tensor, R_p = ``max(1, min(L, cap_p))`` (L = longest n in the batch
-or ``pad_to``), row r of user b read from the buffer when r < r_pb, else from the zero block; kv parts
+:func:`unpack_entry` turns the jagged records on the device into padded per-part arrays, with no host
+sync (``cachestore.entry.EntryLayout``): the payload is the layout's parts back to back, part p of
+user b holding ``r_pb = min(n_b, cap_p)`` rows of ``row_bytes_p`` bytes, starting at
+``record_start[b] + 32 + Σ_{q<p} r_qb·row_bytes_q``. Each part becomes a padded (B, R_p, width)
+tensor, R_p = ``max(1, min(L, cap_p))`` (L = longest n in the batch or ``pad_to``), row r of user b read
+from the buffer when r < r_pb, else from the zero block; kv parts
 at the stored float dtype, index parts int64 (B, R_p, 1), key parts uint8. A part is gathered in
 int16 units when its row and every earlier part's row have an even byte count (its starts are then
-even), else byte by byte (odd-width retrieval keys).
+even), else byte by byte (odd-width retrieval keys). ``model.entry.cache_from_arrays`` (through
+:func:`cachestore.decode.entry_cache`) turns them into the model's cache; a din batch's
+:class:`model.cache.KVCache` is its group ``"kv"``.
 """
 
 from __future__ import annotations
@@ -34,12 +30,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cachestore.batch import HostBatch, is_entry_layout
-from cachestore.record import HEADER_SIZE, CacheLayout
-from model.cache import KVCache
+from cachestore.batch import HostBatch
+from cachestore.record import HEADER_SIZE
 
 if TYPE_CHECKING:
-    from cachestore.batch import StoreLayout
     from cachestore.entry import EntryLayout
 
 KV_TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -79,7 +73,7 @@ class TransferCost:
 
 @dataclass
 class EntryBatch:
-    """A v2 (zoo) batch unpacked on the device: ``arrays`` name → (B, R_p, width) per part of the
+    """A batch unpacked on the device: ``arrays`` name → (B, R_p, width) per part of the
     layout (kv at the stored float dtype, idx int64, keys uint8; zeros at padding) and ``lengths``
     (B,) int64 — the input of ``model.entry.cache_from_arrays``."""
 
@@ -96,7 +90,7 @@ class DeviceBatch:
     """A packed batch on the device: ``raw`` uint8 (used_bytes,) plus the host-known shape facts."""
 
     raw: torch.Tensor
-    layout: StoreLayout
+    layout: EntryLayout
     n_users: int
     max_length: int
     zero_offset: int
@@ -109,16 +103,13 @@ class DeviceBatch:
     def lengths(self) -> torch.Tensor:
         return self.raw[8 * self.n_users : 16 * self.n_users].view(torch.int64)
 
-    def unpack(self, pad_to: int | None = None) -> KVCache | EntryBatch:
-        """Padded cache of this batch: L = pad_to (>= max_length) or max(1, max_length). A v1 store
-        gives a :class:`KVCache`, a v2 (zoo) store an :class:`EntryBatch` (parts padded to
-        ``min(L, cap)`` rows)."""
+    def unpack(self, pad_to: int | None = None) -> EntryBatch:
+        """The parts of this batch padded to ``min(L, cap)`` rows: L = pad_to (>= max_length) or
+        max(1, max_length)."""
         length = max(1, self.max_length) if pad_to is None else int(pad_to)
         if length < self.max_length:
             raise ValueError(f"pad_to {pad_to} < longest history in the batch ({self.max_length})")
-        if is_entry_layout(self.layout):
-            return unpack_entry(self.raw, self.layout, self.n_users, length, self.zero_offset)
-        return unpack(self.raw, self.layout, self.n_users, length, self.zero_offset)
+        return unpack_entry(self.raw, self.layout, self.n_users, length, self.zero_offset)
 
 
 def to_device(batch: HostBatch, device: torch.device | str, *, stream: torch.cuda.Stream | None = None
@@ -155,38 +146,9 @@ def _part(units16: torch.Tensor, pos: torch.Tensor, n_units: int) -> torch.Tenso
     return rows[pos]
 
 
-def unpack(raw: torch.Tensor, layout: CacheLayout, n_users: int, length: int, zero_offset: int) -> KVCache:
-    """Device-side inverse of the batch packing (see the module docstring). raw: uint8 buffer."""
-    offsets = raw[: 8 * n_users].view(torch.int64)
-    lengths = raw[8 * n_users : 16 * n_users].view(torch.int64)
-    units16 = raw.view(torch.int16)
-    ar = torch.arange(length, device=raw.device)
-    valid = ar.unsqueeze(0) < lengths.unsqueeze(1)  # (B, L)
-    start = offsets + HEADER_SIZE  # (B,) bytes, even (records are 8-aligned)
-    out: list[torch.Tensor | None] = []
-    kv = KV_TORCH[layout.kv_dtype]
-    for j, width in enumerate(layout.header_parts[2]):  # bytes per behaviour: k_user, v_user, k_idx, v_idx
-        if width == 0:
-            out.append(None)
-            continue
-        units = width // 2
-        pos = torch.where(valid, (start // 2).unsqueeze(1) + ar * units, zero_offset // 2)  # (B, L)
-        vals = _part(units16, pos, units)  # (B, L, units) int16
-        if j < 2:
-            out.append(vals.view(kv))  # (B, L, d)
-        elif layout.idx_dtype == "uint16":
-            out.append(vals.squeeze(-1).to(torch.int64) & 0xFFFF)
-        else:
-            out.append(vals.view(torch.int32).squeeze(-1).to(torch.int64))
-        start = start + lengths * width
-    k_user, v_user, k_idx, v_idx = out
-    assert k_user is not None and v_user is not None
-    return KVCache(k_user=k_user, v_user=v_user, k_idx=k_idx, v_idx=v_idx, lengths=lengths)
-
-
 def unpack_entry(raw: torch.Tensor, layout: EntryLayout, n_users: int, length: int, zero_offset: int,
                  parts: Collection[str] | None = None) -> EntryBatch:
-    """Device-side inverse of the batch packing for v2 (zoo) records (see the module docstring).
+    """Device-side inverse of the batch packing (see the module docstring).
     raw: uint8 buffer; length: L, the widest history to pad to (>= every n_b); parts: the names of the
     parts to unpack (default: all; the others are only stepped over)."""
     offsets = raw[: 8 * n_users].view(torch.int64)

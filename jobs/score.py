@@ -16,9 +16,8 @@ runtime fetching step n + 1 from LMDB while step n decodes (or reading the resid
 The serving options are ``jobs/serving_options.py``'s. A JSON summary (rows, users, cold-start users,
 timings, tier hits and misses) goes to stdout.
 
-Any store the runtime serves: a din store (record format v1) with a din checkpoint, or a zoo store
-(record format v2: SIM, ETA, SDIM, TWIN, HSTU, collective or full-KV) with the zoo checkpoint it was
-prefilled with; zoo models ignore --path (their own attention; ``poolscore`` is refused).
+Any store the runtime serves (din or a zoo arch: SIM, ETA, SDIM, TWIN, HSTU; collective or full-KV)
+with the checkpoint it was prefilled with; zoo models ignore --path (their own attention; ``poolscore`` is refused).
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ R = ``min(max(lengths), cap)`` (valid rows first, zeros at padding). Parts are o
 group (``model.zoo.cache_groups`` order) as ``k_user, v_user, k_idx, v_idx``, then the retrieval
 keys; zero-width parts (SDIM's long stage has no K) are left out. A group of ``positions`` rows at a
 full window caches the *last* ``min(n, cap)`` behaviours of the user's window, so rows(n) =
-``min(n, cap)`` for every part. The ``din`` arch's parts are exactly the v1 record's payload
-(``k_user | v_user | k_idx | v_idx``, cap ``max_len``).
+``min(n, cap)`` for every part. The ``din`` arch's parts are its one group
+(``kv.k_user | kv.v_user | kv.k_idx | kv.v_idx``, cap ``max_len``).
 
 Keys: SIM's category bitmask (``n_genres`` bits), ETA's SimHash signature (``hash_bits``) and SDIM's
 ``sdim_hashes`` bucket ids of ``sdim_bits`` each (id j at bits ``j·sdim_bits``) — the bytes that

@@ -5,11 +5,11 @@ Pure functions (numpy + the record / cache arithmetic; no file or network I/O). 
 docs/capacity.md explains every number; the arithmetic:
 
 - **per behaviour**: CollectiveKV = user K and V parts at the kv dtype + one router index per shared
-  side (``model.cache.cache_bytes_per_behaviour``; the index is uint16 while the pool has ≤ 65,536
-  rows unless ``index_dtype`` says otherwise); full KV = ``2·d_a·kv_size``.
+  side (``model.cache_spec.bytes_per_behaviour`` of the din entry; the index is uint16 while the pool
+  has ≤ 65,536 rows unless ``index_dtype`` says otherwise); full KV = ``2·d_a·kv_size``.
 - **per user**: a record = 32-byte header (``cachestore.record.HEADER_SIZE``) + n × per behaviour
-  (``CacheLayout.record_size``), n = min(history length, max_len), averaged over the length
-  distribution. Payload excludes the header.
+  (``EntryLayout.record_size`` of the din entry ``model.cache_spec.entry_parts``), n = min(history
+  length, max_len), averaged over the length distribution. Payload excludes the header.
 - **LMDB on disk**: an exact page model of the store builder's LMDB (4 KiB pages, 16-byte page
   header; a leaf node = 8-byte node header + 8-byte key + value, rounded to even, + a 2-byte slot;
   values whose node exceeds LMDB's ``nodemax`` (2,038 B at 4 KiB) go to ``ceil((16 + size)/4096)``
@@ -26,13 +26,17 @@ docs/capacity.md explains every number; the arithmetic:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
-from cachestore.record import HEADER_SIZE, IDX_DTYPES, KV_DTYPES, CacheLayout
+from cachestore.entry import EntryLayout
+from cachestore.record import HEADER_SIZE, IDX_DTYPES, KV_DTYPES
+from model.cache_spec import bytes_per_behaviour, entry_parts, index_itemsize, store_config
+from model.config import CollectiveConfig, ModelConfig
 
 LMDB_PAGE = 4096
 LMDB_PAGE_HEADER = 16  # PAGEHDRSZ
@@ -210,30 +214,31 @@ class CacheFormat:
 
         return index_dtype(self.pool_size)
 
-    def layouts(self) -> dict[str, CacheLayout]:
-        """{"full": full-KV layout, "collective": CollectiveKV layout} (records as the store writes them)."""
+    def model_config(self) -> ModelConfig:
+        """The din config of this format (one behaviour window: per-behaviour arithmetic only)."""
+        return ModelConfig(n_items=1, d_attn=self.d_attn, n_heads=1, max_len=1, kv_mode="collective",
+                           collective=CollectiveConfig(d_user=self.d_user, pool_size=self.pool_size,
+                                                       share_k=self.share_k, share_v=self.share_v))
+
+    def layouts(self) -> dict[str, EntryLayout]:
+        """{"full": full-KV layout, "collective": CollectiveKV layout} (records as the store writes them: the
+        din entry of ``model.cache_spec``, window ``max_len``)."""
         ml = self.max_len if self.max_len is not None else 0xFFFFFFFF
-        full = CacheLayout("full", self.full_kv_dtype or self.kv_dtype, None, self.d_attn, self.d_attn, False,
-                           False, 0, ml, _DUMMY_VERSION)
-        dk = self.d_user if self.share_k else self.d_attn
-        dv = self.d_user if self.share_v else self.d_attn
-        coll = CacheLayout("collective", self.kv_dtype, self.idx_dtype, dk, dv, self.share_k, self.share_v,
-                           self.pool_size, ml, _DUMMY_VERSION)
-        return {"full": full, "collective": coll}
+        out = {}
+        for mode, kv_dtype, idx in (("full", self.full_kv_dtype or self.kv_dtype, None),
+                                    ("collective", self.kv_dtype, self.idx_dtype)):
+            parts = tuple(dataclasses.replace(p, cap=ml) for p in entry_parts(store_config(self.model_config(), mode)))
+            out[mode] = EntryLayout("din", mode, kv_dtype, idx, self.pool_size if idx else 0, ml, _DUMMY_VERSION,
+                                    parts)
+        return out
 
     def collective_bytes_per_behaviour(self) -> int:
-        """model.cache's arithmetic (the CR's numerator), checked against the record layout."""
-        from model.cache_spec import bytes_per_behaviour, index_itemsize
-        from model.config import CollectiveConfig, ModelConfig
-
+        """model.cache_spec's arithmetic (the CR's numerator), checked against the record layout."""
         kv = KV_DTYPES[self.kv_dtype][1].itemsize
-        cfg = ModelConfig(n_items=1, d_attn=self.d_attn, n_heads=1, kv_mode="collective",
-                          collective=CollectiveConfig(d_user=self.d_user, pool_size=self.pool_size,
-                                                      share_k=self.share_k, share_v=self.share_v))
-        per = int(bytes_per_behaviour(cfg, kv))
+        per = int(bytes_per_behaviour(self.model_config(), kv))
         shared = int(self.share_k) + int(self.share_v)
         per += shared * (IDX_DTYPES[self.idx_dtype][1].itemsize - index_itemsize(self.pool_size))
-        assert per == self.layouts()["collective"].record_size(1) - HEADER_SIZE, "record layout != model.cache"
+        assert per == self.layouts()["collective"].record_size(1) - HEADER_SIZE, "record layout != model.cache_spec"
         return per
 
     def pool_bytes(self) -> int:
@@ -331,7 +336,7 @@ def lmdb_bytes(record_sizes: np.ndarray, page: int = LMDB_PAGE) -> int:
     return sum(lmdb_pages(record_sizes, page).values()) * page
 
 
-def lmdb_bytes_for(layout: CacheLayout, dist: LengthDist, users: int, *, sample_users: int = SAMPLE_USERS,
+def lmdb_bytes_for(layout: EntryLayout, dist: LengthDist, users: int, *, sample_users: int = SAMPLE_USERS,
                    seed: int = 0) -> dict[str, float]:
     """Expected data.mdb bytes of ``users`` users drawn from ``dist`` (page model on a stratified sample
     of min(users, sample_users) records in random order; leaf and overflow pages scaled to ``users``)."""
@@ -349,12 +354,20 @@ def _align8(x: np.ndarray) -> np.ndarray:
     return (x + 7) // 8 * 8
 
 
-def zero_block(layout: CacheLayout) -> int:
+def zero_block(layout: EntryLayout) -> int:
     """The batch's zero block (cachestore.batch.zero_block_bytes, without importing torch)."""
-    return -(-max(8, *layout.header_parts[2]) // 8) * 8
+    return -(-max(8, *layout.row_bytes) // 8) * 8
 
 
-def format_capacity(layout: CacheLayout, dist: LengthDist, users: int, batch: int, bandwidth: Bandwidth,
+def layout_summary(layout: EntryLayout) -> dict[str, Any]:
+    """What a din layout caches per behaviour: mode, dtypes, dk, dv, shared sides, pool size."""
+    g = layout.flat_group
+    assert g is not None, "the capacity model plans din entries"
+    return {"mode": layout.mode, "kv_dtype": layout.kv_dtype, "idx_dtype": layout.idx_dtype, "dk": g.dk, "dv": g.dv,
+            "k_shared": g.k_shared, "v_shared": g.v_shared, "pool_size": layout.pool_size}
+
+
+def format_capacity(layout: EntryLayout, dist: LengthDist, users: int, batch: int, bandwidth: Bandwidth,
                     budgets: Budgets, pool_bytes: int, d_attn: int, calibration: StoreCalibration | None = None,
                     *, seed: int = 0) -> dict[str, Any]:
     """One column of the capacity table: one cache layout for ``users`` users of ``dist``."""
@@ -371,8 +384,7 @@ def format_capacity(layout: CacheLayout, dist: LengthDist, users: int, batch: in
                          + BATCH_INDEX_BYTES) + z
     host, gpu = budgets.host_mem_gib * 2**30, budgets.gpu_mem_gib * 2**30
     out: dict[str, Any] = {
-        "layout": {k: v for k, v in layout.to_dict().items() if k not in ("model_version", "layout_version",
-                                                                          "max_len")},
+        "layout": layout_summary(layout),
         "bytes_per_behaviour": per_b,
         "cr_vs_full_fp32": per_b / (2 * d_attn * 4),
         "per_user": {"payload": payload_u, "records": record_u, "lmdb_disk": lmdb_u, "batch": batch_u},

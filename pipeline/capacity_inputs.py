@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from cachestore.entry import layout_from_dict
 from cachestore.lmdb_build import list_parquet_files
 from pipeline.capacity import (
     Bandwidth,
@@ -97,19 +98,18 @@ def store_format(store: str | os.PathLike, **overrides: Any) -> CacheFormat:
     from pipeline.store_ops import read_manifest
 
     _, m = read_manifest(store)
-    lay = m["layout"]
-    if lay.get("layout_version") == 2:
-        raise ValueError(f"{store} is a zoo store (arch {lay.get('arch')!r}, layout version 2: several K/V groups, "
-                         "retrieval keys): the capacity model covers the din record layout (v1) only; use "
-                         "`ckv report size` for this store's sizes and CR")
+    lay = layout_from_dict(m["layout"])
+    g = lay.flat_group
+    if lay.arch != "din" or g is None:
+        raise ValueError(f"{store} is a zoo store (arch {lay.arch!r}: several K/V groups, retrieval keys): the "
+                         "capacity model plans din entries; use `ckv report size` for this store's sizes and CR")
     dims = m.get("dims") or {}
-    base: dict[str, Any] = {"kv_dtype": lay["kv_dtype"], "max_len": lay["max_len"]}
-    if lay["mode"] == "full":
-        base["d_attn"] = lay["dk"]
+    base: dict[str, Any] = {"kv_dtype": lay.kv_dtype, "max_len": lay.max_len}
+    if lay.mode == "full":
+        base["d_attn"] = g.dk
     else:
-        base.update(d_user=dims.get("d_user") or min(lay["dk"], lay["dv"]), pool_size=lay["pool_size"],
-                    share_k=lay["k_shared"], share_v=lay["v_shared"],
-                    index_dtype=lay["idx_dtype"] or "auto")
+        base.update(d_user=dims.get("d_user") or min(g.dk, g.dv), pool_size=lay.pool_size,
+                    share_k=g.k_shared, share_v=g.v_shared, index_dtype=lay.idx_dtype or "auto")
         if dims.get("d_attn"):
             base["d_attn"] = dims["d_attn"]
     base.update({k: v for k, v in overrides.items() if v is not None})

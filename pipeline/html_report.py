@@ -188,7 +188,7 @@ def build_report(store: str | os.PathLike, checkpoint: str | os.PathLike, *, his
     bw = bandwidth(bandwidth_spec, results_dir)
     try:
         dist, cal, fmt = store_lengths(store), store_calibration(store), store_format(store)
-    except ValueError as exc:  # a zoo (v2) store: the capacity model covers the din layout only
+    except ValueError as exc:  # a zoo store: the capacity model plans din entries only
         capacity = [f"<p class='note'>{_e(exc)}</p>"]
     else:
         own = capacity_plan(cal.users, dist, fmt, batch=batch, bandwidth=bw, budgets=budgets, calibration=cal,

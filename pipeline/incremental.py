@@ -23,8 +23,8 @@ recorded in the manifest). With a reusable previous version:
   exactly the users of the histories, like a full prefill).
 
 Layout-agnostic: ``max_len`` is the layout's (a zoo store's: the model's ``window_len``) and the
-carried rows are whatever the store's prefill Parquet holds (v1 parts or a v2 zoo ``payload``;
-``split``'s ``columns``); a previous store of another layout version is not reused.
+carried rows are the store's prefill Parquet rows (one ``payload`` each; ``split``'s ``columns``); a
+previous store of another layout (mode, kv dtype, window, parts, record format) is not reused.
 
 The union is written and built/published like a full run, so the LMDB values equal a full prefill's
 on the same inputs (records are deterministic: docs/prefill.md "Determinism"; with the ``direct``
@@ -42,7 +42,6 @@ from typing import Any
 
 from cachestore.entry import EntryLayout
 from cachestore.publish import CURRENT, MANIFEST
-from cachestore.record import CacheLayout
 
 log = logging.getLogger("ckv.prefill")
 HISTORY_FP_VERSION = 1
@@ -72,7 +71,7 @@ class Previous:
                 "users": self.users, "reason": self.reason}
 
 
-def previous_state(store: str | os.PathLike, model_version: str, layout: CacheLayout | EntryLayout) -> Previous:
+def previous_state(store: str | os.PathLike, model_version: str, layout: EntryLayout) -> Previous:
     """Resolve STORE/current once and decide whether its rows can be carried over."""
     root = Path(store)
     cur = root / CURRENT
@@ -90,10 +89,7 @@ def previous_state(store: str | os.PathLike, model_version: str, layout: CacheLa
     checks = [
         (man.get("model_version") == model_version,
          f"model version changed ({man.get('model_version')} -> {model_version}): full prefill"),
-        (prev_layout.get("mode") == layout.mode and prev_layout.get("kv_dtype") == layout.kv_dtype
-         and prev_layout.get("max_len") == layout.max_len
-         and prev_layout.get("layout_version", 1) == layout.layout_version,
-         "cache layout (mode / kv dtype / max_len / layout version) changed"),
+        (prev_layout == layout.to_dict(), "cache layout (mode / kv dtype / max_len / parts / record format) changed"),
         ((man.get("prefill_parquet_schema_version") or 0) >= 2, "previous Parquet has no history fingerprints"),
         (inc.get("history_fp_version", HISTORY_FP_VERSION) == HISTORY_FP_VERSION, "fingerprint version changed"),
     ]
@@ -106,7 +102,7 @@ def previous_state(store: str | os.PathLike, model_version: str, layout: CacheLa
 def split(spark: Any, new: Any, prev_parquet: Path, columns: list[str] | None = None) -> tuple[Any, Any]:
     """(changed, carried): the new histories to prefill (user_id, items, labels, history_fp,
     prev_history_fp) and the previous rows to carry over (the prefill Parquet ``columns`` + history_fp;
-    default: the v1 columns, ``pipeline.prefill.output_schema(layout).names`` for a v2 store)."""
+    default: ``pipeline.prefill.OUTPUT_SCHEMA.names``)."""
     from pyspark.sql import functions as F
 
     from pipeline.prefill import OUTPUT_SCHEMA

@@ -8,15 +8,21 @@ Input batches: ``user_id`` int64, ``items`` list<int>, ``labels`` list<int> (0/1
 the user's FULL history in time order (other columns are ignored). The model's window is the last
 ``cfg.max_len`` events (:func:`pipeline.history.arrow_window`, the one place that builds model input).
 
-Output batches: exactly :data:`OUTPUT_SCHEMA` (= ``cachestore.lmdb_build.prefill_schema()``, checked
-by the tests; not imported from there so that this module needs no ``lmdb``), one row per input row,
-same order. Per user with ``n = min(len(history), max_len)`` behaviours, for a :class:`CacheLayout`:
+Output batches: exactly :data:`OUTPUT_SCHEMA` (= ``cachestore.entry.entry_schema()`` =
+``cachestore.lmdb_build.prefill_schema()``; not imported from lmdb_build so that this module needs no
+``lmdb``), one row per input row, same order. Per user with ``n = min(len(history), window)``
+behaviours (window = ``layout.max_len``, the model's ``window_len``): ``payload`` = the user's record
+payload, every part of the layout (``model.cache_spec.entry_parts``) in order, ``min(n, cap)`` rows
+each, at the layout's storage dtypes; ``checksum`` = ``zlib.crc32(payload)``. For ``din``:
 
-- collective: ``k_user`` / ``v_user`` = the (n, d_u) user-specific parts at the layout's kv dtype,
-  ``k_idx`` / ``v_idx`` = the n router indices (uint16 while the pool has <= 65,536 rows);
-  a side that is not shared stores its whole d_a-dim K (or V) and no indices;
-- full: ``k_user`` / ``v_user`` = the whole (n, d_a) K and V as the model rebuilds them
+- collective: ``kv.k_user`` / ``kv.v_user`` = the (n, d_u) user-specific parts, ``kv.k_idx`` /
+  ``kv.v_idx`` = the n router indices (uint16 while the pool has <= 65,536 rows); a side that is not
+  shared stores its whole d_a-dim K (or V) and no indices;
+- full: ``kv.k_user`` / ``kv.v_user`` = the whole (n, d_a) K and V as the model rebuilds them
   (``model.keys_values``), no indices — the baseline cache capacity planners compare against.
+
+A zoo model's (SIM, ETA, SDIM, TWIN, HSTU) payload holds each of its K/V groups and retrieval keys
+(mode full: the parts of the full config, every group's K/V rebuilt at d_a).
 
 Engines (how the K/V of a batch are computed; all give the model's own values):
 
@@ -33,13 +39,8 @@ Engines (how the K/V of a batch are computed; all give the model's own values):
 - ``noop``: no model, entries of the right sizes from a fixed random block — the job's I/O floor
   (benchmarks/prefill.py).
 
-Zoo archs (SIM, ETA, SDIM, TWIN, HSTU; ``cache_layout`` gives a v2 :class:`EntryLayout`): the
-window is the last ``cfg.window_len`` events (``layout.max_len``) and the output batches are
-:data:`ENTRY_OUTPUT_SCHEMA` (= ``cachestore.entry.entry_schema()``): ``payload`` = the user's
-record payload (every part of ``model.entry.entry_parts`` in order, ``min(n, cap)`` rows each; mode
-full: the parts of the full config, every group's K/V rebuilt at d_a), ``checksum`` =
-``zlib.crc32(payload)``. Engine: :class:`ZooEngine` (``auto`` / ``direct``: ``model.prefill`` per
-sub-chunk, like ``direct``) or ``noop``; ``memo`` is din-only and refused.
+Zoo archs: :class:`ZooEngine` (``auto`` / ``direct``: ``model.prefill`` per sub-chunk, like
+``direct``) or ``noop``; ``memo`` is din-only and refused.
 
 Records are deterministic: eval mode, no randomness, no timestamps, rows in input order.
 """
@@ -56,7 +57,7 @@ import pyarrow as pa
 import torch
 
 from cachestore.entry import EntryLayout, entry_schema
-from cachestore.record import HEADER_SIZE, CacheLayout
+from cachestore.record import HEADER_SIZE
 from model.ctr import N_FEEDBACK, TargetAttentionCTR
 from pipeline.history import arrow_window
 from pipeline.prefill_engines import (  # noqa: F401  (re-exported: the prefill API in one place)
@@ -72,6 +73,7 @@ from pipeline.prefill_engines import (  # noqa: F401  (re-exported: the prefill 
     _empty_entries,
     cache_layout,
     check_engine,
+    flat_entries,
     make_engine,
     tokenwise,
 )
@@ -79,38 +81,13 @@ from pipeline.prefill_engines import (  # noqa: F401  (re-exported: the prefill 
 if sys.byteorder != "little":  # the record format is little-endian; numpy views below are native
     raise ImportError("pipeline.prefill needs a little-endian host")
 
-OUTPUT_SCHEMA = pa.schema(
-    [
-        ("user_id", pa.int64()),
-        ("length", pa.int32()),
-        ("k_user", pa.binary()),
-        ("v_user", pa.binary()),
-        ("k_idx", pa.binary()),
-        ("v_idx", pa.binary()),
-        ("model_version", pa.string()),
-        ("checksum", pa.int64()),
-    ]
-)
+OUTPUT_SCHEMA = entry_schema()
 # The same schema as a Spark DDL string (what mapInArrow is declared with).
-OUTPUT_DDL = (
-    "user_id long, length int, k_user binary, v_user binary, k_idx binary, v_idx binary, "
-    "model_version string, checksum long"
-)
-# v2 (zoo) stores: one payload column instead of the four parts (cachestore.entry.entry_schema)
-ENTRY_OUTPUT_SCHEMA = entry_schema()
-ENTRY_OUTPUT_DDL = "user_id long, length int, payload binary, model_version string, checksum long"
+OUTPUT_DDL = "user_id long, length int, payload binary, model_version string, checksum long"
 HISTORY_COLUMNS = ("user_id", "items", "labels")
 Engine = DirectEngine | MemoEngine | ZooEngine | NoopEngine
 
 
-def output_schema(layout: CacheLayout | EntryLayout) -> pa.Schema:
-    """The prefill Parquet schema of a store of ``layout`` (v1 parts or v2 payload)."""
-    return ENTRY_OUTPUT_SCHEMA if isinstance(layout, EntryLayout) else OUTPUT_SCHEMA
-
-
-def output_ddl(layout: CacheLayout | EntryLayout) -> str:
-    """:func:`output_schema` as a Spark DDL string."""
-    return ENTRY_OUTPUT_DDL if isinstance(layout, EntryLayout) else OUTPUT_DDL
 _POSITIONS_PER_CHUNK = 1 << 20  # padded (users x max_len) positions per chunk (auto batch_users)
 
 
@@ -210,7 +187,7 @@ def _rebase(arr: pa.Array) -> pa.Array:
 
 
 def _entry_batch(users: pa.Array, lengths: np.ndarray, out: FlatEntries, layout: EntryLayout) -> pa.RecordBatch:
-    """v2 output rows: one payload per user + its crc32."""
+    """Output rows: one payload per user + its crc32."""
     sizes = np.diff(out.offsets)
     want = layout.record_sizes(lengths) - HEADER_SIZE
     if len(sizes) != len(lengths) or not np.array_equal(sizes, want) or out.offsets[0] != 0 \
@@ -223,13 +200,12 @@ def _entry_batch(users: pa.Array, lengths: np.ndarray, out: FlatEntries, layout:
     mv_col = pa.array([layout.model_version] * len(lengths), pa.string())
     return pa.RecordBatch.from_arrays(
         [users, pa.array(lengths.astype(np.int32)), _binary(out.values, out.offsets), mv_col, pa.array(crcs)],
-        schema=ENTRY_OUTPUT_SCHEMA)
+        schema=OUTPUT_SCHEMA)
 
 
-def prefill_chunk(batch: pa.RecordBatch, engine: Engine, layout: CacheLayout | EntryLayout,
+def prefill_chunk(batch: pa.RecordBatch, engine: Engine, layout: EntryLayout,
                   n_items: int | None = None) -> pa.RecordBatch:
-    """One chunk of users (a record batch of histories) → one output record batch
-    (:func:`output_schema` of the layout)."""
+    """One chunk of users (a record batch of histories) → one output record batch (:data:`OUTPUT_SCHEMA`)."""
     _check_batch(batch, n_items)
     users = batch.column("user_id").cast(pa.int64())
     w = arrow_window(_rebase(batch.column("items")), _rebase(batch.column("labels")), layout.max_len)
@@ -242,43 +218,18 @@ def prefill_chunk(batch: pa.RecordBatch, engine: Engine, layout: CacheLayout | E
             raise PrefillInputError(
                 f"user {users[int(b)]}: item {int(w.items[b, pos])} / label {int(w.feedback[b, pos]) - 1} "
                 f"outside the model's items 1..{n_items} / labels 0..1")
-    if isinstance(layout, EntryLayout):
-        entries = engine.run(w.items, w.feedback, lengths) if lengths.sum() else _empty_entries(len(lengths))
-        return _entry_batch(users, lengths, entries, layout)
-    out = engine.run(w.items, w.feedback, lengths) if lengths.sum() else _empty(layout)
-    cols, parts = [], []
-    for arr, per in ((out.k, layout.dk), (out.v, layout.dv), (out.k_idx, 1), (out.v_idx, 1)):
-        if arr is None:
-            buf = np.zeros(0, np.uint8)
-            offsets = np.zeros(len(lengths) + 1, np.int64)
-        else:
-            buf = np.ascontiguousarray(arr).view(np.uint8).reshape(-1)
-            offsets = np.zeros(len(lengths) + 1, np.int64)
-            np.cumsum(lengths * (per * arr.dtype.itemsize), out=offsets[1:])
-            if offsets[-1] != len(buf):
-                raise AssertionError(f"engine returned {len(buf)} bytes, lengths imply {offsets[-1]}")
-        cols.append(_binary(buf, offsets))
-        parts.append((memoryview(buf), offsets.tolist()))
-    crcs = np.empty(len(lengths), np.int64)
-    crc32 = zlib.crc32
-    shared = [p for p, arr in zip(parts, (out.k, out.v, out.k_idx, out.v_idx), strict=True) if arr is not None]
-    for b in range(len(lengths)):
-        crc = 0
-        for mv, off in shared:
-            crc = crc32(mv[off[b] : off[b + 1]], crc)
-        crcs[b] = crc
-    mv_col = pa.array([layout.model_version] * len(lengths), pa.string())
-    return pa.RecordBatch.from_arrays(
-        [users, pa.array(lengths.astype(np.int32)), *cols, mv_col, pa.array(crcs)], schema=OUTPUT_SCHEMA)
+    if not lengths.sum():
+        return _entry_batch(users, lengths, _empty_entries(len(lengths)), layout)
+    out = engine.run(w.items, w.feedback, lengths)
+    return _entry_batch(users, lengths, flat_entries(out, lengths) if isinstance(out, FlatKV) else out, layout)
 
 
 def prefill_batches(batches: Iterable[pa.RecordBatch], model: TargetAttentionCTR | torch.nn.Module | Engine | None,
-                    layout: CacheLayout | EntryLayout, batch_users: int = 0,
+                    layout: EntryLayout, batch_users: int = 0,
                     counts: dict[str, int] | None = None) -> Iterator[pa.RecordBatch]:
-    """The per-partition prefill: history batches → output batches (:func:`output_schema`: OUTPUT_SCHEMA
-    for a v1 layout, ENTRY_OUTPUT_SCHEMA for a v2 one), in input order.
+    """The per-partition prefill: history batches → output batches (:data:`OUTPUT_SCHEMA`), in input order.
 
-    ``model``: a model in eval mode (TargetAttentionCTR, or a zoo model with an EntryLayout; wrapped
+    ``model``: a model in eval mode (TargetAttentionCTR, or a zoo model; wrapped
     in ``make_engine(model, layout)``), or an engine; ``batch_users``: users per output batch (0:
     :func:`auto_batch_users`). ``counts``: if given, ``users`` and ``truncated`` (users whose
     history is longer than max_len: only the latest max_len events are cached) are added to it as

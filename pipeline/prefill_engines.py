@@ -1,13 +1,13 @@
 """Prefill engines: how a chunk of padded histories becomes cache entries (no Spark, no Arrow).
 
-All engines return the model's own values; :mod:`pipeline.prefill` turns them into output rows. For
-a v1 store (``din``, :class:`CacheLayout`) that is a :class:`FlatKV` (flat over valid behaviours, at
-the layout's storage dtypes); for a v2 zoo store (:class:`EntryLayout`) a :class:`FlatEntries` (each
-user's record payload, back to back). See :mod:`pipeline.prefill`'s docstring for when each engine
-is used: ``direct`` (``model.prefill`` per chunk, the reference), ``memo`` (one ``model.prefill`` per
-token of the item vocabulary, in fixed blocks, cached; din only), ``zoo`` (:class:`ZooEngine`:
-``model.prefill`` per chunk for the zoo archs; ``auto`` and ``direct`` pick it for an EntryLayout),
-``noop`` (no model: the I/O floor).
+All engines return the model's own values; :mod:`pipeline.prefill` turns them into output rows. The
+din engines (``direct``, ``memo``) return a :class:`FlatKV` (flat over valid behaviours, at the
+layout's storage dtypes; :func:`flat_entries` turns it into payloads), the zoo and ``noop`` engines
+a :class:`FlatEntries` (each user's record payload — its :class:`EntryLayout` parts — back to back).
+See :mod:`pipeline.prefill`'s docstring for when each engine is used: ``direct`` (``model.prefill``
+per chunk, the reference), ``memo`` (one ``model.prefill`` per token of the item vocabulary, in
+fixed blocks, cached; din only), ``zoo`` (:class:`ZooEngine`: ``model.prefill`` per chunk for the
+zoo archs; ``auto`` and ``direct`` pick it for them), ``noop`` (no model: the I/O floor).
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from numpy.lib.stride_tricks import as_strided
 
 from cachestore.entry import EntryLayout, entry_layout
 from cachestore.entry_batch import kv_storage
-from cachestore.record import HEADER_SIZE, IDX_DTYPES, KV_DTYPES, CacheLayout
+from cachestore.record import HEADER_SIZE, IDX_DTYPES, KV_DTYPES
 from model.cache import KVCache
-from model.cache_spec import index_dtype
+from model.cache_spec import GroupSpec
 from model.config import ModelConfig
 from model.ctr import N_FEEDBACK, TargetAttentionCTR
 from pipeline.zoo_engine import MAX_POSITIONS as _DIRECT_POSITIONS
@@ -42,32 +43,27 @@ _ROUTER_CELLS = {"cpu": 1 << 21, "cuda": 1 << 24}
 
 
 
-def check_engine(layout: CacheLayout | EntryLayout, kind: str) -> None:
+def check_engine(layout: EntryLayout, kind: str) -> None:
     """Refuse an engine that cannot write ``layout`` (checked on the driver before any task)."""
     if kind not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {kind!r}")
-    if isinstance(layout, EntryLayout) and kind == "memo":
+    if layout.arch != "din" and kind == "memo":
         raise ValueError(f"engine 'memo' needs the din arch (a token-wise single K/V group); arch "
                          f"{layout.arch!r} caches several groups: use --engine auto or direct (the zoo engine)")
 
 
 def cache_layout(cfg: ModelConfig, model_version: str, mode: str = "collective",
-                 kv_dtype: str = "float16") -> CacheLayout | EntryLayout:
-    """The layout a prefill of this model writes in ``mode`` ("collective" or "full"): a v1
-    :class:`CacheLayout` for ``din``, a v2 :class:`cachestore.entry.EntryLayout` for the zoo archs."""
-    if cfg.arch != "din":
-        return entry_layout(cfg, model_version, mode, kv_dtype)
-    if mode == "full":
-        return CacheLayout("full", kv_dtype, None, cfg.d_attn, cfg.d_attn, False, False, 0, cfg.max_len,
-                           model_version)
-    if mode != "collective":
-        raise ValueError(f"mode must be 'collective' or 'full', got {mode!r}")
-    if cfg.kv_mode != "collective":
-        raise ValueError("the checkpoint is a full-KV model: it has no collective cache (use mode 'full')")
-    shared = cfg.k_shared or cfg.v_shared
-    idx = index_dtype(cfg.collective.pool_size) if shared else None
-    return CacheLayout("collective", kv_dtype, idx, cfg.dk_user, cfg.dv_user, cfg.k_shared, cfg.v_shared,
-                       cfg.collective.pool_size if shared else 0, cfg.max_len, model_version)
+                 kv_dtype: str = "float16") -> EntryLayout:
+    """The layout a prefill of this model writes in ``mode`` ("collective" or "full"): its
+    :class:`cachestore.entry.EntryLayout` (:func:`cachestore.entry.entry_layout`), for every arch."""
+    return entry_layout(cfg, model_version, mode, kv_dtype)
+
+
+def din_group(layout: EntryLayout) -> GroupSpec:
+    """The one K/V group of a din layout (widths, shared sides); ValueError for another layout."""
+    if layout.arch != "din" or layout.flat_group is None:
+        raise ValueError(f"the din engines write din layouts; got arch {layout.arch!r}")
+    return layout.flat_group
 
 
 @dataclass(frozen=True)
@@ -84,13 +80,37 @@ class FlatKV:
     v_idx: np.ndarray | None
 
 
+def flat_entries(kv: FlatKV, lengths: np.ndarray) -> FlatEntries:
+    """The record payloads of a chunk's din entries: user b's payload is its ``n_b`` rows of k, then of v,
+    k_idx, v_idx (the parts present), back to back (the din :class:`EntryLayout`'s parts, cap max_len)."""
+    n = lengths.astype(np.int64)
+    parts = [np.ascontiguousarray(a) for a in (kv.k, kv.v, kv.k_idx, kv.v_idx) if a is not None]
+    rows = [a.reshape(len(a), -1).view(np.uint8) for a in parts]  # (N, bytes per behaviour) each
+    widths = [r.shape[1] for r in rows]
+    offsets = np.zeros(len(n) + 1, np.int64)
+    np.cumsum(n * sum(widths), out=offsets[1:])
+    out = np.empty(int(offsets[-1]), np.uint8)
+    if not len(out):
+        return FlatEntries(out, offsets)
+    user = np.repeat(np.arange(len(n)), n)  # (N,) owner of each behaviour
+    first = np.cumsum(n) - n  # (B,) its first behaviour
+    row = np.arange(int(n.sum())) - first[user]  # (N,) position within its user
+    before = 0
+    for raw, w in zip(rows, widths, strict=True):
+        dst = offsets[user] + n[user] * before + row * w  # (N,) start byte of each row
+        as_strided(out, (len(out) - w + 1, w), (1, 1))[dst] = raw  # row i = out[i : i + w] (a view)
+        before += w
+    return FlatEntries(out, offsets)
+
+
 def _index_storage(idx: torch.Tensor, idx_dtype: str) -> np.ndarray:
     return idx.to(torch.int32).cpu().numpy().astype(IDX_DTYPES[idx_dtype][1])
 
 
 class _ModelEngine:
-    def __init__(self, model: TargetAttentionCTR, layout: CacheLayout) -> None:
+    def __init__(self, model: TargetAttentionCTR, layout: EntryLayout) -> None:
         cfg = model.cfg
+        self.group = din_group(layout)
         self.device = checked_device(model, layout, cache_layout(cfg, layout.model_version, layout.mode,
                                                                  layout.kv_dtype))
         self.model = model
@@ -102,8 +122,8 @@ class _ModelEngine:
         if lay.mode == "full":
             k, v = self.model.keys_values(cache)  # (B, L, d_a) each
             return FlatKV(kv_storage(k[valid], lay.kv_dtype), kv_storage(v[valid], lay.kv_dtype), None, None)
-        ki = _index_storage(cache.k_idx[valid], lay.idx_dtype) if lay.k_shared else None
-        vi = _index_storage(cache.v_idx[valid], lay.idx_dtype) if lay.v_shared else None
+        ki = _index_storage(cache.k_idx[valid], lay.idx_dtype) if self.group.k_shared else None
+        vi = _index_storage(cache.v_idx[valid], lay.idx_dtype) if self.group.v_shared else None
         return FlatKV(kv_storage(cache.k_user[valid], lay.kv_dtype), kv_storage(cache.v_user[valid], lay.kv_dtype),
                       ki, vi)
 
@@ -163,7 +183,7 @@ class MemoEngine(_ModelEngine):
 
     name = "memo"
 
-    def __init__(self, model: TargetAttentionCTR, layout: CacheLayout, memo_bytes: int = DEFAULT_MEMO_BYTES,
+    def __init__(self, model: TargetAttentionCTR, layout: EntryLayout, memo_bytes: int = DEFAULT_MEMO_BYTES,
                  block_dir: str | os.PathLike | None = None) -> None:
         super().__init__(model, layout)
         self.n_items = model.cfg.n_items
@@ -172,16 +192,17 @@ class MemoEngine(_ModelEngine):
             raise ValueError(f"memo engine: token vocabulary {vocab} too large for a dense slot table")
         kv = KV_DTYPES[layout.kv_dtype][1]
         idx = IDX_DTYPES[layout.idx_dtype][1] if layout.idx_dtype else None
-        per_entry = (layout.dk + layout.dv) * kv.itemsize + (idx.itemsize if idx else 0) * 2
-        pool = model.cfg.collective.pool_size if layout.k_shared or layout.v_shared else 1
+        g = self.group
+        per_entry = (g.dk + g.dv) * kv.itemsize + (idx.itemsize if idx else 0) * 2
+        pool = model.cfg.collective.pool_size if g.k_shared or g.v_shared else 1
         cells = _ROUTER_CELLS.get(self.device.type, _ROUTER_CELLS["cpu"])
         self.block_items = max(1, min(1 << 15, cells // pool // 2))
         self.capacity = max(4 * self.block_items, memo_bytes // per_entry)  # entries
         self._slot = np.full(vocab, -1, dtype=np.int32)  # token -> row of the tables, -1 unknown
-        self._k = np.empty((0, layout.dk), kv)
-        self._v = np.empty((0, layout.dv), kv)
-        self._ki = np.empty(0, idx) if layout.k_shared else None
-        self._vi = np.empty(0, idx) if layout.v_shared else None
+        self._k = np.empty((0, g.dk), kv)
+        self._v = np.empty((0, g.dv), kv)
+        self._ki = np.empty(0, idx) if g.k_shared else None
+        self._vi = np.empty(0, idx) if g.v_shared else None
         self.size = 0
         self.resets = 0
         self.shared = None
@@ -288,14 +309,14 @@ class MemoEngine(_ModelEngine):
 class NoopEngine:
     """Entries of the right sizes without a model: the job's I/O floor (benchmarks/prefill.py).
 
-    Values and indices are slices of one fixed pseudo-random block (so Parquet writes as many bytes
-    as for a real run; zeros would compress away), not zeros; deterministic. v2 (EntryLayout): each
-    user's payload is random bytes of the record's payload size (indices may exceed the pool)."""
+    Each user's payload is a slice of one fixed pseudo-random block (so Parquet writes as many bytes
+    as for a real run; zeros would compress away), of the record's payload size; deterministic (router
+    indices may exceed the pool)."""
 
     name = "noop"
     _BLOCK = np.random.default_rng(0).integers(0, 256, 1 << 22, dtype=np.uint8)
 
-    def __init__(self, layout: CacheLayout | EntryLayout) -> None:
+    def __init__(self, layout: EntryLayout) -> None:
         self.layout = layout
         self._pos = 0
 
@@ -307,27 +328,21 @@ class NoopEngine:
         self._pos = (lo + 4099) % len(self._BLOCK)
         return self._BLOCK[lo : lo + nbytes].copy().view(dtype).reshape(shape)
 
-    def run(self, items: np.ndarray, feedback: np.ndarray, lengths: np.ndarray) -> FlatKV | FlatEntries:
-        n, lay = int(lengths.sum()), self.layout
-        if isinstance(lay, EntryLayout):
-            offsets = np.zeros(len(lengths) + 1, np.int64)
-            np.cumsum(lay.record_sizes(lengths) - HEADER_SIZE, out=offsets[1:])
-            return FlatEntries(self._fill((int(offsets[-1]),), np.dtype(np.uint8)), offsets)
-        kv = KV_DTYPES[lay.kv_dtype][1]
-        idx = IDX_DTYPES[lay.idx_dtype][1] if lay.idx_dtype else None
-        return FlatKV(self._fill((n, lay.dk), kv), self._fill((n, lay.dv), kv),
-                      self._fill((n,), idx) if lay.k_shared else None,
-                      self._fill((n,), idx) if lay.v_shared else None)
+    def run(self, items: np.ndarray, feedback: np.ndarray, lengths: np.ndarray) -> FlatEntries:
+        offsets = np.zeros(len(lengths) + 1, np.int64)
+        np.cumsum(self.layout.record_sizes(lengths) - HEADER_SIZE, out=offsets[1:])
+        return FlatEntries(self._fill((int(offsets[-1]),), np.dtype(np.uint8)), offsets)
 
 
-def _empty(layout: CacheLayout) -> FlatKV:
+def _empty(layout: EntryLayout) -> FlatKV:
+    g = din_group(layout)
     kv = KV_DTYPES[layout.kv_dtype][1]
     idx = IDX_DTYPES[layout.idx_dtype][1] if layout.idx_dtype else None
-    return FlatKV(np.zeros((0, layout.dk), kv), np.zeros((0, layout.dv), kv),
-                  np.zeros(0, idx) if layout.k_shared else None, np.zeros(0, idx) if layout.v_shared else None)
+    return FlatKV(np.zeros((0, g.dk), kv), np.zeros((0, g.dv), kv),
+                  np.zeros(0, idx) if g.k_shared else None, np.zeros(0, idx) if g.v_shared else None)
 
 
-def tokenwise(model: TargetAttentionCTR, layout: CacheLayout, seed: int = 0) -> bool:
+def tokenwise(model: TargetAttentionCTR, layout: EntryLayout, seed: int = 0) -> bool:
     """Whether the model's cache entries depend on the behaviour token alone (memo engine valid):
     a random padded batch through ``model.prefill`` vs the same tokens one at a time."""
     rng = np.random.default_rng(seed)
@@ -359,18 +374,17 @@ def _as_float(a: np.ndarray, kv_dtype: str) -> np.ndarray:
     return a.astype(np.float32)
 
 
-def make_engine(model: torch.nn.Module | None, layout: CacheLayout | EntryLayout, kind: str = "auto",
+def make_engine(model: torch.nn.Module | None, layout: EntryLayout, kind: str = "auto",
                 memo_bytes: int = DEFAULT_MEMO_BYTES, block_dir: str | os.PathLike | None = None
                 ) -> DirectEngine | MemoEngine | ZooEngine | NoopEngine:
     """An engine of ``kind`` (see module docstring); ``auto`` = memo if :func:`tokenwise`, else direct;
-    for a v2 :class:`EntryLayout` (zoo archs) ``auto`` / ``direct`` = :class:`ZooEngine`, ``memo`` is
-    refused."""
+    for the zoo archs ``auto`` / ``direct`` = :class:`ZooEngine`, ``memo`` is refused."""
     check_engine(layout, kind)
     if kind == "noop":
         return NoopEngine(layout)
     if model is None:
         raise ValueError(f"engine {kind!r} needs a model")
-    if isinstance(layout, EntryLayout):
+    if layout.arch != "din":
         return ZooEngine(model, layout)
     if kind == "direct":
         return DirectEngine(model, layout)

@@ -1,23 +1,18 @@
 """`ckv report size`: the compression-rate report of a published store (optionally vs a baseline store).
 
-CR (docs/prefill.md, the README's definition): the bytes one user's cache entry holds — user-specific
-K and V at their stored dtype + router indices at their stored integer width — divided by the bytes
-of that user's full K and V in fp32 at the same sequence length. Per behaviour that is
-``((dk + dv) * kv_size + idx_size * (k_shared + v_shared)) / (2 * d_attn * 4)``
-(= ``model.cache.compression_rate`` for a collective store; the tests check it). Reported:
+CR (docs/prefill.md, the README's definition; ``model.cache_spec.compression_rate``): the bytes one
+user's cache entry holds at a full window — every part of the store's layout
+(``model.cache_spec.entry_parts``) at its stored dtype: user-specific K/V, router indices, retrieval
+keys — divided by the bytes of that user's full K and V in fp32 (every group's K and V rows × d_a × 4).
+For din that is per behaviour ``((dk + dv) * kv_size + idx_size * (k_shared + v_shared)) / (2 * d_attn
+* 4)``; the tests check the report against ``model.cache_spec``. Reported:
 
-- ``cr.formula``: that ratio; ``cr.payload``: measured payload bytes / full fp32 bytes of the same
-  behaviours (equal to the formula: the payload has no padding); ``cr.records``: with the 32-byte
-  record headers; ``cr.lmdb_disk``: data.mdb's allocated bytes / full fp32 bytes (LMDB overhead too);
+- ``cr.formula``: that ratio (``layout.record_size(max_len) - 32`` over the full fp32 K/V of a full
+  window); ``cr.payload``: measured payload bytes / full fp32 bytes of the stored rows
+  (``stats.part_rows`` of the build: Σ min(n, cap) per part); ``cr.records``: with the 32-byte record
+  headers; ``cr.lmdb_disk``: data.mdb's allocated bytes / full fp32 bytes (LMDB overhead too);
 - with ``--baseline FULL_STORE``: the same users' measured ratios store / baseline (payload, records,
   LMDB on disk, Parquet). A baseline at fp16 is half the fp32 reference; its kv dtype is shown.
-
-Zoo stores (v2, :class:`cachestore.entry.EntryLayout`: several K/V groups, capped rows, retrieval
-keys) have no constant bytes per behaviour. Their ``cr.formula`` is the entry of a user at a full
-window (``layout.record_size(max_len) - 32``, stored dtypes) ÷ that user's full K/V in fp32 (every
-group's K and V rows × d_a × 4) — ``model.zoo.compression_rate`` for a collective fp16 store (the
-tests check it); the measured ratios divide by the full fp32 K/V of the stored rows
-(``stats.part_rows`` of the build: Σ min(n, cap) per part).
 
 Everything comes from the manifests (no scan of the data).
 """
@@ -28,46 +23,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cachestore.entry import EntryLayout, layout_from_dict
+from cachestore.entry import layout_from_dict
 from cachestore.record import HEADER_SIZE
 from pipeline.store_ops import read_manifest
 
 
 def store_sizes(store: str | os.PathLike, d_attn: int | None = None) -> dict[str, Any]:
-    """Sizes and CRs of the version STORE/current points to."""
+    """Sizes and CRs of the version STORE/current points to (see the module docstring)."""
     version, m = read_manifest(store)
     layout = layout_from_dict(m["layout"])
-    if isinstance(layout, EntryLayout):
-        return _entry_store_sizes(store, version, m, layout, d_attn)
-    stats = m["stats"]
-    d_a = d_attn or (m.get("dims") or {}).get("d_attn") or (layout.dk if layout.mode == "full" else None)
-    users, behaviours = stats["users"], stats["behaviours"]
-    parquet = sum(f["bytes"] for f in m["parquet"]["files"] if f["name"].endswith(".parquet"))
-    b = {"payload": stats["payload_bytes"], "records": stats["record_bytes"], "lmdb_file": stats["file_bytes"],
-         "lmdb_disk": stats["disk_bytes"], "parquet": parquet}
-    per_behaviour = layout.record_size(1) - HEADER_SIZE
-    out: dict[str, Any] = {
-        "store": str(Path(store)), "version_id": version.name, "model_version": layout.model_version,
-        "mode": layout.mode, "kv_dtype": layout.kv_dtype, "idx_dtype": layout.idx_dtype, "dk": layout.dk,
-        "dv": layout.dv, "d_attn": d_a, "pool_size": layout.pool_size, "users": users,
-        "behaviours": behaviours, "bytes": b,
-        "per_user": {k: (v / users if users else 0.0) for k, v in b.items()},
-        "bytes_per_behaviour": per_behaviour,
-    }  # fmt: skip
-    if d_a:
-        full = behaviours * 2 * d_a * 4
-        out["full_fp32_bytes"] = full
-        out["cr"] = {"formula": per_behaviour / (2 * d_a * 4),
-                     **{k: (b[k] / full if full else None) for k in ("payload", "records", "lmdb_disk")}}
-    else:
-        out["full_fp32_bytes"] = None
-        out["cr"] = None
-    return out
-
-
-def _entry_store_sizes(store: str | os.PathLike, version: Path, m: dict[str, Any], layout: EntryLayout,
-                       d_attn: int | None) -> dict[str, Any]:
-    """:func:`store_sizes` of a v2 (zoo) store (see the module docstring)."""
     stats = m["stats"]
     kv = [p for p in layout.parts if p.kind == "kv"]  # every group's K and V (user parts or whole)
     d_a = d_attn or (m.get("dims") or {}).get("d_attn") or (kv[0].width if layout.mode == "full" and kv else None)
@@ -76,19 +40,21 @@ def _entry_store_sizes(store: str | os.PathLike, version: Path, m: dict[str, Any
     b = {"payload": stats["payload_bytes"], "records": stats["record_bytes"], "lmdb_file": stats["file_bytes"],
          "lmdb_disk": stats["disk_bytes"], "parquet": parquet}
     window = layout.record_size(layout.max_len) - HEADER_SIZE
+    g = layout.flat_group  # din: one group, a constant number of bytes per behaviour
     out: dict[str, Any] = {
         "store": str(Path(store)), "version_id": version.name, "model_version": layout.model_version,
         "arch": layout.arch, "mode": layout.mode, "kv_dtype": layout.kv_dtype, "idx_dtype": layout.idx_dtype,
-        "dk": None, "dv": None, "d_attn": d_a, "pool_size": layout.pool_size, "users": users,
-        "behaviours": behaviours, "bytes": b,
+        "dk": g.dk if g else None, "dv": g.dv if g else None, "d_attn": d_a, "pool_size": layout.pool_size,
+        "users": users, "behaviours": behaviours, "bytes": b,
         "per_user": {k: (v / users if users else 0.0) for k, v in b.items()},
-        "bytes_per_behaviour": None, "bytes_per_full_window": window, "max_len": layout.max_len,
+        "bytes_per_behaviour": sum(layout.row_bytes) if g else None, "bytes_per_full_window": window,
+        "max_len": layout.max_len,
         "parts": [{"name": p.name, "kind": p.kind, "width": p.width, "cap": p.cap} for p in layout.parts],
     }  # fmt: skip
-    rows = stats.get("part_rows")
+    rows = stats.get("part_rows") or {p.name: behaviours for p in layout.parts if g is not None}
     if d_a:
         full_window = sum(min(layout.max_len, p.cap) for p in kv) * d_a * 4
-        full = sum(rows[p.name] for p in kv) * d_a * 4 if rows is not None else None
+        full = sum(rows[p.name] for p in kv) * d_a * 4 if rows else None
         out["full_fp32_bytes"] = full
         out["cr"] = {"formula": window / full_window if full_window else None,
                      **{k: (b[k] / full if full else None) for k in ("payload", "records", "lmdb_disk")}}
@@ -144,16 +110,14 @@ def size_rows(rep: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     row("model version", lambda s: s["model_version"])
     row("mode", lambda s: s["mode"])
     row("kv / index dtype", lambda s: f"{s['kv_dtype']} / {s['idx_dtype'] or '-'}")
-    if any("arch" in s for _, s in cols):  # a v2 (zoo) store: groups of capped rows, no dk / dv
-        row("arch (parts)", lambda s: f"{s['arch']} ({len(s['parts'])} parts)" if "arch" in s else "din")
+    row("arch (parts)", lambda s: f"{s['arch']} ({len(s['parts'])} parts)")
     row("dk, dv (d_attn)", lambda s: f"{s['dk'] if s['dk'] is not None else '-'}, "
                                      f"{s['dv'] if s['dv'] is not None else '-'} ({s['d_attn'] or '?'})")
     row("pool size", lambda s: f"{s['pool_size']:,}")
     row("users", lambda s: f"{s['users']:,}")
     row("behaviours", lambda s: f"{s['behaviours']:,}")
     row("bytes / behaviour", lambda s: "-" if s["bytes_per_behaviour"] is None else s["bytes_per_behaviour"])
-    if any("arch" in s for _, s in cols):
-        row("payload bytes at a full window", lambda s: s.get("bytes_per_full_window", "-"))
+    row("payload bytes at a full window", lambda s: s["bytes_per_full_window"])
     for key, label in (("payload", "payload"), ("records", "records (+32 B header)"), ("lmdb_disk", "LMDB on disk"),
                        ("parquet", "Parquet")):
         row(f"{label} total", lambda s, k=key: fmt_bytes(s["bytes"][k]))

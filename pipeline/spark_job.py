@@ -49,12 +49,12 @@ from pipeline.incremental import FP_COL, HISTORY_FP_VERSION, PREV_FP_COL, finger
 from pipeline.incremental import split as incremental_split
 from pipeline.prefill import (
     ENGINES,
+    OUTPUT_DDL,
+    OUTPUT_SCHEMA,
     PrefillInputError,
     cache_layout,
     check_engine,
     check_histories_files,
-    output_ddl,
-    output_schema,
 )
 from pipeline.spark_logging import java_options, route_spark_logs
 from pipeline.store_ops import PREFILL_META_FILE, PREFILL_PARQUET_SCHEMA_VERSION, build_store, write_json
@@ -252,7 +252,7 @@ def run_prefill(opts: PrefillOptions, spark: Any = None) -> dict[str, Any]:
         log.info("prefill: incremental: previous %s (%s)", prev.version_id, prev.reason)
         inc_meta = {"history_fp_version": HISTORY_FP_VERSION, "previous": prev.to_dict()}
         if prev.parquet is not None:
-            df, carried = incremental_split(spark, df, prev.parquet, output_schema(layout).names)
+            df, carried = incremental_split(spark, df, prev.parquet, OUTPUT_SCHEMA.names)
     if opts.ship_code or (opts.ship_code is None and not sc.master.startswith("local")):
         ship_code(sc)
     zip_name = ship_checkpoint(sc, ckpt_dir, version)
@@ -265,7 +265,7 @@ def run_prefill(opts: PrefillOptions, spark: Any = None) -> dict[str, Any]:
         "fail_kill": opts.fail_kill, "truncated": trunc_acc,
         "share_blocks": opts.share_blocks, "known": known_acc,
     }  # fmt: skip
-    out = df.mapInArrow(functools.partial(prefill_partition, params=params), f"{output_ddl(layout)}, {FP_COL} long")
+    out = df.mapInArrow(functools.partial(prefill_partition, params=params), f"{OUTPUT_DDL}, {FP_COL} long")
     if carried is not None:
         out = out.unionByName(carried)
     if opts.sort:

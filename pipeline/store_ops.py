@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cachestore.entry import EntryLayout, layout_from_dict
+from cachestore.entry import layout_from_dict
 from cachestore.lmdb_build import PARQUET_LAYOUT_FILE, list_parquet_files
 from cachestore.publish import (
     CURRENT,
@@ -46,8 +46,9 @@ from cachestore.record import HEADER_SIZE
 log = logging.getLogger("ckv.store")
 PREFILL_META_FILE = "_prefill.json"
 PARQUET_DIR = "parquet"
-PREFILL_PARQUET_SCHEMA_VERSION = 2  # the prefill Parquet columns (docs/prefill.md); bump on any change
+PREFILL_PARQUET_SCHEMA_VERSION = 3  # the prefill Parquet columns (docs/prefill.md); bump on any change
 # 2: + history_fp int64 (pipeline/incremental.py; ignored by the LMDB build, the record format is unchanged)
+# 3: one payload column for every arch (din included: cachestore.entry.entry_schema)
 STABLE_LINKS = (PARQUET_DIR, LMDB_DIR, MANIFEST, LAYOUT)
 
 
@@ -71,36 +72,25 @@ def read_prefill_meta(parquet_dir: Path) -> dict[str, Any] | None:
 
 
 def summary_fields(manifest: dict, prefill: dict | None, command_line: str) -> dict[str, Any]:
-    """The top-level manifest fields of a store version (see docs/prefill.md). A v2 (zoo) store has
-    ``arch`` and per-part widths (``dims.parts``) instead of dk / dv."""
+    """The top-level manifest fields of a store version (see docs/prefill.md): the arch, mode, window,
+    per-part widths (``dims.parts``), dtypes, shared sides and pool size."""
     stats = manifest["stats"]
     model = (prefill or {}).get("model_config") or {}
     users = stats["users"]
     d_user = (model.get("collective") or {}).get("d_user")
-    layout = layout_from_dict(manifest["layout"])
-    if isinstance(layout, EntryLayout):
-        entry = layout
-        widths = {p.name: p.width for p in entry.parts}
-        kv_widths = [p.width for p in entry.parts if p.kind == "kv"]
-        d_attn = model.get("d_attn", kv_widths[0] if entry.mode == "full" and kv_widths else None)
-        names = [p.name for p in entry.parts]
-        head: dict[str, Any] = {
-            "model_version": entry.model_version, "arch": entry.arch, "mode": entry.mode,
-            "dims": {"d_attn": d_attn, "max_len": entry.max_len,
-                     "d_user": d_user if entry.mode == "collective" else None, "parts": widths},
-            "dtypes": {"kv": entry.kv_dtype, "index": entry.idx_dtype},
-            "k_shared": any(n.endswith(".k_idx") for n in names), "v_shared": any(n.endswith(".v_idx") for n in names),
-            "pool_size": entry.pool_size,
-        }  # fmt: skip
-    else:
-        d_attn = model.get("d_attn", layout.dk if layout.mode == "full" else None)
-        head = {
-            "model_version": layout.model_version, "mode": layout.mode,
-            "dims": {"d_attn": d_attn, "dk": layout.dk, "dv": layout.dv, "max_len": layout.max_len,
-                     "d_user": d_user if layout.mode == "collective" else None},
-            "dtypes": {"kv": layout.kv_dtype, "index": layout.idx_dtype},
-            "k_shared": layout.k_shared, "v_shared": layout.v_shared, "pool_size": layout.pool_size,
-        }  # fmt: skip
+    entry = layout_from_dict(manifest["layout"])
+    widths = {p.name: p.width for p in entry.parts}
+    kv_widths = [p.width for p in entry.parts if p.kind == "kv"]
+    d_attn = model.get("d_attn", kv_widths[0] if entry.mode == "full" and kv_widths else None)
+    names = [p.name for p in entry.parts]
+    head: dict[str, Any] = {
+        "model_version": entry.model_version, "arch": entry.arch, "mode": entry.mode,
+        "dims": {"d_attn": d_attn, "max_len": entry.max_len,
+                 "d_user": d_user if entry.mode == "collective" else None, "parts": widths},
+        "dtypes": {"kv": entry.kv_dtype, "index": entry.idx_dtype},
+        "k_shared": any(n.endswith(".k_idx") for n in names), "v_shared": any(n.endswith(".v_idx") for n in names),
+        "pool_size": entry.pool_size,
+    }  # fmt: skip
     return {
         **head,
         "prefill_parquet_schema_version": PREFILL_PARQUET_SCHEMA_VERSION,

@@ -3,16 +3,16 @@ and compare them with the model's own K, V for the same histories.
 
 The reference side is computed independently of the prefill job: ``model.prefill`` on the padded
 window (:func:`pipeline.history.arrow_window`) and ``model.keys_values``; the store side is decoded
-by ``StoreReader`` (CRC + model version checked) and rebuilt through ``model.keys_values`` on a
-KVCache made of the record's parts. Values must agree within the kv dtype's rounding (2 ulp relative
+by ``StoreReader`` / ``cachestore.entry.decode_entry`` (CRC, model version, layout checked), stacked
+into a padded batch (``cachestore.entry_batch``), turned back into a cache
+(``model.entry.cache_from_arrays``, values as fp32; din: its group ``"kv"``) and rebuilt through
+``model.keys_values``. Values must agree within the kv dtype's rounding (2 ulp relative
 + 1e-5 absolute); lengths and router indices exactly; every history user must have a record and the
 store must hold exactly as many users as the histories (a full check therefore matches the sets).
 Memory: one batch of users at a time (``--sample N`` picks N row numbers first).
 
-Zoo stores (v2, :class:`cachestore.entry.EntryLayout`): the window is the model's ``window_len``;
-each record is read raw (``StoreReader.get_raw``) and decoded with ``cachestore.entry.decode_entry``
-(CRC, model version, layout), stacked into a padded batch (``cachestore.entry_batch``) and turned
-back into a cache (``model.entry.cache_from_arrays``, values as fp32). Every K/V group is rebuilt
+Zoo stores (SIM, ETA, SDIM, TWIN, HSTU): the window is the model's ``window_len``; each record is
+read raw (``StoreReader.get_raw``) so that a bad one is reported, not raised. Every K/V group is rebuilt
 by ``model.keys_values`` and compared with ``model.keys_values(model.prefill(history))`` (mode
 full: the stored K/V are the rebuilt ones, compared the same way); router indices and retrieval keys
 (``cache.keys``) must be equal exactly.
@@ -30,13 +30,14 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import torch
 
-from cachestore.entry import EntryLayout, decode_entry
+from cachestore.entry import EntryLayout, EntryRecord, decode_entry
 from cachestore.entry_batch import model_tensors, stack_records
 from cachestore.reader import StoreReader
-from cachestore.record import Record, RecordError
+from cachestore.record import RecordError
 from cachestore.store_tree import check_tree
-from model.cache import KVCache
+from model.blocks import ZooCache
 from model.cache_spec import store_config
+from model.config import ModelConfig
 from model.entry import cache_from_arrays
 from pipeline.checkpoint import load_checkpoint
 from pipeline.history import arrow_window
@@ -84,37 +85,25 @@ def history_dataset(path: str | Path) -> pads.Dataset:
     return ds
 
 
-def _records_cache(records: list[Record], width: int, device: torch.device) -> KVCache:
-    """A padded KVCache (B, width, .) made of decoded records' parts (fp32 values, int64 indices)."""
-    b = len(records)
-    r0 = records[0]
-
-    def values(name: str, d: int) -> torch.Tensor:
-        out = torch.zeros(b, width, d, dtype=torch.float32)
-        for i, r in enumerate(records):
-            a = getattr(r, name)
-            t = torch.from_numpy(a.copy())
-            t = t.view(torch.bfloat16) if r.kv_dtype == "bfloat16" else t
-            out[i, : r.length] = t.float()
-        return out.to(device)
-
-    def indices(name: str) -> torch.Tensor | None:
-        if getattr(r0, name) is None:
-            return None
-        out = torch.zeros(b, width, dtype=torch.int64)
-        for i, r in enumerate(records):
-            out[i, : r.length] = torch.from_numpy(getattr(r, name).astype(np.int64))
-        return out.to(device)
-
-    lengths = torch.tensor([r.length for r in records], dtype=torch.int64, device=device)
-    return KVCache(values("k_user", r0.dk), values("v_user", r0.dv), indices("k_idx"), indices("v_idx"), lengths)
+def _stored_cache(layout: EntryLayout, records: list[EntryRecord], cfg: ModelConfig, device: torch.device) -> ZooCache:
+    """The cache (fp32 values, int64 indices, padded to the longest record) made of decoded records."""
+    lengths, stacked = stack_records(layout, records)
+    tensors = model_tensors(layout, stacked, device)
+    kinds = {p.name: p.kind for p in layout.parts}
+    tensors = {k: (t.float() if kinds[k] == "kv" else t) for k, t in tensors.items()}
+    return cache_from_arrays(tensors, torch.from_numpy(lengths).to(device), store_config(cfg, layout.mode))
 
 
 def verify_store(store: str | Path, checkpoint: str | Path, histories: str | Path, *, sample: int | None = None,
                  seed: int = 0, batch_users: int = 64, device: str = "cpu") -> VerifyResult:
     """Check the published store against the model (see module docstring)."""
+    with StoreReader.open_current(store) as reader:  # closed on errors too (a bad record raises RecordError)
+        return _verify(reader, checkpoint, histories, sample, seed, batch_users, device)
+
+
+def _verify(reader: StoreReader, checkpoint: str | Path, histories: str | Path, sample: int | None, seed: int,
+            batch_users: int, device: str) -> VerifyResult:
     t0 = time.perf_counter()
-    reader = StoreReader.open_current(store)
     check_tree(reader.version_dir)  # every LMDB page the records hang from, before any record is read
     layout = reader.layout
     ckpt = load_checkpoint(checkpoint, device=device)
@@ -125,16 +114,12 @@ def verify_store(store: str | Path, checkpoint: str | Path, histories: str | Pat
     if ckpt.model_version != layout.model_version:
         res.add(f"store was built by model {layout.model_version}, checkpoint is {ckpt.model_version}")
         return res
-    zoo = isinstance(layout, EntryLayout)
-    window = model.cfg.window_len if zoo else model.cfg.max_len
-    if layout.max_len != window:
-        res.add(f"store max_len {layout.max_len} != model window {window}")
-        return res
-    if zoo and layout.arch != model.cfg.arch:
+    if layout.arch != model.cfg.arch:
         res.add(f"store arch {layout.arch!r} != checkpoint arch {model.cfg.arch!r}")
         return res
-    if not zoo and getattr(model.cfg, "arch", "din") != "din":
-        res.add(f"store is a v1 (din) store, checkpoint arch is {model.cfg.arch!r}")
+    zoo = layout.arch != "din"
+    if layout.max_len != model.cfg.window_len:
+        res.add(f"store max_len {layout.max_len} != model window {model.cfg.window_len}")
         return res
     if res.users_in_store != total:
         res.add(f"store holds {res.users_in_store} users, histories {total}")
@@ -157,7 +142,6 @@ def verify_store(store: str | Path, checkpoint: str | Path, histories: str | Pat
             row0 += n
         (_check_zoo_batch if zoo else _check_batch)(batch, model, reader, layout, res, rtol, dev)
     res.seconds = time.perf_counter() - t0
-    reader.close()
     return res
 
 
@@ -184,7 +168,7 @@ def _check_batch(batch: pa.RecordBatch, model: torch.nn.Module, reader: StoreRea
     with torch.inference_mode():
         ref = model.prefill(items_t, fb_t, len_t)
         k_ref, v_ref = model.keys_values(ref)
-        got = _records_cache([records[i] for i in keep], width, dev)
+        got = _stored_cache(layout, [records[i] for i in keep], model.cfg, dev).kv["kv"]
         k_got, v_got = model.keys_values(got)
     valid = torch.arange(width, device=dev)[None, :] < len_t[:, None]
     res.users_checked += len(keep)
@@ -214,7 +198,7 @@ def _check_batch(batch: pa.RecordBatch, model: torch.nn.Module, reader: StoreRea
 
 def _check_zoo_batch(batch: pa.RecordBatch, model: torch.nn.Module, reader: StoreReader, layout: EntryLayout,
                      res: VerifyResult, rtol: float, dev: torch.device) -> None:
-    """v2 (zoo) store: every K/V group, router index and retrieval key of a batch of users."""
+    """A zoo store: every K/V group, router index and retrieval key of a batch of users."""
     users = batch.column("user_id").to_numpy().astype(np.int64)
     w = arrow_window(batch.column("items"), batch.column("labels"), layout.max_len)
     keep, records = [], []
@@ -237,17 +221,12 @@ def _check_zoo_batch(batch: pa.RecordBatch, model: torch.nn.Module, reader: Stor
         return
     sel = np.asarray(keep)
     cfg = model.cfg
-    store_cfg = store_config(cfg, layout.mode)
     width = max(1, int(w.lengths[sel].max()))
     len_t = torch.from_numpy(w.lengths[sel]).to(dev)
-    lengths, stacked = stack_records(layout, records)
-    tensors = model_tensors(layout, stacked, dev)
-    kinds = {p.name: p.kind for p in layout.parts}
-    tensors = {k: (t.float() if kinds[k] == "kv" else t) for k, t in tensors.items()}  # fp32 values, as din
     with torch.inference_mode():
         ref = model.prefill(torch.from_numpy(w.items[sel, :width]).to(dev),
                             torch.from_numpy(w.feedback[sel, :width]).to(dev), len_t)
-        got = cache_from_arrays(tensors, torch.from_numpy(lengths).to(dev), store_cfg)
+        got = _stored_cache(layout, records, cfg, dev)
         kv_ref, kv_got = model.keys_values(ref), model.keys_values(got)
     res.users_checked += len(keep)
     res.behaviours_checked += int(len_t.sum())

@@ -1,6 +1,6 @@
-"""The prefill engine of the zoo archs (SIM, ETA, SDIM, TWIN, HSTU; v2 :class:`EntryLayout` stores):
+"""The prefill engine of the zoo archs (SIM, ETA, SDIM, TWIN, HSTU):
 ``model.prefill`` per sub-chunk of users → each user's record payload (see :class:`ZooEngine`).
-The din engines are in :mod:`pipeline.prefill_engines`, which picks this one for an EntryLayout."""
+The din engines are in :mod:`pipeline.prefill_engines`, which picks this one for the other archs."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def checked_device(model: torch.nn.Module, layout: object, want: object) -> torc
 
 @dataclass(frozen=True)
 class FlatEntries:
-    """One chunk's v2 (zoo) entries: every user's record payload (its parts in layout order, each
+    """One chunk's entries: every user's record payload (its parts in layout order, each
     ``min(n, cap)`` rows) back to back. values: uint8; offsets: (B + 1,) int64 into values."""
 
     values: np.ndarray
@@ -58,7 +58,7 @@ def _concat_entries(parts: list[FlatEntries]) -> FlatEntries:
 
 
 class ZooEngine:
-    """The zoo archs (SIM, ETA, SDIM, TWIN, HSTU; v2 :class:`EntryLayout`): ``model.prefill`` on the
+    """The zoo archs (SIM, ETA, SDIM, TWIN, HSTU): ``model.prefill`` on the
     padded window of sub-chunks of users (input order, trimmed to the sub-chunk's longest history),
     then :func:`model.entry.entry_arrays` (mode full: :func:`model.entry.full_cache` first, every
     group's K/V rebuilt at d_a), storage dtypes and one payload per user
@@ -72,8 +72,6 @@ class ZooEngine:
 
     def __init__(self, model: torch.nn.Module, layout: EntryLayout) -> None:
         cfg = model.cfg
-        if not isinstance(layout, EntryLayout):
-            raise ValueError(f"the zoo engine writes v2 entries (EntryLayout), got {type(layout).__name__}")
         self.device = checked_device(model, layout, entry_layout(cfg, layout.model_version, layout.mode,
                                                                  layout.kv_dtype))
         self.model = model

@@ -14,6 +14,7 @@ max 1,000, Appendix G); payload bytes random (incompressible). For each store tw
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -29,10 +30,11 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from cachestore.entry import EntryLayout  # noqa: E402
 from cachestore.lmdb_build import PARQUET_LAYOUT_FILE, prefill_schema  # noqa: E402
 from cachestore.publish import build_and_publish  # noqa: E402
-from cachestore.record import CacheLayout, write_layout  # noqa: E402
-from pipeline.capacity import capacity_plan, dist_from_quantiles  # noqa: E402
+from cachestore.record import write_layout  # noqa: E402
+from pipeline.capacity import CacheFormat, capacity_plan, dist_from_quantiles  # noqa: E402
 from pipeline.capacity_inputs import store_calibration, store_format, store_lengths  # noqa: E402
 from pipeline.size_report import store_sizes  # noqa: E402
 
@@ -40,10 +42,9 @@ VERSION = "c0ffee00c0ffee00"
 SPEC = (150.0, 122.0, 253.0, 1000)  # mean (given, not fitted), p50, p90, max
 
 
-def synthetic_store(root: Path, layout: CacheLayout, lengths: np.ndarray, seed: int) -> Path:
+def synthetic_store(root: Path, layout: EntryLayout, lengths: np.ndarray, seed: int) -> Path:
     """Publish a store of len(lengths) users with random payloads of the layout's sizes."""
     g = np.random.default_rng(seed)
-    _, _, widths = layout.header_parts
     pdir = root / "parquet"
     pdir.mkdir(parents=True)
     per_file = 20_000
@@ -51,9 +52,9 @@ def synthetic_store(root: Path, layout: CacheLayout, lengths: np.ndarray, seed: 
         rows = []
         for uid in range(start, min(start + per_file, len(lengths))):
             n = int(lengths[uid])
-            parts = [g.bytes(n * w) if w else b"" for w in widths]
-            rows.append({"user_id": uid, "length": n, "k_user": parts[0], "v_user": parts[1], "k_idx": parts[2],
-                         "v_idx": parts[3], "model_version": VERSION, "checksum": zlib.crc32(b"".join(parts))})
+            payload = g.bytes(int(layout.record_size(n)) - 32)
+            rows.append({"user_id": uid, "length": n, "payload": payload, "model_version": VERSION,
+                         "checksum": zlib.crc32(payload)})
         pq.write_table(pa.Table.from_pylist(rows, schema=prefill_schema()), pdir / f"part-{f:05d}.parquet")
     write_layout(pdir / PARQUET_LAYOUT_FILE, layout)
     build_and_publish(root, progress=False)
@@ -89,8 +90,8 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="ckv-capcal-") as tmp:
         dist = dist_from_quantiles(*SPEC)
-        coll = CacheLayout("collective", "float16", "uint16", 1, 1, True, True, 10_000, 1000, VERSION)
-        full = CacheLayout("full", "float16", None, 256, 256, False, False, 0, 1000, VERSION)
+        lays = CacheFormat(d_attn=256, d_user=1, pool_size=10_000, max_len=1000).layouts()
+        coll, full = (dataclasses.replace(lays[m], model_version=VERSION) for m in ("collective", "full"))
         for label, layout, users, seed in (("synthetic collective", coll, a.users, 1),
                                            ("synthetic full", full, a.full_users, 2)):
             lengths = np.random.default_rng(seed).choice(dist.lengths, size=users, p=dist.probs)  # i.i.d. draws

@@ -1,8 +1,9 @@
 """Test helper: build a published cache store straight from ``model.prefill`` output.
 
 Independent of the Spark prefill job (pipeline/prefill.py): rows are encoded here from the model's
-own cache (collective: user parts + router indices; full: ``model.keys_values``), written as prefill
-Parquet (``cachestore.lmdb_build.prefill_schema``) and built + published with the real builder.
+own cache (collective: user parts + router indices; full: ``model.keys_values``) as the din entry's
+payload (``kv.k_user | kv.v_user | kv.k_idx | kv.v_idx``), written as prefill Parquet
+(``cachestore.lmdb_build.prefill_schema``) and built + published with the real builder.
 """
 
 from __future__ import annotations
@@ -15,25 +16,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from cachestore.entry import EntryLayout, entry_layout
 from cachestore.lmdb_build import PARQUET_LAYOUT_FILE, prefill_schema
 from cachestore.publish import build_and_publish
-from cachestore.record import CacheLayout, write_layout
-from model.cache_spec import index_dtype
+from cachestore.record import write_layout
 from model.ctr import TargetAttentionCTR
 
 KV_TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def layout_for(model: TargetAttentionCTR, version: str, mode: str = "collective", kv_dtype: str = "float16"
-               ) -> CacheLayout:
-    """The CacheLayout of a store of ``model`` ("full": whole K/V, no indices)."""
-    cfg = model.cfg
-    if mode == "full":
-        return CacheLayout("full", kv_dtype, None, cfg.d_attn, cfg.d_attn, False, False, 0, cfg.max_len, version)
-    shared = cfg.k_shared or cfg.v_shared
-    idx = index_dtype(cfg.collective.pool_size) if shared else None
-    return CacheLayout("collective", kv_dtype, idx, cfg.dk_user, cfg.dv_user, cfg.k_shared, cfg.v_shared,
-                       cfg.collective.pool_size if shared else 0, cfg.max_len, version)
+               ) -> EntryLayout:
+    """The EntryLayout of a store of ``model`` ("full": whole K/V, no indices)."""
+    return entry_layout(model.cfg, version, mode, kv_dtype)
 
 
 def _kv_bytes(t: torch.Tensor, kv_dtype: str) -> bytes:
@@ -43,7 +38,7 @@ def _kv_bytes(t: torch.Tensor, kv_dtype: str) -> bytes:
     return t.cpu().numpy().tobytes()
 
 
-def prefill_rows(model: TargetAttentionCTR, layout: CacheLayout, user_ids: list[int], items: torch.Tensor,
+def prefill_rows(model: TargetAttentionCTR, layout: EntryLayout, user_ids: list[int], items: torch.Tensor,
                  feedback: torch.Tensor, lengths: torch.Tensor) -> list[dict]:
     """Prefill Parquet rows (dicts) of these users' padded histories."""
     with torch.no_grad():
@@ -57,17 +52,15 @@ def prefill_rows(model: TargetAttentionCTR, layout: CacheLayout, user_ids: list[
     rows = []
     for b, uid in enumerate(user_ids):
         n = int(lengths[b])
-        row = {"user_id": int(uid), "length": n, "k_user": _kv_bytes(k[b, :n], layout.kv_dtype),
-               "v_user": _kv_bytes(v[b, :n], layout.kv_dtype)}
-        for name, idx in (("k_idx", k_idx), ("v_idx", v_idx)):
-            row[name] = b"" if idx is None else idx[b, :n].cpu().numpy().astype(idx_np).tobytes()
-        row["model_version"] = layout.model_version
-        row["checksum"] = zlib.crc32(row["k_user"] + row["v_user"] + row["k_idx"] + row["v_idx"])
-        rows.append(row)
+        parts = [_kv_bytes(k[b, :n], layout.kv_dtype), _kv_bytes(v[b, :n], layout.kv_dtype)]
+        parts += [idx[b, :n].cpu().numpy().astype(idx_np).tobytes() for idx in (k_idx, v_idx) if idx is not None]
+        payload = b"".join(parts)
+        rows.append({"user_id": int(uid), "length": n, "payload": payload, "model_version": layout.model_version,
+                     "checksum": zlib.crc32(payload)})
     return rows
 
 
-def build_store(root: Path, rows: list[dict], layout: CacheLayout) -> Path:
+def build_store(root: Path, rows: list[dict], layout: EntryLayout) -> Path:
     """Write rows as prefill Parquet under root/parquet, build and publish; returns root."""
     pdir = Path(root) / "parquet"
     pdir.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ whole prediction against real stores built by the prefill job's function on the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -18,7 +19,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cachestore.record import HEADER_SIZE, CacheLayout
+from cachestore.record import HEADER_SIZE
 from jobs.capacity import capacity as capacity_cmd
 from model.cache_spec import bytes_per_behaviour, compression_rate
 from model.config import CollectiveConfig, ModelConfig
@@ -252,13 +253,13 @@ def test_calibration_from_the_histories_file(movielens_stores: dict) -> None:
 def test_page_model_on_fixture_store_with_overflow(tmp_path: Path) -> None:
     """A store of the tests' own fixture builder with paper-width full records (1 KiB a behaviour)."""
     g = np.random.default_rng(7)
-    layout = CacheLayout("full", "float16", None, 256, 256, False, False, 0, 60, VERSION)
+    layout = dataclasses.replace(CacheFormat(d_attn=256, max_len=60).layouts()["full"], model_version=VERSION)
     lengths = g.integers(0, 61, 150)
     rows = []
     for uid, n in enumerate(lengths):
-        k, v = g.bytes(int(n) * 512), g.bytes(int(n) * 512)
-        rows.append({"user_id": uid, "length": int(n), "k_user": k, "v_user": v, "k_idx": b"", "v_idx": b"",
-                     "model_version": VERSION, "checksum": zlib.crc32(k + v)})
+        payload = g.bytes(int(n) * 512) + g.bytes(int(n) * 512)  # K | V at fp16, d_a 256
+        rows.append({"user_id": uid, "length": int(n), "payload": payload, "model_version": VERSION,
+                     "checksum": zlib.crc32(payload)})
     build_fixture_store(tmp_path, rows, layout)
     got = _measured(tmp_path)
     plan = capacity_plan(150, store_lengths(tmp_path), store_format(tmp_path))

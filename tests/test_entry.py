@@ -1,7 +1,7 @@
-"""Zoo cache entries (model/entry.py, cachestore/entry.py, cachestore/entry_batch.py): every zoo model's
-cache → storage arrays → per-user payloads → v2 records → decoded → stacked → cache, and decode from
-that equals decode from the model's own cache; key packing; record validation; din's parts are the v1
-record's payload byte for byte."""
+"""Cache entries (model/entry.py, cachestore/entry.py, cachestore/entry_batch.py): every zoo model's
+cache → storage arrays → per-user payloads → records → decoded → stacked → cache, and decode from
+that equals decode from the model's own cache; key packing; record validation; a din entry is its one
+flat K/V group."""
 
 from __future__ import annotations
 
@@ -31,7 +31,6 @@ from cachestore.record import (
     RecordSizeError,
     UnknownDtypeError,
     UnsupportedVersionError,
-    encode_record,
     write_layout,
 )
 from model.cache_spec import entry_bytes, entry_parts
@@ -136,21 +135,25 @@ def test_pack_keys_roundtrip(bits: int, m: int, seed: int) -> None:
     assert torch.equal(back, keys if m > 1 else keys.squeeze(-1))
 
 
-def test_din_parts_are_the_v1_payload() -> None:
+def test_din_entry_is_one_flat_group() -> None:
     from model.config import CollectiveConfig, ModelConfig
 
     cfg = ModelConfig(n_items=9, embed_dim=8, d_attn=16, n_heads=2, max_len=6,
                       collective=CollectiveConfig(d_user=2, pool_size=30))  # fmt: skip
     assert [p.name for p in entry_parts(cfg)] == ["kv.k_user", "kv.v_user", "kv.k_idx", "kv.v_idx"]
-    v1 = cache_layout(cfg, VERSION, "collective", "float16")
-    v2 = entry_layout(dataclasses.replace(cfg, arch="din"), VERSION, "collective", "float16")
+    layout = cache_layout(cfg, VERSION, "collective", "float16")
+    assert layout == entry_layout(cfg, VERSION, "collective", "float16") and layout.arch == "din"
+    g = layout.flat_group
+    assert g is not None and (g.cap, g.dk, g.dv, g.k_shared, g.v_shared) == (6, 2, 2, True, True)
     rng = np.random.default_rng(0)
     n = 4
     parts = [rng.standard_normal((n, 2)).astype(np.float16), rng.standard_normal((n, 2)).astype(np.float16),
              rng.integers(0, 30, (n, 1)).astype(np.uint16), rng.integers(0, 30, (n, 1)).astype(np.uint16)]
-    rec1 = encode_record(v1, length=n, k_user=parts[0], v_user=parts[1], k_idx=parts[2], v_idx=parts[3])
-    rec2 = encode_entry(v2, n, parts)
-    assert rec1[32:] == rec2[32:] and len(rec1) == len(rec2)
+    rec = encode_entry(layout, n, parts)
+    assert rec[32:] == b"".join(p.tobytes() for p in parts)  # k_user | v_user | k_idx | v_idx, n rows each
+    full = cache_layout(cfg, VERSION, "full", "float16")
+    assert full.flat_group is not None and full.flat_group.dk == 16 and full.idx_dtype is None
+    assert all(entry_layout(zoo_config(a), VERSION).flat_group is None for a in PAPER_MODELS)
 
 
 def test_layout_json_roundtrip_and_dispatch(tmp_path) -> None:

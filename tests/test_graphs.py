@@ -14,16 +14,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cachestore.batch import HostBatcher
-from cachestore.decode import ResidentModel, decode
+from cachestore.decode import ResidentModel, decode, din_cache
+from cachestore.entry import EntryLayout, encode_entry
+from cachestore.entry_batch import kv_storage
 from cachestore.graphs import GraphedDecoder, batch_capacity, copy_buckets, static_decode
 from cachestore.mapped import MappedBatcher
 from cachestore.publish import open_current
 from cachestore.reader import StoreReader
-from cachestore.record import CacheLayout, encode_record
 from cachestore.runtime import DecodeRuntime
 from cachestore.transfer import to_device
 from model.config import CollectiveConfig
-from tests.store_fixtures import _kv_bytes, layout_for, store_of_model
+from tests.store_fixtures import layout_for, store_of_model
 from tests.test_model import N_ITEMS, make_model, small_config
 
 VERSION = "0123456789abcdef"
@@ -38,20 +39,19 @@ MODELS = {  # name -> (config overrides, store mode)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def random_records(layout: CacheLayout, lengths: list[int | None], rng: np.random.Generator) -> list[bytes | None]:
+def random_records(layout: EntryLayout, lengths: list[int | None], rng: np.random.Generator) -> list[bytes | None]:
     """Encoded records with N(0,1) user parts and uniform pool indices; None = cold start."""
-    idx_dt = np.uint16 if layout.idx_dtype == "uint16" else np.int32
+    g = layout.flat_group
     recs: list[bytes | None] = []
     for n in lengths:
         if n is None:
             recs.append(None)
             continue
-        k = torch.from_numpy(rng.standard_normal((n, layout.dk)).astype(np.float32))
-        v = torch.from_numpy(rng.standard_normal((n, layout.dv)).astype(np.float32))
-        ki = rng.integers(0, layout.pool_size, n).astype(idx_dt).tobytes() if layout.k_shared else b""
-        vi = rng.integers(0, layout.pool_size, n).astype(idx_dt).tobytes() if layout.v_shared else b""
-        recs.append(encode_record(layout, length=n, k_user=_kv_bytes(k, layout.kv_dtype),
-                                  v_user=_kv_bytes(v, layout.kv_dtype), k_idx=ki, v_idx=vi))
+        k = kv_storage(torch.from_numpy(rng.standard_normal((n, g.dk)).astype(np.float32)), layout.kv_dtype)
+        v = kv_storage(torch.from_numpy(rng.standard_normal((n, g.dv)).astype(np.float32)), layout.kv_dtype)
+        shared = [side for side in (g.k_shared, g.v_shared) if side]
+        idx = [rng.integers(0, layout.pool_size, (n, 1)).astype(layout.dtype("idx")) for _ in shared]
+        recs.append(encode_entry(layout, n, [k, v, *idx]))
     return recs
 
 
@@ -61,7 +61,7 @@ def random_lengths(n_users: int, rng: np.random.Generator) -> list[int | None]:
     return ([0, 1, SEQ, None] + rest)[:n_users]
 
 
-def setup(name: str, kv_dtype: str) -> tuple[ResidentModel, CacheLayout]:
+def setup(name: str, kv_dtype: str) -> tuple[ResidentModel, EntryLayout]:
     overrides, mode = MODELS[name]
     model = make_model(small_config(**overrides), seed=1).eval()
     return ResidentModel(model, "cpu"), layout_for(model, VERSION, mode, kv_dtype)
@@ -70,7 +70,7 @@ def setup(name: str, kv_dtype: str) -> tuple[ResidentModel, CacheLayout]:
 def eager_logits(resident: ResidentModel, host, cand: torch.Tensor, path: str) -> torch.Tensor:
     """The regular runtime path: to_device + unpack (L = longest history) + decode."""
     dev, _ = to_device(host, resident.device)
-    return decode(resident, dev.unpack(), cand, path)
+    return decode(resident, din_cache(dev.unpack()), cand, path)
 
 
 @given(name=st.sampled_from(sorted(MODELS)), kv_dtype=st.sampled_from(["float32", "float16", "bfloat16"]),
@@ -118,7 +118,7 @@ def test_static_decode_is_shape_static(name: str, kv_dtype: str, path: str) -> N
         raw.sum().item()
 
 
-def successive_batches(layout: CacheLayout, n_users: int, rng: np.random.Generator) -> list[tuple[list, np.ndarray]]:
+def successive_batches(layout: EntryLayout, n_users: int, rng: np.random.Generator) -> list[tuple[list, np.ndarray]]:
     """Batches of different users: a long one, then one whose records are all shorter (stale bytes remain
     past its used_bytes), then random ones."""
     long = [SEQ] * (n_users - 1) + [None]

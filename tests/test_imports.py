@@ -123,3 +123,22 @@ def test_cachestore_imports_no_pipeline_or_jobs_beyond_the_listed_exceptions() -
 
 def test_pipeline_imports_no_jobs() -> None:
     assert _edges_into(import_graph(), "pipeline", ("jobs",)) == set()
+
+
+STORE_MODULES = ("cachestore.record", "cachestore.entry", "cachestore.legacy_v1", "cachestore.store_check",
+                 "cachestore.store_tree", "cachestore.reader", "cachestore.lmdb_build", "cachestore.publish",
+                 "cachestore.layout_check")
+
+
+def test_store_format_and_lmdb_tools_need_no_torch() -> None:
+    """The record format, the legacy reader and the LMDB build / publish / read / check tools import in a
+    process where ``import torch`` fails."""
+    import subprocess
+    import sys
+
+    from tests.helpers import repo_env
+
+    code = "import sys; sys.modules['torch'] = None\n" + "".join(f"import {m}\n" for m in STORE_MODULES)
+    code += "assert 'torch' not in {n.split('.')[0] for n, m in sys.modules.items() if m is not None}\n"
+    proc = subprocess.run([sys.executable, "-c", code], env=repo_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import cachestore.lmdb_build as lmdb_build
+from cachestore.entry import EntryLayout
 from cachestore.lmdb_build import StoreBuildError, build_lmdb, prefill_schema
 from cachestore.publish import (
     PublishError,
@@ -26,34 +27,38 @@ from cachestore.publish import (
     publish,
 )
 from cachestore.reader import StoreReader
-from cachestore.record import CacheLayout, ChecksumError, RecordError, write_layout
+from cachestore.record import ChecksumError, RecordError, write_layout
+from tests.test_record import din_layout
 
 MV = "00112233445566aa"
-LAYOUT = CacheLayout("collective", "float16", "uint16", 2, 1, True, True, 10_000, 50, MV)
+LAYOUT = din_layout("float16", 2, 1, True, True, pool_size=10_000, max_len=50, model_version=MV)
 
 
-def make_rows(user_ids: list[int], layout: CacheLayout = LAYOUT, seed: int = 0) -> dict[int, dict]:
-    """Synthetic prefill rows: random lengths 0..max_len, fp16 values, router indices < pool."""
+def make_rows(user_ids: list[int], layout: EntryLayout = LAYOUT, seed: int = 0) -> dict[int, dict]:
+    """Synthetic prefill rows: random lengths 0..max_len, fp16 values, router indices < pool; the din
+    parts (k_user, v_user, k_idx, v_idx: bytes) beside the row's ``payload``."""
     rng = np.random.default_rng(seed)
+    g = layout.flat_group
     rows = {}
     for uid in user_ids:
         n = int(rng.integers(0, layout.max_len + 1))
         dt = np.float16 if layout.kv_dtype == "float16" else np.float32
         row = {"user_id": uid, "length": n,
-               "k_user": rng.standard_normal((n, layout.dk)).astype(dt).tobytes(),
-               "v_user": rng.standard_normal((n, layout.dv)).astype(dt).tobytes()}
+               "k_user": rng.standard_normal((n, g.dk)).astype(dt).tobytes(),
+               "v_user": rng.standard_normal((n, g.dv)).astype(dt).tobytes()}
         for side in ("k", "v"):
-            shared = getattr(layout, f"{side}_shared")
+            shared = getattr(g, f"{side}_shared")
             idx = rng.integers(0, layout.pool_size, n).astype(np.uint16) if shared else np.zeros(0)
             row[f"{side}_idx"] = idx.tobytes()
         row["model_version"] = layout.model_version
-        row["checksum"] = zlib.crc32(row["k_user"] + row["v_user"] + row["k_idx"] + row["v_idx"])
+        row["payload"] = row["k_user"] + row["v_user"] + row["k_idx"] + row["v_idx"]
+        row["checksum"] = zlib.crc32(row["payload"])
         rows[uid] = row
     return rows
 
 
 def write_parquet(path: Path, rows: dict[int, dict], *, parts: list[list[int]],
-                  layout: CacheLayout = LAYOUT) -> Path:
+                  layout: EntryLayout = LAYOUT) -> Path:
     """Write rows as one Parquet file per id list in `parts` (in that order), plus _layout.json."""
     path.mkdir(parents=True, exist_ok=True)
     schema = prefill_schema()
@@ -77,8 +82,8 @@ def assert_store_matches(reader: StoreReader, rows: dict[int, dict]) -> None:
     for uid, rec in zip(ids, reader.get_many(ids), strict=True):
         row = rows[uid]
         assert rec.length == row["length"] and rec.model_version == MV
-        assert rec.k_user.tobytes() == row["k_user"] and rec.v_user.tobytes() == row["v_user"]
-        assert rec.k_idx.tobytes() == row["k_idx"] and rec.v_idx.tobytes() == row["v_idx"]
+        for name in ("k_user", "v_user", "k_idx", "v_idx"):
+            assert rec.arrays[f"kv.{name}"].tobytes() == row[name]
 
 
 IDS = [int(x) for x in np.random.default_rng(7).choice(10**12, 600, replace=False)] + [0, 2**63 - 1]
@@ -95,6 +100,7 @@ def test_build_and_read_back_exactly(tmp_path: Path, rows: dict[int, dict]) -> N
     assert not stats.sorted_input and stats.users == len(rows) and stats.map_retries == 0
     assert stats.behaviours == sum(r["length"] for r in rows.values())
     assert stats.empty_users == sum(r["length"] == 0 for r in rows.values())
+    assert stats.payload_bytes == sum(len(r["payload"]) for r in rows.values())
     assert stats.payload_bytes == sum(len(r["k_user"]) * 2 + len(r["k_idx"]) for r in rows.values())
     assert set(os.listdir(tmp_path / "lmdb")) <= {"data.mdb", "lock.mdb"}
     staging = new_staging_dir(tmp_path / "store")
@@ -130,15 +136,15 @@ def test_rebuild_and_sorted_input_give_identical_values(tmp_path: Path, rows: di
 
 
 def test_full_mode_float32_and_empty_store(tmp_path: Path) -> None:
-    full = CacheLayout("full", "float32", None, 8, 8, False, False, 0, 5, MV)
+    full = din_layout("float32", 8, 8, False, False, max_len=5, model_version=MV)
     rows = make_rows(list(range(40, 0, -1)), full)
     src = write_parquet(tmp_path / "p", rows, parts=[list(rows)], layout=full)
     build_lmdb(src, tmp_path / "v" / "lmdb", progress=False)
     write_layout(tmp_path / "v" / "layout.json", full)
     reader = StoreReader(tmp_path / "v")
     rec = reader.get(3)
-    assert rec.k_idx is None and rec.k_user.dtype == np.float32
-    assert rec.v_user.tobytes() == rows[3]["v_user"]
+    assert "kv.k_idx" not in rec.arrays and rec.arrays["kv.k_user"].dtype == np.float32
+    assert rec.arrays["kv.v_user"].tobytes() == rows[3]["v_user"]
     empty = write_parquet(tmp_path / "e", {}, parts=[[]])
     assert build_lmdb(empty, tmp_path / "el", progress=False).users == 0
 
@@ -170,7 +176,7 @@ def test_failed_build_publishes_nothing(tmp_path: Path, rows: dict[int, dict],
     first = build_and_publish(store)
     assert first.previous is None and current_version_id(store) == first.version_id
     reader_a = StoreReader.open_current(store)
-    original, calls = lmdb_build.record_from_parquet_row, []
+    original, calls = lmdb_build.entry_from_parquet_row, []
 
     def flaky(*args: object, **kwargs: object) -> bytes:
         calls.append(1)
@@ -178,7 +184,7 @@ def test_failed_build_publishes_nothing(tmp_path: Path, rows: dict[int, dict],
             raise RuntimeError("encoder crashed on record 100")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(lmdb_build, "record_from_parquet_row", flaky)
+    monkeypatch.setattr(lmdb_build, "entry_from_parquet_row", flaky)
     with pytest.raises(RuntimeError, match="record 100"):
         build_and_publish(store)
     assert current_version_id(store) == first.version_id
@@ -219,7 +225,7 @@ def test_readers_keep_their_version_across_publishes(tmp_path: Path) -> None:
 
 def _child_reads(reader: StoreReader, uid: int, queue: mp.Queue) -> None:
     rec = reader.get(uid)
-    queue.put((os.getpid(), rec.k_user.tobytes(), reader._pid == os.getpid()))
+    queue.put((os.getpid(), rec.arrays["kv.k_user"].tobytes(), reader._pid == os.getpid()))
 
 
 def test_reader_reopens_after_fork(tmp_path: Path) -> None:
@@ -238,7 +244,7 @@ def test_reader_reopens_after_fork(tmp_path: Path) -> None:
     proc.join(30)
     assert proc.exitcode == 0 and pid != os.getpid() and reopened
     assert k_user == rows[uid]["k_user"]
-    assert reader.get(uid).k_user.tobytes() == rows[uid]["k_user"]
+    assert reader.get(uid).arrays["kv.k_user"].tobytes() == rows[uid]["k_user"]
 
 
 def test_two_readers_of_one_version_share_the_environment(tmp_path: Path) -> None:

@@ -17,12 +17,13 @@ from hypothesis import strategies as st
 from cachestore import mapped
 from cachestore.batch import HostBatcher
 from cachestore.decode import ResidentModel
+from cachestore.entry import encode_entry
 from cachestore.fused import fused_available
 from cachestore.graphs import GraphedDecoder
 from cachestore.mapped import MappedBatcher, gather_records, gather_reference, launch_gather, value_addresses
 from cachestore.publish import LAYOUT, LMDB_DIR, open_current
 from cachestore.reader import StoreReader
-from cachestore.record import ModelVersionMismatchError, RecordError, encode_record, user_key, write_layout
+from cachestore.record import ModelVersionMismatchError, RecordError, user_key, write_layout
 from tests.store_fixtures import store_of_model
 from tests.test_model import N_ITEMS, make_model, small_config
 
@@ -134,23 +135,22 @@ def test_addresses_fast_path_equals_exact(store: dict, monkeypatch: pytest.Monke
 def test_bad_records_are_refused_naming_the_user(store: dict, tmp_path: Path) -> None:
     layout = store["readers"]["float16"].layout
     other = dataclasses.replace(layout, model_version="fedcba9876543210")
-    wider = dataclasses.replace(layout, dk=layout.dk + 1)
+    k_part = layout.parts[0]
+    wider = dataclasses.replace(layout, parts=(dataclasses.replace(k_part, width=k_part.width + 1), *layout.parts[1:]))
     vdir = tmp_path / "version"
     (vdir / LMDB_DIR).mkdir(parents=True)
     write_layout(vdir / LAYOUT, layout)
     env = lmdb.open(str(vdir / LMDB_DIR), map_size=1 << 20)
     with env.begin(write=True) as txn:
         for uid, lay in ((1, layout), (2, other), (3, wider)):
-            k, v = np.ones((3, lay.dk), np.float16).tobytes(), np.ones((3, lay.dv), np.float16).tobytes()
-            txn.put(user_key(uid), encode_record(lay, length=3, k_user=k, v_user=v,
-                                                 k_idx=np.ones(3, np.uint16), v_idx=np.ones(3, np.uint16)))
+            txn.put(user_key(uid), encode_entry(lay, 3, [np.ones((3, p.width), lay.dtype(p.kind)) for p in lay.parts]))
         txn.put(user_key(4), b"CKVR" + b"\0" * 10)  # truncated
     env.close()
     batcher = MappedBatcher(layout, reader=StoreReader(vdir), pin=False)
     assert batcher.fetch([1, 5]).lengths.tolist() == [3, 0]
     with pytest.raises(ModelVersionMismatchError, match="user 2: model version fedcba9876543210 != expected"):
         batcher.fetch([1, 2])
-    with pytest.raises(RecordError, match="user 3: record does not match the store layout"):
+    with pytest.raises(RecordError, match="user 3: .*does not match the store layout"):
         batcher.fetch([3])
     with pytest.raises(RecordError, match="user 4"):
         batcher.fetch([4])

@@ -14,13 +14,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from cachestore.entry import decode_entry, entry_from_parquet_row
+from cachestore.entry_batch import model_tensors, stack_records
 from cachestore.lmdb_build import prefill_schema
 from cachestore.reader import StoreReader
-from cachestore.record import decode_record, record_from_parquet_row, write_layout
+from cachestore.record import write_layout
 from model.cache import KVCache
-from model.cache_spec import bytes_per_behaviour, compression_rate
+from model.cache_spec import bytes_per_behaviour, compression_rate, store_config
 from model.config import CollectiveConfig, ModelConfig
 from model.ctr import TargetAttentionCTR
+from model.entry import cache_from_arrays
 from pipeline.checkpoint import save_checkpoint
 from pipeline.history import arrow_window
 from pipeline.prefill import (
@@ -80,33 +83,20 @@ def decoded(table: pa.Table, layout) -> dict[int, object]:
     """Each output row through the store's own checks (checksum, sizes, model version) and decoder."""
     out = {}
     for row in table.to_pylist():
-        rec = record_from_parquet_row(layout, **row)
-        out[row["user_id"]] = decode_record(rec, expected_model_version=layout.model_version)
+        rec = entry_from_parquet_row(layout, **row)
+        out[row["user_id"]] = decode_entry(layout, rec, expected_model_version=layout.model_version)
     return out
 
 
-def rebuilt(model, records: list, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """K, V rebuilt from records with the model's pools (model.keys_values on the stored parts)."""
-    b = len(records)
-
-    def vals(name, d):
-        out = torch.zeros(b, width, d)
-        for i, r in enumerate(records):
-            a = torch.from_numpy(getattr(r, name).copy())
-            out[i, : r.length] = (a.view(torch.bfloat16) if r.kv_dtype == "bfloat16" else a).float()
-        return out
-
-    def idx(name):
-        if getattr(records[0], name) is None:
-            return None
-        out = torch.zeros(b, width, dtype=torch.int64)
-        for i, r in enumerate(records):
-            out[i, : r.length] = torch.from_numpy(getattr(r, name).astype(np.int64))
-        return out
-
-    lengths = torch.tensor([r.length for r in records])
-    return model.keys_values(KVCache(vals("k_user", records[0].dk), vals("v_user", records[0].dv), idx("k_idx"),
-                                     idx("v_idx"), lengths))
+def rebuilt(model, layout, records: list, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K, V (B, width, d_a) rebuilt from records with the model's pools (model.keys_values on the stored
+    parts, as fp32: the din group of model.entry.cache_from_arrays)."""
+    lengths, stacked = stack_records(layout, records)
+    tensors = {k: t.float() if t.is_floating_point() else t for k, t in model_tensors(layout, stacked).items()}
+    cache = cache_from_arrays(tensors, torch.from_numpy(lengths), store_config(model.cfg, layout.mode)).kv["kv"]
+    k, v = model.keys_values(cache)  # (B, R, d_a), R = the longest record
+    pad = (0, 0, 0, width - k.shape[1])
+    return torch.nn.functional.pad(k, pad), torch.nn.functional.pad(v, pad)
 
 
 def reference(model, batch: pa.RecordBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, KVCache]:
@@ -126,15 +116,16 @@ def assert_parity(model, layout, table: pa.Table, batch: pa.RecordBatch) -> None
     users = batch.column("user_id").to_pylist()
     assert list(recs) == users  # one row per user, input order
     assert [recs[u].length for u in users] == lengths.tolist()
-    k, v = rebuilt(model, [recs[u] for u in users], model.cfg.max_len)
+    k, v = rebuilt(model, layout, [recs[u] for u in users], model.cfg.max_len)
     valid = torch.arange(model.cfg.max_len)[None, :] < lengths[:, None]
     tol = TOL[layout.kv_dtype]
     torch.testing.assert_close(k[valid], k_ref[valid], rtol=tol, atol=1e-5)
     torch.testing.assert_close(v[valid], v_ref[valid], rtol=tol, atol=1e-5)
     if layout.mode == "collective":
         for name in ("k_idx", "v_idx"):
-            if getattr(layout, f"{name[0]}_shared"):
-                stored = torch.cat([torch.from_numpy(getattr(recs[u], name).astype(np.int64)) for u in users])
+            if getattr(layout.flat_group, f"{name[0]}_shared"):
+                stored = torch.cat([torch.from_numpy(recs[u].arrays[f"kv.{name}"].ravel().astype(np.int64))
+                                    for u in users])  # fmt: skip
                 assert torch.equal(stored, getattr(cache, name)[valid])
 
 
@@ -159,12 +150,12 @@ def test_collective_parity_with_model(kv_dtype: str, engine: str) -> None:
 def test_full_mode_stores_whole_kv(cfg_kw: dict) -> None:
     model = make_model(small_config(**cfg_kw))
     layout = cache_layout(model.cfg, MV, "full")
-    assert (layout.dk, layout.dv, layout.idx_dtype, layout.pool_size) == (32, 32, None, 0)
+    g = layout.flat_group
+    assert (g.dk, g.dv, g.k_shared, g.v_shared, layout.idx_dtype, layout.pool_size) == (32, 32, False, False, None, 0)
     batch = histories(LENGTHS, seed=1)
     for engine in ("memo", "direct"):
         table = run(model, layout, batch, engine)
-        assert all(len(x) == 0 for x in table.column("k_idx").to_pylist() + table.column("v_idx").to_pylist())
-        assert [len(x) for x in table.column("k_user").to_pylist()] == [min(n, 8) * 32 * 2 for n in LENGTHS]
+        assert [len(x) for x in table.column("payload").to_pylist()] == [min(n, 8) * 2 * 32 * 2 for n in LENGTHS]
         assert_parity(model, layout, table, batch)
 
 
@@ -178,7 +169,7 @@ def test_partial_sharing(share: tuple[bool, bool]) -> None:
     cfg = small_config(collective=CollectiveConfig(d_user=2, pool_size=12, share_k=share[0], share_v=share[1]))
     model = make_model(cfg)
     layout = cache_layout(cfg, MV)
-    assert (layout.dk, layout.dv) == ((2, 32) if share[0] else (32, 2))
+    assert (layout.flat_group.dk, layout.flat_group.dv) == ((2, 32) if share[0] else (32, 2))
     batch = histories(LENGTHS, seed=2)
     assert_parity(model, layout, run(model, layout, batch, "memo"), batch)
 
@@ -193,7 +184,8 @@ def test_index_width_follows_pool_size() -> None:
     assert layout.idx_dtype == "int32"
     batch = histories([3, 0, 5], seed=3)
     table = run(model, layout, batch)
-    assert [len(x) for x in table.column("k_idx").to_pylist()] == [12, 0, 20]
+    assert [len(x) for x in table.column("payload").to_pylist()] == [3 * 12, 0, 5 * 12]  # (1 + 1) * 2 + 2 * 4
+    assert decoded(table, layout)[100].arrays["kv.k_idx"].dtype == np.int32
     assert_parity(model, layout, table, batch)
 
 
@@ -253,16 +245,16 @@ def test_noop_engine_sizes_and_checksums() -> None:
     noop = pa.Table.from_batches(list(prefill_batches([batch], NoopEngine(layout), layout)))
     for col in ("user_id", "length", "model_version"):
         assert noop.column(col).equals(real.column(col))
-    for col in ("k_user", "v_user", "k_idx", "v_idx"):
-        assert [len(x) for x in noop.column(col).to_pylist()] == [len(x) for x in real.column(col).to_pylist()]
+    assert [len(x) for x in noop.column("payload").to_pylist()] == [len(x) for x in real.column("payload").to_pylist()]
     decoded(noop, layout)  # checksums and sizes valid
 
 
-def test_checksum_is_crc_of_the_parts() -> None:
+def test_checksum_is_crc_of_the_payload() -> None:
     model = make_model(small_config())
     layout = cache_layout(model.cfg, MV)
     for row in run(model, layout, histories([4, 0, 9])).to_pylist():
-        assert row["checksum"] == zlib.crc32(row["k_user"] + row["v_user"] + row["k_idx"] + row["v_idx"])
+        assert row["checksum"] == zlib.crc32(row["payload"])
+        assert len(row["payload"]) == row["length"] * (2 * 2 + 2 * 2 + 2 + 2)  # k_user | v_user | k_idx | v_idx
 
 
 def test_bad_input_is_named() -> None:
@@ -373,7 +365,7 @@ def test_store_reader_sees_prefill_records(small_store: dict) -> None:
     with StoreReader.open_current(small_store["store"]) as reader:
         assert len(reader) == len(LENGTHS) + 5
         rec = reader.get(4)
-        assert rec is not None and rec.length == 6 and rec.k_user.shape == (6, 2)
+        assert rec is not None and rec.length == 6 and rec.arrays["kv.k_user"].shape == (6, 2)
 
 
 def test_store_build_cli_from_a_parquet_dir(small_store: dict, tmp_path: Path) -> None:
@@ -420,11 +412,11 @@ def test_memo_blocks_shared_through_a_directory(tmp_path: Path) -> None:
     assert sorted(got) == [0, 1] and shared.computed == 2
 
 
-def test_zoo_archs_get_a_v2_layout_and_refuse_the_memo_engine() -> None:
+def test_zoo_archs_refuse_the_memo_engine() -> None:
     from cachestore.entry import EntryLayout
     from pipeline.prefill import check_engine
 
-    layout = cache_layout(small_config(arch="hstu"), MV)  # several cache groups: a v2 (zoo) store
+    layout = cache_layout(small_config(arch="hstu"), MV)  # several cache groups
     assert isinstance(layout, EntryLayout) and layout.arch == "hstu"
     with pytest.raises(ValueError, match="engine 'memo' needs the din arch"):
         check_engine(layout, "memo")

@@ -77,7 +77,9 @@ def test_spark_submit_end_to_end(bundle: dict, submitted: dict) -> None:
     assert "[ckv prefill] partition" in submitted["stderr"] and "users/s" in submitted["stderr"]
     m = json.loads((store / "manifest.json").read_text())  # STORE/manifest.json -> current/manifest.json
     assert m["users"] == bundle["users"] and m["model_version"] == bundle["version"]
-    assert m["dims"] == {"d_attn": 16, "d_user": 1, "dk": 1, "dv": 1, "max_len": 50}
+    parts = {"kv.k_user": 1, "kv.v_user": 1, "kv.k_idx": 1, "kv.v_idx": 1}
+    assert m["arch"] == "din" and m["dims"] == {"d_attn": 16, "d_user": 1, "max_len": 50, "parts": parts}
+    assert m["record_format_version"] == 2 and m["layout"]["layout_version"] == 2
     assert m["dtypes"] == {"kv": "float16", "index": "uint16"} and m["pool_size"] == 64
     assert m["bytes"]["parquet"] > 0 and m["bytes"]["lmdb_disk"] > 0 and m["bytes"]["payload"] > 0
     assert "jobs/prefill.py" in m["command_line"] and m["created_at"]
@@ -96,7 +98,7 @@ def test_spark_submit_end_to_end(bundle: dict, submitted: dict) -> None:
 def test_full_baseline_and_size_report(bundle: dict, submitted: dict, spark: object) -> None:
     full = bundle["tmp"] / "full"
     m = run_prefill(opts(bundle, full, mode="full"), spark)
-    assert m["mode"] == "full" and m["dims"]["dk"] == 16 and m["dtypes"]["index"] is None
+    assert m["mode"] == "full" and m["dims"]["parts"]["kv.k_user"] == 16 and m["dtypes"]["index"] is None
     res = verify_store(full, bundle["ckpt"], bundle["data"])
     assert res.ok and res.users_checked == bundle["users"], res.mismatches
     r = CliRunner().invoke(report_cli, ["size", str(submitted["store"]), "--baseline", str(full), "--json"])

@@ -1,7 +1,7 @@
 """Fuzz of the record decoder and of the serving path's record checks (hypothesis).
 
 Random bytes, flipped bits, truncated records and router indices outside the pool, through the paths
-that serve records: ``decode_record`` (CRC), the batcher's vectorised header/size checks (the default,
+that serve records: ``decode_entry`` (CRC), the batcher's vectorised header/size checks (the default,
 and with ``verify_crc``), the eager decode (poolscore / gather) and the fused kernel (Triton's CPU
 interpreter here, compiled on CUDA). Every case ends in a clear ``RecordError`` naming the user (or
 the batch row where no user is known), or in exactly the scores of the undamaged batch."""
@@ -15,9 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cachestore.batch import HostBatcher
-from cachestore.decode import decode
+from cachestore.decode import decode, din_cache
+from cachestore.entry import decode_entry, encode_entry
 from cachestore.fused import FusedConfig, fused_available, fused_decode
-from cachestore.record import RecordError, RouterIndexError, decode_record, encode_record
+from cachestore.record import RecordError, RouterIndexError
 from cachestore.transfer import to_device
 from tests.test_graphs import SEQ, random_records, setup
 
@@ -38,11 +39,25 @@ def _scores(resident, layout, records: list[bytes], path: str = "gather", verify
     flags = torch.zeros(len(records), dtype=torch.int32)
     cand = torch.tensor([[1, 2]] * len(records))
     with torch.inference_mode():
-        logits = decode(resident, dev.unpack(), cand, path, flags=flags)
+        logits = decode(resident, _cache(resident, layout, dev), cand, path, flags=flags)
     bad = torch.nonzero(flags)
     if len(bad):
         raise RouterIndexError("router index outside the pool", int(bad[0, 0]))
     return logits
+
+
+def _cache(resident, layout, dev):
+    """The din KVCache of a device batch (unpacked to the longest history)."""
+    return din_cache(dev.unpack())
+
+
+def _record(layout, n: int, k_idx: np.ndarray, v_idx: np.ndarray) -> bytes:
+    """A valid record (CRC included) of n behaviours with zero user parts carrying these router indices
+    (those of the shared sides)."""
+    g = layout.flat_group
+    parts = [np.zeros((n, g.dk), layout.dtype("kv")), np.zeros((n, g.dv), layout.dtype("kv"))]
+    parts += [idx.astype(layout.dtype("idx"))[:, None] for idx, on in ((k_idx, g.k_shared), (v_idx, g.v_shared)) if on]
+    return encode_entry(layout, n, parts)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +74,7 @@ def base() -> dict:
 def test_damaged_record_is_an_error_or_harmless(base: dict, user: int, data: st.DataObject, how: str,
                                                 verify: bool) -> None:
     """Default path (headers + sizes): damage in the header or the size → a RecordError naming the user;
-    a payload flip is caught by verify_crc (and by decode_record), never by garbage out of bounds."""
+    a payload flip is caught by verify_crc (and by decode_entry), never by garbage out of bounds."""
     rec = bytearray(base["records"][user])
     if how == "flip":
         at = data.draw(st.integers(0, len(rec) - 1))
@@ -73,7 +88,7 @@ def test_damaged_record_is_an_error_or_harmless(base: dict, user: int, data: st.
     records = list(base["records"])
     records[user] = bytes(rec)
     with pytest.raises(RecordError, match=f"user {user}"):
-        decode_record(bytes(rec), user_id=user)  # CRC: every change is caught
+        decode_entry(base["layout"], bytes(rec), user_id=user)  # CRC: every change is caught
     try:
         got = _scores(base["resident"], base["layout"], records, verify_crc=verify)
     except RecordError as exc:
@@ -87,10 +102,7 @@ def test_damaged_record_is_an_error_or_harmless(base: dict, user: int, data: st.
 
 def _with_indices(layout, n: int, k_idx: np.ndarray, v_idx: np.ndarray) -> bytes:
     """A valid record (CRC included) of n behaviours carrying these router indices."""
-    idx_dt = np.uint16 if layout.idx_dtype == "uint16" else np.int32
-    kv = np.zeros((n, layout.dk), np.float16).tobytes(), np.zeros((n, layout.dv), np.float16).tobytes()
-    return encode_record(layout, length=n, k_user=kv[0], v_user=kv[1], k_idx=k_idx.astype(idx_dt),
-                         v_idx=v_idx.astype(idx_dt))
+    return _record(layout, n, k_idx, v_idx)
 
 
 @settings(max_examples=40, deadline=None)
@@ -111,7 +123,7 @@ def test_router_index_outside_the_pool(base: dict, user: int, side: str, data: s
     records[user] = _with_indices(layout, n, k, v)
     with pytest.raises(RouterIndexError, match=f"user {user}"):
         _scores(base["resident"], layout, records, path)
-    with pytest.raises(RouterIndexError, match=f"user {user}: {side.upper()} router index .* outside the pool"):
+    with pytest.raises(RouterIndexError, match=f"user {user}: kv.{side}_idx router index .* outside the pool"):
         _batch(layout, records, verify_crc=True)  # the CPU check (reader and verify_crc path)
     (k if side == "k" else v)[bad_at] = pool - 1
     records[user] = _with_indices(layout, n, k, v)
@@ -124,7 +136,7 @@ def test_decode_without_flags_raises_naming_the_row(base: dict) -> None:
     records[2] = _with_indices(layout, 2, np.array([0, layout.pool_size]), np.array([0, 0]))
     dev, _ = to_device(_batch(layout, records), "cpu")
     with torch.inference_mode(), pytest.raises(RouterIndexError, match="batch row 2"):
-        decode(base["resident"], dev.unpack(), torch.tensor([[1]] * N_USERS), "gather")
+        decode(base["resident"], _cache(base["resident"], layout, dev), torch.tensor([[1]] * N_USERS), "gather")
 
 
 @pytest.mark.skipif(not fused_available(DEVICE), reason="needs Triton (CUDA, or its CPU interpreter)")
@@ -136,13 +148,10 @@ def test_fused_kernel_flags_out_of_pool_indices(name: str) -> None:
     resident = type(resident)(resident.model, DEVICE)
     records = random_records(layout, [SEQ, 3, 2, SEQ], np.random.default_rng(1))
     n = 3
-    k = np.array([0, 1, layout.pool_size + 5]) if layout.k_shared else np.zeros(n)
-    v = np.array([layout.pool_size, 1, 0]) if layout.v_shared else np.zeros(n)
+    k = np.array([0, 1, layout.pool_size + 5])
+    v = np.array([layout.pool_size, 1, 0])
     bad = list(records)
-    bad[1] = encode_record(layout, length=n, k_user=np.zeros((n, layout.dk), np.float16),
-                           v_user=np.zeros((n, layout.dv), np.float16),
-                           k_idx=k.astype(np.uint16) if layout.k_shared else b"",
-                           v_idx=v.astype(np.uint16) if layout.v_shared else b"")
+    bad[1] = _record(layout, n, k, v)
     cand = torch.tensor([[1, 2]] * N_USERS, device=DEVICE)
     config = FusedConfig(pool_dtype="float32", block_l=2)
     out = {}
@@ -180,7 +189,7 @@ def test_runtime_graph_flags_name_the_user_on_cuda(tmp_path) -> None:
 
 
 def test_zoo_record_index_outside_the_pool_is_refused_on_the_cpu(tmp_path) -> None:
-    """v2 (zoo) records: every idx part is checked against the pool by the reader and the verify_crc fetch."""
+    """Zoo records: every idx part is checked against the pool by the reader and the verify_crc fetch."""
     from cachestore.entry import encode_entry, entry_layout
     from cachestore.publish import open_current
     from cachestore.reader import StoreReader

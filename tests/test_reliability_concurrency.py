@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cachestore.record import decode_record, encode_record
+from cachestore.entry import decode_entry, encode_entry
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("concurrent_serving", ROOT / "benchmarks" / "concurrent_serving.py")
@@ -23,9 +23,9 @@ def test_version_pattern_detects_a_mix() -> None:
     n = 3
 
     def rec(kk: list[int]) -> object:
-        ku = np.array(kk, np.float16) + 1
-        ki = np.array(kk, np.uint16)
-        return decode_record(encode_record(layout, length=n, k_user=ku, v_user=ku, k_idx=ki, v_idx=ki))
+        arrays = {"kv": np.array(kk, np.float16)[:, None] + 1, "idx": np.array(kk, np.uint16)[:, None]}
+        parts = [np.repeat(arrays[p.kind], p.width, axis=1) for p in layout.parts]  # k_user, v_user, k_idx, v_idx
+        return decode_entry(layout, encode_entry(layout, n, parts))
 
     assert bench.record_version(rec([2, 2, 2])) == 2
     assert bench.record_version(rec([2, 2, 1])) is None

@@ -57,7 +57,7 @@ def after(fn):
     return wrapped
 
 if point == "record":
-    lb.record_from_parquet_row = killer(lb.record_from_parquet_row)
+    lb.entry_from_parquet_row = killer(lb.entry_from_parquet_row)
 elif point == "fsync":
     pub._fsync_dir = after(pub._fsync_dir)
 elif point == "ready":
@@ -83,7 +83,7 @@ def assert_version_is(store: Path, rows: dict[int, dict]) -> None:
     with StoreReader.open_current(store) as reader:
         assert len(reader) == len(rows)
         for uid, rec in reader.iter_records():
-            assert rec.k_user.tobytes() == rows[uid]["k_user"] and rec.length == rows[uid]["length"]
+            assert rec.arrays["kv.k_user"].tobytes() == rows[uid]["k_user"] and rec.length == rows[uid]["length"]
 
 
 @pytest.fixture(scope="module")

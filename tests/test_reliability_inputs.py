@@ -148,8 +148,8 @@ def _put(version: Path, uid: int, value: bytes) -> None:
 @pytest.mark.parametrize(("mutate", "exc", "match"), [
     (lambda raw: raw[:-3], RecordSizeError, "truncated record"),
     (lambda raw: raw[:20], RecordSizeError, "truncated record: 20 bytes < 32-byte header"),
-    (lambda raw: raw[:4] + (2).to_bytes(2, "little") + raw[6:], UnsupportedVersionError,
-     "unknown record format version 2"),
+    (lambda raw: raw[:4] + (3).to_bytes(2, "little") + raw[6:], UnsupportedVersionError,
+     "record format version 3, the store's layout needs 2"),
 ])
 def test_truncated_or_future_format_record_in_a_store(store: dict, mutate, exc: type, match: str) -> None:
     """Refused by the verified reader and by the serving runtime's fast path (headers + sizes)."""
@@ -196,21 +196,21 @@ def test_verify_reports_a_corrupt_store(tmp_path: Path) -> None:
 def test_router_index_outside_the_pool_in_a_store(store: dict, path: str) -> None:
     """Regression: an index >= pool size in a served record was a raw IndexError; now the runtime raises
     RouterIndexError naming the user (after the batch, from the per-user flag), and the reader too."""
-    from cachestore.record import RouterIndexError, decode_record, encode_record
+    from cachestore.entry import decode_entry, encode_entry
+    from cachestore.record import RouterIndexError
 
     uid = store["uid"]
     with StoreReader(store["version"]) as reader:
         layout = reader.layout
-        rec = decode_record(reader.get_raw(uid))
-    k_idx = rec.k_idx.copy()
-    k_idx[-1] = layout.pool_size
-    _put(store["version"], uid, encode_record(layout, length=rec.length, k_user=rec.k_user, v_user=rec.v_user,
-                                              k_idx=k_idx, v_idx=rec.v_idx if rec.v_idx is not None else b""))
+        rec = decode_entry(layout, reader.get_raw(uid))
+    parts = {name: a.copy() for name, a in rec.arrays.items()}
+    parts["kv.k_idx"][-1] = layout.pool_size
+    _put(store["version"], uid, encode_entry(layout, rec.length, [parts[p.name] for p in layout.parts]))
     reader = StoreReader(store["version"])
     rt = DecodeRuntime(store["model"], MV, reader, device="cpu", path=path)
     assert np.isfinite(rt.score([uid + 1], [[1]]).logits).all()
     with pytest.raises(RouterIndexError, match=f"user {uid}: a router index outside the pool"):
         rt.score([uid + 1, uid], [[1], [2]])
-    with pytest.raises(RouterIndexError, match=f"user {uid}: K router index {layout.pool_size} at behaviour"):
+    with pytest.raises(RouterIndexError, match=f"user {uid}: kv.k_idx router index {layout.pool_size} at behaviour"):
         reader.get(uid)
     reader.close()

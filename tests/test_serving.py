@@ -22,14 +22,13 @@ from hypothesis import strategies as st
 
 from cachestore.batch import HostBatcher
 from cachestore.decode import ResidentModel, decode
+from cachestore.entry import EntryLayout, encode_entry
 from cachestore.publish import LAYOUT, LMDB_DIR, open_current
 from cachestore.reader import StoreReader
 from cachestore.record import (
-    CacheLayout,
     LayoutError,
     ModelVersionMismatchError,
     RecordError,
-    encode_record,
     user_key,
     write_layout,
 )
@@ -41,6 +40,7 @@ from model.config import CollectiveConfig
 from pipeline.checkpoint import save_checkpoint
 from tests.store_fixtures import layout_for, store_of_model
 from tests.test_model import N_ITEMS, make_model, small_config
+from tests.test_record import din_layout
 
 VERSION = "0123456789abcdef"
 SEQ = 8  # small_config max_len
@@ -161,46 +161,48 @@ def test_pool_score_algebra_equals_gather(b: int, length: int, c: int, d_user: i
 
 
 LAYOUTS = st.builds(
-    lambda kv, idx, share, dk, dv: CacheLayout(
-        "collective", kv, idx, dk, dv, share in ("both", "k"), share in ("both", "v"), 300, 9, VERSION),
+    lambda kv, idx, share, dk, dv: din_layout(kv, dk, dv, share in ("both", "k"), share in ("both", "v"), idx,
+                                              pool_size=300, max_len=9, model_version=VERSION),
     st.sampled_from(["float16", "bfloat16", "float32"]), st.sampled_from(["uint16", "int32"]),
     st.sampled_from(["both", "k", "v"]), st.integers(1, 5), st.integers(1, 5))
 
 
 @given(layout=LAYOUTS, seed=st.integers(0, 999))
 @settings(max_examples=30, deadline=None)
-def test_pack_transfer_unpack_round_trip(layout: CacheLayout, seed: int) -> None:
+def test_pack_transfer_unpack_round_trip(layout: EntryLayout, seed: int) -> None:
     rng = np.random.default_rng(seed)
     kv = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}[layout.kv_dtype]
     idx_dt = np.uint16 if layout.idx_dtype == "uint16" else np.int32
+    g = layout.flat_group
     ids, recs, parts = [], [], []
     for u in range(int(rng.integers(1, 7))):
         n = int(rng.integers(0, layout.max_len + 1))
         absent = rng.random() < 0.25
-        k = rng.standard_normal((n, layout.dk)).astype(np.float32)
-        v = rng.standard_normal((n, layout.dv)).astype(np.float32)
+        k = rng.standard_normal((n, g.dk)).astype(np.float32)
+        v = rng.standard_normal((n, g.dv)).astype(np.float32)
         if layout.kv_dtype == "bfloat16":  # raw bits of bf16 values
             k, v = (torch.from_numpy(x).bfloat16().view(torch.int16).numpy().view(np.uint16) for x in (k, v))
         else:
             k, v = k.astype(kv), v.astype(kv)
-        ki = rng.integers(0, 300, n).astype(idx_dt) if layout.k_shared else None
-        vi = rng.integers(0, 300, n).astype(idx_dt) if layout.v_shared else None
+        ki = rng.integers(0, 300, n).astype(idx_dt) if g.k_shared else None
+        vi = rng.integers(0, 300, n).astype(idx_dt) if g.v_shared else None
         ids.append(u * 7)
-        recs.append(None if absent else encode_record(
-            layout, length=n, k_user=k.tobytes(), v_user=v.tobytes(), k_idx=b"" if ki is None else ki.tobytes(),
-            v_idx=b"" if vi is None else vi.tobytes()))
+        stored = [k, v, *(i[:, None] for i in (ki, vi) if i is not None)]  # the din parts in layout order
+        recs.append(None if absent else encode_entry(layout, n, stored))
         parts.append(None if absent else (k, v, ki, vi))
     batcher = HostBatcher(layout, pin=False, capacity_bytes=64)  # tiny: exercises growth
     host = batcher.pack(ids, recs)
     assert host.cold_start == sum(p is None for p in parts)
     dev, cost = to_device(host, "cpu")
     assert cost.bytes == host.used_bytes and cost.ms >= 0
-    cache = dev.unpack()
-    length = cache.k_user.shape[1]
+    batch = dev.unpack()
+    a = batch.arrays
+    length = a["kv.k_user"].shape[1]
     for b, p in enumerate(parts):
         n = 0 if p is None else len(p[0])
-        assert int(cache.lengths[b]) == n
-        got = [cache.k_user[b], cache.v_user[b], cache.k_idx, cache.v_idx]
+        assert int(batch.lengths[b]) == n
+        got = [a["kv.k_user"][b], a["kv.v_user"][b], *(a[f"kv.{s}_idx"].squeeze(-1) if f"kv.{s}_idx" in a else None
+                                                       for s in "kv")]
         if layout.kv_dtype == "bfloat16":
             got[:2] = [t.view(torch.int16).numpy().view(np.uint16) for t in got[:2]]
         else:
@@ -209,7 +211,7 @@ def test_pack_transfer_unpack_round_trip(layout: CacheLayout, seed: int) -> None
             assert (got[j][n:] == 0).all()
             if p is not None:
                 np.testing.assert_array_equal(got[j][:n], p[j])
-        for j, shared in ((2, layout.k_shared), (3, layout.v_shared)):
+        for j, shared in ((2, g.k_shared), (3, g.v_shared)):
             if not shared:
                 assert got[j] is None
                 continue
@@ -247,21 +249,18 @@ def test_model_version_mismatch_is_refused(served: dict, tmp_path: Path) -> None
     vdir = tmp_path / "version"
     (vdir / LMDB_DIR).mkdir(parents=True)
     write_layout(vdir / LAYOUT, layout)
-    wider = dataclasses.replace(layout, dk=3)  # a valid record, but not of this store's layout
+    wider = dataclasses.replace(layout, parts=(dataclasses.replace(layout.parts[0], width=3), *layout.parts[1:]))
+    # (a valid record, but not of this store's layout)
     env = lmdb.open(str(vdir / LMDB_DIR), map_size=1 << 20)
     with env.begin(write=True) as txn:
         for uid, lay in ((1, layout), (2, other), (3, wider)):
-            n = 3
-            k = np.ones((n, lay.dk), np.float16).tobytes()
-            v = np.ones((n, lay.dv), np.float16).tobytes()
-            txn.put(user_key(uid), encode_record(lay, length=n, k_user=k, v_user=v,
-                                                 k_idx=np.ones(n, np.uint16), v_idx=np.ones(n, np.uint16)))
+            txn.put(user_key(uid), encode_entry(lay, 3, [np.ones((3, p.width), lay.dtype(p.kind)) for p in lay.parts]))
     env.close()
     rt = DecodeRuntime(model, VERSION, StoreReader(vdir), device="cpu")
     assert np.isfinite(rt.score([1, 4], [[1], [2]]).logits).all()
     with pytest.raises(ModelVersionMismatchError, match="user 2: model version fedcba9876543210 != expected"):
         rt.score([1, 2], [[1], [2]])
-    with pytest.raises(RecordError, match="user 3: record does not match the store layout"):
+    with pytest.raises(RecordError, match="user 3: .*does not match the store layout"):
         rt.score([3], [[1]])
 
 
@@ -302,7 +301,7 @@ def test_other_architectures_are_refused(served: dict) -> None:
 
     _, root = served["stores"]["collective", "float16"]
     sim = create_model(small_config(arch="sim", long_len=16))
-    with pytest.raises(LayoutError, match="din arch .* only; the checkpoint is arch 'sim'"):
+    with pytest.raises(LayoutError, match="the store holds 'din' caches, but the checkpoint is arch 'sim'"):
         DecodeRuntime(sim, VERSION, StoreReader(open_current(root)), device="cpu")
 
 

@@ -1,7 +1,7 @@
-"""Serving zoo stores (record format v2): StoreReader, HostBatcher fetch/pack, the v2 device unpack,
+"""Serving zoo stores: StoreReader, HostBatcher fetch/pack, the device unpack,
 DecodeRuntime and `ckv score` for SIM, ETA, SDIM, TWIN and HSTU, against the training model's forward.
 
-Stores are built from each model's own prefill (tests/zoo_store_fixtures.py) through the real v2
+Stores are built from each model's own prefill (tests/zoo_store_fixtures.py) through the real
 Parquet → LMDB builder and publish step; one test per arch uses the Spark job's per-partition
 function. The runtime's scores are compared with ``model.forward`` on the same batches the runtime
 steps through (same users, so the same padded width): TWIN's per-head top-k breaks ties between
@@ -184,7 +184,7 @@ def test_candidate_counts_and_step_limits(served: dict, arch: str, tmp_path: Pat
 @pytest.mark.parametrize(("arch", "mode"), [(a, "collective") for a in PAPER_MODELS] + [("hstu", "full")])
 def test_store_from_the_prefill_job_scores_like_forward(tmp_path: Path, arch: str, mode: str) -> None:
     """Contract with the Spark job's per-partition function (pipeline/prefill.py) for zoo checkpoints:
-    its v2 Parquet → the real builder → the runtime == forward on the windowed histories."""
+    its Parquet → the real builder → the runtime == forward on the windowed histories."""
     from pipeline.history import arrow_window
     from pipeline.prefill import cache_layout, prefill_batches
 
@@ -215,8 +215,9 @@ def test_store_from_the_prefill_job_scores_like_forward(tmp_path: Path, arch: st
     np.testing.assert_allclose(res.logits, want, rtol=1e-5, atol=1e-6)
 
 
-def test_din_cache_in_a_v2_store(tmp_path: Path) -> None:
-    """A din checkpoint served from a v2 store (one group "kv"): through the din decode paths."""
+def test_din_cache_from_the_entry_builder(tmp_path: Path) -> None:
+    """A din checkpoint served from a store of the zoo fixture builder (one group "kv"): through the din
+    decode paths."""
     from tests.test_model import make_model as make_din
     from tests.test_model import small_config
 
@@ -240,7 +241,7 @@ def test_store_and_checkpoint_mismatches_are_refused(served: dict, tmp_path: Pat
         with pytest.raises(ModelVersionMismatchError, match=f"model version {VERSION}, but .* model version {OTHER}"):
             DecodeRuntime(s["model"], OTHER, reader, device="cpu")
         other = PAPER_MODELS[(i + 1) % len(PAPER_MODELS)]
-        with pytest.raises(LayoutError, match=f"holds '{arch}' caches .* checkpoint is arch '{other}'"):
+        with pytest.raises(LayoutError, match=f"holds '{arch}' caches.* checkpoint is arch '{other}'"):
             DecodeRuntime(served[other]["model"], VERSION, reader, device="cpu")
         bigger = make_model(zoo_config(arch, collective=CollectiveConfig(d_user=3, pool_size=12)))
         with pytest.raises(LayoutError, match=f"parts do not fit the {arch} model.*k_user"):
@@ -250,18 +251,18 @@ def test_store_and_checkpoint_mismatches_are_refused(served: dict, tmp_path: Pat
             DecodeRuntime(full_model, VERSION, reader, device="cpu")
         with pytest.raises(ValueError, match="poolscore"):
             DecodeRuntime(s["model"], VERSION, reader, device="cpu", path="poolscore")
-    # a din checkpoint on a zoo store, a zoo checkpoint on a din (v1) store
+    # a din checkpoint on a zoo store, a zoo checkpoint on a din store
     from tests.store_fixtures import store_of_model
     from tests.test_model import make_model as make_din
     from tests.test_model import small_config
 
     din = make_din(small_config()).eval()
-    with pytest.raises(LayoutError, match="holds 'sim' caches .* checkpoint is arch 'din'"):
+    with pytest.raises(LayoutError, match="holds 'sim' caches.* checkpoint is arch 'din'"):
         DecodeRuntime(din, VERSION, StoreReader(open_current(served["sim"]["stores"]["collective", "float16"])))
     items, feedback, lengths, _ = make_batch([2, 3], 8, 0)
-    v1 = store_of_model(tmp_path / "v1", din, VERSION, [1, 2], items, feedback, lengths)
-    with pytest.raises(LayoutError, match="record format v1.*arch 'hstu'"):
-        DecodeRuntime(served["hstu"]["model"], VERSION, StoreReader(open_current(v1)), device="cpu")
+    din_store = store_of_model(tmp_path / "din", din, VERSION, [1, 2], items, feedback, lengths)
+    with pytest.raises(LayoutError, match="holds 'din' caches, but the checkpoint is arch 'hstu'"):
+        DecodeRuntime(served["hstu"]["model"], VERSION, StoreReader(open_current(din_store)), device="cpu")
 
 
 def test_bad_records_in_a_zoo_store(tmp_path: Path) -> None:
@@ -296,7 +297,7 @@ def test_bad_records_in_a_zoo_store(tmp_path: Path) -> None:
         reader.get(4)
 
 
-def test_reader_decodes_v2_records(served: dict) -> None:
+def test_reader_decodes_zoo_records(served: dict) -> None:
     s = served["sdim"]
     root = s["stores"]["collective", "float16"]
     reader = StoreReader(open_current(root))
@@ -429,26 +430,34 @@ def test_cuda_runtime_matches_cpu(served: dict, arch: str) -> None:
 
 
 def test_unpacked_din_group_is_a_kv_cache() -> None:
-    """The v2 unpack of the din arch's parts gives exactly the v1 unpack's KVCache tensors."""
-    from cachestore.record import encode_record
+    """The unpack of the din arch's parts, through ``cachestore.decode.din_cache``, is the padded KVCache of
+    the stored parts (zeros and index 0 at padding; cold start: length 0)."""
+    from cachestore.decode import din_cache
     from model.config import ModelConfig
-    from pipeline.prefill_engines import cache_layout
+    from model.entry import cache_from_arrays
 
     cfg = ModelConfig(n_items=9, embed_dim=8, d_attn=16, n_heads=2, max_len=6,
                       collective=CollectiveConfig(d_user=2, pool_size=30))  # fmt: skip
-    v1 = cache_layout(cfg, VERSION, "collective", "float16")
-    v2 = entry_layout(cfg, VERSION, "collective", "float16")
+    layout = entry_layout(cfg, VERSION, "collective", "float16")
     rng = np.random.default_rng(5)
-    recs1, recs2 = [], []
+    recs, stored = [], []
     for n in (0, 4, 6, 2):
         parts = [rng.standard_normal((n, 2)).astype(np.float16), rng.standard_normal((n, 2)).astype(np.float16),
                  rng.integers(0, 30, (n, 1)).astype(np.uint16), rng.integers(0, 30, (n, 1)).astype(np.uint16)]
-        recs1.append(encode_record(v1, length=n, k_user=parts[0].tobytes(), v_user=parts[1].tobytes(),
-                                   k_idx=parts[2].tobytes(), v_idx=parts[3].tobytes()))
-        recs2.append(encode_entry(v2, n, parts))
-    a = to_device(HostBatcher(v1, pin=False).pack([1, 2, 3, 4, 5], [*recs1, None]), "cpu")[0].unpack()
-    b = to_device(HostBatcher(v2, pin=False).pack([1, 2, 3, 4, 5], [*recs2, None]), "cpu")[0].unpack()
-    assert isinstance(a, KVCache) and isinstance(b, EntryBatch)
-    assert torch.equal(a.k_user, b.arrays["kv.k_user"]) and torch.equal(a.v_user, b.arrays["kv.v_user"])
-    assert torch.equal(a.k_idx, b.arrays["kv.k_idx"].squeeze(-1)) and torch.equal(a.v_idx, b.arrays["kv.v_idx"][..., 0])
-    assert torch.equal(a.lengths, b.lengths)
+        recs.append(encode_entry(layout, n, parts))
+        stored.append(parts)
+    batch = to_device(HostBatcher(layout, pin=False).pack([1, 2, 3, 4, 5], [*recs, None]), "cpu")[0].unpack()
+    assert isinstance(batch, EntryBatch)
+    kv = din_cache(batch)
+    whole = cache_from_arrays(batch.arrays, batch.lengths, cfg).kv["kv"]  # what the helper shortcuts
+    for name in ("k_user", "v_user", "k_idx", "v_idx", "lengths"):
+        assert torch.equal(getattr(kv, name), getattr(whole, name)), name
+    assert isinstance(kv, KVCache) and kv.lengths.tolist() == [0, 4, 6, 2, 0] and kv.k_user.shape == (5, 6, 2)
+    assert kv.k_idx.dtype == torch.int64 and kv.k_idx.shape == (5, 6)
+    for b, parts in enumerate(stored):
+        n = len(parts[0])
+        for got, want in ((kv.k_user[b], parts[0]), (kv.v_user[b], parts[1]), (kv.k_idx[b], parts[2][:, 0]),
+                          (kv.v_idx[b], parts[3][:, 0])):
+            np.testing.assert_array_equal(got[:n].numpy(), want)
+            assert (got[n:] == 0).all()
+    assert (kv.k_user[4] == 0).all() and (kv.v_idx[4] == 0).all()

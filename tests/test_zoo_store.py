@@ -1,12 +1,12 @@
-"""The nightly prefill and the store tools for zoo checkpoints (v2 stores) with a real local Spark.
+"""The nightly prefill and the store tools for zoo checkpoints with a real local Spark.
 
 Tiny SIM / SDIM / HSTU checkpoints (tests/test_zoo.py's config: d_a 32, pool 12, windows 4 / 10) and
 48 synthetic users (lengths 0 .. 25, so every window is both partly filled and truncated). One
 ``spark-submit jobs/prefill.py`` subprocess (SIM, collective) end to end; the other runs use the
-session-scoped in-process SparkSession (tests/conftest.py). Checked: v2 Parquet rows + layout +
+session-scoped in-process SparkSession (tests/conftest.py). Checked: Parquet rows + layout +
 manifest, ``ckv store verify`` for every user (every K/V group, router indices, retrieval keys), a
 byte-identical rerun and rebuild, the full-KV baseline and the size report's CR, corrupted values
-failing verify, incremental runs, engines (memo refused, noop sizes), v1 Parquet refused for a v2 layout.
+failing verify, incremental runs, engines (memo refused, noop sizes), Parquet without a payload refused.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from jobs.report import report as report_cli
 from jobs.store import store as store_cli
 from model.cache_spec import compression_rate, entry_bytes
 from pipeline.checkpoint import save_checkpoint
-from pipeline.prefill import ENTRY_OUTPUT_SCHEMA, NoopEngine, ZooEngine, cache_layout, prefill_batches
+from pipeline.prefill import OUTPUT_SCHEMA, NoopEngine, ZooEngine, cache_layout, prefill_batches
 from pipeline.spark_job import PrefillOptions, run_prefill
 from pipeline.verify import verify_store
 from tests.helpers import run_prefill_submit
@@ -256,7 +256,7 @@ def test_engines_and_input_checks(bundle: dict, tmp_path: Path) -> None:
     batches = bundle["table"].to_batches(max_chunksize=20)
     model_out = pa.Table.from_batches(list(prefill_batches(batches, ck["model"], layout, batch_users=8)))
     noop_out = pa.Table.from_batches(list(prefill_batches(batches, NoopEngine(layout), layout)))
-    assert model_out.schema == noop_out.schema == ENTRY_OUTPUT_SCHEMA == entry_schema()
+    assert model_out.schema == noop_out.schema == OUTPUT_SCHEMA == entry_schema()
     sizes = [len(p) for p in model_out.column("payload").to_pylist()]
     assert [len(p) for p in noop_out.column("payload").to_pylist()] == sizes
     assert sizes == (layout.record_sizes(np.array(model_out.column("length").to_pylist())) - 32).tolist()
@@ -274,12 +274,14 @@ def test_engines_and_input_checks(bundle: dict, tmp_path: Path) -> None:
                 np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=2e-3, atol=1e-5)
             else:
                 assert np.array_equal(a, b), p.name
-    # a v2 layout with v1 Parquet (or the reverse) is refused naming the missing column
-    pdir = tmp_path / "v1-parquet"
+    # Parquet of per-part columns (no payload) is refused naming the missing column
+    pdir = tmp_path / "parts-parquet"
     pdir.mkdir()
-    pq.write_table(pa.Table.from_pylist([], schema=prefill_schema()), pdir / "part-0.parquet")
+    parts = pa.schema([(f.name, f.type) for f in prefill_schema() if f.name != "payload"]
+                      + [("k_user", pa.binary()), ("v_user", pa.binary())])  # fmt: skip
+    pq.write_table(pa.Table.from_pylist([], schema=parts), pdir / "part-0.parquet")
     write_layout(pdir / PARQUET_LAYOUT_FILE, layout)
-    with pytest.raises(StoreBuildError, match="missing column 'payload'.*v2"):
+    with pytest.raises(StoreBuildError, match="missing column 'payload'"):
         build_lmdb(pdir, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 

@@ -1,6 +1,6 @@
-"""Test helper: publish a zoo cache store (record format v2) straight from a zoo model's prefill.
+"""Test helper: publish a zoo cache store straight from a zoo model's prefill.
 
-Independent of the Spark prefill job (pipeline/prefill.py): rows are the v2 prefill Parquet rows
+Independent of the Spark prefill job (pipeline/prefill.py): rows are the prefill Parquet rows
 (``cachestore.entry.entry_schema``: user_id, length, payload, model_version, checksum) made here from
 the model's own cache (collective; or, mode "full", every group's K/V rebuilt at d_a by
 ``model.entry.full_cache``), written as Parquet + ``_layout.json`` and built + published with the real
@@ -33,7 +33,7 @@ from model.entry import entry_arrays, full_cache
 
 def zoo_prefill_rows(model: torch.nn.Module, layout: EntryLayout, user_ids: list[int], items: torch.Tensor,
                      feedback: torch.Tensor, lengths: torch.Tensor) -> list[dict]:
-    """v2 prefill Parquet rows (dicts) of these users' padded histories."""
+    """Prefill Parquet rows (dicts) of these users' padded histories."""
     cfg = model.cfg
     with torch.no_grad():
         cache = model.prefill(items, feedback, lengths)
@@ -75,7 +75,7 @@ def publish_records(root: Path, layout: EntryLayout, records: dict[int, bytes]) 
 
 
 def build_zoo_store(root: Path, rows: list[dict], layout: EntryLayout) -> Path:
-    """Write v2 prefill rows as Parquet under root/parquet, build and publish; returns root."""
+    """Write prefill rows as Parquet under root/parquet, build and publish; returns root."""
     pdir = Path(root) / "parquet"
     pdir.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=entry_schema()), pdir / "part-00000.parquet")
@@ -87,6 +87,6 @@ def build_zoo_store(root: Path, rows: list[dict], layout: EntryLayout) -> Path:
 def zoo_store_of_model(root: Path, model: torch.nn.Module, version: str, user_ids: list[int], items: torch.Tensor,
                        feedback: torch.Tensor, lengths: torch.Tensor, mode: str = "collective",
                        kv_dtype: str = "float16") -> Path:
-    """Prefill these users with the zoo ``model`` and publish the v2 store under root."""
+    """Prefill these users with the zoo ``model`` and publish the store under root."""
     layout = entry_layout(model.cfg, version, mode, kv_dtype)
     return build_zoo_store(root, zoo_prefill_rows(model, layout, user_ids, items, feedback, lengths), layout)

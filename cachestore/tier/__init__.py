@@ -5,7 +5,7 @@
     policy.py   eviction policies: LRU and S3-FIFO
     graph.py    the CUDA graph of a resident request (ids in → lookup → gather → decode)
 
-Record format v1 (din) stores only; zoo stores (v2) keep the LMDB fetch path. docs/serving.md describes
+din stores only (one flat K/V group per record); zoo stores keep the LMDB fetch path. docs/serving.md describes
 the design, the capacity rule and the measured hit rates and latencies.
 """
 

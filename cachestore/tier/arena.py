@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from cachestore.batch import zero_block_bytes
-from cachestore.record import CacheLayout
+from cachestore.entry import EntryLayout
 
 try:
     import triton
@@ -35,12 +35,12 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = None
 
 
-def bytes_per_behaviour(layout: CacheLayout) -> int:
-    """Record bytes per behaviour (``layout.record_size(n) = 32 + n * this``)."""
-    return sum(layout.header_parts[2])
+def bytes_per_behaviour(layout: EntryLayout) -> int:
+    """Record bytes per behaviour of a din layout (``layout.record_size(n) = 32 + n * this``)."""
+    return sum(layout.row_bytes)
 
 
-def header_bytes(layout: CacheLayout, max_users: int) -> int:
+def header_bytes(layout: EntryLayout, max_users: int) -> int:
     """Bytes reserved at the arena's start for the header and zero block of requests of <= max_users users
     (rounded up to 256 so records start aligned)."""
     return (16 * max_users + zero_block_bytes(layout) + 255) & -256
@@ -57,7 +57,7 @@ def lookup(ids: torch.Tensor, keys: torch.Tensor, offset: torch.Tensor, length: 
 
 
 def write_header(arena: torch.Tensor, ids: torch.Tensor, keys: torch.Tensor, offset: torch.Tensor,
-                 length: torch.Tensor, present: torch.Tensor, layout: CacheLayout) -> None:
+                 length: torch.Tensor, present: torch.Tensor, layout: EntryLayout) -> None:
     """Look ``ids`` (B,) up and write the request's header and zero block at the arena's start and the
     ``present`` (B,) bool mask. Shape-static and free of host syncs (captured in the resident graph)."""
     b = ids.numel()

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from cachestore.batch import HostBatcher, check_record, zero_block_bytes
-from cachestore.record import _CRC_OFFSET, HEADER_SIZE, KEY, CacheLayout, RecordError  # CRC: bytes 0..27 + payload
+from cachestore.record import _CRC_OFFSET, HEADER_SIZE, KEY, RecordError  # CRC: bytes 0..27 + payload
 from cachestore.tier.arena import bytes_per_behaviour, header_bytes
 from cachestore.tier.policy import make_policy
 
@@ -91,15 +91,15 @@ class Resolved:
 
 
 class ResidentTier:
-    """See the module docstring. reader: the store version (record format v1); device; capacity: bytes
+    """See the module docstring. reader: the store version (a din store); device; capacity: bytes
     (:func:`plan_capacity`, > 0); policy: "lru" | "s3fifo" (cache mode); batch_users: the most users a
     :meth:`resolve` takes; expected_model_version: the loaded checkpoint's."""
 
     def __init__(self, reader: StoreReader, device: torch.device, capacity: int, *, policy: str = "s3fifo",
                  batch_users: int = 512, expected_model_version: str | None = None) -> None:
         layout = reader.layout
-        if not isinstance(layout, CacheLayout):
-            raise ValueError("the resident tier holds record format v1 (din) stores; zoo stores use the fetch path")
+        if layout.flat_group is None:
+            raise ValueError("the resident tier holds din stores; zoo stores use the fetch path")
         self.reader, self.layout, self.device = reader, layout, torch.device(device)
         self.capacity, self.batch_users = int(capacity), batch_users
         self.version = expected_model_version or layout.model_version
