@@ -81,7 +81,6 @@ from cachestore.entry_batch import entry_payloads, storage_arrays  # noqa: E402
 from cachestore.graphs import GraphedDecoder  # noqa: E402
 from cachestore.transfer import to_device  # noqa: E402
 from model.blocks import ZooCache  # noqa: E402
-from model.cache import KVCache  # noqa: E402
 from model.config import ARCHS, LONG_ARCHS, ModelConfig  # noqa: E402
 from model.entry import entry_arrays  # noqa: E402
 
@@ -125,11 +124,7 @@ def store_records(model: torch.nn.Module, layout: object, n_users: int, kv_dtype
 def packed_cache(host: HostBatch, cfg: ModelConfig, device: torch.device) -> ZooCache:
     """The collective cache a packed batch holds, as the model decodes it (kv parts in fp32): one copy and
     the eager unpack (``cachestore.transfer``), a din batch as the one group "kv"."""
-    batch = to_device(host, device)[0].unpack()
-    if isinstance(batch, KVCache):  # a din batch of record format 1
-        parts = KVCache(batch.k_user.float(), batch.v_user.float(), batch.k_idx, batch.v_idx, batch.lengths)
-        return ZooCache(lengths=batch.lengths, kv={"kv": parts}, keys={})
-    return entry_cache(batch, cfg, torch.float32)
+    return entry_cache(to_device(host, device)[0].unpack(), cfg, torch.float32)
 
 
 def bench_collective(model: torch.nn.Module, layout: object, host: HostBatch, candidates: torch.Tensor,
