@@ -1,4 +1,4 @@
-"""CUDA graphs for the din decode: one graph replay per batch, copy included.
+"""CUDA graphs for the decode of every model: one graph replay per batch, copy included.
 
 At serving batch sizes the eager path (:func:`cachestore.transfer.unpack_entry` + :func:`cachestore.decode.decode`)
 is bound by per-op CPU dispatch and kernel launches (~1.6 ms at every B on an H100), not by bytes. For a
@@ -33,6 +33,12 @@ read; masking is arithmetic on (B, L) masks (no boolean indexing, ``nonzero`` or
 path choice depends on shapes only. Host-side checks (batch size, longest history <= L, used_bytes <=
 capacity, a pinned host buffer) run before the replay.
 
+Every model has the same graph: din's body is :func:`cachestore.fused.fused_decode`; SIM, ETA, SDIM and TWIN's
+:func:`cachestore.fused_zoo.zoo_static_decode`; HSTU's :func:`cachestore.fused_hstu.hstu_static_decode` — each
+reads the copied records in place (Triton), shape-static and free of host syncs. The zoo bodies are launched
+once per batch (no copy pieces: ``overlap`` applies to din). Without Triton (CPU tests) the eager body unpacks
+the batch and runs the model's own ``decode``.
+
 Contract: replays run on the caller's current stream; the host buffer and the candidate staging are
 refilled only after the replay that reads them (the batcher waits for the event :meth:`GraphedDecoder.run`
 marks; staging waits for the previous replay); the returned logits tensor is the graph's static output and
@@ -52,12 +58,23 @@ import numpy as np
 import torch
 
 from cachestore.batch import HostBatch, zero_block_bytes
-from cachestore.decode import PATHS, ResidentModel, choose_path, decode, din_cache
+from cachestore.decode import (
+    PATHS,
+    ResidentZooModel,
+    choose_path,
+    decode,
+    decode_zoo,
+    din_cache,
+    entry_cache,
+)
 from cachestore.entry import EntryLayout
 from cachestore.fused import ALL_BYTES, DEFAULT_FUSED, FUSED, FusedConfig, fused_decode, uses_fused
+from cachestore.fused_hstu import hstu_static_decode
+from cachestore.fused_zoo import zoo_static_decode
 from cachestore.mapped import MappedBatch, gather_records
 from cachestore.transfer import TransferCost, unpack_entry
 from model.cache import KVCache
+from model.cache_spec import store_config
 
 # Graphs are captured while other threads keep the device busy (a server loads the next store version and
 # captures its graphs while the current one serves): only the capturing thread's calls may break a capture.
@@ -79,7 +96,7 @@ def unpack_din(raw: torch.Tensor, layout: EntryLayout, n_users: int, pad_to: int
     return din_cache(unpack_entry(raw, layout, n_users, pad_to, 16 * n_users))
 
 
-def static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: ResidentModel, layout: EntryLayout,
+def static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: ResidentZooModel, layout: EntryLayout,
                   n_users: int, pad_to: int, path: str, fused: FusedConfig = DEFAULT_FUSED,
                   chunks: Sequence[tuple[int, int]] = ALL_BYTES,
                   on_chunk: Callable[[int], None] | None = None, flags: torch.Tensor | None = None) -> torch.Tensor:
@@ -89,7 +106,20 @@ def static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: Resi
     ``fused``, no unpack, one launch per byte range of ``chunks``, each after ``on_chunk``: see
     :func:`cachestore.fused.fused_attention`; the other paths ignore both). ``flags`` ((B,) int32): set to 1
     for users with a router index outside the pool (:func:`cachestore.decode.bound_router_indices`).
-    Shape-static and free of host syncs (the body :class:`GraphedDecoder` captures)."""
+    A zoo model's "fused" body is its own kernels' decode (``chunks`` must be :data:`ALL_BYTES`); its other
+    paths unpack and run ``model.decode`` (eager only: not capturable, and flags stay 0 — the fetch checks
+    the indices). Shape-static and free of host syncs on the fused path (the body :class:`GraphedDecoder`
+    captures)."""
+    arch = resident.cfg.arch
+    if arch != "din":
+        if path == FUSED:
+            if chunks != ALL_BYTES:
+                raise ValueError("a zoo model's fused decode is one launch per batch (no chunks)")
+            fast = hstu_static_decode if arch == "hstu" else zoo_static_decode
+            return fast(raw, candidates, resident=resident, layout=layout, n_users=n_users, config=fused, flags=flags)
+        batch = unpack_entry(raw, layout, n_users, pad_to, 16 * n_users)
+        cache = entry_cache(batch, store_config(resident.cfg, layout.mode), resident.dtype)
+        return decode_zoo(resident, cache, candidates)
     if path == FUSED:
         return fused_decode(resident, raw, layout, n_users, candidates, config=fused, chunks=chunks, on_chunk=on_chunk,
                             flags=flags)
@@ -144,11 +174,13 @@ class _Captured:
 class GraphedDecoder:
     """Captured copy + unpack + decode for fixed (n_users B, pad_to L, n_candidates C, capacity) on CUDA.
 
-    resident: the model on its CUDA device; layout: the din store's EntryLayout; path: "auto" ("fused" on CUDA
-    with Triton, else resolved from the shapes, :func:`cachestore.decode.choose_path`), "fused", "poolscore"
-    or "gather"; capacity: static buffer bytes (default :func:`batch_capacity`); fused: the fused kernel's
-    launch settings (:class:`cachestore.fused.FusedConfig`, e.g. fp16 pools). ``eager=True`` runs
-    :func:`static_decode` on the same static buffers without a graph (any device; for tests).
+    resident: the model on its CUDA device (``ResidentModel`` for din, :class:`ResidentZooModel` for the
+    zoo); layout: the store's EntryLayout; path: "auto" ("fused" on CUDA with Triton, else resolved from the
+    shapes, :func:`cachestore.decode.choose_path`; a zoo model: "gather", its own eager decode), "fused",
+    "poolscore" (din) or "gather"; a captured zoo graph needs "fused"; capacity: static buffer bytes (default
+    :func:`batch_capacity`); fused: the fused kernel's launch settings (:class:`cachestore.fused.FusedConfig`,
+    e.g. fp16 pools). ``eager=True`` runs :func:`static_decode` on the same static buffers without a graph (any
+    device; for tests).
     :meth:`run` scores a pinned :class:`HostBatch` (one replay: copies + decode); :attr:`last_cost` is the
     batch copy's :class:`TransferCost` (bytes moved, CUDA-event time inside the graph).
     overlap: on the fused path, the batch copy is split into up to ``overlap`` pieces (:func:`copy_chunks`:
@@ -168,7 +200,7 @@ class GraphedDecoder:
     measured slower: ``benchmarks/results/decode_latency_nosplit.json``, ``decode_latency_mapped_*.json``.)
     """
 
-    def __init__(self, resident: ResidentModel, layout: EntryLayout, *, n_users: int, pad_to: int,
+    def __init__(self, resident: ResidentZooModel, layout: EntryLayout, *, n_users: int, pad_to: int,
                  n_candidates: int = 1, capacity: int | None = None, path: str = "auto", warmup: int = 3,
                  eager: bool = False, fused: FusedConfig = DEFAULT_FUSED, overlap: int = DEFAULT_OVERLAP,
                  concurrent: bool = True) -> None:
@@ -176,8 +208,11 @@ class GraphedDecoder:
         if not eager and (self.device.type != "cuda" or not torch.cuda.is_available()):
             raise RuntimeError(f"CUDA graphs need a CUDA device; the model is on {self.device}: "
                                "use the eager path (DecodeRuntime without graphs, or cachestore.decode.decode)")
-        if layout.flat_group is None:
-            raise ValueError(f"CUDA graphs cover the din decode only (this store holds {layout.arch!r} caches)")
+        self.zoo = resident.cfg.arch != "din"
+        if layout.arch != resident.cfg.arch or (not self.zoo and layout.flat_group is None):
+            raise ValueError(f"the store holds {layout.arch!r} caches, the model is {resident.cfg.arch!r}")
+        if self.zoo and path == "poolscore":
+            raise ValueError(f"path 'poolscore' is the din model's attention, not {resident.cfg.arch!r}'s")
         if path not in (*PATHS, FUSED):
             raise ValueError(f"path must be one of {(*PATHS, FUSED)}, got {path!r}")
         if overlap < 1:
@@ -203,8 +238,14 @@ class GraphedDecoder:
             self.candidates_host = torch.zeros(n_users, n_candidates, dtype=torch.int64, pin_memory=not eager)
             self.flags = torch.zeros(n_users, dtype=torch.int32, device=self.device)  # static: per-user index flags
             path = FUSED if uses_fused(path, self.device) else path
-            self.path = path if path != "auto" else choose_path(
-                unpack_din(self.raw, layout, n_users, pad_to), n_candidates, resident)
+            if self.zoo:
+                self.path = "gather" if path == "auto" else path
+                if not eager and self.path != FUSED:
+                    raise ValueError(f"a CUDA graph of a {resident.cfg.arch} model needs its fused decode "
+                                     "(Triton on the CUDA device)")
+            else:
+                self.path = path if path != "auto" else choose_path(
+                    unpack_din(self.raw, layout, n_users, pad_to), n_candidates, resident)
             self.logits = self._body()  # eager once: checks the body (and compiles the kernel)
             if not eager:
                 self._pool = torch.cuda.graph_pool_handle()
@@ -243,7 +284,7 @@ class GraphedDecoder:
     def pieces(self, nbytes: int) -> list[tuple[int, int]]:
         """Byte ranges a graph copying ``nbytes`` copies one by one (:func:`copy_chunks` with ``overlap``
         on the fused path; one range otherwise)."""
-        overlap = self.overlap if self.path == FUSED else 1
+        overlap = self.overlap if self.path == FUSED and not self.zoo else 1
         return copy_chunks(nbytes, 16 * self.n_users, overlap)
 
     def _capture(self, source: torch.Tensor) -> _Captured:

@@ -23,10 +23,12 @@ the runtime is created, a record written by another model version when it is fet
 ``ModelVersionMismatchError``). The store may be the full-KV baseline store (layout mode "full").
 
 One record format (:mod:`cachestore.entry`, ``EntryLayout``) holds every model's cache: the ``din``
-arch's one K/V group, decoded by :func:`cachestore.decode.decode` (poolscore or gather) or read in place
-by the fused kernel, and a zoo model's several K/V groups plus retrieval keys (SIM, ETA, SDIM, TWIN,
-HSTU). A batch is unpacked part by part (:func:`cachestore.transfer.unpack_entry`), rebuilt with
-``model.entry.cache_from_arrays`` and decoded by the din paths or the zoo model's own ``decode``
+arch's one K/V group and a zoo model's several K/V groups plus retrieval keys (SIM, ETA, SDIM, TWIN,
+HSTU). On CUDA with Triton (path "auto" or "fused") every model's decode reads the copied records in place
+(:func:`cachestore.graphs.static_decode`: din's fused kernel, :mod:`cachestore.fused_zoo`,
+:mod:`cachestore.fused_hstu`), inside a CUDA graph with ``graphs``. Otherwise a batch is unpacked part by
+part (:func:`cachestore.transfer.unpack_entry`), rebuilt with ``model.entry.cache_from_arrays`` and decoded
+by the din paths (:func:`cachestore.decode.decode`: poolscore or gather) or the zoo model's own ``decode``
 (:func:`cachestore.decode.decode_zoo`). The store's arch and parts must be exactly those
 ``cachestore.entry.entry_layout`` gives for the checkpoint (:func:`check_layout`).
 """
@@ -47,8 +49,8 @@ import torch
 
 from cachestore.batch import FetchedBatch, HostBatcher
 from cachestore.decode import ResidentModel, ResidentZooModel, decode, decode_zoo, din_cache, entry_cache
-from cachestore.fused import FUSED, fused_available, fused_decode, uses_fused
-from cachestore.graphs import GraphedDecoder
+from cachestore.fused import FUSED, fused_available, uses_fused
+from cachestore.graphs import GraphedDecoder, static_decode
 from cachestore.item_ids import ItemIds, UnknownItemError
 from cachestore.layout_check import check_layout
 from cachestore.mapped import MappedBatcher
@@ -121,17 +123,16 @@ class DecodeRuntime:
     model / model_version: the checkpoint (``pipeline.checkpoint.load_checkpoint``; any arch whose
     store format the reader's layout is, see the module docstring); the model is moved to ``device``.
     reader: a :class:`cachestore.reader.StoreReader` of the store version to serve. path: "auto" |
-    "fused" | "poolscore" | "gather" (:mod:`cachestore.decode`; "auto" on CUDA with Triton and a din
-    store is "fused", :mod:`cachestore.fused`; a zoo model always decodes with its own
-    attention: "auto" and "gather" are accepted, "poolscore" is refused). batch_users: users per
-    fetch/transfer/decode step. max_pairs: at most this many (user, candidate) pairs per step (rows
-    are grouped by candidate count; each step is trimmed to its widest row). pad_to: pad every batch
+    "fused" | "poolscore" | "gather" (:mod:`cachestore.decode`; "auto" on CUDA with Triton is "fused" for
+    every model; "gather" is the eager reference, a zoo model's own ``decode``; "poolscore" is din's only).
+    batch_users: users per fetch/transfer/decode step. max_pairs: at most this many (user, candidate) pairs
+    per step (rows are grouped by candidate count; each step is trimmed to its widest row). pad_to: pad every batch
     to this history length (static shapes for CUDA graphs / torch.compile; default: the longest
     history in the batch). verify_crc: walk the store's B-tree once at construction
 (:func:`cachestore.store_check.check_tree`) and CRC-check every fetched record (off: headers, sizes and
 router index bounds only).
-    graphs: decode each step by replaying a CUDA graph (:mod:`cachestore.graphs`; CUDA and din
-    stores only): steps are padded with cold-start slots to a fixed size per candidate width C
+    graphs: decode each step by replaying a CUDA graph (:mod:`cachestore.graphs`; CUDA, and for
+    a zoo model its fused decode): steps are padded with cold-start slots to a fixed size per candidate width C
     (``min(batch_users, max_pairs // C)``) and to L = pad_to (default: the store's max_len); one
     :class:`GraphedDecoder` per (step size, C), which captures a graph (copies included) per host
     buffer and copy-size bucket on first use. fused_config: the fused
@@ -160,9 +161,6 @@ router index bounds only).
             check_tree(reader.version_dir)
         self.device = torch.device(device) if device is not None else default_device()
         self.zoo = getattr(model.cfg, "arch", "din") != "din"
-        if graphs and (self.device.type != "cuda" or self.zoo):
-            raise ValueError("graphs=True needs a CUDA device and a din store; "
-                             f"got device {self.device}, arch {layout.arch!r}")
         self.graphs = graphs
         self._graphs: dict[tuple[int, int], GraphedDecoder] = {}  # (step users, candidates) -> graph
         if self.zoo and path == "poolscore":
@@ -175,11 +173,12 @@ router index bounds only).
         self.reader = reader
         self.layout = layout
         self.path = path
-        din = not self.zoo  # one flat K/V group per record: what the fused kernel reads
-        if path == FUSED and not (din and fused_available(self.device)):
-            raise ValueError(f"path 'fused' needs a din store and Triton on a CUDA device "
-                             f"(device {self.device})")
-        self.fused = din and uses_fused(path, self.device)  # "auto" on CUDA with Triton, or "fused"
+        if path == FUSED and not fused_available(self.device):
+            raise ValueError(f"path 'fused' needs Triton on a CUDA device (device {self.device})")
+        self.fused = uses_fused(path, self.device)  # "auto" on CUDA with Triton, or "fused": every model
+        if graphs and (self.device.type != "cuda" or (self.zoo and not self.fused)):
+            raise ValueError("graphs=True needs a CUDA device (and, for a zoo model, its fused decode: path auto "
+                             f"or fused, Triton); got device {self.device}, arch {layout.arch!r}, path {path!r}")
         self.fused_config = config.fused_config
         self.batch_users = batch_users
         self.pad_to = pad_to
@@ -375,19 +374,20 @@ router index bounds only).
             start.record()
         else:
             t_dec = time.perf_counter()
-        # per-user "router index outside the pool" flags of the din decode paths (the graph has its own; a zoo
-        # model's decode checks its indices on the CPU fetch)
-        flags = None if self.graphs or self.zoo else torch.zeros(n, dtype=torch.int32, device=self.device)
+        # per-user "router index outside the pool" flags of the fused and din decode paths (the graph has its own;
+        # a zoo model's eager decode checks its indices on the CPU fetch)
+        eager_zoo = self.zoo and not self.fused
+        flags = None if self.graphs or eager_zoo else torch.zeros(n, dtype=torch.int32, device=self.device)
         if self.graphs:  # one replay: the batch and candidate copies, then the decode
             logits = graph.run(host, padded)[:n]
             cost = graph.last_cost
             flags = graph.flags
-        elif self.zoo:  # per-part arrays → the model's ZooCache
+        elif eager_zoo:  # per-part arrays → the model's ZooCache
             cache = entry_cache(dev.unpack(self.pad_to), self._store_cfg, self.resident.dtype)
             logits = decode_zoo(self.resident, cache, targets)
-        elif self.fused:  # the Triton kernel reads the device batch as it is (no unpack)
-            logits = fused_decode(self.resident, dev.raw, self.layout, n, targets, config=self.fused_config,
-                                  flags=flags)
+        elif self.fused:  # the Triton kernels read the device batch as it is (no unpack)
+            logits = static_decode(dev.raw, targets, resident=self.resident, layout=self.layout, n_users=n,
+                                   pad_to=self.graph_len, path=FUSED, fused=self.fused_config, flags=flags)
         else:
             logits = decode(self.resident, din_cache(dev.unpack(self.pad_to)), targets, self.path, flags=flags)
         if cuda:

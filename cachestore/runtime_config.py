@@ -11,7 +11,7 @@ Fields (defaults in brackets):
     batch_users  users per fetch / transfer / decode step  [512]
     max_pairs    at most this many (user, candidate) pairs per step  [8192]
     pad_to       pad every step to this history length (static shapes)  [None: the batch's longest]
-    graphs       decode each step by replaying a CUDA graph (CUDA, din stores)  [False]
+    graphs       decode each step by replaying a CUDA graph (CUDA, every model)  [False]
     zero_copy    with graphs: the graph gathers the records from the LMDB map  [False]
     verify_crc   CRC-check every record fetched from LMDB (the resident tier checks on admission anyway)  [False]
     tier_bytes   bytes of the resident tier (:mod:`cachestore.tier`): None = auto (on CUDA the whole store

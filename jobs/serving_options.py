@@ -52,15 +52,15 @@ class _Bytes(click.ParamType):
 _OPTIONS = (
     click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:n]"),
     click.option("--path", "decode_path", type=click.Choice(["auto", "fused", "poolscore", "gather"]), default="auto",
-                 show_default=True, help="attention over the collective part (din only; auto = fused on CUDA with "
-                                         "Triton)"),
+                 show_default=True, help="decode path: auto = fused on CUDA with Triton (every model), else "
+                                         "gather, the eager reference; poolscore: din only"),
     click.option("--pool-dtype", type=click.Choice(["store", "float32", "float16", "bfloat16"]), default="store",
                  show_default=True, help="precision of the pool rows the fused kernel reads: the store's kv dtype "
                                          "(store), or float32 for the model's rows exactly"),
     click.option("--batch-size", "--batch-users", "batch_users", type=int, default=512, show_default=True,
                  help="users per decode step"),
     click.option("--graphs/--no-graphs", default=False, show_default=True,
-                 help="replay a CUDA graph per step (CUDA, din stores)"),
+                 help="replay a CUDA graph per step (CUDA; every model, on the fused path)"),
     click.option("--zero-copy/--no-zero-copy", default=False, show_default=True,
                  help="with --graphs: gather the records from the LMDB map on the GPU"),
     click.option("--tier-bytes", type=_Bytes(), default="auto", show_default=True,
