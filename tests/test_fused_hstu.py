@@ -10,6 +10,7 @@ rebuilt at d_a for a full-KV store) and the eager serving path (unpack → ``ent
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -65,7 +66,8 @@ def make_case(variant: str, layers: int, mode: str, kv_dtype: str, seed: int = 0
     host = HostBatcher(layout, pin=False).pack(ids, records)
     garbage = torch.from_numpy(np.random.default_rng(seed).integers(0, 256, host.used_bytes + 64, dtype=np.uint8))
     garbage[: host.used_bytes] = host.tensor
-    return Case(model, ResidentZooModel(model, DEVICE), layout, host, garbage.to(DEVICE), (items, feedback, lengths))
+    resident = ResidentZooModel(copy.deepcopy(model), DEVICE)  # the training model stays on the CPU
+    return Case(model, resident, layout, host, garbage.to(DEVICE), (items, feedback, lengths))
 
 
 def reference(case: Case, cand: torch.Tensor, stored: bool) -> torch.Tensor:

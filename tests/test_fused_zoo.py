@@ -12,6 +12,7 @@ with the default pool rows at the store's precision, up to the rounding of the p
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -73,7 +74,7 @@ def packed(arch: str, mode: str, kv_dtype: str, seed: int = 1, **cfg: object) ->
     g = torch.Generator().manual_seed(seed)
     candidates = torch.randint(1, N_ITEMS + 1, (n_users, N_CAND), generator=g)
     raw = host.tensor.clone().to(DEVICE)
-    return Case(model, ResidentZooModel(model, DEVICE), layout, raw, n_users, hist, candidates)
+    return Case(model, ResidentZooModel(copy.deepcopy(model), DEVICE), layout, raw, n_users, hist, candidates)
 
 
 def rounded(cache: ZooCache) -> ZooCache:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from cachestore.decode import ResidentZooModel
+from cachestore.fused import INTERPRETED
 from cachestore.fused_config import FusedConfig
 from cachestore.graphs import GraphedDecoder
 from cachestore.publish import open_current
@@ -24,12 +25,15 @@ from tests.test_zoo import N_ITEMS, make_model
 from tests.test_zoo_serving import ORDER, STEP, STORES, VERSION, served  # noqa: F401  (served: a fixture)
 
 EXACT_POOLS = FusedConfig(pool_dtype="float32")  # the model's pool rows: the fused path == the eager one
+# the CPU tests run the kernels under Triton's interpreter (set by tests/conftest.py where there is no GPU)
+interpreted = pytest.mark.skipif(not INTERPRETED, reason="needs Triton's CPU interpreter (a machine without a GPU)")
 
 
 def candidates(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(1, N_ITEMS + 1, (len(ORDER), 2))  # two per user
 
 
+@interpreted
 @pytest.mark.parametrize("arch", PAPER_MODELS)
 def test_fused_runtime_scores_equal_the_eager_path(served: dict, arch: str) -> None:  # noqa: F811
     model = served[arch]["model"]
@@ -45,6 +49,7 @@ def test_fused_runtime_scores_equal_the_eager_path(served: dict, arch: str) -> N
         np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5, err_msg=f"{arch} {mode} {kv_dtype}")
 
 
+@interpreted
 @pytest.mark.parametrize("arch", ["sim", "hstu"])
 def test_store_precision_pools_stay_close(served: dict, arch: str) -> None:  # noqa: F811
     """The default launch reads the pool rows at the fp16 store's precision: scores within fp16 rounding."""
@@ -56,6 +61,7 @@ def test_store_precision_pools_stay_close(served: dict, arch: str) -> None:  # n
     np.testing.assert_allclose(got.logits, want.logits, rtol=0, atol=2e-2)
 
 
+@interpreted
 @pytest.mark.parametrize("arch", PAPER_MODELS)
 def test_graph_body_of_a_zoo_model(served: dict, arch: str) -> None:  # noqa: F811
     """The body a CUDA graph captures (run eagerly here), on static buffers of a fixed step shape: cold padding
