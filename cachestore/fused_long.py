@@ -119,14 +119,31 @@ if triton is not None:
         tl.store(flag_ptr + b, 1, mask=nbad > 0)
 
     @triton.jit
+    def _bucket_block(raw_ptr, pool_v_ptr, start, n, key_start, ls, stop, target, shift, cols, acc, nbad, pool_size,
+                      D_A: tl.constexpr, DV: tl.constexpr, V_SHARED: tl.constexpr, KV_CODE: tl.constexpr,
+                      KV_BYTES: tl.constexpr, IDX_BYTES: tl.constexpr, KEY_BYTES: tl.constexpr, BITS: tl.constexpr,
+                      BLOCK_L: tl.constexpr):
+        """Add to acc (D_A,) the V rows ``ls`` (< stop) whose bucket (bits shift ..) equals ``target``."""
+        lmask = ls < stop
+        word = _packed_keys(raw_ptr, key_start, ls, lmask, KEY_BYTES, BLOCK_L)  # (BLOCK_L,) int64
+        hit = lmask & (((word >> shift) & ((1 << BITS) - 1)) == target)
+        val = _load_user(raw_ptr, start, ls, cols, hit, DV, KV_CODE)  # (BLOCK_L, D_A), 0 where no hit
+        if V_SHARED:
+            pool, nbad = _pool_rows(raw_ptr, pool_v_ptr, start + n * DV * KV_BYTES, ls, cols, hit, nbad,
+                                    pool_size, D_A, IDX_BYTES)
+            val += pool
+        return acc + tl.sum(val, axis=0), nbad
+
+    @triton.jit
     def _bucket_sums_kernel(
         raw_ptr, starts_ptr, rows_ptr, key_starts_ptr, target_ptr, pool_v_ptr, out_ptr, flag_ptr, n_cand, start_add,
         pool_size, D_A: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, V_SHARED: tl.constexpr,
         KV_CODE: tl.constexpr, KV_BYTES: tl.constexpr, IDX_BYTES: tl.constexpr, KEY_BYTES: tl.constexpr,
-        BITS: tl.constexpr, BLOCK_L: tl.constexpr, MAX_L: tl.constexpr,
+        BITS: tl.constexpr, BLOCK_L: tl.constexpr, MAX_L: tl.constexpr, SEG: tl.constexpr,
     ):
         row = tl.program_id(0)  # b·C + c
         g = tl.program_id(1)  # hash function
+        part = tl.program_id(2)  # rows part·SEG .. part·SEG + SEG - 1
         b = row // n_cand
         start = tl.load(starts_ptr + b) + start_add
         n = tl.load(rows_ptr + b)
@@ -136,18 +153,19 @@ if triton is not None:
         cols = tl.arange(0, D_A)  # (D_A,)
         acc = tl.zeros([D_A], dtype=tl.float32)
         nbad = tl.zeros([], dtype=tl.int32)
-        for l0 in range(0, MAX_L if MAX_L > 0 else n, BLOCK_L):  # static bound under the interpreter
-            ls = l0 + tl.arange(0, BLOCK_L)  # (BLOCK_L,)
-            lmask = ls < n
-            word = _packed_keys(raw_ptr, key_start, ls, lmask, KEY_BYTES, BLOCK_L)  # (BLOCK_L,) int64
-            hit = lmask & (((word >> shift) & ((1 << BITS) - 1)) == target)
-            val = _load_user(raw_ptr, start, ls, cols, hit, DV, KV_CODE)  # (BLOCK_L, D_A), 0 where no hit
-            if V_SHARED:
-                pool, nbad = _pool_rows(raw_ptr, pool_v_ptr, start + n * DV * KV_BYTES, ls, cols, hit, nbad,
-                                        pool_size, D_A, IDX_BYTES)
-                val += pool
-            acc += tl.sum(val, axis=0)
-        tl.store(out_ptr + (row * G + g) * D_A + cols, acc)
+        lo = part * SEG
+        stop = tl.minimum(n, lo + SEG)
+        if MAX_L > 0:  # Triton's CPU interpreter cannot loop to a loaded bound: static bound, masked
+            for l0 in range(0, MAX_L, BLOCK_L):
+                acc, nbad = _bucket_block(raw_ptr, pool_v_ptr, start, n, key_start, lo + l0 + tl.arange(0, BLOCK_L),
+                                          stop, target, shift, cols, acc, nbad, pool_size, D_A, DV, V_SHARED,
+                                          KV_CODE, KV_BYTES, IDX_BYTES, KEY_BYTES, BITS, BLOCK_L)
+        else:
+            for l0 in range(lo, stop, BLOCK_L):
+                acc, nbad = _bucket_block(raw_ptr, pool_v_ptr, start, n, key_start, l0 + tl.arange(0, BLOCK_L),
+                                          stop, target, shift, cols, acc, nbad, pool_size, D_A, DV, V_SHARED,
+                                          KV_CODE, KV_BYTES, IDX_BYTES, KEY_BYTES, BITS, BLOCK_L)
+        tl.store(out_ptr + ((part * tl.num_programs(0) + row) * G + g) * D_A + cols, acc)
         tl.store(flag_ptr + b, 1, mask=nbad > 0)
 
     @triton.jit
@@ -224,26 +242,30 @@ def weighted_values(raw: torch.Tensor, view: GroupView, pool_v: torch.Tensor, we
 
 
 def bucket_sums(raw: torch.Tensor, view: GroupView, pool_v: torch.Tensor, key_starts: torch.Tensor, key_bytes: int,
-                bits: int, targets: torch.Tensor, n_cand: int, flags: torch.Tensor, *, block_l: int = 16,
-                num_warps: int = 1) -> torch.Tensor:
+                bits: int, targets: torch.Tensor, n_cand: int, flags: torch.Tensor, *, block_l: int = 32,
+                num_warps: int = 2, parts: int = 8) -> torch.Tensor:
     """SDIM's bucket sums (R, m, d_a) fp32: per row r (user b = r // n_cand) and hash function g, the sum of the
     V rows l < rows[b] of the V-only group ``view`` whose bucket g (bits g·bits .. of the row's ``key_bytes``
     packed key bytes at ``key_starts[b] + l·key_bytes``) equals ``targets[r, g]`` (targets (R, m) int64).
-    pool_v: (pool, d_a) padded V pool (1 zero row when not shared); d_a a power of two."""
+    pool_v: (pool, d_a) padded V pool (1 zero row when not shared); d_a a power of two. Each row's history is
+    split into ``parts`` (one program each, summed after): one program walking 1,000 rows serially left the
+    GPU mostly idle (B 512, 4 hash functions: 0.185 ms on an H200, ``benchmarks/zoo_kernel_breakdown.py``)."""
     r, m = targets.shape
     g, d_a = view.group, pool_v.shape[1]
     if g.dk != 0 or d_a & (d_a - 1):
         raise ValueError(f"bucket sums read a V-only group of power-of-two width, got {g} at d_a {d_a}")
-    out = torch.empty(r, m, d_a, dtype=torch.float32, device=targets.device)  # (R, m, d_a)
+    parts = max(1, min(parts, -(-max(1, g.cap) // block_l)))
+    seg = -(-max(1, g.cap) // (parts * block_l)) * block_l  # rows per part, whole blocks
+    out = torch.empty(parts, r, m, d_a, dtype=torch.float32, device=targets.device)  # (S, R, m, d_a)
     if r == 0:
-        return out
-    _bucket_sums_kernel[(r, m)](
+        return out[0]
+    _bucket_sums_kernel[(r, m, parts)](
         raw, view.starts, view.rows, key_starts, targets.contiguous(), pool_v, out, flags, n_cand, view.start_add,
         view.pool_size, D_A=d_a, G=m, DV=g.dv, V_SHARED=g.v_shared, KV_CODE=KV_CODES[view.kv_dtype],
         KV_BYTES=KV_TORCH[view.kv_dtype].itemsize, IDX_BYTES=IDX_BYTES[view.idx_dtype], KEY_BYTES=key_bytes,
-        BITS=bits, BLOCK_L=block_l, MAX_L=max(1, g.cap) if INTERPRETED else 0, num_warps=num_warps,
+        BITS=bits, BLOCK_L=block_l, MAX_L=seg if INTERPRETED else 0, SEG=seg, num_warps=num_warps,
     )
-    return out
+    return out.sum(0) if parts > 1 else out[0]  # (R, m, d_a)
 
 
 def key_ranks(raw: torch.Tensor, key_starts: torch.Tensor, rows: torch.Tensor, cap: int, key_bytes: int, bits: int,

@@ -143,7 +143,9 @@ def _select(s: LongStage, name: str, targets: torch.Tensor, hamming: bool) -> to
     ranks = key_ranks(s.raw, s.part_starts[part], s.view.rows, s.view.group.cap, key_bytes, bits, targets,
                       hamming)  # (B·C, cap)
     k = min(s.cfg.topk, ranks.shape[-1])
-    _, idx = ranks.topk(k, dim=-1, largest=True, sorted=True)  # (B·C, k) best first
+    # ranks < 2^24 (shared categories or bits ≤ 62, times cap ≤ 4096): exact in fp32, whose top-k takes half
+    # the radix passes of int64's
+    _, idx = ranks.to(torch.float32).topk(k, dim=-1, largest=True, sorted=True)  # (B·C, k) best first
     n_sel = (ranks >= 0).sum(-1).clamp(max=k)  # (B·C,)
     return s.attend_selected(idx.reshape(b, c, k), n_sel.reshape(b, c))
 
