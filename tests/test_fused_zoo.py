@@ -22,7 +22,7 @@ from cachestore.batch import HostBatcher
 from cachestore.decode import ResidentZooModel, decode_zoo, entry_cache
 from cachestore.entry import entry_from_parquet_row, entry_layout
 from cachestore.fused import FusedConfig, fused_available
-from cachestore.fused_zoo import _ranked_topk, zoo_static_decode
+from cachestore.fused_zoo import zoo_static_decode
 from cachestore.record import RouterIndexError
 from cachestore.transfer import unpack_entry
 from model.blocks import ZooCache
@@ -229,17 +229,3 @@ def test_fused_zoo_captures_in_a_cuda_graph(arch: str) -> None:
     torch.testing.assert_close(out, want.to(DEVICE), rtol=0, atol=0)
     assert not flags.any()
 
-
-def test_twin_top_k_keys_order_as_the_stable_sort() -> None:
-    """The fused TWIN's one top-k over (score bits, position) keys == a stable descending sort of the reversed
-    rows (the model's rule): equal scores, -0.0 and +0.0, and the masked rows' lowest float included."""
-    g = torch.Generator().manual_seed(0)
-    for trial in range(60):
-        cap = int(torch.randint(1, 300, (), generator=g))
-        coarse = torch.randint(-5, 5, (7, 3, cap), generator=g).float() * 0.5  # many exact ties
-        x = torch.randn(7, 3, cap, generator=g) if trial % 3 == 0 else coarse
-        x[..., ::7] = torch.finfo(torch.float32).min
-        x[0, 0, :2] = -0.0
-        k = min(50, cap)
-        _, rev = x.flip(-1).sort(dim=-1, descending=True, stable=True)
-        assert torch.equal(_ranked_topk(x, k), cap - 1 - rev[..., :k]), trial
