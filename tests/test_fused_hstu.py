@@ -125,8 +125,8 @@ def test_fused_hstu_equals_forward_and_eager(variant: str, layers: int, mode: st
 
 
 @pytest.mark.parametrize("config", [
-    FusedConfig(pool_dtype="float32", block_l=2, heads_per_program=2, split_l=4),  # several blocks and parts
-    FusedConfig(pool_dtype="float32", block_l=4, heads_per_program=1, split_l=2),
+    FusedConfig(pool_dtype="float32", block_l=4, heads_per_program=2, split_l=4),  # several blocks and parts
+    FusedConfig(pool_dtype="float32", block_l=8, heads_per_program=1, split_l=2),
 ])  # fmt: skip
 def test_blocks_head_groups_and_parts_give_the_same_logits(config: FusedConfig) -> None:
     case = make_case("collective", 2, "collective", "float32", seed=5)
