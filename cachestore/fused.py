@@ -301,6 +301,18 @@ def din_view(raw: torch.Tensor, layout: EntryLayout, n_users: int, pool_size: in
                      header[n_users:], HEADER_SIZE)
 
 
+def record_part_starts(raw: torch.Tensor, layout: EntryLayout, n_users: int) -> torch.Tensor:
+    """(P + 1, B) int64: byte start in ``raw`` of part p of user b's record, ``offsets[b] + 32 +
+    Σ_{i<p} min(n_b, cap_i)·row_bytes_i``, and in row P one past the record (a cold-start user: the zero
+    block, n 0). A few (B,) device ops from the batch header, no host sync."""
+    header = raw[: 16 * n_users].view(torch.int64)  # offsets (B,), lengths (B,)
+    offsets, lengths = header[:n_users], header[n_users:]
+    sizes = torch.stack([lengths.clamp(min=0, max=p.cap) * rb
+                         for p, rb in zip(layout.parts, layout.row_bytes, strict=True)])  # (P, B)  # fmt: skip
+    ends = offsets + HEADER_SIZE + sizes.cumsum(0)  # (P, B): one past each part
+    return torch.cat([(offsets + HEADER_SIZE).unsqueeze(0), ends])  # (P + 1, B)
+
+
 def _launch_shape(config: FusedConfig, rows: int, groups: int, span: int, launches: int, device: torch.device
                   ) -> tuple[int, int]:
     """(parts, steps per part) of a launch over ``span`` steps per row (whole BLOCK_L blocks per part)."""

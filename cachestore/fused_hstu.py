@@ -39,9 +39,9 @@ from torch import nn
 
 from cachestore.decode import ResidentZooModel
 from cachestore.entry import EntryLayout
-from cachestore.fused import IDX_BYTES, INTERPRETED, KV_CODES, _load_idx, _load_user, tl, triton
+from cachestore.fused import IDX_BYTES, INTERPRETED, KV_CODES, _load_idx, _load_user, record_part_starts, tl, triton
 from cachestore.fused_config import DEFAULT_FUSED, FusedConfig, pool_dtype, split_parts
-from cachestore.record import HEADER_SIZE, RouterIndexError
+from cachestore.record import RouterIndexError
 from cachestore.transfer import KV_TORCH
 from model.cache_spec import entry_parts, store_config
 from model.hstu import HSTULayer, rel_bucket
@@ -170,13 +170,8 @@ def layer_tables(resident: ResidentZooModel, dtype: torch.dtype) -> Tables:
 
 
 def part_starts(raw: torch.Tensor, layout: EntryLayout, n_users: int) -> torch.Tensor:
-    """(P, B) int64: byte start in ``raw`` of part p of user b's record,
-    ``offsets[b] + 32 + Σ_{i<p} min(n_b, cap_i)·row_bytes_i`` (a cold-start user: the zero block, n 0)."""
-    header = raw[: 16 * n_users].view(torch.int64)  # offsets (B,), lengths (B,)
-    offsets, lengths = header[:n_users], header[n_users:]
-    sizes = torch.stack([lengths.clamp(min=0, max=p.cap) * rb
-                         for p, rb in zip(layout.parts, layout.row_bytes, strict=True)])  # (P, B)  # fmt: skip
-    return offsets + HEADER_SIZE + sizes.cumsum(0) - sizes
+    """(P, B) int64: byte start in ``raw`` of part p of user b (:func:`cachestore.fused.record_part_starts`)."""
+    return record_part_starts(raw, layout, n_users)[:-1]
 
 
 def _halves(layout: EntryLayout, position: int) -> bool:

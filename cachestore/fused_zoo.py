@@ -37,9 +37,18 @@ import torch
 
 from cachestore.decode import ResidentZooModel
 from cachestore.entry import EntryLayout
-from cachestore.fused import DEFAULT_FUSED, FusedConfig, GroupView, attend_group, check_launch, pool_dtype, triton
+from cachestore.fused import (
+    DEFAULT_FUSED,
+    FusedConfig,
+    GroupView,
+    attend_group,
+    check_launch,
+    pool_dtype,
+    record_part_starts,
+    triton,
+)
 from cachestore.fused_long import bucket_sums, group_scores, key_ranks, weighted_values
-from cachestore.record import HEADER_SIZE, RouterIndexError
+from cachestore.record import RouterIndexError
 from cachestore.transfer import KV_TORCH
 from model.attention import masked_softmax
 from model.cache_spec import entry_parts, group_specs, key_fields, store_config
@@ -50,14 +59,8 @@ from model.retrieval import bitmask, sdim_buckets, simhash
 def part_starts(raw: torch.Tensor, layout: EntryLayout, n_users: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """(byte start (B,) of every part of each record of the batch ``raw``, one past each record (B,)):
     part p of user b starts at offsets[b] + 32 + Σ_{q<p} min(n_b, cap_q)·row_bytes_q. (B,) device ops only."""
-    header = raw[: 16 * n_users].view(torch.int64)  # offsets (B,), lengths (B,)
-    lengths = header[n_users:]
-    start = header[:n_users] + HEADER_SIZE  # (B,) where the current part starts
-    starts: dict[str, torch.Tensor] = {}
-    for part, row_bytes in zip(layout.parts, layout.row_bytes, strict=True):
-        starts[part.name] = start
-        start = start + lengths.clamp(max=part.cap) * row_bytes
-    return starts, start
+    at = record_part_starts(raw, layout, n_users)  # (P + 1, B)
+    return {part.name: at[i] for i, part in enumerate(layout.parts)}, at[-1]
 
 
 def entry_views(raw: torch.Tensor, layout: EntryLayout, n_users: int, cfg: ModelConfig,
