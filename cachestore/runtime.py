@@ -227,7 +227,7 @@ router index bounds only).
         tier_bytes = self.config.tier_bytes
         if self.zoo or (tier_bytes is None and self.config.zero_copy):
             return None
-        capacity = plan_capacity(tier_bytes, self.device, self.reader)
+        capacity = plan_capacity(tier_bytes, self.device, self.reader, self.config.tier_share)
         if capacity <= 0:
             return None
         return ResidentTier(self.reader, self.device, capacity, policy=self.config.policy,

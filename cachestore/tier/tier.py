@@ -55,15 +55,16 @@ def store_bytes(reader: StoreReader) -> int:
     return os.stat(reader.version_dir / LMDB_DIR / "data.mdb").st_size
 
 
-def plan_capacity(tier_bytes: int | None, device: torch.device, reader: StoreReader) -> int:
+def plan_capacity(tier_bytes: int | None, device: torch.device, reader: StoreReader, share: float = 1.0) -> int:
     """Bytes to give the tier: ``tier_bytes`` as given; None (auto) on CUDA: the whole store when it fits in
-    80% of the free device memory, else that 80%; None on CPU: 0 (off: LMDB's page cache is host memory)."""
+    ``share`` x 80% of the free device memory, else that much; None on CPU: 0 (off: LMDB's page cache is host
+    memory)."""
     if tier_bytes is not None:
         return int(tier_bytes)
     if device.type != "cuda":
         return 0
     free, _ = torch.cuda.mem_get_info(device)
-    return min(int(free * AUTO_FRACTION), store_bytes(reader))
+    return min(int(free * AUTO_FRACTION * share), store_bytes(reader))
 
 
 @dataclass
