@@ -35,8 +35,9 @@ import numpy as np
 import torch
 
 from cachestore.batch import HostBatcher, check_record, zero_block_bytes
+from cachestore.entry import record_length
 from cachestore.record import _CRC_OFFSET, HEADER_SIZE, KEY, RecordError  # CRC: bytes 0..27 + payload
-from cachestore.tier.arena import bytes_per_behaviour, header_bytes
+from cachestore.tier.arena import header_bytes
 from cachestore.tier.policy import make_policy
 
 if TYPE_CHECKING:  # (lmdb is imported only where a store is read)
@@ -99,8 +100,6 @@ class ResidentTier:
     def __init__(self, reader: StoreReader, device: torch.device, capacity: int, *, policy: str = "s3fifo",
                  batch_users: int = 512, expected_model_version: str | None = None) -> None:
         layout = reader.layout
-        if layout.flat_group is None:
-            raise ValueError("the resident tier holds din stores; zoo stores use the fetch path")
         self.reader, self.layout, self.device = reader, layout, torch.device(device)
         self.capacity, self.batch_users = int(capacity), batch_users
         self.version = expected_model_version or layout.model_version
@@ -139,6 +138,7 @@ class ResidentTier:
                               pin_memory=self.device.type == "cuda")
         view = memoryview(staging.numpy())
         keys = np.empty(len(sizes), np.int64)
+        length = np.empty(len(sizes), np.int64)  # behaviours per record (its header's n: parts may be capped)
         at, used, first = self.header_bytes, 0, 0  # arena offset of the staging buffer, bytes in it, its first record
         with env.begin(buffers=True) as txn:
             for i, (key, raw) in enumerate(txn.cursor()):
@@ -147,13 +147,13 @@ class ResidentTier:
                     self.arena[at : at + used].copy_(staging[:used])  # synchronous: staging is refilled next
                     at, used, first = at + used, 0, i
                 keys[i] = KEY.unpack(key)[0]
+                length[i] = record_length(raw)
                 end = used + int(sizes[i])
                 view[used:end] = raw
                 view[end : used + int(aligned[i])] = _ZEROS[: aligned[i] - sizes[i]]  # no stale bytes between records
                 used += int(aligned[i])
         self._check_chunk(staging, keys, sizes, first, len(sizes), offset - at)
         self.arena[at : at + used].copy_(staging[:used])
-        length = (sizes - HEADER_SIZE) // max(1, bytes_per_behaviour(self.layout))
         self.entries, self.resident_bytes = len(keys), total - self.header_bytes
         if not len(keys):  # an empty store: one key no user id (>= 0) nor padding slot (-1) matches
             keys, offset, length = np.array([np.iinfo(np.int64).min]), np.zeros(1, np.int64), np.zeros(1, np.int64)
@@ -259,7 +259,7 @@ class ResidentTier:
                 self.counters.admission_errors += 1
             return
         data = torch.frombuffer(bytearray(record), dtype=torch.uint8)
-        n = (len(record) - HEADER_SIZE) // max(1, bytes_per_behaviour(self.layout))
+        n = record_length(record)
         with self.lock:
             if uid in self._index:
                 return
