@@ -1,7 +1,7 @@
 """Concurrent serving while new store versions are published.
 
 N reader processes score continuously with ``DecodeRuntime`` on a small collective store while the
-parent publishes P new versions of it (``pipeline.store_ops.build_store``: staging -> versions/<id> ->
+parent publishes P new versions of it (``pipeline.store.store_ops.build_store``: staging -> versions/<id> ->
 one rename of ``STORE/current``). Every record of version k carries a pattern that identifies k
 (user K/V parts all equal to k + 1, router indices all equal to k), so a read that mixes versions —
 within a record, within a batch, or going back to an older version — is detected. Each reader:
@@ -51,7 +51,7 @@ def model_and_layout():
 
     from model.config import CollectiveConfig, ModelConfig
     from model.ctr import TargetAttentionCTR
-    from pipeline.prefill import cache_layout
+    from pipeline.prefill.prefill import cache_layout
 
     cfg = ModelConfig(n_items=200, n_genres=5, max_genres=2, embed_dim=16, d_attn=32, n_heads=4, max_len=50,
                       mlp_dims=(16,), collective=CollectiveConfig(d_user=1, pool_size=64))
@@ -164,7 +164,7 @@ def run(store: Path, *, readers: int = 8, publishes: int = 3, users: int = 2000,
         warmup_s: float = 2.0, interval_s: float = 2.0, tail_s: float = 2.0, work: Path | None = None) -> dict:
     """Publish version 0, start the readers, publish `publishes` more versions, collect the figures."""
     from cachestore.publish import current_version_id
-    from pipeline.store_ops import build_store
+    from pipeline.store.store_ops import build_store
 
     _, layout = model_and_layout()
     work = Path(work or tempfile.mkdtemp(prefix="ckv-conc-"))

@@ -4,7 +4,7 @@ CPU (needs pyspark, lmdb, Java; runs `spark-submit jobs/prefill.py` as a subproc
 
     python benchmarks/prefill.py --users 200000 --master 'local[2]' --out benchmarks/results/prefill_cpu.json
 
-  1. writes a synthetic user base (pipeline/synthetic.py: Zipf item popularity, log-uniform lengths
+  1. writes a synthetic user base (pipeline/data/synthetic.py: Zipf item popularity, log-uniform lengths
      1..1000) as 16 Parquet files, and an untrained checkpoint at the paper's scale (embed 64,
      d_attn 256, 8 heads, d_u 1, pool 10,000, max_len 1,000; prefill needs no trained weights);
   2. runs the job with the model (`--engine auto`) and with `--engine noop` (records of the same
@@ -15,7 +15,7 @@ GPU (only torch, numpy, pyarrow: no Spark, no lmdb, no safetensors):
 
     python benchmarks/prefill.py --gpu-only --users 50000 --out benchmarks/results/prefill_gpu.json
 
-  times `pipeline.prefill.prefill_batches` (the mapInArrow body) on CUDA with each engine over
+  times `pipeline.prefill.prefill.prefill_batches` (the mapInArrow body) on CUDA with each engine over
   in-memory synthetic batches, next to the same function with the noop engine (the executor's
   CPU-side work per user: windowing, encoding, CRCs) — the GPU must not be the bottleneck.
 """
@@ -70,8 +70,8 @@ def machine() -> dict:
 
 # ----------------------------------------------------------------------------------------- CPU
 def prepare_inputs(work: Path, args: argparse.Namespace) -> tuple[Path, Path, dict]:
-    from pipeline.checkpoint import save_checkpoint
-    from pipeline.synthetic import write_histories
+    from pipeline.data.synthetic import write_histories
+    from pipeline.training.checkpoint import save_checkpoint
 
     params = {"users": args.users, "n_items": args.items, "max_len": args.max_len, "zipf_s": args.zipf,
               "files": args.files, "seed": args.seed}
@@ -128,8 +128,8 @@ def function_cpu(hist: Path, ckpt: Path, max_users: int) -> dict:
     """The per-partition function alone, in this process (1 thread), on the first file's users."""
     import pyarrow.parquet as pq
 
-    from pipeline.checkpoint import load_checkpoint
-    from pipeline.prefill import cache_layout, make_engine, prefill_batches
+    from cachestore.checkpoint import load_checkpoint
+    from pipeline.prefill.prefill import cache_layout, make_engine, prefill_batches
 
     torch.set_num_threads(1)
     c = load_checkpoint(ckpt)
@@ -183,8 +183,8 @@ def cpu_benchmark(args: argparse.Namespace) -> dict:
 def gpu_benchmark(args: argparse.Namespace) -> dict:
     import pyarrow as pa
 
-    from pipeline.prefill import cache_layout, make_engine, prefill_batches
-    from pipeline.synthetic import history_batches
+    from pipeline.data.synthetic import history_batches
+    from pipeline.prefill.prefill import cache_layout, make_engine, prefill_batches
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if dev == "cpu":
@@ -221,7 +221,7 @@ def gpu_benchmark(args: argparse.Namespace) -> dict:
     timed(direct, sub[:1])  # warm-up (CUDA kernels, allocator)
     out["direct (model.prefill per user batch)"] = timed(direct, sub)
     # model compute alone: model.prefill on the padded windows of the same users, no encoding
-    from pipeline.history import arrow_window
+    from pipeline.data.history import arrow_window
 
     wins = [arrow_window(b.column(1), b.column(2), args.max_len) for b in sub]
     if dev == "cuda":

@@ -8,7 +8,7 @@ store size and CR (docs/nightly.md "Scale").
     python benchmarks/scale.py --users 1000000 --incremental --out benchmarks/results/scale_incremental.json \
         --png benchmarks/results/scale_incremental.png
 
-Inputs: pipeline/synthetic.py with ``lengths="fig8"`` (log-normal lengths, median 122, p90 ~253,
+Inputs: pipeline/data/synthetic.py with ``lengths="fig8"`` (log-normal lengths, median 122, p90 ~253,
 <1% above 470) and ``n_clusters=32`` taste clusters over Zipf(1.1) item popularity (100,000 items),
 and the paper-scale untrained checkpoint of benchmarks/prefill.py (embed 64, d_attn 256, 8 heads,
 d_u 1, pool 10,000, max_len 1,000; prefill needs no trained weights).
@@ -124,8 +124,8 @@ def prepare_inputs(work: Path, users: int, seed: int) -> tuple[Path, Path, dict]
     import torch
 
     from model.ctr import TargetAttentionCTR
-    from pipeline.checkpoint import save_checkpoint
-    from pipeline.synthetic import write_histories
+    from pipeline.data.synthetic import write_histories
+    from pipeline.training.checkpoint import save_checkpoint
 
     params = {"users": users, "n_items": 100_000, "max_len": 1000, "zipf_s": 1.1, "lengths": "fig8",
               "n_clusters": 32, "seed": seed, "files": 16}
@@ -153,7 +153,7 @@ def day2_histories(work: Path, hist: Path, users: int, seed: int) -> tuple[Path,
     histories all change: 1/16 of the users), one more file of 1% new users; the other files linked."""
     import pyarrow.parquet as pq
 
-    from pipeline.synthetic import HISTORIES_SCHEMA, history_batches
+    from pipeline.data.synthetic import HISTORIES_SCHEMA, history_batches
 
     kw = {"n_items": 100_000, "max_len": 1000, "zipf_s": 1.1, "lengths": "fig8", "n_clusters": 32}
     day2 = work / f"histories-{users}-day2"

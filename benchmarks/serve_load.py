@@ -59,7 +59,7 @@ def publish_paper_store(root: Path, work: Path, length: int, users: int) -> Path
     """Publish one version (records + checkpoint) of the paper's model under root; returns the Parquet dir."""
     from model.config import CollectiveConfig, ModelConfig
     from model.ctr import TargetAttentionCTR
-    from pipeline.checkpoint import save_checkpoint
+    from pipeline.training.checkpoint import save_checkpoint
 
     cfg = ModelConfig(n_items=N_ITEMS, embed_dim=PAPER["embed_dim"], d_attn=PAPER["d_attn"], n_heads=PAPER["n_heads"],
                       max_len=length, collective=CollectiveConfig(d_user=PAPER["d_user"], pool_size=PAPER["pool_size"]))

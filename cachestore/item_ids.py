@@ -2,7 +2,7 @@
 
 The model's item embedding rows are indexed by dense ids 1..n (0 = padding); requests name items
 by their raw ids (the ids of the event log). The mapping itself is the item catalogue
-(``pipeline/catalogue.py``, persisted with every dataset and checkpoint); serving only needs the
+(``cachestore/catalogue.py``, persisted with every dataset and checkpoint); serving only needs the
 lookup, so it lives here and the catalogue and :class:`cachestore.runtime.DecodeRuntime` share it.
 
 :class:`ItemIds` holds the raw ids sorted (``sorted_raw``, strictly increasing int64) and the dense

@@ -120,7 +120,7 @@ class DecodeRuntime:
     config's. :meth:`close` lets go of the device memory, the map registration and the reader. :meth:`score` may
     be called from several threads: requests are scored one at a time (a lock), each whole.
 
-    model / model_version: the checkpoint (``pipeline.checkpoint.load_checkpoint``; any arch whose
+    model / model_version: the checkpoint (``cachestore.checkpoint.load_checkpoint``; any arch whose
     store format the reader's layout is, see the module docstring); the model is moved to ``device``.
     reader: a :class:`cachestore.reader.StoreReader` of the store version to serve. path: "auto" |
     "fused" | "poolscore" | "gather" (:mod:`cachestore.decode`; "auto" on CUDA with Triton is "fused" for
@@ -206,9 +206,9 @@ router index bounds only).
         version by ``ckv refresh``, so records and model always come from one version), served with
         ``config`` (default :class:`ServingConfig`) updated by ``overrides``. The checkpoint's item
         catalogue becomes the runtime's ``catalogue`` unless one is given."""
+        from cachestore.checkpoint import load_checkpoint
         from cachestore.publish import CURRENT, open_current
         from cachestore.reader import StoreReader
-        from pipeline.checkpoint import load_checkpoint
 
         store = Path(store)
         version_dir = open_current(store) if os.path.lexists(store / CURRENT) else store

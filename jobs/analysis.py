@@ -1,5 +1,5 @@
 """`ckv analyze`: the paper's K/V and router analysis (Figures 1, 2, 6, 7, pool utilisation) for
-checkpoints + histories (argument parsing only; pipeline/analysis.py, pipeline/analysis_plots.py)."""
+checkpoints + histories (argument parsing only; pipeline/reports/analysis.py, pipeline/reports/analysis_plots.py)."""
 
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ def analyze(checkpoints: tuple[Path, ...], histories: Path, out_dir: Path, n_sam
             max_users: int | None, seed: int) -> None:
     """Write PNGs + analysis.json to OUT: cross-user K/V similarity, principal vs residual, router
     activations, similar users' overlap, pool utilisation."""
-    from pipeline.analysis_plots import run_analysis
-    from pipeline.checkpoint import CheckpointError
+    from cachestore.checkpoint import CheckpointError
+    from pipeline.reports.analysis_plots import run_analysis
 
     results = []
     for ckpt in checkpoints:

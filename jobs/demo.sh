@@ -23,7 +23,7 @@ for MODE in collective full; do
   LOG="$RUN/logs/prefill-$MODE.log"  # Spark's log (WARN) and any failure's trace: the terminal stays quiet
   mkdir -p "$RUN/logs"
   spark-submit --master "local[2]" --driver-memory 1g --conf spark.ui.showConsoleProgress=false \
-      --driver-java-options "-Dlog4j2.configurationFile=pipeline/spark-log4j2.properties -Dckv.log.file=$LOG" \
+      --driver-java-options "-Dlog4j2.configurationFile=pipeline/prefill/spark-log4j2.properties -Dckv.log.file=$LOG" \
       jobs/prefill.py --checkpoint "$CKPT" --histories "$RUN/data" --out "$RUN/store_$MODE" --log "$LOG"
   ckv store verify "$RUN/store_$MODE" --checkpoint "$CKPT" --histories "$RUN/data"
 done

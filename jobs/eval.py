@@ -1,5 +1,5 @@
 """`ckv eval`: the paper's evaluation (Tables 1, 3, 4; Figures 4, 5; `--d-user auto`) on a canonical
-dataset, by default the bundled MovieLens. Thin shell over :mod:`pipeline.zoo_eval`.
+dataset, by default the bundled MovieLens. Thin shell over :mod:`pipeline.training.zoo_eval`.
 
     ckv eval --device cuda                 # the full evaluation, 3 seeds → runs/eval/
     ckv eval --quick --out runs/eval_quick # CPU smoke run: tiny dims, 1 epoch, 1 seed, a subset of the sweeps
@@ -27,7 +27,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 def bundled_dataset(path: Path) -> Path:
     """The bundled MovieLens prepared into ``path`` (reused when it is already there)."""
-    from pipeline.prepare import PrepareConfig, prepare
+    from pipeline.data.prepare import PrepareConfig, prepare
 
     if not (path / "meta.json").is_file():
         prepare(
@@ -89,14 +89,14 @@ def bundled_dataset(path: Path) -> Path:
 @click.option("--trained-on", default=None, help="with --report-only: device of old run records that do not name it")
 def eval_cmd(data_dir: str | None, out: str | None, quick: bool, device: str, report_only: bool,
              trained_on: str | None, **kw: Any) -> None:
-    """Reproduce the paper's tables and figures for every zoo model (resumable; see pipeline/zoo_eval.py)."""
+    """Reproduce the paper's tables and figures for every zoo model (resumable; see pipeline/training/zoo_eval.py)."""
     import torch
 
     from jobs.train import build_model_config, parse_d_user
     from model.zoo import MODELS
-    from pipeline.dataset_schema import DataError
-    from pipeline.trainer import TrainConfig
-    from pipeline.zoo_eval import SECTIONS, EvalSettings, planned_runs, quick_settings, run_eval
+    from pipeline.data.dataset_schema import DataError
+    from pipeline.training.trainer import TrainConfig
+    from pipeline.training.zoo_eval import SECTIONS, EvalSettings, planned_runs, quick_settings, run_eval
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

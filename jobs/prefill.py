@@ -1,7 +1,7 @@
 """The nightly prefill job: `spark-submit [--master ...] jobs/prefill.py --checkpoint CKPT --histories PATH
 --out STORE`, or `ckv prefill ...` (same options; Spark in local mode unless --master is given).
 
-Argument parsing only; pipeline/spark_job.py runs the job (docs/prefill.md).
+Argument parsing only; pipeline/prefill/spark_job.py runs the job (docs/prefill.md).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from pipeline.prefill import ENGINES
+from pipeline.prefill.prefill import ENGINES
 
 
 @click.command("prefill")
@@ -58,10 +58,10 @@ def prefill_cmd(checkpoint: str, histories: str, store: str, log_file: str | Non
 
     A failure ends in one line (what failed, where, what to do) with the full trace in the log file.
     """
-    from pipeline.checkpoint import CheckpointError
-    from pipeline.prefill import PrefillInputError
-    from pipeline.spark_job import PrefillOptions, command_line, run_prefill
-    from pipeline.spark_logging import SparkJobError, default_log_path, spark_job_errors
+    from cachestore.checkpoint import CheckpointError
+    from pipeline.prefill.prefill import PrefillInputError
+    from pipeline.prefill.spark_job import PrefillOptions, command_line, run_prefill
+    from pipeline.prefill.spark_logging import SparkJobError, default_log_path, spark_job_errors
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     log_path = default_log_path(store) if log_file is None else log_file

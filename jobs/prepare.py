@@ -1,8 +1,8 @@
-"""`ckv data prepare`: event log (+ item genres) -> canonical dataset (pipeline/dataset_schema.py).
+"""`ckv data prepare`: event log (+ item genres) -> canonical dataset (pipeline/data/dataset_schema.py).
 
 Defaults are MovieLens' column names and click rule (rating >= 4), so
 `ckv data prepare --events data/movielens/ratings.csv --items data/movielens/movies.csv --out DIR`
-prepares the bundled data. This module only parses arguments; pipeline/prepare.py does the work.
+prepares the bundled data. This module only parses arguments; pipeline/data/prepare.py does the work.
 """
 
 from __future__ import annotations
@@ -94,9 +94,9 @@ def prepare_cmd(
     new_catalogue: bool,
 ) -> None:
     """Validate an event log and write the canonical dataset (histories, items, time-split samples)."""
-    from pipeline.dataset_schema import DataError
-    from pipeline.prepare import PrepareConfig, prepare, summary
-    from pipeline.safe_output import OutputError
+    from pipeline.data.dataset_schema import DataError
+    from pipeline.data.prepare import PrepareConfig, prepare, summary
+    from pipeline.store.safe_output import OutputError
 
     if label_col is not None and (rating_col is not None or rating_threshold is not None):
         raise click.UsageError("give either --label-col or --rating-col/--rating-threshold, not both")

@@ -1,4 +1,4 @@
-"""`ckv refresh`: the nightly refresh cycle as one job (pipeline/refresh.py, docs/nightly.md).
+"""`ckv refresh`: the nightly refresh cycle as one job (pipeline/store/refresh.py, docs/nightly.md).
 
 prepare -> train --init-from the current model -> evaluate (gate) -> prefill -> verify -> publish
 checkpoint and store together. Exit 0: published; 3: the new model was refused by the gate; 1: any
@@ -24,7 +24,7 @@ _PREPARE_PARAMS = [p for p in prepare_cmd.params if p.name not in ("out", "event
 
 def _prepare_config(events: Path, kw: dict[str, Any]) -> Any:
     from jobs.prepare import DEFAULT_RATING_COL, DEFAULT_RATING_THRESHOLD
-    from pipeline.prepare import PrepareConfig
+    from pipeline.data.prepare import PrepareConfig
 
     names = [p.name for p in _PREPARE_PARAMS]
     p = {n: kw.pop(n) for n in names}
@@ -61,9 +61,9 @@ def refresh_cmd(store: str, work: str, events: Path | None, dataset: str | None,
                 epochs: int, batch_size: int, lr: float, patience: int, device: str, seed: int, metric: str,
                 margin: float, master: str | None, engine: str, verify_sample: int | None, **kw: Any) -> None:
     """Nightly refresh: prepare, warm-start train, gate, prefill, verify, publish model + store together."""
-    from pipeline.refresh import RefreshError, RefreshOptions, RefreshRefused, run_refresh
-    from pipeline.safe_output import OutputError, check_not_input
-    from pipeline.trainer import TrainConfig
+    from pipeline.store.refresh import RefreshError, RefreshOptions, RefreshRefused, run_refresh
+    from pipeline.store.safe_output import OutputError, check_not_input
+    from pipeline.training.trainer import TrainConfig
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     if (events is None) == (dataset is None):

@@ -182,11 +182,11 @@ def group_requests(users: np.ndarray, items: np.ndarray, max_candidates: int):
 def score(store: Path, checkpoint: Path, requests_path: Path, out: Path, user_col: str, item_col: str,
           max_candidates: int, chunk_rows: int, dense_ids: bool, config: ServingConfig) -> None:
     """Score a file of (user, candidate) requests against the cache store; writes Parquet."""
+    from cachestore.checkpoint import CheckpointError
     from cachestore.publish import PublishError
     from cachestore.record import LayoutError, RecordError
     from cachestore.runtime import DecodeRuntime
-    from pipeline.checkpoint import CheckpointError
-    from pipeline.safe_output import OutputError, check_not_input, replace_file
+    from pipeline.store.safe_output import OutputError, check_not_input, replace_file
 
     if max_candidates < 1 or chunk_rows < 1:
         raise click.ClickException("--max-candidates and --chunk-rows must be >= 1")

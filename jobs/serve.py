@@ -83,11 +83,11 @@ def _serve_workers(server_config: ServerConfig) -> None:
 
 
 def _serve_one(server_config: ServerConfig) -> None:
+    from cachestore.checkpoint import CheckpointError
     from cachestore.publish import PublishError
     from cachestore.record import LayoutError, RecordError
     from cachestore.serving.server import bind, build_service, configure_process, url_of
     from cachestore.serving.server import serve as run_server
-    from pipeline.checkpoint import CheckpointError
 
     store, host, port = server_config.store, server_config.host, server_config.port
     configure_process(server_config)

@@ -1,4 +1,7 @@
-"""`ckv store build` and `ckv store verify` (argument parsing only; pipeline/store_ops.py, pipeline/verify.py)."""
+"""`ckv store build` and `ckv store verify`.
+
+Argument parsing only; pipeline/store/store_ops.py and pipeline/store/verify.py do the work.
+"""
 
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ def build_cmd(source: Path, store_root: Path | None, progress: bool) -> None:
     """
     from cachestore.lmdb_build import PARQUET_LAYOUT_FILE
     from cachestore.publish import open_current
-    from pipeline.store_ops import PARQUET_DIR, build_store
+    from pipeline.store.store_ops import PARQUET_DIR, build_store
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     if (source / PARQUET_LAYOUT_FILE).is_file():
@@ -68,9 +71,9 @@ def verify_cmd(store_root: Path, checkpoint: str, histories: str, sample: int | 
 
     Exit status 1 on any mismatch (missing user, length, router index, value beyond tolerance).
     """
+    from cachestore.checkpoint import CheckpointError
     from cachestore.publish import PublishError
-    from pipeline.checkpoint import CheckpointError
-    from pipeline.verify import verify_store
+    from pipeline.store.verify import verify_store
 
     try:
         res = verify_store(store_root, checkpoint, histories, sample=sample, seed=seed, device=device)

@@ -12,7 +12,7 @@ carry *across users*. :func:`choose_d_user` measures exactly that on K/V rows of
 4. d_u = the smallest d ≥ 1 whose top-d principal directions of R leave at most ``eps`` of the
    held-out rows' total (centred) energy unexplained, capped at ``d_max``.
 
-A caller that needs a compression budget caps the result further (``pipeline/zoo_eval.py`` reports
+A caller that needs a compression budget caps the result further (``pipeline/training/zoo_eval.py`` reports
 both). Pure tensor code, deterministic for a seed.
 """
 

@@ -22,7 +22,7 @@ from cachestore.record import write_layout
 from cachestore.runtime_config import ServingConfig
 from cachestore.serving.config import ServerConfig
 from cachestore.serving.server import RunningServer
-from pipeline.checkpoint import save_checkpoint
+from pipeline.training.checkpoint import save_checkpoint
 from tests.store_fixtures import layout_for, prefill_rows
 from tests.test_model import make_model, small_config
 from tests.test_serving import histories

@@ -1,6 +1,6 @@
 """Test helper: build a published cache store straight from ``model.prefill`` output.
 
-Independent of the Spark prefill job (pipeline/prefill.py): rows are encoded here from the model's
+Independent of the Spark prefill job (pipeline/prefill/prefill.py): rows are encoded here from the model's
 own cache (collective: user parts + router indices; full: ``model.keys_values``) as the din entry's
 payload (``kv.k_user | kv.v_user | kv.k_idx | kv.v_idx``), written as prefill Parquet
 (``cachestore.lmdb_build.prefill_schema``) and built + published with the real builder.

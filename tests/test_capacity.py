@@ -1,4 +1,4 @@
-"""`ckv capacity` (pipeline/capacity.py, pipeline/capacity_inputs.py, jobs/capacity.py): the arithmetic
+"""`ckv capacity` (pipeline/reports/capacity.py, pipeline/reports/capacity_inputs.py, jobs/capacity.py): the arithmetic
 against hand-computed values, the LMDB page model against real LMDB files, and the calibration of the
 whole prediction against real stores built by the prefill job's function on the bundled MovieLens data."""
 
@@ -23,7 +23,7 @@ from cachestore.record import HEADER_SIZE
 from jobs.capacity import capacity as capacity_cmd
 from model.cache_spec import bytes_per_behaviour, compression_rate
 from model.config import CollectiveConfig, ModelConfig
-from pipeline.capacity import (
+from pipeline.reports.capacity import (
     Bandwidth,
     Budgets,
     CacheFormat,
@@ -35,7 +35,7 @@ from pipeline.capacity import (
     lmdb_node_max,
     parse_quantiles,
 )
-from pipeline.capacity_inputs import (
+from pipeline.reports.capacity_inputs import (
     bandwidth,
     histories_lengths,
     measured_bandwidth,
@@ -44,7 +44,7 @@ from pipeline.capacity_inputs import (
     store_format,
     store_lengths,
 )
-from pipeline.capacity_table import capacity_table, format_table
+from pipeline.reports.capacity_table import capacity_table, format_table
 from tests.store_fixtures import build_store as build_fixture_store
 
 REPO = Path(__file__).resolve().parent.parent
@@ -102,7 +102,7 @@ def test_capacity_totals_pool_transfer_and_fits_by_hand() -> None:
     assert big["bytes_mean"] == 4_120_584  # the benchmark's L 1000, B 512 fetch bytes
     assert f["batch"]["bytes_mean"] == 512 * (32 + 51_200 + 16) + 512  # zero block = widest part (256 fp16)
     from cachestore.batch import zero_block_bytes
-    from pipeline.capacity import zero_block
+    from pipeline.reports.capacity import zero_block
 
     for lay in CacheFormat(d_user=3, share_v=False).layouts().values():
         assert zero_block(lay) == zero_block_bytes(lay)
@@ -168,12 +168,12 @@ def test_lmdb_page_model_is_exact(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def movielens_stores(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The bundled MovieLens histories → a tiny checkpoint's prefill (the Spark job's per-partition
-    function) → stores published by pipeline.store_ops.build_store: collective fp16 and full fp16
+    function) → stores published by pipeline.store.store_ops.build_store: collective fp16 and full fp16
     (d_a 16: full records of > 31 behaviours spill to overflow pages) at max_len 200, and collective fp32."""
-    from pipeline.prefill import prefill_batches
-    from pipeline.prefill_engines import cache_layout
-    from pipeline.prepare import PrepareConfig, prepare
-    from pipeline.store_ops import build_store
+    from pipeline.data.prepare import PrepareConfig, prepare
+    from pipeline.prefill.prefill import prefill_batches
+    from pipeline.prefill.prefill_engines import cache_layout
+    from pipeline.store.store_ops import build_store
     from tests.test_model import make_model
 
     root = tmp_path_factory.mktemp("capacity")
@@ -206,7 +206,7 @@ def movielens_stores(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def _measured(store: Path) -> dict:
-    from pipeline.size_report import store_sizes
+    from pipeline.reports.size_report import store_sizes
 
     return store_sizes(store)["bytes"]
 

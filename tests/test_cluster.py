@@ -23,8 +23,8 @@ import torch
 from cachestore.reader import StoreReader
 from model.config import CollectiveConfig, ModelConfig
 from model.zoo import create_model
-from pipeline.checkpoint import save_checkpoint
-from pipeline.synthetic import history_batches
+from pipeline.data.synthetic import history_batches
+from pipeline.training.checkpoint import save_checkpoint
 
 pytestmark = pytest.mark.spark
 ROOT = Path(__file__).resolve().parents[1]

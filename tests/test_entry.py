@@ -36,7 +36,7 @@ from cachestore.record import (
 from model.cache_spec import entry_bytes, entry_parts
 from model.entry import cache_from_arrays, entry_arrays, full_cache, pack_keys, unpack_keys
 from model.zoo import PAPER_MODELS
-from pipeline.prefill_engines import cache_layout
+from pipeline.prefill.prefill_engines import cache_layout
 from tests.test_zoo import VARIANTS, make_batch, make_model, zoo_config
 
 VERSION = "0123456789abcdef"

@@ -25,7 +25,7 @@ from cachestore.fused import FusedConfig, fused_attention, fused_available, fuse
 from cachestore.graphs import GraphedDecoder, batch_capacity, copy_chunks, record_ends, static_decode
 from cachestore.runtime import DecodeRuntime
 from jobs.score import score as score_cmd
-from pipeline.checkpoint import save_checkpoint
+from pipeline.training.checkpoint import save_checkpoint
 from tests.store_fixtures import store_of_model
 from tests.test_graphs import MODELS, SEQ, VERSION, eager_logits, random_lengths, random_records, request, setup
 from tests.test_graphs import store as store  # noqa: F401  (the module-scoped LMDB store fixture)

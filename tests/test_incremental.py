@@ -1,4 +1,4 @@
-"""Incremental prefill (pipeline/incremental.py): same LMDB values as a full prefill, fewer users computed."""
+"""Incremental prefill (pipeline/prefill/incremental.py): same LMDB values as a full prefill, fewer users computed."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import torch
 from cachestore.reader import StoreReader
 from model.config import CollectiveConfig, ModelConfig
 from model.zoo import create_model
-from pipeline.checkpoint import save_checkpoint
-from pipeline.spark_job import PrefillOptions, run_prefill
-from pipeline.synthetic import HISTORIES_SCHEMA, history_batches
+from pipeline.data.synthetic import HISTORIES_SCHEMA, history_batches
+from pipeline.prefill.spark_job import PrefillOptions, run_prefill
+from pipeline.training.checkpoint import save_checkpoint
 
 pytestmark = pytest.mark.spark
 N_ITEMS, MAX_LEN = 300, 20

@@ -20,6 +20,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from cachestore.checkpoint import load_checkpoint
 from cachestore.entry import decode_entry, encode_entry, entry_layout, layout_from_dict, read_layout
 from cachestore.legacy_v1 import legacy_fields
 from cachestore.lmdb_build import PARQUET_LAYOUT_FILE, StoreBuildError, build_lmdb
@@ -27,8 +28,7 @@ from cachestore.publish import LAYOUT, LMDB_DIR, MANIFEST, open_current
 from cachestore.record import LayoutError, RecordError
 from cachestore.runtime import DecodeRuntime
 from jobs.store import store as store_cli
-from pipeline.checkpoint import load_checkpoint
-from pipeline.history import arrow_window
+from pipeline.data.history import arrow_window
 from tests.store_fixtures import put_in_place
 
 FIXTURE = Path(__file__).parent / "fixtures" / "v1_din_store"

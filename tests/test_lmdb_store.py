@@ -269,7 +269,7 @@ def test_one_publish_transaction_keeps_current_on_any_failure(tmp_path: Path, ro
     import json
 
     from cachestore.publish import STAGING
-    from pipeline.store_ops import build_store, publish_staged
+    from pipeline.store.store_ops import build_store, publish_staged
 
     src = write_parquet(tmp_path / "parquet", rows, parts=shuffled_parts(IDS, 2))
     root = tmp_path / "store"

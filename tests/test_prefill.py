@@ -24,9 +24,8 @@ from model.cache_spec import bytes_per_behaviour, compression_rate, store_config
 from model.config import CollectiveConfig, ModelConfig
 from model.ctr import TargetAttentionCTR
 from model.entry import cache_from_arrays
-from pipeline.checkpoint import save_checkpoint
-from pipeline.history import arrow_window
-from pipeline.prefill import (
+from pipeline.data.history import arrow_window
+from pipeline.prefill.prefill import (
     OUTPUT_SCHEMA,
     DirectEngine,
     MemoEngine,
@@ -37,9 +36,10 @@ from pipeline.prefill import (
     prefill_batches,
     tokenwise,
 )
-from pipeline.size_report import size_report
-from pipeline.store_ops import build_store
-from pipeline.verify import verify_store
+from pipeline.reports.size_report import size_report
+from pipeline.store.store_ops import build_store
+from pipeline.store.verify import verify_store
+from pipeline.training.checkpoint import save_checkpoint
 
 N_ITEMS = 40
 MV = "0123456789abcdef"
@@ -386,7 +386,7 @@ def test_store_build_cli_from_a_parquet_dir(small_store: dict, tmp_path: Path) -
 
 
 def test_memo_blocks_shared_through_a_directory(tmp_path: Path) -> None:
-    from pipeline.block_cache import SharedBlocks
+    from pipeline.prefill.block_cache import SharedBlocks
 
     model = make_model(small_config(n_items=300))
     layout = cache_layout(model.cfg, MV)
@@ -414,7 +414,7 @@ def test_memo_blocks_shared_through_a_directory(tmp_path: Path) -> None:
 
 def test_zoo_archs_refuse_the_memo_engine() -> None:
     from cachestore.entry import EntryLayout
-    from pipeline.prefill import check_engine
+    from pipeline.prefill.prefill import check_engine
 
     layout = cache_layout(small_config(arch="hstu"), MV)  # several cache groups
     assert isinstance(layout, EntryLayout) and layout.arch == "hstu"

@@ -22,12 +22,12 @@ from jobs.report import report as report_cli
 from jobs.store import store as store_cli
 from model.cache_spec import compression_rate
 from model.config import CollectiveConfig, ModelConfig
-from pipeline.checkpoint import save_checkpoint
-from pipeline.dataset_schema import load_dataset
-from pipeline.prefill import PrefillInputError
-from pipeline.spark_job import PrefillOptions, run_prefill
-from pipeline.trainer import build_model
-from pipeline.verify import verify_store
+from pipeline.data.dataset_schema import load_dataset
+from pipeline.prefill.prefill import PrefillInputError
+from pipeline.prefill.spark_job import PrefillOptions, run_prefill
+from pipeline.store.verify import verify_store
+from pipeline.training.checkpoint import save_checkpoint
+from pipeline.training.trainer import build_model
 from tests.helpers import run_prefill_submit
 
 pytestmark = pytest.mark.spark

@@ -1,4 +1,4 @@
-"""Tests of `ckv data prepare` (pipeline/events.py, prepare.py, dataset_schema.py; jobs/prepare.py).
+"""Tests of `ckv data prepare` (pipeline/data/events.py, prepare.py, dataset_schema.py; jobs/prepare.py).
 
 Small fixture event logs are written into tmp_path; one test prepares the bundled MovieLens file.
 """
@@ -18,9 +18,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from jobs.prepare import data
-from pipeline.dataset_schema import SPLITS, CanonicalDataset, DataError, load_dataset, validate_dataset
-from pipeline.events import read_events
-from pipeline.prepare import PrepareConfig, build_dataset, dense_rank, prepare, stable_order
+from pipeline.data.dataset_schema import SPLITS, CanonicalDataset, DataError, load_dataset, validate_dataset
+from pipeline.data.events import read_events
+from pipeline.data.prepare import PrepareConfig, build_dataset, dense_rank, prepare, stable_order
 
 REPO = Path(__file__).resolve().parents[1]
 MOVIELENS = REPO / "data" / "movielens"

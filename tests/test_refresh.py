@@ -1,4 +1,4 @@
-"""The refresh cycle (pipeline/refresh.py, `ckv refresh`) on a tiny MovieLens slice, 1 epoch, small dims."""
+"""The refresh cycle (pipeline/store/refresh.py, `ckv refresh`) on a tiny MovieLens slice, 1 epoch, small dims."""
 
 from __future__ import annotations
 
@@ -12,16 +12,17 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from cachestore.checkpoint import load_checkpoint
 from cachestore.publish import current_version_id
 from cachestore.runtime import DecodeRuntime
 from jobs.refresh import EXIT_REFUSED, refresh_cmd
 from model.config import CollectiveConfig, ModelConfig
-from pipeline.checkpoint import load_checkpoint, save_checkpoint
-from pipeline.dataset_schema import load_dataset
-from pipeline.prepare import PrepareConfig, prepare
-from pipeline.refresh import CHECKPOINT_DIR, RefreshOptions, RefreshRefused, run_refresh, store_checkpoint
-from pipeline.trainer import TrainConfig, build_model, train_model
-from pipeline.verify import verify_store
+from pipeline.data.dataset_schema import load_dataset
+from pipeline.data.prepare import PrepareConfig, prepare
+from pipeline.store.refresh import CHECKPOINT_DIR, RefreshOptions, RefreshRefused, run_refresh, store_checkpoint
+from pipeline.store.verify import verify_store
+from pipeline.training.checkpoint import save_checkpoint
+from pipeline.training.trainer import TrainConfig, build_model, train_model
 
 pytestmark = pytest.mark.spark
 ROOT = Path(__file__).resolve().parents[1]

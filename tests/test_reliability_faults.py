@@ -24,7 +24,7 @@ import pytest
 
 from cachestore.publish import current_version_id
 from cachestore.reader import StoreReader
-from pipeline.store_ops import build_store
+from pipeline.store.store_ops import build_store
 from tests.helpers import repo_env
 from tests.test_lmdb_store import make_rows, shuffled_parts, write_parquet
 
@@ -34,7 +34,7 @@ CHILD = r"""
 import os, signal, sys
 import cachestore.lmdb_build as lb
 import cachestore.publish as pub
-from pipeline.store_ops import build_store
+from pipeline.store.store_ops import build_store
 
 store, src, point, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 calls = [0]
@@ -156,7 +156,7 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
 RLIMIT_CHILD = r"""
 import resource, signal, sys
 from cachestore.lmdb_build import StoreBuildError
-from pipeline.store_ops import build_store
+from pipeline.store.store_ops import build_store
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
 resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), int(sys.argv[3])))
 try:

@@ -22,8 +22,8 @@ from cachestore.record import (
     UnsupportedVersionError,
 )
 from cachestore.runtime import DecodeRuntime
-from pipeline.checkpoint import save_checkpoint
-from pipeline.prefill import INPUT_HINT, PrefillInputError, cache_layout, prefill_batches
+from pipeline.prefill.prefill import INPUT_HINT, PrefillInputError, cache_layout, prefill_batches
+from pipeline.training.checkpoint import save_checkpoint
 from tests.store_fixtures import put_in_place
 from tests.test_prefill import MV, N_ITEMS, histories, make_model, small_config
 
@@ -81,7 +81,7 @@ def test_extra_columns_empty_histories_empty_input_and_truncation_count() -> Non
 @pytest.fixture()
 def store(tmp_path: Path) -> dict:
     """A store of the test_prefill model (max_len 8) built by the per-partition prefill, 30 users."""
-    from pipeline.store_ops import build_store
+    from pipeline.store.store_ops import build_store
     from tests.test_prefill import write_prefill
 
     model = make_model(small_config())
@@ -171,7 +171,7 @@ def test_truncated_or_future_format_record_in_a_store(store: dict, mutate, exc: 
 def test_verify_reports_a_corrupt_store(tmp_path: Path) -> None:
     """`ckv store verify` on a store with a bit-flipped record: exit 1 naming the user."""
     from jobs.store import store as store_cli
-    from pipeline.store_ops import build_store
+    from pipeline.store.store_ops import build_store
     from tests.test_prefill import write_prefill
 
     model = make_model(small_config())

@@ -1,4 +1,4 @@
-"""Outputs are written safely (pipeline/safe_output.py): `ckv data prepare`, `ckv train` and
+"""Outputs are written safely (pipeline/store/safe_output.py): `ckv data prepare`, `ckv train` and
 `ckv experiment` never delete a directory they did not write (their own input, a foreign file),
 replace their own kind only with --overwrite and atomically, and concurrent `ckv score` runs with one
 --out never share a temp file."""
@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-import pipeline.prepare as prepare_mod
+import pipeline.data.prepare as prepare_mod
 from jobs.cli import main
-from pipeline.safe_output import OutputError, replace_file
+from pipeline.store.safe_output import OutputError, replace_file
 from tests.helpers import repo_env
 from tests.test_training import TINY
 
@@ -148,9 +148,9 @@ def test_replace_file_gives_overlapping_writers_their_own_temp_files(tmp_path: P
 @pytest.fixture()
 def scoring(tmp_path: Path) -> dict:
     """A small store + checkpoint (the test_prefill model) and 40,000 request rows."""
-    from pipeline.checkpoint import save_checkpoint
-    from pipeline.prefill import cache_layout
-    from pipeline.store_ops import build_store
+    from pipeline.prefill.prefill import cache_layout
+    from pipeline.store.store_ops import build_store
+    from pipeline.training.checkpoint import save_checkpoint
     from tests.test_prefill import histories, make_model, small_config, write_prefill
 
     model = make_model(small_config())

@@ -13,10 +13,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from cachestore.checkpoint import WEIGHTS_FILE, CheckpointError, load_checkpoint
 from cachestore.publish import PublishError, current_version_id, open_current
 from cachestore.reader import StoreReader
 from cachestore.runtime import DecodeRuntime
-from pipeline.checkpoint import WEIGHTS_FILE, CheckpointError, load_checkpoint, save_checkpoint
+from pipeline.training.checkpoint import save_checkpoint
 from tests.test_lmdb_store import make_rows, write_parquet
 
 ROOT = Path(__file__).resolve().parents[1]

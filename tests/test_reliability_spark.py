@@ -21,14 +21,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from cachestore.checkpoint import CheckpointError
 from cachestore.publish import current_version_id
 from cachestore.reader import StoreReader
-from pipeline.checkpoint import CheckpointError, save_checkpoint
-from pipeline.prefill import PrefillInputError, cache_layout
-from pipeline.spark_job import PrefillOptions, _load_shipped_checkpoint, run_prefill
-from pipeline.spark_logging import one_line
-from pipeline.store_ops import build_store
-from pipeline.verify import verify_store
+from pipeline.prefill.prefill import PrefillInputError, cache_layout
+from pipeline.prefill.spark_job import PrefillOptions, _load_shipped_checkpoint, run_prefill
+from pipeline.prefill.spark_logging import one_line
+from pipeline.store.store_ops import build_store
+from pipeline.store.verify import verify_store
+from pipeline.training.checkpoint import save_checkpoint
 from tests.helpers import prefill_submit_command, repo_env
 from tests.test_prefill import histories, make_model, small_config, write_prefill
 
@@ -115,7 +116,7 @@ def test_worker_killed_then_rerun_completes(base: dict, spark: object, caplog) -
 def test_checkpoint_missing_on_an_executor(base: dict, spark: object, monkeypatch: pytest.MonkeyPatch,
                                            tmp_path: Path) -> None:
     before = snapshot(base["store"])
-    import pipeline.spark_job as sj
+    import pipeline.prefill.spark_job as sj
 
     monkeypatch.setattr(sj, "ship_checkpoint", lambda sc, ckpt, version: "ckv-checkpoint-never-shipped.zip")
     with pytest.raises(Exception, match="checkpoint archive ckv-checkpoint-never-shipped.zip is missing"):
@@ -191,7 +192,8 @@ def test_validation_error_inside_spark_is_one_line_with_the_trace_in_the_log(bas
                                                                       "incubator modules")) or " ckv." in line)]
     assert other == [], err  # only the job's own lines (progress, the error) and the JVM's start-up notice
     text = log.read_text()
-    assert "Traceback" in text and "pipeline.prefill.PrefillInputError: user -7" in text and "\tat org.apache" in text
+    assert "Traceback" in text and "\tat org.apache" in text
+    assert "pipeline.prefill.prefill.PrefillInputError: user -7" in text
     assert not (tmp_path / "store" / "current").exists()
     print(f"failed in {seconds:.1f} s; stderr {len(err.splitlines())} lines, log {len(text.splitlines())} lines")
 

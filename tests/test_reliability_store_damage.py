@@ -26,8 +26,8 @@ from cachestore.publish import open_current
 from cachestore.runtime import DecodeRuntime
 from cachestore.store_check import P_BRANCH, P_LEAF, StoreDamagedError, check_version, read_meta
 from cachestore.store_tree import check_tree
-from pipeline.checkpoint import save_checkpoint
-from pipeline.prefill import cache_layout
+from pipeline.prefill.prefill import cache_layout
+from pipeline.training.checkpoint import save_checkpoint
 from tests.helpers import repo_env
 from tests.test_prefill import N_ITEMS, histories, make_model, small_config, write_prefill
 
@@ -40,7 +40,7 @@ READS = ("verify", "score", "score-no-crc")  # commands that read records; repor
 @pytest.fixture(scope="module")
 def made(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A store of 300 users (max_len 8), its checkpoint, histories, requests and reference scores."""
-    from pipeline.store_ops import build_store
+    from pipeline.store.store_ops import build_store
 
     tmp = tmp_path_factory.mktemp("damage")
     model = make_model(small_config())

@@ -37,7 +37,7 @@ from cachestore.transfer import to_device
 from jobs.score import score as score_cmd
 from model.cache import KVCache
 from model.config import CollectiveConfig
-from pipeline.checkpoint import save_checkpoint
+from pipeline.training.checkpoint import save_checkpoint
 from tests.store_fixtures import layout_for, store_of_model
 from tests.test_model import N_ITEMS, make_model, small_config
 from tests.test_record import din_layout
@@ -266,11 +266,11 @@ def test_model_version_mismatch_is_refused(served: dict, tmp_path: Path) -> None
 
 @pytest.mark.parametrize("mode", ["collective", "full"])
 def test_store_from_the_prefill_job_scores_like_forward(tmp_path: Path, mode: str) -> None:
-    """Contract with the Spark job's per-partition function (pipeline/prefill.py)."""
+    """Contract with the Spark job's per-partition function (pipeline/prefill/prefill.py)."""
     from cachestore.lmdb_build import PARQUET_LAYOUT_FILE
     from cachestore.publish import build_and_publish
-    from pipeline.history import arrow_window
-    from pipeline.prefill import cache_layout, prefill_batches
+    from pipeline.data.history import arrow_window
+    from pipeline.prefill.prefill import cache_layout, prefill_batches
 
     model = make_model(small_config(), seed=2).eval()
     g = np.random.default_rng(5)

@@ -21,7 +21,7 @@ from cachestore.runtime_config import ServingConfig
 from jobs.score import read_ahead
 from jobs.score import score as score_cmd
 from jobs.serving_options import parse_bytes
-from pipeline.checkpoint import save_checkpoint
+from pipeline.training.checkpoint import save_checkpoint
 from tests.store_fixtures import store_of_model
 from tests.test_model import N_ITEMS, make_model, small_config
 

@@ -12,12 +12,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from cachestore.checkpoint import CheckpointError, load_checkpoint
 from jobs.cli import main
 from model.config import CollectiveConfig, ModelConfig
-from pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from pipeline.dataset_schema import load_dataset
-from pipeline.history import HistoryIndex, last_window
-from pipeline.trainer import TrainConfig, build_model, predict, train_model
+from pipeline.data.dataset_schema import load_dataset
+from pipeline.data.history import HistoryIndex, last_window
+from pipeline.training.checkpoint import save_checkpoint
+from pipeline.training.trainer import TrainConfig, build_model, predict, train_model
 
 TINY = ["--embed-dim", "8", "--d-attn", "16", "--heads", "2", "--pool-size", "32", "--max-len", "10",
         "--epochs", "2", "--batch-size", "256", "--no-progress"]  # fmt: skip

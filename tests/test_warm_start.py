@@ -1,4 +1,4 @@
-"""Warm start by raw id (pipeline/warm_start.py, `ckv train --init-from`) and raw item ids in `ckv score`."""
+"""Warm start by raw id (pipeline/training/warm_start.py, `ckv train --init-from`) and raw item ids in `ckv score`."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from cachestore.checkpoint import Checkpoint, load_checkpoint
 from jobs.cli import main
 from jobs.score import score as score_cmd
-from pipeline.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from pipeline.dataset_schema import load_dataset
-from pipeline.trainer import build_model
-from pipeline.warm_start import WarmStartError, warm_start
+from pipeline.data.dataset_schema import load_dataset
+from pipeline.training.checkpoint import save_checkpoint
+from pipeline.training.trainer import build_model
+from pipeline.training.warm_start import WarmStartError, warm_start
 from tests.store_fixtures import store_of_model
 
 TINY = ["--embed-dim", "8", "--d-attn", "16", "--heads", "2", "--pool-size", "16", "--max-len", "10",
@@ -141,8 +142,8 @@ def _table(df: pd.DataFrame):  # noqa: ANN202
 
 def test_prefill_refuses_histories_numbered_by_another_catalogue(day1: tuple[Path, Checkpoint],
                                                                  tmp_path: Path) -> None:
-    from pipeline.catalogue import CatalogueError, check_same_numbering
-    from pipeline.spark_job import PrefillOptions, run_prefill
+    from cachestore.catalogue import CatalogueError, check_same_numbering
+    from pipeline.prefill.spark_job import PrefillOptions, run_prefill
 
     _, ck1 = day1
     fresh = prepare(tmp_path, "fresh", DAY2, "--new-catalogue")

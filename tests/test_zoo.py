@@ -403,7 +403,7 @@ def test_compression_rate_counts_every_cached_group() -> None:
 # ------------------------------------------------------------------------------ training + checkpoint
 @pytest.fixture(scope="module")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pipeline.prepare import PrepareConfig, prepare
+    from pipeline.data.prepare import PrepareConfig, prepare
 
     root = tmp_path_factory.mktemp("zoo")
     rng = np.random.default_rng(0)
@@ -423,10 +423,11 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("arch", PAPER_MODELS)
 def test_trainer_trains_and_checkpoints_every_zoo_model(arch: str, tiny_dataset: Path, tmp_path: Path) -> None:
-    from pipeline.checkpoint import load_checkpoint, save_checkpoint
-    from pipeline.dataset_schema import load_dataset
-    from pipeline.history import HistoryIndex
-    from pipeline.trainer import TrainConfig, build_model, predict, train_model
+    from cachestore.checkpoint import load_checkpoint
+    from pipeline.data.dataset_schema import load_dataset
+    from pipeline.data.history import HistoryIndex
+    from pipeline.training.checkpoint import save_checkpoint
+    from pipeline.training.trainer import TrainConfig, build_model, predict, train_model
 
     ds = load_dataset(tiny_dataset)
     cfg = zoo_config(arch, long_len=30, max_len=8 if arch != "hstu" else 16)
@@ -446,8 +447,8 @@ def test_trainer_trains_and_checkpoints_every_zoo_model(arch: str, tiny_dataset:
 def test_ckv_train_zoo_arch_with_d_user_auto(tiny_dataset: Path, tmp_path: Path) -> None:
     from click.testing import CliRunner
 
+    from cachestore.checkpoint import load_checkpoint
     from jobs.cli import main
-    from pipeline.checkpoint import load_checkpoint
 
     args = ["train", "--data", str(tiny_dataset), "--out", str(tmp_path / "ck"), "--arch", "eta", "--d-user", "auto",
             "--embed-dim", "8", "--d-attn", "16", "--heads", "2", "--pool-size", "16", "--max-len", "5",
@@ -499,9 +500,9 @@ def test_eval_regularisation_options_reach_every_run_and_table3_keeps_the_paper_
     """`ckv eval --dropout --weight-decay --peak-weight --balance-weight`: every planned run carries them
     (new run ids, so earlier results are not reused for other settings); Table 3's "+loss" rows still
     switch a loss on at the paper's weight when the base has it off."""
-    from pipeline.trainer import TrainConfig
-    from pipeline.zoo_eval import EvalSettings, plan_rows
-    from pipeline.zoo_eval_runs import run_id
+    from pipeline.training.trainer import TrainConfig
+    from pipeline.training.zoo_eval import EvalSettings, plan_rows
+    from pipeline.training.zoo_eval_runs import run_id
 
     base = ModelConfig(n_items=50, embed_dim=16, d_attn=32, n_heads=2, max_len=10, long_len=40, topk=5,
                        collective=CollectiveConfig(d_user=1, pool_size=64))

@@ -39,7 +39,7 @@ from model.cache import KVCache
 from model.config import CollectiveConfig
 from model.entry import full_cache
 from model.zoo import PAPER_MODELS
-from pipeline.checkpoint import save_checkpoint
+from pipeline.training.checkpoint import save_checkpoint
 from tests.test_zoo import N_ITEMS, make_batch, make_model, zoo_config
 from tests.zoo_store_fixtures import publish_records, zoo_store_of_model
 
@@ -183,10 +183,10 @@ def test_candidate_counts_and_step_limits(served: dict, arch: str, tmp_path: Pat
 
 @pytest.mark.parametrize(("arch", "mode"), [(a, "collective") for a in PAPER_MODELS] + [("hstu", "full")])
 def test_store_from_the_prefill_job_scores_like_forward(tmp_path: Path, arch: str, mode: str) -> None:
-    """Contract with the Spark job's per-partition function (pipeline/prefill.py) for zoo checkpoints:
+    """Contract with the Spark job's per-partition function (pipeline/prefill/prefill.py) for zoo checkpoints:
     its Parquet → the real builder → the runtime == forward on the windowed histories."""
-    from pipeline.history import arrow_window
-    from pipeline.prefill import cache_layout, prefill_batches
+    from pipeline.data.history import arrow_window
+    from pipeline.prefill.prefill import cache_layout, prefill_batches
 
     model = make_model(zoo_config(arch), seed=2).eval()
     w = model.cfg.window_len

@@ -30,10 +30,10 @@ from cachestore.record import write_layout
 from jobs.report import report as report_cli
 from jobs.store import store as store_cli
 from model.cache_spec import compression_rate, entry_bytes
-from pipeline.checkpoint import save_checkpoint
-from pipeline.prefill import OUTPUT_SCHEMA, NoopEngine, ZooEngine, cache_layout, prefill_batches
-from pipeline.spark_job import PrefillOptions, run_prefill
-from pipeline.verify import verify_store
+from pipeline.prefill.prefill import OUTPUT_SCHEMA, NoopEngine, ZooEngine, cache_layout, prefill_batches
+from pipeline.prefill.spark_job import PrefillOptions, run_prefill
+from pipeline.store.verify import verify_store
+from pipeline.training.checkpoint import save_checkpoint
 from tests.helpers import run_prefill_submit
 from tests.store_fixtures import put_in_place
 from tests.test_zoo import N_ITEMS, make_model, zoo_config
@@ -294,7 +294,7 @@ def test_prefill_batches_store_verify_without_spark(tmp_path: Path, arch: str, v
                                                     kv_dtype: str) -> None:
     """The executors' per-partition function → Parquet → `ckv store build` → verify, for the other archs,
     partial sharing, full-KV checkpoints and every kv dtype (no Spark: fast)."""
-    from pipeline.store_ops import build_store
+    from pipeline.store.store_ops import build_store
     from tests.test_zoo import VARIANTS
 
     model = make_model(zoo_config(arch, **VARIANTS[variant])).eval()
@@ -318,7 +318,7 @@ def test_prefill_batches_store_verify_without_spark(tmp_path: Path, arch: str, v
 def test_html_report_of_a_zoo_store(bundle: dict, submitted: dict, tmp_path: Path) -> None:
     """`ckv report html` on a zoo store: size section with the store's CR, the capacity section says
     why it is left out (din layout only) instead of failing."""
-    from pipeline.html_report import build_report
+    from pipeline.reports.html_report import build_report
 
     page = build_report(submitted["store"], bundle["ckpts"]["sim"]["path"], histories=bundle["hist"],
                         analysis_users=8)  # fmt: skip

@@ -1,6 +1,6 @@
 """Test helper: publish a zoo cache store straight from a zoo model's prefill.
 
-Independent of the Spark prefill job (pipeline/prefill.py): rows are the prefill Parquet rows
+Independent of the Spark prefill job (pipeline/prefill/prefill.py): rows are the prefill Parquet rows
 (``cachestore.entry.entry_schema``: user_id, length, payload, model_version, checksum) made here from
 the model's own cache (collective; or, mode "full", every group's K/V rebuilt at d_a by
 ``model.entry.full_cache``), written as Parquet + ``_layout.json`` and built + published with the real

@@ -1,0 +1,196 @@
+"""The item catalogue: raw item id ↔ dense item id (and genre name ↔ genre id), persisted.
+
+Dense item ids index the model's item embedding rows (1..n; 0 = padding); raw ids are the event
+log's. ``ckv data prepare`` extends the previous catalogue (known items keep their dense ids, new
+items are appended), every checkpoint carries the catalogue it was trained with, ``ckv refresh``
+warm-starts by raw id (``pipeline/training/warm_start.py``) and serving maps raw request ids through it
+(``cachestore/item_ids.py``). Torch-free.
+
+File ``catalogue.parquet`` (pyarrow)::
+
+    item_id int32   1..n in order
+    raw_item int64  the raw id of each dense id, all distinct
+    schema metadata b"ckv_catalogue": JSON {"format": 1, "n_items": n, "genres": [names],
+                                            "sha256": content hash}
+
+Genre id g (1..n_genres) is ``genres[g - 1]``. The content hash is sha256 of the format tag, the
+raw ids as little-endian int64 and the genre names as JSON; a file whose content does not hash to
+its recorded sha256 (or to the one a dataset's meta.json / a checkpoint's config.json records) is
+refused. A dataset or checkpoint without a catalogue has the identity one (raw id = dense id).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cachestore.data_error import DataError
+from cachestore.item_ids import ItemIds, raw_to_dense
+
+CATALOGUE_FILE = "catalogue.parquet"
+CATALOGUE_FORMAT = 1
+METADATA_KEY = b"ckv_catalogue"
+CATALOGUE_SCHEMA = pa.schema([("item_id", pa.int32()), ("raw_item", pa.int64())])
+
+
+class CatalogueError(DataError):
+    """A catalogue file that cannot be trusted (unreadable, wrong format, hash mismatch) or a bad id."""
+
+
+@dataclass(frozen=True)
+class ItemCatalogue:
+    """``raw_items[d - 1]`` is the raw id of dense item id d (int64, distinct); ``genres[g - 1]`` the
+    name of genre id g. Immutable: :meth:`extend` returns a new catalogue."""
+
+    raw_items: np.ndarray
+    genres: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        raw = np.ascontiguousarray(self.raw_items, dtype=np.int64)
+        raw.setflags(write=False)
+        object.__setattr__(self, "raw_items", raw)
+        object.__setattr__(self, "genres", tuple(str(g) for g in self.genres))
+        if len(np.unique(raw)) != len(raw):
+            raise CatalogueError("item catalogue: raw item ids are not distinct")
+        if len(set(self.genres)) != len(self.genres):
+            raise CatalogueError("item catalogue: genre names are not distinct")
+
+    @classmethod
+    def identity(cls, n_items: int, genres: Iterable[str] = ()) -> ItemCatalogue:
+        """The catalogue of data without one: raw id i = dense id i (1..n_items)."""
+        return cls(np.arange(1, n_items + 1, dtype=np.int64), tuple(genres))
+
+    @property
+    def n_items(self) -> int:
+        return len(self.raw_items)
+
+    @property
+    def sha256(self) -> str:
+        """Content hash (module docstring)."""
+        h = hashlib.sha256(f"ckv-item-catalogue/{CATALOGUE_FORMAT}\n".encode())
+        h.update(self.raw_items.astype("<i8").tobytes())
+        h.update(json.dumps(list(self.genres)).encode())
+        return h.hexdigest()
+
+    def item_ids(self) -> ItemIds:
+        """The serving lookup (raw → dense) of this catalogue."""
+        return ItemIds.from_raw_items(self.raw_items)
+
+    def to_dense(self, raw: np.ndarray, *, unknown: str = "error", where: str = "items") -> np.ndarray:
+        """Dense ids of raw ids (any shape). ``unknown``: "error" (CatalogueError naming the first
+        unknown id) or "zero" (unknown ids map to 0, the padding id)."""
+        if unknown not in ("error", "zero"):
+            raise ValueError(f"unknown must be 'error' or 'zero', got {unknown!r}")
+        ids = self.item_ids()
+        if unknown == "zero":
+            return raw_to_dense(ids.sorted_raw, ids.dense, raw)[0]
+        try:
+            return ids.to_dense(raw, where=where)
+        except ValueError as exc:
+            raise CatalogueError(str(exc)) from exc
+
+    def lookup(self, dense: np.ndarray) -> np.ndarray:
+        """Raw ids of dense ids 1..n_items (any shape); CatalogueError for any other id."""
+        d = np.asarray(dense, dtype=np.int64)
+        bad = (d < 1) | (d > self.n_items)
+        if bad.any():
+            raise CatalogueError(f"dense item id {int(d[bad].reshape(-1)[0])} outside 1..{self.n_items}")
+        return self.raw_items[d - 1]
+
+    def genre_ids(self, names: Iterable[str]) -> np.ndarray:
+        """Genre ids (1..n_genres) of genre names; CatalogueError for an unknown name."""
+        index = {g: i + 1 for i, g in enumerate(self.genres)}
+        try:
+            return np.array([index[str(n)] for n in names], dtype=np.int64)
+        except KeyError as exc:
+            raise CatalogueError(f"genre {exc.args[0]!r} is not in the catalogue") from None
+
+    def extend(self, new_raw_ids: Iterable[int] | np.ndarray, new_genres: Iterable[str] = ()) -> ItemCatalogue:
+        """Append the raw ids (ascending) and genre names (sorted) not known yet; known ones keep their ids."""
+        ids = new_raw_ids if isinstance(new_raw_ids, np.ndarray) else list(new_raw_ids)
+        raw = np.unique(np.asarray(ids, dtype=np.int64))
+        fresh = raw[~np.isin(raw, self.raw_items)]
+        known = set(self.genres)
+        genres = self.genres + tuple(sorted({str(g) for g in new_genres} - known))
+        return ItemCatalogue(np.concatenate([self.raw_items, fresh]), genres)
+
+    def extends(self, base: ItemCatalogue) -> bool:
+        """True when this catalogue numbers every item of ``base`` as ``base`` does (base is a prefix)."""
+        n = base.n_items
+        return n <= self.n_items and bool(np.array_equal(self.raw_items[:n], base.raw_items))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``path`` atomically (a unique temp file beside it, then os.replace)."""
+        path = Path(path)
+        meta = {"format": CATALOGUE_FORMAT, "n_items": self.n_items, "genres": list(self.genres),
+                "sha256": self.sha256}
+        schema = CATALOGUE_SCHEMA.with_metadata({METADATA_KEY: json.dumps(meta).encode()})
+        table = pa.Table.from_arrays(
+            [pa.array(np.arange(1, self.n_items + 1), pa.int32()), pa.array(self.raw_items, pa.int64())],
+            schema=schema)
+        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            pq.write_table(table, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+
+def check_same_numbering(model: ItemCatalogue | None, data_dir: str | os.PathLike) -> None:
+    """Refuse a dataset directory whose dense item ids mean other items than the model's: its
+    catalogue must extend the model's (None, or a directory without a catalogue: not checkable)."""
+    path = Path(data_dir) / CATALOGUE_FILE
+    if model is None or not path.is_file():
+        return
+    data = load_catalogue(path)
+    if not data.extends(model):
+        raise CatalogueError(f"{data_dir}: its item catalogue ({data.sha256[:12]}) numbers items differently from "
+                             f"the model's ({model.sha256[:12]}), so its history item ids would point at other "
+                             "items' rows: prefill the histories of the dataset the model was trained on (or of one "
+                             "prepared with --catalogue <the checkpoint>)")
+
+
+def load_catalogue(path: str | os.PathLike, *, expected_sha256: str | None = None) -> ItemCatalogue:
+    """Read and check a catalogue file (format, columns, dense ids 1..n, content hash, and
+    ``expected_sha256`` when the referring meta.json / config.json records one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CATALOGUE_FILE
+    what = "re-run `ckv data prepare` (or restore the file from the dataset it came from)"
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        detail = " ".join(str(exc).split())  # arrow messages span lines
+        raise CatalogueError(f"{path}: unreadable item catalogue ({detail}); {what}") from None
+    raw_meta = (table.schema.metadata or {}).get(METADATA_KEY)
+    try:
+        meta = json.loads(raw_meta) if raw_meta else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        meta = None
+    if not isinstance(meta, dict) or meta.get("format") != CATALOGUE_FORMAT:
+        raise CatalogueError(f"{path}: not an item catalogue of format {CATALOGUE_FORMAT} "
+                             f"(metadata {str(meta)[:80]}); {what}")
+    if table.schema.names != CATALOGUE_SCHEMA.names:
+        raise CatalogueError(f"{path}: columns {table.schema.names}, expected {CATALOGUE_SCHEMA.names}; {what}")
+    item_id = table["item_id"].to_numpy()
+    if not np.array_equal(item_id, np.arange(1, len(item_id) + 1)):
+        raise CatalogueError(f"{path}: item_id is not 1..{len(item_id)}; {what}")
+    try:
+        cat = ItemCatalogue(table["raw_item"].to_numpy(), tuple(meta.get("genres") or ()))
+    except CatalogueError as exc:
+        raise CatalogueError(f"{path}: {exc}; {what}") from None
+    for label, want in (("its recorded", meta.get("sha256")), ("the expected", expected_sha256)):
+        if want is not None and cat.sha256 != want:
+            raise CatalogueError(f"{path}: content hash {cat.sha256[:16]}… differs from {label} sha256 "
+                                 f"{str(want)[:16]}… (file modified or mixed); {what}")
+    return cat

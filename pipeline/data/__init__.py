@@ -1,0 +1,1 @@
+"""Datasets: the event log, its schema and checks, the item catalogue, preparation, synthetic data."""

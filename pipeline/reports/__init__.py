@@ -1,0 +1,1 @@
+"""Reports: store size, capacity planning, model analysis and the HTML report."""

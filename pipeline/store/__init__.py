@@ -1,0 +1,1 @@
+"""Store operations: building, refreshing and verifying stores; safe output writes."""

@@ -1,0 +1,191 @@
+"""Build, describe and publish a cache store from prefill Parquet (`ckv store build`; the prefill job
+calls :func:`build_store` at its end).
+
+On top of ``cachestore.publish`` (staging -> versions/<id> -> atomic switch of ``current``) this adds:
+
+- the manifest fields the prefill issue asks for (model version, dims, dtypes, pool size, user count,
+  bytes of Parquet / LMDB on disk / payload, created-at, the command line, the prefill run's details),
+  written into the staging version before it is published;
+- ``_prefill.json`` (prefill metadata: model config, checkpoint, run stats) kept beside
+  ``_layout.json`` in every version's ``parquet/`` so a standalone rebuild keeps it;
+- stable symlinks ``STORE/{parquet,lmdb,manifest.json,layout.json} -> current/<name>``: the paths the
+  issue names resolve to the published version (through ``current``, so they switch with it).
+  Programs should still resolve ``current`` once (``StoreReader.open_current``) and use that version.
+
+:func:`publish_staged` is the one publish transaction (``ckv store build`` and ``ckv refresh`` both
+use it): complete the staging version, write its manifest, switch ``current``; any failure removes
+the staging version and leaves ``current`` as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cachestore.entry import layout_from_dict
+from cachestore.lmdb_build import PARQUET_LAYOUT_FILE, list_parquet_files
+from cachestore.publish import (
+    CURRENT,
+    LAYOUT,
+    LMDB_DIR,
+    MANIFEST,
+    PublishResult,
+    build_version,
+    new_staging_dir,
+    publish,
+)
+from cachestore.record import HEADER_SIZE
+
+log = logging.getLogger("ckv.store")
+PREFILL_META_FILE = "_prefill.json"
+PARQUET_DIR = "parquet"
+PREFILL_PARQUET_SCHEMA_VERSION = 3  # the prefill Parquet columns (docs/prefill.md); bump on any change
+# 2: + history_fp int64 (pipeline/prefill/incremental.py; ignored by the LMDB build, the record format is unchanged)
+# 3: one payload column for every arch (din included: cachestore.entry.entry_schema)
+STABLE_LINKS = (PARQUET_DIR, LMDB_DIR, MANIFEST, LAYOUT)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write JSON atomically (temp file + fsync + rename)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True, default=str)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_prefill_meta(parquet_dir: Path) -> dict[str, Any] | None:
+    path = parquet_dir / PREFILL_META_FILE
+    if not path.is_file():
+        return None
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def summary_fields(manifest: dict, prefill: dict | None, command_line: str) -> dict[str, Any]:
+    """The top-level manifest fields of a store version (see docs/prefill.md): the arch, mode, window,
+    per-part widths (``dims.parts``), dtypes, shared sides and pool size."""
+    stats = manifest["stats"]
+    model = (prefill or {}).get("model_config") or {}
+    users = stats["users"]
+    d_user = (model.get("collective") or {}).get("d_user")
+    entry = layout_from_dict(manifest["layout"])
+    widths = {p.name: p.width for p in entry.parts}
+    kv_widths = [p.width for p in entry.parts if p.kind == "kv"]
+    d_attn = model.get("d_attn", kv_widths[0] if entry.mode == "full" and kv_widths else None)
+    names = [p.name for p in entry.parts]
+    head: dict[str, Any] = {
+        "model_version": entry.model_version, "arch": entry.arch, "mode": entry.mode,
+        "dims": {"d_attn": d_attn, "max_len": entry.max_len,
+                 "d_user": d_user if entry.mode == "collective" else None, "parts": widths},
+        "dtypes": {"kv": entry.kv_dtype, "index": entry.idx_dtype},
+        "k_shared": any(n.endswith(".k_idx") for n in names), "v_shared": any(n.endswith(".v_idx") for n in names),
+        "pool_size": entry.pool_size,
+    }  # fmt: skip
+    return {
+        **head,
+        "prefill_parquet_schema_version": PREFILL_PARQUET_SCHEMA_VERSION,
+        "users": users,
+        "behaviours": stats["behaviours"],
+        "bytes": {
+            "parquet": sum(f["bytes"] for f in manifest["parquet"]["files"] if f["name"] != PARQUET_LAYOUT_FILE),
+            "lmdb_file": stats["file_bytes"],
+            "lmdb_disk": stats["disk_bytes"],
+            "payload": stats["payload_bytes"],
+            "records": stats["record_bytes"],
+            "record_headers": HEADER_SIZE * users,
+        },
+        "created_at": manifest["created_utc"],
+        "command_line": command_line,
+        "prefill": prefill,
+    }
+
+
+def ensure_links(store_root: Path) -> None:
+    """Create the stable ``STORE/<name> -> current/<name>`` symlinks (idempotent, atomic each)."""
+    for name in STABLE_LINKS:
+        link, target = store_root / name, f"{CURRENT}/{name}"
+        if link.is_symlink():
+            if os.readlink(link) == target:
+                continue
+        elif link.exists():
+            log.warning("%s exists and is not a symlink: left as is (the published data is under %s/)",
+                        link, CURRENT)
+            continue
+        tmp = store_root / f".{name}.link-{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        os.symlink(target, tmp)
+        os.replace(tmp, link)
+
+
+def publish_staged(store_root: Path, staging: Path, complete: Callable[[Path], dict[str, Any]]
+                   ) -> tuple[dict[str, Any], PublishResult]:
+    """Publish the version being assembled in ``staging`` (a directory under ``store_root/staging``).
+
+    ``complete(staging)`` finishes the version (files, checks) and returns its manifest, which is written
+    to ``staging/manifest.json``; then ``cachestore.publish.publish`` moves it to ``versions/<id>`` and
+    switches ``current``, and the stable links are ensured. Any failure (``complete``'s included, and
+    KeyboardInterrupt) removes ``staging`` and leaves ``current`` as it was. Returns (manifest, result).
+    """
+    try:
+        manifest = complete(staging)
+        write_json(staging / MANIFEST, manifest)
+        result = publish(store_root, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    ensure_links(store_root)
+    return manifest, result
+
+
+def build_store(store_root: str | os.PathLike, parquet_dir: str | os.PathLike, *,
+                prefill: dict[str, Any] | None = None, command_line: str | None = None,
+                progress: bool = False, on_built: Any = None) -> dict[str, Any]:
+    """Build a store version from PARQUET_DIR (part files + _layout.json) and publish it.
+
+    ``prefill``: metadata of the run that wrote the Parquet (default: PARQUET_DIR/_prefill.json).
+    ``on_built(manifest)``: called once the LMDB is built (``manifest['stats']``), before the metadata is written.
+    Any failure removes the staging version and leaves ``current`` as it was. Returns the manifest.
+    """
+    root, src = Path(store_root), Path(parquet_dir)
+    if not (src / PARQUET_LAYOUT_FILE).is_file():
+        raise FileNotFoundError(f"{src}: not a prefill Parquet directory (no {PARQUET_LAYOUT_FILE})")
+    if not list_parquet_files(src):
+        log.warning("%s holds no Parquet part files: the store will be empty", src)
+    prefill = prefill if prefill is not None else read_prefill_meta(src)
+    root.mkdir(parents=True, exist_ok=True)
+
+    def complete(staging: Path) -> dict[str, Any]:
+        manifest = build_version(src, staging, parquet="link", progress=progress)
+        if on_built is not None:  # last additions to the metadata (e.g. counts known once built)
+            on_built(manifest)
+        if prefill is not None:
+            write_json(staging / PARQUET_DIR / PREFILL_META_FILE, prefill)
+        manifest.update(summary_fields(manifest, prefill, command_line or shlex.join(sys.argv)))
+        return manifest
+
+    manifest, result = publish_staged(root, new_staging_dir(root), complete)
+    log.info("published %s: %d users, LMDB %.1f MB on disk (previous %s, pruned %s)", result.version_id,
+             manifest["users"], manifest["bytes"]["lmdb_disk"] / 1e6, result.previous, list(result.pruned))
+    return manifest
+
+
+def read_manifest(store_root: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """(version dir, manifest) of the version ``STORE/current`` points to (resolved once), after the cheap
+    check of its LMDB file (:func:`cachestore.store_check.check_version`)."""
+    from cachestore.publish import open_current
+    from cachestore.store_check import check_version
+
+    version = Path(os.path.realpath(open_current(store_root)))
+    check_version(version)  # every command that reports on a store validates it (StoreDamagedError)
+    with open(version / MANIFEST, encoding="utf-8") as fh:
+        return version, json.load(fh)

@@ -1,0 +1,1 @@
+"""Training: the trainer, the experiment runner, checkpoints, warm start and the model-zoo evaluation."""

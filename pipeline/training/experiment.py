@@ -1,0 +1,142 @@
+"""Multi-seed comparisons of KV variants on one dataset, and the results table (Markdown + JSON).
+
+Each run trains one (variant, seed), saves its checkpoint under ``OUT/checkpoints/<variant>-seed<k>``
+and contributes test GAUC / AUC / Logloss; the table reports mean ± std over seeds and each
+variant's compression rate CR (:func:`model.cache.compression_rate`, fp16 user parts, fp32 full
+K/V as the denominator).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.cache_spec import bytes_per_behaviour, compression_rate, entry_bytes, full_kv_bytes
+from model.config import ModelConfig, config_to_dict
+from model.metrics import METRICS
+from pipeline.data.dataset_schema import CanonicalDataset
+from pipeline.store.safe_output import OutputKind, replace_dir
+from pipeline.training.checkpoint import save_checkpoint
+from pipeline.training.trainer import TrainConfig, build_model, train_model
+
+EXPERIMENT_OUTPUT = OutputKind("experiment", "ckv experiment",
+                               frozenset({"checkpoints", "results.json", "results.md"}),
+                               signature=("results.json", "checkpoints"))
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    model: ModelConfig
+
+
+def standard_variants(base: ModelConfig, names: Sequence[str]) -> list[Variant]:
+    """Named variants of ``base``: full, collective, share_k, share_v."""
+    c = base.collective
+    table = {
+        "full": replace(base, kv_mode="full"),
+        "collective": replace(base, kv_mode="collective"),
+        "share_k": replace(base, kv_mode="collective", collective=replace(c, share_k=True, share_v=False)),
+        "share_v": replace(base, kv_mode="collective", collective=replace(c, share_k=False, share_v=True)),
+    }
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; choose from {sorted(table)}")
+    return [Variant(n, table[n]) for n in names]
+
+
+def run_experiment(
+    dataset: CanonicalDataset,
+    variants: Sequence[Variant],
+    seeds: Sequence[int],
+    train: TrainConfig,
+    out: Path,
+    *,
+    overwrite: bool = False,
+    inputs: tuple[str | Path | None, ...] = (),
+) -> dict[str, Any]:
+    """Train every (variant, seed); write checkpoints, ``results.json`` and ``results.md`` to ``out``.
+
+    ``out`` is written atomically when every run is done (pipeline/store/safe_output.py): a non-empty
+    ``out`` that is not an experiment, or is / contains one of ``inputs``, is refused before training;
+    an existing experiment is replaced only with ``overwrite``.
+    """
+    with replace_dir(out, EXPERIMENT_OUTPUT, overwrite=overwrite, inputs=inputs) as tmp:
+        return _run_all(dataset, variants, seeds, train, tmp)
+
+
+def _run_all(dataset: CanonicalDataset, variants: Sequence[Variant], seeds: Sequence[int], train: TrainConfig,
+             out: Path) -> dict[str, Any]:
+    runs: list[dict[str, Any]] = []
+    for v in variants:
+        for seed in seeds:
+            print(f"== {v.name} seed {seed}", flush=True)
+            model = build_model(dataset, v.model, seed)
+            result = train_model(model, dataset, replace(train, seed=seed))
+            version = save_checkpoint(
+                out / "checkpoints" / f"{v.name}-seed{seed}", result.model, result.metrics(), dataset.catalogue
+            )
+            runs.append({"variant": v.name, "seed": seed, "model_version": version, **result.metrics()})
+            print(f"   test {result.test}  ({result.seconds:.0f} s)", flush=True)
+    summary = summarise(runs, {v.name: v.model for v in variants})
+    report = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "dataset": dataset.meta.get("source", {}),
+        "train": {k: getattr(train, k) for k in ("epochs", "batch_size", "lr", "weight_decay", "patience", "device")},
+        "machine": {"platform": platform.platform(), "torch": torch.__version__,
+                    "device": torch.cuda.get_device_name() if train.device.startswith("cuda") else "cpu"},
+        "variants": {v.name: config_to_dict(v.model) for v in variants},
+        "summary": summary,
+        "runs": runs,
+    }  # fmt: skip
+    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "results.md").write_text(results_markdown(report))
+    return report
+
+
+def summarise(runs: list[dict[str, Any]], configs: dict[str, ModelConfig]) -> dict[str, dict[str, Any]]:
+    """Per variant: mean and std (ddof=1 when > 1 seed) of each test metric, CR and bytes."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, cfg in configs.items():
+        rows = [r for r in runs if r["variant"] == name]
+        entry: dict[str, Any] = {"seeds": [r["seed"] for r in rows]}
+        for m in METRICS:
+            vals = np.array([r["test"][m] for r in rows], dtype=float)
+            entry[m] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
+        entry["cache_bytes_per_behaviour"] = bytes_per_behaviour(cfg)  # full model: fp32 K/V
+        entry["full_fp32_bytes_per_behaviour"] = bytes_per_behaviour(replace(cfg, kv_mode="full"))
+        entry["cache_bytes_per_user_full_window"] = entry_bytes(cfg)
+        entry["full_fp32_bytes_per_user_full_window"] = full_kv_bytes(cfg)
+        entry["cr"] = compression_rate(cfg) if cfg.kv_mode == "collective" else 1.0
+        out[name] = entry
+    return out
+
+
+def results_markdown(report: dict[str, Any]) -> str:
+    """The results table as Markdown (test split, mean ± std over seeds)."""
+    lines = [
+        "| variant | seeds | GAUC | AUC | Logloss | bytes / behaviour | CR |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, s in report["summary"].items():
+        cells = [f"{s[m]['mean']:.4f} ± {s[m]['std']:.4f}" for m in METRICS]
+        lines.append(f"| {name} | {len(s['seeds'])} | {' | '.join(cells)} | "
+                     f"{s['cache_bytes_per_behaviour']} | {100 * s['cr']:.2f}% |")  # fmt: skip
+    t = report["train"]
+    lines += [
+        "",
+        f"Test split; early stopping on validation GAUC (patience {t['patience']}, at most {t['epochs']} epochs, "
+        f"batch {t['batch_size']}, lr {t['lr']}); device: {report['machine']['device']}. "
+        "CR = cached bytes per user ÷ the user's full K and V in fp32 (collective: fp16 user parts + uint16 indices; "
+        "the full row is the fp32 baseline itself).",
+        "",
+    ]
+    return "\n".join(lines)
