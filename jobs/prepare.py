@@ -8,6 +8,7 @@ prepares the bundled data. This module only parses arguments; pipeline/data/prep
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -74,57 +75,32 @@ def data() -> None:
     "dataset or a checkpoint directory [default: the one of the dataset already at --out, if any].",
 )
 @click.option("--new-catalogue", is_flag=True, help="Start a fresh item catalogue (dense ids by ascending raw id).")
-def prepare_cmd(
-    events: Path,
-    items: Path | None,
-    out: Path,
-    overwrite: bool,
-    user_col: str,
-    item_col: str,
-    time_col: str,
-    label_col: str | None,
-    rating_col: str | None,
-    rating_threshold: float | None,
-    items_item_col: str | None,
-    item_feature_col: str,
-    feature_sep: str,
-    valid_frac: float,
-    test_frac: float,
-    catalogue: Path | None,
-    new_catalogue: bool,
-) -> None:
+def prepare_cmd(events: Path, out: Path, overwrite: bool, **options: Any) -> None:
     """Validate an event log and write the canonical dataset (histories, items, time-split samples)."""
     from pipeline.data.dataset_schema import DataError
-    from pipeline.data.prepare import PrepareConfig, prepare, summary
+    from pipeline.data.prepare import prepare, summary
     from pipeline.store.safe_output import OutputError
 
-    if label_col is not None and (rating_col is not None or rating_threshold is not None):
-        raise click.UsageError("give either --label-col or --rating-col/--rating-threshold, not both")
-    if label_col is None:
-        rating_col = rating_col or DEFAULT_RATING_COL
-        rating_threshold = DEFAULT_RATING_THRESHOLD if rating_threshold is None else rating_threshold
     try:
-        config = PrepareConfig(
-            events=events,
-            out=out,
-            items=items,
-            user_col=user_col,
-            item_col=item_col,
-            time_col=time_col,
-            label_col=label_col,
-            rating_col=rating_col,
-            rating_threshold=rating_threshold,
-            items_item_col=items_item_col,
-            item_feature_col=item_feature_col,
-            feature_sep=feature_sep,
-            valid_frac=valid_frac,
-            test_frac=test_frac,
-            catalogue=catalogue,
-            new_catalogue=new_catalogue,
-            overwrite=overwrite,
-        )
+        config = prepare_config(events, out, overwrite=overwrite, **options)
         meta = prepare(config)
     except (DataError, OutputError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"prepared {out}")
     click.echo(summary(meta))
+
+
+def prepare_config(events: Path, out: Path, *, overwrite: bool = False, **options: Any) -> Any:
+    """The :class:`pipeline.data.prepare.PrepareConfig` of `ckv data prepare`'s options (the column mapping,
+    the split fractions, the catalogue choice); the one place the CLI builds it (`ckv refresh` too).
+
+    The click rule defaults to rating >= 4 on ``rating`` when no --label-col is given."""
+    from pipeline.data.prepare import PrepareConfig
+
+    label_col, rating_col, threshold = options["label_col"], options["rating_col"], options["rating_threshold"]
+    if label_col is not None and (rating_col is not None or threshold is not None):
+        raise click.UsageError("give either --label-col or --rating-col/--rating-threshold, not both")
+    if label_col is None:
+        options["rating_col"] = rating_col or DEFAULT_RATING_COL
+        options["rating_threshold"] = DEFAULT_RATING_THRESHOLD if threshold is None else threshold
+    return PrepareConfig(events=events, out=out, overwrite=overwrite, **options)

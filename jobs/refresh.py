@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from jobs.prepare import prepare_cmd
+from jobs.prepare import prepare_cmd, prepare_config
 
 EXIT_REFUSED = 3
 # the event-log options of `ckv data prepare` (same names and defaults), except --out / --events / --overwrite
@@ -23,15 +23,7 @@ _PREPARE_PARAMS = [p for p in prepare_cmd.params if p.name not in ("out", "event
 
 
 def _prepare_config(events: Path, kw: dict[str, Any]) -> Any:
-    from jobs.prepare import DEFAULT_RATING_COL, DEFAULT_RATING_THRESHOLD
-    from pipeline.data.prepare import PrepareConfig
-
-    names = [p.name for p in _PREPARE_PARAMS]
-    p = {n: kw.pop(n) for n in names}
-    if p["label_col"] is None:
-        p["rating_col"] = p["rating_col"] or DEFAULT_RATING_COL
-        p["rating_threshold"] = DEFAULT_RATING_THRESHOLD if p["rating_threshold"] is None else p["rating_threshold"]
-    return PrepareConfig(events=events, out=Path("unset"), **p)
+    return prepare_config(events, Path("unset"), **{p.name: kw.pop(p.name) for p in _PREPARE_PARAMS})
 
 
 @click.command("refresh", params=list(_PREPARE_PARAMS))

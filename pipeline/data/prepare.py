@@ -81,6 +81,18 @@ class PrepareConfig:
             raise DataError(f"split fractions valid={self.valid_frac}, test={self.test_frac}: need 0 <= each, sum < 1")
 
     @property
+    def event_columns(self) -> dict[str, Any]:
+        """The event log's column mapping (:func:`pipeline.data.events.read_events`'s keywords)."""
+        return {"user_col": self.user_col, "item_col": self.item_col, "time_col": self.time_col,
+                "label_col": self.label_col, "rating_col": self.rating_col, "rating_threshold": self.rating_threshold}
+
+    @property
+    def item_columns(self) -> dict[str, Any]:
+        """The item file's column mapping (:func:`pipeline.data.events.read_item_genres`'s keywords)."""
+        return {"item_col": self.items_item_col or self.item_col, "feature_col": self.item_feature_col,
+                "sep": self.feature_sep}
+
+    @property
     def label_rule(self) -> str:
         if self.label_col is not None:
             return f"label = column '{self.label_col}' (0/1)"
@@ -347,23 +359,8 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     """
     inputs = (config.events, config.items)
     check_output_dir(Path(config.out), DATASET_OUTPUT, overwrite=config.overwrite, inputs=inputs)
-    events = read_events(
-        config.events,
-        user_col=config.user_col,
-        item_col=config.item_col,
-        time_col=config.time_col,
-        label_col=config.label_col,
-        rating_col=config.rating_col,
-        rating_threshold=config.rating_threshold,
-    )
-    pairs = None
-    if config.items is not None:
-        pairs = read_item_genres(
-            config.items,
-            item_col=config.items_item_col or config.item_col,
-            feature_col=config.item_feature_col,
-            sep=config.feature_sep,
-        )
+    events = read_events(config.events, **config.event_columns)
+    pairs = None if config.items is None else read_item_genres(config.items, **config.item_columns)
     ds = build_dataset(events, pairs, valid_frac=config.valid_frac, test_frac=config.test_frac,
                        catalogue=previous_catalogue(config))
     ds.meta["label_rule"] = config.label_rule
