@@ -31,8 +31,6 @@ from pipeline.reports.capacity import (
     capacity_plan,
     dist_from_lengths,
     dist_from_quantiles,
-    lmdb_bytes,
-    lmdb_node_max,
     parse_quantiles,
 )
 from pipeline.reports.capacity_inputs import (
@@ -45,6 +43,7 @@ from pipeline.reports.capacity_inputs import (
     store_lengths,
 )
 from pipeline.reports.capacity_table import capacity_table, format_table
+from pipeline.reports.lmdb_pages import lmdb_bytes, lmdb_node_max
 from tests.store_fixtures import build_store as build_fixture_store
 
 REPO = Path(__file__).resolve().parent.parent

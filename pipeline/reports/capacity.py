@@ -37,14 +37,8 @@ from cachestore.entry import EntryLayout
 from cachestore.record import HEADER_SIZE, IDX_DTYPES, KV_DTYPES
 from model.cache_spec import bytes_per_behaviour, entry_parts, index_itemsize, store_config
 from model.config import CollectiveConfig, ModelConfig
+from pipeline.reports.lmdb_pages import LMDB_META_PAGES, LMDB_PAGE, branch_pages, lmdb_pages
 
-LMDB_PAGE = 4096
-LMDB_PAGE_HEADER = 16  # PAGEHDRSZ
-LMDB_NODE_HEADER = 8  # NODESIZE
-LMDB_KEY = 8  # user id, 8-byte big-endian (cachestore.record.KEY)
-LMDB_SLOT = 2  # indx_t per node in the page's pointer array
-LMDB_META_PAGES = 2
-LMDB_BRANCH_NODE = LMDB_NODE_HEADER + LMDB_KEY + LMDB_SLOT  # 18 B per child pointer
 BATCH_INDEX_BYTES = 16  # offsets + lengths, int64 each, per user in a batch (cachestore/batch.py)
 SAMPLE_USERS = 200_000  # records simulated for the page model of a length distribution
 Z90 = 1.2815515655446004  # standard normal 90% quantile
@@ -293,49 +287,6 @@ class StoreCalibration:
         return self.parquet / self.records if self.records else float("nan")
 
 
-# ------------------------------------------------------------------------------------ LMDB pages
-def lmdb_node_max(page: int = LMDB_PAGE) -> int:
-    """LMDB's me_nodemax: the largest leaf node kept inline (2,038 B at 4 KiB pages)."""
-    return (((page - LMDB_PAGE_HEADER) // 2) & ~1) - 2
-
-
-def lmdb_pages(record_sizes: np.ndarray, page: int = LMDB_PAGE) -> dict[str, int]:
-    """Pages of an LMDB holding these values, put in this (sorted-key) order with MDB_APPEND.
-
-    Exact for the store builder (docs/capacity.md checks it against data.mdb): leaf nodes of
-    ``even(8 + 8 + size)`` + a 2-byte slot packed greedily into ``page − 16`` bytes; a value whose
-    node exceeds :func:`lmdb_node_max` takes ``ceil((16 + size) / page)`` overflow pages and an
-    inline node of 8 + 8 + 8 (page number) bytes; branch levels of 18 B per child; 2 meta pages.
-    """
-    sizes = np.asarray(record_sizes, dtype=np.int64)
-    usable = page - LMDB_PAGE_HEADER
-    node = LMDB_NODE_HEADER + LMDB_KEY + sizes
-    node += node & 1
-    big = node > lmdb_node_max(page)
-    node = np.where(big, LMDB_NODE_HEADER + LMDB_KEY + 8, node) + LMDB_SLOT
-    overflow = int((-(-(LMDB_PAGE_HEADER + sizes[big]) // page)).sum())
-    cs = np.concatenate([[0], np.cumsum(node)])
-    leaf, i, n = 0, 0, len(sizes)
-    while i < n:  # greedy fill, one page per iteration
-        i = int(np.searchsorted(cs, cs[i] + usable, side="right")) - 1
-        leaf += 1
-    return {"leaf": leaf, "branch": _branch_pages(leaf, page), "overflow": overflow, "meta": LMDB_META_PAGES}
-
-
-def _branch_pages(leaf: float, page: int = LMDB_PAGE) -> int:
-    fanout = (page - LMDB_PAGE_HEADER) // LMDB_BRANCH_NODE
-    total, level = 0, math.ceil(leaf)
-    while level > 1:
-        level = -(-level // fanout)
-        total += level
-    return total
-
-
-def lmdb_bytes(record_sizes: np.ndarray, page: int = LMDB_PAGE) -> int:
-    """data.mdb's size (= allocated bytes) for these records in key order (:func:`lmdb_pages`)."""
-    return sum(lmdb_pages(record_sizes, page).values()) * page
-
-
 def lmdb_bytes_for(layout: EntryLayout, dist: LengthDist, users: int, *, sample_users: int = SAMPLE_USERS,
                    seed: int = 0) -> dict[str, float]:
     """Expected data.mdb bytes of ``users`` users drawn from ``dist`` (page model on a stratified sample
@@ -345,7 +296,7 @@ def lmdb_bytes_for(layout: EntryLayout, dist: LengthDist, users: int, *, sample_
     p = lmdb_pages(HEADER_SIZE + lengths * (layout.record_size(1) - HEADER_SIZE))
     scale = users / m if m else 0.0
     leaf, overflow = p["leaf"] * scale, p["overflow"] * scale
-    pages = leaf + overflow + _branch_pages(leaf) + LMDB_META_PAGES
+    pages = leaf + overflow + branch_pages(leaf) + LMDB_META_PAGES
     return {"bytes": pages * LMDB_PAGE, "leaf_pages": leaf, "overflow_pages": overflow, "sampled_users": m}
 
 
