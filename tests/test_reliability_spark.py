@@ -25,7 +25,8 @@ from cachestore.checkpoint import CheckpointError
 from cachestore.publish import current_version_id
 from cachestore.reader import StoreReader
 from pipeline.prefill.prefill import PrefillInputError, cache_layout
-from pipeline.prefill.spark_job import PrefillOptions, _load_shipped_checkpoint, run_prefill
+from pipeline.prefill.spark_executor import _load_shipped_checkpoint
+from pipeline.prefill.spark_job import PrefillOptions, run_prefill
 from pipeline.prefill.spark_logging import one_line
 from pipeline.store.store_ops import build_store
 from pipeline.store.verify import verify_store

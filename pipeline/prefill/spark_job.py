@@ -8,9 +8,8 @@ in ``STORE/staging/prefill-<id>/``, then build + publish the store version
 (:func:`pipeline.store.store_ops.build_store`). Nothing is collected to the driver; a polling thread logs
 stage progress (partitions done, users, users/s) from ``statusTracker`` and accumulators.
 
-Executors: each Python worker loads the model once (cached by model version, device, mode, dtype,
-engine) from ``SparkFiles``, on the task's GPU when ``--device auto|cuda`` finds one, and logs each
-partition (users, seconds, users/s) to stderr.
+Executors (:mod:`pipeline.prefill.spark_executor`): each Python worker loads the model once from
+``SparkFiles`` and logs each partition (users, seconds, users/s) to stderr.
 
 Failure anywhere (a task, the write, the build) removes the staging output: nothing is published
 and ``STORE/current`` is untouched.
@@ -20,13 +19,10 @@ from __future__ import annotations
 
 import atexit
 import functools
-import json
 import logging
 import os
 import shlex
 import shutil
-import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -36,16 +32,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
-
 from cachestore.catalogue import CATALOGUE_FILE, check_same_numbering
-from cachestore.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, load_checkpoint
-from cachestore.entry import layout_from_dict
+from cachestore.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
 from cachestore.lmdb_build import StoreBuildError
 from cachestore.publish import STAGING, new_version_id
-from cachestore.record import write_layout
-from pipeline.prefill.incremental import FP_COL, HISTORY_FP_VERSION, PREV_FP_COL, fingerprint_sql, previous_state
+from pipeline.prefill.incremental import FP_COL, HISTORY_FP_VERSION, fingerprint_sql, previous_state
 from pipeline.prefill.incremental import split as incremental_split
 from pipeline.prefill.prefill import (
     ENGINES,
@@ -56,6 +47,7 @@ from pipeline.prefill.prefill import (
     check_engine,
     check_histories_files,
 )
+from pipeline.prefill.spark_executor import prefill_partition
 from pipeline.prefill.spark_logging import java_options, route_spark_logs
 from pipeline.store.store_ops import PREFILL_META_FILE, PREFILL_PARQUET_SCHEMA_VERSION, build_store, write_json
 
@@ -216,9 +208,68 @@ class _Progress(threading.Thread):
 
 def run_prefill(opts: PrefillOptions, spark: Any = None) -> dict[str, Any]:
     """Run the prefill job; returns the published manifest. Raises on any failure (nothing published)."""
+    t0 = time.perf_counter()
+    job = _driver_checks(opts)
+    t_load = time.perf_counter() - t0
+    spark = spark or get_spark(opts.master, log_file=opts.log_file)
+    t_session = time.perf_counter() - t0 - t_load
+    sc = spark.sparkContext
+    _configure_spark(spark, opts)
+    df, carried, inc_meta = _read_histories(spark, opts, job)
+    if opts.ship_code or (opts.ship_code is None and not sc.master.startswith("local")):
+        ship_code(sc)
+    zip_name = ship_checkpoint(sc, job.ckpt_dir, job.version)
+    acc = {name: sc.accumulator(0) for name in ("users", "parts", "known", "truncated")}  # truncated: to max_len
+    params = {
+        "zip": zip_name, "version": job.version, "layout": job.layout.to_dict(), "device": opts.device,
+        "engine": opts.engine, "batch_users": opts.batch_users, "memo_bytes": opts.memo_mb << 20,
+        "fail_after": opts.fail_after_users, "fail_kill": opts.fail_kill, "share_blocks": opts.share_blocks, **acc,
+    }  # fmt: skip
+    out = df.mapInArrow(functools.partial(prefill_partition, params=params), f"{OUTPUT_DDL}, {FP_COL} long")
+    if carried is not None:
+        out = out.unionByName(carried)
+    if opts.sort:
+        out = out.sortWithinPartitions("user_id")
+    spark_out = job.store / STAGING / f"prefill-{new_version_id()}"
+    log.info("prefill: %s -> %s (model %s, mode %s, kv %s, engine %s, device %s, master %s)", job.histories,
+             job.store, job.version, job.layout.mode, job.layout.kv_dtype, opts.engine, opts.device, sc.master)
+    setup = {"checkpoint": round(t_load, 3), "spark_session": round(t_session, 3),
+             "total": round(time.perf_counter() - t0, 3)}
+    log.info("prefill: setup %.1f s (checkpoint %.1f s, SparkSession %.1f s)", setup["total"], t_load, t_session)
+    try:
+        t_write = _write_stage(sc, out, spark_out, opts, job, acc["users"])
+        meta = _prefill_meta(sc, opts, job, acc, time.perf_counter() - t0, t_write, setup)
+        if inc_meta is not None:
+            meta["incremental"] = inc_meta
+        write_json(spark_out / PREFILL_META_FILE, meta)
+        manifest = _build(opts, job, spark_out, meta, _on_built(inc_meta, acc))
+    finally:
+        shutil.rmtree(spark_out, ignore_errors=True)
+    total = time.perf_counter() - t0
+    manifest["prefill"]["total_seconds"] = round(total, 3)
+    log.info("prefill: published %s: %d users in %.1f s total (%.0f users/s incl. LMDB build)",
+             manifest["version_id"], manifest["users"], total, manifest["users"] / max(total, 1e-9))
+    return manifest
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What the driver knows before Spark starts: the checkpoint, its model version and cache layout, the
+    resolved histories path and the store root (its staging directory created)."""
+
+    ckpt_dir: Path
+    config: Any
+    version: str
+    layout: Any
+    histories: str
+    store: Path
+
+
+def _driver_checks(opts: PrefillOptions) -> _Job:
+    """Options, checkpoint (files + fingerprint), engine and item numbering checked on the driver, before any
+    task; the store's staging directory created."""
     if opts.engine not in ENGINES or opts.device not in DEVICES or opts.kv_dtype not in KV_DTYPE_CHOICES:
         raise ValueError(f"bad engine/device/kv_dtype: {opts.engine}/{opts.device}/{opts.kv_dtype}")
-    t0 = time.perf_counter()
     ckpt_dir = Path(opts.checkpoint)
     ckpt = load_checkpoint(ckpt_dir)  # validates files + fingerprint on the driver
     cfg, version = ckpt.config, ckpt.model_version
@@ -230,9 +281,11 @@ def run_prefill(opts: PrefillOptions, spark: Any = None) -> dict[str, Any]:
     histories = resolve_histories(opts.histories)
     store = Path(opts.store).resolve()
     (store / STAGING).mkdir(parents=True, exist_ok=True)
-    t_load = time.perf_counter() - t0
-    spark = spark or get_spark(opts.master, log_file=opts.log_file)
-    t_session = time.perf_counter() - t0 - t_load
+    return _Job(ckpt_dir, cfg, version, layout, histories, store)
+
+
+def _configure_spark(spark: Any, opts: PrefillOptions) -> None:
+    """Log routing and level, Arrow batch size and input split size of the job's session."""
     sc = spark.sparkContext
     if opts.log_file:
         route_spark_logs(sc, opts.log_file)  # a JVM started before (spark-submit) logs there too
@@ -241,216 +294,88 @@ def run_prefill(opts: PrefillOptions, spark: Any = None) -> dict[str, Any]:
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "8192")
     if opts.split_mb:  # input partitions of at most this many Parquet bytes (row-group granularity)
         spark.conf.set("spark.sql.files.maxPartitionBytes", str(opts.split_mb << 20))
-    df = spark.read.parquet(histories)
-    check_history_schema(df.schema, histories)
+
+
+def _read_histories(spark: Any, opts: PrefillOptions, job: _Job) -> tuple[Any, Any, dict | None]:
+    """(histories to prefill with their fingerprints, the previous store's rows carried over or None, the
+    incremental meta or None)."""
+    df = spark.read.parquet(job.histories)
+    check_history_schema(df.schema, job.histories)
     df = df.selectExpr("CAST(user_id AS BIGINT) AS user_id", "CAST(items AS ARRAY<INT>) AS items",
                        "CAST(labels AS ARRAY<TINYINT>) AS labels")
-    df = df.selectExpr("*", f"{fingerprint_sql(layout.max_len)} AS {FP_COL}")
+    df = df.selectExpr("*", f"{fingerprint_sql(job.layout.max_len)} AS {FP_COL}")
     carried, inc_meta = None, None
     if opts.incremental:
-        prev = previous_state(opts.previous or opts.store, version, layout)
+        prev = previous_state(opts.previous or opts.store, job.version, job.layout)
         log.info("prefill: incremental: previous %s (%s)", prev.version_id, prev.reason)
         inc_meta = {"history_fp_version": HISTORY_FP_VERSION, "previous": prev.to_dict()}
         if prev.parquet is not None:
             df, carried = incremental_split(spark, df, prev.parquet, OUTPUT_SCHEMA.names)
-    if opts.ship_code or (opts.ship_code is None and not sc.master.startswith("local")):
-        ship_code(sc)
-    zip_name = ship_checkpoint(sc, ckpt_dir, version)
-    users_acc, parts_acc, known_acc = sc.accumulator(0), sc.accumulator(0), sc.accumulator(0)
-    trunc_acc = sc.accumulator(0)  # users whose history was truncated to max_len
-    params = {
-        "zip": zip_name, "version": version, "layout": layout.to_dict(), "device": opts.device,
-        "engine": opts.engine, "batch_users": opts.batch_users, "memo_bytes": opts.memo_mb << 20,
-        "fail_after": opts.fail_after_users, "users": users_acc, "parts": parts_acc,
-        "fail_kill": opts.fail_kill, "truncated": trunc_acc,
-        "share_blocks": opts.share_blocks, "known": known_acc,
-    }  # fmt: skip
-    out = df.mapInArrow(functools.partial(prefill_partition, params=params), f"{OUTPUT_DDL}, {FP_COL} long")
-    if carried is not None:
-        out = out.unionByName(carried)
-    if opts.sort:
-        out = out.sortWithinPartitions("user_id")
-    spark_out = store / STAGING / f"prefill-{new_version_id()}"
-    progress = _Progress(sc, users_acc, opts.progress_interval)
-    log.info("prefill: %s -> %s (model %s, mode %s, kv %s, engine %s, device %s, master %s)", histories, store,
-             version, layout.mode, layout.kv_dtype, opts.engine, opts.device, sc.master)
-    t_setup = time.perf_counter() - t0
-    log.info("prefill: setup %.1f s (checkpoint %.1f s, SparkSession %.1f s)", t_setup, t_load, t_session)
+    return df, carried, inc_meta
+
+
+def _write_stage(sc: Any, out: Any, spark_out: Path, opts: PrefillOptions, job: _Job, users: Any) -> float:
+    """Run the Spark stage (Parquet into ``spark_out``) with the progress thread; its seconds."""
+    progress = _Progress(sc, users, opts.progress_interval)
     progress.start()
     t_write = time.perf_counter()
     try:
-        try:
-            sc.setJobDescription(f"ckv prefill {version} -> {store}")
-            out.write.mode("errorifexists").option("compression", opts.compression).parquet(spark_out.as_uri())
-        finally:
-            progress.stop.set()
-            progress.join()
-        t_spark = time.perf_counter() - t0
-        t_write = time.perf_counter() - t_write
-        users = users_acc.value
-        log.info("prefill: Spark stage done: %d partitions, %d users in %.1f s (%.0f users/s; %.1f s since start)",
-                 parts_acc.value, users, t_write, users / max(t_write, 1e-9), t_spark)
-        log.info("prefill: %d users had more than max_len=%d events: truncated to their latest %d",
-                 trunc_acc.value, layout.max_len, layout.max_len)
-        write_layout(spark_out / "_layout.json", layout)
-        meta = {
-            "prefill_parquet_schema_version": PREFILL_PARQUET_SCHEMA_VERSION,
-            "checkpoint": str(ckpt_dir.resolve()), "histories": histories, "model_version": version,
-            "model_config": asdict(cfg), "mode": layout.mode, "kv_dtype": layout.kv_dtype,
-            "engine": opts.engine, "device": opts.device, "batch_users": opts.batch_users,
-            "spark": {"master": sc.master, "app_id": sc.applicationId, "version": sc.version,
-                      "default_parallelism": sc.defaultParallelism},
-            "partitions": parts_acc.value, "spark_seconds": round(t_spark, 3),
-            "truncated_users": trunc_acc.value,
-            "setup_seconds": {"checkpoint": round(t_load, 3), "spark_session": round(t_session, 3),
-                              "total": round(t_setup, 3)},
-            "stage_seconds": round(t_write, 3), "stage_users_per_s": round(users / max(t_write, 1e-9), 1),
-        }  # fmt: skip
-        if inc_meta is not None:
-            meta["incremental"] = inc_meta
-        write_json(spark_out / PREFILL_META_FILE, meta)
-
-        def on_built(manifest: dict) -> None:  # incremental counts, known once the LMDB is built
-            if inc_meta is None:
-                return
-            carried_n, known = manifest["stats"]["users"] - users, known_acc.value
-            reused = inc_meta["previous"]["reusable"]
-            inc_meta.update(recomputed=users, carried=carried_n, new_users=users - known, changed_users=known,
-                            dropped=(inc_meta["previous"]["users"] - carried_n - known) if reused else None)
-            log.info("prefill: incremental: %d users recomputed (%d changed, %d new), %d carried over, %s dropped",
-                     users, known, users - known, carried_n, inc_meta["dropped"])
-
-
-        def refuse_empty(manifest: dict, then: Any = on_built) -> None:  # before the publish: never an empty store
-            if manifest["stats"]["users"] == 0:
-                raise PrefillInputError(f"histories {histories} hold no users: refusing to publish an empty store")
-            if then is not None:
-                then(manifest)
-
-        try:
-            manifest = build_store(store, spark_out, prefill=meta, command_line=opts.command_line,
-                                   on_built=refuse_empty)
-        except StoreBuildError as exc:  # the job's own output is valid: duplicates come from the input
-            if "duplicate user id" not in str(exc):
-                raise
-            raise PrefillInputError(f"histories {histories}: {exc} (Spark output files): every user must "
-                                    "have exactly one row") from exc
+        sc.setJobDescription(f"ckv prefill {job.version} -> {job.store}")
+        out.write.mode("errorifexists").option("compression", opts.compression).parquet(spark_out.as_uri())
     finally:
-        shutil.rmtree(spark_out, ignore_errors=True)
-    total = time.perf_counter() - t0
-    manifest["prefill"]["total_seconds"] = round(total, 3)
-    log.info("prefill: published %s: %d users in %.1f s total (%.0f users/s incl. LMDB build)",
-             manifest["version_id"], manifest["users"], total, manifest["users"] / max(total, 1e-9))
-    return manifest
+        progress.stop.set()
+        progress.join()
+    return time.perf_counter() - t_write
 
 
-# ------------------------------------------------------------------------------- the executors
-_ENGINE_CACHE: dict[tuple, Any] = {}
+def _prefill_meta(sc: Any, opts: PrefillOptions, job: _Job, acc: dict[str, Any], t_spark: float, t_write: float,
+                  setup: dict[str, float]) -> dict[str, Any]:
+    """The stage's log lines and the prefill meta written beside its output (the manifest's ``prefill``)."""
+    users = acc["users"].value
+    log.info("prefill: Spark stage done: %d partitions, %d users in %.1f s (%.0f users/s; %.1f s since start)",
+             acc["parts"].value, users, t_write, users / max(t_write, 1e-9), t_spark)
+    log.info("prefill: %d users had more than max_len=%d events: truncated to their latest %d",
+             acc["truncated"].value, job.layout.max_len, job.layout.max_len)
+    return {
+        "prefill_parquet_schema_version": PREFILL_PARQUET_SCHEMA_VERSION,
+        "checkpoint": str(job.ckpt_dir.resolve()), "histories": job.histories, "model_version": job.version,
+        "model_config": asdict(job.config), "mode": job.layout.mode, "kv_dtype": job.layout.kv_dtype,
+        "engine": opts.engine, "device": opts.device, "batch_users": opts.batch_users,
+        "spark": {"master": sc.master, "app_id": sc.applicationId, "version": sc.version,
+                  "default_parallelism": sc.defaultParallelism},
+        "partitions": acc["parts"].value, "spark_seconds": round(t_spark, 3),
+        "truncated_users": acc["truncated"].value, "setup_seconds": setup,
+        "stage_seconds": round(t_write, 3), "stage_users_per_s": round(users / max(t_write, 1e-9), 1),
+    }  # fmt: skip
 
 
-def _task_device(requested: str) -> str:
-    import torch
+def _on_built(inc_meta: dict | None, acc: dict[str, Any]) -> Any:
+    """The build's hook: fills the incremental counts, known once the LMDB is built."""
+    def on_built(manifest: dict) -> None:
+        if inc_meta is None:
+            return
+        users = acc["users"].value
+        carried_n, known = manifest["stats"]["users"] - users, acc["known"].value
+        reused = inc_meta["previous"]["reusable"]
+        inc_meta.update(recomputed=users, carried=carried_n, new_users=users - known, changed_users=known,
+                        dropped=(inc_meta["previous"]["users"] - carried_n - known) if reused else None)
+        log.info("prefill: incremental: %d users recomputed (%d changed, %d new), %d carried over, %s dropped",
+                 users, known, users - known, carried_n, inc_meta["dropped"])
 
-    if requested == "cpu":
-        return "cpu"
-    if not torch.cuda.is_available():
-        if requested == "cuda":
-            raise RuntimeError("--device cuda: no CUDA device on this executor")
-        return "cpu"
-    from pyspark import TaskContext
-
-    ctx = TaskContext.get()
-    gpus = ctx.resources().get("gpu") if ctx is not None else None
-    return f"cuda:{gpus.addresses[0]}" if gpus is not None and gpus.addresses else "cuda"
-
-
-def _engine(params: dict) -> Any:
-    from pipeline.prefill.prefill import make_engine
-
-    layout = layout_from_dict(params["layout"])
-    device = "cpu" if params["engine"] == "noop" else _task_device(params["device"])
-    key = (params["version"], device, params["engine"], params["memo_bytes"],
-           json.dumps(params["layout"], sort_keys=True))
-    if key not in _ENGINE_CACHE:
-        model = None
-        if params["engine"] != "noop":
-            from pyspark import SparkFiles
-
-            tmp = tempfile.mkdtemp(prefix="ckv-ckpt-")
-            try:
-                ckpt = _load_shipped_checkpoint(SparkFiles.get(params["zip"]), params["zip"], tmp, device)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-            if ckpt.model_version != params["version"]:
-                raise RuntimeError(f"executor loaded model {ckpt.model_version}, driver shipped {params['version']}")
-            model = ckpt.model
-        _ENGINE_CACHE.clear()  # one model per worker process
-        from pyspark import SparkFiles
-
-        block_dir = Path(SparkFiles.getRootDirectory()) / "ckv-memo-blocks" if params["share_blocks"] else None
-        _ENGINE_CACHE[key] = make_engine(model, layout, params["engine"], params["memo_bytes"], block_dir)
-    return _ENGINE_CACHE[key], layout, device
+    return on_built
 
 
-def _load_shipped_checkpoint(archive: str, name: str, tmp: str, device: str) -> Any:
-    """Extract and load the checkpoint zip shipped with sc.addFile; CheckpointError saying what to do."""
-    where = f"executor {socket.gethostname()} (pid {os.getpid()})"
-    if not os.path.isfile(archive):
-        raise CheckpointError(
-            f"{where}: the checkpoint archive {name} is missing at {archive} (the driver ships it with "
-            "sc.addFile): check the executors' SPARK_LOCAL_DIRS (disk space, cleaners) and re-run the job; "
-            "nothing was published")
+def _build(opts: PrefillOptions, job: _Job, spark_out: Path, meta: dict, on_built: Any) -> dict[str, Any]:
+    """Build and publish the store version from the stage's output; never an empty store."""
+    def refuse_empty(manifest: dict) -> None:  # before the publish
+        if manifest["stats"]["users"] == 0:
+            raise PrefillInputError(f"histories {job.histories} hold no users: refusing to publish an empty store")
+        on_built(manifest)
+
     try:
-        with zipfile.ZipFile(archive) as zf:
-            zf.extractall(tmp)
-        return load_checkpoint(tmp, device=device)
-    except (OSError, zipfile.BadZipFile, CheckpointError) as exc:
-        raise CheckpointError(f"{where}: cannot load the shipped checkpoint {name} ({archive}): {exc}; re-run "
-                              "the job (the archive is rebuilt from the checkpoint directory); nothing was "
-                              "published") from exc
-
-
-def prefill_partition(batches: Any, params: dict) -> Any:
-    """mapInArrow body: prefill_batches over this partition, with counters and a log line."""
-    from pyspark import TaskContext
-
-    from pipeline.prefill.prefill import prefill_batches
-
-    t0 = time.perf_counter()
-    engine, layout, device = _engine(params)
-    ctx = TaskContext.get()
-    part = ctx.partitionId() if ctx is not None else -1
-    n = 0
-    counts: dict[str, int] = {}  # users / truncated (prefill_batches)
-    fps: list[Any] = []  # history_fp of the input rows not yet output (output rows are in input order)
-
-    def tap(it: Any) -> Any:
-        for b in it:
-            names = b.schema.names
-            fps.append(b.column(names.index(FP_COL)).to_numpy(zero_copy_only=False))
-            if PREV_FP_COL in names:
-                params["known"].add(b.num_rows - b.column(names.index(PREV_FP_COL)).null_count)
-            yield b
-
-    out: pa.RecordBatch
-    for out in prefill_batches(tap(batches), engine, layout, params["batch_users"], counts):
-        pending = np.concatenate(fps) if len(fps) != 1 else fps[0]
-        fps[:] = [pending[out.num_rows:]]
-        out = out.append_column(FP_COL, pa.array(pending[:out.num_rows], pa.int64()))
-        n += out.num_rows
-        if params["fail_after"] is not None and n >= params["fail_after"]:
-            if params.get("fail_kill"):
-                os.kill(os.getpid(), signal.SIGKILL)
-            raise RuntimeError(f"injected failure after {n} users (fail_after_users={params['fail_after']})")
-        yield out
-    dt = time.perf_counter() - t0
-    params["users"].add(n)
-    params["parts"].add(1)
-    truncated = counts.get("truncated", 0)
-    params["truncated"].add(truncated)
-    shared = getattr(engine, "shared", None)
-    memo = "" if not hasattr(engine, "size") else f", memo {engine.size} tokens" + (
-        f" (blocks computed {shared.computed}, loaded {shared.loaded})" if shared is not None else "")
-    print(f"[ckv prefill] partition {part}: {n} users in {dt:.1f} s ({n / max(dt, 1e-9):.0f} users/s), "
-          f"{truncated} truncated to the latest {layout.max_len} events, "
-          f"engine {engine.name}, device {device}{memo}", file=sys.stderr, flush=True)
+        return build_store(job.store, spark_out, prefill=meta, command_line=opts.command_line, on_built=refuse_empty)
+    except StoreBuildError as exc:  # the job's own output is valid: duplicates come from the input
+        if "duplicate user id" not in str(exc):
+            raise
+        raise PrefillInputError(f"histories {job.histories}: {exc} (Spark output files): every user must "
+                                "have exactly one row") from exc
