@@ -58,16 +58,15 @@ import itertools
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 
 from cachestore.decode import ResidentModel
 from cachestore.entry import EntryLayout
-from cachestore.fused_config import DEFAULT_FUSED, FusedConfig, pool_dtype, split_parts
-from cachestore.record import HEADER_SIZE, RouterIndexError
+from cachestore.fused_config import ALL_BYTES, DEFAULT_FUSED, FusedConfig, pool_dtype, split_parts
+from cachestore.fused_view import GroupView, din_group, din_view
+from cachestore.record import RouterIndexError
 from cachestore.transfer import KV_TORCH
-from model.cache_spec import GroupSpec
 
 try:  # Triton is optional: CUDA machines have it; CPU machines may run its interpreter
     import triton
@@ -261,56 +260,6 @@ def padded_pools(resident: ResidentModel, dtype: torch.dtype) -> tuple[torch.Ten
             return heads.reshape(heads.shape[0], -1).to(dtype).contiguous()  # (M, d_a)
         cache[dtype] = (rows(resident.pool_k, True), rows(resident.pool_v, False))
     return cache[dtype]
-
-
-ALL_BYTES = ((-1, 1 << 62),)  # one launch for every user (record ends in (-1, 2^62])
-
-
-@dataclass(frozen=True)
-class GroupView:
-    """Where one K/V group (:class:`model.cache_spec.GroupSpec`) sits in a packed batch, per user b:
-    its parts ``k_user | v_user | k_idx | v_idx`` (those the group has, ``rows[b]`` rows each, at ``kv_dtype``
-    and ``idx_dtype``) from byte ``starts[b] + start_add``; ``rows`` (B,) int64 = min(n_b, cap) (0: cold);
-    ``ends`` (B,) int64: one past each user's record, the byte the chunk test of ``chunks`` reads (None: one
-    past the group's last part, the record's end when the group ends the record, as din's does). The tensors
-    live on the batch's device; ``pool_size`` bounds the router indices."""
-
-    group: GroupSpec
-    kv_dtype: str
-    idx_dtype: str | None
-    pool_size: int
-    starts: torch.Tensor
-    rows: torch.Tensor
-    start_add: int = 0
-    ends: torch.Tensor | None = None
-
-
-def din_group(layout: EntryLayout) -> GroupSpec:
-    """The one K/V group of a din store (``layout.flat_group``), as the kernel's :class:`GroupSpec`."""
-    g = layout.flat_group
-    if g is None:
-        raise ValueError("the fused decode reads din batches only")
-    return g
-
-
-def din_view(raw: torch.Tensor, layout: EntryLayout, n_users: int, pool_size: int) -> GroupView:
-    """The din group of a batch, read straight from the batch header (views, no device op): starts =
-    offsets (+ the 32-byte record header), rows = lengths (n <= max_len = the group's cap)."""
-    header = raw[: 16 * n_users].view(torch.int64)  # offsets (B,), lengths (B,)
-    return GroupView(din_group(layout), layout.kv_dtype, layout.idx_dtype, pool_size, header[:n_users],
-                     header[n_users:], HEADER_SIZE)
-
-
-def record_part_starts(raw: torch.Tensor, layout: EntryLayout, n_users: int) -> torch.Tensor:
-    """(P + 1, B) int64: byte start in ``raw`` of part p of user b's record, ``offsets[b] + 32 +
-    Σ_{i<p} min(n_b, cap_i)·row_bytes_i``, and in row P one past the record (a cold-start user: the zero
-    block, n 0). A few (B,) device ops from the batch header, no host sync."""
-    header = raw[: 16 * n_users].view(torch.int64)  # offsets (B,), lengths (B,)
-    offsets, lengths = header[:n_users], header[n_users:]
-    sizes = torch.stack([lengths.clamp(min=0, max=p.cap) * rb
-                         for p, rb in zip(layout.parts, layout.row_bytes, strict=True)])  # (P, B)  # fmt: skip
-    ends = offsets + HEADER_SIZE + sizes.cumsum(0)  # (P, B): one past each part
-    return torch.cat([(offsets + HEADER_SIZE).unsqueeze(0), ends])  # (P + 1, B)
 
 
 def _launch_shape(config: FusedConfig, rows: int, groups: int, span: int, launches: int, device: torch.device

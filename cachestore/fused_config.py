@@ -61,6 +61,7 @@ class FusedConfig:
 
 
 DEFAULT_FUSED = FusedConfig()
+ALL_BYTES = ((-1, 1 << 62),)  # one launch for every user (record ends in (-1, 2^62])
 
 
 # split_parts' budget of programs per SM: with the 1-warp default launch, 64 (two waves of an H100 SM's 32

@@ -39,8 +39,9 @@ from torch import nn
 
 from cachestore.decode import ResidentZooModel
 from cachestore.entry import EntryLayout
-from cachestore.fused import IDX_BYTES, INTERPRETED, KV_CODES, _load_idx, _load_user, record_part_starts, tl, triton
+from cachestore.fused import IDX_BYTES, INTERPRETED, KV_CODES, _load_idx, _load_user, tl, triton
 from cachestore.fused_config import DEFAULT_FUSED, FusedConfig, pool_dtype, split_parts
+from cachestore.fused_view import record_part_starts
 from cachestore.record import RouterIndexError
 from cachestore.transfer import KV_TORCH
 from model.cache_spec import entry_parts, store_config

@@ -30,7 +30,8 @@ import math
 
 import torch
 
-from cachestore.fused import IDX_BYTES, INTERPRETED, KV_CODES, GroupView, triton
+from cachestore.fused import IDX_BYTES, INTERPRETED, KV_CODES, triton
+from cachestore.fused_view import GroupView
 from cachestore.transfer import KV_TORCH
 
 if triton is not None:

@@ -40,14 +40,13 @@ from cachestore.entry import EntryLayout
 from cachestore.fused import (
     DEFAULT_FUSED,
     FusedConfig,
-    GroupView,
     attend_group,
     check_launch,
     pool_dtype,
-    record_part_starts,
     triton,
 )
 from cachestore.fused_long import bucket_sums, group_scores, key_ranks, weighted_values
+from cachestore.fused_view import GroupView, record_part_starts
 from cachestore.record import RouterIndexError
 from cachestore.transfer import KV_TORCH
 from model.attention import masked_softmax

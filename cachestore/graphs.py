@@ -33,12 +33,6 @@ read; masking is arithmetic on (B, L) masks (no boolean indexing, ``nonzero`` or
 path choice depends on shapes only. Host-side checks (batch size, longest history <= L, used_bytes <=
 capacity, a pinned host buffer) run before the replay.
 
-Every model has the same graph: din's body is :func:`cachestore.fused.fused_decode`; SIM, ETA, SDIM and TWIN's
-:func:`cachestore.fused_zoo.zoo_static_decode`; HSTU's :func:`cachestore.fused_hstu.hstu_static_decode` — each
-reads the copied records in place (Triton), shape-static and free of host syncs. The zoo bodies are launched
-once per batch (no copy pieces: ``overlap`` applies to din). Without Triton (CPU tests) the eager body unpacks
-the batch and runs the model's own ``decode``.
-
 Contract: replays run on the caller's current stream; the host buffer and the candidate staging are
 refilled only after the replay that reads them (the batcher waits for the event :meth:`GraphedDecoder.run`
 marks; staging waits for the previous replay); the returned logits tensor is the graph's static output and
@@ -49,7 +43,6 @@ items (0..n_items), checked on the host by the caller (an out-of-range id is a d
 from __future__ import annotations
 
 import bisect
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -58,108 +51,21 @@ import numpy as np
 import torch
 
 from cachestore.batch import HostBatch, zero_block_bytes
+from cachestore.copy_plan import DEFAULT_OVERLAP, align8, batch_capacity, copy_buckets, copy_chunks, record_ends
 from cachestore.decode import (
     PATHS,
     ResidentZooModel,
     choose_path,
-    decode,
-    decode_zoo,
-    din_cache,
-    entry_cache,
 )
 from cachestore.entry import EntryLayout
-from cachestore.fused import ALL_BYTES, DEFAULT_FUSED, FUSED, FusedConfig, fused_decode, uses_fused
-from cachestore.fused_hstu import hstu_static_decode
-from cachestore.fused_zoo import zoo_static_decode
+from cachestore.fused import ALL_BYTES, DEFAULT_FUSED, FUSED, FusedConfig, uses_fused
 from cachestore.mapped import MappedBatch, gather_records
-from cachestore.transfer import TransferCost, unpack_entry
-from model.cache import KVCache
-from model.cache_spec import store_config
+from cachestore.static_decode import static_decode, unpack_din
+from cachestore.transfer import TransferCost
 
 # Graphs are captured while other threads keep the device busy (a server loads the next store version and
 # captures its graphs while the current one serves): only the capturing thread's calls may break a capture.
 CAPTURE_MODE = "thread_local"
-
-
-def _align8(n: int) -> int:
-    return (int(n) + 7) & ~7
-
-
-def batch_capacity(layout: EntryLayout, n_users: int, pad_to: int) -> int:
-    """Bytes a packed batch of ``n_users`` users with at most ``pad_to`` behaviours each can need."""
-    return _align8(16 * n_users + zero_block_bytes(layout) + n_users * _align8(layout.record_size(pad_to)))
-
-
-def unpack_din(raw: torch.Tensor, layout: EntryLayout, n_users: int, pad_to: int) -> KVCache:
-    """The padded din cache (B = n_users, L = pad_to) of a packed batch in the prefix of ``raw``, its zero
-    block at 16·n_users (:func:`cachestore.transfer.unpack_entry`, then the group ``"kv"``)."""
-    return din_cache(unpack_entry(raw, layout, n_users, pad_to, 16 * n_users))
-
-
-def static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: ResidentZooModel, layout: EntryLayout,
-                  n_users: int, pad_to: int, path: str, fused: FusedConfig = DEFAULT_FUSED,
-                  chunks: Sequence[tuple[int, int]] = ALL_BYTES,
-                  on_chunk: Callable[[int], None] | None = None, flags: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits (B, C) of a packed batch held in the prefix of ``raw`` (uint8, even length; bytes beyond the
-    batch are never read): unpack padded to ``pad_to`` with the zero block at 16·n_users, then decode;
-    path "fused" reads the records in place instead (:func:`cachestore.fused.fused_decode` launched with
-    ``fused``, no unpack, one launch per byte range of ``chunks``, each after ``on_chunk``: see
-    :func:`cachestore.fused.fused_attention`; the other paths ignore both). ``flags`` ((B,) int32): set to 1
-    for users with a router index outside the pool (:func:`cachestore.decode.bound_router_indices`).
-    A zoo model's "fused" body is its own kernels' decode (``chunks`` must be :data:`ALL_BYTES`); its other
-    paths unpack and run ``model.decode`` (eager only: not capturable, and flags stay 0 — the fetch checks
-    the indices). Shape-static and free of host syncs on the fused path (the body :class:`GraphedDecoder`
-    captures)."""
-    arch = resident.cfg.arch
-    if arch != "din":
-        if path == FUSED:
-            if chunks != ALL_BYTES:
-                raise ValueError("a zoo model's fused decode is one launch per batch (no chunks)")
-            fast = hstu_static_decode if arch == "hstu" else zoo_static_decode
-            return fast(raw, candidates, resident=resident, layout=layout, n_users=n_users, config=fused, flags=flags)
-        batch = unpack_entry(raw, layout, n_users, pad_to, 16 * n_users)
-        cache = entry_cache(batch, store_config(resident.cfg, layout.mode), resident.dtype)
-        return decode_zoo(resident, cache, candidates)
-    if path == FUSED:
-        return fused_decode(resident, raw, layout, n_users, candidates, config=fused, chunks=chunks, on_chunk=on_chunk,
-                            flags=flags)
-    return decode(resident, unpack_din(raw, layout, n_users, pad_to), candidates, path, flags=flags)
-
-
-_MIN_BUCKET = 64 << 10  # smallest captured copy (bytes)
-
-
-def copy_buckets(capacity: int) -> list[int]:
-    """Ascending copy sizes of the captured graphs: ``capacity`` divided by √2 repeatedly, 8-aligned,
-    down to 64 KiB (or just ``capacity`` when it is smaller)."""
-    sizes, size = [], float(capacity)
-    while True:
-        sizes.append(_align8(math.ceil(size)))
-        size /= math.sqrt(2)
-        if size < _MIN_BUCKET:
-            return sorted(set(sizes))
-
-
-DEFAULT_OVERLAP = 3  # copy pieces beside the fused decode (GraphedDecoder; measured best on an H100)
-_MIN_CHUNK = 256 << 10  # smallest overlapped copy chunk (bytes): below it a chunk's fixed cost dominates
-
-
-def copy_chunks(nbytes: int, header_bytes: int, overlap: int) -> list[tuple[int, int]]:
-    """Byte ranges [lo, hi) the batch copy of ``nbytes`` is split into: ``overlap`` pieces (fewer where a piece
-    would be under 256 KiB), 8-aligned, the first holding the ``header_bytes`` batch header. One range
-    [0, nbytes) without overlap."""
-    k = max(1, min(overlap, nbytes // _MIN_CHUNK))
-    cuts = [min(_align8(header_bytes + (nbytes - header_bytes) * i // k), nbytes) for i in range(1, k)]
-    edges = sorted(set([0, *cuts, nbytes]))
-    return list(zip(edges[:-1], edges[1:], strict=True))
-
-
-def record_ends(pieces: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The fused kernel's launch ranges for copy ``pieces``: launch c serves the users whose records end in
-    (lo, hi] — every byte of them copied by piece c or before; the first and last ranges open-ended."""
-    (first, last), = ALL_BYTES
-    edges = [first, *(hi for _, hi in pieces[:-1]), last]
-    return list(zip(edges[:-1], edges[1:], strict=True))
 
 
 @dataclass
@@ -223,7 +129,7 @@ class GraphedDecoder:
         self.concurrent = concurrent
         self.n_users, self.pad_to, self.n_candidates = n_users, pad_to, n_candidates
         need = 16 * n_users + zero_block_bytes(layout)
-        self.capacity = _align8(max(capacity or batch_capacity(layout, n_users, pad_to), need))
+        self.capacity = align8(max(capacity or batch_capacity(layout, n_users, pad_to), need))
         self.buckets = copy_buckets(self.capacity)
         self.last_cost: TransferCost | None = None
         self._graphs: dict[tuple[int, int], _Captured] = {}  # (host buffer address, copy bytes) -> graph

@@ -40,7 +40,6 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -56,9 +55,11 @@ from cachestore.layout_check import check_layout
 from cachestore.mapped import MappedBatcher
 from cachestore.record import RouterIndexError
 from cachestore.runtime_config import ServingConfig
+from cachestore.runtime_resident import open_tier, score_resident
+from cachestore.runtime_stats import STAT_FIELDS, RuntimeStats, ScoreResult
 from cachestore.store_tree import check_tree
 from cachestore.tier.graph import ResidentRequest
-from cachestore.tier.tier import WHOLE, ResidentTier, TierCounters, plan_capacity
+from cachestore.tier.tier import ResidentTier
 from cachestore.transfer import to_device
 from model.cache_spec import store_config
 
@@ -68,47 +69,6 @@ if TYPE_CHECKING:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@dataclass
-class RuntimeStats:
-    """Totals over every batch a runtime scored (milliseconds are sums over batches)."""
-
-    batches: int = 0
-    users: int = 0
-    cold_start_users: int = 0
-    candidates: int = 0
-    h2d_bytes: int = 0
-    fetch_ms: float = 0.0
-    h2d_ms: float = 0.0
-    decode_ms: float = 0.0
-    total_ms: float = 0.0
-    tier_hits: int = 0  # present users found in the resident tier (cachestore/tier)
-    tier_misses: int = 0  # present users fetched from LMDB (not resident)
-    tier_evictions: int = 0  # entries evicted from the tier to admit others
-    tier_admission_errors: int = 0  # entries refused on admission (CRC or header check failed)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-_STAT_FIELDS = tuple(f.name for f in fields(RuntimeStats))
-
-
-@dataclass
-class ScoreResult:
-    """logits (B, C) float32 numpy (NaN where ``candidates`` was padding), cold_start (B,) bool (the user has
-    no entry in the store: scored with an empty history), model_version: the checkpoint that scored them
-    (records and model always come from one store version)."""
-
-    logits: np.ndarray
-    cold_start: np.ndarray
-    stats: RuntimeStats = field(default_factory=RuntimeStats)
-    model_version: str = ""
-
-    @property
-    def probabilities(self) -> np.ndarray:
-        return 1.0 / (1.0 + np.exp(-self.logits))
 
 
 class DecodeRuntime:
@@ -195,7 +155,7 @@ router index bounds only).
         self._score_lock = threading.Lock()
         self._reader: ThreadPoolExecutor | None = None  # the pipelined fetch's thread (created on first use)
         self._evictions_seen = self._errors_seen = 0  # tier totals already counted in a batch's stats
-        self.tier: ResidentTier | None = self._open_tier()  # the resident tier, when config.tier_bytes gives room
+        self.tier: ResidentTier | None = open_tier(self)  # the resident tier, when config.tier_bytes gives room
 
     @classmethod
     def open(cls, store: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
@@ -220,18 +180,6 @@ router index bounds only).
         catalogue = catalogue if catalogue is not None else ckpt.item_catalogue.item_ids()
         return cls(ckpt.model, ckpt.model_version, StoreReader(version_dir), config, catalogue=catalogue,
                    **overrides)
-
-    def _open_tier(self) -> ResidentTier | None:
-        """The resident tier (see cachestore/tier): ``config.tier_bytes`` bytes,
-        None = auto (:func:`cachestore.tier.plan_capacity`; off when ``zero_copy`` asks for the map fetch), 0 = off."""
-        tier_bytes = self.config.tier_bytes
-        if tier_bytes is None and self.config.zero_copy:
-            return None
-        capacity = plan_capacity(tier_bytes, self.device, self.reader, self.config.tier_share)
-        if capacity <= 0:
-            return None
-        return ResidentTier(self.reader, self.device, capacity, policy=self.config.policy,
-                            batch_users=self.batch_users, expected_model_version=self.model_version)
 
     @property
     def version_id(self) -> str:
@@ -297,7 +245,7 @@ router index bounds only).
                 out, cold[rows] = self._score_batch(ids[rows], cand[rows, :width], stats, step, host)
                 logits[rows, :width] = out
             total = self.stats
-            for name in _STAT_FIELDS:  # (not asdict: it deep-copies, ~20 µs a request)
+            for name in STAT_FIELDS:  # (not asdict: it deep-copies, ~20 µs a request)
                 setattr(total, name, getattr(total, name) + getattr(stats, name))
         logits[~real] = np.nan
         return ScoreResult(logits, cold, stats, self.model_version)
@@ -356,7 +304,7 @@ router index bounds only).
     def _score_batch(self, ids: np.ndarray, cand: np.ndarray, stats: RuntimeStats, slots: int,
                      host: FetchedBatch | None = None) -> tuple[np.ndarray, np.ndarray]:
         if self.tier is not None:
-            return self._score_resident(ids, cand, stats, slots)
+            return score_resident(self, ids, cand, stats, slots)
         t0 = time.perf_counter()
         n = len(ids)
         if host is None:
@@ -416,49 +364,3 @@ router index bounds only).
             raise RouterIndexError(f"a router index outside the pool 0..{self.resident.cfg.collective.pool_size - 1}"
                                    ": the record is corrupt (run `ckv store verify STORE`); nothing of this batch "
                                    "was returned", int(ids[bad[0]]))
-
-    def _score_resident(self, ids: np.ndarray, cand: np.ndarray, stats: RuntimeStats, slots: int
-                        ) -> tuple[np.ndarray, np.ndarray]:
-        """One step through the resident tier: ``slots`` users (cold padding), L = graph_len, one graph replay on
-        CUDA (:class:`cachestore.tier.graph.ResidentRequest`; eager on CPU)."""
-        t0 = time.perf_counter()
-        tier, n, width = self.tier, len(ids), cand.shape[1]
-        key = (slots, width)
-        if key not in self._resident:
-            self._resident[key] = ResidentRequest(self._graph(slots, width), tier)
-        padded = np.zeros((slots, width), dtype=np.int64)
-        padded[:n] = cand
-        first = np.full(slots, -1, dtype=np.int64)
-        with tier.lock:  # resolve → replay enqueued: no admission rewrites a slot this batch reads
-            if tier.mode == WHOLE:
-                first[:n], second, counters = ids, None, None
-            else:
-                resolved = tier.resolve(ids)
-                first[:n], second, counters = resolved.src, np.zeros(slots, dtype=np.int64), resolved.counters
-                second[:n] = resolved.n
-            t_dec = time.perf_counter()
-            logits, present = self._resident[key].run(first, second, padded)
-            bad = self._resident[key].bad_slots()
-        self._check_flags(bad[bad < n], ids)
-        present = present[:n]
-        stats.batches += 1
-        stats.users += n
-        stats.cold_start_users += int((~present).sum())
-        if counters is None:  # whole store: every present user is resident
-            counters = TierCounters(hits=int(present.sum()), cold=int((~present).sum()))
-            tier._count(counters)
-        stats.tier_hits += counters.hits
-        stats.tier_misses += counters.misses
-        evictions = tier.counters.evictions
-        stats.tier_evictions += evictions - self._evictions_seen
-        self._evictions_seen = evictions
-        errors = tier.counters.admission_errors
-        stats.tier_admission_errors += errors - self._errors_seen
-        self._errors_seen = errors
-        cost = self._graph(slots, width).last_cost  # the ids copy, lookup and gather (graph events; read after sync)
-        stats.h2d_bytes += 16 * slots
-        stats.h2d_ms += cost.ms if cost is not None else 0.0
-        stats.fetch_ms += (t_dec - t0) * 1e3
-        stats.decode_ms += (time.perf_counter() - t_dec) * 1e3
-        stats.total_ms += (time.perf_counter() - t0) * 1e3
-        return logits[:n], ~present

@@ -1,0 +1,61 @@
+"""The decode body a CUDA graph captures (:class:`cachestore.graphs.GraphedDecoder`): :func:`static_decode`
+reads a packed batch in place (fused) or unpacks it padded to a fixed length, shape-static and free of host
+syncs on the fused path; it also runs eagerly on any device.
+
+Every model has the same graph: din's body is :func:`cachestore.fused.fused_decode`; SIM, ETA, SDIM and TWIN's
+:func:`cachestore.fused_zoo.zoo_static_decode`; HSTU's :func:`cachestore.fused_hstu.hstu_static_decode` — each
+reads the copied records in place (Triton), shape-static and free of host syncs. The zoo bodies are launched
+once per batch (no copy pieces: ``overlap`` applies to din). Without Triton (CPU tests) the eager body unpacks
+the batch and runs the model's own ``decode``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from cachestore.decode import ResidentZooModel, decode, decode_zoo, din_cache, entry_cache
+from cachestore.entry import EntryLayout
+from cachestore.fused import ALL_BYTES, DEFAULT_FUSED, FUSED, FusedConfig, fused_decode
+from cachestore.fused_hstu import hstu_static_decode
+from cachestore.fused_zoo import zoo_static_decode
+from cachestore.transfer import unpack_entry
+from model.cache import KVCache
+from model.cache_spec import store_config
+
+
+def unpack_din(raw: torch.Tensor, layout: EntryLayout, n_users: int, pad_to: int) -> KVCache:
+    """The padded din cache (B = n_users, L = pad_to) of a packed batch in the prefix of ``raw``, its zero
+    block at 16·n_users (:func:`cachestore.transfer.unpack_entry`, then the group ``"kv"``)."""
+    return din_cache(unpack_entry(raw, layout, n_users, pad_to, 16 * n_users))
+
+
+def static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: ResidentZooModel, layout: EntryLayout,
+                  n_users: int, pad_to: int, path: str, fused: FusedConfig = DEFAULT_FUSED,
+                  chunks: Sequence[tuple[int, int]] = ALL_BYTES,
+                  on_chunk: Callable[[int], None] | None = None, flags: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits (B, C) of a packed batch held in the prefix of ``raw`` (uint8, even length; bytes beyond the
+    batch are never read): unpack padded to ``pad_to`` with the zero block at 16·n_users, then decode;
+    path "fused" reads the records in place instead (:func:`cachestore.fused.fused_decode` launched with
+    ``fused``, no unpack, one launch per byte range of ``chunks``, each after ``on_chunk``: see
+    :func:`cachestore.fused.fused_attention`; the other paths ignore both). ``flags`` ((B,) int32): set to 1
+    for users with a router index outside the pool (:func:`cachestore.decode.bound_router_indices`).
+    A zoo model's "fused" body is its own kernels' decode (``chunks`` must be :data:`ALL_BYTES`); its other
+    paths unpack and run ``model.decode`` (eager only: not capturable, and flags stay 0 — the fetch checks
+    the indices). Shape-static and free of host syncs on the fused path (the body :class:`GraphedDecoder`
+    captures)."""
+    arch = resident.cfg.arch
+    if arch != "din":
+        if path == FUSED:
+            if chunks != ALL_BYTES:
+                raise ValueError("a zoo model's fused decode is one launch per batch (no chunks)")
+            fast = hstu_static_decode if arch == "hstu" else zoo_static_decode
+            return fast(raw, candidates, resident=resident, layout=layout, n_users=n_users, config=fused, flags=flags)
+        batch = unpack_entry(raw, layout, n_users, pad_to, 16 * n_users)
+        cache = entry_cache(batch, store_config(resident.cfg, layout.mode), resident.dtype)
+        return decode_zoo(resident, cache, candidates)
+    if path == FUSED:
+        return fused_decode(resident, raw, layout, n_users, candidates, config=fused, chunks=chunks, on_chunk=on_chunk,
+                            flags=flags)
+    return decode(resident, unpack_din(raw, layout, n_users, pad_to), candidates, path, flags=flags)
