@@ -102,32 +102,41 @@ def publish_with_checkpoint(store: str | os.PathLike, scratch: Path, checkpoint:
 
 def run_refresh(opts: RefreshOptions) -> dict[str, Any]:
     """The whole cycle; returns a report (also written to WORK/<run id>/refresh.json)."""
-    import torch
-
-    from cachestore.checkpoint import CheckpointError, load_checkpoint
-    from pipeline.data.dataset_schema import load_dataset
-    from pipeline.data.history import HistoryIndex
-    from pipeline.data.prepare import prepare
-    from pipeline.prefill.prefill import PrefillInputError
-    from pipeline.prefill.spark_job import PrefillOptions, run_prefill
-    from pipeline.prefill.spark_logging import SparkJobError, spark_job_errors
-    from pipeline.store.verify import verify_store
-    from pipeline.training.checkpoint import save_checkpoint
-    from pipeline.training.trainer import TrainConfig, build_model, evaluate, train_model
-    from pipeline.training.warm_start import WarmStartError, remapped_model, warm_start
-
     t0 = time.perf_counter()
-    run_id = new_version_id()
-    work = Path(opts.work) / run_id
-    work.mkdir(parents=True)
-    report: dict[str, Any] = {"run_id": run_id, "store": str(opts.store), "steps": {}}
+    run = _Run(new_version_id(), opts)
+    run.work.mkdir(parents=True)
+    cur_dir, current, data_dir, dataset = _prepare_step(run)
+    new_ckpt, new_version, result, current_remapped = _train_step(run, cur_dir, current, dataset)
+    gate = _gate_step(run, current, current_remapped, result.model, dataset, new_version)
+    manifest = _publish_step(run, new_ckpt, data_dir, gate, new_version)
+    run.report["published"] = {"version_id": manifest["version_id"], "model_version": new_version,
+                               "users": manifest["users"]}
+    run.report["seconds"] = round(time.perf_counter() - t0, 2)
+    _write_report(run.work, run.report)
+    return run.report
 
-    def step(name: str, t: float, **info: Any) -> None:
-        report["steps"][name] = {"seconds": round(time.perf_counter() - t, 2), **info}
-        log.info("refresh %s: %s", name, report["steps"][name])
 
-    # 1. prepare, extending the current model's item catalogue (known items keep their dense ids)
-    t = time.perf_counter()
+class _Run:
+    """One refresh: its id, options, work directory WORK/<run id> and the report its steps fill."""
+
+    def __init__(self, run_id: str, opts: RefreshOptions) -> None:
+        self.run_id, self.opts = run_id, opts
+        self.work = Path(opts.work) / run_id
+        self.report: dict[str, Any] = {"run_id": run_id, "store": str(opts.store), "steps": {}}
+
+    def step(self, name: str, t: float, **info: Any) -> None:
+        self.report["steps"][name] = {"seconds": round(time.perf_counter() - t, 2), **info}
+        log.info("refresh %s: %s", name, self.report["steps"][name])
+
+
+def _prepare_step(run: _Run) -> tuple[Path, Any, Path, Any]:
+    """1. prepare, extending the current model's item catalogue (known items keep their dense ids):
+    (current checkpoint dir, current checkpoint, dataset dir, dataset)."""
+    from cachestore.checkpoint import load_checkpoint
+    from pipeline.data.dataset_schema import load_dataset
+    from pipeline.data.prepare import prepare
+
+    opts, t = run.opts, time.perf_counter()
     cur_dir = Path(opts.current_checkpoint) if opts.current_checkpoint else store_checkpoint(opts.store)
     if cur_dir is None:
         raise RefreshError(f"{opts.store} has no published checkpoint: give the current model "
@@ -136,16 +145,24 @@ def run_refresh(opts: RefreshOptions) -> dict[str, Any]:
     if opts.dataset:
         data_dir = Path(opts.dataset)
     else:
-        data_dir = work / "data"
+        data_dir = run.work / "data"
         prep = replace(opts.prepare, out=data_dir)
         if prep.catalogue is None and not prep.new_catalogue and current.catalogue is not None:
             prep = replace(prep, catalogue=cur_dir)
         prepare(prep)
     dataset = load_dataset(data_dir)
-    step("prepare", t, dataset=str(data_dir), users=dataset.n_users, items=dataset.n_items)
+    run.step("prepare", t, dataset=str(data_dir), users=dataset.n_users, items=dataset.n_items)
+    return cur_dir, current, data_dir, dataset
 
-    # 2. train --init-from the current model (item / genre rows matched by raw id)
-    t = time.perf_counter()
+
+def _train_step(run: _Run, cur_dir: Path, current: Any, dataset: Any) -> tuple[Path, str, Any, Any]:
+    """2. train --init-from the current model (item / genre rows matched by raw id): (new checkpoint dir, its
+    model version, the training result, the current model with its rows remapped to the new catalogue)."""
+    from pipeline.training.checkpoint import save_checkpoint
+    from pipeline.training.trainer import TrainConfig, build_model, train_model
+    from pipeline.training.warm_start import WarmStartError, remapped_model, warm_start
+
+    opts, t = run.opts, time.perf_counter()
     seed = (opts.train or TrainConfig()).seed
     try:
         model = build_model(dataset, current.config, seed)
@@ -154,60 +171,83 @@ def run_refresh(opts: RefreshOptions) -> dict[str, Any]:
     except WarmStartError as exc:
         raise RefreshError(f"warm start impossible: {exc}") from exc
     result = train_model(model, dataset, opts.train or TrainConfig(progress=False))
-    new_ckpt = work / "checkpoint"
+    new_ckpt = run.work / "checkpoint"
     new_version = save_checkpoint(new_ckpt, result.model, {**result.metrics(), "init_from": str(cur_dir),
                                                            "warm_start": warm.as_dict()}, dataset.catalogue)
-    step("train", t, checkpoint=str(new_ckpt), model_version=new_version, init_from=current.model_version,
-         warm_start=warm.as_dict())
+    run.step("train", t, checkpoint=str(new_ckpt), model_version=new_version, init_from=current.model_version,
+             warm_start=warm.as_dict())
+    return new_ckpt, new_version, result, current_remapped
 
-    # 3. evaluate against the current model (its rows remapped to the new catalogue) on the new valid split
-    t = time.perf_counter()
+
+def _gate_step(run: _Run, current: Any, current_remapped: Any, new_model: Any, dataset: Any, new_version: str
+               ) -> dict[str, Any]:
+    """3. evaluate against the current model (its rows remapped to the new catalogue) on the new valid split;
+    RefreshRefused (report written) when the new model is worse by more than the margin."""
+    import torch
+
+    from pipeline.data.history import HistoryIndex
+    from pipeline.training.trainer import TrainConfig, evaluate
+
+    opts, t = run.opts, time.perf_counter()
     index, valid = HistoryIndex(dataset.histories), dataset.samples["valid"]
     bs = (opts.train or TrainConfig()).eval_batch_size
     with torch.no_grad():
         cur_m = evaluate(current_remapped.eval(), index, valid, bs)
-        new_m = evaluate(result.model.eval(), index, valid, bs)
+        new_m = evaluate(new_model.eval(), index, valid, bs)
     delta = new_m[opts.metric] - cur_m[opts.metric]
     gate = {"metric": opts.metric, "current": cur_m, "new": new_m, "delta": delta, "margin": opts.margin,
             "current_model": current.model_version, "passed": delta >= -opts.margin}
-    report["gate"] = gate
-    step("evaluate", t, delta=round(delta, 6), passed=gate["passed"])
+    run.report["gate"] = gate
+    run.step("evaluate", t, delta=round(delta, 6), passed=gate["passed"])
     if not gate["passed"]:
-        _write_report(work, report)
+        _write_report(run.work, run.report)
         raise RefreshRefused(f"new model {new_version} is worse than the current {current.model_version} on valid "
                              f"{opts.metric}: {new_m[opts.metric]:.5f} vs {cur_m[opts.metric]:.5f} "
                              f"(delta {delta:+.5f} < -margin {opts.margin}); nothing published")
+    return gate
 
-    # 4. prefill into a scratch store; 5. verify it; 6. publish checkpoint + store together
+
+def _publish_step(run: _Run, new_ckpt: Path, data_dir: Path, gate: dict[str, Any], new_version: str
+                  ) -> dict[str, Any]:
+    """4. prefill into a scratch store; 5. verify it; 6. publish checkpoint + store together: the manifest."""
+    from pipeline.store.verify import verify_store
+
+    opts, run_id = run.opts, run.run_id
     scratch = Path(opts.store) / STAGING / f"refresh-{run_id}"
     try:
-        t = time.perf_counter()
-        log_file = work / "prefill.log"  # Spark's log and, on failure, the full trace
-        popts = PrefillOptions(checkpoint=str(new_ckpt), histories=str(data_dir), store=str(scratch),
-                               incremental=True, previous=str(opts.store), log_file=str(log_file),
-                               command_line=f"ckv refresh {run_id}", **opts.prefill)
-        try:
-            with spark_job_errors(f"refresh {run_id}: prefill", log_file, passthrough=(RefreshError,)):
-                pman = run_prefill(popts, spark=opts.spark)
-        except (SparkJobError, PrefillInputError, CheckpointError, ValueError) as exc:
-            raise RefreshError(str(exc)) from exc
-        step("prefill", t, users=pman["users"], incremental=pman["prefill"].get("incremental"))
+        _prefill_step(run, new_ckpt, data_dir, scratch)
         t = time.perf_counter()
         res = verify_store(scratch, new_ckpt, data_dir, sample=opts.verify_sample)
-        step("verify", t, ok=res.ok, users_checked=res.users_checked, max_abs_err=res.max_abs_err)
+        run.step("verify", t, ok=res.ok, users_checked=res.users_checked, max_abs_err=res.max_abs_err)
         if not res.ok:
             raise RefreshError(f"verification of the new store failed ({res.mismatch_count} mismatches): "
                                f"{res.mismatches[:5]}")
         t = time.perf_counter()
         manifest = publish_with_checkpoint(opts.store, scratch, new_ckpt, {"run_id": run_id, "gate": gate})
-        step("publish", t, version_id=manifest["version_id"], model_version=new_version)
+        run.step("publish", t, version_id=manifest["version_id"], model_version=new_version)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    report["published"] = {"version_id": manifest["version_id"], "model_version": new_version,
-                           "users": manifest["users"]}
-    report["seconds"] = round(time.perf_counter() - t0, 2)
-    _write_report(work, report)
-    return report
+    return manifest
+
+
+def _prefill_step(run: _Run, new_ckpt: Path, data_dir: Path, scratch: Path) -> None:
+    """4. the incremental prefill of the new model into ``scratch`` (Spark's log: WORK/<run id>/prefill.log)."""
+    from cachestore.checkpoint import CheckpointError
+    from pipeline.prefill.prefill import PrefillInputError
+    from pipeline.prefill.spark_job import PrefillOptions, run_prefill
+    from pipeline.prefill.spark_logging import SparkJobError, spark_job_errors
+
+    opts, run_id, t = run.opts, run.run_id, time.perf_counter()
+    log_file = run.work / "prefill.log"  # Spark's log and, on failure, the full trace
+    popts = PrefillOptions(checkpoint=str(new_ckpt), histories=str(data_dir), store=str(scratch),
+                           incremental=True, previous=str(opts.store), log_file=str(log_file),
+                           command_line=f"ckv refresh {run_id}", **opts.prefill)
+    try:
+        with spark_job_errors(f"refresh {run_id}: prefill", log_file, passthrough=(RefreshError,)):
+            pman = run_prefill(popts, spark=opts.spark)
+    except (SparkJobError, PrefillInputError, CheckpointError, ValueError) as exc:
+        raise RefreshError(str(exc)) from exc
+    run.step("prefill", t, users=pman["users"], incremental=pman["prefill"].get("incremental"))
 
 
 def _write_report(work: Path, report: dict[str, Any]) -> None:
