@@ -202,7 +202,43 @@ def analyze_model(model: torch.nn.Module, items: np.ndarray, feedback: np.ndarra
     sample = np.sort(rng.choice(nonempty, size=min(n_sample, len(nonempty)), replace=False))
     shared = {"K": cfg.k_shared, "V": cfg.v_shared}
     it, fb, ln = (torch.as_tensor(np.asarray(a), dtype=torch.long) for a in (items, feedback, lengths))
+    arr, idx_lists = _sample_arrays(model, (it, fb, ln), sample, k, chunk)
+    ref = int(rng.integers(len(sample))) if len(sample) else 0
+    out = Analysis()
+    out.summary = {"users": int(n), "sampled_users": int(len(sample)), "seed": seed, "svd_k": k,
+                   "reference_user_row": ref, "d_attn": cfg.d_attn, "kv_mode": cfg.kv_mode,
+                   "pool_size": cfg.collective.pool_size if cfg.kv_mode == "collective" else None,
+                   "fig1": {}, "fig2": {}}
+    _similarity_figures(out, arr, ref, k)
+    if not any(shared.values()):
+        out.summary["router"] = None
+        out.summary["router_note"] = "full-KV checkpoint: no router, no pool (Figures 6, 7 and utilisation skipped)"
+        return out
+    pool = cfg.collective.pool_size
+    router: dict[str, Any] = {"hist_bin": hist_bin, "pair_bin": pair_bin, "router_users": min(n_router_users,
+                                                                                              len(sample))}
+    # Figure 6: the first n_router_users sampled users (a random subset)
+    for name in ("K", "V"):
+        if shared[name]:
+            sel = idx_lists[name][:n_router_users]
+            h = index_histogram(np.concatenate(sel) if sel else np.zeros(0), pool, hist_bin)
+            out.arrays[f"fig6_{name}"] = h
+            router[f"fig6_{name}"] = {"behaviours": int(h.sum()), "bins": len(h), "bins_empty": int((h == 0).sum()),
+                                      "max_bin_share": float(h.max() / h.sum()) if h.sum() else None}
+    router["fig7"] = _similar_users(out, arr["hist_emb"], idx_lists, np.asarray(items)[sample] * 3
+                                    + np.asarray(feedback)[sample], sample, shared, pool, pair_bin)
+    for name, c in _pool_usage(model, (it, fb, ln), shared, pool, chunk).items():
+        out.arrays[f"usage_{name}"] = c
+        router[f"utilisation_{name}"] = utilisation(c)
+    out.summary["router"] = router
+    return out
 
+
+def _sample_arrays(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], sample: np.ndarray, k: int, chunk: int
+                   ) -> tuple[dict[str, np.ndarray], dict[str, list[np.ndarray]]]:
+    """Per sampled user: the mean / principal / residual key and value, the top-k energy share and the history
+    embedding (name → (n_sample, ...) array), and each user's router indices per pool ("K", "V")."""
+    it, fb, ln = inputs
     acc: dict[str, list[np.ndarray]] = {}
     idx_lists: dict[str, list[np.ndarray]] = {"K": [], "V": []}
     for s in range(0, len(sample), chunk):
@@ -222,14 +258,12 @@ def analyze_model(model: torch.nn.Module, items: np.ndarray, feedback: np.ndarra
         for name, idx in (("K", cache.k_idx), ("V", cache.v_idx)):
             if idx is not None:
                 idx_lists[name] += [idx[b, : int(l_c[b])].numpy().copy() for b in range(len(rows))]
-    arr = {key: np.concatenate(v) for key, v in acc.items()}
+    return {key: np.concatenate(v) for key, v in acc.items()}, idx_lists
 
-    ref = int(rng.integers(len(sample))) if len(sample) else 0
-    out = Analysis()
-    out.summary = {"users": int(n), "sampled_users": int(len(sample)), "seed": seed, "svd_k": k,
-                   "reference_user_row": ref, "d_attn": cfg.d_attn, "kv_mode": cfg.kv_mode,
-                   "pool_size": cfg.collective.pool_size if cfg.kv_mode == "collective" else None,
-                   "fig1": {}, "fig2": {}}
+
+def _similarity_figures(out: Analysis, arr: dict[str, np.ndarray], ref: int, k: int) -> None:
+    """Figures 1 and 2: cross-user cosine similarity of the mean, principal and residual keys and values
+    (every pair and against the reference user), and the top-k energy share."""
     for name in ("K", "V"):
         for part, fig in (("mean", "fig1"), ("principal", "fig2"), ("residual", "fig2")):
             m = cosine_matrix(arr[f"{part}_{name}"])
@@ -240,28 +274,15 @@ def analyze_model(model: torch.nn.Module, items: np.ndarray, feedback: np.ndarra
         e = arr[f"energy_{name}"]
         out.summary["fig2"][f"energy_top{k}_{name}"] = describe(e[np.isfinite(e)])
 
-    if not any(shared.values()):
-        out.summary["router"] = None
-        out.summary["router_note"] = "full-KV checkpoint: no router, no pool (Figures 6, 7 and utilisation skipped)"
-        return out
 
-    pool = cfg.collective.pool_size
-    router: dict[str, Any] = {"hist_bin": hist_bin, "pair_bin": pair_bin, "router_users": min(n_router_users,
-                                                                                              len(sample))}
-    # Figure 6: the first n_router_users sampled users (a random subset)
-    for name in ("K", "V"):
-        if shared[name]:
-            sel = idx_lists[name][:n_router_users]
-            h = index_histogram(np.concatenate(sel) if sel else np.zeros(0), pool, hist_bin)
-            out.arrays[f"fig6_{name}"] = h
-            router[f"fig6_{name}"] = {"behaviours": int(h.sum()), "bins": len(h), "bins_empty": int((h == 0).sum()),
-                                      "max_bin_share": float(h.max() / h.sum()) if h.sum() else None}
-    # Figure 7: most similar pair of history embeddings, identical windows excluded
-    win = np.asarray(items)[sample] * 3 + np.asarray(feedback)[sample]
+def _similar_users(out: Analysis, hist_emb: np.ndarray, idx_lists: dict[str, list[np.ndarray]], win: np.ndarray,
+                   sample: np.ndarray, shared: dict[str, bool], pool: int, pair_bin: int) -> dict[str, Any]:
+    """Figure 7: the most similar pair of history embeddings (identical windows ``win`` excluded), their
+    index histograms and overlaps."""
     _, group = np.unique(win, axis=0, return_inverse=True)
     group = np.asarray(group).ravel()
     same = group[:, None] == group[None, :]  # identical windows
-    i, j, sim = most_similar_pair(arr["hist_emb"], same)
+    i, j, sim = most_similar_pair(hist_emb, same)
     fig7: dict[str, Any] = {"user_rows": [int(sample[i]), int(sample[j])] if i >= 0 else None,
                             "history_cosine": sim, "above_0.8": bool(sim > 0.8) if i >= 0 else False}
     if i >= 0:
@@ -271,10 +292,15 @@ def analyze_model(model: torch.nn.Module, items: np.ndarray, feedback: np.ndarra
                 out.arrays[f"fig7_{name}_a"] = index_histogram(a, pool, pair_bin)
                 out.arrays[f"fig7_{name}_b"] = index_histogram(b, pool, pair_bin)
                 fig7[f"overlap_{name}"] = overlap(a, b)
-    router["fig7"] = fig7
-    # utilisation over all users
+    return fig7
+
+
+def _pool_usage(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], shared: dict[str, bool], pool: int,
+                chunk: int) -> dict[str, np.ndarray]:
+    """How often each pool row is chosen over all users' behaviours, per shared pool."""
+    it, fb, ln = inputs
     counts = {name: np.zeros(pool, dtype=np.int64) for name in ("K", "V") if shared[name]}
-    for s in range(0, n, chunk):
+    for s in range(0, len(ln), chunk):
         l_c = ln[s:s + chunk]
         width = max(1, int(l_c.max()))
         cache = model.prefill(it[s:s + chunk, :width], fb[s:s + chunk, :width], l_c)
@@ -282,8 +308,4 @@ def analyze_model(model: torch.nn.Module, items: np.ndarray, feedback: np.ndarra
         for name, idx in (("K", cache.k_idx), ("V", cache.v_idx)):
             if idx is not None:
                 counts[name] += np.bincount(idx[valid].numpy(), minlength=pool)
-    for name, c in counts.items():
-        out.arrays[f"usage_{name}"] = c
-        router[f"utilisation_{name}"] = utilisation(c)
-    out.summary["router"] = router
-    return out
+    return counts
