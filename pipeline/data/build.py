@@ -200,8 +200,7 @@ def build_dataset(
     n = len(events)
     if n == 0:
         raise DataError("no events")
-    user = events["user"].to_numpy(np.int64)
-    ts = events["timestamp"].to_numpy(np.int64)
+    user, ts = events["user"].to_numpy(np.int64), events["timestamp"].to_numpy(np.int64)
     label = events["label"].to_numpy(np.int8)
     codes, uniques = pd.factorize(events["item"].to_numpy(np.int64), sort=True)  # hash: few uniques
     raw_items = np.asarray(uniques, dtype=np.int64)

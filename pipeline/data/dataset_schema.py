@@ -245,28 +245,34 @@ def validate_dataset(ds: CanonicalDataset, where: str = "dataset") -> None:
     bounds = {"train": (None, valid_start), "valid": (valid_start, test_start), "test": (test_start, None)}
     total = 0
     for split in SPLITS:
-        t = ds.samples[split]
-        total += t.num_rows
-        ts, uid = _np(t["timestamp"]), _np(t["user_id"])
-        iid, hl = _np(t["item_id"]).astype(np.int64), _np(t["hist_len"]).astype(np.int64)
-        lo, hi = bounds[split]
-        _check(lo is None or bool(np.all(ts >= lo)), where, f"{split} sample before its split start")
-        _check(hi is None or bool(np.all(ts < hi)), where, f"{split} sample at/after the next split start")
-        same_t, same_u = ts[1:] == ts[:-1], uid[1:] == uid[:-1]
-        ascending = (ts[1:] > ts[:-1]) | (same_t & ((uid[1:] > uid[:-1]) | (same_u & (iid[1:] >= iid[:-1]))))
-        _check(bool(np.all(ascending)), where, f"{split} samples not sorted by (timestamp, user, item)")
-        _check(bool(np.all((iid >= 1) & (iid <= n_items))), where, f"{split} item id out of 1..n_items")
-        row = np.searchsorted(users, uid)
-        known = row < len(users)
-        known[known] = users[row[known]] == uid[known]
-        _check(bool(np.all(known)), where, f"{split} sample for a user without history")
-        start, length = offsets[row], offsets[row + 1] - offsets[row]
-        _check(bool(np.all((hl >= 0) & (hl < length))), where, f"{split} hist_len out of range")
-        has = hl > 0
-        _check(
-            bool(np.all(h_ts[start[has] + hl[has] - 1] < ts[has])),
-            where,
-            f"{split} history leaks (ts >= sample)",
-        )
-        _check(bool(np.all(h_ts[start + hl] >= ts)), where, f"{split} hist_len too small")
+        total += ds.samples[split].num_rows
+        _check_samples(ds.samples[split], split, bounds[split], users, offsets, h_ts, n_items, where)
     _check(total == len(h_ts), where, "number of samples != number of history events")
+
+
+def _check_samples(t: pa.Table, split: str, bounds: tuple[int | None, int | None], users: np.ndarray,
+                   offsets: np.ndarray, h_ts: np.ndarray, n_items: int, where: str) -> None:
+    """One split's samples: inside its time range ``bounds``, sorted, item ids valid, one per history event of
+    a known user, and no leakage (hist_len = the user's events strictly before the sample's timestamp)."""
+    ts, uid = _np(t["timestamp"]), _np(t["user_id"])
+    iid, hl = _np(t["item_id"]).astype(np.int64), _np(t["hist_len"]).astype(np.int64)
+    lo, hi = bounds
+    _check(lo is None or bool(np.all(ts >= lo)), where, f"{split} sample before its split start")
+    _check(hi is None or bool(np.all(ts < hi)), where, f"{split} sample at/after the next split start")
+    same_t, same_u = ts[1:] == ts[:-1], uid[1:] == uid[:-1]
+    ascending = (ts[1:] > ts[:-1]) | (same_t & ((uid[1:] > uid[:-1]) | (same_u & (iid[1:] >= iid[:-1]))))
+    _check(bool(np.all(ascending)), where, f"{split} samples not sorted by (timestamp, user, item)")
+    _check(bool(np.all((iid >= 1) & (iid <= n_items))), where, f"{split} item id out of 1..n_items")
+    row = np.searchsorted(users, uid)
+    known = row < len(users)
+    known[known] = users[row[known]] == uid[known]
+    _check(bool(np.all(known)), where, f"{split} sample for a user without history")
+    start, length = offsets[row], offsets[row + 1] - offsets[row]
+    _check(bool(np.all((hl >= 0) & (hl < length))), where, f"{split} hist_len out of range")
+    has = hl > 0
+    _check(
+        bool(np.all(h_ts[start[has] + hl[has] - 1] < ts[has])),
+        where,
+        f"{split} history leaks (ts >= sample)",
+    )
+    _check(bool(np.all(h_ts[start + hl] >= ts)), where, f"{split} hist_len too small")

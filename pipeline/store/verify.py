@@ -24,6 +24,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -230,6 +231,15 @@ def _check_zoo_batch(batch: pa.RecordBatch, model: torch.nn.Module, reader: Stor
         kv_ref, kv_got = model.keys_values(ref), model.keys_values(got)
     res.users_checked += len(keep)
     res.behaviours_checked += int(len_t.sum())
+    bad_users = _zoo_differences(ref, got, kv_ref, kv_got, layout.mode, res, rtol, dev)
+    for u, msg in sorted(bad_users.items()):
+        res.add(f"user {int(users[sel[u]])}: {msg}")
+
+
+def _zoo_differences(ref: Any, got: Any, kv_ref: dict, kv_got: dict, mode: str, res: VerifyResult, rtol: float,
+                     dev: torch.device) -> dict[int, str]:
+    """Batch row → the first difference of the stored zoo cache ``got`` from the model's ``ref``: retrieval
+    keys and router indices exactly, K and V within tolerance (the largest errors go to ``res``)."""
     bad_users: dict[int, str] = {}
 
     def first_diff(name: str, a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> None:
@@ -250,7 +260,7 @@ def _check_zoo_batch(batch: pa.RecordBatch, model: torch.nn.Module, reader: Stor
         n = ref.kv[group].lengths
         r = min(v_ref.shape[1], v_got.shape[1])
         valid = rows_valid(n, r)
-        if layout.mode == "collective":
+        if mode == "collective":
             for side in ("k_idx", "v_idx"):
                 a, b = getattr(got.kv[group], side), getattr(ref.kv[group], side)
                 if a is not None and b is not None:
@@ -267,5 +277,4 @@ def _check_zoo_batch(batch: pa.RecordBatch, model: torch.nn.Module, reader: Stor
             if bad.any():
                 for u in torch.nonzero(valid)[bad][:, 0].unique().tolist():
                     bad_users.setdefault(u, f"{name} differs beyond tolerance (max abs err {float(err.max()):.3g})")
-    for u, msg in sorted(bad_users.items()):
-        res.add(f"user {int(users[sel[u]])}: {msg}")
+    return bad_users

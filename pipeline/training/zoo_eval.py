@@ -83,6 +83,18 @@ def run_eval(data_dir: str | Path, settings: EvalSettings, out: str | Path, log:
         rep.records[r["id"]] = r
         rep.auto.setdefault(r["arch"], {})[r["seed"]] = r["auto"]
     # phase 2: every row
+    jobs = _row_jobs(rows, s, rep, first, job)
+    for r in execute(jobs):
+        rep.records[r["id"]] = r
+    results = summarise(rep)
+    results["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    _write_results(out, results)
+    return results
+
+
+def _row_jobs(rows: list[Any], s: EvalSettings, rep: EvalReport, first: list[Job], job: Any) -> list[Job]:
+    """The runs behind every row (each once; rows map to their run ids in ``rep.row_runs``); a row whose d_u
+    the auto phase picks waits for it (report-only: skipped when that run is missing)."""
     jobs: list[Job] = []
     for row in rows:
         ids = []
@@ -95,15 +107,15 @@ def run_eval(data_dir: str | Path, settings: EvalSettings, out: str | Path, log:
             if all(j.rid != x.rid for x in jobs):
                 jobs.append(j)
         rep.row_runs[(row.section, row.arch, row.label)] = ids
-    for r in execute(jobs):
-        rep.records[r["id"]] = r
-    results = summarise(rep)
-    results["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    return jobs
+
+
+def _write_results(out: Path, results: dict[str, Any]) -> None:
+    """results.json, results.md and the two sweep plots in ``out``."""
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "results.md").write_text(markdown(results))
     plot_sweep(results, "fig4", out / "fig4_d_user.png", "user-specific dims d_u", log_x=True)
     plot_sweep(results, "fig5", out / "fig5_pool.png", "global K/V pool size", log_x=True)
-    return results
 
 
 def planned_runs(s: EvalSettings) -> int:

@@ -120,39 +120,12 @@ def markdown(res: dict[str, Any]) -> str:
         "",
     ]
     if "table1" in sec:
-        lines += [
-            "## Table 1 — full KV vs CollectiveKV",
-            "",
-            "| model | variant | d_u | GAUC | AUC | Logloss | CR | Δ GAUC (coll − full) |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for arch in st["models"]:
-            ent = {e["label"]: e for e in sec["table1"] if e["arch"] == arch}
-            for label in ("full", "collective"):
-                e = ent.get(label)
-                if e is None:
-                    lines.append(f"| {arch.upper()} | {label} | | pending (not run yet) | | | | |")
-                    continue
-                delta = ""
-                if label == "collective" and "full" in ent:
-                    d = e["gauc"]["mean"] - ent["full"]["gauc"]["mean"]
-                    delta = f"{d:+.4f} ({'≥' if d >= 0 else '<'} full)"
-                cr = "/" if label == "full" else f"{100 * e['cr']['mean']:.2f}%"
-                lines.append(
-                    f"| {arch.upper()} | {label} | {'/' if label == 'full' else ','.join(map(str, e['d_user']))}"
-                    f" | {_pm(e['gauc'])}{_seeds(e, n_seeds)} | {_pm(e['auc'])} | {_pm(e['logloss'])} | {cr}"
-                    f" | {delta} |"
-                )
-        lines.append("")
+        lines += _table1(sec["table1"], st["models"], n_seeds)
     for key, title in (("table3", "Table 3 — router-loss ablation"), ("table4", "Table 4 — sharing K / V / both")):
         if key in sec:
             arch = sec[key][0]["arch"].upper()
             lines += [f"## {title} ({arch})", "", "| variant | GAUC | AUC | Logloss | CR |", "|---|---|---|---|---|"]
-            for e in sec[key]:
-                cr = "/" if e["kv_mode"] == "full" else f"{100 * e['cr']['mean']:.2f}%"
-                lines.append(f"| {e['label']} | {_pm(e['gauc'])}{_seeds(e, n_seeds)} | {_pm(e['auc'])} | "
-                             f"{_pm(e['logloss'])} | {cr} |")
-            lines.append("")
+            lines += _variant_rows(sec[key], n_seeds)
     for key, title, png in (
         ("fig4", "Figure 4 — GAUC vs d_u", "fig4_d_user.png"),
         ("fig5", "Figure 5 — GAUC vs pool size", "fig5_pool.png"),
@@ -165,30 +138,68 @@ def markdown(res: dict[str, Any]) -> str:
                 "| setting | GAUC | AUC | Logloss | CR |",
                 "|---|---|---|---|---|",
             ]
-            for e in sec[key]:
-                cr = "/" if e["kv_mode"] == "full" else f"{100 * e['cr']['mean']:.2f}%"
-                lines.append(f"| {e['label']} | {_pm(e['gauc'])}{_seeds(e, n_seeds)} | {_pm(e['auc'])} | "
-                             f"{_pm(e['logloss'])} | {cr} |")
-            lines.append("")
-    a = res.get("auto_vs_fixed")
-    if a:
-        ch = "; ".join(
-            f"seed {s}: d_u {c['d_user']} (spectral {c['spectral']}, CR cap {c['cr_cap']})"
-            for s, c in sorted(a["choices"].items(), key=lambda kv: int(kv[0]))
-        )
-        lines += [
-            "## `--d-user auto` vs the best fixed d_u",
-            "",
-            f"{a['arch'].upper()}: auto chose {ch}. Auto GAUC {_pm(a['auto_gauc'])}; best fixed d_u by test GAUC: "
-            f"{a['best_fixed_by_test']['d_user']} ({_pm(a['best_fixed_by_test']['gauc'])}); by validation GAUC: "
-            f"{a['best_fixed_by_valid']['d_user']} ({_pm(a['best_fixed_by_valid']['gauc'])}); auto − best (test): "
-            f"{a['gap_to_best_test']:+.4f}.",
-            "",
-        ]
+            lines += _variant_rows(sec[key], n_seeds)
+    if res.get("auto_vs_fixed"):
+        lines += _auto_vs_fixed(res["auto_vs_fixed"])
     if res.get("pending"):
         lines += ["## Pending (not run yet: rerun `ckv eval` with the same options to train them)", "",
                   *[f"- {p}" for p in res["pending"]], ""]
     return "\n".join(lines)
+
+
+def _table1(entries: list[dict[str, Any]], models: list[str], n_seeds: int) -> list[str]:
+    """Table 1's section: full KV vs CollectiveKV per model, the collective's GAUC gain over the full."""
+    lines = [
+        "## Table 1 — full KV vs CollectiveKV",
+        "",
+        "| model | variant | d_u | GAUC | AUC | Logloss | CR | Δ GAUC (coll − full) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for arch in models:
+        ent = {e["label"]: e for e in entries if e["arch"] == arch}
+        for label in ("full", "collective"):
+            e = ent.get(label)
+            if e is None:
+                lines.append(f"| {arch.upper()} | {label} | | pending (not run yet) | | | | |")
+                continue
+            delta = ""
+            if label == "collective" and "full" in ent:
+                d = e["gauc"]["mean"] - ent["full"]["gauc"]["mean"]
+                delta = f"{d:+.4f} ({'≥' if d >= 0 else '<'} full)"
+            cr = "/" if label == "full" else f"{100 * e['cr']['mean']:.2f}%"
+            lines.append(
+                f"| {arch.upper()} | {label} | {'/' if label == 'full' else ','.join(map(str, e['d_user']))}"
+                f" | {_pm(e['gauc'])}{_seeds(e, n_seeds)} | {_pm(e['auc'])} | {_pm(e['logloss'])} | {cr}"
+                f" | {delta} |"
+            )
+    return [*lines, ""]
+
+
+def _variant_rows(entries: list[dict[str, Any]], n_seeds: int) -> list[str]:
+    """One table row per variant (label, GAUC, AUC, Logloss, CR), then a blank line."""
+    lines = []
+    for e in entries:
+        cr = "/" if e["kv_mode"] == "full" else f"{100 * e['cr']['mean']:.2f}%"
+        lines.append(f"| {e['label']} | {_pm(e['gauc'])}{_seeds(e, n_seeds)} | {_pm(e['auc'])} | "
+                     f"{_pm(e['logloss'])} | {cr} |")
+    return [*lines, ""]
+
+
+def _auto_vs_fixed(a: dict[str, Any]) -> list[str]:
+    """The `--d-user auto` section: each seed's choice against the best fixed d_u."""
+    ch = "; ".join(
+        f"seed {s}: d_u {c['d_user']} (spectral {c['spectral']}, CR cap {c['cr_cap']})"
+        for s, c in sorted(a["choices"].items(), key=lambda kv: int(kv[0]))
+    )
+    return [
+        "## `--d-user auto` vs the best fixed d_u",
+        "",
+        f"{a['arch'].upper()}: auto chose {ch}. Auto GAUC {_pm(a['auto_gauc'])}; best fixed d_u by test GAUC: "
+        f"{a['best_fixed_by_test']['d_user']} ({_pm(a['best_fixed_by_test']['gauc'])}); by validation GAUC: "
+        f"{a['best_fixed_by_valid']['d_user']} ({_pm(a['best_fixed_by_valid']['gauc'])}); auto − best (test): "
+        f"{a['gap_to_best_test']:+.4f}.",
+        "",
+    ]
 
 
 def plot_sweep(res: dict[str, Any], key: str, path: Path, xlabel: str, log_x: bool) -> None:
