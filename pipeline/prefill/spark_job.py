@@ -36,6 +36,7 @@ from cachestore.catalogue import CATALOGUE_FILE, check_same_numbering
 from cachestore.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
 from cachestore.lmdb_build import StoreBuildError
 from cachestore.publish import STAGING, new_version_id
+from cachestore.record import write_layout
 from pipeline.prefill.incremental import FP_COL, HISTORY_FP_VERSION, fingerprint_sql, previous_state
 from pipeline.prefill.incremental import split as incremental_split
 from pipeline.prefill.prefill import (
@@ -238,6 +239,7 @@ def run_prefill(opts: PrefillOptions, spark: Any = None) -> dict[str, Any]:
     log.info("prefill: setup %.1f s (checkpoint %.1f s, SparkSession %.1f s)", setup["total"], t_load, t_session)
     try:
         t_write = _write_stage(sc, out, spark_out, opts, job, acc["users"])
+        write_layout(spark_out / "_layout.json", job.layout)
         meta = _prefill_meta(sc, opts, job, acc, time.perf_counter() - t0, t_write, setup)
         if inc_meta is not None:
             meta["incremental"] = inc_meta
