@@ -92,11 +92,11 @@ def eval_cmd(data_dir: str | None, out: str | None, quick: bool, device: str, re
     """Reproduce the paper's tables and figures for every zoo model (resumable; see pipeline/training/zoo_eval.py)."""
     import torch
 
-    from jobs.train import build_model_config, parse_d_user
+    from jobs.train import parse_d_user
     from model.zoo import MODELS
     from pipeline.data.dataset_schema import DataError
     from pipeline.training.trainer import TrainConfig
-    from pipeline.training.zoo_eval import SECTIONS, EvalSettings, planned_runs, quick_settings, run_eval
+    from pipeline.training.zoo_eval import SECTIONS, planned_runs, run_eval
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -128,25 +128,7 @@ def eval_cmd(data_dir: str | None, out: str | None, quick: bool, device: str, re
         cr_budget=kw["cr_budget"],
     )
     try:
-        if quick:
-            common["seeds"] = common["seeds"][:1]
-            settings = quick_settings(train, **common)
-        else:
-            # d_u 1 everywhere but Table 1's collective rows (--d-user, set there): a full run does not
-            # depend on d_u, and with one base its run id (the cache key of finished runs) stays the same;
-            # every section sets the arch (and Table 4 the sharing) of its rows itself
-            base = build_model_config("collective", {**kw, "d_user": "1", "arch": "din", "share": "both"})
-            settings = EvalSettings(
-                base=base,
-                train=train,
-                hstu_max_len=kw["hstu_len"],
-                d_users=_ints(kw["d_users"]),
-                pools=_ints(kw["pools"]),
-                **common,
-            )
-        base = settings.base  # regularisation and router-loss weights of every run (quick ones too)
-        settings = replace(settings, base=replace(base, dropout=kw["dropout"], collective=replace(
-            base.collective, peak_weight=kw["peak_weight"], balance_weight=kw["balance_weight"])))
+        settings = _eval_settings(quick, train, common, kw)
         out_dir = Path(out or ("runs/eval_quick" if quick else "runs/eval"))
         data = Path(data_dir) if data_dir else bundled_dataset(Path("runs/movielens_data"))
         click.echo(
@@ -157,3 +139,30 @@ def eval_cmd(data_dir: str | None, out: str | None, quick: bool, device: str, re
     except (DataError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo((out_dir / "results.md").read_text())
+
+
+def _eval_settings(quick: bool, train: Any, common: dict[str, Any], kw: dict[str, Any]) -> Any:
+    """The :class:`pipeline.training.zoo_eval.EvalSettings` of the options (the quick smoke run's, or the full
+    evaluation's), with the regularisation and router-loss weights of every run."""
+    from jobs.train import build_model_config
+    from pipeline.training.zoo_eval import EvalSettings, quick_settings
+
+    if quick:
+        common["seeds"] = common["seeds"][:1]
+        settings = quick_settings(train, **common)
+    else:
+        # d_u 1 everywhere but Table 1's collective rows (--d-user, set there): a full run does not
+        # depend on d_u, and with one base its run id (the cache key of finished runs) stays the same;
+        # every section sets the arch (and Table 4 the sharing) of its rows itself
+        base = build_model_config("collective", {**kw, "d_user": "1", "arch": "din", "share": "both"})
+        settings = EvalSettings(
+            base=base,
+            train=train,
+            hstu_max_len=kw["hstu_len"],
+            d_users=_ints(kw["d_users"]),
+            pools=_ints(kw["pools"]),
+            **common,
+        )
+    base = settings.base  # regularisation and router-loss weights of every run (quick ones too)
+    return replace(settings, base=replace(base, dropout=kw["dropout"], collective=replace(
+        base.collective, peak_weight=kw["peak_weight"], balance_weight=kw["balance_weight"])))
