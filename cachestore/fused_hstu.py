@@ -171,7 +171,7 @@ def layer_tables(resident: ResidentZooModel, dtype: torch.dtype) -> Tables:
 
 
 def part_starts(raw: torch.Tensor, layout: EntryLayout, n_users: int) -> torch.Tensor:
-    """(P, B) int64: byte start in ``raw`` of part p of user b (:func:`cachestore.fused.record_part_starts`)."""
+    """(P, B) int64: byte start in ``raw`` of part p of user b (:func:`cachestore.fused_view.record_part_starts`)."""
     return record_part_starts(raw, layout, n_users)[:-1]
 
 

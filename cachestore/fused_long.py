@@ -1,6 +1,6 @@
 """Long-stage kernels of the zoo models (SIM, ETA, SDIM, TWIN) straight from the packed batch bytes (Triton).
 
-They read one K/V group of each user's record in place (:class:`cachestore.fused.GroupView`: user parts,
+They read one K/V group of each user's record in place (:class:`cachestore.fused_view.GroupView`: user parts,
 router indices, pools zero-padded in the user dims, rows rebuilt as user part ⊕ pool row as in
 :mod:`cachestore.fused`) and never write K/V per user:
 

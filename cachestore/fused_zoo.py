@@ -4,7 +4,7 @@ free of host syncs (CUDA-graph capturable), no K/V materialised per user.
 The record format (:mod:`cachestore.entry`): a user with n behaviours has min(n, cap_p) rows of each part p,
 the parts back to back in layout order, groups ``short`` then ``long`` (``k_user | v_user | k_idx | v_idx``),
 then the retrieval keys. :func:`entry_views` turns the batch header into one
-:class:`cachestore.fused.GroupView` per group (starts = offsets + 32 + Σ earlier parts' bytes, rows =
+:class:`cachestore.fused_view.GroupView` per group (starts = offsets + 32 + Σ earlier parts' bytes, rows =
 min(n, cap); a few (B,) torch ops). :func:`zoo_static_decode` then runs ``LongSequenceCTR.decode``:
 
     t     = item embedding of the candidates (B, C, E)
