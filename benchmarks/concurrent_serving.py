@@ -65,8 +65,8 @@ def write_version_parquet(out: Path, layout, users: int, k: int, seed: int) -> P
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cachestore.lmdb_build import PARQUET_LAYOUT_FILE, prefill_schema
-    from cachestore.record import write_layout
+    from cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE, prefill_schema
+    from cachestore.store.record import write_layout
 
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True)
@@ -97,9 +97,9 @@ def reader_main(store: str, users: int, batch: int, seed: int, stop, ready, queu
     import torch
 
     torch.set_num_threads(1)
-    from cachestore.publish import CURRENT, open_current
-    from cachestore.reader import StoreReader
-    from cachestore.runtime import DecodeRuntime
+    from cachestore.decode.runtime import DecodeRuntime
+    from cachestore.store.publish import CURRENT, open_current
+    from cachestore.store.reader import StoreReader
 
     model, layout = model_and_layout()
     rng = np.random.default_rng(seed)
@@ -163,7 +163,7 @@ def reader_main(store: str, users: int, batch: int, seed: int, stop, ready, queu
 def run(store: Path, *, readers: int = 8, publishes: int = 3, users: int = 2000, batch: int = 64,
         warmup_s: float = 2.0, interval_s: float = 2.0, tail_s: float = 2.0, work: Path | None = None) -> dict:
     """Publish version 0, start the readers, publish `publishes` more versions, collect the figures."""
-    from cachestore.publish import current_version_id
+    from cachestore.store.publish import current_version_id
     from pipeline.store.store_ops import build_store
 
     _, layout = model_and_layout()

@@ -20,11 +20,11 @@ after warm-up; perf_counter on CPU):
       tensor, one copy, then target attention + MLP (the strong baseline);
   (b) the same from pageable memory (the paper's baseline);
   (c) CollectiveKV: the packed batch (user parts at the store dtype + uint16 router indices, the store's records,
-      cachestore/batch.py) in pinned memory → one copy (cachestore.transfer.to_device) → unpack →
-      decode (cachestore.decode.decode), for each attention path (poolscore, gather[, compiled]);
-      c_fused: one copy → the fused Triton kernel over the packed records (cachestore.fused; no unpack);
+      cachestore/decode/batch.py) in pinned memory → one copy (cachestore.decode.transfer.to_device) → unpack →
+      decode (cachestore.decode.decode.decode), for each attention path (poolscore, gather[, compiled]);
+      c_fused: one copy → the fused Triton kernel over the packed records (cachestore.decode.fused; no unpack);
       c_graph: one replay of a CUDA graph holding the copy of the batch and the decode
-      (cachestore.graphs.GraphedDecoder, --graph-path, default auto = fused);
+      (cachestore.decode.graphs.GraphedDecoder, --graph-path, default auto = fused);
       c_graph_mapped (experiment): a graph whose fused kernel reads the pinned batch over PCIe (zero-copy);
       --pool-dtype overrides the pool rows' precision (fp16/bf16 rows: scores within 3e-3 of fp32 rows);
       its scores are checked against c_poolscore once per (B, L) (the CPU dry run checks the eager
@@ -32,7 +32,7 @@ after warm-up; perf_counter on CPU):
 
 Also: pinned/pageable copy bandwidth and a small copy's fixed latency (the PCIe floor of (c):
 bytes / pinned bandwidth + fixed latency), the breakdown of (c) (copy, unpack, decode), and the
-LMDB → host-buffer fetch + pack time per batch size (cachestore.batch.HostBatcher.fetch on one CPU
+LMDB → host-buffer fetch + pack time per batch size (cachestore.decode.batch.HostBatcher.fetch on one CPU
 core; needs lmdb + pyarrow, skipped where they are missing).
 
 Targets (issue): B = 512, L = 1000: (c) >= 50x faster than (a); (c) within 2x of its PCIe floor;
@@ -61,12 +61,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cachestore.batch import HostBatcher  # noqa: E402
-from cachestore.decode import ResidentModel, choose_path, decode, din_cache  # noqa: E402
-from cachestore.entry import EntryLayout, encode_entry, entry_layout  # noqa: E402
-from cachestore.fused import FusedConfig, fused_available, fused_decode, pool_dtype  # noqa: E402
-from cachestore.graphs import DEFAULT_OVERLAP, GraphedDecoder, static_decode  # noqa: E402
-from cachestore.transfer import KV_TORCH, to_device  # noqa: E402
+from cachestore.decode.batch import HostBatcher  # noqa: E402
+from cachestore.decode.decode import ResidentModel, choose_path, decode, din_cache  # noqa: E402
+from cachestore.decode.fused import FusedConfig, fused_available, fused_decode, pool_dtype  # noqa: E402
+from cachestore.decode.graphs import DEFAULT_OVERLAP, GraphedDecoder, static_decode  # noqa: E402
+from cachestore.decode.transfer import KV_TORCH, to_device  # noqa: E402
+from cachestore.store.entry import EntryLayout, encode_entry, entry_layout  # noqa: E402
 from model.cache import KVCache  # noqa: E402
 from model.config import CollectiveConfig, ModelConfig  # noqa: E402
 from model.ctr import TargetAttentionCTR  # noqa: E402
@@ -463,8 +463,8 @@ def write_fetch_parquet(pdir: Path, layout: EntryLayout, n: int) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cachestore.lmdb_build import PARQUET_LAYOUT_FILE, prefill_schema
-    from cachestore.record import write_layout
+    from cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE, prefill_schema
+    from cachestore.store.record import write_layout
 
     length = layout.max_len
     records = synthetic_records(layout, min(n, 4096), length, seed=7)
@@ -486,8 +486,8 @@ def build_fetch_store(tmp: Path, length: int, n: int, batch_users: int, pin: boo
     nightly job builds it, opened read-only, every page touched once (a long-running server's steady
     state): (its HostBatcher with ``reader``, seconds the build took)."""
 
-    from cachestore.publish import build_and_publish
-    from cachestore.reader import StoreReader
+    from cachestore.store.publish import build_and_publish
+    from cachestore.store.reader import StoreReader
 
     layout = collective_layout(length, secrets.token_hex(8), kv_dtype)
     root = tmp / f"store-{length}"
@@ -506,7 +506,7 @@ def fetch_benchmark(lengths: list[int], batch_sizes: list[int], users: dict[int,
     """LMDB → host buffer fetch + pack (HostBatcher.fetch) per batch size, on one CPU core; and the
     zero-copy fetch (MappedBatcher.fetch: lookups + gather table, the GPU gathers the records) as
     ``zero_copy`` (each timed in consecutive calls, copying first)."""
-    from cachestore.mapped import MappedBatcher
+    from cachestore.decode.mapped import MappedBatcher
 
     try:
         import lmdb  # noqa: F401

@@ -13,7 +13,7 @@ core and times, per batch of 512 random users (median of --repeats batches):
 - ``getmulti``: ``Cursor.getmulti`` (py-lmdb's C loop over the keys);
 - ``get_copy``: ``get`` + one slice copy per record into a preallocated buffer (fetch without checks);
 - ``zero_copy``: ``MappedBatcher.fetch`` — lookups, addresses, header checks and the gather table, no
-  record copied (``cachestore/mapped.py``; the GPU gathers the records from the map).
+  record copied (``cachestore/decode/mapped.py``; the GPU gathers the records from the map).
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.decode_latency import build_fetch_store, machine  # noqa: E402
-from cachestore.batch import KEY  # noqa: E402
-from cachestore.mapped import MappedBatcher  # noqa: E402
+from cachestore.decode.batch import KEY  # noqa: E402
+from cachestore.decode.mapped import MappedBatcher  # noqa: E402
 
 USERS = 512
 

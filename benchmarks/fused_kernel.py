@@ -1,4 +1,4 @@
-"""The fused collective-attention kernel alone (cachestore/fused.py) at the paper's serving shape.
+"""The fused collective-attention kernel alone (cachestore/decode/fused.py) at the paper's serving shape.
 
     python benchmarks/fused_kernel.py            # GPU with Triton -> benchmarks/results/fused_kernel.json
 
@@ -34,10 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.decode_latency import PAPER, collective_layout, machine, paper_model, synthetic_records, timed  # noqa: E402
-from cachestore.batch import HostBatcher  # noqa: E402
-from cachestore.decode import din_cache, pool_score_attention  # noqa: E402
-from cachestore.fused import FusedConfig, fused_attention  # noqa: E402
-from cachestore.transfer import to_device  # noqa: E402
+from cachestore.decode.batch import HostBatcher  # noqa: E402
+from cachestore.decode.decode import din_cache, pool_score_attention  # noqa: E402
+from cachestore.decode.fused import FusedConfig, fused_attention  # noqa: E402
+from cachestore.decode.transfer import to_device  # noqa: E402
 
 try:
     import triton

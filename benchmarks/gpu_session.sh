@@ -134,7 +134,7 @@ overlap)
     cp benchmarks/results/decode_latency_overlap_store_*.json "$OUT"/
     ;;
 zerocopy)
-    # copying vs zero-copy fetch (cachestore/mapped.py) per request: CPU fetch on one core, graph replay, both
+    # copying vs zero-copy fetch (cachestore/decode/mapped.py) per request: CPU fetch on one core, graph replay, both
     # together; fp16 store at L 50 and 1000, fp32 store at L 1000
     timeout 240 python3 benchmarks/zero_copy.py --out benchmarks/results/zero_copy.json 2>&1 | grep -E "^L=|rror"
     timeout 150 python3 benchmarks/zero_copy.py --store-dtype float32 --lengths 1000 \

@@ -13,7 +13,7 @@ of B = 512 random users (median of --repeats batches):
   (one ``zlib.crc32`` over the record) and its router indices checked against the pool (``ckv score``'s
   default);
 - ``crc_only_ms``: the 512 ``zlib.crc32`` calls alone, over records already in memory;
-- ``bounds_cpu_ms``: ``cachestore.decode.bound_router_indices`` on the unpacked (B, L) indices on the
+- ``bounds_cpu_ms``: ``cachestore.decode.decode.bound_router_indices`` on the unpacked (B, L) indices on the
   CPU (on a GPU it is two elementwise kernels inside the decode);
 - ``check_version_ms`` / ``check_tree_ms``: the file checks once per open: the cheap one (stat + two meta
   pages) and the full B-tree walk (``ckv store verify``, ``ckv score`` with CRC checks).
@@ -38,9 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.decode_latency import build_fetch_store, machine  # noqa: E402
-from cachestore.batch import HostBatcher  # noqa: E402
-from cachestore.store_check import check_version  # noqa: E402
-from cachestore.store_tree import check_tree  # noqa: E402
+from cachestore.decode.batch import HostBatcher  # noqa: E402
+from cachestore.store.store_check import check_version  # noqa: E402
+from cachestore.store.store_tree import check_tree  # noqa: E402
 
 USERS = 512
 
@@ -75,8 +75,8 @@ def measure(length: int, n: int, repeats: int, tmp: Path) -> dict:
     """One row: the costs above at history length ``length`` in a store of ``n`` users."""
     import torch
 
-    from cachestore.decode import bound_router_indices, din_cache
-    from cachestore.transfer import to_device
+    from cachestore.decode.decode import bound_router_indices, din_cache
+    from cachestore.decode.transfer import to_device
 
     batcher, _ = build_fetch_store(tmp, length, n, USERS, pin=False, kv_dtype="float16")
     layout, reader = batcher.layout, batcher.reader

@@ -42,8 +42,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.decode_latency import N_ITEMS, PAPER, collective_layout, machine, write_fetch_parquet  # noqa: E402
 from benchmarks.serve_client import get_json, run_load  # noqa: E402
-from cachestore.publish import build_version, new_staging_dir, publish  # noqa: E402
 from cachestore.serving.payloads import ARROW_MIME, JSON_MIME  # noqa: E402
+from cachestore.store.publish import build_version, new_staging_dir, publish  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "serve_load"
 PRESETS = {  # history length, users in the store, offered loads (requests/s), seconds per point, device

@@ -44,10 +44,10 @@ from benchmarks.decode_latency import (  # noqa: E402
     sweep_lengths,
     timed,
 )
-from cachestore.graphs import GraphedDecoder  # noqa: E402
-from cachestore.mapped import MappedBatcher  # noqa: E402
-from cachestore.runtime import DecodeRuntime  # noqa: E402
-from cachestore.runtime_config import ServingConfig  # noqa: E402
+from cachestore.decode.graphs import GraphedDecoder  # noqa: E402
+from cachestore.decode.mapped import MappedBatcher  # noqa: E402
+from cachestore.decode.runtime import DecodeRuntime  # noqa: E402
+from cachestore.decode.runtime_config import ServingConfig  # noqa: E402
 from cachestore.tier.graph import ResidentRequest  # noqa: E402
 from cachestore.tier.tier import ResidentTier  # noqa: E402
 

@@ -8,7 +8,7 @@ For each L a published LMDB store is built the way the nightly job builds it (``
 CPU core. Per batch size B (random users, median of --repeats):
 
 - ``fetch_ms``: ``HostBatcher.fetch`` (lookups + every record copied into a pinned buffer) against
-  ``MappedBatcher.fetch`` (lookups + a 40·B-byte gather table; ``cachestore/mapped.py``), in 8 rounds of
+  ``MappedBatcher.fetch`` (lookups + a 40·B-byte gather table; ``cachestore/decode/mapped.py``), in 8 rounds of
   consecutive calls each (``alternate``);
 - on CUDA, ``replay_ms``: one replay of ``GraphedDecoder`` (the paper's model: d_a 256, 8 heads, d_u 1,
   pool 10,000; fused kernel, pool rows at the store dtype) scoring the copied batch (copy in pieces
@@ -44,8 +44,8 @@ from benchmarks.decode_latency import (  # noqa: E402
     sweep_lengths,
     timed,
 )
-from cachestore.graphs import GraphedDecoder  # noqa: E402
-from cachestore.mapped import MappedBatcher  # noqa: E402
+from cachestore.decode.graphs import GraphedDecoder  # noqa: E402
+from cachestore.decode.mapped import MappedBatcher  # noqa: E402
 
 WAYS = ("copy", "zero_copy")
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.decode_latency import sync, timed
-from cachestore.transfer import KV_TORCH
+from cachestore.decode.transfer import KV_TORCH
 from model.attention import valid_mask
 from model.blocks import ZooCache
 from model.cache_spec import group_specs, key_fields

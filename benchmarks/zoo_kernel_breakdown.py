@@ -7,7 +7,7 @@ GPU only (torch + numpy; no lmdb):
 
 The shapes and the records are :mod:`benchmarks.zoo_latency`'s (paper shape, full histories of L 1,000:
 the long window of SIM/ETA/SDIM/TWIN, HSTU's max_len). The packed batch is copied to the device once; the
-decode body the CUDA graph captures (:func:`cachestore.graphs.static_decode`, path "fused") then runs
+decode body the CUDA graph captures (:func:`cachestore.decode.graphs.static_decode`, path "fused") then runs
 eagerly ``--repeats`` times under the profiler after warm-up, and every kernel's total CUDA time is divided
 by the repeats: the sum is the device time of one decode without the copy, each kernel's share says what
 bounds it.
@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.decode_latency import machine  # noqa: E402
 from benchmarks.zoo_latency import store_layout, store_records  # noqa: E402
 from benchmarks.zoo_synthetic import N_ITEMS, PAPER, make_models, model_config  # noqa: E402
-from cachestore.batch import HostBatcher  # noqa: E402
-from cachestore.decode import ResidentModel, ResidentZooModel  # noqa: E402
-from cachestore.fused import FUSED  # noqa: E402
-from cachestore.graphs import static_decode  # noqa: E402
+from cachestore.decode.batch import HostBatcher  # noqa: E402
+from cachestore.decode.decode import ResidentModel, ResidentZooModel  # noqa: E402
+from cachestore.decode.fused import FUSED  # noqa: E402
+from cachestore.decode.graphs import static_decode  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "zoo_latency"
 

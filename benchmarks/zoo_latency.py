@@ -26,7 +26,7 @@ B in 1, 64, 256, 512; the store dtype (--dtype) float16 and float32. Per (arch, 
   HSTU's SiLU attention by einsum; copy + decode captured in a CUDA graph, the replay timed. Its logits
   are checked against ``model.decode`` of the same full cache (fp32 model; tolerance by dtype).
 - **CollectiveKV**: the collective store's records (din: ``decode_latency``'s layout and synthetic records;
-  zoo: the model's ``cachestore.entry.entry_layout``, N(0, 1) user parts, uniform router indices, the
+  zoo: the model's ``cachestore.store.entry.entry_layout``, N(0, 1) user parts, uniform router indices, the
   model's retrieval keys of random items) packed by ``HostBatcher.pack`` (pinned) →
   ``GraphedDecoder(...).run`` (one replay: copy + decode; :func:`bench_collective`), checked against
   ``model.decode`` of the cache the packed batch holds (eager unpack). Where
@@ -74,12 +74,12 @@ from benchmarks.zoo_synthetic import (  # noqa: E402
     reference_logits,
     synthetic_cache,
 )
-from cachestore.batch import HostBatch, HostBatcher  # noqa: E402
-from cachestore.decode import ResidentModel, ResidentZooModel, entry_cache  # noqa: E402
-from cachestore.entry import entry_from_parquet_row, entry_layout  # noqa: E402
-from cachestore.entry_batch import entry_payloads, storage_arrays  # noqa: E402
-from cachestore.graphs import GraphedDecoder  # noqa: E402
-from cachestore.transfer import to_device  # noqa: E402
+from cachestore.decode.batch import HostBatch, HostBatcher  # noqa: E402
+from cachestore.decode.decode import ResidentModel, ResidentZooModel, entry_cache  # noqa: E402
+from cachestore.decode.entry_batch import entry_payloads, storage_arrays  # noqa: E402
+from cachestore.decode.graphs import GraphedDecoder  # noqa: E402
+from cachestore.decode.transfer import to_device  # noqa: E402
+from cachestore.store.entry import entry_from_parquet_row, entry_layout  # noqa: E402
 from model.blocks import ZooCache  # noqa: E402
 from model.config import ARCHS, LONG_ARCHS, ModelConfig  # noqa: E402
 from model.entry import entry_arrays  # noqa: E402
@@ -105,7 +105,7 @@ def store_layout(cfg: ModelConfig, kv_dtype: str) -> object:
 def store_records(model: torch.nn.Module, layout: object, n_users: int, kv_dtype: str, device: torch.device
                   ) -> list[bytes]:
     """One record per user, full histories: din's ``decode_latency.synthetic_records``; a zoo model's from
-    :func:`synthetic_cache` (its entry parts at the store's storage dtypes, ``cachestore.entry_batch``)."""
+    :func:`synthetic_cache` (its entry parts at the store's storage dtypes, ``cachestore.decode.entry_batch``)."""
     cfg = model.cfg
     if cfg.arch == "din":
         return synthetic_records(layout, n_users, cfg.max_len, seed=1)
@@ -123,7 +123,7 @@ def store_records(model: torch.nn.Module, layout: object, n_users: int, kv_dtype
 
 def packed_cache(host: HostBatch, cfg: ModelConfig, device: torch.device) -> ZooCache:
     """The collective cache a packed batch holds, as the model decodes it (kv parts in fp32): one copy and
-    the eager unpack (``cachestore.transfer``), a din batch as the one group "kv"."""
+    the eager unpack (``cachestore.decode.transfer``), a din batch as the one group "kv"."""
     return entry_cache(to_device(host, device)[0].unpack(), cfg, torch.float32)
 
 

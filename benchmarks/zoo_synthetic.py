@@ -12,7 +12,7 @@ import dataclasses
 
 import torch
 
-from cachestore.transfer import KV_TORCH
+from cachestore.decode.transfer import KV_TORCH
 from model.blocks import ZooCache
 from model.cache import KVCache
 from model.cache_spec import group_specs

@@ -8,7 +8,7 @@ Layout of a checkpoint directory::
     weights.safetensors   every tensor of the model's state dict (no pickle anywhere)
     config.json           {"format": 1, "model": <ModelConfig as dict>, "model_version": "<16 hex>",
                            "item_catalogue": "<sha256 of catalogue.parquet's content>" (if any)}
-    catalogue.parquet     the item catalogue the model was trained with (cachestore/catalogue.py):
+    catalogue.parquet     the item catalogue the model was trained with (cachestore/store/catalogue.py):
                           raw item id <-> embedding row; absent = the identity catalogue (raw = dense)
     metrics.json          whatever the training job measured (valid/test metrics, history, timing)
 
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from cachestore.catalogue import CATALOGUE_FILE, CatalogueError, ItemCatalogue, load_catalogue
+from cachestore.store.catalogue import CATALOGUE_FILE, CatalogueError, ItemCatalogue, load_catalogue
 from model.config import ModelConfig, config_from_dict, config_to_dict
 from model.ctr import TargetAttentionCTR
 from model.zoo import create_model

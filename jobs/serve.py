@@ -21,7 +21,7 @@ import click
 from jobs.serving_options import serving_options
 
 if TYPE_CHECKING:
-    from cachestore.runtime_config import ServingConfig
+    from cachestore.decode.runtime_config import ServingConfig
     from cachestore.serving.config import ServerConfig
 
 
@@ -84,10 +84,10 @@ def _serve_workers(server_config: ServerConfig) -> None:
 
 def _serve_one(server_config: ServerConfig) -> None:
     from cachestore.checkpoint import CheckpointError
-    from cachestore.publish import PublishError
-    from cachestore.record import LayoutError, RecordError
     from cachestore.serving.server import bind, build_service, configure_process, url_of
     from cachestore.serving.server import serve as run_server
+    from cachestore.store.publish import PublishError
+    from cachestore.store.record import LayoutError, RecordError
 
     store, host, port = server_config.store, server_config.host, server_config.port
     configure_process(server_config)

@@ -30,8 +30,8 @@ def build_cmd(source: Path, store_root: Path | None, progress: bool) -> None:
     SOURCE is a store root (rebuild from its current version's Parquet) or a prefill Parquet
     directory (part files + _layout.json; then --store names the store root).
     """
-    from cachestore.lmdb_build import PARQUET_LAYOUT_FILE
-    from cachestore.publish import open_current
+    from cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE
+    from cachestore.store.publish import open_current
     from pipeline.store.store_ops import PARQUET_DIR, build_store
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
@@ -72,7 +72,7 @@ def verify_cmd(store_root: Path, checkpoint: str, histories: str, sample: int | 
     Exit status 1 on any mismatch (missing user, length, router index, value beyond tolerance).
     """
     from cachestore.checkpoint import CheckpointError
-    from cachestore.publish import PublishError
+    from cachestore.store.publish import PublishError
     from pipeline.store.verify import verify_store
 
     try:

@@ -163,7 +163,7 @@ class TargetAttentionCTR(BehaviourModel):
         """Score candidates against a cache. targets (B,) or (B, C) → logits of the same shape.
 
         ``attention(q, cache) -> (B, C, d_a)`` replaces :meth:`attend` (serving passes an
-        equivalent that never materialises the collective K/V: ``cachestore/decode.py``)."""
+        equivalent that never materialises the collective K/V: ``cachestore/decode/decode.py``)."""
         squeeze = targets.dim() == 1
         tgt = targets.unsqueeze(1) if squeeze else targets  # (B, C)
         t = self.item_embedding(tgt)  # (B, C, E)

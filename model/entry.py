@@ -1,6 +1,6 @@
 """A zoo model's per-user cache entry as a flat list of named parts (pure tensors, no I/O).
 
-The store (``cachestore.entry``) writes one user's entry as a sequence of byte blocks; this module
+The store (``cachestore.store.entry``) writes one user's entry as a sequence of byte blocks; this module
 says which blocks a model's cache has and converts between a :class:`model.blocks.ZooCache` and
 those blocks. One user with ``n`` cached behaviours (``n <= cfg.window_len``) has, for every part
 ``p`` of :func:`entry_parts`, ``min(n, p.cap)`` rows of ``p.width`` values:

@@ -1,5 +1,5 @@
 """Calibrate `ckv capacity` against real stores: build stores with the real Parquet → LMDB builder
-(cachestore.publish.build_and_publish) at the paper's layout and compare the capacity model's predictions
+(cachestore.store.publish.build_and_publish) at the paper's layout and compare the capacity model's predictions
 with the measured sizes (pipeline.reports.size_report.store_sizes). Also measures any existing stores given.
 
     python scripts/capacity_calibration.py [--users 100000] [--full-users 3000] [--store STORE ...]
@@ -30,10 +30,10 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cachestore.entry import EntryLayout  # noqa: E402
-from cachestore.lmdb_build import PARQUET_LAYOUT_FILE, prefill_schema  # noqa: E402
-from cachestore.publish import build_and_publish  # noqa: E402
-from cachestore.record import write_layout  # noqa: E402
+from cachestore.store.entry import EntryLayout  # noqa: E402
+from cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE, prefill_schema  # noqa: E402
+from cachestore.store.publish import build_and_publish  # noqa: E402
+from cachestore.store.record import write_layout  # noqa: E402
 from pipeline.reports.capacity import CacheFormat, capacity_plan, dist_from_quantiles  # noqa: E402
 from pipeline.reports.capacity_inputs import store_calibration, store_format, store_lengths  # noqa: E402
 from pipeline.reports.size_report import store_sizes  # noqa: E402

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # run Triton kernels (cachestore.fused) under its CPU interpreter
+if not torch.cuda.is_available():  # run Triton kernels (cachestore.decode.fused) under its CPU interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(1)
 

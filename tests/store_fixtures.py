@@ -3,7 +3,7 @@
 Independent of the Spark prefill job (pipeline/prefill/prefill.py): rows are encoded here from the model's
 own cache (collective: user parts + router indices; full: ``model.keys_values``) as the din entry's
 payload (``kv.k_user | kv.v_user | kv.k_idx | kv.v_idx``), written as prefill Parquet
-(``cachestore.lmdb_build.prefill_schema``) and built + published with the real builder.
+(``cachestore.store.lmdb_build.prefill_schema``) and built + published with the real builder.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from cachestore.entry import EntryLayout, entry_layout
-from cachestore.lmdb_build import PARQUET_LAYOUT_FILE, prefill_schema
-from cachestore.publish import build_and_publish
-from cachestore.record import write_layout
+from cachestore.store.entry import EntryLayout, entry_layout
+from cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE, prefill_schema
+from cachestore.store.publish import build_and_publish
+from cachestore.store.record import write_layout
 from model.ctr import TargetAttentionCTR
 
 KV_TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -87,8 +87,8 @@ def put_in_place(version: Path, values: dict[int, bytes]) -> None:
 
     import lmdb
 
-    from cachestore.record import user_key
-    from cachestore.store_tree import lmdb_facts
+    from cachestore.store.record import user_key
+    from cachestore.store.store_tree import lmdb_facts
 
     version = Path(version)
     env = lmdb.open(str(version / "lmdb"), map_size=1 << 26, subdir=True, max_dbs=0)

@@ -19,7 +19,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cachestore.record import HEADER_SIZE
+from cachestore.store.record import HEADER_SIZE
 from jobs.capacity import capacity as capacity_cmd
 from model.cache_spec import bytes_per_behaviour, compression_rate
 from model.config import CollectiveConfig, ModelConfig
@@ -100,7 +100,7 @@ def test_capacity_totals_pool_transfer_and_fits_by_hand() -> None:
     big = capacity_plan(1, point(1000), CacheFormat(), batch=b)["collective"]["batch"]
     assert big["bytes_mean"] == 4_120_584  # the benchmark's L 1000, B 512 fetch bytes
     assert f["batch"]["bytes_mean"] == 512 * (32 + 51_200 + 16) + 512  # zero block = widest part (256 fp16)
-    from cachestore.batch import zero_block_bytes
+    from cachestore.decode.batch import zero_block_bytes
     from pipeline.reports.capacity import zero_block
 
     for lay in CacheFormat(d_user=3, share_v=False).layouts().values():
@@ -194,8 +194,8 @@ def movielens_stores(tmp_path_factory: pytest.TempPathFactory) -> dict:
         with torch.no_grad():
             out = list(prefill_batches(table.to_batches(max_chunksize=256), model, layout))
         pq.write_table(pa.Table.from_batches(out), pdir / "part-00000.parquet")
-        from cachestore.lmdb_build import PARQUET_LAYOUT_FILE
-        from cachestore.record import write_layout
+        from cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE
+        from cachestore.store.record import write_layout
 
         write_layout(pdir / PARQUET_LAYOUT_FILE, layout)
         build_store(root / name, pdir, prefill={"model_config": {"d_attn": 16, "collective": {"d_user": 1}}},

@@ -1,4 +1,4 @@
-"""The item catalogue (cachestore/catalogue.py) and `ckv data prepare` extending it day after day."""
+"""The item catalogue (cachestore/store/catalogue.py) and `ckv data prepare` extending it day after day."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cachestore.catalogue import CATALOGUE_FILE, CatalogueError, ItemCatalogue, load_catalogue
-from cachestore.item_ids import ItemIds, UnknownItemError, raw_to_dense
+from cachestore.store.catalogue import CATALOGUE_FILE, CatalogueError, ItemCatalogue, load_catalogue
+from cachestore.store.item_ids import ItemIds, UnknownItemError, raw_to_dense
 from jobs.cli import main
 from pipeline.data.dataset_schema import META_FILE, DataError, load_dataset
 from pipeline.data.prepare import PrepareConfig, previous_catalogue
@@ -165,5 +165,5 @@ def test_catalogue_and_item_ids_import_without_torch() -> None:
     import subprocess
     import sys
 
-    code = "import sys, cachestore.catalogue, cachestore.item_ids; sys.exit('torch' in sys.modules)"
+    code = "import sys, cachestore.store.catalogue, cachestore.store.item_ids; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1]).returncode == 0

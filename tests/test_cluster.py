@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cachestore.reader import StoreReader
+from cachestore.store.reader import StoreReader
 from model.config import CollectiveConfig, ModelConfig
 from model.zoo import create_model
 from pipeline.data.synthetic import history_batches

@@ -1,4 +1,4 @@
-"""Cache entries (model/entry.py, cachestore/entry.py, cachestore/entry_batch.py): every zoo model's
+"""Cache entries (model/entry.py, cachestore/store/entry.py, cachestore/decode/entry_batch.py): every zoo model's
 cache → storage arrays → per-user payloads → records → decoded → stacked → cache, and decode from
 that equals decode from the model's own cache; key packing; record validation; a din entry is its one
 flat K/V group."""
@@ -14,7 +14,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cachestore.entry import (
+from cachestore.decode.entry_batch import entry_payloads, model_tensors, stack_records, storage_arrays
+from cachestore.store.entry import (
     ENTRY_FORMAT_VERSION,
     EntryLayout,
     decode_entry,
@@ -23,8 +24,7 @@ from cachestore.entry import (
     entry_layout,
     read_layout,
 )
-from cachestore.entry_batch import entry_payloads, model_tensors, stack_records, storage_arrays
-from cachestore.record import (
+from cachestore.store.record import (
     BadMagicError,
     ChecksumError,
     ModelVersionMismatchError,

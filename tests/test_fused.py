@@ -1,4 +1,4 @@
-"""Fused collective target attention (cachestore/fused.py) against the eager unpack + decode.
+"""Fused collective target attention (cachestore/decode/fused.py) against the eager unpack + decode.
 
 On a CUDA machine the Triton kernel runs compiled; on CPU it runs under Triton's interpreter
 (conftest sets TRITON_INTERPRET=1 when there is no GPU) wherever Triton is installed, and the
@@ -20,10 +20,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cachestore import graphs
-from cachestore.batch import HostBatcher
-from cachestore.fused import FusedConfig, fused_attention, fused_available, fused_decode, split_parts
-from cachestore.graphs import GraphedDecoder, batch_capacity, copy_chunks, record_ends, static_decode
-from cachestore.runtime import DecodeRuntime
+from cachestore.decode.batch import HostBatcher
+from cachestore.decode.fused import FusedConfig, fused_attention, fused_available, fused_decode, split_parts
+from cachestore.decode.graphs import GraphedDecoder, batch_capacity, copy_chunks, record_ends, static_decode
+from cachestore.decode.runtime import DecodeRuntime
 from jobs.score import score as score_cmd
 from pipeline.training.checkpoint import save_checkpoint
 from tests.store_fixtures import store_of_model

@@ -1,4 +1,4 @@
-"""The fused HSTU decode (cachestore/fused_hstu.py) against the model's training forward and the eager path.
+"""The fused HSTU decode (cachestore/decode/fused_hstu.py) against the model's training forward and the eager path.
 
 Records come from the HSTU model's own prefill (tests/zoo_store_fixtures.py rows, encoded as the store
 holds them) packed by ``HostBatcher.pack``; on a CUDA machine the kernel runs compiled, on CPU under
@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from cachestore.batch import HostBatcher
-from cachestore.decode import ResidentZooModel, decode_zoo, entry_cache
-from cachestore.entry import entry_from_parquet_row, entry_layout
-from cachestore.fused import FusedConfig, fused_available
-from cachestore.fused_hstu import hstu_static_decode, layer_tables, part_starts
-from cachestore.record import RouterIndexError
-from cachestore.transfer import to_device
+from cachestore.decode.batch import HostBatcher
+from cachestore.decode.decode import ResidentZooModel, decode_zoo, entry_cache
+from cachestore.decode.fused import FusedConfig, fused_available
+from cachestore.decode.fused_hstu import hstu_static_decode, layer_tables, part_starts
+from cachestore.decode.transfer import to_device
+from cachestore.store.entry import entry_from_parquet_row, entry_layout
+from cachestore.store.record import RouterIndexError
 from model.cache_spec import store_config
 from model.entry import full_cache
 from tests.test_zoo import N_ITEMS, VARIANTS, make_batch, make_model, zoo_config

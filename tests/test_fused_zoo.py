@@ -1,4 +1,5 @@
-"""The zoo models' fused decode from the packed batch bytes (cachestore/fused_zoo.py, cachestore/fused_long.py)
+"""The zoo models' fused decode from the packed batch bytes (cachestore/decode/fused_zoo.py,
+cachestore/decode/fused_long.py)
 against the model's own training forward (``model.decode(model.prefill(...))``) and the eager serving path
 (``unpack_entry`` + ``entry_cache`` + ``decode_zoo``).
 
@@ -18,13 +19,13 @@ import dataclasses
 import pytest
 import torch
 
-from cachestore.batch import HostBatcher
-from cachestore.decode import ResidentZooModel, decode_zoo, entry_cache
-from cachestore.entry import entry_from_parquet_row, entry_layout
-from cachestore.fused import FusedConfig, fused_available
-from cachestore.fused_zoo import zoo_static_decode
-from cachestore.record import RouterIndexError
-from cachestore.transfer import unpack_entry
+from cachestore.decode.batch import HostBatcher
+from cachestore.decode.decode import ResidentZooModel, decode_zoo, entry_cache
+from cachestore.decode.fused import FusedConfig, fused_available
+from cachestore.decode.fused_zoo import zoo_static_decode
+from cachestore.decode.transfer import unpack_entry
+from cachestore.store.entry import entry_from_parquet_row, entry_layout
+from cachestore.store.record import RouterIndexError
 from model.blocks import ZooCache
 from model.cache_spec import store_config
 from model.config import LONG_ARCHS, CollectiveConfig

@@ -1,4 +1,4 @@
-"""CUDA-graph decode (cachestore/graphs.py): the captured body `static_decode` against the regular
+"""CUDA-graph decode (cachestore/decode/graphs.py): the captured body `static_decode` against the regular
 unpack + decode on CPU, the static-buffer decoder (eager on CPU, replayed graph on CUDA), cold-slot
 padding of fetched batches, and the runtime's graphs option."""
 
@@ -13,16 +13,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cachestore.batch import HostBatcher
-from cachestore.decode import ResidentModel, decode, din_cache
-from cachestore.entry import EntryLayout, encode_entry
-from cachestore.entry_batch import kv_storage
-from cachestore.graphs import GraphedDecoder, batch_capacity, copy_buckets, static_decode
-from cachestore.mapped import MappedBatcher
-from cachestore.publish import open_current
-from cachestore.reader import StoreReader
-from cachestore.runtime import DecodeRuntime
-from cachestore.transfer import to_device
+from cachestore.decode.batch import HostBatcher
+from cachestore.decode.decode import ResidentModel, decode, din_cache
+from cachestore.decode.entry_batch import kv_storage
+from cachestore.decode.graphs import GraphedDecoder, batch_capacity, copy_buckets, static_decode
+from cachestore.decode.mapped import MappedBatcher
+from cachestore.decode.runtime import DecodeRuntime
+from cachestore.decode.transfer import to_device
+from cachestore.store.entry import EntryLayout, encode_entry
+from cachestore.store.publish import open_current
+from cachestore.store.reader import StoreReader
 from model.config import CollectiveConfig
 from tests.store_fixtures import layout_for, store_of_model
 from tests.test_model import N_ITEMS, make_model, small_config

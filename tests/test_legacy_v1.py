@@ -1,4 +1,4 @@
-"""The read-only reader of format-1 din stores (cachestore/legacy_v1.py) on a real one.
+"""The read-only reader of format-1 din stores (cachestore/store/legacy_v1.py) on a real one.
 
 ``tests/fixtures/v1_din_store`` was written by the format-1 writers (``tests/store_fixtures.py`` of commit
 224feb4): a din model (d_a 32, d_u 2, pool 12, max_len 8) saved as ``checkpoint/``, the 24 users of
@@ -21,12 +21,12 @@ import torch
 from click.testing import CliRunner
 
 from cachestore.checkpoint import load_checkpoint
-from cachestore.entry import decode_entry, encode_entry, entry_layout, layout_from_dict, read_layout
-from cachestore.legacy_v1 import legacy_fields
-from cachestore.lmdb_build import PARQUET_LAYOUT_FILE, StoreBuildError, build_lmdb
-from cachestore.publish import LAYOUT, LMDB_DIR, MANIFEST, open_current
-from cachestore.record import LayoutError, RecordError
-from cachestore.runtime import DecodeRuntime
+from cachestore.decode.runtime import DecodeRuntime
+from cachestore.store.entry import decode_entry, encode_entry, entry_layout, layout_from_dict, read_layout
+from cachestore.store.legacy_v1 import legacy_fields
+from cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE, StoreBuildError, build_lmdb
+from cachestore.store.publish import LAYOUT, LMDB_DIR, MANIFEST, open_current
+from cachestore.store.record import LayoutError, RecordError
 from jobs.store import store as store_cli
 from pipeline.data.history import arrow_window
 from tests.store_fixtures import put_in_place
@@ -163,7 +163,7 @@ def test_bad_format_1_layouts_are_refused() -> None:
 def test_in_place_readers_serve_it(legacy: Path, how: str) -> None:
     """The paths that read din records in place (fused kernel, resident tier, the graphs' static decode,
     eager on CPU) serve the format-1 records like the eager gather path."""
-    from cachestore.fused import FusedConfig, fused_available
+    from cachestore.decode.fused import FusedConfig, fused_available
 
     users, cand, want = _model_logits(legacy)
     if how == "fused" and not fused_available(torch.device("cpu")):

@@ -1,4 +1,4 @@
-"""Zero-copy fetch (cachestore/mapped.py): the batch a MappedBatcher describes, gathered from the LMDB map,
+"""Zero-copy fetch (cachestore/decode/mapped.py): the batch a MappedBatcher describes, gathered from the LMDB map,
 is byte for byte the batch HostBatcher.fetch copies (CPU reference and, under Triton's interpreter or on
 CUDA, the gather kernel); bad records are refused naming the user; the CUDA graph scores it alike."""
 
@@ -15,15 +15,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cachestore import mapped
-from cachestore.batch import HostBatcher
-from cachestore.decode import ResidentModel
-from cachestore.entry import encode_entry
-from cachestore.fused import fused_available
-from cachestore.graphs import GraphedDecoder
-from cachestore.mapped import MappedBatcher, gather_records, gather_reference, launch_gather, value_addresses
-from cachestore.publish import LAYOUT, LMDB_DIR, open_current
-from cachestore.reader import StoreReader
-from cachestore.record import ModelVersionMismatchError, RecordError, user_key, write_layout
+from cachestore.decode.batch import HostBatcher
+from cachestore.decode.decode import ResidentModel
+from cachestore.decode.fused import fused_available
+from cachestore.decode.graphs import GraphedDecoder
+from cachestore.decode.mapped import MappedBatcher, gather_records, gather_reference, launch_gather, value_addresses
+from cachestore.store.entry import encode_entry
+from cachestore.store.publish import LAYOUT, LMDB_DIR, open_current
+from cachestore.store.reader import StoreReader
+from cachestore.store.record import ModelVersionMismatchError, RecordError, user_key, write_layout
 from tests.store_fixtures import store_of_model
 from tests.test_model import N_ITEMS, make_model, small_config
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cachestore.entry import decode_entry, entry_from_parquet_row
-from cachestore.entry_batch import model_tensors, stack_records
-from cachestore.lmdb_build import prefill_schema
-from cachestore.reader import StoreReader
-from cachestore.record import write_layout
+from cachestore.decode.entry_batch import model_tensors, stack_records
+from cachestore.store.entry import decode_entry, entry_from_parquet_row
+from cachestore.store.lmdb_build import prefill_schema
+from cachestore.store.reader import StoreReader
+from cachestore.store.record import write_layout
 from model.cache import KVCache
 from model.cache_spec import bytes_per_behaviour, compression_rate, store_config
 from model.config import CollectiveConfig, ModelConfig
@@ -413,7 +413,7 @@ def test_memo_blocks_shared_through_a_directory(tmp_path: Path) -> None:
 
 
 def test_zoo_archs_refuse_the_memo_engine() -> None:
-    from cachestore.entry import EntryLayout
+    from cachestore.store.entry import EntryLayout
     from pipeline.prefill.prefill import check_engine
 
     layout = cache_layout(small_config(arch="hstu"), MV)  # several cache groups

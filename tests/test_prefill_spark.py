@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from cachestore.publish import current_version_id
-from cachestore.reader import StoreReader
+from cachestore.store.publish import current_version_id
+from cachestore.store.reader import StoreReader
 from jobs.prepare import data as data_cli
 from jobs.report import report as report_cli
 from jobs.store import store as store_cli

@@ -1,4 +1,4 @@
-"""The binary record format (cachestore/record.py frame, cachestore/entry.py records) on din layouts:
+"""The binary record format (cachestore/store/record.py frame, cachestore/store/entry.py records) on din layouts:
 round trips, corruption, header checks, Parquet rows, layout JSON, LMDB keys."""
 
 from __future__ import annotations
@@ -12,8 +12,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cachestore.entry import EntryLayout, EntryRecord, decode_entry, encode_entry, entry_from_parquet_row, read_layout
-from cachestore.record import (
+from cachestore.store.entry import (
+    EntryLayout,
+    EntryRecord,
+    decode_entry,
+    encode_entry,
+    entry_from_parquet_row,
+    read_layout,
+)
+from cachestore.store.record import (
     HEADER_SIZE,
     BadMagicError,
     ChecksumError,

@@ -13,8 +13,8 @@ import torch
 from click.testing import CliRunner
 
 from cachestore.checkpoint import load_checkpoint
-from cachestore.publish import current_version_id
-from cachestore.runtime import DecodeRuntime
+from cachestore.decode.runtime import DecodeRuntime
+from cachestore.store.publish import current_version_id
 from jobs.refresh import EXIT_REFUSED, refresh_cmd
 from model.config import CollectiveConfig, ModelConfig
 from pipeline.data.dataset_schema import load_dataset

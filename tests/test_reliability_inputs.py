@@ -11,9 +11,10 @@ import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 
-from cachestore.publish import current_version_id, open_current
-from cachestore.reader import StoreReader
-from cachestore.record import (
+from cachestore.decode.runtime import DecodeRuntime
+from cachestore.store.publish import current_version_id, open_current
+from cachestore.store.reader import StoreReader
+from cachestore.store.record import (
     HEADER_SIZE,
     ChecksumError,
     LayoutError,
@@ -21,7 +22,6 @@ from cachestore.record import (
     RecordSizeError,
     UnsupportedVersionError,
 )
-from cachestore.runtime import DecodeRuntime
 from pipeline.prefill.prefill import INPUT_HINT, PrefillInputError, cache_layout, prefill_batches
 from pipeline.training.checkpoint import save_checkpoint
 from tests.store_fixtures import put_in_place
@@ -196,8 +196,8 @@ def test_verify_reports_a_corrupt_store(tmp_path: Path) -> None:
 def test_router_index_outside_the_pool_in_a_store(store: dict, path: str) -> None:
     """Regression: an index >= pool size in a served record was a raw IndexError; now the runtime raises
     RouterIndexError naming the user (after the batch, from the per-user flag), and the reader too."""
-    from cachestore.entry import decode_entry, encode_entry
-    from cachestore.record import RouterIndexError
+    from cachestore.store.entry import decode_entry, encode_entry
+    from cachestore.store.record import RouterIndexError
 
     uid = store["uid"]
     with StoreReader(store["version"]) as reader:

@@ -14,9 +14,9 @@ import torch
 from click.testing import CliRunner
 
 from cachestore.checkpoint import WEIGHTS_FILE, CheckpointError, load_checkpoint
-from cachestore.publish import PublishError, current_version_id, open_current
-from cachestore.reader import StoreReader
-from cachestore.runtime import DecodeRuntime
+from cachestore.decode.runtime import DecodeRuntime
+from cachestore.store.publish import PublishError, current_version_id, open_current
+from cachestore.store.reader import StoreReader
 from pipeline.training.checkpoint import save_checkpoint
 from tests.test_lmdb_store import make_rows, write_parquet
 
@@ -99,7 +99,7 @@ def test_a_pickle_in_place_of_the_weights_is_never_unpickled(tmp_path: Path) -> 
 
 @pytest.fixture()
 def store(tmp_path: Path) -> Path:
-    from cachestore.publish import build_and_publish
+    from cachestore.store.publish import build_and_publish
 
     root = tmp_path / "store"
     write_parquet(root / "parquet", make_rows(list(range(30))), parts=[list(range(30))])

@@ -22,8 +22,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from cachestore.checkpoint import CheckpointError
-from cachestore.publish import current_version_id
-from cachestore.reader import StoreReader
+from cachestore.store.publish import current_version_id
+from cachestore.store.reader import StoreReader
 from pipeline.prefill.prefill import PrefillInputError, cache_layout
 from pipeline.prefill.spark_executor import _load_shipped_checkpoint
 from pipeline.prefill.spark_job import PrefillOptions, run_prefill

@@ -22,10 +22,10 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from cachestore.publish import open_current
-from cachestore.runtime import DecodeRuntime
-from cachestore.store_check import P_BRANCH, P_LEAF, StoreDamagedError, check_version, read_meta
-from cachestore.store_tree import check_tree
+from cachestore.decode.runtime import DecodeRuntime
+from cachestore.store.publish import open_current
+from cachestore.store.store_check import P_BRANCH, P_LEAF, StoreDamagedError, check_version, read_meta
+from cachestore.store.store_tree import check_tree
 from pipeline.prefill.prefill import cache_layout
 from pipeline.training.checkpoint import save_checkpoint
 from tests.helpers import repo_env
@@ -249,7 +249,7 @@ def test_score_verifies_crcs_by_default(made: dict, tmp_path: Path) -> None:
     by default (exit 1 naming the user); `--no-verify-crc` keeps the header/size-only fast path."""
     from click.testing import CliRunner
 
-    from cachestore.reader import StoreReader
+    from cachestore.store.reader import StoreReader
     from jobs.score import score as score_cmd
 
     store = tmp_path / "store"

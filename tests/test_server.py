@@ -16,10 +16,10 @@ import pyarrow as pa
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cachestore.publish import open_current
-from cachestore.runtime import DecodeRuntime
-from cachestore.runtime_config import ServingConfig
+from cachestore.decode.runtime import DecodeRuntime
+from cachestore.decode.runtime_config import ServingConfig
 from cachestore.serving.payloads import ARROW_MIME
+from cachestore.store.publish import open_current
 from tests.helpers import repo_env
 from tests.server_fixtures import COLD_USERS, ModelStore, start_server
 from tests.test_model import N_ITEMS

@@ -20,20 +20,20 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cachestore.batch import HostBatcher
-from cachestore.decode import ResidentModel, decode
-from cachestore.entry import EntryLayout, encode_entry
-from cachestore.publish import LAYOUT, LMDB_DIR, open_current
-from cachestore.reader import StoreReader
-from cachestore.record import (
+from cachestore.decode.batch import HostBatcher
+from cachestore.decode.decode import ResidentModel, decode
+from cachestore.decode.runtime import DecodeRuntime
+from cachestore.decode.transfer import to_device
+from cachestore.store.entry import EntryLayout, encode_entry
+from cachestore.store.publish import LAYOUT, LMDB_DIR, open_current
+from cachestore.store.reader import StoreReader
+from cachestore.store.record import (
     LayoutError,
     ModelVersionMismatchError,
     RecordError,
     user_key,
     write_layout,
 )
-from cachestore.runtime import DecodeRuntime
-from cachestore.transfer import to_device
 from jobs.score import score as score_cmd
 from model.cache import KVCache
 from model.config import CollectiveConfig
@@ -267,8 +267,8 @@ def test_model_version_mismatch_is_refused(served: dict, tmp_path: Path) -> None
 @pytest.mark.parametrize("mode", ["collective", "full"])
 def test_store_from_the_prefill_job_scores_like_forward(tmp_path: Path, mode: str) -> None:
     """Contract with the Spark job's per-partition function (pipeline/prefill/prefill.py)."""
-    from cachestore.lmdb_build import PARQUET_LAYOUT_FILE
-    from cachestore.publish import build_and_publish
+    from cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE
+    from cachestore.store.publish import build_and_publish
     from pipeline.data.history import arrow_window
     from pipeline.prefill.prefill import cache_layout, prefill_batches
 

@@ -14,10 +14,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cachestore.publish import open_current
-from cachestore.reader import StoreReader
-from cachestore.runtime import DecodeRuntime
-from cachestore.runtime_config import ServingConfig
+from cachestore.decode.runtime import DecodeRuntime
+from cachestore.decode.runtime_config import ServingConfig
+from cachestore.store.publish import open_current
+from cachestore.store.reader import StoreReader
 from jobs.score import read_ahead
 from jobs.score import score as score_cmd
 from jobs.serving_options import parse_bytes

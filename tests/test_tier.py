@@ -13,11 +13,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cachestore.publish import open_current
-from cachestore.reader import StoreReader
-from cachestore.record import RecordError, user_key
-from cachestore.runtime import DecodeRuntime
-from cachestore.runtime_config import ServingConfig
+from cachestore.decode.runtime import DecodeRuntime
+from cachestore.decode.runtime_config import ServingConfig
+from cachestore.store.publish import open_current
+from cachestore.store.reader import StoreReader
+from cachestore.store.record import RecordError, user_key
 from cachestore.tier import LRUPolicy, S3FIFOPolicy, make_policy
 from cachestore.tier import arena as arena_mod
 from cachestore.tier.tier import CACHE, WHOLE, store_bytes

@@ -142,7 +142,7 @@ def _table(df: pd.DataFrame):  # noqa: ANN202
 
 def test_prefill_refuses_histories_numbered_by_another_catalogue(day1: tuple[Path, Checkpoint],
                                                                  tmp_path: Path) -> None:
-    from cachestore.catalogue import CatalogueError, check_same_numbering
+    from cachestore.store.catalogue import CatalogueError, check_same_numbering
     from pipeline.prefill.spark_job import PrefillOptions, run_prefill
 
     _, ck1 = day1

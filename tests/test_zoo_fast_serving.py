@@ -1,7 +1,7 @@
 """The zoo models' fast serving path through the runtime and the CUDA graph body.
 
 SIM, ETA, SDIM, TWIN and HSTU stores served with path "fused" (their Triton decode reading the packed
-records in place: cachestore/fused_zoo.py, cachestore/fused_hstu.py) must score exactly as the eager
+records in place: cachestore/decode/fused_zoo.py, cachestore/decode/fused_hstu.py) must score exactly as the eager
 reference path (unpack + the model's own ``decode``), which tests/test_zoo_serving.py ties to the training
 forward. On CPU the kernels run under Triton's interpreter (tests/conftest.py); the CUDA tests compile
 them and capture the graphs, copying and zero-copy.
@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from cachestore.decode import ResidentZooModel
-from cachestore.fused import INTERPRETED
-from cachestore.fused_config import FusedConfig
-from cachestore.graphs import GraphedDecoder
-from cachestore.publish import open_current
-from cachestore.reader import StoreReader
-from cachestore.runtime import DecodeRuntime
+from cachestore.decode.decode import ResidentZooModel
+from cachestore.decode.fused import INTERPRETED
+from cachestore.decode.fused_config import FusedConfig
+from cachestore.decode.graphs import GraphedDecoder
+from cachestore.decode.runtime import DecodeRuntime
+from cachestore.store.publish import open_current
+from cachestore.store.reader import StoreReader
 from model.zoo import PAPER_MODELS
 from tests.test_zoo import N_ITEMS, make_model
 from tests.test_zoo_serving import ORDER, STEP, STORES, VERSION, served  # noqa: F401  (served: a fixture)

@@ -24,15 +24,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cachestore.batch import HostBatcher, zero_block_bytes
-from cachestore.entry import EntryLayout, EntryRecord, decode_entry, encode_entry, entry_layout
-from cachestore.entry_batch import stack_records
-from cachestore.lmdb_build import PARQUET_LAYOUT_FILE
-from cachestore.publish import build_and_publish, open_current
-from cachestore.reader import StoreReader
-from cachestore.record import ChecksumError, LayoutError, ModelVersionMismatchError, RecordError, write_layout
-from cachestore.runtime import DecodeRuntime
-from cachestore.transfer import EntryBatch, to_device
+from cachestore.decode.batch import HostBatcher, zero_block_bytes
+from cachestore.decode.entry_batch import stack_records
+from cachestore.decode.runtime import DecodeRuntime
+from cachestore.decode.transfer import EntryBatch, to_device
+from cachestore.store.entry import EntryLayout, EntryRecord, decode_entry, encode_entry, entry_layout
+from cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE
+from cachestore.store.publish import build_and_publish, open_current
+from cachestore.store.reader import StoreReader
+from cachestore.store.record import ChecksumError, LayoutError, ModelVersionMismatchError, RecordError, write_layout
 from jobs.score import score as score_cmd
 from model.blocks import ZooCache
 from model.cache import KVCache
@@ -319,7 +319,7 @@ def test_reader_decodes_zoo_records(served: dict) -> None:
 @pytest.mark.parametrize("arch", PAPER_MODELS)
 def test_pack_transfer_unpack_entry_round_trip(arch: str) -> None:
     """Random records of every kv dtype and index width → pack → copy → unpack == the decoded records
-    stacked on the host (cachestore.entry_batch.stack_records), padding zero, also with pad_to."""
+    stacked on the host (cachestore.decode.entry_batch.stack_records), padding zero, also with pad_to."""
     rng = np.random.default_rng(PAPER_MODELS.index(arch))
     for kv_dtype in ("float16", "bfloat16", "float32"):
         layout = entry_layout(zoo_config(arch), VERSION, "collective", kv_dtype)
@@ -480,9 +480,9 @@ def test_cuda_zoo_tier_graph_scores_like_lmdb(served: dict, arch: str) -> None:
 
 
 def test_unpacked_din_group_is_a_kv_cache() -> None:
-    """The unpack of the din arch's parts, through ``cachestore.decode.din_cache``, is the padded KVCache of
+    """The unpack of the din arch's parts, through ``cachestore.decode.decode.din_cache``, is the padded KVCache of
     the stored parts (zeros and index 0 at padding; cold start: length 0)."""
-    from cachestore.decode import din_cache
+    from cachestore.decode.decode import din_cache
     from model.config import ModelConfig
     from model.entry import cache_from_arrays
 

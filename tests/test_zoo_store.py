@@ -22,11 +22,11 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from cachestore.entry import EntryLayout, decode_entry, encode_entry, entry_from_parquet_row, entry_schema
-from cachestore.lmdb_build import PARQUET_LAYOUT_FILE, StoreBuildError, build_lmdb, prefill_schema
-from cachestore.publish import current_version_id
-from cachestore.reader import StoreReader
-from cachestore.record import write_layout
+from cachestore.store.entry import EntryLayout, decode_entry, encode_entry, entry_from_parquet_row, entry_schema
+from cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE, StoreBuildError, build_lmdb, prefill_schema
+from cachestore.store.publish import current_version_id
+from cachestore.store.reader import StoreReader
+from cachestore.store.record import write_layout
 from jobs.report import report as report_cli
 from jobs.store import store as store_cli
 from model.cache_spec import compression_rate, entry_bytes

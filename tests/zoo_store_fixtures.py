@@ -1,12 +1,12 @@
 """Test helper: publish a zoo cache store straight from a zoo model's prefill.
 
 Independent of the Spark prefill job (pipeline/prefill/prefill.py): rows are the prefill Parquet rows
-(``cachestore.entry.entry_schema``: user_id, length, payload, model_version, checksum) made here from
+(``cachestore.store.entry.entry_schema``: user_id, length, payload, model_version, checksum) made here from
 the model's own cache (collective; or, mode "full", every group's K/V rebuilt at d_a by
 ``model.entry.full_cache``), written as Parquet + ``_layout.json`` and built + published with the real
 builder (:func:`build_zoo_store`). :func:`publish_records` publishes hand-made record bytes as they
 are (bad-record tests): LMDB written directly in a staging version directory (lmdb/, layout.json,
-manifest.json), then the real ``cachestore.publish.publish``.
+manifest.json), then the real ``cachestore.store.publish.publish``.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from cachestore.entry import EntryLayout, entry_layout, entry_schema
-from cachestore.entry_batch import entry_payloads, storage_arrays
-from cachestore.lmdb_build import PARQUET_LAYOUT_FILE
-from cachestore.publish import LAYOUT, LMDB_DIR, MANIFEST, build_and_publish, new_staging_dir, publish
-from cachestore.record import user_key, write_layout
+from cachestore.decode.entry_batch import entry_payloads, storage_arrays
+from cachestore.store.entry import EntryLayout, entry_layout, entry_schema
+from cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE
+from cachestore.store.publish import LAYOUT, LMDB_DIR, MANIFEST, build_and_publish, new_staging_dir, publish
+from cachestore.store.record import user_key, write_layout
 from model.blocks import ZooCache
 from model.cache import KVCache
 from model.entry import entry_arrays, full_cache

@@ -1,4 +1,4 @@
-"""The serving process (`ckv serve`): an HTTP API in front of one :class:`cachestore.runtime.DecodeRuntime`.
+"""The serving process (`ckv serve`): an HTTP API in front of one :class:`cachestore.decode.runtime.DecodeRuntime`.
 
     config.py    ServerConfig: address, batching limits, request limits, how the store is followed
     payloads.py  request bodies (JSON, Arrow IPC) → validated arrays; responses

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cachestore.runtime import RuntimeStats
+from cachestore.decode.runtime import RuntimeStats
 from cachestore.serving.metrics import ServerMetrics
 from cachestore.serving.payloads import BadRequest, ScoreReply, ScoreRequest, to_dense_items
 from cachestore.serving.versions import ServedVersion, VersionManager

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cachestore.runtime_config import ServingConfig
+from cachestore.decode.runtime_config import ServingConfig
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class ServerConfig:
     tier and batcher, and the kernel spreads the connections over them (SO_REUSEPORT).
     torch_threads: torch intra-op threads of a serving process (None: 1 on the CPU, where more threads
     contend with the HTTP loop and the other processes; torch's default on CUDA).
-    runtime: how each loaded version's runtime serves (:class:`cachestore.runtime_config.ServingConfig`:
+    runtime: how each loaded version's runtime serves (:class:`cachestore.decode.runtime_config.ServingConfig`:
     device, decode path, batch_users, resident tier bytes and policy, graphs, ...).
     """
 

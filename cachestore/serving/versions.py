@@ -2,7 +2,7 @@
 
 A :class:`ServedVersion` is one published store version with the checkpoint published inside it
 (``ckv refresh`` publishes both together: ``versions/<id>/lmdb`` + ``versions/<id>/checkpoint``), loaded
-into one :class:`cachestore.runtime.DecodeRuntime` — model, pools and records always come from the same
+into one :class:`cachestore.decode.runtime.DecodeRuntime` — model, pools and records always come from the same
 version directory (``DecodeRuntime.open(version_dir)``), so no request is ever scored with one
 version's model and another's records.
 
@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cachestore.publish import open_current
-from cachestore.runtime import DecodeRuntime
-from cachestore.runtime_config import ServingConfig
+from cachestore.decode.runtime import DecodeRuntime
+from cachestore.decode.runtime_config import ServingConfig
 from cachestore.serving.metrics import ServerMetrics
+from cachestore.store.publish import open_current
 
 log = logging.getLogger("ckv.serve")
 

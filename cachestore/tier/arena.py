@@ -4,7 +4,7 @@ Layout of the arena (uint8, on the tier's device — CUDA, or host memory on CPU
 
     offset            size             content
     0                 16·B             batch header of the request being decoded: offsets int64 (B,) | lengths
-                                       int64 (B,) — the header of a packed batch (:mod:`cachestore.batch`)
+                                       int64 (B,) — the header of a packed batch (:mod:`cachestore.decode.batch`)
     16·B              Z                zero block (cold-start users point here, length 0)
     header_bytes(Bmax) ...             records verbatim (the LMDB value: 32-byte header + payload,
                                        docs/store_format.md), each starting 8-aligned
@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from cachestore.batch import zero_block_bytes
-from cachestore.entry import EntryLayout
+from cachestore.decode.batch import zero_block_bytes
+from cachestore.store.entry import EntryLayout
 
 try:
     import triton

@@ -1,6 +1,6 @@
 """A resident request as one CUDA graph replay: user ids in a pinned buffer → scores, no record on the host.
 
-:class:`ResidentRequest` drives a :class:`cachestore.graphs.GraphedDecoder` (fixed B users, L = pad_to, C
+:class:`ResidentRequest` drives a :class:`cachestore.decode.graphs.GraphedDecoder` (fixed B users, L = pad_to, C
 candidates) whose batch buffer is the tier's arena itself (:mod:`cachestore.tier.arena`: the arena is a packed
 batch whose records are the whole tier). Its captured graph is
 
@@ -21,8 +21,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cachestore.batch import zero_block_bytes
-from cachestore.graphs import CAPTURE_MODE, GraphedDecoder, _Captured
+from cachestore.decode.batch import zero_block_bytes
+from cachestore.decode.graphs import CAPTURE_MODE, GraphedDecoder, _Captured
 from cachestore.tier.arena import write_header
 from cachestore.tier.tier import WHOLE, ResidentTier
 

@@ -10,7 +10,7 @@ Two modes, chosen from the capacity (``tier_bytes``) when the tier is opened (:f
   (``record_size(max_len)`` rounded to 8) plus a staging area of ``batch_users`` slots for a batch's
   misses. The host index (user → slot) and a policy (:mod:`cachestore.tier.policy`: LRU or S3-FIFO)
   decide who is resident; :meth:`resolve` maps a batch to arena offsets: hits point at their slots, misses
-  are fetched from LMDB through :class:`cachestore.batch.HostBatcher` (header checks, the copying fetch)
+  are fetched from LMDB through :class:`cachestore.decode.batch.HostBatcher` (header checks, the copying fetch)
   and copied into the staging area, and handed to the admission thread, which CRC-checks each record
   (a bad one is not admitted and counted in ``admission_errors``), asks the policy for a slot (evicting)
   and writes the record there. Admission is asynchronous: a batch never waits for it.
@@ -34,14 +34,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from cachestore.batch import HostBatcher, check_record, zero_block_bytes
-from cachestore.entry import record_length
-from cachestore.record import _CRC_OFFSET, HEADER_SIZE, KEY, RecordError  # CRC: bytes 0..27 + payload
+from cachestore.decode.batch import HostBatcher, check_record, zero_block_bytes
+from cachestore.store.entry import record_length
+from cachestore.store.record import _CRC_OFFSET, HEADER_SIZE, KEY, RecordError  # CRC: bytes 0..27 + payload
 from cachestore.tier.arena import header_bytes
 from cachestore.tier.policy import make_policy
 
 if TYPE_CHECKING:  # (lmdb is imported only where a store is read)
-    from cachestore.reader import StoreReader
+    from cachestore.store.reader import StoreReader
 
 LOAD_CHUNK = 64 << 20
 _ZEROS = bytes(8)  # host staging of the whole-store load (bytes)
@@ -51,7 +51,7 @@ WHOLE, CACHE = "whole", "cache"
 
 def store_bytes(reader: StoreReader) -> int:
     """Size of the store's LMDB data file: an upper bound of the bytes its records take in the arena."""
-    from cachestore.publish import LMDB_DIR
+    from cachestore.store.publish import LMDB_DIR
 
     return os.stat(reader.version_dir / LMDB_DIR / "data.mdb").st_size
 

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from cachestore.catalogue import CATALOGUE_FILE, ItemCatalogue
+from cachestore.store.catalogue import CATALOGUE_FILE, ItemCatalogue
 from pipeline.data.dataset_schema import (
     HISTORIES_SCHEMA,
     ITEMS_SCHEMA,

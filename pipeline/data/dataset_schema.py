@@ -6,7 +6,7 @@ Directory layout (all Parquet written with pyarrow; types exact):
                               "splits": {"valid_start", "test_start"}, "split_fractions",
                               "label_rule", "source": {"events", "items", "sha256"}, "counts",
                               "catalogue": {"file", "sha256", "previous_sha256", "new_items"}}
-    OUT/catalogue.parquet    the item catalogue (cachestore/catalogue.py): raw id <-> dense id, genres
+    OUT/catalogue.parquet    the item catalogue (cachestore/store/catalogue.py): raw id <-> dense id, genres
     OUT/items.parquet        item_id int32 (dense 1..n_items; 0 = padding, never used),
                              raw_item int64 (distinct), genre_ids list<int32> (dense 1..n_genres,
                              maybe empty); one row per catalogue item (items of earlier days too,
@@ -38,10 +38,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from cachestore.data_error import DataError
+from cachestore.store.data_error import DataError
 
 if TYPE_CHECKING:
-    from cachestore.catalogue import ItemCatalogue
+    from cachestore.store.catalogue import ItemCatalogue
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)  # 1: before the item catalogue (identity catalogue)
@@ -101,7 +101,7 @@ class CanonicalDataset:
     @property
     def item_catalogue(self) -> ItemCatalogue:
         """The dataset's catalogue; the identity one (raw id = dense id) for a dataset without one."""
-        from cachestore.catalogue import ItemCatalogue
+        from cachestore.store.catalogue import ItemCatalogue
 
         return self.catalogue or ItemCatalogue.identity(self.n_items, self.genres)
 
@@ -173,7 +173,7 @@ def _read_catalogue(root: Path, meta: dict[str, Any]) -> ItemCatalogue | None:
     """The catalogue a schema_version 2 dataset records (hash checked against meta.json); None for 1."""
     if meta.get("schema_version") == 1:
         return None
-    from cachestore.catalogue import load_catalogue
+    from cachestore.store.catalogue import load_catalogue
 
     rec = meta.get("catalogue")
     if not isinstance(rec, dict) or not isinstance(rec.get("file"), str) or "sha256" not in rec:

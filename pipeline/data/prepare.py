@@ -17,7 +17,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from cachestore.catalogue import CATALOGUE_FILE, ItemCatalogue, load_catalogue
+from cachestore.store.catalogue import CATALOGUE_FILE, ItemCatalogue, load_catalogue
 from pipeline.data.build import build_dataset
 from pipeline.data.dataset_schema import (
     HISTORIES_FILE,

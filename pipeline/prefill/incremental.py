@@ -40,8 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cachestore.entry import EntryLayout
-from cachestore.publish import CURRENT, MANIFEST
+from cachestore.store.entry import EntryLayout
+from cachestore.store.publish import CURRENT, MANIFEST
 
 log = logging.getLogger("ckv.prefill")
 HISTORY_FP_VERSION = 1

@@ -8,8 +8,8 @@ Input batches: ``user_id`` int64, ``items`` list<int>, ``labels`` list<int> (0/1
 the user's FULL history in time order (other columns are ignored). The model's window is the last
 ``cfg.max_len`` events (:func:`pipeline.data.history.arrow_window`, the one place that builds model input).
 
-Output batches: exactly :data:`OUTPUT_SCHEMA` (= ``cachestore.entry.entry_schema()`` =
-``cachestore.lmdb_build.prefill_schema()``; not imported from lmdb_build so that this module needs no
+Output batches: exactly :data:`OUTPUT_SCHEMA` (= ``cachestore.store.entry.entry_schema()`` =
+``cachestore.store.lmdb_build.prefill_schema()``; not imported from lmdb_build so that this module needs no
 ``lmdb``), one row per input row, same order. Per user with ``n = min(len(history), window)``
 behaviours (window = ``layout.max_len``, the model's ``window_len``): ``payload`` = the user's record
 payload, every part of the layout (``model.cache_spec.entry_parts``) in order, ``min(n, cap)`` rows
@@ -56,8 +56,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from cachestore.entry import EntryLayout, entry_schema
-from cachestore.record import HEADER_SIZE
+from cachestore.store.entry import EntryLayout, entry_schema
+from cachestore.store.record import HEADER_SIZE
 from model.ctr import N_FEEDBACK, TargetAttentionCTR
 from pipeline.data.history import arrow_window
 from pipeline.prefill.prefill_engines import (  # noqa: F401  (re-exported: the prefill API in one place)

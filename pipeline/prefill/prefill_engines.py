@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from numpy.lib.stride_tricks import as_strided
 
-from cachestore.entry import EntryLayout, entry_layout
-from cachestore.entry_batch import kv_storage
-from cachestore.record import HEADER_SIZE, IDX_DTYPES, KV_DTYPES
+from cachestore.decode.entry_batch import kv_storage
+from cachestore.store.entry import EntryLayout, entry_layout
+from cachestore.store.record import HEADER_SIZE, IDX_DTYPES, KV_DTYPES
 from model.cache import KVCache
 from model.cache_spec import GroupSpec
 from model.config import ModelConfig
@@ -55,7 +55,7 @@ def check_engine(layout: EntryLayout, kind: str) -> None:
 def cache_layout(cfg: ModelConfig, model_version: str, mode: str = "collective",
                  kv_dtype: str = "float16") -> EntryLayout:
     """The layout a prefill of this model writes in ``mode`` ("collective" or "full"): its
-    :class:`cachestore.entry.EntryLayout` (:func:`cachestore.entry.entry_layout`), for every arch."""
+    :class:`cachestore.store.entry.EntryLayout` (:func:`cachestore.store.entry.entry_layout`), for every arch."""
     return entry_layout(cfg, model_version, mode, kv_dtype)
 
 

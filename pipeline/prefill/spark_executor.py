@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from cachestore.checkpoint import CheckpointError, load_checkpoint
-from cachestore.entry import layout_from_dict
+from cachestore.store.entry import layout_from_dict
 from pipeline.prefill.incremental import FP_COL, PREV_FP_COL
 
 _ENGINE_CACHE: dict[tuple, Any] = {}

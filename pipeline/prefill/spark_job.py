@@ -32,11 +32,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cachestore.catalogue import CATALOGUE_FILE, check_same_numbering
 from cachestore.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
-from cachestore.lmdb_build import StoreBuildError
-from cachestore.publish import STAGING, new_version_id
-from cachestore.record import write_layout
+from cachestore.store.catalogue import CATALOGUE_FILE, check_same_numbering
+from cachestore.store.lmdb_build import StoreBuildError
+from cachestore.store.publish import STAGING, new_version_id
+from cachestore.store.record import write_layout
 from pipeline.prefill.incremental import FP_COL, HISTORY_FP_VERSION, fingerprint_sql, previous_state
 from pipeline.prefill.incremental import split as incremental_split
 from pipeline.prefill.prefill import (

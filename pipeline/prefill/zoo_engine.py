@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cachestore.entry import EntryLayout, entry_layout
-from cachestore.entry_batch import entry_payloads, storage_arrays
+from cachestore.decode.entry_batch import entry_payloads, storage_arrays
+from cachestore.store.entry import EntryLayout, entry_layout
 from model.cache_spec import store_config
 from model.entry import entry_arrays, full_cache
 
@@ -62,7 +62,7 @@ class ZooEngine:
     padded window of sub-chunks of users (input order, trimmed to the sub-chunk's longest history),
     then :func:`model.entry.entry_arrays` (mode full: :func:`model.entry.full_cache` first, every
     group's K/V rebuilt at d_a), storage dtypes and one payload per user
-    (:func:`cachestore.entry_batch.entry_payloads`). A sub-chunk holds at most 65,536 padded
+    (:func:`cachestore.decode.entry_batch.entry_payloads`). A sub-chunk holds at most 65,536 padded
     positions and keeps its largest intermediate (router logits positions x pool; HSTU's attention
     users x heads x width^2) under ``_ZOO_CELLS``; at least one user. Like ``direct``, the bits
     can depend on the sub-chunk's composition (matmul shapes); the same input and partitioning give

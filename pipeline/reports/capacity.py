@@ -7,7 +7,7 @@ docs/capacity.md explains every number; the arithmetic:
 - **per behaviour**: CollectiveKV = user K and V parts at the kv dtype + one router index per shared
   side (``model.cache_spec.bytes_per_behaviour`` of the din entry; the index is uint16 while the pool
   has ≤ 65,536 rows unless ``index_dtype`` says otherwise); full KV = ``2·d_a·kv_size``.
-- **per user**: a record = 32-byte header (``cachestore.record.HEADER_SIZE``) + n × per behaviour
+- **per user**: a record = 32-byte header (``cachestore.store.record.HEADER_SIZE``) + n × per behaviour
   (``EntryLayout.record_size`` of the din entry ``model.cache_spec.entry_parts``), n = min(history
   length, max_len), averaged over the length distribution. Payload excludes the header.
 - **LMDB on disk**: an exact page model of the store builder's LMDB (4 KiB pages, 16-byte page
@@ -18,7 +18,7 @@ docs/capacity.md explains every number; the arithmetic:
   data.mdb byte for byte when given the store's record sizes in key order (docs/capacity.md);
   for a length *distribution* the sizes are a stratified, seeded sample of it.
 - **GPU-resident pool**: ``(k_shared + v_shared) × pool × (d_a − d_u) × 4`` (fp32, as served).
-- **a request batch** moves the serving layout of ``cachestore/batch.py`` in one copy:
+- **a request batch** moves the serving layout of ``cachestore/decode/batch.py`` in one copy:
   ``16·B + zero block + Σ align8(record)``; time = bytes / bandwidth + a fixed latency.
 - **users that fit**: host memory / LMDB bytes per user (the page cache holding the store);
   (GPU memory − pool) / batch bytes per user (records resident on the GPU).
@@ -33,13 +33,13 @@ from typing import Any
 
 import numpy as np
 
-from cachestore.entry import EntryLayout
-from cachestore.record import HEADER_SIZE, IDX_DTYPES, KV_DTYPES
+from cachestore.store.entry import EntryLayout
+from cachestore.store.record import HEADER_SIZE, IDX_DTYPES, KV_DTYPES
 from model.cache_spec import bytes_per_behaviour, entry_parts, index_itemsize, store_config
 from model.config import CollectiveConfig, ModelConfig
 from pipeline.reports.lmdb_pages import LMDB_META_PAGES, LMDB_PAGE, branch_pages, lmdb_pages
 
-BATCH_INDEX_BYTES = 16  # offsets + lengths, int64 each, per user in a batch (cachestore/batch.py)
+BATCH_INDEX_BYTES = 16  # offsets + lengths, int64 each, per user in a batch (cachestore/decode/batch.py)
 SAMPLE_USERS = 200_000  # records simulated for the page model of a length distribution
 Z90 = 1.2815515655446004  # standard normal 90% quantile
 _DUMMY_VERSION = "0" * 16
@@ -306,7 +306,7 @@ def _align8(x: np.ndarray) -> np.ndarray:
 
 
 def zero_block(layout: EntryLayout) -> int:
-    """The batch's zero block (cachestore.batch.zero_block_bytes, without importing torch)."""
+    """The batch's zero block (cachestore.decode.batch.zero_block_bytes, without importing torch)."""
     return -(-max(8, *layout.row_bytes) // 8) * 8
 
 

@@ -19,8 +19,8 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from cachestore.entry import layout_from_dict
-from cachestore.lmdb_build import list_parquet_files
+from cachestore.store.entry import layout_from_dict
+from cachestore.store.lmdb_build import list_parquet_files
 from pipeline.reports.capacity import (
     Bandwidth,
     CacheFormat,

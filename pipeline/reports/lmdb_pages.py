@@ -10,7 +10,7 @@ import numpy as np
 LMDB_PAGE = 4096
 LMDB_PAGE_HEADER = 16  # PAGEHDRSZ
 LMDB_NODE_HEADER = 8  # NODESIZE
-LMDB_KEY = 8  # user id, 8-byte big-endian (cachestore.record.KEY)
+LMDB_KEY = 8  # user id, 8-byte big-endian (cachestore.store.record.KEY)
 LMDB_SLOT = 2  # indx_t per node in the page's pointer array
 LMDB_META_PAGES = 2
 LMDB_BRANCH_NODE = LMDB_NODE_HEADER + LMDB_KEY + LMDB_SLOT  # 18 B per child pointer

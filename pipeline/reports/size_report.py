@@ -23,8 +23,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cachestore.entry import layout_from_dict
-from cachestore.record import HEADER_SIZE
+from cachestore.store.entry import layout_from_dict
+from cachestore.store.record import HEADER_SIZE
 from pipeline.store.store_ops import read_manifest
 
 

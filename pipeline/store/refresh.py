@@ -16,7 +16,7 @@
 5. verify the scratch store against the new model and the new histories (``pipeline.store.verify``);
 6. publish checkpoint and store together: the verified version directory is moved to
    ``STORE/staging/<id>``, the checkpoint copied into it as ``checkpoint/`` (recorded in the
-   manifest), and ``cachestore.publish.publish`` switches ``current`` with one rename. Serving opens
+   manifest), and ``cachestore.store.publish.publish`` switches ``current`` with one rename. Serving opens
    the model from the same version it reads records from (``DecodeRuntime.open(STORE)`` without a
    checkpoint), so a store is never paired with another model version.
 
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from cachestore.publish import CURRENT, MANIFEST, STAGING, new_version_id, open_current
+from cachestore.store.publish import CURRENT, MANIFEST, STAGING, new_version_id, open_current
 
 log = logging.getLogger("ckv.refresh")
 CHECKPOINT_DIR = "checkpoint"  # inside a store version: the model the records were built with

@@ -1,7 +1,7 @@
 """Build, describe and publish a cache store from prefill Parquet (`ckv store build`; the prefill job
 calls :func:`build_store` at its end).
 
-On top of ``cachestore.publish`` (staging -> versions/<id> -> atomic switch of ``current``) this adds:
+On top of ``cachestore.store.publish`` (staging -> versions/<id> -> atomic switch of ``current``) this adds:
 
 - the manifest fields the prefill issue asks for (model version, dims, dtypes, pool size, user count,
   bytes of Parquet / LMDB on disk / payload, created-at, the command line, the prefill run's details),
@@ -29,9 +29,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cachestore.entry import layout_from_dict
-from cachestore.lmdb_build import PARQUET_LAYOUT_FILE, list_parquet_files
-from cachestore.publish import (
+from cachestore.store.entry import layout_from_dict
+from cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE, list_parquet_files
+from cachestore.store.publish import (
     CURRENT,
     LAYOUT,
     LMDB_DIR,
@@ -41,14 +41,14 @@ from cachestore.publish import (
     new_staging_dir,
     publish,
 )
-from cachestore.record import HEADER_SIZE
+from cachestore.store.record import HEADER_SIZE
 
 log = logging.getLogger("ckv.store")
 PREFILL_META_FILE = "_prefill.json"
 PARQUET_DIR = "parquet"
 PREFILL_PARQUET_SCHEMA_VERSION = 3  # the prefill Parquet columns (docs/prefill.md); bump on any change
 # 2: + history_fp int64 (pipeline/prefill/incremental.py; ignored by the LMDB build, the record format is unchanged)
-# 3: one payload column for every arch (din included: cachestore.entry.entry_schema)
+# 3: one payload column for every arch (din included: cachestore.store.entry.entry_schema)
 STABLE_LINKS = (PARQUET_DIR, LMDB_DIR, MANIFEST, LAYOUT)
 
 
@@ -132,7 +132,7 @@ def publish_staged(store_root: Path, staging: Path, complete: Callable[[Path], d
     """Publish the version being assembled in ``staging`` (a directory under ``store_root/staging``).
 
     ``complete(staging)`` finishes the version (files, checks) and returns its manifest, which is written
-    to ``staging/manifest.json``; then ``cachestore.publish.publish`` moves it to ``versions/<id>`` and
+    to ``staging/manifest.json``; then ``cachestore.store.publish.publish`` moves it to ``versions/<id>`` and
     switches ``current``, and the stable links are ensured. Any failure (``complete``'s included, and
     KeyboardInterrupt) removes ``staging`` and leaves ``current`` as it was. Returns (manifest, result).
     """
@@ -181,9 +181,9 @@ def build_store(store_root: str | os.PathLike, parquet_dir: str | os.PathLike, *
 
 def read_manifest(store_root: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     """(version dir, manifest) of the version ``STORE/current`` points to (resolved once), after the cheap
-    check of its LMDB file (:func:`cachestore.store_check.check_version`)."""
-    from cachestore.publish import open_current
-    from cachestore.store_check import check_version
+    check of its LMDB file (:func:`cachestore.store.store_check.check_version`)."""
+    from cachestore.store.publish import open_current
+    from cachestore.store.store_check import check_version
 
     version = Path(os.path.realpath(open_current(store_root)))
     check_version(version)  # every command that reports on a store validates it (StoreDamagedError)

@@ -3,8 +3,8 @@ and compare them with the model's own K, V for the same histories.
 
 The reference side is computed independently of the prefill job: ``model.prefill`` on the padded
 window (:func:`pipeline.data.history.arrow_window`) and ``model.keys_values``; the store side is decoded
-by ``StoreReader`` / ``cachestore.entry.decode_entry`` (CRC, model version, layout checked), stacked
-into a padded batch (``cachestore.entry_batch``), turned back into a cache
+by ``StoreReader`` / ``cachestore.store.entry.decode_entry`` (CRC, model version, layout checked), stacked
+into a padded batch (``cachestore.decode.entry_batch``), turned back into a cache
 (``model.entry.cache_from_arrays``, values as fp32; din: its group ``"kv"``) and rebuilt through
 ``model.keys_values``. Values must agree within the kv dtype's rounding (2 ulp relative
 + 1e-5 absolute); lengths and router indices exactly; every history user must have a record and the
@@ -32,11 +32,11 @@ import pyarrow.dataset as pads
 import torch
 
 from cachestore.checkpoint import load_checkpoint
-from cachestore.entry import EntryLayout, EntryRecord, decode_entry
-from cachestore.entry_batch import model_tensors, stack_records
-from cachestore.reader import StoreReader
-from cachestore.record import RecordError
-from cachestore.store_tree import check_tree
+from cachestore.decode.entry_batch import model_tensors, stack_records
+from cachestore.store.entry import EntryLayout, EntryRecord, decode_entry
+from cachestore.store.reader import StoreReader
+from cachestore.store.record import RecordError
+from cachestore.store.store_tree import check_tree
 from model.blocks import ZooCache
 from model.cache_spec import store_config
 from model.config import ModelConfig

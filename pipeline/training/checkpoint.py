@@ -9,7 +9,6 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from cachestore.catalogue import CATALOGUE_FILE, ItemCatalogue
 from cachestore.checkpoint import (
     CHECKPOINT_FORMAT,
     CONFIG_FILE,
@@ -18,6 +17,7 @@ from cachestore.checkpoint import (
     CheckpointError,
     model_version,
 )
+from cachestore.store.catalogue import CATALOGUE_FILE, ItemCatalogue
 from model.config import config_to_dict
 from model.ctr import TargetAttentionCTR
 from pipeline.store.safe_output import OutputKind, replace_dir

@@ -1,6 +1,6 @@
 """Warm start by raw id: load an earlier model's weights into a model built for a new dataset.
 
-Dense item ids change meaning only through the item catalogue (``cachestore/catalogue.py``): an item
+Dense item ids change meaning only through the item catalogue (``cachestore/store/catalogue.py``): an item
 keeps its id while the catalogue is extended, but a dataset prepared with another catalogue (or
 afresh) numbers its items differently. So the vocabulary tables are copied row by row by raw id:
 
@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from cachestore.catalogue import ItemCatalogue
 from cachestore.checkpoint import Checkpoint
+from cachestore.store.catalogue import ItemCatalogue
 
 ITEM_TABLE, GENRE_TABLE, REBUILT = "item_emb.weight", "genre_emb.weight", "item_genres"
 VOCAB_FIELDS = ("n_items", "n_genres", "max_genres", "dropout")  # may differ between the two models

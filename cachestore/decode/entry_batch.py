@@ -1,6 +1,6 @@
 """Batches of cache entries: model tensors ⇄ storage arrays ⇄ per-user payload bytes.
 
-The three forms of a batch of B users' entries (parts as in :class:`cachestore.entry.EntryLayout`):
+The three forms of a batch of B users' entries (parts as in :class:`cachestore.store.entry.EntryLayout`):
 
 - *model tensors* — ``model.entry.entry_arrays``: name → (B, R, width) torch tensors (kv float,
   idx int64, keys uint8), padded with zeros, valid rows first;
@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from numpy.lib.stride_tricks import as_strided
 
-from cachestore.entry import EntryLayout, EntryRecord
-from cachestore.record import KV_DTYPES
-from cachestore.transfer import KV_TORCH
+from cachestore.decode.transfer import KV_TORCH
+from cachestore.store.entry import EntryLayout, EntryRecord
+from cachestore.store.record import KV_DTYPES
 
 
 def kv_storage(t: torch.Tensor, kv_dtype: str) -> np.ndarray:

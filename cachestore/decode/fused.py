@@ -1,6 +1,7 @@
 """Fused collective target attention straight from the packed batch bytes (Triton; any K/V group of a record).
 
-The eager serving path (:func:`cachestore.transfer.unpack_entry` + :func:`cachestore.decode.decode`) turns the
+The eager serving path (:func:`cachestore.decode.transfer.unpack_entry` + :func:`cachestore.decode.decode.decode`)
+turns the
 jagged records into padded (B, L, ·) tensors, casts them, then either materialises K/V or scores the
 whole pool per user. At the paper's shape (B 512, L 1000, d_a 256, 8 heads, pool 10,000) that is
 ~1 ms of GPU work even inside a CUDA graph, 10× the PCIe floor of the bytes it decodes. This module
@@ -23,7 +24,7 @@ placed per user by a :class:`GroupView` (``starts`` (B,), ``rows`` (B,) = min(n,
 
 din's one group is its whole record payload (:func:`din_view`: starts = the header's offsets + 32, rows = its
 lengths, read in place: no device op before the first launch); the zoo models' groups sit at offsets
-computed from the header (:func:`cachestore.fused_zoo.entry_views`).
+computed from the header (:func:`cachestore.decode.fused_zoo.entry_views`).
 so K/V = concat(user part, pool row) exactly as ``model.cache.rebuild_kv`` builds them, never written
 to memory: the kernel reads each behaviour's few user-part bytes and index from the batch and two
 dh-wide pool rows (the pools, 2 × pool × d_a × 2 or 4 bytes, stay in L2). Pool rows are read at the
@@ -35,7 +36,7 @@ side) the user part is the whole d_a row. The plain-PyTorch reference is the eag
 (``TRITON_INTERPRET=1``) on CPU.
 
 A launch may serve only the users whose records end in a byte range (``chunks``): the CUDA graph copies
-the batch in pieces and launches the kernel once per piece as it lands (:mod:`cachestore.graphs`).
+the batch in pieces and launches the kernel once per piece as it lands (:mod:`cachestore.decode.graphs`).
 
 Measured on an H100 (``benchmarks/decode_latency.py``, B 512, L 1000): one CUDA-graph replay of the
 copies + q projection + this kernel + MLP takes 0.171 ms with the fp16 store and pool rows and 0.245 ms
@@ -61,12 +62,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from cachestore.decode import ResidentModel
-from cachestore.entry import EntryLayout
-from cachestore.fused_config import ALL_BYTES, DEFAULT_FUSED, FusedConfig, pool_dtype, split_parts
-from cachestore.fused_view import GroupView, din_group, din_view
-from cachestore.record import RouterIndexError
-from cachestore.transfer import KV_TORCH
+from cachestore.decode.decode import ResidentModel
+from cachestore.decode.fused_config import ALL_BYTES, DEFAULT_FUSED, FusedConfig, pool_dtype, split_parts
+from cachestore.decode.fused_view import GroupView, din_group, din_view
+from cachestore.decode.transfer import KV_TORCH
+from cachestore.store.entry import EntryLayout
+from cachestore.store.record import RouterIndexError
 
 try:  # Triton is optional: CUDA machines have it; CPU machines may run its interpreter
     import triton
@@ -322,7 +323,7 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
                     chunks: Sequence[tuple[int, int]] = ALL_BYTES,
                     on_chunk: Callable[[int], None] | None = None, flags: torch.Tensor | None = None) -> torch.Tensor:
     """Target attention (b, C, d_a) fp32 of ``q`` (b, C, d_a) for users 0 .. b - 1 (b <= n_users) of the
-    packed batch ``raw`` of ``n_users`` users (uint8, header at 0: :mod:`cachestore.batch`) on q's device,
+    packed batch ``raw`` of ``n_users`` users (uint8, header at 0: :mod:`cachestore.decode.batch`) on q's device,
     or for a CUDA q in pinned host memory: the kernel then reads the batch over PCIe as it goes (mapped,
     zero-copy: no separate host-to-device copy; the host buffer must not be refilled before it finishes)
     — the module docstring's kernel over the din group (:func:`din_view`), launched with
@@ -333,7 +334,8 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
     ``chunks``: one kernel launch per (lo, hi] byte range, serving the users whose records end in it (the
     ranges partition (-1, 2^62]; the batch header must be readable from the first launch on), each after
     ``on_chunk(index)`` — the hook a caller copying the batch in those chunks on another stream uses to
-    make launch c wait for chunk c, or to issue it on a stream of its own (:class:`cachestore.graphs.GraphedDecoder`
+    make launch c wait for chunk c, or to issue it on a stream of its own
+    (:class:`cachestore.decode.graphs.GraphedDecoder`
     with ``overlap``) — and once more as ``on_chunk(len(chunks))`` after the last launch, where that caller
     joins its streams. A history split into parts has its parts combined once, after that.
 

@@ -1,7 +1,7 @@
 """Does a store fit a checkpoint? The checks a serving runtime makes before it serves a store version.
 
 ``check_layout(layout, model, model_version)``: a store (``EntryLayout``) must be exactly what
-``cachestore.entry.entry_layout`` gives for the checkpoint (:func:`check_entry_layout`): same arch, parts,
+``cachestore.store.entry.entry_layout`` gives for the checkpoint (:func:`check_entry_layout`): same arch, parts,
 index dtype, pool size and window. Another model version raises ``ModelVersionMismatchError``; shapes and
 archs that do not fit raise ``LayoutError`` with a message that says what to load instead. No torch here
 (a model is any object with ``cfg``).
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from cachestore.entry import EntryLayout, entry_layout
-from cachestore.record import LayoutError, ModelVersionMismatchError
+from cachestore.store.entry import EntryLayout, entry_layout
+from cachestore.store.record import LayoutError, ModelVersionMismatchError
 
 if TYPE_CHECKING:
     import torch

@@ -14,14 +14,14 @@ One batch is ONE contiguous byte buffer, so that a single host→device copy mov
 Jagged rather than padded: the copy moves only the bytes users have (padding to max_len would move
 up to 20x more at L = 1000 for typical length mixes), and packing is one memcpy per user straight out
 of the LMDB map. The device unpacks the parts into padded (B, L) tensors in a few gathers
-(:func:`cachestore.transfer.unpack_entry`); padding positions read the zero block (values 0, index 0).
+(:func:`cachestore.decode.transfer.unpack_entry`); padding positions read the zero block (values 0, index 0).
 
 Hot path (:meth:`HostBatcher.fetch`): one LMDB read transaction with ``buffers=True`` (values are
 views of the map, no bytes objects), one memoryview copy per present user, and then *vectorised*
 validation of all headers at once: every record of a store shares its layout, so header bytes 0..11
 and 16..27 must equal ``layout.header_parts`` (magic, format version, dtype codes, part count,
 parts CRC, model version) and the size must equal ``layout.record_size(n)``. A record that fails is
-decoded by :func:`cachestore.entry.decode_entry`, which raises the precise error (e.g.
+decoded by :func:`cachestore.store.entry.decode_entry`, which raises the precise error (e.g.
 ``ModelVersionMismatchError`` naming the user). CRCs are not checked by default (the store is
 immutable and verified when built; ``verify_crc=True`` checks every record).
 
@@ -48,8 +48,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from cachestore.entry import EntryLayout, check_indices, decode_entry
-from cachestore.record import (
+from cachestore.store.entry import EntryLayout, check_indices, decode_entry
+from cachestore.store.record import (
     HEADER_SIZE,
     IDX_DTYPES,
     KEY,
@@ -59,7 +59,7 @@ from cachestore.record import (
 )
 
 if TYPE_CHECKING:
-    from cachestore.reader import StoreReader
+    from cachestore.store.reader import StoreReader
 
 _ALIGN = 8
 _WORDS = np.arange(HEADER_SIZE // 8, dtype=np.int64)  # a record header as 4 little-endian uint64 words
@@ -147,7 +147,7 @@ class FetchedBatch:
     @property
     def buffer(self) -> torch.Tensor:
         """uint8 view of the WHOLE host buffer (the batch is its prefix; the rest is left over from earlier
-        batches): a fixed source for copies captured in CUDA graphs (cachestore.graphs)."""
+        batches): a fixed source for copies captured in CUDA graphs (cachestore.decode.graphs)."""
         self.check_valid()
         return self._buffer.tensor
 
@@ -365,7 +365,7 @@ class HostBatcher:
 
         Users absent from the store become cold-start slots (length 0); never an exception.
         n_slots: pad the batch with cold-start slots (user id -1, not looked up) to this many users
-        (a fixed batch size for CUDA graphs, ``cachestore.graphs``); they count in ``cold_start``."""
+        (a fixed batch size for CUDA graphs, ``cachestore.decode.graphs``); they count in ``cold_start``."""
         if self.reader is None:
             raise ValueError("this HostBatcher has no StoreReader: use pack(), or pass reader=")
         t0 = time.perf_counter()

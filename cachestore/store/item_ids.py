@@ -2,8 +2,8 @@
 
 The model's item embedding rows are indexed by dense ids 1..n (0 = padding); requests name items
 by their raw ids (the ids of the event log). The mapping itself is the item catalogue
-(``cachestore/catalogue.py``, persisted with every dataset and checkpoint); serving only needs the
-lookup, so it lives here and the catalogue and :class:`cachestore.runtime.DecodeRuntime` share it.
+(``cachestore/store/catalogue.py``, persisted with every dataset and checkpoint); serving only needs the
+lookup, so it lives here and the catalogue and :class:`cachestore.decode.runtime.DecodeRuntime` share it.
 
 :class:`ItemIds` holds the raw ids sorted (``sorted_raw``, strictly increasing int64) and the dense
 id of each (``dense``, aligned with ``sorted_raw``); :func:`raw_to_dense` is one ``searchsorted``.

@@ -1,8 +1,8 @@
 """Long-stage kernels of the zoo models (SIM, ETA, SDIM, TWIN) straight from the packed batch bytes (Triton).
 
-They read one K/V group of each user's record in place (:class:`cachestore.fused_view.GroupView`: user parts,
+They read one K/V group of each user's record in place (:class:`cachestore.decode.fused_view.GroupView`: user parts,
 router indices, pools zero-padded in the user dims, rows rebuilt as user part ⊕ pool row as in
-:mod:`cachestore.fused`) and never write K/V per user:
+:mod:`cachestore.decode.fused`) and never write K/V per user:
 
     :func:`group_scores`    scores (R, H, cap) fp32, R = B·C: per head h (cols h·dh .. h·dh + dh - 1)
                             q[r, cols] · key_l[cols] / sqrt(dh) for rows l < rows[b] of user b = r // C, and
@@ -17,7 +17,7 @@ router indices, pools zero-padded in the user dims, rows rebuilt as user part �
                             categories (or bits - Hamming distance)·cap + l, -1 where not eligible, so that
                             ``topk`` of the ranks is ``model.retrieval``'s selection (ties: later row first).
 
-SIM / ETA: key_ranks → ``topk`` in torch → :func:`cachestore.fused.attend_group` over the selected rows.
+SIM / ETA: key_ranks → ``topk`` in torch → :func:`cachestore.decode.fused.attend_group` over the selected rows.
 TWIN: scores → per-head top-k and softmax in torch (shape-static) → weighted_values with G = H heads of
 W = dh columns. SDIM: bucket_sums (then L2-normalise and mean in torch).
 Router indices outside the pool are read as zeros and set ``flags[b] = 1``. Tested under Triton's
@@ -30,14 +30,14 @@ import math
 
 import torch
 
-from cachestore.fused import IDX_BYTES, INTERPRETED, KV_CODES, triton
-from cachestore.fused_view import GroupView
-from cachestore.transfer import KV_TORCH
+from cachestore.decode.fused import IDX_BYTES, INTERPRETED, KV_CODES, triton
+from cachestore.decode.fused_view import GroupView
+from cachestore.decode.transfer import KV_TORCH
 
 if triton is not None:
     import triton.language as tl
 
-    from cachestore.fused import _load_user, _pool_rows
+    from cachestore.decode.fused import _load_user, _pool_rows
 
     @triton.jit
     def _packed_keys(raw_ptr, key_start, ls, lmask, KEY_BYTES: tl.constexpr, BLOCK_L: tl.constexpr):

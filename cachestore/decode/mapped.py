@@ -1,6 +1,6 @@
 """Zero-copy fetch: the GPU gathers the records straight out of the LMDB map; the CPU only looks them up.
 
-Why: :meth:`cachestore.batch.HostBatcher.fetch` copies every record into a pinned buffer on one CPU core.
+Why: :meth:`cachestore.decode.batch.HostBatcher.fetch` copies every record into a pinned buffer on one CPU core.
 At B = 512, L = 1,000 that is 4 MB of random 8 KB reads, bound by the core's memory bandwidth: an H100
 host's core did the 512 ``get``s in 0.54 ms and a bare copy of 512 random 8 KB slices in 0.78 ms
 (``benchmarks/results/graph_overlap_fetch_checks.md`` §3). Here the CPU does the lookups and writes a small
@@ -13,19 +13,19 @@ How:
   viewed as a read-only numpy array, and on CUDA registered once with ``cudaHostRegister`` (read-only,
   mapped), which pins the file's page-cache pages (``StoreMap.nbytes`` of host memory, shared with other
   processes that map the same file) so the GPU can read them. A published version is never written
-  (:mod:`cachestore.publish`), so an address stays valid for as long as the environment is open.
+  (:mod:`cachestore.store.publish`), so an address stays valid for as long as the environment is open.
 - :class:`MappedBatcher` — :meth:`fetch` looks the users up in one read transaction (``buffers=True``:
   values are views of the map), takes their addresses (:func:`value_addresses`), checks all headers at
   once from the map (the same checks as ``HostBatcher``, :meth:`HostBatcher.check_headers`) and writes a
   :class:`MappedBatch`: a pinned buffer of 5·B int64 ``[offsets | lengths | src | dst | units]``.
-  offsets/lengths are the device batch's header (the byte layout of :mod:`cachestore.batch`: records
+  offsets/lengths are the device batch's header (the byte layout of :mod:`cachestore.decode.batch`: records
   start 8-aligned after the zero block at 16·B); row b of src/dst/units says "copy ``units`` words of
   ``unit`` bytes from map word ``src`` to batch word ``dst``" (units 0 for a cold-start slot).
 - :func:`gather_records` — fills a device buffer with that batch: the header copied from the pinned
   buffer, the records gathered from the map by a Triton kernel (one program per user) on CUDA, by
   numpy slices elsewhere (:func:`gather_reference`, the reference the tests compare with). The result
   is byte-identical to ``HostBatcher.fetch`` + a copy, so unpack, the fused kernel and
-  :class:`cachestore.graphs.GraphedDecoder` (which captures the gather in its graph) are unchanged.
+  :class:`cachestore.decode.graphs.GraphedDecoder` (which captures the gather in its graph) are unchanged.
 
 A record's address is read from the memoryview py-lmdb returns. The fast way reads the ``buf`` field of
 CPython's memoryview object (its offset found at import by probing a known buffer); every batch is then
@@ -50,10 +50,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from cachestore.batch import FetchedBatch, HostBatcher, zero_block_bytes
-from cachestore.fused import ALL_BYTES
-from cachestore.record import KEY
-from cachestore.store_check import StoreDamagedError
+from cachestore.decode.batch import FetchedBatch, HostBatcher, zero_block_bytes
+from cachestore.decode.fused import ALL_BYTES
+from cachestore.store.record import KEY
+from cachestore.store.store_check import StoreDamagedError
 
 try:
     import triton
@@ -62,8 +62,8 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = None
 
 if TYPE_CHECKING:
-    from cachestore.entry import EntryLayout
-    from cachestore.reader import StoreReader
+    from cachestore.store.entry import EntryLayout
+    from cachestore.store.reader import StoreReader
 
 _HEADER = np.arange(32, dtype=np.int64)  # the 32 header bytes of a record
 _WORDS = np.arange(4, dtype=np.int64)  # the same as 4 uint64 words
@@ -231,7 +231,7 @@ class MappedBatch(FetchedBatch):
 class MappedBatcher:
     """Zero-copy fetches of a store version: lookups + a gather table on the CPU (module docstring).
 
-    Takes :class:`cachestore.batch.HostBatcher`'s arguments (its ring of ``n_buffers`` pinned buffers holds
+    Takes :class:`cachestore.decode.batch.HostBatcher`'s arguments (its ring of ``n_buffers`` pinned buffers holds
     the 40·B-byte tables here; its header checks are used as they are)."""
 
     def __init__(self, layout: EntryLayout, *, reader: StoreReader, expected_model_version: str | None = None,

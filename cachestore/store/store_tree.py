@@ -1,7 +1,7 @@
 """A full walk of an LMDB file's main B-tree with plain file reads, and the checks built on it:
 :func:`check_tree` (``ckv store verify``) and :func:`lmdb_facts` (the manifest's ``lmdb`` block).
 
-Page and node layout: :mod:`cachestore.store_check`. Each page reached from the main root is read once
+Page and node layout: :mod:`cachestore.store.store_check`. Each page reached from the main root is read once
 (``pread``, ``np.frombuffer``) and checked, all its nodes at once: its own page number, the flags of
 its level (branch above, leaf at depth ``meta.depth``), ``16 <= lower <= upper <= page size``, node
 pointers even and inside ``[upper, page size)``, each node (header, key, inline data or overflow page
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cachestore.store_check import (
+from cachestore.store.store_check import (
     DATA_FILE,
     F_BIGDATA,
     NO_PAGE,

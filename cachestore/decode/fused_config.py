@@ -1,4 +1,4 @@
-"""Launch settings of the fused attention kernels (:mod:`cachestore.fused`, :mod:`cachestore.fused_zoo`):
+"""Launch settings of the fused attention kernels (:mod:`cachestore.decode.fused`, :mod:`cachestore.decode.fused_zoo`):
 :class:`FusedConfig`, how a launch splits histories into parts (:func:`split_parts`) and the precision
 of the pool rows it reads (:func:`pool_dtype`). Imports no Triton."""
 
@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from cachestore.transfer import KV_TORCH
+from cachestore.decode.transfer import KV_TORCH
 
 if TYPE_CHECKING:
-    from cachestore.batch import StoreLayout
+    from cachestore.decode.batch import StoreLayout
 
 STORE = "store"  # FusedConfig.pool_dtype: read the pool rows at the store's kv dtype
 
@@ -29,7 +29,7 @@ class FusedConfig:
     a second kernel (flash-decoding; a power of two; None: :func:`split_parts` picks from the launch size);
     pool_dtype: the precision of the pool rows the kernel reads — "store" (default): the store's ``kv_dtype``,
     so both parts of each K/V row have the precision the store was written at (an fp16 store, the default,
-    reads fp16 pool rows: half the pool reads of fp32, the bound of the kernel, see :mod:`cachestore.fused`;
+    reads fp16 pool rows: half the pool reads of fp32, the bound of the kernel, see :mod:`cachestore.decode.fused`;
     an fp32 store reads the model's rows exactly); "float32" (exact whatever the store), "float16" or
     "bfloat16" to override. The defaults (BLOCK_L 16, 1 warp, 2 heads
     per program, auto split) are the fastest setting timed inside the serving graph on an H100

@@ -4,33 +4,33 @@ One :class:`DecodeRuntime` per serving process (create it after fork). It keeps 
 scoring model and global K/V pools resident on the device (CUDA when available, else CPU) and
 scores a batch in five steps, each measured:
 
-    fetch      StoreReader → reusable (pinned) host buffer, jagged records    cachestore/batch.py
-    transfer   one host→device copy, timed with CUDA events                   cachestore/transfer.py
-    unpack     jagged records → padded KVCache on the device                  cachestore/transfer.py
-    decode     pool lookup / gather + target attention + MLP → logits         cachestore/decode.py
+    fetch      StoreReader → reusable (pinned) host buffer, jagged records    cachestore/decode/batch.py
+    transfer   one host→device copy, timed with CUDA events                   cachestore/decode/transfer.py
+    unpack     jagged records → padded KVCache on the device                  cachestore/decode/transfer.py
+    decode     pool lookup / gather + target attention + MLP → logits         cachestore/decode/decode.py
     result     logits back to the host (numpy)
 
 With the resident tier (every model's store; ``ServingConfig.tier_bytes``, :mod:`cachestore.tier`;
 on CUDA by default when the store fits) there is no fetch: a step is one CUDA graph replay — user ids in,
 lookup on the device, the decode reading the records in place in device memory, scores out. Without it,
 a request of several steps fetches step n + 1 on a reader thread while step n decodes. Settings come in
-one frozen :class:`cachestore.runtime_config.ServingConfig`; store/checkpoint fit checks live in
-:mod:`cachestore.layout_check`.
+one frozen :class:`cachestore.decode.runtime_config.ServingConfig`; store/checkpoint fit checks live in
+:mod:`cachestore.store.layout_check`.
 
 Users absent from the store are scored as cold start (empty history: attention output 0, exactly
 ``model.decode`` with length 0) and counted; a store built by another model version is refused when
 the runtime is created, a record written by another model version when it is fetched (both
 ``ModelVersionMismatchError``). The store may be the full-KV baseline store (layout mode "full").
 
-One record format (:mod:`cachestore.entry`, ``EntryLayout``) holds every model's cache: the ``din``
+One record format (:mod:`cachestore.store.entry`, ``EntryLayout``) holds every model's cache: the ``din``
 arch's one K/V group and a zoo model's several K/V groups plus retrieval keys (SIM, ETA, SDIM, TWIN,
 HSTU). On CUDA with Triton (path "auto" or "fused") every model's decode reads the copied records in place
-(:func:`cachestore.graphs.static_decode`: din's fused kernel, :mod:`cachestore.fused_zoo`,
-:mod:`cachestore.fused_hstu`), inside a CUDA graph with ``graphs``. Otherwise a batch is unpacked part by
-part (:func:`cachestore.transfer.unpack_entry`), rebuilt with ``model.entry.cache_from_arrays`` and decoded
-by the din paths (:func:`cachestore.decode.decode`: poolscore or gather) or the zoo model's own ``decode``
-(:func:`cachestore.decode.decode_zoo`). The store's arch and parts must be exactly those
-``cachestore.entry.entry_layout`` gives for the checkpoint (:func:`check_layout`).
+(:func:`cachestore.decode.graphs.static_decode`: din's fused kernel, :mod:`cachestore.decode.fused_zoo`,
+:mod:`cachestore.decode.fused_hstu`), inside a CUDA graph with ``graphs``. Otherwise a batch is unpacked part by
+part (:func:`cachestore.decode.transfer.unpack_entry`), rebuilt with ``model.entry.cache_from_arrays`` and decoded
+by the din paths (:func:`cachestore.decode.decode.decode`: poolscore or gather) or the zoo model's own ``decode``
+(:func:`cachestore.decode.decode.decode_zoo`). The store's arch and parts must be exactly those
+``cachestore.store.entry.entry_layout`` gives for the checkpoint (:func:`check_layout`).
 """
 
 from __future__ import annotations
@@ -46,25 +46,25 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from cachestore.batch import FetchedBatch, HostBatcher
-from cachestore.decode import ResidentModel, ResidentZooModel, decode, decode_zoo, din_cache, entry_cache
-from cachestore.fused import FUSED, fused_available, uses_fused
-from cachestore.graphs import GraphedDecoder, static_decode
-from cachestore.item_ids import ItemIds, UnknownItemError
-from cachestore.layout_check import check_layout
-from cachestore.mapped import MappedBatcher
-from cachestore.record import RouterIndexError
-from cachestore.runtime_config import ServingConfig
-from cachestore.runtime_resident import open_tier, score_resident
-from cachestore.runtime_stats import STAT_FIELDS, RuntimeStats, ScoreResult
-from cachestore.store_tree import check_tree
+from cachestore.decode.batch import FetchedBatch, HostBatcher
+from cachestore.decode.decode import ResidentModel, ResidentZooModel, decode, decode_zoo, din_cache, entry_cache
+from cachestore.decode.fused import FUSED, fused_available, uses_fused
+from cachestore.decode.graphs import GraphedDecoder, static_decode
+from cachestore.decode.mapped import MappedBatcher
+from cachestore.decode.runtime_config import ServingConfig
+from cachestore.decode.runtime_resident import open_tier, score_resident
+from cachestore.decode.runtime_stats import STAT_FIELDS, RuntimeStats, ScoreResult
+from cachestore.decode.transfer import to_device
+from cachestore.store.item_ids import ItemIds, UnknownItemError
+from cachestore.store.layout_check import check_layout
+from cachestore.store.record import RouterIndexError
+from cachestore.store.store_tree import check_tree
 from cachestore.tier.graph import ResidentRequest
 from cachestore.tier.tier import ResidentTier
-from cachestore.transfer import to_device
 from model.cache_spec import store_config
 
 if TYPE_CHECKING:
-    from cachestore.reader import StoreReader
+    from cachestore.store.reader import StoreReader
 
 
 def default_device() -> torch.device:
@@ -74,7 +74,7 @@ def default_device() -> torch.device:
 class DecodeRuntime:
     """Scores batches of requests; see the module docstring.
 
-    config: a :class:`cachestore.runtime_config.ServingConfig` (default: its defaults); keyword
+    config: a :class:`cachestore.decode.runtime_config.ServingConfig` (default: its defaults); keyword
     ``overrides`` replace its fields (``DecodeRuntime(m, v, r, device="cpu", batch_users=4)`` is
     ``DecodeRuntime(m, v, r, ServingConfig(device="cpu", batch_users=4))``); the fields below are the
     config's. :meth:`close` lets go of the device memory, the map registration and the reader. :meth:`score` may
@@ -82,28 +82,28 @@ class DecodeRuntime:
 
     model / model_version: the checkpoint (``cachestore.checkpoint.load_checkpoint``; any arch whose
     store format the reader's layout is, see the module docstring); the model is moved to ``device``.
-    reader: a :class:`cachestore.reader.StoreReader` of the store version to serve. path: "auto" |
-    "fused" | "poolscore" | "gather" (:mod:`cachestore.decode`; "auto" on CUDA with Triton is "fused" for
+    reader: a :class:`cachestore.store.reader.StoreReader` of the store version to serve. path: "auto" |
+    "fused" | "poolscore" | "gather" (:mod:`cachestore.decode.decode`; "auto" on CUDA with Triton is "fused" for
     every model; "gather" is the eager reference, a zoo model's own ``decode``; "poolscore" is din's only).
     batch_users: users per fetch/transfer/decode step. max_pairs: at most this many (user, candidate) pairs
     per step (rows are grouped by candidate count; each step is trimmed to its widest row). pad_to: pad every batch
     to this history length (static shapes for CUDA graphs / torch.compile; default: the longest
     history in the batch). verify_crc: walk the store's B-tree once at construction
-(:func:`cachestore.store_check.check_tree`) and CRC-check every fetched record (off: headers, sizes and
+(:func:`cachestore.store.store_check.check_tree`) and CRC-check every fetched record (off: headers, sizes and
 router index bounds only).
-    graphs: decode each step by replaying a CUDA graph (:mod:`cachestore.graphs`; CUDA, and for
+    graphs: decode each step by replaying a CUDA graph (:mod:`cachestore.decode.graphs`; CUDA, and for
     a zoo model its fused decode): steps are padded with cold-start slots to a fixed size per candidate width C
     (``min(batch_users, max_pairs // C)``) and to L = pad_to (default: the store's max_len); one
     :class:`GraphedDecoder` per (step size, C), which captures a graph (copies included) per host
     buffer and copy-size bucket on first use. fused_config: the fused
-    kernel's launch settings where it runs (:class:`cachestore.fused.FusedConfig`; by default it reads the pool
+    kernel's launch settings where it runs (:class:`cachestore.decode.fused.FusedConfig`; by default it reads the pool
     rows at the store's kv dtype, ``FusedConfig(pool_dtype="float32")`` reads the model's rows exactly).
-    zero_copy (with graphs): fetch with :class:`cachestore.mapped.MappedBatcher` — the CPU looks the users
+    zero_copy (with graphs): fetch with :class:`cachestore.decode.mapped.MappedBatcher` — the CPU looks the users
     up and writes a gather table, the graph gathers the records from the store's LMDB map (registered with
     CUDA: the store file's pages stay pinned in host memory while the runtime serves). On an H100 host at
     L 1,000, B 512 it took a request from 2.09 to 1.47 ms (fetch 1.34 → 0.79 ms, replay 0.18 → 0.21 ms;
     ``benchmarks/results/zero_copy.json``); at L 50 it gains nothing (small records are cheap to copy).
-    catalogue: the model's raw → dense item ids (:class:`cachestore.item_ids.ItemIds`, from the
+    catalogue: the model's raw → dense item ids (:class:`cachestore.store.item_ids.ItemIds`, from the
     checkpoint's item catalogue) for :meth:`score_raw`; None: the identity (raw id = dense id).
     :meth:`score` takes dense ids (the model's embedding rows).
     """
@@ -167,8 +167,8 @@ router index bounds only).
         ``config`` (default :class:`ServingConfig`) updated by ``overrides``. The checkpoint's item
         catalogue becomes the runtime's ``catalogue`` unless one is given."""
         from cachestore.checkpoint import load_checkpoint
-        from cachestore.publish import CURRENT, open_current
-        from cachestore.reader import StoreReader
+        from cachestore.store.publish import CURRENT, open_current
+        from cachestore.store.reader import StoreReader
 
         store = Path(store)
         version_dir = open_current(store) if os.path.lexists(store / CURRENT) else store
@@ -275,7 +275,7 @@ router index bounds only).
     def score_raw(self, user_ids: np.ndarray | list[int], candidates: np.ndarray | list,
                   n_candidates=None) -> ScoreResult:
         """:meth:`score` with candidates given by raw item id (the event log's), mapped through
-        ``catalogue``. An unknown raw id raises :class:`cachestore.item_ids.UnknownItemError`
+        ``catalogue``. An unknown raw id raises :class:`cachestore.store.item_ids.UnknownItemError`
         (``position``: its flat index in ``candidates``); padded entries are not looked up."""
         cand = np.asarray(candidates, dtype=np.int64)
         cand = cand.reshape(-1, 1) if cand.ndim == 1 else cand

@@ -1,4 +1,4 @@
-"""Serving settings in one frozen value: what a :class:`cachestore.runtime.DecodeRuntime` is built with.
+"""Serving settings in one frozen value: what a :class:`cachestore.decode.runtime.DecodeRuntime` is built with.
 
 ``ServingConfig`` is the single source of the serving knobs. The CLI (``jobs/serving_options.py``) turns
 its options into one, the HTTP server keeps one per loaded store version, and tests derive variants with
@@ -19,7 +19,7 @@ Fields (defaults in brackets):
     tier_share   the share of that auto budget this runtime may take: 1/k when k serving processes start on
                  one device (``ckv serve --workers``; each starts after the previous one has loaded)  [1.0]
     policy       the tier's eviction policy when the store does not fit: "lru" | "s3fifo"  [s3fifo]
-    fused_config launch settings of the fused kernel (:class:`cachestore.fused.FusedConfig`)
+    fused_config launch settings of the fused kernel (:class:`cachestore.decode.fused.FusedConfig`)
     n_buffers    host buffers in the fetch ring  [2]
     pin          pinned host buffers  [None: when the device is CUDA]
 """
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cachestore.fused import DEFAULT_FUSED, FusedConfig
+from cachestore.decode.fused import DEFAULT_FUSED, FusedConfig
 
 POLICIES = ("lru", "s3fifo")
 DECODE_PATHS = ("auto", "fused", "poolscore", "gather")

@@ -8,12 +8,13 @@ changed: an Environment must not cross fork(), so a reader built in a parent pro
 DataLoader / Spark worker children opens its own environment in each child. Readers of the same
 version in one process share one Environment (py-lmdb forbids opening it twice).
 
-Values returned by get/get_many are decoded :class:`cachestore.entry.EntryRecord`s
-(:func:`cachestore.entry.decode_entry`, checked against the store's layout) whose numpy arrays view a private bytes copy
+Values returned by get/get_many are decoded :class:`cachestore.store.entry.EntryRecord`s
+(:func:`cachestore.store.entry.decode_entry`, checked against the store's layout) whose numpy arrays view a private
+bytes copy
 of the LMDB value (one copy out of the map; valid after the transaction ends). Every record is
 CRC-checked and must carry the layout's model_version. The LMDB file is checked before it is mapped
-(:func:`cachestore.store_check.check_version`: size against the manifest, both meta pages), and any
-``lmdb.Error`` while reading becomes a :class:`cachestore.store_check.StoreDamagedError` naming the
+(:func:`cachestore.store.store_check.check_version`: size against the manifest, both meta pages), and any
+``lmdb.Error`` while reading becomes a :class:`cachestore.store.store_check.StoreDamagedError` naming the
 version and the user.
 """
 
@@ -27,10 +28,10 @@ from pathlib import Path
 
 import lmdb
 
-from cachestore.entry import EntryLayout, EntryRecord, check_indices, decode_entry, read_layout
-from cachestore.publish import LAYOUT, LMDB_DIR, open_current
-from cachestore.record import key_user, user_key
-from cachestore.store_check import StoreDamagedError, check_version
+from cachestore.store.entry import EntryLayout, EntryRecord, check_indices, decode_entry, read_layout
+from cachestore.store.publish import LAYOUT, LMDB_DIR, open_current
+from cachestore.store.record import key_user, user_key
+from cachestore.store.store_check import StoreDamagedError, check_version
 
 # py-lmdb refuses to open the same environment twice in one process, so readers of one version
 # share an Environment: path -> [env, number of readers], valid for the process _SHARED_PID.

@@ -1,9 +1,10 @@
-"""The decode body a CUDA graph captures (:class:`cachestore.graphs.GraphedDecoder`): :func:`static_decode`
+"""The decode body a CUDA graph captures (:class:`cachestore.decode.graphs.GraphedDecoder`): :func:`static_decode`
 reads a packed batch in place (fused) or unpacks it padded to a fixed length, shape-static and free of host
 syncs on the fused path; it also runs eagerly on any device.
 
-Every model has the same graph: din's body is :func:`cachestore.fused.fused_decode`; SIM, ETA, SDIM and TWIN's
-:func:`cachestore.fused_zoo.zoo_static_decode`; HSTU's :func:`cachestore.fused_hstu.hstu_static_decode` — each
+Every model has the same graph: din's body is :func:`cachestore.decode.fused.fused_decode`; SIM, ETA, SDIM and TWIN's
+:func:`cachestore.decode.fused_zoo.zoo_static_decode`; HSTU's :func:`cachestore.decode.fused_hstu.hstu_static_decode`
+— each
 reads the copied records in place (Triton), shape-static and free of host syncs. The zoo bodies are launched
 once per batch (no copy pieces: ``overlap`` applies to din). Without Triton (CPU tests) the eager body unpacks
 the batch and runs the model's own ``decode``.
@@ -15,19 +16,19 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from cachestore.decode import ResidentZooModel, decode, decode_zoo, din_cache, entry_cache
-from cachestore.entry import EntryLayout
-from cachestore.fused import ALL_BYTES, DEFAULT_FUSED, FUSED, FusedConfig, fused_decode
-from cachestore.fused_hstu import hstu_static_decode
-from cachestore.fused_zoo import zoo_static_decode
-from cachestore.transfer import unpack_entry
+from cachestore.decode.decode import ResidentZooModel, decode, decode_zoo, din_cache, entry_cache
+from cachestore.decode.fused import ALL_BYTES, DEFAULT_FUSED, FUSED, FusedConfig, fused_decode
+from cachestore.decode.fused_hstu import hstu_static_decode
+from cachestore.decode.fused_zoo import zoo_static_decode
+from cachestore.decode.transfer import unpack_entry
+from cachestore.store.entry import EntryLayout
 from model.cache import KVCache
 from model.cache_spec import store_config
 
 
 def unpack_din(raw: torch.Tensor, layout: EntryLayout, n_users: int, pad_to: int) -> KVCache:
     """The padded din cache (B = n_users, L = pad_to) of a packed batch in the prefix of ``raw``, its zero
-    block at 16·n_users (:func:`cachestore.transfer.unpack_entry`, then the group ``"kv"``)."""
+    block at 16·n_users (:func:`cachestore.decode.transfer.unpack_entry`, then the group ``"kv"``)."""
     return din_cache(unpack_entry(raw, layout, n_users, pad_to, 16 * n_users))
 
 
@@ -37,10 +38,10 @@ def static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: Resi
                   on_chunk: Callable[[int], None] | None = None, flags: torch.Tensor | None = None) -> torch.Tensor:
     """Logits (B, C) of a packed batch held in the prefix of ``raw`` (uint8, even length; bytes beyond the
     batch are never read): unpack padded to ``pad_to`` with the zero block at 16·n_users, then decode;
-    path "fused" reads the records in place instead (:func:`cachestore.fused.fused_decode` launched with
+    path "fused" reads the records in place instead (:func:`cachestore.decode.fused.fused_decode` launched with
     ``fused``, no unpack, one launch per byte range of ``chunks``, each after ``on_chunk``: see
-    :func:`cachestore.fused.fused_attention`; the other paths ignore both). ``flags`` ((B,) int32): set to 1
-    for users with a router index outside the pool (:func:`cachestore.decode.bound_router_indices`).
+    :func:`cachestore.decode.fused.fused_attention`; the other paths ignore both). ``flags`` ((B,) int32): set to 1
+    for users with a router index outside the pool (:func:`cachestore.decode.decode.bound_router_indices`).
     A zoo model's "fused" body is its own kernels' decode (``chunks`` must be :data:`ALL_BYTES`); its other
     paths unpack and run ``model.decode`` (eager only: not capturable, and flags stay 0 — the fetch checks
     the indices). Shape-static and free of host syncs on the fused path (the body :class:`GraphedDecoder`

@@ -7,7 +7,7 @@ the ordered list of parts, each ``(name, kind, width, cap)``. A user with ``n`` 
 the index dtype's (``idx``) or one byte (``key``, bit-packed retrieval keys). A din entry is the one
 group ``kv.k_user | kv.v_user | kv.k_idx | kv.v_idx`` of cap ``max_len``. Record layout
 (little-endian; bytes 0..11 and 16..27 are the same for every record of a store; frame, dtype codes
-and errors in :mod:`cachestore.record`):
+and errors in :mod:`cachestore.store.record`):
 
     off size field            meaning
       0   4  magic            b"CKVR"
@@ -24,7 +24,7 @@ and errors in :mod:`cachestore.record`):
 
 The prefill Parquet has one ``payload`` binary column (schema in :func:`entry_schema`), with
 ``checksum = zlib.crc32(payload)``. Stores of the read-only legacy din format are read through
-:mod:`cachestore.legacy_v1` (an EntryLayout with ``record_format`` 1); nothing writes them.
+:mod:`cachestore.store.legacy_v1` (an EntryLayout with ``record_format`` 1); nothing writes them.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cachestore.legacy_v1 import legacy_fields, legacy_header_parts
-from cachestore.record import (
+from cachestore.store.legacy_v1 import legacy_fields, legacy_header_parts
+from cachestore.store.record import (
     _HEX16,
     HEADER,
     HEADER_SIZE,
@@ -88,7 +88,7 @@ class EntryLayout:
     mode "collective": kv parts are user-specific parts, idx parts router indices into pools of
     ``pool_size`` rows; mode "full": kv parts are whole K/V (width d_a), no idx parts. max_len is the
     largest n (the model's history window). record_format: the records' format_version — 2, or 1 for
-    a legacy din store read through :mod:`cachestore.legacy_v1` (read-only; not part of the JSON).
+    a legacy din store read through :mod:`cachestore.store.legacy_v1` (read-only; not part of the JSON).
     """
 
     arch: str
@@ -250,7 +250,7 @@ def read_layout(path: str | os.PathLike) -> EntryLayout:
 
 def layout_from_dict(data: dict) -> EntryLayout:
     """A store layout from its dict: ``layout_version`` 2 is an :class:`EntryLayout`; any other dict is
-    read as a legacy din layout (:func:`cachestore.legacy_v1.legacy_fields`, ``record_format`` 1)."""
+    read as a legacy din layout (:func:`cachestore.store.legacy_v1.legacy_fields`, ``record_format`` 1)."""
     if data.get("layout_version") == 2:
         return EntryLayout.from_dict(data)
     return EntryLayout(**legacy_fields(data))
@@ -372,7 +372,7 @@ def entry_layout(cfg: ModelConfig, model_version: str, mode: str = "collective",
 
 def check_indices(layout: EntryLayout, record: EntryRecord, user_id: int | None) -> None:
     """The router indices of a decoded record (every ``idx`` part) against ``layout.pool_size``:
-    :class:`cachestore.record.RouterIndexError` naming the user and the part."""
+    :class:`cachestore.store.record.RouterIndexError` naming the user and the part."""
     for part in layout.parts:
         if part.kind == "idx":
             check_router_indices(record.arrays[part.name].reshape(-1), layout.pool_size, part.name, user_id)

@@ -4,7 +4,7 @@ Dense item ids index the model's item embedding rows (1..n; 0 = padding); raw id
 log's. ``ckv data prepare`` extends the previous catalogue (known items keep their dense ids, new
 items are appended), every checkpoint carries the catalogue it was trained with, ``ckv refresh``
 warm-starts by raw id (``pipeline/training/warm_start.py``) and serving maps raw request ids through it
-(``cachestore/item_ids.py``). Torch-free.
+(``cachestore/store/item_ids.py``). Torch-free.
 
 File ``catalogue.parquet`` (pyarrow)::
 
@@ -33,8 +33,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cachestore.data_error import DataError
-from cachestore.item_ids import ItemIds, raw_to_dense
+from cachestore.store.data_error import DataError
+from cachestore.store.item_ids import ItemIds, raw_to_dense
 
 CATALOGUE_FILE = "catalogue.parquet"
 CATALOGUE_FORMAT = 1

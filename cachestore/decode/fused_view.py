@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cachestore.entry import EntryLayout
-from cachestore.record import HEADER_SIZE
+from cachestore.store.entry import EntryLayout
+from cachestore.store.record import HEADER_SIZE
 from model.cache_spec import GroupSpec
 
 

@@ -1,8 +1,8 @@
 """What every cache record shares: the 32-byte header frame, dtype codes, LMDB keys, errors.
 
 A store holds one record per user (LMDB value; key :func:`user_key`). The record format itself —
-the store's :class:`cachestore.entry.EntryLayout`, its parts and the encoder / decoder — lives in
-:mod:`cachestore.entry` (docs/store_format.md). Every record has the same frame (little-endian):
+the store's :class:`cachestore.store.entry.EntryLayout`, its parts and the encoder / decoder — lives in
+:mod:`cachestore.store.entry` (docs/store_format.md). Every record has the same frame (little-endian):
 
     off size field            meaning
       0   4  magic            b"CKVR"

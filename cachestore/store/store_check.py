@@ -13,7 +13,8 @@ node size, as a read past the end of the file). So every reader checks the file 
       of the free and main B-trees) lies inside the file;
     - the newer meta page (higher txnid) agrees with the manifest's ``lmdb`` block (page size, last
       page, main root, txnid, entry count); old manifests: entry count against ``stats.users``.
-:func:`cachestore.store_tree.check_tree` (full, for ``ckv store verify`` and ``ckv score`` with CRC checks; reads every
+:func:`cachestore.store.store_tree.check_tree` (full, for ``ckv store verify`` and ``ckv score`` with CRC checks;
+reads every
     branch and leaf page, no record payload): every page reached from the main root has its own page
     number and the flags of its level, node pointers and sizes inside the page, 8-byte keys in strictly
     increasing order, overflow runs inside the file; the entry count, page counts and a CRC-32 of all

@@ -1,7 +1,7 @@
 """Host→device transfer of a packed batch (one copy, timed with CUDA events) and its unpacking.
 
 :func:`to_device` copies ``HostBatch.tensor`` (the whole batch: offsets, lengths, zero block, records;
-layout in :mod:`cachestore.batch`) with ONE ``copy_(non_blocking=True)`` and returns the device batch
+layout in :mod:`cachestore.decode.batch`) with ONE ``copy_(non_blocking=True)`` and returns the device batch
 and a :class:`TransferCost`: bytes moved and the time between two CUDA events recorded on the copy's
 stream around the copy (so the cost excludes Python overhead and queueing before the copy). The
 host buffer may be refilled only after the copy: the end event is handed to the batch's buffer,
@@ -9,7 +9,7 @@ which waits on it before reuse. Without CUDA ("cpu" device) the copy is a memcpy
 ``time.perf_counter``; the device batch never aliases the reusable host buffer.
 
 :func:`unpack_entry` turns the jagged records on the device into padded per-part arrays, with no host
-sync (``cachestore.entry.EntryLayout``): the payload is the layout's parts back to back, part p of
+sync (``cachestore.store.entry.EntryLayout``): the payload is the layout's parts back to back, part p of
 user b holding ``r_pb = min(n_b, cap_p)`` rows of ``row_bytes_p`` bytes, starting at
 ``record_start[b] + 32 + Σ_{q<p} r_qb·row_bytes_q``. Each part becomes a padded (B, R_p, width)
 tensor, R_p = ``max(1, min(L, cap_p))`` (L = longest n in the batch or ``pad_to``), row r of user b read
@@ -17,7 +17,7 @@ from the buffer when r < r_pb, else from the zero block; kv parts
 at the stored float dtype, index parts int64 (B, R_p, 1), key parts uint8. A part is gathered in
 int16 units when its row and every earlier part's row have an even byte count (its starts are then
 even), else byte by byte (odd-width retrieval keys). ``model.entry.cache_from_arrays`` (through
-:func:`cachestore.decode.entry_cache`) turns them into the model's cache; a din batch's
+:func:`cachestore.decode.decode.entry_cache`) turns them into the model's cache; a din batch's
 :class:`model.cache.KVCache` is its group ``"kv"``.
 """
 
@@ -30,11 +30,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cachestore.batch import HostBatch
-from cachestore.record import HEADER_SIZE
+from cachestore.decode.batch import HostBatch
+from cachestore.store.record import HEADER_SIZE
 
 if TYPE_CHECKING:
-    from cachestore.entry import EntryLayout
+    from cachestore.store.entry import EntryLayout
 
 KV_TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 

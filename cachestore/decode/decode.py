@@ -1,6 +1,6 @@
 """The one decode entry point of serving: a cache batch + candidate items → logits.
 
-:func:`decode` is what the runtime (:mod:`cachestore.runtime`), ``ckv score``, the latency
+:func:`decode` is what the runtime (:mod:`cachestore.decode.runtime`), ``ckv score``, the latency
 benchmark and the tests call. It computes exactly ``TargetAttentionCTR.decode`` (target item
 embedding → q → multi-head target attention over the user's K/V → MLP), with the attention done
 one of two ways:
@@ -26,13 +26,14 @@ gather at L = 50. benchmarks/decode_latency.py times both paths on the target GP
 User parts are cast to the model's dtype before anything else (the store keeps them as fp16), so
 pool rows are never rounded: both paths compute the model's fp32 math on the stored user parts.
 
-Stores hold one record format (:mod:`cachestore.entry`): :func:`entry_cache` turns an unpacked batch
-(:class:`cachestore.transfer.EntryBatch`) into the model's :class:`model.blocks.ZooCache` (kv parts
+Stores hold one record format (:mod:`cachestore.store.entry`): :func:`entry_cache` turns an unpacked batch
+(:class:`cachestore.decode.transfer.EntryBatch`) into the model's :class:`model.blocks.ZooCache` (kv parts
 cast to the model's dtype, then ``model.entry.cache_from_arrays``) and :func:`decode_zoo` runs a zoo
 model's own ``decode`` (its retrieval + attention; there is no poolscore path for these models) on a
 :class:`ResidentZooModel`. A ``din`` batch is its one group ``"kv"`` (:func:`din_cache`), decoded by
 :func:`decode` above.
-:func:`cachestore.fused_zoo.zoo_static_decode` and :func:`cachestore.fused_hstu.hstu_static_decode` compute the
+:func:`cachestore.decode.fused_zoo.zoo_static_decode` and :func:`cachestore.decode.fused_hstu.hstu_static_decode`
+compute the
 same zoo logits from the packed batch bytes in place (Triton kernels, shape-static, no per-user K/V).
 """
 
@@ -44,7 +45,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from cachestore.record import RouterIndexError
+from cachestore.store.record import RouterIndexError
 from model.attention import masked_softmax
 from model.blocks import ZooCache
 from model.cache import KVCache
@@ -53,7 +54,7 @@ from model.ctr import TargetAttentionCTR
 from model.entry import cache_from_arrays
 
 if TYPE_CHECKING:
-    from cachestore.transfer import EntryBatch
+    from cachestore.decode.transfer import EntryBatch
 
 PATHS = ("auto", "poolscore", "gather")
 
@@ -154,7 +155,7 @@ def bound_router_indices(resident: ResidentZooModel, cache: KVCache, flags: torc
     """``cache`` with every router index outside the pool (0 .. pool_size - 1) replaced by 0, so that no
     pool read leaves the pool. Users with such an index: ``flags[b] |= 1`` (flags (B,) int32 on the cache's
     device; no host sync, CUDA-graph capturable; the caller raises after the batch), or without ``flags``
-    a :class:`cachestore.record.RouterIndexError` naming the batch row (one host sync)."""
+    a :class:`cachestore.store.record.RouterIndexError` naming the batch row (one host sync)."""
     pool = resident.cfg.collective.pool_size
     bad: torch.Tensor | None = None
     out: dict[str, torch.Tensor] = {}

@@ -1,6 +1,7 @@
 """CUDA graphs for the decode of every model: one graph replay per batch, copy included.
 
-At serving batch sizes the eager path (:func:`cachestore.transfer.unpack_entry` + :func:`cachestore.decode.decode`)
+At serving batch sizes the eager path (:func:`cachestore.decode.transfer.unpack_entry` +
+:func:`cachestore.decode.decode.decode`)
 is bound by per-op CPU dispatch and kernel launches (~1.6 ms at every B on an H100), not by bytes. For a
 fixed shape — n_users B, padded length L (``pad_to``), candidates per user C, buffer capacity — the whole
 device side is shape-static and free of host syncs, so it is captured into ``torch.cuda.CUDAGraph``s over
@@ -50,18 +51,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cachestore.batch import HostBatch, zero_block_bytes
-from cachestore.copy_plan import DEFAULT_OVERLAP, align8, batch_capacity, copy_buckets, copy_chunks, record_ends
-from cachestore.decode import (
+from cachestore.decode.batch import HostBatch, zero_block_bytes
+from cachestore.decode.copy_plan import DEFAULT_OVERLAP, align8, batch_capacity, copy_buckets, copy_chunks, record_ends
+from cachestore.decode.decode import (
     PATHS,
     ResidentZooModel,
     choose_path,
 )
-from cachestore.entry import EntryLayout
-from cachestore.fused import ALL_BYTES, DEFAULT_FUSED, FUSED, FusedConfig, uses_fused
-from cachestore.mapped import MappedBatch, gather_records
-from cachestore.static_decode import static_decode, unpack_din
-from cachestore.transfer import TransferCost
+from cachestore.decode.fused import ALL_BYTES, DEFAULT_FUSED, FUSED, FusedConfig, uses_fused
+from cachestore.decode.mapped import MappedBatch, gather_records
+from cachestore.decode.static_decode import static_decode, unpack_din
+from cachestore.decode.transfer import TransferCost
+from cachestore.store.entry import EntryLayout
 
 # Graphs are captured while other threads keep the device busy (a server loads the next store version and
 # captures its graphs while the current one serves): only the capturing thread's calls may break a capture.
@@ -82,9 +83,9 @@ class GraphedDecoder:
 
     resident: the model on its CUDA device (``ResidentModel`` for din, :class:`ResidentZooModel` for the
     zoo); layout: the store's EntryLayout; path: "auto" ("fused" on CUDA with Triton, else resolved from the
-    shapes, :func:`cachestore.decode.choose_path`; a zoo model: "gather", its own eager decode), "fused",
+    shapes, :func:`cachestore.decode.decode.choose_path`; a zoo model: "gather", its own eager decode), "fused",
     "poolscore" (din) or "gather"; a captured zoo graph needs "fused"; capacity: static buffer bytes (default
-    :func:`batch_capacity`); fused: the fused kernel's launch settings (:class:`cachestore.fused.FusedConfig`,
+    :func:`batch_capacity`); fused: the fused kernel's launch settings (:class:`cachestore.decode.fused.FusedConfig`,
     e.g. fp16 pools). ``eager=True`` runs :func:`static_decode` on the same static buffers without a graph (any
     device; for tests).
     :meth:`run` scores a pinned :class:`HostBatch` (one replay: copies + decode); :attr:`last_cost` is the
@@ -113,7 +114,7 @@ class GraphedDecoder:
         self.device = torch.device(resident.device)
         if not eager and (self.device.type != "cuda" or not torch.cuda.is_available()):
             raise RuntimeError(f"CUDA graphs need a CUDA device; the model is on {self.device}: "
-                               "use the eager path (DecodeRuntime without graphs, or cachestore.decode.decode)")
+                               "use the eager path (DecodeRuntime without graphs, or cachestore.decode.decode.decode)")
         self.zoo = resident.cfg.arch != "din"
         if layout.arch != resident.cfg.arch or (not self.zoo and layout.flat_group is None):
             raise ValueError(f"the store holds {layout.arch!r} caches, the model is {resident.cfg.arch!r}")
@@ -355,7 +356,7 @@ class GraphedDecoder:
     def _capture_mapped(self, batch: MappedBatch, span: int) -> _Captured:
         """One graph for a zero-copy batch's pinned buffer (and gather word, and bucket ``span`` of its size):
         the header and gather table copied and the records gathered from the registered LMDB map
-        (:func:`cachestore.mapped.gather_records`, records of up to ``pad_to`` behaviours) in the byte
+        (:func:`cachestore.decode.mapped.gather_records`, records of up to ``pad_to`` behaviours) in the byte
         ranges a copy of ``span`` bytes would be split into (:meth:`_record`: beside the decode on the fused
         path with ``overlap`` K; each gather launch serves the records ending in its range)."""
         pieces = self.pieces(span)

@@ -7,11 +7,11 @@ the candidate itself (distance 0); ``x ← x + W_o(LayerNorm(Σ_j A_j v_j) ⊙ u
 ``[LayerNorm(x), t]`` scores it. The eager serving path unpacks every layer's parts into padded tensors
 and rebuilds K/V per user. :func:`hstu_static_decode` computes the same logits with the per-candidate
 work (projections, the self term, the MLP) in torch and the cached-history term by ONE kernel per layer
-that reads the packed batch (:mod:`cachestore.batch`) in place:
+that reads the packed batch (:mod:`cachestore.decode.batch`) in place:
 
     program (b·C + c, g, s) — user b, candidate c, heads g·GH .. g·GH + GH - 1, behaviours of part s (of S)
       n = min(lengths[b], max_len); starts[p, b]: byte start of part p of user b's record (header skipped;
-        part p holds min(n, cap_p) rows, every HSTU part has cap max_len: cachestore.entry.EntryLayout)
+        part p holds min(n, cap_p) rows, every HSTU part has cap max_len: cachestore.store.entry.EntryLayout)
       for blocks of BLOCK_L behaviours j < n (fp32 accumulation):
           k_j  = k_user[j, cols] (0 beyond dk) + P_k[k_idx[j], cols]    (pool rows zero in the user dims)
           a_jh = SiLU(q[b, c, head h]·k_j,h / √dh + bias[h, n - j])      bias[h, d] = rel_bias[h, bucket(d)]
@@ -25,7 +25,7 @@ row as the user part and no indices. fp32 user parts that the layout can place a
 (one side shared, uint16 indices) are read as 16-bit halves.
 
 Pool rows are read at the store's precision unless ``FusedConfig.pool_dtype`` says otherwise (as in
-:mod:`cachestore.fused`); per layer the padded pools and the distance → bias table are cached on the
+:mod:`cachestore.decode.fused`); per layer the padded pools and the distance → bias table are cached on the
 resident model. ``tests/test_fused_hstu.py`` checks the logits against the model's training forward
 and the eager serving path, on CUDA and under Triton's interpreter on CPU.
 """
@@ -37,13 +37,13 @@ import math
 import torch
 from torch import nn
 
-from cachestore.decode import ResidentZooModel
-from cachestore.entry import EntryLayout
-from cachestore.fused import IDX_BYTES, INTERPRETED, KV_CODES, _load_idx, _load_user, tl, triton
-from cachestore.fused_config import DEFAULT_FUSED, FusedConfig, pool_dtype, split_parts
-from cachestore.fused_view import record_part_starts
-from cachestore.record import RouterIndexError
-from cachestore.transfer import KV_TORCH
+from cachestore.decode.decode import ResidentZooModel
+from cachestore.decode.fused import IDX_BYTES, INTERPRETED, KV_CODES, _load_idx, _load_user, tl, triton
+from cachestore.decode.fused_config import DEFAULT_FUSED, FusedConfig, pool_dtype, split_parts
+from cachestore.decode.fused_view import record_part_starts
+from cachestore.decode.transfer import KV_TORCH
+from cachestore.store.entry import EntryLayout
+from cachestore.store.record import RouterIndexError
 from model.cache_spec import entry_parts, store_config
 from model.hstu import HSTULayer, rel_bucket
 from model.pool import KVBranch
@@ -171,7 +171,8 @@ def layer_tables(resident: ResidentZooModel, dtype: torch.dtype) -> Tables:
 
 
 def part_starts(raw: torch.Tensor, layout: EntryLayout, n_users: int) -> torch.Tensor:
-    """(P, B) int64: byte start in ``raw`` of part p of user b (:func:`cachestore.fused_view.record_part_starts`)."""
+    """(P, B) int64: byte start in ``raw`` of part p of user b
+    (:func:`cachestore.decode.fused_view.record_part_starts`)."""
     return record_part_starts(raw, layout, n_users)[:-1]
 
 
@@ -261,7 +262,7 @@ def hstu_static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident:
                        layout: EntryLayout, n_users: int, config: FusedConfig = DEFAULT_FUSED,
                        flags: torch.Tensor | None = None) -> torch.Tensor:
     """Logits (b, C) of ``candidates`` (b, C) int64 of users 0 .. b - 1 (b <= n_users) against the packed batch
-    ``raw`` (uint8 on the resident's device, :mod:`cachestore.batch`) of an HSTU store: ``HSTU.decode`` with
+    ``raw`` (uint8 on the resident's device, :mod:`cachestore.decode.batch`) of an HSTU store: ``HSTU.decode`` with
     every layer's cached-history term from :func:`hstu_history` (launched with ``config``; pool rows at
     ``config.pool_dtype``, the store's precision by default). Shape-static and free of host syncs with
     ``flags`` ((n_users,) int32, set to 1 for a user with a router index outside the pool; the caller raises

@@ -1,7 +1,7 @@
 """Build an LMDB cache store from the prefill Parquet (one process, one write transaction).
 
 Input: PARQUET_DIR/*.parquet (part files, any order, one row per user; columns `prefill_schema()`
-= `cachestore.entry.entry_schema()`: one `payload` per user) plus PARQUET_DIR/_layout.json, the
+= `cachestore.store.entry.entry_schema()`: one `payload` per user) plus PARQUET_DIR/_layout.json, the
 store's EntryLayout (record sizes from `EntryLayout.record_sizes`). Output: OUT_DIR/data.mdb
 (+ lock.mdb), the unnamed main database only: key = user id as 8-byte big-endian unsigned, value =
 one record (entry.py).
@@ -43,8 +43,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from cachestore.entry import ENTRY_FORMAT_VERSION, EntryLayout, entry_from_parquet_row, entry_schema, read_layout
-from cachestore.record import HEADER_SIZE, RecordError, user_key
+from cachestore.store.entry import ENTRY_FORMAT_VERSION, EntryLayout, entry_from_parquet_row, entry_schema, read_layout
+from cachestore.store.record import HEADER_SIZE, RecordError, user_key
 
 T = TypeVar("T")
 PARQUET_LAYOUT_FILE = "_layout.json"

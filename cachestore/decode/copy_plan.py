@@ -1,4 +1,4 @@
-"""The copy plan of a captured batch (:class:`cachestore.graphs.GraphedDecoder`): a packed batch's byte capacity,
+"""The copy plan of a captured batch (:class:`cachestore.decode.graphs.GraphedDecoder`): a packed batch's byte capacity,
 the copy-size buckets of its graphs, the pieces an overlapped copy is split into and the fused launches' record
 ranges. Plain integer arithmetic (no torch)."""
 
@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import math
 
-from cachestore.batch import zero_block_bytes
-from cachestore.entry import EntryLayout
-from cachestore.fused_config import ALL_BYTES
+from cachestore.decode.batch import zero_block_bytes
+from cachestore.decode.fused_config import ALL_BYTES
+from cachestore.store.entry import EntryLayout
 
 
 def align8(n: int) -> int:

@@ -8,13 +8,13 @@ from typing import Any
 
 import numpy as np
 
-from cachestore.runtime_stats import RuntimeStats
+from cachestore.decode.runtime_stats import RuntimeStats
 from cachestore.tier.graph import ResidentRequest
 from cachestore.tier.tier import WHOLE, ResidentTier, TierCounters, plan_capacity
 
 
 def open_tier(rt: Any) -> ResidentTier | None:
-    """The resident tier of a :class:`cachestore.runtime.DecodeRuntime` ``rt`` (see cachestore/tier):
+    """The resident tier of a :class:`cachestore.decode.runtime.DecodeRuntime` ``rt`` (see cachestore/tier):
     ``config.tier_bytes`` bytes, None = auto (:func:`cachestore.tier.plan_capacity`; off when ``zero_copy``
     asks for the map fetch), 0 = off."""
     tier_bytes = rt.config.tier_bytes
@@ -29,7 +29,7 @@ def open_tier(rt: Any) -> ResidentTier | None:
 
 def score_resident(rt: Any, ids: np.ndarray, cand: np.ndarray, stats: RuntimeStats, slots: int
                    ) -> tuple[np.ndarray, np.ndarray]:
-    """One step of :class:`cachestore.runtime.DecodeRuntime` ``rt`` through its resident tier: ``slots`` users
+    """One step of :class:`cachestore.decode.runtime.DecodeRuntime` ``rt`` through its resident tier: ``slots`` users
     (cold padding), L = graph_len, one graph replay on CUDA (:class:`cachestore.tier.graph.ResidentRequest`;
     eager on CPU)."""
     t0 = time.perf_counter()

@@ -1,22 +1,22 @@
 """The zoo models' (SIM, ETA, SDIM, TWIN) decode straight from the packed batch bytes: shape-static,
 free of host syncs (CUDA-graph capturable), no K/V materialised per user.
 
-The record format (:mod:`cachestore.entry`): a user with n behaviours has min(n, cap_p) rows of each part p,
+The record format (:mod:`cachestore.store.entry`): a user with n behaviours has min(n, cap_p) rows of each part p,
 the parts back to back in layout order, groups ``short`` then ``long`` (``k_user | v_user | k_idx | v_idx``),
 then the retrieval keys. :func:`entry_views` turns the batch header into one
-:class:`cachestore.fused_view.GroupView` per group (starts = offsets + 32 + Σ earlier parts' bytes, rows =
+:class:`cachestore.decode.fused_view.GroupView` per group (starts = offsets + 32 + Σ earlier parts' bytes, rows =
 min(n, cap); a few (B,) torch ops). :func:`zoo_static_decode` then runs ``LongSequenceCTR.decode``:
 
     t     = item embedding of the candidates (B, C, E)
-    short = :func:`cachestore.fused.attend_group` over group ``short`` with q = W_q^short t
+    short = :func:`cachestore.decode.fused.attend_group` over group ``short`` with q = W_q^short t
     long  = the arch's long stage (:data:`LONG_STAGES`) over group ``long``:
-            SIM   category top-k on the cached bitmasks (:func:`cachestore.fused_long.key_ranks`: the ranks of
+            SIM   category top-k on the cached bitmasks (:func:`cachestore.decode.fused_long.key_ranks`: the ranks of
                   ``model.retrieval.category_topk``, then ``topk``), the fused attention over the selected rows
                   only (SELECT mode)
             ETA   SimHash Hamming top-k (``key_ranks`` as ``hamming_topk`` ranks), then the same attention
-            SDIM  :func:`cachestore.fused_long.bucket_sums` (per hash function, the sum of the V rows whose
+            SDIM  :func:`cachestore.decode.fused_long.bucket_sums` (per hash function, the sum of the V rows whose
                   bucket, read from the packed key bytes, equals the candidate's) → L2-normalise, mean over m
-            TWIN  :func:`cachestore.fused_long.group_scores` (per-head scores of every long row) → per-head
+            TWIN  :func:`cachestore.decode.fused_long.group_scores` (per-head scores of every long row) → per-head
                   stable top-k (later behaviour first on ties) → softmax → ``weighted_values`` per head
     logits = MLP([short, long, t])
 
@@ -35,9 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cachestore.decode import ResidentZooModel
-from cachestore.entry import EntryLayout
-from cachestore.fused import (
+from cachestore.decode.decode import ResidentZooModel
+from cachestore.decode.fused import (
     DEFAULT_FUSED,
     FusedConfig,
     attend_group,
@@ -45,10 +44,11 @@ from cachestore.fused import (
     pool_dtype,
     triton,
 )
-from cachestore.fused_long import bucket_sums, group_scores, key_ranks, weighted_values
-from cachestore.fused_view import GroupView, record_part_starts
-from cachestore.record import RouterIndexError
-from cachestore.transfer import KV_TORCH
+from cachestore.decode.fused_long import bucket_sums, group_scores, key_ranks, weighted_values
+from cachestore.decode.fused_view import GroupView, record_part_starts
+from cachestore.decode.transfer import KV_TORCH
+from cachestore.store.entry import EntryLayout
+from cachestore.store.record import RouterIndexError
 from model.attention import masked_softmax
 from model.cache_spec import entry_parts, group_specs, key_fields, store_config
 from model.config import ModelConfig
@@ -136,7 +136,7 @@ class LongStage:
 
 
 def _select(s: LongStage, name: str, targets: torch.Tensor, hamming: bool) -> torch.Tensor:
-    """Retrieve on the packed key bytes (:func:`cachestore.fused_long.key_ranks`), keep the ``topk`` best
+    """Retrieve on the packed key bytes (:func:`cachestore.decode.fused_long.key_ranks`), keep the ``topk`` best
     eligible rows per candidate, attend over them."""
     b, c, _ = s.t.shape
     part = f"keys.{name}"
@@ -201,7 +201,7 @@ def zoo_static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: 
                       layout: EntryLayout, n_users: int, config: FusedConfig = DEFAULT_FUSED,
                       flags: torch.Tensor | None = None) -> torch.Tensor:
     """Logits (B, C) of ``candidates`` (B, C) int64 of users 0 .. B - 1 (B <= n_users) of the packed batch
-    ``raw`` (uint8, on the resident's device, header at 0, zero block at 16·n_users: :mod:`cachestore.batch`)
+    ``raw`` (uint8, on the resident's device, header at 0, zero block at 16·n_users: :mod:`cachestore.decode.batch`)
     for a SIM/ETA/SDIM/TWIN ``resident`` — ``LongSequenceCTR.decode`` from the bytes in place (module
     docstring), the attention kernels launched with ``config``. ``flags`` ((n_users,) int32): set to 1 for a
     user with a router index outside a pool (read as zeros); without it a ``RouterIndexError`` after a host

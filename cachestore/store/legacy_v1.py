@@ -23,9 +23,9 @@ and its records carry the header below before a payload ``k_user (n, dk) | v_use
      28   4  crc32            u32, zlib.crc32(header[0:28], zlib.crc32(payload)) (as in format 2)
 
 :func:`legacy_fields` gives the fields of the equivalent din EntryLayout with ``record_format`` 1
-(``cachestore.entry.layout_from_dict`` builds it), whose ``header_parts`` (:func:`legacy_header_parts`)
+(``cachestore.store.entry.layout_from_dict`` builds it), whose ``header_parts`` (:func:`legacy_header_parts`)
 are these bytes 0..11 and 16..27: the batcher's vectorised
-header check, ``cachestore.entry.decode_entry`` (→ ``EntryRecord``) and every reader then serve the store
+header check, ``cachestore.store.entry.decode_entry`` (→ ``EntryRecord``) and every reader then serve the store
 unchanged. Writers refuse such a layout: nothing writes format 1.
 """
 
@@ -34,7 +34,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from cachestore.record import _HEX16, IDX_DTYPES, KV_DTYPES, MAGIC, LayoutError
+from cachestore.store.record import _HEX16, IDX_DTYPES, KV_DTYPES, MAGIC, LayoutError
 from model.cache_spec import EntryPart, GroupSpec
 
 LEGACY_FORMAT = 1
@@ -64,7 +64,7 @@ def _check(data: dict) -> None:
 
 
 def legacy_fields(data: dict) -> dict[str, Any]:
-    """The :class:`cachestore.entry.EntryLayout` fields (``record_format`` 1) of the din entry equivalent to a
+    """The :class:`cachestore.store.entry.EntryLayout` fields (``record_format`` 1) of the din entry equivalent to a
     format-1 layout dict; LayoutError if the dict is not one. Dtypes, pool size and window are checked by
     EntryLayout itself."""
     _check(data)
