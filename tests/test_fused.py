@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cachestore import graphs
+from cachestore.decode import graphs
 from cachestore.decode.batch import HostBatcher
 from cachestore.decode.fused import FusedConfig, fused_attention, fused_available, fused_decode, split_parts
 from cachestore.decode.graphs import GraphedDecoder, batch_capacity, copy_chunks, record_ends, static_decode

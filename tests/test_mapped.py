@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cachestore import mapped
+from cachestore.decode import mapped
 from cachestore.decode.batch import HostBatcher
 from cachestore.decode.decode import ResidentModel
 from cachestore.decode.fused import fused_available
