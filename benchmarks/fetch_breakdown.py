@@ -1,6 +1,6 @@
 """Where the LMDB fetch + pack of a 512-user batch goes, on one CPU core (issue target: <= 1 ms).
 
-    python benchmarks/fetch_breakdown.py [--lengths 50,1000] [--out benchmarks/results/fetch_breakdown.json]
+    python benchmarks/fetch_breakdown.py [--lengths 50,1000] [--out benchmarks/results/fetch_breakdown/fetch_breakdown.json]
 
 Builds the same stores as ``benchmarks/decode_latency.py``'s fetch part (100,000 users at L <= 100,
 else 20,000; every page touched once first, as in a long-running server), pins the process to one
@@ -91,7 +91,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", default="50,1000")
     p.add_argument("--repeats", type=int, default=300)
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fetch_breakdown.json")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fetch_breakdown/fetch_breakdown.json")
     args = p.parse_args()
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})

@@ -1,6 +1,6 @@
 """The fused collective-attention kernel alone (cachestore/decode/fused.py) at the paper's serving shape.
 
-    python benchmarks/fused_kernel.py            # GPU with Triton -> benchmarks/results/fused_kernel.json
+    python benchmarks/fused_kernel.py            # GPU with Triton -> benchmarks/results/fused_kernel/fused_kernel.json
 
 For B = 512 users with full histories (L = 1000 and 50), d_a 256, 8 heads, d_u 1, pool 10,000: times
 ``fused_attention`` (the kernel only: q given, packed batch already on the device) for each
@@ -173,7 +173,7 @@ def main() -> None:
                         "the transfer)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--repeats", type=int, default=50)
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fused_kernel.json")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fused_kernel/fused_kernel.json")
     args = p.parse_args()
     device = torch.device("cuda")
     rows = [bench_length(int(x), args, device) for x in args.lengths.split(",")]

@@ -2,7 +2,7 @@
 
     make demo        # or any `ckv train` checkpoint and `ckv data prepare` dataset
     python benchmarks/pool_precision.py --checkpoint runs/demo/experiment/checkpoints/collective-seed0 \\
-        --data runs/demo/data                      # -> benchmarks/results/pool_precision.json
+        --data runs/demo/data                      # -> benchmarks/results/pool_precision/pool_precision.json
 
 The fused kernel with ``pool_dtype`` float16 / bfloat16 reads the global K/V pool rows rounded to that
 dtype and nothing else changes (user parts, indices, query, MLP stay as stored / fp32). This script
@@ -45,7 +45,7 @@ def main() -> None:
     p.add_argument("--checkpoint", required=True, help="a collective checkpoint directory (ckv train)")
     p.add_argument("--data", required=True, help="the dataset directory it was trained on (ckv data prepare)")
     p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "pool_precision.json")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "pool_precision/pool_precision.json")
     args = p.parse_args()
     ckpt = load_checkpoint(args.checkpoint)
     model = ckpt.model.eval()

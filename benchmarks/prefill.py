@@ -2,7 +2,7 @@
 
 CPU (needs pyspark, lmdb, Java; runs `spark-submit jobs/prefill.py` as a subprocess, twice):
 
-    python benchmarks/prefill.py --users 200000 --master 'local[2]' --out benchmarks/results/prefill_cpu.json
+    python benchmarks/prefill.py --users 200000 --master 'local[2]' --out benchmarks/results/prefill/prefill_cpu.json
 
   1. writes a synthetic user base (pipeline/data/synthetic.py: Zipf item popularity, log-uniform lengths
      1..1000) as 16 Parquet files, and an untrained checkpoint at the paper's scale (embed 64,
@@ -13,7 +13,7 @@ CPU (needs pyspark, lmdb, Java; runs `spark-submit jobs/prefill.py` as a subproc
 
 GPU (only torch, numpy, pyarrow: no Spark, no lmdb, no safetensors):
 
-    python benchmarks/prefill.py --gpu-only --users 50000 --out benchmarks/results/prefill_gpu.json
+    python benchmarks/prefill.py --gpu-only --users 50000 --out benchmarks/results/prefill/prefill_gpu.json
 
   times `pipeline.prefill.prefill.prefill_batches` (the mapInArrow body) on CUDA with each engine over
   in-memory synthetic batches, next to the same function with the noop engine (the executor's

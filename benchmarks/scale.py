@@ -3,10 +3,10 @@ jobs/prefill.py` on this machine, with wall time, users/s, peak memory of driver
 store size and CR (docs/nightly.md "Scale").
 
     python benchmarks/scale.py --users 250000,1000000 --work /tmp/ckv-scale \
-        --out benchmarks/results/scale.json --png benchmarks/results/scale.png
+        --out benchmarks/results/scale/scale.json --png benchmarks/results/scale/scale.png
     # + day 2 through --incremental (1/16 of the users changed, 1% new) after each full run
-    python benchmarks/scale.py --users 1000000 --incremental --out benchmarks/results/scale_incremental.json \
-        --png benchmarks/results/scale_incremental.png
+    python benchmarks/scale.py --users 1000000 --incremental --out benchmarks/results/scale/scale_incremental.json \
+        --png benchmarks/results/scale/scale_incremental.png
 
 Inputs: pipeline/data/synthetic.py with ``lengths="fig8"`` (log-normal lengths, median 122, p90 ~253,
 <1% above 470) and ``n_clusters=32`` taste clusters over Zipf(1.1) item popularity (100,000 items),
@@ -260,8 +260,8 @@ def main() -> None:
     ap.add_argument("--driver-memory", default="2g")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep-stores", action="store_true", help="keep each run's store (default: removed)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale.json"))
-    ap.add_argument("--png", default=str(ROOT / "benchmarks" / "results" / "scale.png"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale/scale.json"))
+    ap.add_argument("--png", default=str(ROOT / "benchmarks" / "results" / "scale/scale.png"))
     ap.add_argument("--incremental", action="store_true",
                     help="after each full run, an --incremental run of day 2 (1/16 of the users changed, 1%% new)")
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from --out")

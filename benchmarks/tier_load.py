@@ -1,6 +1,6 @@
 """Whole-store load of the resident tier: records per second from LMDB into the arena (CPU; any device).
 
-    python benchmarks/tier_load.py [--device cpu] [--out benchmarks/results/tier_load.json]
+    python benchmarks/tier_load.py [--device cpu] [--out benchmarks/results/tier_load/tier_load.json]
 
 Stores are built as ``benchmarks/serving_latency.py`` builds them (fp16, 100,000 users at L 50, 20,000 at
 L 1,000); the time is ``ResidentTier(...)`` in whole-store mode: the size pass, every record copied through
@@ -29,7 +29,7 @@ from cachestore.tier.tier import ResidentTier  # noqa: E402
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "tier_load.json")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "tier_load/tier_load.json")
     args = p.parse_args()
     rows = {}
     for length, users in ((50, 100_000), (1000, 20_000)):

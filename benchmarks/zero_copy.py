@@ -1,7 +1,7 @@
 """Copying fetch vs zero-copy fetch, per request: CPU fetch, GPU replay, and the two together.
 
     python benchmarks/zero_copy.py [--lengths 50,1000] [--batch-sizes 1,64,256,512] [--store-dtype float16]
-                                   [--out benchmarks/results/zero_copy.json]
+                                   [--out benchmarks/results/zero_copy/zero_copy.json]
 
 For each L a published LMDB store is built the way the nightly job builds it (``decode_latency.build_fetch_store``:
 100,000 users at L <= 100, else 20,000; every page touched once first), and the process is pinned to one
@@ -158,7 +158,7 @@ def main() -> None:
     p.add_argument("--batch-sizes", default="1,64,256,512")
     p.add_argument("--store-dtype", choices=["float16", "float32"], default="float16")
     p.add_argument("--repeats", type=int, default=200)
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "zero_copy.json")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "zero_copy/zero_copy.json")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sweep_lengths("zero_copy", args.store_dtype, args, device, bench_length, plot)

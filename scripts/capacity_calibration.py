@@ -3,7 +3,7 @@
 with the measured sizes (pipeline.reports.size_report.store_sizes). Also measures any existing stores given.
 
     python scripts/capacity_calibration.py [--users 100000] [--full-users 3000] [--store STORE ...]
-        [--out benchmarks/results/capacity_calibration.json]
+        [--out benchmarks/results/capacity_calibration/capacity_calibration.json]
 
 Synthetic stores: d_a 256, d_u 1, pool 10,000, fp16 K/V parts, uint16 indices; history lengths drawn
 from the log-normal the capacity model fits to the paper's MicroVideo figures (p50 122, p90 253,
@@ -84,7 +84,7 @@ def main() -> None:
     p.add_argument("--users", type=int, default=100_000)
     p.add_argument("--full-users", type=int, default=3_000)
     p.add_argument("--store", action="append", default=[], help="existing stores to measure as well")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/capacity_calibration.json")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/capacity_calibration/capacity_calibration.json")
     a = p.parse_args()
     t0 = time.time()
     results = []

@@ -1,6 +1,6 @@
 """Render an HTML report in headless Chromium and save a screenshot (checks that the page renders).
 
-    python scripts/render_report.py report.html [--out benchmarks/results/report_screenshot.png] [--height 4000]
+    python scripts/render_report.py report.html [--out benchmarks/results/html_report/report_screenshot.png] [--height 4000]
 
 Needs a chromium binary (Debian: ``apt-get install -y chromium``); the test suite does not (it checks the
 HTML structure instead). Exit status 1 if Chromium fails or writes no PNG.
@@ -45,7 +45,7 @@ def render(page: Path, out: Path, width: int = 1280, height: int = 4000, timeout
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("page", type=Path)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/report_screenshot.png"))
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/html_report/report_screenshot.png"))
     p.add_argument("--width", type=int, default=1280)
     p.add_argument("--height", type=int, default=4000)
     a = p.parse_args()

@@ -240,9 +240,9 @@ def _check_page(page: str) -> _Tags:
 
 def test_html_report_sections_tables_and_images(tiny: dict, tmp_path: Path) -> None:
     results = tmp_path / "results"
-    results.mkdir()
-    shutil.copy(REPO / "benchmarks/results/decode_latency_cpu_dryrun.json", results)
-    shutil.copy(REPO / "benchmarks/results/prefill_cpu.json", results)
+    for name in ("decode_latency/decode_latency_cpu_dryrun.json", "prefill/prefill_cpu.json"):
+        (results / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / "benchmarks/results" / name, results / name)
     out = tmp_path / "report.html"
     res = CliRunner().invoke(report_group, ["html", str(tiny["store"]), "--checkpoint", str(tiny["ckpt"]),
                                             "--histories", str(tiny["hist"]), "--out", str(out), "--users", "30",
@@ -256,11 +256,11 @@ def test_html_report_sections_tables_and_images(tiny: dict, tmp_path: Path) -> N
                  "REFERENCE.md", "Nightly prefill throughput", "Figure 7 pair", "never chosen"):
         assert text in page, text
     # a GPU result, when present, replaces the dry run (and its bandwidth is the measured one)
-    gpu = json.loads((results / "decode_latency_cpu_dryrun.json").read_text())
+    gpu = json.loads((results / "decode_latency/decode_latency_cpu_dryrun.json").read_text())
     gpu.update(dry_run=False, note="H2D + decode on the GPU",
                machine={**gpu["machine"], "gpu": "NVIDIA H100 80GB HBM3"})
     gpu["copy_limits"].update(floor_gb_per_s=53.0, floor_fixed_ms=0.02)
-    (results / "decode_latency.json").write_text(json.dumps(gpu))
+    (results / "decode_latency/decode_latency.json").write_text(json.dumps(gpu))
     from pipeline.reports.html_report import build_report
 
     page = build_report(tiny["store"], tiny["ckpt"], histories=tiny["hist"], results_dir=results, analysis_users=20,

@@ -94,7 +94,7 @@ def test_capacity_totals_pool_transfer_and_fits_by_hand() -> None:
     # pool: K and V, 10,000 rows of (256 - 1) fp32 values each
     assert c["gpu_pool_bytes"] == 2 * 10_000 * 255 * 4 == 20_400_000 and f["gpu_pool_bytes"] == 0
     # batch = 16 B/user (offsets, lengths) + zero block (8) + records 8-aligned: the serving benchmark's bytes
-    # (benchmarks/results/decode_latency_cpu_dryrun.json, fetch, L 50, B 512: 229,384 B)
+    # (benchmarks/results/decode_latency/decode_latency_cpu_dryrun.json, fetch, L 50, B 512: 229,384 B)
     assert c["batch"]["bytes_mean"] == 512 * (432 + 16) + 8 == 229_384
     assert c["batch"]["ms_mean"] == pytest.approx(229_384 / 50e9 * 1e3 + 0.020)
     big = capacity_plan(1, point(1000), CacheFormat(), batch=b)["collective"]["batch"]
@@ -270,9 +270,10 @@ def test_bandwidth_measured_or_labelled_fallback(tmp_path: Path) -> None:
     bw = measured_bandwidth(tmp_path)
     assert not bw.measured and bw.gb_per_s == 51.0 and bw.fixed_us == 20.0
     assert "REFERENCE.md" in bw.source and "fallback" in bw.source and "does not exist" in bw.source
-    (tmp_path / "decode_latency.json").write_text(json.dumps({"dry_run": True, "copy_limits": {}}))
+    (tmp_path / "decode_latency").mkdir()
+    (tmp_path / "decode_latency/decode_latency.json").write_text(json.dumps({"dry_run": True, "copy_limits": {}}))
     assert "dry run" in measured_bandwidth(tmp_path).source
-    (tmp_path / "decode_latency.json").write_text(json.dumps({
+    (tmp_path / "decode_latency/decode_latency.json").write_text(json.dumps({
         "dry_run": False, "machine": {"gpu": "NVIDIA H100 80GB HBM3"},
         "copy_limits": {"pinned": {"large": {}}, "floor_gb_per_s": 53.2, "floor_fixed_ms": 0.018}}))
     bw = measured_bandwidth(tmp_path)
@@ -288,8 +289,8 @@ def test_library_reads_no_results_unless_given_a_directory(tmp_path: Path, monke
     """No directory: no benchmark file is read (the repository's benchmarks/results included), even from
     a working directory that holds one; the CLI's default is benchmarks/results of the working directory."""
     results = tmp_path / "benchmarks" / "results"
-    results.mkdir(parents=True)
-    (results / "decode_latency.json").write_text(json.dumps({
+    (results / "decode_latency").mkdir(parents=True)
+    (results / "decode_latency/decode_latency.json").write_text(json.dumps({
         "dry_run": False, "machine": {"gpu": "G"}, "copy_limits": {"floor_gb_per_s": 40.0, "floor_fixed_ms": 0.01}}))
     monkeypatch.chdir(tmp_path)
     bw = measured_bandwidth(None)

@@ -1,6 +1,6 @@
 """Readers scoring continuously while new store versions are published: no errors, no mixed-version
 reads, no lost records (a short run of benchmarks/concurrent_serving.py; the full one writes
-benchmarks/results/concurrent_serving.json)."""
+benchmarks/results/concurrent_serving/concurrent_serving.json)."""
 
 from __future__ import annotations
 

@@ -40,16 +40,16 @@ the batch in pieces and launches the kernel once per piece as it lands (:mod:`ca
 
 Measured on an H100 (``benchmarks/decode_latency.py``, B 512, L 1000): one CUDA-graph replay of the
 copies + q projection + this kernel + MLP takes 0.171 ms with the fp16 store and pool rows and 0.245 ms
-with fp32 throughout, the copy in 3 pieces beside the kernel (``benchmarks/results/decode_latency.json``,
-``decode_latency_fp32.json``), against 1.25 ms for a CUDA graph over unpack + poolscore
+with fp32 throughout, the copy in 3 pieces beside the kernel (``benchmarks/results/decode_latency/decode_latency.json``,
+``decode_latency/decode_latency_fp32.json``), against 1.25 ms for a CUDA graph over unpack + poolscore
 (``docs/serving.md``, "GPU results");
-splitting histories halved the replay at B 1–64 (``decode_latency_launch3_float{16,32}.json``).
+splitting histories halved the replay at B 1–64 (``decode_latency/decode_latency_launch3_float{16,32}.json``).
 The pool-row reads bound the kernel: at B 512, L 1000 they are 1.05 GB with fp32 rows (a kernel doing
 only them: 0.151 ms, 7.0 TB/s from L2) and 0.52 GB with fp16 rows (0.092 ms;
-``benchmarks/results/fused_kernel_floor.json``) — with fp32 rows 1.6× the PCIe floor of the fp16 batch
+``benchmarks/results/fused_kernel/fused_kernel_floor.json``) — with fp32 rows 1.6× the PCIe floor of the fp16 batch
 by themselves, which is why the pool rows follow the store's precision by default. Timed alone from
 Python (launch cost included), the kernel takes 1.4× (fp32 pools) to 2.3× (fp16) the time of that
-read-only kernel; Nsight Compute: ``benchmarks/results/ncu_fused_B512_L1000.txt``. ``raw`` may also be
+read-only kernel; Nsight Compute: ``benchmarks/results/fused_kernel/ncu_fused_B512_L1000.txt``. ``raw`` may also be
 a pinned host batch, which the kernel then reads over PCIe (mapped, zero-copy) — measured slower than copying first.
 """
 

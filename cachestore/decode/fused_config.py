@@ -34,7 +34,7 @@ class FusedConfig:
     "bfloat16" to override. The defaults (BLOCK_L 16, 1 warp, 2 heads
     per program, auto split) are the fastest setting timed inside the serving graph on an H100
     (``benchmarks/decode_latency.py --compare-launch``, round-robin at L 1000, B 64/256/512, fp32 and fp16
-    pools: ``benchmarks/results/decode_latency_launch{,2,3}_float{16,32}.json``): at B 512 0.174 ms (fp16
+    pools: ``benchmarks/results/decode_latency/decode_latency_launch{2,3}_float{16,32}.json``): at B 512 0.174 ms (fp16
     pools) and 0.244 ms (fp32) against 0.206 and 0.267 ms for BLOCK_L 32, 2 warps, 2 parts.
     The kernel timed alone from Python (``benchmarks/fused_kernel.py``) includes each launch's CPU cost,
     which the graph does not pay, so tune in the graph.
@@ -66,7 +66,7 @@ ALL_BYTES = ((-1, 1 << 62),)  # one launch for every user (record ends in (-1, 2
 
 # split_parts' budget of programs per SM: with the 1-warp default launch, 64 (two waves of an H100 SM's 32
 # resident blocks) was fastest inside the serving graph at B 64-512, L 1000 (8 parts at B 512 against 2 under
-# a budget of 16: benchmarks/results/decode_latency_launch3_float{16,32}.json)
+# a budget of 16: benchmarks/results/decode_latency/decode_latency_launch3_float{16,32}.json)
 PROGRAMS_PER_SM = 64
 
 

@@ -7,7 +7,7 @@ fixed shape — n_users B, padded length L (``pad_to``), candidates per user C, 
 device side is shape-static and free of host syncs, so it is captured into ``torch.cuda.CUDAGraph``s over
 static tensors and replayed per request. The host-to-device copies are captured too (one launch per
 request; measured on an H100, copy + replay issued separately from Python took 0.43 ms at B 512, L 1000
-against 0.33 ms with the copy in the graph, ``benchmarks/results/decode_latency.json``):
+against 0.33 ms with the copy in the graph, ``benchmarks/results/decode_latency/decode_latency.json``):
 
     graph for (host buffer, copy size S):
       copy_start; static raw[:S] (device uint8) ← host buffer[:S] (pinned);
@@ -94,17 +94,17 @@ class GraphedDecoder:
     none under 256 KiB) copied on a forked stream inside the graph, and the kernel is launched once per
     piece for the users whose records end in it, right after that piece lands — the copy of piece c + 1
     runs beside the decode of piece c. Measured on an H100 at L 1000 (round-robin in one process,
-    ``benchmarks/results/decode_latency_overlap_store_float{16,32}.json``), K = 3 was the fastest or within
+    ``benchmarks/results/decode_latency/decode_latency_overlap_store_float{16,32}.json``), K = 3 was the fastest or within
     3% of it: B 512 0.216 → 0.170 ms (fp16 store and pools; K 4 0.179), 0.358 → 0.257 (fp32; K 4 0.246);
     B 256 0.139 → 0.123; B 64 even; K = 6 was slower (short launches). 1 turns it off. The candidates go
     first on the copy stream because, copied on the main stream, they could be queued behind the whole
     batch, and then no launch overlapped the copy (a replay queued behind other GPU work: 0.231 vs 0.180 ms,
-    fp16, B 512; ``benchmarks/results/graph_overlap_fetch_checks.md``). concurrent (default True): each
+    fp16, B 512). concurrent (default True): each
     piece's launch on a stream of its own (forked after the query projection, joined before the combine and
     the MLP), so it need not wait for the previous launch's tail: B 512 0.309 → 0.289 ms (fp32), 0.230 → 0.215
     (fp16), B 64 even (``decode_latency_concurrent_float{32,16}.json``); False: one after another on the graph's stream.
     (Separate graphs per user chunk, and the kernel reading the pinned batch over PCIe itself, were
-    measured slower: ``benchmarks/results/decode_latency_nosplit.json``, ``decode_latency_mapped_*.json``.)
+    measured slower: ``benchmarks/results/decode_latency/decode_latency_nosplit.json``, ``decode_latency/decode_latency_mapped_*.json``.)
     """
 
     def __init__(self, resident: ResidentZooModel, layout: EntryLayout, *, n_users: int, pad_to: int,

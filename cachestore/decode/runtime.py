@@ -102,7 +102,7 @@ router index bounds only).
     up and writes a gather table, the graph gathers the records from the store's LMDB map (registered with
     CUDA: the store file's pages stay pinned in host memory while the runtime serves). On an H100 host at
     L 1,000, B 512 it took a request from 2.09 to 1.47 ms (fetch 1.34 → 0.79 ms, replay 0.18 → 0.21 ms;
-    ``benchmarks/results/zero_copy.json``); at L 50 it gains nothing (small records are cheap to copy).
+    ``benchmarks/results/zero_copy/zero_copy.json``); at L 50 it gains nothing (small records are cheap to copy).
     catalogue: the model's raw → dense item ids (:class:`cachestore.store.item_ids.ItemIds`, from the
     checkpoint's item catalogue) for :meth:`score_raw`; None: the identity (raw id = dense id).
     :meth:`score` takes dense ids (the model's embedding rows).

@@ -32,9 +32,9 @@ from pipeline.reports.capacity import (
     reference_bandwidth,
 )
 
-DECODE_GPU = "decode_latency.json"
-DECODE_CPU_DRYRUN = "decode_latency_cpu_dryrun.json"
-PREFILL_CPU = "prefill_cpu.json"
+DECODE_GPU = "decode_latency/decode_latency.json"
+DECODE_CPU_DRYRUN = "decode_latency/decode_latency_cpu_dryrun.json"
+PREFILL_CPU = "prefill/prefill_cpu.json"
 
 
 def is_store(path: str | os.PathLike) -> bool:
