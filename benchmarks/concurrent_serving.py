@@ -13,8 +13,8 @@ within a record, within a batch, or going back to an older version — is detect
   runtime was opened on, never older than a version seen before, every user present (records lost),
   every logit finite. The score latency (fetch + transfer + decode) of every batch is recorded.
 
-Writes ``benchmarks/results/concurrent_serving/concurrent_serving.json`` (``--out``): reads, errors, mixed-version reads,
-lost records, p50 / p99 / max latency, publishes and their durations, the machine.
+Writes ``benchmarks/results/concurrent_serving/concurrent_serving.json`` (``--out``): reads, errors,
+mixed-version reads, lost records, p50 / p99 / max latency, publishes and their durations, the machine.
 
     python benchmarks/concurrent_serving.py                       # 8 readers x 3 publishes (defaults)
     python benchmarks/concurrent_serving.py --readers 3 --publishes 2 --users 300 --out /tmp/x.json
@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "concurrent_serving"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -219,7 +220,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=3.0)
     ap.add_argument("--interval", type=float, default=3.0)
     ap.add_argument("--tail", type=float, default=3.0)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "concurrent_serving/concurrent_serving.json"))
+    ap.add_argument("--out", default=str(RESULTS / "concurrent_serving.json"))
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="ckv-conc-") as tmp:
         res = run(Path(tmp) / "store", readers=args.readers, publishes=args.publishes, users=args.users,

@@ -670,7 +670,7 @@ def main() -> None:
     args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 5)
     args.repeats = args.repeats if args.repeats is not None else (5 if args.quick else 30)
     args.repeats_full = max(3, args.repeats // 3) if dry else args.repeats
-    out = args.out or RESULTS / ("decode_latency/decode_latency_cpu_dryrun.json" if dry else "decode_latency/decode_latency.json")
+    out = args.out or RESULTS / "decode_latency" / ("decode_latency_cpu_dryrun.json" if dry else "decode_latency.json")
     pin = device.type == "cuda"
     if args.threads or dry:
         torch.set_num_threads(args.threads or 1)

@@ -1,6 +1,7 @@
 """Where the LMDB fetch + pack of a 512-user batch goes, on one CPU core (issue target: <= 1 ms).
 
-    python benchmarks/fetch_breakdown.py [--lengths 50,1000] [--out benchmarks/results/fetch_breakdown/fetch_breakdown.json]
+    python benchmarks/fetch_breakdown.py [--lengths 50,1000]
+                                         [--out benchmarks/results/fetch_breakdown/fetch_breakdown.json]
 
 Builds the same stores as ``benchmarks/decode_latency.py``'s fetch part (100,000 users at L <= 100,
 else 20,000; every page touched once first, as in a long-running server), pins the process to one

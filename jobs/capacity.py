@@ -36,13 +36,13 @@ DEFAULT_RESULTS_DIR = Path("benchmarks/results")
               help="behaviours cached per user (default: the store's max_len; none for a file / quantiles)")
 @click.option("--batch", type=int, default=512, show_default=True, help="users per request batch")
 @click.option("--bandwidth", "bw_spec", default="measured", show_default=True,
-              help="host->GPU GB/s, or 'measured' (benchmarks/results/decode_latency/decode_latency.json; falls back to "
+              help="host->GPU GB/s, or 'measured' (decode_latency/*.json of --results-dir; falls back to "
                    "REFERENCE.md's H100 51-55 GB/s, labelled)")
 @click.option("--latency-us", type=float, default=None, help="fixed per-copy latency (default 20 us or measured)")
 @click.option("--host-mem-gib", type=float, default=512.0, show_default=True, help="host memory budget")
 @click.option("--gpu-mem-gib", type=float, default=80.0, show_default=True, help="GPU memory budget")
 @click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_RESULTS_DIR,
-              show_default=True, help="benchmark results directory (decode_latency/decode_latency.json etc.), read only")
+              show_default=True, help="benchmark results directory (decode_latency/*.json etc.), read only")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of the table")
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="also write the JSON to this file")

@@ -55,7 +55,7 @@ def size_cmd(store_root: Path, baseline: Path | None, d_attn: int | None, as_jso
               help="sampled users of the analysis")
 @click.option("--bandwidth", "bw_spec", default="measured", show_default=True, help="GB/s or 'measured'")
 @click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_RESULTS_DIR,
-              show_default=True, help="benchmark results directory (decode_latency/decode_latency.json etc.), read only")
+              show_default=True, help="benchmark results directory (decode_latency/*.json etc.), read only")
 def html_cmd(store_root: Path, checkpoint: Path, histories: Path | None, baseline: Path | None,
              baseline_checkpoint: Path | None, out: Path, project_users: int, analysis_users: int, bw_spec: str,
              results_dir: Path | None) -> None:

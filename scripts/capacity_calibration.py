@@ -84,7 +84,8 @@ def main() -> None:
     p.add_argument("--users", type=int, default=100_000)
     p.add_argument("--full-users", type=int, default=3_000)
     p.add_argument("--store", action="append", default=[], help="existing stores to measure as well")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/capacity_calibration/capacity_calibration.json")
+    p.add_argument("--out", type=Path,
+                   default=ROOT / "benchmarks/results/capacity_calibration/capacity_calibration.json")
     a = p.parse_args()
     t0 = time.time()
     results = []

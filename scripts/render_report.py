@@ -1,6 +1,7 @@
 """Render an HTML report in headless Chromium and save a screenshot (checks that the page renders).
 
-    python scripts/render_report.py report.html [--out benchmarks/results/html_report/report_screenshot.png] [--height 4000]
+    python scripts/render_report.py report.html [--height 4000]
+        [--out benchmarks/results/html_report/report_screenshot.png]
 
 Needs a chromium binary (Debian: ``apt-get install -y chromium``); the test suite does not (it checks the
 HTML structure instead). Exit status 1 if Chromium fails or writes no PNG.

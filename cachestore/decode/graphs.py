@@ -94,8 +94,8 @@ class GraphedDecoder:
     none under 256 KiB) copied on a forked stream inside the graph, and the kernel is launched once per
     piece for the users whose records end in it, right after that piece lands — the copy of piece c + 1
     runs beside the decode of piece c. Measured on an H100 at L 1000 (round-robin in one process,
-    ``benchmarks/results/decode_latency/decode_latency_overlap_store_float{16,32}.json``), K = 3 was the fastest or within
-    3% of it: B 512 0.216 → 0.170 ms (fp16 store and pools; K 4 0.179), 0.358 → 0.257 (fp32; K 4 0.246);
+    ``benchmarks/results/decode_latency/decode_latency_overlap_store_float{16,32}.json``), K = 3 was the fastest or
+    within 3% of it: B 512 0.216 → 0.170 ms (fp16 store and pools; K 4 0.179), 0.358 → 0.257 (fp32; K 4 0.246);
     B 256 0.139 → 0.123; B 64 even; K = 6 was slower (short launches). 1 turns it off. The candidates go
     first on the copy stream because, copied on the main stream, they could be queued behind the whole
     batch, and then no launch overlapped the copy (a replay queued behind other GPU work: 0.231 vs 0.180 ms,
@@ -104,7 +104,8 @@ class GraphedDecoder:
     the MLP), so it need not wait for the previous launch's tail: B 512 0.309 → 0.289 ms (fp32), 0.230 → 0.215
     (fp16), B 64 even (``decode_latency_concurrent_float{32,16}.json``); False: one after another on the graph's stream.
     (Separate graphs per user chunk, and the kernel reading the pinned batch over PCIe itself, were
-    measured slower: ``benchmarks/results/decode_latency/decode_latency_nosplit.json``, ``decode_latency/decode_latency_mapped_*.json``.)
+    measured slower: ``benchmarks/results/decode_latency/decode_latency_nosplit.json``,
+    ``decode_latency/decode_latency_mapped_*.json``.)
     """
 
     def __init__(self, resident: ResidentZooModel, layout: EntryLayout, *, n_users: int, pad_to: int,

@@ -2,7 +2,8 @@
 
 Why: :meth:`cachestore.decode.batch.HostBatcher.fetch` copies every record into a pinned buffer on one CPU core.
 At B = 512, L = 1,000 that is 4 MB of random 8 KB reads, bound by the core's memory bandwidth: an H100
-host's core did the 512 ``get``s in 0.54 ms and a bare copy of 512 random 8 KB slices in 0.78 ms. Here the CPU does the lookups and writes a small
+host's core did the 512 ``get``s in 0.54 ms and a bare copy of 512 random 8 KB slices in 0.78 ms.
+Here the CPU does the lookups and writes a small
 table instead; the GPU reads the records over PCIe from the page cache itself.
 
 How:
