@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -11,6 +12,9 @@ import click
 # the CLI's default place for benchmark results (the library has none): benchmarks/results of the
 # working directory, which is the repository root for `make demo` and the docs' commands
 DEFAULT_RESULTS_DIR = Path("benchmarks/results")
+# the history lengths planned for when neither --length-dist nor --store is given: the paper's MicroVideo
+# dataset (mean 150, p50 122, p90 253 behaviours, capped at 1,000), stated in the output
+DEFAULT_LENGTH_DIST = "150,122,253,1000"
 
 
 @click.command("capacity")
@@ -18,7 +22,8 @@ DEFAULT_RESULTS_DIR = Path("benchmarks/results")
               help="users to plan for (default: the user count of --store / --length-dist STORE)")
 @click.option("--length-dist", "length_spec", default=None, metavar="STORE|FILE|mean,p50,p90,max",
               help="history lengths: a published store (its cached lengths), a histories Parquet (file, dir or "
-                   "dataset), or mean,p50,p90,max (log-normal fitted to p50/p90, truncated at max)")
+                   "dataset), or mean,p50,p90,max (log-normal fitted to p50/p90, truncated at max); default with "
+                   f"neither this nor --store: {DEFAULT_LENGTH_DIST} (the paper's MicroVideo histories)")
 @click.option("--store", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="a real store: its layout gives the defaults below and its measured LMDB overhead calibrates "
                    "the matching column (default: --length-dist when that is a store)")
@@ -60,11 +65,15 @@ def capacity(users: int | None, length_spec: str | None, store: Path | None, d_a
     try:
         if store is None and length_spec is not None and is_store(length_spec):
             store = Path(length_spec)
+        default_dist = length_spec is None and store is None
+        if default_dist and users is None:
+            raise ValueError("give --users N (and optionally --length-dist), or --store / --length-dist STORE")
         if length_spec is None:
-            if store is None:
-                raise ValueError("give --length-dist (STORE, FILE or mean,p50,p90,max) or --store")
-            length_spec = str(store)
+            length_spec = DEFAULT_LENGTH_DIST if default_dist else str(store)
         dist = length_dist(length_spec)
+        if default_dist:
+            dist = replace(dist, note=f"default length distribution {DEFAULT_LENGTH_DIST} (mean,p50,p90,max: the "
+                                      f"paper's MicroVideo histories; --length-dist to change): {dist.note}")
         opts = {"d_attn": d_attn, "d_user": d_user, "pool_size": pool_size, "kv_dtype": kv_dtype,
                 "full_kv_dtype": full_kv_dtype, "index_dtype": index_dtype, "max_len": max_len}
         if share is not None:

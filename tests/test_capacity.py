@@ -320,3 +320,17 @@ def test_cli_capacity(movielens_stores: dict, tmp_path: Path) -> None:
     assert res.exit_code == 1 and "mean,p50,p90,max" in res.output
     res = runner.invoke(capacity_cmd, ["--length-dist", "150,122,253,1000"])
     assert res.exit_code == 1 and "--users" in res.output
+
+
+def test_cli_capacity_users_alone_uses_the_stated_default_lengths(tmp_path: Path) -> None:
+    runner = CliRunner()
+    res = runner.invoke(capacity_cmd, ["--users", "300000000", "--results-dir", str(tmp_path), "--json"])
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.output)
+    given = runner.invoke(capacity_cmd, ["--users", "300000000", "--length-dist", "150,122,253,1000",
+                                         "--results-dir", str(tmp_path), "--json"])
+    assert json.loads(given.output)["collective"] == plan["collective"]  # the default is exactly these numbers
+    table = runner.invoke(capacity_cmd, ["--users", "300000000", "--results-dir", str(tmp_path)]).output
+    assert "default length distribution 150,122,253,1000" in table and "MicroVideo" in table
+    res = runner.invoke(capacity_cmd, ["--results-dir", str(tmp_path)])
+    assert res.exit_code == 1 and "--users" in res.output
