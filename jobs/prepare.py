@@ -67,6 +67,14 @@ def data() -> None:
     "--valid-frac", type=float, default=0.1, show_default=True, help="Fraction of events (by time) for valid."
 )
 @click.option("--test-frac", type=float, default=0.1, show_default=True, help="Fraction of events (by time) for test.")
+@click.option("--split", type=click.Choice(["global", "per-user"]), default="global", show_default=True,
+              help="global: one time cut for every user (--valid-frac/--test-frac); per-user: each user's last "
+              "--user-test-events events are test, the --user-valid-events before them valid (leave-last-k-out).")
+@click.option("--user-valid-events", type=int, default=10, show_default=True,
+              help="--split per-user: valid events per user (a user with fewer than valid + test + 1 events: "
+              "all train).")
+@click.option("--user-test-events", type=int, default=10, show_default=True,
+              help="--split per-user: test events per user (each user's last ones).")
 @click.option(
     "--catalogue",
     type=click.Path(exists=True, path_type=Path),
@@ -76,7 +84,7 @@ def data() -> None:
 )
 @click.option("--new-catalogue", is_flag=True, help="Start a fresh item catalogue (dense ids by ascending raw id).")
 def prepare_cmd(events: Path, out: Path, overwrite: bool, **options: Any) -> None:
-    """Validate an event log and write the canonical dataset (histories, items, time-split samples)."""
+    """Validate an event log and write the canonical dataset (histories, items, train/valid/test samples)."""
     from pipeline.data.dataset_schema import DataError
     from pipeline.data.prepare import prepare, summary
     from pipeline.store.safe_output import OutputError
@@ -92,7 +100,7 @@ def prepare_cmd(events: Path, out: Path, overwrite: bool, **options: Any) -> Non
 
 def prepare_config(events: Path, out: Path, *, overwrite: bool = False, **options: Any) -> Any:
     """The :class:`pipeline.data.prepare.PrepareConfig` of `ckv data prepare`'s options (the column mapping,
-    the split fractions, the catalogue choice); the one place the CLI builds it (`ckv refresh` too).
+    the split, the catalogue choice); the one place the CLI builds it (`ckv refresh` too).
 
     The click rule defaults to rating >= 4 on ``rating`` when no --label-col is given."""
     from pipeline.data.prepare import PrepareConfig

@@ -24,6 +24,7 @@ from pipeline.data.dataset_schema import (
     CanonicalDataset,
     DataError,
 )
+from pipeline.data.split import SPLIT_KINDS, global_assignment, per_user_assignment, per_user_meta
 
 INT32_MAX = np.iinfo(np.int32).max
 
@@ -151,18 +152,15 @@ def build_histories(user: np.ndarray, item: np.ndarray, ts: np.ndarray, label: n
 
 
 def build_samples(user: np.ndarray, item: np.ndarray, ts: np.ndarray, label: np.ndarray, hist_len: np.ndarray,
-                  boundaries: tuple[int, int]) -> tuple[dict[str, pa.Table], dict[str, Any]]:
-    """(split → samples table, split → counts): every event, sorted by (timestamp, user, item, row), cut at
-    the split times ``boundaries`` (valid start, test start)."""
-    n = len(user)
+                  assign: np.ndarray) -> tuple[dict[str, pa.Table], dict[str, Any]]:
+    """(split → samples table, split → counts): every event, sorted by (timestamp, user, item, row), in the
+    split its code in ``assign`` names (0 train, 1 valid, 2 test: :mod:`pipeline.data.split`)."""
     s_order = stable_order(ts, user, item)
-    s_ts = ts[s_order]
-    valid_start, test_start = boundaries
-    cuts = [0, int(np.searchsorted(s_ts, valid_start)), int(np.searchsorted(s_ts, test_start)), n]
+    s_assign = assign[s_order]
     samples: dict[str, pa.Table] = {}
     counts: dict[str, Any] = {}
-    for split, lo, hi in zip(SPLITS, cuts[:-1], cuts[1:], strict=True):
-        idx = s_order[lo:hi]
+    for code, split in enumerate(SPLITS):
+        idx = s_order[s_assign == code]
         samples[split] = pa.Table.from_arrays(
             [
                 pa.array(user[idx], pa.int64()),
@@ -183,6 +181,22 @@ def build_samples(user: np.ndarray, item: np.ndarray, ts: np.ndarray, label: np.
     return samples, counts
 
 
+def split_events(user: np.ndarray, ts: np.ndarray, split: str, valid_frac: float, test_frac: float,
+                 per_user: tuple[int, int]) -> tuple[np.ndarray, dict[str, Any], list[float] | None]:
+    """(split code per event, meta["splits"], split fractions or None) of ``split`` ("global": the time cut
+    at ``valid_frac`` / ``test_frac``; "per-user": the last ``per_user`` = (valid, test) events of every
+    user; :mod:`pipeline.data.split`)."""
+    if split == "global":
+        valid_start, test_start = split_boundaries(ts, valid_frac, test_frac)
+        return (global_assignment(ts, valid_start, test_start),
+                {"kind": "global", "valid_start": valid_start, "test_start": test_start},
+                [round(1.0 - valid_frac - test_frac, 10), valid_frac, test_frac])
+    if split != "per-user":
+        raise DataError(f"split {split!r}: expected one of {SPLIT_KINDS}")
+    order = stable_order(user, ts)
+    return per_user_assignment(order, user[order], *per_user), per_user_meta(*per_user), None
+
+
 def build_dataset(
     events: pd.DataFrame,
     pairs: pd.DataFrame | None = None,
@@ -190,12 +204,17 @@ def build_dataset(
     valid_frac: float = 0.1,
     test_frac: float = 0.1,
     catalogue: ItemCatalogue | None = None,
+    split: str = "global",
+    per_user: tuple[int, int] = (10, 10),
 ) -> CanonicalDataset:
     """Pure build. `events`: columns user, item, timestamp (int64), label (int8), input row order.
 
-    Dense item ids come from `catalogue` extended with the event log's new items (None: a fresh
-    catalogue, items in ascending raw id order). meta gets everything but `label_rule` and
-    `source` (left None for the caller to fill).
+    ``split``: "global" (a time cut at ``valid_frac`` / ``test_frac``) or "per-user" (each user's last
+    ``per_user`` = (valid, test) events; :mod:`pipeline.data.split`). Dense item ids come from `catalogue`
+    extended with the event log's new items (None: a fresh catalogue, items in ascending raw id order),
+    whatever the split: items and genres seen only in valid/test events get ids too (their embeddings stay
+    at their initial values, since no training sample's target or history holds them). meta gets
+    everything but `label_rule` and `source` (left None for the caller to fill).
     """
     n = len(events)
     if n == 0:
@@ -212,8 +231,8 @@ def build_dataset(
     items, cat = build_items(cat, pairs)
     genres = list(cat.genres)
     histories, hist_len, n_users = build_histories(user, item, ts, label)
-    valid_start, test_start = split_boundaries(ts, valid_frac, test_frac)
-    samples, split_counts = build_samples(user, item, ts, label, hist_len, (valid_start, test_start))
+    assign, splits, fractions = split_events(user, ts, split, valid_frac, test_frac, per_user)
+    samples, split_counts = build_samples(user, item, ts, label, hist_len, assign)
     counts: dict[str, Any] = {
         "events": n,
         "users": n_users,
@@ -230,8 +249,8 @@ def build_dataset(
         "n_items": cat.n_items,
         "n_genres": len(genres),
         "genres": genres,
-        "splits": {"valid_start": valid_start, "test_start": test_start},
-        "split_fractions": [round(1.0 - valid_frac - test_frac, 10), valid_frac, test_frac],
+        "splits": splits,
+        "split_fractions": fractions or [round(split_counts[k]["samples"] / n, 6) for k in SPLITS],
         "label_rule": None,
         "source": None,
         "counts": counts,

@@ -3,7 +3,9 @@
 Directory layout (all Parquet written with pyarrow; types exact):
 
     OUT/meta.json            {"schema_version": 2, "n_users", "n_items", "n_genres", "genres",
-                              "splits": {"valid_start", "test_start"}, "split_fractions",
+                              "splits": {"kind": "global", "valid_start", "test_start"} or
+                                        {"kind": "per-user", "valid_events", "test_events", "min_events"},
+                              "split_fractions",
                               "label_rule", "source": {"events", "items", "sha256"}, "counts",
                               "catalogue": {"file", "sha256", "previous_sha256", "new_items"}}
     OUT/catalogue.parquet    the item catalogue (cachestore/store/catalogue.py): raw id <-> dense id, genres
@@ -21,8 +23,10 @@ Directory layout (all Parquet written with pyarrow; types exact):
 
 `meta["genres"][i]` is the name of genre id i + 1. Dense ids are the catalogue's: an item keeps its
 id from day to day, new items are appended. A schema_version 1 dataset (no catalogue) still loads,
-with the identity catalogue (raw id = dense id, as its models were served). Splits are by global time:
-train ts < valid_start <= valid ts < test_start <= test ts. docs/data_schema.md has the details.
+with the identity catalogue (raw id = dense id, as its models were served). Splits are by global time
+(train ts < valid_start <= valid ts < test_start <= test ts; no "kind": a dataset written before the
+per-user split) or per user (each user's last events: pipeline/data/split.py). docs/data_schema.md has
+the details.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cachestore.store.data_error import DataError
+from pipeline.data.split import check_per_user
 
 if TYPE_CHECKING:
     from cachestore.store.catalogue import ItemCatalogue
@@ -204,8 +209,9 @@ def validate_dataset(ds: CanonicalDataset, where: str = "dataset") -> None:
     Checks: meta keys; dense item ids 1..n_items with distinct raw ids (the catalogue's, when the
     dataset has one); genre ids in 1..n_genres;
     one history per user, sorted, lists aligned and time-ordered; samples sorted, inside
-    their split's time range, one per history event, and no leakage (hist_len equals the
-    number of the user's events strictly before the sample's timestamp).
+    their split's time range (global split) or each user's last events (per-user split:
+    :func:`pipeline.data.split.check_per_user`), one per history event, and no leakage (hist_len
+    equals the number of the user's events strictly before the sample's timestamp).
     """
     meta = ds.meta
     missing = [k for k in META_KEYS if k not in meta]
@@ -241,13 +247,29 @@ def validate_dataset(ds: CanonicalDataset, where: str = "dataset") -> None:
     new_user[offsets[1:-1]] = True
     _check(bool(np.all((step >= 0) | new_user[1:])), where, "history timestamps not time-ordered")
 
-    valid_start, test_start = meta["splits"]["valid_start"], meta["splits"]["test_start"]
-    bounds = {"train": (None, valid_start), "valid": (valid_start, test_start), "test": (test_start, None)}
+    _check_splits(ds, users, offsets, h_ts, where)
+
+
+def _check_splits(ds: CanonicalDataset, users: np.ndarray, offsets: np.ndarray, h_ts: np.ndarray, where: str) -> None:
+    """Every split's samples (:func:`_check_samples`), one sample per history event, and the split kind's rule."""
+    n_items = ds.n_items
+    splits = ds.meta["splits"]
+    bounds: dict[str, tuple[int | None, int | None]]
+    if splits.get("kind", "global") == "global":
+        valid_start, test_start = splits["valid_start"], splits["test_start"]
+        bounds = {"train": (None, valid_start), "valid": (valid_start, test_start), "test": (test_start, None)}
+    else:
+        bounds = dict.fromkeys(SPLITS, (None, None))
     total = 0
     for split in SPLITS:
         total += ds.samples[split].num_rows
         _check_samples(ds.samples[split], split, bounds[split], users, offsets, h_ts, n_items, where)
     _check(total == len(h_ts), where, "number of samples != number of history events")
+    if splits.get("kind", "global") != "global":
+        _check(splits.get("kind") == "per-user", where, f"unknown split kind {splits.get('kind')!r}")
+        broken = check_per_user(users, offsets, {k: _np(t["user_id"]) for k, t in ds.samples.items()},
+                                {k: _np(t["timestamp"]) for k, t in ds.samples.items()}, splits)
+        _check(broken is None, where, f"per-user split: {broken}")
 
 
 def _check_samples(t: pa.Table, split: str, bounds: tuple[int | None, int | None], users: np.ndarray,

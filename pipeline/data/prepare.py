@@ -30,6 +30,7 @@ from pipeline.data.dataset_schema import (
     validate_dataset,
 )
 from pipeline.data.events import read_events, read_item_genres
+from pipeline.data.split import SPLIT_KINDS, split_kind
 from pipeline.store.safe_output import OutputKind, check_output_dir, replace_dir
 
 DATASET_OUTPUT = OutputKind("dataset", "ckv data prepare",
@@ -39,7 +40,7 @@ DATASET_OUTPUT = OutputKind("dataset", "ckv data prepare",
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    """Inputs, column names and split fractions of `ckv data prepare`.
+    """Inputs, column names and split of `ckv data prepare`.
 
     Exactly one of `label_col` (0/1 values) or `rating_col` (label = rating >= rating_threshold)
     must be set. `items_item_col` defaults to `item_col`.
@@ -57,8 +58,11 @@ class PrepareConfig:
     items_item_col: str | None = None
     item_feature_col: str = "genres"
     feature_sep: str = "|"
-    valid_frac: float = 0.1
+    valid_frac: float = 0.1  # global split: fraction of events (by time) for valid
     test_frac: float = 0.1
+    split: str = "global"  # "global" (one time cut) or "per-user" (leave-last-k-out: pipeline/data/split.py)
+    user_valid_events: int = 10  # per-user split: each user's events before the test ones for valid
+    user_test_events: int = 10  # per-user split: each user's last events for test
     catalogue: Path | None = None  # previous catalogue: a catalogue.parquet, a dataset or a checkpoint dir
     new_catalogue: bool = False  # start a fresh catalogue even if `out` holds one
     overwrite: bool = False  # replace an existing dataset at `out` (never anything else)
@@ -68,6 +72,11 @@ class PrepareConfig:
             raise DataError("give either a previous catalogue (--catalogue) or --new-catalogue, not both")
         if not (0 <= self.valid_frac < 1 and 0 <= self.test_frac < 1 and self.valid_frac + self.test_frac < 1):
             raise DataError(f"split fractions valid={self.valid_frac}, test={self.test_frac}: need 0 <= each, sum < 1")
+        if self.split not in SPLIT_KINDS:
+            raise DataError(f"split {self.split!r}: expected one of {SPLIT_KINDS}")
+        if self.user_valid_events < 1 or self.user_test_events < 1:
+            raise DataError(f"per-user split: valid events {self.user_valid_events}, test events "
+                            f"{self.user_test_events}: need >= 1 each")
 
     @property
     def event_columns(self) -> dict[str, Any]:
@@ -150,7 +159,8 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     events = read_events(config.events, **config.event_columns)
     pairs = None if config.items is None else read_item_genres(config.items, **config.item_columns)
     ds = build_dataset(events, pairs, valid_frac=config.valid_frac, test_frac=config.test_frac,
-                       catalogue=previous_catalogue(config))
+                       catalogue=previous_catalogue(config), split=config.split,
+                       per_user=(config.user_valid_events, config.user_test_events))
     ds.meta["label_rule"] = config.label_rule
     ds.meta["source"] = {
         "events": str(config.events),
@@ -174,7 +184,12 @@ def summary(meta: dict[str, Any]) -> str:
         lines.append(
             f"  {split:<5} {s['samples']:>10,} samples  {s['users']:>8,} users  positive rate {s['positive_rate']:.3f}"
         )
-    lines.append(f"  valid_start {meta['splits']['valid_start']}  test_start {meta['splits']['test_start']}")
+    sp = meta["splits"]
+    if split_kind(meta) == "global":
+        lines.append(f"  global time split: valid_start {sp['valid_start']}  test_start {sp['test_start']}")
+    else:
+        lines.append(f"  per-user split: each user's last {sp['test_events']} events test, the {sp['valid_events']} "
+                     f"before valid (users with >= {sp['min_events']} events)")
     cat = meta.get("catalogue")
     if cat:
         base = "a fresh catalogue" if cat["previous_sha256"] is None else f"extends {cat['previous_sha256'][:12]}"
