@@ -5,6 +5,9 @@
 - GAUC = Σ_u n_u · AUC_u / Σ_u n_u over users u that have both labels, n_u = the user's samples
   (the LongCTR / FuxiCTR definition).
 - Logloss = mean binary cross-entropy of probabilities clipped to [eps, 1 - eps].
+
+``per_user_auc`` gives GAUC's parts (users, n_u, AUC_u), from which paired comparisons between two
+models on the same samples are built (:mod:`pipeline.training.paired`).
 """
 
 from __future__ import annotations
@@ -58,6 +61,28 @@ def gauc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> float:
             total += len(yy) * a
             weight += len(yy)
     return float(total / weight) if weight else float("nan")
+
+
+def per_user_auc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GAUC's parts: (user ids ascending (U,), samples n_u (U,), AUC_u (U,)) of the users with both labels;
+    ``gauc == sum(n * auc) / sum(n)`` up to rounding."""
+    u = np.asarray(users).ravel()
+    y = np.asarray(labels).ravel()
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    order = np.argsort(u, kind="mergesort")
+    u, y, s = u[order], y[order], s[order]
+    cuts = np.flatnonzero(np.diff(u)) + 1
+    firsts = u[np.concatenate([[0], cuts])] if len(u) else np.zeros(1, np.int64)
+    keep_u, keep_n, keep_auc = [], [], []
+    for uid, yy, ss in zip(firsts, np.split(y, cuts), np.split(s, cuts), strict=True):
+        a = auc(yy, ss)
+        if len(yy) and not np.isnan(a):
+            keep_u.append(uid)
+            keep_n.append(len(yy))
+            keep_auc.append(a)
+    return (np.asarray(keep_u, dtype=np.int64), np.asarray(keep_n, dtype=np.int64),
+            np.asarray(keep_auc, dtype=np.float64))
 
 
 def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:

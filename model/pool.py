@@ -9,6 +9,7 @@ cost of the (N, pool_size) logits. ``tests/test_model.py`` checks this against t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +72,9 @@ class KVBranch(nn.Module):
         else:
             self.router = None
             self.pool = None
+        # called with the router logits (U, M) and token counts (U,) of every hard-routed prefill while
+        # a :class:`model.diagnostics.RoutingProbe` is attached; None otherwise (no cost)
+        self.probe: Callable[[torch.Tensor, torch.Tensor], None] | None = None
 
     def prefill(self, tokens: TokenBatch, soft: bool) -> BranchState:
         """User part, indices and (if ``soft``) gates for every position; padding → 0."""
@@ -81,7 +85,10 @@ class KVBranch(nn.Module):
         user = tokens.spread(nn.functional.silu(user_u))  # (B, L, d_u)
         assert self.router is not None
         if not soft:
-            routing = route(self.router(tokens.x_unique))  # logits (U, M)
+            logits = self.router(tokens.x_unique)  # (U, M)
+            if self.probe is not None:
+                self.probe(logits, tokens.counts)
+            routing = route(logits)
             return BranchState(user, tokens.spread(routing.idx), None, zero, zero)
         routing, balance = fused_route(tokens.x_unique, self.router.weight, tokens.counts)
         idx = tokens.spread(routing.idx)  # (B, L)

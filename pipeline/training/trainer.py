@@ -24,6 +24,8 @@ from model.metrics import ctr_metrics
 from model.zoo import create_model
 from pipeline.data.dataset_schema import CanonicalDataset
 from pipeline.data.history import HistoryIndex
+from pipeline.training.diagnostics import TrainingDiagnostics
+from pipeline.training.paired import UserAUC
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,8 @@ class TrainConfig:
     eval_batch_size: int = 4096
     device: str = "cpu"
     progress: bool = True
+    diagnostics: bool = True  # record a collective model's routing per epoch and at the end (no effect on training)
+    probe_samples: int = 2048  # training samples whose routing is probed after every epoch
 
 
 @dataclass
@@ -47,10 +51,14 @@ class TrainResult:
     test: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    test_users: UserAUC | None = None  # per-user GAUC parts on the test split (paired comparisons)
+    diagnostics: dict[str, Any] | None = None  # end-of-training routing figures (collective models)
 
     def metrics(self) -> dict[str, Any]:
+        """The run's record (per-user parts excluded: they are written beside it)."""
         return {"best_epoch": self.best_epoch, "valid": self.valid, "test": self.test,
-                "history": self.history, "train_seconds": round(self.seconds, 2)}  # fmt: skip
+                "history": self.history, "train_seconds": round(self.seconds, 2),
+                **({"diagnostics": self.diagnostics} if self.diagnostics else {})}  # fmt: skip
 
 
 def seed_everything(seed: int) -> None:
@@ -125,35 +133,24 @@ def evaluate(
 
 
 def train_model(model: TargetAttentionCTR, dataset: CanonicalDataset, cfg: TrainConfig) -> TrainResult:
-    """Adam on BCE + router losses; early stopping on validation GAUC; best weights restored."""
+    """Adam on BCE + router losses; early stopping on validation GAUC; best weights restored. With
+    ``cfg.diagnostics`` a collective model's routing is recorded too (:mod:`pipeline.training.diagnostics`)."""
     seed_everything(cfg.seed)
     model.to(cfg.device)
     index = HistoryIndex(dataset.histories)
     rng = np.random.default_rng(cfg.seed)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     train = dataset.samples["train"]
-    n_batches = -(-train.num_rows // cfg.batch_size)
+    diag = TrainingDiagnostics.of(model, index, train, cfg.probe_samples, cfg.seed) if cfg.diagnostics else None
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     history: list[dict[str, float]] = []
     t0 = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        sums = np.zeros(3)
-        bar = tqdm(sample_batches(index, train, model.cfg.window_len, cfg.batch_size, rng), total=n_batches,
-                   desc=f"epoch {epoch}/{cfg.epochs}", disable=not cfg.progress, leave=False)  # fmt: skip
-        for b in bar:
-            b = {k: v.to(cfg.device, non_blocking=True) for k, v in b.items()}
-            logits, losses = model(b["items"], b["feedback"], b["lengths"], b["targets"])
-            loss = model.loss(logits, b["labels"], losses)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step = torch.stack([loss.detach(), losses.peak.detach(), losses.balance.detach()]).tolist()  # one sync
-            sums += step
-            bar.set_postfix(loss=f"{step[0]:.4f}")
+        row = {"epoch": epoch, **_train_epoch(model, opt, index, train, cfg, rng, epoch, diag)}
         valid = evaluate(model, index, dataset.samples["valid"], cfg.eval_batch_size)
-        row = {"epoch": epoch, "loss": sums[0] / n_batches, "peak": sums[1] / n_batches,
-               "balance": sums[2] / n_batches, **{f"valid_{k}": v for k, v in valid.items()}}  # fmt: skip
+        row.update({f"valid_{k}": v for k, v in valid.items()})
+        if diag is not None:
+            row.update(diag.epoch_end())
         history.append(row)
         if cfg.progress:
             tqdm.write(
@@ -171,5 +168,33 @@ def train_model(model: TargetAttentionCTR, dataset: CanonicalDataset, cfg: Train
     model.load_state_dict(best[2])
     model.eval()
     valid = evaluate(model, index, dataset.samples["valid"], cfg.eval_batch_size)
-    test = evaluate(model, index, dataset.samples["test"], cfg.eval_batch_size)
-    return TrainResult(model, best[1], valid, test, history, time.perf_counter() - t0)
+    test_samples = dataset.samples["test"]
+    probs = predict(model, index, test_samples, cfg.eval_batch_size)
+    users, labels = test_samples.column("user_id").to_numpy(), test_samples.column("label").to_numpy()
+    seconds = time.perf_counter() - t0
+    return TrainResult(model, best[1], valid, ctr_metrics(users, labels, probs), history, seconds,
+                       test_users=UserAUC.of(users, labels, probs), diagnostics=diag.final() if diag else None)
+
+
+def _train_epoch(model: TargetAttentionCTR, opt: torch.optim.Optimizer, index: HistoryIndex, train: pa.Table,
+                 cfg: TrainConfig, rng: np.random.Generator, epoch: int, diag: TrainingDiagnostics | None
+                 ) -> dict[str, float]:
+    """One pass over the training samples; the epoch's mean loss and router losses."""
+    model.train()
+    n_batches = -(-train.num_rows // cfg.batch_size)
+    sums = np.zeros(3)
+    bar = tqdm(sample_batches(index, train, model.cfg.window_len, cfg.batch_size, rng), total=n_batches,
+               desc=f"epoch {epoch}/{cfg.epochs}", disable=not cfg.progress, leave=False)  # fmt: skip
+    for b in bar:
+        b = {k: v.to(cfg.device, non_blocking=True) for k, v in b.items()}
+        logits, losses = model(b["items"], b["feedback"], b["lengths"], b["targets"])
+        loss = model.loss(logits, b["labels"], losses)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if diag is not None:
+            diag.after_backward()
+        opt.step()
+        step = torch.stack([loss.detach(), losses.peak.detach(), losses.balance.detach()]).tolist()  # one sync
+        sums += step
+        bar.set_postfix(loss=f"{step[0]:.4f}")
+    return {"loss": sums[0] / n_batches, "peak": sums[1] / n_batches, "balance": sums[2] / n_batches}

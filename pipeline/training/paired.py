@@ -1,0 +1,125 @@
+"""Paired comparison of two models on the same test samples: GAUC difference with a bootstrap interval
+over users (numpy only).
+
+A run keeps its per-user GAUC parts (:class:`UserAUC`: user, n_u, AUC_u over the users with both
+labels; GAUC = Σ n_u AUC_u / Σ n_u). For runs A and B trained on the same data,
+
+    Δ = GAUC_A − GAUC_B = Σ_u n_u (AUC_u^A − AUC_u^B) / Σ_u n_u     (u: users both runs score)
+
+and the 95% interval is the 2.5/97.5 percentiles of Δ over ``n_boot`` resamples of the users with
+replacement (a fixed generator seed, so a report is reproducible). Pooled over seeds, each user's
+difference is averaged over the seed pairs first and the same user resampling applies; the interval
+then covers the sampling of users, not the training seeds (their spread is the per-seed Δ list).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model.metrics import per_user_auc
+
+N_BOOT = 1000
+BOOT_SEED = 0
+LEVEL = 0.95
+
+
+@dataclass(frozen=True)
+class UserAUC:
+    """One run's per-user GAUC parts on a split: users (U,) ascending, samples n (U,), AUC (U,)."""
+
+    users: np.ndarray
+    n: np.ndarray
+    auc: np.ndarray
+
+    @classmethod
+    def of(cls, users: np.ndarray, labels: np.ndarray, probs: np.ndarray) -> UserAUC:
+        return cls(*per_user_auc(users, labels, probs))
+
+    @property
+    def gauc(self) -> float:
+        return float((self.n * self.auc).sum() / self.n.sum()) if len(self.n) else float("nan")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"users": self.users.tolist(), "n": self.n.tolist(), "auc": [round(float(a), 6) for a in self.auc]}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> UserAUC:
+        return cls(np.asarray(d["users"], np.int64), np.asarray(d["n"], np.int64), np.asarray(d["auc"], np.float64))
+
+    def save(self, path: str | Path, split: str = "test") -> None:
+        """Write ``{"split", "users", "n", "auc"}`` (compact JSON, through a temp file)."""
+        path = Path(path)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"split": split, **self.to_json()}, separators=(",", ":")) + "\n")
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> UserAUC | None:
+        """The parts saved at ``path``; None when there is no file (a run recorded before they were kept)."""
+        path = Path(path)
+        return cls.from_json(json.loads(path.read_text())) if path.is_file() else None
+
+
+def paired_difference(pairs: Sequence[tuple[UserAUC, UserAUC]], n_boot: int = N_BOOT, seed: int = BOOT_SEED,
+                      level: float = LEVEL) -> dict[str, Any]:
+    """Δ = A − B over ``pairs`` [(A, B), one per seed] with its bootstrap interval over users.
+
+    Returns {"diff", "lo", "hi", "level", "users", "pairs", "resamples", "share_le_0"} (share_le_0: the
+    fraction of resamples with Δ <= 0). Users are those every run scores; their weight is their
+    sample count (the same in every run of one data set)."""
+    if not pairs:
+        raise ValueError("no run pairs to compare")
+    common = pairs[0][0].users
+    for a, b in pairs:
+        common = np.intersect1d(np.intersect1d(common, a.users), b.users)
+    if len(common) == 0:
+        raise ValueError("the runs share no user with both labels")
+    diffs, weights = [], None
+    for a, b in pairs:
+        ia, ib = np.searchsorted(a.users, common), np.searchsorted(b.users, common)
+        diffs.append(a.auc[ia] - b.auc[ib])
+        weights = a.n[ia].astype(np.float64) if weights is None else weights
+    d = np.mean(diffs, axis=0)  # (U,) per-user difference, averaged over the seed pairs
+    assert weights is not None
+    boot = bootstrap_weighted_mean(d, weights, n_boot, seed)
+    lo, hi = np.quantile(boot, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return {"diff": float((weights * d).sum() / weights.sum()), "lo": float(lo), "hi": float(hi), "level": level,
+            "users": int(len(common)), "pairs": len(pairs), "resamples": n_boot,
+            "share_le_0": float(np.mean(boot <= 0))}
+
+
+def bootstrap_weighted_mean(values: np.ndarray, weights: np.ndarray, n_boot: int, seed: int,
+                            chunk: int = 100) -> np.ndarray:
+    """(n_boot,) weighted means Σ w v / Σ w over resamples of the rows with replacement (seeded)."""
+    rng = np.random.default_rng(seed)
+    n = len(values)
+    wv = weights * values
+    out = np.empty(n_boot)
+    for lo in range(0, n_boot, chunk):
+        idx = rng.integers(0, n, size=(min(chunk, n_boot - lo), n))
+        out[lo : lo + idx.shape[0]] = wv[idx].sum(1) / weights[idx].sum(1)
+    return out
+
+
+def paired_report(a_runs: dict[int, UserAUC], b_runs: dict[int, UserAUC]) -> dict[str, Any] | None:
+    """Per seed and pooled A − B over the seeds both sides have (None when they share none):
+    {"seeds", "per_seed": [{"seed", diff, lo, hi, ...}], "pooled": {...}}."""
+    seeds = sorted(set(a_runs) & set(b_runs))
+    if not seeds:
+        return None
+    per_seed = [{"seed": s, **paired_difference([(a_runs[s], b_runs[s])])} for s in seeds]
+    pooled = paired_difference([(a_runs[s], b_runs[s]) for s in seeds])
+    return {"seeds": seeds, "per_seed": per_seed, "pooled": pooled}
+
+
+def fmt_interval(p: dict[str, Any] | None, digits: int = 4) -> str:
+    """"+0.0043 [+0.0011, +0.0075]" (Δ and its interval), or "—"."""
+    if not p:
+        return "—"
+    return f"{p['diff']:+.{digits}f} [{p['lo']:+.{digits}f}, {p['hi']:+.{digits}f}]"
