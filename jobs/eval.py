@@ -3,6 +3,10 @@ dataset, by default the bundled MovieLens. Thin shell over :mod:`pipeline.traini
 
     ckv eval --device cuda                 # the full evaluation, 3 seeds → runs/eval/
     ckv eval --quick --out runs/eval_quick # CPU smoke run: tiny dims, 1 epoch, 1 seed, a subset of the sweeps
+    ckv eval --split per-user              # the bundled MovieLens with every user's last events as test
+
+The report gives mean ± std over seeds, each variant's paired GAUC difference from the full model (same
+seed; bootstrap interval over test users), the collective runs' training diagnostics and per-epoch curves.
 """
 
 from __future__ import annotations
@@ -25,17 +29,32 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
-def bundled_dataset(path: Path) -> Path:
-    """The bundled MovieLens prepared into ``path`` (reused when it is already there)."""
+def bundled_dataset(path: Path, split: str = "global") -> Path:
+    """The bundled MovieLens prepared into ``path`` with ``split`` ("global", or "per-user": each user's
+    last 10 events test, the 10 before valid) (reused when it is already there)."""
     from pipeline.data.prepare import PrepareConfig, prepare
 
     if not (path / "meta.json").is_file():
         prepare(
-            PrepareConfig(
-                events=BUNDLED_EVENTS, items=BUNDLED_ITEMS, out=path, rating_col="rating", rating_threshold=4.0
-            )
+            PrepareConfig(events=BUNDLED_EVENTS, items=BUNDLED_ITEMS, out=path, rating_col="rating",
+                          rating_threshold=4.0, split=split)
         )
     return path
+
+
+def eval_data(data_dir: str | None, split: str | None) -> Path:
+    """``--data`` (its own split; ``--split`` must agree when given) or the bundled MovieLens with ``--split``
+    (runs/movielens_data, runs/movielens_data_per_user)."""
+    import json
+
+    if data_dir is None:
+        split = split or "global"
+        return bundled_dataset(Path("runs/movielens_data" + ("" if split == "global" else "_per_user")), split)
+    meta = json.loads((Path(data_dir) / "meta.json").read_text()) if (Path(data_dir) / "meta.json").is_file() else {}
+    kind = meta.get("splits", {}).get("kind", "global")
+    if split is not None and split != kind:
+        raise click.ClickException(f"--split {split}: {data_dir} has a {kind} split (ckv data prepare --split)")
+    return Path(data_dir)
 
 
 @click.command("eval")
@@ -50,6 +69,9 @@ def bundled_dataset(path: Path) -> Path:
     type=click.Path(file_okay=False),
     help="output directory [default: runs/eval, with --quick runs/eval_quick]",
 )
+@click.option("--split", type=click.Choice(["global", "per-user"]), default=None,
+              help="test split: global time cut, or each user's last events (per-user; ckv data prepare --split) "
+              "[default: the --data dataset's own; the bundled MovieLens: global]")
 @click.option("--quick", is_flag=True, help="smoke run: tiny dims, 1 epoch, 1 seed, a subset of the sweeps")
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda | auto")
 @click.option("--workers", default=1, show_default=True, help="runs trained in parallel processes (same device)")
@@ -87,8 +109,8 @@ def bundled_dataset(path: Path) -> Path:
 @click.option("--progress/--no-progress", default=False)
 @click.option("--report-only", is_flag=True, help="train nothing: report the finished runs, list the pending ones")
 @click.option("--trained-on", default=None, help="with --report-only: device of old run records that do not name it")
-def eval_cmd(data_dir: str | None, out: str | None, quick: bool, device: str, report_only: bool,
-             trained_on: str | None, **kw: Any) -> None:
+def eval_cmd(data_dir: str | None, split: str | None, out: str | None, quick: bool, device: str,
+             report_only: bool, trained_on: str | None, **kw: Any) -> None:
     """Reproduce the paper's tables and figures for every zoo model (resumable; see pipeline/training/zoo_eval.py)."""
     import torch
 
@@ -130,7 +152,7 @@ def eval_cmd(data_dir: str | None, out: str | None, quick: bool, device: str, re
     try:
         settings = _eval_settings(quick, train, common, kw)
         out_dir = Path(out or ("runs/eval_quick" if quick else "runs/eval"))
-        data = Path(data_dir) if data_dir else bundled_dataset(Path("runs/movielens_data"))
+        data = eval_data(data_dir, split)
         click.echo(
             f"ckv eval: {planned_runs(settings)} runs planned on {device} → {out_dir}"
             + (" (QUICK smoke run)" if quick else "")

@@ -234,15 +234,11 @@ def build_dataset(
     assign, splits, fractions = split_events(user, ts, split, valid_frac, test_frac, per_user)
     samples, split_counts = build_samples(user, item, ts, label, hist_len, assign)
     counts: dict[str, Any] = {
-        "events": n,
-        "users": n_users,
-        "items": len(raw_items),
-        "genres": len(genres),
-        "positives": int(label.sum()),
-        "positive_rate": float(label.mean()),
+        "events": n, "users": n_users, "items": len(raw_items), "genres": len(genres),
+        "positives": int(label.sum()), "positive_rate": float(label.mean()),
         "items_without_genres": int(np.sum(np.diff(np.asarray(items["genre_ids"].combine_chunks().offsets)) == 0)),
         **split_counts,
-    }
+    }  # fmt: skip
     meta: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "n_users": n_users,
@@ -254,11 +250,8 @@ def build_dataset(
         "label_rule": None,
         "source": None,
         "counts": counts,
-        "catalogue": {
-            "file": CATALOGUE_FILE,
-            "sha256": cat.sha256,
-            "previous_sha256": None if catalogue is None else catalogue.sha256,
-            "new_items": cat.n_items - previous.n_items,
-        },
+        "catalogue": {"file": CATALOGUE_FILE, "sha256": cat.sha256,
+                      "previous_sha256": None if catalogue is None else catalogue.sha256,
+                      "new_items": cat.n_items - previous.n_items},
     }
     return CanonicalDataset(meta=meta, items=items, histories=histories, samples=samples, catalogue=cat)

@@ -1,9 +1,11 @@
 """Multi-seed comparisons of KV variants on one dataset, and the results table (Markdown + JSON).
 
 Each run trains one (variant, seed), saves its checkpoint under ``OUT/checkpoints/<variant>-seed<k>``
-and contributes test GAUC / AUC / Logloss; the table reports mean ± std over seeds and each
-variant's compression rate CR (:func:`model.cache.compression_rate`, fp16 user parts, fp32 full
-K/V as the denominator).
+and contributes test GAUC / AUC / Logloss (its per-user test GAUC parts go to ``OUT/users/<variant>-seed<k>.json``);
+the table reports mean ± std over seeds and each variant's compression rate CR
+(:func:`model.cache.compression_rate`, fp16 user parts, fp32 full K/V as the denominator), then each
+variant's paired difference from ``full`` (same seed, bootstrap interval over users), the training
+diagnostics of the collective variants and the per-epoch curves (:mod:`pipeline.training.quality_report`).
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ from model.metrics import METRICS
 from pipeline.data.dataset_schema import CanonicalDataset
 from pipeline.store.safe_output import OutputKind, replace_dir
 from pipeline.training.checkpoint import save_checkpoint
+from pipeline.training.paired import UserAUC
+from pipeline.training.quality_report import curve, curves_md, diagnostics_md, diagnostics_stats, paired_md, paired_vs
 from pipeline.training.trainer import TrainConfig, build_model, train_model
 
 EXPERIMENT_OUTPUT = OutputKind("experiment", "ckv experiment",
-                               frozenset({"checkpoints", "results.json", "results.md"}),
+                               frozenset({"checkpoints", "users", "results.json", "results.md"}),
                                signature=("results.json", "checkpoints"))
 
 
@@ -76,6 +80,7 @@ def run_experiment(
 def _run_all(dataset: CanonicalDataset, variants: Sequence[Variant], seeds: Sequence[int], train: TrainConfig,
              out: Path) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
+    users: dict[str, UserAUC] = {}
     for v in variants:
         for seed in seeds:
             print(f"== {v.name} seed {seed}", flush=True)
@@ -84,9 +89,21 @@ def _run_all(dataset: CanonicalDataset, variants: Sequence[Variant], seeds: Sequ
             version = save_checkpoint(
                 out / "checkpoints" / f"{v.name}-seed{seed}", result.model, result.metrics(), dataset.catalogue
             )
-            runs.append({"variant": v.name, "seed": seed, "model_version": version, **result.metrics()})
+            rid = f"{v.name}-seed{seed}"
+            if result.test_users is not None:
+                (out / "users").mkdir(exist_ok=True)
+                result.test_users.save(out / "users" / f"{rid}.json")
+                users[rid] = result.test_users
+            runs.append({"id": rid, "variant": v.name, "seed": seed, "model_version": version, **result.metrics()})
             print(f"   test {result.test}  ({result.seconds:.0f} s)", flush=True)
     summary = summarise(runs, {v.name: v.model for v in variants})
+    full_runs = [r for r in runs if r["variant"] == "full"]
+    for name, entry in summary.items():
+        recs = [r for r in runs if r["variant"] == name]
+        entry["paired_vs_full"] = paired_vs(recs, full_runs, users) if name != "full" and full_runs else None
+        entry["diagnostics"] = diagnostics_stats(recs)
+        entry["curve"] = curve(recs)
+        entry["best_epoch"] = [r["best_epoch"] for r in recs]
     report = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "dataset": dataset.meta.get("source", {}),
@@ -94,6 +111,7 @@ def _run_all(dataset: CanonicalDataset, variants: Sequence[Variant], seeds: Sequ
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
                     "device": torch.cuda.get_device_name() if train.device.startswith("cuda") else "cpu"},
         "variants": {v.name: config_to_dict(v.model) for v in variants},
+        "split": dataset.meta.get("splits"),
         "summary": summary,
         "runs": runs,
     }  # fmt: skip
@@ -139,4 +157,8 @@ def results_markdown(report: dict[str, Any]) -> str:
         "the full row is the fp32 baseline itself).",
         "",
     ]
+    summ = report["summary"]
+    lines += paired_md([(name, s.get("paired_vs_full")) for name, s in summ.items()])
+    lines += diagnostics_md([(name, s.get("diagnostics"), s.get("best_epoch", [])) for name, s in summ.items()])
+    lines += curves_md([(name, s.get("curve", [])) for name, s in summ.items()])
     return "\n".join(lines)

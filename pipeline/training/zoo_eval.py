@@ -14,8 +14,9 @@ Sections (each a set of labelled rows; a row is one model config trained with ev
 
 Runs are identified by (model config, seed, training config): a config that appears in several
 sections is trained once. Each finished run is written to ``OUT/runs/<id>.json`` right away and is
-skipped when the job is run again (resume after an interruption). The report is
-``OUT/results.json`` + ``OUT/results.md`` + ``OUT/fig4_d_user.png`` + ``OUT/fig5_pool.png``.
+skipped when the job is run again (resume after an interruption); its per-user test GAUC parts go to
+``OUT/runs/users/<id>.json`` (the paired comparisons of the report: :mod:`pipeline.training.paired`). The
+report is ``OUT/results.json`` + ``OUT/results.md`` + ``OUT/fig4_d_user.png`` + ``OUT/fig5_pool.png``.
 With ``workers > 1`` runs go to that many processes (spawned; they share the device).
 """
 
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from model.config import ModelConfig, config_to_dict
+from pipeline.training.paired import UserAUC
 from pipeline.training.zoo_eval_plan import (  # noqa: F401  (re-exported: the plan is part of this API)
     AUTO,
     SECTIONS,
@@ -38,7 +40,7 @@ from pipeline.training.zoo_eval_plan import (  # noqa: F401  (re-exported: the p
     quick_settings,
 )
 from pipeline.training.zoo_eval_report import markdown, plot_sweep, summarise
-from pipeline.training.zoo_eval_runs import Job, finished_runs, run_id, run_jobs
+from pipeline.training.zoo_eval_runs import Job, finished_runs, run_id, run_jobs, users_file
 
 
 def run_eval(data_dir: str | Path, settings: EvalSettings, out: str | Path, log: Any = print,
@@ -86,6 +88,11 @@ def run_eval(data_dir: str | Path, settings: EvalSettings, out: str | Path, log:
     jobs = _row_jobs(rows, s, rep, first, job)
     for r in execute(jobs):
         rep.records[r["id"]] = r
+    for rid in rep.records:
+        parts = UserAUC.load(users_file(out / "runs" / f"{rid}.json"))
+        if parts is not None:
+            rep.users[rid] = parts
+    rep.data = dataset_info(data)
     results = summarise(rep)
     results["wall_seconds"] = round(time.perf_counter() - t0, 1)
     _write_results(out, results)
@@ -108,6 +115,14 @@ def _row_jobs(rows: list[Any], s: EvalSettings, rep: EvalReport, first: list[Job
                 jobs.append(j)
         rep.row_runs[(row.section, row.arch, row.label)] = ids
     return jobs
+
+
+def dataset_info(data_dir: str | Path) -> dict[str, Any]:
+    """The split (``meta["splits"]``, kind "global" when unrecorded) and the test split's size of a dataset."""
+    meta = json.loads((Path(data_dir) / "meta.json").read_text())
+    test = meta.get("counts", {}).get("test", {})
+    return {"splits": {"kind": "global", **meta.get("splits", {})}, "test_samples": test.get("samples"),
+            "test_users": test.get("users")}
 
 
 def _write_results(out: Path, results: dict[str, Any]) -> None:

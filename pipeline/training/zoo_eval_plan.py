@@ -151,3 +151,5 @@ class EvalReport:
     row_runs: dict[tuple[str, str, str], list[str]] = field(default_factory=dict)  # (section, arch, label) → ids
     auto: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)  # arch → seed → choice
     trained_on: str | None = None  # device of run records written before records named theirs
+    users: dict[str, Any] = field(default_factory=dict)  # run id → per-user test GAUC parts (UserAUC)
+    data: dict[str, Any] = field(default_factory=dict)  # the dataset's split and test-set sizes

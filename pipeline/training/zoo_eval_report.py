@@ -1,6 +1,7 @@
-"""Tables and plots of `ckv eval`: per-section summaries (mean ± std over seeds), the Markdown
-report and the Figure 4/5 sweeps. Pure formatting over the run records of
-:mod:`pipeline.training.zoo_eval`."""
+"""Tables and plots of `ckv eval`: per-section summaries (mean ± std over seeds; paired differences from
+the full-KV row with bootstrap intervals over users, training diagnostics and per-epoch curves:
+:mod:`pipeline.training.quality_report`), the Markdown report and the Figure 4/5 sweeps. Pure formatting
+over the run records of :mod:`pipeline.training.zoo_eval`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import torch
 
 from model.config import config_to_dict
 from model.metrics import METRICS
+from pipeline.training.paired import fmt_interval
+from pipeline.training.quality_report import add_quality, quality_md, split_line
 
 if TYPE_CHECKING:
     from pipeline.training.zoo_eval_plan import EvalReport
@@ -50,6 +53,8 @@ def summarise(rep: EvalReport) -> dict[str, Any]:
         entry["train_seconds"] = _stats([r["train_seconds"] for r in recs])
         entry["best_epoch"] = [r["best_epoch"] for r in recs]
         sections.setdefault(row.section, []).append(entry)
+    for entries in sections.values():
+        add_quality(entries, rep.records, rep.users)
     auto_cmp = None
     if sections.get("auto") and any(e["x"] is not None for e in sections.get("fig4", [])):
         sweep = [e for e in sections["fig4"] if e["x"] is not None]
@@ -76,12 +81,21 @@ def summarise(rep: EvalReport) -> dict[str, Any]:
             "device": ", ".join(sorted({r.get("device", rep.trained_on or s.train.device)
                                         for r in rep.records.values()})) or s.train.device,
         },
+        "data": rep.data,
         "sections": sections,
         "pending": pending,
         "auto_vs_fixed": auto_cmp,
         "n_runs": len(rep.records),
         "train_seconds_total": round(sum(r["wall_seconds"] for r in rep.records.values()), 1),
     }
+
+
+SECTION_TITLES = {"table1": "Table 1", "table3": "Table 3", "table4": "Table 4", "fig4": "Figure 4",
+                  "fig5": "Figure 5", "auto": "auto d_u"}
+
+
+def _label(section: str, e: dict[str, Any]) -> str:
+    return f"{SECTION_TITLES[section]} {e['arch'].upper()} {e['label']}"
 
 
 def _pm(st: dict[str, float], digits: int = 4) -> str:
@@ -118,6 +132,7 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         _training_line(st),
         "",
+        *([split_line(res["data"]), ""] if split_line(res.get("data", {})) else []),
     ]
     if "table1" in sec:
         lines += _table1(sec["table1"], st["models"], n_seeds)
@@ -141,6 +156,7 @@ def markdown(res: dict[str, Any]) -> str:
             lines += _variant_rows(sec[key], n_seeds)
     if res.get("auto_vs_fixed"):
         lines += _auto_vs_fixed(res["auto_vs_fixed"])
+    lines += quality_md([(_label(key, e), e) for key in SECTION_TITLES for e in sec.get(key, [])])
     if res.get("pending"):
         lines += ["## Pending (not run yet: rerun `ckv eval` with the same options to train them)", "",
                   *[f"- {p}" for p in res["pending"]], ""]
@@ -152,15 +168,15 @@ def _table1(entries: list[dict[str, Any]], models: list[str], n_seeds: int) -> l
     lines = [
         "## Table 1 — full KV vs CollectiveKV",
         "",
-        "| model | variant | d_u | GAUC | AUC | Logloss | CR | Δ GAUC (coll − full) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | variant | d_u | GAUC | AUC | Logloss | CR | Δ GAUC (coll − full) | paired Δ [95% CI] |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for arch in models:
         ent = {e["label"]: e for e in entries if e["arch"] == arch}
         for label in ("full", "collective"):
             e = ent.get(label)
             if e is None:
-                lines.append(f"| {arch.upper()} | {label} | | pending (not run yet) | | | | |")
+                lines.append(f"| {arch.upper()} | {label} | | pending (not run yet) | | | | | |")
                 continue
             delta = ""
             if label == "collective" and "full" in ent:
@@ -170,7 +186,7 @@ def _table1(entries: list[dict[str, Any]], models: list[str], n_seeds: int) -> l
             lines.append(
                 f"| {arch.upper()} | {label} | {'/' if label == 'full' else ','.join(map(str, e['d_user']))}"
                 f" | {_pm(e['gauc'])}{_seeds(e, n_seeds)} | {_pm(e['auc'])} | {_pm(e['logloss'])} | {cr}"
-                f" | {delta} |"
+                f" | {delta} | {fmt_interval((e.get('paired') or {}).get('pooled')) if label != 'full' else ''} |"
             )
     return [*lines, ""]
 

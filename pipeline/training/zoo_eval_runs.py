@@ -35,6 +35,13 @@ def run_id(cfg: ModelConfig, seed: int, train: TrainConfig, sample_fraction: flo
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def users_file(record_file: str | Path) -> Path:
+    """Where a run's per-user test GAUC parts are kept: ``runs/users/<id>.json`` for the record ``runs/<id>.json``
+    (a folder of their own, so that ``runs/*.json`` stays the run records)."""
+    p = Path(record_file)
+    return p.parent / "users" / p.name
+
+
 # ---------------------------------------------------------------------------------------- runs
 @dataclass(frozen=True)
 class Job:
@@ -182,6 +189,9 @@ def execute(job: Job) -> dict[str, Any]:
     record["wall_seconds"] = round(time.perf_counter() - t0, 2)
     out = Path(job.out_file)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if result.test_users is not None:  # before the record, whose file marks the run finished
+        users_file(out).parent.mkdir(exist_ok=True)
+        result.test_users.save(users_file(out))
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1) + "\n")
     tmp.replace(out)
