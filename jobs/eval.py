@@ -11,6 +11,7 @@ seed; bootstrap interval over test users), the collective runs' training diagnos
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -157,7 +158,8 @@ def eval_cmd(data_dir: str | None, split: str | None, out: str | None, quick: bo
             f"ckv eval: {planned_runs(settings)} runs planned on {device} → {out_dir}"
             + (" (QUICK smoke run)" if quick else "")
         )
-        run_eval(data, settings, out_dir, log=click.echo, train=not report_only, trained_on=trained_on)
+        run_eval(data, settings, out_dir, log=click.echo, train=not report_only, trained_on=trained_on,
+                 command=" ".join(["ckv", *sys.argv[1:]]) if sys.argv[1:2] == ["eval"] else None)
     except (DataError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo((out_dir / "results.md").read_text())

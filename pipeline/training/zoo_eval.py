@@ -44,12 +44,13 @@ from pipeline.training.zoo_eval_runs import Job, finished_runs, run_id, run_jobs
 
 
 def run_eval(data_dir: str | Path, settings: EvalSettings, out: str | Path, log: Any = print,
-             train: bool = True, trained_on: str | None = None) -> dict[str, Any]:
+             train: bool = True, trained_on: str | None = None, command: str | None = None) -> dict[str, Any]:
     """Plan, train (resumably) and report every section; returns the results dict.
 
     ``train=False`` (``ckv eval --report-only``) trains nothing: the report covers the finished runs
     only, with the number of seeds behind every row, and lists the rows still pending; ``trained_on``
-    names the device of run records that do not name it themselves."""
+    names the device of run records that do not name it themselves; ``command`` (the command line) is
+    recorded in the report."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     s = settings
@@ -95,6 +96,8 @@ def run_eval(data_dir: str | Path, settings: EvalSettings, out: str | Path, log:
     rep.data = dataset_info(data)
     results = summarise(rep)
     results["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    if command:
+        results["command"] = command
     _write_results(out, results)
     return results
 

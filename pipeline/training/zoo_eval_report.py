@@ -133,6 +133,7 @@ def markdown(res: dict[str, Any]) -> str:
         _training_line(st),
         "",
         *([split_line(res["data"]), ""] if split_line(res.get("data", {})) else []),
+        *([f"Command: `{res['command']}`", ""] if res.get("command") else []),
     ]
     if "table1" in sec:
         lines += _table1(sec["table1"], st["models"], n_seeds)
