@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from model.pool import KVBranch
+from collectivekv.model.pool import KVBranch
 
 CHUNK_ROWS = 8192  # logits rows per softmax pass (bounds the temporary memory)
 

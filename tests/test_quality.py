@@ -13,12 +13,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.config import CollectiveConfig, ModelConfig
-from model.diagnostics import GradientCounter, RoutingProbe, usage_summary
-from model.metrics import gauc, per_user_auc
-from pipeline.data.build import build_dataset
-from pipeline.training.paired import UserAUC, bootstrap_weighted_mean, paired_difference, paired_report
-from pipeline.training.trainer import TrainConfig, build_model, train_model
+from collectivekv.model.config import CollectiveConfig, ModelConfig
+from collectivekv.model.diagnostics import GradientCounter, RoutingProbe, usage_summary
+from collectivekv.model.metrics import gauc, per_user_auc
+from collectivekv.pipeline.data.build import build_dataset
+from collectivekv.pipeline.training.paired import UserAUC, bootstrap_weighted_mean, paired_difference, paired_report
+from collectivekv.pipeline.training.trainer import TrainConfig, build_model, train_model
 
 
 def _runs(seed: int, n_users: int = 30, per_user: int = 12) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -153,7 +153,7 @@ def per_user_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A synthetic event log (50 users × 30 events) prepared by the CLI with the per-user split."""
     from click.testing import CliRunner
 
-    from jobs.cli import main
+    from collectivekv.jobs.cli import main
 
     root = tmp_path_factory.mktemp("pu")
     rng = np.random.default_rng(1)
@@ -174,7 +174,7 @@ def test_ckv_eval_reports_split_paired_interval_and_diagnostics(per_user_dir: Pa
 
     from click.testing import CliRunner
 
-    from jobs.cli import main
+    from collectivekv.jobs.cli import main
 
     out = tmp_path / "ev"
     args = ["eval", "--quick", "--data", str(per_user_dir), "--out", str(out), "--models", "sim",
@@ -203,7 +203,7 @@ def test_ckv_experiment_writes_paired_and_diagnostics(per_user_dir: Path, tmp_pa
 
     from click.testing import CliRunner
 
-    from jobs.cli import main
+    from collectivekv.jobs.cli import main
 
     args = ["experiment", "--data", str(per_user_dir), "--out", str(tmp_path / "x"), "--seeds", "0",
             "--embed-dim", "8", "--d-attn", "16", "--heads", "2", "--pool-size", "32", "--max-len", "10",

@@ -14,10 +14,10 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jobs.prepare import data
-from pipeline.data.build import build_dataset
-from pipeline.data.dataset_schema import SPLITS, CanonicalDataset, DataError, load_dataset, validate_dataset
-from pipeline.data.split import split_kind
+from collectivekv.jobs.prepare import data
+from collectivekv.pipeline.data.build import build_dataset
+from collectivekv.pipeline.data.dataset_schema import SPLITS, CanonicalDataset, DataError, load_dataset, validate_dataset
+from collectivekv.pipeline.data.split import split_kind
 
 ROWS = st.lists(st.tuples(st.integers(1, 5), st.integers(1, 8), st.integers(0, 6), st.integers(0, 1)),
                 min_size=1, max_size=60)

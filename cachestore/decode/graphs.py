@@ -51,18 +51,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cachestore.decode.batch import HostBatch, zero_block_bytes
-from cachestore.decode.copy_plan import DEFAULT_OVERLAP, align8, batch_capacity, copy_buckets, copy_chunks, record_ends
-from cachestore.decode.decode import (
+from collectivekv.cachestore.decode.batch import HostBatch, zero_block_bytes
+from collectivekv.cachestore.decode.copy_plan import DEFAULT_OVERLAP, align8, batch_capacity, copy_buckets, copy_chunks, record_ends
+from collectivekv.cachestore.decode.decode import (
     PATHS,
     ResidentZooModel,
     choose_path,
 )
-from cachestore.decode.fused import ALL_BYTES, DEFAULT_FUSED, FUSED, FusedConfig, uses_fused
-from cachestore.decode.mapped import MappedBatch, gather_records
-from cachestore.decode.static_decode import static_decode, unpack_din
-from cachestore.decode.transfer import TransferCost
-from cachestore.store.entry import EntryLayout
+from collectivekv.cachestore.decode.fused import ALL_BYTES, DEFAULT_FUSED, FUSED, FusedConfig, uses_fused
+from collectivekv.cachestore.decode.mapped import MappedBatch, gather_records
+from collectivekv.cachestore.decode.static_decode import static_decode, unpack_din
+from collectivekv.cachestore.decode.transfer import TransferCost
+from collectivekv.cachestore.store.entry import EntryLayout
 
 # Graphs are captured while other threads keep the device busy (a server loads the next store version and
 # captures its graphs while the current one serves): only the capturing thread's calls may break a capture.

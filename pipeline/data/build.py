@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from cachestore.store.catalogue import CATALOGUE_FILE, ItemCatalogue
-from pipeline.data.dataset_schema import (
+from collectivekv.cachestore.store.catalogue import CATALOGUE_FILE, ItemCatalogue
+from collectivekv.pipeline.data.dataset_schema import (
     HISTORIES_SCHEMA,
     ITEMS_SCHEMA,
     SAMPLES_SCHEMA,
@@ -24,7 +24,7 @@ from pipeline.data.dataset_schema import (
     CanonicalDataset,
     DataError,
 )
-from pipeline.data.split import SPLIT_KINDS, global_assignment, per_user_assignment, per_user_meta
+from collectivekv.pipeline.data.split import SPLIT_KINDS, global_assignment, per_user_assignment, per_user_meta
 
 INT32_MAX = np.iinfo(np.int32).max
 

@@ -23,8 +23,8 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from model.diagnostics import GradientCounter, RoutingProbe, shared_branches
-from pipeline.data.history import HistoryIndex
+from collectivekv.model.diagnostics import GradientCounter, RoutingProbe, shared_branches
+from collectivekv.pipeline.data.history import HistoryIndex
 
 PROBE_BATCH = 256  # samples per probing prefill (router logits are (behaviours, pool rows))
 EPOCH_KEYS = ("router_entropy_norm", "router_max_prob", "gate_gap")

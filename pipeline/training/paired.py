@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from model.metrics import per_user_auc
+from collectivekv.model.metrics import per_user_auc
 
 N_BOOT = 1000
 BOOT_SEED = 0

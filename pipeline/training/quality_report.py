@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.training.paired import BOOT_SEED, N_BOOT, UserAUC, fmt_interval, paired_report
+from collectivekv.pipeline.training.paired import BOOT_SEED, N_BOOT, UserAUC, fmt_interval, paired_report
 
 DIAG_KEYS = ("rows_used", "top1pct_share", "usage_entropy_norm", "router_entropy_norm", "router_max_prob",
              "gate_gap")  # fmt: skip

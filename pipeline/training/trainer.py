@@ -18,14 +18,14 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from model.config import ModelConfig
-from model.ctr import TargetAttentionCTR
-from model.metrics import ctr_metrics
-from model.zoo import create_model
-from pipeline.data.dataset_schema import CanonicalDataset
-from pipeline.data.history import HistoryIndex
-from pipeline.training.diagnostics import TrainingDiagnostics
-from pipeline.training.paired import UserAUC
+from collectivekv.model.config import ModelConfig
+from collectivekv.model.ctr import TargetAttentionCTR
+from collectivekv.model.metrics import ctr_metrics
+from collectivekv.model.zoo import create_model
+from collectivekv.pipeline.data.dataset_schema import CanonicalDataset
+from collectivekv.pipeline.data.history import HistoryIndex
+from collectivekv.pipeline.training.diagnostics import TrainingDiagnostics
+from collectivekv.pipeline.training.paired import UserAUC
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from model.config import config_to_dict
-from model.metrics import METRICS
-from pipeline.training.paired import fmt_interval
-from pipeline.training.quality_report import add_quality, quality_md, split_line
+from collectivekv.model.config import config_to_dict
+from collectivekv.model.metrics import METRICS
+from collectivekv.pipeline.training.paired import fmt_interval
+from collectivekv.pipeline.training.quality_report import add_quality, quality_md, split_line
 
 if TYPE_CHECKING:
-    from pipeline.training.zoo_eval_plan import EvalReport
+    from collectivekv.pipeline.training.zoo_eval_plan import EvalReport
 
 
 def _stats(vals: list[float]) -> dict[str, float]:
