@@ -24,8 +24,8 @@ from collectivekv.cachestore.store.publish import build_version, new_staging_dir
 from collectivekv.cachestore.store.record import write_layout
 from collectivekv.pipeline.training.checkpoint import save_checkpoint
 from tests.store_fixtures import layout_for, prefill_rows
-from tests.test_model import make_model, small_config
-from tests.test_serving import histories
+from tests.model.test_model import make_model, small_config
+from tests.cachestore.decode.test_serving import histories
 
 SEQ = 8  # small_config max_len
 FIRST_USER = 100
