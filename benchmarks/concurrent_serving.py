@@ -50,9 +50,9 @@ def model_and_layout():
     """A small collective model (fixed seed) and the layout of its store."""
     import torch
 
-    from model.config import CollectiveConfig, ModelConfig
-    from model.ctr import TargetAttentionCTR
-    from pipeline.prefill.prefill import cache_layout
+    from collectivekv.model.config import CollectiveConfig, ModelConfig
+    from collectivekv.model.ctr import TargetAttentionCTR
+    from collectivekv.pipeline.prefill.prefill import cache_layout
 
     cfg = ModelConfig(n_items=200, n_genres=5, max_genres=2, embed_dim=16, d_attn=32, n_heads=4, max_len=50,
                       mlp_dims=(16,), collective=CollectiveConfig(d_user=1, pool_size=64))
@@ -66,8 +66,8 @@ def write_version_parquet(out: Path, layout, users: int, k: int, seed: int) -> P
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE, prefill_schema
-    from cachestore.store.record import write_layout
+    from collectivekv.cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE, prefill_schema
+    from collectivekv.cachestore.store.record import write_layout
 
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True)
@@ -98,9 +98,9 @@ def reader_main(store: str, users: int, batch: int, seed: int, stop, ready, queu
     import torch
 
     torch.set_num_threads(1)
-    from cachestore.decode.runtime import DecodeRuntime
-    from cachestore.store.publish import CURRENT, open_current
-    from cachestore.store.reader import StoreReader
+    from collectivekv.cachestore.decode.runtime import DecodeRuntime
+    from collectivekv.cachestore.store.publish import CURRENT, open_current
+    from collectivekv.cachestore.store.reader import StoreReader
 
     model, layout = model_and_layout()
     rng = np.random.default_rng(seed)
@@ -164,8 +164,8 @@ def reader_main(store: str, users: int, batch: int, seed: int, stop, ready, queu
 def run(store: Path, *, readers: int = 8, publishes: int = 3, users: int = 2000, batch: int = 64,
         warmup_s: float = 2.0, interval_s: float = 2.0, tail_s: float = 2.0, work: Path | None = None) -> dict:
     """Publish version 0, start the readers, publish `publishes` more versions, collect the figures."""
-    from cachestore.store.publish import current_version_id
-    from pipeline.store.store_ops import build_store
+    from collectivekv.cachestore.store.publish import current_version_id
+    from collectivekv.pipeline.store.store_ops import build_store
 
     _, layout = model_and_layout()
     work = Path(work or tempfile.mkdtemp(prefix="ckv-conc-"))

@@ -61,15 +61,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cachestore.decode.batch import HostBatcher  # noqa: E402
-from cachestore.decode.decode import ResidentModel, choose_path, decode, din_cache  # noqa: E402
-from cachestore.decode.fused import FusedConfig, fused_available, fused_decode, pool_dtype  # noqa: E402
-from cachestore.decode.graphs import DEFAULT_OVERLAP, GraphedDecoder, static_decode  # noqa: E402
-from cachestore.decode.transfer import KV_TORCH, to_device  # noqa: E402
-from cachestore.store.entry import EntryLayout, encode_entry, entry_layout  # noqa: E402
-from model.cache import KVCache  # noqa: E402
-from model.config import CollectiveConfig, ModelConfig  # noqa: E402
-from model.ctr import TargetAttentionCTR  # noqa: E402
+from collectivekv.cachestore.decode.batch import HostBatcher  # noqa: E402
+from collectivekv.cachestore.decode.copy_plan import DEFAULT_OVERLAP  # noqa: E402
+from collectivekv.cachestore.decode.decode import ResidentModel, choose_path, decode, din_cache  # noqa: E402
+from collectivekv.cachestore.decode.fused import FusedConfig, fused_available, fused_decode, pool_dtype  # noqa: E402
+from collectivekv.cachestore.decode.graphs import GraphedDecoder, static_decode  # noqa: E402
+from collectivekv.cachestore.decode.transfer import KV_TORCH, to_device  # noqa: E402
+from collectivekv.cachestore.store.entry import EntryLayout, encode_entry, entry_layout  # noqa: E402
+from collectivekv.model.cache import KVCache  # noqa: E402
+from collectivekv.model.config import CollectiveConfig, ModelConfig  # noqa: E402
+from collectivekv.model.ctr import TargetAttentionCTR  # noqa: E402
 
 PAPER = {"embed_dim": 64, "d_attn": 256, "n_heads": 8, "d_user": 1, "pool_size": 10_000}
 N_ITEMS = 100_000
@@ -463,8 +464,8 @@ def write_fetch_parquet(pdir: Path, layout: EntryLayout, n: int) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE, prefill_schema
-    from cachestore.store.record import write_layout
+    from collectivekv.cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE, prefill_schema
+    from collectivekv.cachestore.store.record import write_layout
 
     length = layout.max_len
     records = synthetic_records(layout, min(n, 4096), length, seed=7)
@@ -486,8 +487,8 @@ def build_fetch_store(tmp: Path, length: int, n: int, batch_users: int, pin: boo
     nightly job builds it, opened read-only, every page touched once (a long-running server's steady
     state): (its HostBatcher with ``reader``, seconds the build took)."""
 
-    from cachestore.store.publish import build_and_publish
-    from cachestore.store.reader import StoreReader
+    from collectivekv.cachestore.store.publish import build_and_publish
+    from collectivekv.cachestore.store.reader import StoreReader
 
     layout = collective_layout(length, secrets.token_hex(8), kv_dtype)
     root = tmp / f"store-{length}"
@@ -506,7 +507,7 @@ def fetch_benchmark(lengths: list[int], batch_sizes: list[int], users: dict[int,
     """LMDB → host buffer fetch + pack (HostBatcher.fetch) per batch size, on one CPU core; and the
     zero-copy fetch (MappedBatcher.fetch: lookups + gather table, the GPU gathers the records) as
     ``zero_copy`` (each timed in consecutive calls, copying first)."""
-    from cachestore.decode.mapped import MappedBatcher
+    from collectivekv.cachestore.decode.mapped import MappedBatcher
 
     try:
         import lmdb  # noqa: F401

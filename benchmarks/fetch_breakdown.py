@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.decode_latency import build_fetch_store, machine  # noqa: E402
-from cachestore.decode.batch import KEY  # noqa: E402
-from cachestore.decode.mapped import MappedBatcher  # noqa: E402
+from collectivekv.cachestore.decode.batch import KEY  # noqa: E402
+from collectivekv.cachestore.decode.mapped import MappedBatcher  # noqa: E402
 
 USERS = 512
 

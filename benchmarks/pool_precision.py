@@ -25,11 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.decode_latency import machine  # noqa: E402
-from cachestore.checkpoint import load_checkpoint  # noqa: E402
-from model.metrics import ctr_metrics  # noqa: E402
-from pipeline.data.dataset_schema import load_dataset  # noqa: E402
-from pipeline.data.history import HistoryIndex  # noqa: E402
-from pipeline.training.trainer import predict  # noqa: E402
+from collectivekv.cachestore.checkpoint import load_checkpoint  # noqa: E402
+from collectivekv.model.metrics import ctr_metrics  # noqa: E402
+from collectivekv.pipeline.data.dataset_schema import load_dataset  # noqa: E402
+from collectivekv.pipeline.data.history import HistoryIndex  # noqa: E402
+from collectivekv.pipeline.training.trainer import predict  # noqa: E402
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 

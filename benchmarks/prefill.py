@@ -38,8 +38,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model.config import CollectiveConfig, ModelConfig  # noqa: E402
-from model.ctr import TargetAttentionCTR  # noqa: E402
+from collectivekv.model.config import CollectiveConfig, ModelConfig  # noqa: E402
+from collectivekv.model.ctr import TargetAttentionCTR  # noqa: E402
 
 PAPER = {"embed_dim": 64, "d_attn": 256, "n_heads": 8, "d_user": 1, "pool_size": 10_000, "max_len": 1000}
 
@@ -70,8 +70,8 @@ def machine() -> dict:
 
 # ----------------------------------------------------------------------------------------- CPU
 def prepare_inputs(work: Path, args: argparse.Namespace) -> tuple[Path, Path, dict]:
-    from pipeline.data.synthetic import write_histories
-    from pipeline.training.checkpoint import save_checkpoint
+    from collectivekv.pipeline.data.synthetic import write_histories
+    from collectivekv.pipeline.training.checkpoint import save_checkpoint
 
     params = {"users": args.users, "n_items": args.items, "max_len": args.max_len, "zipf_s": args.zipf,
               "files": args.files, "seed": args.seed}
@@ -128,8 +128,8 @@ def function_cpu(hist: Path, ckpt: Path, max_users: int) -> dict:
     """The per-partition function alone, in this process (1 thread), on the first file's users."""
     import pyarrow.parquet as pq
 
-    from cachestore.checkpoint import load_checkpoint
-    from pipeline.prefill.prefill import cache_layout, make_engine, prefill_batches
+    from collectivekv.cachestore.checkpoint import load_checkpoint
+    from collectivekv.pipeline.prefill.prefill import cache_layout, make_engine, prefill_batches
 
     torch.set_num_threads(1)
     c = load_checkpoint(ckpt)
@@ -183,8 +183,8 @@ def cpu_benchmark(args: argparse.Namespace) -> dict:
 def gpu_benchmark(args: argparse.Namespace) -> dict:
     import pyarrow as pa
 
-    from pipeline.data.synthetic import history_batches
-    from pipeline.prefill.prefill import cache_layout, make_engine, prefill_batches
+    from collectivekv.pipeline.data.synthetic import history_batches
+    from collectivekv.pipeline.prefill.prefill import cache_layout, make_engine, prefill_batches
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if dev == "cpu":
@@ -221,7 +221,7 @@ def gpu_benchmark(args: argparse.Namespace) -> dict:
     timed(direct, sub[:1])  # warm-up (CUDA kernels, allocator)
     out["direct (model.prefill per user batch)"] = timed(direct, sub)
     # model compute alone: model.prefill on the padded windows of the same users, no encoding
-    from pipeline.data.history import arrow_window
+    from collectivekv.pipeline.data.history import arrow_window
 
     wins = [arrow_window(b.column(1), b.column(2), args.max_len) for b in sub]
     if dev == "cuda":

@@ -38,9 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.decode_latency import build_fetch_store, machine  # noqa: E402
-from cachestore.decode.batch import HostBatcher  # noqa: E402
-from cachestore.store.store_check import check_version  # noqa: E402
-from cachestore.store.store_tree import check_tree  # noqa: E402
+from collectivekv.cachestore.decode.batch import HostBatcher  # noqa: E402
+from collectivekv.cachestore.store.store_check import check_version  # noqa: E402
+from collectivekv.cachestore.store.store_tree import check_tree  # noqa: E402
 
 USERS = 512
 
@@ -75,8 +75,8 @@ def measure(length: int, n: int, repeats: int, tmp: Path) -> dict:
     """One row: the costs above at history length ``length`` in a store of ``n`` users."""
     import torch
 
-    from cachestore.decode.decode import bound_router_indices, din_cache
-    from cachestore.decode.transfer import to_device
+    from collectivekv.cachestore.decode.decode import bound_router_indices, din_cache
+    from collectivekv.cachestore.decode.transfer import to_device
 
     batcher, _ = build_fetch_store(tmp, length, n, USERS, pin=False, kv_dtype="float16")
     layout, reader = batcher.layout, batcher.reader

@@ -117,7 +117,7 @@ serve)
 eval)
     budget=${2:-540}
     dir=${EVAL_OUT:-zoo_movielens}
-    timeout "$budget" $PY -m jobs.cli eval --device cuda --workers 3 --out "$R/$dir" ${EVAL_ARGS:-} 2>&1 | tail -30
+    timeout "$budget" $PY -m collectivekv.jobs.cli eval --device cuda --workers 3 --out "$R/$dir" ${EVAL_ARGS:-} 2>&1 | tail -30
     rc=$?
     [ $rc -eq 0 ] && echo "eval complete" || echo "eval stopped (rc $rc): rerun the same step; finished runs are kept"
     ;;

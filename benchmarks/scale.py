@@ -123,9 +123,9 @@ def prepare_inputs(work: Path, users: int, seed: int) -> tuple[Path, Path, dict]
     import pyarrow.parquet as pq
     import torch
 
-    from model.ctr import TargetAttentionCTR
-    from pipeline.data.synthetic import write_histories
-    from pipeline.training.checkpoint import save_checkpoint
+    from collectivekv.model.ctr import TargetAttentionCTR
+    from collectivekv.pipeline.data.synthetic import write_histories
+    from collectivekv.pipeline.training.checkpoint import save_checkpoint
 
     params = {"users": users, "n_items": 100_000, "max_len": 1000, "zipf_s": 1.1, "lengths": "fig8",
               "n_clusters": 32, "seed": seed, "files": 16}
@@ -153,7 +153,7 @@ def day2_histories(work: Path, hist: Path, users: int, seed: int) -> tuple[Path,
     histories all change: 1/16 of the users), one more file of 1% new users; the other files linked."""
     import pyarrow.parquet as pq
 
-    from pipeline.data.synthetic import HISTORIES_SCHEMA, history_batches
+    from collectivekv.pipeline.data.synthetic import HISTORIES_SCHEMA, history_batches
 
     kw = {"n_items": 100_000, "max_len": 1000, "zipf_s": 1.1, "lengths": "fig8", "n_clusters": 32}
     day2 = work / f"histories-{users}-day2"

@@ -42,8 +42,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.decode_latency import N_ITEMS, PAPER, collective_layout, machine, write_fetch_parquet  # noqa: E402
 from benchmarks.serve_client import get_json, run_load  # noqa: E402
-from cachestore.serving.payloads import ARROW_MIME, JSON_MIME  # noqa: E402
-from cachestore.store.publish import build_version, new_staging_dir, publish  # noqa: E402
+from collectivekv.cachestore.serving.payloads import ARROW_MIME, JSON_MIME  # noqa: E402
+from collectivekv.cachestore.store.publish import build_version, new_staging_dir, publish  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "serve_load"
 PRESETS = {  # history length, users in the store, offered loads (requests/s), seconds per point, device
@@ -57,9 +57,9 @@ PRESETS = {  # history length, users in the store, offered loads (requests/s), s
 
 def publish_paper_store(root: Path, work: Path, length: int, users: int) -> Path:
     """Publish one version (records + checkpoint) of the paper's model under root; returns the Parquet dir."""
-    from model.config import CollectiveConfig, ModelConfig
-    from model.ctr import TargetAttentionCTR
-    from pipeline.training.checkpoint import save_checkpoint
+    from collectivekv.model.config import CollectiveConfig, ModelConfig
+    from collectivekv.model.ctr import TargetAttentionCTR
+    from collectivekv.pipeline.training.checkpoint import save_checkpoint
 
     cfg = ModelConfig(n_items=N_ITEMS, embed_dim=PAPER["embed_dim"], d_attn=PAPER["d_attn"], n_heads=PAPER["n_heads"],
                       max_len=length, collective=CollectiveConfig(d_user=PAPER["d_user"], pool_size=PAPER["pool_size"]))
@@ -203,7 +203,8 @@ def _env() -> dict:
 
 
 def start_server(root: Path, p: dict) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "jobs.cli", "serve", "--store", str(root), "--port", "0", "--device", p["device"],
+    cmd = [sys.executable, "-m", "collectivekv.jobs.cli", "serve", "--store", str(root), "--port", "0",
+           "--device", p["device"],
            "--max-batch-users", str(p["max_batch_users"]), "--max-wait-ms", str(p["max_wait_ms"]), "--poll-s", "0.2",
            "--workers", str(p["workers"])]
     env = _env()

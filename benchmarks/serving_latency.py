@@ -44,12 +44,12 @@ from benchmarks.decode_latency import (  # noqa: E402
     sweep_lengths,
     timed,
 )
-from cachestore.decode.graphs import GraphedDecoder  # noqa: E402
-from cachestore.decode.mapped import MappedBatcher  # noqa: E402
-from cachestore.decode.runtime import DecodeRuntime  # noqa: E402
-from cachestore.decode.runtime_config import ServingConfig  # noqa: E402
-from cachestore.tier.graph import ResidentRequest  # noqa: E402
-from cachestore.tier.tier import ResidentTier  # noqa: E402
+from collectivekv.cachestore.decode.graphs import GraphedDecoder  # noqa: E402
+from collectivekv.cachestore.decode.mapped import MappedBatcher  # noqa: E402
+from collectivekv.cachestore.decode.runtime import DecodeRuntime  # noqa: E402
+from collectivekv.cachestore.decode.runtime_config import ServingConfig  # noqa: E402
+from collectivekv.cachestore.tier.graph import ResidentRequest  # noqa: E402
+from collectivekv.cachestore.tier.tier import ResidentTier  # noqa: E402
 
 WAYS = ("runtime", "resident", "zero_copy", "copy")
 OUT = ROOT / "benchmarks" / "results" / "serving_latency" / "serving_latency.json"

@@ -29,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cachestore.tier.policy import make_policy  # noqa: E402
+from collectivekv.cachestore.tier.policy import make_policy  # noqa: E402
 
 BATCH = 512
 

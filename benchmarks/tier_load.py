@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.decode_latency import build_fetch_store  # noqa: E402
-from cachestore.tier.tier import ResidentTier  # noqa: E402
+from collectivekv.cachestore.tier.tier import ResidentTier  # noqa: E402
 
 
 def main() -> None:

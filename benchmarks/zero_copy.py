@@ -44,8 +44,8 @@ from benchmarks.decode_latency import (  # noqa: E402
     sweep_lengths,
     timed,
 )
-from cachestore.decode.graphs import GraphedDecoder  # noqa: E402
-from cachestore.decode.mapped import MappedBatcher  # noqa: E402
+from collectivekv.cachestore.decode.graphs import GraphedDecoder  # noqa: E402
+from collectivekv.cachestore.decode.mapped import MappedBatcher  # noqa: E402
 
 WAYS = ("copy", "zero_copy")
 

@@ -30,14 +30,14 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.decode_latency import sync, timed
-from cachestore.decode.transfer import KV_TORCH
-from model.attention import valid_mask
-from model.blocks import ZooCache
-from model.cache_spec import group_specs, key_fields
-from model.config import ModelConfig
-from model.hstu import rel_bucket
-from model.retrieval import _rank_and_select, bitmask, gather_positions, sdim_buckets, simhash
-from model.retrieval import topk_target_attention as twin_attention
+from collectivekv.cachestore.decode.transfer import KV_TORCH
+from collectivekv.model.attention import valid_mask
+from collectivekv.model.blocks import ZooCache
+from collectivekv.model.cache_spec import group_specs, key_fields
+from collectivekv.model.config import ModelConfig
+from collectivekv.model.hstu import rel_bucket
+from collectivekv.model.retrieval import _rank_and_select, bitmask, gather_positions, sdim_buckets, simhash
+from collectivekv.model.retrieval import topk_target_attention as twin_attention
 
 _ALIGN = 256
 

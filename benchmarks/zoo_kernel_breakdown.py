@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.decode_latency import machine  # noqa: E402
 from benchmarks.zoo_latency import store_layout, store_records  # noqa: E402
 from benchmarks.zoo_synthetic import N_ITEMS, PAPER, make_models, model_config  # noqa: E402
-from cachestore.decode.batch import HostBatcher  # noqa: E402
-from cachestore.decode.decode import ResidentModel, ResidentZooModel  # noqa: E402
-from cachestore.decode.fused import FUSED  # noqa: E402
-from cachestore.decode.graphs import static_decode  # noqa: E402
+from collectivekv.cachestore.decode.batch import HostBatcher  # noqa: E402
+from collectivekv.cachestore.decode.decode import ResidentModel, ResidentZooModel  # noqa: E402
+from collectivekv.cachestore.decode.fused import FUSED  # noqa: E402
+from collectivekv.cachestore.decode.graphs import static_decode  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "zoo_latency"
 

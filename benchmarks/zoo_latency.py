@@ -74,15 +74,15 @@ from benchmarks.zoo_synthetic import (  # noqa: E402
     reference_logits,
     synthetic_cache,
 )
-from cachestore.decode.batch import HostBatch, HostBatcher  # noqa: E402
-from cachestore.decode.decode import ResidentModel, ResidentZooModel, entry_cache  # noqa: E402
-from cachestore.decode.entry_batch import entry_payloads, storage_arrays  # noqa: E402
-from cachestore.decode.graphs import GraphedDecoder  # noqa: E402
-from cachestore.decode.transfer import to_device  # noqa: E402
-from cachestore.store.entry import entry_from_parquet_row, entry_layout  # noqa: E402
-from model.blocks import ZooCache  # noqa: E402
-from model.config import ARCHS, LONG_ARCHS, ModelConfig  # noqa: E402
-from model.entry import entry_arrays  # noqa: E402
+from collectivekv.cachestore.decode.batch import HostBatch, HostBatcher  # noqa: E402
+from collectivekv.cachestore.decode.decode import ResidentModel, ResidentZooModel, entry_cache  # noqa: E402
+from collectivekv.cachestore.decode.entry_batch import entry_payloads, storage_arrays  # noqa: E402
+from collectivekv.cachestore.decode.graphs import GraphedDecoder  # noqa: E402
+from collectivekv.cachestore.decode.transfer import to_device  # noqa: E402
+from collectivekv.cachestore.store.entry import entry_from_parquet_row, entry_layout  # noqa: E402
+from collectivekv.model.blocks import ZooCache  # noqa: E402
+from collectivekv.model.config import ARCHS, LONG_ARCHS, ModelConfig  # noqa: E402
+from collectivekv.model.entry import entry_arrays  # noqa: E402
 
 BATCH_SIZES = (1, 64, 256, 512)
 DTYPES = ("float16", "float32")

@@ -40,17 +40,17 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.decode_latency import machine, timed  # noqa: E402
 from benchmarks.zoo_latency import VERSION, bench_collective, store_layout, store_records  # noqa: E402
 from benchmarks.zoo_synthetic import N_ITEMS, PAPER, QUICK, make_models, model_config  # noqa: E402
-from cachestore.decode.batch import HostBatcher  # noqa: E402
-from cachestore.decode.decode import ResidentModel, ResidentZooModel  # noqa: E402
-from cachestore.decode.graphs import GraphedDecoder  # noqa: E402
-from cachestore.store.entry import entry_schema, record_length  # noqa: E402
-from cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE  # noqa: E402
-from cachestore.store.publish import build_and_publish, open_current  # noqa: E402
-from cachestore.store.reader import StoreReader  # noqa: E402
-from cachestore.store.record import HEADER_SIZE, write_layout  # noqa: E402
-from cachestore.tier.graph import ResidentRequest  # noqa: E402
-from cachestore.tier.tier import ResidentTier  # noqa: E402
-from model.config import ARCHS  # noqa: E402
+from collectivekv.cachestore.decode.batch import HostBatcher  # noqa: E402
+from collectivekv.cachestore.decode.decode import ResidentModel, ResidentZooModel  # noqa: E402
+from collectivekv.cachestore.decode.graphs import GraphedDecoder  # noqa: E402
+from collectivekv.cachestore.store.entry import entry_schema, record_length  # noqa: E402
+from collectivekv.cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE  # noqa: E402
+from collectivekv.cachestore.store.publish import build_and_publish, open_current  # noqa: E402
+from collectivekv.cachestore.store.reader import StoreReader  # noqa: E402
+from collectivekv.cachestore.store.record import HEADER_SIZE, write_layout  # noqa: E402
+from collectivekv.cachestore.tier.graph import ResidentRequest  # noqa: E402
+from collectivekv.cachestore.tier.tier import ResidentTier  # noqa: E402
+from collectivekv.model.config import ARCHS  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "zoo_latency"
 

@@ -12,12 +12,12 @@ import dataclasses
 
 import torch
 
-from cachestore.decode.transfer import KV_TORCH
-from model.blocks import ZooCache
-from model.cache import KVCache
-from model.cache_spec import group_specs
-from model.config import LONG_ARCHS, CollectiveConfig, ModelConfig
-from model.zoo import create_model
+from collectivekv.cachestore.decode.transfer import KV_TORCH
+from collectivekv.model.blocks import ZooCache
+from collectivekv.model.cache import KVCache
+from collectivekv.model.cache_spec import group_specs
+from collectivekv.model.config import LONG_ARCHS, CollectiveConfig, ModelConfig
+from collectivekv.model.zoo import create_model
 
 PAPER = {"embed_dim": 64, "d_attn": 256, "n_heads": 8, "d_user": 1, "pool_size": 10_000, "topk": 50,
          "n_genres": 18, "max_genres": 3, "hstu_layers": 2, "short": 50, "lengths": (50, 1000), "long": 1000}

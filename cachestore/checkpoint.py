@@ -29,10 +29,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from cachestore.store.catalogue import CATALOGUE_FILE, CatalogueError, ItemCatalogue, load_catalogue
-from model.config import ModelConfig, config_from_dict, config_to_dict
-from model.ctr import TargetAttentionCTR
-from model.zoo import create_model
+from collectivekv.cachestore.store.catalogue import CATALOGUE_FILE, CatalogueError, ItemCatalogue, load_catalogue
+from collectivekv.model.config import ModelConfig, config_from_dict, config_to_dict
+from collectivekv.model.ctr import TargetAttentionCTR
+from collectivekv.model.zoo import create_model
 
 CHECKPOINT_FORMAT = 1
 WEIGHTS_FILE = "weights.safetensors"

@@ -29,8 +29,8 @@ def analyze(checkpoints: tuple[Path, ...], histories: Path, out_dir: Path, n_sam
             max_users: int | None, seed: int) -> None:
     """Write PNGs + analysis.json to OUT: cross-user K/V similarity, principal vs residual, router
     activations, similar users' overlap, pool utilisation."""
-    from cachestore.checkpoint import CheckpointError
-    from pipeline.reports.analysis_plots import run_analysis
+    from collectivekv.cachestore.checkpoint import CheckpointError
+    from collectivekv.pipeline.reports.analysis_plots import run_analysis
 
     results = []
     for ckpt in checkpoints:

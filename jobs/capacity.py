@@ -58,9 +58,15 @@ def capacity(users: int | None, length_spec: str | None, store: Path | None, d_a
              as_json: bool, json_out: Path | None) -> None:
     """Bytes per user, store size, GPU pool, H2D bytes/time per batch and users per memory budget,
     full KV vs CollectiveKV."""
-    from pipeline.reports.capacity import Budgets, CacheFormat, capacity_plan
-    from pipeline.reports.capacity_inputs import bandwidth, is_store, length_dist, store_calibration, store_format
-    from pipeline.reports.capacity_table import capacity_table, format_table
+    from collectivekv.pipeline.reports.capacity import Budgets, CacheFormat, capacity_plan
+    from collectivekv.pipeline.reports.capacity_inputs import (
+        bandwidth,
+        is_store,
+        length_dist,
+        store_calibration,
+        store_format,
+    )
+    from collectivekv.pipeline.reports.capacity_table import capacity_table, format_table
 
     try:
         if store is None and length_spec is not None and is_store(length_spec):

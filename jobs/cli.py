@@ -12,18 +12,18 @@ import click
 
 # (group or command name, "module:attribute") — attributes are click commands or groups.
 _COMMANDS: list[tuple[str, str]] = [
-    ("data", "jobs.prepare:data"),
-    ("train", "jobs.train:train"),
-    ("experiment", "jobs.train:experiment"),
-    ("prefill", "jobs.prefill:prefill_cmd"),
-    ("store", "jobs.store:store"),
-    ("report", "jobs.report:report"),
-    ("score", "jobs.score:score"),
-    ("serve", "jobs.serve:serve"),
-    ("eval", "jobs.eval:eval_cmd"),
-    ("capacity", "jobs.capacity:capacity"),
-    ("refresh", "jobs.refresh:refresh_cmd"),
-    ("analyze", "jobs.analysis:analyze"),
+    ("data", "collectivekv.jobs.prepare:data"),
+    ("train", "collectivekv.jobs.train:train"),
+    ("experiment", "collectivekv.jobs.train:experiment"),
+    ("prefill", "collectivekv.jobs.prefill:prefill_cmd"),
+    ("store", "collectivekv.jobs.store:store"),
+    ("report", "collectivekv.jobs.report:report"),
+    ("score", "collectivekv.jobs.score:score"),
+    ("serve", "collectivekv.jobs.serve:serve"),
+    ("eval", "collectivekv.jobs.eval:eval_cmd"),
+    ("capacity", "collectivekv.jobs.capacity:capacity"),
+    ("refresh", "collectivekv.jobs.refresh:refresh_cmd"),
+    ("analyze", "collectivekv.jobs.analysis:analyze"),
 ]
 
 

@@ -27,7 +27,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 def bundled_dataset(path: Path) -> Path:
     """The bundled MovieLens prepared into ``path`` (reused when it is already there)."""
-    from pipeline.data.prepare import PrepareConfig, prepare
+    from collectivekv.pipeline.data.prepare import PrepareConfig, prepare
 
     if not (path / "meta.json").is_file():
         prepare(
@@ -92,11 +92,11 @@ def eval_cmd(data_dir: str | None, out: str | None, quick: bool, device: str, re
     """Reproduce the paper's tables and figures for every zoo model (resumable; see pipeline/training/zoo_eval.py)."""
     import torch
 
-    from jobs.train import parse_d_user
-    from model.zoo import MODELS
-    from pipeline.data.dataset_schema import DataError
-    from pipeline.training.trainer import TrainConfig
-    from pipeline.training.zoo_eval import SECTIONS, planned_runs, run_eval
+    from collectivekv.jobs.train import parse_d_user
+    from collectivekv.model.zoo import MODELS
+    from collectivekv.pipeline.data.dataset_schema import DataError
+    from collectivekv.pipeline.training.trainer import TrainConfig
+    from collectivekv.pipeline.training.zoo_eval import SECTIONS, planned_runs, run_eval
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -144,8 +144,8 @@ def eval_cmd(data_dir: str | None, out: str | None, quick: bool, device: str, re
 def _eval_settings(quick: bool, train: Any, common: dict[str, Any], kw: dict[str, Any]) -> Any:
     """The :class:`pipeline.training.zoo_eval.EvalSettings` of the options (the quick smoke run's, or the full
     evaluation's), with the regularisation and router-loss weights of every run."""
-    from jobs.train import build_model_config
-    from pipeline.training.zoo_eval import EvalSettings, quick_settings
+    from collectivekv.jobs.train import build_model_config
+    from collectivekv.pipeline.training.zoo_eval import EvalSettings, quick_settings
 
     if quick:
         common["seeds"] = common["seeds"][:1]

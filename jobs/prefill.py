@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from pipeline.prefill.prefill import ENGINES
+from collectivekv.pipeline.prefill.prefill import ENGINES
 
 
 @click.command("prefill")
@@ -58,10 +58,10 @@ def prefill_cmd(checkpoint: str, histories: str, store: str, log_file: str | Non
 
     A failure ends in one line (what failed, where, what to do) with the full trace in the log file.
     """
-    from cachestore.checkpoint import CheckpointError
-    from pipeline.prefill.prefill import PrefillInputError
-    from pipeline.prefill.spark_job import PrefillOptions, command_line, run_prefill
-    from pipeline.prefill.spark_logging import SparkJobError, default_log_path, spark_job_errors
+    from collectivekv.cachestore.checkpoint import CheckpointError
+    from collectivekv.pipeline.prefill.prefill import PrefillInputError
+    from collectivekv.pipeline.prefill.spark_job import PrefillOptions, command_line, run_prefill
+    from collectivekv.pipeline.prefill.spark_logging import SparkJobError, default_log_path, spark_job_errors
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     log_path = default_log_path(store) if log_file is None else log_file

@@ -77,9 +77,9 @@ def data() -> None:
 @click.option("--new-catalogue", is_flag=True, help="Start a fresh item catalogue (dense ids by ascending raw id).")
 def prepare_cmd(events: Path, out: Path, overwrite: bool, **options: Any) -> None:
     """Validate an event log and write the canonical dataset (histories, items, time-split samples)."""
-    from pipeline.data.dataset_schema import DataError
-    from pipeline.data.prepare import prepare, summary
-    from pipeline.store.safe_output import OutputError
+    from collectivekv.pipeline.data.dataset_schema import DataError
+    from collectivekv.pipeline.data.prepare import prepare, summary
+    from collectivekv.pipeline.store.safe_output import OutputError
 
     try:
         config = prepare_config(events, out, overwrite=overwrite, **options)
@@ -95,7 +95,7 @@ def prepare_config(events: Path, out: Path, *, overwrite: bool = False, **option
     the split fractions, the catalogue choice); the one place the CLI builds it (`ckv refresh` too).
 
     The click rule defaults to rating >= 4 on ``rating`` when no --label-col is given."""
-    from pipeline.data.prepare import PrepareConfig
+    from collectivekv.pipeline.data.prepare import PrepareConfig
 
     label_col, rating_col, threshold = options["label_col"], options["rating_col"], options["rating_threshold"]
     if label_col is not None and (rating_col is not None or threshold is not None):

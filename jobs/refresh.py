@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from jobs.prepare import prepare_cmd, prepare_config
+from collectivekv.jobs.prepare import prepare_cmd, prepare_config
 
 EXIT_REFUSED = 3
 # the event-log options of `ckv data prepare` (same names and defaults), except --out / --events / --overwrite
@@ -53,9 +53,9 @@ def refresh_cmd(store: str, work: str, events: Path | None, dataset: str | None,
                 epochs: int, batch_size: int, lr: float, patience: int, device: str, seed: int, metric: str,
                 margin: float, master: str | None, engine: str, verify_sample: int | None, **kw: Any) -> None:
     """Nightly refresh: prepare, warm-start train, gate, prefill, verify, publish model + store together."""
-    from pipeline.store.refresh import RefreshError, RefreshOptions, RefreshRefused, run_refresh
-    from pipeline.store.safe_output import OutputError, check_not_input
-    from pipeline.training.trainer import TrainConfig
+    from collectivekv.pipeline.store.refresh import RefreshError, RefreshOptions, RefreshRefused, run_refresh
+    from collectivekv.pipeline.store.safe_output import OutputError, check_not_input
+    from collectivekv.pipeline.training.trainer import TrainConfig
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     if (events is None) == (dataset is None):

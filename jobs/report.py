@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from jobs.capacity import DEFAULT_RESULTS_DIR
+from collectivekv.jobs.capacity import DEFAULT_RESULTS_DIR
 
 
 @click.group()
@@ -26,7 +26,7 @@ def report() -> None:
 def size_cmd(store_root: Path, baseline: Path | None, d_attn: int | None, as_json: bool,
              json_out: Path | None) -> None:
     """Per-user and total bytes, and the compression rate (formula and measured) of STORE."""
-    from pipeline.reports.size_report import format_report, size_report
+    from collectivekv.pipeline.reports.size_report import format_report, size_report
 
     try:
         rep = size_report(store_root, baseline, d_attn)
@@ -60,8 +60,8 @@ def html_cmd(store_root: Path, checkpoint: Path, histories: Path | None, baselin
              baseline_checkpoint: Path | None, out: Path, project_users: int, analysis_users: int, bw_spec: str,
              results_dir: Path | None) -> None:
     """One self-contained HTML page: size report, capacity, latency results, analysis plots."""
-    from cachestore.checkpoint import CheckpointError
-    from pipeline.reports.html_report import build_report, write_report
+    from collectivekv.cachestore.checkpoint import CheckpointError
+    from collectivekv.pipeline.reports.html_report import build_report, write_report
 
     try:
         page = build_report(store_root, checkpoint, histories=histories, baseline=baseline,

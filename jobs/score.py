@@ -33,10 +33,10 @@ from typing import TYPE_CHECKING
 import click
 import numpy as np
 
-from jobs.serving_options import serving_options
+from collectivekv.jobs.serving_options import serving_options
 
 if TYPE_CHECKING:
-    from cachestore.decode.runtime_config import ServingConfig
+    from collectivekv.cachestore.decode.runtime_config import ServingConfig
 
 OUTPUT_COLUMNS = ("logit", "score", "cold_start")
 
@@ -130,7 +130,7 @@ def _ids(batch, col: str, path: Path) -> np.ndarray:
 
 def _to_dense(catalogue, raw: np.ndarray, rows_before: int, item_col: str, path: Path) -> np.ndarray:
     """Dense ids of a chunk's raw item ids; ClickException naming the first unknown one's row."""
-    from cachestore.store.item_ids import UnknownItemError
+    from collectivekv.cachestore.store.item_ids import UnknownItemError
 
     try:
         return catalogue.to_dense(raw, where=str(path))
@@ -182,11 +182,11 @@ def group_requests(users: np.ndarray, items: np.ndarray, max_candidates: int):
 def score(store: Path, checkpoint: Path, requests_path: Path, out: Path, user_col: str, item_col: str,
           max_candidates: int, chunk_rows: int, dense_ids: bool, config: ServingConfig) -> None:
     """Score a file of (user, candidate) requests against the cache store; writes Parquet."""
-    from cachestore.checkpoint import CheckpointError
-    from cachestore.decode.runtime import DecodeRuntime
-    from cachestore.store.publish import PublishError
-    from cachestore.store.record import LayoutError, RecordError
-    from pipeline.store.safe_output import OutputError, check_not_input, replace_file
+    from collectivekv.cachestore.checkpoint import CheckpointError
+    from collectivekv.cachestore.decode.runtime import DecodeRuntime
+    from collectivekv.cachestore.store.publish import PublishError
+    from collectivekv.cachestore.store.record import LayoutError, RecordError
+    from collectivekv.pipeline.store.safe_output import OutputError, check_not_input, replace_file
 
     if max_candidates < 1 or chunk_rows < 1:
         raise click.ClickException("--max-candidates and --chunk-rows must be >= 1")
@@ -222,8 +222,8 @@ def _score_into(tmp: Path, runtime, requests_path: Path, user_col: str, item_col
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cachestore.store.record import RecordError
-    from cachestore.store.store_check import StoreDamagedError
+    from collectivekv.cachestore.store.record import RecordError
+    from collectivekv.cachestore.store.store_check import StoreDamagedError
 
     rows, cold_rows, users, cold_users = 0, 0, set(), set()
     writer = None

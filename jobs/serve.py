@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING
 
 import click
 
-from jobs.serving_options import serving_options
+from collectivekv.jobs.serving_options import serving_options
 
 if TYPE_CHECKING:
-    from cachestore.decode.runtime_config import ServingConfig
-    from cachestore.serving.config import ServerConfig
+    from collectivekv.cachestore.decode.runtime_config import ServingConfig
+    from collectivekv.cachestore.serving.config import ServerConfig
 
 
 @click.command("serve")
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 def serve(store: Path, host: str, port: int, config: ServingConfig, max_batch_users: int, max_wait_ms: float,
           max_queue_users: int, torch_threads: int | None, poll_s: float, workers: int) -> None:
     """Serve POST /score, GET /healthz and GET /metrics for the cache store (docs/serving.md)."""
-    from cachestore.serving.config import ServerConfig
+    from collectivekv.cachestore.serving.config import ServerConfig
 
     try:
         _ = config.torch_device  # resolved here: an unknown device fails before anything loads
@@ -69,7 +69,7 @@ def _announce(ready: dict) -> None:
 
 
 def _serve_workers(server_config: ServerConfig) -> None:
-    from cachestore.serving.workers import WorkerFailed, serve_workers
+    from collectivekv.cachestore.serving.workers import WorkerFailed, serve_workers
 
     try:
         status = serve_workers(server_config, _announce)
@@ -83,11 +83,11 @@ def _serve_workers(server_config: ServerConfig) -> None:
 
 
 def _serve_one(server_config: ServerConfig) -> None:
-    from cachestore.checkpoint import CheckpointError
-    from cachestore.serving.server import bind, build_service, configure_process, url_of
-    from cachestore.serving.server import serve as run_server
-    from cachestore.store.publish import PublishError
-    from cachestore.store.record import LayoutError, RecordError
+    from collectivekv.cachestore.checkpoint import CheckpointError
+    from collectivekv.cachestore.serving.server import bind, build_service, configure_process, url_of
+    from collectivekv.cachestore.serving.server import serve as run_server
+    from collectivekv.cachestore.store.publish import PublishError
+    from collectivekv.cachestore.store.record import LayoutError, RecordError
 
     store, host, port = server_config.store, server_config.host, server_config.port
     configure_process(server_config)

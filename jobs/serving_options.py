@@ -83,8 +83,8 @@ NAMES = ("device", "decode_path", "pool_dtype", "batch_users", "graphs", "zero_c
 def config_from_options(device: str, decode_path: str, pool_dtype: str, batch_users: int, graphs: bool,
                         zero_copy: bool, tier_bytes: int | None, policy: str, verify_crc: bool):
     """The ServingConfig of the option values (``device`` "auto": CUDA when available)."""
-    from cachestore.decode.fused import FusedConfig
-    from cachestore.decode.runtime_config import ServingConfig
+    from collectivekv.cachestore.decode.fused import FusedConfig
+    from collectivekv.cachestore.decode.runtime_config import ServingConfig
 
     try:
         return ServingConfig(device=None if device == "auto" else device, path=decode_path, batch_users=batch_users,

@@ -30,9 +30,9 @@ def build_cmd(source: Path, store_root: Path | None, progress: bool) -> None:
     SOURCE is a store root (rebuild from its current version's Parquet) or a prefill Parquet
     directory (part files + _layout.json; then --store names the store root).
     """
-    from cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE
-    from cachestore.store.publish import open_current
-    from pipeline.store.store_ops import PARQUET_DIR, build_store
+    from collectivekv.cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE
+    from collectivekv.cachestore.store.publish import open_current
+    from collectivekv.pipeline.store.store_ops import PARQUET_DIR, build_store
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     if (source / PARQUET_LAYOUT_FILE).is_file():
@@ -71,9 +71,9 @@ def verify_cmd(store_root: Path, checkpoint: str, histories: str, sample: int | 
 
     Exit status 1 on any mismatch (missing user, length, router index, value beyond tolerance).
     """
-    from cachestore.checkpoint import CheckpointError
-    from cachestore.store.publish import PublishError
-    from pipeline.store.verify import verify_store
+    from collectivekv.cachestore.checkpoint import CheckpointError
+    from collectivekv.cachestore.store.publish import PublishError
+    from collectivekv.pipeline.store.verify import verify_store
 
     try:
         res = verify_store(store_root, checkpoint, histories, sample=sample, seed=seed, device=device)

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from model.config import CollectiveConfig, ModelConfig
+from collectivekv.model.config import CollectiveConfig, ModelConfig
 
 
 def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -92,7 +92,7 @@ def build_model_config(kv_mode: str, kw: dict[str, Any], d_user: int = 1) -> Mod
 def build_train_config(kw: dict[str, Any], seed: int) -> Any:
     import torch
 
-    from pipeline.training.trainer import TrainConfig
+    from collectivekv.pipeline.training.trainer import TrainConfig
 
     device = kw["device"]
     if device == "auto":
@@ -115,12 +115,12 @@ def build_train_config(kw: dict[str, Any], seed: int) -> Any:
 def train(kv_mode: str, seed: int, init_from: str | None, out: str, overwrite: bool, data_dir: str,
           **kw: Any) -> None:
     """Train one model; write a checkpoint (weights, config, metrics, model version)."""
-    from cachestore.checkpoint import CheckpointError, load_checkpoint
-    from pipeline.data.dataset_schema import DataError, load_dataset
-    from pipeline.store.safe_output import OutputError, check_output_dir
-    from pipeline.training.checkpoint import CHECKPOINT_OUTPUT, save_checkpoint
-    from pipeline.training.trainer import build_model, train_model
-    from pipeline.training.warm_start import WarmStartError, warm_start
+    from collectivekv.cachestore.checkpoint import CheckpointError, load_checkpoint
+    from collectivekv.pipeline.data.dataset_schema import DataError, load_dataset
+    from collectivekv.pipeline.store.safe_output import OutputError, check_output_dir
+    from collectivekv.pipeline.training.checkpoint import CHECKPOINT_OUTPUT, save_checkpoint
+    from collectivekv.pipeline.training.trainer import build_model, train_model
+    from collectivekv.pipeline.training.warm_start import WarmStartError, warm_start
 
     inputs = (data_dir, init_from)
     try:
@@ -151,8 +151,8 @@ def train(kv_mode: str, seed: int, init_from: str | None, out: str, overwrite: b
 
 def choose_auto_d_user(dataset: Any, cfg: ModelConfig, kw: dict[str, Any], seed: int) -> dict[str, Any]:
     """Train the full model of ``cfg`` and pick d_u from its K/V (pipeline.training.zoo_eval_runs.auto_d_user)."""
-    from pipeline.training.trainer import build_model, train_model
-    from pipeline.training.zoo_eval_runs import auto_d_user
+    from collectivekv.pipeline.training.trainer import build_model, train_model
+    from collectivekv.pipeline.training.zoo_eval_runs import auto_d_user
 
     click.echo("--d-user auto: training the full model first")
     full = train_model(build_model(dataset, replace(cfg, kv_mode="full"), seed), dataset, build_train_config(kw, seed))
@@ -175,9 +175,9 @@ def choose_auto_d_user(dataset: Any, cfg: ModelConfig, kw: dict[str, Any], seed:
 @click.option("--overwrite", is_flag=True, help="replace an existing experiment at --out (atomically, on success)")
 def experiment(variants: str, seeds: str, out: str, overwrite: bool, data_dir: str, **kw: Any) -> None:
     """Train variants × seeds; write checkpoints and results.{md,json} (mean ± std, CR)."""
-    from pipeline.data.dataset_schema import DataError, load_dataset
-    from pipeline.store.safe_output import OutputError, check_output_dir
-    from pipeline.training.experiment import EXPERIMENT_OUTPUT, run_experiment, standard_variants
+    from collectivekv.pipeline.data.dataset_schema import DataError, load_dataset
+    from collectivekv.pipeline.store.safe_output import OutputError, check_output_dir
+    from collectivekv.pipeline.training.experiment import EXPERIMENT_OUTPUT, run_experiment, standard_variants
 
     if parse_d_user(str(kw["d_user"])) == "auto":
         raise click.ClickException("--d-user auto: use `ckv train` or `ckv eval` (experiment takes a fixed d_u)")

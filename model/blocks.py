@@ -17,12 +17,12 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
-from model.attention import target_attention
-from model.cache import KVCache, rebuild_kv
-from model.config import ModelConfig
-from model.ctr import BehaviourModel, RouterLosses
-from model.pool import KVBranch, TokenBatch
-from model.retrieval import gather_positions, topk_target_attention
+from collectivekv.model.attention import target_attention
+from collectivekv.model.cache import KVCache, rebuild_kv
+from collectivekv.model.config import ModelConfig
+from collectivekv.model.ctr import BehaviourModel, RouterLosses
+from collectivekv.model.pool import KVBranch, TokenBatch
+from collectivekv.model.retrieval import gather_positions, topk_target_attention
 
 
 def add_losses(*parts: RouterLosses) -> RouterLosses:

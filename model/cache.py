@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.routing import gather_pool
+from collectivekv.model.routing import gather_pool
 
 
 @dataclass(frozen=True)

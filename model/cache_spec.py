@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from model.config import LONG_ARCHS, ModelConfig
+from collectivekv.model.config import LONG_ARCHS, ModelConfig
 
 KINDS = ("kv", "idx", "key")
 FULL_KV_ITEMSIZE = 4  # the CR denominator: the full model's K/V at fp32

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from model.attention import target_attention, valid_mask
-from model.cache import KVCache, rebuild_kv
-from model.config import ModelConfig
-from model.pool import KVBranch, TokenBatch
+from collectivekv.model.attention import target_attention, valid_mask
+from collectivekv.model.cache import KVCache, rebuild_kv
+from collectivekv.model.config import ModelConfig
+from collectivekv.model.pool import KVBranch, TokenBatch
 
 N_FEEDBACK = 3  # 0 padding, 1 negative, 2 positive
 

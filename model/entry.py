@@ -33,10 +33,10 @@ import math
 
 import torch
 
-from model.blocks import ZooCache
-from model.cache import KVCache
-from model.cache_spec import entry_parts, group_specs, key_fields
-from model.config import ModelConfig
+from collectivekv.model.blocks import ZooCache
+from collectivekv.model.cache import KVCache
+from collectivekv.model.cache_spec import entry_parts, group_specs, key_fields
+from collectivekv.model.config import ModelConfig
 
 
 def pack_keys(keys: torch.Tensor, m: int, bits: int) -> torch.Tensor:

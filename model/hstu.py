@@ -31,11 +31,11 @@ import math
 import torch
 from torch import nn
 
-from model.blocks import ZooBase, ZooCache, add_losses, build_mlp, tail_window, trim
-from model.cache import KVCache, rebuild_kv
-from model.config import ModelConfig
-from model.ctr import RouterLosses
-from model.pool import KVBranch, TokenBatch
+from collectivekv.model.blocks import ZooBase, ZooCache, add_losses, build_mlp, tail_window, trim
+from collectivekv.model.cache import KVCache, rebuild_kv
+from collectivekv.model.config import ModelConfig
+from collectivekv.model.ctr import RouterLosses
+from collectivekv.model.pool import KVBranch, TokenBatch
 
 N_REL_BUCKETS = 32
 

@@ -36,10 +36,10 @@ from __future__ import annotations
 
 import torch
 
-from model.blocks import TABlock, ZooBase, ZooCache, add_losses, build_mlp, tail_window, trim
-from model.config import ModelConfig
-from model.ctr import RouterLosses, distinct
-from model.retrieval import (
+from collectivekv.model.blocks import TABlock, ZooBase, ZooCache, add_losses, build_mlp, tail_window, trim
+from collectivekv.model.config import ModelConfig
+from collectivekv.model.ctr import RouterLosses, distinct
+from collectivekv.model.retrieval import (
     bitmask,
     category_topk,
     hamming_topk,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from model.routing import fused_route, peak_loss, route
+from collectivekv.model.routing import fused_route, peak_loss, route
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from model.attention import masked_softmax, valid_mask
+from collectivekv.model.attention import masked_softmax, valid_mask
 
 
 def popcount(x: torch.Tensor, n_bits: int) -> torch.Tensor:

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from model.config import LONG_ARCHS, ModelConfig
-from model.ctr import TargetAttentionCTR
-from model.hstu import HSTU
-from model.longseq import ETA, SDIM, SIM, TWIN
+from collectivekv.model.config import LONG_ARCHS, ModelConfig
+from collectivekv.model.ctr import TargetAttentionCTR
+from collectivekv.model.hstu import HSTU
+from collectivekv.model.longseq import ETA, SDIM, SIM, TWIN
 
 MODELS: dict[str, type[nn.Module]] = {
     "din": TargetAttentionCTR,

@@ -30,13 +30,13 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cachestore.store.entry import EntryLayout  # noqa: E402
-from cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE, prefill_schema  # noqa: E402
-from cachestore.store.publish import build_and_publish  # noqa: E402
-from cachestore.store.record import write_layout  # noqa: E402
-from pipeline.reports.capacity import CacheFormat, capacity_plan, dist_from_quantiles  # noqa: E402
-from pipeline.reports.capacity_inputs import store_calibration, store_format, store_lengths  # noqa: E402
-from pipeline.reports.size_report import store_sizes  # noqa: E402
+from collectivekv.cachestore.store.entry import EntryLayout  # noqa: E402
+from collectivekv.cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE, prefill_schema  # noqa: E402
+from collectivekv.cachestore.store.publish import build_and_publish  # noqa: E402
+from collectivekv.cachestore.store.record import write_layout  # noqa: E402
+from collectivekv.pipeline.reports.capacity import CacheFormat, capacity_plan, dist_from_quantiles  # noqa: E402
+from collectivekv.pipeline.reports.capacity_inputs import store_calibration, store_format, store_lengths  # noqa: E402
+from collectivekv.pipeline.reports.size_report import store_sizes  # noqa: E402
 
 VERSION = "c0ffee00c0ffee00"
 SPEC = (150.0, 122.0, 253.0, 1000)  # mean (given, not fitted), p50, p90, max

@@ -16,13 +16,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from cachestore.decode.runtime_config import ServingConfig
-from cachestore.serving.config import ServerConfig
-from cachestore.serving.server import RunningServer
-from cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE, prefill_schema
-from cachestore.store.publish import build_version, new_staging_dir, publish
-from cachestore.store.record import write_layout
-from pipeline.training.checkpoint import save_checkpoint
+from collectivekv.cachestore.decode.runtime_config import ServingConfig
+from collectivekv.cachestore.serving.config import ServerConfig
+from collectivekv.cachestore.serving.server import RunningServer
+from collectivekv.cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE, prefill_schema
+from collectivekv.cachestore.store.publish import build_version, new_staging_dir, publish
+from collectivekv.cachestore.store.record import write_layout
+from collectivekv.pipeline.training.checkpoint import save_checkpoint
 from tests.store_fixtures import layout_for, prefill_rows
 from tests.test_model import make_model, small_config
 from tests.test_serving import histories

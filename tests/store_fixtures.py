@@ -16,11 +16,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from cachestore.store.entry import EntryLayout, entry_layout
-from cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE, prefill_schema
-from cachestore.store.publish import build_and_publish
-from cachestore.store.record import write_layout
-from model.ctr import TargetAttentionCTR
+from collectivekv.cachestore.store.entry import EntryLayout, entry_layout
+from collectivekv.cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE, prefill_schema
+from collectivekv.cachestore.store.publish import build_and_publish
+from collectivekv.cachestore.store.record import write_layout
+from collectivekv.model.ctr import TargetAttentionCTR
 
 KV_TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -87,8 +87,8 @@ def put_in_place(version: Path, values: dict[int, bytes]) -> None:
 
     import lmdb
 
-    from cachestore.store.record import user_key
-    from cachestore.store.store_tree import lmdb_facts
+    from collectivekv.cachestore.store.record import user_key
+    from collectivekv.cachestore.store.store_tree import lmdb_facts
 
     version = Path(version)
     env = lmdb.open(str(version / "lmdb"), map_size=1 << 26, subdir=True, max_dbs=0)

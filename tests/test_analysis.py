@@ -17,10 +17,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from jobs.analysis import analyze as analyze_cmd
-from jobs.report import report as report_group
-from model.config import CollectiveConfig
-from pipeline.reports.analysis import (
+from collectivekv.jobs.analysis import analyze as analyze_cmd
+from collectivekv.jobs.report import report as report_group
+from collectivekv.model.config import CollectiveConfig
+from collectivekv.pipeline.reports.analysis import (
     analyze_model,
     cosine_matrix,
     describe,
@@ -34,7 +34,7 @@ from pipeline.reports.analysis import (
     svd_split,
     utilisation,
 )
-from pipeline.training.checkpoint import save_checkpoint
+from collectivekv.pipeline.training.checkpoint import save_checkpoint
 from tests.store_fixtures import store_of_model
 from tests.test_model import N_ITEMS, make_model, small_config
 
@@ -172,7 +172,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
     labels = [g.integers(0, 2, n).tolist() for n in hl]
     pq.write_table(pa.table({"user_id": pa.array(users, pa.int64()), "items": pa.array(items, pa.list_(pa.int32())),
                              "labels": pa.array(labels, pa.list_(pa.int8()))}), root / "histories.parquet")
-    from pipeline.data.history import HistoryIndex
+    from collectivekv.pipeline.data.history import HistoryIndex
 
     w = HistoryIndex(pq.read_table(root / "histories.parquet")).window(np.array(users), None, model.cfg.max_len)
     store_of_model(root / "store", model, version, users, torch.from_numpy(w.items), torch.from_numpy(w.feedback),
@@ -261,7 +261,7 @@ def test_html_report_sections_tables_and_images(tiny: dict, tmp_path: Path) -> N
                machine={**gpu["machine"], "gpu": "NVIDIA H100 80GB HBM3"})
     gpu["copy_limits"].update(floor_gb_per_s=53.0, floor_fixed_ms=0.02)
     (results / "decode_latency/decode_latency.json").write_text(json.dumps(gpu))
-    from pipeline.reports.html_report import build_report
+    from collectivekv.pipeline.reports.html_report import build_report
 
     page = build_report(tiny["store"], tiny["ckpt"], histories=tiny["hist"], results_dir=results, analysis_users=20,
                         project_users=10)

@@ -19,11 +19,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cachestore.store.record import HEADER_SIZE
-from jobs.capacity import capacity as capacity_cmd
-from model.cache_spec import bytes_per_behaviour, compression_rate
-from model.config import CollectiveConfig, ModelConfig
-from pipeline.reports.capacity import (
+from collectivekv.cachestore.store.record import HEADER_SIZE
+from collectivekv.jobs.capacity import capacity as capacity_cmd
+from collectivekv.model.cache_spec import bytes_per_behaviour, compression_rate
+from collectivekv.model.config import CollectiveConfig, ModelConfig
+from collectivekv.pipeline.reports.capacity import (
     Bandwidth,
     Budgets,
     CacheFormat,
@@ -33,7 +33,7 @@ from pipeline.reports.capacity import (
     dist_from_quantiles,
     parse_quantiles,
 )
-from pipeline.reports.capacity_inputs import (
+from collectivekv.pipeline.reports.capacity_inputs import (
     bandwidth,
     histories_lengths,
     measured_bandwidth,
@@ -42,8 +42,8 @@ from pipeline.reports.capacity_inputs import (
     store_format,
     store_lengths,
 )
-from pipeline.reports.capacity_table import capacity_table, format_table
-from pipeline.reports.lmdb_pages import lmdb_bytes, lmdb_node_max
+from collectivekv.pipeline.reports.capacity_table import capacity_table, format_table
+from collectivekv.pipeline.reports.lmdb_pages import lmdb_bytes, lmdb_node_max
 from tests.store_fixtures import build_store as build_fixture_store
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,8 +100,8 @@ def test_capacity_totals_pool_transfer_and_fits_by_hand() -> None:
     big = capacity_plan(1, point(1000), CacheFormat(), batch=b)["collective"]["batch"]
     assert big["bytes_mean"] == 4_120_584  # the benchmark's L 1000, B 512 fetch bytes
     assert f["batch"]["bytes_mean"] == 512 * (32 + 51_200 + 16) + 512  # zero block = widest part (256 fp16)
-    from cachestore.decode.batch import zero_block_bytes
-    from pipeline.reports.capacity import zero_block
+    from collectivekv.cachestore.decode.batch import zero_block_bytes
+    from collectivekv.pipeline.reports.capacity import zero_block
 
     for lay in CacheFormat(d_user=3, share_v=False).layouts().values():
         assert zero_block(lay) == zero_block_bytes(lay)
@@ -169,10 +169,10 @@ def movielens_stores(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The bundled MovieLens histories → a tiny checkpoint's prefill (the Spark job's per-partition
     function) → stores published by pipeline.store.store_ops.build_store: collective fp16 and full fp16
     (d_a 16: full records of > 31 behaviours spill to overflow pages) at max_len 200, and collective fp32."""
-    from pipeline.data.prepare import PrepareConfig, prepare
-    from pipeline.prefill.prefill import prefill_batches
-    from pipeline.prefill.prefill_engines import cache_layout
-    from pipeline.store.store_ops import build_store
+    from collectivekv.pipeline.data.prepare import PrepareConfig, prepare
+    from collectivekv.pipeline.prefill.prefill import prefill_batches
+    from collectivekv.pipeline.prefill.prefill_engines import cache_layout
+    from collectivekv.pipeline.store.store_ops import build_store
     from tests.test_model import make_model
 
     root = tmp_path_factory.mktemp("capacity")
@@ -194,8 +194,8 @@ def movielens_stores(tmp_path_factory: pytest.TempPathFactory) -> dict:
         with torch.no_grad():
             out = list(prefill_batches(table.to_batches(max_chunksize=256), model, layout))
         pq.write_table(pa.Table.from_batches(out), pdir / "part-00000.parquet")
-        from cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE
-        from cachestore.store.record import write_layout
+        from collectivekv.cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE
+        from collectivekv.cachestore.store.record import write_layout
 
         write_layout(pdir / PARQUET_LAYOUT_FILE, layout)
         build_store(root / name, pdir, prefill={"model_config": {"d_attn": 16, "collective": {"d_user": 1}}},
@@ -205,7 +205,7 @@ def movielens_stores(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def _measured(store: Path) -> dict:
-    from pipeline.reports.size_report import store_sizes
+    from collectivekv.pipeline.reports.size_report import store_sizes
 
     return store_sizes(store)["bytes"]
 

@@ -14,11 +14,11 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cachestore.store.catalogue import CATALOGUE_FILE, CatalogueError, ItemCatalogue, load_catalogue
-from cachestore.store.item_ids import ItemIds, UnknownItemError, raw_to_dense
-from jobs.cli import main
-from pipeline.data.dataset_schema import META_FILE, DataError, load_dataset
-from pipeline.data.prepare import PrepareConfig, previous_catalogue
+from collectivekv.cachestore.store.catalogue import CATALOGUE_FILE, CatalogueError, ItemCatalogue, load_catalogue
+from collectivekv.cachestore.store.item_ids import ItemIds, UnknownItemError, raw_to_dense
+from collectivekv.jobs.cli import main
+from collectivekv.pipeline.data.dataset_schema import META_FILE, DataError, load_dataset
+from collectivekv.pipeline.data.prepare import PrepareConfig, previous_catalogue
 
 raw_ids = st.lists(st.integers(-(2**63), 2**63 - 1), max_size=40)
 

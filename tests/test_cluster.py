@@ -20,11 +20,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cachestore.store.reader import StoreReader
-from model.config import CollectiveConfig, ModelConfig
-from model.zoo import create_model
-from pipeline.data.synthetic import history_batches
-from pipeline.training.checkpoint import save_checkpoint
+from collectivekv.cachestore.store.reader import StoreReader
+from collectivekv.model.config import CollectiveConfig, ModelConfig
+from collectivekv.model.zoo import create_model
+from collectivekv.pipeline.data.synthetic import history_batches
+from collectivekv.pipeline.training.checkpoint import save_checkpoint
 
 pytestmark = pytest.mark.spark
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,8 +14,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cachestore.decode.entry_batch import entry_payloads, model_tensors, stack_records, storage_arrays
-from cachestore.store.entry import (
+from collectivekv.cachestore.decode.entry_batch import entry_payloads, model_tensors, stack_records, storage_arrays
+from collectivekv.cachestore.store.entry import (
     ENTRY_FORMAT_VERSION,
     EntryLayout,
     decode_entry,
@@ -24,7 +24,7 @@ from cachestore.store.entry import (
     entry_layout,
     read_layout,
 )
-from cachestore.store.record import (
+from collectivekv.cachestore.store.record import (
     BadMagicError,
     ChecksumError,
     ModelVersionMismatchError,
@@ -33,10 +33,10 @@ from cachestore.store.record import (
     UnsupportedVersionError,
     write_layout,
 )
-from model.cache_spec import entry_bytes, entry_parts
-from model.entry import cache_from_arrays, entry_arrays, full_cache, pack_keys, unpack_keys
-from model.zoo import PAPER_MODELS
-from pipeline.prefill.prefill_engines import cache_layout
+from collectivekv.model.cache_spec import entry_bytes, entry_parts
+from collectivekv.model.entry import cache_from_arrays, entry_arrays, full_cache, pack_keys, unpack_keys
+from collectivekv.model.zoo import PAPER_MODELS
+from collectivekv.pipeline.prefill.prefill_engines import cache_layout
 from tests.test_zoo import VARIANTS, make_batch, make_model, zoo_config
 
 VERSION = "0123456789abcdef"
@@ -136,7 +136,7 @@ def test_pack_keys_roundtrip(bits: int, m: int, seed: int) -> None:
 
 
 def test_din_entry_is_one_flat_group() -> None:
-    from model.config import CollectiveConfig, ModelConfig
+    from collectivekv.model.config import CollectiveConfig, ModelConfig
 
     cfg = ModelConfig(n_items=9, embed_dim=8, d_attn=16, n_heads=2, max_len=6,
                       collective=CollectiveConfig(d_user=2, pool_size=30))  # fmt: skip

@@ -19,13 +19,25 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cachestore.decode import graphs
-from cachestore.decode.batch import HostBatcher
-from cachestore.decode.fused import FusedConfig, fused_attention, fused_available, fused_decode, split_parts
-from cachestore.decode.graphs import GraphedDecoder, batch_capacity, copy_chunks, record_ends, static_decode
-from cachestore.decode.runtime import DecodeRuntime
-from jobs.score import score as score_cmd
-from pipeline.training.checkpoint import save_checkpoint
+from collectivekv.cachestore.decode import graphs
+from collectivekv.cachestore.decode.batch import HostBatcher
+from collectivekv.cachestore.decode.fused import (
+    FusedConfig,
+    fused_attention,
+    fused_available,
+    fused_decode,
+    split_parts,
+)
+from collectivekv.cachestore.decode.graphs import (
+    GraphedDecoder,
+    batch_capacity,
+    copy_chunks,
+    record_ends,
+    static_decode,
+)
+from collectivekv.cachestore.decode.runtime import DecodeRuntime
+from collectivekv.jobs.score import score as score_cmd
+from collectivekv.pipeline.training.checkpoint import save_checkpoint
 from tests.store_fixtures import store_of_model
 from tests.test_graphs import MODELS, SEQ, VERSION, eager_logits, random_lengths, random_records, request, setup
 from tests.test_graphs import store as store  # noqa: F401  (the module-scoped LMDB store fixture)

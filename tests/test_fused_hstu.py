@@ -17,15 +17,15 @@ import numpy as np
 import pytest
 import torch
 
-from cachestore.decode.batch import HostBatcher
-from cachestore.decode.decode import ResidentZooModel, decode_zoo, entry_cache
-from cachestore.decode.fused import FusedConfig, fused_available
-from cachestore.decode.fused_hstu import hstu_static_decode, layer_tables, part_starts
-from cachestore.decode.transfer import to_device
-from cachestore.store.entry import entry_from_parquet_row, entry_layout
-from cachestore.store.record import RouterIndexError
-from model.cache_spec import store_config
-from model.entry import full_cache
+from collectivekv.cachestore.decode.batch import HostBatcher
+from collectivekv.cachestore.decode.decode import ResidentZooModel, decode_zoo, entry_cache
+from collectivekv.cachestore.decode.fused import FusedConfig, fused_available
+from collectivekv.cachestore.decode.fused_hstu import hstu_static_decode, layer_tables, part_starts
+from collectivekv.cachestore.decode.transfer import to_device
+from collectivekv.cachestore.store.entry import entry_from_parquet_row, entry_layout
+from collectivekv.cachestore.store.record import RouterIndexError
+from collectivekv.model.cache_spec import store_config
+from collectivekv.model.entry import full_cache
 from tests.test_zoo import N_ITEMS, VARIANTS, make_batch, make_model, zoo_config
 from tests.test_zoo_serving import rounded
 from tests.zoo_store_fixtures import zoo_prefill_rows

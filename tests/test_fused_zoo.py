@@ -19,18 +19,18 @@ import dataclasses
 import pytest
 import torch
 
-from cachestore.decode.batch import HostBatcher
-from cachestore.decode.decode import ResidentZooModel, decode_zoo, entry_cache
-from cachestore.decode.fused import FusedConfig, fused_available
-from cachestore.decode.fused_zoo import zoo_static_decode
-from cachestore.decode.transfer import unpack_entry
-from cachestore.store.entry import entry_from_parquet_row, entry_layout
-from cachestore.store.record import RouterIndexError
-from model.blocks import ZooCache
-from model.cache_spec import store_config
-from model.config import LONG_ARCHS, CollectiveConfig
-from model.entry import full_cache
-from model.retrieval import popcount
+from collectivekv.cachestore.decode.batch import HostBatcher
+from collectivekv.cachestore.decode.decode import ResidentZooModel, decode_zoo, entry_cache
+from collectivekv.cachestore.decode.fused import FusedConfig, fused_available
+from collectivekv.cachestore.decode.fused_zoo import zoo_static_decode
+from collectivekv.cachestore.decode.transfer import unpack_entry
+from collectivekv.cachestore.store.entry import entry_from_parquet_row, entry_layout
+from collectivekv.cachestore.store.record import RouterIndexError
+from collectivekv.model.blocks import ZooCache
+from collectivekv.model.cache_spec import store_config
+from collectivekv.model.config import LONG_ARCHS, CollectiveConfig
+from collectivekv.model.entry import full_cache
+from collectivekv.model.retrieval import popcount
 from tests.test_zoo import N_ITEMS, make_batch, make_model, zoo_config
 from tests.zoo_store_fixtures import zoo_prefill_rows
 

@@ -13,17 +13,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cachestore.decode.batch import HostBatcher
-from cachestore.decode.decode import ResidentModel, decode, din_cache
-from cachestore.decode.entry_batch import kv_storage
-from cachestore.decode.graphs import GraphedDecoder, batch_capacity, copy_buckets, static_decode
-from cachestore.decode.mapped import MappedBatcher
-from cachestore.decode.runtime import DecodeRuntime
-from cachestore.decode.transfer import to_device
-from cachestore.store.entry import EntryLayout, encode_entry
-from cachestore.store.publish import open_current
-from cachestore.store.reader import StoreReader
-from model.config import CollectiveConfig
+from collectivekv.cachestore.decode.batch import HostBatcher
+from collectivekv.cachestore.decode.decode import ResidentModel, decode, din_cache
+from collectivekv.cachestore.decode.entry_batch import kv_storage
+from collectivekv.cachestore.decode.graphs import GraphedDecoder, batch_capacity, copy_buckets, static_decode
+from collectivekv.cachestore.decode.mapped import MappedBatcher
+from collectivekv.cachestore.decode.runtime import DecodeRuntime
+from collectivekv.cachestore.decode.transfer import to_device
+from collectivekv.cachestore.store.entry import EntryLayout, encode_entry
+from collectivekv.cachestore.store.publish import open_current
+from collectivekv.cachestore.store.reader import StoreReader
+from collectivekv.model.config import CollectiveConfig
 from tests.store_fixtures import layout_for, store_of_model
 from tests.test_model import N_ITEMS, make_model, small_config
 

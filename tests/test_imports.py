@@ -15,10 +15,16 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("model", "cachestore", "pipeline", "jobs")
 
 def _module_name(path: Path) -> str:
+    """``model/zoo.py`` → ``collectivekv.model.zoo`` (the installed namespace; pyproject.toml)."""
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
-    return ".".join(parts)
+    return ".".join(["collectivekv", *parts])
+
+
+def _layer(module: str) -> str:
+    """The top-level folder a module lies in: ``collectivekv.model.zoo`` → ``model``."""
+    return module.split(".")[1]
 
 
 def project_modules() -> dict[str, Path]:
@@ -86,15 +92,15 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def _edges_into(graph: dict[str, set[str]], src_pkg: str, dst_pkgs: tuple[str, ...]) -> set[tuple[str, str]]:
-    return {(m, t) for m, ts in graph.items() if m.split(".")[0] == src_pkg
-            for t in ts if t.split(".")[0] in dst_pkgs}
+    return {(m, t) for m, ts in graph.items() if _layer(m) == src_pkg
+            for t in ts if _layer(t) in dst_pkgs}
 
 
 def test_graph_sees_function_level_and_package_imports() -> None:
     """The walker itself: function-level imports and ``from pkg import module`` are edges."""
     graph = import_graph()
-    assert "cachestore.checkpoint" in graph["cachestore.decode.runtime"]  # imported inside a method
-    assert graph["model"] is not None and len(graph) > 50
+    assert "collectivekv.cachestore.checkpoint" in graph["collectivekv.cachestore.decode.runtime"]  # in a method
+    assert graph["collectivekv.model"] is not None and len(graph) > 50
 
 
 def test_find_cycle_reports_a_cycle() -> None:
@@ -119,8 +125,8 @@ def test_pipeline_imports_no_jobs() -> None:
     assert _edges_into(import_graph(), "pipeline", ("jobs",)) == set()
 
 
-STORE_MODULES = tuple(f"cachestore.store.{m}" for m in ("record", "entry", "legacy_v1", "store_check", "store_tree",
-                                                             "reader", "lmdb_build", "publish", "layout_check"))
+STORE_MODULES = tuple(f"collectivekv.cachestore.store.{m}" for m in (
+    "record", "entry", "legacy_v1", "store_check", "store_tree", "reader", "lmdb_build", "publish", "layout_check"))
 
 
 def test_store_format_and_lmdb_tools_need_no_torch() -> None:

@@ -11,12 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cachestore.store.reader import StoreReader
-from model.config import CollectiveConfig, ModelConfig
-from model.zoo import create_model
-from pipeline.data.synthetic import HISTORIES_SCHEMA, history_batches
-from pipeline.prefill.spark_job import PrefillOptions, run_prefill
-from pipeline.training.checkpoint import save_checkpoint
+from collectivekv.cachestore.store.reader import StoreReader
+from collectivekv.model.config import CollectiveConfig, ModelConfig
+from collectivekv.model.zoo import create_model
+from collectivekv.pipeline.data.synthetic import HISTORIES_SCHEMA, history_batches
+from collectivekv.pipeline.prefill.spark_job import PrefillOptions, run_prefill
+from collectivekv.pipeline.training.checkpoint import save_checkpoint
 
 pytestmark = pytest.mark.spark
 N_ITEMS, MAX_LEN = 300, 20

@@ -20,15 +20,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cachestore.checkpoint import load_checkpoint
-from cachestore.decode.runtime import DecodeRuntime
-from cachestore.store.entry import decode_entry, encode_entry, entry_layout, layout_from_dict, read_layout
-from cachestore.store.legacy_v1 import legacy_fields
-from cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE, StoreBuildError, build_lmdb
-from cachestore.store.publish import LAYOUT, LMDB_DIR, MANIFEST, open_current
-from cachestore.store.record import LayoutError, RecordError
-from jobs.store import store as store_cli
-from pipeline.data.history import arrow_window
+from collectivekv.cachestore.checkpoint import load_checkpoint
+from collectivekv.cachestore.decode.runtime import DecodeRuntime
+from collectivekv.cachestore.store.entry import decode_entry, encode_entry, entry_layout, layout_from_dict, read_layout
+from collectivekv.cachestore.store.legacy_v1 import legacy_fields
+from collectivekv.cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE, StoreBuildError, build_lmdb
+from collectivekv.cachestore.store.publish import LAYOUT, LMDB_DIR, MANIFEST, open_current
+from collectivekv.cachestore.store.record import LayoutError, RecordError
+from collectivekv.jobs.store import store as store_cli
+from collectivekv.pipeline.data.history import arrow_window
 from tests.store_fixtures import put_in_place
 
 FIXTURE = Path(__file__).parent / "fixtures" / "v1_din_store"
@@ -163,7 +163,7 @@ def test_bad_format_1_layouts_are_refused() -> None:
 def test_in_place_readers_serve_it(legacy: Path, how: str) -> None:
     """The paths that read din records in place (fused kernel, resident tier, the graphs' static decode,
     eager on CPU) serve the format-1 records like the eager gather path."""
-    from cachestore.decode.fused import FusedConfig, fused_available
+    from collectivekv.cachestore.decode.fused import FusedConfig, fused_available
 
     users, cand, want = _model_logits(legacy)
     if how == "fused" and not fused_available(torch.device("cpu")):

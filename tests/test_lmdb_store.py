@@ -14,10 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import cachestore.store.lmdb_build as lmdb_build
-from cachestore.store.entry import EntryLayout
-from cachestore.store.lmdb_build import StoreBuildError, build_lmdb, prefill_schema
-from cachestore.store.publish import (
+import collectivekv.cachestore.store.lmdb_build as lmdb_build
+from collectivekv.cachestore.store.entry import EntryLayout
+from collectivekv.cachestore.store.lmdb_build import StoreBuildError, build_lmdb, prefill_schema
+from collectivekv.cachestore.store.publish import (
     PublishError,
     build_and_publish,
     build_version,
@@ -26,8 +26,8 @@ from cachestore.store.publish import (
     open_current,
     publish,
 )
-from cachestore.store.reader import StoreReader
-from cachestore.store.record import ChecksumError, RecordError, write_layout
+from collectivekv.cachestore.store.reader import StoreReader
+from collectivekv.cachestore.store.record import ChecksumError, RecordError, write_layout
 from tests.test_record import din_layout
 
 MV = "00112233445566aa"
@@ -268,8 +268,8 @@ def test_one_publish_transaction_keeps_current_on_any_failure(tmp_path: Path, ro
     ``current`` as it was; a success writes the completed manifest and switches ``current``."""
     import json
 
-    from cachestore.store.publish import STAGING
-    from pipeline.store.store_ops import build_store, publish_staged
+    from collectivekv.cachestore.store.publish import STAGING
+    from collectivekv.pipeline.store.store_ops import build_store, publish_staged
 
     src = write_parquet(tmp_path / "parquet", rows, parts=shuffled_parts(IDS, 2))
     root = tmp_path / "store"

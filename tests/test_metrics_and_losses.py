@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.metrics import auc, gauc, logloss
-from model.routing import balance_loss, gather_pool, peak_loss, route
+from collectivekv.model.metrics import auc, gauc, logloss
+from collectivekv.model.routing import balance_loss, gather_pool, peak_loss, route
 
 
 def brute_auc(y: np.ndarray, s: np.ndarray) -> float:
@@ -100,7 +100,7 @@ def test_gather_pool_soft_equals_hard_at_gate_one() -> None:
 
 
 def test_fused_router_matches_reference_values_and_gradients() -> None:
-    from model.routing import fused_route
+    from collectivekv.model.routing import fused_route
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(9, 5, dtype=torch.float64, generator=g, requires_grad=True)

@@ -10,10 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import model.ctr as ctr_module
-from model.config import CollectiveConfig, ModelConfig, config_from_dict, config_to_dict
-from model.ctr import TargetAttentionCTR
-from model.routing import balance_loss, peak_loss
+import collectivekv.model.ctr as ctr_module
+from collectivekv.model.config import CollectiveConfig, ModelConfig, config_from_dict, config_to_dict
+from collectivekv.model.ctr import TargetAttentionCTR
+from collectivekv.model.routing import balance_loss, peak_loss
 from tests.helpers import padded_batch
 
 N_ITEMS = 40
@@ -198,7 +198,7 @@ def test_config_round_trip_and_validation() -> None:
        seed=st.integers(0, 1000), dtype=st.sampled_from([torch.float32, torch.float64]))  # fmt: skip
 @settings(max_examples=40, deadline=None)
 def test_block_diagonal_attention_equals_reference(b: int, c: int, seq: int, heads: int, seed: int, dtype) -> None:
-    from model.attention import target_attention, target_attention_reference
+    from collectivekv.model.attention import target_attention, target_attention_reference
 
     g = torch.Generator().manual_seed(seed)
     d_a = 8 * heads
@@ -213,7 +213,7 @@ def test_block_diagonal_attention_equals_reference(b: int, c: int, seq: int, hea
 
 
 def test_distinct_matches_torch_unique() -> None:
-    from model.ctr import distinct
+    from collectivekv.model.ctr import distinct
 
     values = torch.tensor([5, 3, 5, 0, 9, 3, 3])
     uniq, inv, counts = distinct(values, 10)

@@ -14,18 +14,18 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cachestore.decode.entry_batch import model_tensors, stack_records
-from cachestore.store.entry import decode_entry, entry_from_parquet_row
-from cachestore.store.lmdb_build import prefill_schema
-from cachestore.store.reader import StoreReader
-from cachestore.store.record import write_layout
-from model.cache import KVCache
-from model.cache_spec import bytes_per_behaviour, compression_rate, store_config
-from model.config import CollectiveConfig, ModelConfig
-from model.ctr import TargetAttentionCTR
-from model.entry import cache_from_arrays
-from pipeline.data.history import arrow_window
-from pipeline.prefill.prefill import (
+from collectivekv.cachestore.decode.entry_batch import model_tensors, stack_records
+from collectivekv.cachestore.store.entry import decode_entry, entry_from_parquet_row
+from collectivekv.cachestore.store.lmdb_build import prefill_schema
+from collectivekv.cachestore.store.reader import StoreReader
+from collectivekv.cachestore.store.record import write_layout
+from collectivekv.model.cache import KVCache
+from collectivekv.model.cache_spec import bytes_per_behaviour, compression_rate, store_config
+from collectivekv.model.config import CollectiveConfig, ModelConfig
+from collectivekv.model.ctr import TargetAttentionCTR
+from collectivekv.model.entry import cache_from_arrays
+from collectivekv.pipeline.data.history import arrow_window
+from collectivekv.pipeline.prefill.prefill import (
     OUTPUT_SCHEMA,
     DirectEngine,
     MemoEngine,
@@ -36,10 +36,10 @@ from pipeline.prefill.prefill import (
     prefill_batches,
     tokenwise,
 )
-from pipeline.reports.size_report import size_report
-from pipeline.store.store_ops import build_store
-from pipeline.store.verify import verify_store
-from pipeline.training.checkpoint import save_checkpoint
+from collectivekv.pipeline.reports.size_report import size_report
+from collectivekv.pipeline.store.store_ops import build_store
+from collectivekv.pipeline.store.verify import verify_store
+from collectivekv.pipeline.training.checkpoint import save_checkpoint
 
 N_ITEMS = 40
 MV = "0123456789abcdef"
@@ -342,10 +342,10 @@ def test_verify_passes_and_catches_mismatches(small_store: dict, tmp_path: Path)
     other = tmp_path / "other"
     save_checkpoint(other, make_model(small_config(max_len=6), seed=1), {})
     runner = CliRunner()
-    r = runner.invoke(__import__("jobs.store", fromlist=["store"]).store,
+    r = runner.invoke(__import__("collectivekv.jobs.store", fromlist=["store"]).store,
                       ["verify", str(s["store"]), "--checkpoint", str(other), "--histories", str(s["hist"])])
     assert r.exit_code == 1 and "store was built by model" in r.output
-    r = runner.invoke(__import__("jobs.store", fromlist=["store"]).store,
+    r = runner.invoke(__import__("collectivekv.jobs.store", fromlist=["store"]).store,
                       ["verify", str(s["store"]), "--checkpoint", str(s["ckpt"]), "--histories", str(s["hist"])])
     assert r.exit_code == 0 and "OK" in r.output
 
@@ -369,7 +369,7 @@ def test_store_reader_sees_prefill_records(small_store: dict) -> None:
 
 
 def test_store_build_cli_from_a_parquet_dir(small_store: dict, tmp_path: Path) -> None:
-    from jobs.store import store as store_cli
+    from collectivekv.jobs.store import store as store_cli
 
     src = small_store["store"] / "parquet"
     runner = CliRunner()
@@ -386,7 +386,7 @@ def test_store_build_cli_from_a_parquet_dir(small_store: dict, tmp_path: Path) -
 
 
 def test_memo_blocks_shared_through_a_directory(tmp_path: Path) -> None:
-    from pipeline.prefill.block_cache import SharedBlocks
+    from collectivekv.pipeline.prefill.block_cache import SharedBlocks
 
     model = make_model(small_config(n_items=300))
     layout = cache_layout(model.cfg, MV)
@@ -413,8 +413,8 @@ def test_memo_blocks_shared_through_a_directory(tmp_path: Path) -> None:
 
 
 def test_zoo_archs_refuse_the_memo_engine() -> None:
-    from cachestore.store.entry import EntryLayout
-    from pipeline.prefill.prefill import check_engine
+    from collectivekv.cachestore.store.entry import EntryLayout
+    from collectivekv.pipeline.prefill.prefill import check_engine
 
     layout = cache_layout(small_config(arch="hstu"), MV)  # several cache groups
     assert isinstance(layout, EntryLayout) and layout.arch == "hstu"

@@ -15,19 +15,19 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from cachestore.store.publish import current_version_id
-from cachestore.store.reader import StoreReader
-from jobs.prepare import data as data_cli
-from jobs.report import report as report_cli
-from jobs.store import store as store_cli
-from model.cache_spec import compression_rate
-from model.config import CollectiveConfig, ModelConfig
-from pipeline.data.dataset_schema import load_dataset
-from pipeline.prefill.prefill import PrefillInputError
-from pipeline.prefill.spark_job import PrefillOptions, run_prefill
-from pipeline.store.verify import verify_store
-from pipeline.training.checkpoint import save_checkpoint
-from pipeline.training.trainer import build_model
+from collectivekv.cachestore.store.publish import current_version_id
+from collectivekv.cachestore.store.reader import StoreReader
+from collectivekv.jobs.prepare import data as data_cli
+from collectivekv.jobs.report import report as report_cli
+from collectivekv.jobs.store import store as store_cli
+from collectivekv.model.cache_spec import compression_rate
+from collectivekv.model.config import CollectiveConfig, ModelConfig
+from collectivekv.pipeline.data.dataset_schema import load_dataset
+from collectivekv.pipeline.prefill.prefill import PrefillInputError
+from collectivekv.pipeline.prefill.spark_job import PrefillOptions, run_prefill
+from collectivekv.pipeline.store.verify import verify_store
+from collectivekv.pipeline.training.checkpoint import save_checkpoint
+from collectivekv.pipeline.training.trainer import build_model
 from tests.helpers import run_prefill_submit
 
 pytestmark = pytest.mark.spark

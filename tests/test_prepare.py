@@ -17,11 +17,17 @@ from click.testing import CliRunner
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from jobs.prepare import data
-from pipeline.data.build import build_dataset, dense_rank, stable_order
-from pipeline.data.dataset_schema import SPLITS, CanonicalDataset, DataError, load_dataset, validate_dataset
-from pipeline.data.events import read_events
-from pipeline.data.prepare import PrepareConfig, prepare
+from collectivekv.jobs.prepare import data
+from collectivekv.pipeline.data.build import build_dataset, dense_rank, stable_order
+from collectivekv.pipeline.data.dataset_schema import (
+    SPLITS,
+    CanonicalDataset,
+    DataError,
+    load_dataset,
+    validate_dataset,
+)
+from collectivekv.pipeline.data.events import read_events
+from collectivekv.pipeline.data.prepare import PrepareConfig, prepare
 
 REPO = Path(__file__).resolve().parents[1]
 MOVIELENS = REPO / "data" / "movielens"

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cachestore.store.entry import (
+from collectivekv.cachestore.store.entry import (
     EntryLayout,
     EntryRecord,
     decode_entry,
@@ -20,7 +20,7 @@ from cachestore.store.entry import (
     entry_from_parquet_row,
     read_layout,
 )
-from cachestore.store.record import (
+from collectivekv.cachestore.store.record import (
     HEADER_SIZE,
     BadMagicError,
     ChecksumError,
@@ -34,7 +34,7 @@ from cachestore.store.record import (
     user_key,
     write_layout,
 )
-from model.cache_spec import EntryPart
+from collectivekv.model.cache_spec import EntryPart
 
 MV = "0123456789abcdef"
 KV_DTYPES = ("bfloat16", "float16", "float32")

@@ -14,12 +14,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cachestore.decode.batch import HostBatcher
-from cachestore.decode.decode import decode, din_cache
-from cachestore.decode.fused import FusedConfig, fused_available, fused_decode
-from cachestore.decode.transfer import to_device
-from cachestore.store.entry import decode_entry, encode_entry
-from cachestore.store.record import RecordError, RouterIndexError
+from collectivekv.cachestore.decode.batch import HostBatcher
+from collectivekv.cachestore.decode.decode import decode, din_cache
+from collectivekv.cachestore.decode.fused import FusedConfig, fused_available, fused_decode
+from collectivekv.cachestore.decode.transfer import to_device
+from collectivekv.cachestore.store.entry import decode_entry, encode_entry
+from collectivekv.cachestore.store.record import RecordError, RouterIndexError
 from tests.test_graphs import SEQ, random_records, setup
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -172,7 +172,7 @@ def test_fused_kernel_flags_out_of_pool_indices(name: str) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_runtime_graph_flags_name_the_user_on_cuda(tmp_path) -> None:
     """CUDA graphs (fused and poolscore): the static flag buffer, checked after the replay, names the user."""
-    from cachestore.decode.graphs import GraphedDecoder
+    from collectivekv.cachestore.decode.graphs import GraphedDecoder
 
     resident, layout = setup("collective", "float16")
     resident = type(resident)(resident.model, "cuda")
@@ -190,9 +190,9 @@ def test_runtime_graph_flags_name_the_user_on_cuda(tmp_path) -> None:
 
 def test_zoo_record_index_outside_the_pool_is_refused_on_the_cpu(tmp_path) -> None:
     """Zoo records: every idx part is checked against the pool by the reader and the verify_crc fetch."""
-    from cachestore.store.entry import encode_entry, entry_layout
-    from cachestore.store.publish import open_current
-    from cachestore.store.reader import StoreReader
+    from collectivekv.cachestore.store.entry import encode_entry, entry_layout
+    from collectivekv.cachestore.store.publish import open_current
+    from collectivekv.cachestore.store.reader import StoreReader
     from tests.test_zoo import zoo_config
     from tests.zoo_store_fixtures import publish_records
 

@@ -12,17 +12,23 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cachestore.checkpoint import load_checkpoint
-from cachestore.decode.runtime import DecodeRuntime
-from cachestore.store.publish import current_version_id
-from jobs.refresh import EXIT_REFUSED, refresh_cmd
-from model.config import CollectiveConfig, ModelConfig
-from pipeline.data.dataset_schema import load_dataset
-from pipeline.data.prepare import PrepareConfig, prepare
-from pipeline.store.refresh import CHECKPOINT_DIR, RefreshOptions, RefreshRefused, run_refresh, store_checkpoint
-from pipeline.store.verify import verify_store
-from pipeline.training.checkpoint import save_checkpoint
-from pipeline.training.trainer import TrainConfig, build_model, train_model
+from collectivekv.cachestore.checkpoint import load_checkpoint
+from collectivekv.cachestore.decode.runtime import DecodeRuntime
+from collectivekv.cachestore.store.publish import current_version_id
+from collectivekv.jobs.refresh import EXIT_REFUSED, refresh_cmd
+from collectivekv.model.config import CollectiveConfig, ModelConfig
+from collectivekv.pipeline.data.dataset_schema import load_dataset
+from collectivekv.pipeline.data.prepare import PrepareConfig, prepare
+from collectivekv.pipeline.store.refresh import (
+    CHECKPOINT_DIR,
+    RefreshOptions,
+    RefreshRefused,
+    run_refresh,
+    store_checkpoint,
+)
+from collectivekv.pipeline.store.verify import verify_store
+from collectivekv.pipeline.training.checkpoint import save_checkpoint
+from collectivekv.pipeline.training.trainer import TrainConfig, build_model, train_model
 
 pytestmark = pytest.mark.spark
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cachestore.store.entry import decode_entry, encode_entry
+from collectivekv.cachestore.store.entry import decode_entry, encode_entry
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("concurrent_serving", ROOT / "benchmarks" / "concurrent_serving.py")

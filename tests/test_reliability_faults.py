@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from cachestore.store.publish import current_version_id
-from cachestore.store.reader import StoreReader
-from pipeline.store.store_ops import build_store
+from collectivekv.cachestore.store.publish import current_version_id
+from collectivekv.cachestore.store.reader import StoreReader
+from collectivekv.pipeline.store.store_ops import build_store
 from tests.helpers import repo_env
 from tests.test_lmdb_store import make_rows, shuffled_parts, write_parquet
 
@@ -32,9 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
 import os, signal, sys
-import cachestore.store.lmdb_build as lb
-import cachestore.store.publish as pub
-from pipeline.store.store_ops import build_store
+import collectivekv.cachestore.store.lmdb_build as lb
+import collectivekv.cachestore.store.publish as pub
+from collectivekv.pipeline.store.store_ops import build_store
 
 store, src, point, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 calls = [0]
@@ -155,8 +155,8 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
 
 RLIMIT_CHILD = r"""
 import resource, signal, sys
-from cachestore.store.lmdb_build import StoreBuildError
-from pipeline.store.store_ops import build_store
+from collectivekv.cachestore.store.lmdb_build import StoreBuildError
+from collectivekv.pipeline.store.store_ops import build_store
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
 resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), int(sys.argv[3])))
 try:
@@ -181,7 +181,7 @@ def test_full_disk_during_lmdb_build(sources: dict, tmp_path: Path, how: str) ->
         before = read_all(store)
         big = write_parquet(tmp_path / "big", make_rows(list(range(20_000)), seed=3), parts=[list(range(20_000))])
         if mounted:
-            from cachestore.store.lmdb_build import StoreBuildError
+            from collectivekv.cachestore.store.lmdb_build import StoreBuildError
 
             with pytest.raises(StoreBuildError, match="no space left on the device.*nothing was published"):
                 build_store(store, big, command_line="full")

@@ -15,9 +15,9 @@ from click.testing import CliRunner
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from jobs.cli import main
-from pipeline.data.dataset_schema import DataError
-from pipeline.data.events import to_id
+from collectivekv.jobs.cli import main
+from collectivekv.pipeline.data.dataset_schema import DataError
+from collectivekv.pipeline.data.events import to_id
 
 GOOD = {"userId": [1, 2, 3, 4], "movieId": [10, 11, 12, 13], "rating": [4.0, 3.0, 5.0, 1.0],
         "timestamp": [1, 2, 3, 4]}

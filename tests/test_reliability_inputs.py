@@ -11,10 +11,10 @@ import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 
-from cachestore.decode.runtime import DecodeRuntime
-from cachestore.store.publish import current_version_id, open_current
-from cachestore.store.reader import StoreReader
-from cachestore.store.record import (
+from collectivekv.cachestore.decode.runtime import DecodeRuntime
+from collectivekv.cachestore.store.publish import current_version_id, open_current
+from collectivekv.cachestore.store.reader import StoreReader
+from collectivekv.cachestore.store.record import (
     HEADER_SIZE,
     ChecksumError,
     LayoutError,
@@ -22,8 +22,8 @@ from cachestore.store.record import (
     RecordSizeError,
     UnsupportedVersionError,
 )
-from pipeline.prefill.prefill import INPUT_HINT, PrefillInputError, cache_layout, prefill_batches
-from pipeline.training.checkpoint import save_checkpoint
+from collectivekv.pipeline.prefill.prefill import INPUT_HINT, PrefillInputError, cache_layout, prefill_batches
+from collectivekv.pipeline.training.checkpoint import save_checkpoint
 from tests.store_fixtures import put_in_place
 from tests.test_prefill import MV, N_ITEMS, histories, make_model, small_config
 
@@ -81,7 +81,7 @@ def test_extra_columns_empty_histories_empty_input_and_truncation_count() -> Non
 @pytest.fixture()
 def store(tmp_path: Path) -> dict:
     """A store of the test_prefill model (max_len 8) built by the per-partition prefill, 30 users."""
-    from pipeline.store.store_ops import build_store
+    from collectivekv.pipeline.store.store_ops import build_store
     from tests.test_prefill import write_prefill
 
     model = make_model(small_config())
@@ -100,8 +100,8 @@ def test_a_directory_that_is_not_a_store(tmp_path: Path) -> None:
         StoreReader.open_current(tmp_path / "junk")
     with pytest.raises(LayoutError, match="cannot read layout"):
         StoreReader(tmp_path / "junk")
-    from jobs.score import score as score_cmd
-    from jobs.store import store as store_cli
+    from collectivekv.jobs.score import score as score_cmd
+    from collectivekv.jobs.store import store as store_cli
 
     ckpt = tmp_path / "ckpt"
     save_checkpoint(ckpt, make_model(small_config()), {})
@@ -170,8 +170,8 @@ def test_truncated_or_future_format_record_in_a_store(store: dict, mutate, exc: 
 
 def test_verify_reports_a_corrupt_store(tmp_path: Path) -> None:
     """`ckv store verify` on a store with a bit-flipped record: exit 1 naming the user."""
-    from jobs.store import store as store_cli
-    from pipeline.store.store_ops import build_store
+    from collectivekv.jobs.store import store as store_cli
+    from collectivekv.pipeline.store.store_ops import build_store
     from tests.test_prefill import write_prefill
 
     model = make_model(small_config())
@@ -196,8 +196,8 @@ def test_verify_reports_a_corrupt_store(tmp_path: Path) -> None:
 def test_router_index_outside_the_pool_in_a_store(store: dict, path: str) -> None:
     """Regression: an index >= pool size in a served record was a raw IndexError; now the runtime raises
     RouterIndexError naming the user (after the batch, from the per-user flag), and the reader too."""
-    from cachestore.store.entry import decode_entry, encode_entry
-    from cachestore.store.record import RouterIndexError
+    from collectivekv.cachestore.store.entry import decode_entry, encode_entry
+    from collectivekv.cachestore.store.record import RouterIndexError
 
     uid = store["uid"]
     with StoreReader(store["version"]) as reader:

@@ -6,7 +6,6 @@ replace their own kind only with --overwrite and atomically, and concurrent `ckv
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-import pipeline.data.prepare as prepare_mod
-from jobs.cli import main
-from pipeline.store.safe_output import OutputError, replace_file
-from tests.helpers import repo_env
+import collectivekv.pipeline.data.prepare as prepare_mod
+from collectivekv.jobs.cli import main
+from collectivekv.pipeline.store.safe_output import OutputError, replace_file
+from tests.helpers import CKV, repo_env
 from tests.test_training import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,9 +147,9 @@ def test_replace_file_gives_overlapping_writers_their_own_temp_files(tmp_path: P
 @pytest.fixture()
 def scoring(tmp_path: Path) -> dict:
     """A small store + checkpoint (the test_prefill model) and 40,000 request rows."""
-    from pipeline.prefill.prefill import cache_layout
-    from pipeline.store.store_ops import build_store
-    from pipeline.training.checkpoint import save_checkpoint
+    from collectivekv.pipeline.prefill.prefill import cache_layout
+    from collectivekv.pipeline.store.store_ops import build_store
+    from collectivekv.pipeline.training.checkpoint import save_checkpoint
     from tests.test_prefill import histories, make_model, small_config, write_prefill
 
     model = make_model(small_config())
@@ -180,7 +179,7 @@ def test_score_refuses_out_equal_to_requests(scoring: dict) -> None:
 def test_two_scores_with_one_out(scoring: dict, tmp_path: Path) -> None:
     out = tmp_path / "scores.parquet"
     env = repo_env()
-    cmd = [sys.executable, "-m", "jobs.cli", *_score_args(scoring, out)]
+    cmd = [*CKV, *_score_args(scoring, out)]
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     results = [(p.wait(300), *p.communicate()) for p in procs]

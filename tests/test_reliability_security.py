@@ -13,11 +13,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cachestore.checkpoint import WEIGHTS_FILE, CheckpointError, load_checkpoint
-from cachestore.decode.runtime import DecodeRuntime
-from cachestore.store.publish import PublishError, current_version_id, open_current
-from cachestore.store.reader import StoreReader
-from pipeline.training.checkpoint import save_checkpoint
+from collectivekv.cachestore.checkpoint import WEIGHTS_FILE, CheckpointError, load_checkpoint
+from collectivekv.cachestore.decode.runtime import DecodeRuntime
+from collectivekv.cachestore.store.publish import PublishError, current_version_id, open_current
+from collectivekv.cachestore.store.reader import StoreReader
+from collectivekv.pipeline.training.checkpoint import save_checkpoint
 from tests.test_lmdb_store import make_rows, write_parquet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +99,7 @@ def test_a_pickle_in_place_of_the_weights_is_never_unpickled(tmp_path: Path) -> 
 
 @pytest.fixture()
 def store(tmp_path: Path) -> Path:
-    from cachestore.store.publish import build_and_publish
+    from collectivekv.cachestore.store.publish import build_and_publish
 
     root = tmp_path / "store"
     write_parquet(root / "parquet", make_rows(list(range(30))), parts=[list(range(30))])
@@ -138,7 +138,7 @@ def test_current_link_cannot_escape_the_store(store: Path, tmp_path: Path, targe
     for call in (open_current, current_version_id, StoreReader.open_current):
         with pytest.raises(PublishError, match="refusing to follow"):
             call(store)
-    from jobs.store import store as store_cli
+    from collectivekv.jobs.store import store as store_cli
 
     r = CliRunner().invoke(store_cli, ["verify", str(store), "--checkpoint", str(tmp_path), "--histories",
                                        str(tmp_path)])

@@ -21,17 +21,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cachestore.checkpoint import CheckpointError
-from cachestore.store.publish import current_version_id
-from cachestore.store.reader import StoreReader
-from pipeline.prefill.prefill import PrefillInputError, cache_layout
-from pipeline.prefill.spark_executor import _load_shipped_checkpoint
-from pipeline.prefill.spark_job import PrefillOptions, run_prefill
-from pipeline.prefill.spark_logging import one_line
-from pipeline.store.store_ops import build_store
-from pipeline.store.verify import verify_store
-from pipeline.training.checkpoint import save_checkpoint
-from tests.helpers import prefill_submit_command, repo_env
+from collectivekv.cachestore.checkpoint import CheckpointError
+from collectivekv.cachestore.store.publish import current_version_id
+from collectivekv.cachestore.store.reader import StoreReader
+from collectivekv.pipeline.prefill.prefill import PrefillInputError, cache_layout
+from collectivekv.pipeline.prefill.spark_executor import _load_shipped_checkpoint
+from collectivekv.pipeline.prefill.spark_job import PrefillOptions, run_prefill
+from collectivekv.pipeline.prefill.spark_logging import one_line
+from collectivekv.pipeline.store.store_ops import build_store
+from collectivekv.pipeline.store.verify import verify_store
+from collectivekv.pipeline.training.checkpoint import save_checkpoint
+from tests.helpers import CKV, prefill_submit_command, repo_env
 from tests.test_prefill import histories, make_model, small_config, write_prefill
 
 pytestmark = pytest.mark.spark
@@ -117,7 +117,7 @@ def test_worker_killed_then_rerun_completes(base: dict, spark: object, caplog) -
 def test_checkpoint_missing_on_an_executor(base: dict, spark: object, monkeypatch: pytest.MonkeyPatch,
                                            tmp_path: Path) -> None:
     before = snapshot(base["store"])
-    import pipeline.prefill.spark_job as sj
+    import collectivekv.pipeline.prefill.spark_job as sj
 
     monkeypatch.setattr(sj, "ship_checkpoint", lambda sc, ckpt, version: "ckv-checkpoint-never-shipped.zip")
     with pytest.raises(Exception, match="checkpoint archive ckv-checkpoint-never-shipped.zip is missing"):
@@ -154,7 +154,7 @@ SPARK_LOG_LINE = re.compile(r"^\d\d/\d\d/\d\d \d\d:\d\d:\d\d (INFO|WARN|ERROR) "
 def _ckv_prefill(ckpt: Path, hist: Path, store: Path, log: Path) -> tuple[subprocess.CompletedProcess, float]:
     """`ckv prefill` as a user runs it (its own Python and JVM); (process, seconds)."""
     env = repo_env(PYSPARK_PYTHON=sys.executable)
-    cmd = [sys.executable, "-m", "jobs.cli", "prefill", "--checkpoint", str(ckpt), "--histories", str(hist),
+    cmd = [*CKV, "prefill", "--checkpoint", str(ckpt), "--histories", str(hist),
            "--out", str(store), "--master", "local[1]", "--log", str(log)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -1,5 +1,5 @@
 """Damaged LMDB files of a published store: truncation, zeroed / garbage / bit-flipped meta, branch and
-leaf pages. Every command that reads a store runs as a real subprocess (``python -m jobs.cli``) and must
+leaf pages. Every command that reads a store runs as a real subprocess (``python -m collectivekv.jobs.cli``) and must
 end with an exit status != 0 and one clear stderr line naming the version and ``ckv store verify`` —
 never a signal (SIGBUS was exit 135 / -7) and never a traceback. A hypothesis fuzz damages the file at
 random offsets and scores every user (CRC-verified, the ``ckv score`` default) in a forked child: a
@@ -11,7 +11,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +21,13 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from cachestore.decode.runtime import DecodeRuntime
-from cachestore.store.publish import open_current
-from cachestore.store.store_check import P_BRANCH, P_LEAF, StoreDamagedError, check_version, read_meta
-from cachestore.store.store_tree import check_tree
-from pipeline.prefill.prefill import cache_layout
-from pipeline.training.checkpoint import save_checkpoint
-from tests.helpers import repo_env
+from collectivekv.cachestore.decode.runtime import DecodeRuntime
+from collectivekv.cachestore.store.publish import open_current
+from collectivekv.cachestore.store.store_check import P_BRANCH, P_LEAF, StoreDamagedError, check_version, read_meta
+from collectivekv.cachestore.store.store_tree import check_tree
+from collectivekv.pipeline.prefill.prefill import cache_layout
+from collectivekv.pipeline.training.checkpoint import save_checkpoint
+from tests.helpers import CKV, repo_env
 from tests.test_prefill import N_ITEMS, histories, make_model, small_config, write_prefill
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +39,7 @@ READS = ("verify", "score", "score-no-crc")  # commands that read records; repor
 @pytest.fixture(scope="module")
 def made(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A store of 300 users (max_len 8), its checkpoint, histories, requests and reference scores."""
-    from pipeline.store.store_ops import build_store
+    from collectivekv.pipeline.store.store_ops import build_store
 
     tmp = tmp_path_factory.mktemp("damage")
     model = make_model(small_config())
@@ -104,7 +103,7 @@ def run_commands(made: dict, store: Path, commands: tuple[str, ...]) -> dict[str
     env = repo_env()
     done: dict[str, subprocess.CompletedProcess] = {}
     for i in range(0, len(commands), 2):
-        procs = {c: subprocess.Popen([sys.executable, "-m", "jobs.cli", *_argv(made, store, c)], cwd=ROOT, env=env,
+        procs = {c: subprocess.Popen([*CKV, *_argv(made, store, c)], cwd=ROOT, env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for c in commands[i : i + 2]}
         for c, p in procs.items():
@@ -249,8 +248,8 @@ def test_score_verifies_crcs_by_default(made: dict, tmp_path: Path) -> None:
     by default (exit 1 naming the user); `--no-verify-crc` keeps the header/size-only fast path."""
     from click.testing import CliRunner
 
-    from cachestore.store.reader import StoreReader
-    from jobs.score import score as score_cmd
+    from collectivekv.cachestore.store.reader import StoreReader
+    from collectivekv.jobs.score import score as score_cmd
 
     store = tmp_path / "store"
     shutil.copytree(made["store"], store, symlinks=True)

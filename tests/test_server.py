@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -16,11 +15,11 @@ import pyarrow as pa
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cachestore.decode.runtime import DecodeRuntime
-from cachestore.decode.runtime_config import ServingConfig
-from cachestore.serving.payloads import ARROW_MIME
-from cachestore.store.publish import open_current
-from tests.helpers import repo_env
+from collectivekv.cachestore.decode.runtime import DecodeRuntime
+from collectivekv.cachestore.decode.runtime_config import ServingConfig
+from collectivekv.cachestore.serving.payloads import ARROW_MIME
+from collectivekv.cachestore.store.publish import open_current
+from tests.helpers import CKV, repo_env
 from tests.server_fixtures import COLD_USERS, ModelStore, start_server
 from tests.test_model import N_ITEMS
 
@@ -239,7 +238,7 @@ def test_graceful_shutdown_scores_every_queued_request(published: tuple[ModelSto
 def test_ckv_serve_process_serves_and_stops_on_sigterm(published: tuple[ModelStore, Path], tmp_path: Path) -> None:
     model, root = published
     env = repo_env()
-    cmd = [sys.executable, "-m", "jobs.cli", "serve", "--store", str(root), "--port", "0", "--device", "cpu"]
+    cmd = [*CKV, "serve", "--store", str(root), "--port", "0", "--device", "cpu"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         ready = json.loads(proc.stdout.readline())

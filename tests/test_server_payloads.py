@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cachestore.serving.payloads import BadRequest, Limits, parse_arrow, parse_json, to_dense_items
-from cachestore.store.item_ids import ItemIds
+from collectivekv.cachestore.serving.payloads import BadRequest, Limits, parse_arrow, parse_json, to_dense_items
+from collectivekv.cachestore.store.item_ids import ItemIds
 
 LIMITS = Limits(max_users=16, max_candidates=8)
 JSON_VALUES = st.recursive(

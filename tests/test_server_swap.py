@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from cachestore.decode.runtime_config import ServingConfig
+from collectivekv.cachestore.decode.runtime_config import ServingConfig
 from tests.server_fixtures import COLD_USERS, ModelStore, start_server
 from tests.test_model import N_ITEMS
 

@@ -20,24 +20,24 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cachestore.decode.batch import HostBatcher
-from cachestore.decode.decode import ResidentModel, decode
-from cachestore.decode.runtime import DecodeRuntime
-from cachestore.decode.transfer import to_device
-from cachestore.store.entry import EntryLayout, encode_entry
-from cachestore.store.publish import LAYOUT, LMDB_DIR, open_current
-from cachestore.store.reader import StoreReader
-from cachestore.store.record import (
+from collectivekv.cachestore.decode.batch import HostBatcher
+from collectivekv.cachestore.decode.decode import ResidentModel, decode
+from collectivekv.cachestore.decode.runtime import DecodeRuntime
+from collectivekv.cachestore.decode.transfer import to_device
+from collectivekv.cachestore.store.entry import EntryLayout, encode_entry
+from collectivekv.cachestore.store.publish import LAYOUT, LMDB_DIR, open_current
+from collectivekv.cachestore.store.reader import StoreReader
+from collectivekv.cachestore.store.record import (
     LayoutError,
     ModelVersionMismatchError,
     RecordError,
     user_key,
     write_layout,
 )
-from jobs.score import score as score_cmd
-from model.cache import KVCache
-from model.config import CollectiveConfig
-from pipeline.training.checkpoint import save_checkpoint
+from collectivekv.jobs.score import score as score_cmd
+from collectivekv.model.cache import KVCache
+from collectivekv.model.config import CollectiveConfig
+from collectivekv.pipeline.training.checkpoint import save_checkpoint
 from tests.store_fixtures import layout_for, store_of_model
 from tests.test_model import N_ITEMS, make_model, small_config
 from tests.test_record import din_layout
@@ -267,10 +267,10 @@ def test_model_version_mismatch_is_refused(served: dict, tmp_path: Path) -> None
 @pytest.mark.parametrize("mode", ["collective", "full"])
 def test_store_from_the_prefill_job_scores_like_forward(tmp_path: Path, mode: str) -> None:
     """Contract with the Spark job's per-partition function (pipeline/prefill/prefill.py)."""
-    from cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE
-    from cachestore.store.publish import build_and_publish
-    from pipeline.data.history import arrow_window
-    from pipeline.prefill.prefill import cache_layout, prefill_batches
+    from collectivekv.cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE
+    from collectivekv.cachestore.store.publish import build_and_publish
+    from collectivekv.pipeline.data.history import arrow_window
+    from collectivekv.pipeline.prefill.prefill import cache_layout, prefill_batches
 
     model = make_model(small_config(), seed=2).eval()
     g = np.random.default_rng(5)
@@ -297,7 +297,7 @@ def test_store_from_the_prefill_job_scores_like_forward(tmp_path: Path, mode: st
 
 
 def test_other_architectures_are_refused(served: dict) -> None:
-    from model.zoo import create_model
+    from collectivekv.model.zoo import create_model
 
     _, root = served["stores"]["collective", "float16"]
     sim = create_model(small_config(arch="sim", long_len=16))

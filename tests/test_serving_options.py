@@ -14,14 +14,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cachestore.decode.runtime import DecodeRuntime
-from cachestore.decode.runtime_config import ServingConfig
-from cachestore.store.publish import open_current
-from cachestore.store.reader import StoreReader
-from jobs.score import read_ahead
-from jobs.score import score as score_cmd
-from jobs.serving_options import parse_bytes
-from pipeline.training.checkpoint import save_checkpoint
+from collectivekv.cachestore.decode.runtime import DecodeRuntime
+from collectivekv.cachestore.decode.runtime_config import ServingConfig
+from collectivekv.cachestore.store.publish import open_current
+from collectivekv.cachestore.store.reader import StoreReader
+from collectivekv.jobs.score import read_ahead
+from collectivekv.jobs.score import score as score_cmd
+from collectivekv.jobs.serving_options import parse_bytes
+from collectivekv.pipeline.training.checkpoint import save_checkpoint
 from tests.store_fixtures import store_of_model
 from tests.test_model import N_ITEMS, make_model, small_config
 

@@ -13,14 +13,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cachestore.decode.runtime import DecodeRuntime
-from cachestore.decode.runtime_config import ServingConfig
-from cachestore.store.publish import open_current
-from cachestore.store.reader import StoreReader
-from cachestore.store.record import RecordError, user_key
-from cachestore.tier import LRUPolicy, S3FIFOPolicy, make_policy
-from cachestore.tier import arena as arena_mod
-from cachestore.tier.tier import CACHE, WHOLE, store_bytes
+from collectivekv.cachestore.decode.runtime import DecodeRuntime
+from collectivekv.cachestore.decode.runtime_config import ServingConfig
+from collectivekv.cachestore.store.publish import open_current
+from collectivekv.cachestore.store.reader import StoreReader
+from collectivekv.cachestore.store.record import RecordError, user_key
+from collectivekv.cachestore.tier import LRUPolicy, S3FIFOPolicy, make_policy
+from collectivekv.cachestore.tier import arena as arena_mod
+from collectivekv.cachestore.tier.tier import CACHE, WHOLE, store_bytes
 from tests.store_fixtures import put_in_place, store_of_model
 from tests.test_model import N_ITEMS, make_model, small_config
 
@@ -193,7 +193,7 @@ def test_whole_store_load_in_chunks_and_refuses_damage(store: dict, tmp_path: Pa
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """The whole-store load streams through a staging buffer of LOAD_CHUNK bytes (here a few records per chunk)
     into the same arena; a record damaged after publish fails the open, naming the user."""
-    import cachestore.tier.tier as tier_mod
+    import collectivekv.cachestore.tier.tier as tier_mod
 
     want = _runtime(store, tier_bytes=1 << 30)
     monkeypatch.setattr(tier_mod, "LOAD_CHUNK", 200)

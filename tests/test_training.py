@@ -12,13 +12,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cachestore.checkpoint import CheckpointError, load_checkpoint
-from jobs.cli import main
-from model.config import CollectiveConfig, ModelConfig
-from pipeline.data.dataset_schema import load_dataset
-from pipeline.data.history import HistoryIndex, last_window
-from pipeline.training.checkpoint import save_checkpoint
-from pipeline.training.trainer import TrainConfig, build_model, predict, train_model
+from collectivekv.cachestore.checkpoint import CheckpointError, load_checkpoint
+from collectivekv.jobs.cli import main
+from collectivekv.model.config import CollectiveConfig, ModelConfig
+from collectivekv.pipeline.data.dataset_schema import load_dataset
+from collectivekv.pipeline.data.history import HistoryIndex, last_window
+from collectivekv.pipeline.training.checkpoint import save_checkpoint
+from collectivekv.pipeline.training.trainer import TrainConfig, build_model, predict, train_model
 
 TINY = ["--embed-dim", "8", "--d-attn", "16", "--heads", "2", "--pool-size", "32", "--max-len", "10",
         "--epochs", "2", "--batch-size", "256", "--no-progress"]  # fmt: skip

@@ -12,13 +12,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cachestore.checkpoint import Checkpoint, load_checkpoint
-from jobs.cli import main
-from jobs.score import score as score_cmd
-from pipeline.data.dataset_schema import load_dataset
-from pipeline.training.checkpoint import save_checkpoint
-from pipeline.training.trainer import build_model
-from pipeline.training.warm_start import WarmStartError, warm_start
+from collectivekv.cachestore.checkpoint import Checkpoint, load_checkpoint
+from collectivekv.jobs.cli import main
+from collectivekv.jobs.score import score as score_cmd
+from collectivekv.pipeline.data.dataset_schema import load_dataset
+from collectivekv.pipeline.training.checkpoint import save_checkpoint
+from collectivekv.pipeline.training.trainer import build_model
+from collectivekv.pipeline.training.warm_start import WarmStartError, warm_start
 from tests.store_fixtures import store_of_model
 
 TINY = ["--embed-dim", "8", "--d-attn", "16", "--heads", "2", "--pool-size", "16", "--max-len", "10",
@@ -142,8 +142,8 @@ def _table(df: pd.DataFrame):  # noqa: ANN202
 
 def test_prefill_refuses_histories_numbered_by_another_catalogue(day1: tuple[Path, Checkpoint],
                                                                  tmp_path: Path) -> None:
-    from cachestore.store.catalogue import CatalogueError, check_same_numbering
-    from pipeline.prefill.spark_job import PrefillOptions, run_prefill
+    from collectivekv.cachestore.store.catalogue import CatalogueError, check_same_numbering
+    from collectivekv.pipeline.prefill.spark_job import PrefillOptions, run_prefill
 
     _, ck1 = day1
     fresh = prepare(tmp_path, "fresh", DAY2, "--new-catalogue")

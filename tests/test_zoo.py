@@ -16,14 +16,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import model.blocks as blocks_module
-import model.longseq as longseq_module
-from model.attention import target_attention_reference
-from model.cache_spec import compression_rate, entry_bytes
-from model.config import ZOO_DEFAULTS, CollectiveConfig, ModelConfig, config_from_dict, config_to_dict
-from model.d_user import choose_d_user
-from model.hstu import HSTU, rel_bucket
-from model.retrieval import (
+import collectivekv.model.blocks as blocks_module
+import collectivekv.model.longseq as longseq_module
+from collectivekv.model.attention import target_attention_reference
+from collectivekv.model.cache_spec import compression_rate, entry_bytes
+from collectivekv.model.config import ZOO_DEFAULTS, CollectiveConfig, ModelConfig, config_from_dict, config_to_dict
+from collectivekv.model.d_user import choose_d_user
+from collectivekv.model.hstu import HSTU, rel_bucket
+from collectivekv.model.retrieval import (
     bitmask,
     category_topk,
     gather_positions,
@@ -32,7 +32,7 @@ from model.retrieval import (
     simhash,
     topk_target_attention,
 )
-from model.zoo import MODELS, PAPER_MODELS, create_model
+from collectivekv.model.zoo import MODELS, PAPER_MODELS, create_model
 from tests.helpers import padded_batch
 
 N_ITEMS = 40
@@ -403,7 +403,7 @@ def test_compression_rate_counts_every_cached_group() -> None:
 # ------------------------------------------------------------------------------ training + checkpoint
 @pytest.fixture(scope="module")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pipeline.data.prepare import PrepareConfig, prepare
+    from collectivekv.pipeline.data.prepare import PrepareConfig, prepare
 
     root = tmp_path_factory.mktemp("zoo")
     rng = np.random.default_rng(0)
@@ -423,11 +423,11 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("arch", PAPER_MODELS)
 def test_trainer_trains_and_checkpoints_every_zoo_model(arch: str, tiny_dataset: Path, tmp_path: Path) -> None:
-    from cachestore.checkpoint import load_checkpoint
-    from pipeline.data.dataset_schema import load_dataset
-    from pipeline.data.history import HistoryIndex
-    from pipeline.training.checkpoint import save_checkpoint
-    from pipeline.training.trainer import TrainConfig, build_model, predict, train_model
+    from collectivekv.cachestore.checkpoint import load_checkpoint
+    from collectivekv.pipeline.data.dataset_schema import load_dataset
+    from collectivekv.pipeline.data.history import HistoryIndex
+    from collectivekv.pipeline.training.checkpoint import save_checkpoint
+    from collectivekv.pipeline.training.trainer import TrainConfig, build_model, predict, train_model
 
     ds = load_dataset(tiny_dataset)
     cfg = zoo_config(arch, long_len=30, max_len=8 if arch != "hstu" else 16)
@@ -447,8 +447,8 @@ def test_trainer_trains_and_checkpoints_every_zoo_model(arch: str, tiny_dataset:
 def test_ckv_train_zoo_arch_with_d_user_auto(tiny_dataset: Path, tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from cachestore.checkpoint import load_checkpoint
-    from jobs.cli import main
+    from collectivekv.cachestore.checkpoint import load_checkpoint
+    from collectivekv.jobs.cli import main
 
     args = ["train", "--data", str(tiny_dataset), "--out", str(tmp_path / "ck"), "--arch", "eta", "--d-user", "auto",
             "--embed-dim", "8", "--d-attn", "16", "--heads", "2", "--pool-size", "16", "--max-len", "5",
@@ -464,7 +464,7 @@ def test_ckv_train_zoo_arch_with_d_user_auto(tiny_dataset: Path, tmp_path: Path)
 def test_ckv_eval_quick_writes_tables_plots_and_resumes(tiny_dataset: Path, tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from jobs.cli import main
+    from collectivekv.jobs.cli import main
 
     args = ["eval", "--quick", "--data", str(tiny_dataset), "--out", str(tmp_path / "ev"), "--models", "sim,hstu",
             "--sections", "table1,table3,fig4,fig5,auto", "--d-user", "auto"]  # fmt: skip
@@ -500,9 +500,9 @@ def test_eval_regularisation_options_reach_every_run_and_table3_keeps_the_paper_
     """`ckv eval --dropout --weight-decay --peak-weight --balance-weight`: every planned run carries them
     (new run ids, so earlier results are not reused for other settings); Table 3's "+loss" rows still
     switch a loss on at the paper's weight when the base has it off."""
-    from pipeline.training.trainer import TrainConfig
-    from pipeline.training.zoo_eval import EvalSettings, plan_rows
-    from pipeline.training.zoo_eval_runs import run_id
+    from collectivekv.pipeline.training.trainer import TrainConfig
+    from collectivekv.pipeline.training.zoo_eval import EvalSettings, plan_rows
+    from collectivekv.pipeline.training.zoo_eval_runs import run_id
 
     base = ModelConfig(n_items=50, embed_dim=16, d_attn=32, n_heads=2, max_len=10, long_len=40, topk=5,
                        collective=CollectiveConfig(d_user=1, pool_size=64))

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from cachestore.decode.decode import ResidentZooModel
-from cachestore.decode.fused import INTERPRETED
-from cachestore.decode.fused_config import FusedConfig
-from cachestore.decode.graphs import GraphedDecoder
-from cachestore.decode.runtime import DecodeRuntime
-from cachestore.store.publish import open_current
-from cachestore.store.reader import StoreReader
-from model.zoo import PAPER_MODELS
+from collectivekv.cachestore.decode.decode import ResidentZooModel
+from collectivekv.cachestore.decode.fused import INTERPRETED
+from collectivekv.cachestore.decode.fused_config import FusedConfig
+from collectivekv.cachestore.decode.graphs import GraphedDecoder
+from collectivekv.cachestore.decode.runtime import DecodeRuntime
+from collectivekv.cachestore.store.publish import open_current
+from collectivekv.cachestore.store.reader import StoreReader
+from collectivekv.model.zoo import PAPER_MODELS
 from tests.test_zoo import N_ITEMS, make_model
 from tests.test_zoo_serving import ORDER, STEP, STORES, VERSION, served  # noqa: F401  (served: a fixture)
 

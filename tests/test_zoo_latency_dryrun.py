@@ -14,8 +14,8 @@ import benchmarks.zoo_latency as zoo_latency
 from benchmarks.zoo_full_kv import FullBuffer, FullKVDecoder
 from benchmarks.zoo_latency import main
 from benchmarks.zoo_synthetic import QUICK, make_models, model_config, reference_logits, synthetic_cache
-from cachestore.decode.decode import decode_zoo, entry_cache
-from cachestore.decode.transfer import to_device
+from collectivekv.cachestore.decode.decode import decode_zoo, entry_cache
+from collectivekv.cachestore.decode.transfer import to_device
 
 
 def test_dry_run_din_and_sim(tmp_path: Path) -> None:

@@ -24,22 +24,28 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cachestore.decode.batch import HostBatcher, zero_block_bytes
-from cachestore.decode.entry_batch import stack_records
-from cachestore.decode.runtime import DecodeRuntime
-from cachestore.decode.transfer import EntryBatch, to_device
-from cachestore.store.entry import EntryLayout, EntryRecord, decode_entry, encode_entry, entry_layout
-from cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE
-from cachestore.store.publish import build_and_publish, open_current
-from cachestore.store.reader import StoreReader
-from cachestore.store.record import ChecksumError, LayoutError, ModelVersionMismatchError, RecordError, write_layout
-from jobs.score import score as score_cmd
-from model.blocks import ZooCache
-from model.cache import KVCache
-from model.config import CollectiveConfig
-from model.entry import full_cache
-from model.zoo import PAPER_MODELS
-from pipeline.training.checkpoint import save_checkpoint
+from collectivekv.cachestore.decode.batch import HostBatcher, zero_block_bytes
+from collectivekv.cachestore.decode.entry_batch import stack_records
+from collectivekv.cachestore.decode.runtime import DecodeRuntime
+from collectivekv.cachestore.decode.transfer import EntryBatch, to_device
+from collectivekv.cachestore.store.entry import EntryLayout, EntryRecord, decode_entry, encode_entry, entry_layout
+from collectivekv.cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE
+from collectivekv.cachestore.store.publish import build_and_publish, open_current
+from collectivekv.cachestore.store.reader import StoreReader
+from collectivekv.cachestore.store.record import (
+    ChecksumError,
+    LayoutError,
+    ModelVersionMismatchError,
+    RecordError,
+    write_layout,
+)
+from collectivekv.jobs.score import score as score_cmd
+from collectivekv.model.blocks import ZooCache
+from collectivekv.model.cache import KVCache
+from collectivekv.model.config import CollectiveConfig
+from collectivekv.model.entry import full_cache
+from collectivekv.model.zoo import PAPER_MODELS
+from collectivekv.pipeline.training.checkpoint import save_checkpoint
 from tests.test_zoo import N_ITEMS, make_batch, make_model, zoo_config
 from tests.zoo_store_fixtures import publish_records, zoo_store_of_model
 
@@ -185,8 +191,8 @@ def test_candidate_counts_and_step_limits(served: dict, arch: str, tmp_path: Pat
 def test_store_from_the_prefill_job_scores_like_forward(tmp_path: Path, arch: str, mode: str) -> None:
     """Contract with the Spark job's per-partition function (pipeline/prefill/prefill.py) for zoo checkpoints:
     its Parquet → the real builder → the runtime == forward on the windowed histories."""
-    from pipeline.data.history import arrow_window
-    from pipeline.prefill.prefill import cache_layout, prefill_batches
+    from collectivekv.pipeline.data.history import arrow_window
+    from collectivekv.pipeline.prefill.prefill import cache_layout, prefill_batches
 
     model = make_model(zoo_config(arch), seed=2).eval()
     w = model.cfg.window_len
@@ -482,9 +488,9 @@ def test_cuda_zoo_tier_graph_scores_like_lmdb(served: dict, arch: str) -> None:
 def test_unpacked_din_group_is_a_kv_cache() -> None:
     """The unpack of the din arch's parts, through ``cachestore.decode.decode.din_cache``, is the padded KVCache of
     the stored parts (zeros and index 0 at padding; cold start: length 0)."""
-    from cachestore.decode.decode import din_cache
-    from model.config import ModelConfig
-    from model.entry import cache_from_arrays
+    from collectivekv.cachestore.decode.decode import din_cache
+    from collectivekv.model.config import ModelConfig
+    from collectivekv.model.entry import cache_from_arrays
 
     cfg = ModelConfig(n_items=9, embed_dim=8, d_attn=16, n_heads=2, max_len=6,
                       collective=CollectiveConfig(d_user=2, pool_size=30))  # fmt: skip

@@ -22,18 +22,24 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from cachestore.store.entry import EntryLayout, decode_entry, encode_entry, entry_from_parquet_row, entry_schema
-from cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE, StoreBuildError, build_lmdb, prefill_schema
-from cachestore.store.publish import current_version_id
-from cachestore.store.reader import StoreReader
-from cachestore.store.record import write_layout
-from jobs.report import report as report_cli
-from jobs.store import store as store_cli
-from model.cache_spec import compression_rate, entry_bytes
-from pipeline.prefill.prefill import OUTPUT_SCHEMA, NoopEngine, ZooEngine, cache_layout, prefill_batches
-from pipeline.prefill.spark_job import PrefillOptions, run_prefill
-from pipeline.store.verify import verify_store
-from pipeline.training.checkpoint import save_checkpoint
+from collectivekv.cachestore.store.entry import (
+    EntryLayout,
+    decode_entry,
+    encode_entry,
+    entry_from_parquet_row,
+    entry_schema,
+)
+from collectivekv.cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE, StoreBuildError, build_lmdb, prefill_schema
+from collectivekv.cachestore.store.publish import current_version_id
+from collectivekv.cachestore.store.reader import StoreReader
+from collectivekv.cachestore.store.record import write_layout
+from collectivekv.jobs.report import report as report_cli
+from collectivekv.jobs.store import store as store_cli
+from collectivekv.model.cache_spec import compression_rate, entry_bytes
+from collectivekv.pipeline.prefill.prefill import OUTPUT_SCHEMA, NoopEngine, ZooEngine, cache_layout, prefill_batches
+from collectivekv.pipeline.prefill.spark_job import PrefillOptions, run_prefill
+from collectivekv.pipeline.store.verify import verify_store
+from collectivekv.pipeline.training.checkpoint import save_checkpoint
 from tests.helpers import run_prefill_submit
 from tests.store_fixtures import put_in_place
 from tests.test_zoo import N_ITEMS, make_model, zoo_config
@@ -171,7 +177,7 @@ def test_full_baseline_and_size_report(bundle: dict, submitted: dict, spark: obj
     table = CliRunner().invoke(report_cli, ["size", str(submitted["store"]), "--baseline", str(full)]).output
     assert "CR formula" in table and "arch (parts)" in table and "sim (5 parts)" in table
     # the capacity model covers the din record layout only: a clear refusal, not a KeyError
-    from jobs.capacity import capacity
+    from collectivekv.jobs.capacity import capacity
 
     r = CliRunner().invoke(capacity, ["--store", str(submitted["store"])])
     assert r.exit_code != 0 and "zoo store" in r.output
@@ -294,7 +300,7 @@ def test_prefill_batches_store_verify_without_spark(tmp_path: Path, arch: str, v
                                                     kv_dtype: str) -> None:
     """The executors' per-partition function → Parquet → `ckv store build` → verify, for the other archs,
     partial sharing, full-KV checkpoints and every kv dtype (no Spark: fast)."""
-    from pipeline.store.store_ops import build_store
+    from collectivekv.pipeline.store.store_ops import build_store
     from tests.test_zoo import VARIANTS
 
     model = make_model(zoo_config(arch, **VARIANTS[variant])).eval()
@@ -318,7 +324,7 @@ def test_prefill_batches_store_verify_without_spark(tmp_path: Path, arch: str, v
 def test_html_report_of_a_zoo_store(bundle: dict, submitted: dict, tmp_path: Path) -> None:
     """`ckv report html` on a zoo store: size section with the store's CR, the capacity section says
     why it is left out (din layout only) instead of failing."""
-    from pipeline.reports.html_report import build_report
+    from collectivekv.pipeline.reports.html_report import build_report
 
     page = build_report(submitted["store"], bundle["ckpts"]["sim"]["path"], histories=bundle["hist"],
                         analysis_users=8)  # fmt: skip

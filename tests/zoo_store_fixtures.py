@@ -21,14 +21,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from cachestore.decode.entry_batch import entry_payloads, storage_arrays
-from cachestore.store.entry import EntryLayout, entry_layout, entry_schema
-from cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE
-from cachestore.store.publish import LAYOUT, LMDB_DIR, MANIFEST, build_and_publish, new_staging_dir, publish
-from cachestore.store.record import user_key, write_layout
-from model.blocks import ZooCache
-from model.cache import KVCache
-from model.entry import entry_arrays, full_cache
+from collectivekv.cachestore.decode.entry_batch import entry_payloads, storage_arrays
+from collectivekv.cachestore.store.entry import EntryLayout, entry_layout, entry_schema
+from collectivekv.cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE
+from collectivekv.cachestore.store.publish import (
+    LAYOUT,
+    LMDB_DIR,
+    MANIFEST,
+    build_and_publish,
+    new_staging_dir,
+    publish,
+)
+from collectivekv.cachestore.store.record import user_key, write_layout
+from collectivekv.model.blocks import ZooCache
+from collectivekv.model.cache import KVCache
+from collectivekv.model.entry import entry_arrays, full_cache
 
 
 def zoo_prefill_rows(model: torch.nn.Module, layout: EntryLayout, user_ids: list[int], items: torch.Tensor,

@@ -48,8 +48,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from cachestore.store.entry import EntryLayout, check_indices, decode_entry
-from cachestore.store.record import (
+from collectivekv.cachestore.store.entry import EntryLayout, check_indices, decode_entry
+from collectivekv.cachestore.store.record import (
     HEADER_SIZE,
     IDX_DTYPES,
     KEY,
@@ -59,7 +59,7 @@ from cachestore.store.record import (
 )
 
 if TYPE_CHECKING:
-    from cachestore.store.reader import StoreReader
+    from collectivekv.cachestore.store.reader import StoreReader
 
 _ALIGN = 8
 _WORDS = np.arange(HEADER_SIZE // 8, dtype=np.int64)  # a record header as 4 little-endian uint64 words

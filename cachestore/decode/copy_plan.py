@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import math
 
-from cachestore.decode.batch import zero_block_bytes
-from cachestore.decode.fused_config import ALL_BYTES
-from cachestore.store.entry import EntryLayout
+from collectivekv.cachestore.decode.batch import zero_block_bytes
+from collectivekv.cachestore.decode.fused_config import ALL_BYTES
+from collectivekv.cachestore.store.entry import EntryLayout
 
 
 def align8(n: int) -> int:

@@ -45,16 +45,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from cachestore.store.record import RouterIndexError
-from model.attention import masked_softmax
-from model.blocks import ZooCache
-from model.cache import KVCache
-from model.config import ModelConfig
-from model.ctr import TargetAttentionCTR
-from model.entry import cache_from_arrays
+from collectivekv.cachestore.store.record import RouterIndexError
+from collectivekv.model.attention import masked_softmax
+from collectivekv.model.blocks import ZooCache
+from collectivekv.model.cache import KVCache
+from collectivekv.model.config import ModelConfig
+from collectivekv.model.ctr import TargetAttentionCTR
+from collectivekv.model.entry import cache_from_arrays
 
 if TYPE_CHECKING:
-    from cachestore.decode.transfer import EntryBatch
+    from collectivekv.cachestore.decode.transfer import EntryBatch
 
 PATHS = ("auto", "poolscore", "gather")
 

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from numpy.lib.stride_tricks import as_strided
 
-from cachestore.decode.transfer import KV_TORCH
-from cachestore.store.entry import EntryLayout, EntryRecord
-from cachestore.store.record import KV_DTYPES
+from collectivekv.cachestore.decode.transfer import KV_TORCH
+from collectivekv.cachestore.store.entry import EntryLayout, EntryRecord
+from collectivekv.cachestore.store.record import KV_DTYPES
 
 
 def kv_storage(t: torch.Tensor, kv_dtype: str) -> np.ndarray:

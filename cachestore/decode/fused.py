@@ -62,12 +62,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from cachestore.decode.decode import ResidentModel
-from cachestore.decode.fused_config import ALL_BYTES, DEFAULT_FUSED, FusedConfig, pool_dtype, split_parts
-from cachestore.decode.fused_view import GroupView, din_group, din_view
-from cachestore.decode.transfer import KV_TORCH
-from cachestore.store.entry import EntryLayout
-from cachestore.store.record import RouterIndexError
+from collectivekv.cachestore.decode.decode import ResidentModel
+from collectivekv.cachestore.decode.fused_config import ALL_BYTES, DEFAULT_FUSED, FusedConfig, pool_dtype, split_parts
+from collectivekv.cachestore.decode.fused_view import GroupView, din_group, din_view
+from collectivekv.cachestore.decode.transfer import KV_TORCH
+from collectivekv.cachestore.store.entry import EntryLayout
+from collectivekv.cachestore.store.record import RouterIndexError
 
 try:  # Triton is optional: CUDA machines have it; CPU machines may run its interpreter
     import triton

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from cachestore.decode.transfer import KV_TORCH
+from collectivekv.cachestore.decode.transfer import KV_TORCH
 
 if TYPE_CHECKING:
-    from cachestore.decode.batch import StoreLayout
+    from collectivekv.cachestore.decode.batch import StoreLayout
 
 STORE = "store"  # FusedConfig.pool_dtype: read the pool rows at the store's kv dtype
 

@@ -37,17 +37,17 @@ import math
 import torch
 from torch import nn
 
-from cachestore.decode.decode import ResidentZooModel
-from cachestore.decode.fused import IDX_BYTES, INTERPRETED, KV_CODES, _load_idx, _load_user, tl, triton
-from cachestore.decode.fused_config import DEFAULT_FUSED, FusedConfig, pool_dtype, split_parts
-from cachestore.decode.fused_view import record_part_starts
-from cachestore.decode.transfer import KV_TORCH
-from cachestore.store.entry import EntryLayout
-from cachestore.store.record import RouterIndexError
-from model.cache_spec import entry_parts, store_config
-from model.hstu import HSTULayer, rel_bucket
-from model.pool import KVBranch
-from model.routing import route
+from collectivekv.cachestore.decode.decode import ResidentZooModel
+from collectivekv.cachestore.decode.fused import IDX_BYTES, INTERPRETED, KV_CODES, _load_idx, _load_user, tl, triton
+from collectivekv.cachestore.decode.fused_config import DEFAULT_FUSED, FusedConfig, pool_dtype, split_parts
+from collectivekv.cachestore.decode.fused_view import record_part_starts
+from collectivekv.cachestore.decode.transfer import KV_TORCH
+from collectivekv.cachestore.store.entry import EntryLayout
+from collectivekv.cachestore.store.record import RouterIndexError
+from collectivekv.model.cache_spec import entry_parts, store_config
+from collectivekv.model.hstu import HSTULayer, rel_bucket
+from collectivekv.model.pool import KVBranch
+from collectivekv.model.routing import route
 
 if triton is not None:
 

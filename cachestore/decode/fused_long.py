@@ -30,14 +30,14 @@ import math
 
 import torch
 
-from cachestore.decode.fused import IDX_BYTES, INTERPRETED, KV_CODES, triton
-from cachestore.decode.fused_view import GroupView
-from cachestore.decode.transfer import KV_TORCH
+from collectivekv.cachestore.decode.fused import IDX_BYTES, INTERPRETED, KV_CODES, triton
+from collectivekv.cachestore.decode.fused_view import GroupView
+from collectivekv.cachestore.decode.transfer import KV_TORCH
 
 if triton is not None:
     import triton.language as tl
 
-    from cachestore.decode.fused import _load_user, _pool_rows
+    from collectivekv.cachestore.decode.fused import _load_user, _pool_rows
 
     @triton.jit
     def _packed_keys(raw_ptr, key_start, ls, lmask, KEY_BYTES: tl.constexpr, BLOCK_L: tl.constexpr):

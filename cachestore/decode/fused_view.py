@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from cachestore.store.entry import EntryLayout
-from cachestore.store.record import HEADER_SIZE
-from model.cache_spec import GroupSpec
+from collectivekv.cachestore.store.entry import EntryLayout
+from collectivekv.cachestore.store.record import HEADER_SIZE
+from collectivekv.model.cache_spec import GroupSpec
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cachestore.decode.decode import ResidentZooModel
-from cachestore.decode.fused import (
+from collectivekv.cachestore.decode.decode import ResidentZooModel
+from collectivekv.cachestore.decode.fused import (
     DEFAULT_FUSED,
     FusedConfig,
     attend_group,
@@ -44,15 +44,15 @@ from cachestore.decode.fused import (
     pool_dtype,
     triton,
 )
-from cachestore.decode.fused_long import bucket_sums, group_scores, key_ranks, weighted_values
-from cachestore.decode.fused_view import GroupView, record_part_starts
-from cachestore.decode.transfer import KV_TORCH
-from cachestore.store.entry import EntryLayout
-from cachestore.store.record import RouterIndexError
-from model.attention import masked_softmax
-from model.cache_spec import entry_parts, group_specs, key_fields, store_config
-from model.config import ModelConfig
-from model.retrieval import bitmask, sdim_buckets, simhash
+from collectivekv.cachestore.decode.fused_long import bucket_sums, group_scores, key_ranks, weighted_values
+from collectivekv.cachestore.decode.fused_view import GroupView, record_part_starts
+from collectivekv.cachestore.decode.transfer import KV_TORCH
+from collectivekv.cachestore.store.entry import EntryLayout
+from collectivekv.cachestore.store.record import RouterIndexError
+from collectivekv.model.attention import masked_softmax
+from collectivekv.model.cache_spec import entry_parts, group_specs, key_fields, store_config
+from collectivekv.model.config import ModelConfig
+from collectivekv.model.retrieval import bitmask, sdim_buckets, simhash
 
 
 def part_starts(raw: torch.Tensor, layout: EntryLayout, n_users: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

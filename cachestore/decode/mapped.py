@@ -50,10 +50,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from cachestore.decode.batch import FetchedBatch, HostBatcher, zero_block_bytes
-from cachestore.decode.fused import ALL_BYTES
-from cachestore.store.record import KEY
-from cachestore.store.store_check import StoreDamagedError
+from collectivekv.cachestore.decode.batch import FetchedBatch, HostBatcher, zero_block_bytes
+from collectivekv.cachestore.decode.fused import ALL_BYTES
+from collectivekv.cachestore.store.record import KEY
+from collectivekv.cachestore.store.store_check import StoreDamagedError
 
 try:
     import triton
@@ -62,8 +62,8 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = None
 
 if TYPE_CHECKING:
-    from cachestore.store.entry import EntryLayout
-    from cachestore.store.reader import StoreReader
+    from collectivekv.cachestore.store.entry import EntryLayout
+    from collectivekv.cachestore.store.reader import StoreReader
 
 _HEADER = np.arange(32, dtype=np.int64)  # the 32 header bytes of a record
 _WORDS = np.arange(4, dtype=np.int64)  # the same as 4 uint64 words

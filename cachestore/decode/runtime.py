@@ -46,25 +46,32 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from cachestore.decode.batch import FetchedBatch, HostBatcher
-from cachestore.decode.decode import ResidentModel, ResidentZooModel, decode, decode_zoo, din_cache, entry_cache
-from cachestore.decode.fused import FUSED, fused_available, uses_fused
-from cachestore.decode.graphs import GraphedDecoder, static_decode
-from cachestore.decode.mapped import MappedBatcher
-from cachestore.decode.runtime_config import ServingConfig
-from cachestore.decode.runtime_resident import open_tier, score_resident
-from cachestore.decode.runtime_stats import STAT_FIELDS, RuntimeStats, ScoreResult
-from cachestore.decode.transfer import to_device
-from cachestore.store.item_ids import ItemIds, UnknownItemError
-from cachestore.store.layout_check import check_layout
-from cachestore.store.record import RouterIndexError
-from cachestore.store.store_tree import check_tree
-from cachestore.tier.graph import ResidentRequest
-from cachestore.tier.tier import ResidentTier
-from model.cache_spec import store_config
+from collectivekv.cachestore.decode.batch import FetchedBatch, HostBatcher
+from collectivekv.cachestore.decode.decode import (
+    ResidentModel,
+    ResidentZooModel,
+    decode,
+    decode_zoo,
+    din_cache,
+    entry_cache,
+)
+from collectivekv.cachestore.decode.fused import FUSED, fused_available, uses_fused
+from collectivekv.cachestore.decode.graphs import GraphedDecoder, static_decode
+from collectivekv.cachestore.decode.mapped import MappedBatcher
+from collectivekv.cachestore.decode.runtime_config import ServingConfig
+from collectivekv.cachestore.decode.runtime_resident import open_tier, score_resident
+from collectivekv.cachestore.decode.runtime_stats import STAT_FIELDS, RuntimeStats, ScoreResult
+from collectivekv.cachestore.decode.transfer import to_device
+from collectivekv.cachestore.store.item_ids import ItemIds, UnknownItemError
+from collectivekv.cachestore.store.layout_check import check_layout
+from collectivekv.cachestore.store.record import RouterIndexError
+from collectivekv.cachestore.store.store_tree import check_tree
+from collectivekv.cachestore.tier.graph import ResidentRequest
+from collectivekv.cachestore.tier.tier import ResidentTier
+from collectivekv.model.cache_spec import store_config
 
 if TYPE_CHECKING:
-    from cachestore.store.reader import StoreReader
+    from collectivekv.cachestore.store.reader import StoreReader
 
 
 def default_device() -> torch.device:
@@ -166,9 +173,9 @@ router index bounds only).
         version by ``ckv refresh``, so records and model always come from one version), served with
         ``config`` (default :class:`ServingConfig`) updated by ``overrides``. The checkpoint's item
         catalogue becomes the runtime's ``catalogue`` unless one is given."""
-        from cachestore.checkpoint import load_checkpoint
-        from cachestore.store.publish import CURRENT, open_current
-        from cachestore.store.reader import StoreReader
+        from collectivekv.cachestore.checkpoint import load_checkpoint
+        from collectivekv.cachestore.store.publish import CURRENT, open_current
+        from collectivekv.cachestore.store.reader import StoreReader
 
         store = Path(store)
         version_dir = open_current(store) if os.path.lexists(store / CURRENT) else store

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cachestore.decode.fused import DEFAULT_FUSED, FusedConfig
+from collectivekv.cachestore.decode.fused import DEFAULT_FUSED, FusedConfig
 
 POLICIES = ("lru", "s3fifo")
 DECODE_PATHS = ("auto", "fused", "poolscore", "gather")

@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from cachestore.decode.runtime_stats import RuntimeStats
-from cachestore.tier.graph import ResidentRequest
-from cachestore.tier.tier import WHOLE, ResidentTier, TierCounters, plan_capacity
+from collectivekv.cachestore.decode.runtime_stats import RuntimeStats
+from collectivekv.cachestore.tier.graph import ResidentRequest
+from collectivekv.cachestore.tier.tier import WHOLE, ResidentTier, TierCounters, plan_capacity
 
 
 def open_tier(rt: Any) -> ResidentTier | None:

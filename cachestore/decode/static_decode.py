@@ -16,14 +16,14 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from cachestore.decode.decode import ResidentZooModel, decode, decode_zoo, din_cache, entry_cache
-from cachestore.decode.fused import ALL_BYTES, DEFAULT_FUSED, FUSED, FusedConfig, fused_decode
-from cachestore.decode.fused_hstu import hstu_static_decode
-from cachestore.decode.fused_zoo import zoo_static_decode
-from cachestore.decode.transfer import unpack_entry
-from cachestore.store.entry import EntryLayout
-from model.cache import KVCache
-from model.cache_spec import store_config
+from collectivekv.cachestore.decode.decode import ResidentZooModel, decode, decode_zoo, din_cache, entry_cache
+from collectivekv.cachestore.decode.fused import ALL_BYTES, DEFAULT_FUSED, FUSED, FusedConfig, fused_decode
+from collectivekv.cachestore.decode.fused_hstu import hstu_static_decode
+from collectivekv.cachestore.decode.fused_zoo import zoo_static_decode
+from collectivekv.cachestore.decode.transfer import unpack_entry
+from collectivekv.cachestore.store.entry import EntryLayout
+from collectivekv.model.cache import KVCache
+from collectivekv.model.cache_spec import store_config
 
 
 def unpack_din(raw: torch.Tensor, layout: EntryLayout, n_users: int, pad_to: int) -> KVCache:

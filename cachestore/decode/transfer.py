@@ -30,11 +30,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cachestore.decode.batch import HostBatch
-from cachestore.store.record import HEADER_SIZE
+from collectivekv.cachestore.decode.batch import HostBatch
+from collectivekv.cachestore.store.record import HEADER_SIZE
 
 if TYPE_CHECKING:
-    from cachestore.store.entry import EntryLayout
+    from collectivekv.cachestore.store.entry import EntryLayout
 
 KV_TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 

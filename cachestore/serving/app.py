@@ -21,10 +21,10 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from cachestore.serving.batcher import DynamicBatcher, QueueFull, ShuttingDown
-from cachestore.serving.config import ServerConfig
-from cachestore.serving.metrics import CONTENT_TYPE, ServerMetrics
-from cachestore.serving.payloads import (
+from collectivekv.cachestore.serving.batcher import DynamicBatcher, QueueFull, ShuttingDown
+from collectivekv.cachestore.serving.config import ServerConfig
+from collectivekv.cachestore.serving.metrics import CONTENT_TYPE, ServerMetrics
+from collectivekv.cachestore.serving.payloads import (
     ARROW_MIME,
     JSON_MIME,
     BadRequest,
@@ -34,7 +34,7 @@ from cachestore.serving.payloads import (
     reply_arrow,
     reply_json,
 )
-from cachestore.serving.versions import VersionManager
+from collectivekv.cachestore.serving.versions import VersionManager
 
 log = logging.getLogger("ckv.serve")
 _INLINE_BYTES = 1 << 16  # bodies up to this size are parsed on the event loop, larger ones in a thread

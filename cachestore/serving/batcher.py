@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cachestore.decode.runtime import RuntimeStats
-from cachestore.serving.metrics import ServerMetrics
-from cachestore.serving.payloads import BadRequest, ScoreReply, ScoreRequest, to_dense_items
-from cachestore.serving.versions import ServedVersion, VersionManager
+from collectivekv.cachestore.decode.runtime import RuntimeStats
+from collectivekv.cachestore.serving.metrics import ServerMetrics
+from collectivekv.cachestore.serving.payloads import BadRequest, ScoreReply, ScoreRequest, to_dense_items
+from collectivekv.cachestore.serving.versions import ServedVersion, VersionManager
 
 log = logging.getLogger("ckv.serve")
 

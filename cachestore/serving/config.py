@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cachestore.decode.runtime_config import ServingConfig
+from collectivekv.cachestore.decode.runtime_config import ServingConfig
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from itertools import chain
 
 import numpy as np
 
-from cachestore.store.item_ids import ItemIds, raw_to_dense
+from collectivekv.cachestore.store.item_ids import ItemIds, raw_to_dense
 
 ARROW_MIME = "application/vnd.apache.arrow.stream"
 JSON_MIME = "application/json"

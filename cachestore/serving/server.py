@@ -16,11 +16,11 @@ from pathlib import Path
 
 import uvicorn
 
-from cachestore.serving.app import ScoringService, create_app
-from cachestore.serving.batcher import DynamicBatcher
-from cachestore.serving.config import ServerConfig
-from cachestore.serving.metrics import ServerMetrics
-from cachestore.serving.versions import Loader, VersionManager
+from collectivekv.cachestore.serving.app import ScoringService, create_app
+from collectivekv.cachestore.serving.batcher import DynamicBatcher
+from collectivekv.cachestore.serving.config import ServerConfig
+from collectivekv.cachestore.serving.metrics import ServerMetrics
+from collectivekv.cachestore.serving.versions import Loader, VersionManager
 
 
 def configure_process(config: ServerConfig) -> None:

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cachestore.decode.runtime import DecodeRuntime
-from cachestore.decode.runtime_config import ServingConfig
-from cachestore.serving.metrics import ServerMetrics
-from cachestore.store.publish import open_current
+from collectivekv.cachestore.decode.runtime import DecodeRuntime
+from collectivekv.cachestore.decode.runtime_config import ServingConfig
+from collectivekv.cachestore.serving.metrics import ServerMetrics
+from collectivekv.cachestore.store.publish import open_current
 
 log = logging.getLogger("ckv.serve")
 

@@ -33,8 +33,8 @@ import time
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from cachestore.serving.config import ServerConfig
-from cachestore.serving.metrics import MULTIPROC_ENV
+from collectivekv.cachestore.serving.config import ServerConfig
+from collectivekv.cachestore.serving.metrics import MULTIPROC_ENV
 
 log = logging.getLogger("ckv.serve")
 MAX_RESTARTS = 5
@@ -66,7 +66,7 @@ def _worker_main(config: ServerConfig, conn: Connection) -> None:
 
     _exit_with_parent()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: every thread's stack to stderr
-    from cachestore.serving.server import bind, build_service, configure_process, serve
+    from collectivekv.cachestore.serving.server import bind, build_service, configure_process, serve
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(name)s[{os.getpid()}] %(levelname)s %(message)s")
     configure_process(config)
@@ -93,7 +93,7 @@ class Supervisor:
     """Start, watch, restart and stop the workers of one port (module docstring)."""
 
     def __init__(self, config: ServerConfig) -> None:
-        from cachestore.serving.server import bind
+        from collectivekv.cachestore.serving.server import bind
 
         self._holder = bind(config.host, config.port, reuse_port=True, listen=False)
         self.config = dataclasses.replace(config, port=self._holder.getsockname()[1])
@@ -107,7 +107,7 @@ class Supervisor:
 
     @property
     def url(self) -> str:
-        from cachestore.serving.server import url_of
+        from collectivekv.cachestore.serving.server import url_of
 
         return url_of(self._holder)
 

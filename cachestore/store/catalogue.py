@@ -33,8 +33,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cachestore.store.data_error import DataError
-from cachestore.store.item_ids import ItemIds, raw_to_dense
+from collectivekv.cachestore.store.data_error import DataError
+from collectivekv.cachestore.store.item_ids import ItemIds, raw_to_dense
 
 CATALOGUE_FILE = "catalogue.parquet"
 CATALOGUE_FORMAT = 1

@@ -39,8 +39,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cachestore.store.legacy_v1 import legacy_fields, legacy_header_parts
-from cachestore.store.record import (
+from collectivekv.cachestore.store.legacy_v1 import legacy_fields, legacy_header_parts
+from collectivekv.cachestore.store.record import (
     _HEX16,
     HEADER,
     HEADER_SIZE,
@@ -56,8 +56,8 @@ from cachestore.store.record import (
     UnsupportedVersionError,
     check_router_indices,
 )
-from model.cache_spec import KINDS, EntryPart, GroupSpec, entry_parts, index_dtype, store_config
-from model.config import ModelConfig
+from collectivekv.model.cache_spec import KINDS, EntryPart, GroupSpec, entry_parts, index_dtype, store_config
+from collectivekv.model.config import ModelConfig
 
 if TYPE_CHECKING:
     import pyarrow as pa

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from cachestore.store.entry import EntryLayout, entry_layout
-from cachestore.store.record import LayoutError, ModelVersionMismatchError
+from collectivekv.cachestore.store.entry import EntryLayout, entry_layout
+from collectivekv.cachestore.store.record import LayoutError, ModelVersionMismatchError
 
 if TYPE_CHECKING:
     import torch

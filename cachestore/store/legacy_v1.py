@@ -34,8 +34,8 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from cachestore.store.record import _HEX16, IDX_DTYPES, KV_DTYPES, MAGIC, LayoutError
-from model.cache_spec import EntryPart, GroupSpec
+from collectivekv.cachestore.store.record import _HEX16, IDX_DTYPES, KV_DTYPES, MAGIC, LayoutError
+from collectivekv.model.cache_spec import EntryPart, GroupSpec
 
 LEGACY_FORMAT = 1
 FLAG_K_SHARED, FLAG_V_SHARED = 1, 2

@@ -38,10 +38,10 @@ from pathlib import Path
 
 import lmdb
 
-from cachestore.store.entry import read_layout
-from cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE, build_lmdb, list_parquet_files
-from cachestore.store.record import write_layout
-from cachestore.store.store_tree import lmdb_facts
+from collectivekv.cachestore.store.entry import read_layout
+from collectivekv.cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE, build_lmdb, list_parquet_files
+from collectivekv.cachestore.store.record import write_layout
+from collectivekv.cachestore.store.store_tree import lmdb_facts
 
 CURRENT = "current"
 VERSIONS = "versions"

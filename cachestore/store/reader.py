@@ -28,10 +28,10 @@ from pathlib import Path
 
 import lmdb
 
-from cachestore.store.entry import EntryLayout, EntryRecord, check_indices, decode_entry, read_layout
-from cachestore.store.publish import LAYOUT, LMDB_DIR, open_current
-from cachestore.store.record import key_user, user_key
-from cachestore.store.store_check import StoreDamagedError, check_version
+from collectivekv.cachestore.store.entry import EntryLayout, EntryRecord, check_indices, decode_entry, read_layout
+from collectivekv.cachestore.store.publish import LAYOUT, LMDB_DIR, open_current
+from collectivekv.cachestore.store.record import key_user, user_key
+from collectivekv.cachestore.store.store_check import StoreDamagedError, check_version
 
 # py-lmdb refuses to open the same environment twice in one process, so readers of one version
 # share an Environment: path -> [env, number of readers], valid for the process _SHARED_PID.

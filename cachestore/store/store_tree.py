@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cachestore.store.store_check import (
+from collectivekv.cachestore.store.store_check import (
     DATA_FILE,
     F_BIGDATA,
     NO_PAGE,

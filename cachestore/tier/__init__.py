@@ -9,7 +9,7 @@ Every model's store (din and the zoo: records are kept verbatim; each record's h
 docs/serving.md describes the design, the capacity rule and the measured hit rates and latencies.
 """
 
-from cachestore.tier.policy import LRUPolicy, S3FIFOPolicy, make_policy
-from cachestore.tier.tier import ResidentTier, Resolved, TierCounters, plan_capacity
+from collectivekv.cachestore.tier.policy import LRUPolicy, S3FIFOPolicy, make_policy
+from collectivekv.cachestore.tier.tier import ResidentTier, Resolved, TierCounters, plan_capacity
 
 __all__ = ["LRUPolicy", "S3FIFOPolicy", "make_policy", "ResidentTier", "Resolved", "TierCounters", "plan_capacity"]

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from cachestore.decode.batch import zero_block_bytes
-from cachestore.store.entry import EntryLayout
+from collectivekv.cachestore.decode.batch import zero_block_bytes
+from collectivekv.cachestore.store.entry import EntryLayout
 
 try:
     import triton

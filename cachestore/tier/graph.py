@@ -21,10 +21,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cachestore.decode.batch import zero_block_bytes
-from cachestore.decode.graphs import CAPTURE_MODE, GraphedDecoder, _Captured
-from cachestore.tier.arena import write_header
-from cachestore.tier.tier import WHOLE, ResidentTier
+from collectivekv.cachestore.decode.batch import zero_block_bytes
+from collectivekv.cachestore.decode.graphs import CAPTURE_MODE, GraphedDecoder, _Captured
+from collectivekv.cachestore.tier.arena import write_header
+from collectivekv.cachestore.tier.tier import WHOLE, ResidentTier
 
 
 class ResidentRequest:

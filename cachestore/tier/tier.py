@@ -34,14 +34,19 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from cachestore.decode.batch import HostBatcher, check_record, zero_block_bytes
-from cachestore.store.entry import record_length
-from cachestore.store.record import _CRC_OFFSET, HEADER_SIZE, KEY, RecordError  # CRC: bytes 0..27 + payload
-from cachestore.tier.arena import header_bytes
-from cachestore.tier.policy import make_policy
+from collectivekv.cachestore.decode.batch import HostBatcher, check_record, zero_block_bytes
+from collectivekv.cachestore.store.entry import record_length
+from collectivekv.cachestore.store.record import (  # CRC: bytes 0..27 + payload
+    _CRC_OFFSET,
+    HEADER_SIZE,
+    KEY,
+    RecordError,
+)
+from collectivekv.cachestore.tier.arena import header_bytes
+from collectivekv.cachestore.tier.policy import make_policy
 
 if TYPE_CHECKING:  # (lmdb is imported only where a store is read)
-    from cachestore.store.reader import StoreReader
+    from collectivekv.cachestore.store.reader import StoreReader
 
 LOAD_CHUNK = 64 << 20
 _ZEROS = bytes(8)  # host staging of the whole-store load (bytes)
@@ -51,7 +56,7 @@ WHOLE, CACHE = "whole", "cache"
 
 def store_bytes(reader: StoreReader) -> int:
     """Size of the store's LMDB data file: an upper bound of the bytes its records take in the arena."""
-    from cachestore.store.publish import LMDB_DIR
+    from collectivekv.cachestore.store.publish import LMDB_DIR
 
     return os.stat(reader.version_dir / LMDB_DIR / "data.mdb").st_size
 

@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from cachestore.store.catalogue import CATALOGUE_FILE, ItemCatalogue
-from pipeline.data.dataset_schema import (
+from collectivekv.cachestore.store.catalogue import CATALOGUE_FILE, ItemCatalogue
+from collectivekv.pipeline.data.dataset_schema import (
     HISTORIES_SCHEMA,
     ITEMS_SCHEMA,
     SAMPLES_SCHEMA,

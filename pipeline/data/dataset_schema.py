@@ -38,10 +38,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from cachestore.store.data_error import DataError
+from collectivekv.cachestore.store.data_error import DataError
 
 if TYPE_CHECKING:
-    from cachestore.store.catalogue import ItemCatalogue
+    from collectivekv.cachestore.store.catalogue import ItemCatalogue
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)  # 1: before the item catalogue (identity catalogue)
@@ -101,7 +101,7 @@ class CanonicalDataset:
     @property
     def item_catalogue(self) -> ItemCatalogue:
         """The dataset's catalogue; the identity one (raw id = dense id) for a dataset without one."""
-        from cachestore.store.catalogue import ItemCatalogue
+        from collectivekv.cachestore.store.catalogue import ItemCatalogue
 
         return self.catalogue or ItemCatalogue.identity(self.n_items, self.genres)
 
@@ -173,7 +173,7 @@ def _read_catalogue(root: Path, meta: dict[str, Any]) -> ItemCatalogue | None:
     """The catalogue a schema_version 2 dataset records (hash checked against meta.json); None for 1."""
     if meta.get("schema_version") == 1:
         return None
-    from cachestore.store.catalogue import load_catalogue
+    from collectivekv.cachestore.store.catalogue import load_catalogue
 
     rec = meta.get("catalogue")
     if not isinstance(rec, dict) or not isinstance(rec.get("file"), str) or "sha256" not in rec:

@@ -17,9 +17,9 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from cachestore.store.catalogue import CATALOGUE_FILE, ItemCatalogue, load_catalogue
-from pipeline.data.build import build_dataset
-from pipeline.data.dataset_schema import (
+from collectivekv.cachestore.store.catalogue import CATALOGUE_FILE, ItemCatalogue, load_catalogue
+from collectivekv.pipeline.data.build import build_dataset
+from collectivekv.pipeline.data.dataset_schema import (
     HISTORIES_FILE,
     ITEMS_FILE,
     META_FILE,
@@ -29,8 +29,8 @@ from pipeline.data.dataset_schema import (
     DataError,
     validate_dataset,
 )
-from pipeline.data.events import read_events, read_item_genres
-from pipeline.store.safe_output import OutputKind, check_output_dir, replace_dir
+from collectivekv.pipeline.data.events import read_events, read_item_genres
+from collectivekv.pipeline.store.safe_output import OutputKind, check_output_dir, replace_dir
 
 DATASET_OUTPUT = OutputKind("dataset", "ckv data prepare",
                             frozenset({META_FILE, ITEMS_FILE, HISTORIES_FILE, SAMPLES_DIR, CATALOGUE_FILE}),

@@ -40,8 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cachestore.store.entry import EntryLayout
-from cachestore.store.publish import CURRENT, MANIFEST
+from collectivekv.cachestore.store.entry import EntryLayout
+from collectivekv.cachestore.store.publish import CURRENT, MANIFEST
 
 log = logging.getLogger("ckv.prefill")
 HISTORY_FP_VERSION = 1
@@ -105,7 +105,7 @@ def split(spark: Any, new: Any, prev_parquet: Path, columns: list[str] | None = 
     default: ``pipeline.prefill.prefill.OUTPUT_SCHEMA.names``)."""
     from pyspark.sql import functions as F
 
-    from pipeline.prefill.prefill import OUTPUT_SCHEMA
+    from collectivekv.pipeline.prefill.prefill import OUTPUT_SCHEMA
 
     if columns is None:
         columns = OUTPUT_SCHEMA.names

@@ -56,11 +56,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from cachestore.store.entry import EntryLayout, entry_schema
-from cachestore.store.record import HEADER_SIZE
-from model.ctr import N_FEEDBACK, TargetAttentionCTR
-from pipeline.data.history import arrow_window
-from pipeline.prefill.prefill_engines import (  # noqa: F401  (re-exported: the prefill API in one place)
+from collectivekv.cachestore.store.entry import EntryLayout, entry_schema
+from collectivekv.cachestore.store.record import HEADER_SIZE
+from collectivekv.model.ctr import N_FEEDBACK, TargetAttentionCTR
+from collectivekv.pipeline.data.history import arrow_window
+from collectivekv.pipeline.prefill.prefill_engines import (  # noqa: F401  (re-exported: the prefill API in one place)
     DEFAULT_MEMO_BYTES,
     ENGINES,
     DirectEngine,

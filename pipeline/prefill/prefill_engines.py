@@ -20,15 +20,15 @@ import numpy as np
 import torch
 from numpy.lib.stride_tricks import as_strided
 
-from cachestore.decode.entry_batch import kv_storage
-from cachestore.store.entry import EntryLayout, entry_layout
-from cachestore.store.record import HEADER_SIZE, IDX_DTYPES, KV_DTYPES
-from model.cache import KVCache
-from model.cache_spec import GroupSpec
-from model.config import ModelConfig
-from model.ctr import N_FEEDBACK, TargetAttentionCTR
-from pipeline.prefill.zoo_engine import MAX_POSITIONS as _DIRECT_POSITIONS
-from pipeline.prefill.zoo_engine import (  # noqa: F401  (FlatEntries, ZooEngine, _empty_entries: re-exported)
+from collectivekv.cachestore.decode.entry_batch import kv_storage
+from collectivekv.cachestore.store.entry import EntryLayout, entry_layout
+from collectivekv.cachestore.store.record import HEADER_SIZE, IDX_DTYPES, KV_DTYPES
+from collectivekv.model.cache import KVCache
+from collectivekv.model.cache_spec import GroupSpec
+from collectivekv.model.config import ModelConfig
+from collectivekv.model.ctr import N_FEEDBACK, TargetAttentionCTR
+from collectivekv.pipeline.prefill.zoo_engine import MAX_POSITIONS as _DIRECT_POSITIONS
+from collectivekv.pipeline.prefill.zoo_engine import (  # noqa: F401  (FlatEntries, ZooEngine, _empty_entries: re-exported)
     FlatEntries,
     ZooEngine,
     _empty_entries,
@@ -207,7 +207,7 @@ class MemoEngine(_ModelEngine):
         self.resets = 0
         self.shared = None
         if block_dir is not None:  # blocks shared with the other processes of this machine
-            from pipeline.prefill.block_cache import SharedBlocks
+            from collectivekv.pipeline.prefill.block_cache import SharedBlocks
 
             key = f"{layout.model_version}-{layout.mode}-{layout.kv_dtype}-{self.device.type}-{self.block_items}"
             self.shared = SharedBlocks(Path(block_dir) / key)

@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from cachestore.checkpoint import CheckpointError, load_checkpoint
-from cachestore.store.entry import layout_from_dict
-from pipeline.prefill.incremental import FP_COL, PREV_FP_COL
+from collectivekv.cachestore.checkpoint import CheckpointError, load_checkpoint
+from collectivekv.cachestore.store.entry import layout_from_dict
+from collectivekv.pipeline.prefill.incremental import FP_COL, PREV_FP_COL
 
 _ENGINE_CACHE: dict[tuple, Any] = {}
 
@@ -44,7 +44,7 @@ def _task_device(requested: str) -> str:
 
 
 def _engine(params: dict) -> Any:
-    from pipeline.prefill.prefill import make_engine
+    from collectivekv.pipeline.prefill.prefill import make_engine
 
     layout = layout_from_dict(params["layout"])
     device = "cpu" if params["engine"] == "noop" else _task_device(params["device"])
@@ -93,7 +93,7 @@ def prefill_partition(batches: Any, params: dict) -> Any:
     """mapInArrow body: prefill_batches over this partition, with counters and a log line."""
     from pyspark import TaskContext
 
-    from pipeline.prefill.prefill import prefill_batches
+    from collectivekv.pipeline.prefill.prefill import prefill_batches
 
     t0 = time.perf_counter()
     engine, layout, device = _engine(params)

@@ -32,14 +32,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cachestore.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
-from cachestore.store.catalogue import CATALOGUE_FILE, check_same_numbering
-from cachestore.store.lmdb_build import StoreBuildError
-from cachestore.store.publish import STAGING, new_version_id
-from cachestore.store.record import write_layout
-from pipeline.prefill.incremental import FP_COL, HISTORY_FP_VERSION, fingerprint_sql, previous_state
-from pipeline.prefill.incremental import split as incremental_split
-from pipeline.prefill.prefill import (
+from collectivekv.cachestore.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
+from collectivekv.cachestore.store.catalogue import CATALOGUE_FILE, check_same_numbering
+from collectivekv.cachestore.store.lmdb_build import StoreBuildError
+from collectivekv.cachestore.store.publish import STAGING, new_version_id
+from collectivekv.cachestore.store.record import write_layout
+from collectivekv.pipeline.prefill.incremental import FP_COL, HISTORY_FP_VERSION, fingerprint_sql, previous_state
+from collectivekv.pipeline.prefill.incremental import split as incremental_split
+from collectivekv.pipeline.prefill.prefill import (
     ENGINES,
     OUTPUT_DDL,
     OUTPUT_SCHEMA,
@@ -48,9 +48,14 @@ from pipeline.prefill.prefill import (
     check_engine,
     check_histories_files,
 )
-from pipeline.prefill.spark_executor import prefill_partition
-from pipeline.prefill.spark_logging import java_options, route_spark_logs
-from pipeline.store.store_ops import PREFILL_META_FILE, PREFILL_PARQUET_SCHEMA_VERSION, build_store, write_json
+from collectivekv.pipeline.prefill.spark_executor import prefill_partition
+from collectivekv.pipeline.prefill.spark_logging import java_options, route_spark_logs
+from collectivekv.pipeline.store.store_ops import (
+    PREFILL_META_FILE,
+    PREFILL_PARQUET_SCHEMA_VERSION,
+    build_store,
+    write_json,
+)
 
 log = logging.getLogger("ckv.prefill")
 DEVICES = ("auto", "cpu", "cuda")
@@ -167,15 +172,18 @@ def ship_checkpoint(sc: Any, checkpoint: Path, version: str) -> str:
 
 
 def ship_code(sc: Any) -> None:
-    """Zip the project's packages (model, pipeline, cachestore) for executors without them."""
-    import cachestore
-    import model
-    import pipeline
+    """Zip the project's packages (collectivekv's model, pipeline, cachestore) for executors without them.
+
+    The zip has the repository's layout (``collectivekv/__init__.py`` beside ``model/``, ``pipeline/``,
+    ``cachestore/``), which ``collectivekv/__init__.py`` resolves as it does a source checkout."""
+    import collectivekv
+    from collectivekv import cachestore, model, pipeline
 
     tmp = Path(tempfile.mkdtemp(prefix="ckv-code-"))
     atexit.register(shutil.rmtree, tmp, True)
     out = tmp / "collectivekv-code.zip"
     with zipfile.ZipFile(out, "w") as zf:
+        zf.write(collectivekv.__file__, "collectivekv/__init__.py")
         for pkg in (model, pipeline, cachestore):
             root = Path(pkg.__file__).parent
             for f in sorted(root.rglob("*.py")):

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cachestore.decode.entry_batch import entry_payloads, storage_arrays
-from cachestore.store.entry import EntryLayout, entry_layout
-from model.cache_spec import store_config
-from model.entry import entry_arrays, full_cache
+from collectivekv.cachestore.decode.entry_batch import entry_payloads, storage_arrays
+from collectivekv.cachestore.store.entry import EntryLayout, entry_layout
+from collectivekv.model.cache_spec import store_config
+from collectivekv.model.entry import entry_arrays, full_cache
 
 MAX_POSITIONS = 1 << 16  # padded positions per model.prefill call (the direct and the zoo engine)
 # largest intermediate (router logits: positions x pool; HSTU attention: users x heads x width^2) per

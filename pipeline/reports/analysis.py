@@ -172,7 +172,7 @@ class Analysis:
 
 
 def _check_model(model: torch.nn.Module) -> None:
-    from model.ctr import TargetAttentionCTR
+    from collectivekv.model.ctr import TargetAttentionCTR
 
     if not isinstance(model, TargetAttentionCTR):
         raise ValueError(f"the analysis reads one K/V group per behaviour (arch 'din'); this checkpoint's model is "

@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pipeline.reports.analysis import Analysis, kde  # noqa: E402
+from collectivekv.pipeline.reports.analysis import Analysis, kde  # noqa: E402
 
 GRID = np.linspace(-1.0, 1.0, 401)
 
@@ -151,10 +151,10 @@ def run_analysis(checkpoint: str | os.PathLike, histories: str | os.PathLike, ou
     ``<prefix>analysis.json`` under OUT_DIR; returns the JSON dict (with ``figures``: name → path)."""
     import json
 
-    from cachestore.checkpoint import load_checkpoint
-    from pipeline.data.history import HistoryIndex
-    from pipeline.reports.analysis import analyze_model
-    from pipeline.store.verify import history_dataset
+    from collectivekv.cachestore.checkpoint import load_checkpoint
+    from collectivekv.pipeline.data.history import HistoryIndex
+    from collectivekv.pipeline.reports.analysis import analyze_model
+    from collectivekv.pipeline.store.verify import history_dataset
 
     ckpt = load_checkpoint(checkpoint)
     table = history_dataset(histories).to_table(columns=["user_id", "items", "labels"])

@@ -33,11 +33,11 @@ from typing import Any
 
 import numpy as np
 
-from cachestore.store.entry import EntryLayout
-from cachestore.store.record import HEADER_SIZE, IDX_DTYPES, KV_DTYPES
-from model.cache_spec import bytes_per_behaviour, entry_parts, index_itemsize, store_config
-from model.config import CollectiveConfig, ModelConfig
-from pipeline.reports.lmdb_pages import LMDB_META_PAGES, LMDB_PAGE, branch_pages, lmdb_pages
+from collectivekv.cachestore.store.entry import EntryLayout
+from collectivekv.cachestore.store.record import HEADER_SIZE, IDX_DTYPES, KV_DTYPES
+from collectivekv.model.cache_spec import bytes_per_behaviour, entry_parts, index_itemsize, store_config
+from collectivekv.model.config import CollectiveConfig, ModelConfig
+from collectivekv.pipeline.reports.lmdb_pages import LMDB_META_PAGES, LMDB_PAGE, branch_pages, lmdb_pages
 
 BATCH_INDEX_BYTES = 16  # offsets + lengths, int64 each, per user in a batch (cachestore/decode/batch.py)
 SAMPLE_USERS = 200_000  # records simulated for the page model of a length distribution
@@ -204,7 +204,7 @@ class CacheFormat:
     def idx_dtype(self) -> str:
         if self.index_dtype != "auto":
             return self.index_dtype
-        from model.cache_spec import index_dtype
+        from collectivekv.model.cache_spec import index_dtype
 
         return index_dtype(self.pool_size)
 

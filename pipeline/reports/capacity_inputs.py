@@ -19,9 +19,9 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from cachestore.store.entry import layout_from_dict
-from cachestore.store.lmdb_build import list_parquet_files
-from pipeline.reports.capacity import (
+from collectivekv.cachestore.store.entry import layout_from_dict
+from collectivekv.cachestore.store.lmdb_build import list_parquet_files
+from collectivekv.pipeline.reports.capacity import (
     Bandwidth,
     CacheFormat,
     LengthDist,
@@ -44,7 +44,7 @@ def is_store(path: str | os.PathLike) -> bool:
 
 def store_lengths(store: str | os.PathLike) -> LengthDist:
     """The cached lengths of every user of the published version (the Parquet ``length`` column)."""
-    from pipeline.store.store_ops import read_manifest
+    from collectivekv.pipeline.store.store_ops import read_manifest
 
     version, manifest = read_manifest(store)
     files = list_parquet_files(version / "parquet") if (version / "parquet").is_dir() else []
@@ -60,7 +60,7 @@ def store_lengths(store: str | os.PathLike) -> LengthDist:
 def histories_lengths(path: str | os.PathLike) -> LengthDist:
     """History lengths (events per user, before clipping at max_len) of a histories Parquet
     (a file, a directory of files, or a ``ckv data prepare`` dataset directory)."""
-    from pipeline.store.verify import history_dataset
+    from collectivekv.pipeline.store.verify import history_dataset
 
     ds = history_dataset(path)
     parts = [pc.list_value_length(b.column(0)).fill_null(0).to_numpy(zero_copy_only=False)
@@ -82,7 +82,7 @@ def length_dist(spec: str) -> LengthDist:
 
 def store_calibration(store: str | os.PathLike) -> StoreCalibration:
     """The store's measured sizes (pipeline.reports.size_report.store_sizes)."""
-    from pipeline.reports.size_report import store_sizes
+    from collectivekv.pipeline.reports.size_report import store_sizes
 
     s = store_sizes(store)
     b = s["bytes"]
@@ -95,7 +95,7 @@ def store_format(store: str | os.PathLike, **overrides: Any) -> CacheFormat:
 
     A full-KV store gives d_attn and the kv dtype; its CollectiveKV column keeps the defaults
     (d_user 1, pool 10,000, K and V shared) unless overridden."""
-    from pipeline.store.store_ops import read_manifest
+    from collectivekv.pipeline.store.store_ops import read_manifest
 
     _, m = read_manifest(store)
     lay = layout_from_dict(m["layout"])

@@ -14,16 +14,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline.reports.capacity import Budgets, capacity_plan
-from pipeline.reports.capacity_inputs import (
+from collectivekv.pipeline.reports.capacity import Budgets, capacity_plan
+from collectivekv.pipeline.reports.capacity_inputs import (
     bandwidth,
     read_results,
     store_calibration,
     store_format,
     store_lengths,
 )
-from pipeline.reports.capacity_table import Table, capacity_table
-from pipeline.reports.size_report import baseline_summary, fmt_bytes, size_report, size_rows
+from collectivekv.pipeline.reports.capacity_table import Table, capacity_table
+from collectivekv.pipeline.reports.size_report import baseline_summary, fmt_bytes, size_report, size_rows
 
 SECTIONS = ("size", "capacity", "latency", "analysis")
 CSS = """
@@ -179,8 +179,8 @@ def build_report(store: str | os.PathLike, checkpoint: str | os.PathLike, *, his
                  analysis_users: int = 1000, batch: int = 512, bandwidth_spec: str = "measured",
                  budgets: Budgets | None = None, seed: int = 0) -> str:
     """The HTML page (a string). ``histories`` defaults to the ones the store was prefilled from."""
-    from pipeline.reports.analysis_plots import run_analysis
-    from pipeline.store.store_ops import read_manifest
+    from collectivekv.pipeline.reports.analysis_plots import run_analysis
+    from collectivekv.pipeline.store.store_ops import read_manifest
 
     version, manifest = read_manifest(store)
     rep = size_report(store, baseline)

@@ -23,9 +23,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cachestore.store.entry import layout_from_dict
-from cachestore.store.record import HEADER_SIZE
-from pipeline.store.store_ops import read_manifest
+from collectivekv.cachestore.store.entry import layout_from_dict
+from collectivekv.cachestore.store.record import HEADER_SIZE
+from collectivekv.pipeline.store.store_ops import read_manifest
 
 
 def store_sizes(store: str | os.PathLike, d_attn: int | None = None) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from cachestore.store.publish import CURRENT, MANIFEST, STAGING, new_version_id, open_current
+from collectivekv.cachestore.store.publish import CURRENT, MANIFEST, STAGING, new_version_id, open_current
 
 log = logging.getLogger("ckv.refresh")
 CHECKPOINT_DIR = "checkpoint"  # inside a store version: the model the records were built with
@@ -76,8 +76,8 @@ def store_checkpoint(store: str | os.PathLike) -> Path | None:
 def publish_with_checkpoint(store: str | os.PathLike, scratch: Path, checkpoint: str | os.PathLike,
                             extra: dict[str, Any]) -> dict[str, Any]:
     """Move the scratch store's current version to STORE/staging/<id>, add the checkpoint, publish."""
-    from cachestore.checkpoint import load_checkpoint
-    from pipeline.store.store_ops import publish_staged
+    from collectivekv.cachestore.checkpoint import load_checkpoint
+    from collectivekv.pipeline.store.store_ops import publish_staged
 
     def complete(staging: Path) -> dict[str, Any]:
         shutil.copytree(checkpoint, staging / CHECKPOINT_DIR)
@@ -132,9 +132,9 @@ class _Run:
 def _prepare_step(run: _Run) -> tuple[Path, Any, Path, Any]:
     """1. prepare, extending the current model's item catalogue (known items keep their dense ids):
     (current checkpoint dir, current checkpoint, dataset dir, dataset)."""
-    from cachestore.checkpoint import load_checkpoint
-    from pipeline.data.dataset_schema import load_dataset
-    from pipeline.data.prepare import prepare
+    from collectivekv.cachestore.checkpoint import load_checkpoint
+    from collectivekv.pipeline.data.dataset_schema import load_dataset
+    from collectivekv.pipeline.data.prepare import prepare
 
     opts, t = run.opts, time.perf_counter()
     cur_dir = Path(opts.current_checkpoint) if opts.current_checkpoint else store_checkpoint(opts.store)
@@ -158,9 +158,9 @@ def _prepare_step(run: _Run) -> tuple[Path, Any, Path, Any]:
 def _train_step(run: _Run, cur_dir: Path, current: Any, dataset: Any) -> tuple[Path, str, Any, Any]:
     """2. train --init-from the current model (item / genre rows matched by raw id): (new checkpoint dir, its
     model version, the training result, the current model with its rows remapped to the new catalogue)."""
-    from pipeline.training.checkpoint import save_checkpoint
-    from pipeline.training.trainer import TrainConfig, build_model, train_model
-    from pipeline.training.warm_start import WarmStartError, remapped_model, warm_start
+    from collectivekv.pipeline.training.checkpoint import save_checkpoint
+    from collectivekv.pipeline.training.trainer import TrainConfig, build_model, train_model
+    from collectivekv.pipeline.training.warm_start import WarmStartError, remapped_model, warm_start
 
     opts, t = run.opts, time.perf_counter()
     seed = (opts.train or TrainConfig()).seed
@@ -185,8 +185,8 @@ def _gate_step(run: _Run, current: Any, current_remapped: Any, new_model: Any, d
     RefreshRefused (report written) when the new model is worse by more than the margin."""
     import torch
 
-    from pipeline.data.history import HistoryIndex
-    from pipeline.training.trainer import TrainConfig, evaluate
+    from collectivekv.pipeline.data.history import HistoryIndex
+    from collectivekv.pipeline.training.trainer import TrainConfig, evaluate
 
     opts, t = run.opts, time.perf_counter()
     index, valid = HistoryIndex(dataset.histories), dataset.samples["valid"]
@@ -210,7 +210,7 @@ def _gate_step(run: _Run, current: Any, current_remapped: Any, new_model: Any, d
 def _publish_step(run: _Run, new_ckpt: Path, data_dir: Path, gate: dict[str, Any], new_version: str
                   ) -> dict[str, Any]:
     """4. prefill into a scratch store; 5. verify it; 6. publish checkpoint + store together: the manifest."""
-    from pipeline.store.verify import verify_store
+    from collectivekv.pipeline.store.verify import verify_store
 
     opts, run_id = run.opts, run.run_id
     scratch = Path(opts.store) / STAGING / f"refresh-{run_id}"
@@ -232,10 +232,10 @@ def _publish_step(run: _Run, new_ckpt: Path, data_dir: Path, gate: dict[str, Any
 
 def _prefill_step(run: _Run, new_ckpt: Path, data_dir: Path, scratch: Path) -> None:
     """4. the incremental prefill of the new model into ``scratch`` (Spark's log: WORK/<run id>/prefill.log)."""
-    from cachestore.checkpoint import CheckpointError
-    from pipeline.prefill.prefill import PrefillInputError
-    from pipeline.prefill.spark_job import PrefillOptions, run_prefill
-    from pipeline.prefill.spark_logging import SparkJobError, spark_job_errors
+    from collectivekv.cachestore.checkpoint import CheckpointError
+    from collectivekv.pipeline.prefill.prefill import PrefillInputError
+    from collectivekv.pipeline.prefill.spark_job import PrefillOptions, run_prefill
+    from collectivekv.pipeline.prefill.spark_logging import SparkJobError, spark_job_errors
 
     opts, run_id, t = run.opts, run.run_id, time.perf_counter()
     log_file = run.work / "prefill.log"  # Spark's log and, on failure, the full trace
@@ -251,6 +251,6 @@ def _prefill_step(run: _Run, new_ckpt: Path, data_dir: Path, scratch: Path) -> N
 
 
 def _write_report(work: Path, report: dict[str, Any]) -> None:
-    from pipeline.store.store_ops import write_json
+    from collectivekv.pipeline.store.store_ops import write_json
 
     write_json(work / "refresh.json", report)

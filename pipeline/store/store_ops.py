@@ -29,9 +29,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cachestore.store.entry import layout_from_dict
-from cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE, list_parquet_files
-from cachestore.store.publish import (
+from collectivekv.cachestore.store.entry import layout_from_dict
+from collectivekv.cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE, list_parquet_files
+from collectivekv.cachestore.store.publish import (
     CURRENT,
     LAYOUT,
     LMDB_DIR,
@@ -41,7 +41,7 @@ from cachestore.store.publish import (
     new_staging_dir,
     publish,
 )
-from cachestore.store.record import HEADER_SIZE
+from collectivekv.cachestore.store.record import HEADER_SIZE
 
 log = logging.getLogger("ckv.store")
 PREFILL_META_FILE = "_prefill.json"
@@ -182,8 +182,8 @@ def build_store(store_root: str | os.PathLike, parquet_dir: str | os.PathLike, *
 def read_manifest(store_root: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     """(version dir, manifest) of the version ``STORE/current`` points to (resolved once), after the cheap
     check of its LMDB file (:func:`cachestore.store.store_check.check_version`)."""
-    from cachestore.store.publish import open_current
-    from cachestore.store.store_check import check_version
+    from collectivekv.cachestore.store.publish import open_current
+    from collectivekv.cachestore.store.store_check import check_version
 
     version = Path(os.path.realpath(open_current(store_root)))
     check_version(version)  # every command that reports on a store validates it (StoreDamagedError)

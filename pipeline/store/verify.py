@@ -31,17 +31,17 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import torch
 
-from cachestore.checkpoint import load_checkpoint
-from cachestore.decode.entry_batch import model_tensors, stack_records
-from cachestore.store.entry import EntryLayout, EntryRecord, decode_entry
-from cachestore.store.reader import StoreReader
-from cachestore.store.record import RecordError
-from cachestore.store.store_tree import check_tree
-from model.blocks import ZooCache
-from model.cache_spec import store_config
-from model.config import ModelConfig
-from model.entry import cache_from_arrays
-from pipeline.data.history import arrow_window
+from collectivekv.cachestore.checkpoint import load_checkpoint
+from collectivekv.cachestore.decode.entry_batch import model_tensors, stack_records
+from collectivekv.cachestore.store.entry import EntryLayout, EntryRecord, decode_entry
+from collectivekv.cachestore.store.reader import StoreReader
+from collectivekv.cachestore.store.record import RecordError
+from collectivekv.cachestore.store.store_tree import check_tree
+from collectivekv.model.blocks import ZooCache
+from collectivekv.model.cache_spec import store_config
+from collectivekv.model.config import ModelConfig
+from collectivekv.model.entry import cache_from_arrays
+from collectivekv.pipeline.data.history import arrow_window
 
 log = logging.getLogger("ckv.verify")
 RTOL = {"float16": 2 * 2.0**-10, "bfloat16": 2 * 2.0**-7, "float32": 1e-5}

@@ -9,7 +9,7 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from cachestore.checkpoint import (
+from collectivekv.cachestore.checkpoint import (
     CHECKPOINT_FORMAT,
     CONFIG_FILE,
     METRICS_FILE,
@@ -17,10 +17,10 @@ from cachestore.checkpoint import (
     CheckpointError,
     model_version,
 )
-from cachestore.store.catalogue import CATALOGUE_FILE, ItemCatalogue
-from model.config import config_to_dict
-from model.ctr import TargetAttentionCTR
-from pipeline.store.safe_output import OutputKind, replace_dir
+from collectivekv.cachestore.store.catalogue import CATALOGUE_FILE, ItemCatalogue
+from collectivekv.model.config import config_to_dict
+from collectivekv.model.ctr import TargetAttentionCTR
+from collectivekv.pipeline.store.safe_output import OutputKind, replace_dir
 
 CHECKPOINT_OUTPUT = OutputKind("checkpoint", "ckv train",
                                frozenset({WEIGHTS_FILE, CONFIG_FILE, METRICS_FILE, CATALOGUE_FILE}),

@@ -19,13 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.cache_spec import bytes_per_behaviour, compression_rate, entry_bytes, full_kv_bytes
-from model.config import ModelConfig, config_to_dict
-from model.metrics import METRICS
-from pipeline.data.dataset_schema import CanonicalDataset
-from pipeline.store.safe_output import OutputKind, replace_dir
-from pipeline.training.checkpoint import save_checkpoint
-from pipeline.training.trainer import TrainConfig, build_model, train_model
+from collectivekv.model.cache_spec import bytes_per_behaviour, compression_rate, entry_bytes, full_kv_bytes
+from collectivekv.model.config import ModelConfig, config_to_dict
+from collectivekv.model.metrics import METRICS
+from collectivekv.pipeline.data.dataset_schema import CanonicalDataset
+from collectivekv.pipeline.store.safe_output import OutputKind, replace_dir
+from collectivekv.pipeline.training.checkpoint import save_checkpoint
+from collectivekv.pipeline.training.trainer import TrainConfig, build_model, train_model
 
 EXPERIMENT_OUTPUT = OutputKind("experiment", "ckv experiment",
                                frozenset({"checkpoints", "results.json", "results.md"}),

@@ -18,12 +18,12 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from model.config import ModelConfig
-from model.ctr import TargetAttentionCTR
-from model.metrics import ctr_metrics
-from model.zoo import create_model
-from pipeline.data.dataset_schema import CanonicalDataset
-from pipeline.data.history import HistoryIndex
+from collectivekv.model.config import ModelConfig
+from collectivekv.model.ctr import TargetAttentionCTR
+from collectivekv.model.metrics import ctr_metrics
+from collectivekv.model.zoo import create_model
+from collectivekv.pipeline.data.dataset_schema import CanonicalDataset
+from collectivekv.pipeline.data.history import HistoryIndex
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from cachestore.checkpoint import Checkpoint
-from cachestore.store.catalogue import ItemCatalogue
+from collectivekv.cachestore.checkpoint import Checkpoint
+from collectivekv.cachestore.store.catalogue import ItemCatalogue
 
 ITEM_TABLE, GENRE_TABLE, REBUILT = "item_emb.weight", "genre_emb.weight", "item_genres"
 VOCAB_FIELDS = ("n_items", "n_genres", "max_genres", "dropout")  # may differ between the two models

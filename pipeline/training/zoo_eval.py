@@ -27,8 +27,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from model.config import ModelConfig, config_to_dict
-from pipeline.training.zoo_eval_plan import (  # noqa: F401  (re-exported: the plan is part of this API)
+from collectivekv.model.config import ModelConfig, config_to_dict
+from collectivekv.pipeline.training.zoo_eval_plan import (  # noqa: F401  (re-exported: the plan is part of this API)
     AUTO,
     SECTIONS,
     EvalReport,
@@ -37,8 +37,8 @@ from pipeline.training.zoo_eval_plan import (  # noqa: F401  (re-exported: the p
     plan_rows,
     quick_settings,
 )
-from pipeline.training.zoo_eval_report import markdown, plot_sweep, summarise
-from pipeline.training.zoo_eval_runs import Job, finished_runs, run_id, run_jobs
+from collectivekv.pipeline.training.zoo_eval_report import markdown, plot_sweep, summarise
+from collectivekv.pipeline.training.zoo_eval_runs import Job, finished_runs, run_id, run_jobs
 
 
 def run_eval(data_dir: str | Path, settings: EvalSettings, out: str | Path, log: Any = print,

@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from model.config import CollectiveConfig, ModelConfig
-from model.zoo import PAPER_MODELS
-from pipeline.training.trainer import TrainConfig
+from collectivekv.model.config import CollectiveConfig, ModelConfig
+from collectivekv.model.zoo import PAPER_MODELS
+from collectivekv.pipeline.training.trainer import TrainConfig
 
 SECTIONS = ("table1", "table3", "table4", "fig4", "fig5", "auto")
 AUTO = "auto"

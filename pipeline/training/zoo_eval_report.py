@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from model.config import config_to_dict
-from model.metrics import METRICS
+from collectivekv.model.config import config_to_dict
+from collectivekv.model.metrics import METRICS
 
 if TYPE_CHECKING:
-    from pipeline.training.zoo_eval_plan import EvalReport
+    from collectivekv.pipeline.training.zoo_eval_plan import EvalReport
 
 
 def _stats(vals: list[float]) -> dict[str, float]:

@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.cache_spec import compression_rate
-from model.config import ModelConfig, config_to_dict
-from model.d_user import choose_d_user
-from pipeline.data.dataset_schema import CanonicalDataset, load_dataset
-from pipeline.data.history import HistoryIndex
-from pipeline.training.trainer import TrainConfig, build_model, train_model
+from collectivekv.model.cache_spec import compression_rate
+from collectivekv.model.config import ModelConfig, config_to_dict
+from collectivekv.model.d_user import choose_d_user
+from collectivekv.pipeline.data.dataset_schema import CanonicalDataset, load_dataset
+from collectivekv.pipeline.data.history import HistoryIndex
+from collectivekv.pipeline.training.trainer import TrainConfig, build_model, train_model
 
 
 def run_id(cfg: ModelConfig, seed: int, train: TrainConfig, sample_fraction: float = 1.0) -> str:
