@@ -19,7 +19,7 @@ mixed-version reads, lost records, p50 / p99 / max latency, publishes and their 
     python benchmarks/concurrent_serving.py                       # 8 readers x 3 publishes (defaults)
     python benchmarks/concurrent_serving.py --readers 3 --publishes 2 --users 300 --out /tmp/x.json
 
-The test (tests/test_reliability_concurrency.py) runs a short version of it.
+The test (tests/integration/test_reliability_concurrency.py) runs a short version of it.
 """
 
 from __future__ import annotations

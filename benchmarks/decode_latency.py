@@ -659,7 +659,8 @@ def main() -> None:
     args.full_kv_dtype = args.full_kv_dtype or args.store_dtype
     args.fused = fused_config(args.pool_dtype, args.fused_launch)
     pools = pool_dtype(args.fused, collective_layout(1, "0" * 16, args.store_dtype))  # what the fused paths read
-    args.score_tol = 1e-4 if pools == "float32" else 3e-3  # half pools: their rounding (tests/test_fused.py)
+    # half pools: their rounding (tests/cachestore/decode/test_fused.py)
+    args.score_tol = 1e-4 if pools == "float32" else 3e-3
     device = torch.device(args.device)
     dry = device.type != "cuda"
     if args.device.startswith("cuda") and not torch.cuda.is_available():

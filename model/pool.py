@@ -4,7 +4,7 @@ and a learnable global pool.
 Routing runs once per *distinct* behaviour token in the batch rather than once per behaviour:
 the router input is a function of the token alone (item, feedback), so the logits, indices and
 count-weighted losses are exactly those of the per-behaviour computation at a fraction of the
-cost of the (N, pool_size) logits. ``tests/test_model.py`` checks this against the plain reference.
+cost of the (N, pool_size) logits. ``tests/model/test_model.py`` checks this against the plain reference.
 """
 
 from __future__ import annotations

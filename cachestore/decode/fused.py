@@ -32,7 +32,7 @@ store's precision unless ``FusedConfig.pool_dtype`` says otherwise (:func:`pool_
 parts and pool rows are cast to fp32 on load and everything after is fp32; indices are read as 16-bit
 halves, so int32 indices need no 4-byte alignment. Without shared K/V (``mode`` full, or the unshared
 side) the user part is the whole d_a row. The plain-PyTorch reference is the eager path;
-``tests/test_fused.py`` checks the two agree on CUDA, and under Triton's interpreter
+``tests/cachestore/decode/test_fused.py`` checks the two agree on CUDA, and under Triton's interpreter
 (``TRITON_INTERPRET=1``) on CPU.
 
 A launch may serve only the users whose records end in a byte range (``chunks``): the CUDA graph copies

@@ -26,7 +26,7 @@ row as the user part and no indices. fp32 user parts that the layout can place a
 
 Pool rows are read at the store's precision unless ``FusedConfig.pool_dtype`` says otherwise (as in
 :mod:`cachestore.decode.fused`); per layer the padded pools and the distance → bias table are cached on the
-resident model. ``tests/test_fused_hstu.py`` checks the logits against the model's training forward
+resident model. ``tests/cachestore/decode/test_fused_hstu.py`` checks the logits against the model's training forward
 and the eager serving path, on CUDA and under Triton's interpreter on CPU.
 """
 

@@ -21,7 +21,7 @@ SIM / ETA: key_ranks → ``topk`` in torch → :func:`cachestore.decode.fused.at
 TWIN: scores → per-head top-k and softmax in torch (shape-static) → weighted_values with G = H heads of
 W = dh columns. SDIM: bucket_sums (then L2-normalise and mean in torch).
 Router indices outside the pool are read as zeros and set ``flags[b] = 1``. Tested under Triton's
-interpreter against the models' own decode (``tests/test_fused_zoo.py``).
+interpreter against the models' own decode (``tests/cachestore/decode/test_fused_zoo.py``).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ the group's cap (the store's long_len), never the batch's longest history, so ev
 Pool rows are read at the store's precision unless ``FusedConfig.pool_dtype`` says otherwise
 (:func:`group_pools`, cached on the resident per group and dtype). Parity with the model's own decode
 (fp32 store, fp32 pools: up to fp32 summation order) and with the eager serving path:
-``tests/test_fused_zoo.py``.
+``tests/cachestore/decode/test_fused_zoo.py``.
 """
 
 from __future__ import annotations

@@ -1,0 +1,232 @@
+"""The zoo models' fused decode from the packed batch bytes (cachestore/decode/fused_zoo.py,
+cachestore/decode/fused_long.py)
+against the model's own training forward (``model.decode(model.prefill(...))``) and the eager serving path
+(``unpack_entry`` + ``entry_cache`` + ``decode_zoo``).
+
+Batches are packed with the real ``HostBatcher.pack`` from records encoded by the v2 prefill rows of
+``tests/zoo_store_fixtures.py`` (the model's own cache; full-KV stores hold every group rebuilt at d_a).
+Histories cover n = 0, n < max_len, max_len < n < long_len, n = long_len (and longer, cut to the window)
+plus a cold-start slot. On CUDA the kernels run compiled; on CPU under Triton's interpreter (conftest
+sets TRITON_INTERPRET=1), skipped where Triton is absent. With fp32 pool rows the fused decode computes the
+model's fp32 math on the stored user parts (an fp16 store: on the fp16-rounded parts) up to summation order;
+with the default pool rows at the store's precision, up to the rounding of the pool rows too."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from collectivekv.cachestore.decode.batch import HostBatcher
+from collectivekv.cachestore.decode.decode import ResidentZooModel, decode_zoo, entry_cache
+from collectivekv.cachestore.decode.fused import FusedConfig, fused_available
+from collectivekv.cachestore.decode.fused_zoo import zoo_static_decode
+from collectivekv.cachestore.decode.transfer import unpack_entry
+from collectivekv.cachestore.store.entry import entry_from_parquet_row, entry_layout
+from collectivekv.cachestore.store.record import RouterIndexError
+from collectivekv.model.blocks import ZooCache
+from collectivekv.model.cache_spec import store_config
+from collectivekv.model.config import LONG_ARCHS, CollectiveConfig
+from collectivekv.model.entry import full_cache
+from collectivekv.model.retrieval import popcount
+from tests.model.test_zoo import N_ITEMS, make_batch, make_model, zoo_config
+from tests.zoo_store_fixtures import zoo_prefill_rows
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not fused_available(DEVICE), reason="needs Triton (CUDA, or its CPU interpreter)")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+VERSION = "0123456789abcdef"
+EXACT = FusedConfig(pool_dtype="float32", block_l=4)  # the model's pool rows exactly
+STORES = [("collective", "float32"), ("collective", "float16"), ("full", "float32")]
+N_CAND = 2
+
+
+def lengths_of(cfg) -> list[int]:
+    """n = 0, 1 < max_len, max_len < n < long_len, long_len, longer than the window."""
+    return [0, 1, cfg.max_len + 2, cfg.long_len, cfg.long_len + 3]
+
+
+@dataclasses.dataclass
+class Case:
+    model: torch.nn.Module
+    resident: ResidentZooModel
+    layout: object
+    raw: torch.Tensor
+    n_users: int
+    hist: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    candidates: torch.Tensor
+
+
+def packed(arch: str, mode: str, kv_dtype: str, seed: int = 1, **cfg: object) -> Case:
+    """A batch of lengths_of(cfg) users + one cold slot, packed as the runtime packs it, on DEVICE."""
+    model = make_model(zoo_config(arch, **cfg), seed=seed).eval()
+    lengths = lengths_of(model.cfg)
+    items, feedback, lens, _ = make_batch(lengths, max(lengths), seed)
+    layout = entry_layout(model.cfg, VERSION, mode, kv_dtype)
+    users = list(range(len(lengths)))
+    records = [entry_from_parquet_row(layout, **row) for row in zoo_prefill_rows(model, layout, users, items,
+                                                                                  feedback, lens)]
+    host = HostBatcher(layout, pin=False).pack([*users, 999], [*records, None])
+    n_users = len(users) + 1
+    zero = torch.zeros(1, items.shape[1], dtype=torch.long)
+    hist = (torch.cat([items, zero]), torch.cat([feedback, zero]), torch.cat([lens, torch.zeros(1, dtype=torch.long)]))
+    g = torch.Generator().manual_seed(seed)
+    candidates = torch.randint(1, N_ITEMS + 1, (n_users, N_CAND), generator=g)
+    raw = host.tensor.clone().to(DEVICE)
+    return Case(model, ResidentZooModel(copy.deepcopy(model), DEVICE), layout, raw, n_users, hist, candidates)
+
+
+def rounded(cache: ZooCache) -> ZooCache:
+    """The cache with its user parts rounded through fp16, as an fp16 store holds them."""
+    kv = {n: dataclasses.replace(c, k_user=c.k_user.half().float(), v_user=c.v_user.half().float())
+          for n, c in cache.kv.items()}  # fmt: skip
+    return dataclasses.replace(cache, kv=kv)
+
+
+def model_logits(case: Case, mode: str, kv_dtype: str) -> torch.Tensor:
+    """The training model's ``decode(prefill(history))`` (the cache as the store holds it)."""
+    with torch.no_grad():
+        cache = case.model.prefill(*case.hist)
+        if kv_dtype == "float16":
+            cache = rounded(cache)
+        if mode == "full":
+            cache = full_cache(case.model, cache)
+        return case.model.decode(cache, case.candidates)
+
+
+def eager_logits(case: Case) -> torch.Tensor:
+    """The eager serving path: every part unpacked and padded, the model's own decode."""
+    with torch.inference_mode():
+        batch = unpack_entry(case.raw, case.layout, case.n_users, case.layout.max_len, 16 * case.n_users)
+        cache = entry_cache(batch, store_config(case.model.cfg, case.layout.mode), case.resident.dtype)
+        return decode_zoo(case.resident, cache, case.candidates.to(DEVICE)).cpu()
+
+
+def fused_logits(case: Case, config: FusedConfig = EXACT, flags: torch.Tensor | None = None) -> torch.Tensor:
+    with torch.inference_mode():
+        return zoo_static_decode(case.raw, case.candidates.to(DEVICE), resident=case.resident, layout=case.layout,
+                                 n_users=case.n_users, config=config, flags=flags).cpu()
+
+
+@pytest.mark.parametrize(("mode", "kv_dtype"), STORES)
+@pytest.mark.parametrize("arch", LONG_ARCHS)
+def test_fused_zoo_equals_model_and_eager(arch: str, mode: str, kv_dtype: str) -> None:
+    case = packed(arch, mode, kv_dtype)
+    got = fused_logits(case)
+    assert got.shape == (case.n_users, N_CAND) and torch.isfinite(got).all()
+    torch.testing.assert_close(got, model_logits(case, mode, kv_dtype), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, eager_logits(case), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the cold slot scores like an empty history
+        empty = case.model(*(h[-1:] for h in case.hist), case.candidates[-1:])[0]
+    torch.testing.assert_close(got[-1:], empty, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_twin_breaks_ties_towards_the_later_behaviour() -> None:
+    """A 2-row pool makes the heads without user dims score many behaviours equal: the top-k among equal
+    scores is the model's (stable, later behaviour first), so the logits still equal the model's."""
+    case = packed("twin", "collective", "float32", seed=8, collective=CollectiveConfig(d_user=2, pool_size=2))
+    torch.testing.assert_close(fused_logits(case), model_logits(case, "collective", "float32"), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["sim", "eta"])
+def test_fused_zoo_split_histories(arch: str) -> None:
+    """Rows (and retrieved positions) split into parts, one program each, combined after: same logits."""
+    case = packed(arch, "collective", "float32", seed=6)
+    got = fused_logits(case, dataclasses.replace(EXACT, block_l=1, split_l=2))
+    torch.testing.assert_close(got, model_logits(case, "collective", "float32"), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", LONG_ARCHS)
+def test_fused_zoo_store_precision_pools(arch: str) -> None:
+    """The default launch reads fp16 pool rows for an fp16 store: the logits move by the pool's rounding only."""
+    case = packed(arch, "collective", "float16", seed=2)
+    got = fused_logits(case, FusedConfig(block_l=4))
+    torch.testing.assert_close(got, model_logits(case, "collective", "float16"), rtol=0, atol=2e-2)
+
+
+@pytest.mark.parametrize(("arch", "part", "user"), [("twin", "short.k_idx", 2), ("twin", "long.k_idx", 2),
+                                                     ("twin", "long.v_idx", 1), ("eta", "long.v_idx", 1)])
+def test_fused_zoo_flags_a_corrupt_router_index(arch: str, part: str, user: int) -> None:
+    """A router index outside the pool, in a row the decode reads (user 1 has one behaviour: every long stage
+    selects it), sets that user's flag (loads masked), or raises without flags."""
+    case = packed(arch, "collective", "float32", seed=3)
+    layout = case.layout
+    n = lengths_of(case.model.cfg)[user]
+    at = int(case.raw[: 8 * case.n_users].view(torch.int64)[user]) + 32
+    for p, row_bytes in zip(layout.parts, layout.row_bytes, strict=True):
+        if p.name == part:
+            break
+        at += min(n, p.cap) * row_bytes
+    assert layout.idx_dtype == "uint16" and part in [p.name for p in layout.parts]
+    case.raw[at : at + 2] = torch.tensor([0xFF, 0xFF], dtype=torch.uint8)  # index 65535 > pool (12 rows)
+    flags = torch.zeros(case.n_users, dtype=torch.int32, device=DEVICE)
+    got = fused_logits(case, flags=flags)
+    assert flags.cpu().tolist() == [int(b == user) for b in range(case.n_users)]
+    assert torch.isfinite(got).all()
+    with pytest.raises(RouterIndexError, match=f"batch row {user}"):
+        fused_logits(case)
+
+
+@pytest.mark.parametrize("arch", ["sim", "twin"])
+def test_fused_zoo_serves_the_first_rows_of_a_batch(arch: str) -> None:
+    """Candidates for users 0 .. B - 1 of a batch of more users score as those rows of the whole batch."""
+    case = packed(arch, "collective", "float32", seed=5)
+    whole = fused_logits(case)
+    with torch.inference_mode():
+        first = zoo_static_decode(case.raw, case.candidates[:3].to(DEVICE), resident=case.resident,
+                                  layout=case.layout, n_users=case.n_users, config=EXACT).cpu()
+    torch.testing.assert_close(first, whole[:3], rtol=1e-6, atol=1e-6)
+
+
+def test_unpack_entry_of_some_parts() -> None:
+    """``unpack_entry(parts=...)`` unpacks those parts only, equal to the same parts of the whole unpack."""
+    case = packed("sdim", "collective", "float16", seed=7)
+    args = (case.raw, case.layout, case.n_users, case.layout.max_len, 16 * case.n_users)
+    whole = unpack_entry(*args).arrays
+    some = unpack_entry(*args, parts={"long.v_idx", "keys.buckets"}).arrays
+    assert sorted(some) == ["keys.buckets", "long.v_idx"]
+    for name, t in some.items():
+        assert torch.equal(t, whole[name])
+
+
+def test_popcount_counts_bits_without_a_table() -> None:
+    """The capture-safe popcount (shifts and masks) == Python's bin().count over the low n_bits bits."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randint(0, 1 << 62, (500,), generator=g), torch.tensor([0, 1, (1 << 62) - 1, (1 << 63) - 1])])
+    for n_bits in (1, 5, 8, 13, 62, 63):
+        want = torch.tensor([bin(int(v) & ((1 << n_bits) - 1)).count("1") for v in x])
+        assert torch.equal(popcount(x, n_bits), want)
+
+
+def test_fused_zoo_refuses_another_store() -> None:
+    case = packed("sim", "collective", "float32")
+    other = entry_layout(zoo_config("eta"), VERSION)
+    with pytest.raises(ValueError, match="arch"):
+        zoo_static_decode(case.raw, case.candidates, resident=case.resident, layout=other, n_users=case.n_users)
+    with pytest.raises(ValueError, match="candidates"):
+        zoo_static_decode(case.raw, case.candidates[None], resident=case.resident, layout=case.layout,
+                          n_users=case.n_users)
+
+
+@cuda
+@pytest.mark.parametrize("arch", LONG_ARCHS)
+def test_fused_zoo_captures_in_a_cuda_graph(arch: str) -> None:
+    """Shape-static and free of host syncs: captured once, replayed on the same buffers == eager call."""
+    case = packed(arch, "collective", "float16", seed=4)
+    candidates = case.candidates.to(DEVICE)
+    flags = torch.zeros(case.n_users, dtype=torch.int32, device=DEVICE)
+    with torch.inference_mode():
+        want = zoo_static_decode(case.raw, candidates, resident=case.resident, layout=case.layout,
+                                 n_users=case.n_users, flags=flags)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = zoo_static_decode(case.raw, candidates, resident=case.resident, layout=case.layout,
+                                    n_users=case.n_users, flags=flags)
+        graph.replay()
+        torch.cuda.synchronize()
+    torch.testing.assert_close(out, want.to(DEVICE), rtol=0, atol=0)
+    assert not flags.any()
+

@@ -1,0 +1,519 @@
+"""Serving zoo stores: StoreReader, HostBatcher fetch/pack, the device unpack,
+DecodeRuntime and `ckv score` for SIM, ETA, SDIM, TWIN and HSTU, against the training model's forward.
+
+Stores are built from each model's own prefill (tests/zoo_store_fixtures.py) through the real
+Parquet → LMDB builder and publish step; one test per arch uses the Spark job's per-partition
+function. The runtime's scores are compared with ``model.forward`` on the same batches the runtime
+steps through (same users, so the same padded width): TWIN's per-head top-k breaks ties between
+equal scores by position in a way that depends on the padded width (``torch.topk``), and with
+CollectiveKV heads holding no user dims see only pool rows, so ties are common; on the same batches
+the comparison is exact for every model. A full-KV store of a collective checkpoint scores like the
+collective forward; cold-start users like an empty history."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+
+from collectivekv.cachestore.decode.batch import HostBatcher, zero_block_bytes
+from collectivekv.cachestore.decode.entry_batch import stack_records
+from collectivekv.cachestore.decode.runtime import DecodeRuntime
+from collectivekv.cachestore.decode.transfer import EntryBatch, to_device
+from collectivekv.cachestore.store.entry import EntryLayout, EntryRecord, decode_entry, encode_entry, entry_layout
+from collectivekv.cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE
+from collectivekv.cachestore.store.publish import build_and_publish, open_current
+from collectivekv.cachestore.store.reader import StoreReader
+from collectivekv.cachestore.store.record import (
+    ChecksumError,
+    LayoutError,
+    ModelVersionMismatchError,
+    RecordError,
+    write_layout,
+)
+from collectivekv.jobs.score import score as score_cmd
+from collectivekv.model.blocks import ZooCache
+from collectivekv.model.cache import KVCache
+from collectivekv.model.config import CollectiveConfig
+from collectivekv.model.entry import full_cache
+from collectivekv.model.zoo import PAPER_MODELS
+from collectivekv.pipeline.training.checkpoint import save_checkpoint
+from tests.model.test_zoo import N_ITEMS, make_batch, make_model, zoo_config
+from tests.zoo_store_fixtures import publish_records, zoo_store_of_model
+
+VERSION = "0123456789abcdef"
+OTHER = "fedcba9876543210"
+USERS = list(range(100, 110))
+STORES = [("collective", "float32"), ("collective", "float16"), ("full", "float32")]
+# requests: stored users (one repeated) and two the store does not hold (cold start)
+ORDER = [105, 100, 101, 7, 102, 103, 109, 104, 100, 106, 107, 108, 99999]
+STEP = 4  # users per runtime step in the comparisons
+
+
+def histories(cfg, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Histories of USERS: lengths 0, 1, the window and longer than it among them."""
+    w = cfg.window_len
+    g = np.random.default_rng(seed)
+    lengths = [0, 1, w, w + 3, *g.integers(0, w + 4, len(USERS) - 4).tolist()]
+    items, feedback, lens, _ = make_batch(lengths, w + 3, seed)
+    return items, feedback, lens
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Per arch: the collective model, USERS' histories and one store per (mode, kv dtype) of STORES."""
+    out = {}
+    for i, arch in enumerate(PAPER_MODELS):
+        model = make_model(zoo_config(arch), seed=1).eval()
+        hist = histories(model.cfg, seed=10 + i)
+        stores = {}
+        for mode, kv_dtype in STORES:
+            root = tmp_path_factory.mktemp(f"{arch}-{mode}-{kv_dtype}")
+            stores[mode, kv_dtype] = zoo_store_of_model(root, model, VERSION, USERS, *hist, mode, kv_dtype)
+        out[arch] = {"model": model, "hist": hist, "stores": stores}
+    return out
+
+
+def rows_of(order: list[int]) -> list[int | None]:
+    return [u - USERS[0] if u in USERS else None for u in order]
+
+
+def take(hist: tuple[torch.Tensor, ...], rows: list[int | None]) -> tuple[torch.Tensor, ...]:
+    """Histories of these rows (None: an empty history, the cold-start user)."""
+    items, feedback, lengths = hist
+    zero = torch.zeros(1, items.shape[1], dtype=torch.long)
+    it = torch.cat([items[r : r + 1] if r is not None else zero for r in rows])
+    fb = torch.cat([feedback[r : r + 1] if r is not None else zero for r in rows])
+    ln = torch.tensor([int(lengths[r]) if r is not None else 0 for r in rows])
+    return it, fb, ln
+
+
+def rounded(cache: ZooCache) -> ZooCache:
+    """The cache with its user parts rounded through fp16, as an fp16 store holds them."""
+    kv = {n: dataclasses.replace(c, k_user=c.k_user.half().float(), v_user=c.v_user.half().float())
+          for n, c in cache.kv.items()}  # fmt: skip
+    return dataclasses.replace(cache, kv=kv)
+
+
+def reference(model, hist, rows: list[int | None], cand: np.ndarray, step: int, how: str = "forward") -> np.ndarray:
+    """Logits on the batches the runtime steps through (chunks of ``step`` rows in request order):
+    "forward" — ``model.forward``; "fp16" — ``model.decode`` on the fp16-rounded cache; "full" —
+    ``model.decode`` on the full-KV cache."""
+    out = []
+    with torch.no_grad():
+        for lo in range(0, len(rows), step):
+            it, fb, ln = take(hist, rows[lo : lo + step])
+            c = torch.from_numpy(cand[lo : lo + step])
+            if how == "forward":
+                out.append(model(it, fb, ln, c)[0])
+                continue
+            cache = model.prefill(it, fb, ln)
+            cache = rounded(cache) if how == "fp16" else full_cache(model, cache)
+            out.append(model.decode(cache, c))
+    return torch.cat(out).numpy()
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+@pytest.mark.parametrize(("mode", "kv_dtype"), STORES)
+@pytest.mark.parametrize("arch", PAPER_MODELS)
+def test_runtime_scores_equal_model_forward(served: dict, arch: str, mode: str, kv_dtype: str) -> None:
+    s = served[arch]
+    model, hist = s["model"], s["hist"]
+    rows = rows_of(ORDER)
+    g = np.random.default_rng(0)
+    cand = g.integers(1, N_ITEMS + 1, (len(ORDER), 2))  # two candidates per user
+    rt = DecodeRuntime(model, VERSION, StoreReader(open_current(s["stores"][mode, kv_dtype])), device="cpu",
+                       batch_users=STEP)  # fmt: skip
+    res = rt.score(ORDER, cand)
+    assert res.cold_start.tolist() == [r is None for r in rows]
+    assert rt.stats.cold_start_users == 2 and rt.stats.users == len(ORDER) and rt.stats.batches == 4
+    assert rt.stats.candidates == 2 * len(ORDER) and rt.stats.h2d_bytes > 0
+    want = reference(model, hist, rows, cand, STEP)  # the collective model's forward
+    if kv_dtype == "float32":
+        np.testing.assert_allclose(res.logits, want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(res.probabilities, sigmoid(want), rtol=1e-5, atol=1e-6)
+    else:  # against the model fed the stored (fp16-rounded) user parts: fp32 tolerance
+        np.testing.assert_allclose(res.logits, reference(model, hist, rows, cand, STEP, "fp16"), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(res.probabilities, sigmoid(want), rtol=0, atol=5e-3)
+    if mode == "full":  # decodes the rebuilt full K/V exactly
+        np.testing.assert_allclose(res.logits, reference(model, hist, rows, cand, STEP, "full"), rtol=1e-6, atol=1e-6)
+    # cold start == forward on an empty history
+    cold = [i for i, r in enumerate(rows) if r is None]
+    with torch.no_grad():
+        empty = model(*take(hist, [None] * len(cold)), torch.from_numpy(cand[cold]))[0].numpy()
+    np.testing.assert_allclose(res.logits[cold], empty, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", PAPER_MODELS)
+def test_candidate_counts_and_step_limits(served: dict, arch: str, tmp_path: Path) -> None:
+    """1-3 candidates per user (padding → NaN), max_pairs splitting the requests into many steps, and
+    the same requests in one step: the same scores. (TWIN with an unshared K: no top-k ties; see the
+    module docstring.)"""
+    s = served[arch]
+    model, hist = s["model"], s["hist"]
+    root = s["stores"]["collective", "float32"]
+    if arch == "twin":
+        model = make_model(zoo_config(arch, collective=CollectiveConfig(d_user=2, pool_size=12, share_k=False)), 1)
+        root = zoo_store_of_model(tmp_path, model.eval(), VERSION, USERS, *hist, "collective", "float32")
+    reader = StoreReader(open_current(root))
+    g = np.random.default_rng(1)
+    cand = g.integers(1, N_ITEMS + 1, (len(ORDER), 3))
+    n_cand = g.integers(1, 4, len(ORDER))
+    real = np.arange(3)[None, :] < n_cand[:, None]
+    one = DecodeRuntime(model, VERSION, reader, device="cpu").score(ORDER, cand, n_cand)
+    rt = DecodeRuntime(model, VERSION, reader, device="cpu", batch_users=3, max_pairs=4)
+    many = rt.score(ORDER, cand, n_cand)
+    assert rt.stats.batches > 4 and rt.stats.candidates == int(real.sum())
+    assert np.isnan(many.logits[~real]).all() and np.isfinite(many.logits[real]).all()
+    np.testing.assert_allclose(many.logits[real], one.logits[real], rtol=1e-5, atol=1e-6)
+    assert many.cold_start.tolist() == one.cold_start.tolist() == [r is None for r in rows_of(ORDER)]
+    padded = DecodeRuntime(model, VERSION, reader, device="cpu", pad_to=model.cfg.window_len + 2)  # static shapes
+    np.testing.assert_allclose(padded.score(ORDER, cand, n_cand).logits[real], one.logits[real], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # each candidate scored independently: the same as one candidate at a time
+        it, fb, ln = take(hist, rows_of(ORDER))
+        single = np.stack([model(it, fb, ln, torch.from_numpy(cand[:, j]))[0].numpy() for j in range(3)], 1)
+    if arch != "twin":
+        np.testing.assert_allclose(many.logits[real], single[real], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("arch", "mode"), [(a, "collective") for a in PAPER_MODELS] + [("hstu", "full")])
+def test_store_from_the_prefill_job_scores_like_forward(tmp_path: Path, arch: str, mode: str) -> None:
+    """Contract with the Spark job's per-partition function (pipeline/prefill/prefill.py) for zoo checkpoints:
+    its Parquet → the real builder → the runtime == forward on the windowed histories."""
+    from collectivekv.pipeline.data.history import arrow_window
+    from collectivekv.pipeline.prefill.prefill import cache_layout, prefill_batches
+
+    model = make_model(zoo_config(arch), seed=2).eval()
+    w = model.cfg.window_len
+    g = np.random.default_rng(5)
+    hist_len = [0, 1, w, w + 5, *g.integers(0, 2 * w, 6).tolist()]
+    users = list(range(500, 500 + len(hist_len)))
+    batch = pa.record_batch({
+        "user_id": pa.array(users, pa.int64()),
+        "items": pa.array([g.integers(1, N_ITEMS + 1, n).tolist() for n in hist_len], pa.list_(pa.int32())),
+        "labels": pa.array([g.integers(0, 2, n).tolist() for n in hist_len], pa.list_(pa.int8()))})  # fmt: skip
+    layout = cache_layout(model.cfg, VERSION, mode, "float32")
+    assert isinstance(layout, EntryLayout)
+    (tmp_path / "parquet").mkdir()
+    pq.write_table(pa.Table.from_batches(list(prefill_batches([batch], model, layout, 4))),
+                   tmp_path / "parquet" / "part-0.parquet")  # fmt: skip
+    write_layout(tmp_path / "parquet" / PARQUET_LAYOUT_FILE, layout)
+    build_and_publish(tmp_path)
+    win = arrow_window(batch.column("items"), batch.column("labels"), w)
+    cand = g.integers(1, N_ITEMS + 1, (len(users), 2))
+    with torch.no_grad():
+        want = model(torch.from_numpy(win.items), torch.from_numpy(win.feedback), torch.from_numpy(win.lengths),
+                     torch.from_numpy(cand))[0].numpy()  # fmt: skip
+    rt = DecodeRuntime(model, VERSION, StoreReader(open_current(tmp_path)), device="cpu")  # one step: same batch
+    res = rt.score(users, cand)
+    assert not res.cold_start.any()
+    np.testing.assert_allclose(res.logits, want, rtol=1e-5, atol=1e-6)
+
+
+def test_din_cache_from_the_entry_builder(tmp_path: Path) -> None:
+    """A din checkpoint served from a store of the zoo fixture builder (one group "kv"): through the din
+    decode paths."""
+    from tests.model.test_model import make_model as make_din
+    from tests.model.test_model import small_config
+
+    model = make_din(small_config(), seed=4).eval()
+    items, feedback, lengths, targets = make_batch([0, 1, 8, 5, 3], 8, 2)
+    root = zoo_store_of_model(tmp_path, model, VERSION, [1, 2, 3, 4, 5], items, feedback, lengths, "collective",
+                              "float32")  # fmt: skip
+    reader = StoreReader(open_current(root))
+    assert isinstance(reader.layout, EntryLayout) and reader.layout.arch == "din"
+    with torch.no_grad():
+        want = model(items, feedback, lengths, targets)[0].numpy()
+    for path in ("poolscore", "gather"):
+        res = DecodeRuntime(model, VERSION, reader, device="cpu", path=path).score([1, 2, 3, 4, 5], targets.numpy())
+        np.testing.assert_allclose(res.logits[:, 0], want, rtol=1e-5, atol=1e-6)
+
+
+def test_store_and_checkpoint_mismatches_are_refused(served: dict, tmp_path: Path) -> None:
+    for i, arch in enumerate(PAPER_MODELS):
+        s = served[arch]
+        reader = StoreReader(open_current(s["stores"]["collective", "float16"]))
+        with pytest.raises(ModelVersionMismatchError, match=f"model version {VERSION}, but .* model version {OTHER}"):
+            DecodeRuntime(s["model"], OTHER, reader, device="cpu")
+        other = PAPER_MODELS[(i + 1) % len(PAPER_MODELS)]
+        with pytest.raises(LayoutError, match=f"holds '{arch}' caches.* checkpoint is arch '{other}'"):
+            DecodeRuntime(served[other]["model"], VERSION, reader, device="cpu")
+        bigger = make_model(zoo_config(arch, collective=CollectiveConfig(d_user=3, pool_size=12)))
+        with pytest.raises(LayoutError, match=f"parts do not fit the {arch} model.*k_user"):
+            DecodeRuntime(bigger, VERSION, reader, device="cpu")
+        full_model = make_model(zoo_config(arch, kv_mode="full"))
+        with pytest.raises(LayoutError, match="full-KV model"):
+            DecodeRuntime(full_model, VERSION, reader, device="cpu")
+        with pytest.raises(ValueError, match="poolscore"):
+            DecodeRuntime(s["model"], VERSION, reader, device="cpu", path="poolscore")
+    # a din checkpoint on a zoo store, a zoo checkpoint on a din store
+    from tests.model.test_model import make_model as make_din
+    from tests.model.test_model import small_config
+    from tests.store_fixtures import store_of_model
+
+    din = make_din(small_config()).eval()
+    with pytest.raises(LayoutError, match="holds 'sim' caches.* checkpoint is arch 'din'"):
+        DecodeRuntime(din, VERSION, StoreReader(open_current(served["sim"]["stores"]["collective", "float16"])))
+    items, feedback, lengths, _ = make_batch([2, 3], 8, 0)
+    din_store = store_of_model(tmp_path / "din", din, VERSION, [1, 2], items, feedback, lengths)
+    with pytest.raises(LayoutError, match="holds 'din' caches, but the checkpoint is arch 'hstu'"):
+        DecodeRuntime(served["hstu"]["model"], VERSION, StoreReader(open_current(din_store)), device="cpu")
+
+
+def test_bad_records_in_a_zoo_store(tmp_path: Path) -> None:
+    """A record of another model version, of another layout, or corrupt: refused naming the user."""
+    cfg = zoo_config("eta")
+    model = make_model(cfg).eval()
+    layout = entry_layout(cfg, VERSION, "collective", "float16")
+    rng = np.random.default_rng(0)
+
+    def record(lay: EntryLayout, n: int) -> bytes:
+        parts = [rng.integers(0, 5, (min(n, p.cap), p.width)).astype(lay.dtype(p.kind)) for p in lay.parts]
+        return encode_entry(lay, n, parts)
+
+    corrupt = bytearray(record(layout, 4))
+    corrupt[-1] ^= 1
+    wider = entry_layout(dataclasses.replace(cfg, hash_bits=12), VERSION, "collective", "float16")
+    records = {1: record(layout, 3), 2: record(dataclasses.replace(layout, model_version=OTHER), 3),
+               3: record(wider, 3), 4: bytes(corrupt), 5: record(layout, 0)}  # fmt: skip
+    root = publish_records(tmp_path, layout, records)
+    reader = StoreReader(open_current(root))
+    rt = DecodeRuntime(model, VERSION, reader, device="cpu")
+    assert np.isfinite(rt.score([1, 4, 5, 6], [[1], [2], [3], [4]]).logits).all()  # CRCs not checked by default
+    with pytest.raises(ModelVersionMismatchError, match=f"user 2: model version {OTHER} != expected"):
+        rt.score([1, 2], [[1], [2]])
+    with pytest.raises(RecordError, match="user 3: header .* does not match the store layout"):
+        rt.score([3], [[1]])
+    checked = DecodeRuntime(model, VERSION, reader, device="cpu", verify_crc=True)
+    assert np.isfinite(checked.score([1, 5], [[1], [2]]).logits).all()
+    with pytest.raises(ChecksumError, match="user 4: CRC mismatch"):
+        checked.score([1, 4], [[1], [2]])
+    with pytest.raises(ChecksumError, match="user 4"):
+        reader.get(4)
+
+
+def test_reader_decodes_zoo_records(served: dict) -> None:
+    s = served["sdim"]
+    root = s["stores"]["collective", "float16"]
+    reader = StoreReader(open_current(root))
+    layout = reader.layout
+    assert isinstance(layout, EntryLayout) and len(reader) == len(USERS)
+    rec = reader.get(USERS[2])
+    assert isinstance(rec, EntryRecord) and rec.length == s["model"].cfg.window_len
+    assert set(rec.arrays) == {p.name for p in layout.parts}
+    assert reader.get(5) is None
+    many = reader.get_many([USERS[3], 5, USERS[2]])
+    assert many[1] is None and many[2].length == rec.length
+    for name, a in rec.arrays.items():
+        np.testing.assert_array_equal(many[2].arrays[name], a)
+    assert decode_entry(layout, reader.get_raw(USERS[2])).model_version == VERSION
+    seen = dict(reader.iter_records())
+    assert sorted(seen) == USERS and all(isinstance(r, EntryRecord) for r in seen.values())
+
+
+@pytest.mark.parametrize("arch", PAPER_MODELS)
+def test_pack_transfer_unpack_entry_round_trip(arch: str) -> None:
+    """Random records of every kv dtype and index width → pack → copy → unpack == the decoded records
+    stacked on the host (cachestore.decode.entry_batch.stack_records), padding zero, also with pad_to."""
+    rng = np.random.default_rng(PAPER_MODELS.index(arch))
+    for kv_dtype in ("float16", "bfloat16", "float32"):
+        layout = entry_layout(zoo_config(arch), VERSION, "collective", kv_dtype)
+        for lay in (layout, dataclasses.replace(layout, idx_dtype="int32", pool_size=100_000)):
+            ids, recs = [], []
+            for u in range(int(rng.integers(1, 7))):
+                n = int(rng.integers(0, lay.max_len + 1))
+                parts = []
+                for p in lay.parts:
+                    shape = (min(n, p.cap), p.width)
+                    hi = {"kv": 1 << 16, "idx": lay.pool_size, "key": 256}[p.kind]
+                    a = rng.integers(0, hi, shape)
+                    if p.kind == "kv" and kv_dtype == "float32":
+                        a = rng.standard_normal(shape)
+                    elif p.kind == "kv" and kv_dtype == "float16":
+                        a = rng.standard_normal(shape).astype(np.float16)
+                    parts.append(np.asarray(a).astype(lay.dtype(p.kind)))
+                ids.append(u * 3)
+                recs.append(None if rng.random() < 0.25 else encode_entry(lay, n, parts))
+            host = HostBatcher(lay, pin=False, capacity_bytes=64).pack(ids, recs)  # tiny: grows
+            assert host.cold_start == sum(r is None for r in recs)
+            dev, cost = to_device(host, "cpu")
+            assert cost.bytes == host.used_bytes and zero_block_bytes(lay) == max(8, *lay.row_bytes) + 7 & ~7
+            decoded = [None if r is None else decode_entry(lay, r) for r in recs]
+            lengths, want = stack_records(lay, decoded)
+            for pad_to in (None, lay.max_len + 2):
+                got = dev.unpack(pad_to)
+                assert isinstance(got, EntryBatch) and got.lengths.tolist() == lengths.tolist()
+                for p in lay.parts:
+                    t = got.arrays[p.name]
+                    rows = max(1, min(p.cap, host.max_length if pad_to is None else pad_to))
+                    assert t.shape == (len(ids), rows, p.width), (p, t.shape)
+                    if p.kind == "kv":
+                        raw = t.view(torch.int16).numpy().view(np.uint16) if kv_dtype == "bfloat16" else t.numpy()
+                    else:
+                        assert t.dtype == (torch.int64 if p.kind == "idx" else torch.uint8)
+                        raw = t.numpy()
+                    r = want[p.name].shape[1]
+                    np.testing.assert_array_equal(raw[:, :r], want[p.name].astype(raw.dtype), err_msg=p.name)
+                    assert (raw[:, r:] == 0).all()
+
+
+def test_ckv_score_on_a_zoo_store(served: dict, tmp_path: Path) -> None:
+    s = served["sim"]
+    model, hist = s["model"], s["hist"]
+    ckpt = tmp_path / "ckpt"
+    version = save_checkpoint(ckpt, model, {})
+    store = zoo_store_of_model(tmp_path / "store", model, version, USERS, *hist, "collective", "float32")
+    g = np.random.default_rng(2)
+    users = g.choice([*USERS, 5, 6], 40)
+    cand = g.integers(1, N_ITEMS + 1, 40)
+    req = tmp_path / "requests.csv"
+    pacsv.write_csv(pa.table({"request": np.arange(40), "user_id": users, "item_id": cand}), req)
+    out = tmp_path / "scores.parquet"
+    args = ["--store", str(store), "--checkpoint", str(ckpt), "--requests", str(req), "--device", "cpu"]
+    result = CliRunner().invoke(score_cmd, [*args, "--out", str(out), "--max-candidates", "2", "--batch-users", "4"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    cold = np.isin(users, [5, 6])
+    assert summary["rows"] == 40 and summary["model_version"] == version
+    assert summary["cold_start_users"] == len(set(users[cold].tolist()))
+    got = pq.read_table(out)
+    assert got.column_names == ["request", "user_id", "item_id", "logit", "score", "cold_start"]
+    assert got.column("cold_start").to_pylist() == cold.tolist()
+    with torch.no_grad():
+        want = model(*take(hist, rows_of(users.tolist())), torch.from_numpy(cand))[0].numpy()
+    np.testing.assert_allclose(got.column("logit").to_numpy(), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got.column("score").to_numpy(), sigmoid(want), rtol=1e-5, atol=1e-6)
+    bad = CliRunner().invoke(score_cmd, [*args, "--out", str(tmp_path / "x.parquet"), "--path", "poolscore"])
+    assert bad.exit_code == 1 and "poolscore" in bad.output
+    other_ckpt = tmp_path / "eta"
+    save_checkpoint(other_ckpt, served["eta"]["model"], {})
+    args[3] = str(other_ckpt)
+    bad = CliRunner().invoke(score_cmd, [*args, "--out", str(tmp_path / "x.parquet")])
+    assert bad.exit_code == 1 and "holds 'sim' caches" in bad.output
+    assert not (tmp_path / "x.parquet").exists()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("arch", PAPER_MODELS)
+def test_cuda_runtime_matches_cpu(served: dict, arch: str) -> None:
+    s = served[arch]
+    model, hist = s["model"], s["hist"]
+    for mode, kv_dtype in STORES:
+        reader = StoreReader(open_current(s["stores"][mode, kv_dtype]))
+        cand = np.random.default_rng(3).integers(1, N_ITEMS + 1, (len(ORDER), 2))
+        cpu = DecodeRuntime(model, VERSION, reader, device="cpu", batch_users=STEP).score(ORDER, cand)
+        gpu_model = make_model(model.cfg, seed=1).eval()
+        rt = DecodeRuntime(gpu_model, VERSION, reader, device="cuda", batch_users=STEP, tier_bytes=0)  # LMDB fetch
+        res = rt.score(ORDER, cand)
+        assert rt.batcher.pin and rt.stats.h2d_bytes > 0 and rt.stats.h2d_ms > 0
+        assert res.cold_start.tolist() == cpu.cold_start.tolist()
+        if arch == "twin":  # top-k ties may break differently on the GPU: compare with its own forward
+            rows = rows_of(ORDER)
+            with torch.no_grad():
+                ref = []
+                for lo in range(0, len(rows), STEP):
+                    it, fb, ln = take(hist, rows[lo : lo + STEP])
+                    cache = gpu_model.prefill(it.cuda(), fb.cuda(), ln.cuda())
+                    cache = rounded(cache) if kv_dtype == "float16" else cache
+                    if mode == "full":
+                        cache = full_cache(gpu_model, cache)
+                    ref.append(gpu_model.decode(cache, torch.from_numpy(cand[lo : lo + STEP]).cuda()).cpu())
+            np.testing.assert_allclose(res.logits, torch.cat(ref).numpy(), rtol=1e-4, atol=1e-4)
+        else:
+            np.testing.assert_allclose(res.logits, cpu.logits, rtol=1e-4, atol=1e-4)
+
+
+def _tier_runs(served: dict, arch: str, device: str, **kw: object) -> dict[str, tuple]:
+    """Scores of two rounds of requests (ORDER, then ORDER reversed) through LMDB (tier off), the whole
+    store resident, and a cache of 3 slots under LRU and S3-FIFO; with each runtime's tier hit counts."""
+    s = served[arch]
+    reader = StoreReader(open_current(s["stores"]["collective", "float16"]))
+    slot = (reader.layout.record_size(reader.layout.max_len) + 7) & -8
+    cand = np.random.default_rng(7).integers(1, N_ITEMS + 1, (len(ORDER), 3))
+    ways = {"lmdb": dict(tier_bytes=0), "whole": dict(tier_bytes=1 << 30),
+            "lru": dict(tier_bytes=3 * slot, policy="lru"), "s3fifo": dict(tier_bytes=3 * slot, policy="s3fifo")}
+    out = {}
+    for name, how in ways.items():
+        rt = DecodeRuntime(s["model"] if device == "cpu" else make_model(s["model"].cfg, seed=1).eval(), VERSION,
+                           reader, device=device, batch_users=STEP, **how, **kw)
+        first = rt.score(ORDER, cand)
+        if rt.tier is not None:
+            rt.tier.drain()  # the misses are admitted asynchronously
+        second = rt.score(ORDER[::-1], cand[::-1])
+        out[name] = (first, second, rt.tier and rt.tier.mode, rt.stats.tier_hits, rt.stats.tier_misses)
+    return out
+
+
+def _check_tier_runs(runs: dict[str, tuple], tol: dict) -> None:
+    lmdb = runs.pop("lmdb")
+    present = 2 * (len(ORDER) - 2)  # two rounds; two users of ORDER are not in the store
+    for name, (first, second, mode, hits, misses) in runs.items():
+        assert mode == ("whole" if name == "whole" else "cache"), name
+        for got, want in ((first, lmdb[0]), (second, lmdb[1])):
+            np.testing.assert_allclose(got.logits, want.logits, **tol, err_msg=name)
+            assert got.cold_start.tolist() == want.cold_start.tolist()
+        assert hits + misses == present, name
+        if name == "whole":
+            assert misses == 0, name
+        else:  # 3 slots for 10 users: misses, each fetched from LMDB and admitted, evicting
+            assert misses > 0, name
+
+
+@pytest.mark.parametrize("arch", PAPER_MODELS)
+def test_zoo_store_through_the_resident_tier_scores_like_lmdb(served: dict, arch: str) -> None:
+    """Every zoo model's store, whole or cached with eviction, scores as read from LMDB (CPU)."""
+    _check_tier_runs(_tier_runs(served, arch, "cpu"), dict(rtol=1e-6, atol=1e-6))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("arch", PAPER_MODELS)
+def test_cuda_zoo_tier_graph_scores_like_lmdb(served: dict, arch: str) -> None:
+    """On CUDA the resident request is one graph (lookup + the model's fused decode over the arena)."""
+    _check_tier_runs(_tier_runs(served, arch, "cuda", graphs=True), dict(rtol=1e-5, atol=1e-5))
+
+
+def test_unpacked_din_group_is_a_kv_cache() -> None:
+    """The unpack of the din arch's parts, through ``cachestore.decode.decode.din_cache``, is the padded KVCache of
+    the stored parts (zeros and index 0 at padding; cold start: length 0)."""
+    from collectivekv.cachestore.decode.decode import din_cache
+    from collectivekv.model.config import ModelConfig
+    from collectivekv.model.entry import cache_from_arrays
+
+    cfg = ModelConfig(n_items=9, embed_dim=8, d_attn=16, n_heads=2, max_len=6,
+                      collective=CollectiveConfig(d_user=2, pool_size=30))  # fmt: skip
+    layout = entry_layout(cfg, VERSION, "collective", "float16")
+    rng = np.random.default_rng(5)
+    recs, stored = [], []
+    for n in (0, 4, 6, 2):
+        parts = [rng.standard_normal((n, 2)).astype(np.float16), rng.standard_normal((n, 2)).astype(np.float16),
+                 rng.integers(0, 30, (n, 1)).astype(np.uint16), rng.integers(0, 30, (n, 1)).astype(np.uint16)]
+        recs.append(encode_entry(layout, n, parts))
+        stored.append(parts)
+    batch = to_device(HostBatcher(layout, pin=False).pack([1, 2, 3, 4, 5], [*recs, None]), "cpu")[0].unpack()
+    assert isinstance(batch, EntryBatch)
+    kv = din_cache(batch)
+    whole = cache_from_arrays(batch.arrays, batch.lengths, cfg).kv["kv"]  # what the helper shortcuts
+    for name in ("k_user", "v_user", "k_idx", "v_idx", "lengths"):
+        assert torch.equal(getattr(kv, name), getattr(whole, name)), name
+    assert isinstance(kv, KVCache) and kv.lengths.tolist() == [0, 4, 6, 2, 0] and kv.k_user.shape == (5, 6, 2)
+    assert kv.k_idx.dtype == torch.int64 and kv.k_idx.shape == (5, 6)
+    for b, parts in enumerate(stored):
+        n = len(parts[0])
+        for got, want in ((kv.k_user[b], parts[0]), (kv.v_user[b], parts[1]), (kv.k_idx[b], parts[2][:, 0]),
+                          (kv.v_idx[b], parts[3][:, 0])):
+            np.testing.assert_array_equal(got[:n].numpy(), want)
+            assert (got[n:] == 0).all()
+    assert (kv.k_user[4] == 0).all() and (kv.v_idx[4] == 0).all()

@@ -1,0 +1,118 @@
+"""Hot swap in the serving process: a version published while clients score is taken over between
+batches with no failed and no mixed-version response; the old version is freed; a version that fails
+to load leaves the old one serving and is counted."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+import weakref
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from collectivekv.cachestore.decode.runtime_config import ServingConfig
+from tests.model.test_model import N_ITEMS
+from tests.server_fixtures import COLD_USERS, ModelStore, start_server
+
+
+def _client_loop(url: str, seed: int, stop: threading.Event, out: list) -> None:
+    """Score random requests until stopped; append (users, candidates, status, reply json)."""
+    g = np.random.default_rng(seed)
+    pool = [*range(100, 124), *COLD_USERS]
+    with httpx.Client(base_url=url, timeout=30) as client:
+        while not stop.is_set():
+            users = [int(u) for u in g.choice(pool, int(g.integers(1, 4)))]
+            cands = g.integers(1, N_ITEMS + 1, (len(users), 3))
+            r = client.post("/score", json={"user_ids": users, "candidates": cands.tolist()})
+            out.append((users, cands, r.status_code, r.json() if r.status_code == 200 else r.text))
+
+
+def _verify(replies: list, models: dict[str, ModelStore], atol: float = 1e-6) -> dict[str, int]:
+    """Every reply is 200 and equals the forward of the version it names; counts per version."""
+    seen: dict[str, int] = {}
+    for users, cands, status, doc in replies:
+        assert status == 200, doc
+        model = models[doc["store_version"]]
+        assert doc["model_version"] == model.model_version
+        want, cold = model.expected(np.array(users), cands)
+        np.testing.assert_allclose(doc["scores"], want, rtol=1e-5, atol=atol)
+        assert doc["cold_start"] == cold.tolist()
+        seen[doc["store_version"]] = seen.get(doc["store_version"], 0) + 1
+    return seen
+
+
+def _wait(predicate, timeout: float = 30.0) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.fixture()
+def two_models(tmp_path: Path) -> tuple[ModelStore, ModelStore]:
+    return ModelStore.make(tmp_path, seed=1), ModelStore.make(tmp_path, seed=2)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_publish_under_load_swaps_with_no_failed_or_mixed_responses(tmp_path: Path, two_models: tuple,
+                                                                    device: str) -> None:
+    """On CUDA the new version is loaded, its tier filled and its graphs captured by the loader thread while
+    the worker replays the old version's graphs (captures are thread-local: neither breaks the other)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    a, b = two_models
+    root = tmp_path / "store"
+    va = a.publish(root)
+    replies: list = []
+    stop = threading.Event()
+    runtime = ServingConfig(device=device, batch_users=64, tier_bytes=None if device == "cuda" else 0)
+    with start_server(root, max_wait_ms=1.0, runtime=runtime) as srv:
+        old = weakref.ref(srv.service.versions.active.runtime)
+        clients = [threading.Thread(target=_client_loop, args=(srv.url, s, stop, replies)) for s in range(4)]
+        for t in clients:
+            t.start()
+        _wait(lambda: len(replies) >= 40)
+        vb = b.publish(root)
+        _wait(lambda: sum(1 for r in replies[-20:] if r[2] == 200 and r[3]["store_version"] == vb) >= 20)
+        stop.set()
+        for t in clients:
+            t.join()
+        gc.collect()
+        assert old() is None  # the old version's runtime (model, pools, reader) was released
+        health = httpx.get(srv.url + "/healthz").json()
+    seen = _verify(replies, {va: a, vb: b}, atol=1e-6 if device == "cpu" else 1e-4)
+    assert seen[va] >= 40 and seen[vb] >= 20
+    assert health["swaps"] == 1 and health["failed_swaps"] == 0 and health["store_version"] == vb
+
+
+def test_version_that_fails_to_load_leaves_the_old_one_serving(tmp_path: Path, two_models: tuple) -> None:
+    a, b = two_models
+    root = tmp_path / "store"
+    va = a.publish(root)
+    replies: list = []
+    stop = threading.Event()
+    with start_server(root) as srv:
+        client = threading.Thread(target=_client_loop, args=(srv.url, 7, stop, replies))
+        client.start()
+        broken = a.publish(root, checkpoint=b.checkpoint)  # a's records with b's model: refused at load
+        _wait(lambda: srv.service.versions.failed_swaps == 1)
+        n = len(replies)
+        _wait(lambda: len(replies) >= n + 10)  # still serving after the failure
+        assert srv.service.versions.active.store_version == va
+        metrics = httpx.get(srv.url + "/metrics").text
+        health = httpx.get(srv.url + "/healthz").json()
+        vb = b.publish(root)  # the next good version is taken over
+        _wait(lambda: srv.service.versions.swaps == 1)
+        n = len(replies)
+        _wait(lambda: len(replies) >= n + 10)
+        stop.set()
+        client.join()
+    seen = _verify(replies, {va: a, vb: b})
+    assert broken not in seen and seen[va] >= 10 and seen[vb] >= 10
+    assert "ckv_failed_swaps_total 1.0" in metrics and "ckv_swaps_total 0.0" in metrics
+    assert health["failed_swaps"] == 1 and broken in health["last_error"] and "model version" in health["last_error"]

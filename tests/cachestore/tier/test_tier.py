@@ -1,0 +1,288 @@
+"""The resident tier (cachestore/tier): policies, capacity, whole-store and cache modes, asynchronous
+admission with CRC checks — on CPU against a real published LMDB store; the CUDA graph path where a GPU is."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from collectivekv.cachestore.decode.runtime import DecodeRuntime
+from collectivekv.cachestore.decode.runtime_config import ServingConfig
+from collectivekv.cachestore.store.publish import open_current
+from collectivekv.cachestore.store.reader import StoreReader
+from collectivekv.cachestore.store.record import RecordError, user_key
+from collectivekv.cachestore.tier import LRUPolicy, S3FIFOPolicy, make_policy
+from collectivekv.cachestore.tier import arena as arena_mod
+from collectivekv.cachestore.tier.tier import CACHE, WHOLE, store_bytes
+from tests.model.test_model import N_ITEMS, make_model, small_config
+from tests.store_fixtures import put_in_place, store_of_model
+
+VERSION = "0123456789abcdef"
+SEQ = 8
+USERS = list(range(0, 40, 2)) + [41, 43]  # odd ids below 40 are absent (cold start)
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _build(root: Path) -> dict:
+    model = make_model(small_config(kv_mode="collective"), seed=1).eval()
+    g = torch.Generator().manual_seed(5)
+    n = len(USERS)
+    lengths = torch.randint(0, SEQ + 1, (n,), generator=g)
+    lengths[:3] = torch.tensor([0, 1, SEQ])
+    items = torch.randint(1, N_ITEMS + 1, (n, SEQ), generator=g)
+    feedback = torch.randint(1, 3, (n, SEQ), generator=g)
+    pad = torch.arange(SEQ).unsqueeze(0) >= lengths.unsqueeze(1)
+    items[pad], feedback[pad] = 0, 0
+    store_of_model(root, model, VERSION, USERS, items, feedback, lengths, "collective", "float16")
+    return {"model": model, "root": root, "reader": StoreReader(open_current(root))}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return _build(tmp_path_factory.mktemp("tier-store"))
+
+
+def _runtime(store: dict, **kw: object) -> DecodeRuntime:
+    return DecodeRuntime(store["model"], VERSION, store["reader"], ServingConfig(device="cpu", batch_users=4), **kw)
+
+
+def _slot_bytes(store: dict) -> int:
+    return (store["reader"].layout.record_size(SEQ) + 7) & -8
+
+
+# ------------------------------------------------------------------------------------------ policies
+
+
+def test_lru_evicts_least_recently_used() -> None:
+    p = LRUPolicy(3)
+    assert [p.admit(u) for u in (1, 2, 3)] == [[], [], []]
+    p.hit(1)  # order now 2, 3, 1
+    assert p.admit(4) == [2] and p.admit(5) == [3]
+    assert sorted(u for u in (1, 2, 3, 4, 5) if u in p) == [1, 4, 5]
+
+
+def test_s3fifo_keeps_hit_users_and_drops_one_hit_wonders() -> None:
+    p = S3FIFOPolicy(10)  # S holds 1, M 9
+    p.admit(1)
+    p.hit(1)  # hit while in S: promoted to M when S is next evicted
+    evicted = [v for u in range(100, 130) for v in p.admit(u)]
+    assert 1 in p and 1 not in evicted  # survived 30 one-hit wonders
+    assert len(p) == 10
+    wonder = evicted[-1]  # the latest evicted from S is in the ghost queue: readmitted straight into M
+    p.admit(wonder)
+    assert wonder in p and wonder in p._main
+
+
+@given(name=st.sampled_from(["lru", "s3fifo"]), capacity=st.integers(1, 12),
+       trace=st.lists(st.integers(0, 30), max_size=200))
+@settings(max_examples=60, deadline=None)
+def test_policies_never_exceed_capacity(name: str, capacity: int, trace: list[int]) -> None:
+    """Any access sequence: at most ``capacity`` resident, evicted users are really gone, hits are residents."""
+    p = make_policy(name, capacity)
+    resident: set[int] = set()
+    for u in trace:
+        if u in p:
+            assert u in resident
+            p.hit(u)
+            continue
+        for v in p.admit(u):
+            assert v in resident and v not in p
+            resident.discard(v)
+        resident.add(u)
+        assert len(p) == len(resident) <= capacity
+    with pytest.raises(ValueError, match="policy must be one of"):
+        make_policy("fifo", 3)
+
+
+# ------------------------------------------------------------------------------------------ capacity
+
+
+def test_capacity_plan_and_modes(store: dict) -> None:
+    """tier_bytes None on CPU: off; >= the data file: whole store; smaller: cache of uniform slots."""
+    assert _runtime(store).tier is None and _runtime(store, tier_bytes=0).tier is None
+    whole = _runtime(store, tier_bytes=store_bytes(store["reader"]))
+    assert whole.tier.mode == WHOLE and whole.tier.entries_resident == len(USERS)
+    assert whole.tier.keys.tolist() == sorted(USERS)
+    slot = _slot_bytes(store)
+    cache = _runtime(store, tier_bytes=5 * slot + slot // 2)
+    assert cache.tier.mode == CACHE and cache.tier.slots == 5 and cache.tier.slot_bytes == slot
+    assert cache.tier.arena.numel() == cache.tier.header_bytes + (5 + 4) * slot  # header area, slots, staging
+    with pytest.raises(ValueError, match="holds no slot"):
+        _runtime(store, tier_bytes=slot - 8)
+    with pytest.raises(ValueError, match="policy must be one of"):
+        ServingConfig(policy="mru")
+    cache.close()
+
+
+def _request(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ids = rng.integers(0, 44, n)
+    return ids, rng.integers(1, N_ITEMS + 1, (n, 3)), rng.integers(1, 4, n)
+
+
+def test_whole_store_scores_equal_lmdb(store: dict) -> None:
+    rng = np.random.default_rng(0)
+    direct = _runtime(store, tier_bytes=0)
+    tier = _runtime(store, tier_bytes=1 << 30)
+    for _ in range(3):
+        ids, cand, n_cand = _request(rng, 9)
+        want, got = direct.score(ids, cand, n_cand), tier.score(ids, cand, n_cand)
+        np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+        assert got.cold_start.tolist() == want.cold_start.tolist()
+        assert got.model_version == VERSION
+    present = tier.stats.users - tier.stats.cold_start_users
+    assert tier.stats.tier_hits == present and tier.stats.tier_misses == 0
+    assert tier.tier.counters.hits == present and tier.tier.counters.cold == tier.stats.cold_start_users
+
+
+# ------------------------------------------------------------------------------------------ cache mode
+
+
+@given(policy=st.sampled_from(["lru", "s3fifo"]), slots=st.integers(1, 6), seed=st.integers(0, 10_000),
+       sizes=st.lists(st.integers(1, 9), min_size=1, max_size=8), drain=st.booleans())
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_cache_scores_equal_lmdb_under_eviction(store: dict, policy: str, slots: int, seed: int, sizes: list[int],
+                                                drain: bool) -> None:
+    """Any request sequence through a tier smaller than the store (evicting, admitting in the background,
+    drained or racing the next request) scores exactly as reading LMDB directly."""
+    rng = np.random.default_rng(seed)
+    direct = _runtime(store, tier_bytes=0)
+    rt = _runtime(store, tier_bytes=slots * _slot_bytes(store), policy=policy)
+    try:
+        for n in sizes:
+            ids, cand, n_cand = _request(rng, n)
+            want, got = direct.score(ids, cand, n_cand), rt.score(ids, cand, n_cand)
+            np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+            assert got.cold_start.tolist() == want.cold_start.tolist()
+            if drain:
+                rt.tier.drain()
+        rt.tier.drain()
+        t = rt.tier
+        assert t.entries_resident <= slots and t.entries_resident == len(t.policy)
+        assert t.counters.admitted - t.counters.evictions == t.entries_resident
+        assert rt.stats.tier_hits + rt.stats.tier_misses == rt.stats.users - rt.stats.cold_start_users
+    finally:
+        rt.close()
+
+
+def test_admission_is_asynchronous_and_counted(store: dict) -> None:
+    rt = _runtime(store, tier_bytes=3 * _slot_bytes(store), policy="lru")
+    ids, cand = np.array([2, 4, 5]), np.ones((3, 1), dtype=np.int64)  # 5 is absent: cold, never admitted
+    first = rt.score(ids, cand)
+    assert first.stats.tier_misses == 2 and first.stats.tier_hits == 0
+    assert rt.tier._thread.name == "tier-admission" and rt.tier._thread.is_alive()
+    rt.tier.drain()
+    second = rt.score(ids, cand)
+    assert second.stats.tier_hits == 2 and second.stats.tier_misses == 0
+    np.testing.assert_array_equal(second.logits, first.logits)
+    rt.score(np.array([6, 8]), np.ones((2, 1), dtype=np.int64))
+    rt.tier.drain()
+    third = rt.score(np.array([0]), np.ones((1, 1), dtype=np.int64))  # admits 6, 8, then 0: evicts 2 and 4 (LRU)
+    rt.tier.drain()
+    assert rt.stats.tier_evictions + third.stats.tier_evictions >= 2 and 2 not in rt.tier.policy
+    rt.close()
+
+
+def test_whole_store_load_in_chunks_and_refuses_damage(store: dict, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole-store load streams through a staging buffer of LOAD_CHUNK bytes (here a few records per chunk)
+    into the same arena; a record damaged after publish fails the open, naming the user."""
+    import collectivekv.cachestore.tier.tier as tier_mod
+
+    want = _runtime(store, tier_bytes=1 << 30)
+    monkeypatch.setattr(tier_mod, "LOAD_CHUNK", 200)
+    small = _runtime(store, tier_bytes=1 << 30)
+    assert torch.equal(small.tier.arena, want.tier.arena) and torch.equal(small.tier.offset, want.tier.offset)
+    root = _damaged(store, tmp_path)
+    with pytest.raises(RecordError, match=f"user {USERS[2]}.*CRC mismatch|CRC mismatch.*{USERS[2]}"):
+        DecodeRuntime(store["model"], VERSION, StoreReader(open_current(root)),
+                      ServingConfig(device="cpu", tier_bytes=1 << 30))
+
+
+def _damaged(store: dict, tmp_path: Path) -> Path:
+    """A copy of the store with USERS[2]'s payload damaged after publish (headers intact)."""
+    root = tmp_path / "damaged"
+    shutil.copytree(store["root"], root, symlinks=True)
+    env = lmdb.open(str(open_current(root) / "lmdb"), subdir=True, lock=False, readonly=True)
+    with env.begin() as txn:
+        raw = bytearray(txn.get(user_key(USERS[2])))  # length SEQ: a payload to damage
+    env.close()
+    raw[32] ^= 0xFF  # the low (mantissa) byte of the first user-part value: still a finite number
+    put_in_place(open_current(root), {USERS[2]: bytes(raw)})
+    return root
+
+
+def test_crc_failure_on_admission_is_not_admitted(store: dict, tmp_path: Path) -> None:
+    """A record whose payload was damaged after publish (headers intact): scored from LMDB as read (the fetch
+    checks headers only), refused by the admission CRC check, counted, and fetched again next time."""
+    reader = StoreReader(open_current(_damaged(store, tmp_path)))
+    rt = DecodeRuntime(store["model"], VERSION, reader, ServingConfig(device="cpu", batch_users=4,
+                                                                     tier_bytes=4 * _slot_bytes(store)))
+    ids, cand = np.array([USERS[2], USERS[3]]), np.ones((2, 1), dtype=np.int64)
+    rt.score(ids, cand)
+    rt.tier.drain()
+    assert rt.tier.counters.admission_errors == 1 and rt.tier.counters.admitted == 1
+    assert USERS[2] not in rt.tier.policy and USERS[3] in rt.tier.policy
+    again = rt.score(ids, cand)
+    assert again.stats.tier_misses == 1 and again.stats.tier_hits == 1
+    assert rt.stats.tier_admission_errors == 1
+    rt.close()
+
+
+# ------------------------------------------------------------------------------------------ lookup kernel
+
+
+@pytest.mark.skipif(arena_mod.triton is None, reason="needs Triton (CUDA, or its CPU interpreter)")
+@given(n_keys=st.integers(1, 300), seed=st.integers(0, 10_000))
+@settings(max_examples=15, deadline=None)
+def test_lookup_kernel_equals_searchsorted(n_keys: int, seed: int) -> None:
+    """The resident graph's Triton lookup (binary search, header, present, zero block) == torch.searchsorted;
+    on CPU under Triton's interpreter (conftest), natively on CUDA."""
+    import triton
+
+    rng = np.random.default_rng(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    keys = np.sort(rng.choice(5000, n_keys, replace=False)).astype(np.int64)
+    ids = np.concatenate([rng.choice(keys, 9), rng.integers(-1, 5001, 9), [-1, keys[0], keys[-1], 5001]])
+    b = len(ids)
+    k, off, n = (torch.from_numpy(a).to(device) for a in (keys, rng.integers(0, 1 << 40, n_keys),
+                                                          rng.integers(0, 50, n_keys)))
+    want_off, want_n, want_p = arena_mod.lookup(torch.from_numpy(ids).to(device), k, off, n, 16 * b)
+    arena = torch.full((16 * b + 64,), 7, dtype=torch.uint8, device=device)
+    present = torch.zeros(b, dtype=torch.bool, device=device)
+    arena_mod._lookup_kernel[(triton.cdiv(b, 256),)](torch.from_numpy(ids).to(device), k, off, n,
+                                                      arena.view(torch.int64), present, b, n_keys, 2,
+                                                      STEPS=n_keys.bit_length() + 1, BLOCK=256, ZBLOCK=2)
+    head = arena[: 16 * b].view(torch.int64)
+    assert torch.equal(head[:b], want_off) and torch.equal(head[b:], want_n) and torch.equal(present, want_p)
+    assert (arena[16 * b : 16 * b + 16] == 0).all() and (arena[16 * b + 16 :] == 7).all()
+
+
+# ------------------------------------------------------------------------------------------ CUDA
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("tier", ["whole", "cache"])
+def test_cuda_resident_graph_equals_cpu(store: dict, tier: str) -> None:
+    """The resident request replayed as one CUDA graph (lookup by searchsorted in the graph for the whole
+    store, host-resolved slots with misses for the cache) == the CPU runtime reading LMDB."""
+    rng = np.random.default_rng(3)
+    cpu = _runtime(store, tier_bytes=0)
+    tier_bytes = 1 << 30 if tier == "whole" else 3 * _slot_bytes(store)
+    rt = DecodeRuntime(make_model(store["model"].cfg, seed=1).eval(), VERSION, store["reader"],
+                       ServingConfig(device="cuda", batch_users=4, tier_bytes=tier_bytes))
+    assert rt.tier.mode == (WHOLE if tier == "whole" else CACHE) and rt.tier.arena.is_cuda
+    for _ in range(4):
+        ids, cand, n_cand = _request(rng, 7)
+        want, got = cpu.score(ids, cand, n_cand), rt.score(ids, cand, n_cand)
+        np.testing.assert_allclose(got.logits, want.logits, rtol=1e-3, atol=1e-3)
+        assert got.cold_start.tolist() == want.cold_start.tolist()
+    assert rt._resident and all(r._captured is not None for r in rt._resident.values())
+    rt.close()

@@ -1,0 +1,130 @@
+"""A real Spark standalone cluster on 127.0.0.1: master + one worker (1 core), `spark-submit --master
+spark://127.0.0.1:PORT jobs/prefill.py`, the result compared with local mode's byte for byte.
+
+Only 127.0.0.1 is ever used: SPARK_LOCAL_IP / --host / spark.driver.host / bindAddress all say so,
+and the ports are free ports of 127.0.0.1. Both daemons are killed (their process groups) in a finally.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from collectivekv.cachestore.store.reader import StoreReader
+from collectivekv.model.config import CollectiveConfig, ModelConfig
+from collectivekv.model.zoo import create_model
+from collectivekv.pipeline.data.synthetic import history_batches
+from collectivekv.pipeline.training.checkpoint import save_checkpoint
+
+pytestmark = pytest.mark.spark
+ROOT = Path(__file__).resolve().parents[2]
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def spark_home() -> Path:
+    import pyspark
+
+    return Path(pyspark.__file__).parent
+
+
+def wait_for(log: Path, text: str, proc: subprocess.Popen, timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if log.is_file() and text in log.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    raise AssertionError(f"{text!r} not in {log} after {timeout} s:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def stop(proc: subprocess.Popen | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def raw_values(store: Path) -> dict[int, bytes]:
+    with StoreReader.open_current(store) as reader:
+        return {uid: reader.get_raw(uid) for uid in reader.iter_users()}
+
+
+def test_standalone_cluster_equals_local(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_items=300, embed_dim=8, d_attn=16, n_heads=2, max_len=20, mlp_dims=(8,),
+                      collective=CollectiveConfig(d_user=1, pool_size=32))
+    save_checkpoint(tmp_path / "ckpt", create_model(cfg).eval(), {})
+    hist = tmp_path / "hist"
+    hist.mkdir()
+    table = pa.Table.from_batches(list(history_batches(500, n_items=300, max_len=60, seed=3, chunk_users=250)))
+    pq.write_table(table.slice(0, 250), hist / "part-0.parquet")
+    pq.write_table(table.slice(250), hist / "part-1.parquet")
+
+    home = spark_home()
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "SPARK_LOCAL_IP": HOST, "SPARK_MASTER_HOST": HOST, "SPARK_HOME": str(home),
+           "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable,
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "SPARK_NO_DAEMONIZE": "1"}
+    env.pop("PYSPARK_GATEWAY_PORT", None)
+    spark_class = str(home / "bin" / "spark-class")
+    mport, mui, wport, wui = free_port(), free_port(), free_port(), free_port()
+    master_url = f"spark://{HOST}:{mport}"
+    mlog, wlog = tmp_path / "master.log", tmp_path / "worker.log"
+    master = worker = None
+
+    def submit(master_arg: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
+        cmd = [str(bin_dir / "spark-submit"), "--master", master_arg, "--driver-memory", "512m", *extra,
+               "--conf", f"spark.driver.host={HOST}", "--conf", f"spark.driver.bindAddress={HOST}",
+               "--conf", "spark.ui.enabled=false", "--conf", f"spark.pyspark.python={sys.executable}",
+               str(ROOT / "jobs" / "prefill.py"), "--checkpoint", str(tmp_path / "ckpt"),
+               "--histories", str(hist), "--out", str(out), "--progress-interval", "2"]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert "192." not in proc.stderr and "using 127.0.0.1" not in proc.stderr
+        return proc
+
+    try:
+        with open(mlog, "w") as fh:
+            master = subprocess.Popen([spark_class, "org.apache.spark.deploy.master.Master", "--host", HOST,
+                                       "--port", str(mport), "--webui-port", str(mui)],
+                                      env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(mlog, "I have been elected leader", master, 45)
+        with open(wlog, "w") as fh:
+            worker = subprocess.Popen([spark_class, "org.apache.spark.deploy.worker.Worker", master_url,
+                                       "--host", HOST, "--port", str(wport), "--webui-port", str(wui),
+                                       "--cores", "1", "--memory", "1g", "--work-dir", str(tmp_path / "work")],
+                                      env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(wlog, "Successfully registered with master", worker, 45)
+        proc = submit(master_url, tmp_path / "cluster", "--executor-memory", "512m", "--total-executor-cores", "1")
+        assert f"master {master_url}" in proc.stderr  # the job ran on the standalone master
+        assert "app-" in (tmp_path / "cluster" / "manifest.json").read_text()  # a standalone app id
+    finally:
+        stop(worker)
+        stop(master)
+    wtext = wlog.read_text(errors="replace")
+    assert "Asked to launch executor" in wtext and "--hostname\" \"127.0.0.1\"" in wtext  # the worker ran it
+
+    submit("local[1]", tmp_path / "local")  # local mode, same inputs (also on 127.0.0.1 only)
+    a, b = raw_values(tmp_path / "cluster"), raw_values(tmp_path / "local")
+    assert len(a) == 500 and a == b
