@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from collectivekv.cachestore.decode import graphs
+from collectivekv.cachestore.decode import copy_plan
 from collectivekv.cachestore.decode.batch import HostBatcher
 from collectivekv.cachestore.decode.fused import (
     FusedConfig,
@@ -209,7 +209,7 @@ def test_overlapped_graph_replays_to_the_one_launch_graph_on_cuda(overlap: int, 
     (on a stream of its own, or one after another on the graph's stream), scores like the graph with one
     copy, over successive batches of both ring buffers (split histories: parts written by launches that may
     run at once, combined after they join)."""
-    monkeypatch.setattr(graphs, "_MIN_CHUNK", 256)  # small test batches still split into pieces
+    monkeypatch.setattr(copy_plan, "_MIN_CHUNK", 256)  # small test batches still split into pieces
     resident, layout, pageable, raw, rng = batch("collective", "float16", "uint16", 6, seed=5)
     batcher = HostBatcher(layout, pin=True)
     plain = GraphedDecoder(resident, layout, n_users=6, pad_to=SEQ, n_candidates=2, path="fused", overlap=1)
