@@ -262,7 +262,7 @@ def test_missing_column_lists_found(tmp_path: Path) -> None:
 def test_bad_values(tmp_path: Path, column: str, value: object, expect: str) -> None:
     frame = EVENTS.astype(object)
     frame.loc[3, column] = value
-    msg = _bad(frame, tmp_path)
+    msg = _bad(frame, tmp_path, user_ids="int", item_ids="int")  # text ids: tests/test_event_formats.py
     assert f"'{column}'" in msg and expect in msg
 
 
