@@ -39,7 +39,7 @@ from pipeline.dataset_schema import (
     DataError,
     validate_dataset,
 )
-from pipeline.events import read_events, read_item_genres
+from pipeline.prepare_inputs import read_log, read_pairs, source_record
 from pipeline.safe_output import OutputKind, check_output_dir, replace_dir
 
 INT32_MAX = np.iinfo(np.int32).max
@@ -52,11 +52,12 @@ DATASET_OUTPUT = OutputKind("dataset", "ckv data prepare",
 class PrepareConfig:
     """Inputs, column names and split fractions of `ckv data prepare`.
 
-    Exactly one of `label_col` (0/1 values) or `rating_col` (label = rating >= rating_threshold)
-    must be set. `items_item_col` defaults to `item_col`.
+    Exactly one of `events` (with exactly one of `label_col` (0/1 values) or `rating_col` (label =
+    rating >= rating_threshold)) or `impressions` (+ `history`, pipeline/impressions.py) must be set.
+    `items_item_col` defaults to `item_col`. Formats of the values: pipeline/event_values.py.
     """
 
-    events: Path
+    events: Path | None
     out: Path
     items: Path | None = None
     user_col: str = "userId"
@@ -73,8 +74,30 @@ class PrepareConfig:
     catalogue: Path | None = None  # previous catalogue: a catalogue.parquet, a dataset or a checkpoint dir
     new_catalogue: bool = False  # start a fresh catalogue even if `out` holds one
     overwrite: bool = False  # replace an existing dataset at `out` (never anything else)
+    sep: str | None = None  # separator of every text input file [default: by extension]
+    user_ids: str = "auto"  # auto | int | string (text ids, keyed by blake2b-63)
+    item_ids: str = "auto"
+    time_unit: str = "s"  # the unit of the timestamps (numbers are in it; dates / ISO times are converted to it)
+    time_format: str | None = None  # strptime format of text times [default: numbers or ISO-8601]
+    ignore_genres: tuple[str, ...] = ()  # placeholder genre values (besides "(no genres listed)")
+    impressions: Path | None = None  # an impression log instead of `events`
+    history: Path | None = None  # its read history
+    shown_col: str = "shown"
+    clicked_col: str = "clicked"
+    labelled_impressions: bool = False  # the shown column holds item-label tokens ("N1-0 N7-1")
+    list_sep: str = " "
+    history_user_col: str | None = None  # [default: user_col]
+    history_item_col: str | None = None  # [default: item_col]
+    history_time_col: str | None = None  # [default: none: reads precede the earliest impression]
 
     def __post_init__(self) -> None:
+        if (self.events is None) == (self.impressions is None):
+            raise DataError("give either an event log (--events) or an impression log (--impressions)")
+        if self.history is not None and self.impressions is None:
+            raise DataError("--history is the read history of an impression log: give --impressions too")
+        if self.impressions is not None and (self.label_col or self.rating_col):
+            raise DataError("an impression log's labels come from its shown / clicked lists: drop --label-col / "
+                            "--rating-col")
         if self.catalogue is not None and self.new_catalogue:
             raise DataError("give either a previous catalogue (--catalogue) or --new-catalogue, not both")
         if not (0 <= self.valid_frac < 1 and 0 <= self.test_frac < 1 and self.valid_frac + self.test_frac < 1):
@@ -82,6 +105,10 @@ class PrepareConfig:
 
     @property
     def label_rule(self) -> str:
+        if self.impressions is not None:
+            from pipeline.prepare_inputs import impression_options
+
+            return impression_options(self, self.user_ids, self.item_ids).label_rule
         if self.label_col is not None:
             return f"label = column '{self.label_col}' (0/1)"
         return f"label = 1 if column '{self.rating_col}' >= {self.rating_threshold} else 0"
@@ -187,12 +214,16 @@ def build_dataset(
     valid_frac: float = 0.1,
     test_frac: float = 0.1,
     catalogue: ItemCatalogue | None = None,
+    item_names: tuple[np.ndarray, np.ndarray] | None = None,
+    user_key: str = "int",
+    item_key: str = "int",
 ) -> CanonicalDataset:
     """Pure build. `events`: columns user, item, timestamp (int64), label (int8), input row order.
 
     Dense item ids come from `catalogue` extended with the event log's new items (None: a fresh
-    catalogue, items in ascending raw id order). meta gets everything but `label_rule` and
-    `source` (left None for the caller to fill).
+    catalogue, items in ascending raw id order). `item_names`: (keys, text ids) of items named by text;
+    `user_key` / `item_key`: the key schemes (cachestore/user_keys.py), recorded in the catalogue and
+    meta. meta gets everything but `label_rule` and `source` (left None for the caller to fill).
     """
     n = len(events)
     if n == 0:
@@ -203,7 +234,7 @@ def build_dataset(
     codes, uniques = pd.factorize(events["item"].to_numpy(np.int64), sort=True)  # hash: few uniques
     raw_items = np.asarray(uniques, dtype=np.int64)
     previous = catalogue or ItemCatalogue(np.zeros(0, np.int64))
-    cat = previous.extend(raw_items)
+    cat = previous.with_keys(item_key, user_key).extend(raw_items, names=item_names)
     if cat.n_items >= INT32_MAX or n >= INT32_MAX:
         raise DataError(f"{cat.n_items} items / {n} events: too many for int32 ids / offsets")
     item = cat.to_dense(raw_items)[codes].astype(np.int32)
@@ -273,6 +304,8 @@ def build_dataset(
         "n_items": cat.n_items,
         "n_genres": len(genres),
         "genres": genres,
+        "user_key": user_key,
+        "item_key": item_key,
         "splits": {"valid_start": valid_start, "test_start": test_start},
         "split_fractions": [round(1.0 - valid_frac - test_frac, 10), valid_frac, test_frac],
         "label_rule": None,
@@ -345,34 +378,18 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
 
     config.out is checked first (OutputError before any work: see write_dataset).
     """
-    inputs = (config.events, config.items)
+    inputs = (config.events, config.items, config.impressions, config.history)
     check_output_dir(Path(config.out), DATASET_OUTPUT, overwrite=config.overwrite, inputs=inputs)
-    events = read_events(
-        config.events,
-        user_col=config.user_col,
-        item_col=config.item_col,
-        time_col=config.time_col,
-        label_col=config.label_col,
-        rating_col=config.rating_col,
-        rating_threshold=config.rating_threshold,
-    )
-    pairs = None
-    if config.items is not None:
-        pairs = read_item_genres(
-            config.items,
-            item_col=config.items_item_col or config.item_col,
-            feature_col=config.item_feature_col,
-            sep=config.feature_sep,
-        )
-    ds = build_dataset(events, pairs, valid_frac=config.valid_frac, test_frac=config.test_frac,
-                       catalogue=previous_catalogue(config))
+    previous = previous_catalogue(config)
+    log = read_log(config, previous)  # events or impressions, ids keyed, times converted
+    pairs = read_pairs(config, log)
+    ds = build_dataset(log.events, pairs, valid_frac=config.valid_frac, test_frac=config.test_frac,
+                       catalogue=previous, item_names=log.item_names, user_key=log.user_key, item_key=log.item_key)
     ds.meta["label_rule"] = config.label_rule
-    ds.meta["source"] = {
-        "events": str(config.events),
-        "items": None if config.items is None else str(config.items),
-        "sha256": sha256_file(config.events),
-    }
-    validate_dataset(ds, where=f"prepared from {config.events}")
+    main_input = config.events if config.events is not None else config.impressions
+    ds.meta["source"] = source_record(config, sha256_file(main_input))
+    ds.meta["time"] = log.time
+    validate_dataset(ds, where=f"prepared from {main_input}")
     write_dataset(ds, config.out, overwrite=config.overwrite, inputs=inputs)
     return ds.meta
 
@@ -389,7 +406,13 @@ def summary(meta: dict[str, Any]) -> str:
         lines.append(
             f"  {split:<5} {s['samples']:>10,} samples  {s['users']:>8,} users  positive rate {s['positive_rate']:.3f}"
         )
-    lines.append(f"  valid_start {meta['splits']['valid_start']}  test_start {meta['splits']['test_start']}")
+    time = meta.get("time") or {}
+    unit = f" ({time['unit']}, from {time['input']} column '{time['column']}')" if time else ""
+    lines.append(f"  valid_start {meta['splits']['valid_start']}  test_start {meta['splits']['test_start']}{unit}")
+    keys = [f"{what} ids keyed by {meta[k]}" for what, k in (("user", "user_key"), ("item", "item_key"))
+            if meta.get(k, "int") != "int"]
+    if keys:
+        lines.append("  " + ", ".join(keys) + " (text ids)")
     cat = meta.get("catalogue")
     if cat:
         base = "a fresh catalogue" if cat["previous_sha256"] is None else f"extends {cat['previous_sha256'][:12]}"
