@@ -4,7 +4,9 @@ Layout of a checkpoint directory::
 
     weights.safetensors   every tensor of the model's state dict (no pickle anywhere)
     config.json           {"format": 1, "model": <ModelConfig as dict>, "model_version": "<16 hex>",
-                           "item_catalogue": "<sha256 of catalogue.parquet's content>" (if any)}
+                           "item_catalogue": "<sha256 of catalogue.parquet's content>" (if any),
+                           "user_key", "item_key": the catalogue's key schemes (if any; absent: "int";
+                           cachestore/user_keys.py)}
     catalogue.parquet     the item catalogue the model was trained with (pipeline/catalogue.py):
                           raw item id <-> embedding row; absent = the identity catalogue (raw = dense)
     metrics.json          whatever the training job measured (valid/test metrics, history, timing)
@@ -94,6 +96,7 @@ def save_checkpoint(path: str | Path, model: TargetAttentionCTR, metrics: dict[s
         if catalogue is not None:
             catalogue.save(tmp / CATALOGUE_FILE)
             config["item_catalogue"] = cat_sha
+            config["user_key"], config["item_key"] = catalogue.user_key, catalogue.item_key  # (in the hash too)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         (tmp / METRICS_FILE).write_text(json.dumps({**metrics, "model_version": version}, indent=2) + "\n")
     return version

@@ -222,6 +222,7 @@ def run_prefill(opts: PrefillOptions, spark: Any = None) -> dict[str, Any]:
     ckpt_dir = Path(opts.checkpoint)
     ckpt = load_checkpoint(ckpt_dir)  # validates files + fingerprint on the driver
     cfg, version = ckpt.config, ckpt.model_version
+    keys = {"user_key": ckpt.item_catalogue.user_key, "item_key": ckpt.item_catalogue.item_key}  # the manifest's
     layout = cache_layout(cfg, version, opts.mode or cfg.kv_mode, opts.kv_dtype)
     check_engine(layout, opts.engine)  # e.g. memo is din-only: refused before any task
     if "://" not in opts.histories and Path(opts.histories).is_dir():
@@ -296,7 +297,7 @@ def run_prefill(opts: PrefillOptions, spark: Any = None) -> dict[str, Any]:
         meta = {
             "prefill_parquet_schema_version": PREFILL_PARQUET_SCHEMA_VERSION,
             "checkpoint": str(ckpt_dir.resolve()), "histories": histories, "model_version": version,
-            "model_config": asdict(cfg), "mode": layout.mode, "kv_dtype": layout.kv_dtype,
+            "model_config": asdict(cfg), **keys, "mode": layout.mode, "kv_dtype": layout.kv_dtype,
             "engine": opts.engine, "device": opts.device, "batch_users": opts.batch_users,
             "spark": {"master": sc.master, "app_id": sc.applicationId, "version": sc.version,
                       "default_parallelism": sc.defaultParallelism},
