@@ -60,9 +60,15 @@ def key_of(text: str) -> int:
 
 
 def hash_texts(texts: Iterable[str]) -> np.ndarray:
-    """``blake2b-63`` keys of many texts, as an int64 array (one hashlib call per text, digests joined once)."""
-    blake = hashlib.blake2b
-    joined = b"".join([blake(t.encode("utf-8"), digest_size=8).digest() for t in texts])
+    """``blake2b-63`` keys of many texts, as an int64 array (one hashlib update per text, digests joined once;
+    copying a fresh 8-byte BLAKE2b state is about twice as fast as constructing one per text)."""
+    fresh = hashlib.blake2b(digest_size=8)
+    digests = []
+    for t in texts:
+        h = fresh.copy()
+        h.update(t.encode("utf-8"))
+        digests.append(h.digest())
+    joined = b"".join(digests)
     return (np.frombuffer(joined, dtype=">u8") >> np.uint64(1)).astype(np.int64)
 
 
@@ -85,10 +91,14 @@ def to_keys(values: Sequence[object] | np.ndarray, scheme: str, *, where: str = 
     """Keys (int64 array) of raw ids under ``scheme``: ``int`` takes integers in 0..2**63-1 as they are;
     ``blake2b-63`` hashes each id's text (:func:`id_text`). :class:`UserKeyError` names the first bad value."""
     check_scheme(scheme)
+    if scheme == BLAKE2B_63 and isinstance(values, list) and all(type(v) is str for v in values):
+        return hash_texts(values)  # the common request: a list of text ids
     arr = np.asarray(values)
     flat = arr.reshape(-1)
     if scheme == BLAKE2B_63:
-        if flat.dtype.kind in "iu":
+        if flat.dtype.kind in "U":
+            texts = flat.tolist()
+        elif flat.dtype.kind in "iu":
             texts = [str(v) for v in flat.tolist()]
         else:
             texts = []

@@ -132,8 +132,9 @@ def _texts(values: pd.Series, where: str) -> pd.Series:
 def key_ids(values: pd.Series, mode: str, where: str, option: str) -> KeyedIds:
     """Key an id column (module docstring). ``mode``: auto / int / string (already resolved against the
     catalogue being extended); ``option`` names the CLI option in hints (``--user-ids``)."""
-    reject_lists(values, where, "one id")
-    check_no_nulls(values, where)
+    if pd.api.types.infer_dtype(values, skipna=False) != "string":  # (all text: neither lists nor nulls)
+        reject_lists(values, where, "one id")
+        check_no_nulls(values, where)
     if mode == "auto":
         mode = "string" if looks_textual(values) else "int"
     if mode == "int":
@@ -141,8 +142,13 @@ def key_ids(values: pd.Series, mode: str, where: str, option: str) -> KeyedIds:
             return KeyedIds(to_id(values, where), INT)
         except DataError as exc:
             raise DataError(f"{exc} (ids that are text: {option} string)") from None
-    texts = _texts(values, where)
-    codes, uniques = pd.factorize(texts)
+    if pd.api.types.infer_dtype(values, skipna=False) == "string":  # all text: factorize first, check the distinct
+        codes, uniques = pd.factorize(values)
+        empty = np.asarray([not u for u in uniques.tolist()], dtype=bool)
+        if empty.any():
+            _texts(values, where)  # raises, naming the row of the first empty id
+    else:
+        codes, uniques = pd.factorize(_texts(values, where))
     names = np.asarray(uniques, dtype=object)
     name_keys = hash_texts(names.tolist())
     clash = first_collision(names, name_keys)
