@@ -1,8 +1,9 @@
 """Load generator for `ckv serve`: open-loop HTTP/1.1 requests to 127.0.0.1 only, bounded in count and time.
 
 :func:`run_load` sends request i at ``t0 + i / rate`` (open loop: a slow server does not slow the
-arrivals) over ``connections`` keep-alive connections (asyncio streams, a minimal HTTP/1.1 client —
-lighter per request than a general client, so the generator is not the bottleneck first); a request
+arrivals; each request's task is created when it is due) over ``connections`` keep-alive connections
+(asyncio streams, a minimal HTTP/1.1 client — lighter per request than a general client, so the
+generator is not the bottleneck first), optionally from several forked generator processes; a request
 whose connection is busy waits for one, and its latency counts from its scheduled time (no
 coordinated omission). It stops after ``max_requests`` or ``duration_s``, whichever comes first.
 Only loopback addresses are accepted.
@@ -73,18 +74,17 @@ def _head(host: str, port: int, path: str, content_type: str, n: int) -> bytes:
             f"Content-Length: {n}\r\n\r\n").encode()
 
 
-async def _load(url: str, bodies: Callable[[int], bytes], content_type: str, rate: float, duration_s: float,
-                max_requests: int, connections: int) -> LoadResult:
+async def _load(url: str, bodies: Callable[[int], bytes], content_type: str, rate: float, n: int, t0: float,
+                duration_s: float, connections: int, part: tuple[int, int]) -> LoadResult:
+    """Send requests i = part[0], part[0] + part[1], ... < n, request i at ``t0 + i / rate``."""
     host, port = loopback(url)
     pool: asyncio.Queue[_Connection] = asyncio.Queue()
     for _ in range(connections):
         pool.put_nowait(_Connection(*await asyncio.open_connection(host, port)))
     result = LoadResult(offered_rps=rate)
-    n = min(max_requests, max(1, int(rate * duration_s)))
     payloads = [bodies(i) for i in range(min(n, 64))]  # a few distinct bodies, reused cyclically
 
     async def one(i: int, t_sched: float) -> None:
-        await asyncio.sleep(max(0.0, t_sched - time.perf_counter()))
         conn = await pool.get()
         body = payloads[i % len(payloads)]
         try:
@@ -103,10 +103,17 @@ async def _load(url: str, bodies: Callable[[int], bytes], content_type: str, rat
         finally:
             pool.put_nowait(conn)
 
-    t0 = time.perf_counter()
-    tasks = [asyncio.create_task(one(i, t0 + i / rate)) for i in range(n)]
-    result.sent = n
-    _, late = await asyncio.wait(tasks, timeout=duration_s + 60)
+    # Tasks are created when they are due (not all up front: creating 100k tasks takes longer than the
+    # first requests' schedule, which would count as latency); a late loop sends at once, and the delay
+    # counts from the scheduled time.
+    tasks = []
+    for i in range(part[0], n, part[1]):
+        t_sched = t0 + i / rate
+        if (wait_s := t_sched - time.perf_counter()) > 0:
+            await asyncio.sleep(wait_s)
+        tasks.append(asyncio.create_task(one(i, t_sched)))
+    result.sent = len(tasks)
+    _, late = await asyncio.wait(tasks, timeout=max(1.0, t0 + duration_s + 60 - time.perf_counter()))
     for task in late:  # bounded in time: what has not finished by then is cancelled and counted
         task.cancel()
     result.errors += len(late)
@@ -116,10 +123,48 @@ async def _load(url: str, bodies: Callable[[int], bytes], content_type: str, rat
     return result
 
 
+def _load_part(conn, args: tuple) -> None:  # noqa: ANN001 (a Connection of a forked generator process)
+    r = asyncio.run(_load(*args))
+    conn.send((r.latencies_ms, r.errors, r.statuses, r.versions, r.sent, r.elapsed_s))
+    conn.close()
+
+
 def run_load(url: str, bodies: Callable[[int], bytes], content_type: str, *, rate: float, duration_s: float,
-             max_requests: int = 100_000, connections: int = 64) -> LoadResult:
-    """Open-loop load at ``rate`` requests/s (module docstring); bodies(i) gives request i's body."""
-    return asyncio.run(_load(url, bodies, content_type, rate, duration_s, max_requests, connections))
+             max_requests: int = 100_000, connections: int = 64, processes: int = 1) -> LoadResult:
+    """Open-loop load at ``rate`` requests/s (module docstring); bodies(i) gives request i's body.
+
+    processes > 1: the schedule is dealt round-robin to that many forked generator processes (one Python
+    event loop sends ~10k small requests/s at most), each with connections / processes connections;
+    their results are merged."""
+    n = min(max_requests, max(1, int(rate * duration_s)))
+    if processes <= 1:
+        t0 = time.perf_counter() + 0.05
+        return asyncio.run(_load(url, bodies, content_type, rate, n, t0, duration_s, connections, (0, 1)))
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")  # the children inherit `bodies` (a closure) and use no CUDA
+    t0 = time.perf_counter() + 1.0  # CLOCK_MONOTONIC: one clock for every process on the host
+    per = max(1, connections // processes)
+    pipes, procs = [], []
+    for k in range(processes):
+        parent, child = ctx.Pipe(duplex=False)
+        args = (url, bodies, content_type, rate, n, t0, duration_s, per, (k, processes))
+        procs.append(ctx.Process(target=_load_part, args=(child, args), daemon=True))
+        procs[-1].start()
+        pipes.append(parent)
+    out = LoadResult(offered_rps=rate)
+    for parent, proc in zip(pipes, procs, strict=True):
+        lat, errors, statuses, versions, sent, elapsed = parent.recv()
+        proc.join()
+        out.latencies_ms += lat
+        out.errors += errors
+        out.sent += sent
+        out.elapsed_s = max(out.elapsed_s, elapsed)
+        for k, v in statuses.items():
+            out.statuses[k] = out.statuses.get(k, 0) + v
+        for k, v in versions.items():
+            out.versions[k] = out.versions.get(k, 0) + v
+    return out
 
 
 def get_json(url: str) -> dict:

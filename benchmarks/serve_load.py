@@ -48,9 +48,10 @@ from cachestore.serving.payloads import ARROW_MIME, JSON_MIME  # noqa: E402
 OUT = ROOT / "benchmarks" / "results" / "serve_load"
 PRESETS = {  # history length, users in the store, offered loads (requests/s), seconds per point, device
     "cpu": dict(length=50, users=20_000, single=[50, 100, 200, 400, 800], batch=[2, 8, 16, 32], duration=6.0,
-                device="cpu", swap_rate=100, max_batch_users=512, max_wait_ms=2.0),
+                device="cpu", swap_rate=100, max_batch_users=512, max_wait_ms=2.0, workers=1, clients=1),
     "gpu": dict(length=1000, users=20_000, single=[1000, 2500, 5000, 10000], batch=[100, 250, 500, 1000],
-                duration=10.0, device="cuda", swap_rate=1000, max_batch_users=512, max_wait_ms=1.0),
+                duration=10.0, device="cuda", swap_rate=1000, max_batch_users=512, max_wait_ms=1.0,
+                workers=4, clients=4),
 }
 
 
@@ -98,8 +99,20 @@ def arrow_body(users: int, candidates: int, seed: int, n_users: int) -> bytes:
 
 
 def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds of a process and its live children (the workers of `ckv serve --workers`)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except FileNotFoundError:
+        return 0.0
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + sum(_cpu_s(int(c)) for c in children)
+
+
+def _client_cpu_s() -> float:
+    """CPU seconds of this process and of the generator processes it has joined."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def _metric_sums(url: str) -> dict[str, float]:
@@ -125,17 +138,21 @@ def bottleneck(row: dict) -> str:
     busy = f"worker busy {row['worker_busy']:.0%}, server {row['server_cores']} cores"
     if row["achieved_rps"] >= 0.97 * row["offered_rps"] and row["p99_ms"] <= 10 * max(row["p50_ms"], 1.0):
         return f"none at this load ({busy})"
-    if row["client_cores"] >= 0.9:
+    if row["client_cores"] >= 0.9 * row["client_processes"]:
         return f"load generator (client CPU; {busy})"
     if row["worker_busy"] >= 0.8:
         return f"scoring worker: runtime.score per device batch ({busy})"
     return f"server event loop: HTTP, payload parsing and encoding in one Python thread ({busy})"
 
 
-def load_point(url: str, pid: int, body, ctype: str, rate: float, duration: float, users: int) -> dict:  # noqa: ANN001
-    before, cpu0, self0 = _metric_sums(url), _cpu_s(pid), time.process_time()
+def load_point(url: str, pid: int, body, ctype: str, rate: float, duration: float, users: int,  # noqa: ANN001
+               clients: int = 1, workers: int = 1) -> dict:
+    """One offered load; worker_busy: the fraction of the time the scoring workers (one per serving
+    process) spent in runtime.score."""
+    before, cpu0, self0 = _metric_sums(url), _cpu_s(pid), _client_cpu_s()
     t0 = time.perf_counter()
-    res = run_load(url, body, ctype, rate=rate, duration_s=duration, max_requests=int(rate * duration) + 1)
+    res = run_load(url, body, ctype, rate=rate, duration_s=duration, max_requests=int(rate * duration) + 1,
+                   processes=clients)
     wall = time.perf_counter() - t0
     after = _metric_sums(url)
 
@@ -147,8 +164,8 @@ def load_point(url: str, pid: int, body, ctype: str, rate: float, duration: floa
     row.update(server_queue_ms=mean("ckv_queue_seconds", 1e3), server_request_ms=mean("ckv_request_seconds", 1e3),
                batch_users_mean=mean("ckv_batch_users"), batch_ms=mean("ckv_batch_seconds", 1e3),
                worker_busy=round((after.get("ckv_batch_seconds_sum", 0) - before.get("ckv_batch_seconds_sum", 0))
-                                 / wall, 3), server_cores=round((_cpu_s(pid) - cpu0) / wall, 2),
-               client_cores=round((time.process_time() - self0) / wall, 2))
+                                 / (wall * workers), 3), server_cores=round((_cpu_s(pid) - cpu0) / wall, 2),
+               client_cores=round((_client_cpu_s() - self0) / wall, 2), client_processes=clients)
     row["bottleneck"] = bottleneck(row)
     print(json.dumps(row), flush=True)
     return row
@@ -156,7 +173,7 @@ def load_point(url: str, pid: int, body, ctype: str, rate: float, duration: floa
 
 def swap_under_load(url: str, pid: int, root: Path, pdir: Path, work: Path, p: dict, n_users: int) -> dict:
     body = lambda i: json_body(1, 64, i, n_users)  # noqa: E731
-    plain = load_point(url, pid, body, JSON_MIME, p["swap_rate"], 2.5 * p["duration"], 1)
+    plain = load_point(url, pid, body, JSON_MIME, p["swap_rate"], 2.5 * p["duration"], 1, p["clients"], p["workers"])
     published: dict = {}
 
     def later() -> None:  # the publisher is another process, as a nightly `ckv refresh` is
@@ -172,7 +189,7 @@ def swap_under_load(url: str, pid: int, root: Path, pdir: Path, work: Path, p: d
 
     t = threading.Thread(target=later)
     t.start()
-    swapped = load_point(url, pid, body, JSON_MIME, p["swap_rate"], 2.5 * p["duration"], 1)
+    swapped = load_point(url, pid, body, JSON_MIME, p["swap_rate"], 2.5 * p["duration"], 1, p["clients"], p["workers"])
     t.join()
     health = get_json(url + "/healthz")
     return {"rate": p["swap_rate"], "without_swap": plain, "with_swap": swapped, "published": published,
@@ -187,7 +204,8 @@ def _env() -> dict:
 
 def start_server(root: Path, p: dict) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "jobs.cli", "serve", "--store", str(root), "--port", "0", "--device", p["device"],
-           "--max-batch-users", str(p["max_batch_users"]), "--max-wait-ms", str(p["max_wait_ms"]), "--poll-s", "0.2"]
+           "--max-batch-users", str(p["max_batch_users"]), "--max-wait-ms", str(p["max_wait_ms"]), "--poll-s", "0.2",
+           "--workers", str(p["workers"])]
     env = _env()
     log = (root.parent / "serve.log").open("w")  # the server's stderr: shown if it does not start
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=ROOT)
@@ -204,10 +222,16 @@ def main() -> None:
     ap.add_argument("--preset", choices=sorted(PRESETS), required=True)
     ap.add_argument("--batch-candidates", type=int, default=1, help="candidates per user in batch requests")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--workers", type=int, default=None, help="`ckv serve --workers` (default: the preset's)")
+    ap.add_argument("--clients", type=int, default=None, help="load generator processes (default: the preset's)")
+    ap.add_argument("--rates", default=None, help="offered single-request loads, comma-separated (default: preset's)")
     ap.add_argument("--parts", default="single,batch,swap", help="which measurements to run (comma-separated)")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
-    p = PRESETS[args.preset]
+    p = dict(PRESETS[args.preset])
+    p.update({k: v for k, v in (("workers", args.workers), ("clients", args.clients)) if v is not None})
+    if args.rates:
+        p["single"] = [float(r) for r in args.rates.split(",")]
     out = args.out or OUT / f"serve_load_{args.preset}.json"
     with tempfile.TemporaryDirectory() as tmp:
         work, root = Path(tmp), Path(tmp) / "store"
@@ -218,10 +242,11 @@ def main() -> None:
         try:
             n = p["users"]
             run_load(url, lambda i: json_body(1, 64, i, n), JSON_MIME, rate=50, duration_s=1.0)  # warm-up
-            single = [load_point(url, proc.pid, lambda i: json_body(1, 64, i, n), JSON_MIME, r, p["duration"], 1)
+            single = [load_point(url, proc.pid, lambda i: json_body(1, 64, i, n), JSON_MIME, r, p["duration"], 1,
+                                 p["clients"], p["workers"])
                       for r in p["single"] if "single" in parts]
             batch = [load_point(url, proc.pid, lambda i: arrow_body(512, args.batch_candidates, i, n), ARROW_MIME, r,
-                                p["duration"], 512) for r in p["batch"] if "batch" in parts]
+                                p["duration"], 512, 1, p["workers"]) for r in p["batch"] if "batch" in parts]
             swap = swap_under_load(url, proc.pid, root, pdir, work, p, n) if "swap" in parts else None
         finally:
             proc.send_signal(signal.SIGTERM)

@@ -65,6 +65,12 @@ if TYPE_CHECKING:
 ENTRY_FORMAT_VERSION = 2
 _CRC_OFFSET = 28
 _U32 = struct.Struct("<I")
+LENGTH_OFFSET = 12  # header bytes 12..15: the record's behaviour count n (u32)
+
+
+def record_length(buf: bytes | memoryview) -> int:
+    """The behaviour count n a record's header states (not validated: see :func:`decode_entry`)."""
+    return _U32.unpack_from(buf, LENGTH_OFFSET)[0]
 
 
 def entry_schema() -> pa.Schema:
@@ -312,7 +318,7 @@ def decode_entry(layout: EntryLayout, buf: bytes | bytearray | memoryview, *,
     if bytes(mv[:12]) != pre or bytes(mv[16:20]) != post[:4]:
         raise UnknownDtypeError(f"header {bytes(mv[:20]).hex()} does not match the store layout "
                                 f"(dtype codes, part count, parts CRC)", user_id)  # fmt: skip
-    n = _U32.unpack_from(mv, 12)[0]
+    n = record_length(mv)
     sizes = layout.part_sizes(n)
     want = HEADER_SIZE + sum(sizes)
     if mv.nbytes != want or n > layout.max_len:

@@ -10,7 +10,7 @@ scores a batch in five steps, each measured:
     decode     pool lookup / gather + target attention + MLP → logits         cachestore/decode.py
     result     logits back to the host (numpy)
 
-With the resident tier (din stores; ``ServingConfig.tier_bytes``, :mod:`cachestore.tier`;
+With the resident tier (every model's store; ``ServingConfig.tier_bytes``, :mod:`cachestore.tier`;
 on CUDA by default when the store fits) there is no fetch: a step is one CUDA graph replay — user ids in,
 lookup on the device, the decode reading the records in place in device memory, scores out. Without it,
 a request of several steps fetches step n + 1 on a reader thread while step n decodes. Settings come in
@@ -222,12 +222,12 @@ router index bounds only).
                    **overrides)
 
     def _open_tier(self) -> ResidentTier | None:
-        """The resident tier (din stores; see cachestore/tier): ``config.tier_bytes`` bytes,
+        """The resident tier (see cachestore/tier): ``config.tier_bytes`` bytes,
         None = auto (:func:`cachestore.tier.plan_capacity`; off when ``zero_copy`` asks for the map fetch), 0 = off."""
         tier_bytes = self.config.tier_bytes
-        if self.zoo or (tier_bytes is None and self.config.zero_copy):
+        if tier_bytes is None and self.config.zero_copy:
             return None
-        capacity = plan_capacity(tier_bytes, self.device, self.reader)
+        capacity = plan_capacity(tier_bytes, self.device, self.reader, self.config.tier_share)
         if capacity <= 0:
             return None
         return ResidentTier(self.reader, self.device, capacity, policy=self.config.policy,

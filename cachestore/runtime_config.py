@@ -16,6 +16,8 @@ Fields (defaults in brackets):
     verify_crc   CRC-check every record fetched from LMDB (the resident tier checks on admission anyway)  [False]
     tier_bytes   bytes of the resident tier (:mod:`cachestore.tier`): None = auto (on CUDA the whole store
                  when it fits in 80% of the free device memory, else that 80%; on CPU off), 0 = off  [None]
+    tier_share   the share of that auto budget this runtime may take: 1/k when k serving processes start on
+                 one device (``ckv serve --workers``; each starts after the previous one has loaded)  [1.0]
     policy       the tier's eviction policy when the store does not fit: "lru" | "s3fifo"  [s3fifo]
     fused_config launch settings of the fused kernel (:class:`cachestore.fused.FusedConfig`)
     n_buffers    host buffers in the fetch ring  [2]
@@ -48,6 +50,7 @@ class ServingConfig:
     zero_copy: bool = False
     verify_crc: bool = False
     tier_bytes: int | None = None
+    tier_share: float = 1.0
     policy: str = "s3fifo"
     fused_config: FusedConfig = field(default=DEFAULT_FUSED)
     n_buffers: int = 2
@@ -73,6 +76,8 @@ class ServingConfig:
             raise ValueError(f"pad_to must be >= 1 or None, got {self.pad_to}")
         if self.tier_bytes is not None and self.tier_bytes < 0:
             raise ValueError(f"tier_bytes must be >= 0 (0 = off) or None (auto), got {self.tier_bytes}")
+        if not 0 < self.tier_share <= 1:
+            raise ValueError(f"tier_share must be in (0, 1], got {self.tier_share}")
         if self.zero_copy and not self.graphs:
             raise ValueError("zero_copy=True needs graphs=True (the graph gathers the records from the store's map)")
 

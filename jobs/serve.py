@@ -4,8 +4,9 @@ Serves STORE/current (records and the checkpoint published with them by `ckv ref
 it: a newly published version is loaded in the background and takes over between batches. Prints
 one JSON line when listening ({"listening": URL, "store_version": …, "model_version": …}); logs to
 stderr. The runtime options (--device, --path, --tier-bytes, --policy, --graphs, ...) are those of
-``ckv score`` (jobs/serving_options.py). SIGTERM / SIGINT: graceful shutdown (queued and in-flight
-requests are scored first).
+``ckv score`` (jobs/serving_options.py). ``--workers N`` runs N serving processes on the port
+(cachestore/serving/workers.py; the ready line then also lists their pids). SIGTERM / SIGINT: graceful
+shutdown (queued and in-flight requests are scored first).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from jobs.serving_options import serving_options
 
 if TYPE_CHECKING:
     from cachestore.runtime_config import ServingConfig
+    from cachestore.serving.config import ServerConfig
 
 
 @click.command("serve")
@@ -40,28 +42,55 @@ if TYPE_CHECKING:
                    "the other processes; unchanged on CUDA)")
 @click.option("--poll-s", default=1.0, show_default=True, type=click.FloatRange(0.01),
               help="how often STORE/current is checked for a new version")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 256),
+              help="serving processes on the port (each its own runtime, tier and batcher; the kernel spreads "
+                   "connections over them); /metrics reports their sums")
 def serve(store: Path, host: str, port: int, config: ServingConfig, max_batch_users: int, max_wait_ms: float,
-          max_queue_users: int, torch_threads: int | None, poll_s: float) -> None:
+          max_queue_users: int, torch_threads: int | None, poll_s: float, workers: int) -> None:
     """Serve POST /score, GET /healthz and GET /metrics for the cache store (docs/serving.md)."""
-    import torch
-
-    from cachestore.publish import PublishError
-    from cachestore.record import LayoutError, RecordError
     from cachestore.serving.config import ServerConfig
-    from cachestore.serving.server import bind, build_service, url_of
-    from cachestore.serving.server import serve as run_server
-    from pipeline.checkpoint import CheckpointError
 
     try:
-        device = config.torch_device
+        _ = config.torch_device  # resolved here: an unknown device fails before anything loads
     except RuntimeError as exc:  # an unknown device string: one line, not the loader's traceback
         raise click.ClickException(f"--device {config.device!r}: {exc}") from exc
-    if torch_threads is not None or device.type == "cpu":
-        torch.set_num_threads(torch_threads or 1)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     server_config = ServerConfig(store=store, host=host, port=port, max_batch_users=max_batch_users,
                                  max_wait_ms=max_wait_ms, max_queue_users=max_queue_users, poll_s=poll_s,
-                                 runtime=config)
+                                 workers=workers, torch_threads=torch_threads, runtime=config)
+    if workers > 1:
+        _serve_workers(server_config)
+    else:
+        _serve_one(server_config)
+
+
+def _announce(ready: dict) -> None:
+    click.echo(json.dumps(ready), nl=True)
+
+
+def _serve_workers(server_config: ServerConfig) -> None:
+    from cachestore.serving.workers import WorkerFailed, serve_workers
+
+    try:
+        status = serve_workers(server_config, _announce)
+    except WorkerFailed as exc:
+        raise click.ClickException(f"{server_config.store}: {exc}") from exc
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {server_config.host}:{server_config.port}: "
+                                   f"{exc.strerror or exc}") from exc
+    if status:
+        raise SystemExit(status)
+
+
+def _serve_one(server_config: ServerConfig) -> None:
+    from cachestore.publish import PublishError
+    from cachestore.record import LayoutError, RecordError
+    from cachestore.serving.server import bind, build_service, configure_process, url_of
+    from cachestore.serving.server import serve as run_server
+    from pipeline.checkpoint import CheckpointError
+
+    store, host, port = server_config.store, server_config.host, server_config.port
+    configure_process(server_config)
     try:
         service = build_service(server_config)
     except (CheckpointError, LayoutError, RecordError, FileNotFoundError, PublishError, ValueError) as exc:
@@ -72,6 +101,6 @@ def serve(store: Path, host: str, port: int, config: ServingConfig, max_batch_us
         service.close()
         raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     active = service.versions.active
-    click.echo(json.dumps({"listening": url_of(sock), "store_version": active.store_version,
-                           "model_version": active.model_version}))
+    _announce({"listening": url_of(sock), "store_version": active.store_version,
+               "model_version": active.model_version})
     run_server(service, sock)

@@ -64,7 +64,7 @@ _OPTIONS = (
     click.option("--zero-copy/--no-zero-copy", default=False, show_default=True,
                  help="with --graphs: gather the records from the LMDB map on the GPU"),
     click.option("--tier-bytes", type=_Bytes(), default="auto", show_default=True,
-                 help="resident tier on the device (din stores): auto = the whole store if it fits in 80% of the "
+                 help="resident tier on the device: auto = the whole store if it fits in 80% of the "
                       "free GPU memory, else that much (off on CPU); 0 = off; or a size such as 8GiB"),
     click.option("--policy", type=click.Choice(["lru", "s3fifo"]), default="s3fifo", show_default=True,
                  help="the tier's eviction policy when the store does not fit"),

@@ -409,7 +409,7 @@ def test_cuda_runtime_matches_cpu(served: dict, arch: str) -> None:
         cand = np.random.default_rng(3).integers(1, N_ITEMS + 1, (len(ORDER), 2))
         cpu = DecodeRuntime(model, VERSION, reader, device="cpu", batch_users=STEP).score(ORDER, cand)
         gpu_model = make_model(model.cfg, seed=1).eval()
-        rt = DecodeRuntime(gpu_model, VERSION, reader, device="cuda", batch_users=STEP)
+        rt = DecodeRuntime(gpu_model, VERSION, reader, device="cuda", batch_users=STEP, tier_bytes=0)  # LMDB fetch
         res = rt.score(ORDER, cand)
         assert rt.batcher.pin and rt.stats.h2d_bytes > 0 and rt.stats.h2d_ms > 0
         assert res.cold_start.tolist() == cpu.cold_start.tolist()
@@ -427,6 +427,56 @@ def test_cuda_runtime_matches_cpu(served: dict, arch: str) -> None:
             np.testing.assert_allclose(res.logits, torch.cat(ref).numpy(), rtol=1e-4, atol=1e-4)
         else:
             np.testing.assert_allclose(res.logits, cpu.logits, rtol=1e-4, atol=1e-4)
+
+
+def _tier_runs(served: dict, arch: str, device: str, **kw: object) -> dict[str, tuple]:
+    """Scores of two rounds of requests (ORDER, then ORDER reversed) through LMDB (tier off), the whole
+    store resident, and a cache of 3 slots under LRU and S3-FIFO; with each runtime's tier hit counts."""
+    s = served[arch]
+    reader = StoreReader(open_current(s["stores"]["collective", "float16"]))
+    slot = (reader.layout.record_size(reader.layout.max_len) + 7) & -8
+    cand = np.random.default_rng(7).integers(1, N_ITEMS + 1, (len(ORDER), 3))
+    ways = {"lmdb": dict(tier_bytes=0), "whole": dict(tier_bytes=1 << 30),
+            "lru": dict(tier_bytes=3 * slot, policy="lru"), "s3fifo": dict(tier_bytes=3 * slot, policy="s3fifo")}
+    out = {}
+    for name, how in ways.items():
+        rt = DecodeRuntime(s["model"] if device == "cpu" else make_model(s["model"].cfg, seed=1).eval(), VERSION,
+                           reader, device=device, batch_users=STEP, **how, **kw)
+        first = rt.score(ORDER, cand)
+        if rt.tier is not None:
+            rt.tier.drain()  # the misses are admitted asynchronously
+        second = rt.score(ORDER[::-1], cand[::-1])
+        out[name] = (first, second, rt.tier and rt.tier.mode, rt.stats.tier_hits, rt.stats.tier_misses)
+    return out
+
+
+def _check_tier_runs(runs: dict[str, tuple], tol: dict) -> None:
+    lmdb = runs.pop("lmdb")
+    present = 2 * (len(ORDER) - 2)  # two rounds; two users of ORDER are not in the store
+    for name, (first, second, mode, hits, misses) in runs.items():
+        assert mode == ("whole" if name == "whole" else "cache"), name
+        for got, want in ((first, lmdb[0]), (second, lmdb[1])):
+            np.testing.assert_allclose(got.logits, want.logits, **tol, err_msg=name)
+            assert got.cold_start.tolist() == want.cold_start.tolist()
+        assert hits + misses == present, name
+        if name == "whole":
+            assert misses == 0, name
+        else:  # 3 slots for 10 users: misses, each fetched from LMDB and admitted, evicting
+            assert misses > 0, name
+
+
+@pytest.mark.parametrize("arch", PAPER_MODELS)
+def test_zoo_store_through_the_resident_tier_scores_like_lmdb(served: dict, arch: str) -> None:
+    """Every zoo model's store, whole or cached with eviction, scores as read from LMDB (CPU)."""
+    _check_tier_runs(_tier_runs(served, arch, "cpu"), dict(rtol=1e-6, atol=1e-6))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("arch", PAPER_MODELS)
+def test_cuda_zoo_tier_graph_scores_like_lmdb(served: dict, arch: str) -> None:
+    """On CUDA the resident request is one graph (lookup + the model's fused decode over the arena)."""
+    _check_tier_runs(_tier_runs(served, arch, "cuda", graphs=True), dict(rtol=1e-5, atol=1e-5))
 
 
 def test_unpacked_din_group_is_a_kv_cache() -> None:

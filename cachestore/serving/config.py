@@ -21,6 +21,10 @@ class ServerConfig:
     max_request_users / max_candidates / max_body_bytes: limits of one request (413 beyond them).
     request_timeout_s: a request not scored by then gets 503 (the worker is stuck or overloaded).
     poll_s: how often ``STORE/current`` is read for a new version.
+    workers: serving processes on the port (:mod:`cachestore.serving.workers`); each has its own runtime,
+    tier and batcher, and the kernel spreads the connections over them (SO_REUSEPORT).
+    torch_threads: torch intra-op threads of a serving process (None: 1 on the CPU, where more threads
+    contend with the HTTP loop and the other processes; torch's default on CUDA).
     runtime: how each loaded version's runtime serves (:class:`cachestore.runtime_config.ServingConfig`:
     device, decode path, batch_users, resident tier bytes and policy, graphs, ...).
     """
@@ -36,14 +40,19 @@ class ServerConfig:
     max_body_bytes: int = 64 << 20
     request_timeout_s: float = 30.0
     poll_s: float = 1.0
+    workers: int = 1
+    torch_threads: int | None = None
     runtime: ServingConfig = field(default_factory=ServingConfig)
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_users", "max_queue_users", "max_request_users", "max_candidates", "max_body_bytes"):
+        for name in ("max_batch_users", "max_queue_users", "max_request_users", "max_candidates", "max_body_bytes",
+                     "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ServerConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_wait_ms", "request_timeout_s", "poll_s"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"ServerConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"ServerConfig.torch_threads must be >= 1 or None, got {self.torch_threads}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"ServerConfig.port must be 0..65535, got {self.port}")

@@ -1,7 +1,12 @@
 """Prometheus metrics of one serving process (``GET /metrics``).
 
 Each :class:`ServerMetrics` owns its own ``CollectorRegistry`` (several servers in one process — tests,
-benchmarks — do not share counters). Names (all prefixed ``ckv_``):
+benchmarks — do not share counters). With several worker processes on one port (``ckv serve --workers N``,
+:mod:`cachestore.serving.workers`) the supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` before it starts them:
+every worker then writes its values to files there and ``render()`` — whichever worker answers the
+scrape — reports the sums over all workers (counters and histograms summed; ``queue_users`` summed over
+live workers; ``store_version_info`` 1 for every version some live worker serves). Names (all prefixed
+``ckv_``):
 
     request_seconds{format}        histogram  request latency, body received → reply encoded
     queue_seconds                  histogram  time a request waited in the batcher's queue
@@ -21,8 +26,12 @@ benchmarks — do not share counters). Names (all prefixed ``ckv_``):
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401 (re-exported for app.py)
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client reads it when it is first imported
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -46,16 +55,23 @@ class ServerMetrics:
         self.tier_hits = Counter("ckv_tier_hits_total", "resident tier hits", registry=r)
         self.tier_misses = Counter("ckv_tier_misses_total", "resident tier misses", registry=r)
         self.tier_evictions = Counter("ckv_tier_evictions_total", "resident tier evictions", registry=r)
-        self.queue_users = Gauge("ckv_queue_users", "users waiting in the queue", registry=r)
+        self.queue_users = Gauge("ckv_queue_users", "users waiting in the queue", registry=r,
+                                 multiprocess_mode="livesum")
         self.version = Gauge("ckv_store_version_info", "the version being served (value 1)",
-                             ["store_version", "model_version"], registry=r)
+                             ["store_version", "model_version"], registry=r, multiprocess_mode="livemax")
+        self._served: tuple[str, str] | None = None
+        self._multiproc_dir = os.environ.get(MULTIPROC_ENV) or None
         self.swaps = Counter("ckv_swaps_total", "versions switched to after the first", registry=r)
         self.failed_swaps = Counter("ckv_failed_swaps_total", "versions that failed to load", registry=r)
 
     def serving(self, store_version: str, model_version: str) -> None:
         """Mark this version as the one served (and no other)."""
-        self.version.clear()
+        if self._served is not None:  # 0 first: in multiprocess mode clear() leaves the value in the file
+            self.version.labels(*self._served).set(0)
+        if self._multiproc_dir is None:  # (multiprocess mode cannot clear; the old labels read 0 there)
+            self.version.clear()
         self.version.labels(store_version, model_version).set(1)
+        self._served = (store_version, model_version)
 
     def tier(self, hits: int, misses: int, evictions: int) -> None:
         """Add one batch's tier counts."""
@@ -64,4 +80,11 @@ class ServerMetrics:
         self.tier_evictions.inc(evictions)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The /metrics body: this registry, or in multiprocess mode the sums over every worker's files."""
+        if self._multiproc_dir is None:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=self._multiproc_dir)
+        return generate_latest(registry)

@@ -23,6 +23,14 @@ from cachestore.serving.metrics import ServerMetrics
 from cachestore.serving.versions import Loader, VersionManager
 
 
+def configure_process(config: ServerConfig) -> None:
+    """Process-wide settings of a serving process: torch's intra-op threads (``config.torch_threads``)."""
+    import torch
+
+    if config.torch_threads is not None or config.runtime.torch_device.type == "cpu":
+        torch.set_num_threads(config.torch_threads or 1)
+
+
 def build_service(config: ServerConfig, loader: Loader | None = None) -> ScoringService:
     """Load the current version (errors propagate) and start the batcher's worker."""
     metrics = ServerMetrics()
@@ -35,25 +43,46 @@ def build_service(config: ServerConfig, loader: Loader | None = None) -> Scoring
     return ScoringService(config, versions, batcher, metrics)
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A listening TCP socket (port 0: a free port, read it with ``getsockname()``)."""
+def bind(host: str, port: int, *, reuse_port: bool = False, listen: bool = True) -> socket.socket:
+    """A listening TCP socket (port 0: a free port, read it with ``getsockname()``).
+
+    reuse_port: SO_REUSEPORT, so several processes' sockets share the port and the kernel spreads incoming
+    connections over the listening ones. listen=False only binds: it holds the port (a bound socket that
+    does not listen receives no connections)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
     except OSError:
         sock.close()
         raise
+    if not listen:
+        return sock
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
 
 
-def _uvicorn(service: ScoringService) -> uvicorn.Server:
+class _Server(uvicorn.Server):
+    """uvicorn's server that also honours a SIGTERM / SIGINT caught before uvicorn installed its own
+    handlers (``exit_requested``, set by :func:`serve`'s early handler): it shuts down right after startup
+    instead of serving on with the signal lost."""
+
+    exit_requested = False
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.exit_requested:
+            self.should_exit = True
+
+
+def _uvicorn(service: ScoringService) -> _Server:
     config = uvicorn.Config(create_app(service), log_level="warning", access_log=False, lifespan="on",
                             timeout_graceful_shutdown=int(service.config.request_timeout_s) + 1, backlog=2048)
-    return uvicorn.Server(config)
+    return _Server(config)
 
 
 def url_of(sock: socket.socket) -> str:
@@ -64,10 +93,16 @@ def url_of(sock: socket.socket) -> str:
 def serve(service: ScoringService, sock: socket.socket) -> None:
     """Serve on ``sock`` until SIGTERM / SIGINT (graceful: the queue is drained), then release all and
     return normally (main thread only). uvicorn re-raises the signal it caught once it has shut down;
-    the handlers installed here take that re-raise, so the process exits with status 0, not by the signal."""
-    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    the handlers installed here take that re-raise, so the process exits with status 0, not by the signal.
+    A signal that arrives before uvicorn's handlers are in place is kept and honoured once it has started."""
+    server = _uvicorn(service)
+
+    def early(*_: object) -> None:
+        server.exit_requested = True
+
+    previous = {sig: signal.signal(sig, early) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        _uvicorn(service).run(sockets=[sock])
+        server.run(sockets=[sock])
     finally:
         service.close()
         sock.close()

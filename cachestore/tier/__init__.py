@@ -5,8 +5,8 @@
     policy.py   eviction policies: LRU and S3-FIFO
     graph.py    the CUDA graph of a resident request (ids in → lookup → gather → decode)
 
-din stores only (one flat K/V group per record); zoo stores keep the LMDB fetch path. docs/serving.md describes
-the design, the capacity rule and the measured hit rates and latencies.
+Every model's store (din and the zoo: records are kept verbatim; each record's header states its n).
+docs/serving.md describes the design, the capacity rule and the measured hit rates and latencies.
 """
 
 from cachestore.tier.policy import LRUPolicy, S3FIFOPolicy, make_policy

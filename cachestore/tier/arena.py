@@ -35,11 +35,6 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = None
 
 
-def bytes_per_behaviour(layout: EntryLayout) -> int:
-    """Record bytes per behaviour of a din layout (``layout.record_size(n) = 32 + n * this``)."""
-    return sum(layout.row_bytes)
-
-
 def header_bytes(layout: EntryLayout, max_users: int) -> int:
     """Bytes reserved at the arena's start for the header and zero block of requests of <= max_users users
     (rounded up to 256 so records start aligned)."""

@@ -35,8 +35,9 @@ import numpy as np
 import torch
 
 from cachestore.batch import HostBatcher, check_record, zero_block_bytes
+from cachestore.entry import record_length
 from cachestore.record import _CRC_OFFSET, HEADER_SIZE, KEY, RecordError  # CRC: bytes 0..27 + payload
-from cachestore.tier.arena import bytes_per_behaviour, header_bytes
+from cachestore.tier.arena import header_bytes
 from cachestore.tier.policy import make_policy
 
 if TYPE_CHECKING:  # (lmdb is imported only where a store is read)
@@ -55,15 +56,16 @@ def store_bytes(reader: StoreReader) -> int:
     return os.stat(reader.version_dir / LMDB_DIR / "data.mdb").st_size
 
 
-def plan_capacity(tier_bytes: int | None, device: torch.device, reader: StoreReader) -> int:
+def plan_capacity(tier_bytes: int | None, device: torch.device, reader: StoreReader, share: float = 1.0) -> int:
     """Bytes to give the tier: ``tier_bytes`` as given; None (auto) on CUDA: the whole store when it fits in
-    80% of the free device memory, else that 80%; None on CPU: 0 (off: LMDB's page cache is host memory)."""
+    ``share`` x 80% of the free device memory, else that much; None on CPU: 0 (off: LMDB's page cache is host
+    memory)."""
     if tier_bytes is not None:
         return int(tier_bytes)
     if device.type != "cuda":
         return 0
     free, _ = torch.cuda.mem_get_info(device)
-    return min(int(free * AUTO_FRACTION), store_bytes(reader))
+    return min(int(free * AUTO_FRACTION * share), store_bytes(reader))
 
 
 @dataclass
@@ -98,8 +100,6 @@ class ResidentTier:
     def __init__(self, reader: StoreReader, device: torch.device, capacity: int, *, policy: str = "s3fifo",
                  batch_users: int = 512, expected_model_version: str | None = None) -> None:
         layout = reader.layout
-        if layout.flat_group is None:
-            raise ValueError("the resident tier holds din stores; zoo stores use the fetch path")
         self.reader, self.layout, self.device = reader, layout, torch.device(device)
         self.capacity, self.batch_users = int(capacity), batch_users
         self.version = expected_model_version or layout.model_version
@@ -138,6 +138,7 @@ class ResidentTier:
                               pin_memory=self.device.type == "cuda")
         view = memoryview(staging.numpy())
         keys = np.empty(len(sizes), np.int64)
+        length = np.empty(len(sizes), np.int64)  # behaviours per record (its header's n: parts may be capped)
         at, used, first = self.header_bytes, 0, 0  # arena offset of the staging buffer, bytes in it, its first record
         with env.begin(buffers=True) as txn:
             for i, (key, raw) in enumerate(txn.cursor()):
@@ -146,13 +147,13 @@ class ResidentTier:
                     self.arena[at : at + used].copy_(staging[:used])  # synchronous: staging is refilled next
                     at, used, first = at + used, 0, i
                 keys[i] = KEY.unpack(key)[0]
+                length[i] = record_length(raw)
                 end = used + int(sizes[i])
                 view[used:end] = raw
                 view[end : used + int(aligned[i])] = _ZEROS[: aligned[i] - sizes[i]]  # no stale bytes between records
                 used += int(aligned[i])
         self._check_chunk(staging, keys, sizes, first, len(sizes), offset - at)
         self.arena[at : at + used].copy_(staging[:used])
-        length = (sizes - HEADER_SIZE) // max(1, bytes_per_behaviour(self.layout))
         self.entries, self.resident_bytes = len(keys), total - self.header_bytes
         if not len(keys):  # an empty store: one key no user id (>= 0) nor padding slot (-1) matches
             keys, offset, length = np.array([np.iinfo(np.int64).min]), np.zeros(1, np.int64), np.zeros(1, np.int64)
@@ -258,7 +259,7 @@ class ResidentTier:
                 self.counters.admission_errors += 1
             return
         data = torch.frombuffer(bytearray(record), dtype=torch.uint8)
-        n = (len(record) - HEADER_SIZE) // max(1, bytes_per_behaviour(self.layout))
+        n = record_length(record)
         with self.lock:
             if uid in self._index:
                 return
