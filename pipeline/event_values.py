@@ -257,6 +257,11 @@ def read_event_log(
                                                                                if time_format else {})})
 
 
+def read_events(path: str | Path, **options: Any) -> pd.DataFrame:
+    """:func:`read_event_log`'s events alone (columns user, item, timestamp int64, label int8)."""
+    return read_event_log(path, **options).events
+
+
 def placeholder_set(ignore: Iterable[str]) -> set[str]:
     """The genre values that mean "none": ``(no genres listed)`` and ``ignore``, case-folded and stripped."""
     return {NO_GENRES.casefold(), *(str(g).strip().casefold() for g in ignore)}

@@ -9,18 +9,15 @@ Input layouts (docs/data_schema.md); the format follows the extension or --sep
     items   one row per item: <item> id, <feature> multi-valued text with values separated by
             '|'; empty, null or "(no genres listed)" means none.
 
-The value checks live here (integer ids, numbers, labels); text ids, times and genre placeholders in
-pipeline/event_values.py, which `read_events` / `read_item_genres` call. `read_events` returns a
-DataFrame with columns user int64, item int64, timestamp int64, label int8 in input row order;
-`read_item_genres` returns one row per (item int64, genre str) pair. Every problem raises DataError
-naming the file and the column.
+The value checks live here (integer ids, numbers, labels); text ids, times, genre placeholders and
+the readers built on them (`read_events`, `read_event_log`, `read_genres`) in
+pipeline/event_values.py. Every problem raises DataError naming the file and the column.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -190,37 +187,3 @@ def validate_events(
         where = _where(path, role, rating_col, "rating")
         events["label"] = label_from_rating(raw["rating"], rating_threshold, where)
     return events
-
-
-def read_events(
-    path: str | Path,
-    *,
-    user_col: str,
-    item_col: str,
-    time_col: str,
-    label_col: str | None = None,
-    rating_col: str | None = None,
-    rating_threshold: float | None = None,
-    **formats: Any,
-) -> pd.DataFrame:
-    """Read and validate the event log: exactly one of label_col / rating_col (+ threshold).
-
-    `formats`: sep, user_ids, item_ids, time_unit, time_format (pipeline/event_values.py:
-    `read_event_log`, which also returns the key schemes and the text item ids)."""
-    from pipeline.event_values import read_event_log
-
-    return read_event_log(path, user_col=user_col, item_col=item_col, time_col=time_col, label_col=label_col,
-                          rating_col=rating_col, rating_threshold=rating_threshold, **formats).events
-
-
-def read_item_genres(path: str | Path, *, item_col: str, feature_col: str, sep: str = "|",
-                     **formats: Any) -> pd.DataFrame:
-    """Read the item side-feature file -> one row per (item int64, genre str) pair.
-
-    Items must be unique ids; the feature text is split on `sep`, stripped, and empty values /
-    NO_GENRES (and `formats["ignore"]`) dropped (an item may end up with no pairs).
-    `formats`: file_sep, item_key, ignore (pipeline/event_values.py: `read_genres`).
-    """
-    from pipeline.event_values import read_genres
-
-    return read_genres(path, item_col=item_col, feature_col=feature_col, sep=sep, **formats)

@@ -16,7 +16,8 @@ from pipeline.impressions import ImpressionOptions, read_impression_log
 
 if TYPE_CHECKING:
     from pipeline.catalogue import ItemCatalogue
-    from pipeline.prepare import PrepareConfig
+
+PrepareConfig = Any  # pipeline.prepare.PrepareConfig (which imports this module)
 
 
 def impression_options(config: PrepareConfig, user_ids: str, item_ids: str) -> ImpressionOptions:

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from jobs.prepare import data
 from pipeline.dataset_schema import SPLITS, CanonicalDataset, DataError, load_dataset, validate_dataset
-from pipeline.events import read_events
+from pipeline.event_values import read_events
 from pipeline.prepare import PrepareConfig, build_dataset, dense_rank, prepare, stable_order
 
 REPO = Path(__file__).resolve().parents[1]
