@@ -190,12 +190,16 @@ def build_dataset(
     valid_frac: float = 0.1,
     test_frac: float = 0.1,
     catalogue: ItemCatalogue | None = None,
+    item_names: tuple[np.ndarray, np.ndarray] | None = None,
+    user_key: str = "int",
+    item_key: str = "int",
 ) -> CanonicalDataset:
     """Pure build. `events`: columns user, item, timestamp (int64), label (int8), input row order.
 
     Dense item ids come from `catalogue` extended with the event log's new items (None: a fresh
-    catalogue, items in ascending raw id order). meta gets everything but `label_rule` and
-    `source` (left None for the caller to fill).
+    catalogue, items in ascending raw id order). `item_names`: (keys, text ids) of items named by text;
+    `user_key` / `item_key`: the key schemes (cachestore/store/user_keys.py), recorded in the catalogue and
+    meta. meta gets everything but `label_rule` and `source` (left None for the caller to fill).
     """
     n = len(events)
     if n == 0:
@@ -205,7 +209,7 @@ def build_dataset(
     codes, uniques = pd.factorize(events["item"].to_numpy(np.int64), sort=True)  # hash: few uniques
     raw_items = np.asarray(uniques, dtype=np.int64)
     previous = catalogue or ItemCatalogue(np.zeros(0, np.int64))
-    cat = previous.extend(raw_items)
+    cat = previous.with_keys(item_key, user_key).extend(raw_items, names=item_names)
     if cat.n_items >= INT32_MAX or n >= INT32_MAX:
         raise DataError(f"{cat.n_items} items / {n} events: too many for int32 ids / offsets")
     item = cat.to_dense(raw_items)[codes].astype(np.int32)
@@ -224,12 +228,24 @@ def build_dataset(
         "items_without_genres": int(np.sum(np.diff(np.asarray(items["genre_ids"].combine_chunks().offsets)) == 0)),
         **split_counts,
     }
-    meta: dict[str, Any] = {
+    meta = _dataset_meta(cat, previous, catalogue, counts, (valid_start, test_start), (valid_frac, test_frac))
+    return CanonicalDataset(meta=meta, items=items, histories=histories, samples=samples, catalogue=cat)
+
+
+def _dataset_meta(cat: ItemCatalogue, previous: ItemCatalogue, catalogue: ItemCatalogue | None,
+                  counts: dict[str, Any], boundaries: tuple[int, int], fractions: tuple[float, float]
+                  ) -> dict[str, Any]:
+    """meta.json of a built dataset (label_rule and source left None for the caller)."""
+    (valid_start, test_start), (valid_frac, test_frac) = boundaries, fractions
+    genres = list(cat.genres)
+    return {
         "schema_version": SCHEMA_VERSION,
-        "n_users": n_users,
+        "n_users": counts["users"],
         "n_items": cat.n_items,
         "n_genres": len(genres),
         "genres": genres,
+        "user_key": cat.user_key,
+        "item_key": cat.item_key,
         "splits": {"valid_start": valid_start, "test_start": test_start},
         "split_fractions": [round(1.0 - valid_frac - test_frac, 10), valid_frac, test_frac],
         "label_rule": None,
@@ -242,4 +258,3 @@ def build_dataset(
             "new_items": cat.n_items - previous.n_items,
         },
     }
-    return CanonicalDataset(meta=meta, items=items, histories=histories, samples=samples, catalogue=cat)

@@ -1,9 +1,10 @@
 """Multi-seed comparisons of KV variants on one dataset, and the results table (Markdown + JSON).
 
 Each run trains one (variant, seed), saves its checkpoint under ``OUT/checkpoints/<variant>-seed<k>``
-and contributes test GAUC / AUC / Logloss; the table reports mean ± std over seeds and each
-variant's compression rate CR (:func:`model.cache.compression_rate`, fp16 user parts, fp32 full
-K/V as the denominator).
+and contributes test GAUC / AUC / Logloss; ``results.json`` records the model config each run trained
+(``runs[i].model``, ``variants``: the dataset's item and genre counts filled in, as in the checkpoints);
+the table reports mean ± std over seeds and each variant's compression rate CR
+(:func:`model.cache.compression_rate`, fp16 user parts, fp32 full K/V as the denominator).
 """
 
 from __future__ import annotations
@@ -76,24 +77,28 @@ def run_experiment(
 def _run_all(dataset: CanonicalDataset, variants: Sequence[Variant], seeds: Sequence[int], train: TrainConfig,
              out: Path) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
+    used: dict[str, ModelConfig] = {}  # each variant's config as trained: the dataset's item / genre counts filled in
     for v in variants:
         for seed in seeds:
             print(f"== {v.name} seed {seed}", flush=True)
             model = build_model(dataset, v.model, seed)
+            used.setdefault(v.name, model.cfg)
             result = train_model(model, dataset, replace(train, seed=seed))
             version = save_checkpoint(
                 out / "checkpoints" / f"{v.name}-seed{seed}", result.model, result.metrics(), dataset.catalogue
             )
-            runs.append({"variant": v.name, "seed": seed, "model_version": version, **result.metrics()})
+            runs.append({"variant": v.name, "seed": seed, "model_version": version,
+                         "model": config_to_dict(result.model.cfg), **result.metrics()})
             print(f"   test {result.test}  ({result.seconds:.0f} s)", flush=True)
-    summary = summarise(runs, {v.name: v.model for v in variants})
+    configs = {v.name: used.get(v.name, v.model) for v in variants}
+    summary = summarise(runs, configs)
     report = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "dataset": dataset.meta.get("source", {}),
         "train": {k: getattr(train, k) for k in ("epochs", "batch_size", "lr", "weight_decay", "patience", "device")},
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
                     "device": torch.cuda.get_device_name() if train.device.startswith("cuda") else "cpu"},
-        "variants": {v.name: config_to_dict(v.model) for v in variants},
+        "variants": {name: config_to_dict(cfg) for name, cfg in configs.items()},
         "summary": summary,
         "runs": runs,
     }  # fmt: skip

@@ -140,7 +140,7 @@ BAD_JSON = [  # (body, status, field)
 ]
 BAD_ARROW = [
     (b"\x00garbage\xff" * 10, 400, "body"),
-    (_arrow(["a"], [[1]], (pa.string(), pa.list_(pa.int64()))), 422, "user_id"),
+    (_arrow(["a"], [[1]], (pa.string(), pa.list_(pa.int64()))), 422, "user_id[0]"),  # text: an int-keyed store
     (_arrow([1, None], [[1], [2]]), 422, "user_id"),
     (_arrow([1], [[1, None]]), 422, "candidates.item"),
     (_arrow([-1], [[1]]), 422, "user_id[0]"),
