@@ -176,6 +176,8 @@ def test_full_baseline_and_size_report(bundle: dict, submitted: dict, spark: obj
     assert rep["vs_baseline"]["lmdb_disk"] < 0.5
     table = CliRunner().invoke(report_cli, ["size", str(submitted["store"]), "--baseline", str(full)]).output
     assert "CR formula" in table and "arch (parts)" in table and "sim (5 parts)" in table
+    assert s["token_table"]["applies"] and s["token_table"]["vocabulary"] == 2 * cfg.n_items
+    assert "token-table alternative" in table
     # the capacity model covers the din record layout only: a clear refusal, not a KeyError
     from collectivekv.jobs.capacity import capacity
 
