@@ -68,7 +68,6 @@ def capacity(users: int | None, length_spec: str | None, store: Path | None, d_a
         store_calibration,
         store_format,
     )
-    from collectivekv.pipeline.reports.capacity_table import capacity_table, format_table
 
     try:
         if store is None and length_spec is not None and is_store(length_spec):
@@ -103,6 +102,14 @@ def capacity(users: int | None, length_spec: str | None, store: Path | None, d_a
             plan["token_table"] = token_alternative(plan, fmt, items, gpu_mem_gib)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         raise click.ClickException(str(exc)) from exc
+    echo_plan(plan, as_json, json_out)
+
+
+def echo_plan(plan: dict, as_json: bool, json_out: Path | None) -> None:
+    """Print the plan (JSON or the table, then the token-table alternative when sized); also write its JSON."""
+    from collectivekv.pipeline.reports.capacity_table import capacity_table, format_table
+    from collectivekv.pipeline.reports.token_table import token_lines
+
     text = json.dumps(plan, indent=2, default=float)
     if json_out is not None:
         json_out.write_text(text + "\n")
@@ -111,8 +118,6 @@ def capacity(users: int | None, length_spec: str | None, store: Path | None, d_a
         return
     click.echo(format_table(capacity_table(plan)))
     if "token_table" in plan:
-        from collectivekv.pipeline.reports.token_table import token_lines
-
         click.echo("\n" + "\n".join(token_lines(plan["token_table"])))
 
 

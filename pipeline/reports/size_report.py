@@ -27,7 +27,7 @@ from typing import Any
 
 from collectivekv.cachestore.store.entry import layout_from_dict
 from collectivekv.cachestore.store.record import HEADER_SIZE, KV_DTYPES
-from collectivekv.model.config import config_from_dict
+from collectivekv.model.config import ModelConfig, config_from_dict
 from collectivekv.pipeline.reports.token_table import token_lines, token_table
 from collectivekv.pipeline.store.store_ops import read_manifest
 
@@ -65,13 +65,22 @@ def store_sizes(store: str | os.PathLike, d_attn: int | None = None) -> dict[str
     else:
         out["full_fp32_bytes"] = None
         out["cr"] = None
-    model = (m.get("prefill") or {}).get("model_config")
-    if model:
+    cfg = recorded_model(m)
+    if cfg is not None:
         out["token_table"] = token_table(
-            config_from_dict(model), users=users, behaviours=behaviours,
+            cfg, users=users, behaviours=behaviours,
             kv_itemsize=KV_DTYPES[layout.kv_dtype][1].itemsize, full_fp32_bytes=out["full_fp32_bytes"],
             collective_store_bytes=b["payload"] if layout.mode == "collective" else None)
     return out
+
+
+def recorded_model(manifest: dict[str, Any]) -> ModelConfig | None:
+    """The model config a store's prefill recorded (``prefill.model_config``), None when it records none."""
+    model = (manifest.get("prefill") or {}).get("model_config")
+    try:
+        return config_from_dict(model) if isinstance(model, dict) else None
+    except (TypeError, ValueError):  # a partial record (stores built outside the prefill job)
+        return None
 
 
 def size_report(store: str | os.PathLike, baseline: str | os.PathLike | None = None,

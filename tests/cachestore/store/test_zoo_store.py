@@ -178,11 +178,19 @@ def test_full_baseline_and_size_report(bundle: dict, submitted: dict, spark: obj
     assert "CR formula" in table and "arch (parts)" in table and "sim (5 parts)" in table
     assert s["token_table"]["applies"] and s["token_table"]["vocabulary"] == 2 * cfg.n_items
     assert "token-table alternative" in table
-    # the capacity model covers the din record layout only: a clear refusal, not a KeyError
+    # the capacity model plans the zoo store from its model config: with the store's own lengths its payload
+    # totals are the measured ones, for the CollectiveKV store and for the fp32 full-KV baseline
     from collectivekv.jobs.capacity import capacity
 
-    r = CliRunner().invoke(capacity, ["--store", str(submitted["store"])])
-    assert r.exit_code != 0 and "zoo store" in r.output
+    r = CliRunner().invoke(capacity, ["--store", str(submitted["store"]), "--full-dtype", "float32", "--json"])
+    assert r.exit_code == 0, r.output
+    plan = json.loads(r.output)
+    assert plan["users"] == N_USERS and plan["collective"]["layout"]["arch"] == "sim"
+    assert plan["collective"]["total"]["payload"] == pytest.approx(s["bytes"]["payload"])
+    assert plan["full"]["total"]["payload"] == pytest.approx(b["bytes"]["payload"])
+    assert plan["collective"]["cr_vs_full_fp32"] == pytest.approx(s["cr"]["formula"])
+    r = CliRunner().invoke(capacity, ["--store", str(submitted["store"]), "--d-user", "2"])
+    assert r.exit_code != 0 and "din entries only" in r.output
 
 
 def test_rerun_and_rebuild_are_byte_identical(bundle: dict, submitted: dict, spark: object) -> None:
