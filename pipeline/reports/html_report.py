@@ -194,7 +194,7 @@ def build_report(store: str | os.PathLike, checkpoint: str | os.PathLike, *, his
     bw = bandwidth(bandwidth_spec, results_dir)
     try:
         dist, cal, fmt = store_lengths(store), store_calibration(store), store_format(store)
-    except ValueError as exc:  # a zoo store: the capacity model plans din entries only
+    except ValueError as exc:  # e.g. a store whose manifest records no model config
         capacity = [f"<p class='note'>{_e(exc)}</p>"]
     else:
         own = capacity_plan(cal.users, dist, fmt, batch=batch, bandwidth=bw, budgets=budgets, calibration=cal,

@@ -332,10 +332,12 @@ def test_prefill_batches_store_verify_without_spark(tmp_path: Path, arch: str, v
 
 
 def test_html_report_of_a_zoo_store(bundle: dict, submitted: dict, tmp_path: Path) -> None:
-    """`ckv report html` on a zoo store: size section with the store's CR, the capacity section says
-    why it is left out (din layout only) instead of failing."""
+    """`ckv report html` on a zoo store: size section with the store's CR and the token-table alternative, the
+    capacity section planned from the store's model config."""
     from collectivekv.pipeline.reports.html_report import build_report
 
     page = build_report(submitted["store"], bundle["ckpts"]["sim"]["path"], histories=bundle["hist"],
                         analysis_users=8)  # fmt: skip
-    assert "<h2 id='size'>" in page and "zoo store" in page and "<h2 id='latency'>" in page
+    assert "<h2 id='size'>" in page and "<h2 id='latency'>" in page and "token-table alternative" in page
+    assert "This store&#x27;s users (" in page or "This store's users (" in page
+    assert "Projection to" in page
