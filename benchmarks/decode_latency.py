@@ -62,9 +62,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from collectivekv.cachestore.decode.batch import HostBatcher  # noqa: E402
+from collectivekv.cachestore.decode.copy_plan import DEFAULT_OVERLAP  # noqa: E402
 from collectivekv.cachestore.decode.decode import ResidentModel, choose_path, decode, din_cache  # noqa: E402
 from collectivekv.cachestore.decode.fused import FusedConfig, fused_available, fused_decode, pool_dtype  # noqa: E402
-from collectivekv.cachestore.decode.graphs import DEFAULT_OVERLAP, GraphedDecoder, static_decode  # noqa: E402
+from collectivekv.cachestore.decode.graphs import GraphedDecoder, static_decode  # noqa: E402
 from collectivekv.cachestore.decode.transfer import KV_TORCH, to_device  # noqa: E402
 from collectivekv.cachestore.store.entry import EntryLayout, encode_entry, entry_layout  # noqa: E402
 from collectivekv.model.cache import KVCache  # noqa: E402
@@ -658,7 +659,8 @@ def main() -> None:
     args.full_kv_dtype = args.full_kv_dtype or args.store_dtype
     args.fused = fused_config(args.pool_dtype, args.fused_launch)
     pools = pool_dtype(args.fused, collective_layout(1, "0" * 16, args.store_dtype))  # what the fused paths read
-    args.score_tol = 1e-4 if pools == "float32" else 3e-3  # half pools: their rounding (tests/cachestore/decode/test_fused.py)
+    # half pools: their rounding (tests/cachestore/decode/test_fused.py)
+    args.score_tol = 1e-4 if pools == "float32" else 3e-3
     device = torch.device(args.device)
     dry = device.type != "cuda"
     if args.device.startswith("cuda") and not torch.cuda.is_available():

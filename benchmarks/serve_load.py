@@ -203,7 +203,8 @@ def _env() -> dict:
 
 
 def start_server(root: Path, p: dict) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "collectivekv.jobs.cli", "serve", "--store", str(root), "--port", "0", "--device", p["device"],
+    cmd = [sys.executable, "-m", "collectivekv.jobs.cli", "serve", "--store", str(root), "--port", "0",
+           "--device", p["device"],
            "--max-batch-users", str(p["max_batch_users"]), "--max-wait-ms", str(p["max_wait_ms"]), "--poll-s", "0.2",
            "--workers", str(p["workers"])]
     env = _env()

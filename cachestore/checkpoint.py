@@ -7,7 +7,9 @@ Layout of a checkpoint directory::
 
     weights.safetensors   every tensor of the model's state dict (no pickle anywhere)
     config.json           {"format": 1, "model": <ModelConfig as dict>, "model_version": "<16 hex>",
-                           "item_catalogue": "<sha256 of catalogue.parquet's content>" (if any)}
+                           "item_catalogue": "<sha256 of catalogue.parquet's content>" (if any),
+                           "user_key", "item_key": the catalogue's key schemes (if any; absent: "int";
+                           cachestore/store/user_keys.py)}
     catalogue.parquet     the item catalogue the model was trained with (cachestore/store/catalogue.py):
                           raw item id <-> embedding row; absent = the identity catalogue (raw = dense)
     metrics.json          whatever the training job measured (valid/test metrics, history, timing)

@@ -48,6 +48,8 @@ DEFAULT_LENGTH_DIST = "150,122,253,1000"
 @click.option("--gpu-mem-gib", type=float, default=80.0, show_default=True, help="GPU memory budget")
 @click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_RESULTS_DIR,
               show_default=True, help="benchmark results directory (decode_latency/*.json etc.), read only")
+@click.option("--items", type=int, default=None,
+              help="item vocabulary: also size the token-table alternative (token ids + a GPU table per token)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of the table")
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="also write the JSON to this file")
@@ -55,12 +57,17 @@ def capacity(users: int | None, length_spec: str | None, store: Path | None, d_a
              d_user: int | None, pool_size: int | None, kv_dtype: str | None, full_kv_dtype: str | None,
              index_dtype: str | None, share: str | None, max_len: int | None, batch: int, bw_spec: str,
              latency_us: float | None, host_mem_gib: float, gpu_mem_gib: float, results_dir: Path | None,
-             as_json: bool, json_out: Path | None) -> None:
+             items: int | None, as_json: bool, json_out: Path | None) -> None:
     """Bytes per user, store size, GPU pool, H2D bytes/time per batch and users per memory budget,
     full KV vs CollectiveKV."""
     from collectivekv.pipeline.reports.capacity import Budgets, CacheFormat, capacity_plan
-    from collectivekv.pipeline.reports.capacity_inputs import bandwidth, is_store, length_dist, store_calibration, store_format
-    from collectivekv.pipeline.reports.capacity_table import capacity_table, format_table
+    from collectivekv.pipeline.reports.capacity_inputs import (
+        bandwidth,
+        is_store,
+        length_dist,
+        store_calibration,
+        store_format,
+    )
 
     try:
         if store is None and length_spec is not None and is_store(length_spec):
@@ -91,9 +98,42 @@ def capacity(users: int | None, length_spec: str | None, store: Path | None, d_a
         bw = bandwidth(bw_spec, results_dir, latency_us)
         plan = capacity_plan(users, dist, fmt, batch=batch, bandwidth=bw,
                              budgets=Budgets(host_mem_gib, gpu_mem_gib), calibration=calibration)
+        if items is not None:
+            plan["token_table"] = token_alternative(plan, fmt, items, gpu_mem_gib)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         raise click.ClickException(str(exc)) from exc
+    echo_plan(plan, as_json, json_out)
+
+
+def echo_plan(plan: dict, as_json: bool, json_out: Path | None) -> None:
+    """Print the plan (JSON or the table, then the token-table alternative when sized); also write its JSON."""
+    from collectivekv.pipeline.reports.capacity_table import capacity_table, format_table
+    from collectivekv.pipeline.reports.token_table import token_lines
+
     text = json.dumps(plan, indent=2, default=float)
     if json_out is not None:
         json_out.write_text(text + "\n")
-    click.echo(text if as_json else format_table(capacity_table(plan)))
+    if as_json:
+        click.echo(text)
+        return
+    click.echo(format_table(capacity_table(plan)))
+    if "token_table" in plan:
+        click.echo("\n" + "\n".join(token_lines(plan["token_table"])))
+
+
+def token_alternative(plan: dict, fmt: object, items: int, gpu_mem_gib: float) -> dict:
+    """The token-table alternative (pipeline/reports/token_table.py) for the plan's users and lengths: the din
+    model of the planned format over ``items`` items."""
+    from collectivekv.cachestore.store.record import KV_DTYPES
+    from collectivekv.pipeline.reports.token_table import token_table
+
+    if items < 1:
+        raise ValueError(f"--items must be >= 1, got {items}")
+    users = plan["users"]
+    behaviours = round(users * plan["lengths"]["mean"])
+    cfg = replace(fmt.model_config(), n_items=items)  # type: ignore[attr-defined]
+    return token_table(cfg, users=users, behaviours=behaviours,
+                       kv_itemsize=KV_DTYPES[fmt.kv_dtype][1].itemsize,  # type: ignore[attr-defined]
+                       full_fp32_bytes=behaviours * 2 * cfg.d_attn * 4,
+                       collective_store_bytes=plan["collective"]["total"]["payload"],
+                       gpu_budget_bytes=gpu_mem_gib * 2**30)

@@ -2,7 +2,8 @@
 
 Defaults are MovieLens' column names and click rule (rating >= 4), so
 `ckv data prepare --events data/movielens/ratings.csv --items data/movielens/movies.csv --out DIR`
-prepares the bundled data. This module only parses arguments; pipeline/data/prepare.py does the work.
+prepares the bundled data; `--impressions FILE [--history FILE]` takes an impression log instead
+(pipeline/data/impressions.py). This module only parses arguments; pipeline/data/prepare.py does the work.
 """
 
 from __future__ import annotations
@@ -25,16 +26,28 @@ def data() -> None:
 @click.option(
     "--events",
     "events",
-    required=True,
     type=click.Path(path_type=Path),
-    help="Event log, .csv/.csv.gz/.parquet: one row per interaction.",
+    default=None,
+    help="Event log, .csv/.tsv/.inter/.parquet (or any text file with --sep): one row per interaction.",
+)
+@click.option(
+    "--impressions",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Impression log instead of --events: one row per impression with the shown and the clicked item ids.",
+)
+@click.option(
+    "--history",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The impression log's read history: user, item id(s) [, time]; every read is a positive.",
 )
 @click.option(
     "--items",
     "items",
     type=click.Path(path_type=Path),
     default=None,
-    help="Optional item side-feature file (.csv/.parquet), e.g. MovieLens movies.csv.",
+    help="Optional item side-feature file (same formats as --events), e.g. MovieLens movies.csv.",
 )
 @click.option(
     "--out",
@@ -44,9 +57,22 @@ def data() -> None:
     help="Output directory: new, empty, or a dataset to replace with --overwrite (never anything else).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing dataset at --out (atomically, on success).")
-@click.option("--user-col", default="userId", show_default=True, help="Events: user id column (integers).")
+@click.option("--sep", default=None, help="Separator of the text input files (one character, or tab / comma / "
+              "semicolon / pipe / space) [default: by extension: .csv comma, .tsv/.inter/.item tab].")
+@click.option("--user-col", default="userId", show_default=True, help="Events / impressions: user id column.")
 @click.option("--item-col", default="movieId", show_default=True, help="Events (and items file): item id column.")
-@click.option("--time-col", default="timestamp", show_default=True, help="Events: timestamp column (integers).")
+@click.option("--time-col", default="timestamp", show_default=True,
+              help="Events / impressions: time column (numbers, ISO-8601 text, dates or Parquet timestamps).")
+@click.option("--user-ids", type=click.Choice(["auto", "int", "string"]), default="auto", show_default=True,
+              help="User ids: integers (their own keys) or text (hashes, UUIDs: keyed by blake2b-63); auto: the "
+              "extended catalogue's choice, else text if any id is not a number.")
+@click.option("--item-ids", type=click.Choice(["auto", "int", "string"]), default="auto", show_default=True,
+              help="Item ids: integers or text (kept in the item catalogue); auto as for --user-ids.")
+@click.option("--time-unit", type=click.Choice(["s", "ms", "us", "ns"]), default="s", show_default=True,
+              help="Unit of the timestamps: numeric times are in it; dates and ISO-8601 / --time-format times are "
+              "converted to it (since 1970-01-01 UTC).")
+@click.option("--time-format", default=None,
+              help="strptime format of text times that are not ISO-8601, e.g. '%m/%d/%Y %I:%M:%S %p'.")
 @click.option("--label-col", default=None, help="Events: 0/1 label column (instead of --rating-col).")
 @click.option(
     "--rating-col",
@@ -63,6 +89,20 @@ def data() -> None:
 @click.option("--items-item-col", default=None, help="Items file: item id column [default: --item-col].")
 @click.option("--item-feature-col", default="genres", show_default=True, help="Items file: multi-valued genre column.")
 @click.option("--feature-sep", default="|", show_default=True, help="Separator of the genre values.")
+@click.option("--ignore-genre", "ignore_genres", multiple=True,
+              help="A placeholder genre value to drop, e.g. unknown (repeatable; case-insensitive; "
+              "'(no genres listed)' always).")
+@click.option("--shown-col", default="shown", show_default=True, help="Impressions: the shown item ids column.")
+@click.option("--clicked-col", default="clicked", show_default=True, help="Impressions: the clicked item ids column.")
+@click.option("--labelled-impressions", is_flag=True,
+              help="Impressions: the shown column holds item-label tokens ('N1-0 N7-1', MIND); no clicked column.")
+@click.option("--list-sep", default="space", show_default=True,
+              help="Separator of the ids in a text list cell (impressions, history): text, or tab / comma / "
+              "semicolon / pipe / space (any run of blanks); Parquet lists need none.")
+@click.option("--history-user-col", default=None, help="History: user id column [default: --user-col].")
+@click.option("--history-item-col", default=None, help="History: item id(s) column [default: --item-col].")
+@click.option("--history-time-col", default=None,
+              help="History: time column [default: none: reads precede the earliest impression].")
 @click.option(
     "--valid-frac", type=float, default=0.1, show_default=True, help="Fraction of events (by time) for valid."
 )
@@ -83,8 +123,9 @@ def data() -> None:
     "dataset or a checkpoint directory [default: the one of the dataset already at --out, if any].",
 )
 @click.option("--new-catalogue", is_flag=True, help="Start a fresh item catalogue (dense ids by ascending raw id).")
-def prepare_cmd(events: Path, out: Path, overwrite: bool, **options: Any) -> None:
-    """Validate an event log and write the canonical dataset (histories, items, train/valid/test samples)."""
+def prepare_cmd(events: Path | None, out: Path, overwrite: bool, **options: Any) -> None:
+    """Validate an event log (or an impression log) and write the canonical dataset (histories, items,
+    time-split samples)."""
     from collectivekv.pipeline.data.dataset_schema import DataError
     from collectivekv.pipeline.data.prepare import prepare, summary
     from collectivekv.pipeline.store.safe_output import OutputError
@@ -98,17 +139,26 @@ def prepare_cmd(events: Path, out: Path, overwrite: bool, **options: Any) -> Non
     click.echo(summary(meta))
 
 
-def prepare_config(events: Path, out: Path, *, overwrite: bool = False, **options: Any) -> Any:
-    """The :class:`pipeline.data.prepare.PrepareConfig` of `ckv data prepare`'s options (the column mapping,
-    the split, the catalogue choice); the one place the CLI builds it (`ckv refresh` too).
+def prepare_config(events: Path | None, out: Path, *, overwrite: bool = False, **options: Any) -> Any:
+    """The :class:`pipeline.data.prepare.PrepareConfig` of `ckv data prepare`'s options (the inputs, column
+    mapping and value formats, the split, the catalogue choice); the one place the CLI builds it
+    (`ckv refresh` too).
 
-    The click rule defaults to rating >= 4 on ``rating`` when no --label-col is given."""
+    The click rule defaults to rating >= 4 on ``rating`` when neither --label-col nor --impressions is given."""
     from collectivekv.pipeline.data.prepare import PrepareConfig
 
+    impressions = options.get("impressions")
+    if (events is None) == (impressions is None):
+        raise click.UsageError("give exactly one of --events and --impressions")
     label_col, rating_col, threshold = options["label_col"], options["rating_col"], options["rating_threshold"]
     if label_col is not None and (rating_col is not None or threshold is not None):
         raise click.UsageError("give either --label-col or --rating-col/--rating-threshold, not both")
-    if label_col is None:
+    if impressions is not None and (label_col or rating_col or threshold is not None):
+        raise click.UsageError("--impressions: labels come from the shown / clicked lists (no --label-col / "
+                               "--rating-col)")
+    if label_col is None and impressions is None:
         options["rating_col"] = rating_col or DEFAULT_RATING_COL
         options["rating_threshold"] = DEFAULT_RATING_THRESHOLD if threshold is None else threshold
+    if "ignore_genres" in options:
+        options["ignore_genres"] = tuple(options["ignore_genres"])
     return PrepareConfig(events=events, out=out, overwrite=overwrite, **options)

@@ -19,7 +19,9 @@ from collectivekv.jobs.prepare import prepare_cmd, prepare_config
 
 EXIT_REFUSED = 3
 # the event-log options of `ckv data prepare` (same names and defaults), except --out / --events / --overwrite
-_PREPARE_PARAMS = [p for p in prepare_cmd.params if p.name not in ("out", "events", "overwrite")]
+# and the impression-log inputs (prepare those with `ckv data prepare --impressions`, then --dataset)
+_PREPARE_PARAMS = [p for p in prepare_cmd.params
+                   if p.name not in ("out", "events", "overwrite", "impressions", "history")]
 
 
 def _prepare_config(events: Path, kw: dict[str, Any]) -> Any:

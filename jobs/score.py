@@ -2,9 +2,11 @@
 
 Input (Parquet or CSV, by extension; ``.csv`` / ``.csv.gz`` are CSV, anything else Parquet): one row
 per (user, candidate item) — columns ``user_id`` and ``item_id`` (names set by --user-col /
---item-col), int64, no nulls; every other column is passed through. Item ids are raw ids (the
-event log's), mapped to the model's rows through the checkpoint's item catalogue; an id the
-catalogue does not hold is an error naming its row (nothing is written). ``--dense-ids`` takes the
+--item-col), no nulls; every other column is passed through. Ids are the event log's raw ids: integers,
+or text when the dataset keyed them by text (the checkpoint's ``user_key`` / ``item_key``, mapped with
+``cachestore/store/user_keys.py`` exactly as ``ckv data prepare`` did). Item ids are mapped to the model's rows
+through the checkpoint's item catalogue; an id the catalogue does not hold is an error naming its row
+(nothing is written). ``--dense-ids`` takes the
 model's dense ids instead (1..n_items; a checkpoint without a catalogue treats both alike). Output
 (Parquet): the input rows in input order plus ``logit`` (float32), ``score`` (float32, sigmoid of the logit) and
 ``cold_start`` (bool: the user has no entry in the store and was scored with an empty history).
@@ -82,15 +84,17 @@ def _is_csv(path: Path) -> bool:
     return path.name.lower().endswith((".csv", ".csv.gz"))
 
 
-def read_requests(path: Path, user_col: str, item_col: str, chunk_rows: int) -> Iterator:
-    """Record batches of the requests file with the two id columns as int64 (ClickException if not)."""
+def read_requests(path: Path, user_col: str, item_col: str, chunk_rows: int,
+                  text_cols: tuple[str, ...] = ()) -> Iterator:
+    """Record batches of the requests file with the two id columns as int64 (``text_cols``: as strings, for ids
+    keyed by text) (ClickException if not)."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
     try:
         if _is_csv(path):
-            types = {user_col: pa.int64(), item_col: pa.int64()}
+            types = {c: pa.string() if c in text_cols else pa.int64() for c in (user_col, item_col)}
             reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=1 << 22),
                                     convert_options=pacsv.ConvertOptions(column_types=types))
             first = True
@@ -128,15 +132,33 @@ def _ids(batch, col: str, path: Path) -> np.ndarray:
     return arr.to_numpy().astype(np.int64)
 
 
-def _to_dense(catalogue, raw: np.ndarray, rows_before: int, item_col: str, path: Path) -> np.ndarray:
-    """Dense ids of a chunk's raw item ids; ClickException naming the first unknown one's row."""
+def _keys(batch, col: str, path: Path, scheme: str, rows_before: int) -> np.ndarray:
+    """The int64 keys of a chunk's raw ids under a key scheme (cachestore/store/user_keys.py): integers as
+    they are, text ids hashed; ClickException naming the row of a bad one."""
+    from collectivekv.cachestore.store.user_keys import INT, UserKeyError, to_keys
+
+    if scheme == INT:
+        return _ids(batch, col, path)
+    arr = batch.column(col)
+    if arr.null_count:
+        raise click.ClickException(f"{path}: column {col!r} has null values")
+    try:
+        return to_keys(arr.to_pylist(), scheme, where=col)
+    except UserKeyError as exc:
+        raise click.ClickException(f"{path}: (positions from row {rows_before + 1}) {exc}") from None
+
+
+def _to_dense(catalogue, raw: np.ndarray, rows_before: int, item_col: str, path: Path, shown=None) -> np.ndarray:
+    """Dense ids of a chunk's raw item ids (keys); ClickException naming the first unknown one's row (and its
+    raw id as the file has it: ``shown``)."""
     from collectivekv.cachestore.store.item_ids import UnknownItemError
 
     try:
         return catalogue.to_dense(raw, where=str(path))
     except UnknownItemError as exc:
+        value = exc.raw if shown is None else repr(str(shown[exc.position])[:40])
         raise click.ClickException(
-            f"{path}: row {rows_before + exc.position + 1} (data rows from 1): {item_col} {exc.raw} is not in the "
+            f"{path}: row {rows_before + exc.position + 1} (data rows from 1): {item_col} {value} is not in the "
             f"model's item catalogue ({len(catalogue)} items): drop the row, score it with a model that knows the "
             "item, or pass --dense-ids if the file holds dense ids") from None
 
@@ -200,9 +222,10 @@ def score(store: Path, checkpoint: Path, requests_path: Path, out: Path, user_co
     except (CheckpointError, LayoutError, RecordError, FileNotFoundError, PublishError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     try:
+        keys = _key_schemes(runtime, checkpoint, dense_ids)
         with replace_file(out, inputs=(requests_path,)) as tmp:  # a unique temp file, os.replace on success
             rows, cold_rows, users, cold_users = _score_into(tmp, runtime, requests_path, user_col, item_col,
-                                                             max_candidates, chunk_rows, dense_ids)
+                                                             max_candidates, chunk_rows, dense_ids, keys)
     except OutputError as exc:
         raise click.ClickException(str(exc)) from exc
     finally:
@@ -210,15 +233,31 @@ def score(store: Path, checkpoint: Path, requests_path: Path, out: Path, user_co
     summary = {"out": str(out), "rows": rows, "users": len(users), "cold_start_users": len(cold_users),
                "cold_start_rows": cold_rows, "store_version": runtime.reader.version_id,
                "model_version": runtime.model_version, "item_ids": "dense" if dense_ids else "raw",
+               "user_key": keys[0], "item_key": keys[1],
                "device": str(runtime.device), "path": config.path,
                "seconds": round(time.perf_counter() - t0, 3), "runtime": runtime.stats.as_dict()}
     click.echo(json.dumps(summary))
 
 
+def _key_schemes(runtime, checkpoint: Path, dense_ids: bool) -> tuple[str, str]:
+    """(user key scheme, item key scheme) of the model: the checkpoint's, which the store's manifest must
+    agree with; the item scheme is "int" with --dense-ids."""
+    from collectivekv.cachestore.store.user_keys import INT, read_key_scheme
+
+    user_key = read_key_scheme(checkpoint)
+    store_key = read_key_scheme(runtime.reader.version_dir)
+    if store_key != user_key:
+        raise click.ClickException(f"{runtime.reader.version_dir}: the store keys users by {store_key!r}, the "
+                                   f"checkpoint {checkpoint} by {user_key!r}: score with the checkpoint the store "
+                                   "was prefilled with")
+    return user_key, INT if dense_ids else getattr(runtime.catalogue, "item_key", INT)
+
+
 def _score_into(tmp: Path, runtime, requests_path: Path, user_col: str, item_col: str, max_candidates: int,
-                chunk_rows: int, dense_ids: bool) -> tuple[int, int, set, set]:
+                chunk_rows: int, dense_ids: bool, keys: tuple[str, str] = ("int", "int")) -> tuple[int, int, set, set]:
     """Score every request chunk, writing the output Parquet to ``tmp``; (rows, cold rows, users, cold users).
-    Item ids are raw (mapped through the runtime's catalogue) unless ``dense_ids``."""
+    Item ids are raw (mapped through the runtime's catalogue) unless ``dense_ids``; ``keys``: the key schemes
+    of user and item ids (text ids are hashed to their keys first)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -228,10 +267,13 @@ def _score_into(tmp: Path, runtime, requests_path: Path, user_col: str, item_col
     rows, cold_rows, users, cold_users = 0, 0, set(), set()
     writer = None
     try:
-        for batch in read_ahead(read_requests(requests_path, user_col, item_col, chunk_rows)):
-            u, it = _ids(batch, user_col, requests_path), _ids(batch, item_col, requests_path)
+        text_cols = tuple(c for c, k in zip((user_col, item_col), keys, strict=True) if k != "int")
+        for batch in read_ahead(read_requests(requests_path, user_col, item_col, chunk_rows, text_cols)):
+            u = _keys(batch, user_col, requests_path, keys[0], rows)
+            it = _keys(batch, item_col, requests_path, keys[1], rows)
             if not dense_ids:
-                it = _to_dense(runtime.catalogue, it, rows, item_col, requests_path)
+                shown = batch.column(item_col).to_pylist() if keys[1] != "int" else None
+                it = _to_dense(runtime.catalogue, it, rows, item_col, requests_path, shown)
             slot_user, cand, n_cand, slot, col = group_requests(u, it, max_candidates)
             try:
                 res = runtime.score(slot_user, cand, n_cand)
@@ -252,7 +294,7 @@ def _score_into(tmp: Path, runtime, requests_path: Path, user_col: str, item_col
             users.update(np.unique(u).tolist())
             cold_users.update(np.unique(u[cold]).tolist())
         if writer is None:  # no rows: an empty file with the input's and the output columns
-            schema = pa.schema([(user_col, pa.int64()), (item_col, pa.int64())])
+            schema = pa.schema([(c, pa.string() if c in text_cols else pa.int64()) for c in (user_col, item_col)])
             if not _is_csv(requests_path):
                 schema = pq.read_schema(requests_path)
             schema = schema.append(pa.field("logit", pa.float32())).append(pa.field("score", pa.float32()))

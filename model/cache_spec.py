@@ -170,3 +170,36 @@ def compression_rate(cfg: ModelConfig, n: int | None = None, kv_itemsize: int = 
     """CR of a user with ``n`` history behaviours (default: a full window): :func:`entry_bytes` ÷
     :func:`full_kv_bytes`. For ``din``: bytes per behaviour ÷ (2 · d_a · 4)."""
     return entry_bytes(cfg, n, kv_itemsize) / max(1, full_kv_bytes(cfg, n))
+
+
+# ---------------------------------------------------------------------------------- token-table alternative
+TOKEN_FEEDBACKS = 2  # a behaviour's feedback: negative or positive (model.ctr.N_FEEDBACK less the padding)
+
+
+def token_only_reason(cfg: ModelConfig) -> str | None:
+    """None when every cached part of ``cfg`` is a function of the behaviour's token alone (item, its genres,
+    the feedback): din and the target-attention zoo (SIM, ETA, SDIM, TWIN), whose K/V, router indices and
+    retrieval keys come from the token's embedding. Otherwise why not: HSTU's layers above the first
+    attend over the sequence, so their K/V depend on the whole history, not on the token."""
+    if cfg.arch == "hstu":
+        return (f"HSTU's K/V above layer 0 are contextual (each of its {cfg.hstu_layers} layers attends over the "
+                "history): they depend on the event's position and neighbours, not on its token alone")
+    return None
+
+
+def token_vocabulary(cfg: ModelConfig) -> int:
+    """Distinct behaviour tokens a token table must hold: every item with either feedback."""
+    return cfg.n_items * TOKEN_FEEDBACKS
+
+
+def token_id_itemsize(vocabulary: int) -> int:
+    """Bytes of one token id in a token-id store: uint16 while the vocabulary fits, else int32."""
+    return 2 if vocabulary <= 65_536 else 4
+
+
+def token_row_bytes(cfg: ModelConfig, store_mode: str, kv_itemsize: int = 2) -> int:
+    """Bytes of one token's row in a GPU token table holding what a ``store_mode`` store caches per
+    behaviour: one row of every group (K/V at ``kv_itemsize``, router indices) and its retrieval keys."""
+    c = store_config(cfg, store_mode)
+    size = part_itemsizes(c, kv_itemsize)
+    return sum(p.width * size[p.kind] for p in entry_parts(c))

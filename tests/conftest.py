@@ -50,6 +50,15 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
             signal.signal(signal.SIGALRM, previous)
 
 
+@pytest.fixture(autouse=True)
+def _torch_grad_mode_restored() -> Iterator[None]:
+    """Each test starts with autograd on and cannot leave it off for the next one (a benchmark's ``main``
+    called in-process turns it off for its own process, as a script should)."""
+    torch.set_grad_enabled(True)
+    yield
+    torch.set_grad_enabled(True)
+
+
 @pytest.fixture(scope="session")
 def spark() -> Iterator[Any]:
     """local[2], 1g driver, no UI, 2 shuffle partitions; workers run this interpreter."""

@@ -28,6 +28,10 @@ def padded_batch(
     return items, feedback, lengths, targets
 
 
+# the `ckv` command as a subprocess runs it (python -m: no console script needed)
+CKV = [sys.executable, "-m", "collectivekv.jobs.cli"]
+
+
 def repo_env(**extra: str) -> dict[str, str]:
     """The environment for a subprocess that runs this checkout's code: the repository first on
     PYTHONPATH, whatever PYTHONPATH already held (e.g. carried packages) after it."""

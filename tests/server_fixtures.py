@@ -23,9 +23,9 @@ from collectivekv.cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE, prefil
 from collectivekv.cachestore.store.publish import build_version, new_staging_dir, publish
 from collectivekv.cachestore.store.record import write_layout
 from collectivekv.pipeline.training.checkpoint import save_checkpoint
-from tests.store_fixtures import layout_for, prefill_rows
-from tests.model.test_model import make_model, small_config
 from tests.cachestore.decode.test_serving import histories
+from tests.model.test_model import make_model, small_config
+from tests.store_fixtures import layout_for, prefill_rows
 
 SEQ = 8  # small_config max_len
 FIRST_USER = 100

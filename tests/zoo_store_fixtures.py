@@ -24,7 +24,14 @@ import torch
 from collectivekv.cachestore.decode.entry_batch import entry_payloads, storage_arrays
 from collectivekv.cachestore.store.entry import EntryLayout, entry_layout, entry_schema
 from collectivekv.cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE
-from collectivekv.cachestore.store.publish import LAYOUT, LMDB_DIR, MANIFEST, build_and_publish, new_staging_dir, publish
+from collectivekv.cachestore.store.publish import (
+    LAYOUT,
+    LMDB_DIR,
+    MANIFEST,
+    build_and_publish,
+    new_staging_dir,
+    publish,
+)
 from collectivekv.cachestore.store.record import user_key, write_layout
 from collectivekv.model.blocks import ZooCache
 from collectivekv.model.cache import KVCache

@@ -43,7 +43,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -174,6 +174,19 @@ class HostBatch(FetchedBatch):
             return None
         start = int(self.offsets[b])
         return self._buffer.view[start : start + self.layout.record_size(int(self.lengths[b]))]
+
+
+class RecordFetch(Protocol):
+    """What the runtime needs of a fetch: the store's layout, one batch of users' records per call (absent
+    users as cold-start slots, padded to ``n_slots``), and release of what it holds. Two implementations:
+    :class:`HostBatcher` (the records copied into a pinned buffer, one host-to-device copy) and
+    :class:`cachestore.decode.mapped.MappedBatcher` (a gather table over the store's registered map)."""
+
+    layout: EntryLayout
+
+    def fetch(self, user_ids: Sequence[int] | np.ndarray, n_slots: int | None = None) -> Any: ...
+
+    def close(self) -> None: ...
 
 
 class HostBatcher:
@@ -359,6 +372,9 @@ class HostBatcher:
         """Pack given encoded records (None = cold start) for these user ids; no LMDB involved."""
         t0 = time.perf_counter()
         return self._pack(self._ids(user_ids), records, t0)
+
+    def close(self) -> None:
+        """Nothing to release (the buffers are freed with the batcher; the reader belongs to the caller)."""
 
     def fetch(self, user_ids: Sequence[int] | np.ndarray, n_slots: int | None = None) -> HostBatch:
         """Read these users' records from the store into the next buffer (one read transaction).

@@ -1,44 +1,42 @@
 """CUDA graphs for the decode of every model: one graph replay per batch, copy included.
 
 At serving batch sizes the eager path (:func:`cachestore.decode.transfer.unpack_entry` +
-:func:`cachestore.decode.decode.decode`)
-is bound by per-op CPU dispatch and kernel launches (~1.6 ms at every B on an H100), not by bytes. For a
-fixed shape — n_users B, padded length L (``pad_to``), candidates per user C, buffer capacity — the whole
-device side is shape-static and free of host syncs, so it is captured into ``torch.cuda.CUDAGraph``s over
-static tensors and replayed per request. The host-to-device copies are captured too (one launch per
-request; measured on an H100, copy + replay issued separately from Python took 0.43 ms at B 512, L 1000
-against 0.33 ms with the copy in the graph, ``benchmarks/results/decode_latency/decode_latency.json``):
+:func:`cachestore.decode.decode.decode`) is bound by per-op CPU dispatch and kernel launches (~1.6 ms at every B on
+an H100), not by bytes. For a fixed shape — n_users B, padded length L (``pad_to``), candidates per user C, buffer
+capacity — the whole device side is shape-static and free of host syncs, so it is captured into
+``torch.cuda.CUDAGraph``s over static tensors and replayed per request. The host-to-device copies are captured too
+(one launch per request; measured on an H100, copy + replay issued separately from Python took 0.43 ms at B 512, L
+1000 against 0.33 ms with the copy in the graph, ``benchmarks/results/decode_latency/decode_latency.json``):
 
     graph for (host buffer, copy size S):
       copy_start; static raw[:S] (device uint8) ← host buffer[:S] (pinned);
                   static candidates (B, C) ← pinned candidate staging (B, C); copy_end   (timing events)
       static_decode(raw, candidates) → the graph's logits (B, C)
 
-    with ``overlap`` K > 1 (fused path, default 3) the candidates, then the batch in pieces [0, c1),
-    [c1, c2), … (:func:`copy_chunks`), are copied on a forked stream, each piece followed by an event; the
-    query projection waits for the candidates only, and fused launch i, on a stream of its own, waits for
-    event i and serves the users whose records end in piece i (:func:`record_ends`), so copying piece
-    i + 1 overlaps decoding piece i; the streams join before the graph ends.
+    with ``overlap`` K > 1 (fused path, default 3) the candidates, then the batch in pieces [0, c1), [c1, c2), …
+    (:func:`copy_chunks`), are copied on a forked stream, each piece followed by an event; the query projection
+    waits for the candidates only, and fused launch i, on a stream of its own, waits for event i and serves the
+    users whose records end in piece i (:func:`record_ends`), so copying piece i + 1 overlaps decoding piece i; the
+    streams join before the graph ends.
 
-A captured copy has a fixed source address and size, so there is one graph per (host buffer of the
-batcher's ring, copy-size bucket): S is the smallest bucket >= the batch's used_bytes, buckets being the
-capacity divided by √2 again and again down to 64 KiB (at most 41% more bytes than the batch; a full
-batch copies exactly the capacity) and capped at the host buffer's length. Graphs are captured on first
-use and share one memory pool (they replay one at a time on one stream).
+A captured copy has a fixed source address and size, so there is one graph per (host buffer of the batcher's ring,
+copy-size bucket): S is the smallest bucket >= the batch's used_bytes, buckets being the capacity divided by √2
+again and again down to 64 KiB (at most 41% more bytes than the batch; a full batch copies exactly the capacity) and
+capped at the host buffer's length. Graphs are captured on first use and share one memory pool (they replay one at a
+time on one stream).
 
-:func:`static_decode` is the captured body (it also runs eagerly on any device: the CPU tests compare it
-with the runtime). Why it is static: L = ``pad_to`` and the zero block at 16·B are host-known; the
-unpack gathers read each user's record at positions l < n_b and the zero block elsewhere, so bytes beyond
-the batch's used_bytes (copied along from the host buffer's tail, or left from an earlier batch) are never
-read; masking is arithmetic on (B, L) masks (no boolean indexing, ``nonzero`` or ``.item()``); ``decode``'s
-path choice depends on shapes only. Host-side checks (batch size, longest history <= L, used_bytes <=
-capacity, a pinned host buffer) run before the replay.
+:func:`static_decode` is the captured body (it also runs eagerly on any device: the CPU tests compare it with the
+runtime). Why it is static: L = ``pad_to`` and the zero block at 16·B are host-known; the unpack gathers read each
+user's record at positions l < n_b and the zero block elsewhere, so bytes beyond the batch's used_bytes (copied
+along from the host buffer's tail, or left from an earlier batch) are never read; masking is arithmetic on (B, L)
+masks (no boolean indexing, ``nonzero`` or ``.item()``); ``decode``'s path choice depends on shapes only. Host-side
+checks (batch size, longest history <= L, used_bytes <= capacity, a pinned host buffer) run before the replay.
 
-Contract: replays run on the caller's current stream; the host buffer and the candidate staging are
-refilled only after the replay that reads them (the batcher waits for the event :meth:`GraphedDecoder.run`
-marks; staging waits for the previous replay); the returned logits tensor is the graph's static output and
-is overwritten by the next replay of that graph (read or clone it first). Candidate ids must be valid
-items (0..n_items), checked on the host by the caller (an out-of-range id is a device-side assert).
+Contract: replays run on the caller's current stream; the host buffer and the candidate staging are refilled only
+after the replay that reads them (the batcher waits for the event :meth:`GraphedDecoder.run` marks; staging waits
+for the previous replay); the returned logits tensor is the graph's static output and is overwritten by the next
+replay of that graph (read or clone it first). Candidate ids must be valid items (0..n_items), checked on the host
+by the caller (an out-of-range id is a device-side assert).
 """
 
 from __future__ import annotations
@@ -51,13 +49,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from collectivekv.cachestore.decode import copy_plan
 from collectivekv.cachestore.decode.batch import HostBatch, zero_block_bytes
-from collectivekv.cachestore.decode.copy_plan import DEFAULT_OVERLAP, align8, batch_capacity, copy_buckets, copy_chunks, record_ends
-from collectivekv.cachestore.decode.decode import (
-    PATHS,
-    ResidentZooModel,
-    choose_path,
-)
+from collectivekv.cachestore.decode.copy_plan import batch_capacity, copy_buckets, copy_chunks, record_ends
+from collectivekv.cachestore.decode.decode import PATHS, ResidentZooModel, choose_path
 from collectivekv.cachestore.decode.fused import ALL_BYTES, DEFAULT_FUSED, FUSED, FusedConfig, uses_fused
 from collectivekv.cachestore.decode.mapped import MappedBatch, gather_records
 from collectivekv.cachestore.decode.static_decode import static_decode, unpack_din
@@ -110,7 +105,7 @@ class GraphedDecoder:
 
     def __init__(self, resident: ResidentZooModel, layout: EntryLayout, *, n_users: int, pad_to: int,
                  n_candidates: int = 1, capacity: int | None = None, path: str = "auto", warmup: int = 3,
-                 eager: bool = False, fused: FusedConfig = DEFAULT_FUSED, overlap: int = DEFAULT_OVERLAP,
+                 eager: bool = False, fused: FusedConfig = DEFAULT_FUSED, overlap: int = copy_plan.DEFAULT_OVERLAP,
                  concurrent: bool = True) -> None:
         self.device = torch.device(resident.device)
         if not eager and (self.device.type != "cuda" or not torch.cuda.is_available()):
@@ -131,7 +126,7 @@ class GraphedDecoder:
         self.concurrent = concurrent
         self.n_users, self.pad_to, self.n_candidates = n_users, pad_to, n_candidates
         need = 16 * n_users + zero_block_bytes(layout)
-        self.capacity = align8(max(capacity or batch_capacity(layout, n_users, pad_to), need))
+        self.capacity = copy_plan.align8(max(capacity or batch_capacity(layout, n_users, pad_to), need))
         self.buckets = copy_buckets(self.capacity)
         self.last_cost: TransferCost | None = None
         self._graphs: dict[tuple[int, int], _Captured] = {}  # (host buffer address, copy bytes) -> graph

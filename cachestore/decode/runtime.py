@@ -46,8 +46,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from collectivekv.cachestore.decode.batch import FetchedBatch, HostBatcher
-from collectivekv.cachestore.decode.decode import ResidentModel, ResidentZooModel, decode, decode_zoo, din_cache, entry_cache
+from collectivekv.cachestore.decode.batch import FetchedBatch, HostBatcher, RecordFetch
+from collectivekv.cachestore.decode.decode import (
+    ResidentModel,
+    ResidentZooModel,
+    decode,
+    decode_zoo,
+    din_cache,
+    entry_cache,
+)
 from collectivekv.cachestore.decode.fused import FUSED, fused_available, uses_fused
 from collectivekv.cachestore.decode.graphs import GraphedDecoder, static_decode
 from collectivekv.cachestore.decode.mapped import MappedBatcher
@@ -146,7 +153,7 @@ router index bounds only).
         self.max_pairs = config.max_pairs
         pin = (self.device.type == "cuda") if pin is None else pin
         kind = MappedBatcher if zero_copy else HostBatcher
-        self.batcher: HostBatcher | MappedBatcher = kind(
+        self.batcher: RecordFetch = kind(
             layout, reader=reader, expected_model_version=model_version, pin=pin, n_buffers=config.n_buffers,
             batch_users=batch_users, verify_crc=config.verify_crc)
         self.stats = RuntimeStats()
@@ -195,8 +202,7 @@ router index bounds only).
         if self._reader is not None:
             self._reader.shutdown(wait=True)
             self._reader = None
-        if isinstance(self.batcher, MappedBatcher):
-            self.batcher.close()
+        self.batcher.close()
         self._graphs.clear()
         self._resident.clear()
         self.reader.close()

@@ -97,7 +97,7 @@ async def _score(service: ScoringService, request: Request, arrow: bool) -> Resp
     future = service.batcher.submit(req)
     reply = await asyncio.wait_for(asyncio.wrap_future(future), service.config.request_timeout_s)
     if arrow:
-        content, media = reply_arrow(reply, req.user_ids, req.n_candidates), ARROW_MIME
+        content, media = reply_arrow(reply, req), ARROW_MIME
     else:
         content, media = reply_json(reply, req.n_candidates), JSON_MIME
     headers = {"X-Model-Version": reply.model_version, "X-Store-Version": reply.store_version}

@@ -27,7 +27,7 @@ import numpy as np
 
 from collectivekv.cachestore.decode.runtime import RuntimeStats
 from collectivekv.cachestore.serving.metrics import ServerMetrics
-from collectivekv.cachestore.serving.payloads import BadRequest, ScoreReply, ScoreRequest, to_dense_items
+from collectivekv.cachestore.serving.payloads import BadRequest, ScoreReply, ScoreRequest, key_users, to_dense_items
 from collectivekv.cachestore.serving.versions import ServedVersion, VersionManager
 
 log = logging.getLogger("ckv.serve")
@@ -139,7 +139,8 @@ class DynamicBatcher:
         ok: list[_Queued] = []
         for q in batch:
             self.metrics.queue_seconds.observe(now - q.enqueued)
-            try:  # raw item ids through this version's catalogue: the one that scores the request
+            try:  # raw user / item ids through this version's key scheme and catalogue: the ones that score it
+                q.request = key_users(q.request, version.user_key)
                 q.request = to_dense_items(q.request, version.runtime.catalogue, version.n_items)
                 ok.append(q)
             except BadRequest as exc:

@@ -16,7 +16,11 @@ Two encodings, chosen by the request's Content-Type:
   ``user_id`` (int64), ``scores`` (list<float32>) and ``cold_start`` (bool); the schema metadata holds
   ``model_version`` and ``store_version``.
 
-A score is the click probability (sigmoid of the logit). Ids are integers 0..2^63-1. Candidates are
+A score is the click probability (sigmoid of the logit). Ids are integers 0..2^63-1; user ids may also be
+text (a hash, a UUID) when the served store keys users by text (manifest ``user_key`` "blake2b-63",
+cachestore/store/user_keys.py): each is keyed as ``ckv data prepare`` keyed it (an integer stands for its
+decimal text there), by the version that scores the request (:func:`key_users`); a store keyed by
+integers refuses text ids with a 422 naming the position. The Arrow reply echoes text ids as strings. Candidates are
 raw item ids (the event log's), mapped to the model's dense ids through the item catalogue of the version
 that scores the request (:func:`to_dense_items`; an id the catalogue lacks is refused naming its
 position); with the query parameter ``?dense_ids=true`` they are the model's dense ids 1..n_items (0 is
@@ -34,10 +38,12 @@ from itertools import chain
 import numpy as np
 
 from collectivekv.cachestore.store.item_ids import ItemIds, raw_to_dense
+from collectivekv.cachestore.store.user_keys import INT, UserKeyError, to_keys
 
 ARROW_MIME = "application/vnd.apache.arrow.stream"
 JSON_MIME = "application/json"
 _MAX_ID = (1 << 63) - 1
+_MAX_TEXT_ID = 256  # characters of one text user id
 
 
 class BadRequest(ValueError):
@@ -72,6 +78,9 @@ class ScoreRequest:
     candidates: np.ndarray
     n_candidates: np.ndarray
     dense_ids: bool = False  # candidates are the model's dense ids (else raw ids, mapped per version)
+    raw_users: tuple[str | int, ...] | None = None  # the user ids as sent, when any is text (user_ids: zeros)
+    users_keyed: bool = False  # user_ids are the store's keys (:func:`key_users` ran)
+    users_field: str = "user_ids"  # how the request names its user ids (Arrow: the column "user_id")
 
     @property
     def n_users(self) -> int:
@@ -151,7 +160,7 @@ def parse_json(body: bytes, limits: Limits, dense_ids: bool = False) -> ScoreReq
             raise BadRequest(f"candidates[{i}]", f"must be a list of item ids, got {type(row).__name__}")
     lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
     _check_sizes(len(ids), lengths, limits)
-    user_ids = _int_array(ids, "user_ids", 0)
+    user_ids, raw_users = _json_users(ids)
     flat = list(chain.from_iterable(rows))
     try:
         items = _int_array(flat, "candidates", 1 if dense_ids else 0)
@@ -160,7 +169,41 @@ def parse_json(body: bytes, limits: Limits, dense_ids: bool = False) -> ScoreReq
         row = int(np.searchsorted(np.cumsum(lengths), j, side="right"))
         col = j - int(lengths[:row].sum())
         raise BadRequest(f"candidates[{row}][{col}]", exc.message) from None
-    return ScoreRequest(user_ids, _padded(items, lengths), lengths, dense_ids)
+    return ScoreRequest(user_ids, _padded(items, lengths), lengths, dense_ids, raw_users)
+
+
+def _json_users(ids: list) -> tuple[np.ndarray, tuple | None]:
+    """(user_ids, raw_users): integers as an int64 array; with any text id, the ids as sent (text of at most
+    _MAX_TEXT_ID characters, or integers) and zeros until :func:`key_users` keys them."""
+    if not any(type(v) is str for v in ids):
+        return _int_array(ids, "user_ids", 0), None
+    for i, v in enumerate(ids):
+        if type(v) is str:
+            if not 0 < len(v) <= _MAX_TEXT_ID:
+                raise BadRequest(f"user_ids[{i}]", f"text ids are 1..{_MAX_TEXT_ID} characters, got {len(v)}")
+        elif type(v) is not int or not 0 <= v <= _MAX_ID:
+            raise BadRequest(f"user_ids[{i}]", f"must be a text id or an integer 0..2^63-1, got {json.dumps(v)[:40]}")
+    return np.zeros(len(ids), np.int64), tuple(ids)
+
+
+def key_users(request: ScoreRequest, scheme: str) -> ScoreRequest:
+    """The request with its user ids as the store's keys under the serving version's key ``scheme``
+    (cachestore/store/user_keys.py); BadRequest naming the first id the scheme cannot key."""
+    if request.users_keyed:
+        return request
+    if scheme == INT and request.raw_users is None:
+        return replace(request, users_keyed=True)
+    if scheme == INT:
+        raw_users = request.raw_users or ()
+        i = next(i for i, v in enumerate(raw_users) if type(v) is str)
+        raise BadRequest(f"{request.users_field}[{i}]", "is text, and the served store keys users by integer ids "
+                         f"(user_key 'int'): send integers 0..2^63-1, got {json.dumps(raw_users[i])[:40]}")
+    raw = list(request.raw_users) if request.raw_users is not None else request.user_ids
+    try:
+        keys = to_keys(raw, scheme, where="user_ids")
+    except UserKeyError as exc:
+        raise BadRequest(request.users_field, f"{exc} (the served store keys users by {scheme!r})") from None
+    return replace(request, user_ids=keys, users_keyed=True)
 
 
 def _arrow_ints(column, field: str, low: int) -> np.ndarray:  # noqa: ANN001 (pyarrow array)
@@ -195,9 +238,17 @@ def parse_arrow(body: bytes, limits: Limits, dense_ids: bool = False) -> ScoreRe
         raise BadRequest("candidates", "has null lists")
     lengths = lists.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
     _check_sizes(table.num_rows, lengths, limits)
-    user_ids = _arrow_ints(table.column("user_id").combine_chunks(), "user_id", 0)
+    users = table.column("user_id").combine_chunks()
+    raw_users = None
+    if pa.types.is_string(users.type) or pa.types.is_large_string(users.type):
+        if users.null_count:
+            raise BadRequest("user_id", "has null values")
+        raw_users = tuple(users.to_pylist())
+        user_ids = np.zeros(len(raw_users), np.int64)
+    else:
+        user_ids = _arrow_ints(users, "user_id", 0)
     items = _arrow_ints(lists.flatten(), "candidates.item", 1 if dense_ids else 0)
-    return ScoreRequest(user_ids, _padded(items, lengths), lengths, dense_ids)
+    return ScoreRequest(user_ids, _padded(items, lengths), lengths, dense_ids, raw_users, users_field="user_id")
 
 
 def to_dense_items(request: ScoreRequest, items: ItemIds, n_items: int) -> ScoreRequest:
@@ -232,15 +283,18 @@ def reply_json(reply: ScoreReply, n_candidates: np.ndarray) -> bytes:
     return json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
 
 
-def reply_arrow(reply: ScoreReply, user_ids: np.ndarray, n_candidates: np.ndarray) -> bytes:
-    """The Arrow IPC stream reply (see the module docstring)."""
+def reply_arrow(reply: ScoreReply, request: ScoreRequest) -> bytes:
+    """The Arrow IPC stream reply (see the module docstring): the request's user ids as sent."""
     import pyarrow as pa
 
+    n_candidates = request.n_candidates
     real = np.arange(reply.scores.shape[1])[None, :] < n_candidates[:, None]
     offsets = np.concatenate([[0], np.cumsum(n_candidates)]).astype(np.int32)
     scores = pa.ListArray.from_arrays(pa.array(offsets), pa.array(reply.scores[real].astype(np.float32)))
     meta = {"model_version": reply.model_version, "store_version": reply.store_version}
-    table = pa.table({"user_id": pa.array(user_ids, pa.int64()), "scores": scores,
+    users = (pa.array([str(u) for u in request.raw_users], pa.string()) if request.raw_users is not None
+             else pa.array(request.user_ids, pa.int64()))
+    table = pa.table({"user_id": users, "scores": scores,
                       "cold_start": pa.array(reply.cold_start)}).replace_schema_metadata(meta)
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:

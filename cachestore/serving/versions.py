@@ -32,6 +32,7 @@ from collectivekv.cachestore.decode.runtime import DecodeRuntime
 from collectivekv.cachestore.decode.runtime_config import ServingConfig
 from collectivekv.cachestore.serving.metrics import ServerMetrics
 from collectivekv.cachestore.store.publish import open_current
+from collectivekv.cachestore.store.user_keys import INT, read_key_scheme
 
 log = logging.getLogger("ckv.serve")
 
@@ -39,12 +40,14 @@ log = logging.getLogger("ckv.serve")
 @dataclass
 class ServedVersion:
     """One loaded version: ``store_version`` (the version directory's name), ``model_version`` (the
-    checkpoint's, equal to the records'), the runtime that scores with both, and the item count."""
+    checkpoint's, equal to the records'), the runtime that scores with both, the item count, and how the
+    store keys raw user ids (its manifest's ``user_key``: cachestore/store/user_keys.py)."""
 
     store_version: str
     model_version: str
     runtime: DecodeRuntime
     n_items: int
+    user_key: str = INT
 
     def close(self) -> None:
         """Release the version's device memory (tier, graphs), map registration and LMDB reader."""
@@ -57,7 +60,8 @@ def load_version(version_dir: Path, config: ServingConfig) -> ServedVersion:
     when configured, is filled while the runtime opens)."""
     runtime = DecodeRuntime.open(version_dir, config=config)
     runtime.score(np.zeros(1, dtype=np.int64), np.ones((1, 1), dtype=np.int64))
-    return ServedVersion(version_dir.name, runtime.model_version, runtime, runtime.resident.cfg.n_items)
+    return ServedVersion(version_dir.name, runtime.model_version, runtime, runtime.resident.cfg.n_items,
+                         read_key_scheme(version_dir))
 
 
 Loader = Callable[[Path], ServedVersion]

@@ -45,17 +45,20 @@ class ItemIds:
 
     ``sorted_raw`` (n,) int64 strictly increasing; ``dense`` (n,) int64, the dense id of each.
     ``identity(n)`` is the mapping of a model without a catalogue: raw id i = dense id i, 1..n.
+    ``item_key``: how a request's item id becomes its raw id (``cachestore/store/user_keys.py``): "int" (the id
+    itself) or "blake2b-63" (text ids: ``user_keys.to_keys(ids, item_key)`` first, then :meth:`to_dense`).
     """
 
     sorted_raw: np.ndarray
     dense: np.ndarray
+    item_key: str = "int"
 
     @classmethod
-    def from_raw_items(cls, raw_items: np.ndarray) -> ItemIds:
+    def from_raw_items(cls, raw_items: np.ndarray, *, item_key: str = "int") -> ItemIds:
         """From the raw id of each dense id 1..n in order (``raw_items[d - 1]`` is dense id d's)."""
         raw = np.asarray(raw_items, dtype=np.int64)
         order = np.argsort(raw, kind="stable")
-        return cls(raw[order], order.astype(np.int64) + 1)
+        return cls(raw[order], order.astype(np.int64) + 1, item_key)
 
     @classmethod
     def identity(cls, n_items: int) -> ItemIds:

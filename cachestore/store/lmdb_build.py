@@ -43,7 +43,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from collectivekv.cachestore.store.entry import ENTRY_FORMAT_VERSION, EntryLayout, entry_from_parquet_row, entry_schema, read_layout
+from collectivekv.cachestore.store.entry import (
+    ENTRY_FORMAT_VERSION,
+    EntryLayout,
+    entry_from_parquet_row,
+    entry_schema,
+    read_layout,
+)
 from collectivekv.cachestore.store.record import HEADER_SIZE, RecordError, user_key
 
 T = TypeVar("T")

@@ -36,7 +36,12 @@ import torch
 
 from collectivekv.cachestore.decode.batch import HostBatcher, check_record, zero_block_bytes
 from collectivekv.cachestore.store.entry import record_length
-from collectivekv.cachestore.store.record import _CRC_OFFSET, HEADER_SIZE, KEY, RecordError  # CRC: bytes 0..27 + payload
+from collectivekv.cachestore.store.record import (  # CRC: bytes 0..27 + payload
+    _CRC_OFFSET,
+    HEADER_SIZE,
+    KEY,
+    RecordError,
+)
 from collectivekv.cachestore.tier.arena import header_bytes
 from collectivekv.cachestore.tier.policy import make_policy
 

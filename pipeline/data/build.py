@@ -206,6 +206,9 @@ def build_dataset(
     catalogue: ItemCatalogue | None = None,
     split: str = "global",
     per_user: tuple[int, int] = (10, 10),
+    item_names: tuple[np.ndarray, np.ndarray] | None = None,
+    user_key: str = "int",
+    item_key: str = "int",
 ) -> CanonicalDataset:
     """Pure build. `events`: columns user, item, timestamp (int64), label (int8), input row order.
 
@@ -213,8 +216,10 @@ def build_dataset(
     ``per_user`` = (valid, test) events; :mod:`pipeline.data.split`). Dense item ids come from `catalogue`
     extended with the event log's new items (None: a fresh catalogue, items in ascending raw id order),
     whatever the split: items and genres seen only in valid/test events get ids too (their embeddings stay
-    at their initial values, since no training sample's target or history holds them). meta gets
-    everything but `label_rule` and `source` (left None for the caller to fill).
+    at their initial values, since no training sample's target or history holds them). `item_names`: (keys,
+    text ids) of items named by text; `user_key` / `item_key`: the key schemes (cachestore/store/user_keys.py),
+    recorded in the catalogue and meta. meta gets everything but `label_rule` and `source` (left None for the
+    caller to fill).
     """
     n = len(events)
     if n == 0:
@@ -224,7 +229,7 @@ def build_dataset(
     codes, uniques = pd.factorize(events["item"].to_numpy(np.int64), sort=True)  # hash: few uniques
     raw_items = np.asarray(uniques, dtype=np.int64)
     previous = catalogue or ItemCatalogue(np.zeros(0, np.int64))
-    cat = previous.extend(raw_items)
+    cat = previous.with_keys(item_key, user_key).extend(raw_items, names=item_names)
     if cat.n_items >= INT32_MAX or n >= INT32_MAX:
         raise DataError(f"{cat.n_items} items / {n} events: too many for int32 ids / offsets")
     item = cat.to_dense(raw_items)[codes].astype(np.int32)
@@ -239,14 +244,25 @@ def build_dataset(
         "items_without_genres": int(np.sum(np.diff(np.asarray(items["genre_ids"].combine_chunks().offsets)) == 0)),
         **split_counts,
     }  # fmt: skip
-    meta: dict[str, Any] = {
+    fractions = fractions or [round(split_counts[k]["samples"] / n, 6) for k in SPLITS]
+    meta = _dataset_meta(cat, previous, catalogue, counts, splits, fractions)
+    return CanonicalDataset(meta=meta, items=items, histories=histories, samples=samples, catalogue=cat)
+
+
+def _dataset_meta(cat: ItemCatalogue, previous: ItemCatalogue, catalogue: ItemCatalogue | None,
+                  counts: dict[str, Any], splits: dict[str, Any], fractions: list[float]) -> dict[str, Any]:
+    """meta.json of a built dataset (label_rule and source left None for the caller)."""
+    genres = list(cat.genres)
+    return {
         "schema_version": SCHEMA_VERSION,
-        "n_users": n_users,
+        "n_users": counts["users"],
         "n_items": cat.n_items,
         "n_genres": len(genres),
         "genres": genres,
+        "user_key": cat.user_key,
+        "item_key": cat.item_key,
         "splits": splits,
-        "split_fractions": fractions or [round(split_counts[k]["samples"] / n, 6) for k in SPLITS],
+        "split_fractions": fractions,
         "label_rule": None,
         "source": None,
         "counts": counts,
@@ -254,4 +270,3 @@ def build_dataset(
                       "previous_sha256": None if catalogue is None else catalogue.sha256,
                       "new_items": cat.n_items - previous.n_items},
     }
-    return CanonicalDataset(meta=meta, items=items, histories=histories, samples=samples, catalogue=cat)

@@ -1,17 +1,17 @@
 """Reading and validating the user-brought input: the event log and the item side-feature file.
 
-Input layouts (docs/data_schema.md); the format follows the extension (.csv, .csv.gz,
-.parquet, .pq); column names are configurable, other columns are ignored:
+Input layouts (docs/data_schema.md); the format follows the extension or --sep
+(pipeline/data/event_formats.py); column names are configurable, other columns are ignored:
 
-    events  one row per interaction: <user> integer id, <item> integer id, <time> integer
-            timestamp (a Parquet timestamp column becomes unix seconds), and either
-            <label> in {0, 1} or a numeric <rating> (label = rating >= threshold).
-    items   one row per item: <item> integer id, <feature> multi-valued text with values
-            separated by '|'; empty, null or "(no genres listed)" means none.
+    events  one row per interaction: <user> id, <item> id, <time> (a number, ISO-8601 text or a
+            Parquet temporal column: pipeline/data/event_values.py), and either <label> in {0, 1} or a
+            numeric <rating> (label = rating >= threshold).
+    items   one row per item: <item> id, <feature> multi-valued text with values separated by
+            '|'; empty, null or "(no genres listed)" means none.
 
-`read_events` returns a DataFrame with columns user int64, item int64, timestamp int64,
-label int8 in input row order; `read_item_genres` returns one row per (item int64,
-genre str) pair. Every problem raises DataError naming the file and the column.
+The value checks live here (integer ids, numbers, labels); text ids, times, genre placeholders and
+the readers built on them (`read_events`, `read_event_log`, `read_genres`) in
+pipeline/data/event_values.py. Every problem raises DataError naming the file and the column.
 """
 
 from __future__ import annotations
@@ -21,59 +21,23 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from collectivekv.pipeline.data.dataset_schema import DataError
+from collectivekv.pipeline.data.event_formats import first_bad, read_frame, reject_lists
 
-CSV_SUFFIXES = (".csv", ".csv.gz")
-PARQUET_SUFFIXES = (".parquet", ".pq")
 NO_GENRES = "(no genres listed)"
 ID_MAX = 2**63 - 1  # ids are stored as int64 (and as unsigned LMDB keys): 0..ID_MAX
 FLOAT_EXACT_MAX = 2**53  # a float64 holds every integer up to here exactly
 
 
-def _file_format(path: Path, role: str) -> str:
-    name = path.name.lower()
-    if name.endswith(CSV_SUFFIXES):
-        return "csv"
-    if name.endswith(PARQUET_SUFFIXES):
-        return "parquet"
-    raise DataError(f"{role} file {path}: unknown format; use one of {CSV_SUFFIXES + PARQUET_SUFFIXES}")
+def read_columns(path: str | Path, columns: Mapping[str, str], role: str, *, sep: str | None = None,
+                 text: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Read the named columns of a text/Parquet file; `columns` maps meaning -> column name.
 
-
-def read_columns(path: str | Path, columns: Mapping[str, str], role: str) -> pd.DataFrame:
-    """Read the named columns of a CSV/Parquet file; `columns` maps meaning -> column name.
-
-    Returns a DataFrame whose columns are the meanings (e.g. "user"), in file row order.
+    Returns a DataFrame whose columns are the meanings (e.g. "user"), in file row order
+    (pipeline/data/event_formats.py: `read_frame`).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{role} file {path}: not found")
-    fmt = _file_format(path, role)
-    if path.stat().st_size == 0:
-        raise DataError(f"{role} file {path}: empty file (0 bytes)")
-    try:
-        if fmt == "csv":
-            found = [str(c) for c in pd.read_csv(path, nrows=0).columns]
-        else:
-            found = list(pq.read_schema(path).names)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, pa.ArrowInvalid, OSError) as exc:
-        raise DataError(f"{role} file {path}: cannot read as {fmt}: {exc}") from exc
-    missing = [f"{meaning} column '{name}'" for meaning, name in columns.items() if name not in found]
-    if missing:
-        raise DataError(f"{role} file {path}: missing {', '.join(missing)}; columns found: {found}")
-    wanted = list(dict.fromkeys(columns.values()))
-    try:
-        if fmt == "csv":
-            frame = pd.read_csv(path, usecols=wanted, low_memory=False)
-        else:
-            frame = pq.read_table(path, columns=wanted).to_pandas()
-    except (pd.errors.ParserError, pa.ArrowInvalid, ValueError, OSError) as exc:
-        raise DataError(f"{role} file {path}: cannot read as {fmt}: {exc}") from exc
-    if len(frame) == 0:
-        raise DataError(f"{role} file {path}: no rows (columns found: {found})")
-    return pd.DataFrame({meaning: frame[name].reset_index(drop=True) for meaning, name in columns.items()})
+    return read_frame(path, columns, role, sep=sep, text=text)
 
 
 def _where(path: str | Path, role: str, column: str, meaning: str) -> str:
@@ -81,10 +45,7 @@ def _where(path: str | Path, role: str, column: str, meaning: str) -> str:
 
 
 def _first(mask: np.ndarray, values: pd.Series) -> str:
-    row = int(np.flatnonzero(mask)[0])
-    value = values.iloc[row]
-    value = value.item() if isinstance(value, np.generic) else value
-    return f"first at row {row} (0-based, header excluded): {value!r}"
+    return first_bad(mask, values)  # a short preview of the value, never a whole list
 
 
 def check_no_nulls(values: pd.Series, where: str) -> None:
@@ -96,7 +57,8 @@ def check_no_nulls(values: pd.Series, where: str) -> None:
 
 
 def to_numeric(values: pd.Series, where: str) -> pd.Series:
-    """Nulls and non-numeric text are errors; returns a numeric Series."""
+    """Nulls, lists and non-numeric text are errors; returns a numeric Series."""
+    reject_lists(values, where, "a number")
     check_no_nulls(values, where)
     if pd.api.types.is_bool_dtype(values):
         return values.astype(np.int8)
@@ -158,6 +120,7 @@ def to_id(values: pd.Series, where: str) -> np.ndarray:
     negative ids, ids >= 2**63 (a uint64 column or long text), and floating-point ids above 2**53
     (a float64 cannot hold them exactly: write the ids as integers).
     """
+    reject_lists(values, where, "one id")
     check_no_nulls(values, where)
     bools = _is_bool_like(values)
     if bools.any():
@@ -224,59 +187,3 @@ def validate_events(
         where = _where(path, role, rating_col, "rating")
         events["label"] = label_from_rating(raw["rating"], rating_threshold, where)
     return events
-
-
-def read_events(
-    path: str | Path,
-    *,
-    user_col: str,
-    item_col: str,
-    time_col: str,
-    label_col: str | None = None,
-    rating_col: str | None = None,
-    rating_threshold: float | None = None,
-) -> pd.DataFrame:
-    """Read and validate the event log: exactly one of label_col / rating_col (+ threshold)."""
-    if (label_col is None) == (rating_col is None):
-        given = "both" if label_col is not None else "neither"
-        raise DataError(
-            f"events file {path}: give exactly one of a label column or a rating column "
-            f"(got {given}: label column {label_col!r}, rating column {rating_col!r})"
-        )
-    if rating_col is not None and rating_threshold is None:
-        raise DataError(f"events file {path}: rating column '{rating_col}' needs a rating threshold")
-    columns = {"user": user_col, "item": item_col, "timestamp": time_col}
-    columns.update({"label": label_col} if label_col is not None else {"rating": str(rating_col)})
-    raw = read_columns(path, columns, "events")
-    return validate_events(
-        raw,
-        path,
-        user_col=user_col,
-        item_col=item_col,
-        time_col=time_col,
-        label_col=label_col,
-        rating_col=rating_col,
-        rating_threshold=rating_threshold,
-    )
-
-
-def read_item_genres(path: str | Path, *, item_col: str, feature_col: str, sep: str = "|") -> pd.DataFrame:
-    """Read the item side-feature file -> one row per (item int64, genre str) pair.
-
-    Items must be unique integer ids; the feature text is split on `sep`, stripped, and
-    empty values / NO_GENRES dropped (an item may end up with no pairs).
-    """
-    raw = read_columns(path, {"item": item_col, "feature": feature_col}, "items")
-    items = to_id(raw["item"], _where(path, "items", item_col, "item id"))
-    dup = pd.Series(items).duplicated().to_numpy()
-    if dup.any():
-        raise DataError(
-            f"{_where(path, 'items', item_col, 'item id')}: {int(dup.sum())} duplicate id(s), "
-            f"{_first(dup, raw['item'])}"
-        )
-    text = raw["feature"].astype("string").fillna("")
-    pairs = pd.DataFrame({"item": items, "genre": text.str.split(sep, regex=False)}).explode("genre")
-    pairs["genre"] = pairs["genre"].astype("string").str.strip()
-    keep = pairs["genre"].notna() & (pairs["genre"] != "") & (pairs["genre"] != NO_GENRES)
-    out = pairs[keep.to_numpy()].reset_index(drop=True)
-    return pd.DataFrame({"item": out["item"].to_numpy(np.int64), "genre": out["genre"].astype(str).to_numpy()})

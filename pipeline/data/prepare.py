@@ -29,7 +29,7 @@ from collectivekv.pipeline.data.dataset_schema import (
     DataError,
     validate_dataset,
 )
-from collectivekv.pipeline.data.events import read_events, read_item_genres
+from collectivekv.pipeline.data.prepare_inputs import read_log, read_pairs, source_record
 from collectivekv.pipeline.data.split import SPLIT_KINDS, split_kind
 from collectivekv.pipeline.store.safe_output import OutputKind, check_output_dir, replace_dir
 
@@ -42,11 +42,12 @@ DATASET_OUTPUT = OutputKind("dataset", "ckv data prepare",
 class PrepareConfig:
     """Inputs, column names and split of `ckv data prepare`.
 
-    Exactly one of `label_col` (0/1 values) or `rating_col` (label = rating >= rating_threshold)
-    must be set. `items_item_col` defaults to `item_col`.
+    Exactly one of `events` (with exactly one of `label_col` (0/1 values) or `rating_col` (label =
+    rating >= rating_threshold)) or `impressions` (+ `history`, pipeline/data/impressions.py) must be set.
+    `items_item_col` defaults to `item_col`. Formats of the values: pipeline/data/event_values.py.
     """
 
-    events: Path
+    events: Path | None
     out: Path
     items: Path | None = None
     user_col: str = "userId"
@@ -66,8 +67,30 @@ class PrepareConfig:
     catalogue: Path | None = None  # previous catalogue: a catalogue.parquet, a dataset or a checkpoint dir
     new_catalogue: bool = False  # start a fresh catalogue even if `out` holds one
     overwrite: bool = False  # replace an existing dataset at `out` (never anything else)
+    sep: str | None = None  # separator of every text input file [default: by extension]
+    user_ids: str = "auto"  # auto | int | string (text ids, keyed by blake2b-63)
+    item_ids: str = "auto"
+    time_unit: str = "s"  # the unit of the timestamps (numbers are in it; dates / ISO times are converted to it)
+    time_format: str | None = None  # strptime format of text times [default: numbers or ISO-8601]
+    ignore_genres: tuple[str, ...] = ()  # placeholder genre values (besides "(no genres listed)")
+    impressions: Path | None = None  # an impression log instead of `events`
+    history: Path | None = None  # its read history
+    shown_col: str = "shown"
+    clicked_col: str = "clicked"
+    labelled_impressions: bool = False  # the shown column holds item-label tokens ("N1-0 N7-1")
+    list_sep: str = " "
+    history_user_col: str | None = None  # [default: user_col]
+    history_item_col: str | None = None  # [default: item_col]
+    history_time_col: str | None = None  # [default: none: reads precede the earliest impression]
 
     def __post_init__(self) -> None:
+        if (self.events is None) == (self.impressions is None):
+            raise DataError("give either an event log (--events) or an impression log (--impressions)")
+        if self.history is not None and self.impressions is None:
+            raise DataError("--history is the read history of an impression log: give --impressions too")
+        if self.impressions is not None and (self.label_col or self.rating_col):
+            raise DataError("an impression log's labels come from its shown / clicked lists: drop --label-col / "
+                            "--rating-col")
         if self.catalogue is not None and self.new_catalogue:
             raise DataError("give either a previous catalogue (--catalogue) or --new-catalogue, not both")
         if not (0 <= self.valid_frac < 1 and 0 <= self.test_frac < 1 and self.valid_frac + self.test_frac < 1):
@@ -80,18 +103,24 @@ class PrepareConfig:
 
     @property
     def event_columns(self) -> dict[str, Any]:
-        """The event log's column mapping (:func:`pipeline.data.events.read_events`'s keywords)."""
+        """The event log's columns and value formats (:func:`pipeline.data.event_values.read_event_log`'s
+        keywords, less the id modes the run resolves against the catalogue it extends)."""
         return {"user_col": self.user_col, "item_col": self.item_col, "time_col": self.time_col,
-                "label_col": self.label_col, "rating_col": self.rating_col, "rating_threshold": self.rating_threshold}
+                "label_col": self.label_col, "rating_col": self.rating_col, "rating_threshold": self.rating_threshold,
+                "sep": self.sep, "time_unit": self.time_unit, "time_format": self.time_format}
 
     @property
     def item_columns(self) -> dict[str, Any]:
-        """The item file's column mapping (:func:`pipeline.data.events.read_item_genres`'s keywords)."""
+        """The item file's columns (:func:`pipeline.data.event_values.read_genres`'s keywords, less the key)."""
         return {"item_col": self.items_item_col or self.item_col, "feature_col": self.item_feature_col,
-                "sep": self.feature_sep}
+                "sep": self.feature_sep, "file_sep": self.sep, "ignore": self.ignore_genres}
 
     @property
     def label_rule(self) -> str:
+        if self.impressions is not None:
+            from collectivekv.pipeline.data.prepare_inputs import impression_options
+
+            return impression_options(self, self.user_ids, self.item_ids).label_rule
         if self.label_col is not None:
             return f"label = column '{self.label_col}' (0/1)"
         return f"label = 1 if column '{self.rating_col}' >= {self.rating_threshold} else 0"
@@ -154,20 +183,19 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
 
     config.out is checked first (OutputError before any work: see write_dataset).
     """
-    inputs = (config.events, config.items)
+    inputs = (config.events, config.items, config.impressions, config.history)
     check_output_dir(Path(config.out), DATASET_OUTPUT, overwrite=config.overwrite, inputs=inputs)
-    events = read_events(config.events, **config.event_columns)
-    pairs = None if config.items is None else read_item_genres(config.items, **config.item_columns)
-    ds = build_dataset(events, pairs, valid_frac=config.valid_frac, test_frac=config.test_frac,
-                       catalogue=previous_catalogue(config), split=config.split,
-                       per_user=(config.user_valid_events, config.user_test_events))
+    previous = previous_catalogue(config)
+    log = read_log(config, previous)  # events or impressions, ids keyed, times converted
+    pairs = read_pairs(config, log)
+    ds = build_dataset(log.events, pairs, valid_frac=config.valid_frac, test_frac=config.test_frac,
+                       catalogue=previous, item_names=log.item_names, user_key=log.user_key, item_key=log.item_key,
+                       split=config.split, per_user=(config.user_valid_events, config.user_test_events))
     ds.meta["label_rule"] = config.label_rule
-    ds.meta["source"] = {
-        "events": str(config.events),
-        "items": None if config.items is None else str(config.items),
-        "sha256": sha256_file(config.events),
-    }
-    validate_dataset(ds, where=f"prepared from {config.events}")
+    main_input = config.events if config.events is not None else config.impressions
+    ds.meta["source"] = source_record(config, sha256_file(main_input))
+    ds.meta["time"] = log.time
+    validate_dataset(ds, where=f"prepared from {main_input}")
     write_dataset(ds, config.out, overwrite=config.overwrite, inputs=inputs)
     return ds.meta
 
@@ -185,11 +213,17 @@ def summary(meta: dict[str, Any]) -> str:
             f"  {split:<5} {s['samples']:>10,} samples  {s['users']:>8,} users  positive rate {s['positive_rate']:.3f}"
         )
     sp = meta["splits"]
+    time = meta.get("time") or {}
+    unit = f" ({time['unit']}, from {time['input']} column '{time['column']}')" if time else ""
     if split_kind(meta) == "global":
-        lines.append(f"  global time split: valid_start {sp['valid_start']}  test_start {sp['test_start']}")
+        lines.append(f"  global time split: valid_start {sp['valid_start']}  test_start {sp['test_start']}{unit}")
     else:
         lines.append(f"  per-user split: each user's last {sp['test_events']} events test, the {sp['valid_events']} "
                      f"before valid (users with >= {sp['min_events']} events)")
+    keys = [f"{what} ids keyed by {meta[k]}" for what, k in (("user", "user_key"), ("item", "item_key"))
+            if meta.get(k, "int") != "int"]
+    if keys:
+        lines.append("  " + ", ".join(keys) + " (text ids)")
     cat = meta.get("catalogue")
     if cat:
         base = "a fresh catalogue" if cat["previous_sha256"] is None else f"extends {cat['previous_sha256'][:12]}"

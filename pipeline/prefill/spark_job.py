@@ -50,7 +50,12 @@ from collectivekv.pipeline.prefill.prefill import (
 )
 from collectivekv.pipeline.prefill.spark_executor import prefill_partition
 from collectivekv.pipeline.prefill.spark_logging import java_options, route_spark_logs
-from collectivekv.pipeline.store.store_ops import PREFILL_META_FILE, PREFILL_PARQUET_SCHEMA_VERSION, build_store, write_json
+from collectivekv.pipeline.store.store_ops import (
+    PREFILL_META_FILE,
+    PREFILL_PARQUET_SCHEMA_VERSION,
+    build_store,
+    write_json,
+)
 
 log = logging.getLogger("ckv.prefill")
 DEVICES = ("auto", "cpu", "cuda")
@@ -167,15 +172,18 @@ def ship_checkpoint(sc: Any, checkpoint: Path, version: str) -> str:
 
 
 def ship_code(sc: Any) -> None:
-    """Zip the project's packages (model, pipeline, cachestore) for executors without them."""
-    import cachestore
-    import model
-    import pipeline
+    """Zip the project's packages (collectivekv's model, pipeline, cachestore) for executors without them.
+
+    The zip has the repository's layout (``collectivekv/__init__.py`` beside ``model/``, ``pipeline/``,
+    ``cachestore/``), which ``collectivekv/__init__.py`` resolves as it does a source checkout."""
+    import collectivekv
+    from collectivekv import cachestore, model, pipeline
 
     tmp = Path(tempfile.mkdtemp(prefix="ckv-code-"))
     atexit.register(shutil.rmtree, tmp, True)
     out = tmp / "collectivekv-code.zip"
     with zipfile.ZipFile(out, "w") as zf:
+        zf.write(collectivekv.__file__, "collectivekv/__init__.py")
         for pkg in (model, pipeline, cachestore):
             root = Path(pkg.__file__).parent
             for f in sorted(root.rglob("*.py")):
@@ -265,6 +273,7 @@ class _Job:
     layout: Any
     histories: str
     store: Path
+    keys: dict[str, str]  # the catalogue's user / item key schemes, for the manifest (cachestore/store/user_keys.py)
 
 
 def _driver_checks(opts: PrefillOptions) -> _Job:
@@ -275,6 +284,7 @@ def _driver_checks(opts: PrefillOptions) -> _Job:
     ckpt_dir = Path(opts.checkpoint)
     ckpt = load_checkpoint(ckpt_dir)  # validates files + fingerprint on the driver
     cfg, version = ckpt.config, ckpt.model_version
+    keys = {"user_key": ckpt.item_catalogue.user_key, "item_key": ckpt.item_catalogue.item_key}
     layout = cache_layout(cfg, version, opts.mode or cfg.kv_mode, opts.kv_dtype)
     check_engine(layout, opts.engine)  # e.g. memo is din-only: refused before any task
     if "://" not in opts.histories and Path(opts.histories).is_dir():
@@ -283,7 +293,7 @@ def _driver_checks(opts: PrefillOptions) -> _Job:
     histories = resolve_histories(opts.histories)
     store = Path(opts.store).resolve()
     (store / STAGING).mkdir(parents=True, exist_ok=True)
-    return _Job(ckpt_dir, cfg, version, layout, histories, store)
+    return _Job(ckpt_dir, cfg, version, layout, histories, store, keys)
 
 
 def _configure_spark(spark: Any, opts: PrefillOptions) -> None:
@@ -341,7 +351,7 @@ def _prefill_meta(sc: Any, opts: PrefillOptions, job: _Job, acc: dict[str, Any],
     return {
         "prefill_parquet_schema_version": PREFILL_PARQUET_SCHEMA_VERSION,
         "checkpoint": str(job.ckpt_dir.resolve()), "histories": job.histories, "model_version": job.version,
-        "model_config": asdict(job.config), "mode": job.layout.mode, "kv_dtype": job.layout.kv_dtype,
+        "model_config": asdict(job.config), **job.keys, "mode": job.layout.mode, "kv_dtype": job.layout.kv_dtype,
         "engine": opts.engine, "device": opts.device, "batch_users": opts.batch_users,
         "spark": {"master": sc.master, "app_id": sc.applicationId, "version": sc.version,
                   "default_parallelism": sc.defaultParallelism},

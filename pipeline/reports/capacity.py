@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -43,6 +43,8 @@ BATCH_INDEX_BYTES = 16  # offsets + lengths, int64 each, per user in a batch (ca
 SAMPLE_USERS = 200_000  # records simulated for the page model of a length distribution
 Z90 = 1.2815515655446004  # standard normal 90% quantile
 _DUMMY_VERSION = "0" * 16
+if TYPE_CHECKING:
+    from collectivekv.pipeline.reports.capacity_zoo import ZooFormat
 
 # REFERENCE.md (/work/shared/REFERENCE.md): H100, pinned host→device, measured here
 REFERENCE_H2D_GB_S = (51.0, 55.0)
@@ -293,7 +295,7 @@ def lmdb_bytes_for(layout: EntryLayout, dist: LengthDist, users: int, *, sample_
     of min(users, sample_users) records in random order; leaf and overflow pages scaled to ``users``)."""
     m = min(users, sample_users)
     lengths = dist.sample(m, seed)
-    p = lmdb_pages(HEADER_SIZE + lengths * (layout.record_size(1) - HEADER_SIZE))
+    p = lmdb_pages(layout.record_sizes(lengths))
     scale = users / m if m else 0.0
     leaf, overflow = p["leaf"] * scale, p["overflow"] * scale
     pages = leaf + overflow + branch_pages(leaf) + LMDB_META_PAGES
@@ -301,6 +303,11 @@ def lmdb_bytes_for(layout: EntryLayout, dist: LengthDist, users: int, *, sample_
 
 
 # ---------------------------------------------------------------------------------------- capacity
+def full_fp32_window(layout: EntryLayout, d_attn: int) -> int:
+    """The CR denominator of a full window: every group's K and V rows at d_a values of fp32."""
+    return sum(g.cap * ((d_attn if g.dk else 0) + d_attn) * 4 for g in layout.groups)
+
+
 def _align8(x: np.ndarray) -> np.ndarray:
     return (x + 7) // 8 * 8
 
@@ -311,33 +318,34 @@ def zero_block(layout: EntryLayout) -> int:
 
 
 def layout_summary(layout: EntryLayout) -> dict[str, Any]:
-    """What a din layout caches per behaviour: mode, dtypes, dk, dv, shared sides, pool size."""
-    g = layout.flat_group
-    assert g is not None, "the capacity model plans din entries"
-    return {"mode": layout.mode, "kv_dtype": layout.kv_dtype, "idx_dtype": layout.idx_dtype, "dk": g.dk, "dv": g.dv,
-            "k_shared": g.k_shared, "v_shared": g.v_shared, "pool_size": layout.pool_size}
+    """What a layout caches: mode, dtypes, the first group's dk / dv and sharing, pool size, arch and parts."""
+    g = layout.groups[0]
+    return {"arch": layout.arch, "mode": layout.mode, "kv_dtype": layout.kv_dtype, "idx_dtype": layout.idx_dtype,
+            "dk": g.dk, "dv": g.dv, "k_shared": g.k_shared, "v_shared": g.v_shared, "pool_size": layout.pool_size,
+            "groups": len(layout.groups), "parts": len(layout.parts)}
 
 
 def format_capacity(layout: EntryLayout, dist: LengthDist, users: int, batch: int, bandwidth: Bandwidth,
                     budgets: Budgets, pool_bytes: int, d_attn: int, calibration: StoreCalibration | None = None,
                     *, seed: int = 0) -> dict[str, Any]:
     """One column of the capacity table: one cache layout for ``users`` users of ``dist``."""
-    per_b = layout.record_size(1) - HEADER_SIZE
-    rec = layout.record_size(0) + dist.lengths * per_b  # (K,) record size per distinct length
-    payload_u = dist.mean * per_b
+    window = max(p.cap for p in layout.parts)
+    per_b = (layout.record_size(window) - HEADER_SIZE) / window  # din: exactly the bytes of one behaviour
+    per_b = int(per_b) if per_b == int(per_b) else round(per_b, 2)
+    rec = layout.record_sizes(dist.lengths)  # (K,) record size per distinct length
+    payload_u = dist.expect(rec) - HEADER_SIZE
     record_u = float(HEADER_SIZE + payload_u)
     lm = lmdb_bytes_for(layout, dist, users, seed=seed)
     lmdb_u = lm["bytes"] / users if users else 0.0
     z = zero_block(layout)
     batch_u = dist.expect(_align8(rec)) + BATCH_INDEX_BYTES
     batch_mean = batch * batch_u + z
-    batch_max = batch * (int(_align8(np.array(HEADER_SIZE + dist.max * per_b)))
-                         + BATCH_INDEX_BYTES) + z
+    batch_max = batch * (int(_align8(np.array(layout.record_size(dist.max)))) + BATCH_INDEX_BYTES) + z
     host, gpu = budgets.host_mem_gib * 2**30, budgets.gpu_mem_gib * 2**30
     out: dict[str, Any] = {
         "layout": layout_summary(layout),
         "bytes_per_behaviour": per_b,
-        "cr_vs_full_fp32": per_b / (2 * d_attn * 4),
+        "cr_vs_full_fp32": (layout.record_size(window) - HEADER_SIZE) / full_fp32_window(layout, d_attn),
         "per_user": {"payload": payload_u, "records": record_u, "lmdb_disk": lmdb_u, "batch": batch_u},
         "total": {"payload": users * payload_u, "records": users * record_u, "lmdb_disk": lm["bytes"],
                   "record_headers": users * HEADER_SIZE},
@@ -357,7 +365,7 @@ def format_capacity(layout: EntryLayout, dist: LengthDist, users: int, batch: in
     return out
 
 
-def capacity_plan(users: int, dist: LengthDist, fmt: CacheFormat, *, batch: int = 512,
+def capacity_plan(users: int, dist: LengthDist, fmt: CacheFormat | ZooFormat, *, batch: int = 512,
                   bandwidth: Bandwidth | None = None, budgets: Budgets | None = None,
                   calibration: StoreCalibration | None = None, seed: int = 0) -> dict[str, Any]:
     """Full KV vs CollectiveKV for ``users`` users whose history lengths follow ``dist`` (JSON-ready)."""

@@ -31,6 +31,7 @@ from collectivekv.pipeline.reports.capacity import (
     parse_quantiles,
     reference_bandwidth,
 )
+from collectivekv.pipeline.reports.capacity_zoo import ZooFormat
 
 DECODE_GPU = "decode_latency/decode_latency.json"
 DECODE_CPU_DRYRUN = "decode_latency/decode_latency_cpu_dryrun.json"
@@ -90,8 +91,9 @@ def store_calibration(store: str | os.PathLike) -> StoreCalibration:
                             str(store))
 
 
-def store_format(store: str | os.PathLike, **overrides: Any) -> CacheFormat:
-    """The cache format of a store (dims, dtypes, pool, sharing, max_len), options overriding.
+def store_format(store: str | os.PathLike, **overrides: Any) -> CacheFormat | ZooFormat:
+    """The cache format of a store (dims, dtypes, pool, sharing, max_len), options overriding; a zoo store's
+    is its model config (:class:`ZooFormat`).
 
     A full-KV store gives d_attn and the kv dtype; its CollectiveKV column keeps the defaults
     (d_user 1, pool 10,000, K and V shared) unless overridden."""
@@ -101,8 +103,7 @@ def store_format(store: str | os.PathLike, **overrides: Any) -> CacheFormat:
     lay = layout_from_dict(m["layout"])
     g = lay.flat_group
     if lay.arch != "din" or g is None:
-        raise ValueError(f"{store} is a zoo store (arch {lay.arch!r}: several K/V groups, retrieval keys): the "
-                         "capacity model plans din entries; use `ckv report size` for this store's sizes and CR")
+        return zoo_format(store, m, lay, overrides)
     dims = m.get("dims") or {}
     base: dict[str, Any] = {"kv_dtype": lay.kv_dtype, "max_len": lay.max_len}
     if lay.mode == "full":
@@ -114,6 +115,20 @@ def store_format(store: str | os.PathLike, **overrides: Any) -> CacheFormat:
             base["d_attn"] = dims["d_attn"]
     base.update({k: v for k, v in overrides.items() if v is not None})
     return CacheFormat(**base)
+
+
+def zoo_format(store: str | os.PathLike, manifest: dict, lay: Any, overrides: dict[str, Any]) -> ZooFormat:
+    """A zoo store's format: the model config its prefill recorded (windows, groups, keys), K/V at its dtype."""
+    from collectivekv.pipeline.reports.size_report import recorded_model
+
+    model = recorded_model(manifest)
+    if model is None:
+        raise ValueError(f"{store}: a {lay.arch} store whose manifest records no model config (prefill.model_config)")
+    unsupported = sorted(k for k, v in overrides.items() if v is not None and k not in ("kv_dtype", "full_kv_dtype"))
+    if unsupported:
+        raise ValueError(f"{store} is a {lay.arch} store: its dimensions come from its model config; "
+                         f"--{unsupported[0].replace('_', '-')} applies to din entries only")
+    return ZooFormat(model, overrides.get("kv_dtype") or lay.kv_dtype, overrides.get("full_kv_dtype"))
 
 
 def read_results(results_dir: str | os.PathLike | None = None) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from collectivekv.pipeline.reports.capacity_inputs import (
 )
 from collectivekv.pipeline.reports.capacity_table import Table, capacity_table
 from collectivekv.pipeline.reports.size_report import baseline_summary, fmt_bytes, size_report, size_rows
+from collectivekv.pipeline.reports.token_table import token_lines
 
 SECTIONS = ("size", "capacity", "latency", "analysis")
 CSS = """
@@ -67,7 +68,12 @@ def size_section(rep: dict[str, Any]) -> str:
     header, rows = size_rows(rep)
     out = html_table(header, rows)
     summary = baseline_summary(rep)
-    return out + (f"<p class='note'>{_e(summary)}</p>" if summary else "")
+    out += f"<p class='note'>{_e(summary)}</p>" if summary else ""
+    token = rep["store"].get("token_table")
+    if token:
+        head, *rest = token_lines(token)
+        out += f"<h3>{_e(head)}</h3>" + "".join(f"<p class='note'>{_e(line.strip())}</p>" for line in rest)
+    return out
 
 
 def latency_section(results: dict[str, Any]) -> str:
@@ -188,7 +194,7 @@ def build_report(store: str | os.PathLike, checkpoint: str | os.PathLike, *, his
     bw = bandwidth(bandwidth_spec, results_dir)
     try:
         dist, cal, fmt = store_lengths(store), store_calibration(store), store_format(store)
-    except ValueError as exc:  # a zoo store: the capacity model plans din entries only
+    except ValueError as exc:  # e.g. a store whose manifest records no model config
         capacity = [f"<p class='note'>{_e(exc)}</p>"]
     else:
         own = capacity_plan(cal.users, dist, fmt, batch=batch, bandwidth=bw, budgets=budgets, calibration=cal,

@@ -12,7 +12,9 @@ For din that is per behaviour ``((dk + dv) * kv_size + idx_size * (k_shared + v_
   (``stats.part_rows`` of the build: Σ min(n, cap) per part); ``cr.records``: with the 32-byte record
   headers; ``cr.lmdb_disk``: data.mdb's allocated bytes / full fp32 bytes (LMDB overhead too);
 - with ``--baseline FULL_STORE``: the same users' measured ratios store / baseline (payload, records,
-  LMDB on disk, Parquet). A baseline at fp16 is half the fp32 reference; its kv dtype is shown.
+  LMDB on disk, Parquet). A baseline at fp16 is half the fp32 reference; its kv dtype is shown;
+- ``token_table``: the token-table alternative for the store's model (pipeline/reports/token_table.py),
+  or why it does not apply.
 
 Everything comes from the manifests (no scan of the data).
 """
@@ -24,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from collectivekv.cachestore.store.entry import layout_from_dict
-from collectivekv.cachestore.store.record import HEADER_SIZE
+from collectivekv.cachestore.store.record import HEADER_SIZE, KV_DTYPES
+from collectivekv.model.config import ModelConfig, config_from_dict
+from collectivekv.pipeline.reports.token_table import token_lines, token_table
 from collectivekv.pipeline.store.store_ops import read_manifest
 
 
@@ -61,7 +65,22 @@ def store_sizes(store: str | os.PathLike, d_attn: int | None = None) -> dict[str
     else:
         out["full_fp32_bytes"] = None
         out["cr"] = None
+    cfg = recorded_model(m)
+    if cfg is not None:
+        out["token_table"] = token_table(
+            cfg, users=users, behaviours=behaviours,
+            kv_itemsize=KV_DTYPES[layout.kv_dtype][1].itemsize, full_fp32_bytes=out["full_fp32_bytes"],
+            collective_store_bytes=b["payload"] if layout.mode == "collective" else None)
     return out
+
+
+def recorded_model(manifest: dict[str, Any]) -> ModelConfig | None:
+    """The model config a store's prefill recorded (``prefill.model_config``), None when it records none."""
+    model = (manifest.get("prefill") or {}).get("model_config")
+    try:
+        return config_from_dict(model) if isinstance(model, dict) else None
+    except (TypeError, ValueError):  # a partial record (stores built outside the prefill job)
+        return None
 
 
 def size_report(store: str | os.PathLike, baseline: str | os.PathLike | None = None,
@@ -148,4 +167,6 @@ def format_report(rep: dict[str, Any]) -> str:
     summary = baseline_summary(rep)
     if summary:
         lines += ["", summary]
+    if rep["store"].get("token_table"):
+        lines += ["", *token_lines(rep["store"]["token_table"])]
     return "\n".join(lines)

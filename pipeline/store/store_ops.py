@@ -90,6 +90,8 @@ def summary_fields(manifest: dict, prefill: dict | None, command_line: str) -> d
         "dtypes": {"kv": entry.kv_dtype, "index": entry.idx_dtype},
         "k_shared": any(n.endswith(".k_idx") for n in names), "v_shared": any(n.endswith(".v_idx") for n in names),
         "pool_size": entry.pool_size,
+        # how a raw user / item id becomes its key (cachestore/store/user_keys.py); older prefills: "int"
+        "user_key": (prefill or {}).get("user_key", "int"), "item_key": (prefill or {}).get("item_key", "int"),
     }  # fmt: skip
     return {
         **head,

@@ -48,6 +48,7 @@ def save_checkpoint(path: str | Path, model: TargetAttentionCTR, metrics: dict[s
         if catalogue is not None:
             catalogue.save(tmp / CATALOGUE_FILE)
             config["item_catalogue"] = cat_sha
+            config["user_key"], config["item_key"] = catalogue.user_key, catalogue.item_key  # (in the hash too)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         (tmp / METRICS_FILE).write_text(json.dumps({**metrics, "model_version": version}, indent=2) + "\n")
     return version

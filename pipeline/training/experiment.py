@@ -2,9 +2,10 @@
 
 Each run trains one (variant, seed), saves its checkpoint under ``OUT/checkpoints/<variant>-seed<k>``
 and contributes test GAUC / AUC / Logloss (its per-user test GAUC parts go to ``OUT/users/<variant>-seed<k>.json``);
-the table reports mean ± std over seeds and each variant's compression rate CR
-(:func:`model.cache.compression_rate`, fp16 user parts, fp32 full K/V as the denominator), then each
-variant's paired difference from ``full`` (same seed, bootstrap interval over users), the training
+``results.json`` records the model config each run trained (``runs[i].model``, ``variants``: the dataset's item and
+genre counts filled in, as in the checkpoints); the table reports mean ± std over seeds and each variant's
+compression rate CR (:func:`model.cache.compression_rate`, fp16 user parts, fp32 full K/V as the denominator), then
+each variant's paired difference from ``full`` (same seed, bootstrap interval over users), the training
 diagnostics of the collective variants and the per-epoch curves (:mod:`pipeline.training.quality_report`).
 """
 
@@ -28,7 +29,14 @@ from collectivekv.pipeline.data.dataset_schema import CanonicalDataset
 from collectivekv.pipeline.store.safe_output import OutputKind, replace_dir
 from collectivekv.pipeline.training.checkpoint import save_checkpoint
 from collectivekv.pipeline.training.paired import UserAUC
-from collectivekv.pipeline.training.quality_report import curve, curves_md, diagnostics_md, diagnostics_stats, paired_md, paired_vs
+from collectivekv.pipeline.training.quality_report import (
+    curve,
+    curves_md,
+    diagnostics_md,
+    diagnostics_stats,
+    paired_md,
+    paired_vs,
+)
 from collectivekv.pipeline.training.trainer import TrainConfig, build_model, train_model
 
 EXPERIMENT_OUTPUT = OutputKind("experiment", "ckv experiment",
@@ -81,10 +89,12 @@ def _run_all(dataset: CanonicalDataset, variants: Sequence[Variant], seeds: Sequ
              out: Path) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     users: dict[str, UserAUC] = {}
+    used: dict[str, ModelConfig] = {}  # each variant's config as trained: the dataset's item / genre counts filled in
     for v in variants:
         for seed in seeds:
             print(f"== {v.name} seed {seed}", flush=True)
             model = build_model(dataset, v.model, seed)
+            used.setdefault(v.name, model.cfg)
             result = train_model(model, dataset, replace(train, seed=seed))
             version = save_checkpoint(
                 out / "checkpoints" / f"{v.name}-seed{seed}", result.model, result.metrics(), dataset.catalogue
@@ -94,9 +104,11 @@ def _run_all(dataset: CanonicalDataset, variants: Sequence[Variant], seeds: Sequ
                 (out / "users").mkdir(exist_ok=True)
                 result.test_users.save(out / "users" / f"{rid}.json")
                 users[rid] = result.test_users
-            runs.append({"id": rid, "variant": v.name, "seed": seed, "model_version": version, **result.metrics()})
+            runs.append({"id": rid, "variant": v.name, "seed": seed, "model_version": version,
+                         "model": config_to_dict(result.model.cfg), **result.metrics()})
             print(f"   test {result.test}  ({result.seconds:.0f} s)", flush=True)
-    summary = summarise(runs, {v.name: v.model for v in variants})
+    configs = {v.name: used.get(v.name, v.model) for v in variants}
+    summary = summarise(runs, configs)
     full_runs = [r for r in runs if r["variant"] == "full"]
     for name, entry in summary.items():
         recs = [r for r in runs if r["variant"] == name]
@@ -110,7 +122,7 @@ def _run_all(dataset: CanonicalDataset, variants: Sequence[Variant], seeds: Sequ
         "train": {k: getattr(train, k) for k in ("epochs", "batch_size", "lr", "weight_decay", "patience", "device")},
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
                     "device": torch.cuda.get_device_name() if train.device.startswith("cuda") else "cpu"},
-        "variants": {v.name: config_to_dict(v.model) for v in variants},
+        "variants": {name: config_to_dict(cfg) for name, cfg in configs.items()},
         "split": dataset.meta.get("splits"),
         "summary": summary,
         "runs": runs,

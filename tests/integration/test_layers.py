@@ -1,6 +1,10 @@
-"""Size limits of the project's packages, read from the source with :mod:`ast` (nothing is imported):
-no module over MAX_FILE_LINES lines, no function or method over MAX_FUNCTION_LINES lines (from its
-``def`` line to its last line, docstring and nested functions included; decorators not counted)."""
+"""The project's import graph: no cycles, and the layering model ← cachestore ← jobs, pipeline ← jobs.
+
+The graph is read from the source with :mod:`ast` (nothing is imported): every ``import x`` /
+``from x import y`` anywhere in a module — at top level, inside functions and under
+``if TYPE_CHECKING`` — is an edge from that module to the project module it names (``from pkg import
+mod`` names ``pkg.mod`` when that is a module, else ``pkg``). Third-party imports are ignored.
+"""
 
 from __future__ import annotations
 
@@ -9,57 +13,131 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("model", "cachestore", "pipeline", "jobs")
-MAX_FILE_LINES = 400
-MAX_FUNCTION_LINES = 60
+
+def _module_name(path: Path) -> str:
+    """``model/zoo.py`` → ``collectivekv.model.zoo`` (the installed namespace; pyproject.toml)."""
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(["collectivekv", *parts])
 
 
-def package_files() -> list[Path]:
-    return [p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))]
+def _layer(module: str) -> str:
+    """The top-level folder a module lies in: ``collectivekv.model.zoo`` → ``model``."""
+    return module.split(".")[1]
 
 
-def long_files(paths: list[Path], limit: int = MAX_FILE_LINES) -> dict[str, int]:
-    """Relative path → line count of every file in `paths` over `limit` lines."""
-    counts = {str(p.relative_to(ROOT)): len(p.read_text(encoding="utf-8").splitlines()) for p in paths}
-    return {name: n for name, n in counts.items() if n > limit}
+def project_modules() -> dict[str, Path]:
+    """Dotted name → source file of every module in the project's packages."""
+    return {_module_name(p): p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))}
 
 
-def function_lengths(source: str) -> dict[str, int]:
-    """Qualified name (``Class.method``, ``outer.inner``) → lines of every function in `source`."""
-    lengths: dict[str, int] = {}
-
-    def walk(node: ast.AST, prefix: str) -> None:
-        for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
-                name = f"{prefix}{child.name}"
-                if not isinstance(child, ast.ClassDef):
-                    lengths[name] = (child.end_lineno or child.lineno) - child.lineno + 1
-                walk(child, f"{name}.")
-            else:
-                walk(child, prefix)
-
-    walk(ast.parse(source), "")
-    return lengths
+def _resolve(name: str, modules: dict[str, Path]) -> str | None:
+    """The longest project module that `name` is or lies in; None for a third-party name."""
+    while name:
+        if name in modules:
+            return name
+        name = name.rpartition(".")[0]
+    return None
 
 
-def long_functions(paths: list[Path], limit: int = MAX_FUNCTION_LINES) -> dict[str, int]:
-    """``path:function`` → lines of every function in `paths` over `limit` lines."""
-    found: dict[str, int] = {}
-    for path in paths:
-        for name, n in function_lengths(path.read_text(encoding="utf-8")).items():
-            if n > limit:
-                found[f"{path.relative_to(ROOT)}:{name}"] = n
-    return found
+def _targets(node: ast.AST, here: str, modules: dict[str, Path]) -> list[str]:
+    if isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+    elif isinstance(node, ast.ImportFrom):
+        base = node.module or ""
+        if node.level:  # relative: resolve against this module's package
+            pkg = here if modules[here].name == "__init__.py" else here.rpartition(".")[0]
+            for _ in range(node.level - 1):
+                pkg = pkg.rpartition(".")[0]
+            base = f"{pkg}.{base}" if base else pkg
+        names = [f"{base}.{a.name}" for a in node.names] or [base]
+    else:
+        return []
+    return [t for t in (_resolve(n, modules) for n in names) if t is not None and t != here]
 
 
-def test_function_lengths_sees_methods_and_nested_functions() -> None:
-    source = ("class A:\n    def f(self):\n        def g():\n            pass\n        return g\n\n"
-              "async def h():\n    pass\n")
-    assert function_lengths(source) == {"A.f": 4, "A.f.g": 2, "h": 2}
+def import_graph() -> dict[str, set[str]]:
+    """Module → the project modules it imports (anywhere in its source)."""
+    modules = project_modules()
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        graph[name] = {t for node in ast.walk(tree) for t in _targets(node, name, modules)}
+    return graph
 
 
-def test_no_package_file_over_the_line_limit() -> None:
-    assert long_files(package_files()) == {}
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a list of modules (first == last), or None (iterative DFS, three colours)."""
+    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+    for start in sorted(graph):
+        if state.get(start):
+            continue
+        stack: list[tuple[str, list[str]]] = [(start, sorted(graph[start]))]
+        state[start] = 1
+        while stack:
+            node, todo = stack[-1]
+            if not todo:
+                state[node] = 2
+                stack.pop()
+                continue
+            nxt = todo.pop()
+            if state.get(nxt) == 1:
+                path = [n for n, _ in stack]
+                return path[path.index(nxt):] + [nxt]
+            if not state.get(nxt):
+                state[nxt] = 1
+                stack.append((nxt, sorted(graph.get(nxt, ()))))
+    return None
 
 
-def test_no_function_over_the_line_limit() -> None:
-    assert long_functions(package_files()) == {}
+def _edges_into(graph: dict[str, set[str]], src_pkg: str, dst_pkgs: tuple[str, ...]) -> set[tuple[str, str]]:
+    return {(m, t) for m, ts in graph.items() if _layer(m) == src_pkg
+            for t in ts if _layer(t) in dst_pkgs}
+
+
+def test_graph_sees_function_level_and_package_imports() -> None:
+    """The walker itself: function-level imports and ``from pkg import module`` are edges."""
+    graph = import_graph()
+    assert "collectivekv.cachestore.checkpoint" in graph["collectivekv.cachestore.decode.runtime"]  # in a method
+    assert graph["collectivekv.model"] is not None and len(graph) > 50
+
+
+def test_find_cycle_reports_a_cycle() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycles() -> None:
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_model_imports_no_other_layer() -> None:
+    assert _edges_into(import_graph(), "model", ("cachestore", "pipeline", "jobs")) == set()
+
+
+def test_cachestore_imports_no_pipeline_or_jobs() -> None:
+    assert _edges_into(import_graph(), "cachestore", ("pipeline", "jobs")) == set()
+
+
+def test_pipeline_imports_no_jobs() -> None:
+    assert _edges_into(import_graph(), "pipeline", ("jobs",)) == set()
+
+
+STORE_MODULES = tuple(f"collectivekv.cachestore.store.{m}" for m in (
+    "record", "entry", "legacy_v1", "store_check", "store_tree", "reader", "lmdb_build", "publish", "layout_check"))
+
+
+def test_store_format_and_lmdb_tools_need_no_torch() -> None:
+    """The record format, the legacy reader and the LMDB build / publish / read / check tools import in a
+    process where ``import torch`` fails."""
+    import subprocess
+    import sys
+
+    from tests.helpers import repo_env
+
+    code = "import sys; sys.modules['torch'] = None\n" + "".join(f"import {m}\n" for m in STORE_MODULES)
+    code += "assert 'torch' not in {n.split('.')[0] for n, m in sys.modules.items() if m is not None}\n"
+    proc = subprocess.run([sys.executable, "-c", code], env=repo_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

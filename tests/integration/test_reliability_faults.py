@@ -25,8 +25,8 @@ import pytest
 from collectivekv.cachestore.store.publish import current_version_id
 from collectivekv.cachestore.store.reader import StoreReader
 from collectivekv.pipeline.store.store_ops import build_store
-from tests.helpers import repo_env
 from tests.cachestore.store.test_lmdb_store import make_rows, shuffled_parts, write_parquet
+from tests.helpers import repo_env
 
 ROOT = Path(__file__).resolve().parents[2]
 

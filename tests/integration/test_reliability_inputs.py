@@ -24,8 +24,8 @@ from collectivekv.cachestore.store.record import (
 )
 from collectivekv.pipeline.prefill.prefill import INPUT_HINT, PrefillInputError, cache_layout, prefill_batches
 from collectivekv.pipeline.training.checkpoint import save_checkpoint
-from tests.store_fixtures import put_in_place
 from tests.pipeline.prefill.test_prefill import MV, N_ITEMS, histories, make_model, small_config
+from tests.store_fixtures import put_in_place
 
 
 def _lists(values: list, typ: pa.DataType | None = None) -> pa.Array:

@@ -6,7 +6,6 @@ replace their own kind only with --overwrite and atomically, and concurrent `ckv
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from click.testing import CliRunner
 import collectivekv.pipeline.data.prepare as prepare_mod
 from collectivekv.jobs.cli import main
 from collectivekv.pipeline.store.safe_output import OutputError, replace_file
-from tests.helpers import repo_env
+from tests.helpers import CKV, repo_env
 from tests.pipeline.training.test_training import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -180,7 +179,7 @@ def test_score_refuses_out_equal_to_requests(scoring: dict) -> None:
 def test_two_scores_with_one_out(scoring: dict, tmp_path: Path) -> None:
     out = tmp_path / "scores.parquet"
     env = repo_env()
-    cmd = [sys.executable, "-m", "collectivekv.jobs.cli", *_score_args(scoring, out)]
+    cmd = [*CKV, *_score_args(scoring, out)]
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     results = [(p.wait(300), *p.communicate()) for p in procs]

@@ -31,7 +31,7 @@ from collectivekv.pipeline.prefill.spark_logging import one_line
 from collectivekv.pipeline.store.store_ops import build_store
 from collectivekv.pipeline.store.verify import verify_store
 from collectivekv.pipeline.training.checkpoint import save_checkpoint
-from tests.helpers import prefill_submit_command, repo_env
+from tests.helpers import CKV, prefill_submit_command, repo_env
 from tests.pipeline.prefill.test_prefill import histories, make_model, small_config, write_prefill
 
 pytestmark = pytest.mark.spark
@@ -154,7 +154,7 @@ SPARK_LOG_LINE = re.compile(r"^\d\d/\d\d/\d\d \d\d:\d\d:\d\d (INFO|WARN|ERROR) "
 def _ckv_prefill(ckpt: Path, hist: Path, store: Path, log: Path) -> tuple[subprocess.CompletedProcess, float]:
     """`ckv prefill` as a user runs it (its own Python and JVM); (process, seconds)."""
     env = repo_env(PYSPARK_PYTHON=sys.executable)
-    cmd = [sys.executable, "-m", "collectivekv.jobs.cli", "prefill", "--checkpoint", str(ckpt), "--histories", str(hist),
+    cmd = [*CKV, "prefill", "--checkpoint", str(ckpt), "--histories", str(hist),
            "--out", str(store), "--master", "local[1]", "--log", str(log)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

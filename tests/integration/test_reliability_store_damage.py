@@ -11,7 +11,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ from collectivekv.cachestore.store.store_check import P_BRANCH, P_LEAF, StoreDam
 from collectivekv.cachestore.store.store_tree import check_tree
 from collectivekv.pipeline.prefill.prefill import cache_layout
 from collectivekv.pipeline.training.checkpoint import save_checkpoint
-from tests.helpers import repo_env
+from tests.helpers import CKV, repo_env
 from tests.pipeline.prefill.test_prefill import N_ITEMS, histories, make_model, small_config, write_prefill
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,7 +103,7 @@ def run_commands(made: dict, store: Path, commands: tuple[str, ...]) -> dict[str
     env = repo_env()
     done: dict[str, subprocess.CompletedProcess] = {}
     for i in range(0, len(commands), 2):
-        procs = {c: subprocess.Popen([sys.executable, "-m", "collectivekv.jobs.cli", *_argv(made, store, c)], cwd=ROOT, env=env,
+        procs = {c: subprocess.Popen([*CKV, *_argv(made, store, c)], cwd=ROOT, env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for c in commands[i : i + 2]}
         for c, p in procs.items():

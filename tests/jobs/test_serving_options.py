@@ -22,8 +22,8 @@ from collectivekv.jobs.score import read_ahead
 from collectivekv.jobs.score import score as score_cmd
 from collectivekv.jobs.serving_options import parse_bytes
 from collectivekv.pipeline.training.checkpoint import save_checkpoint
-from tests.store_fixtures import store_of_model
 from tests.model.test_model import N_ITEMS, make_model, small_config
+from tests.store_fixtures import store_of_model
 
 SEQ = 8
 USERS = list(range(100, 130))

@@ -19,17 +19,38 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from collectivekv.cachestore.decode import graphs
+from collectivekv.cachestore.decode import copy_plan
 from collectivekv.cachestore.decode.batch import HostBatcher
-from collectivekv.cachestore.decode.fused import FusedConfig, fused_attention, fused_available, fused_decode, split_parts
-from collectivekv.cachestore.decode.graphs import GraphedDecoder, batch_capacity, copy_chunks, record_ends, static_decode
+from collectivekv.cachestore.decode.fused import (
+    FusedConfig,
+    fused_attention,
+    fused_available,
+    fused_decode,
+    split_parts,
+)
+from collectivekv.cachestore.decode.graphs import (
+    GraphedDecoder,
+    batch_capacity,
+    copy_chunks,
+    record_ends,
+    static_decode,
+)
 from collectivekv.cachestore.decode.runtime import DecodeRuntime
 from collectivekv.jobs.score import score as score_cmd
 from collectivekv.pipeline.training.checkpoint import save_checkpoint
-from tests.store_fixtures import store_of_model
-from tests.cachestore.decode.test_graphs import MODELS, SEQ, VERSION, eager_logits, random_lengths, random_records, request, setup
+from tests.cachestore.decode.test_graphs import (
+    MODELS,
+    SEQ,
+    VERSION,
+    eager_logits,
+    random_lengths,
+    random_records,
+    request,
+    setup,
+)
 from tests.cachestore.decode.test_graphs import store as store  # noqa: F401  (the module-scoped LMDB store fixture)
 from tests.model.test_model import N_ITEMS, make_model, small_config
+from tests.store_fixtures import store_of_model
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not fused_available(DEVICE), reason="needs Triton (CUDA, or its CPU interpreter)")
@@ -188,7 +209,7 @@ def test_overlapped_graph_replays_to_the_one_launch_graph_on_cuda(overlap: int, 
     (on a stream of its own, or one after another on the graph's stream), scores like the graph with one
     copy, over successive batches of both ring buffers (split histories: parts written by launches that may
     run at once, combined after they join)."""
-    monkeypatch.setattr(graphs, "_MIN_CHUNK", 256)  # small test batches still split into pieces
+    monkeypatch.setattr(copy_plan, "_MIN_CHUNK", 256)  # small test batches still split into pieces
     resident, layout, pageable, raw, rng = batch("collective", "float16", "uint16", 6, seed=5)
     batcher = HostBatcher(layout, pin=True)
     plain = GraphedDecoder(resident, layout, n_users=6, pad_to=SEQ, n_candidates=2, path="fused", overlap=1)

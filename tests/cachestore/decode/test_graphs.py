@@ -24,8 +24,8 @@ from collectivekv.cachestore.store.entry import EntryLayout, encode_entry
 from collectivekv.cachestore.store.publish import open_current
 from collectivekv.cachestore.store.reader import StoreReader
 from collectivekv.model.config import CollectiveConfig
-from tests.store_fixtures import layout_for, store_of_model
 from tests.model.test_model import N_ITEMS, make_model, small_config
+from tests.store_fixtures import layout_for, store_of_model
 
 VERSION = "0123456789abcdef"
 SEQ = 8  # small_config max_len

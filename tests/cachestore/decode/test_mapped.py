@@ -19,13 +19,19 @@ from collectivekv.cachestore.decode.batch import HostBatcher
 from collectivekv.cachestore.decode.decode import ResidentModel
 from collectivekv.cachestore.decode.fused import fused_available
 from collectivekv.cachestore.decode.graphs import GraphedDecoder
-from collectivekv.cachestore.decode.mapped import MappedBatcher, gather_records, gather_reference, launch_gather, value_addresses
+from collectivekv.cachestore.decode.mapped import (
+    MappedBatcher,
+    gather_records,
+    gather_reference,
+    launch_gather,
+    value_addresses,
+)
 from collectivekv.cachestore.store.entry import encode_entry
 from collectivekv.cachestore.store.publish import LAYOUT, LMDB_DIR, open_current
 from collectivekv.cachestore.store.reader import StoreReader
 from collectivekv.cachestore.store.record import ModelVersionMismatchError, RecordError, user_key, write_layout
-from tests.store_fixtures import store_of_model
 from tests.model.test_model import N_ITEMS, make_model, small_config
+from tests.store_fixtures import store_of_model
 
 VERSION = "0123456789abcdef"
 SEQ = 8  # small_config max_len

@@ -38,9 +38,9 @@ from collectivekv.jobs.score import score as score_cmd
 from collectivekv.model.cache import KVCache
 from collectivekv.model.config import CollectiveConfig
 from collectivekv.pipeline.training.checkpoint import save_checkpoint
-from tests.store_fixtures import layout_for, store_of_model
-from tests.model.test_model import N_ITEMS, make_model, small_config
 from tests.cachestore.store.test_record import din_layout
+from tests.model.test_model import N_ITEMS, make_model, small_config
+from tests.store_fixtures import layout_for, store_of_model
 
 VERSION = "0123456789abcdef"
 SEQ = 8  # small_config max_len

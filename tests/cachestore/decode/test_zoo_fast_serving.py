@@ -2,8 +2,8 @@
 
 SIM, ETA, SDIM, TWIN and HSTU stores served with path "fused" (their Triton decode reading the packed
 records in place: cachestore/decode/fused_zoo.py, cachestore/decode/fused_hstu.py) must score exactly as the eager
-reference path (unpack + the model's own ``decode``), which tests/cachestore/decode/test_zoo_serving.py ties to the training
-forward. On CPU the kernels run under Triton's interpreter (tests/conftest.py); the CUDA tests compile
+reference path (unpack + the model's own ``decode``), which tests/cachestore/decode/test_zoo_serving.py ties to
+the training forward. On CPU the kernels run under Triton's interpreter (tests/conftest.py); the CUDA tests compile
 them and capture the graphs, copying and zero-copy.
 """
 
@@ -21,8 +21,8 @@ from collectivekv.cachestore.decode.runtime import DecodeRuntime
 from collectivekv.cachestore.store.publish import open_current
 from collectivekv.cachestore.store.reader import StoreReader
 from collectivekv.model.zoo import PAPER_MODELS
-from tests.model.test_zoo import N_ITEMS, make_model
 from tests.cachestore.decode.test_zoo_serving import ORDER, STEP, STORES, VERSION, served  # noqa: F401  (served: a fixture)
+from tests.model.test_zoo import N_ITEMS, make_model
 
 EXACT_POOLS = FusedConfig(pool_dtype="float32")  # the model's pool rows: the fused path == the eager one
 # the CPU tests run the kernels under Triton's interpreter (set by tests/conftest.py where there is no GPU)
@@ -38,7 +38,8 @@ def candidates(seed: int) -> np.ndarray:
 def test_fused_runtime_scores_equal_the_eager_path(served: dict, arch: str) -> None:  # noqa: F811
     model = served[arch]["model"]
     cand = candidates(1)
-    for mode, kv_dtype in [("collective", "float16")]:  # every store kind: tests/cachestore/decode/test_fused_zoo.py, test_fused_hstu.py
+    # every store kind: tests/cachestore/decode/test_fused_zoo.py, test_fused_hstu.py
+    for mode, kv_dtype in [("collective", "float16")]:
         reader = StoreReader(open_current(served[arch]["stores"][mode, kv_dtype]))
         eager = DecodeRuntime(model, VERSION, reader, device="cpu", batch_users=STEP, path="gather")
         fused = DecodeRuntime(model, VERSION, reader, device="cpu", batch_users=STEP, path="fused",

@@ -32,7 +32,13 @@ from collectivekv.cachestore.store.entry import EntryLayout, EntryRecord, decode
 from collectivekv.cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE
 from collectivekv.cachestore.store.publish import build_and_publish, open_current
 from collectivekv.cachestore.store.reader import StoreReader
-from collectivekv.cachestore.store.record import ChecksumError, LayoutError, ModelVersionMismatchError, RecordError, write_layout
+from collectivekv.cachestore.store.record import (
+    ChecksumError,
+    LayoutError,
+    ModelVersionMismatchError,
+    RecordError,
+    write_layout,
+)
 from collectivekv.jobs.score import score as score_cmd
 from collectivekv.model.blocks import ZooCache
 from collectivekv.model.cache import KVCache
@@ -252,9 +258,9 @@ def test_store_and_checkpoint_mismatches_are_refused(served: dict, tmp_path: Pat
         with pytest.raises(ValueError, match="poolscore"):
             DecodeRuntime(s["model"], VERSION, reader, device="cpu", path="poolscore")
     # a din checkpoint on a zoo store, a zoo checkpoint on a din store
-    from tests.store_fixtures import store_of_model
     from tests.model.test_model import make_model as make_din
     from tests.model.test_model import small_config
+    from tests.store_fixtures import store_of_model
 
     din = make_din(small_config()).eval()
     with pytest.raises(LayoutError, match="holds 'sim' caches.* checkpoint is arch 'din'"):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -20,9 +19,9 @@ from collectivekv.cachestore.decode.runtime import DecodeRuntime
 from collectivekv.cachestore.decode.runtime_config import ServingConfig
 from collectivekv.cachestore.serving.payloads import ARROW_MIME
 from collectivekv.cachestore.store.publish import open_current
-from tests.helpers import repo_env
-from tests.server_fixtures import COLD_USERS, ModelStore, start_server
+from tests.helpers import CKV, repo_env
 from tests.model.test_model import N_ITEMS
+from tests.server_fixtures import COLD_USERS, ModelStore, start_server
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 
@@ -141,7 +140,7 @@ BAD_JSON = [  # (body, status, field)
 ]
 BAD_ARROW = [
     (b"\x00garbage\xff" * 10, 400, "body"),
-    (_arrow(["a"], [[1]], (pa.string(), pa.list_(pa.int64()))), 422, "user_id"),
+    (_arrow(["a"], [[1]], (pa.string(), pa.list_(pa.int64()))), 422, "user_id[0]"),  # text: an int-keyed store
     (_arrow([1, None], [[1], [2]]), 422, "user_id"),
     (_arrow([1], [[1, None]]), 422, "candidates.item"),
     (_arrow([-1], [[1]]), 422, "user_id[0]"),
@@ -239,7 +238,7 @@ def test_graceful_shutdown_scores_every_queued_request(published: tuple[ModelSto
 def test_ckv_serve_process_serves_and_stops_on_sigterm(published: tuple[ModelStore, Path], tmp_path: Path) -> None:
     model, root = published
     env = repo_env()
-    cmd = [sys.executable, "-m", "collectivekv.jobs.cli", "serve", "--store", str(root), "--port", "0", "--device", "cpu"]
+    cmd = [*CKV, "serve", "--store", str(root), "--port", "0", "--device", "cpu"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         ready = json.loads(proc.stdout.readline())

@@ -11,8 +11,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from collectivekv.cachestore.serving.payloads import BadRequest, Limits, parse_arrow, parse_json, to_dense_items
+from collectivekv.cachestore.serving.payloads import (
+    BadRequest,
+    Limits,
+    key_users,
+    parse_arrow,
+    parse_json,
+    to_dense_items,
+)
 from collectivekv.cachestore.store.item_ids import ItemIds
+from collectivekv.cachestore.store.user_keys import BLAKE2B_63, INT, key_of
 
 LIMITS = Limits(max_users=16, max_candidates=8)
 JSON_VALUES = st.recursive(
@@ -83,3 +91,30 @@ def test_raw_item_ids_map_through_the_versions_catalogue() -> None:
     with pytest.raises(BadRequest) as exc:  # 0 is the padding item, never a dense candidate
         parse_json(b'{"user_ids": [1], "candidates": [[0]]}', LIMITS, dense_ids=True)
     assert exc.value.field == "candidates[0][0]"
+
+
+def test_text_user_ids_are_keyed_by_the_serving_versions_scheme() -> None:
+    """Text user ids parse as sent and are keyed by the version that scores them (blake2b-63: every id as
+    its text, integers too, as `ckv data prepare` keyed them); a store keyed by integers refuses text."""
+    req = parse_json(json.dumps({"user_ids": ["u-1", 17], "candidates": [[3], [4]]}).encode(), LIMITS)
+    assert req.raw_users == ("u-1", 17) and not req.users_keyed
+    keyed = key_users(req, BLAKE2B_63)
+    assert keyed.user_ids.tolist() == [key_of("u-1"), key_of("17")] and key_users(keyed, INT) is keyed
+    ints = parse_json(b'{"user_ids": [17], "candidates": [[3]]}', LIMITS)
+    assert ints.raw_users is None and key_users(ints, INT).user_ids.tolist() == [17]
+    assert key_users(ints, BLAKE2B_63).user_ids.tolist() == [key_of("17")]
+    with pytest.raises(BadRequest) as exc:
+        key_users(req, INT)
+    assert (exc.value.status, exc.value.field) == (422, "user_ids[0]") and "'int'" in exc.value.message
+    for bad, field in (([""], "user_ids[0]"), (["a" * 257], "user_ids[0]"), (["u", 1.5], "user_ids[1]"),
+                       (["u", -1], "user_ids[1]"), (["u", None], "user_ids[1]")):
+        with pytest.raises(BadRequest) as exc:
+            parse_json(json.dumps({"user_ids": bad, "candidates": [[1]] * len(bad)}).encode(), LIMITS)
+        assert exc.value.field == field
+    table = pa.table({"user_id": pa.array(["u-1", "u-2"]), "candidates": pa.array([[3], [4, 5]])})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    arrow = parse_arrow(sink.getvalue().to_pybytes(), LIMITS)
+    assert arrow.raw_users == ("u-1", "u-2")
+    assert key_users(arrow, BLAKE2B_63).user_ids.tolist() == [key_of("u-1"), key_of("u-2")]

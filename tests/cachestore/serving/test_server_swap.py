@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from collectivekv.cachestore.decode.runtime_config import ServingConfig
-from tests.server_fixtures import COLD_USERS, ModelStore, start_server
 from tests.model.test_model import N_ITEMS
+from tests.server_fixtures import COLD_USERS, ModelStore, start_server
 
 
 def _client_loop(url: str, seed: int, stop: threading.Event, out: list) -> None:

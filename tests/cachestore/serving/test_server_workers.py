@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import repo_env
+from tests.helpers import CKV, repo_env
 from tests.server_fixtures import ModelStore
 
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -78,7 +77,7 @@ def test_workers_share_the_port_sum_metrics_restart_and_stop(published: tuple[Mo
                                                               tmp_path: Path) -> None:
     model, root = published
     log = tmp_path / "serve.log"
-    cmd = [sys.executable, "-m", "collectivekv.jobs.cli", "serve", "--store", str(root), "--port", "0", "--device", "cpu",
+    cmd = [*CKV, "serve", "--store", str(root), "--port", "0", "--device", "cpu",
            "--workers", "2", "--max-wait-ms", "0"]
     with log.open("w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=repo_env())
@@ -113,7 +112,7 @@ def test_workers_share_the_port_sum_metrics_restart_and_stop(published: tuple[Mo
 
 
 def test_a_worker_that_cannot_load_stops_the_server_with_one_line(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "collectivekv.jobs.cli", "serve", "--store", str(tmp_path), "--port", "0", "--device", "cpu",
+    cmd = [*CKV, "serve", "--store", str(tmp_path), "--port", "0", "--device", "cpu",
            "--workers", "2"]
     bad = subprocess.run(cmd, capture_output=True, text=True, env=repo_env(), timeout=120)
     assert bad.returncode == 1

@@ -22,7 +22,13 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from collectivekv.cachestore.store.entry import EntryLayout, decode_entry, encode_entry, entry_from_parquet_row, entry_schema
+from collectivekv.cachestore.store.entry import (
+    EntryLayout,
+    decode_entry,
+    encode_entry,
+    entry_from_parquet_row,
+    entry_schema,
+)
 from collectivekv.cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE, StoreBuildError, build_lmdb, prefill_schema
 from collectivekv.cachestore.store.publish import current_version_id
 from collectivekv.cachestore.store.reader import StoreReader
@@ -35,8 +41,8 @@ from collectivekv.pipeline.prefill.spark_job import PrefillOptions, run_prefill
 from collectivekv.pipeline.store.verify import verify_store
 from collectivekv.pipeline.training.checkpoint import save_checkpoint
 from tests.helpers import run_prefill_submit
-from tests.store_fixtures import put_in_place
 from tests.model.test_zoo import N_ITEMS, make_model, zoo_config
+from tests.store_fixtures import put_in_place
 
 pytestmark = pytest.mark.spark
 ROOT = Path(__file__).resolve().parents[3]
@@ -170,11 +176,21 @@ def test_full_baseline_and_size_report(bundle: dict, submitted: dict, spark: obj
     assert rep["vs_baseline"]["lmdb_disk"] < 0.5
     table = CliRunner().invoke(report_cli, ["size", str(submitted["store"]), "--baseline", str(full)]).output
     assert "CR formula" in table and "arch (parts)" in table and "sim (5 parts)" in table
-    # the capacity model covers the din record layout only: a clear refusal, not a KeyError
+    assert s["token_table"]["applies"] and s["token_table"]["vocabulary"] == 2 * cfg.n_items
+    assert "token-table alternative" in table
+    # the capacity model plans the zoo store from its model config: with the store's own lengths its payload
+    # totals are the measured ones, for the CollectiveKV store and for the fp32 full-KV baseline
     from collectivekv.jobs.capacity import capacity
 
-    r = CliRunner().invoke(capacity, ["--store", str(submitted["store"])])
-    assert r.exit_code != 0 and "zoo store" in r.output
+    r = CliRunner().invoke(capacity, ["--store", str(submitted["store"]), "--full-dtype", "float32", "--json"])
+    assert r.exit_code == 0, r.output
+    plan = json.loads(r.output)
+    assert plan["users"] == N_USERS and plan["collective"]["layout"]["arch"] == "sim"
+    assert plan["collective"]["total"]["payload"] == pytest.approx(s["bytes"]["payload"])
+    assert plan["full"]["total"]["payload"] == pytest.approx(b["bytes"]["payload"])
+    assert plan["collective"]["cr_vs_full_fp32"] == pytest.approx(s["cr"]["formula"])
+    r = CliRunner().invoke(capacity, ["--store", str(submitted["store"]), "--d-user", "2"])
+    assert r.exit_code != 0 and "din entries only" in r.output
 
 
 def test_rerun_and_rebuild_are_byte_identical(bundle: dict, submitted: dict, spark: object) -> None:
@@ -316,10 +332,12 @@ def test_prefill_batches_store_verify_without_spark(tmp_path: Path, arch: str, v
 
 
 def test_html_report_of_a_zoo_store(bundle: dict, submitted: dict, tmp_path: Path) -> None:
-    """`ckv report html` on a zoo store: size section with the store's CR, the capacity section says
-    why it is left out (din layout only) instead of failing."""
+    """`ckv report html` on a zoo store: size section with the store's CR and the token-table alternative, the
+    capacity section planned from the store's model config."""
     from collectivekv.pipeline.reports.html_report import build_report
 
     page = build_report(submitted["store"], bundle["ckpts"]["sim"]["path"], histories=bundle["hist"],
                         analysis_users=8)  # fmt: skip
-    assert "<h2 id='size'>" in page and "zoo store" in page and "<h2 id='latency'>" in page
+    assert "<h2 id='size'>" in page and "<h2 id='latency'>" in page and "token-table alternative" in page
+    assert "This store&#x27;s users (" in page or "This store's users (" in page
+    assert "Projection to" in page

@@ -21,8 +21,8 @@ from collectivekv.cachestore.store.record import RecordError, user_key
 from collectivekv.cachestore.tier import LRUPolicy, S3FIFOPolicy, make_policy
 from collectivekv.cachestore.tier import arena as arena_mod
 from collectivekv.cachestore.tier.tier import CACHE, WHOLE, store_bytes
-from tests.store_fixtures import put_in_place, store_of_model
 from tests.model.test_model import N_ITEMS, make_model, small_config
+from tests.store_fixtures import put_in_place, store_of_model
 
 VERSION = "0123456789abcdef"
 SEQ = 8

@@ -19,8 +19,14 @@ from hypothesis import strategies as st
 
 from collectivekv.jobs.prepare import data
 from collectivekv.pipeline.data.build import build_dataset, dense_rank, stable_order
-from collectivekv.pipeline.data.dataset_schema import SPLITS, CanonicalDataset, DataError, load_dataset, validate_dataset
-from collectivekv.pipeline.data.events import read_events
+from collectivekv.pipeline.data.dataset_schema import (
+    SPLITS,
+    CanonicalDataset,
+    DataError,
+    load_dataset,
+    validate_dataset,
+)
+from collectivekv.pipeline.data.event_values import read_events
 from collectivekv.pipeline.data.prepare import PrepareConfig, prepare
 
 REPO = Path(__file__).resolve().parents[3]
@@ -263,7 +269,7 @@ def test_missing_column_lists_found(tmp_path: Path) -> None:
 def test_bad_values(tmp_path: Path, column: str, value: object, expect: str) -> None:
     frame = EVENTS.astype(object)
     frame.loc[3, column] = value
-    msg = _bad(frame, tmp_path)
+    msg = _bad(frame, tmp_path, user_ids="int", item_ids="int")  # text ids: test_event_formats.py
     assert f"'{column}'" in msg and expect in msg
 
 

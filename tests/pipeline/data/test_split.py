@@ -16,7 +16,13 @@ from hypothesis import strategies as st
 
 from collectivekv.jobs.prepare import data
 from collectivekv.pipeline.data.build import build_dataset
-from collectivekv.pipeline.data.dataset_schema import SPLITS, CanonicalDataset, DataError, load_dataset, validate_dataset
+from collectivekv.pipeline.data.dataset_schema import (
+    SPLITS,
+    CanonicalDataset,
+    DataError,
+    load_dataset,
+    validate_dataset,
+)
 from collectivekv.pipeline.data.split import split_kind
 
 ROWS = st.lists(st.tuples(st.integers(1, 5), st.integers(1, 8), st.integers(0, 6), st.integers(0, 1)),

@@ -111,8 +111,13 @@ def test_full_baseline_and_size_report(bundle: dict, submitted: dict, spark: obj
     assert rep["vs_baseline"]["same_users"]
     assert rep["vs_baseline"]["payload"] == pytest.approx(cr / 0.5)
     assert rep["vs_baseline"]["lmdb_disk"] < 0.5
+    t = rep["store"]["token_table"]  # din: every part a function of the token
+    assert t["applies"] and t["vocabulary"] == 2 * bundle["cfg"].n_items
+    assert t["store_payload_bytes"] == t["token_id_bytes"] * rep["store"]["behaviours"]
+    assert t["cr"] == pytest.approx(t["store_payload_bytes"] / rep["store"]["full_fp32_bytes"])
     table = CliRunner().invoke(report_cli, ["size", str(submitted["store"]), "--baseline", str(full)]).output
     assert "CR formula" in table and "LMDB on disk" in table and "baseline" in table
+    assert "token-table alternative" in table and "choose:" in table
 
 
 def test_rerun_is_byte_identical_and_old_reader_stays_consistent(bundle: dict, submitted: dict,

@@ -35,8 +35,8 @@ from collectivekv.pipeline.reports.analysis import (
     utilisation,
 )
 from collectivekv.pipeline.training.checkpoint import save_checkpoint
-from tests.store_fixtures import store_of_model
 from tests.model.test_model import N_ITEMS, make_model, small_config
+from tests.store_fixtures import store_of_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPO = Path(__file__).resolve().parents[3]

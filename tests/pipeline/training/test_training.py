@@ -136,6 +136,12 @@ def test_experiment_writes_results_table(tiny_data: Path, tmp_path: Path) -> Non
     assert coll["cache_bytes_per_behaviour"] == 8 and coll["cr"] == pytest.approx(8 / 128)
     assert len(report["runs"]) == 4
     assert "| collective | 2 |" in (tmp_path / "exp" / "results.md").read_text()
+    # the settings each run used, as its checkpoint has them: the dataset's sizes, not the template's
+    for run in report["runs"]:
+        ckpt = json.loads((tmp_path / "exp" / "checkpoints" / f"{run['variant']}-seed{run['seed']}" /
+                           "config.json").read_text())["model"]
+        assert run["model"] == ckpt == report["variants"][run["variant"]]
+        assert (run["model"]["n_items"], run["model"]["n_genres"]) == (50, 3)
 
 
 def test_eval_and_train_turn_the_same_options_into_the_same_model_config(tiny_data: Path, tmp_path: Path) -> None:
