@@ -47,6 +47,9 @@ from collectivekv.pipeline.prefill.prefill import ENGINES
                    "carry the other rows over (docs/nightly.md)")
 @click.option("--previous", default=None, type=click.Path(file_okay=False),
               help="previous store for --incremental [default: --out]")
+@click.option("--shards", type=click.IntRange(1, 4096), default=1, show_default=True,
+              help="split users into N LMDB shards by pmod(murmur3(user_id), N), each built by a Spark task "
+                   "(STORE must be a filesystem every executor mounts; docs/sharding.md)")
 @click.option("--log", "log_file", default=None, type=click.Path(dir_okay=False),
               help="log file: Spark's log (WARN) and, on failure, the full trace "
                    "[default: STORE/logs/prefill-<UTC time>-<pid>.log]")
@@ -75,7 +78,8 @@ def prefill_cmd(checkpoint: str, histories: str, store: str, log_file: str | Non
     except (*own, SparkJobError) as exc:
         raise click.ClickException(str(exc)) from exc
     b = manifest["bytes"]
-    click.echo(f"published {manifest['version_id']} to {store}: {manifest['users']} users, "
+    shards = f" in {manifest['shards']['count']} shards" if manifest.get("shards") else ""
+    click.echo(f"published {manifest['version_id']} to {store}: {manifest['users']} users{shards}, "
                f"{manifest['mode']} {manifest['dtypes']['kv']}, payload {b['payload']} B, "
                f"LMDB {b['lmdb_disk']} B on disk, Parquet {b['parquet']} B")
 

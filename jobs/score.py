@@ -205,7 +205,7 @@ def score(store: Path, checkpoint: Path, requests_path: Path, out: Path, user_co
           max_candidates: int, chunk_rows: int, dense_ids: bool, config: ServingConfig) -> None:
     """Score a file of (user, candidate) requests against the cache store; writes Parquet."""
     from collectivekv.cachestore.checkpoint import CheckpointError
-    from collectivekv.cachestore.decode.runtime import DecodeRuntime
+    from collectivekv.cachestore.decode.sharded import open_runtime
     from collectivekv.cachestore.store.publish import PublishError
     from collectivekv.cachestore.store.record import LayoutError, RecordError
     from collectivekv.pipeline.store.safe_output import OutputError, check_not_input, replace_file
@@ -218,7 +218,7 @@ def score(store: Path, checkpoint: Path, requests_path: Path, out: Path, user_co
         raise click.ClickException(str(exc)) from exc
     t0 = time.perf_counter()
     try:
-        runtime = DecodeRuntime.open(store, checkpoint, config)
+        runtime = open_runtime(store, checkpoint, config)
     except (CheckpointError, LayoutError, RecordError, FileNotFoundError, PublishError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     try:
@@ -231,7 +231,7 @@ def score(store: Path, checkpoint: Path, requests_path: Path, out: Path, user_co
     finally:
         runtime.close()
     summary = {"out": str(out), "rows": rows, "users": len(users), "cold_start_users": len(cold_users),
-               "cold_start_rows": cold_rows, "store_version": runtime.reader.version_id,
+               "cold_start_rows": cold_rows, "store_version": runtime.version_id,
                "model_version": runtime.model_version, "item_ids": "dense" if dense_ids else "raw",
                "user_key": keys[0], "item_key": keys[1],
                "device": str(runtime.device), "path": config.path,
@@ -245,9 +245,9 @@ def _key_schemes(runtime, checkpoint: Path, dense_ids: bool) -> tuple[str, str]:
     from collectivekv.cachestore.store.user_keys import INT, read_key_scheme
 
     user_key = read_key_scheme(checkpoint)
-    store_key = read_key_scheme(runtime.reader.version_dir)
+    store_key = read_key_scheme(runtime.version_dir)
     if store_key != user_key:
-        raise click.ClickException(f"{runtime.reader.version_dir}: the store keys users by {store_key!r}, the "
+        raise click.ClickException(f"{runtime.version_dir}: the store keys users by {store_key!r}, the "
                                    f"checkpoint {checkpoint} by {user_key!r}: score with the checkpoint the store "
                                    "was prefilled with")
     return user_key, INT if dense_ids else getattr(runtime.catalogue, "item_key", INT)

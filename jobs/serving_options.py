@@ -7,7 +7,7 @@ instead of the separate values (``ckv score`` uses it; a serving command reuses 
     --device auto|cpu|cuda[:n]          --path auto|fused|poolscore|gather   --pool-dtype store|float32|float16|bfloat16
     --batch-size / --batch-users N      --graphs/--no-graphs                 --zero-copy/--no-zero-copy
     --tier-bytes auto|0|N[K|M|G|KiB|MiB|GiB]                                 --policy lru|s3fifo
-    --verify-crc/--no-verify-crc
+    --verify-crc/--no-verify-crc        --shards all|K[,K...]|A-B
 
 Bad values are refused by click with the option's name (a ServingConfig check fails as a ``click.BadParameter``).
 """
@@ -69,6 +69,9 @@ _OPTIONS = (
                       "free GPU memory, else that much (off on CPU); 0 = off; or a size such as 8GiB"),
     click.option("--policy", type=click.Choice(["lru", "s3fifo"]), default="s3fifo", show_default=True,
                  help="the tier's eviction policy when the store does not fit"),
+    click.option("--shards", "shards", default="all", show_default=True,
+                 help="shards of a sharded store to serve, e.g. 0 or 0,3 or 0-3 (a user of another shard is "
+                      "refused, naming its shard; docs/sharding.md)"),
 )
 
 
@@ -77,19 +80,21 @@ def _verify_crc_option(default: bool) -> Callable[[Callable[..., Any]], Callable
                         help="CRC-check every record fetched from LMDB (docs/reliability.md: its cost; headers, "
                              "sizes and router index bounds are always checked; the tier checks on admission)")
 NAMES = ("device", "decode_path", "pool_dtype", "batch_users", "graphs", "zero_copy", "tier_bytes", "policy",
-         "verify_crc")
+         "verify_crc", "shards")
 
 
 def config_from_options(device: str, decode_path: str, pool_dtype: str, batch_users: int, graphs: bool,
-                        zero_copy: bool, tier_bytes: int | None, policy: str, verify_crc: bool):
+                        zero_copy: bool, tier_bytes: int | None, policy: str, verify_crc: bool, shards: str = "all"):
     """The ServingConfig of the option values (``device`` "auto": CUDA when available)."""
     from collectivekv.cachestore.decode.fused import FusedConfig
     from collectivekv.cachestore.decode.runtime_config import ServingConfig
+    from collectivekv.cachestore.store.shards import parse_shards
 
     try:
         return ServingConfig(device=None if device == "auto" else device, path=decode_path, batch_users=batch_users,
                              graphs=graphs, zero_copy=zero_copy, tier_bytes=tier_bytes, policy=policy,
-                             verify_crc=verify_crc, fused_config=FusedConfig(pool_dtype=pool_dtype))
+                             verify_crc=verify_crc, fused_config=FusedConfig(pool_dtype=pool_dtype),
+                             shards=parse_shards(shards))
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
 

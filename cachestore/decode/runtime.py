@@ -78,6 +78,20 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def version_and_checkpoint(store: str | os.PathLike, checkpoint: str | os.PathLike | None) -> tuple[Path, Path]:
+    """(version directory, checkpoint directory) of a store root (its ``current`` version, resolved once) or a
+    version directory; checkpoint None: the ``checkpoint/`` that ``ckv refresh`` publishes inside the version."""
+    from collectivekv.cachestore.store.publish import CURRENT, open_current
+
+    store = Path(store)
+    version_dir = open_current(store) if os.path.lexists(store / CURRENT) else store
+    if checkpoint is None:
+        checkpoint = version_dir / "checkpoint"
+        if not checkpoint.is_dir():
+            raise FileNotFoundError(f"{version_dir} has no checkpoint/ (published by ckv refresh): pass one")
+    return version_dir, Path(checkpoint)
+
+
 class DecodeRuntime:
     """Scores batches of requests; see the module docstring.
 
@@ -174,15 +188,9 @@ router index bounds only).
         ``config`` (default :class:`ServingConfig`) updated by ``overrides``. The checkpoint's item
         catalogue becomes the runtime's ``catalogue`` unless one is given."""
         from collectivekv.cachestore.checkpoint import load_checkpoint
-        from collectivekv.cachestore.store.publish import CURRENT, open_current
         from collectivekv.cachestore.store.reader import StoreReader
 
-        store = Path(store)
-        version_dir = open_current(store) if os.path.lexists(store / CURRENT) else store
-        if checkpoint is None:
-            checkpoint = version_dir / "checkpoint"
-            if not checkpoint.is_dir():
-                raise FileNotFoundError(f"{version_dir} has no checkpoint/ (published by ckv refresh): pass one")
+        version_dir, checkpoint = version_and_checkpoint(store, checkpoint)
         ckpt = load_checkpoint(checkpoint, device="cpu")
         catalogue = catalogue if catalogue is not None else ckpt.item_catalogue.item_ids()
         return cls(ckpt.model, ckpt.model_version, StoreReader(version_dir), config, catalogue=catalogue,
@@ -192,6 +200,11 @@ router index bounds only).
     def version_id(self) -> str:
         """The served store version's directory name."""
         return self.reader.version_id
+
+    @property
+    def version_dir(self) -> Path:
+        """The served store version's directory (a shard's, for one shard of a sharded version)."""
+        return self.reader.version_dir
 
     def close(self) -> None:
         """Let go of what the runtime holds: the tier's device memory and admission thread, the zero-copy map

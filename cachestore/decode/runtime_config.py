@@ -22,6 +22,7 @@ Fields (defaults in brackets):
     fused_config launch settings of the fused kernel (:class:`cachestore.decode.fused.FusedConfig`)
     n_buffers    host buffers in the fetch ring  [2]
     pin          pinned host buffers  [None: when the device is CUDA]
+    shards       the shards of a sharded store version to serve (:mod:`cachestore.decode.sharded`)  [None: all]
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class ServingConfig:
     fused_config: FusedConfig = field(default=DEFAULT_FUSED)
     n_buffers: int = 2
     pin: bool | None = None
+    shards: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.device, torch.device):  # accept torch.device, store its string
@@ -78,6 +80,10 @@ class ServingConfig:
             raise ValueError(f"tier_bytes must be >= 0 (0 = off) or None (auto), got {self.tier_bytes}")
         if not 0 < self.tier_share <= 1:
             raise ValueError(f"tier_share must be in (0, 1], got {self.tier_share}")
+        if self.shards is not None:
+            object.__setattr__(self, "shards", tuple(sorted({int(k) for k in self.shards})))
+            if not self.shards or min(self.shards) < 0:
+                raise ValueError(f"shards must be shard indices >= 0 (or None: all), got {self.shards}")
         if self.zero_copy and not self.graphs:
             raise ValueError("zero_copy=True needs graphs=True (the graph gathers the records from the store's map)")
 

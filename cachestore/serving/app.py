@@ -4,7 +4,8 @@
 dynamic batcher and replies with the scores, the cold-start flags and the versions that scored them
 (also in the ``X-Model-Version`` / ``X-Store-Version`` headers). Status codes: 200; 400 unreadable
 body; 413 body, users or candidates over the limits; 415 other content type; 422 a value out of range
-(the reply's ``field`` names it); 503 queue full, draining, or not scored within request_timeout_s
+(the reply's ``field`` names it); 421 a user of a shard this server does not serve (the message names the owning
+shard: route it there); 503 queue full, draining, or not scored within request_timeout_s
 (``Retry-After: 1``); 500 a runtime failure (logged; the server keeps serving). Routes return
 ``Response`` objects built here, so no request body passes through pydantic.
 """

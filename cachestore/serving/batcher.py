@@ -29,6 +29,7 @@ from collectivekv.cachestore.decode.runtime import RuntimeStats
 from collectivekv.cachestore.serving.metrics import ServerMetrics
 from collectivekv.cachestore.serving.payloads import BadRequest, ScoreReply, ScoreRequest, key_users, to_dense_items
 from collectivekv.cachestore.serving.versions import ServedVersion, VersionManager
+from collectivekv.cachestore.store.shards import WrongShardError
 
 log = logging.getLogger("ckv.serve")
 
@@ -141,6 +142,7 @@ class DynamicBatcher:
             self.metrics.queue_seconds.observe(now - q.enqueued)
             try:  # raw user / item ids through this version's key scheme and catalogue: the ones that score it
                 q.request = key_users(q.request, version.user_key)
+                _check_shard(version, q.request)
                 q.request = to_dense_items(q.request, version.runtime.catalogue, version.n_items)
                 ok.append(q)
             except BadRequest as exc:
@@ -163,6 +165,14 @@ class DynamicBatcher:
         self.metrics.tier(stats.tier_hits, stats.tier_misses, stats.tier_evictions)
         for q, s, c in zip(ok, scores, cold, strict=True):
             q.future.set_result(ScoreReply(s, c, version.model_version, version.store_version))
+
+
+def _check_shard(version: ServedVersion, request: ScoreRequest) -> None:
+    """BadRequest 421 (Misdirected Request) naming the owning shard, for a user this process does not serve."""
+    try:
+        version.check_owned(request.user_ids)
+    except WrongShardError as exc:
+        raise BadRequest(f"user_ids[{exc.position}]", str(exc), 421) from None
 
 
 def score_together(version: ServedVersion, requests: list[ScoreRequest]

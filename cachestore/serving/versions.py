@@ -30,8 +30,10 @@ import numpy as np
 
 from collectivekv.cachestore.decode.runtime import DecodeRuntime
 from collectivekv.cachestore.decode.runtime_config import ServingConfig
+from collectivekv.cachestore.decode.sharded import ShardSetRuntime, open_runtime
 from collectivekv.cachestore.serving.metrics import ServerMetrics
 from collectivekv.cachestore.store.publish import open_current
+from collectivekv.cachestore.store.shards import shard_of
 from collectivekv.cachestore.store.user_keys import INT, read_key_scheme
 
 log = logging.getLogger("ckv.serve")
@@ -45,9 +47,14 @@ class ServedVersion:
 
     store_version: str
     model_version: str
-    runtime: DecodeRuntime
+    runtime: DecodeRuntime | ShardSetRuntime
     n_items: int
     user_key: str = INT
+
+    def check_owned(self, user_ids: np.ndarray) -> None:
+        """WrongShardError (cachestore/store/shards.py) for a user of a shard this process does not serve."""
+        if isinstance(self.runtime, ShardSetRuntime):
+            self.runtime.check_owned(user_ids)
 
     def close(self) -> None:
         """Release the version's device memory (tier, graphs), map registration and LMDB reader."""
@@ -58,10 +65,19 @@ def load_version(version_dir: Path, config: ServingConfig) -> ServedVersion:
     """Open a version directory's store and checkpoint as one runtime and warm it (one scored request,
     so first-use allocations and compilation happen here, not in a client's request; the resident tier,
     when configured, is filled while the runtime opens)."""
-    runtime = DecodeRuntime.open(version_dir, config=config)
-    runtime.score(np.zeros(1, dtype=np.int64), np.ones((1, 1), dtype=np.int64))
+    runtime = open_runtime(version_dir, config=config)
+    warm = np.zeros(1, dtype=np.int64)  # a user of the first served shard (the user need not exist)
+    if isinstance(runtime, ShardSetRuntime):
+        warm = _user_of(runtime.served[0], runtime.count)
+    runtime.score(warm, np.ones((1, 1), dtype=np.int64))
     return ServedVersion(version_dir.name, runtime.model_version, runtime, runtime.resident.cfg.n_items,
                          read_key_scheme(version_dir))
+
+
+def _user_of(shard: int, count: int) -> np.ndarray:
+    """One user id that ``shard`` of ``count`` owns (for the warm-up request)."""
+    ids = np.arange(64 * count, dtype=np.int64)
+    return ids[shard_of(ids, count) == shard][:1]
 
 
 Loader = Callable[[Path], ServedVersion]

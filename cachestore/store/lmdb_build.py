@@ -97,13 +97,22 @@ def list_parquet_files(parquet_dir: str | os.PathLike) -> list[Path]:
                   if p.is_file() and p.suffix == ".parquet" and not p.name.startswith(("_", ".")))
 
 
-def estimate_map_size(sizes: np.ndarray) -> int:
-    """LMDB map size for these record sizes: leaf nodes inline or overflow pages, x1.3 + 8 MiB."""
+def map_bytes(sizes: np.ndarray) -> int:
+    """Bytes these records take in LMDB pages (leaf nodes inline or overflow pages); additive over records."""
     node = sizes + 8 + 8 + 2  # key + node header + page index slot
     overflow = node > _INLINE_MAX
     pages = -(-(sizes[overflow] + 16) // _PAGE)
-    total = int(node[~overflow].sum()) + int(pages.sum()) * _PAGE + int(overflow.sum()) * 32
+    return int(node[~overflow].sum()) + int(pages.sum()) * _PAGE + int(overflow.sum()) * 32
+
+
+def map_size_for(total: int) -> int:
+    """The LMDB map size for records of :func:`map_bytes` ``total``: x1.3 + 8 MiB, whole MiB."""
     return -(-(int(total * 1.3) + (8 << 20)) // (1 << 20)) << 20
+
+
+def estimate_map_size(sizes: np.ndarray) -> int:
+    """LMDB map size for these record sizes (:func:`map_bytes`, :func:`map_size_for`)."""
+    return map_size_for(map_bytes(sizes))
 
 
 def _check_schema(path: Path, schema: pa.Schema) -> None:
@@ -169,7 +178,7 @@ def _scan(layout: EntryLayout, files: list[Path]) -> _Scan:
     return _Scan(files, cat, lengths, fo, order, file_order)
 
 
-def _iter_file(path: Path, layout: EntryLayout, batch_size: int) -> Iterator[tuple[int, bytes]]:
+def iter_file_records(path: Path, layout: EntryLayout, batch_size: int) -> Iterator[tuple[int, bytes]]:
     """Pass 2: (user_id, record bytes) for every row of one file, in file order, verified."""
     pf = pq.ParquetFile(path)
     names = list(_COLUMNS)
@@ -204,7 +213,7 @@ def _counted(items: Iterator[T], bar: tqdm) -> Iterator[T]:
     bar.update(n & 0x3FFF)
 
 
-def _load(out_dir: Path, items: Callable[[], Iterator[tuple[bytes, bytes]]], n: int, map_size: int
+def load_sorted(out_dir: Path, items: Callable[[], Iterator[tuple[bytes, bytes]]], n: int, map_size: int
           ) -> tuple[int, int]:
     """One write transaction of sorted (key, value) pairs with append=True; doubles map on full."""
     env = lmdb.open(str(out_dir), subdir=True, map_size=map_size, readahead=False, meminit=False,
@@ -265,11 +274,11 @@ def build_lmdb(
                 def items() -> Iterator[tuple[bytes, bytes]]:
                     bar = _progress(n, "load", progress)
                     for i in scan.file_order:
-                        for uid, rec in _counted(_iter_file(scan.files[i], layout, batch_size), bar):
+                        for uid, rec in _counted(iter_file_records(scan.files[i], layout, batch_size), bar):
                             yield user_key(uid), rec
                     bar.close()
 
-                size, retries = _load(out_dir, items, n, size)
+                size, retries = load_sorted(out_dir, items, n, size)
             else:
                 size, retries = _load_via_spill(scan, layout, sizes, Path(tmp), out_dir, size,
                                                 batch_size, progress)
@@ -333,7 +342,7 @@ def _load_via_spill(scan: _Scan, layout: EntryLayout, sizes: np.ndarray, tmp: Pa
     g = 0
     with open(spill, "wb", buffering=1 << 20) as fh:
         for path in scan.files:
-            for uid, rec in _counted(_iter_file(path, layout, batch_size), bar):
+            for uid, rec in _counted(iter_file_records(path, layout, batch_size), bar):
                 if uid != scan.ids[g] or len(rec) != sizes[g]:
                     raise StoreBuildError(f"{path.name} changed during the build (user {uid})")
                 fh.write(rec)
@@ -352,7 +361,7 @@ def _load_via_spill(scan: _Scan, layout: EntryLayout, sizes: np.ndarray, tmp: Pa
             bar.close()
 
         try:
-            return _load(out_dir, items, len(scan.ids), map_size)
+            return load_sorted(out_dir, items, len(scan.ids), map_size)
         finally:
             if isinstance(mm, mmap.mmap):
                 mm.close()

@@ -80,7 +80,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_json(path: Path, data: dict) -> None:
+def write_json_synced(path: Path, data: dict) -> None:
+    """Write JSON (indented, sorted keys) and fsync it."""
     with open(path, "w", encoding="utf-8") as fh:
         json.dump(data, fh, indent=2, sort_keys=True, default=str)
         fh.write("\n")
@@ -132,14 +133,14 @@ def build_version(parquet_dir: str | os.PathLike, staging_dir: str | os.PathLike
         "parquet": {"mode": parquet, "source": str(src.resolve()), "files": files},
         "lmdb": lmdb_facts(staging / LMDB_DIR),
     }
-    _write_json(staging / MANIFEST, manifest)
+    write_json_synced(staging / MANIFEST, manifest)
     _fsync_dir(staging)
     return manifest
 
 
 def _check_staging(staging: Path) -> dict:
     """A staging dir must be complete and self-consistent before it may be published."""
-    for rel in (MANIFEST, LAYOUT, f"{LMDB_DIR}/data.mdb"):
+    for rel in (MANIFEST, LAYOUT):
         if not (staging / rel).is_file():
             raise PublishError(f"{staging} is incomplete: no {rel}")
     with open(staging / MANIFEST, encoding="utf-8") as fh:
@@ -148,15 +149,26 @@ def _check_staging(staging: Path) -> dict:
         raise PublishError(f"{staging}: manifest version_id {manifest.get('version_id')!r} != dir name")
     if read_layout(staging / LAYOUT).to_dict() != manifest.get("layout"):
         raise PublishError(f"{staging}: layout.json differs from the manifest's layout")
-    env = lmdb.open(str(staging / LMDB_DIR), subdir=True, readonly=True, lock=False, max_dbs=0)
+    shards = manifest.get("shards")
+    dirs = [(staging / s["path"], s["users"]) for s in shards["list"]] if shards else [(staging, None)]
+    if shards and len(dirs) != shards.get("count"):
+        raise PublishError(f"{staging}: the manifest lists {len(dirs)} shards of {shards.get('count')}")
+    for vdir, users in dirs:
+        _check_records(staging, vdir, manifest.get("stats", {}).get("users") if users is None else users)
+    return manifest
+
+
+def _check_records(staging: Path, vdir: Path, users: int | None) -> None:
+    """The LMDB of a version (or of one of its shards) exists and holds the users its manifest counts."""
+    if not (vdir / LMDB_DIR / "data.mdb").is_file():
+        raise PublishError(f"{staging} is incomplete: no {(vdir / LMDB_DIR).relative_to(staging)}/data.mdb")
+    env = lmdb.open(str(vdir / LMDB_DIR), subdir=True, readonly=True, lock=False, max_dbs=0)
     try:
         entries = env.stat()["entries"]
     finally:
         env.close()
-    if entries != manifest.get("stats", {}).get("users"):
-        raise PublishError(f"{staging}: LMDB holds {entries} records, manifest says "
-                           f"{manifest.get('stats', {}).get('users')}")
-    return manifest
+    if entries != users:
+        raise PublishError(f"{vdir}: LMDB holds {entries} records, manifest says {users}")
 
 
 @contextmanager

@@ -31,7 +31,8 @@ import lmdb
 from collectivekv.cachestore.store.entry import EntryLayout, EntryRecord, check_indices, decode_entry, read_layout
 from collectivekv.cachestore.store.publish import LAYOUT, LMDB_DIR, open_current
 from collectivekv.cachestore.store.record import key_user, user_key
-from collectivekv.cachestore.store.store_check import StoreDamagedError, check_version
+from collectivekv.cachestore.store.shards import SHARDS_DIR
+from collectivekv.cachestore.store.store_check import StoreDamagedError, check_version, version_manifest
 
 # py-lmdb refuses to open the same environment twice in one process, so readers of one version
 # share an Environment: path -> [env, number of readers], valid for the process _SHARED_PID.
@@ -75,9 +76,18 @@ class StoreReader:
     def __init__(self, version_dir: str | os.PathLike, *, max_readers: int = 1024) -> None:
         self._dir = Path(os.path.realpath(version_dir))
         self._layout = read_layout(self._dir / LAYOUT)
+        manifest = version_manifest(self._dir)
         if not (self._dir / LMDB_DIR / "data.mdb").is_file():
+            if manifest.get("shards"):
+                raise FileNotFoundError(f"{self._dir} is a sharded version ({manifest['shards'].get('count')} shards): "
+                                        f"read one shard (StoreReader of {self._dir}/{SHARDS_DIR}/<k>) or serve it "
+                                        "with cachestore.decode.sharded.open_runtime")
             raise FileNotFoundError(f"{self._dir} holds no {LMDB_DIR}/data.mdb")
         check_version(self._dir)  # before anything maps the file: StoreDamagedError, never SIGBUS
+        shard = manifest.get("shard") or {}
+        self._version_id = str(shard.get("version_id") or self._dir.name)
+        # (index, count) of a shard of a sharded version, None for a whole version
+        self.shard: tuple[int, int] | None = (int(shard["index"]), int(shard["count"])) if shard else None
         self._max_readers = max_readers
         self._env: lmdb.Environment | None = None
         self._pid: int | None = None
@@ -97,7 +107,8 @@ class StoreReader:
 
     @property
     def version_id(self) -> str:
-        return self._dir.name
+        """The store version's id (for a shard: the whole version's, not the shard directory's name)."""
+        return self._version_id
 
     def _environment(self) -> lmdb.Environment:
         pid = os.getpid()

@@ -17,25 +17,21 @@ and ``STORE/current`` is untouched.
 
 from __future__ import annotations
 
-import atexit
 import functools
 import logging
 import os
 import shlex
 import shutil
 import sys
-import tempfile
-import threading
 import time
-import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from collectivekv.cachestore.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
-from collectivekv.cachestore.store.catalogue import CATALOGUE_FILE, check_same_numbering
+from collectivekv.cachestore.checkpoint import load_checkpoint
+from collectivekv.cachestore.store.catalogue import check_same_numbering
 from collectivekv.cachestore.store.lmdb_build import StoreBuildError
-from collectivekv.cachestore.store.publish import STAGING, new_version_id
+from collectivekv.cachestore.store.publish import STAGING, new_staging_dir, new_version_id
 from collectivekv.cachestore.store.record import write_layout
 from collectivekv.pipeline.prefill.incremental import FP_COL, HISTORY_FP_VERSION, fingerprint_sql, previous_state
 from collectivekv.pipeline.prefill.incremental import split as incremental_split
@@ -46,14 +42,23 @@ from collectivekv.pipeline.prefill.prefill import (
     PrefillInputError,
     cache_layout,
     check_engine,
-    check_histories_files,
+)
+from collectivekv.pipeline.prefill.spark_driver import (
+    _Progress,
+    check_history_schema,
+    get_spark,
+    resolve_histories,
+    ship_checkpoint,
+    ship_code,
 )
 from collectivekv.pipeline.prefill.spark_executor import prefill_partition
-from collectivekv.pipeline.prefill.spark_logging import java_options, route_spark_logs
+from collectivekv.pipeline.prefill.spark_logging import route_spark_logs
+from collectivekv.pipeline.prefill.spark_shards import build_shards
 from collectivekv.pipeline.store.store_ops import (
     PREFILL_META_FILE,
     PREFILL_PARQUET_SCHEMA_VERSION,
     build_store,
+    publish_sharded,
     write_json,
 )
 
@@ -88,6 +93,7 @@ class PrefillOptions:
     incremental: bool = False  # reuse the previous store's rows of unchanged users (pipeline/prefill/incremental.py)
     previous: str | None = None  # the previous store (default: the output store)
     log_file: str | None = None  # Spark's log4j2 output goes here only (pipeline/prefill/spark_logging.py); None: as is
+    shards: int = 1  # > 1: a sharded store, each shard built by a Spark task (pipeline/prefill/spark_shards.py)
     command_line: str = field(default_factory=lambda: command_line())
 
 
@@ -97,122 +103,6 @@ def command_line() -> str:
     are not visible to Python: the manifest records the master separately)."""
     cmd = shlex.join(sys.argv)
     return f"spark-submit ... {cmd}" if os.environ.get("PYSPARK_GATEWAY_PORT") else cmd
-
-
-def get_spark(master: str | None = None, app_name: str = "ckv-prefill", log_file: str | None = None) -> Any:
-    """The active SparkSession, or a new one (master: the given one, else spark-submit's, else
-    Spark's local[*] default). Workers run this interpreter unless PYSPARK_PYTHON says otherwise.
-    ``log_file``: a JVM started here logs (log4j2, WARN) to that file only, without a console progress
-    bar (pipeline/prefill/spark_logging.py)."""
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    from pyspark.sql import SparkSession
-
-    builder = SparkSession.builder.appName(app_name)
-    if master:
-        builder = builder.master(master)
-    if log_file:
-        builder = builder.config("spark.driver.extraJavaOptions", java_options(log_file))
-        builder = builder.config("spark.ui.showConsoleProgress", "false")
-    return builder.getOrCreate()
-
-
-def resolve_histories(path: str) -> str:
-    """A canonical dataset dir (meta.json + histories.parquet) means its histories.parquet; local
-    paths become file:// URIs (so a cluster's default filesystem is not assumed); others pass."""
-    if "://" in path:
-        return path
-    p = Path(path)
-    if not p.exists():
-        raise PrefillInputError(f"histories {path}: no such file or directory")
-    if p.is_dir() and (p / "meta.json").is_file() and (p / "histories.parquet").is_file():
-        p = p / "histories.parquet"
-    check_histories_files(p)
-    return p.resolve().as_uri()
-
-
-def check_history_schema(schema: Any, where: str) -> None:
-    """Spark schema of the histories: user_id integral, items / labels arrays of integers."""
-    from pyspark.sql import types as T
-
-    fields = {f.name: f.dataType for f in schema.fields}
-    integral = (T.LongType, T.IntegerType, T.ShortType, T.ByteType)
-    for name in ("user_id", "items", "labels"):
-        if name not in fields:
-            raise PrefillInputError(f"{where}: missing column {name!r} (columns: {sorted(fields)})")
-    if not isinstance(fields["user_id"], integral):
-        raise PrefillInputError(f"{where}: column 'user_id' has type {fields['user_id'].simpleString()}, "
-                                "expected bigint")
-    for name in ("items", "labels"):
-        t = fields[name]
-        if not (isinstance(t, T.ArrayType) and isinstance(t.elementType, integral)):
-            raise PrefillInputError(f"{where}: column {name!r} has type {t.simpleString()}, expected an array "
-                                    "of integers")
-
-
-_SHIPPED: dict[tuple[str, str], str] = {}
-
-
-def ship_checkpoint(sc: Any, checkpoint: Path, version: str) -> str:
-    """Add a deterministic zip of the checkpoint's config + weights (+ catalogue) to the SparkContext; its name."""
-    key = (sc.applicationId, version)
-    if key in _SHIPPED:
-        return _SHIPPED[key]
-    name = f"ckv-checkpoint-{version}.zip"
-    tmp = Path(tempfile.mkdtemp(prefix="ckv-ship-"))
-    atexit.register(shutil.rmtree, tmp, True)  # the driver serves the file while its context lives
-    with zipfile.ZipFile(tmp / name, "w", compression=zipfile.ZIP_STORED) as zf:
-        for fname in (CONFIG_FILE, WEIGHTS_FILE, CATALOGUE_FILE):
-            if fname == CATALOGUE_FILE and not (checkpoint / fname).is_file():
-                continue  # a checkpoint without a catalogue (identity)
-            info = zipfile.ZipInfo(fname, date_time=(2020, 1, 1, 0, 0, 0))
-            zf.writestr(info, (checkpoint / fname).read_bytes())
-    sc.addFile(str(tmp / name))
-    _SHIPPED[key] = name
-    return name
-
-
-def ship_code(sc: Any) -> None:
-    """Zip the project's packages (collectivekv's model, pipeline, cachestore) for executors without them.
-
-    The zip has the repository's layout (``collectivekv/__init__.py`` beside ``model/``, ``pipeline/``,
-    ``cachestore/``), which ``collectivekv/__init__.py`` resolves as it does a source checkout."""
-    import collectivekv
-    from collectivekv import cachestore, model, pipeline
-
-    tmp = Path(tempfile.mkdtemp(prefix="ckv-code-"))
-    atexit.register(shutil.rmtree, tmp, True)
-    out = tmp / "collectivekv-code.zip"
-    with zipfile.ZipFile(out, "w") as zf:
-        zf.write(collectivekv.__file__, "collectivekv/__init__.py")
-        for pkg in (model, pipeline, cachestore):
-            root = Path(pkg.__file__).parent
-            for f in sorted(root.rglob("*.py")):
-                zf.write(f, f"{root.name}/{f.relative_to(root)}")
-    sc.addPyFile(str(out))
-
-
-class _Progress(threading.Thread):
-    """Logs stage progress every `interval` seconds until stopped."""
-
-    def __init__(self, sc: Any, users: Any, interval: float) -> None:
-        super().__init__(daemon=True, name="ckv-progress")
-        self.sc, self.users, self.interval = sc, users, interval
-        self.stop = threading.Event()
-        self.t0 = time.perf_counter()
-
-    def run(self) -> None:
-        tracker = self.sc.statusTracker()
-        while not self.stop.wait(self.interval):
-            try:
-                stages = [tracker.getStageInfo(s) for s in tracker.getActiveStageIds()]
-                done = sum(s.numCompletedTasks for s in stages if s)
-                total = sum(s.numTasks for s in stages if s)
-                users = self.users.value
-                dt = time.perf_counter() - self.t0
-                log.info("prefill: partitions %d/%d done (active stages %d), %d users, %.0f users/s",
-                         done, total, len(stages), users, users / max(dt, 1e-9))
-            except Exception as exc:  # progress must never break the job
-                log.debug("progress poll failed: %s", exc)
 
 
 def run_prefill(opts: PrefillOptions, spark: Any = None) -> dict[str, Any]:
@@ -237,6 +127,8 @@ def run_prefill(opts: PrefillOptions, spark: Any = None) -> dict[str, Any]:
     out = df.mapInArrow(functools.partial(prefill_partition, params=params), f"{OUTPUT_DDL}, {FP_COL} long")
     if carried is not None:
         out = out.unionByName(carried)
+    if opts.shards > 1:
+        return _run_sharded(sc, out, opts, job, acc, inc_meta, t0, t_load, t_session)
     if opts.sort:
         out = out.sortWithinPartitions("user_id")
     spark_out = job.store / STAGING / f"prefill-{new_version_id()}"
@@ -246,7 +138,8 @@ def run_prefill(opts: PrefillOptions, spark: Any = None) -> dict[str, Any]:
              "total": round(time.perf_counter() - t0, 3)}
     log.info("prefill: setup %.1f s (checkpoint %.1f s, SparkSession %.1f s)", setup["total"], t_load, t_session)
     try:
-        t_write = _write_stage(sc, out, spark_out, opts, job, acc["users"])
+        t_write = _run_stage(sc, lambda: out.write.mode("errorifexists").option("compression", opts.compression)
+                             .parquet(spark_out.as_uri()), opts, job, acc["users"])
         write_layout(spark_out / "_layout.json", job.layout)
         meta = _prefill_meta(sc, opts, job, acc, time.perf_counter() - t0, t_write, setup)
         if inc_meta is not None:
@@ -326,14 +219,14 @@ def _read_histories(spark: Any, opts: PrefillOptions, job: _Job) -> tuple[Any, A
     return df, carried, inc_meta
 
 
-def _write_stage(sc: Any, out: Any, spark_out: Path, opts: PrefillOptions, job: _Job, users: Any) -> float:
-    """Run the Spark stage (Parquet into ``spark_out``) with the progress thread; its seconds."""
+def _run_stage(sc: Any, action: Any, opts: PrefillOptions, job: _Job, users: Any) -> float:
+    """Run the Spark action (the Parquet write, or the shard builds) with the progress thread; its seconds."""
     progress = _Progress(sc, users, opts.progress_interval)
     progress.start()
     t_write = time.perf_counter()
     try:
         sc.setJobDescription(f"ckv prefill {job.version} -> {job.store}")
-        out.write.mode("errorifexists").option("compression", opts.compression).parquet(spark_out.as_uri())
+        action()
     finally:
         progress.stop.set()
         progress.join()
@@ -377,15 +270,55 @@ def _on_built(inc_meta: dict | None, acc: dict[str, Any]) -> Any:
     return on_built
 
 
-def _build(opts: PrefillOptions, job: _Job, spark_out: Path, meta: dict, on_built: Any) -> dict[str, Any]:
-    """Build and publish the store version from the stage's output; never an empty store."""
-    def refuse_empty(manifest: dict) -> None:  # before the publish
+def _run_sharded(sc: Any, out: Any, opts: PrefillOptions, job: _Job, acc: dict[str, Any], inc_meta: dict | None,
+                 t0: float, t_load: float, t_session: float) -> dict[str, Any]:
+    """The sharded path: the shards are built inside the Spark stage (pipeline/prefill/spark_shards.py), then the
+    driver writes the manifest and publishes; the staging version is removed on any failure."""
+    staging = new_staging_dir(job.store)
+    log.info("prefill: %s -> %s in %d shards (model %s, mode %s, kv %s, engine %s, device %s, master %s)",
+             job.histories, job.store, opts.shards, job.version, job.layout.mode, job.layout.kv_dtype, opts.engine,
+             opts.device, sc.master)
+    setup = {"checkpoint": round(t_load, 3), "spark_session": round(t_session, 3),
+             "total": round(time.perf_counter() - t0, 3)}
+    entries: list[dict] = []
+    try:
+        t_write = _run_stage(sc, lambda: entries.extend(build_shards(out, staging, job.layout, opts.shards,
+                                                                     opts.compression)), opts, job, acc["users"])
+        t_stage_end = time.perf_counter()
+        meta = _prefill_meta(sc, opts, job, acc, t_stage_end - t0, t_write, setup)
+        meta["shards"] = opts.shards
+        if inc_meta is not None:
+            meta["incremental"] = inc_meta
+        manifest = publish_sharded(job.store, staging, job.layout, entries, opts.shards, prefill=meta,
+                                   command_line=opts.command_line,
+                                   on_built=_refuse_empty(job, _on_built(inc_meta, acc)))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    after = time.perf_counter() - t_stage_end
+    manifest["prefill"]["stage_to_publish_seconds"] = round(after, 3)
+    manifest["prefill"]["total_seconds"] = round(time.perf_counter() - t0, 3)
+    log.info("prefill: published %s: %d users in %d shards, %.1f s total (%.2f s from the end of the stage to "
+             "the publish)", manifest["version_id"], manifest["users"], opts.shards,
+             manifest["prefill"]["total_seconds"], after)
+    return manifest
+
+
+def _refuse_empty(job: _Job, on_built: Any) -> Any:
+    """The build hook that refuses to publish an empty store, then runs ``on_built``."""
+    def hook(manifest: dict) -> None:
         if manifest["stats"]["users"] == 0:
             raise PrefillInputError(f"histories {job.histories} hold no users: refusing to publish an empty store")
         on_built(manifest)
 
+    return hook
+
+
+def _build(opts: PrefillOptions, job: _Job, spark_out: Path, meta: dict, on_built: Any) -> dict[str, Any]:
+    """Build and publish the store version from the stage's output; never an empty store."""
     try:
-        return build_store(job.store, spark_out, prefill=meta, command_line=opts.command_line, on_built=refuse_empty)
+        return build_store(job.store, spark_out, prefill=meta, command_line=opts.command_line,
+                           on_built=_refuse_empty(job, on_built))
     except StoreBuildError as exc:  # the job's own output is valid: duplicates come from the input
         if "duplicate user id" not in str(exc):
             raise

@@ -41,7 +41,7 @@ from collectivekv.cachestore.store.publish import (
     new_staging_dir,
     publish,
 )
-from collectivekv.cachestore.store.record import HEADER_SIZE
+from collectivekv.cachestore.store.record import HEADER_SIZE, write_layout
 
 log = logging.getLogger("ckv.store")
 PREFILL_META_FILE = "_prefill.json"
@@ -181,13 +181,42 @@ def build_store(store_root: str | os.PathLike, parquet_dir: str | os.PathLike, *
     return manifest
 
 
+def publish_sharded(store_root: Path, staging: Path, layout: Any, entries: list[dict], count: int, *,
+                    prefill: dict[str, Any] | None, command_line: str, on_built: Any = None) -> dict[str, Any]:
+    """Publish a sharded version whose shards were built into ``staging`` (:mod:`cachestore.store.shard_build`):
+    ``parquet/_layout.json`` + ``_prefill.json``, ``layout.json`` and the manifest summed from the shard
+    ``entries``, then the one atomic switch of ``current`` (all shards together). No per-user work."""
+    from collectivekv.cachestore.store.shard_version import sharded_manifest
+
+    def complete(staging: Path) -> dict[str, Any]:
+        pdir = staging / PARQUET_DIR
+        pdir.mkdir(exist_ok=True)
+        write_layout(pdir / PARQUET_LAYOUT_FILE, layout)
+        write_layout(staging / LAYOUT, layout)
+        files = [{"name": PARQUET_LAYOUT_FILE, "bytes": (pdir / PARQUET_LAYOUT_FILE).stat().st_size}]
+        files += [{"name": e["parquet"], "bytes": e["parquet_bytes"]}
+                  for e in sorted(entries, key=lambda e: e["index"])]
+        manifest = sharded_manifest(staging, layout, entries, count, files)
+        if on_built is not None:
+            on_built(manifest)
+        if prefill is not None:
+            write_json(pdir / PREFILL_META_FILE, prefill)
+        manifest.update(summary_fields(manifest, prefill, command_line))
+        return manifest
+
+    manifest, result = publish_staged(store_root, staging, complete)
+    log.info("published %s: %d users in %d shards, LMDB %.1f MB on disk (previous %s, pruned %s)", result.version_id,
+             manifest["users"], count, manifest["bytes"]["lmdb_disk"] / 1e6, result.previous, list(result.pruned))
+    return manifest
+
+
 def read_manifest(store_root: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     """(version dir, manifest) of the version ``STORE/current`` points to (resolved once), after the cheap
     check of its LMDB file (:func:`cachestore.store.store_check.check_version`)."""
     from collectivekv.cachestore.store.publish import open_current
-    from collectivekv.cachestore.store.store_check import check_version
+    from collectivekv.cachestore.store.shard_version import check_store_version
 
     version = Path(os.path.realpath(open_current(store_root)))
-    check_version(version)  # every command that reports on a store validates it (StoreDamagedError)
+    check_store_version(version)  # every command that reports on a store validates it (StoreDamagedError)
     with open(version / MANIFEST, encoding="utf-8") as fh:
         return version, json.load(fh)
