@@ -9,10 +9,12 @@ into a padded batch (``cachestore.decode.entry_batch``), turned back into a cach
 ``model.keys_values``. Values must agree within the kv dtype's rounding (2 ulp relative
 + 1e-5 absolute); lengths and router indices exactly; every history user must have a record and the
 store must hold exactly as many users as the histories (a full check therefore matches the sets).
-Memory: one batch of users at a time (``--sample N`` picks N row numbers first).
+Memory: one batch of users at a time (``--sample N`` picks N row numbers first). A sharded version is read
+through :class:`cachestore.store.sharded_reader.ShardedReader` after the deep check of every shard
+(:func:`cachestore.store.sharded_reader.check_shards`: B-tree, users in their own shard, digest).
 
 Zoo stores (SIM, ETA, SDIM, TWIN, HSTU): the window is the model's ``window_len``; each record is
-read raw (``StoreReader.get_raw``) so that a bad one is reported, not raised. Every K/V group is rebuilt
+read raw (``get_raw``) so that a bad one is reported, not raised. Every K/V group is rebuilt
 by ``model.keys_values`` and compared with ``model.keys_values(model.prefill(history))`` (mode
 full: the stored K/V are the rebuilt ones, compared the same way); router indices and retrieval keys
 (``cache.keys``) must be equal exactly.
@@ -36,6 +38,7 @@ from collectivekv.cachestore.decode.entry_batch import model_tensors, stack_reco
 from collectivekv.cachestore.store.entry import EntryLayout, EntryRecord, decode_entry
 from collectivekv.cachestore.store.reader import StoreReader
 from collectivekv.cachestore.store.record import RecordError
+from collectivekv.cachestore.store.sharded_reader import ShardedReader, check_shards, open_reader
 from collectivekv.cachestore.store.store_tree import check_tree
 from collectivekv.model.blocks import ZooCache
 from collectivekv.model.cache_spec import store_config
@@ -46,6 +49,7 @@ from collectivekv.pipeline.data.history import arrow_window
 log = logging.getLogger("ckv.verify")
 RTOL = {"float16": 2 * 2.0**-10, "bfloat16": 2 * 2.0**-7, "float32": 1e-5}
 ATOL = 1e-5
+Reader = StoreReader | ShardedReader
 
 
 @dataclass
@@ -98,20 +102,28 @@ def _stored_cache(layout: EntryLayout, records: list[EntryRecord], cfg: ModelCon
 def verify_store(store: str | Path, checkpoint: str | Path, histories: str | Path, *, sample: int | None = None,
                  seed: int = 0, batch_users: int = 64, device: str = "cpu") -> VerifyResult:
     """Check the published store against the model (see module docstring)."""
-    with StoreReader.open_current(store) as reader:  # closed on errors too (a bad record raises RecordError)
+    with open_reader(Path(store)) as reader:  # closed on errors too (a bad record raises RecordError)
         return _verify(reader, checkpoint, histories, sample, seed, batch_users, device)
 
 
-def _verify(reader: StoreReader, checkpoint: str | Path, histories: str | Path, sample: int | None, seed: int,
-            batch_users: int, device: str) -> VerifyResult:
+def _verify(reader: Reader, checkpoint: str | Path, histories: str | Path, sample: int | None,
+            seed: int, batch_users: int, device: str) -> VerifyResult:
     t0 = time.perf_counter()
-    check_tree(reader.version_dir)  # every LMDB page the records hang from, before any record is read
+    # every LMDB page the records hang from, before any record is read; a sharded version: every shard's, its
+    # users all its own and its records' digest as published
+    if isinstance(reader, ShardedReader):
+        shard_problems = check_shards(reader)
+    else:
+        check_tree(reader.version_dir)
+        shard_problems = []
     layout = reader.layout
     ckpt = load_checkpoint(checkpoint, device=device)
     model = ckpt.model
     ds = history_dataset(histories)
     total = ds.count_rows()
     res = VerifyResult(reader.version_id, ckpt.model_version, len(reader), total)
+    for problem in shard_problems:
+        res.add(problem)
     if ckpt.model_version != layout.model_version:
         res.add(f"store was built by model {layout.model_version}, checkpoint is {ckpt.model_version}")
         return res
@@ -146,7 +158,7 @@ def _verify(reader: StoreReader, checkpoint: str | Path, histories: str | Path, 
     return res
 
 
-def _check_batch(batch: pa.RecordBatch, model: torch.nn.Module, reader: StoreReader, layout, res: VerifyResult,
+def _check_batch(batch: pa.RecordBatch, model: torch.nn.Module, reader: Reader, layout, res: VerifyResult,
                  rtol: float, dev: torch.device) -> None:
     users = batch.column("user_id").to_numpy().astype(np.int64)
     w = arrow_window(batch.column("items"), batch.column("labels"), layout.max_len)
@@ -197,7 +209,7 @@ def _check_batch(batch: pa.RecordBatch, model: torch.nn.Module, reader: StoreRea
         res.add(f"user {int(users[sel[r]])}: {msg}")
 
 
-def _check_zoo_batch(batch: pa.RecordBatch, model: torch.nn.Module, reader: StoreReader, layout: EntryLayout,
+def _check_zoo_batch(batch: pa.RecordBatch, model: torch.nn.Module, reader: Reader, layout: EntryLayout,
                      res: VerifyResult, rtol: float, dev: torch.device) -> None:
     """A zoo store: every K/V group, router index and retrieval key of a batch of users."""
     users = batch.column("user_id").to_numpy().astype(np.int64)
