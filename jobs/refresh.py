@@ -50,10 +50,13 @@ def _prepare_config(events: Path, kw: dict[str, Any]) -> Any:
               help="refuse the new model if its metric < current's - margin (absolute)")
 @click.option("--master", default=None, help="Spark master of the prefill [default: local[*]]")
 @click.option("--engine", default="auto", show_default=True, help="prefill engine")
+@click.option("--shards", type=click.IntRange(1, 4096), default=1, show_default=True,
+              help="LMDB shards of the published store (ckv prefill --shards)")
 @click.option("--verify-sample", type=int, default=None, help="users verified [default: all]")
 def refresh_cmd(store: str, work: str, events: Path | None, dataset: str | None, current_checkpoint: str | None,
                 epochs: int, batch_size: int, lr: float, patience: int, device: str, seed: int, metric: str,
-                margin: float, master: str | None, engine: str, verify_sample: int | None, **kw: Any) -> None:
+                margin: float, master: str | None, engine: str, shards: int, verify_sample: int | None,
+                **kw: Any) -> None:
     """Nightly refresh: prepare, warm-start train, gate, prefill, verify, publish model + store together."""
     from collectivekv.pipeline.store.refresh import RefreshError, RefreshOptions, RefreshRefused, run_refresh
     from collectivekv.pipeline.store.safe_output import OutputError, check_not_input
@@ -72,7 +75,8 @@ def refresh_cmd(store: str, work: str, events: Path | None, dataset: str | None,
         store=store, work=work, prepare=prep, dataset=dataset, current_checkpoint=current_checkpoint,
         train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed, device=device,
                           progress=False),
-        metric=metric, margin=margin, prefill={"master": master, "engine": engine}, verify_sample=verify_sample,
+        metric=metric, margin=margin, prefill={"master": master, "engine": engine, "shards": shards},
+        verify_sample=verify_sample,
     )  # fmt: skip
     try:
         report = run_refresh(opts)

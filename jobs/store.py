@@ -24,7 +24,9 @@ def store() -> None:
 @click.option("--store", "store_root", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="store root to publish into (needed when SOURCE is a Parquet directory)")
 @click.option("--progress/--no-progress", default=True)
-def build_cmd(source: Path, store_root: Path | None, progress: bool) -> None:
+@click.option("--shards", type=click.IntRange(1, 4096), default=1, show_default=True,
+              help="build N LMDB shards (one process; the prefill job builds them in parallel)")
+def build_cmd(source: Path, store_root: Path | None, progress: bool, shards: int) -> None:
     """Build the LMDB from prefill Parquet and publish it atomically as a new store version.
 
     SOURCE is a store root (rebuild from its current version's Parquet) or a prefill Parquet
@@ -49,7 +51,12 @@ def build_cmd(source: Path, store_root: Path | None, progress: bool) -> None:
             raise click.UsageError("SOURCE is a store: --store must be omitted or the same")
         store_root = source
     try:
-        manifest = build_store(store_root, parquet, command_line=shlex.join(sys.argv), progress=progress)
+        if shards > 1:
+            from collectivekv.pipeline.store.shard_ops import build_sharded_store
+
+            manifest = build_sharded_store(store_root, parquet, shards, command_line=shlex.join(sys.argv))
+        else:
+            manifest = build_store(store_root, parquet, command_line=shlex.join(sys.argv), progress=progress)
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"published {manifest['version_id']} to {store_root}: {manifest['users']} users, "

@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from collectivekv.cachestore.store.entry import EntryLayout
+from collectivekv.cachestore.store.entry import EntryLayout, entry_schema
 from collectivekv.cachestore.store.lmdb_build import (
     StoreBuildError,
     iter_file_records,
@@ -53,6 +53,12 @@ from collectivekv.cachestore.store.shards import (
 from collectivekv.cachestore.store.store_tree import lmdb_facts
 
 PARQUET_DIR = "parquet"
+HISTORY_FP = "history_fp"  # the incremental prefill's fingerprint column (pipeline/prefill/incremental.py FP_COL)
+
+
+def shard_schema() -> pa.Schema:
+    """The columns of a sharded version's Parquet parts: the prefill columns + ``history_fp``."""
+    return entry_schema().append(pa.field(HISTORY_FP, pa.int64()))
 
 
 @dataclass(frozen=True)
@@ -92,17 +98,17 @@ def _check_batch(batch: pa.RecordBatch, t: ShardTarget, tally: _Tally) -> np.nda
         return lengths
     if int(ids.min()) < 0:
         raise RecordError("negative user id; keys are unsigned 8-byte big-endian", int(ids[ids < 0][0]))
+    owners = shard_of(ids, t.count)
+    if (owners != t.index).any():
+        j = int(np.flatnonzero(owners != t.index)[0])
+        raise StoreBuildError(f"user {int(ids[j])} belongs to shard {int(owners[j])}, not to shard {t.index} of "
+                              f"{t.count}: the partitioning does not follow {SHARD_FUNCTION}; nothing was published")
     order = np.diff(np.concatenate([[tally.last], ids]))
     if (order <= 0).any():
         j = int(np.flatnonzero(order <= 0)[0])
         what = "duplicate user id" if order[j] == 0 else "user ids out of order"
         raise StoreBuildError(f"shard {t.index}: {what} at user {int(ids[j])}: every user must have exactly one "
                               "row, sorted within its shard")
-    owners = shard_of(ids, t.count)
-    if (owners != t.index).any():
-        j = int(np.flatnonzero(owners != t.index)[0])
-        raise StoreBuildError(f"user {int(ids[j])} belongs to shard {int(owners[j])}, not to shard {t.index} of "
-                              f"{t.count}: the partitioning does not follow {SHARD_FUNCTION}; nothing was published")
     bad = np.flatnonzero((lengths < 0) | (lengths > t.layout.max_len))
     if bad.size:
         raise RecordError(f"length {int(lengths[bad[0]])} outside 0..max_len={t.layout.max_len}", int(ids[bad[0]]))

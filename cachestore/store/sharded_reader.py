@@ -26,7 +26,6 @@ from collectivekv.cachestore.store.shards import (
     records_digest,
     shard_of,
 )
-from collectivekv.cachestore.store.store_check import StoreDamagedError
 from collectivekv.cachestore.store.store_tree import check_tree
 
 
@@ -133,6 +132,6 @@ def check_shards(reader: ShardedReader) -> list[str]:
         if users != entry["users"]:
             problems.append(f"shard {k}: {users} users, the manifest lists {entry['users']}")
         if f"blake2b-128:{digest.hexdigest()}" != entry["checksum"]:
-            raise StoreDamagedError(shard.version_dir, f"the records' digest is blake2b-128:{digest.hexdigest()}, the "
-                                    f"manifest lists {entry['checksum']} (a record was changed after the publish)")
+            problems.append(f"shard {k}: the records' digest is blake2b-128:{digest.hexdigest()}, the "
+                            f"manifest lists {entry['checksum']} (a record was changed after the publish)")
     return problems

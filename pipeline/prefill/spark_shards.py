@@ -27,17 +27,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from collectivekv.cachestore.store.entry import EntryLayout, entry_schema, layout_from_dict
-from collectivekv.cachestore.store.shard_build import ShardTarget, build_shard
-from collectivekv.pipeline.prefill.incremental import FP_COL
+from collectivekv.cachestore.store.entry import EntryLayout, layout_from_dict
+from collectivekv.cachestore.store.shard_build import ShardTarget, build_shard, shard_schema
 
 log = logging.getLogger("ckv.prefill")
 ENTRY_DDL = "entry string"
-
-
-def shard_schema() -> pa.Schema:
-    """The columns of a sharded version's Parquet parts: the prefill columns + ``history_fp``."""
-    return entry_schema().append(pa.field(FP_COL, pa.int64()))
 
 
 def build_shard_partition(batches: Any, params: dict) -> Any:
