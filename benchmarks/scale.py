@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -182,6 +183,8 @@ def run(work: Path, users: int, args: argparse.Namespace, *, hist: Path | None =
     cmd = [str(bin_dir / "spark-submit"), "--master", args.master, "--driver-memory", args.driver_memory,
            "--conf", "spark.ui.enabled=false", str(ROOT / "jobs" / "prefill.py"), "--checkpoint", str(ckpt),
            "--histories", str(hist), "--out", str(store), "--device", "cpu", "--progress-interval", "30", *extra]
+    if args.shards > 1:
+        cmd += ["--shards", str(args.shards)]
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "SPARK_LOCAL_IP": "127.0.0.1"}
     print("$", shlex.join(cmd), flush=True)
     t = time.perf_counter()
@@ -212,8 +215,15 @@ def run(work: Path, users: int, args: argparse.Namespace, *, hist: Path | None =
                                         "parquet": round(b["parquet"] / mib, 1)},
         "cr_payload": round(b["payload"] / full_fp32, 6), "cr_lmdb_disk": round(b["lmdb_disk"] / full_fp32, 6),
         "full_kv_fp32_bytes": full_fp32, "incremental": m["prefill"].get("incremental"),
+        "shards": (m.get("shards") or {}).get("count", 1), "stage_to_publish_seconds": _after_stage(err),
         "memory_timeline": sampler.timeline[:: max(1, len(sampler.timeline) // 200)],
     }  # fmt: skip
+
+
+def _after_stage(log: str) -> float | None:
+    """Seconds from the end of the Spark stage to the publish, from the job's last log line (sharded runs)."""
+    m = re.search(r"\(([\d.]+) s from the end of the stage to the publish\)", log)
+    return float(m.group(1)) if m else None
 
 
 def plot(results: list[dict], png: Path) -> None:
@@ -265,6 +275,8 @@ def main() -> None:
     ap.add_argument("--incremental", action="store_true",
                     help="after each full run, an --incremental run of day 2 (1/16 of the users changed, 1%% new)")
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from --out")
+    ap.add_argument("--shards", type=int, default=1,
+                    help="N > 1: a sharded store (jobs/prefill.py --shards N; shards built inside the Spark stage)")
     args = ap.parse_args()
     if args.plot_only:
         plot(json.loads(Path(args.out).read_text())["runs"], Path(args.png))
