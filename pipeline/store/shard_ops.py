@@ -32,7 +32,7 @@ from collectivekv.pipeline.store.store_ops import publish_sharded, read_prefill_
 log = logging.getLogger("ckv.store")
 
 
-def _shard_rows(files: list[Path], schema: pa.Schema, index: int, count: int) -> pa.Table:
+def shard_rows(files: list[Path], schema: pa.Schema, index: int, count: int) -> pa.Table:
     """The rows of shard ``index`` from every file, sorted by user id (``history_fp`` 0 where a file has none)."""
     parts = []
     for path in files:
@@ -57,7 +57,7 @@ def build_sharded_store(store_root: str | os.PathLike, parquet_dir: str | os.Pat
     entries = []
     try:
         for k in range(count):
-            rows = _shard_rows(files, schema, k, count).to_batches(max_chunksize=4096)
+            rows = shard_rows(files, schema, k, count).to_batches(max_chunksize=4096)
             entries.append(build_shard(rows, schema, ShardTarget(staging, k, count, layout)))
             log.info("shard %d/%d: %d users", k, count, entries[-1]["users"])
     except BaseException:
