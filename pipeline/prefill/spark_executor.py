@@ -27,27 +27,45 @@ from collectivekv.pipeline.prefill.incremental import FP_COL, PREV_FP_COL
 _ENGINE_CACHE: dict[tuple, Any] = {}
 
 
-def _task_device(requested: str) -> str:
-    import torch
-
-    if requested == "cpu":
-        return "cpu"
-    if not torch.cuda.is_available():
-        if requested == "cuda":
-            raise RuntimeError("--device cuda: no CUDA device on this executor")
-        return "cpu"
+def task_gpu() -> str | None:
+    """The GPU address Spark's resource scheduling assigned this task (``spark.task.resource.gpu.amount``), or
+    None when the job runs without GPU scheduling."""
     from pyspark import TaskContext
 
     ctx = TaskContext.get()
     gpus = ctx.resources().get("gpu") if ctx is not None else None
-    return f"cuda:{gpus.addresses[0]}" if gpus is not None and gpus.addresses else "cuda"
+    return gpus.addresses[0] if gpus is not None and gpus.addresses else None
+
+
+def _task_device(requested: str, address: str | None) -> str:
+    """The torch device a task decodes on: the CUDA device of its assigned GPU address; without one, the
+    executor's default CUDA device (``auto``/``cuda``) or the CPU. An address that is not a CUDA device here (a
+    discovery script that lists more GPUs than CUDA sees, a test's fake addresses) falls back to the CPU under
+    ``auto`` and fails under ``cuda``."""
+    import torch
+
+    if requested == "cpu":
+        return "cpu"
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if address is not None:
+        if address.isdigit() and int(address) < n:
+            return f"cuda:{address}"
+        if requested == "cuda":
+            raise RuntimeError(f"--device cuda: Spark assigned GPU address {address!r}, which is not one of this "
+                               f"executor's {n} CUDA devices (check the discovery script)")
+        return "cpu"
+    if n == 0:
+        if requested == "cuda":
+            raise RuntimeError("--device cuda: no CUDA device on this executor")
+        return "cpu"
+    return "cuda"
 
 
 def _engine(params: dict) -> Any:
     from collectivekv.pipeline.prefill.prefill import make_engine
 
     layout = layout_from_dict(params["layout"])
-    device = "cpu" if params["engine"] == "noop" else _task_device(params["device"])
+    device = "cpu" if params["engine"] == "noop" else _task_device(params["device"], task_gpu())
     key = (params["version"], device, params["engine"], params["memo_bytes"],
            json.dumps(params["layout"], sort_keys=True))
     if key not in _ENGINE_CACHE:
@@ -132,4 +150,14 @@ def prefill_partition(batches: Any, params: dict) -> Any:
         f" (blocks computed {shared.computed}, loaded {shared.loaded})" if shared is not None else "")
     print(f"[ckv prefill] partition {part}: {n} users in {dt:.1f} s ({n / max(dt, 1e-9):.0f} users/s), "
           f"{truncated} truncated to the latest {layout.max_len} events, "
-          f"engine {engine.name}, device {device}{memo}", file=sys.stderr, flush=True)
+          f"engine {engine.name}, device {device}{_gpu_note(device, params['device'])}{memo}", file=sys.stderr,
+          flush=True)
+
+
+def _gpu_note(device: str, requested: str) -> str:
+    """", gpu address A" (+ why the task runs on the CPU) when Spark assigned the task a GPU."""
+    address = task_gpu()
+    if address is None:
+        return ""
+    fallback = device == "cpu" and requested != "cpu"
+    return f", gpu address {address}" + (" (not a CUDA device here: CPU)" if fallback else "")

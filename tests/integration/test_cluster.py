@@ -1,5 +1,7 @@
-"""A real Spark standalone cluster on 127.0.0.1: master + one worker (1 core), `spark-submit --master
-spark://127.0.0.1:PORT jobs/prefill.py`, the result compared with local mode's byte for byte.
+"""A real Spark standalone cluster on 127.0.0.1: master + one worker (2 cores, two fake GPUs from
+jobs/gpu_discovery.sh), `spark-submit --master spark://127.0.0.1:PORT jobs/prefill.py`, the result compared with
+local mode's byte for byte; then the sharded job with GPU scheduling: each task gets its own GPU address, which is
+no CUDA device here, so it decodes on the CPU, and the executors' shards hold the same records.
 
 Only 127.0.0.1 is ever used: SPARK_LOCAL_IP / --host / spark.driver.host / bindAddress all say so,
 and the ports are free ports of 127.0.0.1. Both daemons are killed (their process groups) in a finally.
@@ -8,6 +10,7 @@ and the ports are free ports of 127.0.0.1. Both daemons are killed (their proces
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -21,6 +24,7 @@ import pytest
 import torch
 
 from collectivekv.cachestore.store.reader import StoreReader
+from collectivekv.cachestore.store.sharded_reader import open_reader
 from collectivekv.model.config import CollectiveConfig, ModelConfig
 from collectivekv.model.zoo import create_model
 from collectivekv.pipeline.data.synthetic import history_batches
@@ -87,18 +91,22 @@ def test_standalone_cluster_equals_local(tmp_path: Path) -> None:
            "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable,
            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "SPARK_NO_DAEMONIZE": "1"}
     env.pop("PYSPARK_GATEWAY_PORT", None)
+    discovery = str(ROOT / "jobs" / "gpu_discovery.sh")
+    # the worker offers two fake GPUs (addresses that are no CUDA device here): tasks get one each, fall back to the CPU
+    worker_env = {**env, "CKV_GPU_ADDRESSES": "0,1", "SPARK_WORKER_OPTS": "-Dspark.worker.resource.gpu.amount=2 "
+                  f"-Dspark.worker.resource.gpu.discoveryScript={discovery}"}
     spark_class = str(home / "bin" / "spark-class")
     mport, mui, wport, wui = free_port(), free_port(), free_port(), free_port()
     master_url = f"spark://{HOST}:{mport}"
     mlog, wlog = tmp_path / "master.log", tmp_path / "worker.log"
     master = worker = None
 
-    def submit(master_arg: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    def submit(master_arg: str, out: Path, *extra: str, extra_job: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
         cmd = [str(bin_dir / "spark-submit"), "--master", master_arg, "--driver-memory", "512m", *extra,
                "--conf", f"spark.driver.host={HOST}", "--conf", f"spark.driver.bindAddress={HOST}",
                "--conf", "spark.ui.enabled=false", "--conf", f"spark.pyspark.python={sys.executable}",
                str(ROOT / "jobs" / "prefill.py"), "--checkpoint", str(tmp_path / "ckpt"),
-               "--histories", str(hist), "--out", str(out), "--progress-interval", "2"]
+               "--histories", str(hist), "--out", str(out), "--progress-interval", "2", *extra_job]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-4000:]
         assert "192." not in proc.stderr and "using 127.0.0.1" not in proc.stderr
@@ -113,12 +121,16 @@ def test_standalone_cluster_equals_local(tmp_path: Path) -> None:
         with open(wlog, "w") as fh:
             worker = subprocess.Popen([spark_class, "org.apache.spark.deploy.worker.Worker", master_url,
                                        "--host", HOST, "--port", str(wport), "--webui-port", str(wui),
-                                       "--cores", "1", "--memory", "1g", "--work-dir", str(tmp_path / "work")],
-                                      env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+                                       "--cores", "2", "--memory", "2g", "--work-dir", str(tmp_path / "work")],
+                                      env=worker_env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(wlog, "Successfully registered with master", worker, 45)
         proc = submit(master_url, tmp_path / "cluster", "--executor-memory", "512m", "--total-executor-cores", "1")
         assert f"master {master_url}" in proc.stderr  # the job ran on the standalone master
         assert "app-" in (tmp_path / "cluster" / "manifest.json").read_text()  # a standalone app id
+        gpus = ("--conf", "spark.executor.resource.gpu.amount=2", "--conf", "spark.task.resource.gpu.amount=1",
+                "--conf", f"spark.executor.resource.gpu.discoveryScript={discovery}", "--executor-cores", "2")
+        submit(master_url, tmp_path / "sharded", "--executor-memory", "1g", "--total-executor-cores", "2", *gpus,
+               extra_job=("--shards", "2"))
     finally:
         stop(worker)
         stop(master)
@@ -128,3 +140,8 @@ def test_standalone_cluster_equals_local(tmp_path: Path) -> None:
     submit("local[1]", tmp_path / "local")  # local mode, same inputs (also on 127.0.0.1 only)
     a, b = raw_values(tmp_path / "cluster"), raw_values(tmp_path / "local")
     assert len(a) == 500 and a == b
+    with open_reader(tmp_path / "sharded") as sharded:  # shards built by the executor's tasks: the same records
+        assert {u: sharded.get_raw(u) for u in sharded.iter_users()} == a
+    logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "work").glob("app-*/*/stderr"))
+    seen = set(re.findall(r"gpu address (\S+) \(not a CUDA device here: CPU\)", logs))
+    assert seen == {"0", "1"}, logs[-3000:]  # distinct addresses per concurrent task, each falling back
