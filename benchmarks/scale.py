@@ -215,13 +215,13 @@ def run(work: Path, users: int, args: argparse.Namespace, *, hist: Path | None =
                                         "parquet": round(b["parquet"] / mib, 1)},
         "cr_payload": round(b["payload"] / full_fp32, 6), "cr_lmdb_disk": round(b["lmdb_disk"] / full_fp32, 6),
         "full_kv_fp32_bytes": full_fp32, "incremental": m["prefill"].get("incremental"),
-        "shards": (m.get("shards") or {}).get("count", 1), "stage_to_publish_seconds": _after_stage(err),
+        "shards": (m.get("shards") or {}).get("count", 1), "stage_to_publish_seconds": _after_stage(out),
         "memory_timeline": sampler.timeline[:: max(1, len(sampler.timeline) // 200)],
     }  # fmt: skip
 
 
 def _after_stage(log: str) -> float | None:
-    """Seconds from the end of the Spark stage to the publish, from the job's last log line (sharded runs)."""
+    """Seconds from the end of the Spark stage to the publish, from the job's closing line (sharded runs)."""
     m = re.search(r"\(([\d.]+) s from the end of the stage to the publish\)", log)
     return float(m.group(1)) if m else None
 

@@ -78,7 +78,10 @@ def prefill_cmd(checkpoint: str, histories: str, store: str, log_file: str | Non
     except (*own, SparkJobError) as exc:
         raise click.ClickException(str(exc)) from exc
     b = manifest["bytes"]
-    shards = f" in {manifest['shards']['count']} shards" if manifest.get("shards") else ""
+    shards = ""
+    if manifest.get("shards"):
+        shards = (f" in {manifest['shards']['count']} shards ({manifest['prefill']['stage_to_publish_seconds']:.2f} s "
+                  "from the end of the stage to the publish)")
     click.echo(f"published {manifest['version_id']} to {store}: {manifest['users']} users{shards}, "
                f"{manifest['mode']} {manifest['dtypes']['kv']}, payload {b['payload']} B, "
                f"LMDB {b['lmdb_disk']} B on disk, Parquet {b['parquet']} B")
