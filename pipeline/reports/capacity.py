@@ -21,6 +21,8 @@ docs/capacity.md explains every number; the arithmetic:
 - **a request batch** moves the serving layout of ``cachestore/decode/batch.py`` in one copy:
   ``16·B + zero block + Σ align8(record)``; time = bytes / bandwidth + a fixed latency.
 - **users that fit**: host memory / LMDB bytes per user (the page cache holding the store);
+- **shards**: a sharded store (``ckv prefill --shards N``) across hosts (each shard's LMDB in one host's memory) or
+  GPUs (each shard's records resident on one GPU): users / users that fit, rounded up;
   (GPU memory − pool) / batch bytes per user (records resident on the GPU).
 """
 
@@ -357,12 +359,19 @@ def format_capacity(layout: EntryLayout, dist: LengthDist, users: int, batch: in
                  "gpu_users": (int(max(0.0, gpu - pool_bytes) // batch_u) if batch_u else None),
                  "pool_fits_gpu": pool_bytes <= gpu},
     }
+    out["shards"] = {"hosts": _shards(users, out["fits"]["host_users"]), "gpus": _shards(users, out["fits"]["gpu_users"])}
     if calibration is not None and calibration.mode == layout.mode:
         out["total"]["lmdb_disk_measured_overhead"] = out["total"]["records"] * calibration.lmdb_overhead
         out["total"]["parquet_measured_ratio"] = out["total"]["records"] * calibration.parquet_ratio
         out["calibration"] = {"store": calibration.path, "users": calibration.users,
                               "lmdb_overhead": calibration.lmdb_overhead, "parquet_ratio": calibration.parquet_ratio}
     return out
+
+
+def _shards(users: int, per_shard: int | None) -> int | None:
+    """Shards (one per host or GPU) for ``users`` when one holds ``per_shard`` users (the shard function spreads
+    users evenly: cachestore/store/shards.py); None when not even one user fits."""
+    return -(-users // per_shard) if per_shard else None
 
 
 def capacity_plan(users: int, dist: LengthDist, fmt: CacheFormat | ZooFormat, *, batch: int = 512,

@@ -79,6 +79,9 @@ def capacity_table(plan: dict[str, Any]) -> Table:
         _n(c["fits"]["host_users"]))
     row(f"users fitting {bud['gpu_mem_gib']:g} GiB GPU memory (records, after pool)", _n(f["fits"]["gpu_users"]),
         _n(c["fits"]["gpu_users"]))
+    for key, what in (("hosts", f"hosts of {bud['host_mem_gib']:g} GiB"),
+                      ("gpus", f"GPUs of {bud['gpu_mem_gib']:g} GiB, records resident")):
+        row(f"shards = {what}, {_n(users)} users", _n(f["shards"][key]), _n(c["shards"][key]))
     lengths = plan["lengths"]
     t.notes.append(f"lengths: {lengths['source']} — mean {lengths['mean']:.1f}, p50 {lengths['p50']}, "
                    f"p90 {lengths['p90']}, max {lengths['max']}" + (f" ({lengths['note']})" if lengths["note"] else ""))

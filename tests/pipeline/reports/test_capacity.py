@@ -111,9 +111,16 @@ def test_capacity_totals_pool_transfer_and_fits_by_hand() -> None:
     fits = c["fits"]
     assert fits["host_users"] == int(64 * 2**30 // c["per_user"]["lmdb_disk"])
     assert fits["gpu_users"] == int((80 * 2**30 - 20_400_000) // (432 + 16))
+    assert c["shards"] == {"hosts": 1, "gpus": 1}  # a million users fit one host / GPU
+    many = capacity_plan(10**9, point(n), CacheFormat(), batch=b, bandwidth=bw, budgets=Budgets(64.0, 80.0))
+    for col in ("collective", "full"):
+        per_gpu = plan[col]["fits"]["gpu_users"]
+        assert many[col]["shards"]["gpus"] == math.ceil(10**9 / per_gpu)
+    assert many["collective"]["shards"]["gpus"] == 6 and many["full"]["shards"]["gpus"] == 597
     assert plan["paper_padded_fp32_batch_bytes"] == 512 * 50 * 2 * 256 * 4
     text = format_table(capacity_table(plan))
     assert "GPU-resident pool" in text and "users fitting" in text and "bandwidth: test" in text
+    assert "shards = GPUs of 80 GiB" in text
 
 
 # ------------------------------------------------------------------------------- length dists
