@@ -359,7 +359,8 @@ def format_capacity(layout: EntryLayout, dist: LengthDist, users: int, batch: in
                  "gpu_users": (int(max(0.0, gpu - pool_bytes) // batch_u) if batch_u else None),
                  "pool_fits_gpu": pool_bytes <= gpu},
     }
-    out["shards"] = {"hosts": _shards(users, out["fits"]["host_users"]), "gpus": _shards(users, out["fits"]["gpu_users"])}
+    fits = out["fits"]
+    out["shards"] = {"hosts": _shards(users, fits["host_users"]), "gpus": _shards(users, fits["gpu_users"])}
     if calibration is not None and calibration.mode == layout.mode:
         out["total"]["lmdb_disk_measured_overhead"] = out["total"]["records"] * calibration.lmdb_overhead
         out["total"]["parquet_measured_ratio"] = out["total"]["records"] * calibration.parquet_ratio
