@@ -359,20 +359,15 @@ def format_capacity(layout: EntryLayout, dist: LengthDist, users: int, batch: in
                  "gpu_users": (int(max(0.0, gpu - pool_bytes) // batch_u) if batch_u else None),
                  "pool_fits_gpu": pool_bytes <= gpu},
     }
-    fits = out["fits"]
-    out["shards"] = {"hosts": _shards(users, fits["host_users"]), "gpus": _shards(users, fits["gpu_users"])}
+    fits = out["fits"]  # shards: users / users per host or GPU, rounded up (the shard function spreads users evenly)
+    out["shards"] = {k: -(-users // fits[f]) if fits[f] else None for k, f in (("hosts", "host_users"),
+                                                                              ("gpus", "gpu_users"))}
     if calibration is not None and calibration.mode == layout.mode:
         out["total"]["lmdb_disk_measured_overhead"] = out["total"]["records"] * calibration.lmdb_overhead
         out["total"]["parquet_measured_ratio"] = out["total"]["records"] * calibration.parquet_ratio
         out["calibration"] = {"store": calibration.path, "users": calibration.users,
                               "lmdb_overhead": calibration.lmdb_overhead, "parquet_ratio": calibration.parquet_ratio}
     return out
-
-
-def _shards(users: int, per_shard: int | None) -> int | None:
-    """Shards (one per host or GPU) for ``users`` when one holds ``per_shard`` users (the shard function spreads
-    users evenly: cachestore/store/shards.py); None when not even one user fits."""
-    return -(-users // per_shard) if per_shard else None
 
 
 def capacity_plan(users: int, dist: LengthDist, fmt: CacheFormat | ZooFormat, *, batch: int = 512,
