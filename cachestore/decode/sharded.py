@@ -31,7 +31,7 @@ class ShardSetRuntime:
     """Scores requests over the opened shards of one sharded store version (module docstring).
 
     ``runtimes``: shard index -> the runtime of that shard; ``count``: the version's number of shards.
-    Exposes what callers of a :class:`DecodeRuntime` read: ``score``, ``model_version``, ``resident``,
+    Exposes what callers of a :class:`DecodeRuntime` read: ``score``, ``score_raw``, ``model_version``, ``resident``,
     ``catalogue``, ``device``, ``stats`` (summed), ``version_dir`` / ``version_id`` (the whole version's),
     ``close``.
     """
@@ -87,6 +87,8 @@ class ShardSetRuntime:
             for name in STAT_FIELDS:
                 setattr(stats, name, getattr(stats, name) + getattr(part.stats, name))
         return ScoreResult(logits, cold, stats, self.model_version)
+
+    score_raw = DecodeRuntime.score_raw  # raw item ids through ``catalogue``, then :meth:`score`
 
     def close(self) -> None:
         for rt in self.runtimes.values():

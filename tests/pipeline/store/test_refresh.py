@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from collectivekv.cachestore.checkpoint import load_checkpoint
 from collectivekv.cachestore.decode.runtime import DecodeRuntime
+from collectivekv.cachestore.decode.sharded import ShardSetRuntime, open_runtime
 from collectivekv.cachestore.store.publish import current_version_id
 from collectivekv.jobs.refresh import EXIT_REFUSED, refresh_cmd
 from collectivekv.model.config import CollectiveConfig, ModelConfig
@@ -101,7 +102,8 @@ def test_refresh_publishes_model_and_store_together_and_gate_refuses(spark, tmp_
 def test_refresh_keeps_item_embeddings_aligned_when_items_change(spark, tmp_path: Path) -> None:  # noqa: ANN001
     """Day 2 drops the largest item id and adds item 0 (sorts first): a fresh numbering would shift every
     other item by one with the same vocabulary size. The refresh extends the current model's catalogue
-    and warm-starts by raw id: with lr 0 every kept item's row is the current model's row for that item."""
+    and warm-starts by raw id: with lr 0 every kept item's row is the current model's row for that item.
+    The refresh publishes a 2-shard store: verified, and served with the model published inside it."""
     day1, _ = events(tmp_path)
     d1 = pd.read_csv(day1)
     dropped = int(d1.movieId.max())
@@ -120,7 +122,11 @@ def test_refresh_keeps_item_embeddings_aligned_when_items_change(spark, tmp_path
     report = run_refresh(RefreshOptions(store=str(store), work=str(tmp_path / "work"), prepare=prep(day2),
                                         current_checkpoint=str(tmp_path / "ckpt0"),
                                         train=TrainConfig(epochs=1, batch_size=256, lr=0.0, progress=False),
-                                        prefill={"progress_interval": 1.0, "spark_log_level": None}, spark=spark))
+                                        prefill={"progress_interval": 1.0, "spark_log_level": None, "shards": 2},
+                                        spark=spark))
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert manifest["shards"]["count"] == 2 and manifest["checkpoint"]["dir"] == CHECKPOINT_DIR
+    assert report["steps"]["verify"]["ok"] and report["steps"]["verify"]["users_checked"] == manifest["users"] > 0
     new = load_checkpoint(store_checkpoint(store))
     kept = np.setdiff1d(cur.item_catalogue.raw_items, [dropped])
     assert np.array_equal(new.item_catalogue.to_dense(kept), cur.item_catalogue.to_dense(kept))  # ids kept
@@ -132,11 +138,12 @@ def test_refresh_keeps_item_embeddings_aligned_when_items_change(spark, tmp_path
     torch.testing.assert_close(rows(new, kept), rows(cur, kept), rtol=0, atol=0)
     assert report["gate"]["delta"] == 0.0  # the gate compared against the current model remapped (same rows)
     # serving the published version takes raw ids through the published catalogue
-    rt = DecodeRuntime.open(store, device="cpu")
+    rt = open_runtime(store, device="cpu")
+    assert isinstance(rt, ShardSetRuntime) and rt.model_version == new.model_version
     users = load_dataset(report["steps"]["prepare"]["dataset"]).histories["user_id"].to_numpy()[:4]
     raw = np.array([kept[:3], kept[-3:], [0, kept[0], kept[1]], kept[5:8]])
     by_raw = rt.score_raw(users, raw).logits
     np.testing.assert_array_equal(by_raw, rt.score(users, new.item_catalogue.to_dense(raw)).logits)
     with pytest.raises(ValueError, match=f"item {dropped + 1000} is not in the model's item catalogue"):
         rt.score_raw(users[:1], np.array([[kept[0], dropped + 1000]]))
-    rt.reader.close()
+    rt.close()
