@@ -8,7 +8,8 @@ On top of ``cachestore.store.publish`` (staging -> versions/<id> -> atomic switc
   written into the staging version before it is published;
 - ``_prefill.json`` (prefill metadata: model config, checkpoint, run stats) kept beside
   ``_layout.json`` in every version's ``parquet/`` so a standalone rebuild keeps it;
-- stable symlinks ``STORE/{parquet,lmdb,manifest.json,layout.json} -> current/<name>``: the paths the
+- stable symlinks ``STORE/{parquet,lmdb,shards,manifest.json,layout.json} -> current/<name>`` (``lmdb`` resolves in
+  an unsharded version, ``shards`` in a sharded one): the paths the
   issue names resolve to the published version (through ``current``, so they switch with it).
   Programs should still resolve ``current`` once (``StoreReader.open_current``) and use that version.
 
@@ -42,6 +43,7 @@ from collectivekv.cachestore.store.publish import (
     publish,
 )
 from collectivekv.cachestore.store.record import HEADER_SIZE, write_layout
+from collectivekv.cachestore.store.shards import SHARDS_DIR
 
 log = logging.getLogger("ckv.store")
 PREFILL_META_FILE = "_prefill.json"
@@ -49,7 +51,7 @@ PARQUET_DIR = "parquet"
 PREFILL_PARQUET_SCHEMA_VERSION = 3  # the prefill Parquet columns (docs/prefill.md); bump on any change
 # 2: + history_fp int64 (pipeline/prefill/incremental.py; ignored by the LMDB build, the record format is unchanged)
 # 3: one payload column for every arch (din included: cachestore.store.entry.entry_schema)
-STABLE_LINKS = (PARQUET_DIR, LMDB_DIR, MANIFEST, LAYOUT)
+STABLE_LINKS = (PARQUET_DIR, LMDB_DIR, SHARDS_DIR, MANIFEST, LAYOUT)  # lmdb: unsharded versions; shards: sharded ones
 
 
 def write_json(path: Path, data: dict) -> None:
