@@ -39,6 +39,10 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--peak-weight", default=0.01, show_default=True),
         click.option("--balance-weight", default=1.0, show_default=True),
         click.option("--dropout", default=0.0, show_default=True, help="dropout of the MLP head"),
+        click.option("--event-features", default="", show_default=True,
+                     help="per-event features in the behaviour token: gap and/or hour, e.g. gap,hour "
+                          "(model/events.py; docs/model_zoo.md)"),
+        click.option("--gap-buckets", default=16, show_default=True, help="log buckets of the gap feature"),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -81,11 +85,20 @@ def build_model_config(kv_mode: str, kw: dict[str, Any], d_user: int = 1) -> Mod
         d_user=du if isinstance(du, int) else d_user, pool_size=kw["pool_size"], share_k=kw["share"] in ("both", "k"),
         share_v=kw["share"] in ("both", "v"), peak_weight=kw["peak_weight"], balance_weight=kw["balance_weight"],
     )  # fmt: skip
+    try:
+        return _model_config(kv_mode, kw, coll)
+    except ValueError as exc:  # e.g. an unknown --event-features name
+        raise click.BadParameter(str(exc)) from exc
+
+
+def _model_config(kv_mode: str, kw: dict[str, Any], coll: CollectiveConfig) -> ModelConfig:
     return ModelConfig(
         n_items=1, embed_dim=kw["embed_dim"], d_attn=kw["d_attn"], n_heads=kw["heads"], max_len=kw["max_len"],
         kv_mode=kv_mode, collective=coll, arch=kw["arch"], long_len=kw["long_len"], topk=kw["topk"],
         hash_bits=kw["hash_bits"], sdim_hashes=kw["sdim_hashes"], sdim_bits=kw["sdim_bits"],
         hstu_layers=kw["hstu_layers"], dropout=kw.get("dropout", 0.0),  # type: ignore[arg-type]
+        event_features=tuple(f.strip() for f in str(kw.get("event_features") or "").split(",") if f.strip()),
+        gap_buckets=kw.get("gap_buckets", 16),
     )  # fmt: skip
 
 

@@ -173,14 +173,15 @@ def compression_rate(cfg: ModelConfig, n: int | None = None, kv_itemsize: int = 
 
 
 # ---------------------------------------------------------------------------------- token-table alternative
-TOKEN_FEEDBACKS = 2  # a behaviour's feedback: negative or positive (model.ctr.N_FEEDBACK less the padding)
 
 
 def token_only_reason(cfg: ModelConfig) -> str | None:
     """None when every cached part of ``cfg`` is a function of the behaviour's token alone (item, its genres,
-    the feedback): din and the target-attention zoo (SIM, ETA, SDIM, TWIN), whose K/V, router indices and
-    retrieval keys come from the token's embedding. Otherwise why not: HSTU's layers above the first
-    attend over the sequence, so their K/V depend on the whole history, not on the token."""
+    the feedback and, with per-event features, the event's code): din and the target-attention zoo (SIM, ETA,
+    SDIM, TWIN), whose K/V, router indices and retrieval keys come from the token's embedding. Otherwise why
+    not: HSTU's layers above the first attend over the sequence, so their K/V depend on the whole history, not
+    on the token. Bucketed per-event features keep a token table possible but multiply its vocabulary by the
+    number of event codes (:func:`token_vocabulary`)."""
     if cfg.arch == "hstu":
         return (f"HSTU's K/V above layer 0 are contextual (each of its {cfg.hstu_layers} layers attends over the "
                 "history): they depend on the event's position and neighbours, not on its token alone")
@@ -188,8 +189,9 @@ def token_only_reason(cfg: ModelConfig) -> str | None:
 
 
 def token_vocabulary(cfg: ModelConfig) -> int:
-    """Distinct behaviour tokens a token table must hold: every item with either feedback."""
-    return cfg.n_items * TOKEN_FEEDBACKS
+    """Distinct behaviour tokens a token table must hold: every item with every feedback id (negative or
+    positive, times the event codes of per-event features: ``cfg.n_feedback - 1``)."""
+    return cfg.n_items * (cfg.n_feedback - 1)
 
 
 def token_id_itemsize(vocabulary: int) -> int:

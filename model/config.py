@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from collectivekv.model.events import check_features, n_feedback
+
 KVMode = Literal["full", "collective"]
 Arch = Literal["din", "sim", "eta", "sdim", "twin", "hstu"]
 ARCHS: tuple[str, ...] = ("din", "sim", "eta", "sdim", "twin", "hstu")
@@ -29,6 +31,8 @@ ZOO_DEFAULTS: dict[str, Any] = {
     "sdim_bits": 4,
     "hstu_layers": 2,
 }
+# Per-event feature fields (model/events.py), left out the same way at their defaults. Never change these defaults.
+EVENT_DEFAULTS: dict[str, Any] = {"event_features": (), "gap_buckets": 16, "event_time_unit": "s"}
 
 
 @dataclass(frozen=True)
@@ -86,8 +90,15 @@ class ModelConfig:
     sdim_hashes: int = 4  # sdim: hash functions
     sdim_bits: int = 4  # sdim: bits per hash function (2^bits buckets)
     hstu_layers: int = 2  # hstu: self-attention layers (max_len = the sequence window)
+    # per-event features in the behaviour token (model/events.py): "gap" (log-bucketed time since the user's
+    # previous event), "hour" (UTC hour of day); their code rides in the feedback id
+    event_features: tuple[str, ...] = ()
+    gap_buckets: int = 16
+    event_time_unit: str = "s"  # the unit of the histories' timestamps (the dataset's meta.json)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "event_features", tuple(self.event_features))
+        check_features(self.event_features, self.gap_buckets, self.event_time_unit)
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
         if self.arch in LONG_ARCHS:
@@ -121,6 +132,11 @@ class ModelConfig:
         return self.long_len if self.arch in LONG_ARCHS else self.max_len
 
     @property
+    def n_feedback(self) -> int:
+        """The feedback vocabulary: padding + (negative, positive) × event codes (3 without event features)."""
+        return n_feedback(self.event_features, self.gap_buckets)
+
+    @property
     def k_shared(self) -> bool:
         return self.kv_mode == "collective" and self.collective.share_k
 
@@ -143,9 +159,11 @@ def config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
     """JSON-ready dict (tuples become lists). Model-zoo fields at their defaults are left out
     (:data:`ZOO_DEFAULTS`), so configs written before the zoo existed round-trip unchanged."""
     d = dataclasses.asdict(cfg)
-    for key, default in ZOO_DEFAULTS.items():
+    for key, default in (*ZOO_DEFAULTS.items(), *EVENT_DEFAULTS.items()):
         if d[key] == default:
             del d[key]
+    if "event_features" in d:
+        d["event_features"] = list(d["event_features"])
     return d
 
 
@@ -154,6 +172,7 @@ def config_from_dict(d: dict[str, Any]) -> ModelConfig:
     defaults (so dicts written before the zoo existed load)."""
     d = dict(d)
     coll = CollectiveConfig(**d.pop("collective", {}))
-    if "mlp_dims" in d:
-        d["mlp_dims"] = tuple(d["mlp_dims"])
+    for key in ("mlp_dims", "event_features"):
+        if key in d:
+            d[key] = tuple(d[key])
     return ModelConfig(collective=coll, **d)

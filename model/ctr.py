@@ -25,7 +25,7 @@ from collectivekv.model.cache import KVCache, rebuild_kv
 from collectivekv.model.config import ModelConfig
 from collectivekv.model.pool import KVBranch, TokenBatch
 
-N_FEEDBACK = 3  # 0 padding, 1 negative, 2 positive
+N_FEEDBACK = 3  # 0 padding, 1 negative, 2 positive: the feedback vocabulary without event features (cfg.n_feedback)
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class BehaviourModel(nn.Module):
         e = cfg.embed_dim
         self.item_emb = nn.Embedding(cfg.n_items + 1, e, padding_idx=0)
         self.genre_emb = nn.Embedding(cfg.n_genres + 1, e, padding_idx=0)
-        self.feedback_emb = nn.Embedding(N_FEEDBACK, e, padding_idx=0)
+        self.feedback_emb = nn.Embedding(cfg.n_feedback, e, padding_idx=0)
         if item_genres is None:
             item_genres = torch.zeros(cfg.n_items + 1, cfg.max_genres, dtype=torch.long)
         if item_genres.shape != (cfg.n_items + 1, cfg.max_genres):
@@ -85,9 +85,10 @@ class BehaviourModel(nn.Module):
     def behaviour_tokens(self, items: torch.Tensor, feedback: torch.Tensor, lengths: torch.Tensor) -> TokenBatch:
         """Embeddings of a padded history batch, computed once per distinct (item, feedback) token."""
         valid = valid_mask(lengths, items.shape[1])  # (B, L)
-        token = items[valid] * N_FEEDBACK + feedback[valid]  # (N,)
-        uniq, inverse, counts = distinct(token, (self.cfg.n_items + 1) * N_FEEDBACK)
-        x_unique = self.item_embedding(uniq // N_FEEDBACK) + self.feedback_emb(uniq % N_FEEDBACK)  # (U, E)
+        nf = self.cfg.n_feedback
+        token = items[valid] * nf + feedback[valid]  # (N,)
+        uniq, inverse, counts = distinct(token, (self.cfg.n_items + 1) * nf)
+        x_unique = self.item_embedding(uniq // nf) + self.feedback_emb(uniq % nf)  # (U, E)
         positions = valid.reshape(-1).nonzero().squeeze(1)  # (N,) row-major, same order as items[valid]
         return TokenBatch(valid=valid, x_unique=x_unique, inverse=inverse, counts=counts, positions=positions)
 

@@ -4,7 +4,9 @@ The one place that turns jagged histories into the model's padded input (used by
 evaluation, the Spark prefill and serving):
 
     items (B, L) int64   the last ``min(n, L)`` behaviours before the cut, oldest first, then 0s
-    feedback (B, L)      1 + label of each behaviour (1 negative, 2 positive), 0 at padding
+    feedback (B, L)      1 + label of each behaviour (1 negative, 2 positive), 0 at padding; with per-event
+                         features (``events``: :class:`model.events.EventSpec`) 1 + label + 2 · event code,
+                         the code computed over the whole history (a gap looks back past the window's start)
     lengths (B,)         valid behaviours per row
 """
 
@@ -14,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+
+from collectivekv.model.events import EventSpec
 
 
 @dataclass(frozen=True)
@@ -48,20 +52,30 @@ def last_window(
     return Window(items=items, feedback=feedback, lengths=lengths)
 
 
-def arrow_window(items: pa.Array, labels: pa.Array, max_len: int) -> Window:
-    """``last_window`` over whole Arrow list arrays (one history per row, e.g. a Spark batch)."""
+def arrow_window(items: pa.Array, labels: pa.Array, max_len: int, timestamps: pa.Array | None = None,
+                 events: EventSpec | None = None) -> Window:
+    """``last_window`` over whole Arrow list arrays (one history per row, e.g. a Spark batch); ``timestamps``
+    (list<int64>) are read when ``events`` has features."""
     offsets = np.asarray(items.offsets, dtype=np.int64)
     flat_items = np.asarray(items.values, dtype=np.int64)
     flat_labels = np.asarray(labels.values, dtype=np.int64)
     if not np.array_equal(offsets, np.asarray(labels.offsets, dtype=np.int64)):
         raise ValueError("history columns 'items' and 'labels' have different lengths in some row")
+    if events is not None and events.features:
+        flat_ts = None
+        if timestamps is not None:
+            if not np.array_equal(offsets, np.asarray(timestamps.offsets, dtype=np.int64)):
+                raise ValueError("history columns 'items' and 'timestamps' have different lengths in some row")
+            flat_ts = np.asarray(timestamps.values, dtype=np.int64)
+        flat_labels = events.classes(flat_labels, flat_ts, offsets)
     return last_window(flat_items, flat_labels, offsets[:-1], offsets[1:], max_len)
 
 
 class HistoryIndex:
     """All users' histories in memory: sorted user ids, offsets and flat item/label arrays."""
 
-    def __init__(self, histories: pa.Table) -> None:
+    def __init__(self, histories: pa.Table, events: EventSpec | None = None) -> None:
+        """``events``: the model's per-event features, folded into the labels (module docstring)."""
         users = histories.column("user_id").to_numpy()
         if len(users) > 1 and not np.all(users[1:] > users[:-1]):
             order = np.argsort(users, kind="stable")
@@ -73,6 +87,11 @@ class HistoryIndex:
         self.offsets = np.asarray(items.offsets, dtype=np.int64)
         self.items = np.asarray(items.values, dtype=np.int64)
         self.labels = np.asarray(labels.values, dtype=np.int64)
+        if events is not None and events.features:
+            ts = None
+            if "timestamps" in histories.column_names:
+                ts = np.asarray(histories.column("timestamps").combine_chunks().values, dtype=np.int64)
+            self.labels = events.classes(self.labels, ts, self.offsets)
 
     def rows(self, user_ids: np.ndarray) -> np.ndarray:
         """Row of each user id; KeyError naming the first unknown user."""

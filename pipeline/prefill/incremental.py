@@ -49,11 +49,16 @@ FP_COL = "history_fp"
 PREV_FP_COL = "prev_history_fp"
 
 
-def fingerprint_sql(max_len: int) -> str:
-    """Spark SQL expression of the history fingerprint (on columns items ARRAY<INT>, labels ARRAY<TINYINT>)."""
+def fingerprint_sql(max_len: int, timestamps: bool = False) -> str:
+    """Spark SQL expression of the history fingerprint (on columns items ARRAY<INT>, labels ARRAY<TINYINT>; with
+    ``timestamps`` (a model with per-event features) also the window's timestamps ARRAY<BIGINT> and the one
+    before it, which the first event's gap reads)."""
     start = f"greatest(size(items) - {int(max_len)} + 1, 1)"
-    return (f"xxhash64(size(items), slice(items, {start}, {int(max_len)}), "
-            f"slice(labels, {start}, {int(max_len)}))")
+    parts = [f"size(items), slice(items, {start}, {int(max_len)})", f"slice(labels, {start}, {int(max_len)})"]
+    if timestamps:
+        before = f"greatest(size(items) - {int(max_len)}, 1)"
+        parts.append(f"slice(timestamps, {before}, {int(max_len) + 1})")
+    return f"xxhash64({', '.join(parts)})"
 
 
 @dataclass(frozen=True)

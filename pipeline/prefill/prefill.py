@@ -58,7 +58,8 @@ import torch
 
 from collectivekv.cachestore.store.entry import EntryLayout, entry_schema
 from collectivekv.cachestore.store.record import HEADER_SIZE
-from collectivekv.model.ctr import N_FEEDBACK, TargetAttentionCTR
+from collectivekv.model.ctr import TargetAttentionCTR
+from collectivekv.model.events import EventSpec
 from collectivekv.pipeline.data.history import arrow_window
 from collectivekv.pipeline.prefill.prefill_engines import (  # noqa: F401  (re-exported: the prefill API in one place)
     DEFAULT_MEMO_BYTES,
@@ -140,19 +141,19 @@ def _binary(values: np.ndarray, offsets: np.ndarray) -> pa.Array:
                                  [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(values)])
 
 
-def _check_batch(batch: pa.RecordBatch, n_items: int | None) -> None:
+def _check_batch(batch: pa.RecordBatch, n_items: int | None, extra: tuple[str, ...] = ()) -> None:
     names = batch.schema.names
-    for col in HISTORY_COLUMNS:
+    for col in (*HISTORY_COLUMNS, *extra):
         if col not in names:
             raise PrefillInputError(f"history batch has no column {col!r} (columns: {names})")
     if not pa.types.is_integer(batch.schema.field("user_id").type):
         raise PrefillInputError(f"column 'user_id' has type {batch.schema.field('user_id').type}, expected int64")
-    for col in ("items", "labels"):
+    for col in ("items", "labels", *extra):
         t = batch.schema.field(col).type
         if not ((pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_integer(t.value_type)):
             raise PrefillInputError(f"column {col!r} has type {t}, expected a list of integers")
     uid = batch.column("user_id")
-    for col in HISTORY_COLUMNS:
+    for col in (*HISTORY_COLUMNS, *extra):
         arr = batch.column(col)
         if arr.null_count:
             row = int(np.flatnonzero(np.asarray(arr.is_null()))[0])
@@ -204,15 +205,18 @@ def _entry_batch(users: pa.Array, lengths: np.ndarray, out: FlatEntries, layout:
 
 
 def prefill_chunk(batch: pa.RecordBatch, engine: Engine, layout: EntryLayout,
-                  n_items: int | None = None) -> pa.RecordBatch:
-    """One chunk of users (a record batch of histories) → one output record batch (:data:`OUTPUT_SCHEMA`)."""
-    _check_batch(batch, n_items)
+                  n_items: int | None = None, events: EventSpec | None = None) -> pa.RecordBatch:
+    """One chunk of users (a record batch of histories) → one output record batch (:data:`OUTPUT_SCHEMA`);
+    ``events``: the model's per-event features (the batch then needs ``timestamps``)."""
+    events = events or EventSpec()
+    _check_batch(batch, n_items, ("timestamps",) if events.features else ())
     users = batch.column("user_id").cast(pa.int64())
-    w = arrow_window(_rebase(batch.column("items")), _rebase(batch.column("labels")), layout.max_len)
+    ts = _rebase(batch.column("timestamps")) if events.features else None
+    w = arrow_window(_rebase(batch.column("items")), _rebase(batch.column("labels")), layout.max_len, ts, events)
     lengths = w.lengths
     valid = np.arange(w.items.shape[1])[None, :] < lengths[:, None]
     if n_items is not None and valid.any():
-        bad = valid & ((w.items < 1) | (w.items > n_items) | (w.feedback < 1) | (w.feedback >= N_FEEDBACK))
+        bad = valid & ((w.items < 1) | (w.items > n_items) | (w.feedback < 1) | (w.feedback >= events.n_feedback))
         if bad.any():
             b, pos = np.argwhere(bad)[0]
             raise PrefillInputError(
@@ -236,12 +240,14 @@ def prefill_batches(batches: Iterable[pa.RecordBatch], model: TargetAttentionCTR
     chunks are produced.
     """
     engine = model if isinstance(model, Engine) else make_engine(model, layout)
-    n_items = engine.model.cfg.n_items if isinstance(engine, DirectEngine | MemoEngine | ZooEngine) else None
+    with_model = isinstance(engine, DirectEngine | MemoEngine | ZooEngine)
+    n_items = engine.model.cfg.n_items if with_model else None
+    events = EventSpec.of(engine.model.cfg) if with_model else EventSpec()
     step = batch_users or auto_batch_users(layout.max_len)
     for batch in batches:
         for lo in range(0, batch.num_rows, step):
             chunk = batch.slice(lo, step)
-            out = prefill_chunk(chunk, engine, layout, n_items)
+            out = prefill_chunk(chunk, engine, layout, n_items, events)
             if counts is not None:
                 full = np.diff(np.asarray(chunk.column("items").offsets))
                 counts["users"] = counts.get("users", 0) + chunk.num_rows

@@ -6,8 +6,10 @@ layout's storage dtypes; :func:`flat_entries` turns it into payloads), the zoo a
 a :class:`FlatEntries` (each user's record payload — its :class:`EntryLayout` parts — back to back).
 See :mod:`pipeline.prefill.prefill`'s docstring for when each engine is used: ``direct`` (``model.prefill``
 per chunk, the reference), ``memo`` (one ``model.prefill`` per token of the item vocabulary, in
-fixed blocks, cached; din only), ``zoo`` (:class:`ZooEngine`: ``model.prefill`` per chunk for the
-zoo archs; ``auto`` and ``direct`` pick it for them), ``noop`` (no model: the I/O floor).
+fixed blocks, cached; din only; ``auto`` leaves it for ``direct`` when the model has per-event features,
+whose blocks would cover every event code of every item: :mod:`model.events`), ``zoo`` (:class:`ZooEngine`:
+``model.prefill`` per chunk for the zoo archs; ``auto`` and ``direct`` pick it for them), ``noop`` (no model:
+the I/O floor).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from collectivekv.cachestore.store.record import HEADER_SIZE, IDX_DTYPES, KV_DTY
 from collectivekv.model.cache import KVCache
 from collectivekv.model.cache_spec import GroupSpec
 from collectivekv.model.config import ModelConfig
-from collectivekv.model.ctr import N_FEEDBACK, TargetAttentionCTR
+from collectivekv.model.ctr import TargetAttentionCTR
 from collectivekv.pipeline.prefill.zoo_engine import MAX_POSITIONS as _DIRECT_POSITIONS
 from collectivekv.pipeline.prefill.zoo_engine import (  # noqa: F401  (FlatEntries, ZooEngine, _empty_entries: re-exported)
     FlatEntries,
@@ -187,7 +189,8 @@ class MemoEngine(_ModelEngine):
                  block_dir: str | os.PathLike | None = None) -> None:
         super().__init__(model, layout)
         self.n_items = model.cfg.n_items
-        vocab = (self.n_items + 1) * N_FEEDBACK
+        self.nf = model.cfg.n_feedback  # feedback ids 1 .. nf-1 (label and event code, model/events.py)
+        vocab = (self.n_items + 1) * self.nf
         if vocab > 1 << 27:
             raise ValueError(f"memo engine: token vocabulary {vocab} too large for a dense slot table")
         kv = KV_DTYPES[layout.kv_dtype][1]
@@ -228,11 +231,11 @@ class MemoEngine(_ModelEngine):
         self._vi = grow(self._vi) if self._vi is not None else None
 
     def _block(self, b: int) -> tuple[np.ndarray, FlatKV]:
-        """(tokens, entries) of block b: items [b·I, (b+1)·I) ∩ [0, n_items], feedback 1 and 2."""
+        """(tokens, entries) of block b: items [b·I, (b+1)·I) ∩ [0, n_items], every feedback id 1 .. nf-1."""
         items = np.arange(b * self.block_items, min((b + 1) * self.block_items, self.n_items + 1), dtype=np.int64)
-        it = np.repeat(items, 2)
-        fb = np.tile(np.array([1, 2], np.int64), len(items))
-        return it * N_FEEDBACK + fb, self._prefill(it[:, None], fb[:, None], np.ones(len(it), np.int64))
+        it = np.repeat(items, self.nf - 1)
+        fb = np.tile(np.arange(1, self.nf, dtype=np.int64), len(items))
+        return it * self.nf + fb, self._prefill(it[:, None], fb[:, None], np.ones(len(it), np.int64))
 
     def _block_arrays(self, b: int) -> dict[str, np.ndarray]:
         tok, out = self._block(b)
@@ -244,10 +247,10 @@ class MemoEngine(_ModelEngine):
         return arrays
 
     def _block_of(self, tokens: np.ndarray) -> np.ndarray:
-        return tokens // N_FEEDBACK // self.block_items
+        return tokens // self.nf // self.block_items
 
     def _add(self, blocks: np.ndarray) -> None:
-        self._grow(self.size + 2 * self.block_items * len(blocks))
+        self._grow(self.size + (self.nf - 1) * self.block_items * len(blocks))
         if self.shared is not None:
             source = self.shared.fetch(blocks.tolist(), self._block_arrays)
         else:
@@ -287,17 +290,17 @@ class MemoEngine(_ModelEngine):
 
     def run(self, items: np.ndarray, feedback: np.ndarray, lengths: np.ndarray) -> FlatKV:
         valid = np.arange(items.shape[1])[None, :] < lengths[:, None]
-        tokens = items[valid] * N_FEEDBACK + feedback[valid]  # (N,) in user order
+        tokens = items[valid] * self.nf + feedback[valid]  # (N,) in user order
         if not len(tokens):
             return _empty(self.layout)
         slots = self._slot[tokens]
         missing = slots < 0
         if missing.any():
             blocks = np.unique(self._block_of(tokens[missing]))
-            if self.size + 2 * self.block_items * len(blocks) > self.capacity:
+            if self.size + (self.nf - 1) * self.block_items * len(blocks) > self.capacity:
                 self._reset()
                 blocks = np.unique(self._block_of(tokens))
-                if 2 * self.block_items * len(blocks) > self.capacity:
+                if (self.nf - 1) * self.block_items * len(blocks) > self.capacity:
                     return self._stream(tokens)
             self._add(blocks)
             slots = self._slot[tokens]
@@ -350,7 +353,7 @@ def tokenwise(model: TargetAttentionCTR, layout: EntryLayout, seed: int = 0) -> 
     lengths = np.array([seq, seq // 2, 1, 0], dtype=np.int64)[:b]
     items = rng.integers(1, model.cfg.n_items + 1, (b, seq)).astype(np.int64)
     items[:, : seq // 2] = items[0, -1]  # repeated tokens at several positions
-    feedback = rng.integers(1, N_FEEDBACK, (b, seq)).astype(np.int64)
+    feedback = rng.integers(1, model.cfg.n_feedback, (b, seq)).astype(np.int64)
     valid = np.arange(seq)[None, :] < lengths[:, None]
     items, feedback = np.where(valid, items, 0), np.where(valid, feedback, 0)
     ref = DirectEngine(model, layout).run(items, feedback, lengths)
@@ -388,6 +391,7 @@ def make_engine(model: torch.nn.Module | None, layout: EntryLayout, kind: str = 
         return ZooEngine(model, layout)
     if kind == "direct":
         return DirectEngine(model, layout)
-    if kind == "auto" and ((model.cfg.n_items + 1) * N_FEEDBACK > 1 << 27 or not tokenwise(model, layout)):
+    if kind == "auto" and (model.cfg.event_features or (model.cfg.n_items + 1) * model.cfg.n_feedback > 1 << 27
+                           or not tokenwise(model, layout)):
         return DirectEngine(model, layout)
     return MemoEngine(model, layout, memo_bytes, block_dir)

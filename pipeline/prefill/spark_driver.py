@@ -55,19 +55,21 @@ def resolve_histories(path: str) -> str:
     return p.resolve().as_uri()
 
 
-def check_history_schema(schema: Any, where: str) -> None:
-    """Spark schema of the histories: user_id integral, items / labels arrays of integers."""
+def check_history_schema(schema: Any, where: str, timestamps: bool = False) -> None:
+    """Spark schema of the histories: user_id integral, items / labels (and with ``timestamps``, the model's
+    per-event features' timestamps) arrays of integers."""
     from pyspark.sql import types as T
 
     fields = {f.name: f.dataType for f in schema.fields}
     integral = (T.LongType, T.IntegerType, T.ShortType, T.ByteType)
-    for name in ("user_id", "items", "labels"):
+    lists = ("items", "labels", *(("timestamps",) if timestamps else ()))
+    for name in ("user_id", *lists):
         if name not in fields:
             raise PrefillInputError(f"{where}: missing column {name!r} (columns: {sorted(fields)})")
     if not isinstance(fields["user_id"], integral):
         raise PrefillInputError(f"{where}: column 'user_id' has type {fields['user_id'].simpleString()}, "
                                 "expected bigint")
-    for name in ("items", "labels"):
+    for name in lists:
         t = fields[name]
         if not (isinstance(t, T.ArrayType) and isinstance(t.elementType, integral)):
             raise PrefillInputError(f"{where}: column {name!r} has type {t.simpleString()}, expected an array "

@@ -205,10 +205,12 @@ def _read_histories(spark: Any, opts: PrefillOptions, job: _Job) -> tuple[Any, A
     """(histories to prefill with their fingerprints, the previous store's rows carried over or None, the
     incremental meta or None)."""
     df = spark.read.parquet(job.histories)
-    check_history_schema(df.schema, job.histories)
+    events = bool(job.config.event_features)  # per-event features read the timestamps too (model/events.py)
+    check_history_schema(df.schema, job.histories, timestamps=events)
     df = df.selectExpr("CAST(user_id AS BIGINT) AS user_id", "CAST(items AS ARRAY<INT>) AS items",
-                       "CAST(labels AS ARRAY<TINYINT>) AS labels")
-    df = df.selectExpr("*", f"{fingerprint_sql(job.layout.max_len)} AS {FP_COL}")
+                       "CAST(labels AS ARRAY<TINYINT>) AS labels",
+                       *(["CAST(timestamps AS ARRAY<BIGINT>) AS timestamps"] if events else []))
+    df = df.selectExpr("*", f"{fingerprint_sql(job.layout.max_len, timestamps=events)} AS {FP_COL}")
     carried, inc_meta = None, None
     if opts.incremental:
         prev = previous_state(opts.previous or opts.store, job.version, job.layout)

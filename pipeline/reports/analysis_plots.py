@@ -152,13 +152,15 @@ def run_analysis(checkpoint: str | os.PathLike, histories: str | os.PathLike, ou
     import json
 
     from collectivekv.cachestore.checkpoint import load_checkpoint
+    from collectivekv.model.events import EventSpec
     from collectivekv.pipeline.data.history import HistoryIndex
     from collectivekv.pipeline.reports.analysis import analyze_model
     from collectivekv.pipeline.store.verify import history_dataset
 
     ckpt = load_checkpoint(checkpoint)
-    table = history_dataset(histories).to_table(columns=["user_id", "items", "labels"])
-    index = HistoryIndex(table)
+    events = EventSpec.of(ckpt.config)
+    cols = ["user_id", "items", "labels", *(["timestamps"] if events.features else [])]
+    index = HistoryIndex(history_dataset(histories).to_table(columns=cols), events)
     users = index.users
     if max_users is not None and max_users < len(users):
         users = np.sort(np.random.default_rng(seed).choice(users, size=max_users, replace=False))

@@ -185,15 +185,17 @@ def _gate_step(run: _Run, current: Any, current_remapped: Any, new_model: Any, d
     RefreshRefused (report written) when the new model is worse by more than the margin."""
     import torch
 
+    from collectivekv.model.events import EventSpec
     from collectivekv.pipeline.data.history import HistoryIndex
     from collectivekv.pipeline.training.trainer import TrainConfig, evaluate
 
     opts, t = run.opts, time.perf_counter()
-    index, valid = HistoryIndex(dataset.histories), dataset.samples["valid"]
+    valid = dataset.samples["valid"]
     bs = (opts.train or TrainConfig()).eval_batch_size
-    with torch.no_grad():
-        cur_m = evaluate(current_remapped.eval(), index, valid, bs)
-        new_m = evaluate(new_model.eval(), index, valid, bs)
+    with torch.no_grad():  # each model reads the histories with its own per-event features
+        cur_m = evaluate(current_remapped.eval(), HistoryIndex(dataset.histories, EventSpec.of(current_remapped.cfg)),
+                         valid, bs)
+        new_m = evaluate(new_model.eval(), HistoryIndex(dataset.histories, EventSpec.of(new_model.cfg)), valid, bs)
     delta = new_m[opts.metric] - cur_m[opts.metric]
     gate = {"metric": opts.metric, "current": cur_m, "new": new_m, "delta": delta, "margin": opts.margin,
             "current_model": current.model_version, "passed": delta >= -opts.margin}

@@ -44,6 +44,7 @@ from collectivekv.model.blocks import ZooCache
 from collectivekv.model.cache_spec import store_config
 from collectivekv.model.config import ModelConfig
 from collectivekv.model.entry import cache_from_arrays
+from collectivekv.model.events import EventSpec
 from collectivekv.pipeline.data.history import arrow_window
 
 log = logging.getLogger("ckv.verify")
@@ -142,7 +143,8 @@ def _verify(reader: Reader, checkpoint: str | Path, histories: str | Path, sampl
     rtol = RTOL[layout.kv_dtype]
     row0 = 0
     dev = torch.device(device)
-    for batch in ds.to_batches(columns=["user_id", "items", "labels"], batch_size=batch_users):
+    cols = ["user_id", "items", "labels", *(["timestamps"] if model.cfg.event_features else [])]
+    for batch in ds.to_batches(columns=cols, batch_size=batch_users):
         n = batch.num_rows
         if chosen is not None:
             lo, hi = np.searchsorted(chosen, [row0, row0 + n])
@@ -158,10 +160,17 @@ def _verify(reader: Reader, checkpoint: str | Path, histories: str | Path, sampl
     return res
 
 
+def _window(batch: pa.RecordBatch, model: torch.nn.Module, max_len: int) -> Any:
+    """The model's window of a batch of histories (its per-event features read ``timestamps``)."""
+    events = EventSpec.of(model.cfg)
+    ts = batch.column("timestamps") if events.features else None
+    return arrow_window(batch.column("items"), batch.column("labels"), max_len, ts, events)
+
+
 def _check_batch(batch: pa.RecordBatch, model: torch.nn.Module, reader: Reader, layout, res: VerifyResult,
                  rtol: float, dev: torch.device) -> None:
     users = batch.column("user_id").to_numpy().astype(np.int64)
-    w = arrow_window(batch.column("items"), batch.column("labels"), layout.max_len)
+    w = _window(batch, model, layout.max_len)
     records = reader.get_many(users.tolist())
     keep = []
     for i, (uid, rec) in enumerate(zip(users.tolist(), records, strict=True)):
@@ -213,7 +222,7 @@ def _check_zoo_batch(batch: pa.RecordBatch, model: torch.nn.Module, reader: Read
                      res: VerifyResult, rtol: float, dev: torch.device) -> None:
     """A zoo store: every K/V group, router index and retrieval key of a batch of users."""
     users = batch.column("user_id").to_numpy().astype(np.int64)
-    w = arrow_window(batch.column("items"), batch.column("labels"), layout.max_len)
+    w = _window(batch, model, layout.max_len)
     keep, records = [], []
     for i, uid in enumerate(users.tolist()):
         raw = reader.get_raw(uid)

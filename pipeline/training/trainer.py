@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from collectivekv.model.config import ModelConfig
 from collectivekv.model.ctr import TargetAttentionCTR
+from collectivekv.model.events import EventSpec
 from collectivekv.model.metrics import ctr_metrics
 from collectivekv.model.zoo import create_model
 from collectivekv.pipeline.data.dataset_schema import CanonicalDataset
@@ -83,11 +84,13 @@ def item_genre_table(dataset: CanonicalDataset) -> torch.Tensor:
 
 def build_model(dataset: CanonicalDataset, cfg: ModelConfig, seed: int = 0) -> TargetAttentionCTR:
     """A fresh model of ``cfg.arch`` (:mod:`model.zoo`) sized for ``dataset`` (cfg's n_items /
-    n_genres / max_genres are replaced), initialised from ``seed``."""
+    n_genres / max_genres, and with per-event features the time unit, are replaced), initialised from ``seed``."""
     seed_everything(seed)
     genres = item_genre_table(dataset)
 
     cfg = replace(cfg, n_items=dataset.n_items, n_genres=dataset.n_genres, max_genres=genres.shape[1])
+    if cfg.event_features:  # the features read the dataset's timestamps in its unit
+        cfg = replace(cfg, event_time_unit=str((dataset.meta.get("time") or {}).get("unit") or "s"))
     return create_model(cfg, genres)  # type: ignore[return-value]
 
 
@@ -137,7 +140,7 @@ def train_model(model: TargetAttentionCTR, dataset: CanonicalDataset, cfg: Train
     ``cfg.diagnostics`` a collective model's routing is recorded too (:mod:`pipeline.training.diagnostics`)."""
     seed_everything(cfg.seed)
     model.to(cfg.device)
-    index = HistoryIndex(dataset.histories)
+    index = HistoryIndex(dataset.histories, EventSpec.of(model.cfg))
     rng = np.random.default_rng(cfg.seed)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     train = dataset.samples["train"]

@@ -20,6 +20,7 @@ import torch
 from collectivekv.model.cache_spec import compression_rate
 from collectivekv.model.config import ModelConfig, config_to_dict
 from collectivekv.model.d_user import choose_d_user
+from collectivekv.model.events import EventSpec
 from collectivekv.pipeline.data.dataset_schema import CanonicalDataset, load_dataset
 from collectivekv.pipeline.data.history import HistoryIndex
 from collectivekv.pipeline.training.trainer import TrainConfig, build_model, train_model
@@ -129,7 +130,7 @@ def auto_d_user(
     choice (:func:`model.d_user.choose_d_user`), capped to the largest d_u whose CR <= cr_budget."""
     cfg: ModelConfig = model.cfg
     dev = next(model.parameters()).device
-    rows = collect_kv_rows(model, HistoryIndex(dataset.histories), max_rows, seed)
+    rows = collect_kv_rows(model, HistoryIndex(dataset.histories, EventSpec.of(cfg)), max_rows, seed)
     per_group: dict[str, Any] = {}
     for name, (k, v, u) in rows.items():
         for kind, x in (("k", k), ("v", v)):
