@@ -1,4 +1,4 @@
-"""Build an LMDB cache store from the prefill Parquet (one process, one write transaction).
+"""Build an LMDB cache store from the prefill Parquet (one process, sorted bulk load).
 
 Input: PARQUET_DIR/*.parquet (part files, any order, one row per user; columns `prefill_schema()`
 = `cachestore.store.entry.entry_schema()`: one `payload` per user) plus PARQUET_DIR/_layout.json, the
@@ -13,10 +13,11 @@ Order and memory (bounded: never the whole dataset in memory):
   If every file is sorted by user id and the files' id ranges are disjoint (Spark range-partition +
   sortWithinPartitions), pass 2 streams the files in key order straight into LMDB. Otherwise pass 2
   encodes rows in file order into a temporary spill file (offsets known from the sizes) and pass 3
-  reads it back through mmap in key order. Either way LMDB gets sorted keys with append=True in one
-  write transaction: the fastest load and the smallest file.
-map_size: pre-sized from the exact record sizes (1.3x + slack); on MapFullError the transaction is
-aborted, the map doubled (no transaction open) and the load repeated.
+  reads it back through mmap in key order. Either way LMDB gets sorted keys with append=True, in write
+  transactions of at most TXN_BYTES (128 MiB) of records each, one for a smaller store: the fastest load, the
+  smallest file (a few pages per extra transaction) and memory bounded by one transaction's dirty pages.
+map_size: pre-sized from the exact record sizes (1.3x + slack); on MapFullError the open transaction is
+aborted, the map doubled (no transaction open) and that transaction's records loaded again.
 writemap: off. Measured (1M puts of 232 B, py-lmdb 3.0, this machine) 2.0M puts/s with writemap vs
 0.9-1.1M without, but writemap makes data.mdb as large as map_size (sparse); encoding in Python
 dominates the build anyway, so the plain file wins.
@@ -59,6 +60,11 @@ _WIDE = {pa.binary(): _BIN, pa.string(): (pa.string(), pa.large_string())}  # al
 _COLUMNS: dict[str, tuple[pa.DataType, ...]] = {f.name: _WIDE.get(f.type, (f.type,)) for f in entry_schema()}
 _PAGE = 4096
 _INLINE_MAX = 2000  # LMDB puts larger nodes (key + value + 8) on overflow pages (4 KiB pages)
+# values per write transaction: LMDB keeps a transaction's dirty pages in memory (without writemap; up to 2^17
+# dirty entries, which for multi-page overflow records is gigabytes), so a large store loads in several
+# transactions (measured: 3M records of 1.15 KB, peak RSS 534 MB in one transaction, 87 MB in 50k-record ones;
+# data.mdb 45 KB larger, 0.001%)
+TXN_BYTES = 128 << 20
 
 
 class StoreBuildError(ValueError):
@@ -213,25 +219,45 @@ def _counted(items: Iterator[T], bar: tqdm) -> Iterator[T]:
     bar.update(n & 0x3FFF)
 
 
-def load_sorted(out_dir: Path, items: Callable[[], Iterator[tuple[bytes, bytes]]], n: int, map_size: int
-          ) -> tuple[int, int]:
-    """One write transaction of sorted (key, value) pairs with append=True; doubles map on full."""
+def _chunks(items: Iterator[tuple[bytes, bytes]], limit: int) -> Iterator[list[tuple[bytes, bytes]]]:
+    """Consecutive lists of pairs holding at most ``limit`` value bytes each (at least one pair)."""
+    chunk: list[tuple[bytes, bytes]] = []
+    size = 0
+    for pair in items:
+        chunk.append(pair)
+        size += len(pair[1])
+        if size >= limit:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def load_sorted(out_dir: Path, items: Callable[[], Iterator[tuple[bytes, bytes]]], n: int, map_size: int,
+                txn_bytes: int | None = None) -> tuple[int, int]:
+    """Sorted (key, value) pairs with append=True, in write transactions of at most ``txn_bytes`` (default
+    :data:`TXN_BYTES`) of values (one for a smaller store); on MapFullError the open chunk is redone after the map doubled. Returns (map size, map
+    retries)."""
     env = lmdb.open(str(out_dir), subdir=True, map_size=map_size, readahead=False, meminit=False,
                     max_dbs=0)
-    retries = 0
+    retries = total = 0
     try:
-        while True:
-            try:
-                with env.begin(write=True) as txn:
-                    consumed, added = txn.cursor().putmulti(items(), append=True)
-                    if consumed != n or added != n:
-                        raise StoreBuildError(f"LMDB load put {added}/{consumed} of {n} records "
-                                              "(keys not strictly increasing?)")
-                break
-            except lmdb.MapFullError:
-                map_size *= 2
-                retries += 1
-                env.set_mapsize(map_size)  # no transaction is open here
+        for chunk in _chunks(items(), txn_bytes or TXN_BYTES) if n else iter([[]]):
+            while True:
+                try:
+                    with env.begin(write=True) as txn:
+                        consumed, added = txn.cursor().putmulti(chunk, append=True)
+                        if consumed != len(chunk) or added != len(chunk):
+                            raise StoreBuildError(f"LMDB load put {total + added}/{total + consumed} of {n} "
+                                                  "records (keys not strictly increasing?)")
+                    break
+                except lmdb.MapFullError:
+                    map_size *= 2
+                    retries += 1
+                    env.set_mapsize(map_size)  # no transaction is open here
+            total += len(chunk)
+        if total != n:
+            raise StoreBuildError(f"LMDB load got {total} records, expected {n}")
         env.sync(True)
     finally:
         env.close()

@@ -135,6 +135,22 @@ def test_rebuild_and_sorted_input_give_identical_values(tmp_path: Path, rows: di
     assert values == lmdb_values(tmp_path / "l2") == lmdb_values(tmp_path / "l3")
 
 
+def test_many_write_transactions_give_the_same_records(tmp_path: Path, rows: dict[int, dict],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store larger than TXN_BYTES loads in several transactions (bounded memory): same records, and a map that
+    fills mid-load grows and reloads only the open transaction's records."""
+    src = write_parquet(tmp_path / "a", rows, parts=shuffled_parts(IDS, 4))
+    build_lmdb(src, tmp_path / "one", progress=False)
+    monkeypatch.setattr(lmdb_build, "TXN_BYTES", 2048)
+    chunks = []
+    real = lmdb_build._chunks
+    monkeypatch.setattr(lmdb_build, "_chunks", lambda items, limit: (chunks.append(c) or c for c in real(items, limit)))
+    many = build_lmdb(src, tmp_path / "many", progress=False, map_size=1 << 16)
+    assert len(chunks) > 10 and many.map_retries > 0 and all(len(c) >= 1 for c in chunks)
+    assert sum(len(c) for c in chunks) == len(rows)
+    assert lmdb_values(tmp_path / "many") == lmdb_values(tmp_path / "one")
+
+
 def test_full_mode_float32_and_empty_store(tmp_path: Path) -> None:
     full = din_layout("float32", 8, 8, False, False, max_len=5, model_version=MV)
     rows = make_rows(list(range(40, 0, -1)), full)
