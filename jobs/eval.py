@@ -101,6 +101,9 @@ def eval_data(data_dir: str | None, split: str | None) -> Path:
 @click.option("--lr", default=1e-3, show_default=True)
 @click.option("--weight-decay", default=0.0, show_default=True, help="Adam L2 weight decay, every run")
 @click.option("--dropout", default=0.0, show_default=True, help="dropout of the MLP head, every run")
+@click.option("--event-features", default="", show_default=True,
+              help="per-event features of every run: gap and/or hour (model/events.py)")
+@click.option("--gap-buckets", default=16, show_default=True, help="log buckets of the gap feature")
 @click.option("--peak-weight", default=0.01, show_default=True,
               help="router peak-loss weight of the collective runs (Table 3 varies it itself)")
 @click.option("--balance-weight", default=1.0, show_default=True,

@@ -236,8 +236,8 @@ def _chunks(items: Iterator[tuple[bytes, bytes]], limit: int) -> Iterator[list[t
 def load_sorted(out_dir: Path, items: Callable[[], Iterator[tuple[bytes, bytes]]], n: int, map_size: int,
                 txn_bytes: int | None = None) -> tuple[int, int]:
     """Sorted (key, value) pairs with append=True, in write transactions of at most ``txn_bytes`` (default
-    :data:`TXN_BYTES`) of values (one for a smaller store); on MapFullError the open chunk is redone after the map doubled. Returns (map size, map
-    retries)."""
+    :data:`TXN_BYTES`) of values (one for a smaller store); on MapFullError the open chunk is redone after the
+    map doubled. Returns (map size, map retries)."""
     env = lmdb.open(str(out_dir), subdir=True, map_size=map_size, readahead=False, meminit=False,
                     max_dbs=0)
     retries = total = 0

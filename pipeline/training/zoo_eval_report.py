@@ -114,7 +114,9 @@ def _training_line(st: dict[str, Any]) -> str:
     return (f"Training: ≤ {tr.get('epochs')} epochs, patience {tr.get('patience')}, lr {tr.get('lr')}, "
             f"batch {tr.get('batch_size')}, weight decay {tr.get('weight_decay', 0.0)}, MLP dropout "
             f"{base.get('dropout', 0.0)}; collective runs: pool {col.get('pool_size')}, router loss weights "
-            f"peak {col.get('peak_weight')} / balance {col.get('balance_weight')} (Table 3 varies them).")
+            f"peak {col.get('peak_weight')} / balance {col.get('balance_weight')} (Table 3 varies them)."
+            + (f" Per-event features in every run's behaviour token: {', '.join(base['event_features'])} (gap "
+               f"buckets {base.get('gap_buckets', 16)}; model/events.py)." if base.get("event_features") else ""))
 
 
 def markdown(res: dict[str, Any]) -> str:
