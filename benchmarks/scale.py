@@ -149,6 +149,23 @@ def prepare_inputs(work: Path, users: int, seed: int) -> tuple[Path, Path, dict]
     return hist, ckpt, json.loads(stamp.read_text())
 
 
+def events_checkpoint(work: Path, features: str, seed: int) -> Path:
+    """The paper-scale checkpoint with ``features`` (model/events.py), written once."""
+    from dataclasses import replace
+
+    import torch
+
+    from collectivekv.model.ctr import TargetAttentionCTR
+    from collectivekv.pipeline.training.checkpoint import save_checkpoint
+
+    ckpt = work / f"checkpoint-{features.replace(',', '-')}"
+    if not (ckpt / "config.json").is_file():
+        torch.manual_seed(seed)
+        cfg = replace(model_config(100_000, 1000), event_features=tuple(features.split(",")))
+        save_checkpoint(ckpt, TargetAttentionCTR(cfg).eval(), {})
+    return ckpt
+
+
 def day2_histories(work: Path, hist: Path, users: int, seed: int) -> tuple[Path, dict]:
     """Day 2 of the synthetic base: the last of the 16 files regenerated with another seed (its users'
     histories all change: 1/16 of the users), one more file of 1% new users; the other files linked."""
@@ -178,6 +195,8 @@ def run(work: Path, users: int, args: argparse.Namespace, *, hist: Path | None =
         extra: tuple[str, ...] = ()) -> dict:
     hist0, ckpt, inputs = prepare_inputs(work, users, args.seed)
     hist = hist or hist0
+    if args.event_features:  # the same untrained model with per-event features in its behaviour token
+        ckpt = events_checkpoint(work, args.event_features, args.seed)
     store = work / f"store-{users}"
     bin_dir = Path(sys.executable).parent
     cmd = [str(bin_dir / "spark-submit"), "--master", args.master, "--driver-memory", args.driver_memory,
@@ -185,6 +204,8 @@ def run(work: Path, users: int, args: argparse.Namespace, *, hist: Path | None =
            "--histories", str(hist), "--out", str(store), "--device", "cpu", "--progress-interval", "30", *extra]
     if args.shards > 1:
         cmd += ["--shards", str(args.shards)]
+    if args.engine:
+        cmd += ["--engine", args.engine]
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "SPARK_LOCAL_IP": "127.0.0.1"}
     print("$", shlex.join(cmd), flush=True)
     t = time.perf_counter()
@@ -215,9 +236,16 @@ def run(work: Path, users: int, args: argparse.Namespace, *, hist: Path | None =
                                         "parquet": round(b["parquet"] / mib, 1)},
         "cr_payload": round(b["payload"] / full_fp32, 6), "cr_lmdb_disk": round(b["lmdb_disk"] / full_fp32, 6),
         "full_kv_fp32_bytes": full_fp32, "incremental": m["prefill"].get("incremental"),
-        "shards": (m.get("shards") or {}).get("count", 1), "stage_to_publish_seconds": _after_stage(out),
+        "shards": (m.get("shards") or {}).get("count", 1), "event_features": args.event_features or None,
+        "engine": _engine_of(err), "stage_to_publish_seconds": _after_stage(out),
         "memory_timeline": sampler.timeline[:: max(1, len(sampler.timeline) // 200)],
     }  # fmt: skip
+
+
+def _engine_of(log: str) -> str | None:
+    """The prefill engine the executors ran (their partition log lines)."""
+    m = re.search(r"engine (\w+), device", log)
+    return m.group(1) if m else None
 
 
 def _after_stage(log: str) -> float | None:
@@ -275,6 +303,8 @@ def main() -> None:
     ap.add_argument("--incremental", action="store_true",
                     help="after each full run, an --incremental run of day 2 (1/16 of the users changed, 1%% new)")
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from --out")
+    ap.add_argument("--engine", default=None, help="the prefill engine (default: the job's auto)")
+    ap.add_argument("--event-features", default="", help="e.g. gap,hour: the model with per-event features")
     ap.add_argument("--shards", type=int, default=1,
                     help="N > 1: a sharded store (jobs/prefill.py --shards N; shards built inside the Spark stage)")
     args = ap.parse_args()

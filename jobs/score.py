@@ -104,7 +104,7 @@ def read_requests(path: Path, user_col: str, item_col: str, chunk_rows: int,
                     first = False
                 yield batch
             return
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(path, pre_buffer=False)  # streamed: memory bounded by one batch
         _check_columns(path, pf.schema_arrow.names, user_col, item_col)
         for batch in pf.iter_batches(batch_size=chunk_rows):
             yield batch

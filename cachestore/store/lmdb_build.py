@@ -14,7 +14,7 @@ Order and memory (bounded: never the whole dataset in memory):
   sortWithinPartitions), pass 2 streams the files in key order straight into LMDB. Otherwise pass 2
   encodes rows in file order into a temporary spill file (offsets known from the sizes) and pass 3
   reads it back through mmap in key order. Either way LMDB gets sorted keys with append=True, in write
-  transactions of at most TXN_BYTES (128 MiB) of records each, one for a smaller store: the fastest load, the
+  transactions of at most TXN_BYTES (32 MiB) of records each, one for a smaller store: the fastest load, the
   smallest file (a few pages per extra transaction) and memory bounded by one transaction's dirty pages.
 map_size: pre-sized from the exact record sizes (1.3x + slack); on MapFullError the open transaction is
 aborted, the map doubled (no transaction open) and that transaction's records loaded again.
@@ -63,8 +63,8 @@ _INLINE_MAX = 2000  # LMDB puts larger nodes (key + value + 8) on overflow pages
 # values per write transaction: LMDB keeps a transaction's dirty pages in memory (without writemap; up to 2^17
 # dirty entries, which for multi-page overflow records is gigabytes), so a large store loads in several
 # transactions (measured: 3M records of 1.15 KB, peak RSS 534 MB in one transaction, 87 MB in 50k-record ones;
-# data.mdb 45 KB larger, 0.001%)
-TXN_BYTES = 128 << 20
+# data.mdb 45 KB larger, 0.001%). Commits do not sync (the build is unpublished until the end, one sync)
+TXN_BYTES = 32 << 20
 
 
 class StoreBuildError(ValueError):
@@ -146,7 +146,7 @@ def _scan(layout: EntryLayout, files: list[Path]) -> _Scan:
     """Pass 1: user_id and length of every row; validation; the sorted order."""
     ids, lens, file_of, ranges, all_sorted = [], [], [], [], True
     for i, path in enumerate(files):
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(path, pre_buffer=False)
         _check_schema(path, pf.schema_arrow)
         batches = list(pf.iter_batches(columns=["user_id", "length"], batch_size=1 << 16))
         for name in ("user_id", "length"):
@@ -186,7 +186,7 @@ def _scan(layout: EntryLayout, files: list[Path]) -> _Scan:
 
 def iter_file_records(path: Path, layout: EntryLayout, batch_size: int) -> Iterator[tuple[int, bytes]]:
     """Pass 2: (user_id, record bytes) for every row of one file, in file order, verified."""
-    pf = pq.ParquetFile(path)
+    pf = pq.ParquetFile(path, pre_buffer=False)  # pre-buffering keeps what it read: memory grew with the file
     names = list(_COLUMNS)
     for batch in pf.iter_batches(columns=names, batch_size=batch_size):
         cols = {name: batch.column(name) for name in names}
@@ -239,7 +239,7 @@ def load_sorted(out_dir: Path, items: Callable[[], Iterator[tuple[bytes, bytes]]
     :data:`TXN_BYTES`) of values (one for a smaller store); on MapFullError the open chunk is redone after the
     map doubled. Returns (map size, map retries)."""
     env = lmdb.open(str(out_dir), subdir=True, map_size=map_size, readahead=False, meminit=False,
-                    max_dbs=0)
+                    max_dbs=0, sync=False, metasync=False)
     retries = total = 0
     try:
         for chunk in _chunks(items(), txn_bytes or TXN_BYTES) if n else iter([[]]):
