@@ -148,7 +148,8 @@ def create_app(service: ScoringService) -> FastAPI:
                "store_version": active.store_version if active else None,
                "model_version": active.model_version if active else None,
                "queue_users": service.batcher.queued_users, "swaps": versions.swaps,
-               "failed_swaps": versions.failed_swaps, "last_error": versions.last_error}
+               "failed_swaps": versions.failed_swaps, "last_error": versions.last_error,
+               "shards": active.shards if active else None}
         return Response(json.dumps(doc), 200 if doc["status"] == "ok" else 503, media_type=JSON_MIME)
 
     @app.get("/metrics")

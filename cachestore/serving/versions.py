@@ -51,6 +51,13 @@ class ServedVersion:
     n_items: int
     user_key: str = INT
 
+    @property
+    def shards(self) -> dict | None:
+        """``{"count": N, "served": [...]}`` for a sharded version (routers read it from ``/healthz``), else None."""
+        if isinstance(self.runtime, ShardSetRuntime):
+            return {"count": self.runtime.count, "served": list(self.runtime.served)}
+        return None
+
     def check_owned(self, user_ids: np.ndarray) -> None:
         """WrongShardError (cachestore/store/shards.py) for a user of a shard this process does not serve."""
         if isinstance(self.runtime, ShardSetRuntime):

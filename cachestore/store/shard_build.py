@@ -11,7 +11,7 @@ Two passes over the rows:
    is ``k`` (:func:`cachestore.store.shards.shard_of`), user ids strictly increase (no duplicates), lengths in
    ``0..max_len``, no nulls; the record sizes' LMDB bytes are summed for the map size;
 2. stream that file back through the unsharded builder's record encoder into LMDB, sorted keys with
-   ``append=True`` in one write transaction (the records are byte for byte those of an unsharded store), and
+   ``append=True`` in bounded write transactions (the records are byte for byte those of an unsharded store), and
    the shard's digest (:func:`cachestore.store.shards.records_digest`) over the same pairs.
 
 Then the shard's ``manifest.json`` (stats, ``lmdb`` facts, ``shard``) and ``layout.json`` are written. All of it

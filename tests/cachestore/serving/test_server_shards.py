@@ -70,6 +70,7 @@ def test_one_shard_server_scores_its_users_and_names_the_owner_of_others(store: 
         assert body["field"] == "user_ids[1]"
         assert f"user {int(other[0])} belongs to shard 0 of 2" in body["error"] and "serves shard(s) 1" in body["error"]
         assert _post(server.url, mine[:1].tolist(), [[1]]).status_code == 200  # still serving
+        assert httpx.get(f"{server.url}/healthz").json()["shards"] == {"count": 2, "served": [1]}
     with start_server(root, runtime=ServingConfig(device="cpu", batch_users=1)) as server:  # every shard
         both = _post(server.url, users.tolist(), [[1, 2]] * len(users))
         assert both.status_code == 200, both.text
