@@ -38,11 +38,14 @@ class RouterLosses:
 
 def distinct(values: torch.Tensor, bound: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``torch.unique(values, return_inverse=True, return_counts=True)`` for ints in [0, bound),
-    by a presence table instead of a sort (O(N + bound), several times faster on CPU)."""
+    by a presence table instead of a sort (O(N + bound), several times faster on CPU) while the table is small
+    next to the values; a sort beyond (per-event features multiply the token vocabulary by the event codes)."""
     if values.numel():
         lo, hi = torch.aminmax(values)
         if bool((lo < 0) | (hi >= bound)):  # one host sync per call (prefill and training hot path)
             raise ValueError(f"token ids must lie in [0, {bound}); got [{int(lo)}, {int(hi)}]")
+    if bound > max(1 << 22, 16 * values.numel()):
+        return torch.unique(values, return_inverse=True, return_counts=True)
     counts_all = torch.bincount(values, minlength=bound)  # (bound,)
     present = counts_all > 0
     uniq = present.nonzero().squeeze(1)  # (U,) ascending

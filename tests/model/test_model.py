@@ -221,3 +221,7 @@ def test_distinct_matches_torch_unique() -> None:
     assert torch.equal(uniq, ru) and torch.equal(inv, ri) and torch.equal(counts, rc)
     with pytest.raises(ValueError, match="token ids"):
         distinct(torch.tensor([10]), 10)
+    big = distinct(values * 10**7, 10**8)  # a vocabulary far larger than the values: the sort path
+    assert all(torch.equal(a, b) for a, b in zip(big, (ru * 10**7, ri, rc), strict=True))
+    with pytest.raises(ValueError, match="token ids"):
+        distinct(torch.tensor([10**8]), 10**8)
