@@ -58,7 +58,7 @@ def token_table(cfg: ModelConfig, *, users: int, behaviours: int, kv_itemsize: i
     tables = {"full": vocab * token_row_bytes(cfg, "full", kv_itemsize),
               "collective": vocab * token_row_bytes(cfg, "collective", kv_itemsize) + pool_bytes(cfg)}
     out: dict[str, Any] = {
-        "applies": True, "vocabulary": vocab, "token_id_bytes": id_size, "kv_itemsize": kv_itemsize,
+        "applies": True, "vocabulary": vocab, "event_codes": (cfg.n_feedback - 1) // 2, "token_id_bytes": id_size, "kv_itemsize": kv_itemsize,
         "store_payload_bytes": payload, "store_record_bytes": payload + users * RECORD_HEADER,
         "per_user_bytes": payload / users if users else 0.0,
         "cr": payload / full_fp32_bytes if full_fp32_bytes else None,
@@ -92,9 +92,11 @@ def token_lines(t: dict[str, Any]) -> list[str]:
         return [f"token-table alternative: does not apply — {t['reason']}"]
     cr = "-" if t["cr"] is None else f"{t['cr']:.3%}"
     vs = "" if t["vs_collective_store"] is None else f" ({t['vs_collective_store']:.1%} of the CollectiveKV store)"
+    codes = t.get("event_codes", 1)
+    token = "item, genres, feedback" + (f" and one of {codes:,} per-event codes" if codes > 1 else "")
     return [
-        f"token-table alternative (every cached part is a function of the behaviour's token: item, genres, "
-        f"feedback; {t['vocabulary']:,} tokens):",
+        f"token-table alternative (every cached part is a function of the behaviour's token: {token}; "
+        f"{t['vocabulary']:,} tokens):",
         f"  token-id store: {t['token_id_bytes']} B per behaviour, {t['per_user_bytes']:,.1f} B per user, "
         f"CR {cr}{vs}",
         f"  GPU token table: full K/V {fmt_gib(t['gpu_table_bytes']['full'])}, CollectiveKV "

@@ -48,6 +48,22 @@ def test_the_choice_follows_the_gpu_budget() -> None:
     assert hstu == {"applies": False, "reason": hstu["reason"]} and "does not apply" in token_lines(hstu)[0]
 
 
+def test_per_event_features_multiply_the_vocabulary() -> None:
+    """A store of a model with gap and hour features (16 × 24 event codes): the token table still applies, to
+    items × 2 × 384 tokens, by hand."""
+    cfg = ModelConfig(n_items=9_066, d_attn=256, n_heads=8, max_len=50, event_features=("gap", "hour"),
+                      collective=CollectiveConfig(d_user=1, pool_size=1_000))
+    behaviours = 30_000
+    t = token_table(cfg, users=1_000, behaviours=behaviours, full_fp32_bytes=behaviours * 2 * 256 * 4,
+                    collective_store_bytes=behaviours * 8)
+    vocab = 9_066 * 2 * 16 * 24
+    assert t["applies"] and t["vocabulary"] == vocab == 6_962_688 and t["event_codes"] == 384
+    assert t["token_id_bytes"] == 4 and t["store_payload_bytes"] == 4 * behaviours  # ids no longer fit uint16
+    assert t["gpu_table_bytes"]["full"] == vocab * 1024
+    assert t["gpu_table_bytes"]["collective"] == vocab * 8 + 2 * 1_000 * 255 * 4
+    assert "one of 384 per-event codes; 6,962,688 tokens" in token_lines(t)[0]
+
+
 def test_ckv_capacity_sizes_the_alternative_for_a_vocabulary(tmp_path) -> None:  # noqa: ANN001
     args = ["--users", "300000000", "--results-dir", str(tmp_path)]
     big = CliRunner().invoke(capacity, [*args, "--items", "100000000", "--json"])
