@@ -58,7 +58,8 @@ def token_table(cfg: ModelConfig, *, users: int, behaviours: int, kv_itemsize: i
     tables = {"full": vocab * token_row_bytes(cfg, "full", kv_itemsize),
               "collective": vocab * token_row_bytes(cfg, "collective", kv_itemsize) + pool_bytes(cfg)}
     out: dict[str, Any] = {
-        "applies": True, "vocabulary": vocab, "event_codes": (cfg.n_feedback - 1) // 2, "token_id_bytes": id_size, "kv_itemsize": kv_itemsize,
+        "applies": True, "vocabulary": vocab, "event_codes": (cfg.n_feedback - 1) // 2, "token_id_bytes": id_size,
+        "kv_itemsize": kv_itemsize,
         "store_payload_bytes": payload, "store_record_bytes": payload + users * RECORD_HEADER,
         "per_user_bytes": payload / users if users else 0.0,
         "cr": payload / full_fp32_bytes if full_fp32_bytes else None,
