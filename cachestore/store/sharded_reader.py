@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from collectivekv.cachestore.store.entry import EntryLayout, EntryRecord
-from collectivekv.cachestore.store.publish import CURRENT, open_current
+from collectivekv.cachestore.store.publish import CURRENT, MANIFEST, open_current
 from collectivekv.cachestore.store.reader import StoreReader
 from collectivekv.cachestore.store.record import key_user
 from collectivekv.cachestore.store.shard_version import version_shards
@@ -95,9 +95,10 @@ class ShardedReader:
 
 
 def open_reader(store: str | os.PathLike, shards: Sequence[int] | None = None) -> StoreReader | ShardedReader:
-    """A reader of a store root's ``current`` version (resolved once) or of a version directory."""
+    """A reader of a store root's ``current`` version (resolved once) or of a version directory (one with a
+    manifest); anything else is refused as not a store root."""
     root = Path(store)
-    vdir = open_current(root) if os.path.lexists(root / CURRENT) else root
+    vdir = root if (root / MANIFEST).is_file() and not os.path.lexists(root / CURRENT) else open_current(root)
     found = version_shards(vdir)
     return StoreReader(vdir) if found is None else ShardedReader(found, shards)
 
