@@ -47,20 +47,8 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 def gauc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> float:
     """Sample-count-weighted mean of per-user AUC over users with both labels (NaN if none)."""
-    u = np.asarray(users).ravel()
-    y = np.asarray(labels).ravel()
-    s = np.asarray(scores, dtype=np.float64).ravel()
-    order = np.argsort(u, kind="mergesort")
-    u, y, s = u[order], y[order], s[order]
-    cuts = np.flatnonzero(np.diff(u)) + 1
-    total = 0.0
-    weight = 0
-    for yy, ss in zip(np.split(y, cuts), np.split(s, cuts), strict=True):
-        a = auc(yy, ss)
-        if not np.isnan(a):
-            total += len(yy) * a
-            weight += len(yy)
-    return float(total / weight) if weight else float("nan")
+    _, n, a = per_user_auc(users, labels, scores)
+    return float((n * a).sum() / n.sum()) if n.size else float("nan")
 
 
 def per_user_auc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray

@@ -1,5 +1,6 @@
 """Helpers shared by the tests: padded model batches (test_model.py, test_zoo.py) and the
-spark-submit prefill command (test_prefill_spark.py, test_zoo_store.py, test_reliability_spark.py)."""
+spark-submit prefill command (test_prefill_spark.py, test_zoo_store.py, test_reliability_spark.py), the bundled
+MovieLens prepared (the Spark prefill tests)."""
 
 from __future__ import annotations
 
@@ -56,3 +57,16 @@ def run_prefill_submit(*job_args: str) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
+
+
+def prepare_movielens(out: Path) -> Path:
+    """The bundled MovieLens prepared by `ckv data prepare` (ratings + movies) into ``out``."""
+    from click.testing import CliRunner
+
+    from collectivekv.jobs.prepare import data as data_cli
+
+    movielens = ROOT / "data" / "movielens"
+    r = CliRunner().invoke(data_cli, ["prepare", "--events", str(movielens / "ratings.csv"), "--items",
+                                      str(movielens / "movies.csv"), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    return out

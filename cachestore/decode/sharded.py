@@ -24,7 +24,7 @@ from collectivekv.cachestore.decode.runtime_config import ServingConfig
 from collectivekv.cachestore.decode.runtime_stats import STAT_FIELDS, RuntimeStats, ScoreResult
 from collectivekv.cachestore.store.item_ids import ItemIds
 from collectivekv.cachestore.store.shard_version import version_shards
-from collectivekv.cachestore.store.shards import check_owned, shard_of
+from collectivekv.cachestore.store.shards import check_owned
 
 
 class ShardSetRuntime:
@@ -58,9 +58,9 @@ class ShardSetRuntime:
                 setattr(total, name, getattr(total, name) + getattr(rt.stats, name))
         return total
 
-    def check_owned(self, user_ids: np.ndarray) -> None:
-        """WrongShardError for the first user no opened shard owns."""
-        check_owned(np.asarray(user_ids, dtype=np.int64).reshape(-1), self.count, self.served)
+    def check_owned(self, user_ids: np.ndarray) -> np.ndarray:
+        """The owning shard of each user; WrongShardError for the first user no opened shard owns."""
+        return check_owned(np.asarray(user_ids, dtype=np.int64).reshape(-1), self.count, self.served)
 
     def score(self, user_ids: np.ndarray | list[int], candidates: np.ndarray | list,
               n_candidates: np.ndarray | list | None = None) -> ScoreResult:
@@ -70,11 +70,10 @@ class ShardSetRuntime:
         cand = cand.reshape(-1, 1) if cand.ndim == 1 else cand
         if cand.shape[0] != len(ids):
             raise ValueError(f"{cand.shape[0]} candidate rows for {len(ids)} users")
-        self.check_owned(ids)
+        owners = self.check_owned(ids)
         if len(self.runtimes) == 1:
             return next(iter(self.runtimes.values())).score(ids, cand, n_candidates)
         n_cand = None if n_candidates is None else np.asarray(n_candidates, dtype=np.int64).reshape(-1)
-        owners = shard_of(ids, self.count)
         logits = np.full(cand.shape, np.nan, dtype=np.float32)
         cold = np.zeros(len(ids), dtype=bool)
         stats = RuntimeStats()

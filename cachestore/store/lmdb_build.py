@@ -320,10 +320,10 @@ def build_lmdb(
         behaviours=int(scan.lengths.sum()), payload_bytes=int(sizes.sum()) - HEADER_SIZE * n,
         record_bytes=int(sizes.sum()), file_bytes=data.st_size, disk_bytes=data.st_blocks * 512,
         map_size=size, map_retries=retries, sorted_input=scan.file_order is not None,
-        seconds=time.perf_counter() - t0, part_rows=_part_rows(layout, scan.lengths))
+        seconds=time.perf_counter() - t0, part_rows=part_rows(layout, scan.lengths))
 
 
-def _part_rows(layout: EntryLayout, lengths: np.ndarray) -> dict[str, int]:
+def part_rows(layout: EntryLayout, lengths: np.ndarray) -> dict[str, int]:
     """Rows stored per part over all users (parts are capped: Σ min(n, cap))."""
     n = lengths.astype(np.int64)
     return {p.name: int(np.minimum(n, p.cap).sum()) for p in layout.parts}

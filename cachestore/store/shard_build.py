@@ -25,7 +25,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,7 @@ from collectivekv.cachestore.store.lmdb_build import (
     load_sorted,
     map_bytes,
     map_size_for,
+    part_rows,
 )
 from collectivekv.cachestore.store.publish import MANIFEST_VERSION, write_json_synced
 from collectivekv.cachestore.store.record import HEADER_SIZE, RecordError, user_key, write_layout
@@ -84,7 +85,7 @@ class _Tally:
     record_bytes: int = 0
     map_total: int = 0
     last: int = -1
-    part_rows: dict[str, int] | None = None
+    part_rows: dict[str, int] = field(default_factory=dict)
 
 
 def _check_batch(batch: pa.RecordBatch, t: ShardTarget, tally: _Tally) -> np.ndarray:
@@ -118,13 +119,12 @@ def _check_batch(batch: pa.RecordBatch, t: ShardTarget, tally: _Tally) -> np.nda
 
 def _write_parquet(batches: Iterable[pa.RecordBatch], schema: pa.Schema, path: Path, t: ShardTarget) -> _Tally:
     """Pass 1 (module docstring)."""
-    tally = _Tally()
+    tally = _Tally(part_rows={p.name: 0 for p in t.layout.parts})
     with pq.ParquetWriter(path, schema, compression=t.compression) as writer:
         for batch in batches:
             if batch.num_rows == 0:
                 continue
-            batch = pa.RecordBatch.from_arrays([batch.column(f.name).cast(f.type) for f in schema],
-                                               schema=schema)
+            batch = batch.select(schema.names).cast(schema)
             lengths = _check_batch(batch, t, tally)
             sizes = t.layout.record_sizes(lengths)
             tally.users += batch.num_rows
@@ -132,8 +132,8 @@ def _write_parquet(batches: Iterable[pa.RecordBatch], schema: pa.Schema, path: P
             tally.behaviours += int(lengths.sum())
             tally.record_bytes += int(sizes.sum())
             tally.map_total += map_bytes(sizes)
-            rows = {p.name: int(np.minimum(lengths, p.cap).sum()) for p in t.layout.parts}
-            tally.part_rows = {k: v + (tally.part_rows or {}).get(k, 0) for k, v in rows.items()}
+            for name, rows in part_rows(t.layout, lengths).items():
+                tally.part_rows[name] = tally.part_rows.get(name, 0) + rows
             writer.write_batch(batch)
     return tally
 
@@ -175,7 +175,7 @@ def build_shard(batches: Iterable[pa.RecordBatch], schema: pa.Schema, t: ShardTa
             "payload_bytes": tally.record_bytes - HEADER_SIZE * tally.users, "file_bytes": data.st_size,
             "disk_bytes": data.st_blocks * 512, "map_size": map_size, "map_retries": retries,
             "parquet_bytes": tmp_part.stat().st_size, "checksum": f"blake2b-128:{digest[0].hexdigest()}",
-            "part_rows": tally.part_rows or {p.name: 0 for p in t.layout.parts},
+            "part_rows": tally.part_rows,
             "seconds": round(time.perf_counter() - t0, 3),
         }  # fmt: skip
         write_layout(tmp_dir / "layout.json", t.layout)

@@ -21,7 +21,7 @@ from collectivekv.cachestore.store.record import key_user
 from collectivekv.cachestore.store.shard_version import version_shards
 from collectivekv.cachestore.store.shards import (
     ShardSet,
-    WrongShardError,
+    check_owned,
     digest_update,
     records_digest,
     shard_of,
@@ -51,12 +51,7 @@ class ShardedReader:
         return self.shards.version_dir.name
 
     def _owners(self, ids: list[int]) -> np.ndarray:
-        owners = shard_of(np.asarray(ids, dtype=np.int64), self.shards.count)
-        missing = ~np.isin(owners, list(self.readers))
-        if missing.any():
-            i = int(np.flatnonzero(missing)[0])
-            raise WrongShardError(ids[i], int(owners[i]), self.shards.count, tuple(self.readers), i)
-        return owners
+        return check_owned(np.asarray(ids, dtype=np.int64), self.shards.count, tuple(self.readers))
 
     def get_raw(self, user_id: int) -> bytes | None:
         return self.readers[int(self._owners([int(user_id)])[0])].get_raw(user_id)

@@ -162,12 +162,12 @@ def parse_shards(text: str | None) -> tuple[int, ...] | None:
     return tuple(sorted(set(out)))
 
 
-def check_owned(user_ids: np.ndarray, count: int, served: Sequence[int]) -> None:
-    """WrongShardError for the first user of ``user_ids`` that no served shard owns."""
-    if count <= 1:
-        return
+def check_owned(user_ids: np.ndarray, count: int, served: Sequence[int]) -> np.ndarray:
+    """The owning shard of each of ``user_ids`` (:func:`shard_of`); WrongShardError for the first user that no
+    served shard owns."""
     owners = shard_of(user_ids, count)
     bad = ~np.isin(owners, np.asarray(served, dtype=np.int64))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise WrongShardError(int(user_ids[i]), int(owners[i]), count, served, i)
+    return owners

@@ -127,16 +127,17 @@ def run_prefill(opts: PrefillOptions, spark: Any = None) -> dict[str, Any]:
     out = df.mapInArrow(functools.partial(prefill_partition, params=params), f"{OUTPUT_DDL}, {FP_COL} long")
     if carried is not None:
         out = out.unionByName(carried)
-    if opts.shards > 1:
-        return _run_sharded(sc, out, opts, job, acc, inc_meta, t0, t_load, t_session)
-    if opts.sort:
-        out = out.sortWithinPartitions("user_id")
-    spark_out = job.store / STAGING / f"prefill-{new_version_id()}"
-    log.info("prefill: %s -> %s (model %s, mode %s, kv %s, engine %s, device %s, master %s)", job.histories,
-             job.store, job.version, job.layout.mode, job.layout.kv_dtype, opts.engine, opts.device, sc.master)
+    log.info("prefill: %s -> %s%s (model %s, mode %s, kv %s, engine %s, device %s, master %s)", job.histories,
+             job.store, f" in {opts.shards} shards" if opts.shards > 1 else "", job.version, job.layout.mode,
+             job.layout.kv_dtype, opts.engine, opts.device, sc.master)
     setup = {"checkpoint": round(t_load, 3), "spark_session": round(t_session, 3),
              "total": round(time.perf_counter() - t0, 3)}
     log.info("prefill: setup %.1f s (checkpoint %.1f s, SparkSession %.1f s)", setup["total"], t_load, t_session)
+    if opts.shards > 1:
+        return _run_sharded(sc, out, opts, job, acc, inc_meta, t0, setup)
+    if opts.sort:
+        out = out.sortWithinPartitions("user_id")
+    spark_out = job.store / STAGING / f"prefill-{new_version_id()}"
     try:
         t_write = _run_stage(sc, lambda: out.write.mode("errorifexists").option("compression", opts.compression)
                              .parquet(spark_out.as_uri()), opts, job, acc["users"])
@@ -273,15 +274,10 @@ def _on_built(inc_meta: dict | None, acc: dict[str, Any]) -> Any:
 
 
 def _run_sharded(sc: Any, out: Any, opts: PrefillOptions, job: _Job, acc: dict[str, Any], inc_meta: dict | None,
-                 t0: float, t_load: float, t_session: float) -> dict[str, Any]:
+                 t0: float, setup: dict[str, float]) -> dict[str, Any]:
     """The sharded path: the shards are built inside the Spark stage (pipeline/prefill/spark_shards.py), then the
     driver writes the manifest and publishes; the staging version is removed on any failure."""
     staging = new_staging_dir(job.store)
-    log.info("prefill: %s -> %s in %d shards (model %s, mode %s, kv %s, engine %s, device %s, master %s)",
-             job.histories, job.store, opts.shards, job.version, job.layout.mode, job.layout.kv_dtype, opts.engine,
-             opts.device, sc.master)
-    setup = {"checkpoint": round(t_load, 3), "spark_session": round(t_session, 3),
-             "total": round(time.perf_counter() - t0, 3)}
     entries: list[dict] = []
     try:
         t_write = _run_stage(sc, lambda: entries.extend(build_shards(out, staging, job.layout, opts.shards,

@@ -9,10 +9,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 
 from collectivekv.cachestore.checkpoint import load_checkpoint
-from collectivekv.jobs.prepare import data as data_cli
 from collectivekv.model.config import CollectiveConfig, ModelConfig
 from collectivekv.pipeline.data.dataset_schema import load_dataset
 from collectivekv.pipeline.prefill.prefill import cache_layout, prefill_batches
@@ -21,7 +19,7 @@ from collectivekv.pipeline.prefill.spark_job import PrefillOptions, run_prefill
 from collectivekv.pipeline.store.verify import verify_store
 from collectivekv.pipeline.training.checkpoint import save_checkpoint
 from collectivekv.pipeline.training.trainer import build_model
-from tests.pipeline.prefill.test_prefill_spark import MOVIELENS
+from tests.helpers import prepare_movielens
 from tests.pipeline.prefill.test_shards_spark import _records
 
 pytestmark = pytest.mark.spark
@@ -30,10 +28,7 @@ pytestmark = pytest.mark.spark
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("event_features")
-    r = CliRunner().invoke(data_cli, ["prepare", "--events", str(MOVIELENS / "ratings.csv"), "--items",
-                                      str(MOVIELENS / "movies.csv"), "--out", str(tmp / "data")])
-    assert r.exit_code == 0, r.output
-    ds = load_dataset(tmp / "data", validate=False)
+    ds = load_dataset(prepare_movielens(tmp / "data"), validate=False)
     cfg = ModelConfig(n_items=1, embed_dim=8, d_attn=16, n_heads=2, max_len=30, mlp_dims=(8,),
                       collective=CollectiveConfig(d_user=1, pool_size=32), event_features=("gap", "hour"),
                       gap_buckets=8)

@@ -17,7 +17,6 @@ from click.testing import CliRunner
 
 from collectivekv.cachestore.store.publish import current_version_id
 from collectivekv.cachestore.store.reader import StoreReader
-from collectivekv.jobs.prepare import data as data_cli
 from collectivekv.jobs.report import report as report_cli
 from collectivekv.jobs.store import store as store_cli
 from collectivekv.model.cache_spec import compression_rate
@@ -28,7 +27,7 @@ from collectivekv.pipeline.prefill.spark_job import PrefillOptions, run_prefill
 from collectivekv.pipeline.store.verify import verify_store
 from collectivekv.pipeline.training.checkpoint import save_checkpoint
 from collectivekv.pipeline.training.trainer import build_model
-from tests.helpers import run_prefill_submit
+from tests.helpers import prepare_movielens, run_prefill_submit
 
 pytestmark = pytest.mark.spark
 ROOT = Path(__file__).resolve().parents[3]
@@ -39,10 +38,7 @@ MOVIELENS = ROOT / "data" / "movielens"
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The bundled data prepared by `ckv data prepare`, and a tiny untrained checkpoint."""
     tmp = tmp_path_factory.mktemp("prefill")
-    data = tmp / "data"
-    r = CliRunner().invoke(data_cli, ["prepare", "--events", str(MOVIELENS / "ratings.csv"), "--items",
-                                      str(MOVIELENS / "movies.csv"), "--out", str(data)])
-    assert r.exit_code == 0, r.output
+    data = prepare_movielens(tmp / "data")
     dataset = load_dataset(data, validate=False)
     cfg = ModelConfig(n_items=1, embed_dim=8, d_attn=16, n_heads=2, max_len=50, mlp_dims=(8,),
                       collective=CollectiveConfig(d_user=1, pool_size=64))

@@ -20,7 +20,7 @@ from collectivekv.pipeline.data.dataset_schema import load_dataset
 from collectivekv.pipeline.prefill.spark_job import PrefillOptions, run_prefill
 from collectivekv.pipeline.training.checkpoint import save_checkpoint
 from collectivekv.pipeline.training.trainer import build_model
-from tests.pipeline.prefill.test_prefill_spark import MOVIELENS
+from tests.helpers import prepare_movielens
 
 pytestmark = pytest.mark.spark
 
@@ -38,12 +38,8 @@ def test_shard_function_is_sparks_hash_partitioning(spark: object) -> None:
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from collectivekv.jobs.prepare import data as data_cli
-
     tmp = tmp_path_factory.mktemp("prefill_shards")
-    r = CliRunner().invoke(data_cli, ["prepare", "--events", str(MOVIELENS / "ratings.csv"), "--items",
-                                      str(MOVIELENS / "movies.csv"), "--out", str(tmp / "data")])
-    assert r.exit_code == 0, r.output
+    prepare_movielens(tmp / "data")
     cfg = ModelConfig(n_items=1, embed_dim=8, d_attn=16, n_heads=2, max_len=50, mlp_dims=(8,),
                       collective=CollectiveConfig(d_user=1, pool_size=64))
     save_checkpoint(tmp / "ckpt", build_model(load_dataset(tmp / "data", validate=False), cfg, seed=0).eval(), {})
