@@ -39,8 +39,9 @@ mkdir -p $R
 case $step in
 tests)
     mkdir -p $R/serving_latency
+    { echo "# bash benchmarks/run_gpu.sh tests"; sed 's/^/# /' $R/device.txt; } > $R/serving_latency/pytest_cuda.txt
     $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/cachestore/decode/test_fused.py $(grep -rl "mark.cuda" tests --include="test_*.py") \
-        > $R/serving_latency/pytest_cuda.txt 2>&1; echo "pytest rc=$?" | tee -a $R/serving_latency/pytest_cuda.txt
+        >> $R/serving_latency/pytest_cuda.txt 2>&1; echo "pytest rc=$?" | tee -a $R/serving_latency/pytest_cuda.txt
     grep -E "^(FAILED|ERROR)" $R/serving_latency/pytest_cuda.txt | head -20; tail -3 $R/serving_latency/pytest_cuda.txt
     ;;
 bench)
