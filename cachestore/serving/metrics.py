@@ -63,6 +63,9 @@ class ServerMetrics:
         self._multiproc_dir = os.environ.get(MULTIPROC_ENV) or None
         self.swaps = Counter("ckv_swaps_total", "versions switched to after the first", registry=r)
         self.failed_swaps = Counter("ckv_failed_swaps_total", "versions that failed to load", registry=r)
+        self._by_status: dict[int, Counter] = {}
+        self._json_seconds = self.request_seconds.labels("json")
+        self._arrow_seconds = self.request_seconds.labels("arrow")
 
     def serving(self, store_version: str, model_version: str) -> None:
         """Mark this version as the one served (and no other)."""
@@ -72,6 +75,14 @@ class ServerMetrics:
             self.version.clear()
         self.version.labels(store_version, model_version).set(1)
         self._served = (store_version, model_version)
+
+    def reply(self, status: int, arrow: bool, seconds: float) -> None:
+        """Count one POST /score reply and its latency (label children cached: this runs per request)."""
+        counter = self._by_status.get(status)
+        if counter is None:
+            counter = self._by_status[status] = self.requests.labels(str(status))
+        counter.inc()
+        (self._arrow_seconds if arrow else self._json_seconds).observe(seconds)
 
     def tier(self, hits: int, misses: int, evictions: int) -> None:
         """Add one batch's tier counts."""

@@ -80,7 +80,9 @@ class _Server(uvicorn.Server):
 
 
 def _uvicorn(service: ScoringService) -> _Server:
+    # proxy_headers off: no X-Forwarded-* rewriting per request (the server logs no client addresses)
     config = uvicorn.Config(create_app(service), log_level="warning", access_log=False, lifespan="on",
+                            proxy_headers=False,
                             timeout_graceful_shutdown=int(service.config.request_timeout_s) + 1, backlog=2048)
     return _Server(config)
 
