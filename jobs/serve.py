@@ -40,13 +40,15 @@ if TYPE_CHECKING:
 @click.option("--torch-threads", default=None, type=click.IntRange(1),
               help="torch intra-op threads (default: 1 on the CPU — more threads contend with the HTTP loop and "
                    "the other processes; unchanged on CUDA)")
+@click.option("--gil-switch-ms", default=0.2, show_default=True, type=click.FloatRange(0.001),
+              help="the interpreter's switch interval: how soon the scoring thread gets the GIL from a busy HTTP loop")
 @click.option("--poll-s", default=1.0, show_default=True, type=click.FloatRange(0.01),
               help="how often STORE/current is checked for a new version")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 256),
               help="serving processes on the port (each its own runtime, tier and batcher; the kernel spreads "
                    "connections over them); /metrics reports their sums")
 def serve(store: Path, host: str, port: int, config: ServingConfig, max_batch_users: int, max_wait_ms: float,
-          max_queue_users: int, torch_threads: int | None, poll_s: float, workers: int) -> None:
+          max_queue_users: int, torch_threads: int | None, gil_switch_ms: float, poll_s: float, workers: int) -> None:
     """Serve POST /score, GET /healthz and GET /metrics for the cache store (docs/serving.md)."""
     from collectivekv.cachestore.serving.config import ServerConfig
 
@@ -57,7 +59,8 @@ def serve(store: Path, host: str, port: int, config: ServingConfig, max_batch_us
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     server_config = ServerConfig(store=store, host=host, port=port, max_batch_users=max_batch_users,
                                  max_wait_ms=max_wait_ms, max_queue_users=max_queue_users, poll_s=poll_s,
-                                 workers=workers, torch_threads=torch_threads, runtime=config)
+                                 workers=workers, torch_threads=torch_threads, gil_switch_ms=gil_switch_ms,
+                                 runtime=config)
     if workers > 1:
         _serve_workers(server_config)
     else:

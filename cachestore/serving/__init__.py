@@ -5,8 +5,9 @@
     batcher.py   dynamic batching: requests queued and grouped into device batches (one worker thread)
     versions.py  hot swap: follows STORE/current, loads a new version in the background
     metrics.py   Prometheus metrics of one server
-    app.py       FastAPI routes: POST /score, GET /healthz, GET /metrics
-    server.py    the uvicorn runner (graceful shutdown drains the queue)
+    app.py       what each route answers: POST /score, GET /healthz, GET /metrics (ScoringService)
+    http.py      HTTP/1.1 over asyncio + httptools: keep-alive, pipelining, limits, graceful shutdown
+    server.py    runs the HTTP server on a bound socket (serve: main thread + signals; RunningServer: a thread)
 
 See docs/serving.md, "The serving process".
 """

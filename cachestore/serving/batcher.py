@@ -21,7 +21,6 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -42,11 +41,15 @@ class ShuttingDown(RuntimeError):
     """The server is draining and takes no new requests (HTTP 503)."""
 
 
-@dataclass
 class _Queued:
-    request: ScoreRequest
-    future: Future = field(default_factory=Future)
-    enqueued: float = field(default_factory=time.perf_counter)
+    """A queued request, its future and when it was queued (a plain class: one is made per request)."""
+
+    __slots__ = ("request", "future", "enqueued")
+
+    def __init__(self, request: ScoreRequest) -> None:
+        self.request = request
+        self.future: Future = Future()
+        self.enqueued = time.perf_counter()
 
 
 class DynamicBatcher:
@@ -82,8 +85,7 @@ class DynamicBatcher:
             if self._queued_users + request.n_users > self.max_queue_users:
                 raise QueueFull(f"{self._queued_users} users are queued (limit {self.max_queue_users})")
             self._queue.append(item)
-            self._queued_users += request.n_users
-            self.metrics.queue_users.set(self._queued_users)
+            self._queued_users += request.n_users  # (the queue_users gauge is set by the worker, per batch)
             self._cond.notify()
         return item.future
 

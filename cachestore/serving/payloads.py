@@ -142,13 +142,26 @@ def _padded(flat: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 def parse_json(body: bytes, limits: Limits, dense_ids: bool = False) -> ScoreRequest:
-    """A JSON body → :class:`ScoreRequest` (BadRequest naming the field otherwise)."""
+    """A JSON body → :class:`ScoreRequest` (BadRequest naming the field otherwise). orjson reads it; what
+    orjson refuses but ``json`` reads (NaN, Infinity, integers beyond 64 bits, other encodings) is read by
+    ``json``, so such values are named like any other out-of-range value."""
     try:
-        doc = json.loads(body)
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        doc = _stdlib_json(body)
+    return _request(doc, limits, dense_ids)
+
+
+def _stdlib_json(body: bytes) -> object:
+    try:
+        return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest("body", f"is not JSON ({exc})", 400) from None
     except RecursionError:
         raise BadRequest("body", "is nested too deeply", 400) from None
+
+
+def _request(doc: object, limits: Limits, dense_ids: bool) -> ScoreRequest:
     if not isinstance(doc, dict):
         raise BadRequest("body", "must be a JSON object with user_ids and candidates", 400)
     for name in ("user_ids", "candidates"):
@@ -159,6 +172,29 @@ def parse_json(body: bytes, limits: Limits, dense_ids: bool = False) -> ScoreReq
     ids, rows = doc["user_ids"], doc["candidates"]
     if len(rows) != len(ids):
         raise BadRequest("candidates", f"has {len(rows)} lists for {len(ids)} user_ids: give one list per user")
+    return _plain_request(ids, rows, limits, dense_ids) or _checked_request(ids, rows, limits, dense_ids)
+
+
+def _plain_request(ids: list, rows: list, limits: Limits, dense_ids: bool) -> ScoreRequest | None:
+    """The request when every value is in range (integer user ids, every list within the limits): plain
+    Python checks, two numpy conversions. None otherwise — :func:`_checked_request` then finds and names
+    the first bad value."""
+    lengths = [len(r) if type(r) is list else 0 for r in rows]
+    if not ids or len(ids) > limits.max_users or min(lengths) < 1 or max(lengths) > limits.max_candidates:
+        return None
+    flat = list(chain.from_iterable(rows))
+    if set(map(type, ids)) != _INT_ONLY or set(map(type, flat)) != _INT_ONLY:
+        return None
+    if min(ids) < 0 or max(ids) > _MAX_ID or min(flat) < (1 if dense_ids else 0) or max(flat) > _MAX_ID:
+        return None
+    items, n_cand = np.array(flat, dtype=np.int64), np.array(lengths, dtype=np.int64)
+    width = max(lengths)
+    candidates = items.reshape(len(ids), width) if min(lengths) == width else _padded(items, n_cand)
+    return ScoreRequest(np.array(ids, dtype=np.int64), candidates, n_cand, dense_ids)
+
+
+def _checked_request(ids: list, rows: list, limits: Limits, dense_ids: bool) -> ScoreRequest:
+    """The request, value by value; BadRequest naming the first value out of range."""
     for i, row in enumerate(rows):
         if not isinstance(row, list):
             raise BadRequest(f"candidates[{i}]", f"must be a list of item ids, got {type(row).__name__}")
@@ -277,8 +313,10 @@ def reply_json(reply: ScoreReply, n_candidates: np.ndarray) -> bytes:
     """The JSON reply (see the module docstring). Scores are written from the float32 array by orjson, each
     as the shortest decimal that reads back as the same float32 (32× faster than ``json`` over Python floats
     for 64 candidates)."""
-    scores = np.ascontiguousarray(reply.scores, dtype=np.float32)  # orjson writes C-contiguous arrays only
-    if not (n_candidates == scores.shape[1]).all():
+    scores = reply.scores
+    if not scores.flags.c_contiguous or scores.dtype != np.float32:  # orjson writes C-contiguous arrays only
+        scores = np.ascontiguousarray(scores, dtype=np.float32)
+    if len(n_candidates) > 1 or n_candidates[0] != scores.shape[1]:
         scores = [row[:n] for row, n in zip(scores, n_candidates.tolist(), strict=True)]
     doc = {"model_version": reply.model_version, "store_version": reply.store_version,
            "scores": scores, "cold_start": reply.cold_start.tolist()}

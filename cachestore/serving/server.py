@@ -1,32 +1,38 @@
-"""Run the serving process: uvicorn on one bound socket, one :class:`ScoringService` behind it.
+"""Run the serving process: the HTTP server (:mod:`cachestore.serving.http`) on one bound socket, one
+:class:`ScoringService` behind it.
 
 :func:`serve` blocks in the main thread (``ckv serve``): SIGTERM / SIGINT start a graceful shutdown —
-uvicorn stops accepting, lets every in-flight request finish (they wait on the batcher, which keeps
-scoring), then the app's shutdown drains whatever is still queued and releases the store.
+the server stops accepting, answers every request already read (they wait on the batcher, which keeps
+scoring), then drains whatever is still queued and releases the store.
 :class:`RunningServer` runs the same server in a background thread (tests, benchmarks): ``stop()``
 is the same graceful shutdown.
 """
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
+import sys
 import threading
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
-import uvicorn
-
-from collectivekv.cachestore.serving.app import ScoringService, create_app
+from collectivekv.cachestore.serving.app import ScoringService
 from collectivekv.cachestore.serving.batcher import DynamicBatcher
 from collectivekv.cachestore.serving.config import ServerConfig
+from collectivekv.cachestore.serving.http import HttpServer
 from collectivekv.cachestore.serving.metrics import ServerMetrics
 from collectivekv.cachestore.serving.versions import Loader, VersionManager
 
 
 def configure_process(config: ServerConfig) -> None:
-    """Process-wide settings of a serving process: torch's intra-op threads (``config.torch_threads``)."""
+    """Process-wide settings of a serving process: torch's intra-op threads (``config.torch_threads``) and how
+    soon a thread waiting for the GIL takes it from a busy one (``config.gil_switch_ms``)."""
     import torch
 
+    sys.setswitchinterval(config.gil_switch_ms / 1e3)
     if config.torch_threads is not None or config.runtime.torch_device.type == "cpu":
         torch.set_num_threads(config.torch_threads or 1)
 
@@ -66,25 +72,14 @@ def bind(host: str, port: int, *, reuse_port: bool = False, listen: bool = True)
     return sock
 
 
-class _Server(uvicorn.Server):
-    """uvicorn's server that also honours a SIGTERM / SIGINT caught before uvicorn installed its own
-    handlers (``exit_requested``, set by :func:`serve`'s early handler): it shuts down right after startup
-    instead of serving on with the signal lost."""
-
-    exit_requested = False
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets=sockets)
-        if self.exit_requested:
-            self.should_exit = True
-
-
-def _uvicorn(service: ScoringService) -> _Server:
-    # proxy_headers off: no X-Forwarded-* rewriting per request (the server logs no client addresses)
-    config = uvicorn.Config(create_app(service), log_level="warning", access_log=False, lifespan="on",
-                            proxy_headers=False,
-                            timeout_graceful_shutdown=int(service.config.request_timeout_s) + 1, backlog=2048)
-    return _Server(config)
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` to completion on a new event loop: uvloop's when installed, else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)
 
 
 def url_of(sock: socket.socket) -> str:
@@ -94,17 +89,26 @@ def url_of(sock: socket.socket) -> str:
 
 def serve(service: ScoringService, sock: socket.socket) -> None:
     """Serve on ``sock`` until SIGTERM / SIGINT (graceful: the queue is drained), then release all and
-    return normally (main thread only). uvicorn re-raises the signal it caught once it has shut down;
-    the handlers installed here take that re-raise, so the process exits with status 0, not by the signal.
-    A signal that arrives before uvicorn's handlers are in place is kept and honoured once it has started."""
-    server = _uvicorn(service)
+    return normally, so the process exits with status 0 (main thread only). A signal that arrives before
+    the event loop's handlers are in place is kept and honoured once it has started."""
+    caught: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _: caught.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
 
-    def early(*_: object) -> None:
-        server.exit_requested = True
+    async def main() -> None:
+        loop, stop = asyncio.get_running_loop(), asyncio.Event()
+        for sig in previous:
+            loop.add_signal_handler(sig, stop.set)
+        if caught:
+            stop.set()
+        try:
+            await HttpServer(service, sock).run(stop)
+        finally:
+            for sig in previous:
+                loop.remove_signal_handler(sig)
 
-    previous = {sig: signal.signal(sig, early) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        server.run(sockets=[sock])
+        run_loop(main())
     finally:
         service.close()
         sock.close()
@@ -123,16 +127,22 @@ class RunningServer:
             self.service.close()
             raise
         self.url = url_of(self.sock)
-        self._server = _uvicorn(self.service)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self.sock]},
-                                        name="ckv-uvicorn", daemon=True)
+        self._started = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=run_loop, args=(self._main(),), name="ckv-http", daemon=True)
         self._thread.start()
-        while not self._server.started and self._thread.is_alive():
-            threading.Event().wait(0.01)
+        self._started.wait()
+
+    async def _main(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        self._started.set()
+        await HttpServer(self.service, self.sock).run(self._stop)
 
     def stop(self) -> None:
         """Graceful shutdown: in-flight and queued requests are scored, then everything is released."""
-        self._server.should_exit = True
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)  # type: ignore[union-attr]
         self._thread.join()
         self.service.close()
         self.sock.close()

@@ -1,0 +1,336 @@
+"""HTTP/1.1 for ``ckv serve``: an asyncio protocol over httptools, one connection object per client.
+
+Why not an ASGI framework: a request of one user × 64 candidates costs the scoring thread a few µs, and
+everything else is the event loop's, under the one GIL it shares with the scoring thread. An ASGI server
+runs each request as a task with message dicts and coroutine hops between the body, the queue and the
+reply; this protocol handles a request in plain callbacks (docs/serving.md, "One process", has the load
+figures). For the cheapest reply alone (`benchmarks/http_overhead.py`, one core) it costs 63–69 µs of CPU
+against 70–82 µs for a bare ASGI app on uvicorn, before any framework. It uses the same parser as uvicorn
+(httptools, llhttp) and uvloop's event loop when installed.
+
+Per connection (:class:`_Connection`): requests are parsed as bytes arrive; each gets a *slot* in arrival
+order and replies are written in that order (pipelining), as soon as the slot at the head is done.
+``POST /score`` is handled without a coroutine: parse on the loop (bodies over
+:data:`~cachestore.serving.app.INLINE_BYTES` in a thread), ``batcher.submit``, and the worker thread's
+result comes back with one ``call_soon_threadsafe``; a timer answers 503 after ``request_timeout_s``.
+
+Limits: the URL (8 KiB, else 414), the header block (32 KiB, else 431), the body (``max_body_bytes``,
+else 413 — at once from Content-Length, or as the chunks arrive), at most :data:`MAX_PIPELINED` unanswered
+requests per connection (reading pauses beyond it). Malformed HTTP gets 400 and the connection closes; so
+do the three limits above. Keep-alive connections idle for ``keepalive_s`` (default 5 s), and connections
+stuck mid-request for ``header_timeout_s``, are closed by a sweep once a second. ``Expect: 100-continue``
+is answered. Shutdown (:meth:`HttpServer.run`'s stop event): stop accepting, close idle connections,
+answer every request already read, then close the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Coroutine
+from concurrent.futures import Future
+from email.utils import formatdate
+from typing import Any
+from urllib.parse import parse_qs
+
+import httptools
+
+from collectivekv.cachestore.serving.app import INLINE_BYTES, Reply, ScoringService, error_reply
+from collectivekv.cachestore.serving.payloads import ARROW_MIME, JSON_MIME, ScoreRequest
+
+MAX_URL = 8 << 10
+MAX_HEADER_BYTES = 32 << 10
+MAX_PIPELINED = 64  # unanswered requests per connection before reading pauses (resumes at a quarter)
+_REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed", 413: b"Content Too Large",
+            414: b"URI Too Long", 415: b"Unsupported Media Type", 421: b"Misdirected Request",
+            422: b"Unprocessable Content", 431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
+            503: b"Service Unavailable"}
+_date = [0, b""]  # (second, "date: ...\r\n") — formatted once a second
+
+
+def _date_line() -> bytes:
+    now = int(time.time())
+    if now != _date[0]:
+        _date[:] = [now, b"date: " + formatdate(now, usegmt=True).encode() + b"\r\n"]
+    return _date[1]
+
+
+def encode(reply: Reply, close: bool = False) -> bytes:
+    """The bytes of ``reply`` on the wire (HTTP/1.1, Content-Length framing)."""
+    parts = [b"HTTP/1.1 %d %s\r\n" % (reply.status, _REASONS.get(reply.status, b"")), _date_line(),
+             b"content-type: %s\r\ncontent-length: %d\r\n" % (reply.media.encode(), len(reply.body))]
+    parts += [b"%s: %s\r\n" % (k.encode(), v.encode("latin-1")) for k, v in reply.headers]
+    if close:
+        parts.append(b"connection: close\r\n")
+    parts += [b"\r\n", reply.body]
+    return b"".join(parts)
+
+
+class _Slot:
+    """One request's place in its connection's reply order: its bytes once answered; close after it?"""
+
+    __slots__ = ("data", "close")
+
+    def __init__(self) -> None:
+        self.data: bytes | None = None
+        self.close = False
+
+
+class HttpServer:
+    """The listening side: one :class:`ScoringService` behind a listening socket."""
+
+    def __init__(self, service: ScoringService, sock: Any, keepalive_s: float = 5.0,
+                 header_timeout_s: float = 30.0) -> None:
+        self.service = service
+        self.sock = sock
+        self.keepalive_s = keepalive_s
+        self.header_timeout_s = header_timeout_s
+        self.connections: set[_Connection] = set()
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set, then shut down gracefully (module docstring) and drain the queue."""
+        self.loop = asyncio.get_running_loop()
+        server = await self.loop.create_server(lambda: _Connection(self), sock=self.sock, backlog=2048)
+        sweeper = self.loop.create_task(self._sweep())
+        try:
+            await stop.wait()
+        finally:
+            server.close()
+            sweeper.cancel()
+            for conn in list(self.connections):
+                conn.shut()
+            deadline = self.loop.time() + self.service.config.request_timeout_s + 1.0
+            while self.connections and self.loop.time() < deadline:
+                await asyncio.sleep(0.01)
+            for conn in list(self.connections):
+                conn.abort()
+            await self.loop.run_in_executor(None, self.service.close)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now = self.loop.time()  # type: ignore[union-attr]
+            for conn in list(self.connections):
+                conn.expire(now)
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection (module docstring). Parser callbacks are the ``on_*`` methods."""
+
+    def __init__(self, server: HttpServer) -> None:
+        self.server = server
+        self.service = server.service
+        self.loop = server.loop
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.slots: deque[_Slot] = deque()
+        self.pending: set[Future] = set()
+        self.dead = self.closing = self.paused = self.in_message = False
+        self.active = 0.0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.url = b""
+        self.content_type = JSON_MIME
+        self.header_bytes = 0
+        self.body: list[bytes] = []
+        self.body_size = 0
+
+    # -------------------------------------------------------------------------------- transport callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.active = self.loop.time()  # type: ignore[union-attr]
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        self.dead = True
+        for future in self.pending:
+            future.cancel()  # still queued: the batcher drops it
+        self.pending.clear()
+
+    def data_received(self, data: bytes) -> None:
+        if self.dead:
+            return
+        self.active = self.loop.time()  # type: ignore[union-attr]
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fatal(400, "protocol upgrades are not supported", "upgrade")
+        except httptools.HttpParserError as exc:
+            self._fatal(400, f"malformed HTTP request ({str(exc)[:80]})", "http")
+
+    # -------------------------------------------------------------------------------- parser callbacks
+
+    def on_message_begin(self) -> None:
+        self.in_message = True
+        self._reset()
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > MAX_URL:
+            self._fatal(414, f"the URL is longer than {MAX_URL} bytes", "url")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.header_bytes += len(name) + len(value)
+        if self.header_bytes > MAX_HEADER_BYTES:
+            self._fatal(431, f"the headers exceed {MAX_HEADER_BYTES} bytes", "headers")
+            return
+        name = name.lower()
+        if name == b"content-type":
+            self.content_type = value.decode("latin-1").split(";")[0].strip().lower()
+        elif name == b"content-length" and value.isdigit() and int(value) > self.service.config.max_body_bytes:
+            limit = self.service.config.max_body_bytes
+            self._fatal(413, f"{int(value)} bytes exceed the limit of {limit}: split the request", "body")
+        elif name == b"expect" and value.lower() == b"100-continue" and not self.dead:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
+
+    def on_body(self, chunk: bytes) -> None:
+        self.body_size += len(chunk)
+        limit = self.service.config.max_body_bytes
+        if self.body_size > limit:
+            self._fatal(413, f"more than {limit} bytes: split the request", "body")
+        elif not self.dead:
+            self.body.append(chunk)
+
+    def on_message_complete(self) -> None:
+        self.in_message = False
+        if self.parser.should_upgrade():
+            self._fatal(400, "protocol upgrades are not supported", "upgrade")
+        if self.dead:
+            return
+        slot = _Slot()
+        slot.close = not self.parser.should_keep_alive()
+        self.slots.append(slot)
+        if len(self.slots) > MAX_PIPELINED and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()  # type: ignore[union-attr]
+        method = self.parser.get_method()
+        url = httptools.parse_url(self.url)
+        if url.path == b"/score":
+            if method == b"POST":
+                self._score(slot, url.query)
+            else:
+                self._answer(slot, _not_allowed("POST"))
+        elif url.path in (b"/healthz", b"/metrics"):
+            if method == b"GET":
+                reply = self.service.healthz() if url.path == b"/healthz" else self.service.metrics_text()
+                self._answer(slot, reply)
+            else:
+                self._answer(slot, _not_allowed("GET"))
+        else:
+            self._answer(slot, error_reply(404, f"no route {url.path.decode('latin-1')[:80]!r}", "path"))
+
+    # -------------------------------------------------------------------------------- POST /score
+
+    def _score(self, slot: _Slot, query: bytes | None) -> None:
+        t0 = time.perf_counter()
+        body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
+        arrow = self.content_type == ARROW_MIME
+        try:
+            arrow, dense = self.service.check_score(self.content_type, parse_qs(query.decode("latin-1"), True)
+                                                    if query else {})
+            if len(body) <= INLINE_BYTES:
+                self._submit(slot, self.service.parse(body, arrow, dense), arrow, t0)
+            else:
+                self._background(self._parse_large(slot, body, arrow, dense, t0))
+        except Exception as exc:  # noqa: BLE001 (BadRequest and the batcher's refusals: each is a reply)
+            self._scored_reply(slot, self.service.failed(exc), arrow, t0)
+
+    async def _parse_large(self, slot: _Slot, body: bytes, arrow: bool, dense: bool, t0: float) -> None:
+        try:
+            request = await self.loop.run_in_executor(None, self.service.parse, body, arrow, dense)  # type: ignore
+            self._submit(slot, request, arrow, t0)
+        except Exception as exc:  # noqa: BLE001
+            self._scored_reply(slot, self.service.failed(exc), arrow, t0)
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        self.loop.create_task(coro)  # type: ignore[union-attr]
+
+    def _submit(self, slot: _Slot, request: ScoreRequest, arrow: bool, t0: float) -> None:
+        future = self.service.batcher.submit(request)  # QueueFull / ShuttingDown: the caller's reply
+        self.pending.add(future)
+        loop = self.loop
+        timer = loop.call_later(self.service.config.request_timeout_s, self._expire, slot, future, arrow, t0)  # type: ignore
+
+        def done(f: Future) -> None:  # in the worker thread
+            loop.call_soon_threadsafe(self._result, slot, f, request, arrow, t0, timer)  # type: ignore[union-attr]
+
+        future.add_done_callback(done)
+
+    def _result(self, slot: _Slot, future: Future, request: ScoreRequest, arrow: bool, t0: float,
+                timer: asyncio.TimerHandle) -> None:
+        timer.cancel()
+        self.pending.discard(future)
+        if slot.data is not None or future.cancelled():
+            return  # timed out, or the client left
+        exc = future.exception()
+        reply = self.service.failed(exc) if exc is not None else self.service.scored(future.result(), request, arrow)
+        self._scored_reply(slot, reply, arrow, t0)
+
+    def _expire(self, slot: _Slot, future: Future, arrow: bool, t0: float) -> None:
+        if slot.data is None:
+            future.cancel()
+            self._scored_reply(slot, self.service.failed(TimeoutError()), arrow, t0)
+
+    def _scored_reply(self, slot: _Slot, reply: Reply, arrow: bool, t0: float) -> None:
+        self._answer(slot, reply)
+        self.service.metrics.reply(reply.status, arrow, time.perf_counter() - t0)
+
+    # -------------------------------------------------------------------------------- replies, lifetime
+
+    def _answer(self, slot: _Slot, reply: Reply) -> None:
+        """Fill ``slot`` and write every reply that is now first in line."""
+        slot.data = encode(reply, slot.close or self.closing)
+        slots = self.slots
+        if self.transport.is_closing():  # type: ignore[union-attr]
+            slots.clear()  # the client left: nothing more to write
+            return
+        while slots and slots[0].data is not None:
+            head = slots.popleft()
+            self.transport.write(head.data)  # type: ignore[union-attr]
+            if head.close:
+                self.dead = True
+                self.transport.close()  # type: ignore[union-attr]
+                return
+        if self.paused and len(slots) <= MAX_PIPELINED // 4:
+            self.paused = False
+            self.transport.resume_reading()  # type: ignore[union-attr]
+        if self.closing and not slots and not self.in_message:
+            self.transport.close()  # type: ignore[union-attr]
+
+    def _fatal(self, status: int, message: str, field: str) -> None:
+        """Answer ``status`` after the replies already due, then close; read nothing more."""
+        if self.dead:
+            return
+        self.dead = True
+        slot = _Slot()
+        slot.close = True
+        self.slots.append(slot)
+        self.transport.pause_reading()  # type: ignore[union-attr]
+        self._answer(slot, error_reply(status, message, field))
+
+    def shut(self) -> None:
+        """Shutdown: close now if idle, else after the replies to the requests already read."""
+        self.closing = True
+        if not self.slots and not self.in_message:
+            self.transport.close()  # type: ignore[union-attr]
+
+    def expire(self, now: float) -> None:
+        """Close when idle past keep-alive, or stuck mid-request past the header timeout (the sweep)."""
+        idle = now - self.active
+        if self.slots:
+            return
+        if idle > (self.server.header_timeout_s if self.in_message else self.server.keepalive_s):
+            self.transport.close()  # type: ignore[union-attr]
+
+    def abort(self) -> None:
+        self.transport.abort()  # type: ignore[union-attr]
+
+
+def _not_allowed(allow: str) -> Reply:
+    reply = error_reply(405, f"use {allow}", "method")
+    return Reply(reply.status, reply.body, reply.media, (("allow", allow),))

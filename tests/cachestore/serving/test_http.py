@@ -1,0 +1,195 @@
+"""HTTP/1.1 of `ckv serve` (cachestore/serving/http.py) from raw sockets on 127.0.0.1: keep-alive, pipelined
+replies in request order, chunked bodies, Expect: 100-continue, the URL / header / body limits, malformed
+requests, unknown routes and methods, and connections left open at shutdown."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from collectivekv.cachestore.serving.app import Reply
+from collectivekv.cachestore.serving.http import MAX_HEADER_BYTES, MAX_URL, encode
+from tests.server_fixtures import ModelStore, start_server
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModelStore, Path]:
+    work = tmp_path_factory.mktemp("http")
+    model = ModelStore.make(work, seed=4)
+    root = work / "store"
+    model.publish(root)
+    return model, root
+
+
+class _Client:
+    """A raw HTTP/1.1 client: send bytes, read replies framed by Content-Length."""
+
+    def __init__(self, url: str) -> None:
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=10)
+        self.buf = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self) -> bool:
+        chunk = self.sock.recv(65536)
+        self.buf += chunk
+        return bool(chunk)
+
+    def reply(self) -> tuple[int, dict[str, str], bytes]:
+        """The next reply: status, headers (lower-case names), body; (0, {}, b"") when the server closed."""
+        while b"\r\n\r\n" not in self.buf:
+            if not self._fill():
+                return 0, {}, b""
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {name.lower(): value for name, value in (line.split(": ", 1) for line in lines[1:])}
+        while len(self.buf) < int(headers["content-length"]):
+            assert self._fill(), "connection closed inside a body"
+        n = int(headers["content-length"])
+        body, self.buf = self.buf[:n], self.buf[n:]
+        return int(lines[0].split()[1]), headers, body
+
+    def closed(self) -> bool:
+        return not self.buf and not self._fill()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _post(body: bytes, path: str = "/score", extra: str = "") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\n{extra}\r\n").encode() + body
+
+
+def _score_body(user: int, items: list[int]) -> bytes:
+    return json.dumps({"user_ids": [user], "candidates": [items]}).encode()
+
+
+def test_pipelined_requests_are_answered_in_order_on_one_connection(published: tuple[ModelStore, Path]) -> None:
+    model, root = published
+    users = [*model.user_ids[:6], 99999]
+    with start_server(root) as srv:
+        client = _Client(srv.url)
+        client.send(b"".join(_post(_score_body(u, [1 + i, 2])) for i, u in enumerate(users)))
+        for i, u in enumerate(users):
+            status, headers, body = client.reply()
+            assert status == 200, body
+            want, cold = model.expected(np.array([u]), np.array([[1 + i, 2]]))
+            doc = json.loads(body)
+            np.testing.assert_allclose(doc["scores"][0], want[0], rtol=1e-5, atol=1e-6)
+            assert doc["cold_start"] == cold.tolist()
+            assert headers["x-model-version"] == model.model_version
+        client.send(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")  # the connection is still open (keep-alive)
+        assert client.reply()[0] == 200
+        client.close()
+
+
+def test_chunked_body_and_expect_continue(published: tuple[ModelStore, Path]) -> None:
+    model, root = published
+    body = _score_body(model.user_ids[0], [3, 4])
+    with start_server(root) as srv:
+        client = _Client(srv.url)
+        head = "POST /score HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i : i + 7]), body[i : i + 7]) for i in range(0, len(body), 7))
+        client.send(head.encode() + chunks + b"0\r\n\r\n")
+        assert client.reply()[0] == 200
+        client.send(_post(b"", extra="expect: 100-continue\r\n").replace(b"content-length: 0",
+                                                                          b"content-length: %d" % len(body)))
+        assert client.sock.recv(64).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        client.send(body)
+        status, _, reply = client.reply()
+        assert status == 200, reply
+        client.close()
+
+
+@pytest.mark.parametrize(("request_bytes", "status", "field"), [
+    (b"GARBAGE\r\n\r\n", 400, "http"),
+    (b"GET /" + b"a" * (MAX_URL + 1) + b" HTTP/1.1\r\nhost: x\r\n\r\n", 414, "url"),
+    (b"GET /healthz HTTP/1.1\r\n" + b"x-pad: " + b"a" * (MAX_HEADER_BYTES + 1) + b"\r\n\r\n", 431, "headers"),
+    (b"POST /score HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 99999\r\n\r\n",
+     413, "body"),
+    (b"POST /score HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: websocket\r\ncontent-length: 0\r\n\r\n",
+     400, "upgrade"),
+])
+def test_fatal_requests_get_a_reply_and_the_connection_closes(published: tuple[ModelStore, Path], request_bytes: bytes,
+                                                              status: int, field: str) -> None:
+    _, root = published
+    with start_server(root, max_body_bytes=4096) as srv:
+        client = _Client(srv.url)
+        client.send(request_bytes)
+        got, headers, body = client.reply()
+        assert (got, json.loads(body)["field"]) == (status, field), body
+        assert headers["connection"] == "close"
+        assert client.closed()
+        client.close()
+        other = _Client(srv.url)  # the server itself is fine
+        other.send(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert other.reply()[0] == 200
+        other.close()
+
+
+def test_chunked_body_over_the_limit_is_refused_as_it_arrives(published: tuple[ModelStore, Path]) -> None:
+    _, root = published
+    with start_server(root, max_body_bytes=1024) as srv:
+        client = _Client(srv.url)
+        client.send(b"POST /score HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                    b"transfer-encoding: chunked\r\n\r\n" + b"400\r\n" + b" " * 1024 + b"\r\n" + b"1\r\n \r\n")
+        status, _, body = client.reply()
+        assert (status, json.loads(body)["field"]) == (413, "body")
+        assert client.closed()
+        client.close()
+
+
+def test_routes_methods_and_http10(published: tuple[ModelStore, Path]) -> None:
+    _, root = published
+    with start_server(root) as srv:
+        client = _Client(srv.url)
+        client.send(b"GET /score HTTP/1.1\r\nhost: x\r\n\r\n")
+        status, headers, body = client.reply()
+        assert (status, headers["allow"], json.loads(body)["field"]) == (405, "POST", "method")
+        client.send(b"POST /metrics HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n")
+        assert client.reply()[0] == 405
+        client.send(b"GET /nowhere?x=1 HTTP/1.1\r\nhost: x\r\n\r\n")
+        status, _, body = client.reply()
+        assert (status, json.loads(body)["field"]) == (404, "path")
+        client.send(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        status, headers, body = client.reply()
+        assert status == 200 and headers["content-type"].startswith("text/plain") and b"ckv_requests_total" in body
+        client.close()
+        old = _Client(srv.url)  # HTTP/1.0 without keep-alive: one reply, then the server closes
+        old.send(b"GET /healthz HTTP/1.0\r\n\r\n")
+        status, headers, _ = old.reply()
+        assert status == 200 and headers["connection"] == "close"
+        assert old.closed()
+        old.close()
+
+
+def test_shutdown_answers_requests_read_and_closes_idle_connections(published: tuple[ModelStore, Path]) -> None:
+    model, root = published
+    srv = start_server(root, max_wait_ms=300.0)  # requests wait in the batcher while the server stops
+    busy, idle = _Client(srv.url), _Client(srv.url)
+    idle.send(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+    assert idle.reply()[0] == 200
+    busy.send(_post(_score_body(model.user_ids[1], [5])))
+    srv.stop()
+    status, _, body = busy.reply()
+    assert status == 200 and json.loads(body)["model_version"] == model.model_version
+    assert busy.closed() and idle.closed()
+    busy.close()
+    idle.close()
+
+
+def test_encode_frames_the_reply() -> None:
+    data = encode(Reply(503, b'{"a":1}', "application/json", (("retry-after", "1"),)), close=True)
+    head, body = data.split(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 503 Service Unavailable" and body == b'{"a":1}'
+    want = {b"content-length: 7", b"retry-after: 1", b"connection: close", b"content-type: application/json"}
+    assert want <= set(lines)
+    assert any(line.startswith(b"date: ") for line in lines)
