@@ -147,7 +147,8 @@ def read_sequences(path: Path, config: FuxiCTRImportConfig, n_items: int) -> Seq
     raw = read_frame(path, {"seq": config.sequence_col}, "user_info", sep=config.sep)
     where = _where(path, "user_info", config.sequence_col, "item index sequence")
     flat = split_lists(raw["seq"], config.list_sep)  # one item per row, indexed by its user_info row
-    values = to_id(flat, where) if len(flat) else np.zeros(0, np.int64)
+    numeric = pd.to_numeric(flat, errors="coerce")  # vectorised checks below; the raw values name a bad one
+    values = to_id(flat if numeric.isna().any() else numeric, where) if len(flat) else np.zeros(0, np.int64)
     beyond = values >= n_items
     if beyond.any():
         raise DataError(f"{where}: {int(beyond.sum())} item index(es) beyond item_info's rows 0..{n_items - 1}, "
