@@ -94,6 +94,11 @@ class Sequences:
     def n_rows(self) -> int:
         return len(self.offsets) - 1
 
+    def non_empty(self) -> np.ndarray:
+        """Rows (users) whose sequence holds a non-padding item, ascending."""
+        row = np.repeat(np.arange(self.n_rows), np.diff(self.offsets))  # (stored,) the row of each item
+        return np.unique(row[self.values != PAD])
+
     def visible(self, user: np.ndarray, seq_len: np.ndarray) -> np.ndarray:
         """(n,) the non-padding items among the first ``seq_len`` stored items of each ``user``'s sequence."""
         nonzero = np.concatenate([[0], np.cumsum(self.values != PAD)])  # (stored + 1,)
@@ -228,9 +233,7 @@ def build_imported(config: FuxiCTRImportConfig, files: dict[str, Path]) -> Canon
     label, hist_len = samples["label"].to_numpy(np.int8), samples["hist_len"].to_numpy(np.int64)
     assign = np.repeat(np.arange(len(SPLITS), dtype=np.int8), [len(p) for p in parts])
     tables, split_counts = build_samples(user, item, hist_len, label, hist_len.astype(np.int32), assign)
-    has_seq = np.flatnonzero(np.bincount(np.repeat(np.arange(seqs.n_rows), np.diff(seqs.offsets)),
-                                         weights=seqs.values != PAD, minlength=seqs.n_rows) > 0)
-    histories = sequence_histories(seqs, np.union1d(np.unique(user), has_seq).astype(np.int64))
+    histories = sequence_histories(seqs, np.union1d(user, seqs.non_empty()).astype(np.int64))
     items, cat = build_items(ItemCatalogue(np.arange(1, n_items, dtype=np.int64)), pairs)
     behaviours = np.asarray(histories["items"].combine_chunks().values, dtype=np.int64)
     counts: dict[str, Any] = {
