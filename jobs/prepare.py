@@ -3,7 +3,9 @@
 Defaults are MovieLens' column names and click rule (rating >= 4), so
 `ckv data prepare --events data/movielens/ratings.csv --items data/movielens/movies.csv --out DIR`
 prepares the bundled data; `--impressions FILE [--history FILE]` takes an impression log instead
-(pipeline/data/impressions.py). This module only parses arguments; pipeline/data/prepare.py does the work.
+(pipeline/data/impressions.py). `ckv data import --format fuxictr --source DIR --out DIR` converts a FuxiCTR /
+LongCTR sequence dataset (pipeline/data/fuxictr_import.py). This module only parses arguments;
+pipeline/data/prepare.py and pipeline/data/fuxictr_import.py do the work.
 """
 
 from __future__ import annotations
@@ -162,3 +164,47 @@ def prepare_config(events: Path | None, out: Path, *, overwrite: bool = False, *
     if "ignore_genres" in options:
         options["ignore_genres"] = tuple(options["ignore_genres"])
     return PrepareConfig(events=events, out=out, overwrite=overwrite, **options)
+
+
+@data.command("import")
+@click.option("--format", "fmt", type=click.Choice(["fuxictr"]), required=True,
+              help="Source format: fuxictr (FuxiCTR / LongCTR sequence data: MicroVideo, KuaiVideo, EBNeRD).")
+@click.option("--source", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Dataset directory: train, valid, test, user_info, item_info (.parquet, or .csv).")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Output directory: new, empty, or a dataset to replace with --overwrite (never anything else).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing dataset at --out (atomically, on success).")
+@click.option("--user-col", default="user_index", show_default=True, help="Sample files: user index column.")
+@click.option("--item-col", default="item_index", show_default=True,
+              help="Sample files and item_info: item index column.")
+@click.option("--seq-len-col", default="seq_len", show_default=True,
+              help="Sample files: how many items of the user's sequence the row sees.")
+@click.option("--label-col", default=None,
+              help="Sample files: 0/1 label column [default: the first of is_click, click, label, clk there].")
+@click.option("--sequence-col", default="full_item_seq", show_default=True,
+              help="user_info: the behaviour sequence column (item indices, oldest first, 0 = padding).")
+@click.option("--item-feature-col", default="auto", show_default=True,
+              help="item_info: categorical (or list) column whose values become genres; auto: cate_id if "
+              "present; none: no genres.")
+@click.option("--ignore-genre", "ignore_genres", multiple=True,
+              help="A genre value meaning none, besides 0 (FuxiCTR's padding index); repeatable.")
+@click.option("--list-sep", default="^", show_default=True, help="Separator of list cells in .csv files.")
+@click.option("--sep", default=None, help="Separator of the .csv files [default: comma].")
+def import_cmd(fmt: str, source: Path, out: Path, overwrite: bool, item_feature_col: str,
+               ignore_genres: tuple[str, ...], **columns: Any) -> None:
+    """Convert a FuxiCTR / LongCTR sequence dataset into the canonical dataset (histories from user_info's
+    sequences, samples from the train / valid / test files, kept in their splits)."""
+    from collectivekv.pipeline.data.dataset_schema import DataError
+    from collectivekv.pipeline.data.fuxictr_import import FuxiCTRImportConfig, import_fuxictr
+    from collectivekv.pipeline.data.prepare import summary
+    from collectivekv.pipeline.store.safe_output import OutputError
+
+    feature = None if item_feature_col.lower() == "none" else item_feature_col
+    try:
+        config = FuxiCTRImportConfig(source=source, out=out, overwrite=overwrite, item_feature_col=feature,
+                                     ignore_genres=tuple(ignore_genres), **columns)
+        meta = import_fuxictr(config)
+    except (DataError, OutputError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"imported {source} ({fmt}) into {out}")
+    click.echo(summary(meta))

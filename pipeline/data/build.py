@@ -245,11 +245,11 @@ def build_dataset(
         **split_counts,
     }  # fmt: skip
     fractions = fractions or [round(split_counts[k]["samples"] / n, 6) for k in SPLITS]
-    meta = _dataset_meta(cat, previous, catalogue, counts, splits, fractions)
+    meta = dataset_meta(cat, previous, catalogue, counts, splits, fractions)
     return CanonicalDataset(meta=meta, items=items, histories=histories, samples=samples, catalogue=cat)
 
 
-def _dataset_meta(cat: ItemCatalogue, previous: ItemCatalogue, catalogue: ItemCatalogue | None,
+def dataset_meta(cat: ItemCatalogue, previous: ItemCatalogue, catalogue: ItemCatalogue | None,
                   counts: dict[str, Any], splits: dict[str, Any], fractions: list[float]) -> dict[str, Any]:
     """meta.json of a built dataset (label_rule and source left None for the caller)."""
     genres = list(cat.genres)

@@ -4,7 +4,9 @@ Directory layout (all Parquet written with pyarrow; types exact):
 
     OUT/meta.json            {"schema_version": 2, "n_users", "n_items", "n_genres", "genres",
                               "splits": {"kind": "global", "valid_start", "test_start"} or
-                                        {"kind": "per-user", "valid_events", "test_events", "min_events"},
+                                        {"kind": "per-user", "valid_events", "test_events", "min_events"} or
+                                        {"kind": "source", "files"} (ckv data import),
+                              "history": {"kind": "events"} (default) or {"kind": "sequence", ...},
                               "split_fractions",
                               "label_rule", "source": {"events", "items", "sha256"}, "counts",
                               "catalogue": {"file", "sha256", "previous_sha256", "new_items"}}
@@ -21,12 +23,18 @@ Directory layout (all Parquet written with pyarrow; types exact):
                              hist_len int32 (# of the user's events with timestamp strictly
                              smaller than this sample's); sorted by (timestamp, user_id, item_id)
 
+History kinds (meta "history"): "events" (`ckv data prepare`, the default): a history holds every event
+of its user and each event is one sample (samples = history events, hist_len < the history's length).
+"sequence" (`ckv data import`: FuxiCTR / LongCTR): a history is the source's behaviour sequence, the
+samples are the source's rows scored against a prefix of it (hist_len <= the history's length; the
+counts need not match).
+
 `meta["genres"][i]` is the name of genre id i + 1. Dense ids are the catalogue's: an item keeps its
 id from day to day, new items are appended. A schema_version 1 dataset (no catalogue) still loads,
 with the identity catalogue (raw id = dense id, as its models were served). Splits are by global time
 (train ts < valid_start <= valid ts < test_start <= test ts; no "kind": a dataset written before the
-per-user split) or per user (each user's last events: pipeline/data/split.py). docs/data_schema.md has
-the details.
+per-user split), per user (each user's last events: pipeline/data/split.py) or as the source's files
+gave them ("source"). docs/data_schema.md has the details.
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from collectivekv.cachestore.store.data_error import DataError
-from collectivekv.pipeline.data.split import check_per_user
+from collectivekv.pipeline.data.split import DATASET_SPLIT_KINDS, check_per_user
 
 if TYPE_CHECKING:
     from collectivekv.cachestore.store.catalogue import ItemCatalogue
@@ -56,6 +64,7 @@ ITEMS_FILE = "items.parquet"
 HISTORIES_FILE = "histories.parquet"
 SAMPLES_DIR = "samples"
 SPLITS: tuple[str, str, str] = ("train", "valid", "test")
+HISTORY_KINDS: tuple[str, str] = ("events", "sequence")  # meta "history" kind (module docstring)
 
 ITEMS_SCHEMA = pa.schema([("item_id", pa.int32()), ("raw_item", pa.int64()), ("genre_ids", pa.list_(pa.int32()))])
 HISTORIES_SCHEMA = pa.schema(
@@ -186,6 +195,11 @@ def _read_catalogue(root: Path, meta: dict[str, Any]) -> ItemCatalogue | None:
     return load_catalogue(root / rec["file"], expected_sha256=rec["sha256"])
 
 
+def history_kind(meta: Mapping[str, Any]) -> str:
+    """meta "history" kind: "events" (the default: every history event is a sample) or "sequence"."""
+    return str((meta.get("history") or {}).get("kind", "events"))
+
+
 def _np(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return np.asarray(col.to_numpy() if isinstance(col, pa.Array) else col.to_numpy())
 
@@ -244,18 +258,22 @@ def validate_dataset(ds: CanonicalDataset, where: str = "dataset") -> None:
     _check(bool(np.all((h_lab == 0) | (h_lab == 1))), where, "history label not 0/1")
     step = np.diff(h_ts)
     new_user = np.zeros(len(h_ts), dtype=bool)
-    new_user[offsets[1:-1]] = True
+    new_user[offsets[1:-1][offsets[1:-1] < len(h_ts)]] = True  # (an empty history starts nothing)
     _check(bool(np.all((step >= 0) | new_user[1:])), where, "history timestamps not time-ordered")
 
     _check_splits(ds, users, offsets, h_ts, where)
 
 
 def _check_splits(ds: CanonicalDataset, users: np.ndarray, offsets: np.ndarray, h_ts: np.ndarray, where: str) -> None:
-    """Every split's samples (:func:`_check_samples`), one sample per history event, and the split kind's rule."""
+    """Every split's samples (:func:`_check_samples`), the history kind's rule (one sample per history event for
+    "events") and the split kind's rule."""
     n_items = ds.n_items
     splits = ds.meta["splits"]
+    kind, history = splits.get("kind", "global"), history_kind(ds.meta)
+    _check(kind in DATASET_SPLIT_KINDS, where, f"unknown split kind {kind!r}")
+    _check(history in HISTORY_KINDS, where, f"unknown history kind {history!r}")
     bounds: dict[str, tuple[int | None, int | None]]
-    if splits.get("kind", "global") == "global":
+    if kind == "global":
         valid_start, test_start = splits["valid_start"], splits["test_start"]
         bounds = {"train": (None, valid_start), "valid": (valid_start, test_start), "test": (test_start, None)}
     else:
@@ -263,19 +281,20 @@ def _check_splits(ds: CanonicalDataset, users: np.ndarray, offsets: np.ndarray, 
     total = 0
     for split in SPLITS:
         total += ds.samples[split].num_rows
-        _check_samples(ds.samples[split], split, bounds[split], users, offsets, h_ts, n_items, where)
-    _check(total == len(h_ts), where, "number of samples != number of history events")
-    if splits.get("kind", "global") != "global":
-        _check(splits.get("kind") == "per-user", where, f"unknown split kind {splits.get('kind')!r}")
+        _check_samples(ds.samples[split], split, bounds[split], users, offsets, h_ts, n_items, where,
+                       whole=history == "sequence")
+    _check(history != "events" or total == len(h_ts), where, "number of samples != number of history events")
+    if kind == "per-user":
         broken = check_per_user(users, offsets, {k: _np(t["user_id"]) for k, t in ds.samples.items()},
                                 {k: _np(t["timestamp"]) for k, t in ds.samples.items()}, splits)
         _check(broken is None, where, f"per-user split: {broken}")
 
 
 def _check_samples(t: pa.Table, split: str, bounds: tuple[int | None, int | None], users: np.ndarray,
-                   offsets: np.ndarray, h_ts: np.ndarray, n_items: int, where: str) -> None:
-    """One split's samples: inside its time range ``bounds``, sorted, item ids valid, one per history event of
-    a known user, and no leakage (hist_len = the user's events strictly before the sample's timestamp)."""
+                   offsets: np.ndarray, h_ts: np.ndarray, n_items: int, where: str, *, whole: bool = False) -> None:
+    """One split's samples: inside its time range ``bounds``, sorted, item ids valid, of a known user, and no
+    leakage (hist_len = the user's events strictly before the sample's timestamp). ``whole``: a sample may
+    see its user's whole history (hist_len = its length; a "sequence" history), else it is one of the events."""
     ts, uid = _np(t["timestamp"]), _np(t["user_id"])
     iid, hl = _np(t["item_id"]).astype(np.int64), _np(t["hist_len"]).astype(np.int64)
     lo, hi = bounds
@@ -290,11 +309,12 @@ def _check_samples(t: pa.Table, split: str, bounds: tuple[int | None, int | None
     known[known] = users[row[known]] == uid[known]
     _check(bool(np.all(known)), where, f"{split} sample for a user without history")
     start, length = offsets[row], offsets[row + 1] - offsets[row]
-    _check(bool(np.all((hl >= 0) & (hl < length))), where, f"{split} hist_len out of range")
+    _check(bool(np.all((hl >= 0) & (hl <= length - (0 if whole else 1)))), where, f"{split} hist_len out of range")
     has = hl > 0
     _check(
         bool(np.all(h_ts[start[has] + hl[has] - 1] < ts[has])),
         where,
         f"{split} history leaks (ts >= sample)",
     )
-    _check(bool(np.all(h_ts[start + hl] >= ts)), where, f"{split} hist_len too small")
+    inside = hl < length  # a later history event exists: it must not be before the sample
+    _check(bool(np.all(h_ts[start[inside] + hl[inside]] >= ts[inside])), where, f"{split} hist_len too small")

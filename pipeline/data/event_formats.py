@@ -91,6 +91,23 @@ def match_columns(found: list[str], columns: Mapping[str, str]) -> dict[str, str
     return {m: c if c in found else typed[c] for m, c in columns.items() if c in found or c in typed}
 
 
+def read_header(path: str | Path, role: str, sep: str | None = None) -> list[str]:
+    """The column names of a text or Parquet file; DataError naming the file when it is missing, empty or
+    unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{role} file {path}: not found")
+    fmt = file_format(path, role, sep)
+    if path.stat().st_size == 0:
+        raise DataError(f"{role} file {path}: empty file (0 bytes)")
+    try:
+        if fmt.kind == "text":
+            return [str(c) for c in pd.read_csv(path, nrows=0, **_text_options(fmt)).columns]
+        return list(pq.read_schema(path).names)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{role} file {path}: cannot read as {fmt.describe()}: {exc}") from exc
+
+
 def read_frame(path: str | Path, columns: Mapping[str, str], role: str, *, sep: str | None = None,
                text: Collection[str] = ()) -> pd.DataFrame:
     """Read the named columns of a text or Parquet file; ``columns`` maps meaning -> column name.
@@ -100,18 +117,8 @@ def read_frame(path: str | Path, columns: Mapping[str, str], role: str, *, sep: 
     Dictionary / categorical columns come back as plain values.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{role} file {path}: not found")
+    found = read_header(path, role, sep)
     fmt = file_format(path, role, sep)
-    if path.stat().st_size == 0:
-        raise DataError(f"{role} file {path}: empty file (0 bytes)")
-    try:
-        if fmt.kind == "text":
-            found = [str(c) for c in pd.read_csv(path, nrows=0, **_text_options(fmt)).columns]
-        else:
-            found = list(pq.read_schema(path).names)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{role} file {path}: cannot read as {fmt.describe()}: {exc}") from exc
     names = match_columns(found, columns)
     missing = [f"{meaning} column '{name}'" for meaning, name in columns.items() if meaning not in names]
     if missing:

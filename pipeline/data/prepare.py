@@ -217,6 +217,10 @@ def summary(meta: dict[str, Any]) -> str:
     unit = f" ({time['unit']}, from {time['input']} column '{time['column']}')" if time else ""
     if split_kind(meta) == "global":
         lines.append(f"  global time split: valid_start {sp['valid_start']}  test_start {sp['test_start']}{unit}")
+    elif split_kind(meta) == "source":
+        lines.append(f"  split as the source's files: {', '.join(f'{k} {v}' for k, v in sp['files'].items())}")
+        if time.get("rule"):
+            lines.append(f"  timestamps {time['input']}: {time['rule']}")
     else:
         lines.append(f"  per-user split: each user's last {sp['test_events']} events test, the {sp['valid_events']} "
                      f"before valid (users with >= {sp['min_events']} events)")

@@ -15,6 +15,9 @@ later in that user's order), and valid/test events are never training samples. H
 test samples hold the user's earlier events of every split, as in a deployed system. The per-user
 split is not a time split *across* users: one user's training events may be later than another user's
 test events (the usual property of leave-last-out evaluation); the global split has no such overlap.
+
+- ``source``: the split an imported dataset's source files give (``ckv data import``:
+  pipeline/data/fuxictr_import.py): each sample stays in its file's split; no time rule across splits.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from typing import Any
 
 import numpy as np
 
-SPLIT_KINDS: tuple[str, str] = ("global", "per-user")
+SPLIT_KINDS: tuple[str, str] = ("global", "per-user")  # what `ckv data prepare --split` makes
+SOURCE_SPLIT = "source"  # the source's own train / valid / test files (`ckv data import`)
+DATASET_SPLIT_KINDS: tuple[str, ...] = (*SPLIT_KINDS, SOURCE_SPLIT)  # what a dataset's meta.json may record
 TRAIN, VALID, TEST = 0, 1, 2
 
 
@@ -61,7 +66,7 @@ def per_user_meta(valid_events: int, test_events: int) -> dict[str, Any]:
 
 
 def split_kind(meta: dict[str, Any]) -> str:
-    """"global" or "per-user" (a dataset written before the split kind was recorded is global)."""
+    """"global", "per-user" or "source" (a dataset written before the split kind was recorded is global)."""
     return str(meta.get("splits", {}).get("kind", "global"))
 
 

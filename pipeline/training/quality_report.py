@@ -165,4 +165,6 @@ def split_line(data: dict[str, Any]) -> str:
     if sp.get("kind") == "per-user":
         return (f"Split: per user (leave-last-k-out): each user's last {sp['test_events']} events are test, the "
                 f"{sp['valid_events']} before them valid (users with ≥ {sp['min_events']} events); {size}.")
+    if sp.get("kind") == "source":
+        return f"Split: the source's own train / valid / test files (ckv data import); {size}."
     return f"Split: global time cut (test from {sp.get('test_start')}); {size}."
