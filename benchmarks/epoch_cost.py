@@ -6,8 +6,16 @@ pool 10,000, HSTU window 100, batch 1,024) on random batches of the training spl
 per step, the mean padded window of the batches, and the CPU seconds of one epoch (steps per epoch x seconds
 per step). The ratio of two datasets' epoch seconds, times a GPU epoch measured on one, estimates the other.
 
+``--estimate SCALE`` times nothing: it scales the H100 MovieLens run records of the paper recipe
+(benchmarks/results/zoo_movielens) and of the regularised recipe (zoo_movielens_regularised) by SCALE (the
+ratio of training steps per epoch) and prints the Table 1 cost per recipe: the sum over the 10 configs of the
+median seconds per epoch, one epoch of all 30 runs (3 seeds), the total at the records' mean epochs per
+config, and that total over the number of workers. The paper recipe's full rows use the regularised run's
+full records (the same shapes; dropout only).
+
     python benchmarks/epoch_cost.py --data runs/movielens_data --data runs/synth_default \
         --out benchmarks/results/synthetic_ctr/epoch_cost.json
+    python benchmarks/epoch_cost.py --estimate 119.58
 """
 
 from __future__ import annotations
@@ -62,15 +70,53 @@ def time_steps(data: Path, arch: str, kv_mode: str, steps: int, batch: int) -> d
             "cpu_epoch_seconds": round(per_step * n_steps, 1)}
 
 
+RESULTS = Path(__file__).resolve().parent / "results"
+RECIPES = (("paper", "zoo_movielens", 3), ("regularised", "zoo_movielens_regularised", 4))
+
+
+def run_records(name: str) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], float]]:
+    """(median seconds per epoch, mean epochs trained) per (arch, kv_mode) of a results directory's runs."""
+    seconds: dict[tuple[str, str], list[float]] = {}
+    epochs: dict[tuple[str, str], list[int]] = {}
+    for path in sorted((RESULTS / name / "runs").glob("*.json")):
+        rec = json.loads(path.read_text())
+        key = (rec["arch"], rec["config"].get("kv_mode", "full"))
+        seconds.setdefault(key, []).append(rec["train_seconds"] / len(rec["history"]))
+        epochs.setdefault(key, []).append(len(rec["history"]))
+    return ({k: float(np.median(v)) for k, v in seconds.items()}, {k: float(np.mean(v)) for k, v in epochs.items()})
+
+
+def estimate(scale: float, seeds: int = 3) -> list[dict[str, float | str]]:
+    """The Table 1 cost per recipe at ``scale`` x MovieLens' steps per epoch (module docstring)."""
+    reg_seconds, _ = run_records(RECIPES[1][1])
+    rows = []
+    for recipe, name, workers in RECIPES:
+        seconds, epochs = run_records(name)
+        seconds = {k: reg_seconds[k] if k[1] == "full" else v for k, v in seconds.items()}
+        per_epoch = sum(seconds.values())
+        total_h = sum(seconds[k] * epochs[k] for k in seconds) * seeds * scale / 3600
+        fastest, slowest = min(seconds.values()) * scale / 60, max(seconds.values()) * scale / 60
+        rows.append({"recipe": recipe, "movielens_epoch_s": round(per_epoch, 1),
+                     "epoch_all_runs_h": round(per_epoch * seeds * scale / 3600, 1), "total_run_h": round(total_h, 1),
+                     "workers": workers, "wall_h": round(total_h / workers, 1),
+                     "run_epoch_min": f"{fastest:.1f}-{slowest:.1f}"})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", action="append", type=Path, required=True, help="a canonical dataset (repeatable)")
+    ap.add_argument("--data", action="append", type=Path, default=[], help="a canonical dataset (repeatable)")
+    ap.add_argument("--estimate", type=float, default=None, help="scale the GPU run records instead (docstring)")
     ap.add_argument("--runs", default="sim:full,sim:collective,hstu:full",
                     help="arch:kv_mode pairs (HSTU collective at batch 1,024 needs ~15 GB of host memory on a CPU)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    if args.estimate is not None:
+        for row in estimate(args.estimate):
+            print(json.dumps(row))
+        return
     rows = []
     for data in args.data:
         for run in args.runs.split(","):

@@ -32,7 +32,7 @@ Deterministic in ``seed``: the world comes from the generator seeded ``[seed, 0]
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -144,14 +144,15 @@ def build_world(cfg: SynthConfig) -> World:
     item_cluster[perm] = slots % k
     world = World(cluster_items, cluster_size, item_cluster, np.full(n + 1, -1, np.int64),
                   np.zeros((n + 1, cfg.neighbours), np.int32), np.zeros(n + 1), zipf_cdf(width, cfg.item_zipf))
-    per_item = np.repeat(item_cluster[1:], cfg.neighbours)  # (n * neighbours,)
-    world.neighbours[1:] = world.draw(rng, per_item).reshape(n, cfg.neighbours)  # (n, neighbours)
+    neighbours = world.neighbours.copy()
+    neighbours[1:] = world.draw(rng, np.repeat(item_cluster[1:], cfg.neighbours)).reshape(n, cfg.neighbours)
+    secondary = world.secondary.copy()
     if k > 1:
         has = rng.random(n) < cfg.secondary_genre
         other = (item_cluster[1:] + rng.integers(1, k, n)) % k  # a different cluster
-        world.secondary[1:][has] = other[has]
-    world.item_effect[1:] = rng.normal(0.0, cfg.item_sd, n)
-    return world
+        secondary[1:][has] = other[has]
+    effect = np.concatenate([[0.0], rng.normal(0.0, cfg.item_sd, n)])
+    return replace(world, neighbours=neighbours, secondary=secondary, item_effect=effect)
 
 
 @dataclass(frozen=True)
