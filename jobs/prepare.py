@@ -3,7 +3,8 @@
 Defaults are MovieLens' column names and click rule (rating >= 4), so
 `ckv data prepare --events data/movielens/ratings.csv --items data/movielens/movies.csv --out DIR`
 prepares the bundled data; `--impressions FILE [--history FILE]` takes an impression log instead
-(pipeline/data/impressions.py). This module only parses arguments; pipeline/data/prepare.py does the work.
+(pipeline/data/impressions.py). `ckv data synth --out DIR` writes the synthetic scale-regime dataset
+(pipeline/data/synthetic_dataset.py). This module only parses arguments; pipeline/data/prepare.py does the work.
 """
 
 from __future__ import annotations
