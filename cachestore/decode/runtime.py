@@ -350,7 +350,7 @@ router index bounds only).
             cost = graph.last_cost
             flags = graph.flags
         elif eager_zoo:  # per-part arrays → the model's ZooCache
-            cache = entry_cache(dev.unpack(self.pad_to), self._store_cfg, self.resident.dtype)
+            cache = entry_cache(dev.unpack(self.pad_to), self._store_cfg, self.resident.dtype, self.resident.scales)
             logits = decode_zoo(self.resident, cache, targets)
         elif self.fused:  # the Triton kernels read the device batch as it is (no unpack)
             logits = static_decode(dev.raw, targets, resident=self.resident, layout=self.layout, n_users=n,
