@@ -182,6 +182,14 @@ class ModelConfig:
         return self.collective.d_user if self.v_shared else self.d_attn
 
 
+def with_sharing(cfg: ModelConfig, share_k: bool, share_v: bool) -> ModelConfig:
+    """``cfg`` with these shared sides (collective mode); a joint index needs both, so it falls back to separate
+    indices when one side is not shared (the sharing sweeps of ``ckv eval`` / ``ckv experiment``)."""
+    kv_index = cfg.kv_index if share_k and share_v else "separate"
+    coll = dataclasses.replace(cfg.collective, share_k=share_k, share_v=share_v)
+    return dataclasses.replace(cfg, kv_mode="collective", collective=coll, kv_index=kv_index)
+
+
 def config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
     """JSON-ready dict (tuples become lists). Fields added after the first checkpoints are left out at their
     defaults (:data:`ZOO_DEFAULTS`, :data:`EVENT_DEFAULTS`, :data:`CACHE_DEFAULTS`), so configs written before
