@@ -68,7 +68,7 @@ def model_version(cfg: ModelConfig, state: dict[str, torch.Tensor], catalogue_sh
     for name in sorted(state):
         t = state[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim: its one value
     if catalogue_sha256 is not None:
         h.update(f"catalogue|{catalogue_sha256}".encode())
     return h.hexdigest()[:16]

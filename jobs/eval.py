@@ -84,6 +84,10 @@ def eval_data(data_dir: str | None, split: str | None) -> Path:
 @click.option("--d-users", default="1,2,4,8,16,32", show_default=True, help="figure 4 sweep")
 @click.option("--pools", default="500,2000,5000,10000,20000", show_default=True, help="figure 5 sweep")
 @click.option("--pool-size", default=10_000, show_default=True)
+@click.option("--kv-index", type=click.Choice(["separate", "joint"]), default="separate", show_default=True,
+              help="joint: one router index for K and V (rows sharing both sides; the others keep separate indices)")
+@click.option("--user-dtype", type=click.Choice(["float", "int8"]), default="float", show_default=True,
+              help="int8: shared user parts fake-quantised in training, cached as int8 codes")
 @click.option("--embed-dim", default=64, show_default=True)
 @click.option("--d-attn", default=256, show_default=True)
 @click.option("--heads", default=8, show_default=True)
@@ -192,4 +196,5 @@ def _eval_settings(quick: bool, train: Any, common: dict[str, Any], kw: dict[str
         )
     base = settings.base  # regularisation and router-loss weights of every run (quick ones too)
     return replace(settings, base=replace(base, dropout=kw["dropout"], collective=replace(
-        base.collective, peak_weight=kw["peak_weight"], balance_weight=kw["balance_weight"])))
+        base.collective, peak_weight=kw["peak_weight"], balance_weight=kw["balance_weight"]),
+        kv_index=kw["kv_index"], user_dtype=kw["user_dtype"]))

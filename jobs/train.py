@@ -36,6 +36,11 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="user-specific dims d_u, or 'auto' (ckv train: chosen from a full model trained first)"),
         click.option("--pool-size", default=10_000, show_default=True),
         click.option("--share", type=click.Choice(["both", "k", "v"]), default="both", show_default=True),
+        click.option("--kv-index", type=click.Choice(["separate", "joint"]), default="separate", show_default=True,
+                     help="joint: one router index per behaviour for K and V, one pool holding both (needs --share "
+                          "both; docs/model_zoo.md, 'Half the cache')"),
+        click.option("--user-dtype", type=click.Choice(["float", "int8"]), default="float", show_default=True,
+                     help="int8: the shared user parts are fake-quantised in training and cached as int8 codes"),
         click.option("--peak-weight", default=0.01, show_default=True),
         click.option("--balance-weight", default=1.0, show_default=True),
         click.option("--dropout", default=0.0, show_default=True, help="dropout of the MLP head"),
@@ -98,7 +103,8 @@ def _model_config(kv_mode: str, kw: dict[str, Any], coll: CollectiveConfig) -> M
         hash_bits=kw["hash_bits"], sdim_hashes=kw["sdim_hashes"], sdim_bits=kw["sdim_bits"],
         hstu_layers=kw["hstu_layers"], dropout=kw.get("dropout", 0.0),  # type: ignore[arg-type]
         event_features=tuple(f.strip() for f in str(kw.get("event_features") or "").split(",") if f.strip()),
-        gap_buckets=kw.get("gap_buckets", 16),
+        gap_buckets=kw.get("gap_buckets", 16), kv_index=kw.get("kv_index", "separate"),
+        user_dtype=kw.get("user_dtype", "float"),
     )  # fmt: skip
 
 

@@ -21,7 +21,7 @@ from collectivekv.model.attention import target_attention
 from collectivekv.model.cache import KVCache, rebuild_kv
 from collectivekv.model.config import ModelConfig
 from collectivekv.model.ctr import BehaviourModel, RouterLosses
-from collectivekv.model.pool import KVBranch, TokenBatch
+from collectivekv.model.pool import TokenBatch, kv_branches, prefill_pair
 from collectivekv.model.retrieval import gather_positions, topk_target_attention
 
 
@@ -151,19 +151,16 @@ class TABlock(nn.Module):
 
     def __init__(self, cfg: ModelConfig, has_k: bool = True) -> None:
         super().__init__()
-        e, d_a, c = cfg.embed_dim, cfg.d_attn, cfg.collective
         self.n_heads = cfg.n_heads
-        self.q_proj = nn.Linear(e, d_a, bias=False) if has_k else None
-        self.k_branch = KVBranch(e, d_a, cfg.k_shared, c.d_user, c.pool_size) if has_k else None
-        self.v_branch = KVBranch(e, d_a, cfg.v_shared, c.d_user, c.pool_size)
+        self.q_proj = nn.Linear(cfg.embed_dim, cfg.d_attn, bias=False) if has_k else None
+        self.k_branch, self.v_branch, self.kv_router = kv_branches(cfg, has_k)
 
     def prefill(self, tokens: TokenBatch, lengths: torch.Tensor, soft: bool) -> tuple[KVCache, RouterLosses]:
-        v = self.v_branch.prefill(tokens, soft)
-        if self.k_branch is None:
+        k, v = prefill_pair(self.k_branch, self.v_branch, tokens, soft)
+        if k is None:
             zero = v.user.new_zeros(())
             k_user, k_idx, k_gate, peak, balance = v.user[..., :0], None, None, zero, zero
         else:
-            k = self.k_branch.prefill(tokens, soft)
             k_user, k_idx, k_gate, peak, balance = k.user, k.idx, k.gate, k.peak, k.balance
         cache = KVCache(k_user=k_user, v_user=v.user, k_idx=k_idx, v_idx=v.idx, lengths=lengths,
                         k_gate=k_gate, v_gate=v.gate)  # fmt: skip
@@ -171,9 +168,9 @@ class TABlock(nn.Module):
 
     def keys_values(self, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
         """(…, L, d_a) K (zero-width for a V-only block) and V from cached parts."""
-        k_pool = None if self.k_branch is None else self.k_branch.pool
+        k_pool = None if self.k_branch is None else self.k_branch.collective_pool()
         k = rebuild_kv(cache.k_user, cache.k_idx, k_pool, cache.k_gate)
-        v = rebuild_kv(cache.v_user, cache.v_idx, self.v_branch.pool, cache.v_gate)
+        v = rebuild_kv(cache.v_user, cache.v_idx, self.v_branch.collective_pool(), cache.v_gate)
         return k, v
 
     def query(self, t: torch.Tensor) -> torch.Tensor:

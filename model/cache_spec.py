@@ -9,13 +9,19 @@ kind  values                                 stored as
 ====  =====================================  ==============================================
 kv    user-specific K or V part (the whole   the store's kv dtype (2 or 4 bytes)
       K/V in the full-KV store)
+q8    user-specific K or V part of a shared  int8 codes (1 byte); value = code × the branch's
+      side with ``user_dtype == "int8"``     fp32 scale, held by the model's checkpoint
 idx   router index into the group's pool     uint16 while the pool has <= 65,536 rows, else int32
 key   retrieval key, bit-packed little-      ``width = ceil(bits / 8)`` bytes
       endian into ``width`` bytes
 ====  =====================================  ==============================================
 
 Parts come group by group (:func:`group_specs` order) as ``k_user, v_user, k_idx, v_idx``, then the
-retrieval keys; zero-width parts (SDIM's long stage has no K) are left out. A group of ``cap`` rows
+retrieval keys; zero-width parts (SDIM's long stage has no K) are left out. With ``kv_index == "joint"``
+a group with a K has one index part ``kv_idx`` instead of ``k_idx, v_idx``: a row of the group's joint pool
+holding both collective parts (SDIM's V-only long group keeps its ``v_idx``). "Half the cache" (din, d_u 1,
+pool <= 65,536, joint + int8): ``kv.k_user`` (q8, 1 B) | ``kv.v_user`` (q8, 1 B) | ``kv.kv_idx`` (uint16, 2 B)
+= 4 bytes per behaviour, CR 4 / 2048 = 0.195% (separate + float16: 8 bytes, 0.39%). A group of ``cap`` rows
 caches the *last* ``min(n, cap)`` behaviours of the user's window. ``din`` is the one-group entry
 ``kv.k_user | kv.v_user | kv.k_idx | kv.v_idx`` of cap ``max_len``.
 
@@ -32,7 +38,7 @@ from dataclasses import dataclass, replace
 
 from collectivekv.model.config import LONG_ARCHS, ModelConfig
 
-KINDS = ("kv", "idx", "key")
+KINDS = ("kv", "idx", "key", "q8")
 FULL_KV_ITEMSIZE = 4  # the CR denominator: the full model's K/V at fp32
 
 
@@ -40,8 +46,8 @@ FULL_KV_ITEMSIZE = 4  # the CR denominator: the full model's K/V at fp32
 class EntryPart:
     """One named block of an entry: ``min(n, cap)`` rows of ``width`` values of ``kind``."""
 
-    name: str  # "<group>.k_user" | "<group>.v_user" | "<group>.k_idx" | "<group>.v_idx" | "keys.<name>"
-    kind: str  # "kv" | "idx" | "key"
+    name: str  # "<group>.k_user" | "<group>.v_user" | "<group>.{k,v,kv}_idx" | "keys.<name>"
+    kind: str  # "kv" | "q8" | "idx" | "key"
     width: int  # values per row (key: packed bytes)
     cap: int  # most rows a user has
 
@@ -52,7 +58,8 @@ class EntryPart:
 @dataclass(frozen=True)
 class GroupSpec:
     """One cached K/V group: the last ``min(n, cap)`` behaviours, K of ``dk`` and V of ``dv`` values per
-    row (``dk == 0``: a V-only group), each side with a router index when it is shared."""
+    row (``dk == 0``: a V-only group), each side with a router index when it is shared — one index for both
+    (``kv_idx``) when ``joint`` — and, ``int8_user``, the shared sides' user parts as int8 codes (kind q8)."""
 
     name: str
     cap: int
@@ -60,6 +67,8 @@ class GroupSpec:
     dv: int
     k_shared: bool
     v_shared: bool
+    joint: bool = False
+    int8_user: bool = False
 
     @property
     def has_k(self) -> bool:
@@ -69,11 +78,25 @@ class GroupSpec:
         """This group's parts, in entry order."""
         names = [f"{self.name}.k_user"] if self.has_k else []
         names.append(f"{self.name}.v_user")
+        if self.joint:
+            names.append(f"{self.name}.kv_idx")
+            return tuple(names)
         if self.has_k and self.k_shared:
             names.append(f"{self.name}.k_idx")
         if self.v_shared:
             names.append(f"{self.name}.v_idx")
         return tuple(names)
+
+    def user_kind(self, side: str) -> str:
+        """Part kind of the ``side`` ("k" | "v") user part: "q8" for a shared side of an int8 group, else "kv"."""
+        shared = self.k_shared if side == "k" else self.v_shared
+        return "q8" if self.int8_user and shared else "kv"
+
+    def idx_part(self, side: str) -> str | None:
+        """The name of the index part ``side``'s rows are read with (``kv_idx`` when joint), None if unshared."""
+        if not (self.k_shared if side == "k" else self.v_shared):
+            return None
+        return f"{self.name}.kv_idx" if self.joint else f"{self.name}.{side}_idx"
 
 
 def index_itemsize(pool_size: int) -> int:
@@ -106,7 +129,8 @@ def group_specs(cfg: ModelConfig) -> tuple[GroupSpec, ...]:
         caps = [(f"layer{i}", cfg.max_len, True) for i in range(cfg.hstu_layers)]
     else:
         caps = [("kv", cfg.max_len, True)]
-    return tuple(GroupSpec(name, cap, dk if has_k else 0, dv, cfg.k_shared and has_k, cfg.v_shared)
+    return tuple(GroupSpec(name, cap, dk if has_k else 0, dv, cfg.k_shared and has_k, cfg.v_shared,
+                           cfg.joint_index and has_k and not full, cfg.int8_user and not full)
                  for name, cap, has_k in caps)  # fmt: skip
 
 
@@ -127,7 +151,7 @@ def entry_parts(cfg: ModelConfig) -> tuple[EntryPart, ...]:
     for g in group_specs(cfg):
         for name in g.part_names():
             attr = name.split(".", 1)[1]
-            kind = "idx" if attr.endswith("_idx") else "kv"
+            kind = "idx" if attr.endswith("_idx") else g.user_kind(attr[0])
             width = 1 if kind == "idx" else (g.dk if attr == "k_user" else g.dv)
             parts.append(EntryPart(name, kind, width, g.cap))
     for name, (m, bits) in key_fields(cfg).items():
@@ -136,8 +160,8 @@ def entry_parts(cfg: ModelConfig) -> tuple[EntryPart, ...]:
 
 
 def part_itemsizes(cfg: ModelConfig, kv_itemsize: int = 2) -> dict[str, int]:
-    """Bytes per value of each part kind: kv at ``kv_itemsize``, idx at :func:`index_itemsize`, key 1."""
-    return {"kv": kv_itemsize, "idx": index_itemsize(cfg.collective.pool_size), "key": 1}
+    """Bytes per value of each part kind: kv at ``kv_itemsize``, idx at :func:`index_itemsize`, key and q8 1."""
+    return {"kv": kv_itemsize, "idx": index_itemsize(cfg.collective.pool_size), "key": 1, "q8": 1}
 
 
 def entry_bytes(cfg: ModelConfig, n: int | None = None, kv_itemsize: int = 2) -> int:

@@ -33,6 +33,11 @@ ZOO_DEFAULTS: dict[str, Any] = {
 }
 # Per-event feature fields (model/events.py), left out the same way at their defaults. Never change these defaults.
 EVENT_DEFAULTS: dict[str, Any] = {"event_features": (), "gap_buckets": 16, "event_time_unit": "s"}
+# Cache-layout fields ("half the cache": one router index shared by K and V, int8 user parts), left out the same
+# way at their defaults. Never change these defaults.
+CACHE_DEFAULTS: dict[str, Any] = {"kv_index": "separate", "user_dtype": "float"}
+KV_INDEXES: tuple[str, ...] = ("separate", "joint")
+USER_DTYPES: tuple[str, ...] = ("float", "int8")
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,11 @@ class ModelConfig:
     event_features: tuple[str, ...] = ()
     gap_buckets: int = 16
     event_time_unit: str = "s"  # the unit of the histories' timestamps (the dataset's meta.json)
+    # cache layout (model/cache_spec.py): "joint" = one router index per behaviour into one pool holding the
+    # collective K and V parts (every group with a K; both sides must be shared); "int8" = the user parts of the
+    # shared sides are fake-quantised in training and cached as int8 codes with a per-branch scale (model/quant.py)
+    kv_index: str = "separate"
+    user_dtype: str = "float"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "event_features", tuple(self.event_features))
@@ -125,6 +135,13 @@ class ModelConfig:
             raise ValueError(f"collective.d_user {self.collective.d_user} must be < d_attn {self.d_attn}")
         if self.n_items < 1:
             raise ValueError(f"n_items must be >= 1, got {self.n_items}")
+        if self.kv_index not in KV_INDEXES:
+            raise ValueError(f"kv_index must be one of {KV_INDEXES}, got {self.kv_index!r}")
+        if self.user_dtype not in USER_DTYPES:
+            raise ValueError(f"user_dtype must be one of {USER_DTYPES}, got {self.user_dtype!r}")
+        if self.kv_index == "joint" and self.kv_mode == "collective" and not (
+                self.collective.share_k and self.collective.share_v):
+            raise ValueError("kv_index 'joint' needs both K and V shared (collective.share_k and share_v)")
 
     @property
     def window_len(self) -> int:
@@ -145,6 +162,16 @@ class ModelConfig:
         return self.kv_mode == "collective" and self.collective.share_v
 
     @property
+    def joint_index(self) -> bool:
+        """One router index per behaviour for K and V (``kv_index == "joint"`` in a collective model)."""
+        return self.kv_index == "joint" and self.k_shared and self.v_shared
+
+    @property
+    def int8_user(self) -> bool:
+        """The shared sides' user parts are int8 codes × a per-branch scale (``user_dtype == "int8"``)."""
+        return self.user_dtype == "int8" and self.kv_mode == "collective"
+
+    @property
     def dk_user(self) -> int:
         """Per-behaviour dims of the cached (user-specific) K."""
         return self.collective.d_user if self.k_shared else self.d_attn
@@ -155,11 +182,20 @@ class ModelConfig:
         return self.collective.d_user if self.v_shared else self.d_attn
 
 
+def with_sharing(cfg: ModelConfig, share_k: bool, share_v: bool) -> ModelConfig:
+    """``cfg`` with these shared sides (collective mode); a joint index needs both, so it falls back to separate
+    indices when one side is not shared (the sharing sweeps of ``ckv eval`` / ``ckv experiment``)."""
+    kv_index = cfg.kv_index if share_k and share_v else "separate"
+    coll = dataclasses.replace(cfg.collective, share_k=share_k, share_v=share_v)
+    return dataclasses.replace(cfg, kv_mode="collective", collective=coll, kv_index=kv_index)
+
+
 def config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
-    """JSON-ready dict (tuples become lists). Model-zoo fields at their defaults are left out
-    (:data:`ZOO_DEFAULTS`), so configs written before the zoo existed round-trip unchanged."""
+    """JSON-ready dict (tuples become lists). Fields added after the first checkpoints are left out at their
+    defaults (:data:`ZOO_DEFAULTS`, :data:`EVENT_DEFAULTS`, :data:`CACHE_DEFAULTS`), so configs written before
+    them round-trip unchanged."""
     d = dataclasses.asdict(cfg)
-    for key, default in (*ZOO_DEFAULTS.items(), *EVENT_DEFAULTS.items()):
+    for key, default in (*ZOO_DEFAULTS.items(), *EVENT_DEFAULTS.items(), *CACHE_DEFAULTS.items()):
         if d[key] == default:
             del d[key]
     if "event_features" in d:

@@ -23,7 +23,7 @@ from torch import nn
 from collectivekv.model.attention import target_attention, valid_mask
 from collectivekv.model.cache import KVCache, rebuild_kv
 from collectivekv.model.config import ModelConfig
-from collectivekv.model.pool import KVBranch, TokenBatch
+from collectivekv.model.pool import TokenBatch, kv_branches, prefill_pair
 
 N_FEEDBACK = 3  # 0 padding, 1 negative, 2 positive: the feedback vocabulary without event features (cfg.n_feedback)
 
@@ -116,9 +116,7 @@ class TargetAttentionCTR(BehaviourModel):
         """See :class:`BehaviourModel` for ``item_genres``."""
         super().__init__(cfg, item_genres)
         e = cfg.embed_dim
-        c = cfg.collective
-        self.k_branch = KVBranch(e, cfg.d_attn, cfg.k_shared, c.d_user, c.pool_size)
-        self.v_branch = KVBranch(e, cfg.d_attn, cfg.v_shared, c.d_user, c.pool_size)
+        self.k_branch, self.v_branch, self.kv_router = kv_branches(cfg)
         self.q_proj = nn.Linear(e, cfg.d_attn, bias=False)
         dims = [cfg.d_attn + e, *cfg.mlp_dims]
         layers: list[nn.Module] = []
@@ -135,8 +133,8 @@ class TargetAttentionCTR(BehaviourModel):
         self._check_history(items, feedback, lengths)
         tokens = self.behaviour_tokens(items, feedback, lengths)
         soft = self.training
-        k = self.k_branch.prefill(tokens, soft)
-        v = self.v_branch.prefill(tokens, soft)
+        k, v = prefill_pair(self.k_branch, self.v_branch, tokens, soft)
+        assert k is not None
         cache = KVCache(
             k_user=k.user, v_user=v.user, k_idx=k.idx, v_idx=v.idx,
             lengths=lengths, k_gate=k.gate, v_gate=v.gate,
@@ -149,8 +147,8 @@ class TargetAttentionCTR(BehaviourModel):
 
     def keys_values(self, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
         """Rebuild (B, L, d_a) K and V from a cache (user part + gated pool rows)."""
-        k = rebuild_kv(cache.k_user, cache.k_idx, self.k_branch.pool, cache.k_gate)
-        v = rebuild_kv(cache.v_user, cache.v_idx, self.v_branch.pool, cache.v_gate)
+        k = rebuild_kv(cache.k_user, cache.k_idx, self.k_branch.collective_pool(), cache.k_gate)
+        v = rebuild_kv(cache.v_user, cache.v_idx, self.v_branch.collective_pool(), cache.v_gate)
         return k, v
 
     def attend(self, q: torch.Tensor, cache: KVCache) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """What a CollectiveKV model's routers do with their global pools (no I/O; read by the trainer).
 
-- :class:`RoutingProbe` — attached to every shared :class:`model.pool.KVBranch` of a model, it sees the
+- :class:`RoutingProbe` — attached to every router of a model (each shared :class:`model.pool.KVBranch` with
+  its own pool, each :class:`model.pool.JointRouter` of a joint K/V index), it sees the
   router logits of every hard-routed (eval-mode) prefill and accumulates, per pool and weighted by
   behaviour (each distinct token counts its occurrences): the argmax usage of each pool row, the
   entropy and the top probability of ``softmax(logits)`` (the routing distribution the balance loss
@@ -21,14 +22,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from collectivekv.model.pool import KVBranch
+from collectivekv.model.pool import JointRouter, KVBranch
 
 CHUNK_ROWS = 8192  # logits rows per softmax pass (bounds the temporary memory)
 
 
-def shared_branches(model: nn.Module) -> dict[str, KVBranch]:
-    """Every K/V branch with a router and a pool, by module name ("k_branch", "long.v_branch", …)."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, KVBranch) and m.shared}
+def shared_branches(model: nn.Module) -> dict[str, KVBranch | JointRouter]:
+    """Every module with a router and a pool of its own, by module name ("k_branch", "long.v_branch",
+    "kv_router" for a joint K/V index, …)."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, JointRouter) or (isinstance(m, KVBranch) and m.pool is not None)}  # fmt: skip
 
 
 @dataclass
@@ -113,8 +116,7 @@ class RoutingProbe:
 
     def __init__(self, model: nn.Module) -> None:
         self.branches = shared_branches(model)
-        self.stats = {name: PoolStats(int(b.pool.shape[0])) for name, b in self.branches.items()
-                      if b.pool is not None}  # fmt: skip
+        self.stats = {name: PoolStats(int(b.pool.shape[0])) for name, b in self.branches.items()}
 
     def __enter__(self) -> RoutingProbe:
         for name, b in self.branches.items():
@@ -136,7 +138,7 @@ class GradientCounter:
     :meth:`after_backward` after each ``loss.backward()``; :meth:`take` reads and resets)."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.pools = {name: b.pool for name, b in shared_branches(model).items() if b.pool is not None}
+        self.pools = {name: b.pool for name, b in shared_branches(model).items()}
         self.hits = {name: torch.zeros(p.shape[0], dtype=torch.int64, device=p.device)
                      for name, p in self.pools.items()}
         self.steps = 0

@@ -10,14 +10,17 @@ kind  values                                 tensor in :func:`entry_arrays` / :f
 ====  =====================================  ============================================================
 kv    user-specific K or V part (or the      (B, R, width) float (stored at the layout's kv dtype)
       whole K/V in the full model)
+q8    int8 code of a shared side's user      (B, R, width) int8 codes; :func:`cache_from_arrays` turns them into
+      part (``user_dtype == "int8"``)        fp32 ``code · scale`` (scales: :func:`user_scales`)
 idx   router index into the group's pool     (B, R, 1) int64 (stored uint16 or int32)
 key   retrieval key, bit-packed little-      (B, R, width) uint8: ``width = ceil(bits / 8)`` bytes
       endian into ``width`` bytes
 ====  =====================================  ============================================================
 
 R = ``min(max(lengths), cap)`` (valid rows first, zeros at padding). Parts are ordered group by
-group (``model.zoo.cache_groups`` order) as ``k_user, v_user, k_idx, v_idx``, then the retrieval
-keys; zero-width parts (SDIM's long stage has no K) are left out. A group of ``positions`` rows at a
+group (``model.zoo.cache_groups`` order) as ``k_user, v_user, k_idx, v_idx`` (``kv_idx`` for both with a joint
+index: the cache's ``k_idx`` and ``v_idx`` are then the same tensor), then the retrieval keys; zero-width
+parts (SDIM's long stage has no K) are left out. A group of ``positions`` rows at a
 full window caches the *last* ``min(n, cap)`` behaviours of the user's window, so rows(n) =
 ``min(n, cap)`` for every part. The ``din`` arch's parts are its one group
 (``kv.k_user | kv.v_user | kv.k_idx | kv.v_idx``, cap ``max_len``).
@@ -35,8 +38,10 @@ import torch
 
 from collectivekv.model.blocks import ZooCache
 from collectivekv.model.cache import KVCache
-from collectivekv.model.cache_spec import entry_parts, group_specs, key_fields
+from collectivekv.model.cache_spec import GroupSpec, entry_parts, group_specs, key_fields
 from collectivekv.model.config import ModelConfig
+from collectivekv.model.pool import KVBranch
+from collectivekv.model.quant import dequantise, int8_codes
 
 
 def pack_keys(keys: torch.Tensor, m: int, bits: int) -> torch.Tensor:
@@ -67,8 +72,36 @@ def unpack_keys(packed: torch.Tensor, m: int, bits: int) -> torch.Tensor:
     return (word.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (B, L, m)
 
 
-def entry_arrays(cache: ZooCache, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """A padded batch of entries, part by part: name → (B, R, width) (see the module docstring)."""
+def group_branches(model: torch.nn.Module, group: str) -> tuple[KVBranch | None, KVBranch]:
+    """The (K, V) branches of a model's K/V group: din ``kv`` (the model), ``short``/``long`` (its TABlocks),
+    HSTU ``layer<i>``."""
+    owner = model if group == "kv" else model.layers[int(group[5:])] if group.startswith("layer") else (
+        getattr(model, group))
+    return owner.k_branch, owner.v_branch
+
+
+def user_scales(model: torch.nn.Module, cfg: ModelConfig) -> dict[str, float]:
+    """The fp32 scale of every int8 (q8) user part of ``cfg``'s entry: part name → the branch's ``user_scale``
+    (empty for a float cache). What the store's codes are decoded with."""
+    out: dict[str, float] = {}
+    for g in group_specs(cfg):
+        for side, branch in zip("kv", group_branches(model, g.name), strict=True):
+            if g.user_kind(side) == "q8":
+                assert branch is not None
+                out[f"{g.name}.{side}_user"] = float(branch.user_scale)
+    return out
+
+
+def _scale(scales: dict[str, float] | None, name: str) -> float:
+    if scales is None or name not in scales:
+        raise ValueError(f"part {name} holds int8 codes: pass the model's scales (model.entry.user_scales)")
+    return scales[name]
+
+
+def entry_arrays(cache: ZooCache, cfg: ModelConfig, scales: dict[str, float] | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """A padded batch of entries, part by part: name → (B, R, width) (see the module docstring). ``scales``
+    (:func:`user_scales`) turn the cache's int8-valued user parts into their codes (q8 parts)."""
     fields = key_fields(cfg)
     out: dict[str, torch.Tensor] = {}
     for p in entry_parts(cfg):
@@ -77,17 +110,21 @@ def entry_arrays(cache: ZooCache, cfg: ModelConfig) -> dict[str, torch.Tensor]:
             m, bits = fields[attr]
             out[p.name] = pack_keys(cache.keys[attr], m, bits)  # (B, R, width)
             continue
-        t = getattr(cache.kv[group], attr)
+        t = getattr(cache.kv[group], "k_idx" if attr == "kv_idx" else attr)
+        if p.kind == "q8":
+            t = int8_codes(t, _scale(scales, p.name))  # exact: the cache holds code · scale in fp32
         out[p.name] = t.unsqueeze(-1) if p.kind == "idx" else t  # (B, R, width)
     return out
 
 
-def cache_from_arrays(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, cfg: ModelConfig) -> ZooCache:
+def cache_from_arrays(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, cfg: ModelConfig,
+                      scales: dict[str, float] | None = None) -> ZooCache:
     """Inverse of :func:`entry_arrays`: the :class:`ZooCache` a model decodes from (hard routing).
 
     arrays: name → (B, R_p, width) for every part of :func:`entry_parts` (padding rows hold zeros;
     R_p may be any width >= the batch's longest ``min(n, cap)``); lengths: (B,) behaviours per user
-    (``min(n, window_len)``). Index parts become int64, keys are unpacked.
+    (``min(n, window_len)``). Index parts become int64 (a joint ``kv_idx`` is both ``k_idx`` and ``v_idx``),
+    keys are unpacked, q8 codes become fp32 ``code · scale`` (``scales``: :func:`user_scales`).
     """
     missing = [p.name for p in entry_parts(cfg) if p.name not in arrays]
     if missing:
@@ -106,11 +143,19 @@ def cache_from_arrays(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, cf
                 return t
             return t.squeeze(-1).to(torch.int64)  # (B, R)
 
-        v_user = arrays[f"{group}.v_user"]
-        k_user = get("k_user", False)
+        def user(side: str, g: GroupSpec = g) -> torch.Tensor | None:
+            name = f"{g.name}.{side}_user"
+            t = arrays.get(name)
+            return dequantise(t, _scale(scales, name)) if t is not None and g.user_kind(side) == "q8" else t
+
+        v_user = user("v")
+        assert v_user is not None
+        k_user = user("k")
         if k_user is None:  # a V-only group: zero-width K (model.blocks.TABlock)
             k_user = v_user[..., :0]
-        kv[group] = KVCache(k_user=k_user, v_user=v_user, k_idx=get("k_idx", True), v_idx=get("v_idx", True),
+        k_idx = get("kv_idx", True) if g.joint else get("k_idx", True)
+        v_idx = k_idx if g.joint else get("v_idx", True)
+        kv[group] = KVCache(k_user=k_user, v_user=v_user, k_idx=k_idx, v_idx=v_idx,
                             lengths=lengths.clamp(max=cap))  # fmt: skip
     return ZooCache(lengths=lengths, kv=kv, keys=keys)
 

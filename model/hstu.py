@@ -35,7 +35,7 @@ from collectivekv.model.blocks import ZooBase, ZooCache, add_losses, build_mlp, 
 from collectivekv.model.cache import KVCache, rebuild_kv
 from collectivekv.model.config import ModelConfig
 from collectivekv.model.ctr import RouterLosses
-from collectivekv.model.pool import KVBranch, TokenBatch
+from collectivekv.model.pool import TokenBatch, kv_branches, prefill_pair
 
 N_REL_BUCKETS = 32
 
@@ -58,13 +58,12 @@ def rows_as_tokens(h: torch.Tensor, valid: torch.Tensor) -> TokenBatch:
 class HSTULayer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        e, d_a, c = cfg.embed_dim, cfg.d_attn, cfg.collective
+        e, d_a = cfg.embed_dim, cfg.d_attn
         self.n_heads = cfg.n_heads
         self.norm_len = float(cfg.max_len)
         self.norm_in = nn.LayerNorm(e)
         self.uq = nn.Linear(e, 2 * d_a)
-        self.k_branch = KVBranch(e, d_a, cfg.k_shared, c.d_user, c.pool_size)
-        self.v_branch = KVBranch(e, d_a, cfg.v_shared, c.d_user, c.pool_size)
+        self.k_branch, self.v_branch, self.kv_router = kv_branches(cfg)
         self.rel_bias = nn.Parameter(torch.zeros(cfg.n_heads, N_REL_BUCKETS))
         self.norm_out = nn.LayerNorm(d_a)
         self.out = nn.Linear(d_a, e)
@@ -76,8 +75,8 @@ class HSTULayer(nn.Module):
         h = self.norm_in(x)
         u, q = nn.functional.silu(self.uq(h)).chunk(2, dim=-1)
         tokens = rows_as_tokens(h, valid)
-        k = self.k_branch.prefill(tokens, soft)
-        v = self.v_branch.prefill(tokens, soft)
+        k, v = prefill_pair(self.k_branch, self.v_branch, tokens, soft)
+        assert k is not None and self.k_branch is not None
         k_user = k.user if self.k_branch.shared else nn.functional.silu(k.user)
         v_user = v.user if self.v_branch.shared else nn.functional.silu(v.user)
         parts = KVCache(k_user=k_user, v_user=v_user, k_idx=k.idx, v_idx=v.idx, lengths=valid.sum(1),
@@ -85,8 +84,9 @@ class HSTULayer(nn.Module):
         return u, q, parts, RouterLosses(peak=k.peak + v.peak, balance=k.balance + v.balance)
 
     def keys_values(self, parts: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
-        k = rebuild_kv(parts.k_user, parts.k_idx, self.k_branch.pool, parts.k_gate)
-        v = rebuild_kv(parts.v_user, parts.v_idx, self.v_branch.pool, parts.v_gate)
+        assert self.k_branch is not None
+        k = rebuild_kv(parts.k_user, parts.k_idx, self.k_branch.collective_pool(), parts.k_gate)
+        v = rebuild_kv(parts.v_user, parts.v_idx, self.v_branch.collective_pool(), parts.v_gate)
         return k, v
 
     def attend(

@@ -1,5 +1,6 @@
 """The K (or V) branch of a model: a user-specific projection, plus for CollectiveKV a router
-and a learnable global pool.
+and a learnable global pool — or, with ``kv_index == "joint"``, one :class:`JointRouter` whose index picks a
+row of one pool holding both sides' collective parts (K's first, then V's).
 
 Routing runs once per *distinct* behaviour token in the batch rather than once per behaviour:
 the router input is a function of the token alone (item, feedback), so the logits, indices and
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from collectivekv.model.config import ModelConfig
+from collectivekv.model.quant import check_scale, fake_quant, observe_scale
 from collectivekv.model.routing import fused_route, peak_loss, route
 
 
@@ -54,44 +57,149 @@ class BranchState:
     balance: torch.Tensor
 
 
+@dataclass(frozen=True)
+class Routed:
+    """A router's decisions for a token batch: idx, gate (B, L) (gate None on the hard path) and its losses."""
+
+    idx: torch.Tensor
+    gate: torch.Tensor | None
+    peak: torch.Tensor
+    balance: torch.Tensor
+
+
+def route_tokens(router: nn.Linear, tokens: TokenBatch, soft: bool,
+                 probe: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> Routed:
+    """Hard (argmax, zero losses) or soft (gate + peak and balance losses) routing of every distinct token,
+    spread to (B, L) — the paper's math (:mod:`model.routing`), once per distinct token."""
+    if not soft:
+        logits = router(tokens.x_unique)  # (U, M)
+        if probe is not None:
+            probe(logits, tokens.counts)
+        zero = logits.new_zeros(())
+        return Routed(tokens.spread(route(logits).idx), None, zero, zero)
+    routing, balance = fused_route(tokens.x_unique, router.weight, tokens.counts)
+    peak = peak_loss(routing.top_logit, tokens.counts)
+    return Routed(tokens.spread(routing.idx), tokens.spread(routing.gate), peak, balance)
+
+
+class JointRouter(nn.Module):
+    """One router and one pool for a K and a V branch (``kv_index == "joint"``): a behaviour's one index picks
+    row ``pool[idx]`` of shape ((d_a - dk_u) + (d_a - dv_u),): K's collective part is its first d_a - dk_u
+    values, V's the rest. Gate, peak and balance losses are computed once per behaviour."""
+
+    def __init__(self, embed_dim: int, d_attn: int, dk_user: int, dv_user: int, pool_size: int) -> None:
+        super().__init__()
+        self.router = nn.Linear(embed_dim, pool_size, bias=False)
+        self.pool = nn.Parameter(torch.randn(pool_size, (d_attn - dk_user) + (d_attn - dv_user)))
+        self.k_width = d_attn - dk_user
+        self.probe: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+
+    def side_pool(self, side: str) -> torch.Tensor:
+        """(M, d_a - d_u) view of the pool: K's columns (``side`` "k") or V's ("v")."""
+        return self.pool[:, : self.k_width] if side == "k" else self.pool[:, self.k_width :]
+
+    def route(self, tokens: TokenBatch, soft: bool) -> Routed:
+        return route_tokens(self.router, tokens, soft, self.probe)
+
+
 class KVBranch(nn.Module):
     """Computes the cacheable parts of K (or V).
 
     Not shared: ``user = W x`` with W: E → d_a (the full-KV baseline).
     Shared: ``user = SiLU(W x)`` with W: E → d_u (as in the authors' code), and
-    ``idx = argmax(router(x))`` into ``pool`` of shape (pool_size, d_a - d_u).
+    ``idx = argmax(router(x))`` into ``pool`` of shape (pool_size, d_a - d_u) — or, ``joint``, the index and
+    pool columns of a :class:`JointRouter` (attached by :func:`kv_branches`; the branch then has no router or
+    pool of its own). ``int8`` (shared only): the user part is fake-quantised with the buffer ``user_scale``
+    (:mod:`model.quant`).
     """
 
-    def __init__(self, embed_dim: int, d_attn: int, shared: bool, d_user: int, pool_size: int) -> None:
+    def __init__(self, embed_dim: int, d_attn: int, shared: bool, d_user: int, pool_size: int,
+                 joint: bool = False, int8: bool = False) -> None:
         super().__init__()
         self.shared = shared
         self.proj = nn.Linear(embed_dim, d_user if shared else d_attn, bias=False)
-        if shared:
-            self.router = nn.Linear(embed_dim, pool_size, bias=False)
-            self.pool = nn.Parameter(torch.randn(pool_size, d_attn - d_user))
+        if shared and not joint:
+            self.router: nn.Linear | None = nn.Linear(embed_dim, pool_size, bias=False)
+            self.pool: nn.Parameter | None = nn.Parameter(torch.randn(pool_size, d_attn - d_user))
         else:
             self.router = None
             self.pool = None
+        self.int8 = shared and int8
+        if self.int8:
+            self.register_buffer("user_scale", torch.zeros((), dtype=torch.float32))  # 0: not observed yet
+        # the JointRouter and this branch's side ("k" | "v") when joint: a plain reference (the module owning
+        # both branches registers the router), set by :func:`kv_branches`
+        self.joint: tuple[JointRouter, str] | None = None
         # called with the router logits (U, M) and token counts (U,) of every hard-routed prefill while
         # a :class:`model.diagnostics.RoutingProbe` is attached; None otherwise (no cost)
         self.probe: Callable[[torch.Tensor, torch.Tensor], None] | None = None
 
-    def prefill(self, tokens: TokenBatch, soft: bool) -> BranchState:
-        """User part, indices and (if ``soft``) gates for every position; padding → 0."""
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "joint":  # never a registered submodule: the JointRouter's parameters have one name
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def collective_pool(self) -> torch.Tensor | None:
+        """(M, d_a - d_u) collective rows this branch's index reads: its own pool or its joint pool's columns."""
+        if self.joint is not None:
+            return self.joint[0].side_pool(self.joint[1])
+        return self.pool
+
+    def routing_weight(self) -> torch.Tensor | None:
+        """(M, E) weight of the router that picks this branch's rows (its own or the joint one's)."""
+        if self.joint is not None:
+            return self.joint[0].router.weight
+        return None if self.router is None else self.router.weight
+
+    def quantise(self, user: torch.Tensor) -> torch.Tensor:
+        """(U, d_u) shared user part → its int8 fake-quantised value (training: after observing the scale)."""
+        if not self.int8:
+            return user
+        if self.training:
+            observe_scale(self.user_scale, user)
+        else:
+            check_scale(self.user_scale, "KVBranch")
+        return fake_quant(user, self.user_scale)
+
+    def prefill(self, tokens: TokenBatch, soft: bool, routed: Routed | None = None) -> BranchState:
+        """User part, indices and (if ``soft``) gates for every position; padding → 0. ``routed``: the joint
+        router's decisions (required for a joint branch, whose losses the caller counts once)."""
         user_u = self.proj(tokens.x_unique)  # (U, d)
         zero = user_u.new_zeros(())
         if not self.shared:
             return BranchState(tokens.spread(user_u), None, None, zero, zero)
-        user = tokens.spread(nn.functional.silu(user_u))  # (B, L, d_u)
-        assert self.router is not None
-        if not soft:
-            logits = self.router(tokens.x_unique)  # (U, M)
-            if self.probe is not None:
-                self.probe(logits, tokens.counts)
-            routing = route(logits)
-            return BranchState(user, tokens.spread(routing.idx), None, zero, zero)
-        routing, balance = fused_route(tokens.x_unique, self.router.weight, tokens.counts)
-        idx = tokens.spread(routing.idx)  # (B, L)
-        gate = tokens.spread(routing.gate)  # (B, L)
-        peak = peak_loss(routing.top_logit, tokens.counts)
-        return BranchState(user, idx, gate, peak, balance)
+        user = tokens.spread(self.quantise(nn.functional.silu(user_u)))  # (B, L, d_u)
+        if routed is None:
+            if self.router is None:
+                raise ValueError("a joint K/V branch is routed by its JointRouter: use prefill_pair")
+            routed = route_tokens(self.router, tokens, soft, self.probe)
+            return BranchState(user, routed.idx, routed.gate, routed.peak, routed.balance)
+        return BranchState(user, routed.idx, routed.gate, zero, zero)
+
+
+def kv_branches(cfg: ModelConfig, has_k: bool = True) -> tuple[KVBranch | None, KVBranch, JointRouter | None]:
+    """The K branch (None when ``has_k`` is False: a V-only block), the V branch and, for ``cfg.joint_index``
+    with a K, the :class:`JointRouter` both read (the caller registers it, as ``kv_router``)."""
+    e, d_a, c = cfg.embed_dim, cfg.d_attn, cfg.collective
+    joint = cfg.joint_index and has_k
+    k = KVBranch(e, d_a, cfg.k_shared, c.d_user, c.pool_size, joint, cfg.int8_user) if has_k else None
+    v = KVBranch(e, d_a, cfg.v_shared, c.d_user, c.pool_size, joint, cfg.int8_user)
+    if not joint:
+        return k, v, None
+    router = JointRouter(e, d_a, cfg.dk_user, cfg.dv_user, c.pool_size)
+    assert k is not None
+    k.joint, v.joint = (router, "k"), (router, "v")
+    return k, v, router
+
+
+def prefill_pair(k_branch: KVBranch | None, v_branch: KVBranch, tokens: TokenBatch, soft: bool
+                 ) -> tuple[BranchState | None, BranchState]:
+    """Both branches' prefill; a joint pair is routed once (its losses on the K state, zero on the V state)."""
+    if k_branch is None or k_branch.joint is None:
+        k = None if k_branch is None else k_branch.prefill(tokens, soft)
+        return k, v_branch.prefill(tokens, soft)
+    routed = k_branch.joint[0].route(tokens, soft)
+    k = k_branch.prefill(tokens, soft, routed)
+    k = BranchState(k.user, k.idx, k.gate, routed.peak, routed.balance)
+    return k, v_branch.prefill(tokens, soft, routed)

@@ -51,7 +51,8 @@ from collectivekv.model.blocks import ZooCache
 from collectivekv.model.cache import KVCache
 from collectivekv.model.config import ModelConfig
 from collectivekv.model.ctr import TargetAttentionCTR
-from collectivekv.model.entry import cache_from_arrays
+from collectivekv.model.entry import cache_from_arrays, user_scales
+from collectivekv.model.quant import dequantise
 
 if TYPE_CHECKING:
     from collectivekv.cachestore.decode.transfer import EntryBatch
@@ -65,8 +66,10 @@ def _head_slices(d_user: int, head_dim: int) -> list[tuple[int, int, int]]:
 
 
 class ResidentZooModel:
-    """A scoring model kept on one device in eval mode, with its pools: ``model``, ``cfg``, ``device``
-    and ``dtype``. Serves the zoo models (SIM, ETA, SDIM, TWIN, HSTU: ``model.zoo``) as it is."""
+    """A scoring model kept on one device in eval mode, with its pools: ``model``, ``cfg``, ``device``,
+    ``dtype`` and ``scales`` (the checkpoint's fp32 scale of every int8 user part, by part name:
+    ``model.entry.user_scales``; empty for float user parts). Serves the zoo models (SIM, ETA, SDIM, TWIN, HSTU:
+    ``model.zoo``) as it is."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device | str | None = None) -> None:
         device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -74,6 +77,7 @@ class ResidentZooModel:
         self.cfg: ModelConfig = model.cfg
         self.device = device
         self.dtype = next(model.parameters()).dtype
+        self.scales: dict[str, float] = user_scales(model, self.cfg)
 
 
 class ResidentModel(ResidentZooModel):
@@ -88,8 +92,9 @@ class ResidentModel(ResidentZooModel):
         super().__init__(model, device)
         self.n_heads = self.cfg.n_heads
         self.head_dim = self.cfg.d_attn // self.n_heads
-        self.pool_k = self._per_head(model.k_branch.pool, transpose=True) if self.cfg.k_shared else None
-        self.pool_v = self._per_head(model.v_branch.pool, transpose=False) if self.cfg.v_shared else None
+        k_pool, v_pool = model.k_branch.collective_pool(), model.v_branch.collective_pool()
+        self.pool_k = self._per_head(k_pool, transpose=True) if self.cfg.k_shared else None
+        self.pool_v = self._per_head(v_pool, transpose=False) if self.cfg.v_shared else None
 
     @torch.no_grad()
     def _per_head(self, pool: torch.Tensor | None, transpose: bool) -> torch.Tensor:
@@ -146,8 +151,14 @@ def pool_score_attention(resident: ResidentModel, q: torch.Tensor, cache: KVCach
     return torch.einsum("hbcl,blhd->bchd", weights, cache.v_user.reshape(b, length, h, dh)).reshape(b, c, d_a)
 
 
-def _cast(cache: KVCache, dtype: torch.dtype) -> KVCache:
-    return KVCache(k_user=cache.k_user.to(dtype), v_user=cache.v_user.to(dtype), k_idx=cache.k_idx,
+def _cast(cache: KVCache, resident: ResidentModel) -> KVCache:
+    """User parts at the model's dtype; int8 codes (an int8 store) first become fp32 ``code · scale``."""
+    def user(t: torch.Tensor, side: str) -> torch.Tensor:
+        if t.dtype == torch.int8:
+            t = dequantise(t, resident.scales[f"kv.{side}_user"])
+        return t.to(resident.dtype)
+
+    return KVCache(k_user=user(cache.k_user, "k"), v_user=user(cache.v_user, "v"), k_idx=cache.k_idx,
                    v_idx=cache.v_idx, lengths=cache.lengths)
 
 
@@ -190,7 +201,7 @@ def decode(resident: ResidentModel, cache: KVCache, targets: torch.Tensor, path:
     n_candidates = 1 if targets.dim() == 1 else targets.shape[1]
     if targets.shape[0] != cache.batch_size:
         raise ValueError(f"{targets.shape[0]} target rows for a cache of {cache.batch_size} users")
-    cache = bound_router_indices(resident, _cast(cache, resident.dtype), flags)
+    cache = bound_router_indices(resident, _cast(cache, resident), flags)
     if path == "auto":
         path = choose_path(cache, n_candidates, resident)
     if path == "gather" or (cache.k_idx is None and cache.v_idx is None):
@@ -201,23 +212,31 @@ def decode(resident: ResidentModel, cache: KVCache, targets: torch.Tensor, path:
 def din_cache(batch: EntryBatch) -> KVCache:
     """The din :class:`KVCache` of an unpacked batch: its one group ``"kv"``, as
     ``model.entry.cache_from_arrays(...).kv["kv"]`` builds it (k_user (B, L, dk), v_user (B, L, dv) at the
-    stored dtype — :func:`decode` casts them —, k_idx / v_idx (B, L) int64 or None, lengths (B,)), without
-    the config: views only, no copy, no host sync (the CUDA graphs capture it)."""
+    stored dtype, or int8 codes — :func:`decode` casts them, and scales codes —, k_idx / v_idx (B, L) int64 or
+    None, the same tensor for a joint ``kv.kv_idx``, lengths (B,)), without the config: views only, no copy, no
+    host sync (the CUDA graphs capture it)."""
     a = batch.arrays
 
     def idx(side: str) -> torch.Tensor | None:
-        t = a.get(f"kv.{side}_idx")
+        t = a.get(f"kv.{side}_idx", a.get("kv.kv_idx"))
         return None if t is None else t.squeeze(-1)  # (B, L, 1) -> (B, L)
 
     return KVCache(k_user=a["kv.k_user"], v_user=a["kv.v_user"], k_idx=idx("k"), v_idx=idx("v"), lengths=batch.lengths)
 
 
-def entry_cache(batch: EntryBatch, cfg: ModelConfig, dtype: torch.dtype) -> ZooCache:
+def entry_cache(batch: EntryBatch, cfg: ModelConfig, dtype: torch.dtype,
+                scales: dict[str, float] | None = None) -> ZooCache:
     """An unpacked batch → the :class:`ZooCache` the model decodes: kv parts cast to ``dtype``
-    (the model's: pool rows are never rounded to the stored fp16), indices and keys as they are.
+    (the model's: pool rows are never rounded to the stored fp16), int8 codes to fp32 ``code · scale``
+    (``scales``: ``ResidentZooModel.scales``) then ``dtype``, indices and keys as they are.
     ``cfg``: :func:`model.entry.store_config` of the model's config and the store's mode."""
     arrays = {name: t.to(dtype) if t.is_floating_point() else t for name, t in batch.arrays.items()}
-    return cache_from_arrays(arrays, batch.lengths, cfg)
+    cache = cache_from_arrays(arrays, batch.lengths, cfg, scales)
+    if not any(t.dtype == torch.int8 for t in arrays.values()):
+        return cache
+    kv = {name: dataclasses.replace(c, k_user=c.k_user.to(dtype), v_user=c.v_user.to(dtype))
+          for name, c in cache.kv.items()}  # fmt: skip
+    return dataclasses.replace(cache, kv=kv)
 
 
 def decode_zoo(resident: ResidentZooModel, cache: ZooCache, targets: torch.Tensor) -> torch.Tensor:

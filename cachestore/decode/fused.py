@@ -13,7 +13,8 @@ placed per user by a :class:`GroupView` (``starts`` (B,), ``rows`` (B,) = min(n,
       steps of part s (of S; S = 1 unless the launch has few programs: FusedConfig.split_l);
       for each of its heads h: dh = d_a / H, cols = h·dh .. h·dh + dh - 1
       group = raw[starts[b]:], n = rows[b]
-      group bytes: k_user (n, dk) | v_user (n, dv) | k_idx (n,) | v_idx (n,)   (those the group has)
+      group bytes: k_user (n, dk) | v_user (n, dv) | k_idx (n,) | v_idx (n,)   (those the group has;
+                   one kv_idx (n,) for both with a joint index, read once; int8 user codes × the model's scale)
       rows read: l = 0 .. n - 1, or (SELECT) l = sel[b·C + c, j] for j < n_sel[b·C + c]
       for blocks of BLOCK_L rows l (online softmax, fp32 accumulation):
           key_l = user_k[l, cols] (0 beyond dk) + P_k[k_idx[l], cols]   (pool rows zero in the user dims)
@@ -78,6 +79,7 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
 
 FUSED = "fused"  # the decode path name of this kernel (graphs, runtime, ckv score)
 KV_CODES = {"float16": 0, "bfloat16": 1, "float32": 2}
+Q8_CODE = 3  # a user part of int8 codes (part kind q8), read as fp32 code · scale
 IDX_BYTES = {None: 0, "uint16": 2, "int32": 4}
 
 
@@ -123,6 +125,16 @@ if triton is not None:
         return tl.load(ptr + ls[:, None] * WIDTH + cols[None, :], mask=mask, other=0.0).to(tl.float32)
 
     @triton.jit
+    def _load_side(raw_ptr, base, ls, cols, lmask, WIDTH: tl.constexpr, CODE: tl.constexpr, scale):
+        """:func:`_load_user`, or for CODE 3 (int8 user codes, part kind q8) fp32 ``code · scale``."""
+        if CODE == 3:
+            ptr = (raw_ptr + base).to(tl.pointer_type(tl.int8))
+            mask = lmask[:, None] & (cols[None, :] < WIDTH)
+            codes = tl.load(ptr + ls[:, None] * WIDTH + cols[None, :], mask=mask, other=0).to(tl.float32)
+            return codes * scale
+        return _load_user(raw_ptr, base, ls, cols, lmask, WIDTH, CODE)
+
+    @triton.jit
     def _positions(sel_ptr, row, js, stop, n, S: tl.constexpr, SELECT: tl.constexpr):
         """Rows of the group read at steps ``js`` (BLOCK_L,) and their mask: rows ``js`` (< stop) of the group,
         or (SELECT) the given positions ``sel[row, js]`` (kept where 0 <= position < n, the user's rows)."""
@@ -141,6 +153,11 @@ if triton is not None:
         """(BLOCK_L, W) fp32 pool rows (padded, d_a wide) of behaviours ``ls`` at ``cols``, from the index part
         at byte ``idx_base``; indices outside 0 .. pool_size - 1 are counted in ``nbad`` and read as zeros."""
         ik = _load_idx(raw_ptr, idx_base, ls, lmask, IDX_BYTES)
+        return _gather_rows(pool_ptr, ik, cols, lmask, nbad, pool_size, D_A)
+
+    @triton.jit
+    def _gather_rows(pool_ptr, ik, cols, lmask, nbad, pool_size, D_A: tl.constexpr):
+        """(BLOCK_L, W) fp32 rows ``pool[ik]`` at ``cols``; indices outside the pool counted in ``nbad``, read as 0."""
         inside = (ik >= 0) & (ik < pool_size)
         nbad += tl.sum((lmask & (ik < 0)).to(tl.int32) + (lmask & (ik >= pool_size)).to(tl.int32), axis=0)
         rows = tl.load(pool_ptr + ik[:, None] * D_A + cols[None, :], mask=(lmask & inside)[:, None], other=0.0)
@@ -149,17 +166,20 @@ if triton is not None:
     @triton.jit
     def _attend_block(
         raw_ptr, pool_k_ptr, pool_v_ptr, start, n, kidx_base, vidx_base, ls, lmask, q, cols, m_i, l_i, acc, nbad,
-        pool_size, D_A: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-        K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, KV_CODE: tl.constexpr, KV_BYTES: tl.constexpr,
-        IDX_BYTES: tl.constexpr, BLOCK_L: tl.constexpr,
+        pool_size, k_scale, v_scale, D_A: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr, DK: tl.constexpr,
+        DV: tl.constexpr, K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, K_CODE: tl.constexpr, V_CODE: tl.constexpr,
+        K_BYTES: tl.constexpr, JOINT: tl.constexpr, IDX_BYTES: tl.constexpr, BLOCK_L: tl.constexpr,
     ):
         """One online-softmax step of GH heads over the group's rows ``ls`` (BLOCK_L,) where ``lmask``
         (n: the user's rows in the group, which places the V part). q, cols: (GH·DH,); m_i, l_i: (GH,);
         acc: (GH, DH); nbad: router indices outside 0 .. pool_size - 1 seen so far (their pool loads are
-        masked: never a read outside the pool)."""
-        key = _load_user(raw_ptr, start, ls, cols, lmask, DK, KV_CODE)  # (BLOCK_L, GH·DH)
+        masked: never a read outside the pool). K_CODE / V_CODE: each user part's storage (KV_CODES, or 3: int8
+        codes times k_scale / v_scale); JOINT: one index (at kidx_base) picks both pool rows, read once."""
+        key = _load_side(raw_ptr, start, ls, cols, lmask, DK, K_CODE, k_scale)  # (BLOCK_L, GH·DH)
+        ik = ls * 0
         if K_SHARED:
-            rows, nbad = _pool_rows(raw_ptr, pool_k_ptr, kidx_base, ls, cols, lmask, nbad, pool_size, D_A, IDX_BYTES)
+            ik = _load_idx(raw_ptr, kidx_base, ls, lmask, IDX_BYTES)
+            rows, nbad = _gather_rows(pool_k_ptr, ik, cols, lmask, nbad, pool_size, D_A)
             key += rows
         s = tl.sum(tl.reshape(key * q[None, :], (BLOCK_L, GH, DH)), axis=2)  # (BLOCK_L, GH)
         s = tl.where(lmask[:, None], s, -float("inf"))
@@ -167,9 +187,13 @@ if triton is not None:
         m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)  # an all-masked block (static bound)
         alpha = tl.exp(m_i - m_ref)  # (GH,)
         p = tl.exp(s - m_ref[None, :])  # (BLOCK_L, GH), 0 at masked positions
-        val = _load_user(raw_ptr, start + n * DK * KV_BYTES, ls, cols, lmask, DV, KV_CODE)  # (BLOCK_L, GH·DH)
+        val = _load_side(raw_ptr, start + n * DK * K_BYTES, ls, cols, lmask, DV, V_CODE, v_scale)  # (BLOCK_L, GH·DH)
         if V_SHARED:
-            rows, nbad = _pool_rows(raw_ptr, pool_v_ptr, vidx_base, ls, cols, lmask, nbad, pool_size, D_A, IDX_BYTES)
+            if JOINT:
+                rows, nbad = _gather_rows(pool_v_ptr, ik, cols, lmask, nbad, pool_size, D_A)
+            else:
+                rows, nbad = _pool_rows(raw_ptr, pool_v_ptr, vidx_base, ls, cols, lmask, nbad, pool_size, D_A,
+                                        IDX_BYTES)
             val += rows
         l_i = l_i * alpha + tl.sum(p, axis=0)
         pv = p[:, :, None] * tl.reshape(val, (BLOCK_L, GH, DH))  # (BLOCK_L, GH, DH)
@@ -179,9 +203,10 @@ if triton is not None:
     @triton.jit
     def _group_attention_kernel(
         raw_ptr, starts_ptr, rows_ptr, ends_ptr, sel_ptr, nsel_ptr, q_ptr, pool_k_ptr, pool_v_ptr, out_ptr, m_ptr,
-        l_ptr, flag_ptr, n_cand, scale, start_add, end_lo, end_hi, pool_size, D_A: tl.constexpr, GH: tl.constexpr,
-        DH: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, K_SHARED: tl.constexpr, V_SHARED: tl.constexpr,
-        KV_CODE: tl.constexpr, KV_BYTES: tl.constexpr, IDX_BYTES: tl.constexpr, HAS_ENDS: tl.constexpr,
+        l_ptr, flag_ptr, n_cand, scale, start_add, end_lo, end_hi, pool_size, k_scale, v_scale, D_A: tl.constexpr,
+        GH: tl.constexpr, DH: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, K_SHARED: tl.constexpr,
+        V_SHARED: tl.constexpr, K_CODE: tl.constexpr, V_CODE: tl.constexpr, K_BYTES: tl.constexpr,
+        V_BYTES: tl.constexpr, JOINT: tl.constexpr, IDX_BYTES: tl.constexpr, HAS_ENDS: tl.constexpr,
         SELECT: tl.constexpr, S: tl.constexpr, BLOCK_L: tl.constexpr, MAX_L: tl.constexpr, SPLIT: tl.constexpr,
         SEG: tl.constexpr,
     ):
@@ -191,8 +216,8 @@ if triton is not None:
         b = row // n_cand  # the user in the batch
         start = tl.load(starts_ptr + b) + start_add  # byte offset of the group's first part
         n = tl.load(rows_ptr + b)  # the user's rows in the group
-        kidx_base = start + n * (DK + DV) * KV_BYTES
-        vidx_base = kidx_base + n * (IDX_BYTES if K_SHARED else 0)
+        kidx_base = start + n * (DK * K_BYTES + DV * V_BYTES)
+        vidx_base = kidx_base + n * (IDX_BYTES if K_SHARED and not JOINT else 0)  # JOINT: the one index part
         # one past the user's record (HAS_ENDS), else past the group's last byte (din: the record's)
         end = tl.load(ends_ptr + b) if HAS_ENDS else vidx_base + n * (IDX_BYTES if V_SHARED else 0)
         mine = (end > end_lo) & (end <= end_hi)  # this launch serves the users whose records end in its chunk
@@ -210,15 +235,15 @@ if triton is not None:
                 ls, lmask = _positions(sel_ptr, row, lo + l0 + tl.arange(0, BLOCK_L), stop, n, S, SELECT)
                 m_i, l_i, acc, nbad = _attend_block(
                     raw_ptr, pool_k_ptr, pool_v_ptr, start, n, kidx_base, vidx_base, ls, lmask, q, cols, m_i, l_i,
-                    acc, nbad, pool_size, D_A, GH, DH, DK, DV, K_SHARED, V_SHARED, KV_CODE, KV_BYTES, IDX_BYTES,
-                    BLOCK_L)
+                    acc, nbad, pool_size, k_scale, v_scale, D_A, GH, DH, DK, DV, K_SHARED, V_SHARED, K_CODE, V_CODE,
+                    K_BYTES, JOINT, IDX_BYTES, BLOCK_L)
         else:
             for l0 in range(lo, stop, BLOCK_L):
                 ls, lmask = _positions(sel_ptr, row, l0 + tl.arange(0, BLOCK_L), stop, n, S, SELECT)
                 m_i, l_i, acc, nbad = _attend_block(
                     raw_ptr, pool_k_ptr, pool_v_ptr, start, n, kidx_base, vidx_base, ls, lmask, q, cols, m_i, l_i,
-                    acc, nbad, pool_size, D_A, GH, DH, DK, DV, K_SHARED, V_SHARED, KV_CODE, KV_BYTES, IDX_BYTES,
-                    BLOCK_L)
+                    acc, nbad, pool_size, k_scale, v_scale, D_A, GH, DH, DK, DV, K_SHARED, V_SHARED, K_CODE, V_CODE,
+                    K_BYTES, JOINT, IDX_BYTES, BLOCK_L)
         tl.store(flag_ptr + b, 1, mask=mine & (nbad > 0))  # the runtime raises after the batch, naming the user
         if SPLIT == 1:
             out = acc / tl.maximum(l_i, 1e-30)[:, None]  # (GH, DH); l_i == 0 only with no rows, where acc == 0
@@ -274,13 +299,15 @@ def attend_group(raw: torch.Tensor, q: torch.Tensor, view: GroupView, pools: tup
                  n_heads: int, flags: torch.Tensor, *, config: FusedConfig = DEFAULT_FUSED,
                  select: tuple[torch.Tensor, torch.Tensor] | None = None,
                  chunks: Sequence[tuple[int, int]] = ALL_BYTES,
-                 on_chunk: Callable[[int], None] | None = None) -> torch.Tensor:
+                 on_chunk: Callable[[int], None] | None = None,
+                 scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
     """Target attention (B, C, d_a) fp32 of ``q`` (B, C, d_a) of users 0 .. B - 1 over the group ``view`` of
     the packed batch ``raw`` (the module docstring's kernel): over rows 0 .. rows[b] - 1, or with ``select``
     = (sel (B·C, S) int64, n_sel (B·C,) int64) over rows ``sel[b·C + c, :n_sel]`` only (SIM/ETA after
     retrieval; positions outside 0 .. rows[b] - 1 are skipped). pools: (P_k, P_v) (pool, d_a) rows zero in the
     user dims (:func:`padded_pools`; a 1-row zero tensor for a side not shared); flags (≥ B,) int32: set to 1
-    for a user with a router index outside the pool. chunks / on_chunk as :func:`fused_attention`'s."""
+    for a user with a router index outside the pool. chunks / on_chunk as :func:`fused_attention`'s. scales: the
+    (K, V) fp32 scales of int8 user parts (q8: ``ResidentZooModel.scales``; unread for float parts)."""
     b, c, d_a = q.shape
     dh, g = d_a // n_heads, view.group
     q = q.float().contiguous()
@@ -299,14 +326,16 @@ def attend_group(raw: torch.Tensor, q: torch.Tensor, view: GroupView, pools: tup
         m = torch.empty(rows * parts, n_heads, dtype=torch.float32, device=q.device)
         l = torch.empty(rows * parts, n_heads, dtype=torch.float32, device=q.device)  # noqa: E741
     ends = view.rows if view.ends is None else view.ends
+    codes = tuple(Q8_CODE if g.user_kind(side) == "q8" else KV_CODES[view.kv_dtype] for side in "kv")
     for index, (end_lo, end_hi) in enumerate(chunks):
         if on_chunk is not None:
             on_chunk(index)
         _group_attention_kernel[(rows, groups, parts)](
             raw, view.starts, view.rows, ends, sel, n_sel, q, pools[0], pools[1], acc, m, l, flags, c,
-            1.0 / math.sqrt(dh), view.start_add, end_lo, end_hi, view.pool_size, D_A=d_a,
-            GH=config.heads_per_program, DH=dh, DK=g.dk, DV=g.dv, K_SHARED=g.k_shared, V_SHARED=g.v_shared,
-            KV_CODE=KV_CODES[view.kv_dtype], KV_BYTES=KV_TORCH[view.kv_dtype].itemsize,
+            1.0 / math.sqrt(dh), view.start_add, end_lo, end_hi, view.pool_size, float(scales[0]), float(scales[1]),
+            D_A=d_a, GH=config.heads_per_program, DH=dh, DK=g.dk, DV=g.dv, K_SHARED=g.k_shared, V_SHARED=g.v_shared,
+            K_CODE=codes[0], V_CODE=codes[1], K_BYTES=1 if codes[0] == Q8_CODE else KV_TORCH[view.kv_dtype].itemsize,
+            V_BYTES=1 if codes[1] == Q8_CODE else KV_TORCH[view.kv_dtype].itemsize, JOINT=g.joint,
             IDX_BYTES=IDX_BYTES[view.idx_dtype], HAS_ENDS=view.ends is not None, SELECT=select is not None,
             S=sel.shape[-1] if select is not None else 1, BLOCK_L=config.block_l, MAX_L=seg if INTERPRETED else 0,
             SPLIT=parts, SEG=seg, num_warps=config.num_warps, **stages,
@@ -360,8 +389,9 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
         raise ValueError(f"chunks must be contiguous (lo, hi] byte ranges from below 0 to past the batch, got {chunks}")
     pools = padded_pools(resident, KV_TORCH[pool_dtype(config, layout)])
     flag = torch.zeros(n_users, dtype=torch.int32, device=q.device) if flags is None else flags
+    scales = (resident.scales.get("kv.k_user", 1.0), resident.scales.get("kv.v_user", 1.0))
     out = attend_group(raw, q, din_view(raw, layout, n_users, cfg.collective.pool_size), pools, resident.n_heads,
-                       flag, config=config, chunks=chunks, on_chunk=on_chunk)
+                       flag, config=config, chunks=chunks, on_chunk=on_chunk, scales=scales)
     if flags is None and bool(flag.any()):
         raise RouterIndexError(f"a router index outside the pool 0..{cfg.collective.pool_size - 1} in batch row "
                                f"{int(torch.nonzero(flag)[0, 0])}: the record is corrupt "

@@ -40,7 +40,7 @@ from torch import nn
 from collectivekv.cachestore.decode.decode import ResidentZooModel
 from collectivekv.cachestore.decode.fused import IDX_BYTES, INTERPRETED, KV_CODES, _load_idx, _load_user, tl, triton
 from collectivekv.cachestore.decode.fused_config import DEFAULT_FUSED, FusedConfig, pool_dtype, split_parts
-from collectivekv.cachestore.decode.fused_view import record_part_starts
+from collectivekv.cachestore.decode.fused_view import check_separate_float, record_part_starts
 from collectivekv.cachestore.decode.transfer import KV_TORCH
 from collectivekv.cachestore.store.entry import EntryLayout
 from collectivekv.cachestore.store.record import RouterIndexError
@@ -245,6 +245,7 @@ def check_hstu_batch(raw: torch.Tensor, candidates: torch.Tensor, resident: Resi
     cfg = resident.cfg
     if not isinstance(layout, EntryLayout) or layout.arch != "hstu" or cfg.arch != "hstu":
         raise ValueError("the fused HSTU decode reads HSTU stores with an HSTU model")
+    check_separate_float(layout, "the fused HSTU decode")
     if layout.parts != entry_parts(store_config(cfg, layout.mode)) or layout.max_len != cfg.max_len:
         raise ValueError(f"the store's parts are not those of the model's {layout.mode} cache")
     device = next(resident.model.parameters()).device  # concrete (cuda:0 where the resident says cuda)

@@ -32,6 +32,14 @@ class GroupView:
     ends: torch.Tensor | None = None
 
 
+def check_separate_float(layout: EntryLayout, what: str) -> None:
+    """ValueError for a store with a joint K/V index or int8 user parts (layout_version 3), which ``what`` (a zoo
+    model's fused kernels) does not read: such stores are served by the eager path."""
+    if any(g.joint or g.int8_user for g in layout.groups):
+        raise ValueError(f"{what} reads stores with separate K/V indices and float user parts; this store has a joint "
+                         "index or int8 user parts: serve it with the eager path (--path gather)")
+
+
 def din_group(layout: EntryLayout) -> GroupSpec:
     """The one K/V group of a din store (``layout.flat_group``), as the kernel's :class:`GroupSpec`."""
     g = layout.flat_group

@@ -45,7 +45,7 @@ from collectivekv.cachestore.decode.fused import (
     triton,
 )
 from collectivekv.cachestore.decode.fused_long import bucket_sums, group_scores, key_ranks, weighted_values
-from collectivekv.cachestore.decode.fused_view import GroupView, record_part_starts
+from collectivekv.cachestore.decode.fused_view import GroupView, check_separate_float, record_part_starts
 from collectivekv.cachestore.decode.transfer import KV_TORCH
 from collectivekv.cachestore.store.entry import EntryLayout
 from collectivekv.cachestore.store.record import RouterIndexError
@@ -81,6 +81,7 @@ def check_store(resident: ResidentZooModel, layout: EntryLayout) -> ModelConfig:
     if cfg.arch not in LONG_STAGES or layout.arch != cfg.arch:
         raise ValueError(f"zoo_static_decode serves {sorted(LONG_STAGES)} stores of the model's arch; "
                          f"model {cfg.arch!r}, store {layout.arch!r}")
+    check_separate_float(layout, "zoo_static_decode")
     store_cfg = store_config(cfg, layout.mode)
     if tuple(layout.parts) != entry_parts(store_cfg):
         raise ValueError("the store's parts are not those of this model's cache")

@@ -156,7 +156,10 @@ router index bounds only).
         self.path = path
         if path == FUSED and not fused_available(self.device):
             raise ValueError(f"path 'fused' needs Triton on a CUDA device (device {self.device})")
-        self.fused = uses_fused(path, self.device)  # "auto" on CUDA with Triton, or "fused": every model
+        # "auto" on CUDA with Triton, or "fused": every model (a zoo store with a joint index or int8 user parts: the
+        # eager path under "auto", its fused kernels read separate float stores only)
+        half_zoo = self.zoo and any(g.joint or g.int8_user for g in layout.groups)
+        self.fused = uses_fused(path, self.device) and not (half_zoo and path == "auto")
         if graphs and (self.device.type != "cuda" or (self.zoo and not self.fused)):
             raise ValueError("graphs=True needs a CUDA device (and, for a zoo model, its fused decode: path auto "
                              f"or fused, Triton); got device {self.device}, arch {layout.arch!r}, path {path!r}")
@@ -350,7 +353,7 @@ router index bounds only).
             cost = graph.last_cost
             flags = graph.flags
         elif eager_zoo:  # per-part arrays → the model's ZooCache
-            cache = entry_cache(dev.unpack(self.pad_to), self._store_cfg, self.resident.dtype)
+            cache = entry_cache(dev.unpack(self.pad_to), self._store_cfg, self.resident.dtype, self.resident.scales)
             logits = decode_zoo(self.resident, cache, targets)
         elif self.fused:  # the Triton kernels read the device batch as it is (no unpack)
             logits = static_decode(dev.raw, targets, resident=self.resident, layout=self.layout, n_users=n,

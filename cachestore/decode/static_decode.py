@@ -54,7 +54,7 @@ def static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: Resi
             fast = hstu_static_decode if arch == "hstu" else zoo_static_decode
             return fast(raw, candidates, resident=resident, layout=layout, n_users=n_users, config=fused, flags=flags)
         batch = unpack_entry(raw, layout, n_users, pad_to, 16 * n_users)
-        cache = entry_cache(batch, store_config(resident.cfg, layout.mode), resident.dtype)
+        cache = entry_cache(batch, store_config(resident.cfg, layout.mode), resident.dtype, resident.scales)
         return decode_zoo(resident, cache, candidates)
     if path == FUSED:
         return fused_decode(resident, raw, layout, n_users, candidates, config=fused, chunks=chunks, on_chunk=on_chunk,

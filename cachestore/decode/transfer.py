@@ -14,7 +14,7 @@ user b holding ``r_pb = min(n_b, cap_p)`` rows of ``row_bytes_p`` bytes, startin
 ``record_start[b] + 32 + Σ_{q<p} r_qb·row_bytes_q``. Each part becomes a padded (B, R_p, width)
 tensor, R_p = ``max(1, min(L, cap_p))`` (L = longest n in the batch or ``pad_to``), row r of user b read
 from the buffer when r < r_pb, else from the zero block; kv parts
-at the stored float dtype, index parts int64 (B, R_p, 1), key parts uint8. A part is gathered in
+at the stored float dtype, q8 parts int8 codes, index parts int64 (B, R_p, 1), key parts uint8. A part is gathered in
 int16 units when its row and every earlier part's row have an even byte count (its starts are then
 even), else byte by byte (odd-width retrieval keys). ``model.entry.cache_from_arrays`` (through
 :func:`cachestore.decode.decode.entry_cache`) turns them into the model's cache; a din batch's
@@ -74,7 +74,7 @@ class TransferCost:
 @dataclass
 class EntryBatch:
     """A batch unpacked on the device: ``arrays`` name → (B, R_p, width) per part of the
-    layout (kv at the stored float dtype, idx int64, keys uint8; zeros at padding) and ``lengths``
+    layout (kv at the stored float dtype, q8 int8 codes, idx int64, keys uint8; zeros at padding) and ``lengths``
     (B,) int64 — the input of ``model.entry.cache_from_arrays``."""
 
     arrays: dict[str, torch.Tensor]
@@ -175,6 +175,8 @@ def unpack_entry(raw: torch.Tensor, layout: EntryLayout, n_users: int, length: i
             vals = _part(raw, pos, row_bytes)  # (B, R_p, row_bytes) uint8
         if part.kind == "kv":
             arrays[part.name] = vals.view(KV_TORCH[layout.kv_dtype])  # (B, R_p, width)
+        elif part.kind == "q8":
+            arrays[part.name] = vals.view(torch.int8)  # (B, R_p, width) int8 codes
         elif part.kind == "idx":
             idx = vals.view(torch.int16).to(torch.int64) & 0xFFFF if layout.idx_dtype == "uint16" else (
                 vals.view(torch.int32).to(torch.int64))

@@ -1,11 +1,13 @@
 """The cache record format: one user's entry as named parts, for every model (din and the zoo: SIM,
 ETA, SDIM, TWIN, HSTU; parts from :func:`model.cache_spec.entry_parts`).
 
-The store's ``layout.json`` is an :class:`EntryLayout` (``layout_version`` 2): the arch, dtypes and
-the ordered list of parts, each ``(name, kind, width, cap)``. A user with ``n`` cached behaviours has
-``min(n, cap)`` rows of ``width`` values per part; a value takes the kv dtype's size (kind ``kv``),
-the index dtype's (``idx``) or one byte (``key``, bit-packed retrieval keys). A din entry is the one
-group ``kv.k_user | kv.v_user | kv.k_idx | kv.v_idx`` of cap ``max_len``. Record layout
+The store's ``layout.json`` is an :class:`EntryLayout` (``layout_version`` 2, or 3 when a part is a joint K/V
+index ``<g>.kv_idx`` or int8 user codes, kind ``q8``: readers that know only version 2 refuse such a layout instead
+of misreading it): the arch, dtypes and the ordered list of parts, each ``(name, kind, width, cap)``. A user with
+``n`` cached behaviours has ``min(n, cap)`` rows of ``width`` values per part; a value takes the kv dtype's size
+(kind ``kv``), the index dtype's (``idx``) or one byte (``key``, bit-packed retrieval keys; ``q8``, int8 codes).
+A din entry is the one group ``kv.k_user | kv.v_user | kv.k_idx | kv.v_idx`` (or ``| kv.kv_idx``) of cap
+``max_len``. Record layout
 (little-endian; bytes 0..11 and 16..27 are the same for every record of a store; frame, dtype codes
 and errors in :mod:`cachestore.store.record`):
 
@@ -63,6 +65,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 ENTRY_FORMAT_VERSION = 2
+LAYOUT_VERSIONS = (2, 3)  # 3: a layout with a joint index (kv_idx) or int8 user parts (q8), see layout_version_of
 _CRC_OFFSET = 28
 _U32 = struct.Struct("<I")
 LENGTH_OFFSET = 12  # header bytes 12..15: the record's behaviour count n (u32)
@@ -83,7 +86,8 @@ def entry_schema() -> pa.Schema:
 
 @dataclass(frozen=True)
 class EntryLayout:
-    """What every record of a store looks like (``layout.json`` with ``layout_version`` 2).
+    """What every record of a store looks like (``layout.json`` with ``layout_version`` 2, or 3 exactly when
+    the parts hold a joint index or int8 codes: :func:`layout_version_of`).
 
     mode "collective": kv parts are user-specific parts, idx parts router indices into pools of
     ``pool_size`` rows; mode "full": kv parts are whole K/V (width d_a), no idx parts. max_len is the
@@ -106,8 +110,11 @@ class EntryLayout:
         def bad(msg: str) -> LayoutError:
             return LayoutError(f"invalid EntryLayout: {msg} ({self!r})")
 
-        if self.layout_version != 2:
+        if self.layout_version not in LAYOUT_VERSIONS:
             raise bad(f"unsupported layout_version {self.layout_version}")
+        if self.layout_version != layout_version_of(self.parts):
+            raise bad(f"layout_version must be {layout_version_of(self.parts)} for these parts (3 iff a part is a "
+                      "joint index kv_idx or int8 codes q8)")
         if self.mode not in ("collective", "full"):
             raise bad(f"mode must be 'collective' or 'full', got {self.mode!r}")
         if self.kv_dtype not in KV_DTYPES:
@@ -149,13 +156,17 @@ class EntryLayout:
         for name, g in found.items():
             k, v = g.get("k_user"), g.get("v_user")
             cap = (v or k).cap  # type: ignore[union-attr]
-            out.append(GroupSpec(name, cap, k.width if k else 0, v.width if v else 0, "k_idx" in g, "v_idx" in g))
+            joint = "kv_idx" in g
+            int8 = any(p.kind == "q8" for p in g.values())
+            out.append(GroupSpec(name, cap, k.width if k else 0, v.width if v else 0, "k_idx" in g or joint,
+                                 "v_idx" in g or joint, joint, int8))
         return tuple(out)
 
     @functools.cached_property
     def flat_group(self) -> GroupSpec | None:
         """The one K/V group when a record is exactly that group's ``n`` rows per part (a din entry:
-        ``k_user (n, dk) | v_user (n, dv) | k_idx (n,) | v_idx (n,)``, cap ``max_len``, no keys) — what
+        ``k_user (n, dk) | v_user (n, dv) | k_idx (n,) | v_idx (n,)`` or ``| kv_idx (n,)``, cap ``max_len``, no
+        keys) — what
         the fused kernel, the CUDA graphs and the resident tier read in place; None otherwise."""
         if len(self.groups) != 1 or any(p.kind == "key" or p.cap != self.max_len for p in self.parts):
             return None
@@ -167,7 +178,7 @@ class EntryLayout:
             return KV_DTYPES[self.kv_dtype][1].itemsize
         if kind == "idx":
             return IDX_DTYPES[self.idx_dtype][1].itemsize if self.idx_dtype else 0
-        return 1
+        return 1  # key bytes, q8 codes
 
     def dtype(self, kind: str) -> np.dtype:
         """numpy storage dtype of a part kind (bfloat16: raw uint16 bits)."""
@@ -176,7 +187,7 @@ class EntryLayout:
         if kind == "idx":
             assert self.idx_dtype is not None
             return IDX_DTYPES[self.idx_dtype][1]
-        return np.dtype(np.uint8)
+        return np.dtype(np.int8) if kind == "q8" else np.dtype(np.uint8)
 
     @functools.cached_property
     def row_bytes(self) -> tuple[int, ...]:
@@ -249,9 +260,10 @@ def read_layout(path: str | os.PathLike) -> EntryLayout:
 
 
 def layout_from_dict(data: dict) -> EntryLayout:
-    """A store layout from its dict: ``layout_version`` 2 is an :class:`EntryLayout`; any other dict is
-    read as a legacy din layout (:func:`cachestore.store.legacy_v1.legacy_fields`, ``record_format`` 1)."""
-    if data.get("layout_version") == 2:
+    """A store layout from its dict: ``layout_version`` 2 or 3 is an :class:`EntryLayout`; a dict without a
+    ``layout_version`` is read as a legacy din layout (:func:`cachestore.store.legacy_v1.legacy_fields`,
+    ``record_format`` 1)."""
+    if data.get("layout_version") in LAYOUT_VERSIONS:
         return EntryLayout.from_dict(data)
     return EntryLayout(**legacy_fields(data))
 
@@ -367,7 +379,12 @@ def entry_layout(cfg: ModelConfig, model_version: str, mode: str = "collective",
     idx = index_dtype(cfg.collective.pool_size) if has_idx else None
     return EntryLayout(arch=cfg.arch, mode=mode, kv_dtype=kv_dtype, idx_dtype=idx,
                        pool_size=cfg.collective.pool_size if has_idx else 0, max_len=cfg.window_len,
-                       model_version=model_version, parts=parts)  # fmt: skip
+                       model_version=model_version, parts=parts, layout_version=layout_version_of(parts))  # fmt: skip
+
+
+def layout_version_of(parts: tuple[EntryPart, ...]) -> int:
+    """3 when some part is a joint K/V index (``<g>.kv_idx``) or int8 user codes (kind ``q8``), else 2."""
+    return 3 if any(p.kind == "q8" or p.name.endswith(".kv_idx") for p in parts) else 2
 
 
 def check_indices(layout: EntryLayout, record: EntryRecord, user_id: int | None) -> None:

@@ -24,11 +24,13 @@ from numpy.lib.stride_tricks import as_strided
 
 from collectivekv.cachestore.decode.entry_batch import kv_storage
 from collectivekv.cachestore.store.entry import EntryLayout, entry_layout
-from collectivekv.cachestore.store.record import HEADER_SIZE, IDX_DTYPES, KV_DTYPES
+from collectivekv.cachestore.store.record import HEADER_SIZE, IDX_DTYPES
 from collectivekv.model.cache import KVCache
 from collectivekv.model.cache_spec import GroupSpec
 from collectivekv.model.config import ModelConfig
 from collectivekv.model.ctr import TargetAttentionCTR
+from collectivekv.model.entry import user_scales
+from collectivekv.model.quant import int8_codes
 from collectivekv.pipeline.prefill.zoo_engine import MAX_POSITIONS as _DIRECT_POSITIONS
 from collectivekv.pipeline.prefill.zoo_engine import (  # noqa: F401  (FlatEntries, ZooEngine, _empty_entries: re-exported)
     FlatEntries,
@@ -72,8 +74,9 @@ def din_group(layout: EntryLayout) -> GroupSpec:
 class FlatKV:
     """One chunk's cache entries, flat over the valid behaviours in user order, as stored.
 
-    k, v: (N, dk), (N, dv) numpy arrays of the layout's kv storage dtype (bfloat16 as uint16 bits);
-    k_idx, v_idx: (N,) of the index dtype, or None when that side is not shared.
+    k, v: (N, dk), (N, dv) numpy arrays of the layout's kv storage dtype (bfloat16 as uint16 bits), or int8
+    codes for a q8 user part; k_idx, v_idx: (N,) of the index dtype, or None when that side is not shared (a joint
+    index is k_idx, with v_idx None: the layout's one ``kv.kv_idx`` part).
     """
 
     k: np.ndarray
@@ -117,17 +120,23 @@ class _ModelEngine:
                                                                  layout.kv_dtype))
         self.model = model
         self.layout = layout
+        self.scales = user_scales(model, cfg)  # int8 user parts: the codes' scales (empty for float parts)
+
+    def _user(self, t: torch.Tensor, side: str) -> np.ndarray:
+        """(N, d) user values of ``side`` → storage: kv dtype, or int8 codes for a q8 part."""
+        if self.group.user_kind(side) == "q8":
+            return int8_codes(t, self.scales[f"kv.{side}_user"]).cpu().numpy()
+        return kv_storage(t, self.layout.kv_dtype)
 
     def _entries(self, cache: KVCache, valid: torch.Tensor) -> FlatKV:
         """Encode the valid positions of a padded cache (B, L, .) as flat storage arrays."""
-        lay = self.layout
+        lay, g = self.layout, self.group
         if lay.mode == "full":
             k, v = self.model.keys_values(cache)  # (B, L, d_a) each
             return FlatKV(kv_storage(k[valid], lay.kv_dtype), kv_storage(v[valid], lay.kv_dtype), None, None)
-        ki = _index_storage(cache.k_idx[valid], lay.idx_dtype) if self.group.k_shared else None
-        vi = _index_storage(cache.v_idx[valid], lay.idx_dtype) if self.group.v_shared else None
-        return FlatKV(kv_storage(cache.k_user[valid], lay.kv_dtype), kv_storage(cache.v_user[valid], lay.kv_dtype),
-                      ki, vi)
+        ki = _index_storage(cache.k_idx[valid], lay.idx_dtype) if g.k_shared else None
+        vi = _index_storage(cache.v_idx[valid], lay.idx_dtype) if g.v_shared and not g.joint else None
+        return FlatKV(self._user(cache.k_user[valid], "k"), self._user(cache.v_user[valid], "v"), ki, vi)
 
     def _prefill(self, items: np.ndarray, feedback: np.ndarray, lengths: np.ndarray) -> FlatKV:
         dev = self.device
@@ -193,19 +202,16 @@ class MemoEngine(_ModelEngine):
         vocab = (self.n_items + 1) * self.nf
         if vocab > 1 << 27:
             raise ValueError(f"memo engine: token vocabulary {vocab} too large for a dense slot table")
-        kv = KV_DTYPES[layout.kv_dtype][1]
         idx = IDX_DTYPES[layout.idx_dtype][1] if layout.idx_dtype else None
         g = self.group
-        per_entry = (g.dk + g.dv) * kv.itemsize + (idx.itemsize if idx else 0) * 2
+        empty = _empty(layout)
+        per_entry = empty.k.itemsize * g.dk + empty.v.itemsize * g.dv + (idx.itemsize if idx else 0) * 2
         pool = model.cfg.collective.pool_size if g.k_shared or g.v_shared else 1
         cells = _ROUTER_CELLS.get(self.device.type, _ROUTER_CELLS["cpu"])
         self.block_items = max(1, min(1 << 15, cells // pool // 2))
         self.capacity = max(4 * self.block_items, memo_bytes // per_entry)  # entries
         self._slot = np.full(vocab, -1, dtype=np.int32)  # token -> row of the tables, -1 unknown
-        self._k = np.empty((0, g.dk), kv)
-        self._v = np.empty((0, g.dv), kv)
-        self._ki = np.empty(0, idx) if g.k_shared else None
-        self._vi = np.empty(0, idx) if g.v_shared else None
+        self._k, self._v, self._ki, self._vi = empty.k, empty.v, empty.k_idx, empty.v_idx
         self.size = 0
         self.resets = 0
         self.shared = None
@@ -339,10 +345,10 @@ class NoopEngine:
 
 def _empty(layout: EntryLayout) -> FlatKV:
     g = din_group(layout)
-    kv = KV_DTYPES[layout.kv_dtype][1]
+    kv = {side: layout.dtype(g.user_kind(side)) for side in "kv"}
     idx = IDX_DTYPES[layout.idx_dtype][1] if layout.idx_dtype else None
-    return FlatKV(np.zeros((0, g.dk), kv), np.zeros((0, g.dv), kv),
-                  np.zeros(0, idx) if g.k_shared else None, np.zeros(0, idx) if g.v_shared else None)
+    return FlatKV(np.zeros((0, g.dk), kv["k"]), np.zeros((0, g.dv), kv["v"]),
+                  np.zeros(0, idx) if g.k_shared else None, np.zeros(0, idx) if g.v_shared and not g.joint else None)
 
 
 def tokenwise(model: TargetAttentionCTR, layout: EntryLayout, seed: int = 0) -> bool:

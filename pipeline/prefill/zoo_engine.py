@@ -12,7 +12,7 @@ import torch
 from collectivekv.cachestore.decode.entry_batch import entry_payloads, storage_arrays
 from collectivekv.cachestore.store.entry import EntryLayout, entry_layout
 from collectivekv.model.cache_spec import store_config
-from collectivekv.model.entry import entry_arrays, full_cache
+from collectivekv.model.entry import entry_arrays, full_cache, user_scales
 
 MAX_POSITIONS = 1 << 16  # padded positions per model.prefill call (the direct and the zoo engine)
 # largest intermediate (router logits: positions x pool; HSTU attention: users x heads x width^2) per
@@ -77,6 +77,7 @@ class ZooEngine:
         self.model = model
         self.layout = layout
         self.store_cfg = store_config(cfg, layout.mode)
+        self.scales = user_scales(model, cfg)  # int8 user parts: the codes' scales (empty for float parts)
         cells = _ZOO_CELLS.get(self.device.type, _ZOO_CELLS["cpu"])
         pool = cfg.collective.pool_size if cfg.kv_mode == "collective" and (cfg.k_shared or cfg.v_shared) else 1
         self.max_positions = max(1, min(MAX_POSITIONS, cells // pool))
@@ -97,7 +98,7 @@ class ZooEngine:
                                        torch.from_numpy(lengths).to(dev))
             if self.layout.mode == "full":
                 cache = full_cache(self.model, cache)
-            arrays = storage_arrays(self.layout, entry_arrays(cache, self.store_cfg))
+            arrays = storage_arrays(self.layout, entry_arrays(cache, self.store_cfg, self.scales))
         values, offsets = entry_payloads(self.layout, arrays, lengths)
         return FlatEntries(values, offsets)
 

@@ -37,7 +37,7 @@ def store_sizes(store: str | os.PathLike, d_attn: int | None = None) -> dict[str
     version, m = read_manifest(store)
     layout = layout_from_dict(m["layout"])
     stats = m["stats"]
-    kv = [p for p in layout.parts if p.kind == "kv"]  # every group's K and V (user parts or whole)
+    kv = [p for p in layout.parts if p.kind in ("kv", "q8")]  # every group's K and V (user parts or whole)
     d_a = d_attn or (m.get("dims") or {}).get("d_attn") or (kv[0].width if layout.mode == "full" and kv else None)
     users, behaviours = stats["users"], stats["behaviours"]
     parquet = sum(f["bytes"] for f in m["parquet"]["files"] if f["name"].endswith(".parquet"))

@@ -42,8 +42,7 @@ from collectivekv.cachestore.store.sharded_reader import ShardedReader, check_sh
 from collectivekv.cachestore.store.store_tree import check_tree
 from collectivekv.model.blocks import ZooCache
 from collectivekv.model.cache_spec import store_config
-from collectivekv.model.config import ModelConfig
-from collectivekv.model.entry import cache_from_arrays
+from collectivekv.model.entry import cache_from_arrays, user_scales
 from collectivekv.model.events import EventSpec
 from collectivekv.pipeline.data.history import arrow_window
 
@@ -91,13 +90,16 @@ def history_dataset(path: str | Path) -> pads.Dataset:
     return ds
 
 
-def _stored_cache(layout: EntryLayout, records: list[EntryRecord], cfg: ModelConfig, device: torch.device) -> ZooCache:
-    """The cache (fp32 values, int64 indices, padded to the longest record) made of decoded records."""
+def _stored_cache(layout: EntryLayout, records: list[EntryRecord], model: torch.nn.Module, device: torch.device
+                  ) -> ZooCache:
+    """The cache (fp32 values — int8 codes times the model's scales —, int64 indices, padded to the longest
+    record) made of decoded records."""
     lengths, stacked = stack_records(layout, records)
     tensors = model_tensors(layout, stacked, device)
     kinds = {p.name: p.kind for p in layout.parts}
     tensors = {k: (t.float() if kinds[k] == "kv" else t) for k, t in tensors.items()}
-    return cache_from_arrays(tensors, torch.from_numpy(lengths).to(device), store_config(cfg, layout.mode))
+    return cache_from_arrays(tensors, torch.from_numpy(lengths).to(device), store_config(model.cfg, layout.mode),
+                             user_scales(model, model.cfg))
 
 
 def verify_store(store: str | Path, checkpoint: str | Path, histories: str | Path, *, sample: int | None = None,
@@ -190,7 +192,7 @@ def _check_batch(batch: pa.RecordBatch, model: torch.nn.Module, reader: Reader, 
     with torch.inference_mode():
         ref = model.prefill(items_t, fb_t, len_t)
         k_ref, v_ref = model.keys_values(ref)
-        got = _stored_cache(layout, [records[i] for i in keep], model.cfg, dev).kv["kv"]
+        got = _stored_cache(layout, [records[i] for i in keep], model, dev).kv["kv"]
         k_got, v_got = model.keys_values(got)
     valid = torch.arange(width, device=dev)[None, :] < len_t[:, None]
     res.users_checked += len(keep)
@@ -242,13 +244,12 @@ def _check_zoo_batch(batch: pa.RecordBatch, model: torch.nn.Module, reader: Read
     if not keep:
         return
     sel = np.asarray(keep)
-    cfg = model.cfg
     width = max(1, int(w.lengths[sel].max()))
     len_t = torch.from_numpy(w.lengths[sel]).to(dev)
     with torch.inference_mode():
         ref = model.prefill(torch.from_numpy(w.items[sel, :width]).to(dev),
                             torch.from_numpy(w.feedback[sel, :width]).to(dev), len_t)
-        got = _stored_cache(layout, records, cfg, dev)
+        got = _stored_cache(layout, records, model, dev)
         kv_ref, kv_got = model.keys_values(ref), model.keys_values(got)
     res.users_checked += len(keep)
     res.behaviours_checked += int(len_t.sum())

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from collectivekv.model.cache_spec import bytes_per_behaviour, compression_rate, entry_bytes, full_kv_bytes
-from collectivekv.model.config import ModelConfig, config_to_dict
+from collectivekv.model.config import ModelConfig, config_to_dict, with_sharing
 from collectivekv.model.metrics import METRICS
 from collectivekv.pipeline.data.dataset_schema import CanonicalDataset
 from collectivekv.pipeline.store.safe_output import OutputKind, replace_dir
@@ -52,12 +52,11 @@ class Variant:
 
 def standard_variants(base: ModelConfig, names: Sequence[str]) -> list[Variant]:
     """Named variants of ``base``: full, collective, share_k, share_v."""
-    c = base.collective
     table = {
         "full": replace(base, kv_mode="full"),
         "collective": replace(base, kv_mode="collective"),
-        "share_k": replace(base, kv_mode="collective", collective=replace(c, share_k=True, share_v=False)),
-        "share_v": replace(base, kv_mode="collective", collective=replace(c, share_k=False, share_v=True)),
+        "share_k": with_sharing(base, True, False),
+        "share_v": with_sharing(base, False, True),
     }
     unknown = [n for n in names if n not in table]
     if unknown:

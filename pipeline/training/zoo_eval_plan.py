@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from collectivekv.model.config import CollectiveConfig, ModelConfig
+from collectivekv.model.config import CollectiveConfig, ModelConfig, with_sharing
 from collectivekv.model.zoo import PAPER_MODELS
 from collectivekv.pipeline.training.trainer import TrainConfig
 
@@ -44,7 +44,8 @@ class EvalSettings:
         if arch == "hstu":
             cfg = replace(cfg, max_len=self.hstu_max_len)
         if collective:
-            cfg = replace(cfg, collective=replace(cfg.collective, **collective))
+            c = replace(cfg.collective, **collective)
+            cfg = replace(with_sharing(cfg, c.share_k, c.share_v), kv_mode=cfg.kv_mode, collective=c)
         return cfg
 
 

@@ -33,3 +33,31 @@ def test_train_refuses_an_unknown_feature_in_one_line(tmp_path) -> None:  # noqa
     r = CliRunner().invoke(cli, ["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "ckpt"),
                                  "--event-features", "weekday"])
     assert r.exit_code == 2 and "'weekday' is not one of ('gap', 'hour')" in r.output and "Traceback" not in r.output
+
+
+def test_half_cache_options(tmp_path) -> None:  # noqa: ANN001
+    """--kv-index joint --user-dtype int8 reach the ModelConfig (and its checkpoint); a joint index with one side
+    shared is a usage error; the sharing sweeps fall back to separate indices."""
+    from collectivekv.model.config import with_sharing
+
+    cfg = build_model_config("collective", {**BASE, "kv_index": "joint", "user_dtype": "int8"})
+    assert cfg.joint_index and cfg.int8_user
+    assert build_model_config("collective", BASE).kv_index == "separate"
+    with pytest.raises(click.BadParameter, match="both K and V shared"):
+        build_model_config("collective", {**BASE, "share": "k", "kv_index": "joint"})
+    k_only = with_sharing(cfg, True, False)
+    assert k_only.kv_index == "separate" and k_only.user_dtype == "int8" and not k_only.collective.share_v
+    movielens = Path(__file__).resolve().parents[2] / "data" / "movielens"
+    r = CliRunner().invoke(cli, ["data", "prepare", "--events", str(movielens / "ratings.csv"), "--out",
+                                 str(tmp_path / "data")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "ckpt"),
+                                 "--epochs", "1", "--embed-dim", "8", "--d-attn", "16", "--heads", "2", "--max-len",
+                                 "10", "--pool-size", "64", "--kv-index", "joint", "--user-dtype", "int8",
+                                 "--no-progress"])
+    assert r.exit_code == 0, r.output
+    from collectivekv.cachestore.checkpoint import load_checkpoint
+
+    model = load_checkpoint(tmp_path / "ckpt").model
+    assert model.cfg.kv_index == "joint" and model.cfg.user_dtype == "int8"
+    assert float(model.k_branch.user_scale) > 0 and float(model.v_branch.user_scale) > 0
