@@ -193,11 +193,12 @@ def with_sharing(cfg: ModelConfig, share_k: bool, share_v: bool) -> ModelConfig:
 def config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
     """JSON-ready dict (tuples become lists). Fields added after the first checkpoints are left out at their
     defaults (:data:`ZOO_DEFAULTS`, :data:`EVENT_DEFAULTS`, :data:`CACHE_DEFAULTS`), so configs written before
-    them round-trip unchanged."""
+    them round-trip unchanged; :data:`CACHE_DEFAULTS`' fields are left out of a full model's, which they do not
+    change (it reads back with the defaults)."""
     d = dataclasses.asdict(cfg)
     for key, default in (*ZOO_DEFAULTS.items(), *EVENT_DEFAULTS.items(), *CACHE_DEFAULTS.items()):
-        if d[key] == default:
-            del d[key]
+        if d[key] == default or (key in CACHE_DEFAULTS and cfg.kv_mode == "full"):  # a full model caches no
+            del d[key]  # router index or user part: kv_index / user_dtype do not change it, nor its run id
     if "event_features" in d:
         d["event_features"] = list(d["event_features"])
     return d

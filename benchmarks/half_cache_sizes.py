@@ -1,7 +1,7 @@
 """A din and a SIM store of a kv_index=joint, user_dtype=int8 model at the paper's dims (d_a 256, d_u 1, pool
 10,000), 20 users with full windows of random items, for `ckv report size OUT/{din,sim}/store` (sizes only: the
 model is untrained, its int8 scales observed on one batch).
-Usage: PYTHONPATH=. python scripts/half_cache_sizes.py OUT"""
+Usage: python benchmarks/half_cache_sizes.py OUT"""
 import dataclasses
 import sys
 from pathlib import Path
