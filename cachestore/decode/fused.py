@@ -39,19 +39,10 @@ side) the user part is the whole d_a row. The plain-PyTorch reference is the eag
 A launch may serve only the users whose records end in a byte range (``chunks``): the CUDA graph copies
 the batch in pieces and launches the kernel once per piece as it lands (:mod:`cachestore.decode.graphs`).
 
-Measured on an H100 (``benchmarks/decode_latency.py``, B 512, L 1000): one CUDA-graph replay of the
-copies + q projection + this kernel + MLP takes 0.171 ms with the fp16 store and pool rows and 0.245 ms
-with fp32 throughout, the copy in 3 pieces beside the kernel (``benchmarks/results/decode_latency/decode_latency.json``,
-``decode_latency/decode_latency_fp32.json``), against 1.25 ms for a CUDA graph over unpack + poolscore
-(``docs/serving.md``, "GPU results");
-splitting histories halved the replay at B 1–64 (``decode_latency/decode_latency_launch3_float{16,32}.json``).
-The pool-row reads bound the kernel: at B 512, L 1000 they are 1.05 GB with fp32 rows (a kernel doing
-only them: 0.151 ms, 7.0 TB/s from L2) and 0.52 GB with fp16 rows (0.092 ms;
-``benchmarks/results/fused_kernel/fused_kernel_floor.json``) — with fp32 rows 1.6× the PCIe floor of the fp16 batch
-by themselves, which is why the pool rows follow the store's precision by default. Timed alone from
-Python (launch cost included), the kernel takes 1.4× (fp32 pools) to 2.3× (fp16) the time of that
-read-only kernel; Nsight Compute: ``benchmarks/results/fused_kernel/ncu_fused_B512_L1000.txt``. ``raw`` may also be
-a pinned host batch, which the kernel then reads over PCIe (mapped, zero-copy) — measured slower than copying first.
+The pool-row reads bound the kernel (at B 512, L 1000: 0.52 GB of fp16 rows, 1.05 GB of fp32, from L2), which
+is why the pool rows follow the store's precision by default; its measured times, the floor kernel and the
+settings tried are in docs/serving.md ("Fused kernel", "GPU results"). ``raw`` may also be a pinned host batch,
+which the kernel then reads over PCIe (mapped, zero-copy) — measured slower than copying first.
 """
 
 from __future__ import annotations
@@ -64,8 +55,15 @@ from collections.abc import Callable, Sequence
 import torch
 
 from collectivekv.cachestore.decode.decode import ResidentModel
-from collectivekv.cachestore.decode.fused_config import ALL_BYTES, DEFAULT_FUSED, FusedConfig, pool_dtype, split_parts
-from collectivekv.cachestore.decode.fused_view import GroupView, din_group, din_view
+from collectivekv.cachestore.decode.fused_config import (
+    ALL_BYTES,
+    DEFAULT_FUSED,
+    FusedConfig,
+    check_launch,
+    pool_dtype,
+    split_parts,
+)
+from collectivekv.cachestore.decode.fused_view import GroupView, din_group, din_view, padded_pools
 from collectivekv.cachestore.decode.transfer import KV_TORCH
 from collectivekv.cachestore.store.entry import EntryLayout
 from collectivekv.cachestore.store.record import RouterIndexError
@@ -273,21 +271,6 @@ if triton is not None:
         tl.store(out_ptr + row * D_A + cols, out)
 
 
-def padded_pools(resident: ResidentModel, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(P_k, P_v) as (pool, d_a) rows zero in the user dims (the kernel adds the user part there), at
-    ``dtype`` (float32: the model's rows exactly; float16/bfloat16 halve the kernel's pool reads at the
-    cost of rounding the pool); a 1-row zero tensor for a side that is not shared. Cached per dtype."""
-    cache: dict = resident.__dict__.setdefault("_fused_pools", {})
-    if dtype not in cache:
-        def rows(per_head: torch.Tensor | None, transposed: bool) -> torch.Tensor:
-            if per_head is None:
-                return torch.zeros(1, resident.cfg.d_attn, dtype=dtype, device=resident.device)
-            heads = per_head.permute(2, 0, 1) if transposed else per_head.permute(1, 0, 2)  # (M, H, dh)
-            return heads.reshape(heads.shape[0], -1).to(dtype).contiguous()  # (M, d_a)
-        cache[dtype] = (rows(resident.pool_k, True), rows(resident.pool_v, False))
-    return cache[dtype]
-
-
 def _launch_shape(config: FusedConfig, rows: int, groups: int, span: int, launches: int, device: torch.device
                   ) -> tuple[int, int]:
     """(parts, steps per part) of a launch over ``span`` steps per row (whole BLOCK_L blocks per part)."""
@@ -397,16 +380,6 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
                                f"{int(torch.nonzero(flag)[0, 0])}: the record is corrupt "
                                "(run `ckv store verify STORE`)")
     return out
-
-
-def check_launch(n_heads: int, d_a: int, config: FusedConfig) -> None:
-    """ValueError unless the kernel can split d_a into ``n_heads`` power-of-two heads, ``config``'s groups."""
-    dh = d_a // n_heads
-    if dh & (dh - 1):
-        raise ValueError(f"the fused kernel needs a power-of-two head dim, got {dh}")
-    if n_heads % config.heads_per_program:
-        raise ValueError(f"heads_per_program must be a power of two dividing {n_heads}, got "
-                         f"{config.heads_per_program}")
 
 
 def fused_decode(resident: ResidentModel, raw: torch.Tensor, layout: EntryLayout, n_users: int,

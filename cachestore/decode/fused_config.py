@@ -94,3 +94,13 @@ def pool_dtype(config: FusedConfig, layout: StoreLayout) -> str:
     """The pool-row precision a launch with ``config`` reads for a store of ``layout``: ``config.pool_dtype``,
     or the store's kv_dtype where that is "store"."""
     return layout.kv_dtype if config.pool_dtype == STORE else config.pool_dtype
+
+
+def check_launch(n_heads: int, d_a: int, config: FusedConfig) -> None:
+    """ValueError unless the kernel can split d_a into ``n_heads`` power-of-two heads, ``config``'s groups."""
+    dh = d_a // n_heads
+    if dh & (dh - 1):
+        raise ValueError(f"the fused kernel needs a power-of-two head dim, got {dh}")
+    if n_heads % config.heads_per_program:
+        raise ValueError(f"heads_per_program must be a power of two dividing {n_heads}, got "
+                         f"{config.heads_per_program}")

@@ -5,12 +5,16 @@ the batch header) and every part's byte start of a zoo record (:func:`record_par
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from collectivekv.cachestore.store.entry import EntryLayout
 from collectivekv.cachestore.store.record import HEADER_SIZE
 from collectivekv.model.cache_spec import GroupSpec
+
+if TYPE_CHECKING:
+    from collectivekv.cachestore.decode.decode import ResidentModel
 
 
 @dataclass(frozen=True)
@@ -66,3 +70,18 @@ def record_part_starts(raw: torch.Tensor, layout: EntryLayout, n_users: int) -> 
                          for p, rb in zip(layout.parts, layout.row_bytes, strict=True)])  # (P, B)  # fmt: skip
     ends = offsets + HEADER_SIZE + sizes.cumsum(0)  # (P, B): one past each part
     return torch.cat([(offsets + HEADER_SIZE).unsqueeze(0), ends])  # (P + 1, B)
+
+
+def padded_pools(resident: ResidentModel, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P_k, P_v) as (pool, d_a) rows zero in the user dims (the kernel adds the user part there), at
+    ``dtype`` (float32: the model's rows exactly; float16/bfloat16 halve the kernel's pool reads at the
+    cost of rounding the pool); a 1-row zero tensor for a side that is not shared. Cached per dtype."""
+    cache: dict = resident.__dict__.setdefault("_fused_pools", {})
+    if dtype not in cache:
+        def rows(per_head: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+            if per_head is None:
+                return torch.zeros(1, resident.cfg.d_attn, dtype=dtype, device=resident.device)
+            heads = per_head.permute(2, 0, 1) if transposed else per_head.permute(1, 0, 2)  # (M, H, dh)
+            return heads.reshape(heads.shape[0], -1).to(dtype).contiguous()  # (M, d_a)
+        cache[dtype] = (rows(resident.pool_k, True), rows(resident.pool_v, False))
+    return cache[dtype]

@@ -1,15 +1,13 @@
 """Prefill engines: how a chunk of padded histories becomes cache entries (no Spark, no Arrow).
 
-All engines return the model's own values; :mod:`pipeline.prefill.prefill` turns them into output rows. The
-din engines (``direct``, ``memo``) return a :class:`FlatKV` (flat over valid behaviours, at the
-layout's storage dtypes; :func:`flat_entries` turns it into payloads), the zoo and ``noop`` engines
-a :class:`FlatEntries` (each user's record payload — its :class:`EntryLayout` parts — back to back).
-See :mod:`pipeline.prefill.prefill`'s docstring for when each engine is used: ``direct`` (``model.prefill``
-per chunk, the reference), ``memo`` (one ``model.prefill`` per token of the item vocabulary, in
-fixed blocks, cached; din only; ``auto`` leaves it for ``direct`` when the model has per-event features,
-whose blocks would cover every event code of every item: :mod:`model.events`), ``zoo`` (:class:`ZooEngine`:
-``model.prefill`` per chunk for the zoo archs; ``auto`` and ``direct`` pick it for them), ``noop`` (no model:
-the I/O floor).
+All engines return the model's own values; :mod:`pipeline.prefill.prefill` turns them into output rows. The din
+engines (``direct``, ``memo``) return a :class:`FlatKV` (flat over valid behaviours, at the layout's storage
+dtypes; :func:`flat_entries` makes payloads), the zoo and ``noop`` engines a :class:`FlatEntries` (each user's
+record payload — its :class:`EntryLayout` parts — back to back).
+Engines (when each is used: :mod:`pipeline.prefill.prefill`): ``direct`` (``model.prefill`` per chunk, the
+reference), ``memo`` (one ``model.prefill`` per token of the item vocabulary, in fixed blocks, cached; din only,
+not with per-event features: :mod:`model.events`), ``zoo`` (:class:`ZooEngine`, ``model.prefill`` per chunk
+for the zoo archs), ``noop`` (no model: the I/O floor).
 """
 
 from __future__ import annotations
@@ -44,7 +42,6 @@ DEFAULT_MEMO_BYTES = 256 << 20
 # (tokens x pool) router logits per model.prefill call of the memo engine: on a CPU, logits that stay
 # in cache (2^21 cells = 8 MB) run the router 2.2x faster than 2^24 (measured: 50k tokens, pool 10k)
 _ROUTER_CELLS = {"cpu": 1 << 21, "cuda": 1 << 24}
-
 
 
 def check_engine(layout: EntryLayout, kind: str) -> None:

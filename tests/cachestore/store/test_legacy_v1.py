@@ -153,7 +153,7 @@ def test_bad_format_1_layouts_are_refused() -> None:
     for bad, msg in (({**good, "dk": 0}, "dk and dv"), ({**good, "extra": 1}, "unknown"),
                      ({k: v for k, v in good.items() if k != "dv"}, "missing"),
                      ({**good, "kv_dtype": "int8"}, "kv_dtype"),
-                     ({**good, "k_shared": 1}, "wrong type"), ({**good, "layout_version": 3}, "layout_version"),
+                     ({**good, "k_shared": 1}, "wrong type"), ({**good, "layout_version": 4}, "layout_version"),
                      ({**good, "idx_dtype": None}, "idx_dtype"), ({**good, "model_version": "xyz"}, "model_version")):
         with pytest.raises(LayoutError, match=msg):
             layout_from_dict(bad)
