@@ -21,8 +21,8 @@
 #                      L 50 and 1000, fp16 and fp32 → zoo_latency/zoo_latency_float{16,32}.json, .md, .png
 #   resident (~3 min)  requests through the GPU-resident tier: serving_latency/serving_latency.{json,png},
 #                      zoo_latency/zoo_resident_float{16,32}.json
-#   serve    (~9 min)  `ckv serve` under open-loop load: the preset (single requests, Arrow batches, a hot
-#                      swap), then single requests with 1 and 8 workers → serve_load/serve_load_gpu*.json
+#   serve    (~4 min)  one `ckv serve` process under open-loop load: single requests, then Arrow batches and a
+#                      hot swap → serve_load/serve_load_gpu_1worker{_single,}.json
 #   eval [SECONDS]     `ckv eval --device cuda --workers 3` (the model-zoo evaluation), resumable: finished
 #                      runs are kept under zoo_movielens/runs (EVAL_OUT: another folder, EVAL_ARGS: options)
 #
@@ -109,11 +109,10 @@ resident)
     done
     ;;
 serve)
-    timeout 300 $PY benchmarks/serve_load.py --preset gpu --out $R/serve_load/serve_load_gpu.json 2>&1 | tail -8
-    timeout 200 $PY benchmarks/serve_load.py --preset gpu --workers 1 --parts single \
+    timeout 200 $PY benchmarks/serve_load.py --preset gpu --workers 1 --parts single --rates 4000,5000,5000,6000 \
+        --out $R/serve_load/serve_load_gpu_1worker_single.json 2>&1 | tail -8
+    timeout 250 $PY benchmarks/serve_load.py --preset gpu --workers 1 --parts batch,swap \
         --out $R/serve_load/serve_load_gpu_1worker.json 2>&1 | tail -8
-    timeout 300 $PY benchmarks/serve_load.py --preset gpu --workers 8 --parts single --rates 2500,5000,7500,10000 \
-        --out $R/serve_load/serve_load_gpu_8workers.json 2>&1 | tail -8
     ;;
 eval)
     budget=${2:-540}

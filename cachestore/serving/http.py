@@ -4,8 +4,8 @@ Why not an ASGI framework: a request of one user × 64 candidates costs the scor
 everything else is the event loop's, under the one GIL it shares with the scoring thread. An ASGI server
 runs each request as a task with message dicts and coroutine hops between the body, the queue and the
 reply; this protocol handles a request in plain callbacks (docs/serving.md, "One process", has the load
-figures). For the cheapest reply alone (`benchmarks/http_overhead.py`, one core) it costs 63–69 µs of CPU
-against 70–82 µs for a bare ASGI app on uvicorn, before any framework. It uses the same parser as uvicorn
+figures). For the cheapest reply alone (`benchmarks/http_overhead.py`, one core) it costs 51–54 µs of CPU
+against 66–77 µs for a bare ASGI app on uvicorn, before any framework. It uses the same parser as uvicorn
 (httptools, llhttp) and uvloop's event loop when installed.
 
 Per connection (:class:`_Connection`): requests are parsed as bytes arrive; each gets a *slot* in arrival

@@ -294,15 +294,20 @@ def parse_arrow(body: bytes, limits: Limits, dense_ids: bool = False) -> ScoreRe
 def to_dense_items(request: ScoreRequest, items: ItemIds, n_items: int) -> ScoreRequest:
     """The request with its candidates as the served model's dense ids: raw ids mapped through ``items``
     (the version's item catalogue), dense ids checked to be 1..``n_items``; a BadRequest naming the
-    first candidate that is not one of the model's items."""
-    real = np.arange(request.candidates.shape[1])[None, :] < request.n_candidates[:, None]
+    first candidate that is not one of the model's items. (Runs per request in the scoring thread: a request
+    without padding — every row as long, the usual case — costs a lookup and two checks.)"""
+    cands, lengths = request.candidates, request.n_candidates
+    width = cands.shape[1]
+    real = np.arange(width)[None, :] < lengths[:, None] if len(lengths) > 1 and lengths.min() < width else None
     if request.dense_ids:
-        bad, dense = real & (request.candidates > n_items), request.candidates
+        bad, dense = cands > n_items, cands
         why = f"is not one of the model's items 1..{n_items}"
     else:
-        dense, known = raw_to_dense(items.sorted_raw, items.dense, request.candidates)
-        bad, why = real & ~known, "is not in the model's item catalogue (send raw item ids, or ?dense_ids=true)"
-        dense = np.where(real, dense, 0)
+        dense, known = raw_to_dense(items.sorted_raw, items.dense, cands)
+        bad, why = ~known, "is not in the model's item catalogue (send raw item ids, or ?dense_ids=true)"
+    if real is not None:
+        bad &= real
+        dense = np.where(real, dense, 0) if not request.dense_ids else dense
     if bad.any():
         row, col = (int(x) for x in np.argwhere(bad)[0])
         raise BadRequest(f"candidates[{row}][{col}]", f"item {int(request.candidates[row, col])} {why}")

@@ -11,6 +11,7 @@ is the same graceful shutdown.
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import socket
 import sys
@@ -107,6 +108,9 @@ def serve(service: ScoringService, sock: socket.socket) -> None:
             for sig in previous:
                 loop.remove_signal_handler(sig)
 
+    gc.collect()
+    gc.freeze()  # what is loaded now (torch, the model, the version) is never scanned again by the cyclic GC:
+    # its full collections over them paused the event loop long enough to set the p99 of a loaded server
     try:
         run_loop(main())
     finally:

@@ -30,13 +30,14 @@ def raw_to_dense(sorted_raw: np.ndarray, dense: np.ndarray, query: np.ndarray) -
     """(dense ids int64 shaped like ``query``, known mask bool): ``dense[i]`` where
     ``sorted_raw[i] == query``; unknown raw ids get :data:`UNKNOWN` (0) and ``known`` False."""
     q = np.asarray(query, dtype=np.int64)
-    flat = q.reshape(-1)
-    pos = np.searchsorted(sorted_raw, flat)
-    known = pos < len(sorted_raw)
-    known[known] = sorted_raw[pos[known]] == flat[known]
-    out = np.full(flat.shape, UNKNOWN, dtype=np.int64)
-    out[known] = dense[pos[known]]
-    return out.reshape(q.shape), known.reshape(q.shape)
+    if len(sorted_raw) == 0:
+        return np.full(q.shape, UNKNOWN, dtype=np.int64), np.zeros(q.shape, dtype=bool)
+    pos = np.minimum(np.searchsorted(sorted_raw, q), len(sorted_raw) - 1)  # ids past the last: compared, unknown
+    known = sorted_raw[pos] == q
+    out = dense[pos].astype(np.int64, copy=False)
+    if not known.all():
+        out = np.where(known, out, UNKNOWN)
+    return out, known
 
 
 @dataclass(frozen=True)
