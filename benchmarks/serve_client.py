@@ -74,19 +74,27 @@ def _head(host: str, port: int, path: str, content_type: str, n: int) -> bytes:
             f"Content-Length: {n}\r\n\r\n").encode()
 
 
-async def _load(url: str, bodies: Callable[[int], bytes], content_type: str, rate: float, n: int, t0: float,
-                duration_s: float, connections: int, part: tuple[int, int]) -> LoadResult:
-    """Send requests i = part[0], part[0] + part[1], ... < n, request i at ``t0 + i / rate``."""
-    host, port = loopback(url)
-    pool: asyncio.Queue[_Connection] = asyncio.Queue()
-    for _ in range(connections):
-        pool.put_nowait(_Connection(*await asyncio.open_connection(host, port)))
+async def _load(url: str | tuple[str, ...], bodies: Callable[[int], bytes], content_type: str, rate: float, n: int,
+                t0: float, duration_s: float, connections: int, part: tuple[int, int],
+                route: Callable[[int], int] | None = None) -> LoadResult:
+    """Send requests i = part[0], part[0] + part[1], ... < n, request i at ``t0 + i / rate`` (to
+    ``url[route(i)]`` when ``url`` is several servers)."""
+    addresses = [loopback(u) for u in ((url,) if isinstance(url, str) else url)]
+    pools: list[asyncio.Queue[_Connection]] = []
+    for host, port in addresses:
+        pools.append(asyncio.Queue())
+        for _ in range(max(1, connections // len(addresses))):
+            pools[-1].put_nowait(_Connection(*await asyncio.open_connection(host, port)))
     result = LoadResult(offered_rps=rate)
-    payloads = [bodies(i) for i in range(min(n, 64))]  # a few distinct bodies, reused cyclically
+    n_bodies = min(n, 256 if route else 64)  # a few distinct bodies (and their servers), reused cyclically
+    payloads = [bodies(i) for i in range(n_bodies)]
+    targets = [route(i) if route else 0 for i in range(n_bodies)]
 
     async def one(i: int, t_sched: float) -> None:
+        target = targets[i % n_bodies]
+        pool, (host, port) = pools[target], addresses[target]
         conn = await pool.get()
-        body = payloads[i % len(payloads)]
+        body = payloads[i % n_bodies]
         try:
             status, headers, _ = await conn.post(_head(host, port, "/score", content_type, len(body)), body)
         except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
@@ -118,8 +126,9 @@ async def _load(url: str, bodies: Callable[[int], bytes], content_type: str, rat
         task.cancel()
     result.errors += len(late)
     result.elapsed_s = time.perf_counter() - t0
-    while not pool.empty():
-        pool.get_nowait().writer.close()
+    for pool in pools:
+        while not pool.empty():
+            pool.get_nowait().writer.close()
     return result
 
 
@@ -129,17 +138,20 @@ def _load_part(conn, args: tuple) -> None:  # noqa: ANN001 (a Connection of a fo
     conn.close()
 
 
-def run_load(url: str, bodies: Callable[[int], bytes], content_type: str, *, rate: float, duration_s: float,
-             max_requests: int = 100_000, connections: int = 64, processes: int = 1) -> LoadResult:
+def run_load(url: str | tuple[str, ...], bodies: Callable[[int], bytes], content_type: str, *, rate: float,
+             duration_s: float, max_requests: int = 100_000, connections: int = 64, processes: int = 1,
+             route: Callable[[int], int] | None = None) -> LoadResult:
     """Open-loop load at ``rate`` requests/s (module docstring); bodies(i) gives request i's body.
 
+    Several servers (``url`` a tuple): request i goes to ``url[route(i)]`` (e.g. the process serving its
+    user's shard), the connections split evenly over them.
     processes > 1: the schedule is dealt round-robin to that many forked generator processes (one Python
     event loop sends ~10k small requests/s at most), each with connections / processes connections;
     their results are merged."""
     n = min(max_requests, max(1, int(rate * duration_s)))
     if processes <= 1:
         t0 = time.perf_counter() + 0.05
-        return asyncio.run(_load(url, bodies, content_type, rate, n, t0, duration_s, connections, (0, 1)))
+        return asyncio.run(_load(url, bodies, content_type, rate, n, t0, duration_s, connections, (0, 1), route))
     import multiprocessing as mp
 
     ctx = mp.get_context("fork")  # the children inherit `bodies` (a closure) and use no CUDA
@@ -148,7 +160,7 @@ def run_load(url: str, bodies: Callable[[int], bytes], content_type: str, *, rat
     pipes, procs = [], []
     for k in range(processes):
         parent, child = ctx.Pipe(duplex=False)
-        args = (url, bodies, content_type, rate, n, t0, duration_s, per, (k, processes))
+        args = (url, bodies, content_type, rate, n, t0, duration_s, per, (k, processes), route)
         procs.append(ctx.Process(target=_load_part, args=(child, args), daemon=True))
         procs[-1].start()
         pipes.append(parent)

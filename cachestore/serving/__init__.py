@@ -7,6 +7,7 @@
     metrics.py   Prometheus metrics of one server
     app.py       what each route answers: POST /score, GET /healthz, GET /metrics (ScoringService)
     http.py      HTTP/1.1 over asyncio + httptools: keep-alive, pipelining, limits, graceful shutdown
+    client.py    clients: one server; ShardRouter, each user to the process serving its shard
     server.py    runs the HTTP server on a bound socket (serve: main thread + signals; RunningServer: a thread)
 
 See docs/serving.md, "The serving process".

@@ -118,7 +118,7 @@ class ScoringService:
                "model_version": active.model_version if active else None,
                "queue_users": self.batcher.queued_users, "swaps": versions.swaps,
                "failed_swaps": versions.failed_swaps, "last_error": versions.last_error,
-               "shards": active.shards if active else None}
+               "shards": active.shards if active else None, "user_key": active.user_key if active else None}
         return Reply(200 if doc["status"] == "ok" else 503, json.dumps(doc).encode())
 
     def metrics_text(self) -> Reply:
