@@ -19,9 +19,13 @@ import torch
 from collectivekv.cachestore.decode.runtime_config import ServingConfig
 from collectivekv.cachestore.serving.config import ServerConfig
 from collectivekv.cachestore.serving.server import RunningServer
+from collectivekv.cachestore.store.entry import read_layout
 from collectivekv.cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE, prefill_schema
 from collectivekv.cachestore.store.publish import build_version, new_staging_dir, publish
 from collectivekv.cachestore.store.record import write_layout
+from collectivekv.cachestore.store.shard_build import ShardTarget, build_shard, shard_schema
+from collectivekv.pipeline.store.shard_ops import shard_rows
+from collectivekv.pipeline.store.store_ops import publish_sharded
 from collectivekv.pipeline.training.checkpoint import save_checkpoint
 from tests.cachestore.decode.test_serving import histories
 from tests.model.test_model import make_model, small_config
@@ -87,3 +91,21 @@ def start_server(store: Path, **overrides: object) -> RunningServer:
     settings = dict(port=0, max_wait_ms=2.0, poll_s=0.05, runtime=ServingConfig(device="cpu", batch_users=64))
     settings.update(overrides)
     return RunningServer(ServerConfig(store=Path(store), **settings))
+
+
+SHARD_COUNT = 2
+SHARD_USERS = 16
+
+
+def publish_sharded_with_checkpoint(model: ModelStore, root: Path) -> None:
+    """The model's records as a SHARD_COUNT-shard version with its checkpoint inside (as ``ckv refresh --shards``)."""
+    model.publish(root / "seed")
+    parquet = next((root / "seed").glob("parquet-*"))
+    layout = read_layout(parquet / PARQUET_LAYOUT_FILE)
+    files = sorted(parquet.glob("*.parquet"))
+    assert pq.read_metadata(files[0]).num_rows == SHARD_USERS
+    staging = new_staging_dir(root / "store")
+    entries = [build_shard(shard_rows(files, shard_schema(), k, SHARD_COUNT).to_batches(), shard_schema(),
+                           ShardTarget(staging, k, SHARD_COUNT, layout)) for k in range(SHARD_COUNT)]
+    shutil.copytree(model.checkpoint, staging / "checkpoint")
+    publish_sharded(root / "store", staging, layout, entries, SHARD_COUNT, prefill=None, command_line="test")

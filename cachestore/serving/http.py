@@ -16,11 +16,11 @@ result comes back with one ``call_soon_threadsafe``; a timer answers 503 after `
 
 Limits: the URL (8 KiB, else 414), the header block (32 KiB, else 431), the body (``max_body_bytes``,
 else 413 — at once from Content-Length, or as the chunks arrive), at most :data:`MAX_PIPELINED` unanswered
-requests per connection (reading pauses beyond it). Malformed HTTP gets 400 and the connection closes; so
-do the three limits above. Keep-alive connections idle for ``keepalive_s`` (default 5 s), and connections
-stuck mid-request for ``header_timeout_s``, are closed by a sweep once a second. ``Expect: 100-continue``
-is answered. Shutdown (:meth:`HttpServer.run`'s stop event): stop accepting, close idle connections,
-answer every request already read, then close the rest.
+requests per connection (reading pauses beyond it, and while the client does not read its replies).
+Malformed HTTP gets 400 and the connection closes; so do the three limits above. Keep-alive connections
+idle for ``keepalive_s`` (default 5 s), and connections stuck mid-request for ``header_timeout_s``, are
+closed by a sweep once a second. ``Expect: 100-continue`` is answered. Shutdown (:meth:`HttpServer.run`'s stop
+event): stop accepting, close idle connections, answer every request already read, then close the rest.
 """
 
 from __future__ import annotations
@@ -151,6 +151,13 @@ class _Connection(asyncio.Protocol):
         for future in self.pending:
             future.cancel()  # still queued: the batcher drops it
         self.pending.clear()
+
+    def pause_writing(self) -> None:  # the client is not reading its replies: read no more of its requests
+        self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def resume_writing(self) -> None:
+        if not self.dead and not self.paused:
+            self.transport.resume_reading()  # type: ignore[union-attr]
 
     def data_received(self, data: bytes) -> None:
         if self.dead:

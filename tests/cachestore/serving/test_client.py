@@ -12,17 +12,11 @@ import pytest
 from collectivekv.cachestore.decode.runtime_config import ServingConfig
 from collectivekv.cachestore.serving.client import ServerClient, ServingError, ShardRouter
 from collectivekv.cachestore.store.shards import shard_of
-from tests.cachestore.serving.test_server_shards import COUNT, N_USERS, publish_sharded_with_checkpoint
+from tests.cachestore.serving.test_server import _padded
 from tests.model.test_model import N_ITEMS
 from tests.server_fixtures import COLD_USERS, FIRST_USER, ModelStore, start_server
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModelStore, Path]:
-    work = tmp_path_factory.mktemp("client")
-    model = ModelStore.make(work, seed=11, n_users=N_USERS)
-    publish_sharded_with_checkpoint(model, work)
-    return model, work / "store"
+from tests.server_fixtures import SHARD_COUNT as COUNT
+from tests.server_fixtures import SHARD_USERS as N_USERS
 
 
 def _server(root: Path, shards: tuple[int, ...] | None):  # noqa: ANN202 (RunningServer)
@@ -67,8 +61,3 @@ def test_router_refuses_a_server_set_that_does_not_cover_the_store(store: tuple[
             ShardRouter([s0.url, both.url])
 
 
-def _padded(cands: list[list[int]]) -> np.ndarray:
-    out = np.zeros((len(cands), max(map(len, cands))), dtype=np.int64)
-    for i, c in enumerate(cands):
-        out[i, : len(c)] = c
-    return out

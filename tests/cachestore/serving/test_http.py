@@ -12,17 +12,8 @@ import numpy as np
 import pytest
 
 from collectivekv.cachestore.serving.app import Reply
-from collectivekv.cachestore.serving.http import MAX_HEADER_BYTES, MAX_URL, encode
+from collectivekv.cachestore.serving.http import MAX_HEADER_BYTES, MAX_PIPELINED, MAX_URL, encode
 from tests.server_fixtures import ModelStore, start_server
-
-
-@pytest.fixture(scope="module")
-def published(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModelStore, Path]:
-    work = tmp_path_factory.mktemp("http")
-    model = ModelStore.make(work, seed=4)
-    root = work / "store"
-    model.publish(root)
-    return model, root
 
 
 class _Client:
@@ -193,3 +184,15 @@ def test_encode_frames_the_reply() -> None:
     want = {b"content-length: 7", b"retry-after: 1", b"connection: close", b"content-type: application/json"}
     assert want <= set(lines)
     assert any(line.startswith(b"date: ") for line in lines)
+
+
+def test_a_flood_of_pipelined_requests_is_answered_in_order(published: tuple[ModelStore, Path]) -> None:
+    """More unanswered requests than MAX_PIPELINED, sent before any reply is read: reading pauses and resumes,
+    and every reply arrives, in order."""
+    _, root = published
+    with start_server(root) as srv:
+        client = _Client(srv.url)
+        paths = [("/healthz", 200) if i % 3 else ("/nowhere", 404) for i in range(3 * MAX_PIPELINED)]
+        client.send(b"".join(f"GET {p} HTTP/1.1\r\nhost: x\r\n\r\n".encode() for p, _ in paths))
+        assert [client.reply()[0] for _ in paths] == [status for _, status in paths]
+        client.close()

@@ -12,7 +12,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pyarrow as pa
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from collectivekv.cachestore.decode.runtime import DecodeRuntime
@@ -24,15 +23,6 @@ from tests.model.test_model import N_ITEMS
 from tests.server_fixtures import COLD_USERS, ModelStore, start_server
 
 TOL = dict(rtol=1e-5, atol=1e-6)
-
-
-@pytest.fixture(scope="module")
-def published(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModelStore, Path]:
-    work = tmp_path_factory.mktemp("server")
-    model = ModelStore.make(work, seed=1)
-    root = work / "store"
-    model.publish(root)
-    return model, root
 
 
 def _requests(model: ModelStore, n: int, seed: int) -> list[tuple[list[int], list[list[int]]]]:

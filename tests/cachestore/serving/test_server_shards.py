@@ -4,48 +4,16 @@ naming the owning shard, without failing the rest of the batch; a server of ever
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import httpx
 import numpy as np
-import pyarrow.parquet as pq
-import pytest
 
 from collectivekv.cachestore.decode.runtime_config import ServingConfig
-from collectivekv.cachestore.store.entry import read_layout
-from collectivekv.cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE
-from collectivekv.cachestore.store.publish import new_staging_dir
-from collectivekv.cachestore.store.shard_build import ShardTarget, build_shard, shard_schema
 from collectivekv.cachestore.store.shards import shard_of
-from collectivekv.pipeline.store.shard_ops import shard_rows
-from collectivekv.pipeline.store.store_ops import publish_sharded
 from tests.server_fixtures import FIRST_USER, ModelStore, start_server
-
-COUNT = 2
-N_USERS = 16
-
-
-def publish_sharded_with_checkpoint(model: ModelStore, root: Path) -> None:
-    """The model's records as a COUNT-shard version with its checkpoint inside (as ``ckv refresh --shards``)."""
-    model.publish(root / "seed")
-    parquet = next((root / "seed").glob("parquet-*"))
-    layout = read_layout(parquet / PARQUET_LAYOUT_FILE)
-    files = sorted(parquet.glob("*.parquet"))
-    assert pq.read_metadata(files[0]).num_rows == N_USERS
-    staging = new_staging_dir(root / "store")
-    entries = [build_shard(shard_rows(files, shard_schema(), k, COUNT).to_batches(), shard_schema(),
-                           ShardTarget(staging, k, COUNT, layout)) for k in range(COUNT)]
-    shutil.copytree(model.checkpoint, staging / "checkpoint")
-    publish_sharded(root / "store", staging, layout, entries, COUNT, prefill=None, command_line="test")
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModelStore, Path]:
-    work = tmp_path_factory.mktemp("server_shards")
-    model = ModelStore.make(work, seed=7, n_users=N_USERS)
-    publish_sharded_with_checkpoint(model, work)
-    return model, work / "store"
+from tests.server_fixtures import SHARD_COUNT as COUNT
+from tests.server_fixtures import SHARD_USERS as N_USERS
 
 
 def _post(url: str, users: list[int], cands: list[list[int]]) -> httpx.Response:
