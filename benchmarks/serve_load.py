@@ -207,6 +207,7 @@ def start_server(root: Path, p: dict) -> tuple[subprocess.Popen, str]:
            "--device", p["device"],
            "--max-batch-users", str(p["max_batch_users"]), "--max-wait-ms", str(p["max_wait_ms"]), "--poll-s", "0.2",
            "--workers", str(p["workers"])]
+    cmd += ["--gil-switch-ms", str(p["gil_switch_ms"])] if p.get("gil_switch_ms") else []
     env = _env()
     log = (root.parent / "serve.log").open("w")  # the server's stderr: shown if it does not start
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=ROOT)
@@ -227,10 +228,12 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=None, help="load generator processes (default: the preset's)")
     ap.add_argument("--rates", default=None, help="offered single-request loads, comma-separated (default: preset's)")
     ap.add_argument("--parts", default="single,batch,swap", help="which measurements to run (comma-separated)")
+    ap.add_argument("--gil-switch-ms", type=float, default=None, help="`ckv serve --gil-switch-ms` (default: its own)")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     p = dict(PRESETS[args.preset])
-    p.update({k: v for k, v in (("workers", args.workers), ("clients", args.clients)) if v is not None})
+    p.update({k: v for k, v in (("workers", args.workers), ("clients", args.clients),
+                                ("gil_switch_ms", args.gil_switch_ms)) if v is not None})
     if args.rates:
         p["single"] = [float(r) for r in args.rates.split(",")]
     out = args.out or OUT / f"serve_load_{args.preset}.json"

@@ -26,9 +26,8 @@ class ServerConfig:
     torch_threads: torch intra-op threads of a serving process (None: 1 on the CPU, where more threads
     contend with the HTTP loop and the other processes; torch's default on CUDA).
     gil_switch_ms: the interpreter's switch interval (``sys.setswitchinterval``): how long a thread waiting for
-    the GIL lets the running one keep it before asking it to let go. Python's 5 ms makes the scoring worker
-    wait behind a busy event loop for up to 5 ms at each torch call; 0.2 ms kept p99 at 14 ms instead of 100 ms
-    at 4,000 single requests/s on one H200 host (docs/serving.md, "One process").
+    the GIL lets the running one keep it before asking it to let go. With Python's 5 ms the scoring worker waits
+    behind a busy event loop for up to 5 ms at each torch call (docs/serving.md, "One process").
     runtime: how each loaded version's runtime serves (:class:`cachestore.decode.runtime_config.ServingConfig`:
     device, decode path, batch_users, resident tier bytes and policy, graphs, ...).
     """

@@ -110,7 +110,7 @@ def serve(service: ScoringService, sock: socket.socket) -> None:
 
     gc.collect()
     gc.freeze()  # what is loaded now (torch, the model, the version) is never scanned again by the cyclic GC:
-    # its full collections over them paused the event loop long enough to set the p99 of a loaded server
+    # its full collections over them paused the event loop for tens of ms, enough to set the p99 under load
     try:
         run_loop(main())
     finally:
