@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.decode_latency import machine  # noqa: E402
 from benchmarks.serve_client import run_load  # noqa: E402
-from benchmarks.serve_load import json_body  # noqa: E402
+from benchmarks.serve_load import _cpu_s, json_body  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "serve_load" / "http_overhead.json"
 REPLY = json.dumps({"error": "'text/plain' is not application/json", "field": "content-type"}).encode()
@@ -65,11 +65,6 @@ config = ServerConfig(store=Path(sys.argv[2]), port=int(sys.argv[1]), runtime=Se
 configure_process(config)
 serve(build_service(config), bind("127.0.0.1", config.port))
 """
-
-
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _start(code: str, args: list[str], port: int) -> subprocess.Popen:

@@ -155,16 +155,17 @@ class ShardRouter:
             rows = parts[i]
             return self._client(i).score([user_ids[r] for r in rows], [candidates[r] for r in rows], dense_ids)
 
-        replies = dict(zip(parts, self._pool.map(send, parts), strict=True))
-        n = len(user_ids)
-        out: tuple[list, list, list, list] = ([None] * n, [None] * n, [None] * n, [None] * n)
-        for i, rows in parts.items():
-            got = replies[i]
-            for j, r in enumerate(rows.tolist()):
-                for column, values in zip(out, (got.scores, got.cold_start, got.store_versions, got.model_versions),
-                                          strict=True):
-                    column[r] = values[j]
-        return Scores(*out)
+        replies = list(self._pool.map(send, parts))
+        order = np.concatenate(list(parts.values())).tolist()  # request row of each reply row, part after part
+
+        def merged(column: str) -> list:
+            values = [v for r in replies for v in getattr(r, column)]
+            out: list = [None] * len(order)
+            for row, value in zip(order, values, strict=True):
+                out[row] = value
+            return out
+
+        return Scores(*(merged(c) for c in ("scores", "cold_start", "store_versions", "model_versions")))
 
     def close(self) -> None:
         self._pool.shutdown()

@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Coroutine
 from concurrent.futures import Future
 from email.utils import formatdate
 from typing import Any
@@ -243,7 +242,7 @@ class _Connection(asyncio.Protocol):
             if len(body) <= INLINE_BYTES:
                 self._submit(slot, self.service.parse(body, arrow, dense), arrow, t0)
             else:
-                self._background(self._parse_large(slot, body, arrow, dense, t0))
+                self.loop.create_task(self._parse_large(slot, body, arrow, dense, t0))  # type: ignore[union-attr]
         except Exception as exc:  # noqa: BLE001 (BadRequest and the batcher's refusals: each is a reply)
             self._scored_reply(slot, self.service.failed(exc), arrow, t0)
 
@@ -253,9 +252,6 @@ class _Connection(asyncio.Protocol):
             self._submit(slot, request, arrow, t0)
         except Exception as exc:  # noqa: BLE001
             self._scored_reply(slot, self.service.failed(exc), arrow, t0)
-
-    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
-        self.loop.create_task(coro)  # type: ignore[union-attr]
 
     def _submit(self, slot: _Slot, request: ScoreRequest, arrow: bool, t0: float) -> None:
         future = self.service.batcher.submit(request)  # QueueFull / ShuttingDown: the caller's reply

@@ -300,18 +300,19 @@ def to_dense_items(request: ScoreRequest, items: ItemIds, n_items: int) -> Score
     width = cands.shape[1]
     real = np.arange(width)[None, :] < lengths[:, None] if len(lengths) > 1 and lengths.min() < width else None
     if request.dense_ids:
-        bad, dense = cands > n_items, cands
+        bad, dense = cands > n_items, None
         why = f"is not one of the model's items 1..{n_items}"
     else:
         dense, known = raw_to_dense(items.sorted_raw, items.dense, cands)
         bad, why = ~known, "is not in the model's item catalogue (send raw item ids, or ?dense_ids=true)"
     if real is not None:
         bad &= real
-        dense = np.where(real, dense, 0) if not request.dense_ids else dense
     if bad.any():
         row, col = (int(x) for x in np.argwhere(bad)[0])
-        raise BadRequest(f"candidates[{row}][{col}]", f"item {int(request.candidates[row, col])} {why}")
-    return request if request.dense_ids else replace(request, candidates=dense, dense_ids=True)
+        raise BadRequest(f"candidates[{row}][{col}]", f"item {int(cands[row, col])} {why}")
+    if dense is None:
+        return request
+    return replace(request, candidates=dense if real is None else np.where(real, dense, 0), dense_ids=True)
 
 
 def reply_json(reply: ScoreReply, n_candidates: np.ndarray) -> bytes:

@@ -16,8 +16,8 @@ The generative model (docs/data_schema.md, "Synthetic scale-regime dataset"; par
   items of the previous item's fixed neighbourhood (drawn once per item from its cluster's popularity), else
   a fresh draw: the same item-to-item transitions recur across users (what a shared pool can share).
 - **Lengths** are log-normal with median ``max_len / 2`` and sigma ``length_sigma``, clipped to 1..max_len.
-- **Times.** Session starts are uniform over ``span_days`` (sorted per user), events of a session 10..599 s
-  apart; each user's timestamps are made strictly increasing, so an event's history is exactly its
+- **Times.** The starts of a user's visits are uniform over ``span_days`` (sorted per user), the events of a
+  visit 10..599 s apart; each user's timestamps are made strictly increasing, so an event's history is exactly its
   predecessors in the user's sequence.
 - **Labels.** The planted score of an event at position t of a user u with target item i in cluster c is
   ``x = bias + share_weight * s + affinity_weight * w(u, c) + e_i``, where ``s`` is the share of u's last
