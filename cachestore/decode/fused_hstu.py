@@ -38,9 +38,9 @@ import torch
 from torch import nn
 
 from collectivekv.cachestore.decode.decode import ResidentZooModel
-from collectivekv.cachestore.decode.fused import IDX_BYTES, INTERPRETED, KV_CODES, _load_idx, _load_user, tl, triton
+from collectivekv.cachestore.decode.fused import IDX_BYTES, INTERPRETED, _load_idx, _load_user, tl, triton
 from collectivekv.cachestore.decode.fused_config import DEFAULT_FUSED, FusedConfig, pool_dtype, split_parts
-from collectivekv.cachestore.decode.fused_view import check_separate_float, record_part_starts
+from collectivekv.cachestore.decode.fused_view import KV_CODES, check_separate_float, record_part_starts
 from collectivekv.cachestore.decode.transfer import KV_TORCH
 from collectivekv.cachestore.store.entry import EntryLayout
 from collectivekv.cachestore.store.record import RouterIndexError
