@@ -63,14 +63,6 @@ def group_scales(resident: ResidentZooModel, group: GroupSpec) -> tuple[float, f
     return tuple(resident.scales.get(f"{group.name}.{side}_user", 1.0) for side in "kv")  # type: ignore[return-value]
 
 
-def check_separate_float(layout: EntryLayout, what: str) -> None:
-    """ValueError for a store with a joint K/V index or int8 user parts (layout_version 3), which ``what`` (the
-    fused HSTU decode) does not read: such stores are served by the eager path."""
-    if any(g.joint or g.int8_user for g in layout.groups):
-        raise ValueError(f"{what} reads stores with separate K/V indices and float user parts; this store has a joint "
-                         "index or int8 user parts: serve it with the eager path (--path gather)")
-
-
 def may_misalign(layout: EntryLayout, name: str, size: int) -> bool:
     """Whether part ``name`` can start off a ``size``-byte boundary in a record (records start 8-aligned): part p
     starts Σ_{q<p} min(n, cap_q)·row_bytes_q into the payload, a multiple of ``size`` for every n when, per

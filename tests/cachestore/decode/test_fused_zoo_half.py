@@ -1,10 +1,11 @@
-"""The zoo's fused decode (cachestore/decode/fused_zoo.py, fused_long.py) of "half the cache" stores: a joint K/V
-index (``<group>.kv_idx``, read once for both pool rows) and int8 user codes (part kind q8, fp32 code × the
-checkpoint's scale), against the eager serving path (``unpack_entry`` + ``entry_cache`` + ``decode_zoo``) and the
-model's eval forward.
+"""The zoo's fused decodes (cachestore/decode/fused_zoo.py and fused_long.py: SIM, ETA, SDIM, TWIN; fused_hstu.py:
+HSTU) of "half the cache" stores: a joint K/V index (``<group>.kv_idx``, read once for both pool rows) and int8 user
+codes (part kind q8, fp32 code × the checkpoint's scale), against the eager serving path (``unpack_entry`` +
+``entry_cache`` + ``decode_zoo``) and the model's eval forward.
 
 Records are the model's own prefill rows (``tests/zoo_store_fixtures.py``) of users with n = 0, 1 < max_len,
-max_len < n < long_len, n = long_len and a longer history (cut to the window), plus a cold-start slot. Every check
+max_len < n < long_len, n = long_len and a longer history (cut to the window), plus a cold-start slot (HSTU: n = 0,
+1, 4 < the window, the window, a longer history). Every check
 runs on the CPU under Triton's interpreter (conftest sets TRITON_INTERPRET=1 where there is no CUDA device) and,
 marked ``cuda``, compiled on a GPU."""
 
@@ -19,6 +20,7 @@ import torch
 from collectivekv.cachestore.decode.batch import HostBatcher
 from collectivekv.cachestore.decode.decode import ResidentZooModel, decode_zoo, entry_cache
 from collectivekv.cachestore.decode.fused import FusedConfig, fused_available
+from collectivekv.cachestore.decode.fused_hstu import hstu_static_decode
 from collectivekv.cachestore.decode.fused_view import may_misalign
 from collectivekv.cachestore.decode.fused_zoo import zoo_static_decode
 from collectivekv.cachestore.decode.transfer import unpack_entry
@@ -40,12 +42,13 @@ EXACT = FusedConfig(pool_dtype="float32", block_l=4)  # the model's pool rows ex
 
 def half_case(arch: str, device: str, option: str = "half", kv_dtype: str = "float32", seed: int = 1,
               **cfg: object) -> Case:
-    """A trained-scale model of ``arch`` with ``OPTIONS[option]`` and a batch of lengths_of(cfg) users + one cold
-    slot of its own prefill records, packed as the runtime packs it, on ``device``."""
+    """A trained-scale model of ``arch`` with ``OPTIONS[option]`` and a batch of lengths_of(cfg) users (HSTU:
+    0, 1, 4, the window, longer) + one cold slot of its own prefill records, packed as the runtime packs it, on
+    ``device``."""
     config = zoo_config(arch, **OPTIONS[option], **cfg)
     w = config.window_len
     model = observed(make_model(config, seed=seed), make_batch([3, w, 1], w, seed=seed + 1))
-    lengths = lengths_of(config)
+    lengths = [0, 1, 4, w, w + 3] if arch == "hstu" else lengths_of(config)
     items, feedback, lens, _ = make_batch(lengths, max(lengths), seed)
     layout = entry_layout(config, VERSION, "collective", kv_dtype)
     users = list(range(len(lengths)))
@@ -60,8 +63,9 @@ def half_case(arch: str, device: str, option: str = "half", kv_dtype: str = "flo
 
 
 def fused(case: Case, config: FusedConfig = EXACT, flags: torch.Tensor | None = None) -> torch.Tensor:
+    decode = hstu_static_decode if case.model.cfg.arch == "hstu" else zoo_static_decode
     with torch.inference_mode():
-        return zoo_static_decode(case.raw, case.candidates.to(case.raw.device), resident=case.resident,
+        return decode(case.raw, case.candidates.to(case.raw.device), resident=case.resident,
                                  layout=case.layout, n_users=case.n_users, config=config, flags=flags).cpu()
 
 
@@ -81,7 +85,7 @@ def forward(case: Case) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("arch", LONG_ARCHS)
+@pytest.mark.parametrize("arch", [*LONG_ARCHS, "hstu"])
 def test_fused_zoo_half_equals_eager_and_forward(arch: str, device: str) -> None:
     case = half_case(arch, device)
     assert case.layout.layout_version == 3 and all(g.int8_user for g in case.layout.groups)
@@ -93,8 +97,10 @@ def test_fused_zoo_half_equals_eager_and_forward(arch: str, device: str) -> None
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize(("arch", "option", "kv_dtype"), [("sim", "joint", "float16"), ("twin", "joint", "float32"),
-                                                          ("eta", "int8", "float16"), ("sdim", "int8", "bfloat16")])
+@pytest.mark.parametrize(("arch", "option", "kv_dtype"), [
+    ("sim", "joint", "float16"), ("twin", "joint", "float32"), ("eta", "int8", "float16"),
+    ("sdim", "int8", "bfloat16"), ("hstu", "joint", "float32"), ("hstu", "int8", "float16"),
+])
 def test_fused_zoo_joint_index_or_int8_parts_alone(arch: str, option: str, kv_dtype: str, device: str) -> None:
     """A joint index over float user parts, or int8 user parts with separate indices: fused == eager (both read
     the stored parts; pool rows at fp32), with the default launch (pool rows at the store's precision) close."""
@@ -119,16 +125,18 @@ def test_fused_sdim_reads_a_v_index_off_a_2_byte_boundary(device: str) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize(("arch", "part"), [("twin", "long.kv_idx"), ("sim", "short.kv_idx")])
+@pytest.mark.parametrize(("arch", "part"), [("twin", "long.kv_idx"), ("sim", "short.kv_idx"),
+                                            ("hstu", "layer1.kv_idx")])
 def test_fused_zoo_flags_a_corrupt_joint_index(arch: str, part: str, device: str) -> None:
     """A joint index outside the pool in a row the decode reads (user 1 has one behaviour) sets that user's flag."""
+    lengths = [0, 1, 4, 10, 13] if arch == "hstu" else None
     case = half_case(arch, device, seed=5)
     layout, user = case.layout, 1
     at = int(case.raw[: 8 * case.n_users].view(torch.int64)[user]) + 32
     for p, row_bytes in zip(layout.parts, layout.row_bytes, strict=True):
         if p.name == part:
             break
-        at += min(lengths_of(case.model.cfg)[user], p.cap) * row_bytes
+        at += min((lengths or lengths_of(case.model.cfg))[user], p.cap) * row_bytes
     case.raw[at : at + 2] = torch.tensor([0xFF, 0xFF], dtype=torch.uint8)  # index 65535 > pool (12 rows)
     flags = torch.zeros(case.n_users, dtype=torch.int32, device=case.raw.device)
     assert torch.isfinite(fused(case, flags=flags)).all()
@@ -136,9 +144,10 @@ def test_fused_zoo_flags_a_corrupt_joint_index(arch: str, part: str, device: str
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_fused_zoo_split_histories_of_a_half_store(device: str) -> None:
+@pytest.mark.parametrize("arch", ["eta", "hstu"])
+def test_fused_zoo_split_histories_of_a_half_store(arch: str, device: str) -> None:
     """Rows (and retrieved positions) split into parts, one program each, combined after: same logits."""
-    case = half_case("eta", device, seed=6)
+    case = half_case(arch, device, seed=6)
     got = fused(case, dataclasses.replace(EXACT, block_l=1, split_l=2))
     torch.testing.assert_close(got, eager(case), rtol=1e-5, atol=1e-5)
 
