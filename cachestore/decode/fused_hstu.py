@@ -13,7 +13,8 @@ that reads the packed batch (:mod:`cachestore.decode.batch`) in place:
       n = min(lengths[b], max_len); starts[p, b]: byte start of part p of user b's record (header skipped;
         part p holds min(n, cap_p) rows, every HSTU part has cap max_len: cachestore.store.entry.EntryLayout)
       for blocks of BLOCK_L behaviours j < n (fp32 accumulation):
-          k_j  = k_user[j, cols] (0 beyond dk) + P_k[k_idx[j], cols]    (pool rows zero in the user dims)
+          k_j  = k_user[j, cols] (0 beyond dk) + P_k[k_idx[j], cols]    (pool rows zero in the user dims;
+                 a joint index: kv_idx[j] picks the K and the V row, read once; int8 parts: code × scale)
           a_jh = SiLU(q[b, c, head h]·k_j,h / √dh + bias[h, n - j])      bias[h, d] = rel_bias[h, bucket(d)]
           v_j  = v_user[j, cols] (0 beyond dv) + P_v[v_idx[j], cols]
       out[s, b·C + c, cols] = Σ_j a_jh v_j,h / max_len                   (zeros when n == 0)
@@ -22,7 +23,7 @@ and the parts s are summed in torch (no softmax: the history term is a plain sum
 in registers, never written to memory. A router index outside 0 .. pool_size - 1 is never read (its
 pool loads are masked) and sets ``flags[b] = 1``. Full-KV stores (``mode`` "full") hold the whole d_a
 row as the user part and no indices. fp32 user parts that the layout can place at a 2-byte boundary
-(one side shared, uint16 indices) are read as 16-bit halves.
+(one side shared or a joint index, uint16 indices) are read as 16-bit halves.
 
 Pool rows are read at the store's precision unless ``FusedConfig.pool_dtype`` says otherwise (as in
 :mod:`cachestore.decode.fused`); per layer the padded pools and the distance → bias table are cached on the

@@ -20,8 +20,10 @@ router indices, pools zero-padded in the user dims, rows rebuilt as user part �
 SIM / ETA: key_ranks → ``topk`` in torch → :func:`cachestore.decode.fused.attend_group` over the selected rows.
 TWIN: scores → per-head top-k and softmax in torch (shape-static) → weighted_values with G = H heads of
 W = dh columns. SDIM: bucket_sums (then L2-normalise and mean in torch).
-Router indices outside the pool are read as zeros and set ``flags[b] = 1``. Tested under Triton's
-interpreter against the models' own decode (``tests/cachestore/decode/test_fused_zoo.py``).
+User parts are read at the store's kv dtype or as int8 codes × the group's scale; a joint group's one index part
+(``kv_idx``, where ``k_idx`` would be) picks both pool rows. Router indices outside the pool are read as zeros and
+set ``flags[b] = 1``. Tested under Triton's interpreter against the models' own decode
+(``tests/cachestore/decode/test_fused_zoo.py``, ``test_fused_zoo_half.py``).
 """
 
 from __future__ import annotations

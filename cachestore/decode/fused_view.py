@@ -83,15 +83,26 @@ def user_halves(layout: EntryLayout, group: GroupSpec) -> tuple[bool, bool]:
                  and may_misalign(layout, f"{group.name}.{side}_user", 4) for side in "kv")
 
 
-def check_half_layout(layout: EntryLayout, what: str, bytewise: frozenset[str] = frozenset()) -> None:
-    """ValueError where ``what`` (the zoo's fused kernels) cannot read a part in place: a float user part or an
-    index part (read as 16-bit halves) that can start off a 2-byte boundary (after int8 codes of odd width),
-    except the parts in ``bytewise`` (read byte by byte). Float stores pass: their parts are whole 2-byte values;
-    fp32 user parts off a 4-byte boundary are read as halves (:func:`user_halves`)."""
-    for part in layout.parts:
-        if part.kind in ("kv", "idx") and part.name not in bytewise and may_misalign(layout, part.name, 2):
-            raise ValueError(f"{what}: part {part.name} of this store can start off a 2-byte boundary (int8 codes "
-                             "of odd width before it): serve it with the eager path (--path gather)")
+BYTEWISE = {"sdim": frozenset({"long.v_idx"})}  # index parts a model's fused kernels read byte by byte
+
+
+def misplaced_part(layout: EntryLayout) -> str | None:
+    """The first part the zoo's fused kernels cannot read in place, or None: a float user part or an index part
+    (read as 16-bit halves) that can start off a 2-byte boundary (after int8 codes of odd width), except the
+    parts of :data:`BYTEWISE`. Float stores have none (their parts are whole 2-byte values; fp32 user parts off a
+    4-byte boundary are read as halves: :func:`user_halves`)."""
+    skip = BYTEWISE.get(layout.arch, frozenset())
+    return next((p.name for p in layout.parts
+                 if p.kind in ("kv", "idx") and p.name not in skip and may_misalign(layout, p.name, 2)), None)
+
+
+def check_half_layout(layout: EntryLayout, what: str) -> None:
+    """ValueError naming the part where ``what`` (a zoo model's fused kernels) cannot read the store in place
+    (:func:`misplaced_part`): such a store is served by the eager path."""
+    name = misplaced_part(layout)
+    if name is not None:
+        raise ValueError(f"{what}: part {name} of this store can start off a 2-byte boundary (int8 codes of odd "
+                         "width before it): serve it with the eager path (--path gather)")
 
 
 def din_group(layout: EntryLayout) -> GroupSpec:

@@ -22,6 +22,11 @@ min(n, cap); a few (B,) torch ops). :func:`zoo_static_decode` then runs ``LongSe
 
 No part is unpacked to tensors (the kernels read the keys' packed bytes in place too); the L of every intermediate is
 the group's cap (the store's long_len), never the batch's longest history, so every shape is host-known.
+Every store layout is read: separate or joint indices (a group's one ``kv_idx`` picks both rows of its joint pool,
+:func:`group_pools`, and is read once per row), float or int8 user parts (codes × the checkpoint's scale,
+:func:`cachestore.decode.fused_view.group_scales`); a store with a part that int8 codes of odd width push off a
+2-byte boundary is refused, naming it (:func:`cachestore.decode.fused_view.check_half_layout`), except SDIM's long
+V index, read byte by byte.
 Pool rows are read at the store's precision unless ``FusedConfig.pool_dtype`` says otherwise
 (:func:`group_pools`, cached on the resident per group and dtype). Parity with the model's own decode
 (fp32 store, fp32 pools: up to fp32 summation order) and with the eager serving path:
@@ -90,7 +95,7 @@ def check_store(resident: ResidentZooModel, layout: EntryLayout) -> ModelConfig:
     if cfg.arch not in LONG_STAGES or layout.arch != cfg.arch:
         raise ValueError(f"zoo_static_decode serves {sorted(LONG_STAGES)} stores of the model's arch; "
                          f"model {cfg.arch!r}, store {layout.arch!r}")
-    check_half_layout(layout, "zoo_static_decode", frozenset({"long.v_idx"} if cfg.arch == "sdim" else ()))
+    check_half_layout(layout, "zoo_static_decode")
     store_cfg = store_config(cfg, layout.mode)
     if tuple(layout.parts) != entry_parts(store_cfg):
         raise ValueError("the store's parts are not those of this model's cache")

@@ -21,7 +21,7 @@ from collectivekv.cachestore.decode.batch import HostBatcher
 from collectivekv.cachestore.decode.decode import ResidentZooModel, decode_zoo, entry_cache
 from collectivekv.cachestore.decode.fused import FusedConfig, fused_available
 from collectivekv.cachestore.decode.fused_hstu import hstu_static_decode
-from collectivekv.cachestore.decode.fused_view import may_misalign
+from collectivekv.cachestore.decode.fused_view import may_misalign, misplaced_part
 from collectivekv.cachestore.decode.fused_zoo import zoo_static_decode
 from collectivekv.cachestore.decode.transfer import unpack_entry
 from collectivekv.cachestore.store.entry import entry_from_parquet_row, entry_layout
@@ -157,6 +157,8 @@ def test_fused_zoo_refuses_a_part_it_cannot_place() -> None:
     long K part can start off their boundaries, so the fused decode names the part and the eager path."""
     coll = CollectiveConfig(d_user=1, pool_size=12, share_k=False)
     case = half_case("sim", "cpu", "int8", collective=coll, seed=7)
-    assert may_misalign(case.layout, "long.k_user", 4)
+    assert may_misalign(case.layout, "long.k_user", 4) and misplaced_part(case.layout) == "short.v_idx"
+    half = half_case("sdim", "cpu", collective=CollectiveConfig(d_user=1, pool_size=12), seed=7).layout
+    assert misplaced_part(half) is None  # its odd V index is read byte by byte: the runtime's "auto" fuses it
     with pytest.raises(ValueError, match="short.v_idx .*eager path"):
         fused(case)
