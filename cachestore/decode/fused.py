@@ -174,8 +174,8 @@ if triton is not None:
         """One online-softmax step of GH heads over the group's rows ``ls`` (BLOCK_L,) where ``lmask``
         (n: the user's rows in the group, which places the V part). q, cols: (GH·DH,); m_i, l_i: (GH,);
         acc: (GH, DH); nbad: router indices outside 0 .. pool_size - 1 seen so far (their pool loads are
-        masked: never a read outside the pool). K_CODE / V_CODE: each user part's storage (KV_CODES, or 3: int8
-        codes times k_scale / v_scale); JOINT: one index (at kidx_base) picks both pool rows, read once."""
+        masked: never a read outside the pool). K_CODE / V_CODE: each user part's storage (fused_view: KV_CODES,
+        HALVES_CODE, or Q8_CODE: int8 codes × k_scale / v_scale); JOINT: one index (at kidx_base) picks both rows."""
         key = _load_side(raw_ptr, start, ls, cols, lmask, DK, K_CODE, k_scale)  # (BLOCK_L, GH·DH)
         ik = ls * 0
         if K_SHARED:
