@@ -35,12 +35,13 @@ from collectivekv.cachestore.store.publish import (
 from collectivekv.cachestore.store.record import user_key, write_layout
 from collectivekv.model.blocks import ZooCache
 from collectivekv.model.cache import KVCache
-from collectivekv.model.entry import entry_arrays, full_cache
+from collectivekv.model.entry import entry_arrays, full_cache, user_scales
 
 
 def zoo_prefill_rows(model: torch.nn.Module, layout: EntryLayout, user_ids: list[int], items: torch.Tensor,
                      feedback: torch.Tensor, lengths: torch.Tensor) -> list[dict]:
-    """Prefill Parquet rows (dicts) of these users' padded histories."""
+    """Prefill Parquet rows (dicts) of these users' padded histories (int8 user parts as codes of the model's
+    scales)."""
     cfg = model.cfg
     with torch.no_grad():
         cache = model.prefill(items, feedback, lengths)
@@ -53,7 +54,7 @@ def zoo_prefill_rows(model: torch.nn.Module, layout: EntryLayout, user_ids: list
             cache = full_cache(model, cache)
         if layout.mode == "full":
             cfg = dataclasses.replace(cfg, kv_mode="full")
-        arrays = storage_arrays(layout, entry_arrays(cache, cfg))
+        arrays = storage_arrays(layout, entry_arrays(cache, cfg, user_scales(model, cfg)))
     n = cache.lengths.numpy()
     values, offsets = entry_payloads(layout, arrays, n)
     rows = []

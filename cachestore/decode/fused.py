@@ -1,12 +1,11 @@
 """Fused collective target attention straight from the packed batch bytes (Triton; any K/V group of a record).
 
 The eager serving path (:func:`cachestore.decode.transfer.unpack_entry` + :func:`cachestore.decode.decode.decode`)
-turns the
-jagged records into padded (B, L, ·) tensors, casts them, then either materialises K/V or scores the
-whole pool per user. At the paper's shape (B 512, L 1000, d_a 256, 8 heads, pool 10,000) that is
-~1 ms of GPU work even inside a CUDA graph, 10× the PCIe floor of the bytes it decodes. This module
-replaces unpack + attention with ONE kernel that reads the device copy of the packed batch as it is,
-for one K/V group (:class:`model.cache_spec.GroupSpec`: dk, dv, k_shared, v_shared; dk = 0 for V only)
+turns the jagged records into padded (B, L, ·) tensors, casts them, then either materialises K/V or scores the
+whole pool per user. At the paper's shape (B 512, L 1000, d_a 256, 8 heads, pool 10,000) that is ~1 ms of GPU
+work even inside a CUDA graph, 10× the PCIe floor of the bytes it decodes. This module replaces unpack +
+attention with ONE kernel that reads the device copy of the packed batch as it is, for one K/V group
+(:class:`model.cache_spec.GroupSpec`: dk, dv, k_shared, v_shared, joint, int8_user; dk = 0 for V only)
 placed per user by a :class:`GroupView` (``starts`` (B,), ``rows`` (B,) = min(n, cap)):
 
     program (b·C + c, g, s) — user b, candidate c, heads g·GH .. g·GH + GH - 1 (GH = heads_per_program),
@@ -24,25 +23,22 @@ placed per user by a :class:`GroupView` (``starts`` (B,), ``rows`` (B,) = min(n,
       (S > 1: each part stores its running max, denominator and sum; a second kernel combines the parts)
 
 din's one group is its whole record payload (:func:`din_view`: starts = the header's offsets + 32, rows = its
-lengths, read in place: no device op before the first launch); the zoo models' groups sit at offsets
-computed from the header (:func:`cachestore.decode.fused_zoo.entry_views`).
-so K/V = concat(user part, pool row) exactly as ``model.cache.rebuild_kv`` builds them, never written
-to memory: the kernel reads each behaviour's few user-part bytes and index from the batch and two
-dh-wide pool rows (the pools, 2 × pool × d_a × 2 or 4 bytes, stay in L2). Pool rows are read at the
-store's precision unless ``FusedConfig.pool_dtype`` says otherwise (:func:`pool_dtype`); stored user
-parts and pool rows are cast to fp32 on load and everything after is fp32; indices are read as 16-bit
-halves, so int32 indices need no 4-byte alignment. Without shared K/V (``mode`` full, or the unshared
-side) the user part is the whole d_a row. The plain-PyTorch reference is the eager path;
-``tests/cachestore/decode/test_fused.py`` checks the two agree on CUDA, and under Triton's interpreter
-(``TRITON_INTERPRET=1``) on CPU.
+lengths, read in place: no device op before the first launch); the zoo models' groups sit at offsets computed from
+the header (:func:`cachestore.decode.fused_zoo.entry_views`), so K/V = concat(user part, pool row) exactly as
+``model.cache.rebuild_kv`` builds them, never written to memory: the kernel reads each behaviour's few user-part
+bytes and index from the batch and two dh-wide pool rows (the pools, 2 × pool × d_a × 2 or 4 bytes, stay in L2). Pool
+rows are read at the store's precision unless ``FusedConfig.pool_dtype`` says otherwise (:func:`pool_dtype`); stored
+user parts and pool rows are cast to fp32 on load and everything after is fp32; indices are read as 16-bit halves, so
+int32 indices need no 4-byte alignment. Without shared K/V (``mode`` full, or the unshared side) the user part is the
+whole d_a row. The plain-PyTorch reference is the eager path; ``tests/cachestore/decode/test_fused.py`` checks the
+two agree on CUDA, and under Triton's interpreter on CPU.
 
-A launch may serve only the users whose records end in a byte range (``chunks``): the CUDA graph copies
-the batch in pieces and launches the kernel once per piece as it lands (:mod:`cachestore.decode.graphs`).
-
-The pool-row reads bound the kernel (at B 512, L 1000: 0.52 GB of fp16 rows, 1.05 GB of fp32, from L2), which
-is why the pool rows follow the store's precision by default; its measured times, the floor kernel and the
-settings tried are in docs/serving.md ("Fused kernel", "GPU results"). ``raw`` may also be a pinned host batch,
-which the kernel then reads over PCIe (mapped, zero-copy) — measured slower than copying first.
+A launch may serve only the users whose records end in a byte range (``chunks``): the CUDA graph copies the batch
+in pieces and launches the kernel once per piece as it lands (:mod:`cachestore.decode.graphs`). The pool-row reads
+bound the kernel (at B 512, L 1000: 0.52 GB of fp16 rows, 1.05 GB of fp32, from L2), which is why the pool rows
+follow the store's precision by default; its measured times, the floor kernel and the settings tried are in
+docs/serving.md ("Fused kernel", "GPU results"). ``raw`` may also be a pinned host batch, which the kernel then
+reads over PCIe (mapped, zero-copy) — measured slower than copying first.
 """
 
 from __future__ import annotations
@@ -60,10 +56,10 @@ from collectivekv.cachestore.decode.fused_config import (
     DEFAULT_FUSED,
     FusedConfig,
     check_launch,
+    launch_shape,
     pool_dtype,
-    split_parts,
 )
-from collectivekv.cachestore.decode.fused_view import GroupView, din_group, din_view, padded_pools
+from collectivekv.cachestore.decode.fused_view import GroupView, din_view, group_scales, padded_pools, side_codes
 from collectivekv.cachestore.decode.transfer import KV_TORCH
 from collectivekv.cachestore.store.entry import EntryLayout
 from collectivekv.cachestore.store.record import RouterIndexError
@@ -76,8 +72,6 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
     tl = None
 
 FUSED = "fused"  # the decode path name of this kernel (graphs, runtime, ckv score)
-KV_CODES = {"float16": 0, "bfloat16": 1, "float32": 2}
-Q8_CODE = 3  # a user part of int8 codes (part kind q8), read as fp32 code · scale
 IDX_BYTES = {None: 0, "uint16": 2, "int32": 4}
 
 
@@ -112,15 +106,24 @@ if triton is not None:
 
     @triton.jit
     def _load_user(raw_ptr, base, ls, cols, lmask, WIDTH: tl.constexpr, KV_CODE: tl.constexpr):
-        """(BLOCK_L, W) fp32 user part of behaviours ``ls`` at columns ``cols`` (W,) (0 for cols >= WIDTH)."""
-        if KV_CODE == 0:
-            ptr = (raw_ptr + base).to(tl.pointer_type(tl.float16))
-        elif KV_CODE == 1:
-            ptr = (raw_ptr + base).to(tl.pointer_type(tl.bfloat16))
-        else:
-            ptr = (raw_ptr + base).to(tl.pointer_type(tl.float32))
+        """(BLOCK_L, W) fp32 user part of behaviours ``ls`` at columns ``cols`` (W,) (0 for cols >= WIDTH); KV_CODE
+        4: fp32 values read as two little-endian 16-bit halves (a part that can start at a 2-byte boundary)."""
         mask = lmask[:, None] & (cols[None, :] < WIDTH)
-        return tl.load(ptr + ls[:, None] * WIDTH + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        at = ls[:, None] * WIDTH + cols[None, :]  # (BLOCK_L, W) value offsets
+        if KV_CODE == 4:
+            half = (raw_ptr + base).to(tl.pointer_type(tl.int16))
+            lo = tl.load(half + 2 * at, mask=mask, other=0).to(tl.int32) & 0xFFFF
+            hi = tl.load(half + 2 * at + 1, mask=mask, other=0).to(tl.int32)
+            rows = (lo | (hi << 16)).to(tl.float32, bitcast=True)
+        else:
+            if KV_CODE == 0:
+                ptr = (raw_ptr + base).to(tl.pointer_type(tl.float16))
+            elif KV_CODE == 1:
+                ptr = (raw_ptr + base).to(tl.pointer_type(tl.bfloat16))
+            else:
+                ptr = (raw_ptr + base).to(tl.pointer_type(tl.float32))
+            rows = tl.load(ptr + at, mask=mask, other=0.0).to(tl.float32)
+        return rows
 
     @triton.jit
     def _load_side(raw_ptr, base, ls, cols, lmask, WIDTH: tl.constexpr, CODE: tl.constexpr, scale):
@@ -171,8 +174,8 @@ if triton is not None:
         """One online-softmax step of GH heads over the group's rows ``ls`` (BLOCK_L,) where ``lmask``
         (n: the user's rows in the group, which places the V part). q, cols: (GH·DH,); m_i, l_i: (GH,);
         acc: (GH, DH); nbad: router indices outside 0 .. pool_size - 1 seen so far (their pool loads are
-        masked: never a read outside the pool). K_CODE / V_CODE: each user part's storage (KV_CODES, or 3: int8
-        codes times k_scale / v_scale); JOINT: one index (at kidx_base) picks both pool rows, read once."""
+        masked: never a read outside the pool). K_CODE / V_CODE: each user part's storage (fused_view: KV_CODES,
+        HALVES_CODE, or Q8_CODE: int8 codes × k_scale / v_scale); JOINT: one index (at kidx_base) picks both rows."""
         key = _load_side(raw_ptr, start, ls, cols, lmask, DK, K_CODE, k_scale)  # (BLOCK_L, GH·DH)
         ik = ls * 0
         if K_SHARED:
@@ -271,13 +274,6 @@ if triton is not None:
         tl.store(out_ptr + row * D_A + cols, out)
 
 
-def _launch_shape(config: FusedConfig, rows: int, groups: int, span: int, launches: int, device: torch.device
-                  ) -> tuple[int, int]:
-    """(parts, steps per part) of a launch over ``span`` steps per row (whole BLOCK_L blocks per part)."""
-    parts = split_parts(config, -(-rows // launches), groups, span, device)  # programs busy per launch
-    return parts, -(-span // (parts * config.block_l)) * config.block_l
-
-
 def attend_group(raw: torch.Tensor, q: torch.Tensor, view: GroupView, pools: tuple[torch.Tensor, torch.Tensor],
                  n_heads: int, flags: torch.Tensor, *, config: FusedConfig = DEFAULT_FUSED,
                  select: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -301,7 +297,7 @@ def attend_group(raw: torch.Tensor, q: torch.Tensor, view: GroupView, pools: tup
     span = max(1, sel.shape[-1] if select is not None else g.cap)
     stages = {} if config.num_stages is None else {"num_stages": config.num_stages}
     rows, groups = b * c, n_heads // config.heads_per_program
-    parts, seg = _launch_shape(config, rows, groups, span, len(chunks), q.device)
+    parts, seg = launch_shape(config, rows, groups, span, len(chunks), q.device)
     if parts == 1:
         acc, m, l = out, out, out  # the kernel writes the normalised output itself
     else:  # (rows·parts, ·) partial softmax states, combined below
@@ -309,7 +305,7 @@ def attend_group(raw: torch.Tensor, q: torch.Tensor, view: GroupView, pools: tup
         m = torch.empty(rows * parts, n_heads, dtype=torch.float32, device=q.device)
         l = torch.empty(rows * parts, n_heads, dtype=torch.float32, device=q.device)  # noqa: E741
     ends = view.rows if view.ends is None else view.ends
-    codes = tuple(Q8_CODE if g.user_kind(side) == "q8" else KV_CODES[view.kv_dtype] for side in "kv")
+    k_code, v_code, k_bytes, v_bytes = side_codes(g, view.kv_dtype, view.halves)
     for index, (end_lo, end_hi) in enumerate(chunks):
         if on_chunk is not None:
             on_chunk(index)
@@ -317,8 +313,7 @@ def attend_group(raw: torch.Tensor, q: torch.Tensor, view: GroupView, pools: tup
             raw, view.starts, view.rows, ends, sel, n_sel, q, pools[0], pools[1], acc, m, l, flags, c,
             1.0 / math.sqrt(dh), view.start_add, end_lo, end_hi, view.pool_size, float(scales[0]), float(scales[1]),
             D_A=d_a, GH=config.heads_per_program, DH=dh, DK=g.dk, DV=g.dv, K_SHARED=g.k_shared, V_SHARED=g.v_shared,
-            K_CODE=codes[0], V_CODE=codes[1], K_BYTES=1 if codes[0] == Q8_CODE else KV_TORCH[view.kv_dtype].itemsize,
-            V_BYTES=1 if codes[1] == Q8_CODE else KV_TORCH[view.kv_dtype].itemsize, JOINT=g.joint,
+            K_CODE=k_code, V_CODE=v_code, K_BYTES=k_bytes, V_BYTES=v_bytes, JOINT=g.joint,
             IDX_BYTES=IDX_BYTES[view.idx_dtype], HAS_ENDS=view.ends is not None, SELECT=select is not None,
             S=sel.shape[-1] if select is not None else 1, BLOCK_L=config.block_l, MAX_L=seg if INTERPRETED else 0,
             SPLIT=parts, SEG=seg, num_warps=config.num_warps, **stages,
@@ -356,8 +351,9 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
     the batch. Without ``flags``: a ``RouterIndexError`` naming the batch row, after a host sync."""
     if triton is None:
         raise RuntimeError("the fused decode needs Triton (pip install triton), or use the eager path")
-    g = din_group(layout)  # the din group: k_user (n, dk) | v_user (n, dv) | k_idx (n,) | v_idx (n,)
     cfg = resident.cfg
+    view = din_view(raw, layout, n_users, cfg.collective.pool_size)  # header views, no device op
+    g = view.group  # the din group: k_user (n, dk) | v_user (n, dv) | k_idx (n,) | v_idx (n,)  (or one kv_idx)
     b, c, d_a = q.shape
     if b > n_users or d_a != cfg.d_attn:
         raise ValueError(f"q {tuple(q.shape)} does not match a batch of {n_users} users × d_a {cfg.d_attn}")
@@ -372,9 +368,8 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
         raise ValueError(f"chunks must be contiguous (lo, hi] byte ranges from below 0 to past the batch, got {chunks}")
     pools = padded_pools(resident, KV_TORCH[pool_dtype(config, layout)])
     flag = torch.zeros(n_users, dtype=torch.int32, device=q.device) if flags is None else flags
-    scales = (resident.scales.get("kv.k_user", 1.0), resident.scales.get("kv.v_user", 1.0))
-    out = attend_group(raw, q, din_view(raw, layout, n_users, cfg.collective.pool_size), pools, resident.n_heads,
-                       flag, config=config, chunks=chunks, on_chunk=on_chunk, scales=scales)
+    out = attend_group(raw, q, view, pools, resident.n_heads, flag, config=config, chunks=chunks, on_chunk=on_chunk,
+                       scales=group_scales(resident, g))
     if flags is None and bool(flag.any()):
         raise RouterIndexError(f"a router index outside the pool 0..{cfg.collective.pool_size - 1} in batch row "
                                f"{int(torch.nonzero(flag)[0, 0])}: the record is corrupt "

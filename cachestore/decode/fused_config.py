@@ -90,6 +90,13 @@ def split_parts(config: FusedConfig, rows: int, groups: int, max_len: int, devic
     return parts
 
 
+def launch_shape(config: FusedConfig, rows: int, groups: int, span: int, launches: int, device: torch.device
+                 ) -> tuple[int, int]:
+    """(parts, steps per part) of a launch over ``span`` steps per row (whole BLOCK_L blocks per part)."""
+    parts = split_parts(config, -(-rows // launches), groups, span, device)  # programs busy per launch
+    return parts, -(-span // (parts * config.block_l)) * config.block_l
+
+
 def pool_dtype(config: FusedConfig, layout: StoreLayout) -> str:
     """The pool-row precision a launch with ``config`` reads for a store of ``layout``: ``config.pool_dtype``,
     or the store's kv_dtype where that is "store"."""

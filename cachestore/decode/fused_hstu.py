@@ -13,7 +13,8 @@ that reads the packed batch (:mod:`cachestore.decode.batch`) in place:
       n = min(lengths[b], max_len); starts[p, b]: byte start of part p of user b's record (header skipped;
         part p holds min(n, cap_p) rows, every HSTU part has cap max_len: cachestore.store.entry.EntryLayout)
       for blocks of BLOCK_L behaviours j < n (fp32 accumulation):
-          k_j  = k_user[j, cols] (0 beyond dk) + P_k[k_idx[j], cols]    (pool rows zero in the user dims)
+          k_j  = k_user[j, cols] (0 beyond dk) + P_k[k_idx[j], cols]    (pool rows zero in the user dims;
+                 a joint index: kv_idx[j] picks the K and the V row, read once; int8 parts: code × scale)
           a_jh = SiLU(q[b, c, head h]·k_j,h / √dh + bias[h, n - j])      bias[h, d] = rel_bias[h, bucket(d)]
           v_j  = v_user[j, cols] (0 beyond dv) + P_v[v_idx[j], cols]
       out[s, b·C + c, cols] = Σ_j a_jh v_j,h / max_len                   (zeros when n == 0)
@@ -22,7 +23,7 @@ and the parts s are summed in torch (no softmax: the history term is a plain sum
 in registers, never written to memory. A router index outside 0 .. pool_size - 1 is never read (its
 pool loads are masked) and sets ``flags[b] = 1``. Full-KV stores (``mode`` "full") hold the whole d_a
 row as the user part and no indices. fp32 user parts that the layout can place at a 2-byte boundary
-(one side shared, uint16 indices) are read as 16-bit halves.
+(one side shared or a joint index, uint16 indices) are read as 16-bit halves.
 
 Pool rows are read at the store's precision unless ``FusedConfig.pool_dtype`` says otherwise (as in
 :mod:`cachestore.decode.fused`); per layer the padded pools and the distance → bias table are cached on the
@@ -38,75 +39,70 @@ import torch
 from torch import nn
 
 from collectivekv.cachestore.decode.decode import ResidentZooModel
-from collectivekv.cachestore.decode.fused import IDX_BYTES, INTERPRETED, KV_CODES, _load_idx, _load_user, tl, triton
+from collectivekv.cachestore.decode.fused import IDX_BYTES, INTERPRETED, _gather_rows, _load_idx, _load_side, tl, triton
 from collectivekv.cachestore.decode.fused_config import DEFAULT_FUSED, FusedConfig, pool_dtype, split_parts
-from collectivekv.cachestore.decode.fused_view import check_separate_float, record_part_starts
+from collectivekv.cachestore.decode.fused_view import (
+    check_half_layout,
+    group_scales,
+    record_part_starts,
+    side_codes,
+    user_halves,
+)
 from collectivekv.cachestore.decode.transfer import KV_TORCH
 from collectivekv.cachestore.store.entry import EntryLayout
 from collectivekv.cachestore.store.record import RouterIndexError
 from collectivekv.model.cache_spec import entry_parts, store_config
 from collectivekv.model.hstu import HSTULayer, rel_bucket
 from collectivekv.model.pool import KVBranch
+from collectivekv.model.quant import fake_quant
 from collectivekv.model.routing import route
 
 if triton is not None:
 
     @triton.jit
-    def _load_rows(raw_ptr, base, ls, cols, lmask, WIDTH: tl.constexpr, KV_CODE: tl.constexpr,
-                   HALVES: tl.constexpr):
-        """(BLOCK_L, W) fp32 user part rows ``ls`` at columns ``cols`` (0 for cols >= WIDTH); HALVES: fp32
-        values read as two little-endian 16-bit halves (a part start that may sit at a 2-byte boundary)."""
-        if HALVES:
-            half = (raw_ptr + base).to(tl.pointer_type(tl.int16))
-            mask = lmask[:, None] & (cols[None, :] < WIDTH)
-            at = (ls[:, None] * WIDTH + cols[None, :]) * 2
-            lo = tl.load(half + at, mask=mask, other=0).to(tl.int32) & 0xFFFF
-            hi = tl.load(half + at + 1, mask=mask, other=0).to(tl.int32)
-            rows = (lo | (hi << 16)).to(tl.float32, bitcast=True)
-        else:
-            rows = _load_user(raw_ptr, base, ls, cols, lmask, WIDTH, KV_CODE)
-        return rows
-
-    @triton.jit
-    def _side(raw_ptr, pool_ptr, user_base, idx_base, ls, cols, lmask, nbad, pool_size, D_A: tl.constexpr,
-              WIDTH: tl.constexpr, SHARED: tl.constexpr, KV_CODE: tl.constexpr, HALVES: tl.constexpr,
-              IDX_BYTES: tl.constexpr):
-        """K (or V) rows (BLOCK_L, GH·DH) fp32 = user part ⊕ pool row, and the count of bad indices."""
-        rows = _load_rows(raw_ptr, user_base, ls, cols, lmask, WIDTH, KV_CODE, HALVES)
+    def _rows(raw_ptr, pool_ptr, user_base, idx, ls, cols, lmask, nbad, pool_size, scale, D_A: tl.constexpr,
+              WIDTH: tl.constexpr, SHARED: tl.constexpr, CODE: tl.constexpr):
+        """K (or V) rows (BLOCK_L, GH·DH) fp32 = user part (stored as CODE: a float dtype, fp32 read as 16-bit
+        halves, or int8 codes × ``scale``) ⊕ pool row ``idx`` (SHARED), and the count of bad indices."""
+        rows = _load_side(raw_ptr, user_base, ls, cols, lmask, WIDTH, CODE, scale)
         if SHARED:
-            idx = _load_idx(raw_ptr, idx_base, ls, lmask, IDX_BYTES)
-            inside = (idx >= 0) & (idx < pool_size)
-            nbad += tl.sum((lmask & (idx < 0)).to(tl.int32) + (lmask & (idx >= pool_size)).to(tl.int32), axis=0)
-            rows += tl.load(pool_ptr + idx[:, None] * D_A + cols[None, :], mask=(lmask & inside)[:, None],
-                            other=0.0).to(tl.float32)
+            pool, nbad = _gather_rows(pool_ptr, idx, cols, lmask, nbad, pool_size, D_A)
+            rows += pool
         return rows, nbad
 
     @triton.jit
     def _history_block(raw_ptr, bias_ptr, pool_k_ptr, pool_v_ptr, ku, vu, ki, vi, n, stop, l0, q, cols, heads, acc,
-                       nbad, pool_size, D_A: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr, DK: tl.constexpr,
-                       DV: tl.constexpr, K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, KV_CODE: tl.constexpr,
-                       HALVES_K: tl.constexpr, HALVES_V: tl.constexpr, IDX_BYTES: tl.constexpr,
+                       nbad, pool_size, k_scale, v_scale, D_A: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr,
+                       DK: tl.constexpr, DV: tl.constexpr, K_SHARED: tl.constexpr, V_SHARED: tl.constexpr,
+                       K_CODE: tl.constexpr, V_CODE: tl.constexpr, JOINT: tl.constexpr, IDX_BYTES: tl.constexpr,
                        BLOCK_L: tl.constexpr, MAX_N: tl.constexpr):
-        """acc (GH, DH) += Σ_j SiLU(score_jh) v_jh over behaviours j = l0 .. l0 + BLOCK_L - 1 (masked at j >= stop)."""
+        """acc (GH, DH) += Σ_j SiLU(score_jh) v_jh over behaviours j = l0 .. l0 + BLOCK_L - 1 (masked at j >= stop);
+        JOINT: the one index part (at ki) picks both pool rows, read once."""
         ls = l0 + tl.arange(0, BLOCK_L)  # (BLOCK_L,)
         lmask = ls < stop
-        key, nbad = _side(raw_ptr, pool_k_ptr, ku, ki, ls, cols, lmask, nbad, pool_size, D_A, DK, K_SHARED, KV_CODE,
-                          HALVES_K, IDX_BYTES)  # (BLOCK_L, GH·DH)
+        ik = ls * 0
+        if K_SHARED:
+            ik = _load_idx(raw_ptr, ki, ls, lmask, IDX_BYTES)
+        key, nbad = _rows(raw_ptr, pool_k_ptr, ku, ik, ls, cols, lmask, nbad, pool_size, k_scale, D_A, DK, K_SHARED,
+                          K_CODE)  # (BLOCK_L, GH·DH)
         s = tl.sum(tl.reshape(key * q[None, :], (BLOCK_L, GH, DH)), axis=2)  # (BLOCK_L, GH)
         dist = tl.minimum(tl.maximum(n - ls, 0), MAX_N)  # (BLOCK_L,) n - j in 1 .. n where unmasked
         s += tl.load(bias_ptr + heads[None, :] * (MAX_N + 1) + dist[:, None], mask=lmask[:, None], other=0.0)
         a = tl.where(lmask[:, None], s / (1.0 + tl.exp(-s)), 0.0)  # (BLOCK_L, GH) SiLU, 0 at masked rows
-        val, nbad = _side(raw_ptr, pool_v_ptr, vu, vi, ls, cols, lmask, nbad, pool_size, D_A, DV, V_SHARED, KV_CODE,
-                          HALVES_V, IDX_BYTES)  # (BLOCK_L, GH·DH)
+        iv = ik
+        if V_SHARED and not JOINT:
+            iv = _load_idx(raw_ptr, vi, ls, lmask, IDX_BYTES)
+        val, nbad = _rows(raw_ptr, pool_v_ptr, vu, iv, ls, cols, lmask, nbad, pool_size, v_scale, D_A, DV, V_SHARED,
+                          V_CODE)  # (BLOCK_L, GH·DH)
         acc += tl.sum(a[:, :, None] * tl.reshape(val, (BLOCK_L, GH, DH)), axis=0)  # (GH, DH)
         return acc, nbad
 
     @triton.jit
     def _hstu_history_kernel(
         raw_ptr, header_ptr, starts_ptr, q_ptr, bias_ptr, pool_k_ptr, pool_v_ptr, out_ptr, flag_ptr, n_users, n_cand,
-        scale, inv_norm, pool_size, D_A: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr, DK: tl.constexpr,
-        DV: tl.constexpr, K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, KV_CODE: tl.constexpr,
-        HALVES_K: tl.constexpr, HALVES_V: tl.constexpr, IDX_BYTES: tl.constexpr, P_KU: tl.constexpr,
+        scale, inv_norm, pool_size, k_scale, v_scale, D_A: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr,
+        DK: tl.constexpr, DV: tl.constexpr, K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, K_CODE: tl.constexpr,
+        V_CODE: tl.constexpr, JOINT: tl.constexpr, IDX_BYTES: tl.constexpr, P_KU: tl.constexpr,
         P_VU: tl.constexpr, P_KI: tl.constexpr, P_VI: tl.constexpr, BLOCK_L: tl.constexpr, MAX_N: tl.constexpr,
         LOOP_N: tl.constexpr, SEG: tl.constexpr,
     ):
@@ -130,24 +126,26 @@ if triton is not None:
             for l0 in range(0, LOOP_N, BLOCK_L):
                 acc, nbad = _history_block(
                     raw_ptr, bias_ptr, pool_k_ptr, pool_v_ptr, ku, vu, ki, vi, n, stop, lo + l0, q, cols, heads, acc,
-                    nbad, pool_size, D_A, GH, DH, DK, DV, K_SHARED, V_SHARED, KV_CODE, HALVES_K, HALVES_V, IDX_BYTES,
-                    BLOCK_L, MAX_N)
+                    nbad, pool_size, k_scale, v_scale, D_A, GH, DH, DK, DV, K_SHARED, V_SHARED, K_CODE, V_CODE, JOINT,
+                    IDX_BYTES, BLOCK_L, MAX_N)
         else:
             for l0 in range(lo, stop, BLOCK_L):
                 acc, nbad = _history_block(
                     raw_ptr, bias_ptr, pool_k_ptr, pool_v_ptr, ku, vu, ki, vi, n, stop, l0, q, cols, heads, acc,
-                    nbad, pool_size, D_A, GH, DH, DK, DV, K_SHARED, V_SHARED, KV_CODE, HALVES_K, HALVES_V, IDX_BYTES,
-                    BLOCK_L, MAX_N)
+                    nbad, pool_size, k_scale, v_scale, D_A, GH, DH, DK, DV, K_SHARED, V_SHARED, K_CODE, V_CODE, JOINT,
+                    IDX_BYTES, BLOCK_L, MAX_N)
         tl.store(flag_ptr + b, 1, mask=nbad > 0)
         rows = tl.num_programs(0)
         tl.store(out_ptr + (part * rows + row) * D_A + cols, tl.reshape(acc * inv_norm, (GH * DH,)))
 
 
 def _padded_pool(branch: KVBranch, d_a: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The branch's pool as (pool, d_a) rows zero in the user dims, at ``dtype``; 1 zero row when unshared."""
-    if branch.pool is None:
+    """The branch's pool (its own, or its columns of a joint pool) as (pool, d_a) rows zero in the user dims, at
+    ``dtype``; 1 zero row when unshared."""
+    pool = branch.collective_pool()
+    if pool is None:
         return torch.zeros(1, d_a, dtype=dtype, device=device)
-    pool = branch.pool.detach()  # (M, d_a - d_u)
+    pool = pool.detach()  # (M, d_a - d_u)
     return torch.cat([pool.new_zeros(pool.shape[0], d_a - pool.shape[1]), pool], 1).to(dtype).contiguous()
 
 
@@ -176,12 +174,6 @@ def part_starts(raw: torch.Tensor, layout: EntryLayout, n_users: int) -> torch.T
     return record_part_starts(raw, layout, n_users)[:-1]
 
 
-def _halves(layout: EntryLayout, position: int) -> bool:
-    """Whether an fp32 part may start at a 2-byte boundary: every HSTU part has cap max_len >= n, so part
-    p starts n · Σ_{i<p} row_bytes_i bytes into the 8-aligned payload."""
-    return layout.itemsize("kv") == 4 and sum(layout.row_bytes[:position]) % 4 != 0
-
-
 def hstu_history(raw: torch.Tensor, q: torch.Tensor, starts: torch.Tensor, layer: int, *,
                  resident: ResidentZooModel, layout: EntryLayout, n_users: int, flags: torch.Tensor,
                  config: FusedConfig = DEFAULT_FUSED) -> torch.Tensor:
@@ -193,9 +185,12 @@ def hstu_history(raw: torch.Tensor, q: torch.Tensor, starts: torch.Tensor, layer
     heads = cfg.n_heads
     dh, gh = d_a // heads, config.heads_per_program
     pool_k, pool_v, bias = layer_tables(resident, KV_TORCH[pool_dtype(config, layout)])[layer]
+    g = next(g for g in layout.groups if g.name == f"layer{layer}")
     where = {p.name: i for i, p in enumerate(layout.parts)}
-    ku, vu = where[f"layer{layer}.k_user"], where[f"layer{layer}.v_user"]  # every HSTU layer caches K and V
-    ki, vi = where.get(f"layer{layer}.k_idx"), where.get(f"layer{layer}.v_idx")
+    ku, vu = where[f"{g.name}.k_user"], where[f"{g.name}.v_user"]  # every HSTU layer caches K and V
+    ki, vi = (where.get(g.idx_part(side) or "") for side in "kv")  # one kv_idx for both when joint
+    k_code, v_code, _, _ = side_codes(g, layout.kv_dtype, user_halves(layout, g))
+    k_scale, v_scale = group_scales(resident, g)
     rows, groups, max_n = b * c, heads // gh, layout.max_len
     parts = split_parts(config, rows, groups, max(1, max_n), q.device)
     seg = -(-max(1, max_n) // (parts * config.block_l)) * config.block_l  # behaviours per part, whole blocks
@@ -205,10 +200,10 @@ def hstu_history(raw: torch.Tensor, q: torch.Tensor, starts: torch.Tensor, layer
     stages = {} if config.num_stages is None else {"num_stages": config.num_stages}
     _hstu_history_kernel[(rows, groups, parts)](
         raw, raw[: 16 * n_users].view(torch.int64), starts, q.float().contiguous(), bias, pool_k, pool_v, out,
-        flags, n_users, c, 1.0 / math.sqrt(dh), 1.0 / float(cfg.max_len), cfg.collective.pool_size, D_A=d_a, GH=gh,
-        DH=dh, DK=layout.parts[ku].width, DV=layout.parts[vu].width,
-        K_SHARED=ki is not None, V_SHARED=vi is not None, KV_CODE=KV_CODES[layout.kv_dtype],
-        HALVES_K=_halves(layout, ku), HALVES_V=_halves(layout, vu), IDX_BYTES=IDX_BYTES[layout.idx_dtype],
+        flags, n_users, c, 1.0 / math.sqrt(dh), 1.0 / float(cfg.max_len), cfg.collective.pool_size, float(k_scale),
+        float(v_scale), D_A=d_a, GH=gh, DH=dh, DK=layout.parts[ku].width, DV=layout.parts[vu].width,
+        K_SHARED=ki is not None, V_SHARED=vi is not None, K_CODE=k_code, V_CODE=v_code, JOINT=g.joint,
+        IDX_BYTES=IDX_BYTES[layout.idx_dtype],
         P_KU=ku, P_VU=vu, P_KI=ki or 0, P_VI=vi or 0, BLOCK_L=config.block_l, MAX_N=max_n,
         LOOP_N=seg if INTERPRETED else 0, SEG=seg, num_warps=config.num_warps, **stages,
     )
@@ -217,12 +212,17 @@ def hstu_history(raw: torch.Tensor, q: torch.Tensor, starts: torch.Tensor, layer
 
 def _candidate_side(branch: KVBranch, h: torch.Tensor) -> torch.Tensor:
     """The candidates' own K (or V) (B, C, d_a) from h (B, C, E): SiLU(W h) ⊕ pool[argmax router(h)]
-    (shared; as ``HSTULayer.project`` with hard routing) or SiLU(W h) (not shared)."""
+    (shared; as ``HSTULayer.project`` with hard routing: the branch's own router and pool, or its joint router
+    and pool columns; int8 branches fake-quantise the user part with their scale) or SiLU(W h) (not shared).
+    No host sync (the scale was checked when the resident read it: ``model.entry.user_scales``)."""
     user = nn.functional.silu(branch.proj(h))  # (B, C, d_u or d_a)
-    if branch.pool is None or branch.router is None:
+    pool, weight = branch.collective_pool(), branch.routing_weight()
+    if not branch.shared or pool is None or weight is None:
         return user
-    idx = route(branch.router(h)).idx  # (B, C)
-    rows = branch.pool.index_select(0, idx.reshape(-1)).reshape(*idx.shape, -1)  # (B, C, d_a - d_u)
+    if branch.int8:
+        user = fake_quant(user, branch.user_scale).to(user.dtype)
+    idx = route(nn.functional.linear(h, weight)).idx  # (B, C)
+    rows = pool.index_select(0, idx.reshape(-1)).reshape(*idx.shape, -1)  # (B, C, d_a - d_u)
     return torch.cat([user, rows.to(user.dtype)], dim=-1)
 
 
@@ -245,7 +245,7 @@ def check_hstu_batch(raw: torch.Tensor, candidates: torch.Tensor, resident: Resi
     cfg = resident.cfg
     if not isinstance(layout, EntryLayout) or layout.arch != "hstu" or cfg.arch != "hstu":
         raise ValueError("the fused HSTU decode reads HSTU stores with an HSTU model")
-    check_separate_float(layout, "the fused HSTU decode")
+    check_half_layout(layout, "the fused HSTU decode")
     if layout.parts != entry_parts(store_config(cfg, layout.mode)) or layout.max_len != cfg.max_len:
         raise ValueError(f"the store's parts are not those of the model's {layout.mode} cache")
     device = next(resident.model.parameters()).device  # concrete (cuda:0 where the resident says cuda)

@@ -20,8 +20,10 @@ router indices, pools zero-padded in the user dims, rows rebuilt as user part �
 SIM / ETA: key_ranks → ``topk`` in torch → :func:`cachestore.decode.fused.attend_group` over the selected rows.
 TWIN: scores → per-head top-k and softmax in torch (shape-static) → weighted_values with G = H heads of
 W = dh columns. SDIM: bucket_sums (then L2-normalise and mean in torch).
-Router indices outside the pool are read as zeros and set ``flags[b] = 1``. Tested under Triton's
-interpreter against the models' own decode (``tests/cachestore/decode/test_fused_zoo.py``).
+User parts are read at the store's kv dtype or as int8 codes × the group's scale; a joint group's one index part
+(``kv_idx``, where ``k_idx`` would be) picks both pool rows. Router indices outside the pool are read as zeros and
+set ``flags[b] = 1``. Tested under Triton's interpreter against the models' own decode
+(``tests/cachestore/decode/test_fused_zoo.py``, ``test_fused_zoo_half.py``).
 """
 
 from __future__ import annotations
@@ -30,14 +32,22 @@ import math
 
 import torch
 
-from collectivekv.cachestore.decode.fused import IDX_BYTES, INTERPRETED, KV_CODES, triton
-from collectivekv.cachestore.decode.fused_view import GroupView
-from collectivekv.cachestore.decode.transfer import KV_TORCH
+from collectivekv.cachestore.decode.fused import IDX_BYTES, INTERPRETED, triton
+from collectivekv.cachestore.decode.fused_view import GroupView, side_codes
 
 if triton is not None:
     import triton.language as tl
 
-    from collectivekv.cachestore.decode.fused import _load_user, _pool_rows
+    from collectivekv.cachestore.decode.fused import _gather_rows, _load_side, _pool_rows
+
+    @triton.jit
+    def _idx_bytes(raw_ptr, base, ls, mask, IDX_BYTES: tl.constexpr):
+        """Router indices of rows ``ls`` from the index part at byte ``base``, read byte by byte (a part that can
+        start off a 2-byte boundary: after int8 user codes of odd width); 0 where masked."""
+        ik = ls * 0
+        for k in tl.static_range(IDX_BYTES):
+            ik = ik | (tl.load(raw_ptr + base + ls * IDX_BYTES + k, mask=mask, other=0).to(tl.int32) << (8 * k))
+        return ik
 
     @triton.jit
     def _packed_keys(raw_ptr, key_start, ls, lmask, KEY_BYTES: tl.constexpr, BLOCK_L: tl.constexpr):
@@ -63,9 +73,9 @@ if triton is not None:
     @triton.jit
     def _group_scores_kernel(
         raw_ptr, starts_ptr, rows_ptr, q_ptr, pool_k_ptr, out_ptr, flag_ptr, n_cand, scale, start_add, pool_size,
-        lowest, D_A: tl.constexpr, H: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr, DK: tl.constexpr,
-        DV: tl.constexpr, K_SHARED: tl.constexpr, KV_CODE: tl.constexpr, KV_BYTES: tl.constexpr,
-        IDX_BYTES: tl.constexpr, BLOCK_L: tl.constexpr, CAP: tl.constexpr,
+        lowest, k_scale, D_A: tl.constexpr, H: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr, DK: tl.constexpr,
+        DV: tl.constexpr, K_SHARED: tl.constexpr, K_CODE: tl.constexpr, K_BYTES: tl.constexpr,
+        V_BYTES: tl.constexpr, IDX_BYTES: tl.constexpr, BLOCK_L: tl.constexpr, CAP: tl.constexpr,
     ):
         row = tl.program_id(0)  # b·C + c
         group = tl.program_id(1)  # heads group·GH .. group·GH + GH - 1
@@ -76,10 +86,10 @@ if triton is not None:
         lmask = ls < n
         cols = group * GH * DH + tl.arange(0, GH * DH)  # (GH·DH,)
         q = tl.load(q_ptr + row * D_A + cols).to(tl.float32) * scale
-        key = _load_user(raw_ptr, start, ls, cols, lmask, DK, KV_CODE)  # (BLOCK_L, GH·DH)
+        key = _load_side(raw_ptr, start, ls, cols, lmask, DK, K_CODE, k_scale)  # (BLOCK_L, GH·DH)
         nbad = tl.zeros([], dtype=tl.int32)
-        if K_SHARED:
-            kidx_base = start + n * (DK + DV) * KV_BYTES
+        if K_SHARED:  # k_idx, or the joint kv_idx: the group's first index part
+            kidx_base = start + n * (DK * K_BYTES + DV * V_BYTES)
             pool, nbad = _pool_rows(raw_ptr, pool_k_ptr, kidx_base, ls, cols, lmask, nbad, pool_size, D_A, IDX_BYTES)
             key += pool
         s = tl.sum(tl.reshape(key * q[None, :], (BLOCK_L, GH, DH)), axis=2)  # (BLOCK_L, GH)
@@ -91,16 +101,18 @@ if triton is not None:
     @triton.jit
     def _weighted_values_kernel(
         raw_ptr, starts_ptr, rows_ptr, w_ptr, pos_ptr, pool_v_ptr, out_ptr, flag_ptr, n_cand, start_add, pool_size,
-        D_A: tl.constexpr, G: tl.constexpr, W: tl.constexpr, STEP: tl.constexpr, DK: tl.constexpr,
-        DV: tl.constexpr, K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, KV_CODE: tl.constexpr,
-        KV_BYTES: tl.constexpr, IDX_BYTES: tl.constexpr, HAS_POS: tl.constexpr, S: tl.constexpr, BLOCK_L: tl.constexpr,
+        v_scale, D_A: tl.constexpr, G: tl.constexpr, W: tl.constexpr, STEP: tl.constexpr, DK: tl.constexpr,
+        DV: tl.constexpr, K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, V_CODE: tl.constexpr,
+        K_BYTES: tl.constexpr, V_BYTES: tl.constexpr, JOINT: tl.constexpr, IDX_BYTES: tl.constexpr,
+        HAS_POS: tl.constexpr, S: tl.constexpr, BLOCK_L: tl.constexpr,
     ):
         row = tl.program_id(0)  # b·C + c
         g = tl.program_id(1)  # head or hash function
         b = row // n_cand
         start = tl.load(starts_ptr + b) + start_add
         n = tl.load(rows_ptr + b)
-        vidx_base = start + n * (DK + DV) * KV_BYTES + n * (IDX_BYTES if K_SHARED else 0)
+        # v_idx after k_idx; JOINT: the one kv_idx picks the V row too
+        vidx_base = start + n * (DK * K_BYTES + DV * V_BYTES) + n * (IDX_BYTES if K_SHARED and not JOINT else 0)
         cols = g * STEP + tl.arange(0, W)  # (W,)
         acc = tl.zeros([W], dtype=tl.float32)
         nbad = tl.zeros([], dtype=tl.int32)
@@ -110,7 +122,7 @@ if triton is not None:
             w = tl.load(w_ptr + (row * G + g) * S + js, mask=jmask, other=0.0)  # (BLOCK_L,)
             ls = tl.load(pos_ptr + (row * G + g) * S + js, mask=jmask, other=0).to(tl.int32) if HAS_POS else js
             lmask = jmask & (ls >= 0) & (ls < n) & (w != 0.0)
-            val = _load_user(raw_ptr, start + n * DK * KV_BYTES, ls, cols, lmask, DV, KV_CODE)  # (BLOCK_L, W)
+            val = _load_side(raw_ptr, start + n * DK * K_BYTES, ls, cols, lmask, DV, V_CODE, v_scale)  # (BLOCK_L, W)
             if V_SHARED:
                 pool, nbad = _pool_rows(raw_ptr, pool_v_ptr, vidx_base, ls, cols, lmask, nbad, pool_size, D_A,
                                         IDX_BYTES)
@@ -121,26 +133,31 @@ if triton is not None:
 
     @triton.jit
     def _bucket_block(raw_ptr, pool_v_ptr, start, n, key_start, ls, stop, target, shift, cols, acc, nbad, pool_size,
-                      D_A: tl.constexpr, DV: tl.constexpr, V_SHARED: tl.constexpr, KV_CODE: tl.constexpr,
-                      KV_BYTES: tl.constexpr, IDX_BYTES: tl.constexpr, KEY_BYTES: tl.constexpr, BITS: tl.constexpr,
-                      BLOCK_L: tl.constexpr):
-        """Add to acc (D_A,) the V rows ``ls`` (< stop) whose bucket (bits shift ..) equals ``target``."""
+                      v_scale, D_A: tl.constexpr, DV: tl.constexpr, V_SHARED: tl.constexpr, V_CODE: tl.constexpr,
+                      V_BYTES: tl.constexpr, IDX_BYTES: tl.constexpr, IDX_ALIGNED: tl.constexpr,
+                      KEY_BYTES: tl.constexpr, BITS: tl.constexpr, BLOCK_L: tl.constexpr):
+        """Add to acc (D_A,) the V rows ``ls`` (< stop) whose bucket (bits shift ..) equals ``target``; the index
+        part is read as 16-bit halves where IDX_ALIGNED, else byte by byte."""
         lmask = ls < stop
         word = _packed_keys(raw_ptr, key_start, ls, lmask, KEY_BYTES, BLOCK_L)  # (BLOCK_L,) int64
         hit = lmask & (((word >> shift) & ((1 << BITS) - 1)) == target)
-        val = _load_user(raw_ptr, start, ls, cols, hit, DV, KV_CODE)  # (BLOCK_L, D_A), 0 where no hit
+        val = _load_side(raw_ptr, start, ls, cols, hit, DV, V_CODE, v_scale)  # (BLOCK_L, D_A), 0 where no hit
         if V_SHARED:
-            pool, nbad = _pool_rows(raw_ptr, pool_v_ptr, start + n * DV * KV_BYTES, ls, cols, hit, nbad,
-                                    pool_size, D_A, IDX_BYTES)
+            if IDX_ALIGNED:
+                pool, nbad = _pool_rows(raw_ptr, pool_v_ptr, start + n * DV * V_BYTES, ls, cols, hit, nbad,
+                                        pool_size, D_A, IDX_BYTES)
+            else:
+                iv = _idx_bytes(raw_ptr, start + n * DV * V_BYTES, ls, hit, IDX_BYTES)
+                pool, nbad = _gather_rows(pool_v_ptr, iv, cols, hit, nbad, pool_size, D_A)
             val += pool
         return acc + tl.sum(val, axis=0), nbad
 
     @triton.jit
     def _bucket_sums_kernel(
         raw_ptr, starts_ptr, rows_ptr, key_starts_ptr, target_ptr, pool_v_ptr, out_ptr, flag_ptr, n_cand, start_add,
-        pool_size, D_A: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, V_SHARED: tl.constexpr,
-        KV_CODE: tl.constexpr, KV_BYTES: tl.constexpr, IDX_BYTES: tl.constexpr, KEY_BYTES: tl.constexpr,
-        BITS: tl.constexpr, BLOCK_L: tl.constexpr, MAX_L: tl.constexpr, SEG: tl.constexpr,
+        pool_size, v_scale, D_A: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, V_SHARED: tl.constexpr,
+        V_CODE: tl.constexpr, V_BYTES: tl.constexpr, IDX_BYTES: tl.constexpr, IDX_ALIGNED: tl.constexpr,
+        KEY_BYTES: tl.constexpr, BITS: tl.constexpr, BLOCK_L: tl.constexpr, MAX_L: tl.constexpr, SEG: tl.constexpr,
     ):
         row = tl.program_id(0)  # b·C + c
         g = tl.program_id(1)  # hash function
@@ -159,13 +176,13 @@ if triton is not None:
         if MAX_L > 0:  # Triton's CPU interpreter cannot loop to a loaded bound: static bound, masked
             for l0 in range(0, MAX_L, BLOCK_L):
                 acc, nbad = _bucket_block(raw_ptr, pool_v_ptr, start, n, key_start, lo + l0 + tl.arange(0, BLOCK_L),
-                                          stop, target, shift, cols, acc, nbad, pool_size, D_A, DV, V_SHARED,
-                                          KV_CODE, KV_BYTES, IDX_BYTES, KEY_BYTES, BITS, BLOCK_L)
+                                          stop, target, shift, cols, acc, nbad, pool_size, v_scale, D_A, DV,
+                                          V_SHARED, V_CODE, V_BYTES, IDX_BYTES, IDX_ALIGNED, KEY_BYTES, BITS, BLOCK_L)
         else:
             for l0 in range(lo, stop, BLOCK_L):
                 acc, nbad = _bucket_block(raw_ptr, pool_v_ptr, start, n, key_start, l0 + tl.arange(0, BLOCK_L),
-                                          stop, target, shift, cols, acc, nbad, pool_size, D_A, DV, V_SHARED,
-                                          KV_CODE, KV_BYTES, IDX_BYTES, KEY_BYTES, BITS, BLOCK_L)
+                                          stop, target, shift, cols, acc, nbad, pool_size, v_scale, D_A, DV,
+                                          V_SHARED, V_CODE, V_BYTES, IDX_BYTES, IDX_ALIGNED, KEY_BYTES, BITS, BLOCK_L)
         tl.store(out_ptr + ((part * tl.num_programs(0) + row) * G + g) * D_A + cols, acc)
         tl.store(flag_ptr + b, 1, mask=nbad > 0)
 
@@ -195,9 +212,11 @@ def _block(n: int, most: int = 64) -> int:
 
 
 def group_scores(raw: torch.Tensor, q: torch.Tensor, view: GroupView, pool_k: torch.Tensor, n_heads: int,
-                 flags: torch.Tensor, *, heads_per_program: int = 1, num_warps: int = 1) -> torch.Tensor:
+                 flags: torch.Tensor, *, heads_per_program: int = 1, num_warps: int = 1,
+                 scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
     """Scores (B·C, H, cap) fp32 of ``q`` (B, C, d_a) over every row of the group ``view`` (module docstring);
-    pool_k: (pool, d_a) padded K pool (1 zero row when K is not shared)."""
+    pool_k: (pool, d_a) padded K pool (1 zero row when K is not shared; a joint pool's K columns for a joint
+    index); scales: the (K, V) scales of int8 user parts (:func:`cachestore.decode.fused_view.group_scales`)."""
     b, c, d_a = q.shape
     dh, g = d_a // n_heads, view.group
     cap = max(1, g.cap)
@@ -205,22 +224,23 @@ def group_scores(raw: torch.Tensor, q: torch.Tensor, view: GroupView, pool_k: to
     if b * c == 0:
         return out
     block = _block(cap)
+    k_code, _, k_bytes, v_bytes = side_codes(g, view.kv_dtype, view.halves)
     _group_scores_kernel[(b * c, n_heads // heads_per_program, -(-cap // block))](
         raw, view.starts, view.rows, q.float().contiguous(), pool_k, out, flags, c, 1.0 / math.sqrt(dh),
-        view.start_add, view.pool_size, torch.finfo(torch.float32).min, D_A=d_a, H=n_heads, GH=heads_per_program,
-        DH=dh, DK=g.dk, DV=g.dv, K_SHARED=g.k_shared, KV_CODE=KV_CODES[view.kv_dtype],
-        KV_BYTES=KV_TORCH[view.kv_dtype].itemsize, IDX_BYTES=IDX_BYTES[view.idx_dtype], BLOCK_L=block,
-        CAP=cap, num_warps=num_warps,
+        view.start_add, view.pool_size, torch.finfo(torch.float32).min, float(scales[0]), D_A=d_a, H=n_heads,
+        GH=heads_per_program, DH=dh, DK=g.dk, DV=g.dv, K_SHARED=g.k_shared, K_CODE=k_code, K_BYTES=k_bytes,
+        V_BYTES=v_bytes, IDX_BYTES=IDX_BYTES[view.idx_dtype], BLOCK_L=block, CAP=cap, num_warps=num_warps,
     )
     return out
 
 
 def weighted_values(raw: torch.Tensor, view: GroupView, pool_v: torch.Tensor, weights: torch.Tensor,
                     positions: torch.Tensor | None, n_cand: int, width: int, step: int, flags: torch.Tensor, *,
-                    num_warps: int = 1) -> torch.Tensor:
+                    num_warps: int = 1, scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
     """(R, G, width) fp32 weighted sums of the group's V rows (module docstring): weights (R, G, S) float,
     positions (R, G, S) int64 or None (position s); g reads columns g·step .. g·step + width - 1 (a power of
-    two); R = B·C rows, user r // n_cand. pool_v: (pool, d_a) padded V pool (1 zero row when not shared)."""
+    two); R = B·C rows, user r // n_cand. pool_v: (pool, d_a) padded V pool (1 zero row when not shared);
+    scales as :func:`group_scores`'."""
     r, n_g, s = weights.shape
     g = view.group
     if width & (width - 1):
@@ -232,10 +252,11 @@ def weighted_values(raw: torch.Tensor, view: GroupView, pool_v: torch.Tensor, we
         return out
     w = weights.float().contiguous()
     pos = w if positions is None else positions.contiguous()  # unread without positions
+    _, v_code, k_bytes, v_bytes = side_codes(g, view.kv_dtype, view.halves)
     _weighted_values_kernel[(r, n_g)](
         raw, view.starts, view.rows, w, pos, pool_v, out, flags, n_cand, view.start_add, view.pool_size,
-        D_A=pool_v.shape[1], G=n_g, W=width, STEP=step, DK=g.dk, DV=g.dv, K_SHARED=g.k_shared, V_SHARED=g.v_shared,
-        KV_CODE=KV_CODES[view.kv_dtype], KV_BYTES=KV_TORCH[view.kv_dtype].itemsize,
+        float(scales[1]), D_A=pool_v.shape[1], G=n_g, W=width, STEP=step, DK=g.dk, DV=g.dv, K_SHARED=g.k_shared,
+        V_SHARED=g.v_shared, V_CODE=v_code, K_BYTES=k_bytes, V_BYTES=v_bytes, JOINT=g.joint,
         IDX_BYTES=IDX_BYTES[view.idx_dtype], HAS_POS=positions is not None,
         S=max(1, s), BLOCK_L=_block(s, 32), num_warps=num_warps,
     )
@@ -244,13 +265,15 @@ def weighted_values(raw: torch.Tensor, view: GroupView, pool_v: torch.Tensor, we
 
 def bucket_sums(raw: torch.Tensor, view: GroupView, pool_v: torch.Tensor, key_starts: torch.Tensor, key_bytes: int,
                 bits: int, targets: torch.Tensor, n_cand: int, flags: torch.Tensor, *, block_l: int = 16,
-                num_warps: int = 1, parts: int = 1) -> torch.Tensor:
+                num_warps: int = 1, parts: int = 1, v_scale: float = 1.0, idx_aligned: bool = True) -> torch.Tensor:
     """SDIM's bucket sums (R, m, d_a) fp32: per row r (user b = r // n_cand) and hash function g, the sum of the
     V rows l < rows[b] of the V-only group ``view`` whose bucket g (bits g·bits .. of the row's ``key_bytes``
     packed key bytes at ``key_starts[b] + l·key_bytes``) equals ``targets[r, g]`` (targets (R, m) int64).
     pool_v: (pool, d_a) padded V pool (1 zero row when not shared); d_a a power of two. ``parts`` > 1 splits each
     row's history into parts (one program each, summed after); at B 512, L 1,000 on an H200 8 parts of 32-row
-    blocks, 2 warps took 0.265 ms against 0.185 for the default (``benchmarks/zoo_kernel_breakdown.py``)."""
+    blocks, 2 warps took 0.265 ms against 0.185 for the default (``benchmarks/zoo_kernel_breakdown.py``).
+    v_scale: the scale of int8 V user codes; idx_aligned False: the V index part can start off a 2-byte boundary
+    (:func:`cachestore.decode.fused_view.may_misalign`), read byte by byte."""
     r, m = targets.shape
     g, d_a = view.group, pool_v.shape[1]
     if g.dk != 0 or d_a & (d_a - 1):
@@ -260,11 +283,12 @@ def bucket_sums(raw: torch.Tensor, view: GroupView, pool_v: torch.Tensor, key_st
     out = torch.empty(parts, r, m, d_a, dtype=torch.float32, device=targets.device)  # (S, R, m, d_a)
     if r == 0:
         return out[0]
+    _, v_code, _, v_bytes = side_codes(g, view.kv_dtype, view.halves)
     _bucket_sums_kernel[(r, m, parts)](
         raw, view.starts, view.rows, key_starts, targets.contiguous(), pool_v, out, flags, n_cand, view.start_add,
-        view.pool_size, D_A=d_a, G=m, DV=g.dv, V_SHARED=g.v_shared, KV_CODE=KV_CODES[view.kv_dtype],
-        KV_BYTES=KV_TORCH[view.kv_dtype].itemsize, IDX_BYTES=IDX_BYTES[view.idx_dtype], KEY_BYTES=key_bytes,
-        BITS=bits, BLOCK_L=block_l, MAX_L=seg if INTERPRETED else 0, SEG=seg, num_warps=num_warps,
+        view.pool_size, float(v_scale), D_A=d_a, G=m, DV=g.dv, V_SHARED=g.v_shared, V_CODE=v_code, V_BYTES=v_bytes,
+        IDX_BYTES=IDX_BYTES[view.idx_dtype], IDX_ALIGNED=idx_aligned, KEY_BYTES=key_bytes, BITS=bits, BLOCK_L=block_l,
+        MAX_L=seg if INTERPRETED else 0, SEG=seg, num_warps=num_warps,
     )
     return out.sum(0) if parts > 1 else out[0]  # (R, m, d_a)
 

@@ -14,7 +14,12 @@ from collectivekv.cachestore.store.record import HEADER_SIZE
 from collectivekv.model.cache_spec import GroupSpec
 
 if TYPE_CHECKING:
-    from collectivekv.cachestore.decode.decode import ResidentModel
+    from collectivekv.cachestore.decode.decode import ResidentModel, ResidentZooModel
+
+KV_CODES = {"float16": 0, "bfloat16": 1, "float32": 2}  # a float user part's storage, as the kernels read it
+Q8_CODE = 3  # a user part of int8 codes (part kind q8), read as fp32 code · scale
+HALVES_CODE = 4  # an fp32 user part that can start at a 2-byte boundary, read as two 16-bit halves
+KV_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
 @dataclass(frozen=True)
@@ -24,7 +29,9 @@ class GroupView:
     and ``idx_dtype``) from byte ``starts[b] + start_add``; ``rows`` (B,) int64 = min(n_b, cap) (0: cold);
     ``ends`` (B,) int64: one past each user's record, the byte the chunk test of ``chunks`` reads (None: one
     past the group's last part, the record's end when the group ends the record, as din's does). The tensors
-    live on the batch's device; ``pool_size`` bounds the router indices."""
+    live on the batch's device; ``pool_size`` bounds the router indices. ``halves`` (K, V): an fp32 user part
+    that can start off a 4-byte boundary (after an odd number of 2-byte index or int8 rows), read as 16-bit
+    halves."""
 
     group: GroupSpec
     kv_dtype: str
@@ -34,14 +41,68 @@ class GroupView:
     rows: torch.Tensor
     start_add: int = 0
     ends: torch.Tensor | None = None
+    halves: tuple[bool, bool] = (False, False)
 
 
-def check_separate_float(layout: EntryLayout, what: str) -> None:
-    """ValueError for a store with a joint K/V index or int8 user parts (layout_version 3), which ``what`` (a zoo
-    model's fused kernels) does not read: such stores are served by the eager path."""
-    if any(g.joint or g.int8_user for g in layout.groups):
-        raise ValueError(f"{what} reads stores with separate K/V indices and float user parts; this store has a joint "
-                         "index or int8 user parts: serve it with the eager path (--path gather)")
+def side_codes(group: GroupSpec, kv_dtype: str, halves: tuple[bool, bool] = (False, False)
+               ) -> tuple[int, int, int, int]:
+    """(K_CODE, V_CODE, K_BYTES, V_BYTES) of ``group``'s user parts as the kernels read them: KV_CODES[kv_dtype]
+    (HALVES_CODE for a side ``halves`` marks) at its itemsize, or Q8_CODE at 1 byte for a q8 side
+    (:meth:`GroupSpec.user_kind`)."""
+    def code(side: str, half: bool) -> int:
+        if group.user_kind(side) == "q8":
+            return Q8_CODE
+        return HALVES_CODE if half and kv_dtype == "float32" else KV_CODES[kv_dtype]
+    k, v = code("k", halves[0]), code("v", halves[1])
+    return k, v, 1 if k == Q8_CODE else KV_BYTES[kv_dtype], 1 if v == Q8_CODE else KV_BYTES[kv_dtype]
+
+
+def group_scales(resident: ResidentZooModel, group: GroupSpec) -> tuple[float, float]:
+    """The (K, V) fp32 scales of ``group``'s int8 user parts (``resident.scales`` by part name, from the
+    checkpoint); 1.0 for a float side (the kernels do not read it)."""
+    return tuple(resident.scales.get(f"{group.name}.{side}_user", 1.0) for side in "kv")  # type: ignore[return-value]
+
+
+def may_misalign(layout: EntryLayout, name: str, size: int) -> bool:
+    """Whether part ``name`` can start off a ``size``-byte boundary in a record (records start 8-aligned): part p
+    starts Σ_{q<p} min(n, cap_q)·row_bytes_q into the payload, a multiple of ``size`` for every n when, per
+    distinct cap, the row bytes of the earlier parts of that cap sum to one."""
+    sums: dict[int, int] = {}
+    for part, row_bytes in zip(layout.parts, layout.row_bytes, strict=True):
+        if part.name == name:
+            return any(total % size for total in sums.values())
+        sums[part.cap] = sums.get(part.cap, 0) + row_bytes
+    raise ValueError(f"the store has no part {name!r}")
+
+
+def user_halves(layout: EntryLayout, group: GroupSpec) -> tuple[bool, bool]:
+    """(K, V): whether ``group``'s fp32 user part can start off a 4-byte boundary (:func:`may_misalign`), so that
+    the kernels read it as 16-bit halves (:data:`HALVES_CODE`); False for other dtypes and absent parts."""
+    names = {p.name for p in layout.parts}
+    return tuple(layout.kv_dtype == "float32" and f"{group.name}.{side}_user" in names  # type: ignore[return-value]
+                 and may_misalign(layout, f"{group.name}.{side}_user", 4) for side in "kv")
+
+
+BYTEWISE = {"sdim": frozenset({"long.v_idx"})}  # index parts a model's fused kernels read byte by byte
+
+
+def misplaced_part(layout: EntryLayout) -> str | None:
+    """The first part the zoo's fused kernels cannot read in place, or None: a float user part or an index part
+    (read as 16-bit halves) that can start off a 2-byte boundary (after int8 codes of odd width), except the
+    parts of :data:`BYTEWISE`. Float stores have none (their parts are whole 2-byte values; fp32 user parts off a
+    4-byte boundary are read as halves: :func:`user_halves`)."""
+    skip = BYTEWISE.get(layout.arch, frozenset())
+    return next((p.name for p in layout.parts
+                 if p.kind in ("kv", "idx") and p.name not in skip and may_misalign(layout, p.name, 2)), None)
+
+
+def check_half_layout(layout: EntryLayout, what: str) -> None:
+    """ValueError naming the part where ``what`` (a zoo model's fused kernels) cannot read the store in place
+    (:func:`misplaced_part`): such a store is served by the eager path."""
+    name = misplaced_part(layout)
+    if name is not None:
+        raise ValueError(f"{what}: part {name} of this store can start off a 2-byte boundary (int8 codes of odd "
+                         "width before it): serve it with the eager path (--path gather)")
 
 
 def din_group(layout: EntryLayout) -> GroupSpec:

@@ -22,6 +22,11 @@ min(n, cap); a few (B,) torch ops). :func:`zoo_static_decode` then runs ``LongSe
 
 No part is unpacked to tensors (the kernels read the keys' packed bytes in place too); the L of every intermediate is
 the group's cap (the store's long_len), never the batch's longest history, so every shape is host-known.
+Every store layout is read: separate or joint indices (a group's one ``kv_idx`` picks both rows of its joint pool,
+:func:`group_pools`, and is read once per row), float or int8 user parts (codes × the checkpoint's scale,
+:func:`cachestore.decode.fused_view.group_scales`); a store with a part that int8 codes of odd width push off a
+2-byte boundary is refused, naming it (:func:`cachestore.decode.fused_view.check_half_layout`), except SDIM's long
+V index, read byte by byte.
 Pool rows are read at the store's precision unless ``FusedConfig.pool_dtype`` says otherwise
 (:func:`group_pools`, cached on the resident per group and dtype). Parity with the model's own decode
 (fp32 store, fp32 pools: up to fp32 summation order) and with the eager serving path:
@@ -45,7 +50,14 @@ from collectivekv.cachestore.decode.fused import (
     triton,
 )
 from collectivekv.cachestore.decode.fused_long import bucket_sums, group_scores, key_ranks, weighted_values
-from collectivekv.cachestore.decode.fused_view import GroupView, check_separate_float, record_part_starts
+from collectivekv.cachestore.decode.fused_view import (
+    GroupView,
+    check_half_layout,
+    group_scales,
+    may_misalign,
+    record_part_starts,
+    user_halves,
+)
 from collectivekv.cachestore.decode.transfer import KV_TORCH
 from collectivekv.cachestore.store.entry import EntryLayout
 from collectivekv.cachestore.store.record import RouterIndexError
@@ -71,17 +83,19 @@ def entry_views(raw: torch.Tensor, layout: EntryLayout, n_users: int, cfg: Model
     lengths = raw[8 * n_users : 16 * n_users].view(torch.int64)  # (B,)
     pool_size = cfg.collective.pool_size
     return {g.name: GroupView(g, layout.kv_dtype, layout.idx_dtype, pool_size, starts[g.part_names()[0]],
-                              lengths.clamp(max=g.cap), 0, ends) for g in group_specs(cfg)}  # fmt: skip
+                              lengths.clamp(max=g.cap), 0, ends, user_halves(layout, g))
+            for g in group_specs(cfg)}  # fmt: skip
 
 
 def check_store(resident: ResidentZooModel, layout: EntryLayout) -> ModelConfig:
     """The store's config (:func:`model.cache_spec.store_config`); ValueError unless ``layout`` is a store of
-    this model's arch and parts (collective or full-KV)."""
+    this model's arch and parts (collective or full-KV; separate or joint indices, float or int8 user parts, each
+    part where the kernels can read it: :func:`cachestore.decode.fused_view.check_half_layout`)."""
     cfg = resident.cfg
     if cfg.arch not in LONG_STAGES or layout.arch != cfg.arch:
         raise ValueError(f"zoo_static_decode serves {sorted(LONG_STAGES)} stores of the model's arch; "
                          f"model {cfg.arch!r}, store {layout.arch!r}")
-    check_separate_float(layout, "zoo_static_decode")
+    check_half_layout(layout, "zoo_static_decode")
     store_cfg = store_config(cfg, layout.mode)
     if tuple(layout.parts) != entry_parts(store_cfg):
         raise ValueError("the store's parts are not those of this model's cache")
@@ -90,8 +104,9 @@ def check_store(resident: ResidentZooModel, layout: EntryLayout) -> ModelConfig:
 
 def group_pools(resident: ResidentZooModel, group: str, shared: tuple[bool, bool], dtype: torch.dtype
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(P_k, P_v) of the model's TABlock ``group`` as (pool, d_a) rows zero in the d_u user dims, at ``dtype``;
-    a 1-row zero tensor for a side ``shared`` says is not shared. Cached on the resident per group and dtype."""
+    """(P_k, P_v) of the model's TABlock ``group`` as (pool, d_a) rows zero in the d_u user dims, at ``dtype``
+    (a joint index: the K and the V columns of the one joint pool, both picked by its kv_idx); a 1-row zero
+    tensor for a side ``shared`` says is not shared. Cached on the resident per group and dtype."""
     cache: dict = resident.__dict__.setdefault("_zoo_pools", {})
     key = (group, shared, dtype)
     if key not in cache:
@@ -99,9 +114,10 @@ def group_pools(resident: ResidentZooModel, group: str, shared: tuple[bool, bool
         d_a = resident.cfg.d_attn
 
         def padded(branch: torch.nn.Module | None, is_shared: bool) -> torch.Tensor:
-            if not is_shared or branch is None or branch.pool is None:
+            pool = None if branch is None or not is_shared else branch.collective_pool()
+            if pool is None:
                 return torch.zeros(1, d_a, dtype=dtype, device=resident.device)
-            pool = branch.pool.detach()  # (M, d_a - d_u)
+            pool = pool.detach()  # (M, d_a - d_u)
             return torch.cat([pool.new_zeros(pool.shape[0], d_a - pool.shape[1]), pool], 1).to(dtype).contiguous()
         cache[key] = (padded(block.k_branch, shared[0]), padded(block.v_branch, shared[1]))
     return cache[key]
@@ -111,8 +127,8 @@ def group_pools(resident: ResidentZooModel, group: str, shared: tuple[bool, bool
 class LongStage:
     """What a long stage reads: the model, the store's layout and config, the batch of ``n_users`` users, the
     candidates' embeddings t (B, C, E) and ids (B, C), the group ``long``'s view and pools, each user's n (B,)
-    of users 0 .. B - 1, every part's byte start (B,) (:func:`part_starts`), the router-index flags and the
-    launch config."""
+    of users 0 .. B - 1, every part's byte start (B,) (:func:`part_starts`), the router-index flags, the
+    launch config and the group's (K, V) int8 scales (:func:`cachestore.decode.fused_view.group_scales`)."""
 
     model: torch.nn.Module
     cfg: ModelConfig
@@ -128,12 +144,13 @@ class LongStage:
     lengths: torch.Tensor
     flags: torch.Tensor
     config: FusedConfig
+    scales: tuple[float, float]
 
     def attend_selected(self, idx: torch.Tensor, n_sel: torch.Tensor) -> torch.Tensor:
         """Fused attention of each candidate over its retrieved rows idx (B, C, S), n_sel (B, C) → (B, C, d_a)."""
         q = self.model.long.query(self.t)  # (B, C, d_a)
         return attend_group(self.raw, q, self.view, self.pools, self.cfg.n_heads, self.flags, config=self.config,
-                            select=(idx.flatten(0, 1).contiguous(), n_sel.flatten()))
+                            select=(idx.flatten(0, 1).contiguous(), n_sel.flatten()), scales=self.scales)
 
 
 def _select(s: LongStage, name: str, targets: torch.Tensor, hamming: bool) -> torch.Tensor:
@@ -170,8 +187,9 @@ def sdim_long(s: LongStage) -> torch.Tensor:
     m, bits = key_fields(s.store_cfg)["buckets"]
     target = sdim_buckets(s.t, s.model.hash_planes).reshape(b * c, m)  # (B·C, m)
     key_bytes = s.layout.row_bytes[[p.name for p in s.layout.parts].index("keys.buckets")]
+    odd = s.view.group.v_shared and may_misalign(s.layout, "long.v_idx", 2)  # after int8 V codes of odd width
     sums = bucket_sums(s.raw, s.view, s.pools[1], s.part_starts["keys.buckets"], key_bytes, bits, target, c,
-                       s.flags)
+                       s.flags, v_scale=s.scales[1], idx_aligned=not odd)
     return torch.nn.functional.normalize(sums, dim=-1).mean(dim=1).reshape(b, c, -1)  # (B, C, d_a)
 
 
@@ -180,7 +198,7 @@ def twin_long(s: LongStage) -> torch.Tensor:
     b, c, _ = s.t.shape
     heads, d_a = s.cfg.n_heads, s.cfg.d_attn
     q = s.model.long.query(s.t)  # (B, C, d_a)
-    scores = group_scores(s.raw, q, s.view, s.pools[0], heads, s.flags)  # (B·C, H, cap)
+    scores = group_scores(s.raw, q, s.view, s.pools[0], heads, s.flags, scales=s.scales)  # (B·C, H, cap)
     cap = scores.shape[-1]
     k = min(s.cfg.topk, cap)
     # a stable sort: equal scores rank the later row first (one top-k over unique (score bits, position) int64
@@ -189,7 +207,8 @@ def twin_long(s: LongStage) -> torch.Tensor:
     top, idx = top[..., :k], cap - 1 - rev[..., :k]  # (B·C, H, k)
     n_sel = s.view.rows[:b].clamp(max=k).unsqueeze(1).expand(b, c).reshape(-1)  # (B·C,) valid scores rank first
     weights = masked_softmax(top, n_sel)  # (B·C, H, k)
-    out = weighted_values(s.raw, s.view, s.pools[1], weights, idx, c, d_a // heads, d_a // heads, s.flags)
+    out = weighted_values(s.raw, s.view, s.pools[1], weights, idx, c, d_a // heads, d_a // heads, s.flags,
+                          scales=s.scales)
     return out.reshape(b, c, d_a)  # (B·C, H, dh) → (B, C, d_a)
 
 
@@ -225,10 +244,12 @@ def zoo_static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: 
              for name, v in views.items()}  # fmt: skip
     model = resident.model
     t = model.item_embedding(candidates)  # (B, C, E)
-    short = attend_group(raw, model.short.query(t), views["short"], pools["short"], cfg.n_heads, flag, config=config)
+    short = attend_group(raw, model.short.query(t), views["short"], pools["short"], cfg.n_heads, flag, config=config,
+                         scales=group_scales(resident, views["short"].group))
     lengths = raw[8 * n_users : 16 * n_users].view(torch.int64)[:b]  # (B,) n per user (<= long_len)
     long = LONG_STAGES[cfg.arch](LongStage(model, cfg, layout, store_cfg, raw, n_users, t, candidates, views["long"],
-                                           pools["long"], starts[0], lengths, flag, config))  # (B, C, d_a)
+                                           pools["long"], starts[0], lengths, flag, config,
+                                           group_scales(resident, views["long"].group)))  # (B, C, d_a)
     logits = model.mlp(torch.cat([short.to(t.dtype), long.to(t.dtype), t], dim=-1)).squeeze(-1)  # (B, C)
     if flags is None and bool(flag.any()):
         raise RouterIndexError(f"a router index outside the pool 0..{cfg.collective.pool_size - 1} in batch row "

@@ -56,6 +56,7 @@ from collectivekv.cachestore.decode.decode import (
     entry_cache,
 )
 from collectivekv.cachestore.decode.fused import FUSED, fused_available, uses_fused
+from collectivekv.cachestore.decode.fused_view import misplaced_part
 from collectivekv.cachestore.decode.graphs import GraphedDecoder, static_decode
 from collectivekv.cachestore.decode.mapped import MappedBatcher
 from collectivekv.cachestore.decode.runtime_config import ServingConfig
@@ -156,10 +157,10 @@ router index bounds only).
         self.path = path
         if path == FUSED and not fused_available(self.device):
             raise ValueError(f"path 'fused' needs Triton on a CUDA device (device {self.device})")
-        # "auto" on CUDA with Triton, or "fused": every model (a zoo store with a joint index or int8 user parts: the
-        # eager path under "auto", its fused kernels read separate float stores only)
-        half_zoo = self.zoo and any(g.joint or g.int8_user for g in layout.groups)
-        self.fused = uses_fused(path, self.device) and not (half_zoo and path == "auto")
+        # "auto" on CUDA with Triton, or "fused": every model and store layout, except under "auto" a zoo store with
+        # a part its fused kernels cannot place (int8 codes of odd width before an index or float part: eager path)
+        unplaced = self.zoo and misplaced_part(layout) is not None
+        self.fused = uses_fused(path, self.device) and not (unplaced and path == "auto")
         if graphs and (self.device.type != "cuda" or (self.zoo and not self.fused)):
             raise ValueError("graphs=True needs a CUDA device (and, for a zoo model, its fused decode: path auto "
                              f"or fused, Triton); got device {self.device}, arch {layout.arch!r}, path {path!r}")

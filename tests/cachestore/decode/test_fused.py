@@ -21,13 +21,8 @@ from hypothesis import strategies as st
 
 from collectivekv.cachestore.decode import copy_plan
 from collectivekv.cachestore.decode.batch import HostBatcher
-from collectivekv.cachestore.decode.fused import (
-    FusedConfig,
-    fused_attention,
-    fused_available,
-    fused_decode,
-    split_parts,
-)
+from collectivekv.cachestore.decode.fused import FusedConfig, fused_attention, fused_available, fused_decode
+from collectivekv.cachestore.decode.fused_config import split_parts
 from collectivekv.cachestore.decode.graphs import (
     GraphedDecoder,
     batch_capacity,

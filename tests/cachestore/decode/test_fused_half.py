@@ -1,6 +1,7 @@
-""""Half the cache" din stores (joint K/V index, int8 user parts) through the serving decodes: the fused Triton
+""""Half the cache" stores (joint K/V index, int8 user parts) through the serving decodes: din's fused Triton
 kernel (under TRITON_INTERPRET=1 on CPU) == the eager unpack + decode (gather and poolscore) on random records,
-and on the records the prefill writes == the model's own eval forward."""
+and on the records the prefill writes == the model's own eval forward; a zoo half store's eager and fused decodes
+of the prefill's records == the eval forward."""
 
 from __future__ import annotations
 
@@ -101,9 +102,10 @@ def test_served_scores_equal_the_eval_forward(option: str) -> None:
 
 
 @pytest.mark.parametrize("arch", ["sim", "sdim", "hstu"])
-def test_zoo_eager_decode_of_half_records_equals_forward_and_fused_refuses(arch: str) -> None:
-    """A zoo half store: unpack + entry_cache (codes × the checkpoint's scales) + the model's decode == forward;
-    the zoo's fused kernels refuse it (they read separate-index float stores)."""
+def test_zoo_eager_and_fused_decode_of_half_records_equal_forward(arch: str) -> None:
+    """A zoo half store from the prefill job: unpack + entry_cache (codes × the checkpoint's scales) + the model's
+    decode == forward, and so does the zoo's fused body of the serving graph (joint index, int8 codes read in
+    place: tests/cachestore/decode/test_fused_zoo_half.py has the per-model cases)."""
     from collectivekv.cachestore.decode.decode import ResidentZooModel, decode_zoo, entry_cache
     from collectivekv.cachestore.decode.static_decode import static_decode
     from collectivekv.cachestore.decode.transfer import unpack_entry
@@ -121,7 +123,7 @@ def test_zoo_eager_decode_of_half_records_equals_forward_and_fused_refuses(arch:
         want, _ = model(*(torch.from_numpy(a).to(DEVICE) for a in (w.items, w.feedback, w.lengths)), cand)
         arrays = unpack_entry(raw, layout, 8, max(1, int(w.lengths.max())), host.zero_offset)
         got = decode_zoo(resident, entry_cache(arrays, model.cfg, resident.dtype, resident.scales), cand)
-        with pytest.raises(ValueError, match="eager path"):
-            static_decode(raw, cand, resident=resident, layout=layout, n_users=8, pad_to=model.cfg.window_len,
-                          path="fused")
+        fused = static_decode(raw, cand, resident=resident, layout=layout, n_users=8, pad_to=model.cfg.window_len,
+                              path="fused", fused=EXACT)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fused, want, rtol=1e-5, atol=1e-5)
