@@ -82,7 +82,7 @@ from collectivekv.cachestore.decode.transfer import to_device  # noqa: E402
 from collectivekv.cachestore.store.entry import entry_from_parquet_row, entry_layout  # noqa: E402
 from collectivekv.model.blocks import ZooCache  # noqa: E402
 from collectivekv.model.config import ARCHS, LONG_ARCHS, ModelConfig  # noqa: E402
-from collectivekv.model.entry import entry_arrays  # noqa: E402
+from collectivekv.model.entry import entry_arrays, user_scales  # noqa: E402
 
 BATCH_SIZES = (1, 64, 256, 512)
 DTYPES = ("float16", "float32")
@@ -94,7 +94,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "zoo_latency"
 def store_layout(cfg: ModelConfig, kv_dtype: str) -> object:
     """The collective store's layout: din's is ``decode_latency.collective_layout`` (the din store the
     graphs serve), a zoo model's its ``entry_layout``."""
-    if cfg.arch == "din":
+    if cfg.arch == "din" and not cfg.joint_index:
         layout = collective_layout(cfg.max_len, VERSION, kv_dtype)
         if layout.pool_size != cfg.collective.pool_size:
             raise ValueError(f"din's store layout has a pool of {layout.pool_size} rows, the model {cfg.collective}")
@@ -107,10 +107,10 @@ def store_records(model: torch.nn.Module, layout: object, n_users: int, kv_dtype
     """One record per user, full histories: din's ``decode_latency.synthetic_records``; a zoo model's from
     :func:`synthetic_cache` (its entry parts at the store's storage dtypes, ``cachestore.decode.entry_batch``)."""
     cfg = model.cfg
-    if cfg.arch == "din":
+    if cfg.arch == "din" and not cfg.joint_index:
         return synthetic_records(layout, n_users, cfg.max_len, seed=1)
     cache = synthetic_cache(model, n_users, kv_dtype, 1, device)
-    arrays = storage_arrays(layout, entry_arrays(cache, cfg))
+    arrays = storage_arrays(layout, entry_arrays(cache, cfg, user_scales(model, cfg)))
     n = cache.lengths.cpu().numpy()
     values, offsets = entry_payloads(layout, arrays, n)
     out = []
@@ -121,10 +121,12 @@ def store_records(model: torch.nn.Module, layout: object, n_users: int, kv_dtype
     return out
 
 
-def packed_cache(host: HostBatch, cfg: ModelConfig, device: torch.device) -> ZooCache:
-    """The collective cache a packed batch holds, as the model decodes it (kv parts in fp32): one copy and
-    the eager unpack (``cachestore.decode.transfer``), a din batch as the one group "kv"."""
-    return entry_cache(to_device(host, device)[0].unpack(), cfg, torch.float32)
+def packed_cache(host: HostBatch, model: torch.nn.Module, device: torch.device) -> ZooCache:
+    """The collective cache a packed batch holds, as the model decodes it (kv parts in fp32, int8 codes ×
+    the model's scales): one copy and the eager unpack (``cachestore.decode.transfer``), a din batch as the
+    one group "kv"."""
+    return entry_cache(to_device(host, device)[0].unpack(), model.cfg, torch.float32,
+                       user_scales(model, model.cfg))
 
 
 def bench_collective(model: torch.nn.Module, layout: object, host: HostBatch, candidates: torch.Tensor,
@@ -150,7 +152,7 @@ def max_diff(got: torch.Tensor | None, want: torch.Tensor) -> float | None:
 def bench_config(arch: str, length: int, kv_dtype: str, args: argparse.Namespace, device: torch.device,
                  limits: dict) -> list[dict]:
     """Rows of one (arch, L, dtype) for every B: timings, bytes, floor and checks."""
-    cfg = model_config(arch, length, args.shape, args.n_items)
+    cfg = model_config(arch, length, args.shape, args.n_items, args.half)
     model, full_model = make_models(cfg, seed=0)
     model, full_model = model.to(device), full_model.to(device)
     top = max(args.batch_sizes)
@@ -177,7 +179,7 @@ def bench_config(arch: str, length: int, kv_dtype: str, args: argparse.Namespace
         row["floor_ms"] = c_bytes / limits["floor_gb_per_s"] / 1e6 + limits["floor_fixed_ms"]
         coll, coll_logits = bench_collective(model, layout, host, cand, cfg.window_len, device, args)
         row["collective"] = coll
-        want = reference_logits(model, packed_cache(host, cfg, device), cand)
+        want = reference_logits(model, packed_cache(host, model, device), cand)
         row["collective_max_abs_diff"] = max_diff(coll_logits, want)
         row["collective_ok"] = None if coll_logits is None else row["collective_max_abs_diff"] <= TOL[kv_dtype]
         c_ms = coll.get("median_ms")
@@ -296,9 +298,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--candidates", type=int, default=1, help="candidates per user C")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--half", action="store_true",
+                   help="half-cache stores (joint K/V index, int8 user parts): writes zoo_latency_half_<dtype>.json")
     p.add_argument("--out-dir", type=Path, default=None)
     args = p.parse_args(argv)
     args.shape = QUICK if args.quick else PAPER
+    args.stem = "zoo_latency_half" if args.half else "zoo_latency"
     args.n_items = 50 if args.quick else N_ITEMS
     args.batch_sizes = [int(x) for x in args.batch_sizes.split(",")] if args.batch_sizes else (
         [1, 3] if args.quick else list(BATCH_SIZES))
@@ -328,11 +333,12 @@ def run_dtype(kv_dtype: str, args: argparse.Namespace, device: torch.device, lim
                       if "skipped" in r["collective"]})
     res = {"benchmark": "zoo_latency", "dry_run": device.type != "cuda", "machine": info, "command": command,
            "config": {**{k: v for k, v in args.shape.items() if k != "lengths"}, "n_items": args.n_items,
-                      "store_dtype": kv_dtype, "candidates": args.candidates, "batch_sizes": args.batch_sizes,
+                      "store_dtype": kv_dtype, "half_cache": args.half, "candidates": args.candidates,
+                      "batch_sizes": args.batch_sizes,
                       "warmup": args.warmup, "repeats": args.repeats, "tolerance": TOL[kv_dtype]},
            "copy_limits": limits, "rows": rows, "targets": targets(rows, args.shape["long"]), "errors": errors,
            "collective_skipped": skipped}
-    out = args.out_dir / f"zoo_latency_{kv_dtype}.json"
+    out = args.out_dir / f"{args.stem}_{kv_dtype}.json"
     out.write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {out}")
     print(json.dumps(res["targets"], indent=1))
@@ -357,10 +363,10 @@ def main(argv: list[str] | None = None) -> int:
         res = run_dtype(kv_dtype, args, device, limits, info, command)
         failed |= bool(res["errors"]) or any(r["baseline_ok"] is False or r["collective_ok"] is False
                                              for r in res["rows"])
-    results = {d: json.loads((args.out_dir / f"zoo_latency_{d}.json").read_text()) for d in DTYPES
-               if (args.out_dir / f"zoo_latency_{d}.json").exists()}  # every dtype run into this folder
-    write_table(results, args.out_dir / "zoo_latency.md")
-    plot(results, args.out_dir / "zoo_latency.png")
+    results = {d: json.loads((args.out_dir / f"{args.stem}_{d}.json").read_text()) for d in DTYPES
+               if (args.out_dir / f"{args.stem}_{d}.json").exists()}  # every dtype run into this folder
+    write_table(results, args.out_dir / f"{args.stem}.md")
+    plot(results, args.out_dir / f"{args.stem}.png")
     if failed:
         print("FAILED: logits differ from model.decode beyond the tolerance (*_ok in the rows) or a model failed "
               "(errors in the JSON)")

@@ -17,6 +17,7 @@ from collectivekv.model.blocks import ZooCache
 from collectivekv.model.cache import KVCache
 from collectivekv.model.cache_spec import group_specs
 from collectivekv.model.config import LONG_ARCHS, CollectiveConfig, ModelConfig
+from collectivekv.model.entry import user_scales
 from collectivekv.model.zoo import create_model
 
 PAPER = {"embed_dim": 64, "d_attn": 256, "n_heads": 8, "d_user": 1, "pool_size": 10_000, "topk": 50,
@@ -26,10 +27,12 @@ QUICK = {"embed_dim": 16, "d_attn": 32, "n_heads": 4, "d_user": 1, "pool_size": 
 N_ITEMS = 100_000
 
 
-def model_config(arch: str, length: int, shape: dict, n_items: int) -> ModelConfig:
-    """The benchmark's config of ``arch`` caching ``length`` behaviours (long archs: the long window)."""
+def model_config(arch: str, length: int, shape: dict, n_items: int, half: bool = False) -> ModelConfig:
+    """The benchmark's config of ``arch`` caching ``length`` behaviours (long archs: the long window);
+    ``half``: "half the cache" (one joint K/V router index, int8 user parts)."""
     long = arch in LONG_ARCHS
-    return ModelConfig(n_items=n_items, n_genres=shape["n_genres"], max_genres=shape["max_genres"],
+    options = {"kv_index": "joint", "user_dtype": "int8"} if half else {}
+    return ModelConfig(**options, n_items=n_items, n_genres=shape["n_genres"], max_genres=shape["max_genres"],
                        embed_dim=shape["embed_dim"], d_attn=shape["d_attn"], n_heads=shape["n_heads"],
                        max_len=shape["short"] if long else length, long_len=max(length, shape["short"]),
                        arch=arch, topk=shape["topk"], hstu_layers=shape["hstu_layers"],
@@ -38,7 +41,8 @@ def model_config(arch: str, length: int, shape: dict, n_items: int) -> ModelConf
 
 def make_models(cfg: ModelConfig, seed: int) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(collective model, full-KV model) with random weights and item genres (1..max_genres of n_genres per
-    item; item 0 none); HSTU's relative-position biases non-zero so positions matter."""
+    item; item 0 none); HSTU's relative-position biases non-zero so positions matter; int8 user parts (half
+    cache) a scale of 1/32 (codes of +-127 give N(0, 1)-sized parts)."""
     g = torch.Generator().manual_seed(seed)
     genres = torch.randint(1, cfg.n_genres + 1, (cfg.n_items + 1, cfg.max_genres), generator=g)
     genres[:, 1:] *= torch.rand(cfg.n_items + 1, cfg.max_genres - 1, generator=g) < 0.5  # 1..max_genres each
@@ -51,6 +55,9 @@ def make_models(cfg: ModelConfig, seed: int) -> tuple[torch.nn.Module, torch.nn.
             for name, p in m.named_parameters():
                 if name.endswith("rel_bias"):
                     p.normal_(0.0, 0.5, generator=g)
+            for name, b in m.named_buffers():
+                if name.endswith("user_scale"):
+                    b.fill_(1 / 32)
         models.append(m)
     return models[0], models[1]
 
@@ -58,13 +65,19 @@ def make_models(cfg: ModelConfig, seed: int) -> tuple[torch.nn.Module, torch.nn.
 def synthetic_cache(model: torch.nn.Module, n_users: int, kv_dtype: str, seed: int, device: torch.device
                     ) -> ZooCache:
     """Full histories of ``n_users`` users in ``model``'s cache form (din too: one group "kv"): N(0, 1) K/V
-    parts rounded to ``kv_dtype`` (held as fp32), uniform router indices, and the retrieval keys of random
-    items computed by the model itself (``retrieval_keys``)."""
+    parts rounded to ``kv_dtype`` (held as fp32; int8 parts: uniform codes × the model's scale), uniform router
+    indices (one per row for a joint index), and the retrieval keys of random items computed by the model itself
+    (``retrieval_keys``)."""
     cfg, n = model.cfg, model.cfg.window_len
     g = torch.Generator(device=device).manual_seed(seed)
     lengths = torch.full((n_users,), n, dtype=torch.int64, device=device)
 
-    def values(rows: int, width: int) -> torch.Tensor:
+    scales = user_scales(model, cfg)
+
+    def values(rows: int, width: int, part: str) -> torch.Tensor:
+        if part in scales:  # int8 codes × the branch's scale, exactly as the store holds them
+            codes = torch.randint(-127, 128, (n_users, rows, width), generator=g, device=device)
+            return codes.float() * scales[part]
         x = torch.randn(n_users, rows, width, generator=g, device=device)  # (B, R, width)
         return x.to(KV_TORCH[kv_dtype]).float()
 
@@ -75,8 +88,10 @@ def synthetic_cache(model: torch.nn.Module, n_users: int, kv_dtype: str, seed: i
     kv = {}
     for s in group_specs(cfg):
         rows = min(n, s.cap)
-        kv[s.name] = KVCache(values(rows, s.dk), values(rows, s.dv), index(rows, s.k_shared),
-                             index(rows, s.v_shared), lengths.clamp(max=s.cap))
+        k_idx = index(rows, s.k_shared)
+        v_idx = k_idx if s.joint else index(rows, s.v_shared)
+        kv[s.name] = KVCache(values(rows, s.dk, f"{s.name}.k_user"), values(rows, s.dv, f"{s.name}.v_user"),
+                             k_idx, v_idx, lengths.clamp(max=s.cap))
     keys = {}
     if cfg.arch in LONG_ARCHS:
         items = torch.randint(1, cfg.n_items + 1, (n_users, n), generator=g, device=device)
