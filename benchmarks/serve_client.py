@@ -32,10 +32,12 @@ def loopback(url: str) -> tuple[str, int]:
 
 @dataclass
 class LoadResult:
-    """Latencies (ms) of the completed requests, errors (status != 200 or I/O), versions seen, elapsed s."""
+    """Latencies (ms) of the completed requests and their scheduled times (``time.perf_counter()``, one clock for
+    every process of the host), errors (status != 200 or I/O), versions seen, elapsed s."""
 
     offered_rps: float
     latencies_ms: list[float] = field(default_factory=list)
+    scheduled_s: list[float] = field(default_factory=list)
     errors: int = 0
     statuses: dict[int, int] = field(default_factory=dict)
     versions: dict[str, int] = field(default_factory=dict)
@@ -104,6 +106,7 @@ async def _load(url: str | tuple[str, ...], bodies: Callable[[int], bytes], cont
             result.statuses[status] = result.statuses.get(status, 0) + 1
             if status == 200:
                 result.latencies_ms.append((time.perf_counter() - t_sched) * 1e3)
+                result.scheduled_s.append(t_sched)
                 v = headers.get("x-store-version", "")
                 result.versions[v] = result.versions.get(v, 0) + 1
             else:
@@ -134,7 +137,7 @@ async def _load(url: str | tuple[str, ...], bodies: Callable[[int], bytes], cont
 
 def _load_part(conn, args: tuple) -> None:  # noqa: ANN001 (a Connection of a forked generator process)
     r = asyncio.run(_load(*args))
-    conn.send((r.latencies_ms, r.errors, r.statuses, r.versions, r.sent, r.elapsed_s))
+    conn.send((r.latencies_ms, r.scheduled_s, r.errors, r.statuses, r.versions, r.sent, r.elapsed_s))
     conn.close()
 
 
@@ -166,9 +169,10 @@ def run_load(url: str | tuple[str, ...], bodies: Callable[[int], bytes], content
         pipes.append(parent)
     out = LoadResult(offered_rps=rate)
     for parent, proc in zip(pipes, procs, strict=True):
-        lat, errors, statuses, versions, sent, elapsed = parent.recv()
+        lat, scheduled, errors, statuses, versions, sent, elapsed = parent.recv()
         proc.join()
         out.latencies_ms += lat
+        out.scheduled_s += scheduled
         out.errors += errors
         out.sent += sent
         out.elapsed_s = max(out.elapsed_s, elapsed)

@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.decode_latency import N_ITEMS, PAPER, collective_layout, machine, write_fetch_parquet  # noqa: E402
-from benchmarks.serve_client import get_json, run_load  # noqa: E402
+from benchmarks.serve_client import LoadResult, get_json, run_load  # noqa: E402
 from collectivekv.cachestore.serving.payloads import ARROW_MIME, JSON_MIME  # noqa: E402
 from collectivekv.cachestore.store.publish import build_version, new_staging_dir, publish  # noqa: E402
 
@@ -149,6 +149,12 @@ def load_point(url: str, pid: int, body, ctype: str, rate: float, duration: floa
                clients: int = 1, workers: int = 1) -> dict:
     """One offered load; worker_busy: the fraction of the time the scoring workers (one per serving
     process) spent in runtime.score."""
+    return measured_point(url, pid, body, ctype, rate, duration, users, clients, workers)[0]
+
+
+def measured_point(url: str, pid: int, body, ctype: str, rate: float, duration: float, users: int,  # noqa: ANN001
+                   clients: int = 1, workers: int = 1) -> tuple[dict, LoadResult]:
+    """:func:`load_point`'s row and the raw result (every request's latency and scheduled time)."""
     before, cpu0, self0 = _metric_sums(url), _cpu_s(pid), _client_cpu_s()
     t0 = time.perf_counter()
     res = run_load(url, body, ctype, rate=rate, duration_s=duration, max_requests=int(rate * duration) + 1,
@@ -168,33 +174,60 @@ def load_point(url: str, pid: int, body, ctype: str, rate: float, duration: floa
                client_cores=round((_client_cpu_s() - self0) / wall, 2), client_processes=clients)
     row["bottleneck"] = bottleneck(row)
     print(json.dumps(row), flush=True)
-    return row
+    return row, res
 
 
 def swap_under_load(url: str, pid: int, root: Path, pdir: Path, work: Path, p: dict, n_users: int) -> dict:
     body = lambda i: json_body(1, 64, i, n_users)  # noqa: E731
     plain = load_point(url, pid, body, JSON_MIME, p["swap_rate"], 2.5 * p["duration"], 1, p["clients"], p["workers"])
     published: dict = {}
+    marks: dict[str, float] = {}
 
     def later() -> None:  # the publisher is another process, as a nightly `ckv refresh` is
-        t0 = time.perf_counter()
+        marks["publish_start"] = t0 = time.perf_counter()
         code = ("import sys; from pathlib import Path; from benchmarks.serve_load import publish_version; "
                 "print(publish_version(*map(Path, sys.argv[1:])))")
         done = subprocess.run([sys.executable, "-c", code, str(root), str(pdir), str(work / "checkpoint")],
                               capture_output=True, text=True, env=_env(), cwd=ROOT)
+        marks["published"] = time.perf_counter()
         published["version"] = done.stdout.strip() or None
         if done.returncode:
             published["error"] = done.stderr[-600:]
         published["publish_s"] = round(time.perf_counter() - t0, 2)
+        swaps = get_json(url + "/healthz")["swaps"]
+        while time.perf_counter() - t0 < 60 and get_json(url + "/healthz")["swaps"] == swaps:
+            time.sleep(0.02)  # the switch's time, to 20 ms
+        marks["switched"] = time.perf_counter()
 
     t = threading.Thread(target=later)
     t.start()
-    swapped = load_point(url, pid, body, JSON_MIME, p["swap_rate"], 2.5 * p["duration"], 1, p["clients"], p["workers"])
+    swapped, raw = measured_point(url, pid, body, JSON_MIME, p["swap_rate"], 2.5 * p["duration"], 1, p["clients"],
+                                  p["workers"])
     t.join()
     health = get_json(url + "/healthz")
     return {"rate": p["swap_rate"], "without_swap": plain, "with_swap": swapped, "published": published,
             "healthz_after": health, "p99_ratio": round(swapped["p99_ms"] / max(plain["p99_ms"], 1e-9), 2),
-            "errors": swapped["errors"], "versions_seen": swapped["versions"]}
+            "errors": swapped["errors"], "versions_seen": swapped["versions"], "phases": swap_phases(raw, marks)}
+
+
+def swap_phases(raw: LoadResult, marks: dict[str, float]) -> dict:
+    """Requests of the swap run by the phase they were scheduled in — before the publish, while the publisher
+    process runs, while the server loads the new version (publish done → switch seen on /healthz, to 20 ms),
+    the 2 s after the switch, the rest — with count, p50 and p99 (ms) of each: which step costs the tail."""
+    at, lat = np.asarray(raw.scheduled_s), np.asarray(raw.latencies_ms)
+    if not len(at) or len(marks) < 3:
+        return {}
+    edges = {"before_publish": (-np.inf, marks["publish_start"]),
+             "publishing": (marks["publish_start"], marks["published"]),
+             "loading": (marks["published"], marks["switched"]),
+             "after_switch_2s": (marks["switched"], marks["switched"] + 2.0),
+             "rest": (marks["switched"] + 2.0, np.inf)}
+    out = {"load_s": round(marks["switched"] - marks["published"], 3)}
+    for name, (lo, hi) in edges.items():
+        x = lat[(at >= lo) & (at < hi)]
+        out[name] = {"n": int(len(x))} | ({"p50_ms": round(float(np.percentile(x, 50)), 3),
+                                            "p99_ms": round(float(np.percentile(x, 99)), 3)} if len(x) else {})
+    return out
 
 
 def _env() -> dict:

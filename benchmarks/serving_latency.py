@@ -1,6 +1,6 @@
 """Request latency end to end — user ids on the host → scores on the host — resident tier vs the LMDB fetches.
 
-    python benchmarks/serving_latency.py [--lengths 50,1000] [--batch-sizes 1,64,512] [--repeats 400]
+    python benchmarks/serving_latency.py [--lengths 50,1000] [--batch-sizes 1,64,512] [--repeats 400] [--profile]
                                          [--out benchmarks/results/serving_latency/serving_latency.json]
 
 For each history length L a published LMDB store is built as ``benchmarks/zero_copy.py`` builds it
@@ -122,10 +122,13 @@ def bench_length(length: int, users: int, batch_sizes: list[int], args: argparse
             samples = round_robin(fns, [rng.integers(0, users, b) for _ in range(args.repeats)])
             graph, captured = held["graphs"]["resident"], held["request"]._captured
             replay = timed(lambda g=graph, c=captured: g._replay(c, None), device, 5, args.repeats)
+            profile = device_profile(lambda g=graph, c=captured: g._replay(c, None), 50) if args.profile else None
         row = {"request_ms": {k: round(statistics.median(v), 4) for k, v in samples.items()},
                "request_p90_ms": {k: round(statistics.quantiles(v, n=10)[-1], 4) for k, v in samples.items()},
                "resident_replay_ms": round(replay["median_ms"], 4), "max_abs_diff": diff,
                "runtime_tier": tier_mode}
+        if profile is not None:
+            row["resident_replay_profile_us"] = profile
         if runtime is not None:  # its tier's memory back (the reader stays open: the other ways share it)
             runtime.tier.close()
         out["rows"][str(b)] = row
@@ -134,6 +137,24 @@ def bench_length(length: int, users: int, batch_sizes: list[int], args: argparse
     zero.close()
     reader.close()
     return out
+
+
+def device_profile(fn: Callable[[], object], repeats: int) -> dict[str, float]:
+    """Device microseconds per call of every kernel and copy ``fn`` runs (a graph replay included: CUPTI sees
+    its nodes), from torch.profiler over ``repeats`` calls, largest first; "total" their sum."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    per: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per[e.name[:90]] = per.get(e.name[:90], 0.0) + e.device_time / repeats
+    out = {k: round(v, 2) for k, v in sorted(per.items(), key=lambda kv: -kv[1])}
+    return {"total": round(sum(per.values()), 2), **out}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -168,6 +189,8 @@ def main() -> None:
     p.add_argument("--batch-sizes", default="1,64,512")
     p.add_argument("--repeats", type=int, default=400)
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--profile", action="store_true",
+                   help="also list the resident replay's kernels and copies (device us per request, torch.profiler)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("serving_latency.py measures the GPU path: run it on a CUDA machine")

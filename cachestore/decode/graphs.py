@@ -51,6 +51,7 @@ import torch
 
 from collectivekv.cachestore.decode import copy_plan
 from collectivekv.cachestore.decode.batch import HostBatch, zero_block_bytes
+from collectivekv.cachestore.decode.capture import capturing
 from collectivekv.cachestore.decode.copy_plan import batch_capacity, copy_buckets, copy_chunks, record_ends
 from collectivekv.cachestore.decode.decode import PATHS, ResidentZooModel, choose_path
 from collectivekv.cachestore.decode.fused import ALL_BYTES, DEFAULT_FUSED, FUSED, FusedConfig, uses_fused
@@ -58,10 +59,6 @@ from collectivekv.cachestore.decode.mapped import MappedBatch, gather_records
 from collectivekv.cachestore.decode.static_decode import static_decode, unpack_din
 from collectivekv.cachestore.decode.transfer import TransferCost
 from collectivekv.cachestore.store.entry import EntryLayout
-
-# Graphs are captured while other threads keep the device busy (a server loads the next store version and
-# captures its graphs while the current one serves): only the capturing thread's calls may break a capture.
-CAPTURE_MODE = "thread_local"
 
 
 @dataclass
@@ -153,6 +150,7 @@ class GraphedDecoder:
             if not eager:
                 self._pool = torch.cuda.graph_pool_handle()
                 self._copy_stream = torch.cuda.Stream(self.device)  # the overlapped copies' branch of a graph
+                self._capture_stream = torch.cuda.Stream(self.device)  # this decoder's captures (capturing())
                 # the piece launches' branches (concurrent): one stream per copy piece
                 self._launch_streams = [torch.cuda.Stream(self.device) for _ in range(overlap if concurrent else 0)]
                 self._warm_up(warmup)
@@ -214,11 +212,11 @@ class GraphedDecoder:
         if len(pieces) > 1:
             self._warm_up(1, ends)  # compiles the kernel for this launch size outside the capture
         with torch.cuda.device(self.device):
-            torch.cuda.synchronize()
+            torch.cuda.current_stream().synchronize()
             start = torch.cuda.Event(enable_timing=True, external=True)
             end = torch.cuda.Event(enable_timing=True, external=True)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode=CAPTURE_MODE):
+            with capturing(graph, self._pool, self._capture_stream):
                 start.record()
                 if len(pieces) == 1:
                     self.candidates.copy_(self.candidates_host, non_blocking=True)

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from collectivekv.cachestore.decode.batch import FetchedBatch, HostBatcher, RecordFetch
+from collectivekv.cachestore.decode.capture import on_stream
 from collectivekv.cachestore.decode.decode import (
     ResidentModel,
     ResidentZooModel,
@@ -145,6 +146,7 @@ router index bounds only).
         self.zoo = getattr(model.cfg, "arch", "din") != "din"
         self.graphs = graphs
         self._graphs: dict[tuple[int, int], GraphedDecoder] = {}  # (step users, candidates) -> graph
+        self._widths: set[int] = set()  # candidate widths of the steps scored
         if self.zoo and path == "poolscore":
             raise ValueError(f"path 'poolscore' is the din model's attention; a {model.cfg.arch} model decodes with "
                              "its own attention (use path 'auto' or 'gather')")
@@ -178,6 +180,8 @@ router index bounds only).
         self.catalogue = catalogue if catalogue is not None else ItemIds.identity(model.cfg.n_items)
         self._resident: dict[tuple[int, int], ResidentRequest] = {}  # (step users, candidates) -> request
         self._score_lock = threading.Lock()
+        # own stream: no other thread's default-stream work (the next version's tier load) is queued ahead
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._reader: ThreadPoolExecutor | None = None  # the pipelined fetch's thread (created on first use)
         self._evictions_seen = self._errors_seen = 0  # tier totals already counted in a batch's stats
         self.tier: ResidentTier | None = open_tier(self)  # the resident tier, when config.tier_bytes gives room
@@ -263,8 +267,10 @@ router index bounds only).
             steps.append((order[lo : lo + step], width, step))
             lo += step
         stats.candidates = int(real.sum())
-        with self._score_lock:  # one request at a time: the host buffers and the graphs' static buffers are shared
+        # one request at a time (the host buffers and the graphs' static buffers are shared), on the runtime's stream
+        with self._score_lock, on_stream(self._stream):
             for (rows, width, step), host in zip(steps, self._fetches(ids, steps), strict=True):
+                self._widths.add(width)
                 out, cold[rows] = self._score_batch(ids[rows], cand[rows, :width], stats, step, host)
                 logits[rows, :width] = out
             total = self.stats
@@ -272,6 +278,11 @@ router index bounds only).
                 setattr(total, name, getattr(total, name) + getattr(stats, name))
         logits[~real] = np.nan
         return ScoreResult(logits, cold, stats, self.model_version)
+
+    def candidate_widths(self) -> list[int]:
+        """The candidate widths C of the steps scored so far (with graphs: one graph each): a version loaded to
+        replace this one warms the same widths (:func:`cachestore.serving.versions.load_version`)."""
+        return sorted(self._widths)
 
     def _fetches(self, ids: np.ndarray, steps: list[tuple[np.ndarray, int, int]]) -> Iterator[FetchedBatch | None]:
         """The host batch of each step, in order: fetched one step ahead on the reader thread (pipelining: the

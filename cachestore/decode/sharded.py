@@ -89,6 +89,10 @@ class ShardSetRuntime:
 
     score_raw = DecodeRuntime.score_raw  # raw item ids through ``catalogue``, then :meth:`score`
 
+    def candidate_widths(self) -> list[int]:
+        """Every shard's :meth:`DecodeRuntime.candidate_widths`, together."""
+        return sorted({c for rt in self.runtimes.values() for c in rt.candidate_widths()})
+
     def close(self) -> None:
         for rt in self.runtimes.values():
             rt.close()

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,15 +68,18 @@ class ServedVersion:
         self.runtime.close()
 
 
-def load_version(version_dir: Path, config: ServingConfig) -> ServedVersion:
-    """Open a version directory's store and checkpoint as one runtime and warm it (one scored request,
-    so first-use allocations and compilation happen here, not in a client's request; the resident tier,
-    when configured, is filled while the runtime opens)."""
+def load_version(version_dir: Path, config: ServingConfig, widths: Sequence[int] = ()) -> ServedVersion:
+    """Open a version directory's store and checkpoint as one runtime and warm it: one scored request of
+    one candidate and one of each candidate width in ``widths`` (those the version it replaces has served:
+    ``candidate_widths()``), so first-use allocations, compiles and graph captures happen here, not in a
+    client's request after the switch; the resident tier, when configured, is filled while the runtime
+    opens."""
     runtime = open_runtime(version_dir, config=config)
     warm = np.zeros(1, dtype=np.int64)  # a user of the first served shard (the user need not exist)
     if isinstance(runtime, ShardSetRuntime):
         warm = _user_of(runtime.served[0], runtime.count)
-    runtime.score(warm, np.ones((1, 1), dtype=np.int64))
+    for width in sorted({1, *widths}):
+        runtime.score(warm, np.ones((1, width), dtype=np.int64))
     return ServedVersion(version_dir.name, runtime.model_version, runtime, runtime.resident.cfg.n_items,
                          read_key_scheme(version_dir))
 
@@ -99,7 +102,7 @@ class VersionManager:
         self.metrics = metrics
         self.poll_s = poll_s
         config = runtime or ServingConfig()
-        self._load = loader or (lambda d: load_version(d, config))
+        self._load = loader or (lambda d: load_version(d, config, self._widths()))
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -120,6 +123,11 @@ class VersionManager:
         self._watcher = threading.Thread(target=self._watch, name="ckv-versions", daemon=True)
         self._watcher.start()
         return self.active
+
+    def _widths(self) -> list[int]:
+        """The candidate widths the active version has served (the next one warms them)."""
+        active = self.active
+        return active.runtime.candidate_widths() if active is not None else []
 
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_s):

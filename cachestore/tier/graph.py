@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from collectivekv.cachestore.decode.batch import zero_block_bytes
-from collectivekv.cachestore.decode.graphs import CAPTURE_MODE, GraphedDecoder, _Captured
+from collectivekv.cachestore.decode.capture import capturing
+from collectivekv.cachestore.decode.graphs import GraphedDecoder, _Captured
 from collectivekv.cachestore.tier.arena import write_header
 from collectivekv.cachestore.tier.tier import WHOLE, ResidentTier
 
@@ -68,11 +69,11 @@ class ResidentRequest:
                 self._move()
                 d._body()
             torch.cuda.current_stream().wait_stream(side)
-            torch.cuda.synchronize()
+            side.synchronize()
             start = torch.cuda.Event(enable_timing=True, external=True)
             end = torch.cuda.Event(enable_timing=True, external=True)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=d._pool, capture_error_mode=CAPTURE_MODE):
+            with capturing(graph, d._pool, d._capture_stream):
                 start.record()
                 d.candidates.copy_(d.candidates_host, non_blocking=True)
                 self._move()

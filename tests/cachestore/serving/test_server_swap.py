@@ -16,6 +16,8 @@ import pytest
 import torch
 
 from collectivekv.cachestore.decode.runtime_config import ServingConfig
+from collectivekv.cachestore.serving.metrics import ServerMetrics
+from collectivekv.cachestore.serving.versions import VersionManager
 from tests.model.test_model import N_ITEMS
 from tests.server_fixtures import COLD_USERS, ModelStore, start_server
 
@@ -116,3 +118,24 @@ def test_version_that_fails_to_load_leaves_the_old_one_serving(tmp_path: Path, t
     assert broken not in seen and seen[va] >= 10 and seen[vb] >= 10
     assert "ckv_failed_swaps_total 1.0" in metrics and "ckv_swaps_total 0.0" in metrics
     assert health["failed_swaps"] == 1 and broken in health["last_error"] and "model version" in health["last_error"]
+
+
+def test_next_version_is_warmed_at_the_candidate_widths_served(tmp_path: Path, two_models: tuple) -> None:
+    """The loader scores one request of each candidate width the active version has served, so the first
+    requests after a switch find their graphs (and buffers) ready instead of capturing them."""
+    a, b = two_models
+    root = tmp_path / "store"
+    a.publish(root)
+    versions = VersionManager(root, ServerMetrics(), poll_s=3600.0,
+                              runtime=ServingConfig(device="cpu", batch_users=8, tier_bytes=0))
+    try:
+        active = versions.start()
+        assert active.runtime.candidate_widths() == [1]  # the load's own warm-up request
+        active.runtime.score(np.array([100, 101]), np.ones((2, 5), dtype=np.int64))
+        active.runtime.score(np.array([102]), np.ones((1, 3), dtype=np.int64))
+        vb = b.publish(root)
+        assert versions.check()
+        nxt = versions.switch()
+        assert nxt.store_version == vb and nxt.runtime.candidate_widths() == [1, 3, 5]
+    finally:
+        versions.close()
