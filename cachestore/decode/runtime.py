@@ -47,7 +47,6 @@ import numpy as np
 import torch
 
 from collectivekv.cachestore.decode.batch import FetchedBatch, HostBatcher, RecordFetch
-from collectivekv.cachestore.decode.capture import on_stream
 from collectivekv.cachestore.decode.decode import (
     ResidentModel,
     ResidentZooModel,
@@ -180,8 +179,6 @@ router index bounds only).
         self.catalogue = catalogue if catalogue is not None else ItemIds.identity(model.cfg.n_items)
         self._resident: dict[tuple[int, int], ResidentRequest] = {}  # (step users, candidates) -> request
         self._score_lock = threading.Lock()
-        # own stream: no other thread's default-stream work (the next version's tier load) is queued ahead
-        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._reader: ThreadPoolExecutor | None = None  # the pipelined fetch's thread (created on first use)
         self._evictions_seen = self._errors_seen = 0  # tier totals already counted in a batch's stats
         self.tier: ResidentTier | None = open_tier(self)  # the resident tier, when config.tier_bytes gives room
@@ -267,8 +264,7 @@ router index bounds only).
             steps.append((order[lo : lo + step], width, step))
             lo += step
         stats.candidates = int(real.sum())
-        # one request at a time (the host buffers and the graphs' static buffers are shared), on the runtime's stream
-        with self._score_lock, on_stream(self._stream):
+        with self._score_lock:  # one request at a time: the host buffers and the graphs' static buffers are shared
             for (rows, width, step), host in zip(steps, self._fetches(ids, steps), strict=True):
                 self._widths.add(width)
                 out, cold[rows] = self._score_batch(ids[rows], cand[rows, :width], stats, step, host)

@@ -24,6 +24,7 @@ from concurrent.futures import Future
 
 import numpy as np
 
+from collectivekv.cachestore.decode.capture import own_streams
 from collectivekv.cachestore.decode.runtime import RuntimeStats
 from collectivekv.cachestore.serving.metrics import ServerMetrics
 from collectivekv.cachestore.serving.payloads import BadRequest, ScoreReply, ScoreRequest, key_users, to_dense_items
@@ -129,6 +130,10 @@ class DynamicBatcher:
         return [q for q in batch if q.future.set_running_or_notify_cancel()]  # drop requests given up on
 
     def _run(self) -> None:
+        active = self.versions.active
+        if active is not None:  # this thread's streams: a loading version's default-stream work is not ahead
+            runtime = active.runtime
+            own_streams(rt.device for rt in getattr(runtime, "runtimes", {0: runtime}).values())
         while True:
             batch = self._take()
             version = self.versions.switch()  # between batches: a loaded version takes over here
