@@ -130,10 +130,7 @@ class DynamicBatcher:
         return [q for q in batch if q.future.set_running_or_notify_cancel()]  # drop requests given up on
 
     def _run(self) -> None:
-        active = self.versions.active
-        if active is not None:  # this thread's streams: a loading version's default-stream work is not ahead
-            runtime = active.runtime
-            own_streams(rt.device for rt in getattr(runtime, "runtimes", {0: runtime}).values())
+        own_streams(_devices(self.versions.active))  # a loading version's default-stream work is never ahead
         while True:
             batch = self._take()
             version = self.versions.switch()  # between batches: a loaded version takes over here
@@ -172,6 +169,14 @@ class DynamicBatcher:
         self.metrics.tier(stats.tier_hits, stats.tier_misses, stats.tier_evictions)
         for q, s, c in zip(ok, scores, cold, strict=True):
             q.future.set_result(ScoreReply(s, c, version.model_version, version.store_version))
+
+
+def _devices(version: ServedVersion | None) -> list:
+    """The devices ``version`` scores on (one per shard runtime; none without a version)."""
+    if version is None:
+        return []
+    runtime = version.runtime
+    return [rt.device for rt in getattr(runtime, "runtimes", {0: runtime}).values()]
 
 
 def _check_shard(version: ServedVersion, request: ScoreRequest) -> None:
