@@ -15,10 +15,12 @@ router indices, pools zero-padded in the user dims, rows rebuilt as user part �
                             key bytes of the record) equals the candidate's, of val_l (V-only group);
     :func:`key_ranks`       ranks (R, cap) int64 of SIM's / ETA's retrieval from the packed key bytes: shared
                             categories (or bits - Hamming distance)·cap + l, -1 where not eligible, so that
-                            ``topk`` of the ranks is ``model.retrieval``'s selection (ties: later row first).
+                            ``topk`` of the ranks is ``model.retrieval``'s selection (ties: later row first);
+    :func:`row_topk`        the k largest of each row of TWIN's scores, ties later row first (one sort per row
+                            in registers).
 
 SIM / ETA: key_ranks → ``topk`` in torch → :func:`cachestore.decode.fused.attend_group` over the selected rows.
-TWIN: scores → per-head top-k and softmax in torch (shape-static) → weighted_values with G = H heads of
+TWIN: scores → per-head row_topk, softmax in torch (shape-static) → weighted_values with G = H heads of
 W = dh columns. SDIM: bucket_sums (then L2-normalise and mean in torch).
 User parts are read at the store's kv dtype or as int8 codes × the group's scale; a joint group's one index part
 (``kv_idx``, where ``k_idx`` would be) picks both pool rows. Router indices outside the pool are read as zeros and
@@ -132,57 +134,67 @@ if triton is not None:
         tl.store(flag_ptr + b, 1, mask=nbad > 0)
 
     @triton.jit
-    def _bucket_block(raw_ptr, pool_v_ptr, start, n, key_start, ls, stop, target, shift, cols, acc, nbad, pool_size,
-                      v_scale, D_A: tl.constexpr, DV: tl.constexpr, V_SHARED: tl.constexpr, V_CODE: tl.constexpr,
-                      V_BYTES: tl.constexpr, IDX_BYTES: tl.constexpr, IDX_ALIGNED: tl.constexpr,
-                      KEY_BYTES: tl.constexpr, BITS: tl.constexpr, BLOCK_L: tl.constexpr):
-        """Add to acc (D_A,) the V rows ``ls`` (< stop) whose bucket (bits shift ..) equals ``target``; the index
-        part is read as 16-bit halves where IDX_ALIGNED, else byte by byte."""
-        lmask = ls < stop
-        word = _packed_keys(raw_ptr, key_start, ls, lmask, KEY_BYTES, BLOCK_L)  # (BLOCK_L,) int64
-        hit = lmask & (((word >> shift) & ((1 << BITS) - 1)) == target)
-        val = _load_side(raw_ptr, start, ls, cols, hit, DV, V_CODE, v_scale)  # (BLOCK_L, D_A), 0 where no hit
+    def _sum_rows(raw_ptr, pool_v_ptr, start, n, ls, rmask, cols, acc, nbad, pool_size, v_scale, D_A: tl.constexpr,
+                  DV: tl.constexpr, V_SHARED: tl.constexpr, V_CODE: tl.constexpr, V_BYTES: tl.constexpr,
+                  IDX_BYTES: tl.constexpr, IDX_ALIGNED: tl.constexpr):
+        """Add to acc (D_A,) the V rows ``ls`` where ``rmask`` (user part ⊕ pool row); the index part is read as
+        16-bit halves where IDX_ALIGNED, else byte by byte."""
+        val = _load_side(raw_ptr, start, ls, cols, rmask, DV, V_CODE, v_scale)  # (BLOCK_L, D_A), 0 where masked
         if V_SHARED:
             if IDX_ALIGNED:
-                pool, nbad = _pool_rows(raw_ptr, pool_v_ptr, start + n * DV * V_BYTES, ls, cols, hit, nbad,
+                pool, nbad = _pool_rows(raw_ptr, pool_v_ptr, start + n * DV * V_BYTES, ls, cols, rmask, nbad,
                                         pool_size, D_A, IDX_BYTES)
             else:
-                iv = _idx_bytes(raw_ptr, start + n * DV * V_BYTES, ls, hit, IDX_BYTES)
-                pool, nbad = _gather_rows(pool_v_ptr, iv, cols, hit, nbad, pool_size, D_A)
+                iv = _idx_bytes(raw_ptr, start + n * DV * V_BYTES, ls, rmask, IDX_BYTES)
+                pool, nbad = _gather_rows(pool_v_ptr, iv, cols, rmask, nbad, pool_size, D_A)
             val += pool
         return acc + tl.sum(val, axis=0), nbad
 
     @triton.jit
     def _bucket_sums_kernel(
-        raw_ptr, starts_ptr, rows_ptr, key_starts_ptr, target_ptr, pool_v_ptr, out_ptr, flag_ptr, n_cand, start_add,
-        pool_size, v_scale, D_A: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, V_SHARED: tl.constexpr,
+        raw_ptr, starts_ptr, rows_ptr, key_starts_ptr, target_ptr, pool_v_ptr, out_ptr, flag_ptr, hits_ptr, n_cand,
+        start_add, pool_size, v_scale, D_A: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, V_SHARED: tl.constexpr,
         V_CODE: tl.constexpr, V_BYTES: tl.constexpr, IDX_BYTES: tl.constexpr, IDX_ALIGNED: tl.constexpr,
-        KEY_BYTES: tl.constexpr, BITS: tl.constexpr, BLOCK_L: tl.constexpr, MAX_L: tl.constexpr, SEG: tl.constexpr,
+        KEY_BYTES: tl.constexpr, BITS: tl.constexpr, BLOCK_L: tl.constexpr, SEG: tl.constexpr, SEG_P2: tl.constexpr,
+        STATIC: tl.constexpr,
     ):
+        """Program (row, g, part): the rows part·SEG .. of user b = row // n_cand whose bucket g equals the
+        candidate's. One pass reads all SEG keys at once and writes the hits' positions, in order, to the program's
+        slice of ``hits_ptr`` (SEG_P2 int32); the V rows are then summed over those hits only, BLOCK_L at a time
+        (~SEG / 2^BITS of them: no step over rows that miss). STATIC: loop to SEG_P2 with masks (Triton's CPU
+        interpreter cannot loop to a computed bound)."""
         row = tl.program_id(0)  # b·C + c
         g = tl.program_id(1)  # hash function
-        part = tl.program_id(2)  # rows part·SEG .. part·SEG + SEG - 1
+        part = tl.program_id(2)
         b = row // n_cand
         start = tl.load(starts_ptr + b) + start_add
         n = tl.load(rows_ptr + b)
-        key_start = tl.load(key_starts_ptr + b)
         target = tl.load(target_ptr + row * G + g)  # the candidate's bucket of hash function g
-        shift = (g * BITS).to(tl.int64)
+        ls = part * SEG + tl.arange(0, SEG_P2)  # (SEG_P2,)
+        lmask = (ls < part * SEG + SEG) & (ls < n)
+        word = _packed_keys(raw_ptr, tl.load(key_starts_ptr + b), ls, lmask, KEY_BYTES, SEG_P2)
+        hit = lmask & (((word >> (g * BITS).to(tl.int64)) & ((1 << BITS) - 1)) == target)
+        hits = hits_ptr + ((part * tl.num_programs(0) + row) * G + g).to(tl.int64) * SEG_P2
+        tl.store(hits + tl.cumsum(hit.to(tl.int32), axis=0) - 1, ls, mask=hit)  # positions, packed in order
+        n_hits = tl.sum(hit.to(tl.int32), axis=0)
+        tl.debug_barrier()  # the positions written above are read below by other threads of this program
         cols = tl.arange(0, D_A)  # (D_A,)
         acc = tl.zeros([D_A], dtype=tl.float32)
         nbad = tl.zeros([], dtype=tl.int32)
-        lo = part * SEG
-        stop = tl.minimum(n, lo + SEG)
-        if MAX_L > 0:  # Triton's CPU interpreter cannot loop to a loaded bound: static bound, masked
-            for l0 in range(0, MAX_L, BLOCK_L):
-                acc, nbad = _bucket_block(raw_ptr, pool_v_ptr, start, n, key_start, lo + l0 + tl.arange(0, BLOCK_L),
-                                          stop, target, shift, cols, acc, nbad, pool_size, v_scale, D_A, DV,
-                                          V_SHARED, V_CODE, V_BYTES, IDX_BYTES, IDX_ALIGNED, KEY_BYTES, BITS, BLOCK_L)
+        if STATIC:
+            for j0 in range(0, SEG_P2, BLOCK_L):
+                js = j0 + tl.arange(0, BLOCK_L)
+                jm = js < n_hits
+                acc, nbad = _sum_rows(raw_ptr, pool_v_ptr, start, n, tl.load(hits + js, mask=jm, other=0), jm, cols,
+                                      acc, nbad, pool_size, v_scale, D_A, DV, V_SHARED, V_CODE, V_BYTES, IDX_BYTES,
+                                      IDX_ALIGNED)
         else:
-            for l0 in range(lo, stop, BLOCK_L):
-                acc, nbad = _bucket_block(raw_ptr, pool_v_ptr, start, n, key_start, l0 + tl.arange(0, BLOCK_L),
-                                          stop, target, shift, cols, acc, nbad, pool_size, v_scale, D_A, DV,
-                                          V_SHARED, V_CODE, V_BYTES, IDX_BYTES, IDX_ALIGNED, KEY_BYTES, BITS, BLOCK_L)
+            for j0 in range(0, n_hits, BLOCK_L):
+                js = j0 + tl.arange(0, BLOCK_L)
+                jm = js < n_hits
+                acc, nbad = _sum_rows(raw_ptr, pool_v_ptr, start, n, tl.load(hits + js, mask=jm, other=0), jm, cols,
+                                      acc, nbad, pool_size, v_scale, D_A, DV, V_SHARED, V_CODE, V_BYTES, IDX_BYTES,
+                                      IDX_ALIGNED)
         tl.store(out_ptr + ((part * tl.num_programs(0) + row) * G + g) * D_A + cols, acc)
         tl.store(flag_ptr + b, 1, mask=nbad > 0)
 
@@ -205,6 +217,21 @@ if triton is not None:
             eligible = lmask & (shared > 0)
         tl.store(out_ptr + row * CAP + ls, tl.where(eligible, rank, -1), mask=ls < CAP)
 
+
+    @triton.jit
+    def _row_topk_kernel(scores_ptr, top_ptr, idx_ptr, CAP: tl.constexpr, CAP_P2: tl.constexpr, K: tl.constexpr):
+        """Row p of scores (CAP,) fp32 → its K largest, largest first, equal scores later position first: one int64
+        key per position, (order-preserving int32 of the score) << 32 | position, sorted descending in registers."""
+        p = tl.program_id(0).to(tl.int64)
+        ls = tl.arange(0, CAP_P2)
+        x = tl.load(scores_ptr + p * CAP + ls, mask=ls < CAP, other=-float("inf")) + 0.0  # -0.0 ranks as 0.0
+        bits = x.to(tl.int32, bitcast=True)
+        order = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # signed int32 order == float order
+        key = tl.sort((order.to(tl.int64) << 32) | ls.to(tl.int64), descending=True)
+        high = (key >> 32).to(tl.int32)
+        value = tl.where(high < 0, high ^ 0x7FFFFFFF, high).to(tl.float32, bitcast=True)
+        tl.store(top_ptr + p * K + ls, value, mask=ls < K)
+        tl.store(idx_ptr + p * K + ls, key & 0xFFFFFFFF, mask=ls < K)
 
 def _block(n: int, most: int = 64) -> int:
     """The smallest power of two >= n, capped at ``most`` (rows per program step)."""
@@ -265,13 +292,13 @@ def weighted_values(raw: torch.Tensor, view: GroupView, pool_v: torch.Tensor, we
 
 def bucket_sums(raw: torch.Tensor, view: GroupView, pool_v: torch.Tensor, key_starts: torch.Tensor, key_bytes: int,
                 bits: int, targets: torch.Tensor, n_cand: int, flags: torch.Tensor, *, block_l: int = 16,
-                num_warps: int = 1, parts: int = 1, v_scale: float = 1.0, idx_aligned: bool = True) -> torch.Tensor:
+                num_warps: int = 2, parts: int = 1, v_scale: float = 1.0, idx_aligned: bool = True) -> torch.Tensor:
     """SDIM's bucket sums (R, m, d_a) fp32: per row r (user b = r // n_cand) and hash function g, the sum of the
     V rows l < rows[b] of the V-only group ``view`` whose bucket g (bits g·bits .. of the row's ``key_bytes``
     packed key bytes at ``key_starts[b] + l·key_bytes``) equals ``targets[r, g]`` (targets (R, m) int64).
-    pool_v: (pool, d_a) padded V pool (1 zero row when not shared); d_a a power of two. ``parts`` > 1 splits each
-    row's history into parts (one program each, summed after); at B 512, L 1,000 on an H200 8 parts of 32-row
-    blocks, 2 warps took 0.265 ms against 0.185 for the default (``benchmarks/zoo_kernel_breakdown.py``).
+    pool_v: (pool, d_a) padded V pool (1 zero row when not shared); d_a a power of two. Each program reads its
+    rows' keys in one pass and sums the V rows of the hits only (their positions kept in a (parts, R, m, rows)
+    int32 scratch). ``parts`` > 1 splits each row's history into parts (one program each, summed after).
     v_scale: the scale of int8 V user codes; idx_aligned False: the V index part can start off a 2-byte boundary
     (:func:`cachestore.decode.fused_view.may_misalign`), read byte by byte."""
     r, m = targets.shape
@@ -279,19 +306,36 @@ def bucket_sums(raw: torch.Tensor, view: GroupView, pool_v: torch.Tensor, key_st
     if g.dk != 0 or d_a & (d_a - 1):
         raise ValueError(f"bucket sums read a V-only group of power-of-two width, got {g} at d_a {d_a}")
     parts = max(1, min(parts, -(-max(1, g.cap) // block_l)))
-    seg = -(-max(1, g.cap) // (parts * block_l)) * block_l  # rows per part, whole blocks
+    seg = -(-max(1, g.cap) // parts)  # rows per part
+    seg_p2 = max(block_l, triton.next_power_of_2(seg))
     out = torch.empty(parts, r, m, d_a, dtype=torch.float32, device=targets.device)  # (S, R, m, d_a)
     if r == 0:
         return out[0]
+    hits = torch.empty(parts, r, m, seg_p2, dtype=torch.int32, device=targets.device)  # each program's hit rows
     _, v_code, _, v_bytes = side_codes(g, view.kv_dtype, view.halves)
     _bucket_sums_kernel[(r, m, parts)](
-        raw, view.starts, view.rows, key_starts, targets.contiguous(), pool_v, out, flags, n_cand, view.start_add,
-        view.pool_size, float(v_scale), D_A=d_a, G=m, DV=g.dv, V_SHARED=g.v_shared, V_CODE=v_code, V_BYTES=v_bytes,
-        IDX_BYTES=IDX_BYTES[view.idx_dtype], IDX_ALIGNED=idx_aligned, KEY_BYTES=key_bytes, BITS=bits, BLOCK_L=block_l,
-        MAX_L=seg if INTERPRETED else 0, SEG=seg, num_warps=num_warps,
+        raw, view.starts, view.rows, key_starts, targets.contiguous(), pool_v, out, flags, hits, n_cand,
+        view.start_add, view.pool_size, float(v_scale), D_A=d_a, G=m, DV=g.dv, V_SHARED=g.v_shared, V_CODE=v_code,
+        V_BYTES=v_bytes, IDX_BYTES=IDX_BYTES[view.idx_dtype], IDX_ALIGNED=idx_aligned, KEY_BYTES=key_bytes, BITS=bits,
+        BLOCK_L=block_l, SEG=seg, SEG_P2=seg_p2, STATIC=INTERPRETED, num_warps=num_warps,
     )
     return out.sum(0) if parts > 1 else out[0]  # (R, m, d_a)
 
+
+def row_topk(scores: torch.Tensor, k: int, num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest of each row of ``scores`` (..., cap) fp32, largest first, equal scores later position
+    first — ``scores.flip(-1).sort(descending=True, stable=True)`` cut to k, positions mapped back — as
+    (values (..., k) fp32, positions (..., k) int64): one program per row sorting it in registers (cap ≤ 4,096)."""
+    cap = scores.shape[-1]
+    if not 1 <= k <= cap <= 4096:
+        raise ValueError(f"row_topk takes 1 <= k <= cap <= 4096, got k {k}, cap {cap}")
+    flat = scores.reshape(-1, cap).contiguous()  # (rows, cap)
+    top = torch.empty(flat.shape[0], k, dtype=torch.float32, device=scores.device)
+    idx = torch.empty(flat.shape[0], k, dtype=torch.int64, device=scores.device)
+    if flat.shape[0]:
+        _row_topk_kernel[(flat.shape[0],)](flat, top, idx, CAP=cap, CAP_P2=triton.next_power_of_2(cap), K=k,
+                                           num_warps=num_warps)
+    return top.reshape(*scores.shape[:-1], k), idx.reshape(*scores.shape[:-1], k)
 
 def key_ranks(raw: torch.Tensor, key_starts: torch.Tensor, rows: torch.Tensor, cap: int, key_bytes: int, bits: int,
               targets: torch.Tensor, hamming: bool) -> torch.Tensor:

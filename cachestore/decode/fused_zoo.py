@@ -49,7 +49,7 @@ from collectivekv.cachestore.decode.fused import (
     pool_dtype,
     triton,
 )
-from collectivekv.cachestore.decode.fused_long import bucket_sums, group_scores, key_ranks, weighted_values
+from collectivekv.cachestore.decode.fused_long import bucket_sums, group_scores, key_ranks, row_topk, weighted_values
 from collectivekv.cachestore.decode.fused_view import (
     GroupView,
     check_half_layout,
@@ -201,10 +201,10 @@ def twin_long(s: LongStage) -> torch.Tensor:
     scores = group_scores(s.raw, q, s.view, s.pools[0], heads, s.flags, scales=s.scales)  # (B·C, H, cap)
     cap = scores.shape[-1]
     k = min(s.cfg.topk, cap)
-    # a stable sort: equal scores rank the later row first (one top-k over unique (score bits, position) int64
-    # keys was slower: 0.55 vs 0.33 ms of kernels at B 512, L 1,000 on an H200, int64 top-k over 4,096 rows)
-    top, rev = scores.flip(-1).sort(dim=-1, descending=True, stable=True)  # (B·C, H, cap)
-    top, idx = top[..., :k], cap - 1 - rev[..., :k]  # (B·C, H, k)
+    # equal scores rank the later row first (the model's stable sort); torch's stable sort of the flipped scores
+    # took 0.12 ms of radix passes at B 512, L 1,000 on an H200, and a torch top-k over (score bits, position)
+    # int64 keys longer still
+    top, idx = row_topk(scores, k)  # (B·C, H, k)
     n_sel = s.view.rows[:b].clamp(max=k).unsqueeze(1).expand(b, c).reshape(-1)  # (B·C,) valid scores rank first
     weights = masked_softmax(top, n_sel)  # (B·C, H, k)
     out = weighted_values(s.raw, s.view, s.pools[1], weights, idx, c, d_a // heads, d_a // heads, s.flags,

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 
 import pytest
 import torch
 
+from collectivekv.cachestore.decode import fused_zoo
 from collectivekv.cachestore.decode.batch import HostBatcher
 from collectivekv.cachestore.decode.decode import ResidentZooModel, decode_zoo, entry_cache
 from collectivekv.cachestore.decode.fused import FusedConfig, fused_available
+from collectivekv.cachestore.decode.fused_long import bucket_sums, row_topk
 from collectivekv.cachestore.decode.fused_zoo import zoo_static_decode
 from collectivekv.cachestore.decode.transfer import unpack_entry
 from collectivekv.cachestore.store.entry import entry_from_parquet_row, entry_layout
@@ -136,6 +139,31 @@ def test_fused_zoo_split_histories(arch: str) -> None:
     case = packed(arch, "collective", "float32", seed=6)
     got = fused_logits(case, dataclasses.replace(EXACT, block_l=1, split_l=2))
     torch.testing.assert_close(got, model_logits(case, "collective", "float32"), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("cap", "k"), [(1000, 50), (7, 7), (33, 5), (16, 1)])
+def test_row_topk_is_the_stable_sort_of_the_flipped_scores(cap: int, k: int) -> None:
+    """TWIN's per-head top-k: the k largest, equal scores (many here, and ±0.0) later position first."""
+    g = torch.Generator().manual_seed(cap)
+    s = torch.randn(3, 4, cap, generator=g)
+    s[..., ::3] = s[..., 1:2]  # ties
+    s[0, 0, -5:] = torch.finfo(torch.float32).min  # group_scores' fill past a user's rows
+    s[1, 1, : cap // 2] = -0.0
+    s[1, 1, cap // 2 :] = 0.0
+    top, rev = s.flip(-1).sort(dim=-1, descending=True, stable=True)
+    got_v, got_i = row_topk(s.to(DEVICE), k)
+    assert torch.equal(got_i.cpu(), cap - 1 - rev[..., :k]) and torch.equal(got_v.cpu(), top[..., :k])
+    with pytest.raises(ValueError, match="row_topk takes"):
+        row_topk(s.to(DEVICE), cap + 1)
+
+
+@pytest.mark.parametrize(("parts", "block_l"), [(1, 2), (3, 4), (2, 16)])
+def test_sdim_bucket_sums_over_history_parts(parts: int, block_l: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SDIM's bucket sums with each history split into parts (one program each: keys read, hits compacted,
+    only the hits summed) and small row blocks: the model's logits."""
+    case = packed("sdim", "collective", "float32", seed=9)
+    monkeypatch.setattr(fused_zoo, "bucket_sums", functools.partial(bucket_sums, parts=parts, block_l=block_l))
+    torch.testing.assert_close(fused_logits(case), model_logits(case, "collective", "float32"), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", LONG_ARCHS)
