@@ -322,7 +322,7 @@ def bucket_sums(raw: torch.Tensor, view: GroupView, pool_v: torch.Tensor, key_st
     return out.sum(0) if parts > 1 else out[0]  # (R, m, d_a)
 
 
-def row_topk(scores: torch.Tensor, k: int, num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+def row_topk(scores: torch.Tensor, k: int, num_warps: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` largest of each row of ``scores`` (..., cap) fp32, largest first, equal scores later position
     first — ``scores.flip(-1).sort(descending=True, stable=True)`` cut to k, positions mapped back — as
     (values (..., k) fp32, positions (..., k) int64): one program per row sorting it in registers (cap ≤ 4,096)."""
