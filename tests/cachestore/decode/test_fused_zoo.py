@@ -141,11 +141,11 @@ def test_fused_zoo_split_histories(arch: str) -> None:
     torch.testing.assert_close(got, model_logits(case, "collective", "float32"), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(("cap", "k"), [(1000, 50), (7, 7), (33, 5), (16, 1)])
+@pytest.mark.parametrize(("cap", "k"), [(200, 50), (7, 7), (33, 5), (16, 1)])
 def test_row_topk_is_the_stable_sort_of_the_flipped_scores(cap: int, k: int) -> None:
     """TWIN's per-head top-k: the k largest, equal scores (many here, and ±0.0) later position first."""
     g = torch.Generator().manual_seed(cap)
-    s = torch.randn(3, 4, cap, generator=g)
+    s = torch.randn(2, 2, cap, generator=g)  # (R, H, cap): 4 rows (the interpreter sorts slowly)
     s[..., ::3] = s[..., 1:2]  # ties
     s[0, 0, -5:] = torch.finfo(torch.float32).min  # group_scores' fill past a user's rows
     s[1, 1, : cap // 2] = -0.0
