@@ -21,15 +21,20 @@ QMAX = 127
 SCALE_MOMENTUM = 0.01
 
 
+def _scale(scale: torch.Tensor | float, device: torch.device) -> torch.Tensor | float:
+    """A Python float as it is (an fp32 op takes it as an fp32 scalar: no host→device copy per call, and
+    capturable in a CUDA graph); a tensor scale as fp32 on ``device``."""
+    return scale if isinstance(scale, float) else torch.as_tensor(scale, dtype=torch.float32, device=device)
+
+
 def int8_codes(u: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
     """(...) float user values → (...) int8 codes ``clamp(round(u / s), -127, 127)`` (computed in fp32)."""
-    s = torch.as_tensor(scale, dtype=torch.float32, device=u.device)
-    return torch.clamp(torch.round(u.float() / s), -QMAX, QMAX).to(torch.int8)
+    return torch.clamp(torch.round(u.float() / _scale(scale, u.device)), -QMAX, QMAX).to(torch.int8)
 
 
 def dequantise(codes: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
     """(...) int8 (or integer-valued) codes → (...) fp32 ``code · s``."""
-    return codes.to(torch.float32) * torch.as_tensor(scale, dtype=torch.float32, device=codes.device)
+    return codes.to(torch.float32) * _scale(scale, codes.device)
 
 
 class _FakeQuant(torch.autograd.Function):
