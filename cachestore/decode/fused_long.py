@@ -13,13 +13,14 @@ router indices, pools zero-padded in the user dims, rows rebuilt as user part �
                             b = r // C; rows l >= rows[b] and zero weights are skipped;
     :func:`bucket_sums`     out (R, m, d_a) fp32 = Σ over rows l < rows[b] whose bucket g (read from the packed
                             key bytes of the record) equals the candidate's, of val_l (V-only group);
-    :func:`key_ranks`       ranks (R, cap) int64 of SIM's / ETA's retrieval from the packed key bytes: shared
-                            categories (or bits - Hamming distance)·cap + l, -1 where not eligible, so that
-                            ``topk`` of the ranks is ``model.retrieval``'s selection (ties: later row first);
+    :func:`key_select`      SIM's / ETA's retrieval from the packed key bytes: every row's rank, shared
+                            categories (or bits - Hamming distance)·cap + l, -1 where not eligible, sorted in
+                            registers (one program per candidate); the k best positions = ``model.retrieval``'s
+                            selection (ties: later row first);
     :func:`row_topk`        the k largest of each row of TWIN's scores, ties later row first (one sort per row
                             in registers).
 
-SIM / ETA: key_ranks → ``topk`` in torch → :func:`cachestore.decode.fused.attend_group` over the selected rows.
+SIM / ETA: key_select → :func:`cachestore.decode.fused.attend_group` over the selected rows.
 TWIN: scores → per-head row_topk, softmax in torch (shape-static) → weighted_values with G = H heads of
 W = dh columns. SDIM: bucket_sums (then L2-normalise and mean in torch).
 User parts are read at the store's kv dtype or as int8 codes × the group's scale; a joint group's one index part
@@ -199,24 +200,27 @@ if triton is not None:
         tl.store(flag_ptr + b, 1, mask=nbad > 0)
 
     @triton.jit
-    def _key_ranks_kernel(raw_ptr, key_starts_ptr, rows_ptr, target_ptr, out_ptr, n_cand, KEY_BYTES: tl.constexpr,
-                          BITS: tl.constexpr, HAMMING: tl.constexpr, CAP: tl.constexpr, BLOCK_L: tl.constexpr):
-        row = tl.program_id(0)  # b·C + c
-        ls = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)  # (BLOCK_L,)
+    def _key_select_kernel(raw_ptr, key_starts_ptr, rows_ptr, target_ptr, idx_ptr, nsel_ptr, n_cand,
+                           KEY_BYTES: tl.constexpr, BITS: tl.constexpr, HAMMING: tl.constexpr, CAP: tl.constexpr,
+                           CAP_P2: tl.constexpr, K: tl.constexpr):
+        """Row r = b·C + c: every long row's retrieval rank (int32, distinct: score·CAP + l; -1 not eligible)
+        sorted descending in registers; the first K positions and min(eligible rows, K) stored."""
+        row = tl.program_id(0)
         b = row // n_cand
-        n = tl.load(rows_ptr + b)
-        lmask = ls < n
-        key = _packed_keys(raw_ptr, tl.load(key_starts_ptr + b), ls, lmask, KEY_BYTES, BLOCK_L)
+        ls = tl.arange(0, CAP_P2)  # (CAP_P2,)
+        lmask = ls < tl.load(rows_ptr + b)
+        key = _packed_keys(raw_ptr, tl.load(key_starts_ptr + b), ls, lmask, KEY_BYTES, CAP_P2)
         target = tl.load(target_ptr + row)
         if HAMMING:  # ETA: nearer first; every row eligible
-            rank = (BITS - _popcount((key ^ target) & ((1 << BITS) - 1))) * CAP + ls
+            score = BITS - _popcount((key ^ target) & ((1 << BITS) - 1))
             eligible = lmask
         else:  # SIM: more shared categories first; rows sharing none are not eligible
-            shared = _popcount(key & target & ((1 << BITS) - 1))
-            rank = shared * CAP + ls
-            eligible = lmask & (shared > 0)
-        tl.store(out_ptr + row * CAP + ls, tl.where(eligible, rank, -1), mask=ls < CAP)
-
+            score = _popcount(key & target & ((1 << BITS) - 1))
+            eligible = lmask & (score > 0)
+        rank = tl.where(eligible, score.to(tl.int32) * CAP + ls, -1)  # (CAP_P2,) < 63·4096
+        top = tl.sort(rank, descending=True)
+        tl.store(idx_ptr + row * K + ls, tl.where(top >= 0, top % CAP, 0).to(tl.int64), mask=ls < K)
+        tl.store(nsel_ptr + row, tl.minimum(tl.sum(eligible.to(tl.int32), axis=0), K).to(tl.int64))
 
     @triton.jit
     def _row_topk_kernel(scores_ptr, top_ptr, idx_ptr, CAP: tl.constexpr, CAP_P2: tl.constexpr, K: tl.constexpr):
@@ -337,19 +341,22 @@ def row_topk(scores: torch.Tensor, k: int, num_warps: int = 1) -> tuple[torch.Te
                                            num_warps=num_warps)
     return top.reshape(*scores.shape[:-1], k), idx.reshape(*scores.shape[:-1], k)
 
-def key_ranks(raw: torch.Tensor, key_starts: torch.Tensor, rows: torch.Tensor, cap: int, key_bytes: int, bits: int,
-              targets: torch.Tensor, hamming: bool) -> torch.Tensor:
-    """Retrieval ranks (R, cap) int64 of every long row of user b = r // C for candidate r (targets (B, C) int64
-    keys; the rows' keys read from the packed key bytes at ``key_starts[b] + l·key_bytes``, ``rows`` (B,) valid):
-    ``hamming`` (ETA) (bits - Hamming distance)·cap + l, else (SIM) shared categories·cap + l where > 0 shared;
-    -1 for rows not eligible. Larger ranks first = ``model.retrieval``'s order (ties: later row first)."""
+def key_select(raw: torch.Tensor, key_starts: torch.Tensor, rows: torch.Tensor, cap: int, key_bytes: int, bits: int,
+               targets: torch.Tensor, hamming: bool, k: int, num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """SIM's / ETA's retrieval from the packed key bytes, in one kernel: for candidate r of user b = r // C
+    (targets (B, C) int64 keys; row l's key read at ``key_starts[b] + l·key_bytes``, ``rows`` (B,) valid) every
+    row's rank — ``hamming`` (ETA) (bits - Hamming distance)·cap + l, else (SIM) shared categories·cap + l where
+    > 0 shared, -1 not eligible — is sorted in registers, and the positions of the ``k`` best come back, best
+    first: (sel (R, k) int64, n_sel (R,) int64 = min(eligible rows, k)); positions past n_sel are 0. This is
+    ``model.retrieval``'s selection (larger rank first; ties impossible: later row first by construction)."""
     b, c = targets.shape
-    out = torch.empty(b * c, max(1, cap), dtype=torch.int64, device=targets.device)  # (R, cap)
-    if b * c == 0:
-        return out
-    block = _block(max(1, cap))
-    _key_ranks_kernel[(b * c, -(-max(1, cap) // block))](
-        raw, key_starts, rows, targets.contiguous(), out, c, KEY_BYTES=key_bytes, BITS=bits, HAMMING=hamming,
-        CAP=max(1, cap), BLOCK_L=block, num_warps=1,
-    )
-    return out
+    if not 1 <= k <= max(1, cap) <= 4096:
+        raise ValueError(f"key_select takes 1 <= k <= cap <= 4096, got k {k}, cap {cap}")
+    sel = torch.zeros(b * c, k, dtype=torch.int64, device=targets.device)  # (R, k)
+    n_sel = torch.zeros(b * c, dtype=torch.int64, device=targets.device)  # (R,)
+    if b * c:
+        _key_select_kernel[(b * c,)](
+            raw, key_starts, rows, targets.contiguous(), sel, n_sel, c, KEY_BYTES=key_bytes, BITS=bits,
+            HAMMING=hamming, CAP=max(1, cap), CAP_P2=triton.next_power_of_2(max(1, cap)), K=k, num_warps=num_warps,
+        )
+    return sel, n_sel

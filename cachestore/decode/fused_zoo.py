@@ -10,10 +10,10 @@ min(n, cap); a few (B,) torch ops). :func:`zoo_static_decode` then runs ``LongSe
     t     = item embedding of the candidates (B, C, E)
     short = :func:`cachestore.decode.fused.attend_group` over group ``short`` with q = W_q^short t
     long  = the arch's long stage (:data:`LONG_STAGES`) over group ``long``:
-            SIM   category top-k on the cached bitmasks (:func:`cachestore.decode.fused_long.key_ranks`: the ranks of
-                  ``model.retrieval.category_topk``, then ``topk``), the fused attention over the selected rows
+            SIM   category top-k on the cached bitmasks (:func:`cachestore.decode.fused_long.key_select`: the ranks of
+                  ``model.retrieval.category_topk`` sorted in one kernel), the fused attention over the selected rows
                   only (SELECT mode)
-            ETA   SimHash Hamming top-k (``key_ranks`` as ``hamming_topk`` ranks), then the same attention
+            ETA   SimHash Hamming top-k (``key_select`` on ``hamming_topk``'s ranks), then the same attention
             SDIM  :func:`cachestore.decode.fused_long.bucket_sums` (per hash function, the sum of the V rows whose
                   bucket, read from the packed key bytes, equals the candidate's) → L2-normalise, mean over m
             TWIN  :func:`cachestore.decode.fused_long.group_scores` (per-head scores of every long row) → per-head
@@ -49,7 +49,7 @@ from collectivekv.cachestore.decode.fused import (
     pool_dtype,
     triton,
 )
-from collectivekv.cachestore.decode.fused_long import bucket_sums, group_scores, key_ranks, row_topk, weighted_values
+from collectivekv.cachestore.decode.fused_long import bucket_sums, group_scores, key_select, row_topk, weighted_values
 from collectivekv.cachestore.decode.fused_view import (
     GroupView,
     check_half_layout,
@@ -154,20 +154,16 @@ class LongStage:
 
 
 def _select(s: LongStage, name: str, targets: torch.Tensor, hamming: bool) -> torch.Tensor:
-    """Retrieve on the packed key bytes (:func:`cachestore.decode.fused_long.key_ranks`), keep the ``topk`` best
-    eligible rows per candidate, attend over them."""
+    """Retrieve on the packed key bytes (:func:`cachestore.decode.fused_long.key_select`: the ``topk`` best
+    eligible rows per candidate), attend over them."""
     b, c, _ = s.t.shape
     part = f"keys.{name}"
     key_bytes = s.layout.row_bytes[[p.name for p in s.layout.parts].index(part)]
     bits = key_fields(s.store_cfg)[name][1]
-    ranks = key_ranks(s.raw, s.part_starts[part], s.view.rows, s.view.group.cap, key_bytes, bits, targets,
-                      hamming)  # (B·C, cap)
-    k = min(s.cfg.topk, ranks.shape[-1])
-    # ranks < 2^24 (shared categories or bits ≤ 62, times cap ≤ 4096): exact in fp32, whose top-k takes half
-    # the radix passes of int64's
-    _, idx = ranks.to(torch.float32).topk(k, dim=-1, largest=True, sorted=True)  # (B·C, k) best first
-    n_sel = (ranks >= 0).sum(-1).clamp(max=k)  # (B·C,)
-    return s.attend_selected(idx.reshape(b, c, k), n_sel.reshape(b, c))
+    cap = max(1, s.view.group.cap)
+    idx, n_sel = key_select(s.raw, s.part_starts[part], s.view.rows, cap, key_bytes, bits, targets, hamming,
+                            min(s.cfg.topk, cap))  # (B·C, k) best first, (B·C,)
+    return s.attend_selected(idx.reshape(b, c, -1), n_sel.reshape(b, c))
 
 
 def sim_long(s: LongStage) -> torch.Tensor:

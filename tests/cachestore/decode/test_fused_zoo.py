@@ -24,7 +24,7 @@ from collectivekv.cachestore.decode import fused_zoo
 from collectivekv.cachestore.decode.batch import HostBatcher
 from collectivekv.cachestore.decode.decode import ResidentZooModel, decode_zoo, entry_cache
 from collectivekv.cachestore.decode.fused import FusedConfig, fused_available
-from collectivekv.cachestore.decode.fused_long import bucket_sums, row_topk
+from collectivekv.cachestore.decode.fused_long import bucket_sums, key_select, row_topk
 from collectivekv.cachestore.decode.fused_zoo import zoo_static_decode
 from collectivekv.cachestore.decode.transfer import unpack_entry
 from collectivekv.cachestore.store.entry import entry_from_parquet_row, entry_layout
@@ -33,7 +33,7 @@ from collectivekv.model.blocks import ZooCache
 from collectivekv.model.cache_spec import store_config
 from collectivekv.model.config import LONG_ARCHS, CollectiveConfig
 from collectivekv.model.entry import full_cache
-from collectivekv.model.retrieval import popcount
+from collectivekv.model.retrieval import category_topk, hamming_topk, popcount
 from tests.model.test_zoo import N_ITEMS, make_batch, make_model, zoo_config
 from tests.zoo_store_fixtures import zoo_prefill_rows
 
@@ -155,6 +155,31 @@ def test_row_topk_is_the_stable_sort_of_the_flipped_scores(cap: int, k: int) -> 
     assert torch.equal(got_i.cpu(), cap - 1 - rev[..., :k]) and torch.equal(got_v.cpu(), top[..., :k])
     with pytest.raises(ValueError, match="row_topk takes"):
         row_topk(s.to(DEVICE), cap + 1)
+
+
+@pytest.mark.parametrize(("hamming", "bits", "key_bytes"), [(False, 5, 1), (True, 12, 2), (False, 18, 3)])
+def test_key_select_is_the_models_retrieval(hamming: bool, bits: int, key_bytes: int) -> None:
+    """SIM's / ETA's selection from packed key bytes == ``model.retrieval``'s (sparse categories: users with
+    fewer eligible rows than k, none at all, and a user with no rows)."""
+    g = torch.Generator().manual_seed(bits)
+    cap, k, n_cand = 37, 9, 2
+    lengths = torch.tensor([cap, 20, 0])
+    keys = torch.randint(0, 1 << bits, (3, cap), generator=g)
+    if not hamming:
+        keys &= torch.randint(0, 1 << bits, (3, cap), generator=g) & torch.randint(0, 1 << bits, (3, cap), generator=g)
+    targets = torch.randint(0, 1 << bits, (3, n_cand), generator=g)
+    targets[1, 1] = 0  # no row eligible (SIM)
+    packed = torch.stack([(keys >> (8 * i)) & 0xFF for i in range(key_bytes)], -1).to(torch.uint8)  # (B, cap, kb)
+    raw = torch.cat([torch.zeros(5, dtype=torch.uint8), packed.flatten()]).to(DEVICE)  # keys from an odd byte
+    starts = (5 + torch.arange(3) * cap * key_bytes).to(DEVICE)
+    want_i, want_n = (hamming_topk(keys, targets, lengths, k, bits) if hamming
+                      else category_topk(keys, targets, lengths, k, bits))  # fmt: skip
+    got_i, got_n = key_select(raw, starts, lengths.to(DEVICE), cap, key_bytes, bits, targets.to(DEVICE), hamming, k)
+    assert torch.equal(got_n.cpu(), want_n.flatten())
+    mask = torch.arange(k) < want_n.flatten()[:, None]  # (R, k): positions past n_sel are not read
+    assert torch.equal(got_i.cpu()[mask], want_i.flatten(0, 1)[mask])
+    with pytest.raises(ValueError, match="key_select takes"):
+        key_select(raw, starts, lengths.to(DEVICE), cap, key_bytes, bits, targets.to(DEVICE), hamming, cap + 1)
 
 
 @pytest.mark.parametrize(("parts", "block_l"), [(1, 2), (3, 4), (2, 16)])
