@@ -4,6 +4,7 @@ the batch header) and every part's byte start of a zoo record (:func:`record_par
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -121,16 +122,25 @@ def din_view(raw: torch.Tensor, layout: EntryLayout, n_users: int, pool_size: in
                      header[n_users:], HEADER_SIZE)
 
 
+@functools.lru_cache(maxsize=64)
+def _part_rows(layout: EntryLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(caps, row bytes), each (P + 1, 1) int64 on ``device``: a zero row, then every part's cap and row bytes
+    (the first call of a layout on a device copies them there: a warm-up, never inside a graph capture)."""
+    caps = [0] + [p.cap for p in layout.parts]
+    row_bytes = [0, *layout.row_bytes]
+    return (torch.tensor(caps, dtype=torch.int64).unsqueeze(1).to(device),
+            torch.tensor(row_bytes, dtype=torch.int64).unsqueeze(1).to(device))  # fmt: skip
+
+
 def record_part_starts(raw: torch.Tensor, layout: EntryLayout, n_users: int) -> torch.Tensor:
     """(P + 1, B) int64: byte start in ``raw`` of part p of user b's record, ``offsets[b] + 32 +
     Σ_{i<p} min(n_b, cap_i)·row_bytes_i``, and in row P one past the record (a cold-start user: the zero
-    block, n 0). A few (B,) device ops from the batch header, no host sync."""
+    block, n 0). A few (P + 1, B) device ops from the batch header whatever P is, no host sync."""
     header = raw[: 16 * n_users].view(torch.int64)  # offsets (B,), lengths (B,)
     offsets, lengths = header[:n_users], header[n_users:]
-    sizes = torch.stack([lengths.clamp(min=0, max=p.cap) * rb
-                         for p, rb in zip(layout.parts, layout.row_bytes, strict=True)])  # (P, B)  # fmt: skip
-    ends = offsets + HEADER_SIZE + sizes.cumsum(0)  # (P, B): one past each part
-    return torch.cat([(offsets + HEADER_SIZE).unsqueeze(0), ends])  # (P + 1, B)
+    caps, row_bytes = _part_rows(layout, raw.device)
+    sizes = torch.minimum(lengths.clamp(min=0).unsqueeze(0), caps) * row_bytes  # (P + 1, B), row 0 zero
+    return sizes.cumsum(0).add_(offsets + HEADER_SIZE)  # (P + 1, B): row p = Σ_{i<p} part sizes + record start
 
 
 def padded_pools(resident: ResidentModel, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
