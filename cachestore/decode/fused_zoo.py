@@ -125,76 +125,82 @@ def group_pools(resident: ResidentZooModel, group: str, shared: tuple[bool, bool
 
 @dataclass(frozen=True)
 class LongStage:
-    """What a long stage reads: the model, the store's layout and config, the batch of ``n_users`` users, the
-    candidates' embeddings t (B, C, E) and ids (B, C), the group ``long``'s view and pools, each user's n (B,)
-    of users 0 .. B - 1, every part's byte start (B,) (:func:`part_starts`), the router-index flags, the
-    launch config and the group's (K, V) int8 scales (:func:`cachestore.decode.fused_view.group_scales`)."""
+    """What a long stage reads: the model, the store's layout and config, the packed batch, the candidates'
+    long inputs (:func:`long_inputs`: q (B, C, d_a) for SIM / ETA / TWIN, the retrieval targets for SIM / ETA /
+    SDIM), the group ``long``'s view and pools, every part's byte start (B,) (:func:`part_starts`), the
+    router-index flags, the launch config and the group's (K, V) int8 scales
+    (:func:`cachestore.decode.fused_view.group_scales`)."""
 
     model: torch.nn.Module
     cfg: ModelConfig
     layout: EntryLayout
     store_cfg: ModelConfig
     raw: torch.Tensor
-    n_users: int
-    t: torch.Tensor
-    candidates: torch.Tensor
+    q: torch.Tensor | None
+    targets: torch.Tensor | None
     view: GroupView
     pools: tuple[torch.Tensor, torch.Tensor]
     part_starts: dict[str, torch.Tensor]
-    lengths: torch.Tensor
     flags: torch.Tensor
     config: FusedConfig
     scales: tuple[float, float]
 
-    def attend_selected(self, idx: torch.Tensor, n_sel: torch.Tensor) -> torch.Tensor:
-        """Fused attention of each candidate over its retrieved rows idx (B, C, S), n_sel (B, C) → (B, C, d_a)."""
-        q = self.model.long.query(self.t)  # (B, C, d_a)
-        return attend_group(self.raw, q, self.view, self.pools, self.cfg.n_heads, self.flags, config=self.config,
-                            select=(idx.flatten(0, 1).contiguous(), n_sel.flatten()), scales=self.scales)
+
+def long_inputs(model: torch.nn.Module, cfg: ModelConfig, t: torch.Tensor, candidates: torch.Tensor
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """What the long stage needs of the candidates alone (t (B, C, E), ids (B, C)), computed before the batch is
+    read: (q = W_q^long t (B, C, d_a) or None (SDIM), targets: SIM the genre bitmasks (B, C), ETA the SimHash codes
+    (B, C), SDIM the buckets (B, C, m), TWIN None)."""
+    q = None if cfg.arch == "sdim" else model.long.query(t)  # (B, C, d_a)
+    if cfg.arch == "sim":
+        return q, bitmask(model.item_genres[candidates], check=False)
+    if cfg.arch == "eta":
+        return q, simhash(t, model.hash_planes)
+    if cfg.arch == "sdim":
+        return q, sdim_buckets(t, model.hash_planes)  # (B, C, m)
+    return q, None
 
 
-def _select(s: LongStage, name: str, targets: torch.Tensor, hamming: bool) -> torch.Tensor:
+def _select(s: LongStage, name: str, hamming: bool) -> torch.Tensor:
     """Retrieve on the packed key bytes (:func:`cachestore.decode.fused_long.key_select`: the ``topk`` best
-    eligible rows per candidate), attend over them."""
-    b, c, _ = s.t.shape
+    eligible rows per candidate of ``s.targets``), attend over them (the fused kernel, SELECT mode)."""
     part = f"keys.{name}"
     key_bytes = s.layout.row_bytes[[p.name for p in s.layout.parts].index(part)]
     bits = key_fields(s.store_cfg)[name][1]
     cap = max(1, s.view.group.cap)
-    idx, n_sel = key_select(s.raw, s.part_starts[part], s.view.rows, cap, key_bytes, bits, targets, hamming,
+    idx, n_sel = key_select(s.raw, s.part_starts[part], s.view.rows, cap, key_bytes, bits, s.targets, hamming,
                             min(s.cfg.topk, cap))  # (B·C, k) best first, (B·C,)
-    return s.attend_selected(idx.reshape(b, c, -1), n_sel.reshape(b, c))
+    return attend_group(s.raw, s.q, s.view, s.pools, s.cfg.n_heads, s.flags, config=s.config, select=(idx, n_sel),
+                        scales=s.scales)  # (B, C, d_a)
 
 
 def sim_long(s: LongStage) -> torch.Tensor:
     """SIM: category (genre bitmask) top-k (shared categories, then recency), attention over the selected rows."""
-    return _select(s, "categories", bitmask(s.model.item_genres[s.candidates], check=False), hamming=False)
+    return _select(s, "categories", hamming=False)
 
 
 def eta_long(s: LongStage) -> torch.Tensor:
     """ETA: SimHash Hamming top-k (nearer, then recency), attention over the selected rows."""
-    return _select(s, "simhash", simhash(s.t, s.model.hash_planes), hamming=True)
+    return _select(s, "simhash", hamming=True)
 
 
 def sdim_long(s: LongStage) -> torch.Tensor:
     """SDIM: per hash function the sum of the V rows in the candidate's bucket (compared in the kernel on the
     packed key bytes), L2-normalised, mean over the hash functions."""
-    b, c, _ = s.t.shape
-    m, bits = key_fields(s.store_cfg)["buckets"]
-    target = sdim_buckets(s.t, s.model.hash_planes).reshape(b * c, m)  # (B·C, m)
+    b, c, m = s.targets.shape
+    bits = key_fields(s.store_cfg)["buckets"][1]
     key_bytes = s.layout.row_bytes[[p.name for p in s.layout.parts].index("keys.buckets")]
     odd = s.view.group.v_shared and may_misalign(s.layout, "long.v_idx", 2)  # after int8 V codes of odd width
-    sums = bucket_sums(s.raw, s.view, s.pools[1], s.part_starts["keys.buckets"], key_bytes, bits, target, c,
-                       s.flags, v_scale=s.scales[1], idx_aligned=not odd)
-    return torch.nn.functional.normalize(sums, dim=-1).mean(dim=1).reshape(b, c, -1)  # (B, C, d_a)
+    sums = bucket_sums(s.raw, s.view, s.pools[1], s.part_starts["keys.buckets"], key_bytes, bits,
+                       s.targets.reshape(b * c, m), c, s.flags, v_scale=s.scales[1], idx_aligned=not odd)
+    return torch.nn.functional.normalize(sums, dim=-1).mean(dim=1)  # (B·C, d_a)
 
 
 def twin_long(s: LongStage) -> torch.Tensor:
     """TWIN: per-head scores of every long row, per-head top-k (ties: later row first), softmax, values."""
-    b, c, _ = s.t.shape
-    heads, d_a = s.cfg.n_heads, s.cfg.d_attn
-    q = s.model.long.query(s.t)  # (B, C, d_a)
-    scores = group_scores(s.raw, q, s.view, s.pools[0], heads, s.flags, scales=s.scales)  # (B·C, H, cap)
+    b, c, d_a = s.q.shape
+    heads = s.cfg.n_heads
+    scores = group_scores(s.raw, s.q, s.view, s.pools[0], heads, s.flags, scales=s.scales)  # (B·C, H, cap)
     cap = scores.shape[-1]
     k = min(s.cfg.topk, cap)
     # equal scores rank the later row first (the model's stable sort); torch's stable sort of the flipped scores
@@ -205,7 +211,7 @@ def twin_long(s: LongStage) -> torch.Tensor:
     weights = masked_softmax(top, n_sel)  # (B·C, H, k)
     out = weighted_values(s.raw, s.view, s.pools[1], weights, idx, c, d_a // heads, d_a // heads, s.flags,
                           scales=s.scales)
-    return out.reshape(b, c, d_a)  # (B·C, H, dh) → (B, C, d_a)
+    return out.reshape(b * c, d_a)  # (B·C, H, dh) → (B·C, d_a)
 
 
 LONG_STAGES: dict[str, Callable[[LongStage], torch.Tensor]] = {
@@ -215,13 +221,17 @@ LONG_STAGES: dict[str, Callable[[LongStage], torch.Tensor]] = {
 
 def zoo_static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: ResidentZooModel,
                       layout: EntryLayout, n_users: int, config: FusedConfig = DEFAULT_FUSED,
-                      flags: torch.Tensor | None = None) -> torch.Tensor:
+                      flags: torch.Tensor | None = None, on_chunk: Callable[[int], None] | None = None
+                      ) -> torch.Tensor:
     """Logits (B, C) of ``candidates`` (B, C) int64 of users 0 .. B - 1 (B <= n_users) of the packed batch
     ``raw`` (uint8, on the resident's device, header at 0, zero block at 16·n_users: :mod:`cachestore.decode.batch`)
     for a SIM/ETA/SDIM/TWIN ``resident`` — ``LongSequenceCTR.decode`` from the bytes in place (module
     docstring), the attention kernels launched with ``config``. ``flags`` ((n_users,) int32): set to 1 for a
     user with a router index outside a pool (read as zeros); without it a ``RouterIndexError`` after a host
-    sync. Shape-static and free of host syncs when ``flags`` is given. Call under ``torch.inference_mode()``."""
+    sync. ``on_chunk``: called with 0 after the candidates' own work (embedding, queries, retrieval targets)
+    and before the first read of ``raw``, and with 1 after its last read (a CUDA graph waits for the batch copy
+    there, so that work runs beside the copy: :class:`cachestore.decode.graphs.GraphedDecoder`). Shape-static
+    and free of host syncs when ``flags`` is given. Call under ``torch.inference_mode()``."""
     if triton is None:
         raise RuntimeError("the fused zoo decode needs Triton (pip install triton), or use the eager path")
     cfg = resident.cfg
@@ -231,21 +241,26 @@ def zoo_static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: 
         raise ValueError(f"candidates {tuple(candidates.shape)}: want (B, C) with B <= {n_users} users")
     if raw.device != candidates.device:
         raise ValueError(f"the packed batch is on {raw.device}, the candidates on {candidates.device}")
-    b = candidates.shape[0]
+    b, c = candidates.shape
     flag = torch.zeros(n_users, dtype=torch.int32, device=raw.device) if flags is None else flags
+    model = resident.model
+    dtype = KV_TORCH[pool_dtype(config, layout)]
+    pools = {g.name: group_pools(resident, g.name, (g.k_shared, g.v_shared), dtype) for g in group_specs(store_cfg)}
+    t = model.item_embedding(candidates)  # (B, C, E)
+    q_short = model.short.query(t)  # (B, C, d_a)
+    q_long, targets = long_inputs(model, cfg, t, candidates)
+    if on_chunk is not None:
+        on_chunk(0)  # the batch is read from here on
     starts = part_starts(raw, layout, n_users)
     views = entry_views(raw, layout, n_users, store_cfg, starts)
-    dtype = KV_TORCH[pool_dtype(config, layout)]
-    pools = {name: group_pools(resident, name, (v.group.k_shared, v.group.v_shared), dtype)
-             for name, v in views.items()}  # fmt: skip
-    model = resident.model
-    t = model.item_embedding(candidates)  # (B, C, E)
-    short = attend_group(raw, model.short.query(t), views["short"], pools["short"], cfg.n_heads, flag, config=config,
+    short = attend_group(raw, q_short, views["short"], pools["short"], cfg.n_heads, flag, config=config,
                          scales=group_scales(resident, views["short"].group))
-    lengths = raw[8 * n_users : 16 * n_users].view(torch.int64)[:b]  # (B,) n per user (<= long_len)
-    long = LONG_STAGES[cfg.arch](LongStage(model, cfg, layout, store_cfg, raw, n_users, t, candidates, views["long"],
-                                           pools["long"], starts[0], lengths, flag, config,
-                                           group_scales(resident, views["long"].group)))  # (B, C, d_a)
+    long = LONG_STAGES[cfg.arch](LongStage(model, cfg, layout, store_cfg, raw, q_long, targets, views["long"],
+                                           pools["long"], starts[0], flag, config,
+                                           group_scales(resident, views["long"].group)))
+    if on_chunk is not None:
+        on_chunk(1)
+    long = long.reshape(b, c, -1)  # (B, C, d_a)
     logits = model.mlp(torch.cat([short.to(t.dtype), long.to(t.dtype), t], dim=-1)).squeeze(-1)  # (B, C)
     if flags is None and bool(flag.any()):
         raise RouterIndexError(f"a router index outside the pool 0..{cfg.collective.pool_size - 1} in batch row "

@@ -17,7 +17,8 @@ capacity — the whole device side is shape-static and free of host syncs, so it
     (:func:`copy_chunks`), are copied on a forked stream, each piece followed by an event; the query projection
     waits for the candidates only, and fused launch i, on a stream of its own, waits for event i and serves the
     users whose records end in piece i (:func:`record_ends`), so copying piece i + 1 overlaps decoding piece i; the
-    streams join before the graph ends.
+    streams join before the graph ends. SIM / ETA / SDIM / TWIN fork the same way with one piece: their candidates'
+    work (embedding, queries, retrieval targets) runs while the batch is copied.
 
 A captured copy has a fixed source address and size, so there is one graph per (host buffer of the batcher's ring,
 copy-size bucket): S is the smallest bucket >= the batch's used_bytes, buckets being the capacity divided by √2
@@ -109,6 +110,7 @@ class GraphedDecoder:
             raise RuntimeError(f"CUDA graphs need a CUDA device; the model is on {self.device}: "
                                "use the eager path (DecodeRuntime without graphs, or cachestore.decode.decode.decode)")
         self.zoo = resident.cfg.arch != "din"
+        self.forks = self.zoo and resident.cfg.arch != "hstu"  # the zoo body's candidate work runs beside the copy
         if layout.arch != resident.cfg.arch or (not self.zoo and layout.flat_group is None):
             raise ValueError(f"the store holds {layout.arch!r} caches, the model is {resident.cfg.arch!r}")
         if self.zoo and path == "poolscore":
@@ -208,7 +210,8 @@ class GraphedDecoder:
         once piece i is issued. The candidates are copied and the pieces moved between two timing events,
         then the body. With several pieces they move on a forked stream, and fused launch c waits for
         piece c only."""
-        ends = record_ends(pieces)
+        ends = ALL_BYTES if self.zoo else record_ends(pieces)
+        fork = len(pieces) > 1 or self.forks
         if len(pieces) > 1:
             self._warm_up(1, ends)  # compiles the kernel for this launch size outside the capture
         with torch.cuda.device(self.device):
@@ -218,7 +221,7 @@ class GraphedDecoder:
             graph = torch.cuda.CUDAGraph()
             with capturing(graph, self._pool, self._capture_stream):
                 start.record()
-                if len(pieces) == 1:
+                if not fork:
                     self.candidates.copy_(self.candidates_host, non_blocking=True)
                     move(lambda i: None)
                     end.record()
