@@ -206,8 +206,8 @@ def twin_long(s: LongStage) -> torch.Tensor:
     # equal scores rank the later row first (the model's stable sort); torch's stable sort of the flipped scores
     # took 0.12 ms of radix passes at B 512, L 1,000 on an H200, and a torch top-k over (score bits, position)
     # int64 keys longer still
-    top, idx = row_topk(scores, k)  # (B·C, H, k)
-    n_sel = s.view.rows[:b].clamp(max=k).unsqueeze(1).expand(b, c).reshape(-1)  # (B·C,) valid scores rank first
+    top, idx = row_topk(scores, k)  # (B·C, H, k) in position order
+    n_sel = s.view.rows[:b].clamp(max=k).unsqueeze(1).expand(b, c).reshape(-1)  # (B·C,) the real scores come first
     weights = masked_softmax(top, n_sel)  # (B·C, H, k)
     out = weighted_values(s.raw, s.view, s.pools[1], weights, idx, c, d_a // heads, d_a // heads, s.flags,
                           scales=s.scales)
