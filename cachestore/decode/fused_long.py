@@ -201,25 +201,24 @@ if triton is not None:
 
     @triton.jit
     def _kth_largest(order, valid, K, LO: tl.constexpr, STEPS: tl.constexpr):
-        """The K-th largest of ``order`` (int32, counted where ``valid``; K <= valid count) by a binary search
-        over LO .. LO + 2^STEPS - 1: STEPS counts of ``order >= mid`` over the row in registers, no sort."""
+        """A threshold T for the K largest of ``order`` (int32, counted where ``valid``; K <= valid count): either
+        exactly K values are >= T, or T is the K-th largest value. A binary search over LO .. LO + 2^STEPS - 1
+        counting ``order >= mid`` over the row in registers (no sort), stopping once a count is exactly K."""
         lo = tl.full([], LO, tl.int64)
         hi = tl.full([], LO + (1 << STEPS) - 1, tl.int64)
-        wide = order.to(tl.int64)
-        for _ in tl.static_range(STEPS):
-            mid = (lo + hi + 1) >> 1
-            ok = tl.sum((valid & (wide >= mid)).to(tl.int32), axis=0) >= K
-            lo = tl.where(ok, mid, lo)
-            hi = tl.where(ok, hi, mid - 1)
-        return lo
+        while lo < hi:
+            mid = (lo + hi + 1) >> 1  # within int32: compared with the row as int32
+            count = tl.sum((valid & (order >= mid.to(tl.int32))).to(tl.int32), axis=0)
+            lo = tl.where(count >= K, mid, lo)
+            hi = tl.where(count > K, hi, tl.where(count == K, mid, mid - 1))
+        return lo.to(tl.int32)
 
     @triton.jit
     def _take_top(order, valid, K, T):
-        """Which positions hold the K largest of ``order`` where ``valid``, T the K-th largest
-        (:func:`_kth_largest`): every value above T, and of those equal to T the later positions first."""
-        wide = order.to(tl.int64)
-        above = valid & (wide > T)
-        tie = (valid & (wide == T)).to(tl.int32)
+        """Which positions hold the K largest of ``order`` where ``valid``, T from :func:`_kth_largest`: every value
+        above T, and of those equal to T the later positions first (as many as K leaves)."""
+        above = valid & (order > T)
+        tie = (valid & (order == T)).to(tl.int32)
         need = K - tl.sum(above.to(tl.int32), axis=0)
         later = tl.sum(tie, axis=0) - tl.cumsum(tie, axis=0)  # ties after each position
         return above | ((tie > 0) & (later < need))
