@@ -134,12 +134,6 @@ class KVBranch(nn.Module):
         # a :class:`model.diagnostics.RoutingProbe` is attached; None otherwise (no cost)
         self.probe: Callable[[torch.Tensor, torch.Tensor], None] | None = None
 
-    def __setattr__(self, name: str, value: object) -> None:
-        if name == "joint":  # never a registered submodule: the JointRouter's parameters have one name
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
-
     def collective_pool(self) -> torch.Tensor | None:
         """(M, d_a - d_u) collective rows this branch's index reads: its own pool or its joint pool's columns."""
         if self.joint is not None:
