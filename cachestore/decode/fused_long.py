@@ -201,7 +201,8 @@ if triton is not None:
 
     @triton.jit
     def _kth_largest(order, valid, K, LO: tl.constexpr, STEPS: tl.constexpr):
-        """A threshold T for the K largest of ``order`` (int32, counted where ``valid``; K <= valid count): either
+        """A threshold T for the K largest of ``order`` (int32, counted where ``valid``; K <= valid count, else T is
+        LO and meaningless: callers mask it): either
         exactly K values are >= T, or T is the K-th largest value. A binary search over LO .. LO + 2^STEPS - 1
         counting ``order >= mid`` over the row in registers (no sort), stopping once a count is exactly K."""
         lo = tl.full([], LO, tl.int64)

@@ -122,7 +122,7 @@ def din_view(raw: torch.Tensor, layout: EntryLayout, n_users: int, pool_size: in
                      header[n_users:], HEADER_SIZE)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.cache  # never evicted: a captured graph reads these tensors' addresses
 def _part_rows(layout: EntryLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(caps, row bytes), each (P + 1, 1) int64 on ``device``: a zero row, then every part's cap and row bytes
     (the first call of a layout on a device copies them there: a warm-up, never inside a graph capture)."""

@@ -10,8 +10,8 @@ min(n, cap); a few (B,) torch ops). :func:`zoo_static_decode` then runs ``LongSe
     t     = item embedding of the candidates (B, C, E)
     short = :func:`cachestore.decode.fused.attend_group` over group ``short`` with q = W_q^short t
     long  = the arch's long stage (:data:`LONG_STAGES`) over group ``long``:
-            SIM   category top-k on the cached bitmasks (:func:`cachestore.decode.fused_long.key_select`: the ranks of
-                  ``model.retrieval.category_topk`` sorted in one kernel), the fused attention over the selected rows
+            SIM   category top-k on the cached bitmasks (:func:`cachestore.decode.fused_long.key_select`: the top-k of
+                  ``model.retrieval.category_topk``'s ranks in one kernel), the fused attention over the selected rows
                   only (SELECT mode)
             ETA   SimHash Hamming top-k (``key_select`` on ``hamming_topk``'s ranks), then the same attention
             SDIM  :func:`cachestore.decode.fused_long.bucket_sums` (per hash function, the sum of the V rows whose
@@ -169,7 +169,7 @@ def _select(s: LongStage, name: str, hamming: bool) -> torch.Tensor:
     bits = key_fields(s.store_cfg)[name][1]
     cap = max(1, s.view.group.cap)
     idx, n_sel = key_select(s.raw, s.part_starts[part], s.view.rows, cap, key_bytes, bits, s.targets, hamming,
-                            min(s.cfg.topk, cap))  # (B·C, k) best first, (B·C,)
+                            min(s.cfg.topk, cap))  # (B·C, k) in position order, (B·C,)
     return attend_group(s.raw, s.q, s.view, s.pools, s.cfg.n_heads, s.flags, config=s.config, select=(idx, n_sel),
                         scales=s.scales)  # (B, C, d_a)
 

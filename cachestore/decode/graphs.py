@@ -192,8 +192,9 @@ class GraphedDecoder:
 
     def _capture(self, source: torch.Tensor) -> _Captured:
         """One graph: copy ``source`` (pinned uint8 prefix of a host buffer) and the candidate staging
-        into the static buffers between two timing events, then the body. With several copy pieces the
-        batch is copied on a forked stream, piece by piece, and fused launch c waits for piece c only."""
+        into the static buffers between two timing events, then the body. With several copy pieces (or a SIM /
+        ETA / SDIM / TWIN model's one) the batch is copied on a forked stream, piece by piece, and fused launch c
+        waits for piece c only (a zoo body: its reads of the batch wait for the one piece)."""
         pieces = self.pieces(source.numel())
 
         def move(on_piece: Callable[[int], None]) -> None:
@@ -208,8 +209,8 @@ class GraphedDecoder:
         """Capture a graph whose batch arrives in ``pieces`` (byte ranges of ``raw``): ``move(on_piece)``
         issues the transfer of every piece in order (a copy, or the zero-copy gather), calling ``on_piece(i)``
         once piece i is issued. The candidates are copied and the pieces moved between two timing events,
-        then the body. With several pieces they move on a forked stream, and fused launch c waits for
-        piece c only."""
+        then the body. With several pieces, or ``forks`` (SIM / ETA / SDIM / TWIN), they move on a forked stream,
+        and fused launch c (a zoo body's batch reads) waits for piece c only."""
         ends = ALL_BYTES if self.zoo else record_ends(pieces)
         fork = len(pieces) > 1 or self.forks
         if len(pieces) > 1:

@@ -146,7 +146,7 @@ def test_row_topk_is_the_stable_sort_of_the_flipped_scores(cap: int, k: int) -> 
     """TWIN's per-head top-k: the k largest, equal scores (many here, and ±0.0) later position first, in position
     order."""
     g = torch.Generator().manual_seed(cap)
-    s = torch.randn(2, 2, cap, generator=g)  # (R, H, cap): 4 rows (the interpreter sorts slowly)
+    s = torch.randn(2, 2, cap, generator=g)  # (R, H, cap): 4 rows
     s[..., ::3] = s[..., 1:2]  # ties
     s[0, 0, -5:] = torch.finfo(torch.float32).min  # group_scores' fill past a user's rows
     s[1, 1, : cap // 2] = -0.0
@@ -159,13 +159,15 @@ def test_row_topk_is_the_stable_sort_of_the_flipped_scores(cap: int, k: int) -> 
         row_topk(s.to(DEVICE), cap + 1)
 
 
-@pytest.mark.parametrize(("hamming", "bits", "key_bytes"), [(False, 5, 1), (True, 12, 2), (False, 18, 3)])
-def test_key_select_is_the_models_retrieval(hamming: bool, bits: int, key_bytes: int) -> None:
+@pytest.mark.parametrize(("hamming", "bits", "key_bytes", "cap", "k"),
+                         [(False, 5, 1, 37, 9), (True, 12, 2, 37, 9), (False, 18, 3, 37, 9), (True, 62, 8, 32, 32),
+                          (False, 3, 1, 1, 1)])
+def test_key_select_is_the_models_retrieval(hamming: bool, bits: int, key_bytes: int, cap: int, k: int) -> None:
     """SIM's / ETA's selection from packed key bytes == ``model.retrieval``'s (sparse categories: users with
-    fewer eligible rows than k, none at all, and a user with no rows)."""
+    fewer eligible rows than k, none at all, and a user with no rows; k == cap; one row)."""
     g = torch.Generator().manual_seed(bits)
-    cap, k, n_cand = 37, 9, 2
-    lengths = torch.tensor([cap, 20, 0])
+    n_cand = 2
+    lengths = torch.tensor([cap, min(20, cap), 0])
     keys = torch.randint(0, 1 << bits, (3, cap), generator=g)
     if not hamming:
         keys &= torch.randint(0, 1 << bits, (3, cap), generator=g) & torch.randint(0, 1 << bits, (3, cap), generator=g)
