@@ -6,7 +6,7 @@ GPU (needs only torch + numpy; matplotlib for the plot; no lmdb):
 
 CPU dry run (proves the script end to end; numbers are NOT the GPU result):
 
-    python benchmarks/decode_latency.py --device cpu --quick  # -> benchmarks/results/decode_latency_cpu_dryrun.*
+    python benchmarks/decode_latency.py --device cpu --quick  # -> results/decode_latency/decode_latency_cpu_dryrun.json
 
 Model: TargetAttentionCTR, embed 64, d_a 256, 8 heads, d_u 1, pool 10,000, fp32, random weights (latency
 does not depend on training). Every user has a full history of L behaviours; one candidate per user.
