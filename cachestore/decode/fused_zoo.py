@@ -10,7 +10,7 @@ min(n, cap); a few (B,) torch ops). :func:`zoo_static_decode` then runs ``LongSe
     t     = item embedding of the candidates (B, C, E)
     short = :func:`cachestore.decode.fused.attend_group` over group ``short`` with q = W_q^short t
     long  = the arch's long stage (:data:`LONG_STAGES`) over group ``long``:
-            SIM   category top-k on the cached bitmasks (:func:`cachestore.decode.fused_long.key_select`: the top-k of
+            SIM   category top-k on the cached bitmasks (:func:`cachestore.decode.fused_select.key_select`: the top-k of
                   ``model.retrieval.category_topk``'s ranks in one kernel), the fused attention over the selected rows
                   only (SELECT mode)
             ETA   SimHash Hamming top-k (``key_select`` on ``hamming_topk``'s ranks), then the same attention
@@ -49,7 +49,8 @@ from collectivekv.cachestore.decode.fused import (
     pool_dtype,
     triton,
 )
-from collectivekv.cachestore.decode.fused_long import bucket_sums, group_scores, key_select, row_topk, weighted_values
+from collectivekv.cachestore.decode.fused_long import bucket_sums, group_scores, weighted_values
+from collectivekv.cachestore.decode.fused_select import key_select, row_topk
 from collectivekv.cachestore.decode.fused_view import (
     GroupView,
     check_half_layout,
@@ -162,7 +163,7 @@ def long_inputs(model: torch.nn.Module, cfg: ModelConfig, t: torch.Tensor, candi
 
 
 def _select(s: LongStage, name: str, hamming: bool) -> torch.Tensor:
-    """Retrieve on the packed key bytes (:func:`cachestore.decode.fused_long.key_select`: the ``topk`` best
+    """Retrieve on the packed key bytes (:func:`cachestore.decode.fused_select.key_select`: the ``topk`` best
     eligible rows per candidate of ``s.targets``), attend over them (the fused kernel, SELECT mode)."""
     part = f"keys.{name}"
     key_bytes = s.layout.row_bytes[[p.name for p in s.layout.parts].index(part)]

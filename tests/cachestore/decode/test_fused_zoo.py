@@ -24,7 +24,8 @@ from collectivekv.cachestore.decode import fused_zoo
 from collectivekv.cachestore.decode.batch import HostBatcher
 from collectivekv.cachestore.decode.decode import ResidentZooModel, decode_zoo, entry_cache
 from collectivekv.cachestore.decode.fused import FusedConfig, fused_available
-from collectivekv.cachestore.decode.fused_long import bucket_sums, key_select, row_topk
+from collectivekv.cachestore.decode.fused_long import bucket_sums
+from collectivekv.cachestore.decode.fused_select import key_select, row_topk
 from collectivekv.cachestore.decode.fused_zoo import zoo_static_decode
 from collectivekv.cachestore.decode.transfer import unpack_entry
 from collectivekv.cachestore.store.entry import entry_from_parquet_row, entry_layout

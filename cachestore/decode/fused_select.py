@@ -1,0 +1,129 @@
+"""Top-k selection in registers for the zoo's long stages (Triton): one program per row finds the k-th largest
+value by a binary search over its bit patterns (no sort) and writes the k best positions in position order.
+
+    :func:`key_select`  SIM's / ETA's retrieval from the packed key bytes: every long row's rank, shared categories
+                        (or bits - Hamming distance)·cap + l for eligible rows, and the positions of the k largest =
+                        ``model.retrieval``'s selection (ties: later row first);
+    :func:`row_topk`    the k largest of each row of TWIN's scores (:func:`cachestore.decode.fused_long.group_scores`),
+                        ties later row first.
+
+Tested under Triton's interpreter against ``model.retrieval`` and a stable sort
+(``tests/cachestore/decode/test_fused_zoo.py``), and through the zoo's fused decode.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from collectivekv.cachestore.decode.fused import triton
+
+if triton is not None:
+    import triton.language as tl
+
+    from collectivekv.cachestore.decode.fused_long import _packed_keys, _popcount
+
+    @triton.jit
+    def _kth_largest(order, valid, K, LO: tl.constexpr, STEPS: tl.constexpr):
+        """A threshold T for the K largest of ``order`` (int32, counted where ``valid``; K <= valid count, else T is
+        LO and meaningless: callers mask it): either exactly K values are >= T, or T is the K-th largest value. A
+        binary search over LO .. LO + 2^STEPS - 1 counting ``order >= mid`` over the row in registers (no sort),
+        stopping once a count is exactly K."""
+        lo = tl.full([], LO, tl.int64)
+        hi = tl.full([], LO + (1 << STEPS) - 1, tl.int64)
+        while lo < hi:
+            mid = (lo + hi + 1) >> 1  # within int32: compared with the row as int32
+            count = tl.sum((valid & (order >= mid.to(tl.int32))).to(tl.int32), axis=0)
+            lo = tl.where(count >= K, mid, lo)
+            hi = tl.where(count > K, hi, tl.where(count == K, mid, mid - 1))
+        return lo.to(tl.int32)
+
+    @triton.jit
+    def _take_top(order, valid, K, T):
+        """Which positions hold the K largest of ``order`` where ``valid``, T from :func:`_kth_largest`: every value
+        above T, and of those equal to T the later positions first (as many as K leaves)."""
+        above = valid & (order > T)
+        tie = (valid & (order == T)).to(tl.int32)
+        need = K - tl.sum(above.to(tl.int32), axis=0)
+        later = tl.sum(tie, axis=0) - tl.cumsum(tie, axis=0)  # ties after each position
+        return above | ((tie > 0) & (later < need))
+
+    @triton.jit
+    def _key_select_kernel(raw_ptr, key_starts_ptr, rows_ptr, target_ptr, idx_ptr, nsel_ptr, n_cand,
+                           KEY_BYTES: tl.constexpr, BITS: tl.constexpr, HAMMING: tl.constexpr, CAP: tl.constexpr,
+                           CAP_P2: tl.constexpr, K: tl.constexpr, STEPS: tl.constexpr):
+        """Row r = b·C + c: every long row's retrieval rank (score·CAP + l, distinct; eligible rows only), the
+        K largest (or every eligible row) found by :func:`_kth_largest`, their positions stored in position
+        order, and min(eligible rows, K)."""
+        row = tl.program_id(0)
+        b = row // n_cand
+        ls = tl.arange(0, CAP_P2)  # (CAP_P2,)
+        lmask = ls < tl.load(rows_ptr + b)
+        key = _packed_keys(raw_ptr, tl.load(key_starts_ptr + b), ls, lmask, KEY_BYTES, CAP_P2)
+        target = tl.load(target_ptr + row)
+        if HAMMING:  # ETA: nearer first; every row eligible
+            score = BITS - _popcount((key ^ target) & ((1 << BITS) - 1))
+            eligible = lmask
+        else:  # SIM: more shared categories first; rows sharing none are not eligible
+            score = _popcount(key & target & ((1 << BITS) - 1))
+            eligible = lmask & (score > 0)
+        rank = score.to(tl.int32) * CAP + ls  # (CAP_P2,) in 0 .. (BITS + 1)·CAP - 1
+        n_sel = tl.minimum(tl.sum(eligible.to(tl.int32), axis=0), K)
+        take = _take_top(rank, eligible, n_sel, _kth_largest(rank, eligible, tl.maximum(n_sel, 1), 0, STEPS))
+        take = take & (n_sel > 0)
+        tl.store(idx_ptr + row * K + tl.cumsum(take.to(tl.int32), axis=0) - 1, ls.to(tl.int64), mask=take)
+        tl.store(nsel_ptr + row, n_sel.to(tl.int64))
+
+    @triton.jit
+    def _row_topk_kernel(scores_ptr, top_ptr, idx_ptr, CAP: tl.constexpr, CAP_P2: tl.constexpr, K: tl.constexpr):
+        """Row p of scores (CAP,) fp32 → its K largest (equal scores: later positions first) in position order:
+        the order-preserving int32 of each score, its K-th largest by :func:`_kth_largest`, then a compaction."""
+        p = tl.program_id(0).to(tl.int64)
+        ls = tl.arange(0, CAP_P2)
+        valid = ls < CAP
+        x = tl.load(scores_ptr + p * CAP + ls, mask=valid, other=0.0) + 0.0  # -0.0 ranks as 0.0
+        bits = x.to(tl.int32, bitcast=True)
+        order = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # signed int32 order == float order
+        take = _take_top(order, valid, K, _kth_largest(order, valid, K, -(1 << 31), 32))
+        at = p * K + tl.cumsum(take.to(tl.int32), axis=0) - 1
+        tl.store(top_ptr + at, x, mask=take)
+        tl.store(idx_ptr + at, ls.to(tl.int64), mask=take)
+
+
+def row_topk(scores: torch.Tensor, k: int, num_warps: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest of each row of ``scores`` (..., cap) fp32, equal scores later position first (the set of
+    ``scores.flip(-1).sort(descending=True, stable=True)``'s first k), **in position order**, as (values (..., k)
+    fp32, positions (..., k) int64): one program per row, a binary search for the k-th largest in registers
+    (cap ≤ 4,096). Position order puts a user's real scores before group_scores' fill past its rows."""
+    cap = scores.shape[-1]
+    if not 1 <= k <= cap <= 4096:
+        raise ValueError(f"row_topk takes 1 <= k <= cap <= 4096, got k {k}, cap {cap}")
+    flat = scores.reshape(-1, cap).contiguous()  # (rows, cap)
+    top = torch.empty(flat.shape[0], k, dtype=torch.float32, device=scores.device)
+    idx = torch.empty(flat.shape[0], k, dtype=torch.int64, device=scores.device)
+    if flat.shape[0]:
+        _row_topk_kernel[(flat.shape[0],)](flat, top, idx, CAP=cap, CAP_P2=triton.next_power_of_2(cap), K=k,
+                                           num_warps=num_warps)
+    return top.reshape(*scores.shape[:-1], k), idx.reshape(*scores.shape[:-1], k)
+
+
+def key_select(raw: torch.Tensor, key_starts: torch.Tensor, rows: torch.Tensor, cap: int, key_bytes: int, bits: int,
+               targets: torch.Tensor, hamming: bool, k: int, num_warps: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """SIM's / ETA's retrieval from the packed key bytes, in one kernel: for candidate r of user b = r // C
+    (targets (B, C) int64 keys; row l's key read at ``key_starts[b] + l·key_bytes``, ``rows`` (B,) valid) every
+    row's rank — ``hamming`` (ETA) (bits - Hamming distance)·cap + l, else (SIM) shared categories·cap + l for
+    rows sharing one or more — and the positions of the ``k`` largest (every eligible row if fewer), **in position
+    order**: (sel (R, k) int64, n_sel (R,) int64 = min(eligible rows, k)); entries past n_sel are unspecified.
+    The set is ``model.retrieval``'s selection (larger rank first; ranks are distinct)."""
+    b, c = targets.shape
+    if not 1 <= k <= max(1, cap) <= 4096 or bits > 62:
+        raise ValueError(f"key_select takes 1 <= k <= cap <= 4096 and keys of <= 62 bits, got k {k}, cap {cap}, "
+                         f"{bits} bits")
+    sel = torch.zeros(b * c, k, dtype=torch.int64, device=targets.device)  # (R, k)
+    n_sel = torch.zeros(b * c, dtype=torch.int64, device=targets.device)  # (R,)
+    if b * c:
+        _key_select_kernel[(b * c,)](
+            raw, key_starts, rows, targets.contiguous(), sel, n_sel, c, KEY_BYTES=key_bytes, BITS=bits,
+            HAMMING=hamming, CAP=max(1, cap), CAP_P2=triton.next_power_of_2(max(1, cap)), K=k,
+            STEPS=((bits + 1) * max(1, cap) - 1).bit_length(), num_warps=num_warps,
+        )
+    return sel, n_sel
