@@ -162,11 +162,16 @@ def long_inputs(model: torch.nn.Module, cfg: ModelConfig, t: torch.Tensor, candi
     return q, None
 
 
+def _row_bytes(layout: EntryLayout, part: str) -> int:
+    """Bytes per row of the store's part named ``part``."""
+    return layout.row_bytes[[p.name for p in layout.parts].index(part)]
+
+
 def _select(s: LongStage, name: str, hamming: bool) -> torch.Tensor:
     """Retrieve on the packed key bytes (:func:`cachestore.decode.fused_select.key_select`: the ``topk`` best
     eligible rows per candidate of ``s.targets``), attend over them (the fused kernel, SELECT mode)."""
     part = f"keys.{name}"
-    key_bytes = s.layout.row_bytes[[p.name for p in s.layout.parts].index(part)]
+    key_bytes = _row_bytes(s.layout, part)
     bits = key_fields(s.store_cfg)[name][1]
     cap = max(1, s.view.group.cap)
     idx, n_sel = key_select(s.raw, s.part_starts[part], s.view.rows, cap, key_bytes, bits, s.targets, hamming,
@@ -190,11 +195,11 @@ def sdim_long(s: LongStage) -> torch.Tensor:
     packed key bytes), L2-normalised, mean over the hash functions."""
     b, c, m = s.targets.shape
     bits = key_fields(s.store_cfg)["buckets"][1]
-    key_bytes = s.layout.row_bytes[[p.name for p in s.layout.parts].index("keys.buckets")]
+    key_bytes = _row_bytes(s.layout, "keys.buckets")
     odd = s.view.group.v_shared and may_misalign(s.layout, "long.v_idx", 2)  # after int8 V codes of odd width
     sums = bucket_sums(s.raw, s.view, s.pools[1], s.part_starts["keys.buckets"], key_bytes, bits,
                        s.targets.reshape(b * c, m), c, s.flags, v_scale=s.scales[1], idx_aligned=not odd)
-    return torch.nn.functional.normalize(sums, dim=-1).mean(dim=1)  # (B·C, d_a)
+    return torch.nn.functional.normalize(sums, dim=-1).mean(dim=1).reshape(b, c, -1)  # (B, C, d_a)
 
 
 def twin_long(s: LongStage) -> torch.Tensor:
@@ -212,10 +217,10 @@ def twin_long(s: LongStage) -> torch.Tensor:
     weights = masked_softmax(top, n_sel)  # (B·C, H, k)
     out = weighted_values(s.raw, s.view, s.pools[1], weights, idx, c, d_a // heads, d_a // heads, s.flags,
                           scales=s.scales)
-    return out.reshape(b * c, d_a)  # (B·C, H, dh) → (B·C, d_a)
+    return out.reshape(b, c, d_a)  # (B·C, H, dh) → (B, C, d_a)
 
 
-LONG_STAGES: dict[str, Callable[[LongStage], torch.Tensor]] = {
+LONG_STAGES: dict[str, Callable[[LongStage], torch.Tensor]] = {  # each → (B, C, d_a)
     "sim": sim_long, "eta": eta_long, "sdim": sdim_long, "twin": twin_long,
 }
 
@@ -242,7 +247,6 @@ def zoo_static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: 
         raise ValueError(f"candidates {tuple(candidates.shape)}: want (B, C) with B <= {n_users} users")
     if raw.device != candidates.device:
         raise ValueError(f"the packed batch is on {raw.device}, the candidates on {candidates.device}")
-    b, c = candidates.shape
     flag = torch.zeros(n_users, dtype=torch.int32, device=raw.device) if flags is None else flags
     model = resident.model
     dtype = KV_TORCH[pool_dtype(config, layout)]
@@ -258,10 +262,9 @@ def zoo_static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: 
                          scales=group_scales(resident, views["short"].group))
     long = LONG_STAGES[cfg.arch](LongStage(model, cfg, layout, store_cfg, raw, q_long, targets, views["long"],
                                            pools["long"], starts[0], flag, config,
-                                           group_scales(resident, views["long"].group)))
+                                           group_scales(resident, views["long"].group)))  # (B, C, d_a)
     if on_chunk is not None:
         on_chunk(1)
-    long = long.reshape(b, c, -1)  # (B, C, d_a)
     logits = model.mlp(torch.cat([short.to(t.dtype), long.to(t.dtype), t], dim=-1)).squeeze(-1)  # (B, C)
     if flags is None and bool(flag.any()):
         raise RouterIndexError(f"a router index outside the pool 0..{cfg.collective.pool_size - 1} in batch row "
