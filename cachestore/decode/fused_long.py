@@ -15,7 +15,7 @@ router indices, pools zero-padded in the user dims, rows rebuilt as user part �
                             key bytes of the record) equals the candidate's, of val_l (V-only group).
 
 SIM / ETA: :func:`cachestore.decode.fused_select.key_select` → :func:`cachestore.decode.fused.attend_group` over
-the selected rows. TWIN: scores → per-head ``fused_select.row_topk``, softmax in torch (shape-static) →
+the selected rows. TWIN: scores → per-head ``fused_select.row_topk`` with the softmax weights in the same kernel →
 weighted_values with G = H heads of W = dh columns. SDIM: bucket_sums (then L2-normalise and mean in torch).
 User parts are read at the store's kv dtype or as int8 codes × the group's scale; a joint group's one index part
 (``kv_idx``, where ``k_idx`` would be) picks both pool rows. Router indices outside the pool are read as zeros and

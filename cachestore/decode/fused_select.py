@@ -74,9 +74,11 @@ if triton is not None:
         tl.store(nsel_ptr + row, n_sel.to(tl.int64))
 
     @triton.jit
-    def _row_topk_kernel(scores_ptr, top_ptr, idx_ptr, CAP: tl.constexpr, CAP_P2: tl.constexpr, K: tl.constexpr):
+    def _row_topk_kernel(scores_ptr, top_ptr, idx_ptr, rows_ptr, per_user, CAP: tl.constexpr, CAP_P2: tl.constexpr,
+                         K: tl.constexpr, SOFTMAX: tl.constexpr):
         """Row p of scores (CAP,) fp32 → its K largest (equal scores: later positions first) in position order:
-        the order-preserving int32 of each score, its K-th largest by :func:`_kth_largest`, then a compaction."""
+        the order-preserving int32 of each score, its K-th largest by :func:`_kth_largest`, then a compaction.
+        SOFTMAX: their softmax weights instead, over the selected positions < rows[p // per_user] (0 elsewhere)."""
         p = tl.program_id(0).to(tl.int64)
         ls = tl.arange(0, CAP_P2)
         valid = ls < CAP
@@ -85,23 +87,35 @@ if triton is not None:
         order = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # signed int32 order == float order
         take = _take_top(order, valid, K, _kth_largest(order, valid, K, -(1 << 31), 32))
         at = p * K + tl.cumsum(take.to(tl.int32), axis=0) - 1
+        if SOFTMAX:  # a user's real scores sit at positions < its rows; the fill past them gets weight 0
+            real = take & (ls < tl.load(rows_ptr + p // per_user))
+            e = tl.where(real, tl.exp(x - tl.max(tl.where(real, x, -float("inf")), axis=0)), 0.0)
+            x = e / tl.maximum(tl.sum(e, axis=0), 1e-30)  # all 0 for a user without rows
         tl.store(top_ptr + at, x, mask=take)
         tl.store(idx_ptr + at, ls.to(tl.int64), mask=take)
 
 
-def row_topk(scores: torch.Tensor, k: int, num_warps: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def row_topk(scores: torch.Tensor, k: int, num_warps: int = 1, *, softmax_rows: torch.Tensor | None = None,
+             n_cand: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` largest of each row of ``scores`` (..., cap) fp32, equal scores later position first (the set of
     ``scores.flip(-1).sort(descending=True, stable=True)``'s first k), **in position order**, as (values (..., k)
     fp32, positions (..., k) int64): one program per row, a binary search for the k-th largest in registers
-    (cap ≤ 4,096). Position order puts a user's real scores before group_scores' fill past its rows."""
+    (cap ≤ 4,096). Position order puts a user's real scores before group_scores' fill past its rows.
+    ``softmax_rows`` (B,) (TWIN: scores (B·C, H, cap), user b = row // (H·n_cand)): the values are replaced by
+    ``model.attention.masked_softmax`` of them over each user's first min(rows[b], k), computed in the kernel."""
     cap = scores.shape[-1]
     if not 1 <= k <= cap <= 4096:
         raise ValueError(f"row_topk takes 1 <= k <= cap <= 4096, got k {k}, cap {cap}")
+    softmax = softmax_rows is not None
+    if softmax and scores.dim() != 3:
+        raise ValueError(f"row_topk's softmax takes scores (B·C, H, cap), got {tuple(scores.shape)}")
     flat = scores.reshape(-1, cap).contiguous()  # (rows, cap)
     top = torch.empty(flat.shape[0], k, dtype=torch.float32, device=scores.device)
     idx = torch.empty(flat.shape[0], k, dtype=torch.int64, device=scores.device)
+    per_user = max(1, flat.shape[0] // max(1, scores.shape[0]) * n_cand) if softmax else 1  # score rows per user
     if flat.shape[0]:
-        _row_topk_kernel[(flat.shape[0],)](flat, top, idx, CAP=cap, CAP_P2=triton.next_power_of_2(cap), K=k,
+        _row_topk_kernel[(flat.shape[0],)](flat, top, idx, softmax_rows if softmax else idx, per_user, CAP=cap,
+                                           CAP_P2=triton.next_power_of_2(cap), K=k, SOFTMAX=softmax,
                                            num_warps=num_warps)
     return top.reshape(*scores.shape[:-1], k), idx.reshape(*scores.shape[:-1], k)
 

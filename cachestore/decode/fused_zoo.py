@@ -62,7 +62,6 @@ from collectivekv.cachestore.decode.fused_view import (
 from collectivekv.cachestore.decode.transfer import KV_TORCH
 from collectivekv.cachestore.store.entry import EntryLayout
 from collectivekv.cachestore.store.record import RouterIndexError
-from collectivekv.model.attention import masked_softmax
 from collectivekv.model.cache_spec import entry_parts, group_specs, key_fields, store_config
 from collectivekv.model.config import ModelConfig
 from collectivekv.model.retrieval import bitmask, sdim_buckets, simhash
@@ -212,9 +211,8 @@ def twin_long(s: LongStage) -> torch.Tensor:
     # equal scores rank the later row first (the model's stable sort); torch's stable sort of the flipped scores
     # took 0.12 ms of radix passes at B 512, L 1,000 on an H200, and a torch top-k over (score bits, position)
     # int64 keys longer still
-    top, idx = row_topk(scores, k)  # (B·C, H, k) in position order
-    n_sel = s.view.rows[:b].clamp(max=k).unsqueeze(1).expand(b, c).reshape(-1)  # (B·C,) the real scores come first
-    weights = masked_softmax(top, n_sel)  # (B·C, H, k)
+    # (B·C, H, k) in position order: the softmax over each user's first min(rows, k) (its real scores), 0 after
+    weights, idx = row_topk(scores, k, softmax_rows=s.view.rows, n_cand=c)
     out = weighted_values(s.raw, s.view, s.pools[1], weights, idx, c, d_a // heads, d_a // heads, s.flags,
                           scales=s.scales)
     return out.reshape(b, c, d_a)  # (B·C, H, dh) → (B, C, d_a)

@@ -30,6 +30,7 @@ from collectivekv.cachestore.decode.fused_zoo import zoo_static_decode
 from collectivekv.cachestore.decode.transfer import unpack_entry
 from collectivekv.cachestore.store.entry import entry_from_parquet_row, entry_layout
 from collectivekv.cachestore.store.record import RouterIndexError
+from collectivekv.model.attention import masked_softmax
 from collectivekv.model.blocks import ZooCache
 from collectivekv.model.cache_spec import store_config
 from collectivekv.model.config import LONG_ARCHS, CollectiveConfig
@@ -158,6 +159,22 @@ def test_row_topk_is_the_stable_sort_of_the_flipped_scores(cap: int, k: int) -> 
     assert torch.equal(got_i.cpu(), want_i) and torch.equal(got_v.cpu(), s.gather(-1, want_i))
     with pytest.raises(ValueError, match="row_topk takes"):
         row_topk(s.to(DEVICE), cap + 1)
+
+
+def test_row_topk_softmax_is_the_masked_softmax_of_the_top_k() -> None:
+    """TWIN's weights in the kernel == ``masked_softmax`` of row_topk's values over each user's real scores (rows
+    2 and 0 of users with 3 heads and 2 candidates: a user with fewer rows than k, and one with none)."""
+    g = torch.Generator().manual_seed(7)
+    cap, k, heads, n_cand = 12, 5, 3, 2
+    rows = torch.tensor([12, 2, 0])
+    s = torch.randn(3 * n_cand, heads, cap, generator=g)  # (B·C, H, cap)
+    s[2 * n_cand : 3 * n_cand] = torch.finfo(torch.float32).min  # group_scores' fill
+    s[n_cand : 2 * n_cand, :, 2:] = torch.finfo(torch.float32).min
+    top, idx = row_topk(s.to(DEVICE), k)
+    n_sel = rows.clamp(max=k).repeat_interleave(n_cand)  # (B·C,)
+    got_w, got_i = row_topk(s.to(DEVICE), k, softmax_rows=rows.to(DEVICE), n_cand=n_cand)
+    assert torch.equal(got_i, idx)
+    torch.testing.assert_close(got_w.cpu(), masked_softmax(top.cpu(), n_sel), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize(("hamming", "bits", "key_bytes", "cap", "k"),
