@@ -34,6 +34,7 @@ and the eager serving path, on CUDA and under Triton's interpreter on CPU.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -261,27 +262,37 @@ def check_hstu_batch(raw: torch.Tensor, candidates: torch.Tensor, resident: Resi
 
 def hstu_static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: ResidentZooModel,
                        layout: EntryLayout, n_users: int, config: FusedConfig = DEFAULT_FUSED,
-                       flags: torch.Tensor | None = None) -> torch.Tensor:
+                       flags: torch.Tensor | None = None, on_chunk: Callable[[int], None] | None = None
+                       ) -> torch.Tensor:
     """Logits (b, C) of ``candidates`` (b, C) int64 of users 0 .. b - 1 (b <= n_users) against the packed batch
     ``raw`` (uint8 on the resident's device, :mod:`cachestore.decode.batch`) of an HSTU store: ``HSTU.decode`` with
     every layer's cached-history term from :func:`hstu_history` (launched with ``config``; pool rows at
     ``config.pool_dtype``, the store's precision by default). Shape-static and free of host syncs with
     ``flags`` ((n_users,) int32, set to 1 for a user with a router index outside the pool; the caller raises
     after the batch): CUDA-graph capturable once :func:`layer_tables` has run. Without ``flags``: a
-    ``RouterIndexError`` naming the batch row, after a host sync. Call under ``inference_mode`` / ``no_grad``."""
+    ``RouterIndexError`` naming the batch row, after a host sync. ``on_chunk``: called with 0 after the first
+    layer's candidate work (its projections and routing, which read no batch byte) and before the first read of
+    ``raw``, and with 1 after the last (a CUDA graph copies the batch meanwhile). Call under ``inference_mode`` /
+    ``no_grad``."""
     check_hstu_batch(raw, candidates, resident, layout, n_users, config)
     model = resident.model
     flag = torch.zeros(n_users, dtype=torch.int32, device=raw.device) if flags is None else flags
-    starts = part_starts(raw, layout, n_users)  # (P, B)
     t = model.item_embedding(candidates)  # (b, C, E)
     x = t
+    starts = None
     for i, layer in enumerate(model.layers):
         h = layer.norm_in(x)
         u, q = nn.functional.silu(layer.uq(h)).chunk(2, dim=-1)  # (b, C, d_a) each
         k, v = _candidate_side(layer.k_branch, h), _candidate_side(layer.v_branch, h)
+        if starts is None:  # the batch is read from here on
+            if on_chunk is not None:
+                on_chunk(0)
+            starts = part_starts(raw, layout, n_users)  # (P, B)
         history = hstu_history(raw, q, starts, i, resident=resident, layout=layout, n_users=n_users, flags=flag,
                                config=config)
         x = layer.update(x, history.to(q.dtype) + _self_term(layer, q, k, v), u)
+    if on_chunk is not None:
+        on_chunk(1)
     logits = model.score_hidden(x, t)  # (b, C)
     if flags is None and bool(flag.any()):
         raise RouterIndexError(f"a router index outside the pool 0..{resident.cfg.collective.pool_size - 1} in "

@@ -17,8 +17,8 @@ capacity — the whole device side is shape-static and free of host syncs, so it
     (:func:`copy_chunks`), are copied on a forked stream, each piece followed by an event; the query projection
     waits for the candidates only, and fused launch i, on a stream of its own, waits for event i and serves the
     users whose records end in piece i (:func:`record_ends`), so copying piece i + 1 overlaps decoding piece i; the
-    streams join before the graph ends. SIM / ETA / SDIM / TWIN fork the same way with one piece: their candidates'
-    work (embedding, queries, retrieval targets) runs while the batch is copied.
+    streams join before the graph ends. The zoo models fork the same way with one piece: their candidates' work
+    (embedding, queries, retrieval targets; HSTU's first layer) runs while the batch is copied.
 
 A captured copy has a fixed source address and size, so there is one graph per (host buffer of the batcher's ring,
 copy-size bucket): S is the smallest bucket >= the batch's used_bytes, buckets being the capacity divided by √2
@@ -110,7 +110,7 @@ class GraphedDecoder:
             raise RuntimeError(f"CUDA graphs need a CUDA device; the model is on {self.device}: "
                                "use the eager path (DecodeRuntime without graphs, or cachestore.decode.decode.decode)")
         self.zoo = resident.cfg.arch != "din"
-        self.forks = self.zoo and resident.cfg.arch != "hstu"  # the zoo body's candidate work runs beside the copy
+        self.forks = self.zoo  # the zoo body's candidate work runs beside the copy
         if layout.arch != resident.cfg.arch or (not self.zoo and layout.flat_group is None):
             raise ValueError(f"the store holds {layout.arch!r} caches, the model is {resident.cfg.arch!r}")
         if self.zoo and path == "poolscore":
@@ -192,8 +192,8 @@ class GraphedDecoder:
 
     def _capture(self, source: torch.Tensor) -> _Captured:
         """One graph: copy ``source`` (pinned uint8 prefix of a host buffer) and the candidate staging
-        into the static buffers between two timing events, then the body. With several copy pieces (or a SIM /
-        ETA / SDIM / TWIN model's one) the batch is copied on a forked stream, piece by piece, and fused launch c
+        into the static buffers between two timing events, then the body. With several copy pieces (or a zoo
+        model's one) the batch is copied on a forked stream, piece by piece, and fused launch c
         waits for piece c only (a zoo body: its reads of the batch wait for the one piece)."""
         pieces = self.pieces(source.numel())
 
@@ -209,7 +209,7 @@ class GraphedDecoder:
         """Capture a graph whose batch arrives in ``pieces`` (byte ranges of ``raw``): ``move(on_piece)``
         issues the transfer of every piece in order (a copy, or the zero-copy gather), calling ``on_piece(i)``
         once piece i is issued. The candidates are copied and the pieces moved between two timing events,
-        then the body. With several pieces, or ``forks`` (SIM / ETA / SDIM / TWIN), they move on a forked stream,
+        then the body. With several pieces, or ``forks`` (a zoo model), they move on a forked stream,
         and fused launch c (a zoo body's batch reads) waits for piece c only."""
         ends = ALL_BYTES if self.zoo else record_ends(pieces)
         fork = len(pieces) > 1 or self.forks

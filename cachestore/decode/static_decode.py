@@ -6,8 +6,8 @@ Every model has the same graph: din's body is :func:`cachestore.decode.fused.fus
 :func:`cachestore.decode.fused_zoo.zoo_static_decode`; HSTU's :func:`cachestore.decode.fused_hstu.hstu_static_decode`
 — each
 reads the copied records in place (Triton), shape-static and free of host syncs. The zoo bodies are launched
-once per batch (no copy pieces: ``overlap`` applies to din); SIM / ETA / SDIM / TWIN's take ``on_chunk`` around
-their reads of the batch, so the candidates' own work runs beside its copy. Without Triton (CPU tests) the eager
+once per batch (no copy pieces: ``overlap`` applies to din); they take ``on_chunk`` around their reads of the
+batch, so the candidates' own work (HSTU: its first layer's) runs beside its copy. Without Triton (CPU tests) the eager
 body unpacks the batch and runs the model's own ``decode``.
 """
 
@@ -43,8 +43,8 @@ def static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: Resi
     ``fused``, no unpack, one launch per byte range of ``chunks``, each after ``on_chunk``: see
     :func:`cachestore.decode.fused.fused_attention`; the other paths ignore both). ``flags`` ((B,) int32): set to 1
     for users with a router index outside the pool (:func:`cachestore.decode.decode.bound_router_indices`).
-    A zoo model's "fused" body is its own kernels' decode (``chunks`` must be :data:`ALL_BYTES`; SIM / ETA / SDIM /
-    TWIN call ``on_chunk(0)`` before reading the batch and ``on_chunk(1)`` after); its other
+    A zoo model's "fused" body is its own kernels' decode (``chunks`` must be :data:`ALL_BYTES`; it calls
+    ``on_chunk(0)`` before reading the batch and ``on_chunk(1)`` after); its other
     paths unpack and run ``model.decode`` (eager only: not capturable, and flags stay 0 — the fetch checks
     the indices). Shape-static and free of host syncs on the fused path (the body :class:`GraphedDecoder`
     captures)."""
@@ -53,11 +53,9 @@ def static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: Resi
         if path == FUSED:
             if chunks != ALL_BYTES:
                 raise ValueError("a zoo model's fused decode is one launch per batch (no chunks)")
-            if arch == "hstu":
-                return hstu_static_decode(raw, candidates, resident=resident, layout=layout, n_users=n_users,
-                                          config=fused, flags=flags)
-            return zoo_static_decode(raw, candidates, resident=resident, layout=layout, n_users=n_users,
-                                     config=fused, flags=flags, on_chunk=on_chunk)
+            fast = hstu_static_decode if arch == "hstu" else zoo_static_decode
+            return fast(raw, candidates, resident=resident, layout=layout, n_users=n_users, config=fused, flags=flags,
+                        on_chunk=on_chunk)
         batch = unpack_entry(raw, layout, n_users, pad_to, 16 * n_users)
         cache = entry_cache(batch, store_config(resident.cfg, layout.mode), resident.dtype, resident.scales)
         return decode_zoo(resident, cache, candidates)
