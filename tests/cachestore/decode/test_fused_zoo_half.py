@@ -97,6 +97,19 @@ def test_fused_zoo_half_equals_eager_and_forward(arch: str, device: str) -> None
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("option", "kv_dtype"), [("half", "float32"), ("joint", "float16"), ("int8", "float32")])
+def test_fused_eta_signing_its_pool_rows(option: str, kv_dtype: str, device: str) -> None:
+    """ETA with ``eta_keys="pool"``: no key part in the store (CR: the K/V parts alone), the fused retrieval reads
+    each row's codes through its router index: fused == eager == the eval forward."""
+    case = half_case("eta", device, option, kv_dtype, seed=7, eta_keys="pool")
+    assert not [p for p in case.layout.parts if p.kind == "key"]
+    got = fused(case)
+    torch.testing.assert_close(got, eager(case), rtol=1e-5, atol=1e-5)
+    if kv_dtype == "float32":
+        torch.testing.assert_close(got, forward(case), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("arch", "option", "kv_dtype"), [
     ("sim", "joint", "float16"), ("twin", "joint", "float32"), ("eta", "int8", "float16"),
     ("sdim", "int8", "bfloat16"), ("hstu", "joint", "float32"), ("hstu", "int8", "float16"),
