@@ -179,8 +179,9 @@ class ETA(LongSequenceCTR):
         return simhash(t.detach(), self.hash_planes)
 
     def behaviour_codes(self, cache: ZooCache) -> torch.Tensor:
-        """(B, L) int64 codes of the cached behaviours (0 at padding)."""
-        if not self.cfg.eta_pool_keys:
+        """(B, L) int64 codes of the cached behaviours (0 at padding): the cached keys where the cache holds them
+        (item keys; a full-KV store of a model signing its pool rows, :func:`model.entry.full_cache`)."""
+        if "simhash" in cache.keys:
             return cache.keys["simhash"]
         codes = self.pool_codes()
         idx = cache.kv["long"].k_idx.clamp(0, codes.shape[0] - 1)  # (B, L); padding and bad rows masked below

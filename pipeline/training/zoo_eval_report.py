@@ -72,6 +72,7 @@ def summarise(rep: EvalReport) -> dict[str, Any]:
         }
     settings = asdict(s)
     settings["base"] = config_to_dict(s.base)
+    settings["eta_keys"] = s.base.eta_keys  # left out of the (din) base's dict: ETA rows read it
     return {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "settings": settings,
