@@ -135,11 +135,12 @@ def group_specs(cfg: ModelConfig) -> tuple[GroupSpec, ...]:
 
 
 def key_fields(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    """Retrieval keys of ``cfg.arch``: name → (values per behaviour, bits per value)."""
+    """Retrieval keys of ``cfg.arch``: name → (values per behaviour, bits per value); none for ETA signing its
+    pool rows (:attr:`model.config.ModelConfig.eta_pool_keys`: the router index is the key)."""
     if cfg.arch == "sim":
         return {"categories": (1, max(1, cfg.n_genres))}
     if cfg.arch == "eta":
-        return {"simhash": (1, cfg.hash_bits)}
+        return {} if cfg.eta_pool_keys else {"simhash": (1, cfg.hash_bits)}
     if cfg.arch == "sdim":
         return {"buckets": (cfg.sdim_hashes, cfg.sdim_bits)}
     return {}

@@ -148,22 +148,48 @@ class ETA(LongSequenceCTR):
     Hamming distance (ties: more recent first).
 
     Caches: short K/V, long K/V and each behaviour's signature (``keys["simhash"]``, int64 holding
-    hash_bits bits).
+    hash_bits bits). With ``cfg.eta_pool_keys`` the hyperplanes span the long K's collective dims and sign
+    the pool row each behaviour's router picked (a function of its cached index: no key is cached) against
+    the candidate's long query in the same dims (:meth:`pool_codes`, :meth:`target_codes`).
     """
 
     def __init__(self, cfg: ModelConfig, item_genres: torch.Tensor | None = None) -> None:
         super().__init__(cfg, item_genres)
         g = torch.Generator().manual_seed(_PLANES_SEED)
-        self.register_buffer("hash_planes", torch.randn(cfg.embed_dim, cfg.hash_bits, generator=g))
+        dim = cfg.d_attn - cfg.collective.d_user if cfg.eta_pool_keys else cfg.embed_dim
+        self.register_buffer("hash_planes", torch.randn(dim, cfg.hash_bits, generator=g))
 
     def retrieval_keys(self, items: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.cfg.eta_pool_keys:
+            return {}
         vectors, rows = self.item_vectors(items, lengths)
         codes = simhash(vectors, self.hash_planes)[rows]  # (B, L)
         return {"simhash": torch.where(self._valid(lengths, items.shape[1]), codes, 0)}
 
+    def pool_codes(self) -> torch.Tensor:
+        """(M,) int64 SimHash codes of the long K pool's rows (``cfg.eta_pool_keys``)."""
+        return simhash(self.long.k_branch.collective_pool().detach(), self.hash_planes)
+
+    def target_codes(self, t: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C) int64 codes of the candidates t (B, C, E): of t, or of the collective dims of their long query
+        (``q``, (B, C, d_a), when already computed)."""
+        if self.cfg.eta_pool_keys:
+            q = self.long.query(t) if q is None else q
+            return simhash(q.detach()[..., self.cfg.collective.d_user :], self.hash_planes)
+        return simhash(t.detach(), self.hash_planes)
+
+    def behaviour_codes(self, cache: ZooCache) -> torch.Tensor:
+        """(B, L) int64 codes of the cached behaviours (0 at padding): the cached keys where the cache holds them
+        (item keys; a full-KV store of a model signing its pool rows, :func:`model.entry.full_cache`)."""
+        if "simhash" in cache.keys:
+            return cache.keys["simhash"]
+        codes = self.pool_codes()
+        idx = cache.kv["long"].k_idx.clamp(0, codes.shape[0] - 1)  # (B, L); padding and bad rows masked below
+        return torch.where(self._valid(cache.lengths, idx.shape[1]), codes[idx], 0)
+
     def retrieve(self, cache: ZooCache, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        codes = simhash(t.detach(), self.hash_planes)  # (B, C)
-        return hamming_topk(cache.keys["simhash"], codes, cache.lengths, self.cfg.topk, self.cfg.hash_bits)
+        return hamming_topk(self.behaviour_codes(cache), self.target_codes(t), cache.lengths, self.cfg.topk,
+                            self.cfg.hash_bits)
 
     def long_interest(self, t: torch.Tensor, targets: torch.Tensor, cache: ZooCache) -> torch.Tensor:
         idx, n_sel = self.retrieve(cache, t)

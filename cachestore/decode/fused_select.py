@@ -1,8 +1,9 @@
 """Top-k selection in registers for the zoo's long stages (Triton): one program per row finds the k-th largest
 value by a binary search over its bit patterns (no sort) and writes the k best positions in position order.
 
-    :func:`key_select`  SIM's / ETA's retrieval from the packed key bytes: every long row's rank, shared categories
-                        (or bits - Hamming distance)·cap + l for eligible rows, and the positions of the k largest =
+    :func:`key_select`  SIM's / ETA's retrieval from the packed key bytes (or ETA's codes of its pool rows, through
+                        the router indices): every long row's rank, shared categories (or bits - Hamming
+                        distance)·cap + l for eligible rows, and the positions of the k largest =
                         ``model.retrieval``'s selection (ties: later row first);
     :func:`row_topk`    the k largest of each row of TWIN's scores (:func:`cachestore.decode.fused_long.group_scores`),
                         ties later row first.
@@ -48,17 +49,21 @@ if triton is not None:
         return above | ((tie > 0) & (later < need))
 
     @triton.jit
-    def _key_select_kernel(raw_ptr, key_starts_ptr, rows_ptr, target_ptr, idx_ptr, nsel_ptr, n_cand,
-                           KEY_BYTES: tl.constexpr, BITS: tl.constexpr, HAMMING: tl.constexpr, CAP: tl.constexpr,
-                           CAP_P2: tl.constexpr, K: tl.constexpr, STEPS: tl.constexpr):
+    def _key_select_kernel(raw_ptr, key_starts_ptr, rows_ptr, target_ptr, idx_ptr, nsel_ptr, codes_ptr, n_cand,
+                           n_codes, KEY_BYTES: tl.constexpr, BITS: tl.constexpr, HAMMING: tl.constexpr,
+                           CAP: tl.constexpr, CAP_P2: tl.constexpr, K: tl.constexpr, STEPS: tl.constexpr,
+                           FROM_IDX: tl.constexpr):
         """Row r = b·C + c: every long row's retrieval rank (score·CAP + l, distinct; eligible rows only), the
         K largest (or every eligible row) found by :func:`_kth_largest`, their positions stored in position
-        order, and min(eligible rows, K)."""
+        order, and min(eligible rows, K). FROM_IDX: a row's key is ``codes[router index]``, the index read
+        (KEY_BYTES wide) where its packed key would be; an index outside the codes reads key 0."""
         row = tl.program_id(0)
         b = row // n_cand
         ls = tl.arange(0, CAP_P2)  # (CAP_P2,)
         lmask = ls < tl.load(rows_ptr + b)
         key = _packed_keys(raw_ptr, tl.load(key_starts_ptr + b), ls, lmask, KEY_BYTES, CAP_P2)
+        if FROM_IDX:  # the bytes read are a router index
+            key = tl.load(codes_ptr + key, mask=lmask & (key < n_codes), other=0)
         target = tl.load(target_ptr + row)
         if HAMMING:  # ETA: nearer first; every row eligible
             score = BITS - _popcount((key ^ target) & ((1 << BITS) - 1))
@@ -121,13 +126,15 @@ def row_topk(scores: torch.Tensor, k: int, num_warps: int = 1, *, softmax_rows: 
 
 
 def key_select(raw: torch.Tensor, key_starts: torch.Tensor, rows: torch.Tensor, cap: int, key_bytes: int, bits: int,
-               targets: torch.Tensor, hamming: bool, k: int, num_warps: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """SIM's / ETA's retrieval from the packed key bytes, in one kernel: for candidate r of user b = r // C
-    (targets (B, C) int64 keys; row l's key read at ``key_starts[b] + l·key_bytes``, ``rows`` (B,) valid) every
-    row's rank — ``hamming`` (ETA) (bits - Hamming distance)·cap + l, else (SIM) shared categories·cap + l for
-    rows sharing one or more — and the positions of the ``k`` largest (every eligible row if fewer), **in position
-    order**: (sel (R, k) int64, n_sel (R,) int64 = min(eligible rows, k)); entries past n_sel are unspecified.
-    The set is ``model.retrieval``'s selection (larger rank first; ranks are distinct)."""
+               targets: torch.Tensor, hamming: bool, k: int, num_warps: int = 1, codes: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """SIM's / ETA's retrieval in one kernel: for candidate r of user b = r // C (targets (B, C) int64 keys; row
+    l's key read at ``key_starts[b] + l·key_bytes``, ``rows`` (B,) valid) every row's rank — ``hamming`` (ETA)
+    (bits - Hamming distance)·cap + l, else (SIM) shared categories·cap + l for rows sharing one or more — and the
+    positions of the ``k`` largest (every eligible row if fewer) in position order: (sel (R, k) int64, n_sel (R,)
+    int64 = min(eligible rows, k)), ``model.retrieval``'s selection; entries past n_sel are unspecified. ``codes``
+    (M,) int64: row l's key is ``codes[i]``, i its router index read ``key_bytes`` wide at the same place (ETA
+    signing its pool rows, ``model.longseq.ETA.pool_codes``)."""
     b, c = targets.shape
     if not 1 <= k <= max(1, cap) <= 4096 or bits > 62:
         raise ValueError(f"key_select takes 1 <= k <= cap <= 4096 and keys of <= 62 bits, got k {k}, cap {cap}, "
@@ -136,8 +143,9 @@ def key_select(raw: torch.Tensor, key_starts: torch.Tensor, rows: torch.Tensor, 
     n_sel = torch.zeros(b * c, dtype=torch.int64, device=targets.device)  # (R,)
     if b * c:
         _key_select_kernel[(b * c,)](
-            raw, key_starts, rows, targets.contiguous(), sel, n_sel, c, KEY_BYTES=key_bytes, BITS=bits,
-            HAMMING=hamming, CAP=max(1, cap), CAP_P2=triton.next_power_of_2(max(1, cap)), K=k,
-            STEPS=((bits + 1) * max(1, cap) - 1).bit_length(), num_warps=num_warps,
+            raw, key_starts, rows, targets.contiguous(), sel, n_sel, sel if codes is None else codes, c,
+            0 if codes is None else codes.shape[0], KEY_BYTES=key_bytes, BITS=bits, HAMMING=hamming,
+            CAP=max(1, cap), CAP_P2=triton.next_power_of_2(max(1, cap)), K=k,
+            STEPS=((bits + 1) * max(1, cap) - 1).bit_length(), FROM_IDX=codes is not None, num_warps=num_warps,
         )
     return sel, n_sel

@@ -64,7 +64,7 @@ from collectivekv.cachestore.store.entry import EntryLayout
 from collectivekv.cachestore.store.record import RouterIndexError
 from collectivekv.model.cache_spec import entry_parts, group_specs, key_fields, store_config
 from collectivekv.model.config import ModelConfig
-from collectivekv.model.retrieval import bitmask, sdim_buckets, simhash
+from collectivekv.model.retrieval import bitmask, sdim_buckets
 
 
 def part_starts(raw: torch.Tensor, layout: EntryLayout, n_users: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -144,6 +144,16 @@ class LongStage:
     flags: torch.Tensor
     config: FusedConfig
     scales: tuple[float, float]
+    codes: torch.Tensor | None = None  # ETA signing its pool rows: (M,) codes of the long K pool (eta_codes)
+
+
+def eta_codes(resident: ResidentZooModel) -> torch.Tensor:
+    """(M,) int64 SimHash codes of an ETA resident's long K pool rows (``model.longseq.ETA.pool_codes``), on its
+    device; cached on the resident (its pools are fixed while it is served)."""
+    cache: dict = resident.__dict__.setdefault("_eta_codes", {})
+    if "codes" not in cache:
+        cache["codes"] = resident.model.pool_codes().to(resident.device)
+    return cache["codes"]
 
 
 def long_inputs(model: torch.nn.Module, cfg: ModelConfig, t: torch.Tensor, candidates: torch.Tensor
@@ -155,7 +165,7 @@ def long_inputs(model: torch.nn.Module, cfg: ModelConfig, t: torch.Tensor, candi
     if cfg.arch == "sim":
         return q, bitmask(model.item_genres[candidates], check=False)
     if cfg.arch == "eta":
-        return q, simhash(t, model.hash_planes)
+        return q, model.target_codes(t, q)
     if cfg.arch == "sdim":
         return q, sdim_buckets(t, model.hash_planes)  # (B, C, m)
     return q, None
@@ -166,15 +176,16 @@ def _row_bytes(layout: EntryLayout, part: str) -> int:
     return layout.row_bytes[[p.name for p in layout.parts].index(part)]
 
 
-def _select(s: LongStage, name: str, hamming: bool) -> torch.Tensor:
+def _select(s: LongStage, name: str, hamming: bool, codes: torch.Tensor | None = None) -> torch.Tensor:
     """Retrieve on the packed key bytes (:func:`cachestore.decode.fused_select.key_select`: the ``topk`` best
-    eligible rows per candidate of ``s.targets``), attend over them (the fused kernel, SELECT mode)."""
-    part = f"keys.{name}"
+    eligible rows per candidate of ``s.targets``), or on ``codes`` (M,) of the long K router indices, attend over
+    them (the fused kernel, SELECT mode)."""
+    part = f"keys.{name}" if codes is None else s.view.group.idx_part("k")
     key_bytes = _row_bytes(s.layout, part)
-    bits = key_fields(s.store_cfg)[name][1]
+    bits = s.cfg.hash_bits if codes is not None else key_fields(s.store_cfg)[name][1]
     cap = max(1, s.view.group.cap)
     idx, n_sel = key_select(s.raw, s.part_starts[part], s.view.rows, cap, key_bytes, bits, s.targets, hamming,
-                            min(s.cfg.topk, cap))  # (B·C, k) in position order, (B·C,)
+                            min(s.cfg.topk, cap), codes=codes)  # (B·C, k) in position order, (B·C,)
     return attend_group(s.raw, s.q, s.view, s.pools, s.cfg.n_heads, s.flags, config=s.config, select=(idx, n_sel),
                         scales=s.scales)  # (B, C, d_a)
 
@@ -185,8 +196,9 @@ def sim_long(s: LongStage) -> torch.Tensor:
 
 
 def eta_long(s: LongStage) -> torch.Tensor:
-    """ETA: SimHash Hamming top-k (nearer, then recency), attention over the selected rows."""
-    return _select(s, "simhash", hamming=True)
+    """ETA: SimHash Hamming top-k (nearer, then recency), attention over the selected rows; with pool keys the
+    codes of the long K pool rows picked by the indices (``LongStage.codes``)."""
+    return _select(s, "simhash", hamming=True, codes=s.codes)
 
 
 def sdim_long(s: LongStage) -> torch.Tensor:
@@ -260,7 +272,8 @@ def zoo_static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: 
                          scales=group_scales(resident, views["short"].group))
     long = LONG_STAGES[cfg.arch](LongStage(model, cfg, layout, store_cfg, raw, q_long, targets, views["long"],
                                            pools["long"], starts[0], flag, config,
-                                           group_scales(resident, views["long"].group)))  # (B, C, d_a)
+                                           group_scales(resident, views["long"].group),
+                                           eta_codes(resident) if store_cfg.eta_pool_keys else None))  # (B, C, d_a)
     if on_chunk is not None:
         on_chunk(1)
     logits = model.mlp(torch.cat([short.to(t.dtype), long.to(t.dtype), t], dim=-1)).squeeze(-1)  # (B, C)

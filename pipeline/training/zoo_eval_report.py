@@ -70,8 +70,7 @@ def summarise(rep: EvalReport) -> dict[str, Any]:
             "best_fixed_by_valid": {"d_user": best_valid["x"], "gauc": best_valid["gauc"]},
             "gap_to_best_test": a["gauc"]["mean"] - best_test["gauc"]["mean"],
         }
-    settings = asdict(s)
-    settings["base"] = config_to_dict(s.base)
+    settings = {**asdict(s), "base": config_to_dict(s.base), "eta_keys": s.base.eta_keys}  # not in the din base's dict
     return {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "settings": settings,
@@ -123,7 +122,7 @@ def _cached_parts(base: dict[str, Any]) -> str:
     """What a collective run caches per behaviour besides the retrieval keys, from the base config's options."""
     parts = "int8 user parts" if base.get("user_dtype") == "int8" else "fp16 user parts"
     index = "one uint16 router index for K and V" if base.get("kv_index") == "joint" else "uint16 router indices"
-    return f"{parts} + {index}"
+    return f"{parts} + {index} + the model's retrieval keys, if it caches any"
 
 
 def markdown(res: dict[str, Any]) -> str:
@@ -136,7 +135,7 @@ def markdown(res: dict[str, Any]) -> str:
         f"Test split, mean ± std over {n_seeds} seed(s) {tuple(st['seeds'])}; device {res['machine']['device']}; "
         f"{res['n_runs']} runs, {res['train_seconds_total']:.0f} s of training+eval in all. "
         "CR = cache entry bytes ÷ the full model's fp32 K/V bytes for a user with a full window "
-        f"(collective: {_cached_parts(st.get('base', {}))} + retrieval keys)."
+        f"(collective: {_cached_parts(st.get('base', {}))})."
         + (f" Samples: a random {st['sample_fraction']:.0%} of each split." if st["sample_fraction"] < 1 else ""),
         "",
         _training_line(st),

@@ -170,3 +170,33 @@ def test_routing_probe_sees_the_joint_router() -> None:
     with RoutingProbe(m) as probe, torch.no_grad():
         m.prefill(*make_batch([4, 9], 10, seed=7)[:3])
     assert set(probe.summary()["pools"]) == {"short.kv_router", "long.kv_router"}
+
+
+def test_eta_signing_its_pool_rows_caches_no_key() -> None:
+    """``eta_keys="pool"``: no key part (half cache at the paper's shape: CR 0.195%, as TWIN), the codes are those
+    of the long K pool rows the router picked, the cached decode equals the eval forward, and the option is left
+    out of every config it does not change (full models, other archs, an unshared long K)."""
+    paper = ModelConfig(n_items=100, arch="eta", collective=CollectiveConfig(pool_size=2000), eta_keys="pool", **HALF)
+    assert not [p for p in entry_parts(paper) if p.kind == "key"]
+    assert compression_rate(paper) == pytest.approx(4 / 2048)
+    assert config_to_dict(paper)["eta_keys"] == "pool" and config_from_dict(config_to_dict(paper)) == paper
+    for inert in (dataclasses.replace(paper, kv_mode="full"), dataclasses.replace(paper, arch="sim"),
+                  dataclasses.replace(paper, kv_index="separate", collective=CollectiveConfig(share_k=False))):
+        assert not inert.eta_pool_keys and "eta_keys" not in config_to_dict(inert)
+    with pytest.raises(ValueError, match="eta_keys"):
+        ModelConfig(n_items=1, eta_keys="items")
+    cfg = zoo_config("eta", eta_keys="pool", **HALF)
+    batch = make_batch([0, 1, 4, cfg.window_len], cfg.window_len, seed=4)
+    m = observed(make_model(cfg, seed=5), batch)
+    items, feedback, lengths, targets = batch
+    with torch.no_grad():
+        want, _ = m(items, feedback, lengths, targets)
+        cache = m.prefill(items, feedback, lengths)
+        assert cache.keys == {}
+        codes = m.behaviour_codes(cache)  # (B, L)
+        idx = cache.kv["long"].k_idx
+        valid = torch.arange(idx.shape[1]) < lengths[:, None]
+        assert torch.equal(codes[valid], m.pool_codes()[idx[valid]]) and not codes[~valid].any()
+        rebuilt = cache_from_arrays(entry_arrays(cache, cfg, user_scales(m, cfg)), cache.lengths, cfg,
+                                    user_scales(m, cfg))
+        assert torch.allclose(m.decode(rebuilt, targets), want, atol=1e-6, rtol=1e-6)

@@ -41,16 +41,16 @@ EXACT = FusedConfig(pool_dtype="float32", block_l=4)  # the model's pool rows ex
 
 
 def half_case(arch: str, device: str, option: str = "half", kv_dtype: str = "float32", seed: int = 1,
-              **cfg: object) -> Case:
+              mode: str = "collective", **cfg: object) -> Case:
     """A trained-scale model of ``arch`` with ``OPTIONS[option]`` and a batch of lengths_of(cfg) users (HSTU:
-    0, 1, 4, the window, longer) + one cold slot of its own prefill records, packed as the runtime packs it, on
-    ``device``."""
+    0, 1, 4, the window, longer) + one cold slot of its own prefill records (a ``mode`` store), packed as the
+    runtime packs it, on ``device``."""
     config = zoo_config(arch, **OPTIONS[option], **cfg)
     w = config.window_len
     model = observed(make_model(config, seed=seed), make_batch([3, w, 1], w, seed=seed + 1))
     lengths = [0, 1, 4, w, w + 3] if arch == "hstu" else lengths_of(config)
     items, feedback, lens, _ = make_batch(lengths, max(lengths), seed)
-    layout = entry_layout(config, VERSION, "collective", kv_dtype)
+    layout = entry_layout(config, VERSION, mode, kv_dtype)
     users = list(range(len(lengths)))
     records = [entry_from_parquet_row(layout, **row) for row in zoo_prefill_rows(model, layout, users, items,
                                                                                   feedback, lens)]
@@ -94,6 +94,24 @@ def test_fused_zoo_half_equals_eager_and_forward(arch: str, device: str) -> None
     assert got.shape == (case.n_users, N_CAND) and torch.isfinite(got).all()
     torch.testing.assert_close(got, eager(case), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got, forward(case), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("option", "kv_dtype"), [("half", "float32"), ("joint", "float16"), ("int8", "float32")])
+def test_fused_eta_signing_its_pool_rows(option: str, kv_dtype: str, device: str) -> None:
+    """ETA with ``eta_keys="pool"``: no key part in the store (CR: the K/V parts alone), the fused retrieval reads
+    each row's codes through its router index: fused == eager == the eval forward. Its full-KV store, with no
+    index left, caches the codes as keys and scores the same."""
+    case = half_case("eta", device, option, kv_dtype, seed=7, eta_keys="pool")
+    assert not [p for p in case.layout.parts if p.kind == "key"]
+    full = half_case("eta", device, option, kv_dtype, seed=7, eta_keys="pool", mode="full")  # codes as its keys
+    assert [p.name for p in full.layout.parts if p.kind == "key"] == ["keys.simhash"]
+    tol = 1e-5 if kv_dtype == "float32" else 1e-3  # the full store rounds K/V to its dtype
+    torch.testing.assert_close(fused(full), forward(full), rtol=tol, atol=tol)
+    got = fused(case)
+    torch.testing.assert_close(got, eager(case), rtol=1e-5, atol=1e-5)
+    if kv_dtype == "float32":
+        torch.testing.assert_close(got, forward(case), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -72,12 +72,14 @@ def test_din_memo_equals_direct_and_records_hold_the_codes(option: str) -> None:
             assert np.array_equal(recs[uid].arrays["kv.kv_idx"].ravel(), cache.k_idx[b, :n].numpy())
 
 
-@pytest.mark.parametrize(("arch", "option"), [("din", "half"), ("sim", "half"), ("sdim", "half"), ("hstu", "half"),
-                                              ("twin", "joint"), ("eta", "int8")])  # fmt: skip
-def test_prefill_build_verify_and_size_report(tmp_path: Path, arch: str, option: str) -> None:
+@pytest.mark.parametrize(("arch", "option", "extra"), [
+    ("din", "half", {}), ("sim", "half", {}), ("sdim", "half", {}), ("hstu", "half", {}), ("twin", "joint", {}),
+    ("eta", "int8", {}), ("eta", "half", {"eta_keys": "pool"}),
+])
+def test_prefill_build_verify_and_size_report(tmp_path: Path, arch: str, option: str, extra: dict) -> None:
     """The executors' per-partition function → Parquet → store build → verify (every record against the model's
-    own K/V, indices exactly) → the size report's CR from model.cache_spec."""
-    model = trained(arch, option)
+    own K/V, indices exactly) → the size report's CR from model.cache_spec (ETA signing its pool rows: no key)."""
+    model = trained(arch, option, **extra)
     version = save_checkpoint(tmp_path / "ckpt", model, {})
     layout = cache_layout(model.cfg, version)
     table = histories(LENGTHS, seed=3)
