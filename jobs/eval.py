@@ -95,8 +95,8 @@ def eval_data(data_dir: str | None, split: str | None) -> Path:
 @click.option("--long-len", default=1000, show_default=True, help="long-sequence window of sim/eta/sdim/twin")
 @click.option("--topk", default=50, show_default=True)
 @click.option("--hash-bits", default=16, show_default=True, help="ETA SimHash bits")
-@click.option("--eta-keys", type=click.Choice(["item", "pool"]), default="item", show_default=True,
-              help="ETA: sign item embeddings, or (collective runs) the long K pool rows: no cached key")
+@click.option("--retrieval-keys", type=click.Choice(["item", "pool"]), default="item", show_default=True,
+              help="SIM / ETA: keys from the items, or (collective runs) from the long K pool rows: no cached key")
 @click.option("--sdim-hashes", default=4, show_default=True)
 @click.option("--sdim-bits", default=4, show_default=True)
 @click.option("--hstu-len", default=100, show_default=True, help="HSTU sequence window")
@@ -199,4 +199,4 @@ def _eval_settings(quick: bool, train: Any, common: dict[str, Any], kw: dict[str
     base = settings.base  # regularisation and router-loss weights of every run (quick ones too)
     return replace(settings, base=replace(base, dropout=kw["dropout"], collective=replace(
         base.collective, peak_weight=kw["peak_weight"], balance_weight=kw["balance_weight"]),
-        kv_index=kw["kv_index"], user_dtype=kw["user_dtype"], eta_keys=kw["eta_keys"]))
+        kv_index=kw["kv_index"], user_dtype=kw["user_dtype"], retrieval_keys=kw["retrieval_keys"]))

@@ -26,9 +26,9 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--long-len", default=1000, show_default=True, help="sim/eta/sdim/twin: long window"),
         click.option("--topk", default=50, show_default=True, help="sim/eta/twin: behaviours retrieved"),
         click.option("--hash-bits", default=16, show_default=True, help="eta: SimHash bits"),
-        click.option("--eta-keys", type=click.Choice(["item", "pool"]), default="item", show_default=True,
-                     help="eta: sign item embeddings (a cached key per behaviour) or the long K pool rows the "
-                          "routers pick (no key cached; collective models)"),
+        click.option("--retrieval-keys", type=click.Choice(["item", "pool"]), default="item", show_default=True,
+                     help="sim/eta: each behaviour's retrieval key from its item (cached per behaviour) or from "
+                          "the long K pool row its router picks (no key cached; collective models)"),
         click.option("--sdim-hashes", default=4, show_default=True),
         click.option("--sdim-bits", default=4, show_default=True),
         click.option("--hstu-layers", default=2, show_default=True),
@@ -107,7 +107,7 @@ def _model_config(kv_mode: str, kw: dict[str, Any], coll: CollectiveConfig) -> M
         hstu_layers=kw["hstu_layers"], dropout=kw.get("dropout", 0.0),  # type: ignore[arg-type]
         event_features=tuple(f.strip() for f in str(kw.get("event_features") or "").split(",") if f.strip()),
         gap_buckets=kw.get("gap_buckets", 16), kv_index=kw.get("kv_index", "separate"),
-        user_dtype=kw.get("user_dtype", "float"), eta_keys=kw.get("eta_keys", "item"),
+        user_dtype=kw.get("user_dtype", "float"), retrieval_keys=kw.get("retrieval_keys", "item"),
     )  # fmt: skip
 
 

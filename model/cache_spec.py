@@ -134,13 +134,16 @@ def group_specs(cfg: ModelConfig) -> tuple[GroupSpec, ...]:
                  for name, cap, has_k in caps)  # fmt: skip
 
 
+def key_bits(cfg: ModelConfig) -> int:
+    """Bits of SIM's key (a genre bitmask, bit g-1 for genre g) or ETA's (a SimHash signature); 0 for the others."""
+    return {"sim": max(1, cfg.n_genres), "eta": cfg.hash_bits}.get(cfg.arch, 0)
+
+
 def key_fields(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    """Retrieval keys of ``cfg.arch``: name → (values per behaviour, bits per value); none for ETA signing its
-    pool rows (:attr:`model.config.ModelConfig.eta_pool_keys`: the router index is the key)."""
-    if cfg.arch == "sim":
-        return {"categories": (1, max(1, cfg.n_genres))}
-    if cfg.arch == "eta":
-        return {} if cfg.eta_pool_keys else {"simhash": (1, cfg.hash_bits)}
+    """Retrieval keys of ``cfg.arch``: name → (values per behaviour, bits per value); none for SIM / ETA keyed by
+    their pool rows (:attr:`model.config.ModelConfig.pool_keys`: the router index is the key)."""
+    if cfg.arch in ("sim", "eta"):
+        return {} if cfg.pool_keys else {"categories" if cfg.arch == "sim" else "simhash": (1, key_bits(cfg))}
     if cfg.arch == "sdim":
         return {"buckets": (cfg.sdim_hashes, cfg.sdim_bits)}
     return {}

@@ -35,10 +35,10 @@ ZOO_DEFAULTS: dict[str, Any] = {
 EVENT_DEFAULTS: dict[str, Any] = {"event_features": (), "gap_buckets": 16, "event_time_unit": "s"}
 # Cache-layout fields ("half the cache": one router index shared by K and V, int8 user parts), left out the same
 # way at their defaults. Never change these defaults.
-CACHE_DEFAULTS: dict[str, Any] = {"kv_index": "separate", "user_dtype": "float", "eta_keys": "item"}
+CACHE_DEFAULTS: dict[str, Any] = {"kv_index": "separate", "user_dtype": "float", "retrieval_keys": "item"}
 KV_INDEXES: tuple[str, ...] = ("separate", "joint")
 USER_DTYPES: tuple[str, ...] = ("float", "int8")
-ETA_KEYS: tuple[str, ...] = ("item", "pool")
+RETRIEVAL_KEYS: tuple[str, ...] = ("item", "pool")
 
 
 @dataclass(frozen=True)
@@ -106,10 +106,11 @@ class ModelConfig:
     # shared sides are fake-quantised in training and cached as int8 codes with a per-branch scale (model/quant.py)
     kv_index: str = "separate"
     user_dtype: str = "float"
-    # eta: what its SimHash signs — "item": each behaviour's item embedding (a cached key per behaviour); "pool":
-    # the long K pool row its router picked, against the candidate's long query (nothing cached: the key is a
-    # function of the router index). A full model, or one whose long K is not shared, always uses "item".
-    eta_keys: str = "item"
+    # sim / eta: where a behaviour's retrieval key comes from — "item": its item (a cached key per behaviour);
+    # "pool": the long K pool row its router picked (nothing cached: the key is a function of the router index).
+    # SIM: the pool rows carry genre sets and a behaviour routes only to rows carrying its item's; ETA: SimHash of
+    # the pool row against the candidate's long query. A full model, or one whose long K is not shared: "item".
+    retrieval_keys: str = "item"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "event_features", tuple(self.event_features))
@@ -144,8 +145,8 @@ class ModelConfig:
             raise ValueError(f"kv_index must be one of {KV_INDEXES}, got {self.kv_index!r}")
         if self.user_dtype not in USER_DTYPES:
             raise ValueError(f"user_dtype must be one of {USER_DTYPES}, got {self.user_dtype!r}")
-        if self.eta_keys not in ETA_KEYS:
-            raise ValueError(f"eta_keys must be one of {ETA_KEYS}, got {self.eta_keys!r}")
+        if self.retrieval_keys not in RETRIEVAL_KEYS:
+            raise ValueError(f"retrieval_keys must be one of {RETRIEVAL_KEYS}, got {self.retrieval_keys!r}")
         if self.kv_index == "joint" and self.kv_mode == "collective" and not (
                 self.collective.share_k and self.collective.share_v):
             raise ValueError("kv_index 'joint' needs both K and V shared (collective.share_k and share_v)")
@@ -174,9 +175,10 @@ class ModelConfig:
         return self.kv_index == "joint" and self.k_shared and self.v_shared
 
     @property
-    def eta_pool_keys(self) -> bool:
-        """ETA signs the long K pool rows (``eta_keys == "pool"`` with a shared long K): no cached retrieval key."""
-        return self.arch == "eta" and self.eta_keys == "pool" and self.k_shared
+    def pool_keys(self) -> bool:
+        """SIM's / ETA's retrieval keys are functions of the long K pool rows (``retrieval_keys == "pool"`` with a
+        shared long K): no cached retrieval key."""
+        return self.arch in ("sim", "eta") and self.retrieval_keys == "pool" and self.k_shared
 
     @property
     def int8_user(self) -> bool:
@@ -206,13 +208,13 @@ def config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
     """JSON-ready dict (tuples become lists). Fields added after the first checkpoints are left out at their
     defaults (:data:`ZOO_DEFAULTS`, :data:`EVENT_DEFAULTS`, :data:`CACHE_DEFAULTS`), so configs written before
     them round-trip unchanged; :data:`CACHE_DEFAULTS`' fields are left out of a full model's, which they do not
-    change (it reads back with the defaults), and ``eta_keys`` out of every model it does not change."""
+    change (it reads back with the defaults), and ``retrieval_keys`` out of every model it does not change."""
     d = dataclasses.asdict(cfg)
     for key, default in (*ZOO_DEFAULTS.items(), *EVENT_DEFAULTS.items(), *CACHE_DEFAULTS.items()):
         if d[key] == default or (key in CACHE_DEFAULTS and cfg.kv_mode == "full"):  # a full model caches no
             del d[key]  # router index or user part: kv_index / user_dtype do not change it, nor its run id
-        elif key == "eta_keys" and not cfg.eta_pool_keys:
-            del d[key]  # only ETA with a shared long K reads it
+        elif key == "retrieval_keys" and not cfg.pool_keys:
+            del d[key]  # only SIM / ETA with a shared long K read it
     if "event_features" in d:
         d["event_features"] = list(d["event_features"])
     return d

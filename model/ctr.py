@@ -93,7 +93,8 @@ class BehaviourModel(nn.Module):
         uniq, inverse, counts = distinct(token, (self.cfg.n_items + 1) * nf)
         x_unique = self.item_embedding(uniq // nf) + self.feedback_emb(uniq % nf)  # (U, E)
         positions = valid.reshape(-1).nonzero().squeeze(1)  # (N,) row-major, same order as items[valid]
-        return TokenBatch(valid=valid, x_unique=x_unique, inverse=inverse, counts=counts, positions=positions)
+        return TokenBatch(valid=valid, x_unique=x_unique, inverse=inverse, counts=counts, positions=positions,
+                          items=uniq // nf)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, losses: RouterLosses) -> torch.Tensor:
         """BCE + peak_weight · peak + balance_weight · balance (router terms only if collective)."""

@@ -162,10 +162,10 @@ def cache_from_arrays(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, cf
 
 def full_cache(model: torch.nn.Module, cache: ZooCache) -> ZooCache:
     """The full-KV form of a cache: every group's K/V rebuilt at d_a (user part ⊕ pool rows), no
-    indices — what the full-KV baseline store holds. ``model.decode`` reads it like the original (ETA signing its
-    pool rows: their codes become its cached keys, since no index is left to look them up with)."""
+    indices — what the full-KV baseline store holds. ``model.decode`` reads it like the original (SIM / ETA keyed by
+    their pool rows: the rows' keys become cached keys, since no index is left to look them up with)."""
     kv = {}
     for group, (k, v) in model.keys_values(cache).items():  # (B, R, d_a) each (K zero-width if V-only)
         kv[group] = KVCache(k_user=k, v_user=v, k_idx=None, v_idx=None, lengths=cache.kv[group].lengths)
-    keys = {"simhash": model.behaviour_codes(cache)} if model.cfg.eta_pool_keys else cache.keys
+    keys = {model.key_name: model.behaviour_codes(cache)} if model.cfg.pool_keys else cache.keys
     return ZooCache(lengths=cache.lengths, kv=kv, keys=keys)

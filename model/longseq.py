@@ -34,15 +34,20 @@ the behaviours' embeddings again.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from collectivekv.model.blocks import TABlock, ZooBase, ZooCache, add_losses, build_mlp, tail_window, trim
+from collectivekv.model.cache_spec import key_bits
 from collectivekv.model.config import ModelConfig
 from collectivekv.model.ctr import RouterLosses, distinct
+from collectivekv.model.pool import TokenBatch
 from collectivekv.model.retrieval import (
     bitmask,
     category_topk,
     hamming_topk,
+    pool_row_keys,
     sdim_aggregate,
     sdim_buckets,
     simhash,
@@ -55,6 +60,7 @@ class LongSequenceCTR(ZooBase):
     """Short target attention + a long-sequence stage; subclasses define the long stage."""
 
     long_has_k = True
+    key_name = ""  # SIM / ETA: the name of the per-behaviour retrieval key in ``ZooCache.keys``
 
     def __init__(self, cfg: ModelConfig, item_genres: torch.Tensor | None = None) -> None:
         super().__init__(cfg, item_genres)
@@ -71,6 +77,24 @@ class LongSequenceCTR(ZooBase):
         """(B, C, E) candidates → (B, C, d_a) long-sequence interest."""
         raise NotImplementedError
 
+    def long_tokens(self, items: torch.Tensor, feedback: torch.Tensor, lengths: torch.Tensor) -> TokenBatch:
+        """The long window's behaviour tokens (SIM keyed by its pool rows adds its routing keys)."""
+        return self.behaviour_tokens(items, feedback, lengths)
+
+    def pool_codes(self) -> torch.Tensor:
+        """(M,) int64 retrieval key of each long K pool row (``cfg.pool_keys``: SIM, ETA)."""
+        raise NotImplementedError
+
+    def behaviour_codes(self, cache: ZooCache) -> torch.Tensor:
+        """(B, L) int64 retrieval keys of the cached behaviours (0 at padding): the cached keys where the cache
+        holds them (item keys; a full-KV store of a model keyed by its pool rows, :func:`model.entry.full_cache`),
+        else the key of the long K pool row each behaviour's router index names (:meth:`pool_codes`)."""
+        if self.key_name in cache.keys:
+            return cache.keys[self.key_name]
+        codes = self.pool_codes()
+        idx = cache.kv["long"].k_idx.clamp(0, codes.shape[0] - 1)  # (B, L); padding and bad rows masked below
+        return torch.where(self._valid(cache.lengths, idx.shape[1]), codes[idx], 0)
+
     # ---------------------------------------------------------------------------- prefill/decode
     def prefill_with_losses(
         self, items: torch.Tensor, feedback: torch.Tensor, lengths: torch.Tensor
@@ -80,7 +104,7 @@ class LongSequenceCTR(ZooBase):
             items, feedback, lengths = tail_window(items, feedback, lengths, self.cfg.long_len)
         items, feedback = trim(items, feedback, lengths)
         soft = self.training
-        long_cache, long_losses = self.long.prefill(self.behaviour_tokens(items, feedback, lengths), lengths, soft)
+        long_cache, long_losses = self.long.prefill(self.long_tokens(items, feedback, lengths), lengths, soft)
         s_items, s_feedback, s_lengths = tail_window(items, feedback, lengths, self.cfg.max_len)
         short_cache, short_losses = self.short.prefill(
             self.behaviour_tokens(s_items, s_feedback, s_lengths), s_lengths, soft
@@ -118,24 +142,44 @@ class SIM(LongSequenceCTR):
     behaviours sharing the most categories (genres) with the candidate.
 
     Caches: short K/V (last max_len), long K/V (long window) and a category bitmask per behaviour
-    (``keys["categories"]``, bit g-1 for genre g; needs n_genres <= 62).
+    (``keys["categories"]``, bit g-1 for genre g; needs n_genres <= 62). With ``cfg.pool_keys`` the long K pool
+    rows carry genre sets (``row_categories``, :func:`model.retrieval.pool_row_keys`: every genre set of the items
+    owns a block of rows) and each behaviour routes only to the rows of its item's set, so its router index names
+    its categories: no key is cached, and the retrieval is the item-keyed one.
     """
+
+    key_name = "categories"
 
     def __init__(self, cfg: ModelConfig, item_genres: torch.Tensor | None = None) -> None:
         if cfg.n_genres > 62:
             raise ValueError(f"SIM's category bitmasks hold at most 62 categories, got n_genres {cfg.n_genres}")
         super().__init__(cfg, item_genres)
+        if cfg.pool_keys:
+            items = torch.arange(1, cfg.n_items + 1)
+            self.register_buffer("row_categories", pool_row_keys(self.categories(items), cfg.collective.pool_size))
 
-    def categories(self, items: torch.Tensor) -> torch.Tensor:
-        return bitmask(self.item_genres[items])
+    def categories(self, items: torch.Tensor, check: bool = True) -> torch.Tensor:
+        return bitmask(self.item_genres[items], check=check)
+
+    def long_tokens(self, items: torch.Tensor, feedback: torch.Tensor, lengths: torch.Tensor) -> TokenBatch:
+        tokens = super().long_tokens(items, feedback, lengths)
+        if not self.cfg.pool_keys:
+            return tokens
+        assert tokens.items is not None
+        return replace(tokens, route_keys=(self.categories(tokens.items, check=False), self.row_categories))
 
     def retrieval_keys(self, items: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.cfg.pool_keys:
+            return {}
         cats = torch.where(self._valid(lengths, items.shape[1]), self.categories(items), 0)
         return {"categories": cats}
 
+    def pool_codes(self) -> torch.Tensor:
+        return self.row_categories
+
     def retrieve(self, cache: ZooCache, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n_bits = max(1, self.cfg.n_genres)
-        return category_topk(cache.keys["categories"], self.categories(targets), cache.lengths, self.cfg.topk, n_bits)
+        return category_topk(self.behaviour_codes(cache), self.categories(targets), cache.lengths, self.cfg.topk,
+                             key_bits(self.cfg))
 
     def long_interest(self, t: torch.Tensor, targets: torch.Tensor, cache: ZooCache) -> torch.Tensor:
         idx, n_sel = self.retrieve(cache, targets)
@@ -148,44 +192,37 @@ class ETA(LongSequenceCTR):
     Hamming distance (ties: more recent first).
 
     Caches: short K/V, long K/V and each behaviour's signature (``keys["simhash"]``, int64 holding
-    hash_bits bits). With ``cfg.eta_pool_keys`` the hyperplanes span the long K's collective dims and sign
+    hash_bits bits). With ``cfg.pool_keys`` the hyperplanes span the long K's collective dims and sign
     the pool row each behaviour's router picked (a function of its cached index: no key is cached) against
     the candidate's long query in the same dims (:meth:`pool_codes`, :meth:`target_codes`).
     """
 
+    key_name = "simhash"
+
     def __init__(self, cfg: ModelConfig, item_genres: torch.Tensor | None = None) -> None:
         super().__init__(cfg, item_genres)
         g = torch.Generator().manual_seed(_PLANES_SEED)
-        dim = cfg.d_attn - cfg.collective.d_user if cfg.eta_pool_keys else cfg.embed_dim
+        dim = cfg.d_attn - cfg.collective.d_user if cfg.pool_keys else cfg.embed_dim
         self.register_buffer("hash_planes", torch.randn(dim, cfg.hash_bits, generator=g))
 
     def retrieval_keys(self, items: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.cfg.eta_pool_keys:
+        if self.cfg.pool_keys:
             return {}
         vectors, rows = self.item_vectors(items, lengths)
         codes = simhash(vectors, self.hash_planes)[rows]  # (B, L)
         return {"simhash": torch.where(self._valid(lengths, items.shape[1]), codes, 0)}
 
     def pool_codes(self) -> torch.Tensor:
-        """(M,) int64 SimHash codes of the long K pool's rows (``cfg.eta_pool_keys``)."""
+        """(M,) int64 SimHash codes of the long K pool's rows (``cfg.pool_keys``)."""
         return simhash(self.long.k_branch.collective_pool().detach(), self.hash_planes)
 
     def target_codes(self, t: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C) int64 codes of the candidates t (B, C, E): of t, or of the collective dims of their long query
         (``q``, (B, C, d_a), when already computed)."""
-        if self.cfg.eta_pool_keys:
+        if self.cfg.pool_keys:
             q = self.long.query(t) if q is None else q
             return simhash(q.detach()[..., self.cfg.collective.d_user :], self.hash_planes)
         return simhash(t.detach(), self.hash_planes)
-
-    def behaviour_codes(self, cache: ZooCache) -> torch.Tensor:
-        """(B, L) int64 codes of the cached behaviours (0 at padding): the cached keys where the cache holds them
-        (item keys; a full-KV store of a model signing its pool rows, :func:`model.entry.full_cache`)."""
-        if "simhash" in cache.keys:
-            return cache.keys["simhash"]
-        codes = self.pool_codes()
-        idx = cache.kv["long"].k_idx.clamp(0, codes.shape[0] - 1)  # (B, L); padding and bad rows masked below
-        return torch.where(self._valid(cache.lengths, idx.shape[1]), codes[idx], 0)
 
     def retrieve(self, cache: ZooCache, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return hamming_topk(self.behaviour_codes(cache), self.target_codes(t), cache.lengths, self.cfg.topk,

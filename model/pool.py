@@ -18,7 +18,7 @@ from torch import nn
 
 from collectivekv.model.config import ModelConfig
 from collectivekv.model.quant import check_scale, fake_quant, observe_scale
-from collectivekv.model.routing import fused_route, peak_loss, route
+from collectivekv.model.routing import fused_route, mask_rows, peak_loss, route
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,17 @@ class TokenBatch:
     inverse: torch.Tensor
     counts: torch.Tensor
     positions: torch.Tensor  # (N,) flat index b * L + l of each valid position
+    items: torch.Tensor | None = None  # (U,) item id of each distinct token (None: tokens that are not items)
+    # ((U,) key of each token, (M,) key of each pool row): a token routes only to the rows holding its key (SIM
+    # keyed by its pool rows, :class:`model.longseq.SIM`); None: to any row
+    route_keys: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def allowed_rows(self) -> torch.Tensor | None:
+        """(U, M) bool: the pool rows each distinct token may route to (None: all of them)."""
+        if self.route_keys is None:
+            return None
+        token_keys, row_keys = self.route_keys
+        return token_keys.unsqueeze(1) == row_keys.unsqueeze(0)  # (U, M)
 
     def spread(self, per_token: torch.Tensor) -> torch.Tensor:
         """(U, ...) per-token values → (B, L, ...) per position, zeros at padding."""
@@ -71,13 +82,14 @@ def route_tokens(router: nn.Linear, tokens: TokenBatch, soft: bool,
                  probe: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> Routed:
     """Hard (argmax, zero losses) or soft (gate + peak and balance losses) routing of every distinct token,
     spread to (B, L) — the paper's math (:mod:`model.routing`), once per distinct token."""
+    allowed = tokens.allowed_rows()  # (U, M) or None
     if not soft:
-        logits = router(tokens.x_unique)  # (U, M)
+        logits = mask_rows(router(tokens.x_unique), allowed)  # (U, M)
         if probe is not None:
             probe(logits, tokens.counts)
         zero = logits.new_zeros(())
         return Routed(tokens.spread(route(logits).idx), None, zero, zero)
-    routing, balance = fused_route(tokens.x_unique, router.weight, tokens.counts)
+    routing, balance = fused_route(tokens.x_unique, router.weight, tokens.counts, allowed)
     peak = peak_loss(routing.top_logit, tokens.counts)
     return Routed(tokens.spread(routing.idx), tokens.spread(routing.gate), peak, balance)
 

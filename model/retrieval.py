@@ -80,6 +80,23 @@ def category_topk(
     return _rank_and_select(shared * seq + pos, eligible, topk)
 
 
+def pool_row_keys(item_keys: torch.Tensor, pool_size: int) -> torch.Tensor:
+    """The key each of ``pool_size`` pool rows carries, so that every key of ``item_keys`` (N,) int64 owns one or
+    more rows: (M,) int64, the distinct keys in ascending order, each repeated over a contiguous block of 1 + its
+    share of the other M - P rows by its item count (largest remainders; ties: the smaller key). SIM keyed by its
+    pool rows: a behaviour routes only to the rows of its item's genre set, so the row it picks names that set."""
+    keys, counts = torch.unique(item_keys, return_counts=True)  # (P,), (P,) ascending
+    if pool_size < keys.numel():
+        raise ValueError(f"pool_size {pool_size} is below the {keys.numel()} distinct genre sets of the items: a pool "
+                         "keyed by genre set needs a row for each (raise --pool-size, or use --retrieval-keys item)")
+    extra = pool_size - keys.numel()
+    share = counts.double() * extra / counts.sum().double()  # (P,)
+    rows = share.floor().long()  # (P,)
+    left = extra - int(rows.sum())
+    rows[torch.sort(share - rows, descending=True, stable=True).indices[:left]] += 1
+    return keys.repeat_interleave(rows + 1)  # (M,)
+
+
 def simhash(x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
     """SimHash codes: (..., E) vectors, (E, bits) hyperplanes (bits <= 62) → (...) int64 whose bit j
     is 1 where ``x · planes[:, j] > 0``."""

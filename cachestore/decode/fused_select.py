@@ -1,8 +1,8 @@
 """Top-k selection in registers for the zoo's long stages (Triton): one program per row finds the k-th largest
 value by a binary search over its bit patterns (no sort) and writes the k best positions in position order.
 
-    :func:`key_select`  SIM's / ETA's retrieval from the packed key bytes (or ETA's codes of its pool rows, through
-                        the router indices): every long row's rank, shared categories (or bits - Hamming
+    :func:`key_select`  SIM's / ETA's retrieval from the packed key bytes (or the keys of SIM's / ETA's pool rows,
+                        through the router indices): every long row's rank, shared categories (or bits - Hamming
                         distance)·cap + l for eligible rows, and the positions of the k largest =
                         ``model.retrieval``'s selection (ties: later row first);
     :func:`row_topk`    the k largest of each row of TWIN's scores (:func:`cachestore.decode.fused_long.group_scores`),
@@ -133,8 +133,8 @@ def key_select(raw: torch.Tensor, key_starts: torch.Tensor, rows: torch.Tensor, 
     (bits - Hamming distance)·cap + l, else (SIM) shared categories·cap + l for rows sharing one or more — and the
     positions of the ``k`` largest (every eligible row if fewer) in position order: (sel (R, k) int64, n_sel (R,)
     int64 = min(eligible rows, k)), ``model.retrieval``'s selection; entries past n_sel are unspecified. ``codes``
-    (M,) int64: row l's key is ``codes[i]``, i its router index read ``key_bytes`` wide at the same place (ETA
-    signing its pool rows, ``model.longseq.ETA.pool_codes``)."""
+    (M,) int64: row l's key is ``codes[i]``, i its router index read ``key_bytes`` wide at the same place (SIM / ETA
+    keyed by their pool rows, ``model.longseq.SIM.pool_codes`` / ``ETA.pool_codes``)."""
     b, c = targets.shape
     if not 1 <= k <= max(1, cap) <= 4096 or bits > 62:
         raise ValueError(f"key_select takes 1 <= k <= cap <= 4096 and keys of <= 62 bits, got k {k}, cap {cap}, "

@@ -62,7 +62,7 @@ from collectivekv.cachestore.decode.fused_view import (
 from collectivekv.cachestore.decode.transfer import KV_TORCH
 from collectivekv.cachestore.store.entry import EntryLayout
 from collectivekv.cachestore.store.record import RouterIndexError
-from collectivekv.model.cache_spec import entry_parts, group_specs, key_fields, store_config
+from collectivekv.model.cache_spec import entry_parts, group_specs, key_bits, key_fields, store_config
 from collectivekv.model.config import ModelConfig
 from collectivekv.model.retrieval import bitmask, sdim_buckets
 
@@ -144,13 +144,14 @@ class LongStage:
     flags: torch.Tensor
     config: FusedConfig
     scales: tuple[float, float]
-    codes: torch.Tensor | None = None  # ETA signing its pool rows: (M,) codes of the long K pool (eta_codes)
+    codes: torch.Tensor | None = None  # SIM / ETA keyed by their pool rows: (M,) keys of the long K pool (pool_keys)
 
 
-def eta_codes(resident: ResidentZooModel) -> torch.Tensor:
-    """(M,) int64 SimHash codes of an ETA resident's long K pool rows (``model.longseq.ETA.pool_codes``), on its
-    device; cached on the resident (its pools are fixed while it is served)."""
-    cache: dict = resident.__dict__.setdefault("_eta_codes", {})
+def pool_keys(resident: ResidentZooModel) -> torch.Tensor:
+    """(M,) int64 retrieval keys of a SIM / ETA resident's long K pool rows (``model.longseq.SIM.pool_codes``: the
+    rows' genre sets; ``ETA.pool_codes``: their SimHash codes), on its device; cached on the resident (its pools
+    are fixed while it is served)."""
+    cache: dict = resident.__dict__.setdefault("_pool_keys", {})
     if "codes" not in cache:
         cache["codes"] = resident.model.pool_codes().to(resident.device)
     return cache["codes"]
@@ -182,7 +183,7 @@ def _select(s: LongStage, name: str, hamming: bool, codes: torch.Tensor | None =
     them (the fused kernel, SELECT mode)."""
     part = f"keys.{name}" if codes is None else s.view.group.idx_part("k")
     key_bytes = _row_bytes(s.layout, part)
-    bits = s.cfg.hash_bits if codes is not None else key_fields(s.store_cfg)[name][1]
+    bits = key_bits(s.store_cfg)
     cap = max(1, s.view.group.cap)
     idx, n_sel = key_select(s.raw, s.part_starts[part], s.view.rows, cap, key_bytes, bits, s.targets, hamming,
                             min(s.cfg.topk, cap), codes=codes)  # (B·C, k) in position order, (B·C,)
@@ -191,8 +192,9 @@ def _select(s: LongStage, name: str, hamming: bool, codes: torch.Tensor | None =
 
 
 def sim_long(s: LongStage) -> torch.Tensor:
-    """SIM: category (genre bitmask) top-k (shared categories, then recency), attention over the selected rows."""
-    return _select(s, "categories", hamming=False)
+    """SIM: category (genre bitmask) top-k (shared categories, then recency), attention over the selected rows; with
+    pool keys the genre sets of the long K pool rows picked by the indices (``LongStage.codes``)."""
+    return _select(s, "categories", hamming=False, codes=s.codes)
 
 
 def eta_long(s: LongStage) -> torch.Tensor:
@@ -273,7 +275,7 @@ def zoo_static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: 
     long = LONG_STAGES[cfg.arch](LongStage(model, cfg, layout, store_cfg, raw, q_long, targets, views["long"],
                                            pools["long"], starts[0], flag, config,
                                            group_scales(resident, views["long"].group),
-                                           eta_codes(resident) if store_cfg.eta_pool_keys else None))  # (B, C, d_a)
+                                           pool_keys(resident) if store_cfg.pool_keys else None))  # (B, C, d_a)
     if on_chunk is not None:
         on_chunk(1)
     logits = model.mlp(torch.cat([short.to(t.dtype), long.to(t.dtype), t], dim=-1)).squeeze(-1)  # (B, C)

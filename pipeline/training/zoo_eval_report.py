@@ -70,7 +70,8 @@ def summarise(rep: EvalReport) -> dict[str, Any]:
             "best_fixed_by_valid": {"d_user": best_valid["x"], "gauc": best_valid["gauc"]},
             "gap_to_best_test": a["gauc"]["mean"] - best_test["gauc"]["mean"],
         }
-    settings = {**asdict(s), "base": config_to_dict(s.base), "eta_keys": s.base.eta_keys}  # not in the din base's dict
+    settings = {**asdict(s), "base": config_to_dict(s.base),
+                "retrieval_keys": s.base.retrieval_keys}  # not in the din base's dict
     return {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "settings": settings,

@@ -14,6 +14,7 @@ from collectivekv.model.config import CollectiveConfig, ModelConfig, config_from
 from collectivekv.model.diagnostics import RoutingProbe, shared_branches
 from collectivekv.model.entry import cache_from_arrays, entry_arrays, user_scales
 from collectivekv.model.quant import QMAX, SCALE_MOMENTUM, fake_quant, int8_codes
+from collectivekv.model.retrieval import pool_row_keys
 from collectivekv.model.zoo import MODELS
 from tests.model.test_zoo import make_batch, make_model, zoo_config
 
@@ -172,20 +173,21 @@ def test_routing_probe_sees_the_joint_router() -> None:
     assert set(probe.summary()["pools"]) == {"short.kv_router", "long.kv_router"}
 
 
-def test_eta_signing_its_pool_rows_caches_no_key() -> None:
-    """``eta_keys="pool"``: no key part (half cache at the paper's shape: CR 0.195%, as TWIN), the codes are those
-    of the long K pool rows the router picked, the cached decode equals the eval forward, and the option is left
+def test_eta_keyed_by_its_pool_rows_caches_no_key() -> None:
+    """ETA, ``retrieval_keys="pool"``: no key part (half cache at the paper's shape: CR 0.195%, as TWIN), the codes are
+    those of the long K pool rows the router picked, the cached decode equals the eval forward, and the option is left
     out of every config it does not change (full models, other archs, an unshared long K)."""
-    paper = ModelConfig(n_items=100, arch="eta", collective=CollectiveConfig(pool_size=2000), eta_keys="pool", **HALF)
+    paper = ModelConfig(n_items=100, arch="eta", collective=CollectiveConfig(pool_size=2000), retrieval_keys="pool",
+                        **HALF)
     assert not [p for p in entry_parts(paper) if p.kind == "key"]
     assert compression_rate(paper) == pytest.approx(4 / 2048)
-    assert config_to_dict(paper)["eta_keys"] == "pool" and config_from_dict(config_to_dict(paper)) == paper
-    for inert in (dataclasses.replace(paper, kv_mode="full"), dataclasses.replace(paper, arch="sim"),
+    assert config_to_dict(paper)["retrieval_keys"] == "pool" and config_from_dict(config_to_dict(paper)) == paper
+    for inert in (dataclasses.replace(paper, kv_mode="full"), dataclasses.replace(paper, arch="twin"),
                   dataclasses.replace(paper, kv_index="separate", collective=CollectiveConfig(share_k=False))):
-        assert not inert.eta_pool_keys and "eta_keys" not in config_to_dict(inert)
-    with pytest.raises(ValueError, match="eta_keys"):
-        ModelConfig(n_items=1, eta_keys="items")
-    cfg = zoo_config("eta", eta_keys="pool", **HALF)
+        assert not inert.pool_keys and "retrieval_keys" not in config_to_dict(inert)
+    with pytest.raises(ValueError, match="retrieval_keys"):
+        ModelConfig(n_items=1, retrieval_keys="items")
+    cfg = zoo_config("eta", retrieval_keys="pool", **HALF)
     batch = make_batch([0, 1, 4, cfg.window_len], cfg.window_len, seed=4)
     m = observed(make_model(cfg, seed=5), batch)
     items, feedback, lengths, targets = batch
@@ -197,6 +199,49 @@ def test_eta_signing_its_pool_rows_caches_no_key() -> None:
         idx = cache.kv["long"].k_idx
         valid = torch.arange(idx.shape[1]) < lengths[:, None]
         assert torch.equal(codes[valid], m.pool_codes()[idx[valid]]) and not codes[~valid].any()
+        rebuilt = cache_from_arrays(entry_arrays(cache, cfg, user_scales(m, cfg)), cache.lengths, cfg,
+                                    user_scales(m, cfg))
+        assert torch.allclose(m.decode(rebuilt, targets), want, atol=1e-6, rtol=1e-6)
+
+
+def test_pool_row_keys_give_every_key_a_block_of_rows() -> None:
+    keys = torch.tensor([5, 3, 5, 5, 9, 3, 5, 5])  # counts: 3 → 2, 5 → 5, 9 → 1
+    rows = pool_row_keys(keys, 12)  # one row each + 9 shared 2 : 5 : 1 = 2.25, 5.625, 1.125: floors 2, 5, 1, and the
+    assert rows.tolist() == [3] * 3 + [5] * 7 + [9] * 2  # row left goes to the largest remainder (5's)
+    assert pool_row_keys(keys, 3).tolist() == [3, 5, 9]
+    with pytest.raises(ValueError, match="pool_size 2 is below the 3 distinct genre sets"):
+        pool_row_keys(keys, 2)
+
+
+@pytest.mark.parametrize("option", ["half", "separate"])
+def test_sim_keyed_by_its_pool_rows_caches_no_key(option: str) -> None:
+    """SIM, ``retrieval_keys="pool"``: no key part (CR 0.195% at the paper's shape with the half cache); every
+    behaviour routes (soft in training, hard in eval) to a long K row carrying its item's genre set, so the keys read
+    through the indices are the item-keyed ones and the retrieval is unchanged; the cached decode equals the
+    forward."""
+    paper = ModelConfig(n_items=100, n_genres=20, arch="sim", collective=CollectiveConfig(pool_size=2000),
+                        retrieval_keys="pool", **HALF)
+    assert not [p for p in entry_parts(paper) if p.kind == "key"]
+    assert compression_rate(paper) == pytest.approx(4 / 2048)
+    extra = HALF if option == "half" else {}
+    cfg = zoo_config("sim", retrieval_keys="pool", collective=CollectiveConfig(d_user=2, pool_size=64), **extra)
+    batch = make_batch([0, 1, 4, cfg.window_len], cfg.window_len, seed=4)
+    m = observed(make_model(cfg, seed=5), batch)
+    items, feedback, lengths, targets = batch
+    valid = torch.arange(items.shape[1]) < lengths[:, None]
+    m.train()
+    soft, _ = m.prefill_with_losses(items, feedback, lengths)
+    assert torch.equal(m.row_categories[soft.kv["long"].k_idx][valid], m.categories(items)[valid])
+    m.eval()
+    with torch.no_grad():
+        want, _ = m(items, feedback, lengths, targets)
+        cache = m.prefill(items, feedback, lengths)
+        assert cache.keys == {}
+        assert torch.equal(m.behaviour_codes(cache)[valid], m.categories(items)[valid])
+        assert not m.behaviour_codes(cache)[~valid].any()
+        item_keyed = dataclasses.replace(cache, keys={"categories": torch.where(valid, m.categories(items), 0)})
+        assert all(torch.equal(a, b) for a, b in zip(m.retrieve(cache, targets[:, None]),
+                                                     m.retrieve(item_keyed, targets[:, None]), strict=True))
         rebuilt = cache_from_arrays(entry_arrays(cache, cfg, user_scales(m, cfg)), cache.lengths, cfg,
                                     user_scales(m, cfg))
         assert torch.allclose(m.decode(rebuilt, targets), want, atol=1e-6, rtol=1e-6)

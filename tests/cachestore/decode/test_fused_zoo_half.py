@@ -97,15 +97,18 @@ def test_fused_zoo_half_equals_eager_and_forward(arch: str, device: str) -> None
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("arch", ["sim", "eta"])
 @pytest.mark.parametrize(("option", "kv_dtype"), [("half", "float32"), ("joint", "float16"), ("int8", "float32")])
-def test_fused_eta_signing_its_pool_rows(option: str, kv_dtype: str, device: str) -> None:
-    """ETA with ``eta_keys="pool"``: no key part in the store (CR: the K/V parts alone), the fused retrieval reads
-    each row's codes through its router index: fused == eager == the eval forward. Its full-KV store, with no
-    index left, caches the codes as keys and scores the same."""
-    case = half_case("eta", device, option, kv_dtype, seed=7, eta_keys="pool")
+def test_fused_keys_of_the_pool_rows(arch: str, option: str, kv_dtype: str, device: str) -> None:
+    """SIM / ETA with ``retrieval_keys="pool"``: no key part in the store (CR: the K/V parts alone), the fused
+    retrieval reads each row's key (SIM: its pool row's genre set; ETA: its SimHash code) through its router index:
+    fused == eager == the eval forward. Their full-KV store, with no index left, caches the keys and scores the
+    same."""
+    pool = {"collective": CollectiveConfig(d_user=2, pool_size=64)} if arch == "sim" else {}  # a row per genre set
+    case = half_case(arch, device, option, kv_dtype, seed=7, retrieval_keys="pool", **pool)
     assert not [p for p in case.layout.parts if p.kind == "key"]
-    full = half_case("eta", device, option, kv_dtype, seed=7, eta_keys="pool", mode="full")  # codes as its keys
-    assert [p.name for p in full.layout.parts if p.kind == "key"] == ["keys.simhash"]
+    full = half_case(arch, device, option, kv_dtype, seed=7, retrieval_keys="pool", mode="full", **pool)
+    assert [p.name for p in full.layout.parts if p.kind == "key"] == [f"keys.{case.model.key_name}"]
     tol = 1e-5 if kv_dtype == "float32" else 1e-3  # the full store rounds K/V to its dtype
     torch.testing.assert_close(fused(full), forward(full), rtol=tol, atol=tol)
     got = fused(case)

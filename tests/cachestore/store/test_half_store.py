@@ -17,6 +17,7 @@ from collectivekv.cachestore.store.entry import EntryLayout, entry_layout, layou
 from collectivekv.cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE
 from collectivekv.cachestore.store.record import LayoutError, write_layout
 from collectivekv.model.cache_spec import compression_rate, entry_bytes
+from collectivekv.model.config import CollectiveConfig
 from collectivekv.pipeline.prefill.prefill import cache_layout, prefill_batches
 from collectivekv.pipeline.reports.size_report import size_report
 from collectivekv.pipeline.store.store_ops import build_store
@@ -74,11 +75,13 @@ def test_din_memo_equals_direct_and_records_hold_the_codes(option: str) -> None:
 
 @pytest.mark.parametrize(("arch", "option", "extra"), [
     ("din", "half", {}), ("sim", "half", {}), ("sdim", "half", {}), ("hstu", "half", {}), ("twin", "joint", {}),
-    ("eta", "int8", {}), ("eta", "half", {"eta_keys": "pool"}),
+    ("eta", "int8", {}), ("eta", "half", {"retrieval_keys": "pool"}),
+    ("sim", "half", {"retrieval_keys": "pool", "collective": CollectiveConfig(d_user=2, pool_size=64)}),
 ])
 def test_prefill_build_verify_and_size_report(tmp_path: Path, arch: str, option: str, extra: dict) -> None:
     """The executors' per-partition function → Parquet → store build → verify (every record against the model's
-    own K/V, indices exactly) → the size report's CR from model.cache_spec (ETA signing its pool rows: no key)."""
+    own K/V, indices exactly) → the size report's CR from model.cache_spec (SIM / ETA keyed by their pool rows: no
+    key)."""
     model = trained(arch, option, **extra)
     version = save_checkpoint(tmp_path / "ckpt", model, {})
     layout = cache_layout(model.cfg, version)
