@@ -146,14 +146,15 @@ class TABlock(nn.Module):
     """One multi-head target attention: Q = W_q t; K and V from :class:`KVBranch` (full projection,
     or CollectiveKV user part + pool index), so its cache is a :class:`KVCache`.
 
-    ``has_k=False`` makes a V-only block (SDIM's long stage caches values only).
+    ``has_k=False`` makes a V-only block (SDIM's long stage caches values only); ``blocks``: its pools' index
+    blocks (:func:`model.pool.block_table`).
     """
 
-    def __init__(self, cfg: ModelConfig, has_k: bool = True) -> None:
+    def __init__(self, cfg: ModelConfig, has_k: bool = True, blocks: int = 1) -> None:
         super().__init__()
         self.n_heads = cfg.n_heads
         self.q_proj = nn.Linear(cfg.embed_dim, cfg.d_attn, bias=False) if has_k else None
-        self.k_branch, self.v_branch, self.kv_router = kv_branches(cfg, has_k)
+        self.k_branch, self.v_branch, self.kv_router = kv_branches(cfg, has_k, blocks)
 
     def prefill(self, tokens: TokenBatch, lengths: torch.Tensor, soft: bool) -> tuple[KVCache, RouterLosses]:
         k, v = prefill_pair(self.k_branch, self.v_branch, tokens, soft)

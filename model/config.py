@@ -107,9 +107,9 @@ class ModelConfig:
     kv_index: str = "separate"
     user_dtype: str = "float"
     # sim / eta: where a behaviour's retrieval key comes from — "item": its item (a cached key per behaviour);
-    # "pool": the long K pool row its router picked (nothing cached: the key is a function of the router index).
-    # SIM: the pool rows carry genre sets and a behaviour routes only to rows carrying its item's; ETA: SimHash of
-    # the pool row against the candidate's long query. A full model, or one whose long K is not shared: "item".
+    # "pool": its long K router index (nothing cached: the key is a function of the index). SIM: the index values
+    # form a block per genre set over shared rows (model.longseq.SIM); ETA: SimHash of the pool row against the
+    # candidate's long query. A full model, or one whose long K is not shared: "item".
     retrieval_keys: str = "item"
 
     def __post_init__(self) -> None:

@@ -55,7 +55,7 @@ class PoolStats:
             w = c.to(torch.float64)
             logp = torch.log_softmax(lg.float(), dim=-1)  # (u, rows)
             top, idx = lg.max(dim=-1)  # (u,)
-            ent = -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)  # (u,); rows masked to -inf: 0
+            ent = -(logp.exp() * logp).sum(-1)  # (u,)
             self.usage.index_add_(0, idx.cpu(), w.cpu())
             self.weight += float(w.sum())
             self.entropy += float((w * ent.double()).sum())

@@ -42,12 +42,12 @@ from collectivekv.model.blocks import TABlock, ZooBase, ZooCache, add_losses, bu
 from collectivekv.model.cache_spec import key_bits
 from collectivekv.model.config import ModelConfig
 from collectivekv.model.ctr import RouterLosses, distinct
-from collectivekv.model.pool import TokenBatch
+from collectivekv.model.pool import TokenBatch, block_rows
 from collectivekv.model.retrieval import (
     bitmask,
     category_topk,
+    genre_blocks,
     hamming_topk,
-    pool_row_keys,
     sdim_aggregate,
     sdim_buckets,
     simhash,
@@ -62,10 +62,10 @@ class LongSequenceCTR(ZooBase):
     long_has_k = True
     key_name = ""  # SIM / ETA: the name of the per-behaviour retrieval key in ``ZooCache.keys``
 
-    def __init__(self, cfg: ModelConfig, item_genres: torch.Tensor | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, item_genres: torch.Tensor | None = None, blocks: int = 1) -> None:
         super().__init__(cfg, item_genres)
-        self.short = TABlock(cfg)
-        self.long = TABlock(cfg, has_k=self.long_has_k)
+        self.short = TABlock(cfg, blocks=blocks)
+        self.long = TABlock(cfg, has_k=self.long_has_k, blocks=blocks)
         self.mlp = build_mlp(cfg.embed_dim + 2 * cfg.d_attn, cfg.mlp_dims, cfg.dropout)
 
     # ------------------------------------------------------------------ hooks for the subclasses
@@ -76,10 +76,6 @@ class LongSequenceCTR(ZooBase):
     def long_interest(self, t: torch.Tensor, targets: torch.Tensor, cache: ZooCache) -> torch.Tensor:
         """(B, C, E) candidates → (B, C, d_a) long-sequence interest."""
         raise NotImplementedError
-
-    def long_tokens(self, items: torch.Tensor, feedback: torch.Tensor, lengths: torch.Tensor) -> TokenBatch:
-        """The long window's behaviour tokens (SIM keyed by its pool rows adds its routing keys)."""
-        return self.behaviour_tokens(items, feedback, lengths)
 
     def pool_codes(self) -> torch.Tensor:
         """(M,) int64 retrieval key of each long K pool row (``cfg.pool_keys``: SIM, ETA)."""
@@ -104,7 +100,7 @@ class LongSequenceCTR(ZooBase):
             items, feedback, lengths = tail_window(items, feedback, lengths, self.cfg.long_len)
         items, feedback = trim(items, feedback, lengths)
         soft = self.training
-        long_cache, long_losses = self.long.prefill(self.long_tokens(items, feedback, lengths), lengths, soft)
+        long_cache, long_losses = self.long.prefill(self.behaviour_tokens(items, feedback, lengths), lengths, soft)
         s_items, s_feedback, s_lengths = tail_window(items, feedback, lengths, self.cfg.max_len)
         short_cache, short_losses = self.short.prefill(
             self.behaviour_tokens(s_items, s_feedback, s_lengths), s_lengths, soft
@@ -142,10 +138,12 @@ class SIM(LongSequenceCTR):
     behaviours sharing the most categories (genres) with the candidate.
 
     Caches: short K/V (last max_len), long K/V (long window) and a category bitmask per behaviour
-    (``keys["categories"]``, bit g-1 for genre g; needs n_genres <= 62). With ``cfg.pool_keys`` the long K pool
-    rows carry genre sets (``row_categories``, :func:`model.retrieval.pool_row_keys`: every genre set of the items
-    owns a block of rows) and each behaviour routes only to the rows of its item's set, so its router index names
-    its categories: no key is cached, and the retrieval is the item-keyed one.
+    (``keys["categories"]``, bit g-1 for genre g; needs n_genres <= 62). With ``cfg.pool_keys`` the router index
+    carries the genre set: every pool's ``pool_size`` index values form one block per distinct genre set of the
+    items (:func:`model.retrieval.genre_blocks`), each block reading the same S = pool_size // sets shared rows
+    (:func:`model.pool.block_table`); a behaviour routes freely over the S rows and its index is its set's block
+    start + the row. The key is then a function of the index (``row_categories``): no key is cached, and the
+    retrieval is the item-keyed one.
     """
 
     key_name = "categories"
@@ -153,20 +151,27 @@ class SIM(LongSequenceCTR):
     def __init__(self, cfg: ModelConfig, item_genres: torch.Tensor | None = None) -> None:
         if cfg.n_genres > 62:
             raise ValueError(f"SIM's category bitmasks hold at most 62 categories, got n_genres {cfg.n_genres}")
-        super().__init__(cfg, item_genres)
-        if cfg.pool_keys:
-            items = torch.arange(1, cfg.n_items + 1)
-            self.register_buffer("row_categories", pool_row_keys(self.categories(items), cfg.collective.pool_size))
+        if not cfg.pool_keys:
+            super().__init__(cfg, item_genres)
+            return
+        genres = torch.zeros(cfg.n_items + 1, cfg.max_genres, dtype=torch.long) if item_genres is None else item_genres
+        sets, block = genre_blocks(bitmask(genres.long()))  # (P,), (n_items + 1,)
+        super().__init__(cfg, item_genres, sets.numel())
+        rows = block_rows(cfg.collective.pool_size, sets.numel())
+        self.register_buffer("item_block_start", block * rows)  # (n_items + 1,) first index of the item's block
+        keys = sets.repeat_interleave(rows)  # (P·S,) the genre set each index value names
+        pad = keys.new_zeros(cfg.collective.pool_size - keys.numel())  # index values past the blocks: no genre
+        self.register_buffer("row_categories", torch.cat([keys, pad]))  # (M,)
 
     def categories(self, items: torch.Tensor, check: bool = True) -> torch.Tensor:
         return bitmask(self.item_genres[items], check=check)
 
-    def long_tokens(self, items: torch.Tensor, feedback: torch.Tensor, lengths: torch.Tensor) -> TokenBatch:
-        tokens = super().long_tokens(items, feedback, lengths)
+    def behaviour_tokens(self, items: torch.Tensor, feedback: torch.Tensor, lengths: torch.Tensor) -> TokenBatch:
+        tokens = super().behaviour_tokens(items, feedback, lengths)
         if not self.cfg.pool_keys:
             return tokens
         assert tokens.items is not None
-        return replace(tokens, route_keys=(self.categories(tokens.items, check=False), self.row_categories))
+        return replace(tokens, row_offset=self.item_block_start[tokens.items])
 
     def retrieval_keys(self, items: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.cfg.pool_keys:

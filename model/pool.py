@@ -18,7 +18,7 @@ from torch import nn
 
 from collectivekv.model.config import ModelConfig
 from collectivekv.model.quant import check_scale, fake_quant, observe_scale
-from collectivekv.model.routing import fused_route, mask_rows, peak_loss, route
+from collectivekv.model.routing import fused_route, peak_loss, route
 
 
 @dataclass(frozen=True)
@@ -37,16 +37,9 @@ class TokenBatch:
     counts: torch.Tensor
     positions: torch.Tensor  # (N,) flat index b * L + l of each valid position
     items: torch.Tensor | None = None  # (U,) item id of each distinct token (None: tokens that are not items)
-    # ((U,) key of each token, (M,) key of each pool row): a token routes only to the rows holding its key (SIM
-    # keyed by its pool rows, :class:`model.longseq.SIM`); None: to any row
-    route_keys: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def allowed_rows(self) -> torch.Tensor | None:
-        """(U, M) bool: the pool rows each distinct token may route to (None: all of them)."""
-        if self.route_keys is None:
-            return None
-        token_keys, row_keys = self.route_keys
-        return token_keys.unsqueeze(1) == row_keys.unsqueeze(0)  # (U, M)
+    # (U,) int64 added to each distinct token's router index: the first index of its block in a blocked pool
+    # (:func:`block_table`; SIM keyed by its pool rows); None: 0
+    row_offset: torch.Tensor | None = None
 
     def spread(self, per_token: torch.Tensor) -> torch.Tensor:
         """(U, ...) per-token values → (B, L, ...) per position, zeros at padding."""
@@ -82,16 +75,35 @@ def route_tokens(router: nn.Linear, tokens: TokenBatch, soft: bool,
                  probe: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> Routed:
     """Hard (argmax, zero losses) or soft (gate + peak and balance losses) routing of every distinct token,
     spread to (B, L) — the paper's math (:mod:`model.routing`), once per distinct token."""
-    allowed = tokens.allowed_rows()  # (U, M) or None
+    offset = 0 if tokens.row_offset is None else tokens.row_offset  # (U,) or 0
     if not soft:
-        logits = mask_rows(router(tokens.x_unique), allowed)  # (U, M)
+        logits = router(tokens.x_unique)  # (U, S)
         if probe is not None:
             probe(logits, tokens.counts)
         zero = logits.new_zeros(())
-        return Routed(tokens.spread(route(logits).idx), None, zero, zero)
-    routing, balance = fused_route(tokens.x_unique, router.weight, tokens.counts, allowed)
+        return Routed(tokens.spread(route(logits).idx + offset), None, zero, zero)
+    routing, balance = fused_route(tokens.x_unique, router.weight, tokens.counts)
     peak = peak_loss(routing.top_logit, tokens.counts)
-    return Routed(tokens.spread(routing.idx), tokens.spread(routing.gate), peak, balance)
+    return Routed(tokens.spread(routing.idx + offset), tokens.spread(routing.gate), peak, balance)
+
+
+def block_table(rows: torch.Tensor, blocks: int, index_rows: int) -> torch.Tensor:
+    """The (index_rows, d) table a blocked pool's indices read: ``blocks`` blocks of S = index_rows // blocks index
+    values, each block holding the same S shared rows ``rows`` (S, d), then zero rows up to ``index_rows`` (no index
+    reads them). Index ``b·S + j`` reads row j: the block carries what the index names beyond the row (SIM keyed by
+    its pool rows: the behaviour's genre set). ``rows`` itself when ``blocks == 1``."""
+    if blocks == 1:
+        return rows
+    table = rows.repeat(blocks, 1)  # (blocks·S, d)
+    return torch.nn.functional.pad(table, (0, 0, 0, index_rows - table.shape[0]))  # (index_rows, d)
+
+
+def block_rows(pool_size: int, blocks: int) -> int:
+    """Shared rows S of a pool of ``pool_size`` index values in ``blocks`` blocks (:func:`block_table`)."""
+    if not 1 <= blocks <= pool_size:
+        raise ValueError(f"a pool of {pool_size} index values holds at most {pool_size} blocks, got {blocks} (SIM "
+                         "keyed by its pool rows: a block per genre set; raise --pool-size, up to 65,536)")
+    return pool_size // blocks
 
 
 class JointRouter(nn.Module):
@@ -99,16 +111,20 @@ class JointRouter(nn.Module):
     row ``pool[idx]`` of shape ((d_a - dk_u) + (d_a - dv_u),): K's collective part is its first d_a - dk_u
     values, V's the rest. Gate, peak and balance losses are computed once per behaviour."""
 
-    def __init__(self, embed_dim: int, d_attn: int, dk_user: int, dv_user: int, pool_size: int) -> None:
+    def __init__(self, embed_dim: int, d_attn: int, dk_user: int, dv_user: int, pool_size: int, blocks: int = 1
+                 ) -> None:
         super().__init__()
-        self.router = nn.Linear(embed_dim, pool_size, bias=False)
-        self.pool = nn.Parameter(torch.randn(pool_size, (d_attn - dk_user) + (d_attn - dv_user)))
+        rows = block_rows(pool_size, blocks)
+        self.router = nn.Linear(embed_dim, rows, bias=False)
+        self.pool = nn.Parameter(torch.randn(rows, (d_attn - dk_user) + (d_attn - dv_user)))
         self.k_width = d_attn - dk_user
+        self.blocks, self.index_rows = blocks, pool_size
         self.probe: Callable[[torch.Tensor, torch.Tensor], None] | None = None
 
     def side_pool(self, side: str) -> torch.Tensor:
-        """(M, d_a - d_u) view of the pool: K's columns (``side`` "k") or V's ("v")."""
-        return self.pool[:, : self.k_width] if side == "k" else self.pool[:, self.k_width :]
+        """(M, d_a - d_u) rows the index reads (:func:`block_table`): K's columns (``side`` "k") or V's ("v")."""
+        table = block_table(self.pool, self.blocks, self.index_rows)
+        return table[:, : self.k_width] if side == "k" else table[:, self.k_width :]
 
     def route(self, tokens: TokenBatch, soft: bool) -> Routed:
         return route_tokens(self.router, tokens, soft, self.probe)
@@ -126,13 +142,15 @@ class KVBranch(nn.Module):
     """
 
     def __init__(self, embed_dim: int, d_attn: int, shared: bool, d_user: int, pool_size: int,
-                 joint: bool = False, int8: bool = False) -> None:
+                 joint: bool = False, int8: bool = False, blocks: int = 1) -> None:
         super().__init__()
         self.shared = shared
         self.proj = nn.Linear(embed_dim, d_user if shared else d_attn, bias=False)
+        self.blocks, self.index_rows = blocks, pool_size
         if shared and not joint:
-            self.router: nn.Linear | None = nn.Linear(embed_dim, pool_size, bias=False)
-            self.pool: nn.Parameter | None = nn.Parameter(torch.randn(pool_size, d_attn - d_user))
+            rows = block_rows(pool_size, blocks)
+            self.router: nn.Linear | None = nn.Linear(embed_dim, rows, bias=False)
+            self.pool: nn.Parameter | None = nn.Parameter(torch.randn(rows, d_attn - d_user))
         else:
             self.router = None
             self.pool = None
@@ -147,10 +165,11 @@ class KVBranch(nn.Module):
         self.probe: Callable[[torch.Tensor, torch.Tensor], None] | None = None
 
     def collective_pool(self) -> torch.Tensor | None:
-        """(M, d_a - d_u) collective rows this branch's index reads: its own pool or its joint pool's columns."""
+        """(M, d_a - d_u) collective rows this branch's index reads: its own pool (through :func:`block_table`) or its
+        joint pool's columns."""
         if self.joint is not None:
             return self.joint[0].side_pool(self.joint[1])
-        return self.pool
+        return None if self.pool is None else block_table(self.pool, self.blocks, self.index_rows)
 
     def routing_weight(self) -> torch.Tensor | None:
         """(M, E) weight of the router that picks this branch's rows (its own or the joint one's)."""
@@ -184,16 +203,18 @@ class KVBranch(nn.Module):
         return BranchState(user, routed.idx, routed.gate, zero, zero)
 
 
-def kv_branches(cfg: ModelConfig, has_k: bool = True) -> tuple[KVBranch | None, KVBranch, JointRouter | None]:
+def kv_branches(cfg: ModelConfig, has_k: bool = True, blocks: int = 1
+                ) -> tuple[KVBranch | None, KVBranch, JointRouter | None]:
     """The K branch (None when ``has_k`` is False: a V-only block), the V branch and, for ``cfg.joint_index``
-    with a K, the :class:`JointRouter` both read (the caller registers it, as ``kv_router``)."""
+    with a K, the :class:`JointRouter` both read (the caller registers it, as ``kv_router``); their pools in
+    ``blocks`` blocks (:func:`block_table`)."""
     e, d_a, c = cfg.embed_dim, cfg.d_attn, cfg.collective
     joint = cfg.joint_index and has_k
-    k = KVBranch(e, d_a, cfg.k_shared, c.d_user, c.pool_size, joint, cfg.int8_user) if has_k else None
-    v = KVBranch(e, d_a, cfg.v_shared, c.d_user, c.pool_size, joint, cfg.int8_user)
+    k = KVBranch(e, d_a, cfg.k_shared, c.d_user, c.pool_size, joint, cfg.int8_user, blocks) if has_k else None
+    v = KVBranch(e, d_a, cfg.v_shared, c.d_user, c.pool_size, joint, cfg.int8_user, blocks)
     if not joint:
         return k, v, None
-    router = JointRouter(e, d_a, cfg.dk_user, cfg.dv_user, c.pool_size)
+    router = JointRouter(e, d_a, cfg.dk_user, cfg.dv_user, c.pool_size, blocks)
     assert k is not None
     k.joint, v.joint = (router, "k"), (router, "v")
     return k, v, router

@@ -80,21 +80,14 @@ def category_topk(
     return _rank_and_select(shared * seq + pos, eligible, topk)
 
 
-def pool_row_keys(item_keys: torch.Tensor, pool_size: int) -> torch.Tensor:
-    """The key each of ``pool_size`` pool rows carries, so that every key of ``item_keys`` (N,) int64 owns one or
-    more rows: (M,) int64, the distinct keys in ascending order, each repeated over a contiguous block of 1 + its
-    share of the other M - P rows by its item count (largest remainders; ties: the smaller key). SIM keyed by its
-    pool rows: a behaviour routes only to the rows of its item's genre set, so the row it picks names that set."""
-    keys, counts = torch.unique(item_keys, return_counts=True)  # (P,), (P,) ascending
-    if pool_size < keys.numel():
-        raise ValueError(f"pool_size {pool_size} is below the {keys.numel()} distinct genre sets of the items: a pool "
-                         "keyed by genre set needs a row for each (raise --pool-size, or use --retrieval-keys item)")
-    extra = pool_size - keys.numel()
-    share = counts.double() * extra / counts.sum().double()  # (P,)
-    rows = share.floor().long()  # (P,)
-    left = extra - int(rows.sum())
-    rows[torch.sort(share - rows, descending=True, stable=True).indices[:left]] += 1
-    return keys.repeat_interleave(rows + 1)  # (M,)
+def genre_blocks(item_keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct genre sets of the items and each item's block: ``item_keys`` (n_items + 1,) int64 bitmasks
+    (row 0, the padding item, left out of the sets) → (sets (P,) ascending, block (n_items + 1,) int64 in 0..P-1;
+    the padding item's block is 0). SIM keyed by its pool rows gives each set a block of index values."""
+    sets = torch.unique(item_keys[1:]) if item_keys.numel() > 1 else item_keys.new_zeros(1)  # (P,) ascending
+    block = torch.searchsorted(sets, item_keys).clamp(max=sets.numel() - 1)  # (n_items + 1,)
+    block[0] = 0
+    return sets, block
 
 
 def simhash(x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:

@@ -44,12 +44,6 @@ def route(logits: torch.Tensor) -> Routing:
     return Routing(idx=idx, top_logit=top_logit)
 
 
-def mask_rows(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
-    """(N, M) logits with -inf where ``allowed`` (N, M) bool is False (a row's routing restricted to its allowed
-    pool rows: argmax, softmax and the losses see only those); ``logits`` itself when ``allowed`` is None."""
-    return logits if allowed is None else logits.masked_fill(~allowed, float("-inf"))
-
-
 def gather_pool(pool: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
     """Collective rows ``pool[idx]`` (hard) or ``gate * pool[idx]`` (soft).
 
@@ -108,11 +102,8 @@ class _FusedRouter(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor,  # type: ignore[override]
-                allowed: torch.Tensor | None):
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor):  # type: ignore[override]
         buf = x @ w.t()  # (U, M) logits
-        if allowed is not None:
-            buf.masked_fill_(~allowed, float("-inf"))  # probability 0, gradient 0
         top, idx = buf.max(dim=-1)  # (U,), (U,)
         buf.sub_(top.unsqueeze(1)).exp_()  # (U, M) unnormalised probabilities
         buf.div_(buf.sum(dim=-1, keepdim=True))  # (U, M) softmax
@@ -139,14 +130,11 @@ class _FusedRouter(torch.autograd.Function):
         buf[rows, idx] += d_top  # d top_logit / d logits is one-hot at the argmax
         dx = buf @ w if ctx.needs_input_grad[0] else None  # (U, E)
         dw = buf.t() @ x if ctx.needs_input_grad[1] else None  # (M, E)
-        return dx, dw, None, None
+        return dx, dw, None
 
 
-def fused_route(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, allowed: torch.Tensor | None = None
-                ) -> tuple[Routing, torch.Tensor]:
+def fused_route(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> tuple[Routing, torch.Tensor]:
     """Routing of ``x`` (U, E) by a bias-free router ``weight`` (M, E) and the count-weighted
-    balance loss, in one memory-lean pass (see :class:`_FusedRouter`). ``allowed`` (U, M) bool: the rows each
-    token may pick (every row of a token must have one or more; the others' logits are -inf, as
-    :func:`mask_rows`). Returns (Routing, balance)."""
-    top, idx, balance = _FusedRouter.apply(x, weight, counts, allowed)
+    balance loss, in one memory-lean pass (see :class:`_FusedRouter`). Returns (Routing, balance)."""
+    top, idx, balance = _FusedRouter.apply(x, weight, counts)
     return Routing(idx=idx, top_logit=top), balance

@@ -13,10 +13,11 @@ from collectivekv.model.cache_spec import compression_rate, entry_bytes, entry_p
 from collectivekv.model.config import CollectiveConfig, ModelConfig, config_from_dict, config_to_dict
 from collectivekv.model.diagnostics import RoutingProbe, shared_branches
 from collectivekv.model.entry import cache_from_arrays, entry_arrays, user_scales
+from collectivekv.model.pool import block_rows, block_table
 from collectivekv.model.quant import QMAX, SCALE_MOMENTUM, fake_quant, int8_codes
-from collectivekv.model.retrieval import pool_row_keys
+from collectivekv.model.retrieval import genre_blocks
 from collectivekv.model.zoo import MODELS
-from tests.model.test_zoo import make_batch, make_model, zoo_config
+from tests.model.test_zoo import N_ITEMS, make_batch, make_model, zoo_config
 
 HALF = dict(kv_index="joint", user_dtype="int8")
 OPTIONS = {"joint": dict(kv_index="joint"), "int8": dict(user_dtype="int8"), "half": HALF}
@@ -204,34 +205,42 @@ def test_eta_keyed_by_its_pool_rows_caches_no_key() -> None:
         assert torch.allclose(m.decode(rebuilt, targets), want, atol=1e-6, rtol=1e-6)
 
 
-def test_pool_row_keys_give_every_key_a_block_of_rows() -> None:
-    keys = torch.tensor([5, 3, 5, 5, 9, 3, 5, 5])  # counts: 3 → 2, 5 → 5, 9 → 1
-    rows = pool_row_keys(keys, 12)  # one row each + 9 shared 2 : 5 : 1 = 2.25, 5.625, 1.125: floors 2, 5, 1, and the
-    assert rows.tolist() == [3] * 3 + [5] * 7 + [9] * 2  # row left goes to the largest remainder (5's)
-    assert pool_row_keys(keys, 3).tolist() == [3, 5, 9]
-    with pytest.raises(ValueError, match="pool_size 2 is below the 3 distinct genre sets"):
-        pool_row_keys(keys, 2)
+def test_genre_blocks_and_block_tables() -> None:
+    sets, block = genre_blocks(torch.tensor([0, 5, 3, 5, 9, 3]))  # row 0: the padding item
+    assert sets.tolist() == [3, 5, 9] and block.tolist() == [0, 1, 0, 1, 2, 0]
+    rows = torch.arange(6.0).reshape(3, 2)  # S = 3 shared rows
+    table = block_table(rows, 2, 7)  # 2 blocks of 3 index values, then one zero row
+    assert torch.equal(table, torch.cat([rows, rows, torch.zeros(1, 2)])) and block_table(rows, 1, 3) is rows
+    assert block_rows(7, 2) == 3
+    with pytest.raises(ValueError, match="at most 2 blocks, got 3"):
+        block_rows(2, 3)
 
 
 @pytest.mark.parametrize("option", ["half", "separate"])
 def test_sim_keyed_by_its_pool_rows_caches_no_key(option: str) -> None:
-    """SIM, ``retrieval_keys="pool"``: no key part (CR 0.195% at the paper's shape with the half cache); every
-    behaviour routes (soft in training, hard in eval) to a long K row carrying its item's genre set, so the keys read
-    through the indices are the item-keyed ones and the retrieval is unchanged; the cached decode equals the
-    forward."""
-    paper = ModelConfig(n_items=100, n_genres=20, arch="sim", collective=CollectiveConfig(pool_size=2000),
+    """SIM, ``retrieval_keys="pool"``: no key part (CR 0.195% at the paper's shape with the half cache); every index
+    (soft routing in training, hard in eval; short and long groups) is its item's genre-set block start + a shared
+    row, so the keys read through the indices are the item-keyed ones and the retrieval is unchanged; the cached
+    decode equals the forward."""
+    paper = ModelConfig(n_items=100, n_genres=20, arch="sim", collective=CollectiveConfig(pool_size=65_536),
                         retrieval_keys="pool", **HALF)
     assert not [p for p in entry_parts(paper) if p.kind == "key"]
     assert compression_rate(paper) == pytest.approx(4 / 2048)
     extra = HALF if option == "half" else {}
-    cfg = zoo_config("sim", retrieval_keys="pool", collective=CollectiveConfig(d_user=2, pool_size=64), **extra)
+    cfg = zoo_config("sim", retrieval_keys="pool", collective=CollectiveConfig(d_user=2, pool_size=256), **extra)
     batch = make_batch([0, 1, 4, cfg.window_len], cfg.window_len, seed=4)
     m = observed(make_model(cfg, seed=5), batch)
     items, feedback, lengths, targets = batch
+    sets, block = genre_blocks(m.categories(torch.arange(N_ITEMS + 1)))
+    rows = 256 // sets.numel()
+    assert m.long.k_branch.collective_pool().shape[0] == 256 and m.short.v_branch.collective_pool().shape[0] == 256
     valid = torch.arange(items.shape[1]) < lengths[:, None]
     m.train()
     soft, _ = m.prefill_with_losses(items, feedback, lengths)
-    assert torch.equal(m.row_categories[soft.kv["long"].k_idx][valid], m.categories(items)[valid])
+    for group in ("short", "long"):
+        idx = soft.kv[group].k_idx
+        mask = torch.arange(idx.shape[1]) < soft.kv[group].lengths[:, None]
+        assert torch.equal((idx // rows)[mask], block[tail(items, lengths, idx.shape[1])][mask])
     m.eval()
     with torch.no_grad():
         want, _ = m(items, feedback, lengths, targets)
@@ -245,3 +254,9 @@ def test_sim_keyed_by_its_pool_rows_caches_no_key(option: str) -> None:
         rebuilt = cache_from_arrays(entry_arrays(cache, cfg, user_scales(m, cfg)), cache.lengths, cfg,
                                     user_scales(m, cfg))
         assert torch.allclose(m.decode(rebuilt, targets), want, atol=1e-6, rtol=1e-6)
+
+
+def tail(items: torch.Tensor, lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, width) the last min(length, width) items of each row, valid first (the short window's positions)."""
+    start = (lengths - lengths.clamp(max=width)).unsqueeze(1)  # (B, 1)
+    return items.gather(1, (start + torch.arange(width)).clamp(max=items.shape[1] - 1))

@@ -104,7 +104,7 @@ def test_fused_keys_of_the_pool_rows(arch: str, option: str, kv_dtype: str, devi
     retrieval reads each row's key (SIM: its pool row's genre set; ETA: its SimHash code) through its router index:
     fused == eager == the eval forward. Their full-KV store, with no index left, caches the keys and scores the
     same."""
-    pool = {"collective": CollectiveConfig(d_user=2, pool_size=64)} if arch == "sim" else {}  # a row per genre set
+    pool = {"collective": CollectiveConfig(d_user=2, pool_size=256)} if arch == "sim" else {}  # blocks of rows
     case = half_case(arch, device, option, kv_dtype, seed=7, retrieval_keys="pool", **pool)
     assert not [p for p in case.layout.parts if p.kind == "key"]
     full = half_case(arch, device, option, kv_dtype, seed=7, retrieval_keys="pool", mode="full", **pool)

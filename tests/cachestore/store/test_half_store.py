@@ -76,7 +76,7 @@ def test_din_memo_equals_direct_and_records_hold_the_codes(option: str) -> None:
 @pytest.mark.parametrize(("arch", "option", "extra"), [
     ("din", "half", {}), ("sim", "half", {}), ("sdim", "half", {}), ("hstu", "half", {}), ("twin", "joint", {}),
     ("eta", "int8", {}), ("eta", "half", {"retrieval_keys": "pool"}),
-    ("sim", "half", {"retrieval_keys": "pool", "collective": CollectiveConfig(d_user=2, pool_size=64)}),
+    ("sim", "half", {"retrieval_keys": "pool", "collective": CollectiveConfig(d_user=2, pool_size=256)}),
 ])
 def test_prefill_build_verify_and_size_report(tmp_path: Path, arch: str, option: str, extra: dict) -> None:
     """The executors' per-partition function → Parquet → store build → verify (every record against the model's
