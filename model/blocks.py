@@ -147,14 +147,14 @@ class TABlock(nn.Module):
     or CollectiveKV user part + pool index), so its cache is a :class:`KVCache`.
 
     ``has_k=False`` makes a V-only block (SDIM's long stage caches values only); ``blocks``: its pools' index
-    blocks (:func:`model.pool.block_table`).
+    blocks (:func:`model.pool.block_table`); ``v_user``: its V's user dims, if not ``d_user``.
     """
 
-    def __init__(self, cfg: ModelConfig, has_k: bool = True, blocks: int = 1) -> None:
+    def __init__(self, cfg: ModelConfig, has_k: bool = True, blocks: int = 1, v_user: int | None = None) -> None:
         super().__init__()
         self.n_heads = cfg.n_heads
         self.q_proj = nn.Linear(cfg.embed_dim, cfg.d_attn, bias=False) if has_k else None
-        self.k_branch, self.v_branch, self.kv_router = kv_branches(cfg, has_k, blocks)
+        self.k_branch, self.v_branch, self.kv_router = kv_branches(cfg, has_k, blocks, v_user)
 
     def prefill(self, tokens: TokenBatch, lengths: torch.Tensor, soft: bool) -> tuple[KVCache, RouterLosses]:
         k, v = prefill_pair(self.k_branch, self.v_branch, tokens, soft)

@@ -77,7 +77,8 @@ class GroupSpec:
     def part_names(self) -> tuple[str, ...]:
         """This group's parts, in entry order."""
         names = [f"{self.name}.k_user"] if self.has_k else []
-        names.append(f"{self.name}.v_user")
+        if self.dv:  # dv 0: a V of pool rows alone (SDIM keyed by its index) has no user part
+            names.append(f"{self.name}.v_user")
         if self.joint:
             names.append(f"{self.name}.kv_idx")
             return tuple(names)
@@ -119,19 +120,34 @@ def store_config(cfg: ModelConfig, store_mode: str) -> ModelConfig:
 
 def group_specs(cfg: ModelConfig) -> tuple[GroupSpec, ...]:
     """The cached K/V groups of ``cfg`` in entry order: din ``kv``; sim/eta/sdim/twin ``short``
-    (cap min(max_len, long_len)) and ``long`` (cap long_len; V only for sdim); hstu ``layer<i>``."""
+    (cap min(max_len, long_len)) and ``long`` (cap long_len; V only for sdim, of :func:`long_v_user` dims);
+    hstu ``layer<i>``."""
     full = cfg.kv_mode == "full"
     dk = cfg.d_attn if full else cfg.dk_user
     dv = cfg.d_attn if full else cfg.dv_user
     if cfg.arch in LONG_ARCHS:
-        caps = [("short", min(cfg.max_len, cfg.long_len), True), ("long", cfg.long_len, cfg.arch != "sdim")]
+        long_dv = dv if full else long_v_user(cfg)
+        caps = [("short", min(cfg.max_len, cfg.long_len), True, dv),
+                ("long", cfg.long_len, cfg.arch != "sdim", long_dv)]
     elif cfg.arch == "hstu":
-        caps = [(f"layer{i}", cfg.max_len, True) for i in range(cfg.hstu_layers)]
+        caps = [(f"layer{i}", cfg.max_len, True, dv) for i in range(cfg.hstu_layers)]
     else:
-        caps = [("kv", cfg.max_len, True)]
-    return tuple(GroupSpec(name, cap, dk if has_k else 0, dv, cfg.k_shared and has_k, cfg.v_shared,
-                           cfg.joint_index and has_k and not full, cfg.int8_user and not full)
-                 for name, cap, has_k in caps)  # fmt: skip
+        caps = [("kv", cfg.max_len, True, dv)]
+    return tuple(GroupSpec(name, cap, dk if has_k else 0, dv_g, cfg.k_shared and has_k, cfg.v_shared,
+                           cfg.joint_index and has_k and not full, cfg.int8_user and not full and dv_g > 0)
+                 for name, cap, has_k, dv_g in caps)  # fmt: skip
+
+
+def long_v_user(cfg: ModelConfig) -> int:
+    """User dims of the long group's V: 0 for SDIM keyed by its router index (the 16-bit index holds the bucket
+    code and the row; no byte is left for a user part), else ``cfg.dv_user``."""
+    return 0 if cfg.arch == "sdim" and cfg.pool_keys else cfg.dv_user
+
+
+def key_blocks(cfg: ModelConfig) -> int:
+    """Index blocks of SDIM keyed by its router index: one per bucket code, 2^(sdim_hashes · sdim_bits); 1 else
+    (SIM's blocks are its items' genre sets: :class:`model.longseq.SIM`)."""
+    return 1 << (cfg.sdim_hashes * cfg.sdim_bits) if cfg.arch == "sdim" and cfg.pool_keys else 1
 
 
 def key_bits(cfg: ModelConfig) -> int:
@@ -140,10 +156,12 @@ def key_bits(cfg: ModelConfig) -> int:
 
 
 def key_fields(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    """Retrieval keys of ``cfg.arch``: name → (values per behaviour, bits per value); none for SIM / ETA keyed by
-    their pool rows (:attr:`model.config.ModelConfig.pool_keys`: the router index is the key)."""
+    """Retrieval keys of ``cfg.arch``: name → (values per behaviour, bits per value); none for SIM / ETA / SDIM keyed
+    by their router indices (:attr:`model.config.ModelConfig.pool_keys`: the index is the key)."""
+    if cfg.pool_keys:
+        return {}
     if cfg.arch in ("sim", "eta"):
-        return {} if cfg.pool_keys else {"categories" if cfg.arch == "sim" else "simhash": (1, key_bits(cfg))}
+        return {"categories" if cfg.arch == "sim" else "simhash": (1, key_bits(cfg))}
     if cfg.arch == "sdim":
         return {"buckets": (cfg.sdim_hashes, cfg.sdim_bits)}
     return {}

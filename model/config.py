@@ -106,10 +106,11 @@ class ModelConfig:
     # shared sides are fake-quantised in training and cached as int8 codes with a per-branch scale (model/quant.py)
     kv_index: str = "separate"
     user_dtype: str = "float"
-    # sim / eta: where a behaviour's retrieval key comes from — "item": its item (a cached key per behaviour);
-    # "pool": its long K router index (nothing cached: the key is a function of the index). SIM: the index values
-    # form a block per genre set over shared rows (model.longseq.SIM); ETA: SimHash of the pool row against the
-    # candidate's long query. A full model, or one whose long K is not shared: "item".
+    # sim / eta / sdim: where a behaviour's retrieval key comes from — "item": its item (a cached key per
+    # behaviour); "pool": its long router index (nothing cached: the key is a function of the index). SIM / SDIM:
+    # the index values form a block per genre set / bucket code over shared rows (model.longseq.SIM, SDIM; SDIM's
+    # long V is then the pool row alone); ETA: SimHash of the pool row against the candidate's long query. A full
+    # model, or one whose long K (SDIM: V) is not shared: "item".
     retrieval_keys: str = "item"
 
     def __post_init__(self) -> None:
@@ -176,9 +177,10 @@ class ModelConfig:
 
     @property
     def pool_keys(self) -> bool:
-        """SIM's / ETA's retrieval keys are functions of the long K pool rows (``retrieval_keys == "pool"`` with a
-        shared long K): no cached retrieval key."""
-        return self.arch in ("sim", "eta") and self.retrieval_keys == "pool" and self.k_shared
+        """SIM's / ETA's / SDIM's retrieval keys are functions of the long router index (``retrieval_keys == "pool"``
+        with a shared long K; SDIM: V): no cached retrieval key."""
+        shared = self.v_shared if self.arch == "sdim" else self.k_shared
+        return self.arch in ("sim", "eta", "sdim") and self.retrieval_keys == "pool" and shared
 
     @property
     def int8_user(self) -> bool:

@@ -148,13 +148,15 @@ def cache_from_arrays(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, cf
             t = arrays.get(name)
             return dequantise(t, _scale(scales, name)) if t is not None and g.user_kind(side) == "q8" else t
 
+        k_idx = get("kv_idx", True) if g.joint else get("k_idx", True)
+        v_idx = k_idx if g.joint else get("v_idx", True)
         v_user = user("v")
-        assert v_user is not None
+        if v_user is None:  # a V of pool rows alone: zero-width user part (model.longseq.SDIM keyed by its index)
+            assert v_idx is not None
+            v_user = torch.zeros(*v_idx.shape, 0)
         k_user = user("k")
         if k_user is None:  # a V-only group: zero-width K (model.blocks.TABlock)
             k_user = v_user[..., :0]
-        k_idx = get("kv_idx", True) if g.joint else get("k_idx", True)
-        v_idx = k_idx if g.joint else get("v_idx", True)
         kv[group] = KVCache(k_user=k_user, v_user=v_user, k_idx=k_idx, v_idx=v_idx,
                             lengths=lengths.clamp(max=cap))  # fmt: skip
     return ZooCache(lengths=lengths, kv=kv, keys=keys)

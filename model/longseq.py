@@ -39,7 +39,7 @@ from dataclasses import replace
 import torch
 
 from collectivekv.model.blocks import TABlock, ZooBase, ZooCache, add_losses, build_mlp, tail_window, trim
-from collectivekv.model.cache_spec import key_bits
+from collectivekv.model.cache_spec import key_bits, key_blocks, long_v_user
 from collectivekv.model.config import ModelConfig
 from collectivekv.model.ctr import RouterLosses, distinct
 from collectivekv.model.pool import TokenBatch, block_rows
@@ -65,7 +65,7 @@ class LongSequenceCTR(ZooBase):
     def __init__(self, cfg: ModelConfig, item_genres: torch.Tensor | None = None, blocks: int = 1) -> None:
         super().__init__(cfg, item_genres)
         self.short = TABlock(cfg, blocks=blocks)
-        self.long = TABlock(cfg, has_k=self.long_has_k, blocks=blocks)
+        self.long = TABlock(cfg, has_k=self.long_has_k, blocks=blocks, v_user=long_v_user(cfg))
         self.mlp = build_mlp(cfg.embed_dim + 2 * cfg.d_attn, cfg.mlp_dims, cfg.dropout)
 
     # ------------------------------------------------------------------ hooks for the subclasses
@@ -243,26 +243,53 @@ class SDIM(LongSequenceCTR):
     candidate; the long interest is the mean over hash functions of the L2-normalised sum of the
     values of the behaviours in the candidate's bucket. The long stage has values only (no K, no Q).
 
-    Caches: short K/V, long V and each behaviour's bucket ids (``keys["buckets"]``, (B, L, m)).
+    Caches: short K/V, long V and each behaviour's bucket ids (``keys["buckets"]``, (B, L, m)). With
+    ``cfg.pool_keys`` the router index carries the buckets: the ``pool_size`` index values form one block per
+    bucket code (the m buckets packed, 2^(m·bits) codes, :func:`model.cache_spec.key_blocks`) over S shared rows
+    (:func:`model.pool.block_table`), each behaviour's index is its item's code · S + the row its router picked, and
+    the long V is that pool row alone (no user part): 2 bytes per long behaviour, nothing else cached for it.
     """
 
     long_has_k = False
+    key_name = "buckets"
 
     def __init__(self, cfg: ModelConfig, item_genres: torch.Tensor | None = None) -> None:
-        super().__init__(cfg, item_genres)
+        super().__init__(cfg, item_genres, key_blocks(cfg))
         g = torch.Generator().manual_seed(_PLANES_SEED)
         planes = torch.randn(cfg.embed_dim, cfg.sdim_hashes, cfg.sdim_bits, generator=g)
         self.register_buffer("hash_planes", planes)
+        self.key_rows = block_rows(cfg.collective.pool_size, key_blocks(cfg))  # S: index values per bucket code
+
+    def behaviour_tokens(self, items: torch.Tensor, feedback: torch.Tensor, lengths: torch.Tensor) -> TokenBatch:
+        tokens = super().behaviour_tokens(items, feedback, lengths)
+        if not self.cfg.pool_keys:
+            return tokens
+        assert tokens.items is not None
+        e, m, bits = self.hash_planes.shape
+        code = simhash(self.item_embedding(tokens.items).detach(), self.hash_planes.reshape(e, m * bits))  # (U,)
+        return replace(tokens, row_offset=code * self.key_rows)
 
     def retrieval_keys(self, items: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.cfg.pool_keys:
+            return {}
         vectors, rows = self.item_vectors(items, lengths)
         buckets = sdim_buckets(vectors, self.hash_planes)[rows]  # (B, L, m)
         return {"buckets": torch.where(self._valid(lengths, items.shape[1]).unsqueeze(-1), buckets, 0)}
 
+    def behaviour_codes(self, cache: ZooCache) -> torch.Tensor:
+        """(B, L, m) bucket ids of the cached behaviours (0 at padding): the cached keys, or those the long V
+        router index carries (its block: the packed bucket code)."""
+        if self.key_name in cache.keys:
+            return cache.keys[self.key_name]
+        _, m, bits = self.hash_planes.shape
+        code = cache.kv["long"].v_idx // self.key_rows  # (B, L)
+        buckets = (code.unsqueeze(-1) >> (torch.arange(m, device=code.device) * bits)) & ((1 << bits) - 1)
+        return torch.where(self._valid(cache.lengths, code.shape[1]).unsqueeze(-1), buckets, 0)  # (B, L, m)
+
     def long_interest(self, t: torch.Tensor, targets: torch.Tensor, cache: ZooCache) -> torch.Tensor:
         _, v = self.long.keys_values(cache.kv["long"])  # (B, L, d_a)
         buckets = sdim_buckets(t.detach(), self.hash_planes)  # (B, C, m)
-        return sdim_aggregate(v.to(t.dtype), cache.keys["buckets"], buckets, cache.lengths)
+        return sdim_aggregate(v.to(t.dtype), self.behaviour_codes(cache), buckets, cache.lengths)
 
 
 class TWIN(LongSequenceCTR):

@@ -145,7 +145,8 @@ class KVBranch(nn.Module):
                  joint: bool = False, int8: bool = False, blocks: int = 1) -> None:
         super().__init__()
         self.shared = shared
-        self.proj = nn.Linear(embed_dim, d_user if shared else d_attn, bias=False)
+        width = d_user if shared else d_attn
+        self.proj = nn.Linear(embed_dim, width, bias=False) if width else None  # None: a V of pool rows alone
         self.blocks, self.index_rows = blocks, pool_size
         if shared and not joint:
             rows = block_rows(pool_size, blocks)
@@ -190,7 +191,8 @@ class KVBranch(nn.Module):
     def prefill(self, tokens: TokenBatch, soft: bool, routed: Routed | None = None) -> BranchState:
         """User part, indices and (if ``soft``) gates for every position; padding → 0. ``routed``: the joint
         router's decisions (required for a joint branch, whose losses the caller counts once)."""
-        user_u = self.proj(tokens.x_unique)  # (U, d)
+        x = tokens.x_unique
+        user_u = x.new_zeros(x.shape[0], 0) if self.proj is None else self.proj(x)  # (U, d)
         zero = user_u.new_zeros(())
         if not self.shared:
             return BranchState(tokens.spread(user_u), None, None, zero, zero)
@@ -203,15 +205,17 @@ class KVBranch(nn.Module):
         return BranchState(user, routed.idx, routed.gate, zero, zero)
 
 
-def kv_branches(cfg: ModelConfig, has_k: bool = True, blocks: int = 1
+def kv_branches(cfg: ModelConfig, has_k: bool = True, blocks: int = 1, v_user: int | None = None
                 ) -> tuple[KVBranch | None, KVBranch, JointRouter | None]:
     """The K branch (None when ``has_k`` is False: a V-only block), the V branch and, for ``cfg.joint_index``
     with a K, the :class:`JointRouter` both read (the caller registers it, as ``kv_router``); their pools in
-    ``blocks`` blocks (:func:`block_table`)."""
+    ``blocks`` blocks (:func:`block_table`). ``v_user``: the shared V's user dims instead of ``d_user`` (0: the V
+    is its pool row alone; a V-only block)."""
     e, d_a, c = cfg.embed_dim, cfg.d_attn, cfg.collective
     joint = cfg.joint_index and has_k
+    dv = c.d_user if v_user is None else v_user
     k = KVBranch(e, d_a, cfg.k_shared, c.d_user, c.pool_size, joint, cfg.int8_user, blocks) if has_k else None
-    v = KVBranch(e, d_a, cfg.v_shared, c.d_user, c.pool_size, joint, cfg.int8_user, blocks)
+    v = KVBranch(e, d_a, cfg.v_shared, dv, c.pool_size, joint, cfg.int8_user and dv > 0, blocks)
     if not joint:
         return k, v, None
     router = JointRouter(e, d_a, cfg.dk_user, cfg.dv_user, c.pool_size, blocks)

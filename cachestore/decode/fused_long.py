@@ -150,8 +150,8 @@ if triton is not None:
         raw_ptr, starts_ptr, rows_ptr, key_starts_ptr, target_ptr, pool_v_ptr, out_ptr, flag_ptr, hits_ptr, n_cand,
         start_add, pool_size, v_scale, D_A: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, V_SHARED: tl.constexpr,
         V_CODE: tl.constexpr, V_BYTES: tl.constexpr, IDX_BYTES: tl.constexpr, IDX_ALIGNED: tl.constexpr,
-        KEY_BYTES: tl.constexpr, BITS: tl.constexpr, BLOCK_L: tl.constexpr, SEG: tl.constexpr, SEG_P2: tl.constexpr,
-        STATIC: tl.constexpr,
+        KEY_BYTES: tl.constexpr, BITS: tl.constexpr, KEY_DIV: tl.constexpr, BLOCK_L: tl.constexpr, SEG: tl.constexpr,
+        SEG_P2: tl.constexpr, STATIC: tl.constexpr,
     ):
         """Program (row, g, part): the rows part·SEG .. of user b = row // n_cand whose bucket g equals the
         candidate's. One pass reads all SEG keys at once and writes the hits' positions, in order, to the program's
@@ -168,6 +168,8 @@ if triton is not None:
         ls = part * SEG + tl.arange(0, SEG_P2)  # (SEG_P2,)
         lmask = (ls < part * SEG + SEG) & (ls < n)
         word = _packed_keys(raw_ptr, tl.load(key_starts_ptr + b), ls, lmask, KEY_BYTES, SEG_P2)
+        if KEY_DIV > 1:  # the bytes read are a router index: its block is the packed bucket code
+            word = word // KEY_DIV
         hit = lmask & (((word >> (g * BITS).to(tl.int64)) & ((1 << BITS) - 1)) == target)
         hits = hits_ptr + ((part * tl.num_programs(0) + row) * G + g).to(tl.int64) * SEG_P2
         tl.store(hits + tl.cumsum(hit.to(tl.int32), axis=0) - 1, ls, mask=hit)  # positions, packed in order
@@ -253,7 +255,8 @@ def weighted_values(raw: torch.Tensor, view: GroupView, pool_v: torch.Tensor, we
 
 def bucket_sums(raw: torch.Tensor, view: GroupView, pool_v: torch.Tensor, key_starts: torch.Tensor, key_bytes: int,
                 bits: int, targets: torch.Tensor, n_cand: int, flags: torch.Tensor, *, block_l: int = 16,
-                num_warps: int = 2, parts: int = 1, v_scale: float = 1.0, idx_aligned: bool = True) -> torch.Tensor:
+                num_warps: int = 2, parts: int = 1, v_scale: float = 1.0, idx_aligned: bool = True, key_div: int = 1
+                ) -> torch.Tensor:
     """SDIM's bucket sums (R, m, d_a) fp32: per row r (user b = r // n_cand) and hash function g, the sum of the
     V rows l < rows[b] of the V-only group ``view`` whose bucket g (bits g·bits .. of the row's ``key_bytes``
     packed key bytes at ``key_starts[b] + l·key_bytes``) equals ``targets[r, g]`` (targets (R, m) int64).
@@ -261,7 +264,8 @@ def bucket_sums(raw: torch.Tensor, view: GroupView, pool_v: torch.Tensor, key_st
     rows' keys in one pass and sums the V rows of the hits only (their positions kept in a (parts, R, m, rows)
     int32 scratch). ``parts`` > 1 splits each row's history into parts (one program each, summed after).
     v_scale: the scale of int8 V user codes; idx_aligned False: the V index part can start off a 2-byte boundary
-    (:func:`cachestore.decode.fused_view.may_misalign`), read byte by byte."""
+    (:func:`cachestore.decode.fused_view.may_misalign`), read byte by byte. ``key_div`` > 1: the key bytes are the
+    V router index and its packed buckets are ``index // key_div`` (SDIM keyed by its index, ``model.longseq.SDIM``)."""
     r, m = targets.shape
     g, d_a = view.group, pool_v.shape[1]
     if g.dk != 0 or d_a & (d_a - 1):
@@ -278,6 +282,6 @@ def bucket_sums(raw: torch.Tensor, view: GroupView, pool_v: torch.Tensor, key_st
         raw, view.starts, view.rows, key_starts, targets.contiguous(), pool_v, out, flags, hits, n_cand,
         view.start_add, view.pool_size, float(v_scale), D_A=d_a, G=m, DV=g.dv, V_SHARED=g.v_shared, V_CODE=v_code,
         V_BYTES=v_bytes, IDX_BYTES=IDX_BYTES[view.idx_dtype], IDX_ALIGNED=idx_aligned, KEY_BYTES=key_bytes, BITS=bits,
-        BLOCK_L=block_l, SEG=seg, SEG_P2=seg_p2, STATIC=INTERPRETED, num_warps=num_warps,
+        KEY_DIV=key_div, BLOCK_L=block_l, SEG=seg, SEG_P2=seg_p2, STATIC=INTERPRETED, num_warps=num_warps,
     )
     return out.sum(0) if parts > 1 else out[0]  # (R, m, d_a)

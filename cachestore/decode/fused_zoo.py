@@ -62,7 +62,7 @@ from collectivekv.cachestore.decode.fused_view import (
 from collectivekv.cachestore.decode.transfer import KV_TORCH
 from collectivekv.cachestore.store.entry import EntryLayout
 from collectivekv.cachestore.store.record import RouterIndexError
-from collectivekv.model.cache_spec import entry_parts, group_specs, key_bits, key_fields, store_config
+from collectivekv.model.cache_spec import entry_parts, group_specs, key_bits, store_config
 from collectivekv.model.config import ModelConfig
 from collectivekv.model.retrieval import bitmask, sdim_buckets
 
@@ -207,11 +207,12 @@ def sdim_long(s: LongStage) -> torch.Tensor:
     """SDIM: per hash function the sum of the V rows in the candidate's bucket (compared in the kernel on the
     packed key bytes), L2-normalised, mean over the hash functions."""
     b, c, m = s.targets.shape
-    bits = key_fields(s.store_cfg)["buckets"][1]
-    key_bytes = _row_bytes(s.layout, "keys.buckets")
+    keyed = s.store_cfg.pool_keys  # the buckets are the V router index's block (model.longseq.SDIM)
+    part = "long.v_idx" if keyed else "keys.buckets"
     odd = s.view.group.v_shared and may_misalign(s.layout, "long.v_idx", 2)  # after int8 V codes of odd width
-    sums = bucket_sums(s.raw, s.view, s.pools[1], s.part_starts["keys.buckets"], key_bytes, bits,
-                       s.targets.reshape(b * c, m), c, s.flags, v_scale=s.scales[1], idx_aligned=not odd)
+    sums = bucket_sums(s.raw, s.view, s.pools[1], s.part_starts[part], _row_bytes(s.layout, part), s.cfg.sdim_bits,
+                       s.targets.reshape(b * c, m), c, s.flags, v_scale=s.scales[1], idx_aligned=not odd,
+                       key_div=s.model.key_rows if keyed else 1)
     return torch.nn.functional.normalize(sums, dim=-1).mean(dim=1).reshape(b, c, -1)  # (B, C, d_a)
 
 
@@ -272,10 +273,10 @@ def zoo_static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: 
     views = entry_views(raw, layout, n_users, store_cfg, starts)
     short = attend_group(raw, q_short, views["short"], pools["short"], cfg.n_heads, flag, config=config,
                          scales=group_scales(resident, views["short"].group))
+    codes = pool_keys(resident) if store_cfg.pool_keys and cfg.arch in ("sim", "eta") else None  # SDIM: in the index
     long = LONG_STAGES[cfg.arch](LongStage(model, cfg, layout, store_cfg, raw, q_long, targets, views["long"],
                                            pools["long"], starts[0], flag, config,
-                                           group_scales(resident, views["long"].group),
-                                           pool_keys(resident) if store_cfg.pool_keys else None))  # (B, C, d_a)
+                                           group_scales(resident, views["long"].group), codes))  # (B, C, d_a)
     if on_chunk is not None:
         on_chunk(1)
     logits = model.mlp(torch.cat([short.to(t.dtype), long.to(t.dtype), t], dim=-1)).squeeze(-1)  # (B, C)

@@ -155,7 +155,7 @@ class EntryLayout:
         out = []
         for name, g in found.items():
             k, v = g.get("k_user"), g.get("v_user")
-            cap = (v or k).cap  # type: ignore[union-attr]
+            cap = next(iter(g.values())).cap
             joint = "kv_idx" in g
             int8 = any(p.kind == "q8" for p in g.values())
             out.append(GroupSpec(name, cap, k.width if k else 0, v.width if v else 0, "k_idx" in g or joint,

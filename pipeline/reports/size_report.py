@@ -37,7 +37,10 @@ def store_sizes(store: str | os.PathLike, d_attn: int | None = None) -> dict[str
     version, m = read_manifest(store)
     layout = layout_from_dict(m["layout"])
     stats = m["stats"]
-    kv = [p for p in layout.parts if p.kind in ("kv", "q8")]  # every group's K and V (user parts or whole)
+    kv = [p for p in layout.parts if p.kind in ("kv", "q8")]  # the K and V user parts (or whole K / V)
+    named = {p.name: p for p in layout.parts}
+    sides = [named[n] for g in layout.groups  # one part per cached K or V: its user part, or (a V of pool rows
+             for n in ([f"{g.name}.k_user"] if g.has_k else []) + [f"{g.name}.v_user" if g.dv else g.idx_part("v")]]
     d_a = d_attn or (m.get("dims") or {}).get("d_attn") or (kv[0].width if layout.mode == "full" and kv else None)
     users, behaviours = stats["users"], stats["behaviours"]
     parquet = sum(f["bytes"] for f in m["parquet"]["files"] if f["name"].endswith(".parquet"))
@@ -57,8 +60,8 @@ def store_sizes(store: str | os.PathLike, d_attn: int | None = None) -> dict[str
     }  # fmt: skip
     rows = stats.get("part_rows") or {p.name: behaviours for p in layout.parts if g is not None}
     if d_a:
-        full_window = sum(min(layout.max_len, p.cap) for p in kv) * d_a * 4
-        full = sum(rows[p.name] for p in kv) * d_a * 4 if rows else None
+        full_window = sum(min(layout.max_len, p.cap) for p in sides) * d_a * 4  # alone) its index part
+        full = sum(rows[p.name] for p in sides) * d_a * 4 if rows else None
         out["full_fp32_bytes"] = full
         out["cr"] = {"formula": window / full_window if full_window else None,
                      **{k: (b[k] / full if full else None) for k in ("payload", "records", "lmdb_disk")}}

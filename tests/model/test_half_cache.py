@@ -15,7 +15,7 @@ from collectivekv.model.diagnostics import RoutingProbe, shared_branches
 from collectivekv.model.entry import cache_from_arrays, entry_arrays, user_scales
 from collectivekv.model.pool import block_rows, block_table
 from collectivekv.model.quant import QMAX, SCALE_MOMENTUM, fake_quant, int8_codes
-from collectivekv.model.retrieval import genre_blocks
+from collectivekv.model.retrieval import genre_blocks, sdim_buckets
 from collectivekv.model.zoo import MODELS
 from tests.model.test_zoo import N_ITEMS, make_batch, make_model, zoo_config
 
@@ -260,3 +260,31 @@ def tail(items: torch.Tensor, lengths: torch.Tensor, width: int) -> torch.Tensor
     """(B, width) the last min(length, width) items of each row, valid first (the short window's positions)."""
     start = (lengths - lengths.clamp(max=width)).unsqueeze(1)  # (B, 1)
     return items.gather(1, (start + torch.arange(width)).clamp(max=items.shape[1] - 1))
+
+
+def test_sdim_keyed_by_its_index_caches_no_key_and_no_long_user_part() -> None:
+    """SDIM, ``retrieval_keys="pool"``: every index is its item's bucket code · S + a shared row, the long V is the
+    pool row alone (no user part), so at the paper's shape with 2 hashes of 4 bits a long behaviour is its 2-byte
+    index: CR 2,200 / 1,126,400 = 0.195%; the buckets read through the indices are the item's, and the cached decode
+    equals the forward."""
+    paper = ModelConfig(n_items=100, arch="sdim", collective=CollectiveConfig(pool_size=65_536), sdim_hashes=2,
+                        sdim_bits=4, retrieval_keys="pool", **HALF)
+    assert [p.name for p in entry_parts(paper)] == ["short.k_user", "short.v_user", "short.kv_idx", "long.v_idx"]
+    assert entry_bytes(paper) == 50 * 4 + 1000 * 2
+    assert compression_rate(paper) == pytest.approx(2200 / ((50 * 2 + 1000) * 256 * 4))
+    cfg = zoo_config("sdim", retrieval_keys="pool", collective=CollectiveConfig(d_user=2, pool_size=256), **HALF)
+    batch = make_batch([0, 1, 4, cfg.window_len], cfg.window_len, seed=4)
+    m = observed(make_model(cfg, seed=5), batch)
+    items, feedback, lengths, targets = batch
+    valid = torch.arange(items.shape[1]) < lengths[:, None]
+    assert m.long.v_branch.proj is None and m.key_rows == 256 // 2 ** (cfg.sdim_hashes * cfg.sdim_bits)
+    with torch.no_grad():
+        want, _ = m(items, feedback, lengths, targets)
+        cache = m.prefill(items, feedback, lengths)
+        assert cache.keys == {} and cache.kv["long"].v_user.shape[-1] == 0
+        vectors, rows = m.item_vectors(items, lengths)
+        buckets = sdim_buckets(vectors, m.hash_planes)[rows]  # (B, L, m): the items' own buckets
+        assert torch.equal(m.behaviour_codes(cache)[valid], buckets[valid])
+        rebuilt = cache_from_arrays(entry_arrays(cache, cfg, user_scales(m, cfg)), cache.lengths, cfg,
+                                    user_scales(m, cfg))
+        assert torch.allclose(m.decode(rebuilt, targets), want, atol=1e-6, rtol=1e-6)

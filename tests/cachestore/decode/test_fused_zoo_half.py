@@ -97,14 +97,14 @@ def test_fused_zoo_half_equals_eager_and_forward(arch: str, device: str) -> None
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("arch", ["sim", "eta"])
+@pytest.mark.parametrize("arch", ["sim", "eta", "sdim"])
 @pytest.mark.parametrize(("option", "kv_dtype"), [("half", "float32"), ("joint", "float16"), ("int8", "float32")])
 def test_fused_keys_of_the_pool_rows(arch: str, option: str, kv_dtype: str, device: str) -> None:
-    """SIM / ETA with ``retrieval_keys="pool"``: no key part in the store (CR: the K/V parts alone), the fused
-    retrieval reads each row's key (SIM: its pool row's genre set; ETA: its SimHash code) through its router index:
-    fused == eager == the eval forward. Their full-KV store, with no index left, caches the keys and scores the
-    same."""
-    pool = {"collective": CollectiveConfig(d_user=2, pool_size=256)} if arch == "sim" else {}  # blocks of rows
+    """SIM / ETA / SDIM with ``retrieval_keys="pool"``: no key part in the store (CR: the K/V parts alone), the fused
+    retrieval reads each row's key (SIM: its index block's genre set; ETA: its pool row's SimHash code; SDIM: its
+    index block's buckets, and a long V of pool rows alone) through its router index: fused == eager == the eval
+    forward. Their full-KV store, with no index left, caches the keys and scores the same."""
+    pool = {} if arch == "eta" else {"collective": CollectiveConfig(d_user=2, pool_size=256)}  # blocks of rows
     case = half_case(arch, device, option, kv_dtype, seed=7, retrieval_keys="pool", **pool)
     assert not [p for p in case.layout.parts if p.kind == "key"]
     full = half_case(arch, device, option, kv_dtype, seed=7, retrieval_keys="pool", mode="full", **pool)

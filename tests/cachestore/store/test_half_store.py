@@ -77,11 +77,12 @@ def test_din_memo_equals_direct_and_records_hold_the_codes(option: str) -> None:
     ("din", "half", {}), ("sim", "half", {}), ("sdim", "half", {}), ("hstu", "half", {}), ("twin", "joint", {}),
     ("eta", "int8", {}), ("eta", "half", {"retrieval_keys": "pool"}),
     ("sim", "half", {"retrieval_keys": "pool", "collective": CollectiveConfig(d_user=2, pool_size=256)}),
+    ("sdim", "half", {"retrieval_keys": "pool", "collective": CollectiveConfig(d_user=2, pool_size=256)}),
 ])
 def test_prefill_build_verify_and_size_report(tmp_path: Path, arch: str, option: str, extra: dict) -> None:
     """The executors' per-partition function → Parquet → store build → verify (every record against the model's
-    own K/V, indices exactly) → the size report's CR from model.cache_spec (SIM / ETA keyed by their pool rows: no
-    key)."""
+    own K/V, indices exactly) → the size report's CR from model.cache_spec (SIM / ETA / SDIM keyed by their router
+    indices: no key)."""
     model = trained(arch, option, **extra)
     version = save_checkpoint(tmp_path / "ckpt", model, {})
     layout = cache_layout(model.cfg, version)
