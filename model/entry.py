@@ -153,7 +153,7 @@ def cache_from_arrays(arrays: dict[str, torch.Tensor], lengths: torch.Tensor, cf
         v_user = user("v")
         if v_user is None:  # a V of pool rows alone: zero-width user part (model.longseq.SDIM keyed by its index)
             assert v_idx is not None
-            v_user = torch.zeros(*v_idx.shape, 0)
+            v_user = torch.zeros(*v_idx.shape, 0, device=v_idx.device)
         k_user = user("k")
         if k_user is None:  # a V-only group: zero-width K (model.blocks.TABlock)
             k_user = v_user[..., :0]
