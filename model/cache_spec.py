@@ -17,7 +17,8 @@ key   retrieval key, bit-packed little-      ``width = ceil(bits / 8)`` bytes
 ====  =====================================  ==============================================
 
 Parts come group by group (:func:`group_specs` order) as ``k_user, v_user, k_idx, v_idx``, then the
-retrieval keys; zero-width parts (SDIM's long stage has no K) are left out. With ``kv_index == "joint"``
+retrieval keys; zero-width parts (SDIM's long stage has no K; with keys from its index, no V user part either:
+:func:`long_v_user`) are left out. With ``kv_index == "joint"``
 a group with a K has one index part ``kv_idx`` instead of ``k_idx, v_idx``: a row of the group's joint pool
 holding both collective parts (SDIM's V-only long group keeps its ``v_idx``). "Half the cache" (din, d_u 1,
 pool <= 65,536, joint + int8): ``kv.k_user`` (q8, 1 B) | ``kv.v_user`` (q8, 1 B) | ``kv.kv_idx`` (uint16, 2 B)
