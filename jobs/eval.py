@@ -96,7 +96,7 @@ def eval_data(data_dir: str | None, split: str | None) -> Path:
 @click.option("--topk", default=50, show_default=True)
 @click.option("--hash-bits", default=16, show_default=True, help="ETA SimHash bits")
 @click.option("--retrieval-keys", type=click.Choice(["item", "pool"]), default="item", show_default=True,
-              help="SIM / ETA: keys from the items, or (collective runs) from the long K pool rows: no cached key")
+              help="SIM / ETA / SDIM: keys from the items, or (collective runs) from the long router index")
 @click.option("--sdim-hashes", default=4, show_default=True)
 @click.option("--sdim-bits", default=4, show_default=True)
 @click.option("--hstu-len", default=100, show_default=True, help="HSTU sequence window")

@@ -27,8 +27,8 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--topk", default=50, show_default=True, help="sim/eta/twin: behaviours retrieved"),
         click.option("--hash-bits", default=16, show_default=True, help="eta: SimHash bits"),
         click.option("--retrieval-keys", type=click.Choice(["item", "pool"]), default="item", show_default=True,
-                     help="sim/eta: each behaviour's retrieval key from its item (cached per behaviour) or from "
-                          "the long K pool row its router picks (no key cached; collective models)"),
+                     help="sim/eta/sdim: each behaviour's retrieval key from its item (cached per behaviour) or "
+                          "from its long router index (no key cached; collective models)"),
         click.option("--sdim-hashes", default=4, show_default=True),
         click.option("--sdim-bits", default=4, show_default=True),
         click.option("--hstu-layers", default=2, show_default=True),

@@ -98,6 +98,14 @@ def block_table(rows: torch.Tensor, blocks: int, index_rows: int) -> torch.Tenso
     return torch.nn.functional.pad(table, (0, 0, 0, index_rows - table.shape[0]))  # (index_rows, d)
 
 
+def router_width(model: nn.Module) -> int:
+    """The widest router of ``model`` (logits per token: the pool rows it routes over, S of a blocked pool), 1 if it
+    has none — what sizes a prefill's chunks."""
+    widths = [m.router.out_features for m in model.modules()
+              if isinstance(m, (KVBranch, JointRouter)) and m.router is not None]
+    return max(widths, default=1)
+
+
 def block_rows(pool_size: int, blocks: int) -> int:
     """Shared rows S of a pool of ``pool_size`` index values in ``blocks`` blocks (:func:`block_table`)."""
     if not 1 <= blocks <= pool_size:

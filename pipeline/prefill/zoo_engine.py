@@ -13,6 +13,7 @@ from collectivekv.cachestore.decode.entry_batch import entry_payloads, storage_a
 from collectivekv.cachestore.store.entry import EntryLayout, entry_layout
 from collectivekv.model.cache_spec import store_config
 from collectivekv.model.entry import entry_arrays, full_cache, user_scales
+from collectivekv.model.pool import router_width
 
 MAX_POSITIONS = 1 << 16  # padded positions per model.prefill call (the direct and the zoo engine)
 # largest intermediate (router logits: positions x pool; HSTU attention: users x heads x width^2) per
@@ -79,8 +80,7 @@ class ZooEngine:
         self.store_cfg = store_config(cfg, layout.mode)
         self.scales = user_scales(model, cfg)  # int8 user parts: the codes' scales (empty for float parts)
         cells = _ZOO_CELLS.get(self.device.type, _ZOO_CELLS["cpu"])
-        pool = cfg.collective.pool_size if cfg.kv_mode == "collective" and (cfg.k_shared or cfg.v_shared) else 1
-        self.max_positions = max(1, min(MAX_POSITIONS, cells // pool))
+        self.max_positions = max(1, min(MAX_POSITIONS, cells // router_width(model)))  # router logits per chunk
         self.max_attention = cells // max(1, cfg.n_heads) if cfg.arch == "hstu" else None
 
     def _fits(self, users: int, width: int) -> bool:
