@@ -29,14 +29,18 @@ N_ITEMS = 100_000
 
 def model_config(arch: str, length: int, shape: dict, n_items: int, half: bool = False) -> ModelConfig:
     """The benchmark's config of ``arch`` caching ``length`` behaviours (long archs: the long window);
-    ``half``: "half the cache" (one joint K/V router index, int8 user parts)."""
+    ``half``: "half the cache" at CR <= 0.2% (one joint K/V router index, int8 user parts; SIM / ETA / SDIM keyed by
+    their router index, SIM and SDIM over 65,536 index values, SDIM with 2 hash functions: docs/model_zoo.md)."""
     long = arch in LONG_ARCHS
-    options = {"kv_index": "joint", "user_dtype": "int8"} if half else {}
+    options: dict = {"kv_index": "joint", "user_dtype": "int8", "retrieval_keys": "pool"} if half else {}
+    if half and arch == "sdim":
+        options["sdim_hashes"] = 2
+    pool = 65_536 if half and arch in ("sim", "sdim") else shape["pool_size"]
     return ModelConfig(**options, n_items=n_items, n_genres=shape["n_genres"], max_genres=shape["max_genres"],
                        embed_dim=shape["embed_dim"], d_attn=shape["d_attn"], n_heads=shape["n_heads"],
                        max_len=shape["short"] if long else length, long_len=max(length, shape["short"]),
                        arch=arch, topk=shape["topk"], hstu_layers=shape["hstu_layers"],
-                       collective=CollectiveConfig(d_user=shape["d_user"], pool_size=shape["pool_size"]))
+                       collective=CollectiveConfig(d_user=shape["d_user"], pool_size=pool))
 
 
 def make_models(cfg: ModelConfig, seed: int) -> tuple[torch.nn.Module, torch.nn.Module]:

@@ -106,6 +106,25 @@ def router_width(model: nn.Module) -> int:
     return max(widths, default=1)
 
 
+class BlockTables:
+    """The block table of a module's pool (:func:`block_table`), kept while no gradient is being recorded and the
+    pool is unchanged (same storage, version, device, dtype), so inference does not rebuild a (pool_size, d) table
+    per call; built afresh under autograd (training reads the pool's current rows)."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.table: torch.Tensor | None = None
+
+    def get(self, rows: torch.Tensor, blocks: int, index_rows: int) -> torch.Tensor:
+        if blocks == 1 or torch.is_grad_enabled():
+            return block_table(rows, blocks, index_rows)
+        version = None if rows.is_inference() else rows._version  # inference tensors keep no version counter
+        key = (rows.data_ptr(), version, rows.device, rows.dtype, blocks, index_rows)
+        if self.table is None or self.key != key:
+            self.table, self.key = block_table(rows.detach(), blocks, index_rows), key
+        return self.table
+
+
 def block_rows(pool_size: int, blocks: int) -> int:
     """Shared rows S of a pool of ``pool_size`` index values in ``blocks`` blocks (:func:`block_table`)."""
     if not 1 <= blocks <= pool_size:
@@ -126,12 +145,12 @@ class JointRouter(nn.Module):
         self.router = nn.Linear(embed_dim, rows, bias=False)
         self.pool = nn.Parameter(torch.randn(rows, (d_attn - dk_user) + (d_attn - dv_user)))
         self.k_width = d_attn - dk_user
-        self.blocks, self.index_rows = blocks, pool_size
+        self.blocks, self.index_rows, self.tables = blocks, pool_size, BlockTables()
         self.probe: Callable[[torch.Tensor, torch.Tensor], None] | None = None
 
     def side_pool(self, side: str) -> torch.Tensor:
         """(M, d_a - d_u) rows the index reads (:func:`block_table`): K's columns (``side`` "k") or V's ("v")."""
-        table = block_table(self.pool, self.blocks, self.index_rows)
+        table = self.tables.get(self.pool, self.blocks, self.index_rows)
         return table[:, : self.k_width] if side == "k" else table[:, self.k_width :]
 
     def route(self, tokens: TokenBatch, soft: bool) -> Routed:
@@ -155,7 +174,7 @@ class KVBranch(nn.Module):
         self.shared = shared
         width = d_user if shared else d_attn
         self.proj = nn.Linear(embed_dim, width, bias=False) if width else None  # None: a V of pool rows alone
-        self.blocks, self.index_rows = blocks, pool_size
+        self.blocks, self.index_rows, self.tables = blocks, pool_size, BlockTables()
         if shared and not joint:
             rows = block_rows(pool_size, blocks)
             self.router: nn.Linear | None = nn.Linear(embed_dim, rows, bias=False)
@@ -178,7 +197,7 @@ class KVBranch(nn.Module):
         joint pool's columns."""
         if self.joint is not None:
             return self.joint[0].side_pool(self.joint[1])
-        return None if self.pool is None else block_table(self.pool, self.blocks, self.index_rows)
+        return None if self.pool is None else self.tables.get(self.pool, self.blocks, self.index_rows)
 
     def routing_weight(self) -> torch.Tensor | None:
         """(M, E) weight of the router that picks this branch's rows (its own or the joint one's)."""

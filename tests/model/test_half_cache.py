@@ -13,7 +13,7 @@ from collectivekv.model.cache_spec import compression_rate, entry_bytes, entry_p
 from collectivekv.model.config import CollectiveConfig, ModelConfig, config_from_dict, config_to_dict
 from collectivekv.model.diagnostics import RoutingProbe, shared_branches
 from collectivekv.model.entry import cache_from_arrays, entry_arrays, user_scales
-from collectivekv.model.pool import block_rows, block_table
+from collectivekv.model.pool import BlockTables, block_rows, block_table
 from collectivekv.model.quant import QMAX, SCALE_MOMENTUM, fake_quant, int8_codes
 from collectivekv.model.retrieval import genre_blocks, sdim_buckets
 from collectivekv.model.zoo import MODELS
@@ -214,6 +214,19 @@ def test_genre_blocks_and_block_tables() -> None:
     assert block_rows(7, 2) == 3
     with pytest.raises(ValueError, match="at most 2 blocks, got 3"):
         block_rows(2, 3)
+
+
+def test_block_tables_are_kept_at_inference_and_rebuilt_in_training() -> None:
+    tables, rows = BlockTables(), torch.nn.Parameter(torch.randn(3, 2))
+    with torch.no_grad():
+        first = tables.get(rows, 2, 7)
+        assert tables.get(rows, 2, 7) is first and torch.equal(first, block_table(rows, 2, 7))
+        rows.add_(1.0)  # a new version of the pool: a new table
+        assert torch.equal(tables.get(rows, 2, 7), block_table(rows, 2, 7))
+    trained = tables.get(rows, 2, 7)
+    assert trained.requires_grad and trained is not tables.table
+    trained.sum().backward()
+    assert torch.equal(rows.grad, torch.full((3, 2), 2.0))  # each row read by both blocks
 
 
 @pytest.mark.parametrize("option", ["half", "separate"])
