@@ -59,8 +59,9 @@ class EntryPart:
 @dataclass(frozen=True)
 class GroupSpec:
     """One cached K/V group: the last ``min(n, cap)`` behaviours, K of ``dk`` and V of ``dv`` values per
-    row (``dk == 0``: a V-only group), each side with a router index when it is shared — one index for both
-    (``kv_idx``) when ``joint`` — and, ``int8_user``, the shared sides' user parts as int8 codes (kind q8)."""
+    row (``dk == 0``: a V-only group; ``dv == 0``: a V of pool rows alone, no ``v_user`` part), each side with a
+    router index when it is shared — one index for both (``kv_idx``) when ``joint`` — and, ``int8_user``, the shared
+    sides' user parts as int8 codes (kind q8)."""
 
     name: str
     cap: int

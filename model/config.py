@@ -148,6 +148,11 @@ class ModelConfig:
             raise ValueError(f"user_dtype must be one of {USER_DTYPES}, got {self.user_dtype!r}")
         if self.retrieval_keys not in RETRIEVAL_KEYS:
             raise ValueError(f"retrieval_keys must be one of {RETRIEVAL_KEYS}, got {self.retrieval_keys!r}")
+        codes = 1 << (self.sdim_hashes * self.sdim_bits)
+        if self.arch == "sdim" and self.pool_keys and codes > self.collective.pool_size:
+            raise ValueError(f"SDIM keyed by its router index needs a block of index values per bucket code: "
+                             f"2^(sdim_hashes · sdim_bits) = {codes} codes > pool_size {self.collective.pool_size} "
+                             "(lower --sdim-hashes / --sdim-bits, or raise --pool-size up to 65,536)")
         if self.kv_index == "joint" and self.kv_mode == "collective" and not (
                 self.collective.share_k and self.collective.share_v):
             raise ValueError("kv_index 'joint' needs both K and V shared (collective.share_k and share_v)")
@@ -216,7 +221,7 @@ def config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
         if d[key] == default or (key in CACHE_DEFAULTS and cfg.kv_mode == "full"):  # a full model caches no
             del d[key]  # router index or user part: kv_index / user_dtype do not change it, nor its run id
         elif key == "retrieval_keys" and not cfg.pool_keys:
-            del d[key]  # only SIM / ETA with a shared long K read it
+            del d[key]  # only SIM / ETA / SDIM with a shared long K (SDIM: V) read it
     if "event_features" in d:
         d["event_features"] = list(d["event_features"])
     return d

@@ -29,7 +29,8 @@ TWIN  short K/V (n_s) + long K/V (n)                                  per-head t
 
 In the collective variant every cached K/V is its user-specific part (d_u dims) + a pool index.
 Retrieval keys are computed from the (trained) item embedding at prefill, so serving never needs
-the behaviours' embeddings again.
+the behaviours' embeddings again — or, ``cfg.pool_keys`` (SIM, ETA, SDIM), they are functions of the long router
+index and not cached at all (SDIM's long V is then its pool row alone: no user part).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class LongSequenceCTR(ZooBase):
     """Short target attention + a long-sequence stage; subclasses define the long stage."""
 
     long_has_k = True
-    key_name = ""  # SIM / ETA: the name of the per-behaviour retrieval key in ``ZooCache.keys``
+    key_name = ""  # SIM / ETA / SDIM: the name of the per-behaviour retrieval key in ``ZooCache.keys``
 
     def __init__(self, cfg: ModelConfig, item_genres: torch.Tensor | None = None, blocks: int = 1) -> None:
         super().__init__(cfg, item_genres)

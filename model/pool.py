@@ -10,6 +10,7 @@ cost of the (N, pool_size) logits. ``tests/model/test_model.py`` checks this aga
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,7 +39,7 @@ class TokenBatch:
     positions: torch.Tensor  # (N,) flat index b * L + l of each valid position
     items: torch.Tensor | None = None  # (U,) item id of each distinct token (None: tokens that are not items)
     # (U,) int64 added to each distinct token's router index: the first index of its block in a blocked pool
-    # (:func:`block_table`; SIM keyed by its pool rows); None: 0
+    # (:func:`block_table`; SIM / SDIM keyed by their router index); None: 0
     row_offset: torch.Tensor | None = None
 
     def spread(self, per_token: torch.Tensor) -> torch.Tensor:
@@ -112,6 +113,7 @@ class BlockTables:
     per call; built afresh under autograd (training reads the pool's current rows)."""
 
     def __init__(self) -> None:
+        self.source: Callable[[], torch.Tensor | None] = lambda: None  # a weak reference to the pool it was built from
         self.key: tuple | None = None
         self.table: torch.Tensor | None = None
 
@@ -119,24 +121,26 @@ class BlockTables:
         if blocks == 1 or torch.is_grad_enabled():
             return block_table(rows, blocks, index_rows)
         version = None if rows.is_inference() else rows._version  # inference tensors keep no version counter
-        key = (rows.data_ptr(), version, rows.device, rows.dtype, blocks, index_rows)
-        if self.table is None or self.key != key:
-            self.table, self.key = block_table(rows.detach(), blocks, index_rows), key
+        key = (version, blocks, index_rows)
+        if self.table is None or self.source() is not rows or self.key != key:
+            self.table, self.key, self.source = block_table(rows.detach(), blocks, index_rows), key, weakref.ref(rows)
         return self.table
 
 
 def block_rows(pool_size: int, blocks: int) -> int:
     """Shared rows S of a pool of ``pool_size`` index values in ``blocks`` blocks (:func:`block_table`)."""
     if not 1 <= blocks <= pool_size:
-        raise ValueError(f"a pool of {pool_size} index values holds at most {pool_size} blocks, got {blocks} (SIM "
-                         "keyed by its pool rows: a block per genre set; raise --pool-size, up to 65,536)")
+        raise ValueError(f"a pool of {pool_size} index values holds at most {pool_size} blocks, got {blocks} (keys "
+                         "from the router index: a block per SIM genre set or SDIM bucket code; raise --pool-size, "
+                         "up to 65,536)")
     return pool_size // blocks
 
 
 class JointRouter(nn.Module):
     """One router and one pool for a K and a V branch (``kv_index == "joint"``): a behaviour's one index picks
-    row ``pool[idx]`` of shape ((d_a - dk_u) + (d_a - dv_u),): K's collective part is its first d_a - dk_u
-    values, V's the rest. Gate, peak and balance losses are computed once per behaviour."""
+    row of shape ((d_a - dk_u) + (d_a - dv_u),) of its pool (of its block table, :func:`block_table`, when blocked):
+    K's collective part is its first d_a - dk_u values, V's the rest. Gate, peak and balance losses are computed once
+    per behaviour."""
 
     def __init__(self, embed_dim: int, d_attn: int, dk_user: int, dv_user: int, pool_size: int, blocks: int = 1
                  ) -> None:
@@ -162,7 +166,8 @@ class KVBranch(nn.Module):
 
     Not shared: ``user = W x`` with W: E → d_a (the full-KV baseline).
     Shared: ``user = SiLU(W x)`` with W: E → d_u (as in the authors' code), and
-    ``idx = argmax(router(x))`` into ``pool`` of shape (pool_size, d_a - d_u) — or, ``joint``, the index and
+    ``idx = argmax(router(x))`` into ``pool`` of shape (S, d_a - d_u) (S = pool_size, or the shared rows of a blocked
+    pool, whose index is the token's block start + the argmax: :func:`block_table`) — or, ``joint``, the index and
     pool columns of a :class:`JointRouter` (attached by :func:`kv_branches`; the branch then has no router or
     pool of its own). ``int8`` (shared only): the user part is fake-quantised with the buffer ``user_scale``
     (:mod:`model.quant`).
@@ -188,7 +193,7 @@ class KVBranch(nn.Module):
         # the JointRouter and this branch's side ("k" | "v") when joint: a plain reference (the module owning
         # both branches registers the router), set by :func:`kv_branches`
         self.joint: tuple[JointRouter, str] | None = None
-        # called with the router logits (U, M) and token counts (U,) of every hard-routed prefill while
+        # called with the router logits (U, S) and token counts (U,) of every hard-routed prefill while
         # a :class:`model.diagnostics.RoutingProbe` is attached; None otherwise (no cost)
         self.probe: Callable[[torch.Tensor, torch.Tensor], None] | None = None
 
@@ -200,7 +205,7 @@ class KVBranch(nn.Module):
         return None if self.pool is None else self.tables.get(self.pool, self.blocks, self.index_rows)
 
     def routing_weight(self) -> torch.Tensor | None:
-        """(M, E) weight of the router that picks this branch's rows (its own or the joint one's)."""
+        """(S, E) weight of the router that picks this branch's rows (its own or the joint one's)."""
         if self.joint is not None:
             return self.joint[0].router.weight
         return None if self.router is None else self.router.weight

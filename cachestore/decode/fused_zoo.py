@@ -10,12 +10,14 @@ min(n, cap); a few (B,) torch ops). :func:`zoo_static_decode` then runs ``LongSe
     t     = item embedding of the candidates (B, C, E)
     short = :func:`cachestore.decode.fused.attend_group` over group ``short`` with q = W_q^short t
     long  = the arch's long stage (:data:`LONG_STAGES`) over group ``long``:
-            SIM   category top-k on the cached bitmasks (:func:`cachestore.decode.fused_select.key_select`: the top-k of
+            SIM   category top-k on the cached bitmasks, or those the router indices name (keys from the index)
+                  (:func:`cachestore.decode.fused_select.key_select`: the top-k of
                   ``model.retrieval.category_topk``'s ranks in one kernel), the fused attention over the selected rows
                   only (SELECT mode)
             ETA   SimHash Hamming top-k (``key_select`` on ``hamming_topk``'s ranks), then the same attention
             SDIM  :func:`cachestore.decode.fused_long.bucket_sums` (per hash function, the sum of the V rows whose
-                  bucket, read from the packed key bytes, equals the candidate's) → L2-normalise, mean over m
+                  bucket, read from the packed key bytes or as V index ÷ S, equals the candidate's) → L2-normalise,
+                  mean over m
             TWIN  :func:`cachestore.decode.fused_long.group_scores` (per-head scores of every long row) → per-head
                   stable top-k (later behaviour first on ties) → softmax → ``weighted_values`` per head
     logits = MLP([short, long, t])
@@ -205,7 +207,8 @@ def eta_long(s: LongStage) -> torch.Tensor:
 
 def sdim_long(s: LongStage) -> torch.Tensor:
     """SDIM: per hash function the sum of the V rows in the candidate's bucket (compared in the kernel on the
-    packed key bytes), L2-normalised, mean over the hash functions."""
+    packed key bytes, or on the V router index ÷ S with keys from the index), L2-normalised, mean over the hash
+    functions."""
     b, c, m = s.targets.shape
     keyed = s.store_cfg.pool_keys  # the buckets are the V router index's block (model.longseq.SDIM)
     part = "long.v_idx" if keyed else "keys.buckets"

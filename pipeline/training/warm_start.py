@@ -7,6 +7,9 @@ afresh) numbers its items differently. So the vocabulary tables are copied row b
     *item_emb.weight   (n_items + 1, E)   row d = dense item d; matched by raw item id
     *genre_emb.weight  (n_genres + 1, E)  row g = genre g; matched by genre name
     *item_genres       (n_items + 1, G)   rebuilt from the new dataset, never copied
+    item_block_start, row_categories      SIM keyed by its router index: functions of item_genres, rebuilt too
+                                          (a dataset with another number of genre sets has pools of another
+                                          number of rows: the shape check below refuses it)
 
 Rows of items (genres) the old model did not know keep the new model's fresh initialisation; row 0
 (padding) is copied. Every other tensor must have the same shape in both models and is copied as is.
@@ -29,7 +32,8 @@ import torch
 from collectivekv.cachestore.checkpoint import Checkpoint
 from collectivekv.cachestore.store.catalogue import ItemCatalogue
 
-ITEM_TABLE, GENRE_TABLE, REBUILT = "item_emb.weight", "genre_emb.weight", "item_genres"
+ITEM_TABLE, GENRE_TABLE = "item_emb.weight", "genre_emb.weight"
+REBUILT = ("item_genres", "item_block_start", "row_categories")  # functions of the new dataset's item genres
 VOCAB_FIELDS = ("n_items", "n_genres", "max_genres", "dropout")  # may differ between the two models
 
 

@@ -285,6 +285,8 @@ def test_sdim_keyed_by_its_index_caches_no_key_and_no_long_user_part() -> None:
     assert [p.name for p in entry_parts(paper)] == ["short.k_user", "short.v_user", "short.kv_idx", "long.v_idx"]
     assert entry_bytes(paper) == 50 * 4 + 1000 * 2
     assert compression_rate(paper) == pytest.approx(2200 / ((50 * 2 + 1000) * 256 * 4))
+    with pytest.raises(ValueError, match="65536 codes > pool_size 2000"):  # 4 hashes of 4 bits
+        ModelConfig(n_items=100, arch="sdim", collective=CollectiveConfig(pool_size=2000), retrieval_keys="pool")
     cfg = zoo_config("sdim", retrieval_keys="pool", collective=CollectiveConfig(d_user=2, pool_size=256), **HALF)
     batch = make_batch([0, 1, 4, cfg.window_len], cfg.window_len, seed=4)
     m = observed(make_model(cfg, seed=5), batch)

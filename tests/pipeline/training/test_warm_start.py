@@ -151,3 +151,16 @@ def test_prefill_refuses_histories_numbered_by_another_catalogue(day1: tuple[Pat
         run_prefill(PrefillOptions(checkpoint=str(ck1.path), histories=str(fresh), store=str(tmp_path / "s")))
     assert not (tmp_path / "s").exists()  # refused before Spark starts
     check_same_numbering(ck1.catalogue, prepare(tmp_path, "extended", DAY2, "--catalogue", str(ck1.path)))
+
+
+def test_sim_keyed_by_its_index_rebuilds_its_genre_blocks(tmp_path: Path) -> None:
+    """SIM with keys from its router index: a warm start onto a dataset numbered afresh rebuilds the item → genre-set
+    block table from the new dataset (never copied by dense id), so every item keeps its own genre set's block."""
+    sim = ["--arch", "sim", "--long-len", "12", "--retrieval-keys", "pool", "--share", "both"]
+    ck1 = train(prepare(tmp_path, "data1", DAY1), tmp_path / "ck1", *sim)
+    data2 = prepare(tmp_path, "data2", DAY2, "--new-catalogue")
+    ck2 = train(data2, tmp_path / "ck2", *sim, "--init-from", str(ck1.path), "--lr", "0")
+    want = build_model(load_dataset(data2), ck2.config, seed=0)
+    assert torch.equal(ck2.model.item_block_start, want.item_block_start)
+    assert torch.equal(ck2.model.row_categories, want.row_categories)
+    assert not torch.equal(ck2.model.item_block_start, ck1.model.item_block_start)  # the numbering moved
