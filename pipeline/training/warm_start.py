@@ -31,6 +31,7 @@ import torch
 
 from collectivekv.cachestore.checkpoint import Checkpoint
 from collectivekv.cachestore.store.catalogue import ItemCatalogue
+from collectivekv.model.config import config_to_dict
 
 ITEM_TABLE, GENRE_TABLE = "item_emb.weight", "genre_emb.weight"
 REBUILT = ("item_genres", "item_block_start", "row_categories")  # functions of the new dataset's item genres
@@ -64,7 +65,7 @@ def matching_rows(old_keys: np.ndarray, new_keys: np.ndarray) -> tuple[np.ndarra
 
 def _check_shape(prev: Checkpoint, cfg: Any) -> None:
     fixed = {f: getattr(cfg, f) for f in VOCAB_FIELDS}
-    if replace(prev.config, **fixed) != cfg:
+    if config_to_dict(replace(prev.config, **fixed)) != config_to_dict(cfg):  # options that change nothing: equal
         raise WarmStartError(f"{prev.path}: its model config differs from this run's beyond the item/genre "
                              f"vocabulary; warm start needs the same model shape (checkpoint: {prev.config}, "
                              f"run: {cfg}): train from scratch or use the same model options")

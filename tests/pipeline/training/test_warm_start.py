@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -164,3 +165,13 @@ def test_sim_keyed_by_its_index_rebuilds_its_genre_blocks(tmp_path: Path) -> Non
     assert torch.equal(ck2.model.item_block_start, want.item_block_start)
     assert torch.equal(ck2.model.row_categories, want.row_categories)
     assert not torch.equal(ck2.model.item_block_start, ck1.model.item_block_start)  # the numbering moved
+
+
+def test_options_that_change_nothing_do_not_block_a_warm_start(day1: tuple[Path, Checkpoint]) -> None:
+    """``retrieval_keys="pool"`` on a din model (it has no retrieval keys) leaves the model as it was: the checkpoint
+    trained without it warm-starts the model built with it."""
+    data1, ck1 = day1
+    ds1 = load_dataset(data1)
+    inert = dataclasses.replace(ck1.config, retrieval_keys="pool")
+    assert not inert.pool_keys and inert != ck1.config
+    assert warm_start(build_model(ds1, inert, seed=3), ck1, ds1.catalogue).mode == "raw_id"
