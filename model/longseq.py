@@ -46,12 +46,14 @@ from collectivekv.model.ctr import RouterLosses, distinct
 from collectivekv.model.pool import TokenBatch, block_rows
 from collectivekv.model.retrieval import (
     bitmask,
+    bucket_codes,
     category_topk,
     genre_blocks,
     hamming_topk,
     sdim_aggregate,
     sdim_buckets,
     simhash,
+    unpack_buckets,
 )
 
 _PLANES_SEED = 2601_19178  # fixed: the random hyperplanes are part of the model (saved as a buffer)
@@ -67,6 +69,8 @@ class LongSequenceCTR(ZooBase):
         super().__init__(cfg, item_genres)
         self.short = TABlock(cfg, blocks=blocks)
         self.long = TABlock(cfg, has_k=self.long_has_k, blocks=blocks, v_user=long_v_user(cfg))
+        self.blocks = blocks  # index blocks of every pool (:func:`model.pool.block_table`; SIM / SDIM keyed by it)
+        self.key_rows = block_rows(cfg.collective.pool_size, blocks)  # S: index values (shared rows) per block
         self.mlp = build_mlp(cfg.embed_dim + 2 * cfg.d_attn, cfg.mlp_dims, cfg.dropout)
 
     # ------------------------------------------------------------------ hooks for the subclasses
@@ -81,6 +85,17 @@ class LongSequenceCTR(ZooBase):
     def pool_codes(self) -> torch.Tensor:
         """(M,) int64 retrieval key of each long K pool row (``cfg.pool_keys``: SIM, ETA)."""
         raise NotImplementedError
+
+    def row_offsets(self, items: torch.Tensor) -> torch.Tensor:
+        """(U,) items → the first index of each item's block (blocked pools: SIM, SDIM keyed by their index)."""
+        raise NotImplementedError
+
+    def behaviour_tokens(self, items: torch.Tensor, feedback: torch.Tensor, lengths: torch.Tensor) -> TokenBatch:
+        tokens = super().behaviour_tokens(items, feedback, lengths)
+        if self.blocks == 1:
+            return tokens
+        assert tokens.items is not None
+        return replace(tokens, row_offset=self.row_offsets(tokens.items))
 
     def behaviour_codes(self, cache: ZooCache) -> torch.Tensor:
         """(B, L) int64 retrieval keys of the cached behaviours (0 at padding): the cached keys where the cache
@@ -158,21 +173,16 @@ class SIM(LongSequenceCTR):
         genres = torch.zeros(cfg.n_items + 1, cfg.max_genres, dtype=torch.long) if item_genres is None else item_genres
         sets, block = genre_blocks(bitmask(genres.long()))  # (P,), (n_items + 1,)
         super().__init__(cfg, item_genres, sets.numel())
-        rows = block_rows(cfg.collective.pool_size, sets.numel())
-        self.register_buffer("item_block_start", block * rows)  # (n_items + 1,) first index of the item's block
-        keys = sets.repeat_interleave(rows)  # (P·S,) the genre set each index value names
+        self.register_buffer("item_block_start", block * self.key_rows)  # (n_items + 1,) its block's first index
+        keys = sets.repeat_interleave(self.key_rows)  # (P·S,) the genre set each index value names
         pad = keys.new_zeros(cfg.collective.pool_size - keys.numel())  # index values past the blocks: no genre
         self.register_buffer("row_categories", torch.cat([keys, pad]))  # (M,)
 
     def categories(self, items: torch.Tensor, check: bool = True) -> torch.Tensor:
         return bitmask(self.item_genres[items], check=check)
 
-    def behaviour_tokens(self, items: torch.Tensor, feedback: torch.Tensor, lengths: torch.Tensor) -> TokenBatch:
-        tokens = super().behaviour_tokens(items, feedback, lengths)
-        if not self.cfg.pool_keys:
-            return tokens
-        assert tokens.items is not None
-        return replace(tokens, row_offset=self.item_block_start[tokens.items])
+    def row_offsets(self, items: torch.Tensor) -> torch.Tensor:
+        return self.item_block_start[items]
 
     def retrieval_keys(self, items: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.cfg.pool_keys:
@@ -259,16 +269,9 @@ class SDIM(LongSequenceCTR):
         g = torch.Generator().manual_seed(_PLANES_SEED)
         planes = torch.randn(cfg.embed_dim, cfg.sdim_hashes, cfg.sdim_bits, generator=g)
         self.register_buffer("hash_planes", planes)
-        self.key_rows = block_rows(cfg.collective.pool_size, key_blocks(cfg))  # S: index values per bucket code
 
-    def behaviour_tokens(self, items: torch.Tensor, feedback: torch.Tensor, lengths: torch.Tensor) -> TokenBatch:
-        tokens = super().behaviour_tokens(items, feedback, lengths)
-        if not self.cfg.pool_keys:
-            return tokens
-        assert tokens.items is not None
-        e, m, bits = self.hash_planes.shape
-        code = simhash(self.item_embedding(tokens.items).detach(), self.hash_planes.reshape(e, m * bits))  # (U,)
-        return replace(tokens, row_offset=code * self.key_rows)
+    def row_offsets(self, items: torch.Tensor) -> torch.Tensor:
+        return bucket_codes(self.item_embedding(items).detach(), self.hash_planes) * self.key_rows  # code · S
 
     def retrieval_keys(self, items: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.cfg.pool_keys:
@@ -283,9 +286,8 @@ class SDIM(LongSequenceCTR):
         if self.key_name in cache.keys:
             return cache.keys[self.key_name]
         _, m, bits = self.hash_planes.shape
-        code = cache.kv["long"].v_idx // self.key_rows  # (B, L)
-        buckets = (code.unsqueeze(-1) >> (torch.arange(m, device=code.device) * bits)) & ((1 << bits) - 1)
-        return torch.where(self._valid(cache.lengths, code.shape[1]).unsqueeze(-1), buckets, 0)  # (B, L, m)
+        code = cache.kv["long"].v_idx // self.key_rows  # (B, L) the block: the packed bucket code
+        return torch.where(self._valid(cache.lengths, code.shape[1]).unsqueeze(-1), unpack_buckets(code, m, bits), 0)
 
     def long_interest(self, t: torch.Tensor, targets: torch.Tensor, cache: ZooCache) -> torch.Tensor:
         _, v = self.long.keys_values(cache.kv["long"])  # (B, L, d_a)

@@ -91,8 +91,8 @@ def route_tokens(router: nn.Linear, tokens: TokenBatch, soft: bool,
 def block_table(rows: torch.Tensor, blocks: int, index_rows: int) -> torch.Tensor:
     """The (index_rows, d) table a blocked pool's indices read: ``blocks`` blocks of S = index_rows // blocks index
     values, each block holding the same S shared rows ``rows`` (S, d), then zero rows up to ``index_rows`` (no index
-    reads them). Index ``b·S + j`` reads row j: the block carries what the index names beyond the row (SIM keyed by
-    its pool rows: the behaviour's genre set). ``rows`` itself when ``blocks == 1``."""
+    reads them). Index ``b·S + j`` reads row j: the block carries what the index names beyond the row (keys from the
+    router index: SIM's genre set, SDIM's bucket code). ``rows`` itself when ``blocks == 1``."""
     if blocks == 1:
         return rows
     table = rows.repeat(blocks, 1)  # (blocks·S, d)
@@ -109,8 +109,8 @@ def router_width(model: nn.Module) -> int:
 
 class BlockTables:
     """The block table of a module's pool (:func:`block_table`), kept while no gradient is being recorded and the
-    pool is unchanged (same storage, version, device, dtype), so inference does not rebuild a (pool_size, d) table
-    per call; built afresh under autograd (training reads the pool's current rows)."""
+    pool is unchanged (the same tensor, by a weak reference, at the same version), so inference does not rebuild a
+    (pool_size, d) table per call; built afresh under autograd (training reads the pool's current rows)."""
 
     def __init__(self) -> None:
         self.source: Callable[[], torch.Tensor | None] = lambda: None  # a weak reference to the pool it was built from

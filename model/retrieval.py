@@ -119,12 +119,22 @@ def gather_positions(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x[rows, idx]
 
 
+def bucket_codes(x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
+    """(..., E) vectors, planes (E, m, bits) → (...) int64: the m buckets packed, hash h at bits h·bits .."""
+    e, m, bits = planes.shape
+    return simhash(x, planes.reshape(e, m * bits))
+
+
+def unpack_buckets(codes: torch.Tensor, m: int, bits: int) -> torch.Tensor:
+    """(...) packed bucket codes (:func:`bucket_codes`) → (..., m) int64 bucket of each hash function."""
+    shifts = torch.arange(m, device=codes.device) * bits  # (m,)
+    return (codes.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (..., m)
+
+
 def sdim_buckets(x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
     """(..., E) vectors, planes (E, m, bits) → (..., m) int64 bucket of each of the m hash functions."""
-    e, m, bits = planes.shape
-    codes = simhash(x, planes.reshape(e, m * bits))  # (...) m·bits packed bits, hash h at bits h·bits..
-    shifts = torch.arange(m, device=x.device) * bits  # (m,)
-    return (codes.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (..., m)
+    _, m, bits = planes.shape
+    return unpack_buckets(bucket_codes(x, planes), m, bits)
 
 
 def sdim_aggregate(

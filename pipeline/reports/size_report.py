@@ -25,11 +25,24 @@ import os
 from pathlib import Path
 from typing import Any
 
-from collectivekv.cachestore.store.entry import layout_from_dict
+from collectivekv.cachestore.store.entry import EntryLayout, layout_from_dict
 from collectivekv.cachestore.store.record import HEADER_SIZE, KV_DTYPES
+from collectivekv.model.cache_spec import EntryPart
 from collectivekv.model.config import ModelConfig, config_from_dict
 from collectivekv.pipeline.reports.token_table import token_lines, token_table
 from collectivekv.pipeline.store.store_ops import read_manifest
+
+
+def side_parts(layout: EntryLayout) -> list[EntryPart]:
+    """One part per cached K or V side, holding that side's rows: its user part, or for a V of pool rows alone (no
+    user part) its index part — the full K/V the CR's denominator counts."""
+    named = {p.name: p for p in layout.parts}
+    out = []
+    for g in layout.groups:
+        if g.has_k:
+            out.append(named[f"{g.name}.k_user"])
+        out.append(named[f"{g.name}.v_user" if g.dv else g.idx_part("v")])
+    return out
 
 
 def store_sizes(store: str | os.PathLike, d_attn: int | None = None) -> dict[str, Any]:
@@ -38,9 +51,7 @@ def store_sizes(store: str | os.PathLike, d_attn: int | None = None) -> dict[str
     layout = layout_from_dict(m["layout"])
     stats = m["stats"]
     kv = [p for p in layout.parts if p.kind in ("kv", "q8")]  # the K and V user parts (or whole K / V)
-    named = {p.name: p for p in layout.parts}
-    sides = [named[n] for g in layout.groups  # one part per cached K or V: its user part, or (a V of pool rows
-             for n in ([f"{g.name}.k_user"] if g.has_k else []) + [f"{g.name}.v_user" if g.dv else g.idx_part("v")]]
+    sides = side_parts(layout)
     d_a = d_attn or (m.get("dims") or {}).get("d_attn") or (kv[0].width if layout.mode == "full" and kv else None)
     users, behaviours = stats["users"], stats["behaviours"]
     parquet = sum(f["bytes"] for f in m["parquet"]["files"] if f["name"].endswith(".parquet"))
@@ -60,7 +71,7 @@ def store_sizes(store: str | os.PathLike, d_attn: int | None = None) -> dict[str
     }  # fmt: skip
     rows = stats.get("part_rows") or {p.name: behaviours for p in layout.parts if g is not None}
     if d_a:
-        full_window = sum(min(layout.max_len, p.cap) for p in sides) * d_a * 4  # alone) its index part
+        full_window = sum(min(layout.max_len, p.cap) for p in sides) * d_a * 4
         full = sum(rows[p.name] for p in sides) * d_a * 4 if rows else None
         out["full_fp32_bytes"] = full
         out["cr"] = {"formula": window / full_window if full_window else None,
