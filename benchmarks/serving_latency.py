@@ -27,6 +27,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,10 +41,12 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.decode_latency import (  # noqa: E402
     N_ITEMS,
     build_fetch_store,
+    fused_config,
     paper_model,
     sweep_lengths,
     timed,
 )
+from collectivekv.cachestore.decode.fused_config import STORE  # noqa: E402
 from collectivekv.cachestore.decode.graphs import GraphedDecoder  # noqa: E402
 from collectivekv.cachestore.decode.mapped import MappedBatcher  # noqa: E402
 from collectivekv.cachestore.decode.runtime import DecodeRuntime  # noqa: E402
@@ -123,12 +126,17 @@ def bench_length(length: int, users: int, batch_sizes: list[int], args: argparse
             graph, captured = held["graphs"]["resident"], held["request"]._captured
             replay = timed(lambda g=graph, c=captured: g._replay(c, None), device, 5, args.repeats)
             profile = device_profile(lambda g=graph, c=captured: g._replay(c, None), 50) if args.profile else None
+            timeline = device_timeline(lambda g=graph, c=captured: g._replay(c, None), 30) if args.profile else None
+            launches = compare_launch(tier, resident, b, length, held["request"], users, rng, args)
         row = {"request_ms": {k: round(statistics.median(v), 4) for k, v in samples.items()},
                "request_p90_ms": {k: round(statistics.quantiles(v, n=10)[-1], 4) for k, v in samples.items()},
                "resident_replay_ms": round(replay["median_ms"], 4), "max_abs_diff": diff,
                "runtime_tier": tier_mode}
         if profile is not None:
             row["resident_replay_profile_us"] = profile
+            row["resident_replay_timeline_us"] = timeline
+        if launches:
+            row["resident_launch_compare_ms"] = launches
         if runtime is not None:  # its tier's memory back (the reader stays open: the other ways share it)
             runtime.tier.close()
         out["rows"][str(b)] = row
@@ -136,6 +144,32 @@ def bench_length(length: int, users: int, batch_sizes: list[int], args: argparse
     tier.close()
     zero.close()
     reader.close()
+    return out
+
+
+def compare_launch(tier: ResidentTier, resident, b: int, length: int, default: ResidentRequest, users: int,
+                   rng: np.random.Generator, args: argparse.Namespace) -> dict[str, float]:
+    """--compare-launch: the resident request (median wall ms) with each FusedConfig launch setting
+    (";"-separated "name=value,..." as decode_latency.py's; "default" the runtime's), round-robin, logits
+    checked against the default's."""
+    if not args.compare_launch:
+        return {}
+    cand = default.decoder.candidates_host.numpy().copy()
+    reqs = {"default": default}
+    for spec in dict.fromkeys(x.strip() for x in args.compare_launch.split(";") if x.strip()):
+        g = GraphedDecoder(resident, tier.layout, n_users=b, pad_to=length, n_candidates=1,
+                           fused=fused_config(STORE, spec))
+        reqs[spec] = ResidentRequest(g, tier)
+    ids = rng.integers(0, users, b)
+    want = default.run(ids, None, cand)[0]
+    for spec, req in reqs.items():
+        diff = float(np.abs(req.run(ids, None, cand)[0] - want).max())
+        if diff > 1e-4:
+            raise AssertionError(f"launch {spec}: logits differ from the default's by {diff}")
+    fns = {k: (lambda ids, r=r: r.run(ids, None, cand)) for k, r in reqs.items()}
+    samples = round_robin(fns, [rng.integers(0, users, b) for _ in range(args.repeats)])
+    out = {k: round(statistics.median(v), 4) for k, v in samples.items()}
+    print(f"L={length} B={b} launch settings: {json.dumps(out)}", flush=True)
     return out
 
 
@@ -155,6 +189,31 @@ def device_profile(fn: Callable[[], object], repeats: int) -> dict[str, float]:
             per[e.name[:90]] = per.get(e.name[:90], 0.0) + e.device_time / repeats
     out = {k: round(v, 2) for k, v in sorted(per.items(), key=lambda kv: -kv[1])}
     return {"total": round(sum(per.values()), 2), **out}
+
+
+def device_timeline(fn: Callable[[], object], repeats: int) -> list[list]:
+    """The device steps of one call of ``fn`` (a graph replay), in order: [name, start, duration] in
+    microseconds from the call's first step — the call whose span is the median of ``repeats``, each run
+    alone (synchronized), its kernels and copies told apart by their launch's correlation id."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+            torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    calls: dict[int, list[tuple[float, float, str]]] = {}
+    for e in events:
+        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "correlation" in e.get("args", {}):
+            calls.setdefault(e["args"]["correlation"], []).append((e["ts"], e["dur"], e["name"][:60]))
+    spans = sorted(calls.values(), key=lambda c: max(t + d for t, d, _ in c) - min(t for t, _, _ in c))
+    steps = sorted(spans[len(spans) // 2])
+    t0 = steps[0][0]
+    return [[name, round(t - t0, 2), round(d, 2)] for t, d, name in steps]
 
 
 def plot(result: dict, path: Path) -> None:
@@ -189,6 +248,9 @@ def main() -> None:
     p.add_argument("--batch-sizes", default="1,64,512")
     p.add_argument("--repeats", type=int, default=400)
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--compare-launch", default=None,
+                   help='also time the resident request with these FusedConfig settings, ";"-separated '
+                        '(e.g. "split_l=1;block_l=32,num_warps=2")')
     p.add_argument("--profile", action="store_true",
                    help="also list the resident replay's kernels and copies (device us per request, torch.profiler)")
     args = p.parse_args()

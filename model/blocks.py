@@ -32,16 +32,6 @@ def add_losses(*parts: RouterLosses) -> RouterLosses:
     return RouterLosses(peak=peak, balance=balance)
 
 
-def build_mlp(d_in: int, dims: tuple[int, ...], dropout: float) -> nn.Sequential:
-    """Linear-ReLU-Dropout per hidden dim, then Linear → 1 (the MLP of TargetAttentionCTR)."""
-    sizes = [d_in, *dims]
-    layers: list[nn.Module] = []
-    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
-        layers += [nn.Linear(a, b), nn.ReLU(), nn.Dropout(dropout)]
-    layers.append(nn.Linear(sizes[-1], 1))
-    return nn.Sequential(*layers)
-
-
 def tail_window(
     items: torch.Tensor, feedback: torch.Tensor, lengths: torch.Tensor, n: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

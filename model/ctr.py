@@ -14,7 +14,7 @@ Inputs (padded, valid behaviours first; see :mod:`model.attention`):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -112,6 +112,25 @@ class BehaviourModel(nn.Module):
             )
 
 
+Head = Callable[[nn.Module, Sequence[torch.Tensor]], torch.Tensor]
+
+
+def build_mlp(d_in: int, dims: tuple[int, ...], dropout: float) -> nn.Sequential:
+    """Linear-ReLU-Dropout per hidden dim, then Linear → 1: every model's scoring MLP."""
+    sizes = [d_in, *dims]
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+        layers += [nn.Linear(a, b), nn.ReLU(), nn.Dropout(dropout)]
+    layers.append(nn.Linear(sizes[-1], 1))
+    return nn.Sequential(*layers)
+
+
+def mlp_head(mlp: nn.Module, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Logits (...,) of the scoring MLP over the concatenation of ``parts`` (..., d_p): every model's
+    :data:`Head`. Serving passes an equivalent of the same signature (``cachestore/decode/fused_mlp.py``)."""
+    return mlp(torch.cat(list(parts), dim=-1)).squeeze(-1)
+
+
 class TargetAttentionCTR(BehaviourModel):
     def __init__(self, cfg: ModelConfig, item_genres: torch.Tensor | None = None) -> None:
         """See :class:`BehaviourModel` for ``item_genres``."""
@@ -119,12 +138,7 @@ class TargetAttentionCTR(BehaviourModel):
         e = cfg.embed_dim
         self.k_branch, self.v_branch, self.kv_router = kv_branches(cfg)
         self.q_proj = nn.Linear(e, cfg.d_attn, bias=False)
-        dims = [cfg.d_attn + e, *cfg.mlp_dims]
-        layers: list[nn.Module] = []
-        for d_in, d_out in zip(dims[:-1], dims[1:], strict=True):
-            layers += [nn.Linear(d_in, d_out), nn.ReLU(), nn.Dropout(cfg.dropout)]
-        layers.append(nn.Linear(dims[-1], 1))
-        self.mlp = nn.Sequential(*layers)
+        self.mlp = build_mlp(cfg.d_attn + e, cfg.mlp_dims, cfg.dropout)
 
     # ----------------------------------------------------------------------- prefill / decode
     def prefill_with_losses(
@@ -162,17 +176,19 @@ class TargetAttentionCTR(BehaviourModel):
         cache: KVCache,
         targets: torch.Tensor,
         attention: Callable[[torch.Tensor, KVCache], torch.Tensor] | None = None,
+        head: Head = mlp_head,
     ) -> torch.Tensor:
         """Score candidates against a cache. targets (B,) or (B, C) → logits of the same shape.
 
         ``attention(q, cache) -> (B, C, d_a)`` replaces :meth:`attend` (serving passes an
-        equivalent that never materialises the collective K/V: ``cachestore/decode/decode.py``)."""
+        equivalent that never materialises the collective K/V: ``cachestore/decode/decode.py``);
+        ``head(mlp, [attention, target embedding])`` → logits (B, C) replaces :func:`model.blocks.mlp_head`."""
         squeeze = targets.dim() == 1
         tgt = targets.unsqueeze(1) if squeeze else targets  # (B, C)
         t = self.item_embedding(tgt)  # (B, C, E)
         q = self.q_proj(t)  # (B, C, d_a)
         attn = (attention or self.attend)(q, cache)  # (B, C, d_a)
-        logits = self.mlp(torch.cat([attn, t], dim=-1)).squeeze(-1)  # (B, C)
+        logits = head(self.mlp, [attn, t])  # (B, C)
         return logits.squeeze(1) if squeeze else logits
 
     def forward(

@@ -39,10 +39,10 @@ from dataclasses import replace
 
 import torch
 
-from collectivekv.model.blocks import TABlock, ZooBase, ZooCache, add_losses, build_mlp, tail_window, trim
+from collectivekv.model.blocks import TABlock, ZooBase, ZooCache, add_losses, tail_window, trim
 from collectivekv.model.cache_spec import key_bits, key_blocks, long_v_user
 from collectivekv.model.config import ModelConfig
-from collectivekv.model.ctr import RouterLosses, distinct
+from collectivekv.model.ctr import RouterLosses, build_mlp, distinct, mlp_head
 from collectivekv.model.pool import TokenBatch, block_rows
 from collectivekv.model.retrieval import (
     bitmask,
@@ -132,7 +132,7 @@ class LongSequenceCTR(ZooBase):
         t = self.item_embedding(tgt)  # (B, C, E)
         short = self.short.attend(t, cache.kv["short"])  # (B, C, d_a)
         long = self.long_interest(t, tgt, cache)  # (B, C, d_a)
-        logits = self.mlp(torch.cat([short, long, t], dim=-1)).squeeze(-1)  # (B, C)
+        logits = mlp_head(self.mlp, [short, long, t])  # (B, C)
         return (logits.squeeze(1) if squeeze else logits), self.zero_losses(logits)
 
     def keys_values(self, cache: ZooCache) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -138,6 +138,7 @@ class GraphedDecoder:
             self.raw[: 16 * n_users].copy_(head.view(torch.uint8))  # every user cold until the first batch
             self.candidates = torch.zeros(n_users, n_candidates, dtype=torch.int64, device=self.device)
             self.candidates_host = torch.zeros(n_users, n_candidates, dtype=torch.int64, pin_memory=not eager)
+            self._candidates_np = self.candidates_host.numpy()
             self.flags = torch.zeros(n_users, dtype=torch.int32, device=self.device)  # static: per-user index flags
             path = FUSED if uses_fused(path, self.device) else path
             if self.zoo:
@@ -296,10 +297,12 @@ class GraphedDecoder:
     def _stage(self, candidates: torch.Tensor | np.ndarray) -> None:
         """Write candidate ids (B, C) into the pinned staging the next replay copies (after the previous
         replay has read it)."""
-        cand = torch.as_tensor(candidates).reshape(self.n_users, self.n_candidates)
         if self._done is not None:
             self._done.synchronize()
-        self.candidates_host.copy_(cand)
+        if isinstance(candidates, np.ndarray):  # a numpy write: no torch dispatch on the request's path
+            self._candidates_np[...] = candidates.reshape(self.n_users, self.n_candidates)
+        else:
+            self.candidates_host.copy_(torch.as_tensor(candidates).reshape(self.n_users, self.n_candidates))
 
     def run(self, host: HostBatch | MappedBatch, candidates: torch.Tensor | np.ndarray | None = None) -> torch.Tensor:
         """Score ``host`` (a pinned batch of exactly B users) against ``candidates`` (B, C) (host ids
