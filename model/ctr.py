@@ -112,9 +112,6 @@ class BehaviourModel(nn.Module):
             )
 
 
-Head = Callable[[nn.Module, Sequence[torch.Tensor]], torch.Tensor]
-
-
 def build_mlp(d_in: int, dims: tuple[int, ...], dropout: float) -> nn.Sequential:
     """Linear-ReLU-Dropout per hidden dim, then Linear → 1: every model's scoring MLP."""
     sizes = [d_in, *dims]
@@ -126,8 +123,8 @@ def build_mlp(d_in: int, dims: tuple[int, ...], dropout: float) -> nn.Sequential
 
 
 def mlp_head(mlp: nn.Module, parts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Logits (...,) of the scoring MLP over the concatenation of ``parts`` (..., d_p): every model's
-    :data:`Head`. Serving passes an equivalent of the same signature (``cachestore/decode/fused_mlp.py``)."""
+    """Logits (...,) of the scoring MLP ``mlp`` (:func:`build_mlp`) over the concatenation of ``parts`` (..., d_p):
+    every model's last step."""
     return mlp(torch.cat(list(parts), dim=-1)).squeeze(-1)
 
 
@@ -176,19 +173,17 @@ class TargetAttentionCTR(BehaviourModel):
         cache: KVCache,
         targets: torch.Tensor,
         attention: Callable[[torch.Tensor, KVCache], torch.Tensor] | None = None,
-        head: Head = mlp_head,
     ) -> torch.Tensor:
         """Score candidates against a cache. targets (B,) or (B, C) → logits of the same shape.
 
         ``attention(q, cache) -> (B, C, d_a)`` replaces :meth:`attend` (serving passes an
-        equivalent that never materialises the collective K/V: ``cachestore/decode/decode.py``);
-        ``head(mlp, [attention, target embedding])`` → logits (B, C) replaces :func:`model.blocks.mlp_head`."""
+        equivalent that never materialises the collective K/V: ``cachestore/decode/decode.py``)."""
         squeeze = targets.dim() == 1
         tgt = targets.unsqueeze(1) if squeeze else targets  # (B, C)
         t = self.item_embedding(tgt)  # (B, C, E)
         q = self.q_proj(t)  # (B, C, d_a)
         attn = (attention or self.attend)(q, cache)  # (B, C, d_a)
-        logits = head(self.mlp, [attn, t])  # (B, C)
+        logits = mlp_head(self.mlp, [attn, t])  # (B, C)
         return logits.squeeze(1) if squeeze else logits
 
     def forward(

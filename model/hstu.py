@@ -34,7 +34,7 @@ from torch import nn
 from collectivekv.model.blocks import ZooBase, ZooCache, add_losses, tail_window, trim
 from collectivekv.model.cache import KVCache, rebuild_kv
 from collectivekv.model.config import ModelConfig
-from collectivekv.model.ctr import Head, RouterLosses, build_mlp, mlp_head
+from collectivekv.model.ctr import RouterLosses, build_mlp, mlp_head
 from collectivekv.model.pool import TokenBatch, kv_branches, prefill_pair
 
 N_REL_BUCKETS = 32
@@ -202,10 +202,9 @@ class HSTU(ZooBase):
         logits = self.score_hidden(hidden, t)
         return (logits.squeeze(1) if squeeze else logits), losses
 
-    def score_hidden(self, hidden: torch.Tensor, t: torch.Tensor, head: Head = mlp_head) -> torch.Tensor:
-        """Last-layer outputs (…, E) at candidate positions and the candidates' embeddings → logits (…)
-        (``head``: as in ``TargetAttentionCTR.decode``)."""
-        return head(self.mlp, [self.final_norm(hidden), t])
+    def score_hidden(self, hidden: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Last-layer outputs (…, E) at candidate positions and the candidates' embeddings → logits (…)."""
+        return mlp_head(self.mlp, [self.final_norm(hidden), t])
 
     def append(self, cache: ZooCache, items: torch.Tensor, feedback: torch.Tensor, new_len: torch.Tensor) -> ZooCache:
         """Cache of ``history + new behaviours`` from the history's cache: items/feedback (B, M) new

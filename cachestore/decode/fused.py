@@ -59,7 +59,6 @@ from collectivekv.cachestore.decode.fused_config import (
     launch_shape,
     pool_dtype,
 )
-from collectivekv.cachestore.decode.fused_mlp import mlp_logits
 from collectivekv.cachestore.decode.fused_view import GroupView, din_view, group_scales, padded_pools, side_codes
 from collectivekv.cachestore.decode.transfer import KV_TORCH
 from collectivekv.cachestore.store.entry import EntryLayout
@@ -385,13 +384,11 @@ def fused_decode(resident: ResidentModel, raw: torch.Tensor, layout: EntryLayout
     """Logits of candidates ``targets`` (b,) or (b, C) of users 0 .. b - 1 (b <= n_users) against the
     packed batch ``raw`` on the resident model's device:
     ``TargetAttentionCTR.decode`` with :func:`fused_attention` (launched with ``config``) as its attention
-    (no unpack; ``chunks``/``on_chunk``/``flags`` as there) and the one-kernel MLP
-    (:func:`cachestore.decode.fused_mlp.mlp_logits`) as its head.
+    (no unpack; ``chunks``/``on_chunk``/``flags`` as there).
     Shape-static and free of host syncs (CUDA-graph capturable)."""
     if targets.shape[0] > n_users:
         raise ValueError(f"{targets.shape[0]} target rows for a batch of {n_users} users")
     return resident.model.decode(
         None, targets,  # type: ignore[arg-type]  (the attention below reads the batch, not a KVCache)
         attention=lambda q, _: fused_attention(raw, q, resident, layout, n_users, config=config, chunks=chunks,
-                                               on_chunk=on_chunk, flags=flags).to(q.dtype),
-        head=mlp_logits)
+                                               on_chunk=on_chunk, flags=flags).to(q.dtype))

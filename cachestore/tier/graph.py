@@ -4,15 +4,19 @@
 candidates) whose batch buffer is the tier's arena itself (:mod:`cachestore.tier.arena`: the arena is a packed
 batch whose records are the whole tier). Its captured graph is
 
-    copy_start; in (2, B) int64 ← pinned host input; candidates (B, C) ← pinned staging
-      whole store: one lookup kernel — binary search of in[0] (user ids, -1 = padding) in the sorted keys,
-                   the request header (offsets | lengths) and present (B,) written, the zero block cleared
-      cache mode:  in is the header itself (resolved on the host); copied to the arena's start
+    copy_start
+      whole store: one lookup kernel — reads in[0] (user ids, -1 = padding) and the candidates (B, C) from
+                   the pinned host inputs over PCIe, binary-searches the ids in the sorted keys, writes the
+                   request header (offsets | lengths), present (B,) and the device candidates, clears the zero
+                   block
+      cache mode:  in (2, B) int64 is the header itself (resolved on the host); copied to the arena's start,
+                   the candidates copied in
     copy_end; decode reading the records in place (fused kernel, or unpack + decode) → logits (B, C)
-    logits and present (B,) → pinned host buffers
+    one kernel writes logits, present (B,) and the index flags (B,) into pinned host buffers over PCIe
 
-(the outputs are copied inside the graph: one replay and one synchronize per request). A whole-store
-request moves 16·B bytes host → device and 4·B·C + B back; the host writes the ids and replays.
+(no copy node on CUDA in whole-store mode: each copy node costs a few µs of graph scheduling beside the
+kernels; one replay and one synchronize per request). A whole-store request moves 8·B(1 + C) bytes host →
+device and 4·B·C + 5·B back; the host writes the ids and candidates with numpy, replays and waits.
 ``eager`` decoders (CPU) run the same steps without a graph.
 """
 
@@ -23,10 +27,17 @@ import torch
 
 from collectivekv.cachestore.decode.batch import zero_block_bytes
 from collectivekv.cachestore.decode.capture import capturing
-from collectivekv.cachestore.decode.fused import FUSED
 from collectivekv.cachestore.decode.graphs import GraphedDecoder, _Captured
 from collectivekv.cachestore.tier.arena import write_header
 from collectivekv.cachestore.tier.tier import WHOLE, ResidentTier
+
+try:  # Triton is optional: CUDA machines have it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where triton is absent
+    triton = None
+
+OUT_BLOCK = 1024  # outputs written per program of the out kernel
 
 
 class ResidentRequest:
@@ -40,7 +51,6 @@ class ResidentRequest:
         if b > tier.batch_users:
             raise ValueError(f"a request of {b} users does not fit the tier's header area ({tier.batch_users} users)")
         self.host_in = torch.full((2, b), -1, dtype=torch.int64, pin_memory=pin)  # ids | -, or offsets | lengths
-        self.dev_in = torch.full((2, b), -1, dtype=torch.int64, device=device)
         decoder.raw = tier.arena  # the decode reads the records where they lie
         self.zero = zero_block_bytes(tier.layout)
         self.present = torch.zeros(b, dtype=torch.bool, device=device)
@@ -53,49 +63,53 @@ class ResidentRequest:
         self._captured: _Captured | None = None
 
     def _move(self) -> None:
-        """Device steps before the decode: the request header into the arena (and present), graph-capturable."""
+        """Device steps before the decode: the request's candidates and header into place (and present),
+        graph-capturable. Whole store: one kernel reads the ids and candidates from the pinned inputs (no copy
+        node), looks the ids up and writes the header (:func:`cachestore.tier.arena.write_header`)."""
         d, tier = self.decoder, self.tier
         b = d.n_users
         if tier.mode == WHOLE:
-            self.dev_in.copy_(self.host_in, non_blocking=not d.eager)
-            write_header(tier.arena, self.dev_in[0], tier.keys, tier.offset, tier.length, self.present, tier.layout)
+            write_header(tier.arena, self.host_in[0], tier.keys, tier.offset, tier.length, self.present, tier.layout,
+                         candidates=(d.candidates_host, d.candidates))
             return
+        d.candidates.copy_(d.candidates_host, non_blocking=not d.eager)
         tier.arena[: 16 * b].view(torch.int64).copy_(self.host_in.view(-1), non_blocking=not d.eager)
         tier.arena[16 * b : 16 * b + self.zero].zero_()  # cache mode: present is known on the host
 
-    def _capture(self) -> _Captured:
-        """One graph for the whole request: inputs in (timed by two events), lookup, decode, outputs out. On the
-        fused path the ids copy and the lookup run on a forked stream beside the candidates' own work (embedding,
-        query projection: they read no record), which waits for the lookup only where the batch is first read
-        (the body's ``on_chunk(0)``)."""
+    def _out(self, logits: torch.Tensor) -> None:
+        """Logits, present and flags into the pinned outputs (inside the graph): on CUDA one kernel writing
+        host memory over PCIe (no copy node), else three copies."""
         d = self.decoder
-        fork = d.path == FUSED
+        flat = logits.reshape(-1)
+        if flat.is_cuda and triton is not None:
+            n = max(flat.numel(), d.n_users)
+            _out_kernel[(triton.cdiv(n, OUT_BLOCK),)](flat, self.present, d.flags, self.logits_host, self.present_host,
+                                                     self.flags_host, flat.numel(), d.n_users, BLOCK=OUT_BLOCK)
+            return
+        self.logits_host.copy_(logits, non_blocking=True)
+        self.present_host.copy_(self.present, non_blocking=True)
+        self.flags_host.copy_(d.flags, non_blocking=True)
+
+    def _capture(self) -> _Captured:
+        """One graph for the whole request: inputs in (timed by two events), lookup, decode, outputs out."""
+        d = self.decoder
         with torch.cuda.device(d.device):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # compiles the lookup kernel and warms the body outside the capture
+            with torch.cuda.stream(side):  # compiles the kernels and warms the body outside the capture
                 self._move()
-                d._body()
+                self._out(d._body())
             torch.cuda.current_stream().wait_stream(side)
             side.synchronize()
             start = torch.cuda.Event(enable_timing=True, external=True)
             end = torch.cuda.Event(enable_timing=True, external=True)
             graph = torch.cuda.CUDAGraph()
             with capturing(graph, d._pool, d._capture_stream):
-                main = torch.cuda.current_stream()
                 start.record()
-                side.wait_stream(main)
-                with torch.cuda.stream(side if fork else main):
-                    self._move()
-                    end.record()
-                found = torch.cuda.Event()
-                found.record(side if fork else main)
-                d.candidates.copy_(d.candidates_host, non_blocking=True)
-                logits = d._body(on_chunk=lambda c: main.wait_event(found) if c == 0 else None)
-                main.wait_stream(side)  # join (the body waited for the lookup already)
-                self.logits_host.copy_(logits, non_blocking=True)  # D2H inside the graph: one replay per request
-                self.present_host.copy_(self.present, non_blocking=True)
-                self.flags_host.copy_(d.flags, non_blocking=True)
+                self._move()
+                end.record()
+                logits = d._body()
+                self._out(logits)  # outputs written inside the graph: one replay per request
         return _Captured(graph, logits, start, end, self.host_in.numel() * 8)
 
     def run(self, first: np.ndarray, second: np.ndarray | None, candidates: np.ndarray
@@ -145,3 +159,16 @@ class ResidentRequest:
         """Slots of the latest request whose record held a router index outside the pool (the kernel masked
         those loads; the caller must not return their scores)."""
         return np.flatnonzero(self._flags_np)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _out_kernel(logits_ptr, present_ptr, flags_ptr, logits_out, present_out, flags_out, N, B,
+                    BLOCK: tl.constexpr):
+        """logits_out[j] = logits[j] (j < N), present_out[j] = present[j] and flags_out[j] = flags[j] (j < B):
+        the outputs may lie in pinned host memory (written over PCIe)."""
+        j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(logits_out + j, tl.load(logits_ptr + j, mask=j < N), mask=j < N)
+        tl.store(present_out + j, tl.load(present_ptr + j, mask=j < B), mask=j < B)
+        tl.store(flags_out + j, tl.load(flags_ptr + j, mask=j < B), mask=j < B)

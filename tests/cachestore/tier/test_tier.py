@@ -242,8 +242,9 @@ def test_crc_failure_on_admission_is_not_admitted(store: dict, tmp_path: Path) -
 @given(n_keys=st.integers(1, 300), seed=st.integers(0, 10_000))
 @settings(max_examples=15, deadline=None)
 def test_lookup_kernel_equals_searchsorted(n_keys: int, seed: int) -> None:
-    """The resident graph's Triton lookup (binary search, header, present, zero block) == torch.searchsorted;
-    on CPU under Triton's interpreter (conftest), natively on CUDA."""
+    """The resident graph's Triton lookup (binary search, header, present, zero block, the candidates copied) ==
+    torch.searchsorted; on CPU under Triton's interpreter (conftest), natively on CUDA with the ids and the
+    candidates read from pinned host memory."""
     import triton
 
     rng = np.random.default_rng(seed)
@@ -256,11 +257,17 @@ def test_lookup_kernel_equals_searchsorted(n_keys: int, seed: int) -> None:
     want_off, want_n, want_p = arena_mod.lookup(torch.from_numpy(ids).to(device), k, off, n, 16 * b)
     arena = torch.full((16 * b + 64,), 7, dtype=torch.uint8, device=device)
     present = torch.zeros(b, dtype=torch.bool, device=device)
-    arena_mod._lookup_kernel[(triton.cdiv(b, 256),)](torch.from_numpy(ids).to(device), k, off, n,
-                                                      arena.view(torch.int64), present, b, n_keys, 2,
-                                                      STEPS=n_keys.bit_length() + 1, BLOCK=256, ZBLOCK=2)
+    pin = device == "cuda"
+    host_ids = torch.from_numpy(ids).pin_memory() if pin else torch.from_numpy(ids)
+    src = torch.from_numpy(rng.integers(0, 1 << 40, 300)).pin_memory() if pin else torch.from_numpy(
+        rng.integers(0, 1 << 40, 300))  # more candidates than ids: the programs cover both
+    dst = torch.zeros(300, dtype=torch.int64, device=device)
+    arena_mod._lookup_kernel[(triton.cdiv(300, 256),)](host_ids, k, off, n, arena.view(torch.int64), present, b,
+                                                       n_keys, 2, src, dst, 300, STEPS=n_keys.bit_length() + 1,
+                                                       BLOCK=256, ZBLOCK=2)
     head = arena[: 16 * b].view(torch.int64)
     assert torch.equal(head[:b], want_off) and torch.equal(head[b:], want_n) and torch.equal(present, want_p)
+    assert torch.equal(dst.cpu(), src)
     assert (arena[16 * b : 16 * b + 16] == 0).all() and (arena[16 * b + 16 :] == 7).all()
 
 
