@@ -168,20 +168,27 @@ class TargetAttentionCTR(BehaviourModel):
         k, v = self.keys_values(cache)  # (B, L, d_a) each
         return target_attention(q, k.to(q.dtype), v.to(q.dtype), cache.lengths, self.cfg.n_heads)
 
+    def candidate_side(self, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What decode computes from the candidate ids (...) alone: their embeddings (..., E) and attention
+        queries (..., d_a) — a function of the item id, so a server may tabulate it per item."""
+        t = self.item_embedding(targets)  # (..., E)
+        return t, self.q_proj(t)
+
     def decode(
         self,
         cache: KVCache,
         targets: torch.Tensor,
         attention: Callable[[torch.Tensor, KVCache], torch.Tensor] | None = None,
+        candidate_side: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """Score candidates against a cache. targets (B,) or (B, C) → logits of the same shape.
 
         ``attention(q, cache) -> (B, C, d_a)`` replaces :meth:`attend` (serving passes an
-        equivalent that never materialises the collective K/V: ``cachestore/decode/decode.py``)."""
+        equivalent that never materialises the collective K/V: ``cachestore/decode/decode.py``);
+        ``candidate_side`` replaces :meth:`candidate_side` (serving looks its outputs up per item)."""
         squeeze = targets.dim() == 1
         tgt = targets.unsqueeze(1) if squeeze else targets  # (B, C)
-        t = self.item_embedding(tgt)  # (B, C, E)
-        q = self.q_proj(t)  # (B, C, d_a)
+        t, q = (candidate_side or self.candidate_side)(tgt)  # (B, C, E), (B, C, d_a)
         attn = (attention or self.attend)(q, cache)  # (B, C, d_a)
         logits = mlp_head(self.mlp, [attn, t])  # (B, C)
         return logits.squeeze(1) if squeeze else logits

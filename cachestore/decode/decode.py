@@ -44,6 +44,7 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from collectivekv.cachestore.store.record import RouterIndexError
 from collectivekv.model.attention import masked_softmax
@@ -58,6 +59,8 @@ if TYPE_CHECKING:
     from collectivekv.cachestore.decode.transfer import EntryBatch
 
 PATHS = ("auto", "poolscore", "gather")
+# ResidentModel.item_rows: the most device memory the per-item candidate-side tables (t | q) may take
+ITEM_TABLE_BYTES = 1 << 30
 
 
 def _head_slices(d_user: int, head_dim: int) -> list[tuple[int, int, int]]:
@@ -81,11 +84,15 @@ class ResidentZooModel:
 
 
 class ResidentModel(ResidentZooModel):
-    """The din scoring model kept on one device, plus the pools laid out per head for ``poolscore``.
+    """The din scoring model kept on one device, plus the pools laid out per head for ``poolscore`` and the
+    candidate side tabulated per item.
 
     Moves ``model`` to ``device`` (eval mode). For a shared K: ``pool_k`` (H, dh, pool) = the K pool
     zero-padded to d_a dims (zeros in the user dims) and split into heads, transposed for q·P;
-    for a shared V: ``pool_v`` (H, pool, dh).
+    for a shared V: ``pool_v`` (H, pool, dh). ``item_rows``: (t (n_items + 1, E), q (n_items + 1, d_a)) =
+    ``model.candidate_side`` of every item id, so a request's candidate side is two row gathers instead of the
+    embedding, genre bag and query projection (7 kernels); None when the two tables would pass
+    :data:`ITEM_TABLE_BYTES` (the model then runs its own).
     """
 
     def __init__(self, model: TargetAttentionCTR, device: torch.device | str | None = None) -> None:
@@ -95,6 +102,23 @@ class ResidentModel(ResidentZooModel):
         k_pool, v_pool = model.k_branch.collective_pool(), model.v_branch.collective_pool()
         self.pool_k = self._per_head(k_pool, transpose=True) if self.cfg.k_shared else None
         self.pool_v = self._per_head(v_pool, transpose=False) if self.cfg.v_shared else None
+        self.item_rows = self._item_rows()
+
+    @torch.no_grad()
+    def _item_rows(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        cfg = self.cfg
+        items = cfg.n_items + 1
+        if items * (cfg.embed_dim + cfg.d_attn) * self.dtype.itemsize > ITEM_TABLE_BYTES:
+            return None
+        t, q = self.model.candidate_side(torch.arange(items, device=self.device))  # (N, E), (N, d_a)
+        return t.contiguous(), q.contiguous()
+
+    def candidate_side(self, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``model.candidate_side(targets)`` by row gathers from :attr:`item_rows` (the model's own without)."""
+        if self.item_rows is None:
+            return self.model.candidate_side(targets)
+        t, q = self.item_rows
+        return nn.functional.embedding(targets, t), nn.functional.embedding(targets, q)
 
     @torch.no_grad()
     def _per_head(self, pool: torch.Tensor | None, transpose: bool) -> torch.Tensor:
@@ -205,8 +229,9 @@ def decode(resident: ResidentModel, cache: KVCache, targets: torch.Tensor, path:
     if path == "auto":
         path = choose_path(cache, n_candidates, resident)
     if path == "gather" or (cache.k_idx is None and cache.v_idx is None):
-        return resident.model.decode(cache, targets)
-    return resident.model.decode(cache, targets, attention=lambda q, c: pool_score_attention(resident, q, c))
+        return resident.model.decode(cache, targets, candidate_side=resident.candidate_side)
+    return resident.model.decode(cache, targets, attention=lambda q, c: pool_score_attention(resident, q, c),
+                                 candidate_side=resident.candidate_side)
 
 
 def din_cache(batch: EntryBatch) -> KVCache:

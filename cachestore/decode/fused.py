@@ -391,4 +391,5 @@ def fused_decode(resident: ResidentModel, raw: torch.Tensor, layout: EntryLayout
     return resident.model.decode(
         None, targets,  # type: ignore[arg-type]  (the attention below reads the batch, not a KVCache)
         attention=lambda q, _: fused_attention(raw, q, resident, layout, n_users, config=config, chunks=chunks,
-                                               on_chunk=on_chunk, flags=flags).to(q.dtype))
+                                               on_chunk=on_chunk, flags=flags).to(q.dtype),
+        candidate_side=resident.candidate_side)
