@@ -66,8 +66,8 @@ from collectivekv.cachestore.store.entry import EntryLayout
 class _Captured:
     graph: torch.cuda.CUDAGraph
     logits: torch.Tensor  # (B, C) the graph's static output
-    copy_start: torch.cuda.Event  # recorded inside the graph around its copies
-    copy_end: torch.cuda.Event
+    copy_start: torch.cuda.Event | None  # recorded inside the graph around its copies (None: not timed)
+    copy_end: torch.cuda.Event | None
     nbytes: int  # bytes its batch copy moves
 
 
@@ -164,10 +164,11 @@ class GraphedDecoder:
         return len(self._graphs)
 
     def _body(self, chunks: Sequence[tuple[int, int]] = ALL_BYTES,
-              on_chunk: Callable[[int], None] | None = None) -> torch.Tensor:
-        """The decode (what a graph captures): ``flags`` zeroed, then set for users with a router index
-        outside the pool (read them after the replay: :attr:`flags`)."""
-        self.flags.zero_()
+              on_chunk: Callable[[int], None] | None = None, zero_flags: bool = True) -> torch.Tensor:
+        """The decode (what a graph captures): ``flags`` zeroed (unless the caller's own kernel already did),
+        then set for users with a router index outside the pool (read them after the replay: :attr:`flags`)."""
+        if zero_flags:
+            self.flags.zero_()
         return static_decode(self.raw, self.candidates, resident=self.resident, layout=self.layout,
                              n_users=self.n_users, pad_to=self.pad_to, path=self.path, fused=self.fused,
                              chunks=chunks, on_chunk=on_chunk, flags=self.flags)
@@ -396,6 +397,7 @@ class GraphedDecoder:
         self._done = done
         if host is not None:
             host.mark_copied(done)  # the batcher refills this host buffer only after the replay
-        self.last_cost = TransferCost(captured.nbytes, str(self.device), True, captured.copy_start, captured.copy_end)
+        self.last_cost = None if captured.copy_start is None else TransferCost(
+            captured.nbytes, str(self.device), True, captured.copy_start, captured.copy_end)
         self.logits = captured.logits
         return self.logits

@@ -18,7 +18,8 @@ Index (whole-store mode), on the device: ``keys`` int64 (E,) the resident user i
 int64 (E,) each record's byte offset in the arena, ``length`` int64 (E,) its behaviours.
 :func:`write_header` looks a request's ids up: on CUDA one Triton kernel (:func:`_lookup_kernel`: a binary
 search per id, the header and the present mask written, the zero block cleared, the request's candidates
-copied in; the ids and candidates read where the host wrote them, in pinned memory), elsewhere the same with
+copied in, the decode's index flags zeroed; the ids and candidates read where the host wrote them, in pinned
+memory), elsewhere the same with
 ``torch.searchsorted`` (:func:`lookup`). Cache mode resolves on the host and copies the header in.
 """
 
@@ -54,15 +55,17 @@ def lookup(ids: torch.Tensor, keys: torch.Tensor, offset: torch.Tensor, length: 
 
 def write_header(arena: torch.Tensor, ids: torch.Tensor, keys: torch.Tensor, offset: torch.Tensor,
                  length: torch.Tensor, present: torch.Tensor, layout: EntryLayout,
-                 candidates: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                 candidates: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 flags: torch.Tensor | None = None) -> None:
     """Look ``ids`` (B,) up and write the request's header and zero block at the arena's start and the
     ``present`` (B,) bool mask; with ``candidates`` = (src, dst), two int64 tensors of one size, also copy src
-    into dst. On CUDA one kernel does it all, and ``ids`` and ``src`` may lie in pinned host memory: the kernel
-    reads them over PCIe (a CUDA graph then has no copy node before it). Shape-static and free of host syncs
-    (captured in the resident graph)."""
+    into dst; with ``flags`` ((B,) int32), zero them. On CUDA one kernel does it all, and ``ids`` and ``src`` may
+    lie in pinned host memory: the kernel reads them over PCIe (a CUDA graph then has no copy node before it).
+    Shape-static and free of host syncs (captured in the resident graph)."""
     b = ids.numel()
     zero = zero_block_bytes(layout)
     src, dst = candidates if candidates is not None else (ids[:0], ids[:0])
+    zero_flags = flags if flags is not None else present[:0].int()
     if src.numel() != dst.numel():
         raise ValueError(f"candidates to copy: {src.numel()} ids into {dst.numel()} places")
     if arena.is_cuda and triton is not None:
@@ -71,23 +74,27 @@ def write_header(arena: torch.Tensor, ids: torch.Tensor, keys: torch.Tensor, off
         programs = triton.cdiv(max(b, src.numel(), 1), block)
         _lookup_kernel[(programs,)](
             ids, keys, offset, length, arena.view(torch.int64), present, b, keys.numel(), zero // 8,
-            src, dst, src.numel(), STEPS=steps, BLOCK=block, ZBLOCK=triton.next_power_of_2(zero // 8))
+            src, dst, src.numel(), zero_flags, zero_flags.numel(), STEPS=steps, BLOCK=block,
+            ZBLOCK=triton.next_power_of_2(zero // 8))
         return
     offsets, lengths, found = lookup(ids.to(keys.device), keys, offset, length, 16 * b)
     arena[: 16 * b].view(torch.int64).copy_(torch.cat([offsets, lengths]))
     arena[16 * b : 16 * b + zero].zero_()
     present.copy_(found)
     dst.copy_(src.view(dst.shape))
+    zero_flags.zero_()
 
 
 if triton is not None:
 
     @triton.jit
     def _lookup_kernel(ids_ptr, keys_ptr, off_ptr, len_ptr, head_ptr, present_ptr, B, E, ZWORDS,
-                       src_ptr, dst_ptr, NC, STEPS: tl.constexpr, BLOCK: tl.constexpr, ZBLOCK: tl.constexpr):
+                       src_ptr, dst_ptr, NC, flags_ptr, NF, STEPS: tl.constexpr, BLOCK: tl.constexpr,
+                       ZBLOCK: tl.constexpr):
         """Program p: ids p·BLOCK ..; lower-bound binary search in keys (STEPS >= log2(E) + 1 halvings), then
         head[i] = offset or 16·B (the zero block), head[B + i] = length or 0, present[i]; program 0 clears the
-        zero block (ZWORDS int64 words at head[2B:]); dst[j] = src[j] for its j = p·BLOCK .. (j < NC)."""
+        zero block (ZWORDS int64 words at head[2B:]); dst[j] = src[j] for its j = p·BLOCK .. (j < NC); flags[i]
+        = 0 (i < NF)."""
         p = tl.program_id(0)
         i = p * BLOCK + tl.arange(0, BLOCK)
         m = i < B
@@ -111,5 +118,6 @@ if triton is not None:
         tl.store(head_ptr + B + i, tl.where(found, n, 0), mask=m)
         tl.store(present_ptr + i, found, mask=m)
         tl.store(dst_ptr + i, c, mask=i < NC)
+        tl.store(flags_ptr + i, tl.zeros([BLOCK], dtype=tl.int32), mask=i < NF)
         z = tl.arange(0, ZBLOCK)
         tl.store(head_ptr + 2 * B + z, tl.zeros([ZBLOCK], dtype=tl.int64), mask=(z < ZWORDS) & (p == 0))

@@ -262,12 +262,13 @@ def test_lookup_kernel_equals_searchsorted(n_keys: int, seed: int) -> None:
     src = torch.from_numpy(rng.integers(0, 1 << 40, 300)).pin_memory() if pin else torch.from_numpy(
         rng.integers(0, 1 << 40, 300))  # more candidates than ids: the programs cover both
     dst = torch.zeros(300, dtype=torch.int64, device=device)
+    flags = torch.ones(b, dtype=torch.int32, device=device)
     arena_mod._lookup_kernel[(triton.cdiv(300, 256),)](host_ids, k, off, n, arena.view(torch.int64), present, b,
-                                                       n_keys, 2, src, dst, 300, STEPS=n_keys.bit_length() + 1,
-                                                       BLOCK=256, ZBLOCK=2)
+                                                       n_keys, 2, src, dst, 300, flags, b,
+                                                       STEPS=n_keys.bit_length() + 1, BLOCK=256, ZBLOCK=2)
     head = arena[: 16 * b].view(torch.int64)
     assert torch.equal(head[:b], want_off) and torch.equal(head[b:], want_n) and torch.equal(present, want_p)
-    assert torch.equal(dst.cpu(), src)
+    assert torch.equal(dst.cpu(), src) and not flags.any()
     assert (arena[16 * b : 16 * b + 16] == 0).all() and (arena[16 * b + 16 :] == 7).all()
 
 
