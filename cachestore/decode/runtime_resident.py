@@ -66,9 +66,7 @@ def score_resident(rt: Any, ids: np.ndarray, cand: np.ndarray, stats: RuntimeSta
     errors = tier.counters.admission_errors
     stats.tier_admission_errors += errors - rt._errors_seen
     rt._errors_seen = errors
-    cost = rt._graph(slots, width).last_cost  # the ids copy, lookup and gather (graph events; read after sync)
-    stats.h2d_bytes += 16 * slots
-    stats.h2d_ms += cost.ms if cost is not None else 0.0
+    stats.h2d_bytes += 8 * slots * (2 + width)  # the pinned inputs the graph reads (ids | header, candidates)
     stats.fetch_ms += (t_dec - t0) * 1e3
     stats.decode_ms += (time.perf_counter() - t_dec) * 1e3
     stats.total_ms += (time.perf_counter() - t0) * 1e3

@@ -18,7 +18,7 @@ class RuntimeStats:
     candidates: int = 0
     h2d_bytes: int = 0
     fetch_ms: float = 0.0
-    h2d_ms: float = 0.0
+    h2d_ms: float = 0.0  # the batch copies' device time; 0 for resident steps (their graph is not timed)
     decode_ms: float = 0.0
     total_ms: float = 0.0
     tier_hits: int = 0  # present users found in the resident tier (cachestore/tier)
