@@ -21,10 +21,9 @@ capacity — the whole device side is shape-static and free of host syncs, so it
     (embedding, queries, retrieval targets; HSTU's first layer) runs while the batch is copied.
 
 A captured copy has a fixed source address and size, so there is one graph per (host buffer of the batcher's ring,
-copy-size bucket): S is the smallest bucket >= the batch's used_bytes, buckets being the capacity divided by √2
-again and again down to 64 KiB (at most 41% more bytes than the batch; a full batch copies exactly the capacity) and
-capped at the host buffer's length. Graphs are captured on first use and share one memory pool (they replay one at a
-time on one stream).
+copy-size bucket): S is the smallest bucket >= used_bytes, buckets being the capacity divided by √2 again and again
+down to 64 KiB (at most 41% more bytes than the batch; a full batch copies exactly the capacity), capped at the host
+buffer's length. Graphs are captured on first use and share one memory pool (one replays at a time, on one stream).
 
 :func:`static_decode` is the captured body (it also runs eagerly on any device: the CPU tests compare it with the
 runtime). Why it is static: L = ``pad_to`` and the zero block at 16·B are host-known; the unpack gathers read each
@@ -165,8 +164,8 @@ class GraphedDecoder:
 
     def _body(self, chunks: Sequence[tuple[int, int]] = ALL_BYTES,
               on_chunk: Callable[[int], None] | None = None, zero_flags: bool = True) -> torch.Tensor:
-        """The decode (what a graph captures): ``flags`` zeroed (unless the caller's own kernel already did),
-        then set for users with a router index outside the pool (read them after the replay: :attr:`flags`)."""
+        """The decode (what a graph captures): ``flags`` zeroed (unless the caller's kernel did), then set for
+        users with a router index outside the pool (read them after the replay: :attr:`flags`)."""
         if zero_flags:
             self.flags.zero_()
         return static_decode(self.raw, self.candidates, resident=self.resident, layout=self.layout,
@@ -300,10 +299,8 @@ class GraphedDecoder:
         replay has read it)."""
         if self._done is not None:
             self._done.synchronize()
-        if isinstance(candidates, np.ndarray):  # a numpy write: no torch dispatch on the request's path
-            self._candidates_np[...] = candidates.reshape(self.n_users, self.n_candidates)
-        else:
-            self.candidates_host.copy_(torch.as_tensor(candidates).reshape(self.n_users, self.n_candidates))
+        cand = candidates if isinstance(candidates, np.ndarray) else torch.as_tensor(candidates).cpu().numpy()
+        self._candidates_np[...] = cand.reshape(self.n_users, self.n_candidates)  # numpy: no torch dispatch
 
     def run(self, host: HostBatch | MappedBatch, candidates: torch.Tensor | np.ndarray | None = None) -> torch.Tensor:
         """Score ``host`` (a pinned batch of exactly B users) against ``candidates`` (B, C) (host ids
