@@ -180,17 +180,19 @@ class TargetAttentionCTR(BehaviourModel):
         targets: torch.Tensor,
         attention: Callable[[torch.Tensor, KVCache], torch.Tensor] | None = None,
         candidate_side: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+        head: Callable[[nn.Module, Sequence[torch.Tensor]], torch.Tensor] = mlp_head,
     ) -> torch.Tensor:
         """Score candidates against a cache. targets (B,) or (B, C) → logits of the same shape.
 
         ``attention(q, cache) -> (B, C, d_a)`` replaces :meth:`attend` (serving passes an
         equivalent that never materialises the collective K/V: ``cachestore/decode/decode.py``);
-        ``candidate_side`` replaces :meth:`candidate_side` (serving looks its outputs up per item)."""
+        ``candidate_side`` replaces :meth:`candidate_side` (serving looks its outputs up per item), ``head`` the
+        MLP's :func:`mlp_head` (serving: ``cachestore/decode/fused_mlp.py``)."""
         squeeze = targets.dim() == 1
         tgt = targets.unsqueeze(1) if squeeze else targets  # (B, C)
         t, q = (candidate_side or self.candidate_side)(tgt)  # (B, C, E), (B, C, d_a)
         attn = (attention or self.attend)(q, cache)  # (B, C, d_a)
-        logits = mlp_head(self.mlp, [attn, t])  # (B, C)
+        logits = head(self.mlp, [attn, t])  # (B, C)
         return logits.squeeze(1) if squeeze else logits
 
     def forward(

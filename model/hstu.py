@@ -27,6 +27,7 @@ which is exactly the behaviour token of that item with feedback 0.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -202,9 +203,11 @@ class HSTU(ZooBase):
         logits = self.score_hidden(hidden, t)
         return (logits.squeeze(1) if squeeze else logits), losses
 
-    def score_hidden(self, hidden: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Last-layer outputs (…, E) at candidate positions and the candidates' embeddings → logits (…)."""
-        return mlp_head(self.mlp, [self.final_norm(hidden), t])
+    def score_hidden(self, hidden: torch.Tensor, t: torch.Tensor,
+                     head: Callable[[nn.Module, Sequence[torch.Tensor]], torch.Tensor] = mlp_head) -> torch.Tensor:
+        """Last-layer outputs (…, E) at candidate positions and the candidates' embeddings → logits (…) (``head``:
+        the MLP's, as in ``TargetAttentionCTR.decode``)."""
+        return head(self.mlp, [self.final_norm(hidden), t])
 
     def append(self, cache: ZooCache, items: torch.Tensor, feedback: torch.Tensor, new_len: torch.Tensor) -> ZooCache:
         """Cache of ``history + new behaviours`` from the history's cache: items/feedback (B, M) new

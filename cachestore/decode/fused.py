@@ -59,6 +59,7 @@ from collectivekv.cachestore.decode.fused_config import (
     launch_shape,
     pool_dtype,
 )
+from collectivekv.cachestore.decode.fused_mlp import mlp_logits
 from collectivekv.cachestore.decode.fused_view import GroupView, din_view, group_scales, padded_pools, side_codes
 from collectivekv.cachestore.decode.transfer import KV_TORCH
 from collectivekv.cachestore.store.entry import EntryLayout
@@ -392,4 +393,4 @@ def fused_decode(resident: ResidentModel, raw: torch.Tensor, layout: EntryLayout
         None, targets,  # type: ignore[arg-type]  (the attention below reads the batch, not a KVCache)
         attention=lambda q, _: fused_attention(raw, q, resident, layout, n_users, config=config, chunks=chunks,
                                                on_chunk=on_chunk, flags=flags).to(q.dtype),
-        candidate_side=resident.candidate_side)
+        candidate_side=resident.candidate_side, head=mlp_logits)

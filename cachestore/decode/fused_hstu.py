@@ -42,6 +42,7 @@ from torch import nn
 from collectivekv.cachestore.decode.decode import ResidentZooModel
 from collectivekv.cachestore.decode.fused import IDX_BYTES, INTERPRETED, _gather_rows, _load_idx, _load_side, tl, triton
 from collectivekv.cachestore.decode.fused_config import DEFAULT_FUSED, FusedConfig, pool_dtype, split_parts
+from collectivekv.cachestore.decode.fused_mlp import mlp_logits
 from collectivekv.cachestore.decode.fused_view import (
     check_half_layout,
     group_scales,
@@ -293,7 +294,7 @@ def hstu_static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident:
         x = layer.update(x, history.to(q.dtype) + _self_term(layer, q, k, v), u)
     if on_chunk is not None:
         on_chunk(1)
-    logits = model.score_hidden(x, t)  # (b, C)
+    logits = model.score_hidden(x, t, head=mlp_logits)  # (b, C)
     if flags is None and bool(flag.any()):
         raise RouterIndexError(f"a router index outside the pool 0..{resident.cfg.collective.pool_size - 1} in "
                                f"batch row {int(torch.nonzero(flag)[0, 0])}: the record is corrupt "

@@ -52,6 +52,7 @@ from collectivekv.cachestore.decode.fused import (
     triton,
 )
 from collectivekv.cachestore.decode.fused_long import bucket_sums, group_scores, weighted_values
+from collectivekv.cachestore.decode.fused_mlp import mlp_logits
 from collectivekv.cachestore.decode.fused_select import key_select, row_topk
 from collectivekv.cachestore.decode.fused_view import (
     GroupView,
@@ -66,7 +67,6 @@ from collectivekv.cachestore.store.entry import EntryLayout
 from collectivekv.cachestore.store.record import RouterIndexError
 from collectivekv.model.cache_spec import entry_parts, group_specs, key_bits, store_config
 from collectivekv.model.config import ModelConfig
-from collectivekv.model.ctr import mlp_head
 from collectivekv.model.retrieval import bitmask, sdim_buckets
 
 
@@ -283,7 +283,7 @@ def zoo_static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: 
                                            group_scales(resident, views["long"].group), codes))  # (B, C, d_a)
     if on_chunk is not None:
         on_chunk(1)
-    logits = mlp_head(model.mlp, [short.to(t.dtype), long.to(t.dtype), t])  # (B, C)
+    logits = mlp_logits(model.mlp, [short.to(t.dtype), long.to(t.dtype), t])  # (B, C)
     if flags is None and bool(flag.any()):
         raise RouterIndexError(f"a router index outside the pool 0..{cfg.collective.pool_size - 1} in batch row "
                                f"{int(torch.nonzero(flag)[0, 0])}: the record is corrupt "
