@@ -80,6 +80,13 @@ def test_weights_follow_the_parameters():
         torch.testing.assert_close(mlp_logits(mlp, parts), mlp_head(mlp, parts), rtol=1e-5, atol=1e-5)
 
 
+def test_a_model_made_in_inference_mode():
+    with torch.inference_mode():
+        mlp = head(12, (8, 4), 5)
+        parts = [torch.randn(4, 1, 12, device=DEVICE)]
+        torch.testing.assert_close(mlp_logits(mlp, parts), mlp_head(mlp, parts), rtol=1e-5, atol=1e-5)
+
+
 def test_empty_batch():
     mlp = head(8, (4, 4), 3)
     with torch.inference_mode():
