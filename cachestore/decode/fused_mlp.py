@@ -44,8 +44,8 @@ SHAPE = [nn.Linear, nn.ReLU, nn.Dropout, nn.Linear, nn.ReLU, nn.Dropout, nn.Line
 @dataclass(frozen=True)
 class HeadWeights:
     """w1t (D0, H1), b1 (H1,), w2t (H1, H2), b2 (H2,), w3 (H2,), b3 (1,) fp32 contiguous, and the parameters'
-    versions they were copied at (-1 for inference tensors, which keep no version: a model made under
-    ``torch.inference_mode`` is taken as fixed)."""
+    storage addresses and versions they were copied at (version -1 for inference tensors, which keep none: a
+    model made under ``torch.inference_mode`` is taken as fixed unless it moves)."""
 
     w1t: torch.Tensor
     b1: torch.Tensor
@@ -67,7 +67,8 @@ def head_weights(mlp: nn.Module) -> HeadWeights | None:
     linears = layers[::3]
     if any(m.bias is None or m.weight.dtype != torch.float32 for m in linears):
         return None
-    versions = tuple(-1 if p.is_inference() else p._version for m in linears for p in (m.weight, m.bias))
+    versions = tuple(x for m in linears for p in (m.weight, m.bias)  # storage (a move) and in-place changes
+                     for x in (p.data_ptr(), -1 if p.is_inference() else p._version))
     cached = _WEIGHTS.get(mlp)
     if cached is not None and cached.versions == versions:
         return cached

@@ -80,6 +80,17 @@ def test_weights_follow_the_parameters():
         torch.testing.assert_close(mlp_logits(mlp, parts), mlp_head(mlp, parts), rtol=1e-5, atol=1e-5)
 
 
+def test_weights_follow_new_storage():
+    """Parameters given new storage without a version bump (``.data =``, as ``Module.to`` does) get new copies."""
+    mlp = head(12, (8, 4), 6)
+    parts = [torch.randn(3, 1, 12, device=DEVICE)]
+    with torch.inference_mode():
+        mlp_logits(mlp, parts)
+    mlp[0].weight.data = mlp[0].weight.data * 2
+    with torch.inference_mode():
+        torch.testing.assert_close(mlp_logits(mlp, parts), mlp_head(mlp, parts), rtol=1e-5, atol=1e-5)
+
+
 def test_a_model_made_in_inference_mode():
     with torch.inference_mode():
         mlp = head(12, (8, 4), 5)
