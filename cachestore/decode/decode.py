@@ -92,7 +92,8 @@ class ResidentModel(ResidentZooModel):
     for a shared V: ``pool_v`` (H, pool, dh). ``item_rows``: (t (n_items + 1, E), q (n_items + 1, d_a)) =
     ``model.candidate_side`` of every item id, so a request's candidate side is two row gathers instead of the
     embedding, genre bag and query projection (7 kernels); None when the two tables would pass
-    :data:`ITEM_TABLE_BYTES` (the model then runs its own).
+    :data:`ITEM_TABLE_BYTES` (the model then runs its own). Like the pools, a snapshot of the model when it was
+    loaded (a server loads a new version for new weights).
     """
 
     def __init__(self, model: TargetAttentionCTR, device: torch.device | str | None = None) -> None:

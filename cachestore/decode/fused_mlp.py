@@ -13,9 +13,9 @@ resident request's graph on an H200 (``benchmarks/serving_latency.py --profile``
 
 fp32 throughout (``tl.dot`` with IEEE fp32 products: the eager MLP's sums up to their order), the weights read
 from transposed copies (W1ᵀ (D0, H1), W2ᵀ (H1, H2): each tile load is contiguous along the output units) made
-once per module and remade when a parameter changes. Dropout is the identity at inference. Other MLP shapes
-(another depth, more than three parts, another dtype) and machines without Triton run the module itself; the
-parity tests compare the two.
+once per module and remade when a parameter changes (earlier copies stay alive: a captured graph reads them).
+Dropout is the identity at inference. Other MLP shapes (another depth, more than three parts, another dtype), a
+module in training mode and machines without Triton run the module itself; the parity tests compare the two.
 """
 
 from __future__ import annotations
@@ -43,9 +43,10 @@ SHAPE = [nn.Linear, nn.ReLU, nn.Dropout, nn.Linear, nn.ReLU, nn.Dropout, nn.Line
 
 @dataclass(frozen=True)
 class HeadWeights:
-    """w1t (D0, H1), b1 (H1,), w2t (H1, H2), b2 (H2,), w3 (H2,), b3 (1,) fp32 contiguous, and the parameters'
-    storage addresses and versions they were copied at (version -1 for inference tensors, which keep none: a
-    model made under ``torch.inference_mode`` is taken as fixed unless it moves)."""
+    """w1t (D0, H1), b1 (H1,), w2t (H1, H2), b2 (H2,), w3 (H2,), b3 (1,) fp32 contiguous; ``key``: the parameters'
+    storage addresses and versions they were copied at (version -1 for inference tensors, which keep none: a model
+    made under ``torch.inference_mode`` is taken as fixed unless its storage changes); ``params``: the parameters
+    themselves, held so that no other tensor reuses their addresses while this entry lives."""
 
     w1t: torch.Tensor
     b1: torch.Tensor
@@ -53,39 +54,45 @@ class HeadWeights:
     b2: torch.Tensor
     w3: torch.Tensor
     b3: torch.Tensor
-    versions: tuple[int, ...]
+    key: tuple[int, ...]
+    params: tuple[torch.Tensor, ...]
 
 
-_WEIGHTS: weakref.WeakKeyDictionary[nn.Module, HeadWeights | None] = weakref.WeakKeyDictionary()
+# every copy made for a module stays alive with it: a CUDA graph captured over one reads its addresses on every
+# replay, even after the module's weights change and a newer copy serves eager calls (weights change rarely)
+_WEIGHTS: weakref.WeakKeyDictionary[nn.Module, list[HeadWeights]] = weakref.WeakKeyDictionary()
 
 
 def head_weights(mlp: nn.Module) -> HeadWeights | None:
-    """The kernel's weights of ``mlp`` when it has ``build_mlp``'s two-hidden-layer shape in fp32, else None."""
+    """The kernel's weights of ``mlp`` when it has ``build_mlp``'s two-hidden-layer shape in fp32, else None
+    (None too while a CUDA graph is being captured and no copy of the current weights exists yet: a copy made
+    then would be filled only when the graph replays)."""
     layers = list(mlp.children()) if isinstance(mlp, nn.Sequential) else []
     if [type(m) for m in layers] != SHAPE or layers[6].out_features != 1:
         return None
     linears = layers[::3]
     if any(m.bias is None or m.weight.dtype != torch.float32 for m in linears):
         return None
-    versions = tuple(x for m in linears for p in (m.weight, m.bias)  # storage (a move) and in-place changes
-                     for x in (p.data_ptr(), -1 if p.is_inference() else p._version))
-    cached = _WEIGHTS.get(mlp)
-    if cached is not None and cached.versions == versions:
-        return cached
-    l1, l2, l3 = linears
-    with torch.no_grad():
-        weights = HeadWeights(l1.weight.t().contiguous(), l1.bias.detach().contiguous(), l2.weight.t().contiguous(),
-                              l2.bias.detach().contiguous(), l3.weight.detach().reshape(-1).contiguous(),
-                              l3.bias.detach().contiguous(), versions)
-    _WEIGHTS[mlp] = weights
-    return weights
+    params = tuple(p.detach() for m in linears for p in (m.weight, m.bias))
+    key = tuple(x for p in params for x in (p.data_ptr(), -1 if p.is_inference() else p._version))
+    copies = _WEIGHTS.setdefault(mlp, [])
+    if copies and copies[-1].key == key:
+        return copies[-1]
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return None
+    w1, b1, w2, b2, w3, b3 = params
+    copies.append(HeadWeights(w1.t().contiguous(), b1.contiguous(), w2.t().contiguous(), b2.contiguous(),
+                              w3.reshape(-1).contiguous(), b3.contiguous(), key, params))
+    return copies[-1]
 
 
 def mlp_logits(mlp: nn.Module, parts: Sequence[torch.Tensor]) -> torch.Tensor:
     """``model.ctr.mlp_head(mlp, parts)``: logits (...,) of parts (..., d_p) (one shape but the last) — by the
-    two kernels of the module docstring where they apply, the module otherwise. For the fused decode paths (Triton
+    two kernels of the module docstring where they apply, the module otherwise (also in training mode or where a
+    gradient is wanted). For the fused decode paths (Triton
     runs on the parts' device: CUDA, or its interpreter). Shape-static and free of host syncs (graph-capturable)."""
-    weights = head_weights(mlp) if triton is not None and len(parts) <= MAX_PARTS else None
+    trains = mlp.training or (torch.is_grad_enabled() and any(p.requires_grad for p in parts))
+    weights = head_weights(mlp) if triton is not None and len(parts) <= MAX_PARTS and not trains else None
     lead = parts[0].shape[:-1]
     if (weights is None or sum(p.shape[-1] for p in parts) != weights.w1t.shape[0]
             or any(p.dtype != torch.float32 or p.shape[:-1] != lead for p in parts)):

@@ -66,7 +66,7 @@ def score_resident(rt: Any, ids: np.ndarray, cand: np.ndarray, stats: RuntimeSta
     errors = tier.counters.admission_errors
     stats.tier_admission_errors += errors - rt._errors_seen
     rt._errors_seen = errors
-    stats.h2d_bytes += 8 * slots * (2 + width)  # the pinned inputs the graph reads (ids | header, candidates)
+    stats.h2d_bytes += rt._resident[key].input_bytes()
     stats.fetch_ms += (t_dec - t0) * 1e3
     stats.decode_ms += (time.perf_counter() - t_dec) * 1e3
     stats.total_ms += (time.perf_counter() - t0) * 1e3

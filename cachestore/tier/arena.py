@@ -71,17 +71,17 @@ def write_header(arena: torch.Tensor, ids: torch.Tensor, keys: torch.Tensor, off
     if arena.is_cuda and triton is not None:
         steps = max(1, int(keys.numel()).bit_length() + 1)
         block = 256
-        programs = triton.cdiv(max(b, src.numel(), 1), block)
+        programs = triton.cdiv(max(b, src.numel(), zero_flags.numel(), 1), block)
         _lookup_kernel[(programs,)](
             ids, keys, offset, length, arena.view(torch.int64), present, b, keys.numel(), zero // 8,
             src, dst, src.numel(), zero_flags, zero_flags.numel(), STEPS=steps, BLOCK=block,
             ZBLOCK=triton.next_power_of_2(zero // 8))
         return
-    offsets, lengths, found = lookup(ids.to(keys.device), keys, offset, length, 16 * b)
+    offsets, lengths, found = lookup(ids.to(keys.device, non_blocking=True), keys, offset, length, 16 * b)
     arena[: 16 * b].view(torch.int64).copy_(torch.cat([offsets, lengths]))
     arena[16 * b : 16 * b + zero].zero_()
     present.copy_(found)
-    dst.copy_(src.view(dst.shape))
+    dst.copy_(src.view(dst.shape), non_blocking=True)
     zero_flags.zero_()
 
 

@@ -90,9 +90,16 @@ class ResidentRequest:
         self.present_host.copy_(self.present, non_blocking=True)
         self.flags_host.copy_(d.flags, non_blocking=True)
 
+    def input_bytes(self) -> int:
+        """Bytes of the pinned inputs a request's graph reads: the ids (whole store) or the header (cache mode),
+        and the candidates."""
+        d = self.decoder
+        return (8 if self.tier.mode == WHOLE else 16) * d.n_users + 8 * d.n_users * d.n_candidates
+
     def _capture(self) -> _Captured:
         """One graph for the whole request: inputs in, lookup, decode, outputs out. Untimed: an event recorded
-        inside a graph costs its replay a few µs (the ids' transfer is 16·B bytes; the runtime's h2d_ms stays 0)."""
+        inside a graph costs its replay a few µs (the inputs are 8·B·(1 + C) bytes, 8·B more in cache mode; the
+        runtime's h2d_ms stays 0)."""
         d = self.decoder
         whole = self.tier.mode == WHOLE  # the lookup kernel zeroes the flags
         with torch.cuda.device(d.device):
@@ -108,14 +115,15 @@ class ResidentRequest:
                 self._move()
                 logits = d._body(zero_flags=not whole)
                 self._out(logits)  # outputs written inside the graph: one replay per request
-        return _Captured(graph, logits, None, None, self.host_in.numel() * 8)
+        return _Captured(graph, logits, None, None, self.input_bytes())
 
     def run(self, first: np.ndarray, second: np.ndarray | None, candidates: np.ndarray
             ) -> tuple[np.ndarray, np.ndarray]:
         """Score one request: ``first`` (B,) the user ids (whole store; -1 for padding slots) or the arena
         offsets (cache mode, -1 = none) and ``second`` their behaviours (cache mode; None otherwise);
         ``candidates`` (B, C). Returns (logits (B, C) float32, present (B,) bool) as numpy (copies); the
-        users whose record held a router index outside the pool: :meth:`bad_slots`."""
+        users whose record held a router index outside the pool: :meth:`bad_slots`. The decoder's own replay
+        state (``logits``, ``last_cost``) is not updated: read the results here."""
         d = self.decoder
         if d.eager or self._captured is None:
             with torch.inference_mode():
@@ -125,7 +133,7 @@ class ResidentRequest:
         d._candidates_np[...] = candidates.reshape(d.n_users, d.n_candidates)
         self._write_in(first, second)
         self._captured.graph.replay()
-        torch.cuda.current_stream().synchronize()
+        torch.cuda.current_stream(d.device).synchronize()  # replay() ran on its device's current stream
         present = self._present_np.copy() if second is None else first >= 0
         return self._logits_np.copy(), present
 
@@ -143,14 +151,14 @@ class ResidentRequest:
         d._stage(candidates)
         self._write_in(first, second)
         if d.eager:
-            logits = d._run_eager(self._move, self.host_in.numel() * 8)
+            logits = d._run_eager(self._move, self.input_bytes())
             present = self.present.numpy().copy() if second is None else first >= 0
             self.flags_host.copy_(d.flags)
             return logits.float().numpy().copy(), present
         self._captured = self._capture()
         d._graphs[("resident", id(self.tier))] = self._captured  # counted in d.n_graphs
         self._captured.graph.replay()
-        torch.cuda.current_stream().synchronize()
+        torch.cuda.current_stream(d.device).synchronize()  # replay() ran on its device's current stream
         present = self._present_np.copy() if second is None else first >= 0
         return self._logits_np.copy(), present
 

@@ -91,6 +91,19 @@ def test_weights_follow_new_storage():
         torch.testing.assert_close(mlp_logits(mlp, parts), mlp_head(mlp, parts), rtol=1e-5, atol=1e-5)
 
 
+def test_training_and_gradients_run_the_module():
+    mlp = head(12, (8, 4), 7)
+    parts = [torch.randn(3, 1, 12, device=DEVICE, requires_grad=True)]
+    out = mlp_logits(mlp, parts)  # a gradient is wanted: the module, so it flows back
+    out.sum().backward()
+    assert parts[0].grad is not None and parts[0].grad.abs().sum() > 0
+    mlp.train()
+    torch.manual_seed(0)
+    want = mlp_head(mlp, [parts[0].detach()])
+    torch.manual_seed(0)
+    assert torch.equal(mlp_logits(mlp, [parts[0].detach()]), want)  # dropout as the module draws it
+
+
 def test_a_model_made_in_inference_mode():
     with torch.inference_mode():
         mlp = head(12, (8, 4), 5)
