@@ -19,8 +19,8 @@
 #   launch   (~2 min)  the kernel's launch settings inside the graph → decode_latency/decode_latency_launch3_*.json
 #   zoo      (< 8 min) every model (din, sim, eta, sdim, twin, hstu): full-KV vs CollectiveKV at B 1–512,
 #                      L 50 and 1000, fp16 and fp32 → zoo_latency/zoo_latency_float{16,32}.json, .md, .png
-#   resident (~3 min)  requests through the GPU-resident tier (and the replay's kernels: --profile):
-#                      serving_latency/serving_latency.{json,png},
+#   resident (~4 min)  requests through the GPU-resident tier (and the replay's kernels: --profile):
+#                      serving_latency/serving_latency.{json,png}, the scoring MLP alone: mlp_head/mlp_head{,_zoo}.json,
 #                      zoo_latency/zoo_resident_float{16,32}.json
 #   serve    (~4 min)  one `ckv serve` process under open-loop load: single requests, then Arrow batches and a
 #                      hot swap → serve_load/serve_load_gpu_1worker{_single,}.json
@@ -104,6 +104,8 @@ zoo)
     ;;
 resident)
     timeout 200 $PY benchmarks/serving_latency.py --repeats 300 --profile 2>&1 | tail -12
+    timeout 60 $PY benchmarks/mlp_head.py 2>&1 | tail -4
+    timeout 60 $PY benchmarks/mlp_head.py --parts 256,256,64 --rows 512 --out $R/mlp_head/mlp_head_zoo.json 2>&1 | tail -2
     for dtype in float16 float32; do
         timeout 150 $PY benchmarks/zoo_resident.py --dtype $dtype --out $R/zoo_latency/zoo_resident_$dtype.json \
             2>&1 | tail -8
