@@ -128,6 +128,9 @@ def mlp_head(mlp: nn.Module, parts: Sequence[torch.Tensor]) -> torch.Tensor:
     return mlp(torch.cat(list(parts), dim=-1)).squeeze(-1)
 
 
+Head = Callable[[nn.Module, Sequence[torch.Tensor]], torch.Tensor]  # (mlp, parts) → logits: mlp_head or equivalent
+
+
 class TargetAttentionCTR(BehaviourModel):
     def __init__(self, cfg: ModelConfig, item_genres: torch.Tensor | None = None) -> None:
         """See :class:`BehaviourModel` for ``item_genres``."""
@@ -180,7 +183,7 @@ class TargetAttentionCTR(BehaviourModel):
         targets: torch.Tensor,
         attention: Callable[[torch.Tensor, KVCache], torch.Tensor] | None = None,
         candidate_side: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
-        head: Callable[[nn.Module, Sequence[torch.Tensor]], torch.Tensor] = mlp_head,
+        head: Head = mlp_head,
     ) -> torch.Tensor:
         """Score candidates against a cache. targets (B,) or (B, C) → logits of the same shape.
 

@@ -27,7 +27,6 @@ which is exactly the behaviour token of that item with feedback 0.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -35,7 +34,7 @@ from torch import nn
 from collectivekv.model.blocks import ZooBase, ZooCache, add_losses, tail_window, trim
 from collectivekv.model.cache import KVCache, rebuild_kv
 from collectivekv.model.config import ModelConfig
-from collectivekv.model.ctr import RouterLosses, build_mlp, mlp_head
+from collectivekv.model.ctr import Head, RouterLosses, build_mlp, mlp_head
 from collectivekv.model.pool import TokenBatch, kv_branches, prefill_pair
 
 N_REL_BUCKETS = 32
@@ -204,7 +203,7 @@ class HSTU(ZooBase):
         return (logits.squeeze(1) if squeeze else logits), losses
 
     def score_hidden(self, hidden: torch.Tensor, t: torch.Tensor,
-                     head: Callable[[nn.Module, Sequence[torch.Tensor]], torch.Tensor] = mlp_head) -> torch.Tensor:
+                     head: Head = mlp_head) -> torch.Tensor:
         """Last-layer outputs (…, E) at candidate positions and the candidates' embeddings → logits (…) (``head``:
         the MLP's, as in ``TargetAttentionCTR.decode``)."""
         return head(self.mlp, [self.final_norm(hidden), t])

@@ -73,13 +73,14 @@ def head_weights(mlp: nn.Module) -> HeadWeights | None:
     linears = layers[::3]
     if any(m.bias is None or m.weight.dtype != torch.float32 for m in linears):
         return None
-    params = tuple(p.detach() for m in linears for p in (m.weight, m.bias))
+    params = tuple(p for m in linears for p in (m.weight, m.bias))
     key = tuple(x for p in params for x in (p.data_ptr(), -1 if p.is_inference() else p._version))
     copies = _WEIGHTS.setdefault(mlp, [])
     if copies and copies[-1].key == key:
         return copies[-1]
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return None
+    params = tuple(p.detach() for p in params)
     w1, b1, w2, b2, w3, b3 = params
     copies.append(HeadWeights(w1.t().contiguous(), b1.contiguous(), w2.t().contiguous(), b2.contiguous(),
                               w3.reshape(-1).contiguous(), b3.contiguous(), key, params))

@@ -125,13 +125,20 @@ class ResidentRequest:
         users whose record held a router index outside the pool: :meth:`bad_slots`. The decoder's own replay
         state (``logits``, ``last_cost``) is not updated: read the results here."""
         d = self.decoder
-        if d.eager or self._captured is None:
-            with torch.inference_mode():
-                return self._first_or_eager(first, second, candidates)
-        # the request's latency runs from here: numpy writes into the pinned inputs, one replay, one wait (this
-        # thread's stream: the previous request has finished, so the inputs are free to write)
-        d._candidates_np[...] = candidates.reshape(d.n_users, d.n_candidates)
+        # the request's latency runs from here: numpy writes into the pinned inputs (free: the previous request
+        # waited for its replay), one replay, one wait
+        d._candidates_np[...] = np.asarray(candidates).reshape(d.n_users, d.n_candidates)
         self._write_in(first, second)
+        if d.eager:
+            with torch.inference_mode():
+                logits = d._run_eager(self._move, self.input_bytes())
+            self.flags_host.copy_(d.flags)
+            present = self.present.numpy().copy() if second is None else first >= 0
+            return logits.float().numpy().copy(), present
+        if self._captured is None:  # the first request captures the graph, then replays it as every other
+            with torch.inference_mode():
+                self._captured = self._capture()
+            d._graphs[("resident", id(self.tier))] = self._captured  # counted in d.n_graphs
         self._captured.graph.replay()
         torch.cuda.current_stream(d.device).synchronize()  # replay() ran on its device's current stream
         present = self._present_np.copy() if second is None else first >= 0
@@ -143,24 +150,6 @@ class ResidentRequest:
         else:  # the header itself: cold users point at the zero block
             self._in_np[0] = np.where(first >= 0, first, 16 * self.decoder.n_users)
             self._in_np[1] = second
-
-    def _first_or_eager(self, first: np.ndarray, second: np.ndarray | None, candidates: np.ndarray
-                        ) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`run` without a graph yet: eager on CPU, else capture it (first request) and replay."""
-        d = self.decoder
-        d._stage(candidates)
-        self._write_in(first, second)
-        if d.eager:
-            logits = d._run_eager(self._move, self.input_bytes())
-            present = self.present.numpy().copy() if second is None else first >= 0
-            self.flags_host.copy_(d.flags)
-            return logits.float().numpy().copy(), present
-        self._captured = self._capture()
-        d._graphs[("resident", id(self.tier))] = self._captured  # counted in d.n_graphs
-        self._captured.graph.replay()
-        torch.cuda.current_stream(d.device).synchronize()  # replay() ran on its device's current stream
-        present = self._present_np.copy() if second is None else first >= 0
-        return self._logits_np.copy(), present
 
     def bad_slots(self) -> np.ndarray:
         """Slots of the latest request whose record held a router index outside the pool (the kernel masked
