@@ -8,8 +8,12 @@ labels; GAUC = Σ n_u AUC_u / Σ n_u). For runs A and B trained on the same data
 
 and the 95% interval is the 2.5/97.5 percentiles of Δ over ``n_boot`` resamples of the users with
 replacement (a fixed generator seed, so a report is reproducible). Pooled over seeds, each user's
-difference is averaged over the seed pairs first and the same user resampling applies; the interval
-then covers the sampling of users, not the training seeds (their spread is the per-seed Δ list).
+difference is averaged over the seed pairs first and the same user resampling applies; that interval
+covers the sampling of users, not the training seeds. The **two-level** interval covers both: each
+resample draws the users with replacement (the same draw for every seed: the users are one sample,
+scored by every run) and the S seed pairs with replacement, and takes the mean over the drawn seeds
+of each one's weighted Δ over the drawn users. With S = 1 it equals the users-only interval; with few
+seeds it is coarse (S = 3 seeds give at most 10 distinct seed multisets), so read it with the per-seed Δ.
 """
 
 from __future__ import annotations
@@ -70,8 +74,9 @@ def paired_difference(pairs: Sequence[tuple[UserAUC, UserAUC]], n_boot: int = N_
                       level: float = LEVEL) -> dict[str, Any]:
     """Δ = A − B over ``pairs`` [(A, B), one per seed] with its bootstrap interval over users.
 
-    Returns {"diff", "lo", "hi", "level", "users", "pairs", "resamples", "share_le_0"} (share_le_0: the
-    fraction of resamples with Δ <= 0). Users are those every run scores; their weight is their
+    Returns {"diff", "lo", "hi", "level", "users", "pairs", "resamples", "share_le_0", "two_level": {"lo", "hi",
+    "share_le_0"}} (share_le_0: the fraction of resamples with Δ <= 0; two_level: the interval over seeds and
+    users, module docstring). Users are those every run scores; their weight is their
     sample count (the same in every run of one data set)."""
     if not pairs:
         raise ValueError("no run pairs to compare")
@@ -89,9 +94,12 @@ def paired_difference(pairs: Sequence[tuple[UserAUC, UserAUC]], n_boot: int = N_
     assert weights is not None
     boot = bootstrap_weighted_mean(d, weights, n_boot, seed)
     lo, hi = np.quantile(boot, [(1 - level) / 2, 1 - (1 - level) / 2])
+    two = bootstrap_seeds_and_users(np.stack(diffs), weights, n_boot, seed)
+    lo2, hi2 = np.quantile(two, [(1 - level) / 2, 1 - (1 - level) / 2])
     return {"diff": float((weights * d).sum() / weights.sum()), "lo": float(lo), "hi": float(hi), "level": level,
             "users": int(len(common)), "pairs": len(pairs), "resamples": n_boot,
-            "share_le_0": float(np.mean(boot <= 0))}
+            "share_le_0": float(np.mean(boot <= 0)),
+            "two_level": {"lo": float(lo2), "hi": float(hi2), "share_le_0": float(np.mean(two <= 0))}}
 
 
 def bootstrap_weighted_mean(values: np.ndarray, weights: np.ndarray, n_boot: int, seed: int,
@@ -107,6 +115,24 @@ def bootstrap_weighted_mean(values: np.ndarray, weights: np.ndarray, n_boot: int
     return out
 
 
+def bootstrap_seeds_and_users(diffs: np.ndarray, weights: np.ndarray, n_boot: int, seed: int,
+                              chunk: int = 100) -> np.ndarray:
+    """(n_boot,) two-level resamples of Δ (module docstring) from per-seed user differences ``diffs`` (S, U) with
+    user weights (U,): users drawn first (the draws of :func:`bootstrap_weighted_mean` with the same seed), then
+    S seed pairs with replacement, Δ* = mean over the drawn seeds of Σ w d / Σ w over the drawn users."""
+    rng = np.random.default_rng(seed)
+    s, n = diffs.shape
+    wd = weights[None, :] * diffs  # (S, U)
+    out = np.empty(n_boot)
+    for lo in range(0, n_boot, chunk):
+        c = min(chunk, n_boot - lo)
+        idx = rng.integers(0, n, size=(c, n))  # (c, U) users
+        per_seed = wd[:, idx].sum(-1) / weights[idx].sum(-1)  # (S, c) each seed's Δ over the drawn users
+        picks = rng.integers(0, s, size=(c, s)) if s > 1 else np.zeros((c, 1), np.int64)  # (c, S) seed pairs
+        out[lo : lo + c] = per_seed[picks, np.arange(c)[:, None]].mean(-1)
+    return out
+
+
 def paired_report(a_runs: dict[int, UserAUC], b_runs: dict[int, UserAUC]) -> dict[str, Any] | None:
     """Per seed and pooled A − B over the seeds both sides have (None when they share none):
     {"seeds", "per_seed": [{"seed", diff, lo, hi, ...}], "pooled": {...}}."""
@@ -118,8 +144,9 @@ def paired_report(a_runs: dict[int, UserAUC], b_runs: dict[int, UserAUC]) -> dic
     return {"seeds": seeds, "per_seed": per_seed, "pooled": pooled}
 
 
-def fmt_interval(p: dict[str, Any] | None, digits: int = 4) -> str:
-    """"+0.0043 [+0.0011, +0.0075]" (Δ and its interval), or "—"."""
-    if not p:
+def fmt_interval(p: dict[str, Any] | None, digits: int = 4, two_level: bool = False) -> str:
+    """"+0.0043 [+0.0011, +0.0075]" (Δ and its interval over users; ``two_level``: over seeds and users), or "—"."""
+    if not p or (two_level and "two_level" not in p):
         return "—"
-    return f"{p['diff']:+.{digits}f} [{p['lo']:+.{digits}f}, {p['hi']:+.{digits}f}]"
+    lo, hi = (p["two_level"]["lo"], p["two_level"]["hi"]) if two_level else (p["lo"], p["hi"])
+    return f"{p['diff']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"

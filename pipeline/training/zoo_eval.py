@@ -98,6 +98,10 @@ def run_eval(data_dir: str | Path, settings: EvalSettings, out: str | Path, log:
     results["wall_seconds"] = round(time.perf_counter() - t0, 1)
     if command:
         results["command"] = command
+        if not train:  # a report re-rendered from finished runs keeps the command that trained them
+            trained_by = _training_command(out)
+            if trained_by and trained_by != command:
+                results["trained_by"] = trained_by
     _write_results(out, results)
     return results
 
@@ -126,6 +130,17 @@ def dataset_info(data_dir: str | Path) -> dict[str, Any]:
     test = meta.get("counts", {}).get("test", {})
     return {"splits": {"kind": "global", **meta.get("splits", {})}, "test_samples": test.get("samples"),
             "test_users": test.get("users")}
+
+
+def _training_command(out: Path) -> str | None:
+    """The command that trained the runs of the report already in ``out`` (its ``trained_by``, or its command when
+    that one trained), None without a report."""
+    path = out / "results.json"
+    if not path.is_file():
+        return None
+    old = json.loads(path.read_text())
+    command = old.get("trained_by") or old.get("command")
+    return None if command is None or "--report-only" in command.split() else command
 
 
 def _write_results(out: Path, results: dict[str, Any]) -> None:

@@ -142,7 +142,8 @@ def markdown(res: dict[str, Any]) -> str:
         _training_line(st),
         "",
         *([split_line(res["data"]), ""] if split_line(res.get("data", {})) else []),
-        *([f"Command: `{res['command']}`", ""] if res.get("command") else []),
+        *([f"Command: `{res.get('trained_by') or res['command']}`", ""] if res.get("command") else []),
+        *([f"Report rendered from its finished runs by: `{res['command']}`", ""] if res.get("trained_by") else []),
     ]
     if "table1" in sec:
         lines += _table1(sec["table1"], st["models"], n_seeds)

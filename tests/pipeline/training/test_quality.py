@@ -3,6 +3,7 @@ training diagnostics (model/diagnostics.py, pipeline/training/diagnostics.py) on
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,7 +18,13 @@ from collectivekv.model.config import CollectiveConfig, ModelConfig
 from collectivekv.model.diagnostics import GradientCounter, RoutingProbe, usage_summary
 from collectivekv.model.metrics import gauc, per_user_auc
 from collectivekv.pipeline.data.build import build_dataset
-from collectivekv.pipeline.training.paired import UserAUC, bootstrap_weighted_mean, paired_difference, paired_report
+from collectivekv.pipeline.training.paired import (
+    UserAUC,
+    bootstrap_seeds_and_users,
+    bootstrap_weighted_mean,
+    paired_difference,
+    paired_report,
+)
 from collectivekv.pipeline.training.trainer import TrainConfig, build_model, train_model
 
 
@@ -70,6 +77,21 @@ def test_bootstrap_interval_matches_the_normal_approximation() -> None:
     assert boot.std() == pytest.approx(se, rel=0.1) and boot.mean() == pytest.approx(d.mean(), abs=se / 5)
 
 
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 10_000), st.integers(2, 60))
+def test_two_level_bootstrap_is_the_users_bootstrap_for_one_seed_and_covers_seed_spread(seed: int, n: int) -> None:
+    """One seed pair: the two-level resamples are the users-only ones, draw for draw. Seeds that disagree by more
+    than the users' noise: the two-level interval is wider than the users-only one and still contains Δ."""
+    rng = np.random.default_rng(seed)
+    d, w = rng.normal(0.002, 0.02, n), rng.integers(1, 20, n).astype(np.float64)
+    assert np.array_equal(bootstrap_seeds_and_users(d[None], w, 300, 7), bootstrap_weighted_mean(d, w, 300, 7))
+    spread = np.stack([d + 0.05, d, d - 0.05])  # (S, U): three seeds far apart
+    two = np.quantile(bootstrap_seeds_and_users(spread, w, 1000, 0), [0.025, 0.975])
+    users = np.quantile(bootstrap_weighted_mean(spread.mean(0), w, 1000, 0), [0.025, 0.975])
+    mean = (w * d).sum() / w.sum()
+    assert two[1] - two[0] > users[1] - users[0] and two[0] <= mean <= two[1]
+
+
 def test_paired_report_pools_the_shared_seeds_and_round_trips(tmp_path: Path) -> None:
     runs = {s: UserAUC.of(*_runs(s)) for s in (0, 1, 2)}
     better = {s: replace(r, auc=r.auc + 0.005 * (s + 1)) for s, r in runs.items() if s != 2}
@@ -77,6 +99,8 @@ def test_paired_report_pools_the_shared_seeds_and_round_trips(tmp_path: Path) ->
     assert rep is not None and rep["seeds"] == [0, 1]
     assert [x["diff"] for x in rep["per_seed"]] == pytest.approx([0.005, 0.010])
     assert rep["pooled"]["diff"] == pytest.approx(0.0075) and rep["pooled"]["pairs"] == 2
+    two = rep["pooled"]["two_level"]  # seeds 0.005 and 0.010 apart, users' noise none: the seeds set the interval
+    assert two["lo"] == pytest.approx(0.005) and two["hi"] == pytest.approx(0.010) and two["share_le_0"] == 0.0
     assert paired_report({}, runs) is None
     runs[0].save(tmp_path / "u.json")
     back = UserAUC.load(tmp_path / "u.json")
@@ -194,6 +218,37 @@ def test_ckv_eval_reports_split_paired_interval_and_diagnostics(per_user_dir: Pa
     for text in ("Split: per user (leave-last-k-out)", "## Paired GAUC difference", "## Training diagnostics",
                  "## Per-epoch curves", "paired Δ [95% CI]"):
         assert text in md
+    assert "pooled Δ [95% CI over seeds and users]" in md
+    res = CliRunner().invoke(main, [*args[:-2], "--split", "global"])
+    assert res.exit_code != 0 and "has a per-user split" in res.output
+
+
+def test_report_only_keeps_the_training_command(per_user_dir: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A report re-rendered from finished runs (--report-only, any number of times) names the command that trained
+    them, and the one that rendered it."""
+    import json
+
+    from click.testing import CliRunner
+
+    from collectivekv.jobs.cli import main
+
+    out = tmp_path / "ev"
+    args = ["eval", "--quick", "--data", str(per_user_dir), "--out", str(out), "--models", "sim",
+            "--sections", "table1", "--split", "per-user", "--seeds", "0"]
+    again = [*args, "--report-only"]
+    for argv in (args, again, again):
+        monkeypatch.setattr(sys, "argv", ["ckv", *argv])  # the command line the report records
+        res = CliRunner().invoke(main, argv)
+        assert res.exit_code == 0, res.output
+        report, md = json.loads((out / "results.json").read_text()), (out / "results.md").read_text()
+        assert report["command"] == "ckv " + " ".join(argv)
+        assert f"Command: `ckv {' '.join(args)}`" in md
+        if argv is again:
+            assert report["trained_by"] == "ckv " + " ".join(args)
+            assert f"Report rendered from its finished runs by: `ckv {' '.join(again)}`" in md
+        else:
+            assert "trained_by" not in report and "Report rendered" not in md
     res = CliRunner().invoke(main, [*args[:-2], "--split", "global"])
     assert res.exit_code != 0 and "has a per-user split" in res.output
 
