@@ -62,13 +62,14 @@ def prefill_cmd(checkpoint: str, histories: str, store: str, log_file: str | Non
     A failure ends in one line (what failed, where, what to do) with the full trace in the log file.
     """
     from collectivekv.cachestore.checkpoint import CheckpointError
+    from collectivekv.cachestore.store.publish import PublishError
     from collectivekv.pipeline.prefill.prefill import PrefillInputError
     from collectivekv.pipeline.prefill.spark_job import PrefillOptions, command_line, run_prefill
     from collectivekv.pipeline.prefill.spark_logging import SparkJobError, default_log_path, spark_job_errors
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     log_path = default_log_path(store) if log_file is None else log_file
-    own = (CheckpointError, PrefillInputError, ValueError)  # raised by the driver: already one line
+    own = (CheckpointError, PrefillInputError, PublishError, ValueError)  # raised by the driver: already one line
     try:
         with spark_job_errors(f"prefill of {store}", log_path, verbose=verbose, passthrough=own):
             opts = PrefillOptions(checkpoint=checkpoint, histories=histories, store=store,

@@ -58,6 +58,7 @@ def refresh_cmd(store: str, work: str, events: Path | None, dataset: str | None,
                 margin: float, master: str | None, engine: str, shards: int, verify_sample: int | None,
                 **kw: Any) -> None:
     """Nightly refresh: prepare, warm-start train, gate, prefill, verify, publish model + store together."""
+    from collectivekv.cachestore.store.publish import PublishError, check_store_root
     from collectivekv.pipeline.store.refresh import RefreshError, RefreshOptions, RefreshRefused, run_refresh
     from collectivekv.pipeline.store.safe_output import OutputError, check_not_input
     from collectivekv.pipeline.training.trainer import TrainConfig
@@ -68,7 +69,8 @@ def refresh_cmd(store: str, work: str, events: Path | None, dataset: str | None,
     try:  # the run writes WORK/<run id>/ and STORE/staging/: neither may hold the inputs
         check_not_input(Path(work), (events, dataset), "--work")
         check_not_input(Path(store), (events, dataset), "--store")
-    except OutputError as exc:
+        check_store_root(store)  # a directory that is not a store: refused before anything runs
+    except (OutputError, PublishError) as exc:
         raise click.ClickException(str(exc)) from exc
     prep = _prepare_config(events, kw) if events is not None else None
     opts = RefreshOptions(

@@ -33,7 +33,7 @@ def build_cmd(source: Path, store_root: Path | None, progress: bool, shards: int
     directory (part files + _layout.json; then --store names the store root).
     """
     from collectivekv.cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE
-    from collectivekv.cachestore.store.publish import open_current
+    from collectivekv.cachestore.store.publish import PublishError, check_store_root, open_current
     from collectivekv.pipeline.store.store_ops import PARQUET_DIR, build_store
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
@@ -51,13 +51,14 @@ def build_cmd(source: Path, store_root: Path | None, progress: bool, shards: int
             raise click.UsageError("SOURCE is a store: --store must be omitted or the same")
         store_root = source
     try:
+        check_store_root(store_root)  # before the build: a directory that is not a store is refused at once
         if shards > 1:
             from collectivekv.pipeline.store.shard_ops import build_sharded_store
 
             manifest = build_sharded_store(store_root, parquet, shards, command_line=shlex.join(sys.argv))
         else:
             manifest = build_store(store_root, parquet, command_line=shlex.join(sys.argv), progress=progress)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, PublishError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"published {manifest['version_id']} to {store_root}: {manifest['users']} users, "
                f"LMDB {manifest['bytes']['lmdb_disk']} B on disk")

@@ -63,7 +63,7 @@ class ModelStore:
         returns the version id."""
         layout = layout_for(self.model, self.model_version, "collective", "float32")
         rows = prefill_rows(self.model, layout, self.user_ids, self.items, self.feedback, self.lengths)
-        pdir = Path(root) / f"parquet-{self.model_version}"
+        pdir = self.parquet_dir(root)  # beside the store root: a store root holds only what ckv writes
         shutil.rmtree(pdir, ignore_errors=True)
         pdir.mkdir(parents=True)
         pq.write_table(pa.Table.from_pylist(rows, schema=prefill_schema()), pdir / "part-00000.parquet")
@@ -72,6 +72,10 @@ class ModelStore:
         build_version(pdir, staging, parquet="none")
         shutil.copytree(checkpoint or self.checkpoint, staging / "checkpoint")
         return publish(root, staging).version_id
+
+    def parquet_dir(self, root: Path) -> Path:
+        """Where :meth:`publish` writes this model's prefill Parquet for the store ``root``."""
+        return Path(root).parent / f"{Path(root).name}.parquet-{self.model_version}"
 
     def expected(self, user_ids: np.ndarray, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The model's forward for these users (absent ones: empty history): probabilities (B, C) and
@@ -100,7 +104,7 @@ SHARD_USERS = 16
 def publish_sharded_with_checkpoint(model: ModelStore, root: Path) -> None:
     """The model's records as a SHARD_COUNT-shard version with its checkpoint inside (as ``ckv refresh --shards``)."""
     model.publish(root / "seed")
-    parquet = next((root / "seed").glob("parquet-*"))
+    parquet = model.parquet_dir(root / "seed")
     layout = read_layout(parquet / PARQUET_LAYOUT_FILE)
     files = sorted(parquet.glob("*.parquet"))
     assert pq.read_metadata(files[0]).num_rows == SHARD_USERS

@@ -121,7 +121,8 @@ def estimate_map_size(sizes: np.ndarray) -> int:
     return map_size_for(map_bytes(sizes))
 
 
-def _check_schema(path: Path, schema: pa.Schema) -> None:
+def check_part_schema(path: Path, schema: pa.Schema) -> None:
+    """StoreBuildError naming ``path`` unless ``schema`` has every prefill column with its type."""
     for name, types in _COLUMNS.items():
         idx = schema.get_field_index(name)
         if idx < 0:
@@ -147,7 +148,7 @@ def _scan(layout: EntryLayout, files: list[Path]) -> _Scan:
     ids, lens, file_of, ranges, all_sorted = [], [], [], [], True
     for i, path in enumerate(files):
         pf = pq.ParquetFile(path, pre_buffer=False)
-        _check_schema(path, pf.schema_arrow)
+        check_part_schema(path, pf.schema_arrow)
         batches = list(pf.iter_batches(columns=["user_id", "length"], batch_size=1 << 16))
         for name in ("user_id", "length"):
             if any(b.column(name).null_count for b in batches):

@@ -17,9 +17,17 @@ Invariants: a version directory is never modified after it leaves staging/. `cur
 only by rename(2) of a fresh symlink over it (os.replace), so every reader resolves either the old
 or the new version, never a mix; readers resolve `current` once (open_current) and then use the
 version directory. publish keeps the new version and the one `current` pointed to before, and
-prunes every other version (older ones and orphans of crashed publishes). A failure before the
-rename of the symlink leaves `current` untouched. Readers still on a pruned version keep reading
-their open LMDB map (POSIX keeps unlinked files alive) but can no longer open it anew.
+prunes every other version (older ones and orphans of crashed publishes): only directories publish
+wrote (a version-id name holding a manifest of that id). A failure before the rename of the symlink
+leaves `current` untouched; once it is renamed the version is published, and what follows (the
+directory's fsync, the pruning) reports its failures in ``PublishResult.warnings`` instead of raising.
+Readers still on a pruned version keep reading their open LMDB map (POSIX keeps unlinked files alive)
+but can no longer open it anew.
+
+A store root holds nothing but the entries above (:data:`STORE_ENTRIES`, the convenience links of
+docs/store_format.md and ``logs/``; names starting with "." are left alone): :func:`check_store_root`
+refuses any other directory before a staging directory is made in it or a version is published, so no
+command deletes or relinks what it did not write.
 """
 
 from __future__ import annotations
@@ -51,6 +59,8 @@ LAYOUT = "layout.json"
 LMDB_DIR = "lmdb"
 MANIFEST_VERSION = 1
 _VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# what a store root may hold (publish's entries, the prefill's parquet/ and logs/, the convenience links)
+STORE_ENTRIES = frozenset({"parquet", STAGING, VERSIONS, CURRENT, LMDB_DIR, "shards", MANIFEST, LAYOUT, "logs"})
 
 
 class PublishError(RuntimeError):
@@ -59,10 +69,14 @@ class PublishError(RuntimeError):
 
 @dataclass(frozen=True)
 class PublishResult:
+    """The published version; the one ``current`` pointed to before; the versions pruned; what failed after the
+    switch (the version is published regardless: a directory fsync, a version that could not be removed)."""
+
     version_id: str
     version_dir: Path
     previous: str | None
     pruned: tuple[str, ...]
+    warnings: tuple[str, ...] = ()
 
 
 def new_version_id() -> str:
@@ -89,8 +103,38 @@ def write_json_synced(path: Path, data: dict) -> None:
         os.fsync(fh.fileno())
 
 
+def _is_version_dir(path: Path) -> bool:
+    """A directory publish wrote under versions/: a version-id name (no link) holding a manifest of that id."""
+    if path.is_symlink() or not path.is_dir() or not _VERSION_NAME.fullmatch(path.name):
+        return False
+    try:
+        return json.loads((path / MANIFEST).read_text(encoding="utf-8")).get("version_id") == path.name
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_store_root(store_root: str | os.PathLike) -> None:
+    """PublishError unless ``store_root`` is absent, empty, or a store root: only :data:`STORE_ENTRIES` (and names
+    starting with ".") and versions/ holding only published versions. The message names the foreign entries;
+    nothing is deleted."""
+    root = Path(store_root)
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise PublishError(f"store root {root} exists and is not a directory")
+    foreign = sorted(p.name for p in root.iterdir() if p.name not in STORE_ENTRIES and not p.name.startswith("."))
+    foreign += sorted(f"{VERSIONS}/{p.name}" for p in (root / VERSIONS).iterdir()
+                      if not _is_version_dir(p)) if (root / VERSIONS).is_dir() else []
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" (+{len(foreign) - 3} more)" if len(foreign) > 3 else "")
+        raise PublishError(f"{root} is not a store root: it holds {shown}, which no ckv command writes there; "
+                           "nothing was deleted: give a new or empty directory, or a store root")
+
+
 def new_staging_dir(store_root: str | os.PathLike) -> Path:
-    """Create and return an empty STORE/staging/<new id>/ (same filesystem as versions/)."""
+    """Create and return an empty STORE/staging/<new id>/ (same filesystem as versions/), after
+    :func:`check_store_root`."""
+    check_store_root(store_root)
     path = Path(store_root) / STAGING / new_version_id()
     path.mkdir(parents=True)
     return path
@@ -145,6 +189,9 @@ def _check_staging(staging: Path) -> dict:
             raise PublishError(f"{staging} is incomplete: no {rel}")
     with open(staging / MANIFEST, encoding="utf-8") as fh:
         manifest = json.load(fh)
+    if not _VERSION_NAME.fullmatch(staging.name):
+        raise PublishError(f"{staging}: {staging.name!r} is not a version id (letters, digits, '.', '_', '-'; "
+                           "make staging directories with new_staging_dir)")
     if manifest.get("version_id") != staging.name:
         raise PublishError(f"{staging}: manifest version_id {manifest.get('version_id')!r} != dir name")
     if read_layout(staging / LAYOUT).to_dict() != manifest.get("layout"):
@@ -212,8 +259,10 @@ def publish(store_root: str | os.PathLike, staging_dir: str | os.PathLike) -> Pu
     """
     root, staging = Path(store_root), Path(staging_dir)
     versions = root / VERSIONS
+    check_store_root(root)
     versions.mkdir(parents=True, exist_ok=True)
     with _publish_lock(root):
+        check_store_root(root)
         _check_staging(staging)
         vid = staging.name
         dest = versions / vid
@@ -232,12 +281,27 @@ def publish(store_root: str | os.PathLike, staging_dir: str | os.PathLike) -> Pu
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        return _after_switch(root, vid, dest, previous)
+
+
+def _after_switch(root: Path, vid: str, dest: Path, previous: str | None) -> PublishResult:
+    """fsync the root and prune all but ``vid`` and ``previous`` (only version directories): the version is
+    published already, so a failure here is a warning in the result, not an exception."""
+    warnings: list[str] = []
+    try:
         _fsync_dir(root)
-        keep = {vid, previous}
-        pruned = tuple(sorted(p.name for p in versions.iterdir() if p.name not in keep))
-        for name in pruned:
-            shutil.rmtree(versions / name, ignore_errors=True)
-    return PublishResult(vid, dest, previous, pruned)
+    except OSError as exc:
+        warnings.append(f"fsync of {root} failed ({exc}): the switch to {vid} may not survive a power loss")
+    versions, pruned = root / VERSIONS, []
+    for path in sorted(versions.iterdir()):
+        if path.name in (vid, previous) or not _is_version_dir(path):
+            continue
+        try:
+            shutil.rmtree(path)
+            pruned.append(path.name)
+        except OSError as exc:
+            warnings.append(f"could not remove the old version {path} ({exc}); the next publish retries")
+    return PublishResult(vid, dest, previous, tuple(pruned), tuple(warnings))
 
 
 def open_current(store_root: str | os.PathLike) -> Path:

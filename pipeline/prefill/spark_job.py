@@ -31,7 +31,7 @@ from typing import Any
 from collectivekv.cachestore.checkpoint import load_checkpoint
 from collectivekv.cachestore.store.catalogue import check_same_numbering
 from collectivekv.cachestore.store.lmdb_build import StoreBuildError
-from collectivekv.cachestore.store.publish import STAGING, new_staging_dir, new_version_id
+from collectivekv.cachestore.store.publish import STAGING, check_store_root, new_staging_dir, new_version_id
 from collectivekv.cachestore.store.record import write_layout
 from collectivekv.pipeline.prefill.incremental import FP_COL, HISTORY_FP_VERSION, fingerprint_sql, previous_state
 from collectivekv.pipeline.prefill.incremental import split as incremental_split
@@ -175,6 +175,8 @@ def _driver_checks(opts: PrefillOptions) -> _Job:
     task; the store's staging directory created."""
     if opts.engine not in ENGINES or opts.device not in DEVICES or opts.kv_dtype not in KV_DTYPE_CHOICES:
         raise ValueError(f"bad engine/device/kv_dtype: {opts.engine}/{opts.device}/{opts.kv_dtype}")
+    if "://" not in str(opts.store):
+        check_store_root(opts.store)  # a directory that is not a store: refused before Spark starts
     ckpt_dir = Path(opts.checkpoint)
     ckpt = load_checkpoint(ckpt_dir)  # validates files + fingerprint on the driver
     cfg, version = ckpt.config, ckpt.model_version

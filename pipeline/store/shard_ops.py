@@ -22,8 +22,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from collectivekv.cachestore.store.entry import read_layout
-from collectivekv.cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE, list_parquet_files
+from collectivekv.cachestore.store.entry import ENTRY_FORMAT_VERSION, read_layout
+from collectivekv.cachestore.store.lmdb_build import (
+    PARQUET_LAYOUT_FILE,
+    StoreBuildError,
+    check_part_schema,
+    list_parquet_files,
+)
 from collectivekv.cachestore.store.publish import new_staging_dir
 from collectivekv.cachestore.store.shard_build import HISTORY_FP, ShardTarget, build_shard, shard_schema
 from collectivekv.cachestore.store.shards import shard_of
@@ -33,16 +38,28 @@ log = logging.getLogger("ckv.store")
 
 
 def shard_rows(files: list[Path], schema: pa.Schema, index: int, count: int) -> pa.Table:
-    """The rows of shard ``index`` from every file, sorted by user id (``history_fp`` 0 where a file has none)."""
-    parts = []
-    for path in files:
+    """The rows of shard ``index`` from every file, sorted by user id (``history_fp`` 0 where a file has none).
+    StoreBuildError naming the file(s) for a missing column or wrong type, a null user id, or a user in two rows."""
+    parts, origin = [], []
+    for k, path in enumerate(files):
         table = pq.read_table(path)
+        check_part_schema(path, table.schema)
+        if table.column("user_id").null_count:
+            raise StoreBuildError(f"{path}: null values in column 'user_id'")
         if HISTORY_FP not in table.column_names:
             table = table.append_column(HISTORY_FP, pa.array(np.zeros(table.num_rows, np.int64)))
         mask = shard_of(table.column("user_id").to_numpy(), count) == index
         parts.append(table.select(schema.names).filter(pa.array(mask)).cast(schema))
+        origin.append(np.full(int(mask.sum()), k))
     table = pa.concat_tables(parts) if parts else schema.empty_table()
-    return table.take(pc.sort_indices(table, [("user_id", "ascending")]))
+    order = pc.sort_indices(table, [("user_id", "ascending")])
+    ids = table.column("user_id").to_numpy()[order.to_numpy()]
+    dup = np.flatnonzero(ids[1:] == ids[:-1])
+    if len(dup):
+        where = np.concatenate(origin)[order.to_numpy()][dup[0] : dup[0] + 2]
+        names = " and ".join(sorted({str(files[k]) for k in where.tolist()}))
+        raise StoreBuildError(f"{names}: duplicate user id {int(ids[dup[0]])} (a user must have one row)")
+    return table.take(order)
 
 
 def build_sharded_store(store_root: str | os.PathLike, parquet_dir: str | os.PathLike, count: int, *,
@@ -52,6 +69,11 @@ def build_sharded_store(store_root: str | os.PathLike, parquet_dir: str | os.Pat
     if not (src / PARQUET_LAYOUT_FILE).is_file():
         raise FileNotFoundError(f"{src}: not a prefill Parquet directory (no {PARQUET_LAYOUT_FILE})")
     layout, files, schema = read_layout(src / PARQUET_LAYOUT_FILE), list_parquet_files(src), shard_schema()
+    if layout.record_format != ENTRY_FORMAT_VERSION:
+        raise StoreBuildError(f"{src}: a layout of record format {layout.record_format} is read-only; the "
+                              f"prefill writes format {ENTRY_FORMAT_VERSION}")
+    if not files:
+        raise FileNotFoundError(f"{src} holds no Parquet part files (*.parquet): nothing to publish")
     root.mkdir(parents=True, exist_ok=True)
     staging = new_staging_dir(root)
     entries = []

@@ -115,15 +115,15 @@ def summary_fields(manifest: dict, prefill: dict | None, command_line: str) -> d
 
 
 def ensure_links(store_root: Path) -> None:
-    """Create the stable ``STORE/<name> -> current/<name>`` symlinks (idempotent, atomic each)."""
+    """Create the stable ``STORE/<name> -> current/<name>`` symlinks (idempotent, atomic each). A name that holds
+    anything else (a directory, a file, a link elsewhere: the user's) is left as it is, with a warning."""
     for name in STABLE_LINKS:
         link, target = store_root / name, f"{CURRENT}/{name}"
-        if link.is_symlink():
-            if os.readlink(link) == target:
-                continue
-        elif link.exists():
-            log.warning("%s exists and is not a symlink: left as is (the published data is under %s/)",
-                        link, CURRENT)
+        if link.is_symlink() and os.readlink(link) == target:
+            continue
+        if os.path.lexists(link):
+            log.warning("%s exists and is not the link to %s: left as is (the published data is under %s/)",
+                        link, target, CURRENT)
             continue
         tmp = store_root / f".{name}.link-{os.getpid()}"
         tmp.unlink(missing_ok=True)
@@ -147,6 +147,8 @@ def publish_staged(store_root: Path, staging: Path, complete: Callable[[Path], d
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    for warning in result.warnings:  # after the switch: the version is published
+        log.warning("published %s; %s", result.version_id, warning)
     ensure_links(store_root)
     return manifest, result
 
@@ -163,8 +165,8 @@ def build_store(store_root: str | os.PathLike, parquet_dir: str | os.PathLike, *
     root, src = Path(store_root), Path(parquet_dir)
     if not (src / PARQUET_LAYOUT_FILE).is_file():
         raise FileNotFoundError(f"{src}: not a prefill Parquet directory (no {PARQUET_LAYOUT_FILE})")
-    if not list_parquet_files(src):
-        log.warning("%s holds no Parquet part files: the store will be empty", src)
+    if not list_parquet_files(src):  # a typo'd directory must not publish an empty store over a full one
+        raise FileNotFoundError(f"{src} holds no Parquet part files (*.parquet): nothing to publish")
     prefill = prefill if prefill is not None else read_prefill_meta(src)
     root.mkdir(parents=True, exist_ok=True)
 

@@ -7,8 +7,9 @@ by ``StoreReader`` / ``cachestore.store.entry.decode_entry`` (CRC, model version
 into a padded batch (``cachestore.decode.entry_batch``), turned back into a cache
 (``model.entry.cache_from_arrays``, values as fp32; din: its group ``"kv"``) and rebuilt through
 ``model.keys_values``. Values must agree within the kv dtype's rounding (2 ulp relative
-+ 1e-5 absolute); lengths and router indices exactly; every history user must have a record and the
-store must hold exactly as many users as the histories (a full check therefore matches the sets).
++ 1e-5 absolute); lengths and router indices exactly; every history user must have a record, no user may have
+two history rows, and the store must hold exactly as many users as the histories have (a full check therefore
+matches the sets).
 Memory: one batch of users at a time (``--sample N`` picks N row numbers first). A sharded version is read
 through :class:`cachestore.store.sharded_reader.ShardedReader` after the deep check of every shard
 (:func:`cachestore.store.sharded_reader.check_shards`: B-tree, users in their own shard, digest).
@@ -137,8 +138,12 @@ def _verify(reader: Reader, checkpoint: str | Path, histories: str | Path, sampl
     if layout.max_len != model.cfg.window_len:
         res.add(f"store max_len {layout.max_len} != model window {model.cfg.window_len}")
         return res
-    if res.users_in_store != total:
-        res.add(f"store holds {res.users_in_store} users, histories {total}")
+    ids, counts = np.unique(ds.to_table(columns=["user_id"]).column("user_id").to_numpy(), return_counts=True)
+    if len(ids) != total:  # a repeated row would make the counts agree while a stored user goes unchecked
+        first = int(np.argmax(counts > 1))
+        res.add(f"histories hold {total} rows for {len(ids)} users: user {ids[first]} has {counts[first]} rows")
+    if res.users_in_store != len(ids):
+        res.add(f"store holds {res.users_in_store} users, histories {len(ids)}")
     chosen = None
     if sample is not None and sample < total:
         chosen = np.sort(np.random.default_rng(seed).choice(total, size=sample, replace=False))

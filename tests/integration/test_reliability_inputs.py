@@ -214,3 +214,24 @@ def test_router_index_outside_the_pool_in_a_store(store: dict, path: str) -> Non
     with pytest.raises(RouterIndexError, match=f"user {uid}: kv.k_idx router index {layout.pool_size} at behaviour"):
         reader.get(uid)
     reader.close()
+
+
+def test_verify_counts_users_not_history_rows(tmp_path: Path) -> None:
+    """A history row repeated in place of another user's: the row count equals the store's users, yet one stored
+    user goes unchecked — `ckv store verify` names the repeated user and exits 1."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from collectivekv.jobs.store import store as store_cli
+
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "v1_din_store"
+    table = pq.read_table(fixture / "histories.parquet")
+    repeated = pa.concat_tables([table.slice(0, table.num_rows - 1), table.slice(0, 1)])
+    pq.write_table(repeated, tmp_path / "histories.parquet")
+    shutil.copytree(fixture / "store", tmp_path / "store", symlinks=True)
+    r = CliRunner().invoke(store_cli, ["verify", str(tmp_path / "store"), "--checkpoint", str(fixture / "checkpoint"),
+                                       "--histories", str(tmp_path / "histories.parquet")])
+    first = table.column("user_id")[0].as_py()
+    assert r.exit_code == 1 and f"user {first} has 2 rows" in r.output
+    assert f"store holds {table.num_rows} users, histories {table.num_rows - 1}" in r.output

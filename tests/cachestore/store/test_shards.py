@@ -76,8 +76,8 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> dict:
     prefill Parquet; the checkpoint published in neither (passed explicitly)."""
     work = tmp_path_factory.mktemp("shards")
     model = ModelStore.make(work, seed=3, n_users=60)
-    model.publish(work / "seed")  # writes work/seed/parquet-<version>/ (part file + _layout.json)
-    parquet = next((work / "seed").glob("parquet-*"))
+    model.publish(work / "seed")  # writes work/seed.parquet-<version>/ (part file + _layout.json)
+    parquet = model.parquet_dir(work / "seed")
     build_store(work / "flat", parquet)
     build_sharded_store(work / "sharded", parquet, COUNT)
     return {"model": model, "flat": work / "flat", "sharded": work / "sharded", "parquet": parquet}
