@@ -2,6 +2,8 @@
 
     config.py    ServerConfig: address, batching limits, request limits, how the store is followed
     payloads.py  request bodies (JSON, Arrow IPC) → validated arrays; responses
+    arrow_limits.py  an Arrow IPC body read with its decoded sizes checked first (compressed streams)
+    errors.py    BadRequest: a refusal naming the field
     batcher.py   dynamic batching: requests queued and grouped into device batches (one worker thread)
     versions.py  hot swap: follows STORE/current, loads a new version in the background
     metrics.py   Prometheus metrics of one server

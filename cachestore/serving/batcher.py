@@ -96,7 +96,9 @@ class DynamicBatcher:
             self._closing = True
             if not drain:
                 while self._queue:
-                    self._queue.popleft().future.set_exception(ShuttingDown("the server shut down"))
+                    future = self._queue.popleft().future
+                    if future.set_running_or_notify_cancel():  # False: the client gave up on it already
+                        future.set_exception(ShuttingDown("the server shut down"))
                 self._queued_users = 0
             self._cond.notify_all()
         if self._worker is not None:
@@ -137,7 +139,13 @@ class DynamicBatcher:
             if batch is None:
                 return
             if batch:
-                self._score(batch, version)
+                try:
+                    self._score(batch, version)
+                except Exception as exc:  # noqa: BLE001 (the worker outlives any batch: its requests get a 500)
+                    log.exception("batch of %d requests failed", len(batch))
+                    for q in batch:
+                        if not q.future.done():
+                            q.future.set_exception(exc)
 
     def _score(self, batch: list[_Queued], version: ServedVersion) -> None:
         now = time.perf_counter()
@@ -149,7 +157,7 @@ class DynamicBatcher:
                 _check_shard(version, q.request)
                 q.request = to_dense_items(q.request, version.runtime.catalogue, version.n_items)
                 ok.append(q)
-            except BadRequest as exc:
+            except Exception as exc:  # noqa: BLE001 (BadRequest: a 4xx; anything else: this request's 500)
                 q.future.set_exception(exc)
         if not ok:
             return

@@ -41,6 +41,7 @@ from collectivekv.cachestore.serving.payloads import ARROW_MIME, JSON_MIME, Scor
 MAX_URL = 8 << 10
 MAX_HEADER_BYTES = 32 << 10
 MAX_PIPELINED = 64  # unanswered requests per connection before reading pauses (resumes at a quarter)
+HEAD_SLACK = 256 << 10  # counted in whole reads (at most 256 KiB each), which may hold earlier requests too
 _REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed", 413: b"Content Too Large",
             414: b"URI Too Long", 415: b"Unsupported Media Type", 421: b"Misdirected Request",
             422: b"Unprocessable Content", 431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
@@ -126,7 +127,9 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.slots: deque[_Slot] = deque()
         self.pending: set[Future] = set()
-        self.dead = self.closing = self.paused = self.in_message = False
+        self.dead = self.closing = self.paused = self.in_message = self.write_paused = False
+        self.head_bytes = 0  # bytes received since the request began, until its headers are complete
+        self.in_head = False
         self.active = 0.0
         self._reset()
 
@@ -152,9 +155,11 @@ class _Connection(asyncio.Protocol):
         self.pending.clear()
 
     def pause_writing(self) -> None:  # the client is not reading its replies: read no more of its requests
+        self.write_paused = True
         self.transport.pause_reading()  # type: ignore[union-attr]
 
     def resume_writing(self) -> None:
+        self.write_paused = False
         if not self.dead and not self.paused:
             self.transport.resume_reading()  # type: ignore[union-attr]
 
@@ -168,12 +173,21 @@ class _Connection(asyncio.Protocol):
             self._fatal(400, "protocol upgrades are not supported", "upgrade")
         except httptools.HttpParserError as exc:
             self._fatal(400, f"malformed HTTP request ({str(exc)[:80]})", "http")
+        if self.in_head and not self.dead:  # httptools hands a header over only once complete: bound the reads
+            self.head_bytes += len(data)  # that end inside one request's head
+            if self.head_bytes > MAX_URL + MAX_HEADER_BYTES + HEAD_SLACK:
+                self._fatal(431, f"the request line and headers exceed {MAX_URL + MAX_HEADER_BYTES} bytes", "headers")
 
     # -------------------------------------------------------------------------------- parser callbacks
 
     def on_message_begin(self) -> None:
-        self.in_message = True
+        self.in_message = self.in_head = True
+        self.head_bytes = 0
         self._reset()
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.head_bytes = 0
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -208,6 +222,11 @@ class _Connection(asyncio.Protocol):
             self._fatal(400, "protocol upgrades are not supported", "upgrade")
         if self.dead:
             return
+        try:
+            url = httptools.parse_url(self.url)
+        except httptools.HttpParserInvalidURLError:
+            self._fatal(400, f"malformed URL {self.url[:80].decode('latin-1')!r}", "url")
+            return
         slot = _Slot()
         slot.close = not self.parser.should_keep_alive()
         self.slots.append(slot)
@@ -215,7 +234,6 @@ class _Connection(asyncio.Protocol):
             self.paused = True
             self.transport.pause_reading()  # type: ignore[union-attr]
         method = self.parser.get_method()
-        url = httptools.parse_url(self.url)
         if url.path == b"/score":
             if method == b"POST":
                 self._score(slot, url.query)
@@ -239,7 +257,7 @@ class _Connection(asyncio.Protocol):
         try:
             arrow, dense = self.service.check_score(self.content_type, parse_qs(query.decode("latin-1"), True)
                                                     if query else {})
-            if len(body) <= INLINE_BYTES:
+            if len(body) <= INLINE_BYTES and not arrow:  # Arrow may decode to far more than it sends
                 self._submit(slot, self.service.parse(body, arrow, dense), arrow, t0)
             else:
                 self.loop.create_task(self._parse_large(slot, body, arrow, dense, t0))  # type: ignore[union-attr]
@@ -301,7 +319,8 @@ class _Connection(asyncio.Protocol):
                 return
         if self.paused and len(slots) <= MAX_PIPELINED // 4:
             self.paused = False
-            self.transport.resume_reading()  # type: ignore[union-attr]
+            if not self.write_paused:  # the client reads its replies again first
+                self.transport.resume_reading()  # type: ignore[union-attr]
         if self.closing and not slots and not self.in_message:
             self.transport.close()  # type: ignore[union-attr]
 

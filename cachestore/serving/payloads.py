@@ -38,6 +38,8 @@ from itertools import chain
 import numpy as np
 import orjson
 
+from collectivekv.cachestore.serving.arrow_limits import read_stream
+from collectivekv.cachestore.serving.errors import BadRequest
 from collectivekv.cachestore.store.item_ids import ItemIds, raw_to_dense
 from collectivekv.cachestore.store.user_keys import INT, UserKeyError, to_keys
 
@@ -45,20 +47,6 @@ ARROW_MIME = "application/vnd.apache.arrow.stream"
 JSON_MIME = "application/json"
 _MAX_ID = (1 << 63) - 1
 _MAX_TEXT_ID = 256  # characters of one text user id
-
-
-class BadRequest(ValueError):
-    """A request the server refuses: ``status`` (400 unreadable, 413 too large, 415 unknown type,
-    422 invalid value), ``field`` (the path of the offending value) and a one-line message."""
-
-    def __init__(self, field: str, message: str, status: int = 422) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-        self.status = status
-
-    def body(self) -> dict:
-        return {"error": self.message, "field": self.field}
 
 
 @dataclass(frozen=True)
@@ -219,11 +207,21 @@ def _json_users(ids: list) -> tuple[np.ndarray, tuple | None]:
         return _int_array(ids, "user_ids", 0), None
     for i, v in enumerate(ids):
         if type(v) is str:
-            if not 0 < len(v) <= _MAX_TEXT_ID:
-                raise BadRequest(f"user_ids[{i}]", f"text ids are 1..{_MAX_TEXT_ID} characters, got {len(v)}")
+            _check_text_id(v, f"user_ids[{i}]")
         elif type(v) is not int or not 0 <= v <= _MAX_ID:
             raise BadRequest(f"user_ids[{i}]", f"must be a text id or an integer 0..2^63-1, got {json.dumps(v)[:40]}")
     return np.zeros(len(ids), np.int64), tuple(ids)
+
+
+def _check_text_id(v: str, field: str) -> None:
+    """BadRequest naming ``field`` unless ``v`` is 1.._MAX_TEXT_ID characters of text UTF-8 can encode (JSON's
+    ``\\ud800`` escapes decode to lone surrogates, which it cannot)."""
+    if not 0 < len(v) <= _MAX_TEXT_ID:
+        raise BadRequest(field, f"text ids are 1..{_MAX_TEXT_ID} characters, got {len(v)}")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(field, "is not valid Unicode text (a lone surrogate)") from None
 
 
 def key_users(request: ScoreRequest, scheme: str) -> ScoreRequest:
@@ -261,13 +259,24 @@ def _arrow_ints(column, field: str, low: int) -> np.ndarray:  # noqa: ANN001 (py
 
 
 def parse_arrow(body: bytes, limits: Limits, dense_ids: bool = False) -> ScoreRequest:
-    """An Arrow IPC stream body → :class:`ScoreRequest` (BadRequest naming the column otherwise)."""
+    """An Arrow IPC stream body → :class:`ScoreRequest` (BadRequest naming the column otherwise). The stream's
+    sizes are checked before any buffer is decompressed or read (:func:`cachestore.serving.arrow_limits.read_stream`);
+    a body Arrow cannot decode is a 400 naming the body, never a scoring failure."""
     import pyarrow as pa
 
+    table = read_stream(body, limits.max_users, limits.max_candidates)
     try:
-        table = pa.ipc.open_stream(pa.py_buffer(body)).read_all()
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OSError) as exc:
-        raise BadRequest("body", f"is not an Arrow IPC stream ({str(exc)[:120]})", 400) from None
+        return _arrow_request(table, limits, dense_ids)
+    except BadRequest:
+        raise
+    except (pa.ArrowException, UnicodeDecodeError, SystemError, ValueError, IndexError) as exc:
+        raise BadRequest("body", f"is not a valid Arrow IPC stream ({type(exc).__name__}: {str(exc)[:120]})",
+                         400) from None
+
+
+def _arrow_request(table, limits: Limits, dense_ids: bool) -> ScoreRequest:  # noqa: ANN001 (pyarrow Table)
+    import pyarrow as pa
+
     for name in ("user_id", "candidates"):
         if name not in table.column_names:
             raise BadRequest(name, f"column is missing (columns: {', '.join(table.column_names) or 'none'})")
@@ -284,6 +293,8 @@ def parse_arrow(body: bytes, limits: Limits, dense_ids: bool = False) -> ScoreRe
         if users.null_count:
             raise BadRequest("user_id", "has null values")
         raw_users = tuple(users.to_pylist())
+        for i, v in enumerate(raw_users):
+            _check_text_id(v, f"user_id[{i}]")
         user_ids = np.zeros(len(raw_users), np.int64)
     else:
         user_ids = _arrow_ints(users, "user_id", 0)

@@ -75,13 +75,17 @@ def load_version(version_dir: Path, config: ServingConfig, widths: Sequence[int]
     client's request after the switch; the resident tier, when configured, is filled while the runtime
     opens."""
     runtime = open_runtime(version_dir, config=config)
-    warm = np.zeros(1, dtype=np.int64)  # a user of the first served shard (the user need not exist)
-    if isinstance(runtime, ShardSetRuntime):
-        warm = _user_of(runtime.served[0], runtime.count)
-    for width in sorted({1, *widths}):
-        runtime.score(warm, np.ones((1, width), dtype=np.int64))
-    return ServedVersion(version_dir.name, runtime.model_version, runtime, runtime.resident.cfg.n_items,
-                         read_key_scheme(version_dir))
+    try:  # a version that fails after its runtime opened gives that runtime back (maps, device memory, graphs)
+        warm = np.zeros(1, dtype=np.int64)  # a user of the first served shard (the user need not exist)
+        if isinstance(runtime, ShardSetRuntime):
+            warm = _user_of(runtime.served[0], runtime.count)
+        for width in sorted({1, *widths}):
+            runtime.score(warm, np.ones((1, width), dtype=np.int64))
+        return ServedVersion(version_dir.name, runtime.model_version, runtime, runtime.resident.cfg.n_items,
+                             read_key_scheme(version_dir))
+    except BaseException:
+        runtime.close()
+        raise
 
 
 def _user_of(shard: int, count: int) -> np.ndarray:

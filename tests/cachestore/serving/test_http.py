@@ -107,6 +107,8 @@ def test_chunked_body_and_expect_continue(published: tuple[ModelStore, Path]) ->
      413, "body"),
     (b"POST /score HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: websocket\r\ncontent-length: 0\r\n\r\n",
      400, "upgrade"),
+    (b"GET http:// HTTP/1.1\r\nhost: x\r\n\r\n", 400, "url"),  # llhttp takes these URLs, httptools' parser not
+    (b"GET http://x:99999/healthz HTTP/1.1\r\nhost: x\r\n\r\n", 400, "url"),
 ])
 def test_fatal_requests_get_a_reply_and_the_connection_closes(published: tuple[ModelStore, Path], request_bytes: bytes,
                                                               status: int, field: str) -> None:
@@ -123,6 +125,26 @@ def test_fatal_requests_get_a_reply_and_the_connection_closes(published: tuple[M
         other.send(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
         assert other.reply()[0] == 200
         other.close()
+
+
+def test_a_header_that_never_ends_is_refused_as_it_arrives(published: tuple[ModelStore, Path]) -> None:
+    """httptools hands a header over only once complete: the server counts the bytes of an unfinished head and
+    answers 431 within a few hundred KiB, not after the client has streamed all it wants."""
+    _, root = published
+    with start_server(root) as srv:
+        client = _Client(srv.url)
+        client.sock.settimeout(5)
+        sent = 0
+        try:
+            client.send(b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-pad: ")
+            while sent < (16 << 20):
+                client.send(b"a" * (64 << 10))
+                sent += 64 << 10
+        except OSError:  # the server answered and closed: the rest of the flood is refused by the socket
+            pass
+        got, _, body = client.reply()
+        assert got == 431 and json.loads(body)["field"] == "headers" and sent < (4 << 20)
+        client.close()
 
 
 def test_chunked_body_over_the_limit_is_refused_as_it_arrives(published: tuple[ModelStore, Path]) -> None:

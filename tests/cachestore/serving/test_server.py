@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pyarrow as pa
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from collectivekv.cachestore.decode.runtime import DecodeRuntime
@@ -157,6 +158,29 @@ def test_bad_requests_get_4xx_naming_the_field_and_the_server_survives(published
         counts = _samples(client.get("/metrics").text)
     assert counts["ckv_requests_total", (("status", "422"),)] == sum(c[2] == 422 for c in cases)
     assert counts["ckv_requests_total", (("status", "200"),)] == 1
+
+
+def test_an_unexpected_failure_of_one_request_is_its_500_and_the_worker_lives_on(
+        published: tuple[ModelStore, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever a request's preparation in the scoring worker raises (here: a stand-in failure for user 7) fails
+    that request alone (500, logged); the worker keeps scoring the others and every later request."""
+    import collectivekv.cachestore.serving.batcher as batcher_mod
+
+    model, root = published
+    prepare = batcher_mod.to_dense_items
+
+    def fail_for_user_7(request, *args):  # noqa: ANN001, ANN202
+        if 7 in request.user_ids.tolist():
+            raise RuntimeError("stand-in failure")
+        return prepare(request, *args)
+
+    monkeypatch.setattr(batcher_mod, "to_dense_items", fail_for_user_7)
+    with start_server(root) as srv, httpx.Client(base_url=srv.url) as client:
+        r = client.post("/score", json={"user_ids": [7], "candidates": [[1]]})
+        assert r.status_code == 500 and r.json()["field"] == "server", r.text
+        r = client.post("/score", json={"user_ids": [100, 1], "candidates": [[1, 2], [3]]})
+        assert r.status_code == 200
+        _check(model, [100, 1], [[1, 2], [3]], r.json())
 
 
 def test_dense_ids_query_parameter(published: tuple[ModelStore, Path]) -> None:

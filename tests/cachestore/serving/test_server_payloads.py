@@ -118,3 +118,56 @@ def test_text_user_ids_are_keyed_by_the_serving_versions_scheme() -> None:
     arrow = parse_arrow(sink.getvalue().to_pybytes(), LIMITS)
     assert arrow.raw_users == ("u-1", "u-2")
     assert key_users(arrow, BLAKE2B_63).user_ids.tolist() == [key_of("u-1"), key_of("u-2")]
+
+
+def _stream(table: pa.Table, compression: str | None = None) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression=compression)) as w:
+        w.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def test_compressed_arrow_is_read_and_its_decoded_size_checked_first() -> None:
+    """A compressed stream within the limits reads as the plain one; one that decodes past them is a 413 read from
+    its metadata (a body of a few KiB asking for 16 MB), before any buffer is decompressed."""
+    limits = Limits(max_users=64, max_candidates=8)
+    table = pa.table({"user_id": pa.array([7, 8], pa.int64()),
+                      "candidates": pa.array([[11, 12], [13]], pa.list_(pa.int64()))})
+    plain = parse_arrow(_stream(table), limits)
+    for codec in ("zstd", "lz4"):
+        got = parse_arrow(_stream(table, codec), limits)
+        assert np.array_equal(got.user_ids, plain.user_ids) and np.array_equal(got.candidates, plain.candidates)
+    zeros = pa.table({"user_id": pa.array(np.zeros(2_000_000, np.int64))})
+    body = _stream(zeros, "zstd")
+    assert len(body) < 4096
+    with pytest.raises(BadRequest, match="decodes to more than 64 users") as err:
+        parse_arrow(body, limits)
+    assert err.value.status == 413 and err.value.field == "body"
+
+
+@pytest.mark.parametrize("offsets", [(0, 2, 1000), (5, 6, 7), (-8, 2, 3)])
+def test_arrow_with_broken_offsets_is_a_400_not_a_scoring_failure(offsets: tuple[int, int, int]) -> None:
+    import struct
+
+    table = pa.table({"user_id": pa.array([7, 8], pa.int64()),
+                      "candidates": pa.array([[11, 12], [13]], pa.list_(pa.int64()))})
+    body = bytearray(_stream(table))
+    at = bytes(body).find(struct.pack("<3i", 0, 2, 3))  # the list's offsets buffer
+    body[at : at + 12] = struct.pack("<3i", *offsets)
+    with pytest.raises(BadRequest, match="not a valid Arrow IPC stream") as err:
+        parse_arrow(bytes(body), Limits(64, 8))
+    assert err.value.status == 400
+
+
+@pytest.mark.parametrize(("text", "why"), [("", "1..256 characters"), ("x" * 257, "1..256 characters"),
+                                           ("\ud800", "lone surrogate")])
+def test_text_user_ids_are_checked_alike_in_json_and_arrow(text: str, why: str) -> None:
+    with pytest.raises(BadRequest, match=why) as err:
+        parse_json(json.dumps({"user_ids": [text], "candidates": [[1]]}).encode(), Limits(64, 8))
+    assert err.value.field == "user_ids[0]"
+    if "surrogate" in why:
+        return  # Arrow strings are UTF-8: a lone surrogate cannot be written in one
+    body = _stream(pa.table({"user_id": pa.array([text]), "candidates": pa.array([[1]], pa.list_(pa.int64()))}))
+    with pytest.raises(BadRequest, match=why) as err:
+        parse_arrow(body, Limits(64, 8))
+    assert err.value.field == "user_id[0]"

@@ -139,3 +139,30 @@ def test_next_version_is_warmed_at_the_candidate_widths_served(tmp_path: Path, t
         assert nxt.store_version == vb and nxt.runtime.candidate_widths() == [1, 3, 5]
     finally:
         versions.close()
+
+
+def test_a_version_failing_after_its_runtime_opened_closes_that_runtime(tmp_path: Path, two_models: tuple,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure after the version's runtime is open (here its key scheme) closes the runtime: no LMDB map, file
+    or device memory stays behind per failed swap."""
+    import collectivekv.cachestore.serving.versions as versions_mod
+    from collectivekv.cachestore.store.publish import open_current
+
+    a, _ = two_models
+    root = tmp_path / "store"
+    a.publish(root)
+    opened: list = []
+    real_open = versions_mod.open_runtime
+
+    def spy(*args, **kw):  # noqa: ANN002, ANN003, ANN202
+        opened.append(real_open(*args, **kw))
+        return opened[-1]
+
+    def bad_scheme(_: Path) -> str:
+        raise ValueError("unknown id key scheme 'bogus'")
+
+    monkeypatch.setattr(versions_mod, "open_runtime", spy)
+    monkeypatch.setattr(versions_mod, "read_key_scheme", bad_scheme)
+    with pytest.raises(ValueError, match="bogus"):
+        versions_mod.load_version(open_current(root), ServingConfig(device="cpu", batch_users=8))
+    assert len(opened) == 1 and opened[0].reader._env is None and opened[0].tier is None  # closed

@@ -126,6 +126,12 @@ def test_bad_user_ids_get_a_4xx_and_the_server_keeps_serving(stores: tuple[Model
         r = client.post("/score", json={"user_ids": [TEXT_IDS[1]], "candidates": [[2]]})
         assert r.status_code == 200 and r.json()["cold_start"] == [False], r.text
         assert client.get("/healthz").status_code == 200
+        # a JSON escape of a lone surrogate: text UTF-8 cannot encode — a 422, and the scoring worker lives on
+        r = client.post("/score", content=b'{"user_ids": ["\\ud800"], "candidates": [[1]]}',
+                        headers={"content-type": "application/json"})
+        assert r.status_code == 422 and r.json()["field"] == "user_ids[0]", r.text
+        r = client.post("/score", json={"user_ids": [TEXT_IDS[1]], "candidates": [[2]]})
+        assert r.status_code == 200, r.text
 
     with start_server(int_store) as srv, httpx.Client(base_url=srv.url) as client:
         r = client.post("/score", json={"user_ids": [FIRST_USER, TEXT_IDS[0]], "candidates": [[1], [2]]})
