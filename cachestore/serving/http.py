@@ -14,10 +14,12 @@ order and replies are written in that order (pipelining), as soon as the slot at
 :data:`~cachestore.serving.app.INLINE_BYTES` in a thread), ``batcher.submit``, and the worker thread's
 result comes back with one ``call_soon_threadsafe``; a timer answers 503 after ``request_timeout_s``.
 
-Limits: the URL (8 KiB, else 414), the header block (32 KiB, else 431), the body (``max_body_bytes``,
-else 413 — at once from Content-Length, or as the chunks arrive), at most :data:`MAX_PIPELINED` unanswered
-requests per connection (reading pauses beyond it, and while the client does not read its replies).
-Malformed HTTP gets 400 and the connection closes; so do the three limits above. Keep-alive connections
+Limits: the URL (8 KiB, else 414), the header block (32 KiB, else 431; a head still unfinished after
+:data:`HEAD_SLACK` more bytes of reads is a 431 too, since httptools hands a header over only once it ends), the
+body (``max_body_bytes``, else 413 — at once from Content-Length, or as the chunks arrive), at most
+:data:`MAX_PIPELINED` unanswered requests per connection (reading pauses beyond it, and while the client does not
+read its replies: it resumes only when both allow). Malformed HTTP, and a URL httptools cannot parse, get 400
+and the connection closes; so do the three limits above. Keep-alive connections
 idle for ``keepalive_s`` (default 5 s), and connections stuck mid-request for ``header_timeout_s``, are
 closed by a sweep once a second. ``Expect: 100-continue`` is answered. Shutdown (:meth:`HttpServer.run`'s stop
 event): stop accepting, close idle connections, answer every request already read, then close the rest.
