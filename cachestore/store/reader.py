@@ -113,6 +113,9 @@ class StoreReader:
     def _environment(self) -> lmdb.Environment:
         pid = os.getpid()
         if self._env is None or self._pid != pid:
+            if not self._dir.is_dir():  # pruned by later publishes (publish keeps the current and previous one)
+                raise FileNotFoundError(f"store version {self._dir} is no longer published (two newer versions "
+                                        "were published since this reader resolved it): open STORE/current again")
             try:
                 self._env = _acquire(str(self._dir / LMDB_DIR), self._max_readers)
             except lmdb.Error as exc:

@@ -129,7 +129,14 @@ class ShardSet:
             return None
         if block.get("function") != SHARD_FUNCTION:
             raise ShardError(f"{version_dir}: shard function {block.get('function')!r} is not {SHARD_FUNCTION!r}")
-        return cls(Path(version_dir), int(block["count"]), tuple(block["list"]))
+        count, entries = int(block["count"]), tuple(block["list"])
+        paths = [e.get("path") if isinstance(e, dict) else None for e in entries]
+        names = {f"{SHARDS_DIR}/{shard_name(k)}" for k in range(count)}
+        if len(paths) != count or set(paths) != names:  # only the version's own shard folders are ever opened
+            raise ShardError(f"{version_dir}: the manifest lists shard folders {paths[:4]} for {count} shards, not "
+                             f"{SHARDS_DIR}/{shard_name(0)} .. {SHARDS_DIR}/{shard_name(count - 1)}: the version is "
+                             "damaged (republish it)")
+        return cls(Path(version_dir), count, entries)
 
     def dir(self, index: int) -> Path:
         return self.version_dir / self.entries[index]["path"]

@@ -151,3 +151,28 @@ def test_store_build_names_the_file_of_bad_parquet_sharded_or_not(tmp_path: Path
         p.rename(p.with_suffix(".parq"))
     assert "holds no Parquet part files" in build(empty)
     assert current_version_id(store) == before and len(StoreReader.open_current(store)) == 10
+
+
+def test_a_reader_of_a_pruned_version_says_so(tmp_path: Path) -> None:
+    """A reader resolved before two newer publishes and first used after them: the version was pruned, not damaged."""
+    store = tmp_path / "store"
+    build_store(store, _parquet(tmp_path / "pq0", 10, 0))
+    early = StoreReader.open_current(store)
+    for k in (1, 2):
+        build_store(store, _parquet(tmp_path / f"pq{k}", 10, k))
+    with pytest.raises(FileNotFoundError, match="is no longer published.*open STORE/current again"):
+        early.get(1)
+
+
+def test_shard_folders_come_from_the_version_never_from_a_path_in_its_manifest(tmp_path: Path) -> None:
+    """A manifest naming a shard folder outside the version (absolute, '..') or too few of them: ShardError, nothing
+    opened; folders merely swapped stay readable (the deep check of `ckv store verify` names them)."""
+    from collectivekv.cachestore.store.shards import SHARD_FUNCTION, ShardError, ShardSet
+
+    def manifest(paths: list[str]) -> dict:
+        return {"shards": {"function": SHARD_FUNCTION, "count": 2, "list": [{"path": p} for p in paths]}}
+
+    for bad in ([str(tmp_path / "outside"), "shards/00001"], ["../../elsewhere", "shards/00001"], ["shards/00000"]):
+        with pytest.raises(ShardError, match="is damaged"):
+            ShardSet.of(tmp_path, manifest(bad))
+    assert ShardSet.of(tmp_path, manifest(["shards/00001", "shards/00000"])).dir(0) == tmp_path / "shards" / "00001"
