@@ -134,7 +134,9 @@ def to_id(values: pd.Series, where: str) -> np.ndarray:
         checks = [(ints < 0, "negative id(s)"), (ints > ID_MAX, "id(s) at or above 2**63")]
     else:
         ints = ints.astype(np.float64)
-        checks = [((np.mod(ints, 1.0) != 0) | ~np.isfinite(ints), "non-integer value(s)"),
+        with np.errstate(invalid="ignore"):  # inf % 1 is nan: the isfinite test names those values
+            fraction = np.mod(ints, 1.0)
+        checks = [((fraction != 0) | ~np.isfinite(ints), "non-integer value(s)"),
                   (ints < 0, "negative id(s)"),
                   (ints > FLOAT_EXACT_MAX, "floating-point id(s) above 2**53 (not exact: write ids as integers)")]
     for bad, what in checks:

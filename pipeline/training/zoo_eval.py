@@ -97,11 +97,7 @@ def run_eval(data_dir: str | Path, settings: EvalSettings, out: str | Path, log:
     results = summarise(rep)
     results["wall_seconds"] = round(time.perf_counter() - t0, 1)
     if command:
-        results["command"] = command
-        if not train:  # a report re-rendered from finished runs keeps the command that trained them
-            trained_by = _training_command(out)
-            if trained_by and trained_by != command:
-                results["trained_by"] = trained_by
+        results.update(_commands(out, command, train))
     _write_results(out, results)
     return results
 
@@ -130,6 +126,13 @@ def dataset_info(data_dir: str | Path) -> dict[str, Any]:
     test = meta.get("counts", {}).get("test", {})
     return {"splits": {"kind": "global", **meta.get("splits", {})}, "test_samples": test.get("samples"),
             "test_users": test.get("users")}
+
+
+def _commands(out: Path, command: str, train: bool) -> dict[str, str]:
+    """{"command"} of this run, and {"trained_by"} the command that trained the runs of a report re-rendered from
+    them (``train`` False) when the report already in ``out`` names another one."""
+    trained_by = None if train else _training_command(out)
+    return {"command": command, **({"trained_by": trained_by} if trained_by and trained_by != command else {})}
 
 
 def _training_command(out: Path) -> str | None:
