@@ -35,7 +35,7 @@ from collectivekv.pipeline.store.safe_output import OutputKind, check_output_dir
 
 DATASET_OUTPUT = OutputKind("dataset", "ckv data prepare",
                             frozenset({META_FILE, ITEMS_FILE, HISTORIES_FILE, SAMPLES_DIR, CATALOGUE_FILE}),
-                            signature=(META_FILE, HISTORIES_FILE))
+                            signature=(META_FILE, HISTORIES_FILE), nested=(f"{SAMPLES_DIR}/*.parquet",))
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ Every command that writes a directory (`ckv data prepare`, `ckv train`, `ckv exp
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import shutil
 import tempfile
@@ -40,21 +41,46 @@ class OutputKind:
     """What one command writes into its output directory.
 
     ``entries``: the top-level names it may write; ``signature``: the entries every output of this
-    kind has (its metadata files), which identify it.
+    kind has (its metadata files), which identify it; ``nested``: the paths (``fnmatch`` patterns, relative,
+    '/'-separated) it may write below its top-level directories — anything else down there is foreign too.
     """
 
     name: str
     command: str
     entries: frozenset[str]
     signature: tuple[str, ...]
+    nested: tuple[str, ...] = ()
 
     def describe(self) -> str:
         return f"a {self.name} written by `{self.command}`"
 
 
 def foreign_entries(path: Path, kind: OutputKind) -> list[str]:
-    """Top-level entries of the directory ``path`` that ``kind``'s command does not write (sorted)."""
-    return sorted(p.name for p in path.iterdir() if p.name not in kind.entries)
+    """Entries of the directory ``path`` that ``kind``'s command does not write (sorted): top-level names outside
+    ``kind.entries``, and below its top-level directories every file or folder no ``kind.nested`` pattern covers
+    (a folder is covered when a pattern reaches below it)."""
+    foreign = []
+    for p in sorted(path.iterdir()):
+        if p.name not in kind.entries:
+            foreign.append(p.name)
+        elif p.is_dir() and not p.is_symlink():
+            foreign += [rel for rel in _below(p, path) if not _covered(rel, kind.nested, (path / rel).is_dir())]
+    return foreign
+
+
+def _below(top: Path, root: Path) -> list[str]:
+    return sorted(str(q.relative_to(root).as_posix()) for q in top.rglob("*"))
+
+
+def _covered(rel: str, patterns: tuple[str, ...], is_dir: bool) -> bool:
+    depth = rel.count("/") + 1
+    for pattern in patterns:
+        parts = pattern.split("/")
+        if fnmatch.fnmatchcase(rel, pattern) and not is_dir:
+            return True
+        if is_dir and len(parts) > depth and fnmatch.fnmatchcase(rel, "/".join(parts[:depth])):
+            return True
+    return False
 
 
 def is_own_kind(path: Path, kind: OutputKind) -> bool:
@@ -79,6 +105,13 @@ def check_output_dir(out: Path, kind: OutputKind, *, overwrite: bool,
                      inputs: Iterable[str | os.PathLike | None] = ()) -> None:
     """Raise OutputError unless ``out`` may be (re)written by ``kind``'s command (see the module doc)."""
     check_not_input(out, inputs)
+    if out.is_symlink():
+        raise OutputError(f"--out {out}: is a symbolic link; give the directory itself (nothing was written)")
+    if os.path.abspath(out) == os.getcwd():  # replacing it would leave the shell in a deleted directory
+        raise OutputError(f"--out {out}: is the current directory; give a new directory's path")
+    blocking = next((p for p in Path(os.path.abspath(out)).parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise OutputError(f"--out {out}: {blocking} is a file, not a directory; choose another path")
     if not out.exists():
         return
     if not out.is_dir():
@@ -121,7 +154,7 @@ def replace_dir(out: str | os.PathLike, kind: OutputKind, *, overwrite: bool = F
     Checks ``out`` first (:func:`check_output_dir`) and again just before the swap (another process
     may have written there meanwhile).
     """
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # "." or "a/..": the temp directory goes beside the real one
     inputs = list(inputs)
     check_output_dir(out, kind, overwrite=overwrite, inputs=inputs)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ from collectivekv.model.config import ModelConfig, config_to_dict, with_sharing
 from collectivekv.model.metrics import METRICS
 from collectivekv.pipeline.data.dataset_schema import CanonicalDataset
 from collectivekv.pipeline.store.safe_output import OutputKind, replace_dir
-from collectivekv.pipeline.training.checkpoint import save_checkpoint
+from collectivekv.pipeline.training.checkpoint import CHECKPOINT_OUTPUT, save_checkpoint
 from collectivekv.pipeline.training.paired import UserAUC
 from collectivekv.pipeline.training.quality_report import (
     curve,
@@ -41,7 +41,9 @@ from collectivekv.pipeline.training.trainer import TrainConfig, build_model, tra
 
 EXPERIMENT_OUTPUT = OutputKind("experiment", "ckv experiment",
                                frozenset({"checkpoints", "users", "results.json", "results.md"}),
-                               signature=("results.json", "checkpoints"))
+                               signature=("results.json", "checkpoints"),
+                               nested=(*(f"checkpoints/*/{name}" for name in sorted(CHECKPOINT_OUTPUT.entries)),
+                                       "users/*.json"))
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ replace their own kind only with --overwrite and atomically, and concurrent `ckv
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -89,6 +90,12 @@ def test_prepare_refuses_a_dataset_holding_foreign_files_even_with_overwrite(tmp
     (out / "my_notes.md").write_text("do not delete")
     code, msg = _prepare(events, out, "--overwrite")
     assert code == 1 and "my_notes.md" in msg and (out / "my_notes.md").read_text() == "do not delete"
+    (out / "my_notes.md").unlink()  # below the dataset's own folders too: samples/ holds its split files only
+    (out / "samples" / "runs").mkdir()
+    (out / "samples" / "runs" / "result.csv").write_text("mine")
+    code, msg = _prepare(events, out, "--overwrite")
+    assert code == 1 and "samples/runs/result.csv" in msg and "nothing was deleted" in msg
+    assert (out / "samples" / "runs" / "result.csv").read_text() == "mine"
 
 
 @pytest.fixture(scope="module")
@@ -200,3 +207,19 @@ def test_refresh_refuses_a_work_or_store_folder_holding_its_input(tmp_path: Path
                                         "--events", str(events)])
         assert res.exit_code == 1 and f"{option} {tmp_path} contains the input" in res.output, res.output
     assert _tree(tmp_path) == before
+
+
+def test_out_under_a_file_a_symlink_or_the_current_directory_is_refused_first(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    events = _events(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    code, msg = _prepare(events, tmp_path / "notes.txt" / "ds")
+    assert code == 1 and "notes.txt is a file, not a directory" in msg
+    os.symlink(tmp_path / "missing", tmp_path / "link")
+    code, msg = _prepare(events, tmp_path / "link")
+    assert code == 1 and "is a symbolic link" in msg and os.readlink(tmp_path / "link") == str(tmp_path / "missing")
+    here = tmp_path / "empty"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    code, msg = _prepare(events, Path("."))
+    assert code == 1 and "is the current directory" in msg and here.is_dir()
