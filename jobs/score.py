@@ -129,20 +129,20 @@ def _ids(batch, col: str, path: Path) -> np.ndarray:
         raise click.ClickException(f"{path}: column {col!r} has null values")
     if not pa.types.is_integer(arr.type):
         raise click.ClickException(f"{path}: column {col!r} has type {arr.type}, expected integers")
-    return arr.to_numpy().astype(np.int64)
+    return arr.to_numpy()  # its own integer type: user_id_array checks the range before any cast
 
 
 def _keys(batch, col: str, path: Path, scheme: str, rows_before: int) -> np.ndarray:
     """The int64 keys of a chunk's raw ids under a key scheme (cachestore/store/user_keys.py): integers as
     they are, text ids hashed; ClickException naming the row of a bad one."""
-    from collectivekv.cachestore.store.user_keys import INT, UserKeyError, to_keys
+    from collectivekv.cachestore.store.user_keys import INT, UserKeyError, to_keys, user_id_array
 
-    if scheme == INT:
-        return _ids(batch, col, path)
-    arr = batch.column(col)
-    if arr.null_count:
-        raise click.ClickException(f"{path}: column {col!r} has null values")
     try:
+        if scheme == INT:
+            return user_id_array(_ids(batch, col, path), where=col)
+        arr = batch.column(col)
+        if arr.null_count:
+            raise click.ClickException(f"{path}: column {col!r} has null values")
         return to_keys(arr.to_pylist(), scheme, where=col)
     except UserKeyError as exc:
         raise click.ClickException(f"{path}: (positions from row {rows_before + 1}) {exc}") from None
@@ -208,12 +208,13 @@ def score(store: Path, checkpoint: Path, requests_path: Path, out: Path, user_co
     from collectivekv.cachestore.decode.sharded import open_runtime
     from collectivekv.cachestore.store.publish import PublishError
     from collectivekv.cachestore.store.record import LayoutError, RecordError
-    from collectivekv.pipeline.store.safe_output import OutputError, check_not_input, replace_file
+    from collectivekv.pipeline.store.safe_output import OutputError, check_not_input, check_not_inside, replace_file
 
     if max_candidates < 1 or chunk_rows < 1:
         raise click.ClickException("--max-candidates and --chunk-rows must be >= 1")
     try:
         check_not_input(out, (requests_path,))  # before the runtime is opened
+        check_not_inside(out, (store, checkpoint))
     except OutputError as exc:
         raise click.ClickException(str(exc)) from exc
     t0 = time.perf_counter()
@@ -274,6 +275,10 @@ def _score_into(tmp: Path, runtime, requests_path: Path, user_col: str, item_col
             if not dense_ids:
                 shown = batch.column(item_col).to_pylist() if keys[1] != "int" else None
                 it = _to_dense(runtime.catalogue, it, rows, item_col, requests_path, shown)
+            elif len(it) and it.min() < 1:  # 0 is the padding item, never a candidate
+                j = int(np.argmax(it < 1))
+                raise click.ClickException(f"{requests_path}: row {rows + j + 1}: {item_col} {int(it[j])} is not a "
+                                           "dense item id (1..n_items)")
             slot_user, cand, n_cand, slot, col = group_requests(u, it, max_candidates)
             try:
                 res = runtime.score(slot_user, cand, n_cand)

@@ -67,6 +67,7 @@ from collectivekv.cachestore.store.item_ids import ItemIds, UnknownItemError
 from collectivekv.cachestore.store.layout_check import check_layout
 from collectivekv.cachestore.store.record import RouterIndexError
 from collectivekv.cachestore.store.store_tree import check_tree
+from collectivekv.cachestore.store.user_keys import user_id_array
 from collectivekv.cachestore.tier.graph import ResidentRequest
 from collectivekv.cachestore.tier.tier import ResidentTier
 from collectivekv.model.cache_spec import store_config
@@ -240,7 +241,7 @@ router index bounds only).
     def score(self, user_ids: np.ndarray | list[int], candidates: np.ndarray | list, n_candidates=None) -> ScoreResult:
         """Score candidates (B, C) (or (B,): one each) of users (B,). ``n_candidates`` (B,): how many
         leading entries of each row are real (default all); padded entries get logit NaN."""
-        ids = np.asarray(user_ids, dtype=np.int64).reshape(-1)
+        ids = user_id_array(user_ids)  # UserKeyError (a ValueError) naming a negative, too large or non-integer id
         cand = np.asarray(candidates, dtype=np.int64)
         cand = cand.reshape(-1, 1) if cand.ndim == 1 else cand
         if cand.shape[0] != len(ids):

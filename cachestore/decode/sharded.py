@@ -25,6 +25,7 @@ from collectivekv.cachestore.decode.runtime_stats import STAT_FIELDS, RuntimeSta
 from collectivekv.cachestore.store.item_ids import ItemIds
 from collectivekv.cachestore.store.shard_version import version_shards
 from collectivekv.cachestore.store.shards import check_owned
+from collectivekv.cachestore.store.user_keys import user_id_array
 
 
 class ShardSetRuntime:
@@ -60,12 +61,12 @@ class ShardSetRuntime:
 
     def check_owned(self, user_ids: np.ndarray) -> np.ndarray:
         """The owning shard of each user; WrongShardError for the first user no opened shard owns."""
-        return check_owned(np.asarray(user_ids, dtype=np.int64).reshape(-1), self.count, self.served)
+        return check_owned(user_id_array(user_ids), self.count, self.served)
 
     def score(self, user_ids: np.ndarray | list[int], candidates: np.ndarray | list,
               n_candidates: np.ndarray | list | None = None) -> ScoreResult:
         """:meth:`DecodeRuntime.score` over the opened shards: (B,) users, (B, C) or (B,) candidates."""
-        ids = np.asarray(user_ids, dtype=np.int64).reshape(-1)
+        ids = user_id_array(user_ids)
         cand = np.asarray(candidates, dtype=np.int64)
         cand = cand.reshape(-1, 1) if cand.ndim == 1 else cand
         if cand.shape[0] != len(ids):

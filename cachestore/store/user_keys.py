@@ -121,6 +121,29 @@ def to_keys(values: Sequence[object] | np.ndarray, scheme: str, *, where: str = 
     return flat.astype(np.int64).reshape(arr.shape)
 
 
+def user_id_array(values: Sequence[object] | np.ndarray, where: str = "user_ids") -> np.ndarray:
+    """``values`` as store keys: an int64 array (N,) of integers 0..2^63-1 (numpy integers of any width, Python
+    ints). UserKeyError naming ``where[i]`` for anything else — a negative id (-1 pads batches), one at or above
+    2^63 (a uint64 or a Python int would wrap), a float, a bool, text (key it first: :func:`to_keys`)."""
+    arr = np.asarray(values) if not isinstance(values, np.ndarray) else values
+    arr = arr.reshape(-1)
+    if arr.dtype.kind == "u":
+        bad = np.flatnonzero(arr > np.iinfo(np.int64).max)
+    elif arr.dtype.kind == "i":
+        bad = np.flatnonzero(arr < 0)
+    elif arr.size == 0:
+        return np.zeros(0, np.int64)
+    else:  # floats, bools, objects (ints beyond 64 bits, text): name the first that is not an id
+        bad = [i for i, v in enumerate(arr.tolist())
+               if type(v) is bool or not isinstance(v, int) or not 0 <= v <= np.iinfo(np.int64).max][:1]
+        if not len(bad):
+            return np.array(arr.tolist(), dtype=np.int64)
+    if len(bad):
+        i = int(bad[0])
+        raise UserKeyError(f"{where}[{i}]: ids are integers 0..2^63-1, got {arr.tolist()[i]!r}")
+    return arr.astype(np.int64, copy=False)
+
+
 def first_collision(texts: Sequence[str], keys: np.ndarray) -> tuple[str, str, int] | None:
     """Two distinct texts (``texts`` must be distinct) with the same key, and that key; None when all differ."""
     order = np.argsort(keys, kind="stable")

@@ -101,6 +101,19 @@ def check_not_input(out: Path, inputs: Iterable[str | os.PathLike | None], optio
                               "choose another output path")
 
 
+def check_not_inside(out: Path, dirs: Iterable[str | os.PathLike | None], option: str = "--out") -> None:
+    """Refuse an output file that is one of ``dirs`` or lies inside one (a store, a checkpoint: writing there
+    would replace a file they hold); None entries are skipped."""
+    target = Path(os.path.realpath(out))
+    for item in dirs:
+        if item is None:
+            continue
+        src = Path(os.path.realpath(item))
+        if src == target or src in target.parents:
+            raise OutputError(f"{option} {out} is inside {item}: writing there would replace a file it holds; "
+                              "choose a path outside it")
+
+
 def check_output_dir(out: Path, kind: OutputKind, *, overwrite: bool,
                      inputs: Iterable[str | os.PathLike | None] = ()) -> None:
     """Raise OutputError unless ``out`` may be (re)written by ``kind``'s command (see the module doc)."""

@@ -183,6 +183,27 @@ def test_score_refuses_out_equal_to_requests(scoring: dict) -> None:
     assert scoring["req"].read_bytes() == before
 
 
+def test_score_refuses_out_inside_its_store_or_checkpoint(scoring: dict) -> None:
+    from collectivekv.cachestore.store.publish import open_current
+
+    for target in (scoring["ckpt"] / "weights.safetensors", open_current(scoring["store"]) / "manifest.json"):
+        before = target.read_bytes()
+        res = CliRunner().invoke(main, _score_args(scoring, target))
+        assert res.exit_code == 1 and "is inside" in res.output and target.read_bytes() == before
+
+
+def test_score_refuses_ids_that_are_no_keys_naming_the_row(scoring: dict, tmp_path: Path) -> None:
+    for column, values, message in (("user_id", pa.array([3, -7], pa.int64()), "ids are integers 0..2^63-1, got -7"),
+                                    ("user_id", pa.array([3, 2**63 + 5], pa.uint64()), "got 9223372036854775813"),
+                                    ("item_id", pa.array([1, 0], pa.int64()), "row 2: item_id 0 is not a dense")):
+        cols = {"user_id": pa.array([3, 4], pa.int64()), "item_id": pa.array([1, 2], pa.int64()), column: values}
+        pq.write_table(pa.table(cols), tmp_path / "req.parquet")
+        args = _score_args({**scoring, "req": tmp_path / "req.parquet"}, tmp_path / "out.parquet") + ["--dense-ids"]
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 1 and message in res.output, res.output
+        assert not (tmp_path / "out.parquet").exists()
+
+
 def test_two_scores_with_one_out(scoring: dict, tmp_path: Path) -> None:
     out = tmp_path / "scores.parquet"
     env = repo_env()

@@ -294,3 +294,16 @@ def test_cuda_resident_graph_equals_cpu(store: dict, tier: str) -> None:
         assert got.cold_start.tolist() == want.cold_start.tolist()
     assert rt._resident and all(r._captured is not None for r in rt._resident.values())
     rt.close()
+
+
+@pytest.mark.parametrize("tier_bytes", [0, 1 << 30])
+@pytest.mark.parametrize("ids", [[-5], np.array([2**63 + 5], dtype=np.uint64), [2**63], [2.7], [True]])
+def test_a_user_id_that_is_no_store_key_is_refused_not_scored_cold(store: dict, tier_bytes: int, ids: object) -> None:
+    """Negative ids (-1 pads the tier's lookup), ids >= 2^63 (a uint64 or a Python int would wrap), floats, bools:
+    an error naming the position with the tier on or off, never a cold-start score."""
+    from collectivekv.cachestore.store.user_keys import UserKeyError
+
+    rt = _runtime(store, tier_bytes=tier_bytes)
+    with pytest.raises(UserKeyError, match=r"user_ids\[0\]: ids are integers 0..2\^63-1"):
+        rt.score(ids, np.ones((1, 1), dtype=np.int64))
+    rt.close()
