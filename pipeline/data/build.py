@@ -33,13 +33,15 @@ def split_boundaries(timestamps: np.ndarray, valid_frac: float, test_frac: float
     """(valid_start, test_start): the event timestamps at quantiles 1 - valid - test and 1 - test.
 
     valid_start = sorted_ts[floor((1 - valid_frac - test_frac) * n)], likewise test_start, so
-    train = ts < valid_start, valid = valid_start <= ts < test_start, test = ts >= test_start.
+    train = ts < valid_start, valid = valid_start <= ts < test_start, test = ts >= test_start; a fraction of 0
+    puts its boundary past the last event (that split is empty).
     """
     n = len(timestamps)
     iv = min(int(np.floor((1.0 - valid_frac - test_frac) * n)), n - 1)
     it = min(int(np.floor((1.0 - test_frac) * n)), n - 1)
     part = np.partition(timestamps, sorted({iv, it}))
-    return int(part[iv]), int(part[it])
+    top = min(int(part.max()) + 1, int(np.iinfo(np.int64).max))  # past every event: a fraction of 0 is empty
+    return (int(part[iv]) if valid_frac + test_frac > 0 else top), (int(part[it]) if test_frac > 0 else top)
 
 
 def dense_rank(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

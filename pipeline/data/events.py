@@ -79,7 +79,14 @@ def to_int64(values: pd.Series, where: str) -> np.ndarray:
         return ((stamps - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).to_numpy(np.int64)
     numeric = to_numeric(values, where)
     if pd.api.types.is_integer_dtype(numeric):
+        if pd.api.types.is_unsigned_integer_dtype(numeric):  # a uint64 at or above 2^63 would wrap negative
+            big = (numeric > np.iinfo(np.int64).max).to_numpy(bool)
+            if big.any():
+                raise DataError(f"{where}: {int(big.sum())} value(s) at or above 2**63, {_first(big, values)}")
         return numeric.to_numpy(np.int64)
+    if numeric.dtype == object:  # Python ints beyond 64 bits (pandas keeps them as objects)
+        big = numeric.map(lambda v: not (isinstance(v, int) and -(2**63) <= v < 2**63)).to_numpy(bool)
+        raise DataError(f"{where}: {int(big.sum())} value(s) beyond the 64-bit integers, {_first(big, values)}")
     floats = numeric.to_numpy(np.float64)
     bad = (np.mod(floats, 1.0) != 0) | ~np.isfinite(floats) | (np.abs(floats) >= 2.0**63)
     if bad.any():
@@ -98,7 +105,8 @@ def _exact_ints(values: pd.Series) -> np.ndarray | None:
         if isinstance(v, float | np.floating):
             return int(v) if float(v).is_integer() and abs(v) <= FLOAT_EXACT_MAX else None
         text = str(v).strip()
-        return int(text) if text.lstrip("+-").isdigit() else None
+        digits = text.lstrip("+-")
+        return int(text) if digits.isascii() and digits.isdigit() else None  # not '²' nor Arabic-Indic digits
 
     parsed = values.map(parse)
     return None if parsed.isna().any() else parsed.to_numpy(object)

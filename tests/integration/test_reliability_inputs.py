@@ -235,3 +235,24 @@ def test_verify_counts_users_not_history_rows(tmp_path: Path) -> None:
     first = table.column("user_id")[0].as_py()
     assert r.exit_code == 1 and f"user {first} has 2 rows" in r.output
     assert f"store holds {table.num_rows} users, histories {table.num_rows - 1}" in r.output
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_a_timestamp_at_or_above_2_63_is_refused_not_wrapped_into_the_past(tmp_path: Path, fmt: str) -> None:
+    """A uint64 / 20-digit timestamp would wrap negative: the far-future event would become the user's first and
+    sit in every history of that user. Refused, naming the column, row and value."""
+    import pyarrow.parquet as pq
+
+    from collectivekv.jobs.cli import main
+
+    stamp = 2**64 - 5
+    if fmt == "csv":
+        (tmp_path / "e.csv").write_text(f"userId,movieId,rating,timestamp\n1,10,5,100\n1,11,3,200\n1,12,5,{stamp}\n")
+    else:
+        pq.write_table(pa.table({"userId": pa.array([1, 1, 1], pa.int64()), "movieId": pa.array([10, 11, 12]),
+                                 "rating": [5.0, 3.0, 5.0], "timestamp": pa.array([100, 200, stamp], pa.uint64())}),
+                       tmp_path / "e.parquet")
+    res = CliRunner().invoke(main, ["data", "prepare", "--events", str(tmp_path / f"e.{fmt}"), "--out",
+                                    str(tmp_path / "out")])
+    assert res.exit_code == 1 and "column 'timestamp'" in res.output and "at or above 2**63" in res.output
+    assert str(stamp) in res.output and not (tmp_path / "out").exists()

@@ -108,3 +108,15 @@ def test_validator_catches_a_broken_per_user_split() -> None:
         validate_dataset(CanonicalDataset(ds.meta, ds.items, ds.histories, moved))
     old = {k: v for k, v in ds.meta["splits"].items() if k != "kind"}
     assert split_kind({"splits": old}) == "global"  # datasets written before the kind was recorded
+
+
+def test_a_fraction_of_zero_is_an_empty_split() -> None:
+    """--test-frac 0 (and --valid-frac 0 with it): the boundary lies past the last event, not on it."""
+    import numpy as np
+
+    from collectivekv.pipeline.data.build import split_boundaries
+
+    ts = np.arange(100, dtype=np.int64) * 10
+    assert split_boundaries(ts, 0.1, 0.0) == (900, 991)
+    assert split_boundaries(ts, 0.0, 0.0) == (991, 991)
+    assert split_boundaries(ts, 0.1, 0.1) == (800, 900)
