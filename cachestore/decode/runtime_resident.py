@@ -23,6 +23,9 @@ def open_tier(rt: Any) -> ResidentTier | None:
     capacity = plan_capacity(tier_bytes, rt.device, rt.reader, rt.config.tier_share)
     if capacity <= 0:
         return None
+    if rt.pad_to is not None and rt.pad_to < rt.layout.max_len:  # the tier decodes every request at L = pad_to
+        raise ValueError(f"pad_to {rt.pad_to} < the store's max_len {rt.layout.max_len}: the resident tier would cut "
+                         "longer histories; give pad_to >= max_len (or none), or tier_bytes=0")
     return ResidentTier(rt.reader, rt.device, capacity, policy=rt.config.policy,
                         batch_users=rt.batch_users, expected_model_version=rt.model_version)
 

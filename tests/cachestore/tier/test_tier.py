@@ -307,3 +307,13 @@ def test_a_user_id_that_is_no_store_key_is_refused_not_scored_cold(store: dict, 
     with pytest.raises(UserKeyError, match=r"user_ids\[0\]: ids are integers 0..2\^63-1"):
         rt.score(ids, np.ones((1, 1), dtype=np.int64))
     rt.close()
+
+
+def test_a_tier_is_refused_with_pad_to_below_the_stores_max_len(store: dict) -> None:
+    """The tier decodes at L = pad_to: a shorter pad_to would cut longer histories silently."""
+    with pytest.raises(ValueError, match="pad_to 3 < the store's max_len 8"):
+        DecodeRuntime(store["model"], VERSION, store["reader"], ServingConfig(device="cpu", batch_users=4, pad_to=3,
+                                                                              tier_bytes=1 << 30))
+    rt = _runtime(store, pad_to=SEQ, tier_bytes=1 << 30)  # at max_len: served
+    assert rt.tier is not None
+    rt.close()
