@@ -41,7 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from collectivekv.cachestore.store.entry import EntryLayout
-from collectivekv.cachestore.store.publish import CURRENT, MANIFEST
+from collectivekv.cachestore.store.lmdb_build import list_parquet_files
+from collectivekv.cachestore.store.publish import CURRENT, MANIFEST, PublishError, open_current
 
 log = logging.getLogger("ckv.prefill")
 HISTORY_FP_VERSION = 1
@@ -82,7 +83,10 @@ def previous_state(store: str | os.PathLike, model_version: str, layout: EntryLa
     cur = root / CURRENT
     if not cur.is_symlink() and not cur.is_dir():
         return Previous(str(store), None, None, 0, "no previous store (no current version)")
-    vdir = Path(os.path.realpath(cur))
+    try:  # the link as every reader checks it: versions/<id> inside the store, nothing else followed
+        vdir = open_current(root)
+    except (OSError, PublishError) as exc:
+        return Previous(str(store), None, None, 0, f"previous version unreadable: {exc}")
     try:
         with open(vdir / MANIFEST, encoding="utf-8") as fh:
             man = json.load(fh)
@@ -97,11 +101,21 @@ def previous_state(store: str | os.PathLike, model_version: str, layout: EntryLa
         (prev_layout == layout.to_dict(), "cache layout (mode / kv dtype / max_len / parts / record format) changed"),
         ((man.get("prefill_parquet_schema_version") or 0) >= 2, "previous Parquet has no history fingerprints"),
         (inc.get("history_fp_version", HISTORY_FP_VERSION) == HISTORY_FP_VERSION, "fingerprint version changed"),
+        (_has_fingerprints(vdir / "parquet"), "previous Parquet has no history fingerprints"),
     ]
     for ok, reason in checks:
         if not ok:
             return Previous(str(store), vid, None, users, reason)
     return Previous(str(store), vid, vdir / "parquet", users, "same model version and layout: incremental")
+
+
+def _has_fingerprints(parquet: Path) -> bool:
+    """Every part file of a version's Parquet has the history_fp column (a store rebuilt with `ckv store build`
+    from Parquet written without it has none, whatever its manifest says)."""
+    import pyarrow.parquet as pq
+
+    files = list_parquet_files(parquet) if parquet.is_dir() else []
+    return bool(files) and all(FP_COL in pq.read_schema(f).names for f in files)
 
 
 def split(spark: Any, new: Any, prev_parquet: Path, columns: list[str] | None = None) -> tuple[Any, Any]:

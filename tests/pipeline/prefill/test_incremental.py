@@ -112,3 +112,27 @@ def test_incremental_equals_full_and_skips_unchanged(spark, tmp_path: Path) -> N
     assert finc["recomputed"] == man["users"] and finc["carried"] == 0
     forced_values = raw_values(inc_store)
     assert sorted(forced_values) == sorted(b) and all(forced_values[u] != b[u] for u in b if len(b[u]) > 64)
+
+
+def test_a_store_rebuilt_without_fingerprints_is_not_reused(tmp_path: Path) -> None:
+    """`ckv store build` from Parquet without history_fp: the next incremental prefill is a full one, named so
+    (no Spark needed to decide it); a `current` pointing outside the store is never followed."""
+    import os
+
+    from collectivekv.cachestore.store.entry import layout_from_dict
+    from collectivekv.cachestore.store.publish import open_current
+    from collectivekv.pipeline.prefill.incremental import previous_state
+    from collectivekv.pipeline.store.store_ops import build_store
+    from tests.cachestore.store.test_lmdb_store import make_rows, shuffled_parts, write_parquet
+
+    rows = make_rows(list(range(1, 21)), seed=1)
+    write_parquet(tmp_path / "pq", rows, parts=shuffled_parts(list(rows), 2))
+    store = tmp_path / "store"
+    manifest = build_store(store, tmp_path / "pq", command_line="t")
+    layout = layout_from_dict(json.loads((open_current(store) / "manifest.json").read_text())["layout"])
+    prev = previous_state(store, manifest["model_version"], layout)
+    assert prev.parquet is None and prev.reason == "previous Parquet has no history fingerprints"
+    (store / "current").unlink()
+    os.symlink(str(tmp_path / "pq"), store / "current")
+    prev = previous_state(store, manifest["model_version"], layout)
+    assert prev.parquet is None and "refusing to follow it" in prev.reason
