@@ -58,6 +58,7 @@ def refresh_cmd(store: str, work: str, events: Path | None, dataset: str | None,
                 margin: float, master: str | None, engine: str, shards: int, verify_sample: int | None,
                 **kw: Any) -> None:
     """Nightly refresh: prepare, warm-start train, gate, prefill, verify, publish model + store together."""
+    from collectivekv.cachestore.checkpoint import CheckpointError
     from collectivekv.cachestore.store.publish import PublishError, check_store_root
     from collectivekv.pipeline.store.refresh import RefreshError, RefreshOptions, RefreshRefused, run_refresh
     from collectivekv.pipeline.store.safe_output import OutputError, check_not_input
@@ -85,7 +86,7 @@ def refresh_cmd(store: str, work: str, events: Path | None, dataset: str | None,
     except RefreshRefused as exc:
         click.echo(f"refused: {exc}", err=True)
         sys.exit(EXIT_REFUSED)
-    except RefreshError as exc:
+    except (RefreshError, CheckpointError, ValueError, OSError) as exc:  # inputs, checkpoints, disks: one line
         raise click.ClickException(str(exc)) from exc
     click.echo(json.dumps({"published": report["published"], "gate": {k: report["gate"][k] for k in
                                                                       ("metric", "delta", "margin", "passed")},

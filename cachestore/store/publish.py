@@ -251,11 +251,22 @@ def current_version_id(store_root: str | os.PathLike) -> str | None:
     return _checked_target(Path(store_root), os.readlink(link))
 
 
-def publish(store_root: str | os.PathLike, staging_dir: str | os.PathLike) -> PublishResult:
+class CurrentMoved(PublishError):
+    """``current`` is not the version a publish was decided against (another publish came first)."""
+
+
+_ANY = object()
+
+
+def publish(store_root: str | os.PathLike, staging_dir: str | os.PathLike,
+            expect_current: str | None | object = _ANY) -> PublishResult:
     """Move a complete staging dir to versions/<id> and switch `current` to it atomically.
 
     Order: validate; rename staging -> versions/<id>; fsync; symlink .current.tmp-* -> versions/<id>;
     os.replace it over `current` (the one atomic switch); fsync; prune all but new + previous.
+    ``expect_current`` (a version id, or None for an empty store): publish only if `current` is still that
+    version, checked under the publish lock — :class:`CurrentMoved` otherwise, the staging dir untouched (a
+    refresh gated against one model never replaces a newer one it was not compared with).
     """
     root, staging = Path(store_root), Path(staging_dir)
     versions = root / VERSIONS
@@ -271,6 +282,9 @@ def publish(store_root: str | os.PathLike, staging_dir: str | os.PathLike) -> Pu
         if os.stat(staging).st_dev != os.stat(versions).st_dev:
             raise PublishError(f"{staging} is not on the filesystem of {versions}; use new_staging_dir")
         previous = current_version_id(root)
+        if expect_current is not _ANY and previous != expect_current:
+            raise CurrentMoved(f"{root / CURRENT} moved to {previous} since this version was decided against "
+                               f"{expect_current}: nothing published (run it again)")
         os.rename(staging, dest)
         _fsync_dir(versions)
         _fsync_dir(staging.parent)

@@ -35,7 +35,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from collectivekv.cachestore.store.publish import CURRENT, MANIFEST, STAGING, new_version_id, open_current
+from collectivekv.cachestore.store.publish import (
+    CURRENT,
+    MANIFEST,
+    STAGING,
+    CurrentMoved,
+    current_version_id,
+    new_version_id,
+    open_current,
+)
 
 log = logging.getLogger("ckv.refresh")
 CHECKPOINT_DIR = "checkpoint"  # inside a store version: the model the records were built with
@@ -74,8 +82,9 @@ def store_checkpoint(store: str | os.PathLike) -> Path | None:
 
 
 def publish_with_checkpoint(store: str | os.PathLike, scratch: Path, checkpoint: str | os.PathLike,
-                            extra: dict[str, Any]) -> dict[str, Any]:
-    """Move the scratch store's current version to STORE/staging/<id>, add the checkpoint, publish."""
+                            extra: dict[str, Any], expect_current: str | None) -> dict[str, Any]:
+    """Move the scratch store's current version to STORE/staging/<id>, add the checkpoint, publish — only if
+    STORE/current is still ``expect_current`` (the version whose model the gate compared against)."""
     from collectivekv.cachestore.checkpoint import load_checkpoint
     from collectivekv.pipeline.store.store_ops import publish_staged
 
@@ -95,7 +104,10 @@ def publish_with_checkpoint(store: str | os.PathLike, scratch: Path, checkpoint:
     src = Path(os.path.realpath(open_current(scratch)))
     staging = root / STAGING / src.name
     os.rename(src, staging)
-    manifest, result = publish_staged(root, staging, complete)
+    try:
+        manifest, result = publish_staged(root, staging, complete, expect_current=expect_current)
+    except CurrentMoved as exc:
+        raise RefreshRefused(f"{exc}: the gate compared the new model with the one {expect_current} serves") from None
     manifest["version_id"] = result.version_id
     return manifest
 
@@ -123,6 +135,7 @@ class _Run:
         self.run_id, self.opts = run_id, opts
         self.work = Path(opts.work) / run_id
         self.report: dict[str, Any] = {"run_id": run_id, "store": str(opts.store), "steps": {}}
+        self.baseline = current_version_id(opts.store)  # the version the gate compares against, publish expects
 
     def step(self, name: str, t: float, **info: Any) -> None:
         self.report["steps"][name] = {"seconds": round(time.perf_counter() - t, 2), **info}
@@ -225,7 +238,8 @@ def _publish_step(run: _Run, new_ckpt: Path, data_dir: Path, gate: dict[str, Any
             raise RefreshError(f"verification of the new store failed ({res.mismatch_count} mismatches): "
                                f"{res.mismatches[:5]}")
         t = time.perf_counter()
-        manifest = publish_with_checkpoint(opts.store, scratch, new_ckpt, {"run_id": run_id, "gate": gate})
+        manifest = publish_with_checkpoint(opts.store, scratch, new_ckpt, {"run_id": run_id, "gate": gate},
+                                           run.baseline)
         run.step("publish", t, version_id=manifest["version_id"], model_version=new_version)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -131,8 +131,8 @@ def ensure_links(store_root: Path) -> None:
         os.replace(tmp, link)
 
 
-def publish_staged(store_root: Path, staging: Path, complete: Callable[[Path], dict[str, Any]]
-                   ) -> tuple[dict[str, Any], PublishResult]:
+def publish_staged(store_root: Path, staging: Path, complete: Callable[[Path], dict[str, Any]],
+                   **publish_options: Any) -> tuple[dict[str, Any], PublishResult]:
     """Publish the version being assembled in ``staging`` (a directory under ``store_root/staging``).
 
     ``complete(staging)`` finishes the version (files, checks) and returns its manifest, which is written
@@ -143,7 +143,7 @@ def publish_staged(store_root: Path, staging: Path, complete: Callable[[Path], d
     try:
         manifest = complete(staging)
         write_json(staging / MANIFEST, manifest)
-        result = publish(store_root, staging)
+        result = publish(store_root, staging, **publish_options)  # (expect_current: refresh's compare-and-publish)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

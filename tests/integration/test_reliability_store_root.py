@@ -176,3 +176,20 @@ def test_shard_folders_come_from_the_version_never_from_a_path_in_its_manifest(t
         with pytest.raises(ShardError, match="is damaged"):
             ShardSet.of(tmp_path, manifest(bad))
     assert ShardSet.of(tmp_path, manifest(["shards/00001", "shards/00000"])).dir(0) == tmp_path / "shards" / "00001"
+
+
+def test_a_publish_decided_against_one_version_is_refused_once_another_came_first(tmp_path: Path) -> None:
+    """publish(expect_current=V): the switch happens only while `current` is V (checked under the publish lock) —
+    what keeps a refresh gated against one model from replacing a newer one it was never compared with."""
+    from collectivekv.cachestore.store.publish import CurrentMoved, new_staging_dir
+
+    store = tmp_path / "store"
+    first = build_and_publish(store, _parquet(tmp_path / "pq0", 10, 0))
+    decided_against = current_version_id(store)
+    build_and_publish(store, _parquet(tmp_path / "pq1", 15, 1))  # another publish comes first
+    staging = new_staging_dir(store)
+    build_version(_parquet(tmp_path / "pq2", 20, 2), staging)
+    with pytest.raises(CurrentMoved, match=f"since this version was decided against {first.version_id}"):
+        publish(store, staging, expect_current=decided_against)
+    assert len(StoreReader.open_current(store)) == 15 and staging.is_dir()
+    assert publish(store, staging, expect_current=current_version_id(store)).version_id == staging.name
