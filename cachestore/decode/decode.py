@@ -57,6 +57,7 @@ from collectivekv.model.quant import dequantise
 
 if TYPE_CHECKING:
     from collectivekv.cachestore.decode.transfer import EntryBatch
+    from collectivekv.cachestore.store.entry import EntryLayout
 
 PATHS = ("auto", "poolscore", "gather")
 # ResidentModel.item_rows: the most device memory the per-item candidate-side tables (t | q) may take
@@ -263,6 +264,20 @@ def entry_cache(batch: EntryBatch, cfg: ModelConfig, dtype: torch.dtype,
     kv = {name: dataclasses.replace(c, k_user=c.k_user.to(dtype), v_user=c.v_user.to(dtype))
           for name, c in cache.kv.items()}  # fmt: skip
     return dataclasses.replace(cache, kv=kv)
+
+
+def bound_entry_indices(batch: EntryBatch, layout: EntryLayout, flags: torch.Tensor) -> EntryBatch:
+    """An unpacked zoo batch with every router index outside 0 .. layout.pool_size - 1 (a corrupt record) read as 0,
+    so the model's pool gathers stay in bounds; those users' ``flags`` (B,) int32 set to 1 (no host sync: the
+    caller refuses the batch after it, naming the user — :func:`bound_router_indices` for din caches)."""
+    arrays = dict(batch.arrays)
+    for part in layout.parts:
+        if part.kind == "idx":
+            idx = arrays[part.name]  # (B, R, w) int64; padding holds 0
+            outside = (idx < 0) | (idx >= layout.pool_size)
+            flags.bitwise_or_(outside.flatten(1).any(1).to(torch.int32))
+            arrays[part.name] = torch.where(outside, torch.zeros_like(idx), idx)
+    return dataclasses.replace(batch, arrays=arrays)
 
 
 def decode_zoo(resident: ResidentZooModel, cache: ZooCache, targets: torch.Tensor) -> torch.Tensor:

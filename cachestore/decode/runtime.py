@@ -50,6 +50,7 @@ from collectivekv.cachestore.decode.batch import FetchedBatch, HostBatcher, Reco
 from collectivekv.cachestore.decode.decode import (
     ResidentModel,
     ResidentZooModel,
+    bound_entry_indices,
     decode,
     decode_zoo,
     din_cache,
@@ -353,16 +354,16 @@ router index bounds only).
             start.record()
         else:
             t_dec = time.perf_counter()
-        # per-user "router index outside the pool" flags of the fused and din decode paths (the graph has its own;
-        # a zoo model's eager decode checks its indices on the CPU fetch)
+        # per-user "router index outside the pool" flags of every decode path (the graph has its own)
         eager_zoo = self.zoo and not self.fused
-        flags = None if self.graphs or eager_zoo else torch.zeros(n, dtype=torch.int32, device=self.device)
+        flags = None if self.graphs else torch.zeros(n, dtype=torch.int32, device=self.device)
         if self.graphs:  # one replay: the batch and candidate copies, then the decode
             logits = graph.run(host, padded)[:n]
             cost = graph.last_cost
             flags = graph.flags
         elif eager_zoo:  # per-part arrays → the model's ZooCache
-            cache = entry_cache(dev.unpack(self.pad_to), self._store_cfg, self.resident.dtype, self.resident.scales)
+            batch = bound_entry_indices(dev.unpack(self.pad_to), self.layout, flags)  # (flags: a corrupt index)
+            cache = entry_cache(batch, self._store_cfg, self.resident.dtype, self.resident.scales)
             logits = decode_zoo(self.resident, cache, targets)
         elif self.fused:  # the Triton kernels read the device batch as it is (no unpack)
             logits = static_decode(dev.raw, targets, resident=self.resident, layout=self.layout, n_users=n,

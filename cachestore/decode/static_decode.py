@@ -17,7 +17,14 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from collectivekv.cachestore.decode.decode import ResidentZooModel, decode, decode_zoo, din_cache, entry_cache
+from collectivekv.cachestore.decode.decode import (
+    ResidentZooModel,
+    bound_entry_indices,
+    decode,
+    decode_zoo,
+    din_cache,
+    entry_cache,
+)
 from collectivekv.cachestore.decode.fused import ALL_BYTES, DEFAULT_FUSED, FUSED, FusedConfig, fused_decode
 from collectivekv.cachestore.decode.fused_hstu import hstu_static_decode
 from collectivekv.cachestore.decode.fused_zoo import zoo_static_decode
@@ -45,9 +52,9 @@ def static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: Resi
     for users with a router index outside the pool (:func:`cachestore.decode.decode.bound_router_indices`).
     A zoo model's "fused" body is its own kernels' decode (``chunks`` must be :data:`ALL_BYTES`; it calls
     ``on_chunk(0)`` before reading the batch and ``on_chunk(1)`` after); its other
-    paths unpack and run ``model.decode`` (eager only: not capturable, and flags stay 0 — the fetch checks
-    the indices). Shape-static and free of host syncs on the fused path (the body :class:`GraphedDecoder`
-    captures)."""
+    paths unpack and run ``model.decode`` (eager only: not capturable; indices outside the pool flagged and read
+    as 0, :func:`cachestore.decode.decode.bound_entry_indices`). Shape-static and free of host syncs on the fused
+    path (the body :class:`GraphedDecoder` captures)."""
     arch = resident.cfg.arch
     if arch != "din":
         if path == FUSED:
@@ -57,6 +64,8 @@ def static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: Resi
             return fast(raw, candidates, resident=resident, layout=layout, n_users=n_users, config=fused, flags=flags,
                         on_chunk=on_chunk)
         batch = unpack_entry(raw, layout, n_users, pad_to, 16 * n_users)
+        if flags is not None:  # a corrupt record's index: flagged, read as 0 (the model would gather past the pool)
+            batch = bound_entry_indices(batch, layout, flags)
         cache = entry_cache(batch, store_config(resident.cfg, layout.mode), resident.dtype, resident.scales)
         return decode_zoo(resident, cache, candidates)
     if path == FUSED:

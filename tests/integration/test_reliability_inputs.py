@@ -256,3 +256,42 @@ def test_a_timestamp_at_or_above_2_63_is_refused_not_wrapped_into_the_past(tmp_p
                                     str(tmp_path / "out")])
     assert res.exit_code == 1 and "column 'timestamp'" in res.output and "at or above 2**63" in res.output
     assert str(stamp) in res.output and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("arch", ["sim", "hstu"])
+@pytest.mark.parametrize("tier_bytes", [0, 1 << 30])
+def test_a_zoo_records_router_index_outside_the_pool_names_the_user(tmp_path: Path, arch: str, tier_bytes: int) -> None:
+    """A zoo store's record with an index >= pool size and a valid CRC (checked CRCs do not catch it): the eager
+    decode reads it as 0 and flags the user — RouterIndexError naming them, tier on or off, never an IndexError."""
+    import zlib
+
+    from collectivekv.cachestore.decode.runtime import DecodeRuntime
+    from collectivekv.cachestore.store.record import HEADER_SIZE, RouterIndexError
+    from tests.cachestore.decode.test_zoo_serving import USERS, VERSION
+    from tests.cachestore.decode.test_zoo_serving import histories as zoo_histories
+    from tests.model.test_zoo import make_model as make_zoo_model
+    from tests.model.test_zoo import zoo_config
+    from tests.store_fixtures import put_in_place
+    from tests.zoo_store_fixtures import zoo_store_of_model
+
+    model = make_zoo_model(zoo_config(arch), seed=1).eval()
+    zoo_store_of_model(tmp_path, model, VERSION, USERS, *zoo_histories(model.cfg, seed=10), "collective", "float32")
+    with StoreReader(open_current(tmp_path)) as reader:
+        layout, victim = reader.layout, max(USERS, key=lambda u: len(reader.get_raw(u)))
+        record = bytearray(reader.get_raw(victim))
+    at = HEADER_SIZE  # the first row of the first index part: the pool size itself
+    for part, width in zip(layout.parts, layout.row_bytes, strict=True):
+        if part.kind == "idx":
+            dt = np.dtype(layout.dtype("idx")).newbyteorder("<")
+            record[at : at + dt.itemsize] = np.array([layout.pool_size], dt).tobytes()
+            break
+        at += min(int.from_bytes(record[12:16], "little"), part.cap) * width
+    record[28:32] = zlib.crc32(bytes(record[:28]), zlib.crc32(bytes(record[HEADER_SIZE:]))).to_bytes(4, "little")
+    put_in_place(open_current(tmp_path), {victim: bytes(record)})
+    reader = StoreReader(open_current(tmp_path))
+    rt = DecodeRuntime(model, VERSION, reader, device="cpu", batch_users=4, tier_bytes=tier_bytes)
+    with pytest.raises(RouterIndexError, match=f"user {victim}: a router index outside the pool"):
+        rt.score([USERS[0], victim], [[1], [2]])
+    others = [u for u in USERS if u != victim][:2]  # the other users still score
+    assert np.isfinite(rt.score(others, [[1]] * len(others)).logits).all()
+    rt.close()
