@@ -125,7 +125,8 @@ def open_runtime(store: str | os.PathLike, checkpoint: str | os.PathLike | None 
     selected = shards.select(config.shards)
     ckpt = load_checkpoint(checkpoint, device="cpu")
     catalogue = catalogue if catalogue is not None else ckpt.item_catalogue.item_ids()
-    per_shard = config.replace(tier_share=config.tier_share / len(selected))
+    tier_bytes = None if config.tier_bytes is None else config.tier_bytes // len(selected)  # one budget, split
+    per_shard = config.replace(tier_share=config.tier_share / len(selected), tier_bytes=tier_bytes)
     runtimes: dict[int, DecodeRuntime] = {}
     try:
         for k in selected:

@@ -197,3 +197,10 @@ def test_shards_on_cuda_every_fast_path(stores: dict) -> None:
             np.testing.assert_array_equal(a.cold_start, b.cold_start)
             if kw.get("tier_bytes") is None:
                 assert all(rt.tier is not None for rt in sharded.runtimes.values())
+
+
+def test_one_tier_budget_is_split_across_the_shards_served(stores: dict) -> None:
+    """tier_bytes is the budget of the whole set: each of the 3 shards' tiers gets a third of it."""
+    with open_runtime(stores["sharded"], stores["model"].checkpoint, device="cpu", batch_users=4,
+                      tier_bytes=3 << 20) as sharded:
+        assert [rt.tier.capacity for rt in sharded.runtimes.values()] == [1 << 20] * 3
