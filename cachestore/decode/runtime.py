@@ -180,7 +180,7 @@ router index bounds only).
         self.stats = RuntimeStats()
         self.catalogue = catalogue if catalogue is not None else ItemIds.identity(model.cfg.n_items)
         self._resident: dict[tuple[int, int], ResidentRequest] = {}  # (step users, candidates) -> request
-        self._score_lock = threading.Lock()
+        self._score_lock, self._closed = threading.Lock(), False
         self._reader: ThreadPoolExecutor | None = None  # the pipelined fetch's thread (created on first use)
         self._evictions_seen = self._errors_seen = 0  # tier totals already counted in a batch's stats
         self.tier: ResidentTier | None = open_tier(self)  # the resident tier, when config.tier_bytes gives room
@@ -189,11 +189,9 @@ router index bounds only).
     def open(cls, store: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
              config: ServingConfig | None = None, *, catalogue: ItemIds | None = None,
              **overrides: object) -> DecodeRuntime:
-        """A runtime for a store (a store root: its ``current`` version, resolved once; or a version
-        directory) and a checkpoint directory (None: the ``checkpoint/`` published inside the same store
-        version by ``ckv refresh``, so records and model always come from one version), served with
-        ``config`` (default :class:`ServingConfig`) updated by ``overrides``. The checkpoint's item
-        catalogue becomes the runtime's ``catalogue`` unless one is given."""
+        """A runtime for a store (a root: its ``current`` version, resolved once; or a version directory) and a
+        checkpoint (None: the ``checkpoint/`` ``ckv refresh`` published in the same version: records and model of one
+        version), served with ``config`` updated by ``overrides``; the checkpoint's catalogue unless one is given."""
         from collectivekv.cachestore.checkpoint import load_checkpoint
         from collectivekv.cachestore.store.reader import StoreReader
 
@@ -214,18 +212,20 @@ router index bounds only).
         return self.reader.version_dir
 
     def close(self) -> None:
-        """Let go of what the runtime holds: the tier's device memory and admission thread, the zero-copy map
-        registration, the captured graphs, the reader's LMDB environment. The runtime is unusable after."""
-        tier, self.tier = getattr(self, "tier", None), None
-        if tier is not None:
-            tier.close()
-        if self._reader is not None:
-            self._reader.shutdown(wait=True)
-            self._reader = None
-        self.batcher.close()
-        self._graphs.clear()
-        self._resident.clear()
-        self.reader.close()
+        """Let go of the tier's device memory and admission thread, the zero-copy map registration, the graphs, the
+        reader's LMDB environment — after the request in flight; a later :meth:`score` raises RuntimeError."""
+        with getattr(self, "_score_lock", threading.Lock()):
+            self._closed = True
+            tier, self.tier = getattr(self, "tier", None), None
+            if tier is not None:
+                tier.close()
+            if self._reader is not None:
+                self._reader.shutdown(wait=True)
+                self._reader = None
+            self.batcher.close()
+            self._graphs.clear()
+            self._resident.clear()
+            self.reader.close()
 
     def __enter__(self) -> DecodeRuntime:
         return self
@@ -267,6 +267,8 @@ router index bounds only).
             lo += step
         stats.candidates = int(real.sum())
         with self._score_lock:  # one request at a time: the host buffers and the graphs' static buffers are shared
+            if self._closed:
+                raise RuntimeError(f"the runtime of store version {self.version_id} is closed")
             for (rows, width, step), host in zip(steps, self._fetches(ids, steps), strict=True):
                 self._widths.add(width)
                 out, cold[rows] = self._score_batch(ids[rows], cand[rows, :width], stats, step, host)

@@ -317,3 +317,33 @@ def test_a_tier_is_refused_with_pad_to_below_the_stores_max_len(store: dict) -> 
     rt = _runtime(store, pad_to=SEQ, tier_bytes=1 << 30)  # at max_len: served
     assert rt.tier is not None
     rt.close()
+
+
+def test_a_closed_runtime_refuses_requests_and_close_waits_for_the_one_in_flight(store: dict) -> None:
+    import threading
+
+    rt = _runtime(store, tier_bytes=1 << 30)
+    rt.close()
+    rt.close()  # twice: nothing more to let go of
+    with pytest.raises(RuntimeError, match="is closed"):
+        rt.score([USERS[0]], [[1]])
+    rt = _runtime(store)
+    errors: list[BaseException] = []
+
+    def requests() -> None:
+        for _ in range(200):
+            try:
+                rt.score(USERS[:4], np.ones((4, 2), dtype=np.int64))
+            except RuntimeError as exc:  # after close: refused, never a half-torn-down runtime's error
+                if "is closed" not in str(exc):
+                    errors.append(exc)
+                return
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+                return
+
+    worker = threading.Thread(target=requests)
+    worker.start()
+    rt.close()
+    worker.join()
+    assert errors == []
