@@ -181,11 +181,15 @@ def to_times(values: pd.Series, where: str, unit: str = "s", time_format: str | 
         raise DataError(f"--time-unit {unit!r}: expected one of {tuple(TIME_UNITS)}")
     reject_lists(values, where, "one time")
     check_no_nulls(values, where)
-    if pd.api.types.is_datetime64_any_dtype(values.dtype):
-        return _since_epoch(values, unit), "timestamp"
-    cells = _date_cells(values)
+    cells = "timestamp" if pd.api.types.is_datetime64_any_dtype(values.dtype) else _date_cells(values)
     if cells is not None:
-        return _since_epoch(pd.Series(pd.to_datetime(values.tolist(), utc=True)), unit), cells
+        try:
+            stamps = values if cells == "timestamp" and values.dtype != object else pd.Series(
+                pd.to_datetime(values.tolist(), utc=True))
+            return _since_epoch(stamps, unit), cells
+        except pd.errors.OutOfBoundsDatetime as exc:  # pandas keeps times as int64 nanoseconds: 1677..2262
+            raise DataError(f"{where}: a time outside 1677-09-21 .. 2262-04-11 ({exc}); write times as numbers "
+                            "(seconds since the epoch) to go beyond") from None
     text = values.astype(str).str.strip() if values.dtype == object else values
     if time_format is None:
         numeric = values.dtype != object or pd.to_numeric(text, errors="coerce").notna().to_numpy()
