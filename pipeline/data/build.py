@@ -184,12 +184,14 @@ def build_samples(user: np.ndarray, item: np.ndarray, ts: np.ndarray, label: np.
 
 
 def split_events(user: np.ndarray, ts: np.ndarray, split: str, valid_frac: float, test_frac: float,
-                 per_user: tuple[int, int]) -> tuple[np.ndarray, dict[str, Any], list[float] | None]:
+                 per_user: tuple[int, int], cut_over: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, dict[str, Any], list[float] | None]:
     """(split code per event, meta["splits"], split fractions or None) of ``split`` ("global": the time cut
-    at ``valid_frac`` / ``test_frac``; "per-user": the last ``per_user`` = (valid, test) events of every
-    user; :mod:`pipeline.data.split`)."""
+    at ``valid_frac`` / ``test_frac`` of the events ``cut_over`` (bool mask; None: all) selects; "per-user": the
+    last ``per_user`` = (valid, test) events of every user; :mod:`pipeline.data.split`)."""
     if split == "global":
-        valid_start, test_start = split_boundaries(ts, valid_frac, test_frac)
+        over = ts if cut_over is None or not cut_over.any() else ts[cut_over]
+        valid_start, test_start = split_boundaries(over, valid_frac, test_frac)
         return (global_assignment(ts, valid_start, test_start),
                 {"kind": "global", "valid_start": valid_start, "test_start": test_start},
                 [round(1.0 - valid_frac - test_frac, 10), valid_frac, test_frac])
@@ -212,7 +214,9 @@ def build_dataset(
     user_key: str = "int",
     item_key: str = "int",
 ) -> CanonicalDataset:
-    """Pure build. `events`: columns user, item, timestamp (int64), label (int8), input row order.
+    """Pure build. `events`: columns user, item, timestamp (int64), label (int8), input row order; optionally
+    history_only (bool: an impression log's read history, always in the past: the global time cut is placed over
+    the other events, so the reads stay in train however many they are).
 
     ``split``: "global" (a time cut at ``valid_frac`` / ``test_frac``) or "per-user" (each user's last
     ``per_user`` = (valid, test) events; :mod:`pipeline.data.split`). Dense item ids come from `catalogue`
@@ -238,7 +242,8 @@ def build_dataset(
     items, cat = build_items(cat, pairs)
     genres = list(cat.genres)
     histories, hist_len, n_users = build_histories(user, item, ts, label)
-    assign, splits, fractions = split_events(user, ts, split, valid_frac, test_frac, per_user)
+    cut_over = ~events["history_only"].to_numpy(bool) if "history_only" in events.columns else None
+    assign, splits, fractions = split_events(user, ts, split, valid_frac, test_frac, per_user, cut_over)
     samples, split_counts = build_samples(user, item, ts, label, hist_len, assign)
     counts: dict[str, Any] = {
         "events": n, "users": n_users, "items": len(raw_items), "genres": len(genres),

@@ -108,7 +108,8 @@ def _read_impressions(impressions: str | Path, opts: ImpressionOptions) -> tuple
     imp_cols = {"user": opts.user_col, "timestamp": opts.time_col, "shown": opts.shown_col}
     if not opts.labelled:
         imp_cols["clicked"] = opts.clicked_col
-    text = ["shown", "clicked"] + (["user"] if opts.user_ids == "string" else [])
+    # auto: read as text, so both files key one user alike ("0042" of one file and "U9" of the other: text ids)
+    text = ["shown", "clicked"] + (["user"] if opts.user_ids in ("string", "auto") else [])
     imp = read_frame(impressions, imp_cols, "impressions", sep=opts.sep, text=text)
     check_no_nulls(imp["user"], _where(impressions, "impressions", opts.user_col, "user id"))
     times, kind = to_times(imp["timestamp"], _where(impressions, "impressions", opts.time_col, "time"),
@@ -127,7 +128,7 @@ def _read_history(history: str | Path, opts: ImpressionOptions) -> tuple[pd.Data
     h_cols = {"user": opts.history_user_col or opts.user_col, "item": opts.history_item_col or opts.item_col}
     if opts.history_time_col:
         h_cols["timestamp"] = opts.history_time_col
-    text = ["item"] + (["user"] if opts.user_ids == "string" else [])
+    text = ["item"] + (["user"] if opts.user_ids in ("string", "auto") else [])
     hist = read_frame(history, h_cols, "history", sep=opts.sep, text=text)
     check_no_nulls(hist["user"], _where(history, "history", h_cols["user"], "user id"))
     return hist, split_lists(hist["item"], opts.list_sep)
@@ -174,7 +175,7 @@ def _history_events(history: str | Path, opts: ImpressionOptions, hist: pd.DataF
         h_ts = np.full(len(h_rows), int(times.min()) - 1, np.int64)
         time["history"] = "one unit before the earliest impression"
     reads = pd.DataFrame({"user": h_users.keys[h_rows], "item": h_keys.keys, "timestamp": h_ts,
-                          "label": np.ones(len(h_rows), np.int8)})
+                          "label": np.ones(len(h_rows), np.int8), "history_only": True})
     if not opts.history_time_col:
         reads = reads.drop_duplicates(["user", "item"], keep="first")
     return reads, h_users, h_keys
@@ -199,6 +200,8 @@ def read_impression_log(impressions: str | Path, history: str | Path | None, opt
         keyed_items.append(h_keys)
         out.insert(0, reads)
     events = pd.concat(out, ignore_index=True)
+    if "history_only" in events.columns:  # the reads (the impressions: not)
+        events["history_only"] = events["history_only"].eq(True).to_numpy(bool)
     if len(events) == 0:
         raise DataError(f"impressions file {impressions}: no shown, clicked or read items (column "
                         f"'{opts.shown_col}'{'' if opts.labelled else f', {opts.clicked_col!r}'} empty)")

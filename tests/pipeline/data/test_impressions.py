@@ -135,3 +135,18 @@ def test_bad_impression_logs_name_file_and_column(tmp_path: Path) -> None:
         PrepareConfig(events=tmp_path / "e.csv", impressions=imp, out=tmp_path / "d")
     with pytest.raises(DataError, match="--history is the read history"):
         PrepareConfig(events=tmp_path / "e.csv", history=hist, out=tmp_path / "d")
+
+
+def test_reads_stay_in_train_and_one_user_is_one_key_across_both_files(tmp_path: Path) -> None:
+    """Read history far outnumbering the impressions (no history times: stamped before the first impression) stays
+    in train — the global cut is placed over the impressions; in auto id mode a user all-digit in one file
+    ("0042") and a file with text ids ("U9") are keyed alike: one user, not two."""
+    imp, hist = tmp_path / "imp.tsv", tmp_path / "hist.tsv"
+    imp.write_text("user\ttime\tshown\tclicked\n0042\t100\tN1 N2\tN2\n0043\t200\tN3\tN3\n0042\t300\tN4\tN4\n")
+    reads = "".join(f"0042\tR{k}\n" for k in range(20)) + "U9\tR0\n"
+    hist.write_text("user\titem\n" + reads)
+    ds = _prep(tmp_path, imp, hist, shown_col="shown", clicked_col="clicked")
+    counts = ds.meta["counts"]
+    assert counts["users"] == 3 and counts["train"]["samples"] >= 21  # 0042, 0043, U9; every read in train
+    keys = {row["user_id"] for row in ds.histories.to_pylist()}
+    assert key_of("0042") in keys and key_of("42") not in keys
