@@ -62,7 +62,7 @@ from collectivekv.cachestore.decode.graphs import GraphedDecoder, static_decode
 from collectivekv.cachestore.decode.mapped import MappedBatcher
 from collectivekv.cachestore.decode.runtime_config import ServingConfig
 from collectivekv.cachestore.decode.runtime_resident import open_tier, score_resident
-from collectivekv.cachestore.decode.runtime_stats import STAT_FIELDS, RuntimeStats, ScoreResult
+from collectivekv.cachestore.decode.runtime_stats import STAT_FIELDS, RuntimeStats, ScoreResult, candidate_mask
 from collectivekv.cachestore.decode.transfer import to_device
 from collectivekv.cachestore.store.item_ids import ItemIds, UnknownItemError
 from collectivekv.cachestore.store.layout_check import check_layout
@@ -247,9 +247,7 @@ router index bounds only).
         cand = cand.reshape(-1, 1) if cand.ndim == 1 else cand
         if cand.shape[0] != len(ids):
             raise ValueError(f"{cand.shape[0]} candidate rows for {len(ids)} users")
-        real = np.ones(cand.shape, dtype=bool)
-        if n_candidates is not None:
-            real = np.arange(cand.shape[1])[None, :] < np.asarray(n_candidates, dtype=np.int64)[:, None]
+        real = candidate_mask(cand.shape, n_candidates)  # (B, C) bool
         cand = np.where(real, cand, 0)
         self._check_targets(cand)
         logits = np.full(cand.shape, np.nan, dtype=np.float32)
@@ -313,9 +311,7 @@ router index bounds only).
         (``position``: its flat index in ``candidates``); padded entries are not looked up."""
         cand = np.asarray(candidates, dtype=np.int64)
         cand = cand.reshape(-1, 1) if cand.ndim == 1 else cand
-        real = np.ones(cand.shape, dtype=bool)
-        if n_candidates is not None:
-            real = np.arange(cand.shape[1])[None, :] < np.asarray(n_candidates, dtype=np.int64)[:, None]
+        real = candidate_mask(cand.shape, n_candidates)  # (B, C) bool
         flat = np.flatnonzero(real.reshape(-1))
         dense = np.zeros(cand.size, dtype=np.int64)
         try:

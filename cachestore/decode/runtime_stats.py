@@ -47,3 +47,19 @@ class ScoreResult:
     @property
     def probabilities(self) -> np.ndarray:
         return 1.0 / (1.0 + np.exp(-self.logits))
+
+
+def candidate_mask(shape: tuple[int, int], n_candidates: object) -> np.ndarray:
+    """(B, C) bool: the real candidates of a request of B users × C candidate slots — the first
+    ``n_candidates[b]`` of row b (None: all). ValueError naming the field for counts of another length than B,
+    not integers, or outside 0..C (their logits are NaN in :class:`ScoreResult`)."""
+    b, c = shape
+    if n_candidates is None:
+        return np.ones(shape, dtype=bool)
+    n = np.asarray(n_candidates)
+    if n.ndim != 1 or len(n) != b or n.dtype.kind not in "iu":
+        raise ValueError(f"n_candidates: {b} integer counts expected (one per user), got shape {n.shape} {n.dtype}")
+    bad = np.flatnonzero((n < 0) | (n > c))
+    if len(bad):
+        raise ValueError(f"n_candidates[{bad[0]}]: {n[bad[0]]} is not a count of 0..{c} candidates")
+    return np.arange(c)[None, :] < n.astype(np.int64)[:, None]

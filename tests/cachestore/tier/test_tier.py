@@ -347,3 +347,14 @@ def test_a_closed_runtime_refuses_requests_and_close_waits_for_the_one_in_flight
     rt.close()
     worker.join()
     assert errors == []
+
+
+@pytest.mark.parametrize(("n_candidates", "message"), [([1], "2 integer counts expected"),
+                                                        ([1, -1], r"n_candidates\[1\]: -1 is not a count of 0..2"),
+                                                        ([3, 1], r"n_candidates\[0\]: 3 is not a count of 0..2"),
+                                                        ([1.0, 2.0], "integer counts")])
+def test_candidate_counts_are_checked_not_clipped(store: dict, n_candidates: list, message: str) -> None:
+    rt = _runtime(store)
+    with pytest.raises(ValueError, match=message):
+        rt.score(USERS[:2], np.ones((2, 2), dtype=np.int64), n_candidates)
+    rt.close()
