@@ -88,13 +88,15 @@ def is_own_kind(path: Path, kind: OutputKind) -> bool:
     return all((path / f).exists() for f in kind.signature) and not foreign_entries(path, kind)
 
 
+def _resolved(out: Path, paths: Iterable[str | os.PathLike | None]) -> tuple[Path, list[tuple[object, Path]]]:
+    """(out, [(path as given, path)]) with every path resolved (links followed); None entries skipped."""
+    return Path(os.path.realpath(out)), [(p, Path(os.path.realpath(p))) for p in paths if p is not None]
+
+
 def check_not_input(out: Path, inputs: Iterable[str | os.PathLike | None], option: str = "--out") -> None:
     """Refuse an output that equals or contains one of ``inputs`` (None entries are skipped)."""
-    target = Path(os.path.realpath(out))
-    for item in inputs:
-        if item is None:
-            continue
-        src = Path(os.path.realpath(item))
+    target, sources = _resolved(out, inputs)
+    for item, src in sources:
         if src == target or target in src.parents:
             what = "is" if src == target else "contains"
             raise OutputError(f"{option} {out} {what} the input {item}: writing there would replace the input; "
@@ -104,11 +106,8 @@ def check_not_input(out: Path, inputs: Iterable[str | os.PathLike | None], optio
 def check_not_inside(out: Path, dirs: Iterable[str | os.PathLike | None], option: str = "--out") -> None:
     """Refuse an output file that is one of ``dirs`` or lies inside one (a store, a checkpoint: writing there
     would replace a file they hold); None entries are skipped."""
-    target = Path(os.path.realpath(out))
-    for item in dirs:
-        if item is None:
-            continue
-        src = Path(os.path.realpath(item))
+    target, sources = _resolved(out, dirs)
+    for item, src in sources:
         if src == target or src in target.parents:
             raise OutputError(f"{option} {out} is inside {item}: writing there would replace a file it holds; "
                               "choose a path outside it")
