@@ -210,8 +210,11 @@ def _read_histories(spark: Any, opts: PrefillOptions, job: _Job) -> tuple[Any, A
     df = spark.read.parquet(job.histories)
     events = bool(job.config.event_features)  # per-event features read the timestamps too (model/events.py)
     check_history_schema(df.schema, job.histories, timestamps=events)
-    df = df.selectExpr("CAST(user_id AS BIGINT) AS user_id", "CAST(items AS ARRAY<INT>) AS items",
-                       "CAST(labels AS ARRAY<TINYINT>) AS labels",
+    # narrowed without a wrap (whatever spark.sql.ansi.enabled says): a value the narrow type cannot hold becomes
+    # -1, which the per-batch checks refuse naming the user (items 1..n_items, labels 0..1)
+    df = df.selectExpr("CAST(user_id AS BIGINT) AS user_id",
+                       "transform(items, x -> IF(x BETWEEN 0 AND 2147483647, CAST(x AS INT), -1)) AS items",
+                       "transform(labels, x -> CAST(IF(x BETWEEN 0 AND 1, x, -1) AS TINYINT)) AS labels",
                        *(["CAST(timestamps AS ARRAY<BIGINT>) AS timestamps"] if events else []))
     df = df.selectExpr("*", f"{fingerprint_sql(job.layout.max_len, timestamps=events)} AS {FP_COL}")
     carried, inc_meta = None, None

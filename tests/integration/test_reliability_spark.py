@@ -151,6 +151,28 @@ def test_empty_input_and_duplicate_users_publish_nothing(base: dict, spark: obje
 SPARK_LOG_LINE = re.compile(r"^\d\d/\d\d/\d\d \d\d:\d\d:\d\d (INFO|WARN|ERROR) ", re.M)
 
 
+@pytest.mark.parametrize("ansi", ["true", "false"])
+def test_item_and_label_values_too_wide_for_the_job_are_refused_not_wrapped(base: dict, spark: object,
+                                                                           tmp_path: Path, ansi: str) -> None:
+    """int64 items >= 2^31 and labels outside 0..1: narrowed without a wrap whatever spark.sql.ansi.enabled says,
+    then refused by the per-batch checks naming the user; nothing published."""
+    from collectivekv.pipeline.prefill.spark_logging import SparkJobError, spark_job_errors
+
+    before = snapshot(base["store"])
+    wide = pa.table({"user_id": pa.array([1, 2], pa.int64()),
+                     "items": pa.array([[5, 2**32 + 7], [3, 4]], pa.list_(pa.int64())),
+                     "labels": pa.array([[1, 257], [0, 1]], pa.list_(pa.int64()))})
+    pq.write_table(wide, tmp_path / "wide.parquet")
+    spark.conf.set("spark.sql.ansi.enabled", ansi)  # type: ignore[attr-defined]
+    try:
+        with pytest.raises(SparkJobError, match="user 1: item -1 / label -1 outside the model's items"), \
+                spark_job_errors("prefill", tmp_path / "log.txt", passthrough=(PrefillInputError,)):
+            run_prefill(opts(base["ckpt"], tmp_path / "wide.parquet", base["store"]), spark)
+    finally:
+        spark.conf.set("spark.sql.ansi.enabled", "true")  # type: ignore[attr-defined]
+    assert snapshot(base["store"]) == before
+
+
 def _ckv_prefill(ckpt: Path, hist: Path, store: Path, log: Path) -> tuple[subprocess.CompletedProcess, float]:
     """`ckv prefill` as a user runs it (its own Python and JVM); (process, seconds)."""
     env = repo_env(PYSPARK_PYTHON=sys.executable)
