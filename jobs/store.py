@@ -33,7 +33,7 @@ def build_cmd(source: Path, store_root: Path | None, progress: bool, shards: int
     directory (part files + _layout.json; then --store names the store root).
     """
     from collectivekv.cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE
-    from collectivekv.cachestore.store.publish import PublishError, check_store_root, open_current
+    from collectivekv.cachestore.store.publish import PublishError, open_current
     from collectivekv.pipeline.store.store_ops import PARQUET_DIR, build_store
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
@@ -51,7 +51,6 @@ def build_cmd(source: Path, store_root: Path | None, progress: bool, shards: int
             raise click.UsageError("SOURCE is a store: --store must be omitted or the same")
         store_root = source
     try:
-        check_store_root(store_root)  # before the build: a directory that is not a store is refused at once
         if shards > 1:
             from collectivekv.pipeline.store.shard_ops import build_sharded_store
 

@@ -50,6 +50,7 @@ from collectivekv.cachestore.store.record import RouterIndexError
 from collectivekv.model.attention import masked_softmax
 from collectivekv.model.blocks import ZooCache
 from collectivekv.model.cache import KVCache
+from collectivekv.model.cache_spec import store_config
 from collectivekv.model.config import ModelConfig
 from collectivekv.model.ctr import TargetAttentionCTR
 from collectivekv.model.entry import cache_from_arrays, user_scales
@@ -278,6 +279,16 @@ def bound_entry_indices(batch: EntryBatch, layout: EntryLayout, flags: torch.Ten
             flags.bitwise_or_(outside.flatten(1).any(1).to(torch.int32))
             arrays[part.name] = torch.where(outside, torch.zeros_like(idx), idx)
     return dataclasses.replace(batch, arrays=arrays)
+
+
+def decode_zoo_batch(resident: ResidentZooModel, batch: EntryBatch, layout: EntryLayout, targets: torch.Tensor,
+                     flags: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`decode_zoo` of an unpacked batch of the store ``layout`` — every eager zoo decode; with ``flags`` its
+    router indices outside the pool are flagged and read as 0 first (:func:`bound_entry_indices`)."""
+    if flags is not None:
+        batch = bound_entry_indices(batch, layout, flags)
+    cache = entry_cache(batch, store_config(resident.cfg, layout.mode), resident.dtype, resident.scales)
+    return decode_zoo(resident, cache, targets)
 
 
 def decode_zoo(resident: ResidentZooModel, cache: ZooCache, targets: torch.Tensor) -> torch.Tensor:

@@ -50,11 +50,9 @@ from collectivekv.cachestore.decode.batch import FetchedBatch, HostBatcher, Reco
 from collectivekv.cachestore.decode.decode import (
     ResidentModel,
     ResidentZooModel,
-    bound_entry_indices,
     decode,
-    decode_zoo,
+    decode_zoo_batch,
     din_cache,
-    entry_cache,
 )
 from collectivekv.cachestore.decode.fused import FUSED, fused_available, uses_fused
 from collectivekv.cachestore.decode.fused_view import misplaced_part
@@ -71,7 +69,6 @@ from collectivekv.cachestore.store.store_tree import check_tree
 from collectivekv.cachestore.store.user_keys import user_id_array
 from collectivekv.cachestore.tier.graph import ResidentRequest
 from collectivekv.cachestore.tier.tier import ResidentTier
-from collectivekv.model.cache_spec import store_config
 
 if TYPE_CHECKING:
     from collectivekv.cachestore.store.reader import StoreReader
@@ -153,7 +150,6 @@ router index bounds only).
                              "its own attention (use path 'auto' or 'gather')")
         self.resident: ResidentModel | ResidentZooModel = (
             ResidentZooModel(model, self.device) if self.zoo else ResidentModel(model, self.device))
-        self._store_cfg = store_config(model.cfg, layout.mode)
         self.model_version = model_version
         self.reader = reader
         self.layout = layout
@@ -360,9 +356,7 @@ router index bounds only).
             cost = graph.last_cost
             flags = graph.flags
         elif eager_zoo:  # per-part arrays → the model's ZooCache
-            batch = bound_entry_indices(dev.unpack(self.pad_to), self.layout, flags)  # (flags: a corrupt index)
-            cache = entry_cache(batch, self._store_cfg, self.resident.dtype, self.resident.scales)
-            logits = decode_zoo(self.resident, cache, targets)
+            logits = decode_zoo_batch(self.resident, dev.unpack(self.pad_to), self.layout, targets, flags)
         elif self.fused:  # the Triton kernels read the device batch as it is (no unpack)
             logits = static_decode(dev.raw, targets, resident=self.resident, layout=self.layout, n_users=n,
                                    pad_to=self.graph_len, path=FUSED, fused=self.fused_config, flags=flags)

@@ -17,21 +17,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from collectivekv.cachestore.decode.decode import (
-    ResidentZooModel,
-    bound_entry_indices,
-    decode,
-    decode_zoo,
-    din_cache,
-    entry_cache,
-)
+from collectivekv.cachestore.decode.decode import ResidentZooModel, decode, decode_zoo_batch, din_cache
 from collectivekv.cachestore.decode.fused import ALL_BYTES, DEFAULT_FUSED, FUSED, FusedConfig, fused_decode
 from collectivekv.cachestore.decode.fused_hstu import hstu_static_decode
 from collectivekv.cachestore.decode.fused_zoo import zoo_static_decode
 from collectivekv.cachestore.decode.transfer import unpack_entry
 from collectivekv.cachestore.store.entry import EntryLayout
 from collectivekv.model.cache import KVCache
-from collectivekv.model.cache_spec import store_config
 
 
 def unpack_din(raw: torch.Tensor, layout: EntryLayout, n_users: int, pad_to: int) -> KVCache:
@@ -63,11 +55,8 @@ def static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: Resi
             fast = hstu_static_decode if arch == "hstu" else zoo_static_decode
             return fast(raw, candidates, resident=resident, layout=layout, n_users=n_users, config=fused, flags=flags,
                         on_chunk=on_chunk)
-        batch = unpack_entry(raw, layout, n_users, pad_to, 16 * n_users)
-        if flags is not None:  # a corrupt record's index: flagged, read as 0 (the model would gather past the pool)
-            batch = bound_entry_indices(batch, layout, flags)
-        cache = entry_cache(batch, store_config(resident.cfg, layout.mode), resident.dtype, resident.scales)
-        return decode_zoo(resident, cache, candidates)
+        return decode_zoo_batch(resident, unpack_entry(raw, layout, n_users, pad_to, 16 * n_users), layout, candidates,
+                                flags)
     if path == FUSED:
         return fused_decode(resident, raw, layout, n_users, candidates, config=fused, chunks=chunks, on_chunk=on_chunk,
                             flags=flags)

@@ -121,6 +121,14 @@ def estimate_map_size(sizes: np.ndarray) -> int:
     return map_size_for(map_bytes(sizes))
 
 
+def check_record_format(layout: EntryLayout, parquet_dir: Path) -> None:
+    """StoreBuildError unless ``layout`` (of ``parquet_dir``) is of the record format the builds write: a legacy
+    layout is read-only."""
+    if layout.record_format != ENTRY_FORMAT_VERSION:
+        raise StoreBuildError(f"{parquet_dir}: a layout of record format {layout.record_format} is read-only; the "
+                              f"prefill writes format {ENTRY_FORMAT_VERSION}")
+
+
 def check_part_schema(path: Path, schema: pa.Schema) -> None:
     """StoreBuildError naming ``path`` unless ``schema`` has every prefill column with its type."""
     for name, types in _COLUMNS.items():
@@ -283,9 +291,7 @@ def build_lmdb(
     t0 = time.perf_counter()
     parquet_dir, out_dir = Path(parquet_dir), Path(out_dir)
     layout = read_layout(parquet_dir / PARQUET_LAYOUT_FILE)
-    if layout.record_format != ENTRY_FORMAT_VERSION:
-        raise StoreBuildError(f"{parquet_dir}: a layout of record format {layout.record_format} is read-only; the "
-                              f"prefill writes format {ENTRY_FORMAT_VERSION}")
+    check_record_format(layout, parquet_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise StoreBuildError(f"{out_dir} exists and is not empty")
     out_dir.mkdir(parents=True, exist_ok=True)

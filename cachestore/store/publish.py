@@ -270,10 +270,10 @@ def publish(store_root: str | os.PathLike, staging_dir: str | os.PathLike,
     """
     root, staging = Path(store_root), Path(staging_dir)
     versions = root / VERSIONS
-    check_store_root(root)
+    check_store_root(root)  # before anything is written there (the lock file, versions/) ...
     versions.mkdir(parents=True, exist_ok=True)
     with _publish_lock(root):
-        check_store_root(root)
+        check_store_root(root)  # ... and again where no other publish can change it until the switch
         _check_staging(staging)
         vid = staging.name
         dest = versions / vid

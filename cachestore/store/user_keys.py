@@ -108,40 +108,40 @@ def to_keys(values: Sequence[object] | np.ndarray, scheme: str, *, where: str = 
                 except UserKeyError as exc:
                     raise UserKeyError(f"{where}: position {pos}: {exc}") from None
         return hash_texts(texts).reshape(arr.shape)
+    keys, pos, integer = _integer_ids(flat)
+    if keys is None:
+        v = flat.tolist()[pos]
+        if not integer:
+            raise UserKeyError(f"{where}: position {pos}: id {str(v)[:40]!r} is not an integer, and the "
+                               "key scheme is 'int' (integer ids)")
+        raise UserKeyError(f"{where}: position {pos}: id {v} is outside 0..2**63-1")
+    return keys.reshape(arr.shape)
+
+
+def _integer_ids(flat: np.ndarray) -> tuple[np.ndarray | None, int, bool]:
+    """(int64 keys, -1, True) of flat ids that are all integers 0..2**63-1 (numpy integers of any width, Python
+    ints); else (None, the position of the first that is not, whether it is an integer at all: bools are not)."""
     if flat.dtype.kind not in "iu":
-        for pos, v in enumerate(flat.tolist()):
+        values = flat.tolist()
+        for pos, v in enumerate(values):
             if isinstance(v, bool | np.bool_) or not isinstance(v, int | np.integer):
-                raise UserKeyError(f"{where}: position {pos}: id {str(v)[:40]!r} is not an integer, and the "
-                                   "key scheme is 'int' (integer ids)")
-        flat = np.array([int(v) for v in flat.tolist()], dtype=object)
-    bad = np.asarray((flat < 0) | (flat > KEY_MAX), dtype=bool)
-    if bad.any():
-        pos = int(np.flatnonzero(bad)[0])
-        raise UserKeyError(f"{where}: position {pos}: id {flat[pos]} is outside 0..2**63-1")
-    return flat.astype(np.int64).reshape(arr.shape)
+                return None, pos, False
+        flat = np.array([int(v) for v in values], dtype=object)
+    bad = np.flatnonzero(np.asarray((flat < 0) | (flat > KEY_MAX), dtype=bool))
+    if len(bad):
+        return None, int(bad[0]), True
+    return flat.astype(np.int64, copy=False), -1, True
 
 
 def user_id_array(values: Sequence[object] | np.ndarray, where: str = "user_ids") -> np.ndarray:
     """``values`` as store keys: an int64 array (N,) of integers 0..2^63-1 (numpy integers of any width, Python
     ints). UserKeyError naming ``where[i]`` for anything else — a negative id (-1 pads batches), one at or above
     2^63 (a uint64 or a Python int would wrap), a float, a bool, text (key it first: :func:`to_keys`)."""
-    arr = np.asarray(values) if not isinstance(values, np.ndarray) else values
-    arr = arr.reshape(-1)
-    if arr.dtype.kind == "u":
-        bad = np.flatnonzero(arr > np.iinfo(np.int64).max)
-    elif arr.dtype.kind == "i":
-        bad = np.flatnonzero(arr < 0)
-    elif arr.size == 0:
-        return np.zeros(0, np.int64)
-    else:  # floats, bools, objects (ints beyond 64 bits, text): name the first that is not an id
-        bad = [i for i, v in enumerate(arr.tolist())
-               if type(v) is bool or not isinstance(v, int) or not 0 <= v <= np.iinfo(np.int64).max][:1]
-        if not len(bad):
-            return np.array(arr.tolist(), dtype=np.int64)
-    if len(bad):
-        i = int(bad[0])
-        raise UserKeyError(f"{where}[{i}]: ids are integers 0..2^63-1, got {arr.tolist()[i]!r}")
-    return arr.astype(np.int64, copy=False)
+    flat = np.asarray(values).reshape(-1)
+    keys, pos, _ = _integer_ids(flat)
+    if keys is None:
+        raise UserKeyError(f"{where}[{pos}]: ids are integers 0..2^63-1, got {flat.tolist()[pos]!r}")
+    return keys
 
 
 def first_collision(texts: Sequence[str], keys: np.ndarray) -> tuple[str, str, int] | None:

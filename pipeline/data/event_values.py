@@ -181,11 +181,11 @@ def to_times(values: pd.Series, where: str, unit: str = "s", time_format: str | 
         raise DataError(f"--time-unit {unit!r}: expected one of {tuple(TIME_UNITS)}")
     reject_lists(values, where, "one time")
     check_no_nulls(values, where)
-    cells = "timestamp" if pd.api.types.is_datetime64_any_dtype(values.dtype) else _date_cells(values)
+    native = pd.api.types.is_datetime64_any_dtype(values.dtype)
+    cells = "timestamp" if native else _date_cells(values)
     if cells is not None:
         try:
-            stamps = values if cells == "timestamp" and values.dtype != object else pd.Series(
-                pd.to_datetime(values.tolist(), utc=True))
+            stamps = values if native else pd.Series(pd.to_datetime(values.tolist(), utc=True))
             return _since_epoch(stamps, unit), cells
         except pd.errors.OutOfBoundsDatetime as exc:  # pandas keeps times as int64 nanoseconds: 1677..2262
             raise DataError(f"{where}: a time outside 1677-09-21 .. 2262-04-11 ({exc}); write times as numbers "

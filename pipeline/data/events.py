@@ -84,9 +84,6 @@ def to_int64(values: pd.Series, where: str) -> np.ndarray:
             if big.any():
                 raise DataError(f"{where}: {int(big.sum())} value(s) at or above 2**63, {_first(big, values)}")
         return numeric.to_numpy(np.int64)
-    if numeric.dtype == object:  # Python ints beyond 64 bits (pandas keeps them as objects)
-        big = numeric.map(lambda v: not (isinstance(v, int) and -(2**63) <= v < 2**63)).to_numpy(bool)
-        raise DataError(f"{where}: {int(big.sum())} value(s) beyond the 64-bit integers, {_first(big, values)}")
     floats = numeric.to_numpy(np.float64)
     bad = (np.mod(floats, 1.0) != 0) | ~np.isfinite(floats) | (np.abs(floats) >= 2.0**63)
     if bad.any():

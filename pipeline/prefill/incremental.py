@@ -99,7 +99,6 @@ def previous_state(store: str | os.PathLike, model_version: str, layout: EntryLa
         (man.get("model_version") == model_version,
          f"model version changed ({man.get('model_version')} -> {model_version}): full prefill"),
         (prev_layout == layout.to_dict(), "cache layout (mode / kv dtype / max_len / parts / record format) changed"),
-        ((man.get("prefill_parquet_schema_version") or 0) >= 2, "previous Parquet has no history fingerprints"),
         (inc.get("history_fp_version", HISTORY_FP_VERSION) == HISTORY_FP_VERSION, "fingerprint version changed"),
         (_has_fingerprints(vdir / "parquet"), "previous Parquet has no history fingerprints"),
     ]

@@ -22,11 +22,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from collectivekv.cachestore.store.entry import ENTRY_FORMAT_VERSION, read_layout
+from collectivekv.cachestore.store.entry import read_layout
 from collectivekv.cachestore.store.lmdb_build import (
     PARQUET_LAYOUT_FILE,
     StoreBuildError,
     check_part_schema,
+    check_record_format,
     list_parquet_files,
 )
 from collectivekv.cachestore.store.publish import new_staging_dir
@@ -69,9 +70,7 @@ def build_sharded_store(store_root: str | os.PathLike, parquet_dir: str | os.Pat
     if not (src / PARQUET_LAYOUT_FILE).is_file():
         raise FileNotFoundError(f"{src}: not a prefill Parquet directory (no {PARQUET_LAYOUT_FILE})")
     layout, files, schema = read_layout(src / PARQUET_LAYOUT_FILE), list_parquet_files(src), shard_schema()
-    if layout.record_format != ENTRY_FORMAT_VERSION:
-        raise StoreBuildError(f"{src}: a layout of record format {layout.record_format} is read-only; the "
-                              f"prefill writes format {ENTRY_FORMAT_VERSION}")
+    check_record_format(layout, src)
     if not files:
         raise FileNotFoundError(f"{src} holds no Parquet part files (*.parquet): nothing to publish")
     root.mkdir(parents=True, exist_ok=True)
