@@ -244,7 +244,9 @@ router index bounds only).
         if cand.shape[0] != len(ids):
             raise ValueError(f"{cand.shape[0]} candidate rows for {len(ids)} users")
         real = candidate_mask(cand.shape, n_candidates)  # (B, C) bool
-        cand = np.where(real, cand, 0)
+        cand, n_cols = np.where(real, cand, 0), cand.shape[1]
+        if n_cols == 0:  # no candidates: the users are still looked up (cold-start flags) over one padded column
+            cand, real = np.zeros((len(ids), 1), dtype=np.int64), np.zeros((len(ids), 1), dtype=bool)
         self._check_targets(cand)
         logits = np.full(cand.shape, np.nan, dtype=np.float32)
         cold = np.zeros(len(ids), dtype=bool)
@@ -271,7 +273,7 @@ router index bounds only).
             for name in STAT_FIELDS:  # (not asdict: it deep-copies, ~20 µs a request)
                 setattr(total, name, getattr(total, name) + getattr(stats, name))
         logits[~real] = np.nan
-        return ScoreResult(logits, cold, stats, self.model_version)
+        return ScoreResult(logits[:, :n_cols], cold, stats, self.model_version)
 
     def candidate_widths(self) -> list[int]:
         """The candidate widths C of the steps scored so far (with graphs: one graph each): a version loaded to

@@ -358,3 +358,16 @@ def test_candidate_counts_are_checked_not_clipped(store: dict, n_candidates: lis
     with pytest.raises(ValueError, match=message):
         rt.score(USERS[:2], np.ones((2, 2), dtype=np.int64), n_candidates)
     rt.close()
+
+
+@pytest.mark.parametrize("shape", [(3, 0), (0, 4), (0, 0)])
+def test_no_candidates_answer_empty_with_the_same_cold_flags_through_the_tier(store: dict, shape: tuple) -> None:
+    """Users with no candidates are still looked up: both paths answer (B, 0) logits and the same cold flags."""
+    ids = [0, 1, 2][: shape[0]]  # 1 is absent: cold start
+    cand = np.zeros(shape, dtype=np.int64)
+    direct, tier = _runtime(store, tier_bytes=0), _runtime(store, tier_bytes=1 << 30)
+    want, got = direct.score(ids, cand), tier.score(ids, cand)
+    assert got.logits.shape == want.logits.shape == shape
+    assert got.cold_start.tolist() == want.cold_start.tolist() == [False, True, False][: shape[0]]
+    direct.close()
+    tier.close()
