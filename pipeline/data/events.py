@@ -77,6 +77,10 @@ def to_int64(values: pd.Series, where: str) -> np.ndarray:
         check_no_nulls(values, where)
         stamps = pd.to_datetime(values, utc=True)
         return ((stamps - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).to_numpy(np.int64)
+    flags = values.map(lambda v: isinstance(v, bool | np.bool_)).to_numpy(bool) if values.dtype == object else \
+        np.full(len(values), pd.api.types.is_bool_dtype(values))
+    if flags.any():  # True is no id and no time (it would read as 1)
+        raise DataError(f"{where}: {int(flags.sum())} boolean value(s), {_first(flags, values)}; expected integers")
     numeric = to_numeric(values, where)
     if pd.api.types.is_integer_dtype(numeric):
         if pd.api.types.is_unsigned_integer_dtype(numeric):  # a uint64 at or above 2^63 would wrap negative

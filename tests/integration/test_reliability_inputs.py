@@ -258,6 +258,20 @@ def test_a_timestamp_at_or_above_2_63_is_refused_not_wrapped_into_the_past(tmp_p
     assert str(stamp) in res.output and not (tmp_path / "out").exists()
 
 
+def test_a_boolean_timestamp_is_refused_not_read_as_one(tmp_path: Path) -> None:
+    """A Parquet boolean time column (True would be 1 s after the epoch) is refused, naming the column and row."""
+    import pyarrow.parquet as pq
+
+    from collectivekv.jobs.cli import main
+
+    pq.write_table(pa.table({"userId": [1, 1], "movieId": [10, 11], "rating": [5.0, 3.0],
+                             "timestamp": pa.array([True, False])}), tmp_path / "e.parquet")
+    res = CliRunner().invoke(main, ["data", "prepare", "--events", str(tmp_path / "e.parquet"), "--out",
+                                    str(tmp_path / "out")])
+    assert res.exit_code == 1 and "column 'timestamp'" in res.output and "2 boolean value(s)" in res.output
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("arch", ["sim", "hstu"])
 @pytest.mark.parametrize("tier_bytes", [0, 1 << 30])
 def test_a_zoo_records_router_index_outside_the_pool_names_the_user(tmp_path: Path, arch: str, tier_bytes: int) -> None:
