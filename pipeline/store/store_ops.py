@@ -97,7 +97,9 @@ def summary_fields(manifest: dict, prefill: dict | None, command_line: str) -> d
     }  # fmt: skip
     return {
         **head,
-        "prefill_parquet_schema_version": PREFILL_PARQUET_SCHEMA_VERSION,
+        # the Parquet's own schema version (its prefill meta): a store rebuilt from older Parquet keeps the older
+        # number; None when the Parquet came without a prefill meta
+        "prefill_parquet_schema_version": (prefill or {}).get("prefill_parquet_schema_version"),
         "users": users,
         "behaviours": stats["behaviours"],
         "bytes": {

@@ -308,3 +308,18 @@ def test_one_publish_transaction_keeps_current_on_any_failure(tmp_path: Path, ro
                                       lambda staging: {**build_version(src, staging), "refresh": {"run_id": "r1"}})
     assert result.previous == first and current_version_id(root) == result.version_id
     assert json.loads((root / "manifest.json").read_text())["refresh"] == {"run_id": "r1"}  # the stable link
+
+
+def test_a_rebuilt_store_states_its_parquets_schema_version(tmp_path: Path, rows: dict[int, dict]) -> None:
+    """The manifest's prefill_parquet_schema_version is the Parquet's (its prefill meta), not this release's."""
+    import json
+
+    from collectivekv.pipeline.store.store_ops import PREFILL_META_FILE, build_store
+
+    src = write_parquet(tmp_path / "parquet", rows, parts=shuffled_parts(IDS, 2))
+    build_store(tmp_path / "bare", src, command_line="test")  # no prefill meta: unknown
+    (src / PREFILL_META_FILE).write_text(json.dumps({"prefill_parquet_schema_version": 1}))
+    build_store(tmp_path / "old", src, command_line="test")
+    for name, want in (("bare", None), ("old", 1)):
+        manifest = json.loads((tmp_path / name / "current" / "manifest.json").read_text())
+        assert manifest["prefill_parquet_schema_version"] == want
