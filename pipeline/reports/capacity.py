@@ -22,8 +22,7 @@ docs/capacity.md explains every number; the arithmetic:
   ``16·B + zero block + Σ align8(record)``; time = bytes / bandwidth + a fixed latency.
 - **users that fit**: host memory / LMDB bytes per user (the page cache holding the store);
 - **shards**: a sharded store (``ckv prefill --shards N``) across hosts (each shard's LMDB in one host's memory) or
-  GPUs (each shard's records resident on one GPU): users / users that fit, rounded up;
-  (GPU memory − pool) / batch bytes per user (records resident on the GPU).
+  GPUs (records resident: (GPU memory − pool) / batch bytes per user): users / users that fit, rounded up.
 """
 
 from __future__ import annotations
@@ -324,7 +323,8 @@ def layout_summary(layout: EntryLayout) -> dict[str, Any]:
     g = layout.groups[0]
     return {"arch": layout.arch, "mode": layout.mode, "kv_dtype": layout.kv_dtype, "idx_dtype": layout.idx_dtype,
             "dk": g.dk, "dv": g.dv, "k_shared": g.k_shared, "v_shared": g.v_shared, "pool_size": layout.pool_size,
-            "groups": len(layout.groups), "parts": len(layout.parts)}
+            "user_dtype": "int8" if g.int8_user else layout.kv_dtype, "groups": len(layout.groups),
+            "indices": 1 if g.joint else g.k_shared + g.v_shared, "parts": len(layout.parts)}
 
 
 def format_capacity(layout: EntryLayout, dist: LengthDist, users: int, batch: int, bandwidth: Bandwidth,

@@ -102,7 +102,7 @@ def store_format(store: str | os.PathLike, **overrides: Any) -> CacheFormat | Zo
     _, m = read_manifest(store)
     lay = layout_from_dict(m["layout"])
     g = lay.flat_group
-    if lay.arch != "din" or g is None:
+    if lay.arch != "din" or g is None or g.joint or g.int8_user:  # (CacheFormat: separate indices, float parts)
         return zoo_format(store, m, lay, overrides)
     dims = m.get("dims") or {}
     base: dict[str, Any] = {"kv_dtype": lay.kv_dtype, "max_len": lay.max_len}
@@ -126,8 +126,9 @@ def zoo_format(store: str | os.PathLike, manifest: dict, lay: Any, overrides: di
         raise ValueError(f"{store}: a {lay.arch} store whose manifest records no model config (prefill.model_config)")
     unsupported = sorted(k for k, v in overrides.items() if v is not None and k not in ("kv_dtype", "full_kv_dtype"))
     if unsupported:
-        raise ValueError(f"{store} is a {lay.arch} store: its dimensions come from its model config; "
-                         f"--{unsupported[0].replace('_', '-')} applies to din entries only")
+        raise ValueError(f"{store} is a {lay.arch} store planned from its model config: --"
+                         f"{unsupported[0].replace('_', '-')} applies only to din stores with separate router "
+                         "indices and float user parts")
     return ZooFormat(model, overrides.get("kv_dtype") or lay.kv_dtype, overrides.get("full_kv_dtype"))
 
 

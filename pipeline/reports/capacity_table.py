@@ -46,8 +46,8 @@ def capacity_table(plan: dict[str, Any]) -> Table:
 
     def lay(col: dict) -> str:
         lo = col["layout"]
-        s = f"{lo['kv_dtype']} K,V {lo['dk']}+{lo['dv']}"
-        return s + (f", {lo['idx_dtype']} idx x{int(lo['k_shared']) + int(lo['v_shared'])}" if lo["idx_dtype"] else "")
+        s = f"{lo.get('user_dtype', lo['kv_dtype'])} K,V {lo['dk']}+{lo['dv']}"
+        return s + (f", {lo['idx_dtype']} idx x{lo['indices']}" if lo["idx_dtype"] else "")
 
     row("cached per behaviour", lay(f), lay(c))
     row("bytes / behaviour", str(f["bytes_per_behaviour"]), str(c["bytes_per_behaviour"]),

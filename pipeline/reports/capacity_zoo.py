@@ -13,9 +13,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from collectivekv.cachestore.store.entry import EntryLayout
+from collectivekv.cachestore.store.entry import EntryLayout, entry_layout
 from collectivekv.cachestore.store.record import KV_DTYPES
-from collectivekv.model.cache_spec import entry_parts, index_dtype, store_config
 from collectivekv.model.config import ModelConfig
 from collectivekv.pipeline.reports.token_table import pool_bytes
 
@@ -50,14 +49,9 @@ class ZooFormat:
 
     def layouts(self) -> dict[str, EntryLayout]:
         """{"full": full-KV layout, "collective": CollectiveKV layout}, as the store writes them."""
-        out = {}
         collective = dataclasses.replace(self.model, kv_mode="collective")
-        for mode, kv_dtype in (("full", self.full_kv_dtype or self.kv_dtype), ("collective", self.kv_dtype)):
-            cfg = store_config(collective, mode)
-            idx = index_dtype(cfg.collective.pool_size) if mode == "collective" else None
-            out[mode] = EntryLayout(cfg.arch, mode, kv_dtype, idx, cfg.collective.pool_size if idx else 0,
-                                    self.max_len, _DUMMY_VERSION, entry_parts(cfg))
-        return out
+        return {mode: entry_layout(collective, _DUMMY_VERSION, mode, kv_dtype)
+                for mode, kv_dtype in (("full", self.full_kv_dtype or self.kv_dtype), ("collective", self.kv_dtype))}
 
     def pool_bytes(self) -> int:
         """GPU-resident global pools at fp32 (every group's shared sides)."""

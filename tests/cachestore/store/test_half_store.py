@@ -19,6 +19,7 @@ from collectivekv.cachestore.store.record import LayoutError, write_layout
 from collectivekv.model.cache_spec import compression_rate, entry_bytes
 from collectivekv.model.config import CollectiveConfig
 from collectivekv.pipeline.prefill.prefill import cache_layout, prefill_batches
+from collectivekv.pipeline.reports.capacity_inputs import store_format
 from collectivekv.pipeline.reports.size_report import size_report
 from collectivekv.pipeline.store.store_ops import build_store
 from collectivekv.pipeline.store.verify import verify_store
@@ -102,6 +103,8 @@ def test_prefill_build_verify_and_size_report(tmp_path: Path, arch: str, option:
     assert res.ok and res.users_checked == len(LENGTHS), res.mismatches
     rep = size_report(tmp_path / "store")["store"]
     assert rep["cr"]["formula"] == pytest.approx(compression_rate(model.cfg, kv_itemsize=2))
+    planned = store_format(tmp_path / "store").layouts()["collective"]  # `ckv capacity --store` sizes these records
+    assert dataclasses.replace(planned, model_version=layout.model_version) == layout
 
 
 def test_verify_catches_a_different_scale(tmp_path: Path) -> None:
