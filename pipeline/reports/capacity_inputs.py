@@ -91,9 +91,11 @@ def store_calibration(store: str | os.PathLike) -> StoreCalibration:
                             str(store))
 
 
-def store_format(store: str | os.PathLike, **overrides: Any) -> CacheFormat | ZooFormat:
+def store_format(store: str | os.PathLike, fallback_d_attn: int | None = None, **overrides: Any
+                 ) -> CacheFormat | ZooFormat:
     """The cache format of a store (dims, dtypes, pool, sharing, max_len), options overriding; a zoo store's
-    is its model config (:class:`ZooFormat`).
+    is its model config (:class:`ZooFormat`). ``fallback_d_attn``: the d_a of a din store whose manifest lacks
+    it (e.g. its checkpoint's); without either, such a store is refused.
 
     A full-KV store gives d_attn and the kv dtype; its CollectiveKV column keeps the defaults
     (d_user 1, pool 10,000, K and V shared) unless overridden."""
@@ -111,8 +113,11 @@ def store_format(store: str | os.PathLike, **overrides: Any) -> CacheFormat | Zo
     else:
         base.update(d_user=dims.get("d_user") or min(g.dk, g.dv), pool_size=lay.pool_size,
                     share_k=g.k_shared, share_v=g.v_shared, index_dtype=lay.idx_dtype or "auto")
-        if dims.get("d_attn"):
-            base["d_attn"] = dims["d_attn"]
+        if dims.get("d_attn") or fallback_d_attn:
+            base["d_attn"] = dims.get("d_attn") or fallback_d_attn
+        elif overrides.get("d_attn") is None:  # the full-KV column's width: never guessed
+            raise ValueError(f"{store}: the manifest does not record the model's d_attn (a store of an older "
+                             "release): give --d-attn")
     base.update({k: v for k, v in overrides.items() if v is not None})
     return CacheFormat(**base)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import html
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -179,6 +180,16 @@ def _histories_of(store_manifest: dict[str, Any]) -> str | None:
     return h if h and Path(h).exists() else None
 
 
+def _checkpoint_d_attn(checkpoint: str | os.PathLike) -> int | None:
+    """The checkpoint's d_a (its config.json), for a store whose manifest does not record it; None if unreadable."""
+    from collectivekv.cachestore.checkpoint import CONFIG_FILE
+
+    try:
+        return int(json.loads((Path(checkpoint) / CONFIG_FILE).read_text())["model"]["d_attn"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def build_report(store: str | os.PathLike, checkpoint: str | os.PathLike, *, histories: str | os.PathLike | None = None,
                  baseline: str | os.PathLike | None = None, baseline_checkpoint: str | os.PathLike | None = None,
                  results_dir: str | os.PathLike | None = None, project_users: int = 100_000_000,
@@ -193,14 +204,15 @@ def build_report(store: str | os.PathLike, checkpoint: str | os.PathLike, *, his
     results = read_results(results_dir)
     bw = bandwidth(bandwidth_spec, results_dir)
     try:
-        dist, cal, fmt = store_lengths(store), store_calibration(store), store_format(store)
-    except ValueError as exc:  # e.g. a store whose manifest records no model config
-        capacity = [f"<p class='note'>{_e(exc)}</p>"]
-    else:
+        dist, cal = store_lengths(store), store_calibration(store)
+        fmt = store_format(store, fallback_d_attn=_checkpoint_d_attn(checkpoint))
         own = capacity_plan(cal.users, dist, fmt, batch=batch, bandwidth=bw, budgets=budgets, calibration=cal,
                             seed=seed)
         proj = capacity_plan(project_users, dist, fmt, batch=batch, bandwidth=bw, budgets=budgets, calibration=cal,
                              seed=seed)
+    except ValueError as exc:  # e.g. a store whose manifest records no model config: the page says why
+        capacity = [f"<p class='note'>{_e(exc)}</p>"]
+    else:
         capacity = [f"<h3>This store's users ({cal.users:,})</h3>", _table_html(capacity_table(own)),
                     f"<h3>Projection to {project_users:,} users (same length distribution and layout)</h3>",
                     _table_html(capacity_table(proj))]

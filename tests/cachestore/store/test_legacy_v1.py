@@ -176,3 +176,12 @@ def test_in_place_readers_serve_it(legacy: Path, how: str) -> None:
         got = rt.score(users, cand)
         assert (rt.tier is not None) == (how == "tier")
     np.testing.assert_allclose(got.logits, want, rtol=2e-3, atol=2e-3)
+
+
+def test_capacity_of_a_store_without_d_attn_asks_for_it(legacy: Path) -> None:
+    """The full-KV column's width is never guessed: an older store's plan needs --d-attn."""
+    from collectivekv.pipeline.reports.capacity_inputs import store_format
+
+    with pytest.raises(ValueError, match="give --d-attn"):
+        store_format(legacy / "store")
+    assert store_format(legacy / "store", d_attn=32).d_attn == 32
