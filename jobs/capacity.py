@@ -17,8 +17,11 @@ DEFAULT_RESULTS_DIR = Path("benchmarks/results")
 DEFAULT_LENGTH_DIST = "150,122,253,1000"
 
 
+POSITIVE, NON_NEGATIVE = click.IntRange(min=1), click.FloatRange(min=0)
+
+
 @click.command("capacity")
-@click.option("--users", type=int, default=None,
+@click.option("--users", type=POSITIVE, default=None,
               help="users to plan for (default: the user count of --store / --length-dist STORE)")
 @click.option("--length-dist", "length_spec", default=None, metavar="STORE|FILE|mean,p50,p90,max",
               help="history lengths: a published store (its cached lengths), a histories Parquet (file, dir or "
@@ -27,9 +30,12 @@ DEFAULT_LENGTH_DIST = "150,122,253,1000"
 @click.option("--store", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="a real store: its layout gives the defaults below and its measured LMDB overhead calibrates "
                    "the matching column (default: --length-dist when that is a store)")
-@click.option("--d-attn", type=int, default=None, help="attention dim d_a (default 256 or the store's)")
-@click.option("--d-user", type=int, default=None, help="user-specific dims d_u (default 1 or the store's)")
-@click.option("--pool", "pool_size", type=int, default=None, help="global pool rows (default 10,000 or the store's)")
+@click.option("--d-attn", type=POSITIVE, default=None,
+              help="attention dim d_a (default 256 or the store's)")
+@click.option("--d-user", type=POSITIVE, default=None,
+              help="user-specific dims d_u (default 1 or the store's)")
+@click.option("--pool", "pool_size", type=POSITIVE, default=None,
+              help="global pool rows (default 10,000 or the store's)")
 @click.option("--dtype", "kv_dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
               help="stored K/V dtype (default float16 or the store's)")
 @click.option("--full-dtype", "full_kv_dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
@@ -37,18 +43,21 @@ DEFAULT_LENGTH_DIST = "150,122,253,1000"
 @click.option("--index-dtype", type=click.Choice(["auto", "uint16", "int32"]), default=None,
               help="router index width (auto: uint16 while pool <= 65,536)")
 @click.option("--share", type=click.Choice(["kv", "k", "v"]), default=None, help="which of K/V are shared")
-@click.option("--max-len", type=int, default=None,
+@click.option("--max-len", type=POSITIVE, default=None,
               help="behaviours cached per user (default: the store's max_len; none for a file / quantiles)")
-@click.option("--batch", type=int, default=512, show_default=True, help="users per request batch")
+@click.option("--batch", type=POSITIVE, default=512, show_default=True, help="users per request batch")
 @click.option("--bandwidth", "bw_spec", default="measured", show_default=True,
               help="host->GPU GB/s, or 'measured' (decode_latency/*.json of --results-dir; falls back to "
                    "REFERENCE.md's H100 51-55 GB/s, labelled)")
-@click.option("--latency-us", type=float, default=None, help="fixed per-copy latency (default 20 us or measured)")
-@click.option("--host-mem-gib", type=float, default=512.0, show_default=True, help="host memory budget")
-@click.option("--gpu-mem-gib", type=float, default=80.0, show_default=True, help="GPU memory budget")
+@click.option("--latency-us", type=NON_NEGATIVE, default=None,
+              help="fixed per-copy latency (default 20 us or measured)")
+@click.option("--host-mem-gib", type=NON_NEGATIVE, default=512.0, show_default=True,
+              help="host memory budget")
+@click.option("--gpu-mem-gib", type=NON_NEGATIVE, default=80.0, show_default=True,
+              help="GPU memory budget")
 @click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_RESULTS_DIR,
               show_default=True, help="benchmark results directory (decode_latency/*.json etc.), read only")
-@click.option("--items", type=int, default=None,
+@click.option("--items", type=POSITIVE, default=None,
               help="item vocabulary: also size the token-table alternative (token ids + a GPU table per token)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of the table")
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -99,7 +108,7 @@ def capacity(users: int | None, length_spec: str | None, store: Path | None, d_a
         plan = capacity_plan(users, dist, fmt, batch=batch, bandwidth=bw,
                              budgets=Budgets(host_mem_gib, gpu_mem_gib), calibration=calibration)
         if items is not None:
-            plan["token_table"] = token_alternative(plan, fmt, items, gpu_mem_gib)
+            plan["token_table"] = token_alternative(plan, fmt, items, gpu_mem_gib, dist)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         raise click.ClickException(str(exc)) from exc
     echo_plan(plan, as_json, json_out)
@@ -121,19 +130,25 @@ def echo_plan(plan: dict, as_json: bool, json_out: Path | None) -> None:
         click.echo("\n" + "\n".join(token_lines(plan["token_table"])))
 
 
-def token_alternative(plan: dict, fmt: object, items: int, gpu_mem_gib: float) -> dict:
-    """The token-table alternative (pipeline/reports/token_table.py) for the plan's users and lengths: the din
-    model of the planned format over ``items`` items."""
+def token_alternative(plan: dict, fmt: object, items: int, gpu_mem_gib: float, dist: object) -> dict:
+    """The token-table alternative (pipeline/reports/token_table.py) for the plan's users and lengths (``dist``):
+    the planned format's model over ``items`` items."""
+    import numpy as np
+
     from collectivekv.cachestore.store.record import KV_DTYPES
+    from collectivekv.model.cache_spec import full_kv_bytes
+    from collectivekv.pipeline.reports.capacity_zoo import ZooFormat
     from collectivekv.pipeline.reports.token_table import token_table
 
-    if items < 1:
-        raise ValueError(f"--items must be >= 1, got {items}")
     users = plan["users"]
     behaviours = round(users * plan["lengths"]["mean"])
     cfg = replace(fmt.model_config(), n_items=items)  # type: ignore[attr-defined]
+    if isinstance(fmt, ZooFormat):  # windows of their own (a short and a long one): the CR denominator per length
+        cached = dist.clip(fmt.max_len)  # type: ignore[attr-defined]
+        full = users * cached.expect(np.array([full_kv_bytes(cfg, int(n)) for n in cached.lengths]))
+    else:  # din: K and V of d_a per cached behaviour
+        full = behaviours * 2 * cfg.d_attn * 4
     return token_table(cfg, users=users, behaviours=behaviours,
                        kv_itemsize=KV_DTYPES[fmt.kv_dtype][1].itemsize,  # type: ignore[attr-defined]
-                       full_fp32_bytes=behaviours * 2 * cfg.d_attn * 4,
-                       collective_store_bytes=plan["collective"]["total"]["payload"],
+                       full_fp32_bytes=full, collective_store_bytes=plan["collective"]["total"]["payload"],
                        gpu_budget_bytes=gpu_mem_gib * 2**30)

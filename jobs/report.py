@@ -19,7 +19,8 @@ def report() -> None:
 @click.argument("store_root", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--baseline", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="a full-KV store of the same users (ckv prefill --mode full)")
-@click.option("--d-attn", type=int, default=None, help="attention dim, if the manifest lacks it")
+@click.option("--d-attn", type=click.IntRange(min=1), default=None,
+              help="attention dim d_a of a store whose manifest lacks it")
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of the table")
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="also write the JSON report to this file")

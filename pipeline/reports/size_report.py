@@ -52,7 +52,10 @@ def store_sizes(store: str | os.PathLike, d_attn: int | None = None) -> dict[str
     stats = m["stats"]
     kv = [p for p in layout.parts if p.kind in ("kv", "q8")]  # the K and V user parts (or whole K / V)
     sides = side_parts(layout)
-    d_a = d_attn or (m.get("dims") or {}).get("d_attn") or (kv[0].width if layout.mode == "full" and kv else None)
+    recorded = (m.get("dims") or {}).get("d_attn") or (kv[0].width if layout.mode == "full" and kv else None)
+    if d_attn is not None and recorded is not None and d_attn != recorded:
+        raise ValueError(f"{store}: --d-attn {d_attn} contradicts the store's d_attn {recorded} (leave it out)")
+    d_a = recorded or d_attn
     users, behaviours = stats["users"], stats["behaviours"]
     parquet = sum(f["bytes"] for f in m["parquet"]["files"] if f["name"].endswith(".parquet"))
     b = {"payload": stats["payload_bytes"], "records": stats["record_bytes"], "lmdb_file": stats["file_bytes"],

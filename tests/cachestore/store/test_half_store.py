@@ -5,6 +5,7 @@ engines (memo == direct bitwise, parity with the model) and the executors' per-p
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +13,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from click.testing import CliRunner
 
 from collectivekv.cachestore.store.entry import EntryLayout, entry_layout, layout_from_dict
 from collectivekv.cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE
 from collectivekv.cachestore.store.record import LayoutError, write_layout
+from collectivekv.jobs.capacity import capacity
 from collectivekv.model.cache_spec import compression_rate, entry_bytes
 from collectivekv.model.config import CollectiveConfig
 from collectivekv.pipeline.prefill.prefill import cache_layout, prefill_batches
@@ -105,6 +108,11 @@ def test_prefill_build_verify_and_size_report(tmp_path: Path, arch: str, option:
     assert rep["cr"]["formula"] == pytest.approx(compression_rate(model.cfg, kv_itemsize=2))
     planned = store_format(tmp_path / "store").layouts()["collective"]  # `ckv capacity --store` sizes these records
     assert dataclasses.replace(planned, model_version=layout.model_version) == layout
+    if rep["token_table"]["applies"]:  # the planner's token-table CR over the store's lengths is the store's
+        res = CliRunner().invoke(capacity, ["--store", str(tmp_path / "store"), "--items", str(model.cfg.n_items),
+                                            "--json"])
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.output)["token_table"]["cr"] == pytest.approx(rep["token_table"]["cr"], rel=1e-3)
 
 
 def test_verify_catches_a_different_scale(tmp_path: Path) -> None:

@@ -329,6 +329,23 @@ def test_cli_capacity(movielens_stores: dict, tmp_path: Path) -> None:
     assert res.exit_code == 1 and "--users" in res.output
 
 
+@pytest.mark.parametrize("option", [["--max-len", "0"], ["--d-attn", "-16"], ["--host-mem-gib", "-1"],
+                                    ["--latency-us", "-100"], ["--batch", "0"]])
+def test_cli_capacity_refuses_values_out_of_range(option: list[str]) -> None:
+    res = CliRunner().invoke(capacity_cmd, ["--users", "10", *option])
+    assert res.exit_code == 2 and f"Invalid value for '{option[0]}'" in res.output
+
+
+def test_report_size_refuses_a_d_attn_that_contradicts_the_store(movielens_stores: dict) -> None:
+    from collectivekv.jobs.report import report
+
+    store = movielens_stores["stores"]["collective"]
+    d_a = json.loads(CliRunner().invoke(report, ["size", str(store), "--json"]).output)["store"]["d_attn"]
+    res = CliRunner().invoke(report, ["size", str(store), "--d-attn", str(d_a + 1)])
+    assert res.exit_code == 1 and f"contradicts the store's d_attn {d_a}" in res.output
+    assert CliRunner().invoke(report, ["size", str(store), "--d-attn", str(d_a)]).exit_code == 0
+
+
 def test_cli_capacity_users_alone_uses_the_stated_default_lengths(tmp_path: Path) -> None:
     runner = CliRunner()
     res = runner.invoke(capacity_cmd, ["--users", "300000000", "--results-dir", str(tmp_path), "--json"])
