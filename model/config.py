@@ -130,6 +130,9 @@ class ModelConfig:
         if self.sdim_hashes < 1 or not 1 <= self.sdim_bits <= 30:
             raise ValueError(f"sdim_hashes must be >= 1 and sdim_bits in [1, 30], got {self.sdim_hashes}, "
                              f"{self.sdim_bits}")  # fmt: skip
+        if self.arch == "sdim" and self.sdim_hashes * self.sdim_bits > 63:  # a behaviour's codes: one cached int64
+            raise ValueError(f"sdim_hashes x sdim_bits must be <= 63 (the bucket codes of a behaviour are cached in "
+                             f"one 63-bit key), got {self.sdim_hashes} x {self.sdim_bits}")
         if self.hstu_layers < 1:
             raise ValueError(f"hstu_layers must be >= 1, got {self.hstu_layers}")
         if self.kv_mode not in ("full", "collective"):

@@ -84,13 +84,12 @@ def summary_fields(manifest: dict, prefill: dict | None, command_line: str) -> d
     widths = {p.name: p.width for p in entry.parts}
     kv_widths = [p.width for p in entry.parts if p.kind == "kv"]
     d_attn = model.get("d_attn", kv_widths[0] if entry.mode == "full" and kv_widths else None)
-    names = [p.name for p in entry.parts]
     head: dict[str, Any] = {
         "model_version": entry.model_version, "arch": entry.arch, "mode": entry.mode,
         "dims": {"d_attn": d_attn, "max_len": entry.max_len,
                  "d_user": d_user if entry.mode == "collective" else None, "parts": widths},
         "dtypes": {"kv": entry.kv_dtype, "index": entry.idx_dtype},
-        "k_shared": any(n.endswith(".k_idx") for n in names), "v_shared": any(n.endswith(".v_idx") for n in names),
+        "k_shared": any(g.k_shared for g in entry.groups), "v_shared": any(g.v_shared for g in entry.groups),
         "pool_size": entry.pool_size,
         # how a raw user / item id becomes its key (cachestore/store/user_keys.py); older prefills: "int"
         "user_key": (prefill or {}).get("user_key", "int"), "item_key": (prefill or {}).get("item_key", "int"),

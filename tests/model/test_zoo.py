@@ -522,3 +522,11 @@ def test_eval_regularisation_options_reach_every_run_and_table3_keeps_the_paper_
     assert run_id(coll, 0, reg.train) != run_id(old[("table1", "collective")], 0, plain.train)
     assert run_id(old[("table3", "+all losses")], 0, plain.train) == run_id(old[("table1", "collective")], 0,
                                                                             plain.train)  # shared as before
+
+
+def test_sdim_codes_that_cannot_be_cached_are_refused_at_config_time() -> None:
+    """A behaviour's bucket codes are cached in one 63-bit key: 8 hashes x 8 bits would fail only at prefill."""
+    with pytest.raises(ValueError, match="sdim_hashes x sdim_bits must be <= 63"):
+        zoo_config("sdim", sdim_hashes=8, sdim_bits=8)
+    assert zoo_config("sdim", sdim_hashes=9, sdim_bits=7).sdim_hashes == 9
+    assert zoo_config("sim", sdim_hashes=8, sdim_bits=8).arch == "sim"  # other models do not cache bucket codes

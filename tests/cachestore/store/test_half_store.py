@@ -100,6 +100,7 @@ def test_prefill_build_verify_and_size_report(tmp_path: Path, arch: str, option:
     prefill = {"model_config": dataclasses.asdict(model.cfg), "mode": "collective"}
     m = build_store(tmp_path / "store", pdir, prefill=prefill, command_line="test")
     assert m["users"] == len(LENGTHS)
+    assert m["k_shared"] and m["v_shared"]  # a joint index shares both sides
     hist = tmp_path / "h.parquet"
     pq.write_table(table, hist)
     res = verify_store(tmp_path / "store", tmp_path / "ckpt", hist)
