@@ -33,8 +33,9 @@ def analyze(checkpoints: tuple[Path, ...], histories: Path, out_dir: Path, n_sam
     from collectivekv.pipeline.reports.analysis_plots import run_analysis
 
     results = []
-    for ckpt in checkpoints:
-        prefix = "" if len(checkpoints) == 1 else f"{ckpt.name}_"
+    names = [c.name for c in checkpoints]
+    for i, ckpt in enumerate(checkpoints):  # two checkpoints named alike (run1/ckpt, run2/ckpt): numbered files
+        prefix = "" if len(names) == 1 else f"{ckpt.name}_" if names.count(ckpt.name) == 1 else f"{i}_{ckpt.name}_"
         try:
             r = run_analysis(ckpt, histories, out_dir, n_sample=n_sample, n_router_users=router_users, k=k, seed=seed,
                              max_users=max_users, prefix=prefix)

@@ -81,6 +81,8 @@ def capacity(users: int | None, length_spec: str | None, store: Path | None, d_a
     try:
         if store is None and length_spec is not None and is_store(length_spec):
             store = Path(length_spec)
+        if store is not None and not is_store(store):  # (a version or shard directory is not read as histories)
+            raise ValueError(f"--store {store}: not a store root (no published 'current' version under it)")
         default_dist = length_spec is None and store is None
         if default_dist and users is None:
             raise ValueError("give --users N (and optionally --length-dist), or --store / --length-dist STORE")

@@ -196,6 +196,19 @@ def test_cli_analyze_writes_pngs_and_json(tiny: dict, tmp_path: Path) -> None:
     assert res.exit_code == 1 and "not a checkpoint" in res.output
 
 
+def test_cli_analyze_keeps_both_of_two_checkpoints_named_alike(tiny: dict, tmp_path: Path) -> None:
+    import shutil
+
+    a, b = tmp_path / "run1" / "ckpt", tmp_path / "run2" / "ckpt"
+    shutil.copytree(tiny["ckpt"], a)
+    shutil.copytree(tiny["ckpt"], b)
+    res = CliRunner().invoke(analyze_cmd, ["--checkpoint", str(a), "--checkpoint", str(b), "--histories",
+                                           str(tiny["hist"]), "--out", str(tmp_path / "out"), "--users", "20"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "out").glob("*analysis.json")) == ["0_ckpt_analysis.json",
+                                                                                  "1_ckpt_analysis.json"]
+
+
 # ---------------------------------------------------------------------------------- html report
 class _Tags(HTMLParser):
     VOID = {"meta", "img", "br", "hr", "link", "input"}

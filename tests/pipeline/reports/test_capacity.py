@@ -327,6 +327,8 @@ def test_cli_capacity(movielens_stores: dict, tmp_path: Path) -> None:
     assert res.exit_code == 1 and "mean,p50,p90,max" in res.output
     res = runner.invoke(capacity_cmd, ["--length-dist", "150,122,253,1000"])
     assert res.exit_code == 1 and "--users" in res.output
+    res = runner.invoke(capacity_cmd, ["--store", str(store / "current")])  # a version directory
+    assert res.exit_code == 1 and "not a store root" in res.output
 
 
 @pytest.mark.parametrize("option", [["--max-len", "0"], ["--d-attn", "-16"], ["--host-mem-gib", "-1"],
