@@ -48,7 +48,7 @@ POSITIVE, NON_NEGATIVE = click.IntRange(min=1), click.FloatRange(min=0)
 @click.option("--batch", type=POSITIVE, default=512, show_default=True, help="users per request batch")
 @click.option("--bandwidth", "bw_spec", default="measured", show_default=True,
               help="host->GPU GB/s, or 'measured' (decode_latency/*.json of --results-dir; falls back to "
-                   "REFERENCE.md's H100 51-55 GB/s, labelled)")
+                   "a published H100 figure, 51-55 GB/s, labelled)")
 @click.option("--latency-us", type=NON_NEGATIVE, default=None,
               help="fixed per-copy latency (default 20 us or measured)")
 @click.option("--host-mem-gib", type=NON_NEGATIVE, default=512.0, show_default=True,

@@ -47,7 +47,7 @@ _DUMMY_VERSION = "0" * 16
 if TYPE_CHECKING:
     from collectivekv.pipeline.reports.capacity_zoo import ZooFormat
 
-# REFERENCE.md (/work/shared/REFERENCE.md): H100, pinned host→device, measured here
+# a published H100 figure (pinned host→device): the fallback when no GPU run of benchmarks/decode_latency.py is given
 REFERENCE_H2D_GB_S = (51.0, 55.0)
 REFERENCE_H2D_FIXED_US = 20.0
 
@@ -257,9 +257,9 @@ class Bandwidth:
 
 
 def reference_bandwidth(note: str = "") -> Bandwidth:
-    """REFERENCE.md's H100 figure: pinned H2D 51–55 GB/s (the low end is used), ~20 µs per copy."""
+    """The published H100 figure: pinned H2D 51–55 GB/s (the low end is used), ~20 µs per copy."""
     lo, hi = REFERENCE_H2D_GB_S
-    src = (f"REFERENCE.md H100 figure (not measured by this project's benchmark): pinned H2D {lo:g}-{hi:g} GB/s, "
+    src = (f"published H100 figure (not measured by this project's benchmark): pinned H2D {lo:g}-{hi:g} GB/s, "
            f"using {lo:g} GB/s + {REFERENCE_H2D_FIXED_US:g} us per copy")
     return Bandwidth(lo, REFERENCE_H2D_FIXED_US, src + (f"; {note}" if note else ""), measured=False)
 

@@ -152,13 +152,13 @@ def read_results(results_dir: str | os.PathLike | None = None) -> dict[str, Any]
 def measured_bandwidth(results_dir: str | os.PathLike | None = None) -> Bandwidth:
     """``--bandwidth measured``: the pinned copy bandwidth + small-copy latency that
     benchmarks/decode_latency.py measured on the GPU (its ``copy_limits``); falls back to the
-    REFERENCE.md figure, labelled as such, when that GPU result does not exist yet (or no
+    published H100 figure, labelled as such, when that GPU result is missing (or no
     `results_dir` is given)."""
     if results_dir is None:
         return reference_bandwidth("fallback: no benchmark results directory given")
     path = Path(results_dir) / DECODE_GPU
     if not path.is_file():
-        return reference_bandwidth(f"fallback: {path} does not exist yet (GPU decode benchmark not run)")
+        return reference_bandwidth(f"fallback: {path} is missing (GPU decode benchmark not run)")
     res = json.loads(path.read_text())
     if res.get("dry_run"):
         return reference_bandwidth(f"fallback: {path} is a dry run, not a GPU measurement")
@@ -182,7 +182,7 @@ def bandwidth(spec: str | None, results_dir: str | os.PathLike | None = None, fi
             raise ValueError(f"--bandwidth {spec!r}: a number of GB/s or 'measured'") from exc
         if gbs <= 0:
             raise ValueError(f"--bandwidth must be > 0 GB/s, got {spec}")
-        bw = Bandwidth(gbs, 20.0, f"given: {gbs:g} GB/s + 20 us per copy (REFERENCE.md's H100 small-copy latency)")
+        bw = Bandwidth(gbs, 20.0, f"given: {gbs:g} GB/s + 20 us per copy (a published H100 small-copy latency)")
     if fixed_us is not None:
         bw = Bandwidth(bw.gb_per_s, fixed_us, bw.source + f"; fixed latency set to {fixed_us:g} us", bw.measured)
     return bw

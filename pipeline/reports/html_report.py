@@ -83,9 +83,9 @@ def latency_section(results: dict[str, Any]) -> str:
     res = gpu if gpu is not None else dry
     if gpu is None:
         parts.append("<div class='banner'><b>CPU DRY RUN — not the GPU result.</b> "
-                     f"{_e(results['decode_gpu_path'])} does not exist yet (the H100 run of benchmarks/"
-                     "decode_latency.py has not been made); the figures below only prove the benchmark runs end to "
-                     f"end ({_e(results['decode_cpu_dryrun_path'])}).</div>")
+                     f"{_e(results['decode_gpu_path'])} is missing (no GPU run of benchmarks/decode_latency.py in "
+                     "this results directory); the figures below only prove the benchmark runs end to end "
+                     f"({_e(results['decode_cpu_dryrun_path'])}).</div>")
     if res is None:
         parts.append("<p>No decode latency results found.</p>")
     else:

@@ -1,6 +1,6 @@
 """Ids are validated at the edge: `ckv data prepare` refuses any user / item id that does not fit in
 0..2**63-1 exactly (negative, >= 2**63, fractional, a float above 2**53, a boolean), naming the file,
-the column and the row; nothing wraps (a uint64 id used to become a negative int64)."""
+the column and the row; nothing wraps (a uint64 id never becomes a negative int64)."""
 
 from __future__ import annotations
 

@@ -194,8 +194,8 @@ def test_verify_reports_a_corrupt_store(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("path", ["gather", "poolscore"])
 def test_router_index_outside_the_pool_in_a_store(store: dict, path: str) -> None:
-    """Regression: an index >= pool size in a served record was a raw IndexError; now the runtime raises
-    RouterIndexError naming the user (after the batch, from the per-user flag), and the reader too."""
+    """An index >= pool size in a served record: the runtime raises RouterIndexError naming the user (never a
+    raw IndexError) (after the batch, from the per-user flag), and the reader too."""
     from collectivekv.cachestore.store.entry import decode_entry, encode_entry
     from collectivekv.cachestore.store.record import RouterIndexError
 

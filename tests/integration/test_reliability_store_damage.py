@@ -163,8 +163,8 @@ def _txnid(made: dict, page: int) -> int:
 @pytest.mark.parametrize(("name", "kind", "where", "bit", "must_fail"), CASES, ids=[c[0] for c in CASES])
 def test_every_command_refuses_a_damaged_store(made: dict, tmp_path: Path, name: str, kind: str, where: str,
                                                bit: int, must_fail: tuple[str, ...]) -> None:
-    """Regression: a truncated data.mdb was SIGBUS (exit 135) in every reader and 'healthy' in the reports;
-    damaged pages were raw lmdb.*Error tracebacks."""
+    """A truncated data.mdb or damaged pages: a one-line error in every reader and report, never a SIGBUS
+    (exit 135), a raw lmdb.*Error traceback or a 'healthy' report."""
     store = damaged_copy(made, tmp_path / "store", kind, _offset(made, where), bit)
     for command, proc in run_commands(made, store, must_fail).items():
         assert proc.returncode >= 0 and proc.returncode != 128 + signal.SIGBUS, f"{command}: signal {proc.returncode}"
@@ -244,7 +244,7 @@ def test_fuzz_page_damage(made: dict, tmp_path_factory: pytest.TempPathFactory, 
 
 
 def test_score_verifies_crcs_by_default(made: dict, tmp_path: Path) -> None:
-    """Regression: one flipped payload bit was served (exit 0, scores changed). `ckv score` now CRC-checks
+    """One flipped payload bit is never served with changed scores: `ckv score` CRC-checks
     by default (exit 1 naming the user); `--no-verify-crc` keeps the header/size-only fast path."""
     from click.testing import CliRunner
 

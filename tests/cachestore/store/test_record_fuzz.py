@@ -109,9 +109,9 @@ def _with_indices(layout, n: int, k_idx: np.ndarray, v_idx: np.ndarray) -> bytes
 @given(user=st.integers(0, N_USERS - 1), side=st.sampled_from(["k", "v"]), data=st.data(),
        path=st.sampled_from(["gather", "poolscore"]))
 def test_router_index_outside_the_pool(base: dict, user: int, side: str, data: st.DataObject, path: str) -> None:
-    """Regression: an index >= pool size was a raw IndexError on CPU (and an unchecked read on the GPU).
-    Now: RouterIndexError naming the user from the reader's decode and from the serving path; the
-    scores of a batch whose indices are all inside the pool are unchanged."""
+    """An index >= pool size is a RouterIndexError naming the user from the reader's decode and from the
+    serving path (never a raw IndexError, nor an unchecked read on the GPU); the scores of a batch whose
+    indices are all inside the pool are unchanged."""
     layout = base["layout"]
     n = data.draw(st.integers(1, SEQ))
     pool = layout.pool_size

@@ -168,7 +168,7 @@ def test_catalogue_with_text_ids_refuses_a_colliding_new_id(tmp_path: Path) -> N
         cat.extend(np.array([9]), names=(np.array([9]), np.array(["w"], object)))
     with pytest.raises(CatalogueError, match="text ids"):
         ItemCatalogue(np.array([5, 9]), (), None, BLAKE2B_63)
-    # an integer catalogue's hash is what it was before key schemes existed
+    # an integer catalogue's hash does not depend on the key-scheme fields (INT, INT is the default)
     assert ItemCatalogue(np.array([3, 1])).sha256 == ItemCatalogue(np.array([3, 1]), (), None, INT, INT).sha256
 
 

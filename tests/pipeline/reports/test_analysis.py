@@ -265,8 +265,8 @@ def test_html_report_sections_tables_and_images(tiny: dict, tmp_path: Path) -> N
     p = _check_page(page)
     assert len(p.imgs) == 5 and p.tables >= 7
     for text in ("Size report", "CR formula", "Capacity: full KV vs CollectiveKV", "This store's users (60)",
-                 "Projection to 1,000,000 users", "GPU-resident pool", "CPU DRY RUN", "does not exist yet",
-                 "REFERENCE.md", "Nightly prefill throughput", "Figure 7 pair", "never chosen"):
+                 "Projection to 1,000,000 users", "GPU-resident pool", "CPU DRY RUN", "is missing",
+                 "published H100", "Nightly prefill throughput", "Figure 7 pair", "never chosen"):
         assert text in page, text
     # a GPU result, when present, replaces the dry run (and its bandwidth is the measured one)
     gpu = json.loads((results / "decode_latency/decode_latency_cpu_dryrun.json").read_text())

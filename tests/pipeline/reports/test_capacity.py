@@ -58,7 +58,7 @@ def point(n: int) -> LengthDist:
 
 # ------------------------------------------------------------------------------------ arithmetic
 def test_paper_and_our_compression_examples() -> None:
-    """Paper (REFERENCE.md): fp32 user values + int32 indices, d_u 1 = 16 B of 2,048 B = 0.78%;
+    """The paper's setting: fp32 user values + int32 indices, d_u 1 = 16 B of 2,048 B = 0.78%;
     ours: fp16 + uint16 = 8 B = 0.39%; d_u 4 fp16 = 20 B = 0.98%."""
     paper = CacheFormat(d_attn=256, d_user=1, pool_size=10_000, kv_dtype="float32", index_dtype="int32")
     assert paper.collective_bytes_per_behaviour() == 16
@@ -276,7 +276,7 @@ def test_page_model_on_fixture_store_with_overflow(tmp_path: Path) -> None:
 def test_bandwidth_measured_or_labelled_fallback(tmp_path: Path) -> None:
     bw = measured_bandwidth(tmp_path)
     assert not bw.measured and bw.gb_per_s == 51.0 and bw.fixed_us == 20.0
-    assert "REFERENCE.md" in bw.source and "fallback" in bw.source and "does not exist" in bw.source
+    assert "published H100" in bw.source and "fallback" in bw.source and "is missing" in bw.source
     (tmp_path / "decode_latency").mkdir()
     (tmp_path / "decode_latency/decode_latency.json").write_text(json.dumps({"dry_run": True, "copy_limits": {}}))
     assert "dry run" in measured_bandwidth(tmp_path).source
