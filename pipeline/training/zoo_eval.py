@@ -40,7 +40,14 @@ from collectivekv.pipeline.training.zoo_eval_plan import (  # noqa: F401  (re-ex
     quick_settings,
 )
 from collectivekv.pipeline.training.zoo_eval_report import markdown, plot_sweep, summarise
-from collectivekv.pipeline.training.zoo_eval_runs import Job, finished_runs, run_id, run_jobs, users_file
+from collectivekv.pipeline.training.zoo_eval_runs import (
+    Job,
+    data_fingerprint,
+    finished_runs,
+    run_id,
+    run_jobs,
+    users_file,
+)
 
 
 def run_eval(data_dir: str | Path, settings: EvalSettings, out: str | Path, log: Any = print,
@@ -57,6 +64,7 @@ def run_eval(data_dir: str | Path, settings: EvalSettings, out: str | Path, log:
     rows = plan_rows(s)
     rep = EvalReport(s, rows, trained_on=trained_on)
     data = str(Path(data_dir))
+    data_fp = data_fingerprint(data)
     t0 = time.perf_counter()
     auto_archs = sorted({r.arch for r in rows if r.cfg is None})
     auto_args = {
@@ -77,6 +85,7 @@ def run_eval(data_dir: str | Path, settings: EvalSettings, out: str | Path, log:
             str(out / "runs" / f"{rid}.json"),
             auto_args if auto else None,
             s.sample_fraction,
+            data_fp=data_fp,
         )
 
     # phase 1: full models whose K/V choose an auto d_u (also the Table 1 / ablation baselines)

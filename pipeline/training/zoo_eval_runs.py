@@ -36,6 +36,20 @@ def run_id(cfg: ModelConfig, seed: int, train: TrainConfig, sample_fraction: flo
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def data_fingerprint(data_dir: str | Path) -> str:
+    """A dataset's identity in run records (not its path): the source events' sha256, the split, the label rule,
+    the counts, the key schemes and the catalogue's sha256, from its meta.json."""
+    meta = json.loads((Path(data_dir) / "meta.json").read_text())
+    key = {k: meta.get(k) for k in ("schema_version", "splits", "split_fractions", "label_rule", "counts",
+                                    "n_items", "user_key", "item_key")}
+    key.update(source=(meta.get("source") or {}).get("sha256"), catalogue=(meta.get("catalogue") or {}).get("sha256"))
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class RunMismatch(ValueError):
+    """A finished run record in --out was trained on another dataset than --data."""
+
+
 def users_file(record_file: str | Path) -> Path:
     """Where a run's per-user test GAUC parts are kept: ``runs/users/<id>.json`` for the record ``runs/<id>.json``
     (a folder of their own, so that ``runs/*.json`` stays the run records)."""
@@ -55,6 +69,7 @@ class Job:
     auto: dict[str, Any] | None = None  # if set: choose d_u from this (full) model's K/V after training
     sample_fraction: float = 1.0
     threads: int | None = None  # torch CPU threads of the process running the job (parallel workers)
+    data_fp: str | None = None  # data_fingerprint(data_dir): recorded, and checked before a record is reused
 
 
 _DATASETS: dict[tuple[str, float], CanonicalDataset] = {}
@@ -179,6 +194,7 @@ def execute(job: Job) -> dict[str, Any]:
         "seed": job.seed,
         "config": config_to_dict(result.model.cfg),
         **result.metrics(),
+        **({"data": job.data_fp} if job.data_fp else {}),
     }
     record["cr"] = compression_rate(result.model.cfg) if job.cfg.kv_mode == "collective" else 1.0
     record["n_params"] = int(sum(p.numel() for p in result.model.parameters()))
@@ -199,10 +215,25 @@ def execute(job: Job) -> dict[str, Any]:
     return record
 
 
+def reusable(job: Job) -> dict[str, Any] | None:
+    """The finished record of ``job`` when it serves it: None without one, or when ``job`` chooses d_u (auto) and
+    the record, trained for another section, holds no choice (the run is trained again). A record of another
+    dataset raises :class:`RunMismatch` (nothing is overwritten); records without a fingerprint are trusted."""
+    path = Path(job.out_file)
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if job.data_fp and record.get("data", job.data_fp) != job.data_fp:
+        raise RunMismatch(f"{path}: a run trained on another dataset (fingerprint {record['data']}; --data's is "
+                          f"{job.data_fp}): give this dataset its own --out")
+    return None if job.auto is not None and "auto" not in record else record
+
+
 def run_jobs(jobs: Sequence[Job], workers: int, log: Any = print) -> list[dict[str, Any]]:
-    """Run jobs whose record does not exist yet (in ``workers`` spawned processes if > 1)."""
-    todo = [j for j in jobs if not Path(j.out_file).is_file()]
-    done = {j.rid: json.loads(Path(j.out_file).read_text()) for j in jobs if Path(j.out_file).is_file()}
+    """Run jobs without a reusable record (:func:`reusable`; in ``workers`` spawned processes if > 1)."""
+    records = {j.rid: reusable(j) for j in jobs}
+    todo = [j for j in jobs if records[j.rid] is None]
+    done = {rid: r for rid, r in records.items() if r is not None}
     if todo:
         log(f"{len(todo)} run(s) to train, {len(done)} already done")
 
@@ -251,5 +282,5 @@ def device_name(device: str) -> str:
 
 
 def finished_runs(jobs: Sequence[Job]) -> list[dict[str, Any]]:
-    """The records of the jobs that have finished (their run file exists); trains nothing."""
-    return [json.loads(Path(j.out_file).read_text()) for j in jobs if Path(j.out_file).is_file()]
+    """The reusable records of the jobs (:func:`reusable`); trains nothing."""
+    return [r for r in map(reusable, jobs) if r is not None]

@@ -253,6 +253,31 @@ def test_report_only_keeps_the_training_command(per_user_dir: Path, tmp_path: Pa
     assert res.exit_code != 0 and "has a per-user split" in res.output
 
 
+def test_eval_reuses_a_run_only_for_its_dataset_and_section(per_user_dir: Path, tmp_path: Path) -> None:
+    """A finished run in --out serves a later call on the same dataset; one that needs the d_u choice (auto) is
+    trained again when the record has none; a record of another dataset is refused, never reported as this one's."""
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from collectivekv.jobs.cli import main
+
+    out = tmp_path / "ev"
+    args = ["eval", "--quick", "--data", str(per_user_dir), "--out", str(out), "--models", "din", "--seeds", "0",
+            "--sections", "table1"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    res = CliRunner().invoke(main, [*args[:-1], "table1,auto"])
+    assert res.exit_code == 0, res.output
+    records = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
+    assert any("auto" in r for r in records) and all(r["data"] == records[0]["data"] for r in records)
+    other = Path(shutil.copytree(per_user_dir, tmp_path / "other"))
+    meta = json.loads((other / "meta.json").read_text())
+    (other / "meta.json").write_text(json.dumps({**meta, "label_rule": "another rule"}))
+    res = CliRunner().invoke(main, [*args[:3], str(other), *args[4:]])
+    assert res.exit_code == 1 and "a run trained on another dataset" in res.output
+
+
 def test_ckv_experiment_writes_paired_and_diagnostics(per_user_dir: Path, tmp_path: Path) -> None:
     import json
 
