@@ -102,7 +102,7 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
     try:
         model = create_model(cfg, state.get("item_genres"))  # any zoo arch (model/zoo.py)
         model.load_state_dict(state, strict=True)
-    except (RuntimeError, ValueError) as exc:
+    except (RuntimeError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{root}: weights do not match config.json: {exc}") from exc
     catalogue = _load_catalogue(root, meta.get("item_catalogue"), cfg.n_items)
     version = model_version(cfg, state, None if catalogue is None else catalogue.sha256)
@@ -112,7 +112,10 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
             f"{meta.get('model_version')!r} (files modified or mixed)"
         )
     metrics_file = root / METRICS_FILE
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    try:
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{metrics_file}: unreadable metrics.json: {exc}") from exc
     return Checkpoint(model.to(device).eval(), cfg, version, metrics, root, catalogue)
 
 

@@ -18,12 +18,10 @@ from typing import Any
 
 import click
 
+from collectivekv.jobs.train import COUNT, RATE, int_list, training_device
+
 BUNDLED_EVENTS = Path("data/movielens/ratings.csv")
 BUNDLED_ITEMS = Path("data/movielens/movies.csv")
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x.strip())
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -46,12 +44,15 @@ def bundled_dataset(path: Path, split: str = "global") -> Path:
 def eval_data(data_dir: str | None, split: str | None) -> Path:
     """``--data`` (its own split; ``--split`` must agree when given) or the bundled MovieLens with ``--split``
     (runs/movielens_data, runs/movielens_data_per_user)."""
-    import json
+    from collectivekv.pipeline.data.dataset_schema import DataError, read_meta
 
     if data_dir is None:
         split = split or "global"
         return bundled_dataset(Path("runs/movielens_data" + ("" if split == "global" else "_per_user")), split)
-    meta = json.loads((Path(data_dir) / "meta.json").read_text()) if (Path(data_dir) / "meta.json").is_file() else {}
+    try:
+        meta = read_meta(data_dir)
+    except DataError as exc:
+        raise click.ClickException(str(exc)) from exc
     kind = meta.get("splits", {}).get("kind", "global")
     if split is not None and split != kind:
         raise click.ClickException(f"--split {split}: {data_dir} has a {kind} split (ckv data prepare --split)")
@@ -101,10 +102,10 @@ def eval_data(data_dir: str | None, split: str | None) -> Path:
 @click.option("--sdim-bits", default=4, show_default=True)
 @click.option("--hstu-len", default=100, show_default=True, help="HSTU sequence window")
 @click.option("--hstu-layers", default=2, show_default=True)
-@click.option("--epochs", default=5, show_default=True)
-@click.option("--patience", default=1, show_default=True, help="early stopping on validation GAUC")
-@click.option("--batch-size", default=1024, show_default=True)
-@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--epochs", type=COUNT, default=5, show_default=True)
+@click.option("--patience", type=COUNT, default=1, show_default=True, help="early stopping on validation GAUC")
+@click.option("--batch-size", type=COUNT, default=1024, show_default=True)
+@click.option("--lr", type=RATE, default=1e-3, show_default=True)
 @click.option("--weight-decay", default=0.0, show_default=True, help="Adam L2 weight decay, every run")
 @click.option("--dropout", default=0.0, show_default=True, help="dropout of the MLP head, every run")
 @click.option("--event-features", default="", show_default=True,
@@ -122,18 +123,14 @@ def eval_data(data_dir: str | None, split: str | None) -> Path:
 def eval_cmd(data_dir: str | None, split: str | None, out: str | None, quick: bool, device: str,
              report_only: bool, trained_on: str | None, **kw: Any) -> None:
     """Reproduce the paper's tables and figures for every zoo model (resumable; see pipeline/training/zoo_eval.py)."""
-    import torch
-
     from collectivekv.jobs.train import parse_d_user
     from collectivekv.model.zoo import MODELS
     from collectivekv.pipeline.data.dataset_schema import DataError
+    from collectivekv.pipeline.store.safe_output import OutputError, check_output_dir
     from collectivekv.pipeline.training.trainer import TrainConfig
-    from collectivekv.pipeline.training.zoo_eval import SECTIONS, planned_runs, run_eval
+    from collectivekv.pipeline.training.zoo_eval import EVAL_OUTPUT, SECTIONS, planned_runs, run_eval
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available() and not report_only:
-        raise click.ClickException("--device cuda: no CUDA device is available")
+    device = training_device(device, need=not report_only)
     models, sections = _names(kw["models"]), _names(kw["sections"])
     bad = [m for m in (*models, kw["ablation_model"]) if m not in MODELS] + [s for s in sections if s not in SECTIONS]
     if bad:
@@ -153,7 +150,7 @@ def eval_cmd(data_dir: str | None, split: str | None, out: str | None, quick: bo
         models=models,
         sections=sections,
         d_user=d_user,
-        seeds=_ints(kw["seeds"]),
+        seeds=int_list(kw["seeds"], "--seeds"),
         ablation_model=kw["ablation_model"],
         workers=kw["workers"],
         auto_eps=kw["auto_eps"],
@@ -163,13 +160,14 @@ def eval_cmd(data_dir: str | None, split: str | None, out: str | None, quick: bo
         settings = _eval_settings(quick, train, common, kw)
         out_dir = Path(out or ("runs/eval_quick" if quick else "runs/eval"))
         data = eval_data(data_dir, split)
+        check_output_dir(out_dir, EVAL_OUTPUT, overwrite=True, inputs=(data,))  # new, empty, or an evaluation
         click.echo(
             f"ckv eval: {planned_runs(settings)} runs planned on {device} → {out_dir}"
             + (" (QUICK smoke run)" if quick else "")
         )
         run_eval(data, settings, out_dir, log=click.echo, train=not report_only, trained_on=trained_on,
                  command=" ".join(["ckv", *sys.argv[1:]]) if sys.argv[1:2] == ["eval"] else None)
-    except (DataError, ValueError) as exc:
+    except (DataError, ValueError, OutputError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo((out_dir / "results.md").read_text())
 
@@ -192,11 +190,13 @@ def _eval_settings(quick: bool, train: Any, common: dict[str, Any], kw: dict[str
             base=base,
             train=train,
             hstu_max_len=kw["hstu_len"],
-            d_users=_ints(kw["d_users"]),
-            pools=_ints(kw["pools"]),
+            d_users=int_list(kw["d_users"], "--d-users"),
+            pools=int_list(kw["pools"], "--pools"),
             **common,
         )
-    base = settings.base  # regularisation and router-loss weights of every run (quick ones too)
+    base = settings.base  # regularisation, router-loss weights and event features of every run (quick ones too)
+    events = build_model_config("collective", {**kw, "d_user": "1", "arch": "din", "share": "both"})
     return replace(settings, base=replace(base, dropout=kw["dropout"], collective=replace(
         base.collective, peak_weight=kw["peak_weight"], balance_weight=kw["balance_weight"]),
-        kv_index=kw["kv_index"], user_dtype=kw["user_dtype"], retrieval_keys=kw["retrieval_keys"]))
+        kv_index=kw["kv_index"], user_dtype=kw["user_dtype"], retrieval_keys=kw["retrieval_keys"],
+        event_features=events.event_features, gap_buckets=events.gap_buckets))

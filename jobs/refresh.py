@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from collectivekv.jobs.prepare import prepare_cmd, prepare_config
+from collectivekv.jobs.train import COUNT, RATE, training_device
 
 EXIT_REFUSED = 3
 # the event-log options of `ckv data prepare` (same names and defaults), except --out / --events / --overwrite
@@ -38,10 +39,10 @@ def _prepare_config(events: Path, kw: dict[str, Any]) -> Any:
               help="an already prepared dataset instead of --events")
 @click.option("--current-checkpoint", type=click.Path(exists=True, file_okay=False),
               help="current model [default: STORE/current/checkpoint; needed for a store's first refresh]")
-@click.option("--epochs", default=1, show_default=True)
-@click.option("--batch-size", default=1024, show_default=True)
-@click.option("--lr", default=1e-3, show_default=True)
-@click.option("--patience", default=2, show_default=True)
+@click.option("--epochs", type=COUNT, default=1, show_default=True)
+@click.option("--batch-size", type=COUNT, default=1024, show_default=True)
+@click.option("--lr", type=RATE, default=1e-3, show_default=True)
+@click.option("--patience", type=COUNT, default=2, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--metric", type=click.Choice(["gauc", "auc"]), default="gauc", show_default=True,
@@ -76,8 +77,8 @@ def refresh_cmd(store: str, work: str, events: Path | None, dataset: str | None,
     prep = _prepare_config(events, kw) if events is not None else None
     opts = RefreshOptions(
         store=store, work=work, prepare=prep, dataset=dataset, current_checkpoint=current_checkpoint,
-        train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed, device=device,
-                          progress=False),
+        train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed,
+                          device=training_device(device), progress=False),
         metric=metric, margin=margin, prefill={"master": master, "engine": engine, "shards": shards},
         verify_sample=verify_sample,
     )  # fmt: skip

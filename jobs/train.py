@@ -57,14 +57,17 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+COUNT, RATE = click.IntRange(min=1), click.FloatRange(min=0)
+
+
 def train_options(f: Callable[..., Any]) -> Callable[..., Any]:
     opts = [
         click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
                      help="canonical dataset (ckv data prepare)"),
-        click.option("--epochs", default=8, show_default=True),
-        click.option("--batch-size", default=1024, show_default=True),
-        click.option("--lr", default=1e-3, show_default=True),
-        click.option("--patience", default=2, show_default=True, help="early stopping on valid GAUC"),
+        click.option("--epochs", type=COUNT, default=8, show_default=True),
+        click.option("--batch-size", type=COUNT, default=1024, show_default=True),
+        click.option("--lr", type=RATE, default=1e-3, show_default=True),
+        click.option("--patience", type=COUNT, default=2, show_default=True, help="early stopping on valid GAUC"),
         click.option("--weight-decay", default=0.0, show_default=True, help="Adam L2 weight decay"),
         click.option("--device", default="cpu", show_default=True, help="cpu | cuda | auto"),
         click.option("--progress/--no-progress", default=True),
@@ -111,14 +114,37 @@ def _model_config(kv_mode: str, kw: dict[str, Any], coll: CollectiveConfig) -> M
     )  # fmt: skip
 
 
-def build_train_config(kw: dict[str, Any], seed: int) -> Any:
+def int_list(text: str, option: str) -> tuple[int, ...]:
+    """A comma-separated list of distinct integers (--seeds 0,1,2); anything else is a one-line usage error."""
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected comma-separated integers", param_hint=option) from None
+    if not values or len(set(values)) != len(values):
+        raise click.BadParameter(f"{text!r}: expected at least one value, each once", param_hint=option)
+    return values
+
+
+def training_device(device: str, need: bool = True) -> str:
+    """--device of a training command: "auto" resolved; a device torch does not know, or CUDA without a GPU
+    (when ``need``: something will run on it), is a one-line error."""
     import torch
 
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise click.BadParameter(f"{device!r}: expected cpu, cuda, cuda:N or auto", param_hint="--device") from None
+    if kind == "cuda" and need and not torch.cuda.is_available():
+        raise click.ClickException(f"--device {device}: no CUDA device is available")
+    return device
+
+
+def build_train_config(kw: dict[str, Any], seed: int) -> Any:
     from collectivekv.pipeline.training.trainer import TrainConfig
 
-    device = kw["device"]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = training_device(kw["device"])
     return TrainConfig(epochs=kw["epochs"], batch_size=kw["batch_size"], lr=kw["lr"], patience=kw["patience"],
                        weight_decay=kw.get("weight_decay", 0.0), seed=seed, device=device,
                        progress=kw["progress"])  # fmt: skip
@@ -159,9 +185,12 @@ def train(kv_mode: str, seed: int, init_from: str | None, out: str, overwrite: b
         warm = None
         if init_from:  # item / genre rows matched by raw id through the two catalogues
             warm = warm_start(model, load_checkpoint(init_from), dataset.catalogue).as_dict()
-    except (DataError, CheckpointError, WarmStartError, OutputError) as exc:
+    except (DataError, CheckpointError, WarmStartError, OutputError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
-    result = train_model(model, dataset, build_train_config(kw, seed))
+    try:
+        result = train_model(model, dataset, build_train_config(kw, seed))
+    except ValueError as exc:  # a valid split that cannot rank epochs; a diverged loss
+        raise click.ClickException(str(exc)) from exc
     metrics = {**result.metrics(), "init_from": init_from, "seed": seed, **({"d_user_auto": auto} if auto else {}),
                **({"warm_start": warm} if warm else {})}
     try:
@@ -206,16 +235,17 @@ def experiment(variants: str, seeds: str, out: str, overwrite: bool, data_dir: s
     try:
         check_output_dir(Path(out), EXPERIMENT_OUTPUT, overwrite=overwrite, inputs=(data_dir,))
         dataset = load_dataset(data_dir)
-        chosen = standard_variants(
-            build_model_config("collective", kw), [v for v in variants.split(",") if v]
-        )
+        names = [v for v in variants.split(",") if v]
+        if len(set(names)) != len(names):
+            raise click.BadParameter(f"{variants!r}: a variant named twice", param_hint="--variants")
+        chosen = standard_variants(build_model_config("collective", kw), names)
     except (DataError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
-    seed_list = [int(s) for s in seeds.split(",") if s]
+    seed_list = list(int_list(seeds, "--seeds"))
     try:
         report = run_experiment(dataset, chosen, seed_list, build_train_config(kw, seed_list[0]), Path(out),
                                 overwrite=overwrite, inputs=(data_dir,))
-    except OutputError as exc:  # --out changed while training
+    except (OutputError, ValueError) as exc:  # --out changed while training; a split or loss training refuses
         raise click.ClickException(str(exc)) from exc
     click.echo((Path(out) / "results.md").read_text())
     del report

@@ -36,6 +36,8 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     s = np.asarray(scores, dtype=np.float64).ravel()
     if y.shape != s.shape:
         raise ValueError(f"labels {y.shape} and scores {s.shape} differ in shape")
+    if np.isnan(s).any():  # NaN has no rank: an AUC over it would depend on the input order
+        raise ValueError(f"{int(np.isnan(s).sum())} of {len(s)} scores are NaN (a diverged model?)")
     n_pos = int(y.sum())
     n_neg = len(y) - n_pos
     if n_pos == 0 or n_neg == 0:
@@ -58,6 +60,10 @@ def per_user_auc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray
     u = np.asarray(users).ravel()
     y = np.asarray(labels).ravel()
     s = np.asarray(scores, dtype=np.float64).ravel()
+    if not u.shape == y.shape == s.shape:
+        raise ValueError(f"users {u.shape}, labels {y.shape} and scores {s.shape} differ in shape")
+    if np.isnan(s).any():
+        raise ValueError(f"{int(np.isnan(s).sum())} of {len(s)} scores are NaN (a diverged model?)")
     order = np.argsort(u, kind="mergesort")
     u, y, s = u[order], y[order], s[order]
     cuts = np.flatnonzero(np.diff(u)) + 1
@@ -74,9 +80,11 @@ def per_user_auc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray
 
 
 def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
-    """Mean binary cross-entropy."""
+    """Mean binary cross-entropy (NaN over no samples)."""
     y = np.asarray(labels, dtype=np.float64).ravel()
     p = np.clip(np.asarray(probs, dtype=np.float64).ravel(), eps, 1 - eps)
+    if not len(y):
+        return float("nan")
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 

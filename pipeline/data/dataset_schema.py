@@ -154,13 +154,26 @@ def conform(table: pa.Table, schema: pa.Schema, where: str) -> pa.Table:
     return table.cast(schema)
 
 
-def load_dataset(path: str | Path, *, validate: bool = True) -> CanonicalDataset:
-    """Read a canonical dataset directory written by `ckv data prepare`."""
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """A prepared dataset's meta.json (DataError naming the file when it is missing or unreadable)."""
     root = Path(path)
     meta_path = root / META_FILE
     if not meta_path.is_file():
         raise DataError(f"{root}: not a prepared dataset (no {META_FILE}); run `ckv data prepare`")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{meta_path}: unreadable meta.json ({exc}); prepare the dataset again") from exc
+    if not isinstance(meta, dict):
+        raise DataError(f"{meta_path}: meta.json is not a JSON object; prepare the dataset again")
+    return meta
+
+
+def load_dataset(path: str | Path, *, validate: bool = True) -> CanonicalDataset:
+    """Read a canonical dataset directory written by `ckv data prepare`."""
+    root = Path(path)
+    meta_path = root / META_FILE
+    meta = read_meta(root)
     if meta.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
         raise DataError(f"{meta_path}: schema_version {meta.get('schema_version')!r}, expected one of "
                         f"{READABLE_SCHEMA_VERSIONS}")

@@ -52,7 +52,7 @@ class OutputKind:
     nested: tuple[str, ...] = ()
 
     def describe(self) -> str:
-        return f"a {self.name} written by `{self.command}`"
+        return f"{'an' if self.name[0] in 'aeiou' else 'a'} {self.name} written by `{self.command}`"
 
 
 def foreign_entries(path: Path, kind: OutputKind) -> list[str]:

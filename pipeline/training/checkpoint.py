@@ -50,5 +50,18 @@ def save_checkpoint(path: str | Path, model: TargetAttentionCTR, metrics: dict[s
             config["item_catalogue"] = cat_sha
             config["user_key"], config["item_key"] = catalogue.user_key, catalogue.item_key  # (in the hash too)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / METRICS_FILE).write_text(json.dumps({**metrics, "model_version": version}, indent=2) + "\n")
+        (tmp / METRICS_FILE).write_text(json.dumps(nan_as_null({**metrics, "model_version": version}), indent=2)
+                                        + "\n")
     return version
+
+
+def nan_as_null(value: Any) -> Any:
+    """``value`` with every float NaN (an undefined metric, e.g. GAUC of an empty test split) as None: JSON has
+    no NaN, and strict readers refuse Python's."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: nan_as_null(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [nan_as_null(v) for v in value]
+    return value

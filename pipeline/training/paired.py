@@ -70,6 +70,10 @@ class UserAUC:
         return cls.from_json(json.loads(path.read_text())) if path.is_file() else None
 
 
+class NoSharedUsers(ValueError):
+    """The compared runs have no test user with both labels in common (e.g. a leave-one-out test split)."""
+
+
 def paired_difference(pairs: Sequence[tuple[UserAUC, UserAUC]], n_boot: int = N_BOOT, seed: int = BOOT_SEED,
                       level: float = LEVEL) -> dict[str, Any]:
     """Δ = A − B over ``pairs`` [(A, B), one per seed] with its bootstrap interval over users.
@@ -84,10 +88,13 @@ def paired_difference(pairs: Sequence[tuple[UserAUC, UserAUC]], n_boot: int = N_
     for a, b in pairs:
         common = np.intersect1d(np.intersect1d(common, a.users), b.users)
     if len(common) == 0:
-        raise ValueError("the runs share no user with both labels")
+        raise NoSharedUsers("the runs share no user with both labels")
     diffs, weights = [], None
     for a, b in pairs:
         ia, ib = np.searchsorted(a.users, common), np.searchsorted(b.users, common)
+        if not np.array_equal(a.n[ia], b.n[ib]) or (weights is not None and not np.array_equal(a.n[ia], weights)):
+            raise ValueError("the compared runs scored different test samples (a user's sample count differs): "
+                             "a paired difference needs the same test split")
         diffs.append(a.auc[ia] - b.auc[ib])
         weights = a.n[ia].astype(np.float64) if weights is None else weights
     d = np.mean(diffs, axis=0)  # (U,) per-user difference, averaged over the seed pairs
@@ -134,13 +141,16 @@ def bootstrap_seeds_and_users(diffs: np.ndarray, weights: np.ndarray, n_boot: in
 
 
 def paired_report(a_runs: dict[int, UserAUC], b_runs: dict[int, UserAUC]) -> dict[str, Any] | None:
-    """Per seed and pooled A − B over the seeds both sides have (None when they share none):
+    """Per seed and pooled A − B over the seeds both sides have (None when they share none, or no test user):
     {"seeds", "per_seed": [{"seed", diff, lo, hi, ...}], "pooled": {...}}."""
     seeds = sorted(set(a_runs) & set(b_runs))
     if not seeds:
         return None
-    per_seed = [{"seed": s, **paired_difference([(a_runs[s], b_runs[s])])} for s in seeds]
-    pooled = paired_difference([(a_runs[s], b_runs[s]) for s in seeds])
+    try:
+        per_seed = [{"seed": s, **paired_difference([(a_runs[s], b_runs[s])])} for s in seeds]
+        pooled = paired_difference([(a_runs[s], b_runs[s]) for s in seeds])
+    except NoSharedUsers:  # no user to pair (e.g. one test event per user): the report shows "—"
+        return None
     return {"seeds": seeds, "per_seed": per_seed, "pooled": pooled}
 
 

@@ -2,7 +2,8 @@
 
 Batches are drawn from the samples tables; each sample's history is the window of its user's
 first ``hist_len`` events (:mod:`pipeline.data.history`), so no sample sees its own future.
-Early stopping on validation GAUC; the best epoch's weights are restored at the end.
+Early stopping on validation GAUC (AUC, then logloss, when a small split leaves GAUC undefined:
+:func:`stopping_metric`); the best epoch's weights are restored at the end.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 (pa.compute)
 import torch
 from tqdm.auto import tqdm
 
@@ -54,10 +56,12 @@ class TrainResult:
     seconds: float = 0.0
     test_users: UserAUC | None = None  # per-user GAUC parts on the test split (paired comparisons)
     diagnostics: dict[str, Any] | None = None  # end-of-training routing figures (collective models)
+    stopped_on: str = "gauc"  # the validation metric that ranked the epochs (stopping_metric)
 
     def metrics(self) -> dict[str, Any]:
         """The run's record (per-user parts excluded: they are written beside it)."""
         return {"best_epoch": self.best_epoch, "valid": self.valid, "test": self.test,
+                **({"stopped_on": self.stopped_on} if self.stopped_on != "gauc" else {}),
                 "history": self.history, "train_seconds": round(self.seconds, 2),
                 **({"diagnostics": self.diagnostics} if self.diagnostics else {})}  # fmt: skip
 
@@ -135,9 +139,31 @@ def evaluate(
     return ctr_metrics(samples.column("user_id").to_numpy(), samples.column("label").to_numpy(), probs)
 
 
+class TrainingDiverged(ValueError):
+    """The training loss became NaN or infinite."""
+
+
+def stopping_metric(valid: pa.Table) -> str:
+    """The validation metric that ranks epochs: GAUC when some user has both labels; else AUC when the split has
+    both; else logloss; "epoch" (the last epoch is kept) for an empty split. A small split's GAUC is undefined,
+    and ranking epochs by NaN kept the first one."""
+    if valid.num_rows == 0:
+        return "epoch"
+    per_user = valid.group_by("user_id").aggregate([("label", "min"), ("label", "max")])
+    if pa.compute.any(pa.compute.less(per_user["label_min"], per_user["label_max"])).as_py():
+        return "gauc"
+    return "auc" if pa.compute.count_distinct(valid["label"]).as_py() > 1 else "logloss"
+
+
+def _epoch_score(valid: dict[str, float], metric: str, epoch: int) -> float:
+    """Higher is better: the metric (minus logloss), or the epoch itself."""
+    return float(epoch) if metric == "epoch" else -valid["logloss"] if metric == "logloss" else valid[metric]
+
+
 def train_model(model: TargetAttentionCTR, dataset: CanonicalDataset, cfg: TrainConfig) -> TrainResult:
     """Adam on BCE + router losses; early stopping on validation GAUC; best weights restored. With
     ``cfg.diagnostics`` a collective model's routing is recorded too (:mod:`pipeline.training.diagnostics`)."""
+    metric = stopping_metric(dataset.samples["valid"])
     seed_everything(cfg.seed)
     model.to(cfg.device)
     index = HistoryIndex(dataset.histories, EventSpec.of(model.cfg))
@@ -159,9 +185,10 @@ def train_model(model: TargetAttentionCTR, dataset: CanonicalDataset, cfg: Train
             tqdm.write(
                 f"epoch {epoch}: loss {row['loss']:.4f} valid gauc {valid['gauc']:.4f} auc {valid['auc']:.4f}"
             )
-        if best is None or valid["gauc"] > best[0]:
+        score = _epoch_score(valid, metric, epoch)
+        if best is None or score > best[0]:
             best = (
-                valid["gauc"],
+                score,
                 epoch,
                 {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
             )
@@ -176,7 +203,8 @@ def train_model(model: TargetAttentionCTR, dataset: CanonicalDataset, cfg: Train
     users, labels = test_samples.column("user_id").to_numpy(), test_samples.column("label").to_numpy()
     seconds = time.perf_counter() - t0
     return TrainResult(model, best[1], valid, ctr_metrics(users, labels, probs), history, seconds,
-                       test_users=UserAUC.of(users, labels, probs), diagnostics=diag.final() if diag else None)
+                       test_users=UserAUC.of(users, labels, probs), diagnostics=diag.final() if diag else None,
+                       stopped_on=metric)
 
 
 def _train_epoch(model: TargetAttentionCTR, opt: torch.optim.Optimizer, index: HistoryIndex, train: pa.Table,
@@ -198,6 +226,9 @@ def _train_epoch(model: TargetAttentionCTR, opt: torch.optim.Optimizer, index: H
             diag.after_backward()
         opt.step()
         step = torch.stack([loss.detach(), losses.peak.detach(), losses.balance.detach()]).tolist()  # one sync
+        if not np.isfinite(step[0]):
+            raise TrainingDiverged(f"the training loss became {step[0]} in epoch {epoch}: the model diverged (try a "
+                                   f"lower --lr than {cfg.lr:g})")
         sums += step
         bar.set_postfix(loss=f"{step[0]:.4f}")
     return {"loss": sums[0] / n_batches, "peak": sums[1] / n_batches, "balance": sums[2] / n_batches}

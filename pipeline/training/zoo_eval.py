@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from collectivekv.model.config import ModelConfig, config_to_dict
+from collectivekv.pipeline.data.dataset_schema import read_meta
+from collectivekv.pipeline.store.safe_output import OutputKind
 from collectivekv.pipeline.training.paired import UserAUC
 from collectivekv.pipeline.training.zoo_eval_plan import (  # noqa: F401  (re-exported: the plan is part of this API)
     AUTO,
@@ -48,6 +50,12 @@ from collectivekv.pipeline.training.zoo_eval_runs import (
     run_jobs,
     users_file,
 )
+
+# what `ckv eval` writes into --out; an evaluation there is resumed (its finished runs kept), anything else refused
+EVAL_OUTPUT = OutputKind("evaluation", "ckv eval",
+                         frozenset({"runs", "results.json", "results.md", "fig4_d_user.png", "fig5_pool.png"}),
+                         signature=("runs",), nested=("runs/*.json", "runs/*.tmp", "runs/users/*.json",
+                                                      "runs/users/*.tmp"))
 
 
 def run_eval(data_dir: str | Path, settings: EvalSettings, out: str | Path, log: Any = print,
@@ -131,7 +139,7 @@ def _row_jobs(rows: list[Any], s: EvalSettings, rep: EvalReport, first: list[Job
 
 def dataset_info(data_dir: str | Path) -> dict[str, Any]:
     """The split (``meta["splits"]``, kind "global" when unrecorded) and the test split's size of a dataset."""
-    meta = json.loads((Path(data_dir) / "meta.json").read_text())
+    meta = read_meta(data_dir)
     test = meta.get("counts", {}).get("test", {})
     return {"splits": {"kind": "global", **meta.get("splits", {})}, "test_samples": test.get("samples"),
             "test_users": test.get("users")}

@@ -21,7 +21,7 @@ from collectivekv.model.cache_spec import compression_rate
 from collectivekv.model.config import ModelConfig, config_to_dict
 from collectivekv.model.d_user import choose_d_user
 from collectivekv.model.events import EventSpec
-from collectivekv.pipeline.data.dataset_schema import CanonicalDataset, load_dataset
+from collectivekv.pipeline.data.dataset_schema import CanonicalDataset, load_dataset, read_meta
 from collectivekv.pipeline.data.history import HistoryIndex
 from collectivekv.pipeline.training.trainer import TrainConfig, build_model, train_model
 
@@ -39,7 +39,7 @@ def run_id(cfg: ModelConfig, seed: int, train: TrainConfig, sample_fraction: flo
 def data_fingerprint(data_dir: str | Path) -> str:
     """A dataset's identity in run records (not its path): the source events' sha256, the split, the label rule,
     the counts, the key schemes and the catalogue's sha256, from its meta.json."""
-    meta = json.loads((Path(data_dir) / "meta.json").read_text())
+    meta = read_meta(data_dir)
     key = {k: meta.get(k) for k in ("schema_version", "splits", "split_fractions", "label_rule", "counts",
                                     "n_items", "user_key", "item_key")}
     key.update(source=(meta.get("source") or {}).get("sha256"), catalogue=(meta.get("catalogue") or {}).get("sha256"))

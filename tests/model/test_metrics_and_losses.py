@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -124,3 +125,16 @@ def test_fused_router_matches_reference_values_and_gradients() -> None:
     torch.testing.assert_close(got[2], ref_bal.detach())
     torch.testing.assert_close(got[3], x.grad)
     torch.testing.assert_close(got[4], w.grad)
+
+
+def test_nan_scores_and_mismatched_lengths_are_refused_not_ranked() -> None:
+    """A NaN has no rank (an AUC over it depended on the input order: all-NaN scores gave 1.0)."""
+    from collectivekv.model.metrics import auc, gauc
+
+    y = np.array([0, 1, 0, 1])
+    with pytest.raises(ValueError, match="4 of 4 scores are NaN"):
+        auc(y, np.full(4, np.nan))
+    with pytest.raises(ValueError, match="scores are NaN"):
+        gauc(np.ones(4, np.int64), y, np.array([0.1, np.nan, 0.2, 0.3]))
+    with pytest.raises(ValueError, match="differ in shape"):
+        gauc(np.ones(3, np.int64), y, np.full(4, 0.5))

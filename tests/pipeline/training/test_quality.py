@@ -297,3 +297,16 @@ def test_ckv_experiment_writes_paired_and_diagnostics(per_user_dir: Path, tmp_pa
     assert report["summary"]["full"]["paired_vs_full"] is None
     assert sorted(p.name for p in (tmp_path / "x" / "users").iterdir()) == ["collective-seed0.json", "full-seed0.json"]
     assert "## Paired GAUC difference (variant − full" in (tmp_path / "x" / "results.md").read_text()
+
+
+def test_paired_report_is_none_without_shared_users_and_refuses_other_samples() -> None:
+    """Leave-one-out test splits have no user with both labels: no pairs, no crash; runs scored on different
+    samples (a user's n differs) have no paired difference."""
+    from collectivekv.pipeline.training.paired import paired_report
+
+    a = UserAUC(np.array([1, 2]), np.array([4, 6]), np.array([0.6, 0.7]))
+    b = UserAUC(np.array([3]), np.array([4]), np.array([0.5]))
+    assert paired_report({0: a}, {0: b}) is None
+    other_n = UserAUC(np.array([1, 2]), np.array([4, 5]), np.array([0.5, 0.7]))
+    with pytest.raises(ValueError, match="scored different test samples"):
+        paired_report({0: a}, {0: other_n})

@@ -165,3 +165,76 @@ def test_eval_and_train_turn_the_same_options_into_the_same_model_config(tiny_da
     for command in (["eval", "--report-only"], ["train", "--out", str(tmp_path / "ck2")]):
         res = runner.invoke(main, [*command, "--data", str(tiny_data), "--d-user", "two"])
         assert res.exit_code == 2 and "--d-user" in res.output, res.output
+
+
+def test_damaged_checkpoint_metadata_is_a_checkpoint_error(tiny_data: Path, tmp_path: Path) -> None:
+    ds = load_dataset(tiny_data)
+    cfg = ModelConfig(n_items=1, embed_dim=8, d_attn=16, n_heads=2, max_len=10,
+                      collective=CollectiveConfig(pool_size=32))
+    save_checkpoint(tmp_path / "c", build_model(ds, cfg), {"test": {"gauc": float("nan")}})
+    assert json.loads((tmp_path / "c" / "metrics.json").read_text())["test"]["gauc"] is None  # JSON has no NaN
+    (tmp_path / "c" / "metrics.json").write_text('{"test": ')
+    with pytest.raises(CheckpointError, match="metrics.json: unreadable"):
+        load_checkpoint(tmp_path / "c")
+    save_checkpoint(tmp_path / "d", build_model(ds, cfg), {})
+    conf = json.loads((tmp_path / "d" / "config.json").read_text())
+    conf["model"]["embed_dim"] = "8"  # a string where a number belongs
+    (tmp_path / "d" / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "d")
+
+
+def test_a_diverging_loss_stops_training_with_its_cause(tiny_data: Path) -> None:
+    from collectivekv.pipeline.training.trainer import TrainingDiverged
+
+    ds = load_dataset(tiny_data)
+    cfg = ModelConfig(n_items=1, embed_dim=8, d_attn=16, n_heads=2, max_len=10,
+                      collective=CollectiveConfig(pool_size=32))
+    with pytest.raises(TrainingDiverged, match="try a lower --lr"):
+        train_model(build_model(ds, cfg), ds, TrainConfig(epochs=3, batch_size=256, lr=1e8, progress=False))
+
+
+@pytest.mark.parametrize(("keep", "metric"), [("one label each", "auc"), ("clicks", "logloss"), ("none", "epoch")])
+def test_epochs_are_ranked_by_a_metric_the_valid_split_defines(tiny_data: Path, keep: str, metric: str) -> None:
+    """Validation GAUC needs a user with both labels; without one the epochs are ranked by AUC, then logloss, then
+    kept to the last (ranking by NaN kept epoch 1)."""
+    import pyarrow.compute as pc
+
+    from collectivekv.pipeline.training.trainer import stopping_metric
+
+    ds = load_dataset(tiny_data)
+    valid = ds.samples["valid"]
+    assert stopping_metric(valid) == "gauc"
+    users, labels = valid["user_id"].to_numpy(), valid["label"].to_numpy()
+    a = users[labels == 1][0]
+    b = users[(labels == 0) & (users != a)][0]
+    picked = {"one label each": ((users == a) & (labels == 1)) | ((users == b) & (labels == 0)),
+              "clicks": labels == 1, "none": np.zeros(len(users), bool)}[keep]
+    small = valid.filter(pc.equal(np.asarray(picked), True))
+    assert stopping_metric(small) == metric
+    cfg = ModelConfig(n_items=1, embed_dim=8, d_attn=16, n_heads=2, max_len=10, kv_mode="full")
+    r = train_model(build_model(ds, cfg), replace(ds, samples={**ds.samples, "valid": small}),
+                    TrainConfig(epochs=2, patience=2, batch_size=256, progress=False))
+    assert r.stopped_on == metric and r.metrics()["stopped_on"] == metric
+    assert r.best_epoch == 2 if metric == "epoch" else r.best_epoch in (1, 2)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["experiment", "--seeds", "0,0"], "each once"), (["experiment", "--seeds", ""], "at least one value"),
+    (["experiment", "--variants", "full,full"], "a variant named twice"), (["eval", "--seeds", "a"], "integers"),
+    (["train", "--device", "gpu"], "expected cpu, cuda"), (["train", "--epochs", "0"], "'--epochs'"),
+    (["eval", "--batch-size", "0"], "'--batch-size'")])
+def test_bad_training_options_are_usage_errors(tiny_data: Path, tmp_path: Path, args: list, message: str) -> None:
+    res = CliRunner().invoke(main, [args[0], "--data", str(tiny_data), "--out", str(tmp_path / "o"), *args[1:]])
+    assert res.exit_code == 2 and message in res.output and not (tmp_path / "o").exists()
+
+
+def test_eval_refuses_an_out_that_holds_other_files_or_its_input(tiny_data: Path, tmp_path: Path) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.md").write_text("# my notes\n")
+    for out, message in ((mine, "not empty and not an evaluation"), (tiny_data, "is the input")):
+        res = CliRunner().invoke(main, ["eval", "--quick", "--data", str(tiny_data), "--out", str(out), "--models",
+                                        "din", "--sections", "table1"])
+        assert res.exit_code == 1 and message in res.output
+    assert (mine / "results.md").read_text() == "# my notes\n" and not (tiny_data / "runs").exists()
