@@ -190,7 +190,7 @@ def test_full_baseline_and_size_report(bundle: dict, submitted: dict, spark: obj
     assert plan["full"]["total"]["payload"] == pytest.approx(b["bytes"]["payload"])
     assert plan["collective"]["cr_vs_full_fp32"] == pytest.approx(s["cr"]["formula"])
     r = CliRunner().invoke(capacity, ["--store", str(submitted["store"]), "--d-user", "2"])
-    assert r.exit_code != 0 and "din entries only" in r.output
+    assert r.exit_code != 0 and "applies only to din stores" in r.output
 
 
 def test_rerun_and_rebuild_are_byte_identical(bundle: dict, submitted: dict, spark: object) -> None:
