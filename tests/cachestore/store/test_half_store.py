@@ -15,6 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from collectivekv.cachestore.decode.runtime import DecodeRuntime
 from collectivekv.cachestore.store.entry import EntryLayout, entry_layout, layout_from_dict
 from collectivekv.cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE
 from collectivekv.cachestore.store.record import LayoutError, write_layout
@@ -105,6 +106,12 @@ def test_prefill_build_verify_and_size_report(tmp_path: Path, arch: str, option:
     pq.write_table(table, hist)
     res = verify_store(tmp_path / "store", tmp_path / "ckpt", hist)
     assert res.ok and res.users_checked == len(LENGTHS), res.mismatches
+    users = table.column("user_id").to_numpy()
+    scores = {}
+    for crc in (False, True):  # `ckv score` checks CRCs and indices by default: a valid record passes
+        with DecodeRuntime.open(tmp_path / "store", tmp_path / "ckpt", device="cpu", verify_crc=crc) as rt:
+            scores[crc] = rt.score(users, np.ones(len(users), dtype=np.int64)).logits
+    np.testing.assert_array_equal(scores[True], scores[False])
     rep = size_report(tmp_path / "store")["store"]
     assert rep["cr"]["formula"] == pytest.approx(compression_rate(model.cfg, kv_itemsize=2))
     planned = store_format(tmp_path / "store").layouts()["collective"]  # `ckv capacity --store` sizes these records
