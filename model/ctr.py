@@ -89,8 +89,16 @@ class BehaviourModel(nn.Module):
         """Embeddings of a padded history batch, computed once per distinct (item, feedback) token."""
         valid = valid_mask(lengths, items.shape[1])  # (B, L)
         nf = self.cfg.n_feedback
-        token = items[valid] * nf + feedback[valid]  # (N,)
-        uniq, inverse, counts = distinct(token, (self.cfg.n_items + 1) * nf)
+        fb = feedback[valid]  # (N,)
+        known = (fb >= 0) & (fb < nf)  # an unknown feedback id would alias another item's token
+        token = torch.where(known, items[valid] * nf + fb, -1)  # (N,)
+        try:
+            uniq, inverse, counts = distinct(token, (self.cfg.n_items + 1) * nf)
+        except ValueError:
+            if not bool(known.all()):
+                raise ValueError(f"feedback ids must lie in [0, {nf}) (the label plus this model's per-event "
+                                 f"features); got {int(fb[~known][0])}") from None
+            raise
         x_unique = self.item_embedding(uniq // nf) + self.feedback_emb(uniq % nf)  # (U, E)
         positions = valid.reshape(-1).nonzero().squeeze(1)  # (N,) row-major, same order as items[valid]
         return TokenBatch(valid=valid, x_unique=x_unique, inverse=inverse, counts=counts, positions=positions,

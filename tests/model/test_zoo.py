@@ -530,3 +530,17 @@ def test_sdim_codes_that_cannot_be_cached_are_refused_at_config_time() -> None:
         zoo_config("sdim", sdim_hashes=8, sdim_bits=8)
     assert zoo_config("sdim", sdim_hashes=9, sdim_bits=7).sdim_hashes == 9
     assert zoo_config("sim", sdim_hashes=8, sdim_bits=8).arch == "sim"  # other models do not cache bucket codes
+
+
+@pytest.mark.parametrize("arch", ["din", "sim", "hstu"])
+@pytest.mark.parametrize("bad", [3, -1])
+def test_a_feedback_id_outside_the_vocabulary_is_refused_not_aliased(arch: str, bad: int) -> None:
+    """token = item · n_feedback + feedback: feedback 3 of item 7 was item 8's feedback 0 (same score, no error)."""
+    cfg = zoo_config(arch)
+    model = make_model(cfg, seed=0).eval()
+    items, feedback, lengths, targets = make_batch([4, 3], cfg.window_len, 0)
+    feedback[0, 1] = bad
+    with pytest.raises(ValueError, match=rf"feedback ids must lie in \[0, {cfg.n_feedback}\) .*; got {bad}"):
+        model(items, feedback, lengths, targets)
+    feedback[0, 1] = 1
+    model(items, feedback, lengths, targets)  # in range: scored
