@@ -109,8 +109,10 @@ def router_width(model: nn.Module) -> int:
 
 class BlockTables:
     """The block table of a module's pool (:func:`block_table`), kept while no gradient is being recorded and the
-    pool is unchanged (the same tensor, by a weak reference, at the same version), so inference does not rebuild a
-    (pool_size, d) table per call; built afresh under autograd (training reads the pool's current rows)."""
+    pool is unchanged (the same tensor, by a weak reference, at the same version, storage, dtype and device: an
+    optimizer step, ``load_state_dict`` and ``.to()`` each make a new table; an edit through ``.data`` is not seen), so
+    inference does not rebuild a (pool_size, d) table per call; built afresh under autograd (training reads the
+    pool's current rows)."""
 
     def __init__(self) -> None:
         self.source: Callable[[], torch.Tensor | None] = lambda: None  # a weak reference to the pool it was built from
@@ -121,7 +123,7 @@ class BlockTables:
         if blocks == 1 or torch.is_grad_enabled():
             return block_table(rows, blocks, index_rows)
         version = None if rows.is_inference() else rows._version  # inference tensors keep no version counter
-        key = (version, blocks, index_rows)
+        key = (version, rows.data_ptr(), rows.dtype, rows.device, blocks, index_rows)  # .to() / .double() move it
         if self.table is None or self.source() is not rows or self.key != key:
             self.table, self.key, self.source = block_table(rows.detach(), blocks, index_rows), key, weakref.ref(rows)
         return self.table

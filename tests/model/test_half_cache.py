@@ -223,6 +223,8 @@ def test_block_tables_are_kept_at_inference_and_rebuilt_in_training() -> None:
         assert tables.get(rows, 2, 7) is first and torch.equal(first, block_table(rows, 2, 7))
         rows.add_(1.0)  # a new version of the pool: a new table
         assert torch.equal(tables.get(rows, 2, 7), block_table(rows, 2, 7))
+        rows.data = rows.data.double()  # what Module.double() / .to() do: same Parameter, new storage
+        assert tables.get(rows, 2, 7).dtype == torch.float64
     trained = tables.get(rows, 2, 7)
     assert trained.requires_grad and trained is not tables.table
     trained.sum().backward()
