@@ -12,6 +12,24 @@ import math
 import torch
 
 
+def tail_window(
+    items: torch.Tensor, feedback: torch.Tensor, lengths: torch.Tensor, n: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The last ``min(lengths[b], n)`` behaviours of each padded row, valid first: (B, min(n, L)) items and
+    feedback, (B,) lengths."""
+    width = min(n, items.shape[1])
+    new_len = lengths.clamp(max=n)  # (B,)
+    start = lengths - new_len  # (B,)
+    pos = torch.arange(width, device=items.device)  # (W,)
+    gather = (start.unsqueeze(1) + pos).clamp(max=max(items.shape[1] - 1, 0))  # (B, W)
+    keep = pos.unsqueeze(0) < new_len.unsqueeze(1)  # (B, W)
+    zero = torch.zeros((), dtype=items.dtype, device=items.device)
+    if items.shape[1] == 0:
+        return items, feedback, new_len
+    return (torch.where(keep, items.gather(1, gather), zero), torch.where(keep, feedback.gather(1, gather), zero),
+            new_len)  # fmt: skip
+
+
 def valid_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     """(B,) lengths → (B, L) bool, True at valid positions ``l < lengths[b]``."""
     positions = torch.arange(max_len, device=lengths.device)  # (L,)

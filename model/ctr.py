@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from collectivekv.model.attention import target_attention, valid_mask
+from collectivekv.model.attention import tail_window, target_attention, valid_mask
 from collectivekv.model.cache import KVCache, rebuild_kv
 from collectivekv.model.config import ModelConfig
 from collectivekv.model.pool import TokenBatch, kv_branches, prefill_pair
@@ -152,8 +152,11 @@ class TargetAttentionCTR(BehaviourModel):
     def prefill_with_losses(
         self, items: torch.Tensor, feedback: torch.Tensor, lengths: torch.Tensor
     ) -> tuple[KVCache, RouterLosses]:
-        """Prefill plus router losses. In training mode the cache carries soft gates."""
+        """Prefill plus router losses over the last ``max_len`` behaviours. In training mode the cache carries soft
+        gates."""
         self._check_history(items, feedback, lengths)
+        if items.shape[1] > self.cfg.max_len:  # the window the store caches (the latest behaviours)
+            items, feedback, lengths = tail_window(items, feedback, lengths, self.cfg.max_len)
         tokens = self.behaviour_tokens(items, feedback, lengths)
         soft = self.training
         k, v = prefill_pair(self.k_branch, self.v_branch, tokens, soft)

@@ -31,7 +31,8 @@ import math
 import torch
 from torch import nn
 
-from collectivekv.model.blocks import ZooBase, ZooCache, add_losses, tail_window, trim
+from collectivekv.model.attention import tail_window
+from collectivekv.model.blocks import ZooBase, ZooCache, add_losses, trim
 from collectivekv.model.cache import KVCache, rebuild_kv
 from collectivekv.model.config import ModelConfig
 from collectivekv.model.ctr import Head, RouterLosses, build_mlp, mlp_head

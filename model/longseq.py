@@ -39,7 +39,8 @@ from dataclasses import replace
 
 import torch
 
-from collectivekv.model.blocks import TABlock, ZooBase, ZooCache, add_losses, tail_window, trim
+from collectivekv.model.attention import tail_window
+from collectivekv.model.blocks import TABlock, ZooBase, ZooCache, add_losses, trim
 from collectivekv.model.cache_spec import key_bits, key_blocks, long_v_user
 from collectivekv.model.config import ModelConfig
 from collectivekv.model.ctr import RouterLosses, build_mlp, distinct, mlp_head

@@ -73,6 +73,9 @@ def entry_payloads(layout: EntryLayout, arrays: dict[str, np.ndarray], lengths: 
         if a.ndim != 3 or a.shape[0] != b or a.shape[2] != p.width:
             raise ValueError(f"{p.name}: expected (B={b}, R, {p.width}), got {a.shape}")
         rows = np.minimum(n, p.cap)  # (B,)
+        if a.shape[1] > p.cap and bool((n > p.cap).any()):  # which cap rows? the latest, which the model windows
+            raise ValueError(f"{p.name}: {a.shape[1]} rows for a part of {p.cap}: window the histories to their "
+                             f"latest {p.cap} behaviours first (the model's prefill does)")
         if b and int(rows.max()) > a.shape[1]:
             raise ValueError(f"{p.name}: {a.shape[1]} rows < the {int(rows.max())} a user needs")
         raw = a.view(np.uint8).reshape(b, a.shape[1], wb)  # (B, R, row bytes)

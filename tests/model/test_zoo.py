@@ -544,3 +544,17 @@ def test_a_feedback_id_outside_the_vocabulary_is_refused_not_aliased(arch: str, 
         model(items, feedback, lengths, targets)
     feedback[0, 1] = 1
     model(items, feedback, lengths, targets)  # in range: scored
+
+
+@pytest.mark.parametrize("arch", ["din", "sim", "hstu"])
+def test_a_history_longer_than_the_window_is_scored_on_its_latest_behaviours(arch: str) -> None:
+    """Every model caches the latest window_len behaviours; its forward reads the same ones (din read all)."""
+    from collectivekv.model.attention import tail_window
+
+    cfg = zoo_config(arch)
+    model = make_model(cfg, seed=0).eval()
+    w = cfg.window_len
+    items, feedback, lengths, targets = make_batch([w + 5, w + 1, 2], w + 5, 3)
+    short = tail_window(items, feedback, lengths, w)
+    with torch.no_grad():
+        torch.testing.assert_close(model(items, feedback, lengths, targets)[0], model(*short, targets)[0])
