@@ -137,6 +137,15 @@ class ModelConfig:
             raise ValueError(f"hstu_layers must be >= 1, got {self.hstu_layers}")
         if self.kv_mode not in ("full", "collective"):
             raise ValueError(f"kv_mode must be 'full' or 'collective', got {self.kv_mode!r}")
+        for name in ("n_heads", "embed_dim", "d_attn", "max_genres"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.n_genres < 0:
+            raise ValueError(f"n_genres must be >= 0, got {self.n_genres}")
+        if self.arch == "sim" and self.n_genres > 62:  # (its category bitmasks: one bit per genre in an int64)
+            raise ValueError(f"SIM's category bitmasks hold at most 62 categories, got n_genres {self.n_genres}")
         if self.d_attn % self.n_heads:
             raise ValueError(f"d_attn {self.d_attn} is not divisible by n_heads {self.n_heads}")
         if not 1 <= self.max_len <= 4096:

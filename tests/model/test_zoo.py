@@ -558,3 +558,12 @@ def test_a_history_longer_than_the_window_is_scored_on_its_latest_behaviours(arc
     short = tail_window(items, feedback, lengths, w)
     with torch.no_grad():
         torch.testing.assert_close(model(items, feedback, lengths, targets)[0], model(*short, targets)[0])
+
+
+@pytest.mark.parametrize(("arch", "change", "message"), [
+    ("din", {"n_heads": 0}, "n_heads must be >= 1"), ("din", {"n_heads": -4}, "n_heads must be >= 1"),
+    ("din", {"max_genres": 0}, "max_genres must be >= 1"), ("din", {"n_genres": -1}, "n_genres must be >= 0"),
+    ("sim", {"n_genres": 63}, "at most 62 categories"), ("din", {"dropout": 1.5}, r"dropout must be in \[0, 1\)")])
+def test_configs_that_would_fail_later_are_refused_at_once(arch: str, change: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        zoo_config(arch, **change)
