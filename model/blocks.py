@@ -168,10 +168,11 @@ class TABlock(nn.Module):
         sel = KVCache(k_user=pick(cache.k_user), v_user=pick(cache.v_user), k_idx=pick(cache.k_idx),
                       v_idx=pick(cache.v_idx), lengths=n_sel.reshape(-1), k_gate=pick(cache.k_gate),
                       v_gate=pick(cache.v_gate))  # fmt: skip
-        q = self.query(t).reshape(b * c, 1, -1)  # (B·C, 1, d_a)
+        q = self.query(t)
+        q = q.reshape(b * c, 1, q.shape[-1])  # (B·C, 1, d_a)
         k, v = self.keys_values(sel)  # (B·C, S, d_a)
         out = target_attention(q, k.to(q.dtype), v.to(q.dtype), sel.lengths, self.n_heads)  # (B·C, 1, d_a)
-        return out.reshape(b, c, -1)
+        return out.reshape(b, c, out.shape[-1])
 
     def attend_topk(self, t: torch.Tensor, cache: KVCache, topk: int) -> torch.Tensor:
         """TWIN: per-head top-k target attention over every cached behaviour → (B, C, d_a)."""

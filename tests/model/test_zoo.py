@@ -567,3 +567,12 @@ def test_a_history_longer_than_the_window_is_scored_on_its_latest_behaviours(arc
 def test_configs_that_would_fail_later_are_refused_at_once(arch: str, change: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         zoo_config(arch, **change)
+
+
+@pytest.mark.parametrize("arch", PAPER_MODELS)
+def test_an_empty_batch_decodes_to_no_scores(arch: str) -> None:
+    cfg = zoo_config(arch)
+    model = make_model(cfg, seed=0).eval()
+    items, feedback, lengths, targets = make_batch([], cfg.window_len, 0)
+    with torch.no_grad():
+        assert model.decode(model.prefill(items, feedback, lengths), targets).shape[0] == 0
