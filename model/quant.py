@@ -63,15 +63,19 @@ def fake_quant(u: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def observe_scale(scale: torch.Tensor, u: torch.Tensor) -> None:
     """Update the scale buffer (a 0-dim fp32 tensor; 0 = not observed yet) in place from a training batch ``u``:
-    ``max|u| / 127`` the first time, then its moving average."""
+    ``max|u| / 127`` the first time, then its moving average. A batch whose ``max|u|`` is 0 or not finite (all-zero
+    values, a diverging step) tells nothing and leaves the scale as it was (no host sync either way)."""
     if u.numel() == 0:
         return
-    seen = (u.detach().abs().max().float() / QMAX).clamp(min=torch.finfo(torch.float32).tiny)
-    scale.copy_(torch.where(scale > 0, scale + SCALE_MOMENTUM * (seen - scale), seen))
+    seen = u.detach().abs().max().float() / QMAX
+    useful = torch.isfinite(seen) & (seen > 0)
+    scale.copy_(torch.where(useful, torch.where(scale > 0, scale + SCALE_MOMENTUM * (seen - scale), seen), scale))
 
 
 def check_scale(scale: torch.Tensor, name: str) -> None:
-    """ValueError unless an int8 branch's scale was observed (a model in eval needs a trained scale)."""
+    """ValueError unless an int8 branch's scale was observed (a model in eval needs a trained scale) and is finite."""
+    if not bool(torch.isfinite(scale)):
+        raise ValueError(f"{name}: the int8 user-part scale is {float(scale)}: the checkpoint's training diverged")
     if not bool(scale > 0):
         raise ValueError(f"{name}: the int8 user-part scale was never observed: train the model (at least one "
                          "training-mode forward) or load a trained checkpoint before evaluating or serving it")

@@ -305,3 +305,21 @@ def test_sdim_keyed_by_its_index_caches_no_key_and_no_long_user_part() -> None:
         rebuilt = cache_from_arrays(entry_arrays(cache, cfg, user_scales(m, cfg)), cache.lengths, cfg,
                                     user_scales(m, cfg))
         assert torch.allclose(m.decode(rebuilt, targets), want, atol=1e-6, rtol=1e-6)
+
+
+def test_int8_scale_ignores_batches_that_tell_nothing() -> None:
+    """An all-zero or non-finite batch leaves the scale as it was (inf made every code 0, then NaN; an all-zero first
+    batch counted as observed at 1e-38); a non-finite loaded scale is named."""
+    from collectivekv.model.quant import check_scale, observe_scale
+
+    scale = torch.zeros(())
+    for bad in (torch.zeros(4), torch.tensor([1.0, float("inf")]), torch.tensor([float("nan"), 1.0])):
+        observe_scale(scale, bad)
+        assert float(scale) == 0.0
+    observe_scale(scale, torch.tensor([1.27, -0.5]))
+    observe_scale(scale, torch.tensor([float("inf")]))
+    assert float(scale) == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="never observed"):
+        check_scale(torch.zeros(()), "kv")
+    with pytest.raises(ValueError, match="diverged"):
+        check_scale(torch.tensor(float("inf")), "kv")
