@@ -51,18 +51,19 @@ def _prepare_config(events: Path, kw: dict[str, Any]) -> Any:
               help="refuse the new model if its metric < current's - margin (absolute)")
 @click.option("--master", default=None, help="Spark master of the prefill [default: local[*]]")
 @click.option("--engine", default="auto", show_default=True, help="prefill engine")
-@click.option("--shards", type=click.IntRange(1, 4096), default=1, show_default=True,
-              help="LMDB shards of the published store (ckv prefill --shards)")
+@click.option("--shards", type=click.IntRange(1, 4096), default=None,
+              help="LMDB shards of the published store (ckv prefill --shards) [default: the current version's; a "
+                   "new count needs the servers restarted with their new --shards]")
 @click.option("--verify-sample", type=int, default=None, help="users verified [default: all]")
 def refresh_cmd(store: str, work: str, events: Path | None, dataset: str | None, current_checkpoint: str | None,
                 epochs: int, batch_size: int, lr: float, patience: int, device: str, seed: int, metric: str,
-                margin: float, master: str | None, engine: str, shards: int, verify_sample: int | None,
+                margin: float, master: str | None, engine: str, shards: int | None, verify_sample: int | None,
                 **kw: Any) -> None:
     """Nightly refresh: prepare, warm-start train, gate, prefill, verify, publish model + store together."""
     from collectivekv.cachestore.checkpoint import CheckpointError
     from collectivekv.cachestore.store.publish import PublishError, check_store_root
     from collectivekv.pipeline.store.refresh import RefreshError, RefreshOptions, RefreshRefused, run_refresh
-    from collectivekv.pipeline.store.safe_output import OutputError, check_not_input
+    from collectivekv.pipeline.store.safe_output import OutputError, check_not_input, check_not_inside
     from collectivekv.pipeline.training.trainer import TrainConfig
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
@@ -72,6 +73,8 @@ def refresh_cmd(store: str, work: str, events: Path | None, dataset: str | None,
         check_not_input(Path(work), (events, dataset), "--work")
         check_not_input(Path(store), (events, dataset), "--store")
         check_store_root(store)  # a directory that is not a store: refused before anything runs
+        check_not_inside(Path(work), (store,), "--work")  # a work folder inside the store makes it no store root
+        shards = shards or current_shard_count(Path(store))
     except (OutputError, PublishError) as exc:
         raise click.ClickException(str(exc)) from exc
     prep = _prepare_config(events, kw) if events is not None else None
@@ -87,11 +90,23 @@ def refresh_cmd(store: str, work: str, events: Path | None, dataset: str | None,
     except RefreshRefused as exc:
         click.echo(f"refused: {exc}", err=True)
         sys.exit(EXIT_REFUSED)
-    except (RefreshError, CheckpointError, ValueError, OSError) as exc:  # inputs, checkpoints, disks: one line
+    except (RefreshError, CheckpointError, ValueError, OSError, PublishError) as exc:  # inputs, disks: one line
         raise click.ClickException(str(exc)) from exc
     click.echo(json.dumps({"published": report["published"], "gate": {k: report["gate"][k] for k in
                                                                       ("metric", "delta", "margin", "passed")},
                            "seconds": report["seconds"]}, indent=2))
+
+
+def current_shard_count(store: Path) -> int:
+    """The shard count of the store's published version (1 when unsharded or nothing is published yet)."""
+    from collectivekv.cachestore.store.publish import open_current
+    from collectivekv.cachestore.store.shard_version import version_shards
+
+    try:
+        shards = version_shards(open_current(store))
+    except FileNotFoundError:
+        return 1
+    return 1 if shards is None else shards.count
 
 
 if __name__ == "__main__":

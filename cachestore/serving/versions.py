@@ -107,6 +107,7 @@ class VersionManager:
         self.poll_s = poll_s
         config = runtime or ServingConfig()
         self._load = loader or (lambda d: load_version(d, config, self._widths()))
+        self._subset = config.shards is not None  # started for some shards: a new shard count is not followed
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -151,11 +152,12 @@ class VersionManager:
         try:
             loaded = self._load(version_dir)
         except Exception as exc:  # any failure to load: keep serving the active version
-            self.failed_swaps += 1
-            self.metrics.failed_swaps.inc()
-            self.last_error = f"version {version_dir.name}: {type(exc).__name__}: {exc}"
-            log.error("store version %s failed to load, still serving %s: %s", version_dir.name,
-                      self.active.store_version if self.active else None, self.last_error)
+            self._failed(version_dir.name, f"{type(exc).__name__}: {exc}")
+            return False
+        moved = self._shard_count_change(loaded)
+        if moved is not None:
+            loaded.close()
+            self._failed(version_dir.name, moved)
             return False
         with self._lock:
             superseded, self._pending = self._pending, loaded
@@ -164,6 +166,25 @@ class VersionManager:
         log.info("store version %s loaded in %.2f s, switching at the next batch", loaded.store_version,
                  time.perf_counter() - t0)
         return True
+
+    def _failed(self, name: str, why: str) -> None:
+        """Count and log a version that will not be served (the active one stays)."""
+        self.failed_swaps += 1
+        self.metrics.failed_swaps.inc()
+        self.last_error = f"version {name}: {why}"
+        log.error("store version %s failed to load, still serving %s: %s", name,
+                  self.active.store_version if self.active else None, self.last_error)
+
+    def _shard_count_change(self, loaded: ServedVersion) -> str | None:
+        """Why a process serving some shards does not follow ``loaded`` (another shard count: the fleet's routing
+        changes, so its servers restart with their new ``--shards``), None when it may."""
+        def count(v: ServedVersion | None) -> int:
+            return 1 if v is None or v.shards is None else v.shards["count"]
+
+        if not self._subset or self.active is None or count(loaded) == count(self.active):
+            return None
+        return (f"its shard count {count(loaded)} differs from the served version's {count(self.active)}: restart "
+                "this fleet's servers with their new --shards")
 
     def switch(self) -> ServedVersion:
         """The version the next batch is scored with: a pending version replaces the active one here

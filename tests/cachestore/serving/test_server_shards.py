@@ -44,3 +44,30 @@ def test_one_shard_server_scores_its_users_and_names_the_owner_of_others(store: 
         assert both.status_code == 200, both.text
         want, _ = model.expected(users, np.array([[1, 2]] * len(users)))
         np.testing.assert_allclose(np.array(both.json()["scores"]), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_server_of_some_shards_does_not_follow_a_new_shard_count(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """A version with another shard count changes the fleet's routing: a server of one shard keeps its version
+    (a failed swap naming the cause) instead of switching to a count nobody routes for."""
+    import time
+
+    import tests.server_fixtures as sf
+
+    model = ModelStore.make(tmp_path, seed=7, n_users=N_USERS)
+    sf.publish_sharded_with_checkpoint(model, tmp_path)
+    with start_server(tmp_path / "store", runtime=ServingConfig(device="cpu", batch_users=4, shards=(1,))) as server:
+        monkeypatch.setattr(sf, "SHARD_COUNT", 3)
+        sf.publish_sharded_with_checkpoint(model, tmp_path)
+        deadline = time.monotonic() + 20
+        while server.service.versions.failed_swaps == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        health = httpx.get(f"{server.url}/healthz").json()
+        assert health["shards"] == {"count": 2, "served": [1]} and server.service.versions.failed_swaps == 1
+        assert "restart this fleet's servers" in server.service.versions.last_error
+
+
+def test_refresh_keeps_the_published_shard_count_by_default(store: tuple[ModelStore, Path], tmp_path: Path) -> None:
+    """`ckv refresh` without --shards publishes as many shards as the current version has (1 for a new store)."""
+    from collectivekv.jobs.refresh import current_shard_count
+
+    assert current_shard_count(store[1]) == COUNT and current_shard_count(tmp_path / "new") == 1
