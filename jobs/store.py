@@ -34,7 +34,7 @@ def build_cmd(source: Path, store_root: Path | None, progress: bool, shards: int
     """
     from collectivekv.cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE
     from collectivekv.cachestore.store.publish import PublishError, open_current
-    from collectivekv.pipeline.store.store_ops import PARQUET_DIR, build_store
+    from collectivekv.pipeline.store.store_ops import PARQUET_DIR, build_store, store_checkpoint
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     if (source / PARQUET_LAYOUT_FILE).is_file():
@@ -50,13 +50,16 @@ def build_cmd(source: Path, store_root: Path | None, progress: bool, shards: int
         if store_root is not None and store_root.resolve() != source.resolve():
             raise click.UsageError("SOURCE is a store: --store must be omitted or the same")
         store_root = source
+    checkpoint = store_checkpoint(source) if parquet != source else None  # a rebuild keeps the store's model
     try:
         if shards > 1:
             from collectivekv.pipeline.store.shard_ops import build_sharded_store
 
-            manifest = build_sharded_store(store_root, parquet, shards, command_line=shlex.join(sys.argv))
+            manifest = build_sharded_store(store_root, parquet, shards, command_line=shlex.join(sys.argv),
+                                           checkpoint=checkpoint)
         else:
-            manifest = build_store(store_root, parquet, command_line=shlex.join(sys.argv), progress=progress)
+            manifest = build_store(store_root, parquet, command_line=shlex.join(sys.argv), progress=progress,
+                                   checkpoint=checkpoint)
     except (ValueError, FileNotFoundError, PublishError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"published {manifest['version_id']} to {store_root}: {manifest['users']} users, "

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 from collectivekv.cachestore.store.publish import (
-    CURRENT,
     MANIFEST,
     STAGING,
     CurrentMoved,
@@ -44,9 +43,9 @@ from collectivekv.cachestore.store.publish import (
     new_version_id,
     open_current,
 )
+from collectivekv.pipeline.store.store_ops import store_checkpoint
 
 log = logging.getLogger("ckv.refresh")
-CHECKPOINT_DIR = "checkpoint"  # inside a store version: the model the records were built with
 
 
 class RefreshError(RuntimeError):
@@ -72,31 +71,19 @@ class RefreshOptions:
     spark: Any = None  # an existing SparkSession (tests)
 
 
-def store_checkpoint(store: str | os.PathLike) -> Path | None:
-    """The checkpoint published with STORE's current version, or None."""
-    root = Path(store)
-    if not os.path.lexists(root / CURRENT):
-        return None
-    ckpt = open_current(root) / CHECKPOINT_DIR
-    return ckpt if ckpt.is_dir() else None
-
-
 def publish_with_checkpoint(store: str | os.PathLike, scratch: Path, checkpoint: str | os.PathLike,
                             extra: dict[str, Any], expect_current: str | None) -> dict[str, Any]:
     """Move the scratch store's current version to STORE/staging/<id>, add the checkpoint, publish — only if
     STORE/current is still ``expect_current`` (the version whose model the gate compared against)."""
-    from collectivekv.cachestore.checkpoint import load_checkpoint
-    from collectivekv.pipeline.store.store_ops import publish_staged
+    from collectivekv.pipeline.store.store_ops import attach_checkpoint, publish_staged
 
     def complete(staging: Path) -> dict[str, Any]:
-        shutil.copytree(checkpoint, staging / CHECKPOINT_DIR)
-        ck = load_checkpoint(staging / CHECKPOINT_DIR)  # the copy is complete and is the store's model
         with open(staging / MANIFEST, encoding="utf-8") as fh:
             manifest = json.load(fh)
-        if ck.model_version != manifest["model_version"]:
-            raise RefreshError(f"checkpoint {ck.model_version} != store model {manifest['model_version']}")
-        manifest["checkpoint"] = {"dir": CHECKPOINT_DIR, "model_version": ck.model_version,
-                                  "source": str(Path(checkpoint).resolve())}
+        try:
+            attach_checkpoint(staging, checkpoint, manifest)
+        except ValueError as exc:
+            raise RefreshError(str(exc)) from None
         manifest["refresh"] = extra
         return manifest
 

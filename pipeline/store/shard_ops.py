@@ -64,7 +64,7 @@ def shard_rows(files: list[Path], schema: pa.Schema, index: int, count: int) -> 
 
 
 def build_sharded_store(store_root: str | os.PathLike, parquet_dir: str | os.PathLike, count: int, *,
-                        command_line: str | None = None) -> dict[str, Any]:
+                        command_line: str | None = None, checkpoint: Path | None = None) -> dict[str, Any]:
     """Build a ``count``-shard version of STORE from PARQUET_DIR (part files + _layout.json) and publish it."""
     root, src = Path(store_root), Path(parquet_dir)
     if not (src / PARQUET_LAYOUT_FILE).is_file():
@@ -85,4 +85,4 @@ def build_sharded_store(store_root: str | os.PathLike, parquet_dir: str | os.Pat
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return publish_sharded(root, staging, layout, entries, count, prefill=read_prefill_meta(src),
-                           command_line=command_line or shlex.join(sys.argv))
+                           command_line=command_line or shlex.join(sys.argv), checkpoint=checkpoint)

@@ -40,6 +40,7 @@ from collectivekv.cachestore.store.publish import (
     PublishResult,
     build_version,
     new_staging_dir,
+    open_current,
     publish,
 )
 from collectivekv.cachestore.store.record import HEADER_SIZE, write_layout
@@ -48,6 +49,7 @@ from collectivekv.cachestore.store.shards import SHARDS_DIR
 log = logging.getLogger("ckv.store")
 PREFILL_META_FILE = "_prefill.json"
 PARQUET_DIR = "parquet"
+CHECKPOINT_DIR = "checkpoint"  # inside a store version: the model the records were built with
 PREFILL_PARQUET_SCHEMA_VERSION = 3  # the prefill Parquet columns (docs/prefill.md); bump on any change
 # 2: + history_fp int64 (pipeline/prefill/incremental.py; ignored by the LMDB build, the record format is unchanged)
 # 3: one payload column for every arch (din included: cachestore.store.entry.entry_schema)
@@ -115,6 +117,28 @@ def summary_fields(manifest: dict, prefill: dict | None, command_line: str) -> d
     }
 
 
+def store_checkpoint(store: str | os.PathLike) -> Path | None:
+    """The checkpoint published with STORE's current version (``checkpoint/``, by ``ckv refresh``), or None."""
+    root = Path(store)
+    if not os.path.lexists(root / CURRENT):
+        return None
+    ckpt = open_current(root) / CHECKPOINT_DIR
+    return ckpt if ckpt.is_dir() else None
+
+
+def attach_checkpoint(staging: Path, checkpoint: str | os.PathLike, manifest: dict[str, Any]) -> None:
+    """Copy ``checkpoint`` into the version being assembled as ``checkpoint/`` and record it in ``manifest``: store
+    and model are published together. ValueError when its model is not the records' (``manifest["model_version"]``)."""
+    from collectivekv.cachestore.checkpoint import load_checkpoint
+
+    shutil.copytree(checkpoint, staging / CHECKPOINT_DIR)
+    ck = load_checkpoint(staging / CHECKPOINT_DIR)  # the copy is complete and is the store's model
+    if ck.model_version != manifest["model_version"]:
+        raise ValueError(f"checkpoint {ck.model_version} != store model {manifest['model_version']}")
+    manifest["checkpoint"] = {"dir": CHECKPOINT_DIR, "model_version": ck.model_version,
+                              "source": str(Path(checkpoint).resolve())}
+
+
 def ensure_links(store_root: Path) -> None:
     """Create the stable ``STORE/<name> -> current/<name>`` symlinks (idempotent, atomic each). A name that holds
     anything else (a directory, a file, a link elsewhere: the user's) is left as it is, with a warning."""
@@ -156,8 +180,9 @@ def publish_staged(store_root: Path, staging: Path, complete: Callable[[Path], d
 
 def build_store(store_root: str | os.PathLike, parquet_dir: str | os.PathLike, *,
                 prefill: dict[str, Any] | None = None, command_line: str | None = None,
-                progress: bool = False, on_built: Any = None) -> dict[str, Any]:
-    """Build a store version from PARQUET_DIR (part files + _layout.json) and publish it.
+                progress: bool = False, on_built: Any = None, checkpoint: Path | None = None) -> dict[str, Any]:
+    """Build a store version from PARQUET_DIR (part files + _layout.json) and publish it (with ``checkpoint``:
+    its model beside it, :func:`attach_checkpoint`).
 
     ``prefill``: metadata of the run that wrote the Parquet (default: PARQUET_DIR/_prefill.json).
     ``on_built(manifest)``: called once the LMDB is built (``manifest['stats']``), before the metadata is written.
@@ -178,6 +203,8 @@ def build_store(store_root: str | os.PathLike, parquet_dir: str | os.PathLike, *
         if prefill is not None:
             write_json(staging / PARQUET_DIR / PREFILL_META_FILE, prefill)
         manifest.update(summary_fields(manifest, prefill, command_line or shlex.join(sys.argv)))
+        if checkpoint is not None:  # a rebuild keeps the model published with the store
+            attach_checkpoint(staging, checkpoint, manifest)
         return manifest
 
     manifest, result = publish_staged(root, new_staging_dir(root), complete)
@@ -187,7 +214,8 @@ def build_store(store_root: str | os.PathLike, parquet_dir: str | os.PathLike, *
 
 
 def publish_sharded(store_root: Path, staging: Path, layout: Any, entries: list[dict], count: int, *,
-                    prefill: dict[str, Any] | None, command_line: str, on_built: Any = None) -> dict[str, Any]:
+                    prefill: dict[str, Any] | None, command_line: str, on_built: Any = None,
+                    checkpoint: Path | None = None) -> dict[str, Any]:
     """Publish a sharded version whose shards were built into ``staging`` (:mod:`cachestore.store.shard_build`):
     ``parquet/_layout.json`` + ``_prefill.json``, ``layout.json`` and the manifest summed from the shard
     ``entries``, then the one atomic switch of ``current`` (all shards together). No per-user work."""
@@ -207,6 +235,8 @@ def publish_sharded(store_root: Path, staging: Path, layout: Any, entries: list[
         if prefill is not None:
             write_json(pdir / PREFILL_META_FILE, prefill)
         manifest.update(summary_fields(manifest, prefill, command_line))
+        if checkpoint is not None:
+            attach_checkpoint(staging, checkpoint, manifest)
         return manifest
 
     manifest, result = publish_staged(store_root, staging, complete)

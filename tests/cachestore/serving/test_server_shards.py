@@ -71,3 +71,27 @@ def test_refresh_keeps_the_published_shard_count_by_default(store: tuple[ModelSt
     from collectivekv.jobs.refresh import current_shard_count
 
     assert current_shard_count(store[1]) == COUNT and current_shard_count(tmp_path / "new") == 1
+
+
+def test_a_rebuild_keeps_the_model_published_with_the_store(tmp_path: Path) -> None:
+    """`ckv store build STORE [--shards N]` (re-sharding, or back to one LMDB) publishes the current version's
+    checkpoint with the new one, so the store is still served and refreshed."""
+    import json
+
+    from click.testing import CliRunner
+
+    from collectivekv.jobs.cli import main
+    from tests.server_fixtures import publish_sharded_with_checkpoint
+
+    model = ModelStore.make(tmp_path, seed=7, n_users=N_USERS)
+    publish_sharded_with_checkpoint(model, tmp_path)
+    root = tmp_path / "store"
+    for shards in ("3", "1"):
+        res = CliRunner().invoke(main, ["store", "build", str(root), "--shards", shards, "--no-progress"])
+        assert res.exit_code == 0, res.output
+        manifest = json.loads((root / "current" / "manifest.json").read_text())
+        assert manifest["checkpoint"]["model_version"] == manifest["model_version"]
+        with start_server(root) as server:
+            users = list(range(FIRST_USER, FIRST_USER + 4))
+            reply = _post(server.url, users, [[1]] * 4)
+            assert reply.status_code == 200 and not any(reply.json()["cold_start"])

@@ -20,13 +20,8 @@ from collectivekv.jobs.refresh import EXIT_REFUSED, refresh_cmd
 from collectivekv.model.config import CollectiveConfig, ModelConfig
 from collectivekv.pipeline.data.dataset_schema import load_dataset
 from collectivekv.pipeline.data.prepare import PrepareConfig, prepare
-from collectivekv.pipeline.store.refresh import (
-    CHECKPOINT_DIR,
-    RefreshOptions,
-    RefreshRefused,
-    run_refresh,
-    store_checkpoint,
-)
+from collectivekv.pipeline.store.refresh import RefreshOptions, RefreshRefused, run_refresh
+from collectivekv.pipeline.store.store_ops import CHECKPOINT_DIR, store_checkpoint
 from collectivekv.pipeline.store.verify import verify_store
 from collectivekv.pipeline.training.checkpoint import save_checkpoint
 from collectivekv.pipeline.training.trainer import TrainConfig, build_model, train_model
