@@ -263,6 +263,7 @@ def _score_into(tmp: Path, runtime, requests_path: Path, user_col: str, item_col
     import pyarrow.parquet as pq
 
     from collectivekv.cachestore.store.record import RecordError
+    from collectivekv.cachestore.store.shards import WrongShardError
     from collectivekv.cachestore.store.store_check import StoreDamagedError
 
     rows, cold_rows, users, cold_users = 0, 0, set(), set()
@@ -284,6 +285,11 @@ def _score_into(tmp: Path, runtime, requests_path: Path, user_col: str, item_col
                 res = runtime.score(slot_user, cand, n_cand)
             except (StoreDamagedError, RecordError) as exc:  # the store's fault, named by user
                 raise click.ClickException(str(exc)) from exc
+            except WrongShardError as exc:  # a user of a shard this run does not score: its file row
+                row = rows + int(np.argmax(slot == exc.position)) + 1
+                raise click.ClickException(f"{requests_path}: row {row}: user {exc.user_id} belongs to shard "
+                                           f"{exc.owner} of {exc.count}; --shards selects "
+                                           f"{','.join(map(str, exc.served))}") from None
             except ValueError as exc:
                 raise click.ClickException(f"{requests_path}: {exc}") from exc
             logit = res.logits[slot, col].astype(np.float32)

@@ -191,8 +191,11 @@ def _check_shard(version: ServedVersion, request: ScoreRequest) -> None:
     """BadRequest 421 (Misdirected Request) naming the owning shard, for a user this process does not serve."""
     try:
         version.check_owned(request.user_ids)
-    except WrongShardError as exc:
-        raise BadRequest(f"user_ids[{exc.position}]", str(exc), 421) from None
+    except WrongShardError as exc:  # named by the id the client sent (a text id's key means nothing to it)
+        message = str(exc)
+        if request.raw_users is not None:
+            message = message.replace(f"user {exc.user_id} ", f"user {request.raw_users[exc.position]!r} ", 1)
+        raise BadRequest(f"{request.users_field}[{exc.position}]", message, 421) from None
 
 
 def score_together(version: ServedVersion, requests: list[ScoreRequest]

@@ -95,3 +95,50 @@ def test_a_rebuild_keeps_the_model_published_with_the_store(tmp_path: Path) -> N
             users = list(range(FIRST_USER, FIRST_USER + 4))
             reply = _post(server.url, users, [[1]] * 4)
             assert reply.status_code == 200 and not any(reply.json()["cold_start"])
+
+
+def test_a_421_names_the_text_id_the_client_sent(tmp_path: Path) -> None:
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from collectivekv.cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE, prefill_schema
+    from collectivekv.cachestore.store.record import write_layout
+    from collectivekv.cachestore.store.user_keys import key_of
+    from collectivekv.pipeline.store.shard_ops import build_sharded_store
+    from tests.store_fixtures import layout_for, prefill_rows
+
+    model = ModelStore.make(tmp_path, seed=7, n_users=N_USERS)
+    texts = [f"user-{i}" for i in range(N_USERS)]
+    keys = [key_of(t) for t in texts]
+    layout = layout_for(model.model, model.model_version, "collective", "float32")
+    parquet = tmp_path / "parquet"
+    parquet.mkdir()
+    rows = prefill_rows(model.model, layout, keys, model.items, model.feedback, model.lengths)
+    pq.write_table(pa.Table.from_pylist(rows, schema=prefill_schema()), parquet / "part-00000.parquet")
+    write_layout(parquet / PARQUET_LAYOUT_FILE, layout)
+    (parquet / "_prefill.json").write_text(json.dumps({"user_key": "blake2b-63", "item_key": "int"}))
+    build_sharded_store(tmp_path / "store", parquet, COUNT, checkpoint=model.checkpoint)
+    owner = shard_of(np.array(keys), COUNT)
+    mine, other = texts[int(np.argmax(owner == 0))], texts[int(np.argmax(owner == 1))]
+    with start_server(tmp_path / "store", runtime=ServingConfig(device="cpu", batch_users=8, shards=(0,))) as server:
+        bad = _post(server.url, [mine, other], [[1], [1]])
+        assert bad.status_code == 421 and bad.json()["field"] == "user_ids[1]"
+        assert f"user '{other}' belongs to shard 1 of {COUNT}" in bad.json()["error"]
+
+
+def test_ckv_score_names_the_row_of_a_user_of_another_shard(store: tuple[ModelStore, Path], tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from collectivekv.jobs.cli import main
+
+    _, root = store
+    users = np.arange(FIRST_USER, FIRST_USER + N_USERS)
+    mine, other = users[shard_of(users, COUNT) == 0][0], users[shard_of(users, COUNT) == 1][0]
+    (tmp_path / "req.csv").write_text(f"user_id,item_id\n{mine},1\n{other},2\n")
+    res = CliRunner().invoke(main, ["score", "--store", str(root), "--checkpoint", str(root / "current" / "checkpoint"),
+                                    "--requests", str(tmp_path / "req.csv"), "--out", str(tmp_path / "o.parquet"),
+                                    "--device", "cpu", "--dense-ids", "--shards", "0"])
+    assert res.exit_code == 1 and f"req.csv: row 2: user {other} belongs to shard 1 of {COUNT}" in res.output
+    assert not (tmp_path / "o.parquet").exists()
