@@ -76,11 +76,11 @@ def load_version(version_dir: Path, config: ServingConfig, widths: Sequence[int]
     opens."""
     runtime = open_runtime(version_dir, config=config)
     try:  # a version that fails after its runtime opened gives that runtime back (maps, device memory, graphs)
-        warm = np.zeros(1, dtype=np.int64)  # a user of the first served shard (the user need not exist)
-        if isinstance(runtime, ShardSetRuntime):
-            warm = _user_of(runtime.served[0], runtime.count)
+        warm = np.zeros(1, dtype=np.int64)  # a user of every served shard (the users need not exist): each
+        if isinstance(runtime, ShardSetRuntime):  # shard's LMDB is open before the switch, not at first use
+            warm = np.concatenate([_user_of(k, runtime.count) for k in runtime.served])
         for width in sorted({1, *widths}):
-            runtime.score(warm, np.ones((1, width), dtype=np.int64))
+            runtime.score(warm, np.ones((len(warm), width), dtype=np.int64))
         return ServedVersion(version_dir.name, runtime.model_version, runtime, runtime.resident.cfg.n_items,
                              read_key_scheme(version_dir))
     except BaseException:

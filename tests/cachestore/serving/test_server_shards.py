@@ -142,3 +142,17 @@ def test_ckv_score_names_the_row_of_a_user_of_another_shard(store: tuple[ModelSt
                                     "--device", "cpu", "--dense-ids", "--shards", "0"])
     assert res.exit_code == 1 and f"req.csv: row 2: user {other} belongs to shard 1 of {COUNT}" in res.output
     assert not (tmp_path / "o.parquet").exists()
+
+
+def test_a_loaded_version_has_every_served_shard_open(store: tuple[ModelStore, Path]) -> None:
+    """The swap's warm-up reads every served shard, so no shard's LMDB is first opened after the switch (a pruned
+    version's shard would then fail every request)."""
+    from collectivekv.cachestore.serving.versions import load_version
+    from collectivekv.cachestore.store.publish import open_current
+
+    version = load_version(open_current(store[1]), ServingConfig(device="cpu", batch_users=8, shards=(0, 1)))
+    try:
+        mapped = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "data.mdb" in line}
+        assert {f"shards/0000{k}/lmdb/data.mdb" for k in (0, 1)} <= {p[p.index("shards/"):] for p in mapped}
+    finally:
+        version.close()
