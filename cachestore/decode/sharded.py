@@ -23,7 +23,7 @@ from collectivekv.cachestore.decode.runtime import DecodeRuntime
 from collectivekv.cachestore.decode.runtime_config import ServingConfig
 from collectivekv.cachestore.decode.runtime_stats import STAT_FIELDS, RuntimeStats, ScoreResult
 from collectivekv.cachestore.store.item_ids import ItemIds
-from collectivekv.cachestore.store.shard_version import version_shards
+from collectivekv.cachestore.store.shard_version import check_shard_identity, version_shards
 from collectivekv.cachestore.store.shards import check_owned
 from collectivekv.cachestore.store.user_keys import user_id_array
 
@@ -130,6 +130,7 @@ def open_runtime(store: str | os.PathLike, checkpoint: str | os.PathLike | None 
     runtimes: dict[int, DecodeRuntime] = {}
     try:
         for k in selected:
+            check_shard_identity(shards, k)
             runtimes[k] = DecodeRuntime(ckpt.model, ckpt.model_version, StoreReader(shards.dir(k)), per_shard,
                                         catalogue=catalogue)
     except BaseException:

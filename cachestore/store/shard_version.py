@@ -56,11 +56,17 @@ def check_store_version(version_dir: str | os.PathLike) -> list[LmdbMeta]:
         return [check_version(vdir)]
     metas = []
     for k in range(shards.count):
-        sdir = shards.dir(k)
-        own = version_manifest(sdir).get("shard") or {}
-        if own.get("index") != k or own.get("count") != shards.count or own.get("version_id") != vdir.name:
-            raise StoreDamagedError(vdir, f"{shards.entries[k]['path']}/manifest.json names shard "
-                                    f"{own.get('index')} of {own.get('count')} of version {own.get('version_id')}, "
-                                    f"not shard {k} of {shards.count} of {vdir.name}")
-        metas.append(check_version(sdir))
+        check_shard_identity(shards, k)
+        metas.append(check_version(shards.dir(k)))
     return metas
+
+
+def check_shard_identity(shards: ShardSet, k: int) -> None:
+    """StoreDamagedError unless the folder listed as shard ``k`` says it is shard k of this version (two shard
+    folders swapped would serve every user of one as a cold start)."""
+    vdir = shards.version_dir
+    own = version_manifest(shards.dir(k)).get("shard") or {}
+    if own.get("index") != k or own.get("count") != shards.count or own.get("version_id") != vdir.name:
+        raise StoreDamagedError(vdir, f"{shards.entries[k]['path']}/manifest.json names shard "
+                                f"{own.get('index')} of {own.get('count')} of version {own.get('version_id')}, "
+                                f"not shard {k} of {shards.count} of {vdir.name}")

@@ -129,7 +129,10 @@ class ShardSet:
             return None
         if block.get("function") != SHARD_FUNCTION:
             raise ShardError(f"{version_dir}: shard function {block.get('function')!r} is not {SHARD_FUNCTION!r}")
-        count, entries = int(block["count"]), tuple(block["list"])
+        try:
+            count, entries = int(block["count"]), tuple(block["list"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ShardError(f"{version_dir}: manifest's shards block has no valid count and list ({exc!r})") from None
         paths = [e.get("path") if isinstance(e, dict) else None for e in entries]
         names = {f"{SHARDS_DIR}/{shard_name(k)}" for k in range(count)}
         if len(paths) != count or set(paths) != names:  # only the version's own shard folders are ever opened

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 
 from collectivekv.cachestore.decode.runtime_config import ServingConfig
 from collectivekv.cachestore.store.shards import shard_of
@@ -156,3 +157,28 @@ def test_a_loaded_version_has_every_served_shard_open(store: tuple[ModelStore, P
         assert {f"shards/0000{k}/lmdb/data.mdb" for k in (0, 1)} <= {p[p.index("shards/"):] for p in mapped}
     finally:
         version.close()
+
+
+def test_a_shard_folder_that_is_another_shard_is_refused(store: tuple[ModelStore, Path], tmp_path: Path) -> None:
+    """Swapped shard folders: opening any shard names the damage (its users were scored as cold starts)."""
+    import json
+    import os
+    import shutil
+
+    from collectivekv.cachestore.decode.sharded import open_runtime
+    from collectivekv.cachestore.store.shards import ShardError
+    from collectivekv.cachestore.store.store_check import StoreDamagedError
+
+    real = Path(os.path.realpath(store[1] / "current"))
+    version = Path(shutil.copytree(real, tmp_path / real.name))  # its own name: only the shards are wrong
+    open_runtime(version, version / "checkpoint", ServingConfig(device="cpu", shards=(1,))).close()
+    os.rename(version / "shards" / "00000", version / "shards" / "tmp")
+    os.rename(version / "shards" / "00001", version / "shards" / "00000")
+    os.rename(version / "shards" / "tmp", version / "shards" / "00001")
+    with pytest.raises(StoreDamagedError, match="names shard 0 of 2 .* not shard 1 of 2"):
+        open_runtime(version, version / "checkpoint", ServingConfig(device="cpu", shards=(1,)))
+    manifest = json.loads((version / "manifest.json").read_text())
+    del manifest["shards"]["list"]
+    (version / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match="no valid count and list"):
+        open_runtime(version, version / "checkpoint", ServingConfig(device="cpu"))
