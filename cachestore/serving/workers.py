@@ -120,9 +120,13 @@ class Supervisor:
         proc.start()
         child.close()
         self._workers[index] = proc
-        if not parent.poll(_READY_TIMEOUT_S):
-            proc.kill()
-            raise WorkerFailed(f"worker {index} did not start within {_READY_TIMEOUT_S:.0f} s")
+        deadline = time.monotonic() + _READY_TIMEOUT_S
+        while not parent.poll(0.2):  # in slices: a SIGTERM while a worker loads stops it at once
+            if self._stop.is_set() or time.monotonic() > deadline:
+                proc.kill()
+                proc.join()
+                why = "the server was asked to stop" if self._stop.is_set() else f"{_READY_TIMEOUT_S:.0f} s passed"
+                raise WorkerFailed(f"worker {index} did not start: {why}")
         try:
             msg = parent.recv()
         except EOFError:
@@ -151,19 +155,29 @@ class Supervisor:
         self._stop.set()
 
     def _restart(self, index: int, exitcode: int | None) -> None:
-        """Start worker ``index`` again (after it exited with ``exitcode``); a start that fails counts as one
-        more exit. WorkerFailed beyond MAX_RESTARTS within RESTART_WINDOW_S."""
+        """Start worker ``index`` again (after it exited with ``exitcode``), backing off 1, 2, 4 … s between
+        attempts; a start that fails counts as one more exit. Beyond MAX_RESTARTS within RESTART_WINDOW_S the
+        slot is left empty while other workers serve (WorkerFailed when none does)."""
         from prometheus_client import multiprocess
 
+        attempt = 0
         while not self._stop.is_set():
             proc = self._workers[index]
             multiprocess.mark_process_dead(proc.pid, self._metrics_dir)
             now = time.monotonic()
             self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW_S] + [now]
             if len(self._restarts) > MAX_RESTARTS:
-                raise WorkerFailed(f"workers exited {len(self._restarts)} times within {RESTART_WINDOW_S:.0f} s; "
-                                   f"the last: worker {index}, status {exitcode}")
+                why = (f"workers exited {len(self._restarts)} times within {RESTART_WINDOW_S:.0f} s; the last: "
+                       f"worker {index}, status {exitcode}")
+                self._workers[index] = None
+                if not any(p is not None and p.is_alive() for p in self._workers):
+                    raise WorkerFailed(why)
+                log.error("%s: worker %d is not started again, the others keep serving", why, index)
+                return
             log.error("worker %d (pid %d) exited with status %s; starting it again", index, proc.pid, exitcode)
+            if attempt and self._stop.wait(min(2.0 ** (attempt - 1), 30.0)):
+                return
+            attempt += 1
             try:
                 self._start(index, 1.0)  # the others hold their memory already: it takes what they left
                 return

@@ -119,3 +119,33 @@ def test_a_worker_that_cannot_load_stops_the_server_with_one_line(tmp_path: Path
     errors = [line for line in bad.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "no published store version" in errors[0], bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_sigterm_while_a_worker_loads_stops_the_server_at_once(published: tuple[ModelStore, Path]) -> None:
+    """A worker still loading (stopped with SIGSTOP: a slow load) does not hold the supervisor past a SIGTERM."""
+    _, root = published
+    proc = subprocess.Popen([*CKV, "serve", "--store", str(root), "--port", "0", "--device", "cpu", "--workers", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=repo_env())
+    kid, deadline = None, time.monotonic() + 60
+    while kid is None and time.monotonic() < deadline:
+        try:
+            kids = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            kid = next((int(p) for p in kids if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()),
+                       None)
+        except FileNotFoundError:
+            pass
+        time.sleep(0.01)
+    assert kid is not None
+    os.kill(kid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        try:
+            os.kill(kid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert time.monotonic() - t0 < 20 and "asked to stop" in proc.stderr.read()
