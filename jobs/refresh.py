@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,7 @@ def refresh_cmd(store: str, work: str, events: Path | None, dataset: str | None,
         metric=metric, margin=margin, prefill={"master": master, "engine": engine, "shards": shards},
         verify_sample=verify_sample,
     )  # fmt: skip
+    signal.signal(signal.SIGTERM, _terminated)  # the run's cleanup (its scratch store under STORE/staging/) runs
     try:
         report = run_refresh(opts)
     except RefreshRefused as exc:
@@ -95,6 +97,11 @@ def refresh_cmd(store: str, work: str, events: Path | None, dataset: str | None,
     click.echo(json.dumps({"published": report["published"], "gate": {k: report["gate"][k] for k in
                                                                       ("metric", "delta", "margin", "passed")},
                            "seconds": report["seconds"]}, indent=2))
+
+
+def _terminated(signum: int, _frame: object) -> None:
+    """SIGTERM → SystemExit(143) in the main thread, so the run's ``finally`` blocks remove what it wrote."""
+    raise SystemExit(128 + signum)
 
 
 def current_shard_count(store: Path) -> int:

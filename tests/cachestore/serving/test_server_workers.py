@@ -3,6 +3,7 @@ the metrics summed over them, a worker that dies started again, and a clean stop
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -144,8 +145,6 @@ def test_sigterm_while_a_worker_loads_stops_the_server_at_once(published: tuple[
     finally:
         if proc.poll() is None:
             proc.kill()
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(kid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     assert time.monotonic() - t0 < 20 and "asked to stop" in proc.stderr.read()
