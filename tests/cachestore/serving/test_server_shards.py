@@ -148,13 +148,16 @@ def test_ckv_score_names_the_row_of_a_user_of_another_shard(store: tuple[ModelSt
 def test_a_loaded_version_has_every_served_shard_open(store: tuple[ModelStore, Path]) -> None:
     """The swap's warm-up reads every served shard, so no shard's LMDB is first opened after the switch (a pruned
     version's shard would then fail every request)."""
+    import os
+
     from collectivekv.cachestore.serving.versions import load_version
     from collectivekv.cachestore.store.publish import open_current
 
     version = load_version(open_current(store[1]), ServingConfig(device="cpu", batch_users=8, shards=(0, 1)))
     try:
-        mapped = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "data.mdb" in line}
-        assert {f"shards/0000{k}/lmdb/data.mdb" for k in (0, 1)} <= {p[p.index("shards/"):] for p in mapped}
+        here = f"{os.path.realpath(store[1] / 'current')}/shards/"
+        mapped = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if here in line}
+        assert {f"{here}0000{k}/lmdb/data.mdb" for k in (0, 1)} <= mapped
     finally:
         version.close()
 
