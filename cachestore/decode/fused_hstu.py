@@ -43,6 +43,7 @@ from collectivekv.cachestore.decode.decode import ResidentZooModel
 from collectivekv.cachestore.decode.fused import IDX_BYTES, INTERPRETED, _gather_rows, _load_idx, _load_side, tl, triton
 from collectivekv.cachestore.decode.fused_config import DEFAULT_FUSED, FusedConfig, pool_dtype, split_parts
 from collectivekv.cachestore.decode.fused_mlp import mlp_logits
+from collectivekv.cachestore.decode.fused_route import route_argmax
 from collectivekv.cachestore.decode.fused_view import (
     check_half_layout,
     group_scales,
@@ -57,7 +58,6 @@ from collectivekv.model.cache_spec import entry_parts, store_config
 from collectivekv.model.hstu import HSTULayer, rel_bucket
 from collectivekv.model.pool import KVBranch
 from collectivekv.model.quant import fake_quant
-from collectivekv.model.routing import route
 
 if triton is not None:
 
@@ -215,7 +215,8 @@ def hstu_history(raw: torch.Tensor, q: torch.Tensor, starts: torch.Tensor, layer
 def _candidate_side(branch: KVBranch, h: torch.Tensor) -> torch.Tensor:
     """The candidates' own K (or V) (B, C, d_a) from h (B, C, E): SiLU(W h) ⊕ pool[argmax router(h)]
     (shared; as ``HSTULayer.project`` with hard routing: the branch's own router and pool, or its joint router
-    and pool columns; int8 branches fake-quantise the user part with their scale) or SiLU(W h) (not shared).
+    and pool columns, routed by :func:`cachestore.decode.fused_route.route_argmax`; int8 branches fake-quantise
+    the user part with their scale) or SiLU(W h) (not shared).
     No host sync (the scale was checked when the resident read it: ``model.entry.user_scales``)."""
     user = nn.functional.silu(branch.proj(h))  # (B, C, d_u or d_a)
     pool, weight = branch.collective_pool(), branch.routing_weight()
@@ -223,7 +224,7 @@ def _candidate_side(branch: KVBranch, h: torch.Tensor) -> torch.Tensor:
         return user
     if branch.int8:
         user = fake_quant(user, branch.user_scale).to(user.dtype)
-    idx = route(nn.functional.linear(h, weight)).idx  # (B, C)
+    idx = route_argmax(h, weight)  # (B, C): route(linear(h, weight)).idx without the (B, C, S) logits
     rows = pool.index_select(0, idx.reshape(-1)).reshape(*idx.shape, -1)  # (B, C, d_a - d_u)
     return torch.cat([user, rows.to(user.dtype)], dim=-1)
 
