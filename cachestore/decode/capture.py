@@ -1,5 +1,6 @@
 """CUDA graph capture and streams for a process that serves while it loads: a capture that does not stall
-other threads (:func:`capturing`), and streams of its own for the thread that serves (:func:`own_streams`).
+other threads (:func:`capturing`), streams of its own for the thread that serves (:func:`own_streams`), and a
+second stream for work that can run beside the rest of a decode (:func:`beside`).
 
 A server loads the next store version — its tier copied in, its graphs captured — while the current version
 serves on other threads. ``torch.cuda.graph`` starts every capture with a device-wide synchronize and empties
@@ -11,6 +12,7 @@ the serving thread's requests.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -18,6 +20,7 @@ import torch
 # Graphs are captured while other threads keep the device busy (a server loads the next store version and
 # captures its graphs while the current one serves): only the capturing thread's calls may break a capture.
 CAPTURE_MODE = "thread_local"
+_SIDE = threading.local()  # per thread: {device: its second stream}
 
 
 @contextlib.contextmanager
@@ -44,3 +47,19 @@ def own_streams(devices: Iterable[torch.device]) -> None:
     for device in {torch.device(d) for d in devices}:
         if device.type == "cuda":
             torch.cuda.set_stream(torch.cuda.Stream(device))
+
+
+def beside(device: torch.device) -> tuple[torch.cuda.Stream | None, torch.cuda.Stream | None]:
+    """(the current stream, a second stream of ``device`` that has waited for it) on CUDA — work issued on the second
+    runs beside what follows on the first until the first waits for it (inside a CUDA graph: two branches) — and
+    (None, None) elsewhere. One second stream per thread and device (a capture in one thread never meets another
+    thread's work on it), made on the thread's first call (an eager one: the graphs run their body once before
+    capturing it). Every tensor the side work reads must stay referenced until the join."""
+    if device.type != "cuda":
+        return None, None
+    streams = _SIDE.__dict__.setdefault("streams", {})
+    if device not in streams:
+        streams[device] = torch.cuda.Stream(device)
+    main, side = torch.cuda.current_stream(device), streams[device]
+    side.wait_stream(main)
+    return main, side

@@ -22,8 +22,8 @@ min(n, cap); a few (B,) torch ops). :func:`zoo_static_decode` then runs ``LongSe
                   stable top-k (later behaviour first on ties) → softmax → ``weighted_values`` per head
     logits = MLP([short, long, t])
 
-On CUDA the short stage runs on a second stream beside the long one (:func:`beside`; two branches of a CUDA graph):
-its few programs fill the SMs that the long stage's latency-bound kernels leave idle.
+On CUDA the short stage runs on a second stream beside the long one (:func:`cachestore.decode.capture.beside`; two
+branches of a CUDA graph): its few programs fill the SMs that the long stage's latency-bound kernels leave idle.
 
 No part is unpacked to tensors (the kernels read the keys' packed bytes in place too); the L of every intermediate is
 the group's cap (the store's long_len), never the batch's longest history, so every shape is host-known.
@@ -40,13 +40,13 @@ Pool rows are read at the store's precision unless ``FusedConfig.pool_dtype`` sa
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
+from collectivekv.cachestore.decode.capture import beside
 from collectivekv.cachestore.decode.decode import ResidentZooModel
 from collectivekv.cachestore.decode.fused import (
     DEFAULT_FUSED,
@@ -73,24 +73,6 @@ from collectivekv.cachestore.store.record import RouterIndexError
 from collectivekv.model.cache_spec import entry_parts, group_specs, key_bits, store_config
 from collectivekv.model.config import ModelConfig
 from collectivekv.model.retrieval import bitmask, sdim_buckets
-
-_SIDE = threading.local()  # per thread: {device: its second stream}
-
-
-def beside(device: torch.device) -> tuple[torch.cuda.Stream | None, torch.cuda.Stream | None]:
-    """(the current stream, a second stream of ``device`` that has waited for it) on CUDA — work issued on the second
-    runs beside what follows on the first until the first waits for it (inside a CUDA graph: two branches) — and
-    (None, None) elsewhere. One second stream per thread and device (a capture in one thread never meets another
-    thread's work on it), made on the thread's first call (an eager one: the graphs run their body once before
-    capturing it). Every tensor the side work reads must stay referenced until the join."""
-    if device.type != "cuda":
-        return None, None
-    streams = _SIDE.__dict__.setdefault("streams", {})
-    if device not in streams:
-        streams[device] = torch.cuda.Stream(device)
-    main, side = torch.cuda.current_stream(device), streams[device]
-    side.wait_stream(main)
-    return main, side
 
 
 def part_starts(raw: torch.Tensor, layout: EntryLayout, n_users: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

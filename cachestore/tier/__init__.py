@@ -1,7 +1,7 @@
 """The resident tier: store records held on the serving device (GPU memory; host memory on CPU).
 
     tier.py     ResidentTier — whole-store or cache mode, capacity plan, host index, admission thread
-    arena.py    the arena layout and the device-side batch build (lookup by searchsorted, header, gather)
+    arena.py    the arena layout and the device-side batch build (the key index and its lookup, header, gather)
     policy.py   eviction policies: LRU and S3-FIFO
     graph.py    the CUDA graph of a resident request (ids in → lookup → gather → decode)
 

@@ -5,9 +5,10 @@ candidates) whose batch buffer is the tier's arena itself (:mod:`cachestore.tier
 batch whose records are the whole tier). Its captured graph is
 
       whole store: one lookup kernel — reads in[0] (user ids, -1 = padding) and the candidates (B, C) from
-                   the pinned host inputs over PCIe, binary-searches the ids in the sorted keys, writes the
-                   request header (offsets | lengths), present (B,) and the device candidates, zeroes the
-                   index flags and clears the zero block
+                   the pinned host inputs over PCIe, finds the ids in the keys (a range of the directory, then a
+                   binary search inside it: :class:`cachestore.tier.arena.KeyIndex`), writes the request header
+                   (offsets | lengths), present (B,) and the device candidates, zeroes the index flags and clears
+                   the zero block
       cache mode:  in (2, B) int64 is the header itself (resolved on the host); copied to the arena's start,
                    the candidates copied in
     decode reading the records in place (fused kernel, or unpack + decode) → logits (B, C)
@@ -69,7 +70,7 @@ class ResidentRequest:
         d, tier = self.decoder, self.tier
         b = d.n_users
         if tier.mode == WHOLE:
-            write_header(tier.arena, self.host_in[0], tier.keys, tier.offset, tier.length, self.present, tier.layout,
+            write_header(tier.arena, self.host_in[0], tier.index, self.present, tier.layout,
                          candidates=(d.candidates_host, d.candidates), flags=d.flags)
             return
         d.candidates.copy_(d.candidates_host, non_blocking=not d.eager)

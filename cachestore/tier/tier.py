@@ -42,7 +42,7 @@ from collectivekv.cachestore.store.record import (  # CRC: bytes 0..27 + payload
     KEY,
     RecordError,
 )
-from collectivekv.cachestore.tier.arena import header_bytes
+from collectivekv.cachestore.tier.arena import header_bytes, key_index
 from collectivekv.cachestore.tier.policy import make_policy
 
 if TYPE_CHECKING:  # (lmdb is imported only where a store is read)
@@ -162,9 +162,7 @@ class ResidentTier:
         self.entries, self.resident_bytes = len(keys), total - self.header_bytes
         if not len(keys):  # an empty store: one key no user id (>= 0) nor padding slot (-1) matches
             keys, offset, length = np.array([np.iinfo(np.int64).min]), np.zeros(1, np.int64), np.zeros(1, np.int64)
-        self.keys = torch.from_numpy(keys).to(self.device)
-        self.offset = torch.from_numpy(offset).to(self.device)
-        self.length = torch.from_numpy(length).to(self.device)
+        self.index = key_index(keys, offset, length, self.device)
 
     def _check_chunk(self, staging: torch.Tensor, keys: np.ndarray, sizes: np.ndarray, lo: int, hi: int,
                      starts: np.ndarray) -> None:
@@ -290,5 +288,5 @@ class ResidentTier:
             self._thread.join()
         self.arena = torch.empty(0, dtype=torch.uint8)
         if self.mode == WHOLE:
-            self.keys = self.offset = self.length = self.arena
+            self.index = None
 

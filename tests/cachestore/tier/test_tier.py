@@ -109,7 +109,7 @@ def test_capacity_plan_and_modes(store: dict) -> None:
     assert _runtime(store).tier is None and _runtime(store, tier_bytes=0).tier is None
     whole = _runtime(store, tier_bytes=store_bytes(store["reader"]))
     assert whole.tier.mode == WHOLE and whole.tier.entries_resident == len(USERS)
-    assert whole.tier.keys.tolist() == sorted(USERS)
+    assert whole.tier.index.keys.tolist() == sorted(USERS)
     slot = _slot_bytes(store)
     cache = _runtime(store, tier_bytes=5 * slot + slot // 2)
     assert cache.tier.mode == CACHE and cache.tier.slots == 5 and cache.tier.slot_bytes == slot
@@ -198,7 +198,8 @@ def test_whole_store_load_in_chunks_and_refuses_damage(store: dict, tmp_path: Pa
     want = _runtime(store, tier_bytes=1 << 30)
     monkeypatch.setattr(tier_mod, "LOAD_CHUNK", 200)
     small = _runtime(store, tier_bytes=1 << 30)
-    assert torch.equal(small.tier.arena, want.tier.arena) and torch.equal(small.tier.offset, want.tier.offset)
+    assert torch.equal(small.tier.arena, want.tier.arena)
+    assert torch.equal(small.tier.index.offset, want.tier.index.offset)
     root = _damaged(store, tmp_path)
     with pytest.raises(RecordError, match=f"user {USERS[2]}.*CRC mismatch|CRC mismatch.*{USERS[2]}"):
         DecodeRuntime(store["model"], VERSION, StoreReader(open_current(root)),
@@ -238,23 +239,57 @@ def test_crc_failure_on_admission_is_not_admitted(store: dict, tmp_path: Path) -
 # ------------------------------------------------------------------------------------------ lookup kernel
 
 
+def _keys(rng: np.random.Generator, n_keys: int, spread: str) -> np.ndarray:
+    """n_keys distinct sorted int64 ids: spread evenly, in a few tight clusters far apart, or over the whole int64
+    span (the directory then has one range)."""
+    if spread == "even":
+        return np.sort(rng.choice(5000, n_keys, replace=False)).astype(np.int64)
+    if spread == "clusters":
+        base = rng.choice([0, 1 << 20, 1 << 40, (1 << 61) - 1000], n_keys)
+        return np.unique(base + rng.integers(0, 300, n_keys)).astype(np.int64)
+    return np.unique(np.concatenate([[np.iinfo(np.int64).min + 5, np.iinfo(np.int64).max - 5],
+                                     rng.integers(-(1 << 62), 1 << 62, n_keys)])).astype(np.int64)
+
+
+@given(n_keys=st.integers(1, 400), seed=st.integers(0, 10_000), spread=st.sampled_from(["even", "clusters", "wide"]))
+@settings(max_examples=30, deadline=None)
+def test_key_index_ranges_hold_their_keys(n_keys: int, seed: int, spread: str) -> None:
+    """Every key lies in its directory range, the ranges tile 0 .. E, and ``steps`` halvings search the widest."""
+    keys = _keys(np.random.default_rng(seed), n_keys, spread)
+    idx = arena_mod.key_index(keys, np.arange(len(keys)), np.arange(len(keys)), torch.device("cpu"))
+    starts = idx.starts.numpy()
+    assert starts[0] == 0 and starts[-1] == len(keys) and (np.diff(starts) >= 0).all()
+    d = len(starts) - 1
+    j = (keys - idx.kmin) >> idx.shift if d > 1 else np.zeros(len(keys), np.int64)
+    pos = np.arange(len(keys))
+    assert ((starts[j] <= pos) & (pos < starts[j + 1])).all()
+    assert (1 << (idx.steps - 1)) > np.diff(starts).max()
+    assert d == 1 or d <= max(1, len(keys) // 2)
+
+
 @pytest.mark.skipif(arena_mod.triton is None, reason="needs Triton (CUDA, or its CPU interpreter)")
-@given(n_keys=st.integers(1, 300), seed=st.integers(0, 10_000))
+@given(n_keys=st.integers(1, 300), seed=st.integers(0, 10_000), spread=st.sampled_from(["even", "clusters", "wide"]))
 @settings(max_examples=15, deadline=None)
-def test_lookup_kernel_equals_searchsorted(n_keys: int, seed: int) -> None:
-    """The resident graph's Triton lookup (binary search, header, present, zero block, the candidates copied) ==
-    torch.searchsorted; on CPU under Triton's interpreter (conftest), natively on CUDA with the ids and the
-    candidates read from pinned host memory."""
+def test_lookup_kernel_equals_searchsorted(n_keys: int, seed: int, spread: str) -> None:
+    """The resident graph's Triton lookup (directory range, binary search, header, present, zero block, the
+    candidates copied) == torch.searchsorted over keys spread evenly, clustered or over the whole int64 span; on
+    CPU under Triton's interpreter (conftest), natively on CUDA with the ids and the candidates read from pinned
+    host memory."""
     import triton
 
     rng = np.random.default_rng(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    keys = np.sort(rng.choice(5000, n_keys, replace=False)).astype(np.int64)
-    ids = np.concatenate([rng.choice(keys, 9), rng.integers(-1, 5001, 9), [-1, keys[0], keys[-1], 5001]])
+    keys = _keys(rng, n_keys, spread)
+    n_keys = len(keys)
+    lo, hi = int(keys[0]), int(keys[-1])
+    ids = np.concatenate([rng.choice(keys, 9), keys[:3] + 1, keys[-3:] - 1, rng.integers(-1, 5001, 9),
+                          [-1, lo, hi, max(lo - 1, -(1 << 63)), min(hi + 1, (1 << 63) - 1),
+                           -(1 << 63), (1 << 63) - 1]]).astype(np.int64)
     b = len(ids)
-    k, off, n = (torch.from_numpy(a).to(device) for a in (keys, rng.integers(0, 1 << 40, n_keys),
-                                                          rng.integers(0, 50, n_keys)))
-    want_off, want_n, want_p = arena_mod.lookup(torch.from_numpy(ids).to(device), k, off, n, 16 * b)
+    index = arena_mod.key_index(keys, rng.integers(0, 1 << 40, n_keys), rng.integers(0, 50, n_keys),
+                                torch.device(device))
+    want_off, want_n, want_p = arena_mod.lookup(torch.from_numpy(ids).to(device), index.keys, index.offset,
+                                                index.length, 16 * b)
     arena = torch.full((16 * b + 64,), 7, dtype=torch.uint8, device=device)
     present = torch.zeros(b, dtype=torch.bool, device=device)
     pin = device == "cuda"
@@ -263,9 +298,10 @@ def test_lookup_kernel_equals_searchsorted(n_keys: int, seed: int) -> None:
         rng.integers(0, 1 << 40, 300))  # more candidates than ids: the programs cover both
     dst = torch.zeros(300, dtype=torch.int64, device=device)
     flags = torch.ones(b, dtype=torch.int32, device=device)
-    arena_mod._lookup_kernel[(triton.cdiv(300, 256),)](host_ids, k, off, n, arena.view(torch.int64), present, b,
-                                                       n_keys, 2, src, dst, 300, flags, b,
-                                                       STEPS=n_keys.bit_length() + 1, BLOCK=256, ZBLOCK=2)
+    arena_mod._lookup_kernel[(triton.cdiv(300, 256),)](
+        host_ids, index.keys, index.offset, index.length, index.starts, index.kmin, index.kmax, index.shift,
+        arena.view(torch.int64), present, b, n_keys, 2, src, dst, 300, flags, b, RANGES=index.starts.numel() > 2,
+        STEPS=index.steps, BLOCK=256, ZBLOCK=2)
     head = arena[: 16 * b].view(torch.int64)
     assert torch.equal(head[:b], want_off) and torch.equal(head[b:], want_n) and torch.equal(present, want_p)
     assert torch.equal(dst.cpu(), src) and not flags.any()
