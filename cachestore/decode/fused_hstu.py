@@ -19,10 +19,7 @@ that reads the packed batch (:mod:`cachestore.decode.batch`) in place:
           v_j  = v_user[j, cols] (0 beyond dv) + P_v[v_idx[j], cols]
       out[s, b·C + c, cols] = Σ_j a_jh v_j,h / max_len                   (zeros when n == 0)
 
-and the parts s are summed in torch (no softmax: the history term is a plain sum). The candidates' own K/V (their
-projections and hard routing: an fp32 GEMM against the router's S rows and a max) run beside the batch copy in
-layer 0 and, on CUDA, on a second stream beside the history kernel in the later layers
-(:func:`cachestore.decode.capture.beside`): only the self term needs them. K/V rows are rebuilt
+and the parts s are summed in torch (no softmax: the history term is a plain sum). K/V rows are rebuilt
 in registers, never written to memory. A router index outside 0 .. pool_size - 1 is never read (its
 pool loads are masked) and sets ``flags[b] = 1``. Full-KV stores (``mode`` "full") hold the whole d_a
 row as the user part and no indices. fp32 user parts that the layout can place at a 2-byte boundary
@@ -38,12 +35,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from contextlib import nullcontext
 
 import torch
 from torch import nn
 
-from collectivekv.cachestore.decode.capture import beside
 from collectivekv.cachestore.decode.decode import ResidentZooModel
 from collectivekv.cachestore.decode.fused import IDX_BYTES, INTERPRETED, _gather_rows, _load_idx, _load_side, tl, triton
 from collectivekv.cachestore.decode.fused_config import DEFAULT_FUSED, FusedConfig, pool_dtype, split_parts
@@ -289,17 +284,13 @@ def hstu_static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident:
     for i, layer in enumerate(model.layers):
         h = layer.norm_in(x)
         u, q = nn.functional.silu(layer.uq(h)).chunk(2, dim=-1)  # (b, C, d_a) each
-        main, side = (None, None) if starts is None else beside(raw.device)  # layer 0: beside the batch copy
-        with torch.cuda.stream(side) if side is not None else nullcontext():  # later layers: beside the history
-            k, v = _candidate_side(layer.k_branch, h), _candidate_side(layer.v_branch, h)
+        k, v = _candidate_side(layer.k_branch, h), _candidate_side(layer.v_branch, h)
         if starts is None:  # the batch is read from here on
             if on_chunk is not None:
                 on_chunk(0)
             starts = part_starts(raw, layout, n_users)  # (P, B)
         history = hstu_history(raw, q, starts, i, resident=resident, layout=layout, n_users=n_users, flags=flag,
                                config=config)
-        if side is not None:
-            main.wait_stream(side)  # join: the self term reads k and v
         x = layer.update(x, history.to(q.dtype) + _self_term(layer, q, k, v), u)
     if on_chunk is not None:
         on_chunk(1)
