@@ -13,7 +13,7 @@ Fields (defaults in brackets):
     pad_to       pad every step to this history length (static shapes)  [None: the batch's longest]
     graphs       decode each step by replaying a CUDA graph (CUDA, every model)  [False]
     zero_copy    with graphs: the graph gathers the records from the LMDB map  [False]
-    verify_crc   CRC-check every record fetched from LMDB (the resident tier checks on admission anyway)  [False]
+    verify_crc   CRC-check every record fetched from LMDB (the resident tier's misses too) before scoring it  [False]
     tier_bytes   bytes of the resident tier (:mod:`cachestore.tier`): None = auto (on CUDA the whole store
                  when it fits in 80% of the free device memory, else that 80%; on CPU off), 0 = off  [None]
     tier_share   the share of that auto budget this runtime may take: 1/k when k serving processes start on

@@ -27,7 +27,8 @@ def open_tier(rt: Any) -> ResidentTier | None:
         raise ValueError(f"pad_to {rt.pad_to} < the store's max_len {rt.layout.max_len}: the resident tier would cut "
                          "longer histories; give pad_to >= max_len (or none), or tier_bytes=0")
     return ResidentTier(rt.reader, rt.device, capacity, policy=rt.config.policy,
-                        batch_users=rt.batch_users, expected_model_version=rt.model_version)
+                        batch_users=rt.batch_users, expected_model_version=rt.model_version,
+                        verify_crc=rt.config.verify_crc)
 
 
 def score_resident(rt: Any, ids: np.ndarray, cand: np.ndarray, stats: RuntimeStats, slots: int

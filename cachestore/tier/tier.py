@@ -103,7 +103,7 @@ class ResidentTier:
     :meth:`resolve` takes; expected_model_version: the loaded checkpoint's."""
 
     def __init__(self, reader: StoreReader, device: torch.device, capacity: int, *, policy: str = "s3fifo",
-                 batch_users: int = 512, expected_model_version: str | None = None) -> None:
+                 batch_users: int = 512, expected_model_version: str | None = None, verify_crc: bool = False) -> None:
         layout = reader.layout
         self.reader, self.layout, self.device = reader, layout, torch.device(device)
         self.capacity, self.batch_users = int(capacity), batch_users
@@ -111,7 +111,7 @@ class ResidentTier:
         self.counters = TierCounters()
         self.lock = threading.RLock()
         self._checks = HostBatcher(layout, reader=reader, expected_model_version=self.version, pin=False,
-                                   batch_users=batch_users)
+                                   batch_users=batch_users, verify_crc=verify_crc)  # misses: CRC-checked if asked
         self.slot_bytes = (layout.record_size(layout.max_len) + 7) & -8
         self.header_bytes = header_bytes(layout, batch_users)  # the request header area at the arena's start
         if store_bytes(reader) <= self.capacity:

@@ -236,6 +236,20 @@ def test_crc_failure_on_admission_is_not_admitted(store: dict, tmp_path: Path) -
     rt.close()
 
 
+def test_verify_crc_refuses_a_damaged_miss_before_scoring(store: dict, tmp_path: Path) -> None:
+    """With verify_crc the tier's misses are CRC-checked when fetched, as the LMDB path's records are: a damaged
+    record is refused naming its user on every request, never scored from its damaged bytes."""
+    reader = StoreReader(open_current(_damaged(store, tmp_path)))
+    rt = DecodeRuntime(store["model"], VERSION, reader, ServingConfig(device="cpu", batch_users=4, verify_crc=True,
+                                                                     tier_bytes=4 * _slot_bytes(store)))
+    assert rt.tier.mode == CACHE
+    for _ in range(2):
+        with pytest.raises(RecordError, match=f"user {USERS[2]}.*CRC mismatch|CRC mismatch.*{USERS[2]}"):
+            rt.score(np.array([USERS[3], USERS[2]]), np.ones((2, 1), dtype=np.int64))
+    assert rt.score(np.array([USERS[3]]), np.ones((1, 1), dtype=np.int64)).logits.shape[0] == 1
+    rt.close()
+
+
 # ------------------------------------------------------------------------------------------ lookup kernel
 
 
