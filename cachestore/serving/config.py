@@ -17,7 +17,8 @@ class ServerConfig:
     max_batch_users / max_wait_ms: the dynamic batcher closes a device batch when it holds this many
     users, or this long after its first request arrived, whichever comes first (a request larger than
     ``max_batch_users`` is one batch on its own; the runtime splits it into its own steps).
-    max_queue_users: users waiting in the queue at most; a request beyond it gets 503 (back off).
+    max_queue_users: users waiting in the queue at most; a request beyond it gets 503 (back off), one larger than
+        it 413.
     max_request_users / max_candidates / max_body_bytes: limits of one request (413 beyond them).
     request_timeout_s: a request not scored by then gets 503 (the worker is stuck or overloaded).
     poll_s: how often ``STORE/current`` is read for a new version.

@@ -303,6 +303,8 @@ def test_a_full_queue_answers_503_and_the_rest_are_scored(published: tuple[Model
         for t in threads:
             t.join()
         after = client.post("/score", json={"user_ids": [100, 101], "candidates": [[1], [2]]})
+        larger = client.post("/score", json={"user_ids": [100, 101, 102, 103], "candidates": [[1]] * 4})
+    assert larger.status_code == 413 and larger.json()["field"] == "user_ids"  # never fits: not "retry later"
     full = [r for r in replies if r.status_code == 503]
     assert len(full) == 3 and full[0].json()["field"] == "queue" and full[0].headers["retry-after"] == "1"
     ok = [r for r in replies if r.status_code == 200] + [after]
