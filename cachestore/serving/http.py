@@ -229,6 +229,9 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserInvalidURLError:
             self._fatal(400, f"malformed URL {self.url[:80].decode('latin-1')!r}", "url")
             return
+        if url.path is None:  # an absolute URL without a path ("http://host"): before a slot is queued for it
+            self._fatal(400, f"URL without a path {self.url[:80].decode('latin-1')!r}", "url")
+            return
         slot = _Slot()
         slot.close = not self.parser.should_keep_alive()
         self.slots.append(slot)

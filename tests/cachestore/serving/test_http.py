@@ -109,6 +109,8 @@ def test_chunked_body_and_expect_continue(published: tuple[ModelStore, Path]) ->
      400, "upgrade"),
     (b"GET http:// HTTP/1.1\r\nhost: x\r\n\r\n", 400, "url"),  # llhttp takes these URLs, httptools' parser not
     (b"GET http://x:99999/healthz HTTP/1.1\r\nhost: x\r\n\r\n", 400, "url"),
+    (b"GET http://x HTTP/1.1\r\nhost: x\r\n\r\n", 400, "url"),  # an absolute URL without a path
+    (b"POST http://x?dense_ids=1 HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n", 400, "url"),
 ])
 def test_fatal_requests_get_a_reply_and_the_connection_closes(published: tuple[ModelStore, Path], request_bytes: bytes,
                                                               status: int, field: str) -> None:
