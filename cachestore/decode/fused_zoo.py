@@ -41,7 +41,6 @@ Pool rows are read at the store's precision unless ``FusedConfig.pool_dtype`` sa
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -281,7 +280,7 @@ def zoo_static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: 
     starts = part_starts(raw, layout, n_users)
     views = entry_views(raw, layout, n_users, store_cfg, starts)
     main, side = beside(raw.device)
-    with torch.cuda.stream(side) if side is not None else nullcontext():  # the short stage beside the long one
+    with torch.cuda.stream(side):  # the short stage beside the long one (no-op for side None: CPU)
         short = attend_group(raw, q_short, views["short"], pools["short"], cfg.n_heads, flag, config=config,
                              scales=group_scales(resident, views["short"].group))
     codes = pool_keys(resident) if store_cfg.pool_keys and cfg.arch in ("sim", "eta") else None  # SDIM: in the index
