@@ -44,11 +44,16 @@ if TYPE_CHECKING:
               help="the interpreter's switch interval: how soon the scoring thread gets the GIL from a busy HTTP loop")
 @click.option("--poll-s", default=1.0, show_default=True, type=click.FloatRange(0.01),
               help="how often STORE/current is checked for a new version")
+@click.option("--keepalive-s", default=5.0, show_default=True, type=click.FloatRange(0),
+              help="an idle connection (no byte in, no reply out) is closed after this long")
+@click.option("--header-timeout-s", default=30.0, show_default=True, type=click.FloatRange(0),
+              help="a request head must be complete this long after it began, and a body may not stall longer")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 256),
               help="serving processes on the port (each its own runtime, tier and batcher; the kernel spreads "
                    "connections over them); /metrics reports their sums")
 def serve(store: Path, host: str, port: int, config: ServingConfig, max_batch_users: int, max_wait_ms: float,
-          max_queue_users: int, torch_threads: int | None, gil_switch_ms: float, poll_s: float, workers: int) -> None:
+          max_queue_users: int, torch_threads: int | None, gil_switch_ms: float, poll_s: float, keepalive_s: float,
+          header_timeout_s: float, workers: int) -> None:
     """Serve POST /score, GET /healthz and GET /metrics for the cache store (docs/serving.md)."""
     from collectivekv.cachestore.serving.config import ServerConfig
 
@@ -59,8 +64,8 @@ def serve(store: Path, host: str, port: int, config: ServingConfig, max_batch_us
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     server_config = ServerConfig(store=store, host=host, port=port, max_batch_users=max_batch_users,
                                  max_wait_ms=max_wait_ms, max_queue_users=max_queue_users, poll_s=poll_s,
-                                 workers=workers, torch_threads=torch_threads, gil_switch_ms=gil_switch_ms,
-                                 runtime=config)
+                                 keepalive_s=keepalive_s, header_timeout_s=header_timeout_s, workers=workers,
+                                 torch_threads=torch_threads, gil_switch_ms=gil_switch_ms, runtime=config)
     if workers > 1:
         _serve_workers(server_config)
     else:

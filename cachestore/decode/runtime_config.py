@@ -14,8 +14,10 @@ Fields (defaults in brackets):
     graphs       decode each step by replaying a CUDA graph (CUDA, every model)  [False]
     zero_copy    with graphs: the graph gathers the records from the LMDB map  [False]
     verify_crc   CRC-check every record fetched from LMDB (the resident tier's misses too) before scoring it  [False]
-    tier_bytes   bytes of the resident tier (:mod:`cachestore.tier`): None = auto (on CUDA the whole store
-                 when it fits in 80% of the free device memory, else that 80%; on CPU off), 0 = off  [None]
+    tier_bytes   bytes of records the resident tier holds (:mod:`cachestore.tier`; its arena adds a request area
+                 of batch_users × 16 B + one zero record, and when the store does not fit a staging area of
+                 batch_users records): None = auto (on CUDA the whole store when it fits in 80% of the free
+                 device memory, else that 80%; on CPU off), 0 = off  [None]
     tier_share   the share of that auto budget this runtime may take: 1/k when k serving processes start on
                  one device (``ckv serve --workers``; each starts after the previous one has loaded)  [1.0]
     policy       the tier's eviction policy when the store does not fit: "lru" | "s3fifo"  [s3fifo]

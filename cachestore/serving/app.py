@@ -64,8 +64,10 @@ class ScoringService:
         self.versions = versions
         self.batcher = batcher
         self.metrics = metrics
-        self.limits = Limits(config.max_request_users, config.max_candidates)
+        # a request larger than the queue could never be queued: 413 at parsing, like any oversized request
+        self.limits = Limits(min(config.max_request_users, config.max_queue_users), config.max_candidates)
         self.closed = False
+        self.draining = False  # set when shutdown begins: /healthz turns 503 while the queue drains
 
     def close(self, drain: bool = True) -> None:
         """Drain (or fail) the queue, stop the worker, release every version. Idempotent."""
@@ -113,7 +115,7 @@ class ScoringService:
     def healthz(self) -> Reply:
         versions = self.versions
         active = versions.active
-        doc = {"status": "draining" if self.closed or active is None else "ok",
+        doc = {"status": "draining" if self.draining or self.closed or active is None else "ok",
                "store_version": active.store_version if active else None,
                "model_version": active.model_version if active else None,
                "queue_users": self.batcher.queued_users, "swaps": versions.swaps,

@@ -21,6 +21,9 @@ class ServerConfig:
         it 413.
     max_request_users / max_candidates / max_body_bytes: limits of one request (413 beyond them).
     request_timeout_s: a request not scored by then gets 503 (the worker is stuck or overloaded).
+    keepalive_s: an idle connection (no byte in, no reply out) is closed after this long.
+    header_timeout_s: a request head must be complete this long after it began (however slowly its bytes come),
+    and a body must not stall longer; else the connection is closed.
     poll_s: how often ``STORE/current`` is read for a new version.
     workers: serving processes on the port (:mod:`cachestore.serving.workers`); each has its own runtime,
     tier and batcher, and the kernel spreads the connections over them (SO_REUSEPORT).
@@ -43,6 +46,8 @@ class ServerConfig:
     max_candidates: int = 1024
     max_body_bytes: int = 64 << 20
     request_timeout_s: float = 30.0
+    keepalive_s: float = 5.0
+    header_timeout_s: float = 30.0
     poll_s: float = 1.0
     workers: int = 1
     torch_threads: int | None = None
@@ -54,7 +59,7 @@ class ServerConfig:
                      "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ServerConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_wait_ms", "request_timeout_s", "poll_s"):
+        for name in ("max_wait_ms", "request_timeout_s", "poll_s", "keepalive_s", "header_timeout_s"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"ServerConfig.{name} must be >= 0, got {getattr(self, name)}")
         if not self.gil_switch_ms > 0:

@@ -14,15 +14,17 @@ order and replies are written in that order (pipelining), as soon as the slot at
 :data:`~cachestore.serving.app.INLINE_BYTES` in a thread), ``batcher.submit``, and the worker thread's
 result comes back with one ``call_soon_threadsafe``; a timer answers 503 after ``request_timeout_s``.
 
-Limits: the URL (8 KiB, else 414), the header block (32 KiB, else 431; a head still unfinished after
-:data:`HEAD_SLACK` more bytes of reads is a 431 too, since httptools hands a header over only once it ends), the
-body (``max_body_bytes``, else 413 — at once from Content-Length, or as the chunks arrive), at most
+Limits: the URL (8 KiB, else 414), the header block (32 KiB, else 431; a head or chunked trailer still unfinished
+after :data:`HEAD_SLACK` more bytes of reads is a 431 too, since httptools hands a header over only once it ends),
+the body (``max_body_bytes``, else 413 — at once from Content-Length, or as the chunks arrive), at most
 :data:`MAX_PIPELINED` unanswered requests per connection (reading pauses beyond it, and while the client does not
 read its replies: it resumes only when both allow). Malformed HTTP, and a URL httptools cannot parse, get 400
-and the connection closes; so do the three limits above. Keep-alive connections
-idle for ``keepalive_s`` (default 5 s), and connections stuck mid-request for ``header_timeout_s``, are
-closed by a sweep once a second. ``Expect: 100-continue`` is answered. Shutdown (:meth:`HttpServer.run`'s stop
-event): stop accepting, close idle connections, answer every request already read, then close the rest.
+and the connection closes; so do the three limits above (each counted in ``ckv_requests_total``). A sweep once a
+second closes connections idle for ``keepalive_s`` since their last byte in or reply out, a head (or trailer)
+not complete ``header_timeout_s`` after it began however its bytes trickle, and a body with no byte for
+``header_timeout_s`` (both in :class:`~cachestore.serving.config.ServerConfig`). ``Expect: 100-continue`` is
+answered in reply order. Shutdown (:meth:`HttpServer.run`'s stop event): ``/healthz`` turns 503, stop
+accepting, close idle connections, answer every request already read, then close the rest.
 """
 
 from __future__ import annotations
@@ -82,12 +84,11 @@ class _Slot:
 class HttpServer:
     """The listening side: one :class:`ScoringService` behind a listening socket."""
 
-    def __init__(self, service: ScoringService, sock: Any, keepalive_s: float = 5.0,
-                 header_timeout_s: float = 30.0) -> None:
+    def __init__(self, service: ScoringService, sock: Any) -> None:
         self.service = service
         self.sock = sock
-        self.keepalive_s = keepalive_s
-        self.header_timeout_s = header_timeout_s
+        self.keepalive_s = service.config.keepalive_s
+        self.header_timeout_s = service.config.header_timeout_s
         self.connections: set[_Connection] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -99,6 +100,7 @@ class HttpServer:
         try:
             await stop.wait()
         finally:
+            self.service.draining = True
             server.close()
             sweeper.cancel()
             for conn in list(self.connections):
@@ -130,13 +132,15 @@ class _Connection(asyncio.Protocol):
         self.slots: deque[_Slot] = deque()
         self.pending: set[Future] = set()
         self.dead = self.closing = self.paused = self.in_message = self.write_paused = False
-        self.head_bytes = 0  # bytes received since the request began, until its headers are complete
+        self.head_bytes = 0  # bytes received inside one head or trailer section (httptools buffers it whole)
         self.in_head = False
-        self.active = 0.0
+        self.active = 0.0  # when the last byte arrived or the last reply left (the keep-alive clock)
+        self.section_start = 0.0  # when the head (or trailer) being read began: header_timeout_s to complete it
         self._reset()
 
     def _reset(self) -> None:
         self.url = b""
+        self.expect_continue = False
         self.content_type = JSON_MIME
         self.header_bytes = 0
         self.body: list[bytes] = []
@@ -178,18 +182,33 @@ class _Connection(asyncio.Protocol):
         if self.in_head and not self.dead:  # httptools hands a header over only once complete: bound the reads
             self.head_bytes += len(data)  # that end inside one request's head
             if self.head_bytes > MAX_URL + MAX_HEADER_BYTES + HEAD_SLACK:
-                self._fatal(431, f"the request line and headers exceed {MAX_URL + MAX_HEADER_BYTES} bytes", "headers")
+                limit = MAX_URL + MAX_HEADER_BYTES
+                self._fatal(431, f"the request line and headers (or trailers) exceed {limit} bytes", "headers")
 
     # -------------------------------------------------------------------------------- parser callbacks
 
     def on_message_begin(self) -> None:
         self.in_message = self.in_head = True
         self.head_bytes = 0
+        self.section_start = self.loop.time()  # type: ignore[union-attr]
         self._reset()
 
     def on_headers_complete(self) -> None:
         self.in_head = False
         self.head_bytes = 0
+        if self.expect_continue and not self.dead:  # after the earlier pipelined replies, like any reply
+            slot = _Slot()
+            slot.data = b"HTTP/1.1 100 Continue\r\n\r\n"
+            self.slots.append(slot)
+            self._flush()
+
+    def on_chunk_header(self) -> None:  # a trailer section may follow (the last chunk): bound it like a head
+        self.in_head = True
+        self.head_bytes = 0
+        self.section_start = self.loop.time()  # type: ignore[union-attr]
+
+    def on_chunk_complete(self) -> None:
+        self.in_head = False
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -207,10 +226,11 @@ class _Connection(asyncio.Protocol):
         elif name == b"content-length" and value.isdigit() and int(value) > self.service.config.max_body_bytes:
             limit = self.service.config.max_body_bytes
             self._fatal(413, f"{int(value)} bytes exceed the limit of {limit}: split the request", "body")
-        elif name == b"expect" and value.lower() == b"100-continue" and not self.dead:
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
+        elif name == b"expect" and value.lower() == b"100-continue":
+            self.expect_continue = True
 
     def on_body(self, chunk: bytes) -> None:
+        self.in_head = False
         self.body_size += len(chunk)
         limit = self.service.config.max_body_bytes
         if self.body_size > limit:
@@ -219,7 +239,7 @@ class _Connection(asyncio.Protocol):
             self.body.append(chunk)
 
     def on_message_complete(self) -> None:
-        self.in_message = False
+        self.in_message = self.in_head = False
         if self.parser.should_upgrade():
             self._fatal(400, "protocol upgrades are not supported", "upgrade")
         if self.dead:
@@ -311,10 +331,16 @@ class _Connection(asyncio.Protocol):
     def _answer(self, slot: _Slot, reply: Reply) -> None:
         """Fill ``slot`` and write every reply that is now first in line."""
         slot.data = encode(reply, slot.close or self.closing)
+        self._flush()
+
+    def _flush(self) -> None:
+        """Write the replies at the head of the line that are ready; the keep-alive clock restarts."""
         slots = self.slots
         if self.transport.is_closing():  # type: ignore[union-attr]
             slots.clear()  # the client left: nothing more to write
             return
+        if slots and slots[0].data is not None:
+            self.active = self.loop.time()  # type: ignore[union-attr]
         while slots and slots[0].data is not None:
             head = slots.popleft()
             self.transport.write(head.data)  # type: ignore[union-attr]
@@ -339,6 +365,7 @@ class _Connection(asyncio.Protocol):
         self.slots.append(slot)
         self.transport.pause_reading()  # type: ignore[union-attr]
         self._answer(slot, error_reply(status, message, field))
+        self.service.metrics.refused(status)
 
     def shut(self) -> None:
         """Shutdown: close now if idle, else after the replies to the requests already read."""
@@ -347,11 +374,16 @@ class _Connection(asyncio.Protocol):
             self.transport.close()  # type: ignore[union-attr]
 
     def expire(self, now: float) -> None:
-        """Close when idle past keep-alive, or stuck mid-request past the header timeout (the sweep)."""
-        idle = now - self.active
-        if self.slots:
+        """The sweep: close a connection idle past keep-alive (since its last byte in or reply out), one whose
+        request head (or trailer) is not complete ``header_timeout_s`` after it began, however its bytes trickle,
+        and one whose body stalls (no byte) for ``header_timeout_s``. One waiting for its replies stays."""
+        if self.slots and not self.in_head:
             return
-        if idle > (self.server.header_timeout_s if self.in_message else self.server.keepalive_s):
+        if self.in_head:
+            late = now - self.section_start > self.server.header_timeout_s
+        else:
+            late = now - self.active > (self.server.header_timeout_s if self.in_message else self.server.keepalive_s)
+        if late:
             self.transport.close()  # type: ignore[union-attr]
 
     def abort(self) -> None:

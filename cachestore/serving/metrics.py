@@ -49,7 +49,8 @@ class ServerMetrics:
         self.batch_users = Histogram("ckv_batch_users", "users per device batch", buckets=_BATCH_BUCKETS, registry=r)
         self.batch_seconds = Histogram("ckv_batch_seconds", "runtime.score time per device batch",
                                        buckets=_LATENCY_BUCKETS, registry=r)
-        self.requests = Counter("ckv_requests_total", "POST /score replies by status", ["status"], registry=r)
+        self.requests = Counter("ckv_requests_total", "POST /score replies, and refusals of requests read in part, "
+                                "by status", ["status"], registry=r)
         self.users = Counter("ckv_users_scored_total", "users scored", registry=r)
         self.cold_start = Counter("ckv_cold_start_users_total", "users absent from the store", registry=r)
         self.tier_hits = Counter("ckv_tier_hits_total", "resident tier hits", registry=r)
@@ -83,6 +84,10 @@ class ServerMetrics:
             counter = self._by_status[status] = self.requests.labels(str(status))
         counter.inc()
         (self._arrow_seconds if arrow else self._json_seconds).observe(seconds)
+
+    def refused(self, status: int) -> None:
+        """Count a request refused before it was read whole (malformed HTTP, 413 body, 431 headers, ...)."""
+        self.requests.labels(str(status)).inc()
 
     def tier(self, hits: int, misses: int, evictions: int) -> None:
         """Add one batch's tier counts."""

@@ -90,10 +90,26 @@ class ScoreReply:
 _INT_ONLY = {int}
 
 
+class _Digits(str):
+    """A JSON integer too long for ``int`` (Python refuses over 4,300 digits): kept as its text, so the value
+    is named like any other out of range instead of failing the whole body."""
+
+
+def _json_int(text: str) -> int | _Digits:
+    return int(text) if len(text) <= 40 else _Digits(text)  # 2^63 has 19 digits: 40 is out of range either way
+
+
+def _shown(v: object) -> str:
+    """A value for an error message (40 characters at most)."""
+    if type(v) is _Digits:
+        return f"an integer of {len(v.lstrip('-'))} digits"
+    return json.dumps(v)[:40]
+
+
 def _bad_int(values: list, field: str, low: int) -> BadRequest:
     for i, v in enumerate(values):
         if type(v) is not int or not low <= v <= _MAX_ID:
-            return BadRequest(f"{field}[{i}]", f"must be an integer {low}..2^63-1, got {json.dumps(v)[:40]}")
+            return BadRequest(f"{field}[{i}]", f"must be an integer {low}..2^63-1, got {_shown(v)}")
     return BadRequest(field, "invalid integers")  # not reached: the caller saw a bad value
 
 
@@ -142,7 +158,7 @@ def parse_json(body: bytes, limits: Limits, dense_ids: bool = False) -> ScoreReq
 
 def _stdlib_json(body: bytes) -> object:
     try:
-        return json.loads(body)
+        return json.loads(body, parse_int=_json_int)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest("body", f"is not JSON ({exc})", 400) from None
     except RecursionError:
@@ -209,7 +225,7 @@ def _json_users(ids: list) -> tuple[np.ndarray, tuple | None]:
         if type(v) is str:
             _check_text_id(v, f"user_ids[{i}]")
         elif type(v) is not int or not 0 <= v <= _MAX_ID:
-            raise BadRequest(f"user_ids[{i}]", f"must be a text id or an integer 0..2^63-1, got {json.dumps(v)[:40]}")
+            raise BadRequest(f"user_ids[{i}]", f"must be a text id or an integer 0..2^63-1, got {_shown(v)}")
     return np.zeros(len(ids), np.int64), tuple(ids)
 
 

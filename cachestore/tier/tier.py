@@ -98,9 +98,11 @@ class Resolved:
 
 
 class ResidentTier:
-    """See the module docstring. reader: the store version (a din store); device; capacity: bytes
-    (:func:`plan_capacity`, > 0); policy: "lru" | "s3fifo" (cache mode); batch_users: the most users a
-    :meth:`resolve` takes; expected_model_version: the loaded checkpoint's."""
+    """See the module docstring. reader: the store version (any model's); device; capacity: bytes of records
+    (:func:`plan_capacity`, > 0; the whole store when its data file fits, else the cache's slots — the arena adds
+    the request area of :func:`header_bytes` and, in cache mode, the staging area); policy: "lru" | "s3fifo"
+    (cache mode); batch_users: the most users a :meth:`resolve` takes; expected_model_version: the loaded
+    checkpoint's."""
 
     def __init__(self, reader: StoreReader, device: torch.device, capacity: int, *, policy: str = "s3fifo",
                  batch_users: int = 512, expected_model_version: str | None = None, verify_crc: bool = False) -> None:

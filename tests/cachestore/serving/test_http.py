@@ -4,8 +4,11 @@ requests, unknown routes and methods, and connections left open at shutdown."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -220,3 +223,94 @@ def test_a_flood_of_pipelined_requests_is_answered_in_order(published: tuple[Mod
         client.send(b"".join(f"GET {p} HTTP/1.1\r\nhost: x\r\n\r\n".encode() for p, _ in paths))
         assert [client.reply()[0] for _ in paths] == [status for _, status in paths]
         client.close()
+
+
+def test_a_chunked_trailer_that_never_ends_is_refused_as_it_arrives(published: tuple[ModelStore, Path]) -> None:
+    """httptools buffers a trailer field whole, like a header: its bytes are bounded as they arrive."""
+    _, root = published
+    with start_server(root) as srv:
+        client = _Client(srv.url)
+        client.sock.settimeout(5)
+        sent = 0
+        try:
+            client.send(b"POST /score HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                        b"transfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nx-trailer: ")
+            while sent < (16 << 20):
+                client.send(b"a" * (64 << 10))
+                sent += 64 << 10
+        except OSError:
+            pass
+        got, _, body = client.reply()
+        assert got == 431 and json.loads(body)["field"] == "headers" and sent < (4 << 20)
+        client.close()
+        metrics = _Client(srv.url)  # a refusal of a request read in part is counted with the replies
+        metrics.send(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert b'ckv_requests_total{status="431"} 1.0' in metrics.reply()[2]
+        metrics.close()
+
+
+def test_keepalive_counts_from_the_last_reply(published: tuple[ModelStore, Path]) -> None:
+    """A reply slower than keepalive_s leaves the connection open for keepalive_s after it is written."""
+    model, root = published
+    with start_server(root, max_wait_ms=2500.0, keepalive_s=1.5) as srv:
+        client = _Client(srv.url)
+        client.send(_post(_score_body(model.user_ids[0], [1])))  # the batcher holds it 2.5 s
+        assert client.reply()[0] == 200
+        time.sleep(1.2)  # the sweep (once a second) has run at least once since the reply
+        client.send(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert client.reply()[0] == 200
+        client.close()
+
+
+def test_a_head_trickled_byte_by_byte_is_closed_after_header_timeout(published: tuple[ModelStore, Path]) -> None:
+    _, root = published
+    with start_server(root, header_timeout_s=1.0) as srv:
+        client = _Client(srv.url)
+        t0 = time.monotonic()
+        client.send(b"GET /healthz HTTP/1.1\r\n")
+        closed = False
+        try:
+            while time.monotonic() - t0 < 8.0 and not closed:
+                client.send(b"x")  # a header name that never ends, a byte every 0.2 s
+                client.sock.settimeout(0.2)
+                with contextlib.suppress(TimeoutError):
+                    closed = client.sock.recv(1) == b""
+        except OSError:  # reset: closed
+            closed = True
+        assert closed and time.monotonic() - t0 < 4.0
+        client.close()
+
+
+def test_expect_continue_waits_for_the_earlier_pipelined_replies(published: tuple[ModelStore, Path]) -> None:
+    model, root = published
+    body = _score_body(model.user_ids[0], [3])
+    with start_server(root, max_wait_ms=300.0) as srv:
+        client = _Client(srv.url)
+        head = _post(b"", extra="expect: 100-continue\r\n").replace(b"content-length: 0",
+                                                                   b"content-length: %d" % len(body))
+        client.send(_post(_score_body(model.user_ids[1], [2])) + head)  # the first waits 300 ms in the batcher
+        assert client.reply()[0] == 200
+        while len(client.buf) < 25:
+            assert client._fill()
+        assert client.buf.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        client.buf = client.buf[25:]
+        client.send(body)
+        assert client.reply()[0] == 200
+        client.close()
+
+
+def test_healthz_is_503_while_draining(published: tuple[ModelStore, Path]) -> None:
+    model, root = published
+    srv = start_server(root, max_wait_ms=1500.0)
+    client = _Client(srv.url)
+    client.send(_post(_score_body(model.user_ids[0], [1])))  # in the batcher while the server stops
+    time.sleep(0.3)
+    stopping = threading.Thread(target=srv.stop)
+    stopping.start()
+    time.sleep(0.3)
+    client.send(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+    assert client.reply()[0] == 200
+    status, headers, body = client.reply()
+    assert (status, json.loads(body)["status"], headers["connection"]) == (503, "draining", "close")
+    stopping.join()
+    client.close()

@@ -171,3 +171,15 @@ def test_text_user_ids_are_checked_alike_in_json_and_arrow(text: str, why: str) 
     with pytest.raises(BadRequest, match=why) as err:
         parse_arrow(body, Limits(64, 8))
     assert err.value.field == "user_id[0]"
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    (b'{"user_ids": [1, ' + b"9" * 5000 + b'], "candidates": [[1], [2]]}', "user_ids[1]"),
+    (b'{"user_ids": ["u", -' + b"9" * 5000 + b'], "candidates": [[1], [2]]}', "user_ids[1]"),
+    (b'{"user_ids": [1, 2], "candidates": [[1], [3, ' + b"7" * 4400 + b"]]}", "candidates[1][1]"),
+])
+def test_a_json_integer_too_long_for_python_is_named_like_any_value_out_of_range(body: bytes, field: str) -> None:
+    """Python refuses int() of over 4,300 digits; such an id is out of range, not an unreadable body."""
+    with pytest.raises(BadRequest, match="an integer of 4[0-9]{3} digits|an integer of 5000 digits") as err:
+        parse_json(body, LIMITS)
+    assert (err.value.status, err.value.field) == (422, field)
