@@ -269,6 +269,24 @@ LONG_STAGES: dict[str, Callable[[LongStage], torch.Tensor]] = {  # each → (B, 
 CHUNKED = frozenset({"sdim", "twin"})  # long stages launched once per copy piece (SIM / ETA: after the last)
 
 
+def _checked_call(resident: ResidentZooModel, layout: EntryLayout, raw: torch.Tensor, candidates: torch.Tensor,
+                  n_users: int, config: FusedConfig, n_chunks: int) -> ModelConfig:
+    """The store's config for :func:`zoo_static_decode`'s arguments; RuntimeError without Triton, ValueError for a
+    store, launch, candidates or chunks it does not take."""
+    if triton is None:
+        raise RuntimeError("the fused zoo decode needs Triton (pip install triton), or use the eager path")
+    cfg = resident.cfg
+    store_cfg = check_store(resident, layout)
+    check_launch(cfg.n_heads, cfg.d_attn, config)
+    if candidates.dim() != 2 or candidates.shape[0] > n_users:
+        raise ValueError(f"candidates {tuple(candidates.shape)}: want (B, C) with B <= {n_users} users")
+    if raw.device != candidates.device:
+        raise ValueError(f"the packed batch is on {raw.device}, the candidates on {candidates.device}")
+    if n_chunks > 1 and cfg.arch not in CHUNKED:
+        raise ValueError(f"the {cfg.arch} decode reads the batch once it has landed whole (no chunks)")
+    return store_cfg
+
+
 def zoo_static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: ResidentZooModel,
                       layout: EntryLayout, n_users: int, config: FusedConfig = DEFAULT_FUSED,
                       flags: torch.Tensor | None = None, chunks: Sequence[tuple[int, int]] = ALL_BYTES,
@@ -284,17 +302,8 @@ def zoo_static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: 
     i before the first read of piece i, and with len(chunks) after the last read (a CUDA graph waits for the
     copy pieces there, so that work runs beside the copy: :class:`cachestore.decode.graphs.GraphedDecoder`).
     Shape-static and free of host syncs when ``flags`` is given. Call under ``torch.inference_mode()``."""
-    if triton is None:
-        raise RuntimeError("the fused zoo decode needs Triton (pip install triton), or use the eager path")
     cfg = resident.cfg
-    store_cfg = check_store(resident, layout)
-    check_launch(cfg.n_heads, cfg.d_attn, config)
-    if candidates.dim() != 2 or candidates.shape[0] > n_users:
-        raise ValueError(f"candidates {tuple(candidates.shape)}: want (B, C) with B <= {n_users} users")
-    if raw.device != candidates.device:
-        raise ValueError(f"the packed batch is on {raw.device}, the candidates on {candidates.device}")
-    if len(chunks) > 1 and cfg.arch not in CHUNKED:
-        raise ValueError(f"the {cfg.arch} decode reads the batch once it has landed whole (no chunks)")
+    store_cfg = _checked_call(resident, layout, raw, candidates, n_users, config, len(chunks))
     flag = torch.zeros(n_users, dtype=torch.int32, device=raw.device) if flags is None else flags
     model = resident.model
     dtype = KV_TORCH[pool_dtype(config, layout)]

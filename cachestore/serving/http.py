@@ -360,6 +360,7 @@ class _Connection(asyncio.Protocol):
         if self.dead:
             return
         self.dead = True
+        self.in_head = False  # nothing more is read: no head deadline runs
         slot = _Slot()
         slot.close = True
         self.slots.append(slot)
@@ -376,11 +377,15 @@ class _Connection(asyncio.Protocol):
     def expire(self, now: float) -> None:
         """The sweep: close a connection idle past keep-alive (since its last byte in or reply out), one whose
         request head (or trailer) is not complete ``header_timeout_s`` after it began, however its bytes trickle,
-        and one whose body stalls (no byte) for ``header_timeout_s``. One waiting for its replies stays."""
-        if self.slots and not self.in_head:
-            return
-        if self.in_head:
+        and one whose body stalls (no byte) for ``header_timeout_s``. One waiting for its replies stays; the head
+        clock stops while the server does not read (too many replies due, or the client not reading them)."""
+        reading = not (self.paused or self.write_paused or self.dead)
+        if self.in_head and not reading:  # the head clock runs only while the server reads the connection
+            self.section_start = now
+        if self.in_head and reading:
             late = now - self.section_start > self.server.header_timeout_s
+        elif self.slots:
+            return
         else:
             late = now - self.active > (self.server.header_timeout_s if self.in_message else self.server.keepalive_s)
         if late:

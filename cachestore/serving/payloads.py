@@ -106,6 +106,10 @@ def _shown(v: object) -> str:
     return json.dumps(v)[:40]
 
 
+def _type_name(v: object) -> str:
+    return "int" if type(v) is _Digits else type(v).__name__
+
+
 def _bad_int(values: list, field: str, low: int) -> BadRequest:
     for i, v in enumerate(values):
         if type(v) is not int or not low <= v <= _MAX_ID:
@@ -146,9 +150,9 @@ def _padded(flat: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 def parse_json(body: bytes, limits: Limits, dense_ids: bool = False) -> ScoreRequest:
-    """A JSON body → :class:`ScoreRequest` (BadRequest naming the field otherwise). orjson reads it; what
-    orjson refuses but ``json`` reads (NaN, Infinity, integers beyond 64 bits, other encodings) is read by
-    ``json``, so such values are named like any other out-of-range value."""
+    """A JSON body → :class:`ScoreRequest` (BadRequest naming the field otherwise). orjson reads it (an integer
+    beyond 64 bits as a float); what orjson refuses but ``json`` reads (NaN, Infinity, integers of hundreds of
+    digits, other encodings) is read by ``json``, so such values are named like any other out-of-range value."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -172,7 +176,7 @@ def _request(doc: object, limits: Limits, dense_ids: bool) -> ScoreRequest:
         if name not in doc:
             raise BadRequest(name, "is missing")
         if not isinstance(doc[name], list):
-            raise BadRequest(name, f"must be a list, got {type(doc[name]).__name__}")
+            raise BadRequest(name, f"must be a list, got {_type_name(doc[name])}")
     ids, rows = doc["user_ids"], doc["candidates"]
     if len(rows) != len(ids):
         raise BadRequest("candidates", f"has {len(rows)} lists for {len(ids)} user_ids: give one list per user")
@@ -201,7 +205,7 @@ def _checked_request(ids: list, rows: list, limits: Limits, dense_ids: bool) -> 
     """The request, value by value; BadRequest naming the first value out of range."""
     for i, row in enumerate(rows):
         if not isinstance(row, list):
-            raise BadRequest(f"candidates[{i}]", f"must be a list of item ids, got {type(row).__name__}")
+            raise BadRequest(f"candidates[{i}]", f"must be a list of item ids, got {_type_name(row)}")
     lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
     _check_sizes(len(ids), lengths, limits)
     user_ids, raw_users = _json_users(ids)

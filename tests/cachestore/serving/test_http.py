@@ -314,3 +314,32 @@ def test_healthz_is_503_while_draining(published: tuple[ModelStore, Path]) -> No
     assert (status, json.loads(body)["status"], headers["connection"]) == (503, "draining", "close")
     stopping.join()
     client.close()
+
+
+def test_a_refusal_behind_a_slow_reply_keeps_both_replies(published: tuple[ModelStore, Path]) -> None:
+    """A 431 of an unfinished head, due after a reply the batcher holds longer than header_timeout_s: nothing more
+    is read, so no head deadline runs; both replies arrive, in order."""
+    model, root = published
+    with start_server(root, max_wait_ms=2500.0, header_timeout_s=1.0) as srv:
+        client = _Client(srv.url)
+        client.send(_post(_score_body(model.user_ids[0], [1]))
+                    + b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-pad: " + b"a" * 40000 + b"\r\nx-more: ")
+        time.sleep(0.2)
+        with contextlib.suppress(OSError):
+            client.send(b"b\r\n\r\n")
+        assert [client.reply()[0], client.reply()[0]] == [200, 431]
+        client.close()
+
+
+def test_a_head_split_while_reading_is_paused_is_not_timed_out(published: tuple[ModelStore, Path]) -> None:
+    """More than MAX_PIPELINED slow requests, the next head cut in two: reading pauses with the head half read
+    for longer than header_timeout_s, and the head clock does not run while it is paused."""
+    model, root = published
+    with start_server(root, max_wait_ms=2500.0, header_timeout_s=1.0) as srv:
+        client = _Client(srv.url)
+        flood = b"".join(_post(_score_body(model.user_ids[0], [1 + i % 5])) for i in range(MAX_PIPELINED + 2))
+        client.send(flood + b"GET /healthz HTTP/1.1\r\nho")
+        time.sleep(0.3)
+        client.send(b"st: x\r\n\r\n")
+        assert [client.reply()[0] for _ in range(MAX_PIPELINED + 3)] == [200] * (MAX_PIPELINED + 3)
+        client.close()
