@@ -30,7 +30,6 @@ import math
 import torch
 
 from collectivekv.cachestore.decode.fused import IDX_BYTES, INTERPRETED, triton
-from collectivekv.cachestore.decode.fused_config import ALL_BYTES
 from collectivekv.cachestore.decode.fused_view import GroupView, side_codes
 
 if triton is not None:
@@ -70,9 +69,9 @@ if triton is not None:
 
     @triton.jit
     def _group_scores_kernel(
-        raw_ptr, starts_ptr, rows_ptr, ends_ptr, q_ptr, pool_k_ptr, out_ptr, flag_ptr, n_cand, scale, start_add, end_lo,
-        end_hi, pool_size, lowest, k_scale, D_A: tl.constexpr, H: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr,
-        DK: tl.constexpr, DV: tl.constexpr, K_SHARED: tl.constexpr, K_CODE: tl.constexpr, K_BYTES: tl.constexpr,
+        raw_ptr, starts_ptr, rows_ptr, q_ptr, pool_k_ptr, out_ptr, flag_ptr, n_cand, scale, start_add, pool_size,
+        lowest, k_scale, D_A: tl.constexpr, H: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr, DK: tl.constexpr,
+        DV: tl.constexpr, K_SHARED: tl.constexpr, K_CODE: tl.constexpr, K_BYTES: tl.constexpr,
         V_BYTES: tl.constexpr, IDX_BYTES: tl.constexpr, BLOCK_L: tl.constexpr, CAP: tl.constexpr,
     ):
         row = tl.program_id(0)  # b·C + c
@@ -81,9 +80,7 @@ if triton is not None:
         b = row // n_cand
         start = tl.load(starts_ptr + b) + start_add
         n = tl.load(rows_ptr + b)
-        end = tl.load(ends_ptr + b)
-        mine = (end > end_lo) & (end <= end_hi)  # this launch serves the users whose records end in its chunk
-        lmask = (ls < n) & mine
+        lmask = ls < n
         cols = group * GH * DH + tl.arange(0, GH * DH)  # (GH·DH,)
         q = tl.load(q_ptr + row * D_A + cols).to(tl.float32) * scale
         key = _load_side(raw_ptr, start, ls, cols, lmask, DK, K_CODE, k_scale)  # (BLOCK_L, GH·DH)
@@ -95,14 +92,14 @@ if triton is not None:
         s = tl.sum(tl.reshape(key * q[None, :], (BLOCK_L, GH, DH)), axis=2)  # (BLOCK_L, GH)
         s = tl.where(lmask[:, None], s, lowest)
         heads = group * GH + tl.arange(0, GH)  # (GH,)
-        tl.store(out_ptr + (row * H + heads[None, :]) * CAP + ls[:, None], s, mask=((ls < CAP) & mine)[:, None])
+        tl.store(out_ptr + (row * H + heads[None, :]) * CAP + ls[:, None], s, mask=(ls < CAP)[:, None])
         tl.store(flag_ptr + b, 1, mask=nbad > 0)
 
     @triton.jit
     def _weighted_values_kernel(
-        raw_ptr, starts_ptr, rows_ptr, ends_ptr, w_ptr, pos_ptr, pool_v_ptr, out_ptr, flag_ptr, n_cand, start_add,
-        end_lo, end_hi, pool_size, v_scale, D_A: tl.constexpr, G: tl.constexpr, W: tl.constexpr, STEP: tl.constexpr,
-        DK: tl.constexpr, DV: tl.constexpr, K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, V_CODE: tl.constexpr,
+        raw_ptr, starts_ptr, rows_ptr, w_ptr, pos_ptr, pool_v_ptr, out_ptr, flag_ptr, n_cand, start_add, pool_size,
+        v_scale, D_A: tl.constexpr, G: tl.constexpr, W: tl.constexpr, STEP: tl.constexpr, DK: tl.constexpr,
+        DV: tl.constexpr, K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, V_CODE: tl.constexpr,
         K_BYTES: tl.constexpr, V_BYTES: tl.constexpr, JOINT: tl.constexpr, IDX_BYTES: tl.constexpr,
         HAS_POS: tl.constexpr, S: tl.constexpr, BLOCK_L: tl.constexpr,
     ):
@@ -111,8 +108,6 @@ if triton is not None:
         b = row // n_cand
         start = tl.load(starts_ptr + b) + start_add
         n = tl.load(rows_ptr + b)
-        end = tl.load(ends_ptr + b)
-        mine = (end > end_lo) & (end <= end_hi)
         # v_idx after k_idx; JOINT: the one kv_idx picks the V row too
         vidx_base = start + n * (DK * K_BYTES + DV * V_BYTES) + n * (IDX_BYTES if K_SHARED and not JOINT else 0)
         cols = g * STEP + tl.arange(0, W)  # (W,)
@@ -120,7 +115,7 @@ if triton is not None:
         nbad = tl.zeros([], dtype=tl.int32)
         for j0 in range(0, S, BLOCK_L):
             js = j0 + tl.arange(0, BLOCK_L)
-            jmask = (js < S) & mine
+            jmask = js < S
             w = tl.load(w_ptr + (row * G + g) * S + js, mask=jmask, other=0.0)  # (BLOCK_L,)
             ls = tl.load(pos_ptr + (row * G + g) * S + js, mask=jmask, other=0).to(tl.int32) if HAS_POS else js
             lmask = jmask & (ls >= 0) & (ls < n) & (w != 0.0)
@@ -130,7 +125,7 @@ if triton is not None:
                                         IDX_BYTES)
                 val += pool
             acc += tl.sum(tl.where(lmask, w, 0.0)[:, None] * val, axis=0)
-        tl.store(out_ptr + (row * G + g) * W + tl.arange(0, W), acc, mask=(tl.arange(0, W) < W) & mine)
+        tl.store(out_ptr + (row * G + g) * W + tl.arange(0, W), acc)
         tl.store(flag_ptr + b, 1, mask=nbad > 0)
 
     @triton.jit
@@ -152,11 +147,11 @@ if triton is not None:
 
     @triton.jit
     def _bucket_sums_kernel(
-        raw_ptr, starts_ptr, rows_ptr, ends_ptr, key_starts_ptr, target_ptr, pool_v_ptr, out_ptr, flag_ptr, hits_ptr,
-        n_cand, start_add, end_lo, end_hi, pool_size, v_scale, D_A: tl.constexpr, G: tl.constexpr, DV: tl.constexpr,
-        V_SHARED: tl.constexpr, V_CODE: tl.constexpr, V_BYTES: tl.constexpr, IDX_BYTES: tl.constexpr,
-        IDX_ALIGNED: tl.constexpr, KEY_BYTES: tl.constexpr, BITS: tl.constexpr, KEY_DIV: tl.constexpr,
-        BLOCK_L: tl.constexpr, SEG: tl.constexpr, SEG_P2: tl.constexpr, STATIC: tl.constexpr,
+        raw_ptr, starts_ptr, rows_ptr, key_starts_ptr, target_ptr, pool_v_ptr, out_ptr, flag_ptr, hits_ptr, n_cand,
+        start_add, pool_size, v_scale, D_A: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, V_SHARED: tl.constexpr,
+        V_CODE: tl.constexpr, V_BYTES: tl.constexpr, IDX_BYTES: tl.constexpr, IDX_ALIGNED: tl.constexpr,
+        KEY_BYTES: tl.constexpr, BITS: tl.constexpr, KEY_DIV: tl.constexpr, BLOCK_L: tl.constexpr, SEG: tl.constexpr,
+        SEG_P2: tl.constexpr, STATIC: tl.constexpr,
     ):
         """Program (row, g, part): the rows part·SEG .. of user b = row // n_cand whose bucket g equals the
         candidate's. One pass reads all SEG keys at once and writes the hits' positions, in order, to the program's
@@ -169,11 +164,9 @@ if triton is not None:
         b = row // n_cand
         start = tl.load(starts_ptr + b) + start_add
         n = tl.load(rows_ptr + b)
-        end = tl.load(ends_ptr + b)
-        mine = (end > end_lo) & (end <= end_hi)
         target = tl.load(target_ptr + row * G + g)  # the candidate's bucket of hash function g
         ls = part * SEG + tl.arange(0, SEG_P2)  # (SEG_P2,)
-        lmask = (ls < part * SEG + SEG) & (ls < n) & mine
+        lmask = (ls < part * SEG + SEG) & (ls < n)
         word = _packed_keys(raw_ptr, tl.load(key_starts_ptr + b), ls, lmask, KEY_BYTES, SEG_P2)
         if KEY_DIV > 1:  # the bytes read are a router index: its block is the packed bucket code
             word = word // KEY_DIV
@@ -199,15 +192,8 @@ if triton is not None:
                 acc, nbad = _sum_rows(raw_ptr, pool_v_ptr, start, n, tl.load(hits + js, mask=jm, other=0), jm, cols,
                                       acc, nbad, pool_size, v_scale, D_A, DV, V_SHARED, V_CODE, V_BYTES, IDX_BYTES,
                                       IDX_ALIGNED)
-        tl.store(out_ptr + ((part * tl.num_programs(0) + row) * G + g) * D_A + cols, acc, mask=(cols < D_A) & mine)
+        tl.store(out_ptr + ((part * tl.num_programs(0) + row) * G + g) * D_A + cols, acc)
         tl.store(flag_ptr + b, 1, mask=nbad > 0)
-
-
-def _ends(view: GroupView) -> torch.Tensor:
-    """One past each user's record (B,) int64, as the chunk test reads it (every view of a zoo record has them)."""
-    if view.ends is None:
-        raise ValueError("the long-stage kernels read GroupView.ends (entry_views sets them)")
-    return view.ends
 
 
 def _block(n: int, most: int = 64) -> int:
@@ -217,26 +203,21 @@ def _block(n: int, most: int = 64) -> int:
 
 def group_scores(raw: torch.Tensor, q: torch.Tensor, view: GroupView, pool_k: torch.Tensor, n_heads: int,
                  flags: torch.Tensor, *, heads_per_program: int = 1, num_warps: int = 1,
-                 scales: tuple[float, float] = (1.0, 1.0), chunk: tuple[int, int] = ALL_BYTES[0],
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+                 scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
     """Scores (B·C, H, cap) fp32 of ``q`` (B, C, d_a) over every row of the group ``view`` (module docstring);
     pool_k: (pool, d_a) padded K pool (1 zero row when K is not shared; a joint pool's K columns for a joint
-    index); scales: the (K, V) scales of int8 user parts (:func:`cachestore.decode.fused_view.group_scales`).
-    chunk (lo, hi]: only the users whose records end there (``view.ends``) are written, into ``out`` if given
-    (one launch per copy piece: :func:`cachestore.decode.fused.attend_group`'s chunks)."""
+    index); scales: the (K, V) scales of int8 user parts (:func:`cachestore.decode.fused_view.group_scales`)."""
     b, c, d_a = q.shape
     dh, g = d_a // n_heads, view.group
     cap = max(1, g.cap)
-    if out is None:
-        out = torch.empty(b * c, n_heads, cap, dtype=torch.float32, device=q.device)  # (R, H, cap)
+    out = torch.empty(b * c, n_heads, cap, dtype=torch.float32, device=q.device)  # (R, H, cap)
     if b * c == 0:
         return out
     block = _block(cap)
     k_code, _, k_bytes, v_bytes = side_codes(g, view.kv_dtype, view.halves)
     _group_scores_kernel[(b * c, n_heads // heads_per_program, -(-cap // block))](
-        raw, view.starts, view.rows, _ends(view), q.float().contiguous(), pool_k, out, flags, c, 1.0 / math.sqrt(dh),
-        view.start_add, chunk[0], chunk[1], view.pool_size, torch.finfo(torch.float32).min, float(scales[0]),
-        D_A=d_a, H=n_heads,
+        raw, view.starts, view.rows, q.float().contiguous(), pool_k, out, flags, c, 1.0 / math.sqrt(dh),
+        view.start_add, view.pool_size, torch.finfo(torch.float32).min, float(scales[0]), D_A=d_a, H=n_heads,
         GH=heads_per_program, DH=dh, DK=g.dk, DV=g.dv, K_SHARED=g.k_shared, K_CODE=k_code, K_BYTES=k_bytes,
         V_BYTES=v_bytes, IDX_BYTES=IDX_BYTES[view.idx_dtype], BLOCK_L=block, CAP=cap, num_warps=num_warps,
     )
@@ -245,39 +226,37 @@ def group_scores(raw: torch.Tensor, q: torch.Tensor, view: GroupView, pool_k: to
 
 def weighted_values(raw: torch.Tensor, view: GroupView, pool_v: torch.Tensor, weights: torch.Tensor,
                     positions: torch.Tensor | None, n_cand: int, width: int, step: int, flags: torch.Tensor, *,
-                    num_warps: int = 1, scales: tuple[float, float] = (1.0, 1.0), chunk: tuple[int, int] = ALL_BYTES[0],
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+                    num_warps: int = 1, scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
     """(R, G, width) fp32 weighted sums of the group's V rows (module docstring): weights (R, G, S) float,
     positions (R, G, S) int64 or None (position s); g reads columns g·step .. g·step + width - 1 (a power of
     two); R = B·C rows, user r // n_cand. pool_v: (pool, d_a) padded V pool (1 zero row when not shared);
-    scales, chunk and out as :func:`group_scores`'."""
+    scales as :func:`group_scores`'."""
     r, n_g, s = weights.shape
     g = view.group
     if width & (width - 1):
         raise ValueError(f"the weighted-value kernel reads a power-of-two width, got {width}")
     if g.dv == 0:
         raise ValueError(f"group {g.name!r} caches no V")
-    if out is None:
-        out = torch.empty(r, n_g, width, dtype=torch.float32, device=weights.device)  # (R, G, W)
+    out = torch.empty(r, n_g, width, dtype=torch.float32, device=weights.device)  # (R, G, W)
     if r == 0:
         return out
     w = weights.float().contiguous()
     pos = w if positions is None else positions.contiguous()  # unread without positions
     _, v_code, k_bytes, v_bytes = side_codes(g, view.kv_dtype, view.halves)
     _weighted_values_kernel[(r, n_g)](
-        raw, view.starts, view.rows, _ends(view), w, pos, pool_v, out, flags, n_cand, view.start_add, chunk[0],
-        chunk[1], view.pool_size, float(scales[1]), D_A=pool_v.shape[1], G=n_g, W=width, STEP=step, DK=g.dk, DV=g.dv,
-        K_SHARED=g.k_shared, V_SHARED=g.v_shared, V_CODE=v_code, K_BYTES=k_bytes, V_BYTES=v_bytes, JOINT=g.joint,
-        IDX_BYTES=IDX_BYTES[view.idx_dtype], HAS_POS=positions is not None, S=max(1, s), BLOCK_L=_block(s, 32),
-        num_warps=num_warps,
+        raw, view.starts, view.rows, w, pos, pool_v, out, flags, n_cand, view.start_add, view.pool_size,
+        float(scales[1]), D_A=pool_v.shape[1], G=n_g, W=width, STEP=step, DK=g.dk, DV=g.dv, K_SHARED=g.k_shared,
+        V_SHARED=g.v_shared, V_CODE=v_code, K_BYTES=k_bytes, V_BYTES=v_bytes, JOINT=g.joint,
+        IDX_BYTES=IDX_BYTES[view.idx_dtype], HAS_POS=positions is not None,
+        S=max(1, s), BLOCK_L=_block(s, 32), num_warps=num_warps,
     )
     return out
 
 
 def bucket_sums(raw: torch.Tensor, view: GroupView, pool_v: torch.Tensor, key_starts: torch.Tensor, key_bytes: int,
                 bits: int, targets: torch.Tensor, n_cand: int, flags: torch.Tensor, *, block_l: int = 16,
-                num_warps: int = 2, parts: int = 1, v_scale: float = 1.0, idx_aligned: bool = True, key_div: int = 1,
-                chunk: tuple[int, int] = ALL_BYTES[0], out: torch.Tensor | None = None) -> torch.Tensor:
+                num_warps: int = 2, parts: int = 1, v_scale: float = 1.0, idx_aligned: bool = True, key_div: int = 1
+                ) -> torch.Tensor:
     """SDIM's bucket sums (R, m, d_a) fp32: per row r (user b = r // n_cand) and hash function g, the sum of the
     V rows l < rows[b] of the V-only group ``view`` whose bucket g (bits g·bits .. of the row's ``key_bytes``
     packed key bytes at ``key_starts[b] + l·key_bytes``) equals ``targets[r, g]`` (targets (R, m) int64).
@@ -286,8 +265,7 @@ def bucket_sums(raw: torch.Tensor, view: GroupView, pool_v: torch.Tensor, key_st
     int32 scratch). ``parts`` > 1 splits each row's history into parts (one program each, summed after).
     v_scale: the scale of int8 V user codes; idx_aligned False: the V index part can start off a 2-byte boundary
     (:func:`cachestore.decode.fused_view.may_misalign`), read byte by byte. ``key_div`` > 1: the key bytes are the
-    V router index and its packed buckets are ``index // key_div`` (SDIM keyed by its index, ``model.longseq.SDIM``).
-    Returns the per-part sums (parts, R, m, d_a) (sum over the first axis); chunk and out as :func:`group_scores`'."""
+    V router index and its packed buckets are ``index // key_div`` (SDIM keyed by its index, ``model.longseq.SDIM``)."""
     r, m = targets.shape
     g, d_a = view.group, pool_v.shape[1]
     if g.dk != 0 or d_a & (d_a - 1):
@@ -295,17 +273,15 @@ def bucket_sums(raw: torch.Tensor, view: GroupView, pool_v: torch.Tensor, key_st
     parts = max(1, min(parts, -(-max(1, g.cap) // block_l)))
     seg = -(-max(1, g.cap) // parts)  # rows per part
     seg_p2 = max(block_l, triton.next_power_of_2(seg))
-    if out is None:
-        out = torch.empty(parts, r, m, d_a, dtype=torch.float32, device=targets.device)  # (S, R, m, d_a)
+    out = torch.empty(parts, r, m, d_a, dtype=torch.float32, device=targets.device)  # (S, R, m, d_a)
     if r == 0:
-        return out
+        return out[0]
     hits = torch.empty(parts, r, m, seg_p2, dtype=torch.int32, device=targets.device)  # each program's hit rows
     _, v_code, _, v_bytes = side_codes(g, view.kv_dtype, view.halves)
     _bucket_sums_kernel[(r, m, parts)](
-        raw, view.starts, view.rows, _ends(view), key_starts, targets.contiguous(), pool_v, out, flags, hits, n_cand,
-        view.start_add, chunk[0], chunk[1], view.pool_size, float(v_scale), D_A=d_a, G=m, DV=g.dv, V_SHARED=g.v_shared,
-        V_CODE=v_code, V_BYTES=v_bytes, IDX_BYTES=IDX_BYTES[view.idx_dtype], IDX_ALIGNED=idx_aligned,
-        KEY_BYTES=key_bytes, BITS=bits, KEY_DIV=key_div, BLOCK_L=block_l, SEG=seg, SEG_P2=seg_p2, STATIC=INTERPRETED,
-        num_warps=num_warps,
+        raw, view.starts, view.rows, key_starts, targets.contiguous(), pool_v, out, flags, hits, n_cand,
+        view.start_add, view.pool_size, float(v_scale), D_A=d_a, G=m, DV=g.dv, V_SHARED=g.v_shared, V_CODE=v_code,
+        V_BYTES=v_bytes, IDX_BYTES=IDX_BYTES[view.idx_dtype], IDX_ALIGNED=idx_aligned, KEY_BYTES=key_bytes, BITS=bits,
+        KEY_DIV=key_div, BLOCK_L=block_l, SEG=seg, SEG_P2=seg_p2, STATIC=INTERPRETED, num_warps=num_warps,
     )
-    return out  # (S, R, m, d_a)
+    return out.sum(0) if parts > 1 else out[0]  # (R, m, d_a)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 
 from collectivekv.cachestore.decode.fused import triton
-from collectivekv.cachestore.decode.fused_config import ALL_BYTES
 
 if triton is not None:
     import triton.language as tl
@@ -80,18 +79,14 @@ if triton is not None:
         tl.store(nsel_ptr + row, n_sel.to(tl.int64))
 
     @triton.jit
-    def _row_topk_kernel(scores_ptr, top_ptr, idx_ptr, rows_ptr, ends_ptr, per_user, end_lo, end_hi,
-                         CAP: tl.constexpr, CAP_P2: tl.constexpr, K: tl.constexpr, SOFTMAX: tl.constexpr):
+    def _row_topk_kernel(scores_ptr, top_ptr, idx_ptr, rows_ptr, per_user, CAP: tl.constexpr, CAP_P2: tl.constexpr,
+                         K: tl.constexpr, SOFTMAX: tl.constexpr):
         """Row p of scores (CAP,) fp32 → its K largest (equal scores: later positions first) in position order:
         the order-preserving int32 of each score, its K-th largest by :func:`_kth_largest`, then a compaction.
-        SOFTMAX: their softmax weights instead, over the selected positions < rows[p // per_user] (0 elsewhere), for
-        the users whose records end in (end_lo, end_hi] (ends[p // per_user]) only."""
+        SOFTMAX: their softmax weights instead, over the selected positions < rows[p // per_user] (0 elsewhere)."""
         p = tl.program_id(0).to(tl.int64)
         ls = tl.arange(0, CAP_P2)
         valid = ls < CAP
-        if SOFTMAX:
-            end = tl.load(ends_ptr + p // per_user)
-            valid = valid & (end > end_lo) & (end <= end_hi)  # another launch's user: nothing taken or written
         x = tl.load(scores_ptr + p * CAP + ls, mask=valid, other=0.0) + 0.0  # -0.0 ranks as 0.0
         bits = x.to(tl.int32, bitcast=True)
         order = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # signed int32 order == float order
@@ -106,16 +101,13 @@ if triton is not None:
 
 
 def row_topk(scores: torch.Tensor, k: int, num_warps: int = 1, *, softmax_rows: torch.Tensor | None = None,
-             n_cand: int = 1, ends: torch.Tensor | None = None, chunk: tuple[int, int] = ALL_BYTES[0],
-             out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             n_cand: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` largest of each row of ``scores`` (..., cap) fp32, equal scores later position first (the set of
     ``scores.flip(-1).sort(descending=True, stable=True)``'s first k), **in position order**, as (values (..., k)
     fp32, positions (..., k) int64): one program per row, a binary search for the k-th largest in registers
     (cap ≤ 4,096). Position order puts a user's real scores before group_scores' fill past its rows.
     ``softmax_rows`` (B,) (TWIN: scores (B·C, H, cap), user b = row // (H·n_cand)): the values are replaced by
-    ``model.attention.masked_softmax`` of them over each user's first min(rows[b], k), computed in the kernel; with
-    ``ends`` (B,) only the users whose records end in ``chunk`` (lo, hi] are written, into ``out`` if given (one
-    launch per copy piece, as :func:`cachestore.decode.fused_long.group_scores`)."""
+    ``model.attention.masked_softmax`` of them over each user's first min(rows[b], k), computed in the kernel."""
     cap = scores.shape[-1]
     if not 1 <= k <= cap <= 4096:
         raise ValueError(f"row_topk takes 1 <= k <= cap <= 4096, got k {k}, cap {cap}")
@@ -123,19 +115,13 @@ def row_topk(scores: torch.Tensor, k: int, num_warps: int = 1, *, softmax_rows: 
     if softmax and scores.dim() != 3:
         raise ValueError(f"row_topk's softmax takes scores (B·C, H, cap), got {tuple(scores.shape)}")
     flat = scores.reshape(-1, cap).contiguous()  # (rows, cap)
-    if ends is not None and not softmax:
-        raise ValueError("row_topk reads ends (one launch per chunk of users) with softmax_rows only")
-    if out is None:
-        top = torch.empty(flat.shape[0], k, dtype=torch.float32, device=scores.device)
-        idx = torch.empty(flat.shape[0], k, dtype=torch.int64, device=scores.device)
-    else:
-        top, idx = (t.view(flat.shape[0], k) for t in out)
+    top = torch.empty(flat.shape[0], k, dtype=torch.float32, device=scores.device)
+    idx = torch.empty(flat.shape[0], k, dtype=torch.int64, device=scores.device)
     per_user = max(1, flat.shape[0] // max(1, scores.shape[0]) * n_cand) if softmax else 1  # score rows per user
     if flat.shape[0]:
-        rows = softmax_rows if softmax else idx  # unread without softmax
-        _row_topk_kernel[(flat.shape[0],)](flat, top, idx, rows, rows if ends is None else ends, per_user, chunk[0],
-                                           chunk[1], CAP=cap, CAP_P2=triton.next_power_of_2(cap), K=k,
-                                           SOFTMAX=softmax, num_warps=num_warps)
+        _row_topk_kernel[(flat.shape[0],)](flat, top, idx, softmax_rows if softmax else idx, per_user, CAP=cap,
+                                           CAP_P2=triton.next_power_of_2(cap), K=k, SOFTMAX=softmax,
+                                           num_warps=num_warps)
     return top.reshape(*scores.shape[:-1], k), idx.reshape(*scores.shape[:-1], k)
 
 

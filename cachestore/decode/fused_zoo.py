@@ -25,11 +25,6 @@ min(n, cap); a few (B,) torch ops). :func:`zoo_static_decode` then runs ``LongSe
 On CUDA the short stage runs on a second stream beside the long one (:func:`cachestore.decode.capture.beside`; two
 branches of a CUDA graph): its few programs fill the SMs that the long stage's latency-bound kernels leave idle.
 
-Copy pieces (``chunks``, SDIM and TWIN: :data:`CHUNKED`): a CUDA graph may copy the batch in pieces and the long
-stage launches its kernels once per piece, for the users whose records end in it, as soon as it lands
-(:func:`cachestore.decode.fused.attend_group`'s chunks, din's scheme), so the copy of piece i + 1 runs beside the
-long stage of piece i; the short stage then forks beside the long stage's last piece.
-
 No part is unpacked to tensors (the kernels read the keys' packed bytes in place too); the L of every intermediate is
 the group's cap (the store's long_len), never the batch's longest history, so every shape is host-known.
 Every store layout is read: separate or joint indices (a group's one ``kv_idx`` picks both rows of its joint pool,
@@ -45,7 +40,7 @@ Pool rows are read at the store's precision unless ``FusedConfig.pool_dtype`` sa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -60,7 +55,6 @@ from collectivekv.cachestore.decode.fused import (
     pool_dtype,
     triton,
 )
-from collectivekv.cachestore.decode.fused_config import ALL_BYTES
 from collectivekv.cachestore.decode.fused_long import bucket_sums, group_scores, weighted_values
 from collectivekv.cachestore.decode.fused_mlp import mlp_logits
 from collectivekv.cachestore.decode.fused_select import key_select, row_topk
@@ -158,15 +152,6 @@ class LongStage:
     config: FusedConfig
     scales: tuple[float, float]
     codes: torch.Tensor | None = None  # SIM / ETA keyed by their pool rows: (M,) keys of the long K pool (pool_keys)
-    chunks: Sequence[tuple[int, int]] = ALL_BYTES  # the launches' record-end ranges (one per copy piece)
-    landed: Callable[[int], None] | None = None  # landed(i): wait for piece i (i >= 1; piece 0 came before)
-
-    def pieces(self) -> Iterator[tuple[int, int]]:
-        """Each launch's (lo, hi] range of record ends, after waiting for its piece of the batch."""
-        for i, chunk in enumerate(self.chunks):
-            if i and self.landed is not None:
-                self.landed(i)
-            yield chunk
 
 
 def pool_keys(resident: ResidentZooModel) -> torch.Tensor:
@@ -203,8 +188,6 @@ def _select(s: LongStage, name: str, hamming: bool, codes: torch.Tensor | None =
     """Retrieve on the packed key bytes (:func:`cachestore.decode.fused_select.key_select`: the ``topk`` best
     eligible rows per candidate of ``s.targets``), or on ``codes`` (M,) of the long K router indices, attend over
     them (the fused kernel, SELECT mode)."""
-    for _ in s.pieces():  # one launch over the whole batch: every piece first
-        pass
     part = f"keys.{name}" if codes is None else s.view.group.idx_part("k")
     key_bytes = _row_bytes(s.layout, part)
     bits = key_bits(s.store_cfg)
@@ -235,12 +218,9 @@ def sdim_long(s: LongStage) -> torch.Tensor:
     keyed = s.store_cfg.pool_keys  # the buckets are the V router index's block (model.longseq.SDIM)
     part = "long.v_idx" if keyed else "keys.buckets"
     odd = s.view.group.v_shared and may_misalign(s.layout, "long.v_idx", 2)  # after int8 V codes of odd width
-    sums = None
-    for chunk in s.pieces():
-        sums = bucket_sums(s.raw, s.view, s.pools[1], s.part_starts[part], _row_bytes(s.layout, part),
-                           s.cfg.sdim_bits, s.targets.reshape(b * c, m), c, s.flags, v_scale=s.scales[1],
-                           idx_aligned=not odd, key_div=s.model.key_rows if keyed else 1, chunk=chunk, out=sums)
-    sums = sums[0] if sums.shape[0] == 1 else sums.sum(0)  # (parts, B·C, m, d_a) → (B·C, m, d_a)
+    sums = bucket_sums(s.raw, s.view, s.pools[1], s.part_starts[part], _row_bytes(s.layout, part), s.cfg.sdim_bits,
+                       s.targets.reshape(b * c, m), c, s.flags, v_scale=s.scales[1], idx_aligned=not odd,
+                       key_div=s.model.key_rows if keyed else 1)
     return torch.nn.functional.normalize(sums, dim=-1).mean(dim=1).reshape(b, c, -1)  # (B, C, d_a)
 
 
@@ -248,31 +228,37 @@ def twin_long(s: LongStage) -> torch.Tensor:
     """TWIN: per-head scores of every long row, per-head top-k (ties: later row first), softmax, values."""
     b, c, d_a = s.q.shape
     heads = s.cfg.n_heads
-    k = min(s.cfg.topk, max(1, s.view.group.cap))
-    scores = top = out = None
-    for chunk in s.pieces():  # the three kernels per piece of the batch, for the users whose records end in it
-        scores = group_scores(s.raw, s.q, s.view, s.pools[0], heads, s.flags, scales=s.scales, chunk=chunk,
-                              out=scores)  # (B·C, H, cap)
-        # equal scores rank the later row first (the model's stable sort); torch's stable sort of the flipped
-        # scores took 0.12 ms of radix passes at B 512, L 1,000 on an H200, and a torch top-k over (score bits,
-        # position) int64 keys longer still
-        # (B·C, H, k) in position order: the softmax over each user's first min(rows, k) (its real scores), 0 after
-        top = row_topk(scores, k, softmax_rows=s.view.rows, n_cand=c, ends=s.view.ends, chunk=chunk, out=top)
-        out = weighted_values(s.raw, s.view, s.pools[1], top[0], top[1], c, d_a // heads, d_a // heads, s.flags,
-                              scales=s.scales, chunk=chunk, out=out)
+    scores = group_scores(s.raw, s.q, s.view, s.pools[0], heads, s.flags, scales=s.scales)  # (B·C, H, cap)
+    cap = scores.shape[-1]
+    k = min(s.cfg.topk, cap)
+    # equal scores rank the later row first (the model's stable sort); torch's stable sort of the flipped scores
+    # took 0.12 ms of radix passes at B 512, L 1,000 on an H200, and a torch top-k over (score bits, position)
+    # int64 keys longer still
+    # (B·C, H, k) in position order: the softmax over each user's first min(rows, k) (its real scores), 0 after
+    weights, idx = row_topk(scores, k, softmax_rows=s.view.rows, n_cand=c)
+    out = weighted_values(s.raw, s.view, s.pools[1], weights, idx, c, d_a // heads, d_a // heads, s.flags,
+                          scales=s.scales)
     return out.reshape(b, c, d_a)  # (B·C, H, dh) → (B, C, d_a)
 
 
 LONG_STAGES: dict[str, Callable[[LongStage], torch.Tensor]] = {  # each → (B, C, d_a)
     "sim": sim_long, "eta": eta_long, "sdim": sdim_long, "twin": twin_long,
 }
-CHUNKED = frozenset({"sdim", "twin"})  # long stages launched once per copy piece (SIM / ETA: after the last)
 
 
-def _checked_call(resident: ResidentZooModel, layout: EntryLayout, raw: torch.Tensor, candidates: torch.Tensor,
-                  n_users: int, config: FusedConfig, n_chunks: int) -> ModelConfig:
-    """The store's config for :func:`zoo_static_decode`'s arguments; RuntimeError without Triton, ValueError for a
-    store, launch, candidates or chunks it does not take."""
+def zoo_static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: ResidentZooModel,
+                      layout: EntryLayout, n_users: int, config: FusedConfig = DEFAULT_FUSED,
+                      flags: torch.Tensor | None = None, on_chunk: Callable[[int], None] | None = None
+                      ) -> torch.Tensor:
+    """Logits (B, C) of ``candidates`` (B, C) int64 of users 0 .. B - 1 (B <= n_users) of the packed batch
+    ``raw`` (uint8, on the resident's device, header at 0, zero block at 16·n_users: :mod:`cachestore.decode.batch`)
+    for a SIM/ETA/SDIM/TWIN ``resident`` — ``LongSequenceCTR.decode`` from the bytes in place (module
+    docstring), the attention kernels launched with ``config``. ``flags`` ((n_users,) int32): set to 1 for a
+    user with a router index outside a pool (read as zeros); without it a ``RouterIndexError`` after a host
+    sync. ``on_chunk``: called with 0 after the candidates' own work (embedding, queries, retrieval targets)
+    and before the first read of ``raw``, and with 1 after its last read (a CUDA graph waits for the batch copy
+    there, so that work runs beside the copy: :class:`cachestore.decode.graphs.GraphedDecoder`). Shape-static
+    and free of host syncs when ``flags`` is given. Call under ``torch.inference_mode()``."""
     if triton is None:
         raise RuntimeError("the fused zoo decode needs Triton (pip install triton), or use the eager path")
     cfg = resident.cfg
@@ -282,28 +268,6 @@ def _checked_call(resident: ResidentZooModel, layout: EntryLayout, raw: torch.Te
         raise ValueError(f"candidates {tuple(candidates.shape)}: want (B, C) with B <= {n_users} users")
     if raw.device != candidates.device:
         raise ValueError(f"the packed batch is on {raw.device}, the candidates on {candidates.device}")
-    if n_chunks > 1 and cfg.arch not in CHUNKED:
-        raise ValueError(f"the {cfg.arch} decode reads the batch once it has landed whole (no chunks)")
-    return store_cfg
-
-
-def zoo_static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: ResidentZooModel,
-                      layout: EntryLayout, n_users: int, config: FusedConfig = DEFAULT_FUSED,
-                      flags: torch.Tensor | None = None, chunks: Sequence[tuple[int, int]] = ALL_BYTES,
-                      on_chunk: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Logits (B, C) of ``candidates`` (B, C) int64 of users 0 .. B - 1 (B <= n_users) of the packed batch
-    ``raw`` (uint8, on the resident's device, header at 0, zero block at 16·n_users: :mod:`cachestore.decode.batch`)
-    for a SIM/ETA/SDIM/TWIN ``resident`` — ``LongSequenceCTR.decode`` from the bytes in place (module
-    docstring), the attention kernels launched with ``config``. ``flags`` ((n_users,) int32): set to 1 for a
-    user with a router index outside a pool (read as zeros); without it a ``RouterIndexError`` after a host
-    sync. ``chunks``: the (lo, hi] record-end ranges of the batch's copy pieces (:data:`CHUNKED` long stages
-    launch once per piece; :func:`cachestore.decode.copy_plan.record_ends`). ``on_chunk``: called with 0 after
-    the candidates' own work (embedding, queries, retrieval targets) and before the first read of ``raw``, with
-    i before the first read of piece i, and with len(chunks) after the last read (a CUDA graph waits for the
-    copy pieces there, so that work runs beside the copy: :class:`cachestore.decode.graphs.GraphedDecoder`).
-    Shape-static and free of host syncs when ``flags`` is given. Call under ``torch.inference_mode()``."""
-    cfg = resident.cfg
-    store_cfg = _checked_call(resident, layout, raw, candidates, n_users, config, len(chunks))
     flag = torch.zeros(n_users, dtype=torch.int32, device=raw.device) if flags is None else flags
     model = resident.model
     dtype = KV_TORCH[pool_dtype(config, layout)]
@@ -315,29 +279,18 @@ def zoo_static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: 
         on_chunk(0)  # the batch is read from here on
     starts = part_starts(raw, layout, n_users)
     views = entry_views(raw, layout, n_users, store_cfg, starts)
-    forked: list = []  # [(main, side), short]: the short stage, forked beside the long one once the batch is whole
-
-    def landed(i: int) -> None:
-        if i and on_chunk is not None:
-            on_chunk(i)
-        if i == len(chunks) - 1:
-            main, side = beside(raw.device)
-            with torch.cuda.stream(side):  # no-op for side None: CPU
-                forked.extend([(main, side), attend_group(raw, q_short, views["short"], pools["short"], cfg.n_heads,
-                                                          flag, config=config,
-                                                          scales=group_scales(resident, views["short"].group))])
-
-    landed(0)
+    main, side = beside(raw.device)
+    with torch.cuda.stream(side):  # the short stage beside the long one (no-op for side None: CPU)
+        short = attend_group(raw, q_short, views["short"], pools["short"], cfg.n_heads, flag, config=config,
+                             scales=group_scales(resident, views["short"].group))
     codes = pool_keys(resident) if store_cfg.pool_keys and cfg.arch in ("sim", "eta") else None  # SDIM: in the index
     long = LONG_STAGES[cfg.arch](LongStage(model, cfg, layout, store_cfg, raw, q_long, targets, views["long"],
                                            pools["long"], starts[0], flag, config,
-                                           group_scales(resident, views["long"].group), codes, chunks,
-                                           landed))  # (B, C, d_a)
-    (main, side), short = forked
+                                           group_scales(resident, views["long"].group), codes))  # (B, C, d_a)
     if side is not None:
         main.wait_stream(side)  # join: the MLP reads both stages
     if on_chunk is not None:
-        on_chunk(len(chunks))
+        on_chunk(1)
     logits = mlp_logits(model.mlp, [short.to(t.dtype), long.to(t.dtype), t])  # (B, C)
     if flags is None and bool(flag.any()):
         raise RouterIndexError(f"a router index outside the pool 0..{cfg.collective.pool_size - 1} in batch row "

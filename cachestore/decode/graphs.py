@@ -13,13 +13,12 @@ capacity — the whole device side is shape-static and free of host syncs, so it
                   static candidates (B, C) ← pinned candidate staging (B, C); copy_end   (timing events)
       static_decode(raw, candidates) → the graph's logits (B, C)
 
-    with ``overlap`` K > 1 (fused path, default 3; din, SDIM, TWIN) the candidates, then the batch in pieces
-    [0, c1), [c1, c2), … (:func:`copy_chunks`), are copied on a forked stream, each piece followed by an event; the
-    query projection waits for the candidates only, and fused launch i (din: on a stream of its own) waits for
-    event i and serves the users whose records end in piece i (:func:`record_ends`), so copying piece i + 1
-    overlaps decoding piece i; the streams join before the graph ends. SIM, ETA and HSTU fork the same way with
-    one piece. The zoo's candidates' work (embedding, queries, retrieval targets; HSTU's first layer) runs while
-    the batch is copied.
+    with ``overlap`` K > 1 (fused path, default 3) the candidates, then the batch in pieces [0, c1), [c1, c2), …
+    (:func:`copy_chunks`), are copied on a forked stream, each piece followed by an event; the query projection
+    waits for the candidates only, and fused launch i, on a stream of its own, waits for event i and serves the
+    users whose records end in piece i (:func:`record_ends`), so copying piece i + 1 overlaps decoding piece i; the
+    streams join before the graph ends. The zoo models fork the same way with one piece: their candidates' work
+    (embedding, queries, retrieval targets; HSTU's first layer) runs while the batch is copied.
 
 A captured copy has a fixed source address and size, so there is one graph per (host buffer of the batcher's ring,
 copy-size bucket): S is the smallest bucket >= used_bytes, buckets being the capacity divided by √2 again and again
@@ -56,7 +55,6 @@ from collectivekv.cachestore.decode.capture import capturing
 from collectivekv.cachestore.decode.copy_plan import batch_capacity, copy_buckets, copy_chunks, record_ends
 from collectivekv.cachestore.decode.decode import PATHS, ResidentZooModel, choose_path
 from collectivekv.cachestore.decode.fused import ALL_BYTES, DEFAULT_FUSED, FUSED, FusedConfig, uses_fused
-from collectivekv.cachestore.decode.fused_zoo import CHUNKED
 from collectivekv.cachestore.decode.mapped import MappedBatch, gather_records
 from collectivekv.cachestore.decode.static_decode import static_decode, unpack_din
 from collectivekv.cachestore.decode.transfer import TransferCost
@@ -84,15 +82,22 @@ class GraphedDecoder:
     device; for tests).
     :meth:`run` scores a pinned :class:`HostBatch` (one replay: copies + decode); :attr:`last_cost` is the
     batch copy's :class:`TransferCost` (bytes moved, CUDA-event time inside the graph).
-    overlap: on the fused path (din, SDIM, TWIN), the batch copy is split into up to ``overlap`` pieces
-    (:func:`copy_chunks`: none under 256 KiB) copied on a forked stream inside the graph, and the kernels are
-    launched once per piece for the users whose records end in it, right after that piece lands — the copy of
-    piece c + 1 runs beside the decode of piece c; 1 turns it off. The candidates go first on the copy stream
-    (copied on the main stream, they could be queued behind the whole batch, and then no launch overlapped the
-    copy). concurrent (default True, din): each piece's launch on a stream of its own (forked after the query
-    projection, joined before the combine and the MLP), so it need not wait for the previous launch's tail; False:
-    one after another on the graph's stream. Measured K and concurrency, and what was slower (separate graphs per
-    user chunk, the kernel reading the pinned batch over PCIe): docs/serving.md, "Copy overlapped inside one graph".
+    overlap: on the fused path, the batch copy is split into up to ``overlap`` pieces (:func:`copy_chunks`:
+    none under 256 KiB) copied on a forked stream inside the graph, and the kernel is launched once per
+    piece for the users whose records end in it, right after that piece lands — the copy of piece c + 1
+    runs beside the decode of piece c. Measured on an H100 at L 1000 (round-robin in one process,
+    ``benchmarks/results/decode_latency/decode_latency_overlap_store_float{16,32}.json``), K = 3 was the fastest or
+    within 3% of it: B 512 0.216 → 0.170 ms (fp16 store and pools; K 4 0.179), 0.358 → 0.257 (fp32; K 4 0.246);
+    B 256 0.139 → 0.123; B 64 even; K = 6 was slower (short launches). 1 turns it off. The candidates go
+    first on the copy stream because, copied on the main stream, they could be queued behind the whole
+    batch, and then no launch overlapped the copy (a replay queued behind other GPU work: 0.231 vs 0.180 ms,
+    fp16, B 512). concurrent (default True): each
+    piece's launch on a stream of its own (forked after the query projection, joined before the combine and
+    the MLP), so it need not wait for the previous launch's tail: B 512 0.309 → 0.289 ms (fp32), 0.230 → 0.215
+    (fp16), B 64 even (``decode_latency_concurrent_float{32,16}.json``); False: one after another on the graph's stream.
+    (Separate graphs per user chunk, and the kernel reading the pinned batch over PCIe itself, were
+    measured slower: ``benchmarks/results/decode_latency/decode_latency_nosplit.json``,
+    ``decode_latency/decode_latency_mapped_*.json``.)
     """
 
     def __init__(self, resident: ResidentZooModel, layout: EntryLayout, *, n_users: int, pad_to: int,
@@ -105,7 +110,6 @@ class GraphedDecoder:
                                "use the eager path (DecodeRuntime without graphs, or cachestore.decode.decode.decode)")
         self.zoo = resident.cfg.arch != "din"
         self.forks = self.zoo  # the zoo body's candidate work runs beside the copy
-        self.chunked = not self.zoo or resident.cfg.arch in CHUNKED  # the body launches once per copy piece
         if layout.arch != resident.cfg.arch or (not self.zoo and layout.flat_group is None):
             raise ValueError(f"the store holds {layout.arch!r} caches, the model is {resident.cfg.arch!r}")
         if self.zoo and path == "poolscore":
@@ -184,7 +188,7 @@ class GraphedDecoder:
     def pieces(self, nbytes: int) -> list[tuple[int, int]]:
         """Byte ranges a graph copying ``nbytes`` copies one by one (:func:`copy_chunks` with ``overlap``
         on the fused path; one range otherwise)."""
-        overlap = self.overlap if self.path == FUSED and self.chunked else 1
+        overlap = self.overlap if self.path == FUSED and not self.zoo else 1
         return copy_chunks(nbytes, 16 * self.n_users, overlap)
 
     def _capture(self, source: torch.Tensor) -> _Captured:
@@ -208,7 +212,7 @@ class GraphedDecoder:
         once piece i is issued. The candidates are copied and the pieces moved between two timing events,
         then the body. With several pieces, or ``forks`` (a zoo model), they move on a forked stream,
         and fused launch c (a zoo body's batch reads) waits for piece c only."""
-        ends = record_ends(pieces) if self.chunked else ALL_BYTES
+        ends = ALL_BYTES if self.zoo else record_ends(pieces)
         fork = len(pieces) > 1 or self.forks
         if len(pieces) > 1:
             self._warm_up(1, ends)  # compiles the kernel for this launch size outside the capture
@@ -253,14 +257,12 @@ class GraphedDecoder:
         """The fused launches' ``on_chunk``: launch c waits for piece c's event — on ``main`` one after another,
         or (``concurrent``) each on a stream of its own forked from ``main``, so a launch whose piece has
         landed need not wait for the previous launch's tail; ``on_chunk(len)`` joins them back into main."""
-        concurrent = self.concurrent and not self.zoo  # a zoo body's launches per piece read what the first made
-
         def hook(c: int) -> None:
             if c == len(arrived):  # after the last launch
                 torch.cuda.set_stream(main)
-                for stream in self._launch_streams[: len(arrived)] if concurrent else ():
+                for stream in self._launch_streams[: len(arrived)]:  # none when launched on main
                     main.wait_stream(stream)
-            elif not concurrent:
+            elif not self.concurrent:
                 main.wait_event(arrived[c])
             else:
                 stream = self._launch_streams[c]

@@ -305,33 +305,3 @@ def test_fused_zoo_captures_in_a_cuda_graph(arch: str) -> None:
     torch.testing.assert_close(out, want.to(DEVICE), rtol=0, atol=0)
     assert not flags.any()
 
-
-
-@pytest.mark.parametrize("arch", ["sdim", "twin"])
-@pytest.mark.parametrize("where", ["ends", "inside", "header"])
-def test_fused_zoo_launched_per_copy_piece_serves_every_user_once(arch: str, where: str,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """SDIM's and TWIN's long stage launched once per copy piece (the users whose records end in it; the cuts
-    exactly at record ends, inside records, or one inside the header) == one launch over the whole batch; the
-    hook is called before each piece's first read and once after the last."""
-    case = packed(arch, "collective", "float32", seed=10)
-    if arch == "sdim":  # histories split into parts too: each part's program tests its user's record end
-        monkeypatch.setattr(fused_zoo, "bucket_sums", functools.partial(bucket_sums, parts=2, block_l=4))
-    ends = sorted(int(e) for e in fused_zoo.part_starts(case.raw, case.layout, case.n_users)[1].cpu())
-    cuts = {"ends": ends[1:-1:2], "inside": [e - 3 for e in ends[1:-1:2]], "header": [5, ends[2] + 1]}[where]
-    edges = [-1, *cuts, 1 << 62]
-    chunks = list(zip(edges[:-1], edges[1:], strict=True))
-    calls: list[int] = []
-    with torch.inference_mode():
-        got = zoo_static_decode(case.raw, case.candidates.to(DEVICE), resident=case.resident, layout=case.layout,
-                                n_users=case.n_users, config=EXACT, chunks=chunks, on_chunk=calls.append).cpu()
-    assert calls == list(range(len(chunks) + 1))
-    torch.testing.assert_close(got, fused_logits(case), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(got, model_logits(case, "collective", "float32"), rtol=1e-5, atol=1e-5)
-
-
-def test_fused_zoo_without_per_piece_launches_refuses_chunks() -> None:
-    case = packed("sim", "collective", "float32")
-    with pytest.raises(ValueError, match="no chunks"):
-        zoo_static_decode(case.raw, case.candidates.to(DEVICE), resident=case.resident, layout=case.layout,
-                          n_users=case.n_users, chunks=[(-1, 100), (100, 1 << 62)])
