@@ -33,44 +33,20 @@ import asyncio
 import time
 from collections import deque
 from concurrent.futures import Future
-from email.utils import formatdate
 from typing import Any
 from urllib.parse import parse_qs
 
 import httptools
 
 from collectivekv.cachestore.serving.app import INLINE_BYTES, Reply, ScoringService, error_reply
+from collectivekv.cachestore.serving.errors import BadRequest
 from collectivekv.cachestore.serving.payloads import ARROW_MIME, JSON_MIME, ScoreRequest
+from collectivekv.cachestore.serving.wire import encode, not_allowed
 
 MAX_URL = 8 << 10
 MAX_HEADER_BYTES = 32 << 10
 MAX_PIPELINED = 64  # unanswered requests per connection before reading pauses (resumes at a quarter)
 HEAD_SLACK = 256 << 10  # counted in whole reads (at most 256 KiB each), which may hold earlier requests too
-_REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed", 413: b"Content Too Large",
-            414: b"URI Too Long", 415: b"Unsupported Media Type", 421: b"Misdirected Request",
-            422: b"Unprocessable Content", 431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
-            503: b"Service Unavailable"}
-_date = [0, b""]  # (second, "date: ...\r\n") — formatted once a second
-
-
-def _date_line() -> bytes:
-    now = int(time.time())
-    if now != _date[0]:
-        _date[:] = [now, b"date: " + formatdate(now, usegmt=True).encode() + b"\r\n"]
-    return _date[1]
-
-
-def encode(reply: Reply, close: bool = False) -> bytes:
-    """The bytes of ``reply`` on the wire (HTTP/1.1, Content-Length framing)."""
-    parts = [b"HTTP/1.1 %d %s\r\n" % (reply.status, _REASONS.get(reply.status, b"")), _date_line(),
-             b"content-type: %s\r\ncontent-length: %d\r\n" % (reply.media.encode(), len(reply.body))]
-    parts += [b"%s: %s\r\n" % (k.encode(), v.encode("latin-1")) for k, v in reply.headers]
-    if close:
-        parts.append(b"connection: close\r\n")
-    parts += [b"\r\n", reply.body]
-    return b"".join(parts)
-
-
 class _Slot:
     """One request's place in its connection's reply order: its bytes once answered; close after it?"""
 
@@ -197,10 +173,33 @@ class _Connection(asyncio.Protocol):
         self.in_head = False
         self.head_bytes = 0
         if self.expect_continue and not self.dead:  # after the earlier pipelined replies, like any reply
+            refused = self._refused_unread()
+            if refused is not None:  # the final status instead of 100: the client sends no body (RFC 9110 10.1.1)
+                self._fatal(refused.status, "", "", refused)
+                return
             slot = _Slot()
             slot.data = b"HTTP/1.1 100 Continue\r\n\r\n"
             self.slots.append(slot)
             self._flush()
+
+    def _refused_unread(self) -> Reply | None:
+        """The refusal a ``POST /score`` (or an unknown path) would get whatever its body: 404, 405, 415 or 400
+        from its head alone; None when the body decides."""
+        try:
+            url = httptools.parse_url(self.url)
+        except httptools.HttpParserInvalidURLError:
+            return None  # answered after the body, as without Expect
+        if url.path in (b"/healthz", b"/metrics"):
+            return None
+        if url.path != b"/score":
+            return error_reply(404, f"no route {(url.path or b'').decode('latin-1')[:80]!r}", "path")
+        if self.parser.get_method() != b"POST":
+            return not_allowed("POST")
+        try:
+            self.service.check_score(self.content_type, _query(url.query))
+        except BadRequest as exc:
+            return error_reply(exc.status, exc.message, exc.field)
+        return None
 
     def on_chunk_header(self) -> None:  # a trailer section may follow (the last chunk): bound it like a head
         self.in_head = True
@@ -263,13 +262,13 @@ class _Connection(asyncio.Protocol):
             if method == b"POST":
                 self._score(slot, url.query)
             else:
-                self._answer(slot, _not_allowed("POST"))
+                self._answer(slot, not_allowed("POST"))
         elif url.path in (b"/healthz", b"/metrics"):
             if method == b"GET":
                 reply = self.service.healthz() if url.path == b"/healthz" else self.service.metrics_text()
                 self._answer(slot, reply)
             else:
-                self._answer(slot, _not_allowed("GET"))
+                self._answer(slot, not_allowed("GET"))
         else:
             self._answer(slot, error_reply(404, f"no route {url.path.decode('latin-1')[:80]!r}", "path"))
 
@@ -280,8 +279,7 @@ class _Connection(asyncio.Protocol):
         body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
         arrow = self.content_type == ARROW_MIME
         try:
-            arrow, dense = self.service.check_score(self.content_type, parse_qs(query.decode("latin-1"), True)
-                                                    if query else {})
+            arrow, dense = self.service.check_score(self.content_type, _query(query))
             if len(body) <= INLINE_BYTES and not arrow:  # Arrow may decode to far more than it sends
                 self._submit(slot, self.service.parse(body, arrow, dense), arrow, t0)
             else:
@@ -355,8 +353,8 @@ class _Connection(asyncio.Protocol):
         if self.closing and not slots and not self.in_message:
             self.transport.close()  # type: ignore[union-attr]
 
-    def _fatal(self, status: int, message: str, field: str) -> None:
-        """Answer ``status`` after the replies already due, then close; read nothing more."""
+    def _fatal(self, status: int, message: str, field: str, reply: Reply | None = None) -> None:
+        """Answer ``status`` (or ``reply``) after the replies already due, then close; read nothing more."""
         if self.dead:
             return
         self.dead = True
@@ -365,7 +363,7 @@ class _Connection(asyncio.Protocol):
         slot.close = True
         self.slots.append(slot)
         self.transport.pause_reading()  # type: ignore[union-attr]
-        self._answer(slot, error_reply(status, message, field))
+        self._answer(slot, reply or error_reply(status, message, field))
         self.service.metrics.refused(status)
 
     def shut(self) -> None:
@@ -395,6 +393,5 @@ class _Connection(asyncio.Protocol):
         self.transport.abort()  # type: ignore[union-attr]
 
 
-def _not_allowed(allow: str) -> Reply:
-    reply = error_reply(405, f"use {allow}", "method")
-    return Reply(reply.status, reply.body, reply.media, (("allow", allow),))
+def _query(query: bytes | None) -> dict[str, list[str]]:
+    return parse_qs(query.decode("latin-1"), True) if query else {}

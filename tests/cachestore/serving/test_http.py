@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from collectivekv.cachestore.serving.app import Reply
-from collectivekv.cachestore.serving.http import MAX_HEADER_BYTES, MAX_PIPELINED, MAX_URL, encode
+from collectivekv.cachestore.serving.http import MAX_HEADER_BYTES, MAX_PIPELINED, MAX_URL
+from collectivekv.cachestore.serving.wire import encode
 from tests.server_fixtures import ModelStore, start_server
 
 
@@ -342,4 +343,24 @@ def test_a_head_split_while_reading_is_paused_is_not_timed_out(published: tuple[
         time.sleep(0.3)
         client.send(b"st: x\r\n\r\n")
         assert [client.reply()[0] for _ in range(MAX_PIPELINED + 3)] == [200] * (MAX_PIPELINED + 3)
+        client.close()
+
+
+@pytest.mark.parametrize(("head", "status", "field"), [
+    (b"POST /score HTTP/1.1\r\nhost: x\r\ncontent-type: text/csv\r\n", 415, "content-type"),
+    (b"POST /nowhere HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n", 404, "path"),
+    (b"PUT /score HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n", 405, "method"),
+    (b"POST /score?dense_ids=maybe HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n", 400, "dense_ids"),
+])
+def test_expect_continue_of_a_refused_request_gets_its_status_at_once(published: tuple[ModelStore, Path], head: bytes,
+                                                                      status: int, field: str) -> None:
+    """No 100 for a request its head already refuses: the final status, and the connection closes (the client,
+    told not to, sends no body)."""
+    _, root = published
+    with start_server(root) as srv:
+        client = _Client(srv.url)
+        client.send(head + b"content-length: 100\r\nexpect: 100-continue\r\n\r\n")
+        got, headers, body = client.reply()
+        assert (got, json.loads(body)["field"], headers["connection"]) == (status, field, "close")
+        assert client.closed()
         client.close()
