@@ -62,6 +62,21 @@ def _post(body: bytes, path: str = "/score", extra: str = "") -> bytes:
             f"content-length: {len(body)}\r\n{extra}\r\n").encode() + body
 
 
+def _flood(client: _Client, start: bytes) -> int:
+    """Send ``start`` then up to 16 MiB of one header (or trailer) value that never ends; the bytes sent before the
+    server answered and closed (the rest of the flood is refused by the socket)."""
+    client.sock.settimeout(5)
+    sent = 0
+    try:
+        client.send(start)
+        while sent < (16 << 20):
+            client.send(b"a" * (64 << 10))
+            sent += 64 << 10
+    except OSError:
+        pass
+    return sent
+
+
 def _score_body(user: int, items: list[int]) -> bytes:
     return json.dumps({"user_ids": [user], "candidates": [items]}).encode()
 
@@ -139,15 +154,7 @@ def test_a_header_that_never_ends_is_refused_as_it_arrives(published: tuple[Mode
     _, root = published
     with start_server(root) as srv:
         client = _Client(srv.url)
-        client.sock.settimeout(5)
-        sent = 0
-        try:
-            client.send(b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-pad: ")
-            while sent < (16 << 20):
-                client.send(b"a" * (64 << 10))
-                sent += 64 << 10
-        except OSError:  # the server answered and closed: the rest of the flood is refused by the socket
-            pass
+        sent = _flood(client, b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-pad: ")
         got, _, body = client.reply()
         assert got == 431 and json.loads(body)["field"] == "headers" and sent < (4 << 20)
         client.close()
@@ -231,16 +238,8 @@ def test_a_chunked_trailer_that_never_ends_is_refused_as_it_arrives(published: t
     _, root = published
     with start_server(root) as srv:
         client = _Client(srv.url)
-        client.sock.settimeout(5)
-        sent = 0
-        try:
-            client.send(b"POST /score HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                        b"transfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nx-trailer: ")
-            while sent < (16 << 20):
-                client.send(b"a" * (64 << 10))
-                sent += 64 << 10
-        except OSError:
-            pass
+        sent = _flood(client, b"POST /score HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                              b"transfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nx-trailer: ")
         got, _, body = client.reply()
         assert got == 431 and json.loads(body)["field"] == "headers" and sent < (4 << 20)
         client.close()
