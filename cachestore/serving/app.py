@@ -76,6 +76,23 @@ class ScoringService:
             self.batcher.close(drain=drain)
             self.versions.close()
 
+    def refused_unread(self, path: bytes | None, method: bytes, content_type: str, query: dict[str, list[str]]
+                       ) -> Reply | None:
+        """What a request gets from its head alone when no body could change it (the reply to an ``Expect:
+        100-continue`` that comes instead of 100): 404 an unknown path, 405 ``/score`` not POSTed, 415 / 400 its
+        content type or query; None when the body decides (also a URL without a path: 400 after it)."""
+        if path is None or path in (b"/healthz", b"/metrics"):
+            return None
+        if path != b"/score":
+            return error_reply(404, f"no route {path.decode('latin-1')[:80]!r}", "path")
+        if method != b"POST":
+            return not_allowed("POST")
+        try:
+            self.check_score(content_type, query)
+        except BadRequest as exc:
+            return error_reply(exc.status, exc.message, exc.field)
+        return None
+
     # ------------------------------------------------------------------------------------------ POST /score
 
     def check_score(self, content_type: str, query: dict[str, list[str]]) -> tuple[bool, bool]:
@@ -125,6 +142,12 @@ class ScoringService:
 
     def metrics_text(self) -> Reply:
         return Reply(200, self.metrics.render(), CONTENT_TYPE)
+
+
+def not_allowed(allow: str) -> Reply:
+    """405 naming the method to use, with the Allow header."""
+    reply = error_reply(405, f"use {allow}", "method")
+    return Reply(reply.status, reply.body, reply.media, (("allow", allow),))
 
 
 def _flag(value: str, name: str) -> bool:

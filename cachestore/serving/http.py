@@ -38,10 +38,9 @@ from urllib.parse import parse_qs
 
 import httptools
 
-from collectivekv.cachestore.serving.app import INLINE_BYTES, Reply, ScoringService, error_reply
-from collectivekv.cachestore.serving.errors import BadRequest
+from collectivekv.cachestore.serving.app import INLINE_BYTES, Reply, ScoringService, error_reply, not_allowed
 from collectivekv.cachestore.serving.payloads import ARROW_MIME, JSON_MIME, ScoreRequest
-from collectivekv.cachestore.serving.wire import encode, not_allowed
+from collectivekv.cachestore.serving.wire import encode
 
 MAX_URL = 8 << 10
 MAX_HEADER_BYTES = 32 << 10
@@ -50,10 +49,11 @@ HEAD_SLACK = 256 << 10  # counted in whole reads (at most 256 KiB each), which m
 class _Slot:
     """One request's place in its connection's reply order: its bytes once answered; close after it?"""
 
-    __slots__ = ("data", "close")
+    __slots__ = ("data", "close", "head")
 
     def __init__(self) -> None:
         self.data: bytes | None = None
+        self.head = False  # a HEAD request: the reply's head only
         self.close = False
 
 
@@ -112,9 +112,11 @@ class _Connection(asyncio.Protocol):
         self.in_head = False
         self.active = 0.0  # when the last byte arrived or the last reply left (the keep-alive clock)
         self.section_start = 0.0  # when the head (or trailer) being read began: header_timeout_s to complete it
+        self.unsent = 1 << 62  # reply bytes buffered at the sweep's last close attempt
         self._reset()
 
     def _reset(self) -> None:
+        self.trailing = False
         self.url = b""
         self.expect_continue = False
         self.content_type = JSON_MIME
@@ -171,35 +173,24 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.in_head = False
+        self.trailing = True  # header fields from here on are trailers: bounded, never read as headers
         self.head_bytes = 0
         if self.expect_continue and not self.dead:  # after the earlier pipelined replies, like any reply
-            refused = self._refused_unread()
+            try:
+                url = httptools.parse_url(self.url)
+                refused = self.service.refused_unread(url.path, self.parser.get_method(), self.content_type,
+                                                      _query(url.query))
+            except httptools.HttpParserInvalidURLError:
+                refused = None  # answered after the body, as without Expect
             if refused is not None:  # the final status instead of 100: the client sends no body (RFC 9110 10.1.1)
-                self._fatal(refused.status, "", "", refused)
+                self._fatal(refused.status, "", "", refused, count=False)
+                if refused.status in (400, 415):  # counted as POST /score replies, as without Expect
+                    self.service.metrics.reply(refused.status, False, 0.0)
                 return
             slot = _Slot()
             slot.data = b"HTTP/1.1 100 Continue\r\n\r\n"
             self.slots.append(slot)
             self._flush()
-
-    def _refused_unread(self) -> Reply | None:
-        """The refusal a ``POST /score`` (or an unknown path) would get whatever its body: 404, 405, 415 or 400
-        from its head alone; None when the body decides."""
-        try:
-            url = httptools.parse_url(self.url)
-        except httptools.HttpParserInvalidURLError:
-            return None  # answered after the body, as without Expect
-        if url.path in (b"/healthz", b"/metrics"):
-            return None
-        if url.path != b"/score":
-            return error_reply(404, f"no route {(url.path or b'').decode('latin-1')[:80]!r}", "path")
-        if self.parser.get_method() != b"POST":
-            return not_allowed("POST")
-        try:
-            self.service.check_score(self.content_type, _query(url.query))
-        except BadRequest as exc:
-            return error_reply(exc.status, exc.message, exc.field)
-        return None
 
     def on_chunk_header(self) -> None:  # a trailer section may follow (the last chunk): bound it like a head
         self.in_head = True
@@ -218,6 +209,8 @@ class _Connection(asyncio.Protocol):
         self.header_bytes += len(name) + len(value)
         if self.header_bytes > MAX_HEADER_BYTES:
             self._fatal(431, f"the headers exceed {MAX_HEADER_BYTES} bytes", "headers")
+            return
+        if self.trailing:
             return
         name = name.lower()
         if name == b"content-type":
@@ -253,11 +246,12 @@ class _Connection(asyncio.Protocol):
             return
         slot = _Slot()
         slot.close = not self.parser.should_keep_alive()
+        method = self.parser.get_method()
+        slot.head = method == b"HEAD"
         self.slots.append(slot)
         if len(self.slots) > MAX_PIPELINED and not self.paused:
             self.paused = True
             self.transport.pause_reading()  # type: ignore[union-attr]
-        method = self.parser.get_method()
         if url.path == b"/score":
             if method == b"POST":
                 self._score(slot, url.query)
@@ -329,6 +323,8 @@ class _Connection(asyncio.Protocol):
     def _answer(self, slot: _Slot, reply: Reply) -> None:
         """Fill ``slot`` and write every reply that is now first in line."""
         slot.data = encode(reply, slot.close or self.closing)
+        if slot.head:
+            slot.data = slot.data[: len(slot.data) - len(reply.body)]
         self._flush()
 
     def _flush(self) -> None:
@@ -353,7 +349,7 @@ class _Connection(asyncio.Protocol):
         if self.closing and not slots and not self.in_message:
             self.transport.close()  # type: ignore[union-attr]
 
-    def _fatal(self, status: int, message: str, field: str, reply: Reply | None = None) -> None:
+    def _fatal(self, status: int, message: str, field: str, reply: Reply | None = None, count: bool = True) -> None:
         """Answer ``status`` (or ``reply``) after the replies already due, then close; read nothing more."""
         if self.dead:
             return
@@ -364,7 +360,8 @@ class _Connection(asyncio.Protocol):
         self.slots.append(slot)
         self.transport.pause_reading()  # type: ignore[union-attr]
         self._answer(slot, reply or error_reply(status, message, field))
-        self.service.metrics.refused(status)
+        if count:
+            self.service.metrics.refused(status)
 
     def shut(self) -> None:
         """Shutdown: close now if idle, else after the replies to the requests already read."""
@@ -375,8 +372,9 @@ class _Connection(asyncio.Protocol):
     def expire(self, now: float) -> None:
         """The sweep: close a connection idle past keep-alive (since its last byte in or reply out), one whose
         request head (or trailer) is not complete ``header_timeout_s`` after it began, however its bytes trickle,
-        and one whose body stalls (no byte) for ``header_timeout_s``. One waiting for its replies stays; the head
-        clock stops while the server does not read (too many replies due, or the client not reading them)."""
+        and one whose body stalls (no byte) for ``header_timeout_s``. One waiting for its replies stays; one whose
+        client reads no reply for a sweep is aborted (a close would wait for it to read). The head clock stops
+        while the server does not read (too many replies due, or the client not reading them)."""
         reading = not (self.paused or self.write_paused or self.dead)
         if self.in_head and not reading:  # the head clock runs only while the server reads the connection
             self.section_start = now
@@ -386,8 +384,13 @@ class _Connection(asyncio.Protocol):
             return
         else:
             late = now - self.active > (self.server.header_timeout_s if self.in_message else self.server.keepalive_s)
-        if late:
-            self.transport.close()  # type: ignore[union-attr]
+        if late:  # close; abort when replies wait unread and none was read since the last sweep (close would wait)
+            pending = self.transport.get_write_buffer_size()  # type: ignore[union-attr]
+            if not pending:
+                self.transport.close()  # type: ignore[union-attr]
+            elif pending >= self.unsent:
+                self.transport.abort()  # type: ignore[union-attr]
+            self.unsent = pending
 
     def abort(self) -> None:
         self.transport.abort()  # type: ignore[union-attr]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from email.utils import formatdate
 
-from collectivekv.cachestore.serving.app import Reply, error_reply
+from collectivekv.cachestore.serving.app import Reply
 
 _REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed", 413: b"Content Too Large",
             414: b"URI Too Long", 415: b"Unsupported Media Type", 421: b"Misdirected Request",
@@ -32,8 +32,3 @@ def encode(reply: Reply, close: bool = False) -> bytes:
     parts += [b"\r\n", reply.body]
     return b"".join(parts)
 
-
-def not_allowed(allow: str) -> Reply:
-    """405 naming the method, with the Allow header."""
-    reply = error_reply(405, f"use {allow}", "method")
-    return Reply(reply.status, reply.body, reply.media, (("allow", allow),))

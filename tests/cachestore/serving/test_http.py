@@ -5,6 +5,7 @@ requests, unknown routes and methods, and connections left open at shutdown."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import socket
 import threading
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from collectivekv.cachestore.serving import http
 from collectivekv.cachestore.serving.app import Reply
 from collectivekv.cachestore.serving.http import MAX_HEADER_BYTES, MAX_PIPELINED, MAX_URL
 from collectivekv.cachestore.serving.wire import encode
@@ -363,3 +365,66 @@ def test_expect_continue_of_a_refused_request_gets_its_status_at_once(published:
         assert (got, json.loads(body)["field"], headers["connection"]) == (status, field, "close")
         assert client.closed()
         client.close()
+
+
+def _open_connections() -> list[http._Connection]:
+    return [o for o in gc.get_objects() if type(o) is http._Connection and o in o.server.connections]
+
+
+def test_a_client_that_reads_no_reply_is_aborted_after_keepalive(published: tuple[ModelStore, Path]) -> None:
+    """Replies piled up unread: a close would wait for the client forever; the sweep aborts the connection."""
+    _, root = published
+    with start_server(root, keepalive_s=1.0) as srv:
+        host, port = srv.url.removeprefix("http://").rsplit(":", 1)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((host, int(port)))
+        sock.settimeout(2)
+        with contextlib.suppress(OSError):
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n" * 3000)
+        deadline = time.monotonic() + 8.0
+        while _open_connections() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _open_connections()
+        sock.close()
+
+
+def test_head_replies_carry_no_body_and_trailers_are_not_headers(published: tuple[ModelStore, Path]) -> None:
+    model, root = published
+    body = _score_body(model.user_ids[0], [3])
+    with start_server(root) as srv:
+        client = _Client(srv.url)
+        client.send(b"HEAD /healthz HTTP/1.1\r\nhost: x\r\n\r\nGET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        while b"\r\n\r\n" not in client.buf:
+            assert client._fill()
+        head, client.buf = client.buf.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 405") and b"allow: GET" in head  # its head only: the next reply follows
+        assert client.reply()[0] == 200
+        client.send(b"POST /score HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ntransfer-encoding: chunked"
+                    b"\r\n\r\n%x\r\n%s\r\n0\r\ncontent-type: text/csv\r\n\r\n" % (len(body), body))
+        assert client.reply()[0] == 200  # the trailer's content-type changes nothing
+        client.close()
+
+
+def test_expect_continue_counts_and_urls_as_without_it(published: tuple[ModelStore, Path]) -> None:
+    """A URL without a path gets 100 and then 400 naming url, as without Expect; a 404 answered at once is not a
+    POST /score reply (not counted), a 415 is counted once."""
+    _, root = published
+    with start_server(root) as srv:
+        client = _Client(srv.url)
+        client.send(b"POST http://x HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\nexpect: 100-continue\r\n\r\n")
+        assert client.sock.recv(25) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        client.send(b"{}")
+        got, _, reply = client.reply()
+        assert (got, json.loads(reply)["field"]) == (400, "url")
+        client.close()
+        for head in (b"POST /nowhere HTTP/1.1\r\n", b"POST /score HTTP/1.1\r\ncontent-type: text/csv\r\n"):
+            client = _Client(srv.url)
+            client.send(head + b"host: x\r\ncontent-length: 2\r\nexpect: 100-continue\r\n\r\n")
+            assert client.reply()[0] in (404, 415)
+            client.close()
+        metrics = _Client(srv.url)
+        metrics.send(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        text = metrics.reply()[2]
+        assert b'ckv_requests_total{status="415"} 1.0' in text and b'status="404"' not in text
+        metrics.close()
