@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from urllib.parse import parse_qs
 
 from collectivekv.cachestore.serving.batcher import DynamicBatcher, QueueFull, ShuttingDown
 from collectivekv.cachestore.serving.config import ServerConfig
@@ -72,11 +73,11 @@ class ScoringService:
     def close(self, drain: bool = True) -> None:
         """Drain (or fail) the queue, stop the worker, release every version. Idempotent."""
         if not self.closed:
-            self.closed = True
+            self.closed = self.draining = True
             self.batcher.close(drain=drain)
             self.versions.close()
 
-    def refused_unread(self, path: bytes | None, method: bytes, content_type: str, query: dict[str, list[str]]
+    def refused_unread(self, path: bytes | None, method: bytes, content_type: str, query: bytes | None
                        ) -> Reply | None:
         """What a request gets from its head alone when no body could change it (the reply to an ``Expect:
         100-continue`` that comes instead of 100): 404 an unknown path, 405 ``/score`` not POSTed, 415 / 400 its
@@ -95,13 +96,14 @@ class ScoringService:
 
     # ------------------------------------------------------------------------------------------ POST /score
 
-    def check_score(self, content_type: str, query: dict[str, list[str]]) -> tuple[bool, bool]:
+    def check_score(self, content_type: str, query: bytes | None) -> tuple[bool, bool]:
         """(arrow, dense_ids) of a POST /score from its content type (parameters stripped, lower case) and
-        query; BadRequest 415 / 400 naming the header or parameter."""
+        URL query; BadRequest 415 / 400 naming the header or parameter."""
+        params = parse_qs(query.decode("latin-1"), True) if query else {}
         arrow = content_type == ARROW_MIME
         if not arrow and content_type != JSON_MIME:
             raise BadRequest("content-type", f"{content_type!r} is not {JSON_MIME} or {ARROW_MIME}", 415)
-        dense_ids = _flag(query["dense_ids"][-1], "dense_ids") if "dense_ids" in query else False
+        dense_ids = _flag(params["dense_ids"][-1], "dense_ids") if "dense_ids" in params else False
         return arrow, dense_ids
 
     def parse(self, body: bytes, arrow: bool, dense_ids: bool) -> ScoreRequest:
@@ -132,7 +134,7 @@ class ScoringService:
     def healthz(self) -> Reply:
         versions = self.versions
         active = versions.active
-        doc = {"status": "draining" if self.draining or self.closed or active is None else "ok",
+        doc = {"status": "draining" if self.draining or active is None else "ok",
                "store_version": active.store_version if active else None,
                "model_version": active.model_version if active else None,
                "queue_users": self.batcher.queued_users, "swaps": versions.swaps,

@@ -83,9 +83,6 @@ class DynamicBatcher:
         with self._cond:
             if self._closing:
                 raise ShuttingDown("the server is shutting down")
-            if request.n_users > self.max_queue_users:  # no wait makes room for it: too large, not busy
-                raise BadRequest("user_ids", f"{request.n_users} users: more than the queue holds "
-                                 f"({self.max_queue_users}, --max-queue-users)", 413)
             if self._queued_users + request.n_users > self.max_queue_users:
                 raise QueueFull(f"{self._queued_users} users are queued (limit {self.max_queue_users})")
             self._queue.append(item)

@@ -34,7 +34,6 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from typing import Any
-from urllib.parse import parse_qs
 
 import httptools
 
@@ -166,10 +165,14 @@ class _Connection(asyncio.Protocol):
     # -------------------------------------------------------------------------------- parser callbacks
 
     def on_message_begin(self) -> None:
-        self.in_message = self.in_head = True
-        self.head_bytes = 0
-        self.section_start = self.loop.time()  # type: ignore[union-attr]
+        self.in_message = True
+        self._begin_section()
         self._reset()
+
+    def _begin_section(self) -> None:  # a head or trailer: bytes bounded, clock started (this read came at active)
+        self.in_head = True
+        self.head_bytes = 0
+        self.section_start = self.active
 
     def on_headers_complete(self) -> None:
         self.in_head = False
@@ -178,12 +181,11 @@ class _Connection(asyncio.Protocol):
         if self.expect_continue and not self.dead:  # after the earlier pipelined replies, like any reply
             try:
                 url = httptools.parse_url(self.url)
-                refused = self.service.refused_unread(url.path, self.parser.get_method(), self.content_type,
-                                                      _query(url.query))
+                refused = self.service.refused_unread(url.path, self.parser.get_method(), self.content_type, url.query)
             except httptools.HttpParserInvalidURLError:
                 refused = None  # answered after the body, as without Expect
             if refused is not None:  # the final status instead of 100: the client sends no body (RFC 9110 10.1.1)
-                self._fatal(refused.status, "", "", refused, count=False)
+                self._close_with(refused, count=False)
                 if refused.status in (400, 415):  # counted as POST /score replies, as without Expect
                     self.service.metrics.reply(refused.status, False, 0.0)
                 return
@@ -193,9 +195,7 @@ class _Connection(asyncio.Protocol):
             self._flush()
 
     def on_chunk_header(self) -> None:  # a trailer section may follow (the last chunk): bound it like a head
-        self.in_head = True
-        self.head_bytes = 0
-        self.section_start = self.loop.time()  # type: ignore[union-attr]
+        self._begin_section()
 
     def on_chunk_complete(self) -> None:
         self.in_head = False
@@ -273,7 +273,7 @@ class _Connection(asyncio.Protocol):
         body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
         arrow = self.content_type == ARROW_MIME
         try:
-            arrow, dense = self.service.check_score(self.content_type, _query(query))
+            arrow, dense = self.service.check_score(self.content_type, query)
             if len(body) <= INLINE_BYTES and not arrow:  # Arrow may decode to far more than it sends
                 self._submit(slot, self.service.parse(body, arrow, dense), arrow, t0)
             else:
@@ -349,8 +349,11 @@ class _Connection(asyncio.Protocol):
         if self.closing and not slots and not self.in_message:
             self.transport.close()  # type: ignore[union-attr]
 
-    def _fatal(self, status: int, message: str, field: str, reply: Reply | None = None, count: bool = True) -> None:
-        """Answer ``status`` (or ``reply``) after the replies already due, then close; read nothing more."""
+    def _fatal(self, status: int, message: str, field: str) -> None:  # a refusal counted in ckv_requests_total
+        self._close_with(error_reply(status, message, field), count=True)
+
+    def _close_with(self, reply: Reply, count: bool) -> None:
+        """Answer ``reply`` after the replies already due, then close; read nothing more."""
         if self.dead:
             return
         self.dead = True
@@ -359,9 +362,9 @@ class _Connection(asyncio.Protocol):
         slot.close = True
         self.slots.append(slot)
         self.transport.pause_reading()  # type: ignore[union-attr]
-        self._answer(slot, reply or error_reply(status, message, field))
+        self._answer(slot, reply)
         if count:
-            self.service.metrics.refused(status)
+            self.service.metrics.refused(reply.status)
 
     def shut(self) -> None:
         """Shutdown: close now if idle, else after the replies to the requests already read."""
@@ -395,6 +398,3 @@ class _Connection(asyncio.Protocol):
     def abort(self) -> None:
         self.transport.abort()  # type: ignore[union-attr]
 
-
-def _query(query: bytes | None) -> dict[str, list[str]]:
-    return parse_qs(query.decode("latin-1"), True) if query else {}

@@ -31,4 +31,3 @@ def encode(reply: Reply, close: bool = False) -> bytes:
         parts.append(b"connection: close\r\n")
     parts += [b"\r\n", reply.body]
     return b"".join(parts)
-

@@ -18,6 +18,7 @@ import pytest
 from collectivekv.cachestore.serving import http
 from collectivekv.cachestore.serving.app import Reply
 from collectivekv.cachestore.serving.http import MAX_HEADER_BYTES, MAX_PIPELINED, MAX_URL
+from collectivekv.cachestore.serving.server import RunningServer
 from collectivekv.cachestore.serving.wire import encode
 from tests.server_fixtures import ModelStore, start_server
 
@@ -367,14 +368,17 @@ def test_expect_continue_of_a_refused_request_gets_its_status_at_once(published:
         client.close()
 
 
-def _open_connections() -> list[http._Connection]:
-    return [o for o in gc.get_objects() if type(o) is http._Connection and o in o.server.connections]
+def _open_connections(srv: RunningServer) -> list[http._Connection]:
+    """The connections ``srv`` still holds (other tests' servers may keep theirs past their loop's end)."""
+    return [o for o in gc.get_objects()
+            if type(o) is http._Connection and o.server.sock is srv.sock and o in o.server.connections]
 
 
 def test_a_client_that_reads_no_reply_is_aborted_after_keepalive(published: tuple[ModelStore, Path]) -> None:
-    """Replies piled up unread: a close would wait for the client forever; the sweep aborts the connection."""
+    """Replies piled up unread: a close would wait for the client forever; the sweep aborts the connection (after
+    keepalive_s, or header_timeout_s when reading paused inside a request)."""
     _, root = published
-    with start_server(root, keepalive_s=1.0) as srv:
+    with start_server(root, keepalive_s=1.0, header_timeout_s=1.0) as srv:
         host, port = srv.url.removeprefix("http://").rsplit(":", 1)
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -383,9 +387,9 @@ def test_a_client_that_reads_no_reply_is_aborted_after_keepalive(published: tupl
         with contextlib.suppress(OSError):
             sock.sendall(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n" * 3000)
         deadline = time.monotonic() + 8.0
-        while _open_connections() and time.monotonic() < deadline:
+        while _open_connections(srv) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not _open_connections()
+        assert not _open_connections(srv)
         sock.close()
 
 
