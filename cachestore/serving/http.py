@@ -10,15 +10,14 @@ against 66–77 µs for a bare ASGI app on uvicorn, before any framework. It use
 
 Per connection (:class:`_Connection`): requests are parsed as bytes arrive; each gets a *slot* in arrival
 order and replies are written in that order (pipelining), as soon as the slot at the head is done.
-``POST /score`` is handled without a coroutine: parse on the loop (bodies over
-:data:`~cachestore.serving.app.INLINE_BYTES` in a thread), ``batcher.submit``, and the worker thread's
-result comes back with one ``call_soon_threadsafe``; a timer answers 503 after ``request_timeout_s``.
+``POST /score`` is handled without a coroutine (:mod:`cachestore.serving.http_score`).
 
 Limits: the URL (8 KiB, else 414), the header block (32 KiB, else 431; a head or chunked trailer still unfinished
 after :data:`HEAD_SLACK` more bytes of reads is a 431 too, since httptools hands a header over only once it ends),
 the body (``max_body_bytes``, else 413 — at once from Content-Length, or as the chunks arrive), at most
 :data:`MAX_PIPELINED` unanswered requests per connection (reading pauses beyond it, and while the client does not
-read its replies: it resumes only when both allow). Malformed HTTP, and a URL httptools cannot parse, get 400
+read its replies: it resumes only when both allow; bytes are parsed :data:`FEED_PIECE` at a time outside a body,
+so parsing stops there too, the rest of a read kept for later). Malformed HTTP, and a URL httptools cannot parse, get 400
 and the connection closes; so do the three limits above (each counted in ``ckv_requests_total``). A sweep once a
 second closes connections idle for ``keepalive_s`` since their last byte in or reply out, a head (or trailer)
 not complete ``header_timeout_s`` after it began however its bytes trickle, and a body with no byte for
@@ -30,21 +29,22 @@ accepting, close idle connections, answer every request already read, then close
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
 from concurrent.futures import Future
 from typing import Any
 
 import httptools
 
-from collectivekv.cachestore.serving.app import INLINE_BYTES, Reply, ScoringService, error_reply, not_allowed
-from collectivekv.cachestore.serving.payloads import ARROW_MIME, JSON_MIME, ScoreRequest
+from collectivekv.cachestore.serving.app import Reply, ScoringService, error_reply, not_allowed
+from collectivekv.cachestore.serving.http_score import ScorePath
+from collectivekv.cachestore.serving.payloads import JSON_MIME
 from collectivekv.cachestore.serving.wire import encode
 
 MAX_URL = 8 << 10
 MAX_HEADER_BYTES = 32 << 10
 MAX_PIPELINED = 64  # unanswered requests per connection before reading pauses (resumes at a quarter)
-HEAD_SLACK = 256 << 10  # counted in whole reads (at most 256 KiB each), which may hold earlier requests too
+HEAD_SLACK = 256 << 10  # counted in parsed pieces, which may hold earlier requests too
+FEED_PIECE = 4 << 10  # bytes parsed at a time outside a body: reading pauses within one piece's requests
 class _Slot:
     """One request's place in its connection's reply order: its bytes once answered; close after it?"""
 
@@ -95,7 +95,7 @@ class HttpServer:
                 conn.expire(now)
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(ScorePath, asyncio.Protocol):
     """One client connection (module docstring). Parser callbacks are the ``on_*`` methods."""
 
     def __init__(self, server: HttpServer) -> None:
@@ -112,6 +112,8 @@ class _Connection(asyncio.Protocol):
         self.active = 0.0  # when the last byte arrived or the last reply left (the keep-alive clock)
         self.section_start = 0.0  # when the head (or trailer) being read began: header_timeout_s to complete it
         self.unsent = 1 << 62  # reply bytes buffered at the sweep's last close attempt
+        self.held = b""  # bytes read but not parsed: reading paused within them
+        self.body_left = 0  # bytes of the current body still to come, by its Content-Length
         self._reset()
 
     def _reset(self) -> None:
@@ -143,24 +145,48 @@ class _Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        if not self.dead and not self.paused:
+        self._resume()
+
+    def _resume(self) -> None:  # from _flush too, maybe inside a parser callback: parse the held bytes after it
+        if not self.dead and not self.paused and not self.write_paused:
+            self.loop.call_soon(self._go_on)  # type: ignore[union-attr]
+
+    def _go_on(self) -> None:
+        if self.dead or self.paused or self.write_paused:
+            return
+        held, self.held = self.held, b""
+        self._feed(held)
+        if not (self.dead or self.paused or self.write_paused):
             self.transport.resume_reading()  # type: ignore[union-attr]
 
     def data_received(self, data: bytes) -> None:
         if self.dead:
             return
         self.active = self.loop.time()  # type: ignore[union-attr]
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fatal(400, "protocol upgrades are not supported", "upgrade")
-        except httptools.HttpParserError as exc:
-            self._fatal(400, f"malformed HTTP request ({str(exc)[:80]})", "http")
-        if self.in_head and not self.dead:  # httptools hands a header over only once complete: bound the reads
-            self.head_bytes += len(data)  # that end inside one request's head
-            if self.head_bytes > MAX_URL + MAX_HEADER_BYTES + HEAD_SLACK:
-                limit = MAX_URL + MAX_HEADER_BYTES
-                self._fatal(431, f"the request line and headers (or trailers) exceed {limit} bytes", "headers")
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        """Parse ``data`` a piece at a time — a body whole (by its Content-Length), else :data:`FEED_PIECE` bytes
+        — and once reading pauses (too many replies due, or the client not reading them) keep the rest in
+        ``held``: one read of many small pipelined requests queues at most a piece's worth past the limit."""
+        view, at = memoryview(data), 0
+        while at < len(view) and not self.dead:
+            if self.paused or self.write_paused:
+                self.held = bytes(view[at:])
+                return
+            piece = view[at : at + max(self.body_left, FEED_PIECE)]
+            at += len(piece)
+            try:
+                self.parser.feed_data(piece)
+            except httptools.HttpParserUpgrade:
+                self._fatal(400, "protocol upgrades are not supported", "upgrade")
+            except httptools.HttpParserError as exc:
+                self._fatal(400, f"malformed HTTP request ({str(exc)[:80]})", "http")
+            if self.in_head and not self.dead:  # httptools hands a header over only once complete: bound the
+                self.head_bytes += len(piece)  # pieces that end inside one request's head
+                if self.head_bytes > MAX_URL + MAX_HEADER_BYTES + HEAD_SLACK:
+                    limit = MAX_URL + MAX_HEADER_BYTES
+                    self._fatal(431, f"the request line and headers (or trailers) exceed {limit} bytes", "headers")
 
     # -------------------------------------------------------------------------------- parser callbacks
 
@@ -215,14 +241,19 @@ class _Connection(asyncio.Protocol):
         name = name.lower()
         if name == b"content-type":
             self.content_type = value.decode("latin-1").split(";")[0].strip().lower()
-        elif name == b"content-length" and value.isdigit() and int(value) > self.service.config.max_body_bytes:
+        elif name == b"content-length" and value.isdigit():
             limit = self.service.config.max_body_bytes
-            self._fatal(413, f"{int(value)} bytes exceed the limit of {limit}: split the request", "body")
+            digits = value.lstrip(b"0") or b"0"
+            if len(digits) > 18 or int(digits) > limit:
+                self._fatal(413, f"{digits[:40].decode()} bytes exceed the limit of {limit}: split the request", "body")
+            else:
+                self.body_left = int(digits)
         elif name == b"expect" and value.lower() == b"100-continue":
             self.expect_continue = True
 
     def on_body(self, chunk: bytes) -> None:
         self.in_head = False
+        self.body_left -= len(chunk)
         self.body_size += len(chunk)
         limit = self.service.config.max_body_bytes
         if self.body_size > limit:
@@ -232,6 +263,7 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.in_message = self.in_head = False
+        self.body_left = 0
         if self.parser.should_upgrade():
             self._fatal(400, "protocol upgrades are not supported", "upgrade")
         if self.dead:
@@ -266,58 +298,6 @@ class _Connection(asyncio.Protocol):
         else:
             self._answer(slot, error_reply(404, f"no route {url.path.decode('latin-1')[:80]!r}", "path"))
 
-    # -------------------------------------------------------------------------------- POST /score
-
-    def _score(self, slot: _Slot, query: bytes | None) -> None:
-        t0 = time.perf_counter()
-        body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
-        arrow = self.content_type == ARROW_MIME
-        try:
-            arrow, dense = self.service.check_score(self.content_type, query)
-            if len(body) <= INLINE_BYTES and not arrow:  # Arrow may decode to far more than it sends
-                self._submit(slot, self.service.parse(body, arrow, dense), arrow, t0)
-            else:
-                self.loop.create_task(self._parse_large(slot, body, arrow, dense, t0))  # type: ignore[union-attr]
-        except Exception as exc:  # noqa: BLE001 (BadRequest and the batcher's refusals: each is a reply)
-            self._scored_reply(slot, self.service.failed(exc), arrow, t0)
-
-    async def _parse_large(self, slot: _Slot, body: bytes, arrow: bool, dense: bool, t0: float) -> None:
-        try:
-            request = await self.loop.run_in_executor(None, self.service.parse, body, arrow, dense)  # type: ignore
-            self._submit(slot, request, arrow, t0)
-        except Exception as exc:  # noqa: BLE001
-            self._scored_reply(slot, self.service.failed(exc), arrow, t0)
-
-    def _submit(self, slot: _Slot, request: ScoreRequest, arrow: bool, t0: float) -> None:
-        future = self.service.batcher.submit(request)  # QueueFull / ShuttingDown: the caller's reply
-        self.pending.add(future)
-        loop = self.loop
-        timer = loop.call_later(self.service.config.request_timeout_s, self._expire, slot, future, arrow, t0)  # type: ignore
-
-        def done(f: Future) -> None:  # in the worker thread
-            loop.call_soon_threadsafe(self._result, slot, f, request, arrow, t0, timer)  # type: ignore[union-attr]
-
-        future.add_done_callback(done)
-
-    def _result(self, slot: _Slot, future: Future, request: ScoreRequest, arrow: bool, t0: float,
-                timer: asyncio.TimerHandle) -> None:
-        timer.cancel()
-        self.pending.discard(future)
-        if slot.data is not None or future.cancelled():
-            return  # timed out, or the client left
-        exc = future.exception()
-        reply = self.service.failed(exc) if exc is not None else self.service.scored(future.result(), request, arrow)
-        self._scored_reply(slot, reply, arrow, t0)
-
-    def _expire(self, slot: _Slot, future: Future, arrow: bool, t0: float) -> None:
-        if slot.data is None:
-            future.cancel()
-            self._scored_reply(slot, self.service.failed(TimeoutError()), arrow, t0)
-
-    def _scored_reply(self, slot: _Slot, reply: Reply, arrow: bool, t0: float) -> None:
-        self._answer(slot, reply)
-        self.service.metrics.reply(reply.status, arrow, time.perf_counter() - t0)
-
     # -------------------------------------------------------------------------------- replies, lifetime
 
     def _answer(self, slot: _Slot, reply: Reply) -> None:
@@ -344,8 +324,7 @@ class _Connection(asyncio.Protocol):
                 return
         if self.paused and len(slots) <= MAX_PIPELINED // 4:
             self.paused = False
-            if not self.write_paused:  # the client reads its replies again first
-                self.transport.resume_reading()  # type: ignore[union-attr]
+            self._resume()  # once the client reads its replies again too
         if self.closing and not slots and not self.in_message:
             self.transport.close()  # type: ignore[union-attr]
 

@@ -393,6 +393,31 @@ def test_a_client_that_reads_no_reply_is_aborted_after_keepalive(published: tupl
         sock.close()
 
 
+def test_one_read_of_many_small_requests_is_parsed_only_as_far_as_replies_may_wait(
+        published: tuple[ModelStore, Path]) -> None:
+    """3,000 pipelined ``GET /metrics`` (~100 KiB, arriving in one or a few reads), none of their replies read: parsing
+    stops within a piece of where reading pauses, the rest of the read kept, so the replies buffered stay a small part
+    of all 3,000; every reply then arrives, in order, once the client reads."""
+    _, root = published
+    with start_server(root) as srv:
+        host, port = srv.url.removeprefix("http://").rsplit(":", 1)
+        sock = socket.create_connection((host, int(port)))
+        sock.settimeout(5)
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n" * 3000)
+        time.sleep(0.5)
+        (conn,) = _open_connections(srv)
+        buffered, held = conn.transport.get_write_buffer_size(), len(conn.held)  # type: ignore[union-attr]
+        replies, buf = 0, b""
+        while replies < 3000:
+            chunk = sock.recv(1 << 20)
+            assert chunk, f"closed after {replies} replies"
+            buf += chunk
+            replies, buf = replies + buf.count(b"HTTP/1.1 200 OK\r\n"), buf[-16:]  # shorter than the marker: never counted twice
+        sock.close()
+    one_reply = len(encode(srv.service.metrics_text(), False))
+    assert held > 0 and buffered < 300 * one_reply, (held, buffered, one_reply)
+
+
 def test_head_replies_carry_no_body_and_trailers_are_not_headers(published: tuple[ModelStore, Path]) -> None:
     model, root = published
     body = _score_body(model.user_ids[0], [3])
