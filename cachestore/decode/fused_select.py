@@ -18,6 +18,10 @@ import torch
 
 from collectivekv.cachestore.decode.fused import triton
 
+# the order-preserving int32 (bits, or bits ^ 0x7FFFFFFF when negative) of group_scores' fill past a user's rows
+_FILL_BITS = int(torch.tensor(torch.finfo(torch.float32).min).view(torch.int32))
+_FILL_ORDER = _FILL_BITS ^ 0x7FFFFFFF if _FILL_BITS < 0 else _FILL_BITS
+
 if triton is not None:
     import triton.language as tl
 
@@ -40,13 +44,58 @@ if triton is not None:
 
     @triton.jit
     def _take_top(order, valid, K, T):
-        """Which positions hold the K largest of ``order`` where ``valid``, T from :func:`_kth_largest`: every value
-        above T, and of those equal to T the later positions first (as many as K leaves)."""
-        above = valid & (order > T)
+        """(take, at): which positions hold the K largest of ``order`` where ``valid`` (T from :func:`_kth_largest`
+        or :func:`_score_threshold`: every value above T, and of those equal to T the later positions first, as
+        many as K leaves), and each taken position's place 0 .. K - 1 in position order. The above and the tied
+        counts travel packed in one int32 (low and high 16 bits; rows <= 4,096): one reduction, and one scan
+        when some ties are left out (none are when exactly K values reach T, the usual end of the search)."""
+        above = (valid & (order > T)).to(tl.int32)
         tie = (valid & (order == T)).to(tl.int32)
-        need = K - tl.sum(above.to(tl.int32), axis=0)
-        later = tl.sum(tie, axis=0) - tl.cumsum(tie, axis=0)  # ties after each position
-        return above | ((tie > 0) & (later < need))
+        packed = above + (tie << 16)
+        total = tl.sum(packed, axis=0)
+        skip = (total >> 16) - (K - (total & 0xFFFF))  # the earliest ties left out
+        if skip == 0:
+            take = (above + tie) > 0
+            at = tl.cumsum((above + tie), axis=0) - 1
+        else:
+            seen = tl.cumsum(packed, axis=0)  # inclusive: above (low 16 bits) and ties (high) up to each position
+            ties_taken = tl.maximum((seen >> 16) - skip, 0)
+            take = (above > 0) | ((tie > 0) & (ties_taken > 0))
+            at = (seen & 0xFFFF) + ties_taken - 1
+        return take, at
+
+    @triton.jit
+    def _as_float(o):
+        """The fp32 whose order-preserving int32 (:func:`_row_topk_kernel`) is ``o``."""
+        return tl.where(o < 0, o ^ 0x7FFFFFFF, o).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _score_threshold(order, K, FILL: tl.constexpr, FLOAT_STEPS: tl.constexpr):
+        """:func:`_kth_largest` for the order-preserving int32 of fp32 scores (positions not counted hold
+        -2^31; K <= their count): the K-th largest, or a threshold above which exactly K lie. Bracketed by the
+        row's maximum and the smallest score above FILL (group_scores' fill past a user's rows: a row with
+        fewer than K others answers FILL at once), then bisected at the midpoint of the bracket's float values
+        for FLOAT_STEPS steps (about 9 for 1,000 spread scores, against 16 bisecting the bits) and of its int32
+        patterns after that (at most 32 more: a bracket always shrinks)."""
+        top = tl.max(order, axis=0)
+        real = order > FILL
+        n_real = tl.sum(real.to(tl.int32), axis=0)
+        n_fill = tl.sum((order >= FILL).to(tl.int32), axis=0)
+        lo = tl.where(n_real >= K, tl.min(tl.where(real, order, top), axis=0),
+                      tl.where(n_fill >= K, FILL, -(1 << 31))).to(tl.int64)
+        hi = tl.where((n_real < K) & (n_fill >= K), FILL, top).to(tl.int64)
+        step = 0
+        while lo < hi:
+            if step < FLOAT_STEPS:  # the bracket's float midpoint, kept inside lo + 1 .. hi
+                m = (_as_float(lo.to(tl.int32)) * 0.5 + _as_float(hi.to(tl.int32)) * 0.5).to(tl.int32, bitcast=True)
+                mid = tl.minimum(tl.maximum(tl.where(m < 0, m ^ 0x7FFFFFFF, m).to(tl.int64), lo + 1), hi)
+            else:
+                mid = (lo + hi + 1) >> 1
+            count = tl.sum((order >= mid.to(tl.int32)).to(tl.int32), axis=0)
+            lo = tl.where(count >= K, mid, lo)
+            hi = tl.where(count > K, hi, tl.where(count == K, mid, mid - 1))
+            step += 1
+        return lo.to(tl.int32)
 
     @triton.jit
     def _key_select_kernel(raw_ptr, key_starts_ptr, rows_ptr, target_ptr, idx_ptr, nsel_ptr, codes_ptr, n_cand,
@@ -73,31 +122,34 @@ if triton is not None:
             eligible = lmask & (score > 0)
         rank = score.to(tl.int32) * CAP + ls  # (CAP_P2,) in 0 .. (BITS + 1)·CAP - 1
         n_sel = tl.minimum(tl.sum(eligible.to(tl.int32), axis=0), K)
-        take = _take_top(rank, eligible, n_sel, _kth_largest(rank, eligible, tl.maximum(n_sel, 1), 0, STEPS))
-        take = take & (n_sel > 0)
-        tl.store(idx_ptr + row * K + tl.cumsum(take.to(tl.int32), axis=0) - 1, ls.to(tl.int64), mask=take)
+        take, at = _take_top(rank, eligible, n_sel, _kth_largest(rank, eligible, tl.maximum(n_sel, 1), 0, STEPS))
+        tl.store(idx_ptr + row * K + at, ls.to(tl.int64), mask=take & (n_sel > 0))
         tl.store(nsel_ptr + row, n_sel.to(tl.int64))
 
     @triton.jit
     def _row_topk_kernel(scores_ptr, top_ptr, idx_ptr, rows_ptr, per_user, CAP: tl.constexpr, CAP_P2: tl.constexpr,
-                         K: tl.constexpr, SOFTMAX: tl.constexpr):
+                         K: tl.constexpr, K_P2: tl.constexpr, SOFTMAX: tl.constexpr, FILL: tl.constexpr):
         """Row p of scores (CAP,) fp32 → its K largest (equal scores: later positions first) in position order:
-        the order-preserving int32 of each score, its K-th largest by :func:`_kth_largest`, then a compaction.
-        SOFTMAX: their softmax weights instead, over the selected positions < rows[p // per_user] (0 elsewhere)."""
+        the order-preserving int32 of each score, its K-th largest by :func:`_score_threshold`, then a
+        compaction. SOFTMAX: their softmax weights instead, over the selected positions < rows[p // per_user]
+        (0 elsewhere), computed on the K stored values read back (exp over K, not over the row)."""
         p = tl.program_id(0).to(tl.int64)
         ls = tl.arange(0, CAP_P2)
         valid = ls < CAP
         x = tl.load(scores_ptr + p * CAP + ls, mask=valid, other=0.0) + 0.0  # -0.0 ranks as 0.0
         bits = x.to(tl.int32, bitcast=True)
-        order = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # signed int32 order == float order
-        take = _take_top(order, valid, K, _kth_largest(order, valid, K, -(1 << 31), 32))
-        at = p * K + tl.cumsum(take.to(tl.int32), axis=0) - 1
-        if SOFTMAX:  # a user's real scores sit at positions < its rows; the fill past them gets weight 0
-            real = take & (ls < tl.load(rows_ptr + p // per_user))
-            e = tl.where(real, tl.exp(x - tl.max(tl.where(real, x, -float("inf")), axis=0)), 0.0)
-            x = e / tl.maximum(tl.sum(e, axis=0), 1e-30)  # all 0 for a user without rows
-        tl.store(top_ptr + at, x, mask=take)
-        tl.store(idx_ptr + at, ls.to(tl.int64), mask=take)
+        order = tl.where(valid, tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits), -(1 << 31))  # int32 order == float order
+        take, at = _take_top(order, valid, K, _score_threshold(order, K, FILL, 12))
+        top_row, idx_row = top_ptr + p * K, idx_ptr + p * K
+        tl.store(top_row + at, x, mask=take)
+        tl.store(idx_row + at, ls.to(tl.int64), mask=take)
+        if SOFTMAX:  # over the K stored, read back: a user's real scores (positions < its rows) get the weights
+            tl.debug_barrier()  # the values just stored, read back by other threads
+            js = tl.arange(0, K_P2)
+            real = (js < K) & (tl.load(idx_row + js, mask=js < K, other=CAP) < tl.load(rows_ptr + p // per_user))
+            v = tl.load(top_row + js, mask=real, other=0.0)
+            e = tl.where(real, tl.exp(v - tl.max(tl.where(real, v, -float("inf")), axis=0)), 0.0)
+            tl.store(top_row + js, e / tl.maximum(tl.sum(e, axis=0), 1e-30), mask=js < K)  # all 0 without rows
 
 
 def row_topk(scores: torch.Tensor, k: int, num_warps: int = 1, *, softmax_rows: torch.Tensor | None = None,
@@ -120,8 +172,9 @@ def row_topk(scores: torch.Tensor, k: int, num_warps: int = 1, *, softmax_rows: 
     per_user = max(1, flat.shape[0] // max(1, scores.shape[0]) * n_cand) if softmax else 1  # score rows per user
     if flat.shape[0]:
         _row_topk_kernel[(flat.shape[0],)](flat, top, idx, softmax_rows if softmax else idx, per_user, CAP=cap,
-                                           CAP_P2=triton.next_power_of_2(cap), K=k, SOFTMAX=softmax,
-                                           num_warps=num_warps)
+                                           CAP_P2=triton.next_power_of_2(cap), K=k,
+                                           K_P2=triton.next_power_of_2(k), SOFTMAX=softmax,
+                                           FILL=_FILL_ORDER, num_warps=num_warps)
     return top.reshape(*scores.shape[:-1], k), idx.reshape(*scores.shape[:-1], k)
 
 

@@ -19,6 +19,8 @@ import functools
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from collectivekv.cachestore.decode import fused_zoo
 from collectivekv.cachestore.decode.batch import HostBatcher
@@ -159,6 +161,32 @@ def test_row_topk_is_the_stable_sort_of_the_flipped_scores(cap: int, k: int) -> 
     assert torch.equal(got_i.cpu(), want_i) and torch.equal(got_v.cpu(), s.gather(-1, want_i))
     with pytest.raises(ValueError, match="row_topk takes"):
         row_topk(s.to(DEVICE), cap + 1)
+
+
+@given(seed=st.integers(0, 10_000), cap=st.integers(1, 300), k_frac=st.floats(0.0, 1.0),
+       kind=st.sampled_from(["spread", "ties", "outliers", "fill", "short", "infinite"]))
+@settings(max_examples=25, deadline=None)
+def test_row_topk_selects_exactly_whatever_the_scores(seed: int, cap: int, k_frac: float, kind: str) -> None:
+    """The selection is exact for any scores, whichever way its search is bracketed: spread values, few distinct
+    values (ties at the k-th), outliers 1e30 apart, group_scores' fill past fewer or more rows than k, ±inf."""
+    g = torch.Generator().manual_seed(seed)
+    k = max(1, round(k_frac * cap))
+    s = torch.randn(3, cap, generator=g)  # (rows, cap)
+    fill = torch.finfo(torch.float32).min
+    if kind == "ties":
+        s = (s * 2).round()
+    elif kind == "outliers":
+        s[:, ::7] *= 1e30
+    elif kind in ("fill", "short"):
+        real = torch.randint(0, cap + 1 if kind == "fill" else k, (3,), generator=g)  # rows before the fill
+        s[torch.arange(cap) >= real[:, None]] = fill
+    elif kind == "infinite":
+        s[:, ::5] = float("-inf")
+        s[:, 3::11] = float("inf")
+    _, rev = s.flip(-1).sort(dim=-1, descending=True, stable=True)
+    want_i = (cap - 1 - rev[..., :k]).sort(dim=-1).values
+    got_v, got_i = row_topk(s.to(DEVICE), k)
+    assert torch.equal(got_i.cpu(), want_i) and torch.equal(got_v.cpu(), s.gather(-1, want_i))
 
 
 def test_row_topk_softmax_is_the_masked_softmax_of_the_top_k() -> None:
