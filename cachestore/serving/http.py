@@ -16,11 +16,11 @@ Limits: the URL (8 KiB, else 414), the header block (32 KiB, else 431; a head or
 after :data:`HEAD_SLACK` more bytes of reads is a 431 too, since httptools hands a header over only once it ends),
 the body (``max_body_bytes``, else 413 — at once from Content-Length, or as the chunks arrive), at most
 :data:`MAX_PIPELINED` unanswered requests per connection (reading pauses beyond it, and while the client does not
-read its replies: it resumes only when both allow; bytes are parsed :data:`FEED_PIECE` at a time outside a body,
-so parsing stops there too, the rest of a read kept for later). Malformed HTTP, and a URL httptools cannot parse, get 400
-and the connection closes; so do the three limits above (each counted in ``ckv_requests_total``). A sweep once a
-second closes connections idle for ``keepalive_s`` since their last byte in or reply out, a head (or trailer)
-not complete ``header_timeout_s`` after it began however its bytes trickle, and a body with no byte for
+read its replies: it resumes only when both allow; a read is parsed :data:`FEED_PIECE` bytes at a time outside
+a body, so parsing stops there too and keeps the rest for later). Malformed HTTP, and a URL httptools cannot
+parse, get 400 and the connection closes; so do the three limits above (each counted in ``ckv_requests_total``).
+A sweep once a second closes connections idle for ``keepalive_s`` since their last byte in or reply out, a head
+(or trailer) not complete ``header_timeout_s`` after it began however its bytes trickle, and a body with no byte for
 ``header_timeout_s`` (both in :class:`~cachestore.serving.config.ServerConfig`). ``Expect: 100-continue`` is
 answered in reply order. Shutdown (:meth:`HttpServer.run`'s stop event): ``/healthz`` turns 503, stop
 accepting, close idle connections, answer every request already read, then close the rest.
@@ -113,6 +113,7 @@ class _Connection(ScorePath, asyncio.Protocol):
         self.section_start = 0.0  # when the head (or trailer) being read began: header_timeout_s to complete it
         self.unsent = 1 << 62  # reply bytes buffered at the sweep's last close attempt
         self.held = b""  # bytes read but not parsed: reading paused within them
+        self.feeding = False  # inside _feed
         self.body_left = 0  # bytes of the current body still to come, by its Content-Length
         self._reset()
 
@@ -155,9 +156,14 @@ class _Connection(ScorePath, asyncio.Protocol):
         if self.dead or self.paused or self.write_paused:
             return
         held, self.held = self.held, b""
+        self.active = self.loop.time()  # type: ignore[union-attr]  # the held bytes count as read now
         self._feed(held)
-        if not (self.dead or self.paused or self.write_paused):
+        if not (self.dead or self.paused or self.write_paused or self.transport.is_closing()):  # type: ignore
             self.transport.resume_reading()  # type: ignore[union-attr]
+
+    def _busy(self) -> bool:
+        """Replies due, a request partly read, or requests read but not parsed yet."""
+        return bool(self.slots or self.in_message or self.held or self.feeding)
 
     def data_received(self, data: bytes) -> None:
         if self.dead:
@@ -170,10 +176,11 @@ class _Connection(ScorePath, asyncio.Protocol):
         — and once reading pauses (too many replies due, or the client not reading them) keep the rest in
         ``held``: one read of many small pipelined requests queues at most a piece's worth past the limit."""
         view, at = memoryview(data), 0
+        self.feeding = True  # a reply written meanwhile must not close a shutting connection: more may follow
         while at < len(view) and not self.dead:
             if self.paused or self.write_paused:
                 self.held = bytes(view[at:])
-                return
+                break
             piece = view[at : at + max(self.body_left, FEED_PIECE)]
             at += len(piece)
             try:
@@ -187,6 +194,9 @@ class _Connection(ScorePath, asyncio.Protocol):
                 if self.head_bytes > MAX_URL + MAX_HEADER_BYTES + HEAD_SLACK:
                     limit = MAX_URL + MAX_HEADER_BYTES
                     self._fatal(431, f"the request line and headers (or trailers) exceed {limit} bytes", "headers")
+        self.feeding = False
+        if self.closing and not self.dead and not self._busy():
+            self.transport.close()  # type: ignore[union-attr]
 
     # -------------------------------------------------------------------------------- parser callbacks
 
@@ -325,7 +335,7 @@ class _Connection(ScorePath, asyncio.Protocol):
         if self.paused and len(slots) <= MAX_PIPELINED // 4:
             self.paused = False
             self._resume()  # once the client reads its replies again too
-        if self.closing and not slots and not self.in_message:
+        if self.closing and not self._busy():
             self.transport.close()  # type: ignore[union-attr]
 
     def _fatal(self, status: int, message: str, field: str) -> None:  # a refusal counted in ckv_requests_total
@@ -348,7 +358,7 @@ class _Connection(ScorePath, asyncio.Protocol):
     def shut(self) -> None:
         """Shutdown: close now if idle, else after the replies to the requests already read."""
         self.closing = True
-        if not self.slots and not self.in_message:
+        if not self._busy():
             self.transport.close()  # type: ignore[union-attr]
 
     def expire(self, now: float) -> None:
@@ -362,7 +372,7 @@ class _Connection(ScorePath, asyncio.Protocol):
             self.section_start = now
         if self.in_head and reading:
             late = now - self.section_start > self.server.header_timeout_s
-        elif self.slots:
+        elif self.slots or (self.held and not self.write_paused):  # held bytes are parsed once reading may go on
             return
         else:
             late = now - self.active > (self.server.header_timeout_s if self.in_message else self.server.keepalive_s)

@@ -393,6 +393,32 @@ def test_a_client_that_reads_no_reply_is_aborted_after_keepalive(published: tupl
         sock.close()
 
 
+def _unread_flood(srv: RunningServer, n: int) -> socket.socket:
+    """A connection that sends ``n`` pipelined ``GET /metrics`` at once and reads nothing yet; small socket buffers on
+    both ends (the server's accepted socket inherits its listening socket's) so replies pile up in the server."""
+    srv.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 << 10)
+    host, port = srv.url.removeprefix("http://").rsplit(":", 1)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    sock.settimeout(10)
+    sock.sendall(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n" * n)
+    time.sleep(0.5)
+    return sock
+
+
+def _count_replies(sock: socket.socket, n: int) -> int:
+    """Read until ``n`` replies (or the server closes); how many arrived."""
+    replies, buf = 0, b""
+    while replies < n:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            break
+        buf += chunk
+        replies, buf = replies + buf.count(b"HTTP/1.1 200 OK\r\n"), buf[-16:]  # shorter than the marker
+    return replies
+
+
 def test_one_read_of_many_small_requests_is_parsed_only_as_far_as_replies_may_wait(
         published: tuple[ModelStore, Path]) -> None:
     """3,000 pipelined ``GET /metrics`` (~100 KiB, arriving in one or a few reads), none of their replies read: parsing
@@ -400,22 +426,29 @@ def test_one_read_of_many_small_requests_is_parsed_only_as_far_as_replies_may_wa
     of all 3,000; every reply then arrives, in order, once the client reads."""
     _, root = published
     with start_server(root) as srv:
-        host, port = srv.url.removeprefix("http://").rsplit(":", 1)
-        sock = socket.create_connection((host, int(port)))
-        sock.settimeout(5)
-        sock.sendall(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n" * 3000)
-        time.sleep(0.5)
+        sock = _unread_flood(srv, 3000)
         (conn,) = _open_connections(srv)
         buffered, held = conn.transport.get_write_buffer_size(), len(conn.held)  # type: ignore[union-attr]
-        replies, buf = 0, b""
-        while replies < 3000:
-            chunk = sock.recv(1 << 20)
-            assert chunk, f"closed after {replies} replies"
-            buf += chunk
-            replies, buf = replies + buf.count(b"HTTP/1.1 200 OK\r\n"), buf[-16:]  # shorter than the marker: never counted twice
+        assert _count_replies(sock, 3000) == 3000
         sock.close()
     one_reply = len(encode(srv.service.metrics_text(), False))
     assert held > 0 and buffered < 300 * one_reply, (held, buffered, one_reply)
+
+
+def test_shutdown_answers_the_requests_read_but_not_parsed_yet(published: tuple[ModelStore, Path]) -> None:
+    """A graceful stop while a read's requests wait unparsed (reading paused): they are parsed and answered before
+    the connection closes, as every request already read is."""
+    _, root = published
+    srv = start_server(root)
+    sock = _unread_flood(srv, 3000)
+    (conn,) = _open_connections(srv)
+    assert conn.held
+    stopping = threading.Thread(target=srv.stop)
+    stopping.start()
+    time.sleep(0.2)
+    assert _count_replies(sock, 3000) == 3000
+    stopping.join()
+    sock.close()
 
 
 def test_head_replies_carry_no_body_and_trailers_are_not_headers(published: tuple[ModelStore, Path]) -> None:
