@@ -32,6 +32,8 @@ import torch
 from collectivekv.cachestore.decode.fused import IDX_BYTES, INTERPRETED, triton
 from collectivekv.cachestore.decode.fused_view import GroupView, side_codes
 
+SCORE_FILL = torch.finfo(torch.float32).min  # group_scores' score past a user's rows: every real score ranks above it
+
 if triton is not None:
     import triton.language as tl
 
@@ -217,7 +219,7 @@ def group_scores(raw: torch.Tensor, q: torch.Tensor, view: GroupView, pool_k: to
     k_code, _, k_bytes, v_bytes = side_codes(g, view.kv_dtype, view.halves)
     _group_scores_kernel[(b * c, n_heads // heads_per_program, -(-cap // block))](
         raw, view.starts, view.rows, q.float().contiguous(), pool_k, out, flags, c, 1.0 / math.sqrt(dh),
-        view.start_add, view.pool_size, torch.finfo(torch.float32).min, float(scales[0]), D_A=d_a, H=n_heads,
+        view.start_add, view.pool_size, SCORE_FILL, float(scales[0]), D_A=d_a, H=n_heads,
         GH=heads_per_program, DH=dh, DK=g.dk, DV=g.dv, K_SHARED=g.k_shared, K_CODE=k_code, K_BYTES=k_bytes,
         V_BYTES=v_bytes, IDX_BYTES=IDX_BYTES[view.idx_dtype], BLOCK_L=block, CAP=cap, num_warps=num_warps,
     )

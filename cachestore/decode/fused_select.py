@@ -17,9 +17,10 @@ from __future__ import annotations
 import torch
 
 from collectivekv.cachestore.decode.fused import triton
+from collectivekv.cachestore.decode.fused_long import SCORE_FILL
 
-# the order-preserving int32 (bits, or bits ^ 0x7FFFFFFF when negative) of group_scores' fill past a user's rows
-_FILL_BITS = int(torch.tensor(torch.finfo(torch.float32).min).view(torch.int32))
+# the order-preserving int32 of an fp32 (its bits, or bits ^ 0x7FFFFFFF when negative: :func:`_flip`) of the fill
+_FILL_BITS = int(torch.tensor(SCORE_FILL).view(torch.int32))
 _FILL_ORDER = _FILL_BITS ^ 0x7FFFFFFF if _FILL_BITS < 0 else _FILL_BITS
 
 if triton is not None:
@@ -55,8 +56,9 @@ if triton is not None:
         total = tl.sum(packed, axis=0)
         skip = (total >> 16) - (K - (total & 0xFFFF))  # the earliest ties left out
         if skip == 0:
-            take = (above + tie) > 0
-            at = tl.cumsum((above + tie), axis=0) - 1
+            hit = above + tie
+            take = hit > 0
+            at = tl.cumsum(hit, axis=0) - 1
         else:
             seen = tl.cumsum(packed, axis=0)  # inclusive: above (low 16 bits) and ties (high) up to each position
             ties_taken = tl.maximum((seen >> 16) - skip, 0)
@@ -65,9 +67,14 @@ if triton is not None:
         return take, at
 
     @triton.jit
+    def _flip(x):
+        """An fp32's bits (int32) → its order-preserving int32 (signed order == float order), and back."""
+        return tl.where(x < 0, x ^ 0x7FFFFFFF, x)
+
+    @triton.jit
     def _as_float(o):
-        """The fp32 whose order-preserving int32 (:func:`_row_topk_kernel`) is ``o``."""
-        return tl.where(o < 0, o ^ 0x7FFFFFFF, o).to(tl.float32, bitcast=True)
+        """The fp32 whose order-preserving int32 is ``o``."""
+        return _flip(o).to(tl.float32, bitcast=True)
 
     @triton.jit
     def _score_threshold(order, K, FILL: tl.constexpr, FLOAT_STEPS: tl.constexpr):
@@ -88,7 +95,7 @@ if triton is not None:
         while lo < hi:
             if step < FLOAT_STEPS:  # the bracket's float midpoint, kept inside lo + 1 .. hi
                 m = (_as_float(lo.to(tl.int32)) * 0.5 + _as_float(hi.to(tl.int32)) * 0.5).to(tl.int32, bitcast=True)
-                mid = tl.minimum(tl.maximum(tl.where(m < 0, m ^ 0x7FFFFFFF, m).to(tl.int64), lo + 1), hi)
+                mid = tl.minimum(tl.maximum(_flip(m).to(tl.int64), lo + 1), hi)
             else:
                 mid = (lo + hi + 1) >> 1
             count = tl.sum((order >= mid.to(tl.int32)).to(tl.int32), axis=0)
@@ -137,8 +144,7 @@ if triton is not None:
         ls = tl.arange(0, CAP_P2)
         valid = ls < CAP
         x = tl.load(scores_ptr + p * CAP + ls, mask=valid, other=0.0) + 0.0  # -0.0 ranks as 0.0
-        bits = x.to(tl.int32, bitcast=True)
-        order = tl.where(valid, tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits), -(1 << 31))  # int32 order == float order
+        order = tl.where(valid, _flip(x.to(tl.int32, bitcast=True)), -(1 << 31))  # int32 order == float order
         take, at = _take_top(order, valid, K, _score_threshold(order, K, FILL, 12))
         top_row, idx_row = top_ptr + p * K, idx_ptr + p * K
         tl.store(top_row + at, x, mask=take)

@@ -45,6 +45,8 @@ MAX_HEADER_BYTES = 32 << 10
 MAX_PIPELINED = 64  # unanswered requests per connection before reading pauses (resumes at a quarter)
 HEAD_SLACK = 256 << 10  # counted in parsed pieces, which may hold earlier requests too
 FEED_PIECE = 4 << 10  # bytes parsed at a time outside a body: reading pauses within one piece's requests
+
+
 class _Slot:
     """One request's place in its connection's reply order: its bytes once answered; close after it?"""
 
@@ -148,22 +150,27 @@ class _Connection(ScorePath, asyncio.Protocol):
         self.write_paused = False
         self._resume()
 
+    def _may_read(self) -> bool:
+        """Neither too many replies due, nor the client not reading them, nor the connection refused."""
+        return not (self.dead or self.paused or self.write_paused)
+
     def _resume(self) -> None:  # from _flush too, maybe inside a parser callback: parse the held bytes after it
-        if not self.dead and not self.paused and not self.write_paused:
+        if self._may_read():
             self.loop.call_soon(self._go_on)  # type: ignore[union-attr]
 
     def _go_on(self) -> None:
-        if self.dead or self.paused or self.write_paused:
+        if not self._may_read():
             return
         held, self.held = self.held, b""
         self.active = self.loop.time()  # type: ignore[union-attr]  # the held bytes count as read now
         self._feed(held)
-        if not (self.dead or self.paused or self.write_paused or self.transport.is_closing()):  # type: ignore
+        if self._may_read() and not self.transport.is_closing():  # type: ignore[union-attr]
             self.transport.resume_reading()  # type: ignore[union-attr]
 
-    def _busy(self) -> bool:
-        """Replies due, a request partly read, or requests read but not parsed yet."""
-        return bool(self.slots or self.in_message or self.held or self.feeding)
+    def _close_if_done(self) -> None:
+        """Shutting down: close once no reply is due, no request partly read and no byte held or being parsed."""
+        if self.closing and not (self.slots or self.in_message or self.held or self.feeding):
+            self.transport.close()  # type: ignore[union-attr]
 
     def data_received(self, data: bytes) -> None:
         if self.dead:
@@ -178,7 +185,7 @@ class _Connection(ScorePath, asyncio.Protocol):
         view, at = memoryview(data), 0
         self.feeding = True  # a reply written meanwhile must not close a shutting connection: more may follow
         while at < len(view) and not self.dead:
-            if self.paused or self.write_paused:
+            if not self._may_read():
                 self.held = bytes(view[at:])
                 break
             piece = view[at : at + max(self.body_left, FEED_PIECE)]
@@ -195,8 +202,7 @@ class _Connection(ScorePath, asyncio.Protocol):
                     limit = MAX_URL + MAX_HEADER_BYTES
                     self._fatal(431, f"the request line and headers (or trailers) exceed {limit} bytes", "headers")
         self.feeding = False
-        if self.closing and not self.dead and not self._busy():
-            self.transport.close()  # type: ignore[union-attr]
+        self._close_if_done()
 
     # -------------------------------------------------------------------------------- parser callbacks
 
@@ -335,8 +341,7 @@ class _Connection(ScorePath, asyncio.Protocol):
         if self.paused and len(slots) <= MAX_PIPELINED // 4:
             self.paused = False
             self._resume()  # once the client reads its replies again too
-        if self.closing and not self._busy():
-            self.transport.close()  # type: ignore[union-attr]
+        self._close_if_done()
 
     def _fatal(self, status: int, message: str, field: str) -> None:  # a refusal counted in ckv_requests_total
         self._close_with(error_reply(status, message, field), count=True)
@@ -358,8 +363,7 @@ class _Connection(ScorePath, asyncio.Protocol):
     def shut(self) -> None:
         """Shutdown: close now if idle, else after the replies to the requests already read."""
         self.closing = True
-        if not self._busy():
-            self.transport.close()  # type: ignore[union-attr]
+        self._close_if_done()
 
     def expire(self, now: float) -> None:
         """The sweep: close a connection idle past keep-alive (since its last byte in or reply out), one whose
@@ -367,7 +371,7 @@ class _Connection(ScorePath, asyncio.Protocol):
         and one whose body stalls (no byte) for ``header_timeout_s``. One waiting for its replies stays; one whose
         client reads no reply for a sweep is aborted (a close would wait for it to read). The head clock stops
         while the server does not read (too many replies due, or the client not reading them)."""
-        reading = not (self.paused or self.write_paused or self.dead)
+        reading = self._may_read()
         if self.in_head and not reading:  # the head clock runs only while the server reads the connection
             self.section_start = now
         if self.in_head and reading:

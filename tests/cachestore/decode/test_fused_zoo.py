@@ -26,7 +26,7 @@ from collectivekv.cachestore.decode import fused_zoo
 from collectivekv.cachestore.decode.batch import HostBatcher
 from collectivekv.cachestore.decode.decode import ResidentZooModel, decode_zoo, entry_cache
 from collectivekv.cachestore.decode.fused import FusedConfig, fused_available
-from collectivekv.cachestore.decode.fused_long import bucket_sums
+from collectivekv.cachestore.decode.fused_long import SCORE_FILL, bucket_sums
 from collectivekv.cachestore.decode.fused_select import key_select, row_topk
 from collectivekv.cachestore.decode.fused_zoo import zoo_static_decode
 from collectivekv.cachestore.decode.transfer import unpack_entry
@@ -145,6 +145,15 @@ def test_fused_zoo_split_histories(arch: str) -> None:
     torch.testing.assert_close(got, model_logits(case, "collective", "float32"), rtol=1e-5, atol=1e-5)
 
 
+def _assert_row_topk_is_the_stable_sort(s: torch.Tensor, k: int) -> None:
+    """row_topk of ``s`` (..., cap) == the first k of the stable descending sort of the flipped rows (equal scores:
+    later position first), in position order, values and positions."""
+    _, rev = s.flip(-1).sort(dim=-1, descending=True, stable=True)
+    want_i = (s.shape[-1] - 1 - rev[..., :k]).sort(dim=-1).values  # the stable sort's first k, in position order
+    got_v, got_i = row_topk(s.to(DEVICE), k)
+    assert torch.equal(got_i.cpu(), want_i) and torch.equal(got_v.cpu(), s.gather(-1, want_i))
+
+
 @pytest.mark.parametrize(("cap", "k"), [(200, 50), (7, 7), (33, 5), (16, 1)])
 def test_row_topk_is_the_stable_sort_of_the_flipped_scores(cap: int, k: int) -> None:
     """TWIN's per-head top-k: the k largest, equal scores (many here, and ±0.0) later position first, in position
@@ -155,10 +164,7 @@ def test_row_topk_is_the_stable_sort_of_the_flipped_scores(cap: int, k: int) -> 
     s[0, 0, -5:] = torch.finfo(torch.float32).min  # group_scores' fill past a user's rows
     s[1, 1, : cap // 2] = -0.0
     s[1, 1, cap // 2 :] = 0.0
-    _, rev = s.flip(-1).sort(dim=-1, descending=True, stable=True)
-    want_i = (cap - 1 - rev[..., :k]).sort(dim=-1).values  # the stable sort's first k, in position order
-    got_v, got_i = row_topk(s.to(DEVICE), k)
-    assert torch.equal(got_i.cpu(), want_i) and torch.equal(got_v.cpu(), s.gather(-1, want_i))
+    _assert_row_topk_is_the_stable_sort(s, k)
     with pytest.raises(ValueError, match="row_topk takes"):
         row_topk(s.to(DEVICE), cap + 1)
 
@@ -172,7 +178,7 @@ def test_row_topk_selects_exactly_whatever_the_scores(seed: int, cap: int, k_fra
     g = torch.Generator().manual_seed(seed)
     k = max(1, round(k_frac * cap))
     s = torch.randn(3, cap, generator=g)  # (rows, cap)
-    fill = torch.finfo(torch.float32).min
+    fill = SCORE_FILL
     if kind == "ties":
         s = (s * 2).round()
     elif kind == "outliers":
@@ -183,10 +189,7 @@ def test_row_topk_selects_exactly_whatever_the_scores(seed: int, cap: int, k_fra
     elif kind == "infinite":
         s[:, ::5] = float("-inf")
         s[:, 3::11] = float("inf")
-    _, rev = s.flip(-1).sort(dim=-1, descending=True, stable=True)
-    want_i = (cap - 1 - rev[..., :k]).sort(dim=-1).values
-    got_v, got_i = row_topk(s.to(DEVICE), k)
-    assert torch.equal(got_i.cpu(), want_i) and torch.equal(got_v.cpu(), s.gather(-1, want_i))
+    _assert_row_topk_is_the_stable_sort(s, k)
 
 
 def test_row_topk_softmax_is_the_masked_softmax_of_the_top_k() -> None:
