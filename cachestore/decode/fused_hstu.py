@@ -43,6 +43,7 @@ from collectivekv.cachestore.decode.decode import ResidentZooModel
 from collectivekv.cachestore.decode.fused import IDX_BYTES, INTERPRETED, _gather_rows, _load_idx, _load_side, tl, triton
 from collectivekv.cachestore.decode.fused_config import DEFAULT_FUSED, FusedConfig, pool_dtype, split_parts
 from collectivekv.cachestore.decode.fused_mlp import mlp_logits
+from collectivekv.cachestore.decode.fused_route import route_rows, router_bound
 from collectivekv.cachestore.decode.fused_view import (
     check_half_layout,
     group_scales,
@@ -57,7 +58,6 @@ from collectivekv.model.cache_spec import entry_parts, store_config
 from collectivekv.model.hstu import HSTULayer, rel_bucket
 from collectivekv.model.pool import KVBranch
 from collectivekv.model.quant import fake_quant
-from collectivekv.model.routing import route
 
 if triton is not None:
 
@@ -212,18 +212,37 @@ def hstu_history(raw: torch.Tensor, q: torch.Tensor, starts: torch.Tensor, layer
     return out.sum(0).view(b, c, d_a)  # (b, C, d_a)
 
 
-def _candidate_side(branch: KVBranch, h: torch.Tensor) -> torch.Tensor:
+def router_bounds(resident: ResidentZooModel) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """Per layer the (K, V) routers' :func:`cachestore.decode.fused_route.router_bound` (None where a side is not
+    routed), built once and cached on the resident like :func:`layer_tables`."""
+    cache = resident.__dict__.get("_fused_hstu_router_bounds")
+    if cache is None:
+        def bound(branch: KVBranch) -> torch.Tensor | None:
+            weight = branch.routing_weight() if branch.shared else None
+            return None if weight is None else router_bound(weight)
+
+        cache = [(bound(layer.k_branch), bound(layer.v_branch)) for layer in resident.model.layers]
+        resident.__dict__["_fused_hstu_router_bounds"] = cache
+    return cache
+
+
+def _candidate_side(branch: KVBranch, h: torch.Tensor, bound: torch.Tensor | None,
+                    routed: dict[int, torch.Tensor]) -> torch.Tensor:
     """The candidates' own K (or V) (B, C, d_a) from h (B, C, E): SiLU(W h) ⊕ pool[argmax router(h)]
     (shared; as ``HSTULayer.project`` with hard routing: the branch's own router and pool, or its joint router
     and pool columns; int8 branches fake-quantise the user part with their scale) or SiLU(W h) (not shared).
-    No host sync (the scale was checked when the resident read it: ``model.entry.user_scales``)."""
+    The argmax is :func:`cachestore.decode.fused_route.route_rows` (bound: the router's, :func:`router_bounds`),
+    kept in ``routed`` by router so that a joint router routes once. No host sync (the scale was checked when
+    the resident read it: ``model.entry.user_scales``)."""
     user = nn.functional.silu(branch.proj(h))  # (B, C, d_u or d_a)
     pool, weight = branch.collective_pool(), branch.routing_weight()
     if not branch.shared or pool is None or weight is None:
         return user
     if branch.int8:
         user = fake_quant(user, branch.user_scale).to(user.dtype)
-    idx = route(nn.functional.linear(h, weight)).idx  # (B, C)
+    if id(weight) not in routed:
+        routed[id(weight)] = route_rows(h.reshape(-1, h.shape[-1]), weight, bound).view(h.shape[:-1])  # (B, C)
+    idx = routed[id(weight)]
     rows = pool.index_select(0, idx.reshape(-1)).reshape(*idx.shape, -1)  # (B, C, d_a - d_u)
     return torch.cat([user, rows.to(user.dtype)], dim=-1)
 
@@ -278,13 +297,16 @@ def hstu_static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident:
     check_hstu_batch(raw, candidates, resident, layout, n_users, config)
     model = resident.model
     flag = torch.zeros(n_users, dtype=torch.int32, device=raw.device) if flags is None else flags
+    bounds = router_bounds(resident)
     t = model.item_embedding(candidates)  # (b, C, E)
     x = t
     starts = None
     for i, layer in enumerate(model.layers):
         h = layer.norm_in(x)
         u, q = nn.functional.silu(layer.uq(h)).chunk(2, dim=-1)  # (b, C, d_a) each
-        k, v = _candidate_side(layer.k_branch, h), _candidate_side(layer.v_branch, h)
+        routed: dict[int, torch.Tensor] = {}
+        k = _candidate_side(layer.k_branch, h, bounds[i][0], routed)
+        v = _candidate_side(layer.v_branch, h, bounds[i][1], routed)
         if starts is None:  # the batch is read from here on
             if on_chunk is not None:
                 on_chunk(0)

@@ -16,10 +16,10 @@ router indices, pools zero-padded in the user dims, rows rebuilt as user part �
 
 SIM / ETA: :func:`cachestore.decode.fused_select.key_select` → :func:`cachestore.decode.fused.attend_group` over
 the selected rows. TWIN: scores → per-head ``fused_select.row_topk`` with the softmax weights in the same kernel →
-weighted_values with G = H heads of W = dh columns. SDIM: bucket_sums (then L2-normalise and mean in torch).
-User parts are read at the store's kv dtype or as int8 codes × the group's scale; a joint group's one index part
-(``kv_idx``, where ``k_idx`` would be) picks both pool rows. Router indices outside the pool are read as zeros and
-set ``flags[b] = 1``. Tested under Triton's interpreter against the models' own decode
+weighted_values with G = H heads of W = dh columns. SDIM: bucket_sums, then :func:`unit_mean` (L2-normalise,
+mean over the hash functions). User parts are read at the store's kv dtype or as int8 codes × the group's scale; a
+joint group's one index part (``kv_idx``, where ``k_idx`` would be) picks both pool rows. Router indices outside
+the pool are read as zeros and set ``flags[b] = 1``. Tested under Triton's interpreter against the models' own decode
 (``tests/cachestore/decode/test_fused_zoo.py``, ``test_fused_zoo_half.py``).
 """
 
@@ -37,7 +37,7 @@ SCORE_FILL = torch.finfo(torch.float32).min  # group_scores' score past a user's
 if triton is not None:
     import triton.language as tl
 
-    from collectivekv.cachestore.decode.fused import _gather_rows, _load_side, _pool_rows
+    from collectivekv.cachestore.decode.fused import _gather_rows, _load_idx, _load_side, _pool_rows
 
     @triton.jit
     def _idx_bytes(raw_ptr, base, ls, mask, IDX_BYTES: tl.constexpr):
@@ -131,19 +131,15 @@ if triton is not None:
         tl.store(flag_ptr + b, 1, mask=nbad > 0)
 
     @triton.jit
-    def _sum_rows(raw_ptr, pool_v_ptr, start, n, ls, rmask, cols, acc, nbad, pool_size, v_scale, D_A: tl.constexpr,
-                  DV: tl.constexpr, V_SHARED: tl.constexpr, V_CODE: tl.constexpr, V_BYTES: tl.constexpr,
-                  IDX_BYTES: tl.constexpr, IDX_ALIGNED: tl.constexpr):
-        """Add to acc (D_A,) the V rows ``ls`` where ``rmask`` (user part ⊕ pool row); the index part is read as
-        16-bit halves where IDX_ALIGNED, else byte by byte."""
-        val = _load_side(raw_ptr, start, ls, cols, rmask, DV, V_CODE, v_scale)  # (BLOCK_L, D_A), 0 where masked
+    def _sum_hits(raw_ptr, pool_v_ptr, start, n, hits, hit_idx, js, jm, cols, acc, nbad, pool_size, v_scale,
+                  D_A: tl.constexpr, DV: tl.constexpr, V_SHARED: tl.constexpr, V_CODE: tl.constexpr):
+        """Add to acc (W,) the V rows of the hits ``js`` (BLOCK_L,) where ``jm``: user part at the position kept in
+        ``hits`` ⊕ the pool row of the router index kept in ``hit_idx`` (both loads one level deep)."""
+        ls = tl.load(hits + js, mask=jm, other=0)
+        val = _load_side(raw_ptr, start, ls, cols, jm, DV, V_CODE, v_scale)  # (BLOCK_L, W), 0 where masked
         if V_SHARED:
-            if IDX_ALIGNED:
-                pool, nbad = _pool_rows(raw_ptr, pool_v_ptr, start + n * DV * V_BYTES, ls, cols, rmask, nbad,
-                                        pool_size, D_A, IDX_BYTES)
-            else:
-                iv = _idx_bytes(raw_ptr, start + n * DV * V_BYTES, ls, rmask, IDX_BYTES)
-                pool, nbad = _gather_rows(pool_v_ptr, iv, cols, rmask, nbad, pool_size, D_A)
+            pool, nbad = _gather_rows(pool_v_ptr, tl.load(hit_idx + js, mask=jm, other=0), cols, jm, nbad,
+                                      pool_size, D_A)
             val += pool
         return acc + tl.sum(val, axis=0), nbad
 
@@ -153,16 +149,18 @@ if triton is not None:
         start_add, pool_size, v_scale, D_A: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, V_SHARED: tl.constexpr,
         V_CODE: tl.constexpr, V_BYTES: tl.constexpr, IDX_BYTES: tl.constexpr, IDX_ALIGNED: tl.constexpr,
         KEY_BYTES: tl.constexpr, BITS: tl.constexpr, KEY_DIV: tl.constexpr, BLOCK_L: tl.constexpr, SEG: tl.constexpr,
-        SEG_P2: tl.constexpr, STATIC: tl.constexpr,
+        SEG_P2: tl.constexpr, W: tl.constexpr, STATIC: tl.constexpr,
     ):
-        """Program (row, g, part): the rows part·SEG .. of user b = row // n_cand whose bucket g equals the
-        candidate's. One pass reads all SEG keys at once and writes the hits' positions, in order, to the program's
-        slice of ``hits_ptr`` (SEG_P2 int32); the V rows are then summed over those hits only, BLOCK_L at a time
-        (~SEG / 2^BITS of them: no step over rows that miss). STATIC: loop to SEG_P2 with masks (Triton's CPU
-        interpreter cannot loop to a computed bound)."""
+        """Program (row, g, part·(D_A / W) + w): the rows part·SEG .. of user b = row // n_cand whose bucket g
+        equals the candidate's, columns w·W .. w·W + W - 1. One pass reads all SEG keys and router indices at once
+        and writes the hits' positions and indices, in order, to the program's slices of ``hits_ptr`` (2 × SEG_P2
+        int32); the V rows are then summed over those hits only, BLOCK_L at a time (~SEG / 2^BITS of them: no step
+        over rows that miss). STATIC: loop to SEG_P2 with masks (Triton's CPU interpreter cannot loop to a
+        computed bound)."""
         row = tl.program_id(0)  # b·C + c
         g = tl.program_id(1)  # hash function
-        part = tl.program_id(2)
+        part = tl.program_id(2) // (D_A // W)
+        cols = (tl.program_id(2) % (D_A // W)) * W + tl.arange(0, W)  # (W,)
         b = row // n_cand
         start = tl.load(starts_ptr + b) + start_add
         n = tl.load(rows_ptr + b)
@@ -173,29 +171,40 @@ if triton is not None:
         if KEY_DIV > 1:  # the bytes read are a router index: its block is the packed bucket code
             word = word // KEY_DIV
         hit = lmask & (((word >> (g * BITS).to(tl.int64)) & ((1 << BITS) - 1)) == target)
-        hits = hits_ptr + ((part * tl.num_programs(0) + row) * G + g).to(tl.int64) * SEG_P2
-        tl.store(hits + tl.cumsum(hit.to(tl.int32), axis=0) - 1, ls, mask=hit)  # positions, packed in order
+        hits = hits_ptr + ((tl.program_id(2) * tl.num_programs(0) + row) * G + g).to(tl.int64) * (2 * SEG_P2)
+        at = tl.cumsum(hit.to(tl.int32), axis=0) - 1  # (SEG_P2,) a hit's place among the hits
+        tl.store(hits + at, ls, mask=hit)  # positions, packed in order
+        if V_SHARED:  # their router indices, read here with the keys (coalesced), not per hit later
+            vidx = start + n * DV * V_BYTES
+            iv = _load_idx(raw_ptr, vidx, ls, hit, IDX_BYTES) if IDX_ALIGNED else _idx_bytes(raw_ptr, vidx, ls, hit,
+                                                                                             IDX_BYTES)
+            tl.store(hits + SEG_P2 + at, iv, mask=hit)
         n_hits = tl.sum(hit.to(tl.int32), axis=0)
-        tl.debug_barrier()  # the positions written above are read below by other threads of this program
-        cols = tl.arange(0, D_A)  # (D_A,)
-        acc = tl.zeros([D_A], dtype=tl.float32)
+        tl.debug_barrier()  # the hits written above are read below by other threads of this program
+        acc = tl.zeros([W], dtype=tl.float32)
         nbad = tl.zeros([], dtype=tl.int32)
         if STATIC:
             for j0 in range(0, SEG_P2, BLOCK_L):
                 js = j0 + tl.arange(0, BLOCK_L)
-                jm = js < n_hits
-                acc, nbad = _sum_rows(raw_ptr, pool_v_ptr, start, n, tl.load(hits + js, mask=jm, other=0), jm, cols,
-                                      acc, nbad, pool_size, v_scale, D_A, DV, V_SHARED, V_CODE, V_BYTES, IDX_BYTES,
-                                      IDX_ALIGNED)
+                acc, nbad = _sum_hits(raw_ptr, pool_v_ptr, start, n, hits, hits + SEG_P2, js, js < n_hits, cols, acc,
+                                      nbad, pool_size, v_scale, D_A, DV, V_SHARED, V_CODE)
         else:
             for j0 in range(0, n_hits, BLOCK_L):
                 js = j0 + tl.arange(0, BLOCK_L)
-                jm = js < n_hits
-                acc, nbad = _sum_rows(raw_ptr, pool_v_ptr, start, n, tl.load(hits + js, mask=jm, other=0), jm, cols,
-                                      acc, nbad, pool_size, v_scale, D_A, DV, V_SHARED, V_CODE, V_BYTES, IDX_BYTES,
-                                      IDX_ALIGNED)
+                acc, nbad = _sum_hits(raw_ptr, pool_v_ptr, start, n, hits, hits + SEG_P2, js, js < n_hits, cols, acc,
+                                      nbad, pool_size, v_scale, D_A, DV, V_SHARED, V_CODE)
         tl.store(out_ptr + ((part * tl.num_programs(0) + row) * G + g) * D_A + cols, acc)
         tl.store(flag_ptr + b, 1, mask=nbad > 0)
+
+    @triton.jit
+    def _unit_mean_kernel(sums_ptr, out_ptr, eps, M: tl.constexpr, MP2: tl.constexpr, D_A: tl.constexpr):
+        """Program r: out[r] = mean over g < M of sums[r, g] / max(‖sums[r, g]‖₂, eps) (d_a wide)."""
+        r = tl.program_id(0)
+        gs = tl.arange(0, MP2)
+        cols = tl.arange(0, D_A)
+        x = tl.load(sums_ptr + (r * M + gs[:, None]) * D_A + cols[None, :], mask=(gs < M)[:, None], other=0.0)
+        norm = tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), eps)  # (MP2,)
+        tl.store(out_ptr + r * D_A + cols, tl.sum(x / norm[:, None], axis=0) / M)
 
 
 def _block(n: int, most: int = 64) -> int:
@@ -256,34 +265,49 @@ def weighted_values(raw: torch.Tensor, view: GroupView, pool_v: torch.Tensor, we
 
 
 def bucket_sums(raw: torch.Tensor, view: GroupView, pool_v: torch.Tensor, key_starts: torch.Tensor, key_bytes: int,
-                bits: int, targets: torch.Tensor, n_cand: int, flags: torch.Tensor, *, block_l: int = 16,
-                num_warps: int = 2, parts: int = 1, v_scale: float = 1.0, idx_aligned: bool = True, key_div: int = 1
-                ) -> torch.Tensor:
+                bits: int, targets: torch.Tensor, n_cand: int, flags: torch.Tensor, *, block_l: int = 32,
+                num_warps: int = 2, parts: int = 1, col_split: int = 2, v_scale: float = 1.0, idx_aligned: bool = True,
+                key_div: int = 1) -> torch.Tensor:
     """SDIM's bucket sums (R, m, d_a) fp32: per row r (user b = r // n_cand) and hash function g, the sum of the
     V rows l < rows[b] of the V-only group ``view`` whose bucket g (bits g·bits .. of the row's ``key_bytes``
     packed key bytes at ``key_starts[b] + l·key_bytes``) equals ``targets[r, g]`` (targets (R, m) int64).
     pool_v: (pool, d_a) padded V pool (1 zero row when not shared); d_a a power of two. Each program reads its
-    rows' keys in one pass and sums the V rows of the hits only (their positions kept in a (parts, R, m, rows)
-    int32 scratch). ``parts`` > 1 splits each row's history into parts (one program each, summed after).
-    v_scale: the scale of int8 V user codes; idx_aligned False: the V index part can start off a 2-byte boundary
-    (:func:`cachestore.decode.fused_view.may_misalign`), read byte by byte. ``key_div`` > 1: the key bytes are the
-    V router index and its packed buckets are ``index // key_div`` (SDIM keyed by its index, ``model.longseq.SDIM``)."""
+    rows' keys and router indices in one pass and sums the V rows of the hits only (their positions and indices
+    kept in a (parts · col_split, R, m, 2, rows) int32 scratch). ``parts`` > 1 splits each row's history into parts
+    (one program each, summed after); ``col_split`` (a power of two) splits the d_a columns among that many
+    programs, each reading the keys. v_scale: the scale of int8 V user codes; idx_aligned False: the V index part
+    can start off a 2-byte boundary (:func:`cachestore.decode.fused_view.may_misalign`), read byte by byte.
+    ``key_div`` > 1: the key bytes are the V router index and its packed buckets are ``index // key_div`` (SDIM keyed
+    by its index, ``model.longseq.SDIM``)."""
     r, m = targets.shape
     g, d_a = view.group, pool_v.shape[1]
-    if g.dk != 0 or d_a & (d_a - 1):
-        raise ValueError(f"bucket sums read a V-only group of power-of-two width, got {g} at d_a {d_a}")
+    if g.dk != 0 or d_a & (d_a - 1) or col_split & (col_split - 1) or col_split > d_a:
+        raise ValueError(f"bucket sums read a V-only group of power-of-two width in a power-of-two split, got {g} at "
+                         f"d_a {d_a}, col_split {col_split}")
     parts = max(1, min(parts, -(-max(1, g.cap) // block_l)))
     seg = -(-max(1, g.cap) // parts)  # rows per part
     seg_p2 = max(block_l, triton.next_power_of_2(seg))
     out = torch.empty(parts, r, m, d_a, dtype=torch.float32, device=targets.device)  # (S, R, m, d_a)
     if r == 0:
         return out[0]
-    hits = torch.empty(parts, r, m, seg_p2, dtype=torch.int32, device=targets.device)  # each program's hit rows
+    hits = torch.empty(parts * col_split, r, m, 2, seg_p2, dtype=torch.int32, device=targets.device)  # per program
     _, v_code, _, v_bytes = side_codes(g, view.kv_dtype, view.halves)
-    _bucket_sums_kernel[(r, m, parts)](
+    _bucket_sums_kernel[(r, m, parts * col_split)](
         raw, view.starts, view.rows, key_starts, targets.contiguous(), pool_v, out, flags, hits, n_cand,
         view.start_add, view.pool_size, float(v_scale), D_A=d_a, G=m, DV=g.dv, V_SHARED=g.v_shared, V_CODE=v_code,
         V_BYTES=v_bytes, IDX_BYTES=IDX_BYTES[view.idx_dtype], IDX_ALIGNED=idx_aligned, KEY_BYTES=key_bytes, BITS=bits,
-        KEY_DIV=key_div, BLOCK_L=block_l, SEG=seg, SEG_P2=seg_p2, STATIC=INTERPRETED, num_warps=num_warps,
+        KEY_DIV=key_div, BLOCK_L=block_l, SEG=seg, SEG_P2=seg_p2, W=d_a // col_split, STATIC=INTERPRETED,
+        num_warps=num_warps,
     )
     return out.sum(0) if parts > 1 else out[0]  # (R, m, d_a)
+
+
+def unit_mean(sums: torch.Tensor) -> torch.Tensor:
+    """(R, d_a) fp32 mean over the m hash functions of each L2-normalised bucket sum (R, m, d_a) fp32 (d_a a power
+    of two), as ``normalize(sums, dim=-1).mean(dim=1)`` (``model.retrieval``'s SDIM aggregation) in one launch."""
+    r, m, d_a = sums.shape
+    out = torch.empty(r, d_a, dtype=torch.float32, device=sums.device)
+    if r:
+        _unit_mean_kernel[(r,)](sums.contiguous(), out, 1e-12, M=m, MP2=triton.next_power_of_2(m), D_A=d_a,
+                                num_warps=2)
+    return out

@@ -55,7 +55,7 @@ from collectivekv.cachestore.decode.fused import (
     pool_dtype,
     triton,
 )
-from collectivekv.cachestore.decode.fused_long import bucket_sums, group_scores, weighted_values
+from collectivekv.cachestore.decode.fused_long import bucket_sums, group_scores, unit_mean, weighted_values
 from collectivekv.cachestore.decode.fused_mlp import mlp_logits
 from collectivekv.cachestore.decode.fused_select import key_select, row_topk
 from collectivekv.cachestore.decode.fused_view import (
@@ -221,7 +221,7 @@ def sdim_long(s: LongStage) -> torch.Tensor:
     sums = bucket_sums(s.raw, s.view, s.pools[1], s.part_starts[part], _row_bytes(s.layout, part), s.cfg.sdim_bits,
                        s.targets.reshape(b * c, m), c, s.flags, v_scale=s.scales[1], idx_aligned=not odd,
                        key_div=s.model.key_rows if keyed else 1)
-    return torch.nn.functional.normalize(sums, dim=-1).mean(dim=1).reshape(b, c, -1)  # (B, C, d_a)
+    return unit_mean(sums).reshape(b, c, -1)  # (B, C, d_a)
 
 
 def twin_long(s: LongStage) -> torch.Tensor:

@@ -26,7 +26,7 @@ from collectivekv.cachestore.decode import fused_zoo
 from collectivekv.cachestore.decode.batch import HostBatcher
 from collectivekv.cachestore.decode.decode import ResidentZooModel, decode_zoo, entry_cache
 from collectivekv.cachestore.decode.fused import FusedConfig, fused_available
-from collectivekv.cachestore.decode.fused_long import SCORE_FILL, bucket_sums
+from collectivekv.cachestore.decode.fused_long import SCORE_FILL, bucket_sums, unit_mean
 from collectivekv.cachestore.decode.fused_select import key_select, row_topk
 from collectivekv.cachestore.decode.fused_zoo import zoo_static_decode
 from collectivekv.cachestore.decode.transfer import unpack_entry
@@ -235,13 +235,25 @@ def test_key_select_is_the_models_retrieval(hamming: bool, bits: int, key_bytes:
         key_select(raw, starts, lengths.to(DEVICE), cap, key_bytes, bits, targets.to(DEVICE), hamming, cap + 1)
 
 
-@pytest.mark.parametrize(("parts", "block_l"), [(1, 2), (3, 4), (2, 16)])
-def test_sdim_bucket_sums_over_history_parts(parts: int, block_l: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """SDIM's bucket sums with each history split into parts (one program each: keys read, hits compacted,
-    only the hits summed) and small row blocks: the model's logits."""
+@pytest.mark.parametrize(("parts", "block_l", "col_split"), [(1, 2, 1), (3, 4, 2), (2, 16, 1), (1, 4, 4)])
+def test_sdim_bucket_sums_over_history_parts(parts: int, block_l: int, col_split: int,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """SDIM's bucket sums with each history split into parts (one program each: keys and indices read, hits
+    compacted, only the hits summed), small row blocks and the columns split among programs: the model's logits."""
     case = packed("sdim", "collective", "float32", seed=9)
-    monkeypatch.setattr(fused_zoo, "bucket_sums", functools.partial(bucket_sums, parts=parts, block_l=block_l))
+    monkeypatch.setattr(fused_zoo, "bucket_sums", functools.partial(bucket_sums, parts=parts, block_l=block_l,
+                                                                    col_split=col_split))
     torch.testing.assert_close(fused_logits(case), model_logits(case, "collective", "float32"), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("m", [1, 3, 4])
+def test_unit_mean_is_sdims_aggregation(m: int) -> None:
+    """L2-normalised bucket sums averaged over the hash functions (an empty bucket's zero sum stays zero), as
+    ``model.retrieval``'s ``normalize(sums).mean``."""
+    sums = torch.randn(5, m, 64, generator=torch.Generator().manual_seed(m)) * 30
+    sums[2, 0] = 0.0
+    want = torch.nn.functional.normalize(sums, dim=-1).mean(dim=1)
+    torch.testing.assert_close(unit_mean(sums.to(DEVICE)).cpu(), want, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("arch", LONG_ARCHS)

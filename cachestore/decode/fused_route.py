@@ -1,0 +1,182 @@
+"""Hard routing of a batch over a wide router without writing its logits (Triton): argmax_c x·w_c.
+
+HSTU's candidates pick, per layer and side, the pool row of their router's largest logit
+(``model.routing.route(linear(h, W))``: h (N, E) against W (M, E), M = the pool's 10,000 rows). As torch ops that
+is an fp32 FMA GEMM writing (N, M) logits and a max reading them back: 20 MB each way per call at N 512, on the
+request's critical path from the second layer on. :func:`route_rows` finds the same columns in two launches:
+
+    scan  program (i, s) — rows i·BM .., columns s·SPAN .. (s + 1)·SPAN - 1, BN at a time:
+            a[r, c] = x[r] · w[c] on tensor cores at ``tf32x3`` (each fp32 operand split into two tf32 halves,
+            three products), keeping per row its two largest (value, column) and its third largest value
+    pick  program r — A = the largest a[r, ·] over the spans, T = A - 2·margin(r):
+            every kept column with a >= T is rescored in IEEE fp32 (x · w_c summed on the CUDA cores) and the
+            largest exact logit wins, ties to the lowest column (torch's max); where a span's third value
+            reaches T (a column not kept could win) every column of the row is rescored
+
+margin(r) = (2E + 8)·2⁻²² · Σ_e |x[r, e]| · max_c |w[c, e]| bounds |a[r, c] - fp32 logit| for every column c
+(tf32x3's dropped low·low product and the halves' roundings, 3·2⁻²², and truncating fp32 accumulations of 3E
+products, 1.5E·2⁻²², plus the IEEE rescore's own E·2⁻²⁴): a column whose a is below T has an fp32 logit below the
+winner's, so the pick is the fp32 argmax up to the summation order of the rescore's 64-term sums — the freedom any
+fp32 GEMM has. With N(0, 1/E) routers a second column falls within 2·margin of the best for well under 1% of rows
+(then both are rescored); a third in one span practically never. Inputs are finite (LayerNorm outputs, trained
+weights). Under Triton's interpreter ``tf32x3`` runs as fp32 and the same code paths run
+(``tests/cachestore/decode/test_fused_route.py`` checks ties, near-ties and the full rescore against ``route``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from collectivekv.cachestore.decode.fused import triton
+
+SCAN_BN = 128  # router columns per tensor-core step
+PICK_BN = 64  # router columns per step of the full IEEE rescore
+TARGET_PROGRAMS = 528  # scan programs aimed at (four per SM of an H100 / H200: the scan is latency bound)
+SCAN_WARPS = 4  # warps per scan program (one warpgroup: a 64-row tile per tensor-core instruction)
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _merge_top(v1, c1, v2, c2, v3, m1, a1, m2, a2, m3):
+        """The two largest (value, column) and the third value of a running triple v (columns lower than every
+        column of the tile: it ranks first on equal values) and a tile's triple m; each sorted, values (BM,)."""
+        t = m1 > v1  # the tile's best is the new best
+        n1 = tl.where(t, m1, v1)
+        nc1 = tl.where(t, a1, c1)
+        # t: second = v1 or m2 (v1 first on ties), third = the larger of what is left; else v2 or m1, likewise
+        s_run = tl.where(t, v1 >= m2, v2 >= m1)  # the second comes from the running triple
+        n2 = tl.where(t, tl.where(s_run, v1, m2), tl.where(s_run, v2, m1))
+        nc2 = tl.where(t, tl.where(s_run, c1, a2), tl.where(s_run, c2, a1))
+        n3 = tl.where(t, tl.where(s_run, tl.maximum(v2, m2), tl.maximum(v1, m3)),
+                      tl.where(s_run, tl.maximum(v3, m1), tl.maximum(v2, m2)))
+        return n1, nc1, n2, nc2, n3
+
+    @triton.jit
+    def _tile_top(s, cols, valid):
+        """Per row of s (BM, BN): the largest value and its lowest column, the second (another column) and the
+        third value; columns where not ``valid`` (BN,) take no part."""
+        s = tl.where(valid[None, :], s, float("-inf"))
+        big = 2147483647
+        m1 = tl.max(s, axis=1)
+        a1 = tl.min(tl.where(valid[None, :] & (s == m1[:, None]), cols[None, :], big), axis=1)
+        s = tl.where(cols[None, :] == a1[:, None], float("-inf"), s)
+        m2 = tl.max(s, axis=1)
+        a2 = tl.min(tl.where(valid[None, :] & (s == m2[:, None]), cols[None, :], big), axis=1)
+        s = tl.where(cols[None, :] == a2[:, None], float("-inf"), s)
+        return m1, a1, m2, a2, tl.max(s, axis=1)
+
+    @triton.jit
+    def _route_scan_kernel(x_ptr, w_ptr, val_ptr, col_ptr, n_rows, N_COLS: tl.constexpr, SPAN: tl.constexpr,
+                           E: tl.constexpr, BE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                           PRECISION: tl.constexpr):
+        """Program (i, s): rows i·BM .., columns s·SPAN .. (whole BN steps); writes val (N, S, 3) and col (N, S, 2)."""
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)  # (BM,)
+        span = tl.program_id(1)
+        es = tl.arange(0, BE)  # (BE,) BE = E rounded up to a power of two >= 16
+        rmask = rows < n_rows
+        x = tl.load(x_ptr + rows[:, None] * E + es[None, :], mask=rmask[:, None] & (es < E)[None, :], other=0.0)
+        v1 = tl.full([BM], float("-inf"), tl.float32)
+        v2 = v1
+        v3 = v1
+        c1 = tl.zeros([BM], dtype=tl.int32)
+        c2 = c1
+        for j in range(0, SPAN, BN):
+            cols = span * SPAN + j + tl.arange(0, BN)  # (BN,)
+            valid = cols < N_COLS
+            w = tl.load(w_ptr + cols[None, :] * E + es[:, None], mask=valid[None, :] & (es < E)[:, None],
+                        other=0.0)  # (BE, BN): columns of Wᵀ
+            s = tl.dot(x, w, input_precision=PRECISION)  # (BM, BN) fp32
+            m1, a1, m2, a2, m3 = _tile_top(s, cols, valid)
+            v1, c1, v2, c2, v3 = _merge_top(v1, c1, v2, c2, v3, m1, a1, m2, a2, m3)
+        out = rows * tl.num_programs(1) + span  # (BM,) the (row, span) slot
+        tl.store(val_ptr + out * 3, v1, mask=rmask)
+        tl.store(val_ptr + out * 3 + 1, v2, mask=rmask)
+        tl.store(val_ptr + out * 3 + 2, v3, mask=rmask)
+        tl.store(col_ptr + out * 2, c1, mask=rmask)
+        tl.store(col_ptr + out * 2 + 1, c2, mask=rmask)
+
+    @triton.jit
+    def _exact_best(w_ptr, cols, keep, x, es, E: tl.constexpr):
+        """The largest IEEE fp32 logit x · w_c over columns ``cols`` where ``keep`` and its lowest column
+        (-inf and 2^31 - 1 where none is kept)."""
+        w = tl.load(w_ptr + cols[:, None] * E + es[None, :], mask=keep[:, None] & (es < E)[None, :], other=0.0)
+        e = tl.where(keep, tl.sum(w * x[None, :], axis=1), float("-inf"))
+        best = tl.max(e, axis=0)
+        return best, tl.min(tl.where(keep & (e == best), cols, 2147483647), axis=0)
+
+    @triton.jit
+    def _route_pick_kernel(x_ptr, w_ptr, wmax_ptr, val_ptr, col_ptr, idx_ptr, S, tol, N_COLS: tl.constexpr,
+                           E: tl.constexpr, BE: tl.constexpr, SP2: tl.constexpr, BN: tl.constexpr):
+        """Program r: row r's column from its spans' kept values (module docstring); idx (N,) int64."""
+        r = tl.program_id(0)
+        es = tl.arange(0, BE)
+        x = tl.load(x_ptr + r * E + es, mask=es < E, other=0.0)  # (BE,)
+        margin = tol * tl.sum(tl.abs(x) * tl.load(wmax_ptr + es, mask=es < E, other=0.0), axis=0)
+        sp = tl.arange(0, SP2)
+        smask = sp < S
+        slot = r * S + sp  # (SP2,)
+        a1 = tl.load(val_ptr + slot * 3, mask=smask, other=float("-inf"))
+        a2 = tl.load(val_ptr + slot * 3 + 1, mask=smask, other=float("-inf"))
+        a3 = tl.load(val_ptr + slot * 3 + 2, mask=smask, other=float("-inf"))
+        reach = tl.max(a1, axis=0) - 2.0 * margin
+        b1, k1 = _exact_best(w_ptr, tl.load(col_ptr + slot * 2, mask=smask, other=0), smask & (a1 >= reach), x, es, E)
+        b2, k2 = _exact_best(w_ptr, tl.load(col_ptr + slot * 2 + 1, mask=smask, other=0), smask & (a2 >= reach), x,
+                             es, E)
+        best = tl.maximum(b1, b2)
+        at = tl.minimum(tl.where(b1 == best, k1, 2147483647), tl.where(b2 == best, k2, 2147483647))
+        if tl.max(a3, axis=0) >= reach:  # a span holds a third contender: rescore every column
+            best = tl.full([], float("-inf"), tl.float32)
+            at = at * 0
+            for j in range(0, N_COLS, BN):
+                cols = j + tl.arange(0, BN)
+                tb, tk = _exact_best(w_ptr, cols, cols < N_COLS, x, es, E)
+                at = tl.where(tb > best, tk, at)
+                best = tl.maximum(best, tb)
+        tl.store(idx_ptr + r, at.to(tl.int64))
+
+
+def router_bound(weight: torch.Tensor) -> torch.Tensor:
+    """(E,) fp32 max over the router's columns of |w[c, e]| (weight (M, E)): the margin's factor, computed once
+    per router (:func:`route_rows`' ``wmax``)."""
+    return weight.detach().abs().amax(dim=0).float().contiguous()
+
+
+def scan_shape(n_rows: int, n_cols: int) -> tuple[int, int, int]:
+    """(BM, spans, SPAN) of the scan for N rows and M columns: 16-64 rows per program, spans of whole BN steps
+    sized so that about ``TARGET_PROGRAMS`` programs run."""
+    bm = 16 if n_rows <= 16 else 32 if n_rows <= 32 else 64
+    steps = -(-n_cols // SCAN_BN)
+    blocks = -(-n_rows // bm)
+    per_span = max(1, -(-steps * blocks // TARGET_PROGRAMS))  # BN steps per span
+    return bm, -(-steps // per_span), per_span * SCAN_BN
+
+
+def route_rows(x: torch.Tensor, weight: torch.Tensor, wmax: torch.Tensor | None = None, *,
+               precision: str = "tf32x3") -> torch.Tensor:
+    """(N,) int64 argmax over columns of x (N, E) · weight (M, E)ᵀ, both fp32 on one device, as
+    ``model.routing.route(linear(x, weight)).idx`` (module docstring): ties to the lowest column, inputs finite.
+    wmax: :func:`router_bound` of ``weight`` (computed here when None; pass it to stay free of extra launches
+    inside a CUDA graph). ``precision`` "ieee" scans on the CUDA cores (the margin then bounds summation order
+    only). No host syncs."""
+    n, e = x.shape
+    m = weight.shape[0]
+    if weight.dim() != 2 or weight.shape[1] != e or m == 0:
+        raise ValueError(f"route_rows: x {tuple(x.shape)} against a router of shape {tuple(weight.shape)}")
+    idx = torch.empty(n, dtype=torch.int64, device=x.device)
+    if n == 0:
+        return idx
+    x = x.float().contiguous()
+    weight = weight.float().contiguous()
+    wmax = router_bound(weight) if wmax is None else wmax
+    bm, spans, span = scan_shape(n, m)
+    be = max(16, triton.next_power_of_2(e))
+    vals = torch.empty(n, spans, 3, dtype=torch.float32, device=x.device)  # (N, S, 3) per span: 3 largest
+    cols = torch.empty(n, spans, 2, dtype=torch.int32, device=x.device)  # (N, S, 2) their columns (2 kept)
+    _route_scan_kernel[(-(-n // bm), spans)](x, weight, vals, cols, n, N_COLS=m, SPAN=span, E=e, BE=be, BM=bm,
+                                             BN=SCAN_BN,
+                                             PRECISION=precision, num_warps=SCAN_WARPS)
+    tol = (2 * e + 8) * 2.0**-22
+    _route_pick_kernel[(n,)](x, weight, wmax, vals, cols, idx, spans, tol, N_COLS=m, E=e, BE=be,
+                             SP2=max(2, triton.next_power_of_2(spans)), BN=PICK_BN, num_warps=2)
+    return idx
