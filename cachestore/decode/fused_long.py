@@ -265,8 +265,8 @@ def weighted_values(raw: torch.Tensor, view: GroupView, pool_v: torch.Tensor, we
 
 
 def bucket_sums(raw: torch.Tensor, view: GroupView, pool_v: torch.Tensor, key_starts: torch.Tensor, key_bytes: int,
-                bits: int, targets: torch.Tensor, n_cand: int, flags: torch.Tensor, *, block_l: int = 32,
-                num_warps: int = 2, parts: int = 1, col_split: int = 2, v_scale: float = 1.0, idx_aligned: bool = True,
+                bits: int, targets: torch.Tensor, n_cand: int, flags: torch.Tensor, *, block_l: int = 16,
+                num_warps: int = 2, parts: int = 1, col_split: int = 1, v_scale: float = 1.0, idx_aligned: bool = True,
                 key_div: int = 1) -> torch.Tensor:
     """SDIM's bucket sums (R, m, d_a) fp32: per row r (user b = r // n_cand) and hash function g, the sum of the
     V rows l < rows[b] of the V-only group ``view`` whose bucket g (bits g·bits .. of the row's ``key_bytes``

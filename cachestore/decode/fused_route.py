@@ -31,7 +31,7 @@ from collectivekv.cachestore.decode.fused import triton
 
 SCAN_BN = 128  # router columns per tensor-core step
 PICK_BN = 64  # router columns per step of the full IEEE rescore
-TARGET_PROGRAMS = 528  # scan programs aimed at (four per SM of an H100 / H200: the scan is latency bound)
+TARGET_PROGRAMS = 264  # scan programs aimed at (two per SM of an H100 / H200)
 SCAN_WARPS = 4  # warps per scan program (one warpgroup: a 64-row tile per tensor-core instruction)
 
 if triton is not None:
