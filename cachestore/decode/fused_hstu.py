@@ -43,7 +43,7 @@ from collectivekv.cachestore.decode.decode import ResidentZooModel
 from collectivekv.cachestore.decode.fused import IDX_BYTES, INTERPRETED, _gather_rows, _load_idx, _load_side, tl, triton
 from collectivekv.cachestore.decode.fused_config import DEFAULT_FUSED, FusedConfig, pool_dtype, split_parts
 from collectivekv.cachestore.decode.fused_mlp import mlp_logits
-from collectivekv.cachestore.decode.fused_route import route_rows, router_bound
+from collectivekv.cachestore.decode.fused_route import MAX_WIDTH, route_rows, router_bound
 from collectivekv.cachestore.decode.fused_view import (
     check_half_layout,
     group_scales,
@@ -58,6 +58,7 @@ from collectivekv.model.cache_spec import entry_parts, store_config
 from collectivekv.model.hstu import HSTULayer, rel_bucket
 from collectivekv.model.pool import KVBranch
 from collectivekv.model.quant import fake_quant
+from collectivekv.model.routing import route
 
 if triton is not None:
 
@@ -240,8 +241,9 @@ def _candidate_side(branch: KVBranch, h: torch.Tensor, bound: torch.Tensor | Non
         return user
     if branch.int8:
         user = fake_quant(user, branch.user_scale).to(user.dtype)
-    if id(weight) not in routed:
-        routed[id(weight)] = route_rows(h.reshape(-1, h.shape[-1]), weight, bound).view(h.shape[:-1])  # (B, C)
+    if id(weight) not in routed:  # wider than route_rows takes: the logits and their max in torch
+        routed[id(weight)] = (route_rows(h.reshape(-1, h.shape[-1]), weight, bound).view(h.shape[:-1])
+                              if h.shape[-1] <= MAX_WIDTH else route(nn.functional.linear(h, weight)).idx)  # (B, C)
     idx = routed[id(weight)]
     rows = pool.index_select(0, idx.reshape(-1)).reshape(*idx.shape, -1)  # (B, C, d_a - d_u)
     return torch.cat([user, rows.to(user.dtype)], dim=-1)

@@ -14,12 +14,13 @@ request's critical path from the second layer on. :func:`route_rows` finds the s
             reaches T (a column not kept could win) every column of the row is rescored
 
 margin(r) = (2E + 8)·2⁻²² · Σ_e |x[r, e]| · max_c |w[c, e]| bounds |a[r, c] - fp32 logit| for every column c
-(tf32x3's dropped low·low product and the halves' roundings, 3·2⁻²², and truncating fp32 accumulations of 3E
-products, 1.5E·2⁻²², plus the IEEE rescore's own E·2⁻²⁴): a column whose a is below T has an fp32 logit below the
-winner's, so the pick is the fp32 argmax up to the summation order of the rescore's 64-term sums — the freedom any
-fp32 GEMM has. With N(0, 1/E) routers a second column falls within 2·margin of the best for well under 1% of rows
-(then both are rescored); a third in one span practically never. Inputs are finite (LayerNorm outputs, trained
-weights). Under Triton's interpreter ``tf32x3`` runs as fp32 and the same code paths run
+(tf32x3's dropped low·low product, the halves' roundings and the tensor cores' truncation of the low halves, a few
+2⁻²², covered by the 8; truncating fp32 accumulations of 3E products, 1.5E·2⁻²²; the IEEE rescore's own E·2⁻²⁴): a
+column whose a is below T has an fp32 logit below the winner's, so the pick is the fp32 argmax up to the summation
+order of the rescore's E-term sums — the freedom any fp32 GEMM has. With N(0, 1/E) routers a second column falls
+within 2·margin of the best for well under 1% of rows (then both are rescored); a third in one span practically
+never. Where T is not a number (a NaN input, or logits overflowing to ±inf) the row is rescored whole, and its index
+is always a column of the router. Under Triton's interpreter ``tf32x3`` runs as fp32 and the same code paths run
 (``tests/cachestore/decode/test_fused_route.py`` checks ties, near-ties and the full rescore against ``route``).
 """
 
@@ -32,6 +33,8 @@ from collectivekv.cachestore.decode.fused import triton
 SCAN_BN = 128  # router columns per tensor-core step
 PICK_BN = 64  # router columns per step of the full IEEE rescore
 TARGET_PROGRAMS = 264  # scan programs aimed at (two per SM of an H100 / H200)
+TILE_CELLS = 8192  # fp32 cells of the scan's x tile and of its router tile, at most
+MAX_WIDTH = 512  # the widest router (E) whose scan fits in shared memory (wider: route the logits in torch)
 SCAN_WARPS = 4  # warps per scan program (one warpgroup: a 64-row tile per tensor-core instruction)
 
 if triton is not None:
@@ -125,7 +128,9 @@ if triton is not None:
                              es, E)
         best = tl.maximum(b1, b2)
         at = tl.minimum(tl.where(b1 == best, k1, 2147483647), tl.where(b2 == best, k2, 2147483647))
-        if tl.max(a3, axis=0) >= reach:  # a span holds a third contender: rescore every column
+        # a span holds a third contender, or the bound is not a number (a NaN input, or logits overflowing to inf):
+        # rescore every column
+        if (tl.max(a3, axis=0) >= reach) | (reach != reach):
             best = tl.full([], float("-inf"), tl.float32)
             at = at * 0
             for j in range(0, N_COLS, BN):
@@ -133,7 +138,7 @@ if triton is not None:
                 tb, tk = _exact_best(w_ptr, cols, cols < N_COLS, x, es, E)
                 at = tl.where(tb > best, tk, at)
                 best = tl.maximum(best, tb)
-        tl.store(idx_ptr + r, at.to(tl.int64))
+        tl.store(idx_ptr + r, tl.minimum(tl.maximum(at, 0), N_COLS - 1).to(tl.int64))  # a NaN row: a column
 
 
 def router_bound(weight: torch.Tensor) -> torch.Tensor:
@@ -142,20 +147,27 @@ def router_bound(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().abs().amax(dim=0).float().contiguous()
 
 
-def scan_shape(n_rows: int, n_cols: int) -> tuple[int, int, int]:
-    """(BM, spans, SPAN) of the scan for N rows and M columns: 16-64 rows per program, spans of whole BN steps
-    sized so that about ``TARGET_PROGRAMS`` programs run."""
-    bm = 16 if n_rows <= 16 else 32 if n_rows <= 32 else 64
-    steps = -(-n_cols // SCAN_BN)
+def scan_shape(n_rows: int, n_cols: int, width: int) -> tuple[int, int, int, int]:
+    """(BM, BN, spans, SPAN) of the scan for N rows and M columns of ``width`` E (padded to BE, a power of two):
+    16-64 rows per program and BN columns a step (``SCAN_BN`` at most), each tile of x (BM × BE) and of the router
+    (BE × BN) at most ``TILE_CELLS`` fp32 so that the scan's shared memory fits an H100's (checked by compiling for
+    sm_90 up to E 512); spans of whole BN steps sized so that about ``TARGET_PROGRAMS`` programs run."""
+    be = max(16, 1 << max(0, width - 1).bit_length())
+    if be > MAX_WIDTH:
+        raise ValueError(f"route_rows: routers of width E <= {MAX_WIDTH}, got {width}")
+    bm = max(16, min(16 if n_rows <= 16 else 32 if n_rows <= 32 else 64, TILE_CELLS // be))
+    bn = max(16, min(SCAN_BN, TILE_CELLS // be))
+    steps = -(-n_cols // bn)
     blocks = -(-n_rows // bm)
     per_span = max(1, -(-steps * blocks // TARGET_PROGRAMS))  # BN steps per span
-    return bm, -(-steps // per_span), per_span * SCAN_BN
+    return bm, bn, -(-steps // per_span), per_span * bn
 
 
 def route_rows(x: torch.Tensor, weight: torch.Tensor, wmax: torch.Tensor | None = None, *,
                precision: str = "tf32x3") -> torch.Tensor:
     """(N,) int64 argmax over columns of x (N, E) · weight (M, E)ᵀ, both fp32 on one device, as
-    ``model.routing.route(linear(x, weight)).idx`` (module docstring): ties to the lowest column, inputs finite.
+    ``model.routing.route(linear(x, weight)).idx`` (module docstring): ties to the lowest column; a row whose logits
+    hold a NaN gets some valid column.
     wmax: :func:`router_bound` of ``weight`` (computed here when None; pass it to stay free of extra launches
     inside a CUDA graph). ``precision`` "ieee" scans on the CUDA cores (the margin then bounds summation order
     only). No host syncs."""
@@ -169,12 +181,11 @@ def route_rows(x: torch.Tensor, weight: torch.Tensor, wmax: torch.Tensor | None 
     x = x.float().contiguous()
     weight = weight.float().contiguous()
     wmax = router_bound(weight) if wmax is None else wmax
-    bm, spans, span = scan_shape(n, m)
+    bm, bn, spans, span = scan_shape(n, m, e)
     be = max(16, triton.next_power_of_2(e))
     vals = torch.empty(n, spans, 3, dtype=torch.float32, device=x.device)  # (N, S, 3) per span: 3 largest
     cols = torch.empty(n, spans, 2, dtype=torch.int32, device=x.device)  # (N, S, 2) their columns (2 kept)
-    _route_scan_kernel[(-(-n // bm), spans)](x, weight, vals, cols, n, N_COLS=m, SPAN=span, E=e, BE=be, BM=bm,
-                                             BN=SCAN_BN,
+    _route_scan_kernel[(-(-n // bm), spans)](x, weight, vals, cols, n, N_COLS=m, SPAN=span, E=e, BE=be, BM=bm, BN=bn,
                                              PRECISION=precision, num_warps=SCAN_WARPS)
     tol = (2 * e + 8) * 2.0**-22
     _route_pick_kernel[(n,)](x, weight, wmax, vals, cols, idx, spans, tol, N_COLS=m, E=e, BE=be,

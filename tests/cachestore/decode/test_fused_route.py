@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from collectivekv.cachestore.decode.fused import fused_available
-from collectivekv.cachestore.decode.fused_route import SCAN_BN, route_rows, router_bound, scan_shape
+from collectivekv.cachestore.decode.fused_route import MAX_WIDTH, SCAN_BN, route_rows, router_bound, scan_shape
 from collectivekv.model.routing import route
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -66,7 +66,7 @@ def test_contenders_within_the_margin_are_rescored(n_close: int, gap: float) -> 
     """Logits within the scan's margin of the best (margin here ~ (2·32 + 8)·2⁻²²·5 ≈ 9e-5): two are kept and
     rescored; three or more in one span make the pick rescore every column. Either way the fp32 argmax."""
     x, w, close = near_ties(n_close, gap)
-    assert scan_shape(1, w.shape[0])[1] == 1  # one span holds every contender
+    assert scan_shape(1, w.shape[0], 32)[2] == 1  # one span holds every contender
     got = route_rows(x.to(DEVICE), w.to(DEVICE)).cpu()
     assert torch.equal(got, reference(x, w)) and int(got[0]) in close
 
@@ -81,16 +81,42 @@ def test_batched_candidates_and_bad_shapes() -> None:
         route_rows(x[:, 0].to(DEVICE), w[:, :10].to(DEVICE))
 
 
+@pytest.mark.parametrize(("n", "m", "e"), [(70, 300, 128), (40, 200, 256), (3, 100, 300), (20, 70, MAX_WIDTH)])
+def test_wide_routers_take_smaller_tiles(n: int, m: int, e: int) -> None:
+    """Embedding widths past 64 scan in narrower tiles (the scan's shared memory): the same argmax."""
+    g = torch.Generator().manual_seed(e)
+    x, w = torch.randn(n, e, generator=g), torch.randn(m, e, generator=g) / e**0.5
+    bm, bn, _, _ = scan_shape(n, m, e)
+    assert bm * max(e, 16) <= 2 * 8192 and bn <= SCAN_BN
+    assert torch.equal(route_rows(x.to(DEVICE), w.to(DEVICE)).cpu(), reference(x, w))
+    with pytest.raises(ValueError, match="width"):
+        route_rows(torch.zeros(1, 2 * MAX_WIDTH, device=DEVICE), torch.zeros(3, 2 * MAX_WIDTH, device=DEVICE))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy overflows, as intended
+def test_a_nan_or_an_overflowing_logit_still_routes_to_a_column() -> None:
+    """A NaN input or logits overflowing to inf leave no finite bound: the row is rescored whole and its index is
+    a column of the router (the largest logit where one is +inf, as torch's max)."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(20, 8, generator=g)
+    x = torch.randn(2, 8, generator=g)
+    x[0, 0] = float("nan")
+    got = route_rows(x.to(DEVICE), w.to(DEVICE)).cpu()
+    assert 0 <= int(got[0]) < 20 and int(got[1]) == int(reference(x, w)[1])
+    x2, w2 = torch.full((1, 8), 1e19), torch.randn(50, 8, generator=g) * 1e19  # finite inputs, logits overflow
+    assert torch.equal(route_rows(x2.to(DEVICE), w2.to(DEVICE)).cpu(), reference(x2, w2))
+
+
 @cuda
-@pytest.mark.parametrize("n", [1, 64, 512, 4096])
-def test_tensor_core_scan_routes_as_fp32_at_serving_shapes(n: int) -> None:
-    """HSTU's serving shape (pool 10,000, embed 64), routers at the training init's scale and 10× it: every row
-    picks cuBLAS's fp32 argmax, or (two fp32 summation orders apart) a column whose exact logit is within fp32
-    rounding of it."""
+@pytest.mark.parametrize(("n", "e"), [(1, 64), (64, 64), (512, 64), (4096, 64), (512, 128), (512, 256), (64, 512)])
+def test_tensor_core_scan_routes_as_fp32_at_serving_shapes(n: int, e: int) -> None:
+    """HSTU's serving shape (pool 10,000, embed 64; wider embeddings too), routers at the training init's scale
+    and 10× it: every row picks cuBLAS's fp32 argmax, or (two fp32 summation orders apart) a column whose exact
+    logit is within fp32 rounding of it."""
     g = torch.Generator(device="cuda").manual_seed(n)
     for scale in (1.0, 10.0):
-        x = torch.nn.functional.layer_norm(torch.randn(n, 64, device="cuda", generator=g), (64,))
-        w = torch.randn(10_000, 64, device="cuda", generator=g) * scale / 8
+        x = torch.nn.functional.layer_norm(torch.randn(n, e, device="cuda", generator=g), (e,))
+        w = torch.randn(10_000, e, device="cuda", generator=g) * scale / e**0.5
         got, want = route_rows(x, w, router_bound(w)), reference(x, w)
         exact = x.double() @ w.double().T  # (n, 10,000)
         apart = torch.nonzero(got != want).flatten()
