@@ -386,7 +386,9 @@ def test_a_client_that_reads_no_reply_is_aborted_after_keepalive(published: tupl
         sock.settimeout(2)
         with contextlib.suppress(OSError):
             sock.sendall(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n" * 3000)
-        deadline = time.monotonic() + 8.0
+        deadline = time.monotonic() + 60.0
+        while not _open_connections(srv) and time.monotonic() < deadline:  # accepted late on a loaded machine
+            time.sleep(0.05)
         while _open_connections(srv) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not _open_connections(srv)
