@@ -232,8 +232,9 @@ def _candidate_side(branch: KVBranch, h: torch.Tensor, bound: torch.Tensor | Non
     """The candidates' own K (or V) (B, C, d_a) from h (B, C, E): SiLU(W h) ⊕ pool[argmax router(h)]
     (shared; as ``HSTULayer.project`` with hard routing: the branch's own router and pool, or its joint router
     and pool columns; int8 branches fake-quantise the user part with their scale) or SiLU(W h) (not shared).
-    The argmax is :func:`cachestore.decode.fused_route.route_rows` (bound: the router's, :func:`router_bounds`),
-    kept in ``routed`` by router so that a joint router routes once. No host sync (the scale was checked when
+    The argmax is :func:`cachestore.decode.fused_route.route_rows` on CUDA (bound: the router's,
+    :func:`router_bounds`; elsewhere ``model.routing.route`` of the logits, which it equals), kept in ``routed`` by
+    router so that a joint router routes once. No host sync (the scale was checked when
     the resident read it: ``model.entry.user_scales``)."""
     user = nn.functional.silu(branch.proj(h))  # (B, C, d_u or d_a)
     pool, weight = branch.collective_pool(), branch.routing_weight()
@@ -241,9 +242,10 @@ def _candidate_side(branch: KVBranch, h: torch.Tensor, bound: torch.Tensor | Non
         return user
     if branch.int8:
         user = fake_quant(user, branch.user_scale).to(user.dtype)
-    if id(weight) not in routed:  # wider than route_rows takes: the logits and their max in torch
+    if id(weight) not in routed:  # off CUDA (Triton's interpreter) or wider than it takes: the logits' argmax in torch
         routed[id(weight)] = (route_rows(h.reshape(-1, h.shape[-1]), weight, bound).view(h.shape[:-1])
-                              if h.shape[-1] <= MAX_WIDTH else route(nn.functional.linear(h, weight)).idx)  # (B, C)
+                              if h.is_cuda and h.shape[-1] <= MAX_WIDTH
+                              else route(nn.functional.linear(h, weight)).idx)  # (B, C)
     idx = routed[id(weight)]
     rows = pool.index_select(0, idx.reshape(-1)).reshape(*idx.shape, -1)  # (B, C, d_a - d_u)
     return torch.cat([user, rows.to(user.dtype)], dim=-1)
