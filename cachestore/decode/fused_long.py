@@ -131,7 +131,7 @@ if triton is not None:
         tl.store(flag_ptr + b, 1, mask=nbad > 0)
 
     @triton.jit
-    def _sum_hits(raw_ptr, pool_v_ptr, start, n, hits, hit_idx, js, jm, cols, acc, nbad, pool_size, v_scale,
+    def _sum_hits(raw_ptr, pool_v_ptr, start, hits, hit_idx, js, jm, cols, acc, nbad, pool_size, v_scale,
                   D_A: tl.constexpr, DV: tl.constexpr, V_SHARED: tl.constexpr, V_CODE: tl.constexpr):
         """Add to acc (W,) the V rows of the hits ``js`` (BLOCK_L,) where ``jm``: user part at the position kept in
         ``hits`` ⊕ the pool row of the router index kept in ``hit_idx`` (both loads one level deep)."""
@@ -186,12 +186,12 @@ if triton is not None:
         if STATIC:
             for j0 in range(0, SEG_P2, BLOCK_L):
                 js = j0 + tl.arange(0, BLOCK_L)
-                acc, nbad = _sum_hits(raw_ptr, pool_v_ptr, start, n, hits, hits + SEG_P2, js, js < n_hits, cols, acc,
+                acc, nbad = _sum_hits(raw_ptr, pool_v_ptr, start, hits, hits + SEG_P2, js, js < n_hits, cols, acc,
                                       nbad, pool_size, v_scale, D_A, DV, V_SHARED, V_CODE)
         else:
             for j0 in range(0, n_hits, BLOCK_L):
                 js = j0 + tl.arange(0, BLOCK_L)
-                acc, nbad = _sum_hits(raw_ptr, pool_v_ptr, start, n, hits, hits + SEG_P2, js, js < n_hits, cols, acc,
+                acc, nbad = _sum_hits(raw_ptr, pool_v_ptr, start, hits, hits + SEG_P2, js, js < n_hits, cols, acc,
                                       nbad, pool_size, v_scale, D_A, DV, V_SHARED, V_CODE)
         tl.store(out_ptr + ((part * tl.num_programs(0) + row) * G + g) * D_A + cols, acc)
         tl.store(flag_ptr + b, 1, mask=nbad > 0)

@@ -147,12 +147,17 @@ def router_bound(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().abs().amax(dim=0).float().contiguous()
 
 
+def padded_width(width: int) -> int:
+    """BE: the router width E rounded up to a power of two, at least 16 (``tl.dot``'s smallest inner size)."""
+    return max(16, 1 << max(0, width - 1).bit_length())
+
+
 def scan_shape(n_rows: int, n_cols: int, width: int) -> tuple[int, int, int, int]:
     """(BM, BN, spans, SPAN) of the scan for N rows and M columns of ``width`` E (padded to BE, a power of two):
     16-64 rows per program and BN columns a step (``SCAN_BN`` at most), each tile of x (BM × BE) and of the router
     (BE × BN) at most ``TILE_CELLS`` fp32 so that the scan's shared memory fits an H100's (checked by compiling for
     sm_90 up to E 512); spans of whole BN steps sized so that about ``TARGET_PROGRAMS`` programs run."""
-    be = max(16, 1 << max(0, width - 1).bit_length())
+    be = padded_width(width)
     if be > MAX_WIDTH:
         raise ValueError(f"route_rows: routers of width E <= {MAX_WIDTH}, got {width}")
     bm = max(16, min(16 if n_rows <= 16 else 32 if n_rows <= 32 else 64, TILE_CELLS // be))
@@ -182,7 +187,7 @@ def route_rows(x: torch.Tensor, weight: torch.Tensor, wmax: torch.Tensor | None 
     weight = weight.float().contiguous()
     wmax = router_bound(weight) if wmax is None else wmax
     bm, bn, spans, span = scan_shape(n, m, e)
-    be = max(16, triton.next_power_of_2(e))
+    be = padded_width(e)
     vals = torch.empty(n, spans, 3, dtype=torch.float32, device=x.device)  # (N, S, 3) per span: 3 largest
     cols = torch.empty(n, spans, 2, dtype=torch.int32, device=x.device)  # (N, S, 2) their columns (2 kept)
     _route_scan_kernel[(-(-n // bm), spans)](x, weight, vals, cols, n, N_COLS=m, SPAN=span, E=e, BE=be, BM=bm, BN=bn,
