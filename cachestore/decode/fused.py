@@ -43,7 +43,6 @@ reads over PCIe (mapped, zero-copy) — measured slower than copying first.
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -55,6 +54,7 @@ from collectivekv.cachestore.decode.fused_config import (
     ALL_BYTES,
     DEFAULT_FUSED,
     FusedConfig,
+    check_chunks,
     check_launch,
     launch_shape,
     pool_dtype,
@@ -364,9 +364,7 @@ def fused_attention(raw: torch.Tensor, q: torch.Tensor, resident: ResidentModel,
     if raw.device != q.device and not (q.device.type == "cuda" and raw.device.type == "cpu" and raw.is_pinned()):
         raise ValueError(f"the packed batch is on {raw.device}, q on {q.device}: the kernel reads the batch on "
                          "q's device, or in pinned host memory (mapped, zero-copy) for a CUDA q")
-    if (not chunks or chunks[0][0] >= 0 or chunks[-1][1] < raw.numel() or any(lo >= hi for lo, hi in chunks)
-            or any(a[1] != z[0] for a, z in itertools.pairwise(chunks))):
-        raise ValueError(f"chunks must be contiguous (lo, hi] byte ranges from below 0 to past the batch, got {chunks}")
+    check_chunks(chunks, raw)
     pools = padded_pools(resident, KV_TORCH[pool_dtype(config, layout)])
     flag = torch.zeros(n_users, dtype=torch.int32, device=q.device) if flags is None else flags
     out = attend_group(raw, q, view, pools, resident.n_heads, flag, config=config, chunks=chunks, on_chunk=on_chunk,

@@ -1,10 +1,13 @@
 """Launch settings of the fused attention kernels (:mod:`cachestore.decode.fused`, :mod:`cachestore.decode.fused_zoo`):
 :class:`FusedConfig`, how a launch splits histories into parts (:func:`split_parts`) and the precision
-of the pool rows it reads (:func:`pool_dtype`). Imports no Triton."""
+of the pool rows it reads (:func:`pool_dtype`), and the byte ranges a batch's launches split its users by
+(:func:`check_chunks`). Imports no Triton."""
 
 from __future__ import annotations
 
 import functools
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -111,3 +114,11 @@ def check_launch(n_heads: int, d_a: int, config: FusedConfig) -> None:
     if n_heads % config.heads_per_program:
         raise ValueError(f"heads_per_program must be a power of two dividing {n_heads}, got "
                          f"{config.heads_per_program}")
+
+
+def check_chunks(chunks: Sequence[tuple[int, int]], raw: torch.Tensor) -> None:
+    """ValueError unless ``chunks`` are contiguous (lo, hi] byte ranges from below 0 to past the batch ``raw``: every
+    record ends in exactly one, so each user is served by exactly one launch."""
+    if (not chunks or chunks[0][0] >= 0 or chunks[-1][1] < raw.numel() or any(lo >= hi for lo, hi in chunks)
+            or any(a[1] != z[0] for a, z in itertools.pairwise(chunks))):
+        raise ValueError(f"chunks must be contiguous (lo, hi] byte ranges from below 0 to past the batch, got {chunks}")

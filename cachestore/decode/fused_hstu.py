@@ -1,64 +1,77 @@
-"""HSTU decode straight from the packed batch bytes: one Triton kernel per layer for the cached history.
+"""HSTU decode straight from the packed batch bytes: one Triton kernel per layer for the candidate's attention.
 
 :meth:`model.hstu.HSTU.decode` runs every candidate (position n_b of user b) through every layer; per
 layer h = LayerNorm(x), u, q = SiLU(W_uq h), the candidate's own K/V from the layer's branches, and per
 head ``A_j = SiLU(q·k_j/√dh + rel_bias[h, bucket(n - j)]) / max_len`` over the cached positions j < n and
 the candidate itself (distance 0); ``x ← x + W_o(LayerNorm(Σ_j A_j v_j) ⊙ u)``; an MLP on
 ``[LayerNorm(x), t]`` scores it. The eager serving path unpacks every layer's parts into padded tensors
-and rebuilds K/V per user. :func:`hstu_static_decode` computes the same logits with the per-candidate
-work (projections, the self term, the MLP) in torch and the cached-history term by ONE kernel per layer
-that reads the packed batch (:mod:`cachestore.decode.batch`) in place:
+and rebuilds K/V per user. :func:`hstu_static_decode` computes the same logits with the candidates' own work
+(:mod:`cachestore.decode.fused_hstu_candidate`: one GEMM for u, q and their K/V user parts, the routing beside it),
+W_o and the MLP in torch, and the attention by ONE kernel per layer that reads the packed batch
+(:mod:`cachestore.decode.batch`) in place:
 
     program (b·C + c, g, s) — user b, candidate c, heads g·GH .. g·GH + GH - 1, behaviours of part s (of S)
-      n = min(lengths[b], max_len); starts[p, b]: byte start of part p of user b's record (header skipped;
-        part p holds min(n, cap_p) rows, every HSTU part has cap max_len: cachestore.store.entry.EntryLayout)
+      n = min(lengths[b], max_len); part p of user b's record starts at offsets[b] + 32 + n·offset_p (every HSTU
+        part holds n rows: :func:`part_offsets`), the record ends at offsets[b] + 32 + n·(bytes per behaviour);
+        a launch serves only the users whose records end in its byte range (end_lo, end_hi]
       for blocks of BLOCK_L behaviours j < n (fp32 accumulation):
           k_j  = k_user[j, cols] (0 beyond dk) + P_k[k_idx[j], cols]    (pool rows zero in the user dims;
                  a joint index: kv_idx[j] picks the K and the V row, read once; int8 parts: code × scale)
           a_jh = SiLU(q[b, c, head h]·k_j,h / √dh + bias[h, n - j])      bias[h, d] = rel_bias[h, bucket(d)]
           v_j  = v_user[j, cols] (0 beyond dv) + P_v[v_idx[j], cols]
+      s == 0: + SiLU(q·k_self,h / √dh + bias[h, 0]) v_self,h             the candidate's own row: its user part ⊕
+                                                                          its pool row (fp32), from SelfKV
       out[s, b·C + c, cols] = Σ_j a_jh v_j,h / max_len                   (zeros when n == 0)
 
-and the parts s are summed in torch (no softmax: the history term is a plain sum). K/V rows are rebuilt
+and the parts s are summed in torch (no softmax: the attention is a plain sum). K/V rows are rebuilt
 in registers, never written to memory. A router index outside 0 .. pool_size - 1 is never read (its
 pool loads are masked) and sets ``flags[b] = 1``. Full-KV stores (``mode`` "full") hold the whole d_a
 row as the user part and no indices. fp32 user parts that the layout can place at a 2-byte boundary
 (one side shared or a joint index, uint16 indices) are read as 16-bit halves.
 
-Pool rows are read at the store's precision unless ``FusedConfig.pool_dtype`` says otherwise (as in
-:mod:`cachestore.decode.fused`); per layer the padded pools and the distance → bias table are cached on the
-resident model. ``tests/cachestore/decode/test_fused_hstu.py`` checks the logits against the model's training forward
-and the eager serving path, on CUDA and under Triton's interpreter on CPU.
+The first layer's launches can follow a batch copied in pieces (``chunks``, as din's
+:func:`cachestore.decode.fused.fused_attention`): :class:`cachestore.decode.graphs.GraphedDecoder` launches it once
+per piece, right after that piece lands, so most of it runs beside the copy; the later layers wait for the whole
+batch. History pool rows are read at the store's precision unless ``FusedConfig.pool_dtype`` says otherwise (as in
+:mod:`cachestore.decode.fused`); per layer the padded pools and the distance → bias table are cached on the resident
+model. ``tests/cachestore/decode/test_fused_hstu.py`` checks the logits against the model's training forward and the
+eager serving path, on CUDA and under Triton's interpreter on CPU.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
-from torch import nn
 
 from collectivekv.cachestore.decode.decode import ResidentZooModel
-from collectivekv.cachestore.decode.fused import IDX_BYTES, INTERPRETED, _gather_rows, _load_idx, _load_side, tl, triton
-from collectivekv.cachestore.decode.fused_config import DEFAULT_FUSED, FusedConfig, pool_dtype, split_parts
-from collectivekv.cachestore.decode.fused_mlp import mlp_logits
-from collectivekv.cachestore.decode.fused_route import MAX_WIDTH, route_rows, router_bound
-from collectivekv.cachestore.decode.fused_view import (
-    check_half_layout,
-    group_scales,
-    record_part_starts,
-    side_codes,
-    user_halves,
+from collectivekv.cachestore.decode.fused import (
+    IDX_BYTES,
+    INTERPRETED,
+    _gather_rows,
+    _load_idx,
+    _load_side,
+    tl,
+    triton,
 )
+from collectivekv.cachestore.decode.fused_config import (
+    ALL_BYTES,
+    DEFAULT_FUSED,
+    FusedConfig,
+    check_chunks,
+    pool_dtype,
+    split_parts,
+)
+from collectivekv.cachestore.decode.fused_hstu_candidate import SelfKV, candidate_layer
+from collectivekv.cachestore.decode.fused_mlp import mlp_logits
+from collectivekv.cachestore.decode.fused_view import check_half_layout, group_scales, side_codes, user_halves
 from collectivekv.cachestore.decode.transfer import KV_TORCH
 from collectivekv.cachestore.store.entry import EntryLayout
 from collectivekv.cachestore.store.record import RouterIndexError
 from collectivekv.model.cache_spec import entry_parts, store_config
-from collectivekv.model.hstu import HSTULayer, rel_bucket
+from collectivekv.model.hstu import rel_bucket
 from collectivekv.model.pool import KVBranch
-from collectivekv.model.quant import fake_quant
-from collectivekv.model.routing import route
 
 if triton is not None:
 
@@ -101,28 +114,46 @@ if triton is not None:
         return acc, nbad
 
     @triton.jit
+    def _self_row(user_ptr, user_stride, idx_ptr, pool_ptr, row, cols, pool_size, D_A: tl.constexpr,
+                  WIDTH: tl.constexpr, SHARED: tl.constexpr):
+        """The candidate's own K (or V) row at ``cols`` fp32: its user part (WIDTH columns at ``user_ptr``, row
+        stride ``user_stride``) ⊕ (SHARED) the pool row of its router index (an index outside the pool reads 0)."""
+        out = tl.load(user_ptr + row * user_stride + cols, mask=cols < WIDTH, other=0.0).to(tl.float32)
+        if SHARED:
+            i = tl.load(idx_ptr + row)
+            inside = (i >= 0) & (i < pool_size)
+            out += tl.load(pool_ptr + i * D_A + cols, mask=(cols < D_A) & inside, other=0.0).to(tl.float32)
+        return out
+
+    @triton.jit
     def _hstu_history_kernel(
-        raw_ptr, header_ptr, starts_ptr, q_ptr, bias_ptr, pool_k_ptr, pool_v_ptr, out_ptr, flag_ptr, n_users, n_cand,
-        scale, inv_norm, pool_size, k_scale, v_scale, D_A: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr,
-        DK: tl.constexpr, DV: tl.constexpr, K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, K_CODE: tl.constexpr,
-        V_CODE: tl.constexpr, JOINT: tl.constexpr, IDX_BYTES: tl.constexpr, P_KU: tl.constexpr,
-        P_VU: tl.constexpr, P_KI: tl.constexpr, P_VI: tl.constexpr, BLOCK_L: tl.constexpr, MAX_N: tl.constexpr,
-        LOOP_N: tl.constexpr, SEG: tl.constexpr,
+        raw_ptr, header_ptr, q_ptr, q_stride, bias_ptr, pool_k_ptr, pool_v_ptr, out_ptr, flag_ptr, sku_ptr, sku_stride,
+        svu_ptr, svu_stride, ski_ptr, svi_ptr, self_k_ptr, self_v_ptr, n_users, n_cand, scale, inv_norm, pool_size,
+        k_scale, v_scale, end_lo, end_hi, D_A: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr, DK: tl.constexpr,
+        DV: tl.constexpr, K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, K_CODE: tl.constexpr, V_CODE: tl.constexpr,
+        JOINT: tl.constexpr, IDX_BYTES: tl.constexpr, OFF_KU: tl.constexpr, OFF_VU: tl.constexpr,
+        OFF_KI: tl.constexpr, OFF_VI: tl.constexpr, REC: tl.constexpr, SELF: tl.constexpr, SKW: tl.constexpr,
+        SVW: tl.constexpr, SK_SHARED: tl.constexpr, SV_SHARED: tl.constexpr, BLOCK_L: tl.constexpr,
+        MAX_N: tl.constexpr, LOOP_N: tl.constexpr, SEG: tl.constexpr,
     ):
         row = tl.program_id(0)  # b·C + c: rows of q
         group = tl.program_id(1)  # heads group·GH .. group·GH + GH - 1
         part = tl.program_id(2)  # behaviours part·SEG .. part·SEG + SEG - 1
         b = row // n_cand
-        n = tl.minimum(tl.load(header_ptr + n_users + b), MAX_N)  # behaviours of user b
-        ku = tl.load(starts_ptr + P_KU * n_users + b)  # byte starts of this layer's parts in user b's record
-        vu = tl.load(starts_ptr + P_VU * n_users + b)
-        ki = tl.load(starts_ptr + P_KI * n_users + b)
-        vi = tl.load(starts_ptr + P_VI * n_users + b)
+        n = tl.maximum(tl.minimum(tl.load(header_ptr + n_users + b), MAX_N), 0)  # behaviours of user b
+        base = tl.load(header_ptr + b) + 32  # the record's first part (after its 32-byte header)
+        # every part holds n rows (cap max_len): part p starts n · (row bytes of the parts before it) in
+        ku = base + n * OFF_KU
+        vu = base + n * OFF_VU
+        ki = base + n * OFF_KI
+        vi = base + n * OFF_VI
+        end = base + n * REC  # one past the record
+        mine = (end > end_lo) & (end <= end_hi)  # this launch serves the users whose records end in its range
         lo = part * SEG
-        stop = tl.minimum(n, lo + SEG)
+        stop = tl.where(mine, tl.minimum(n, lo + SEG), lo)  # no behaviours for another launch's users
         cols = group * GH * DH + tl.arange(0, GH * DH)  # (GH·DH,) this group's columns of d_a
         heads = group * GH + tl.arange(0, GH)  # (GH,)
-        q = tl.load(q_ptr + row * D_A + cols).to(tl.float32) * scale  # (GH·DH,)
+        q = tl.load(q_ptr + row * q_stride + cols).to(tl.float32) * scale  # (GH·DH,)
         acc = tl.zeros([GH, DH], dtype=tl.float32)
         nbad = tl.zeros([], dtype=tl.int32)
         if LOOP_N > 0:  # Triton's CPU interpreter cannot loop to a loaded bound: static bound, masked
@@ -137,9 +168,15 @@ if triton is not None:
                     raw_ptr, bias_ptr, pool_k_ptr, pool_v_ptr, ku, vu, ki, vi, n, stop, l0, q, cols, heads, acc,
                     nbad, pool_size, k_scale, v_scale, D_A, GH, DH, DK, DV, K_SHARED, V_SHARED, K_CODE, V_CODE, JOINT,
                     IDX_BYTES, BLOCK_L, MAX_N)
-        tl.store(flag_ptr + b, 1, mask=nbad > 0)
+        if SELF:  # part 0 adds the candidate's attention to itself (distance 0)
+            key = _self_row(sku_ptr, sku_stride, ski_ptr, self_k_ptr, row, cols, pool_size, D_A, SKW, SK_SHARED)
+            val = _self_row(svu_ptr, svu_stride, svi_ptr, self_v_ptr, row, cols, pool_size, D_A, SVW, SV_SHARED)
+            s = tl.sum(tl.reshape(key * q, (GH, DH)), axis=1) + tl.load(bias_ptr + heads * (MAX_N + 1))  # (GH,)
+            a = tl.where(part == 0, s / (1.0 + tl.exp(-s)), 0.0)  # (GH,) SiLU
+            acc += a[:, None] * tl.reshape(val, (GH, DH))
+        tl.store(flag_ptr + b, 1, mask=mine & (nbad > 0))
         rows = tl.num_programs(0)
-        tl.store(out_ptr + (part * rows + row) * D_A + cols, tl.reshape(acc * inv_norm, (GH * DH,)))
+        tl.store(out_ptr + (part * rows + row) * D_A + cols, tl.reshape(acc * inv_norm, (GH * DH,)), mask=mine)
 
 
 def _padded_pool(branch: KVBranch, d_a: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -171,95 +208,75 @@ def layer_tables(resident: ResidentZooModel, dtype: torch.dtype) -> Tables:
     return cache[dtype]
 
 
-def part_starts(raw: torch.Tensor, layout: EntryLayout, n_users: int) -> torch.Tensor:
-    """(P, B) int64: byte start in ``raw`` of part p of user b
-    (:func:`cachestore.decode.fused_view.record_part_starts`)."""
-    return record_part_starts(raw, layout, n_users)[:-1]
+def part_offsets(layout: EntryLayout) -> tuple[dict[str, int], int]:
+    """Every part's byte offset in an HSTU record per behaviour (part p of a user with n behaviours starts
+    ``offsets[b] + 32 + n · offset_p``: every HSTU part holds min(n, max_len) rows) and the bytes of one behaviour
+    over all parts (the record ends n · that past its 32-byte header)."""
+    at, offsets = 0, {}
+    for part, row in zip(layout.parts, layout.row_bytes, strict=True):
+        offsets[part.name] = at
+        at += row
+    return offsets, at
 
 
-def hstu_history(raw: torch.Tensor, q: torch.Tensor, starts: torch.Tensor, layer: int, *,
-                 resident: ResidentZooModel, layout: EntryLayout, n_users: int, flags: torch.Tensor,
-                 config: FusedConfig = DEFAULT_FUSED) -> torch.Tensor:
-    """Layer ``layer``'s cached-history term (b, C, d_a) fp32 of ``q`` (b, C, d_a) for users 0 .. b - 1 of the
-    packed batch ``raw`` (starts: :func:`part_starts`): the module docstring's kernel. ``flags`` (n_users,)
-    int32: set to 1 for a user with a router index outside the pool. No host syncs."""
+def _row_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (N, W) with unit column stride (its row stride is passed to the kernel)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def hstu_history(raw: torch.Tensor, q: torch.Tensor, layer: int, *, resident: ResidentZooModel,
+                 layout: EntryLayout, n_users: int, flags: torch.Tensor, config: FusedConfig = DEFAULT_FUSED,
+                 own: SelfKV | None = None, chunks: Sequence[tuple[int, int]] = ALL_BYTES,
+                 on_chunk: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Layer ``layer``'s attention term (b, C, d_a) fp32 of ``q`` (b, C, d_a) for users 0 .. b - 1 of the packed
+    batch ``raw``: the module docstring's kernel over the cached history, plus, with ``own``, each candidate's
+    attention to itself (its K/V rows from :class:`SelfKV`, pool rows at fp32). ``flags`` (n_users,) int32: set to 1
+    for a user with a router index outside the pool. ``chunks``: one launch per (lo, hi] byte range, serving the users
+    whose records end in it, each after ``on_chunk(index)``, and ``on_chunk(len(chunks))`` after the last (as
+    :func:`cachestore.decode.fused.fused_attention`'s). No host syncs."""
     cfg = resident.cfg
     b, c, d_a = q.shape
     heads = cfg.n_heads
     dh, gh = d_a // heads, config.heads_per_program
     pool_k, pool_v, bias = layer_tables(resident, KV_TORCH[pool_dtype(config, layout)])[layer]
+    self_k, self_v, _ = layer_tables(resident, torch.float32)[layer]  # the candidate's own pool rows, exact
     g = next(g for g in layout.groups if g.name == f"layer{layer}")
-    where = {p.name: i for i, p in enumerate(layout.parts)}
-    ku, vu = where[f"{g.name}.k_user"], where[f"{g.name}.v_user"]  # every HSTU layer caches K and V
-    ki, vi = (where.get(g.idx_part(side) or "") for side in "kv")  # one kv_idx for both when joint
+    offset, rec = part_offsets(layout)
+    ku, vu = f"{g.name}.k_user", f"{g.name}.v_user"  # every HSTU layer caches K and V
+    ki, vi = g.idx_part("k"), g.idx_part("v")  # one kv_idx for both when joint
+    widths = {p.name: p.width for p in layout.parts}
     k_code, v_code, _, _ = side_codes(g, layout.kv_dtype, user_halves(layout, g))
     k_scale, v_scale = group_scales(resident, g)
     rows, groups, max_n = b * c, heads // gh, layout.max_len
     parts = split_parts(config, rows, groups, max(1, max_n), q.device)
     seg = -(-max(1, max_n) // (parts * config.block_l)) * config.block_l  # behaviours per part, whole blocks
-    out = torch.empty(parts, rows, d_a, dtype=torch.float32, device=q.device)  # (S, b·C, d_a)
+    check_chunks(chunks, raw)
+    out = torch.empty(parts, rows, d_a, dtype=torch.float32, device=q.device)  # (S, b·C, d_a): each row written once
     if rows == 0:
         return out.sum(0).view(b, c, d_a)
+    q_rows = _row_stride(q.reshape(rows, d_a))  # (b·C, d_a): a view of the projection's output where it can be
+    none = torch.zeros(1, dtype=torch.int64, device=q.device)
+    mine = own or SelfKV(q_rows[:, :0], None, q_rows[:, :0], None)
+    k_user, v_user = _row_stride(mine.k_user), _row_stride(mine.v_user)
     stages = {} if config.num_stages is None else {"num_stages": config.num_stages}
-    _hstu_history_kernel[(rows, groups, parts)](
-        raw, raw[: 16 * n_users].view(torch.int64), starts, q.float().contiguous(), bias, pool_k, pool_v, out,
-        flags, n_users, c, 1.0 / math.sqrt(dh), 1.0 / float(cfg.max_len), cfg.collective.pool_size, float(k_scale),
-        float(v_scale), D_A=d_a, GH=gh, DH=dh, DK=layout.parts[ku].width, DV=layout.parts[vu].width,
-        K_SHARED=ki is not None, V_SHARED=vi is not None, K_CODE=k_code, V_CODE=v_code, JOINT=g.joint,
-        IDX_BYTES=IDX_BYTES[layout.idx_dtype],
-        P_KU=ku, P_VU=vu, P_KI=ki or 0, P_VI=vi or 0, BLOCK_L=config.block_l, MAX_N=max_n,
-        LOOP_N=seg if INTERPRETED else 0, SEG=seg, num_warps=config.num_warps, **stages,
-    )
-    return out.sum(0).view(b, c, d_a)  # (b, C, d_a)
-
-
-def router_bounds(resident: ResidentZooModel) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
-    """Per layer the (K, V) routers' :func:`cachestore.decode.fused_route.router_bound` (None where a side is not
-    routed), built once and cached on the resident like :func:`layer_tables`."""
-    cache = resident.__dict__.get("_fused_hstu_router_bounds")
-    if cache is None:
-        def bound(branch: KVBranch) -> torch.Tensor | None:
-            weight = branch.routing_weight() if branch.shared else None
-            return None if weight is None else router_bound(weight)
-
-        cache = [(bound(layer.k_branch), bound(layer.v_branch)) for layer in resident.model.layers]
-        resident.__dict__["_fused_hstu_router_bounds"] = cache
-    return cache
-
-
-def _candidate_side(branch: KVBranch, h: torch.Tensor, bound: torch.Tensor | None,
-                    routed: dict[int, torch.Tensor]) -> torch.Tensor:
-    """The candidates' own K (or V) (B, C, d_a) from h (B, C, E): SiLU(W h) ⊕ pool[argmax router(h)]
-    (shared; as ``HSTULayer.project`` with hard routing: the branch's own router and pool, or its joint router
-    and pool columns; int8 branches fake-quantise the user part with their scale) or SiLU(W h) (not shared).
-    The argmax is :func:`cachestore.decode.fused_route.route_rows` on CUDA (bound: the router's,
-    :func:`router_bounds`; elsewhere ``model.routing.route`` of the logits, which it equals), kept in ``routed`` by
-    router so that a joint router routes once. No host sync (the scale was checked when
-    the resident read it: ``model.entry.user_scales``)."""
-    user = nn.functional.silu(branch.proj(h))  # (B, C, d_u or d_a)
-    pool, weight = branch.collective_pool(), branch.routing_weight()
-    if not branch.shared or pool is None or weight is None:
-        return user
-    if branch.int8:
-        user = fake_quant(user, branch.user_scale).to(user.dtype)
-    if id(weight) not in routed:  # off CUDA (Triton's interpreter) or wider than it takes: the logits' argmax in torch
-        routed[id(weight)] = (route_rows(h.reshape(-1, h.shape[-1]), weight, bound).view(h.shape[:-1])
-                              if h.is_cuda and h.shape[-1] <= MAX_WIDTH
-                              else route(nn.functional.linear(h, weight)).idx)  # (B, C)
-    idx = routed[id(weight)]
-    rows = pool.index_select(0, idx.reshape(-1)).reshape(*idx.shape, -1)  # (B, C, d_a - d_u)
-    return torch.cat([user, rows.to(user.dtype)], dim=-1)
-
-
-def _self_term(layer: HSTULayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Each candidate's attention to itself (distance 0): SiLU(q·k/√dh + rel_bias[h, 0]) / max_len · v, (B, C, d_a)."""
-    b, c, d_a = q.shape
-    heads = layer.n_heads
-    dh = d_a // heads
-    qh, kh, vh = (t.reshape(b, c, heads, dh) for t in (q, k, v))  # (B, C, H, dh)
-    scores = (qh * kh).sum(-1) / math.sqrt(dh) + layer.rel_bias[:, 0]  # (B, C, H)
-    weights = nn.functional.silu(scores) / layer.norm_len
-    return (weights.unsqueeze(-1) * vh).reshape(b, c, d_a)
+    for index, (end_lo, end_hi) in enumerate(chunks):
+        if on_chunk is not None:
+            on_chunk(index)
+        _hstu_history_kernel[(rows, groups, parts)](
+            raw, raw[: 16 * n_users].view(torch.int64), q_rows, q_rows.stride(0), bias, pool_k, pool_v, out, flags,
+            k_user, k_user.stride(0), v_user, v_user.stride(0), none if mine.k_idx is None else mine.k_idx,
+            none if mine.v_idx is None else mine.v_idx, self_k, self_v, n_users, c, 1.0 / math.sqrt(dh),
+            1.0 / float(cfg.max_len), cfg.collective.pool_size, float(k_scale), float(v_scale), end_lo, end_hi,
+            D_A=d_a, GH=gh, DH=dh, DK=widths[ku], DV=widths[vu], K_SHARED=ki is not None, V_SHARED=vi is not None,
+            K_CODE=k_code, V_CODE=v_code, JOINT=g.joint, IDX_BYTES=IDX_BYTES[layout.idx_dtype],
+            OFF_KU=offset[ku], OFF_VU=offset[vu], OFF_KI=offset.get(ki or "", 0), OFF_VI=offset.get(vi or "", 0),
+            REC=rec, SELF=own is not None, SKW=k_user.shape[1], SVW=v_user.shape[1],
+            SK_SHARED=mine.k_idx is not None, SV_SHARED=mine.v_idx is not None, BLOCK_L=config.block_l, MAX_N=max_n,
+            LOOP_N=seg if INTERPRETED else 0, SEG=seg, num_warps=config.num_warps, **stages,
+        )
+    if on_chunk is not None:
+        on_chunk(len(chunks))  # after the last launch: a caller that switched streams joins them here
+    return (out[0] if parts == 1 else out.sum(0)).view(b, c, d_a)  # (b, C, d_a)
 
 
 def check_hstu_batch(raw: torch.Tensor, candidates: torch.Tensor, resident: ResidentZooModel, layout: EntryLayout,
@@ -273,6 +290,8 @@ def check_hstu_batch(raw: torch.Tensor, candidates: torch.Tensor, resident: Resi
     check_half_layout(layout, "the fused HSTU decode")
     if layout.parts != entry_parts(store_config(cfg, layout.mode)) or layout.max_len != cfg.max_len:
         raise ValueError(f"the store's parts are not those of the model's {layout.mode} cache")
+    if any(p.cap != layout.max_len for p in layout.parts):  # part_offsets: every part holds min(n, max_len) rows
+        raise ValueError("the fused HSTU decode reads stores whose every part holds max_len rows")
     device = next(resident.model.parameters()).device  # concrete (cuda:0 where the resident says cuda)
     if raw.dtype != torch.uint8 or raw.device != device or candidates.device != device:
         raise ValueError(f"the packed batch (uint8) and the candidates must be on the model's device {device}")
@@ -286,40 +305,32 @@ def check_hstu_batch(raw: torch.Tensor, candidates: torch.Tensor, resident: Resi
 
 def hstu_static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: ResidentZooModel,
                        layout: EntryLayout, n_users: int, config: FusedConfig = DEFAULT_FUSED,
-                       flags: torch.Tensor | None = None, on_chunk: Callable[[int], None] | None = None
-                       ) -> torch.Tensor:
+                       flags: torch.Tensor | None = None, chunks: Sequence[tuple[int, int]] = ALL_BYTES,
+                       on_chunk: Callable[[int], None] | None = None) -> torch.Tensor:
     """Logits (b, C) of ``candidates`` (b, C) int64 of users 0 .. b - 1 (b <= n_users) against the packed batch
     ``raw`` (uint8 on the resident's device, :mod:`cachestore.decode.batch`) of an HSTU store: ``HSTU.decode`` with
-    every layer's cached-history term from :func:`hstu_history` (launched with ``config``; pool rows at
-    ``config.pool_dtype``, the store's precision by default). Shape-static and free of host syncs with
-    ``flags`` ((n_users,) int32, set to 1 for a user with a router index outside the pool; the caller raises
-    after the batch): CUDA-graph capturable once :func:`layer_tables` has run. Without ``flags``: a
-    ``RouterIndexError`` naming the batch row, after a host sync. ``on_chunk``: called with 0 after the first
-    layer's candidate work (its projections and routing, which read no batch byte) and before the first read of
-    ``raw``, and with 1 after the last (a CUDA graph copies the batch meanwhile). Call under ``inference_mode`` /
-    ``no_grad``."""
+    each layer's candidate work from :func:`cachestore.decode.fused_hstu_candidate.candidate_layer` and its attention
+    from :func:`hstu_history` (launched with ``config``; history pool rows at ``config.pool_dtype``, the store's
+    precision by default). Shape-static and free of host syncs with ``flags`` ((n_users,) int32, set to 1 for a user
+    with a router index outside the pool; the caller raises after the batch): CUDA-graph capturable once
+    :func:`layer_tables` (both dtypes) and the candidate module's caches exist (a first eager call builds them).
+    Without ``flags``: a ``RouterIndexError`` naming the batch row, after a host sync. ``chunks`` / ``on_chunk``: the
+    first layer's history launches (:func:`hstu_history`; its candidate work, which reads no batch byte, comes
+    before ``on_chunk(0)``); the later layers read the batch after ``on_chunk(len(chunks))``, where a CUDA graph
+    copying the batch in those pieces has joined them (:class:`cachestore.decode.graphs.GraphedDecoder`). Call under
+    ``inference_mode`` / ``no_grad``."""
     check_hstu_batch(raw, candidates, resident, layout, n_users, config)
     model = resident.model
     flag = torch.zeros(n_users, dtype=torch.int32, device=raw.device) if flags is None else flags
-    bounds = router_bounds(resident)
     t = model.item_embedding(candidates)  # (b, C, E)
     x = t
-    starts = None
     for i, layer in enumerate(model.layers):
-        h = layer.norm_in(x)
-        u, q = nn.functional.silu(layer.uq(h)).chunk(2, dim=-1)  # (b, C, d_a) each
-        routed: dict[int, torch.Tensor] = {}
-        k = _candidate_side(layer.k_branch, h, bounds[i][0], routed)
-        v = _candidate_side(layer.v_branch, h, bounds[i][1], routed)
-        if starts is None:  # the batch is read from here on
-            if on_chunk is not None:
-                on_chunk(0)
-            starts = part_starts(raw, layout, n_users)  # (P, B)
-        history = hstu_history(raw, q, starts, i, resident=resident, layout=layout, n_users=n_users, flags=flag,
-                               config=config)
-        x = layer.update(x, history.to(q.dtype) + _self_term(layer, q, k, v), u)
-    if on_chunk is not None:
-        on_chunk(1)
+        u, q, own = candidate_layer(resident, i, layer.norm_in(x))
+        first = i == 0
+        history = hstu_history(raw, q, i, resident=resident, layout=layout, n_users=n_users, flags=flag,
+                               config=config, own=own, chunks=chunks if first else ALL_BYTES,
+                               on_chunk=on_chunk if first else None)
+        x = layer.update(x, history.to(q.dtype), u)
     logits = model.score_hidden(x, t, head=mlp_logits)  # (b, C)
     if flags is None and bool(flag.any()):
         raise RouterIndexError(f"a router index outside the pool 0..{resident.cfg.collective.pool_size - 1} in "

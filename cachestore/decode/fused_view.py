@@ -123,7 +123,7 @@ def din_view(raw: torch.Tensor, layout: EntryLayout, n_users: int, pool_size: in
 
 
 @functools.cache  # never evicted: a captured graph reads these tensors' addresses
-def _part_rows(layout: EntryLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def part_rows(layout: EntryLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(caps, row bytes), each (P + 1, 1) int64 on ``device``: a zero row, then every part's cap and row bytes
     (the first call of a layout on a device copies them there: a warm-up, never inside a graph capture)."""
     caps = [0] + [p.cap for p in layout.parts]
@@ -138,7 +138,7 @@ def record_part_starts(raw: torch.Tensor, layout: EntryLayout, n_users: int) -> 
     block, n 0). A few (P + 1, B) device ops from the batch header whatever P is, no host sync."""
     header = raw[: 16 * n_users].view(torch.int64)  # offsets (B,), lengths (B,)
     offsets, lengths = header[:n_users], header[n_users:]
-    caps, row_bytes = _part_rows(layout, raw.device)
+    caps, row_bytes = part_rows(layout, raw.device)
     sizes = torch.minimum(lengths.clamp(min=0).unsqueeze(0), caps) * row_bytes  # (P + 1, B), row 0 zero
     return sizes.cumsum(0).add_(offsets + HEADER_SIZE)  # (P + 1, B): row p = Σ_{i<p} part sizes + record start
 

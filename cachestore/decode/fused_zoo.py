@@ -63,21 +63,51 @@ from collectivekv.cachestore.decode.fused_view import (
     check_half_layout,
     group_scales,
     may_misalign,
+    part_rows,
     record_part_starts,
     user_halves,
 )
 from collectivekv.cachestore.decode.transfer import KV_TORCH
 from collectivekv.cachestore.store.entry import EntryLayout
-from collectivekv.cachestore.store.record import RouterIndexError
+from collectivekv.cachestore.store.record import HEADER_SIZE, RouterIndexError
 from collectivekv.model.cache_spec import entry_parts, group_specs, key_bits, store_config
 from collectivekv.model.config import ModelConfig
 from collectivekv.model.retrieval import bitmask, sdim_buckets
 
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _part_starts_kernel(header_ptr, caps_ptr, rows_ptr, out_ptr, n_users, HEADER: tl.constexpr, P: tl.constexpr,
+                            BLOCK: tl.constexpr):
+        """out[p, b] = offsets[b] + HEADER + Σ_{i<p} min(n_b, cap_i)·row_bytes_i for p = 0 .. P (row P: one past
+        the record), users b of this program's block; n_b = max(lengths[b], 0)."""
+        b = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,)
+        inside = b < n_users
+        at = tl.load(header_ptr + b, mask=inside, other=0) + HEADER
+        n = tl.maximum(tl.load(header_ptr + n_users + b, mask=inside, other=0), 0)
+        tl.store(out_ptr + b, at, mask=inside)
+        for p in tl.static_range(P):
+            at += tl.minimum(n, tl.load(caps_ptr + p)) * tl.load(rows_ptr + p)
+            tl.store(out_ptr + (p + 1) * n_users + b, at, mask=inside)
+
+
+def record_starts(raw: torch.Tensor, layout: EntryLayout, n_users: int) -> torch.Tensor:
+    """:func:`cachestore.decode.fused_view.record_part_starts` (P + 1, B) in ONE launch (a few torch ops there)."""
+    caps, rows = part_rows(layout, raw.device)  # (P + 1, 1) each, a zero row first
+    out = torch.empty(len(layout.parts) + 1, n_users, dtype=torch.int64, device=raw.device)
+    if n_users:
+        _part_starts_kernel[(-(-n_users // 128),)](raw[: 16 * n_users].view(torch.int64), caps[1:], rows[1:], out,
+                                                   n_users, HEADER=HEADER_SIZE, P=len(layout.parts), BLOCK=128)
+    return out
+
 
 def part_starts(raw: torch.Tensor, layout: EntryLayout, n_users: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """(byte start (B,) of every part of each record of the batch ``raw``, one past each record (B,)):
-    part p of user b starts at offsets[b] + 32 + Σ_{q<p} min(n_b, cap_q)·row_bytes_q. (B,) device ops only."""
-    at = record_part_starts(raw, layout, n_users)  # (P + 1, B)
+    part p of user b starts at offsets[b] + 32 + Σ_{q<p} min(n_b, cap_q)·row_bytes_q. No host sync: one launch on
+    CUDA (:func:`record_starts`), torch ops elsewhere."""
+    starts = record_starts if raw.is_cuda else record_part_starts
+    at = starts(raw, layout, n_users)  # (P + 1, B)
     return {part.name: at[i] for i, part in enumerate(layout.parts)}, at[-1]
 
 

@@ -17,8 +17,8 @@ capacity — the whole device side is shape-static and free of host syncs, so it
     (:func:`copy_chunks`), are copied on a forked stream, each piece followed by an event; the query projection
     waits for the candidates only, and fused launch i, on a stream of its own, waits for event i and serves the
     users whose records end in piece i (:func:`record_ends`), so copying piece i + 1 overlaps decoding piece i; the
-    streams join before the graph ends. The zoo models fork the same way with one piece: their candidates' work
-    (embedding, queries, retrieval targets; HSTU's first layer) runs while the batch is copied.
+    streams join before the graph ends. HSTU's first-layer history follows the pieces the same way; SIM, ETA, SDIM
+    and TWIN fork with one piece; every zoo model's candidate work (HSTU: its first layer's) runs beside the copy.
 
 A captured copy has a fixed source address and size, so there is one graph per (host buffer of the batcher's ring,
 copy-size bucket): S is the smallest bucket >= used_bytes, buckets being the capacity divided by √2 again and again
@@ -83,20 +83,19 @@ class GraphedDecoder:
     :meth:`run` scores a pinned :class:`HostBatch` (one replay: copies + decode); :attr:`last_cost` is the
     batch copy's :class:`TransferCost` (bytes moved, CUDA-event time inside the graph).
     overlap: on the fused path, the batch copy is split into up to ``overlap`` pieces (:func:`copy_chunks`:
-    none under 256 KiB) copied on a forked stream inside the graph, and the kernel is launched once per
-    piece for the users whose records end in it, right after that piece lands — the copy of piece c + 1
-    runs beside the decode of piece c. Measured on an H100 at L 1000 (round-robin in one process,
-    ``benchmarks/results/decode_latency/decode_latency_overlap_store_float{16,32}.json``), K = 3 was the fastest or
-    within 3% of it: B 512 0.216 → 0.170 ms (fp16 store and pools; K 4 0.179), 0.358 → 0.257 (fp32; K 4 0.246);
-    B 256 0.139 → 0.123; B 64 even; K = 6 was slower (short launches). 1 turns it off. The candidates go
-    first on the copy stream because, copied on the main stream, they could be queued behind the whole
-    batch, and then no launch overlapped the copy (a replay queued behind other GPU work: 0.231 vs 0.180 ms,
-    fp16, B 512). concurrent (default True): each
-    piece's launch on a stream of its own (forked after the query projection, joined before the combine and
-    the MLP), so it need not wait for the previous launch's tail: B 512 0.309 → 0.289 ms (fp32), 0.230 → 0.215
-    (fp16), B 64 even (``decode_latency_concurrent_float{32,16}.json``); False: one after another on the graph's stream.
-    (Separate graphs per user chunk, and the kernel reading the pinned batch over PCIe itself, were
-    measured slower: ``benchmarks/results/decode_latency/decode_latency_nosplit.json``,
+    none under 256 KiB) copied on a forked stream inside the graph, and the kernel (din's attention, HSTU's first
+    layer's history) is launched once per piece for the users whose records end in it, right after that piece
+    lands — the copy of piece c + 1 runs beside the decode of piece c. Measured on an H100 at L 1000 (din,
+    round-robin in one process, ``benchmarks/results/decode_latency/decode_latency_overlap_store_float{16,32}.json``),
+    K = 3 was the fastest or within 3% of it: B 512 0.216 → 0.170 ms (fp16 store and pools; K 4 0.179), 0.358 →
+    0.257 (fp32; K 4 0.246); B 256 0.139 → 0.123; B 64 even; K = 6 was slower (short launches). 1 turns it off. The
+    candidates go first on the copy stream because, copied on the main stream, they could be queued behind the whole
+    batch, and then no launch overlapped the copy (a replay queued behind other GPU work: 0.231 vs 0.180 ms, fp16,
+    B 512). concurrent (default True): each piece's launch on a stream of its own (forked after the query
+    projection, joined before the combine and the MLP), so it need not wait for the previous launch's tail: B 512
+    0.309 → 0.289 ms (fp32), 0.230 → 0.215 (fp16), B 64 even (``decode_latency_concurrent_float{32,16}.json``);
+    False: one after another on the graph's stream. (Separate graphs per user chunk, and the kernel reading the
+    pinned batch over PCIe itself, were measured slower: ``decode_latency/decode_latency_nosplit.json``,
     ``decode_latency/decode_latency_mapped_*.json``.)
     """
 
@@ -148,6 +147,7 @@ class GraphedDecoder:
             else:
                 self.path = path if path != "auto" else choose_path(
                     unpack_din(self.raw, layout, n_users, pad_to), n_candidates, resident)
+            self.pieced = self.path == FUSED and resident.cfg.arch in ("din", "hstu")  # launches follow the pieces
             self.logits = self._body()  # eager once: checks the body (and compiles the kernel)
             if not eager:
                 self._pool = torch.cuda.graph_pool_handle()
@@ -188,7 +188,7 @@ class GraphedDecoder:
     def pieces(self, nbytes: int) -> list[tuple[int, int]]:
         """Byte ranges a graph copying ``nbytes`` copies one by one (:func:`copy_chunks` with ``overlap``
         on the fused path; one range otherwise)."""
-        overlap = self.overlap if self.path == FUSED and not self.zoo else 1
+        overlap = self.overlap if self.pieced else 1
         return copy_chunks(nbytes, 16 * self.n_users, overlap)
 
     def _capture(self, source: torch.Tensor) -> _Captured:
@@ -212,7 +212,7 @@ class GraphedDecoder:
         once piece i is issued. The candidates are copied and the pieces moved between two timing events,
         then the body. With several pieces, or ``forks`` (a zoo model), they move on a forked stream,
         and fused launch c (a zoo body's batch reads) waits for piece c only."""
-        ends = ALL_BYTES if self.zoo else record_ends(pieces)
+        ends = record_ends(pieces) if self.pieced else ALL_BYTES
         fork = len(pieces) > 1 or self.forks
         if len(pieces) > 1:
             self._warm_up(1, ends)  # compiles the kernel for this launch size outside the capture

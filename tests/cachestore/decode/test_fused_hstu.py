@@ -16,11 +16,16 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from collectivekv.cachestore.decode import copy_plan
 from collectivekv.cachestore.decode.batch import HostBatcher
+from collectivekv.cachestore.decode.copy_plan import record_ends
 from collectivekv.cachestore.decode.decode import ResidentZooModel, decode_zoo, entry_cache
 from collectivekv.cachestore.decode.fused import FusedConfig, fused_available
-from collectivekv.cachestore.decode.fused_hstu import hstu_static_decode, layer_tables, part_starts
+from collectivekv.cachestore.decode.fused_hstu import hstu_static_decode, layer_tables, part_offsets
+from collectivekv.cachestore.decode.graphs import GraphedDecoder
 from collectivekv.cachestore.decode.transfer import to_device
 from collectivekv.cachestore.store.entry import entry_from_parquet_row, entry_layout
 from collectivekv.cachestore.store.record import RouterIndexError
@@ -47,6 +52,7 @@ class Case:
     host: object
     raw: torch.Tensor  # the packed batch on DEVICE, garbage past it
     hist: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # items, feedback, lengths (cold user: length 0)
+    records: list  # the users' records (None: cold)
 
 
 def make_case(variant: str, layers: int, mode: str, kv_dtype: str, seed: int = 0, idx_dtype: str | None = None
@@ -67,7 +73,7 @@ def make_case(variant: str, layers: int, mode: str, kv_dtype: str, seed: int = 0
     garbage = torch.from_numpy(np.random.default_rng(seed).integers(0, 256, host.used_bytes + 64, dtype=np.uint8))
     garbage[: host.used_bytes] = host.tensor
     resident = ResidentZooModel(copy.deepcopy(model), DEVICE)  # the training model stays on the CPU
-    return Case(model, resident, layout, host, garbage.to(DEVICE), (items, feedback, lengths))
+    return Case(model, resident, layout, host, garbage.to(DEVICE), (items, feedback, lengths), records)
 
 
 def reference(case: Case, cand: torch.Tensor, stored: bool) -> torch.Tensor:
@@ -89,12 +95,15 @@ def eager(case: Case, cand: torch.Tensor) -> torch.Tensor:
         return decode_zoo(case.resident, entry_cache(dev.unpack(), cfg, case.resident.dtype), cand)
 
 
-def fused(case: Case, cand: torch.Tensor, config: FusedConfig = EXACT, flags: torch.Tensor | None = None):
+def fused(case: Case, cand: torch.Tensor, config: FusedConfig = EXACT, flags: torch.Tensor | None = None,
+          **chunked):
     with torch.inference_mode():
         return hstu_static_decode(case.raw, cand, resident=case.resident, layout=case.layout, n_users=6,
-                                  config=config, flags=flags)
+                                  config=config, flags=flags, **chunked)
 
 
+CHUNK_CASE = make_case("collective", 2, "collective", "float16", seed=6)
+CHUNK_CAND = torch.randint(1, N_ITEMS + 1, (6, 2), generator=torch.Generator().manual_seed(6)).to(DEVICE)
 STORES = [  # (variant, layers, store mode, kv dtype)
     ("collective", 2, "collective", "float32"),
     ("collective", 1, "collective", "float16"),
@@ -134,6 +143,30 @@ def test_blocks_head_groups_and_parts_give_the_same_logits(config: FusedConfig) 
     torch.testing.assert_close(fused(case, cand, config), fused(case, cand), rtol=1e-5, atol=1e-5)
 
 
+@given(cuts=st.lists(st.integers(0, 4096), max_size=3), split_l=st.sampled_from([1, 2]))
+@settings(max_examples=6, deadline=None)
+def test_first_layer_launches_per_copy_chunk_serve_each_user_once(cuts: list[int], split_l: int) -> None:
+    """The first layer's history launched once per byte chunk (an overlapped graph's decode), each launch serving
+    the users whose records end in it, scores exactly as one launch: every user once, wherever the cuts fall
+    (inside a record, on its end, past the batch); lengths 0, 1, the window and a cold user; split histories."""
+    case = CHUNK_CASE
+    header = 16 * 6
+    edges = sorted({0, case.raw.numel(), *(header + c for c in cuts if header + c < case.raw.numel())})
+    pieces = list(zip(edges[:-1], edges[1:], strict=True))
+    config = dataclasses.replace(EXACT, split_l=split_l)
+    launched: list[int] = []
+    want = fused(case, CHUNK_CAND, config)
+    got = fused(case, CHUNK_CAND, config, chunks=record_ends(pieces), on_chunk=launched.append)
+    assert launched == list(range(len(pieces) + 1))  # one call per launch, then the join
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_chunks_must_partition_the_batch() -> None:
+    for chunks in ([], [(0, 1 << 62)], [(-1, 40), (50, 1 << 62)], [(-1, 10)]):
+        with pytest.raises(ValueError, match="chunks must be contiguous"):
+            fused(CHUNK_CASE, CHUNK_CAND, chunks=chunks)
+
+
 @pytest.mark.parametrize(("kv_dtype", "idx_dtype"), [("bfloat16", None), ("float32", "int32"), ("float16", "int32")])
 def test_other_store_dtypes_equal_eager(kv_dtype: str, idx_dtype: str | None) -> None:
     """bfloat16 user parts and int32 router indices (read as 16-bit halves) score like the eager serving path."""
@@ -156,17 +189,23 @@ def test_store_precision_pools_by_default() -> None:
     torch.testing.assert_close(got.cpu(), reference(case, cand, stored=False), rtol=2e-2, atol=2e-2)
 
 
-def test_part_starts_point_at_each_part() -> None:
-    """part_starts(raw) = each part's byte start in the packed batch, from the header alone."""
+def start(case: Case, part: str, b: int) -> int:
+    """Byte start of ``part`` of user b's record in the packed batch (:func:`part_offsets`)."""
+    n = min(int(case.host.lengths[b]), case.layout.max_len)
+    return int(case.host.offsets[b]) + 32 + n * part_offsets(case.layout)[0][part]
+
+
+def test_part_offsets_point_at_each_part() -> None:
+    """offsets[b] + 32 + n · part_offsets[p] = each part's byte start, and n · (bytes of a behaviour) its end."""
     case = make_case("collective", 2, "collective", "float16")
-    starts = part_starts(case.raw, case.layout, 6).cpu()
     host = case.host
     for b in range(5):
         at = int(host.offsets[b]) + 32
-        for p, size in zip(case.layout.parts, case.layout.part_sizes(int(host.lengths[b])), strict=True):
-            assert int(starts[case.layout.parts.index(p), b]) == at
+        n = int(host.lengths[b])
+        for p, size in zip(case.layout.parts, case.layout.part_sizes(n), strict=True):
+            assert start(case, p.name, b) == at
             at += size
-    assert (starts[:, 5] == starts[0, 5]).all()  # the cold user: every part empty, at the zero block
+        assert at == int(host.offsets[b]) + 32 + n * part_offsets(case.layout)[1]
 
 
 def test_corrupt_router_index_sets_flags() -> None:
@@ -175,8 +214,7 @@ def test_corrupt_router_index_sets_flags() -> None:
     case = make_case("collective", 2, "collective", "float16", seed=2)
     cand = torch.randint(1, N_ITEMS + 1, (6, 2), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     clean = fused(case, cand)
-    part = [p.name for p in case.layout.parts].index("layer1.v_idx")
-    at = int(part_starts(case.raw, case.layout, 6)[part, 3]) + 2  # user 3's second behaviour
+    at = start(case, "layer1.v_idx", 3) + 2  # user 3's second behaviour
     case.raw[at : at + 2] = torch.tensor([0xFF, 0xFF], dtype=torch.uint8)  # uint16 65535 >= pool_size
     flags = torch.zeros(6, dtype=torch.int32, device=DEVICE)
     got = fused(case, cand, flags=flags)
@@ -227,3 +265,25 @@ def test_fused_hstu_graph_replay_on_cuda() -> None:
         graph.replay()
         torch.testing.assert_close(out, eager(case, cand), rtol=1e-5, atol=1e-5)
         assert not flags.any()
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("concurrent", [True, False])
+def test_overlapped_graph_replays_to_the_one_piece_graph_on_cuda(concurrent: bool, monkeypatch) -> None:
+    """A graph copying the batch in pieces, the first layer's history launched once per piece (waiting for that piece
+    only), scores like the graph with one copy, over both ring buffers."""
+    monkeypatch.setattr(copy_plan, "_MIN_CHUNK", 256)  # the small test batch still splits into pieces
+    case = make_case("collective", 2, "collective", "float16", seed=8)
+    batcher = HostBatcher(case.layout, pin=True)
+    config = FusedConfig(pool_dtype="float32", split_l=2)
+    graphs = [GraphedDecoder(case.resident, case.layout, n_users=6, pad_to=case.layout.max_len, n_candidates=2,
+                             path="fused", overlap=k, concurrent=concurrent, fused=config) for k in (1, 3)]
+    for seed in range(3):
+        host = batcher.pack(list(range(6)), case.records)
+        assert len(graphs[1].pieces(graphs[1].copy_bytes(host))) > 1
+        cand = torch.randint(1, N_ITEMS + 1, (6, 2), generator=torch.Generator().manual_seed(seed))
+        with torch.inference_mode():
+            want, got = (g.run(host, cand).clone() for g in graphs)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got, eager(case, cand.to(DEVICE)), rtol=1e-5, atol=1e-5)

@@ -28,6 +28,7 @@ from collectivekv.cachestore.decode.decode import ResidentZooModel, decode_zoo, 
 from collectivekv.cachestore.decode.fused import FusedConfig, fused_available
 from collectivekv.cachestore.decode.fused_long import SCORE_FILL, bucket_sums, unit_mean
 from collectivekv.cachestore.decode.fused_select import key_select, row_topk
+from collectivekv.cachestore.decode.fused_view import record_part_starts
 from collectivekv.cachestore.decode.fused_zoo import zoo_static_decode
 from collectivekv.cachestore.decode.transfer import unpack_entry
 from collectivekv.cachestore.store.entry import entry_from_parquet_row, entry_layout
@@ -307,6 +308,16 @@ def test_unpack_entry_of_some_parts() -> None:
     assert sorted(some) == ["keys.buckets", "long.v_idx"]
     for name, t in some.items():
         assert torch.equal(t, whole[name])
+
+
+@pytest.mark.parametrize("arch", [*LONG_ARCHS, "hstu"])
+def test_record_starts_is_one_launch_of_record_part_starts(arch: str) -> None:
+    """The part-starts kernel (one launch) == the torch ops it replaces on CUDA, for every part of every record
+    (cold users at the zero block) and each record's end."""
+    case = packed(arch, "collective", "float16", seed=3)
+    want = record_part_starts(case.raw, case.layout, case.n_users)
+    assert want.shape == (len(case.layout.parts) + 1, case.n_users)
+    assert torch.equal(fused_zoo.record_starts(case.raw, case.layout, case.n_users), want)
 
 
 def test_popcount_counts_bits_without_a_table() -> None:
