@@ -1,6 +1,7 @@
 """CUDA graph capture and streams for a process that serves while it loads: a capture that does not stall
 other threads (:func:`capturing`), streams of its own for the thread that serves (:func:`own_streams`), and a
-second stream for work that can run beside the rest of a decode (:func:`beside`).
+second stream for work that can run beside the rest of a decode (:func:`beside`), and a kernel copy from pinned host
+memory for the few bytes a graph needs first (:func:`read_pinned`).
 
 A server loads the next store version — its tier copied in, its graphs captured — while the current version
 serves on other threads. ``torch.cuda.graph`` starts every capture with a device-wide synchronize and empties
@@ -16,6 +17,8 @@ import threading
 from collections.abc import Iterable, Iterator
 
 import torch
+
+from collectivekv.cachestore.decode.fused import tl, triton
 
 # Graphs are captured while other threads keep the device busy (a server loads the next store version and
 # captures its graphs while the current one serves): only the capturing thread's calls may break a capture.
@@ -49,17 +52,38 @@ def own_streams(devices: Iterable[torch.device]) -> None:
             torch.cuda.set_stream(torch.cuda.Stream(device))
 
 
-def beside(device: torch.device) -> tuple[torch.cuda.Stream | None, torch.cuda.Stream | None]:
+def beside(device: torch.device, lane: int = 0) -> tuple[torch.cuda.Stream | None, torch.cuda.Stream | None]:
     """(the current stream, a second stream of ``device`` that has waited for it) on CUDA — work issued on the second
     runs beside what follows on the first until the first waits for it (inside a CUDA graph: two branches) — and
-    (None, None) elsewhere. One second stream per thread and device (a capture in one thread never meets another
-    thread's work on it), made on the thread's first call (an eager one: the graphs run their body once before
-    capturing it). Every tensor the side work reads must stay referenced until the join."""
+    (None, None) elsewhere. One such stream per thread, device and ``lane`` (work on two lanes runs beside each other
+    too; a capture in one thread never meets another thread's work on it), made on the thread's first call (an eager
+    one: the graphs run their body once before capturing it). Every tensor the side work reads must stay referenced
+    until the join."""
     if device.type != "cuda":
         return None, None
     streams = _SIDE.__dict__.setdefault("streams", {})
-    if device not in streams:
-        streams[device] = torch.cuda.Stream(device)
-    main, side = torch.cuda.current_stream(device), streams[device]
+    if (device, lane) not in streams:
+        streams[device, lane] = torch.cuda.Stream(device)
+    main, side = torch.cuda.current_stream(device), streams[device, lane]
     side.wait_stream(main)
     return main, side
+
+
+if triton is not None:
+
+    @triton.jit
+    def _copy_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
+        at = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(dst_ptr + at, tl.load(src_ptr + at, mask=at < n), mask=at < n)
+
+
+def read_pinned(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst`` (contiguous, CUDA) ← ``src`` (contiguous, pinned host memory, same dtype and size) by a kernel whose
+    loads cross PCIe, not by the copy engine: in a CUDA graph it cannot queue behind a large copy on another branch
+    (a few KB: as fast as a small memcpy, and the work that needs them is not held up behind the batch's copy).
+    Without Triton, or off CUDA: ``dst.copy_(src)``."""
+    if triton is None or dst.device.type != "cuda" or dst.numel() == 0:
+        dst.copy_(src, non_blocking=True)
+        return
+    flat, into = src.reshape(-1), dst.reshape(-1)
+    _copy_kernel[(-(-flat.numel() // 1024),)](flat, into, flat.numel(), BLOCK=1024, num_warps=4)

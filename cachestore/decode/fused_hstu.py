@@ -155,6 +155,13 @@ if triton is not None:
         heads = group * GH + tl.arange(0, GH)  # (GH,)
         q = tl.load(q_ptr + row * q_stride + cols).to(tl.float32) * scale  # (GH·DH,)
         acc = tl.zeros([GH, DH], dtype=tl.float32)
+        if SELF:  # part 0 starts from the candidate's attention to itself (distance 0); before the loop, so that
+            # the self row's registers are free during it
+            key = _self_row(sku_ptr, sku_stride, ski_ptr, self_k_ptr, row, cols, pool_size, D_A, SKW, SK_SHARED)
+            val = _self_row(svu_ptr, svu_stride, svi_ptr, self_v_ptr, row, cols, pool_size, D_A, SVW, SV_SHARED)
+            s = tl.sum(tl.reshape(key * q, (GH, DH)), axis=1) + tl.load(bias_ptr + heads * (MAX_N + 1))  # (GH,)
+            a = tl.where(part == 0, s / (1.0 + tl.exp(-s)), 0.0)  # (GH,) SiLU
+            acc = a[:, None] * tl.reshape(val, (GH, DH))
         nbad = tl.zeros([], dtype=tl.int32)
         if LOOP_N > 0:  # Triton's CPU interpreter cannot loop to a loaded bound: static bound, masked
             for l0 in range(0, LOOP_N, BLOCK_L):
@@ -168,12 +175,6 @@ if triton is not None:
                     raw_ptr, bias_ptr, pool_k_ptr, pool_v_ptr, ku, vu, ki, vi, n, stop, l0, q, cols, heads, acc,
                     nbad, pool_size, k_scale, v_scale, D_A, GH, DH, DK, DV, K_SHARED, V_SHARED, K_CODE, V_CODE, JOINT,
                     IDX_BYTES, BLOCK_L, MAX_N)
-        if SELF:  # part 0 adds the candidate's attention to itself (distance 0)
-            key = _self_row(sku_ptr, sku_stride, ski_ptr, self_k_ptr, row, cols, pool_size, D_A, SKW, SK_SHARED)
-            val = _self_row(svu_ptr, svu_stride, svi_ptr, self_v_ptr, row, cols, pool_size, D_A, SVW, SV_SHARED)
-            s = tl.sum(tl.reshape(key * q, (GH, DH)), axis=1) + tl.load(bias_ptr + heads * (MAX_N + 1))  # (GH,)
-            a = tl.where(part == 0, s / (1.0 + tl.exp(-s)), 0.0)  # (GH,) SiLU
-            acc += a[:, None] * tl.reshape(val, (GH, DH))
         tl.store(flag_ptr + b, 1, mask=mine & (nbad > 0))
         rows = tl.num_programs(0)
         tl.store(out_ptr + (part * rows + row) * D_A + cols, tl.reshape(acc * inv_norm, (GH * DH,)), mask=mine)
@@ -255,7 +256,6 @@ def hstu_history(raw: torch.Tensor, q: torch.Tensor, layer: int, *, resident: Re
     if rows == 0:
         return out.sum(0).view(b, c, d_a)
     q_rows = _row_stride(q.reshape(rows, d_a))  # (b·C, d_a): a view of the projection's output where it can be
-    none = torch.zeros(1, dtype=torch.int64, device=q.device)
     mine = own or SelfKV(q_rows[:, :0], None, q_rows[:, :0], None)
     k_user, v_user = _row_stride(mine.k_user), _row_stride(mine.v_user)
     stages = {} if config.num_stages is None else {"num_stages": config.num_stages}
@@ -264,8 +264,8 @@ def hstu_history(raw: torch.Tensor, q: torch.Tensor, layer: int, *, resident: Re
             on_chunk(index)
         _hstu_history_kernel[(rows, groups, parts)](
             raw, raw[: 16 * n_users].view(torch.int64), q_rows, q_rows.stride(0), bias, pool_k, pool_v, out, flags,
-            k_user, k_user.stride(0), v_user, v_user.stride(0), none if mine.k_idx is None else mine.k_idx,
-            none if mine.v_idx is None else mine.v_idx, self_k, self_v, n_users, c, 1.0 / math.sqrt(dh),
+            k_user, k_user.stride(0), v_user, v_user.stride(0), flags if mine.k_idx is None else mine.k_idx,
+            flags if mine.v_idx is None else mine.v_idx, self_k, self_v, n_users, c, 1.0 / math.sqrt(dh),
             1.0 / float(cfg.max_len), cfg.collective.pool_size, float(k_scale), float(v_scale), end_lo, end_hi,
             D_A=d_a, GH=gh, DH=dh, DK=widths[ku], DV=widths[vu], K_SHARED=ki is not None, V_SHARED=vi is not None,
             K_CODE=k_code, V_CODE=v_code, JOINT=g.joint, IDX_BYTES=IDX_BYTES[layout.idx_dtype],

@@ -9,8 +9,8 @@ argmax into its pool. Here:
     u, q, k_user, v_user = the column ranges of z       views, no copies
     idx = argmax_m h · R_m                              per distinct router (a joint router routes once)
 
-The first router is routed on a second stream beside the GEMM and the others (:func:`cachestore.decode.capture.beside`:
-two branches of a CUDA graph); on CUDA by :func:`cachestore.decode.fused_route.route_rows` (tensor-core scan, fp32
+Each router is routed on a stream of its own beside the GEMM (:func:`cachestore.decode.capture.beside`: branches of a
+CUDA graph); on CUDA by :func:`cachestore.decode.fused_route.route_rows` (tensor-core scan, fp32
 argmax), elsewhere (or routers wider than it takes) by ``model.routing.route`` of the logits, which it equals. The
 candidate's K/V rows themselves (user part ⊕ pool row) are never built: the history kernel adds the candidate's
 attention to itself from :class:`SelfKV`. No host syncs (the int8 scale was checked when the resident read it:
@@ -116,7 +116,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 def candidate_layer(resident: ResidentZooModel, i: int, h: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, SelfKV]:
     """u, q (b, C, d_a) and the candidates' :class:`SelfKV` of layer ``i`` from h = LayerNorm(x) (b, C, E) (module
-    docstring). Shape-static, no host syncs; the second stream joins before it returns."""
+    docstring). Shape-static, no host syncs; the routers' streams join before it returns."""
     layer = resident.model.layers[i]
     d_a = resident.cfg.d_attn
     bounds = router_bounds(resident)[i]
@@ -125,12 +125,16 @@ def candidate_layer(resident: ResidentZooModel, i: int, h: torch.Tensor
     for weight, bound in sides:
         if weight is not None:
             routers.setdefault(id(weight), (weight, bound))
-    order = list(routers)
     picked: dict[int, torch.Tensor] = {}
-    main, side = beside(h.device) if order else (None, None)
-    if side is not None:
-        with torch.cuda.stream(side):  # the first router beside the GEMM and the others
-            picked[order[0]] = _route(h, *routers[order[0]])
+    joins = []
+    for lane, (key, (weight, bound)) in enumerate(routers.items()):  # each router on a stream of its own
+        main, side = beside(h.device, lane)
+        if side is None:  # off CUDA: in order
+            picked[key] = _route(h, weight, bound)
+            continue
+        with torch.cuda.stream(side):
+            picked[key] = _route(h, weight, bound)
+        joins.append((main, side))
     proj = projections(resident)[i]
     z = nn.functional.silu(nn.functional.linear(h, proj.weight, proj.bias))  # (b, C, 2·d_a + w_k + w_v)
     u, q = z[..., :d_a], z[..., d_a : 2 * d_a]
@@ -140,10 +144,7 @@ def candidate_layer(resident: ResidentZooModel, i: int, h: torch.Tensor
         k_user = fake_quant(k_user, layer.k_branch.user_scale).to(z.dtype)
     if layer.v_branch.int8:
         v_user = fake_quant(v_user, layer.v_branch.user_scale).to(z.dtype)
-    for key in order:
-        if key not in picked:
-            picked[key] = _route(h, *routers[key])
-    if side is not None:
+    for main, side in joins:
         main.wait_stream(side)  # join: the history kernel reads the indices
     idx = [None if w is None else picked[id(w)] for w, _ in sides]
     return u, q, SelfKV(_rows(k_user), idx[0], _rows(v_user), idx[1])

@@ -265,7 +265,7 @@ def weighted_values(raw: torch.Tensor, view: GroupView, pool_v: torch.Tensor, we
 
 
 def bucket_sums(raw: torch.Tensor, view: GroupView, pool_v: torch.Tensor, key_starts: torch.Tensor, key_bytes: int,
-                bits: int, targets: torch.Tensor, n_cand: int, flags: torch.Tensor, *, block_l: int = 32,
+                bits: int, targets: torch.Tensor, n_cand: int, flags: torch.Tensor, *, block_l: int = 64,
                 num_warps: int = 2, parts: int = 1, col_split: int = 2, v_scale: float = 1.0, idx_aligned: bool = True,
                 key_div: int = 1) -> torch.Tensor:
     """SDIM's bucket sums (R, m, d_a) fp32: per row r (user b = r // n_cand) and hash function g, the sum of the
@@ -275,9 +275,10 @@ def bucket_sums(raw: torch.Tensor, view: GroupView, pool_v: torch.Tensor, key_st
     rows' keys and router indices in one pass and sums the V rows of the hits only (their positions and indices
     kept in a (parts · col_split, R, m, 2, rows) int32 scratch). ``parts`` > 1 splits each row's history into parts
     (one program each, summed after); ``col_split`` (a power of two) splits the d_a columns among that many
-    programs, each reading the keys (the defaults, 32 rows a block and two column halves, were the fastest of the
-    settings ``benchmarks/long_stage_launch.py`` sweeps on an H100). v_scale: the scale of int8 V user codes; idx_aligned False: the V index part
-    can start off a 2-byte boundary (:func:`cachestore.decode.fused_view.may_misalign`), read byte by byte.
+    programs, each reading the keys (the defaults, 64 rows a block and two column halves, were the fastest of the
+    settings ``benchmarks/long_stage_launch.py`` sweeps on an H100). v_scale: the scale of int8 V user codes;
+    idx_aligned False: the V index part can start off a 2-byte boundary
+    (:func:`cachestore.decode.fused_view.may_misalign`), read byte by byte.
     ``key_div`` > 1: the key bytes are the V router index and its packed buckets are ``index // key_div`` (SDIM keyed
     by its index, ``model.longseq.SDIM``)."""
     r, m = targets.shape

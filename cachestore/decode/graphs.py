@@ -13,10 +13,11 @@ capacity — the whole device side is shape-static and free of host syncs, so it
                   static candidates (B, C) ← pinned candidate staging (B, C); copy_end   (timing events)
       static_decode(raw, candidates) → the graph's logits (B, C)
 
-    with ``overlap`` K > 1 (fused path, default 3) the candidates, then the batch in pieces [0, c1), [c1, c2), …
-    (:func:`copy_chunks`), are copied on a forked stream, each piece followed by an event; the query projection
-    waits for the candidates only, and fused launch i, on a stream of its own, waits for event i and serves the
-    users whose records end in piece i (:func:`record_ends`), so copying piece i + 1 overlaps decoding piece i; the
+    with ``overlap`` K > 1 (fused path, default 3) the batch in pieces [0, c1), [c1, c2), … (:func:`copy_chunks`) is
+    copied on a forked stream, each piece followed by an event; the candidates are read from pinned memory by a
+    kernel on the graph's stream (:func:`read_pinned`), the query projection follows them, and fused launch i, on a
+    stream of its own, waits for event i and serves the users whose records end in piece i (:func:`record_ends`), so
+    copying piece i + 1 overlaps decoding piece i; the
     streams join before the graph ends. HSTU's first-layer history follows the pieces the same way; SIM, ETA, SDIM
     and TWIN fork with one piece; every zoo model's candidate work (HSTU: its first layer's) runs beside the copy.
 
@@ -51,7 +52,7 @@ import torch
 
 from collectivekv.cachestore.decode import copy_plan
 from collectivekv.cachestore.decode.batch import HostBatch, zero_block_bytes
-from collectivekv.cachestore.decode.capture import capturing
+from collectivekv.cachestore.decode.capture import capturing, read_pinned
 from collectivekv.cachestore.decode.copy_plan import batch_capacity, copy_buckets, copy_chunks, record_ends
 from collectivekv.cachestore.decode.decode import PATHS, ResidentZooModel, choose_path
 from collectivekv.cachestore.decode.fused import ALL_BYTES, DEFAULT_FUSED, FUSED, FusedConfig, uses_fused
@@ -89,9 +90,9 @@ class GraphedDecoder:
     round-robin in one process, ``benchmarks/results/decode_latency/decode_latency_overlap_store_float{16,32}.json``),
     K = 3 was the fastest or within 3% of it: B 512 0.216 → 0.170 ms (fp16 store and pools; K 4 0.179), 0.358 →
     0.257 (fp32; K 4 0.246); B 256 0.139 → 0.123; B 64 even; K = 6 was slower (short launches). 1 turns it off. The
-    candidates go first on the copy stream because, copied on the main stream, they could be queued behind the whole
-    batch, and then no launch overlapped the copy (a replay queued behind other GPU work: 0.231 vs 0.180 ms, fp16,
-    B 512). concurrent (default True): each piece's launch on a stream of its own (forked after the query
+    candidates are read by a kernel, not copied: a copy of them could be queued behind the whole batch's, and then
+    no launch overlapped the copy (copied on the main stream, a replay queued behind other GPU work: 0.231 vs 0.180
+    ms, fp16, B 512). concurrent (default True): each piece's launch on a stream of its own (forked after the query
     projection, joined before the combine and the MLP), so it need not wait for the previous launch's tail: B 512
     0.309 → 0.289 ms (fp32), 0.230 → 0.215 (fp16), B 64 even (``decode_latency_concurrent_float{32,16}.json``);
     False: one after another on the graph's stream. (Separate graphs per user chunk, and the kernel reading the
@@ -209,13 +210,14 @@ class GraphedDecoder:
                 nbytes: int) -> _Captured:
         """Capture a graph whose batch arrives in ``pieces`` (byte ranges of ``raw``): ``move(on_piece)``
         issues the transfer of every piece in order (a copy, or the zero-copy gather), calling ``on_piece(i)``
-        once piece i is issued. The candidates are copied and the pieces moved between two timing events,
-        then the body. With several pieces, or ``forks`` (a zoo model), they move on a forked stream,
-        and fused launch c (a zoo body's batch reads) waits for piece c only."""
+        once piece i is issued. The pieces are moved between two timing events, then the body. With several pieces,
+        or ``forks`` (a zoo model), they move on a forked stream, the candidates are read by a kernel beside them
+        (:func:`read_pinned`), and fused launch c (a zoo body's batch reads) waits for piece c only."""
         ends = record_ends(pieces) if self.pieced else ALL_BYTES
         fork = len(pieces) > 1 or self.forks
         if len(pieces) > 1:
             self._warm_up(1, ends)  # compiles the kernel for this launch size outside the capture
+        read_pinned(self.candidates, self.candidates_host)  # compiled outside the capture too
         with torch.cuda.device(self.device):
             torch.cuda.current_stream().synchronize()
             start = torch.cuda.Event(enable_timing=True, external=True)
@@ -238,14 +240,10 @@ class GraphedDecoder:
                         arrived[-1].record()
 
                     with torch.cuda.stream(side):
-                        # the candidates first, on the same stream as the pieces: the query projection needs
-                        # them only, and a copy issued on another stream may be queued behind the whole batch
-                        self.candidates.copy_(self.candidates_host, non_blocking=True)
-                        candidates_in = torch.cuda.Event()
-                        candidates_in.record()
                         move(landed)
                         end.record()
-                    main.wait_event(candidates_in)
+                    # the candidates by a kernel on main (read_pinned): a copy node may be queued behind the batch
+                    read_pinned(self.candidates, self.candidates_host)
                     try:
                         logits = self._body(ends, self._launch_hook(main, arrived))
                     finally:  # a failed launch must not leave a launch stream current

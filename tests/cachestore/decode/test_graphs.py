@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from collectivekv.cachestore.decode.batch import HostBatcher
+from collectivekv.cachestore.decode.capture import read_pinned
 from collectivekv.cachestore.decode.decode import ResidentModel, decode, din_cache
 from collectivekv.cachestore.decode.entry_batch import kv_storage
 from collectivekv.cachestore.decode.graphs import GraphedDecoder, batch_capacity, copy_buckets, static_decode
@@ -298,3 +299,28 @@ def test_cuda_runtime_graphs_match_eager(store: dict) -> None:
         np.testing.assert_allclose(res.logits, cpu, rtol=1e-4, atol=1e-4)
     assert isinstance(rt.batcher, MappedBatcher) and rt.stats.h2d_bytes > 0
     rt.batcher.close()
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("n", [1, 7, 1024, 1500])
+def test_read_pinned_copies_host_memory_by_a_kernel(n: int) -> None:
+    """read_pinned: the device tensor holds the pinned host tensor's values, eagerly and replayed in a graph after
+    the host values changed (the kernel reads the host memory at replay time)."""
+    src = torch.arange(n, dtype=torch.int64).pin_memory()
+    dst = torch.full((n,), -1, dtype=torch.int64, device="cuda")
+    read_pinned(dst, src)
+    assert torch.equal(dst.cpu(), src)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        read_pinned(dst, src)
+    src.mul_(3)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(dst.cpu(), src)
+
+
+def test_read_pinned_off_cuda_is_a_copy() -> None:
+    src, dst = torch.arange(5), torch.zeros(5, dtype=torch.int64)
+    read_pinned(dst, src)
+    assert torch.equal(dst, src)
