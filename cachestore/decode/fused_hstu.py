@@ -23,7 +23,8 @@ W_o and the MLP in torch, and the attention by ONE kernel per layer that reads t
                                                                           its pool row (fp32), from SelfKV
       out[s, b·C + c, cols] = Σ_j a_jh v_j,h / max_len                   (zeros when n == 0)
 
-and the parts s are summed in torch (no softmax: the attention is a plain sum). K/V rows are rebuilt
+and the parts s are summed by the launch that normalises and gates the layer's output (no softmax: the attention is
+a plain sum; :func:`cachestore.decode.fused_norm.norm_gate`). K/V rows are rebuilt
 in registers, never written to memory. A router index outside 0 .. pool_size - 1 is never read (its
 pool loads are masked) and sets ``flags[b] = 1``. Full-KV stores (``mode`` "full") hold the whole d_a
 row as the user part and no indices. fp32 user parts that the layout can place at a 2-byte boundary
@@ -65,6 +66,7 @@ from collectivekv.cachestore.decode.fused_config import (
 )
 from collectivekv.cachestore.decode.fused_hstu_candidate import SelfKV, candidate_layer
 from collectivekv.cachestore.decode.fused_mlp import mlp_logits
+from collectivekv.cachestore.decode.fused_norm import norm_gate
 from collectivekv.cachestore.decode.fused_view import check_half_layout, group_scales, side_codes, user_halves
 from collectivekv.cachestore.decode.transfer import KV_TORCH
 from collectivekv.cachestore.store.entry import EntryLayout
@@ -229,9 +231,10 @@ def hstu_history(raw: torch.Tensor, q: torch.Tensor, layer: int, *, resident: Re
                  layout: EntryLayout, n_users: int, flags: torch.Tensor, config: FusedConfig = DEFAULT_FUSED,
                  own: SelfKV | None = None, chunks: Sequence[tuple[int, int]] = ALL_BYTES,
                  on_chunk: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Layer ``layer``'s attention term (b, C, d_a) fp32 of ``q`` (b, C, d_a) for users 0 .. b - 1 of the packed
-    batch ``raw``: the module docstring's kernel over the cached history, plus, with ``own``, each candidate's
-    attention to itself (its K/V rows from :class:`SelfKV`, pool rows at fp32). ``flags`` (n_users,) int32: set to 1
+    """Layer ``layer``'s attention term of ``q`` (b, C, d_a) for users 0 .. b - 1 of the packed batch ``raw`` as S
+    partial sums (S, b, C, d_a) fp32 (one per part of the histories; their sum is the term): the module docstring's
+    kernel over the cached history, plus, with ``own``, each candidate's attention to itself (its K/V rows from
+    :class:`SelfKV`, pool rows at fp32). ``flags`` (n_users,) int32: set to 1
     for a user with a router index outside the pool. ``chunks``: one launch per (lo, hi] byte range, serving the users
     whose records end in it, each after ``on_chunk(index)``, and ``on_chunk(len(chunks))`` after the last (as
     :func:`cachestore.decode.fused.fused_attention`'s). No host syncs."""
@@ -254,7 +257,7 @@ def hstu_history(raw: torch.Tensor, q: torch.Tensor, layer: int, *, resident: Re
     check_chunks(chunks, raw)
     out = torch.empty(parts, rows, d_a, dtype=torch.float32, device=q.device)  # (S, b·C, d_a): each row written once
     if rows == 0:
-        return out.sum(0).view(b, c, d_a)
+        return out.view(parts, b, c, d_a)
     q_rows = _row_stride(q.reshape(rows, d_a))  # (b·C, d_a): a view of the projection's output where it can be
     mine = own or SelfKV(q_rows[:, :0], None, q_rows[:, :0], None)
     k_user, v_user = _row_stride(mine.k_user), _row_stride(mine.v_user)
@@ -276,7 +279,7 @@ def hstu_history(raw: torch.Tensor, q: torch.Tensor, layer: int, *, resident: Re
         )
     if on_chunk is not None:
         on_chunk(len(chunks))  # after the last launch: a caller that switched streams joins them here
-    return (out[0] if parts == 1 else out.sum(0)).view(b, c, d_a)  # (b, C, d_a)
+    return out.view(parts, b, c, d_a)  # (S, b, C, d_a): partial sums over the parts of each history
 
 
 def check_hstu_batch(raw: torch.Tensor, candidates: torch.Tensor, resident: ResidentZooModel, layout: EntryLayout,
@@ -330,7 +333,7 @@ def hstu_static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident:
         history = hstu_history(raw, q, i, resident=resident, layout=layout, n_users=n_users, flags=flag,
                                config=config, own=own, chunks=chunks if first else ALL_BYTES,
                                on_chunk=on_chunk if first else None)
-        x = layer.update(x, history.to(q.dtype), u)
+        x = x + layer.out(norm_gate(history, layer.norm_out, u))  # HSTULayer.update, its norm and gate in one launch
     logits = model.score_hidden(x, t, head=mlp_logits)  # (b, C)
     if flags is None and bool(flag.any()):
         raise RouterIndexError(f"a router index outside the pool 0..{resident.cfg.collective.pool_size - 1} in "

@@ -25,6 +25,7 @@ from collectivekv.cachestore.decode.copy_plan import record_ends
 from collectivekv.cachestore.decode.decode import ResidentZooModel, decode_zoo, entry_cache
 from collectivekv.cachestore.decode.fused import FusedConfig, fused_available
 from collectivekv.cachestore.decode.fused_hstu import hstu_static_decode, layer_tables, part_offsets
+from collectivekv.cachestore.decode.fused_norm import norm_gate
 from collectivekv.cachestore.decode.graphs import GraphedDecoder
 from collectivekv.cachestore.decode.transfer import to_device
 from collectivekv.cachestore.store.entry import entry_from_parquet_row, entry_layout
@@ -159,6 +160,24 @@ def test_first_layer_launches_per_copy_chunk_serve_each_user_once(cuts: list[int
     got = fused(case, CHUNK_CAND, config, chunks=record_ends(pieces), on_chunk=launched.append)
     assert launched == list(range(len(pieces) + 1))  # one call per launch, then the join
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n_parts", [1, 3])
+@pytest.mark.parametrize("affine", ["both", "weight", "none"])
+def test_norm_gate_is_the_layers_norm_of_the_summed_parts_times_u(n_parts: int, affine: str) -> None:
+    """norm_gate(parts, norm, u) == norm(parts.sum(0)) * u, u a column range of a wider tensor (read in place)."""
+    g = torch.Generator().manual_seed(n_parts)
+    parts = torch.randn(n_parts, 3, 2, 24, generator=g) * 5
+    wide = torch.randn(3, 2, 70, generator=g)
+    u = wide[..., 24:48]  # (3, 2, 24) with row stride 70
+    norm = torch.nn.LayerNorm(24, elementwise_affine=affine != "none", bias=affine == "both")
+    with torch.no_grad():
+        for t in norm.parameters():
+            t.copy_(torch.randn(t.shape, generator=g))
+        want = norm(parts.sum(0)) * u
+        got = norm_gate(parts.to(DEVICE), norm.to(DEVICE), u.to(DEVICE))
+    assert got.shape == (3, 2, 24)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_chunks_must_partition_the_batch() -> None:
