@@ -41,6 +41,7 @@ eager serving path, on CUDA and under Triton's interpreter on CPU.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -64,7 +65,7 @@ from collectivekv.cachestore.decode.fused_config import (
     pool_dtype,
     split_parts,
 )
-from collectivekv.cachestore.decode.fused_hstu_candidate import SelfKV, candidate_layer
+from collectivekv.cachestore.decode.fused_hstu_candidate import SelfKV, as_rows, candidate_layer
 from collectivekv.cachestore.decode.fused_mlp import mlp_logits
 from collectivekv.cachestore.decode.fused_norm import norm_gate
 from collectivekv.cachestore.decode.fused_view import check_half_layout, group_scales, side_codes, user_halves
@@ -211,6 +212,7 @@ def layer_tables(resident: ResidentZooModel, dtype: torch.dtype) -> Tables:
     return cache[dtype]
 
 
+@functools.cache  # per layout: read on every request
 def part_offsets(layout: EntryLayout) -> tuple[dict[str, int], int]:
     """Every part's byte offset in an HSTU record per behaviour (part p of a user with n behaviours starts
     ``offsets[b] + 32 + n · offset_p``: every HSTU part holds min(n, max_len) rows) and the bytes of one behaviour
@@ -220,11 +222,6 @@ def part_offsets(layout: EntryLayout) -> tuple[dict[str, int], int]:
         offsets[part.name] = at
         at += row
     return offsets, at
-
-
-def _row_stride(t: torch.Tensor) -> torch.Tensor:
-    """``t`` (N, W) with unit column stride (its row stride is passed to the kernel)."""
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def hstu_history(raw: torch.Tensor, q: torch.Tensor, layer: int, *, resident: ResidentZooModel,
@@ -258,9 +255,9 @@ def hstu_history(raw: torch.Tensor, q: torch.Tensor, layer: int, *, resident: Re
     out = torch.empty(parts, rows, d_a, dtype=torch.float32, device=q.device)  # (S, b·C, d_a): each row written once
     if rows == 0:
         return out.view(parts, b, c, d_a)
-    q_rows = _row_stride(q.reshape(rows, d_a))  # (b·C, d_a): a view of the projection's output where it can be
+    q_rows = as_rows(q)  # (b·C, d_a): a view of the projection's output where it can be
     mine = own or SelfKV(q_rows[:, :0], None, q_rows[:, :0], None)
-    k_user, v_user = _row_stride(mine.k_user), _row_stride(mine.v_user)
+    k_user, v_user = mine.k_user, mine.v_user
     stages = {} if config.num_stages is None else {"num_stages": config.num_stages}
     for index, (end_lo, end_hi) in enumerate(chunks):
         if on_chunk is not None:

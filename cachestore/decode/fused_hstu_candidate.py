@@ -33,9 +33,9 @@ from collectivekv.model.routing import route
 
 
 class SelfKV(NamedTuple):
-    """The candidates' own K and V as the history kernel reads them: user parts (b·C, W) with any row stride (W: the
-    branch's user width, 0 for a V of pool rows alone) and router indices (b·C,) int64 (None: the side is not
-    shared, its user part is the whole row)."""
+    """The candidates' own K and V as the history kernel reads them: user parts (b·C, W) with unit column stride and
+    any row stride (:func:`as_rows`; W: the branch's user width, 0 for a V of pool rows alone) and router indices
+    (b·C,) int64 (None: the side is not shared, its user part is the whole row)."""
 
     k_user: torch.Tensor
     k_idx: torch.Tensor | None
@@ -76,25 +76,34 @@ def projections(resident: ResidentZooModel) -> list[Projection]:
     return cache
 
 
-def router_bounds(resident: ResidentZooModel) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
-    """Per layer the (K, V) routers' :func:`cachestore.decode.fused_route.router_bound` (None where a side is not
-    routed), built once and cached on the resident like :func:`projections`."""
-    cache = resident.__dict__.get("_fused_hstu_router_bounds")
+class LayerRouters(NamedTuple):
+    """One layer's distinct routers as (weight (M, E), :func:`cachestore.decode.fused_route.router_bound`), each routed
+    once (a joint router serves both sides), and per side (K, V) the position of its router there (None: the side takes
+    no pool row)."""
+
+    routers: list[tuple[torch.Tensor, torch.Tensor]]
+    k: int | None
+    v: int | None
+
+
+def layer_routers(resident: ResidentZooModel) -> list[LayerRouters]:
+    """Per layer its :class:`LayerRouters`, built once and cached on the resident like :func:`projections`."""
+    cache = resident.__dict__.get("_fused_hstu_routers")
     if cache is None:
-        def bound(branch: KVBranch) -> torch.Tensor | None:
-            weight = branch.routing_weight() if branch.shared else None
-            return None if weight is None else router_bound(weight)
-
-        cache = [(bound(layer.k_branch), bound(layer.v_branch)) for layer in resident.model.layers]
-        resident.__dict__["_fused_hstu_router_bounds"] = cache
+        cache = []
+        for layer in resident.model.layers:
+            routers: list[tuple[torch.Tensor, torch.Tensor]] = []
+            at: list[int | None] = []
+            for branch in (layer.k_branch, layer.v_branch):
+                weight = branch.routing_weight() if branch.shared and branch.collective_pool() is not None else None
+                found = None if weight is None else next((i for i, (w, _) in enumerate(routers) if w is weight), None)
+                if weight is not None and found is None:
+                    routers.append((weight, router_bound(weight)))
+                    found = len(routers) - 1
+                at.append(found)
+            cache.append(LayerRouters(routers, at[0], at[1]))
+        resident.__dict__["_fused_hstu_routers"] = cache
     return cache
-
-
-def routed(branch: KVBranch) -> torch.Tensor | None:
-    """The branch's router weight (M, E) where its K (or V) takes a pool row, else None."""
-    if not branch.shared or branch.collective_pool() is None:
-        return None
-    return branch.routing_weight()
 
 
 def _route(h: torch.Tensor, weight: torch.Tensor, bound: torch.Tensor | None) -> torch.Tensor:
@@ -105,8 +114,9 @@ def _route(h: torch.Tensor, weight: torch.Tensor, bound: torch.Tensor | None) ->
     return route(nn.functional.linear(rows, weight)).idx
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """(b, C, W) → (b·C, W) with one row stride (a view where the layout allows, as for z's column ranges)."""
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """(b, C, W) → (b·C, W) with unit column stride and one row stride (a view where the layout allows, as for the
+    column ranges of the projection's output)."""
     b, c, w = t.shape
     if t.stride(-1) == 1 and t.stride(0) == c * t.stride(1):
         return t.as_strided((b * c, w), (t.stride(1), 1))
@@ -119,22 +129,14 @@ def candidate_layer(resident: ResidentZooModel, i: int, h: torch.Tensor
     docstring). Shape-static, no host syncs; the routers' streams join before it returns."""
     layer = resident.model.layers[i]
     d_a = resident.cfg.d_attn
-    bounds = router_bounds(resident)[i]
-    sides = [(routed(layer.k_branch), bounds[0]), (routed(layer.v_branch), bounds[1])]
-    routers: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    for weight, bound in sides:
-        if weight is not None:
-            routers.setdefault(id(weight), (weight, bound))
-    picked: dict[int, torch.Tensor] = {}
-    joins = []
-    for lane, (key, (weight, bound)) in enumerate(routers.items()):  # each router on a stream of its own
+    plan = layer_routers(resident)[i]
+    picked, joins = [], []
+    for lane, (weight, bound) in enumerate(plan.routers):  # each router on a stream of its own (CPU: in order)
         main, side = beside(h.device, lane)
-        if side is None:  # off CUDA: in order
-            picked[key] = _route(h, weight, bound)
-            continue
-        with torch.cuda.stream(side):
-            picked[key] = _route(h, weight, bound)
-        joins.append((main, side))
+        with torch.cuda.stream(side):  # no-op for side None
+            picked.append(_route(h, weight, bound))
+        if side is not None:
+            joins.append((main, side))
     proj = projections(resident)[i]
     z = nn.functional.silu(nn.functional.linear(h, proj.weight, proj.bias))  # (b, C, 2·d_a + w_k + w_v)
     u, q = z[..., :d_a], z[..., d_a : 2 * d_a]
@@ -146,5 +148,5 @@ def candidate_layer(resident: ResidentZooModel, i: int, h: torch.Tensor
         v_user = fake_quant(v_user, layer.v_branch.user_scale).to(z.dtype)
     for main, side in joins:
         main.wait_stream(side)  # join: the history kernel reads the indices
-    idx = [None if w is None else picked[id(w)] for w, _ in sides]
-    return u, q, SelfKV(_rows(k_user), idx[0], _rows(v_user), idx[1])
+    k_idx, v_idx = (None if at is None else picked[at] for at in (plan.k, plan.v))
+    return u, q, SelfKV(as_rows(k_user), k_idx, as_rows(v_user), v_idx)

@@ -17,9 +17,9 @@ capacity — the whole device side is shape-static and free of host syncs, so it
     copied on a forked stream, each piece followed by an event; the candidates are read from pinned memory by a
     kernel on the graph's stream (:func:`read_pinned`), the query projection follows them, and fused launch i, on a
     stream of its own, waits for event i and serves the users whose records end in piece i (:func:`record_ends`), so
-    copying piece i + 1 overlaps decoding piece i; the
-    streams join before the graph ends. HSTU's first-layer history follows the pieces the same way; SIM, ETA, SDIM
-    and TWIN fork with one piece; every zoo model's candidate work (HSTU: its first layer's) runs beside the copy.
+    copying piece i + 1 overlaps decoding piece i; the streams join before the graph ends. HSTU's first-layer history
+    follows the pieces the same way; SIM, ETA, SDIM and TWIN fork with one piece; every zoo model's candidate work
+    (HSTU: its first layer's) runs beside the copy.
 
 A captured copy has a fixed source address and size, so there is one graph per (host buffer of the batcher's ring,
 copy-size bucket): S is the smallest bucket >= used_bytes, buckets being the capacity divided by √2 again and again
