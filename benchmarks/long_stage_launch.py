@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.decode_latency import machine  # noqa: E402
 from benchmarks.zoo_latency import packed_cache, store_layout, store_records  # noqa: E402
 from benchmarks.zoo_synthetic import N_ITEMS, PAPER, make_models, model_config, reference_logits  # noqa: E402
-from collectivekv.cachestore.decode import fused_zoo  # noqa: E402
+from collectivekv.cachestore.decode import fused_zoo_long  # noqa: E402
 from collectivekv.cachestore.decode.batch import HostBatcher  # noqa: E402
 from collectivekv.cachestore.decode.decode import ResidentZooModel  # noqa: E402
 from collectivekv.cachestore.decode.fused_long import bucket_sums  # noqa: E402
@@ -53,11 +53,11 @@ def decoders(b: int, kv_dtype: str, device: torch.device) -> tuple[list, object,
     resident = ResidentZooModel(model, device)
     graphs = []
     for split, block, warps in SETTINGS:
-        fused_zoo.bucket_sums = functools.partial(bucket_sums, col_split=split, block_l=block, num_warps=warps)
+        fused_zoo_long.bucket_sums = functools.partial(bucket_sums, col_split=split, block_l=block, num_warps=warps)
         graph = GraphedDecoder(resident, layout, n_users=b, pad_to=cfg.window_len, n_candidates=1)
         graph.run(host, cand)  # captured here, with this setting
         graphs.append(graph)
-    fused_zoo.bucket_sums = bucket_sums
+    fused_zoo_long.bucket_sums = bucket_sums
     return graphs, host, cand, want
 
 

@@ -34,7 +34,15 @@ def copy_buckets(capacity: int) -> list[int]:
             return sorted(set(sizes))
 
 
-DEFAULT_OVERLAP = 3  # copy pieces beside the fused decode (GraphedDecoder; measured best on an H100)
+DEFAULT_OVERLAP = 3  # copy pieces beside the fused decode (GraphedDecoder; din and HSTU: measured best on an H100)
+# the zoo's short and long stages per piece: every launch runs its whole grid (the other pieces' users exit at once),
+# so more pieces pay more of that; the fastest K of `benchmarks/zoo_overlap.py` on an H100 (zoo_overlap_float16.json)
+ARCH_OVERLAP = {"sim": 2, "eta": 2, "sdim": 1, "twin": 2}
+
+
+def default_overlap(arch: str) -> int:
+    """Copy pieces a captured batch of a model of ``arch`` is split into by default."""
+    return ARCH_OVERLAP.get(arch, DEFAULT_OVERLAP)
 _MIN_CHUNK = 256 << 10  # smallest overlapped copy chunk (bytes): below it a chunk's fixed cost dominates
 
 

@@ -280,18 +280,22 @@ def attend_group(raw: torch.Tensor, q: torch.Tensor, view: GroupView, pools: tup
                  select: tuple[torch.Tensor, torch.Tensor] | None = None,
                  chunks: Sequence[tuple[int, int]] = ALL_BYTES,
                  on_chunk: Callable[[int], None] | None = None,
-                 scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+                 scales: tuple[float, float] = (1.0, 1.0), out: torch.Tensor | None = None) -> torch.Tensor:
     """Target attention (B, C, d_a) fp32 of ``q`` (B, C, d_a) of users 0 .. B - 1 over the group ``view`` of
     the packed batch ``raw`` (the module docstring's kernel): over rows 0 .. rows[b] - 1, or with ``select``
     = (sel (B·C, S) int64, n_sel (B·C,) int64) over rows ``sel[b·C + c, :n_sel]`` only (SIM/ETA after
     retrieval; positions outside 0 .. rows[b] - 1 are skipped). pools: (P_k, P_v) (pool, d_a) rows zero in the
     user dims (:func:`padded_pools`; a 1-row zero tensor for a side not shared); flags (≥ B,) int32: set to 1
     for a user with a router index outside the pool. chunks / on_chunk as :func:`fused_attention`'s. scales: the
-    (K, V) fp32 scales of int8 user parts (q8: ``ResidentZooModel.scales``; unread for float parts)."""
+    (K, V) fp32 scales of int8 user parts (q8: ``ResidentZooModel.scales``; unread for float parts). ``out``: the
+    (B, C, d_a) fp32 output to write (the rows of the users ``chunks`` serve; a launch of one copy piece
+    among several must not split the history: ``config.split_l`` 1)."""
     b, c, d_a = q.shape
     dh, g = d_a // n_heads, view.group
     q = q.float().contiguous()
-    out = torch.empty(b, c, d_a, dtype=torch.float32, device=q.device)  # (B, C, d_a)
+    given = out is not None
+    if out is None:
+        out = torch.empty(b, c, d_a, dtype=torch.float32, device=q.device)  # (B, C, d_a)
     if b * c == 0:
         return out
     sel, n_sel = select if select is not None else (view.rows, view.rows)  # unread without SELECT
@@ -299,6 +303,9 @@ def attend_group(raw: torch.Tensor, q: torch.Tensor, view: GroupView, pools: tup
     stages = {} if config.num_stages is None else {"num_stages": config.num_stages}
     rows, groups = b * c, n_heads // config.heads_per_program
     parts, seg = launch_shape(config, rows, groups, span, len(chunks), q.device)
+    partial = chunks[0][0] >= 0 or chunks[-1][1] < ALL_BYTES[0][1]  # some users are other launches'
+    if parts > 1 and given and partial:  # the combine would rewrite every row, the other launches' users' too
+        raise ValueError("attend_group writes some users' rows of a given out only unsplit (FusedConfig.split_l 1)")
     if parts == 1:
         acc, m, l = out, out, out  # the kernel writes the normalised output itself
     else:  # (rows·parts, ·) partial softmax states, combined below

@@ -30,6 +30,7 @@ import math
 import torch
 
 from collectivekv.cachestore.decode.fused import IDX_BYTES, INTERPRETED, triton
+from collectivekv.cachestore.decode.fused_config import ALL_BYTES
 from collectivekv.cachestore.decode.fused_view import GroupView, side_codes
 
 SCORE_FILL = torch.finfo(torch.float32).min  # group_scores' score past a user's rows: every real score ranks above it
@@ -59,6 +60,12 @@ if triton is not None:
         return word
 
     @triton.jit
+    def _serves(ends_ptr, b, end_lo, end_hi):
+        """Whether this launch serves user b: its record ends in the launch's (end_lo, end_hi] (a copy piece)."""
+        end = tl.load(ends_ptr + b)
+        return (end > end_lo) & (end <= end_hi)
+
+    @triton.jit
     def _popcount(x):
         """Set bits of each non-negative int64 of ``x`` (shifts and masks, as ``model.retrieval.popcount``)."""
         x = x - ((x >> 1) & 0x5555555555555555)
@@ -71,43 +78,58 @@ if triton is not None:
 
     @triton.jit
     def _group_scores_kernel(
-        raw_ptr, starts_ptr, rows_ptr, q_ptr, pool_k_ptr, out_ptr, flag_ptr, n_cand, scale, start_add, pool_size,
-        lowest, k_scale, D_A: tl.constexpr, H: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr, DK: tl.constexpr,
-        DV: tl.constexpr, K_SHARED: tl.constexpr, K_CODE: tl.constexpr, K_BYTES: tl.constexpr,
-        V_BYTES: tl.constexpr, IDX_BYTES: tl.constexpr, BLOCK_L: tl.constexpr, CAP: tl.constexpr,
+        raw_ptr, starts_ptr, rows_ptr, ends_ptr, q_ptr, pool_k_ptr, out_ptr, flag_ptr, n_cand, scale, start_add,
+        end_lo, end_hi, pool_size, lowest, k_scale, D_A: tl.constexpr, H: tl.constexpr, GH: tl.constexpr,
+        DH: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, K_SHARED: tl.constexpr, K_CODE: tl.constexpr,
+        K_BYTES: tl.constexpr, V_BYTES: tl.constexpr, IDX_BYTES: tl.constexpr, BLOCK_L: tl.constexpr,
+        CAP: tl.constexpr,
     ):
         row = tl.program_id(0)  # b·C + c
-        group = tl.program_id(1)  # heads group·GH .. group·GH + GH - 1
-        ls = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)  # (BLOCK_L,) rows of the group
         b = row // n_cand
-        start = tl.load(starts_ptr + b) + start_add
-        n = tl.load(rows_ptr + b)
-        lmask = ls < n
-        cols = group * GH * DH + tl.arange(0, GH * DH)  # (GH·DH,)
-        q = tl.load(q_ptr + row * D_A + cols).to(tl.float32) * scale
-        key = _load_side(raw_ptr, start, ls, cols, lmask, DK, K_CODE, k_scale)  # (BLOCK_L, GH·DH)
-        nbad = tl.zeros([], dtype=tl.int32)
-        if K_SHARED:  # k_idx, or the joint kv_idx: the group's first index part
-            kidx_base = start + n * (DK * K_BYTES + DV * V_BYTES)
-            pool, nbad = _pool_rows(raw_ptr, pool_k_ptr, kidx_base, ls, cols, lmask, nbad, pool_size, D_A, IDX_BYTES)
-            key += pool
-        s = tl.sum(tl.reshape(key * q[None, :], (BLOCK_L, GH, DH)), axis=2)  # (BLOCK_L, GH)
-        s = tl.where(lmask[:, None], s, lowest)
-        heads = group * GH + tl.arange(0, GH)  # (GH,)
-        tl.store(out_ptr + (row * H + heads[None, :]) * CAP + ls[:, None], s, mask=(ls < CAP)[:, None])
-        tl.store(flag_ptr + b, 1, mask=nbad > 0)
+        if _serves(ends_ptr, b, end_lo, end_hi):
+            group = tl.program_id(1)  # heads group·GH .. group·GH + GH - 1
+            ls = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)  # (BLOCK_L,) rows of the group
+            start = tl.load(starts_ptr + b) + start_add
+            n = tl.load(rows_ptr + b)
+            lmask = ls < n
+            cols = group * GH * DH + tl.arange(0, GH * DH)  # (GH·DH,)
+            q = tl.load(q_ptr + row * D_A + cols).to(tl.float32) * scale
+            key = _load_side(raw_ptr, start, ls, cols, lmask, DK, K_CODE, k_scale)  # (BLOCK_L, GH·DH)
+            nbad = tl.zeros([], dtype=tl.int32)
+            if K_SHARED:  # k_idx, or the joint kv_idx: the group's first index part
+                kidx_base = start + n * (DK * K_BYTES + DV * V_BYTES)
+                pool, nbad = _pool_rows(raw_ptr, pool_k_ptr, kidx_base, ls, cols, lmask, nbad, pool_size, D_A,
+                                        IDX_BYTES)
+                key += pool
+            s = tl.sum(tl.reshape(key * q[None, :], (BLOCK_L, GH, DH)), axis=2)  # (BLOCK_L, GH)
+            s = tl.where(lmask[:, None], s, lowest)
+            heads = group * GH + tl.arange(0, GH)  # (GH,)
+            tl.store(out_ptr + (row * H + heads[None, :]) * CAP + ls[:, None], s, mask=(ls < CAP)[:, None])
+            tl.store(flag_ptr + b, 1, mask=nbad > 0)
 
     @triton.jit
     def _weighted_values_kernel(
-        raw_ptr, starts_ptr, rows_ptr, w_ptr, pos_ptr, pool_v_ptr, out_ptr, flag_ptr, n_cand, start_add, pool_size,
-        v_scale, D_A: tl.constexpr, G: tl.constexpr, W: tl.constexpr, STEP: tl.constexpr, DK: tl.constexpr,
-        DV: tl.constexpr, K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, V_CODE: tl.constexpr,
+        raw_ptr, starts_ptr, rows_ptr, ends_ptr, w_ptr, pos_ptr, pool_v_ptr, out_ptr, flag_ptr, n_cand, start_add,
+        end_lo, end_hi, pool_size, v_scale, D_A: tl.constexpr, G: tl.constexpr, W: tl.constexpr, STEP: tl.constexpr,
+        DK: tl.constexpr, DV: tl.constexpr, K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, V_CODE: tl.constexpr,
         K_BYTES: tl.constexpr, V_BYTES: tl.constexpr, JOINT: tl.constexpr, IDX_BYTES: tl.constexpr,
         HAS_POS: tl.constexpr, S: tl.constexpr, BLOCK_L: tl.constexpr,
     ):
         row = tl.program_id(0)  # b·C + c
-        g = tl.program_id(1)  # head or hash function
         b = row // n_cand
+        if _serves(ends_ptr, b, end_lo, end_hi):
+            _weighted_row(raw_ptr, starts_ptr, rows_ptr, w_ptr, pos_ptr, pool_v_ptr, out_ptr, flag_ptr, row, b,
+                          start_add, pool_size, v_scale, D_A, G, W, STEP, DK, DV, K_SHARED, V_SHARED, V_CODE, K_BYTES,
+                          V_BYTES, JOINT, IDX_BYTES, HAS_POS, S, BLOCK_L)
+
+    @triton.jit
+    def _weighted_row(raw_ptr, starts_ptr, rows_ptr, w_ptr, pos_ptr, pool_v_ptr, out_ptr, flag_ptr, row, b, start_add,
+                      pool_size, v_scale, D_A: tl.constexpr, G: tl.constexpr, W: tl.constexpr, STEP: tl.constexpr,
+                      DK: tl.constexpr, DV: tl.constexpr, K_SHARED: tl.constexpr, V_SHARED: tl.constexpr,
+                      V_CODE: tl.constexpr, K_BYTES: tl.constexpr, V_BYTES: tl.constexpr, JOINT: tl.constexpr,
+                      IDX_BYTES: tl.constexpr, HAS_POS: tl.constexpr, S: tl.constexpr, BLOCK_L: tl.constexpr):
+        """The weighted sum of row ``row`` (user b) and the program's head or hash function (kernel above)."""
+        g = tl.program_id(1)  # head or hash function
         start = tl.load(starts_ptr + b) + start_add
         n = tl.load(rows_ptr + b)
         # v_idx after k_idx; JOINT: the one kv_idx picks the V row too
@@ -145,23 +167,36 @@ if triton is not None:
 
     @triton.jit
     def _bucket_sums_kernel(
-        raw_ptr, starts_ptr, rows_ptr, key_starts_ptr, target_ptr, pool_v_ptr, out_ptr, flag_ptr, hits_ptr, n_cand,
-        start_add, pool_size, v_scale, D_A: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, V_SHARED: tl.constexpr,
-        V_CODE: tl.constexpr, V_BYTES: tl.constexpr, IDX_BYTES: tl.constexpr, IDX_ALIGNED: tl.constexpr,
-        KEY_BYTES: tl.constexpr, BITS: tl.constexpr, KEY_DIV: tl.constexpr, BLOCK_L: tl.constexpr, SEG: tl.constexpr,
-        SEG_P2: tl.constexpr, W: tl.constexpr, STATIC: tl.constexpr,
+        raw_ptr, starts_ptr, rows_ptr, ends_ptr, key_starts_ptr, target_ptr, pool_v_ptr, out_ptr, flag_ptr, hits_ptr,
+        n_cand, start_add, end_lo, end_hi, pool_size, v_scale, D_A: tl.constexpr, G: tl.constexpr, DV: tl.constexpr,
+        V_SHARED: tl.constexpr, V_CODE: tl.constexpr, V_BYTES: tl.constexpr, IDX_BYTES: tl.constexpr,
+        IDX_ALIGNED: tl.constexpr, KEY_BYTES: tl.constexpr, BITS: tl.constexpr, KEY_DIV: tl.constexpr,
+        BLOCK_L: tl.constexpr, SEG: tl.constexpr, SEG_P2: tl.constexpr, W: tl.constexpr, STATIC: tl.constexpr,
     ):
         """Program (row, g, part·(D_A / W) + w): the rows part·SEG .. of user b = row // n_cand whose bucket g
         equals the candidate's, columns w·W .. w·W + W - 1. One pass reads all SEG keys and router indices at once
         and writes the hits' positions and indices, in order, to the program's slices of ``hits_ptr`` (2 × SEG_P2
         int32); the V rows are then summed over those hits only, BLOCK_L at a time (~SEG / 2^BITS of them: no step
         over rows that miss). STATIC: loop to SEG_P2 with masks (Triton's CPU interpreter cannot loop to a
-        computed bound)."""
+        computed bound). Users whose record ends outside (end_lo, end_hi] are another launch's."""
         row = tl.program_id(0)  # b·C + c
+        b = row // n_cand
+        if _serves(ends_ptr, b, end_lo, end_hi):
+            _bucket_row(raw_ptr, starts_ptr, rows_ptr, key_starts_ptr, target_ptr, pool_v_ptr, out_ptr, flag_ptr,
+                        hits_ptr, row, b, start_add, pool_size, v_scale, D_A, G, DV, V_SHARED, V_CODE, V_BYTES,
+                        IDX_BYTES, IDX_ALIGNED, KEY_BYTES, BITS, KEY_DIV, BLOCK_L, SEG, SEG_P2, W, STATIC)
+
+    @triton.jit
+    def _bucket_row(raw_ptr, starts_ptr, rows_ptr, key_starts_ptr, target_ptr, pool_v_ptr, out_ptr, flag_ptr,
+                    hits_ptr, row, b, start_add, pool_size, v_scale, D_A: tl.constexpr, G: tl.constexpr,
+                    DV: tl.constexpr, V_SHARED: tl.constexpr, V_CODE: tl.constexpr, V_BYTES: tl.constexpr,
+                    IDX_BYTES: tl.constexpr, IDX_ALIGNED: tl.constexpr, KEY_BYTES: tl.constexpr, BITS: tl.constexpr,
+                    KEY_DIV: tl.constexpr, BLOCK_L: tl.constexpr, SEG: tl.constexpr, SEG_P2: tl.constexpr,
+                    W: tl.constexpr, STATIC: tl.constexpr):
+        """The bucket sum of row ``row`` (user b) for the program's hash function, part and columns (kernel above)."""
         g = tl.program_id(1)  # hash function
         part = tl.program_id(2) // (D_A // W)
         cols = (tl.program_id(2) % (D_A // W)) * W + tl.arange(0, W)  # (W,)
-        b = row // n_cand
         start = tl.load(starts_ptr + b) + start_add
         n = tl.load(rows_ptr + b)
         target = tl.load(target_ptr + row * G + g)  # the candidate's bucket of hash function g
@@ -207,6 +242,12 @@ if triton is not None:
         tl.store(out_ptr + r * D_A + cols, tl.sum(x / norm[:, None], axis=0) / M)
 
 
+def launch_ends(view: GroupView) -> torch.Tensor:
+    """(B,) one past each user's record, the byte a launch's (lo, hi] chunk test reads (``view.ends``; din-style
+    views without it: the group's rows, which every chunk test of :data:`ALL_BYTES` passes)."""
+    return view.rows if view.ends is None else view.ends
+
+
 def _block(n: int, most: int = 64) -> int:
     """The smallest power of two >= n, capped at ``most`` (rows per program step)."""
     return min(most, 1 << max(0, n - 1).bit_length())
@@ -214,21 +255,26 @@ def _block(n: int, most: int = 64) -> int:
 
 def group_scores(raw: torch.Tensor, q: torch.Tensor, view: GroupView, pool_k: torch.Tensor, n_heads: int,
                  flags: torch.Tensor, *, heads_per_program: int = 1, num_warps: int = 1,
-                 scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+                 scales: tuple[float, float] = (1.0, 1.0), chunk: tuple[int, int] = ALL_BYTES[0],
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """Scores (B·C, H, cap) fp32 of ``q`` (B, C, d_a) over every row of the group ``view`` (module docstring);
     pool_k: (pool, d_a) padded K pool (1 zero row when K is not shared; a joint pool's K columns for a joint
-    index); scales: the (K, V) scales of int8 user parts (:func:`cachestore.decode.fused_view.group_scales`)."""
+    index); scales: the (K, V) scales of int8 user parts (:func:`cachestore.decode.fused_view.group_scales`).
+    ``chunk`` (lo, hi]: only the rows of users whose record ends in it are written (a copy piece's launch), into
+    ``out`` when given (the other users' rows keep what they hold)."""
     b, c, d_a = q.shape
     dh, g = d_a // n_heads, view.group
     cap = max(1, g.cap)
-    out = torch.empty(b * c, n_heads, cap, dtype=torch.float32, device=q.device)  # (R, H, cap)
+    if out is None:
+        out = torch.empty(b * c, n_heads, cap, dtype=torch.float32, device=q.device)  # (R, H, cap)
     if b * c == 0:
         return out
     block = _block(cap)
     k_code, _, k_bytes, v_bytes = side_codes(g, view.kv_dtype, view.halves)
     _group_scores_kernel[(b * c, n_heads // heads_per_program, -(-cap // block))](
-        raw, view.starts, view.rows, q.float().contiguous(), pool_k, out, flags, c, 1.0 / math.sqrt(dh),
-        view.start_add, view.pool_size, SCORE_FILL, float(scales[0]), D_A=d_a, H=n_heads,
+        raw, view.starts, view.rows, launch_ends(view), q.float().contiguous(), pool_k, out, flags, c,
+        1.0 / math.sqrt(dh), view.start_add, chunk[0], chunk[1], view.pool_size, SCORE_FILL, float(scales[0]),
+        D_A=d_a, H=n_heads,
         GH=heads_per_program, DH=dh, DK=g.dk, DV=g.dv, K_SHARED=g.k_shared, K_CODE=k_code, K_BYTES=k_bytes,
         V_BYTES=v_bytes, IDX_BYTES=IDX_BYTES[view.idx_dtype], BLOCK_L=block, CAP=cap, num_warps=num_warps,
     )
@@ -237,27 +283,30 @@ def group_scores(raw: torch.Tensor, q: torch.Tensor, view: GroupView, pool_k: to
 
 def weighted_values(raw: torch.Tensor, view: GroupView, pool_v: torch.Tensor, weights: torch.Tensor,
                     positions: torch.Tensor | None, n_cand: int, width: int, step: int, flags: torch.Tensor, *,
-                    num_warps: int = 1, scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+                    num_warps: int = 1, scales: tuple[float, float] = (1.0, 1.0),
+                    chunk: tuple[int, int] = ALL_BYTES[0], out: torch.Tensor | None = None) -> torch.Tensor:
     """(R, G, width) fp32 weighted sums of the group's V rows (module docstring): weights (R, G, S) float,
     positions (R, G, S) int64 or None (position s); g reads columns g·step .. g·step + width - 1 (a power of
     two); R = B·C rows, user r // n_cand. pool_v: (pool, d_a) padded V pool (1 zero row when not shared);
-    scales as :func:`group_scores`'."""
+    scales, chunk and out as :func:`group_scores`'."""
     r, n_g, s = weights.shape
     g = view.group
     if width & (width - 1):
         raise ValueError(f"the weighted-value kernel reads a power-of-two width, got {width}")
     if g.dv == 0:
         raise ValueError(f"group {g.name!r} caches no V")
-    out = torch.empty(r, n_g, width, dtype=torch.float32, device=weights.device)  # (R, G, W)
+    if out is None:
+        out = torch.empty(r, n_g, width, dtype=torch.float32, device=weights.device)  # (R, G, W)
     if r == 0:
         return out
     w = weights.float().contiguous()
     pos = w if positions is None else positions.contiguous()  # unread without positions
     _, v_code, k_bytes, v_bytes = side_codes(g, view.kv_dtype, view.halves)
     _weighted_values_kernel[(r, n_g)](
-        raw, view.starts, view.rows, w, pos, pool_v, out, flags, n_cand, view.start_add, view.pool_size,
-        float(scales[1]), D_A=pool_v.shape[1], G=n_g, W=width, STEP=step, DK=g.dk, DV=g.dv, K_SHARED=g.k_shared,
-        V_SHARED=g.v_shared, V_CODE=v_code, K_BYTES=k_bytes, V_BYTES=v_bytes, JOINT=g.joint,
+        raw, view.starts, view.rows, launch_ends(view), w, pos, pool_v, out, flags, n_cand, view.start_add, chunk[0],
+        chunk[1], view.pool_size, float(scales[1]), D_A=pool_v.shape[1], G=n_g, W=width, STEP=step, DK=g.dk,
+        DV=g.dv, K_SHARED=g.k_shared, V_SHARED=g.v_shared, V_CODE=v_code, K_BYTES=k_bytes, V_BYTES=v_bytes,
+        JOINT=g.joint,
         IDX_BYTES=IDX_BYTES[view.idx_dtype], HAS_POS=positions is not None,
         S=max(1, s), BLOCK_L=_block(s, 32), num_warps=num_warps,
     )
@@ -267,7 +316,8 @@ def weighted_values(raw: torch.Tensor, view: GroupView, pool_v: torch.Tensor, we
 def bucket_sums(raw: torch.Tensor, view: GroupView, pool_v: torch.Tensor, key_starts: torch.Tensor, key_bytes: int,
                 bits: int, targets: torch.Tensor, n_cand: int, flags: torch.Tensor, *, block_l: int = 64,
                 num_warps: int = 2, parts: int = 1, col_split: int = 2, v_scale: float = 1.0, idx_aligned: bool = True,
-                key_div: int = 1) -> torch.Tensor:
+                key_div: int = 1, chunk: tuple[int, int] = ALL_BYTES[0], out: torch.Tensor | None = None
+                ) -> torch.Tensor:
     """SDIM's bucket sums (R, m, d_a) fp32: per row r (user b = r // n_cand) and hash function g, the sum of the
     V rows l < rows[b] of the V-only group ``view`` whose bucket g (bits g·bits .. of the row's ``key_bytes``
     packed key bytes at ``key_starts[b] + l·key_bytes``) equals ``targets[r, g]`` (targets (R, m) int64).
@@ -280,7 +330,8 @@ def bucket_sums(raw: torch.Tensor, view: GroupView, pool_v: torch.Tensor, key_st
     idx_aligned False: the V index part can start off a 2-byte boundary
     (:func:`cachestore.decode.fused_view.may_misalign`), read byte by byte.
     ``key_div`` > 1: the key bytes are the V router index and its packed buckets are ``index // key_div`` (SDIM keyed
-    by its index, ``model.longseq.SDIM``)."""
+    by its index, ``model.longseq.SDIM``). ``chunk`` and ``out`` (R, m, d_a) as :func:`group_scores`' (a launch
+    serving some users only writes a given ``out`` with ``parts`` 1)."""
     r, m = targets.shape
     g, d_a = view.group, pool_v.shape[1]
     if g.dk != 0 or d_a & (d_a - 1) or col_split & (col_split - 1) or col_split > d_a:
@@ -289,19 +340,25 @@ def bucket_sums(raw: torch.Tensor, view: GroupView, pool_v: torch.Tensor, key_st
     parts = max(1, min(parts, -(-max(1, g.cap) // block_l)))
     seg = -(-max(1, g.cap) // parts)  # rows per part
     seg_p2 = max(block_l, triton.next_power_of_2(seg))
-    out = torch.empty(parts, r, m, d_a, dtype=torch.float32, device=targets.device)  # (S, R, m, d_a)
+    if out is not None and parts > 1 and chunk != ALL_BYTES[0]:
+        raise ValueError("bucket_sums writes some users' rows of a given out only with parts 1")
+    partial = out[None] if out is not None and parts == 1 else torch.empty(parts, r, m, d_a, dtype=torch.float32,
+                                                                            device=targets.device)  # (S, R, m, d_a)
     if r == 0:
-        return out[0]
+        return partial[0]
     hits = torch.empty(parts * col_split, r, m, 2, seg_p2, dtype=torch.int32, device=targets.device)  # per program
     _, v_code, _, v_bytes = side_codes(g, view.kv_dtype, view.halves)
     _bucket_sums_kernel[(r, m, parts * col_split)](
-        raw, view.starts, view.rows, key_starts, targets.contiguous(), pool_v, out, flags, hits, n_cand,
-        view.start_add, view.pool_size, float(v_scale), D_A=d_a, G=m, DV=g.dv, V_SHARED=g.v_shared, V_CODE=v_code,
-        V_BYTES=v_bytes, IDX_BYTES=IDX_BYTES[view.idx_dtype], IDX_ALIGNED=idx_aligned, KEY_BYTES=key_bytes, BITS=bits,
-        KEY_DIV=key_div, BLOCK_L=block_l, SEG=seg, SEG_P2=seg_p2, W=d_a // col_split, STATIC=INTERPRETED,
+        raw, view.starts, view.rows, launch_ends(view), key_starts, targets.contiguous(), pool_v, partial, flags, hits,
+        n_cand, view.start_add, chunk[0], chunk[1], view.pool_size, float(v_scale), D_A=d_a, G=m, DV=g.dv,
+        V_SHARED=g.v_shared, V_CODE=v_code, V_BYTES=v_bytes, IDX_BYTES=IDX_BYTES[view.idx_dtype],
+        IDX_ALIGNED=idx_aligned, KEY_BYTES=key_bytes, BITS=bits, KEY_DIV=key_div, BLOCK_L=block_l, SEG=seg,
+        SEG_P2=seg_p2, W=d_a // col_split, STATIC=INTERPRETED,
         num_warps=num_warps,
     )
-    return out.sum(0) if parts > 1 else out[0]  # (R, m, d_a)
+    if parts == 1:
+        return partial[0]  # (R, m, d_a)
+    return partial.sum(0) if out is None else out.copy_(partial.sum(0))
 
 
 def unit_mean(sums: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from collectivekv.cachestore.decode.fused import triton
+from collectivekv.cachestore.decode.fused_config import ALL_BYTES
 from collectivekv.cachestore.decode.fused_long import SCORE_FILL
 
 # the order-preserving int32 of an fp32 (its bits, or bits ^ 0x7FFFFFFF when negative: :func:`_flip`) of the fill
@@ -26,7 +27,7 @@ _FILL_ORDER = _FILL_BITS ^ 0x7FFFFFFF if _FILL_BITS < 0 else _FILL_BITS
 if triton is not None:
     import triton.language as tl
 
-    from collectivekv.cachestore.decode.fused_long import _packed_keys, _popcount
+    from collectivekv.cachestore.decode.fused_long import _packed_keys, _popcount, _serves
 
     @triton.jit
     def _kth_largest(order, valid, K, LO: tl.constexpr, STEPS: tl.constexpr):
@@ -105,16 +106,26 @@ if triton is not None:
         return lo.to(tl.int32)
 
     @triton.jit
-    def _key_select_kernel(raw_ptr, key_starts_ptr, rows_ptr, target_ptr, idx_ptr, nsel_ptr, codes_ptr, n_cand,
-                           n_codes, KEY_BYTES: tl.constexpr, BITS: tl.constexpr, HAMMING: tl.constexpr,
-                           CAP: tl.constexpr, CAP_P2: tl.constexpr, K: tl.constexpr, STEPS: tl.constexpr,
-                           FROM_IDX: tl.constexpr):
-        """Row r = b·C + c: every long row's retrieval rank (score·CAP + l, distinct; eligible rows only), the
-        K largest (or every eligible row) found by :func:`_kth_largest`, their positions stored in position
-        order, and min(eligible rows, K). FROM_IDX: a row's key is ``codes[router index]``, the index read
-        (KEY_BYTES wide) where its packed key would be; an index outside the codes reads key 0."""
+    def _key_select_kernel(raw_ptr, key_starts_ptr, rows_ptr, ends_ptr, target_ptr, idx_ptr, nsel_ptr, codes_ptr,
+                           n_cand, n_codes, end_lo, end_hi, KEY_BYTES: tl.constexpr, BITS: tl.constexpr,
+                           HAMMING: tl.constexpr, CAP: tl.constexpr, CAP_P2: tl.constexpr, K: tl.constexpr,
+                           STEPS: tl.constexpr, FROM_IDX: tl.constexpr):
+        """Row r = b·C + c of a user whose record ends in (end_lo, end_hi]: every long row's retrieval rank
+        (score·CAP + l, distinct; eligible rows only), the K largest (or every eligible row) found by
+        :func:`_kth_largest`, their positions stored in position order, and min(eligible rows, K). FROM_IDX: a row's
+        key is ``codes[router index]``, the index read (KEY_BYTES wide) where its packed key would be; an index
+        outside the codes reads key 0."""
         row = tl.program_id(0)
         b = row // n_cand
+        if _serves(ends_ptr, b, end_lo, end_hi):
+            _select_row(raw_ptr, key_starts_ptr, rows_ptr, target_ptr, idx_ptr, nsel_ptr, codes_ptr, row, b, n_codes,
+                        KEY_BYTES, BITS, HAMMING, CAP, CAP_P2, K, STEPS, FROM_IDX)
+
+    @triton.jit
+    def _select_row(raw_ptr, key_starts_ptr, rows_ptr, target_ptr, idx_ptr, nsel_ptr, codes_ptr, row, b, n_codes,
+                    KEY_BYTES: tl.constexpr, BITS: tl.constexpr, HAMMING: tl.constexpr, CAP: tl.constexpr,
+                    CAP_P2: tl.constexpr, K: tl.constexpr, STEPS: tl.constexpr, FROM_IDX: tl.constexpr):
+        """The retrieval of row ``row`` (user b): the kernel above."""
         ls = tl.arange(0, CAP_P2)  # (CAP_P2,)
         lmask = ls < tl.load(rows_ptr + b)
         key = _packed_keys(raw_ptr, tl.load(key_starts_ptr + b), ls, lmask, KEY_BYTES, CAP_P2)
@@ -134,13 +145,22 @@ if triton is not None:
         tl.store(nsel_ptr + row, n_sel.to(tl.int64))
 
     @triton.jit
-    def _row_topk_kernel(scores_ptr, top_ptr, idx_ptr, rows_ptr, per_user, CAP: tl.constexpr, CAP_P2: tl.constexpr,
-                         K: tl.constexpr, K_P2: tl.constexpr, SOFTMAX: tl.constexpr, FILL: tl.constexpr):
+    def _row_topk_kernel(scores_ptr, top_ptr, idx_ptr, rows_ptr, ends_ptr, per_user, end_lo, end_hi,
+                         CAP: tl.constexpr, CAP_P2: tl.constexpr, K: tl.constexpr, K_P2: tl.constexpr,
+                         SOFTMAX: tl.constexpr, FILL: tl.constexpr):
         """Row p of scores (CAP,) fp32 → its K largest (equal scores: later positions first) in position order:
         the order-preserving int32 of each score, its K-th largest by :func:`_score_threshold`, then a
         compaction. SOFTMAX: their softmax weights instead, over the selected positions < rows[p // per_user]
-        (0 elsewhere), computed on the K stored values read back (exp over K, not over the row)."""
+        (0 elsewhere), computed on the K stored values read back (exp over K, not over the row). Rows of users
+        (p // per_user) whose record ends outside (end_lo, end_hi] are another launch's."""
         p = tl.program_id(0).to(tl.int64)
+        if _serves(ends_ptr, p // per_user, end_lo, end_hi):
+            _topk_row(scores_ptr, top_ptr, idx_ptr, rows_ptr, per_user, p, CAP, CAP_P2, K, K_P2, SOFTMAX, FILL)
+
+    @triton.jit
+    def _topk_row(scores_ptr, top_ptr, idx_ptr, rows_ptr, per_user, p, CAP: tl.constexpr, CAP_P2: tl.constexpr,
+                  K: tl.constexpr, K_P2: tl.constexpr, SOFTMAX: tl.constexpr, FILL: tl.constexpr):
+        """The top-k of row p: the kernel above."""
         ls = tl.arange(0, CAP_P2)
         valid = ls < CAP
         x = tl.load(scores_ptr + p * CAP + ls, mask=valid, other=0.0) + 0.0  # -0.0 ranks as 0.0
@@ -159,25 +179,33 @@ if triton is not None:
 
 
 def row_topk(scores: torch.Tensor, k: int, num_warps: int = 1, *, softmax_rows: torch.Tensor | None = None,
-             n_cand: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+             n_cand: int = 1, ends: torch.Tensor | None = None, chunk: tuple[int, int] = ALL_BYTES[0],
+             out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` largest of each row of ``scores`` (..., cap) fp32, equal scores later position first (the set of
     ``scores.flip(-1).sort(descending=True, stable=True)``'s first k), **in position order**, as (values (..., k)
     fp32, positions (..., k) int64): one program per row, a binary search for the k-th largest in registers
     (cap ≤ 4,096). Position order puts a user's real scores before group_scores' fill past its rows.
     ``softmax_rows`` (B,) (TWIN: scores (B·C, H, cap), user b = row // (H·n_cand)): the values are replaced by
-    ``model.attention.masked_softmax`` of them over each user's first min(rows[b], k), computed in the kernel."""
+    ``model.attention.masked_softmax`` of them over each user's first min(rows[b], k), computed in the kernel.
+    ``ends`` (B,) with ``chunk`` (lo, hi] (with softmax_rows): only the rows of users whose record ends in it are
+    written, into ``out`` = (values, positions) when given (a copy piece's launch)."""
     cap = scores.shape[-1]
     if not 1 <= k <= cap <= 4096:
         raise ValueError(f"row_topk takes 1 <= k <= cap <= 4096, got k {k}, cap {cap}")
     softmax = softmax_rows is not None
     if softmax and scores.dim() != 3:
         raise ValueError(f"row_topk's softmax takes scores (B·C, H, cap), got {tuple(scores.shape)}")
+    if ends is not None and not softmax:
+        raise ValueError("row_topk reads the users' record ends with softmax_rows only")
     flat = scores.reshape(-1, cap).contiguous()  # (rows, cap)
-    top = torch.empty(flat.shape[0], k, dtype=torch.float32, device=scores.device)
-    idx = torch.empty(flat.shape[0], k, dtype=torch.int64, device=scores.device)
+    top, idx = out if out is not None else (torch.empty(flat.shape[0], k, dtype=torch.float32, device=scores.device),
+                                            torch.empty(flat.shape[0], k, dtype=torch.int64, device=scores.device))
     per_user = max(1, flat.shape[0] // max(1, scores.shape[0]) * n_cand) if softmax else 1  # score rows per user
+    if ends is None:  # every row served (a record end of 0 lies in the open chunk)
+        ends, chunk = torch.zeros(-(-flat.shape[0] // per_user), dtype=torch.int64, device=scores.device), ALL_BYTES[0]
     if flat.shape[0]:
-        _row_topk_kernel[(flat.shape[0],)](flat, top, idx, softmax_rows if softmax else idx, per_user, CAP=cap,
+        _row_topk_kernel[(flat.shape[0],)](flat, top, idx, softmax_rows if softmax else idx, ends, per_user,
+                                           chunk[0], chunk[1], CAP=cap,
                                            CAP_P2=triton.next_power_of_2(cap), K=k,
                                            K_P2=triton.next_power_of_2(k), SOFTMAX=softmax,
                                            FILL=_FILL_ORDER, num_warps=num_warps)
@@ -185,25 +213,31 @@ def row_topk(scores: torch.Tensor, k: int, num_warps: int = 1, *, softmax_rows: 
 
 
 def key_select(raw: torch.Tensor, key_starts: torch.Tensor, rows: torch.Tensor, cap: int, key_bytes: int, bits: int,
-               targets: torch.Tensor, hamming: bool, k: int, num_warps: int = 1, codes: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               targets: torch.Tensor, hamming: bool, k: int, num_warps: int = 1, codes: torch.Tensor | None = None,
+               ends: torch.Tensor | None = None, chunk: tuple[int, int] = ALL_BYTES[0],
+               out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """SIM's / ETA's retrieval in one kernel: for candidate r of user b = r // C (targets (B, C) int64 keys; row
     l's key read at ``key_starts[b] + l·key_bytes``, ``rows`` (B,) valid) every row's rank — ``hamming`` (ETA)
     (bits - Hamming distance)·cap + l, else (SIM) shared categories·cap + l for rows sharing one or more — and the
     positions of the ``k`` largest (every eligible row if fewer) in position order: (sel (R, k) int64, n_sel (R,)
     int64 = min(eligible rows, k)), ``model.retrieval``'s selection; entries past n_sel are unspecified. ``codes``
     (M,) int64: row l's key is ``codes[i]``, i its router index read ``key_bytes`` wide at the same place (SIM / ETA
-    keyed by their pool rows, ``model.longseq.SIM.pool_codes`` / ``ETA.pool_codes``)."""
+    keyed by their pool rows, ``model.longseq.SIM.pool_codes`` / ``ETA.pool_codes``). ``ends`` (B,) one past each
+    user's record with ``chunk`` (lo, hi]: only the rows of users whose record ends in it are written, into ``out`` =
+    (sel, n_sel) when given (a copy piece's launch)."""
     b, c = targets.shape
     if not 1 <= k <= max(1, cap) <= 4096 or bits > 62:
         raise ValueError(f"key_select takes 1 <= k <= cap <= 4096 and keys of <= 62 bits, got k {k}, cap {cap}, "
                          f"{bits} bits")
-    sel = torch.zeros(b * c, k, dtype=torch.int64, device=targets.device)  # (R, k)
-    n_sel = torch.zeros(b * c, dtype=torch.int64, device=targets.device)  # (R,)
+    sel, n_sel = out if out is not None else (torch.zeros(b * c, k, dtype=torch.int64, device=targets.device),
+                                              torch.zeros(b * c, dtype=torch.int64, device=targets.device))
+    # sel (R, k), n_sel (R,)
+    if ends is None:  # every user served (a record end of 0 lies in the open chunk)
+        ends, chunk = torch.zeros(b, dtype=torch.int64, device=targets.device), ALL_BYTES[0]
     if b * c:
         _key_select_kernel[(b * c,)](
-            raw, key_starts, rows, targets.contiguous(), sel, n_sel, sel if codes is None else codes, c,
-            0 if codes is None else codes.shape[0], KEY_BYTES=key_bytes, BITS=bits, HAMMING=hamming,
+            raw, key_starts, rows, ends, targets.contiguous(), sel, n_sel, sel if codes is None else codes, c,
+            0 if codes is None else codes.shape[0], chunk[0], chunk[1], KEY_BYTES=key_bytes, BITS=bits, HAMMING=hamming,
             CAP=max(1, cap), CAP_P2=triton.next_power_of_2(max(1, cap)), K=k,
             STEPS=((bits + 1) * max(1, cap) - 1).bit_length(), FROM_IDX=codes is not None, num_warps=num_warps,
         )

@@ -40,8 +40,8 @@ Pool rows are read at the store's precision unless ``FusedConfig.pool_dtype`` sa
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 
@@ -55,22 +55,21 @@ from collectivekv.cachestore.decode.fused import (
     pool_dtype,
     triton,
 )
-from collectivekv.cachestore.decode.fused_long import bucket_sums, group_scores, unit_mean, weighted_values
+from collectivekv.cachestore.decode.fused_config import ALL_BYTES, check_chunks
 from collectivekv.cachestore.decode.fused_mlp import mlp_logits
-from collectivekv.cachestore.decode.fused_select import key_select, row_topk
 from collectivekv.cachestore.decode.fused_view import (
     GroupView,
     check_half_layout,
     group_scales,
-    may_misalign,
     part_rows,
     record_part_starts,
     user_halves,
 )
+from collectivekv.cachestore.decode.fused_zoo_long import LONG_STAGES, LongStage, long_buffers, long_output
 from collectivekv.cachestore.decode.transfer import KV_TORCH
 from collectivekv.cachestore.store.entry import EntryLayout
 from collectivekv.cachestore.store.record import HEADER_SIZE, RouterIndexError
-from collectivekv.model.cache_spec import entry_parts, group_specs, key_bits, store_config
+from collectivekv.model.cache_spec import entry_parts, group_specs, store_config
 from collectivekv.model.config import ModelConfig
 from collectivekv.model.retrieval import bitmask, sdim_buckets
 
@@ -160,30 +159,6 @@ def group_pools(resident: ResidentZooModel, group: str, shared: tuple[bool, bool
     return cache[key]
 
 
-@dataclass(frozen=True)
-class LongStage:
-    """What a long stage reads: the model, the store's layout and config, the packed batch, the candidates'
-    long inputs (:func:`long_inputs`: q (B, C, d_a) for SIM / ETA / TWIN, the retrieval targets for SIM / ETA /
-    SDIM), the group ``long``'s view and pools, every part's byte start (B,) (:func:`part_starts`), the
-    router-index flags, the launch config and the group's (K, V) int8 scales
-    (:func:`cachestore.decode.fused_view.group_scales`)."""
-
-    model: torch.nn.Module
-    cfg: ModelConfig
-    layout: EntryLayout
-    store_cfg: ModelConfig
-    raw: torch.Tensor
-    q: torch.Tensor | None
-    targets: torch.Tensor | None
-    view: GroupView
-    pools: tuple[torch.Tensor, torch.Tensor]
-    part_starts: dict[str, torch.Tensor]
-    flags: torch.Tensor
-    config: FusedConfig
-    scales: tuple[float, float]
-    codes: torch.Tensor | None = None  # SIM / ETA keyed by their pool rows: (M,) keys of the long K pool (pool_keys)
-
-
 def pool_keys(resident: ResidentZooModel) -> torch.Tensor:
     """(M,) int64 retrieval keys of a SIM / ETA resident's long K pool rows (``model.longseq.SIM.pool_codes``: the
     rows' genre sets; ``ETA.pool_codes``: their SimHash codes), on its device; cached on the resident (its pools
@@ -209,86 +184,22 @@ def long_inputs(model: torch.nn.Module, cfg: ModelConfig, t: torch.Tensor, candi
     return q, None
 
 
-def _row_bytes(layout: EntryLayout, part: str) -> int:
-    """Bytes per row of the store's part named ``part``."""
-    return layout.row_bytes[[p.name for p in layout.parts].index(part)]
-
-
-def _select(s: LongStage, name: str, hamming: bool, codes: torch.Tensor | None = None) -> torch.Tensor:
-    """Retrieve on the packed key bytes (:func:`cachestore.decode.fused_select.key_select`: the ``topk`` best
-    eligible rows per candidate of ``s.targets``), or on ``codes`` (M,) of the long K router indices, attend over
-    them (the fused kernel, SELECT mode)."""
-    part = f"keys.{name}" if codes is None else s.view.group.idx_part("k")
-    key_bytes = _row_bytes(s.layout, part)
-    bits = key_bits(s.store_cfg)
-    cap = max(1, s.view.group.cap)
-    idx, n_sel = key_select(s.raw, s.part_starts[part], s.view.rows, cap, key_bytes, bits, s.targets, hamming,
-                            min(s.cfg.topk, cap), codes=codes)  # (B·C, k) in position order, (B·C,)
-    return attend_group(s.raw, s.q, s.view, s.pools, s.cfg.n_heads, s.flags, config=s.config, select=(idx, n_sel),
-                        scales=s.scales)  # (B, C, d_a)
-
-
-def sim_long(s: LongStage) -> torch.Tensor:
-    """SIM: category (genre bitmask) top-k (shared categories, then recency), attention over the selected rows; with
-    pool keys the genre sets of the long K pool rows picked by the indices (``LongStage.codes``)."""
-    return _select(s, "categories", hamming=False, codes=s.codes)
-
-
-def eta_long(s: LongStage) -> torch.Tensor:
-    """ETA: SimHash Hamming top-k (nearer, then recency), attention over the selected rows; with pool keys the
-    codes of the long K pool rows picked by the indices (``LongStage.codes``)."""
-    return _select(s, "simhash", hamming=True, codes=s.codes)
-
-
-def sdim_long(s: LongStage) -> torch.Tensor:
-    """SDIM: per hash function the sum of the V rows in the candidate's bucket (compared in the kernel on the
-    packed key bytes, or on the V router index ÷ S with keys from the index), L2-normalised, mean over the hash
-    functions."""
-    b, c, m = s.targets.shape
-    keyed = s.store_cfg.pool_keys  # the buckets are the V router index's block (model.longseq.SDIM)
-    part = "long.v_idx" if keyed else "keys.buckets"
-    odd = s.view.group.v_shared and may_misalign(s.layout, "long.v_idx", 2)  # after int8 V codes of odd width
-    sums = bucket_sums(s.raw, s.view, s.pools[1], s.part_starts[part], _row_bytes(s.layout, part), s.cfg.sdim_bits,
-                       s.targets.reshape(b * c, m), c, s.flags, v_scale=s.scales[1], idx_aligned=not odd,
-                       key_div=s.model.key_rows if keyed else 1)
-    return unit_mean(sums).reshape(b, c, -1)  # (B, C, d_a)
-
-
-def twin_long(s: LongStage) -> torch.Tensor:
-    """TWIN: per-head scores of every long row, per-head top-k (ties: later row first), softmax, values."""
-    b, c, d_a = s.q.shape
-    heads = s.cfg.n_heads
-    scores = group_scores(s.raw, s.q, s.view, s.pools[0], heads, s.flags, scales=s.scales)  # (B·C, H, cap)
-    cap = scores.shape[-1]
-    k = min(s.cfg.topk, cap)
-    # equal scores rank the later row first (the model's stable sort); torch's stable sort of the flipped scores
-    # took 0.12 ms of radix passes at B 512, L 1,000 on an H200, and a torch top-k over (score bits, position)
-    # int64 keys longer still
-    # (B·C, H, k) in position order: the softmax over each user's first min(rows, k) (its real scores), 0 after
-    weights, idx = row_topk(scores, k, softmax_rows=s.view.rows, n_cand=c)
-    out = weighted_values(s.raw, s.view, s.pools[1], weights, idx, c, d_a // heads, d_a // heads, s.flags,
-                          scales=s.scales)
-    return out.reshape(b, c, d_a)  # (B·C, H, dh) → (B, C, d_a)
-
-
-LONG_STAGES: dict[str, Callable[[LongStage], torch.Tensor]] = {  # each → (B, C, d_a)
-    "sim": sim_long, "eta": eta_long, "sdim": sdim_long, "twin": twin_long,
-}
-
-
 def zoo_static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: ResidentZooModel,
                       layout: EntryLayout, n_users: int, config: FusedConfig = DEFAULT_FUSED,
-                      flags: torch.Tensor | None = None, on_chunk: Callable[[int], None] | None = None
-                      ) -> torch.Tensor:
+                      flags: torch.Tensor | None = None, chunks: Sequence[tuple[int, int]] = ALL_BYTES,
+                      on_chunk: Callable[[int], None] | None = None) -> torch.Tensor:
     """Logits (B, C) of ``candidates`` (B, C) int64 of users 0 .. B - 1 (B <= n_users) of the packed batch
     ``raw`` (uint8, on the resident's device, header at 0, zero block at 16·n_users: :mod:`cachestore.decode.batch`)
     for a SIM/ETA/SDIM/TWIN ``resident`` — ``LongSequenceCTR.decode`` from the bytes in place (module
     docstring), the attention kernels launched with ``config``. ``flags`` ((n_users,) int32): set to 1 for a
     user with a router index outside a pool (read as zeros); without it a ``RouterIndexError`` after a host
-    sync. ``on_chunk``: called with 0 after the candidates' own work (embedding, queries, retrieval targets)
-    and before the first read of ``raw``, and with 1 after its last read (a CUDA graph waits for the batch copy
-    there, so that work runs beside the copy: :class:`cachestore.decode.graphs.GraphedDecoder`). Shape-static
-    and free of host syncs when ``flags`` is given. Call under ``torch.inference_mode()``."""
+    sync. ``chunks`` (contiguous (lo, hi] byte ranges, din's): the short and long stages run once per chunk, each
+    launch serving the users whose records end in it, after ``on_chunk(index)``; ``on_chunk(len(chunks))`` after
+    the last (a CUDA graph copying the batch in pieces makes launch c wait for piece c there, so the candidates'
+    own work — embedding, queries, retrieval targets — runs beside the copy and each piece's stages beside the
+    next piece's copy: :class:`cachestore.decode.graphs.GraphedDecoder`). The record starts are computed once,
+    after the first piece (which holds the batch header). Shape-static and free of host syncs when ``flags`` is
+    given. Call under ``torch.inference_mode()``."""
     if triton is None:
         raise RuntimeError("the fused zoo decode needs Triton (pip install triton), or use the eager path")
     cfg = resident.cfg
@@ -298,32 +209,65 @@ def zoo_static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: 
         raise ValueError(f"candidates {tuple(candidates.shape)}: want (B, C) with B <= {n_users} users")
     if raw.device != candidates.device:
         raise ValueError(f"the packed batch is on {raw.device}, the candidates on {candidates.device}")
+    check_chunks(chunks, raw)
+    if len(chunks) > 1:  # a launch writes its users' rows only: never split a history (the combine writes all)
+        config = replace(config, split_l=1)
     flag = torch.zeros(n_users, dtype=torch.int32, device=raw.device) if flags is None else flags
     model = resident.model
+    b, c = candidates.shape
     dtype = KV_TORCH[pool_dtype(config, layout)]
     pools = {g.name: group_pools(resident, g.name, (g.k_shared, g.v_shared), dtype) for g in group_specs(store_cfg)}
     t = model.item_embedding(candidates)  # (B, C, E)
     q_short = model.short.query(t)  # (B, C, d_a)
     q_long, targets = long_inputs(model, cfg, t, candidates)
-    if on_chunk is not None:
-        on_chunk(0)  # the batch is read from here on
-    starts = part_starts(raw, layout, n_users)
-    views = entry_views(raw, layout, n_users, store_cfg, starts)
-    main, side = beside(raw.device)
-    with torch.cuda.stream(side):  # the short stage beside the long one (no-op for side None: CPU)
-        short = attend_group(raw, q_short, views["short"], pools["short"], cfg.n_heads, flag, config=config,
-                             scales=group_scales(resident, views["short"].group))
     codes = pool_keys(resident) if store_cfg.pool_keys and cfg.arch in ("sim", "eta") else None  # SDIM: in the index
-    long = LONG_STAGES[cfg.arch](LongStage(model, cfg, layout, store_cfg, raw, q_long, targets, views["long"],
-                                           pools["long"], starts[0], flag, config,
-                                           group_scales(resident, views["long"].group), codes))  # (B, C, d_a)
-    if side is not None:
-        main.wait_stream(side)  # join: the MLP reads both stages
+    long_cap = next(g.cap for g in group_specs(store_cfg) if g.name == "long")
+    buffers = long_buffers(cfg, b, c, long_cap, raw.device)
+    short = torch.empty(b, c, cfg.d_attn, dtype=torch.float32, device=raw.device)  # (B, C, d_a)
+    batch = _BatchViews()
+    for index, chunk in enumerate(chunks):
+        if on_chunk is not None:
+            on_chunk(index)  # the batch is read from here on (pieces 0 .. index have landed)
+        starts = batch.at(raw, layout, n_users, store_cfg)
+        views = batch.groups
+        main, side = beside(raw.device, index)
+        with torch.cuda.stream(side):  # the short stage beside the long one (no-op for side None: CPU)
+            attend_group(raw, q_short, views["short"], pools["short"], cfg.n_heads, flag, config=config,
+                         chunks=(chunk,), scales=group_scales(resident, views["short"].group), out=short)
+        LONG_STAGES[cfg.arch](LongStage(model, cfg, layout, store_cfg, raw, q_long, targets, views["long"],
+                                        pools["long"], starts, flag, config,
+                                        group_scales(resident, views["long"].group), buffers, codes, chunk))
+        if side is not None:
+            main.wait_stream(side)  # join: this launch's stages are done when its stream is
     if on_chunk is not None:
-        on_chunk(1)
+        on_chunk(len(chunks))
+    long = long_output(cfg, buffers, b, c)  # (B, C, d_a)
     logits = mlp_logits(model.mlp, [short.to(t.dtype), long.to(t.dtype), t])  # (B, C)
     if flags is None and bool(flag.any()):
         raise RouterIndexError(f"a router index outside the pool 0..{cfg.collective.pool_size - 1} in batch row "
                                f"{int(torch.nonzero(flag)[0, 0])}: the record is corrupt "
                                "(run `ckv store verify STORE`)")
     return logits
+
+
+class _BatchViews:
+    """A batch's part starts and group views, computed by the first launch (its piece holds the batch header) on
+    its stream, which records an event that later launches — maybe on streams of their own — wait for."""
+
+    def __init__(self) -> None:
+        self.starts: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None
+        self.groups: dict[str, GroupView] = {}
+        self.ready: torch.cuda.Event | None = None
+
+    def at(self, raw: torch.Tensor, layout: EntryLayout, n_users: int, store_cfg: ModelConfig
+           ) -> dict[str, torch.Tensor]:
+        """Every part's byte start (B,) for a launch on the current stream (the first computes them)."""
+        if self.starts is None:
+            self.starts = part_starts(raw, layout, n_users)
+            self.groups = entry_views(raw, layout, n_users, store_cfg, self.starts)
+            if raw.is_cuda:
+                self.ready = torch.cuda.Event()
+                self.ready.record()
+        elif self.ready is not None:
+            torch.cuda.current_stream(raw.device).wait_event(self.ready)
+        return self.starts[0]

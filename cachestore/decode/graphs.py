@@ -85,11 +85,12 @@ class GraphedDecoder:
     batch copy's :class:`TransferCost` (bytes moved, CUDA-event time inside the graph).
     overlap: on the fused path, the batch copy is split into up to ``overlap`` pieces (:func:`copy_chunks`:
     none under 256 KiB) copied on a forked stream inside the graph, and the kernel (din's attention, HSTU's first
-    layer's history) is launched once per piece for the users whose records end in it, right after that piece
-    lands — the copy of piece c + 1 runs beside the decode of piece c. Measured on an H100 at L 1000 (din,
-    round-robin in one process, ``benchmarks/results/decode_latency/decode_latency_overlap_store_float{16,32}.json``),
+    layer's history, the zoo's short and long stages) is launched once per piece for the users whose records end in
+    it, right after that piece lands — the copy of piece c + 1 runs beside the decode of piece c. Measured on an H100
+    at L 1000 (din, round-robin in one process, ``decode_latency/decode_latency_overlap_store_float{16,32}.json``),
     K = 3 was the fastest or within 3% of it: B 512 0.216 → 0.170 ms (fp16 store and pools; K 4 0.179), 0.358 →
-    0.257 (fp32; K 4 0.246); B 256 0.139 → 0.123; B 64 even; K = 6 was slower (short launches). 1 turns it off. The
+    0.257 (fp32; K 4 0.246); B 256 0.139 → 0.123; B 64 even; K = 6 was slower (short launches). 1 turns it off; None:
+    the model's default (:func:`copy_plan.default_overlap`: 3 for din and HSTU, the zoo's measured K). The
     candidates are read by a kernel, not copied: a copy of them could be queued behind the whole batch's, and then
     no launch overlapped the copy (copied on the main stream, a replay queued behind other GPU work: 0.231 vs 0.180
     ms, fp16, B 512). concurrent (default True): each piece's launch on a stream of its own (forked after the query
@@ -102,7 +103,7 @@ class GraphedDecoder:
 
     def __init__(self, resident: ResidentZooModel, layout: EntryLayout, *, n_users: int, pad_to: int,
                  n_candidates: int = 1, capacity: int | None = None, path: str = "auto", warmup: int = 3,
-                 eager: bool = False, fused: FusedConfig = DEFAULT_FUSED, overlap: int = copy_plan.DEFAULT_OVERLAP,
+                 eager: bool = False, fused: FusedConfig = DEFAULT_FUSED, overlap: int | None = None,
                  concurrent: bool = True) -> None:
         self.device = torch.device(resident.device)
         if not eager and (self.device.type != "cuda" or not torch.cuda.is_available()):
@@ -116,6 +117,7 @@ class GraphedDecoder:
             raise ValueError(f"path 'poolscore' is the din model's attention, not {resident.cfg.arch!r}'s")
         if path not in (*PATHS, FUSED):
             raise ValueError(f"path must be one of {(*PATHS, FUSED)}, got {path!r}")
+        overlap = copy_plan.default_overlap(resident.cfg.arch) if overlap is None else overlap
         if overlap < 1:
             raise ValueError(f"overlap must be >= 1, got {overlap}")
         if min(n_users, pad_to, n_candidates) < 1:
@@ -148,7 +150,7 @@ class GraphedDecoder:
             else:
                 self.path = path if path != "auto" else choose_path(
                     unpack_din(self.raw, layout, n_users, pad_to), n_candidates, resident)
-            self.pieced = self.path == FUSED and resident.cfg.arch in ("din", "hstu")  # launches follow the pieces
+            self.pieced = self.path == FUSED  # the launches follow the copy pieces
             self.logits = self._body()  # eager once: checks the body (and compiles the kernel)
             if not eager:
                 self._pool = torch.cuda.graph_pool_handle()

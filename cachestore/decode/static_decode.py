@@ -6,9 +6,9 @@ Every model has the same graph: din's body is :func:`cachestore.decode.fused.fus
 :func:`cachestore.decode.fused_zoo.zoo_static_decode`; HSTU's :func:`cachestore.decode.fused_hstu.hstu_static_decode`
 — each
 reads the copied records in place (Triton), shape-static and free of host syncs. din's attention and HSTU's first
-layer are launched once per copy piece (``chunks``, din's ``overlap``), SIM, ETA, SDIM and TWIN once per batch; every
-body takes ``on_chunk`` around its reads of the batch, so the candidates' own work (HSTU: its first layer's) runs
-beside its copy. Without Triton (CPU tests) the eager
+layer and the short and long stages of SIM, ETA, SDIM and TWIN are launched once per copy piece (``chunks``, din's
+``overlap``); every body takes ``on_chunk`` around its reads of the batch, so the candidates' own work (HSTU: its first
+layer's) runs beside its copy. Without Triton (CPU tests) the eager
 body unpacks the batch and runs the model's own ``decode``.
 """
 
@@ -43,9 +43,8 @@ def static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: Resi
     ``fused``, no unpack, one launch per byte range of ``chunks``, each after ``on_chunk``: see
     :func:`cachestore.decode.fused.fused_attention`; the other paths ignore both). ``flags`` ((B,) int32): set to 1
     for users with a router index outside the pool (:func:`cachestore.decode.decode.bound_router_indices`).
-    A zoo model's "fused" body is its own kernels' decode (HSTU: ``chunks`` split its first layer's history
-    launches as din's; SIM, ETA, SDIM, TWIN: ``chunks`` must be :data:`ALL_BYTES`, ``on_chunk(0)`` before reading the
-    batch and ``on_chunk(1)`` after); its other
+    A zoo model's "fused" body is its own kernels' decode (``chunks`` split HSTU's first layer's history launches
+    and the SIM, ETA, SDIM, TWIN stages as din's attention); its other
     paths unpack and run ``model.decode`` (eager only: not capturable; indices outside the pool flagged and read
     as 0, :func:`cachestore.decode.decode.bound_entry_indices`). Shape-static and free of host syncs on the fused
     path (the body :class:`GraphedDecoder` captures)."""
@@ -55,10 +54,8 @@ def static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: Resi
             return hstu_static_decode(raw, candidates, resident=resident, layout=layout, n_users=n_users,
                                       config=fused, flags=flags, chunks=chunks, on_chunk=on_chunk)
         if path == FUSED:
-            if tuple(chunks) != ALL_BYTES:
-                raise ValueError("the fused decode of SIM, ETA, SDIM and TWIN is one launch per batch (no chunks)")
             return zoo_static_decode(raw, candidates, resident=resident, layout=layout, n_users=n_users,
-                                     config=fused, flags=flags, on_chunk=on_chunk)
+                                     config=fused, flags=flags, chunks=chunks, on_chunk=on_chunk)
         return decode_zoo_batch(resident, unpack_entry(raw, layout, n_users, pad_to, 16 * n_users), layout, candidates,
                                 flags)
     if path == FUSED:

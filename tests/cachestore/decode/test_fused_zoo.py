@@ -22,7 +22,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from collectivekv.cachestore.decode import fused_zoo
+from collectivekv.cachestore.decode import fused_zoo, fused_zoo_long
 from collectivekv.cachestore.decode.batch import HostBatcher
 from collectivekv.cachestore.decode.decode import ResidentZooModel, decode_zoo, entry_cache
 from collectivekv.cachestore.decode.fused import FusedConfig, fused_available
@@ -242,8 +242,8 @@ def test_sdim_bucket_sums_over_history_parts(parts: int, block_l: int, col_split
     """SDIM's bucket sums with each history split into parts (one program each: keys and indices read, hits
     compacted, only the hits summed), small row blocks and the columns split among programs: the model's logits."""
     case = packed("sdim", "collective", "float32", seed=9)
-    monkeypatch.setattr(fused_zoo, "bucket_sums", functools.partial(bucket_sums, parts=parts, block_l=block_l,
-                                                                    col_split=col_split))
+    monkeypatch.setattr(fused_zoo_long, "bucket_sums", functools.partial(bucket_sums, parts=parts, block_l=block_l,
+                                                                         col_split=col_split))
     torch.testing.assert_close(fused_logits(case), model_logits(case, "collective", "float32"), rtol=1e-5, atol=1e-5)
 
 

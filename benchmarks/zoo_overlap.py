@@ -1,0 +1,94 @@
+"""Copy pieces of the zoo's serving graph: a request's time per ``GraphedDecoder(overlap=K)`` for each zoo model.
+
+GPU only (torch + numpy; no lmdb; about a minute):
+
+    python benchmarks/zoo_overlap.py [--archs sim,eta,sdim,twin,hstu] [--overlaps 1,2,3] [--dtype float16]
+        → benchmarks/results/zoo_latency/zoo_overlap_<dtype>.json (and a line per setting on stdout)
+
+The shapes and records are :mod:`benchmarks.zoo_latency`'s (paper shape, full histories of L 1,000, B 512, one
+candidate). With K pieces the graph copies the batch in K pieces and runs the model's per-piece launches (SIM, ETA,
+SDIM, TWIN: the short and long stages; HSTU: the first layer's history) as each piece lands, every launch serving the
+users whose records end in it; concurrent: each piece's launches on a stream of their own. Per model every setting
+is its own captured graph serving the same pinned batch, timed round-robin (median CUDA-event time of ``run`` per
+round, then the median over rounds) so that drift of the machine spreads over all of them; every setting's logits
+are checked equal to the first setting's. ``cachestore.decode.copy_plan.ARCH_OVERLAP`` holds the chosen K per model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.decode_latency import machine, timed  # noqa: E402
+from benchmarks.zoo_latency import store_layout, store_records  # noqa: E402
+from benchmarks.zoo_synthetic import N_ITEMS, PAPER, make_models, model_config  # noqa: E402
+from collectivekv.cachestore.decode.batch import HostBatcher  # noqa: E402
+from collectivekv.cachestore.decode.decode import ResidentZooModel  # noqa: E402
+from collectivekv.cachestore.decode.graphs import GraphedDecoder  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "zoo_latency"
+
+
+def bench_arch(arch: str, overlaps: list[int], concurrent: list[bool], args: argparse.Namespace,
+               device: torch.device) -> list[dict]:
+    """Rows (overlap, concurrent, median ms, per-round medians, max |logit difference| to the first setting)."""
+    cfg = model_config(arch, 1000, PAPER, N_ITEMS)
+    model = make_models(cfg, seed=0)[0].to(device)
+    layout = store_layout(cfg, args.dtype)
+    host = HostBatcher(layout, pin=True, n_buffers=1, batch_users=args.batch).pack(
+        np.arange(args.batch), store_records(model, layout, args.batch, args.dtype, device))
+    g = torch.Generator().manual_seed(3)
+    cand = torch.randint(1, cfg.n_items + 1, (args.batch, 1), generator=g)
+    resident = ResidentZooModel(model, device)
+    settings = [(k, conc) for k in overlaps for conc in concurrent]
+    graphs = [GraphedDecoder(resident, layout, n_users=args.batch, pad_to=cfg.window_len, n_candidates=1, overlap=k,
+                             concurrent=conc) for k, conc in settings]
+    logits = [gr.run(host, cand).clone() for gr in graphs]
+    rounds: list[list[float]] = [[] for _ in settings]
+    for _ in range(args.rounds):
+        for i, gr in enumerate(graphs):
+            rounds[i].append(timed(lambda gr=gr: gr.run(host), device, 5, args.repeats)["median_ms"])
+    rows = []
+    for (k, conc), ms, out in zip(settings, rounds, logits, strict=True):
+        rows.append({"arch": arch, "overlap": k, "concurrent": conc, "median_ms": round(statistics.median(ms), 4),
+                     "rounds_ms": [round(x, 4) for x in ms],
+                     "max_abs_diff": float((out - logits[0]).abs().max())})
+        print(f"{args.dtype} {arch:4s} overlap {k} concurrent {conc!s:5s}: {rows[-1]['median_ms']:.4f} ms "
+              f"(max diff {rows[-1]['max_abs_diff']:.1e})", flush=True)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--archs", default="sim,eta,sdim,twin,hstu")
+    p.add_argument("--overlaps", default="1,2,3")
+    p.add_argument("--concurrent", default="true", help="comma list of true/false (default true)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    device = torch.device("cuda")
+    overlaps = [int(x) for x in args.overlaps.split(",")]
+    concurrent = [x.strip().lower() == "true" for x in args.concurrent.split(",")]
+    with torch.inference_mode():
+        rows = [row for arch in args.archs.split(",") for row in bench_arch(arch, overlaps, concurrent, args, device)]
+    out = args.out or RESULTS / f"zoo_overlap_{args.dtype}.json"
+    doc = {"benchmark": "zoo_overlap", "command": "zoo_overlap.py " + " ".join(sys.argv[1:]),
+           "machine": machine(device), "batch": args.batch, "L": 1000, "rows": rows}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
