@@ -20,7 +20,7 @@
 #   zoo      (< 8 min) every model (din, sim, eta, sdim, twin, hstu): full-KV vs CollectiveKV at B 1–512,
 #                      L 50 and 1000, fp16 and fp32 → zoo_latency/zoo_latency_float{16,32}.json, .md, .png;
 #                      per-kernel time (zoo_kernel_breakdown_float16.json), SDIM's launch settings
-#                      (long_stage_launch_float16.json)
+#                      (long_stage_launch_float16.json), copy pieces per model (zoo_overlap_float16.json)
 #   resident (~4 min)  requests through the GPU-resident tier (and the replay's kernels: --profile):
 #                      serving_latency/serving_latency.{json,png}, the scoring MLP alone: mlp_head/mlp_head{,_zoo}.json,
 #                      zoo_latency/zoo_resident_float{16,32}.json
@@ -105,6 +105,7 @@ zoo)
     timeout 540 $PY benchmarks/zoo_latency.py 2>&1 | grep -vE "^ "
     timeout 120 $PY benchmarks/zoo_kernel_breakdown.py 2>&1 | tail -4
     timeout 120 $PY benchmarks/long_stage_launch.py 2>&1 | tail -9
+    timeout 200 $PY benchmarks/zoo_overlap.py 2>&1 | tail -16
     ;;
 resident)
     timeout 200 $PY benchmarks/serving_latency.py --repeats 300 --profile 2>&1 | tail -12

@@ -288,8 +288,7 @@ def attend_group(raw: torch.Tensor, q: torch.Tensor, view: GroupView, pools: tup
     user dims (:func:`padded_pools`; a 1-row zero tensor for a side not shared); flags (≥ B,) int32: set to 1
     for a user with a router index outside the pool. chunks / on_chunk as :func:`fused_attention`'s. scales: the
     (K, V) fp32 scales of int8 user parts (q8: ``ResidentZooModel.scales``; unread for float parts). ``out``: the
-    (B, C, d_a) fp32 output to write (the rows of the users ``chunks`` serve; a launch of one copy piece
-    among several must not split the history: ``config.split_l`` 1)."""
+    (B, C, d_a) fp32 output to write, the rows of the users ``chunks`` serve (unsplit when those are not all)."""
     b, c, d_a = q.shape
     dh, g = d_a // n_heads, view.group
     q = q.float().contiguous()

@@ -13,18 +13,16 @@ capacity — the whole device side is shape-static and free of host syncs, so it
                   static candidates (B, C) ← pinned candidate staging (B, C); copy_end   (timing events)
       static_decode(raw, candidates) → the graph's logits (B, C)
 
-    with ``overlap`` K > 1 (fused path, default 3) the batch in pieces [0, c1), [c1, c2), … (:func:`copy_chunks`) is
-    copied on a forked stream, each piece followed by an event; the candidates are read from pinned memory by a
-    kernel on the graph's stream (:func:`read_pinned`), the query projection follows them, and fused launch i, on a
-    stream of its own, waits for event i and serves the users whose records end in piece i (:func:`record_ends`), so
-    copying piece i + 1 overlaps decoding piece i; the streams join before the graph ends. HSTU's first-layer history
-    follows the pieces the same way; SIM, ETA, SDIM and TWIN fork with one piece; every zoo model's candidate work
-    (HSTU: its first layer's) runs beside the copy.
+    with ``overlap`` K > 1 (fused path; the model's default, :func:`copy_plan.default_overlap`) the batch in pieces
+    [0, c1), [c1, c2), … (:func:`copy_chunks`) is copied on a forked stream, each piece followed by an event; the
+    candidates are read from pinned memory by a kernel on the graph's stream (:func:`read_pinned`), their own work
+    follows (query projections, retrieval targets; HSTU: its first layer's), and fused launch i, on a stream of its
+    own, waits for event i and serves the users whose records end in piece i (:func:`record_ends`), so copying piece
+    i + 1 overlaps decoding piece i; the streams join before the graph ends. A zoo model forks with one piece too.
 
 A captured copy has a fixed source address and size, so there is one graph per (host buffer of the batcher's ring,
-copy-size bucket): S is the smallest bucket >= used_bytes, buckets being the capacity divided by √2 again and again
-down to 64 KiB (at most 41% more bytes than the batch; a full batch copies exactly the capacity), capped at the host
-buffer's length. Graphs are captured on first use and share one memory pool (one replays at a time, on one stream).
+copy-size bucket): S is the smallest bucket >= used_bytes (:func:`copy_buckets`), capped at the host buffer's length.
+Graphs are captured on first use and share one memory pool (one replays at a time, on one stream).
 
 :func:`static_decode` is the captured body (it also runs eagerly on any device: the CPU tests compare it with the
 runtime). Why it is static: L = ``pad_to`` and the zero block at 16·B are host-known; the unpack gathers read each
@@ -84,21 +82,17 @@ class GraphedDecoder:
     :meth:`run` scores a pinned :class:`HostBatch` (one replay: copies + decode); :attr:`last_cost` is the
     batch copy's :class:`TransferCost` (bytes moved, CUDA-event time inside the graph).
     overlap: on the fused path, the batch copy is split into up to ``overlap`` pieces (:func:`copy_chunks`:
-    none under 256 KiB) copied on a forked stream inside the graph, and the kernel (din's attention, HSTU's first
-    layer's history, the zoo's short and long stages) is launched once per piece for the users whose records end in
-    it, right after that piece lands — the copy of piece c + 1 runs beside the decode of piece c. Measured on an H100
-    at L 1000 (din, round-robin in one process, ``decode_latency/decode_latency_overlap_store_float{16,32}.json``),
-    K = 3 was the fastest or within 3% of it: B 512 0.216 → 0.170 ms (fp16 store and pools; K 4 0.179), 0.358 →
-    0.257 (fp32; K 4 0.246); B 256 0.139 → 0.123; B 64 even; K = 6 was slower (short launches). 1 turns it off; None:
-    the model's default (:func:`copy_plan.default_overlap`: 3 for din and HSTU, the zoo's measured K). The
-    candidates are read by a kernel, not copied: a copy of them could be queued behind the whole batch's, and then
-    no launch overlapped the copy (copied on the main stream, a replay queued behind other GPU work: 0.231 vs 0.180
-    ms, fp16, B 512). concurrent (default True): each piece's launch on a stream of its own (forked after the query
-    projection, joined before the combine and the MLP), so it need not wait for the previous launch's tail: B 512
-    0.309 → 0.289 ms (fp32), 0.230 → 0.215 (fp16), B 64 even (``decode_latency_concurrent_float{32,16}.json``);
-    False: one after another on the graph's stream. (Separate graphs per user chunk, and the kernel reading the
-    pinned batch over PCIe itself, were measured slower: ``decode_latency/decode_latency_nosplit.json``,
-    ``decode_latency/decode_latency_mapped_*.json``.)
+    none under 256 KiB) copied on a forked stream inside the graph, and the kernels (din's attention, HSTU's first
+    layer's history, the zoo's short and long stages) are launched once per piece for the users whose records end in
+    it, right after that piece lands; 1 turns it off; None: the model's default (:func:`copy_plan.default_overlap`:
+    din and HSTU 3, the fastest or within 3% of it on an H100 at L 1000,
+    ``decode_latency/decode_latency_overlap_store_float{16,32}.json``; the zoo's from ``benchmarks/zoo_overlap.py``).
+    The candidates are read by a kernel, not copied: a copy of them could be queued behind the whole batch's (0.231
+    vs 0.180 ms, fp16, B 512). concurrent (default True): each piece's launch on a stream of its own (forked after the
+    candidates' work, joined before the MLP), so it need not wait for the previous launch's tail: B 512 0.309 → 0.289
+    ms (fp32), 0.230 → 0.215 (fp16) (``decode_latency_concurrent_float{32,16}.json``); False: one after another on
+    the graph's stream. Measured slower: separate graphs per user chunk, the kernel reading the pinned batch over PCIe
+    (``decode_latency/decode_latency_nosplit.json``, ``decode_latency_mapped_*.json``); details in docs/serving.md.
     """
 
     def __init__(self, resident: ResidentZooModel, layout: EntryLayout, *, n_users: int, pad_to: int,
@@ -210,11 +204,10 @@ class GraphedDecoder:
 
     def _record(self, pieces: list[tuple[int, int]], move: Callable[[Callable[[int], None]], None],
                 nbytes: int) -> _Captured:
-        """Capture a graph whose batch arrives in ``pieces`` (byte ranges of ``raw``): ``move(on_piece)``
-        issues the transfer of every piece in order (a copy, or the zero-copy gather), calling ``on_piece(i)``
-        once piece i is issued. The pieces are moved between two timing events, then the body. With several pieces,
-        or ``forks`` (a zoo model), they move on a forked stream, the candidates are read by a kernel beside them
-        (:func:`read_pinned`), and fused launch c (a zoo body's batch reads) waits for piece c only."""
+        """Capture a graph whose batch arrives in ``pieces`` (byte ranges of ``raw``): ``move(on_piece)`` issues the
+        transfer of every piece in order (a copy, or the zero-copy gather), calling ``on_piece(i)`` after piece i,
+        between two timing events. With several pieces, or ``forks`` (a zoo model), they move on a forked stream, the
+        candidates are read by a kernel (:func:`read_pinned`), and launch c waits for piece c only."""
         ends = record_ends(pieces) if self.pieced else ALL_BYTES
         fork = len(pieces) > 1 or self.forks
         if len(pieces) > 1:
@@ -241,23 +234,30 @@ class GraphedDecoder:
                         arrived.append(torch.cuda.Event())
                         arrived[-1].record()
 
-                    with torch.cuda.stream(side):
-                        move(landed)
-                        end.record()
+                    def issue() -> None:  # the pieces' transfers, captured once the body first reads the batch
+                        with torch.cuda.stream(side):
+                            move(landed)
+                            end.record()
+
                     # the candidates by a kernel on main (read_pinned): a copy node may be queued behind the batch
                     read_pinned(self.candidates, self.candidates_host)
                     try:
-                        logits = self._body(ends, self._launch_hook(main, arrived))
+                        logits = self._body(ends, self._launch_hook(main, arrived, issue))
                     finally:  # a failed launch must not leave a launch stream current
                         torch.cuda.set_stream(main)
+                    if not arrived:
+                        issue()
                     main.wait_stream(side)  # join
         return _Captured(graph, logits, start, end, nbytes)
 
-    def _launch_hook(self, main: torch.cuda.Stream, arrived: list[torch.cuda.Event]) -> Callable[[int], None]:
-        """The fused launches' ``on_chunk``: launch c waits for piece c's event — on ``main`` one after another,
-        or (``concurrent``) each on a stream of its own forked from ``main``, so a launch whose piece has
-        landed need not wait for the previous launch's tail; ``on_chunk(len)`` joins them back into main."""
+    def _launch_hook(self, main: torch.cuda.Stream, arrived: list[torch.cuda.Event], issue: Callable[[], None]
+                     ) -> Callable[[int], None]:
+        """The launches' ``on_chunk``: the first call captures the pieces' transfers (``issue``; their nodes after the
+        candidates' work, which a replay otherwise began ~30 µs late: docs/serving.md "Every model"); launch c waits
+        for piece c's event, on ``main`` or (``concurrent``) on a stream of its own; ``on_chunk(len)`` joins them."""
         def hook(c: int) -> None:
+            if not arrived:
+                issue()
             if c == len(arrived):  # after the last launch
                 torch.cuda.set_stream(main)
                 for stream in self._launch_streams[: len(arrived)]:  # none when launched on main
