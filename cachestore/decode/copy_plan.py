@@ -43,6 +43,8 @@ ARCH_OVERLAP = {"sim": 2, "eta": 3, "sdim": 2, "twin": 2}
 def default_overlap(arch: str) -> int:
     """Copy pieces a captured batch of a model of ``arch`` is split into by default."""
     return ARCH_OVERLAP.get(arch, DEFAULT_OVERLAP)
+
+
 _MIN_CHUNK = 256 << 10  # smallest overlapped copy chunk (bytes): below it a chunk's fixed cost dominates
 
 

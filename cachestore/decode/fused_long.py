@@ -242,10 +242,14 @@ if triton is not None:
         tl.store(out_ptr + r * D_A + cols, tl.sum(x / norm[:, None], axis=0) / M)
 
 
-def launch_ends(view: GroupView) -> torch.Tensor:
-    """(B,) one past each user's record, the byte a launch's (lo, hi] chunk test reads (``view.ends``; din-style
-    views without it: the group's rows, which every chunk test of :data:`ALL_BYTES` passes)."""
-    return view.rows if view.ends is None else view.ends
+def launch_ends(view: GroupView, chunk: tuple[int, int]) -> torch.Tensor:
+    """(B,) one past each user's record, the byte a launch's (lo, hi] ``chunk`` test reads (``view.ends``; a view
+    without them serves one launch of every user, :data:`ALL_BYTES`: its rows, which pass that test)."""
+    if view.ends is not None:
+        return view.ends
+    if tuple(chunk) != ALL_BYTES[0]:
+        raise ValueError(f"a launch of chunk {tuple(chunk)} reads the users' record ends: the view has none")
+    return view.rows
 
 
 def _block(n: int, most: int = 64) -> int:
@@ -272,7 +276,7 @@ def group_scores(raw: torch.Tensor, q: torch.Tensor, view: GroupView, pool_k: to
     block = _block(cap)
     k_code, _, k_bytes, v_bytes = side_codes(g, view.kv_dtype, view.halves)
     _group_scores_kernel[(b * c, n_heads // heads_per_program, -(-cap // block))](
-        raw, view.starts, view.rows, launch_ends(view), q.float().contiguous(), pool_k, out, flags, c,
+        raw, view.starts, view.rows, launch_ends(view, chunk), q.float().contiguous(), pool_k, out, flags, c,
         1.0 / math.sqrt(dh), view.start_add, chunk[0], chunk[1], view.pool_size, SCORE_FILL, float(scales[0]),
         D_A=d_a, H=n_heads,
         GH=heads_per_program, DH=dh, DK=g.dk, DV=g.dv, K_SHARED=g.k_shared, K_CODE=k_code, K_BYTES=k_bytes,
@@ -303,8 +307,8 @@ def weighted_values(raw: torch.Tensor, view: GroupView, pool_v: torch.Tensor, we
     pos = w if positions is None else positions.contiguous()  # unread without positions
     _, v_code, k_bytes, v_bytes = side_codes(g, view.kv_dtype, view.halves)
     _weighted_values_kernel[(r, n_g)](
-        raw, view.starts, view.rows, launch_ends(view), w, pos, pool_v, out, flags, n_cand, view.start_add, chunk[0],
-        chunk[1], view.pool_size, float(scales[1]), D_A=pool_v.shape[1], G=n_g, W=width, STEP=step, DK=g.dk,
+        raw, view.starts, view.rows, launch_ends(view, chunk), w, pos, pool_v, out, flags, n_cand, view.start_add,
+        chunk[0], chunk[1], view.pool_size, float(scales[1]), D_A=pool_v.shape[1], G=n_g, W=width, STEP=step, DK=g.dk,
         DV=g.dv, K_SHARED=g.k_shared, V_SHARED=g.v_shared, V_CODE=v_code, K_BYTES=k_bytes, V_BYTES=v_bytes,
         JOINT=g.joint,
         IDX_BYTES=IDX_BYTES[view.idx_dtype], HAS_POS=positions is not None,
@@ -340,7 +344,9 @@ def bucket_sums(raw: torch.Tensor, view: GroupView, pool_v: torch.Tensor, key_st
     parts = max(1, min(parts, -(-max(1, g.cap) // block_l)))
     seg = -(-max(1, g.cap) // parts)  # rows per part
     seg_p2 = max(block_l, triton.next_power_of_2(seg))
-    if out is not None and parts > 1 and chunk != ALL_BYTES[0]:
+    if out is not None and (out.shape != (r, m, d_a) or out.dtype != torch.float32 or not out.is_contiguous()):
+        raise ValueError(f"bucket_sums writes a contiguous fp32 out of shape {(r, m, d_a)}, got {tuple(out.shape)}")
+    if out is not None and parts > 1 and tuple(chunk) != ALL_BYTES[0]:
         raise ValueError("bucket_sums writes some users' rows of a given out only with parts 1")
     partial = out[None] if out is not None and parts == 1 else torch.empty(parts, r, m, d_a, dtype=torch.float32,
                                                                             device=targets.device)  # (S, R, m, d_a)
@@ -349,8 +355,8 @@ def bucket_sums(raw: torch.Tensor, view: GroupView, pool_v: torch.Tensor, key_st
     hits = torch.empty(parts * col_split, r, m, 2, seg_p2, dtype=torch.int32, device=targets.device)  # per program
     _, v_code, _, v_bytes = side_codes(g, view.kv_dtype, view.halves)
     _bucket_sums_kernel[(r, m, parts * col_split)](
-        raw, view.starts, view.rows, launch_ends(view), key_starts, targets.contiguous(), pool_v, partial, flags, hits,
-        n_cand, view.start_add, chunk[0], chunk[1], view.pool_size, float(v_scale), D_A=d_a, G=m, DV=g.dv,
+        raw, view.starts, view.rows, launch_ends(view, chunk), key_starts, targets.contiguous(), pool_v, partial, flags,
+        hits, n_cand, view.start_add, chunk[0], chunk[1], view.pool_size, float(v_scale), D_A=d_a, G=m, DV=g.dv,
         V_SHARED=g.v_shared, V_CODE=v_code, V_BYTES=v_bytes, IDX_BYTES=IDX_BYTES[view.idx_dtype],
         IDX_ALIGNED=idx_aligned, KEY_BYTES=key_bytes, BITS=bits, KEY_DIV=key_div, BLOCK_L=block_l, SEG=seg,
         SEG_P2=seg_p2, W=d_a // col_split, STATIC=INTERPRETED,

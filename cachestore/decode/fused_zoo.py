@@ -65,7 +65,7 @@ from collectivekv.cachestore.decode.fused_view import (
     record_part_starts,
     user_halves,
 )
-from collectivekv.cachestore.decode.fused_zoo_long import LONG_STAGES, LongStage, long_buffers, long_output
+from collectivekv.cachestore.decode.fused_zoo_long import LONG_STAGES, LongStage, long_output, stage_buffers
 from collectivekv.cachestore.decode.transfer import KV_TORCH
 from collectivekv.cachestore.store.entry import EntryLayout
 from collectivekv.cachestore.store.record import HEADER_SIZE, RouterIndexError
@@ -200,16 +200,8 @@ def zoo_static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: 
     next piece's copy: :class:`cachestore.decode.graphs.GraphedDecoder`). The record starts are computed once,
     after the first piece (which holds the batch header). Shape-static and free of host syncs when ``flags`` is
     given. Call under ``torch.inference_mode()``."""
-    if triton is None:
-        raise RuntimeError("the fused zoo decode needs Triton (pip install triton), or use the eager path")
     cfg = resident.cfg
-    store_cfg = check_store(resident, layout)
-    check_launch(cfg.n_heads, cfg.d_attn, config)
-    if candidates.dim() != 2 or candidates.shape[0] > n_users:
-        raise ValueError(f"candidates {tuple(candidates.shape)}: want (B, C) with B <= {n_users} users")
-    if raw.device != candidates.device:
-        raise ValueError(f"the packed batch is on {raw.device}, the candidates on {candidates.device}")
-    check_chunks(chunks, raw)
+    store_cfg = _check_inputs(raw, candidates, resident, layout, n_users, config, chunks)
     if len(chunks) > 1:  # a launch writes its users' rows only: never split a history (the combine writes all)
         config = replace(config, split_l=1)
     flag = torch.zeros(n_users, dtype=torch.int32, device=raw.device) if flags is None else flags
@@ -222,14 +214,13 @@ def zoo_static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: 
     q_long, targets = long_inputs(model, cfg, t, candidates)
     codes = pool_keys(resident) if store_cfg.pool_keys and cfg.arch in ("sim", "eta") else None  # SDIM: in the index
     long_cap = next(g.cap for g in group_specs(store_cfg) if g.name == "long")
-    buffers = long_buffers(cfg, b, c, long_cap, raw.device)
-    short = torch.empty(b, c, cfg.d_attn, dtype=torch.float32, device=raw.device)  # (B, C, d_a)
+    buffers = stage_buffers(cfg, b, c, long_cap, raw.device)
+    short = buffers["short"]  # (B, C, d_a)
     batch = _BatchViews()
     for index, chunk in enumerate(chunks):
         if on_chunk is not None:
             on_chunk(index)  # the batch is read from here on (pieces 0 .. index have landed)
-        starts = batch.at(raw, layout, n_users, store_cfg)
-        views = batch.groups
+        starts, views = batch.at(raw, layout, n_users, store_cfg), batch.groups
         main, side = beside(raw.device, index)
         with torch.cuda.stream(side):  # the short stage beside the long one (no-op for side None: CPU)
             attend_group(raw, q_short, views["short"], pools["short"], cfg.n_heads, flag, config=config,
@@ -250,6 +241,22 @@ def zoo_static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: 
     return logits
 
 
+def _check_inputs(raw: torch.Tensor, candidates: torch.Tensor, resident: ResidentZooModel, layout: EntryLayout,
+                  n_users: int, config: FusedConfig, chunks: Sequence[tuple[int, int]]) -> ModelConfig:
+    """The store's config; RuntimeError without Triton, ValueError for another store, a launch the kernels cannot
+    run, candidates that are not (B <= n_users, C) on the batch's device, or chunks that do not partition it."""
+    if triton is None:
+        raise RuntimeError("the fused zoo decode needs Triton (pip install triton), or use the eager path")
+    store_cfg = check_store(resident, layout)
+    check_launch(resident.cfg.n_heads, resident.cfg.d_attn, config)
+    if candidates.dim() != 2 or candidates.shape[0] > n_users:
+        raise ValueError(f"candidates {tuple(candidates.shape)}: want (B, C) with B <= {n_users} users")
+    if raw.device != candidates.device:
+        raise ValueError(f"the packed batch is on {raw.device}, the candidates on {candidates.device}")
+    check_chunks(chunks, raw)
+    return store_cfg
+
+
 class _BatchViews:
     """A batch's part starts and group views, computed by the first launch (its piece holds the batch header) on
     its stream, which records an event that later launches — maybe on streams of their own — wait for."""
@@ -267,7 +274,7 @@ class _BatchViews:
             self.groups = entry_views(raw, layout, n_users, store_cfg, self.starts)
             if raw.is_cuda:
                 self.ready = torch.cuda.Event()
-                self.ready.record()
+                self.ready.record(torch.cuda.current_stream(raw.device))
         elif self.ready is not None:
             torch.cuda.current_stream(raw.device).wait_event(self.ready)
         return self.starts[0]

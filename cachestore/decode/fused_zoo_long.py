@@ -2,7 +2,7 @@
 
 Each stage reads the group ``long`` of the records in place (:mod:`cachestore.decode.fused_long`,
 :mod:`cachestore.decode.fused_select`, :func:`cachestore.decode.fused.attend_group`) and writes its results into
-buffers made once per batch (:func:`long_buffers`), so a CUDA graph that copies the batch in pieces can run a stage
+buffers made once per batch (:func:`stage_buffers`), so a CUDA graph that copies the batch in pieces can run a stage
 once per piece as it lands — each launch serving the users whose records end in its ``chunk`` (lo, hi] and writing
 their rows only — and :func:`long_output` reads the stage's (B, C, d_a) output once every piece's launches ran:
 
@@ -46,7 +46,7 @@ class LongStage:
     long inputs (``fused_zoo.long_inputs``: q (B, C, d_a) for SIM / ETA / TWIN, the retrieval targets for SIM /
     ETA / SDIM), the group ``long``'s view and pools, every part's byte start (B,) (``fused_zoo.part_starts``),
     the router-index flags, the launch config and the group's (K, V) int8 scales
-    (:func:`cachestore.decode.fused_view.group_scales`), the buffers the launches write (:func:`long_buffers`)
+    (:func:`cachestore.decode.fused_view.group_scales`), the buffers the launches write (:func:`stage_buffers`)
     and the chunk (lo, hi] of record ends this launch serves."""
 
     model: torch.nn.Module
@@ -67,16 +67,18 @@ class LongStage:
     chunk: tuple[int, int] = ALL_BYTES[0]
 
 
-def long_buffers(cfg: ModelConfig, b: int, c: int, cap: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """What the long stage of ``cfg.arch`` writes for B users × C candidates over a long group of ``cap`` rows
-    (R = B·C): ``out`` (B, C, d_a) fp32 (SIM, ETA, TWIN) and the intermediates — SIM / ETA ``sel`` (R, k), ``n_sel``
-    (R,); TWIN ``scores`` (R, H, cap), ``weights`` / ``positions`` (R·H, k); SDIM ``sums`` (R, m, d_a)."""
+def stage_buffers(cfg: ModelConfig, b: int, c: int, cap: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """What the short and long stages of ``cfg.arch`` write for B users × C candidates over a long group of ``cap``
+    rows (R = B·C): ``short`` (B, C, d_a) fp32; the long stage's ``out`` (B, C, d_a) fp32 (SIM, ETA, TWIN) and its
+    intermediates — SIM / ETA ``sel`` (R, k), ``n_sel`` (R,); TWIN ``scores`` (R, H, cap), ``weights`` /
+    ``positions`` (R·H, k); SDIM ``sums`` (R, m, d_a)."""
     r, d_a, heads, cap = b * c, cfg.d_attn, cfg.n_heads, max(1, cap)
     k = min(cfg.topk, cap)
     f32 = dict(dtype=torch.float32, device=device)
+    short = {"short": torch.empty(b, c, d_a, **f32)}
     if cfg.arch == "sdim":
-        return {"sums": torch.empty(r, cfg.sdim_hashes, d_a, **f32)}
-    out = {"out": torch.empty(b, c, d_a, **f32)}
+        return short | {"sums": torch.empty(r, cfg.sdim_hashes, d_a, **f32)}
+    out = short | {"out": torch.empty(b, c, d_a, **f32)}
     if cfg.arch == "twin":
         return out | {"scores": torch.empty(r, heads, cap, **f32), "weights": torch.empty(r * heads, k, **f32),
                       "positions": torch.empty(r * heads, k, dtype=torch.int64, device=device)}

@@ -65,6 +65,7 @@ class Case:
     n_users: int
     hist: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     candidates: torch.Tensor
+    records: list = dataclasses.field(default_factory=list)  # the users' records (the cold slot's is None)
 
 
 def packed(arch: str, mode: str, kv_dtype: str, seed: int = 1, **cfg: object) -> Case:
@@ -83,7 +84,8 @@ def packed(arch: str, mode: str, kv_dtype: str, seed: int = 1, **cfg: object) ->
     g = torch.Generator().manual_seed(seed)
     candidates = torch.randint(1, N_ITEMS + 1, (n_users, N_CAND), generator=g)
     raw = host.tensor.clone().to(DEVICE)
-    return Case(model, ResidentZooModel(copy.deepcopy(model), DEVICE), layout, raw, n_users, hist, candidates)
+    return Case(model, ResidentZooModel(copy.deepcopy(model), DEVICE), layout, raw, n_users, hist, candidates,
+                [*records, None])
 
 
 def rounded(cache: ZooCache) -> ZooCache:
