@@ -5,6 +5,8 @@ batch copied in pieces, each piece's launches waiting for it only) on CUDA."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from hypothesis import example, given, settings
@@ -59,9 +61,9 @@ def _nan_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("mode", ["collective", "full"])
 @pytest.mark.parametrize("arch", LONG_ARCHS)
-@given(cuts=st.lists(st.floats(0.0, 1.0), max_size=3), at_ends=st.booleans())
-@example(cuts=[], at_ends=True)
-@settings(max_examples=5, deadline=None)
+@given(cuts=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=2), at_ends=st.booleans())
+@example(cuts=[0.0], at_ends=True)
+@settings(max_examples=2, deadline=None)
 def test_stages_per_copy_piece_score_as_one_launch(arch: str, mode: str, cuts: list[float], at_ends: bool) -> None:
     """Every user is served exactly once (the cold slot and lengths 0 .. long_len included): the pieced logits equal
     one launch's bit for bit, and ``on_chunk`` is called once per piece, then once after the last."""
@@ -72,7 +74,12 @@ def test_stages_per_copy_piece_score_as_one_launch(arch: str, mode: str, cuts: l
         _nan_buffers(mp)
         got = _logits(case, chunks=record_ends(pieces), on_chunk=launched.append)
     assert launched == list(range(len(pieces) + 1))
-    torch.testing.assert_close(got, _logits(case), rtol=0, atol=0)
+    torch.testing.assert_close(got, _one_launch(arch, mode), rtol=0, atol=0)
+
+
+@functools.cache
+def _one_launch(arch: str, mode: str) -> torch.Tensor:
+    return _logits(CASES[arch, mode])
 
 
 def test_a_launch_writes_only_its_users_rows() -> None:
