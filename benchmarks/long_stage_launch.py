@@ -22,16 +22,14 @@ import statistics
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.decode_latency import machine  # noqa: E402
-from benchmarks.zoo_latency import packed_cache, store_layout, store_records  # noqa: E402
-from benchmarks.zoo_synthetic import N_ITEMS, PAPER, make_models, model_config, reference_logits  # noqa: E402
+from benchmarks.zoo_latency import packed_cache, paper_batch  # noqa: E402
+from benchmarks.zoo_synthetic import reference_logits  # noqa: E402
 from collectivekv.cachestore.decode import fused_zoo_long  # noqa: E402
-from collectivekv.cachestore.decode.batch import HostBatcher  # noqa: E402
 from collectivekv.cachestore.decode.decode import ResidentZooModel  # noqa: E402
 from collectivekv.cachestore.decode.fused_long import bucket_sums  # noqa: E402
 from collectivekv.cachestore.decode.graphs import GraphedDecoder  # noqa: E402
@@ -43,12 +41,7 @@ SETTINGS = [(2, 64, 2), (1, 16, 2), (2, 32, 2), (1, 64, 2), (2, 128, 2), (4, 64,
 def decoders(b: int, kv_dtype: str, device: torch.device) -> tuple[list, object, torch.Tensor, torch.Tensor]:
     """One GraphedDecoder per setting of :data:`SETTINGS` (each captured with its launch), the pinned batch of ``b``
     users, the candidates and ``model.decode``'s logits of the cache the batch holds."""
-    cfg = model_config("sdim", 1000, PAPER, N_ITEMS)
-    model = make_models(cfg, seed=0)[0].to(device)
-    layout = store_layout(cfg, kv_dtype)
-    host = HostBatcher(layout, pin=True, n_buffers=1, batch_users=b).pack(
-        np.arange(b), store_records(model, layout, b, kv_dtype, device))
-    cand = torch.randint(1, cfg.n_items + 1, (b, 1), generator=torch.Generator().manual_seed(3))
+    cfg, model, layout, host, cand = paper_batch("sdim", b, kv_dtype, device)
     want = reference_logits(model, packed_cache(host, model, device), cand.to(device))
     resident = ResidentZooModel(model, device)
     graphs = []

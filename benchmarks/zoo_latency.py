@@ -121,6 +121,19 @@ def store_records(model: torch.nn.Module, layout: object, n_users: int, kv_dtype
     return out
 
 
+def paper_batch(arch: str, b: int, kv_dtype: str, device: torch.device
+                ) -> tuple[ModelConfig, torch.nn.Module, object, HostBatch, torch.Tensor]:
+    """(config, model, store layout, pinned batch of ``b`` users with full histories of L 1,000, candidates (b, 1)) at
+    the paper's shape: what the benchmarks timing one serving graph per setting serve."""
+    cfg = model_config(arch, 1000, PAPER, N_ITEMS)
+    model = make_models(cfg, seed=0)[0].to(device)
+    layout = store_layout(cfg, kv_dtype)
+    host = HostBatcher(layout, pin=True, n_buffers=1, batch_users=b).pack(
+        np.arange(b), store_records(model, layout, b, kv_dtype, device))
+    cand = torch.randint(1, cfg.n_items + 1, (b, 1), generator=torch.Generator().manual_seed(3))
+    return cfg, model, layout, host, cand
+
+
 def packed_cache(host: HostBatch, model: torch.nn.Module, device: torch.device) -> ZooCache:
     """The collective cache a packed batch holds, as the model decodes it (kv parts in fp32, int8 codes ×
     the model's scales): one copy and the eager unpack (``cachestore.decode.transfer``), a din batch as the

@@ -22,15 +22,12 @@ import statistics
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.decode_latency import machine, timed  # noqa: E402
-from benchmarks.zoo_latency import store_layout, store_records  # noqa: E402
-from benchmarks.zoo_synthetic import N_ITEMS, PAPER, make_models, model_config  # noqa: E402
-from collectivekv.cachestore.decode.batch import HostBatcher  # noqa: E402
+from benchmarks.zoo_latency import paper_batch  # noqa: E402
 from collectivekv.cachestore.decode.decode import ResidentZooModel  # noqa: E402
 from collectivekv.cachestore.decode.graphs import GraphedDecoder  # noqa: E402
 
@@ -40,13 +37,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "zoo_latency"
 def bench_arch(arch: str, overlaps: list[int], concurrent: list[bool], args: argparse.Namespace,
                device: torch.device) -> list[dict]:
     """Rows (overlap, concurrent, median ms, per-round medians, max |logit difference| to the first setting)."""
-    cfg = model_config(arch, 1000, PAPER, N_ITEMS)
-    model = make_models(cfg, seed=0)[0].to(device)
-    layout = store_layout(cfg, args.dtype)
-    host = HostBatcher(layout, pin=True, n_buffers=1, batch_users=args.batch).pack(
-        np.arange(args.batch), store_records(model, layout, args.batch, args.dtype, device))
-    g = torch.Generator().manual_seed(3)
-    cand = torch.randint(1, cfg.n_items + 1, (args.batch, 1), generator=g)
+    cfg, model, layout, host, cand = paper_batch(arch, args.batch, args.dtype, device)
     resident = ResidentZooModel(model, device)
     settings = [(k, conc) for k in overlaps for conc in concurrent]
     graphs = [GraphedDecoder(resident, layout, n_users=args.batch, pad_to=cfg.window_len, n_candidates=1, overlap=k,

@@ -58,6 +58,7 @@ from collectivekv.cachestore.decode.fused_config import (
     check_launch,
     launch_shape,
     pool_dtype,
+    serves_everyone,
 )
 from collectivekv.cachestore.decode.fused_mlp import mlp_logits
 from collectivekv.cachestore.decode.fused_view import GroupView, din_view, group_scales, padded_pools, side_codes
@@ -302,8 +303,7 @@ def attend_group(raw: torch.Tensor, q: torch.Tensor, view: GroupView, pools: tup
     stages = {} if config.num_stages is None else {"num_stages": config.num_stages}
     rows, groups = b * c, n_heads // config.heads_per_program
     parts, seg = launch_shape(config, rows, groups, span, len(chunks), q.device)
-    partial = chunks[0][0] >= 0 or chunks[-1][1] < ALL_BYTES[0][1]  # some users are other launches'
-    if parts > 1 and given and partial:  # the combine would rewrite every row, the other launches' users' too
+    if parts > 1 and given and not serves_everyone(chunks):  # the combine would rewrite the other launches' rows
         raise ValueError("attend_group writes some users' rows of a given out only unsplit (FusedConfig.split_l 1)")
     if parts == 1:
         acc, m, l = out, out, out  # the kernel writes the normalised output itself

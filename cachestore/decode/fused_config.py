@@ -116,6 +116,11 @@ def check_launch(n_heads: int, d_a: int, config: FusedConfig) -> None:
                          f"{config.heads_per_program}")
 
 
+def serves_everyone(chunks: Sequence[tuple[int, int]]) -> bool:
+    """Whether launches over ``chunks`` serve every user of any batch (their ranges span :data:`ALL_BYTES`'s)."""
+    return chunks[0][0] <= ALL_BYTES[0][0] and chunks[-1][1] >= ALL_BYTES[0][1]
+
+
 def check_chunks(chunks: Sequence[tuple[int, int]], raw: torch.Tensor) -> None:
     """ValueError unless ``chunks`` are contiguous (lo, hi] byte ranges from below 0 to past the batch ``raw``: every
     record ends in exactly one, so each user is served by exactly one launch."""

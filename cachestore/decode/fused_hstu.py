@@ -71,7 +71,7 @@ from collectivekv.cachestore.decode.fused_norm import norm_gate
 from collectivekv.cachestore.decode.fused_view import check_half_layout, group_scales, side_codes, user_halves
 from collectivekv.cachestore.decode.transfer import KV_TORCH
 from collectivekv.cachestore.store.entry import EntryLayout
-from collectivekv.cachestore.store.record import RouterIndexError
+from collectivekv.cachestore.store.record import HEADER_SIZE, RouterIndexError
 from collectivekv.model.cache_spec import entry_parts, store_config
 from collectivekv.model.hstu import rel_bucket
 from collectivekv.model.pool import KVBranch
@@ -134,7 +134,7 @@ if triton is not None:
         svu_ptr, svu_stride, ski_ptr, svi_ptr, self_k_ptr, self_v_ptr, n_users, n_cand, scale, inv_norm, pool_size,
         k_scale, v_scale, end_lo, end_hi, D_A: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr, DK: tl.constexpr,
         DV: tl.constexpr, K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, K_CODE: tl.constexpr, V_CODE: tl.constexpr,
-        JOINT: tl.constexpr, IDX_BYTES: tl.constexpr, OFF_KU: tl.constexpr, OFF_VU: tl.constexpr,
+        JOINT: tl.constexpr, IDX_BYTES: tl.constexpr, HEADER: tl.constexpr, OFF_KU: tl.constexpr, OFF_VU: tl.constexpr,
         OFF_KI: tl.constexpr, OFF_VI: tl.constexpr, REC: tl.constexpr, SELF: tl.constexpr, SKW: tl.constexpr,
         SVW: tl.constexpr, SK_SHARED: tl.constexpr, SV_SHARED: tl.constexpr, BLOCK_L: tl.constexpr,
         MAX_N: tl.constexpr, LOOP_N: tl.constexpr, SEG: tl.constexpr,
@@ -144,7 +144,7 @@ if triton is not None:
         part = tl.program_id(2)  # behaviours part·SEG .. part·SEG + SEG - 1
         b = row // n_cand
         n = tl.maximum(tl.minimum(tl.load(header_ptr + n_users + b), MAX_N), 0)  # behaviours of user b
-        base = tl.load(header_ptr + b) + 32  # the record's first part (after its 32-byte header)
+        base = tl.load(header_ptr + b) + HEADER  # the record's first part (after its header)
         # every part holds n rows (cap max_len): part p starts n · (row bytes of the parts before it) in
         ku = base + n * OFF_KU
         vu = base + n * OFF_VU
@@ -268,7 +268,7 @@ def hstu_history(raw: torch.Tensor, q: torch.Tensor, layer: int, *, resident: Re
             flags if mine.v_idx is None else mine.v_idx, self_k, self_v, n_users, c, 1.0 / math.sqrt(dh),
             1.0 / float(cfg.max_len), cfg.collective.pool_size, float(k_scale), float(v_scale), end_lo, end_hi,
             D_A=d_a, GH=gh, DH=dh, DK=widths[ku], DV=widths[vu], K_SHARED=ki is not None, V_SHARED=vi is not None,
-            K_CODE=k_code, V_CODE=v_code, JOINT=g.joint, IDX_BYTES=IDX_BYTES[layout.idx_dtype],
+            K_CODE=k_code, V_CODE=v_code, JOINT=g.joint, IDX_BYTES=IDX_BYTES[layout.idx_dtype], HEADER=HEADER_SIZE,
             OFF_KU=offset[ku], OFF_VU=offset[vu], OFF_KI=offset.get(ki or "", 0), OFF_VI=offset.get(vi or "", 0),
             REC=rec, SELF=own is not None, SKW=k_user.shape[1], SVW=v_user.shape[1],
             SK_SHARED=mine.k_idx is not None, SV_SHARED=mine.v_idx is not None, BLOCK_L=config.block_l, MAX_N=max_n,

@@ -30,7 +30,7 @@ import math
 import torch
 
 from collectivekv.cachestore.decode.fused import IDX_BYTES, INTERPRETED, triton
-from collectivekv.cachestore.decode.fused_config import ALL_BYTES
+from collectivekv.cachestore.decode.fused_config import ALL_BYTES, serves_everyone
 from collectivekv.cachestore.decode.fused_view import GroupView, side_codes
 
 SCORE_FILL = torch.finfo(torch.float32).min  # group_scores' score past a user's rows: every real score ranks above it
@@ -247,7 +247,7 @@ def launch_ends(view: GroupView, chunk: tuple[int, int]) -> torch.Tensor:
     without them serves one launch of every user, :data:`ALL_BYTES`: its rows, which pass that test)."""
     if view.ends is not None:
         return view.ends
-    if tuple(chunk) != ALL_BYTES[0]:
+    if not serves_everyone((chunk,)):
         raise ValueError(f"a launch of chunk {tuple(chunk)} reads the users' record ends: the view has none")
     return view.rows
 
@@ -346,7 +346,7 @@ def bucket_sums(raw: torch.Tensor, view: GroupView, pool_v: torch.Tensor, key_st
     seg_p2 = max(block_l, triton.next_power_of_2(seg))
     if out is not None and (out.shape != (r, m, d_a) or out.dtype != torch.float32 or not out.is_contiguous()):
         raise ValueError(f"bucket_sums writes a contiguous fp32 out of shape {(r, m, d_a)}, got {tuple(out.shape)}")
-    if out is not None and parts > 1 and tuple(chunk) != ALL_BYTES[0]:
+    if out is not None and parts > 1 and not serves_everyone((chunk,)):
         raise ValueError("bucket_sums writes some users' rows of a given out only with parts 1")
     partial = out[None] if out is not None and parts == 1 else torch.empty(parts, r, m, d_a, dtype=torch.float32,
                                                                             device=targets.device)  # (S, R, m, d_a)

@@ -208,13 +208,14 @@ def zoo_static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: 
     model = resident.model
     b, c = candidates.shape
     dtype = KV_TORCH[pool_dtype(config, layout)]
-    pools = {g.name: group_pools(resident, g.name, (g.k_shared, g.v_shared), dtype) for g in group_specs(store_cfg)}
+    groups = {g.name: g for g in group_specs(store_cfg)}
+    pools = {name: group_pools(resident, name, (g.k_shared, g.v_shared), dtype) for name, g in groups.items()}
+    scales = {name: group_scales(resident, g) for name, g in groups.items()}
     t = model.item_embedding(candidates)  # (B, C, E)
     q_short = model.short.query(t)  # (B, C, d_a)
     q_long, targets = long_inputs(model, cfg, t, candidates)
     codes = pool_keys(resident) if store_cfg.pool_keys and cfg.arch in ("sim", "eta") else None  # SDIM: in the index
-    long_cap = next(g.cap for g in group_specs(store_cfg) if g.name == "long")
-    buffers = stage_buffers(cfg, b, c, long_cap, raw.device)
+    buffers = stage_buffers(cfg, b, c, groups["long"].cap, raw.device)
     short = buffers["short"]  # (B, C, d_a)
     batch = _BatchViews()
     for index, chunk in enumerate(chunks):
@@ -224,10 +225,9 @@ def zoo_static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: 
         main, side = beside(raw.device, index)
         with torch.cuda.stream(side):  # the short stage beside the long one (no-op for side None: CPU)
             attend_group(raw, q_short, views["short"], pools["short"], cfg.n_heads, flag, config=config,
-                         chunks=(chunk,), scales=group_scales(resident, views["short"].group), out=short)
+                         chunks=(chunk,), scales=scales["short"], out=short)
         LONG_STAGES[cfg.arch](LongStage(model, cfg, layout, store_cfg, raw, q_long, targets, views["long"],
-                                        pools["long"], starts, flag, config,
-                                        group_scales(resident, views["long"].group), buffers, codes, chunk))
+                                        pools["long"], starts, flag, config, scales["long"], buffers, codes, chunk))
         if side is not None:
             main.wait_stream(side)  # join: this launch's stages are done when its stream is
     if on_chunk is not None:

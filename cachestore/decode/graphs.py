@@ -227,16 +227,15 @@ class GraphedDecoder:
                 else:
                     main, side = torch.cuda.current_stream(), self._copy_stream
                     side.wait_stream(main)  # fork: the pieces move beside the decode
-                    arrived, issued = [], []  # the pieces' events; whether their transfers were captured
+                    arrived: list[torch.cuda.Event] = []  # the pieces' events (every transfer has a piece)
 
                     def landed(_: int) -> None:
                         arrived.append(torch.cuda.Event())
                         arrived[-1].record()
 
                     def issue() -> None:  # the pieces' transfers, captured once: when the body first reads the batch
-                        if issued:
+                        if arrived:
                             return
-                        issued.append(True)
                         with torch.cuda.stream(side):
                             move(landed)
                             end.record()

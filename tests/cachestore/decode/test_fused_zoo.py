@@ -114,10 +114,12 @@ def eager_logits(case: Case) -> torch.Tensor:
         return decode_zoo(case.resident, cache, case.candidates.to(DEVICE)).cpu()
 
 
-def fused_logits(case: Case, config: FusedConfig = EXACT, flags: torch.Tensor | None = None) -> torch.Tensor:
+def fused_logits(case: Case, config: FusedConfig = EXACT, flags: torch.Tensor | None = None, **kw: object
+                 ) -> torch.Tensor:
+    """``zoo_static_decode`` of the case (``kw``: its chunks / on_chunk), on the CPU."""
     with torch.inference_mode():
         return zoo_static_decode(case.raw, case.candidates.to(DEVICE), resident=case.resident, layout=case.layout,
-                                 n_users=case.n_users, config=config, flags=flags).cpu()
+                                 n_users=case.n_users, config=config, flags=flags, **kw).cpu()
 
 
 @pytest.mark.parametrize(("mode", "kv_dtype"), STORES)

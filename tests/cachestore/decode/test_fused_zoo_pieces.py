@@ -17,21 +17,15 @@ from collectivekv.cachestore.decode.batch import HostBatcher
 from collectivekv.cachestore.decode.copy_plan import record_ends
 from collectivekv.cachestore.decode.fused import FusedConfig, attend_group, fused_available
 from collectivekv.cachestore.decode.fused_long import bucket_sums
-from collectivekv.cachestore.decode.fused_zoo import check_store, entry_views, group_pools, zoo_static_decode
+from collectivekv.cachestore.decode.fused_zoo import check_store, entry_views, group_pools
 from collectivekv.cachestore.decode.graphs import GraphedDecoder
 from collectivekv.model.config import LONG_ARCHS
-from tests.cachestore.decode.test_fused_zoo import DEVICE, EXACT, Case, packed
+from tests.cachestore.decode.test_fused_zoo import DEVICE, EXACT, Case, fused_logits, packed
 from tests.model.test_zoo import N_ITEMS
 
 pytestmark = pytest.mark.skipif(not fused_available(DEVICE), reason="needs Triton (CUDA, or its CPU interpreter)")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CASES = {(arch, mode): packed(arch, mode, "float32", seed=3) for arch in LONG_ARCHS for mode in ("collective", "full")}
-
-
-def _logits(case: Case, **kw: object) -> torch.Tensor:
-    with torch.inference_mode():
-        return zoo_static_decode(case.raw, case.candidates.to(DEVICE), resident=case.resident, layout=case.layout,
-                                 n_users=case.n_users, config=EXACT, **kw).cpu()
 
 
 def _record_ends(case: Case) -> list[int]:
@@ -72,14 +66,14 @@ def test_stages_per_copy_piece_score_as_one_launch(arch: str, mode: str, cuts: l
     launched: list[int] = []
     with pytest.MonkeyPatch.context() as mp:
         _nan_buffers(mp)
-        got = _logits(case, chunks=record_ends(pieces), on_chunk=launched.append)
+        got = fused_logits(case, chunks=record_ends(pieces), on_chunk=launched.append)
     assert launched == list(range(len(pieces) + 1))
     torch.testing.assert_close(got, _one_launch(arch, mode), rtol=0, atol=0)
 
 
 @functools.cache
 def _one_launch(arch: str, mode: str) -> torch.Tensor:
-    return _logits(CASES[arch, mode])
+    return fused_logits(CASES[arch, mode])
 
 
 def test_a_launch_writes_only_its_users_rows() -> None:
