@@ -37,7 +37,7 @@ def copy_buckets(capacity: int) -> list[int]:
 DEFAULT_OVERLAP = 3  # copy pieces beside the fused decode (GraphedDecoder; din and HSTU: measured best on an H100)
 # the zoo's short and long stages per piece: every launch runs its whole grid (the other pieces' users exit at once),
 # so more pieces pay more of that; the fastest K of `benchmarks/zoo_overlap.py` on an H100 (zoo_overlap_float16.json)
-ARCH_OVERLAP = {"sim": 2, "eta": 3, "sdim": 2, "twin": 2}
+ARCH_OVERLAP = {"sim": 2, "eta": 3, "sdim": 2, "twin": 3}
 
 
 def default_overlap(arch: str) -> int:

@@ -62,8 +62,8 @@ from collectivekv.cachestore.decode.fused_config import (
     DEFAULT_FUSED,
     FusedConfig,
     check_chunks,
+    launch_shape,
     pool_dtype,
-    split_parts,
 )
 from collectivekv.cachestore.decode.fused_hstu_candidate import SelfKV, as_rows, candidate_layer
 from collectivekv.cachestore.decode.fused_mlp import mlp_logits
@@ -249,9 +249,9 @@ def hstu_history(raw: torch.Tensor, q: torch.Tensor, layer: int, *, resident: Re
     k_code, v_code, _, _ = side_codes(g, layout.kv_dtype, user_halves(layout, g))
     k_scale, v_scale = group_scales(resident, g)
     rows, groups, max_n = b * c, heads // gh, layout.max_len
-    parts = split_parts(config, rows, groups, max(1, max_n), q.device)
-    seg = -(-max(1, max_n) // (parts * config.block_l)) * config.block_l  # behaviours per part, whole blocks
     check_chunks(chunks, raw)
+    # as many parts as keep one launch's users' programs busy (a copy piece's launch serves ~1/len(chunks) of them)
+    parts, seg = launch_shape(config, rows, groups, max(1, max_n), len(chunks), q.device)  # seg: whole blocks
     out = torch.empty(parts, rows, d_a, dtype=torch.float32, device=q.device)  # (S, b·C, d_a): each row written once
     if rows == 0:
         return out.view(parts, b, c, d_a)

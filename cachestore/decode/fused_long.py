@@ -82,29 +82,30 @@ if triton is not None:
         end_lo, end_hi, pool_size, lowest, k_scale, D_A: tl.constexpr, H: tl.constexpr, GH: tl.constexpr,
         DH: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, K_SHARED: tl.constexpr, K_CODE: tl.constexpr,
         K_BYTES: tl.constexpr, V_BYTES: tl.constexpr, IDX_BYTES: tl.constexpr, BLOCK_L: tl.constexpr,
-        CAP: tl.constexpr,
+        CAP: tl.constexpr, STEPS: tl.constexpr,
     ):
         row = tl.program_id(0)  # b·C + c
         b = row // n_cand
         if _serves(ends_ptr, b, end_lo, end_hi):
             group = tl.program_id(1)  # heads group·GH .. group·GH + GH - 1
-            ls = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)  # (BLOCK_L,) rows of the group
             start = tl.load(starts_ptr + b) + start_add
             n = tl.load(rows_ptr + b)
-            lmask = ls < n
             cols = group * GH * DH + tl.arange(0, GH * DH)  # (GH·DH,)
             q = tl.load(q_ptr + row * D_A + cols).to(tl.float32) * scale
-            key = _load_side(raw_ptr, start, ls, cols, lmask, DK, K_CODE, k_scale)  # (BLOCK_L, GH·DH)
-            nbad = tl.zeros([], dtype=tl.int32)
-            if K_SHARED:  # k_idx, or the joint kv_idx: the group's first index part
-                kidx_base = start + n * (DK * K_BYTES + DV * V_BYTES)
-                pool, nbad = _pool_rows(raw_ptr, pool_k_ptr, kidx_base, ls, cols, lmask, nbad, pool_size, D_A,
-                                        IDX_BYTES)
-                key += pool
-            s = tl.sum(tl.reshape(key * q[None, :], (BLOCK_L, GH, DH)), axis=2)  # (BLOCK_L, GH)
-            s = tl.where(lmask[:, None], s, lowest)
             heads = group * GH + tl.arange(0, GH)  # (GH,)
-            tl.store(out_ptr + (row * H + heads[None, :]) * CAP + ls[:, None], s, mask=(ls < CAP)[:, None])
+            kidx_base = start + n * (DK * K_BYTES + DV * V_BYTES)  # k_idx, or the joint kv_idx
+            nbad = tl.zeros([], dtype=tl.int32)
+            for step in tl.static_range(STEPS):  # this program's STEPS blocks of BLOCK_L rows
+                ls = (tl.program_id(2) * STEPS + step) * BLOCK_L + tl.arange(0, BLOCK_L)  # (BLOCK_L,) rows
+                lmask = ls < n
+                key = _load_side(raw_ptr, start, ls, cols, lmask, DK, K_CODE, k_scale)  # (BLOCK_L, GH·DH)
+                if K_SHARED:
+                    pool, nbad = _pool_rows(raw_ptr, pool_k_ptr, kidx_base, ls, cols, lmask, nbad, pool_size, D_A,
+                                            IDX_BYTES)
+                    key += pool
+                s = tl.sum(tl.reshape(key * q[None, :], (BLOCK_L, GH, DH)), axis=2)  # (BLOCK_L, GH)
+                s = tl.where(lmask[:, None], s, lowest)
+                tl.store(out_ptr + (row * H + heads[None, :]) * CAP + ls[:, None], s, mask=(ls < CAP)[:, None])
             tl.store(flag_ptr + b, 1, mask=nbad > 0)
 
     @triton.jit
@@ -260,8 +261,9 @@ def _block(n: int, most: int = 64) -> int:
 def group_scores(raw: torch.Tensor, q: torch.Tensor, view: GroupView, pool_k: torch.Tensor, n_heads: int,
                  flags: torch.Tensor, *, heads_per_program: int = 1, num_warps: int = 1,
                  scales: tuple[float, float] = (1.0, 1.0), chunk: tuple[int, int] = ALL_BYTES[0],
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """Scores (B·C, H, cap) fp32 of ``q`` (B, C, d_a) over every row of the group ``view`` (module docstring);
+                 out: torch.Tensor | None = None, blocks_per_program: int = 1) -> torch.Tensor:
+    """Scores (B·C, H, cap) fp32 of ``q`` (B, C, d_a) over every row of the group ``view`` (module docstring),
+    each program scoring ``blocks_per_program`` blocks of rows (the same sums whatever it is);
     pool_k: (pool, d_a) padded K pool (1 zero row when K is not shared; a joint pool's K columns for a joint
     index); scales: the (K, V) scales of int8 user parts (:func:`cachestore.decode.fused_view.group_scales`).
     ``chunk`` (lo, hi]: only the rows of users whose record ends in it are written (a copy piece's launch), into
@@ -275,12 +277,14 @@ def group_scores(raw: torch.Tensor, q: torch.Tensor, view: GroupView, pool_k: to
         return out
     block = _block(cap)
     k_code, _, k_bytes, v_bytes = side_codes(g, view.kv_dtype, view.halves)
-    _group_scores_kernel[(b * c, n_heads // heads_per_program, -(-cap // block))](
+    steps = max(1, blocks_per_program)
+    _group_scores_kernel[(b * c, n_heads // heads_per_program, -(-cap // (block * steps)))](
         raw, view.starts, view.rows, launch_ends(view, chunk), q.float().contiguous(), pool_k, out, flags, c,
         1.0 / math.sqrt(dh), view.start_add, chunk[0], chunk[1], view.pool_size, SCORE_FILL, float(scales[0]),
         D_A=d_a, H=n_heads,
         GH=heads_per_program, DH=dh, DK=g.dk, DV=g.dv, K_SHARED=g.k_shared, K_CODE=k_code, K_BYTES=k_bytes,
-        V_BYTES=v_bytes, IDX_BYTES=IDX_BYTES[view.idx_dtype], BLOCK_L=block, CAP=cap, num_warps=num_warps,
+        V_BYTES=v_bytes, IDX_BYTES=IDX_BYTES[view.idx_dtype], BLOCK_L=block, CAP=cap, STEPS=steps,
+        num_warps=num_warps,
     )
     return out
 

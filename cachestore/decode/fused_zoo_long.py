@@ -20,6 +20,7 @@ how the users are split among launches (``tests/cachestore/decode/test_fused_zoo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,6 +39,10 @@ from collectivekv.cachestore.decode.fused_view import GroupView, may_misalign
 from collectivekv.cachestore.store.entry import EntryLayout
 from collectivekv.model.cache_spec import key_bits
 from collectivekv.model.config import ModelConfig
+
+# TWIN's score launch: 4 heads (of 8) and 2 blocks of rows per program, 4 warps — 0.044 ms a batch of B 512, L 1,000
+# (fp16, one H100) against 0.059 ms with one head, one block and one warp a program (benchmarks/zoo_launch_sweep.py)
+SCORES_LAUNCH = {"num_warps": 4, "blocks_per_program": 2}
 
 
 @dataclass(frozen=True)
@@ -142,7 +147,8 @@ def twin_long(s: LongStage) -> None:
     b, c, d_a = s.q.shape
     heads = s.cfg.n_heads
     scores = group_scores(s.raw, s.q, s.view, s.pools[0], heads, s.flags, scales=s.scales, chunk=s.chunk,
-                          out=s.buffers["scores"])  # (B·C, H, cap)
+                          out=s.buffers["scores"], **SCORES_LAUNCH, heads_per_program=math.gcd(4, heads))
+    # (B·C, H, cap)
     k = s.buffers["weights"].shape[-1]
     # equal scores rank the later row first (the model's stable sort); torch's stable sort of the flipped scores
     # took 0.12 ms of radix passes at B 512, L 1,000 on an H200, and a torch top-k over (score bits, position)

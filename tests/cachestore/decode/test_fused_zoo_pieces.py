@@ -16,7 +16,7 @@ from collectivekv.cachestore.decode import copy_plan, fused_zoo
 from collectivekv.cachestore.decode.batch import HostBatcher
 from collectivekv.cachestore.decode.copy_plan import record_ends
 from collectivekv.cachestore.decode.fused import FusedConfig, attend_group, fused_available
-from collectivekv.cachestore.decode.fused_long import bucket_sums
+from collectivekv.cachestore.decode.fused_long import bucket_sums, group_scores
 from collectivekv.cachestore.decode.fused_zoo import check_store, entry_views, group_pools
 from collectivekv.cachestore.decode.graphs import GraphedDecoder
 from collectivekv.model.config import LONG_ARCHS
@@ -112,6 +112,24 @@ def test_a_split_launch_of_some_users_is_refused() -> None:
     with pytest.raises(ValueError, match="contiguous fp32 out"):
         bucket_sums(case.raw, view, torch.zeros(1, d_a, device=DEVICE), view.starts, 1, 4, targets, 1, flags,
                     out=sums[:, :1])
+
+
+@pytest.mark.parametrize(("heads", "blocks"), [(1, 2), (4, 4)])
+def test_twin_scores_are_the_same_for_any_launch_shape(heads: int, blocks: int) -> None:
+    """TWIN's scores with each program scoring several heads and walking several blocks of rows (fewer programs a
+    launch, the last walking past the window): the same scores, every one written. A long window of 300 rows is five
+    blocks of 64."""
+    case = packed("twin", "collective", "float32", seed=5, long_len=300)
+    cfg = case.resident.cfg
+    long = entry_views(case.raw, case.layout, case.n_users, check_store(case.resident, case.layout))["long"]
+    pool_k = group_pools(case.resident, "long", (long.group.k_shared, long.group.v_shared), torch.float32)[0]
+    q = torch.randn(case.n_users, 2, cfg.d_attn, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    flags = torch.zeros(case.n_users, dtype=torch.int32, device=DEVICE)
+    with torch.inference_mode():
+        want = group_scores(case.raw, q, long, pool_k, cfg.n_heads, flags)
+        got = group_scores(case.raw, q, long, pool_k, cfg.n_heads, flags, heads_per_program=heads,
+                           blocks_per_program=blocks, num_warps=4, out=torch.full_like(want, float("nan")))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @cuda
