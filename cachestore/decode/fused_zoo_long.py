@@ -40,9 +40,11 @@ from collectivekv.cachestore.store.entry import EntryLayout
 from collectivekv.model.cache_spec import key_bits
 from collectivekv.model.config import ModelConfig
 
-# TWIN's score launch: 4 heads (of 8) and 2 blocks of rows per program, 4 warps — 0.044 ms a batch of B 512, L 1,000
-# (fp16, one H100) against 0.059 ms with one head, one block and one warp a program (benchmarks/zoo_launch_sweep.py)
-SCORES_LAUNCH = {"num_warps": 4, "blocks_per_program": 2}
+# TWIN's score launch over 16-bit stores: 4 heads (of 8) and 2 blocks of rows a program, 4 warps — 0.044 ms a batch
+# of B 512, L 1,000 (fp16, one H100) against 0.059 ms with one head, one block and one warp a program
+# (benchmarks/zoo_launch_sweep.py). fp32 stores keep the latter: the wider tile sums a head's products in another
+# order, which moves fp32 scores by an ulp and reorders near-tied scores at the top-k boundary (logits off by ~1e-3)
+SCORES_LAUNCH = {"heads_per_program": 4, "num_warps": 4, "blocks_per_program": 2}
 
 
 @dataclass(frozen=True)
@@ -146,9 +148,9 @@ def twin_long(s: LongStage) -> None:
     """TWIN: per-head scores of every long row, per-head top-k (ties: later row first), softmax, values."""
     b, c, d_a = s.q.shape
     heads = s.cfg.n_heads
+    launch = {} if s.view.kv_dtype == "float32" else dict(SCORES_LAUNCH, heads_per_program=math.gcd(4, heads))
     scores = group_scores(s.raw, s.q, s.view, s.pools[0], heads, s.flags, scales=s.scales, chunk=s.chunk,
-                          out=s.buffers["scores"], **SCORES_LAUNCH, heads_per_program=math.gcd(4, heads))
-    # (B·C, H, cap)
+                          out=s.buffers["scores"], **launch)  # (B·C, H, cap)
     k = s.buffers["weights"].shape[-1]
     # equal scores rank the later row first (the model's stable sort); torch's stable sort of the flipped scores
     # took 0.12 ms of radix passes at B 512, L 1,000 on an H200, and a torch top-k over (score bits, position)
