@@ -28,8 +28,9 @@ from collectivekv.model.ctr import build_mlp, mlp_head  # noqa: E402
 OUT = ROOT / "benchmarks" / "results" / "mlp_head" / "mlp_head.json"
 
 
-def graphed(fn) -> torch.cuda.CUDAGraph:
-    """``fn`` captured after three eager runs on a side stream (compiles, cuBLAS workspaces)."""
+def graphed(fn, calls: int = 1) -> torch.cuda.CUDAGraph:
+    """``calls`` calls of ``fn`` captured in one graph after three eager runs on a side stream (compiles, cuBLAS
+    workspaces)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -38,7 +39,8 @@ def graphed(fn) -> torch.cuda.CUDAGraph:
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
+        for _ in range(calls):
+            fn()
     return graph
 
 

@@ -34,8 +34,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.decode_latency import machine, timed  # noqa: E402
+from benchmarks.decode_latency import machine  # noqa: E402
+from benchmarks.mlp_head import graphed  # noqa: E402
 from benchmarks.zoo_latency import paper_batch  # noqa: E402
+from benchmarks.zoo_overlap import round_robin  # noqa: E402
 from collectivekv.cachestore.decode import fused_long, fused_route, fused_zoo_long  # noqa: E402
 from collectivekv.cachestore.decode.decode import ResidentZooModel  # noqa: E402
 from collectivekv.cachestore.decode.fused import FUSED, FusedConfig  # noqa: E402
@@ -47,16 +49,8 @@ RESULTS = Path(__file__).resolve().parent / "results" / "zoo_latency"
 
 
 def graph_us(fn: Callable[[], object], calls: int = 20, replays: int = 30) -> float:
-    """Median µs of one call of ``fn``, ``calls`` of them captured in one CUDA graph (warmed up on a side stream)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
+    """Median µs of one call of ``fn``, ``calls`` of them captured in one CUDA graph (:func:`mlp_head.graphed`)."""
+    graph = graphed(fn, calls)
     times = []
     for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -137,10 +131,7 @@ def history_sweep(args: argparse.Namespace, device: torch.device) -> list[dict]:
             continue
         configs.append(config)
         graphs.append(graph)
-    rounds: list[list[float]] = [[] for _ in configs]
-    for _ in range(args.rounds):
-        for i, gr in enumerate(graphs):
-            rounds[i].append(timed(lambda gr=gr: gr.run(host), device, 3, 20)["median_ms"])
+    rounds = round_robin(graphs, host, device, args.rounds, 20, warmup=3)
     return [{"heads_per_program": f.heads_per_program, "num_warps": f.num_warps, "block_l": f.block_l,
              "ms": round(statistics.median(ms), 4), "max_abs_diff": float((out - logits[0]).abs().max())}
             for f, ms, out in zip(configs, rounds, logits, strict=True)]

@@ -34,6 +34,17 @@ from collectivekv.cachestore.decode.graphs import GraphedDecoder  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results" / "zoo_latency"
 
 
+def round_robin(graphs: list[GraphedDecoder], host: object, device: torch.device, rounds: int, repeats: int,
+                warmup: int = 5) -> list[list[float]]:
+    """Per graph, the median ms of ``repeats`` replays serving ``host`` (after ``warmup``) in each of ``rounds``
+    rounds, the graphs taking turns so that drift of the machine spreads over all of them."""
+    times: list[list[float]] = [[] for _ in graphs]
+    for _ in range(rounds):
+        for i, graph in enumerate(graphs):
+            times[i].append(timed(lambda graph=graph: graph.run(host), device, warmup, repeats)["median_ms"])
+    return times
+
+
 def bench_arch(arch: str, overlaps: list[int], concurrent: list[bool], args: argparse.Namespace,
                device: torch.device) -> list[dict]:
     """Rows (overlap, concurrent, median ms, per-round medians, max |logit difference| to the first setting)."""
@@ -43,10 +54,7 @@ def bench_arch(arch: str, overlaps: list[int], concurrent: list[bool], args: arg
     graphs = [GraphedDecoder(resident, layout, n_users=args.batch, pad_to=cfg.window_len, n_candidates=1, overlap=k,
                              concurrent=conc) for k, conc in settings]
     logits = [gr.run(host, cand).clone() for gr in graphs]
-    rounds: list[list[float]] = [[] for _ in settings]
-    for _ in range(args.rounds):
-        for i, gr in enumerate(graphs):
-            rounds[i].append(timed(lambda gr=gr: gr.run(host), device, 5, args.repeats)["median_ms"])
+    rounds = round_robin(graphs, host, device, args.rounds, args.repeats)
     rows = []
     for (k, conc), ms, out in zip(settings, rounds, logits, strict=True):
         rows.append({"arch": arch, "overlap": k, "concurrent": conc, "median_ms": round(statistics.median(ms), 4),

@@ -243,14 +243,20 @@ if triton is not None:
         tl.store(out_ptr + r * D_A + cols, tl.sum(x / norm[:, None], axis=0) / M)
 
 
-def launch_ends(view: GroupView, chunk: tuple[int, int]) -> torch.Tensor:
-    """(B,) one past each user's record, the byte a launch's (lo, hi] ``chunk`` test reads (``view.ends``; a view
-    without them serves one launch of every user, :data:`ALL_BYTES`: its rows, which pass that test)."""
-    if view.ends is not None:
-        return view.ends
+def served_ends(ends: torch.Tensor | None, rows: torch.Tensor, chunk: tuple[int, int]) -> torch.Tensor:
+    """(B,) one past each user's record, the byte a launch's (lo, hi] ``chunk`` test reads: ``ends``; without them
+    one launch serves every user (:data:`ALL_BYTES`), and ``rows`` (B,) (any non-negative counts, which pass that
+    test) stand in."""
+    if ends is not None:
+        return ends
     if not serves_everyone((chunk,)):
-        raise ValueError(f"a launch of chunk {tuple(chunk)} reads the users' record ends: the view has none")
-    return view.rows
+        raise ValueError(f"a launch of chunk {tuple(chunk)} reads the users' record ends: none were given")
+    return rows
+
+
+def launch_ends(view: GroupView, chunk: tuple[int, int]) -> torch.Tensor:
+    """:func:`served_ends` of the group ``view`` (its ``ends`` and ``rows``)."""
+    return served_ends(view.ends, view.rows, chunk)
 
 
 def _block(n: int, most: int = 64) -> int:

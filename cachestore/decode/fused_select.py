@@ -18,7 +18,7 @@ import torch
 
 from collectivekv.cachestore.decode.fused import triton
 from collectivekv.cachestore.decode.fused_config import ALL_BYTES
-from collectivekv.cachestore.decode.fused_long import SCORE_FILL
+from collectivekv.cachestore.decode.fused_long import SCORE_FILL, served_ends
 
 # the order-preserving int32 of an fp32 (its bits, or bits ^ 0x7FFFFFFF when negative: :func:`_flip`) of the fill
 _FILL_BITS = int(torch.tensor(SCORE_FILL).view(torch.int32))
@@ -201,8 +201,8 @@ def row_topk(scores: torch.Tensor, k: int, num_warps: int = 1, *, softmax_rows: 
     top, idx = out if out is not None else (torch.empty(flat.shape[0], k, dtype=torch.float32, device=scores.device),
                                             torch.empty(flat.shape[0], k, dtype=torch.int64, device=scores.device))
     per_user = max(1, flat.shape[0] // max(1, scores.shape[0]) * n_cand) if softmax else 1  # score rows per user
-    if ends is None:  # every row served (a record end of 0 lies in the open chunk)
-        ends, chunk = torch.zeros(-(-flat.shape[0] // per_user), dtype=torch.int64, device=scores.device), ALL_BYTES[0]
+    ends = served_ends(ends, softmax_rows if softmax else torch.zeros(flat.shape[0], dtype=torch.int64,
+                                                                      device=scores.device), chunk)
     if flat.shape[0]:
         _row_topk_kernel[(flat.shape[0],)](flat, top, idx, softmax_rows if softmax else idx, ends, per_user,
                                            chunk[0], chunk[1], CAP=cap,
@@ -232,8 +232,7 @@ def key_select(raw: torch.Tensor, key_starts: torch.Tensor, rows: torch.Tensor, 
     sel, n_sel = out if out is not None else (torch.zeros(b * c, k, dtype=torch.int64, device=targets.device),
                                               torch.zeros(b * c, dtype=torch.int64, device=targets.device))
     # sel (R, k), n_sel (R,)
-    if ends is None:  # every user served (a record end of 0 lies in the open chunk)
-        ends, chunk = torch.zeros(b, dtype=torch.int64, device=targets.device), ALL_BYTES[0]
+    ends = served_ends(ends, rows, chunk)
     if b * c:
         _key_select_kernel[(b * c,)](
             raw, key_starts, rows, ends, targets.contiguous(), sel, n_sel, sel if codes is None else codes, c,

@@ -148,7 +148,8 @@ def twin_long(s: LongStage) -> None:
     """TWIN: per-head scores of every long row, per-head top-k (ties: later row first), softmax, values."""
     b, c, d_a = s.q.shape
     heads = s.cfg.n_heads
-    launch = {} if s.view.kv_dtype == "float32" else dict(SCORES_LAUNCH, heads_per_program=math.gcd(4, heads))
+    wide = dict(SCORES_LAUNCH, heads_per_program=math.gcd(SCORES_LAUNCH["heads_per_program"], heads))  # divides H
+    launch = {} if s.view.kv_dtype == "float32" else wide
     scores = group_scores(s.raw, s.q, s.view, s.pools[0], heads, s.flags, scales=s.scales, chunk=s.chunk,
                           out=s.buffers["scores"], **launch)  # (B·C, H, cap)
     k = s.buffers["weights"].shape[-1]
