@@ -7,11 +7,13 @@ request's critical path from the second layer on. :func:`route_rows` finds the s
 
     scan  program (i, s) — rows i·BM .., columns s·SPAN .. (s + 1)·SPAN - 1, BN at a time:
             a[r, c] = x[r] · w[c] on tensor cores at ``tf32x3`` (each fp32 operand split into two tf32 halves,
-            three products), keeping per row its two largest (value, column) and its third largest value
+            three products); each lane (row, column mod BN) keeps its best (value, column) and runner-up value
+            elementwise, and at the span's end a row keeps its two largest (value, column) and a bound on the rest
+            (the third lane best or the largest runner-up)
     pick  program r — A = the largest a[r, ·] over the spans, T = A - 2·margin(r):
             every kept column with a >= T is rescored in IEEE fp32 (x · w_c summed on the CUDA cores) and the
-            largest exact logit wins, ties to the lowest column (torch's max); where a span's third value
-            reaches T (a column not kept could win) every column of the row is rescored
+            largest exact logit wins, ties to the lowest column (torch's max); where a span's bound on the rest
+            reaches T (a column not kept could win; two contenders in one lane land here) the row is rescored whole
 
 margin(r) = (2E + 8)·2⁻²² · Σ_e |x[r, e]| · max_c |w[c, e]| bounds |a[r, c] - fp32 logit| for every column c
 (tf32x3's dropped low·low product, the halves' roundings and the tensor cores' truncation of the low halves, a few
@@ -30,7 +32,7 @@ import torch
 
 from collectivekv.cachestore.decode.fused import triton
 
-SCAN_BN = 64  # router columns per tensor-core step (E 64: 0.021 ms for 512 rows, 0.028 at 128; zoo_launch_sweep.py)
+SCAN_BN = 64  # router columns per tensor-core step (E 64: 0.018 ms for 512 rows, 0.026 at 128; zoo_launch_sweep.py)
 PICK_BN = 64  # router columns per step of the full IEEE rescore
 TARGET_PROGRAMS = 264  # scan programs aimed at (two per SM of an H100 / H200)
 TILE_CELLS = 8192  # fp32 cells of the scan's x tile and of its router tile, at most
@@ -41,63 +43,51 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _merge_top(v1, c1, v2, c2, v3, m1, a1, m2, a2, m3):
-        """The two largest (value, column) and the third value of a running triple v (columns lower than every
-        column of the tile: it ranks first on equal values) and a tile's triple m; each sorted, values (BM,)."""
-        t = m1 > v1  # the tile's best is the new best
-        n1 = tl.where(t, m1, v1)
-        nc1 = tl.where(t, a1, c1)
-        # t: second = v1 or m2 (v1 first on ties), third = the larger of what is left; else v2 or m1, likewise
-        s_run = tl.where(t, v1 >= m2, v2 >= m1)  # the second comes from the running triple
-        n2 = tl.where(t, tl.where(s_run, v1, m2), tl.where(s_run, v2, m1))
-        nc2 = tl.where(t, tl.where(s_run, c1, a2), tl.where(s_run, c2, a1))
-        n3 = tl.where(t, tl.where(s_run, tl.maximum(v2, m2), tl.maximum(v1, m3)),
-                      tl.where(s_run, tl.maximum(v3, m1), tl.maximum(v2, m2)))
-        return n1, nc1, n2, nc2, n3
-
-    @triton.jit
-    def _tile_top(s, cols, valid):
-        """Per row of s (BM, BN): the largest value and its lowest column, the second (another column) and the
-        third value; columns where not ``valid`` (BN,) take no part."""
-        s = tl.where(valid[None, :], s, float("-inf"))
+    def _span_top(v1, c1, v2):
+        """Per row the two largest (value, column) over the lanes' bests v1 (BM, BN) at columns c1, and a bound on
+        every other value of the span: the third lane best or the largest lane runner-up v2 (whose column is not
+        kept), whichever is larger. Equal values rank by the lower column."""
         big = 2147483647
-        m1 = tl.max(s, axis=1)
-        a1 = tl.min(tl.where(valid[None, :] & (s == m1[:, None]), cols[None, :], big), axis=1)
-        s = tl.where(cols[None, :] == a1[:, None], float("-inf"), s)
-        m2 = tl.max(s, axis=1)
-        a2 = tl.min(tl.where(valid[None, :] & (s == m2[:, None]), cols[None, :], big), axis=1)
-        s = tl.where(cols[None, :] == a2[:, None], float("-inf"), s)
-        return m1, a1, m2, a2, tl.max(s, axis=1)
+        m1 = tl.max(v1, axis=1)
+        a1 = tl.min(tl.where(v1 == m1[:, None], c1, big), axis=1)
+        v1 = tl.where(c1 == a1[:, None], float("-inf"), v1)
+        m2 = tl.max(v1, axis=1)
+        a2 = tl.min(tl.where(v1 == m2[:, None], c1, big), axis=1)
+        v1 = tl.where(c1 == a2[:, None], float("-inf"), v1)
+        return m1, a1, m2, a2, tl.maximum(tl.max(v1, axis=1), tl.max(v2, axis=1))
 
     @triton.jit
     def _route_scan_kernel(x_ptr, w_ptr, val_ptr, col_ptr, n_rows, N_COLS: tl.constexpr, SPAN: tl.constexpr,
                            E: tl.constexpr, BE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                            PRECISION: tl.constexpr):
-        """Program (i, s): rows i·BM .., columns s·SPAN .. (whole BN steps); writes val (N, S, 3) and col (N, S, 2)."""
+        """Program (i, s): rows i·BM .., columns s·SPAN .. (whole BN steps); writes val (N, S, 3) and col (N, S, 2).
+        Each lane (row, column mod BN) keeps its best (value, column) and runner-up value over the steps, elementwise
+        (steps visit columns in order: a strict > keeps the lower column on equal values); one reduction per span."""
         rows = tl.program_id(0) * BM + tl.arange(0, BM)  # (BM,)
         span = tl.program_id(1)
         es = tl.arange(0, BE)  # (BE,) BE = E rounded up to a power of two >= 16
         rmask = rows < n_rows
         x = tl.load(x_ptr + rows[:, None] * E + es[None, :], mask=rmask[:, None] & (es < E)[None, :], other=0.0)
-        v1 = tl.full([BM], float("-inf"), tl.float32)
+        v1 = tl.full([BM, BN], float("-inf"), tl.float32)  # (BM, BN) per lane: the best, its column, the runner-up
         v2 = v1
-        v3 = v1
-        c1 = tl.zeros([BM], dtype=tl.int32)
-        c2 = c1
+        c1 = tl.zeros([BM, BN], dtype=tl.int32) + span * SPAN  # a column of the span (each holds a valid one)
         for j in range(0, SPAN, BN):
             cols = span * SPAN + j + tl.arange(0, BN)  # (BN,)
             valid = cols < N_COLS
             w = tl.load(w_ptr + cols[None, :] * E + es[:, None], mask=valid[None, :] & (es < E)[:, None],
                         other=0.0)  # (BE, BN): columns of Wᵀ
-            s = tl.dot(x, w, input_precision=PRECISION)  # (BM, BN) fp32
-            m1, a1, m2, a2, m3 = _tile_top(s, cols, valid)
-            v1, c1, v2, c2, v3 = _merge_top(v1, c1, v2, c2, v3, m1, a1, m2, a2, m3)
+            s = tl.where(valid[None, :], tl.dot(x, w, input_precision=PRECISION), float("-inf"))  # (BM, BN) fp32
+            up = s > v1
+            v2 = tl.where(up, v1, tl.maximum(v2, s))
+            c1 = tl.where(up, cols[None, :], c1)
+            v1 = tl.where(up, s, v1)
+        m1, a1, m2, a2, m3 = _span_top(v1, c1, v2)
         out = rows * tl.num_programs(1) + span  # (BM,) the (row, span) slot
-        tl.store(val_ptr + out * 3, v1, mask=rmask)
-        tl.store(val_ptr + out * 3 + 1, v2, mask=rmask)
-        tl.store(val_ptr + out * 3 + 2, v3, mask=rmask)
-        tl.store(col_ptr + out * 2, c1, mask=rmask)
-        tl.store(col_ptr + out * 2 + 1, c2, mask=rmask)
+        tl.store(val_ptr + out * 3, m1, mask=rmask)
+        tl.store(val_ptr + out * 3 + 1, m2, mask=rmask)
+        tl.store(val_ptr + out * 3 + 2, m3, mask=rmask)
+        tl.store(col_ptr + out * 2, a1, mask=rmask)
+        tl.store(col_ptr + out * 2 + 1, a2, mask=rmask)
 
     @triton.jit
     def _exact_best(w_ptr, cols, keep, x, es, E: tl.constexpr):
