@@ -20,10 +20,11 @@ margin(r) = (2E + 8)·2⁻²² · Σ_e |x[r, e]| · max_c |w[c, e]| bounds |a[r,
 2⁻²², covered by the 8; truncating fp32 accumulations of 3E products, 1.5E·2⁻²²; the IEEE rescore's own E·2⁻²⁴): a
 column whose a is below T has an fp32 logit below the winner's, so the pick is the fp32 argmax up to the summation
 order of the rescore's E-term sums — the freedom any fp32 GEMM has. With N(0, 1/E) routers a second column falls
-within 2·margin of the best for well under 1% of rows (then both are rescored); a third in one span practically
-never. Where T is not a number (a NaN input, or logits overflowing to ±inf) the row is rescored whole, and its index
-is always a column of the router. Under Triton's interpreter ``tf32x3`` runs as fp32 and the same code paths run
-(``tests/cachestore/decode/test_fused_route.py`` checks ties, near-ties and the full rescore against ``route``).
+within 2·margin of the best for well under 1% of rows (then both are rescored); a third in one span, or two in one
+lane, practically never. Where T is not a number (a NaN input, or logits overflowing to ±inf) the row is rescored
+whole, and its index is always a column of the router. Under Triton's interpreter ``tf32x3`` runs as fp32 and the
+same code paths run (``tests/cachestore/decode/test_fused_route.py`` checks ties, near-ties and the full rescore
+against ``route``).
 """
 
 from __future__ import annotations
@@ -43,17 +44,20 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
+    def _pop_best(v, c):
+        """Per row of v (BM, BN) at columns c: the largest value, its lowest column, and v with that column's entries
+        set to -inf."""
+        m = tl.max(v, axis=1)
+        a = tl.min(tl.where(v == m[:, None], c, 2147483647), axis=1)
+        return m, a, tl.where(c == a[:, None], float("-inf"), v)
+
+    @triton.jit
     def _span_top(v1, c1, v2):
         """Per row the two largest (value, column) over the lanes' bests v1 (BM, BN) at columns c1, and a bound on
         every other value of the span: the third lane best or the largest lane runner-up v2 (whose column is not
         kept), whichever is larger. Equal values rank by the lower column."""
-        big = 2147483647
-        m1 = tl.max(v1, axis=1)
-        a1 = tl.min(tl.where(v1 == m1[:, None], c1, big), axis=1)
-        v1 = tl.where(c1 == a1[:, None], float("-inf"), v1)
-        m2 = tl.max(v1, axis=1)
-        a2 = tl.min(tl.where(v1 == m2[:, None], c1, big), axis=1)
-        v1 = tl.where(c1 == a2[:, None], float("-inf"), v1)
+        m1, a1, v1 = _pop_best(v1, c1)
+        m2, a2, v1 = _pop_best(v1, c1)
         return m1, a1, m2, a2, tl.maximum(tl.max(v1, axis=1), tl.max(v2, axis=1))
 
     @triton.jit
