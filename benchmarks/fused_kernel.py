@@ -33,7 +33,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.decode_latency import PAPER, collective_layout, machine, paper_model, synthetic_records, timed  # noqa: E402
+from benchmarks.paper_store import PAPER, collective_layout, paper_model, synthetic_records  # noqa: E402
+from benchmarks.timing import machine, timed  # noqa: E402
 from collectivekv.cachestore.decode.batch import HostBatcher  # noqa: E402
 from collectivekv.cachestore.decode.decode import din_cache, pool_score_attention  # noqa: E402
 from collectivekv.cachestore.decode.fused import FusedConfig, fused_attention  # noqa: E402

@@ -31,9 +31,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.decode_latency import machine  # noqa: E402
 from benchmarks.serve_client import run_load  # noqa: E402
 from benchmarks.serve_load import _cpu_s, json_body  # noqa: E402
+from benchmarks.timing import machine  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "serve_load" / "http_overhead.json"
 REPLY = json.dumps({"error": "'text/plain' is not application/json", "field": "content-type"}).encode()

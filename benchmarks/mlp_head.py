@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.decode_latency import machine, timed  # noqa: E402
+from benchmarks.timing import machine, timed  # noqa: E402
 from collectivekv.cachestore.decode.fused_mlp import mlp_logits  # noqa: E402
 from collectivekv.model.ctr import build_mlp, mlp_head  # noqa: E402
 

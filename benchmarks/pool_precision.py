@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.decode_latency import machine  # noqa: E402
+from benchmarks.timing import machine  # noqa: E402
 from collectivekv.cachestore.checkpoint import load_checkpoint  # noqa: E402
 from collectivekv.model.metrics import ctr_metrics  # noqa: E402
 from collectivekv.pipeline.data.dataset_schema import load_dataset  # noqa: E402

@@ -37,7 +37,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.decode_latency import build_fetch_store, machine  # noqa: E402
+from benchmarks.paper_store import build_fetch_store  # noqa: E402
+from benchmarks.timing import machine  # noqa: E402
 from collectivekv.cachestore.decode.batch import HostBatcher  # noqa: E402
 from collectivekv.cachestore.store.store_check import check_version  # noqa: E402
 from collectivekv.cachestore.store.store_tree import check_tree  # noqa: E402

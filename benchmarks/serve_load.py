@@ -40,8 +40,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.decode_latency import N_ITEMS, PAPER, collective_layout, machine, write_fetch_parquet  # noqa: E402
+from benchmarks.paper_store import N_ITEMS, PAPER, collective_layout, write_fetch_parquet  # noqa: E402
 from benchmarks.serve_client import LoadResult, get_json, run_load  # noqa: E402
+from benchmarks.timing import machine  # noqa: E402
 from collectivekv.cachestore.serving.payloads import ARROW_MIME, JSON_MIME  # noqa: E402
 from collectivekv.cachestore.store.publish import build_version, new_staging_dir, publish  # noqa: E402
 

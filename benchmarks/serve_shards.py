@@ -39,9 +39,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.decode_latency import N_ITEMS, PAPER, collective_layout, machine, synthetic_records  # noqa: E402
+from benchmarks.paper_store import N_ITEMS, PAPER, collective_layout, synthetic_records  # noqa: E402
 from benchmarks.serve_client import run_load  # noqa: E402
 from benchmarks.serve_load import _env  # noqa: E402
+from benchmarks.timing import machine  # noqa: E402
 from collectivekv.cachestore.serving.payloads import JSON_MIME  # noqa: E402
 from collectivekv.cachestore.store.publish import new_staging_dir  # noqa: E402
 from collectivekv.cachestore.store.shard_build import ShardTarget, build_shard, shard_schema  # noqa: E402

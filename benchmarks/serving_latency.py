@@ -4,7 +4,7 @@
                                          [--out benchmarks/results/serving_latency/serving_latency.json]
 
 For each history length L a published LMDB store is built as ``benchmarks/zero_copy.py`` builds it
-(``decode_latency.build_fetch_store``: fp16 caches, 100,000 users at L <= 100, else 20,000; every page touched),
+(``paper_store.build_fetch_store``: fp16 caches, 100,000 users at L <= 100, else 20,000; every page touched),
 and the paper's model (d_a 256, 8 heads, d_u 1, pool 10,000; fused kernel, fp16 pool rows) scores one
 candidate per user. Per batch size B, after warm-up, three ways of serving a request of B random users:
 
@@ -38,14 +38,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.decode_latency import (  # noqa: E402
-    N_ITEMS,
-    build_fetch_store,
-    fused_config,
-    paper_model,
-    sweep_lengths,
-    timed,
-)
+from benchmarks.graph_paths import fused_config  # noqa: E402
+from benchmarks.paper_store import N_ITEMS, build_fetch_store, paper_model  # noqa: E402
+from benchmarks.timing import sweep_lengths, timed  # noqa: E402
 from collectivekv.cachestore.decode.fused_config import STORE  # noqa: E402
 from collectivekv.cachestore.decode.graphs import GraphedDecoder  # noqa: E402
 from collectivekv.cachestore.decode.mapped import MappedBatcher  # noqa: E402

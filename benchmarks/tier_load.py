@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.decode_latency import build_fetch_store  # noqa: E402
+from benchmarks.paper_store import build_fetch_store  # noqa: E402
 from collectivekv.cachestore.tier.tier import ResidentTier  # noqa: E402
 
 

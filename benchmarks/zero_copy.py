@@ -3,7 +3,7 @@
     python benchmarks/zero_copy.py [--lengths 50,1000] [--batch-sizes 1,64,256,512] [--store-dtype float16]
                                    [--out benchmarks/results/zero_copy/zero_copy.json]
 
-For each L a published LMDB store is built the way the nightly job builds it (``decode_latency.build_fetch_store``:
+For each L a published LMDB store is built the way the nightly job builds it (``paper_store.build_fetch_store``:
 100,000 users at L <= 100, else 20,000; every page touched once first), and the process is pinned to one
 CPU core. Per batch size B (random users, median of --repeats):
 
@@ -37,13 +37,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.decode_latency import (  # noqa: E402
-    N_ITEMS,
-    build_fetch_store,
-    paper_model,
-    sweep_lengths,
-    timed,
-)
+from benchmarks.paper_store import N_ITEMS, build_fetch_store, paper_model  # noqa: E402
+from benchmarks.timing import sweep_lengths, timed  # noqa: E402
 from collectivekv.cachestore.decode.graphs import GraphedDecoder  # noqa: E402
 from collectivekv.cachestore.decode.mapped import MappedBatcher  # noqa: E402
 

@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from benchmarks.decode_latency import sync, timed
+from benchmarks.timing import sync, timed
 from collectivekv.cachestore.decode.transfer import KV_TORCH
 from collectivekv.model.attention import valid_mask
 from collectivekv.model.blocks import ZooCache

@@ -25,7 +25,7 @@ B in 1, 64, 256, 512; the store dtype (--dtype) float16 and float32. Per (arch, 
   the gathered top-k rows), TWIN's per-head top-k + softmax of those scores, SDIM's bucket aggregation,
   HSTU's SiLU attention by einsum; copy + decode captured in a CUDA graph, the replay timed. Its logits
   are checked against ``model.decode`` of the same full cache (fp32 model; tolerance by dtype).
-- **CollectiveKV**: the collective store's records (din: ``decode_latency``'s layout and synthetic records;
+- **CollectiveKV**: the collective store's records (din: ``paper_store``'s layout and synthetic records;
   zoo: the model's ``cachestore.store.entry.entry_layout``, N(0, 1) user parts, uniform router indices, the
   model's retrieval keys of random items) packed by ``HostBatcher.pack`` (pinned) →
   ``GraphedDecoder(...).run`` (one replay: copy + decode; :func:`bench_collective`), checked against
@@ -34,8 +34,8 @@ B in 1, 64, 256, 512; the store dtype (--dtype) float16 and float32. Per (arch, 
   (``collective_skipped`` lists those).
 
 Reported: bytes per request of both, the PCIe floor of the collective bytes (bytes ÷ measured pinned
-bandwidth + a small copy's fixed latency, ``decode_latency.copy_limits``), speed-up (baseline ÷
-collective) and collective ÷ floor; medians of CUDA-event timings after warm-up (``decode_latency.timed``).
+bandwidth + a small copy's fixed latency, ``timing.copy_limits``), speed-up (baseline ÷
+collective) and collective ÷ floor; medians of CUDA-event timings after warm-up (``timing.timed``).
 Targets (reported, not asserted): every zoo model at B 512, L 1000 >= 40x its baseline and <= 2.5x its
 floor; din >= 50x at B 512, L 1000 in both dtypes.
 """
@@ -56,13 +56,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.decode_latency import (  # noqa: E402
-    collective_layout,
-    copy_limits,
-    machine,
-    synthetic_records,
-    timed,
-)
+from benchmarks.paper_store import collective_layout, synthetic_records  # noqa: E402
+from benchmarks.timing import copy_limits, machine, timed  # noqa: E402
 from benchmarks.zoo_full_kv import bench_baseline  # noqa: E402
 from benchmarks.zoo_synthetic import (  # noqa: E402
     N_ITEMS,
@@ -92,7 +87,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "zoo_latency"
 
 
 def store_layout(cfg: ModelConfig, kv_dtype: str) -> object:
-    """The collective store's layout: din's is ``decode_latency.collective_layout`` (the din store the
+    """The collective store's layout: din's is ``paper_store.collective_layout`` (the din store the
     graphs serve), a zoo model's its ``entry_layout``."""
     if cfg.arch == "din" and not cfg.joint_index:
         layout = collective_layout(cfg.max_len, VERSION, kv_dtype)
@@ -104,7 +99,7 @@ def store_layout(cfg: ModelConfig, kv_dtype: str) -> object:
 
 def store_records(model: torch.nn.Module, layout: object, n_users: int, kv_dtype: str, device: torch.device
                   ) -> list[bytes]:
-    """One record per user, full histories: din's ``decode_latency.synthetic_records``; a zoo model's from
+    """One record per user, full histories: din's ``paper_store.synthetic_records``; a zoo model's from
     :func:`synthetic_cache` (its entry parts at the store's storage dtypes, ``cachestore.decode.entry_batch``)."""
     cfg = model.cfg
     if cfg.arch == "din" and not cfg.joint_index:

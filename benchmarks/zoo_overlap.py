@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.decode_latency import machine, timed  # noqa: E402
+from benchmarks.timing import machine, timed  # noqa: E402
 from benchmarks.zoo_latency import paper_batch  # noqa: E402
 from collectivekv.cachestore.decode.decode import ResidentZooModel  # noqa: E402
 from collectivekv.cachestore.decode.graphs import GraphedDecoder  # noqa: E402

@@ -37,7 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.decode_latency import machine, timed  # noqa: E402
+from benchmarks.timing import machine, timed  # noqa: E402
 from benchmarks.zoo_latency import VERSION, bench_collective, store_layout, store_records  # noqa: E402
 from benchmarks.zoo_synthetic import N_ITEMS, PAPER, QUICK, make_models, model_config  # noqa: E402
 from collectivekv.cachestore.decode.batch import HostBatcher  # noqa: E402
