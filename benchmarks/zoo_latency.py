@@ -307,7 +307,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--half", action="store_true",
-                   help="half-cache stores at CR <= 0.2% (joint index, int8 parts, keys from the index): "
+                   help="half-cache stores at CR <= 0.2%% (joint index, int8 parts, keys from the index): "
                         "zoo_latency_half_<dtype>.json")
     p.add_argument("--out-dir", type=Path, default=None)
     args = p.parse_args(argv)
