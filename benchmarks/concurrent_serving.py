@@ -93,71 +93,89 @@ def record_version(rec) -> int | None:
     return int(k) if ok and k == int(k) else None
 
 
-def reader_main(store: str, users: int, batch: int, seed: int, stop, ready, queue) -> None:
-    """One serving process (created after fork); puts its figures on `queue` when `stop` is set."""
-    import torch
+class _Current:
+    """A serving process's view of the store: the version ``current`` points at (reader, runtime, link target,
+    version tag), reopened when the link moves; counts reopens, retries and mixed versions in ``out``."""
 
-    torch.set_num_threads(1)
-    from collectivekv.cachestore.decode.runtime import DecodeRuntime
-    from collectivekv.cachestore.store.publish import CURRENT, open_current
-    from collectivekv.cachestore.store.reader import StoreReader
+    def __init__(self, store: str, batch: int, out: dict) -> None:
+        from collectivekv.cachestore.store.publish import CURRENT
 
-    model, layout = model_and_layout()
-    rng = np.random.default_rng(seed)
-    out = {"pid": os.getpid(), "batches": 0, "records": 0, "errors": 0, "error_samples": [], "mixed": 0,
-           "lost": 0, "reopens": 0, "open_retries": 0, "versions_seen": [], "latency_ms": []}
-    link = Path(store) / CURRENT
-    rt, reader, target, version = None, None, None, -1
+        self.store, self.batch, self.out = store, batch, out
+        self.link = Path(store) / CURRENT
+        self.model, self.layout = model_and_layout()
+        self.rt, self.reader, self.target, self.version = None, None, None, -1
 
-    def reopen() -> None:
-        nonlocal rt, reader, target, version
+    def stale(self) -> bool:
+        return self.rt is None or os.readlink(self.link) != self.target
+
+    def reopen(self) -> None:
+        from collectivekv.cachestore.decode.runtime import DecodeRuntime
+        from collectivekv.cachestore.store.publish import open_current
+        from collectivekv.cachestore.store.reader import StoreReader
+
         for _ in range(20):  # a version pruned between resolving `current` and opening it: resolve again
             try:
-                tgt = os.readlink(link)
-                new = StoreReader(open_current(store))
+                tgt = os.readlink(self.link)
+                new = StoreReader(open_current(self.store))
                 len(new)  # opens the LMDB environment now
                 first = new.get(0)
                 break
             except (FileNotFoundError, OSError) as exc:
-                out["open_retries"] += 1
+                self.out["open_retries"] += 1
                 last = exc
                 time.sleep(0.01)
         else:
             raise RuntimeError(f"could not open the current version: {last}")
         k = record_version(first)
-        if k is None or k < version:
-            out["mixed"] += 1
-        if reader is not None:
-            reader.close()
-        rt = DecodeRuntime(model, layout.model_version, new, device="cpu", batch_users=batch)
-        reader, target, version = new, tgt, k
-        out["reopens"] += 1
-        out["versions_seen"].append(k)
+        if k is None or k < self.version:
+            self.out["mixed"] += 1
+        if self.reader is not None:
+            self.reader.close()
+        self.rt = DecodeRuntime(self.model, self.layout.model_version, new, device="cpu", batch_users=self.batch)
+        self.reader, self.target, self.version = new, tgt, k
+        self.out["reopens"] += 1
+        self.out["versions_seen"].append(k)
 
+
+def _serve_batch(cur: _Current, rng: np.random.Generator, users: int) -> None:
+    """One batch: fetch the records, score, and count latency, cold users and mixed versions in ``cur.out``."""
+    out, batch = cur.out, cur.batch
+    ids = rng.integers(0, users, batch)
+    cand = rng.integers(1, cur.model.cfg.n_items + 1, (batch, N_CAND))
+    recs = cur.reader.get_many(ids.tolist())
+    t0 = time.perf_counter()
+    res = cur.rt.score(ids, cand)
+    out["latency_ms"].append((time.perf_counter() - t0) * 1e3)
+    out["batches"] += 1
+    out["records"] += batch
+    out["lost"] += sum(r is None for r in recs) + int(res.cold_start.sum())
+    tags = {record_version(r) for r in recs if r is not None}
+    if len(tags) > 1 or None in tags or (tags and tags != {cur.version}):
+        out["mixed"] += 1
+    if not np.isfinite(res.logits).all():
+        raise AssertionError("non-finite logits")
+
+
+def reader_main(store: str, users: int, batch: int, seed: int, stop, ready, queue) -> None:
+    """One serving process (created after fork); puts its figures on `queue` when `stop` is set."""
+    import torch
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(seed)
+    out = {"pid": os.getpid(), "batches": 0, "records": 0, "errors": 0, "error_samples": [], "mixed": 0,
+           "lost": 0, "reopens": 0, "open_retries": 0, "versions_seen": [], "latency_ms": []}
+    cur = _Current(store, batch, out)
     ready.wait()
     while not stop.is_set():
         try:
-            if rt is None or os.readlink(link) != target:
-                reopen()
-            ids = rng.integers(0, users, batch)
-            cand = rng.integers(1, model.cfg.n_items + 1, (batch, N_CAND))
-            recs = reader.get_many(ids.tolist())
-            t0 = time.perf_counter()
-            res = rt.score(ids, cand)
-            out["latency_ms"].append((time.perf_counter() - t0) * 1e3)
-            out["batches"] += 1
-            out["records"] += batch
-            out["lost"] += sum(r is None for r in recs) + int(res.cold_start.sum())
-            tags = {record_version(r) for r in recs if r is not None}
-            if len(tags) > 1 or None in tags or (tags and tags != {version}):
-                out["mixed"] += 1
-            if not np.isfinite(res.logits).all():
-                raise AssertionError("non-finite logits")
+            if cur.stale():
+                cur.reopen()
+            _serve_batch(cur, rng, users)
         except Exception as exc:  # counted and reported, the reader goes on
             out["errors"] += 1
             if len(out["error_samples"]) < 5:
                 out["error_samples"].append("".join(traceback.format_exception_only(exc)).strip())
-            rt = None
+            cur.rt = None
     queue.put(out)
 
 

@@ -180,11 +180,50 @@ def cpu_benchmark(args: argparse.Namespace) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- GPU
-def gpu_benchmark(args: argparse.Namespace) -> dict:
-    import pyarrow as pa
+def _sync(dev: str) -> None:
+    if dev == "cuda":
+        torch.cuda.synchronize()
 
+
+def _timed_prefill(engine: object, sub: list, layout: object, dev: str, batch_users: int = 0) -> dict:
+    """Users, seconds and users / s of one ``prefill_batches`` pass of ``engine`` over the Arrow batches ``sub``."""
+    from collectivekv.pipeline.prefill.prefill import prefill_batches
+
+    n = sum(b.num_rows for b in sub)
+    _sync(dev)
+    t = time.perf_counter()
+    for _ in prefill_batches(sub, engine, layout, batch_users):
+        pass
+    _sync(dev)
+    dt = time.perf_counter() - t
+    return {"users": n, "seconds": round(dt, 3), "users_per_s": round(n / dt, 1)}
+
+
+def _model_alone(model: TargetAttentionCTR, sub: list, max_len: int, dev: str) -> dict:
+    """model.prefill on the padded windows of the users of ``sub`` in 64-user batches, no encoding."""
+    from collectivekv.pipeline.data.history import arrow_window
+
+    wins = [arrow_window(b.column(1), b.column(2), max_len) for b in sub]
+    _sync(dev)
+    t = time.perf_counter()
+    n = 0
+    with torch.inference_mode():
+        for w in wins:
+            for lo in range(0, len(w.lengths), 64):
+                ln = w.lengths[lo : lo + 64]
+                width = max(1, int(ln.max()))
+                model.prefill(torch.from_numpy(w.items[lo : lo + 64, :width]).to(dev),
+                              torch.from_numpy(w.feedback[lo : lo + 64, :width]).to(dev),
+                              torch.from_numpy(ln).to(dev))
+                n += len(ln)
+    _sync(dev)
+    dt = time.perf_counter() - t
+    return {"users": n, "seconds": round(dt, 3), "users_per_s": round(n / dt, 1)}
+
+
+def gpu_benchmark(args: argparse.Namespace) -> dict:
     from collectivekv.pipeline.data.synthetic import history_batches
-    from collectivekv.pipeline.prefill.prefill import cache_layout, make_engine, prefill_batches
+    from collectivekv.pipeline.prefill.prefill import cache_layout, make_engine
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if dev == "cpu":
@@ -197,52 +236,16 @@ def gpu_benchmark(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     model = TargetAttentionCTR(model_config(args.items, args.max_len)).eval().to(dev)
     layout = cache_layout(model.cfg, "0" * 16, "collective", "float16")
-
-    def timed(engine: object, sub: list[pa.RecordBatch], batch_users: int = 0) -> dict:
-        n = sum(b.num_rows for b in sub)
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in prefill_batches(sub, engine, layout, batch_users):
-            pass
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t
-        return {"users": n, "seconds": round(dt, 3), "users_per_s": round(n / dt, 1)}
-
     out: dict = {}
-    out["noop (executor CPU work, no model)"] = timed(make_engine(None, layout, "noop"), batches)
+    out["noop (executor CPU work, no model)"] = _timed_prefill(make_engine(None, layout, "noop"), batches, layout, dev)
     memo = make_engine(model, layout, "memo")
-    out["memo cold (first pass, builds the token table)"] = timed(memo, batches)
-    out["memo cold"] = {**out.pop("memo cold (first pass, builds the token table)"), "memo_table_entries": memo.size}
-    out["memo warm (second pass)"] = timed(memo, batches)
+    out["memo cold"] = {**_timed_prefill(memo, batches, layout, dev), "memo_table_entries": memo.size}
+    out["memo warm (second pass)"] = _timed_prefill(memo, batches, layout, dev)
     direct = make_engine(model, layout, "direct")
     sub = batches[: max(1, len(batches) // 4)]
-    timed(direct, sub[:1])  # warm-up (CUDA kernels, allocator)
-    out["direct (model.prefill per user batch)"] = timed(direct, sub)
-    # model compute alone: model.prefill on the padded windows of the same users, no encoding
-    from collectivekv.pipeline.data.history import arrow_window
-
-    wins = [arrow_window(b.column(1), b.column(2), args.max_len) for b in sub]
-    if dev == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    n = 0
-    with torch.inference_mode():
-        for w in wins:
-            for lo in range(0, len(w.lengths), 64):
-                ln = w.lengths[lo : lo + 64]
-                width = max(1, int(ln.max()))
-                c = model.prefill(torch.from_numpy(w.items[lo : lo + 64, :width]).to(dev),
-                                  torch.from_numpy(w.feedback[lo : lo + 64, :width]).to(dev),
-                                  torch.from_numpy(ln).to(dev))
-                n += len(ln)
-        del c
-    if dev == "cuda":
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t
-    out["model.prefill alone (64-user batches, no encoding)"] = {"users": n, "seconds": round(dt, 3),
-                                                                 "users_per_s": round(n / dt, 1)}
+    _timed_prefill(direct, sub[:1], layout, dev)  # warm-up (CUDA kernels, allocator)
+    out["direct (model.prefill per user batch)"] = _timed_prefill(direct, sub, layout, dev)
+    out["model.prefill alone (64-user batches, no encoding)"] = _model_alone(model, sub, args.max_len, dev)
     return {"benchmark": "prefill_gpu_function", "command": shlex.join([sys.executable, *sys.argv]),
             "machine": machine(), "device": dev,
             "model": {**PAPER, "n_items": args.items, "max_len": args.max_len, "weights": "untrained (random)"},
