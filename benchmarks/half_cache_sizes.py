@@ -17,7 +17,7 @@ from collectivekv.model.zoo import create_model
 from collectivekv.pipeline.prefill.prefill import cache_layout, prefill_batches
 from collectivekv.pipeline.store.store_ops import build_store
 from collectivekv.pipeline.training.checkpoint import save_checkpoint
-from tests.pipeline.prefill.test_prefill import histories
+from tests.pipeline.prefill.prefill_helpers import histories
 
 out = Path(sys.argv[1])
 for arch, kw in (("din", {}), ("sim", dict(max_len=50, long_len=1000, n_genres=6))):

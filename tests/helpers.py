@@ -1,4 +1,4 @@
-"""Helpers shared by the tests: padded model batches (test_model.py, test_zoo.py) and the
+"""Helpers shared by the tests: padded model batches (test_model.py, model/zoo_helpers.py) and the
 spark-submit prefill command (test_prefill_spark.py, test_zoo_store.py, test_reliability_spark.py), the bundled
 MovieLens prepared (the Spark prefill tests)."""
 

@@ -27,7 +27,7 @@ from collectivekv.cachestore.store.shard_build import ShardTarget, build_shard, 
 from collectivekv.pipeline.store.shard_ops import shard_rows
 from collectivekv.pipeline.store.store_ops import publish_sharded
 from collectivekv.pipeline.training.checkpoint import save_checkpoint
-from tests.cachestore.decode.test_serving import histories
+from tests.cachestore.decode.serving_helpers import histories
 from tests.model.test_model import make_model, small_config
 from tests.store_fixtures import layout_for, prefill_rows
 

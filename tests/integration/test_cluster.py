@@ -74,7 +74,8 @@ def raw_values(store: Path) -> dict[int, bytes]:
         return {uid: reader.get_raw(uid) for uid in reader.iter_users()}
 
 
-def test_standalone_cluster_equals_local(tmp_path: Path) -> None:
+def write_inputs(tmp_path: Path) -> None:
+    """A small collective checkpoint (tmp_path/ckpt) and 500 users' histories in two Parquet files (tmp_path/hist)."""
     torch.manual_seed(0)
     cfg = ModelConfig(n_items=300, embed_dim=8, d_attn=16, n_heads=2, max_len=20, mlp_dims=(8,),
                       collective=CollectiveConfig(d_user=1, pool_size=32))
@@ -85,59 +86,78 @@ def test_standalone_cluster_equals_local(tmp_path: Path) -> None:
     pq.write_table(table.slice(0, 250), hist / "part-0.parquet")
     pq.write_table(table.slice(250), hist / "part-1.parquet")
 
-    home = spark_home()
+
+def spark_env() -> dict[str, str]:
+    """The environment of the daemons and of spark-submit: 127.0.0.1 only, this Python, daemons in the foreground."""
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "SPARK_LOCAL_IP": HOST, "SPARK_MASTER_HOST": HOST, "SPARK_HOME": str(home),
+    env = {**os.environ, "SPARK_LOCAL_IP": HOST, "SPARK_MASTER_HOST": HOST, "SPARK_HOME": str(spark_home()),
            "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable,
            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "SPARK_NO_DAEMONIZE": "1"}
     env.pop("PYSPARK_GATEWAY_PORT", None)
+    return env
+
+
+def submit_prefill(env: dict[str, str], tmp_path: Path, master: str, out: Path, *extra: str,
+                   extra_job: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """`spark-submit jobs/prefill.py` of tmp_path's checkpoint and histories to ``master``, into ``out``: it succeeds,
+    on 127.0.0.1 only."""
+    cmd = [str(Path(sys.executable).parent / "spark-submit"), "--master", master, "--driver-memory", "512m", *extra,
+           "--conf", f"spark.driver.host={HOST}", "--conf", f"spark.driver.bindAddress={HOST}",
+           "--conf", "spark.ui.enabled=false", "--conf", f"spark.pyspark.python={sys.executable}",
+           str(ROOT / "jobs" / "prefill.py"), "--checkpoint", str(tmp_path / "ckpt"),
+           "--histories", str(tmp_path / "hist"), "--out", str(out), "--progress-interval", "2", *extra_job]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "192." not in proc.stderr and "using 127.0.0.1" not in proc.stderr
+    return proc
+
+
+def start_daemon(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """A Spark daemon (`spark-class` with ``args``) in its own process group, its output in ``log``."""
+    with open(log, "w") as fh:
+        return subprocess.Popen([str(spark_home() / "bin" / "spark-class"), *args], env=env, stdout=fh,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def run_on_cluster(tmp_path: Path, env: dict[str, str]) -> None:
+    """Master + worker on 127.0.0.1: the prefill job into tmp_path/cluster, then the sharded job with GPU scheduling
+    into tmp_path/sharded; both daemons stopped after, and the worker's log shows it launched the executors."""
     discovery = str(ROOT / "jobs" / "gpu_discovery.sh")
     # the worker offers two fake GPUs (addresses that are no CUDA device here): tasks get one each, fall back to the CPU
     worker_env = {**env, "CKV_GPU_ADDRESSES": "0,1", "SPARK_WORKER_OPTS": "-Dspark.worker.resource.gpu.amount=2 "
                   f"-Dspark.worker.resource.gpu.discoveryScript={discovery}"}
-    spark_class = str(home / "bin" / "spark-class")
     mport, mui, wport, wui = free_port(), free_port(), free_port(), free_port()
     master_url = f"spark://{HOST}:{mport}"
     mlog, wlog = tmp_path / "master.log", tmp_path / "worker.log"
     master = worker = None
-
-    def submit(master_arg: str, out: Path, *extra: str, extra_job: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-        cmd = [str(bin_dir / "spark-submit"), "--master", master_arg, "--driver-memory", "512m", *extra,
-               "--conf", f"spark.driver.host={HOST}", "--conf", f"spark.driver.bindAddress={HOST}",
-               "--conf", "spark.ui.enabled=false", "--conf", f"spark.pyspark.python={sys.executable}",
-               str(ROOT / "jobs" / "prefill.py"), "--checkpoint", str(tmp_path / "ckpt"),
-               "--histories", str(hist), "--out", str(out), "--progress-interval", "2", *extra_job]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        assert "192." not in proc.stderr and "using 127.0.0.1" not in proc.stderr
-        return proc
-
     try:
-        with open(mlog, "w") as fh:
-            master = subprocess.Popen([spark_class, "org.apache.spark.deploy.master.Master", "--host", HOST,
-                                       "--port", str(mport), "--webui-port", str(mui)],
-                                      env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        master = start_daemon(["org.apache.spark.deploy.master.Master", "--host", HOST, "--port", str(mport),
+                               "--webui-port", str(mui)], env, mlog)
         wait_for(mlog, "I have been elected leader", master, 45)
-        with open(wlog, "w") as fh:
-            worker = subprocess.Popen([spark_class, "org.apache.spark.deploy.worker.Worker", master_url,
-                                       "--host", HOST, "--port", str(wport), "--webui-port", str(wui),
-                                       "--cores", "2", "--memory", "2g", "--work-dir", str(tmp_path / "work")],
-                                      env=worker_env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        worker = start_daemon(["org.apache.spark.deploy.worker.Worker", master_url, "--host", HOST, "--port",
+                               str(wport), "--webui-port", str(wui), "--cores", "2", "--memory", "2g", "--work-dir",
+                               str(tmp_path / "work")], worker_env, wlog)
         wait_for(wlog, "Successfully registered with master", worker, 45)
-        proc = submit(master_url, tmp_path / "cluster", "--executor-memory", "512m", "--total-executor-cores", "1")
+        proc = submit_prefill(env, tmp_path, master_url, tmp_path / "cluster", "--executor-memory", "512m",
+                              "--total-executor-cores", "1")
         assert f"master {master_url}" in proc.stderr  # the job ran on the standalone master
         assert "app-" in (tmp_path / "cluster" / "manifest.json").read_text()  # a standalone app id
         gpus = ("--conf", "spark.executor.resource.gpu.amount=2", "--conf", "spark.task.resource.gpu.amount=1",
                 "--conf", f"spark.executor.resource.gpu.discoveryScript={discovery}", "--executor-cores", "2")
-        submit(master_url, tmp_path / "sharded", "--executor-memory", "1g", "--total-executor-cores", "2", *gpus,
-               extra_job=("--shards", "2"))
+        submit_prefill(env, tmp_path, master_url, tmp_path / "sharded", "--executor-memory", "1g",
+                       "--total-executor-cores", "2", *gpus, extra_job=("--shards", "2"))
     finally:
         stop(worker)
         stop(master)
     wtext = wlog.read_text(errors="replace")
     assert "Asked to launch executor" in wtext and "--hostname\" \"127.0.0.1\"" in wtext  # the worker ran it
 
-    submit("local[1]", tmp_path / "local")  # local mode, same inputs (also on 127.0.0.1 only)
+
+def test_standalone_cluster_equals_local(tmp_path: Path) -> None:
+    write_inputs(tmp_path)
+    env = spark_env()
+    run_on_cluster(tmp_path, env)
+    submit_prefill(env, tmp_path, "local[1]", tmp_path / "local")  # local mode, same inputs (also on 127.0.0.1 only)
     a, b = raw_values(tmp_path / "cluster"), raw_values(tmp_path / "local")
     assert len(a) == 500 and a == b
     with open_reader(tmp_path / "sharded") as sharded:  # shards built by the executor's tasks: the same records

@@ -24,7 +24,7 @@ from collectivekv.cachestore.store.record import (
 )
 from collectivekv.pipeline.prefill.prefill import INPUT_HINT, PrefillInputError, cache_layout, prefill_batches
 from collectivekv.pipeline.training.checkpoint import save_checkpoint
-from tests.pipeline.prefill.test_prefill import MV, N_ITEMS, histories, make_model, small_config
+from tests.pipeline.prefill.prefill_helpers import MV, N_ITEMS, histories, make_model, small_config
 from tests.store_fixtures import put_in_place
 
 
@@ -80,9 +80,9 @@ def test_extra_columns_empty_histories_empty_input_and_truncation_count() -> Non
 # ----------------------------------------------------------------------------- stores on disk
 @pytest.fixture()
 def store(tmp_path: Path) -> dict:
-    """A store of the test_prefill model (max_len 8) built by the per-partition prefill, 30 users."""
+    """A store of the prefill tests' model (max_len 8) built by the per-partition prefill, 30 users."""
     from collectivekv.pipeline.store.store_ops import build_store
-    from tests.pipeline.prefill.test_prefill import write_prefill
+    from tests.pipeline.prefill.prefill_helpers import write_prefill
 
     model = make_model(small_config())
     layout = cache_layout(model.cfg, MV)
@@ -172,7 +172,7 @@ def test_verify_reports_a_corrupt_store(tmp_path: Path) -> None:
     """`ckv store verify` on a store with a bit-flipped record: exit 1 naming the user."""
     from collectivekv.jobs.store import store as store_cli
     from collectivekv.pipeline.store.store_ops import build_store
-    from tests.pipeline.prefill.test_prefill import write_prefill
+    from tests.pipeline.prefill.prefill_helpers import write_prefill
 
     model = make_model(small_config())
     version = save_checkpoint(tmp_path / "ckpt", model, {})
@@ -281,10 +281,10 @@ def test_a_zoo_records_router_index_outside_the_pool_names_the_user(tmp_path: Pa
 
     from collectivekv.cachestore.decode.runtime import DecodeRuntime
     from collectivekv.cachestore.store.record import HEADER_SIZE, RouterIndexError
-    from tests.cachestore.decode.test_zoo_serving import USERS, VERSION
-    from tests.cachestore.decode.test_zoo_serving import histories as zoo_histories
-    from tests.model.test_zoo import make_model as make_zoo_model
-    from tests.model.test_zoo import zoo_config
+    from tests.cachestore.decode.zoo_serving_helpers import USERS, VERSION
+    from tests.cachestore.decode.zoo_serving_helpers import histories as zoo_histories
+    from tests.model.zoo_helpers import make_model as make_zoo_model
+    from tests.model.zoo_helpers import zoo_config
     from tests.store_fixtures import put_in_place
     from tests.zoo_store_fixtures import zoo_store_of_model
 

@@ -153,11 +153,11 @@ def test_replace_file_gives_overlapping_writers_their_own_temp_files(tmp_path: P
 # ------------------------------------------------------------------------------------------- ckv score
 @pytest.fixture()
 def scoring(tmp_path: Path) -> dict:
-    """A small store + checkpoint (the test_prefill model) and 40,000 request rows."""
+    """A small store + checkpoint (the prefill tests' model) and 40,000 request rows."""
     from collectivekv.pipeline.prefill.prefill import cache_layout
     from collectivekv.pipeline.store.store_ops import build_store
     from collectivekv.pipeline.training.checkpoint import save_checkpoint
-    from tests.pipeline.prefill.test_prefill import histories, make_model, small_config, write_prefill
+    from tests.pipeline.prefill.prefill_helpers import histories, make_model, small_config, write_prefill
 
     model = make_model(small_config())
     version = save_checkpoint(tmp_path / "ckpt", model, {})

@@ -78,7 +78,7 @@ def test_no_unsafe_deserialisation_in_the_code() -> None:
 
 
 def test_a_pickle_in_place_of_the_weights_is_never_unpickled(tmp_path: Path) -> None:
-    from tests.pipeline.prefill.test_prefill import make_model, small_config
+    from tests.pipeline.prefill.prefill_helpers import make_model, small_config
 
     ckpt = tmp_path / "ckpt"
     save_checkpoint(ckpt, make_model(small_config()), {})
@@ -116,8 +116,8 @@ def test_readers_open_lmdb_read_only(store: Path) -> None:
     with pytest.raises(lmdb.ReadonlyError), env.begin(write=True) as txn:
         txn.put(b"k", b"v")
     # the serving runtime reads through the same kind of reader
-    from tests.cachestore.decode.test_serving import make_model as serving_model
-    from tests.cachestore.decode.test_serving import small_config as serving_config
+    from tests.model.test_model import make_model as serving_model
+    from tests.model.test_model import small_config as serving_config
 
     model = serving_model(serving_config(), seed=0).eval()
     with pytest.raises(Exception, match="model version"):  # refused before any read: different version

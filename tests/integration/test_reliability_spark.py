@@ -32,7 +32,7 @@ from collectivekv.pipeline.store.store_ops import build_store
 from collectivekv.pipeline.store.verify import verify_store
 from collectivekv.pipeline.training.checkpoint import save_checkpoint
 from tests.helpers import CKV, prefill_submit_command, repo_env
-from tests.pipeline.prefill.test_prefill import histories, make_model, small_config, write_prefill
+from tests.pipeline.prefill.prefill_helpers import histories, make_model, small_config, write_prefill
 
 pytestmark = pytest.mark.spark
 ROOT = Path(__file__).resolve().parents[2]

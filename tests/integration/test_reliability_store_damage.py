@@ -28,7 +28,7 @@ from collectivekv.cachestore.store.store_tree import check_tree
 from collectivekv.pipeline.prefill.prefill import cache_layout
 from collectivekv.pipeline.training.checkpoint import save_checkpoint
 from tests.helpers import CKV, repo_env
-from tests.pipeline.prefill.test_prefill import N_ITEMS, histories, make_model, small_config, write_prefill
+from tests.pipeline.prefill.prefill_helpers import N_ITEMS, histories, make_model, small_config, write_prefill
 
 ROOT = Path(__file__).resolve().parents[2]
 N_USERS = 300  # ~10 leaf pages under one branch page

@@ -17,7 +17,7 @@ from collectivekv.model.pool import BlockTables, block_rows, block_table
 from collectivekv.model.quant import QMAX, SCALE_MOMENTUM, fake_quant, int8_codes
 from collectivekv.model.retrieval import genre_blocks, sdim_buckets
 from collectivekv.model.zoo import MODELS
-from tests.model.test_zoo import N_ITEMS, make_batch, make_model, zoo_config
+from tests.model.zoo_helpers import N_ITEMS, make_batch, make_model, zoo_config
 
 HALF = dict(kv_index="joint", user_dtype="int8")
 OPTIONS = {"joint": dict(kv_index="joint"), "int8": dict(user_dtype="int8"), "half": HALF}

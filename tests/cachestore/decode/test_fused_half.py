@@ -20,7 +20,7 @@ from collectivekv.pipeline.data.history import arrow_window
 from tests.cachestore.decode.test_graphs import eager_logits
 from tests.model.test_half_cache import OPTIONS, observed
 from tests.model.test_model import N_ITEMS, make_batch, make_model, small_config
-from tests.pipeline.prefill.test_prefill import LENGTHS, histories, run
+from tests.pipeline.prefill.prefill_helpers import LENGTHS, histories, run
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not fused_available(DEVICE), reason="needs Triton (CUDA, or its CPU interpreter)")

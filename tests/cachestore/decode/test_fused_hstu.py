@@ -32,8 +32,8 @@ from collectivekv.cachestore.store.entry import entry_from_parquet_row, entry_la
 from collectivekv.cachestore.store.record import RouterIndexError
 from collectivekv.model.cache_spec import store_config
 from collectivekv.model.entry import full_cache
-from tests.cachestore.decode.test_zoo_serving import rounded
-from tests.model.test_zoo import N_ITEMS, VARIANTS, make_batch, make_model, zoo_config
+from tests.cachestore.decode.zoo_serving_helpers import rounded
+from tests.model.zoo_helpers import N_ITEMS, VARIANTS, make_batch, make_model, zoo_config
 from tests.zoo_store_fixtures import zoo_prefill_rows
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -39,7 +39,7 @@ from collectivekv.model.cache_spec import store_config
 from collectivekv.model.config import LONG_ARCHS, CollectiveConfig
 from collectivekv.model.entry import full_cache
 from collectivekv.model.retrieval import category_topk, hamming_topk, popcount
-from tests.model.test_zoo import N_ITEMS, make_batch, make_model, zoo_config
+from tests.model.zoo_helpers import N_ITEMS, make_batch, make_model, zoo_config
 from tests.zoo_store_fixtures import zoo_prefill_rows
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

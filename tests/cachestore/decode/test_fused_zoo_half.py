@@ -29,7 +29,7 @@ from collectivekv.model.cache_spec import store_config
 from collectivekv.model.config import LONG_ARCHS, CollectiveConfig
 from tests.cachestore.decode.test_fused_zoo import N_CAND, VERSION, Case, lengths_of
 from tests.model.test_half_cache import OPTIONS, observed
-from tests.model.test_zoo import N_ITEMS, make_batch, make_model, zoo_config
+from tests.model.zoo_helpers import N_ITEMS, make_batch, make_model, zoo_config
 from tests.zoo_store_fixtures import zoo_prefill_rows
 
 DEVICES = [

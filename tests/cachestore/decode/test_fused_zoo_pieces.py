@@ -21,7 +21,7 @@ from collectivekv.cachestore.decode.fused_zoo import check_store, entry_views, g
 from collectivekv.cachestore.decode.graphs import GraphedDecoder
 from collectivekv.model.config import LONG_ARCHS
 from tests.cachestore.decode.test_fused_zoo import DEVICE, EXACT, Case, fused_logits, packed
-from tests.model.test_zoo import N_ITEMS
+from tests.model.zoo_helpers import N_ITEMS
 
 pytestmark = pytest.mark.skipif(not fused_available(DEVICE), reason="needs Triton (CUDA, or its CPU interpreter)")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

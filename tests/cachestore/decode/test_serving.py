@@ -1,5 +1,6 @@
-"""Serving path: batched store reads, host→device transfer + unpack, the decode entry point
-(poolscore vs gather), the decode runtime against the training model, and `ckv score`."""
+"""Serving path of din stores: batched store reads, the decode entry point (poolscore vs gather) and the resident
+model's item table, the decode runtime against the training model, refusals of another model version or arch,
+reads after fork, and `ckv score`. (Host pack → device copy → unpack: test_pack_unpack.py.)"""
 
 from __future__ import annotations
 
@@ -23,8 +24,7 @@ from hypothesis import strategies as st
 from collectivekv.cachestore.decode.batch import HostBatcher
 from collectivekv.cachestore.decode.decode import ResidentModel, decode
 from collectivekv.cachestore.decode.runtime import DecodeRuntime
-from collectivekv.cachestore.decode.transfer import to_device
-from collectivekv.cachestore.store.entry import EntryLayout, encode_entry
+from collectivekv.cachestore.store.entry import encode_entry
 from collectivekv.cachestore.store.publish import LAYOUT, LMDB_DIR, open_current
 from collectivekv.cachestore.store.reader import StoreReader
 from collectivekv.cachestore.store.record import (
@@ -38,12 +38,10 @@ from collectivekv.jobs.score import score as score_cmd
 from collectivekv.model.cache import KVCache
 from collectivekv.model.config import CollectiveConfig
 from collectivekv.pipeline.training.checkpoint import save_checkpoint
-from tests.cachestore.store.test_record import din_layout
+from tests.cachestore.decode.serving_helpers import SEQ, VERSION, histories
 from tests.model.test_model import N_ITEMS, make_model, small_config
 from tests.store_fixtures import layout_for, store_of_model
 
-VERSION = "0123456789abcdef"
-SEQ = 8  # small_config max_len
 # name -> (model config overrides, store mode)
 VARIANTS = {
     "full": (dict(kv_mode="full"), "full"),
@@ -53,19 +51,6 @@ VARIANTS = {
     "collective_model_full_store": (dict(kv_mode="collective"), "full"),
 }
 TOL = {"float32": dict(rtol=1e-5, atol=1e-5), "float16": dict(rtol=3e-3, atol=3e-3)}
-
-
-def histories(n_users: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Padded histories with lengths 0, 1 and L among them."""
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(0, SEQ + 1, (n_users,), generator=g)
-    lengths[:3] = torch.tensor([0, 1, SEQ])
-    items = torch.randint(1, N_ITEMS + 1, (n_users, SEQ), generator=g)
-    feedback = torch.randint(1, 3, (n_users, SEQ), generator=g)
-    pad = torch.arange(SEQ).unsqueeze(0) >= lengths.unsqueeze(1)
-    items[pad] = 0
-    feedback[pad] = 0
-    return items, feedback, lengths
 
 
 def forward_logits(model, items, feedback, lengths, cand: np.ndarray) -> np.ndarray:
@@ -180,67 +165,6 @@ def test_item_table_is_the_models_candidate_side(monkeypatch: pytest.MonkeyPatch
         assert small.item_rows is None
         for got, ref in zip(small.candidate_side(targets), want, strict=True):
             assert torch.equal(got, ref)
-
-
-LAYOUTS = st.builds(
-    lambda kv, idx, share, dk, dv: din_layout(kv, dk, dv, share in ("both", "k"), share in ("both", "v"), idx,
-                                              pool_size=300, max_len=9, model_version=VERSION),
-    st.sampled_from(["float16", "bfloat16", "float32"]), st.sampled_from(["uint16", "int32"]),
-    st.sampled_from(["both", "k", "v"]), st.integers(1, 5), st.integers(1, 5))
-
-
-@given(layout=LAYOUTS, seed=st.integers(0, 999))
-@settings(max_examples=30, deadline=None)
-def test_pack_transfer_unpack_round_trip(layout: EntryLayout, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    kv = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}[layout.kv_dtype]
-    idx_dt = np.uint16 if layout.idx_dtype == "uint16" else np.int32
-    g = layout.flat_group
-    ids, recs, parts = [], [], []
-    for u in range(int(rng.integers(1, 7))):
-        n = int(rng.integers(0, layout.max_len + 1))
-        absent = rng.random() < 0.25
-        k = rng.standard_normal((n, g.dk)).astype(np.float32)
-        v = rng.standard_normal((n, g.dv)).astype(np.float32)
-        if layout.kv_dtype == "bfloat16":  # raw bits of bf16 values
-            k, v = (torch.from_numpy(x).bfloat16().view(torch.int16).numpy().view(np.uint16) for x in (k, v))
-        else:
-            k, v = k.astype(kv), v.astype(kv)
-        ki = rng.integers(0, 300, n).astype(idx_dt) if g.k_shared else None
-        vi = rng.integers(0, 300, n).astype(idx_dt) if g.v_shared else None
-        ids.append(u * 7)
-        stored = [k, v, *(i[:, None] for i in (ki, vi) if i is not None)]  # the din parts in layout order
-        recs.append(None if absent else encode_entry(layout, n, stored))
-        parts.append(None if absent else (k, v, ki, vi))
-    batcher = HostBatcher(layout, pin=False, capacity_bytes=64)  # tiny: exercises growth
-    host = batcher.pack(ids, recs)
-    assert host.cold_start == sum(p is None for p in parts)
-    dev, cost = to_device(host, "cpu")
-    assert cost.bytes == host.used_bytes and cost.ms >= 0
-    batch = dev.unpack()
-    a = batch.arrays
-    length = a["kv.k_user"].shape[1]
-    for b, p in enumerate(parts):
-        n = 0 if p is None else len(p[0])
-        assert int(batch.lengths[b]) == n
-        got = [a["kv.k_user"][b], a["kv.v_user"][b], *(a[f"kv.{s}_idx"].squeeze(-1) if f"kv.{s}_idx" in a else None
-                                                       for s in "kv")]
-        if layout.kv_dtype == "bfloat16":
-            got[:2] = [t.view(torch.int16).numpy().view(np.uint16) for t in got[:2]]
-        else:
-            got[:2] = [t.numpy() for t in got[:2]]
-        for j in range(2):
-            assert (got[j][n:] == 0).all()
-            if p is not None:
-                np.testing.assert_array_equal(got[j][:n], p[j])
-        for j, shared in ((2, g.k_shared), (3, g.v_shared)):
-            if not shared:
-                assert got[j] is None
-                continue
-            row = got[j][b].numpy()
-            assert row.shape == (length,) and (row[n:] == 0).all()
-            if p is not None:
-                np.testing.assert_array_equal(row[:n], p[j].astype(np.int64))
 
 
 def test_cold_start_counted_and_buffers_reused(served: dict) -> None:

@@ -21,8 +21,8 @@ from collectivekv.cachestore.decode.runtime import DecodeRuntime
 from collectivekv.cachestore.store.publish import open_current
 from collectivekv.cachestore.store.reader import StoreReader
 from collectivekv.model.zoo import PAPER_MODELS
-from tests.cachestore.decode.test_zoo_serving import ORDER, STEP, STORES, VERSION, served  # noqa: F401  (served: a fixture)
-from tests.model.test_zoo import N_ITEMS, make_model
+from tests.cachestore.decode.zoo_serving_helpers import ORDER, STEP, STORES, VERSION
+from tests.model.zoo_helpers import N_ITEMS, make_model
 
 EXACT_POOLS = FusedConfig(pool_dtype="float32")  # the model's pool rows: the fused path == the eager one
 # the CPU tests run the kernels under Triton's interpreter (set by tests/conftest.py where there is no GPU)
@@ -35,12 +35,12 @@ def candidates(seed: int) -> np.ndarray:
 
 @interpreted
 @pytest.mark.parametrize("arch", PAPER_MODELS)
-def test_fused_runtime_scores_equal_the_eager_path(served: dict, arch: str) -> None:  # noqa: F811
-    model = served[arch]["model"]
+def test_fused_runtime_scores_equal_the_eager_path(zoo_served: dict, arch: str) -> None:
+    model = zoo_served[arch]["model"]
     cand = candidates(1)
     # every store kind: tests/cachestore/decode/test_fused_zoo.py, test_fused_hstu.py
     for mode, kv_dtype in [("collective", "float16")]:
-        reader = StoreReader(open_current(served[arch]["stores"][mode, kv_dtype]))
+        reader = StoreReader(open_current(zoo_served[arch]["stores"][mode, kv_dtype]))
         eager = DecodeRuntime(model, VERSION, reader, device="cpu", batch_users=STEP, path="gather")
         fused = DecodeRuntime(model, VERSION, reader, device="cpu", batch_users=STEP, path="fused",
                               fused_config=EXACT_POOLS)
@@ -52,10 +52,10 @@ def test_fused_runtime_scores_equal_the_eager_path(served: dict, arch: str) -> N
 
 @interpreted
 @pytest.mark.parametrize("arch", ["sim", "hstu"])
-def test_store_precision_pools_stay_close(served: dict, arch: str) -> None:  # noqa: F811
+def test_store_precision_pools_stay_close(zoo_served: dict, arch: str) -> None:
     """The default launch reads the pool rows at the fp16 store's precision: scores within fp16 rounding."""
-    model = served[arch]["model"]
-    reader = StoreReader(open_current(served[arch]["stores"]["collective", "float16"]))
+    model = zoo_served[arch]["model"]
+    reader = StoreReader(open_current(zoo_served[arch]["stores"]["collective", "float16"]))
     cand = candidates(2)
     want = DecodeRuntime(model, VERSION, reader, device="cpu", batch_users=STEP, path="gather").score(ORDER, cand)
     got = DecodeRuntime(model, VERSION, reader, device="cpu", batch_users=STEP, path="fused").score(ORDER, cand)
@@ -64,11 +64,11 @@ def test_store_precision_pools_stay_close(served: dict, arch: str) -> None:  # n
 
 @interpreted
 @pytest.mark.parametrize("arch", PAPER_MODELS)
-def test_graph_body_of_a_zoo_model(served: dict, arch: str) -> None:  # noqa: F811
+def test_graph_body_of_a_zoo_model(zoo_served: dict, arch: str) -> None:
     """The body a CUDA graph captures (run eagerly here), on static buffers of a fixed step shape: cold padding
     slots and a batch shorter than the step score as the runtime's eager path."""
-    model = served[arch]["model"]
-    reader = StoreReader(open_current(served[arch]["stores"]["collective", "float32"]))
+    model = zoo_served[arch]["model"]
+    reader = StoreReader(open_current(zoo_served[arch]["stores"]["collective", "float32"]))
     rt = DecodeRuntime(model, VERSION, reader, device="cpu", batch_users=STEP, path="gather")
     ids = np.array(ORDER[:3])
     cand = candidates(3)[:3]
@@ -82,9 +82,9 @@ def test_graph_body_of_a_zoo_model(served: dict, arch: str) -> None:  # noqa: F8
     assert graph.path == "fused" and not graph.flags.any()
 
 
-def test_zoo_graph_refuses_poolscore(served: dict) -> None:  # noqa: F811
-    model = served["eta"]["model"]
-    layout = StoreReader(open_current(served["eta"]["stores"]["collective", "float32"])).layout
+def test_zoo_graph_refuses_poolscore(zoo_served: dict) -> None:
+    model = zoo_served["eta"]["model"]
+    layout = StoreReader(open_current(zoo_served["eta"]["stores"]["collective", "float32"])).layout
     with pytest.raises(ValueError, match="poolscore"):
         GraphedDecoder(ResidentZooModel(model, "cpu"), layout, n_users=2, pad_to=layout.max_len, path="poolscore",
                        eager=True)
@@ -93,14 +93,14 @@ def test_zoo_graph_refuses_poolscore(served: dict) -> None:  # noqa: F811
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("arch", PAPER_MODELS)
-def test_cuda_graphs_of_zoo_models(served: dict, arch: str) -> None:  # noqa: F811
+def test_cuda_graphs_of_zoo_models(zoo_served: dict, arch: str) -> None:
     """On the GPU: the fused path without graphs, with CUDA graphs (copy) and with zero-copy graphs score as
     the CPU's eager path (TWIN: within the tolerance of its top-k ties, which the GPU may break differently)."""
-    model = served[arch]["model"]
+    model = zoo_served[arch]["model"]
     cand = candidates(4)
     tol = 2e-3 if arch == "twin" else 1e-4
     for mode, kv_dtype in STORES:
-        reader = StoreReader(open_current(served[arch]["stores"][mode, kv_dtype]))
+        reader = StoreReader(open_current(zoo_served[arch]["stores"][mode, kv_dtype]))
         want = DecodeRuntime(model, VERSION, reader, device="cpu", batch_users=STEP, path="gather").score(ORDER, cand)
         for options in ({}, {"graphs": True}, {"graphs": True, "zero_copy": True}):
             gpu = make_model(model.cfg, seed=1).eval()

@@ -1,5 +1,5 @@
-"""Serving zoo stores: StoreReader, HostBatcher fetch/pack, the device unpack,
-DecodeRuntime and `ckv score` for SIM, ETA, SDIM, TWIN and HSTU, against the training model's forward.
+"""Serving zoo stores: DecodeRuntime and `ckv score` for SIM, ETA, SDIM, TWIN and HSTU, against the training
+model's forward, reading LMDB or through the resident tier (whole store, or a cache evicting under LRU / S3-FIFO).
 
 Stores are built from each model's own prefill (tests/zoo_store_fixtures.py) through the real
 Parquet → LMDB builder and publish step; one test per arch uses the Spark job's per-partition
@@ -12,7 +12,6 @@ collective forward; cold-start users like an empty history."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -24,111 +23,37 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from collectivekv.cachestore.decode.batch import HostBatcher, zero_block_bytes
-from collectivekv.cachestore.decode.entry_batch import stack_records
 from collectivekv.cachestore.decode.runtime import DecodeRuntime
-from collectivekv.cachestore.decode.transfer import EntryBatch, to_device
-from collectivekv.cachestore.store.entry import EntryLayout, EntryRecord, decode_entry, encode_entry, entry_layout
+from collectivekv.cachestore.store.entry import EntryLayout
 from collectivekv.cachestore.store.lmdb_build import PARQUET_LAYOUT_FILE
 from collectivekv.cachestore.store.publish import build_and_publish, open_current
 from collectivekv.cachestore.store.reader import StoreReader
-from collectivekv.cachestore.store.record import (
-    ChecksumError,
-    LayoutError,
-    ModelVersionMismatchError,
-    RecordError,
-    write_layout,
-)
+from collectivekv.cachestore.store.record import write_layout
 from collectivekv.jobs.score import score as score_cmd
-from collectivekv.model.blocks import ZooCache
-from collectivekv.model.cache import KVCache
 from collectivekv.model.config import CollectiveConfig
 from collectivekv.model.entry import full_cache
 from collectivekv.model.zoo import PAPER_MODELS
 from collectivekv.pipeline.training.checkpoint import save_checkpoint
-from tests.model.test_zoo import N_ITEMS, make_batch, make_model, zoo_config
-from tests.zoo_store_fixtures import publish_records, zoo_store_of_model
-
-VERSION = "0123456789abcdef"
-OTHER = "fedcba9876543210"
-USERS = list(range(100, 110))
-STORES = [("collective", "float32"), ("collective", "float16"), ("full", "float32")]
-# requests: stored users (one repeated) and two the store does not hold (cold start)
-ORDER = [105, 100, 101, 7, 102, 103, 109, 104, 100, 106, 107, 108, 99999]
-STEP = 4  # users per runtime step in the comparisons
-
-
-def histories(cfg, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Histories of USERS: lengths 0, 1, the window and longer than it among them."""
-    w = cfg.window_len
-    g = np.random.default_rng(seed)
-    lengths = [0, 1, w, w + 3, *g.integers(0, w + 4, len(USERS) - 4).tolist()]
-    items, feedback, lens, _ = make_batch(lengths, w + 3, seed)
-    return items, feedback, lens
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Per arch: the collective model, USERS' histories and one store per (mode, kv dtype) of STORES."""
-    out = {}
-    for i, arch in enumerate(PAPER_MODELS):
-        model = make_model(zoo_config(arch), seed=1).eval()
-        hist = histories(model.cfg, seed=10 + i)
-        stores = {}
-        for mode, kv_dtype in STORES:
-            root = tmp_path_factory.mktemp(f"{arch}-{mode}-{kv_dtype}")
-            stores[mode, kv_dtype] = zoo_store_of_model(root, model, VERSION, USERS, *hist, mode, kv_dtype)
-        out[arch] = {"model": model, "hist": hist, "stores": stores}
-    return out
-
-
-def rows_of(order: list[int]) -> list[int | None]:
-    return [u - USERS[0] if u in USERS else None for u in order]
-
-
-def take(hist: tuple[torch.Tensor, ...], rows: list[int | None]) -> tuple[torch.Tensor, ...]:
-    """Histories of these rows (None: an empty history, the cold-start user)."""
-    items, feedback, lengths = hist
-    zero = torch.zeros(1, items.shape[1], dtype=torch.long)
-    it = torch.cat([items[r : r + 1] if r is not None else zero for r in rows])
-    fb = torch.cat([feedback[r : r + 1] if r is not None else zero for r in rows])
-    ln = torch.tensor([int(lengths[r]) if r is not None else 0 for r in rows])
-    return it, fb, ln
-
-
-def rounded(cache: ZooCache) -> ZooCache:
-    """The cache with its user parts rounded through fp16, as an fp16 store holds them."""
-    kv = {n: dataclasses.replace(c, k_user=c.k_user.half().float(), v_user=c.v_user.half().float())
-          for n, c in cache.kv.items()}  # fmt: skip
-    return dataclasses.replace(cache, kv=kv)
-
-
-def reference(model, hist, rows: list[int | None], cand: np.ndarray, step: int, how: str = "forward") -> np.ndarray:
-    """Logits on the batches the runtime steps through (chunks of ``step`` rows in request order):
-    "forward" — ``model.forward``; "fp16" — ``model.decode`` on the fp16-rounded cache; "full" —
-    ``model.decode`` on the full-KV cache."""
-    out = []
-    with torch.no_grad():
-        for lo in range(0, len(rows), step):
-            it, fb, ln = take(hist, rows[lo : lo + step])
-            c = torch.from_numpy(cand[lo : lo + step])
-            if how == "forward":
-                out.append(model(it, fb, ln, c)[0])
-                continue
-            cache = model.prefill(it, fb, ln)
-            cache = rounded(cache) if how == "fp16" else full_cache(model, cache)
-            out.append(model.decode(cache, c))
-    return torch.cat(out).numpy()
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
+from tests.cachestore.decode.zoo_serving_helpers import (
+    ORDER,
+    STEP,
+    STORES,
+    USERS,
+    VERSION,
+    reference,
+    rounded,
+    rows_of,
+    sigmoid,
+    take,
+)
+from tests.model.zoo_helpers import N_ITEMS, make_batch, make_model, zoo_config
+from tests.zoo_store_fixtures import zoo_store_of_model
 
 
 @pytest.mark.parametrize(("mode", "kv_dtype"), STORES)
 @pytest.mark.parametrize("arch", PAPER_MODELS)
-def test_runtime_scores_equal_model_forward(served: dict, arch: str, mode: str, kv_dtype: str) -> None:
-    s = served[arch]
+def test_runtime_scores_equal_model_forward(zoo_served: dict, arch: str, mode: str, kv_dtype: str) -> None:
+    s = zoo_served[arch]
     model, hist = s["model"], s["hist"]
     rows = rows_of(ORDER)
     g = np.random.default_rng(0)
@@ -156,11 +81,11 @@ def test_runtime_scores_equal_model_forward(served: dict, arch: str, mode: str, 
 
 
 @pytest.mark.parametrize("arch", PAPER_MODELS)
-def test_candidate_counts_and_step_limits(served: dict, arch: str, tmp_path: Path) -> None:
+def test_candidate_counts_and_step_limits(zoo_served: dict, arch: str, tmp_path: Path) -> None:
     """1-3 candidates per user (padding → NaN), max_pairs splitting the requests into many steps, and
     the same requests in one step: the same scores. (TWIN with an unshared K: no top-k ties; see the
     module docstring.)"""
-    s = served[arch]
+    s = zoo_served[arch]
     model, hist = s["model"], s["hist"]
     root = s["stores"]["collective", "float32"]
     if arch == "twin":
@@ -240,136 +165,8 @@ def test_din_cache_from_the_entry_builder(tmp_path: Path) -> None:
         np.testing.assert_allclose(res.logits[:, 0], want, rtol=1e-5, atol=1e-6)
 
 
-def test_store_and_checkpoint_mismatches_are_refused(served: dict, tmp_path: Path) -> None:
-    for i, arch in enumerate(PAPER_MODELS):
-        s = served[arch]
-        reader = StoreReader(open_current(s["stores"]["collective", "float16"]))
-        with pytest.raises(ModelVersionMismatchError, match=f"model version {VERSION}, but .* model version {OTHER}"):
-            DecodeRuntime(s["model"], OTHER, reader, device="cpu")
-        other = PAPER_MODELS[(i + 1) % len(PAPER_MODELS)]
-        with pytest.raises(LayoutError, match=f"holds '{arch}' caches.* checkpoint is arch '{other}'"):
-            DecodeRuntime(served[other]["model"], VERSION, reader, device="cpu")
-        bigger = make_model(zoo_config(arch, collective=CollectiveConfig(d_user=3, pool_size=12)))
-        with pytest.raises(LayoutError, match=f"parts do not fit the {arch} model.*k_user"):
-            DecodeRuntime(bigger, VERSION, reader, device="cpu")
-        full_model = make_model(zoo_config(arch, kv_mode="full"))
-        with pytest.raises(LayoutError, match="full-KV model"):
-            DecodeRuntime(full_model, VERSION, reader, device="cpu")
-        with pytest.raises(ValueError, match="poolscore"):
-            DecodeRuntime(s["model"], VERSION, reader, device="cpu", path="poolscore")
-    # a din checkpoint on a zoo store, a zoo checkpoint on a din store
-    from tests.model.test_model import make_model as make_din
-    from tests.model.test_model import small_config
-    from tests.store_fixtures import store_of_model
-
-    din = make_din(small_config()).eval()
-    with pytest.raises(LayoutError, match="holds 'sim' caches.* checkpoint is arch 'din'"):
-        DecodeRuntime(din, VERSION, StoreReader(open_current(served["sim"]["stores"]["collective", "float16"])))
-    items, feedback, lengths, _ = make_batch([2, 3], 8, 0)
-    din_store = store_of_model(tmp_path / "din", din, VERSION, [1, 2], items, feedback, lengths)
-    with pytest.raises(LayoutError, match="holds 'din' caches, but the checkpoint is arch 'hstu'"):
-        DecodeRuntime(served["hstu"]["model"], VERSION, StoreReader(open_current(din_store)), device="cpu")
-
-
-def test_bad_records_in_a_zoo_store(tmp_path: Path) -> None:
-    """A record of another model version, of another layout, or corrupt: refused naming the user."""
-    cfg = zoo_config("eta")
-    model = make_model(cfg).eval()
-    layout = entry_layout(cfg, VERSION, "collective", "float16")
-    rng = np.random.default_rng(0)
-
-    def record(lay: EntryLayout, n: int) -> bytes:
-        parts = [rng.integers(0, 5, (min(n, p.cap), p.width)).astype(lay.dtype(p.kind)) for p in lay.parts]
-        return encode_entry(lay, n, parts)
-
-    corrupt = bytearray(record(layout, 4))
-    corrupt[-1] ^= 1
-    wider = entry_layout(dataclasses.replace(cfg, hash_bits=12), VERSION, "collective", "float16")
-    records = {1: record(layout, 3), 2: record(dataclasses.replace(layout, model_version=OTHER), 3),
-               3: record(wider, 3), 4: bytes(corrupt), 5: record(layout, 0)}  # fmt: skip
-    root = publish_records(tmp_path, layout, records)
-    reader = StoreReader(open_current(root))
-    rt = DecodeRuntime(model, VERSION, reader, device="cpu")
-    assert np.isfinite(rt.score([1, 4, 5, 6], [[1], [2], [3], [4]]).logits).all()  # CRCs not checked by default
-    with pytest.raises(ModelVersionMismatchError, match=f"user 2: model version {OTHER} != expected"):
-        rt.score([1, 2], [[1], [2]])
-    with pytest.raises(RecordError, match="user 3: header .* does not match the store layout"):
-        rt.score([3], [[1]])
-    checked = DecodeRuntime(model, VERSION, reader, device="cpu", verify_crc=True)
-    assert np.isfinite(checked.score([1, 5], [[1], [2]]).logits).all()
-    with pytest.raises(ChecksumError, match="user 4: CRC mismatch"):
-        checked.score([1, 4], [[1], [2]])
-    with pytest.raises(ChecksumError, match="user 4"):
-        reader.get(4)
-
-
-def test_reader_decodes_zoo_records(served: dict) -> None:
-    s = served["sdim"]
-    root = s["stores"]["collective", "float16"]
-    reader = StoreReader(open_current(root))
-    layout = reader.layout
-    assert isinstance(layout, EntryLayout) and len(reader) == len(USERS)
-    rec = reader.get(USERS[2])
-    assert isinstance(rec, EntryRecord) and rec.length == s["model"].cfg.window_len
-    assert set(rec.arrays) == {p.name for p in layout.parts}
-    assert reader.get(5) is None
-    many = reader.get_many([USERS[3], 5, USERS[2]])
-    assert many[1] is None and many[2].length == rec.length
-    for name, a in rec.arrays.items():
-        np.testing.assert_array_equal(many[2].arrays[name], a)
-    assert decode_entry(layout, reader.get_raw(USERS[2])).model_version == VERSION
-    seen = dict(reader.iter_records())
-    assert sorted(seen) == USERS and all(isinstance(r, EntryRecord) for r in seen.values())
-
-
-@pytest.mark.parametrize("arch", PAPER_MODELS)
-def test_pack_transfer_unpack_entry_round_trip(arch: str) -> None:
-    """Random records of every kv dtype and index width → pack → copy → unpack == the decoded records
-    stacked on the host (cachestore.decode.entry_batch.stack_records), padding zero, also with pad_to."""
-    rng = np.random.default_rng(PAPER_MODELS.index(arch))
-    for kv_dtype in ("float16", "bfloat16", "float32"):
-        layout = entry_layout(zoo_config(arch), VERSION, "collective", kv_dtype)
-        for lay in (layout, dataclasses.replace(layout, idx_dtype="int32", pool_size=100_000)):
-            ids, recs = [], []
-            for u in range(int(rng.integers(1, 7))):
-                n = int(rng.integers(0, lay.max_len + 1))
-                parts = []
-                for p in lay.parts:
-                    shape = (min(n, p.cap), p.width)
-                    hi = {"kv": 1 << 16, "idx": lay.pool_size, "key": 256}[p.kind]
-                    a = rng.integers(0, hi, shape)
-                    if p.kind == "kv" and kv_dtype == "float32":
-                        a = rng.standard_normal(shape)
-                    elif p.kind == "kv" and kv_dtype == "float16":
-                        a = rng.standard_normal(shape).astype(np.float16)
-                    parts.append(np.asarray(a).astype(lay.dtype(p.kind)))
-                ids.append(u * 3)
-                recs.append(None if rng.random() < 0.25 else encode_entry(lay, n, parts))
-            host = HostBatcher(lay, pin=False, capacity_bytes=64).pack(ids, recs)  # tiny: grows
-            assert host.cold_start == sum(r is None for r in recs)
-            dev, cost = to_device(host, "cpu")
-            assert cost.bytes == host.used_bytes and zero_block_bytes(lay) == max(8, *lay.row_bytes) + 7 & ~7
-            decoded = [None if r is None else decode_entry(lay, r) for r in recs]
-            lengths, want = stack_records(lay, decoded)
-            for pad_to in (None, lay.max_len + 2):
-                got = dev.unpack(pad_to)
-                assert isinstance(got, EntryBatch) and got.lengths.tolist() == lengths.tolist()
-                for p in lay.parts:
-                    t = got.arrays[p.name]
-                    rows = max(1, min(p.cap, host.max_length if pad_to is None else pad_to))
-                    assert t.shape == (len(ids), rows, p.width), (p, t.shape)
-                    if p.kind == "kv":
-                        raw = t.view(torch.int16).numpy().view(np.uint16) if kv_dtype == "bfloat16" else t.numpy()
-                    else:
-                        assert t.dtype == (torch.int64 if p.kind == "idx" else torch.uint8)
-                        raw = t.numpy()
-                    r = want[p.name].shape[1]
-                    np.testing.assert_array_equal(raw[:, :r], want[p.name].astype(raw.dtype), err_msg=p.name)
-                    assert (raw[:, r:] == 0).all()
-
-
-def test_ckv_score_on_a_zoo_store(served: dict, tmp_path: Path) -> None:
-    s = served["sim"]
+def test_ckv_score_on_a_zoo_store(zoo_served: dict, tmp_path: Path) -> None:
+    s = zoo_served["sim"]
     model, hist = s["model"], s["hist"]
     ckpt = tmp_path / "ckpt"
     version = save_checkpoint(ckpt, model, {})
@@ -397,7 +194,7 @@ def test_ckv_score_on_a_zoo_store(served: dict, tmp_path: Path) -> None:
     bad = CliRunner().invoke(score_cmd, [*args, "--out", str(tmp_path / "x.parquet"), "--path", "poolscore"])
     assert bad.exit_code == 1 and "poolscore" in bad.output
     other_ckpt = tmp_path / "eta"
-    save_checkpoint(other_ckpt, served["eta"]["model"], {})
+    save_checkpoint(other_ckpt, zoo_served["eta"]["model"], {})
     args[3] = str(other_ckpt)
     bad = CliRunner().invoke(score_cmd, [*args, "--out", str(tmp_path / "x.parquet")])
     assert bad.exit_code == 1 and "holds 'sim' caches" in bad.output
@@ -407,8 +204,8 @@ def test_ckv_score_on_a_zoo_store(served: dict, tmp_path: Path) -> None:
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("arch", PAPER_MODELS)
-def test_cuda_runtime_matches_cpu(served: dict, arch: str) -> None:
-    s = served[arch]
+def test_cuda_runtime_matches_cpu(zoo_served: dict, arch: str) -> None:
+    s = zoo_served[arch]
     model, hist = s["model"], s["hist"]
     for mode, kv_dtype in STORES:
         reader = StoreReader(open_current(s["stores"][mode, kv_dtype]))
@@ -435,10 +232,10 @@ def test_cuda_runtime_matches_cpu(served: dict, arch: str) -> None:
             np.testing.assert_allclose(res.logits, cpu.logits, rtol=1e-4, atol=1e-4)
 
 
-def _tier_runs(served: dict, arch: str, device: str, **kw: object) -> dict[str, tuple]:
+def _tier_runs(zoo_served: dict, arch: str, device: str, **kw: object) -> dict[str, tuple]:
     """Scores of two rounds of requests (ORDER, then ORDER reversed) through LMDB (tier off), the whole
     store resident, and a cache of 3 slots under LRU and S3-FIFO; with each runtime's tier hit counts."""
-    s = served[arch]
+    s = zoo_served[arch]
     reader = StoreReader(open_current(s["stores"]["collective", "float16"]))
     slot = (reader.layout.record_size(reader.layout.max_len) + 7) & -8
     cand = np.random.default_rng(7).integers(1, N_ITEMS + 1, (len(ORDER), 3))
@@ -472,48 +269,14 @@ def _check_tier_runs(runs: dict[str, tuple], tol: dict) -> None:
 
 
 @pytest.mark.parametrize("arch", PAPER_MODELS)
-def test_zoo_store_through_the_resident_tier_scores_like_lmdb(served: dict, arch: str) -> None:
+def test_zoo_store_through_the_resident_tier_scores_like_lmdb(zoo_served: dict, arch: str) -> None:
     """Every zoo model's store, whole or cached with eviction, scores as read from LMDB (CPU)."""
-    _check_tier_runs(_tier_runs(served, arch, "cpu"), dict(rtol=1e-6, atol=1e-6))
+    _check_tier_runs(_tier_runs(zoo_served, arch, "cpu"), dict(rtol=1e-6, atol=1e-6))
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("arch", PAPER_MODELS)
-def test_cuda_zoo_tier_graph_scores_like_lmdb(served: dict, arch: str) -> None:
+def test_cuda_zoo_tier_graph_scores_like_lmdb(zoo_served: dict, arch: str) -> None:
     """On CUDA the resident request is one graph (lookup + the model's fused decode over the arena)."""
-    _check_tier_runs(_tier_runs(served, arch, "cuda", graphs=True), dict(rtol=1e-5, atol=1e-5))
-
-
-def test_unpacked_din_group_is_a_kv_cache() -> None:
-    """The unpack of the din arch's parts, through ``cachestore.decode.decode.din_cache``, is the padded KVCache of
-    the stored parts (zeros and index 0 at padding; cold start: length 0)."""
-    from collectivekv.cachestore.decode.decode import din_cache
-    from collectivekv.model.config import ModelConfig
-    from collectivekv.model.entry import cache_from_arrays
-
-    cfg = ModelConfig(n_items=9, embed_dim=8, d_attn=16, n_heads=2, max_len=6,
-                      collective=CollectiveConfig(d_user=2, pool_size=30))  # fmt: skip
-    layout = entry_layout(cfg, VERSION, "collective", "float16")
-    rng = np.random.default_rng(5)
-    recs, stored = [], []
-    for n in (0, 4, 6, 2):
-        parts = [rng.standard_normal((n, 2)).astype(np.float16), rng.standard_normal((n, 2)).astype(np.float16),
-                 rng.integers(0, 30, (n, 1)).astype(np.uint16), rng.integers(0, 30, (n, 1)).astype(np.uint16)]
-        recs.append(encode_entry(layout, n, parts))
-        stored.append(parts)
-    batch = to_device(HostBatcher(layout, pin=False).pack([1, 2, 3, 4, 5], [*recs, None]), "cpu")[0].unpack()
-    assert isinstance(batch, EntryBatch)
-    kv = din_cache(batch)
-    whole = cache_from_arrays(batch.arrays, batch.lengths, cfg).kv["kv"]  # what the helper shortcuts
-    for name in ("k_user", "v_user", "k_idx", "v_idx", "lengths"):
-        assert torch.equal(getattr(kv, name), getattr(whole, name)), name
-    assert isinstance(kv, KVCache) and kv.lengths.tolist() == [0, 4, 6, 2, 0] and kv.k_user.shape == (5, 6, 2)
-    assert kv.k_idx.dtype == torch.int64 and kv.k_idx.shape == (5, 6)
-    for b, parts in enumerate(stored):
-        n = len(parts[0])
-        for got, want in ((kv.k_user[b], parts[0]), (kv.v_user[b], parts[1]), (kv.k_idx[b], parts[2][:, 0]),
-                          (kv.v_idx[b], parts[3][:, 0])):
-            np.testing.assert_array_equal(got[:n].numpy(), want)
-            assert (got[n:] == 0).all()
-    assert (kv.k_user[4] == 0).all() and (kv.v_idx[4] == 0).all()
+    _check_tier_runs(_tier_runs(zoo_served, arch, "cuda", graphs=True), dict(rtol=1e-5, atol=1e-5))

@@ -37,7 +37,7 @@ from collectivekv.model.cache_spec import entry_bytes, entry_parts
 from collectivekv.model.entry import cache_from_arrays, entry_arrays, full_cache, pack_keys, unpack_keys
 from collectivekv.model.zoo import PAPER_MODELS
 from collectivekv.pipeline.prefill.prefill_engines import cache_layout
-from tests.model.test_zoo import VARIANTS, make_batch, make_model, zoo_config
+from tests.model.zoo_helpers import VARIANTS, make_batch, make_model, zoo_config
 
 VERSION = "0123456789abcdef"
 TOL = {"float32": 0.0, "float16": 2e-2, "bfloat16": 8e-2}

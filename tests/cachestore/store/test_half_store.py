@@ -29,8 +29,8 @@ from collectivekv.pipeline.store.store_ops import build_store
 from collectivekv.pipeline.store.verify import verify_store
 from collectivekv.pipeline.training.checkpoint import save_checkpoint
 from tests.model.test_half_cache import HALF, OPTIONS, observed
-from tests.model.test_zoo import make_batch, make_model, zoo_config
-from tests.pipeline.prefill.test_prefill import LENGTHS, decoded, histories, reference, run
+from tests.model.zoo_helpers import make_batch, make_model, zoo_config
+from tests.pipeline.prefill.prefill_helpers import LENGTHS, decoded, histories, reference, run
 
 MV = "0123456789abcdef"
 

@@ -193,7 +193,7 @@ def test_zoo_record_index_outside_the_pool_is_refused_on_the_cpu(tmp_path) -> No
     from collectivekv.cachestore.store.entry import encode_entry, entry_layout
     from collectivekv.cachestore.store.publish import open_current
     from collectivekv.cachestore.store.reader import StoreReader
-    from tests.model.test_zoo import zoo_config
+    from tests.model.zoo_helpers import zoo_config
     from tests.zoo_store_fixtures import publish_records
 
     layout = entry_layout(zoo_config("eta"), "0123456789abcdef", "collective", "float16")

@@ -1,6 +1,6 @@
 """The nightly prefill and the store tools for zoo checkpoints with a real local Spark.
 
-Tiny SIM / SDIM / HSTU checkpoints (tests/model/test_zoo.py's config: d_a 32, pool 12, windows 4 / 10) and
+Tiny SIM / SDIM / HSTU checkpoints (tests/model/zoo_helpers.py's config: d_a 32, pool 12, windows 4 / 10) and
 48 synthetic users (lengths 0 .. 25, so every window is both partly filled and truncated). One
 ``spark-submit jobs/prefill.py`` subprocess (SIM, collective) end to end; the other runs use the
 session-scoped in-process SparkSession (tests/conftest.py). Checked: Parquet rows + layout +
@@ -41,7 +41,7 @@ from collectivekv.pipeline.prefill.spark_job import PrefillOptions, run_prefill
 from collectivekv.pipeline.store.verify import verify_store
 from collectivekv.pipeline.training.checkpoint import save_checkpoint
 from tests.helpers import run_prefill_submit
-from tests.model.test_zoo import N_ITEMS, make_model, zoo_config
+from tests.model.zoo_helpers import N_ITEMS, make_model, zoo_config
 from tests.store_fixtures import put_in_place
 
 pytestmark = pytest.mark.spark
@@ -311,7 +311,7 @@ def test_prefill_batches_store_verify_without_spark(tmp_path: Path, arch: str, v
     """The executors' per-partition function → Parquet → `ckv store build` → verify, for the other archs,
     partial sharing, full-KV checkpoints and every kv dtype (no Spark: fast)."""
     from collectivekv.pipeline.store.store_ops import build_store
-    from tests.model.test_zoo import VARIANTS
+    from tests.model.zoo_helpers import VARIANTS
 
     model = make_model(zoo_config(arch, **VARIANTS[variant])).eval()
     version = save_checkpoint(tmp_path / "ckpt", model, {})

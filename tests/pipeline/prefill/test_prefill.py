@@ -1,30 +1,24 @@
-"""The per-partition prefill function (no Spark), the store build/verify/report on its output."""
+"""The per-partition prefill function (no Spark): its rows against the model's own K/V for every kv dtype, engine,
+store mode, sharing and index width; memo = direct bit for bit, chunking and reruns change nothing, the engine
+choice, checksums, and inputs or models it refuses. (The store built from its output: test_prefill_store.py.)"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
-from click.testing import CliRunner
 
 from collectivekv.cachestore.decode.entry_batch import model_tensors, stack_records
-from collectivekv.cachestore.store.entry import decode_entry, entry_from_parquet_row
 from collectivekv.cachestore.store.lmdb_build import prefill_schema
-from collectivekv.cachestore.store.reader import StoreReader
-from collectivekv.cachestore.store.record import write_layout
-from collectivekv.model.cache import KVCache
 from collectivekv.model.cache_spec import bytes_per_behaviour, compression_rate, store_config
-from collectivekv.model.config import CollectiveConfig, ModelConfig
+from collectivekv.model.config import CollectiveConfig
 from collectivekv.model.ctr import TargetAttentionCTR
 from collectivekv.model.entry import cache_from_arrays
-from collectivekv.pipeline.data.history import arrow_window
 from collectivekv.pipeline.prefill.prefill import (
     OUTPUT_SCHEMA,
     DirectEngine,
@@ -36,56 +30,17 @@ from collectivekv.pipeline.prefill.prefill import (
     prefill_batches,
     tokenwise,
 )
-from collectivekv.pipeline.reports.size_report import size_report
-from collectivekv.pipeline.store.store_ops import build_store
-from collectivekv.pipeline.store.verify import verify_store
-from collectivekv.pipeline.training.checkpoint import save_checkpoint
-
-N_ITEMS = 40
-MV = "0123456789abcdef"
-
-
-def small_config(**kw: object) -> ModelConfig:
-    base = ModelConfig(n_items=N_ITEMS, n_genres=5, max_genres=3, embed_dim=16, d_attn=32, n_heads=4, max_len=8,
-                       mlp_dims=(16,), collective=CollectiveConfig(d_user=2, pool_size=12))
-    return dataclasses.replace(base, **kw)
-
-
-def make_model(cfg: ModelConfig, seed: int = 0) -> TargetAttentionCTR:
-    g = torch.Generator().manual_seed(seed)
-    genres = torch.randint(0, cfg.n_genres + 1, (cfg.n_items + 1, cfg.max_genres), generator=g)
-    genres[0] = 0
-    torch.manual_seed(seed)
-    return TargetAttentionCTR(cfg, genres).eval()
-
-
-def histories(lengths: list[int], seed: int = 0, first_user: int = 100, n_items: int = N_ITEMS) -> pa.RecordBatch:
-    rng = np.random.default_rng(seed)
-    items = [rng.integers(1, n_items + 1, n).astype(np.int32).tolist() for n in lengths]
-    labels = [rng.integers(0, 2, n).astype(np.int8).tolist() for n in lengths]
-    ts = [list(range(n)) for n in lengths]
-    return pa.RecordBatch.from_arrays(
-        [pa.array(np.arange(first_user, first_user + len(lengths), dtype=np.int64)),
-         pa.array(items, pa.list_(pa.int32())), pa.array(ts, pa.list_(pa.int64())),
-         pa.array(labels, pa.list_(pa.int8()))],
-        names=["user_id", "items", "timestamps", "labels"])
-
-
-LENGTHS = [0, 1, 2, 5, 8, 9, 20, 3, 0, 1, 13, 7]
-
-
-def run(model, layout, batch, engine="auto", batch_users=0) -> pa.Table:
-    eng = make_engine(model, layout, engine)
-    return pa.Table.from_batches(list(prefill_batches([batch], eng, layout, batch_users)), schema=OUTPUT_SCHEMA)
-
-
-def decoded(table: pa.Table, layout) -> dict[int, object]:
-    """Each output row through the store's own checks (checksum, sizes, model version) and decoder."""
-    out = {}
-    for row in table.to_pylist():
-        rec = entry_from_parquet_row(layout, **row)
-        out[row["user_id"]] = decode_entry(layout, rec, expected_model_version=layout.model_version)
-    return out
+from tests.pipeline.prefill.prefill_helpers import (
+    LENGTHS,
+    MV,
+    N_ITEMS,
+    decoded,
+    histories,
+    make_model,
+    reference,
+    run,
+    small_config,
+)
 
 
 def rebuilt(model, layout, records: list, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,14 +52,6 @@ def rebuilt(model, layout, records: list, width: int) -> tuple[torch.Tensor, tor
     k, v = model.keys_values(cache)  # (B, R, d_a), R = the longest record
     pad = (0, 0, 0, width - k.shape[1])
     return torch.nn.functional.pad(k, pad), torch.nn.functional.pad(v, pad)
-
-
-def reference(model, batch: pa.RecordBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, KVCache]:
-    w = arrow_window(batch.column("items"), batch.column("labels"), model.cfg.max_len)
-    with torch.inference_mode():
-        cache = model.prefill(torch.from_numpy(w.items), torch.from_numpy(w.feedback), torch.from_numpy(w.lengths))
-        k, v = model.keys_values(cache)
-    return k, v, torch.from_numpy(w.lengths), cache
 
 
 TOL = {"float16": 2 * 2.0**-10, "bfloat16": 2 * 2.0**-7, "float32": 1e-6}
@@ -281,108 +228,6 @@ def test_model_must_match_layout() -> None:
         make_engine(model, other, "direct")
     with pytest.raises(ValueError, match="eval mode"):
         make_engine(make_model(small_config()).train(), cache_layout(model.cfg, MV), "direct")
-
-
-# ------------------------------------------------------------ store build / verify / report (no Spark)
-def write_prefill(tmp: Path, model, layout, batches: list[pa.RecordBatch]) -> Path:
-    out = tmp / "prefill"
-    out.mkdir()
-    for i, b in enumerate(batches):
-        pq.write_table(pa.Table.from_batches(list(prefill_batches([b], model, layout))), out / f"part-{i}.parquet")
-    write_layout(out / "_layout.json", layout)
-    return out
-
-
-@pytest.fixture()
-def small_store(tmp_path: Path) -> dict:
-    model = make_model(small_config(max_len=6))
-    version = save_checkpoint(tmp_path / "ckpt", model, {})
-    layout = cache_layout(model.cfg, version)
-    parts = [histories(LENGTHS, seed=7, first_user=0), histories(LENGTHS[:5], seed=8, first_user=50)]
-    hist = tmp_path / "hist"
-    hist.mkdir()
-    for i, b in enumerate(parts):
-        pq.write_table(pa.Table.from_batches([b]), hist / f"h{i}.parquet")
-    prefill = {"model_config": dataclasses.asdict(model.cfg), "mode": "collective"}
-    manifest = build_store(tmp_path / "store", write_prefill(tmp_path, model, layout, parts), prefill=prefill,
-                           command_line="test")
-    return {"root": tmp_path, "store": tmp_path / "store", "ckpt": tmp_path / "ckpt", "hist": hist,
-            "manifest": manifest, "model": model, "layout": layout, "parts": parts}
-
-
-def test_build_store_manifest_and_links(small_store: dict) -> None:
-    store, m = small_store["store"], small_store["manifest"]
-    for key in ("model_version", "dims", "dtypes", "pool_size", "users", "bytes", "created_at", "command_line"):
-        assert key in m
-    assert m["users"] == len(LENGTHS) + 5
-    assert m["dims"]["d_attn"] == 32 and m["dtypes"] == {"kv": "float16", "index": "uint16"}
-    assert set(m["bytes"]) >= {"parquet", "lmdb_disk", "payload"}
-    assert json.loads((store / "manifest.json").read_text())["version_id"] == m["version_id"]
-    assert (store / "lmdb" / "data.mdb").is_file() and (store / "layout.json").is_file()
-    assert sorted(p.name for p in (store / "parquet").iterdir()) == [
-        "_layout.json", "_prefill.json", "part-0.parquet", "part-1.parquet"]
-
-
-def test_verify_passes_and_catches_mismatches(small_store: dict, tmp_path: Path) -> None:
-    s = small_store
-    res = verify_store(s["store"], s["ckpt"], s["hist"])
-    assert res.ok, res.mismatches
-    assert res.users_checked == len(LENGTHS) + 5
-    assert verify_store(s["store"], s["ckpt"], s["hist"], sample=4).users_checked == 4
-    # the histories of other users: the records differ from what the model computes
-    wrong = tmp_path / "wrong"
-    wrong.mkdir()
-    pq.write_table(pa.Table.from_batches([histories(LENGTHS, seed=99, first_user=0),
-                                          histories(LENGTHS[:5], seed=8, first_user=50)]), wrong / "h.parquet")
-    res = verify_store(s["store"], s["ckpt"], wrong)
-    assert not res.ok and any("differs" in m or "length" in m or "idx" in m for m in res.mismatches)
-    # a user missing from the store, and a different model
-    pq.write_table(pa.Table.from_batches([histories([2], first_user=999)]), wrong / "h2.parquet")
-    assert any("no record" in m for m in verify_store(s["store"], s["ckpt"], wrong).mismatches)
-    other = tmp_path / "other"
-    save_checkpoint(other, make_model(small_config(max_len=6), seed=1), {})
-    runner = CliRunner()
-    r = runner.invoke(__import__("collectivekv.jobs.store", fromlist=["store"]).store,
-                      ["verify", str(s["store"]), "--checkpoint", str(other), "--histories", str(s["hist"])])
-    assert r.exit_code == 1 and "store was built by model" in r.output
-    r = runner.invoke(__import__("collectivekv.jobs.store", fromlist=["store"]).store,
-                      ["verify", str(s["store"]), "--checkpoint", str(s["ckpt"]), "--histories", str(s["hist"])])
-    assert r.exit_code == 0 and "OK" in r.output
-
-
-def test_size_report_cr(small_store: dict) -> None:
-    rep = size_report(small_store["store"])["store"]
-    cfg = small_store["model"].cfg
-    assert rep["cr"]["formula"] == pytest.approx(compression_rate(cfg, 2))
-    assert rep["cr"]["payload"] == pytest.approx(compression_rate(cfg, 2))
-    assert rep["cr"]["lmdb_disk"] > rep["cr"]["records"] > rep["cr"]["payload"]
-    behaviours = sum(min(n, 6) for n in LENGTHS + LENGTHS[:5])
-    assert rep["behaviours"] == behaviours
-    assert rep["bytes"]["payload"] == behaviours * bytes_per_behaviour(cfg, 2)
-
-
-def test_store_reader_sees_prefill_records(small_store: dict) -> None:
-    with StoreReader.open_current(small_store["store"]) as reader:
-        assert len(reader) == len(LENGTHS) + 5
-        rec = reader.get(4)
-        assert rec is not None and rec.length == 6 and rec.arrays["kv.k_user"].shape == (6, 2)
-
-
-def test_store_build_cli_from_a_parquet_dir(small_store: dict, tmp_path: Path) -> None:
-    from collectivekv.jobs.store import store as store_cli
-
-    src = small_store["store"] / "parquet"
-    runner = CliRunner()
-    r = runner.invoke(store_cli, ["build", str(src), "--no-progress"])
-    assert r.exit_code == 2 and "--store" in r.output
-    new = tmp_path / "copy"
-    r = runner.invoke(store_cli, ["build", str(src), "--store", str(new), "--no-progress"])
-    assert r.exit_code == 0, r.output
-    with StoreReader.open_current(new) as a, StoreReader.open_current(small_store["store"]) as b:
-        assert [a.get_raw(u) for u in b.iter_users()] == [b.get_raw(u) for u in b.iter_users()]
-    assert json.loads((new / "manifest.json").read_text())["dims"]["d_attn"] == 32  # _prefill.json kept
-    r = runner.invoke(store_cli, ["build", str(tmp_path), "--no-progress"])
-    assert r.exit_code == 1 and "neither a prefill Parquet directory" in r.output
 
 
 def test_memo_blocks_shared_through_a_directory(tmp_path: Path) -> None:
