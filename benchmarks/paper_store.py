@@ -28,19 +28,20 @@ PAPER = {"embed_dim": 64, "d_attn": 256, "n_heads": 8, "d_user": 1, "pool_size":
 N_ITEMS = 100_000
 
 
+def paper_config(max_len: int) -> ModelConfig:
+    """The din model's config at the paper's shape (:data:`PAPER`) with histories of ``max_len``."""
+    return ModelConfig(n_items=N_ITEMS, embed_dim=PAPER["embed_dim"], d_attn=PAPER["d_attn"], n_heads=PAPER["n_heads"],
+                       max_len=max_len, collective=CollectiveConfig(d_user=PAPER["d_user"],
+                                                                    pool_size=PAPER["pool_size"]))
+
+
 def paper_model(max_len: int, device: torch.device) -> ResidentModel:
-    cfg = ModelConfig(n_items=N_ITEMS, embed_dim=PAPER["embed_dim"], d_attn=PAPER["d_attn"], n_heads=PAPER["n_heads"],
-                      max_len=max_len, collective=CollectiveConfig(d_user=PAPER["d_user"],
-                                                                   pool_size=PAPER["pool_size"]))
     torch.manual_seed(0)
-    return ResidentModel(TargetAttentionCTR(cfg).eval(), device)
+    return ResidentModel(TargetAttentionCTR(paper_config(max_len)).eval(), device)
 
 
 def collective_layout(max_len: int, version: str, kv_dtype: str = "float16") -> EntryLayout:
-    cfg = ModelConfig(n_items=N_ITEMS, embed_dim=PAPER["embed_dim"], d_attn=PAPER["d_attn"], n_heads=PAPER["n_heads"],
-                      max_len=max_len, collective=CollectiveConfig(d_user=PAPER["d_user"],
-                                                                   pool_size=PAPER["pool_size"]))
-    return entry_layout(cfg, version, "collective", kv_dtype)
+    return entry_layout(paper_config(max_len), version, "collective", kv_dtype)
 
 
 def synthetic_records(layout: EntryLayout, n_users: int, length: int, seed: int) -> list[bytes]:

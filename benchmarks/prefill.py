@@ -129,7 +129,7 @@ def function_cpu(hist: Path, ckpt: Path, max_users: int) -> dict:
     import pyarrow.parquet as pq
 
     from collectivekv.cachestore.checkpoint import load_checkpoint
-    from collectivekv.pipeline.prefill.prefill import cache_layout, make_engine, prefill_batches
+    from collectivekv.pipeline.prefill.prefill import cache_layout, make_engine
 
     torch.set_num_threads(1)
     c = load_checkpoint(ckpt)
@@ -141,12 +141,7 @@ def function_cpu(hist: Path, ckpt: Path, max_users: int) -> dict:
     for name in ("noop", "memo", "memo-warm", "direct"):
         engine = out.get("_memo") if name == "memo-warm" else make_engine(c.model, layout, name.split("-")[0])
         sub = batches if name != "direct" else [table.slice(0, 2000).combine_chunks().to_batches()[0]]
-        n = sum(b.num_rows for b in sub)
-        t = time.perf_counter()
-        for _ in prefill_batches(sub, engine, layout):
-            pass
-        dt = time.perf_counter() - t
-        out[name] = {"users": n, "seconds": round(dt, 3), "users_per_s": round(n / dt, 1)}
+        out[name] = _timed_prefill(engine, sub, layout, "cpu")
         if name == "memo":
             out["_memo"] = engine
             out[name]["memo_table_entries"] = engine.size
@@ -185,6 +180,10 @@ def _sync(dev: str) -> None:
         torch.cuda.synchronize()
 
 
+def _rate(n: int, seconds: float) -> dict:
+    return {"users": n, "seconds": round(seconds, 3), "users_per_s": round(n / seconds, 1)}
+
+
 def _timed_prefill(engine: object, sub: list, layout: object, dev: str, batch_users: int = 0) -> dict:
     """Users, seconds and users / s of one ``prefill_batches`` pass of ``engine`` over the Arrow batches ``sub``."""
     from collectivekv.pipeline.prefill.prefill import prefill_batches
@@ -195,8 +194,7 @@ def _timed_prefill(engine: object, sub: list, layout: object, dev: str, batch_us
     for _ in prefill_batches(sub, engine, layout, batch_users):
         pass
     _sync(dev)
-    dt = time.perf_counter() - t
-    return {"users": n, "seconds": round(dt, 3), "users_per_s": round(n / dt, 1)}
+    return _rate(n, time.perf_counter() - t)
 
 
 def _model_alone(model: TargetAttentionCTR, sub: list, max_len: int, dev: str) -> dict:
@@ -217,8 +215,7 @@ def _model_alone(model: TargetAttentionCTR, sub: list, max_len: int, dev: str) -
                               torch.from_numpy(ln).to(dev))
                 n += len(ln)
     _sync(dev)
-    dt = time.perf_counter() - t
-    return {"users": n, "seconds": round(dt, 3), "users_per_s": round(n / dt, 1)}
+    return _rate(n, time.perf_counter() - t)
 
 
 def gpu_benchmark(args: argparse.Namespace) -> dict:
