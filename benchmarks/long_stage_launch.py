@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.timing import machine  # noqa: E402
-from benchmarks.zoo_latency import packed_cache, paper_batch  # noqa: E402
+from benchmarks.zoo_batches import packed_cache, paper_batch  # noqa: E402
 from benchmarks.zoo_synthetic import reference_logits  # noqa: E402
 from collectivekv.cachestore.decode import fused_zoo_long  # noqa: E402
 from collectivekv.cachestore.decode.decode import ResidentZooModel  # noqa: E402

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.timing import machine  # noqa: E402
-from benchmarks.zoo_latency import store_layout, store_records  # noqa: E402
+from benchmarks.zoo_batches import store_layout, store_records  # noqa: E402
 from benchmarks.zoo_synthetic import N_ITEMS, PAPER, make_models, model_config  # noqa: E402
 from collectivekv.cachestore.decode.batch import HostBatcher  # noqa: E402
 from collectivekv.cachestore.decode.decode import ResidentModel, ResidentZooModel  # noqa: E402

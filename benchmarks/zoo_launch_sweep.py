@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.mlp_head import graphed  # noqa: E402
 from benchmarks.timing import machine  # noqa: E402
-from benchmarks.zoo_latency import paper_batch  # noqa: E402
+from benchmarks.zoo_batches import paper_batch  # noqa: E402
 from benchmarks.zoo_overlap import round_robin  # noqa: E402
 from collectivekv.cachestore.decode import fused_long, fused_route, fused_zoo_long  # noqa: E402
 from collectivekv.cachestore.decode.decode import ResidentZooModel  # noqa: E402

@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.timing import machine, timed  # noqa: E402
-from benchmarks.zoo_latency import VERSION, bench_collective, store_layout, store_records  # noqa: E402
+from benchmarks.zoo_batches import VERSION, store_layout, store_records  # noqa: E402
+from benchmarks.zoo_latency import bench_collective  # noqa: E402
 from benchmarks.zoo_synthetic import N_ITEMS, PAPER, QUICK, make_models, model_config  # noqa: E402
 from collectivekv.cachestore.decode.batch import HostBatcher  # noqa: E402
 from collectivekv.cachestore.decode.decode import ResidentModel, ResidentZooModel  # noqa: E402

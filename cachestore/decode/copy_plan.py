@@ -40,6 +40,11 @@ DEFAULT_OVERLAP = 3  # copy pieces beside the fused decode (GraphedDecoder; din 
 ARCH_OVERLAP = {"sim": 2, "eta": 3, "sdim": 2, "twin": 3}
 
 
+# the first buffer of an HSTU batch split by layer (cachestore.decode.layer_batch): 2 pieces, the fastest of 1-4 on an
+# H100 in both dtypes (benchmarks/zoo_overlap.py, HSTU rows: zoo_overlap_hstu_float{16,32}.json)
+LAYER_OVERLAP = 2
+
+
 def default_overlap(arch: str) -> int:
     """Copy pieces a captured batch of a model of ``arch`` is split into by default."""
     return ARCH_OVERLAP.get(arch, DEFAULT_OVERLAP)

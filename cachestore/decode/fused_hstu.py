@@ -33,10 +33,11 @@ row as the user part and no indices. fp32 user parts that the layout can place a
 The first layer's launches can follow a batch copied in pieces (``chunks``, as din's
 :func:`cachestore.decode.fused.fused_attention`): :class:`cachestore.decode.graphs.GraphedDecoder` launches it once
 per piece, right after that piece lands, so most of it runs beside the copy; the later layers wait for the whole
-batch. History pool rows are read at the store's precision unless ``FusedConfig.pool_dtype`` says otherwise (as in
-:mod:`cachestore.decode.fused`); per layer the padded pools and the distance → bias table are cached on the resident
-model. ``tests/cachestore/decode/test_fused_hstu.py`` checks the logits against the model's training forward and the
-eager serving path, on CUDA and under Triton's interpreter on CPU.
+batch — with a batch split by layer (:mod:`cachestore.decode.layer_batch`, ``rest``) only for its second buffer, which
+crosses PCIe while the first layer runs. History pool rows are read at the store's precision unless
+``FusedConfig.pool_dtype`` says otherwise (as in :mod:`cachestore.decode.fused`); per layer the padded pools and the
+distance → bias table are cached on the resident model. ``tests/cachestore/decode/test_fused_hstu.py`` checks the
+logits against the model's training forward and the eager serving path, on CUDA and under Triton's interpreter on CPU.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ from collectivekv.cachestore.decode.fused_hstu_candidate import SelfKV, as_rows,
 from collectivekv.cachestore.decode.fused_mlp import mlp_logits
 from collectivekv.cachestore.decode.fused_norm import norm_gate
 from collectivekv.cachestore.decode.fused_view import check_half_layout, group_scales, side_codes, user_halves
+from collectivekv.cachestore.decode.layer_batch import split_layouts
 from collectivekv.cachestore.decode.transfer import KV_TORCH
 from collectivekv.cachestore.store.entry import EntryLayout
 from collectivekv.cachestore.store.record import HEADER_SIZE, RouterIndexError
@@ -227,14 +229,16 @@ def part_offsets(layout: EntryLayout) -> tuple[dict[str, int], int]:
 def hstu_history(raw: torch.Tensor, q: torch.Tensor, layer: int, *, resident: ResidentZooModel,
                  layout: EntryLayout, n_users: int, flags: torch.Tensor, config: FusedConfig = DEFAULT_FUSED,
                  own: SelfKV | None = None, chunks: Sequence[tuple[int, int]] = ALL_BYTES,
-                 on_chunk: Callable[[int], None] | None = None) -> torch.Tensor:
+                 on_chunk: Callable[[int], None] | None = None, header: torch.Tensor | None = None) -> torch.Tensor:
     """Layer ``layer``'s attention term of ``q`` (b, C, d_a) for users 0 .. b - 1 of the packed batch ``raw`` as S
     partial sums (S, b, C, d_a) fp32 (one per part of the histories; their sum is the term): the module docstring's
     kernel over the cached history, plus, with ``own``, each candidate's attention to itself (its K/V rows from
     :class:`SelfKV`, pool rows at fp32). ``flags`` (n_users,) int32: set to 1
     for a user with a router index outside the pool. ``chunks``: one launch per (lo, hi] byte range, serving the users
     whose records end in it, each after ``on_chunk(index)``, and ``on_chunk(len(chunks))`` after the last (as
-    :func:`cachestore.decode.fused.fused_attention`'s). No host syncs."""
+    :func:`cachestore.decode.fused.fused_attention`'s). ``header``: the batch header (offsets, lengths: (2·n_users,)
+    int64) when it is not ``raw``'s first bytes (a :mod:`cachestore.decode.layer_batch` batch's later layers). No
+    host syncs."""
     cfg = resident.cfg
     b, c, d_a = q.shape
     heads = cfg.n_heads
@@ -259,11 +263,12 @@ def hstu_history(raw: torch.Tensor, q: torch.Tensor, layer: int, *, resident: Re
     mine = own or SelfKV(q_rows[:, :0], None, q_rows[:, :0], None)
     k_user, v_user = mine.k_user, mine.v_user
     stages = {} if config.num_stages is None else {"num_stages": config.num_stages}
+    header = raw[: 16 * n_users].view(torch.int64) if header is None else header  # (2·n_users,) offsets, lengths
     for index, (end_lo, end_hi) in enumerate(chunks):
         if on_chunk is not None:
             on_chunk(index)
         _hstu_history_kernel[(rows, groups, parts)](
-            raw, raw[: 16 * n_users].view(torch.int64), q_rows, q_rows.stride(0), bias, pool_k, pool_v, out, flags,
+            raw, header, q_rows, q_rows.stride(0), bias, pool_k, pool_v, out, flags,
             k_user, k_user.stride(0), v_user, v_user.stride(0), flags if mine.k_idx is None else mine.k_idx,
             flags if mine.v_idx is None else mine.v_idx, self_k, self_v, n_users, c, 1.0 / math.sqrt(dh),
             1.0 / float(cfg.max_len), cfg.collective.pool_size, float(k_scale), float(v_scale), end_lo, end_hi,
@@ -303,10 +308,24 @@ def check_hstu_batch(raw: torch.Tensor, candidates: torch.Tensor, resident: Resi
                          f"{cfg.n_heads} ({config.heads_per_program})")
 
 
+def _layer_sources(raw: torch.Tensor, rest: torch.Tensor | None, layout: EntryLayout, n_users: int, layers: int
+                   ) -> list[tuple[torch.Tensor, EntryLayout, torch.Tensor | None]]:
+    """Per layer: (the bytes its history kernel reads, their layout, their batch header or None: ``raw``'s first)."""
+    if rest is None:
+        return [(raw, layout, None)] * layers
+    split = split_layouts(layout)
+    if split is None or rest.dtype != torch.uint8 or rest.device != raw.device:
+        raise ValueError("a batch split by layer needs an HSTU store of several layers and its second buffer (uint8) "
+                         "on the batch's device")
+    header = raw[16 * n_users : 32 * n_users].view(torch.int64)  # (2·n_users,) the second buffer's offsets, lengths
+    return [(raw, split[0], None)] + [(rest, split[1], header)] * (layers - 1)
+
+
 def hstu_static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: ResidentZooModel,
                        layout: EntryLayout, n_users: int, config: FusedConfig = DEFAULT_FUSED,
                        flags: torch.Tensor | None = None, chunks: Sequence[tuple[int, int]] = ALL_BYTES,
-                       on_chunk: Callable[[int], None] | None = None) -> torch.Tensor:
+                       on_chunk: Callable[[int], None] | None = None, rest: torch.Tensor | None = None
+                       ) -> torch.Tensor:
     """Logits (b, C) of ``candidates`` (b, C) int64 of users 0 .. b - 1 (b <= n_users) against the packed batch
     ``raw`` (uint8 on the resident's device, :mod:`cachestore.decode.batch`) of an HSTU store: ``HSTU.decode`` with
     each layer's candidate work from :func:`cachestore.decode.fused_hstu_candidate.candidate_layer` and its attention
@@ -318,8 +337,11 @@ def hstu_static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident:
     first layer's history launches (:func:`hstu_history`; its candidate work, which reads no batch byte, comes
     before ``on_chunk(0)``); the later layers read the batch after ``on_chunk(len(chunks))``, where a CUDA graph
     copying the batch in those pieces has joined them (:class:`cachestore.decode.graphs.GraphedDecoder`). Call under
-    ``inference_mode`` / ``no_grad``."""
+    ``inference_mode`` / ``no_grad``. ``rest``: the batch is split by layer (:mod:`cachestore.decode.layer_batch`):
+    ``raw`` holds its first buffer (layer 0's records), ``rest`` its second (the later layers', their header at
+    ``raw``'s bytes 16·n_users .. 32·n_users)."""
     check_hstu_batch(raw, candidates, resident, layout, n_users, config)
+    sources = _layer_sources(raw, rest, layout, n_users, len(resident.model.layers))
     model = resident.model
     flag = torch.zeros(n_users, dtype=torch.int32, device=raw.device) if flags is None else flags
     t = model.item_embedding(candidates)  # (b, C, E)
@@ -327,9 +349,10 @@ def hstu_static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident:
     for i, layer in enumerate(model.layers):
         u, q, own = candidate_layer(resident, i, layer.norm_in(x))
         first = i == 0
-        history = hstu_history(raw, q, i, resident=resident, layout=layout, n_users=n_users, flags=flag,
+        batch, its_layout, header = sources[i]
+        history = hstu_history(batch, q, i, resident=resident, layout=its_layout, n_users=n_users, flags=flag,
                                config=config, own=own, chunks=chunks if first else ALL_BYTES,
-                               on_chunk=on_chunk if first else None)
+                               on_chunk=on_chunk if first else None, header=header)
         x = x + layer.out(norm_gate(history, layer.norm_out, u))  # HSTULayer.update, its norm and gate in one launch
     logits = model.score_hidden(x, t, head=mlp_logits)  # (b, C)
     if flags is None and bool(flag.any()):

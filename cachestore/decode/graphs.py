@@ -53,7 +53,9 @@ from collectivekv.cachestore.decode.capture import capturing, read_pinned
 from collectivekv.cachestore.decode.copy_plan import batch_capacity, copy_buckets, copy_chunks, record_ends
 from collectivekv.cachestore.decode.decode import PATHS, ResidentZooModel, choose_path
 from collectivekv.cachestore.decode.fused import ALL_BYTES, DEFAULT_FUSED, FUSED, FusedConfig, uses_fused
-from collectivekv.cachestore.decode.mapped import MappedBatch, gather_records
+from collectivekv.cachestore.decode.graph_inputs import BatchInputs
+from collectivekv.cachestore.decode.layer_batch import LayerBatch
+from collectivekv.cachestore.decode.mapped import MappedBatch
 from collectivekv.cachestore.decode.static_decode import static_decode, unpack_din
 from collectivekv.cachestore.decode.transfer import TransferCost
 from collectivekv.cachestore.store.entry import EntryLayout
@@ -68,7 +70,7 @@ class _Captured:
     nbytes: int  # bytes its batch copy moves
 
 
-class GraphedDecoder:
+class GraphedDecoder(BatchInputs):
     """Captured copy + unpack + decode for fixed (n_users B, pad_to L, n_candidates C, capacity) on CUDA.
 
     resident: the model on its CUDA device (``ResidentModel`` for din, :class:`ResidentZooModel` for the
@@ -83,7 +85,9 @@ class GraphedDecoder:
     overlap: on the fused path, the batch copy is split into up to ``overlap`` pieces (:func:`copy_chunks`:
     none under 256 KiB) copied on a forked stream inside the graph, and the kernels (din's attention, HSTU's first
     layer's history, the zoo's short and long stages) are launched once per piece for the users whose records end in
-    it, right after that piece lands; 1 turns it off; None: the model's default (:func:`copy_plan.default_overlap`:
+    it, right after that piece lands (an HSTU batch split by layer, :class:`cachestore.decode.layer_batch.LayerBatch`:
+    its first buffer in the pieces, ``copy_plan.LAYER_OVERLAP`` by default, then its second); 1 turns it off; None: the
+    model's default (:func:`copy_plan.default_overlap`:
     din and HSTU 3, the fastest or within 3% of it on an H100 at L 1000,
     ``decode_latency/decode_latency_overlap_store_float{16,32}.json``; the zoo's from ``benchmarks/zoo_overlap.py``).
     The candidates are read by a kernel, not copied: a copy of them could be queued behind the whole batch's (0.231
@@ -110,7 +114,8 @@ class GraphedDecoder:
             raise ValueError(f"path 'poolscore' is the din model's attention, not {resident.cfg.arch!r}'s")
         if path not in (*PATHS, FUSED):
             raise ValueError(f"path must be one of {(*PATHS, FUSED)}, got {path!r}")
-        overlap = copy_plan.default_overlap(resident.cfg.arch) if overlap is None else overlap
+        overlap, self.split_overlap = (copy_plan.default_overlap(resident.cfg.arch), copy_plan.LAYER_OVERLAP) \
+            if overlap is None else (overlap, overlap)  # split_overlap: a LayerBatch's first buffer's pieces
         if overlap < 1:
             raise ValueError(f"overlap must be >= 1, got {overlap}")
         if min(n_users, pad_to, n_candidates) < 1:
@@ -144,13 +149,14 @@ class GraphedDecoder:
                 self.path = path if path != "auto" else choose_path(
                     unpack_din(self.raw, layout, n_users, pad_to), n_candidates, resident)
             self.pieced = self.path == FUSED  # the launches follow the copy pieces
+            self._split_buffers()  # HSTU's fused decode also reads batches split by layer
             self.logits = self._body()  # eager once: checks the body (and compiles the kernel)
             if not eager:
                 self._pool = torch.cuda.graph_pool_handle()
                 self._copy_stream = torch.cuda.Stream(self.device)  # the overlapped copies' branch of a graph
                 self._capture_stream = torch.cuda.Stream(self.device)  # this decoder's captures (capturing())
-                # the piece launches' branches (concurrent): one stream per copy piece
-                self._launch_streams = [torch.cuda.Stream(self.device) for _ in range(overlap if concurrent else 0)]
+                pieces = max(overlap, self.split_overlap) if concurrent else 0  # the piece launches' branches
+                self._launch_streams = [torch.cuda.Stream(self.device) for _ in range(pieces)]
                 self._warm_up(warmup)
 
     @property
@@ -158,17 +164,17 @@ class GraphedDecoder:
         """Graphs captured so far (one per host buffer and copy-size bucket used)."""
         return len(self._graphs)
 
-    def _body(self, chunks: Sequence[tuple[int, int]] = ALL_BYTES,
-              on_chunk: Callable[[int], None] | None = None, zero_flags: bool = True) -> torch.Tensor:
+    def _body(self, chunks: Sequence[tuple[int, int]] = ALL_BYTES, on_chunk: Callable[[int], None] | None = None,
+              zero_flags: bool = True, rest: bool = False) -> torch.Tensor:
         """The decode (what a graph captures): ``flags`` zeroed (unless the caller's kernel did), then set for
         users with a router index outside the pool (read them after the replay: :attr:`flags`)."""
         if zero_flags:
             self.flags.zero_()
         return static_decode(self.raw, self.candidates, resident=self.resident, layout=self.layout,
                              n_users=self.n_users, pad_to=self.pad_to, path=self.path, fused=self.fused,
-                             chunks=chunks, on_chunk=on_chunk, flags=self.flags)
+                             chunks=chunks, on_chunk=on_chunk, flags=self.flags, rest=self.rest if rest else None)
 
-    def _warm_up(self, warmup: int, chunks: Sequence[tuple[int, int]] = ALL_BYTES) -> None:
+    def _warm_up(self, warmup: int, chunks: Sequence[tuple[int, int]] = ALL_BYTES, rest: bool = False) -> None:
         """Run the body on a side stream before a capture (lazy inits, cuBLAS workspaces, allocator, kernel
         compiles for these ``chunks``) over whatever the static buffers hold (always a valid batch)."""
         with torch.cuda.device(self.device):
@@ -177,7 +183,7 @@ class GraphedDecoder:
             side.wait_stream(current)
             with torch.cuda.stream(side):
                 for _ in range(max(1, warmup)):
-                    self._body(chunks)
+                    self._body(chunks, rest=rest)
             current.wait_stream(side)
             torch.cuda.synchronize()
 
@@ -187,30 +193,34 @@ class GraphedDecoder:
         overlap = self.overlap if self.pieced else 1
         return copy_chunks(nbytes, 16 * self.n_users, overlap)
 
-    def _capture(self, source: torch.Tensor) -> _Captured:
+    def _capture(self, source: torch.Tensor, rest: torch.Tensor | None = None) -> _Captured:
         """One graph: copy ``source`` (pinned uint8 prefix of a host buffer) and the candidate staging
         into the static buffers between two timing events, then the body. With several copy pieces (or a zoo
         model's one) the batch is copied on a forked stream, piece by piece, and fused launch c
         waits for piece c only (a zoo body: its reads of the batch wait for the one piece)."""
-        pieces = self.pieces(source.numel())
+        pieces = self.pieces(source.numel()) if rest is None else copy_chunks(source.numel(), 32 * self.n_users,
+                                                                              self.split_overlap)
 
         def move(on_piece: Callable[[int], None]) -> None:
             for i, (lo, hi) in enumerate(pieces):
                 self.raw[lo:hi].copy_(source[lo:hi], non_blocking=True)
                 on_piece(i)
+            if rest is not None:  # a LayerBatch's later layers, after its first layer, beside that layer's attention
+                self.rest[: rest.numel()].copy_(rest, non_blocking=True)
+                on_piece(len(pieces))
 
-        return self._record(pieces, move, source.numel())
+        return self._record(pieces, move, source.numel() + (0 if rest is None else rest.numel()), rest is not None)
 
     def _record(self, pieces: list[tuple[int, int]], move: Callable[[Callable[[int], None]], None],
-                nbytes: int) -> _Captured:
+                nbytes: int, rest: bool = False) -> _Captured:
         """Capture a graph whose batch arrives in ``pieces`` (byte ranges of ``raw``): ``move(on_piece)`` issues the
         transfer of every piece in order (a copy, or the zero-copy gather), calling ``on_piece(i)`` after piece i,
         between two timing events. With several pieces, or ``forks`` (a zoo model), they move on a forked stream, the
         candidates are read by a kernel (:func:`read_pinned`), and launch c waits for piece c only."""
         ends = record_ends(pieces) if self.pieced else ALL_BYTES
-        fork = len(pieces) > 1 or self.forks
-        if len(pieces) > 1:
-            self._warm_up(1, ends)  # compiles the kernel for this launch size outside the capture
+        fork = len(pieces) > 1 or self.forks or rest
+        if len(pieces) > 1 or rest:
+            self._warm_up(1, ends, rest)  # compiles the kernels for this launch size outside the capture
         read_pinned(self.candidates, self.candidates_host)  # compiled outside the capture too
         with torch.cuda.device(self.device):
             torch.cuda.current_stream().synchronize()
@@ -243,24 +253,27 @@ class GraphedDecoder:
                     # the candidates by a kernel on main (read_pinned): a copy node may be queued behind the batch
                     read_pinned(self.candidates, self.candidates_host)
                     try:
-                        logits = self._body(ends, self._launch_hook(main, arrived, issue))
+                        logits = self._body(ends, self._launch_hook(main, arrived, issue, len(ends)), rest=rest)
                     finally:  # a failed launch must not leave a launch stream current
                         torch.cuda.set_stream(main)
                     issue()  # (a body that never read the batch)
                     main.wait_stream(side)  # join
         return _Captured(graph, logits, start, end, nbytes)
 
-    def _launch_hook(self, main: torch.cuda.Stream, arrived: list[torch.cuda.Event], issue: Callable[[], None]
-                     ) -> Callable[[int], None]:
+    def _launch_hook(self, main: torch.cuda.Stream, arrived: list[torch.cuda.Event], issue: Callable[[], None],
+                     launches: int) -> Callable[[int], None]:
         """The launches' ``on_chunk``: the first call captures the pieces' transfers (``issue``; their nodes after the
         candidates' work, which a replay otherwise began ~30 µs late: docs/serving.md "Every model"); launch c waits
-        for piece c's event, on ``main`` or (``concurrent``) on a stream of its own; ``on_chunk(len)`` joins them."""
+        for piece c's event, on ``main`` or (``concurrent``) on a stream of its own; ``on_chunk(launches)`` joins them
+        and waits for the transfers no launch waited for (a LayerBatch's later layers)."""
         def hook(c: int) -> None:
             issue()
-            if c == len(arrived):  # after the last launch
+            if c == launches:  # after the last launch
                 torch.cuda.set_stream(main)
-                for stream in self._launch_streams[: len(arrived)]:  # none when launched on main
+                for stream in self._launch_streams[:launches]:  # none when launched on main
                     main.wait_stream(stream)
+                for event in arrived[launches:]:
+                    main.wait_event(event)
             elif not self.concurrent:
                 main.wait_event(arrived[c])
             else:
@@ -274,7 +287,14 @@ class GraphedDecoder:
         """Raise ValueError unless ``host`` fits this graph's static shapes (host-side only)."""
         if host.layout is not self.layout and host.layout != self.layout:
             raise ValueError("the batch was packed for another store layout than this graph's")
-        if host.n_users != self.n_users or host.zero_offset != 16 * self.n_users:
+        split = isinstance(host, LayerBatch)
+        if split and self.split is None:
+            raise ValueError("a batch split by layer (LayerBatcher) is read by HSTU's fused path only: fetch with "
+                             "HostBatcher")
+        if split and host.rest_bytes > self.rest.numel():
+            raise ValueError(f"the batch's later layers need {host.rest_bytes} bytes; the graph's buffer holds "
+                             f"{self.rest.numel()}")
+        if host.n_users != self.n_users or host.zero_offset != (32 if split else 16) * self.n_users:
             raise ValueError(f"the batch has {host.n_users} users; this graph takes exactly {self.n_users} "
                              "(pad the batch with cold-start slots: HostBatcher.fetch(ids, n_slots=))")
         if host.max_length > self.pad_to:
@@ -314,6 +334,8 @@ class GraphedDecoder:
                 self._stage(candidates)
         if isinstance(host, MappedBatch):
             return self._run_mapped(host)
+        if isinstance(host, LayerBatch):
+            return self._run_split(host)
         if self.eager:
             return self._run_eager(lambda: self.raw[: host.used_bytes].copy_(host.tensor), host.used_bytes)
         # the request's latency runs from here: nothing before the replay but a lookup (H100, CUDA events
@@ -328,58 +350,23 @@ class GraphedDecoder:
                 captured = self._graphs[key] = self._capture(buffer[:nbytes])
         return self._replay(captured, host)
 
-    def _run_eager(self, fill: Callable[[], object], nbytes: int) -> torch.Tensor:
+    def _run_eager(self, fill: Callable[[], object], nbytes: int, rest: bool = False) -> torch.Tensor:
         """Eager (no graph): ``fill()`` puts the batch into the static buffer (timed on the host), then the body."""
         with torch.inference_mode():
             t0 = time.perf_counter()
             fill()
             self.last_cost = TransferCost(nbytes, str(self.device), False, _seconds=time.perf_counter() - t0)
             self.candidates.copy_(self.candidates_host)
-            self.logits = self._body()
+            self._rest_loaded = rest
+            self.logits = self._body(rest=rest)
         return self.logits
-
-    def _run_mapped(self, batch: MappedBatch) -> torch.Tensor:
-        if self.eager:
-            return self._run_eager(lambda: gather_records(batch, self.raw), batch.pcie_bytes)
-        buffer = batch.buffer
-        span = self.buckets[bisect.bisect_left(self.buckets, batch.used_bytes)]  # bytes the pieces cut
-        key = (buffer.data_ptr(), -span * 8 - batch.unit)  # negative: apart from the copy graphs' keys
-        captured = self._graphs.get(key)
-        if captured is None:
-            with torch.inference_mode():
-                captured = self._graphs[key] = self._capture_mapped(batch, span)
-        captured.nbytes = batch.pcie_bytes  # what this batch moves (the graph's copy events time it)
-        return self._replay(captured, batch)
-
-    def _capture_mapped(self, batch: MappedBatch, span: int) -> _Captured:
-        """One graph for a zero-copy batch's pinned buffer (and gather word, and bucket ``span`` of its size):
-        the header and gather table copied and the records gathered from the registered LMDB map
-        (:func:`cachestore.decode.mapped.gather_records`, records of up to ``pad_to`` behaviours) in the byte
-        ranges a copy of ``span`` bytes would be split into (:meth:`_record`: beside the decode on the fused
-        path with ``overlap`` K; each gather launch serves the records ending in its range)."""
-        pieces = self.pieces(span)
-        ends = record_ends(pieces)
-        table = torch.zeros(3, self.n_users, dtype=torch.int64, device=self.device)  # static gather table
-        self._mapped_tables.append(table)  # alive as long as the graph
-        with torch.cuda.device(self.device):
-            batch.store_map.source(batch.unit, self.device)  # registers the map before the capture
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # compiles the gather for this bound outside the capture
-                gather_records(batch, self.raw, table, self.pad_to)
-            torch.cuda.current_stream().wait_stream(side)
-
-        def move(on_piece: Callable[[int], None]) -> None:
-            gather_records(batch, self.raw, table, self.pad_to, ends, on_piece)
-
-        return self._record(pieces, move, batch.pcie_bytes)
 
     def replay(self) -> torch.Tensor:
         """Replay the latest graph again (the host buffer and candidate staging as they are now, copied
         again; eager: the body over the static buffers)."""
         if self.eager:  # the body over what the static buffers hold
             with torch.inference_mode():
-                self.logits = self._body()
+                self.logits = self._body(rest=self._rest_loaded)
             return self.logits
         if self._last is None:
             raise RuntimeError("nothing to replay: call run(host, candidates) first")

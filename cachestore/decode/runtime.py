@@ -57,6 +57,7 @@ from collectivekv.cachestore.decode.decode import (
 from collectivekv.cachestore.decode.fused import FUSED, fused_available, uses_fused
 from collectivekv.cachestore.decode.fused_view import misplaced_part
 from collectivekv.cachestore.decode.graphs import GraphedDecoder, static_decode
+from collectivekv.cachestore.decode.layer_batch import LayerBatcher, split_layouts
 from collectivekv.cachestore.decode.mapped import MappedBatcher
 from collectivekv.cachestore.decode.runtime_config import ServingConfig
 from collectivekv.cachestore.decode.runtime_resident import open_tier, score_resident
@@ -169,7 +170,9 @@ router index bounds only).
         self.graph_len = pad_to or max(1, layout.max_len)  # L of the graphs
         self.max_pairs = config.max_pairs
         pin = (self.device.type == "cuda") if pin is None else pin
-        kind = MappedBatcher if zero_copy else HostBatcher
+        # graphs of an HSTU store's fused decode copy the first layer's bytes first (cachestore.decode.layer_batch)
+        split = graphs and self.fused and split_layouts(layout) is not None
+        kind = MappedBatcher if zero_copy else LayerBatcher if split else HostBatcher
         self.batcher: RecordFetch = kind(
             layout, reader=reader, expected_model_version=model_version, pin=pin, n_buffers=config.n_buffers,
             batch_users=batch_users, verify_crc=config.verify_crc)

@@ -36,7 +36,8 @@ def unpack_din(raw: torch.Tensor, layout: EntryLayout, n_users: int, pad_to: int
 def static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: ResidentZooModel, layout: EntryLayout,
                   n_users: int, pad_to: int, path: str, fused: FusedConfig = DEFAULT_FUSED,
                   chunks: Sequence[tuple[int, int]] = ALL_BYTES,
-                  on_chunk: Callable[[int], None] | None = None, flags: torch.Tensor | None = None) -> torch.Tensor:
+                  on_chunk: Callable[[int], None] | None = None, flags: torch.Tensor | None = None,
+                  rest: torch.Tensor | None = None) -> torch.Tensor:
     """Logits (B, C) of a packed batch held in the prefix of ``raw`` (uint8, even length; bytes beyond the
     batch are never read): unpack padded to ``pad_to`` with the zero block at 16·n_users, then decode;
     path "fused" reads the records in place instead (:func:`cachestore.decode.fused.fused_decode` launched with
@@ -47,12 +48,15 @@ def static_decode(raw: torch.Tensor, candidates: torch.Tensor, *, resident: Resi
     and the SIM, ETA, SDIM, TWIN stages as din's attention); its other
     paths unpack and run ``model.decode`` (eager only: not capturable; indices outside the pool flagged and read
     as 0, :func:`cachestore.decode.decode.bound_entry_indices`). Shape-static and free of host syncs on the fused
-    path (the body :class:`GraphedDecoder` captures)."""
+    path (the body :class:`GraphedDecoder` captures). ``rest``: the second buffer of a batch split by layer
+    (:mod:`cachestore.decode.layer_batch`; HSTU's fused path only)."""
     arch = resident.cfg.arch
+    if rest is not None and (path != FUSED or arch != "hstu"):
+        raise ValueError("a batch split by layer is read by HSTU's fused decode only")
     if arch != "din":
         if path == FUSED and arch == "hstu":
             return hstu_static_decode(raw, candidates, resident=resident, layout=layout, n_users=n_users,
-                                      config=fused, flags=flags, chunks=chunks, on_chunk=on_chunk)
+                                      config=fused, flags=flags, chunks=chunks, on_chunk=on_chunk, rest=rest)
         if path == FUSED:
             return zoo_static_decode(raw, candidates, resident=resident, layout=layout, n_users=n_users,
                                      config=fused, flags=flags, chunks=chunks, on_chunk=on_chunk)

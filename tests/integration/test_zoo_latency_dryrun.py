@@ -90,3 +90,5 @@ def test_zoo_collective_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         assert r["collective_ok"] and r["collective_max_abs_diff"] == 0.0
         assert r["speedup"] == pytest.approx(r["baseline"]["median_ms"] / r["collective"]["median_ms"])
         assert r["over_floor"] == pytest.approx(r["collective"]["median_ms"] / r["floor_ms"])
+        assert r["over_bare_copy"] == pytest.approx(r["collective"]["median_ms"] / r["bare_copy_ms"])
+        assert r["bare_copy_ms"] < r["floor_ms"]
