@@ -1,4 +1,4 @@
-"""The batches that reach a captured graph other than as one pinned copy: methods of
+"""A captured graph (`_Captured`) and the batches that reach one other than as one pinned copy: methods of
 :class:`cachestore.decode.graphs.GraphedDecoder` (a mixin) for a :class:`cachestore.decode.layer_batch.LayerBatch`
 (two pinned buffers: the first layer's records, copied in the decoder's pieces, then the later layers', copied beside
 the first layer's attention) and a :class:`cachestore.decode.mapped.MappedBatch` (gathered from the store's registered
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 
@@ -16,8 +16,16 @@ from collectivekv.cachestore.decode.copy_plan import copy_buckets, record_ends
 from collectivekv.cachestore.decode.layer_batch import LayerBatch, capacities, split_layouts
 from collectivekv.cachestore.decode.mapped import MappedBatch, gather_records
 
-if TYPE_CHECKING:
-    from collectivekv.cachestore.decode.graphs import _Captured
+
+@dataclass
+class _Captured:
+    """One captured graph of a GraphedDecoder: the graph, its static logits, its copy-timing events and bytes."""
+
+    graph: torch.cuda.CUDAGraph
+    logits: torch.Tensor  # (B, C) the graph's static output
+    copy_start: torch.cuda.Event | None  # recorded inside the graph around its copies (None: not timed)
+    copy_end: torch.cuda.Event | None
+    nbytes: int  # bytes its batch copy moves
 
 
 class BatchInputs:

@@ -42,7 +42,6 @@ from __future__ import annotations
 import bisect
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -53,21 +52,12 @@ from collectivekv.cachestore.decode.capture import capturing, read_pinned
 from collectivekv.cachestore.decode.copy_plan import batch_capacity, copy_buckets, copy_chunks, record_ends
 from collectivekv.cachestore.decode.decode import PATHS, ResidentZooModel, choose_path
 from collectivekv.cachestore.decode.fused import ALL_BYTES, DEFAULT_FUSED, FUSED, FusedConfig, uses_fused
-from collectivekv.cachestore.decode.graph_inputs import BatchInputs
+from collectivekv.cachestore.decode.graph_inputs import BatchInputs, _Captured
 from collectivekv.cachestore.decode.layer_batch import LayerBatch
 from collectivekv.cachestore.decode.mapped import MappedBatch
 from collectivekv.cachestore.decode.static_decode import static_decode, unpack_din
 from collectivekv.cachestore.decode.transfer import TransferCost
 from collectivekv.cachestore.store.entry import EntryLayout
-
-
-@dataclass
-class _Captured:
-    graph: torch.cuda.CUDAGraph
-    logits: torch.Tensor  # (B, C) the graph's static output
-    copy_start: torch.cuda.Event | None  # recorded inside the graph around its copies (None: not timed)
-    copy_end: torch.cuda.Event | None
-    nbytes: int  # bytes its batch copy moves
 
 
 class GraphedDecoder(BatchInputs):

@@ -27,7 +27,8 @@ import torch
 
 from collectivekv.cachestore.decode.batch import zero_block_bytes
 from collectivekv.cachestore.decode.capture import capturing
-from collectivekv.cachestore.decode.graphs import GraphedDecoder, _Captured
+from collectivekv.cachestore.decode.graph_inputs import _Captured
+from collectivekv.cachestore.decode.graphs import GraphedDecoder
 from collectivekv.cachestore.tier.arena import write_header
 from collectivekv.cachestore.tier.tier import WHOLE, ResidentTier
 
