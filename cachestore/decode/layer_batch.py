@@ -21,9 +21,10 @@ first layer's and every part's bytes per behaviour):
 Cold-start users: offsets at the zero block, rest offsets 0, length 0. The headers are checked as
 :class:`cachestore.decode.batch.HostBatcher` checks them (the same errors, naming the user), the record bytes copied
 once (two memcpys per user instead of one). :class:`cachestore.decode.graphs.GraphedDecoder` copies the first buffer
-(in pieces, the first layer's launches after each), then the second, and :func:`cachestore.decode.fused_hstu.
-hstu_static_decode` reads layer 0 from the first with the first-layer layout and the later layers from the second
-(its header at bytes 16·B of the first) with theirs.
+(in pieces, the first layer's launches after each), then the second, and
+:func:`cachestore.decode.fused_hstu.hstu_static_decode` reads layer 0 from the first with the first-layer layout and
+the later layers from the second (its header at bytes 16·B of the first) with theirs.
+``tests/cachestore/decode/test_layer_batch.py`` checks the bytes, the errors and the decode.
 """
 
 from __future__ import annotations
