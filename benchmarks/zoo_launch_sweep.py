@@ -11,8 +11,9 @@ The shapes and records are :mod:`benchmarks.zoo_latency`'s (paper shape, B 512, 
              warps × blocks of rows per program, each setting's scores checked equal to the first's
     route    the HSTU second layer's router (10,000 × E) over 512 layer-normalised rows (``route_rows``) for
              columns per tensor-core step × programs aimed at × warps, each checked equal to the torch argmax
-    history  HSTU's whole serving graph (``GraphedDecoder``, copy included) per ``FusedConfig`` of its history
-             kernel (heads per program × warps × block of behaviours), round-robin, logits checked against the first
+    history  HSTU's whole serving graph (``GraphedDecoder``, copy included; the one-buffer batch) per ``FusedConfig``
+             of its history kernel (heads per program × warps × block of behaviours), round-robin, logits checked
+             against the first
 
 Kernel settings are timed as 20 calls captured in one CUDA graph (the median over 30 replays, per call); graphs as
 ``benchmarks/zoo_overlap.py`` times them. The chosen settings live in ``cachestore.decode.fused_zoo_long``
@@ -94,7 +95,7 @@ def scores_sweep(args: argparse.Namespace, device: torch.device) -> list[dict]:
 
 def route_sweep(args: argparse.Namespace, device: torch.device) -> list[dict]:
     """The HSTU second layer's router scan per (columns a step, programs aimed at, warps)."""
-    cfg, model, *_ = paper_batch("hstu", 8, args.dtype, device)
+    cfg, model, *_ = paper_batch("hstu", 8, args.dtype, device, split=False)
     weight, bound = layer_routers(ResidentZooModel(model, device))[1].routers[0]
     e = weight.shape[1]
     x = torch.nn.functional.layer_norm(torch.randn(args.batch, e, device=device,
@@ -117,7 +118,7 @@ def route_sweep(args: argparse.Namespace, device: torch.device) -> list[dict]:
 
 def history_sweep(args: argparse.Namespace, device: torch.device) -> list[dict]:
     """HSTU's serving graph per FusedConfig of its history kernel, timed round-robin."""
-    cfg, model, layout, host, cand = paper_batch("hstu", args.batch, args.dtype, device)
+    cfg, model, layout, host, cand = paper_batch("hstu", args.batch, args.dtype, device, split=False)
     resident = ResidentZooModel(model, device)
     configs, graphs, logits = [], [], []
     for gh, w, bl in itertools.product([1, 2, 4, 8], [1, 2, 4], [16]):

@@ -70,7 +70,7 @@ from collectivekv.cachestore.decode.fused_hstu_candidate import SelfKV, as_rows,
 from collectivekv.cachestore.decode.fused_mlp import mlp_logits
 from collectivekv.cachestore.decode.fused_norm import norm_gate
 from collectivekv.cachestore.decode.fused_view import check_half_layout, group_scales, side_codes, user_halves
-from collectivekv.cachestore.decode.layer_batch import split_layouts
+from collectivekv.cachestore.decode.layer_batch import header_bytes, split_layouts
 from collectivekv.cachestore.decode.transfer import KV_TORCH
 from collectivekv.cachestore.store.entry import EntryLayout
 from collectivekv.cachestore.store.record import HEADER_SIZE, RouterIndexError
@@ -317,7 +317,7 @@ def _layer_sources(raw: torch.Tensor, rest: torch.Tensor | None, layout: EntryLa
     if split is None or rest.dtype != torch.uint8 or rest.device != raw.device:
         raise ValueError("a batch split by layer needs an HSTU store of several layers and its second buffer (uint8) "
                          "on the batch's device")
-    header = raw[16 * n_users : 32 * n_users].view(torch.int64)  # (2·n_users,) the second buffer's offsets, lengths
+    header = raw[16 * n_users : header_bytes(n_users)].view(torch.int64)  # (2·n_users,) the second buffer's header
     return [(raw, split[0], None)] + [(rest, split[1], header)] * (layers - 1)
 
 

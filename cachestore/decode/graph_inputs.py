@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from collectivekv.cachestore.decode.copy_plan import copy_buckets, record_ends
-from collectivekv.cachestore.decode.layer_batch import LayerBatch, capacities, split_layouts
+from collectivekv.cachestore.decode.layer_batch import LayerBatch, capacities, header_bytes, split_layouts
 from collectivekv.cachestore.decode.mapped import MappedBatch, gather_records
 
 
@@ -32,32 +32,46 @@ class BatchInputs:
     """GraphedDecoder's runs of a LayerBatch and of a MappedBatch (it provides the attributes these read)."""
 
     def _split_buffers(self) -> None:
-        """Where the decode reads batches split by layer (HSTU's fused path): the static buffer of their later layers
-        (``rest``) and both buffers' copy-size buckets; ``split`` None elsewhere."""
-        self.split = split_layouts(self.layout) if self.pieced and self.resident.cfg.arch == "hstu" else None
-        first, rest = capacities(self.layout, self.n_users, self.pad_to)
-        self.rest = torch.zeros(rest, dtype=torch.uint8, device=self.device) if self.split else None
-        self.split_buckets = (copy_buckets(first), copy_buckets(rest)) if self.split else ([], [])
+        """Where the decode reads batches split by layer (HSTU's fused path): both buffers' capacities and copy-size
+        buckets (the first buffer goes to ``raw``; the second's static buffer ``rest`` is made by the first such
+        batch); ``split`` None elsewhere."""
+        self.split = split_layouts(self.layout) if self.pieced else None
+        self.split_capacity = capacities(self.layout, self.n_users, self.pad_to)
+        self.split_buckets = tuple(copy_buckets(c) if self.split else [] for c in self.split_capacity)
+        self.rest: torch.Tensor | None = None
         self._rest_loaded = False  # the static buffers hold a LayerBatch (an eager replay reads it so)
+
+    def _cold(self, split: bool) -> None:
+        """Static buffers whose header says every user is cold, as a batch split by layer or not: what a capture's
+        warm-up reads (it runs the body over whatever the buffers hold) when the last batch was of the other kind."""
+        n = self.n_users
+        words = [header_bytes(n)] * n + [0] * (3 * n) if split else [16 * n] * n + [0] * n
+        self.raw[: len(words) * 8].copy_(torch.tensor(words, dtype=torch.int64).view(torch.uint8))
+
+    def split_copy_bytes(self, host: LayerBatch) -> tuple[int, int]:
+        """Bytes the graph copies of each buffer of ``host``: its smallest bucket holding the batch, capped at the
+        buffer's length."""
+        sizes = (host.used_bytes, host.rest_bytes)
+        return tuple(min(b[bisect.bisect_left(b, used)], source.numel())
+                     for b, used, source in zip(self.split_buckets, sizes, (host.buffer, host.rest), strict=True))
 
     def _run_split(self, host: LayerBatch) -> torch.Tensor:
         """A LayerBatch: one graph per (its two buffers, their copy-size buckets): the first buffer in the pieces,
         the second after them (:meth:`_capture`)."""
+        if self.rest is None:
+            self.rest = torch.zeros(self.split_capacity[1], dtype=torch.uint8, device=self.device)
         if self.eager:
             def fill() -> None:
                 self.raw[: host.used_bytes].copy_(host.tensor)
                 self.rest[: host.rest_bytes].copy_(host.rest_tensor)
             return self._run_eager(fill, host.used_bytes + host.rest_bytes, rest=True)
         rest = host.rest
-        nbytes, rest_bytes = (min(buckets[bisect.bisect_left(buckets, used)], source.numel()) for buckets, used, source
-                              in zip(self.split_buckets, (host.used_bytes, host.rest_bytes), (host.buffer, rest),
-                                     strict=True))  # each buffer's copy: its smallest bucket holding the batch's bytes
+        nbytes, rest_bytes = self.split_copy_bytes(host)
         key = (host.buffer.data_ptr(), nbytes, rest.data_ptr(), rest_bytes)
         captured = self._graphs.get(key)
         if captured is None:
             with torch.inference_mode():
-                n = self.n_users  # the capture's warm-up reads the static buffers: an all-cold split batch's header
-                self.raw[: 32 * n].copy_(torch.tensor([32 * n] * n + [0] * (3 * n)).view(torch.uint8))
+                self._cold(split=True)
                 captured = self._graphs[key] = self._capture(host.buffer[:nbytes], rest[:rest_bytes])
         return self._replay(captured, host)
 

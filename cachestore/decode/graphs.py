@@ -53,7 +53,7 @@ from collectivekv.cachestore.decode.copy_plan import batch_capacity, copy_bucket
 from collectivekv.cachestore.decode.decode import PATHS, ResidentZooModel, choose_path
 from collectivekv.cachestore.decode.fused import ALL_BYTES, DEFAULT_FUSED, FUSED, FusedConfig, uses_fused
 from collectivekv.cachestore.decode.graph_inputs import BatchInputs, _Captured
-from collectivekv.cachestore.decode.layer_batch import LayerBatch
+from collectivekv.cachestore.decode.layer_batch import LayerBatch, capacities, header_bytes
 from collectivekv.cachestore.decode.mapped import MappedBatch
 from collectivekv.cachestore.decode.static_decode import static_decode, unpack_din
 from collectivekv.cachestore.decode.transfer import TransferCost
@@ -113,11 +113,11 @@ class GraphedDecoder(BatchInputs):
         self.resident, self.layout, self.eager, self.fused, self.overlap = resident, layout, eager, fused, overlap
         self.concurrent = concurrent
         self.n_users, self.pad_to, self.n_candidates = n_users, pad_to, n_candidates
-        need = 16 * n_users + zero_block_bytes(layout)
+        need = max(16 * n_users + zero_block_bytes(layout), capacities(layout, n_users, pad_to)[0])  # a split's first
         self.capacity = copy_plan.align8(max(capacity or batch_capacity(layout, n_users, pad_to), need))
         self.buckets = copy_buckets(self.capacity)
         self.last_cost: TransferCost | None = None
-        self._graphs: dict[tuple[int, int], _Captured] = {}  # (host buffer address, copy bytes) -> graph
+        self._graphs: dict[tuple[int, ...], _Captured] = {}  # (host buffer address(es), copy bytes) -> graph
         self._last: _Captured | None = None
         self._done: torch.cuda.Event | None = None  # after the latest replay: the staging may be refilled
         self._mapped_tables: list[torch.Tensor] = []  # the zero-copy graphs' static gather tables
@@ -188,8 +188,10 @@ class GraphedDecoder(BatchInputs):
         into the static buffers between two timing events, then the body. With several copy pieces (or a zoo
         model's one) the batch is copied on a forked stream, piece by piece, and fused launch c
         waits for piece c only (a zoo body: its reads of the batch wait for the one piece)."""
-        pieces = self.pieces(source.numel()) if rest is None else copy_chunks(source.numel(), 32 * self.n_users,
-                                                                              self.split_overlap)
+        if rest is None and self.split is not None:
+            self._cold(split=False)  # the warm-up below reads the static buffers, which may hold a split batch
+        pieces = self.pieces(source.numel()) if rest is None else copy_chunks(
+            source.numel(), header_bytes(self.n_users), self.split_overlap)
 
         def move(on_piece: Callable[[int], None]) -> None:
             for i, (lo, hi) in enumerate(pieces):
@@ -281,10 +283,11 @@ class GraphedDecoder(BatchInputs):
         if split and self.split is None:
             raise ValueError("a batch split by layer (LayerBatcher) is read by HSTU's fused path only: fetch with "
                              "HostBatcher")
-        if split and host.rest_bytes > self.rest.numel():
+        if split and host.rest_bytes > self.split_capacity[1]:
             raise ValueError(f"the batch's later layers need {host.rest_bytes} bytes; the graph's buffer holds "
-                             f"{self.rest.numel()}")
-        if host.n_users != self.n_users or host.zero_offset != (32 if split else 16) * self.n_users:
+                             f"{self.split_capacity[1]}")
+        zero_at = header_bytes(self.n_users) if split else 16 * self.n_users
+        if host.n_users != self.n_users or host.zero_offset != zero_at:
             raise ValueError(f"the batch has {host.n_users} users; this graph takes exactly {self.n_users} "
                              "(pad the batch with cold-start slots: HostBatcher.fetch(ids, n_slots=))")
         if host.max_length > self.pad_to:
@@ -297,7 +300,9 @@ class GraphedDecoder(BatchInputs):
 
     def copy_bytes(self, host: HostBatch) -> int:
         """Bytes the graph copies for ``host``: the smallest bucket >= used_bytes, capped at the host
-        buffer's length (eager: exactly used_bytes)."""
+        buffer's length (eager: exactly used_bytes; a LayerBatch: both buffers', :meth:`split_copy_bytes`)."""
+        if isinstance(host, LayerBatch):
+            return host.used_bytes + host.rest_bytes if self.eager else sum(self.split_copy_bytes(host))
         if self.eager:
             return host.used_bytes
         bucket = self.buckets[bisect.bisect_left(self.buckets, host.used_bytes)]

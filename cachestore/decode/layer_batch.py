@@ -47,13 +47,19 @@ from collectivekv.cachestore.store.record import HEADER_SIZE, RecordSizeError
 REST_PAD = HEADER_SIZE  # the second buffer's first bytes: its records' offsets (32 before their parts) stay >= 0
 
 
+def header_bytes(n_users: int) -> int:
+    """Bytes of a split batch's header (offsets, lengths, rest offsets, lengths): where its zero block starts."""
+    return 32 * n_users
+
+
 @functools.cache
 def split_layouts(layout: EntryLayout) -> tuple[EntryLayout, EntryLayout] | None:
-    """(first, rest): the layouts of a record's first group and of its later groups, where a record of ``layout`` is
-    its header, the first group's parts, then the others' (several groups, every part ``min(n, max_len)`` rows, no
-    retrieval keys: an HSTU store's); None otherwise."""
+    """(first, rest): the layouts of an HSTU record's first layer and of its later layers, where a record of ``layout``
+    is its header, the first layer's parts, then the others' (several layers, every part ``min(n, max_len)`` rows); None
+    for another store (the one test every user of a split batch makes)."""
     groups = layout.groups
-    if len(groups) < 2 or any(p.kind == "key" or p.cap != layout.max_len for p in layout.parts):
+    if (layout.arch != "hstu" or len(groups) < 2
+            or any(p.kind == "key" or p.cap != layout.max_len for p in layout.parts)):
         return None
     lead = [p.name.split(".", 1)[0] == groups[0].name for p in layout.parts]
     if lead != sorted(lead, reverse=True):  # the first group's parts lead the record
@@ -70,7 +76,7 @@ def capacities(layout: EntryLayout, n_users: int, pad_to: int) -> tuple[int, int
         return 0, 0
     first, rest = (n_users * ((part.record_size(pad_to) - skip + 7) & -8) for part, skip in zip(split, (0, HEADER_SIZE),
                                                                                                  strict=True))
-    return 32 * n_users + zero_block_bytes(layout) + first + 8, REST_PAD + rest + 8
+    return header_bytes(n_users) + zero_block_bytes(layout) + first + 8, REST_PAD + rest + 8
 
 
 @dataclass
@@ -131,6 +137,7 @@ class LayerBatcher(HostBatcher):
         self._rows = (sum(split[0].row_bytes), sum(layout.row_bytes))  # F, R: bytes per behaviour
         self._rests: list[_Buffer | None] = [None] * self.n_buffers
         self._rest_pid = os.getpid()
+        self._rest_capacity = capacities(layout, kwargs.get("batch_users", 512), min(layout.max_len, 1000))[1]
 
     def _take_rest(self, i: int, min_bytes: int) -> _Buffer:
         """Ring slot i's second buffer (its pending copy finished), at least min_bytes long."""
@@ -141,8 +148,8 @@ class LayerBatcher(HostBatcher):
             buf.wait()
         if buf is None or len(buf.array) < min_bytes:
             generation = 0 if buf is None else buf.generation
-            buf = self._rests[i] = _Buffer.allocate(max(min_bytes, 0 if buf is None else 2 * len(buf.array)),
-                                                    self.pin)
+            size = max(min_bytes, self._rest_capacity if buf is None else 2 * len(buf.array))
+            buf = self._rests[i] = _Buffer.allocate(size, self.pin)
             buf.generation = generation
         buf.generation += 1
         return buf
@@ -162,7 +169,7 @@ class LayerBatcher(HostBatcher):
         first, whole = self._rows
         rows = np.maximum(sizes - HEADER_SIZE, 0) // whole  # m_b (a size off the layout fails the checks below)
         head = np.where(present, np.minimum(HEADER_SIZE + rows * first, sizes), 0)  # header + first layer
-        zero_at = 32 * n_users
+        zero_at = header_bytes(n_users)
         start = zero_at + self._zero
         a_slots, b_slots = (head + 7) & -8, (sizes - head + 7) & -8  # 8-aligned starts
         a_at = start + np.cumsum(a_slots) - a_slots

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from collectivekv.cachestore.decode.batch import HostBatch
+from collectivekv.cachestore.decode.layer_batch import LayerBatch
 from collectivekv.cachestore.store.record import HEADER_SIZE
 
 if TYPE_CHECKING:
@@ -114,7 +115,11 @@ class DeviceBatch:
 
 def to_device(batch: HostBatch, device: torch.device | str, *, stream: torch.cuda.Stream | None = None
               ) -> tuple[DeviceBatch, TransferCost]:
-    """Copy a packed batch to ``device`` in one copy; returns (device batch, measured cost)."""
+    """Copy a packed batch to ``device`` in one copy; returns (device batch, measured cost). A batch split by layer
+    (:class:`cachestore.decode.layer_batch.LayerBatch`) is refused: only HSTU's graphs read it."""
+    if isinstance(batch, LayerBatch):
+        raise ValueError("a batch split by layer (LayerBatcher) is read by HSTU's CUDA graphs only "
+                         "(GraphedDecoder.run); pack with HostBatcher for the eager path")
     device = torch.device(device)
     src = batch.tensor  # checks the batch is not stale
     meta = dict(layout=batch.layout, n_users=batch.n_users, max_length=batch.max_length,

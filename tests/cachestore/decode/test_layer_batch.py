@@ -15,8 +15,9 @@ from collectivekv.cachestore.decode.batch import HostBatcher
 from collectivekv.cachestore.decode.fused import fused_available
 from collectivekv.cachestore.decode.graphs import GraphedDecoder
 from collectivekv.cachestore.decode.layer_batch import REST_PAD, LayerBatch, LayerBatcher, split_layouts
+from collectivekv.cachestore.decode.transfer import to_device
 from collectivekv.cachestore.store.entry import entry_layout
-from collectivekv.cachestore.store.record import HEADER_SIZE, RecordError
+from collectivekv.cachestore.store.record import HEADER_SIZE, RecordError, RecordSizeError
 from tests.cachestore.decode.test_fused_hstu import VERSION, make_case
 from tests.model.zoo_helpers import N_ITEMS, zoo_config
 
@@ -33,6 +34,8 @@ def test_split_layouts_of_each_layout() -> None:
     one = entry_layout(zoo_config("hstu", hstu_layers=1), VERSION, "collective", "float16")
     assert split_layouts(one) is None and split_layouts(entry_layout(zoo_config("sim"), VERSION, "collective",
                                                                      "float16")) is None
+    twin = entry_layout(zoo_config("twin", max_len=10, long_len=10), VERSION, "collective", "float16")
+    assert split_layouts(twin) is None  # two groups of max_len rows, no keys: still not an HSTU record
     with pytest.raises(ValueError, match="do not split by layer"):
         LayerBatcher(one, pin=False)
 
@@ -72,8 +75,9 @@ def test_any_mix_of_users_splits_and_reassembles(picks: list[int]) -> None:
 
 
 def test_bad_records_are_refused_naming_the_user_and_stale_batches_raise() -> None:
-    """A record of another size and one with a broken header raise the HostBatcher's errors naming the user; a
-    batch whose ring buffer a later pack reused raises."""
+    """A record of another size, one with a broken header and one longer than any the layout allows raise the
+    HostBatcher's errors naming the user; the eager path refuses a split batch; a batch whose ring buffer a later pack
+    reused raises."""
     good = bytes(CASE.records[3])
     for bad in (good[:-2], b"\x00" * 4 + good[4:]):
         with pytest.raises(RecordError) as split_error:
@@ -81,7 +85,13 @@ def test_bad_records_are_refused_naming_the_user_and_stale_batches_raise() -> No
         with pytest.raises(RecordError) as one_error:
             HostBatcher(CASE.layout, pin=False).pack([7, 8], [CASE.records[1], bad])
         assert type(split_error.value) is type(one_error.value) and split_error.value.user_id == 8
+    with pytest.raises(RecordSizeError) as too_long:
+        LayerBatcher(CASE.layout, pin=False).pack([7, 8], [CASE.records[1], good + bytes(CASE.layout.record_size(
+            CASE.layout.max_len))])
+    assert too_long.value.user_id == 8
     batcher = LayerBatcher(CASE.layout, pin=False, n_buffers=1)
+    with pytest.raises(ValueError, match="HSTU's CUDA graphs only"):
+        to_device(batcher.pack([0], [CASE.records[1]]), "cpu")
     old = batcher.pack([0], [CASE.records[1]])
     batcher.pack([0], [CASE.records[2]])
     with pytest.raises(RuntimeError, match="stale"):
@@ -101,8 +111,12 @@ def test_split_batch_decodes_as_the_one_buffer_batch() -> None:
     for order in ([0, 1, 2, 3, 4, 5], [5, 3, 1, 0, 2, 4]):
         records = [CASE.records[i] for i in order]
         cand = torch.from_numpy(rng.integers(1, N_ITEMS + 1, (6, 1)))
-        want = graph.run(whole.pack(order, records), cand).clone()
-        got = graph.run(split.pack(order, records), cand).clone()
+        want = graph.run(whole.pack(order, records), cand).clone()  # each kind after the other on one decoder
+        batch = split.pack(order, records)
+        got = graph.run(batch, cand).clone()
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        copied = graph.split_copy_bytes(batch)  # each buffer's copy-size bucket: at least the batch's bytes
+        assert copied[0] >= batch.used_bytes and copied[1] >= batch.rest_bytes
+        assert graph.copy_bytes(batch) == (batch.used_bytes + batch.rest_bytes if eager else sum(copied))
     with pytest.raises(ValueError, match="users"):
         graph.run(split.pack([0, 1], CASE.records[:2]), torch.ones(2, 1, dtype=torch.int64))
