@@ -108,6 +108,19 @@ class _Buffer:
             self.pending = None
 
 
+def ring_slot(ring: list[_Buffer | None], i: int, min_bytes: int, first_size: int, pin: bool) -> _Buffer:
+    """Ring slot i after its pending copy, >= min_bytes (new: first_size, then doubling), its generation bumped."""
+    buf = ring[i]
+    if buf is not None:
+        buf.wait()
+    if buf is None or len(buf.array) < min_bytes:
+        generation = 0 if buf is None else buf.generation
+        buf = ring[i] = _Buffer.allocate(max(min_bytes, first_size if buf is None else 2 * len(buf.array)), pin)
+        buf.generation = generation
+    buf.generation += 1
+    return buf
+
+
 @dataclass
 class FetchedBatch:
     """What a fetch of B users gives, wherever the records are (see the module docstring for the byte layout).
@@ -234,20 +247,9 @@ class HostBatcher:
     def _take_buffer(self, min_bytes: int) -> _Buffer:
         """The next buffer of the ring (after its pending copy finished), at least min_bytes long."""
         if os.getpid() != self._pid:  # forked: never touch the parent's (pinned) buffers
-            self._buffers = [None] * self.n_buffers
-            self._pid = os.getpid()
-        i = self._next
-        self._next = (i + 1) % self.n_buffers
-        buf = self._buffers[i]
-        if buf is not None:
-            buf.wait()
-        if buf is None or len(buf.array) < min_bytes:
-            generation = 0 if buf is None else buf.generation
-            size = max(min_bytes, self._capacity if buf is None else 2 * len(buf.array))
-            buf = self._buffers[i] = _Buffer.allocate(size, self.pin)
-            buf.generation = generation
-        buf.generation += 1
-        return buf
+            self._buffers, self._pid = [None] * self.n_buffers, os.getpid()
+        i, self._next = self._next, (self._next + 1) % self.n_buffers
+        return ring_slot(self._buffers, i, min_bytes, self._capacity, self.pin)
 
     def _grow(self, buf: _Buffer, need: int, keep: int) -> _Buffer:
         """Replace buf (in the ring) by one of >= need bytes holding its first `keep` bytes."""

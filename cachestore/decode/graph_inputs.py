@@ -43,7 +43,7 @@ class BatchInputs:
 
     def _cold(self, split: bool) -> None:
         """Static buffers whose header says every user is cold, as a batch split by layer or not: what a capture's
-        warm-up reads (it runs the body over whatever the buffers hold) when the last batch was of the other kind."""
+        warm-up reads (:meth:`_record`: it runs the body over whatever the buffers hold, maybe the other kind)."""
         n = self.n_users
         words = [header_bytes(n)] * n + [0] * (3 * n) if split else [16 * n] * n + [0] * n
         self.raw[: len(words) * 8].copy_(torch.tensor(words, dtype=torch.int64).view(torch.uint8))
@@ -71,7 +71,6 @@ class BatchInputs:
         captured = self._graphs.get(key)
         if captured is None:
             with torch.inference_mode():
-                self._cold(split=True)
                 captured = self._graphs[key] = self._capture(host.buffer[:nbytes], rest[:rest_bytes])
         return self._replay(captured, host)
 

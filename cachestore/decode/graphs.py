@@ -188,8 +188,6 @@ class GraphedDecoder(BatchInputs):
         into the static buffers between two timing events, then the body. With several copy pieces (or a zoo
         model's one) the batch is copied on a forked stream, piece by piece, and fused launch c
         waits for piece c only (a zoo body: its reads of the batch wait for the one piece)."""
-        if rest is None and self.split is not None:
-            self._cold(split=False)  # the warm-up below reads the static buffers, which may hold a split batch
         pieces = self.pieces(source.numel()) if rest is None else copy_chunks(
             source.numel(), header_bytes(self.n_users), self.split_overlap)
 
@@ -211,6 +209,8 @@ class GraphedDecoder(BatchInputs):
         candidates are read by a kernel (:func:`read_pinned`), and launch c waits for piece c only."""
         ends = record_ends(pieces) if self.pieced else ALL_BYTES
         fork = len(pieces) > 1 or self.forks or rest
+        if self.split is not None:  # the warm-up reads the static buffers, which may hold a batch of the other kind
+            self._cold(split=rest)
         if len(pieces) > 1 or rest:
             self._warm_up(1, ends, rest)  # compiles the kernels for this launch size outside the capture
         read_pinned(self.candidates, self.candidates_host)  # compiled outside the capture too

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from collectivekv.cachestore.decode.batch import _WORDS, HostBatch, HostBatcher, _Buffer, zero_block_bytes
+from collectivekv.cachestore.decode.batch import _WORDS, HostBatch, HostBatcher, _Buffer, ring_slot, zero_block_bytes
 from collectivekv.cachestore.store.entry import EntryLayout
 from collectivekv.cachestore.store.record import HEADER_SIZE, RecordSizeError
 
@@ -115,13 +115,9 @@ class LayerBatch(HostBatch):
             return None
         n = self.offsets.shape[0]
         start, rest = int(self.offsets[b]), int(self._buffer.words[2 * n + b]) + REST_PAD
-        head = self._head_bytes(b)
+        head = split_layouts(self.layout)[0].record_size(int(self.lengths[b]))  # header + first layer
         size = self.layout.record_size(int(self.lengths[b]))
         return bytes(self._buffer.view[start : start + head]) + bytes(self._rest.view[rest : rest + size - head])
-
-    def _head_bytes(self, b: int) -> int:
-        first, _ = split_layouts(self.layout)
-        return first.record_size(int(self.lengths[b]))
 
 
 class LayerBatcher(HostBatcher):
@@ -137,22 +133,14 @@ class LayerBatcher(HostBatcher):
         self._rows = (sum(split[0].row_bytes), sum(layout.row_bytes))  # F, R: bytes per behaviour
         self._rests: list[_Buffer | None] = [None] * self.n_buffers
         self._rest_pid = os.getpid()
-        self._rest_capacity = capacities(layout, kwargs.get("batch_users", 512), min(layout.max_len, 1000))[1]
+        first, whole = self._rows
+        self._rest_capacity = self._capacity * (whole - first) // whole  # the later layers' share of the first size
 
     def _take_rest(self, i: int, min_bytes: int) -> _Buffer:
         """Ring slot i's second buffer (its pending copy finished), at least min_bytes long."""
         if os.getpid() != self._rest_pid:  # forked: never touch the parent's (pinned) buffers
             self._rests, self._rest_pid = [None] * self.n_buffers, os.getpid()
-        buf = self._rests[i]
-        if buf is not None:
-            buf.wait()
-        if buf is None or len(buf.array) < min_bytes:
-            generation = 0 if buf is None else buf.generation
-            size = max(min_bytes, self._rest_capacity if buf is None else 2 * len(buf.array))
-            buf = self._rests[i] = _Buffer.allocate(size, self.pin)
-            buf.generation = generation
-        buf.generation += 1
-        return buf
+        return ring_slot(self._rests, i, min_bytes, self._rest_capacity, self.pin)
 
     def _pack(self, ids: np.ndarray, values: Iterable[Any], t0: float) -> LayerBatch:
         """Each value (record bytes or None) split into its two buffers; all headers validated at once."""
@@ -160,8 +148,9 @@ class LayerBatcher(HostBatcher):
         n_users = len(ids)
         if len(values) != n_users:
             raise ValueError(f"{len(values)} records for {n_users} user ids")
-        present = np.array([v is not None for v in values], dtype=bool)
-        sizes = np.array([0 if v is None else len(v) for v in values], dtype=np.int64)
+        sizes = np.fromiter((-1 if v is None else len(v) for v in values), np.int64, n_users)  # -1: cold start
+        present = sizes >= 0
+        sizes = np.maximum(sizes, 0)
         if (sizes > self._max_record).any():  # a damaged LMDB node size: never copy past the record
             j = int(np.argmax(sizes > self._max_record))
             raise RecordSizeError(f"over-long record: {int(sizes[j])} bytes, the layout allows at most "
@@ -186,8 +175,8 @@ class LayerBatcher(HostBatcher):
         rest.array[:REST_PAD] = 0
         lengths = np.zeros(n_users, dtype=np.int64)
         if present.any():
-            at, a_p, b_p, h_p, s_p = (x[present] for x in (a_at, a_at, b_at, head, sizes))
-            words = buf.words[(at >> 3)[:, None] + _WORDS]  # (P, 4) the 32-byte headers as 4 LE u64
+            a_p, b_p, h_p, s_p = (x[present] for x in (a_at, b_at, head, sizes))
+            words = buf.words[(a_p >> 3)[:, None] + _WORDS]  # (P, 4) the 32-byte headers as 4 LE u64
             lengths[present] = self.check_headers(
                 ids[present], words, s_p, lambda j: bytes(dst_a[a_p[j] : a_p[j] + h_p[j]])
                 + bytes(dst_b[b_p[j] : b_p[j] + s_p[j] - h_p[j]]))
