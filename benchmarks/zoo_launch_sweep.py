@@ -8,7 +8,8 @@ GPU only (torch + numpy; no lmdb; a few minutes):
 The shapes and records are :mod:`benchmarks.zoo_latency`'s (paper shape, B 512, L 1,000, one candidate).
 
     scores   TWIN's ``group_scores`` over the whole batch (already on the device) for heads per program ×
-             warps × blocks of rows per program, each setting's scores checked equal to the first's
+             warps × blocks of rows per program, each summed as one tile or head by head (``head_loop``), each
+             setting's scores checked bit-equal to the first's (one head, one warp, one block a program)
     route    the HSTU second layer's router (10,000 × E) over 512 layer-normalised rows (``route_rows``) for
              columns per tensor-core step × programs aimed at × warps, each checked equal to the torch argmax
     history  HSTU's whole serving graph (``GraphedDecoder``, copy included; the one-buffer batch) per ``FusedConfig``
@@ -83,11 +84,13 @@ def scores_sweep(args: argparse.Namespace, device: torch.device) -> list[dict]:
         fused_zoo_long.group_scores = chosen
     a, kw = seen["call"]
     rows, first = [], None
-    for gh, warps, blocks in itertools.product([1, 2, 4, 8], [1, 2, 4, 8], [1, 2, 4]):
-        launch = dict(kw, heads_per_program=gh, num_warps=warps, blocks_per_program=blocks)
+    for loop, gh, warps, blocks in itertools.product([False, True], [1, 2, 4, 8], [1, 2, 4, 8], [1, 2, 4]):
+        if loop and gh == 1:
+            continue  # one head a program is summed head by head already
+        launch = dict(kw, heads_per_program=gh, num_warps=warps, blocks_per_program=blocks, head_loop=loop)
         got = fused_long.group_scores(*a, **launch).clone()
         first = got if first is None else first
-        rows.append({"heads_per_program": gh, "num_warps": warps, "blocks_per_program": blocks,
+        rows.append({"heads_per_program": gh, "num_warps": warps, "blocks_per_program": blocks, "head_loop": loop,
                      "us": round(graph_us(lambda launch=launch: fused_long.group_scores(*a, **launch)), 2),
                      "equal": bool(torch.equal(got, first))})
     return rows

@@ -36,8 +36,10 @@ def copy_buckets(capacity: int) -> list[int]:
 
 DEFAULT_OVERLAP = 3  # copy pieces beside the fused decode (GraphedDecoder; din and HSTU: measured best on an H100)
 # the zoo's short and long stages per piece: every launch runs its whole grid (the other pieces' users exit at once),
-# so more pieces pay more of that; the fastest K of `benchmarks/zoo_overlap.py` on an H100 (zoo_overlap_float16.json)
+# so more pieces pay more of that; the fastest K of `benchmarks/zoo_overlap.py` on an H100 (zoo_overlap_float16.json;
+# TWIN's fp32 stores: zoo_overlap_twin_float32.json)
 ARCH_OVERLAP = {"sim": 2, "eta": 3, "sdim": 2, "twin": 3}
+DTYPE_OVERLAP = {("twin", "float32"): 4}  # (arch, kv dtype) whose fastest K is not ARCH_OVERLAP's
 
 
 # the first buffer of an HSTU batch split by layer (cachestore.decode.layer_batch): 2 pieces, the fastest of 1-4 on an
@@ -45,9 +47,10 @@ ARCH_OVERLAP = {"sim": 2, "eta": 3, "sdim": 2, "twin": 3}
 LAYER_OVERLAP = 2
 
 
-def default_overlap(arch: str) -> int:
-    """Copy pieces a captured batch of a model of ``arch`` is split into by default."""
-    return ARCH_OVERLAP.get(arch, DEFAULT_OVERLAP)
+def default_overlap(arch: str, kv_dtype: str = "float16") -> int:
+    """Copy pieces a captured batch of a model of ``arch`` whose store holds ``kv_dtype`` parts is split into by
+    default."""
+    return DTYPE_OVERLAP.get((arch, kv_dtype), ARCH_OVERLAP.get(arch, DEFAULT_OVERLAP))
 
 
 _MIN_CHUNK = 256 << 10  # smallest overlapped copy chunk (bytes): below it a chunk's fixed cost dominates

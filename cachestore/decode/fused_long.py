@@ -82,7 +82,7 @@ if triton is not None:
         end_lo, end_hi, pool_size, lowest, k_scale, D_A: tl.constexpr, H: tl.constexpr, GH: tl.constexpr,
         DH: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, K_SHARED: tl.constexpr, K_CODE: tl.constexpr,
         K_BYTES: tl.constexpr, V_BYTES: tl.constexpr, IDX_BYTES: tl.constexpr, BLOCK_L: tl.constexpr,
-        CAP: tl.constexpr, STEPS: tl.constexpr,
+        CAP: tl.constexpr, STEPS: tl.constexpr, HEAD_LOOP: tl.constexpr,
     ):
         row = tl.program_id(0)  # b·C + c
         b = row // n_cand
@@ -90,23 +90,42 @@ if triton is not None:
             group = tl.program_id(1)  # heads group·GH .. group·GH + GH - 1
             start = tl.load(starts_ptr + b) + start_add
             n = tl.load(rows_ptr + b)
-            cols = group * GH * DH + tl.arange(0, GH * DH)  # (GH·DH,)
-            q = tl.load(q_ptr + row * D_A + cols).to(tl.float32) * scale
-            heads = group * GH + tl.arange(0, GH)  # (GH,)
             kidx_base = start + n * (DK * K_BYTES + DV * V_BYTES)  # k_idx, or the joint kv_idx
             nbad = tl.zeros([], dtype=tl.int32)
             for step in tl.static_range(STEPS):  # this program's STEPS blocks of BLOCK_L rows
                 ls = (tl.program_id(2) * STEPS + step) * BLOCK_L + tl.arange(0, BLOCK_L)  # (BLOCK_L,) rows
                 lmask = ls < n
-                key = _load_side(raw_ptr, start, ls, cols, lmask, DK, K_CODE, k_scale)  # (BLOCK_L, GH·DH)
+                ik = ls  # unread without a K pool
                 if K_SHARED:
-                    pool, nbad = _pool_rows(raw_ptr, pool_k_ptr, kidx_base, ls, cols, lmask, nbad, pool_size, D_A,
-                                            IDX_BYTES)
-                    key += pool
-                s = tl.sum(tl.reshape(key * q[None, :], (BLOCK_L, GH, DH)), axis=2)  # (BLOCK_L, GH)
-                s = tl.where(lmask[:, None], s, lowest)
-                tl.store(out_ptr + (row * H + heads[None, :]) * CAP + ls[:, None], s, mask=(ls < CAP)[:, None])
+                    ik = _load_idx(raw_ptr, kidx_base, ls, lmask, IDX_BYTES)
+                if HEAD_LOOP:  # one head's (BLOCK_L, DH) tile at a time: the 1-head launch's sums, bit for bit
+                    for h in tl.static_range(GH):
+                        nbad = _head_scores(raw_ptr, q_ptr, pool_k_ptr, out_ptr, row, group * GH + h, start, ls,
+                                            lmask, ik, nbad, scale, pool_size, lowest, k_scale, D_A, H, 1, DH, DK,
+                                            K_SHARED, K_CODE, BLOCK_L, CAP)
+                else:
+                    nbad = _head_scores(raw_ptr, q_ptr, pool_k_ptr, out_ptr, row, group, start, ls, lmask, ik, nbad,
+                                        scale, pool_size, lowest, k_scale, D_A, H, GH, DH, DK, K_SHARED, K_CODE,
+                                        BLOCK_L, CAP)
             tl.store(flag_ptr + b, 1, mask=nbad > 0)
+
+    @triton.jit
+    def _head_scores(raw_ptr, q_ptr, pool_k_ptr, out_ptr, row, group, start, ls, lmask, ik, nbad, scale, pool_size,
+                     lowest, k_scale, D_A: tl.constexpr, H: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr,
+                     DK: tl.constexpr, K_SHARED: tl.constexpr, K_CODE: tl.constexpr, BLOCK_L: tl.constexpr,
+                     CAP: tl.constexpr):
+        """Scores of heads group·GH .. group·GH + GH - 1 over rows ``ls`` (router indices ``ik``) into ``out``."""
+        cols = group * GH * DH + tl.arange(0, GH * DH)  # (GH·DH,)
+        q = tl.load(q_ptr + row * D_A + cols).to(tl.float32) * scale
+        heads = group * GH + tl.arange(0, GH)  # (GH,)
+        key = _load_side(raw_ptr, start, ls, cols, lmask, DK, K_CODE, k_scale)  # (BLOCK_L, GH·DH)
+        if K_SHARED:
+            pool, nbad = _gather_rows(pool_k_ptr, ik, cols, lmask, nbad, pool_size, D_A)
+            key += pool
+        s = tl.sum(tl.reshape(key * q[None, :], (BLOCK_L, GH, DH)), axis=2)  # (BLOCK_L, GH)
+        s = tl.where(lmask[:, None], s, lowest)
+        tl.store(out_ptr + (row * H + heads[None, :]) * CAP + ls[:, None], s, mask=(ls < CAP)[:, None])
+        return nbad
 
     @triton.jit
     def _weighted_values_kernel(
@@ -267,7 +286,8 @@ def _block(n: int, most: int = 64) -> int:
 def group_scores(raw: torch.Tensor, q: torch.Tensor, view: GroupView, pool_k: torch.Tensor, n_heads: int,
                  flags: torch.Tensor, *, heads_per_program: int = 1, num_warps: int = 1,
                  scales: tuple[float, float] = (1.0, 1.0), chunk: tuple[int, int] = ALL_BYTES[0],
-                 out: torch.Tensor | None = None, blocks_per_program: int = 1) -> torch.Tensor:
+                 out: torch.Tensor | None = None, blocks_per_program: int = 1, head_loop: bool = False
+                 ) -> torch.Tensor:
     """Scores (B·C, H, cap) fp32 of ``q`` (B, C, d_a) over every row of the group ``view`` (module docstring),
     each program scoring ``blocks_per_program`` blocks of rows (the same sums whatever it is);
     pool_k: (pool, d_a) padded K pool (1 zero row when K is not shared; a joint pool's K columns for a joint
@@ -290,7 +310,7 @@ def group_scores(raw: torch.Tensor, q: torch.Tensor, view: GroupView, pool_k: to
         D_A=d_a, H=n_heads,
         GH=heads_per_program, DH=dh, DK=g.dk, DV=g.dv, K_SHARED=g.k_shared, K_CODE=k_code, K_BYTES=k_bytes,
         V_BYTES=v_bytes, IDX_BYTES=IDX_BYTES[view.idx_dtype], BLOCK_L=block, CAP=cap, STEPS=steps,
-        num_warps=num_warps,
+        HEAD_LOOP=head_loop, num_warps=num_warps,
     )
     return out
 

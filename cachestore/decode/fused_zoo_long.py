@@ -40,10 +40,11 @@ from collectivekv.cachestore.store.entry import EntryLayout
 from collectivekv.model.cache_spec import key_bits
 from collectivekv.model.config import ModelConfig
 
-# TWIN's score launch over 16-bit stores: 4 heads (of 8) and 2 blocks of rows a program, 4 warps — 0.044 ms a batch
-# of B 512, L 1,000 (fp16, one H100) against 0.059 ms with one head, one block and one warp a program
-# (benchmarks/zoo_launch_sweep.py). fp32 stores keep the latter: the wider tile sums a head's products in another
-# order, which moves fp32 scores by an ulp and reorders near-tied scores at the top-k boundary (logits off by ~1e-3)
+# TWIN's score launch: 4 heads (of 8) and 2 blocks of rows a program, 4 warps — 0.044 ms a batch of B 512, L 1,000
+# (fp16, one H100) against 0.059 ms with one head, one block and one warp a program (benchmarks/zoo_launch_sweep.py).
+# fp32 stores sum each head on a tile of its own (head_loop): the 4-head tile sums a head's products in another order,
+# which moves fp32 scores by an ulp and reorders near-tied scores at the top-k boundary (logits off by ~1e-3); head by
+# head the scores are the one-head launch's, bit for bit (zoo_launch_sweep_float32.json: "equal")
 SCORES_LAUNCH = {"heads_per_program": 4, "num_warps": 4, "blocks_per_program": 2}
 
 
@@ -149,7 +150,7 @@ def twin_long(s: LongStage) -> None:
     b, c, d_a = s.q.shape
     heads = s.cfg.n_heads
     wide = dict(SCORES_LAUNCH, heads_per_program=math.gcd(SCORES_LAUNCH["heads_per_program"], heads))  # divides H
-    launch = {} if s.view.kv_dtype == "float32" else wide
+    launch = dict(wide, head_loop=s.view.kv_dtype == "float32")
     scores = group_scores(s.raw, s.q, s.view, s.pools[0], heads, s.flags, scales=s.scales, chunk=s.chunk,
                           out=s.buffers["scores"], **launch)  # (B·C, H, cap)
     k = s.buffers["weights"].shape[-1]

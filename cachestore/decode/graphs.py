@@ -77,8 +77,7 @@ class GraphedDecoder(BatchInputs):
     layer's history, the zoo's short and long stages) are launched once per piece for the users whose records end in
     it, right after that piece lands (an HSTU batch split by layer, :class:`cachestore.decode.layer_batch.LayerBatch`:
     its first buffer in the pieces, ``copy_plan.LAYER_OVERLAP`` by default, then its second); 1 turns it off; None: the
-    model's default (:func:`copy_plan.default_overlap`:
-    din and HSTU 3, the fastest or within 3% of it on an H100 at L 1000,
+    default of the model and the store's kv dtype (:func:`copy_plan.default_overlap`: din and HSTU 3, the fastest or within 3% of it on an H100 at L 1000,
     ``decode_latency/decode_latency_overlap_store_float{16,32}.json``; the zoo's from ``benchmarks/zoo_overlap.py``).
     The candidates are read by a kernel, not copied: a copy of them could be queued behind the whole batch's (0.231
     vs 0.180 ms, fp16, B 512). concurrent (default True): each piece's launch on a stream of its own (forked after the
@@ -104,8 +103,9 @@ class GraphedDecoder(BatchInputs):
             raise ValueError(f"path 'poolscore' is the din model's attention, not {resident.cfg.arch!r}'s")
         if path not in (*PATHS, FUSED):
             raise ValueError(f"path must be one of {(*PATHS, FUSED)}, got {path!r}")
-        overlap, self.split_overlap = (copy_plan.default_overlap(resident.cfg.arch), copy_plan.LAYER_OVERLAP) \
-            if overlap is None else (overlap, overlap)  # split_overlap: a LayerBatch's first buffer's pieces
+        overlap, self.split_overlap = (copy_plan.default_overlap(resident.cfg.arch, layout.kv_dtype),
+                                       copy_plan.LAYER_OVERLAP) if overlap is None else (overlap, overlap)
+        # split_overlap: a LayerBatch's first buffer's pieces
         if overlap < 1:
             raise ValueError(f"overlap must be >= 1, got {overlap}")
         if min(n_users, pad_to, n_candidates) < 1:

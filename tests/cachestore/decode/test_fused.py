@@ -186,6 +186,16 @@ def test_copy_chunks_cover_the_copy(nbytes: int, header: int, overlap: int) -> N
     assert ends[0][0] < 0 and ends[-1][1] >= 1 << 62 and [e[1] for e in ends[:-1]] == [p[1] for p in pieces[:-1]]
 
 
+def test_default_overlap_is_the_stores_dtype_entry_before_the_models() -> None:
+    """A (model, kv dtype) entry of ``DTYPE_OVERLAP`` wins over the model's ``ARCH_OVERLAP``, which wins over the
+    default; the other dtype of that model keeps the model's."""
+    (arch, dtype), k = next(iter(copy_plan.DTYPE_OVERLAP.items()))
+    other = "float16" if dtype == "float32" else "float32"
+    assert copy_plan.default_overlap(arch, dtype) == k != copy_plan.default_overlap(arch, other)
+    assert copy_plan.default_overlap(arch, other) == copy_plan.ARCH_OVERLAP[arch]
+    assert copy_plan.default_overlap("din", dtype) == copy_plan.DEFAULT_OVERLAP
+
+
 def test_fused_chunks_must_partition_the_batch() -> None:
     resident, layout, host, raw, rng = batch("collective", "float16", "uint16", 3, seed=2)
     q = torch.randn(3, 1, resident.cfg.d_attn, device=DEVICE)
