@@ -82,7 +82,7 @@ if triton is not None:
         end_lo, end_hi, pool_size, lowest, k_scale, D_A: tl.constexpr, H: tl.constexpr, GH: tl.constexpr,
         DH: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, K_SHARED: tl.constexpr, K_CODE: tl.constexpr,
         K_BYTES: tl.constexpr, V_BYTES: tl.constexpr, IDX_BYTES: tl.constexpr, BLOCK_L: tl.constexpr,
-        CAP: tl.constexpr, STEPS: tl.constexpr, HEAD_LOOP: tl.constexpr,
+        CAP: tl.constexpr, STEPS: tl.constexpr, TH: tl.constexpr,
     ):
         row = tl.program_id(0)  # b·C + c
         b = row // n_cand
@@ -95,18 +95,11 @@ if triton is not None:
             for step in tl.static_range(STEPS):  # this program's STEPS blocks of BLOCK_L rows
                 ls = (tl.program_id(2) * STEPS + step) * BLOCK_L + tl.arange(0, BLOCK_L)  # (BLOCK_L,) rows
                 lmask = ls < n
-                ik = ls  # unread without a K pool
-                if K_SHARED:
-                    ik = _load_idx(raw_ptr, kidx_base, ls, lmask, IDX_BYTES)
-                if HEAD_LOOP:  # one head's (BLOCK_L, DH) tile at a time: the 1-head launch's sums, bit for bit
-                    for h in tl.static_range(GH):
-                        nbad = _head_scores(raw_ptr, q_ptr, pool_k_ptr, out_ptr, row, group * GH + h, start, ls,
-                                            lmask, ik, nbad, scale, pool_size, lowest, k_scale, D_A, H, 1, DH, DK,
-                                            K_SHARED, K_CODE, BLOCK_L, CAP)
-                else:
-                    nbad = _head_scores(raw_ptr, q_ptr, pool_k_ptr, out_ptr, row, group, start, ls, lmask, ik, nbad,
-                                        scale, pool_size, lowest, k_scale, D_A, H, GH, DH, DK, K_SHARED, K_CODE,
-                                        BLOCK_L, CAP)
+                ik = _load_idx(raw_ptr, kidx_base, ls, lmask, IDX_BYTES) if K_SHARED else ls  # ls: unread
+                for t in tl.static_range(GH // TH):  # TH heads a (BLOCK_L, TH·DH) tile; TH 1: the 1-head sums
+                    nbad = _head_scores(raw_ptr, q_ptr, pool_k_ptr, out_ptr, row, group * (GH // TH) + t, start, ls,
+                                        lmask, ik, nbad, scale, pool_size, lowest, k_scale, D_A, H, TH, DH, DK,
+                                        K_SHARED, K_CODE, BLOCK_L, CAP)
             tl.store(flag_ptr + b, 1, mask=nbad > 0)
 
     @triton.jit
@@ -114,7 +107,7 @@ if triton is not None:
                      lowest, k_scale, D_A: tl.constexpr, H: tl.constexpr, GH: tl.constexpr, DH: tl.constexpr,
                      DK: tl.constexpr, K_SHARED: tl.constexpr, K_CODE: tl.constexpr, BLOCK_L: tl.constexpr,
                      CAP: tl.constexpr):
-        """Scores of heads group·GH .. group·GH + GH - 1 over rows ``ls`` (router indices ``ik``) into ``out``."""
+        """Scores of heads group·GH .. group·GH + GH - 1 (one tile) over rows ``ls`` (router indices ``ik``)."""
         cols = group * GH * DH + tl.arange(0, GH * DH)  # (GH·DH,)
         q = tl.load(q_ptr + row * D_A + cols).to(tl.float32) * scale
         heads = group * GH + tl.arange(0, GH)  # (GH,)
@@ -289,7 +282,8 @@ def group_scores(raw: torch.Tensor, q: torch.Tensor, view: GroupView, pool_k: to
                  out: torch.Tensor | None = None, blocks_per_program: int = 1, head_loop: bool = False
                  ) -> torch.Tensor:
     """Scores (B·C, H, cap) fp32 of ``q`` (B, C, d_a) over every row of the group ``view`` (module docstring),
-    each program scoring ``blocks_per_program`` blocks of rows (the same sums whatever it is);
+    each program scoring ``blocks_per_program`` blocks of rows (the same sums whatever it is) of
+    ``heads_per_program`` heads, as one tile or (``head_loop``) each head on its own (the one-head launch's sums);
     pool_k: (pool, d_a) padded K pool (1 zero row when K is not shared; a joint pool's K columns for a joint
     index); scales: the (K, V) scales of int8 user parts (:func:`cachestore.decode.fused_view.group_scales`).
     ``chunk`` (lo, hi]: only the rows of users whose record ends in it are written (a copy piece's launch), into
@@ -307,10 +301,9 @@ def group_scores(raw: torch.Tensor, q: torch.Tensor, view: GroupView, pool_k: to
     _group_scores_kernel[(b * c, n_heads // heads_per_program, -(-cap // (block * steps)))](
         raw, view.starts, view.rows, launch_ends(view, chunk), q.float().contiguous(), pool_k, out, flags, c,
         1.0 / math.sqrt(dh), view.start_add, chunk[0], chunk[1], view.pool_size, SCORE_FILL, float(scales[0]),
-        D_A=d_a, H=n_heads,
-        GH=heads_per_program, DH=dh, DK=g.dk, DV=g.dv, K_SHARED=g.k_shared, K_CODE=k_code, K_BYTES=k_bytes,
-        V_BYTES=v_bytes, IDX_BYTES=IDX_BYTES[view.idx_dtype], BLOCK_L=block, CAP=cap, STEPS=steps,
-        HEAD_LOOP=head_loop, num_warps=num_warps,
+        D_A=d_a, H=n_heads, GH=heads_per_program, DH=dh, DK=g.dk, DV=g.dv, K_SHARED=g.k_shared, K_CODE=k_code,
+        K_BYTES=k_bytes, V_BYTES=v_bytes, IDX_BYTES=IDX_BYTES[view.idx_dtype], BLOCK_L=block, CAP=cap, STEPS=steps,
+        TH=1 if head_loop else heads_per_program, num_warps=num_warps,
     )
     return out
 
@@ -340,9 +333,8 @@ def weighted_values(raw: torch.Tensor, view: GroupView, pool_v: torch.Tensor, we
         raw, view.starts, view.rows, launch_ends(view, chunk), w, pos, pool_v, out, flags, n_cand, view.start_add,
         chunk[0], chunk[1], view.pool_size, float(scales[1]), D_A=pool_v.shape[1], G=n_g, W=width, STEP=step, DK=g.dk,
         DV=g.dv, K_SHARED=g.k_shared, V_SHARED=g.v_shared, V_CODE=v_code, K_BYTES=k_bytes, V_BYTES=v_bytes,
-        JOINT=g.joint,
-        IDX_BYTES=IDX_BYTES[view.idx_dtype], HAS_POS=positions is not None,
-        S=max(1, s), BLOCK_L=_block(s, 32), num_warps=num_warps,
+        JOINT=g.joint, IDX_BYTES=IDX_BYTES[view.idx_dtype], HAS_POS=positions is not None, S=max(1, s),
+        BLOCK_L=_block(s, 32), num_warps=num_warps,
     )
     return out
 
@@ -389,8 +381,7 @@ def bucket_sums(raw: torch.Tensor, view: GroupView, pool_v: torch.Tensor, key_st
         hits, n_cand, view.start_add, chunk[0], chunk[1], view.pool_size, float(v_scale), D_A=d_a, G=m, DV=g.dv,
         V_SHARED=g.v_shared, V_CODE=v_code, V_BYTES=v_bytes, IDX_BYTES=IDX_BYTES[view.idx_dtype],
         IDX_ALIGNED=idx_aligned, KEY_BYTES=key_bytes, BITS=bits, KEY_DIV=key_div, BLOCK_L=block_l, SEG=seg,
-        SEG_P2=seg_p2, W=d_a // col_split, STATIC=INTERPRETED,
-        num_warps=num_warps,
+        SEG_P2=seg_p2, W=d_a // col_split, STATIC=INTERPRETED, num_warps=num_warps,
     )
     if parts == 1:
         return partial[0]  # (R, m, d_a)

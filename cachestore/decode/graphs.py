@@ -77,8 +77,9 @@ class GraphedDecoder(BatchInputs):
     layer's history, the zoo's short and long stages) are launched once per piece for the users whose records end in
     it, right after that piece lands (an HSTU batch split by layer, :class:`cachestore.decode.layer_batch.LayerBatch`:
     its first buffer in the pieces, ``copy_plan.LAYER_OVERLAP`` by default, then its second); 1 turns it off; None: the
-    default of the model and the store's kv dtype (:func:`copy_plan.default_overlap`: din and HSTU 3, the fastest or within 3% of it on an H100 at L 1000,
-    ``decode_latency/decode_latency_overlap_store_float{16,32}.json``; the zoo's from ``benchmarks/zoo_overlap.py``).
+    default of the model and the store's kv dtype (:func:`copy_plan.default_overlap`: din and HSTU 3, the fastest or
+    within 3% of it on an H100 at L 1000, ``decode_latency/decode_latency_overlap_store_float{16,32}.json``; the zoo's
+    from ``benchmarks/zoo_overlap.py``).
     The candidates are read by a kernel, not copied: a copy of them could be queued behind the whole batch's (0.231
     vs 0.180 ms, fp16, B 512). concurrent (default True): each piece's launch on a stream of its own (forked after the
     candidates' work, joined before the MLP), so it need not wait for the previous launch's tail: B 512 0.309 → 0.289
