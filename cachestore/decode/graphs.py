@@ -104,9 +104,8 @@ class GraphedDecoder(BatchInputs):
             raise ValueError(f"path 'poolscore' is the din model's attention, not {resident.cfg.arch!r}'s")
         if path not in (*PATHS, FUSED):
             raise ValueError(f"path must be one of {(*PATHS, FUSED)}, got {path!r}")
-        overlap, self.split_overlap = (copy_plan.default_overlap(resident.cfg.arch, layout.kv_dtype),
-                                       copy_plan.LAYER_OVERLAP) if overlap is None else (overlap, overlap)
-        # split_overlap: a LayerBatch's first buffer's pieces
+        default = copy_plan.default_overlap(resident.cfg.arch, layout.kv_dtype), copy_plan.LAYER_OVERLAP
+        overlap, self.split_overlap = default if overlap is None else (overlap, overlap)  # split: a LayerBatch's first
         if overlap < 1:
             raise ValueError(f"overlap must be >= 1, got {overlap}")
         if min(n_users, pad_to, n_candidates) < 1:
