@@ -4,6 +4,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 RUN ?= runs/demo
+# test processes (pytest-xdist), each test file in one of them: most tests wait on JVMs, servers and subprocesses
+TEST_WORKERS ?= 4
 
 .PHONY: venv demo test lint clean
 
@@ -20,7 +22,7 @@ demo: venv
 	PATH=$(abspath $(BIN)):$$PATH bash jobs/demo.sh $(RUN)
 
 test: venv
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest tests
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile
 
 lint: venv
 	$(BIN)/ruff check .
