@@ -13,7 +13,7 @@ from benchmarks.zoo_synthetic import N_ITEMS, PAPER, make_models, model_config, 
 from collectivekv.cachestore.decode.batch import HostBatch, HostBatcher
 from collectivekv.cachestore.decode.decode import entry_cache
 from collectivekv.cachestore.decode.entry_batch import entry_payloads, storage_arrays
-from collectivekv.cachestore.decode.layer_batch import LayerBatcher, split_layouts
+from collectivekv.cachestore.decode.layer_batch import LayerBatch, LayerBatcher, split_layouts
 from collectivekv.cachestore.decode.transfer import to_device
 from collectivekv.cachestore.store.entry import entry_from_parquet_row, entry_layout
 from collectivekv.model.blocks import ZooCache
@@ -80,9 +80,18 @@ def batch_bytes(host: HostBatch) -> int:
     return host.used_bytes + getattr(host, "rest_bytes", 0)
 
 
+def one_buffer(host: HostBatch, pin: bool = False) -> HostBatch:
+    """``host`` as a one-buffer batch: a batch split by layer repacked from its records (pinned or not), any other as
+    it is."""
+    if not isinstance(host, LayerBatch):
+        return host
+    records = [host.record(b) for b in range(host.n_users)]
+    return HostBatcher(host.layout, pin=pin, n_buffers=1).pack(host.user_ids, records)
+
+
 def packed_cache(host: HostBatch, model: torch.nn.Module, device: torch.device) -> ZooCache:
     """The collective cache a packed batch holds, as the model decodes it (kv parts in fp32, int8 codes ×
-    the model's scales): one copy and the eager unpack (``cachestore.decode.transfer``), a din batch as the
-    one group "kv"."""
-    return entry_cache(to_device(host, device)[0].unpack(), model.cfg, torch.float32,
+    the model's scales): one copy of its :func:`one_buffer` batch and the eager unpack
+    (``cachestore.decode.transfer``), a din batch as the one group "kv"."""
+    return entry_cache(to_device(one_buffer(host), device)[0].unpack(), model.cfg, torch.float32,
                        user_scales(model, model.cfg))

@@ -31,8 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.timing import machine, timed  # noqa: E402
-from benchmarks.zoo_batches import paper_batch  # noqa: E402
-from collectivekv.cachestore.decode.batch import HostBatcher  # noqa: E402
+from benchmarks.zoo_batches import one_buffer, paper_batch  # noqa: E402
 from collectivekv.cachestore.decode.decode import ResidentZooModel  # noqa: E402
 from collectivekv.cachestore.decode.graphs import GraphedDecoder  # noqa: E402
 from collectivekv.cachestore.decode.layer_batch import LayerBatch  # noqa: E402
@@ -58,9 +57,7 @@ def bench_arch(arch: str, overlaps: list[int], concurrent: list[bool], args: arg
     HSTU with each batch of ``args.split`` (split by layer, the one-buffer batch), the others their one batch."""
     cfg, model, layout, host, cand = paper_batch(arch, args.batch, args.dtype, device)
     splits = args.split if arch == "hstu" else [True]
-    whole = [host.record(b) for b in range(args.batch)] if False in splits else []  # the same records, one buffer
-    hosts = {s: host if s else HostBatcher(layout, pin=True, n_buffers=1).pack(range(args.batch), whole)
-             for s in splits}
+    hosts = {s: host if s else one_buffer(host, pin=True) for s in splits}  # the same records, one buffer
     resident = ResidentZooModel(model, device)
     settings = [(k, conc, s) for s in splits for k in overlaps for conc in concurrent]
     graphs = [GraphedDecoder(resident, layout, n_users=args.batch, pad_to=cfg.window_len, n_candidates=1, overlap=k,

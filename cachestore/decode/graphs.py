@@ -177,19 +177,19 @@ class GraphedDecoder(BatchInputs):
             current.wait_stream(side)
             torch.cuda.synchronize()
 
-    def pieces(self, nbytes: int) -> list[tuple[int, int]]:
+    def pieces(self, nbytes: int, split: bool = False) -> list[tuple[int, int]]:
         """Byte ranges a graph copying ``nbytes`` copies one by one (:func:`copy_chunks` with ``overlap``
-        on the fused path; one range otherwise)."""
-        overlap = self.overlap if self.pieced else 1
-        return copy_chunks(nbytes, 16 * self.n_users, overlap)
+        on the fused path; one range otherwise; ``split``: a LayerBatch's first buffer, in ``split_overlap``)."""
+        if split:
+            return copy_chunks(nbytes, header_bytes(self.n_users), self.split_overlap)
+        return copy_chunks(nbytes, 16 * self.n_users, self.overlap if self.pieced else 1)
 
     def _capture(self, source: torch.Tensor, rest: torch.Tensor | None = None) -> _Captured:
         """One graph: copy ``source`` (pinned uint8 prefix of a host buffer) and the candidate staging
         into the static buffers between two timing events, then the body. With several copy pieces (or a zoo
         model's one) the batch is copied on a forked stream, piece by piece, and fused launch c
         waits for piece c only (a zoo body: its reads of the batch wait for the one piece)."""
-        pieces = self.pieces(source.numel()) if rest is None else copy_chunks(
-            source.numel(), header_bytes(self.n_users), self.split_overlap)
+        pieces = self.pieces(source.numel(), split=rest is not None)
 
         def move(on_piece: Callable[[int], None]) -> None:
             for i, (lo, hi) in enumerate(pieces):
